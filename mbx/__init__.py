@@ -1,0 +1,1 @@
+"""mbx: Microboxes network functions in Python."""

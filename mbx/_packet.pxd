@@ -1,0 +1,163 @@
+# The packet descriptor, the burst that carries packets through the stack, and the
+# Port interface every backend (pcap, AF_PACKET, DPDK) implements.  This file is the
+# contract between the extensions: _parse fills an mbx_pkt, _flow keys it, _events
+# references it, ports fill and drain Batches.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef enum:
+    NO_FLOW = 0xFFFFFFFF
+    MAX_SACK_BLOCKS = 4
+
+cdef enum Verdict:
+    VERDICT_PASS = 0
+    VERDICT_DROP = 1
+    VERDICT_HELD = 2        # consumed by the stack (an IP fragment waiting for the rest)
+
+# Why a packet could not be parsed to the end.  PARSE_OK and PARSE_NOT_IP are not
+# errors; every other value is a named malformation counted by the stack.  The names
+# (lower case, without the prefix) appear in counters and the CLI.
+cdef enum ParseStatus:
+    PARSE_OK = 0
+    PARSE_NOT_IP            # ARP, LLDP, ...: no L3 to parse, forwarded as is
+    PARSE_TRUNC_L2          # frame shorter than its Ethernet/VLAN headers
+    PARSE_TRUNC_L3          # shorter than the IP header
+    PARSE_BAD_IP_VERSION    # version nibble disagrees with the ethertype
+    PARSE_BAD_IHL           # IPv4 header length < 20 or past the frame
+    PARSE_BAD_IP_LEN        # IP total/payload length smaller than the header
+    PARSE_BAD_IP_OPTION     # IPv4 option length runs past the header
+    PARSE_BAD_IPV6_EXT      # IPv6 extension header chain runs past the packet
+    PARSE_BAD_FRAG          # absurd fragment offset/length
+    PARSE_TRUNC_L4          # shorter than the TCP/UDP/ICMP header
+    PARSE_BAD_TCP_OFF       # TCP data offset < 5 or past the segment
+    PARSE_BAD_TCP_OPT       # TCP option length runs past the header
+    PARSE_BAD_UDP_LEN       # UDP length field lies
+    PARSE_FRAG_TIMEOUT      # fragments that never completed (counted at expiry)
+    PARSE_FRAG_MEMCAP       # fragment dropped: reassembly memory exhausted
+    PARSE_N                 # number of reasons
+
+cdef enum PktFlags:
+    PKT_F_FRAGMENT = 1          # an IP fragment (before reassembly)
+    PKT_F_REASSEMBLED = 2       # data is a datagram rebuilt from fragments
+    PKT_F_ICMP_ERROR = 4        # ICMP/ICMPv6 error quoting another packet
+    PKT_F_IP_OPTIONS = 8        # IPv4 header carries options
+    PKT_F_TRUNCATED = 16        # caplen < what the headers say (payload cut)
+
+cdef enum TcpFlags:
+    TH_FIN = 0x01
+    TH_SYN = 0x02
+    TH_RST = 0x04
+    TH_PUSH = 0x08
+    TH_ACK = 0x10
+    TH_URG = 0x20
+    TH_ECE = 0x40
+    TH_CWR = 0x80
+
+cdef enum TcpOptFlags:
+    TCPOPT_F_MSS = 1
+    TCPOPT_F_WSCALE = 2
+    TCPOPT_F_SACK_OK = 4
+    TCPOPT_F_SACK = 8
+    TCPOPT_F_TS = 16
+
+# An address of either family: IPv4 in b[0:4], the rest zero.
+ctypedef struct mbx_addr:
+    uint8_t b[16]
+
+ctypedef struct mbx_pkt:
+    # filled by the port
+    uint8_t *data           # frame start (in the batch arena; writable)
+    uint32_t caplen         # bytes captured
+    uint32_t wirelen        # bytes on the wire
+    int64_t ts_ns           # capture timestamp, ns since the epoch
+    uint32_t index          # position in its batch
+    uint16_t port           # receiving port id (bridge: 0 client side, 1 server side)
+    uint8_t verdict         # Verdict
+    uint8_t status          # ParseStatus
+    # filled by the parser
+    uint16_t ethertype      # innermost ethertype
+    uint8_t nvlan           # 0, 1 (802.1Q) or 2 (QinQ)
+    uint8_t flags           # PktFlags
+    uint16_t vlan[2]        # VLAN ids, outer first
+    uint8_t ip_ver          # 0 (not IP), 4 or 6
+    uint8_t l4_proto        # IP protocol of the transport header (after IPv6 ext headers)
+    uint8_t ttl             # TTL / hop limit
+    uint8_t icmp_type
+    uint32_t l3_off         # offset of the IP header
+    uint32_t l4_off         # offset of the transport header
+    uint32_t payload_off    # offset of the transport payload
+    uint32_t payload_len    # captured payload bytes (never past caplen)
+    uint32_t ip_len         # IP datagram length as the header says (v6: 40 + payload length)
+    uint16_t frag_off       # fragment offset in bytes / 8 (raw field value)
+    uint16_t frag_more      # more-fragments bit
+    uint32_t frag_id        # IPv4 id or IPv6 fragment identification
+    mbx_addr src
+    mbx_addr dst
+    uint16_t sport          # TCP/UDP ports; ICMP: 0
+    uint16_t dport
+    uint8_t icmp_code
+    uint8_t tcp_flags       # TcpFlags
+    uint8_t tcp_opts        # TcpOptFlags present
+    uint8_t wscale
+    uint32_t seq
+    uint32_t ack
+    uint16_t win
+    uint16_t mss
+    uint32_t tsval
+    uint32_t tsecr
+    uint8_t nsack
+    uint8_t pad0[3]
+    uint32_t sack[8]        # up to 4 (left, right) edges
+    # filled by the flow table
+    uint32_t hash           # symmetric: the same for both directions
+    uint32_t flow           # flow slot, or NO_FLOW
+    uint32_t flow_gen       # generation of that slot when looked up
+    uint8_t dir             # 0: sent by the flow's initiator; 1: by the responder
+    uint8_t pad1
+    # filled by the event core
+    uint16_t refs           # event messages still referencing this packet
+
+
+# A burst of packets and the bytes they live in.  A port copies frames in once;
+# parsing, NFs and rewrites all work on the arena in place; the output port sends
+# what passed.  A Batch is reused burst after burst: nothing is allocated per packet.
+cdef class Batch:
+    cdef mbx_pkt *pkts
+    cdef uint8_t *arena
+    cdef readonly uint32_t capacity
+    cdef readonly size_t arena_size
+    cdef uint32_t count
+    cdef size_t arena_used
+
+    cdef void clear(self) noexcept nogil
+    # Copies a frame in; NULL when the batch is out of slots or arena bytes.
+    cdef mbx_pkt *add(self, const uint8_t *frame, uint32_t caplen, uint32_t wirelen,
+                      int64_t ts_ns, uint16_t port) noexcept nogil
+    # Room for len bytes in the arena (e.g. a reassembled datagram); NULL when full.
+    cdef uint8_t *reserve(self, size_t length) noexcept nogil
+
+
+# The interface of every packet I/O backend.  rx_burst and tx_burst run without the
+# GIL; a backend that fails records the error (set_error) and returns PORT_ERROR, and
+# the caller raises it with check() once it holds the GIL again.
+cdef enum:
+    PORT_EOF = -1
+    PORT_ERROR = -2
+
+cdef class Port:
+    cdef readonly str name
+    cdef readonly uint64_t rx_pkts
+    cdef readonly uint64_t rx_bytes
+    cdef readonly uint64_t tx_pkts
+    cdef readonly uint64_t tx_bytes
+    cdef readonly uint64_t rx_dropped      # frames the backend could not deliver
+    cdef readonly uint64_t tx_dropped      # frames the backend could not send
+    cdef object _error
+    cdef bint closed
+
+    # Appends up to the batch's free room; returns the count added (0: nothing yet),
+    # PORT_EOF at the end of the input, or PORT_ERROR.
+    cdef int rx_burst(self, Batch batch) noexcept nogil
+    # Sends n packets; returns the count sent or PORT_ERROR.
+    cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil
+    cdef void set_error(self, const char *message) noexcept with gil
+    cpdef check(self)

@@ -1,0 +1,164 @@
+"""Packet bursts and the Port interface shared by every I/O backend."""
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
+from libc.string cimport memcpy, memset
+
+from mbx.errors import PortError
+
+
+cdef class Batch:
+    """A reusable burst: up to ``capacity`` packet descriptors over one byte arena."""
+
+    def __cinit__(self, uint32_t capacity=64, size_t arena_size=0):
+        if capacity == 0:
+            raise ValueError("Batch capacity must be at least 1")
+        if arena_size == 0:
+            # Room for a full burst of jumbo-ish frames; reassembled datagrams and
+            # oversized captures fall back to the tail of the arena.
+            arena_size = capacity * 2048 + 262144
+        self.capacity = capacity
+        self.arena_size = arena_size
+        self.pkts = <mbx_pkt *>PyMem_Malloc(capacity * sizeof(mbx_pkt))
+        self.arena = <uint8_t *>PyMem_Malloc(arena_size)
+        if self.pkts == NULL or self.arena == NULL:
+            raise MemoryError("cannot allocate a packet batch")
+        self.count = 0
+        self.arena_used = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.pkts)
+        PyMem_Free(self.arena)
+
+    cdef void clear(self) noexcept nogil:
+        self.count = 0
+        self.arena_used = 0
+
+    cdef uint8_t *reserve(self, size_t length) noexcept nogil:
+        # 16-byte alignment keeps IP headers of copied frames at a sane alignment.
+        cdef size_t start = (self.arena_used + 15) & ~(<size_t>15)
+        if start + length > self.arena_size:
+            return NULL
+        self.arena_used = start + length
+        return self.arena + start
+
+    cdef mbx_pkt *add(self, const uint8_t *frame, uint32_t caplen, uint32_t wirelen,
+                      int64_t ts_ns, uint16_t port) noexcept nogil:
+        if self.count >= self.capacity:
+            return NULL
+        cdef uint8_t *dst = self.reserve(caplen)
+        if dst == NULL:
+            return NULL
+        memcpy(dst, frame, caplen)
+        cdef mbx_pkt *p = &self.pkts[self.count]
+        memset(p, 0, sizeof(mbx_pkt))
+        p.data = dst
+        p.caplen = caplen
+        p.wirelen = wirelen if wirelen >= caplen else caplen
+        p.ts_ns = ts_ns
+        p.index = self.count
+        p.port = port
+        p.flow = NO_FLOW
+        self.count += 1
+        return p
+
+    def __len__(self):
+        return self.count
+
+    def append(self, frame, int64_t ts_ns=0, uint16_t port=0, wirelen=None):
+        """Copy one frame in (tests and tools); False when the batch is full."""
+        cdef const uint8_t[::1] view = frame
+        cdef uint32_t n = view.shape[0]
+        cdef uint32_t wl = n if wirelen is None else wirelen
+        cdef const uint8_t *src = &view[0] if n else <const uint8_t *>b""
+        return self.add(src, n, wl, ts_ns, port) != NULL
+
+    def reset(self):
+        """Empty the batch for reuse."""
+        self.clear()
+
+    def frame(self, uint32_t i):
+        """The bytes of packet ``i`` (a copy)."""
+        if i >= self.count:
+            raise IndexError(f"packet {i} not in a batch of {self.count}")
+        return (<char *>self.pkts[i].data)[:self.pkts[i].caplen]
+
+    def timestamp_ns(self, uint32_t i):
+        if i >= self.count:
+            raise IndexError(f"packet {i} not in a batch of {self.count}")
+        return self.pkts[i].ts_ns
+
+    def wirelen(self, uint32_t i):
+        if i >= self.count:
+            raise IndexError(f"packet {i} not in a batch of {self.count}")
+        return self.pkts[i].wirelen
+
+
+cdef class Port:
+    """Base of every packet I/O backend: burst receive, burst send, close, counters."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.name = ""
+        self._error = None
+        self.closed = False
+
+    cdef int rx_burst(self, Batch batch) noexcept nogil:
+        return PORT_EOF
+
+    cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
+        return 0
+
+    cdef void set_error(self, const char *message) noexcept with gil:
+        if self._error is None:
+            self._error = PortError(f"{self.name}: {message.decode('utf-8', 'replace')}")
+
+    cpdef check(self):
+        """Raise the error a burst call recorded, if any."""
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def receive(self, Batch batch):
+        """Fill ``batch`` (appending); the count added, or -1 at the end of input."""
+        cdef int n
+        with nogil:
+            n = self.rx_burst(batch)
+        if n == PORT_ERROR:
+            self.check()
+        return n
+
+    def send(self, Batch batch):
+        """Send every packet of ``batch`` whose verdict is pass; the count sent."""
+        cdef mbx_pkt *ptrs[256]
+        cdef uint32_t i = 0
+        cdef int k, n, sent = 0
+        while i < batch.count:
+            k = 0
+            while i < batch.count and k < 256:
+                if batch.pkts[i].verdict == VERDICT_PASS:
+                    ptrs[k] = &batch.pkts[i]
+                    k += 1
+                i += 1
+            if k:
+                with nogil:
+                    n = self.tx_burst(ptrs, k)
+                if n == PORT_ERROR:
+                    self.check()
+                sent += n
+        return sent
+
+    def close(self):
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def counters(self):
+        return {
+            "rx_pkts": self.rx_pkts, "rx_bytes": self.rx_bytes,
+            "tx_pkts": self.tx_pkts, "tx_bytes": self.tx_bytes,
+            "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped,
+        }
