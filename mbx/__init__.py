@@ -1,1 +1,54 @@
-"""mbx: Microboxes network functions in Python."""
+"""mbx: Microboxes network functions in Python over a shared Cython stack.
+
+An NF subscribes to typed events (``mb_sub``), publishes its own (``mb_pub``,
+``mb_new_msg``, ``mb_publish_event``) and changes one flow's subscription at run
+time (``mb_up_sub``).  The protocol work (parsing, flows, fragments) is done once,
+in the μStacks, for every NF of the application.
+"""
+from mbx._events import (
+    EVENT,
+    FLOW,
+    FLOW_END,
+    FLOW_START,
+    NF,
+    PKT,
+    Event,
+    EventType,
+    Message,
+    NFError,
+    PubPort,
+    event_type,
+    event_types,
+    register_event_type,
+)
+from mbx.api import (
+    current_nf,
+    mb_new_msg,
+    mb_nf_run,
+    mb_pub,
+    mb_publish_event,
+    mb_sub,
+    mb_up_sub,
+)
+from mbx.errors import (
+    AppError,
+    CaptureFormatError,
+    EventTypeError,
+    MbxError,
+    PermissionDenied,
+    PortError,
+    SubscriptionError,
+)
+from mbx.runtime import App, load_app
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EVENT", "PKT", "FLOW", "FLOW_START", "FLOW_END",
+    "NF", "Event", "EventType", "Message", "PubPort",
+    "event_type", "event_types", "register_event_type",
+    "mb_sub", "mb_pub", "mb_up_sub", "mb_new_msg", "mb_publish_event", "mb_nf_run",
+    "current_nf", "App", "load_app",
+    "MbxError", "PortError", "CaptureFormatError", "EventTypeError", "SubscriptionError",
+    "PermissionDenied", "AppError", "NFError",
+]

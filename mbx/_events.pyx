@@ -1,1 +1,1078 @@
-# placeholder: filled in by its owner
+"""μEvents: the type hierarchy, event messages, subscriptions and the dispatcher.
+
+A type is a path (``EVENT/PKT/TCP/SYN``); each level owns LEVEL_BITS bits of a 64-bit
+id, so "X/Y is a descendant of X" is ``(y.id & mask(x.depth)) == x.id``.  A message is
+a 64-byte header plus the type's own fields, child fields after the parent's.
+
+The EventBus holds Event Memory (a fixed pool of messages), one input queue per NF,
+and per NF a small number of *handler sets*: tables from type index to handler,
+resolved once through the hierarchy.  A flow uses set 0 (the NF's subscriptions)
+unless ``mb_up_sub`` gave it another; publishing is a table lookup per NF, without
+the GIL.  Dispatch (with the GIL) drains the queues in chain order, so the second
+NF sees a packet's events only after the first is done with them, and an NF that
+dropped the packet hides it from the rest of the chain.
+"""
+cimport cython
+from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.ref cimport PyObject
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+from mbx._checksum cimport csum_replace, load16, store16
+from mbx._packet cimport (
+    NO_FLOW, TH_ACK, TH_FIN, TH_PUSH, TH_RST, TH_SYN, TH_URG, VERDICT_DROP, Batch,
+    mbx_pkt,
+)
+
+import difflib
+import ipaddress
+
+import numpy as np
+
+from mbx.errors import EventTypeError, MbxError, PermissionDenied, SubscriptionError
+
+
+class NFError(MbxError):
+    """An NF's handler raised; the message names the NF, the handler and the event."""
+
+
+# ---------------------------------------------------------------------------------
+# The type hierarchy
+
+_KINDS = {
+    # kind: (size, numpy dtype)
+    "u8": (1, "u1"), "u16": (2, "<u2"), "u32": (4, "<u4"), "u64": (8, "<u8"),
+    "i8": (1, "i1"), "i16": (2, "<i2"), "i32": (4, "<i4"), "i64": (8, "<i8"),
+    "f32": (4, "<f4"), "f64": (8, "<f8"),
+    "ip": (16, ("u1", 16)),     # an address of either family (IPv4 in the first 4 bytes)
+}
+
+# The header's fields as a numpy batch handler sees them.
+_HEADER_FIELDS = [
+    ("type_id", "<u8", 0), ("ts_ns", "<i8", 8), ("flow_slot", "<u4", 16),
+    ("flow_gen", "<u4", 20), ("pkt", "<u4", 24), ("seq", "<u4", 28),
+    ("type_idx", "<u2", 32), ("publisher", "<u2", 34), ("dir", "u1", 38),
+    ("snapshot", ("u1", SNAPSHOT_SIZE), 40),
+]
+assert sizeof(mbx_msg_hdr) == 64, sizeof(mbx_msg_hdr)
+
+
+cdef inline uint64_t depth_mask(uint32_t depth) noexcept nogil:
+    if depth >= MAX_DEPTH:
+        return 0xFFFFFFFFFFFFFFFF
+    return ((<uint64_t>1) << (LEVEL_BITS * depth)) - 1
+
+
+class EventType:
+    """One event type: its path, hierarchical id, and the layout of its own fields."""
+
+    __slots__ = ("path", "name", "id", "idx", "depth", "parent", "fields", "body_size",
+                 "dtype", "_children", "__weakref__")
+
+    def __init__(self, path, parent, fields, builtin=False):
+        self.path = path
+        self.name = path[len("EVENT/"):] if path.startswith("EVENT/") else path
+        self.parent = parent
+        self.depth = 1 if parent is None else parent.depth + 1
+        if self.depth > MAX_DEPTH:
+            raise EventTypeError(f"event type {path}: deeper than {MAX_DEPTH} levels")
+        self._children = 0
+        if parent is None:
+            self.id = 1
+        else:
+            parent._children += 1
+            if parent._children >= (1 << LEVEL_BITS):
+                raise EventTypeError(
+                    f"event type {path}: {parent.path} already has "
+                    f"{(1 << LEVEL_BITS) - 1} children")
+            self.id = parent.id | (parent._children << (LEVEL_BITS * parent.depth))
+        self.fields = dict(parent.fields) if parent is not None else {}
+        offset = parent.body_size if parent is not None else 0
+        for fname, kind in fields:
+            if kind not in _KINDS:
+                raise EventTypeError(
+                    f"event type {path}: field {fname!r} has unknown kind {kind!r} "
+                    f"(known: {', '.join(_KINDS)})")
+            # Built-in fields may mirror view properties (a view property that has no
+            # packet to read raises AttributeError and falls back to the field).
+            if fname in self.fields or (not builtin and hasattr(Event, fname)):
+                raise EventTypeError(
+                    f"event type {path}: field {fname!r} is already defined "
+                    "by a parent type or the event view")
+            size = _KINDS[kind][0]
+            align = min(size, 8)
+            offset = (offset + align - 1) // align * align
+            self.fields[fname] = (offset, kind)
+            offset += size
+        if offset > MSG_BODY_SIZE:
+            raise EventTypeError(
+                f"event type {path}: fields need {offset} bytes, a message body holds "
+                f"{MSG_BODY_SIZE}")
+        self.body_size = offset
+        names = [f[0] for f in _HEADER_FIELDS]
+        formats = [f[1] for f in _HEADER_FIELDS]
+        offsets = [f[2] for f in _HEADER_FIELDS]
+        for fname, (off, kind) in self.fields.items():
+            names.append(fname)
+            formats.append(_KINDS[kind][1])
+            offsets.append(sizeof(mbx_msg_hdr) + off)
+        self.dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets,
+                               "itemsize": sizeof(mbx_msg)})
+
+    def is_a(self, other):
+        """True if this type is ``other`` or one of its descendants."""
+        other = event_type(other)
+        return (self.id & depth_mask(other.depth)) == other.id
+
+    def __repr__(self):
+        return f"<EventType {self.name} id={self.id:#x}>"
+
+    def __str__(self):
+        return self.name
+
+    def __reduce__(self):
+        return (event_type, (self.path,))
+
+
+_types = []            # by dense index
+_by_path = {}
+_live_buses = [0]      # types cannot be added while a bus is running
+
+
+def _register(path, parent, fields, builtin=False):
+    if len(_types) >= MAX_TYPES:
+        raise EventTypeError(f"event type {path}: more than {MAX_TYPES} types")
+    t = EventType(path, parent, fields, builtin)
+    t.idx = len(_types)
+    _types.append(t)
+    _by_path[path] = t
+    return t
+
+
+def event_type(spec):
+    """The EventType named by ``spec``: an EventType, a path such as ``"PKT/TCP"`` or
+    ``"EVENT/FLOW/END"`` (any unique tail of the full path), or a type id."""
+    if isinstance(spec, EventType):
+        return spec
+    if isinstance(spec, int):
+        for t in _types:
+            if t.id == spec:
+                return t
+        raise EventTypeError(f"no event type has id {spec:#x}")
+    if not isinstance(spec, str) or not spec:
+        raise EventTypeError(f"an event type is a name such as 'PKT/TCP', not {spec!r}")
+    key = spec.strip().strip("/").upper().replace(".", "/")
+    t = _by_path.get(key) or _by_path.get("EVENT/" + key)
+    if t is not None:
+        return t
+    tail = "/" + key
+    found = [t for t in _types if t.path.endswith(tail)]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise EventTypeError(
+            f"event type {spec!r} is ambiguous: {', '.join(t.path for t in found)}")
+    near = difflib.get_close_matches(key, [t.name for t in _types], n=3)
+    hint = f" (did you mean {', '.join(near)}?)" if near else ""
+    raise EventTypeError(f"unknown event type {spec!r}{hint}")
+
+
+def register_event_type(name, parent=None, fields=()):
+    """Define a new event type (an NF's own publication, e.g. ``DPI_DETECT``).
+
+    ``name`` is a path (``"PKT/TCP/HTTP"``: the parent is the path's head) or a bare
+    name whose ``parent`` defaults to ``EVENT``.  ``fields`` is a sequence of
+    ``(name, kind)`` (or a dict) with kinds u8..u64, i8..i64, f32, f64, ip; they follow
+    the parent's fields in the message body.  Registering the same type again with the
+    same layout returns the existing type.
+    """
+    if isinstance(fields, dict):
+        fields = list(fields.items())
+    fields = [(str(n), str(k)) for n, k in fields]
+    key = str(name).strip().strip("/").upper()
+    if not key or any(not part.replace("_", "").isalnum() for part in key.split("/")):
+        raise EventTypeError(f"event type name {name!r}: use letters, digits, _ and /")
+    if parent is None:
+        head, _, leaf = key.rpartition("/")
+        parent_t = event_type(head) if head else _by_path["EVENT"]
+    else:
+        parent_t = event_type(parent)
+        leaf = key
+    path = parent_t.path + "/" + leaf
+    old = _by_path.get(path)
+    own = [(n, k) for n, k in fields]
+    if old is not None:
+        old_own = [(n, k) for n, (o, k) in old.fields.items() if n not in parent_t.fields]
+        if old_own != own:
+            raise EventTypeError(
+                f"event type {old.name} is already defined with fields {old_own}, "
+                f"not {own}")
+        return old
+    if _live_buses[0]:
+        raise EventTypeError(
+            f"event type {path}: register event types before the run starts")
+    return _register(path, parent_t, own)
+
+
+def event_types():
+    """Every registered type, in registration order."""
+    return list(_types)
+
+
+EVENT = _register("EVENT", None, [], True)
+PKT = _register("EVENT/PKT", EVENT, [
+    ("caplen", "u32"), ("wirelen", "u32"), ("sport", "u16"), ("dport", "u16"),
+    ("proto", "u8"), ("ip_ver", "u8"), ("tcp_flags", "u8"), ("parse_status", "u8"),
+    ("src", "ip"), ("dst", "ip")], True)
+FLOW = _register("EVENT/FLOW", EVENT, [
+    ("ip_ver", "u8"), ("proto", "u8"), ("end_reason", "u8"), ("_pad", "u8"),
+    ("cli_port", "u16"), ("srv_port", "u16"), ("cli_addr", "ip"), ("srv_addr", "ip"),
+    ("pkts_c2s", "u64"), ("pkts_s2c", "u64"), ("bytes_c2s", "u64"), ("bytes_s2c", "u64"),
+    ("first_ns", "i64"), ("last_ns", "i64")], True)
+FLOW_START = _register("EVENT/FLOW/START", FLOW, [], True)
+FLOW_END = _register("EVENT/FLOW/END", FLOW, [], True)
+assert PKT.idx == T_PKT and FLOW_END.idx == T_FLOW_END
+assert PKT.body_size == sizeof(pkt_body) and FLOW.body_size == sizeof(flow_body)
+
+END_REASONS = {0: "none", 1: "idle", 2: "evicted", 3: "shutdown", 4: "closed"}
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}
+
+
+def _addr_str(const uint8_t[::1] raw, int ip_ver):
+    if ip_ver == 6:
+        return str(ipaddress.IPv6Address(bytes(raw)))
+    return str(ipaddress.IPv4Address(bytes(raw[:4])))
+
+
+cdef object read_field(const uint8_t *body, int offset, str kind, int ip_ver):
+    cdef const uint8_t *q = body + offset
+    if kind == "u8":
+        return q[0]
+    if kind == "u16":
+        return (<const uint16_t *>q)[0]
+    if kind == "u32":
+        return (<const uint32_t *>q)[0]
+    if kind == "u64":
+        return (<const uint64_t *>q)[0]
+    if kind == "i8":
+        return (<const signed char *>q)[0]
+    if kind == "i16":
+        return (<const short *>q)[0]
+    if kind == "i32":
+        return (<const int *>q)[0]
+    if kind == "i64":
+        return (<const int64_t *>q)[0]
+    if kind == "f32":
+        return (<const float *>q)[0]
+    if kind == "f64":
+        return (<const double *>q)[0]
+    # ip: IPv6 unless the type says v4 or the address is all zeros past 4 bytes
+    cdef int i
+    if ip_ver == 0:
+        ip_ver = 4
+        for i in range(4, 16):
+            if q[i]:
+                ip_ver = 6
+                break
+    return _addr_str(<const uint8_t[:16]>q, ip_ver)
+
+
+cdef int write_field(uint8_t *body, int offset, str kind, object value) except -1:
+    cdef uint8_t *q = body + offset
+    if kind == "u8":
+        q[0] = value
+    elif kind == "u16":
+        (<uint16_t *>q)[0] = value
+    elif kind == "u32":
+        (<uint32_t *>q)[0] = value
+    elif kind == "u64":
+        (<uint64_t *>q)[0] = value
+    elif kind == "i8":
+        (<signed char *>q)[0] = value
+    elif kind == "i16":
+        (<short *>q)[0] = value
+    elif kind == "i32":
+        (<int *>q)[0] = value
+    elif kind == "i64":
+        (<int64_t *>q)[0] = value
+    elif kind == "f32":
+        (<float *>q)[0] = value
+    elif kind == "f64":
+        (<double *>q)[0] = value
+    else:
+        raw = ipaddress.ip_address(value).packed if not isinstance(value, bytes) else value
+        memset(q, 0, 16)
+        memcpy(q, <const char *>raw, min(len(raw), 16))
+    return 0
+
+
+# ---------------------------------------------------------------------------------
+# NFs, publication ports, new messages
+
+class PubPort:
+    """An output port: what ``mb_pub`` returns and ``mb_publish_event`` takes."""
+
+    __slots__ = ("nf", "type", "writes")
+
+    def __init__(self, nf, etype, writes):
+        self.nf = nf
+        self.type = etype
+        self.writes = writes
+
+    def __repr__(self):
+        return f"<PubPort {self.nf.name}:{self.type.name}{' writes' if self.writes else ''}>"
+
+
+class NF:
+    """A network function: its subscriptions, publications and the calls of the paper.
+
+    ``writes=True`` declares that the NF rewrites packet headers (or stream bytes);
+    only such NFs may, and the Controller serialises them.
+    """
+
+    def __init__(self, name, *, writes=False):
+        if not name or not isinstance(name, str):
+            raise SubscriptionError(f"an NF needs a name, not {name!r}")
+        self.name = name
+        self.writes = bool(writes)
+        self.subs = {}          # type idx -> (handler, batch)
+        self.pubs = {}          # type idx -> PubPort
+        self._bus = None
+        self._index = -1
+
+    def __repr__(self):
+        return f"<NF {self.name}>"
+
+    def stop(self):
+        """Called once when the run ends (flush files, print summaries)."""
+
+    def sub(self, etype, handler, *, batch=False):
+        """Subscribe ``handler`` to ``etype`` and its descendants (``mb_sub``)."""
+        t = event_type(etype)
+        if not callable(handler):
+            raise SubscriptionError(
+                f"NF {self.name}: handler for {t.name} is not callable: {handler!r}")
+        if self._bus is not None:
+            raise SubscriptionError(
+                f"NF {self.name}: subscribe before the run starts; use up_sub to change "
+                "one flow's subscription at run time")
+        self.subs[t.idx] = (handler, bool(batch))
+        return t
+
+    def pub(self, etype, *, writes=False):
+        """Announce a publication of ``etype`` and get its output port (``mb_pub``)."""
+        t = event_type(etype)
+        port = PubPort(self, t, bool(writes) or self.writes)
+        self.pubs[t.idx] = port
+        return port
+
+    def up_sub(self, etype, flow, handler, *, batch=False):
+        """Change this NF's handler for ``etype`` on one flow (``mb_up_sub``).
+
+        ``handler=None`` unsubscribes the flow; when no NF wants the type for the
+        flow any more, the stack stops building it.
+        """
+        if self._bus is None:
+            raise SubscriptionError(f"NF {self.name}: up_sub is for a running NF")
+        t = event_type(etype)
+        if handler is not None and not callable(handler):
+            raise SubscriptionError(
+                f"NF {self.name}: handler for {t.name} is not callable: {handler!r}")
+        (<EventBus>self._bus).up_sub(self._index, t, flow, handler, bool(batch))
+
+    def new_msg(self, etype):
+        """A blank message of ``etype`` to fill and publish (``mb_new_msg``)."""
+        return Message(event_type(etype))
+
+    def publish(self, port, msg):
+        """Publish ``msg`` on ``port`` (``mb_publish_event``)."""
+        if not isinstance(port, PubPort) or port.nf is not self:
+            raise SubscriptionError(
+                f"NF {self.name}: {port!r} is not one of this NF's publication ports")
+        if not (<Message>msg).etype.is_a(port.type):
+            raise EventTypeError(
+                f"NF {self.name}: port {port.type.name} cannot carry a "
+                f"{(<Message>msg).etype.name} message")
+        if self._bus is None:
+            raise SubscriptionError(f"NF {self.name}: publish from a running NF")
+        (<EventBus>self._bus).publish_from(self, <Message>msg)
+
+
+@cython.final
+cdef class Message:
+    """A message an NF builds (``mb_new_msg``): set the type's fields as attributes.
+
+    ``flow``, ``pkt``, ``dir`` and ``ts_ns`` default to those of the event being
+    handled when it is published, so the new event belongs to the same packet.
+    """
+    cdef mbx_msg m
+    cdef readonly object etype
+    cdef public object flow
+
+    def __cinit__(self, etype):
+        memset(&self.m, 0, sizeof(mbx_msg))
+        self.etype = etype
+        self.m.h.type_id = etype.id
+        self.m.h.type_idx = etype.idx
+        self.m.h.flow = NO_FLOW
+        self.m.h.pkt = NO_PKT
+        self.flow = None
+
+    def __setattr__(self, name, value):
+        f = self.etype.fields.get(name)
+        if f is None:
+            raise AttributeError(f"{self.etype.name} has no field {name!r} "
+                                 f"(fields: {', '.join(self.etype.fields) or 'none'})")
+        write_field(self.m.body, f[0], f[1], value)
+
+    def __getattr__(self, name):
+        f = self.etype.fields.get(name)
+        if f is None:
+            raise AttributeError(f"{self.etype.name} has no field {name!r}")
+        return read_field(self.m.body, f[0], f[1], 0)
+
+    def fill_from(self, Event ev):
+        """Copy the fields ``ev`` has in common with this message (a parent's record
+        is a prefix of its children's, so an X event fills the X part of an X/Y)."""
+        cdef size_t n = min(_types[ev.m.h.type_idx].body_size, MSG_BODY_SIZE)
+        memcpy(self.m.body, ev.m.body, n)
+        self.flow = ev.flow
+        self.m.h.ts_ns = ev.m.h.ts_ns
+        self.m.h.dir = ev.m.h.dir
+
+
+# ---------------------------------------------------------------------------------
+# The event view handed to handlers
+
+cdef str _flags_str(uint8_t f):
+    cdef str s = ""
+    if f & TH_SYN:
+        s += "S"
+    if f & TH_FIN:
+        s += "F"
+    if f & TH_RST:
+        s += "R"
+    if f & TH_PUSH:
+        s += "P"
+    if f & TH_ACK:
+        s += "."
+    if f & TH_URG:
+        s += "U"
+    return s
+
+
+@cython.final
+cdef class Event:
+    """The reused view a handler receives: header, packet and the type's fields.
+
+    Valid only during the handler call; keep values, not the view.
+    """
+    cdef mbx_msg *m
+    cdef mbx_pkt *p
+    cdef EventBus bus
+    cdef object nf
+
+    @property
+    def type(self):
+        return _types[self.m.h.type_idx]
+
+    @property
+    def type_name(self):
+        return _types[self.m.h.type_idx].name
+
+    @property
+    def ts(self):
+        """Timestamp, ns since the epoch."""
+        return self.m.h.ts_ns
+
+    @property
+    def time(self):
+        """Timestamp, seconds since the epoch (float)."""
+        return self.m.h.ts_ns * 1e-9
+
+    @property
+    def flow(self):
+        """The flow id (pass it to ``mb_up_sub``), or None."""
+        if self.m.h.flow == NO_FLOW:
+            return None
+        return ((<uint64_t>self.m.h.flow_gen) << 32) | self.m.h.flow
+
+    @property
+    def dir(self):
+        """0: sent by the flow's initiator (client); 1: by the responder."""
+        return self.m.h.dir
+
+    @property
+    def publisher(self):
+        return self.m.h.publisher
+
+    @property
+    def has_packet(self):
+        return self.p != NULL
+
+    cdef inline mbx_pkt *_pkt(self) except NULL:
+        if self.p == NULL:
+            raise AttributeError(f"a {self.type_name} event carries no packet")
+        return self.p
+
+    @property
+    def ip_ver(self):
+        return self._pkt().ip_ver
+
+    @property
+    def proto(self):
+        return self._pkt().l4_proto
+
+    @property
+    def src_ip(self):
+        cdef mbx_pkt *p = self._pkt()
+        return _addr_str(<const uint8_t[:16]>p.src.b, p.ip_ver) if p.ip_ver else None
+
+    @property
+    def dst_ip(self):
+        cdef mbx_pkt *p = self._pkt()
+        return _addr_str(<const uint8_t[:16]>p.dst.b, p.ip_ver) if p.ip_ver else None
+
+    @property
+    def sport(self):
+        return self._pkt().sport
+
+    @property
+    def dport(self):
+        return self._pkt().dport
+
+    @property
+    def tcp_flags(self):
+        return self._pkt().tcp_flags
+
+    @property
+    def tcp_flags_str(self):
+        return _flags_str(self._pkt().tcp_flags)
+
+    @property
+    def seq(self):
+        return self._pkt().seq
+
+    @property
+    def ack(self):
+        return self._pkt().ack
+
+    @property
+    def win(self):
+        return self._pkt().win
+
+    @property
+    def caplen(self):
+        return self._pkt().caplen
+
+    @property
+    def wirelen(self):
+        return self._pkt().wirelen
+
+    @property
+    def payload_len(self):
+        return self._pkt().payload_len
+
+    @property
+    def packet(self):
+        """The frame's bytes (a memoryview; writable for writer NFs)."""
+        cdef mbx_pkt *p = self._pkt()
+        return PyMemoryView_FromMemory(<char *>p.data, p.caplen,
+                                       PyBUF_WRITE if self.nf.writes else PyBUF_READ)
+
+    @property
+    def payload(self):
+        """The transport payload (a memoryview; writable for writer NFs)."""
+        cdef mbx_pkt *p = self._pkt()
+        return PyMemoryView_FromMemory(<char *>p.data + p.payload_off, p.payload_len,
+                                       PyBUF_WRITE if self.nf.writes else PyBUF_READ)
+
+    @property
+    def dropped(self):
+        return self.p != NULL and self.p.verdict == VERDICT_DROP
+
+    def drop(self):
+        """Drop this event's packet: it is not sent, and later NFs do not see it."""
+        self._pkt().verdict = VERDICT_DROP
+
+    def set_src(self, ip=None, port=None):
+        """Rewrite the source address and/or port (writer NFs); checksums follow."""
+        self._rewrite(0, ip, port)
+
+    def set_dst(self, ip=None, port=None):
+        """Rewrite the destination address and/or port (writer NFs); checksums follow."""
+        self._rewrite(1, ip, port)
+
+    cdef _rewrite(self, int which, object ip, object port):
+        cdef mbx_pkt *p = self._pkt()
+        if not self.nf.writes:
+            raise PermissionDenied(
+                f"NF {self.nf.name} rewrote a packet but did not declare writes=True")
+        if p.ip_ver == 0:
+            raise MbxError("cannot rewrite addresses of a non-IP packet")
+        cdef uint8_t *ip_hdr = p.data + p.l3_off
+        cdef uint8_t *l4 = p.data + p.l4_off
+        cdef uint8_t *l4_csum = NULL
+        cdef bint has_l4 = p.l4_off > 0 and not (p.flags & 1)   # not an unreassembled fragment
+        cdef uint8_t *addr_at
+        cdef int alen = 4 if p.ip_ver == 4 else 16
+        cdef const uint8_t *newb
+        cdef uint8_t oldport[2]
+        cdef uint8_t newport[2]
+        if has_l4 and p.l4_proto == 6 and p.l4_off + 18 <= p.caplen:
+            l4_csum = l4 + 16
+        elif has_l4 and p.l4_proto == 17 and p.l4_off + 8 <= p.caplen:
+            l4_csum = l4 + 6
+            if load16(l4_csum) == 0 and p.ip_ver == 4:
+                l4_csum = NULL          # UDP over IPv4 without a checksum stays so
+        if ip is not None:
+            raw = ipaddress.ip_address(ip).packed
+            if len(raw) != alen:
+                raise MbxError(f"cannot put {ip} into an IPv{p.ip_ver} header")
+            newb = raw
+            addr_at = ip_hdr + (12 if p.ip_ver == 4 else 8) + which * alen
+            if p.ip_ver == 4:
+                csum_replace(ip_hdr + 10, addr_at, newb, 4)
+            if l4_csum != NULL:
+                csum_replace(l4_csum, addr_at, newb, alen)
+            memcpy(addr_at, newb, alen)
+            if which:
+                memcpy(p.dst.b, newb, alen)
+            else:
+                memcpy(p.src.b, newb, alen)
+        if port is not None:
+            if not (has_l4 and (p.l4_proto == 6 or p.l4_proto == 17)
+                    and p.l4_off + 4 <= p.caplen):
+                raise MbxError("cannot rewrite the port of a packet without TCP/UDP ports")
+            store16(newport, <uint16_t>port)
+            memcpy(oldport, l4 + 2 * which, 2)
+            if l4_csum != NULL:
+                csum_replace(l4_csum, oldport, newport, 2)
+            memcpy(l4 + 2 * which, newport, 2)
+            if which:
+                p.dport = port
+            else:
+                p.sport = port
+        if l4_csum != NULL and p.l4_proto == 17 and load16(l4_csum) == 0:
+            store16(l4_csum, 0xFFFF)     # a computed UDP checksum of 0 is sent as all ones
+
+    def __getattr__(self, name):
+        t = _types[self.m.h.type_idx]
+        f = t.fields.get(name)
+        if f is None:
+            raise AttributeError(f"{t.name} event has no field {name!r}")
+        ip_ver = 0
+        if f[1] == "ip" and "ip_ver" in t.fields:
+            ip_ver = self.m.body[t.fields["ip_ver"][0]]
+        return read_field(self.m.body, f[0], f[1], ip_ver)
+
+    def fields(self):
+        """The type's own fields as a dict (allocates; for logging and tests)."""
+        t = _types[self.m.h.type_idx]
+        return {name: getattr(self, name) for name in t.fields if not name.startswith("_")}
+
+    def __repr__(self):
+        return f"<Event {self.type_name} flow={self.flow} ts={self.m.h.ts_ns}>"
+
+
+# ---------------------------------------------------------------------------------
+# The bus
+
+cdef inline void *table_get(void **table, uint32_t t) noexcept nogil:
+    return table[t]
+
+
+cdef class EventBus:
+    """Event Memory, one input queue per NF, handler tables, and dispatch."""
+
+    def __cinit__(self, nfs, uint32_t flow_capacity=0, uint32_t msg_capacity=65536):
+        cdef uint32_t i
+        self.closed = True          # until registered as live, below
+        nfs = list(nfs)
+        if len(nfs) > MAX_NFS:
+            raise SubscriptionError(f"at most {MAX_NFS} NFs on one bus, not {len(nfs)}")
+        names = [nf.name for nf in nfs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise SubscriptionError(f"two NFs are named {', '.join(sorted(dup))}")
+        if msg_capacity < 64 or msg_capacity & (msg_capacity - 1):
+            raise ValueError(f"msg_capacity must be a power of two >= 64, not {msg_capacity}")
+        self.nfs = nfs
+        self.nnf = len(nfs)
+        self.msg_capacity = msg_capacity
+        self.flow_capacity = flow_capacity
+        self.msgs = <mbx_msg *>PyMem_Calloc(msg_capacity, sizeof(mbx_msg))
+        self.queues = <uint32_t *>PyMem_Calloc(max(self.nnf, 1) * msg_capacity, 4)
+        self.qhead = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
+        self.qtail = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
+        self.sets = <handler_table **>PyMem_Calloc(MAX_NFS, sizeof(handler_table *))
+        self.set_batch = <uint16_t ***>PyMem_Calloc(MAX_NFS, sizeof(uint16_t **))
+        self.nsets = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
+        self.flow_set = <uint16_t **>PyMem_Calloc(MAX_NFS, sizeof(uint16_t *))
+        self.flow_set_gen = <uint32_t **>PyMem_Calloc(MAX_NFS, sizeof(uint32_t *))
+        self.per_type_published = <uint64_t *>PyMem_Calloc(MAX_TYPES, 8)
+        self.per_type_delivered = <uint64_t *>PyMem_Calloc(MAX_TYPES, 8)
+        if (self.msgs == NULL or self.queues == NULL or self.sets == NULL
+                or self.per_type_delivered == NULL):
+            raise MemoryError("cannot allocate Event Memory")
+        self.set_keys = [{} for _ in nfs]
+        self.set_maps = [[] for _ in nfs]
+        self.keep = []
+        self.views = []
+        self.stage = np.zeros(msg_capacity * sizeof(mbx_msg), dtype=np.uint8)
+        self.stage_views = {}
+        self.flowtable = None
+        self.closed = False
+        _live_buses[0] += 1
+        for i in range(self.nnf):
+            nf = nfs[i]
+            if nf._bus is not None:
+                raise SubscriptionError(f"NF {nf.name} is already running on another bus")
+            nf._bus = self
+            nf._index = i
+            self._add_set(i, dict(nf.subs))
+            v = Event.__new__(Event)
+            (<Event>v).bus = self
+            (<Event>v).nf = nf
+            self.views.append(v)
+        self.global_want = 0
+        for i in range(self.nnf):
+            for t in range(T_BUILTIN_N):
+                if self.sets[i][0][t] != NULL:
+                    self.global_want |= (<uint64_t>1) << t
+
+    def __dealloc__(self):
+        cdef uint32_t i, s
+        if not self.closed:
+            _live_buses[0] -= 1
+        if self.sets != NULL:
+            for i in range(MAX_NFS):
+                if self.sets[i] != NULL:
+                    for s in range(self.nsets[i]):
+                        PyMem_Free(self.sets[i][s])
+                        PyMem_Free(self.set_batch[i][s])
+                    PyMem_Free(self.sets[i])
+                    PyMem_Free(self.set_batch[i])
+                PyMem_Free(self.flow_set[i])
+                PyMem_Free(self.flow_set_gen[i])
+        PyMem_Free(self.sets)
+        PyMem_Free(self.set_batch)
+        PyMem_Free(self.nsets)
+        PyMem_Free(self.flow_set)
+        PyMem_Free(self.flow_set_gen)
+        PyMem_Free(self.msgs)
+        PyMem_Free(self.queues)
+        PyMem_Free(self.qhead)
+        PyMem_Free(self.qtail)
+        PyMem_Free(self.per_type_published)
+        PyMem_Free(self.per_type_delivered)
+
+    def close(self):
+        """Detach the NFs so they can run again on another bus."""
+        if not self.closed:
+            self.closed = True
+            _live_buses[0] -= 1
+        for nf in self.nfs:
+            if nf._bus is self:
+                nf._bus = None
+                nf._index = -1
+
+    cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF:
+        # Interned: flows that share a subscription pattern share one table.
+        key = frozenset((k, id(h), b) for k, (h, b) in mapping.items())
+        found = self.set_keys[nf].get(key)
+        if found is not None:
+            return found
+        cdef uint32_t s = self.nsets[nf]
+        if s >= 0xFFFF:
+            raise SubscriptionError(
+                f"NF {self.nfs[nf].name}: too many distinct per-flow subscription sets")
+        cdef void **table = <void **>PyMem_Calloc(MAX_TYPES, sizeof(void *))
+        cdef uint16_t *btab = <uint16_t *>PyMem_Calloc(MAX_TYPES, 2)
+        if table == NULL or btab == NULL:
+            raise MemoryError()
+        self.sets[nf] = <handler_table *>PyMem_Realloc(self.sets[nf],
+                                                       (s + 1) * sizeof(handler_table))
+        self.set_batch[nf] = <uint16_t **>PyMem_Realloc(self.set_batch[nf],
+                                                        (s + 1) * sizeof(uint16_t *))
+        self.sets[nf][s] = table
+        self.set_batch[nf][s] = btab
+        self.nsets[nf] = s + 1
+        # Resolve every type to its most specific subscribed ancestor.
+        for t in _types:
+            a = t
+            while a is not None and a.idx not in mapping:
+                a = a.parent
+            if a is None:
+                continue
+            handler, batch = mapping[a.idx]
+            if handler is None:
+                continue
+            self.keep.append(handler)
+            table[t.idx] = <void *>handler
+            if batch:
+                btab[t.idx] = a.idx + 1
+        self.set_keys[nf][key] = s
+        self.set_maps[nf].append(mapping)
+        return s
+
+    cdef void attach_batch(self, Batch batch):
+        self.batch = batch
+        self.pkts = batch.pkts
+
+    def attach_flowtable(self, flowtable, uint32_t capacity):
+        self.flowtable = flowtable
+        self.flow_capacity = capacity
+
+    cdef uint32_t handler_set(self, uint32_t nf, uint32_t flow, uint32_t gen) noexcept nogil:
+        if self.flow_set[nf] == NULL or flow >= self.flow_capacity:
+            return 0
+        if self.flow_set_gen[nf][flow] != gen:
+            return 0
+        return self.flow_set[nf][flow]
+
+    cdef bint wants(self, uint16_t type_idx, uint32_t flow, uint32_t gen) noexcept nogil:
+        cdef uint32_t i
+        if type_idx < 64 and not (self.global_want >> type_idx) & 1:
+            return False
+        for i in range(self.nnf):
+            if self.sets[i][self.handler_set(i, flow, gen)][type_idx] != NULL:
+                return True
+        return False
+
+    cdef mbx_msg *new_msg(self, uint16_t type_idx, uint64_t type_id, int64_t ts_ns,
+                          uint32_t flow, uint32_t gen, uint32_t pkt, uint8_t dir,
+                          uint16_t publisher) noexcept nogil:
+        if self.msg_used >= self.msg_capacity:
+            return NULL
+        cdef mbx_msg *m = &self.msgs[self.msg_used]
+        self.msg_used += 1
+        m.h.type_id = type_id
+        m.h.ts_ns = ts_ns
+        m.h.flow = flow
+        m.h.flow_gen = gen
+        m.h.pkt = pkt
+        m.h.seq = self.seq
+        self.seq += 1
+        m.h.type_idx = type_idx
+        m.h.publisher = publisher
+        m.h.refs = 0
+        m.h.dir = dir
+        m.h.flags = 0
+        return m
+
+    cdef void publish(self, mbx_msg *m) noexcept nogil:
+        cdef uint32_t i, s
+        cdef uint32_t idx = <uint32_t>(m - self.msgs)
+        cdef uint32_t mask = self.msg_capacity - 1
+        for i in range(self.nnf):
+            if i + 1 == m.h.publisher:
+                continue            # an NF does not receive its own publications
+            s = self.handler_set(i, m.h.flow, m.h.flow_gen)
+            if self.sets[i][s][m.h.type_idx] == NULL:
+                continue
+            self.queues[i * self.msg_capacity + (self.qtail[i] & mask)] = idx
+            self.qtail[i] += 1
+            m.h.refs += 1
+        self.published += 1
+        self.per_type_published[m.h.type_idx] += 1
+        if m.h.refs and m.h.pkt != NO_PKT:
+            self.pkts[m.h.pkt].refs += 1
+
+    cdef void release(self, mbx_msg *m) noexcept nogil:
+        m.h.refs -= 1
+        if m.h.refs == 0 and m.h.pkt != NO_PKT:
+            self.pkts[m.h.pkt].refs -= 1
+
+    cdef void reset_pool(self) noexcept nogil:
+        self.msg_used = 0
+
+    @property
+    def msg_used_now(self):
+        return self.msg_used
+
+    def publish_from(self, nf, Message msg):
+        """An NF's publication: into Event Memory and to its subscribers."""
+        cdef mbx_msg *cur = NULL
+        cdef uint32_t flow = msg.m.h.flow, gen = msg.m.h.flow_gen, pkt = NO_PKT
+        cdef int64_t ts = msg.m.h.ts_ns
+        cdef uint8_t dir = msg.m.h.dir
+        if self.current_msg_idx is not None:
+            cur = &self.msgs[<uint32_t>self.current_msg_idx]
+            pkt = cur.h.pkt
+            if msg.flow is None:
+                flow = cur.h.flow
+                gen = cur.h.flow_gen
+                dir = cur.h.dir
+            if ts == 0:
+                ts = cur.h.ts_ns
+        if msg.flow is not None:
+            flow = <uint32_t>(msg.flow & 0xFFFFFFFF)
+            gen = <uint32_t>(msg.flow >> 32)
+        cdef mbx_msg *m = self.new_msg(msg.m.h.type_idx, msg.m.h.type_id, ts, flow, gen,
+                                       pkt, dir, nf._index + 1)
+        if m == NULL:
+            raise MbxError(
+                f"NF {nf.name}: Event Memory is full ({self.msg_capacity} messages); "
+                "raise msg_capacity")
+        memcpy(m.body, msg.m.body, MSG_BODY_SIZE)
+        self.publish(m)
+
+    def up_sub(self, uint32_t nf, etype, flow, handler, bint batch):
+        if flow is None:
+            raise SubscriptionError(f"NF {self.nfs[nf].name}: up_sub needs a flow id")
+        cdef uint32_t slot = <uint32_t>(flow & 0xFFFFFFFF)
+        cdef uint32_t gen = <uint32_t>(flow >> 32)
+        if slot >= self.flow_capacity:
+            raise SubscriptionError(f"NF {self.nfs[nf].name}: {flow} is not a flow id")
+        if self.flow_set[nf] == NULL:
+            self.flow_set[nf] = <uint16_t *>PyMem_Calloc(self.flow_capacity, 2)
+            self.flow_set_gen[nf] = <uint32_t *>PyMem_Calloc(self.flow_capacity, 4)
+            if self.flow_set[nf] == NULL or self.flow_set_gen[nf] == NULL:
+                raise MemoryError()
+        cdef uint32_t cur = self.handler_set(nf, slot, gen)
+        mapping = dict(self.set_maps[nf][cur])
+        mapping[etype.idx] = (handler, batch)
+        cdef uint32_t s = self._add_set(nf, mapping)
+        self.flow_set[nf][slot] = s
+        self.flow_set_gen[nf][slot] = gen
+
+    cpdef dispatch(self):
+        """Deliver every queued message, NF by NF in chain order, until all are done."""
+        cdef bint progress = True
+        cdef uint32_t i
+        while progress:
+            progress = False
+            for i in range(self.nnf):
+                if self.qhead[i] != self.qtail[i]:
+                    progress = True
+                    self._drain(i)
+        self.current_msg_idx = None
+
+    cdef _drain(self, uint32_t i):
+        cdef uint32_t mask = self.msg_capacity - 1
+        cdef uint32_t *q = self.queues + i * self.msg_capacity
+        cdef uint32_t idx, s
+        cdef mbx_msg *m
+        cdef mbx_pkt *p
+        cdef void *h
+        cdef uint16_t bt
+        cdef Event view = <Event>self.views[i]
+        nf = self.nfs[i]
+        while self.qhead[i] != self.qtail[i]:
+            idx = q[self.qhead[i] & mask]
+            self.qhead[i] += 1
+            m = &self.msgs[idx]
+            p = NULL if m.h.pkt == NO_PKT else &self.pkts[m.h.pkt]
+            if p != NULL and p.verdict == VERDICT_DROP:
+                self.release(m)
+                continue
+            s = self.handler_set(i, m.h.flow, m.h.flow_gen)
+            h = self.sets[i][s][m.h.type_idx]
+            if h == NULL:
+                self.release(m)         # unsubscribed for this flow since it was queued
+                continue
+            bt = self.set_batch[i][s][m.h.type_idx]
+            if bt:
+                self._run_batch(i, idx, h, bt)
+                continue
+            view.m = m
+            view.p = p
+            self.current_msg_idx = idx
+            self.per_type_delivered[m.h.type_idx] += 1
+            self.delivered += 1
+            try:
+                (<object>h)(view)
+            except Exception as exc:
+                self.release(m)
+                raise NFError(
+                    f"NF {nf.name}: {getattr(<object>h, '__qualname__', <object>h)} raised "
+                    f"{type(exc).__name__} on a {_types[m.h.type_idx].name} event: {exc}"
+                ) from exc
+            self.release(m)
+
+    cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt):
+        # Gather the run of queued messages that resolve to the same batch handler
+        # into the staging buffer, and hand them over as one numpy view.
+        cdef uint32_t mask = self.msg_capacity - 1
+        cdef uint32_t *q = self.queues + i * self.msg_capacity
+        cdef uint8_t[::1] stage_mem = self.stage
+        cdef mbx_msg *stage = <mbx_msg *>&stage_mem[0]
+        cdef uint32_t n = 0, idx, s
+        cdef mbx_msg *m
+        cdef mbx_pkt *p
+        cdef uint32_t *taken = <uint32_t *>PyMem_Malloc(self.msg_capacity * 4)
+        if taken == NULL:
+            raise MemoryError()
+        try:
+            idx = first
+            while True:
+                m = &self.msgs[idx]
+                memcpy(&stage[n], m, sizeof(mbx_msg))
+                taken[n] = idx
+                n += 1
+                self.per_type_delivered[m.h.type_idx] += 1
+                if self.qhead[i] == self.qtail[i]:
+                    break
+                idx = q[self.qhead[i] & mask]
+                m = &self.msgs[idx]
+                p = NULL if m.h.pkt == NO_PKT else &self.pkts[m.h.pkt]
+                s = self.handler_set(i, m.h.flow, m.h.flow_gen)
+                if (self.sets[i][s][m.h.type_idx] != h
+                        or self.set_batch[i][s][m.h.type_idx] != bt
+                        or (p != NULL and p.verdict == VERDICT_DROP)):
+                    break
+                self.qhead[i] += 1
+            self.delivered += n
+            view = self.stage_views.get(bt)
+            if view is None:
+                view = self.stage.view(_types[bt - 1].dtype)
+                self.stage_views[bt] = view
+            self.current_msg_idx = first
+            try:
+                verdicts = (<object>h)(view[:n])
+            except Exception as exc:
+                raise NFError(
+                    f"NF {self.nfs[i].name}: batch handler "
+                    f"{getattr(<object>h, '__qualname__', <object>h)} raised "
+                    f"{type(exc).__name__}: {exc}") from exc
+            if verdicts is not None:
+                drops = np.asarray(verdicts, dtype=bool)
+                if drops.shape != (n,):
+                    raise NFError(
+                        f"NF {self.nfs[i].name}: a batch handler returns None or one "
+                        f"drop flag per event ({n}), not shape {drops.shape}")
+                for j in np.flatnonzero(drops):
+                    m = &self.msgs[taken[j]]
+                    if m.h.pkt != NO_PKT:
+                        self.pkts[m.h.pkt].verdict = VERDICT_DROP
+        finally:
+            for j in range(n):
+                self.release(&self.msgs[taken[j]])
+            PyMem_Free(taken)
+
+    def counters(self):
+        """Events published and delivered, per type name."""
+        out = {}
+        for t in _types:
+            pub = self.per_type_published[t.idx]
+            dlv = self.per_type_delivered[t.idx]
+            if pub or dlv:
+                out[t.name] = {"published": pub, "delivered": dlv}
+        return out
+
+    @property
+    def pending(self):
+        """Messages still queued, over all NFs (0 after dispatch)."""
+        cdef uint32_t i
+        cdef uint64_t n = 0
+        for i in range(self.nnf):
+            n += self.qtail[i] - self.qhead[i]
+        return n
+
+
+def message_size():
+    """Bytes of one event message: (header, whole message)."""
+    return sizeof(mbx_msg_hdr), sizeof(mbx_msg)

@@ -58,7 +58,7 @@ cdef class Batch:
         p.index = self.count
         p.port = port
         p.flow = NO_FLOW
-        self.count += 1
+        self.count = self.count + 1     # (+= trips nonecheck without the GIL in debug builds)
         return p
 
     def __len__(self):

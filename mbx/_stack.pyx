@@ -1,1 +1,311 @@
-# placeholder: filled in by its owner
+"""The Network Layer μStack: parse, reassemble fragments, track flows, publish
+PKT and FLOW events, and hand finished packets to the output port.
+
+Per burst: one pass without the GIL over the packets (parse, flow lookup, build the
+events some NF wants), then dispatch with the GIL (NF handlers), then the packets
+that passed go out.  Event Memory is fixed: when it runs low mid-burst the pass
+stops, dispatches what it has, and resumes.
+"""
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from mbx._events cimport (
+    NO_PKT, PUBLISHER_STACK, T_FLOW_END, T_FLOW_START, T_PKT, EventBus, flow_body,
+    mbx_msg, pkt_body,
+)
+from mbx._flow cimport FlowTable, mbx_flow
+from mbx._packet cimport (
+    NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PORT_EOF, PORT_ERROR,
+    VERDICT_DROP, VERDICT_HELD, VERDICT_PASS, Batch, Port, mbx_pkt,
+)
+from mbx._parse cimport DEFRAG_DONE, DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
+
+from mbx import _events
+from mbx._parse import status_names
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef void fill_flow_body(mbx_msg *m, const mbx_flow *f) noexcept nogil:
+    cdef flow_body *b = <flow_body *>m.body
+    cdef int c = f.init_side        # the client is the side that sent the first packet
+    b.ip_ver = f.key.ip_ver
+    b.proto = f.key.proto
+    b.end_reason = f.end_reason
+    if c == 0:
+        memcpy(b.cli_addr, f.key.a, 16)
+        memcpy(b.srv_addr, f.key.b, 16)
+        b.cli_port = f.key.a_port
+        b.srv_port = f.key.b_port
+    else:
+        memcpy(b.cli_addr, f.key.b, 16)
+        memcpy(b.srv_addr, f.key.a, 16)
+        b.cli_port = f.key.b_port
+        b.srv_port = f.key.a_port
+    b.pkts_c2s = f.pkts[0]
+    b.pkts_s2c = f.pkts[1]
+    b.bytes_c2s = f.bytes[0]
+    b.bytes_s2c = f.bytes[1]
+    b.first_ns = f.first_ns
+    b.last_ns = f.last_ns
+
+
+cdef void fill_pkt_body(mbx_msg *m, const mbx_pkt *p) noexcept nogil:
+    cdef pkt_body *b = <pkt_body *>m.body
+    b.caplen = p.caplen
+    b.wirelen = p.wirelen
+    b.sport = p.sport
+    b.dport = p.dport
+    b.proto = p.l4_proto
+    b.ip_ver = p.ip_ver
+    b.tcp_flags = p.tcp_flags
+    b.status = p.status
+    memcpy(b.src, p.src.b, 16)
+    memcpy(b.dst, p.dst.b, 16)
+
+
+cdef class NetworkLayer:
+    """The Network Layer μStack over an EventBus.
+
+    ``flow_capacity`` flows are preallocated (Stack Memory); ``idle_timeout`` (s)
+    ends idle flows; ``flow_policy`` is ``"evict"`` (end the least recently active
+    flow for a new one) or ``"refuse"``; ``malformed`` is ``"forward"`` or ``"drop"``
+    for packets the parser flags; fragments are reassembled within ``frag_memory``
+    bytes and ``frag_timeout`` seconds.
+    """
+    cdef readonly FlowTable flows
+    cdef readonly FragTable frags
+    cdef readonly EventBus bus
+    cdef uint64_t status_count[PARSE_N]
+    cdef readonly uint64_t pkts
+    cdef readonly uint64_t bytes
+    cdef readonly uint64_t malformed_dropped
+    cdef readonly uint64_t frag_held
+    cdef readonly uint64_t nf_dropped
+    cdef readonly uint64_t sent
+    cdef readonly uint64_t bursts
+    cdef bint drop_malformed
+    cdef int64_t now_ns
+    cdef int64_t next_expire_ns
+    cdef int64_t expire_every_ns
+    cdef uint32_t reserve
+    cdef uint64_t flow_start_id     # type ids, read once per burst
+    cdef uint64_t flow_end_id
+    cdef uint64_t pkt_id
+
+    def __init__(self, EventBus bus, *, uint32_t flow_capacity=65536,
+                 double idle_timeout=60.0, str flow_policy="evict",
+                 str malformed="forward", size_t frag_memory=4 << 20,
+                 double frag_timeout=30.0):
+        if malformed not in ("forward", "drop"):
+            raise ValueError(f"malformed must be 'forward' or 'drop', not {malformed!r}")
+        self.flows = FlowTable(flow_capacity, idle_timeout=idle_timeout, policy=flow_policy)
+        self.frags = FragTable(max_bytes=frag_memory, timeout=frag_timeout)
+        self.bus = bus
+        bus.attach_flowtable(self.flows, flow_capacity)
+        self.drop_malformed = malformed == "drop"
+        memset(self.status_count, 0, sizeof(self.status_count))
+        self.now_ns = 0
+        self.next_expire_ns = 0
+        # Idle expiry is checked about ten times per timeout, not per packet.
+        self.expire_every_ns = max(<int64_t>(idle_timeout * 1e8), 1000000)
+        # Worst case one packet makes: FLOW/END of an evicted flow, FLOW/START, PKT.
+        self.reserve = 4
+
+    cdef inline bint room(self, uint32_t n) noexcept nogil:
+        return self.bus.msg_used + n <= self.bus.msg_capacity
+
+    cdef void publish_flow(self, uint16_t t, uint64_t type_id, const mbx_flow *f,
+                           uint32_t slot, uint32_t pkt, uint8_t dir,
+                           int64_t ts) noexcept nogil:
+        cdef mbx_msg *m = self.bus.new_msg(t, type_id, ts, slot, f.gen, pkt, dir,
+                                           PUBLISHER_STACK)
+        if m != NULL:
+            fill_flow_body(m, f)
+            self.bus.publish(m)
+
+    cdef uint32_t publish_ended(self) noexcept nogil:
+        # FLOW/END for every flow the table ended (evicted, idle, shutdown).
+        cdef uint32_t i, n = self.flows.n_ended
+        cdef const mbx_flow *f
+        if self.bus.global_want & (1 << T_FLOW_END):
+            for i in range(n):
+                f = &self.flows.ended[i]
+                if self.bus.wants(T_FLOW_END, self.flows.ended_slot[i], f.gen):
+                    self.publish_flow(T_FLOW_END, self.flow_end_id, f,
+                                      self.flows.ended_slot[i], NO_PKT, 0, self.now_ns)
+        self.flows.clear_ended()
+        return n
+
+    cdef uint32_t stack_pass(self, Batch batch, uint32_t i) noexcept nogil:
+        # Process packets from i on; returns the index reached (stops early when
+        # Event Memory runs low, so the caller can dispatch and resume).
+        cdef mbx_pkt *p
+        cdef int st, r
+        cdef uint32_t slot
+        cdef mbx_msg *m
+        cdef uint64_t want = self.bus.global_want
+        while i < batch.count:
+            if not self.room(self.reserve + self.flows.n_ended):
+                return i
+            p = &batch.pkts[i]
+            i += 1
+            self.pkts += 1
+            self.bytes += p.wirelen
+            if p.ts_ns > self.now_ns:
+                self.now_ns = p.ts_ns
+            st = parse_packet(p)
+            self.status_count[st] += 1
+            if p.flags & PKT_F_FRAGMENT:
+                r = self.frags.defrag(batch, p)
+                if r == DEFRAG_HELD:
+                    self.frag_held += 1
+                    continue
+                if r == DEFRAG_DROP:
+                    self.status_count[p.status] += 1
+                    continue
+                st = p.status
+            if st != PARSE_OK and st != PARSE_NOT_IP and self.drop_malformed:
+                p.verdict = VERDICT_DROP
+                self.malformed_dropped += 1
+                continue
+            slot = NO_FLOW
+            if p.ip_ver:
+                slot = self.flows.lookup(p)
+                if self.flows.n_ended:
+                    self.publish_ended()
+                if (slot != NO_FLOW and self.flows.created_last
+                        and want & (1 << T_FLOW_START)
+                        and self.bus.wants(T_FLOW_START, slot, p.flow_gen)):
+                    self.publish_flow(T_FLOW_START, self.flow_start_id,
+                                      &self.flows.flows[slot], slot, p.index, p.dir,
+                                      p.ts_ns)
+            if want & (1 << T_PKT) and self.bus.wants(T_PKT, slot, p.flow_gen):
+                m = self.bus.new_msg(T_PKT, self.pkt_id, p.ts_ns, slot, p.flow_gen,
+                                     p.index, p.dir, PUBLISHER_STACK)
+                if m != NULL:
+                    fill_pkt_body(m, p)
+                    self.bus.publish(m)
+        return i
+
+    cpdef process(self, Batch batch):
+        """Run one burst through the stack and the NFs; verdicts are then final."""
+        cdef uint32_t i = 0
+        self.flow_start_id = _events.FLOW_START.id
+        self.flow_end_id = _events.FLOW_END.id
+        self.pkt_id = _events.PKT.id
+        self.bus.attach_batch(batch)
+        self.bursts += 1
+        while i < batch.count:
+            with nogil:
+                i = self.stack_pass(batch, i)
+            self.bus.dispatch()
+            self.bus.reset_pool()
+        if self.now_ns >= self.next_expire_ns:
+            self.expire(self.now_ns)
+            self.next_expire_ns = self.now_ns + self.expire_every_ns
+
+    def expire(self, int64_t now_ns):
+        """End flows (and fragment queues) idle at ``now_ns``; publish FLOW/END."""
+        self.frags.expire(now_ns)
+        while self.flows.expire(now_ns):
+            self.publish_ended()
+            self.bus.dispatch()
+            self.bus.reset_pool()
+
+    def shutdown(self):
+        """End every flow (FLOW/END, reason shutdown) at the end of the input."""
+        self.frags.expire(0x7FFFFFFFFFFFFFFF)
+        while self.flows.end_all():
+            self.publish_ended()
+            self.bus.dispatch()
+            self.bus.reset_pool()
+
+    cdef int finish(self, Batch batch, Port out) except -1:
+        # Completion: every NF is done with the burst; send what passed, in order.
+        cdef mbx_pkt *ptrs[256]
+        cdef uint32_t i = 0
+        cdef int k, n
+        while i < batch.count:
+            k = 0
+            while i < batch.count and k < 256:
+                if batch.pkts[i].verdict == VERDICT_PASS:
+                    if out is not None:
+                        ptrs[k] = &batch.pkts[i]
+                        k += 1
+                elif batch.pkts[i].verdict == VERDICT_DROP:
+                    self.nf_dropped += 1
+                i += 1
+            if k:
+                with nogil:
+                    n = out.tx_burst(ptrs, k)
+                if n == PORT_ERROR:
+                    out.check()
+                self.sent += n
+        return 0
+
+    def run(self, Port inp, Port out=None, *, uint32_t burst=64, uint64_t max_packets=0,
+            progress=None, double progress_every=0.5):
+        """Read ``inp`` to its end (or ``max_packets``), through stack and NFs, to ``out``.
+
+        ``progress(stack)`` is called about every ``progress_every`` seconds.
+        """
+        cdef Batch batch = Batch(burst)
+        cdef int n
+        cdef double next_report = monotonic() + progress_every
+        cdef uint64_t limit = max_packets
+        while True:
+            batch.clear()
+            with nogil:
+                n = inp.rx_burst(batch)
+            if n == PORT_ERROR:
+                inp.check()
+            if n == PORT_EOF:
+                break
+            if limit and self.pkts + batch.count > limit:
+                batch.count = <uint32_t>(limit - self.pkts)
+            if batch.count:
+                self.process(batch)
+                self.finish(batch, out)
+            if limit and self.pkts >= limit:
+                break
+            if progress is not None and monotonic() >= next_report:
+                progress(self)
+                next_report = monotonic() + progress_every
+        self.shutdown()
+        if progress is not None:
+            progress(self)
+
+    def counters(self):
+        """Everything counted so far, as a plain dict."""
+        cdef int i
+        names = status_names()
+        parse = {}
+        for i in range(<int>PARSE_N):
+            if self.status_count[i] and i != <int>PARSE_OK:
+                parse[names[i]] = self.status_count[i]
+        return {
+            "packets": self.pkts,
+            "bytes": self.bytes,
+            "sent": self.sent,
+            "dropped_by_nf": self.nf_dropped,
+            "dropped_malformed": self.malformed_dropped,
+            "fragments_held": self.frag_held,
+            "parse": parse,
+            "flows": {
+                "created": self.flows.created, "active": self.flows.active,
+                "expired": self.flows.expired, "evicted": self.flows.evicted,
+                "refused": self.flows.refused,
+            },
+            "fragments": {
+                "held": self.frags.held, "completed": self.frags.completed,
+                "timed_out": self.frags.timed_out, "memcap_drops": self.frags.memcap_drops,
+                "bad": self.frags.bad,
+            },
+            "events": self.bus.counters(),
+        }

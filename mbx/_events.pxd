@@ -1,0 +1,133 @@
+# μEvents: the type hierarchy, fixed-size messages in Event Memory, per-NF input
+# queues, subscriptions (with per-flow overrides) and the dispatcher.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from mbx._packet cimport Batch, mbx_pkt
+
+cdef enum:
+    LEVEL_BITS = 8          # each level of a type path owns 8 bits of the id
+    MAX_DEPTH = 8           # so a 64-bit id holds 8 levels of 255 children each
+    MAX_TYPES = 1024        # registered types (dense index)
+    MAX_NFS = 32
+    MSG_BODY_SIZE = 128
+    NO_PKT = 0xFFFFFFFF
+    SNAPSHOT_SIZE = 24      # room for the TCP Monitor's stack snapshot (<= 23 used)
+    PUBLISHER_STACK = 0
+
+# One cache line: what every event has.  A type's own fields follow in body, a
+# child type's fields after its parent's, so a handler for X reads X/Y unchanged.
+ctypedef struct mbx_msg_hdr:
+    uint64_t type_id        # hierarchical id (see EventType)
+    int64_t ts_ns           # time of the event (the packet's capture time)
+    uint32_t flow           # flow slot or NO_FLOW
+    uint32_t flow_gen       # generation of that slot: (flow, flow_gen) names the flow
+    uint32_t pkt            # packet reference (index in the burst) or NO_PKT
+    uint32_t seq            # publication order within a burst
+    uint16_t type_idx       # dense index of the type in the registry
+    uint16_t publisher      # 0: a μStack; NFs from 1
+    uint16_t refs           # NF queues still holding this message
+    uint8_t dir             # direction of the packet within its flow
+    uint8_t flags
+    uint8_t snapshot[SNAPSHOT_SIZE]
+
+ctypedef struct mbx_msg:
+    mbx_msg_hdr h
+    uint8_t body[MSG_BODY_SIZE]
+
+# The body of every EVENT/FLOW message: the flow's identity and counters as of the
+# event, copied, so FLOW/END stays readable after the slot is reused.
+ctypedef struct flow_body:
+    uint8_t ip_ver
+    uint8_t proto
+    uint8_t end_reason
+    uint8_t pad
+    uint16_t cli_port
+    uint16_t srv_port
+    uint8_t cli_addr[16]
+    uint8_t srv_addr[16]
+    uint64_t pkts_c2s
+    uint64_t pkts_s2c
+    uint64_t bytes_c2s
+    uint64_t bytes_s2c
+    int64_t first_ns
+    int64_t last_ns
+
+# The body of every EVENT/PKT message: the headers most NFs look at, copied so a
+# batch handler's numpy view has them; the bytes stay in the packet.
+ctypedef struct pkt_body:
+    uint32_t caplen
+    uint32_t wirelen
+    uint16_t sport
+    uint16_t dport
+    uint8_t proto
+    uint8_t ip_ver
+    uint8_t tcp_flags
+    uint8_t status
+    uint8_t src[16]
+    uint8_t dst[16]
+
+# Built-in type indices (registered first, in this order, by _events).
+cdef enum BuiltinType:
+    T_EVENT = 0
+    T_PKT = 1
+    T_FLOW = 2
+    T_FLOW_START = 3
+    T_FLOW_END = 4
+    T_BUILTIN_N = 5
+
+ctypedef void **handler_table     # type index -> PyObject* handler (NULL: none)
+
+cdef class EventBus:
+    cdef mbx_msg *msgs
+    cdef readonly uint32_t msg_capacity
+    cdef uint32_t msg_used
+    cdef uint32_t nnf
+    cdef uint32_t *queues           # nnf rings of msg_capacity entries
+    cdef uint32_t *qhead
+    cdef uint32_t *qtail
+    # handler tables: for each NF, a list of handler sets; a set maps type index to
+    # a handler (PyObject*, NULL = not subscribed) resolved through the hierarchy.
+    cdef handler_table **sets       # sets[nf][set]
+    cdef uint16_t ***set_batch      # the same shape: 1 + the subscribed type's index
+                                    # where the handler takes batches, else 0
+    cdef uint32_t *nsets
+    cdef uint16_t **flow_set        # per NF, per flow slot: handler set (0 = default)
+    cdef uint32_t **flow_set_gen
+    cdef uint32_t flow_capacity
+    cdef readonly uint64_t global_want    # bit t: some NF wants built-in type t at all
+    cdef Batch batch                # the burst whose packets events reference
+    cdef mbx_pkt *pkts              # its descriptors
+    cdef readonly object nfs        # list of NF, in chain order
+    cdef object set_keys            # per NF: {frozen mapping: set index}
+    cdef object set_maps            # per NF: [mapping] (type idx -> (handler, batch))
+    cdef object keep                # strong refs to every handler in the tables
+    cdef object views               # per NF: a reused Event view
+    cdef object stage               # numpy buffer for batch handlers
+    cdef object stage_views         # per type idx: typed numpy view of stage
+    cdef object flowtable           # the stack's FlowTable (for want masks and lookups)
+    cdef uint32_t seq
+    cdef readonly uint64_t published
+    cdef readonly uint64_t delivered
+    cdef uint64_t *per_type_published
+    cdef uint64_t *per_type_delivered
+    cdef object current_nf
+    cdef object current_msg_idx
+    cdef bint closed
+
+    # Does any NF want type_idx for this flow?  (cheap: the stack asks before it builds)
+    cdef bint wants(self, uint16_t type_idx, uint32_t flow, uint32_t gen) noexcept nogil
+    # A new message of the given type, header filled; NULL when Event Memory is full
+    # (the caller dispatches and retries).
+    cdef mbx_msg *new_msg(self, uint16_t type_idx, uint64_t type_id, int64_t ts_ns,
+                          uint32_t flow, uint32_t gen, uint32_t pkt, uint8_t dir,
+                          uint16_t publisher) noexcept nogil
+    # Enqueue m to every NF subscribed to it for its flow; frees it when none is.
+    cdef void publish(self, mbx_msg *m) noexcept nogil
+    cdef uint32_t handler_set(self, uint32_t nf, uint32_t flow, uint32_t gen) noexcept nogil
+    cpdef dispatch(self)
+    cdef void reset_pool(self) noexcept nogil
+    cdef void attach_batch(self, Batch batch)
+    cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF
+    cdef void release(self, mbx_msg *m) noexcept nogil
+    cdef _drain(self, uint32_t i)
+    cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt)

@@ -1,0 +1,96 @@
+"""The paper's NF calls as functions (Listing 1 style).
+
+They act on the *current* NF: the one the application loader is building while it
+runs an NF file, or, in a script run on its own, an NF named after the script.
+``mb_nf_run()`` enters the run loop: in a script run on its own it reads the ports
+from the command line (``--in pcap:FILE [--out pcap:FILE]``); under ``mbx run`` the
+loader runs the application itself and ``mb_nf_run()`` returns at once.
+"""
+import os
+import sys
+import threading
+
+from mbx._events import NF
+
+_state = threading.local()
+
+
+def _stack():
+    if not hasattr(_state, "loading"):
+        _state.loading = []         # [(collected NFs list, default name)]
+        _state.implicit = None
+    return _state
+
+
+def current_nf():
+    """The NF the mb_* calls act on (created on first use)."""
+    st = _stack()
+    if st.loading:
+        created, name = st.loading[-1]
+        for nf in created:
+            if getattr(nf, "_implicit", False):
+                return nf
+        nf = NF(name)
+        nf._implicit = True
+        created.append(nf)
+        return nf
+    if st.implicit is None:
+        main = sys.modules.get("__main__")
+        path = getattr(main, "__file__", None) or "nf"
+        st.implicit = NF(os.path.splitext(os.path.basename(path))[0])
+    return st.implicit
+
+
+class loading:
+    """Context of the app loader: NFs created inside are collected, mb_nf_run returns."""
+
+    def __init__(self, default_name):
+        self.created = []
+        self.default_name = default_name
+
+    def __enter__(self):
+        _stack().loading.append((self.created, self.default_name))
+        return self.created
+
+    def __exit__(self, *exc):
+        _stack().loading.pop()
+
+
+def mb_sub(etype, handler, *, batch=False):
+    """Subscribe ``handler`` to ``etype`` (and its descendants)."""
+    return current_nf().sub(etype, handler, batch=batch)
+
+
+def mb_pub(etype, *, writes=False):
+    """Announce a publication; returns the output port for ``mb_publish_event``."""
+    return current_nf().pub(etype, writes=writes)
+
+
+def mb_up_sub(etype, flow, handler, *, batch=False):
+    """Switch this NF's handler for ``etype`` on ``flow`` (None unsubscribes)."""
+    return current_nf().up_sub(etype, flow, handler, batch=batch)
+
+
+def mb_new_msg(etype):
+    """A new message of ``etype`` to fill in and publish."""
+    return current_nf().new_msg(etype)
+
+
+def mb_publish_event(port, msg):
+    """Publish ``msg`` on the output port ``port``."""
+    return port.nf.publish(port, msg)
+
+
+def mb_nf_run(argv=None):
+    """Enter the run loop (see the module doc)."""
+    st = _stack()
+    if st.loading:
+        return None
+    from mbx.cli import run_script
+
+    # A script run on its own: every NF it defined, in order, then the implicit one.
+    main = vars(sys.modules.get("__main__", sys))
+    nfs = [v for k, v in main.items() if isinstance(v, NF) and not k.startswith("_")]
+    if current_nf() not in nfs:
+        nfs.append(current_nf())
+    return run_script(nfs, sys.argv[1:] if argv is None else argv)

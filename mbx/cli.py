@@ -1,0 +1,182 @@
+"""The ``mbx`` command: run an application over a port, make the example capture."""
+import argparse
+import json
+import os
+import sys
+import time
+
+from mbx.errors import MbxError
+
+_EPILOG = """\
+examples:
+  mbx example-capture demo.pcap
+  mbx run flow_stats+logger --in pcap:demo.pcap --set logger.path=events.jsonl
+  mbx run l4lb --in pcap:demo.pcap --out pcap:lb.pcap \\
+      --set l4lb.vip=198.18.3.1:80 --set l4lb.backends=198.18.2.1:80,198.18.2.2:80
+"""
+
+
+def _parse_sets(items):
+    options = {}
+    for item in items or ():
+        name, eq, value = item.partition("=")
+        nf, dot, key = name.partition(".")
+        if not eq or not dot or not nf or not key:
+            raise MbxError(f"--set {item!r}: expected NF.KEY=VALUE, e.g. logger.path=out.jsonl")
+        options.setdefault(nf, {})[key] = value
+    return options
+
+
+class Progress:
+    """One status line on stderr (a terminal), refreshed by the stack's callback."""
+
+    def __init__(self, port, enabled):
+        self.port = port
+        self.enabled = enabled
+        self.t0 = time.monotonic()
+
+    def __call__(self, stack):
+        if not self.enabled:
+            return
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        size = getattr(self.port, "size", 0)
+        pos = getattr(self.port, "position", 0)
+        frac = f" {100.0 * pos / size:5.1f}%" if size else ""
+        sys.stderr.write(
+            f"\r{frac} {stack.pkts:>12,} pkts  {stack.pkts / dt / 1e6:7.2f} Mpps  "
+            f"{stack.bytes * 8 / dt / 1e9:6.2f} Gbit/s  flows {stack.flows.active:,}   ")
+        sys.stderr.flush()
+
+    def done(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _print_counters(c, elapsed, out=sys.stdout):
+    pps = c["packets"] / elapsed if elapsed > 0 else 0.0
+    w = out.write
+    w(f"packets        {c['packets']:,} ({c['bytes']:,} bytes) in {elapsed:.3f} s, "
+      f"{pps / 1e6:.3f} Mpps\n")
+    w(f"sent           {c['sent']:,}\n")
+    w(f"dropped        by NFs {c['dropped_by_nf']:,}, malformed {c['dropped_malformed']:,}\n")
+    f = c["flows"]
+    w(f"flows          created {f['created']:,}, expired {f['expired']:,}, "
+      f"evicted {f['evicted']:,}, refused {f['refused']:,}\n")
+    fr = c["fragments"]
+    if any(fr.values()):
+        w(f"fragments      held {fr['held']:,}, reassembled {fr['completed']:,}, "
+          f"timed out {fr['timed_out']:,}, memcap {fr['memcap_drops']:,}, bad {fr['bad']:,}\n")
+    if c["parse"]:
+        w("parse          " + ", ".join(f"{k} {v:,}" for k, v in sorted(c["parse"].items()))
+          + "\n")
+    if c["events"]:
+        w("events         type: published / delivered\n")
+        for name, e in c["events"].items():
+            w(f"  {name:<24} {e['published']:>12,} / {e['delivered']:,}\n")
+
+
+def _run(nfs, args):
+    from mbx.ports import open_input, open_output
+    from mbx.runtime import App
+
+    inp = open_input(args.inp)
+    out = open_output(args.out) if args.out else None
+    app = App(nfs, flow_capacity=args.flows, idle_timeout=args.idle_timeout,
+              flow_policy=args.flow_policy, malformed=args.malformed)
+    progress = Progress(inp, sys.stderr.isatty() and not args.quiet)
+    t0 = time.perf_counter()
+    try:
+        counters = app.run(inp, out, burst=args.burst, max_packets=args.max_packets,
+                           progress=progress)
+    finally:
+        progress.done()
+        inp.close()
+        if out is not None:
+            out.close()
+    elapsed = time.perf_counter() - t0
+    counters["elapsed_s"] = elapsed
+    counters["ports"] = {"in": inp.counters, "out": out.counters if out else None}
+    if not args.quiet:
+        _print_counters(counters, elapsed)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(counters, fh, indent=2)
+    return counters
+
+
+def _add_run_options(p):
+    p.add_argument("--in", dest="inp", required=True, metavar="PORT",
+                   help="input port: pcap:FILE")
+    p.add_argument("--out", metavar="PORT", help="output port for packets that pass: pcap:FILE")
+    p.add_argument("--flows", type=int, default=65536, help="flow table capacity (65536)")
+    p.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="seconds before an idle flow ends (60)")
+    p.add_argument("--flow-policy", choices=("evict", "refuse"), default="evict",
+                   help="when the flow table is full: evict the oldest idle flow, or "
+                        "refuse new flows (evict)")
+    p.add_argument("--malformed", choices=("forward", "drop"), default="forward",
+                   help="what to do with packets the parser flags (forward)")
+    p.add_argument("--burst", type=int, default=64, help="packets per burst (64)")
+    p.add_argument("--max-packets", type=int, default=0, help="stop after N packets")
+    p.add_argument("--json", metavar="FILE", help="write the final counters as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+
+
+def run_script(nfs, argv):
+    """``mb_nf_run()`` in a script run on its own: ports from the command line."""
+    p = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]),
+                                description="Run this NF over a port.")
+    _add_run_options(p)
+    args = p.parse_args(argv)
+    try:
+        return _run(nfs, args)
+    except MbxError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="mbx", description=__doc__, epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run an application (NF chain) over a port")
+    r.add_argument("app", help="NF chain: built-ins (l2fwd, flow_stats, logger, l4lb), "
+                              ".py files or module:attr, joined by +")
+    r.add_argument("--set", action="append", metavar="NF.KEY=VALUE",
+                   help="an option for one NF (repeatable)")
+    _add_run_options(r)
+    g = sub.add_parser("example-capture", help="write the built-in example capture")
+    g.add_argument("path")
+    g.add_argument("--flows", type=int, default=200, help="TCP connections (200)")
+    g.add_argument("--seed", type=int, default=1)
+    t = sub.add_parser("types", help="list the registered event types")
+    t.add_argument("--fields", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            from mbx.runtime import load_app
+
+            _run(load_app(args.app, _parse_sets(args.set)), args)
+        elif args.cmd == "example-capture":
+            from mbx.examples.capture import write_example
+
+            n = write_example(args.path, flows=args.flows, seed=args.seed)
+            print(f"wrote {n:,} packets to {args.path}")
+        elif args.cmd == "types":
+            import mbx
+
+            for t in mbx.event_types():
+                line = f"{t.name:<24} id={t.id:#018x}"
+                if args.fields:
+                    line += "  " + ", ".join(f"{k}:{v[1]}" for k, v in t.fields.items())
+                print(line)
+    except MbxError as exc:
+        print(f"mbx: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"mbx: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Built-in examples: the example capture and example NFs."""

@@ -1,0 +1,1 @@
+"""Sample NFs: each module has ``make(**options)`` returning its NF."""

@@ -1,0 +1,128 @@
+"""Inline deployment: load the NFs of an application and run them over a port.
+
+An application here is a chain of NFs given as ``a+b+c`` where each item is a
+built-in NF (``mbx.nfs``), a Python file, or ``module:attribute``.  (Application
+files in TOML, with filters and parallel groups, build on this.)
+"""
+import importlib
+import os
+import runpy
+import traceback
+
+from mbx import api
+from mbx._events import NF, EventBus
+from mbx._stack import NetworkLayer
+from mbx.errors import AppError
+
+BUILTIN_NFS = ("l2fwd", "flow_stats", "logger", "l4lb")
+
+
+def _as_nfs(obj, where):
+    if isinstance(obj, NF):
+        return [obj]
+    if isinstance(obj, list | tuple) and obj and all(isinstance(o, NF) for o in obj):
+        return list(obj)
+    raise AppError(f"{where}: expected an NF or a list of NFs, got {obj!r}")
+
+
+def _make(factory, options, where):
+    try:
+        return _as_nfs(factory(**options), where)
+    except TypeError as exc:
+        raise AppError(f"{where}: bad options {options}: {exc}") from exc
+
+
+def _load_file(path, options):
+    if not os.path.isfile(path):
+        raise AppError(f"NF file {path}: no such file")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    with api.loading(stem) as created:
+        try:
+            scope = runpy.run_path(path, run_name="__main__")
+        except AppError:
+            raise
+        except Exception as exc:
+            tb = traceback.extract_tb(exc.__traceback__)
+            line = next((f.lineno for f in reversed(tb) if f.filename == path), None)
+            at = f", line {line}" if line else ""
+            raise AppError(f"NF file {path}{at}: {type(exc).__name__}: {exc}") from exc
+    if callable(scope.get("make")):
+        return _make(scope["make"], options, f"NF file {path}: make()")
+    if options:
+        raise AppError(f"NF file {path}: options {sorted(options)} given but the file "
+                       "defines no make(**options)")
+    nfs = [v for k, v in scope.items() if isinstance(v, NF) and not k.startswith("_")]
+    for nf in created:
+        if nf not in nfs:
+            nfs.append(nf)
+    if not nfs:
+        raise AppError(f"NF file {path}: defines no NF (create mbx.NF(...) or call mb_sub)")
+    return nfs
+
+
+def load_app(spec, options=None):
+    """The NFs of ``spec`` (``"flow_stats+logger"``, ``"my_nf.py"``, ``"pkg.mod:nf"``),
+    in chain order.  ``options`` maps an item's name to keyword options for its
+    ``make(**options)``."""
+    options = dict(options or {})
+    if not spec or not spec.strip("+"):
+        raise AppError("an application names at least one NF")
+    nfs = []
+    used = set()
+    for item in spec.split("+"):
+        item = item.strip()
+        name = os.path.splitext(os.path.basename(item))[0] if item.endswith(".py") else item
+        opts = options.get(name, {})
+        used.add(name)
+        if item.endswith(".py") or os.sep in item:
+            nfs += _load_file(item, opts)
+        elif item in BUILTIN_NFS:
+            module = importlib.import_module(f"mbx.nfs.{item}")
+            nfs += _make(module.make, opts, f"NF {item}")
+        elif ":" in item:
+            mod_name, _, attr = item.partition(":")
+            try:
+                obj = getattr(importlib.import_module(mod_name), attr)
+            except (ImportError, AttributeError) as exc:
+                raise AppError(f"NF {item}: {exc}") from exc
+            nfs += _make(obj, opts, f"NF {item}") if callable(obj) and not isinstance(
+                obj, NF) else _as_nfs(obj, f"NF {item}")
+        else:
+            raise AppError(
+                f"unknown NF {item!r}: use a built-in ({', '.join(BUILTIN_NFS)}), "
+                "a .py file, or module:attribute")
+    unknown = set(options) - used
+    if unknown:
+        raise AppError(f"options given for {', '.join(sorted(unknown))}, which the "
+                       f"application {spec!r} does not name")
+    return nfs
+
+
+class App:
+    """NFs over a Network Layer stack, inline (one process, events by function call)."""
+
+    def __init__(self, nfs, *, flow_capacity=65536, idle_timeout=60.0, flow_policy="evict",
+                 malformed="forward", msg_capacity=65536, frag_memory=4 << 20,
+                 frag_timeout=30.0):
+        self.nfs = _as_nfs(nfs, "App") if not isinstance(nfs, list) else list(nfs)
+        self.config = dict(flow_capacity=flow_capacity, idle_timeout=idle_timeout,
+                           flow_policy=flow_policy, malformed=malformed,
+                           frag_memory=frag_memory, frag_timeout=frag_timeout)
+        self.msg_capacity = msg_capacity
+        self.stack = None
+
+    def run(self, inp, out=None, *, burst=64, max_packets=0, progress=None):
+        """Run ``inp`` to its end through the stack and NFs; returns the counters."""
+        bus = EventBus(self.nfs, msg_capacity=self.msg_capacity)
+        try:
+            self.stack = NetworkLayer(bus, **self.config)
+            self.stack.run(inp, out, burst=burst, max_packets=max_packets,
+                           progress=progress)
+        finally:
+            bus.close()
+            for nf in self.nfs:
+                nf.stop()
+        return self.counters()
+
+    def counters(self):
+        return self.stack.counters() if self.stack is not None else {}

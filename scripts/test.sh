@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install mbx with its test tools and run the whole test suite (lint included).
+source "$(dirname "$0")/_env.sh"
+# tshark checks the L4 load balancer's output capture; tcpdump and friends follow.
+apt_install tshark
+"$PY" -m pip install -q --no-build-isolation -e ".[test]"
+exec "$PY" -m pytest -q "$@"

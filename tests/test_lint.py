@@ -1,0 +1,32 @@
+"""ruff on the Python sources and cython-lint on the Cython sources, as tests."""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool(name):
+    exe = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
+    if exe is None:
+        pytest.fail(f"{name} is not installed: pip install -e '.[test]' installs it")
+    return exe
+
+
+def test_ruff():
+    r = subprocess.run([_tool("ruff"), "check", "mbx", "tests", "benchmarks"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cython_lint():
+    files = sorted(glob.glob(os.path.join(ROOT, "mbx", "*.pyx"))
+                   + glob.glob(os.path.join(ROOT, "mbx", "*.pxd")))
+    assert files
+    r = subprocess.run([_tool("cython-lint"), *files], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
