@@ -307,8 +307,10 @@ cdef class PcapReader(Port):
     cdef int _fail(self, bint damage) noexcept nogil:
         # The message is already in errmsg; the next rx_burst returning nothing
         # reports it, so frames read before the damage are still delivered.
+        # (Counters are bumped as x = x + 1 throughout: the debug build's nonecheck
+        # rejects in-place operators on attributes without the GIL.)
         if damage:
-            self.damaged += 1
+            self.damaged = self.damaged + 1
         self.error_is_format = True
         self.state = READ_FAILED
         return -1
@@ -323,7 +325,7 @@ cdef class PcapReader(Port):
             return 0
         left = self.size - pos
         if left < PCAP_REC_HDR:
-            self.truncated += 1
+            self.truncated = self.truncated + 1
             self.state = READ_END
             return 0
         h = self.base + pos
@@ -339,7 +341,7 @@ cdef class PcapReader(Port):
                      "(snaplen %u)", pos, caplen, limit, self.snaplen)
             return self._fail(True)
         if caplen > left - PCAP_REC_HDR:
-            self.truncated += 1
+            self.truncated = self.truncated + 1
             self.state = READ_END
             return 0
         r.data = h + PCAP_REC_HDR
@@ -365,7 +367,7 @@ cdef class PcapReader(Port):
                 return 0
             left = self.size - pos
             if left < 12:
-                self.truncated += 1
+                self.truncated = self.truncated + 1
                 self.state = READ_END
                 return 0
             b = self.base + pos
@@ -393,7 +395,7 @@ cdef class PcapReader(Port):
                 return self._fail(True)
             if blen > left:
                 if blen <= PCAPNG_MAX_BLOCK:
-                    self.truncated += 1
+                    self.truncated = self.truncated + 1
                     self.state = READ_END
                     return 0
                 snprintf(self.errmsg, sizeof(self.errmsg),
@@ -496,7 +498,7 @@ cdef class PcapReader(Port):
                     elif code == OPT_IF_TSOFFSET and olen >= 8:
                         itf.offset_ns = <int64_t>rd64(b + o + 4, sw) * NS
                     o += 4 + ((olen + 3) & ~(<uint32_t>3))
-                self.n_ifaces += 1
+                self.n_ifaces = self.n_ifaces + 1
             elif btype == BT_SHB and body < 16:
                 snprintf(self.errmsg, sizeof(self.errmsg),
                          "damaged section header at byte offset %zu: %u bytes long",
@@ -570,8 +572,8 @@ cdef class PcapReader(Port):
             self.pos = r.next_pos
             n += 1
             nbytes += p.caplen
-        self.rx_pkts += n
-        self.rx_bytes += nbytes
+        self.rx_pkts = self.rx_pkts + n
+        self.rx_bytes = self.rx_bytes + nbytes
         if n:
             return n
         if self.state == READ_FAILED:
@@ -663,8 +665,8 @@ cdef class PcapWriter(Port):
             caplen = min(p.caplen, self.snaplen)
             if self.used + PCAP_REC_HDR + caplen > WRITE_BUFFER:
                 if self._flush() < 0:
-                    self.tx_pkts += i
-                    self.tx_bytes += nbytes
+                    self.tx_pkts = self.tx_pkts + i
+                    self.tx_bytes = self.tx_bytes + nbytes
                     snprintf(msg, sizeof(msg), "write failed: %s", strerror(self.io_errno))
                     self.set_error(msg)
                     return PORT_ERROR
@@ -676,10 +678,10 @@ cdef class PcapWriter(Port):
             wr32(h + 8, caplen)
             wr32(h + 12, p.wirelen if p.wirelen > caplen else caplen)
             memcpy(h + PCAP_REC_HDR, p.data, caplen)
-            self.used += PCAP_REC_HDR + caplen
+            self.used = self.used + PCAP_REC_HDR + caplen
             nbytes += caplen
-        self.tx_pkts += n
-        self.tx_bytes += nbytes
+        self.tx_pkts = self.tx_pkts + n
+        self.tx_bytes = self.tx_bytes + nbytes
         return n
 
     def flush(self):
