@@ -61,8 +61,10 @@ def open_output(spec: str) -> PcapWriter:
     """Open the port ``spec`` for sending.
 
     ``pcap:FILE`` writes a classic pcap file with nanosecond timestamps (the file is
-    created or truncated).  Raises :class:`~mbx.errors.PortError` for an unknown
-    scheme or a file that cannot be created.
+    created or truncated).  A ``.pcapng`` name still gets classic pcap: every reader
+    tells the two apart by their magic, not by the name.  Raises
+    :class:`~mbx.errors.PortError` for an unknown scheme or a file that cannot be
+    created.
     """
     scheme, arg = _parse(spec)
     if scheme == "pcap":
