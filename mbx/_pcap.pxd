@@ -1,0 +1,96 @@
+# Capture-file ports: PcapReader replays a pcap/pcapng file into Batches, PcapWriter
+# records what an NF passed.  Declared here so other extensions (the CLI driver, the
+# test harness of the stack) can cimport them and call rx_burst/tx_burst directly.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from mbx._packet cimport Batch, Port, mbx_pkt
+
+cdef enum:
+    # libpcap's own ceiling (MAXIMUM_SNAPLEN): a larger record length is corruption.
+    PCAP_MAX_CAPLEN = 262144
+    # Ethernet header synthesised in front of raw-IP / cooked captures.
+    ETH_HLEN = 14
+
+# How the frames of a link type become Ethernet frames.
+cdef enum LinkMode:
+    LINK_ETHER = 0          # passed through
+    LINK_RAW = 1            # raw IP, version nibble picks the ethertype
+    LINK_IPV4 = 2
+    LINK_IPV6 = 3
+    LINK_SLL = 4            # Linux cooked v1: 16-byte header, protocol at 14
+    LINK_SLL2 = 5           # Linux cooked v2: 20-byte header, protocol at 0
+    LINK_UNSUPPORTED = 255
+
+# Where reading stands: anything but READ_OK ends the replay once reported.
+cdef enum ReadState:
+    READ_OK = 0
+    READ_END = 1            # clean end (or truncated tail): PORT_EOF from now on
+    READ_FAILED = 2         # damage or bad content found; reported by the next call
+
+# One pcapng interface (IDB) of the current section.
+ctypedef struct pcapng_if:
+    uint32_t linktype
+    uint32_t snaplen
+    uint8_t mode            # LinkMode
+    uint8_t pow2            # if_tsresol is a power of two
+    uint8_t exp             # its exponent
+    uint64_t mul            # power of ten, ns = units * mul ...
+    uint64_t div            # ... or units / div
+    int64_t offset_ns       # if_tsoffset
+
+# The next packet found in the file, before it is copied into a batch.
+ctypedef struct pcap_rec:
+    const uint8_t *data
+    uint32_t caplen
+    uint32_t wirelen
+    int64_t ts_ns
+    uint8_t mode            # LinkMode of its interface
+    size_t next_pos         # file offset after this record
+
+
+cdef class PcapReader(Port):
+    cdef readonly str path
+    cdef readonly str format            # "pcap" or "pcapng"
+    cdef readonly uint32_t linktype     # of the file (pcapng: of its first interface)
+    cdef readonly bint nanosecond       # native resolution finer than microseconds
+    cdef readonly uint32_t snaplen
+    cdef readonly uint64_t size         # file bytes
+    cdef readonly uint64_t damaged      # records/blocks whose lengths lie (reading stops)
+    cdef readonly uint64_t truncated    # final record cut short (reading ends normally)
+    cdef readonly uint16_t port_id
+
+    cdef const uint8_t *base            # the read-only mapping, NULL once closed
+    cdef size_t pos
+    cdef size_t start                   # offset of the first record
+    cdef bint is_pcapng
+    cdef bint swapped                   # file (section) byte order is not ours
+    cdef uint8_t mode                   # classic pcap: LinkMode of the file
+    cdef uint32_t frac_mul              # classic pcap: 1000 (us) or 1 (ns)
+    cdef uint8_t state                  # ReadState
+    cdef pcapng_if *ifaces
+    cdef uint32_t n_ifaces
+    cdef uint32_t cap_ifaces
+    cdef uint8_t *scratch               # a frame being given an Ethernet header
+    cdef bint error_is_format           # pending error: CaptureFormatError vs PortError
+    cdef char errmsg[192]
+
+    cdef int _next_pcap(self, pcap_rec *r) noexcept nogil
+    cdef int _next_pcapng(self, pcap_rec *r) noexcept nogil
+    cdef mbx_pkt *_deliver(self, Batch batch, const pcap_rec *r) noexcept nogil
+    cdef int _open_pcap(self, uint32_t magic) except -1
+    cdef int _open_pcapng(self, pcap_rec *probe) except -1
+    cdef int _fail(self, bint damage) noexcept nogil
+    cdef void _unmap(self) noexcept nogil
+
+
+cdef class PcapWriter(Port):
+    cdef readonly str path
+    cdef readonly bint nanosecond
+    cdef readonly uint32_t snaplen
+    cdef readonly uint32_t linktype
+    cdef int fd
+    cdef uint8_t *buf
+    cdef size_t used
+    cdef int io_errno
+
+    cdef int _flush(self) noexcept nogil

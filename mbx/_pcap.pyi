@@ -1,0 +1,42 @@
+"""Stubs for mbx._pcap: capture-file ports."""
+
+import os
+
+from mbx._packet import Port
+
+SUPPORTED_LINKTYPES: str
+
+class PcapReader(Port):
+    """Replay a pcap or pcapng file as Ethernet frames with ns timestamps."""
+
+    path: str
+    format: str
+    linktype: int
+    nanosecond: bool
+    snaplen: int
+    size: int
+    damaged: int
+    truncated: int
+    port_id: int
+    def __init__(self, path: str | os.PathLike[str], port_id: int = 0) -> None: ...
+    @property
+    def position(self) -> int: ...
+    def rewind(self) -> None: ...
+    def close(self) -> None: ...
+
+class PcapWriter(Port):
+    """Record packets to a classic pcap file in native byte order."""
+
+    path: str
+    nanosecond: bool
+    snaplen: int
+    linktype: int
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        nanosecond: bool = True,
+        snaplen: int = 262144,
+        linktype: int = 1,
+    ) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
