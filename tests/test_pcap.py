@@ -1,8 +1,6 @@
 """Capture-file ports: PcapReader/PcapWriter against dpkt and hand-built files."""
 
-# ruff sees mbx._packet as first-party only once mbx/_packet.pyi exists; until then it
-# would move the import below into the third-party group.
-import os  # noqa: I001
+import os
 import random
 import struct
 

@@ -136,9 +136,11 @@ def example_frames(flows=200, seed=1, t0=1_700_000_000.0):
                                  rng.getrandbits(32), rng.getrandbits(32), wrap=tcp6,
                                  ethertype=0x86DD, vlans=(100,) if i % 2 else ())
     for i in range(flows // 5):             # DNS
-        q = struct.pack("!HHHHHH", i, 0x0100, 1, 0, 0, 0) + b"\x07example\x03com\x00\x00\x01\x00\x01"
+        q = (struct.pack("!HHHHHH", i, 0x0100, 1, 0, 0, 0)
+             + b"\x07example\x03com\x00\x00\x01\x00\x01")
         t = t0 + 0.2 + i * 0.005
-        frames.append((t, ether(udp4(f"198.18.1.{1 + i % 250}", "198.18.0.53", 40000 + i, 53, q))))
+        cli = f"198.18.1.{1 + i % 250}"
+        frames.append((t, ether(udp4(cli, "198.18.0.53", 40000 + i, 53, q))))
         frames.append((t + 0.0004, ether(udp4("198.18.0.53", f"198.18.1.{1 + i % 250}", 53,
                                               40000 + i, q + b"\xc0\x0c\x00\x01\x00\x01"
                                               b"\x00\x00\x00\x3c\x00\x04\xc6\x12\x03\x01"))))

@@ -1,0 +1,28 @@
+from collections.abc import Callable
+from typing import Any
+
+from mbx._events import EventBus
+from mbx._packet import Batch, Port
+
+class NetworkLayer:
+    flows: Any
+    frags: Any
+    bus: EventBus
+    pkts: int
+    bytes: int
+    malformed_dropped: int
+    frag_held: int
+    nf_dropped: int
+    sent: int
+    bursts: int
+    def __init__(self, bus: EventBus, *, flow_capacity: int = 65536,
+                 idle_timeout: float = 60.0, flow_policy: str = "evict",
+                 malformed: str = "forward", frag_memory: int = ...,
+                 frag_timeout: float = 30.0) -> None: ...
+    def process(self, batch: Batch) -> None: ...
+    def expire(self, now_ns: int) -> None: ...
+    def shutdown(self) -> None: ...
+    def run(self, inp: Port, out: Port | None = None, *, burst: int = 64,
+            max_packets: int = 0, progress: Callable[[NetworkLayer], object] | None = None,
+            progress_every: float = 0.5) -> None: ...
+    def counters(self) -> dict[str, Any]: ...

@@ -1,0 +1,282 @@
+"""The packet path end to end: stack events to NFs, chains, verdicts, per-flow
+subscriptions, batch handlers, completion, and the flow lifecycle."""
+import dpkt
+import numpy as np
+import pytest
+from conftest import read_frames
+
+import mbx
+from mbx.examples.capture import ether, tcp4, udp4
+
+
+class Recorder(mbx.NF):
+    """Records (type name, flow, dir) of every event of the subscribed types."""
+
+    def __init__(self, name, types=("EVENT",), **kw):
+        super().__init__(name, **kw)
+        self.seen = []
+        for t in types:
+            self.sub(t, self.on_event)
+
+    def on_event(self, ev):
+        self.seen.append((ev.type_name, ev.flow, ev.dir))
+
+    def count(self, name):
+        return sum(1 for s in self.seen if s[0] == name)
+
+
+def test_every_packet_and_flow_reaches_a_subscriber(run, example_pcap):
+    rec = Recorder("rec")
+    counters, out = run([rec], example_pcap)
+    frames = read_frames(example_pcap)
+    held = counters["fragments_held"]
+    assert counters["packets"] == len(frames)
+    assert rec.count("PKT") == len(frames) - held
+    created = counters["flows"]["created"]
+    assert created > 100
+    assert rec.count("FLOW/START") == created
+    assert rec.count("FLOW/END") == created              # every flow ends (shutdown)
+    # completion: everything that was not held (fragments) leaves, in order
+    assert len(out) == len(frames) - held + counters["fragments"]["completed"]
+    assert counters["sent"] == len(out)
+    ev = counters["events"]
+    assert ev["PKT"]["published"] == ev["PKT"]["delivered"] == rec.count("PKT")
+
+
+def test_flow_start_precedes_packets_and_end_follows(run, example_pcap):
+    rec = Recorder("rec")
+    run([rec], example_pcap)
+    first = {}
+    for i, (name, flow, _dir) in enumerate(rec.seen):
+        if flow is None:
+            continue
+        if name == "FLOW/START":
+            assert flow not in first
+            first[flow] = i
+        elif name == "PKT":
+            assert flow in first, "a PKT event before its FLOW/START"
+        elif name == "FLOW/END":
+            assert flow in first
+    assert first
+
+
+def test_direction_is_relative_to_the_initiator(run, tmp_path):
+    frames = [(1.0, ether(tcp4("198.18.1.1", "198.18.0.1", 1000, 80, flags=2))),
+              (1.1, ether(tcp4("198.18.0.1", "198.18.1.1", 80, 1000, flags=0x12))),
+              (1.2, ether(tcp4("198.18.1.1", "198.18.0.1", 1000, 80, flags=0x10)))]
+    rec = Recorder("rec", types=("PKT",))
+    run([rec], frames=frames)
+    assert [d for _, _, d in rec.seen] == [0, 1, 0]
+    assert len({f for _, f, _ in rec.seen}) == 1
+
+
+def test_a_drop_hides_the_packet_from_the_rest_of_the_chain(run, example_pcap):
+    class DropDns(mbx.NF):
+        def __init__(self):
+            super().__init__("drop_dns")
+            self.sub(mbx.PKT, self.on_pkt)
+
+        def on_pkt(self, ev):
+            if ev.proto == 17 and 53 in (ev.sport, ev.dport):
+                ev.drop()
+
+    after = Recorder("after", types=("PKT",))
+    counters, out = run([DropDns(), after], example_pcap)
+    all_frames = read_frames(example_pcap)
+    dns = 0
+    for _, buf in all_frames:
+        ip = dpkt.ethernet.Ethernet(buf).data
+        if isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.udp.UDP):
+            dns += 53 in (ip.data.sport, ip.data.dport)
+    assert dns > 0
+    assert counters["dropped_by_nf"] == dns
+    assert after.count("PKT") == len(all_frames) - counters["fragments_held"] - dns
+    for _, buf in out:
+        ip = dpkt.ethernet.Ethernet(buf).data
+        if isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.udp.UDP):
+            assert 53 not in (ip.data.sport, ip.data.dport)
+
+
+def test_up_sub_none_stops_a_flow_and_the_stack_stops_building(run, example_pcap):
+    class FirstOnly(mbx.NF):
+        def __init__(self):
+            super().__init__("first_only")
+            self.per_flow = {}
+            self.sub(mbx.PKT, self.on_pkt)
+
+        def on_pkt(self, ev):
+            self.per_flow[ev.flow] = self.per_flow.get(ev.flow, 0) + 1
+            if ev.flow is not None:
+                self.up_sub(mbx.PKT, ev.flow, None)
+
+    nf = FirstOnly()
+    counters, _ = run([nf], example_pcap)
+    flows = {f: n for f, n in nf.per_flow.items() if f is not None}
+    assert flows and set(flows.values()) == {1}
+    # the stack built PKT events only while someone wanted them
+    pub = counters["events"]["PKT"]["published"]
+    assert pub == sum(nf.per_flow.values())
+    assert pub < counters["packets"] / 3
+
+
+def test_up_sub_switches_one_flows_handler(run, example_pcap):
+    class Switch(mbx.NF):
+        def __init__(self):
+            super().__init__("switch")
+            self.default = 0
+            self.special = 0
+            self.target = None
+            self.sub(mbx.PKT, self.on_default)
+
+        def on_default(self, ev):
+            self.default += 1
+            if self.target is None and ev.flow is not None and ev.proto == 6:
+                self.target = ev.flow
+                self.up_sub(mbx.PKT, ev.flow, self.on_special)
+
+        def on_special(self, ev):
+            assert ev.flow == self.target
+            self.special += 1
+
+    nf = Switch()
+    counters, _ = run([nf], example_pcap)
+    assert nf.special >= 5          # the rest of that connection
+    assert nf.default + nf.special == counters["events"]["PKT"]["delivered"]
+
+
+def test_batch_handler_gets_numpy_records_and_can_drop(run, example_pcap):
+    class Batchy(mbx.NF):
+        def __init__(self):
+            super().__init__("batchy")
+            self.sizes = []
+            self.dports = []
+            self.sub(mbx.PKT, self.on_batch, batch=True)
+
+        def on_batch(self, recs):
+            assert isinstance(recs, np.ndarray)
+            self.sizes.append(len(recs))
+            self.dports.extend(recs["dport"].tolist())
+            return (recs["proto"] == 17) & (recs["dport"] == 53)
+
+    nf = Batchy()
+    counters, out = run([nf], example_pcap, burst=32)
+    assert sum(nf.sizes) == counters["events"]["PKT"]["delivered"]
+    assert max(nf.sizes) > 1
+    assert 80 in nf.dports and 53 in nf.dports
+    assert counters["dropped_by_nf"] == nf.dports.count(53) > 0
+    for _, buf in out:
+        ip = dpkt.ethernet.Ethernet(buf).data
+        if isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.udp.UDP):
+            assert ip.data.dport != 53
+
+
+def test_published_events_reach_subscribers_with_fields(run, example_pcap):
+    alert = mbx.register_event_type("TEST_BIG_FLOW", parent="FLOW", fields=[("total", "u64")])
+
+    class Detect(mbx.NF):
+        def __init__(self):
+            super().__init__("detect")
+            self.port = self.pub(alert)
+            self.sub(mbx.FLOW_END, self.on_end)
+
+        def on_end(self, ev):
+            total = ev.bytes_c2s + ev.bytes_s2c
+            if total > 5000:
+                msg = self.new_msg(alert)
+                msg.fill_from(ev)
+                msg.total = total
+                self.publish(self.port, msg)
+
+    got = []
+
+    class Sink(mbx.NF):
+        def __init__(self):
+            super().__init__("sink")
+            self.sub(alert, lambda ev: got.append((ev.total, ev.cli_port, ev.srv_port,
+                                                   ev.flow)))
+
+    run([Detect(), Sink()], example_pcap)
+    assert got and all(total > 5000 for total, *_ in got)
+    assert all(srv == 80 for _, _, srv, _ in got if srv != 443)
+
+
+def test_publishing_an_undeclared_type_is_refused():
+    nf = mbx.NF("undeclared")
+    port = nf.pub(mbx.FLOW_END)
+    with pytest.raises(mbx.EventTypeError, match="cannot carry"):
+        nf.publish(port, nf.new_msg(mbx.FLOW))
+    other = mbx.NF("other")
+    with pytest.raises(mbx.SubscriptionError, match="not one of this NF"):
+        other.publish(port, other.new_msg(mbx.FLOW_END))
+
+
+def test_a_reader_cannot_rewrite(run, tmp_path):
+    class Sneaky(mbx.NF):
+        def __init__(self):
+            super().__init__("sneaky")
+            self.sub(mbx.PKT, lambda ev: ev.set_dst("198.18.9.9"))
+
+    frames = [(1.0, ether(udp4("198.18.1.1", "198.18.0.1", 1, 2, b"x")))]
+    with pytest.raises(mbx.NFError, match="sneaky.*writes=True"):
+        run([Sneaky()], frames=frames)
+
+
+def test_handler_errors_name_the_nf_handler_and_event(run, tmp_path):
+    def broken(ev):
+        raise ValueError("boom")
+
+    nf = mbx.NF("fragile")
+    nf.sub(mbx.FLOW_START, broken)
+    frames = [(1.0, ether(udp4("198.18.1.1", "198.18.0.1", 1, 2, b"x")))]
+    with pytest.raises(mbx.NFError, match=r"fragile: .*broken raised ValueError on a "
+                                          r"FLOW/START event: boom"):
+        run([nf], frames=frames)
+    # the NF is released and can run again
+    nf2 = mbx.NF("fragile2")
+    nf2.sub(mbx.FLOW_START, lambda ev: None)
+    run([nf2], frames=frames)
+
+
+def test_idle_flows_expire_mid_capture(run, tmp_path):
+    frames = [(float(t), ether(udp4("198.18.1.1", "198.18.0.1", 5000 + t, 53, b"q")))
+              for t in range(0, 100, 10)]
+    nf = mbx.NF("ends")
+    ends = []
+    nf.sub("FLOW/END", lambda ev: ends.append((ev.end_reason, ev.pkts_c2s)))
+    counters, _ = run([nf], frames=frames, idle_timeout=5.0)
+    assert counters["flows"]["expired"] == 9        # all but the last end while running
+    assert ends.count((1, 1)) == 9 and ends[-1] == (3, 1)
+
+
+@pytest.mark.parametrize("policy", ["evict", "refuse"])
+def test_full_flow_table_policy(run, tmp_path, policy):
+    frames = [(1.0 + i * 0.001, ether(udp4("198.18.1.1", "198.18.0.1", 6000 + i, 53, b"q")))
+              for i in range(100)]
+    rec = Recorder("rec", types=("FLOW", "PKT"))
+    counters, out = run([rec], frames=frames, flow_capacity=16, flow_policy=policy)
+    f = counters["flows"]
+    if policy == "evict":
+        assert f["evicted"] == 100 - 16 and f["refused"] == 0
+        assert rec.count("FLOW/START") == 100 and rec.count("FLOW/END") == 100
+    else:
+        assert f["refused"] == 100 - 16 and f["evicted"] == 0
+        assert rec.count("FLOW/START") == 16
+    assert len(out) == 100          # tracking or not, nothing is lost
+
+
+def test_non_ip_and_malformed_frames_follow_the_policy(run, example_pcap):
+    counters, out = run([Recorder("r")], example_pcap)
+    assert counters["parse"].get("not_ip", 0) >= 1
+    bad = sum(v for k, v in counters["parse"].items() if k != "not_ip")
+    assert bad >= 2
+    counters2, out2 = run([Recorder("r2")], example_pcap, malformed="drop")
+    assert counters2["dropped_malformed"] == bad
+    assert len(out2) == len(out) - bad
+
+
+def test_event_memory_smaller_than_a_burst_still_delivers_everything(run, example_pcap):
+    big = Recorder("big")
+    c1, _ = run([big], example_pcap)
+    small = Recorder("small")
+    c2, _ = run([small], example_pcap, msg_capacity=64, burst=256)
+    assert small.seen == big.seen
