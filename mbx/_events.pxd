@@ -13,6 +13,7 @@ cdef enum:
     NO_PKT = 0xFFFFFFFF
     SNAPSHOT_SIZE = 24      # room for the TCP Monitor's stack snapshot (<= 23 used)
     PUBLISHER_STACK = 0
+    NO_RING = 0xFFFFFFFF
 
 # One cache line: what every event has.  A type's own fields follow in body, a
 # child type's fields after its parent's, so a handler for X reads X/Y unchanged.
@@ -22,7 +23,7 @@ ctypedef struct mbx_msg_hdr:
     uint32_t flow           # flow slot or NO_FLOW
     uint32_t flow_gen       # generation of that slot: (flow, flow_gen) names the flow
     uint32_t pkt            # packet reference (index in the burst) or NO_PKT
-    uint32_t seq            # publication order within a burst
+    uint32_t pos            # the burst position (packet index) that caused it
     uint16_t type_idx       # dense index of the type in the registry
     uint16_t publisher      # 0: a μStack; NFs from 1
     uint16_t refs           # NF queues still holding this message
@@ -82,7 +83,7 @@ cdef class EventBus:
     cdef readonly uint32_t msg_capacity
     cdef uint32_t msg_used
     cdef uint32_t nnf
-    cdef uint32_t *queues           # nnf rings of msg_capacity entries
+    cdef uint32_t *queues           # 2 rings per NF (stack events, NF publications)
     cdef uint32_t *qhead
     cdef uint32_t *qtail
     # handler tables: for each NF, a list of handler sets; a set maps type index to
@@ -105,7 +106,8 @@ cdef class EventBus:
     cdef object stage               # numpy buffer for batch handlers
     cdef object stage_views         # per type idx: typed numpy view of stage
     cdef object flowtable           # the stack's FlowTable (for want masks and lookups)
-    cdef uint32_t seq
+    cdef uint32_t *taken            # scratch for batch runs
+    cdef bint ordered               # dispatch in per-packet waves (see dispatch)
     cdef readonly uint64_t published
     cdef readonly uint64_t delivered
     cdef uint64_t *per_type_published
@@ -120,7 +122,7 @@ cdef class EventBus:
     # (the caller dispatches and retries).
     cdef mbx_msg *new_msg(self, uint16_t type_idx, uint64_t type_id, int64_t ts_ns,
                           uint32_t flow, uint32_t gen, uint32_t pkt, uint8_t dir,
-                          uint16_t publisher) noexcept nogil
+                          uint16_t publisher, uint32_t pos) noexcept nogil
     # Enqueue m to every NF subscribed to it for its flow; frees it when none is.
     cdef void publish(self, mbx_msg *m) noexcept nogil
     cdef uint32_t handler_set(self, uint32_t nf, uint32_t flow, uint32_t gen) noexcept nogil
@@ -129,5 +131,7 @@ cdef class EventBus:
     cdef void attach_batch(self, Batch batch)
     cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF
     cdef void release(self, mbx_msg *m) noexcept nogil
-    cdef _drain(self, uint32_t i)
-    cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt)
+    cdef uint32_t next_ring(self, uint32_t i, uint32_t limit) noexcept nogil
+    cdef uint32_t pop(self, uint32_t r) noexcept nogil
+    cdef _drain(self, uint32_t i, uint32_t limit)
+    cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt, uint32_t limit)

@@ -52,7 +52,7 @@ _KINDS = {
 # The header's fields as a numpy batch handler sees them.
 _HEADER_FIELDS = [
     ("type_id", "<u8", 0), ("ts_ns", "<i8", 8), ("flow_slot", "<u4", 16),
-    ("flow_gen", "<u4", 20), ("pkt", "<u4", 24), ("seq", "<u4", 28),
+    ("flow_gen", "<u4", 20), ("pkt", "<u4", 24), ("pos", "<u4", 28),
     ("type_idx", "<u2", 32), ("publisher", "<u2", 34), ("dir", "u1", 38),
     ("snapshot", ("u1", SNAPSHOT_SIZE), 40),
 ]
@@ -139,6 +139,12 @@ class EventType:
 _types = []            # by dense index
 _by_path = {}
 _live_buses = [0]      # types cannot be added while a bus is running
+_dispatching = [None]  # the NF whose handlers are running (for the mb_* functions)
+
+
+def dispatching_nf():
+    """The NF whose handler is running now, or None outside handlers."""
+    return _dispatching[0]
 
 
 def _register(path, parent, fields, builtin=False):
@@ -704,9 +710,11 @@ cdef class EventBus:
         self.msg_capacity = msg_capacity
         self.flow_capacity = flow_capacity
         self.msgs = <mbx_msg *>PyMem_Calloc(msg_capacity, sizeof(mbx_msg))
-        self.queues = <uint32_t *>PyMem_Calloc(max(self.nnf, 1) * msg_capacity, 4)
-        self.qhead = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
-        self.qtail = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
+        # two rings per NF: events from the stack, and publications of other NFs
+        self.queues = <uint32_t *>PyMem_Calloc(2 * max(self.nnf, 1) * msg_capacity, 4)
+        self.qhead = <uint32_t *>PyMem_Calloc(2 * MAX_NFS, 4)
+        self.qtail = <uint32_t *>PyMem_Calloc(2 * MAX_NFS, 4)
+        self.taken = <uint32_t *>PyMem_Malloc(msg_capacity * 4)
         self.sets = <handler_table **>PyMem_Calloc(MAX_NFS, sizeof(handler_table *))
         self.set_batch = <uint16_t ***>PyMem_Calloc(MAX_NFS, sizeof(uint16_t **))
         self.nsets = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
@@ -715,7 +723,7 @@ cdef class EventBus:
         self.per_type_published = <uint64_t *>PyMem_Calloc(MAX_TYPES, 8)
         self.per_type_delivered = <uint64_t *>PyMem_Calloc(MAX_TYPES, 8)
         if (self.msgs == NULL or self.queues == NULL or self.sets == NULL
-                or self.per_type_delivered == NULL):
+                or self.per_type_delivered == NULL or self.taken == NULL):
             raise MemoryError("cannot allocate Event Memory")
         self.set_keys = [{} for _ in nfs]
         self.set_maps = [[] for _ in nfs]
@@ -737,6 +745,13 @@ cdef class EventBus:
             (<Event>v).bus = self
             (<Event>v).nf = nf
             self.views.append(v)
+        # Waves matter only when an NF subscribes to what another NF publishes.
+        self.ordered = False
+        for a in nfs:
+            for b in nfs:
+                if a is not b and any(_types[p].is_a(_types[t]) or _types[t].is_a(_types[p])
+                                      for p in a.pubs for t in b.subs):
+                    self.ordered = True
         self.global_want = 0
         for i in range(self.nnf):
             for t in range(T_BUILTIN_N):
@@ -766,6 +781,7 @@ cdef class EventBus:
         PyMem_Free(self.queues)
         PyMem_Free(self.qhead)
         PyMem_Free(self.qtail)
+        PyMem_Free(self.taken)
         PyMem_Free(self.per_type_published)
         PyMem_Free(self.per_type_delivered)
 
@@ -844,7 +860,7 @@ cdef class EventBus:
 
     cdef mbx_msg *new_msg(self, uint16_t type_idx, uint64_t type_id, int64_t ts_ns,
                           uint32_t flow, uint32_t gen, uint32_t pkt, uint8_t dir,
-                          uint16_t publisher) noexcept nogil:
+                          uint16_t publisher, uint32_t pos) noexcept nogil:
         if self.msg_used >= self.msg_capacity:
             return NULL
         cdef mbx_msg *m = &self.msgs[self.msg_used]
@@ -854,8 +870,7 @@ cdef class EventBus:
         m.h.flow = flow
         m.h.flow_gen = gen
         m.h.pkt = pkt
-        m.h.seq = self.seq
-        self.seq += 1
+        m.h.pos = pos
         m.h.type_idx = type_idx
         m.h.publisher = publisher
         m.h.refs = 0
@@ -864,7 +879,7 @@ cdef class EventBus:
         return m
 
     cdef void publish(self, mbx_msg *m) noexcept nogil:
-        cdef uint32_t i, s
+        cdef uint32_t i, s, r
         cdef uint32_t idx = <uint32_t>(m - self.msgs)
         cdef uint32_t mask = self.msg_capacity - 1
         for i in range(self.nnf):
@@ -873,8 +888,9 @@ cdef class EventBus:
             s = self.handler_set(i, m.h.flow, m.h.flow_gen)
             if self.sets[i][s][m.h.type_idx] == NULL:
                 continue
-            self.queues[i * self.msg_capacity + (self.qtail[i] & mask)] = idx
-            self.qtail[i] += 1
+            r = 2 * i + (m.h.publisher != PUBLISHER_STACK)
+            self.queues[r * self.msg_capacity + (self.qtail[r] & mask)] = idx
+            self.qtail[r] += 1
             m.h.refs += 1
         self.published += 1
         self.per_type_published[m.h.type_idx] += 1
@@ -896,12 +912,13 @@ cdef class EventBus:
     def publish_from(self, nf, Message msg):
         """An NF's publication: into Event Memory and to its subscribers."""
         cdef mbx_msg *cur = NULL
-        cdef uint32_t flow = msg.m.h.flow, gen = msg.m.h.flow_gen, pkt = NO_PKT
+        cdef uint32_t flow = msg.m.h.flow, gen = msg.m.h.flow_gen, pkt = NO_PKT, pos = 0
         cdef int64_t ts = msg.m.h.ts_ns
         cdef uint8_t dir = msg.m.h.dir
         if self.current_msg_idx is not None:
             cur = &self.msgs[<uint32_t>self.current_msg_idx]
             pkt = cur.h.pkt
+            pos = cur.h.pos
             if msg.flow is None:
                 flow = cur.h.flow
                 gen = cur.h.flow_gen
@@ -912,7 +929,7 @@ cdef class EventBus:
             flow = <uint32_t>(msg.flow & 0xFFFFFFFF)
             gen = <uint32_t>(msg.flow >> 32)
         cdef mbx_msg *m = self.new_msg(msg.m.h.type_idx, msg.m.h.type_id, ts, flow, gen,
-                                       pkt, dir, nf._index + 1)
+                                       pkt, dir, nf._index + 1, pos)
         if m == NULL:
             raise MbxError(
                 f"NF {nf.name}: Event Memory is full ({self.msg_capacity} messages); "
@@ -939,31 +956,76 @@ cdef class EventBus:
         self.flow_set[nf][slot] = s
         self.flow_set_gen[nf][slot] = gen
 
-    cpdef dispatch(self):
-        """Deliver every queued message, NF by NF in chain order, until all are done."""
-        cdef bint progress = True
-        cdef uint32_t i
-        while progress:
-            progress = False
-            for i in range(self.nnf):
-                if self.qhead[i] != self.qtail[i]:
-                    progress = True
-                    self._drain(i)
-        self.current_msg_idx = None
+    cdef uint32_t next_ring(self, uint32_t i, uint32_t limit) noexcept nogil:
+        # Which of NF i's two rings (stack events, NF publications) holds its next
+        # message at a position <= limit: the lower position first, the stack's on a
+        # tie (an NF's publication follows the event it answers).  NO_RING if none.
+        cdef uint32_t rs = 2 * i, rp = 2 * i + 1, mask = self.msg_capacity - 1
+        cdef uint32_t best = NO_RING, pos_s = 0, pos_p
+        if self.qhead[rs] != self.qtail[rs]:
+            pos_s = self.msgs[self.queues[rs * self.msg_capacity
+                                          + (self.qhead[rs] & mask)]].h.pos
+            if pos_s <= limit:
+                best = rs
+        if self.qhead[rp] != self.qtail[rp]:
+            pos_p = self.msgs[self.queues[rp * self.msg_capacity
+                                          + (self.qhead[rp] & mask)]].h.pos
+            if pos_p <= limit and (best == NO_RING or pos_p < pos_s):
+                best = rp
+        return best
 
-    cdef _drain(self, uint32_t i):
+    cdef uint32_t pop(self, uint32_t r) noexcept nogil:
+        cdef uint32_t idx = self.queues[r * self.msg_capacity
+                                        + (self.qhead[r] & (self.msg_capacity - 1))]
+        self.qhead[r] += 1
+        return idx
+
+    cpdef dispatch(self):
+        """Deliver every queued message until all are done.
+
+        Chain order per packet: in waves of increasing position (the packet whose
+        processing published a message), every NF in chain order handles what it
+        has up to that position, so an event an NF publishes while handling packet k
+        reaches the NFs after it before their events of packet k+1.  When no NF
+        subscribes to another NF's publications the waves change nothing, and each
+        NF drains its whole queue at once (larger batches).
+        """
+        cdef uint32_t i, r, wave, pos
         cdef uint32_t mask = self.msg_capacity - 1
-        cdef uint32_t *q = self.queues + i * self.msg_capacity
-        cdef uint32_t idx, s
+        try:
+            while True:
+                wave = NO_RING
+                for r in range(2 * self.nnf):
+                    if self.qhead[r] != self.qtail[r]:
+                        pos = self.msgs[self.queues[r * self.msg_capacity
+                                                    + (self.qhead[r] & mask)]].h.pos
+                        if pos < wave:
+                            wave = pos
+                if wave == NO_RING:
+                    break
+                if not self.ordered:
+                    wave = NO_RING - 1
+                for i in range(self.nnf):
+                    if self.next_ring(i, wave) != NO_RING:
+                        _dispatching[0] = self.nfs[i]
+                        self._drain(i, wave)
+        finally:
+            _dispatching[0] = None
+            self.current_msg_idx = None
+
+    cdef _drain(self, uint32_t i, uint32_t limit):
+        cdef uint32_t idx, s, r
         cdef mbx_msg *m
         cdef mbx_pkt *p
         cdef void *h
         cdef uint16_t bt
         cdef Event view = <Event>self.views[i]
         nf = self.nfs[i]
-        while self.qhead[i] != self.qtail[i]:
-            idx = q[self.qhead[i] & mask]
-            self.qhead[i] += 1
+        while True:
+            r = self.next_ring(i, limit)
+            if r == NO_RING:
+                break
+            idx = self.pop(r)
             m = &self.msgs[idx]
             p = NULL if m.h.pkt == NO_PKT else &self.pkts[m.h.pkt]
             if p != NULL and p.verdict == VERDICT_DROP:
@@ -976,7 +1038,7 @@ cdef class EventBus:
                 continue
             bt = self.set_batch[i][s][m.h.type_idx]
             if bt:
-                self._run_batch(i, idx, h, bt)
+                self._run_batch(i, idx, h, bt, limit)
                 continue
             view.m = m
             view.p = p
@@ -993,19 +1055,16 @@ cdef class EventBus:
                 ) from exc
             self.release(m)
 
-    cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt):
+    cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt,
+                    uint32_t limit):
         # Gather the run of queued messages that resolve to the same batch handler
         # into the staging buffer, and hand them over as one numpy view.
-        cdef uint32_t mask = self.msg_capacity - 1
-        cdef uint32_t *q = self.queues + i * self.msg_capacity
         cdef uint8_t[::1] stage_mem = self.stage
         cdef mbx_msg *stage = <mbx_msg *>&stage_mem[0]
-        cdef uint32_t n = 0, idx, s
+        cdef uint32_t n = 0, idx, s, r
         cdef mbx_msg *m
         cdef mbx_pkt *p
-        cdef uint32_t *taken = <uint32_t *>PyMem_Malloc(self.msg_capacity * 4)
-        if taken == NULL:
-            raise MemoryError()
+        cdef uint32_t *taken = self.taken
         try:
             idx = first
             while True:
@@ -1014,9 +1073,11 @@ cdef class EventBus:
                 taken[n] = idx
                 n += 1
                 self.per_type_delivered[m.h.type_idx] += 1
-                if self.qhead[i] == self.qtail[i]:
+                r = self.next_ring(i, limit)
+                if r == NO_RING:
                     break
-                idx = q[self.qhead[i] & mask]
+                idx = self.queues[r * self.msg_capacity
+                                  + (self.qhead[r] & (self.msg_capacity - 1))]
                 m = &self.msgs[idx]
                 p = NULL if m.h.pkt == NO_PKT else &self.pkts[m.h.pkt]
                 s = self.handler_set(i, m.h.flow, m.h.flow_gen)
@@ -1024,7 +1085,7 @@ cdef class EventBus:
                         or self.set_batch[i][s][m.h.type_idx] != bt
                         or (p != NULL and p.verdict == VERDICT_DROP)):
                     break
-                self.qhead[i] += 1
+                self.pop(r)
             self.delivered += n
             view = self.stage_views.get(bt)
             if view is None:
@@ -1051,7 +1112,6 @@ cdef class EventBus:
         finally:
             for j in range(n):
                 self.release(&self.msgs[taken[j]])
-            PyMem_Free(taken)
 
     def counters(self):
         """Events published and delivered, per type name."""
@@ -1068,7 +1128,7 @@ cdef class EventBus:
         """Messages still queued, over all NFs (0 after dispatch)."""
         cdef uint32_t i
         cdef uint64_t n = 0
-        for i in range(self.nnf):
+        for i in range(2 * self.nnf):
             n += self.qtail[i] - self.qhead[i]
         return n
 

@@ -94,6 +94,8 @@ cdef class NetworkLayer:
     cdef int64_t next_expire_ns
     cdef int64_t expire_every_ns
     cdef uint32_t reserve
+    cdef uint32_t ended_pos         # FLOW/END published so far from the ended list
+    cdef uint32_t pos               # burst position of the packet being processed
     cdef uint64_t flow_start_id     # type ids, read once per burst
     cdef uint64_t flow_end_id
     cdef uint64_t pkt_id
@@ -124,23 +126,35 @@ cdef class NetworkLayer:
                            uint32_t slot, uint32_t pkt, uint8_t dir,
                            int64_t ts) noexcept nogil:
         cdef mbx_msg *m = self.bus.new_msg(t, type_id, ts, slot, f.gen, pkt, dir,
-                                           PUBLISHER_STACK)
+                                           PUBLISHER_STACK, self.pos)
         if m != NULL:
             fill_flow_body(m, f)
             self.bus.publish(m)
 
-    cdef uint32_t publish_ended(self) noexcept nogil:
-        # FLOW/END for every flow the table ended (evicted, idle, shutdown).
-        cdef uint32_t i, n = self.flows.n_ended
+    cdef void publish_ended(self) noexcept nogil:
+        # FLOW/END for the flows the table ended (evicted, idle, shutdown), as many
+        # as Event Memory has room for; the list is cleared once all are out.
         cdef const mbx_flow *f
-        if self.bus.global_want & (1 << T_FLOW_END):
-            for i in range(n):
-                f = &self.flows.ended[i]
-                if self.bus.wants(T_FLOW_END, self.flows.ended_slot[i], f.gen):
-                    self.publish_flow(T_FLOW_END, self.flow_end_id, f,
-                                      self.flows.ended_slot[i], NO_PKT, 0, self.now_ns)
+        cdef uint32_t slot
+        while self.ended_pos < self.flows.n_ended:
+            if not self.room(1):
+                return
+            f = &self.flows.ended[self.ended_pos]
+            slot = self.flows.ended_slot[self.ended_pos]
+            self.ended_pos += 1
+            if self.bus.wants(T_FLOW_END, slot, f.gen):
+                self.publish_flow(T_FLOW_END, self.flow_end_id, f, slot, NO_PKT, 0,
+                                  self.now_ns)
+        self.ended_pos = 0
         self.flows.clear_ended()
-        return n
+
+    cdef int drain_ended(self) except -1:
+        self.pos = 0
+        while self.flows.n_ended:
+            self.publish_ended()
+            self.bus.dispatch()
+            self.bus.reset_pool()
+        return 0
 
     cdef uint32_t stack_pass(self, Batch batch, uint32_t i) noexcept nogil:
         # Process packets from i on; returns the index reached (stops early when
@@ -151,9 +165,12 @@ cdef class NetworkLayer:
         cdef mbx_msg *m
         cdef uint64_t want = self.bus.global_want
         while i < batch.count:
-            if not self.room(self.reserve + self.flows.n_ended):
+            if self.flows.n_ended:
+                self.publish_ended()    # left over when Event Memory filled up
+            if self.flows.n_ended or not self.room(self.reserve):
                 return i
             p = &batch.pkts[i]
+            self.pos = i
             i += 1
             self.pkts += 1
             self.bytes += p.wirelen
@@ -187,7 +204,7 @@ cdef class NetworkLayer:
                                       p.ts_ns)
             if want & (1 << T_PKT) and self.bus.wants(T_PKT, slot, p.flow_gen):
                 m = self.bus.new_msg(T_PKT, self.pkt_id, p.ts_ns, slot, p.flow_gen,
-                                     p.index, p.dir, PUBLISHER_STACK)
+                                     p.index, p.dir, PUBLISHER_STACK, self.pos)
                 if m != NULL:
                     fill_pkt_body(m, p)
                     self.bus.publish(m)
@@ -201,7 +218,7 @@ cdef class NetworkLayer:
         self.pkt_id = _events.PKT.id
         self.bus.attach_batch(batch)
         self.bursts += 1
-        while i < batch.count:
+        while i < batch.count or self.flows.n_ended:
             with nogil:
                 i = self.stack_pass(batch, i)
             self.bus.dispatch()
@@ -213,18 +230,16 @@ cdef class NetworkLayer:
     def expire(self, int64_t now_ns):
         """End flows (and fragment queues) idle at ``now_ns``; publish FLOW/END."""
         self.frags.expire(now_ns)
+        self.drain_ended()
         while self.flows.expire(now_ns):
-            self.publish_ended()
-            self.bus.dispatch()
-            self.bus.reset_pool()
+            self.drain_ended()
 
     def shutdown(self):
         """End every flow (FLOW/END, reason shutdown) at the end of the input."""
         self.frags.expire(0x7FFFFFFFFFFFFFFF)
+        self.drain_ended()
         while self.flows.end_all():
-            self.publish_ended()
-            self.bus.dispatch()
-            self.bus.reset_pool()
+            self.drain_ended()
 
     cdef int finish(self, Batch batch, Port out) except -1:
         # Completion: every NF is done with the burst; send what passed, in order.

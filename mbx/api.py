@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 
-from mbx._events import NF
+from mbx._events import NF, dispatching_nf
 
 _state = threading.local()
 
@@ -23,7 +23,11 @@ def _stack():
 
 
 def current_nf():
-    """The NF the mb_* calls act on (created on first use)."""
+    """The NF the mb_* calls act on: the one whose handler is running, else the one
+    being loaded (created on first use)."""
+    running = dispatching_nf()
+    if running is not None:
+        return running
     st = _stack()
     if st.loading:
         created, name = st.loading[-1]
