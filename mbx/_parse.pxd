@@ -1,5 +1,5 @@
 # The one packet parser of the project, and IP fragment reassembly.
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 from mbx._packet cimport Batch, mbx_pkt
 
@@ -13,6 +13,33 @@ cdef enum DefragResult:
     DEFRAG_DONE = 2     # p now holds the whole datagram (in the batch arena), re-parsed
     DEFRAG_DROP = 3     # fragment refused (p.status says why); p.verdict = VERDICT_DROP
 
+# One held fragment: its bytes follow the struct in the same allocation, so a
+# fragment costs one malloc and is charged to the budget in one piece.
+cdef struct frag_piece:
+    frag_piece *next        # next piece by offset (the list stays sorted)
+    uint32_t off            # byte offset in the fragmentable part
+    uint32_t length
+
+# A datagram being reassembled.  Slots live in one preallocated array; a free slot
+# has used == 0 and sits on the free list through hnext.
+ctypedef struct frag_dgram:
+    uint8_t src[16]
+    uint8_t dst[16]
+    uint32_t ident
+    uint32_t hash
+    uint32_t hnext          # next slot in the bucket chain / free list
+    uint8_t ver
+    uint8_t proto           # IPv4 protocol (part of the key); IPv6: 0
+    uint8_t used
+    uint8_t pad
+    int32_t end             # fragmentable length once the last fragment came; -1 before
+    int64_t first_ns        # arrival of the first fragment: the timeout runs from here
+    frag_piece *pieces
+    uint8_t *head           # first fragment's L2 + IP headers (up to its data), or NULL
+    uint32_t head_len
+    uint32_t l3_off         # IP header offset in head
+    size_t charged          # bytes charged to the table's budget
+
 # IPv4 and IPv6 fragment reassembly with bounded memory and a timeout.
 cdef class FragTable:
     cdef readonly uint64_t held             # fragments accepted into a pending datagram
@@ -20,6 +47,24 @@ cdef class FragTable:
     cdef readonly uint64_t timed_out        # datagrams abandoned at the timeout
     cdef readonly uint64_t memcap_drops     # fragments refused for lack of memory
     cdef readonly uint64_t bad              # fragments refused as malformed/overlapping
+    cdef readonly size_t max_bytes          # budget for held fragment bytes + bookkeeping
+    cdef readonly uint32_t max_datagrams
+    cdef readonly int64_t timeout_ns
+    cdef readonly size_t bytes_used
+    cdef readonly uint32_t pending          # datagrams waiting for more fragments
+    cdef frag_dgram *dgrams
+    cdef uint32_t *buckets
+    cdef uint32_t bucket_mask
+    cdef uint32_t free_head
+    cdef uint32_t seed
+    cdef Batch _scratch                     # push() only: the Python test/tool path
+
     cdef int defrag(self, Batch batch, mbx_pkt *p) noexcept nogil
     # Abandons datagrams idle for longer than the timeout; returns how many.
     cdef int expire(self, int64_t now_ns) noexcept nogil
+
+    cdef uint32_t _lookup(self, mbx_pkt *p, bint create) noexcept nogil
+    cdef void _release(self, uint32_t slot) noexcept nogil
+    cdef int _refuse(self, mbx_pkt *p, uint32_t slot, int status) noexcept nogil
+    cdef int _rebuild(self, Batch batch, mbx_pkt *p, uint32_t slot) noexcept nogil
+    cdef void _free_all(self) noexcept nogil
