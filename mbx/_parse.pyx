@@ -469,7 +469,7 @@ def parse_many(frames, uint32_t repeat=1):
     """
     cdef Py_ssize_t count = len(frames), i
     cdef size_t total = 0
-    cdef uint32_t r
+    cdef uint32_t _rep
     cdef mbx_pkt *pkts
     cdef uint8_t *buf
     cdef const uint8_t[::1] view
@@ -495,7 +495,7 @@ def parse_many(frames, uint32_t repeat=1):
             total += view.shape[0]
         t0 = time.perf_counter_ns()
         with nogil:
-            for r in range(repeat):
+            for _rep in range(repeat):
                 for i in range(count):
                     parse_packet(&pkts[i])
         t1 = time.perf_counter_ns()
@@ -567,7 +567,8 @@ cdef class FragTable:
             self.dgrams[i].hnext = i + 1 if i + 1 < max_datagrams else NO_SLOT
         self.free_head = 0
         # A per-table seed keeps crafted fragment ids from piling into one chain.
-        self.seed = _mix(<uint32_t>(<uintptr_t><void *>self) ^ <uint32_t>time.time_ns())
+        self.seed = _mix(<uint32_t>(<uintptr_t><void *>self)
+                         ^ <uint32_t>(time.time_ns() & 0xFFFFFFFF))
 
     def __dealloc__(self):
         self._free_all()
