@@ -5,6 +5,18 @@ from mbx._packet cimport Batch, mbx_pkt
 
 # Parses L2..L4 of p.data[0:p.caplen] into p's fields; sets and returns p.status
 # (a ParseStatus).  Never reads outside the frame, whatever the bytes say.
+# Conventions the rest of the stack can rely on:
+# - the parser fields are zeroed first (PKT_F_REASSEMBLED survives), so it can run
+#   again on the same descriptor; fields learnt before a malformation stay filled
+#   (addresses before BAD_IHL, ports before BAD_TCP_OFF, options before BAD_TCP_OPT);
+# - a lying header (a length past wirelen or past the enclosing length) is BAD_*, a
+#   short capture (past caplen only) is TRUNC_*;
+# - more than two VLAN tags: PARSE_NOT_IP, ethertype = the third TPID (forwarded
+#   untouched rather than counted as malformed);
+# - a fragment (PKT_F_FRAGMENT): l4_proto is set, l4_off = 0, ports 0, and
+#   payload_off/payload_len are the fragment's data, which is what FragTable copies;
+# - ICMP errors: payload_off is the quoted packet; transport fields stay 0;
+# - other transports (SCTP, GRE, ESP, ...): payload_off = l4_off.
 cdef int parse_packet(mbx_pkt *p) noexcept nogil
 
 cdef enum DefragResult:
@@ -12,6 +24,12 @@ cdef enum DefragResult:
     DEFRAG_HELD = 1     # fragment kept; p.verdict = VERDICT_HELD, no further processing
     DEFRAG_DONE = 2     # p now holds the whole datagram (in the batch arena), re-parsed
     DEFRAG_DROP = 3     # fragment refused (p.status says why); p.verdict = VERDICT_DROP
+# NONE is also returned for a fragment that was captured short (PKT_F_TRUNCATED):
+# it can never be rebuilt, so it goes on as it is.  DROP with PARSE_BAD_FRAG takes
+# the whole pending datagram with it (overlap with different bytes, a piece past the
+# known end, a non-last piece not a multiple of 8, a datagram over 65535 bytes);
+# DROP with PARSE_FRAG_MEMCAP means the byte budget, the datagram slots or the batch
+# arena ran out (the pending datagram is dropped too: it could never complete).
 
 # One held fragment: its bytes follow the struct in the same allocation, so a
 # fragment costs one malloc and is charged to the budget in one piece.

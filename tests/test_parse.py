@@ -7,7 +7,8 @@ import dpkt
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from mbx._parse import FragTable, parse, status_names
+
+from mbx._parse import FragTable, parse, parse_many, status_names
 
 STATUSES = status_names()
 MAC_A = b"\x02\x00\x00\x00\x00\x01"
@@ -690,3 +691,16 @@ def test_random_fragment_soup_never_breaks_the_table():
         assert table.bytes_used <= 20000 and table.pending <= 8
     table.sweep(10**12)
     assert table.pending == 0 and table.bytes_used == 0
+
+
+def test_truncated_fragment_passes_through():
+    frags = fragment4(original_frame(4, 17, bytes(300)), 64)
+    table = FragTable()
+    assert table.push(frags[0][:-10]) == ("none", None)
+    assert table.pending == 0
+
+
+def test_parse_many_smoke():
+    frames = [original_frame(4, 6, b"x" * 10), original_frame(6, 17, b"y")]
+    assert parse_many(frames, 10) > 0
+    assert parse_many([], 10) == 0.0
