@@ -1,10 +1,22 @@
 # The one packet parser of the project, and IP fragment reassembly.
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 from mbx._packet cimport Batch, mbx_pkt
 
 # Parses L2..L4 of p.data[0:p.caplen] into p's fields; sets and returns p.status
 # (a ParseStatus).  Never reads outside the frame, whatever the bytes say.
+# Conventions the rest of the stack can rely on:
+# - the parser fields are zeroed first (PKT_F_REASSEMBLED survives), so it can run
+#   again on the same descriptor; fields learnt before a malformation stay filled
+#   (addresses before BAD_IHL, ports before BAD_TCP_OFF, options before BAD_TCP_OPT);
+# - a lying header (a length past wirelen or past the enclosing length) is BAD_*, a
+#   short capture (past caplen only) is TRUNC_*;
+# - more than two VLAN tags: PARSE_NOT_IP, ethertype = the third TPID (forwarded
+#   untouched rather than counted as malformed);
+# - a fragment (PKT_F_FRAGMENT): l4_proto is set, l4_off = 0, ports 0, and
+#   payload_off/payload_len are the fragment's data, which is what FragTable copies;
+# - ICMP errors: payload_off is the quoted packet; transport fields stay 0;
+# - other transports (SCTP, GRE, ESP, ...): payload_off = l4_off.
 cdef int parse_packet(mbx_pkt *p) noexcept nogil
 
 cdef enum DefragResult:
@@ -12,6 +24,39 @@ cdef enum DefragResult:
     DEFRAG_HELD = 1     # fragment kept; p.verdict = VERDICT_HELD, no further processing
     DEFRAG_DONE = 2     # p now holds the whole datagram (in the batch arena), re-parsed
     DEFRAG_DROP = 3     # fragment refused (p.status says why); p.verdict = VERDICT_DROP
+# NONE is also returned for a fragment that was captured short (PKT_F_TRUNCATED):
+# it can never be rebuilt, so it goes on as it is.  DROP with PARSE_BAD_FRAG takes
+# the whole pending datagram with it (overlap with different bytes, a piece past the
+# known end, a non-last piece not a multiple of 8, a datagram over 65535 bytes);
+# DROP with PARSE_FRAG_MEMCAP means the byte budget, the datagram slots or the batch
+# arena ran out (the pending datagram is dropped too: it could never complete).
+
+# One held fragment: its bytes follow the struct in the same allocation, so a
+# fragment costs one malloc and is charged to the budget in one piece.
+cdef struct frag_piece:
+    frag_piece *next        # next piece by offset (the list stays sorted)
+    uint32_t off            # byte offset in the fragmentable part
+    uint32_t length
+
+# A datagram being reassembled.  Slots live in one preallocated array; a free slot
+# has used == 0 and sits on the free list through hnext.
+ctypedef struct frag_dgram:
+    uint8_t src[16]
+    uint8_t dst[16]
+    uint32_t ident
+    uint32_t hash
+    uint32_t hnext          # next slot in the bucket chain / free list
+    uint8_t ver
+    uint8_t proto           # IPv4 protocol (part of the key); IPv6: 0
+    uint8_t used
+    uint8_t pad
+    int32_t end             # fragmentable length once the last fragment came; -1 before
+    int64_t first_ns        # arrival of the first fragment: the timeout runs from here
+    frag_piece *pieces
+    uint8_t *head           # first fragment's L2 + IP headers (up to its data), or NULL
+    uint32_t head_len
+    uint32_t l3_off         # IP header offset in head
+    size_t charged          # bytes charged to the table's budget
 
 # IPv4 and IPv6 fragment reassembly with bounded memory and a timeout.
 cdef class FragTable:
@@ -20,6 +65,24 @@ cdef class FragTable:
     cdef readonly uint64_t timed_out        # datagrams abandoned at the timeout
     cdef readonly uint64_t memcap_drops     # fragments refused for lack of memory
     cdef readonly uint64_t bad              # fragments refused as malformed/overlapping
+    cdef readonly size_t max_bytes          # budget for held fragment bytes + bookkeeping
+    cdef readonly uint32_t max_datagrams
+    cdef readonly int64_t timeout_ns
+    cdef readonly size_t bytes_used
+    cdef readonly uint32_t pending          # datagrams waiting for more fragments
+    cdef frag_dgram *dgrams
+    cdef uint32_t *buckets
+    cdef uint32_t bucket_mask
+    cdef uint32_t free_head
+    cdef uint32_t seed
+    cdef Batch _scratch                     # push() only: the Python test/tool path
+
     cdef int defrag(self, Batch batch, mbx_pkt *p) noexcept nogil
     # Abandons datagrams idle for longer than the timeout; returns how many.
     cdef int expire(self, int64_t now_ns) noexcept nogil
+
+    cdef uint32_t _lookup(self, mbx_pkt *p, bint create) noexcept nogil
+    cdef void _release(self, uint32_t slot) noexcept nogil
+    cdef int _refuse(self, mbx_pkt *p, uint32_t slot, int status) noexcept nogil
+    cdef int _rebuild(self, Batch batch, mbx_pkt *p, uint32_t slot) noexcept nogil
+    cdef void _free_all(self) noexcept nogil

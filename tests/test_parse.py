@@ -1,0 +1,706 @@
+"""The packet parser against dpkt, every malformation by name, and reassembly."""
+import ipaddress
+import random
+import struct
+
+import dpkt
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from mbx._parse import FragTable, parse, parse_many, status_names
+
+STATUSES = status_names()
+MAC_A = b"\x02\x00\x00\x00\x00\x01"
+MAC_B = b"\x02\x00\x00\x00\x00\x02"
+
+
+# ---------------------------------------------------------------------------
+# Frame builders
+
+def eth(l3: bytes, ethertype: int = 0x0800, tags=()) -> bytes:
+    """An Ethernet frame; tags is a list of (tpid, vlan id), outer first."""
+    hdr = MAC_B + MAC_A
+    for tpid, vid in tags:
+        hdr += struct.pack("!HH", tpid, vid)
+    return hdr + struct.pack("!H", ethertype) + l3
+
+
+def ip_checksum(hdr: bytes) -> int:
+    s = sum(struct.unpack(f"!{len(hdr) // 2}H", hdr))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def ip4(proto: int, l4: bytes, src="10.0.0.1", dst="10.0.0.2", opts=b"", ttl=64,
+        ident=1, frag=0) -> bytes:
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45 + len(opts) // 4, 0, 20 + len(opts) + len(l4),
+                                ident, frag, ttl, proto, 0, ipaddress.ip_address(src).packed,
+                                ipaddress.ip_address(dst).packed) + opts)
+    hdr[10:12] = struct.pack("!H", ip_checksum(bytes(hdr)))
+    return bytes(hdr) + l4
+
+
+def ip6(nxt: int, rest: bytes, src="2001:db8::1", dst="2001:db8::2", hlim=64, plen=None) -> bytes:
+    """An IPv6 header followed by rest (extension headers and transport, raw)."""
+    return (struct.pack("!IHBB", 0x60000000, len(rest) if plen is None else plen, nxt, hlim)
+            + ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed + rest)
+
+
+def tcp(sport=1234, dport=80, seq=1, ack=2, flags=0x18, win=1000, opts=b"", data=b"") -> bytes:
+    opts = opts + b"\x00" * (-len(opts) % 4)
+    return bytes(dpkt.tcp.TCP(sport=sport, dport=dport, seq=seq, ack=ack, flags=flags, win=win,
+                              opts=opts, off=5 + len(opts) // 4, data=data))
+
+
+def udp(sport=5353, dport=53, data=b"", ulen=None) -> bytes:
+    return bytes(dpkt.udp.UDP(sport=sport, dport=dport, data=data,
+                              ulen=8 + len(data) if ulen is None else ulen))
+
+
+def ext6(nxt: int, body: bytes = b"\x01\x04\x00\x00\x00\x00") -> bytes:
+    """A hop-by-hop/routing/destination-options header: body padded to 8n - 2."""
+    body = body + b"\x00" * (-(len(body) + 2) % 8)
+    return bytes([nxt, (len(body) + 2) // 8 - 1]) + body
+
+
+def tcp_opts_bytes(opts) -> bytes:
+    out = b""
+    for kind, value in opts:
+        if kind == "mss":
+            out += struct.pack("!BBH", 2, 4, value)
+        elif kind == "ws":
+            out += struct.pack("!BBB", 3, 3, value)
+        elif kind == "sack_ok":
+            out += b"\x04\x02"
+        elif kind == "sack":
+            out += struct.pack("!BB", 5, 2 + 8 * len(value))
+            for left, right in value:
+                out += struct.pack("!II", left, right)
+        elif kind == "ts":
+            out += struct.pack("!BBII", 8, 10, *value)
+        elif kind == "nop":
+            out += b"\x01"
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Strategies
+
+u16 = st.integers(0, 0xFFFF)
+u32 = st.integers(0, 0xFFFFFFFF)
+ipv4s = st.ip_addresses(v=4).map(str)
+ipv6s = st.ip_addresses(v=6).map(str)
+payloads = st.binary(max_size=300)
+vlan_stacks = st.sampled_from([(), ((0x8100, 10),), ((0x88A8, 100), (0x8100, 200)),
+                               ((0x9100, 4095), (0x8100, 1)), ((0x8100, 7), (0x8100, 8))])
+tcp_option = st.one_of(
+    st.tuples(st.just("mss"), u16),
+    st.tuples(st.just("ws"), st.integers(0, 14)),
+    st.tuples(st.just("sack_ok"), st.none()),
+    st.tuples(st.just("sack"), st.lists(st.tuples(u32, u32), min_size=1, max_size=3)),
+    st.tuples(st.just("ts"), st.tuples(u32, u32)),
+    st.tuples(st.just("nop"), st.none()),
+)
+# At most one of each kind (the parser keeps the first SACK) and within 40 bytes.
+tcp_option_lists = st.lists(tcp_option, max_size=6, unique_by=lambda o: o[0]).filter(
+    lambda o: len(tcp_opts_bytes(o)) <= 40)
+
+
+def expected_opts(opts):
+    """What dpkt reads back from the options we built."""
+    got = {"mss": None, "wscale": None, "sack_ok": False, "sack": [], "ts": None}
+    for kind, data in dpkt.tcp.parse_opts(opts):
+        if kind == dpkt.tcp.TCP_OPT_MSS:
+            got["mss"] = struct.unpack("!H", data)[0]
+        elif kind == dpkt.tcp.TCP_OPT_WSCALE:
+            got["wscale"] = data[0]
+        elif kind == dpkt.tcp.TCP_OPT_SACKOK:
+            got["sack_ok"] = True
+        elif kind == dpkt.tcp.TCP_OPT_SACK:
+            edges = struct.unpack(f"!{len(data) // 4}I", data)
+            got["sack"] = list(zip(edges[::2], edges[1::2], strict=True))
+        elif kind == dpkt.tcp.TCP_OPT_TIMESTAMP:
+            got["ts"] = struct.unpack("!II", data)
+    return got
+
+
+def check_tcp_against_dpkt(f, seg):
+    assert f["status"] == "ok"
+    assert f["l4_proto"] == 6
+    assert (f["sport"], f["dport"]) == (seg.sport, seg.dport)
+    assert (f["seq"], f["ack"], f["tcp_flags"], f["win"]) == (seg.seq, seg.ack, seg.flags,
+                                                              seg.win)
+    for key, value in expected_opts(seg.opts).items():
+        assert f[key] == value, key
+    assert f["payload"] == seg.data
+    assert f["payload_len"] == len(seg.data)
+
+
+# ---------------------------------------------------------------------------
+# Against dpkt
+
+@given(src=ipv4s, dst=ipv4s, sport=u16, dport=u16, seq=u32, ack=u32, flags=st.integers(0, 255),
+       win=u16, opts=tcp_option_lists, data=payloads, tags=vlan_stacks, ttl=st.integers(0, 255))
+def test_ipv4_tcp_matches_dpkt(src, dst, sport, dport, seq, ack, flags, win, opts, data, tags,
+                               ttl):
+    frame = eth(ip4(6, tcp(sport, dport, seq, ack, flags, win, tcp_opts_bytes(opts), data),
+                    src, dst, ttl=ttl), tags=tags)
+    f = parse(frame)
+    ref = dpkt.ethernet.Ethernet(frame)
+    assert f["nvlan"] == len(tags)
+    assert f["vlan"] == [t.id for t in getattr(ref, "vlan_tags", [])] == [vid for _, vid in tags]
+    assert f["ethertype"] == 0x0800
+    ip = ref.data
+    assert f["ip_ver"] == 4 and f["ttl"] == ip.ttl and f["ip_len"] == ip.len
+    assert f["src"] == str(ipaddress.ip_address(ip.src))
+    assert f["dst"] == str(ipaddress.ip_address(ip.dst))
+    assert f["l3_off"] == 14 + 4 * len(tags)
+    check_tcp_against_dpkt(f, ip.data)
+
+
+@given(opts=st.sampled_from([
+    b"\x94\x04\x00\x00",                          # router alert
+    b"\x01\x01\x01\x00",                          # NOPs and EOL
+    b"\x07\x07\x04\x00\x00\x00\x00\x00",          # record route, one slot
+    b"\x44\x0c\x05\x00" + b"\x00" * 8,            # timestamp
+]), data=payloads, sport=u16, dport=u16)
+def test_ipv4_options_udp_matches_dpkt(opts, data, sport, dport):
+    frame = eth(ip4(17, udp(sport, dport, data), opts=opts))
+    f = parse(frame)
+    ip = dpkt.ethernet.Ethernet(frame).data
+    assert f["status"] == "ok"
+    assert "ip_options" in f["flag_names"]
+    assert f["l4_off"] == 14 + ip.hl * 4
+    assert (f["sport"], f["dport"], f["payload"]) == (ip.data.sport, ip.data.dport, ip.data.data)
+
+
+IPV6_CHAINS = [
+    (),
+    (0,),            # hop-by-hop
+    (0, 60),         # hop-by-hop, destination options
+    (0, 43, 60),     # hop-by-hop, routing, destination options
+    (43,),
+    (60, 43),
+]
+
+
+def build_ipv6(chain, proto, l4, src="2001:db8::1", dst="2001:db8::2"):
+    rest = l4
+    nxt = proto
+    for kind in reversed(chain):
+        if kind == 43:
+            # type 0 routing header carrying one address, segments left 0
+            rest = bytes([nxt, 2, 0, 0, 0, 0, 0, 0]) + b"\x20\x01" + b"\x00" * 14 + rest
+        else:
+            rest = ext6(nxt) + rest
+        nxt = kind
+    return ip6(nxt, rest, src, dst)
+
+
+@given(src=ipv6s, dst=ipv6s, chain=st.sampled_from(IPV6_CHAINS), sport=u16, dport=u16,
+       seq=u32, ack=u32, opts=tcp_option_lists, data=payloads, tags=vlan_stacks)
+def test_ipv6_tcp_matches_dpkt(src, dst, chain, sport, dport, seq, ack, opts, data, tags):
+    l4 = tcp(sport, dport, seq, ack, 0x10, 500, tcp_opts_bytes(opts), data)
+    frame = eth(build_ipv6(chain, 6, l4, src, dst), 0x86DD, tags)
+    f = parse(frame)
+    ip = dpkt.ethernet.Ethernet(frame).data
+    assert f["ip_ver"] == 6 and f["ttl"] == ip.hlim and f["ip_len"] == 40 + ip.plen
+    assert f["src"] == str(ipaddress.ip_address(ip.src))
+    assert f["dst"] == str(ipaddress.ip_address(ip.dst))
+    assert f["l4_off"] == len(frame) - len(l4)
+    check_tcp_against_dpkt(f, ip.data)
+
+
+@given(src=ipv6s, dst=ipv6s, chain=st.sampled_from(IPV6_CHAINS), sport=u16, dport=u16,
+       data=payloads)
+def test_ipv6_udp_matches_dpkt(src, dst, chain, sport, dport, data):
+    frame = eth(build_ipv6(chain, 17, udp(sport, dport, data), src, dst), 0x86DD)
+    f = parse(frame)
+    u = dpkt.ethernet.Ethernet(frame).data.data
+    assert f["status"] == "ok" and f["l4_proto"] == 17
+    assert (f["sport"], f["dport"], f["payload"]) == (u.sport, u.dport, u.data)
+
+
+@given(ident=u16, seq=u16, data=payloads)
+def test_icmp_echo(ident, seq, data):
+    echo = dpkt.icmp.ICMP(type=8, code=0, data=dpkt.icmp.ICMP.Echo(id=ident, seq=seq, data=data))
+    frame = eth(ip4(1, bytes(echo)))
+    f = parse(frame)
+    ref = dpkt.ethernet.Ethernet(frame).data.data
+    assert f["status"] == "ok"
+    assert (f["icmp_type"], f["icmp_code"]) == (ref.type, ref.code)
+    assert f["flag_names"] == [] and (f["sport"], f["dport"]) == (0, 0)
+    assert f["payload"] == ref.data.data
+
+
+@given(icmp_type=st.sampled_from([3, 4, 5, 11, 12]), code=st.integers(0, 15), sport=u16,
+       dport=u16)
+def test_icmp_error_quoting_tcp(icmp_type, code, sport, dport):
+    inner = ip4(6, tcp(sport, dport, data=b"x" * 20), "10.0.0.2", "10.0.0.1")[:28]
+    err = dpkt.icmp.ICMP(type=icmp_type, code=code, data=dpkt.icmp.ICMP.Unreach(data=inner))
+    f = parse(eth(ip4(1, bytes(err))))
+    assert f["status"] == "ok"
+    assert (f["icmp_type"], f["icmp_code"]) == (icmp_type, code)
+    assert "icmp_error" in f["flag_names"]
+    # The quoted packet's ports are not this packet's ports.
+    assert (f["sport"], f["dport"]) == (0, 0)
+    assert f["payload"] == inner
+
+
+@given(icmp_type=st.integers(0, 255), code=st.integers(0, 255), data=payloads)
+def test_icmpv6(icmp_type, code, data):
+    msg = bytes([icmp_type, code, 0, 0]) + b"\x00\x01\x00\x02" + data
+    frame = eth(ip6(58, msg), 0x86DD)
+    f = parse(frame)
+    ref = dpkt.ethernet.Ethernet(frame).data.data
+    assert f["status"] == "ok" and f["l4_proto"] == 58
+    assert (f["icmp_type"], f["icmp_code"]) == (ref.type, ref.code)
+    assert ("icmp_error" in f["flag_names"]) == (1 <= icmp_type <= 4)
+    assert f["payload"] == data
+
+
+def test_other_transport_has_no_ports():
+    sctp = struct.pack("!HHII", 1000, 2000, 0, 0) + b"chunk"
+    f = parse(eth(ip4(132, sctp)))
+    assert f["status"] == "ok" and f["l4_proto"] == 132
+    assert f["l4_off"] == 34 and (f["sport"], f["dport"]) == (0, 0)
+    assert f["payload"] == sctp
+
+
+def test_ethernet_padding_is_not_payload():
+    frame = eth(ip4(17, udp(data=b"hi"))) + b"\x00" * 20
+    f = parse(frame)
+    assert f["status"] == "ok" and f["payload"] == b"hi"
+
+
+def test_truncated_capture_counts_captured_bytes():
+    frame = eth(ip4(6, tcp(data=b"a" * 100)))
+    f = parse(frame[:-60], wirelen=len(frame))
+    assert f["status"] == "ok" and "truncated" in f["flag_names"]
+    assert f["payload_len"] == 40 and f["ip_len"] == len(frame) - 14
+
+
+def test_udp_length_shorter_than_ip_payload():
+    f = parse(eth(ip4(17, udp(data=b"abcdef", ulen=10))))
+    assert f["status"] == "ok" and f["payload"] == b"ab"
+
+
+def test_ipv6_atomic_fragment_is_parsed_to_l4():
+    frag = bytes([17, 0, 0, 0]) + struct.pack("!I", 77)
+    f = parse(eth(ip6(44, frag + udp(1, 2, b"data")), 0x86DD))
+    assert f["status"] == "ok" and f["flag_names"] == []
+    assert (f["sport"], f["dport"], f["payload"]) == (1, 2, b"data")
+
+
+def test_ipv6_ah_is_walked():
+    ah = bytes([6, 4, 0, 0]) + b"\x00" * 20     # (4 + 2) * 4 = 24 bytes
+    f = parse(eth(ip6(51, ah + tcp(7, 8)), 0x86DD))
+    assert f["status"] == "ok" and (f["sport"], f["dport"]) == (7, 8)
+
+
+def test_ipv4_fragment_fields_and_no_l4():
+    frame = eth(ip4(6, tcp(data=b"z" * 40), ident=0xBEEF, frag=0x2000 | 3))
+    f = parse(frame)
+    assert f["status"] == "ok" and "fragment" in f["flag_names"]
+    assert (f["frag_off"], f["frag_more"], f["frag_id"]) == (3, 1, 0xBEEF)
+    assert (f["sport"], f["l4_off"]) == (0, 0)
+
+
+def test_reparse_resets_fields():
+    # parse() starts from a zeroed descriptor; FragTable re-parses one in place,
+    # which test_fragments_* cover.  Here: a non-IP frame after nothing set.
+    f = parse(eth(b"\x00" * 28, 0x0806))
+    assert f["status"] == "not_ip" and f["ip_ver"] == 0 and f["src"] is None
+
+
+# ---------------------------------------------------------------------------
+# One test per malformation
+
+def test_status_names_order():
+    assert STATUSES[0] == "ok" and STATUSES[1] == "not_ip"
+    assert len(STATUSES) == len(set(STATUSES)) == 16
+    assert STATUSES[-2:] == ["frag_timeout", "frag_memcap"]
+
+
+def test_not_ip():
+    assert parse(eth(b"\x00" * 28, 0x0806))["status"] == "not_ip"
+
+
+def test_three_vlan_tags_are_not_ip():
+    tags = ((0x88A8, 1), (0x8100, 2), (0x8100, 3))
+    f = parse(eth(ip4(17, udp()), tags=tags))
+    assert f["status"] == "not_ip" and f["vlan"] == [1, 2] and f["ethertype"] == 0x8100
+
+
+def test_trunc_l2():
+    assert parse(b"\x00" * 13)["status"] == "trunc_l2"
+    assert parse(eth(b"", tags=((0x8100, 1),))[:16])["status"] == "trunc_l2"
+
+
+def test_trunc_l3():
+    assert parse(eth(ip4(17, udp()))[:14 + 19])["status"] == "trunc_l3"
+    assert parse(eth(ip6(17, udp()), 0x86DD)[:14 + 39])["status"] == "trunc_l3"
+    frame = eth(ip4(17, udp(), opts=b"\x01" * 20))
+    assert parse(frame[:40], wirelen=len(frame))["status"] == "trunc_l3"
+    frame = eth(ip6(0, ext6(17, b"\x01\x0c" + b"\x00" * 12) + udp()), 0x86DD)
+    assert parse(frame[:60], wirelen=len(frame))["status"] == "trunc_l3"
+
+
+def test_bad_ip_version():
+    assert parse(eth(ip6(17, udp()), 0x0800))["status"] == "bad_ip_version"
+    assert parse(eth(ip4(17, udp()), 0x86DD) + b"\x00" * 40)["status"] == "bad_ip_version"
+
+
+def test_bad_ihl():
+    ip = bytearray(ip4(17, udp()))
+    ip[0] = 0x44
+    assert parse(eth(bytes(ip)))["status"] == "bad_ihl"
+    ip[0] = 0x4F                # 60 bytes of header in a 28-byte datagram frame
+    assert parse(eth(bytes(ip)))["status"] == "bad_ihl"
+
+
+def test_bad_ip_len():
+    ip = bytearray(ip4(17, udp()))
+    ip[2:4] = struct.pack("!H", 19)
+    assert parse(eth(bytes(ip)))["status"] == "bad_ip_len"
+
+
+@pytest.mark.parametrize("opts", [b"\x07\x01\x00\x00", b"\x07\x08\x00\x00", b"\x01\x01\x01\x07"])
+def test_bad_ip_option(opts):
+    f = parse(eth(ip4(17, udp(), opts=opts)))
+    assert f["status"] == "bad_ip_option" and "ip_options" in f["flag_names"]
+
+
+def test_bad_ipv6_ext():
+    frame = eth(ip6(0, ext6(17, b"\x01\x0c" + b"\x00" * 12) + udp(), plen=12), 0x86DD)
+    assert parse(frame)["status"] == "bad_ipv6_ext"
+    frame = eth(ip6(60, bytes([17, 200]) + b"\x00" * 30), 0x86DD)
+    assert parse(frame)["status"] == "bad_ipv6_ext"
+
+
+def test_bad_frag():
+    assert parse(eth(ip4(17, b"x" * 64, frag=8190)))["status"] == "bad_frag"
+    frag = bytes([17, 0]) + struct.pack("!HI", (8190 << 3) | 1, 5)
+    assert parse(eth(ip6(44, frag + b"x" * 64), 0x86DD))["status"] == "bad_frag"
+
+
+def test_trunc_l4():
+    assert parse(eth(ip4(6, tcp()[:12])))["status"] == "trunc_l4"
+    assert parse(eth(ip4(17, b"\x00" * 7)))["status"] == "trunc_l4"
+    assert parse(eth(ip4(1, b"\x08\x00\x00")))["status"] == "trunc_l4"
+    frame = eth(ip4(6, tcp(opts=b"\x01" * 20)))
+    assert parse(frame[:60], wirelen=len(frame))["status"] == "trunc_l4"
+
+
+def test_bad_tcp_off():
+    seg = bytearray(tcp(data=b"abc"))
+    seg[12] = 0x40
+    f = parse(eth(ip4(6, bytes(seg))))
+    assert f["status"] == "bad_tcp_off" and f["sport"] == 1234
+    seg[12] = 0xF0              # 60 bytes of header in a 23-byte segment
+    assert parse(eth(ip4(6, bytes(seg))))["status"] == "bad_tcp_off"
+
+
+@pytest.mark.parametrize("opts", [b"\x02\x04\x05\xb4\x08\x01", b"\x02\x04\x05\xb4\x08\x0c\x00\x00"])
+def test_bad_tcp_opt_keeps_earlier_options(opts):
+    f = parse(eth(ip4(6, tcp(opts=opts, data=b"p"))))
+    assert f["status"] == "bad_tcp_opt"
+    assert f["mss"] == 1460 and f["payload"] == b"p"
+
+
+@pytest.mark.parametrize("ulen", [0, 7, 13])
+def test_bad_udp_len(ulen):
+    f = parse(eth(ip4(17, udp(9, 10, data=b"abcd", ulen=ulen))))
+    assert f["status"] == "bad_udp_len" and (f["sport"], f["dport"]) == (9, 10)
+
+
+def test_frag_timeout_and_memcap_are_counted():
+    # Reassembly reasons: set by FragTable, checked in the fragment tests below.
+    assert {"frag_timeout", "frag_memcap"} <= set(STATUSES)
+
+
+# ---------------------------------------------------------------------------
+# Never crash, never step outside the frame
+
+def check_invariants(f, n):
+    assert f["status"] in STATUSES
+    assert f["payload_off"] + f["payload_len"] <= n
+    assert f["l4_off"] <= n and f["l3_off"] <= n
+    assert len(f["payload"]) == f["payload_len"]
+    assert f["nvlan"] <= 2 and len(f["sack"]) <= 4
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=200), st.integers(0, 300))
+def test_random_bytes(data, extra):
+    check_invariants(parse(data, wirelen=len(data) + extra), len(data))
+
+
+@st.composite
+def valid_frames(draw):
+    kind = draw(st.sampled_from(["tcp4", "udp4", "icmp4", "tcp6", "udp6", "frag4", "frag6"]))
+    data = draw(st.binary(max_size=64))
+    opts = tcp_opts_bytes(draw(tcp_option_lists))
+    tags = draw(vlan_stacks)
+    chain = draw(st.sampled_from(IPV6_CHAINS))
+    if kind == "tcp4":
+        return eth(ip4(6, tcp(opts=opts, data=data), opts=b"\x94\x04\x00\x00"), tags=tags)
+    if kind == "udp4":
+        return eth(ip4(17, udp(data=data)), tags=tags)
+    if kind == "icmp4":
+        inner = ip4(6, tcp(opts=opts))
+        return eth(ip4(1, bytes([3, 1, 0, 0, 0, 0, 0, 0]) + inner), tags=tags)
+    if kind == "tcp6":
+        return eth(build_ipv6(chain, 6, tcp(opts=opts, data=data)), 0x86DD, tags)
+    if kind == "udp6":
+        return eth(build_ipv6(chain, 17, udp(data=data)), 0x86DD, tags)
+    if kind == "frag4":
+        return eth(ip4(17, data + b"x" * 8, frag=0x2000 | 5), tags=tags)
+    frag = bytes([17, 0]) + struct.pack("!HI", (5 << 3) | 1, 9)
+    return eth(build_ipv6(chain, 44, frag + data + b"x" * 8), 0x86DD, tags)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_frames(), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
+                                max_size=8), st.integers(0, 10**6))
+def test_mutated_frames(frame, flips, cut):
+    buf = bytearray(frame)
+    for pos, value in flips:
+        buf[pos % len(buf)] = value
+    buf = bytes(buf[:cut % (len(buf) + 1)])
+    check_invariants(parse(buf), len(buf))
+    check_invariants(parse(buf, wirelen=len(frame)), len(buf))
+
+
+@settings(max_examples=50)
+@given(valid_frames())
+def test_every_truncation(frame):
+    full = parse(frame)
+    assert full["status"] == "ok"
+    for n in range(len(frame)):
+        f = parse(frame[:n], wirelen=len(frame))
+        check_invariants(f, n)
+        assert f["status"] in ("ok", "trunc_l2", "trunc_l3", "trunc_l4", "not_ip")
+
+
+# ---------------------------------------------------------------------------
+# Fragmentation
+
+def fragment4(frame: bytes, size: int) -> list[bytes]:
+    """Split the IPv4 datagram of an untagged frame into fragments of size bytes."""
+    hl = (frame[14] & 0x0F) * 4
+    body = frame[14 + hl:]
+    out = []
+    for off in range(0, len(body), size):
+        chunk = body[off:off + size]
+        more = off + size < len(body)
+        h = bytearray(frame[14:14 + hl])
+        h[2:4] = struct.pack("!H", hl + len(chunk))
+        h[6:8] = struct.pack("!H", (0x2000 if more else 0) | (off // 8))
+        h[10:12] = b"\0\0"
+        h[10:12] = struct.pack("!H", ip_checksum(bytes(h)))
+        out.append(frame[:14] + bytes(h) + chunk)
+    return out
+
+
+def fragment6(frame: bytes, size: int, unfrag: int, ident: int) -> list[bytes]:
+    """Split an untagged IPv6 frame: unfrag bytes of extension headers stay in front."""
+    hdr = bytearray(frame[14:54 + unfrag])
+    body = frame[54 + unfrag:]
+    # The next-header byte that names the fragmentable part.
+    if unfrag:
+        nh_pos = 40
+        while nh_pos + (hdr[nh_pos + 1] + 1) * 8 < len(hdr):
+            nh_pos += (hdr[nh_pos + 1] + 1) * 8
+    else:
+        nh_pos = 6
+    inner = hdr[nh_pos]
+    hdr[nh_pos] = 44
+    out = []
+    for off in range(0, len(body), size):
+        chunk = body[off:off + size]
+        more = off + size < len(body)
+        fh = bytes([inner, 0]) + struct.pack("!HI", off | int(more), ident)
+        h = bytearray(hdr)
+        h[4:6] = struct.pack("!H", len(h) - 40 + 8 + len(chunk))
+        out.append(frame[:14] + bytes(h) + fh + chunk)
+    return out
+
+
+def push_all(table, frames, ts=0):
+    return [table.push(f, ts) for f in frames]
+
+
+def original_frame(version, proto, data, chain=()):
+    l4 = tcp(4321, 443, 1000, 2000, 0x18, 700, b"\x02\x04\x05\xb4", data) if proto == 6 \
+        else udp(53, 5353, data)
+    if version == 4:
+        return eth(ip4(proto, l4, ident=0x1234))
+    return eth(build_ipv6(chain, proto, l4), 0x86DD)
+
+
+def unfrag_len(chain):
+    # Hop-by-hop and routing headers stay in front of the fragment header.
+    return 8 * sum(1 for k in chain if k == 0) + 24 * sum(1 for k in chain if k == 43)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(version=st.sampled_from([4, 6]), proto=st.sampled_from([6, 17]),
+       data=st.binary(min_size=1, max_size=3000), size8=st.integers(1, 64),
+       chain=st.sampled_from([(), (0,), (0, 43)]), rnd=st.randoms(use_true_random=False),
+       ndup=st.integers(0, 3))
+def test_fragments_reassemble_in_any_order(version, proto, data, size8, chain, rnd, ndup):
+    orig = original_frame(version, proto, data, chain)
+    if version == 4:
+        frags = fragment4(orig, size8 * 8)
+    else:
+        frags = fragment6(orig, size8 * 8, unfrag_len(chain), 0xABCDEF)
+    assume(len(frags) > 1)
+    rnd.shuffle(frags)
+    # Identical duplicates before the last piece must not disturb anything.
+    head = frags[:-1] + [rnd.choice(frags[:-1]) for _ in range(ndup)]
+    rnd.shuffle(head)
+    frags = head + frags[-1:]
+    table = FragTable()
+    results = push_all(table, frags)
+    assert [r for r, _ in results[:-1]] == ["held"] * (len(frags) - 1)
+    verdict, rebuilt = results[-1]
+    assert verdict == "done"
+    assert rebuilt == orig
+    want, got = parse(orig), parse(rebuilt)
+    for key in ("sport", "dport", "seq", "ack", "tcp_flags", "win", "mss", "payload",
+                "src", "dst", "l4_off", "l4_proto"):
+        assert got[key] == want[key], key
+    assert table.completed == 1 and table.pending == 0 and table.bytes_used == 0
+    assert table.bad == table.memcap_drops == 0
+
+
+def test_not_a_fragment_is_none():
+    assert FragTable().push(original_frame(4, 6, b"x")) == ("none", None)
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_overlap_with_different_bytes_drops_datagram(version):
+    orig = original_frame(version, 17, bytes(range(200)))
+    frags = fragment4(orig, 64) if version == 4 else fragment6(orig, 64, 0, 7)
+    evil = bytearray(frags[0])
+    evil[-1] ^= 0xFF
+    table = FragTable()
+    assert table.push(frags[0])[0] == "held"
+    assert table.push(bytes(evil))[0] == "drop"
+    assert table.bad == 1 and table.pending == 0 and table.bytes_used == 0
+    # The rest start a new datagram that can no longer complete.
+    assert [r for r, _ in push_all(table, frags[1:])] == ["held"] * (len(frags) - 1)
+
+
+def test_identical_overlap_is_fine():
+    orig = original_frame(4, 17, bytes(range(200)))
+    a = fragment4(orig, 64)
+    b = fragment4(orig, 128)
+    table = FragTable()
+    # b[0] covers a[0] and a[1]; a[1] then adds nothing new and is not stored again.
+    results = push_all(table, [a[0], b[0], a[1]] + a[2:])
+    assert [r for r, _ in results[:-1]] == ["held"] * len(a)
+    assert results[-1] == ("done", orig)
+
+
+def test_fragment_past_known_end_drops():
+    orig = original_frame(4, 17, bytes(100))
+    frags = fragment4(orig, 32)
+    table = FragTable()
+    assert table.push(frags[-1])[0] == "held"
+    past = bytearray(frags[0])
+    past[20:22] = struct.pack("!H", 0x2000 | 20)      # offset 160 > the end at 108
+    assert table.push(bytes(past))[0] == "drop"
+    assert table.bad == 1 and table.pending == 0
+
+
+def test_non_multiple_of_8_middle_fragment_is_bad():
+    frame = eth(ip4(17, b"x" * 13, frag=0x2000))
+    table = FragTable()
+    assert table.push(frame)[0] == "drop" and table.bad == 1
+
+
+def test_memcap():
+    frags = fragment4(original_frame(4, 17, bytes(1000)), 512)
+    table = FragTable(max_bytes=300)
+    assert table.push(frags[0])[0] == "drop"
+    assert table.memcap_drops == 1 and table.pending == 0 and table.bytes_used == 0
+
+
+def test_max_datagrams():
+    table = FragTable(max_datagrams=1, timeout=1.0)
+    a = fragment4(eth(ip4(17, udp(data=bytes(100)), ident=1)), 32)
+    b = fragment4(eth(ip4(17, udp(data=bytes(100)), ident=2)), 32)
+    assert table.push(a[0], 0)[0] == "held"
+    assert table.push(b[0], 10)[0] == "drop" and table.memcap_drops == 1
+    # Once the first is stale, its slot is reclaimed for the newcomer.
+    assert table.push(b[0], 2 * 10**9)[0] == "held"
+    assert table.timed_out == 1
+
+
+def test_budget_is_returned_after_completion():
+    table = FragTable(max_bytes=4096)
+    for ident in range(50):
+        frags = fragment4(eth(ip4(17, udp(data=bytes(1000)), ident=ident)), 512)
+        assert push_all(table, frags)[-1][0] == "done"
+    assert table.bytes_used == 0 and table.completed == 50
+
+
+def test_timeout():
+    frags = fragment4(original_frame(4, 17, bytes(300)), 64)
+    table = FragTable(timeout=30.0)
+    assert table.push(frags[0], 0)[0] == "held"
+    assert table.sweep(29 * 10**9) == 0
+    assert table.sweep(31 * 10**9) == 1
+    assert table.timed_out == 1 and table.pending == 0 and table.bytes_used == 0
+
+
+def test_stale_datagram_restarts():
+    frags = fragment4(original_frame(4, 17, bytes(300)), 64)
+    table = FragTable(timeout=1.0)
+    assert table.push(frags[0], 0)[0] == "held"
+    results = push_all(table, frags[1:], ts=5 * 10**9)
+    assert table.timed_out == 1
+    assert all(r == "held" for r, _ in results)     # the first piece went with the old one
+
+
+def test_close_frees_everything():
+    table = FragTable()
+    for ident in range(10):
+        table.push(fragment4(eth(ip4(17, udp(data=bytes(100)), ident=ident)), 32)[0])
+    assert table.pending == 10 and table.bytes_used > 0
+    with table:
+        pass
+    assert table.pending == 0 and table.bytes_used == 0
+
+
+def test_random_fragment_soup_never_breaks_the_table():
+    rnd = random.Random(7)
+    table = FragTable(max_bytes=20000, max_datagrams=8, timeout=1.0)
+    for i in range(2000):
+        orig = original_frame(4, 17, bytes(rnd.randrange(1, 400)))
+        frags = fragment4(orig, 8 * rnd.randint(1, 8))
+        f = bytearray(rnd.choice(frags))
+        if rnd.random() < 0.3:
+            f[rnd.randrange(len(f))] = rnd.randrange(256)
+        verdict, rebuilt = table.push(bytes(f), i * 10**7)
+        assert verdict in ("none", "held", "done", "drop")
+        assert table.bytes_used <= 20000 and table.pending <= 8
+    table.sweep(10**12)
+    assert table.pending == 0 and table.bytes_used == 0
+
+
+def test_truncated_fragment_passes_through():
+    frags = fragment4(original_frame(4, 17, bytes(300)), 64)
+    table = FragTable()
+    assert table.push(frags[0][:-10]) == ("none", None)
+    assert table.pending == 0
+
+
+def test_parse_many_smoke():
+    frames = [original_frame(4, 6, b"x" * 10), original_frame(6, 17, b"y")]
+    assert parse_many(frames, 10) > 0
+    assert parse_many([], 10) == 0.0
