@@ -89,8 +89,9 @@ cdef class EventBus:
     # handler tables: for each NF, a list of handler sets; a set maps type index to
     # a handler (PyObject*, NULL = not subscribed) resolved through the hierarchy.
     cdef handler_table **sets       # sets[nf][set]
-    cdef uint16_t ***set_batch      # the same shape: 1 + the subscribed type's index
-                                    # where the handler takes batches, else 0
+    # the same shape: 1 + the subscribed type's index where the handler takes
+    # batches, else 0
+    cdef uint16_t ***set_batch
     cdef uint32_t *nsets
     cdef uint16_t **flow_set        # per NF, per flow slot: handler set (0 = default)
     cdef uint32_t **flow_set_gen

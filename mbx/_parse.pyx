@@ -12,6 +12,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
+from mbx._checksum cimport csum
 from mbx._packet cimport (
     MAX_SACK_BLOCKS,
     PARSE_BAD_FRAG,
@@ -526,15 +527,6 @@ cdef inline uint8_t _key_proto(mbx_pkt *p) noexcept nogil:
     return p.l4_proto if p.ip_ver == 4 else 0
 
 
-cdef uint16_t _ipv4_checksum(const uint8_t *ip, uint32_t ihl) noexcept nogil:
-    cdef uint32_t s = 0, i
-    for i in range(0, ihl, 2):
-        s += ld16(ip + i)
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return <uint16_t>(~s & 0xFFFF)
-
-
 cdef class FragTable:
     """IPv4/IPv6 fragment reassembly: bounded bytes and datagrams, idle timeout.
 
@@ -822,7 +814,7 @@ cdef class FragTable:
             out[l3 + 6] &= 0xC0          # keep RF/DF, clear MF and the offset
             out[l3 + 7] = 0
             st16(out + l3 + 10, 0)
-            st16(out + l3 + 10, _ipv4_checksum(out + l3, ihl))
+            st16(out + l3 + 10, csum(out + l3, ihl))
         q = g.pieces
         while q != NULL:
             memcpy(out + hdr + q.off, _piece_data(q), q.length)

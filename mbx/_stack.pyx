@@ -17,9 +17,9 @@ from mbx._events cimport (
 from mbx._flow cimport FlowTable, mbx_flow
 from mbx._packet cimport (
     NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PORT_EOF, PORT_ERROR,
-    VERDICT_DROP, VERDICT_HELD, VERDICT_PASS, Batch, Port, mbx_pkt,
+    VERDICT_DROP, VERDICT_PASS, Batch, Port, mbx_pkt,
 )
-from mbx._parse cimport DEFRAG_DONE, DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
+from mbx._parse cimport DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
 
 from mbx import _events
 from mbx._parse import status_names
