@@ -124,6 +124,10 @@ cdef class FlowTable:
     # Finds or creates p's flow; fills p.hash, p.flow, p.flow_gen and p.dir and
     # counts the packet.  NO_FLOW when p is not IP or the table refused it.
     cdef uint32_t lookup(self, mbx_pkt *p) noexcept nogil
+    # The same as lookup() on each of pkts[0:n] in order, with the cache misses of
+    # neighbouring packets overlapped.  created[i] (if created is not NULL) is set to
+    # whether pkts[i] created its flow; returns how many did.
+    cdef int lookup_burst(self, mbx_pkt **pkts, int n, uint8_t *created) noexcept nogil
     # Ends flows idle since before now_ns - timeout, oldest first, while the ended
     # list has room; returns how many ended.
     cdef int expire(self, int64_t now_ns) noexcept nogil
@@ -138,3 +142,6 @@ cdef class FlowTable:
     cdef void _lru_unlink(self, uint32_t slot) noexcept nogil
     cdef void _lru_append(self, uint32_t slot) noexcept nogil
     cdef void _finish(self, uint32_t slot, uint8_t reason) noexcept nogil
+    cdef uint32_t _untracked(self, mbx_pkt *p) noexcept nogil
+    cdef uint32_t _lookup_keyed(self, mbx_pkt *p, const mbx_flow_key *k, uint8_t side,
+                                uint32_t h) noexcept nogil

@@ -1,7 +1,10 @@
 """The flow table (Stack Memory): canonical 5-tuple keys, a symmetric hash, fixed
 capacity, per-flow stats, idle expiry and a policy for when it is full."""
 
+from collections.abc import Sequence
 from typing import Literal, TypedDict
+
+_Packet = tuple[str, str, int, int, int, int] | tuple[str, str, int, int, int, int, int]
 
 class FlowRecord(TypedDict):
     slot: int
@@ -75,6 +78,9 @@ class FlowTable:
         wirelen: int = 60,
         status: int = 0,
     ) -> tuple[int, int, int, bool]: ...
+    def lookup_burst_py(
+        self, packets: Sequence[_Packet]
+    ) -> list[tuple[int, int, int, bool]]: ...
     def expire_py(self, now_ns: int) -> int: ...
     def end_all_py(self) -> int: ...
     def end_flow_py(self, slot: int, reason: int = 4) -> bool: ...  # 4: END_CLOSED
@@ -84,4 +90,6 @@ class FlowTable:
     def __len__(self) -> int: ...
 
 def flow_hash(src: str, dst: str, sport: int, dport: int, proto: int) -> int: ...
-def bench_lookups(n_flows: int = 100_000, n_packets: int = 1_000_000, seed: int = 1) -> float: ...
+def bench_lookups(
+    n_flows: int = 100_000, n_packets: int = 1_000_000, seed: int = 1, burst: int = 0
+) -> float: ...

@@ -18,7 +18,12 @@ from mbx._packet cimport NO_FLOW, PARSE_BAD_IP_LEN, PARSE_OK, mbx_pkt
 
 # Largest capacity accepted: keeps 2 x capacity buckets (rounded up to a power of
 # two) within uint32 slot numbers, clear of NO_FLOW.
+cdef extern from *:
+    # A hint only: gcc and clang both provide it.
+    void __builtin_prefetch(const void *addr) noexcept nogil
+
 cdef enum:
+    BURST_CHUNK = 32            # packets whose misses lookup_burst overlaps
     MAX_CAPACITY = 1 << 28
     DEFAULT_ENDED = 256 + 64    # a 256-packet burst may evict 256 flows, plus slack
 
@@ -29,6 +34,11 @@ _END_NAMES = {
     END_SHUTDOWN: "shutdown", END_CLOSED: "closed",
 }
 _STATUS_NAMES = {FLOW_FREE: "free", FLOW_ACTIVE: "active", FLOW_EXPIRED: "expired"}
+
+cdef inline bint _trackable(const mbx_pkt *p) noexcept nogil:
+    # Statuses below PARSE_BAD_IP_LEN fail before the addresses are read.
+    return p.ip_ver != 0 and (p.status == PARSE_OK or p.status >= PARSE_BAD_IP_LEN)
+
 
 # Hashing and memcmp read the key as five 8-byte words; a layout change must be seen.
 if sizeof(mbx_flow_key) != 40:
@@ -160,27 +170,87 @@ cdef class FlowTable:
 
     cdef uint32_t lookup(self, mbx_pkt *p) noexcept nogil:
         cdef mbx_flow_key key
-        cdef mbx_flow *f
-        cdef uint32_t h, slot, b
-        cdef uint8_t side, d
+        if not _trackable(p):
+            return self._untracked(p)
+        cdef uint8_t side = flow_key_of(p, &key)
+        return self._lookup_keyed(p, &key, side, flow_key_hash(&key))
+
+    cdef uint32_t _untracked(self, mbx_pkt *p) noexcept nogil:
         self.created_last = False
+        p.hash = 0
         p.flow = NO_FLOW
         p.flow_gen = 0
         p.dir = 0
-        # Statuses below PARSE_BAD_IP_LEN fail before the addresses are read.
-        if p.ip_ver == 0 or (p.status != PARSE_OK and p.status < PARSE_BAD_IP_LEN):
-            p.hash = 0
-            return NO_FLOW
+        return NO_FLOW
+
+    cdef int lookup_burst(self, mbx_pkt **pkts, int n, uint8_t *created) noexcept nogil:
+        # Three prefetch passes over a chunk before the real lookups, so the chunk's
+        # cache misses (bucket, flow record, LRU neighbours) overlap instead of
+        # being paid one after another.  The lookups themselves run in packet order,
+        # so the result is exactly that of n calls to lookup().
+        cdef mbx_flow_key keys[BURST_CHUNK]
+        cdef uint32_t hs[BURST_CHUNK]
+        cdef uint8_t sides[BURST_CHUNK]
+        cdef int base, i, m, n_created = 0
+        cdef uint32_t slot
+        cdef mbx_flow *f
+        cdef mbx_pkt *p
+        base = 0
+        while base < n:
+            m = n - base if n - base < BURST_CHUNK else BURST_CHUNK
+            for i in range(m):
+                p = pkts[base + i]
+                if _trackable(p):
+                    sides[i] = flow_key_of(p, &keys[i])
+                    hs[i] = flow_key_hash(&keys[i])
+                    __builtin_prefetch(&self.buckets[hs[i] & self.bucket_mask])
+                else:
+                    sides[i] = 0xFF
+            for i in range(m):
+                if sides[i] != 0xFF:
+                    slot = self.buckets[hs[i] & self.bucket_mask]
+                    if slot != NO_FLOW:
+                        f = &self.flows[slot]
+                        __builtin_prefetch(f)
+                        __builtin_prefetch(<char *>f + sizeof(mbx_flow) - 1)
+            for i in range(m):
+                if sides[i] != 0xFF:
+                    slot = self.buckets[hs[i] & self.bucket_mask]
+                    if slot != NO_FLOW:
+                        f = &self.flows[slot]
+                        if f.lru_prev != NO_FLOW:
+                            __builtin_prefetch(&self.flows[f.lru_prev].lru_next)
+                        if f.lru_next != NO_FLOW:
+                            __builtin_prefetch(&self.flows[f.lru_next].lru_prev)
+            for i in range(m):
+                p = pkts[base + i]
+                if sides[i] == 0xFF:
+                    self._untracked(p)
+                else:
+                    self._lookup_keyed(p, &keys[i], sides[i], hs[i])
+                if created != NULL:
+                    created[base + i] = self.created_last
+                n_created += self.created_last
+            base += m
+        return n_created
+
+    cdef uint32_t _lookup_keyed(self, mbx_pkt *p, const mbx_flow_key *k, uint8_t side,
+                                uint32_t h) noexcept nogil:
+        cdef mbx_flow *f
+        cdef uint32_t slot
+        cdef uint32_t b = h & self.bucket_mask
+        cdef uint8_t d
+        self.created_last = False
         self.lookups += 1
-        side = flow_key_of(p, &key)
-        h = flow_key_hash(&key)
         p.hash = h
-        b = h & self.bucket_mask
+        p.flow = NO_FLOW
+        p.flow_gen = 0
+        p.dir = 0
 
         slot = self.buckets[b]
         while slot != NO_FLOW:
             f = &self.flows[slot]
-            if f.hash == h and memcmp(&f.key, &key, sizeof(mbx_flow_key)) == 0:
+            if f.hash == h and memcmp(&f.key, k, sizeof(mbx_flow_key)) == 0:
                 break
             slot = f.hnext
 
@@ -194,7 +264,7 @@ cdef class FlowTable:
             slot = self.free_head
             f = &self.flows[slot]
             self.free_head = f.hnext
-            memcpy(&f.key, &key, sizeof(mbx_flow_key))
+            memcpy(&f.key, k, sizeof(mbx_flow_key))
             f.hash = h
             f.gen += 1
             f.hnext = self.buckets[b]
@@ -271,31 +341,38 @@ cdef class FlowTable:
         ``slot`` is -1 when the table refused the flow, or when ``status`` (the
         ParseStatus the parser would have left) says the addresses were never read.
         """
-        s = ipaddress.ip_address(src)
-        d = ipaddress.ip_address(dst)
-        if s.version != d.version:
-            raise ValueError(f"src and dst are of different IP versions: {src}, {dst}")
-        if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
-            raise ValueError(f"ports must be 0..65535, got {sport}, {dport}")
-        if not 0 <= proto <= 0xFF:
-            raise ValueError(f"proto must be 0..255, got {proto}")
-        cdef bytes sb = s.packed
-        cdef bytes db = d.packed
         cdef mbx_pkt pkt
-        memset(&pkt, 0, sizeof(mbx_pkt))
-        memcpy(pkt.src.b, <const char *>sb, len(sb))
-        memcpy(pkt.dst.b, <const char *>db, len(db))
-        pkt.ip_ver = s.version
-        pkt.l4_proto = proto
-        pkt.sport = sport
-        pkt.dport = dport
-        pkt.ts_ns = ts_ns
-        pkt.wirelen = wirelen
-        pkt.status = status
+        _fill_pkt(&pkt, src, dst, sport, dport, proto, ts_ns, wirelen, status)
         cdef uint32_t slot = self.lookup(&pkt)
         if slot == NO_FLOW:
             return (-1, 0, 0, False)
         return (<int>slot, pkt.flow_gen, pkt.dir, bool(self.created_last))
+
+    def lookup_burst_py(self, packets):
+        """lookup_tuple() over a sequence of ``(src, dst, sport, dport, proto, ts_ns[,
+        wirelen])`` tuples, through lookup_burst(); a list of its results."""
+        cdef Py_ssize_t n = len(packets), i
+        if n == 0:
+            return []
+        cdef mbx_pkt *pkts = <mbx_pkt *>PyMem_Calloc(n, sizeof(mbx_pkt))
+        cdef mbx_pkt **ptrs = <mbx_pkt **>PyMem_Malloc(n * sizeof(mbx_pkt *))
+        cdef uint8_t *created = <uint8_t *>PyMem_Malloc(n)
+        try:
+            if pkts == NULL or ptrs == NULL or created == NULL:
+                raise MemoryError("cannot allocate a burst")
+            for i in range(n):
+                a = tuple(packets[i])
+                _fill_pkt(&pkts[i], a[0], a[1], a[2], a[3], a[4], a[5],
+                          a[6] if len(a) > 6 else 60)
+                ptrs[i] = &pkts[i]
+            self.lookup_burst(ptrs, <int>n, created)
+            return [(-1, 0, 0, False) if pkts[i].flow == NO_FLOW else
+                    (<int>pkts[i].flow, pkts[i].flow_gen, pkts[i].dir, bool(created[i]))
+                    for i in range(n)]
+        finally:
+            PyMem_Free(pkts)
+            PyMem_Free(ptrs)
+            PyMem_Free(created)
 
     def expire_py(self, int64_t now_ns):
         """End flows idle for longer than the timeout at ``now_ns``; how many ended."""
@@ -402,23 +479,36 @@ cdef dict _flow_dict(const mbx_flow *f, uint32_t slot):
     }
 
 
-def flow_hash(str src, str dst, int sport, int dport, int proto):
-    """The symmetric flow hash of a 5-tuple, as lookup() computes it (tests, RSS)."""
+cdef void _fill_pkt(mbx_pkt *pkt, str src, str dst, int sport, int dport, int proto,
+                    int64_t ts_ns=0, uint32_t wirelen=60, uint8_t status=PARSE_OK) except *:
     s = ipaddress.ip_address(src)
     d = ipaddress.ip_address(dst)
     if s.version != d.version:
         raise ValueError(f"src and dst are of different IP versions: {src}, {dst}")
+    if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+        raise ValueError(f"ports must be 0..65535, got {sport}, {dport}")
+    if not 0 <= proto <= 0xFF:
+        raise ValueError(f"proto must be 0..255, got {proto}")
     cdef bytes sb = s.packed
     cdef bytes db = d.packed
-    cdef mbx_pkt pkt
-    cdef mbx_flow_key key
-    memset(&pkt, 0, sizeof(mbx_pkt))
+    memset(pkt, 0, sizeof(mbx_pkt))
     memcpy(pkt.src.b, <const char *>sb, len(sb))
     memcpy(pkt.dst.b, <const char *>db, len(db))
     pkt.ip_ver = s.version
     pkt.l4_proto = proto
     pkt.sport = sport
     pkt.dport = dport
+    pkt.ts_ns = ts_ns
+    pkt.wirelen = wirelen
+    pkt.status = status
+    pkt.flow = NO_FLOW
+
+
+def flow_hash(str src, str dst, int sport, int dport, int proto):
+    """The symmetric flow hash of a 5-tuple, as lookup() computes it (tests, RSS)."""
+    cdef mbx_pkt pkt
+    cdef mbx_flow_key key
+    _fill_pkt(&pkt, src, dst, sport, dport, proto)
     flow_key_of(&pkt, &key)
     return flow_key_hash(&key)
 
@@ -439,7 +529,7 @@ ctypedef struct _bench_tuple:
 
 
 def bench_lookups(uint32_t n_flows=100_000, uint64_t n_packets=1_000_000,
-                  uint64_t seed=1):
+                  uint64_t seed=1, int burst=0):
     """Mean ns per lookup of ``n_packets`` packets spread at random over ``n_flows``
     established IPv4 TCP flows (both directions), in a nogil loop.
 
@@ -447,7 +537,10 @@ def bench_lookups(uint32_t n_flows=100_000, uint64_t n_packets=1_000_000,
     state: hash, bucket walk, key compare, LRU move and counters.  Each packet's
     tuple is written into a descriptor of a 256-entry ring first, as a parser would
     fill a burst, so the figure is not dominated by cache misses on descriptors.
+    ``burst`` > 0 looks packets up ``burst`` at a time through lookup_burst().
     """
+    if not 0 <= burst <= 256:
+        raise ValueError(f"burst must be between 0 and 256, got {burst}")
     if n_flows == 0 or n_packets == 0:
         raise ValueError("n_flows and n_packets must be positive")
     cdef FlowTable table = FlowTable(capacity=n_flows, idle_timeout=3600.0)
@@ -455,6 +548,8 @@ def bench_lookups(uint32_t n_flows=100_000, uint64_t n_packets=1_000_000,
         2 * n_flows, sizeof(_bench_tuple))
     cdef uint32_t *order = <uint32_t *>PyMem_Malloc(n_packets * sizeof(uint32_t))
     cdef mbx_pkt ring[256]
+    cdef mbx_pkt *ptrs[256]
+    cdef uint64_t k
     cdef uint64_t rng = seed
     cdef uint64_t i, r
     cdef _bench_tuple *t
@@ -469,6 +564,7 @@ def bench_lookups(uint32_t n_flows=100_000, uint64_t n_packets=1_000_000,
         ring[i].ip_ver = 4
         ring[i].l4_proto = 6
         ring[i].wirelen = 100
+        ptrs[i] = &ring[i]
     try:
         for i in range(n_flows):
             r = _splitmix(&rng)
@@ -489,11 +585,23 @@ def bench_lookups(uint32_t n_flows=100_000, uint64_t n_packets=1_000_000,
             order[i] = <uint32_t>(_splitmix(&rng) % (2 * <uint64_t>n_flows))
         with nogil:
             for i in range(2 * <uint64_t>n_flows):
-                _bench_one(table, &ring[0], &tuples[i], 0)
+                _bench_one(&ring[0], &tuples[i], 0)
+                table.lookup(&ring[0])
         t0 = time.perf_counter_ns()
         with nogil:
-            for i in range(n_packets):
-                _bench_one(table, &ring[i & 255], &tuples[order[i]], <int64_t>i)
+            if burst == 0:
+                for i in range(n_packets):
+                    _bench_one(&ring[i & 255], &tuples[order[i]], <int64_t>i)
+                    table.lookup(&ring[i & 255])
+            else:
+                i = 0
+                while i < n_packets:
+                    k = 0
+                    while k < <uint64_t>burst and i < n_packets:
+                        _bench_one(&ring[k], &tuples[order[i]], <int64_t>i)
+                        k += 1
+                        i += 1
+                    table.lookup_burst(ptrs, <int>k, NULL)
         t1 = time.perf_counter_ns()
     finally:
         PyMem_Free(tuples)
@@ -501,11 +609,9 @@ def bench_lookups(uint32_t n_flows=100_000, uint64_t n_packets=1_000_000,
     return (t1 - t0) / <double>n_packets
 
 
-cdef inline void _bench_one(FlowTable table, mbx_pkt *p, const _bench_tuple *t,
-                            int64_t ts) noexcept nogil:
+cdef inline void _bench_one(mbx_pkt *p, const _bench_tuple *t, int64_t ts) noexcept nogil:
     memcpy(p.src.b, t.src, 4)
     memcpy(p.dst.b, t.dst, 4)
     p.sport = t.sport
     p.dport = t.dport
     p.ts_ns = ts
-    table.lookup(p)

@@ -14,6 +14,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+
 from mbx._flow import FlowTable, bench_lookups, flow_hash
 
 # Parse statuses (mbx/_packet.pxd) used below.
@@ -359,3 +360,26 @@ def test_bytes_per_flow():
 
 def test_bench_runs():
     assert bench_lookups(1000, 10_000) > 0
+    assert bench_lookups(1000, 10_000, burst=32) > 0
+
+
+@settings(deadline=None, max_examples=50)
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.sampled_from(PROTOS),
+                       st.integers(0, 500)), max_size=100),
+    st.sampled_from(["evict", "refuse"]),
+)
+def test_burst_equals_single_lookups(steps, policy):
+    # Prefetching must not change results: same sequence, same answers and records.
+    single = FlowTable(capacity=3, policy=policy, idle_timeout=1e-7, ended_capacity=5)
+    burst = FlowTable(capacity=3, policy=policy, idle_timeout=1e-7, ended_capacity=5)
+    pool = POOL[4]
+    pkts, now = [], 0
+    for i, j, proto, dt in steps:
+        now += dt
+        pkts.append((pool[i][0], pool[j][0], pool[i][1], pool[j][1], proto, now, 40 + dt))
+    assert burst.lookup_burst_py(pkts) == [single.lookup_tuple(*p) for p in pkts]
+    assert burst.counters == single.counters
+    assert burst.take_ended() == single.take_ended()
+    for slot in range(3):
+        assert burst.flow(slot) == single.flow(slot)
