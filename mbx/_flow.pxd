@@ -1,6 +1,8 @@
 # The flow table (Stack Memory): canonical 5-tuple keys, a symmetric hash,
 # fixed capacity, per-flow stats, idle expiry and a policy for when it is full.
+cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy
 
 from mbx._packet cimport mbx_pkt
 
@@ -31,6 +33,49 @@ ctypedef struct mbx_flow_key:
     uint8_t ip_ver
     uint8_t pad[2]
 
+# Builds p's canonical key into k and returns p's side (0: p's source is endpoint a).
+# Inline here so the stack and a software-RSS dispatcher key packets exactly as the
+# table does, without a call across modules.
+cdef inline uint8_t flow_key_of(const mbx_pkt *p, mbx_flow_key *k) noexcept nogil:
+    cdef int c = memcmp(p.src.b, p.dst.b, 16)
+    cdef uint8_t side = 1 if (c > 0 or (c == 0 and p.sport > p.dport)) else 0
+    if side == 0:
+        memcpy(k.a, p.src.b, 16)
+        memcpy(k.b, p.dst.b, 16)
+        k.a_port = p.sport
+        k.b_port = p.dport
+    else:
+        memcpy(k.a, p.dst.b, 16)
+        memcpy(k.b, p.src.b, 16)
+        k.a_port = p.dport
+        k.b_port = p.sport
+    k.proto = p.l4_proto
+    k.ip_ver = p.ip_ver
+    # The pad bytes take part in hashing and memcmp, so they must be zero.
+    k.pad[0] = 0
+    k.pad[1] = 0
+    return side
+
+# Symmetric because the key is canonical.  Multiply/xor-shift over the key's five
+# 8-byte words, then the murmur3 fmix64 finalizer so the low bits (bucket index, and
+# the stack index under software RSS) depend on every key bit.  The seed is fixed,
+# not per process: stack processes and the dispatcher must agree on it.
+cdef inline uint32_t flow_key_hash(const mbx_flow_key *k) noexcept nogil:
+    cdef uint64_t w[5]
+    # memcpy, not a cast: the key is only 2-byte aligned inside other structs.
+    memcpy(w, k, 40)
+    cdef uint64_t h = 0x6a09e667f3bcc909ULL
+    cdef int i
+    for i in range(5):
+        h = (h ^ w[i]) * 0x9e3779b97f4a7c15ULL
+        h ^= h >> 32
+    h ^= h >> 33
+    h *= 0xff51afd7ed558ccdULL
+    h ^= h >> 33
+    h *= 0xc4ceb9fe1a85ec53ULL
+    h ^= h >> 33
+    return <uint32_t>h
+
 ctypedef struct mbx_flow:
     mbx_flow_key key
     uint32_t hash
@@ -48,6 +93,10 @@ ctypedef struct mbx_flow:
     int64_t first_ns
     int64_t last_ns
 
+
+# final: other extensions call lookup() per packet, and a final class lets Cython
+# call its C methods directly instead of through the vtable.
+@cython.final
 cdef class FlowTable:
     cdef mbx_flow *flows
     cdef uint32_t *buckets
@@ -75,6 +124,10 @@ cdef class FlowTable:
     # Finds or creates p's flow; fills p.hash, p.flow, p.flow_gen and p.dir and
     # counts the packet.  NO_FLOW when p is not IP or the table refused it.
     cdef uint32_t lookup(self, mbx_pkt *p) noexcept nogil
+    # The same as lookup() on each of pkts[0:n] in order, with the cache misses of
+    # neighbouring packets overlapped.  created[i] (if created is not NULL) is set to
+    # whether pkts[i] created its flow; returns how many did.
+    cdef int lookup_burst(self, mbx_pkt **pkts, int n, uint8_t *created) noexcept nogil
     # Ends flows idle since before now_ns - timeout, oldest first, while the ended
     # list has room; returns how many ended.
     cdef int expire(self, int64_t now_ns) noexcept nogil
@@ -83,3 +136,12 @@ cdef class FlowTable:
     # Ends one flow now (e.g. TCP close) if the ended list has room; 0 when it had none.
     cdef int end_flow(self, uint32_t slot, uint8_t reason) noexcept nogil
     cdef void clear_ended(self) noexcept nogil
+
+    # Internals (declared here because the class is declared here).
+    cdef size_t mem_bytes               # everything allocated at construction
+    cdef void _lru_unlink(self, uint32_t slot) noexcept nogil
+    cdef void _lru_append(self, uint32_t slot) noexcept nogil
+    cdef void _finish(self, uint32_t slot, uint8_t reason) noexcept nogil
+    cdef uint32_t _untracked(self, mbx_pkt *p) noexcept nogil
+    cdef uint32_t _lookup_keyed(self, mbx_pkt *p, const mbx_flow_key *k, uint8_t side,
+                                uint32_t h) noexcept nogil

@@ -1,0 +1,385 @@
+"""FlowTable against a plain-Python model, plus symmetry, hash quality and size."""
+
+import ipaddress
+import random
+from collections import Counter, OrderedDict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from mbx._flow import FlowTable, bench_lookups, flow_hash
+
+# Parse statuses (mbx/_packet.pxd) used below.
+PARSE_TRUNC_L3 = 3
+PARSE_TRUNC_L4 = 11
+
+# A small pool so that random packets hit the same flows often, in both directions.
+POOL = {
+    4: [("10.0.0.1", 1000), ("10.0.0.1", 80), ("10.0.0.2", 80), ("192.168.1.9", 53)],
+    6: [("2001:db8::1", 443), ("2001:db8::2", 5000), ("::1", 0)],
+}
+PROTOS = [6, 17]
+
+
+def side_of(src, sport, dst, dport):
+    """0 when the packet's source is the canonical endpoint a (the smaller one)."""
+    s = (ipaddress.ip_address(src).packed, sport)
+    d = (ipaddress.ip_address(dst).packed, dport)
+    return 1 if s > d else 0
+
+
+def canonical(src, sport, dst, dport, proto):
+    s = (ipaddress.ip_address(src).packed, sport)
+    d = (ipaddress.ip_address(dst).packed, dport)
+    return (min(s, d), max(s, d), proto)
+
+
+class FlowTableModel(RuleBasedStateMachine):
+    @initialize(
+        capacity=st.integers(1, 6),
+        policy=st.sampled_from(["evict", "refuse"]),
+        ended_cap=st.sampled_from([1, 3, 320]),
+        timeout_ns=st.sampled_from([0, 100, 300]),
+    )
+    def setup(self, capacity, policy, ended_cap, timeout_ns):
+        self.table = FlowTable(capacity=capacity, idle_timeout=timeout_ns / 1e9,
+                               policy=policy, ended_capacity=ended_cap)
+        assert self.table.idle_timeout_ns == timeout_ns
+        self.capacity = capacity
+        self.policy = policy
+        self.ended_cap = ended_cap
+        self.timeout = timeout_ns
+        self.now = 1_000
+        # canonical key -> record; order of the OrderedDict is the LRU order.
+        self.flows = OrderedDict()
+        self.slot_gen = {}
+        self.ended = []
+        self.counters = Counter(lookups=0, created=0, expired=0, evicted=0, refused=0)
+
+    def _end(self, key, reason):
+        rec = self.flows.pop(key)
+        ended = dict(rec, status="expired", end_reason=reason)
+        self.ended.append(ended)
+        if reason == "idle":
+            self.counters["expired"] += 1
+        elif reason == "evicted":
+            self.counters["evicted"] += 1
+
+    @rule(
+        family=st.sampled_from([4, 6]),
+        i=st.integers(0, 3),
+        j=st.integers(0, 3),
+        proto=st.sampled_from(PROTOS),
+        wirelen=st.integers(40, 1500),
+    )
+    def packet(self, family, i, j, proto, wirelen):
+        pool = POOL[family]
+        src, sport = pool[i % len(pool)]
+        dst, dport = pool[j % len(pool)]
+        slot, gen, d, created = self.table.lookup_tuple(
+            src, dst, sport, dport, proto, self.now, wirelen)
+        self.counters["lookups"] += 1
+        key = canonical(src, sport, dst, dport, proto)
+        side = side_of(src, sport, dst, dport)
+        if key not in self.flows:
+            if len(self.flows) == self.capacity:
+                if self.policy == "evict" and len(self.ended) < self.ended_cap:
+                    victim = next(iter(self.flows))
+                    self._end(victim, "evicted")
+                else:
+                    self.counters["refused"] += 1
+                    assert (slot, created) == (-1, False)
+                    return
+            assert created
+            assert 0 <= slot < self.capacity
+            assert slot not in {r["slot"] for r in self.flows.values()}
+            assert gen == self.slot_gen.get(slot, 0) + 1
+            self.slot_gen[slot] = gen
+            self.counters["created"] += 1
+            init = (src, sport, dst, dport)     # the first packet's sender initiates
+            self.flows[key] = {
+                "slot": slot, "gen": gen, "side": side,
+                "src": init[0], "sport": init[1], "dst": init[2], "dport": init[3],
+                "proto": proto, "ip_ver": family, "pkts": [0, 0], "bytes": [0, 0],
+                "first_ns": self.now, "last_ns": self.now,
+            }
+        else:
+            rec = self.flows[key]
+            assert not created
+            assert (slot, gen) == (rec["slot"], rec["gen"])
+        rec = self.flows[key]
+        self.flows.move_to_end(key)
+        expect_dir = side ^ rec["side"]
+        assert d == expect_dir
+        rec["pkts"][d] += 1
+        rec["bytes"][d] += wirelen
+        rec["last_ns"] = max(rec["last_ns"], self.now)
+
+    # Steps that land exactly on the timeout boundaries as well as past them.
+    @rule(dt=st.sampled_from([0, 1, 50, 99, 100, 101, 200, 300, 301, 1000]))
+    def advance(self, dt):
+        self.now += dt
+
+    @rule()
+    def expire(self):
+        n = 0
+        while self.flows and len(self.ended) < self.ended_cap:
+            key = next(iter(self.flows))
+            if not self.now - self.flows[key]["last_ns"] > self.timeout:
+                break
+            self._end(key, "idle")
+            n += 1
+        assert self.table.expire_py(self.now) == n
+
+    @rule()
+    def end_all(self):
+        n = 0
+        while self.flows and len(self.ended) < self.ended_cap:
+            self._end(next(iter(self.flows)), "shutdown")
+            n += 1
+        assert self.table.end_all_py() == n
+
+    @precondition(lambda self: self.flows)
+    @rule(data=st.data())
+    def end_one(self, data):
+        key = data.draw(st.sampled_from(list(self.flows)))
+        slot = self.flows[key]["slot"]
+        ok = len(self.ended) < self.ended_cap
+        if ok:
+            self._end(key, "closed")
+        assert self.table.end_flow_py(slot) == ok
+
+    @rule(slot=st.integers(0, 9))
+    def end_free_slot(self, slot):
+        if slot in {r["slot"] for r in self.flows.values()}:
+            return
+        assert self.table.end_flow_py(slot) is False
+
+    @rule()
+    def take_ended(self):
+        got = self.table.take_ended()
+        assert len(got) == len(self.ended)
+        for g, m in zip(got, self.ended, strict=True):
+            self._check_record(g, m)
+            assert g["status"] == "expired"
+            assert g["end_reason"] == m["end_reason"]
+        self.ended = []
+
+    def _check_record(self, got, rec):
+        for field in ("slot", "gen", "src", "sport", "dst", "dport", "proto", "ip_ver",
+                      "first_ns", "last_ns"):
+            assert got[field] == rec[field], field
+        assert got["pkts"] == tuple(rec["pkts"])
+        assert got["bytes"] == tuple(rec["bytes"])
+
+    @invariant()
+    def agrees(self):
+        if not hasattr(self, "table"):
+            return
+        t = self.table
+        assert len(t) == len(self.flows)
+        assert t.counters == dict(self.counters, active=len(self.flows))
+        assert t.n_ended == len(self.ended)
+        live = {}
+        for rec in self.flows.values():
+            got = t.flow(rec["slot"])
+            assert got is not None
+            assert got["status"] == "active"
+            self._check_record(got, rec)
+            live[rec["slot"]] = rec
+        for slot in range(self.capacity + 2):
+            if slot not in live:
+                assert t.flow(slot) is None
+
+
+TestFlowTableModel = FlowTableModel.TestCase
+TestFlowTableModel.settings = settings(max_examples=300, stateful_step_count=60,
+                                       deadline=None)
+
+
+# -------------------------------------------------------------------- symmetry
+
+ipv4 = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
+ipv6 = st.integers(0, 2**128 - 1).map(lambda n: str(ipaddress.IPv6Address(n)))
+port = st.integers(0, 65535)
+
+
+@st.composite
+def five_tuples(draw):
+    addr = draw(st.sampled_from([ipv4, ipv6]))
+    return (draw(addr), draw(addr), draw(port), draw(port), draw(st.integers(0, 255)))
+
+
+@given(st.lists(five_tuples(), min_size=1, max_size=20))
+def test_reverse_direction_same_flow(tuples):
+    t = FlowTable(capacity=64)
+    for ts, (src, dst, sport, dport, proto) in enumerate(tuples):
+        assert flow_hash(src, dst, sport, dport, proto) == \
+            flow_hash(dst, src, dport, sport, proto)
+        slot, gen, d, _ = t.lookup_tuple(src, dst, sport, dport, proto, ts)
+        rslot, rgen, rd, rcreated = t.lookup_tuple(dst, src, dport, sport, proto, ts)
+        assert (rslot, rgen, rcreated) == (slot, gen, False)
+        if (src, sport) == (dst, dport):
+            assert rd == d
+        else:
+            assert rd == 1 - d
+        assert t.flow(slot)["hash"] == flow_hash(src, dst, sport, dport, proto)
+
+
+def test_initiator_orientation_and_counts():
+    t = FlowTable(capacity=4)
+    # The initiator is the larger endpoint here, so the key stores it as b.
+    assert t.lookup_tuple("10.0.0.9", "10.0.0.1", 5555, 80, 6, 10, 100) == (0, 1, 0, True)
+    assert t.lookup_tuple("10.0.0.1", "10.0.0.9", 80, 5555, 6, 5, 1500) == (0, 1, 1, False)
+    f = t.flow(0)
+    assert (f["src"], f["sport"], f["dst"], f["dport"]) == ("10.0.0.9", 5555, "10.0.0.1", 80)
+    assert f["pkts"] == (1, 1)
+    assert f["bytes"] == (100, 1500)
+    # last_ns never goes backwards on a late timestamp.
+    assert (f["first_ns"], f["last_ns"]) == (10, 10)
+    # Different protocol, different flow.
+    assert t.lookup_tuple("10.0.0.9", "10.0.0.1", 5555, 80, 17, 10)[0] == 1
+
+
+def test_unparsed_packets_get_no_flow_uncounted():
+    t = FlowTable(capacity=4)
+    assert t.lookup_tuple("10.0.0.1", "10.0.0.2", 1, 2, 6, 0, status=PARSE_TRUNC_L3)[0] == -1
+    assert t.counters["lookups"] == 0
+    # Addresses were read before the transport header turned out short: tracked.
+    assert t.lookup_tuple("10.0.0.1", "10.0.0.2", 1, 2, 6, 0, status=PARSE_TRUNC_L4)[0] == 0
+    assert t.counters["lookups"] == 1
+
+
+def test_eviction_falls_back_to_refusal_when_ended_is_full():
+    t = FlowTable(capacity=1, policy="evict", ended_capacity=1)
+    assert t.lookup_tuple("10.0.0.1", "10.0.0.2", 1, 2, 6, 0)[0] == 0
+    assert t.lookup_tuple("10.0.0.1", "10.0.0.3", 1, 2, 6, 1) == (0, 2, 0, True)
+    assert t.lookup_tuple("10.0.0.1", "10.0.0.4", 1, 2, 6, 2)[0] == -1
+    assert t.counters["evicted"] == 1 and t.counters["refused"] == 1
+    [rec] = t.take_ended()
+    assert (rec["dst"], rec["gen"], rec["end_reason"]) == ("10.0.0.2", 1, "evicted")
+    assert t.lookup_tuple("10.0.0.1", "10.0.0.4", 1, 2, 6, 3) == (0, 3, 0, True)
+
+
+def test_end_all_drains_in_rounds():
+    t = FlowTable(capacity=100, ended_capacity=30)
+    for i in range(100):
+        t.lookup_tuple("10.0.0.1", f"10.1.0.{i}", 1, 2, 6, i)
+    total = 0
+    while n := t.end_all_py():
+        assert n <= 30
+        ended = t.take_ended()
+        assert len(ended) == n and all(r["end_reason"] == "shutdown" for r in ended)
+        total += n
+    assert total == 100 and len(t) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"capacity": 0}, "capacity"),
+        ({"capacity": -5}, "capacity"),
+        ({"capacity": 2**40}, "capacity"),
+        ({"capacity": 1.5}, "capacity"),
+        ({"idle_timeout": -1}, "idle_timeout"),
+        ({"idle_timeout": float("nan")}, "idle_timeout"),
+        ({"idle_timeout": float("inf")}, "idle_timeout"),
+        ({"idle_timeout": "soon"}, "idle_timeout"),
+        ({"policy": "drop"}, "policy"),
+        ({"ended_capacity": 0}, "ended_capacity"),
+    ],
+)
+def test_bad_arguments(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        FlowTable(**kwargs)
+
+
+def test_lookup_tuple_rejects_mixed_families():
+    with pytest.raises(ValueError):
+        FlowTable(4).lookup_tuple("10.0.0.1", "::1", 1, 2, 6, 0)
+
+
+# ---------------------------------------------------------------- hash quality
+
+def _random_tuples(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            src = str(ipaddress.IPv4Address(rng.getrandbits(32)))
+            dst = str(ipaddress.IPv4Address(rng.getrandbits(32)))
+        else:
+            src = str(ipaddress.IPv6Address(rng.getrandbits(128)))
+            dst = str(ipaddress.IPv6Address(rng.getrandbits(128)))
+        out.append((src, dst, rng.getrandbits(16), rng.getrandbits(16), 6))
+    return out
+
+
+def _structured_tuples(n):
+    # Real traffic is anything but random: one client, one server, sequential
+    # ephemeral ports; and a /16 of clients to one service port.
+    out = [("10.0.0.1", "10.0.0.2", 1024 + i, 80, 6) for i in range(n // 2)]
+    out += [(str(ipaddress.IPv4Address(0x0A000000 + i)), "192.168.0.1", 40000, 443, 6)
+            for i in range(n - n // 2)]
+    return out
+
+
+@pytest.mark.parametrize("tuples", [_random_tuples(100_000, 7), _structured_tuples(100_000)],
+                         ids=["random", "structured"])
+def test_hash_quality(tuples):
+    t = FlowTable(capacity=len(tuples))
+    for ts, tup in enumerate(tuples):
+        assert t.lookup_tuple(*tup, ts)[3]
+    assert len(t) == len(tuples)
+    hist = t.chain_lengths()
+    assert len(hist) - 1 <= 8, hist
+    hashes = [t.flow(s)["hash"] for s in range(len(tuples))]
+    for stacks in (2, 4, 8):
+        counts = Counter(h % stacks for h in hashes)
+        expect = len(hashes) / stacks
+        assert all(abs(c - expect) / expect < 0.03 for c in counts.values()), counts
+    # The upper bits too (a dispatcher may shift rather than mask).
+    counts = Counter(h >> 30 for h in hashes)
+    assert all(abs(c - len(hashes) / 4) / (len(hashes) / 4) < 0.03 for c in counts.values())
+
+
+def test_bytes_per_flow():
+    t = FlowTable(capacity=65536)
+    assert t.bytes_per_flow <= 256
+    assert t.n_buckets >= 2 * 65536 and t.n_buckets & (t.n_buckets - 1) == 0
+    assert t.memory_bytes >= 65536 * t.bytes_per_flow
+
+
+def test_bench_runs():
+    assert bench_lookups(1000, 10_000) > 0
+    assert bench_lookups(1000, 10_000, burst=32) > 0
+
+
+@settings(deadline=None, max_examples=50)
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.sampled_from(PROTOS),
+                       st.integers(0, 500)), max_size=100),
+    st.sampled_from(["evict", "refuse"]),
+)
+def test_burst_equals_single_lookups(steps, policy):
+    # Prefetching must not change results: same sequence, same answers and records.
+    single = FlowTable(capacity=3, policy=policy, idle_timeout=1e-7, ended_capacity=5)
+    burst = FlowTable(capacity=3, policy=policy, idle_timeout=1e-7, ended_capacity=5)
+    pool = POOL[4]
+    pkts, now = [], 0
+    for i, j, proto, dt in steps:
+        now += dt
+        pkts.append((pool[i][0], pool[j][0], pool[i][1], pool[j][1], proto, now, 40 + dt))
+    assert burst.lookup_burst_py(pkts) == [single.lookup_tuple(*p) for p in pkts]
+    assert burst.counters == single.counters
+    assert burst.take_ended() == single.take_ended()
+    for slot in range(3):
+        assert burst.flow(slot) == single.flow(slot)
