@@ -25,6 +25,10 @@ from mbx import _events
 from mbx._parse import status_names
 
 
+cdef enum:
+    CHUNK = 32      # packets parsed and looked up together
+
+
 cdef inline double monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -93,7 +97,6 @@ cdef class NetworkLayer:
     cdef int64_t now_ns
     cdef int64_t next_expire_ns
     cdef int64_t expire_every_ns
-    cdef uint32_t reserve
     cdef uint32_t ended_pos         # FLOW/END published so far from the ended list
     cdef uint32_t pos               # burst position of the packet being processed
     cdef uint64_t flow_start_id     # type ids, read once per burst
@@ -116,8 +119,6 @@ cdef class NetworkLayer:
         self.next_expire_ns = 0
         # Idle expiry is checked about ten times per timeout, not per packet.
         self.expire_every_ns = max(<int64_t>(idle_timeout * 1e8), 1000000)
-        # Worst case one packet makes: FLOW/END of an evicted flow, FLOW/START, PKT.
-        self.reserve = 4
 
     cdef inline bint room(self, uint32_t n) noexcept nogil:
         return self.bus.msg_used + n <= self.bus.msg_capacity
@@ -157,57 +158,74 @@ cdef class NetworkLayer:
         return 0
 
     cdef uint32_t stack_pass(self, Batch batch, uint32_t i) noexcept nogil:
-        # Process packets from i on; returns the index reached (stops early when
-        # Event Memory runs low, so the caller can dispatch and resume).
+        # Process packets from i on, a chunk at a time: parse (and defragment) the
+        # chunk, look its flows up together (the table prefetches, so the cache
+        # misses of a chunk overlap), then build the events.  Returns the index
+        # reached: it stops early when Event Memory runs low, so the caller can
+        # dispatch and resume.
         cdef mbx_pkt *p
-        cdef int st, r
-        cdef uint32_t slot
+        cdef mbx_pkt *tracked[CHUNK]
+        cdef uint8_t created[CHUNK]
+        cdef int st, r, k, n, ntracked
+        cdef uint32_t slot, free_msgs
         cdef mbx_msg *m
         cdef uint64_t want = self.bus.global_want
         while i < batch.count:
             if self.flows.n_ended:
                 self.publish_ended()    # left over when Event Memory filled up
-            if self.flows.n_ended or not self.room(self.reserve):
-                return i
-            p = &batch.pkts[i]
-            self.pos = i
-            i += 1
-            self.pkts += 1
-            self.bytes += p.wirelen
-            if p.ts_ns > self.now_ns:
-                self.now_ns = p.ts_ns
-            st = parse_packet(p)
-            self.status_count[st] += 1
-            if p.flags & PKT_F_FRAGMENT:
-                r = self.frags.defrag(batch, p)
-                if r == DEFRAG_HELD:
-                    self.frag_held += 1
-                    continue
-                if r == DEFRAG_DROP:
-                    self.status_count[p.status] += 1
-                    continue
-                st = p.status
-            if st != PARSE_OK and st != PARSE_NOT_IP and self.drop_malformed:
-                p.verdict = VERDICT_DROP
-                self.malformed_dropped += 1
-                continue
-            slot = NO_FLOW
-            if p.ip_ver:
-                slot = self.flows.lookup(p)
                 if self.flows.n_ended:
-                    self.publish_ended()
-                if (slot != NO_FLOW and self.flows.created_last
-                        and want & (1 << T_FLOW_START)
+                    return i
+            # Each packet makes at most 3 events (FLOW/END of a flow evicted for it,
+            # FLOW/START, PKT).
+            free_msgs = self.bus.msg_capacity - self.bus.msg_used
+            n = min(<uint32_t>CHUNK, batch.count - i, free_msgs // 3)
+            if n == 0:
+                return i
+            ntracked = 0
+            for k in range(n):
+                p = &batch.pkts[i + k]
+                self.pkts += 1
+                self.bytes += p.wirelen
+                if p.ts_ns > self.now_ns:
+                    self.now_ns = p.ts_ns
+                st = parse_packet(p)
+                self.status_count[st] += 1
+                if p.flags & PKT_F_FRAGMENT:
+                    r = self.frags.defrag(batch, p)
+                    if r == DEFRAG_HELD:
+                        self.frag_held += 1
+                        continue
+                    if r == DEFRAG_DROP:
+                        self.status_count[p.status] += 1
+                        continue
+                    st = p.status
+                if st != PARSE_OK and st != PARSE_NOT_IP and self.drop_malformed:
+                    p.verdict = VERDICT_DROP
+                    self.malformed_dropped += 1
+                    continue
+                tracked[ntracked] = p
+                ntracked += 1
+            self.flows.lookup_burst(tracked, ntracked, created)
+            if self.flows.n_ended:
+                # FLOW/END of flows evicted for this chunk's new ones, first
+                self.pos = tracked[0].index
+                self.publish_ended()
+            for k in range(ntracked):
+                p = tracked[k]
+                self.pos = p.index
+                slot = p.flow
+                if (slot != NO_FLOW and created[k] and want & (1 << T_FLOW_START)
                         and self.bus.wants(T_FLOW_START, slot, p.flow_gen)):
                     self.publish_flow(T_FLOW_START, self.flow_start_id,
                                       &self.flows.flows[slot], slot, p.index, p.dir,
                                       p.ts_ns)
-            if want & (1 << T_PKT) and self.bus.wants(T_PKT, slot, p.flow_gen):
-                m = self.bus.new_msg(T_PKT, self.pkt_id, p.ts_ns, slot, p.flow_gen,
-                                     p.index, p.dir, PUBLISHER_STACK, self.pos)
-                if m != NULL:
-                    fill_pkt_body(m, p)
-                    self.bus.publish(m)
+                if want & (1 << T_PKT) and self.bus.wants(T_PKT, slot, p.flow_gen):
+                    m = self.bus.new_msg(T_PKT, self.pkt_id, p.ts_ns, slot, p.flow_gen,
+                                         p.index, p.dir, PUBLISHER_STACK, self.pos)
+                    if m != NULL:
+                        fill_pkt_body(m, p)
+                        self.bus.publish(m)
+            i += n
         return i
 
     cpdef process(self, Batch batch):
