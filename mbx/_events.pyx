@@ -13,16 +13,15 @@ NF sees a packet's events only after the first is done with them, and an NF that
 dropped the packet hides it from the rest of the chain.
 """
 cimport cython
-from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
+from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from mbx._checksum cimport csum_replace, load16, store16
 from mbx._packet cimport (
-    NO_FLOW, TH_ACK, TH_FIN, TH_PUSH, TH_RST, TH_SYN, TH_URG, VERDICT_DROP, Batch,
-    mbx_pkt,
+    NO_FLOW, PKT_F_FRAGMENT, TH_ACK, TH_FIN, TH_PUSH, TH_RST, TH_SYN, TH_URG,
+    VERDICT_DROP, Batch, mbx_pkt,
 )
 
 import difflib
@@ -469,6 +468,32 @@ cdef str _flags_str(uint8_t f):
 
 
 @cython.final
+cdef class _PacketBytes:
+    # Exports bytes of a burst's arena through the buffer protocol and keeps the
+    # Batch alive, so a memoryview an NF holds on to past its handler can go stale
+    # (the next burst reuses the arena) but never dangles.
+    cdef object owner
+    cdef uint8_t *ptr
+    cdef Py_ssize_t length
+    cdef bint writable
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        PyBuffer_FillInfo(buffer, self, self.ptr, self.length, not self.writable, flags)
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        pass
+
+
+cdef _PacketBytes _view_of(object owner, uint8_t *ptr, Py_ssize_t length, bint writable):
+    cdef _PacketBytes b = _PacketBytes.__new__(_PacketBytes)
+    b.owner = owner
+    b.ptr = ptr
+    b.length = length
+    b.writable = writable
+    return b
+
+
+@cython.final
 cdef class Event:
     """The reused view a handler receives: header, packet and the type's fields.
 
@@ -582,17 +607,17 @@ cdef class Event:
 
     @property
     def packet(self):
-        """The frame's bytes (a memoryview; writable for writer NFs)."""
+        """The frame's bytes (a zero-copy, read-only memoryview: header changes go
+        through set_src/set_dst so checksums follow)."""
         cdef mbx_pkt *p = self._pkt()
-        return PyMemoryView_FromMemory(<char *>p.data, p.caplen,
-                                       PyBUF_WRITE if self.nf.writes else PyBUF_READ)
+        return memoryview(_view_of(self.bus.batch, p.data, p.caplen, False))
 
     @property
     def payload(self):
-        """The transport payload (a memoryview; writable for writer NFs)."""
+        """The transport payload (a zero-copy, read-only memoryview)."""
         cdef mbx_pkt *p = self._pkt()
-        return PyMemoryView_FromMemory(<char *>p.data + p.payload_off, p.payload_len,
-                                       PyBUF_WRITE if self.nf.writes else PyBUF_READ)
+        return memoryview(_view_of(self.bus.batch, p.data + p.payload_off, p.payload_len,
+                                   False))
 
     @property
     def dropped(self):
@@ -620,7 +645,7 @@ cdef class Event:
         cdef uint8_t *ip_hdr = p.data + p.l3_off
         cdef uint8_t *l4 = p.data + p.l4_off
         cdef uint8_t *l4_csum = NULL
-        cdef bint has_l4 = p.l4_off > 0 and not (p.flags & 1)   # not an unreassembled fragment
+        cdef bint has_l4 = p.l4_off > 0 and not (p.flags & PKT_F_FRAGMENT)
         cdef uint8_t *addr_at
         cdef int alen = 4 if p.ip_ver == 4 else 16
         cdef const uint8_t *newb

@@ -82,26 +82,6 @@ cdef class NetworkLayer:
     for packets the parser flags; fragments are reassembled within ``frag_memory``
     bytes and ``frag_timeout`` seconds.
     """
-    cdef readonly FlowTable flows
-    cdef readonly FragTable frags
-    cdef readonly EventBus bus
-    cdef uint64_t status_count[PARSE_N]
-    cdef readonly uint64_t pkts
-    cdef readonly uint64_t bytes
-    cdef readonly uint64_t malformed_dropped
-    cdef readonly uint64_t frag_held
-    cdef readonly uint64_t nf_dropped
-    cdef readonly uint64_t sent
-    cdef readonly uint64_t bursts
-    cdef bint drop_malformed
-    cdef int64_t now_ns
-    cdef int64_t next_expire_ns
-    cdef int64_t expire_every_ns
-    cdef uint32_t ended_pos         # FLOW/END published so far from the ended list
-    cdef uint32_t pos               # burst position of the packet being processed
-    cdef uint64_t flow_start_id     # type ids, read once per burst
-    cdef uint64_t flow_end_id
-    cdef uint64_t pkt_id
 
     def __init__(self, EventBus bus, *, uint32_t flow_capacity=65536,
                  double idle_timeout=60.0, str flow_policy="evict",
@@ -120,7 +100,7 @@ cdef class NetworkLayer:
         # Idle expiry is checked about ten times per timeout, not per packet.
         self.expire_every_ns = max(<int64_t>(idle_timeout * 1e8), 1000000)
 
-    cdef inline bint room(self, uint32_t n) noexcept nogil:
+    cdef bint room(self, uint32_t n) noexcept nogil:
         return self.bus.msg_used + n <= self.bus.msg_capacity
 
     cdef void publish_flow(self, uint16_t t, uint64_t type_id, const mbx_flow *f,

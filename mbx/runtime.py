@@ -104,7 +104,8 @@ class App:
     def __init__(self, nfs, *, flow_capacity=65536, idle_timeout=60.0, flow_policy="evict",
                  malformed="forward", msg_capacity=65536, frag_memory=4 << 20,
                  frag_timeout=30.0):
-        self.nfs = _as_nfs(nfs, "App") if not isinstance(nfs, list) else list(nfs)
+        self.nfs = _as_nfs(list(nfs) if isinstance(nfs, list | tuple) else nfs, "App") \
+            if nfs else []
         self.config = dict(flow_capacity=flow_capacity, idle_timeout=idle_timeout,
                            flow_policy=flow_policy, malformed=malformed,
                            frag_memory=frag_memory, frag_timeout=frag_timeout)

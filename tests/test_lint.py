@@ -18,8 +18,9 @@ def _tool(name):
 
 
 def test_ruff():
-    r = subprocess.run([_tool("ruff"), "check", "mbx", "tests", "benchmarks"], cwd=ROOT,
-                       capture_output=True, text=True)
+    dirs = [d for d in ("mbx", "tests", "benchmarks") if os.path.isdir(os.path.join(ROOT, d))]
+    r = subprocess.run([_tool("ruff"), "check", *dirs], cwd=ROOT, capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

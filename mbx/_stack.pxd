@@ -1,0 +1,41 @@
+# The Network Layer μStack: the first stack every packet meets.  Later μStacks (the
+# TCP Monitor) extend it, so its state and steps are declared here.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from mbx._events cimport EventBus
+from mbx._flow cimport FlowTable, mbx_flow
+from mbx._packet cimport PARSE_N, Batch, Port
+from mbx._parse cimport FragTable
+
+
+cdef class NetworkLayer:
+    cdef readonly FlowTable flows
+    cdef readonly FragTable frags
+    cdef readonly EventBus bus
+    cdef uint64_t status_count[PARSE_N]
+    cdef readonly uint64_t pkts
+    cdef readonly uint64_t bytes
+    cdef readonly uint64_t malformed_dropped
+    cdef readonly uint64_t frag_held
+    cdef readonly uint64_t nf_dropped
+    cdef readonly uint64_t sent
+    cdef readonly uint64_t bursts
+    cdef bint drop_malformed
+    cdef int64_t now_ns
+    cdef int64_t next_expire_ns
+    cdef int64_t expire_every_ns
+    cdef uint32_t ended_pos         # FLOW/END published so far from the ended list
+    cdef uint32_t pos               # burst position of the packet being processed
+    cdef uint64_t flow_start_id     # type ids, read once per burst
+    cdef uint64_t flow_end_id
+    cdef uint64_t pkt_id
+
+    cdef bint room(self, uint32_t n) noexcept nogil
+    cdef void publish_flow(self, uint16_t t, uint64_t type_id, const mbx_flow *f,
+                           uint32_t slot, uint32_t pkt, uint8_t dir,
+                           int64_t ts) noexcept nogil
+    cdef void publish_ended(self) noexcept nogil
+    cdef int drain_ended(self) except -1
+    cdef uint32_t stack_pass(self, Batch batch, uint32_t i) noexcept nogil
+    cpdef process(self, Batch batch)
+    cdef int finish(self, Batch batch, Port out) except -1
