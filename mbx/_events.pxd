@@ -14,6 +14,11 @@ cdef enum:
     SNAPSHOT_SIZE = 24      # room for the TCP Monitor's stack snapshot (<= 23 used)
     PUBLISHER_STACK = 0
     NO_RING = 0xFFFFFFFF
+    # mbx_msg_hdr.flags: a sided TCP event (bit 0: from the server's stack, else the
+    # client's; bit 1: a receiver-side update, else the sender's)
+    MSG_F_SERVER = 0x01
+    MSG_F_RECEIVER = 0x02
+    MSG_F_SIDED = 0x80
 
 # One cache line: what every event has.  A type's own fields follow in body, a
 # child type's fields after its parent's, so a handler for X reads X/Y unchanged.
@@ -92,6 +97,7 @@ cdef class EventBus:
     # the same shape: 1 + the subscribed type's index where the handler takes
     # batches, else 0
     cdef uint16_t ***set_batch
+    cdef uint8_t ***set_side        # the same shape: 4-bit side mask (see SIDES)
     cdef uint32_t *nsets
     cdef uint16_t **flow_set        # per NF, per flow slot: handler set (0 = default)
     cdef uint32_t **flow_set_gen
@@ -118,7 +124,8 @@ cdef class EventBus:
     cdef bint closed
 
     # Does any NF want type_idx for this flow?  (cheap: the stack asks before it builds)
-    cdef bint wants(self, uint16_t type_idx, uint32_t flow, uint32_t gen) noexcept nogil
+    cdef bint wants(self, uint16_t type_idx, uint32_t flow, uint32_t gen,
+                    uint8_t flags) noexcept nogil
     # A new message of the given type, header filled; NULL when Event Memory is full
     # (the caller dispatches and retries).
     cdef mbx_msg *new_msg(self, uint16_t type_idx, uint64_t type_id, int64_t ts_ns,

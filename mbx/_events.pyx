@@ -315,6 +315,23 @@ cdef int write_field(uint8_t *body, int offset, str kind, object value) except -
 # ---------------------------------------------------------------------------------
 # NFs, publication ports, new messages
 
+# Which stack updates a sided message comes from: bit 0 of its flags is the server's
+# stack (else the client's), bit 1 a receiver-side update (else the sender's).  A
+# subscription keeps a 4-bit mask over those combinations.
+SIDES = {
+    "sender": 0b0011, "receiver": 0b1100, "client": 0b0101, "server": 0b1010,
+    "both": 0b1111,
+}
+
+
+def side_mask(side):
+    try:
+        return SIDES[side]
+    except KeyError:
+        raise SubscriptionError(
+            f"side must be one of {', '.join(SIDES)}, not {side!r}") from None
+
+
 class PubPort:
     """An output port: what ``mb_pub`` returns and ``mb_publish_event`` takes."""
 
@@ -341,7 +358,7 @@ class NF:
             raise SubscriptionError(f"an NF needs a name, not {name!r}")
         self.name = name
         self.writes = bool(writes)
-        self.subs = {}          # type idx -> (handler, batch)
+        self.subs = {}          # type idx -> (handler, batch, side mask)
         self.pubs = {}          # type idx -> PubPort
         self._bus = None
         self._index = -1
@@ -352,8 +369,14 @@ class NF:
     def stop(self):
         """Called once when the run ends (flush files, print summaries)."""
 
-    def sub(self, etype, handler, *, batch=False):
-        """Subscribe ``handler`` to ``etype`` and its descendants (``mb_sub``)."""
+    def sub(self, etype, handler, *, batch=False, side="sender"):
+        """Subscribe ``handler`` to ``etype`` and its descendants (``mb_sub``).
+
+        ``side`` narrows TCP events, which the TCP Monitor raises from the client's
+        and the server's stack as each updates for a packet: ``"sender"`` (one event
+        per packet, from the stack of the endpoint that sent it), ``"receiver"``,
+        ``"client"``, ``"server"`` or ``"both"``.  Other events ignore it.
+        """
         t = event_type(etype)
         if not callable(handler):
             raise SubscriptionError(
@@ -362,7 +385,7 @@ class NF:
             raise SubscriptionError(
                 f"NF {self.name}: subscribe before the run starts; use up_sub to change "
                 "one flow's subscription at run time")
-        self.subs[t.idx] = (handler, bool(batch))
+        self.subs[t.idx] = (handler, bool(batch), side_mask(side))
         return t
 
     def pub(self, etype, *, writes=False):
@@ -372,7 +395,7 @@ class NF:
         self.pubs[t.idx] = port
         return port
 
-    def up_sub(self, etype, flow, handler, *, batch=False):
+    def up_sub(self, etype, flow, handler, *, batch=False, side="sender"):
         """Change this NF's handler for ``etype`` on one flow (``mb_up_sub``).
 
         ``handler=None`` unsubscribes the flow; when no NF wants the type for the
@@ -384,7 +407,8 @@ class NF:
         if handler is not None and not callable(handler):
             raise SubscriptionError(
                 f"NF {self.name}: handler for {t.name} is not callable: {handler!r}")
-        (<EventBus>self._bus).up_sub(self._index, t, flow, handler, bool(batch))
+        (<EventBus>self._bus).up_sub(self._index, t, flow, handler, bool(batch),
+                                     side_mask(side))
 
     def new_msg(self, etype):
         """A blank message of ``etype`` to fill and publish (``mb_new_msg``)."""
@@ -710,8 +734,10 @@ cdef class Event:
 # ---------------------------------------------------------------------------------
 # The bus
 
-cdef inline void *table_get(void **table, uint32_t t) noexcept nogil:
-    return table[t]
+cdef inline bint side_ok(uint8_t mask, uint8_t flags) noexcept nogil:
+    # Unsided messages reach every subscriber; sided ones those whose mask has
+    # their (stack, sender/receiver) combination.
+    return not (flags & MSG_F_SIDED) or (mask >> (flags & 3)) & 1
 
 
 cdef class EventBus:
@@ -741,6 +767,7 @@ cdef class EventBus:
         self.taken = <uint32_t *>PyMem_Malloc(msg_capacity * 4)
         self.sets = <handler_table **>PyMem_Calloc(MAX_NFS, sizeof(handler_table *))
         self.set_batch = <uint16_t ***>PyMem_Calloc(MAX_NFS, sizeof(uint16_t **))
+        self.set_side = <uint8_t ***>PyMem_Calloc(MAX_NFS, sizeof(uint8_t **))
         self.nsets = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
         self.flow_set = <uint16_t **>PyMem_Calloc(MAX_NFS, sizeof(uint16_t *))
         self.flow_set_gen = <uint32_t **>PyMem_Calloc(MAX_NFS, sizeof(uint32_t *))
@@ -792,12 +819,15 @@ cdef class EventBus:
                     for s in range(self.nsets[i]):
                         PyMem_Free(self.sets[i][s])
                         PyMem_Free(self.set_batch[i][s])
+                        PyMem_Free(self.set_side[i][s])
                     PyMem_Free(self.sets[i])
                     PyMem_Free(self.set_batch[i])
+                    PyMem_Free(self.set_side[i])
                 PyMem_Free(self.flow_set[i])
                 PyMem_Free(self.flow_set_gen[i])
         PyMem_Free(self.sets)
         PyMem_Free(self.set_batch)
+        PyMem_Free(self.set_side)
         PyMem_Free(self.nsets)
         PyMem_Free(self.flow_set)
         PyMem_Free(self.flow_set_gen)
@@ -821,7 +851,7 @@ cdef class EventBus:
 
     cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF:
         # Interned: flows that share a subscription pattern share one table.
-        key = frozenset((k, id(h), b) for k, (h, b) in mapping.items())
+        key = frozenset((k, id(h), b, sm) for k, (h, b, sm) in mapping.items())
         found = self.set_keys[nf].get(key)
         if found is not None:
             return found
@@ -831,7 +861,8 @@ cdef class EventBus:
                 f"NF {self.nfs[nf].name}: too many distinct per-flow subscription sets")
         cdef void **table = <void **>PyMem_Calloc(MAX_TYPES, sizeof(void *))
         cdef uint16_t *btab = <uint16_t *>PyMem_Calloc(MAX_TYPES, 2)
-        if table == NULL or btab == NULL:
+        cdef uint8_t *stab = <uint8_t *>PyMem_Calloc(MAX_TYPES, 1)
+        if table == NULL or btab == NULL or stab == NULL:
             raise MemoryError()
         self.sets[nf] = <handler_table *>PyMem_Realloc(self.sets[nf],
                                                        (s + 1) * sizeof(handler_table))
@@ -839,6 +870,9 @@ cdef class EventBus:
                                                         (s + 1) * sizeof(uint16_t *))
         self.sets[nf][s] = table
         self.set_batch[nf][s] = btab
+        self.set_side[nf] = <uint8_t **>PyMem_Realloc(self.set_side[nf],
+                                                      (s + 1) * sizeof(uint8_t *))
+        self.set_side[nf][s] = stab
         self.nsets[nf] = s + 1
         # Resolve every type to its most specific subscribed ancestor.
         for t in _types:
@@ -847,11 +881,12 @@ cdef class EventBus:
                 a = a.parent
             if a is None:
                 continue
-            handler, batch = mapping[a.idx]
+            handler, batch, smask = mapping[a.idx]
             if handler is None:
                 continue
             self.keep.append(handler)
             table[t.idx] = <void *>handler
+            stab[t.idx] = smask
             if batch:
                 btab[t.idx] = a.idx + 1
         self.set_keys[nf][key] = s
@@ -873,12 +908,15 @@ cdef class EventBus:
             return 0
         return self.flow_set[nf][flow]
 
-    cdef bint wants(self, uint16_t type_idx, uint32_t flow, uint32_t gen) noexcept nogil:
-        cdef uint32_t i
+    cdef bint wants(self, uint16_t type_idx, uint32_t flow, uint32_t gen,
+                    uint8_t flags) noexcept nogil:
+        cdef uint32_t i, s
         if type_idx < 64 and not (self.global_want >> type_idx) & 1:
             return False
         for i in range(self.nnf):
-            if self.sets[i][self.handler_set(i, flow, gen)][type_idx] != NULL:
+            s = self.handler_set(i, flow, gen)
+            if (self.sets[i][s][type_idx] != NULL
+                    and side_ok(self.set_side[i][s][type_idx], flags)):
                 return True
         return False
 
@@ -910,7 +948,8 @@ cdef class EventBus:
             if i + 1 == m.h.publisher:
                 continue            # an NF does not receive its own publications
             s = self.handler_set(i, m.h.flow, m.h.flow_gen)
-            if self.sets[i][s][m.h.type_idx] == NULL:
+            if (self.sets[i][s][m.h.type_idx] == NULL
+                    or not side_ok(self.set_side[i][s][m.h.type_idx], m.h.flags)):
                 continue
             r = 2 * i + (m.h.publisher != PUBLISHER_STACK)
             self.queues[r * self.msg_capacity + (self.qtail[r] & mask)] = idx
@@ -961,7 +1000,7 @@ cdef class EventBus:
         memcpy(m.body, msg.m.body, MSG_BODY_SIZE)
         self.publish(m)
 
-    def up_sub(self, uint32_t nf, etype, flow, handler, bint batch):
+    def up_sub(self, uint32_t nf, etype, flow, handler, bint batch, uint8_t smask):
         if flow is None:
             raise SubscriptionError(f"NF {self.nfs[nf].name}: up_sub needs a flow id")
         cdef uint32_t slot = <uint32_t>(flow & 0xFFFFFFFF)
@@ -975,7 +1014,7 @@ cdef class EventBus:
                 raise MemoryError()
         cdef uint32_t cur = self.handler_set(nf, slot, gen)
         mapping = dict(self.set_maps[nf][cur])
-        mapping[etype.idx] = (handler, batch)
+        mapping[etype.idx] = (handler, batch, smask)
         cdef uint32_t s = self._add_set(nf, mapping)
         self.flow_set[nf][slot] = s
         self.flow_set_gen[nf][slot] = gen
@@ -1057,7 +1096,7 @@ cdef class EventBus:
                 continue
             s = self.handler_set(i, m.h.flow, m.h.flow_gen)
             h = self.sets[i][s][m.h.type_idx]
-            if h == NULL:
+            if h == NULL or not side_ok(self.set_side[i][s][m.h.type_idx], m.h.flags):
                 self.release(m)         # unsubscribed for this flow since it was queued
                 continue
             bt = self.set_batch[i][s][m.h.type_idx]
@@ -1107,6 +1146,7 @@ cdef class EventBus:
                 s = self.handler_set(i, m.h.flow, m.h.flow_gen)
                 if (self.sets[i][s][m.h.type_idx] != h
                         or self.set_batch[i][s][m.h.type_idx] != bt
+                        or not side_ok(self.set_side[i][s][m.h.type_idx], m.h.flags)
                         or (p != NULL and p.verdict == VERDICT_DROP)):
                     break
                 self.pop(r)

@@ -123,7 +123,7 @@ cdef class NetworkLayer:
             f = &self.flows.ended[self.ended_pos]
             slot = self.flows.ended_slot[self.ended_pos]
             self.ended_pos += 1
-            if self.bus.wants(T_FLOW_END, slot, f.gen):
+            if self.bus.wants(T_FLOW_END, slot, f.gen, 0):
                 self.publish_flow(T_FLOW_END, self.flow_end_id, f, slot, NO_PKT, 0,
                                   self.now_ns)
         self.ended_pos = 0
@@ -195,11 +195,11 @@ cdef class NetworkLayer:
                 self.pos = p.index
                 slot = p.flow
                 if (slot != NO_FLOW and created[k] and want & (1 << T_FLOW_START)
-                        and self.bus.wants(T_FLOW_START, slot, p.flow_gen)):
+                        and self.bus.wants(T_FLOW_START, slot, p.flow_gen, 0)):
                     self.publish_flow(T_FLOW_START, self.flow_start_id,
                                       &self.flows.flows[slot], slot, p.index, p.dir,
                                       p.ts_ns)
-                if want & (1 << T_PKT) and self.bus.wants(T_PKT, slot, p.flow_gen):
+                if want & (1 << T_PKT) and self.bus.wants(T_PKT, slot, p.flow_gen, 0):
                     m = self.bus.new_msg(T_PKT, self.pkt_id, p.ts_ns, slot, p.flow_gen,
                                          p.index, p.dir, PUBLISHER_STACK, self.pos)
                     if m != NULL:
