@@ -4,7 +4,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from mbx._events cimport EventBus
 from mbx._flow cimport FlowTable, mbx_flow
-from mbx._packet cimport PARSE_N, Batch, Port
+from mbx._packet cimport PARSE_N, Batch, Port, mbx_pkt
 from mbx._parse cimport FragTable
 
 
@@ -29,6 +29,7 @@ cdef class NetworkLayer:
     cdef uint64_t flow_start_id     # type ids, read once per burst
     cdef uint64_t flow_end_id
     cdef uint64_t pkt_id
+    cdef uint32_t events_per_pkt    # most events one packet can make (Event Memory room)
 
     cdef bint room(self, uint32_t n) noexcept nogil
     cdef void publish_flow(self, uint16_t t, uint64_t type_id, const mbx_flow *f,
@@ -37,5 +38,6 @@ cdef class NetworkLayer:
     cdef void publish_ended(self) noexcept nogil
     cdef int drain_ended(self) except -1
     cdef uint32_t stack_pass(self, Batch batch, uint32_t i) noexcept nogil
+    cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil
     cpdef process(self, Batch batch)
     cdef int finish(self, Batch batch, Port out) except -1

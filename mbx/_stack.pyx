@@ -94,6 +94,7 @@ cdef class NetworkLayer:
         self.bus = bus
         bus.attach_flowtable(self.flows, flow_capacity)
         self.drop_malformed = malformed == "drop"
+        self.events_per_pkt = 3
         memset(self.status_count, 0, sizeof(self.status_count))
         self.now_ns = 0
         self.next_expire_ns = 0
@@ -155,10 +156,10 @@ cdef class NetworkLayer:
                 self.publish_ended()    # left over when Event Memory filled up
                 if self.flows.n_ended:
                     return i
-            # Each packet makes at most 3 events (FLOW/END of a flow evicted for it,
-            # FLOW/START, PKT).
+            # Room for the most events one packet can make (here: FLOW/END of a flow
+            # evicted for it, FLOW/START, PKT; a transport μStack adds its own).
             free_msgs = self.bus.msg_capacity - self.bus.msg_used
-            n = min(<uint32_t>CHUNK, batch.count - i, free_msgs // 3)
+            n = min(<uint32_t>CHUNK, batch.count - i, free_msgs // self.events_per_pkt)
             if n == 0:
                 return i
             ntracked = 0
@@ -199,6 +200,8 @@ cdef class NetworkLayer:
                     self.publish_flow(T_FLOW_START, self.flow_start_id,
                                       &self.flows.flows[slot], slot, p.index, p.dir,
                                       p.ts_ns)
+                if slot != NO_FLOW and self.transport(batch, p):
+                    continue            # the transport μStack published its events
                 if want & (1 << T_PKT) and self.bus.wants(T_PKT, slot, p.flow_gen, 0):
                     m = self.bus.new_msg(T_PKT, self.pkt_id, p.ts_ns, slot, p.flow_gen,
                                          p.index, p.dir, PUBLISHER_STACK, self.pos)
@@ -207,6 +210,12 @@ cdef class NetworkLayer:
                         self.bus.publish(m)
             i += n
         return i
+
+    cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil:
+        # A μStack that extends this one (the TCP Monitor) does its per-packet work
+        # here, after the flow lookup; True when it published the packet's events
+        # itself (a more specific PKT type), so PKT is not published again.
+        return False
 
     cpdef process(self, Batch batch):
         """Run one burst through the stack and the NFs; verdicts are then final."""
