@@ -72,6 +72,36 @@ ctypedef struct pkt_body:
     uint8_t src[16]
     uint8_t dst[16]
 
+# PKT/TCP: the PKT fields, then the TCP header's.
+ctypedef struct pkt_tcp_body:
+    pkt_body pkt
+    uint32_t seq
+    uint32_t ack
+    uint32_t win            # as sent (unscaled)
+    uint32_t payload_len
+
+# FLOW/TCP and its children: the FLOW fields (oriented by the TCP client), then
+# these; each child type uses the fields that concern it.
+ctypedef struct flow_tcp_body:
+    flow_body flow
+    uint8_t state_cli       # TcpState of the client and the server
+    uint8_t state_srv
+    uint8_t side            # 0: both/none, 1: the client's stack, 2: the server's
+    uint8_t reason          # TERMINATE: 1 fin, 2 rst, 3 an NF asked
+    uint8_t pad[4]
+    uint64_t offset         # GAP, OVERLAP_CONFLICT, MEMCAP: stream offset
+    uint64_t length         # GAP: bytes skipped; MEMCAP: bytes dropped
+    uint8_t stream_dir      # the stream concerned: 0 client -> server, 1 back
+    uint8_t policy          # OVERLAP_CONFLICT: 0 first, 1 last
+    uint8_t old_state       # STATE: the side's state before and after
+    uint8_t new_state
+
+ctypedef struct data_rdy_body:
+    uint64_t offset         # first new byte
+    uint64_t frontier       # end of the delivered stream (offset + length)
+    uint32_t length
+    uint8_t stream_dir      # 0: client -> server, 1: server -> client
+
 # Built-in type indices (registered first, in this order, by _events).
 cdef enum BuiltinType:
     T_EVENT = 0
@@ -79,7 +109,21 @@ cdef enum BuiltinType:
     T_FLOW = 2
     T_FLOW_START = 3
     T_FLOW_END = 4
-    T_BUILTIN_N = 5
+    T_PKT_TCP = 5
+    T_PKT_TCP_SYN = 6
+    T_PKT_TCP_FIN = 7
+    T_PKT_TCP_RST = 8
+    T_PKT_TCP_RETRANSMISSION = 9
+    T_FLOW_TCP = 10
+    T_FLOW_TCP_START = 11
+    T_FLOW_TCP_ESTABLISHED = 12
+    T_FLOW_TCP_STATE = 13
+    T_FLOW_TCP_TERMINATE = 14
+    T_FLOW_TCP_GAP = 15
+    T_FLOW_TCP_OVERLAP_CONFLICT = 16
+    T_FLOW_TCP_MEMCAP = 17
+    T_DATA_RDY = 18
+    T_BUILTIN_N = 19
 
 ctypedef void **handler_table     # type index -> PyObject* handler (NULL: none)
 

@@ -237,10 +237,59 @@ FLOW = _register("EVENT/FLOW", EVENT, [
     ("first_ns", "i64"), ("last_ns", "i64")], True)
 FLOW_START = _register("EVENT/FLOW/START", FLOW, [], True)
 FLOW_END = _register("EVENT/FLOW/END", FLOW, [], True)
-assert PKT.idx == T_PKT and FLOW_END.idx == T_FLOW_END
+# The TCP Monitor's types (built in, so their indices are fixed for the C code).
+# Fields mirror C structs in _events.pxd; the TCP events' dir is relative to the TCP
+# client (0: client -> server), and their header carries the stack snapshot.
+PKT_TCP = _register("EVENT/PKT/TCP", PKT, [
+    ("seq", "u32"), ("ack", "u32"), ("win", "u32"), ("payload_len", "u32")], True)
+PKT_TCP_SYN = _register("EVENT/PKT/TCP/SYN", PKT_TCP, [], True)
+PKT_TCP_FIN = _register("EVENT/PKT/TCP/FIN", PKT_TCP, [], True)
+PKT_TCP_RST = _register("EVENT/PKT/TCP/RST", PKT_TCP, [], True)
+PKT_TCP_RETRANSMISSION = _register("EVENT/PKT/TCP/RETRANSMISSION", PKT_TCP, [], True)
+FLOW_TCP = _register("EVENT/FLOW/TCP", FLOW, [
+    ("state_cli", "u8"), ("state_srv", "u8"), ("side", "u8"), ("reason", "u8"),
+    ("offset", "u64"), ("length", "u64"), ("stream_dir", "u8"), ("policy", "u8")], True)
+FLOW_TCP_START = _register("EVENT/FLOW/TCP/START", FLOW_TCP, [], True)
+FLOW_TCP_ESTABLISHED = _register("EVENT/FLOW/TCP/ESTABLISHED", FLOW_TCP, [], True)
+FLOW_TCP_STATE = _register("EVENT/FLOW/TCP/STATE", FLOW_TCP, [
+    ("old_state", "u8"), ("new_state", "u8")], True)
+FLOW_TCP_TERMINATE = _register("EVENT/FLOW/TCP/TERMINATE", FLOW_TCP, [], True)
+FLOW_TCP_GAP = _register("EVENT/FLOW/TCP/GAP", FLOW_TCP, [], True)
+FLOW_TCP_OVERLAP_CONFLICT = _register("EVENT/FLOW/TCP/OVERLAP_CONFLICT", FLOW_TCP, [],
+                                      True)
+FLOW_TCP_MEMCAP = _register("EVENT/FLOW/TCP/MEMCAP", FLOW_TCP, [], True)
+DATA_RDY = _register("EVENT/DATA_RDY", EVENT, [
+    ("offset", "u64"), ("frontier", "u64"), ("length", "u32"), ("stream_dir", "u8")],
+    True)
+assert PKT.idx == T_PKT and FLOW_END.idx == T_FLOW_END and DATA_RDY.idx == T_DATA_RDY
 assert PKT.body_size == sizeof(pkt_body) and FLOW.body_size == sizeof(flow_body)
 
+
+
+cdef _check_layouts():
+    # The registry's field offsets must be where the C structs put them.
+    cdef pkt_tcp_body pt
+    cdef flow_tcp_body ft
+    cdef data_rdy_body dr
+    cdef size_t b = <size_t>&pt
+    assert PKT_TCP.fields["payload_len"][0] == <size_t>&pt.payload_len - b
+    b = <size_t>&ft
+    for name, at in (("offset", <size_t>&ft.offset), ("length", <size_t>&ft.length),
+                     ("stream_dir", <size_t>&ft.stream_dir),
+                     ("policy", <size_t>&ft.policy), ("reason", <size_t>&ft.reason)):
+        assert FLOW_TCP.fields[name][0] == at - b, name
+    assert FLOW_TCP_STATE.fields["new_state"][0] == <size_t>&ft.new_state - b
+    b = <size_t>&dr
+    assert DATA_RDY.fields["stream_dir"][0] == <size_t>&dr.stream_dir - b
+    assert DATA_RDY.fields["length"][0] == <size_t>&dr.length - b
+
+
+_check_layouts()
+
 END_REASONS = {0: "none", 1: "idle", 2: "evicted", 3: "shutdown", 4: "closed"}
+TERMINATE_REASONS = {0: "none", 1: "fin", 2: "rst", 3: "nf"}
+TCP_STATES = ("CLOSED", "LISTEN", "SYN_SENT", "SYN_RCVD", "ESTABLISHED", "FIN_WAIT_1",
+              "FIN_WAIT_2", "CLOSE_WAIT", "CLOSING", "LAST_ACK", "TIME_WAIT")
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}
 
 
