@@ -2,10 +2,15 @@
 # TCP Monitor) extend it, so its state and steps are declared here.
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from mbx._events cimport EventBus
+from mbx._events cimport EventBus, mbx_msg
 from mbx._flow cimport FlowTable, mbx_flow
 from mbx._packet cimport PARSE_N, Batch, Port, mbx_pkt
 from mbx._parse cimport FragTable
+
+
+# The bodies of FLOW and PKT messages, filled from the flow record and the packet.
+cdef void fill_flow_body(mbx_msg *m, const mbx_flow *f) noexcept nogil
+cdef void fill_pkt_body(mbx_msg *m, const mbx_pkt *p) noexcept nogil
 
 
 cdef class NetworkLayer:
@@ -39,5 +44,6 @@ cdef class NetworkLayer:
     cdef int drain_ended(self) except -1
     cdef uint32_t stack_pass(self, Batch batch, uint32_t i) noexcept nogil
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil
+    cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil
     cpdef process(self, Batch batch)
     cdef int finish(self, Batch batch, Port out) except -1

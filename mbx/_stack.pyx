@@ -124,6 +124,7 @@ cdef class NetworkLayer:
             f = &self.flows.ended[self.ended_pos]
             slot = self.flows.ended_slot[self.ended_pos]
             self.ended_pos += 1
+            self.flow_ended(slot, f)
             if self.bus.wants(T_FLOW_END, slot, f.gen, 0):
                 self.publish_flow(T_FLOW_END, self.flow_end_id, f, slot, NO_PKT, 0,
                                   self.now_ns)
@@ -210,6 +211,10 @@ cdef class NetworkLayer:
                         self.bus.publish(m)
             i += n
         return i
+
+    cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil:
+        # A μStack extending this one frees what it kept for the flow here.
+        pass
 
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil:
         # A μStack that extends this one (the TCP Monitor) does its per-packet work
