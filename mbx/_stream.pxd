@@ -31,7 +31,7 @@ cdef enum StreamAddFlags:
     # some bytes were dropped: pool empty, window or interval block full (dropped)
     STREAM_MEMCAP = 4
     STREAM_OLD = 8              # entirely before the frontier: a retransmission
-    STREAM_OUT_OF_ORDER = 16    # bytes were held beyond the frontier, behind a hole
+    STREAM_OUT_OF_ORDER = 16    # new bytes were stored beyond the frontier, behind a hole
     STREAM_OVERLAP = 32         # some bytes were already held or delivered
     # some overlapping bytes could not be compared (released, in a gap, before 0)
     STREAM_UNCHECKED = 64
