@@ -1,0 +1,139 @@
+# TCP bytestream reassembly, one mbx_stream per direction of a flow: the contract
+# between _stream and the TCP Monitor, which embeds the struct in its per-flow state
+# and calls the functions below per segment, without the GIL.
+#
+# A stream is append-only (paper §4.2): bytes before the *frontier* (the end of the
+# contiguous prefix) are delivered and never change; bytes beyond it wait, out of
+# order, until the hole before them is filled or acknowledged (skipped).  Offsets are
+# 64-bit (offset 0 is the byte at seq0), so streams longer than 4 GiB and sequence
+# wraparound need no special case.  Every byte lives in a fixed-size chunk of one
+# StreamPool allocation (Event Memory); out-of-order bookkeeping is a fixed-size
+# interval block from the same pool.  Running out of either is MEMCAP, never a crash.
+cimport cython
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef enum:
+    NO_CHUNK = 0xFFFFFFFF
+    # Out-of-order intervals a stream may hold at once: a receiver window seldom has
+    # more holes than this, and a hostile sender must not make bookkeeping grow.
+    STREAM_MAX_OOO = 16
+
+# Overlap policy for bytes beyond the frontier that a later segment carries again
+# with different content (bytes before the frontier are delivered: always kept).
+cdef enum StreamPolicy:
+    OVERLAP_FIRST = 0       # keep what arrived first (most receivers: BSD, Linux)
+    OVERLAP_LAST = 1        # the later segment wins (Windows-like, some evasions)
+
+# What stream_add did; several at once.
+cdef enum StreamAddFlags:
+    STREAM_FRONTIER_MOVED = 1   # the contiguous prefix grew: new bytes to deliver
+    STREAM_CONFLICT = 2         # an overlap carried different bytes (see conflict_off)
+    # some bytes were dropped: pool empty, window or interval block full (dropped)
+    STREAM_MEMCAP = 4
+    STREAM_OLD = 8              # entirely before the frontier: a retransmission
+    STREAM_OUT_OF_ORDER = 16    # new bytes were stored beyond the frontier, behind a hole
+    STREAM_OVERLAP = 32         # some bytes were already held or delivered
+    # some overlapping bytes could not be compared (released, in a gap, before 0)
+    STREAM_UNCHECKED = 64
+
+# Negative results of stream_read.
+cdef enum StreamReadError:
+    STREAM_ERR_RELEASED = -1    # off < base: released
+    STREAM_ERR_BEYOND = -2      # off > frontier: not delivered (yet)
+    STREAM_ERR_GAP = -3         # off lies in a skipped gap: there are no bytes
+
+# 88 bytes.  Chunks are a singly linked list (pool.chunk_next) sorted by offset;
+# tail is where in-order appends go.
+ctypedef struct mbx_stream:
+    uint64_t base           # first byte still held (everything before it is released)
+    uint64_t frontier       # end of the delivered prefix
+    uint64_t hole_start     # the one gap still inside [base, frontier) (0, 0: none);
+    uint64_t hole_end       # reads stop at it
+    uint64_t conflict_off   # first differing byte of the last conflicting segment
+    uint64_t gap_bytes      # bytes skipped by stream_skip_*
+    uint64_t dropped        # bytes dropped for memory (MEMCAP)
+    uint32_t seq0           # sequence number of offset 0
+    uint32_t head           # chunk with the lowest offsets, or NO_CHUNK
+    uint32_t tail           # chunk with the highest offsets, or NO_CHUNK
+    uint32_t ooo            # interval block (pool), NO_CHUNK while nothing is out of order
+    uint32_t conflicts      # segments that carried conflicting bytes
+    uint32_t gaps           # gaps skipped
+    uint16_t nchunks        # chunks mapped (at most pool.window_chunks)
+    uint8_t n_ooo           # intervals in the block, sorted, disjoint, beyond frontier
+    uint8_t policy          # StreamPolicy
+
+
+# Event Memory for streams: one allocation carved into chunks, allocated once.
+# final: the Monitor reads its fields from another extension without the vtable.
+@cython.final
+cdef class StreamPool:
+    cdef uint8_t *mem
+    cdef uint32_t *chunk_next       # list link; free chunks are chained through it too
+    cdef uint64_t *chunk_no         # offset >> chunk_shift of the bytes a chunk holds
+    cdef uint64_t *ooo_iv           # blocks of STREAM_MAX_OOO [start, end) pairs
+    cdef uint32_t *ooo_next         # free list of interval blocks
+    cdef uint32_t free_head
+    cdef uint32_t free_ooo
+    cdef uint32_t n_free
+    cdef uint32_t n_free_ooo
+    cdef uint32_t chunk_shift
+    cdef readonly uint32_t chunk_size
+    cdef readonly uint32_t n_chunks
+    cdef readonly uint32_t ooo_blocks
+    cdef readonly uint32_t window_chunks    # max_stream_bytes / chunk_size
+    cdef readonly uint64_t total_bytes
+    cdef readonly uint64_t max_stream_bytes
+    cdef readonly uint64_t retain
+    # counters, over every stream of the pool
+    cdef readonly uint64_t bytes_stored     # new bytes written into chunks
+    cdef readonly uint64_t memcap_events    # stream_add calls that dropped bytes
+    cdef readonly uint64_t memcap_bytes
+    cdef readonly uint64_t conflicts
+    cdef readonly uint64_t gaps
+    cdef readonly uint64_t gap_bytes
+    cdef readonly uint64_t old_segments
+    cdef readonly uint64_t ooo_segments     # segments held beyond the frontier
+    cdef readonly uint64_t unchecked_bytes  # overlapping bytes that could not be compared
+
+
+# s must be zeroed or freed (stream_free) before; seq0 is ISN + 1, or the first
+# sequence number seen when a flow is picked up midstream.
+cdef void stream_init(StreamPool pool, mbx_stream *s, uint32_t seq0,
+                      uint8_t policy) noexcept nogil
+# Places the segment (seq, data[0:n]); returns StreamAddFlags.
+cdef int stream_add(StreamPool pool, mbx_stream *s, uint32_t seq, const uint8_t *data,
+                    size_t n) noexcept nogil
+# The receiver acknowledged everything before seq: skips every hole before it (the
+# frontier then runs on through whatever contiguous data follows); returns the bytes
+# skipped (0: nothing was missing).
+cdef uint64_t stream_skip_to(StreamPool pool, mbx_stream *s, uint32_t seq) noexcept nogil
+# The same, one hole at a time, for a caller that reports each gap: skips the first
+# hole before seq, sets [*gap_start, *gap_end) and returns its length (0: none left).
+cdef uint64_t stream_skip_hole(StreamPool pool, mbx_stream *s, uint32_t seq,
+                               uint64_t *gap_start, uint64_t *gap_end) noexcept nogil
+# The caller is done with bytes before upto; those also more than pool.retain behind
+# the frontier are released and their whole chunks go back to the pool.  Returns the
+# chunks freed.
+cdef uint32_t stream_release(StreamPool pool, mbx_stream *s, uint64_t upto) noexcept nogil
+# Stateless read: *ptr = the bytes at off; returns how many are contiguous in memory
+# from there (<= n; 0 when off == frontier) or a StreamReadError.
+cdef int stream_read(StreamPool pool, const mbx_stream *s, uint64_t off, size_t n,
+                     const uint8_t **ptr) noexcept nogil
+# Returns every chunk and interval block to the pool; s may then be initialised again.
+cdef void stream_free(StreamPool pool, mbx_stream *s) noexcept nogil
+
+
+cdef inline uint64_t stream_frontier(const mbx_stream *s) noexcept nogil:
+    return s.frontier
+
+cdef inline uint64_t stream_base(const mbx_stream *s) noexcept nogil:
+    return s.base
+
+# Sequence numbers are unwrapped against the frontier: a segment is taken to be
+# within 2 GiB of it, before or after, which TCP windows guarantee.  May be negative
+# (a byte before seq0).
+cdef inline int64_t stream_offset_of(const mbx_stream *s, uint32_t seq) noexcept nogil:
+    return <int64_t>s.frontier + <int32_t>(seq - (s.seq0 + <uint32_t>s.frontier))
+
+cdef inline uint32_t stream_seq_of(const mbx_stream *s, uint64_t off) noexcept nogil:
+    return s.seq0 + <uint32_t>off
