@@ -42,8 +42,8 @@ cdef enum StreamReadError:
     STREAM_ERR_BEYOND = -2      # off > frontier: not delivered (yet)
     STREAM_ERR_GAP = -3         # off lies in a skipped gap: there are no bytes
 
-# 88 bytes.  Chunks are a singly linked list (pool.chunk_next) sorted by offset;
-# tail is where in-order appends go.
+# 88 bytes (the last 3 are padding).  Chunks are a singly linked list (pool.chunk_next)
+# sorted by offset; tail is where in-order appends go.
 ctypedef struct mbx_stream:
     uint64_t base           # first byte still held (everything before it is released)
     uint64_t frontier       # end of the delivered prefix
@@ -61,6 +61,10 @@ ctypedef struct mbx_stream:
     uint16_t nchunks        # chunks mapped (at most pool.window_chunks)
     uint8_t n_ooo           # intervals in the block, sorted, disjoint, beyond frontier
     uint8_t policy          # StreamPolicy
+    # Set by stream_init, cleared by stream_free: a zeroed (calloc'd) or freed struct
+    # is inert, so freeing every flow's streams at flow end is safe for flows that
+    # never had reassembly, and a freed stream cannot take chunks that nobody frees.
+    uint8_t live
 
 
 # Event Memory for streams: one allocation carved into chunks, allocated once.
@@ -96,8 +100,9 @@ cdef class StreamPool:
     cdef readonly uint64_t unchecked_bytes  # overlapping bytes that could not be compared
 
 
-# s must be zeroed or freed (stream_free) before; seq0 is ISN + 1, or the first
-# sequence number seen when a flow is picked up midstream.
+# s must be zeroed, or freed with stream_free, before (init does not free); seq0 is
+# ISN + 1, or the first sequence number seen when a flow is picked up midstream.
+# Every other function does nothing on a stream that is not initialised.
 cdef void stream_init(StreamPool pool, mbx_stream *s, uint32_t seq0,
                       uint8_t policy) noexcept nogil
 # Places the segment (seq, data[0:n]); returns StreamAddFlags.
@@ -119,7 +124,8 @@ cdef uint32_t stream_release(StreamPool pool, mbx_stream *s, uint64_t upto) noex
 # from there (<= n; 0 when off == frontier) or a StreamReadError.
 cdef int stream_read(StreamPool pool, const mbx_stream *s, uint64_t off, size_t n,
                      const uint8_t **ptr) noexcept nogil
-# Returns every chunk and interval block to the pool; s may then be initialised again.
+# Returns every chunk and interval block to the pool; s may then be initialised again
+# (until then it is inert; frontier and counters stay readable).
 cdef void stream_free(StreamPool pool, mbx_stream *s) noexcept nogil
 
 

@@ -31,6 +31,7 @@ _MIB = 1 << 20
 
 STREAM_SIZE = sizeof(mbx_stream)
 
+
 _FLAG_NAMES = (
     (STREAM_FRONTIER_MOVED, "frontier_moved"),
     (STREAM_CONFLICT, "overlap_conflict"),
@@ -559,11 +560,12 @@ cdef void stream_init(StreamPool pool, mbx_stream *s, uint32_t seq0,
     s.tail = NO_CHUNK
     s.ooo = NO_CHUNK
     s.policy = OVERLAP_LAST if policy == OVERLAP_LAST else OVERLAP_FIRST
+    s.live = 1
 
 
 cdef int stream_add(StreamPool pool, mbx_stream *s, uint32_t seq, const uint8_t *data,
                     size_t n) noexcept nogil:
-    if n == 0:
+    if n == 0 or not s.live:
         return 0
     cdef int32_t rel = <int32_t>(seq - (s.seq0 + <uint32_t>s.frontier))
     if rel == 0 and s.n_ooo == 0:
@@ -574,7 +576,7 @@ cdef int stream_add(StreamPool pool, mbx_stream *s, uint32_t seq, const uint8_t 
 cdef uint64_t stream_skip_hole(StreamPool pool, mbx_stream *s, uint32_t seq,
                                uint64_t *gap_start, uint64_t *gap_end) noexcept nogil:
     cdef int32_t rel = <int32_t>(seq - (s.seq0 + <uint32_t>s.frontier))
-    if rel <= 0:
+    if rel <= 0 or not s.live:
         return 0
     cdef uint64_t target = s.frontier + <uint64_t>rel
     cdef uint64_t hs = s.frontier
@@ -625,7 +627,7 @@ cdef uint32_t stream_release(StreamPool pool, mbx_stream *s, uint64_t upto) noex
     cdef uint64_t lim = s.frontier - pool.retain if s.frontier > pool.retain else 0
     if upto > lim:
         upto = lim
-    if upto <= s.base:
+    if upto <= s.base or not s.live:
         return 0
     cdef uint32_t before = s.nchunks
     _set_base(pool, s, upto)
@@ -636,7 +638,7 @@ cdef int stream_read(StreamPool pool, const mbx_stream *s, uint64_t off, size_t 
                      const uint8_t **ptr) noexcept nogil:
     if off < s.base:
         return STREAM_ERR_RELEASED
-    if off > s.frontier:
+    if off > s.frontier or not s.live:
         return STREAM_ERR_BEYOND
     cdef uint64_t avail = s.frontier - off
     if s.hole_end > s.hole_start and off < s.hole_end:
@@ -660,6 +662,9 @@ cdef int stream_read(StreamPool pool, const mbx_stream *s, uint64_t off, size_t 
 
 
 cdef void stream_free(StreamPool pool, mbx_stream *s) noexcept nogil:
+    if not s.live:
+        return
+    s.live = 0
     cdef uint32_t c = s.head
     cdef uint32_t nxt
     while c != NO_CHUNK:
@@ -964,3 +969,17 @@ def bench_add(uint64_t nbytes=256 * _MIB, uint32_t segment=1448, double reorder=
             "mb_per_s": total / secs / 1e6 if secs > 0 else float("inf"),
             "memcpy_mb_per_s": total / base / 1e6 if base > 0 else float("inf"),
             "complete": ok}
+
+
+def _zeroed_stream_is_inert(StreamPool pool not None):
+    # For the tests: what a Monitor with calloc'd flow state would do by mistake.
+    cdef mbx_stream s
+    cdef const uint8_t *p
+    memset(&s, 0, sizeof(s))
+    cdef uint32_t used = pool.n_chunks - pool.n_free
+    stream_free(pool, &s)
+    ok = (stream_add(pool, &s, 0, <const uint8_t *>b"abc", 3) == 0
+          and stream_skip_to(pool, &s, 100) == 0 and stream_release(pool, &s, 10) == 0
+          and stream_read(pool, &s, 0, 10, &p) == STREAM_ERR_BEYOND)
+    stream_free(pool, &s)
+    return ok and pool.n_chunks - pool.n_free == used

@@ -13,7 +13,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from mbx._stream import STREAM_SIZE, Stream, StreamPool, bench_add
+from mbx._stream import STREAM_SIZE, Stream, StreamPool, _zeroed_stream_is_inert, bench_add
 
 MASK = 0xFFFFFFFF
 MAX_OOO = 16        # STREAM_MAX_OOO in mbx/_stream.pxd
@@ -39,6 +39,16 @@ def big_pool(**kw):
 
 def test_struct_is_small():
     assert STREAM_SIZE <= 96
+
+
+def test_zeroed_or_freed_struct_is_inert():
+    pool = big_pool()
+    s = Stream(pool, 0)
+    s.add(0, b"held")
+    assert _zeroed_stream_is_inert(pool) and pool.chunks_in_use == 1
+    s.close()
+    s.close()
+    assert pool.chunks_in_use == 0 and s.frontier == 4
 
 
 @pytest.mark.parametrize("kw, name", [
