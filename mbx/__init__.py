@@ -6,12 +6,26 @@ time (``mb_up_sub``).  The protocol work (parsing, flows, fragments) is done onc
 in the μStacks, for every NF of the application.
 """
 from mbx._events import (
+    DATA_RDY,
     EVENT,
     FLOW,
     FLOW_END,
     FLOW_START,
+    FLOW_TCP,
+    FLOW_TCP_ESTABLISHED,
+    FLOW_TCP_GAP,
+    FLOW_TCP_MEMCAP,
+    FLOW_TCP_OVERLAP_CONFLICT,
+    FLOW_TCP_START,
+    FLOW_TCP_STATE,
+    FLOW_TCP_TERMINATE,
     NF,
     PKT,
+    PKT_TCP,
+    PKT_TCP_FIN,
+    PKT_TCP_RETRANSMISSION,
+    PKT_TCP_RST,
+    PKT_TCP_SYN,
     Event,
     EventType,
     Message,
@@ -45,6 +59,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EVENT", "PKT", "FLOW", "FLOW_START", "FLOW_END",
+    "PKT_TCP", "PKT_TCP_SYN", "PKT_TCP_FIN", "PKT_TCP_RST", "PKT_TCP_RETRANSMISSION",
+    "FLOW_TCP", "FLOW_TCP_START", "FLOW_TCP_ESTABLISHED", "FLOW_TCP_STATE",
+    "FLOW_TCP_TERMINATE", "FLOW_TCP_GAP", "FLOW_TCP_OVERLAP_CONFLICT", "FLOW_TCP_MEMCAP",
+    "DATA_RDY",
     "NF", "Event", "EventType", "Message", "PubPort",
     "event_type", "event_types", "register_event_type",
     "mb_sub", "mb_pub", "mb_up_sub", "mb_new_msg", "mb_publish_event", "mb_nf_run",

@@ -166,6 +166,7 @@ cdef class EventBus:
     cdef object current_nf
     cdef object current_msg_idx
     cdef bint closed
+    cdef public object stream_reader  # the TCP Monitor, for Event.read/write
 
     # Does any NF want type_idx for this flow?  (cheap: the stack asks before it builds)
     cdef bint wants(self, uint16_t type_idx, uint32_t flow, uint32_t gen,

@@ -265,7 +265,6 @@ assert PKT.idx == T_PKT and FLOW_END.idx == T_FLOW_END and DATA_RDY.idx == T_DAT
 assert PKT.body_size == sizeof(pkt_body) and FLOW.body_size == sizeof(flow_body)
 
 
-
 cdef _check_layouts():
     # The registry's field offsets must be where the C structs put them.
     cdef pkt_tcp_body pt
@@ -612,6 +611,11 @@ cdef class Event:
         return self.m.h.publisher
 
     @property
+    def burst_pos(self):
+        """Position in its burst of the packet that caused the event."""
+        return self.m.h.pos
+
+    @property
     def has_packet(self):
         return self.p != NULL
 
@@ -770,6 +774,52 @@ cdef class Event:
         if f[1] == "ip" and "ip_ver" in t.fields:
             ip_ver = self.m.body[t.fields["ip_ver"][0]]
         return read_field(self.m.body, f[0], f[1], ip_ver)
+
+    @property
+    def snapshot(self):
+        """The TCP stack snapshot the event carries, decoded (a dict): the receiver's
+        sequence state and both sides' status as of the event."""
+        from mbx._tcp import snapshot_decode
+
+        return snapshot_decode(bytes(self.m.h.snapshot[:23]), self.m.h.ts_ns)
+
+    def read(self, offset=None, length=None, stream_dir=None):
+        """Stateless read of delivered TCP stream bytes (paper §6): ``length`` bytes
+        at ``offset`` of the stream ``stream_dir`` (0: client -> server).  On a
+        DATA_RDY event the defaults are its stream and its new bytes.  A zero-copy
+        memoryview where the bytes are contiguous in memory, else a copy."""
+        reader = self.bus.stream_reader
+        if reader is None:
+            raise MbxError("no TCP Monitor is running: subscribe to DATA_RDY")
+        if self.m.h.flow == NO_FLOW:
+            raise MbxError(f"a {self.type_name} event has no flow to read")
+        rdy = self.m.h.type_idx == T_DATA_RDY
+        cdef data_rdy_body *b = <data_rdy_body *>self.m.body
+        if stream_dir is None:
+            stream_dir = b.stream_dir if rdy else self.m.h.dir
+        if offset is None:
+            if not rdy:
+                raise MbxError("read() needs an offset outside DATA_RDY events")
+            offset = b.offset
+        if length is None:
+            if not rdy:
+                raise MbxError("read() needs a length outside DATA_RDY events")
+            length = b.frontier - offset
+        return reader.read_stream(self.m.h.flow, self.m.h.flow_gen, stream_dir, offset,
+                                  length)
+
+    def write(self, offset, data, stream_dir=None):
+        """Rewrite delivered stream bytes in place, same length (writer NFs, on
+        DATA_RDY): the stream and this burst's packets carrying them change, their
+        checksums follow.  Returns the bytes changed in packets."""
+        reader = self.bus.stream_reader
+        if reader is None:
+            raise MbxError("no TCP Monitor is running: subscribe to DATA_RDY")
+        if stream_dir is None:
+            stream_dir = ((<data_rdy_body *>self.m.body).stream_dir
+                          if self.m.h.type_idx == T_DATA_RDY else self.m.h.dir)
+        return reader.write_stream(self.nf, self.m.h.flow, self.m.h.flow_gen, stream_dir,
+                                   offset, data)
 
     def fields(self):
         """The type's own fields as a dict (allocates; for logging and tests)."""

@@ -148,6 +148,16 @@ def main(argv=None):
     g.add_argument("path")
     g.add_argument("--flows", type=int, default=200, help="TCP connections (200)")
     g.add_argument("--seed", type=int, default=1)
+    f = sub.add_parser("flows", help="summarise every TCP connection of a capture "
+                                     "(reassembled bytes, counts, handshake, close)")
+    f.add_argument("capture", help="a pcap or pcapng file")
+    f.add_argument("--json", action="store_true",
+                   help="write the mbx-flows/1 JSON object (the only format so far)")
+    f.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    f.add_argument("--flows", type=int, default=1 << 20,
+                   help="concurrent connections tracked (1048576)")
+    f.add_argument("--stream-memory", type=int, default=1024,
+                   help="MiB for out-of-order data waiting for its hole (1024)")
     t = sub.add_parser("types", help="list the registered event types")
     t.add_argument("--fields", action="store_true")
     args = p.parse_args(argv)
@@ -161,6 +171,19 @@ def main(argv=None):
 
             n = write_example(args.path, flows=args.flows, seed=args.seed)
             print(f"wrote {n:,} packets to {args.path}")
+        elif args.cmd == "flows":
+            from mbx.flows import flows_json
+
+            doc, warnings = flows_json(args.capture, flow_capacity=args.flows,
+                                       stream_memory=args.stream_memory << 20)
+            text = json.dumps(doc, indent=1) + "\n"
+            if args.output:
+                with open(args.output, "w") as fh:
+                    fh.write(text)
+            else:
+                sys.stdout.write(text)
+            for w in warnings:
+                print(f"mbx flows: warning: {w}", file=sys.stderr)
         elif args.cmd == "types":
             import mbx
 

@@ -9,10 +9,18 @@ import os
 import runpy
 import traceback
 
-from mbx import api
+from mbx import _events, api
 from mbx._events import NF, EventBus
+from mbx._monitor import TcpMonitor
 from mbx._stack import NetworkLayer
 from mbx.errors import AppError
+
+# The types only the TCP Monitor produces: an application with a subscriber to one
+# of them (or a publisher of FLOW/TCP/TERMINATE) runs the Monitor; otherwise the
+# Network Layer alone does the work (no TCP state is kept that nobody asked for).
+_TCP_TYPES = [_events.PKT_TCP, _events.FLOW_TCP, _events.DATA_RDY]
+_MONITOR_OPTIONS = ("stream_memory", "chunk_size", "stream_window", "retain",
+                    "max_streams", "overlap", "summarise")
 
 BUILTIN_NFS = ("l2fwd", "flow_stats", "logger", "l4lb")
 
@@ -98,12 +106,52 @@ def load_app(spec, options=None):
     return nfs
 
 
+def needs_monitor(nfs):
+    """Does any NF subscribe to a TCP Monitor type or ask it to terminate flows?"""
+    for nf in nfs:
+        for idx in nf.subs:
+            t = _events.event_types()[idx]
+            if any(t.is_a(tcp) for tcp in _TCP_TYPES):
+                return True
+        for idx in nf.pubs:
+            if _events.event_types()[idx].is_a(_events.FLOW_TCP_TERMINATE):
+                return True
+    return False
+
+
+class _TerminateSink(NF):
+    """The TCP Monitor's own subscription to FLOW/TCP/TERMINATE (paper §4.2: NFs
+    change stack state only by events)."""
+
+    def __init__(self):
+        super().__init__("tcp_monitor")
+        self.monitor = None
+        self.sub(_events.FLOW_TCP_TERMINATE, self.on_terminate)
+
+    def on_terminate(self, ev):
+        if self.monitor is not None and ev.publisher:
+            self.monitor.terminate(ev)
+
+
 class App:
-    """NFs over a Network Layer stack, inline (one process, events by function call)."""
+    """NFs over the μStacks they need, inline (one process, events by function call).
+
+    ``stack`` is ``"auto"`` (the TCP Monitor when some NF wants TCP events, else the
+    Network Layer), ``"network"`` or ``"tcp"``.  TCP Monitor options:
+    ``stream_memory``, ``chunk_size``, ``stream_window``, ``retain``, ``max_streams``,
+    ``overlap`` (see ``TcpMonitor``).
+    """
 
     def __init__(self, nfs, *, flow_capacity=65536, idle_timeout=60.0, flow_policy="evict",
                  malformed="forward", msg_capacity=65536, frag_memory=4 << 20,
-                 frag_timeout=30.0):
+                 frag_timeout=30.0, stack="auto", **monitor_options):
+        unknown = set(monitor_options) - set(_MONITOR_OPTIONS)
+        if unknown:
+            raise AppError(f"unknown App option(s): {', '.join(sorted(unknown))}")
+        if stack not in ("auto", "network", "tcp"):
+            raise AppError(f"stack must be 'auto', 'network' or 'tcp', not {stack!r}")
+        self.stack_kind = stack
+        self.monitor_options = monitor_options
         self.nfs = _as_nfs(list(nfs) if isinstance(nfs, list | tuple) else nfs, "App") \
             if nfs else []
         self.config = dict(flow_capacity=flow_capacity, idle_timeout=idle_timeout,
@@ -114,9 +162,22 @@ class App:
 
     def run(self, inp, out=None, *, burst=64, max_packets=0, progress=None):
         """Run ``inp`` to its end through the stack and NFs; returns the counters."""
-        bus = EventBus(self.nfs, msg_capacity=self.msg_capacity)
+        tcp = self.stack_kind == "tcp" or (self.stack_kind == "auto" and (
+            needs_monitor(self.nfs) or self.monitor_options.get("summarise")))
+        nfs = list(self.nfs)
+        sink = None
+        if tcp and any(_events.event_types()[i].is_a(_events.FLOW_TCP_TERMINATE)
+                       for nf in nfs for i in nf.pubs):
+            sink = _TerminateSink()
+            nfs.append(sink)
+        bus = EventBus(nfs, msg_capacity=self.msg_capacity)
         try:
-            self.stack = NetworkLayer(bus, **self.config)
+            if tcp:
+                self.stack = TcpMonitor(bus, **self.config, **self.monitor_options)
+                if sink is not None:
+                    sink.monitor = self.stack
+            else:
+                self.stack = NetworkLayer(bus, **self.config)
             self.stack.run(inp, out, burst=burst, max_packets=max_packets,
                            progress=progress)
         finally:

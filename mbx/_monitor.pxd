@@ -1,0 +1,116 @@
+# The TCP Monitor μStack (paper §5): twin TCP state for every TCP flow, optional
+# bidirectional reassembly for the flows some NF wants bytes of, snapshots in every
+# TCP event, and the connection summary behind `mbx flows`.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from mbx._events cimport mbx_msg
+from mbx._flow cimport mbx_flow
+from mbx._packet cimport Batch, Port, mbx_pkt
+from mbx._stack cimport NetworkLayer
+from mbx._stream cimport StreamPool, mbx_stream
+from mbx._tcp cimport tcp_conn
+
+
+cdef extern from "openssl/sha.h" nogil:
+    ctypedef struct SHA256_CTX:
+        pass
+    int SHA256_Init(SHA256_CTX *c)
+    int SHA256_Update(SHA256_CTX *c, const void *data, size_t n)
+    int SHA256_Final(unsigned char *md, SHA256_CTX *c)
+
+
+cdef enum:
+    NO_PAIR = 0xFFFFFFFF
+    # conn_mark bits
+    MARK_KILLED = 1         # an NF terminated the connection: drop what follows
+    MARK_INIT0 = 2          # stream of flow dir 0 initialised
+    MARK_INIT1 = 4          # stream of flow dir 1 initialised
+
+
+# What `mbx flows` keeps per connection while it runs (allocated on its first
+# packet, freed when it is summarised).
+ctypedef struct conn_sum:
+    SHA256_CTX sha[2]       # by flow dir
+    uint64_t len[2]
+    uint64_t pkts[2]
+    uint64_t first_pkt      # packet number of its first segment: the output order
+    uint8_t close           # 1: a FIN was seen, 2: a RST was seen
+
+# A finished connection, as `mbx flows` prints it.
+ctypedef struct conn_record:
+    uint8_t cli[16]
+    uint8_t srv[16]
+    uint16_t cli_port
+    uint16_t srv_port
+    uint8_t ip_ver
+    uint8_t handshake
+    uint8_t close
+    uint8_t pad
+    uint64_t c2s_len
+    uint64_t s2c_len
+    uint64_t pkts_c2s
+    uint64_t pkts_s2c
+    uint64_t first_pkt
+    unsigned char c2s_sha[32]
+    unsigned char s2c_sha[32]
+
+
+cdef class TcpMonitor(NetworkLayer):
+    cdef tcp_conn *conns            # Stack Memory: one per flow slot
+    cdef uint32_t *conn_gen         # flow generation conns[slot] belongs to (0: none)
+    cdef uint8_t *conn_mark
+    cdef uint32_t *pair_of          # per flow slot: its stream pair, or NO_PAIR
+    cdef mbx_stream *streams        # 2 per pair, by flow dir
+    cdef uint32_t *free_pairs
+    cdef uint32_t n_free_pairs
+    cdef readonly uint32_t max_pairs
+    cdef readonly StreamPool pool
+    cdef uint8_t policy
+    cdef uint32_t *touched          # pairs whose frontier moved this burst
+    cdef uint8_t *touched_mark
+    cdef uint32_t n_touched
+    cdef uint32_t capacity
+    cdef conn_sum **sums            # per flow slot, when summarising
+    cdef bint summarise
+    cdef conn_record *records
+    cdef size_t n_records
+    cdef size_t records_cap
+    cdef uint64_t pkt_no
+    cdef Batch inject               # frames the Monitor sends itself (RSTs)
+    cdef Batch current
+    # counters
+    cdef readonly uint64_t tcp_pkts
+    cdef readonly uint64_t tcp_unparsed
+    cdef readonly uint64_t connections
+    cdef readonly uint64_t new_connections
+    cdef readonly uint64_t pairs_exhausted
+    cdef readonly uint64_t streams_opened
+    cdef readonly uint64_t gaps
+    cdef readonly uint64_t gap_bytes
+    cdef readonly uint64_t conflicts
+    cdef readonly uint64_t memcaps
+    cdef readonly uint64_t rst_sent
+    cdef readonly uint64_t killed_drops
+    cdef readonly uint64_t summary_oom
+
+    cdef void conn_start(self, uint32_t slot, mbx_pkt *p) noexcept nogil
+    cdef uint32_t restart(self, Batch batch, mbx_pkt *p) noexcept nogil
+    cdef void free_pair(self, uint32_t slot) noexcept nogil
+    cdef uint32_t get_pair(self, uint32_t slot) noexcept nogil
+    cdef void publish_pkt_tcp(self, uint16_t t, mbx_pkt *p, uint32_t slot, uint8_t tdir,
+                              uint8_t flags, tcp_conn *c) noexcept nogil
+    cdef mbx_msg *flow_tcp_msg(self, uint16_t t, mbx_pkt *p, uint32_t slot, uint8_t flags,
+                               tcp_conn *c) noexcept nogil
+    cdef void stream_work(self, Batch batch, mbx_pkt *p, uint32_t slot, tcp_conn *c,
+                          uint32_t sbits) noexcept nogil
+    cdef void data_ready(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                         uint8_t d, uint64_t old_frontier) noexcept nogil
+    cdef void summary_packet(self, uint32_t slot, mbx_pkt *p) noexcept nogil
+    cdef void summary_end(self, uint32_t slot, const mbx_flow *f) noexcept nogil
+    cdef int craft_rst(self, const mbx_pkt *tmpl, tcp_conn *c, uint8_t from_dir) except -1
+    cdef uint64_t frontier_of(self, uint32_t slot, uint8_t d) noexcept nogil
+    cdef bint wants_stream(self, uint32_t slot, mbx_pkt *p, uint8_t tdir) noexcept nogil
+    cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir) except NULL
+    cdef uint64_t _patch_packets(self, uint32_t slot, uint32_t gen, uint8_t d,
+                                 mbx_stream *s, uint64_t off,
+                                 const uint8_t[::1] new) except? 0xFFFFFFFFFFFFFFFF

@@ -1,0 +1,862 @@
+"""The TCP Monitor μStack: twin TCP state, frontier reassembly, snapshots, TCP events.
+
+It extends the Network Layer: after a TCP packet's flow lookup, ``transport`` runs
+the sender-side and then the receiver-side update of the connection's twin state
+(``_tcp``), publishes the events of each side that some NF wants (PKT/TCP/*,
+FLOW/TCP/*), and, for the flows whose bytes some NF wants (DATA_RDY) or that
+``mbx flows`` summarises, adds the payload to that direction's stream (``_stream``),
+skips holes the peer's ACK proves lost (FLOW/TCP/GAP) and publishes DATA_RDY when the
+frontier moves.  Every TCP event carries the snapshot of the receiver's state as of
+the event.  A flow nobody wants bytes of has no stream at all.
+
+TCP events are oriented by the TCP client (the sender of the first pure SYN; see
+``_tcp``): their ``dir`` is 0 for client -> server.  Sided events say which endpoint's
+stack raised them (the header flags), so an NF can take the client's, the server's,
+the sender's (the default: one per packet) or both.
+"""
+from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memset
+
+from mbx._checksum cimport csum_add, csum_fold, store16
+from mbx._events cimport (
+    MSG_F_RECEIVER, MSG_F_SERVER, MSG_F_SIDED, PUBLISHER_STACK, T_DATA_RDY,
+    T_FLOW_START, T_FLOW_TCP_ESTABLISHED, T_FLOW_TCP_GAP, T_FLOW_TCP_MEMCAP,
+    T_FLOW_TCP_OVERLAP_CONFLICT, T_FLOW_TCP_START, T_FLOW_TCP_STATE,
+    T_FLOW_TCP_TERMINATE, T_PKT_TCP, T_PKT_TCP_FIN, T_PKT_TCP_RETRANSMISSION,
+    T_PKT_TCP_RST, T_PKT_TCP_SYN, EventBus, data_rdy_body, flow_tcp_body, mbx_msg,
+    pkt_tcp_body,
+)
+from mbx._flow cimport END_CLOSED, FLOW_ACTIVE, mbx_flow
+from mbx._packet cimport (
+    NO_FLOW, PARSE_BAD_TCP_OPT, PARSE_OK, TH_ACK, TH_FIN, TH_RST, TH_SYN, VERDICT_DROP,
+    Batch, Port, mbx_pkt,
+)
+from mbx._stack cimport NetworkLayer, fill_flow_body, fill_pkt_body
+from mbx._stream cimport (
+    OVERLAP_FIRST, OVERLAP_LAST, STREAM_CONFLICT, STREAM_MEMCAP,
+    StreamPool, mbx_stream, stream_add, stream_free, stream_init, stream_offset_of,
+    stream_read, stream_release, stream_skip_hole,
+)
+from mbx._tcp cimport (
+    CONN_CLOSED_RST, CONN_HS_ACK, CONN_HS_SYN, CONN_HS_SYNACK, EP_FIN,
+    EP_SYN, EP_SYNACK, TCPEV_ESTABLISHED, TCPEV_FIN, TCPEV_NEW_CONNECTION,
+    TCPEV_RETRANSMISSION, TCPEV_RST, TCPEV_STATE_CHANGE, TCPEV_SYN, TCPEV_SYNACK,
+    TCPEV_TERMINATE, seq_gt, tcp_client_dir, tcp_conn, tcp_init, tcp_receiver_update,
+    tcp_sender_update, tcp_snapshot,
+)
+
+import ipaddress
+
+from mbx import _events
+from mbx.errors import MbxError, PermissionDenied
+
+_POLICIES = {"first": OVERLAP_FIRST, "last": OVERLAP_LAST}
+
+# Type ids by built-in index, for the nogil code (filled at import, below).
+cdef uint64_t _type_ids[32]
+
+
+cdef inline uint8_t side_flags(uint8_t from_server, bint receiver) noexcept nogil:
+    # The sender's stack is the server's when the packet comes from the server; the
+    # receiver's is the other one.
+    cdef uint8_t server = from_server if not receiver else (from_server ^ 1)
+    return MSG_F_SIDED | (MSG_F_SERVER if server else 0) | (MSG_F_RECEIVER if receiver else 0)
+
+
+cdef class TcpMonitor(NetworkLayer):
+    """The TCP Monitor over an EventBus (all NetworkLayer options, plus):
+
+    ``stream_memory`` bytes of Event Memory for reassembled streams, in
+    ``chunk_size`` chunks; at most ``stream_window`` bytes held per stream (the
+    out-of-order window plus retention); ``retain`` bytes kept behind the frontier for
+    late readers; ``max_streams`` flows reassembled at once; ``overlap`` policy
+    ``"first"`` or ``"last"``; ``summarise=True`` keeps the per-connection summary of
+    ``mbx flows``.
+    """
+
+    def __init__(self, EventBus bus, *, uint32_t flow_capacity=65536,
+                 double idle_timeout=60.0, str flow_policy="evict",
+                 str malformed="forward", size_t frag_memory=4 << 20,
+                 double frag_timeout=30.0, size_t stream_memory=256 << 20,
+                 uint32_t chunk_size=16384, size_t stream_window=4 << 20,
+                 size_t retain=0, uint32_t max_streams=16384, str overlap="first",
+                 bint summarise=False):
+        NetworkLayer.__init__(self, bus, flow_capacity=flow_capacity,
+                              idle_timeout=idle_timeout, flow_policy=flow_policy,
+                              malformed=malformed, frag_memory=frag_memory,
+                              frag_timeout=frag_timeout)
+        if overlap not in _POLICIES:
+            raise ValueError(f"overlap must be 'first' or 'last', not {overlap!r}")
+        if max_streams == 0:
+            raise ValueError("max_streams must be at least 1")
+        self.policy = _POLICIES[overlap]
+        self.capacity = flow_capacity
+        self.pool = StreamPool(total_bytes=stream_memory, chunk_size=chunk_size,
+                               max_stream_bytes=stream_window, retain=retain)
+        self.conns = <tcp_conn *>PyMem_Calloc(flow_capacity, sizeof(tcp_conn))
+        self.conn_gen = <uint32_t *>PyMem_Calloc(flow_capacity, 4)
+        self.conn_mark = <uint8_t *>PyMem_Calloc(flow_capacity, 1)
+        self.pair_of = <uint32_t *>PyMem_Malloc(flow_capacity * 4)
+        self.max_pairs = max_streams
+        self.streams = <mbx_stream *>PyMem_Calloc(2 * max_streams, sizeof(mbx_stream))
+        self.free_pairs = <uint32_t *>PyMem_Malloc(max_streams * 4)
+        self.touched = <uint32_t *>PyMem_Malloc(max_streams * 4)
+        self.touched_mark = <uint8_t *>PyMem_Calloc(max_streams, 1)
+        if (self.conns == NULL or self.conn_gen == NULL or self.conn_mark == NULL
+                or self.pair_of == NULL or self.streams == NULL or self.free_pairs == NULL
+                or self.touched == NULL or self.touched_mark == NULL):
+            raise MemoryError("cannot allocate the TCP Monitor's Stack Memory")
+        cdef uint32_t i
+        for i in range(flow_capacity):
+            self.pair_of[i] = NO_PAIR
+        for i in range(max_streams):
+            self.free_pairs[i] = max_streams - 1 - i
+        self.n_free_pairs = max_streams
+        self.summarise = summarise
+        if summarise:
+            self.sums = <conn_sum **>PyMem_Calloc(flow_capacity, sizeof(conn_sum *))
+            if self.sums == NULL:
+                raise MemoryError()
+        self.inject = Batch(64, 64 * 256)
+        # Sender and receiver updates, state changes, data and gaps: room for them.
+        self.events_per_pkt = 32
+        bus.stream_reader = self
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        if self.sums != NULL:
+            for i in range(self.capacity):
+                free(self.sums[i])
+        PyMem_Free(self.sums)
+        PyMem_Free(self.conns)
+        PyMem_Free(self.conn_gen)
+        PyMem_Free(self.conn_mark)
+        PyMem_Free(self.pair_of)
+        PyMem_Free(self.streams)
+        PyMem_Free(self.free_pairs)
+        PyMem_Free(self.touched)
+        PyMem_Free(self.touched_mark)
+        free(self.records)
+
+    # ---------------------------------------------------------------- connections
+
+    cdef void conn_start(self, uint32_t slot, mbx_pkt *p) noexcept nogil:
+        self.free_pair(slot)
+        tcp_init(&self.conns[slot])
+        self.conn_gen[slot] = p.flow_gen
+        self.conn_mark[slot] = 0
+        self.connections += 1
+        cdef conn_sum *cs
+        if self.summarise:
+            cs = <conn_sum *>malloc(sizeof(conn_sum))
+            if cs == NULL:
+                self.summary_oom += 1
+            else:
+                memset(cs, 0, sizeof(conn_sum))
+                SHA256_Init(&cs.sha[0])
+                SHA256_Init(&cs.sha[1])
+                cs.first_pkt = self.pkt_no
+            free(self.sums[slot])
+            self.sums[slot] = cs
+
+    cdef uint32_t restart(self, Batch batch, mbx_pkt *p) noexcept nogil:
+        # A pure SYN of a new connection on the 5-tuple of an old one: the old flow
+        # ends (FLOW/END, reason closed) and the packet starts a new flow.
+        cdef uint32_t slot = p.flow
+        self.new_connections += 1
+        if self.flows.end_flow(slot, END_CLOSED):
+            self.publish_ended()
+        slot = self.flows.lookup(p)
+        if slot == NO_FLOW:
+            return NO_FLOW
+        if (self.flows.created_last and self.bus.global_want & (1 << T_FLOW_START)
+                and self.bus.wants(T_FLOW_START, slot, p.flow_gen, 0)):
+            self.publish_flow(T_FLOW_START, self.flow_start_id, &self.flows.flows[slot],
+                              slot, p.index, p.dir, p.ts_ns)
+        self.conn_start(slot, p)
+        return slot
+
+    cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil:
+        if slot >= self.capacity or self.conn_gen[slot] != f.gen:
+            return
+        if self.summarise:
+            self.summary_end(slot, f)
+        self.free_pair(slot)
+        self.conn_gen[slot] = 0
+
+    cdef void free_pair(self, uint32_t slot) noexcept nogil:
+        cdef uint32_t pair = self.pair_of[slot]
+        if pair == NO_PAIR:
+            return
+        stream_free(self.pool, &self.streams[2 * pair])
+        stream_free(self.pool, &self.streams[2 * pair + 1])
+        self.pair_of[slot] = NO_PAIR
+        self.free_pairs[self.n_free_pairs] = pair
+        self.n_free_pairs += 1
+        self.conn_mark[slot] &= ~(MARK_INIT0 | MARK_INIT1)
+
+    cdef uint32_t get_pair(self, uint32_t slot) noexcept nogil:
+        cdef uint32_t pair = self.pair_of[slot]
+        if pair != NO_PAIR:
+            return pair
+        if self.n_free_pairs == 0:
+            self.pairs_exhausted += 1
+            return NO_PAIR
+        self.n_free_pairs -= 1
+        pair = self.free_pairs[self.n_free_pairs]
+        memset(&self.streams[2 * pair], 0, 2 * sizeof(mbx_stream))
+        self.pair_of[slot] = pair
+        self.streams_opened += 1
+        return pair
+
+    # ---------------------------------------------------------------- events
+
+    cdef void publish_pkt_tcp(self, uint16_t t, mbx_pkt *p, uint32_t slot, uint8_t tdir,
+                              uint8_t flags, tcp_conn *c) noexcept nogil:
+        if not self.bus.wants(t, slot, p.flow_gen, flags):
+            return
+        cdef mbx_msg *m = self.bus.new_msg(t, _type_ids[<int>t], p.ts_ns, slot, p.flow_gen,
+                                           p.index, tdir, PUBLISHER_STACK, self.pos)
+        if m == NULL:
+            return
+        m.h.flags = flags
+        fill_pkt_body(m, p)
+        cdef pkt_tcp_body *b = <pkt_tcp_body *>m.body
+        b.seq = p.seq
+        b.ack = p.ack
+        b.win = p.win
+        b.payload_len = p.payload_len
+        tcp_snapshot(c, p.dir, self.frontier_of(slot, p.dir), p.ts_ns, m.h.snapshot)
+        self.bus.publish(m)
+
+    cdef uint64_t frontier_of(self, uint32_t slot, uint8_t d) noexcept nogil:
+        cdef uint32_t pair = self.pair_of[slot]
+        if pair == NO_PAIR:
+            return 0
+        return self.streams[2 * pair + d].frontier
+
+    cdef mbx_msg *flow_tcp_msg(self, uint16_t t, mbx_pkt *p, uint32_t slot, uint8_t flags,
+                               tcp_conn *c) noexcept nogil:
+        # A FLOW/TCP/* message with the flow's record oriented by the TCP client and
+        # both states; the caller fills the type's own fields and publishes it.
+        if not self.bus.wants(t, slot, p.flow_gen, flags):
+            return NULL
+        cdef uint8_t cdir = tcp_client_dir(c)
+        cdef mbx_msg *m = self.bus.new_msg(t, _type_ids[<int>t], p.ts_ns, slot, p.flow_gen,
+                                           p.index, p.dir ^ cdir, PUBLISHER_STACK,
+                                           self.pos)
+        if m == NULL:
+            return NULL
+        m.h.flags = flags
+        fill_flow_body(m, &self.flows.flows[slot])
+        cdef flow_tcp_body *b = <flow_tcp_body *>m.body
+        cdef uint8_t tmp[16]
+        cdef uint16_t port
+        cdef uint64_t n
+        if cdir == 1:
+            # the flow's first packet came from the server: swap the orientation
+            memcpy(tmp, b.flow.cli_addr, 16)
+            memcpy(b.flow.cli_addr, b.flow.srv_addr, 16)
+            memcpy(b.flow.srv_addr, tmp, 16)
+            port = b.flow.cli_port
+            b.flow.cli_port = b.flow.srv_port
+            b.flow.srv_port = port
+            n = b.flow.pkts_c2s
+            b.flow.pkts_c2s = b.flow.pkts_s2c
+            b.flow.pkts_s2c = n
+            n = b.flow.bytes_c2s
+            b.flow.bytes_c2s = b.flow.bytes_s2c
+            b.flow.bytes_s2c = n
+        b.state_cli = c.ep[cdir].state
+        b.state_srv = c.ep[cdir ^ 1].state
+        b.side = 0 if not (flags & MSG_F_SIDED) else (2 if flags & MSG_F_SERVER else 1)
+        b.reason = 0
+        b.offset = 0
+        b.length = 0
+        b.stream_dir = 0
+        b.policy = self.policy
+        b.old_state = 0
+        b.new_state = 0
+        tcp_snapshot(c, p.dir, self.frontier_of(slot, p.dir), p.ts_ns, m.h.snapshot)
+        return m
+
+    cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil:
+        if p.l4_proto != 6:
+            return False
+        if p.status != PARSE_OK and p.status != PARSE_BAD_TCP_OPT:
+            self.tcp_unparsed += 1          # no usable TCP header: PKT only
+            return False
+        cdef uint32_t slot = p.flow
+        cdef mbx_flow *f = &self.flows.flows[slot]
+        if f.gen != p.flow_gen or f.status != FLOW_ACTIVE:
+            # Its flow was restarted by an earlier packet of the same chunk (a new
+            # connection on the same 5-tuple): look it up again.
+            slot = self.flows.lookup(p)
+            if slot == NO_FLOW:
+                return False
+        self.tcp_pkts += 1
+        self.pkt_no += 1
+        if self.conn_mark[slot] & MARK_KILLED and self.conn_gen[slot] == p.flow_gen:
+            p.verdict = VERDICT_DROP        # an NF terminated this connection
+            self.killed_drops += 1
+            return True
+        cdef bint first = self.conn_gen[slot] != p.flow_gen
+        if first:
+            self.conn_start(slot, p)
+        cdef tcp_conn *c = &self.conns[slot]
+        cdef uint8_t old_snd = c.ep[p.dir].state
+        cdef uint8_t old_rcv = c.ep[p.dir ^ 1].state
+        cdef uint32_t sb = tcp_sender_update(c, p)
+        if sb & TCPEV_NEW_CONNECTION:
+            slot = self.restart(batch, p)
+            if slot == NO_FLOW:
+                return False
+            first = True
+            c = &self.conns[slot]
+            old_snd = c.ep[p.dir].state
+            old_rcv = c.ep[p.dir ^ 1].state
+            sb = tcp_sender_update(c, p)
+        cdef uint32_t rb = tcp_receiver_update(c, p)
+        cdef uint32_t both = sb | rb
+        cdef uint8_t cdir = tcp_client_dir(c)
+        cdef uint8_t tdir = p.dir ^ cdir
+        cdef uint8_t snd = side_flags(tdir, False)
+        cdef uint8_t rcv = side_flags(tdir, True)
+        cdef uint16_t t
+        cdef mbx_msg *m
+        if self.summarise:
+            self.summary_packet(slot, p)
+        if first:
+            m = self.flow_tcp_msg(T_FLOW_TCP_START, p, slot, 0, c)
+            if m != NULL:
+                self.bus.publish(m)
+        if both & TCPEV_RETRANSMISSION:
+            t = T_PKT_TCP_RETRANSMISSION
+        elif both & TCPEV_RST:
+            t = T_PKT_TCP_RST
+        elif both & (TCPEV_SYN | TCPEV_SYNACK):
+            t = T_PKT_TCP_SYN
+        elif both & TCPEV_FIN:
+            t = T_PKT_TCP_FIN
+        else:
+            t = T_PKT_TCP
+        self.publish_pkt_tcp(t, p, slot, tdir, snd, c)
+        self.publish_pkt_tcp(t, p, slot, tdir, rcv, c)
+        if sb & TCPEV_STATE_CHANGE:
+            m = self.flow_tcp_msg(T_FLOW_TCP_STATE, p, slot, snd, c)
+            if m != NULL:
+                (<flow_tcp_body *>m.body).old_state = old_snd
+                (<flow_tcp_body *>m.body).new_state = c.ep[p.dir].state
+                self.bus.publish(m)
+        if rb & TCPEV_STATE_CHANGE:
+            m = self.flow_tcp_msg(T_FLOW_TCP_STATE, p, slot, rcv, c)
+            if m != NULL:
+                (<flow_tcp_body *>m.body).old_state = old_rcv
+                (<flow_tcp_body *>m.body).new_state = c.ep[p.dir ^ 1].state
+                self.bus.publish(m)
+        if both & TCPEV_ESTABLISHED:
+            m = self.flow_tcp_msg(T_FLOW_TCP_ESTABLISHED, p, slot, 0, c)
+            if m != NULL:
+                self.bus.publish(m)
+        self.stream_work(batch, p, slot, c, sb)
+        if both & TCPEV_TERMINATE:
+            m = self.flow_tcp_msg(T_FLOW_TCP_TERMINATE, p, slot, 0, c)
+            if m != NULL:
+                (<flow_tcp_body *>m.body).reason = 2 if c.flags & CONN_CLOSED_RST else 1
+                self.bus.publish(m)
+        return True
+
+    # ---------------------------------------------------------------- streams
+
+    cdef bint wants_stream(self, uint32_t slot, mbx_pkt *p, uint8_t tdir) noexcept nogil:
+        # The stream of direction tdir (from the TCP client: 0) is received by the
+        # other endpoint: DATA_RDY is that endpoint's receiver-side event.
+        return self.summarise or self.bus.wants(
+            T_DATA_RDY, slot, p.flow_gen,
+            MSG_F_SIDED | MSG_F_RECEIVER | (MSG_F_SERVER if tdir == 0 else 0))
+
+    cdef void stream_work(self, Batch batch, mbx_pkt *p, uint32_t slot, tcp_conn *c,
+                          uint32_t sbits) noexcept nogil:
+        cdef uint8_t cdir = tcp_client_dir(c)
+        cdef uint8_t d = p.dir, o = p.dir ^ 1
+        cdef bint want_d = self.wants_stream(slot, p, d ^ cdir)
+        cdef bint want_o = self.wants_stream(slot, p, o ^ cdir)
+        cdef uint32_t pair
+        cdef mbx_stream *s
+        cdef uint32_t seq, ack
+        cdef uint64_t before, gs, ge, n
+        cdef int fl
+        cdef mbx_msg *m
+        if not want_d and not want_o:
+            self.free_pair(slot)            # nobody (any more) wants this flow's bytes
+            return
+        pair = self.get_pair(slot)
+        if pair == NO_PAIR:
+            if p.payload_len:
+                m = self.flow_tcp_msg(T_FLOW_TCP_MEMCAP, p, slot, 0, c)
+                if m != NULL:
+                    (<flow_tcp_body *>m.body).length = p.payload_len
+                    (<flow_tcp_body *>m.body).stream_dir = d ^ cdir
+                    self.bus.publish(m)
+                self.memcaps += 1
+            return
+        # the packet's payload, into its direction's stream
+        if want_d and p.payload_len:
+            s = &self.streams[2 * pair + d]
+            seq = p.seq + (1 if p.tcp_flags & TH_SYN else 0)
+            if not self.conn_mark[slot] & (MARK_INIT0 << d):
+                # offset 0 is the byte after the ISN when the SYN was seen, else the
+                # first byte we see (a midstream pickup)
+                if c.ep[d].flags & (EP_SYN | EP_SYNACK):
+                    stream_init(self.pool, s, c.ep[d].isn + 1, self.policy)
+                else:
+                    stream_init(self.pool, s, seq, self.policy)
+                self.conn_mark[slot] |= MARK_INIT0 << d
+            before = s.frontier
+            fl = stream_add(self.pool, s, seq, p.data + p.payload_off, p.payload_len)
+            if fl & STREAM_CONFLICT:
+                self.conflicts += 1
+                m = self.flow_tcp_msg(T_FLOW_TCP_OVERLAP_CONFLICT, p, slot, 0, c)
+                if m != NULL:
+                    (<flow_tcp_body *>m.body).offset = s.conflict_off
+                    (<flow_tcp_body *>m.body).stream_dir = d ^ cdir
+                    self.bus.publish(m)
+            if fl & STREAM_MEMCAP:
+                self.memcaps += 1
+                m = self.flow_tcp_msg(T_FLOW_TCP_MEMCAP, p, slot, 0, c)
+                if m != NULL:
+                    (<flow_tcp_body *>m.body).offset = <uint64_t>stream_offset_of(s, seq)
+                    (<flow_tcp_body *>m.body).length = p.payload_len
+                    (<flow_tcp_body *>m.body).stream_dir = d ^ cdir
+                    self.bus.publish(m)
+            if s.frontier != before:
+                self.data_ready(p, slot, c, pair, d, before)
+        # the packet's ACK: holes in the other direction that the receiver got
+        if want_o and p.tcp_flags & TH_ACK and self.conn_mark[slot] & (MARK_INIT0 << o):
+            s = &self.streams[2 * pair + o]
+            ack = p.ack
+            if c.ep[o].flags & EP_FIN and seq_gt(ack, c.ep[o].fin_seq):
+                ack = c.ep[o].fin_seq       # the FIN's sequence number is no data
+            before = s.frontier
+            while True:
+                n = stream_skip_hole(self.pool, s, ack, &gs, &ge)
+                if n == 0:
+                    break
+                self.gaps += 1
+                self.gap_bytes += n
+                m = self.flow_tcp_msg(T_FLOW_TCP_GAP, p, slot, 0, c)
+                if m != NULL:
+                    (<flow_tcp_body *>m.body).offset = gs
+                    (<flow_tcp_body *>m.body).length = n
+                    (<flow_tcp_body *>m.body).stream_dir = o ^ cdir
+                    self.bus.publish(m)
+            if s.frontier != before:
+                self.data_ready(p, slot, c, pair, o, before)
+
+    cdef void data_ready(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                         uint8_t d, uint64_t old_frontier) noexcept nogil:
+        cdef mbx_stream *s = &self.streams[2 * pair + d]
+        cdef uint8_t tdir = d ^ tcp_client_dir(c)
+        cdef uint8_t flags = MSG_F_SIDED | MSG_F_RECEIVER | (MSG_F_SERVER if tdir == 0 else 0)
+        cdef mbx_msg *m
+        cdef data_rdy_body *b
+        cdef conn_sum *cs
+        cdef uint64_t off
+        cdef const uint8_t *ptr
+        cdef int k
+        if self.summarise:
+            cs = self.sums[slot]
+            if cs != NULL:
+                off = old_frontier
+                while off < s.frontier:
+                    k = stream_read(self.pool, s, off, s.frontier - off, &ptr)
+                    if k == -3:             # inside a skipped gap: no bytes there
+                        off = s.hole_end if s.hole_end > off else s.frontier
+                        continue
+                    if k <= 0:
+                        break
+                    SHA256_Update(&cs.sha[d], ptr, k)
+                    cs.len[d] += k
+                    off += k
+        if not self.touched_mark[pair]:
+            self.touched_mark[pair] = 1
+            self.touched[self.n_touched] = pair
+            self.n_touched += 1
+        if not self.bus.wants(T_DATA_RDY, slot, p.flow_gen, flags):
+            return
+        m = self.bus.new_msg(T_DATA_RDY, _type_ids[<int>T_DATA_RDY], p.ts_ns, slot, p.flow_gen,
+                             p.index, p.dir ^ tcp_client_dir(c), PUBLISHER_STACK, self.pos)
+        if m == NULL:
+            return
+        m.h.flags = flags
+        b = <data_rdy_body *>m.body
+        b.offset = old_frontier
+        b.frontier = s.frontier
+        b.length = <uint32_t>(s.frontier - old_frontier)
+        b.stream_dir = tdir
+        tcp_snapshot(c, p.dir, s.frontier, p.ts_ns, m.h.snapshot)
+        self.bus.publish(m)
+
+    cpdef process(self, Batch batch):
+        """One burst through the stack and the NFs, then the streams' delivered bytes
+        (beyond what ``retain`` keeps) go back to the pool."""
+        cdef uint32_t k, pair
+        self.current = batch
+        self.inject.clear()
+        NetworkLayer.process(self, batch)
+        for k in range(self.n_touched):
+            pair = self.touched[k]
+            self.touched_mark[pair] = 0
+            stream_release(self.pool, &self.streams[2 * pair],
+                           self.streams[2 * pair].frontier)
+            stream_release(self.pool, &self.streams[2 * pair + 1],
+                           self.streams[2 * pair + 1].frontier)
+        self.n_touched = 0
+
+    cdef int finish(self, Batch batch, Port out) except -1:
+        NetworkLayer.finish(self, batch, out)
+        # RSTs the Monitor made for connections an NF terminated
+        cdef mbx_pkt *ptrs[64]
+        cdef uint32_t i
+        cdef int n
+        if out is not None and self.inject.count:
+            for i in range(self.inject.count):
+                ptrs[i] = &self.inject.pkts[i]
+            with nogil:
+                n = out.tx_burst(ptrs, self.inject.count)
+            if n < 0:
+                out.check()
+        self.inject.clear()
+        return 0
+
+    # ---------------------------------------------------------------- mbx flows
+
+    cdef void summary_packet(self, uint32_t slot, mbx_pkt *p) noexcept nogil:
+        cdef conn_sum *cs = self.sums[slot]
+        if cs == NULL:
+            return
+        cs.pkts[p.dir] += 1
+        if p.tcp_flags & TH_RST:
+            cs.close |= 2
+        if p.tcp_flags & TH_FIN:
+            cs.close |= 1
+
+    cdef void summary_end(self, uint32_t slot, const mbx_flow *f) noexcept nogil:
+        cdef conn_sum *cs = self.sums[slot]
+        cdef tcp_conn *c = &self.conns[slot]
+        cdef conn_record *r
+        cdef uint8_t cdir, cli_side
+        if cs == NULL:
+            return
+        self.sums[slot] = NULL
+        if self.n_records == self.records_cap:
+            r = <conn_record *>realloc(
+                self.records, (self.records_cap * 2 + 1024) * sizeof(conn_record))
+            if r == NULL:
+                self.summary_oom += 1
+                free(cs)
+                return
+            self.records = r
+            self.records_cap = self.records_cap * 2 + 1024
+        r = &self.records[self.n_records]
+        self.n_records += 1
+        cdir = tcp_client_dir(c)
+        # flow dir 0 is the flow's first sender (canonical side init_side)
+        cli_side = f.init_side ^ cdir
+        if cli_side == 0:
+            memcpy(r.cli, f.key.a, 16)
+            memcpy(r.srv, f.key.b, 16)
+            r.cli_port = f.key.a_port
+            r.srv_port = f.key.b_port
+        else:
+            memcpy(r.cli, f.key.b, 16)
+            memcpy(r.srv, f.key.a, 16)
+            r.cli_port = f.key.b_port
+            r.srv_port = f.key.a_port
+        r.ip_ver = f.key.ip_ver
+        r.handshake = (c.flags & (CONN_HS_SYN | CONN_HS_SYNACK | CONN_HS_ACK)) == (
+            CONN_HS_SYN | CONN_HS_SYNACK | CONN_HS_ACK)
+        r.close = cs.close
+        r.c2s_len = cs.len[cdir]
+        r.s2c_len = cs.len[cdir ^ 1]
+        r.pkts_c2s = cs.pkts[cdir]
+        r.pkts_s2c = cs.pkts[cdir ^ 1]
+        r.first_pkt = cs.first_pkt
+        SHA256_Final(r.c2s_sha, &cs.sha[cdir])
+        SHA256_Final(r.s2c_sha, &cs.sha[cdir ^ 1])
+        free(cs)
+
+    def connections_summary(self):
+        """The finished connections (``mbx flows``), in order of first packet."""
+        out = []
+        cdef size_t i
+        cdef conn_record *r
+        for i in range(self.n_records):
+            r = &self.records[i]
+            if r.ip_ver == 6:
+                cli = ipaddress.IPv6Address(bytes(r.cli[:16])).compressed
+                srv = ipaddress.IPv6Address(bytes(r.srv[:16])).compressed
+                cli, srv = f"[{cli}]", f"[{srv}]"
+            else:
+                cli = str(ipaddress.IPv4Address(bytes(r.cli[:4])))
+                srv = str(ipaddress.IPv4Address(bytes(r.srv[:4])))
+            out.append((r.first_pkt, f"{cli}:{r.cli_port}-{srv}:{r.srv_port}", {
+                "c2s_len": r.c2s_len, "c2s_sha256": bytes(r.c2s_sha[:32]).hex(),
+                "s2c_len": r.s2c_len, "s2c_sha256": bytes(r.s2c_sha[:32]).hex(),
+                "pkts_c2s": r.pkts_c2s, "pkts_s2c": r.pkts_s2c,
+                "handshake": bool(r.handshake),
+                "close": "rst" if r.close & 2 else ("fin" if r.close & 1 else "none"),
+            }))
+        out.sort(key=lambda rec: rec[0])
+        return [(key, rec) for _, key, rec in out]
+
+    # ---------------------------------------------------------------- NF side
+
+    def terminate(self, ev):
+        """FLOW/TCP/TERMINATE from an NF: RSTs to both endpoints, with the sequence
+        numbers each expects, and the connection's later packets are dropped."""
+        flow = ev.flow
+        if flow is None or ev.publisher == PUBLISHER_STACK:
+            return False
+        cdef uint32_t slot = <uint32_t>(flow & 0xFFFFFFFF)
+        cdef uint32_t gen = <uint32_t>(flow >> 32)
+        if slot >= self.capacity or self.conn_gen[slot] != gen:
+            return False                    # not a TCP connection we track (any more)
+        if self.conn_mark[slot] & MARK_KILLED:
+            return False
+        self.conn_mark[slot] |= MARK_KILLED
+        cdef Batch batch = self.current
+        cdef mbx_pkt *tmpl = NULL
+        cdef uint32_t i
+        cdef tcp_conn *c = &self.conns[slot]
+        cdef uint8_t cdir = tcp_client_dir(c)
+        cdef uint32_t pos = ev.burst_pos
+        if batch is not None:
+            for i in range(batch.count):
+                if batch.pkts[i].flow == slot and batch.pkts[i].flow_gen == gen:
+                    if tmpl == NULL:
+                        tmpl = &batch.pkts[i]
+                    if batch.pkts[i].index > pos:
+                        batch.pkts[i].verdict = VERDICT_DROP
+                        self.killed_drops += 1
+        if tmpl == NULL or tmpl.l4_off == 0:
+            return False
+        # to the server: as if sent by the client, and to the client: by the server
+        self.craft_rst(tmpl, c, cdir)
+        self.craft_rst(tmpl, c, cdir ^ 1)
+        return True
+
+    cdef int craft_rst(self, const mbx_pkt *tmpl, tcp_conn *c, uint8_t from_dir) except -1:
+        # A RST+ACK travelling in flow direction from_dir: its seq is what the
+        # receiver expects next from that side, its ack what that side expects.
+        cdef bint swap = tmpl.dir != from_dir
+        cdef uint32_t l3 = tmpl.l3_off
+        cdef uint32_t ip_len = 20 if tmpl.ip_ver == 4 else 40
+        frame = bytearray(tmpl.data[:l3 + ip_len]) + bytearray(20)
+        cdef uint8_t[::1] f = frame
+        cdef uint8_t tmp[16]
+        cdef uint32_t alen = 4 if tmpl.ip_ver == 4 else 16
+        cdef uint32_t a_off = l3 + (12 if tmpl.ip_ver == 4 else 8)
+        cdef uint32_t t = l3 + ip_len
+        cdef uint32_t seq = c.ep[from_dir].snd_nxt
+        cdef uint32_t ack = c.ep[from_dir ^ 1].snd_nxt
+        cdef uint16_t sport = tmpl.sport, dport = tmpl.dport
+        if swap:
+            memcpy(tmp, &f[0], 6)
+            memcpy(&f[0], &f[6], 6)
+            memcpy(&f[6], tmp, 6)
+            memcpy(tmp, &f[a_off], alen)
+            memcpy(&f[a_off], &f[a_off + alen], alen)
+            memcpy(&f[a_off + alen], tmp, alen)
+            sport, dport = dport, sport
+        if tmpl.ip_ver == 4:
+            f[l3] = 0x45
+            store16(&f[l3 + 2], 40)
+            store16(&f[l3 + 4], 0)
+            store16(&f[l3 + 6], 0x4000)
+            f[l3 + 9] = 6
+            store16(&f[l3 + 10], 0)
+            store16(&f[l3 + 10], <uint16_t>(~csum_fold(csum_add(0, &f[l3], 20)) & 0xFFFF))
+        else:
+            store16(&f[l3 + 4], 20)
+            f[l3 + 6] = 6
+        store16(&f[t], sport)
+        store16(&f[t + 2], dport)
+        store16(&f[t + 4], seq >> 16)
+        store16(&f[t + 6], seq & 0xFFFF)
+        store16(&f[t + 8], ack >> 16)
+        store16(&f[t + 10], ack & 0xFFFF)
+        f[t + 12] = 5 << 4
+        f[t + 13] = TH_RST | TH_ACK
+        cdef mbx_pkt q
+        memset(&q, 0, sizeof(mbx_pkt))
+        q.data = &f[0]
+        q.ip_ver = tmpl.ip_ver
+        q.l4_off = t
+        q.payload_off = t + 20
+        q.payload_len = 0
+        memcpy(q.src.b, &f[a_off], alen)
+        memcpy(q.dst.b, &f[a_off + alen], alen)
+        _tcp_checksum(&q)
+        if self.inject.add(&f[0], len(frame), len(frame), tmpl.ts_ns, tmpl.port) != NULL:
+            self.rst_sent += 1
+        return 0
+
+    def counters_tcp(self):
+        return {
+            "tcp_packets": self.tcp_pkts, "tcp_unparsed": self.tcp_unparsed,
+            "connections": self.connections, "new_connections": self.new_connections,
+            "streams_opened": self.streams_opened, "streams_exhausted": self.pairs_exhausted,
+            "gaps": self.gaps, "gap_bytes": self.gap_bytes, "conflicts": self.conflicts,
+            "memcaps": self.memcaps, "rst_sent": self.rst_sent,
+            "dropped_terminated": self.killed_drops,
+            "pool_chunks_in_use": self.pool.n_chunks - self.pool.n_free,
+        }
+
+    def counters(self):
+        c = NetworkLayer.counters(self)
+        c["tcp"] = self.counters_tcp()
+        return c
+
+    def read_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir, uint64_t off,
+                    uint64_t length):
+        """Stateless read of delivered stream bytes (``Event.read``): a zero-copy
+        memoryview where they are contiguous in memory, else a copy."""
+        cdef mbx_stream *s = self._stream(slot, gen, tdir)
+        cdef const uint8_t *ptr
+        cdef int k = stream_read(self.pool, s, off, length, &ptr)
+        if k < 0:
+            raise MbxError(_READ_ERRORS.get(k, f"stream read error {k}").format(
+                off=off, base=s.base, frontier=s.frontier))
+        if k == length or k == 0:
+            return memoryview(_StreamBytes.wrap(self, <uint8_t *>ptr, k))
+        parts = [bytes(ptr[:k])]
+        cdef uint64_t got = k
+        while got < length:
+            k = stream_read(self.pool, s, off + got, length - got, &ptr)
+            if k <= 0:
+                break
+            parts.append(bytes(ptr[:k]))
+            got += k
+        return memoryview(b"".join(parts))
+
+    cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir) except NULL:
+        if slot >= self.capacity or self.conn_gen[slot] != gen:
+            raise MbxError("the event's flow has ended: its stream is gone")
+        cdef uint32_t pair = self.pair_of[slot]
+        cdef uint8_t d = tdir ^ tcp_client_dir(&self.conns[slot])
+        if pair == NO_PAIR or not self.conn_mark[slot] & (MARK_INIT0 << d):
+            raise MbxError("no stream is kept for this flow and direction "
+                           "(subscribe to DATA_RDY to have it reassembled)")
+        return &self.streams[2 * pair + d]
+
+    def write_stream(self, nf, uint32_t slot, uint32_t gen, uint8_t tdir, uint64_t off,
+                     data):
+        """In-place rewrite of delivered stream bytes (same length) by a writer NF:
+        the stream and the packets of this burst that carry those bytes change, and
+        their TCP checksums follow.  Returns the bytes changed in packets."""
+        if not nf.writes:
+            raise PermissionDenied(
+                f"NF {nf.name} rewrote stream bytes but did not declare writes=True")
+        cdef const uint8_t[::1] new = data
+        cdef uint64_t n = new.shape[0]
+        cdef mbx_stream *s = self._stream(slot, gen, tdir)
+        cdef const uint8_t *ptr
+        cdef uint64_t done = 0
+        cdef int k
+        if off < s.base or off + n > s.frontier:
+            raise MbxError(f"stream bytes [{off}, {off + n}) are not all held "
+                           f"(held: [{s.base}, {s.frontier}))")
+        while done < n:
+            k = stream_read(self.pool, s, off + done, n - done, &ptr)
+            if k <= 0:
+                raise MbxError(f"stream offset {off + done} cannot be written (gap)")
+            memcpy(<uint8_t *>ptr, &new[done], k)
+            done += k
+        return self._patch_packets(slot, gen, tdir ^ tcp_client_dir(&self.conns[slot]),
+                                   s, off, new)
+
+    cdef uint64_t _patch_packets(self, uint32_t slot, uint32_t gen, uint8_t d,
+                                 mbx_stream *s, uint64_t off,
+                                 const uint8_t[::1] new) except? 0xFFFFFFFFFFFFFFFF:
+        cdef Batch batch = self.current
+        cdef uint32_t i
+        cdef mbx_pkt *p
+        cdef int64_t start
+        cdef uint64_t lo, hi, changed = 0, n = new.shape[0]
+        if batch is None:
+            return 0
+        for i in range(batch.count):
+            p = &batch.pkts[i]
+            if (p.flow != slot or p.flow_gen != gen or p.dir != d or p.l4_proto != 6
+                    or not p.payload_len or p.verdict == VERDICT_DROP):
+                continue
+            start = stream_offset_of(s, p.seq + (1 if p.tcp_flags & TH_SYN else 0))
+            lo = max(<int64_t>off, start)
+            hi = min(<int64_t>(off + n), start + <int64_t>p.payload_len)
+            if lo >= hi:
+                continue
+            memcpy(p.data + p.payload_off + (lo - start), &new[lo - off], hi - lo)
+            changed += hi - lo
+            _tcp_checksum(p)
+        return changed
+
+
+cdef void _tcp_checksum(mbx_pkt *p) noexcept nogil:
+    # Whole TCP checksum again (pseudo-header + segment): used only for segments an
+    # NF rewrote, so its cost does not matter.
+    cdef uint8_t *tcp = p.data + p.l4_off
+    cdef uint32_t seg_len = p.payload_off + p.payload_len - p.l4_off
+    cdef uint32_t s = 0
+    store16(tcp + 16, 0)
+    if p.ip_ver == 4:
+        s = csum_add(s, p.src.b, 4)
+        s = csum_add(s, p.dst.b, 4)
+        s += 6 + seg_len
+    else:
+        s = csum_add(s, p.src.b, 16)
+        s = csum_add(s, p.dst.b, 16)
+        s += (seg_len >> 16) + (seg_len & 0xFFFF) + 6
+    s = csum_add(s, tcp, seg_len)
+    store16(tcp + 16, <uint16_t>(~csum_fold(s) & 0xFFFF))
+
+
+_READ_ERRORS = {
+    -1: "stream offset {off} was already released (held from {base})",
+    -2: "stream offset {off} is beyond the frontier ({frontier}): not delivered yet",
+    -3: "stream offset {off} lies in a gap the stream skipped: there are no bytes",
+}
+
+
+def _init_type_ids():
+    for t in _events.event_types():
+        if t.idx < 32:
+            _type_ids[t.idx] = t.id
+
+
+_init_type_ids()
+
+
+cdef class _StreamBytes:
+    # Exports stream bytes through the buffer protocol and keeps the Monitor (and
+    # so the pool) alive; the bytes stay valid until the stream releases them.
+    cdef object owner
+    cdef uint8_t *ptr
+    cdef Py_ssize_t length
+
+    @staticmethod
+    cdef _StreamBytes wrap(object owner, uint8_t *ptr, Py_ssize_t length):
+        cdef _StreamBytes b = _StreamBytes.__new__(_StreamBytes)
+        b.owner = owner
+        b.ptr = ptr
+        b.length = length
+        return b
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        PyBuffer_FillInfo(buffer, self, self.ptr, self.length, 1, flags)
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        pass

@@ -1,0 +1,57 @@
+"""``mbx flows``: a reassembly summary of every TCP connection in a capture.
+
+The TCP Monitor runs with its connection summary on (no NF, no events): per
+connection the twin state decides the client and the handshake, each direction's
+stream is reassembled (overlaps keep the bytes first delivered, holes the peer's ACK
+proves lost are skipped, data behind a hole never filled nor acknowledged is not
+delivered) and hashed (SHA-256) as its frontier moves.  A later connection on the
+same endpoints (a pure SYN with another ISN) is a new connection: ``#2``, ``#3``...
+"""
+import os
+
+from mbx.ports import open_input
+from mbx.runtime import App
+
+SCHEMA = "mbx-flows/1"
+
+
+def number_keys(summary):
+    """[(base key, record)] in order of first packet -> {key: record}, the second and
+    later connections of one endpoint pair keyed ``#2``, ``#3``, ..."""
+    seen = {}
+    out = {}
+    for key, rec in summary:
+        n = seen.get(key, 0) + 1
+        seen[key] = n
+        out[key if n == 1 else f"{key}#{n}"] = rec
+    return out
+
+
+def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
+               chunk_size=2048):
+    """The ``mbx-flows/1`` object for ``capture`` and a list of warnings (anything
+    that may make the summary incomplete: memory caps, evicted flows)."""
+    inp = open_input(capture if ":" in capture and not os.path.exists(capture)
+                     else "pcap:" + capture)
+    # No idle timeout: a connection ends at a new SYN on its endpoints or at the end
+    # of the capture, never because it paused.
+    app = App([], flow_capacity=flow_capacity, idle_timeout=1e9, stack="tcp",
+              summarise=True, max_streams=flow_capacity, stream_memory=stream_memory,
+              chunk_size=chunk_size, stream_window=64 << 20)
+    try:
+        counters = app.run(inp, burst=256)
+    finally:
+        inp.close()
+    doc = {"schema": SCHEMA, "capture": os.path.basename(capture),
+           "connections": number_keys(app.stack.connections_summary())}
+    warnings = []
+    tcp = counters["tcp"]
+    if tcp["memcaps"]:
+        warnings.append(f"{tcp['memcaps']} segments lost bytes to memory caps: raise "
+                        "--stream-memory; their connections' digests are incomplete")
+    if tcp["streams_exhausted"]:
+        warnings.append(f"{tcp['streams_exhausted']} segments found no stream: raise --flows")
+    if counters["flows"]["evicted"] or counters["flows"]["refused"]:
+        warnings.append(f"flow table full ({counters['flows']['evicted']} evicted, "
+                        f"{counters['flows']['refused']} refused): raise --flows")
+    return doc, warnings
