@@ -277,15 +277,20 @@ cdef class NetworkLayer:
         return 0
 
     def run(self, Port inp, Port out=None, *, uint32_t burst=64, uint64_t max_packets=0,
-            progress=None, double progress_every=0.5):
-        """Read ``inp`` to its end (or ``max_packets``), through stack and NFs, to ``out``.
+            progress=None, double progress_every=0.5, double duration=0, stop=None):
+        """Read ``inp`` through the stack and the NFs to ``out`` until the input ends,
+        ``max_packets`` were read, ``duration`` seconds passed, or ``stop`` (anything
+        with ``is_set()``, e.g. a threading.Event) is set; then every flow ends.
 
         ``progress(stack)`` is called about every ``progress_every`` seconds.
         """
         cdef Batch batch = Batch(burst)
         cdef int n
-        cdef double next_report = monotonic() + progress_every
+        cdef double now = monotonic()
+        cdef double next_report = now + progress_every
+        cdef double deadline = now + duration if duration > 0 else 0
         cdef uint64_t limit = max_packets
+        cdef uint32_t idle = 0
         while True:
             batch.clear()
             with nogil:
@@ -301,9 +306,19 @@ cdef class NetworkLayer:
                 self.finish(batch, out)
             if limit and self.pkts >= limit:
                 break
-            if progress is not None and monotonic() >= next_report:
-                progress(self)
-                next_report = monotonic() + progress_every
+            # Live ports return 0 when nothing came in time: look at the clock and
+            # the stop flag then, and every 64 bursts otherwise.
+            idle += 1
+            if n == 0 or idle >= 64:
+                idle = 0
+                now = monotonic()
+                if deadline and now >= deadline:
+                    break
+                if stop is not None and stop.is_set():
+                    break
+                if progress is not None and now >= next_report:
+                    progress(self)
+                    next_report = now + progress_every
         self.shutdown()
         if progress is not None:
             progress(self)

@@ -2,7 +2,9 @@
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 from mbx.errors import MbxError
@@ -69,6 +71,11 @@ def _print_counters(c, elapsed, out=sys.stdout):
     if c["parse"]:
         w("parse          " + ", ".join(f"{k} {v:,}" for k, v in sorted(c["parse"].items()))
           + "\n")
+    t = c.get("tcp")
+    if t:
+        w(f"tcp            packets {t['tcp_packets']:,}, connections {t['connections']:,}, "
+          f"streams {t['streams_opened']:,}, gaps {t['gaps']:,} ({t['gap_bytes']:,} bytes), "
+          f"conflicts {t['conflicts']:,}, memcap {t['memcaps']:,}, rst sent {t['rst_sent']:,}\n")
     if c["events"]:
         w("events         type: published / delivered\n")
         for name, e in c["events"].items():
@@ -79,16 +86,24 @@ def _run(nfs, args):
     from mbx.ports import open_input, open_output
     from mbx.runtime import App
 
+    app = App(nfs, flow_capacity=args.flows, idle_timeout=args.idle_timeout,
+              flow_policy=args.flow_policy, malformed=args.malformed, stack=args.stack,
+              overlap=args.overlap)
     inp = open_input(args.inp)
     out = open_output(args.out) if args.out else None
-    app = App(nfs, flow_capacity=args.flows, idle_timeout=args.idle_timeout,
-              flow_policy=args.flow_policy, malformed=args.malformed)
     progress = Progress(inp, sys.stderr.isatty() and not args.quiet)
+    # SIGINT/SIGTERM end the run between bursts: every flow ends, NFs stop, counters
+    # are printed, ports are closed.
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.perf_counter()
     try:
         counters = app.run(inp, out, burst=args.burst, max_packets=args.max_packets,
-                           progress=progress)
+                           progress=progress, duration=args.duration, stop=stop)
     finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
         progress.done()
         inp.close()
         if out is not None:
@@ -118,6 +133,13 @@ def _add_run_options(p):
                    help="what to do with packets the parser flags (forward)")
     p.add_argument("--burst", type=int, default=64, help="packets per burst (64)")
     p.add_argument("--max-packets", type=int, default=0, help="stop after N packets")
+    p.add_argument("--duration", type=float, default=0,
+                   help="stop after S seconds (live ports); SIGINT/SIGTERM stop cleanly too")
+    p.add_argument("--stack", choices=("auto", "network", "tcp"), default="auto",
+                   help="μStacks: auto runs the TCP Monitor only when an NF subscribes "
+                        "to TCP events (auto)")
+    p.add_argument("--overlap", choices=("first", "last"), default="first",
+                   help="TCP reassembly: which bytes win a conflicting overlap (first)")
     p.add_argument("--json", metavar="FILE", help="write the final counters as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
 

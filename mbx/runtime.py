@@ -160,8 +160,10 @@ class App:
         self.msg_capacity = msg_capacity
         self.stack = None
 
-    def run(self, inp, out=None, *, burst=64, max_packets=0, progress=None):
-        """Run ``inp`` to its end through the stack and NFs; returns the counters."""
+    def run(self, inp, out=None, *, burst=64, max_packets=0, progress=None, duration=0,
+            stop=None):
+        """Run ``inp`` through the stack and NFs (to its end, ``max_packets``,
+        ``duration`` seconds or until ``stop.is_set()``); returns the counters."""
         tcp = self.stack_kind == "tcp" or (self.stack_kind == "auto" and (
             needs_monitor(self.nfs) or self.monitor_options.get("summarise")))
         nfs = list(self.nfs)
@@ -179,7 +181,7 @@ class App:
             else:
                 self.stack = NetworkLayer(bus, **self.config)
             self.stack.run(inp, out, burst=burst, max_packets=max_packets,
-                           progress=progress)
+                           progress=progress, duration=duration, stop=stop)
         finally:
             bus.close()
             for nf in self.nfs:
