@@ -29,6 +29,8 @@ import sys
 sys.exit(sys.version_info < (3, 11))
 PY
 command -v cc >/dev/null 2>&1 || apt_install build-essential
+# OpenSSL's libcrypto (SHA-256 for `mbx flows`), found by meson through pkg-config.
+apt_install libssl-dev pkg-config
 "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || apt_install python3-venv
 
 VENV=${MBX_VENV:-.venv}
