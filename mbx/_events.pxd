@@ -125,7 +125,33 @@ cdef enum BuiltinType:
     T_DATA_RDY = 18
     T_BUILTIN_N = 19
 
+# A subscription filter, compiled from an application file (paper §3.4: "dst_port =
+# 80" routes the Splicer's FLOW_REQ to the HTTP load balancer).  Empty lists match
+# anything; a message matches when every non-empty list has a match.
+cdef enum:
+    FILTER_MAX_PREFIXES = 8
+    FILTER_MAX_PORT_RANGES = 16
+
+ctypedef struct mbx_filter:
+    uint8_t proto                   # 0: any
+    uint8_t n_src
+    uint8_t n_dst
+    uint8_t n_sport
+    uint8_t n_dport
+    uint8_t src_ver[FILTER_MAX_PREFIXES]
+    uint8_t src_bits[FILTER_MAX_PREFIXES]
+    uint8_t src[FILTER_MAX_PREFIXES][16]
+    uint8_t dst_ver[FILTER_MAX_PREFIXES]
+    uint8_t dst_bits[FILTER_MAX_PREFIXES]
+    uint8_t dst[FILTER_MAX_PREFIXES][16]
+    uint16_t sport_lo[FILTER_MAX_PORT_RANGES]
+    uint16_t sport_hi[FILTER_MAX_PORT_RANGES]
+    uint16_t dport_lo[FILTER_MAX_PORT_RANGES]
+    uint16_t dport_hi[FILTER_MAX_PORT_RANGES]
+
 ctypedef void **handler_table     # type index -> PyObject* handler (NULL: none)
+ctypedef mbx_filter *filter_ptr
+ctypedef filter_ptr *filter_table  # type index -> filter (NULL: none)
 
 cdef class EventBus:
     cdef mbx_msg *msgs
@@ -142,6 +168,8 @@ cdef class EventBus:
     # batches, else 0
     cdef uint16_t ***set_batch
     cdef uint8_t ***set_side        # the same shape: 4-bit side mask (see SIDES)
+    cdef filter_table **set_filter  # the same shape: a filter or NULL
+    cdef uint8_t *nf_stage          # per NF: its chain stage (parallel NFs share one)
     cdef uint32_t *nsets
     cdef uint16_t **flow_set        # per NF, per flow slot: handler set (0 = default)
     cdef uint32_t **flow_set_gen
@@ -184,6 +212,7 @@ cdef class EventBus:
     cdef void attach_batch(self, Batch batch)
     cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF
     cdef void release(self, mbx_msg *m) noexcept nogil
+    cdef bint passes(self, const mbx_filter *f, const mbx_msg *m) noexcept nogil
     cdef uint32_t next_ring(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef uint32_t pop(self, uint32_t r) noexcept nogil
     cdef _drain(self, uint32_t i, uint32_t limit)

@@ -284,6 +284,7 @@ cdef _check_layouts():
 
 
 _check_layouts()
+cdef uint64_t _FLOW_ID = FLOW.id
 
 END_REASONS = {0: "none", 1: "idle", 2: "evicted", 3: "shutdown", 4: "closed"}
 TERMINATE_REASONS = {0: "none", 1: "fin", 2: "rst", 3: "nf"}
@@ -401,13 +402,15 @@ class NF:
     only such NFs may, and the Controller serialises them.
     """
 
-    def __init__(self, name, *, writes=False):
+    def __init__(self, name, *, writes=False, group=None):
         if not name or not isinstance(name, str):
             raise SubscriptionError(f"an NF needs a name, not {name!r}")
         self.name = name
         self.writes = bool(writes)
+        self.group = group      # NFs of one group run in parallel (read-only NFs)
         self.subs = {}          # type idx -> (handler, batch, side mask)
         self.pubs = {}          # type idx -> PubPort
+        self.filters = {}       # type idx (or None: every subscription) -> Filter
         self._bus = None
         self._index = -1
 
@@ -435,6 +438,14 @@ class NF:
                 "one flow's subscription at run time")
         self.subs[t.idx] = (handler, bool(batch), side_mask(side))
         return t
+
+    def filter(self, etype=None, **spec):
+        """Restrict this NF's subscription to ``etype`` (or all of them) to events
+        whose packet (or flow) matches ``spec``: ``proto`` ("tcp", "udp", 6...),
+        ``src_port``/``dst_port`` (ports, "a-b" ranges, lists), ``src_net``/``dst_net``
+        (prefixes, lists).  Checked in C when the event is published."""
+        key = None if etype is None else event_type(etype).idx
+        self.filters[key] = Filter(**spec)
 
     def pub(self, etype, *, writes=False):
         """Announce a publication of ``etype`` and get its output port (``mb_pub``)."""
@@ -474,6 +485,136 @@ class NF:
         if self._bus is None:
             raise SubscriptionError(f"NF {self.name}: publish from a running NF")
         (<EventBus>self._bus).publish_from(self, <Message>msg)
+
+
+_PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58, "sctp": 132, "any": 0}
+
+
+def _ports(spec, what):
+    if spec is None:
+        return []
+    items = spec if isinstance(spec, list | tuple | set) else [spec]
+    out = []
+    for item in items:
+        text = str(item)
+        lo, sep, hi = text.partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise SubscriptionError(f"filter {what}: {item!r} is not a port or a range "
+                                    "such as 8000-8080") from None
+        if not 0 <= a <= b <= 65535:
+            raise SubscriptionError(f"filter {what}: {item!r} is not within 0-65535")
+        out.append((a, b))
+    if len(out) > FILTER_MAX_PORT_RANGES:
+        raise SubscriptionError(f"filter {what}: at most {FILTER_MAX_PORT_RANGES} ranges")
+    return out
+
+
+def _nets(spec, what):
+    if spec is None:
+        return []
+    items = spec if isinstance(spec, list | tuple | set) else [spec]
+    out = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError as exc:
+            raise SubscriptionError(f"filter {what}: {exc}") from None
+    if len(out) > FILTER_MAX_PREFIXES:
+        raise SubscriptionError(f"filter {what}: at most {FILTER_MAX_PREFIXES} prefixes")
+    return out
+
+
+@cython.final
+cdef class Filter:
+    """A compiled subscription filter (see ``NF.filter``)."""
+    cdef mbx_filter f
+    cdef readonly dict spec
+
+    def __cinit__(self, proto=None, src_port=None, dst_port=None, src_net=None,
+                  dst_net=None):
+        memset(&self.f, 0, sizeof(mbx_filter))
+        self.spec = {k: v for k, v in dict(proto=proto, src_port=src_port,
+                                           dst_port=dst_port, src_net=src_net,
+                                           dst_net=dst_net).items() if v is not None}
+        if proto is not None:
+            p = _PROTOS.get(str(proto).lower(), proto)
+            if not isinstance(p, int) or not 0 <= p <= 255:
+                raise SubscriptionError(f"filter proto: {proto!r} is not tcp, udp, icmp, "
+                                        "icmp6, sctp or a protocol number")
+            self.f.proto = p
+        cdef int i
+        for i, (lo, hi) in enumerate(_ports(src_port, "src_port")):
+            self.f.sport_lo[i], self.f.sport_hi[i] = lo, hi
+            self.f.n_sport = i + 1
+        for i, (lo, hi) in enumerate(_ports(dst_port, "dst_port")):
+            self.f.dport_lo[i], self.f.dport_hi[i] = lo, hi
+            self.f.n_dport = i + 1
+        for i, net in enumerate(_nets(src_net, "src_net")):
+            self.f.src_ver[i] = net.version
+            self.f.src_bits[i] = net.prefixlen
+            raw = net.network_address.packed
+            memcpy(self.f.src[i], <const char *>raw, len(raw))
+            self.f.n_src = i + 1
+        for i, net in enumerate(_nets(dst_net, "dst_net")):
+            self.f.dst_ver[i] = net.version
+            self.f.dst_bits[i] = net.prefixlen
+            raw = net.network_address.packed
+            memcpy(self.f.dst[i], <const char *>raw, len(raw))
+            self.f.n_dst = i + 1
+
+    def __repr__(self):
+        return f"Filter({', '.join(f'{k}={v!r}' for k, v in self.spec.items())})"
+
+
+cdef inline bint prefix_match(const uint8_t *addr, const uint8_t *net, uint8_t bits) noexcept nogil:
+    cdef int i = 0
+    while bits >= 8:
+        if addr[i] != net[i]:
+            return False
+        bits -= 8
+        i += 1
+    if bits:
+        return ((addr[i] ^ net[i]) & (0xFF << (8 - bits)) & 0xFF) == 0
+    return True
+
+
+cdef bint filter_match(const mbx_filter *f, uint8_t proto, uint8_t ip_ver, const uint8_t *src,
+                       const uint8_t *dst, uint16_t sport, uint16_t dport) noexcept nogil:
+    cdef int i
+    cdef bint ok
+    if f.proto and f.proto != proto:
+        return False
+    if f.n_sport:
+        ok = False
+        for i in range(f.n_sport):
+            if f.sport_lo[i] <= sport <= f.sport_hi[i]:
+                ok = True
+        if not ok:
+            return False
+    if f.n_dport:
+        ok = False
+        for i in range(f.n_dport):
+            if f.dport_lo[i] <= dport <= f.dport_hi[i]:
+                ok = True
+        if not ok:
+            return False
+    if f.n_src:
+        ok = False
+        for i in range(f.n_src):
+            if f.src_ver[i] == ip_ver and prefix_match(src, f.src[i], f.src_bits[i]):
+                ok = True
+        if not ok:
+            return False
+    if f.n_dst:
+        ok = False
+        for i in range(f.n_dst):
+            if f.dst_ver[i] == ip_ver and prefix_match(dst, f.dst[i], f.dst_bits[i]):
+                ok = True
+        if not ok:
+            return False
+    return True
 
 
 @cython.final
@@ -701,8 +842,9 @@ cdef class Event:
         return self.p != NULL and self.p.verdict == VERDICT_DROP
 
     def drop(self):
-        """Drop this event's packet: it is not sent, and later NFs do not see it."""
-        self._pkt().verdict = VERDICT_DROP
+        """Drop this event's packet: it is not sent, and later NFs do not see it
+        (NFs of the same parallel group still do)."""
+        drop_at(self._pkt(), self.bus.nf_stage[self.nf._index])
 
     def set_src(self, ip=None, port=None):
         """Rewrite the source address and/or port (writer NFs); checksums follow."""
@@ -833,6 +975,12 @@ cdef class Event:
 # ---------------------------------------------------------------------------------
 # The bus
 
+cdef inline void drop_at(mbx_pkt *p, uint8_t stage) noexcept nogil:
+    if p.verdict != VERDICT_DROP or stage < p.drop_stage:
+        p.drop_stage = stage
+    p.verdict = VERDICT_DROP
+
+
 cdef inline bint side_ok(uint8_t mask, uint8_t flags) noexcept nogil:
     # Unsided messages reach every subscriber; sided ones those whose mask has
     # their (stack, sender/receiver) combination.
@@ -867,6 +1015,8 @@ cdef class EventBus:
         self.sets = <handler_table **>PyMem_Calloc(MAX_NFS, sizeof(handler_table *))
         self.set_batch = <uint16_t ***>PyMem_Calloc(MAX_NFS, sizeof(uint16_t **))
         self.set_side = <uint8_t ***>PyMem_Calloc(MAX_NFS, sizeof(uint8_t **))
+        self.set_filter = <filter_table **>PyMem_Calloc(MAX_NFS, sizeof(filter_table *))
+        self.nf_stage = <uint8_t *>PyMem_Calloc(MAX_NFS, 1)
         self.nsets = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
         self.flow_set = <uint16_t **>PyMem_Calloc(MAX_NFS, sizeof(uint16_t *))
         self.flow_set_gen = <uint32_t **>PyMem_Calloc(MAX_NFS, sizeof(uint32_t *))
@@ -895,6 +1045,17 @@ cdef class EventBus:
             (<Event>v).bus = self
             (<Event>v).nf = nf
             self.views.append(v)
+        # Chain stages: each NF its own, the NFs of one parallel group the same one (a
+        # drop hides a packet from later stages only, so parallel NFs all see it and
+        # any drop among them wins).
+        cdef uint8_t stage_no = 0
+        prev_group = None
+        for i in range(self.nnf):
+            g = nfs[i].group
+            if g is None or g != prev_group:
+                stage_no += 1
+            self.nf_stage[i] = stage_no
+            prev_group = g
         # Waves matter only when an NF subscribes to what another NF publishes.
         self.ordered = False
         for a in nfs:
@@ -919,14 +1080,18 @@ cdef class EventBus:
                         PyMem_Free(self.sets[i][s])
                         PyMem_Free(self.set_batch[i][s])
                         PyMem_Free(self.set_side[i][s])
+                        PyMem_Free(self.set_filter[i][s])
                     PyMem_Free(self.sets[i])
                     PyMem_Free(self.set_batch[i])
                     PyMem_Free(self.set_side[i])
+                    PyMem_Free(self.set_filter[i])
                 PyMem_Free(self.flow_set[i])
                 PyMem_Free(self.flow_set_gen[i])
         PyMem_Free(self.sets)
         PyMem_Free(self.set_batch)
         PyMem_Free(self.set_side)
+        PyMem_Free(self.set_filter)
+        PyMem_Free(self.nf_stage)
         PyMem_Free(self.nsets)
         PyMem_Free(self.flow_set)
         PyMem_Free(self.flow_set_gen)
@@ -951,6 +1116,7 @@ cdef class EventBus:
     cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF:
         # Interned: flows that share a subscription pattern share one table.
         key = frozenset((k, id(h), b, sm) for k, (h, b, sm) in mapping.items())
+        nf_obj = self.nfs[nf]
         found = self.set_keys[nf].get(key)
         if found is not None:
             return found
@@ -961,7 +1127,8 @@ cdef class EventBus:
         cdef void **table = <void **>PyMem_Calloc(MAX_TYPES, sizeof(void *))
         cdef uint16_t *btab = <uint16_t *>PyMem_Calloc(MAX_TYPES, 2)
         cdef uint8_t *stab = <uint8_t *>PyMem_Calloc(MAX_TYPES, 1)
-        if table == NULL or btab == NULL or stab == NULL:
+        cdef filter_table ftab = <filter_table>PyMem_Calloc(MAX_TYPES, sizeof(filter_ptr))
+        if table == NULL or btab == NULL or stab == NULL or ftab == NULL:
             raise MemoryError()
         self.sets[nf] = <handler_table *>PyMem_Realloc(self.sets[nf],
                                                        (s + 1) * sizeof(handler_table))
@@ -972,6 +1139,9 @@ cdef class EventBus:
         self.set_side[nf] = <uint8_t **>PyMem_Realloc(self.set_side[nf],
                                                       (s + 1) * sizeof(uint8_t *))
         self.set_side[nf][s] = stab
+        self.set_filter[nf] = <filter_table *>PyMem_Realloc(
+            self.set_filter[nf], (s + 1) * sizeof(filter_table))
+        self.set_filter[nf][s] = ftab
         self.nsets[nf] = s + 1
         # Resolve every type to its most specific subscribed ancestor.
         for t in _types:
@@ -986,6 +1156,10 @@ cdef class EventBus:
             self.keep.append(handler)
             table[t.idx] = <void *>handler
             stab[t.idx] = smask
+            flt = nf_obj.filters.get(a.idx, nf_obj.filters.get(None))
+            if flt is not None:
+                self.keep.append(flt)
+                ftab[t.idx] = &(<Filter>flt).f
             if batch:
                 btab[t.idx] = a.idx + 1
         self.set_keys[nf][key] = s
@@ -1050,6 +1224,9 @@ cdef class EventBus:
             if (self.sets[i][s][m.h.type_idx] == NULL
                     or not side_ok(self.set_side[i][s][m.h.type_idx], m.h.flags)):
                 continue
+            if (self.set_filter[i][s][m.h.type_idx] != NULL
+                    and not self.passes(self.set_filter[i][s][m.h.type_idx], m)):
+                continue
             r = 2 * i + (m.h.publisher != PUBLISHER_STACK)
             self.queues[r * self.msg_capacity + (self.qtail[r] & mask)] = idx
             self.qtail[r] += 1
@@ -1058,6 +1235,20 @@ cdef class EventBus:
         self.per_type_published[m.h.type_idx] += 1
         if m.h.refs and m.h.pkt != NO_PKT:
             self.pkts[m.h.pkt].refs += 1
+
+    cdef bint passes(self, const mbx_filter *f, const mbx_msg *m) noexcept nogil:
+        # The packet's headers when the event has a packet, else the flow's (client
+        # as source, server as destination) when it is a FLOW event.
+        cdef const mbx_pkt *p
+        cdef const flow_body *b
+        if m.h.pkt != NO_PKT:
+            p = &self.pkts[m.h.pkt]
+            return filter_match(f, p.l4_proto, p.ip_ver, p.src.b, p.dst.b, p.sport, p.dport)
+        if (m.h.type_id & 0xFFFF) == (<uint64_t>_FLOW_ID & 0xFFFF):
+            b = <const flow_body *>m.body
+            return filter_match(f, b.proto, b.ip_ver, b.cli_addr, b.srv_addr, b.cli_port,
+                                b.srv_port)
+        return True
 
     cdef void release(self, mbx_msg *m) noexcept nogil:
         m.h.refs -= 1
@@ -1190,7 +1381,7 @@ cdef class EventBus:
             idx = self.pop(r)
             m = &self.msgs[idx]
             p = NULL if m.h.pkt == NO_PKT else &self.pkts[m.h.pkt]
-            if p != NULL and p.verdict == VERDICT_DROP:
+            if p != NULL and p.verdict == VERDICT_DROP and p.drop_stage < self.nf_stage[i]:
                 self.release(m)
                 continue
             s = self.handler_set(i, m.h.flow, m.h.flow_gen)
@@ -1246,7 +1437,8 @@ cdef class EventBus:
                 if (self.sets[i][s][m.h.type_idx] != h
                         or self.set_batch[i][s][m.h.type_idx] != bt
                         or not side_ok(self.set_side[i][s][m.h.type_idx], m.h.flags)
-                        or (p != NULL and p.verdict == VERDICT_DROP)):
+                        or (p != NULL and p.verdict == VERDICT_DROP
+                            and p.drop_stage < self.nf_stage[i])):
                     break
                 self.pop(r)
             self.delivered += n
@@ -1271,7 +1463,7 @@ cdef class EventBus:
                 for j in np.flatnonzero(drops):
                     m = &self.msgs[taken[j]]
                     if m.h.pkt != NO_PKT:
-                        self.pkts[m.h.pkt].verdict = VERDICT_DROP
+                        drop_at(&self.pkts[m.h.pkt], self.nf_stage[i])
         finally:
             for j in range(n):
                 self.release(&self.msgs[taken[j]])

@@ -112,7 +112,7 @@ ctypedef struct mbx_pkt:
     uint32_t flow           # flow slot, or NO_FLOW
     uint32_t flow_gen       # generation of that slot when looked up
     uint8_t dir             # 0: sent by the flow's initiator; 1: by the responder
-    uint8_t pad1
+    uint8_t drop_stage      # chain stage of the NF that dropped it (parallel NFs share one)
     # filled by the event core
     uint16_t refs           # event messages still referencing this packet
 

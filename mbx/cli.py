@@ -82,13 +82,17 @@ def _print_counters(c, elapsed, out=sys.stdout):
             w(f"  {name:<24} {e['published']:>12,} / {e['delivered']:,}\n")
 
 
-def _run(nfs, args):
+def _run(nfs, args, spec=None):
     from mbx.ports import open_input, open_output
     from mbx.runtime import App
 
-    app = App(nfs, flow_capacity=args.flows, idle_timeout=args.idle_timeout,
-              flow_policy=args.flow_policy, malformed=args.malformed, stack=args.stack,
-              overlap=args.overlap)
+    config = dict(flow_capacity=args.flows, idle_timeout=args.idle_timeout,
+                  flow_policy=args.flow_policy, malformed=args.malformed, stack=args.stack,
+                  overlap=args.overlap)
+    if spec is not None:        # an application file: its [stack] options win
+        config.update(spec.options)
+        config["stack"] = spec.stack
+    app = App(nfs, **config)
     inp = open_input(args.inp)
     out = open_output(args.out) if args.out else None
     progress = Progress(inp, sys.stderr.isatty() and not args.quiet)
@@ -161,11 +165,16 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run an application (NF chain) over a port")
-    r.add_argument("app", help="NF chain: built-ins (l2fwd, flow_stats, logger, l4lb), "
-                              ".py files or module:attr, joined by +")
+    r.add_argument("app", help="an application file (.toml), or an NF chain: built-ins "
+                              "(l2fwd, flow_stats, logger, l4lb), .py files or "
+                              "module:attr, joined by +")
     r.add_argument("--set", action="append", metavar="NF.KEY=VALUE",
                    help="an option for one NF (repeatable)")
     _add_run_options(r)
+    c = sub.add_parser("check", help="load an application, type-check its links and "
+                                     "print the graph")
+    c.add_argument("app", help="an application file (.toml) or an NF chain as for run")
+    c.add_argument("--set", action="append", metavar="NF.KEY=VALUE")
     g = sub.add_parser("example-capture", help="write the built-in example capture")
     g.add_argument("path")
     g.add_argument("--flows", type=int, default=200, help="TCP connections (200)")
@@ -185,9 +194,26 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.cmd == "run":
+            from mbx.controller import is_app_file, load_app_file
             from mbx.runtime import load_app
 
-            _run(load_app(args.app, _parse_sets(args.set)), args)
+            if is_app_file(args.app):
+                if args.set:
+                    raise MbxError("give NF options in the application file, not --set")
+                spec = load_app_file(args.app)
+                _run(spec.nfs, args, spec)
+            else:
+                _run(load_app(args.app, _parse_sets(args.set)), args)
+        elif args.cmd == "check":
+            from mbx.controller import check, is_app_file, load_app_file
+            from mbx.runtime import load_app
+
+            if is_app_file(args.app):
+                spec = load_app_file(args.app)
+            else:
+                spec = check(args.app, args.app, "auto", {},
+                             load_app(args.app, _parse_sets(args.set)))
+            print(spec.graph())
         elif args.cmd == "example-capture":
             from mbx.examples.capture import write_example
 

@@ -73,6 +73,12 @@ def load_app(spec, options=None):
     in chain order.  ``options`` maps an item's name to keyword options for its
     ``make(**options)``."""
     options = dict(options or {})
+    if spec and spec.endswith(".toml"):
+        from mbx.controller import load_app_file
+
+        if options:
+            raise AppError(f"{spec}: give NF options in the application file, not --set")
+        return load_app_file(spec).nfs
     if not spec or not spec.strip("+"):
         raise AppError("an application names at least one NF")
     nfs = []

@@ -1,0 +1,231 @@
+"""The Controller: application files, the registry of NFs and μStacks, type checks.
+
+An application file (TOML) names the μStack options, the NFs in chain order, their
+options, subscription filters and parallel groups::
+
+    [app]
+    name = "ids"
+    stack = "auto"              # auto | network | tcp
+
+    [stack]                     # App options: flows, idle_timeout, retain, overlap...
+    flow_capacity = 65536
+
+    [[nf]]
+    name = "dpi"
+    use = "mbx/examples/ids.py" # a built-in NF, a .py file, or module:attr
+    group = "inspect"           # NFs of one group run in parallel (read-only NFs)
+
+    [[nf]]
+    name = "lb"
+    use = "l4lb"
+    options = { vip = "198.18.3.1:80" }
+    [nf.filter]                 # on every subscription of this NF
+    dst_port = [80, 8080]
+    [nf.filters."FLOW/END"]     # on one subscription
+    proto = "tcp"
+
+The Controller links each subscription to the publications that can feed it (a
+publication feeds a subscription when it is the subscribed type or a descendant:
+paper §3.3): the μStacks' publications, and those of the NFs before it in the chain
+(an NF also republishes what it subscribes to).  A subscription nothing can feed, a
+writer in a parallel group, an NF listed twice, a bad option or filter: each is
+refused with an error naming the file, the line, the NF and the types.
+"""
+import os
+import re
+import tomllib
+
+from mbx import _events
+from mbx.errors import AppError, MbxError
+
+# What each μStack publishes.
+NETWORK_LAYER_PUBS = [_events.PKT, _events.FLOW_START, _events.FLOW_END]
+TCP_MONITOR_PUBS = [_events.PKT_TCP_SYN, _events.PKT_TCP_FIN, _events.PKT_TCP_RST,
+                    _events.PKT_TCP_RETRANSMISSION, _events.PKT_TCP,
+                    _events.FLOW_TCP_START, _events.FLOW_TCP_ESTABLISHED,
+                    _events.FLOW_TCP_STATE, _events.FLOW_TCP_TERMINATE,
+                    _events.FLOW_TCP_GAP, _events.FLOW_TCP_OVERLAP_CONFLICT,
+                    _events.FLOW_TCP_MEMCAP, _events.DATA_RDY]
+_STACK_KEYS = {"flow_capacity", "idle_timeout", "flow_policy", "malformed",
+               "msg_capacity", "frag_memory", "frag_timeout", "stream_memory",
+               "chunk_size", "stream_window", "retain", "max_streams", "overlap"}
+_NF_KEYS = {"name", "use", "options", "group", "filter", "filters", "failure"}
+
+
+class AppSpec:
+    """A loaded application: its NFs (in chain order), options, and the link graph."""
+
+    def __init__(self, path, name, stack, options, nfs, links):
+        self.path = path
+        self.name = name
+        self.stack = stack
+        self.options = options
+        self.nfs = nfs
+        self.links = links          # [(subscriber NF, type, [publishers])]
+
+    def graph(self):
+        """The application as text: stacks, NFs, and what feeds each subscription."""
+        lines = [f"application {self.name} ({self.path})",
+                 f"  stack: {self.stack}" + (f"  {self.options}" if self.options else "")]
+        for i, nf in enumerate(self.nfs, 1):
+            flags = []
+            if nf.writes:
+                flags.append("writes")
+            if nf.group is not None:
+                flags.append(f"parallel group {nf.group}")
+            lines.append(f"  {i}. NF {nf.name}" + (f" ({', '.join(flags)})" if flags else ""))
+            for sub, t, pubs in self.links:
+                if sub is nf:
+                    flt = nf.filters.get(t.idx, nf.filters.get(None))
+                    where = f"  [{flt!r}]" if flt is not None else ""
+                    lines.append(f"       <- {t.name:<22} from {', '.join(pubs)}{where}")
+            for idx in nf.pubs:
+                lines.append(f"       -> {_events.event_types()[idx].name}")
+        return "\n".join(lines)
+
+
+def _line_of(text, index, key="[[nf]]"):
+    """The line of the index-th ``[[nf]]`` table (tomllib keeps no positions)."""
+    n = -1
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip() == key:
+            n += 1
+            if n == index:
+                return lineno
+    return None
+
+
+def load_app_file(path):
+    """Load and check an application file; returns an AppSpec or raises AppError."""
+    from mbx.runtime import load_app
+
+    if not os.path.isfile(path):
+        raise AppError(f"application file {path}: no such file")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    text = raw.decode("utf-8", "replace")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise AppError(f"{path}: {exc}") from None
+    unknown = set(doc) - {"app", "stack", "nf"}
+    if unknown:
+        raise AppError(f"{path}: unknown table(s) {', '.join(sorted(unknown))} "
+                       "(expected [app], [stack], [[nf]])")
+    app = doc.get("app", {})
+    name = app.get("name", os.path.splitext(os.path.basename(path))[0])
+    stack = app.get("stack", "auto")
+    if stack not in ("auto", "network", "tcp"):
+        raise AppError(f"{path}: [app] stack = {stack!r}: use auto, network or tcp")
+    options = dict(doc.get("stack", {}))
+    bad = set(options) - _STACK_KEYS
+    if bad:
+        raise AppError(f"{path}: [stack] unknown option(s) {', '.join(sorted(bad))} "
+                       f"(known: {', '.join(sorted(_STACK_KEYS))})")
+    entries = doc.get("nf", [])
+    if not entries:
+        raise AppError(f"{path}: no [[nf]] tables: an application names at least one NF")
+    nfs = []
+    loaded = {}         # (use, options): the NFs it made, so a file that defines
+    #                     several NFs is run once
+    base = os.path.dirname(os.path.abspath(path))
+    for i, entry in enumerate(entries):
+        line = _line_of(text, i)
+        where = f"{path}, line {line}" if line else path
+        bad = set(entry) - _NF_KEYS
+        if bad:
+            raise AppError(f"{where}: [[nf]] unknown key(s) {', '.join(sorted(bad))} "
+                           f"(known: {', '.join(sorted(_NF_KEYS))})")
+        use = entry.get("use")
+        if not use:
+            raise AppError(f"{where}: [[nf]] needs use = \"NF\" (a built-in, a .py file "
+                           "or module:attr)")
+        if use.endswith(".py") and not os.path.isabs(use) and not os.path.exists(use):
+            use = os.path.join(base, use)
+        stem = (os.path.splitext(os.path.basename(use))[0] if use.endswith(".py")
+                else use)
+        wanted = entry.get("name")
+        opts = dict(entry.get("options", {}))
+        from mbx.runtime import BUILTIN_NFS
+
+        if use in BUILTIN_NFS and wanted is not None:
+            opts.setdefault("name", wanted)
+        key = (use, repr(sorted(opts.items())))
+        if key not in loaded:
+            try:
+                loaded[key] = load_app(use, {stem: opts} if opts else None)
+            except MbxError as exc:
+                raise AppError(f"{where}: {exc}") from None
+        made = loaded[key]
+        if wanted is not None:
+            picked = [nf for nf in made if nf.name == wanted]
+            if not picked:
+                raise AppError(f"{where}: {use} defines no NF named {wanted!r} "
+                               f"(it defines {', '.join(nf.name for nf in made)})")
+            made = picked
+        group = entry.get("group")
+        for nf in made:
+            nf.group = group
+            try:
+                if "filter" in entry:
+                    nf.filter(None, **entry["filter"])
+                for tname, spec in entry.get("filters", {}).items():
+                    nf.filter(tname, **spec)
+            except (MbxError, TypeError) as exc:
+                raise AppError(f"{where}: NF {nf.name}: filter: {exc}") from None
+            nf.failure = entry.get("failure", "closed")
+            if nf.failure not in ("open", "closed"):
+                raise AppError(f"{where}: NF {nf.name}: failure = {nf.failure!r}: "
+                               "use open or closed")
+        nfs += made
+    return check(path, name, stack, options, nfs)
+
+
+def check(path, name, stack, options, nfs):
+    """Type-check and link ``nfs``; returns the AppSpec or raises AppError."""
+    names = [nf.name for nf in nfs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AppError(f"{path}: NF name(s) used twice: {', '.join(dup)}")
+    for nf in nfs:
+        if nf.group is not None and nf.writes:
+            raise AppError(f"{path}: NF {nf.name} writes packets and cannot run in the "
+                           f"parallel group {nf.group!r}: writers are serialised")
+    groups = [nf.group for nf in nfs]
+    for g in {g for g in groups if g is not None}:
+        at = [i for i, x in enumerate(groups) if x == g]
+        if at != list(range(at[0], at[-1] + 1)):
+            raise AppError(f"{path}: parallel group {g!r} is split by other NFs: list its "
+                           "NFs next to each other")
+    from mbx.runtime import needs_monitor
+
+    tcp = stack == "tcp" or (stack == "auto" and needs_monitor(nfs))
+    stack_pubs = NETWORK_LAYER_PUBS + (TCP_MONITOR_PUBS if tcp else [])
+    stack_name = "TCP Monitor" if tcp else "Network Layer"
+    types = _events.event_types()
+    links = []
+    for i, nf in enumerate(nfs):
+        for idx in nf.subs:
+            t = types[idx]
+            feeders = []
+            if any(p.is_a(t) for p in stack_pubs):
+                feeders.append(stack_name)
+            for other in nfs[:i] + nfs[i + 1:]:
+                pubs = [types[j] for j in other.pubs]
+                if nfs.index(other) < i:
+                    pubs += [types[j] for j in other.subs]     # implicit republication
+                if any(p.is_a(t) for p in pubs):
+                    feeders.append(f"NF {other.name}")
+            if not feeders:
+                offered = sorted({p.name for p in stack_pubs}
+                                 | {types[j].name for o in nfs for j in o.pubs})
+                raise AppError(
+                    f"{path}: NF {nf.name} subscribes to {t.name}, which nothing in the "
+                    f"application publishes (a publication must be {t.name} or a "
+                    f"descendant; published: {', '.join(offered)})")
+            links.append((nf, t, feeders))
+    return AppSpec(path, name, "tcp" if tcp else "network", options, nfs, links)
+
+
+def is_app_file(spec):
+    return bool(re.search(r"\.toml$", spec or ""))

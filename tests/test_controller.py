@@ -1,0 +1,209 @@
+"""Application files and the Controller: loading, type checks with their messages,
+filters compiled into the bus, parallel groups and their merged verdicts."""
+import subprocess
+import sys
+import textwrap
+
+import dpkt
+import pytest
+from conftest import read_frames
+
+import mbx
+from mbx.controller import check, load_app_file
+from mbx.errors import AppError
+from mbx.ports import open_input
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+NF_FILE = '''
+import mbx
+ALERT = mbx.register_event_type("TEST_CTL_ALERT", fields=[("n", "u32")])
+
+class Counter(mbx.NF):
+    def __init__(self, name, types=("PKT",), drop_port=None):
+        super().__init__(name)
+        self.seen = []
+        self.drop_port = drop_port
+        for t in types:
+            self.sub(t, self.on_event)
+
+    def on_event(self, ev):
+        self.seen.append((ev.type_name, ev.has_packet and ev.dport))
+        if self.drop_port is not None and ev.has_packet and ev.dport == self.drop_port:
+            ev.drop()
+
+def make(name="counter", types="PKT", drop_port=None):
+    return Counter(name, types.split(","), drop_port and int(drop_port))
+'''
+
+
+def test_an_application_file_loads_links_and_runs(tmp_path, example_pcap):
+    nf_file = write(tmp_path, "counter.py", NF_FILE)
+    app = write(tmp_path, "app.toml", f"""
+        [app]
+        name = "web"
+        [stack]
+        flow_capacity = 4096
+        [[nf]]
+        use = "{nf_file}"
+        options = {{ name = "web", types = "PKT,FLOW/END" }}
+        [nf.filter]
+        dst_port = [80, "8000-8080"]
+        proto = "tcp"
+        [[nf]]
+        use = "flow_stats"
+        """)
+    spec = load_app_file(app)
+    assert [nf.name for nf in spec.nfs] == ["web", "flow_stats"]
+    assert spec.options == {"flow_capacity": 4096}
+    graph = spec.graph()
+    assert "NF web" in graph and "<- PKT" in graph and "Network Layer" in graph
+    assert "dst_port" in graph
+    counters = mbx.App(spec.nfs, **spec.options).run(open_input("pcap:" + example_pcap))
+    web = spec.nfs[0]
+    # the filter ran in the bus: exactly the TCP packets to port 80 or 8000-8080
+    expected = 0
+    for _, buf in read_frames(example_pcap):
+        eth = dpkt.ethernet.Ethernet(buf)
+        ip = eth.data
+        if isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.tcp.TCP) and not (
+                ip.mf or ip.offset):
+            d = ip.data.dport
+            expected += d == 80 or 8000 <= d <= 8080
+    pkts = [s for s in web.seen if s[0] == "PKT"]
+    assert len(pkts) == expected > 100
+    assert all(d == 80 or 8000 <= d <= 8080 for _, d in pkts)
+    # FLOW/END has no packet: the flow's server port is what the filter checks
+    assert any(s[0] == "FLOW/END" for s in web.seen)
+    assert counters["packets"] == len(read_frames(example_pcap))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("""
+     [[nf]]
+     use = "{nf}"
+     options = {{ types = "DATA_RDY_NOPE" }}
+     """, "unknown event type 'DATA_RDY_NOPE'"),
+    ("""
+     [[nf]]
+     use = "{nf}"
+     options = {{ types = "TEST_CTL_ALERT" }}
+     """, "subscribes to TEST_CTL_ALERT, which nothing in the application publishes"),
+    ("""
+     [[nf]]
+     use = "l4lb"
+     group = "g"
+     [[nf]]
+     use = "l2fwd"
+     group = "g"
+     """, "NF l4lb writes packets and cannot run in the parallel group 'g'"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [[nf]]
+     use = "l2fwd"
+     """, "NF name(s) used twice: l2fwd"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     colour = "blue"
+     """, "line 2: [[nf]] unknown key(s) colour"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [nf.filter]
+     dst_port = [70000]
+     """, "NF l2fwd: filter: filter dst_port: 70000 is not within 0-65535"),
+    ("""
+     [stack]
+     flows = 3
+     [[nf]]
+     use = "l2fwd"
+     """, "[stack] unknown option(s) flows"),
+    ("""
+     [[nf]]
+     use = "l2fwd
+     """, "app.toml: "),
+    ("""
+     [[nf]]
+     use = "nosuch"
+     """, "unknown NF 'nosuch'"),
+])
+def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
+    nf_file = write(tmp_path, "counter.py", NF_FILE)
+    app = write(tmp_path, "app.toml", body.format(nf=nf_file))
+    with pytest.raises(AppError) as info:
+        load_app_file(app)
+    assert message in str(info.value)
+    assert "app.toml" in str(info.value)
+
+
+def test_subscription_fed_by_a_publishing_nf_or_a_descendant_type(tmp_path):
+    parent = mbx.register_event_type("TEST_CTL_PARENT")
+    child = mbx.register_event_type("TEST_CTL_PARENT/CHILD")
+    pub = mbx.NF("pub")
+    pub.sub(mbx.FLOW_END, lambda ev: None)
+    pub.pub(child)
+    sub = mbx.NF("sub")
+    sub.sub(parent, lambda ev: None)          # a child publication feeds a parent sub
+    spec = check("x", "x", "auto", {}, [pub, sub])
+    assert [(nf.name, t.name, feeders) for nf, t, feeders in spec.links] == [
+        ("pub", "FLOW/END", ["Network Layer"]),
+        ("sub", "TEST_CTL_PARENT", ["NF pub"])]
+    lonely = mbx.NF("lonely")
+    lonely.sub(child, lambda ev: None)
+    pub2 = mbx.NF("pub2")
+    pub2.pub(parent)                          # a parent publication does not feed it
+    with pytest.raises(AppError, match="TEST_CTL_PARENT/CHILD, which nothing"):
+        check("x", "x", "auto", {}, [pub2, lonely])
+
+
+def test_parallel_group_sees_every_packet_and_any_drop_wins(run, example_pcap):
+    class Dropper(mbx.NF):
+        def __init__(self, name, port, group=None):
+            super().__init__(name, group=group)
+            self.port = port
+            self.seen = 0
+            self.sub(mbx.PKT, self.on_pkt)
+
+        def on_pkt(self, ev):
+            self.seen += 1
+            if ev.dport == self.port:
+                ev.drop()
+
+    a = Dropper("a", 53, group="monitors")
+    b = Dropper("b", 443, group="monitors")
+    after = Dropper("after", -1)
+    counters, out = run([a, b, after], example_pcap)
+    assert a.seen == b.seen == counters["events"]["PKT"]["published"]
+    dropped = counters["dropped_by_nf"]
+    assert dropped > 0
+    assert after.seen == a.seen - dropped
+    for _, buf in out:
+        ip = dpkt.ethernet.Ethernet(buf).data
+        if isinstance(ip, dpkt.ip.IP | dpkt.ip6.IP6) and hasattr(ip.data, "dport"):
+            assert ip.data.dport not in (53, 443)
+    # sequential: the second NF no longer sees what the first dropped
+    a2, b2 = Dropper("a2", 53), Dropper("b2", 443)
+    run([a2, b2], example_pcap)
+    assert b2.seen < a2.seen
+
+
+def test_mbx_check_prints_the_graph(tmp_path):
+    import mbx as pkg
+
+    ids = str(pkg.__file__).replace("__init__.py", "examples/ids.toml")
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", ids], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "NF dpi" in r.stdout and "<- DPI_DETECT" in r.stdout and "from NF dpi" in r.stdout
+    bad = write(tmp_path, "bad.toml", '[[nf]]\nuse = "logger"\noptions = { types = "IDS_ALERT" }\n')
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", bad], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert "NF logger subscribes to IDS_ALERT" in r.stderr or "unknown event type" in r.stderr
