@@ -158,8 +158,8 @@ class App:
             raise AppError(f"stack must be 'auto', 'network' or 'tcp', not {stack!r}")
         self.stack_kind = stack
         self.monitor_options = monitor_options
-        self.nfs = _as_nfs(list(nfs) if isinstance(nfs, list | tuple) else nfs, "App") \
-            if nfs else []
+        # no NFs is allowed: the stack alone (benchmarks, mbx flows)
+        self.nfs = _as_nfs(nfs, "App") if nfs else []
         self.config = dict(flow_capacity=flow_capacity, idle_timeout=idle_timeout,
                            flow_policy=flow_policy, malformed=malformed,
                            frag_memory=frag_memory, frag_timeout=frag_timeout)
