@@ -96,6 +96,11 @@ ctypedef struct mbx_flow:
 
 # final: other extensions call lookup() per packet, and a final class lets Cython
 # call its C methods directly instead of through the vtable.
+cdef inline void flow_count(mbx_flow *f, const mbx_pkt *p) noexcept nogil:
+    f.pkts[p.dir] += 1
+    f.bytes[p.dir] += p.wirelen
+
+
 @cython.final
 cdef class FlowTable:
     cdef mbx_flow *flows
@@ -115,6 +120,10 @@ cdef class FlowTable:
     cdef readonly uint32_t n_ended
     cdef uint32_t ended_cap
     cdef readonly bint created_last     # the last lookup() created its flow
+    # The caller counts packets itself (flow_count) when it handles each one, so
+    # an event built for a packet sees the counters as of that packet even when
+    # its chunk was looked up together (lookup_burst).
+    cdef public bint defer_count
     cdef readonly uint64_t lookups
     cdef readonly uint64_t created
     cdef readonly uint64_t expired

@@ -291,8 +291,8 @@ cdef class FlowTable:
         p.flow = slot
         p.flow_gen = f.gen
         p.dir = d
-        f.pkts[d] += 1
-        f.bytes[d] += p.wirelen
+        if not self.defer_count:
+            flow_count(f, p)
         if p.ts_ns > f.last_ns:
             f.last_ns = p.ts_ns
         return slot

@@ -29,7 +29,7 @@ from mbx._events cimport (
     T_PKT_TCP_RST, T_PKT_TCP_SYN, EventBus, data_rdy_body, flow_tcp_body, mbx_msg,
     pkt_tcp_body,
 )
-from mbx._flow cimport END_CLOSED, FLOW_ACTIVE, mbx_flow
+from mbx._flow cimport END_CLOSED, FLOW_ACTIVE, flow_count, mbx_flow
 from mbx._packet cimport (
     NO_FLOW, PARSE_BAD_TCP_OPT, PARSE_OK, TH_ACK, TH_FIN, TH_RST, TH_SYN, VERDICT_DROP,
     Batch, Port, mbx_pkt,
@@ -166,12 +166,17 @@ cdef class TcpMonitor(NetworkLayer):
         # A pure SYN of a new connection on the 5-tuple of an old one: the old flow
         # ends (FLOW/END, reason closed) and the packet starts a new flow.
         cdef uint32_t slot = p.flow
+        cdef mbx_flow *old = &self.flows.flows[slot]
         self.new_connections += 1
+        # the SYN belongs to the new flow, not to the one it ends
+        old.pkts[p.dir] -= 1
+        old.bytes[p.dir] -= p.wirelen
         if self.flows.end_flow(slot, END_CLOSED):
             self.publish_ended()
         slot = self.flows.lookup(p)
         if slot == NO_FLOW:
             return NO_FLOW
+        flow_count(&self.flows.flows[slot], p)
         if (self.flows.created_last and self.bus.global_want & (1 << T_FLOW_START)
                 and self.bus.wants(T_FLOW_START, slot, p.flow_gen, 0)):
             self.publish_flow(T_FLOW_START, self.flow_start_id, &self.flows.flows[slot],
@@ -297,6 +302,7 @@ cdef class TcpMonitor(NetworkLayer):
             slot = self.flows.lookup(p)
             if slot == NO_FLOW:
                 return False
+            flow_count(&self.flows.flows[slot], p)
         self.tcp_pkts += 1
         self.pkt_no += 1
         if self.conn_mark[slot] & MARK_KILLED and self.conn_gen[slot] == p.flow_gen:

@@ -14,7 +14,7 @@ from mbx._events cimport (
     NO_PKT, PUBLISHER_STACK, T_FLOW_END, T_FLOW_START, T_PKT, EventBus, flow_body,
     mbx_msg, pkt_body,
 )
-from mbx._flow cimport FlowTable, mbx_flow
+from mbx._flow cimport FlowTable, flow_count, mbx_flow
 from mbx._packet cimport (
     NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PORT_EOF, PORT_ERROR,
     VERDICT_DROP, VERDICT_PASS, Batch, Port, mbx_pkt,
@@ -90,6 +90,7 @@ cdef class NetworkLayer:
         if malformed not in ("forward", "drop"):
             raise ValueError(f"malformed must be 'forward' or 'drop', not {malformed!r}")
         self.flows = FlowTable(flow_capacity, idle_timeout=idle_timeout, policy=flow_policy)
+        self.flows.defer_count = True       # counted per packet in stack_pass
         self.frags = FragTable(max_bytes=frag_memory, timeout=frag_timeout)
         self.bus = bus
         bus.attach_flowtable(self.flows, flow_capacity)
@@ -196,6 +197,10 @@ cdef class NetworkLayer:
                 p = tracked[k]
                 self.pos = p.index
                 slot = p.flow
+                if slot != NO_FLOW and self.flows.flows[slot].gen == p.flow_gen:
+                    # (a transport μStack may have restarted the flow since the
+                    # chunk's lookup: then it counts the packet itself)
+                    flow_count(&self.flows.flows[slot], p)
                 if (slot != NO_FLOW and created[k] and want & (1 << T_FLOW_START)
                         and self.bus.wants(T_FLOW_START, slot, p.flow_gen, 0)):
                     self.publish_flow(T_FLOW_START, self.flow_start_id,
