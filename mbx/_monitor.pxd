@@ -67,7 +67,9 @@ cdef class TcpMonitor(NetworkLayer):
     cdef readonly StreamPool pool
     cdef uint8_t policy
     cdef uint32_t *touched          # pairs whose frontier moved this burst
-    cdef uint8_t *touched_mark
+    cdef uint8_t *touched_mark      # 1: touched; 3: and its flow ended (free at burst end)
+    cdef uint64_t *pair_owner       # per pair: slot | gen << 32 of its flow
+    cdef uint8_t *pair_cdir         # per pair whose flow ended: its client's flow dir
     cdef uint32_t n_touched
     cdef uint32_t capacity
     cdef conn_sum **sums            # per flow slot, when summarising
@@ -77,6 +79,11 @@ cdef class TcpMonitor(NetworkLayer):
     cdef size_t records_cap
     cdef uint64_t pkt_no
     cdef Batch inject               # frames the Monitor sends itself (RSTs)
+    # per burst position: the connection's state right after that packet, and whose
+    # (slot | gen << 32), so a TERMINATE uses the state as of its event
+    cdef tcp_conn *after
+    cdef uint64_t *after_flow
+    cdef uint32_t after_cap
     cdef Batch current
     # counters
     cdef readonly uint64_t tcp_pkts

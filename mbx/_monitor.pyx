@@ -36,7 +36,7 @@ from mbx._packet cimport (
 )
 from mbx._stack cimport NetworkLayer, fill_flow_body, fill_pkt_body
 from mbx._stream cimport (
-    OVERLAP_FIRST, OVERLAP_LAST, STREAM_CONFLICT, STREAM_MEMCAP,
+    OVERLAP_FIRST, OVERLAP_LAST, STREAM_CONFLICT, STREAM_MAX_OOO, STREAM_MEMCAP,
     StreamPool, mbx_stream, stream_add, stream_free, stream_init, stream_offset_of,
     stream_read, stream_release, stream_skip_hole,
 )
@@ -64,6 +64,14 @@ cdef inline uint8_t side_flags(uint8_t from_server, bint receiver) noexcept nogi
     # receiver's is the other one.
     cdef uint8_t server = from_server if not receiver else (from_server ^ 1)
     return MSG_F_SIDED | (MSG_F_SERVER if server else 0) | (MSG_F_RECEIVER if receiver else 0)
+
+
+cdef inline uint8_t data_rdy_flags(uint8_t tdir) noexcept nogil:
+    # DATA_RDY of stream tdir belongs to the endpoint that receives it (the server
+    # for tdir 0), and counts as that stack's one event for the frontier move (not a
+    # receiver-side update: the default side="sender" subscription must get it, and
+    # "client"/"server" pick the stream that endpoint receives).
+    return MSG_F_SIDED | (MSG_F_SERVER if tdir == 0 else 0)
 
 
 cdef class TcpMonitor(NetworkLayer):
@@ -105,9 +113,12 @@ cdef class TcpMonitor(NetworkLayer):
         self.free_pairs = <uint32_t *>PyMem_Malloc(max_streams * 4)
         self.touched = <uint32_t *>PyMem_Malloc(max_streams * 4)
         self.touched_mark = <uint8_t *>PyMem_Calloc(max_streams, 1)
+        self.pair_owner = <uint64_t *>PyMem_Calloc(max_streams, 8)
+        self.pair_cdir = <uint8_t *>PyMem_Calloc(max_streams, 1)
         if (self.conns == NULL or self.conn_gen == NULL or self.conn_mark == NULL
                 or self.pair_of == NULL or self.streams == NULL or self.free_pairs == NULL
-                or self.touched == NULL or self.touched_mark == NULL):
+                or self.touched == NULL or self.touched_mark == NULL
+                or self.pair_owner == NULL or self.pair_cdir == NULL):
             raise MemoryError("cannot allocate the TCP Monitor's Stack Memory")
         cdef uint32_t i
         for i in range(flow_capacity):
@@ -121,8 +132,9 @@ cdef class TcpMonitor(NetworkLayer):
             if self.sums == NULL:
                 raise MemoryError()
         self.inject = Batch(64, 64 * 256)
-        # Sender and receiver updates, state changes, data and gaps: room for them.
-        self.events_per_pkt = 32
+        # Sender and receiver updates, state changes, data and gaps (a GAP and a
+        # DATA_RDY per hole an ACK skips): room for them.
+        self.events_per_pkt = 32 + 2 * STREAM_MAX_OOO
         bus.stream_reader = self
 
     def __dealloc__(self):
@@ -139,6 +151,10 @@ cdef class TcpMonitor(NetworkLayer):
         PyMem_Free(self.free_pairs)
         PyMem_Free(self.touched)
         PyMem_Free(self.touched_mark)
+        PyMem_Free(self.pair_owner)
+        PyMem_Free(self.pair_cdir)
+        PyMem_Free(self.after)
+        PyMem_Free(self.after_flow)
         free(self.records)
 
     # ---------------------------------------------------------------- connections
@@ -189,6 +205,13 @@ cdef class TcpMonitor(NetworkLayer):
             return
         if self.summarise:
             self.summary_end(slot, f)
+        cdef uint32_t pair = self.pair_of[slot]
+        if pair != NO_PAIR and self.touched_mark[pair]:
+            # DATA_RDY of this burst may still read it: free it at the burst's end
+            self.touched_mark[pair] = 3
+            self.pair_cdir[pair] = tcp_client_dir(&self.conns[slot])
+            self.pair_of[slot] = NO_PAIR
+            self.conn_mark[slot] &= ~(MARK_INIT0 | MARK_INIT1)
         self.free_pair(slot)
         self.conn_gen[slot] = 0
 
@@ -214,6 +237,7 @@ cdef class TcpMonitor(NetworkLayer):
         pair = self.free_pairs[self.n_free_pairs]
         memset(&self.streams[2 * pair], 0, 2 * sizeof(mbx_stream))
         self.pair_of[slot] = pair
+        self.pair_owner[pair] = slot | (<uint64_t>self.conn_gen[slot] << 32)
         self.streams_opened += 1
         return pair
 
@@ -373,16 +397,18 @@ cdef class TcpMonitor(NetworkLayer):
             if m != NULL:
                 (<flow_tcp_body *>m.body).reason = 2 if c.flags & CONN_CLOSED_RST else 1
                 self.bus.publish(m)
+        if p.index < self.after_cap:
+            self.after[p.index] = c[0]
+            self.after_flow[p.index] = slot | (<uint64_t>p.flow_gen << 32)
         return True
 
     # ---------------------------------------------------------------- streams
 
     cdef bint wants_stream(self, uint32_t slot, mbx_pkt *p, uint8_t tdir) noexcept nogil:
         # The stream of direction tdir (from the TCP client: 0) is received by the
-        # other endpoint: DATA_RDY is that endpoint's receiver-side event.
+        # other endpoint: DATA_RDY is that endpoint's event, one per frontier move.
         return self.summarise or self.bus.wants(
-            T_DATA_RDY, slot, p.flow_gen,
-            MSG_F_SIDED | MSG_F_RECEIVER | (MSG_F_SERVER if tdir == 0 else 0))
+            T_DATA_RDY, slot, p.flow_gen, data_rdy_flags(tdir))
 
     cdef void stream_work(self, Batch batch, mbx_pkt *p, uint32_t slot, tcp_conn *c,
                           uint32_t sbits) noexcept nogil:
@@ -446,7 +472,6 @@ cdef class TcpMonitor(NetworkLayer):
             ack = p.ack
             if c.ep[o].flags & EP_FIN and seq_gt(ack, c.ep[o].fin_seq):
                 ack = c.ep[o].fin_seq       # the FIN's sequence number is no data
-            before = s.frontier
             while True:
                 n = stream_skip_hole(self.pool, s, ack, &gs, &ge)
                 if n == 0:
@@ -459,14 +484,17 @@ cdef class TcpMonitor(NetworkLayer):
                     (<flow_tcp_body *>m.body).length = n
                     (<flow_tcp_body *>m.body).stream_dir = o ^ cdir
                     self.bus.publish(m)
-            if s.frontier != before:
-                self.data_ready(p, slot, c, pair, o, before)
+                # the held bytes the frontier ran through after this hole: their own
+                # DATA_RDY, from the hole's end (a range across the hole cannot be
+                # read, and the next hole releases what lies before this one)
+                if s.frontier > ge:
+                    self.data_ready(p, slot, c, pair, o, ge)
 
     cdef void data_ready(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                          uint8_t d, uint64_t old_frontier) noexcept nogil:
         cdef mbx_stream *s = &self.streams[2 * pair + d]
         cdef uint8_t tdir = d ^ tcp_client_dir(c)
-        cdef uint8_t flags = MSG_F_SIDED | MSG_F_RECEIVER | (MSG_F_SERVER if tdir == 0 else 0)
+        cdef uint8_t flags = data_rdy_flags(tdir)
         cdef mbx_msg *m
         cdef data_rdy_body *b
         cdef conn_sum *cs
@@ -512,14 +540,31 @@ cdef class TcpMonitor(NetworkLayer):
         cdef uint32_t k, pair
         self.current = batch
         self.inject.clear()
+        if batch.count > self.after_cap:
+            PyMem_Free(self.after)
+            PyMem_Free(self.after_flow)
+            self.after_cap = 0
+            self.after = <tcp_conn *>PyMem_Malloc(batch.count * sizeof(tcp_conn))
+            self.after_flow = <uint64_t *>PyMem_Malloc(batch.count * 8)
+            if self.after == NULL or self.after_flow == NULL:
+                raise MemoryError()
+            self.after_cap = batch.count
+        for k in range(batch.count):
+            self.after_flow[k] = 0xFFFFFFFFFFFFFFFF
         NetworkLayer.process(self, batch)
         for k in range(self.n_touched):
             pair = self.touched[k]
+            if self.touched_mark[pair] == 3:      # its flow ended during the burst
+                stream_free(self.pool, &self.streams[2 * pair])
+                stream_free(self.pool, &self.streams[2 * pair + 1])
+                self.free_pairs[self.n_free_pairs] = pair
+                self.n_free_pairs += 1
+            else:
+                stream_release(self.pool, &self.streams[2 * pair],
+                               self.streams[2 * pair].frontier)
+                stream_release(self.pool, &self.streams[2 * pair + 1],
+                               self.streams[2 * pair + 1].frontier)
             self.touched_mark[pair] = 0
-            stream_release(self.pool, &self.streams[2 * pair],
-                           self.streams[2 * pair].frontier)
-            stream_release(self.pool, &self.streams[2 * pair + 1],
-                           self.streams[2 * pair + 1].frontier)
         self.n_touched = 0
 
     cdef int finish(self, Batch batch, Port out) except -1:
@@ -638,8 +683,12 @@ cdef class TcpMonitor(NetworkLayer):
         cdef mbx_pkt *tmpl = NULL
         cdef uint32_t i
         cdef tcp_conn *c = &self.conns[slot]
-        cdef uint8_t cdir = tcp_client_dir(c)
         cdef uint32_t pos = ev.burst_pos
+        if pos < self.after_cap and self.after_flow[pos] == slot | (<uint64_t>gen << 32):
+            # the state as of the event: the later packets of this burst are dropped
+            # below, the endpoints never see them
+            c = &self.after[pos]
+        cdef uint8_t cdir = tcp_client_dir(c)
         if batch is not None:
             for i in range(batch.count):
                 if batch.pkts[i].flow == slot and batch.pkts[i].flow_gen == gen:
@@ -750,7 +799,15 @@ cdef class TcpMonitor(NetworkLayer):
         return memoryview(b"".join(parts))
 
     cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir) except NULL:
+        cdef uint32_t k, p
         if slot >= self.capacity or self.conn_gen[slot] != gen:
+            # ended during this burst: its streams stay until the burst's end
+            for k in range(self.n_touched):
+                p = self.touched[k]
+                if (self.touched_mark[p] == 3
+                        and self.pair_owner[p] == slot | (<uint64_t>gen << 32)
+                        and self.streams[2 * p + (tdir ^ self.pair_cdir[p])].live):
+                    return &self.streams[2 * p + (tdir ^ self.pair_cdir[p])]
             raise MbxError("the event's flow has ended: its stream is gone")
         cdef uint32_t pair = self.pair_of[slot]
         cdef uint8_t d = tdir ^ tcp_client_dir(&self.conns[slot])
@@ -782,8 +839,9 @@ cdef class TcpMonitor(NetworkLayer):
                 raise MbxError(f"stream offset {off + done} cannot be written (gap)")
             memcpy(<uint8_t *>ptr, &new[done], k)
             done += k
-        return self._patch_packets(slot, gen, tdir ^ tcp_client_dir(&self.conns[slot]),
-                                   s, off, new)
+        # s is streams[2 * pair + flow dir]
+        return self._patch_packets(slot, gen, <uint8_t>((s - self.streams) & 1), s, off,
+                                   new)
 
     cdef uint64_t _patch_packets(self, uint32_t slot, uint32_t gen, uint8_t d,
                                  mbx_stream *s, uint64_t off,
