@@ -99,11 +99,15 @@ def open_input(spec: str, port_id: int = 0) -> Port:
     ``pcap:FILE`` (or a bare ``FILE.pcap``/``.pcapng``/``.cap``) replays a capture
     file.  Raises :class:`~mbx.errors.PortError` for an unknown scheme or a file that
     cannot be opened, :class:`~mbx.errors.CaptureFormatError` for one that is not a
-    usable capture.
+    usable capture.  ``afpacket:IF`` receives live from an interface (and can send
+    back out of it); ``afpacket:IF0,IF1`` is a :class:`~mbx._afpacket.BridgePorts`
+    (port 0 client side, 1 server side).
     """
     scheme, arg = _parse(spec)
     if scheme == "pcap":
         return PcapReader(arg, port_id)
+    if scheme == "afpacket":
+        return _open_afpacket(spec, arg, port_id, rx=True)
     raise AssertionError(f"scheme {scheme!r} parsed but not handled")  # pragma: no cover
 
 
