@@ -1,24 +1,31 @@
 """Open packet ports from a spec string such as ``pcap:trace.pcap``.
 
-A spec is ``SCHEME:ARG``.  Only capture files (``pcap:FILE``) exist so far; live
-interfaces (``afpacket:IF``) and DPDK ports (``dpdk:ARGS``) come later and are
-refused with a message that says which schemes this build knows.  A bare path ending
+A spec is ``SCHEME:ARG``.  Capture files are ``pcap:FILE``; live interfaces are
+``afpacket:IF`` (one interface) or ``afpacket:CLIENT_IF,SERVER_IF`` (the middlebox
+bridge between two interfaces: one object receives from both and sends each packet
+out of the other one, so it is the input and the output of a run; see
+:func:`open_ports`).  AF_PACKET options follow a ``?``:
+``afpacket:veth0,veth1?fanout=7&block_count=128`` (keys: ``fanout``,
+``fanout_mode``, ``block_size``, ``block_count``, ``frame_size``, ``timeout_ms``,
+``retire_ms``, ``promisc``, ``duration``).  DPDK ports (``dpdk:ARGS``) come later
+and are refused with a message that says which schemes this build knows.  A bare path ending
 in ``.pcap``, ``.pcapng`` or ``.cap`` is taken as a capture file, so shell
 completion of file names works as expected.
 """
 
 from __future__ import annotations
 
+from mbx._packet import Port
 from mbx._pcap import PcapReader, PcapWriter
 from mbx.errors import PortError
 
-__all__ = ["KNOWN_SCHEMES", "open_input", "open_output"]
+__all__ = ["KNOWN_SCHEMES", "open_input", "open_output", "open_ports"]
 
 #: Schemes this build can open.
-KNOWN_SCHEMES: tuple[str, ...] = ("pcap",)
+KNOWN_SCHEMES: tuple[str, ...] = ("pcap", "afpacket")
 # Schemes planned but not built yet: named so the error says "not available" rather
 # than "unknown", which would suggest a typo.
-_PLANNED_SCHEMES = ("afpacket", "dpdk")
+_PLANNED_SCHEMES = ("dpdk",)
 _CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap")
 
 
@@ -31,7 +38,8 @@ def _parse(spec: str) -> tuple[str, str]:
     scheme = scheme.lower()
     if sep and scheme in KNOWN_SCHEMES:
         if not arg:
-            raise PortError(f"port spec {spec!r} names no file after '{scheme}:'")
+            what = "interface" if scheme == "afpacket" else "file"
+            raise PortError(f"port spec {spec!r} names no {what} after '{scheme}:'")
         return scheme, arg
     if sep and scheme in _PLANNED_SCHEMES:
         raise PortError(f"port scheme {scheme!r} ({spec!r}) is not available yet; "
@@ -43,30 +51,103 @@ def _parse(spec: str) -> tuple[str, str]:
                     f"{', '.join(_CAPTURE_SUFFIXES)})")
 
 
-def open_input(spec: str, port_id: int = 0) -> PcapReader:
+_AFPACKET_INT = ("fanout", "block_size", "block_count", "frame_size", "timeout_ms",
+                  "retire_ms")
+
+
+def _afpacket(spec: str, arg: str) -> tuple[list[str], dict]:
+    """``IF[,IF2][?key=value&...]`` -> (interfaces, AfPacketPort keyword options)."""
+    names, _, query = arg.partition("?")
+    ifaces = [n.strip() for n in names.split(",")]
+    if not 1 <= len(ifaces) <= 2 or not all(ifaces):
+        raise PortError(f"port spec {spec!r}: expected afpacket:IF or afpacket:IF0,IF1")
+    options: dict = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        try:
+            if key in _AFPACKET_INT:
+                options["fanout_group" if key == "fanout" else key] = int(value, 0)
+            elif key == "fanout_mode":
+                options[key] = value
+            elif key == "promisc":
+                options[key] = value.lower() not in ("0", "no", "false", "off")
+            elif key == "duration":
+                options[key] = float(value)
+            else:
+                known = _AFPACKET_INT + ("fanout_mode", "promisc", "duration")
+                raise PortError(f"port spec {spec!r}: unknown option {key!r}; known: "
+                                f"{', '.join(known)}")
+        except ValueError:
+            raise PortError(f"port spec {spec!r}: bad value {value!r} for {key}") from None
+    return ifaces, options
+
+
+def _open_afpacket(spec: str, arg: str, port_id: int, rx: bool):
+    from mbx._afpacket import AfPacketPort, BridgePorts
+    ifaces, options = _afpacket(spec, arg)
+    try:
+        if len(ifaces) == 2:
+            return BridgePorts(*ifaces, rx=rx, **options)
+        return AfPacketPort(ifaces[0], port_id=port_id, rx=rx, **options)
+    except ValueError as exc:
+        raise PortError(f"port spec {spec!r}: {exc}") from None
+
+
+def open_input(spec: str, port_id: int = 0) -> Port:
     """Open the port ``spec`` for receiving; frames are tagged with ``port_id``.
 
     ``pcap:FILE`` (or a bare ``FILE.pcap``/``.pcapng``/``.cap``) replays a capture
     file.  Raises :class:`~mbx.errors.PortError` for an unknown scheme or a file that
     cannot be opened, :class:`~mbx.errors.CaptureFormatError` for one that is not a
-    usable capture.
+    usable capture.  ``afpacket:IF`` receives live from an interface (and can send
+    back out of it); ``afpacket:IF0,IF1`` is a :class:`~mbx._afpacket.BridgePorts`
+    (port 0 client side, 1 server side).
     """
     scheme, arg = _parse(spec)
     if scheme == "pcap":
         return PcapReader(arg, port_id)
+    if scheme == "afpacket":
+        return _open_afpacket(spec, arg, port_id, rx=True)
     raise AssertionError(f"scheme {scheme!r} parsed but not handled")  # pragma: no cover
 
 
-def open_output(spec: str) -> PcapWriter:
+def open_output(spec: str) -> Port:
     """Open the port ``spec`` for sending.
 
     ``pcap:FILE`` writes a classic pcap file with nanosecond timestamps (the file is
     created or truncated).  A ``.pcapng`` name still gets classic pcap: every reader
     tells the two apart by their magic, not by the name.  Raises
     :class:`~mbx.errors.PortError` for an unknown scheme or a file that cannot be
-    created.
+    created.  ``afpacket:IF`` sends out of an interface (a send-only socket);
+    ``afpacket:IF0,IF1`` a send-only bridge (prefer :func:`open_ports`, which
+    makes the bridge of the input its output too).
     """
     scheme, arg = _parse(spec)
     if scheme == "pcap":
         return PcapWriter(arg)
+    if scheme == "afpacket":
+        return _open_afpacket(spec, arg, 0, rx=False)
     raise AssertionError(f"scheme {scheme!r} parsed but not handled")  # pragma: no cover
+
+
+def open_ports(in_spec: str, out_spec: str | None = None) -> tuple[Port, Port | None]:
+    """The (input, output) ports of a run.
+
+    An AF_PACKET bridge (``afpacket:IF0,IF1``) given as input is also the output
+    when ``out_spec`` is omitted or names the same bridge: the middlebox sends what
+    passes back out of the other interface, through the same sockets.  Otherwise
+    each spec is opened on its own (no ``out_spec``: no output).
+    """
+    inp = open_input(in_spec)
+    try:
+        if isinstance(inp, _bridge_type()) and (out_spec is None or out_spec == in_spec):
+            return inp, inp
+        return inp, open_output(out_spec) if out_spec else None
+    except BaseException:
+        inp.close()
+        raise
+
+
+def _bridge_type():
+    from mbx._afpacket import BridgePorts
+    return BridgePorts

@@ -552,7 +552,7 @@ def test_port_specs(tmp_path):
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("afpacket:eth0", "not available yet; known schemes: pcap"),
+    ("afpacket:", "names no interface"),
     ("dpdk:0000:01:00.0", "not available yet; known schemes: pcap"),
     ("eth0", "unknown port spec 'eth0'.*pcap"),
     ("tap:x", "unknown port spec.*pcap"),

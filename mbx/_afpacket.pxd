@@ -1,0 +1,67 @@
+# Live interfaces through Linux AF_PACKET sockets: AfPacketPort (one interface, a
+# TPACKET_V3 receive ring and sendmmsg batches) and BridgePorts (the middlebox
+# between a client-facing and a server-facing interface).  Declared here so other
+# extensions can cimport them and call rx_burst/tx_burst directly.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from mbx._packet cimport Batch, Port, mbx_pkt
+
+cdef enum:
+    AFP_TX_CHUNK = 64       # messages handed to one sendmmsg call
+    AFP_ERRMSG = 256
+
+
+cdef class AfPacketPort(Port):
+    cdef readonly str iface
+    cdef readonly int ifindex
+    cdef readonly int mtu
+    cdef readonly uint16_t port_id
+    cdef readonly uint32_t block_size
+    cdef readonly uint32_t block_count
+    cdef readonly uint32_t frame_size
+    cdef readonly int timeout_ms        # poll() wait when no block is ready
+    cdef readonly int retire_ms         # kernel hands over a partly filled block after this
+    cdef readonly object fanout_group   # None or 0..65535
+    cdef readonly str fanout_mode
+    cdef readonly bint rx
+    cdef readonly bint tx
+    cdef readonly bint promisc
+    cdef readonly bint ignore_outgoing  # the kernel filters our own frames (>= 4.20)
+    cdef readonly uint64_t rx_outgoing  # own/outgoing frames skipped in user space
+    cdef readonly uint64_t rx_vlan      # frames whose stripped 802.1Q tag was put back
+    cdef readonly uint64_t rx_truncated  # frames the ring cut short (TP_STATUS_COPY)
+    cdef readonly uint64_t kernel_packets   # PACKET_STATISTICS, accumulated
+    cdef readonly uint64_t kernel_freezes   # blocks the kernel found still in user hands
+    cdef readonly int last_tx_errno     # errno of the last send that dropped frames
+
+    cdef int fd
+    cdef uint8_t *ring                  # the mmapped receive ring, NULL without one
+    cdef size_t ring_len
+    cdef uint32_t cur_block             # block being read (or waited for)
+    cdef uint32_t left_in_block         # frames of cur_block not yet delivered
+    cdef uint8_t *next_frame            # the next of those
+    cdef uint8_t *scratch               # a frame getting its VLAN tag back
+    cdef bint stopping
+    cdef int64_t deadline_ns            # 0: none; else rx ends at this CLOCK_MONOTONIC time
+    cdef double duration
+    cdef readonly bint interrupted     # Ctrl-C ended the input
+    cdef uint32_t calls
+    cdef char errmsg[AFP_ERRMSG]
+
+    cdef int rx_ready(self, Batch batch, uint16_t port_id) noexcept nogil
+    cdef int wait(self) noexcept nogil
+    cdef int send_frames(self, mbx_pkt **pkts, int n) noexcept nogil
+    cdef void refresh_stats(self) noexcept nogil
+    cdef int live_check(self) noexcept nogil
+    cdef int poll_signals(self) noexcept with gil
+    cdef void release(self) noexcept nogil
+
+
+cdef class BridgePorts(Port):
+    cdef readonly AfPacketPort client     # port id 0
+    cdef readonly AfPacketPort server     # port id 1
+    cdef readonly uint64_t misrouted      # packets sent with a port id other than 0/1
+    cdef uint32_t turn
+
+    cdef void adopt_error(self, AfPacketPort side) noexcept with gil
+    cdef int read_both(self, Batch batch) noexcept nogil

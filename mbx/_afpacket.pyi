@@ -1,0 +1,87 @@
+"""Stubs for mbx._afpacket: live interfaces through AF_PACKET sockets."""
+
+from mbx._packet import Port
+
+FANOUT_MODES: dict[str, int]
+
+class AfPacketPort(Port):
+    """One interface: a TPACKET_V3 receive ring, sendmmsg bursts, optional fanout."""
+
+    iface: str
+    ifindex: int
+    mtu: int
+    port_id: int
+    block_size: int
+    block_count: int
+    frame_size: int
+    timeout_ms: int
+    retire_ms: int
+    fanout_group: int | None
+    fanout_mode: str
+    rx: bool
+    tx: bool
+    promisc: bool
+    ignore_outgoing: bool
+    interrupted: bool
+    rx_outgoing: int
+    rx_vlan: int
+    rx_truncated: int
+    kernel_packets: int
+    kernel_freezes: int
+    last_tx_errno: int
+    def __init__(
+        self,
+        iface: str,
+        *,
+        port_id: int = 0,
+        block_size: int = 1 << 17,
+        block_count: int = 64,
+        frame_size: int = 2048,
+        fanout_group: int | None = None,
+        fanout_mode: str = "hash",
+        fanout_defrag: bool = False,
+        rx: bool = True,
+        tx: bool = True,
+        timeout_ms: int = 5,
+        retire_ms: int = 1,
+        promisc: bool = True,
+        duration: float = 0.0,
+    ) -> None: ...
+    def stop(self) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> AfPacketPort: ...
+
+class BridgePorts(Port):
+    """The middlebox between a client-facing (port 0) and a server-facing (port 1)
+    interface; each packet leaves by the other one."""
+
+    client: AfPacketPort
+    server: AfPacketPort
+    misrouted: int
+    def __init__(
+        self,
+        client_iface: str,
+        server_iface: str,
+        *,
+        block_size: int = 1 << 17,
+        block_count: int = 64,
+        frame_size: int = 2048,
+        fanout_group: int | None = None,
+        fanout_mode: str = "hash",
+        fanout_defrag: bool = False,
+        rx: bool = True,
+        tx: bool = True,
+        timeout_ms: int = 5,
+        retire_ms: int = 1,
+        promisc: bool = True,
+        duration: float = 0.0,
+    ) -> None: ...
+    @property
+    def interrupted(self) -> bool: ...
+    @property
+    def ports(self) -> tuple[AfPacketPort, AfPacketPort]: ...
+    def stop(self) -> None: ...
+    def stats(self) -> dict[str, object]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> BridgePorts: ...

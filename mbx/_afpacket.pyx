@@ -1,0 +1,794 @@
+"""Live interfaces through Linux AF_PACKET sockets.
+
+``AfPacketPort`` receives from a TPACKET_V3 ring mapped into our memory: the kernel
+fills blocks of frames, ``rx_burst`` walks them without the GIL and copies each frame
+into the batch arena once (the stack parses and rewrites there), then hands the block
+back.  It sends with ``sendmmsg``: one system call per burst of up to 64 frames.
+
+Why ``sendmmsg`` and not a PACKET_TX_RING: the TX ring is zero-copy past the Ethernet
+header (the skb points into the ring's pages) and a frame slot is released when the
+skb is orphaned, which on a veth happens when the peer receives it, while the peer's
+socket may still hold those pages; rewriting the slot could then change data already
+queued on the receiver.  ``sendmmsg`` copies, so the batch arena is free again as soon
+as the call returns, and it costs the same one system call per burst.
+
+``BridgePorts`` is the middlebox between two interfaces: it reads both rings (frames
+from the client side get port 0, from the server side port 1) and sends each packet
+out of the other interface.
+"""
+import os
+
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport (
+    EAGAIN, EINTR, EINVAL, EMSGSIZE, ENETDOWN, ENOBUFS, ENODEV, ENOMEM, ENXIO, EPERM,
+    EACCES, errno,
+)
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset, strerror, strncpy
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.uio cimport iovec
+from posix.unistd cimport close as c_close
+
+from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, mbx_pkt
+
+from mbx.errors import PortError
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    enum:
+        AF_PACKET
+        SOCK_RAW
+        SOCK_CLOEXEC
+        SOL_PACKET
+        MSG_DONTWAIT
+    int socket(int domain, int type, int protocol)
+    int bind(int fd, const sockaddr *addr, socklen_t len)
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+    int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+    int sendmmsg(int fd, mmsghdr *msgs, unsigned int n, int flags)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    enum:
+        POLLIN
+        POLLOUT
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    uint16_t htons(uint16_t x)
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "<net/if.h>" nogil:
+    enum:
+        IFNAMSIZ
+    struct ifreq:
+        char ifr_name[16]
+        int ifr_mtu             # a macro over the ifr_ifru union
+    unsigned int if_nametoindex(const char *name)
+
+cdef extern from "<linux/sockios.h>":
+    enum:
+        SIOCGIFMTU
+
+cdef extern from "<linux/if_ether.h>":
+    enum:
+        ETH_P_ALL
+        ETH_P_8021Q
+
+cdef extern from "<linux/if_packet.h>" nogil:
+    struct sockaddr_ll:
+        unsigned short sll_family
+        uint16_t sll_protocol
+        int sll_ifindex
+        unsigned short sll_hatype
+        unsigned char sll_pkttype
+        unsigned char sll_halen
+        unsigned char sll_addr[8]
+    struct packet_mreq:
+        int mr_ifindex
+        unsigned short mr_type
+        unsigned short mr_alen
+        unsigned char mr_address[8]
+    struct tpacket_req3:
+        unsigned int tp_block_size
+        unsigned int tp_block_nr
+        unsigned int tp_frame_size
+        unsigned int tp_frame_nr
+        unsigned int tp_retire_blk_tov
+        unsigned int tp_sizeof_priv
+        unsigned int tp_feature_req_word
+    struct tpacket_hdr_v1:
+        uint32_t block_status
+        uint32_t num_pkts
+        uint32_t offset_to_first_pkt
+        uint32_t blk_len
+    union tpacket_bd_header_u:
+        tpacket_hdr_v1 bh1
+    struct tpacket_block_desc:
+        uint32_t version
+        uint32_t offset_to_priv
+        tpacket_bd_header_u hdr
+    struct tpacket_hdr_variant1:
+        uint32_t tp_rxhash
+        uint32_t tp_vlan_tci
+        uint16_t tp_vlan_tpid
+    struct tpacket3_hdr:
+        uint32_t tp_next_offset
+        uint32_t tp_sec
+        uint32_t tp_nsec
+        uint32_t tp_snaplen
+        uint32_t tp_len
+        uint32_t tp_status
+        uint16_t tp_mac
+        uint16_t tp_net
+        tpacket_hdr_variant1 hv1
+    struct tpacket_stats_v3:
+        unsigned int tp_packets
+        unsigned int tp_drops
+        unsigned int tp_freeze_q_cnt
+    enum:
+        PACKET_ADD_MEMBERSHIP
+        PACKET_MR_PROMISC
+        PACKET_RX_RING
+        PACKET_STATISTICS
+        PACKET_VERSION
+        PACKET_FANOUT
+        PACKET_IGNORE_OUTGOING
+        PACKET_OUTGOING
+        TPACKET_V3
+        TP_STATUS_KERNEL
+        TP_STATUS_USER
+        TP_STATUS_COPY
+        TP_STATUS_VLAN_VALID
+        TP_STATUS_VLAN_TPID_VALID
+        PACKET_FANOUT_HASH
+        PACKET_FANOUT_LB
+        PACKET_FANOUT_CPU
+        PACKET_FANOUT_ROLLOVER
+        PACKET_FANOUT_RND
+        PACKET_FANOUT_QM
+        PACKET_FANOUT_FLAG_DEFRAG
+        PACKET_FANOUT_FLAG_ROLLOVER
+    size_t TPACKET_ALIGN(size_t x)
+
+# The block status word is shared with the kernel: read it with acquire (the frames
+# written before it are visible) and hand the block back with release (our reads of
+# the block are done before the kernel may refill it).
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline uint32_t mbx_load_acquire(const uint32_t *p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline void mbx_store_release(uint32_t *p, uint32_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
+    """
+    uint32_t load_acquire "mbx_load_acquire"(const uint32_t *p) noexcept nogil
+    void store_release "mbx_store_release"(uint32_t *p, uint32_t v) noexcept nogil
+
+
+cdef enum:
+    SIGNAL_CHECK_EVERY = 256    # rx calls between checks for Ctrl-C under load
+    VLAN_HLEN = 4
+
+FANOUT_MODES = {
+    "hash": PACKET_FANOUT_HASH, "lb": PACKET_FANOUT_LB, "cpu": PACKET_FANOUT_CPU,
+    "rollover": PACKET_FANOUT_ROLLOVER, "random": PACKET_FANOUT_RND,
+    "queue": PACKET_FANOUT_QM,
+}
+
+
+cdef inline int64_t monotonic_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+def _errno_text(int e):
+    return f"{os.strerror(e)} (errno {e})"
+
+
+cdef class AfPacketPort(Port):
+    """One live interface through an AF_PACKET socket.
+
+    ``AfPacketPort(iface, *, port_id=0, block_size=1<<17, block_count=64,
+    frame_size=2048, fanout_group=None, fanout_mode="hash", fanout_defrag=False,
+    rx=True, tx=True, timeout_ms=5, retire_ms=1, promisc=True, duration=0.0)``
+
+    Receiving maps a TPACKET_V3 ring of ``block_count`` blocks of ``block_size``
+    bytes; the kernel hands a block over when it is full or ``retire_ms`` after its
+    first frame, so ``retire_ms`` bounds the latency the ring adds at low rates.
+    ``rx_burst`` waits at most ``timeout_ms`` in ``poll()`` when no block is ready,
+    then returns 0.  ``frame_size`` is the largest frame expected (it sizes the
+    ring's frame count and the VLAN scratch buffer).  Frames this socket (or any
+    socket) sent out of the interface are not received.
+
+    ``fanout_group`` (0..65535) joins a PACKET_FANOUT group: sockets in one group
+    share the interface's frames; ``"hash"`` keeps both directions of a flow on one
+    member.  ``rx=False`` makes a send-only port (no ring, receives nothing).
+
+    A live port never ends by itself: ``stop()`` (from another thread), a
+    ``duration`` in seconds (counted from the first receive) or Ctrl-C make
+    ``rx_burst`` return end of input, so the run loop finishes normally.
+    Counters: ``rx_dropped`` are frames the kernel could not put in the ring
+    (PACKET_STATISTICS, refreshed by ``stats()`` and when idle); ``tx_dropped``
+    frames refused by the interface (full queue, too big).
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self.fd = -1
+        self.ring = NULL
+        self.scratch = NULL
+        self.iface = ""
+        self.fanout_mode = ""
+
+    def __init__(self, str iface, *, int port_id=0, uint32_t block_size=1 << 17,
+                 uint32_t block_count=64, uint32_t frame_size=2048, fanout_group=None,
+                 str fanout_mode="hash", bint fanout_defrag=False, bint rx=True,
+                 bint tx=True, int timeout_ms=5, int retire_ms=1, bint promisc=True,
+                 double duration=0.0):
+        cdef sockaddr_ll sll
+        cdef tpacket_req3 req
+        cdef packet_mreq mreq
+        cdef ifreq ifr
+        cdef int fd, val, e
+        cdef void *mapped
+        cdef bytes name_b
+        if self.fd >= 0:
+            raise PortError(f"{self.name}: already open")
+        if not 0 <= port_id <= 0xFFFF:
+            raise ValueError(f"port_id {port_id} is not in 0..65535")
+        if not rx and not tx:
+            raise ValueError("an AfPacketPort needs rx, tx or both")
+        if rx:
+            if block_size < 4096 or block_size & (block_size - 1):
+                raise ValueError(f"block_size {block_size} is not a power of two >= 4096")
+            if frame_size < 128 or frame_size % 16 or frame_size > block_size:
+                raise ValueError(f"frame_size {frame_size} is not a multiple of 16 in "
+                                 f"128..block_size")
+            if block_count < 2:
+                raise ValueError(f"block_count {block_count} is below 2")
+        if timeout_ms < 0 or retire_ms < 0:
+            raise ValueError("timeout_ms and retire_ms cannot be negative")
+        if fanout_group is not None:
+            if not rx:
+                raise ValueError("fanout needs rx=True")
+            if not 0 <= fanout_group <= 0xFFFF:
+                raise ValueError(f"fanout_group {fanout_group} is not in 0..65535")
+            if fanout_mode not in FANOUT_MODES:
+                raise ValueError(f"fanout_mode {fanout_mode!r} is not one of "
+                                 f"{', '.join(FANOUT_MODES)}")
+        self.iface = iface
+        self.name = f"afpacket:{iface}"
+        self.port_id = port_id
+        self.block_size = block_size
+        self.block_count = block_count
+        self.frame_size = frame_size
+        self.timeout_ms = timeout_ms
+        self.retire_ms = retire_ms
+        self.fanout_group = fanout_group
+        self.fanout_mode = fanout_mode
+        self.rx = rx
+        self.tx = tx
+        self.promisc = promisc and rx
+        self.duration = duration
+        name_b = iface.encode()
+        if not name_b or len(name_b) >= IFNAMSIZ or b"/" in name_b or b"\0" in name_b:
+            raise PortError(f"{self.name}: {iface!r} is not a valid interface name")
+        self.ifindex = if_nametoindex(name_b)
+        if self.ifindex == 0:
+            e = errno
+            raise PortError(f"{self.name}: no such interface in this network namespace "
+                            f"(if_nametoindex: {_errno_text(e)})")
+
+        # Protocol 0 at creation: the socket receives nothing until bind() names the
+        # interface, so no frame of another interface slips into the ring.
+        fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            e = errno
+            hint = (" (needs CAP_NET_RAW: run as root or grant the capability)"
+                    if e in (EPERM, EACCES) else "")
+            raise PortError(f"{self.name}: socket(AF_PACKET, SOCK_RAW): "
+                            f"{_errno_text(e)}{hint}")
+        self.fd = fd
+        try:
+            memset(&ifr, 0, sizeof(ifr))
+            strncpy(ifr.ifr_name, name_b, IFNAMSIZ - 1)
+            if ioctl(fd, SIOCGIFMTU, &ifr) < 0:
+                e = errno
+                self._raise("ioctl(SIOCGIFMTU)", e)
+            self.mtu = ifr.ifr_mtu
+            if rx:
+                val = TPACKET_V3
+                if setsockopt(fd, SOL_PACKET, PACKET_VERSION, &val, sizeof(val)) < 0:
+                    e = errno
+                    self._raise("setsockopt(PACKET_VERSION, TPACKET_V3)", e)
+                memset(&req, 0, sizeof(req))
+                req.tp_block_size = block_size
+                req.tp_block_nr = block_count
+                req.tp_frame_size = frame_size
+                req.tp_frame_nr = (block_size // frame_size) * block_count
+                req.tp_retire_blk_tov = retire_ms
+                if setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req)) < 0:
+                    e = errno
+                    self._raise(f"setsockopt(PACKET_RX_RING, {block_count} blocks of "
+                                f"{block_size} bytes)", e)
+                self.ring_len = <size_t>block_size * block_count
+                mapped = mmap(NULL, self.ring_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+                if mapped == MAP_FAILED:
+                    self.ring_len = 0
+                    e = errno
+                    self._raise(f"mmap of the {block_size * block_count}-byte ring", e)
+                self.ring = <uint8_t *>mapped
+                self.scratch = <uint8_t *>malloc(block_size + VLAN_HLEN)
+                if self.scratch == NULL:
+                    raise MemoryError(f"{self.name}: cannot allocate a frame buffer")
+                # Our own frames (and those of every socket) leaving the interface
+                # are not wanted: a bridge would loop them.  Older kernels lack the
+                # option; rx_burst also skips PACKET_OUTGOING frames itself.
+                val = 1
+                self.ignore_outgoing = setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING,
+                                                  &val, sizeof(val)) == 0
+            memset(&sll, 0, sizeof(sll))
+            sll.sll_family = AF_PACKET
+            sll.sll_protocol = htons(ETH_P_ALL) if rx else 0
+            sll.sll_ifindex = self.ifindex
+            if bind(fd, <sockaddr *>&sll, sizeof(sll)) < 0:
+                e = errno
+                self._raise("bind", e)
+            if self.promisc:
+                memset(&mreq, 0, sizeof(mreq))
+                mreq.mr_ifindex = self.ifindex
+                mreq.mr_type = PACKET_MR_PROMISC
+                if setsockopt(fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mreq,
+                              sizeof(mreq)) < 0:
+                    e = errno
+                    self._raise("setsockopt(PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC)", e)
+            if fanout_group is not None:
+                val = FANOUT_MODES[fanout_mode]
+                if fanout_defrag:
+                    val |= PACKET_FANOUT_FLAG_DEFRAG
+                val = (val << 16) | <int>fanout_group
+                if setsockopt(fd, SOL_PACKET, PACKET_FANOUT, &val, sizeof(val)) < 0:
+                    e = errno
+                    self._raise(f"setsockopt(PACKET_FANOUT, group {fanout_group}, "
+                                f"{fanout_mode})", e)
+            # Start the kernel counters from zero: what was counted before the ring
+            # existed is not ours.
+            self.refresh_stats()
+            self.kernel_packets = 0
+            self.rx_dropped = 0
+            self.kernel_freezes = 0
+        except BaseException:
+            self.release()
+            raise
+
+    def _raise(self, call, int e):
+        hint = ""
+        if e in (EPERM, EACCES):
+            hint = " (needs CAP_NET_RAW)"
+        elif e == ENOMEM:
+            hint = " (ring too large for the memory or locked-memory limit?)"
+        elif e == ENODEV or e == ENXIO:
+            hint = " (interface gone?)"
+        raise PortError(f"{self.name}: {call}: {_errno_text(e)}{hint}")
+
+    cdef void release(self) noexcept nogil:
+        if self.ring != NULL:
+            munmap(self.ring, self.ring_len)
+            self.ring = NULL
+        if self.fd >= 0:
+            c_close(self.fd)
+            self.fd = -1
+        free(self.scratch)
+        self.scratch = NULL
+        self.next_frame = NULL
+
+    def close(self):
+        """Unmap the ring and close the socket.  Idempotent."""
+        if self.fd >= 0 and self.rx:
+            self.refresh_stats()
+        self.release()
+        self.closed = True
+
+    def __dealloc__(self):
+        self.release()
+
+    def stop(self):
+        """End the live input: the next receive returns end of input (thread-safe)."""
+        self.stopping = True
+
+    def stats(self):
+        """Refresh the kernel's drop counters; all counters as a dict."""
+        if self.fd >= 0 and self.rx:
+            self.refresh_stats()
+        c = self.counters
+        c.update(kernel_packets=self.kernel_packets, kernel_freezes=self.kernel_freezes,
+                 rx_outgoing=self.rx_outgoing, rx_vlan=self.rx_vlan,
+                 rx_truncated=self.rx_truncated)
+        return c
+
+    def __repr__(self):
+        return (f"<AfPacketPort {self.iface!r} ifindex={self.ifindex} mtu={self.mtu} "
+                f"rx={self.rx_pkts} tx={self.tx_pkts}"
+                f"{' closed' if self.fd < 0 else ''}>")
+
+    cdef void refresh_stats(self) noexcept nogil:
+        # PACKET_STATISTICS counts since the previous read, so accumulate.
+        cdef tpacket_stats_v3 st
+        cdef socklen_t n = sizeof(st)
+        if self.fd < 0 or self.ring == NULL:
+            return
+        if getsockopt(self.fd, SOL_PACKET, PACKET_STATISTICS, &st, &n) == 0:
+            self.kernel_packets = self.kernel_packets + st.tp_packets
+            self.rx_dropped = self.rx_dropped + st.tp_drops
+            self.kernel_freezes = self.kernel_freezes + st.tp_freeze_q_cnt
+
+    cdef int poll_signals(self) noexcept with gil:
+        # The run loop is C; without this, Ctrl-C would wait for the input to end,
+        # which a live input never does.  KeyboardInterrupt ends the input cleanly
+        # (flows get FLOW/END, counters come out); another exception a signal
+        # handler raises becomes this port's error.
+        try:
+            PyErr_CheckSignals()
+        except KeyboardInterrupt:
+            self.interrupted = True
+            return 1
+        except BaseException as exc:
+            if self._error is None:
+                self._error = exc
+            return -1
+        return 0
+
+    cdef int live_check(self) noexcept nogil:
+        # 1: the input is over (stop(), duration, Ctrl-C); -1: error; 0: go on.
+        cdef int r
+        if self.stopping or self.interrupted:
+            return 1
+        if self.duration > 0:
+            if self.deadline_ns == 0:
+                self.deadline_ns = monotonic_ns() + <int64_t>(self.duration * 1e9)
+            elif monotonic_ns() >= self.deadline_ns:
+                return 1
+        self.calls = self.calls + 1
+        if self.calls % SIGNAL_CHECK_EVERY == 0:
+            r = self.poll_signals()
+            if r:
+                return r
+        return 0
+
+    cdef int rx_ready(self, Batch batch, uint16_t port_id) noexcept nogil:
+        # Copy frames of the blocks the kernel has handed over into the batch, until
+        # it is full or no block is ready; never waits.  A block goes back to the
+        # kernel once all its frames are out; a full batch leaves the position
+        # inside the block for the next call.
+        cdef tpacket_block_desc *bd
+        cdef tpacket3_hdr *h
+        cdef const sockaddr_ll *sll
+        cdef const uint8_t *frame
+        cdef uint8_t *s
+        cdef uint32_t caplen, wirelen
+        cdef uint16_t tpid
+        cdef int n = 0
+        cdef uint64_t nbytes = 0
+        cdef size_t sll_off = TPACKET_ALIGN(sizeof(tpacket3_hdr))
+        if self.ring == NULL:
+            return 0
+        while True:
+            bd = <tpacket_block_desc *>(self.ring + <size_t>self.cur_block * self.block_size)
+            if self.next_frame == NULL:
+                if not (load_acquire(&bd.hdr.bh1.block_status) & TP_STATUS_USER):
+                    break
+                self.left_in_block = bd.hdr.bh1.num_pkts
+                self.next_frame = <uint8_t *>bd + bd.hdr.bh1.offset_to_first_pkt
+            while self.left_in_block:
+                h = <tpacket3_hdr *>self.next_frame
+                sll = <const sockaddr_ll *>(self.next_frame + sll_off)
+                if sll.sll_pkttype == PACKET_OUTGOING:
+                    self.rx_outgoing = self.rx_outgoing + 1
+                else:
+                    frame = self.next_frame + h.tp_mac
+                    caplen = h.tp_snaplen
+                    wirelen = h.tp_len
+                    if h.tp_status & TP_STATUS_COPY:
+                        self.rx_truncated = self.rx_truncated + 1
+                    if h.tp_status & TP_STATUS_VLAN_VALID and caplen >= 12:
+                        # The kernel strips the 802.1Q tag before packet sockets see
+                        # the frame; a transparent middlebox puts it back.
+                        tpid = (h.hv1.tp_vlan_tpid if h.tp_status & TP_STATUS_VLAN_TPID_VALID
+                                else ETH_P_8021Q)
+                        s = self.scratch
+                        memcpy(s, frame, 12)
+                        s[12] = tpid >> 8
+                        s[13] = tpid & 0xFF
+                        s[14] = (h.hv1.tp_vlan_tci >> 8) & 0xFF
+                        s[15] = h.hv1.tp_vlan_tci & 0xFF
+                        memcpy(s + 16, frame + 12, caplen - 12)
+                        frame = s
+                        caplen += VLAN_HLEN
+                        wirelen += VLAN_HLEN
+                        self.rx_vlan = self.rx_vlan + 1
+                    if batch.add(frame, caplen, wirelen,
+                                 <int64_t>h.tp_sec * 1000000000 + h.tp_nsec,
+                                 port_id) == NULL:
+                        if batch.count:
+                            self.rx_pkts = self.rx_pkts + n
+                            self.rx_bytes = self.rx_bytes + nbytes
+                            return n            # full: resume here next call
+                        # Larger than an empty batch's arena: it can never go.
+                        self.rx_dropped = self.rx_dropped + 1
+                    else:
+                        n += 1
+                        nbytes += caplen
+                self.next_frame += h.tp_next_offset
+                self.left_in_block -= 1
+            store_release(&bd.hdr.bh1.block_status, TP_STATUS_KERNEL)
+            self.next_frame = NULL
+            self.cur_block = (self.cur_block + 1) % self.block_count
+        self.rx_pkts = self.rx_pkts + n
+        self.rx_bytes = self.rx_bytes + nbytes
+        return n
+
+    cdef int wait(self) noexcept nogil:
+        # Sleep in poll() until a block is ready or timeout_ms pass.
+        cdef pollfd pfd
+        pfd.fd = self.fd
+        pfd.events = POLLIN
+        pfd.revents = 0
+        if poll(&pfd, 1, self.timeout_ms) == 0:
+            self.refresh_stats()       # idle: a cheap moment to fetch drop counts
+        return 0
+
+    cdef int rx_burst(self, Batch batch) noexcept nogil:
+        cdef int n, r
+        if self.ring == NULL:
+            return PORT_EOF
+        r = self.live_check()
+        if r:
+            return PORT_ERROR if r < 0 else PORT_EOF
+        n = self.rx_ready(batch, self.port_id)
+        if n or batch.count:
+            return n
+        self.wait()
+        r = self.poll_signals()
+        if r:
+            return PORT_ERROR if r < 0 else PORT_EOF
+        return self.rx_ready(batch, self.port_id)
+
+    cdef int send_frames(self, mbx_pkt **pkts, int n) noexcept nogil:
+        # sendmmsg in chunks; frames the interface refuses are dropped and counted,
+        # never waited for beyond one short poll for room.
+        cdef mmsghdr msgs[AFP_TX_CHUNK]
+        cdef iovec iov[AFP_TX_CHUNK]
+        cdef pollfd pfd
+        cdef int i = 0, j, k, r, e
+        cdef int sent = 0
+        cdef uint64_t nbytes = 0
+        cdef uint64_t dropped = 0
+        cdef bint waited = False
+        if self.fd < 0 or not self.tx:
+            self.set_error(b"send on a closed port" if self.fd < 0
+                           else b"send on a receive-only port")
+            return PORT_ERROR
+        while i < n:
+            k = min(n - i, <int>AFP_TX_CHUNK)
+            memset(msgs, 0, k * sizeof(mmsghdr))
+            for j in range(k):
+                iov[j].iov_base = pkts[i + j].data
+                iov[j].iov_len = pkts[i + j].caplen
+                msgs[j].msg_hdr.msg_iov = &iov[j]
+                msgs[j].msg_hdr.msg_iovlen = 1
+            r = sendmmsg(self.fd, msgs, k, MSG_DONTWAIT)
+            if r > 0:
+                for j in range(r):
+                    nbytes += pkts[i + j].caplen
+                sent += r
+                i += r
+                continue
+            e = errno
+            if e == EINTR:
+                continue
+            self.last_tx_errno = e
+            if e == EAGAIN and not waited:
+                # The socket's send budget is used up by frames still queued: give
+                # the device one short moment, then drop what does not fit.
+                waited = True
+                pfd.fd = self.fd
+                pfd.events = POLLOUT
+                pfd.revents = 0
+                poll(&pfd, 1, 1)
+                continue
+            if e == EMSGSIZE or e == EINVAL:
+                dropped += 1            # this frame cannot go (larger than the MTU)
+                i += 1
+            elif e == EAGAIN or e == ENOBUFS or e == ENETDOWN or e == ENXIO or e == ENOMEM:
+                dropped += n - i        # the interface takes nothing right now
+                i = n
+            else:
+                self.tx_pkts = self.tx_pkts + sent
+                self.tx_bytes = self.tx_bytes + nbytes
+                self.tx_dropped = self.tx_dropped + dropped
+                snprintf(self.errmsg, sizeof(self.errmsg), "sendmmsg: %s (errno %d)",
+                         strerror(e), e)
+                self.set_error(self.errmsg)
+                return PORT_ERROR
+        self.tx_pkts = self.tx_pkts + sent
+        self.tx_bytes = self.tx_bytes + nbytes
+        self.tx_dropped = self.tx_dropped + dropped
+        return sent
+
+    cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
+        return self.send_frames(pkts, n)
+
+
+cdef class BridgePorts(Port):
+    """The middlebox between two interfaces, as one port for input and output.
+
+    ``BridgePorts(client_iface, server_iface, **options)``: frames received on the
+    client-facing interface get port 0, those from the server-facing one port 1;
+    ``tx_burst`` sends a packet with port 0 out of the server side and one with
+    port 1 out of the client side (any other port id is dropped and counted).
+    ``options`` go to both sides' ``AfPacketPort`` (``fanout_group`` too: several
+    bridge processes with one group id share the traffic flow by flow; ``rx=False``
+    gives a send-only bridge).  Use the same object as input and output of a run.
+    ``stop()``, ``duration`` and Ctrl-C end the input as for ``AfPacketPort``.
+    """
+
+    def __init__(self, str client_iface, str server_iface, **options):
+        if client_iface == server_iface:
+            raise PortError(f"afpacket:{client_iface},{server_iface}: a bridge needs two "
+                            "different interfaces")
+        if "port_id" in options:
+            raise TypeError("BridgePorts sets port_id itself (0 client, 1 server side)")
+        self.name = f"afpacket:{client_iface},{server_iface}"
+        self.client = AfPacketPort(client_iface, port_id=0, **options)
+        try:
+            self.server = AfPacketPort(server_iface, port_id=1, **options)
+        except BaseException:
+            self.client.close()
+            raise
+        # Only the client side counts time and signals, so the two agree.
+        self.server.duration = 0.0
+
+    def close(self):
+        """Close both sides.  Idempotent."""
+        if self.client is not None:
+            self.client.close()
+        if self.server is not None:
+            self.server.close()
+        self.closed = True
+
+    def stop(self):
+        """End the live input: the next receive returns end of input (thread-safe)."""
+        self.client.stopping = True
+        self.server.stopping = True
+
+    @property
+    def interrupted(self):
+        return self.client.interrupted
+
+    @property
+    def ports(self):
+        """(client side, server side)."""
+        return (self.client, self.server)
+
+    def stats(self):
+        """Refresh both sides' kernel counters; the bridge's counters and each side's."""
+        cs = self.client.stats()
+        ss = self.server.stats()
+        self.rx_dropped = self.client.rx_dropped + self.server.rx_dropped
+        c = self.counters
+        c.update(client=cs, server=ss)
+        return c
+
+    def __repr__(self):
+        return f"<BridgePorts {self.client.iface!r} <-> {self.server.iface!r}>"
+
+    cdef void adopt_error(self, AfPacketPort side) noexcept with gil:
+        if self._error is None and side._error is not None:
+            self._error = side._error
+        side._error = None
+
+    cdef int read_both(self, Batch batch) noexcept nogil:
+        cdef int n
+        if self.turn:
+            n = self.client.rx_ready(batch, 0)
+            return n + self.server.rx_ready(batch, 1)
+        n = self.server.rx_ready(batch, 1)
+        return n + self.client.rx_ready(batch, 0)
+
+    cdef int rx_burst(self, Batch batch) noexcept nogil:
+        cdef int n, r
+        cdef pollfd pfd[2]
+        if self.client.fd < 0 or self.server.fd < 0:
+            return PORT_EOF
+        r = self.client.live_check()
+        if r == 0 and self.server.stopping:
+            r = 1
+        if r:
+            if r < 0:
+                self.adopt_error(self.client)
+                return PORT_ERROR
+            return PORT_EOF
+        # Alternate which side goes first, so one busy side cannot starve the other.
+        self.turn ^= 1
+        n = self.read_both(batch)
+        if n == 0 and batch.count == 0:
+            pfd[0].fd = self.client.fd
+            pfd[0].events = POLLIN
+            pfd[0].revents = 0
+            pfd[1].fd = self.server.fd
+            pfd[1].events = POLLIN
+            pfd[1].revents = 0
+            if poll(pfd, 2, self.client.timeout_ms) == 0:
+                self.client.refresh_stats()
+                self.server.refresh_stats()
+                self.rx_dropped = self.client.rx_dropped + self.server.rx_dropped
+            r = self.client.poll_signals()
+            if r:
+                if r < 0:
+                    self.adopt_error(self.client)
+                    return PORT_ERROR
+                return PORT_EOF
+            n = self.read_both(batch)
+        self.rx_pkts = self.client.rx_pkts + self.server.rx_pkts
+        self.rx_bytes = self.client.rx_bytes + self.server.rx_bytes
+        return n
+
+    cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
+        # Split by side, keeping each side's order, and send each group with one
+        # sendmmsg run out of the other interface.
+        cdef mbx_pkt *to_server[256]
+        cdef mbx_pkt *to_client[256]
+        cdef int i = 0, ns, nc, r, sent = 0
+        while i < n:
+            ns = nc = 0
+            while i < n and ns < 256 and nc < 256:
+                if pkts[i].port == 0:
+                    to_server[ns] = pkts[i]
+                    ns += 1
+                elif pkts[i].port == 1:
+                    to_client[nc] = pkts[i]
+                    nc += 1
+                else:
+                    self.misrouted = self.misrouted + 1
+                i += 1
+            if ns:
+                r = self.server.send_frames(to_server, ns)
+                if r == PORT_ERROR:
+                    self.adopt_error(self.server)
+                    return PORT_ERROR
+                sent += r
+            if nc:
+                r = self.client.send_frames(to_client, nc)
+                if r == PORT_ERROR:
+                    self.adopt_error(self.client)
+                    return PORT_ERROR
+                sent += r
+        self.tx_pkts = self.client.tx_pkts + self.server.tx_pkts
+        self.tx_bytes = self.client.tx_bytes + self.server.tx_bytes
+        self.tx_dropped = self.client.tx_dropped + self.server.tx_dropped + self.misrouted
+        return sent

@@ -1,0 +1,476 @@
+"""AF_PACKET ports on a real test bed: network namespaces joined by veth pairs.
+
+    client ns            mb ns (no addresses)             server ns
+    198.18.1.1  c0 ---- mc  [BridgePorts + App]  ms ---- s0  198.18.1.2
+
+The middlebox namespace has no addresses and an nftables ingress rule that drops
+everything its kernel would receive on mc/ms: packet sockets are served before that
+hook, so only the bridge moves frames between the sides.  Offloads are off on every
+veth: a user-space middlebox must see wire-sized frames whose checksums are final,
+not 64 KiB GSO/GRO super-frames or frames with a partial checksum left for a NIC
+that does not exist.  IPv6 is off so router/multicast chatter does not muddy counts.
+
+The namespace tests need root, ``ip netns``, ethtool, nft, curl and tcpdump; without
+them they are skipped with the reason (and fail instead under ``CI=true``, where the
+CI image is expected to provide them).  The parts that run inside a namespace are
+this file run as a script (``python test_afpacket.py bridge|fanout ...``).
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from mbx.errors import PortError
+from mbx.ports import open_input, open_output, open_ports
+
+TAG = f"mx{os.getpid() % 100000}"
+NS_C, NS_M, NS_S = f"{TAG}c", f"{TAG}m", f"{TAG}s"
+CLIENT_IP, SERVER_IP = "198.18.1.1", "198.18.1.2"
+HERE = os.path.abspath(__file__)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _sh(*cmd, check=True, timeout=20, **kw):
+    return subprocess.run(cmd, check=check, timeout=timeout, capture_output=True,
+                          text=True, **kw)
+
+
+def _in_ns(ns, *cmd):
+    return ["ip", "netns", "exec", ns, *cmd]
+
+
+def _testbed_missing():
+    """Why the namespace tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and AF_PACKET sockets)"
+    for tool in ("ip", "ethtool", "nft", "curl", "tcpdump"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (apt-get install iproute2 ethtool nftables curl tcpdump)"
+    probe = f"{TAG}probe"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"'ip netns add' does not work here: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def _require_testbed():
+    reason = _testbed_missing()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the AF_PACKET tests: {reason}")
+        pytest.skip(reason)
+
+
+def _mac(ns, dev):
+    return _sh(*_in_ns(ns, "cat", f"/sys/class/net/{dev}/address")).stdout.strip()
+
+
+def _quiet_veth(ns, dev):
+    _sh("ip", "-n", ns, "link", "set", dev, "up")
+    _sh(*_in_ns(ns, "ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off",
+                "gso", "off", "gro", "off"), check=False)
+    _sh(*_in_ns(ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1"), check=False)
+
+
+class Procs:
+    """Processes started by a test, stopped by their own PID whatever happens."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, cmd, **kw):
+        p = subprocess.Popen(cmd, text=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+
+
+@pytest.fixture
+def testbed():
+    """client -- mb -- server namespaces; removed (with their veths) afterwards."""
+    _require_testbed()
+    made = []
+    procs = Procs()
+    try:
+        for ns in (NS_C, NS_M, NS_S):
+            _sh("ip", "netns", "add", ns)
+            made.append(ns)
+            _sh(*_in_ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"),
+                check=False)
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        _sh("ip", "link", "add", "c0", "netns", NS_C, "type", "veth", "peer", "name", "mc",
+            "netns", NS_M)
+        _sh("ip", "link", "add", "s0", "netns", NS_S, "type", "veth", "peer", "name", "ms",
+            "netns", NS_M)
+        for ns, dev in ((NS_C, "c0"), (NS_M, "mc"), (NS_M, "ms"), (NS_S, "s0")):
+            _quiet_veth(ns, dev)
+        _sh("ip", "-n", NS_C, "addr", "add", f"{CLIENT_IP}/24", "dev", "c0")
+        _sh("ip", "-n", NS_S, "addr", "add", f"{SERVER_IP}/24", "dev", "s0")
+        # Static neighbours keep ARP off the measured path (ARP still crosses the
+        # bridge when asked: it forwards every frame).
+        _sh("ip", "-n", NS_C, "neigh", "replace", SERVER_IP, "lladdr", _mac(NS_S, "s0"),
+            "dev", "c0", "nud", "permanent")
+        _sh("ip", "-n", NS_S, "neigh", "replace", CLIENT_IP, "lladdr", _mac(NS_C, "c0"),
+            "dev", "s0", "nud", "permanent")
+        rules = ("table netdev mbx {\n"
+                 " chain in_mc { type filter hook ingress device mc priority 0; policy drop; }\n"
+                 " chain in_ms { type filter hook ingress device ms priority 0; policy drop; }\n"
+                 "}\n")
+        _sh(*_in_ns(NS_M, "nft", "-f", "-"), input=rules)
+        yield procs
+    finally:
+        procs.stop_all()
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _start_bridge(procs, *extra):
+    p = procs.start(_in_ns(NS_M, sys.executable, HERE, "bridge", "mc", "ms", *extra),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = p.stdout.readline()
+    if line.strip() != "ready":
+        p.kill()
+        raise AssertionError(f"bridge did not start: {line}{p.stderr.read()}")
+    return p
+
+
+def _stop_bridge(p):
+    # The helper stops the bridge at the end of its stdin.
+    out, err = p.communicate(input="", timeout=30)
+    assert p.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _ping(count=5):
+    """ICMP echo from the client (a raw socket: no dependency on iputils)."""
+    code = f"""
+import os, socket, struct, time
+def csum(b):
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(2)
+ok = 0
+for seq in range({count}):
+    body = struct.pack('!BBHHH', 8, 0, 0, 0x4d42, seq) + b'mbx-ping' * 4
+    body = body[:2] + struct.pack('!H', csum(body)) + body[4:]
+    s.sendto(body, ('{SERVER_IP}', 0))
+    t = time.time()
+    while time.time() - t < 2:
+        try:
+            data = s.recv(2048)
+        except socket.timeout:
+            break
+        ihl = (data[0] & 15) * 4
+        typ, _, _, ident, rseq = struct.unpack('!BBHHH', data[ihl:ihl + 8])
+        if typ == 0 and ident == 0x4d42 and rseq == seq:
+            ok += 1
+            break
+print(ok)
+"""
+    r = _sh(*_in_ns(NS_C, sys.executable, "-c", code), timeout=30)
+    return int(r.stdout.strip())
+
+
+# ---------------------------------------------------------------- no test bed needed
+
+
+def test_missing_interface_names_it():
+    with pytest.raises(PortError, match=r"afpacket:mbx-nope0: no such interface"):
+        open_input("afpacket:mbx-nope0")
+
+
+def test_spec_errors():
+    for spec, msg in [("afpacket:", "names no interface"),
+                      ("afpacket:a,b,c", "expected afpacket:IF"),
+                      ("afpacket:a?colour=red", "unknown option 'colour'"),
+                      ("afpacket:a?block_count=x", "bad value 'x'")]:
+        with pytest.raises(PortError, match=msg):
+            open_input(spec)
+    with pytest.raises(PortError, match="two different interfaces"):
+        open_input("afpacket:lo,lo")
+
+
+def test_open_ports_pcap(tmp_path, example_pcap):
+    inp, out = open_ports("pcap:" + example_pcap, f"pcap:{tmp_path / 'o.pcap'}")
+    with inp, out:
+        assert inp is not out
+    inp, out = open_ports("pcap:" + example_pcap)
+    with inp:
+        assert out is None
+
+
+def test_without_cap_net_raw_is_a_port_error():
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop CAP_NET_RAW")
+    code = ("from mbx._afpacket import AfPacketPort\n"
+            "try:\n    AfPacketPort('lo')\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    r = _sh("setpriv", "--bounding-set", "-net_raw", "--inh-caps", "-net_raw",
+            sys.executable, "-c", code, timeout=120)
+    assert "PortError afpacket:lo: socket(AF_PACKET, SOCK_RAW)" in r.stdout
+    assert "Operation not permitted" in r.stdout and "CAP_NET_RAW" in r.stdout
+
+
+def test_loopback_port_attributes_and_close():
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CAP_NET_RAW) for an AF_PACKET socket")
+    from mbx._afpacket import AfPacketPort
+    p = AfPacketPort("lo", block_size=1 << 16, block_count=4, timeout_ms=1,
+                     promisc=False)
+    assert p.iface == "lo" and p.ifindex > 0 and p.mtu >= 1500
+    assert p.name == "afpacket:lo"
+    assert set(p.stats()) >= {"rx_pkts", "rx_dropped", "kernel_packets"}
+    p.close()
+    p.close()
+    from mbx._packet import Batch
+    assert p.receive(Batch(4)) == -1           # closed: end of input
+    with pytest.raises(PortError, match="closed"):
+        _send_one(p)
+    q = open_output("afpacket:lo")
+    assert not q.rx and q.tx
+    q.close()
+
+
+def _send_one(port):
+    from mbx._packet import Batch
+    b = Batch(1)
+    b.append(b"\xff" * 60)
+    return port.send(b)
+
+
+# ---------------------------------------------------------------- the test bed
+
+
+def test_bridge_ping_curl_counters_and_pcap_equivalence(testbed, tmp_path):
+    procs = testbed
+    # The server: a 3 MiB random file over HTTP.
+    www = tmp_path / "www"
+    www.mkdir()
+    blob = os.urandom(3 << 20)
+    (www / "blob.bin").write_bytes(blob)
+    procs.start(_in_ns(NS_S, sys.executable, "-m", "http.server", "8080", "--bind",
+                       SERVER_IP, "--directory", str(www)),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Without the bridge nothing crosses the middlebox.
+    assert _ping(1) == 0
+    # What the bridge receives, captured beside it (incoming frames only).
+    cap = tmp_path / "mb.pcap"
+    dump = procs.start(_in_ns(NS_M, "tcpdump", "-i", "any", "-Q", "in", "-nn",
+                              "-B", "32768",
+                              "-w", str(cap)),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 10
+    while time.time() < deadline and not cap.exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+    bridge = _start_bridge(procs, "60")
+    try:
+        assert _ping(5) == 5
+        # The server may take a moment to listen.
+        for _ in range(50):
+            r = subprocess.run(_in_ns(NS_C, "curl", "-sS", "--max-time", "20", "-o", "-",
+                                      f"http://{SERVER_IP}:8080/blob.bin"),
+                               capture_output=True, timeout=30)
+            if r.returncode == 0:
+                break
+            time.sleep(0.1)
+        assert r.returncode == 0, r.stderr
+        assert hashlib.sha256(r.stdout).hexdigest() == hashlib.sha256(blob).hexdigest()
+        time.sleep(0.3)
+    finally:
+        result = _stop_bridge(bridge)
+    time.sleep(1.5)                 # tcpdump's ring hands over its last block
+    dump.send_signal(signal.SIGTERM)
+    dump_err = dump.communicate(timeout=10)[1]
+    assert re.search(r"^0 packets dropped by kernel", dump_err, re.M), dump_err
+
+    live, ports = result["counters"], result["ports"]
+    # The port counters agree with what the stack and the NF saw.
+    assert ports["rx_pkts"] == live["packets"] == result["l2fwd"] > 2000
+    assert ports["tx_pkts"] == live["sent"] == live["packets"]
+    assert ports["rx_dropped"] == 0 and ports["tx_dropped"] == 0
+    assert ports["client"]["rx_pkts"] + ports["server"]["rx_pkts"] == ports["rx_pkts"]
+    # Each side sends what the other received.
+    assert ports["client"]["tx_pkts"] == ports["server"]["rx_pkts"]
+    assert ports["server"]["tx_pkts"] == ports["client"]["rx_pkts"]
+
+    # The same application over the capture reaches the same counters.
+    from mbx._pcap import PcapReader
+    from mbx.nfs.flow_stats import FlowStats
+    from mbx.nfs.l2fwd import L2Fwd
+    from mbx.runtime import App
+    with PcapReader(str(cap)) as r:
+        replay = App([L2Fwd(), FlowStats()]).run(r, None)
+    assert replay["packets"] == live["packets"]
+    assert replay["bytes"] == live["bytes"]
+    assert replay["flows"] == live["flows"]
+    assert replay["events"] == live["events"]
+    assert replay["parse"] == live["parse"]
+
+
+def test_fanout_hash_splits_flows_and_keeps_directions_together(testbed):
+    procs = testbed
+    helper = procs.start(_in_ns(NS_M, sys.executable, HERE, "fanout", "mc"),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert helper.stdout.readline().strip() == "ready", helper.stderr.read()
+    sent = int(_sh(*_in_ns(NS_C, sys.executable, HERE, "send", "c0"), timeout=60).stdout)
+    out, err = helper.communicate(input=f"{sent}\n", timeout=60)
+    assert helper.returncode == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    a, b = (set(map(tuple, m)) for m in res["members"])
+    assert res["received"] == sent == res["per_member"][0] + res["per_member"][1]
+    assert a and b, "hash fanout should spread 64 flows over both members"
+    assert not a & b, "a flow (either direction) reached both members"
+    assert len(a | b) == 64
+    assert res["split_directions"] == 0
+
+
+# ---------------------------------------------------------------- inside a namespace
+
+
+def _bridge_main(client_if, server_if, duration):
+    from mbx._afpacket import BridgePorts
+
+    from mbx.nfs.flow_stats import FlowStats
+    from mbx.nfs.l2fwd import L2Fwd
+    from mbx.runtime import App
+    bridge = BridgePorts(client_if, server_if, timeout_ms=5, duration=float(duration))
+    l2 = L2Fwd()
+    app = App([l2, FlowStats()])
+    result = {}
+
+    def run():
+        try:
+            result["counters"] = app.run(bridge, bridge)
+        except BaseException as exc:       # reported by the parent
+            result["error"] = repr(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    print("ready", flush=True)
+    sys.stdin.read()                        # the parent closes stdin to stop us
+    bridge.stop()
+    worker.join(30)
+    if "error" in result or worker.is_alive():
+        print(result.get("error", "bridge run did not stop"), file=sys.stderr)
+        sys.exit(1)
+    out = {"counters": result["counters"], "ports": bridge.stats(), "l2fwd": l2.packets}
+    bridge.close()
+    print(json.dumps(out, default=str))
+
+
+def _frame(src_mac, dst_mac, src, dst, proto, sport, dport, payload=b"x" * 18):
+    l4 = (struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) if proto == 17 else
+          struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, 0x18, 1024, 0, 0))
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4) + len(payload), 0, 0, 64,
+                     proto, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    return dst_mac + src_mac + b"\x08\x00" + ip + l4 + payload
+
+
+def _key(frame):
+    if frame[12:14] != b"\x08\x00":
+        return None
+    ihl = (frame[14] & 15) * 4
+    proto = frame[23]
+    src, dst = frame[26:30], frame[30:34]
+    sport, dport = struct.unpack("!HH", frame[14 + ihl:18 + ihl])
+    return proto, (src, sport), (dst, dport)
+
+
+def _send_main(tx_if):
+    # Frames for 64 flows (TCP and UDP), both directions, 4 packets each way.
+    raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    raw.bind((tx_if, 0))
+    mac_a, mac_b = b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x02"
+    sent = 0
+    for i in range(64):
+        proto = 17 if i % 2 else 6
+        a, b = f"198.18.7.{1 + i % 50}", f"198.18.8.{1 + i // 50}"
+        sport, dport = 20000 + 2 * i, 80 if proto == 6 else 53
+        for _ in range(4):
+            raw.send(_frame(mac_a, mac_b, a, b, proto, sport, dport))
+            raw.send(_frame(mac_b, mac_a, b, a, proto, dport, sport))
+            sent += 2
+    raw.close()
+    print(sent)
+
+
+def _fanout_main(rx_if):
+    # Two sockets in one hash fanout group on rx_if; drain both once the sender is
+    # done and report which flows each saw.
+    from mbx._afpacket import AfPacketPort
+
+    from mbx._packet import Batch
+    group = os.getpid() & 0xFFFF
+    members = [AfPacketPort(rx_if, fanout_group=group, fanout_mode="hash", tx=False,
+                            block_size=1 << 20, block_count=8, timeout_ms=2)
+               for _ in range(2)]
+    print("ready", flush=True)
+    sent = int(sys.stdin.readline())
+    seen = [[], []]
+    batch = Batch(256)
+    deadline = time.monotonic() + 10
+    while sum(map(len, seen)) < sent and time.monotonic() < deadline:
+        for m, port in enumerate(members):
+            batch.reset()
+            n = port.receive(batch)
+            seen[m] += [batch.frame(i) for i in range(n)]
+    time.sleep(0.1)
+    for m, port in enumerate(members):      # anything beyond what was sent
+        batch.reset()
+        n = port.receive(batch)
+        seen[m] += [batch.frame(i) for i in range(n)]
+    member_flows, owner, split = [], {}, 0
+    for m in range(2):
+        fl = set()
+        for f in seen[m]:
+            key = _key(f)
+            if key is None:
+                continue
+            proto, x, y = key
+            flow = (proto, *sorted([x, y]))
+            fl.add(flow)
+            if owner.setdefault(flow, m) != m:
+                split += 1
+        member_flows.append(sorted([p, x[0].hex(), x[1], y[0].hex(), y[1]]
+                                   for p, x, y in fl))
+    print(json.dumps({"received": sum(map(len, seen)), "per_member": list(map(len, seen)),
+                      "members": member_flows, "split_directions": split}))
+    for port in members:
+        port.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "bridge":
+        _bridge_main(*sys.argv[2:5])
+    elif sys.argv[1] == "fanout":
+        _fanout_main(sys.argv[2])
+    elif sys.argv[1] == "send":
+        _send_main(sys.argv[2])
+    else:
+        sys.exit(f"unknown mode {sys.argv[1]!r}")
