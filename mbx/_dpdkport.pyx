@@ -379,12 +379,15 @@ cdef class DpdkPort(Port):
                 rc = rte_eal_hotplug_add(b"vdev", cname, cargs)
             text = log.finish()
             if rc < 0:
-                hint = ""
-                if not name.startswith(KNOWN_VDEV_DRIVERS):
-                    hint = (f" (no such driver? the name must start with a driver name, "
-                            f"e.g. {', '.join(KNOWN_VDEV_DRIVERS)})")
+                if "failed to parse device" in text or not name.startswith(
+                        KNOWN_VDEV_DRIVERS):
+                    why = (f"no virtual-device driver matches the name (it must start "
+                           f"with a driver name, e.g. {', '.join(KNOWN_VDEV_DRIVERS)})")
+                else:
+                    why = (f"the driver refused it ({_err(rc)}; check the arguments "
+                           f"{devargs!r})")
                 raise PortError(f"dpdk:{vdev_or_port}: cannot attach vdev {name!r}: "
-                                f"{_err(rc)}{hint}; {_log_tail(text)}")
+                                f"{why}; {_log_tail(text)}")
             self.attached = True
             _live_ports.add(self)
             if rte_eth_dev_get_port_by_name(bname, &pid) != 0:
@@ -432,9 +435,11 @@ cdef class DpdkPort(Port):
         self.seg_room = mbuf_size - RTE_PKTMBUF_HEADROOM
 
         memset(&conf, 0, sizeof(conf))
-        # net_pcap stamps each mbuf with the capture time only when asked to.
         self.timestamps = False
-        if self.driver == "net_pcap" and info.rx_offload_capa & RTE_ETH_RX_OFFLOAD_TIMESTAMP:
+        # Drivers that stamp only on request (not net_pcap in 22.11, which always
+        # does) are asked to; the stamp is trusted only from net_pcap, where it is
+        # the capture time in microseconds (elsewhere its clock is the device's).
+        if info.rx_offload_capa & RTE_ETH_RX_OFFLOAD_TIMESTAMP:
             conf.rxmode.offloads |= RTE_ETH_RX_OFFLOAD_TIMESTAMP
         if info.tx_offload_capa & RTE_ETH_TX_OFFLOAD_MULTI_SEGS:
             conf.txmode.offloads |= RTE_ETH_TX_OFFLOAD_MULTI_SEGS
@@ -466,7 +471,8 @@ cdef class DpdkPort(Port):
         log = _EalLog()
         rte_eth_promiscuous_enable(pid)
         log.finish(False)
-        if conf.rxmode.offloads & RTE_ETH_RX_OFFLOAD_TIMESTAMP:
+        if self.driver == "net_pcap":
+            # Registering finds the field and flag the driver registered at probe.
             self.timestamps = rte_mbuf_dyn_rx_timestamp_register(
                 &self.ts_offset, &self.ts_flag) == 0
 
