@@ -389,7 +389,7 @@ cdef class DpdkPort(Port):
                 raise PortError(f"dpdk:{vdev_or_port}: cannot attach vdev {name!r}: "
                                 f"{why}; {_log_tail(text)}")
             self.attached = True
-            _live_ports.add(self)
+            _live_ports.add(self)       # closed at exit even if the rest fails
             if rte_eth_dev_get_port_by_name(bname, &pid) != 0:
                 # A driver can probe without creating an ethdev (or a bus other
                 # than the one we meant took the name).
@@ -527,7 +527,7 @@ cdef class DpdkPort(Port):
     cdef int rx_burst(self, Batch batch) noexcept nogil:
         cdef int n = 0
         cdef uint32_t room, want
-        cdef uint16_t got
+        cdef uint16_t got = 1          # a call that finds the batch full is not idle
         cdef int64_t now
         if not self.started:
             return PORT_EOF

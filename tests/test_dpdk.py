@@ -32,13 +32,15 @@ def _libdpdk_present():
 try:
     from mbx import _dpdkport
 except ImportError as exc:
-    if _libdpdk_present():
+    if _libdpdk_present() and os.environ.get("MBX_DPDK") != "disabled":
         # libdpdk is installed, so the build should have made the port: a skip here
-        # would hide a broken build (e.g. a missing symbol) in CI.
-        raise ImportError(f"libdpdk is installed but mbx._dpdkport does not import: "
-                          f"{exc}") from exc
-    pytest.skip("mbx was built without DPDK (no libdpdk: apt-get install libdpdk-dev "
-                "dpdk pkg-config, then reinstall mbx)", allow_module_level=True)
+        # would hide a broken build (e.g. a missing symbol) in CI.  A build made with
+        # -Ddpdk=disabled on purpose says so with MBX_DPDK=disabled.
+        raise ImportError(f"libdpdk is installed but mbx._dpdkport does not import "
+                          f"(set MBX_DPDK=disabled for a build without DPDK on "
+                          f"purpose): {exc}") from exc
+    pytest.skip(f"mbx was built without DPDK ({exc}); to test it: apt-get install "
+                f"libdpdk-dev dpdk pkg-config, then reinstall mbx", allow_module_level=True)
 
 DpdkPort = _dpdkport.DpdkPort
 _serial = itertools.count()
