@@ -7,13 +7,16 @@ out of the other one, so it is the input and the output of a run; see
 :func:`open_ports`).  AF_PACKET options follow a ``?``:
 ``afpacket:veth0,veth1?fanout=7&block_count=128`` (keys: ``fanout``,
 ``fanout_mode``, ``block_size``, ``block_count``, ``frame_size``, ``timeout_ms``,
-``retire_ms``, ``promisc``, ``duration``).  DPDK ports (``dpdk:ARGS``) come later
-and are refused with a message that says which schemes this build knows.  A bare path ending
+``retire_ms``, ``promisc``, ``duration``).  DPDK virtual devices are
+``dpdk:VDEV[,ARGS]`` (e.g. ``dpdk:net_pcap0,rx_pcap=in.pcap``), when mbx was built
+with DPDK.  A bare path ending
 in ``.pcap``, ``.pcapng`` or ``.cap`` is taken as a capture file, so shell
 completion of file names works as expected.
 """
 
 from __future__ import annotations
+
+import re
 
 from mbx._packet import Port
 from mbx._pcap import PcapReader, PcapWriter
@@ -22,11 +25,14 @@ from mbx.errors import PortError
 __all__ = ["KNOWN_SCHEMES", "open_input", "open_output", "open_ports"]
 
 #: Schemes this build can open.
-KNOWN_SCHEMES: tuple[str, ...] = ("pcap", "afpacket")
+KNOWN_SCHEMES: tuple[str, ...] = ("pcap", "afpacket", "dpdk")
 # Schemes planned but not built yet: named so the error says "not available" rather
 # than "unknown", which would suggest a typo.
-_PLANNED_SCHEMES = ("dpdk",)
+_PLANNED_SCHEMES: tuple[str, ...] = ()
 _CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap")
+# A PCI address (0000:01:00.0 or 01:00.0): a NIC for DPDK, which needs EAL with
+# PCI access and hugepages; the DPDK port attaches virtual devices only so far.
+_PCI_ADDRESS = re.compile(r"^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 
 
 def _parse(spec: str) -> tuple[str, str]:
@@ -38,8 +44,12 @@ def _parse(spec: str) -> tuple[str, str]:
     scheme = scheme.lower()
     if sep and scheme in KNOWN_SCHEMES:
         if not arg:
-            what = "interface" if scheme == "afpacket" else "file"
+            what = {"afpacket": "interface", "dpdk": "vdev"}.get(scheme, "file")
             raise PortError(f"port spec {spec!r} names no {what} after '{scheme}:'")
+        if scheme == "dpdk" and _PCI_ADDRESS.match(arg.partition(",")[0]):
+            raise PortError(f"DPDK PCI devices ({spec!r}) are not available yet; known "
+                            f"schemes: {', '.join(KNOWN_SCHEMES)} (dpdk with a virtual "
+                            f"device, e.g. dpdk:net_pcap0,rx_pcap=FILE)")
         return scheme, arg
     if sep and scheme in _PLANNED_SCHEMES:
         raise PortError(f"port scheme {scheme!r} ({spec!r}) is not available yet; "
@@ -93,6 +103,22 @@ def _open_afpacket(spec: str, arg: str, port_id: int, rx: bool):
         raise PortError(f"port spec {spec!r}: {exc}") from None
 
 
+def _dpdk_port(arg: str, port_id: int = 0) -> Port:
+    """A DpdkPort on the vdev ``arg``; mbx._dpdkport is imported only here, so the
+    rest of mbx works in a build without DPDK."""
+    try:
+        from mbx._dpdkport import DpdkPort
+    except ImportError as exc:
+        # Keep the original text: a missing DPDK symbol shows up only there.
+        raise PortError(
+            f"dpdk:{arg}: this mbx was built without DPDK (mbx._dpdkport cannot be "
+            f"imported: {exc}). Install DPDK's development files (apt-get install "
+            f"libdpdk-dev dpdk pkg-config) and reinstall mbx (pip install "
+            f"--no-build-isolation .); add -Csetup-args=-Ddpdk=enabled to make a "
+            f"missing libdpdk a build error") from exc
+    return DpdkPort(arg, port_id=port_id)
+
+
 def open_input(spec: str, port_id: int = 0) -> Port:
     """Open the port ``spec`` for receiving; frames are tagged with ``port_id``.
 
@@ -101,13 +127,16 @@ def open_input(spec: str, port_id: int = 0) -> Port:
     cannot be opened, :class:`~mbx.errors.CaptureFormatError` for one that is not a
     usable capture.  ``afpacket:IF`` receives live from an interface (and can send
     back out of it); ``afpacket:IF0,IF1`` is a :class:`~mbx._afpacket.BridgePorts`
-    (port 0 client side, 1 server side).
+    (port 0 client side, 1 server side).  ``dpdk:VDEV[,ARGS]`` receives from a DPDK
+    virtual device (``net_pcap0,rx_pcap=FILE`` replays a capture and ends with it).
     """
     scheme, arg = _parse(spec)
     if scheme == "pcap":
         return PcapReader(arg, port_id)
     if scheme == "afpacket":
         return _open_afpacket(spec, arg, port_id, rx=True)
+    if scheme == "dpdk":
+        return _dpdk_port(arg, port_id)
     raise AssertionError(f"scheme {scheme!r} parsed but not handled")  # pragma: no cover
 
 
@@ -127,6 +156,8 @@ def open_output(spec: str) -> Port:
         return PcapWriter(arg)
     if scheme == "afpacket":
         return _open_afpacket(spec, arg, 0, rx=False)
+    if scheme == "dpdk":
+        return _dpdk_port(arg)
     raise AssertionError(f"scheme {scheme!r} parsed but not handled")  # pragma: no cover
 
 

@@ -29,8 +29,10 @@ import sys
 sys.exit(sys.version_info < (3, 11))
 PY
 command -v cc >/dev/null 2>&1 || apt_install build-essential
-# OpenSSL's libcrypto (SHA-256 for `mbx flows`), found by meson through pkg-config.
-apt_install libssl-dev pkg-config
+# OpenSSL's libcrypto (SHA-256 for `mbx flows`), found by meson through pkg-config;
+# DPDK (optional for mbx, built when found): headers and pkg-config file for the
+# build, the PMD plugins (net_pcap, net_ring, ...) for the DPDK port at run time.
+apt_install pkg-config libssl-dev libdpdk-dev dpdk
 "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || apt_install python3-venv
 
 VENV=${MBX_VENV:-.venv}

@@ -1,0 +1,49 @@
+# The DPDK port: an ethdev (a vdev attached by name, or a port EAL already probed)
+# behind the Port interface.  Declared here so other extensions can cimport DpdkPort
+# and call rx_burst/tx_burst directly; only this module includes DPDK's headers.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from mbx._dpdk cimport rte_mbuf, rte_mempool
+from mbx._packet cimport Batch, Port, mbx_pkt
+
+cdef enum:
+    # The most mbufs asked of the driver in one call (and held between calls).
+    DPDK_MAX_BURST = 256
+    # Frames of more bytes than this are dropped on receive (counted in rx_oversize).
+    DPDK_MAX_FRAME = 262144
+
+
+cdef class DpdkPort(Port):
+    cdef readonly str vdev              # the vdev name we attached, "" for a probed port
+    cdef readonly str devargs
+    cdef readonly uint16_t dpdk_port    # DPDK's ethdev port id
+    cdef readonly uint16_t port_id      # the mbx port tag put on received packets
+    cdef readonly str driver
+    cdef readonly uint32_t burst
+    cdef readonly uint32_t mbufs
+    cdef readonly uint32_t mbuf_size
+    cdef readonly uint32_t eof_after_idle_polls     # 0: never report the end of input
+    cdef readonly uint64_t rx_oversize  # frames larger than DPDK_MAX_FRAME
+    cdef readonly uint64_t tx_nombuf    # frames not sent: the mempool had no mbuf
+    cdef readonly uint64_t tx_oversize  # frames not sent: more segments than allowed
+
+    cdef rte_mempool *pool
+    cdef bint attached                  # we hot-plugged the vdev: remove it at close
+    cdef bint started
+    cdef bint timestamps                # the driver stamps mbufs (rx timestamp dynfield)
+    cdef int ts_offset
+    cdef uint64_t ts_flag
+    cdef uint32_t idle_polls
+    cdef bint seen_data
+    cdef uint16_t seg_room              # bytes of data per tx mbuf
+    # Received mbufs not yet copied into a batch (the batch filled up first).
+    cdef rte_mbuf *held[DPDK_MAX_BURST]
+    cdef uint32_t held_head
+    cdef uint32_t held_count
+    cdef uint8_t *scratch               # a multi-segment frame made contiguous
+    cdef object _last_stats             # the device counters when it was closed
+    cdef object __weakref__
+
+    cdef int _copy_held(self, Batch batch, int64_t now_ns) noexcept nogil
+    cdef int _fill(self, rte_mbuf *m, const mbx_pkt *p) noexcept nogil
+    cdef void _release(self) noexcept

@@ -1,0 +1,52 @@
+"""Stubs for mbx._dpdkport: DPDK ports (built only when libdpdk was found)."""
+
+from collections.abc import Sequence
+
+from mbx._packet import Port
+
+KNOWN_VDEV_DRIVERS: tuple[str, ...]
+
+def default_eal_args(memory_mb: int = 256) -> tuple[str, ...]:
+    """EAL arguments that work without hugepages, PCI access or root."""
+
+def eal_init(args: Sequence[str] | str | None = None) -> tuple[str, ...]:
+    """Start the EAL once per process (idempotent for the same arguments)."""
+
+def eal_initialized() -> bool: ...
+def eal_args() -> tuple[str, ...] | None: ...
+
+class DpdkPort(Port):
+    """A DPDK ethdev (a vdev attached by name, or a probed port id) as a port."""
+
+    vdev: str
+    devargs: str
+    dpdk_port: int
+    port_id: int
+    driver: str
+    burst: int
+    mbufs: int
+    mbuf_size: int
+    eof_after_idle_polls: int
+    rx_oversize: int
+    tx_nombuf: int
+    tx_oversize: int
+    def __init__(
+        self,
+        vdev_or_port: str | int,
+        *,
+        port_id: int = 0,
+        rx_queue_size: int = 1024,
+        tx_queue_size: int = 1024,
+        mbufs: int = 8192,
+        mbuf_size: int = 2176,
+        burst: int = 32,
+        eof_after_idle_polls: int | None = None,
+    ) -> None: ...
+    @property
+    def stats(self) -> dict[str, int]: ...
+    @property
+    def mbufs_free(self) -> int: ...
+    @property
+    def counters(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> DpdkPort: ...

@@ -1,0 +1,739 @@
+"""DPDK ports: an ethdev (usually a virtual device) behind mbx's Port interface.
+
+DPDK's Environment Abstraction Layer (EAL) exists once per process: ``eal_init``
+starts it (with arguments that work without hugepages or a NIC of ours) and it is
+cleaned up only at interpreter exit, after every port has been closed; a second
+initialisation, even after cleanup, is impossible.  ``DpdkPort`` attaches a virtual
+device by name and arguments (``net_pcap0,rx_pcap=in.pcap``, ``net_ring0``,
+``net_null0``, ``net_af_packet0,iface=veth0``, ``net_memif0,role=server``) or takes
+over a port EAL already probed, and moves frames between DPDK mbufs and Batches with
+one copy each way, without the GIL.
+"""
+import atexit
+import os
+import shlex
+import sys
+import weakref
+
+from libc.errno cimport ENOMEM
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdio cimport FILE, fclose, fflush, stderr
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset, strdup
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+
+from mbx._dpdk cimport (
+    RTE_ETH_NAME_MAX_LEN,
+    RTE_ETH_RX_OFFLOAD_TIMESTAMP,
+    RTE_ETH_TX_OFFLOAD_MULTI_SEGS,
+    RTE_PKTMBUF_HEADROOM,
+    rte_eal_cleanup,
+    rte_eal_hotplug_add,
+    rte_eal_hotplug_remove,
+    rte_eal_init,
+    rte_errno,
+    rte_eth_conf,
+    rte_eth_dev_adjust_nb_rx_tx_desc,
+    rte_eth_dev_close,
+    rte_eth_dev_configure,
+    rte_eth_dev_get_name_by_port,
+    rte_eth_dev_get_port_by_name,
+    rte_eth_dev_info,
+    rte_eth_dev_info_get,
+    rte_eth_dev_is_valid_port,
+    rte_eth_dev_socket_id,
+    rte_eth_dev_start,
+    rte_eth_dev_stop,
+    rte_eth_promiscuous_enable,
+    rte_eth_rx_burst,
+    rte_eth_rx_queue_setup,
+    rte_eth_stats,
+    rte_eth_stats_get,
+    rte_eth_tx_burst,
+    rte_eth_tx_queue_setup,
+    rte_mbuf,
+    rte_mbuf_dyn_rx_timestamp_register,
+    rte_mempool_avail_count,
+    rte_mempool_free,
+    rte_openlog_stream,
+    rte_pktmbuf_alloc,
+    rte_pktmbuf_append,
+    rte_pktmbuf_chain,
+    rte_pktmbuf_free,
+    rte_pktmbuf_mtod,
+    rte_pktmbuf_pool_create,
+    rte_pktmbuf_read,
+    rte_pktmbuf_tailroom,
+    rte_socket_id,
+    rte_strerror,
+    mbuf_rx_timestamp,
+)
+from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, mbx_pkt
+
+from mbx.errors import PortError
+
+cdef extern from "<stdio.h>" nogil:
+    FILE *open_memstream(char **ptr, size_t *sizeloc)
+
+__all__ = ["DpdkPort", "default_eal_args", "eal_args", "eal_init", "eal_initialized",
+           "KNOWN_VDEV_DRIVERS"]
+
+cdef enum EalState:
+    EAL_NONE = 0
+    EAL_RUNNING = 1
+    EAL_CLEANED = 2
+
+cdef enum:
+    # net_pcap reports the end of a capture file only as empty polls: this many in a
+    # row end the input (the file's reader never comes back empty before its end,
+    # since this port frees every mbuf it receives before polling again).
+    PCAP_IDLE_POLLS_EOF = 4
+    MEMPOOL_CACHE = 256
+    NS_PER_US = 1000
+
+#: Virtual-device drivers known to work without hugepages or a NIC (the vdev name is
+#: one of these followed by an instance number, e.g. ``net_pcap0``).
+KNOWN_VDEV_DRIVERS = ("net_pcap", "net_ring", "net_null", "net_af_packet", "net_memif",
+                      "net_tap")
+
+cdef int _eal_state = EAL_NONE
+_eal_args = None
+# argv handed to rte_eal_init: EAL may keep pointers into it, so it is never freed.
+cdef char **_eal_argv = NULL
+# Open ports, closed at exit before the EAL is cleaned up.
+_live_ports = weakref.WeakSet()
+cdef uint32_t _pool_serial = 0
+
+
+# ---------------------------------------------------------------- the EAL log
+# DPDK reports most failures only in its log (rte_errno is often 0), so calls that
+# may fail run with the log captured; the text goes into the PortError and on to
+# stderr.  Outside those calls the log goes to stderr, never to stdout (where the
+# EAL sends it by default and where `mbx run` prints its results).
+
+cdef class _EalLog:
+    cdef FILE *stream
+    cdef char *buf
+    cdef size_t size
+
+    def __cinit__(self):
+        self.stream = open_memstream(&self.buf, &self.size)
+        if self.stream != NULL:
+            rte_openlog_stream(self.stream)
+
+    cdef str finish(self, bint echo=True):
+        """Stop capturing; the captured text (also written to stderr if echo)."""
+        cdef str text = ""
+        if self.stream != NULL:
+            rte_openlog_stream(stderr)
+            fflush(self.stream)
+            fclose(self.stream)
+            self.stream = NULL
+            if self.buf != NULL:
+                text = self.buf[:self.size].decode("utf-8", "replace")
+        free(self.buf)
+        self.buf = NULL
+        if echo and text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        return text
+
+    def __dealloc__(self):
+        if self.stream != NULL:
+            rte_openlog_stream(stderr)
+            fclose(self.stream)
+        free(self.buf)
+
+
+cdef str _log_tail(str text, int lines=4):
+    kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not kept:
+        return "nothing in the DPDK log"
+    return "DPDK log: " + " | ".join(kept[-lines:])
+
+
+cdef str _err(int rc):
+    """A DPDK return code (negative errno, or -1 with rte_errno) as text."""
+    cdef int code = -rc if rc < -1 else rte_errno
+    if code <= 0:
+        return f"error {rc}"
+    return f"{rte_strerror(code).decode('utf-8', 'replace')} (errno {code})"
+
+
+def _cpu_list(cpus):
+    """[0, 1, 2, 5] -> '0-2,5': the CPU set EAL's --lcores syntax takes."""
+    out = []
+    cpus = sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def default_eal_args(memory_mb=256):
+    """EAL arguments that work without hugepages, PCI access or root.
+
+    ``--no-huge -m MEMORY_MB`` takes ordinary memory (only what pools use is
+    touched); ``--no-shconf`` lets independent processes run side by side;
+    ``--lcores=0@(CPUS)`` keeps the caller's CPU affinity instead of pinning it to
+    one core.  ``MBX_EAL_ARGS`` in the environment (shell syntax) replaces them.
+    """
+    env = os.environ.get("MBX_EAL_ARGS")
+    if env:
+        return tuple(shlex.split(env))
+    cpus = os.sched_getaffinity(0)
+    return ("--no-huge", "-m", str(memory_mb), "--no-pci", "--no-telemetry",
+            "--no-shconf", f"--lcores=0@({_cpu_list(cpus)})", "--log-level=*:warning")
+
+
+def eal_initialized():
+    """Is the EAL running in this process?"""
+    return _eal_state == EAL_RUNNING
+
+
+def eal_args():
+    """The arguments the running EAL was started with, or None."""
+    return _eal_args
+
+
+def eal_init(args=None):
+    """Start DPDK's EAL for this process with ``args`` (default: ``default_eal_args()``).
+
+    Idempotent for the same arguments.  Raises :class:`PortError` when EAL is already
+    running with other arguments (there is one EAL per process and it cannot be
+    restarted), after it was cleaned up at exit, or when initialisation fails (the
+    message quotes the DPDK log).  Returns the arguments in force.
+    """
+    global _eal_state, _eal_args, _eal_argv
+    cdef int argc, rc, i
+    cdef char **argv
+    if args is None:
+        args = default_eal_args()
+    elif isinstance(args, str):
+        args = shlex.split(args)
+    args = tuple(args)
+    for a in args:
+        if not isinstance(a, str):
+            raise TypeError(f"EAL arguments must be strings, got {a!r}")
+    if _eal_state == EAL_RUNNING:
+        if args == _eal_args:
+            return _eal_args
+        raise PortError(
+            f"DPDK EAL is already initialised in this process with "
+            f"{shlex.join(_eal_args)!r}; it cannot be initialised again with "
+            f"{shlex.join(args)!r} (one EAL per process: start another process)")
+    if _eal_state == EAL_CLEANED:
+        raise PortError("DPDK EAL was already cleaned up in this process and cannot be "
+                        "started again")
+    argc = len(args) + 1
+    argv = <char **>malloc((argc + 1) * sizeof(char *))
+    if argv == NULL:
+        raise MemoryError("cannot allocate the EAL argument vector")
+    argv[0] = strdup(b"mbx")
+    for i, a in enumerate(args):
+        argv[i + 1] = strdup(a.encode())
+    argv[argc] = NULL
+    log = _EalLog()
+    with nogil:
+        rc = rte_eal_init(argc, argv)
+    code = rte_errno
+    text = log.finish()
+    if rc < 0:
+        for i in range(argc):
+            free(argv[i])
+        free(argv)
+        why = rte_strerror(code).decode("utf-8", "replace") if code > 0 else f"error {rc}"
+        raise PortError(f"DPDK EAL initialisation failed ({why}) with arguments "
+                        f"{shlex.join(args)!r}; {_log_tail(text)}")
+    _eal_argv = argv
+    _eal_args = args
+    _eal_state = EAL_RUNNING
+    atexit.register(_eal_cleanup)
+    return _eal_args
+
+
+def _ensure_eal():
+    if _eal_state != EAL_RUNNING:
+        eal_init()
+
+
+def _eal_cleanup():
+    """At exit: close what is still open, then release the EAL (never earlier: any
+    DPDK call after rte_eal_cleanup crashes the process)."""
+    global _eal_state
+    if _eal_state != EAL_RUNNING:
+        return
+    for port in list(_live_ports):
+        try:
+            port.close()
+        except Exception as exc:    # noqa: BLE001 -- exit must go on
+            sys.stderr.write(f"mbx: closing {port.name} at exit: {exc}\n")
+    _eal_state = EAL_CLEANED
+    with nogil:
+        rte_eal_cleanup()
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef class DpdkPort(Port):
+    """A DPDK ethdev as a port: 1 Rx and 1 Tx queue, frames copied to and from Batches.
+
+    ``DpdkPort("net_pcap0,rx_pcap=in.pcap")`` attaches a virtual device (name, then
+    the driver's arguments after the first comma) with ``rte_eal_hotplug_add`` and
+    removes it at ``close()``; ``DpdkPort(3)`` uses DPDK port 3 as EAL probed it
+    (a ``--vdev`` or a NIC) and leaves it attached.  EAL is started with
+    ``default_eal_args()`` if ``eal_init`` was not called first.
+
+    ``port_id`` tags received packets (as for every port); ``mbufs`` buffers of
+    ``mbuf_size`` bytes (headroom included) make this port's pool; ``burst`` is the
+    most frames asked of the driver per poll.  ``eof_after_idle_polls=N`` ends the
+    input after N empty polls in a row (0: never); it defaults to a few for a
+    ``net_pcap`` reading a file once (which signals its end no other way) and to 0
+    otherwise.
+
+    Received frames carry the capture time for ``net_pcap`` (microseconds) and the
+    receive time otherwise.  Frames the batch cannot take yet stay in the port for
+    the next call.  Multi-segment mbufs are copied segment by segment; frames over
+    256 KiB are dropped (``rx_oversize``).  A send that finds the pool empty drops
+    and counts (``tx_nombuf``, ``tx_dropped``), as does a driver that refuses part
+    of a burst.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self.pool = NULL
+        self.scratch = NULL
+        self.attached = False
+        self.started = False
+        self.held_head = 0
+        self.held_count = 0
+        self.vdev = ""
+        self.devargs = ""
+        self.driver = ""
+
+    def __init__(self, vdev_or_port, *, int port_id=0, uint32_t rx_queue_size=1024,
+                 uint32_t tx_queue_size=1024, uint32_t mbufs=8192, uint32_t mbuf_size=2176,
+                 uint32_t burst=32, eof_after_idle_polls=None):
+        global _pool_serial
+        cdef uint16_t pid
+        cdef int rc, socket
+        cdef uint16_t nrx, ntx
+        cdef rte_eth_dev_info info
+        cdef rte_eth_conf conf
+        cdef char ethname[RTE_ETH_NAME_MAX_LEN]
+        cdef const char *cname
+        cdef const char *cargs
+        if self.pool != NULL or self.attached:
+            raise PortError(f"{self.name}: already open")
+        if not 0 <= port_id <= 0xFFFF:
+            raise ValueError(f"port_id {port_id} is not in 0..65535")
+        if not 1 <= burst <= DPDK_MAX_BURST:
+            raise ValueError(f"burst {burst} is not in 1..{DPDK_MAX_BURST}")
+        if not RTE_PKTMBUF_HEADROOM + 64 <= mbuf_size <= 0xFFFF:
+            raise ValueError(f"mbuf_size {mbuf_size} is not in "
+                             f"{RTE_PKTMBUF_HEADROOM + 64}..65535 (headroom included)")
+        if mbufs < 64:
+            raise ValueError(f"mbufs {mbufs} is below 64")
+        if not 1 <= rx_queue_size <= 0xFFFF or not 1 <= tx_queue_size <= 0xFFFF:
+            raise ValueError("rx_queue_size and tx_queue_size must be in 1..65535")
+        self.port_id = port_id
+        self.burst = burst
+        self.mbufs = mbufs
+        self.mbuf_size = mbuf_size
+        _ensure_eal()
+
+        if isinstance(vdev_or_port, int):
+            if not 0 <= vdev_or_port <= 0xFFFF or not rte_eth_dev_is_valid_port(vdev_or_port):
+                raise PortError(f"dpdk:{vdev_or_port}: no such DPDK port (EAL probed "
+                                f"none with that id; attach a vdev by name instead)")
+            pid = vdev_or_port
+            rte_eth_dev_get_name_by_port(pid, ethname)
+            self.name = f"dpdk:{ethname.decode()}"
+        elif isinstance(vdev_or_port, str):
+            self.name = f"dpdk:{vdev_or_port}"
+            name, _, devargs = vdev_or_port.partition(",")
+            name = name.strip()
+            if not name or any(c in name for c in " =:/"):
+                raise PortError(
+                    f"dpdk:{vdev_or_port}: expected a vdev name such as net_pcap0 (a driver "
+                    f"name and an instance number), then its arguments after a comma")
+            self.vdev = name
+            self.devargs = devargs
+            bname = name.encode()
+            if rte_eth_dev_get_port_by_name(bname, &pid) == 0:
+                raise PortError(f"dpdk:{vdev_or_port}: a device named {name!r} is already "
+                                f"attached (DPDK port {pid}); give this one another "
+                                f"instance number")
+            bargs = devargs.encode()
+            cname = bname
+            cargs = bargs
+            log = _EalLog()
+            with nogil:
+                rc = rte_eal_hotplug_add(b"vdev", cname, cargs)
+            text = log.finish()
+            if rc < 0:
+                if "failed to parse device" in text or not name.startswith(
+                        KNOWN_VDEV_DRIVERS):
+                    why = (f"no virtual-device driver matches the name (it must start "
+                           f"with a driver name, e.g. {', '.join(KNOWN_VDEV_DRIVERS)})")
+                else:
+                    why = (f"the driver refused it ({_err(rc)}; check the arguments "
+                           f"{devargs!r})")
+                raise PortError(f"dpdk:{vdev_or_port}: cannot attach vdev {name!r}: "
+                                f"{why}; {_log_tail(text)}")
+            self.attached = True
+            _live_ports.add(self)       # closed at exit even if the rest fails
+            if rte_eth_dev_get_port_by_name(bname, &pid) != 0:
+                # A driver can probe without creating an ethdev (or a bus other
+                # than the one we meant took the name).
+                self._release()
+                raise PortError(f"dpdk:{vdev_or_port}: vdev {name!r} attached but no "
+                                f"ethdev port appeared; {_log_tail(text)}")
+        else:
+            raise TypeError(f"expected a vdev spec (str) or a DPDK port id (int), got "
+                            f"{vdev_or_port!r}")
+        self.dpdk_port = pid
+        _live_ports.add(self)
+
+        rc = rte_eth_dev_info_get(pid, &info)
+        if rc != 0:
+            self._release()
+            raise PortError(f"{self.name}: cannot read the device info: {_err(rc)}")
+        self.driver = (info.driver_name or b"").decode("utf-8", "replace")
+        socket = rte_eth_dev_socket_id(pid)
+        if socket < 0:
+            socket = rte_socket_id()
+
+        self.scratch = <uint8_t *>malloc(DPDK_MAX_FRAME)
+        if self.scratch == NULL:
+            self._release()
+            raise MemoryError(f"{self.name}: cannot allocate a frame buffer")
+        pool_name = f"mbx_pool{_pool_serial}".encode()
+        _pool_serial += 1
+        log = _EalLog()
+        self.pool = rte_pktmbuf_pool_create(pool_name, mbufs, min(MEMPOOL_CACHE, mbufs // 4),
+                                            0, mbuf_size, socket)
+        code = rte_errno
+        text = log.finish()
+        if self.pool == NULL:
+            self._release()
+            msg = rte_strerror(code).decode("utf-8", "replace") if code > 0 else "failed"
+            hint = ""
+            if code == ENOMEM or code == 0:
+                hint = (f"; EAL has the memory of its -m option ({shlex.join(_eal_args)!r}):"
+                        f" start it with a larger -m (eal_init or MBX_EAL_ARGS) or use "
+                        f"fewer mbufs")
+            raise PortError(f"{self.name}: cannot create a pool of {mbufs} mbufs of "
+                            f"{mbuf_size} bytes: {msg}{hint}; {_log_tail(text)}")
+        self.seg_room = mbuf_size - RTE_PKTMBUF_HEADROOM
+
+        memset(&conf, 0, sizeof(conf))
+        self.timestamps = False
+        # Drivers that stamp only on request (not net_pcap in 22.11, which always
+        # does) are asked to; the stamp is trusted only from net_pcap, where it is
+        # the capture time in microseconds (elsewhere its clock is the device's).
+        if info.rx_offload_capa & RTE_ETH_RX_OFFLOAD_TIMESTAMP:
+            conf.rxmode.offloads |= RTE_ETH_RX_OFFLOAD_TIMESTAMP
+        if info.tx_offload_capa & RTE_ETH_TX_OFFLOAD_MULTI_SEGS:
+            conf.txmode.offloads |= RTE_ETH_TX_OFFLOAD_MULTI_SEGS
+        nrx = rx_queue_size
+        ntx = tx_queue_size
+        log = _EalLog()
+        rc = rte_eth_dev_configure(pid, 1, 1, &conf)
+        step = "configure 1 Rx + 1 Tx queue"
+        if rc == 0:
+            rc = rte_eth_dev_adjust_nb_rx_tx_desc(pid, &nrx, &ntx)
+            step = "adjust the queue sizes"
+        if rc == 0:
+            rc = rte_eth_rx_queue_setup(pid, 0, nrx, socket, NULL, self.pool)
+            step = f"set up the Rx queue ({nrx} descriptors)"
+        if rc == 0:
+            rc = rte_eth_tx_queue_setup(pid, 0, ntx, socket, NULL)
+            step = f"set up the Tx queue ({ntx} descriptors)"
+        if rc == 0:
+            with nogil:
+                rc = rte_eth_dev_start(pid)
+            step = "start the device"
+        text = log.finish()
+        if rc != 0:
+            self._release()
+            raise PortError(f"{self.name}: cannot {step}: {_err(rc)}; {_log_tail(text)}")
+        self.started = True
+        # Not every vdev has a promiscuous mode; those that do (af_packet, tap) need
+        # it to see traffic for other MACs.
+        log = _EalLog()
+        rte_eth_promiscuous_enable(pid)
+        log.finish(False)
+        if self.driver == "net_pcap":
+            # Registering finds the field and flag the driver registered at probe.
+            self.timestamps = rte_mbuf_dyn_rx_timestamp_register(
+                &self.ts_offset, &self.ts_flag) == 0
+
+        if eof_after_idle_polls is None:
+            once = (self.driver == "net_pcap" and "rx_pcap=" in self.devargs
+                    and "infinite_rx=1" not in self.devargs.replace(" ", ""))
+            eof_after_idle_polls = PCAP_IDLE_POLLS_EOF if once else 0
+        if eof_after_idle_polls < 0:
+            raise ValueError("eof_after_idle_polls must be >= 0")
+        self.eof_after_idle_polls = eof_after_idle_polls
+        self.idle_polls = 0
+
+    # ------------------------------------------------------------ receive
+
+    cdef int _copy_held(self, Batch batch, int64_t now_ns) noexcept nogil:
+        cdef rte_mbuf *m
+        cdef const uint8_t *data
+        cdef uint32_t length
+        cdef int64_t ts
+        cdef int n = 0
+        cdef uint64_t nbytes = 0
+        while self.held_count:
+            m = self.held[self.held_head]
+            length = m.pkt_len
+            if length > DPDK_MAX_FRAME:
+                self.rx_oversize = self.rx_oversize + 1
+                self.rx_dropped = self.rx_dropped + 1
+            else:
+                if m.nb_segs == 1:
+                    data = rte_pktmbuf_mtod(m)
+                else:
+                    data = <const uint8_t *>rte_pktmbuf_read(m, 0, length, self.scratch)
+                ts = now_ns
+                if self.timestamps and (m.ol_flags & self.ts_flag):
+                    ts = <int64_t>mbuf_rx_timestamp(m, self.ts_offset) * NS_PER_US
+                if batch.add(data, length, length, ts, self.port_id) == NULL:
+                    if batch.count:
+                        break           # full: the frame waits for the next call
+                    # Not even an empty batch holds it.
+                    self.rx_oversize = self.rx_oversize + 1
+                    self.rx_dropped = self.rx_dropped + 1
+                else:
+                    n += 1
+                    nbytes += length
+            rte_pktmbuf_free(m)
+            self.held_head = self.held_head + 1
+            self.held_count = self.held_count - 1
+        self.rx_pkts = self.rx_pkts + n
+        self.rx_bytes = self.rx_bytes + nbytes
+        return n
+
+    cdef int rx_burst(self, Batch batch) noexcept nogil:
+        cdef int n = 0
+        cdef uint32_t room, want
+        cdef uint16_t got = 1          # a call that finds the batch full is not idle
+        cdef int64_t now
+        if not self.started:
+            return PORT_EOF
+        now = _now_ns()
+        if self.held_count:
+            n = self._copy_held(batch, now)
+            if self.held_count:
+                return n
+        # Poll until the batch is full or the driver has no more for now.
+        while True:
+            room = batch.capacity - batch.count
+            if room == 0:
+                break
+            want = room if room < self.burst else self.burst
+            got = rte_eth_rx_burst(self.dpdk_port, 0, self.held, <uint16_t>want)
+            self.held_head = 0
+            self.held_count = got
+            if got:
+                n += self._copy_held(batch, now)
+            if got < want or self.held_count:
+                break
+        if n:
+            self.idle_polls = 0
+            return n
+        if got == 0:
+            self.idle_polls = self.idle_polls + 1
+            if self.eof_after_idle_polls and self.idle_polls >= self.eof_after_idle_polls:
+                return PORT_EOF
+        return 0
+
+    # ------------------------------------------------------------ send
+
+    cdef int _fill(self, rte_mbuf *head, const mbx_pkt *p) noexcept nogil:
+        """Copy p's frame into head, chaining more mbufs if it does not fit one;
+        -1: the pool ran dry, -2: the chain would be too long."""
+        cdef rte_mbuf *seg = head
+        cdef uint32_t left = p.caplen
+        cdef uint32_t off = 0
+        cdef uint32_t chunk
+        cdef char *dst
+        while True:
+            chunk = rte_pktmbuf_tailroom(seg)
+            if chunk > left:
+                chunk = left
+            dst = rte_pktmbuf_append(seg, <uint16_t>chunk)
+            memcpy(dst, p.data + off, chunk)
+            off += chunk
+            left -= chunk
+            if seg != head and rte_pktmbuf_chain(head, seg) != 0:
+                rte_pktmbuf_free(seg)
+                return -2
+            if left == 0:
+                return 0
+            seg = rte_pktmbuf_alloc(self.pool)
+            if seg == NULL:
+                return -1
+
+    cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
+        cdef rte_mbuf *out[DPDK_MAX_BURST]
+        cdef uint32_t lens[DPDK_MAX_BURST]
+        cdef rte_mbuf *m
+        cdef int i = 0
+        cdef int k, j, rc
+        cdef uint16_t sent
+        cdef int total = 0
+        cdef uint64_t nbytes
+        if not self.started:
+            self.set_error(b"send on a closed port")
+            return PORT_ERROR
+        while i < n:
+            k = 0
+            while i < n and k < DPDK_MAX_BURST:
+                m = rte_pktmbuf_alloc(self.pool)
+                if m == NULL:
+                    self.tx_nombuf = self.tx_nombuf + 1
+                    self.tx_dropped = self.tx_dropped + 1
+                    i += 1
+                    continue
+                rc = self._fill(m, pkts[i])
+                if rc != 0:
+                    rte_pktmbuf_free(m)
+                    if rc == -1:
+                        self.tx_nombuf = self.tx_nombuf + 1
+                    else:
+                        self.tx_oversize = self.tx_oversize + 1
+                    self.tx_dropped = self.tx_dropped + 1
+                else:
+                    lens[k] = pkts[i].caplen
+                    out[k] = m
+                    k += 1
+                i += 1
+            if k == 0:
+                continue
+            sent = rte_eth_tx_burst(self.dpdk_port, 0, out, <uint16_t>k)
+            nbytes = 0
+            for j in range(sent):
+                nbytes += lens[j]
+            # What the driver did not take is ours to free: dropped, not retried
+            # (a full ring or link stays full within the burst).
+            for j in range(sent, k):
+                rte_pktmbuf_free(out[j])
+            self.tx_dropped = self.tx_dropped + (k - sent)
+            self.tx_pkts = self.tx_pkts + sent
+            self.tx_bytes = self.tx_bytes + nbytes
+            total += sent
+        return total
+
+    # ------------------------------------------------------------ life cycle
+
+    cdef void _release(self) noexcept:
+        """Stop, close and detach what this port holds; safe to call twice."""
+        cdef uint16_t pid = self.dpdk_port
+        cdef rte_mbuf *drain[DPDK_MAX_BURST]
+        cdef uint16_t got
+        cdef uint32_t polls = 0
+        cdef const char *cname
+        if _eal_state != EAL_RUNNING:
+            # After rte_eal_cleanup every DPDK call crashes: only forget.
+            self.pool = NULL
+            self.started = False
+            self.attached = False
+            self.held_count = 0
+            free(self.scratch)
+            self.scratch = NULL
+            return
+        while self.held_count:
+            rte_pktmbuf_free(self.held[self.held_head])
+            self.held_head += 1
+            self.held_count -= 1
+        if self.started:
+            # net_ring hands over mbuf pointers: mbufs of our pool still queued would
+            # outlive it (the ring of a vdev of the same name is found again).
+            if self.driver == "net_ring":
+                got = 1
+                while got and polls < self.mbufs // DPDK_MAX_BURST + 2:
+                    got = rte_eth_rx_burst(pid, 0, drain, DPDK_MAX_BURST)
+                    for j in range(got):
+                        rte_pktmbuf_free(drain[j])
+                    polls += 1
+            with nogil:
+                rte_eth_dev_stop(pid)
+            self.started = False
+        if self.attached:
+            bname = self.vdev.encode()
+            cname = bname
+            with nogil:
+                rte_eth_dev_close(pid)
+                rte_eal_hotplug_remove(b"vdev", cname)
+            self.attached = False
+        if self.pool != NULL:
+            rte_mempool_free(self.pool)
+            self.pool = NULL
+        free(self.scratch)
+        self.scratch = NULL
+
+    def close(self):
+        """Stop the device, detach a vdev this port attached, free the pool.
+        Idempotent; also done at exit for ports still open."""
+        if self.attached or self.started or self.pool != NULL:
+            self._last_stats = self.stats
+            log = _EalLog()
+            self._release()
+            log.finish()
+        self.closed = True
+        _live_ports.discard(self)
+
+    def __dealloc__(self):
+        if self.attached or self.started or self.pool != NULL or self.scratch != NULL:
+            self._release()
+
+    # ------------------------------------------------------------ counters
+
+    @property
+    def stats(self):
+        """The device's own counters (rte_eth_stats), or {} once closed."""
+        cdef rte_eth_stats st
+        if not self.started or _eal_state != EAL_RUNNING:
+            return dict(self._last_stats or {})
+        if rte_eth_stats_get(self.dpdk_port, &st) != 0:
+            return {}
+        return {"ipackets": st.ipackets, "opackets": st.opackets, "ibytes": st.ibytes,
+                "obytes": st.obytes, "imissed": st.imissed, "ierrors": st.ierrors,
+                "oerrors": st.oerrors, "rx_nombuf": st.rx_nombuf}
+
+    @property
+    def mbufs_free(self):
+        """Mbufs available in this port's pool (0 once closed)."""
+        if self.pool == NULL or _eal_state != EAL_RUNNING:
+            return 0
+        return rte_mempool_avail_count(self.pool)
+
+    @property
+    def counters(self):
+        c = {"rx_pkts": self.rx_pkts, "rx_bytes": self.rx_bytes,
+             "tx_pkts": self.tx_pkts, "tx_bytes": self.tx_bytes,
+             "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped,
+             "rx_oversize": self.rx_oversize, "tx_nombuf": self.tx_nombuf,
+             "tx_oversize": self.tx_oversize}
+        st = self.stats
+        if st:
+            # Frames the driver lost before we polled: no mbuf, or the device missed.
+            c["rx_nombuf"] = st["rx_nombuf"]
+            c["rx_missed"] = st["imissed"]
+        return c
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"port {self.dpdk_port}"
+        return f"<DpdkPort {self.name!r} {self.driver} {state} rx={self.rx_pkts} " \
+               f"tx={self.tx_pkts}>"

@@ -1,0 +1,310 @@
+"""The DPDK port over virtual devices, checked against the pcap port.
+
+The project's rule: the same NF/stack runs over every backend give the same results.
+Here a capture goes through an App once over pcap ports and once over DPDK
+``net_pcap`` vdevs; frames out and counters must agree.  One EAL per process: a
+session fixture starts it and every test attaches vdevs under fresh names.
+"""
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import read_frames
+
+from mbx._packet import Batch
+from mbx.errors import PortError
+from mbx.examples.capture import write_pcap
+from mbx.nfs.l2fwd import L2Fwd
+from mbx.ports import open_input, open_output
+from mbx.runtime import App, load_app
+
+
+def _libdpdk_present():
+    pkg_config = shutil.which("pkg-config")
+    return bool(pkg_config) and subprocess.run(
+        [pkg_config, "--exists", "libdpdk"], check=False).returncode == 0
+
+
+try:
+    from mbx import _dpdkport
+except ImportError as exc:
+    if _libdpdk_present() and os.environ.get("MBX_DPDK") != "disabled":
+        # libdpdk is installed, so the build should have made the port: a skip here
+        # would hide a broken build (e.g. a missing symbol) in CI.  A build made with
+        # -Ddpdk=disabled on purpose says so with MBX_DPDK=disabled.
+        raise ImportError(f"libdpdk is installed but mbx._dpdkport does not import "
+                          f"(set MBX_DPDK=disabled for a build without DPDK on "
+                          f"purpose): {exc}") from exc
+    pytest.skip(f"mbx was built without DPDK ({exc}); to test it: apt-get install "
+                f"libdpdk-dev dpdk pkg-config, then reinstall mbx", allow_module_level=True)
+
+DpdkPort = _dpdkport.DpdkPort
+_serial = itertools.count()
+
+
+def vdev(driver, args=""):
+    """A fresh vdev spec: instance numbers are never reused in the process."""
+    name = f"{driver}{next(_serial) + 10}"
+    return f"{name},{args}" if args else name
+
+
+@pytest.fixture(scope="session")
+def eal():
+    return _dpdkport.eal_init()
+
+
+def receive_all(port, capacity=64, limit=100000):
+    frames = []
+    batch = Batch(capacity)
+    while len(frames) < limit:
+        batch.reset()
+        n = port.receive(batch)
+        if n == -1:
+            break
+        frames += [batch.frame(i) for i in range(len(batch))]
+    return frames
+
+
+def batch_of(frames):
+    batch = Batch(max(len(frames), 1), arena_size=sum(len(f) + 16 for f in frames) + 64)
+    for f in frames:
+        assert batch.append(f)
+    return batch
+
+
+# ------------------------------------------------------------------ same results
+
+def run_over(backend, nfs, capture, tmp_path, **config):
+    """Run ``nfs`` over ``capture`` through ports of ``backend``; (counters, frames)."""
+    out = str(tmp_path / f"{backend}-out.pcap")
+    if backend == "pcap":
+        inp, outp = open_input(f"pcap:{capture}"), open_output(f"pcap:{out}")
+    else:
+        inp = open_input("dpdk:" + vdev("net_pcap", f"rx_pcap={capture}"))
+        outp = open_output("dpdk:" + vdev("net_pcap", f"tx_pcap={out}"))
+    try:
+        counters = App(nfs, **config).run(inp, outp)
+        port_counters = (inp.rx_pkts, outp.tx_pkts, inp.rx_dropped, outp.tx_dropped)
+    finally:
+        inp.close()
+        outp.close()
+    return counters, [frame for _, frame in read_frames(out)], port_counters
+
+
+@pytest.mark.usefixtures("eal")
+def test_l2fwd_over_net_pcap_matches_the_pcap_port(example_pcap, tmp_path):
+    nf_pcap, nf_dpdk = L2Fwd(), L2Fwd()
+    c_pcap, f_pcap, p_pcap = run_over("pcap", [nf_pcap], example_pcap, tmp_path)
+    c_dpdk, f_dpdk, p_dpdk = run_over("dpdk", [nf_dpdk], example_pcap, tmp_path)
+    assert c_pcap["packets"] > 1000 and f_pcap
+    assert f_dpdk == f_pcap
+    assert c_dpdk == c_pcap
+    assert nf_dpdk.packets == nf_pcap.packets
+    assert p_dpdk == p_pcap
+
+
+@pytest.mark.usefixtures("eal")
+def test_flow_stats_and_logger_over_net_pcap_match_the_pcap_port(example_pcap, tmp_path):
+    results = {}
+    for backend in ("pcap", "dpdk"):
+        log = tmp_path / f"{backend}.jsonl"
+        nfs = load_app("flow_stats+logger", {"logger": {"path": str(log)}})
+        counters, frames, _ = run_over(backend, nfs, example_pcap, tmp_path)
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        results[backend] = (counters, frames, events)
+    counters, frames, events = results["pcap"]
+    assert events and counters["flows"]["created"] > 100
+    # The example capture's times are whole microseconds, net_pcap's resolution, so
+    # even the logged timestamps agree.
+    assert results["dpdk"] == (counters, frames, events)
+
+
+# ------------------------------------------------------------------ net_ring, net_null
+
+@pytest.mark.usefixtures("eal")
+def test_net_ring_loops_frames_back_including_multi_segment_ones():
+    # 9000 bytes spans several 2048-byte mbufs: sent as a chain, received as one.
+    sizes = [60, 64, 1514, 2048, 3000, 9000]
+    frames = [bytes((i + k) & 0xFF for k in range(n)) for i, n in enumerate(sizes)]
+    with DpdkPort(vdev("net_ring"), port_id=7) as ring:
+        assert ring.driver == "net_ring"
+        assert ring.send(batch_of(frames)) == len(frames)
+        batch = Batch(16)
+        assert ring.receive(batch) == len(frames)
+        assert [batch.frame(i) for i in range(len(batch))] == frames
+        assert all(batch.wirelen(i) == len(f) for i, f in enumerate(frames))
+        assert ring.counters["tx_pkts"] == ring.counters["rx_pkts"] == len(frames)
+        assert ring.rx_bytes == ring.tx_bytes == sum(sizes)
+        assert ring.receive(batch) == 0         # nothing more, and no end of input
+
+
+@pytest.mark.usefixtures("eal")
+def test_a_full_batch_leaves_the_rest_in_the_port():
+    frames = [bytes([i]) * 80 for i in range(100)]
+    with DpdkPort(vdev("net_ring")) as ring:
+        assert ring.send(batch_of(frames)) == 100
+        got = []
+        batch = Batch(7)
+        for _ in range(30):
+            batch.reset()
+            ring.receive(batch)
+            got += [batch.frame(i) for i in range(len(batch))]
+        assert got == frames
+
+
+@pytest.mark.usefixtures("eal")
+def test_net_null_generates_and_swallows_frames():
+    with DpdkPort(vdev("net_null", "size=128"), burst=16) as null:
+        batch = Batch(64)
+        assert null.receive(batch) == 64        # polls until the batch is full
+        assert {batch.wirelen(i) for i in range(64)} == {128}
+        assert null.send(batch) == 64
+        assert null.tx_pkts == 64 and null.tx_dropped == 0
+        assert null.stats["opackets"] == 64
+
+
+@pytest.mark.usefixtures("eal")
+def test_mempool_exhaustion_is_counted_not_a_crash():
+    frames = [bytes([i & 0xFF]) * 100 for i in range(200)]
+    with DpdkPort(vdev("net_ring"), mbufs=64) as ring:
+        # The ring keeps what is sent, so the pool of 64 runs dry.
+        sent = ring.send(batch_of(frames))
+        assert 0 < sent <= 64
+        assert ring.tx_pkts == sent
+        assert ring.counters["tx_nombuf"] == ring.tx_dropped == 200 - sent
+        assert ring.mbufs_free == 0
+        assert len(receive_all(ring, limit=sent)) == sent
+        assert ring.mbufs_free > 0
+        assert ring.send(batch_of(frames[:10])) == 10      # recovered
+
+
+@pytest.mark.usefixtures("eal")
+def test_end_of_input(tmp_path):
+    empty = tmp_path / "empty.pcap"
+    write_pcap(str(empty), [])
+    with DpdkPort(vdev("net_pcap", f"rx_pcap={empty}")) as p:
+        assert p.eof_after_idle_polls > 0
+        assert p.receive(Batch(8)) in (0, -1)
+        assert receive_all(p) == []
+    with DpdkPort(vdev("net_ring"), eof_after_idle_polls=3) as ring:
+        batch = Batch(8)
+        assert [ring.receive(batch) for _ in range(3)] == [0, 0, -1]
+    with DpdkPort(vdev("net_ring")) as ring:
+        assert ring.eof_after_idle_polls == 0
+        assert {ring.receive(batch) for _ in range(20)} == {0}
+
+
+@pytest.mark.usefixtures("eal")
+def test_close_is_idempotent_and_a_closed_port_refuses_to_send():
+    ring = DpdkPort(vdev("net_ring"))
+    ring.close()
+    ring.close()
+    assert ring.receive(Batch(4)) == -1
+    with pytest.raises(PortError, match="closed"):
+        ring.send(batch_of([b"x" * 60]))
+
+
+# ------------------------------------------------------------------ errors
+
+@pytest.mark.usefixtures("eal")
+@pytest.mark.parametrize("spec,message", [
+    ("net_nosuchdriver0", "cannot attach vdev 'net_nosuchdriver0': no virtual-device "
+                          "driver matches"),
+    ("net_pcap9,rx_pcap=/nonexistent/in.pcap", "(?s)refused it.*Couldn't open "
+                                               "/nonexistent/in.pcap"),
+    ("net_pcap9,no_such_arg=1", "driver refused it .*no_such_arg"),
+    ("net_ring9,nodeaction=bogus", "could not parse node value"),
+    ("rx_pcap=x.pcap", "expected a vdev name"),
+    (" ", "expected a vdev name"),
+])
+def test_bad_vdevs_raise_port_errors_that_say_why(spec, message):
+    with pytest.raises(PortError, match=message):
+        DpdkPort(spec)
+
+
+@pytest.mark.usefixtures("eal")
+def test_a_vdev_name_in_use_is_refused():
+    name = vdev("net_ring")
+    with DpdkPort(name):
+        with pytest.raises(PortError, match="already attached"):
+            DpdkPort(name)
+    DpdkPort(name).close()      # free again once closed
+
+
+@pytest.mark.usefixtures("eal")
+def test_unknown_dpdk_port_id_and_bad_options():
+    with pytest.raises(PortError, match="no such DPDK port"):
+        DpdkPort(4000)
+    with pytest.raises(ValueError, match="burst"):
+        DpdkPort(vdev("net_null"), burst=0)
+    with pytest.raises(ValueError, match="mbuf_size"):
+        DpdkPort(vdev("net_null"), mbuf_size=100)
+    with pytest.raises(PortError, match="cannot create a pool .*larger -m"):
+        DpdkPort(vdev("net_null"), mbufs=4_000_000)
+
+
+def test_eal_is_initialised_once_per_process(eal):
+    assert _dpdkport.eal_initialized()
+    assert _dpdkport.eal_init() == eal == _dpdkport.eal_args()
+    assert _dpdkport.eal_init(list(eal)) == eal
+    with pytest.raises(PortError, match="already initialised .*one EAL per process"):
+        _dpdkport.eal_init(["--no-huge", "-m", "64", "--no-pci"])
+
+
+def test_dpdk_specs_through_ports(eal, monkeypatch, tmp_path):
+    with pytest.raises(PortError, match="names no vdev"):
+        open_input("dpdk:")
+    with pytest.raises(PortError, match="PCI devices .*not available yet"):
+        open_output("dpdk:0000:01:00.0")
+    with open_input("dpdk:" + vdev("net_ring"), port_id=3) as ring:
+        assert isinstance(ring, DpdkPort) and ring.port_id == 3
+    # A build without DPDK: the error says so and how to build it, and keeps the
+    # ImportError's own text.
+    monkeypatch.setitem(sys.modules, "mbx._dpdkport", None)
+    with pytest.raises(PortError, match="(?s)built without DPDK.*mbx._dpdkport.*"
+                                        "libdpdk-dev.*-Ddpdk=enabled"):
+        open_input("dpdk:net_ring0")
+
+
+def test_a_bad_eal_argument_fails_with_the_dpdk_log(tmp_path):
+    # In its own process: a failed (or successful) rte_eal_init is once per process.
+    code = ("from mbx._dpdkport import eal_init\n"
+            "from mbx.errors import PortError\n"
+            "try:\n"
+            "    eal_init(['--no-huge', '--no-pci', '--definitely-not-an-option'])\n"
+            "except PortError as e:\n"
+            "    print('PortError:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "PortError: DPDK EAL initialisation failed" in r.stdout
+    assert "--definitely-not-an-option" in r.stdout
+
+
+def test_mbx_run_over_dpdk_vdevs_ends_with_the_capture(example_pcap, tmp_path):
+    outs = {}
+    for backend, inp, out in [
+        ("pcap", f"pcap:{example_pcap}", f"pcap:{tmp_path / 'p.pcap'}"),
+        ("dpdk", f"dpdk:net_pcap0,rx_pcap={example_pcap}",
+         f"dpdk:net_pcap1,tx_pcap={tmp_path / 'd.pcap'}"),
+    ]:
+        counters = tmp_path / f"{backend}.json"
+        r = subprocess.run(
+            [sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in", inp, "--out", out,
+             "--json", str(counters)],
+            capture_output=True, text=True, timeout=120, check=False,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert r.returncode == 0, r.stderr
+        c = json.loads(counters.read_text())
+        c.pop("elapsed_s", None)
+        # The DPDK port reports more than the common port counters: compare those.
+        base = ("rx_pkts", "rx_bytes", "tx_pkts", "tx_bytes", "rx_dropped", "tx_dropped")
+        c["ports"] = {k: {n: v[n] for n in base} for k, v in c["ports"].items()}
+        outs[backend] = c
+    assert outs["dpdk"] == outs["pcap"]
+    assert [f for _, f in read_frames(tmp_path / "d.pcap")] == \
+        [f for _, f in read_frames(tmp_path / "p.pcap")]
