@@ -355,7 +355,6 @@ def test_fanout_hash_splits_flows_and_keeps_directions_together(testbed):
 
 def _bridge_main(client_if, server_if, duration):
     from mbx._afpacket import BridgePorts
-
     from mbx.nfs.flow_stats import FlowStats
     from mbx.nfs.l2fwd import L2Fwd
     from mbx.runtime import App
@@ -424,7 +423,6 @@ def _fanout_main(rx_if):
     # Two sockets in one hash fanout group on rx_if; drain both once the sender is
     # done and report which flows each saw.
     from mbx._afpacket import AfPacketPort
-
     from mbx._packet import Batch
     group = os.getpid() & 0xFFFF
     members = [AfPacketPort(rx_if, fanout_group=group, fanout_mode="hash", tx=False,
