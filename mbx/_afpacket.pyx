@@ -421,6 +421,12 @@ cdef class AfPacketPort(Port):
         """End the live input: the next receive returns end of input (thread-safe)."""
         self.stopping = True
 
+    @property
+    def live(self):
+        """Timestamps are the receive time: the stack may expire idle flows by the
+        wall clock while nothing arrives."""
+        return True
+
     def stats(self):
         """Refresh the kernel's drop counters; all counters as a dict."""
         if self.fd >= 0 and self.rx:
@@ -694,6 +700,12 @@ cdef class BridgePorts(Port):
     def ports(self):
         """(client side, server side)."""
         return (self.client, self.server)
+
+    @property
+    def live(self):
+        """Timestamps are the receive time: the stack may expire idle flows by the
+        wall clock while nothing arrives."""
+        return True
 
     def stats(self):
         """Refresh both sides' kernel counters; the bridge's counters and each side's."""

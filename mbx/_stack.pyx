@@ -8,7 +8,7 @@ stops, dispatches what it has, and resumes.
 """
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from mbx._events cimport (
     NO_PKT, PUBLISHER_STACK, T_FLOW_END, T_FLOW_START, T_PKT, EventBus, flow_body,
@@ -296,6 +296,8 @@ cdef class NetworkLayer:
         cdef double deadline = now + duration if duration > 0 else 0
         cdef uint64_t limit = max_packets
         cdef uint32_t idle = 0
+        cdef bint live = bool(getattr(inp, "live", False))
+        cdef timespec wall
         while True:
             batch.clear()
             with nogil:
@@ -321,6 +323,10 @@ cdef class NetworkLayer:
                     break
                 if stop is not None and stop.is_set():
                     break
+                if live and n == 0:
+                    # a quiet live link: flows still go idle by the clock
+                    clock_gettime(CLOCK_REALTIME, &wall)
+                    self.expire(wall.tv_sec * 1000000000 + wall.tv_nsec)
                 if progress is not None and now >= next_report:
                     progress(self)
                     next_report = now + progress_every

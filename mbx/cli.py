@@ -83,7 +83,7 @@ def _print_counters(c, elapsed, out=sys.stdout):
 
 
 def _run(nfs, args, spec=None):
-    from mbx.ports import open_input, open_output
+    from mbx.ports import open_ports
     from mbx.runtime import App
 
     config = dict(flow_capacity=args.flows, idle_timeout=args.idle_timeout,
@@ -93,8 +93,8 @@ def _run(nfs, args, spec=None):
         config.update(spec.options)
         config["stack"] = spec.stack
     app = App(nfs, **config)
-    inp = open_input(args.inp)
-    out = open_output(args.out) if args.out else None
+    # an AF_PACKET bridge is its own output unless --out says otherwise
+    inp, out = open_ports(args.inp, args.out)
     progress = Progress(inp, sys.stderr.isatty() and not args.quiet)
     # SIGINT/SIGTERM end the run between bursts: every flow ends, NFs stop, counters
     # are printed, ports are closed.
@@ -110,11 +110,12 @@ def _run(nfs, args, spec=None):
             signal.signal(sig, h)
         progress.done()
         inp.close()
-        if out is not None:
+        if out is not None and out is not inp:
             out.close()
     elapsed = time.perf_counter() - t0
     counters["elapsed_s"] = elapsed
-    counters["ports"] = {"in": inp.counters, "out": out.counters if out else None}
+    counters["ports"] = {"in": inp.counters,
+                         "out": out.counters if out is not None and out is not inp else None}
     if not args.quiet:
         _print_counters(counters, elapsed)
     if args.json:
@@ -125,8 +126,11 @@ def _run(nfs, args, spec=None):
 
 def _add_run_options(p):
     p.add_argument("--in", dest="inp", required=True, metavar="PORT",
-                   help="input port: pcap:FILE")
-    p.add_argument("--out", metavar="PORT", help="output port for packets that pass: pcap:FILE")
+                   help="input port: pcap:FILE, afpacket:IF, afpacket:IF0,IF1 (a bridge: "
+                        "also the output), dpdk:VDEV[,ARGS]")
+    p.add_argument("--out", metavar="PORT",
+                   help="output port for packets that pass: pcap:FILE, afpacket:IF, "
+                        "dpdk:VDEV[,ARGS]")
     p.add_argument("--flows", type=int, default=65536, help="flow table capacity (65536)")
     p.add_argument("--idle-timeout", type=float, default=60.0,
                    help="seconds before an idle flow ends (60)")
