@@ -27,7 +27,6 @@ from mbx._packet cimport (
 import difflib
 import ipaddress
 
-import numpy as np
 
 from mbx.errors import EventTypeError, MbxError, PermissionDenied, SubscriptionError
 
@@ -67,7 +66,7 @@ class EventType:
     """One event type: its path, hierarchical id, and the layout of its own fields."""
 
     __slots__ = ("path", "name", "id", "idx", "depth", "parent", "fields", "body_size",
-                 "dtype", "_children", "__weakref__")
+                 "_dtype", "_children", "__weakref__")
 
     def __init__(self, path, parent, fields, builtin=False):
         self.path = path
@@ -109,15 +108,25 @@ class EventType:
                 f"event type {path}: fields need {offset} bytes, a message body holds "
                 f"{MSG_BODY_SIZE}")
         self.body_size = offset
-        names = [f[0] for f in _HEADER_FIELDS]
-        formats = [f[1] for f in _HEADER_FIELDS]
-        offsets = [f[2] for f in _HEADER_FIELDS]
-        for fname, (off, kind) in self.fields.items():
-            names.append(fname)
-            formats.append(_KINDS[kind][1])
-            offsets.append(sizeof(mbx_msg_hdr) + off)
-        self.dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets,
-                               "itemsize": sizeof(mbx_msg)})
+        self._dtype = None
+
+    @property
+    def dtype(self):
+        """The numpy dtype of a whole message of this type (batch handlers' records);
+        numpy is imported only when some batch handler or tool asks."""
+        if self._dtype is None:
+            import numpy as np
+
+            names = [f[0] for f in _HEADER_FIELDS]
+            formats = [f[1] for f in _HEADER_FIELDS]
+            offsets = [f[2] for f in _HEADER_FIELDS]
+            for fname, (off, kind) in self.fields.items():
+                names.append(fname)
+                formats.append(_KINDS[kind][1])
+                offsets.append(sizeof(mbx_msg_hdr) + off)
+            self._dtype = np.dtype({"names": names, "formats": formats,
+                                    "offsets": offsets, "itemsize": sizeof(mbx_msg)})
+        return self._dtype
 
     def is_a(self, other):
         """True if this type is ``other`` or one of its descendants."""
@@ -1029,7 +1038,7 @@ cdef class EventBus:
         self.set_maps = [[] for _ in nfs]
         self.keep = []
         self.views = []
-        self.stage = np.zeros(msg_capacity * sizeof(mbx_msg), dtype=np.uint8)
+        self.stage = None           # the batch handlers' buffer, made on first use
         self.stage_views = {}
         self.flowtable = None
         self.closed = False
@@ -1412,6 +1421,10 @@ cdef class EventBus:
                     uint32_t limit):
         # Gather the run of queued messages that resolve to the same batch handler
         # into the staging buffer, and hand them over as one numpy view.
+        import numpy as np
+
+        if self.stage is None:
+            self.stage = np.zeros(self.msg_capacity * sizeof(mbx_msg), dtype=np.uint8)
         cdef uint8_t[::1] stage_mem = self.stage
         cdef mbx_msg *stage = <mbx_msg *>&stage_mem[0]
         cdef uint32_t n = 0, idx, s, r

@@ -107,6 +107,7 @@ cdef class FlowTable:
     cdef uint32_t *buckets
     cdef uint32_t bucket_mask
     cdef uint32_t free_head
+    cdef uint32_t next_unused      # slots from here on were never used
     cdef uint32_t lru_head
     cdef uint32_t lru_tail
     cdef readonly uint32_t capacity

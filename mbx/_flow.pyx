@@ -98,11 +98,12 @@ cdef class FlowTable:
                           + self.ended_cap * (sizeof(mbx_flow) + sizeof(uint32_t)))
         memset(self.buckets, 0xFF, nbuckets * sizeof(uint32_t))
 
-        # Free slots are chained through hnext, lowest slot first.
-        cdef uint32_t i
-        for i in range(cap):
-            self.flows[i].hnext = i + 1 if i + 1 < cap else NO_FLOW
-        self.free_head = 0
+        # Freed slots are chained through hnext (free_head).  Slots never used are
+        # handed out in order (next_unused) rather than chained into the free list
+        # here: the table's pages are touched only as flows arrive, so a large
+        # table costs nothing until it fills.
+        self.next_unused = 0
+        self.free_head = NO_FLOW
         self.lru_head = NO_FLOW
         self.lru_tail = NO_FLOW
         self.active = 0
@@ -255,15 +256,20 @@ cdef class FlowTable:
             slot = f.hnext
 
         if slot == NO_FLOW:
-            if self.free_head == NO_FLOW:
-                if (self.policy != FULL_EVICT_OLDEST or self.n_ended >= self.ended_cap
-                        or self.lru_head == NO_FLOW):
-                    self.refused += 1
-                    return NO_FLOW
-                self._finish(self.lru_head, END_EVICTED)
-            slot = self.free_head
-            f = &self.flows[slot]
-            self.free_head = f.hnext
+            if self.free_head == NO_FLOW and self.next_unused < self.capacity:
+                slot = self.next_unused
+                self.next_unused += 1
+                f = &self.flows[slot]
+            else:
+                if self.free_head == NO_FLOW:
+                    if (self.policy != FULL_EVICT_OLDEST or self.n_ended >= self.ended_cap
+                            or self.lru_head == NO_FLOW):
+                        self.refused += 1
+                        return NO_FLOW
+                    self._finish(self.lru_head, END_EVICTED)
+                slot = self.free_head
+                f = &self.flows[slot]
+                self.free_head = f.hnext
             memcpy(&f.key, k, sizeof(mbx_flow_key))
             f.hash = h
             f.gen += 1

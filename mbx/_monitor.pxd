@@ -27,6 +27,15 @@ cdef enum:
     MARK_INIT1 = 4          # stream of flow dir 1 initialised
 
 
+# Per flow slot, beside its tcp_conn: one small record, so a packet costs one cache
+# miss here, not one per field.
+ctypedef struct conn_meta:
+    uint32_t gen            # flow generation conns[slot] belongs to (0: none)
+    uint32_t pair           # its stream pair + 1 (0: none)
+    uint8_t mark            # MARK_* bits
+    uint8_t pad[3]
+
+
 # What `mbx flows` keeps per connection while it runs (allocated on its first
 # packet, freed when it is summarised).
 ctypedef struct conn_sum:
@@ -57,9 +66,7 @@ ctypedef struct conn_record:
 
 cdef class TcpMonitor(NetworkLayer):
     cdef tcp_conn *conns            # Stack Memory: one per flow slot
-    cdef uint32_t *conn_gen         # flow generation conns[slot] belongs to (0: none)
-    cdef uint8_t *conn_mark
-    cdef uint32_t *pair_of          # per flow slot: its stream pair, or NO_PAIR
+    cdef conn_meta *meta            # the Monitor's bookkeeping, one per flow slot
     cdef mbx_stream *streams        # 2 per pair, by flow dir
     cdef uint32_t *free_pairs
     cdef uint32_t n_free_pairs
@@ -84,6 +91,7 @@ cdef class TcpMonitor(NetworkLayer):
     cdef tcp_conn *after
     cdef uint64_t *after_flow
     cdef uint32_t after_cap
+    cdef public bint terminable     # an NF publishes FLOW/TCP/TERMINATE
     cdef Batch current
     # counters
     cdef readonly uint64_t tcp_pkts
@@ -100,6 +108,7 @@ cdef class TcpMonitor(NetworkLayer):
     cdef readonly uint64_t killed_drops
     cdef readonly uint64_t summary_oom
 
+    cdef void prefetch(self, mbx_pkt *p) noexcept nogil
     cdef void conn_start(self, uint32_t slot, mbx_pkt *p) noexcept nogil
     cdef uint32_t restart(self, Batch batch, mbx_pkt *p) noexcept nogil
     cdef void free_pair(self, uint32_t slot) noexcept nogil

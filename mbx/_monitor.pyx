@@ -59,6 +59,10 @@ _POLICIES = {"first": OVERLAP_FIRST, "last": OVERLAP_LAST}
 cdef uint64_t _type_ids[32]
 
 
+cdef extern from *:
+    void __builtin_prefetch(const void *addr) nogil
+
+
 cdef inline uint8_t side_flags(uint8_t from_server, bint receiver) noexcept nogil:
     # The sender's stack is the server's when the packet comes from the server; the
     # receiver's is the other one.
@@ -105,9 +109,8 @@ cdef class TcpMonitor(NetworkLayer):
         self.pool = StreamPool(total_bytes=stream_memory, chunk_size=chunk_size,
                                max_stream_bytes=stream_window, retain=retain)
         self.conns = <tcp_conn *>PyMem_Calloc(flow_capacity, sizeof(tcp_conn))
-        self.conn_gen = <uint32_t *>PyMem_Calloc(flow_capacity, 4)
-        self.conn_mark = <uint8_t *>PyMem_Calloc(flow_capacity, 1)
-        self.pair_of = <uint32_t *>PyMem_Malloc(flow_capacity * 4)
+        # calloc: pages are touched only as flows arrive
+        self.meta = <conn_meta *>PyMem_Calloc(flow_capacity, sizeof(conn_meta))
         self.max_pairs = max_streams
         self.streams = <mbx_stream *>PyMem_Calloc(2 * max_streams, sizeof(mbx_stream))
         self.free_pairs = <uint32_t *>PyMem_Malloc(max_streams * 4)
@@ -115,14 +118,11 @@ cdef class TcpMonitor(NetworkLayer):
         self.touched_mark = <uint8_t *>PyMem_Calloc(max_streams, 1)
         self.pair_owner = <uint64_t *>PyMem_Calloc(max_streams, 8)
         self.pair_cdir = <uint8_t *>PyMem_Calloc(max_streams, 1)
-        if (self.conns == NULL or self.conn_gen == NULL or self.conn_mark == NULL
-                or self.pair_of == NULL or self.streams == NULL or self.free_pairs == NULL
-                or self.touched == NULL or self.touched_mark == NULL
+        if (self.conns == NULL or self.meta == NULL or self.streams == NULL
+                or self.free_pairs == NULL or self.touched == NULL or self.touched_mark == NULL
                 or self.pair_owner == NULL or self.pair_cdir == NULL):
             raise MemoryError("cannot allocate the TCP Monitor's Stack Memory")
         cdef uint32_t i
-        for i in range(flow_capacity):
-            self.pair_of[i] = NO_PAIR
         for i in range(max_streams):
             self.free_pairs[i] = max_streams - 1 - i
         self.n_free_pairs = max_streams
@@ -144,9 +144,7 @@ cdef class TcpMonitor(NetworkLayer):
                 free(self.sums[i])
         PyMem_Free(self.sums)
         PyMem_Free(self.conns)
-        PyMem_Free(self.conn_gen)
-        PyMem_Free(self.conn_mark)
-        PyMem_Free(self.pair_of)
+        PyMem_Free(self.meta)
         PyMem_Free(self.streams)
         PyMem_Free(self.free_pairs)
         PyMem_Free(self.touched)
@@ -162,8 +160,8 @@ cdef class TcpMonitor(NetworkLayer):
     cdef void conn_start(self, uint32_t slot, mbx_pkt *p) noexcept nogil:
         self.free_pair(slot)
         tcp_init(&self.conns[slot])
-        self.conn_gen[slot] = p.flow_gen
-        self.conn_mark[slot] = 0
+        self.meta[slot].gen = p.flow_gen
+        self.meta[slot].mark = 0
         self.connections += 1
         cdef conn_sum *cs
         if self.summarise:
@@ -201,33 +199,33 @@ cdef class TcpMonitor(NetworkLayer):
         return slot
 
     cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil:
-        if slot >= self.capacity or self.conn_gen[slot] != f.gen:
+        if slot >= self.capacity or self.meta[slot].gen != f.gen:
             return
         if self.summarise:
             self.summary_end(slot, f)
-        cdef uint32_t pair = self.pair_of[slot]
+        cdef uint32_t pair = (self.meta[slot].pair - 1)
         if pair != NO_PAIR and self.touched_mark[pair]:
             # DATA_RDY of this burst may still read it: free it at the burst's end
             self.touched_mark[pair] = 3
             self.pair_cdir[pair] = tcp_client_dir(&self.conns[slot])
-            self.pair_of[slot] = NO_PAIR
-            self.conn_mark[slot] &= ~(MARK_INIT0 | MARK_INIT1)
+            self.meta[slot].pair = 0
+            self.meta[slot].mark &= ~(MARK_INIT0 | MARK_INIT1)
         self.free_pair(slot)
-        self.conn_gen[slot] = 0
+        self.meta[slot].gen = 0
 
     cdef void free_pair(self, uint32_t slot) noexcept nogil:
-        cdef uint32_t pair = self.pair_of[slot]
+        cdef uint32_t pair = (self.meta[slot].pair - 1)
         if pair == NO_PAIR:
             return
         stream_free(self.pool, &self.streams[2 * pair])
         stream_free(self.pool, &self.streams[2 * pair + 1])
-        self.pair_of[slot] = NO_PAIR
+        self.meta[slot].pair = 0
         self.free_pairs[self.n_free_pairs] = pair
         self.n_free_pairs += 1
-        self.conn_mark[slot] &= ~(MARK_INIT0 | MARK_INIT1)
+        self.meta[slot].mark &= ~(MARK_INIT0 | MARK_INIT1)
 
     cdef uint32_t get_pair(self, uint32_t slot) noexcept nogil:
-        cdef uint32_t pair = self.pair_of[slot]
+        cdef uint32_t pair = (self.meta[slot].pair - 1)
         if pair != NO_PAIR:
             return pair
         if self.n_free_pairs == 0:
@@ -236,8 +234,8 @@ cdef class TcpMonitor(NetworkLayer):
         self.n_free_pairs -= 1
         pair = self.free_pairs[self.n_free_pairs]
         memset(&self.streams[2 * pair], 0, 2 * sizeof(mbx_stream))
-        self.pair_of[slot] = pair
-        self.pair_owner[pair] = slot | (<uint64_t>self.conn_gen[slot] << 32)
+        self.meta[slot].pair = pair + 1
+        self.pair_owner[pair] = slot | (<uint64_t>self.meta[slot].gen << 32)
         self.streams_opened += 1
         return pair
 
@@ -262,7 +260,7 @@ cdef class TcpMonitor(NetworkLayer):
         self.bus.publish(m)
 
     cdef uint64_t frontier_of(self, uint32_t slot, uint8_t d) noexcept nogil:
-        cdef uint32_t pair = self.pair_of[slot]
+        cdef uint32_t pair = (self.meta[slot].pair - 1)
         if pair == NO_PAIR:
             return 0
         return self.streams[2 * pair + d].frontier
@@ -312,6 +310,11 @@ cdef class TcpMonitor(NetworkLayer):
         tcp_snapshot(c, p.dir, self.frontier_of(slot, p.dir), p.ts_ns, m.h.snapshot)
         return m
 
+    cdef void prefetch(self, mbx_pkt *p) noexcept nogil:
+        if p.l4_proto == 6 and p.flow != NO_FLOW:
+            __builtin_prefetch(&self.conns[p.flow])
+            __builtin_prefetch(&self.meta[p.flow])
+
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil:
         if p.l4_proto != 6:
             return False
@@ -329,11 +332,11 @@ cdef class TcpMonitor(NetworkLayer):
             flow_count(&self.flows.flows[slot], p)
         self.tcp_pkts += 1
         self.pkt_no += 1
-        if self.conn_mark[slot] & MARK_KILLED and self.conn_gen[slot] == p.flow_gen:
+        if self.meta[slot].mark & MARK_KILLED and self.meta[slot].gen == p.flow_gen:
             p.verdict = VERDICT_DROP        # an NF terminated this connection
             self.killed_drops += 1
             return True
-        cdef bint first = self.conn_gen[slot] != p.flow_gen
+        cdef bint first = self.meta[slot].gen != p.flow_gen
         if first:
             self.conn_start(slot, p)
         cdef tcp_conn *c = &self.conns[slot]
@@ -397,7 +400,8 @@ cdef class TcpMonitor(NetworkLayer):
             if m != NULL:
                 (<flow_tcp_body *>m.body).reason = 2 if c.flags & CONN_CLOSED_RST else 1
                 self.bus.publish(m)
-        if p.index < self.after_cap:
+        if self.terminable and p.index < self.after_cap:
+            # kept only when some NF may terminate connections (see terminate)
             self.after[p.index] = c[0]
             self.after_flow[p.index] = slot | (<uint64_t>p.flow_gen << 32)
         return True
@@ -439,14 +443,14 @@ cdef class TcpMonitor(NetworkLayer):
         if want_d and p.payload_len:
             s = &self.streams[2 * pair + d]
             seq = p.seq + (1 if p.tcp_flags & TH_SYN else 0)
-            if not self.conn_mark[slot] & (MARK_INIT0 << d):
+            if not self.meta[slot].mark & (MARK_INIT0 << d):
                 # offset 0 is the byte after the ISN when the SYN was seen, else the
                 # first byte we see (a midstream pickup)
                 if c.ep[d].flags & (EP_SYN | EP_SYNACK):
                     stream_init(self.pool, s, c.ep[d].isn + 1, self.policy)
                 else:
                     stream_init(self.pool, s, seq, self.policy)
-                self.conn_mark[slot] |= MARK_INIT0 << d
+                self.meta[slot].mark |= MARK_INIT0 << d
             before = s.frontier
             fl = stream_add(self.pool, s, seq, p.data + p.payload_off, p.payload_len)
             if fl & STREAM_CONFLICT:
@@ -467,7 +471,7 @@ cdef class TcpMonitor(NetworkLayer):
             if s.frontier != before:
                 self.data_ready(p, slot, c, pair, d, before)
         # the packet's ACK: holes in the other direction that the receiver got
-        if want_o and p.tcp_flags & TH_ACK and self.conn_mark[slot] & (MARK_INIT0 << o):
+        if want_o and p.tcp_flags & TH_ACK and self.meta[slot].mark & (MARK_INIT0 << o):
             s = &self.streams[2 * pair + o]
             ack = p.ack
             if c.ep[o].flags & EP_FIN and seq_gt(ack, c.ep[o].fin_seq):
@@ -674,11 +678,11 @@ cdef class TcpMonitor(NetworkLayer):
             return False
         cdef uint32_t slot = <uint32_t>(flow & 0xFFFFFFFF)
         cdef uint32_t gen = <uint32_t>(flow >> 32)
-        if slot >= self.capacity or self.conn_gen[slot] != gen:
+        if slot >= self.capacity or self.meta[slot].gen != gen:
             return False                    # not a TCP connection we track (any more)
-        if self.conn_mark[slot] & MARK_KILLED:
+        if self.meta[slot].mark & MARK_KILLED:
             return False
-        self.conn_mark[slot] |= MARK_KILLED
+        self.meta[slot].mark |= MARK_KILLED
         cdef Batch batch = self.current
         cdef mbx_pkt *tmpl = NULL
         cdef uint32_t i
@@ -800,7 +804,7 @@ cdef class TcpMonitor(NetworkLayer):
 
     cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir) except NULL:
         cdef uint32_t k, p
-        if slot >= self.capacity or self.conn_gen[slot] != gen:
+        if slot >= self.capacity or self.meta[slot].gen != gen:
             # ended during this burst: its streams stay until the burst's end
             for k in range(self.n_touched):
                 p = self.touched[k]
@@ -809,9 +813,9 @@ cdef class TcpMonitor(NetworkLayer):
                         and self.streams[2 * p + (tdir ^ self.pair_cdir[p])].live):
                     return &self.streams[2 * p + (tdir ^ self.pair_cdir[p])]
             raise MbxError("the event's flow has ended: its stream is gone")
-        cdef uint32_t pair = self.pair_of[slot]
+        cdef uint32_t pair = (self.meta[slot].pair - 1)
         cdef uint8_t d = tdir ^ tcp_client_dir(&self.conns[slot])
-        if pair == NO_PAIR or not self.conn_mark[slot] & (MARK_INIT0 << d):
+        if pair == NO_PAIR or not self.meta[slot].mark & (MARK_INIT0 << d):
             raise MbxError("no stream is kept for this flow and direction "
                            "(subscribe to DATA_RDY to have it reassembled)")
         return &self.streams[2 * pair + d]

@@ -45,5 +45,6 @@ cdef class NetworkLayer:
     cdef uint32_t stack_pass(self, Batch batch, uint32_t i) noexcept nogil
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil
     cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil
+    cdef void prefetch(self, mbx_pkt *p) noexcept nogil
     cpdef process(self, Batch batch)
     cdef int finish(self, Batch batch, Port out) except -1

@@ -189,6 +189,8 @@ cdef class NetworkLayer:
                 tracked[ntracked] = p
                 ntracked += 1
             self.flows.lookup_burst(tracked, ntracked, created)
+            for k in range(ntracked):
+                self.prefetch(tracked[k])
             if self.flows.n_ended:
                 # FLOW/END of flows evicted for this chunk's new ones, first
                 self.pos = tracked[0].index
@@ -219,6 +221,10 @@ cdef class NetworkLayer:
 
     cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil:
         # A μStack extending this one frees what it kept for the flow here.
+        pass
+
+    cdef void prefetch(self, mbx_pkt *p) noexcept nogil:
+        # ... and asks for its per-flow state early, a chunk at a time.
         pass
 
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil:

@@ -184,6 +184,7 @@ class App:
                 self.stack = TcpMonitor(bus, **self.config, **self.monitor_options)
                 if sink is not None:
                     sink.monitor = self.stack
+                    self.stack.terminable = True
             else:
                 self.stack = NetworkLayer(bus, **self.config)
             self.stack.run(inp, out, burst=burst, max_packets=max_packets,
