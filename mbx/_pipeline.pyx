@@ -66,8 +66,12 @@ cdef extern from *:
     """
     int mbx_cmp_u64(const void *a, const void *b) noexcept nogil
 
+# mbx_msg_hdr.refs, which inline counts the queues holding a message, here says
+# where it is: k, sent to (or held by) hop k; HANDLED | k, NF k is done with it but
+# has not pushed it on yet; DONE, no hop holds it.  A dead NF's messages are found so.
 cdef enum:
-    DONE = 0xFFFF           # mbx_msg_hdr.refs of a message no hop holds
+    DONE = 0xFFFF
+    HANDLED = 0x8000
     RING_HDR = 192
     SPIN = 512              # polls before yielding, then before blocking
     YIELDS = 64
@@ -279,7 +283,7 @@ cdef class PipeBus(EventBus):
             if self.any_filter:
                 self.filter_mask(m, 0)
         else:
-            m.h.refs = self.role + 1
+            m.h.refs = HANDLED | self.role
             self.ctl.procs[self.role].published += 1
             if self.any_filter:
                 self.filter_mask(m, self.role + 1)
@@ -288,7 +292,7 @@ cdef class PipeBus(EventBus):
 
     cdef void release(self, mbx_msg *m) noexcept nogil:
         # An NF is done with m (handled, skipped or hidden): on down the chain.
-        m.h.refs = self.role + 1
+        m.h.refs = HANDLED | self.role
         self.out[self.nout] = <uint32_t>(m - self.msgs)
         self.nout += 1
 
@@ -315,7 +319,13 @@ cdef class PipeBus(EventBus):
         cdef uint32_t spins = 0
         cdef mbx_ring *ring = self.rings[r]
         while done < self.nout:
-            n = mbx_ring_enqueue(ring, self.out + done, self.nout - done)
+            # Name the next hop in what is about to go (no more than fits): until
+            # then, a message is this NF's, should it die.
+            n = min(mbx_ring_room(ring), self.nout - done)
+            for j in range(done, done + n):
+                if not self.out[j] & MBX_END_BIT:
+                    self.msgs[self.out[j]].h.refs = r
+            n = mbx_ring_enqueue(ring, self.out + done, n)
             if n:
                 done += n
                 spins = 0
@@ -509,9 +519,10 @@ cdef class PipeBus(EventBus):
         cdef mbx_msg *m = &self.msgs[idx]
         cdef uint16_t t = m.h.type_idx
         cdef mbx_pkt *p
-        if m.h.refs != k:
+        if m.h.refs != k and m.h.refs != (HANDLED | k):
             return              # already forwarded (met twice around the death)
-        if not self.policy[k] and m.h.pkt != NO_PKT and self.sets[k][0][t] != NULL:
+        if (not self.policy[k] and m.h.refs == k and m.h.pkt != NO_PKT
+                and self.sets[k][0][t] != NULL):
             if (not (m.h.flags & MSG_F_SIDED)
                     or (self.set_side[k][0][t] >> (m.h.flags & 3)) & 1):
                 if (self.set_filter[k][0][t] == NULL
@@ -549,7 +560,7 @@ cdef class PipeBus(EventBus):
             else:
                 end_seen = True
         for idx in range(self.total):
-            if self.msgs[idx].h.refs == k:
+            if self.msgs[idx].h.refs == k or self.msgs[idx].h.refs == (HANDLED | k):
                 held[nh] = ((<uint64_t>self.msgs[idx].h.pos) << 32) | idx
                 nh += 1
         qsort(held, nh, 8, mbx_cmp_u64)
