@@ -192,7 +192,6 @@ cdef class PipeBus(EventBus):
     cdef object failure_names           # per NF: "open", "closed" or None (as given)
     cdef object reported                # NFs whose failure was reported
     cdef readonly uint64_t completed
-    cdef readonly uint64_t lost
     cdef uint32_t maxpos
 
     cdef inline mbx_proc *proc(self, uint32_t k) noexcept nogil

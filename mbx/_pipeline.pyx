@@ -22,7 +22,6 @@ the messages it held (their header records the hop they were sent to), and appli
 its failure policy: "open" forwards them as if it skipped them, "closed" drops the
 packets it was subscribed to.
 """
-cimport cython
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
@@ -615,7 +614,7 @@ cdef class PipeBus(EventBus):
         # One epoch: push the round's messages and its end marker to NF 0, and take
         # completions back until the marker returns.  Meanwhile drain the rings of
         # dead NFs, and watch for deaths.
-        cdef uint32_t sent = 0, n, k, keep, spins = 0
+        cdef uint32_t sent = 0, n, k, spins = 0
         cdef uint32_t end
         cdef bint progress, idle
         cdef mbx_proc *me = &self.ctl.procs[self.nnf]
@@ -660,8 +659,8 @@ cdef class PipeBus(EventBus):
             if idle and sent < self.nout and mbx_ring_room(self.rings[0]):
                 idle = False
             for k in range(self.nnf):
-                if self.ctl.procs[k].dead and (mbx_ring_count(self.rings[k])
-                                                or self.npend[k]):
+                if self.ctl.procs[k].dead and (
+                        mbx_ring_count(self.rings[k]) or self.npend[k]):
                     idle = False
             if not idle:
                 mbx_sleep_cancel(me)
