@@ -155,6 +155,7 @@ ctypedef filter_ptr *filter_table  # type index -> filter (NULL: none)
 
 cdef class EventBus:
     cdef mbx_msg *msgs
+    cdef bint msgs_shared           # msgs is shared memory a deployment owns (not freed)
     cdef readonly uint32_t msg_capacity
     cdef uint32_t msg_used
     cdef uint32_t nnf
@@ -187,6 +188,9 @@ cdef class EventBus:
     cdef object flowtable           # the stack's FlowTable (for want masks and lookups)
     cdef uint32_t *taken            # scratch for batch runs
     cdef bint ordered               # dispatch in per-packet waves (see dispatch)
+    # per message: 1 when it is not for the NF draining it (the pipelined deployment:
+    # a filter said so when it was published); NULL inline, where publish decides
+    cdef uint8_t *skip
     cdef readonly uint64_t published
     cdef readonly uint64_t delivered
     cdef uint64_t *per_type_published

@@ -1104,7 +1104,8 @@ cdef class EventBus:
         PyMem_Free(self.nsets)
         PyMem_Free(self.flow_set)
         PyMem_Free(self.flow_set_gen)
-        PyMem_Free(self.msgs)
+        if not self.msgs_shared:
+            PyMem_Free(self.msgs)
         PyMem_Free(self.queues)
         PyMem_Free(self.qhead)
         PyMem_Free(self.qtail)
@@ -1393,6 +1394,9 @@ cdef class EventBus:
             if p != NULL and p.verdict == VERDICT_DROP and p.drop_stage < self.nf_stage[i]:
                 self.release(m)
                 continue
+            if self.skip != NULL and self.skip[idx]:
+                self.release(m)
+                continue
             s = self.handler_set(i, m.h.flow, m.h.flow_gen)
             h = self.sets[i][s][m.h.type_idx]
             if h == NULL or not side_ok(self.set_side[i][s][m.h.type_idx], m.h.flags):
@@ -1448,6 +1452,7 @@ cdef class EventBus:
                 p = NULL if m.h.pkt == NO_PKT else &self.pkts[m.h.pkt]
                 s = self.handler_set(i, m.h.flow, m.h.flow_gen)
                 if (self.sets[i][s][m.h.type_idx] != h
+                        or (self.skip != NULL and self.skip[idx])
                         or self.set_batch[i][s][m.h.type_idx] != bt
                         or not side_ok(self.set_side[i][s][m.h.type_idx], m.h.flags)
                         or (p != NULL and p.verdict == VERDICT_DROP

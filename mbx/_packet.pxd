@@ -127,6 +127,7 @@ cdef class Batch:
     cdef readonly size_t arena_size
     cdef uint32_t count
     cdef size_t arena_used
+    cdef object owner               # the buffer pkts and arena live in, or None (malloc'd)
 
     cdef void clear(self) noexcept nogil
     # Copies a frame in; NULL when the batch is out of slots or arena bytes.

@@ -1,5 +1,6 @@
 """Packet bursts and the Port interface shared by every I/O backend."""
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport uintptr_t
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
 from libc.string cimport memcpy, memset
 
@@ -26,8 +27,43 @@ cdef class Batch:
         self.arena_used = 0
 
     def __dealloc__(self):
-        PyMem_Free(self.pkts)
-        PyMem_Free(self.arena)
+        if self.owner is None:
+            PyMem_Free(self.pkts)
+            PyMem_Free(self.arena)
+
+    @staticmethod
+    def shared_size(uint32_t capacity=64, size_t arena_size=0):
+        """Bytes ``Batch.over`` needs for this capacity and arena."""
+        if arena_size == 0:
+            arena_size = capacity * 2048 + 262144
+        return ((capacity * sizeof(mbx_pkt) + 63) & ~(<size_t>63)) + arena_size
+
+    @staticmethod
+    def over(buffer, uint32_t capacity=64, size_t arena_size=0):
+        """A Batch whose descriptors and arena live in ``buffer`` (writable, at least
+        ``shared_size`` bytes), e.g. shared memory several processes map: the buffer is
+        kept exported while the Batch lives, never freed by it."""
+        cdef uint8_t[::1] view = buffer
+        if arena_size == 0:
+            arena_size = capacity * 2048 + 262144
+        cdef size_t need = Batch.shared_size(capacity, arena_size)
+        if capacity == 0 or <size_t>view.shape[0] < need:
+            raise ValueError(f"Batch.over: needs {need} bytes, the buffer has "
+                             f"{view.shape[0]}")
+        cdef Batch b = Batch.__new__(Batch, 1, 16)
+        PyMem_Free(b.pkts)
+        PyMem_Free(b.arena)
+        b.owner = view
+        b.capacity = capacity
+        b.arena_size = arena_size
+        b.pkts = <mbx_pkt *>&view[0]
+        b.arena = &view[0] + ((capacity * sizeof(mbx_pkt) + 63) & ~(<size_t>63))
+        return b
+
+    @property
+    def address(self):
+        """Where the descriptors live (tests: is it in shared memory?)."""
+        return <uintptr_t>self.pkts
 
     cdef void clear(self) noexcept nogil:
         self.count = 0

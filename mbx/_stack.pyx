@@ -288,14 +288,17 @@ cdef class NetworkLayer:
         return 0
 
     def run(self, Port inp, Port out=None, *, uint32_t burst=64, uint64_t max_packets=0,
-            progress=None, double progress_every=0.5, double duration=0, stop=None):
+            progress=None, double progress_every=0.5, double duration=0, stop=None,
+            Batch batch=None):
         """Read ``inp`` through the stack and the NFs to ``out`` until the input ends,
         ``max_packets`` were read, ``duration`` seconds passed, or ``stop`` (anything
         with ``is_set()``, e.g. a threading.Event) is set; then every flow ends.
 
-        ``progress(stack)`` is called about every ``progress_every`` seconds.
+        ``progress(stack)`` is called about every ``progress_every`` seconds.  A
+        deployment that shares the burst with other processes passes its ``batch``.
         """
-        cdef Batch batch = Batch(burst)
+        if batch is None:
+            batch = Batch(burst)
         cdef int n
         cdef double now = monotonic()
         cdef double next_report = now + progress_every

@@ -80,6 +80,15 @@ def _print_counters(c, elapsed, out=sys.stdout):
         w("events         type: published / delivered\n")
         for name, e in c["events"].items():
             w(f"  {name:<24} {e['published']:>12,} / {e['delivered']:,}\n")
+    p = c.get("pipeline")
+    if p:
+        w(f"pipeline       epochs {p['epochs']:,}, ring drops {p['ring_dropped']:,} "
+          f"({p['ring_dropped_pkts']:,} packets), lost {p['lost']:,}\n")
+        w("  NF process               events in / handled / drops   handler s  state\n")
+        for name, n in p["nfs"].items():
+            w(f"  {name:<20} {n['events_in']:>12,} / {n['delivered']:,} / {n['drops']:,}"
+              f"   {n['handler_s']:9.3f}  {n['state']}"
+              f"{' (failure ' + n['failure'] + ')' if n['state'] != 'ok' else ''}\n")
 
 
 def _run(nfs, args, spec=None):
@@ -88,7 +97,8 @@ def _run(nfs, args, spec=None):
 
     config = dict(flow_capacity=args.flows, idle_timeout=args.idle_timeout,
                   flow_policy=args.flow_policy, malformed=args.malformed, stack=args.stack,
-                  overlap=args.overlap)
+                  overlap=args.overlap, deploy=args.deploy, ring_size=args.ring_size,
+                  ring_full=args.ring_full)
     if spec is not None:        # an application file: its [stack] options win
         config.update(spec.options)
         config["stack"] = spec.stack
@@ -148,6 +158,15 @@ def _add_run_options(p):
                         "to TCP events (auto)")
     p.add_argument("--overlap", choices=("first", "last"), default="first",
                    help="TCP reassembly: which bytes win a conflicting overlap (first)")
+    p.add_argument("--deploy", choices=("inline", "pipelined"), default="inline",
+                   help="inline: NFs in this process; pipelined: each NF in its own "
+                        "process, events over shared-memory rings (inline)")
+    p.add_argument("--ring-size", type=int, default=0, metavar="N",
+                   help="pipelined: entries per ring, a power of two (room for all of "
+                        "Event Memory)")
+    p.add_argument("--ring-full", choices=("stall", "drop"), default="stall",
+                   help="pipelined: a full ring stalls its producer, or drops the event "
+                        "and its packet, counted (stall)")
     p.add_argument("--json", metavar="FILE", help="write the final counters as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
 

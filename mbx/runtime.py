@@ -140,7 +140,13 @@ class _TerminateSink(NF):
 
 
 class App:
-    """NFs over the μStacks they need, inline (one process, events by function call).
+    """NFs over the μStacks they need.
+
+    ``deploy="inline"``: one process, events by function call.  ``"pipelined"``:
+    the stack in this process and each NF in its own, events over shared-memory
+    rings (see ``mbx.pipeline``); ``ring_size`` (entries, a power of two; default
+    room for all of Event Memory) and ``ring_full`` (``"stall"`` the producer, or
+    ``"drop"`` the event and its packet, counted) tune its rings.
 
     ``stack`` is ``"auto"`` (the TCP Monitor when some NF wants TCP events, else the
     Network Layer), ``"network"`` or ``"tcp"``.  TCP Monitor options:
@@ -150,12 +156,19 @@ class App:
 
     def __init__(self, nfs, *, flow_capacity=65536, idle_timeout=60.0, flow_policy="evict",
                  malformed="forward", msg_capacity=65536, frag_memory=4 << 20,
-                 frag_timeout=30.0, stack="auto", **monitor_options):
+                 frag_timeout=30.0, stack="auto", deploy="inline", ring_size=0,
+                 ring_full="stall", **monitor_options):
         unknown = set(monitor_options) - set(_MONITOR_OPTIONS)
         if unknown:
             raise AppError(f"unknown App option(s): {', '.join(sorted(unknown))}")
         if stack not in ("auto", "network", "tcp"):
             raise AppError(f"stack must be 'auto', 'network' or 'tcp', not {stack!r}")
+        if deploy not in ("inline", "pipelined"):
+            raise AppError(f"deploy must be 'inline' or 'pipelined', not {deploy!r}")
+        self.deploy = deploy
+        self.ring_size = ring_size
+        self.ring_full = ring_full
+        self.pipeline = None
         self.stack_kind = stack
         self.monitor_options = monitor_options
         # no NFs is allowed: the stack alone (benchmarks, mbx flows)
@@ -178,6 +191,10 @@ class App:
                        for nf in nfs for i in nf.pubs):
             sink = _TerminateSink()
             nfs.append(sink)
+        if self.deploy == "pipelined":
+            return self._run_pipelined(nfs, sink, tcp, inp, out, burst=burst,
+                                       max_packets=max_packets, progress=progress,
+                                       duration=duration, stop=stop)
         bus = EventBus(nfs, msg_capacity=self.msg_capacity)
         try:
             if tcp:
@@ -195,5 +212,25 @@ class App:
                 nf.stop()
         return self.counters()
 
+    def _run_pipelined(self, nfs, sink, tcp, inp, out, **run):
+        from mbx import pipeline
+
+        if sink is not None:
+            raise AppError("the pipelined deployment does not carry FLOW/TCP/TERMINATE "
+                           "back to the TCP Monitor yet: run this application inline")
+
+        def make_stack(bus):
+            if tcp:
+                return TcpMonitor(bus, **self.config, **self.monitor_options)
+            return NetworkLayer(bus, **self.config)
+
+        self.stack, self.pipeline = pipeline.run(
+            nfs, make_stack, inp, out, msg_capacity=self.msg_capacity,
+            ring_size=self.ring_size, ring_full=self.ring_full, **run)
+        return self.counters()
+
     def counters(self):
-        return self.stack.counters() if self.stack is not None else {}
+        out = self.stack.counters() if self.stack is not None else {}
+        if self.pipeline is not None:
+            out["pipeline"] = self.pipeline
+        return out

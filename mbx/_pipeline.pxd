@@ -1,0 +1,211 @@
+# The pipelined deployment: the stack in one process, each NF in its own, events over
+# shared-memory single-producer/single-consumer rings of Event Memory indices.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from mbx._events cimport EventBus, mbx_msg
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <poll.h>
+    #include <sched.h>
+    #include <stdint.h>
+    #include <string.h>
+    #include <unistd.h>
+
+    #define MBX_END_BIT 0x80000000u     /* a ring entry that ends an epoch */
+    #define MBX_MAX_PROCS 33            /* MAX_NFS NFs + the stack */
+
+    /* One SPSC ring of message indices.  head is the consumer's, tail the
+       producer's, each alone on its cache line; entries are published by the
+       release store of tail and taken back by the release store of head. */
+    typedef struct {
+        uint32_t head; uint32_t pad0[15];
+        uint32_t tail; uint32_t pad1[15];
+        uint32_t size; uint32_t mask; uint32_t pad2[14];
+        uint32_t slots[];
+    } mbx_ring;
+
+    static inline uint32_t mbx_ring_count(mbx_ring *r) {
+        return __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE)
+               - __atomic_load_n(&r->head, __ATOMIC_ACQUIRE);
+    }
+    static inline uint32_t mbx_ring_room(mbx_ring *r) {
+        return r->size - mbx_ring_count(r);
+    }
+    static inline uint32_t mbx_ring_enqueue(mbx_ring *r, const uint32_t *src, uint32_t n) {
+        uint32_t tail = __atomic_load_n(&r->tail, __ATOMIC_RELAXED);
+        uint32_t head = __atomic_load_n(&r->head, __ATOMIC_ACQUIRE);
+        uint32_t room = r->size - (tail - head), i;
+        if (n > room) n = room;
+        for (i = 0; i < n; i++) r->slots[(tail + i) & r->mask] = src[i];
+        __atomic_store_n(&r->tail, tail + n, __ATOMIC_RELEASE);
+        return n;
+    }
+    static inline uint32_t mbx_ring_dequeue(mbx_ring *r, uint32_t *dst, uint32_t max) {
+        uint32_t head = __atomic_load_n(&r->head, __ATOMIC_RELAXED);
+        uint32_t tail = __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE);
+        uint32_t n = tail - head, i;
+        if (n > max) n = max;
+        for (i = 0; i < n; i++) dst[i] = r->slots[(head + i) & r->mask];
+        __atomic_store_n(&r->head, head + n, __ATOMIC_RELEASE);
+        return n;
+    }
+
+    /* One process of the deployment (an NF, or the stack last): its doorbell, its
+       liveness and its counters.  Two cache lines. */
+    typedef struct {
+        uint32_t sleeping;      /* set before it blocks on its eventfd */
+        int32_t efd;
+        int32_t pid;
+        uint32_t dead;          /* gone: the stack bypasses it by its failure policy */
+        uint32_t exited;        /* left at the end of the run, counters final */
+        int32_t status;         /* wait status once reaped */
+        uint32_t epochs;        /* epoch ends it forwarded */
+        uint32_t failed;        /* a handler raised (the text is in the error area) */
+        uint64_t events_in, delivered, published, busy_ns;
+        uint64_t ring_dropped, ring_dropped_pkts, drops, pumped;
+        uint8_t pad[32];
+    } mbx_proc;
+
+    typedef struct {
+        uint32_t stop;
+        uint32_t epoch;
+        uint32_t pad[14];
+        mbx_proc procs[MBX_MAX_PROCS];
+    } mbx_ctl;
+
+    static inline uint32_t mbx_load(uint32_t *p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline void mbx_store(uint32_t *p, uint32_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
+    static inline void mbx_relax(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #endif
+    }
+    /* Wake p if it sleeps.  The fence pairs with the one in mbx_sleep_begin: either
+       the sleeper sees the work published before this call, or this call sees it
+       sleeping (no lost wake-up). */
+    static inline void mbx_wake(mbx_proc *p) {
+        uint64_t one = 1;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&p->sleeping, __ATOMIC_RELAXED)) {
+            ssize_t r = write(p->efd, &one, 8);
+            (void)r;
+        }
+    }
+    static inline void mbx_sleep_begin(mbx_proc *p) {
+        __atomic_store_n(&p->sleeping, 1, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
+    static inline void mbx_sleep_cancel(mbx_proc *p) {
+        __atomic_store_n(&p->sleeping, 0, __ATOMIC_RELAXED);
+    }
+    /* Block until woken, one of fds is readable, or timeout_ms passed. */
+    static inline void mbx_sleep_wait(mbx_proc *p, const int *fds, int nfds, int timeout_ms) {
+        struct pollfd pf[MBX_MAX_PROCS + 1];
+        uint64_t v;
+        int i, n = 0;
+        pf[n].fd = p->efd; pf[n].events = POLLIN; pf[n].revents = 0; n++;
+        for (i = 0; i < nfds && n <= MBX_MAX_PROCS; i++) {
+            if (fds[i] < 0) continue;
+            pf[n].fd = fds[i]; pf[n].events = POLLIN; pf[n].revents = 0; n++;
+        }
+        if (poll(pf, n, timeout_ms) > 0 && (pf[0].revents & POLLIN)) {
+            ssize_t r = read(p->efd, &v, 8);
+            (void)r;
+        }
+        __atomic_store_n(&p->sleeping, 0, __ATOMIC_RELAXED);
+    }
+    """
+    enum:
+        MBX_END_BIT
+        MBX_MAX_PROCS
+
+    ctypedef struct mbx_ring:
+        uint32_t size
+        uint32_t mask
+
+    ctypedef struct mbx_proc:
+        uint32_t sleeping
+        int efd
+        int pid
+        uint32_t dead
+        uint32_t exited
+        int status
+        uint32_t epochs
+        uint32_t failed
+        uint64_t events_in
+        uint64_t delivered
+        uint64_t published
+        uint64_t busy_ns
+        uint64_t ring_dropped
+        uint64_t ring_dropped_pkts
+        uint64_t drops
+        uint64_t pumped
+
+    ctypedef struct mbx_ctl:
+        uint32_t stop
+        uint32_t epoch
+        mbx_proc procs[MBX_MAX_PROCS]
+
+    uint32_t mbx_ring_count(mbx_ring *r) noexcept nogil
+    uint32_t mbx_ring_room(mbx_ring *r) noexcept nogil
+    uint32_t mbx_ring_enqueue(mbx_ring *r, const uint32_t *src, uint32_t n) noexcept nogil
+    uint32_t mbx_ring_dequeue(mbx_ring *r, uint32_t *dst, uint32_t max) noexcept nogil
+    uint32_t mbx_load(uint32_t *p) noexcept nogil
+    void mbx_store(uint32_t *p, uint32_t v) noexcept nogil
+    void mbx_relax() noexcept nogil
+    void mbx_wake(mbx_proc *p) noexcept nogil
+    void mbx_sleep_begin(mbx_proc *p) noexcept nogil
+    void mbx_sleep_cancel(mbx_proc *p) noexcept nogil
+    void mbx_sleep_wait(mbx_proc *p, const int *fds, int nfds, int timeout_ms) noexcept nogil
+
+
+cdef class PipeBus(EventBus):
+    cdef readonly uint32_t role         # the NF this process runs, or nnf: the stack
+    cdef readonly uint32_t total        # messages in the shared pool
+    cdef readonly uint32_t stack_share  # the stack's messages: [0, stack_share)
+    cdef readonly uint32_t nf_share     # each NF's, for its publications, after those
+    cdef uint32_t nf_used
+    cdef object shm                     # the mapping everything below lives in
+    cdef uint8_t *base
+    cdef mbx_ctl *ctl
+    cdef char *errors                   # per NF: the text of the error that ended it
+    cdef uint64_t *typecnt              # per NF: published[MAX_TYPES], delivered[MAX_TYPES]
+    cdef mbx_ring **rings               # ring k feeds NF k; ring nnf is the completion ring
+    cdef readonly uint32_t ring_size
+    cdef readonly bint drop_full        # a full ring drops (counted) instead of stalling
+    cdef uint32_t *out                  # indices waiting to be pushed downstream
+    cdef uint32_t nout
+    cdef uint32_t *scratch
+    cdef uint8_t *policy                # per NF: 1 fail open, 0 closed
+    cdef uint32_t **pending             # per dead NF: what the stack forwards for it
+    cdef uint32_t *npend
+    cdef int *pidfds
+    cdef uint32_t *fmask                # per message: NFs a filter kept it from (shared)
+    cdef bint any_filter
+    cdef uint8_t *counted               # per packet of the burst: its drop was counted
+    cdef object failure_names           # per NF: "open", "closed" or None (as given)
+    cdef object reported                # NFs whose failure was reported
+    cdef readonly uint64_t completed
+    cdef uint32_t maxpos
+
+    cdef inline mbx_proc *proc(self, uint32_t k) noexcept nogil
+    cdef void wake_consumer(self, uint32_t r) noexcept nogil
+    cdef void wake_producer(self, uint32_t r) noexcept nogil
+    cdef void ring_drop(self, uint32_t idx, mbx_proc *me) noexcept nogil
+    cdef void push_out(self, uint32_t r, mbx_proc *me, bint from_stack) noexcept nogil
+    cdef bint drain_completions(self, uint32_t end) noexcept nogil
+    cdef bint pump(self, uint32_t k) noexcept nogil
+    cdef void pump_one(self, uint32_t k, uint32_t idx) noexcept nogil
+    cdef bint check_deaths(self) noexcept nogil
+    cdef void recover(self, uint32_t k) noexcept nogil
+    cdef void stack_round(self) noexcept nogil
+    cdef void count_drops(self) noexcept nogil
+    cdef void filter_mask(self, mbx_msg *m, uint32_t first) noexcept nogil
+    cdef uint32_t wait_input(self, uint32_t k, uint32_t *buf, uint32_t n) noexcept nogil
+    cdef int deliver(self, uint32_t k, object nf, uint32_t limit) except -1

@@ -1,0 +1,805 @@
+"""The pipelined deployment: the μStack in this process, each NF in a child process.
+
+Everything the processes share lives in one anonymous shared mapping made before
+the fork (so it has the same address everywhere, and nothing is left in /dev/shm):
+the control block (a doorbell, liveness and counters per process), Event Memory (the
+message pool), the burst's descriptors and arena, and one SPSC ring of message
+indices per hop of the chain: stack -> NF 0 -> NF 1 -> ... -> NF n-1 -> stack.
+
+Every message the stack builds travels the whole chain in order.  An NF takes from
+its ring, sorts what it took into the same two local queues the inline dispatcher
+uses (stack events, NF publications), and drains them with the inline code, up to
+the last burst position it knows complete; whatever it is done with (handled,
+skipped, hidden by an earlier drop) it forwards, and its publications follow the
+event that caused them.  So NF k+1 sees a packet's events after NF k, in the order
+the inline waves give, and its verdicts and rewrites are in the shared packet.
+
+The stack works in epochs (a dispatch round): it pushes the round's messages and an
+end marker, and waits for the marker to come back on the completion ring; then the
+burst's verdicts are final and its memory is reused.  A dead NF is found by waitpid
+(its pidfd wakes the stack); the stack then drains its ring on its behalf, recovers
+the messages it held (their header records the hop they were sent to), and applies
+its failure policy: "open" forwards them as if it skipped them, "closed" drops the
+packets it was subscribed to.
+"""
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, qsort
+from libc.string cimport memcpy, memmove, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport getppid
+from posix.wait cimport WNOHANG, waitpid
+
+from mbx._events cimport (
+    MAX_TYPES, MSG_F_SIDED, NO_PKT, NO_RING, EventBus, mbx_filter, mbx_msg,
+)
+from mbx._packet cimport VERDICT_DROP, Batch, mbx_pkt
+
+import os
+import signal
+
+from mbx import _events
+from mbx.errors import MbxError
+
+cdef extern from "sys/eventfd.h" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_CLOEXEC
+        EFD_NONBLOCK
+
+cdef extern from "sys/prctl.h" nogil:
+    int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
+              unsigned long arg5)
+    enum:
+        PR_SET_PDEATHSIG
+
+cdef extern from "sched.h" nogil:
+    int sched_yield()
+
+cdef extern from *:
+    """
+    static int mbx_cmp_u64(const void *a, const void *b) {
+        uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+        return x < y ? -1 : x > y;
+    }
+    """
+    int mbx_cmp_u64(const void *a, const void *b) noexcept nogil
+
+# mbx_msg_hdr.refs, which inline counts the queues holding a message, here says
+# where it is: k, sent to (or held by) hop k; HANDLED | k, NF k is done with it but
+# has not pushed it on yet; DONE, no hop holds it.  A dead NF's messages are found so.
+cdef enum:
+    DONE = 0xFFFF
+    HANDLED = 0x8000
+    RING_HDR = 192
+    SPIN = 512              # polls before yielding, then before blocking
+    YIELDS = 64
+    SCRATCH = 1024
+    ERROR_SIZE = 1024
+    PAGE = 4096
+
+
+cdef inline uint64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline size_t up(size_t n, size_t a) noexcept nogil:
+    return (n + a - 1) & ~(a - 1)
+
+
+cdef inline void drop_pkt(mbx_pkt *p, uint8_t stage) noexcept nogil:
+    if p.verdict != VERDICT_DROP or stage < p.drop_stage:
+        p.drop_stage = stage
+    p.verdict = VERDICT_DROP
+
+
+def layout(uint32_t nnf, uint32_t total, uint32_t ring_size, size_t batch_bytes):
+    """(bytes of the shared mapping, offset of the burst in it)."""
+    cdef size_t off = up(sizeof(mbx_ctl), PAGE)
+    off += up(<size_t>nnf * ERROR_SIZE, 64)
+    off += up(<size_t>nnf * 2 * MAX_TYPES * 8, 64)
+    off += (nnf + 1) * up(RING_HDR + <size_t>ring_size * 4, 64)
+    off += up(<size_t>total * 4, 64)
+    off = up(off, PAGE) + up(<size_t>total * sizeof(mbx_msg), PAGE)
+    return off + batch_bytes, off
+
+
+class _NoStreams:
+    # Stream buffers are the TCP Monitor's private memory, not shared yet.
+    def read_stream(self, *args):
+        raise MbxError("Event.read is not available in the pipelined deployment yet "
+                       "(stream buffers are not in shared memory)")
+
+    write_stream = read_stream
+
+
+cdef class PipeBus(EventBus):
+    """The EventBus of the pipelined deployment (one object, forked into every
+    process; ``role`` says which part this process plays)."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.rings = NULL
+        self.out = NULL
+        self.scratch = NULL
+        self.policy = NULL
+        self.pending = NULL
+        self.npend = NULL
+        self.pidfds = NULL
+        self.counted = NULL
+        self.shm = None
+
+    def __dealloc__(self):
+        cdef uint32_t k
+        if self.pending != NULL:
+            for k in range(self.nnf):
+                free(self.pending[k])
+        free(self.pending)
+        free(self.npend)
+        free(self.rings)
+        free(self.out)
+        free(self.scratch)
+        free(self.policy)
+        free(self.pidfds)
+        PyMem_Free(self.counted)
+
+    def setup(self, shm, uint32_t ring_size, bint drop_full, failures):
+        """Carve the shared mapping (see ``layout``); before the fork."""
+        cdef uint8_t[::1] view = shm
+        cdef uint32_t n = self.nnf, k
+        cdef size_t off
+        if n == 0:
+            raise MbxError("the pipelined deployment needs at least one NF")
+        if ring_size < 2 or ring_size & (ring_size - 1):
+            raise ValueError(f"ring_size must be a power of two >= 2, not {ring_size}")
+        self.shm = view
+        self.base = &view[0]
+        self.total = self.msg_capacity
+        self.stack_share = self.total // 2
+        self.nf_share = (self.total - self.stack_share) // n
+        self.ring_size = ring_size
+        self.drop_full = drop_full
+        self.role = n
+        self.ctl = <mbx_ctl *>self.base
+        off = up(sizeof(mbx_ctl), PAGE)
+        self.errors = <char *>(self.base + off)
+        off += up(<size_t>n * ERROR_SIZE, 64)
+        self.typecnt = <uint64_t *>(self.base + off)
+        off += up(<size_t>n * 2 * MAX_TYPES * 8, 64)
+        self.rings = <mbx_ring **>malloc((n + 1) * sizeof(mbx_ring *))
+        for k in range(n + 1):
+            self.rings[k] = <mbx_ring *>(self.base + off)
+            self.rings[k].size = ring_size
+            self.rings[k].mask = ring_size - 1
+            off += up(RING_HDR + <size_t>ring_size * 4, 64)
+        self.fmask = <uint32_t *>(self.base + off)
+        off += up(<size_t>self.total * 4, 64)
+        off = up(off, PAGE)
+        # Event Memory moves into the mapping; every slot starts free.
+        PyMem_Free(self.msgs)
+        self.msgs = <mbx_msg *>(self.base + off)
+        self.msgs_shared = True
+        for k in range(self.total):
+            self.msgs[k].h.refs = DONE
+        self.out = <uint32_t *>malloc((self.total + 64) * 4)
+        self.scratch = <uint32_t *>malloc(max(SCRATCH, ring_size) * 4)
+        self.policy = <uint8_t *>malloc(n)
+        self.npend = <uint32_t *>calloc_u32(n)
+        self.pending = <uint32_t **>malloc(n * sizeof(uint32_t *))
+        self.pidfds = <int *>malloc((n + 1) * sizeof(int))
+        if (self.out == NULL or self.scratch == NULL or self.policy == NULL
+                or self.npend == NULL or self.pending == NULL or self.pidfds == NULL):
+            raise MemoryError()
+        self.failure_names = list(failures)
+        self.reported = set()
+        for k in range(n):
+            self.policy[k] = self.failure_names[k] == "open"
+            self.pending[k] = NULL
+            self.pidfds[k] = -1
+        for k in range(n + 1):
+            efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+            if efd < 0:
+                raise OSError(os.strerror(efd), "eventfd")
+            self.ctl.procs[k].efd = efd
+        self.any_filter = any(nf.filters for nf in self.nfs)
+
+    def attach_shared_batch(self, Batch batch):
+        """The burst every process sees (built over the shared mapping)."""
+        self.attach_batch(batch)
+        PyMem_Free(self.counted)
+        self.counted = <uint8_t *>PyMem_Calloc(batch.capacity, 1)
+
+    cdef void attach_batch(self, Batch batch):
+        EventBus.attach_batch(self, batch)
+        if self.counted != NULL:
+            memset(self.counted, 0, batch.capacity)
+
+    cdef inline mbx_proc *proc(self, uint32_t k) noexcept nogil:
+        return &self.ctl.procs[k]
+
+    # -- waking -------------------------------------------------------------------
+
+    cdef void wake_consumer(self, uint32_t r) noexcept nogil:
+        # The consumer of ring r is NF r (the stack for the last ring, and for the
+        # ring of a dead NF, which it drains).
+        if r < self.nnf and not self.ctl.procs[r].dead:
+            mbx_wake(&self.ctl.procs[r])
+        else:
+            mbx_wake(&self.ctl.procs[self.nnf])
+
+    cdef void wake_producer(self, uint32_t r) noexcept nogil:
+        if r > 0 and not self.ctl.procs[r - 1].dead:
+            mbx_wake(&self.ctl.procs[r - 1])
+        else:
+            mbx_wake(&self.ctl.procs[self.nnf])
+
+    # -- the EventBus hooks ---------------------------------------------------------
+
+    cdef mbx_msg *new_msg(self, uint16_t type_idx, uint64_t type_id, int64_t ts_ns,
+                          uint32_t flow, uint32_t gen, uint32_t pkt, uint8_t dir,
+                          uint16_t publisher, uint32_t pos) noexcept nogil:
+        if self.role == self.nnf:
+            return EventBus.new_msg(self, type_idx, type_id, ts_ns, flow, gen, pkt, dir,
+                                    publisher, pos)
+        # An NF publishes into its own share of Event Memory, reused every epoch.
+        if self.nf_used >= self.nf_share:
+            return NULL
+        cdef mbx_msg *m = &self.msgs[self.stack_share + self.role * self.nf_share
+                                     + self.nf_used]
+        self.nf_used += 1
+        m.h.type_id = type_id
+        m.h.ts_ns = ts_ns
+        m.h.flow = flow
+        m.h.flow_gen = gen
+        m.h.pkt = pkt
+        m.h.pos = pos
+        m.h.type_idx = type_idx
+        m.h.publisher = publisher
+        m.h.refs = self.role            # held by this NF until it pushes it on
+        m.h.dir = dir
+        m.h.flags = 0
+        return m
+
+    cdef void filter_mask(self, mbx_msg *m, uint32_t first) noexcept nogil:
+        # Filters are judged when a message is published, as inline: a later
+        # rewrite of the packet does not change who gets it.
+        cdef uint32_t i, mask = 0
+        cdef uint32_t idx = <uint32_t>(m - self.msgs)
+        cdef mbx_filter *f
+        for i in range(first, self.nnf):
+            f = self.set_filter[i][0][m.h.type_idx]
+            if f != NULL and not self.passes(f, m):
+                mask |= (<uint32_t>1) << i
+        self.fmask[idx] = mask
+
+    cdef void publish(self, mbx_msg *m) noexcept nogil:
+        cdef uint32_t idx = <uint32_t>(m - self.msgs)
+        self.published += 1
+        self.per_type_published[m.h.type_idx] += 1
+        if self.role == self.nnf:
+            m.h.refs = 0
+            if self.any_filter:
+                self.filter_mask(m, 0)
+        else:
+            m.h.refs = HANDLED | self.role
+            self.ctl.procs[self.role].published += 1
+            if self.any_filter:
+                self.filter_mask(m, self.role + 1)
+        self.out[self.nout] = idx
+        self.nout += 1
+
+    cdef void release(self, mbx_msg *m) noexcept nogil:
+        # An NF is done with m (handled, skipped or hidden): on down the chain.
+        m.h.refs = HANDLED | self.role
+        self.out[self.nout] = <uint32_t>(m - self.msgs)
+        self.nout += 1
+
+    cdef void ring_drop(self, uint32_t idx, mbx_proc *me) noexcept nogil:
+        # A full ring under the drop policy: the message goes no further, and its
+        # packet is dropped with it (an NF that did not see it cannot pass it).
+        cdef mbx_msg *m = &self.msgs[idx]
+        cdef mbx_pkt *p
+        m.h.refs = DONE
+        me.ring_dropped += 1
+        if m.h.pkt != NO_PKT:
+            p = &self.pkts[m.h.pkt]
+            if p.verdict != VERDICT_DROP:
+                me.ring_dropped_pkts += 1
+            drop_pkt(p, 0)
+
+    # -- the NF side --------------------------------------------------------------
+
+    cdef void push_out(self, uint32_t r, mbx_proc *me, bint from_stack) noexcept nogil:
+        # Push everything in out to ring r: stall while it is full (spin, yield,
+        # then block until the consumer takes some), or drop under the drop policy;
+        # epoch ends are never dropped.
+        cdef uint32_t done = 0, n, j, keep
+        cdef uint32_t spins = 0
+        cdef mbx_ring *ring = self.rings[r]
+        while done < self.nout:
+            # Name the next hop in what is about to go (no more than fits): until
+            # then, a message is this NF's, should it die.
+            n = min(mbx_ring_room(ring), self.nout - done)
+            for j in range(done, done + n):
+                if not self.out[j] & MBX_END_BIT:
+                    self.msgs[self.out[j]].h.refs = r
+            n = mbx_ring_enqueue(ring, self.out + done, n)
+            if n:
+                done += n
+                spins = 0
+                self.wake_consumer(r)
+                continue
+            if self.drop_full:
+                keep = done
+                for j in range(done, self.nout):
+                    if self.out[j] & MBX_END_BIT:
+                        self.out[keep] = self.out[j]
+                        keep += 1
+                    else:
+                        self.ring_drop(self.out[j], me)
+                self.nout = keep
+                if done == keep:
+                    break
+            spins += 1
+            if spins < SPIN:
+                mbx_relax()
+                continue
+            if spins < SPIN + YIELDS:
+                sched_yield()
+                continue
+            mbx_sleep_begin(me)
+            if mbx_ring_room(ring):
+                mbx_sleep_cancel(me)
+                continue
+            mbx_sleep_wait(me, NULL, 0, 100)
+        self.nout = 0
+
+    cdef uint32_t wait_input(self, uint32_t k, uint32_t *buf, uint32_t n) noexcept nogil:
+        # Take up to n entries from ring k; 0 once the run is over and it is empty.
+        cdef uint32_t got, spins = 0
+        cdef mbx_ring *ring = self.rings[k]
+        cdef mbx_proc *me = &self.ctl.procs[k]
+        while True:
+            got = mbx_ring_dequeue(ring, buf, n)
+            if got:
+                self.wake_producer(k)
+                return got
+            if mbx_load(&self.ctl.stop):
+                return 0
+            spins += 1
+            if spins < SPIN:
+                mbx_relax()
+                continue
+            if spins < SPIN + YIELDS:
+                sched_yield()
+                continue
+            mbx_sleep_begin(me)
+            if mbx_ring_count(ring) or mbx_load(&self.ctl.stop):
+                mbx_sleep_cancel(me)
+                continue
+            mbx_sleep_wait(me, NULL, 0, 200)
+
+    cdef int deliver(self, uint32_t k, object nf, uint32_t limit) except -1:
+        if self.next_ring(k, limit) == NO_RING:
+            return 0
+        cdef uint64_t t0 = now_ns()
+        _events._dispatching[0] = nf
+        try:
+            self._drain(k, limit)
+        finally:
+            _events._dispatching[0] = None
+            self.current_msg_idx = None
+            self.ctl.procs[k].busy_ns += now_ns() - t0
+            self.ctl.procs[k].delivered = self.delivered
+        return 0
+
+    def nf_main(self, uint32_t k):
+        """The loop of NF k's process (after the fork); returns when the run ends."""
+        cdef uint32_t n, j, idx, r, mask, parent = os.getppid()
+        cdef uint32_t *buf = self.scratch
+        cdef mbx_msg *m
+        cdef mbx_proc *me
+        cdef uint8_t *skip
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if getppid() != parent:
+            os._exit(1)
+        self.role = k
+        self.msg_capacity = self.total
+        self.stream_reader = _NoStreams()
+        self.per_type_published = self.typecnt + <size_t>k * 2 * MAX_TYPES
+        self.per_type_delivered = self.per_type_published + MAX_TYPES
+        me = &self.ctl.procs[k]
+        skip = <uint8_t *>PyMem_Calloc(self.total, 1)
+        if skip == NULL:
+            raise MemoryError()
+        self.skip = skip
+        nf = self.nfs[k]
+        mask = self.msg_capacity - 1
+        self.maxpos = 0
+        self.nout = 0
+        while True:
+            with nogil:
+                n = self.wait_input(k, buf, SCRATCH)
+            if n == 0:
+                break
+            for j in range(n):
+                idx = buf[j]
+                if idx & MBX_END_BIT:
+                    # The epoch is complete upstream: finish it, pass the end on, and
+                    # reuse this NF's share of Event Memory.
+                    self.deliver(k, nf, NO_RING - 1)
+                    self.out[self.nout] = idx
+                    self.nout += 1
+                    with nogil:
+                        self.push_out(k + 1, me, False)
+                    mbx_store(&me.epochs, me.epochs + 1)
+                    self.nf_used = 0
+                    self.maxpos = 0
+                    continue
+                me.events_in += 1
+                m = &self.msgs[idx]
+                skip[idx] = (self.fmask[idx] >> k) & 1 if self.any_filter else 0
+                r = 2 * k + (m.h.publisher != 0)
+                self.queues[r * self.msg_capacity + (self.qtail[r] & mask)] = idx
+                self.qtail[r] += 1
+                if m.h.pos > self.maxpos:
+                    self.maxpos = m.h.pos
+            # Positions arrive in order, so everything below the last one seen is
+            # complete (the events and the publications they caused).
+            if self.maxpos:
+                self.deliver(k, nf, self.maxpos - 1)
+            if self.nout:
+                with nogil:
+                    self.push_out(k + 1, me, False)
+
+    def nf_failed(self, uint32_t k, str text):
+        """NF k's handler raised: keep the text for the stack, pass on what is done."""
+        raw = text.encode("utf-8", "replace")[:ERROR_SIZE - 1]
+        memcpy(self.errors + k * ERROR_SIZE, <const char *>raw, len(raw))
+        self.errors[k * ERROR_SIZE + len(raw)] = 0
+        self.ctl.procs[k].failed = 1
+        if self.nout:
+            with nogil:
+                self.push_out(k + 1, &self.ctl.procs[k], False)
+
+    def nf_exit(self, uint32_t k):
+        mbx_store(&self.ctl.procs[k].exited, 1)
+
+    # -- the stack side -----------------------------------------------------------
+
+    def become_stack(self, pids, pidfds):
+        """In the stack's process after the fork: the children and their pidfds."""
+        cdef uint32_t k
+        self.role = self.nnf
+        for k in range(self.nnf):
+            self.ctl.procs[k].pid = pids[k]
+            self.pidfds[k] = pidfds[k]
+        self.ctl.procs[self.nnf].pid = os.getpid()
+        self.msg_capacity = self.stack_share
+
+    cdef bint drain_completions(self, uint32_t end) noexcept nogil:
+        cdef uint32_t n, j, idx
+        cdef bint got = False
+        cdef mbx_ring *ring = self.rings[self.nnf]
+        while True:
+            n = mbx_ring_dequeue(ring, self.scratch, SCRATCH)
+            if n == 0:
+                return got
+            self.wake_producer(self.nnf)
+            for j in range(n):
+                idx = self.scratch[j]
+                if idx & MBX_END_BIT:
+                    if idx == end:
+                        got = True
+                    continue
+                self.msgs[idx].h.refs = DONE
+                self.completed += 1
+
+    cdef bint check_deaths(self) noexcept nogil:
+        cdef uint32_t k
+        cdef int status = 0, r
+        cdef bint found = False
+        for k in range(self.nnf):
+            if self.ctl.procs[k].dead or self.ctl.procs[k].pid <= 0:
+                continue
+            r = waitpid(self.ctl.procs[k].pid, &status, WNOHANG)
+            if r == 0:
+                continue
+            self.ctl.procs[k].status = status if r > 0 else -1
+            self.pidfds[k] = -1
+            mbx_store(&self.ctl.procs[k].dead, 1)
+            self.recover(k)
+            found = True
+        return found
+
+    cdef void pump_one(self, uint32_t k, uint32_t idx) noexcept nogil:
+        # Forward a message in dead NF k's place, by its failure policy.
+        cdef mbx_msg *m = &self.msgs[idx]
+        cdef uint16_t t = m.h.type_idx
+        cdef mbx_pkt *p
+        if m.h.refs != k and m.h.refs != (HANDLED | k):
+            return              # already forwarded (met twice around the death)
+        if (not self.policy[k] and m.h.refs == k and m.h.pkt != NO_PKT
+                and self.sets[k][0][t] != NULL):
+            if (not (m.h.flags & MSG_F_SIDED)
+                    or (self.set_side[k][0][t] >> (m.h.flags & 3)) & 1):
+                if (self.set_filter[k][0][t] == NULL
+                        or self.passes(self.set_filter[k][0][t], m)):
+                    p = &self.pkts[m.h.pkt]
+                    drop_pkt(p, self.nf_stage[k])
+        m.h.refs = k + 1
+        self.pending[k][self.npend[k]] = idx
+        self.npend[k] += 1
+        self.ctl.procs[k].pumped += 1
+
+    cdef void recover(self, uint32_t k) noexcept nogil:
+        # NF k died: take its ring over, and find the messages it held (popped, not
+        # yet forwarded: their header still names hop k), oldest first.
+        cdef uint32_t n = 0, j, idx, nh = 0
+        cdef uint32_t up_ends
+        cdef bint end_seen = False
+        cdef uint32_t *ring_items
+        cdef uint64_t *held
+        if self.pending[k] == NULL:
+            self.pending[k] = <uint32_t *>malloc((self.total + self.ring_size + 64) * 4)
+            self.npend[k] = 0
+        up_ends = mbx_load(&self.ctl.procs[k - 1 if k else self.nnf].epochs)
+        ring_items = <uint32_t *>malloc(self.ring_size * 4)
+        held = <uint64_t *>malloc(<size_t>self.total * 8)
+        if ring_items == NULL or held == NULL or self.pending[k] == NULL:
+            free(ring_items)
+            free(held)
+            return
+        n = mbx_ring_dequeue(self.rings[k], ring_items, self.ring_size)
+        self.wake_producer(k)
+        for j in range(n):
+            if not ring_items[j] & MBX_END_BIT:
+                self.msgs[ring_items[j]].h.refs = DONE - 1
+            else:
+                end_seen = True
+        for idx in range(self.total):
+            if self.msgs[idx].h.refs == k or self.msgs[idx].h.refs == (HANDLED | k):
+                held[nh] = ((<uint64_t>self.msgs[idx].h.pos) << 32) | idx
+                nh += 1
+        qsort(held, nh, 8, mbx_cmp_u64)
+        for j in range(n):
+            if not ring_items[j] & MBX_END_BIT:
+                self.msgs[ring_items[j]].h.refs = k
+        for j in range(nh):
+            self.pump_one(k, <uint32_t>held[j])
+        if up_ends > self.ctl.procs[k].epochs and not end_seen:
+            # it died holding the epoch's end marker
+            self.pending[k][self.npend[k]] = MBX_END_BIT | (self.ctl.epoch & 0x7FFFFFFF)
+            self.npend[k] += 1
+            self.ctl.procs[k].epochs += 1
+        for j in range(n):
+            if ring_items[j] & MBX_END_BIT:
+                self.pending[k][self.npend[k]] = ring_items[j]
+                self.npend[k] += 1
+                self.ctl.procs[k].epochs += 1
+            else:
+                self.pump_one(k, ring_items[j])
+        free(ring_items)
+        free(held)
+
+    cdef bint pump(self, uint32_t k) noexcept nogil:
+        # Dead NF k: drain its ring (room permitting), push what is pending on.
+        cdef uint32_t n, j, idx, sent
+        cdef bint progress = False
+        while self.npend[k] + SCRATCH <= self.total + self.ring_size:
+            n = mbx_ring_dequeue(self.rings[k], self.scratch, SCRATCH)
+            if n == 0:
+                break
+            progress = True
+            self.wake_producer(k)
+            for j in range(n):
+                idx = self.scratch[j]
+                if idx & MBX_END_BIT:
+                    self.pending[k][self.npend[k]] = idx
+                    self.npend[k] += 1
+                    self.ctl.procs[k].epochs += 1
+                else:
+                    self.pump_one(k, idx)
+        if self.npend[k]:
+            sent = mbx_ring_enqueue(self.rings[k + 1], self.pending[k], self.npend[k])
+            if sent:
+                progress = True
+                memmove(self.pending[k], self.pending[k] + sent, (self.npend[k] - sent) * 4)
+                self.npend[k] -= sent
+                self.wake_consumer(k + 1)
+        return progress
+
+    cdef void stack_round(self) noexcept nogil:
+        # One epoch: push the round's messages and its end marker to NF 0, and take
+        # completions back until the marker returns.  Meanwhile drain the rings of
+        # dead NFs, and watch for deaths.
+        cdef uint32_t sent = 0, n, k, spins = 0
+        cdef uint32_t end
+        cdef bint progress, idle
+        cdef mbx_proc *me = &self.ctl.procs[self.nnf]
+        self.ctl.epoch += 1
+        end = MBX_END_BIT | (self.ctl.epoch & 0x7FFFFFFF)
+        self.out[self.nout] = end
+        self.nout += 1
+        while True:
+            progress = False
+            if sent < self.nout:
+                n = mbx_ring_enqueue(self.rings[0], self.out + sent, self.nout - sent)
+                if n:
+                    sent += n
+                    progress = True
+                    self.wake_consumer(0)
+                    if sent == self.nout:
+                        mbx_store(&me.epochs, me.epochs + 1)
+                elif self.drop_full:
+                    while sent < self.nout - 1:
+                        self.ring_drop(self.out[sent], me)
+                        sent += 1
+            if self.drain_completions(end):
+                break
+            for k in range(self.nnf):
+                if self.ctl.procs[k].dead and self.pump(k):
+                    progress = True
+            if progress:
+                spins = 0
+                continue
+            spins += 1
+            if spins < SPIN:
+                mbx_relax()
+                continue
+            if spins < SPIN + YIELDS:
+                sched_yield()
+                continue
+            if self.check_deaths():
+                spins = 0
+                continue
+            mbx_sleep_begin(me)
+            idle = mbx_ring_count(self.rings[self.nnf]) == 0
+            if idle and sent < self.nout and mbx_ring_room(self.rings[0]):
+                idle = False
+            for k in range(self.nnf):
+                if self.ctl.procs[k].dead and (
+                        mbx_ring_count(self.rings[k]) or self.npend[k]):
+                    idle = False
+            if not idle:
+                mbx_sleep_cancel(me)
+                spins = 0
+                continue
+            mbx_sleep_wait(me, self.pidfds, self.nnf, 20)
+        self.nout = 0
+
+    cdef void count_drops(self) noexcept nogil:
+        # Attribute each packet dropped in this burst to the NF (stage) that did.
+        cdef uint32_t i, k
+        cdef mbx_pkt *p
+        if self.batch is None or self.counted == NULL:
+            return
+        for i in range(self.batch.count):
+            p = &self.pkts[i]
+            if p.verdict != VERDICT_DROP or self.counted[i] or p.drop_stage == 0:
+                continue
+            self.counted[i] = 1
+            for k in range(self.nnf):
+                if self.nf_stage[k] == p.drop_stage:
+                    self.ctl.procs[k].drops += 1
+                    break
+
+    cpdef dispatch(self):
+        """The stack's side of a dispatch round: every NF process handles what this
+        round published; returns when all of it completed."""
+        if self.role != self.nnf:
+            raise MbxError("dispatch runs in the stack's process")
+        if self.nout:
+            with nogil:
+                self.stack_round()
+            self.count_drops()
+        self._report_failures()
+
+    def _report_failures(self):
+        cdef uint32_t k
+        for k in range(self.nnf):
+            if not self.ctl.procs[k].dead or k in self.reported:
+                continue
+            self.reported.add(k)
+            if self.ctl.procs[k].failed and self.failure_names[k] is None:
+                raise _events.NFError(self.errors[k * ERROR_SIZE:].decode("utf-8", "replace"))
+
+    def finish_run(self, double timeout=10.0):
+        """Stop every NF process (their stop() runs there), reap them, kill any that
+        do not leave in time, and fold their counters into the bus's."""
+        cdef uint32_t k, t
+        cdef int status = 0, r
+        cdef uint64_t *pub
+        mbx_store(&self.ctl.stop, 1)
+        for k in range(self.nnf):
+            mbx_wake(&self.ctl.procs[k])
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            waiting = False
+            for k in range(self.nnf):
+                if self.ctl.procs[k].dead or self.ctl.procs[k].pid <= 0:
+                    continue
+                r = waitpid(self.ctl.procs[k].pid, &status, WNOHANG)
+                if r == 0:
+                    if time.monotonic() > deadline:
+                        os.kill(self.ctl.procs[k].pid, signal.SIGKILL)
+                    waiting = True
+                    continue
+                self.ctl.procs[k].status = status if r > 0 else -1
+                self.ctl.procs[k].dead = 1
+            if not waiting:
+                break
+            time.sleep(0.002)
+        for k in range(self.nnf):
+            pub = self.typecnt + <size_t>k * 2 * MAX_TYPES
+            for t in range(MAX_TYPES):
+                self.per_type_published[t] += pub[t]
+                self.per_type_delivered[t] += pub[MAX_TYPES + t]
+            self.published += self.ctl.procs[k].published
+            self.delivered += self.ctl.procs[k].delivered
+        for k in range(self.nnf + 1):
+            if self.ctl.procs[k].efd > 0:
+                os.close(self.ctl.procs[k].efd)
+                self.ctl.procs[k].efd = -1
+
+    def pipeline_counters(self):
+        """Per NF process and for the rings: what went where."""
+        cdef uint32_t k, i
+        cdef uint64_t in_use = 0, queued = 0, dropped = 0, published = 0
+        cdef mbx_proc *pr
+        cdef mbx_proc *stack
+        nfs = {}
+        for k in range(self.nnf):
+            pr = &self.ctl.procs[k]
+            if pr.failed:
+                state = "failed"
+            elif pr.exited:
+                state = "ok"
+            elif pr.dead:
+                state = "died"
+            else:
+                state = "running"
+            nfs[self.nfs[k].name] = {
+                "pid": pr.pid, "state": state, "exit_status": pr.status,
+                "failure": self.failure_names[k] or "closed",
+                "events_in": pr.events_in, "delivered": pr.delivered,
+                "published": pr.published, "drops": pr.drops,
+                "handler_s": pr.busy_ns * 1e-9,
+                "ring_dropped": pr.ring_dropped,
+                "ring_dropped_pkts": pr.ring_dropped_pkts,
+                "forwarded_for_it": pr.pumped,
+            }
+            dropped += pr.ring_dropped
+            published += pr.published
+        stack = &self.ctl.procs[self.nnf]
+        dropped += stack.ring_dropped
+        for i in range(self.total):
+            if self.msgs[i].h.refs != DONE:
+                in_use += 1
+        for k in range(self.nnf + 1):
+            queued += mbx_ring_count(self.rings[k])
+        stack_published = self.published - published
+        return {
+            "nfs": nfs,
+            "ring_size": self.ring_size,
+            "ring_full": "drop" if self.drop_full else "stall",
+            "epochs": self.ctl.epoch,
+            "published": self.published,
+            "completed": self.completed,
+            "ring_dropped": dropped,
+            "ring_dropped_pkts": stack.ring_dropped_pkts + sum(
+                v["ring_dropped_pkts"] for v in nfs.values()),
+            "stack_published": stack_published,
+            "lost": self.published - self.completed - dropped,
+            "pool_in_use": in_use,
+            "ring_entries": queued,
+        }
+
+
+cdef inline void *calloc_u32(uint32_t n) noexcept nogil:
+    cdef void *p = malloc(max(n, 1) * 4)
+    if p != NULL:
+        memset(p, 0, max(n, 1) * 4)
+    return p

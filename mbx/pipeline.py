@@ -1,0 +1,124 @@
+"""Pipelined deployment: the μStack in this process, each NF in its own process.
+
+The NFs are built (and their subscriptions resolved) before the fork, so every
+process runs the same NF code with the same handler tables.  One anonymous shared
+mapping holds what they share (see ``mbx._pipeline``): nothing is left behind in
+/dev/shm, and children die with the stack (PR_SET_PDEATHSIG).
+"""
+import mmap
+import os
+import signal
+import sys
+import traceback
+
+from mbx import _events
+from mbx._packet import Batch
+from mbx._pipeline import PipeBus, layout
+from mbx.errors import AppError
+
+RING_FULL = ("stall", "drop")
+
+
+def _check(nfs):
+    # Publications travel down the chain with the events: an NF cannot (yet)
+    # subscribe to what an NF after it publishes.
+    types = _events.event_types()
+    for i, a in enumerate(nfs):
+        for b in nfs[:i]:
+            for p in a.pubs:
+                for t in b.subs:
+                    if types[p].is_a(types[t]) or types[t].is_a(types[p]):
+                        raise AppError(
+                            f"pipelined deployment: NF {b.name} subscribes to "
+                            f"{types[t].name}, which NF {a.name} after it publishes; "
+                            "put the publisher first in the chain (or run inline)")
+        if getattr(a, "failure", None) not in (None, "open", "closed"):
+            raise AppError(f"NF {a.name}: failure must be 'open' or 'closed', "
+                           f"not {a.failure!r}")
+
+
+def _child(bus, k, nf):
+    # The NF's process: never returns.
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        bus.nf_main(k)
+    except BaseException as exc:     # noqa: BLE001 (the process ends here either way)
+        text = str(exc) if isinstance(exc, _events.NFError) else (
+            f"NF {nf.name}: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        try:
+            bus.nf_failed(k, text)
+        except BaseException:        # noqa: BLE001
+            pass
+        code = 3
+    try:
+        nf.stop()
+    except BaseException:            # noqa: BLE001
+        traceback.print_exc()
+        code = code or 4
+    try:
+        bus.nf_exit(k)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _pow2(n):
+    p = 2
+    while p < n:
+        p <<= 1
+    return p
+
+
+def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_full="stall",
+        max_packets=0, progress=None, duration=0, stop=None):
+    """Run ``nfs`` pipelined; ``make_stack(bus)`` builds the μStack over the bus.
+    Returns (stack, pipeline counters)."""
+    if ring_full not in RING_FULL:
+        raise AppError(f"ring_full must be 'stall' or 'drop', not {ring_full!r}")
+    _check(nfs)
+    if msg_capacity < 64 * max(len(nfs), 1):
+        raise AppError(f"msg_capacity {msg_capacity} is too small for {len(nfs)} NF "
+                       "processes")
+    ring_size = int(ring_size) or _pow2(msg_capacity + 64)
+    size, batch_at = layout(len(nfs), msg_capacity, ring_size, Batch.shared_size(burst))
+    shm = mmap.mmap(-1, size)       # MAP_SHARED | MAP_ANONYMOUS: no file anywhere
+    bus = PipeBus(nfs, 0, msg_capacity)
+    pidfds = []
+    forked = False
+    try:
+        bus.setup(shm, ring_size, ring_full == "drop",
+                  [getattr(nf, "failure", None) for nf in nfs])
+        batch = Batch.over(memoryview(shm)[batch_at:], burst)
+        bus.attach_shared_batch(batch)
+        stack = make_stack(bus)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pids = []
+        try:
+            for k, nf in enumerate(nfs):
+                pid = os.fork()
+                if pid == 0:
+                    _child(bus, k, nf)
+                pids.append(pid)
+            for pid in pids:
+                pidfds.append(os.pidfd_open(pid))
+        except BaseException:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            raise
+        bus.become_stack(pids, pidfds)
+        forked = True
+        stack.run(inp, out, burst=burst, max_packets=max_packets, progress=progress,
+                  duration=duration, stop=stop, batch=batch)
+    finally:
+        if forked:
+            bus.finish_run()
+        for fd in pidfds:
+            os.close(fd)
+        bus.close()
+    return stack, bus.pipeline_counters()

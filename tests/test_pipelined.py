@@ -1,0 +1,309 @@
+"""The pipelined deployment: the same applications give the same output captures and
+event logs as inline; dead NFs, full rings, signals and more processes than cores."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import read_frames, run_app
+
+import mbx
+from mbx._packet import Batch
+from mbx.examples.capture import BACKENDS, VIP
+from mbx.runtime import load_app
+
+IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
+
+
+class FileRecorder(mbx.NF):
+    """Writes one line per event to a file in its own process (stop() closes it)."""
+
+    def __init__(self, name, path, types=("EVENT",), **kw):
+        super().__init__(name, **kw)
+        self.path = path
+        self.fh = open(path, "w")
+        for t in types:
+            self.sub(t, self.on_event)
+
+    def on_event(self, ev):
+        pkt = (ev.src_ip, ev.dst_ip, ev.sport, ev.dport, ev.caplen) if ev.has_packet else ()
+        self.fh.write(json.dumps([ev.type_name, ev.flow, ev.dir, ev.ts, ev.burst_pos,
+                                  ev.publisher, list(pkt)]) + "\n")
+
+    def stop(self):
+        self.fh.close()
+
+
+class DropUdp(mbx.NF):
+    def __init__(self, name="drop_udp"):
+        super().__init__(name)
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def on_pkt(self, ev):
+        if ev.proto == 17:
+            ev.drop()
+
+
+class Suicide(mbx.NF):
+    """SIGKILLs its own process at its ``after``-th packet (pipelined only!)."""
+
+    def __init__(self, after, failure, name="suicide"):
+        super().__init__(name)
+        self.after = after
+        self.failure = failure
+        self.n = 0
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def on_pkt(self, ev):
+        self.n += 1
+        if self.n == self.after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def both(make, capture, tmp_path, **config):
+    """Run the NFs ``make(tag)`` builds inline and pipelined over ``capture``;
+    returns {tag: (counters, frames)}."""
+    out = {}
+    for deploy in ("inline", "pipelined"):
+        cap = str(tmp_path / f"{deploy}.pcap")
+        shutil.copyfile(capture, cap)
+        out[deploy] = run_app(make(deploy), cap, deploy=deploy, **config)
+    return out
+
+
+def assert_baseline(counters):
+    p = counters["pipeline"]
+    assert p["lost"] == 0
+    assert p["pool_in_use"] == 0
+    assert p["ring_entries"] == 0
+    assert p["published"] == p["completed"] + p["ring_dropped"]
+
+
+def test_batch_lives_in_shared_memory():
+    import mmap
+
+    shm = mmap.mmap(-1, Batch.shared_size(8))
+    b = Batch.over(memoryview(shm), 8)
+    assert b.append(b"\x01" * 60) and len(b) == 1 and b.frame(0) == b"\x01" * 60
+    assert shm[len(shm) - b.arena_size] == 1        # the frame is in the mapping
+    with pytest.raises(ValueError):
+        Batch.over(bytearray(16), 8)
+
+
+def test_l2fwd_same_output(example_pcap, tmp_path):
+    r = both(lambda tag: load_app("l2fwd"), example_pcap, tmp_path)
+    (ci, fi), (cp, fp) = r["inline"], r["pipelined"]
+    assert fi == fp and len(fi) == ci["sent"] > 1000
+    assert ci["events"] == cp["events"]
+    assert cp["pipeline"]["nfs"]["l2fwd"]["state"] == "ok"
+    assert cp["pipeline"]["nfs"]["l2fwd"]["events_in"] == ci["events"]["PKT"]["published"]
+    assert_baseline(cp)
+
+
+def test_flow_stats_logger_same_log(example_pcap, tmp_path):
+    def make(tag):
+        return load_app("flow_stats+logger",
+                        {"logger": {"path": str(tmp_path / f"{tag}.jsonl")}})
+
+    r = both(make, example_pcap, tmp_path)
+    inline = (tmp_path / "inline.jsonl").read_bytes()
+    assert inline and inline == (tmp_path / "pipelined.jsonl").read_bytes()
+    assert b"FLOW/STATS" in inline
+    assert r["inline"][1] == r["pipelined"][1]
+    assert r["inline"][0]["events"] == r["pipelined"][0]["events"]
+    assert_baseline(r["pipelined"][0])
+
+
+def test_ids_publications_and_per_flow_subscriptions(example_pcap, tmp_path):
+    def make(tag):
+        return load_app(f"{IDS}+logger", {"logger": {
+            "path": str(tmp_path / f"{tag}.jsonl"), "types": "DPI_DETECT,IDS_ALERT"}})
+
+    r = both(make, example_pcap, tmp_path)
+    inline = (tmp_path / "inline.jsonl").read_text()
+    assert inline == (tmp_path / "pipelined.jsonl").read_text()
+    alerts = [json.loads(line) for line in inline.splitlines()
+              if '"IDS_ALERT"' in line]
+    assert len(alerts) == 2      # only after mb_up_sub switched those flows to cb_sql
+    assert r["inline"][1] == r["pipelined"][1]
+    assert r["inline"][0]["events"] == r["pipelined"][0]["events"]
+    assert_baseline(r["pipelined"][0])
+
+
+def test_l4lb_writer_same_output(example_pcap, tmp_path):
+    def make(tag):
+        return load_app("l4lb", {"l4lb": {
+            "vip": f"{VIP[0]}:{VIP[1]}",
+            "backends": ",".join(f"{a}:{p}" for a, p in BACKENDS)}})
+
+    r = both(make, example_pcap, tmp_path)
+    before = read_frames(example_pcap)
+    assert r["inline"][1] == r["pipelined"][1]
+    assert r["pipelined"][1] != before            # the rewrites landed in shared memory
+    assert_baseline(r["pipelined"][0])
+
+
+def test_drop_then_record_same_events(example_pcap, tmp_path):
+    def make(tag):
+        return [DropUdp(), FileRecorder("rec", str(tmp_path / f"{tag}.rec"))]
+
+    r = both(make, example_pcap, tmp_path)
+    inline = (tmp_path / "inline.rec").read_text()
+    assert inline == (tmp_path / "pipelined.rec").read_text()
+    assert r["inline"][1] == r["pipelined"][1]
+    ci, cp = r["inline"][0], r["pipelined"][0]
+    assert ci["dropped_by_nf"] == cp["dropped_by_nf"] > 0
+    assert cp["pipeline"]["nfs"]["drop_udp"]["drops"] == cp["dropped_by_nf"]
+    assert_baseline(cp)
+
+
+def test_batched_small_pool_and_parallel_group(example_pcap, tmp_path):
+    # A small Event Memory makes several epochs per burst; a parallel group shares
+    # a chain stage: any drop among them wins, both still see the packet.
+    def make(tag):
+        d, rec = DropUdp(), FileRecorder("rec", str(tmp_path / f"{tag}.rec"))
+        d.group = rec.group = "g"
+        return [d, rec, FileRecorder("after", str(tmp_path / f"{tag}.after"))]
+
+    r = both(make, example_pcap, tmp_path, msg_capacity=256, burst=128)
+    for ext in ("rec", "after"):
+        assert (tmp_path / f"inline.{ext}").read_text() == \
+            (tmp_path / f"pipelined.{ext}").read_text()
+    assert r["inline"][1] == r["pipelined"][1]
+    assert_baseline(r["pipelined"][0])
+
+
+@pytest.mark.parametrize("failure", ["open", "closed"])
+def test_killed_nf(example_pcap, tmp_path, failure):
+    frames = read_frames(example_pcap)
+    rec_path = tmp_path / "after.rec"
+    nfs = [Suicide(100, failure), FileRecorder("after", str(rec_path), types=("PKT",))]
+    c, out = run_app(nfs, example_pcap, deploy="pipelined")
+    p = c["pipeline"]
+    assert p["nfs"]["suicide"]["state"] == "died"
+    assert p["nfs"]["suicide"]["exit_status"] == signal.SIGKILL
+    assert p["nfs"]["after"]["state"] == "ok"
+    assert_baseline(c)
+    held = c["fragments_held"]
+    seen = len(rec_path.read_text().splitlines())
+    if failure == "open":
+        # bypassed: everything still leaves, and the next NF sees every packet
+        assert len(out) == len(frames) - held
+        assert seen == len(out)
+    else:
+        # what needed it is dropped from its death on: the 100th packet (it died
+        # holding it) and every later one
+        assert len(out) == 99 and seen == 99
+        assert c["dropped_by_nf"] == len(frames) - held - 99
+    assert p["nfs"]["suicide"]["forwarded_for_it"] > 0
+
+
+@pytest.mark.parametrize("full", ["stall", "drop"])
+def test_tiny_rings(example_pcap, tmp_path, full):
+    frames = read_frames(example_pcap)
+
+    def make(tag):
+        return [load_app("l2fwd")[0], FileRecorder("rec", str(tmp_path / f"{tag}.rec"))]
+
+    if full == "stall":
+        r = both(make, example_pcap, tmp_path, ring_size=8)
+        assert r["inline"][1] == r["pipelined"][1]
+        assert (tmp_path / "inline.rec").read_text() == \
+            (tmp_path / "pipelined.rec").read_text()
+        c = r["pipelined"][0]
+        assert c["pipeline"]["ring_dropped"] == 0
+    else:
+        c, out = run_app(make("pipelined"), example_pcap, deploy="pipelined", ring_size=8,
+                         ring_full="drop")
+        p = c["pipeline"]
+        assert p["ring_dropped"] > 0 and p["ring_dropped_pkts"] > 0
+        # no loss unaccounted: every packet was sent or counted dropped
+        assert c["sent"] + c["dropped_by_nf"] == len(frames) - c["fragments_held"]
+        assert p["ring_dropped_pkts"] <= c["dropped_by_nf"]
+    assert_baseline(c)
+
+
+def test_more_processes_than_cores(example_pcap, tmp_path):
+    def make(tag):
+        return [FileRecorder(f"r{i}", str(tmp_path / f"{tag}.{i}"), types=("PKT",))
+                for i in range(max(4, (os.cpu_count() or 2) + 2))]
+
+    r = both(make, example_pcap, tmp_path)
+    assert r["inline"][1] == r["pipelined"][1]
+    for i in range(4):
+        assert (tmp_path / f"inline.{i}").read_text() == \
+            (tmp_path / f"pipelined.{i}").read_text()
+    assert_baseline(r["pipelined"][0])
+
+
+def test_a_handler_error_is_reported(example_pcap):
+    class Boom(mbx.NF):
+        def __init__(self):
+            super().__init__("boom")
+            self.sub(mbx.PKT, self.on_pkt)
+
+        def on_pkt(self, ev):
+            raise RuntimeError("kaput")
+
+    with pytest.raises(mbx.MbxError, match="kaput"):
+        run_app([Boom()], example_pcap, deploy="pipelined")
+
+
+def test_backward_publication_refused(example_pcap):
+    nfs = load_app(f"{IDS}")[::-1]          # IDS before the DPI it listens to
+    with pytest.raises(mbx.AppError, match="put the publisher first"):
+        run_app(nfs, example_pcap, deploy="pipelined")
+
+
+SLOW_NF = """
+import os, time
+import mbx
+
+nf = mbx.NF("slow")
+seen = [0]
+
+
+def on_pkt(ev):
+    seen[0] += 1
+    if seen[0] == 1:
+        with open({marker!r}, "w") as fh:
+            fh.write(str(os.getpid()))
+    time.sleep(0.002)
+
+
+nf.sub(mbx.PKT, on_pkt)
+"""
+
+
+def test_sigterm_mid_run(example_pcap, tmp_path):
+    marker = tmp_path / "pid"
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_NF.replace("{marker!r}", repr(str(marker))))
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mbx.cli", "run", f"{script}+l2fwd", "--deploy", "pipelined",
+         "--in", f"pcap:{example_pcap}", "--burst", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() or not marker.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    nf_pid = int(marker.read_text())
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "packets" in stdout and "NF process" in stdout and "slow" in stdout
+    frames = read_frames(example_pcap)
+    packets = int(stdout.split("packets")[1].split()[0].replace(",", ""))
+    assert 0 < packets < len(frames)                # it stopped mid-run
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{nf_pid}"):
+            break
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{nf_pid}"), "an NF process outlived the run"
+    assert set(os.listdir("/dev/shm")) <= shm_before
