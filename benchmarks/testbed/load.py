@@ -290,7 +290,9 @@ def per_request_us(cpu, requests):
 
 # -- running the tools --------------------------------------------------------------------
 def wrk_argv(url, duration, connections, keepalive, lua, timeout_s=2, args=()):
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", f"--timeout={timeout_s}s",
+    # wrk takes whole seconds only
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s",
+            f"--timeout={timeout_s}s",
             "--latency", "-s", lua]
     if not keepalive:
         argv += ["-H", "Connection: close"]
