@@ -82,15 +82,19 @@ def main(argv=None):
     t = sub.add_parser("teardown", help="stop and delete what setup left")
     t.add_argument("--tag", default="mbxt-manual")
     rep = sub.add_parser("report", help="markdown table (and a plot) from a results file")
-    rep.add_argument("json")
+    rep.add_argument("json", nargs="+", help="results files (their rows are merged)")
     rep.add_argument("--plot", help="write a bar chart (PNG) here")
+    rep.add_argument("--pending", default="", help="modes to list as pending")
     args = p.parse_args(argv)
 
     if args.cmd == "report":
-        from .report import markdown, plot
-        with open(args.json) as fh:
-            doc = json.load(fh)
-        print(markdown(doc))
+        from .report import markdown, merge, plot
+        docs = []
+        for path in args.json:
+            with open(path) as fh:
+                docs.append(json.load(fh))
+        doc = merge(docs)
+        print(markdown(doc, [m for m in args.pending.split(",") if m]))
         if args.plot:
             plot(doc, args.plot)
         return 0

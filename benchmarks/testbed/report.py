@@ -21,11 +21,16 @@ def _base(summary, row):
     return None
 
 
+def merge(docs):
+    """Several results files (e.g. a wrk and an ab run) as one: their summaries."""
+    return {"summary": [r for d in docs for r in d["summary"]]}
+
+
 def markdown(doc, pending=()):
-    """One line per (tool, workload, mode): median (min-max) of the runs."""
+    """One line per (workload, tool, mode): median (min-max) of the runs."""
     summary = doc["summary"]
     lines = ["| workload | tool | middlebox | req/s | × kernel | p50 µs | p99 µs | "
-             "middlebox CPU µs/req | machine CPU µs/req | unattributed µs/req | errors |",
+             "middlebox CPU µs/req | bed CPU µs/req | others' load (CPUs) | errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(MODE_LABELS)}
     wl_order = {w: i for i, w in enumerate(WORKLOAD_LABELS)}
@@ -35,14 +40,13 @@ def markdown(doc, pending=()):
         base = _base(summary, r)
         ratio = (f"{r['rps']['median'] / base['rps']['median']:.2f}"
                  if base and base["rps"] and r["rps"] else "-")
-        mb = (_mmm(r["mb_cpu_us"], "{:.1f}") if r["mb_cpu_us"]
-              else "n/a (softirq, see unattributed)")
+        mb = _mmm(r["mb_cpu_us"], "{:.1f}") if r["mb_cpu_us"] else "n/a (softirq)"
         lines.append(
             f"| {WORKLOAD_LABELS.get(r['workload'], r['workload'])} | {r['tool']} | "
             f"{MODE_LABELS.get(r['mode'], r['mode'])} | {_mmm(r['rps'])} | {ratio} | "
             f"{_mmm(r['p50_us'])} | {_mmm(r['p99_us'])} | {mb} | "
-            f"{_mmm(r['machine_cpu_us'], '{:.1f}')} | "
-            f"{_mmm(r['unattributed_cpu_us'], '{:.1f}')} | {r['errors_total']} |")
+            f"{_mmm(r.get('bed_cpu_us'), '{:.0f}')} | "
+            f"{_mmm(r.get('others_cpus'), '{:.2f}')} | {r['errors_total']} |")
     for mode in pending:
         lines.append(f"| all | - | {MODE_LABELS.get(mode, mode)} | pending | | | | | | | |")
     return "\n".join(lines)
@@ -61,40 +65,34 @@ def plot(doc, path):
     width = 0.8 / max(len(modes), 1)
     for ti, tool in enumerate(tools):
         for ci, (metric, ylabel) in enumerate((("rps", "requests/s"),
-                                               ("machine_cpu_us", "CPU µs per request"))):
+                                               ("mb_cpu_us", "middlebox CPU µs per request"))):
             ax = axes[ti][ci]
             for mi, mode in enumerate(modes):
                 xs, ys, lo, hi = [], [], [], []
                 for wi, wl in enumerate(wls):
                     r = next((r for r in summary if (r["mode"], r["tool"], r["workload"])
                               == (mode, tool, wl)), None)
-                    if not r or not r[metric]:
+                    if not r:
                         continue
                     m = r[metric]
+                    if not m and metric == "mb_cpu_us":
+                        m = r["unattributed_cpu_us"]  # kernel: softirq, in no process
+                    if not m:
+                        continue
                     xs.append(wi + (mi - (len(modes) - 1) / 2) * width)
                     ys.append(m["median"])
                     lo.append(m["median"] - m["min"])
                     hi.append(m["max"] - m["median"])
                 label = MODE_LABELS.get(mode, mode)
-                if metric == "machine_cpu_us":
-                    label += " (whole machine)"
-                bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=label)
-                if metric == "machine_cpu_us":
-                    # the middlebox's own share, hatched over the machine's total
-                    mbv = []
-                    for wl in wls:
-                        r = next((r for r in summary if (r["mode"], r["tool"],
-                                  r["workload"]) == (mode, tool, wl)), None)
-                        if r and r[metric]:
-                            mbv.append(r["mb_cpu_us"]["median"] if r["mb_cpu_us"] else 0)
-                    ax.bar(xs, mbv, width, fill=False, hatch="//",
-                           edgecolor=bars.patches[0].get_facecolor() if bars.patches
-                           else "k", linewidth=0)
+                hatch = None
+                if metric == "mb_cpu_us" and mode == "kernel":
+                    label += ": unattributed (softirq) time, whole bed"
+                    hatch = "//"
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=label, hatch=hatch)
             ax.set_xticks(range(len(wls)))
             ax.set_xticklabels([WORKLOAD_LABELS[w] for w in wls], fontsize=8)
             ax.set_ylabel(ylabel)
-            title = "throughput" if metric == "rps" else \
-                "CPU per request (hatched: middlebox process)"
+            title = "throughput" if metric == "rps" else "middlebox CPU per request"
             ax.set_title(f"{title} ({tool}, median of {summary[0]['runs']}, min-max bars)",
                          fontsize=9)
             ax.grid(axis="y", alpha=0.3)
