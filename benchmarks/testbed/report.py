@@ -96,7 +96,8 @@ def plot(doc, path):
             ax.set_title(f"{title} ({tool}, median of {summary[0]['runs']}, min-max bars)",
                          fontsize=9)
             ax.grid(axis="y", alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.45)  # room for the legend
+            ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
