@@ -2,6 +2,6 @@
 # Install mbx with its test tools and run the whole test suite (lint included).
 source "$(dirname "$0")/_env.sh"
 # tshark checks the L4 load balancer's output capture; tcpdump and friends follow.
-apt_install tshark nginx-light tcpdump curl wget iproute2 ethtool nftables
+apt_install tshark nginx-light tcpdump curl wget iproute2 ethtool nftables haproxy wrk apache2-utils
 "$PY" -m pip install -q --no-build-isolation -e ".[test]"
 exec "$PY" -m pytest -q "$@"

@@ -1,0 +1,677 @@
+"""The test bed: three network namespaces joined by veth pairs, nginx backends, and a
+middlebox in one of several modes.
+
+    client ns                 middlebox ns                          servers ns
+    c0 198.18.1.1/24 ---- m-cli [198.18.1.254] | m-srv [198.18.2.254] ---- s0 198.18.2.1/24
+                                                                              198.18.2.2/24
+    VIP 198.18.3.1:80 (routed by the client via 198.18.1.254)
+
+Modes (``MODES``):
+
+``kernel``
+    ``ip_forward=1`` in the middlebox and an nftables DNAT of the VIP to the two
+    backends (round robin, ``numgen inc``); conntrack reverse-translates the replies.
+``haproxy``
+    HAProxy owns the VIP (on the middlebox's ``lo``) and proxies to the backends; no
+    forwarding.
+``mbx-l2fwd``, ``mbx-l4lb``, ``pybridge``
+    "Bridge" modes: the middlebox namespace has no addresses and no forwarding, and an
+    nftables ``netdev`` ingress rule drops everything its kernel would receive on the
+    two veths.  Packet sockets still see every frame, since they are served before that
+    hook.  A user-space process bridges ``m-cli`` and ``m-srv``:
+    ``mbx run l2fwd|l4lb --in afpacket:m-cli,m-srv`` or, for ``pybridge``, a naive
+    Python AF_PACKET bridge (``benchmarks/testbed/pybridge.py``) that checks the
+    plumbing without mbx.  The client's and the servers' neighbour entries for their
+    gateways name the MAC address of the veth on the far side, so frames bridged
+    unchanged arrive addressed to their receiver.  For ``mbx-l4lb`` the client talks to
+    the VIP, mbx rewrites the destination to a backend, and the backends answer the
+    client directly through the bridge, where mbx puts the VIP back as the source.
+    ``mbx-l2fwd`` and ``pybridge`` do not translate: the client talks to backend 1.
+
+Everything is torn down by ``Bed.close()``: from ``__exit__``, ``atexit`` and the
+SIGTERM/SIGHUP handlers that ``install_signal_handlers`` sets (SIGINT raises
+KeyboardInterrupt).  Processes are stopped by the PIDs we hold, namespaces are deleted
+(anything still running in them is killed by PID first), and ``close()`` checks that
+none is left.  Namespace names carry the PID of the run (``mbxt<pid>-cli``); those of
+earlier runs whose process is gone are removed on start.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+CLIENT_IP = "198.18.1.1"
+MB_CLIENT_IP = "198.18.1.254"
+MB_SERVER_IP = "198.18.2.254"
+BACKENDS = ("198.18.2.1", "198.18.2.2")
+VIP = "198.18.3.1"
+HTTP_PORT = 80
+PREFIX_LEN = 24
+
+IF_CLIENT = "c0"       # in the client namespace
+IF_MB_CLIENT = "m-cli"  # in the middlebox namespace, facing the client
+IF_MB_SERVER = "m-srv"  # in the middlebox namespace, facing the servers
+IF_SERVER = "s0"       # in the servers namespace
+
+MODES = ("kernel", "haproxy", "mbx-l2fwd", "mbx-l4lb", "pybridge")
+BRIDGE_MODES = ("mbx-l2fwd", "mbx-l4lb", "pybridge")
+MBX_MODES = ("mbx-l2fwd", "mbx-l4lb")
+
+# name -> size of the files nginx serves (as /NAME.bin); "big" is the correctness
+# download, its size set by Bed(big_size=...)
+FILE_SIZES = {"64": 64, "8k": 8 << 10}
+BIG_SIZE = 32 << 20
+
+HAPROXY_MAXCONN = 9000  # the open-files hard limit here is 20000: more is refused
+PREFIX = "mbxt"
+_NS_RE = re.compile(rf"^{PREFIX}(\d+)-(cli|mb|srv)$")
+STATE_DIR = "/run/mbx-testbed"
+TIMEOUT = 20.0
+
+
+class TestbedError(RuntimeError):
+    """The test bed could not be set up, or a command in it failed."""
+
+    __test__ = False
+
+
+def run(argv, timeout=TIMEOUT, check=True, **kw):
+    r = subprocess.run(argv, capture_output=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        err = r.stderr.decode(errors="replace") if isinstance(r.stderr, bytes) else r.stderr
+        raise TestbedError(f"{' '.join(map(str, argv))}: exit {r.returncode}: {err.strip()}")
+    return r
+
+
+REQUIRED_TOOLS = {"ip": "iproute2", "nft": "nftables", "ethtool": "ethtool",
+                  "sysctl": "procps", "nginx": "nginx-light", "curl": "curl",
+                  "wrk": "wrk", "ab": "apache2-utils"}
+MODE_TOOLS = {"haproxy": {"haproxy": "haproxy"}}
+
+
+def unavailable(modes=()):
+    """None if the test bed can run ``modes`` here, else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, veths, nftables)"
+    tools = dict(REQUIRED_TOOLS)
+    for m in modes:
+        tools.update(MODE_TOOLS.get(m, {}))
+    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
+    if missing:
+        return f"missing Debian packages: {' '.join(missing)}"
+    name = f"{PREFIX}{os.getpid()}-probe"
+    try:
+        r = run(["ip", "netns", "add", name], check=False, timeout=10)
+        if r.returncode != 0:
+            return f"ip netns add fails here: {r.stderr.decode(errors='replace').strip()}"
+    finally:
+        run(["ip", "netns", "del", name], check=False, timeout=10)
+    for m in modes:
+        if m in MBX_MODES:
+            reason = afpacket_unavailable()
+            if reason:
+                return reason
+    return None
+
+
+def afpacket_unavailable():
+    """None if this mbx can open ``afpacket:IF0,IF1`` bridges, else why not."""
+    try:
+        from mbx import ports
+    except ImportError as exc:  # pragma: no cover (mbx is installed with the bench)
+        return f"mbx is not importable: {exc}"
+    schemes = getattr(ports, "KNOWN_SCHEMES", ())
+    if "afpacket" not in schemes or importlib.util.find_spec("mbx._afpacket") is None:
+        return ("mbx was built without the afpacket port (mbx.ports knows "
+                f"{', '.join(schemes) or 'no'} schemes; modes {', '.join(MBX_MODES)} need "
+                "open_input('afpacket:IF0,IF1'))")
+    return None
+
+
+def list_netns():
+    r = run(["ip", "netns", "list"], check=False, timeout=10)
+    return [line.split()[0] for line in r.stdout.decode().splitlines() if line.strip()]
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is not running: check its state
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def ns_pids(ns):
+    r = run(["ip", "netns", "pids", ns], check=False, timeout=10)
+    return [int(t) for t in r.stdout.decode().split() if t.isdigit()]
+
+
+def delete_ns(ns):
+    """Kill what still runs in namespace ``ns`` (by PID) and delete it."""
+    for pid in ns_pids(ns):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    run(["ip", "netns", "del", ns], check=False, timeout=10)
+
+
+def reap_stale():
+    """Delete namespaces of earlier runs whose process is gone."""
+    for ns in list_netns():
+        m = _NS_RE.match(ns)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            delete_ns(ns)
+
+
+def stop_pid(pid, sig=signal.SIGTERM, timeout=5.0, popen=None):
+    """Stop one process we started, by its PID: ``sig``, wait, then SIGKILL."""
+    if popen is not None:
+        if popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(sig)
+        try:
+            popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout=timeout)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _read(path):
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return b""
+
+
+def mac_of(bed, role, dev):
+    r = bed.ip(role, "-j", "link", "show", dev)
+    return json.loads(r.stdout)[0]["address"]
+
+
+def cpu_mask():
+    n = os.cpu_count() or 1
+    return format((1 << n) - 1, "x")
+
+
+class Bed:
+    """``with Bed(mode) as bed: ...``; see the module docstring."""
+
+    __test__ = False
+
+    def __init__(self, mode, workdir=None, big_size=BIG_SIZE, offloads=False, rps=True,
+                 static_neigh=True, http_reuse="never", haproxy_mode="http", tag=None,
+                 mbx_duration=3600.0, mbx_argv=None, new_session=False):
+        if mode not in MODES:
+            raise TestbedError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        if mode in BRIDGE_MODES and offloads:
+            raise TestbedError(f"mode {mode} bridges raw frames: offloads must be off")
+        self.mode = mode
+        self.workdir = workdir
+        self.big_size = big_size
+        self.offloads = offloads
+        self.rps = rps
+        self.static_neigh = static_neigh
+        self.http_reuse = http_reuse
+        self.haproxy_mode = haproxy_mode
+        self.tag = tag or f"{PREFIX}{os.getpid()}"
+        self.mbx_duration = mbx_duration
+        self.new_session = new_session  # `setup`: daemons outlive us, away from the tty
+        self.mbx_argv = mbx_argv  # override of the mbx command (tests, integration)
+        self.ns = {}
+        self.files = {}          # name -> {"path", "size", "sha256", "url_path"}
+        self.procs = []          # [(role name, Popen)] in start order
+        self.middlebox = []      # [(name, pid)] whose CPU is the middlebox's
+        self.started_pids = []   # every daemon we started (checked after close)
+        self.mb_json = None      # mbx/pybridge --json counters file
+        self.mb_counters = None  # ... read back after the process stopped
+        self._closed = False
+        self._own_workdir = False
+        self._detached = False
+        self._old_handlers = {}
+
+    # -- context ----------------------------------------------------------------------
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def target_ip(self):
+        """Where the client sends its requests."""
+        return BACKENDS[0] if self.mode in ("mbx-l2fwd", "pybridge") else VIP
+
+    def url(self, name):
+        return f"http://{self.target_ip}:{HTTP_PORT}/{name}.bin"
+
+    # -- commands in the namespaces ---------------------------------------------------
+    def ip(self, role, *args, check=True):
+        return run(["ip", "-n", self.ns[role], *args], check=check)
+
+    def exec(self, role, argv, timeout=TIMEOUT, check=True, **kw):
+        return run(["ip", "netns", "exec", self.ns[role], *argv], timeout=timeout,
+                   check=check, **kw)
+
+    def sysctl(self, role, key, value, check=True):
+        return self.exec(role, ["sysctl", "-q", "-w", f"{key}={value}"], check=check)
+
+    def write_sys(self, role, path, value):
+        # /sys of the namespace: `ip netns exec` mounts the namespace's own sysfs
+        return self.exec(role, ["sh", "-c", f"echo {value} > {path}"])
+
+    def nft(self, role, script):
+        return self.exec(role, ["nft", "-f", "-"], input=script.encode())
+
+    def popen(self, role, name, argv, middlebox=False, **kw):
+        """Start ``argv`` in a namespace; ``ip netns exec`` execs it, so the PID we hold
+        is the program's own.  Stopped by that PID in ``close()``."""
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        kw.setdefault("start_new_session", self.new_session)
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[role], *argv], **kw)
+        self.procs.append((name, p))
+        self.started_pids.append(p.pid)
+        if middlebox:
+            self.middlebox.append((name, p.pid))
+        return p
+
+    def netns_inode(self, role):
+        """``net:[inode]`` of a namespace, as /proc/PID/ns/net reads for its processes."""
+        st = os.stat(f"/run/netns/{self.ns[role]}")
+        return f"net:[{st.st_ino}]"
+
+    # -- set-up -----------------------------------------------------------------------
+    def start(self):
+        if self.workdir is None:
+            self.workdir = tempfile.mkdtemp(prefix="mbx-testbed-")
+            self._own_workdir = True
+        os.makedirs(self.workdir, exist_ok=True)
+        os.chmod(self.workdir, 0o755)  # nginx workers run as nobody
+        atexit.register(self.close)
+        reap_stale()
+        self.ns = {role: f"{self.tag}-{role}" for role in ("cli", "mb", "srv")}
+        for role, name in self.ns.items():
+            if name in list_netns():
+                raise TestbedError(f"namespace {name} exists already (teardown first)")
+            run(["ip", "netns", "add", name])
+            # No IPv6 at all: no router solicitations, MLD or DAD frames through the
+            # bridge (and none to account for in the middlebox's packet counts).
+            self.sysctl(role, "net.ipv6.conf.all.disable_ipv6", "1")
+            self.sysctl(role, "net.ipv6.conf.default.disable_ipv6", "1")
+            self.ip(role, "link", "set", "lo", "up")
+        self.ip("cli", "link", "add", IF_CLIENT, "type", "veth", "peer", "name",
+                IF_MB_CLIENT, "netns", self.ns["mb"])
+        self.ip("srv", "link", "add", IF_SERVER, "type", "veth", "peer", "name",
+                IF_MB_SERVER, "netns", self.ns["mb"])
+        links = [("cli", IF_CLIENT), ("mb", IF_MB_CLIENT), ("mb", IF_MB_SERVER),
+                 ("srv", IF_SERVER)]
+        for role, dev in links:
+            if not self.offloads:
+                # Offloads off on every veth.  A user-space middlebox sees raw frames:
+                # with TSO/GSO the sender's veth hands over 64 KiB super-frames, with
+                # tx checksum offload the checksums are left unfinished (the L4LB
+                # updates them incrementally, so they must be right), and GRO would
+                # merge frames on receive.  The same settings in every mode, so the
+                # kernel and HAProxy rows are not favoured by offloads the bridge
+                # modes cannot have.
+                self.exec(role, ["ethtool", "-K", dev, "rx", "off", "tx", "off", "tso",
+                                 "off", "gso", "off", "gro", "off"])
+            self.ip(role, "link", "set", dev, "up")
+            if self.rps:
+                # RPS on every CPU: a veth hands packets over in the sender's context,
+                # so without it one core does all the receive work and the other idles.
+                self.write_sys(role, f"/sys/class/net/{dev}/queues/rx-0/rps_cpus",
+                               cpu_mask())
+        self.ip("cli", "addr", "add", f"{CLIENT_IP}/{PREFIX_LEN}", "dev", IF_CLIENT)
+        for b in BACKENDS:
+            self.ip("srv", "addr", "add", f"{b}/{PREFIX_LEN}", "dev", IF_SERVER)
+        self.ip("cli", "route", "add", f"{VIP}/32", "via", MB_CLIENT_IP)
+        self.ip("cli", "route", "add", f"{BACKENDS[0].rsplit('.', 1)[0]}.0/{PREFIX_LEN}",
+                "via", MB_CLIENT_IP)
+        self.ip("srv", "route", "add", "default", "via", MB_SERVER_IP)
+        # Many short connections: the whole ephemeral range on every side, and
+        # TIME_WAIT reuse for outgoing connections (HAProxy's to the backends).
+        for role in ("cli", "mb", "srv"):
+            self.sysctl(role, "net.ipv4.ip_local_port_range", "1024 65000")
+            self.sysctl(role, "net.ipv4.tcp_tw_reuse", "1")
+            self.sysctl(role, "net.core.somaxconn", "4096")
+            self.sysctl(role, "net.ipv4.tcp_max_syn_backlog", "4096")
+        if self.mode in BRIDGE_MODES:
+            self._setup_bridge_plumbing()
+        else:
+            self._setup_router_plumbing()
+        self._make_files()
+        self._start_nginx()
+        if self.mode == "kernel":
+            self._setup_kernel_lb()
+        elif self.mode == "haproxy":
+            self._start_haproxy()
+        elif self.mode in MBX_MODES:
+            self._start_mbx()
+        elif self.mode == "pybridge":
+            self._start_pybridge()
+
+    def _setup_router_plumbing(self):
+        self.ip("mb", "addr", "add", f"{MB_CLIENT_IP}/{PREFIX_LEN}", "dev", IF_MB_CLIENT)
+        self.ip("mb", "addr", "add", f"{MB_SERVER_IP}/{PREFIX_LEN}", "dev", IF_MB_SERVER)
+        if self.static_neigh:
+            # ARP off the measured path (in every mode alike)
+            c0, s0 = mac_of(self, "cli", IF_CLIENT), mac_of(self, "srv", IF_SERVER)
+            mcli, msrv = mac_of(self, "mb", IF_MB_CLIENT), mac_of(self, "mb", IF_MB_SERVER)
+            self.ip("cli", "neigh", "replace", MB_CLIENT_IP, "lladdr", mcli, "dev",
+                    IF_CLIENT, "nud", "permanent")
+            self.ip("srv", "neigh", "replace", MB_SERVER_IP, "lladdr", msrv, "dev",
+                    IF_SERVER, "nud", "permanent")
+            self.ip("mb", "neigh", "replace", CLIENT_IP, "lladdr", c0, "dev", IF_MB_CLIENT,
+                    "nud", "permanent")
+            for b in BACKENDS:
+                self.ip("mb", "neigh", "replace", b, "lladdr", s0, "dev", IF_MB_SERVER,
+                        "nud", "permanent")
+
+    def _setup_bridge_plumbing(self):
+        # No addresses, no forwarding: the middlebox's kernel must not answer, route or
+        # reset anything; and it drops whatever it would receive on the two veths.
+        # The packet sockets of the user-space bridge are served before this hook
+        # (taps come before ingress in __netif_receive_skb_core), so they see all.
+        self.sysctl("mb", "net.ipv4.ip_forward", "0")
+        self.nft("mb", f"""
+table netdev mbxt_bridge {{
+    chain from_client {{ type filter hook ingress device "{IF_MB_CLIENT}" priority 0;
+                         policy drop; }}
+    chain from_servers {{ type filter hook ingress device "{IF_MB_SERVER}" priority 0;
+                          policy drop; }}
+}}
+""")
+        # The gateways' neighbour entries name the far side's MAC: a frame the bridge
+        # passes unchanged is addressed to the veth that receives it.  Nobody owns the
+        # gateway addresses in this mode, so these entries are required (ARP requests
+        # would be bridged and go unanswered).
+        c0, s0 = mac_of(self, "cli", IF_CLIENT), mac_of(self, "srv", IF_SERVER)
+        self.ip("cli", "neigh", "replace", MB_CLIENT_IP, "lladdr", s0, "dev", IF_CLIENT,
+                "nud", "permanent")
+        self.ip("srv", "neigh", "replace", MB_SERVER_IP, "lladdr", c0, "dev", IF_SERVER,
+                "nud", "permanent")
+
+    def _setup_kernel_lb(self):
+        self.sysctl("mb", "net.ipv4.ip_forward", "1")
+        b0, b1 = BACKENDS
+        self.nft("mb", f"""
+table ip mbxt_lb {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        ip daddr {VIP} tcp dport {HTTP_PORT} dnat to numgen inc mod 2 map {{ 0 : {b0}, 1 : {b1} }}
+    }}
+}}
+""")
+
+    def _make_files(self):
+        www = os.path.join(self.workdir, "www")
+        os.makedirs(www, exist_ok=True)
+        os.chmod(www, 0o755)
+        rng = random.Random(20180820)  # the same bodies every run
+        sizes = dict(FILE_SIZES, big=self.big_size)
+        for name, size in sizes.items():
+            data = rng.randbytes(size)
+            path = os.path.join(www, f"{name}.bin")
+            with open(path, "wb") as fh:
+                fh.write(data)
+            os.chmod(path, 0o644)
+            self.files[name] = {"path": path, "size": size, "url_path": f"/{name}.bin",
+                                "sha256": hashlib.sha256(data).hexdigest()}
+
+    def _start_nginx(self):
+        for i, addr in enumerate(BACKENDS):
+            d = os.path.join(self.workdir, f"nginx{i}")
+            os.makedirs(d, exist_ok=True)
+            conf = f"""
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 8192;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 60s;
+    keepalive_requests 1000000;
+    server {{
+        listen {addr}:{HTTP_PORT} backlog=4096;
+        root {self.workdir}/www;
+    }}
+}}
+"""
+            path = os.path.join(d, "nginx.conf")
+            with open(path, "w") as fh:
+                fh.write(conf)
+            with open(os.path.join(d, "stderr.log"), "wb") as log:
+                self.popen("srv", f"nginx{i}", ["nginx", "-p", d, "-c", path, "-e",
+                                                f"{d}/error.log"], stdout=log, stderr=log)
+        for i, addr in enumerate(BACKENDS):
+            self._wait_listen("srv", addr, f"nginx{i}",
+                              os.path.join(self.workdir, f"nginx{i}", "error.log"))
+
+    def _wait_listen(self, role, addr, name, log, timeout=10.0):
+        proc = dict(self.procs)[name]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise TestbedError(f"{name} exited {proc.returncode}: "
+                                   f"{_read(log).decode(errors='replace')[-2000:]}")
+            r = run(["ss", "-N", self.ns[role], "-Hltn", f"src {addr}:{HTTP_PORT}"],
+                    check=False, timeout=5)
+            if r.stdout.strip():
+                return
+            time.sleep(0.05)
+        raise TestbedError(f"{name} did not listen on {addr}:{HTTP_PORT} within {timeout} s")
+
+    def haproxy_config(self):
+        d = os.path.join(self.workdir, "haproxy")
+        servers = "\n".join(f"    server s{i} {b}:{HTTP_PORT}" for i, b in enumerate(BACKENDS))
+        http = self.haproxy_mode == "http"
+        return f"""
+global
+    nbthread 1
+    maxconn {HAPROXY_MAXCONN}
+    pidfile {d}/haproxy.pid
+    # no log target: nothing to syslog inside the namespace
+
+defaults
+    mode {self.haproxy_mode}
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+{"    timeout http-request 10s" if http else ""}
+{"    timeout http-keep-alive 30s" if http else ""}
+{"    option http-keep-alive" if http else ""}
+{f"    http-reuse {self.http_reuse}" if http else ""}
+
+frontend fe
+    bind {VIP}:{HTTP_PORT}
+    maxconn {HAPROXY_MAXCONN}
+    default_backend be
+
+backend be
+    balance roundrobin
+{servers}
+"""
+
+    def _start_haproxy(self):
+        d = os.path.join(self.workdir, "haproxy")
+        os.makedirs(d, exist_ok=True)
+        self.ip("mb", "addr", "add", f"{VIP}/32", "dev", "lo")
+        path = os.path.join(d, "haproxy.cfg")
+        with open(path, "w") as fh:
+            fh.write(self.haproxy_config())
+        run(["haproxy", "-c", "-q", "-f", path])
+        log = os.path.join(d, "stderr.log")
+        with open(log, "wb") as fh:
+            # -db: foreground, no master process: the PID we hold is the one process
+            # (one thread) that does all the work
+            self.popen("mb", "haproxy", ["haproxy", "-db", "-f", path], middlebox=True,
+                       stdout=fh, stderr=fh)
+        self._wait_listen("mb", VIP, "haproxy", log)
+
+    def mbx_command(self):
+        """The middlebox process of the mbx modes (argv, run in the middlebox ns)."""
+        if self.mbx_argv is not None:
+            return list(self.mbx_argv)
+        spec = f"afpacket:{IF_MB_CLIENT},{IF_MB_SERVER}"
+        app = "l2fwd" if self.mode == "mbx-l2fwd" else "l4lb"
+        # --out names the same bridge: mbx.ports.open_ports() makes the input bridge
+        # its own output then (one object receives on both veths and sends each
+        # packet out of the other one); --duration bounds the run even if we die.
+        argv = [sys.executable, "-c", "import sys; from mbx.cli import main; "
+                "sys.argv[0] = 'mbx'; sys.exit(main())",
+                "run", app, "--in", spec, "--out", spec, "--duration",
+                f"{self.mbx_duration:g}", "--json", self.mb_json, "-q"]
+        if app == "l4lb":
+            argv += ["--set", f"l4lb.vip={VIP}:{HTTP_PORT}", "--set",
+                     "l4lb.backends=" + ",".join(f"{b}:{HTTP_PORT}" for b in BACKENDS)]
+        return argv
+
+    def _start_mbx(self):
+        reason = afpacket_unavailable()
+        if reason and self.mbx_argv is None:
+            raise TestbedError(f"mode {self.mode}: {reason}")
+        self.mb_json = os.path.join(self.workdir, "mbx-counters.json")
+        self._start_bridge_process("mbx", self.mbx_command())
+
+    def _start_pybridge(self):
+        self.mb_json = os.path.join(self.workdir, "pybridge-counters.json")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pybridge.py")
+        self._start_bridge_process("pybridge", [
+            sys.executable, script, IF_MB_CLIENT, IF_MB_SERVER, "--duration",
+            f"{self.mbx_duration:g}", "--json", self.mb_json, "--ready",
+            os.path.join(self.workdir, "pybridge.ready")])
+
+    def _start_bridge_process(self, name, argv):
+        log = os.path.join(self.workdir, f"{name}.log")
+        with open(log, "wb") as fh:
+            p = self.popen("mb", name, argv, middlebox=True, stdout=fh, stderr=fh)
+        # Ready when a request goes through: the process has its sockets open.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise TestbedError(f"{name} exited {p.returncode}: "
+                                   f"{_read(log).decode(errors='replace')[-3000:]}")
+            r = self.exec("cli", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                  "--max-time", "1", self.url("64")], check=False, timeout=5)
+            if r.stdout == b"200":
+                return
+            time.sleep(0.1)
+        raise TestbedError(f"{name}: no request went through within 20 s: "
+                           f"{_read(log).decode(errors='replace')[-3000:]}")
+
+    # -- state for `setup` / `teardown` -----------------------------------------------
+    def state(self):
+        return {"tag": self.tag, "mode": self.mode, "ns": self.ns, "workdir": self.workdir,
+                "own_workdir": self._own_workdir,
+                "pids": [(name, p.pid) for name, p in self.procs],
+                "url": {n: self.url(n) for n in self.files}}
+
+    def detach(self, state_path):
+        """Leave everything running (``setup``): ``teardown_state`` stops it later."""
+        os.makedirs(os.path.dirname(state_path), exist_ok=True)
+        with open(state_path, "w") as fh:
+            json.dump(self.state(), fh, indent=1)
+        self._detached = True
+        self._closed = True
+        atexit.unregister(self.close)
+
+    # -- tear-down ----------------------------------------------------------------------
+    def stop_middlebox(self):
+        """Stop the middlebox process(es) (SIGINT: mbx prints and writes its counters)
+        and read their counters back."""
+        for name, p in self.procs:
+            if (name, p.pid) in self.middlebox:
+                stop_pid(p.pid, signal.SIGINT if name != "haproxy" else signal.SIGTERM,
+                         timeout=10, popen=p)
+        if self.mb_json and os.path.exists(self.mb_json):
+            with contextlib.suppress(ValueError, OSError):
+                with open(self.mb_json) as fh:
+                    self.mb_counters = json.load(fh)
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with contextlib.suppress(Exception):
+                self.stop_middlebox()
+            for name, p in reversed(self.procs):
+                stop_pid(p.pid, signal.SIGQUIT if name.startswith("nginx") else
+                         signal.SIGTERM, popen=p)
+            for name in self.ns.values():
+                delete_ns(name)
+            left = [n for n in list_netns() if n in self.ns.values()]
+            if left:
+                raise TestbedError(f"namespaces left behind: {left}")
+        finally:
+            atexit.unregister(self.close)
+            if self._own_workdir and not os.environ.get("MBX_TESTBED_KEEP"):
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def teardown_state(state_path):
+    """Stop what ``setup`` left running (by the PIDs it recorded) and delete it."""
+    with open(state_path) as fh:
+        st = json.load(fh)
+    for name, pid in reversed(st["pids"]):
+        stop_pid(pid, signal.SIGQUIT if name.startswith("nginx") else signal.SIGTERM)
+    for ns in st["ns"].values():
+        delete_ns(ns)
+    if st.get("own_workdir"):
+        shutil.rmtree(st["workdir"], ignore_errors=True)
+    os.unlink(state_path)
+    return st
+
+
+def install_signal_handlers():
+    """SIGTERM and SIGHUP unwind like SIGINT (through ``finally`` and ``close()``)."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
