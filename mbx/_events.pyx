@@ -672,6 +672,19 @@ cdef class Message:
 # ---------------------------------------------------------------------------------
 # The event view handed to handlers
 
+_packed_cache = {}
+
+
+cdef bytes _packed_address(object ip):
+    # Rewriting NFs pass the same few addresses for every packet: parse each once.
+    cdef bytes raw = _packed_cache.get(ip)
+    if raw is None:
+        raw = ip if isinstance(ip, bytes) else ipaddress.ip_address(ip).packed
+        if len(_packed_cache) < 4096:
+            _packed_cache[ip] = raw
+    return raw
+
+
 cdef str _flags_str(uint8_t f):
     cdef str s = ""
     if f & TH_SYN:
@@ -886,7 +899,7 @@ cdef class Event:
             if load16(l4_csum) == 0 and p.ip_ver == 4:
                 l4_csum = NULL          # UDP over IPv4 without a checksum stays so
         if ip is not None:
-            raw = ipaddress.ip_address(ip).packed
+            raw = _packed_address(ip)
             if len(raw) != alen:
                 raise MbxError(f"cannot put {ip} into an IPv{p.ip_ver} header")
             newb = raw
