@@ -90,3 +90,11 @@ def test_bad_capture_and_bad_nf_files(tmp_path):
     nf.write_text("import mbx\nmbx.mb_sub('PKT', 42)\n")
     r = mbx_cmd("run", str(nf), "--in", f"pcap:{junk}")
     assert r.returncode == 2 and "not callable" in r.stderr
+
+
+def test_docs_show_listing1_as_it_runs():
+    import pathlib
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "listing1.md").read_text()
+    code = doc.split("```python\n", 1)[1].rsplit("```", 1)[0]
+    assert code == pathlib.Path(IDS).read_text()
