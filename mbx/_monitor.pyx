@@ -95,8 +95,8 @@ cdef class TcpMonitor(NetworkLayer):
                  double frag_timeout=30.0, size_t stream_memory=256 << 20,
                  uint32_t chunk_size=16384, size_t stream_window=4 << 20,
                  size_t retain=0, uint32_t max_streams=16384, str overlap="first",
-                 bint summarise=False):
-        NetworkLayer.__init__(self, bus, flow_capacity=flow_capacity,
+                 bint summarise=False, rss=(0, 1)):
+        NetworkLayer.__init__(self, bus, flow_capacity=flow_capacity, rss=rss,
                               idle_timeout=idle_timeout, flow_policy=flow_policy,
                               malformed=malformed, frag_memory=frag_memory,
                               frag_timeout=frag_timeout)

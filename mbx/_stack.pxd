@@ -35,6 +35,9 @@ cdef class NetworkLayer:
     cdef uint64_t flow_end_id
     cdef uint64_t pkt_id
     cdef uint32_t events_per_pkt    # most events one packet can make (Event Memory room)
+    cdef uint32_t rss_k             # this stack process's share of the flows ...
+    cdef uint32_t rss_n             # ... out of rss_n (software RSS)
+    cdef readonly uint64_t rss_other    # packets left to the other stack processes
 
     cdef bint room(self, uint32_t n) noexcept nogil
     cdef void publish_flow(self, uint16_t t, uint64_t type_id, const mbx_flow *f,
@@ -44,6 +47,7 @@ cdef class NetworkLayer:
     cdef int drain_ended(self) except -1
     cdef uint32_t stack_pass(self, Batch batch, uint32_t i) noexcept nogil
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil
+    cdef bint rss_mine(self, mbx_pkt *p) noexcept nogil
     cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil
     cdef void prefetch(self, mbx_pkt *p) noexcept nogil
     cpdef process(self, Batch batch)

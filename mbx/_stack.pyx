@@ -14,10 +14,10 @@ from mbx._events cimport (
     NO_PKT, PUBLISHER_STACK, T_FLOW_END, T_FLOW_START, T_PKT, EventBus, flow_body,
     mbx_msg, pkt_body,
 )
-from mbx._flow cimport FlowTable, flow_count, mbx_flow
+from mbx._flow cimport FlowTable, flow_count, flow_key_hash, flow_key_of, mbx_flow, mbx_flow_key
 from mbx._packet cimport (
     NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PORT_EOF, PORT_ERROR,
-    VERDICT_DROP, VERDICT_PASS, Batch, Port, mbx_pkt,
+    VERDICT_DROP, VERDICT_HELD, VERDICT_PASS, Batch, Port, mbx_pkt,
 )
 from mbx._parse cimport DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
 
@@ -86,7 +86,7 @@ cdef class NetworkLayer:
     def __init__(self, EventBus bus, *, uint32_t flow_capacity=65536,
                  double idle_timeout=60.0, str flow_policy="evict",
                  str malformed="forward", size_t frag_memory=4 << 20,
-                 double frag_timeout=30.0):
+                 double frag_timeout=30.0, rss=(0, 1)):
         if malformed not in ("forward", "drop"):
             raise ValueError(f"malformed must be 'forward' or 'drop', not {malformed!r}")
         self.flows = FlowTable(flow_capacity, idle_timeout=idle_timeout, policy=flow_policy)
@@ -96,6 +96,9 @@ cdef class NetworkLayer:
         bus.attach_flowtable(self.flows, flow_capacity)
         self.drop_malformed = malformed == "drop"
         self.events_per_pkt = 3
+        self.rss_k, self.rss_n = rss
+        if not 0 <= self.rss_k < self.rss_n:
+            raise ValueError(f"rss must be (k, n) with 0 <= k < n, not {rss!r}")
         memset(self.status_count, 0, sizeof(self.status_count))
         self.now_ns = 0
         self.next_expire_ns = 0
@@ -167,11 +170,15 @@ cdef class NetworkLayer:
             ntracked = 0
             for k in range(n):
                 p = &batch.pkts[i + k]
-                self.pkts += 1
-                self.bytes += p.wirelen
                 if p.ts_ns > self.now_ns:
                     self.now_ns = p.ts_ns
                 st = parse_packet(p)
+                if self.rss_n > 1 and not self.rss_mine(p):
+                    p.verdict = VERDICT_HELD    # another stack process's packet
+                    self.rss_other += 1
+                    continue
+                self.pkts += 1
+                self.bytes += p.wirelen
                 self.status_count[st] += 1
                 if p.flags & PKT_F_FRAGMENT:
                     r = self.frags.defrag(batch, p)
@@ -226,6 +233,17 @@ cdef class NetworkLayer:
     cdef void prefetch(self, mbx_pkt *p) noexcept nogil:
         # ... and asks for its per-flow state early, a chunk at a time.
         pass
+
+    cdef bint rss_mine(self, mbx_pkt *p) noexcept nogil:
+        # Software RSS (paper §4.2 "Parallel Stacks"): the flow table's symmetric
+        # hash picks the stack process, so both directions of a flow meet in one.
+        # Fragments carry no ports, so all of a datagram's pieces hash alike (by
+        # addresses); non-IP frames are stack 0's.
+        cdef mbx_flow_key key
+        if p.ip_ver == 0:
+            return self.rss_k == 0
+        flow_key_of(p, &key)
+        return flow_key_hash(&key) % self.rss_n == self.rss_k
 
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil:
         # A μStack that extends this one (the TCP Monitor) does its per-packet work
@@ -357,6 +375,7 @@ cdef class NetworkLayer:
             "sent": self.sent,
             "dropped_by_nf": self.nf_dropped,
             "dropped_malformed": self.malformed_dropped,
+            "other_stacks": self.rss_other,
             "fragments_held": self.frag_held,
             "parse": parse,
             "flows": {

@@ -102,6 +102,8 @@ def _run(nfs, args, spec=None):
     if spec is not None:        # an application file: its [stack] options win
         config.update(spec.options)
         config["stack"] = spec.stack
+    if args.stacks > 1:
+        return _run_parallel(nfs, args, config)
     app = App(nfs, **config)
     # an AF_PACKET bridge is its own output unless --out says otherwise
     inp, out = open_ports(args.inp, args.out)
@@ -134,6 +136,31 @@ def _run(nfs, args, spec=None):
     return counters
 
 
+def _run_parallel(nfs, args, config):
+    from mbx.runtime import run_parallel
+
+    if config.get("deploy", "inline") != "inline":
+        raise MbxError("--stacks runs inline stack processes; drop --deploy")
+    t0 = time.perf_counter()
+    # each stack process gets its own copy of the NFs (fork)
+    counters, parts = run_parallel(lambda: nfs, args.inp, args.out, stacks=args.stacks,
+                                   burst=args.burst, max_packets=args.max_packets,
+                                   duration=args.duration, **config)
+    elapsed = time.perf_counter() - t0
+    counters["elapsed_s"] = elapsed
+    counters["stacks"] = [{"packets": c["packets"], "flows": c["flows"]["created"]}
+                          for c in parts]
+    if not args.quiet:
+        _print_counters(counters, elapsed)
+        print("stacks         " + ", ".join(
+            f"#{k}: {c['packets']:,} pkts, {c['flows']:,} flows"
+            for k, c in enumerate(counters["stacks"])))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(counters, fh, indent=2)
+    return counters
+
+
 def _add_run_options(p):
     p.add_argument("--in", dest="inp", required=True, metavar="PORT",
                    help="input port: pcap:FILE, afpacket:IF, afpacket:IF0,IF1 (a bridge: "
@@ -151,6 +178,9 @@ def _add_run_options(p):
                    help="what to do with packets the parser flags (forward)")
     p.add_argument("--burst", type=int, default=64, help="packets per burst (64)")
     p.add_argument("--max-packets", type=int, default=0, help="stop after N packets")
+    p.add_argument("--stacks", type=int, default=1,
+                   help="stack processes, flows split by a symmetric hash (software RSS "
+                        "over a capture, a fanout group on an AF_PACKET port) (1)")
     p.add_argument("--duration", type=float, default=0,
                    help="stop after S seconds (live ports); SIGINT/SIGTERM stop cleanly too")
     p.add_argument("--stack", choices=("auto", "network", "tcp"), default="auto",

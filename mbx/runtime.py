@@ -157,7 +157,7 @@ class App:
     def __init__(self, nfs, *, flow_capacity=65536, idle_timeout=60.0, flow_policy="evict",
                  malformed="forward", msg_capacity=65536, frag_memory=4 << 20,
                  frag_timeout=30.0, stack="auto", deploy="inline", ring_size=0,
-                 ring_full="stall", **monitor_options):
+                 ring_full="stall", rss=(0, 1), **monitor_options):
         unknown = set(monitor_options) - set(_MONITOR_OPTIONS)
         if unknown:
             raise AppError(f"unknown App option(s): {', '.join(sorted(unknown))}")
@@ -175,7 +175,7 @@ class App:
         self.nfs = _as_nfs(nfs, "App") if nfs else []
         self.config = dict(flow_capacity=flow_capacity, idle_timeout=idle_timeout,
                            flow_policy=flow_policy, malformed=malformed,
-                           frag_memory=frag_memory, frag_timeout=frag_timeout)
+                           frag_memory=frag_memory, frag_timeout=frag_timeout, rss=rss)
         self.msg_capacity = msg_capacity
         self.stack = None
 
@@ -234,3 +234,82 @@ class App:
         if self.pipeline is not None:
             out["pipeline"] = self.pipeline
         return out
+
+
+def merge_counters(parts):
+    """Sum the counters of several stack processes (numbers add, dicts merge)."""
+    out = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict):
+                out[key] = merge_counters([out.get(key, {}), value])
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = out.get(key, 0) + value
+            elif key not in out:
+                out[key] = value
+    return out
+
+
+def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
+                 max_packets=0, duration=0, **config):
+    """Run ``stacks`` stack processes over one input (paper §4.2 "Parallel Stacks"),
+    each with its own NFs (``make_nfs()`` is called in each) and its own Stack
+    Memory.  A capture is split by software RSS: every process reads it and keeps
+    the flows whose symmetric hash is its share, so both directions of a flow meet
+    in one process.  An AF_PACKET input is split by the kernel (a fanout group).
+    Each process writes its own output (``FILE.stackK`` for ``pcap:FILE``).
+    Returns (merged counters, [each process's counters])."""
+    import json
+    import signal
+
+    from mbx.ports import open_ports
+
+    if stacks < 1:
+        raise AppError(f"stacks must be at least 1, not {stacks}")
+    afpacket = in_spec.startswith("afpacket:")
+    group = os.getpid() & 0xFFFF
+    children = []
+    for k in range(stacks):
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                    # a stack process
+            os.close(rfd)
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us
+                spec = in_spec
+                if afpacket:
+                    spec += ("&" if "?" in spec else "?") + f"fanout={group}"
+                out = f"{out_spec}.stack{k}" if out_spec and out_spec.startswith(
+                    "pcap:") else out_spec
+                inp, outp = open_ports(spec, out)
+                try:
+                    app = App(make_nfs(), **config,
+                              rss=(0, 1) if afpacket else (k, stacks))
+                    counters = app.run(inp, outp, burst=burst, max_packets=max_packets,
+                                       duration=duration)
+                finally:
+                    inp.close()
+                    if outp is not None and outp is not inp:
+                        outp.close()
+                os.write(wfd, json.dumps({"ok": counters}).encode())
+                code = 0
+            except BaseException as exc:            # report, never return into the parent
+                os.write(wfd, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        children.append((pid, rfd))
+    parts, errors = [], []
+    for k, (pid, rfd) in enumerate(children):
+        with os.fdopen(rfd, "rb") as fh:
+            data = fh.read()
+        os.waitpid(pid, 0)
+        msg = json.loads(data) if data else {"error": "exited without a report"}
+        if "error" in msg:
+            errors.append(f"stack {k}: {msg['error']}")
+        else:
+            parts.append(msg["ok"])
+    if errors:
+        raise AppError("; ".join(errors))
+    return merge_counters(parts), parts
