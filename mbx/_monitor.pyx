@@ -37,8 +37,8 @@ from mbx._packet cimport (
 from mbx._stack cimport NetworkLayer, fill_flow_body, fill_pkt_body
 from mbx._stream cimport (
     OVERLAP_FIRST, OVERLAP_LAST, STREAM_CONFLICT, STREAM_MAX_OOO, STREAM_MEMCAP,
-    StreamPool, mbx_stream, stream_add, stream_free, stream_init, stream_offset_of,
-    stream_read, stream_release, stream_skip_hole,
+    StreamPool, mbx_stream, stream_add, stream_free, stream_gap_end, stream_init,
+    stream_offset_of, stream_read, stream_release, stream_skip_hole,
 )
 from mbx._tcp cimport (
     CONN_CLOSED_RST, CONN_HS_ACK, CONN_HS_SYN, CONN_HS_SYNACK, EP_FIN,
@@ -512,7 +512,7 @@ cdef class TcpMonitor(NetworkLayer):
                 while off < s.frontier:
                     k = stream_read(self.pool, s, off, s.frontier - off, &ptr)
                     if k == -3:             # inside a skipped gap: no bytes there
-                        off = s.hole_end if s.hole_end > off else s.frontier
+                        off = stream_gap_end(self.pool, s, off)
                         continue
                     if k <= 0:
                         break

@@ -9,6 +9,13 @@
 # wraparound need no special case.  Every byte lives in a fixed-size chunk of one
 # StreamPool allocation (Event Memory); out-of-order bookkeeping is a fixed-size
 # interval block from the same pool.  Running out of either is MEMCAP, never a crash.
+#
+# A hole that the receiver acknowledged is skipped: a *gap*, never filler bytes.  Up
+# to STREAM_MAX_GAPS gaps stay inside the held range [base, frontier) (in the same
+# block as the intervals), so bytes before each stay readable as long as the pool's
+# retain keeps them; reads stop at a gap and fail inside one.  Past the bound (or
+# with no block free) the bytes before the oldest gap are released early
+# (pool.gap_overflows counts it).
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
@@ -17,6 +24,9 @@ cdef enum:
     # Out-of-order intervals a stream may hold at once: a receiver window seldom has
     # more holes than this, and a hostile sender must not make bookkeeping grow.
     STREAM_MAX_OOO = 16
+    # Skipped gaps kept inside the held range [base, frontier) at once: a few lost
+    # segments per ACK; more release the bytes before the oldest (gap_overflows).
+    STREAM_MAX_GAPS = 8
 
 # Overlap policy for bytes beyond the frontier that a later segment carries again
 # with different content (bytes before the frontier are delivered: always kept).
@@ -42,24 +52,27 @@ cdef enum StreamReadError:
     STREAM_ERR_BEYOND = -2      # off > frontier: not delivered (yet)
     STREAM_ERR_GAP = -3         # off lies in a skipped gap: there are no bytes
 
-# 88 bytes (the last 3 are padding).  Chunks are a singly linked list (pool.chunk_next)
+# 72 bytes (the last 2 are padding).  Chunks are a singly linked list (pool.chunk_next)
 # sorted by offset; tail is where in-order appends go.
 ctypedef struct mbx_stream:
     uint64_t base           # first byte still held (everything before it is released)
     uint64_t frontier       # end of the delivered prefix
-    uint64_t hole_start     # the one gap still inside [base, frontier) (0, 0: none);
-    uint64_t hole_end       # reads stop at it
     uint64_t conflict_off   # first differing byte of the last conflicting segment
     uint64_t gap_bytes      # bytes skipped by stream_skip_*
     uint64_t dropped        # bytes dropped for memory (MEMCAP)
     uint32_t seq0           # sequence number of offset 0
     uint32_t head           # chunk with the lowest offsets, or NO_CHUNK
     uint32_t tail           # chunk with the highest offsets, or NO_CHUNK
-    uint32_t ooo            # interval block (pool), NO_CHUNK while nothing is out of order
+    # Block (pool) of STREAM_MAX_OOO intervals then STREAM_MAX_GAPS gaps; NO_CHUNK
+    # while nothing is out of order and no gap is held.
+    uint32_t ooo
     uint32_t conflicts      # segments that carried conflicting bytes
     uint32_t gaps           # gaps skipped
     uint16_t nchunks        # chunks mapped (at most pool.window_chunks)
     uint8_t n_ooo           # intervals in the block, sorted, disjoint, beyond frontier
+    # gaps in the block: sorted, disjoint, not touching, each start > base and
+    # end <= frontier (a base that reaches a gap's start moves to its end)
+    uint8_t n_gaps
     uint8_t policy          # StreamPolicy
     # Set by stream_init, cleared by stream_free: a zeroed (calloc'd) or freed struct
     # is inert, so freeing every flow's streams at flow end is safe for flows that
@@ -74,7 +87,8 @@ cdef class StreamPool:
     cdef uint8_t *mem
     cdef uint32_t *chunk_next       # list link; free chunks are chained through it too
     cdef uint64_t *chunk_no         # offset >> chunk_shift of the bytes a chunk holds
-    cdef uint64_t *ooo_iv           # blocks of STREAM_MAX_OOO [start, end) pairs
+    # blocks of STREAM_MAX_OOO interval then STREAM_MAX_GAPS gap [start, end) pairs
+    cdef uint64_t *ooo_iv
     cdef uint32_t *ooo_next         # free list of interval blocks
     cdef uint32_t free_head
     cdef uint32_t free_ooo
@@ -95,6 +109,9 @@ cdef class StreamPool:
     cdef readonly uint64_t conflicts
     cdef readonly uint64_t gaps
     cdef readonly uint64_t gap_bytes
+    # gaps that released the bytes before the oldest held gap (the list was full) or
+    # before themselves (no block free), whatever retain said
+    cdef readonly uint64_t gap_overflows
     cdef readonly uint64_t old_segments
     cdef readonly uint64_t ooo_segments     # segments held beyond the frontier
     cdef readonly uint64_t unchecked_bytes  # overlapping bytes that could not be compared
@@ -110,20 +127,26 @@ cdef int stream_add(StreamPool pool, mbx_stream *s, uint32_t seq, const uint8_t 
                     size_t n) noexcept nogil
 # The receiver acknowledged everything before seq: skips every hole before it (the
 # frontier then runs on through whatever contiguous data follows); returns the bytes
-# skipped (0: nothing was missing).
+# skipped (0: nothing was missing).  Each hole becomes a gap held inside [base,
+# frontier) while bytes before it are held (see STREAM_MAX_GAPS).
 cdef uint64_t stream_skip_to(StreamPool pool, mbx_stream *s, uint32_t seq) noexcept nogil
 # The same, one hole at a time, for a caller that reports each gap: skips the first
 # hole before seq, sets [*gap_start, *gap_end) and returns its length (0: none left).
 cdef uint64_t stream_skip_hole(StreamPool pool, mbx_stream *s, uint32_t seq,
                                uint64_t *gap_start, uint64_t *gap_end) noexcept nogil
 # The caller is done with bytes before upto; those also more than pool.retain behind
-# the frontier are released and their whole chunks go back to the pool.  Returns the
-# chunks freed.
+# the frontier are released and their whole chunks go back to the pool (a base that
+# reaches a gap moves past it; gaps behind it are dropped).  Returns the chunks freed.
 cdef uint32_t stream_release(StreamPool pool, mbx_stream *s, uint64_t upto) noexcept nogil
 # Stateless read: *ptr = the bytes at off; returns how many are contiguous in memory
-# from there (<= n; 0 when off == frontier) or a StreamReadError.
+# from there (<= n, stopping at the next gap; 0 when off == frontier) or a
+# StreamReadError (STREAM_ERR_GAP inside a gap).
 cdef int stream_read(StreamPool pool, const mbx_stream *s, uint64_t off, size_t n,
                      const uint8_t **ptr) noexcept nogil
+# Where reading can go on after STREAM_ERR_GAP at off: the end of the held gap off lies
+# in, or the frontier when it lies in none (nothing more can be read).
+cdef uint64_t stream_gap_end(StreamPool pool, const mbx_stream *s,
+                             uint64_t off) noexcept nogil
 # Returns every chunk and interval block to the pool; s may then be initialised again
 # (until then it is inert; frontier and counters stay readable).
 cdef void stream_free(StreamPool pool, mbx_stream *s) noexcept nogil

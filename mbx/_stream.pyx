@@ -9,6 +9,12 @@ a gap, never filler bytes).  All bytes live in fixed-size chunks of one StreamPo
 allocation; a stream maps at most ``max_stream_bytes`` of them.  Running out of
 chunks, window or interval slots drops bytes and says so (MEMCAP); nothing grows.
 
+Up to ``STREAM_MAX_GAPS`` (8) skipped gaps stay inside the held range ``[base,
+frontier)``, in the same pool block as the intervals: the bytes between them stay
+readable while ``retain`` keeps them (one ACK may prove several holes lost, and each
+DATA_RDY of that burst must still be readable), reads stop at the next gap and fail
+inside one.  A ninth gap releases the bytes before the oldest (``gap_overflows``).
+
 The hot path is a segment exactly at the frontier with nothing out of order: one
 memcpy into the tail chunk, no interval bookkeeping.
 """
@@ -25,6 +31,8 @@ cdef enum:
     MAX_CHUNK = 1 << 24
     MAX_WINDOW_CHUNKS = 0xFFFF          # mbx_stream.nchunks is 16 bits
     MAX_STREAM_BYTES = 1 << 30          # well inside the 2 GiB of sequence unwrapping
+    # uint64 words of a pool block: STREAM_MAX_OOO intervals, then STREAM_MAX_GAPS gaps
+    BLOCK_WORDS = 2 * (STREAM_MAX_OOO + STREAM_MAX_GAPS)
 
 cdef uint64_t NO_DIFF = 0xFFFFFFFFFFFFFFFFULL
 _MIB = 1 << 20
@@ -64,7 +72,7 @@ cdef class StreamPool:
     (out-of-order window plus retained bytes) and holds out-of-order data at most that
     far beyond its frontier; ``retain`` bytes behind the frontier survive release()
     for late readers; ``ooo_blocks`` (default: one per chunk) bounds how many streams
-    may hold out-of-order data at once.
+    may hold out-of-order data or skipped gaps at once.
     """
 
     def __cinit__(self, total_bytes=64 * _MIB, chunk_size=16384,
@@ -109,7 +117,7 @@ cdef class StreamPool:
         self.chunk_no = <uint64_t *>PyMem_Malloc(n_chunks * sizeof(uint64_t))
         # +1: never a zero-byte request, which may return NULL.
         self.ooo_iv = <uint64_t *>PyMem_Malloc(
-            (<size_t>ooo_blocks * 2 * STREAM_MAX_OOO + 1) * sizeof(uint64_t))
+            (<size_t>ooo_blocks * BLOCK_WORDS + 1) * sizeof(uint64_t))
         self.ooo_next = <uint32_t *>PyMem_Malloc((<size_t>ooo_blocks + 1) * sizeof(uint32_t))
         if (self.mem == NULL or self.chunk_next == NULL or self.chunk_no == NULL
                 or self.ooo_iv == NULL or self.ooo_next == NULL):
@@ -158,6 +166,7 @@ cdef class StreamPool:
             "conflicts": self.conflicts,
             "gaps": self.gaps,
             "gap_bytes": self.gap_bytes,
+            "gap_overflows": self.gap_overflows,
             "old_segments": self.old_segments,
             "ooo_segments": self.ooo_segments,
             "unchecked_bytes": self.unchecked_bytes,
@@ -182,16 +191,42 @@ cdef inline void _push_chunk(StreamPool pool, uint32_t c) noexcept nogil:
 
 
 cdef inline uint64_t *_ivs(StreamPool pool, const mbx_stream *s) noexcept nogil:
-    return pool.ooo_iv + <size_t>s.ooo * (2 * STREAM_MAX_OOO)
+    return pool.ooo_iv + <size_t>s.ooo * BLOCK_WORDS
+
+
+cdef inline uint64_t *_gapv(StreamPool pool, const mbx_stream *s) noexcept nogil:
+    # The held gaps: [start, end) pairs after the block's intervals.
+    return pool.ooo_iv + <size_t>s.ooo * BLOCK_WORDS + 2 * STREAM_MAX_OOO
 
 
 cdef inline void _drop_ooo_block(StreamPool pool, mbx_stream *s) noexcept nogil:
+    # Forgets every interval and gap.
     if s.ooo != NO_CHUNK:
         pool.ooo_next[s.ooo] = pool.free_ooo
         pool.free_ooo = s.ooo
         pool.n_free_ooo += 1
         s.ooo = NO_CHUNK
     s.n_ooo = 0
+    s.n_gaps = 0
+
+
+cdef inline void _maybe_drop_block(StreamPool pool, mbx_stream *s) noexcept nogil:
+    # The block goes back once it holds neither intervals nor gaps.
+    if s.n_ooo == 0 and s.n_gaps == 0:
+        _drop_ooo_block(pool, s)
+
+
+cdef inline int _gap_after(StreamPool pool, const mbx_stream *s,
+                           uint64_t off) noexcept nogil:
+    # Index of the first held gap that ends after off (off lies in it when its start
+    # is <= off), or n_gaps.
+    cdef const uint64_t *g
+    cdef int t = 0
+    if s.n_gaps:
+        g = _gapv(pool, s)
+        while t < s.n_gaps and g[2 * t + 1] <= off:
+            t += 1
+    return t
 
 
 cdef inline uint32_t _find_chunk(StreamPool pool, const mbx_stream *s,
@@ -252,14 +287,22 @@ cdef void _copy(StreamPool pool, const mbx_stream *s, uint64_t off, const uint8_
 
 
 cdef void _set_base(StreamPool pool, mbx_stream *s, uint64_t nb) noexcept nogil:
-    # Moves base forward to nb and frees the chunks wholly before it.
+    # Moves base forward to nb, drops the gaps it reaches and frees the chunks wholly
+    # before it.
     s.base = nb
-    if s.hole_end > s.hole_start and nb >= s.hole_start:
-        # A base inside the gap is a base at its end: there are no bytes in a gap.
-        if nb < s.hole_end:
-            s.base = s.hole_end
-        s.hole_start = 0
-        s.hole_end = 0
+    cdef uint64_t *g
+    cdef int k = 0
+    if s.n_gaps:
+        g = _gapv(pool, s)
+        while k < s.n_gaps and g[2 * k] <= s.base:
+            # A base inside (or at) a gap is a base at its end: there are no bytes in it.
+            if s.base < g[2 * k + 1]:
+                s.base = g[2 * k + 1]
+            k += 1
+        if k:
+            s.n_gaps -= k
+            memmove(g, g + 2 * k, s.n_gaps * 2 * sizeof(uint64_t))
+            _maybe_drop_block(pool, s)
     cdef uint32_t c = s.head
     cdef uint32_t nxt
     while c != NO_CHUNK and ((pool.chunk_no[c] + 1) << pool.chunk_shift) <= s.base:
@@ -333,30 +376,32 @@ cdef int _append(StreamPool pool, mbx_stream *s, const uint8_t *data,
 cdef uint64_t _check_delivered(StreamPool pool, mbx_stream *s, int64_t lo, int64_t hi,
                                const uint8_t *src, uint64_t *diff) noexcept nogil:
     # Compares [lo, hi) (base <= lo < hi <= frontier) with the delivered bytes, around
-    # the gap if one is inside; returns the bytes that could not be compared.
-    cdef int64_t a, b
+    # every gap inside; returns the bytes that could not be compared (in gaps).
+    cdef int64_t pos = lo
+    cdef int64_t gs, ge
     cdef uint64_t d
     cdef uint64_t unchecked = 0
-    cdef int64_t hs = <int64_t>s.hole_start
-    cdef int64_t he = <int64_t>s.hole_end
-    if he > hs:
-        # Before the gap, the gap itself, after it.
-        b = hi if hi < hs else hs
-        if lo < b:
-            d = _compare(pool, s, <uint64_t>lo, src, <uint64_t>(b - lo))
+    cdef const uint64_t *g
+    cdef int t = _gap_after(pool, s, <uint64_t>lo)
+    if s.n_gaps:
+        g = _gapv(pool, s)
+    while t < s.n_gaps and pos < hi:
+        gs = <int64_t>g[2 * t]
+        ge = <int64_t>g[2 * t + 1]
+        if gs >= hi:
+            break
+        # The bytes before the gap, then the gap itself.
+        if pos < gs:
+            d = _compare(pool, s, <uint64_t>pos, src + (pos - lo), <uint64_t>(gs - pos))
             if d < diff[0]:
                 diff[0] = d
-        a = lo if lo > hs else hs
-        b = hi if hi < he else he
-        if a < b:
-            unchecked += <uint64_t>(b - a)
-        a = lo if lo > he else he
-        if a < hi:
-            d = _compare(pool, s, <uint64_t>a, src + (a - lo), <uint64_t>(hi - a))
-            if d < diff[0]:
-                diff[0] = d
-    else:
-        d = _compare(pool, s, <uint64_t>lo, src, <uint64_t>(hi - lo))
+            pos = gs
+        ge = hi if hi < ge else ge
+        unchecked += <uint64_t>(ge - pos)
+        pos = ge
+        t += 1
+    if pos < hi:
+        d = _compare(pool, s, <uint64_t>pos, src + (pos - lo), <uint64_t>(hi - pos))
         if d < diff[0]:
             diff[0] = d
     return unchecked
@@ -529,8 +574,7 @@ cdef int _add_slow(StreamPool pool, mbx_stream *s, int64_t start, const uint8_t 
                 flags |= STREAM_OUT_OF_ORDER
                 pool.ooo_segments += 1
         s.n_ooo = <uint8_t>after
-        if after == 0:
-            _drop_ooo_block(pool, s)
+        _maybe_drop_block(pool, s)
 
     if flags & STREAM_OLD:
         pool.old_segments += 1
@@ -589,20 +633,33 @@ cdef uint64_t stream_skip_hole(StreamPool pool, mbx_stream *s, uint32_t seq,
         nf = iv[1]
         s.n_ooo -= 1
         memmove(iv, iv + 2, s.n_ooo * 2 * sizeof(uint64_t))
-        if s.n_ooo == 0:
-            _drop_ooo_block(pool, s)
     else:
         he = target
         nf = target
-    # Only one gap is kept inside the held range (reads stop at it): an older one
-    # releases the bytes before it.
-    if s.hole_end > s.hole_start:
-        _set_base(pool, s, s.hole_end)
     s.frontier = nf
-    s.hole_start = hs
-    s.hole_end = he
+    cdef uint64_t *g
     if s.base >= hs:
-        _set_base(pool, s, hs)      # nothing held before the gap: base jumps past it
+        _set_base(pool, s, he)      # nothing held before the gap: base jumps past it
+    elif s.n_gaps and _gapv(pool, s)[2 * s.n_gaps - 1] == hs:
+        _gapv(pool, s)[2 * s.n_gaps - 1] = he     # no byte since the last gap: one gap
+    elif s.ooo == NO_CHUNK and pool.n_free_ooo == 0:
+        # Nowhere to keep the gap: nothing before it can be read past it.
+        pool.gap_overflows += 1
+        _set_base(pool, s, he)
+    else:
+        if s.ooo == NO_CHUNK:
+            s.ooo = pool.free_ooo
+            pool.free_ooo = pool.ooo_next[s.ooo]
+            pool.n_free_ooo -= 1
+        if s.n_gaps == STREAM_MAX_GAPS:
+            # The list is full: the bytes before the oldest gap go, and that gap.
+            pool.gap_overflows += 1
+            _set_base(pool, s, _gapv(pool, s)[1])
+        g = _gapv(pool, s)
+        g[2 * s.n_gaps] = hs
+        g[2 * s.n_gaps + 1] = he
+        s.n_gaps += 1
+    _maybe_drop_block(pool, s)
     s.gap_bytes += he - hs
     s.gaps += 1
     pool.gaps += 1
@@ -641,11 +698,14 @@ cdef int stream_read(StreamPool pool, const mbx_stream *s, uint64_t off, size_t 
     if off > s.frontier or not s.live:
         return STREAM_ERR_BEYOND
     cdef uint64_t avail = s.frontier - off
-    if s.hole_end > s.hole_start and off < s.hole_end:
-        if off >= s.hole_start:
+    cdef const uint64_t *g
+    cdef int t = _gap_after(pool, s, off)
+    if t < s.n_gaps:
+        g = _gapv(pool, s) + 2 * t
+        if off >= g[0]:
             return STREAM_ERR_GAP
-        if avail > s.hole_start - off:
-            avail = s.hole_start - off
+        if avail > g[0] - off:
+            avail = g[0] - off
     if avail == 0 or n == 0:
         ptr[0] = NULL
         return 0
@@ -659,6 +719,14 @@ cdef int stream_read(StreamPool pool, const mbx_stream *s, uint64_t off, size_t 
         avail = n
     ptr[0] = _mem(pool, c) + within
     return <int>avail
+
+
+cdef uint64_t stream_gap_end(StreamPool pool, const mbx_stream *s,
+                             uint64_t off) noexcept nogil:
+    cdef int t = _gap_after(pool, s, off)
+    if t < s.n_gaps and _gapv(pool, s)[2 * t] <= off:
+        return _gapv(pool, s)[2 * t + 1]
+    return s.frontier
 
 
 cdef void stream_free(StreamPool pool, mbx_stream *s) noexcept nogil:
@@ -676,8 +744,6 @@ cdef void stream_free(StreamPool pool, mbx_stream *s) noexcept nogil:
     s.nchunks = 0
     _drop_ooo_block(pool, s)
     s.base = s.frontier
-    s.hole_start = 0
-    s.hole_end = 0
 
 
 # ---------------------------------------------------------------------- Python API
@@ -794,11 +860,13 @@ cdef class Stream:
         if off > self.s.frontier:
             raise ValueError(f"offset {off} is beyond the frontier ({self.s.frontier})")
         cdef uint64_t end = self.s.frontier
-        if self.s.hole_end > self.s.hole_start and off < self.s.hole_end:
-            if off >= self.s.hole_start:
-                raise ValueError(f"offset {off} is in the gap "
-                                 f"[{self.s.hole_start}, {self.s.hole_end})")
-            end = self.s.hole_start
+        cdef int t = _gap_after(self.pool, &self.s, off)
+        cdef const uint64_t *g
+        if t < self.s.n_gaps:
+            g = _gapv(self.pool, &self.s) + 2 * t
+            if off >= g[0]:
+                raise ValueError(f"offset {off} is in the gap [{g[0]}, {g[1]})")
+            end = g[0]
         return min(n, end - off)
 
     def read(self, off, n):
@@ -850,6 +918,15 @@ cdef class Stream:
     def gaps(self):
         """Every gap skip_to() recorded, as [start, end) offsets, oldest first."""
         return list(self._gaps)
+
+    @property
+    def held_gaps(self):
+        """The gaps still inside [base, frontier) (reads stop at them), as [start,
+        end) offsets, oldest first; at most STREAM_MAX_GAPS, adjacent ones joined."""
+        if self.s.n_gaps == 0:
+            return []
+        cdef const uint64_t *g = _gapv(self.pool, &self.s)
+        return [(g[2 * t], g[2 * t + 1]) for t in range(self.s.n_gaps)]
 
     @property
     def gap_bytes(self):

@@ -855,10 +855,6 @@ def test_multiple_gaps_one_ack(run, tmp_path):
     assert (r["c2s_len"], r["c2s_sha256"]) == (30, _sha(b"a" * 10 + b"b" * 10 + b"c" * 10))
 
 
-@pytest.mark.xfail(strict=True, raises=NFError, reason=(
-    "_stream keeps one skipped gap inside the held range: skipping the next one "
-    "releases the bytes before the previous gap, so DATA_RDY of the same burst "
-    "for those bytes cannot be read by the time its handler runs"))
 def test_multiple_gaps_one_ack_readable(run, tmp_path):
     rec = Recorder([mbx.DATA_RDY])
     run([rec], frames=_three_holes(), burst=1, retain=1 << 16)

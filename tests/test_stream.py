@@ -17,6 +17,7 @@ from mbx._stream import STREAM_SIZE, Stream, StreamPool, _zeroed_stream_is_inert
 
 MASK = 0xFFFFFFFF
 MAX_OOO = 16        # STREAM_MAX_OOO in mbx/_stream.pxd
+MAX_GAPS = 8        # STREAM_MAX_GAPS in mbx/_stream.pxd
 
 
 def seq(seq0, off):
@@ -38,7 +39,7 @@ def big_pool(**kw):
 # ------------------------------------------------------------------ basics
 
 def test_struct_is_small():
-    assert STREAM_SIZE <= 96
+    assert STREAM_SIZE <= 72      # the held gaps live in the pool's interval block
 
 
 def test_zeroed_or_freed_struct_is_inert():
@@ -305,10 +306,12 @@ def test_skip_to_records_gaps_and_delivers_what_follows():
     assert s.skip_to(1000 + 30) == 6 + 8
     assert s.gaps == [(4, 10), (14, 20), (22, 30)] and s.frontier == 30
     assert s.gap_bytes == 20 and pool.gaps == 3
-    # One gap is kept inside the held range: older bytes were released.
-    assert s.base == 20 and s.read(20, 100) == b"CC"
+    # Every gap stays inside the held range: nothing was released.
+    assert s.held_gaps == [(4, 10), (14, 20), (22, 30)] and s.base == 0
+    assert s.read(0, 100) == b"AAAA" and s.read(10, 100) == b"BBBB"
+    assert s.read(20, 100) == b"CC"
     assert s.add(1030, b"D") == {"frontier_moved"} and s.read(20, 100) == b"CC"
-    assert s.read(30, 100) == b"D"
+    assert s.read(30, 100) == b"D" and pool.gap_overflows == 0
 
 
 def test_skip_with_nothing_missing_skips_nothing():
@@ -327,6 +330,126 @@ def test_gap_then_release_clears_it():
     s.add(10, b"def")
     s.release(5)            # inside the gap: base moves to its end
     assert s.base == 10 and s.read(10, 100) == b"def"
+    assert s.held_gaps == [] and s.base == 10
+
+
+def holes_stream(pool, n_holes, seq0=1000):
+    """A stream of n_holes + 1 ten-byte segments with a ten-byte hole before each but
+    the first: data [20k, 20k + 10), holes [20k + 10, 20k + 20); no ACK yet."""
+    s = Stream(pool, seq0)
+    data = random.Random(n_holes).randbytes(20 * (n_holes + 1))
+    for k in range(n_holes + 1):
+        s.add(seq0 + 20 * k, data[20 * k:20 * k + 10])
+    return s, data
+
+
+def test_several_gaps_stay_readable_with_retain():
+    """One ACK proves several holes lost: with retain, the bytes before every gap
+    are still there after release(), reads stop at each gap and fail inside it."""
+    pool = StreamPool(total_bytes=1 << 16, chunk_size=64, max_stream_bytes=4096,
+                      retain=1024)
+    s, data = holes_stream(pool, 5)
+    assert s.out_of_order == [(20 * k, 20 * k + 10) for k in range(1, 6)]
+    assert s.skip_to(1000 + 110) == 50 and s.frontier == 110
+    gaps = [(20 * k + 10, 20 * k + 20) for k in range(5)]
+    assert s.gaps == s.held_gaps == gaps and pool.ooo_blocks_in_use == 1
+    s.release(s.frontier)                   # retain keeps all 110 bytes
+    assert s.base == 0 and s.held_gaps == gaps and pool.gap_overflows == 0
+    for k in range(6):
+        lo = 20 * k
+        assert s.read(lo, 100) == data[lo:lo + 10]          # stops at the next gap
+        assert s.read(lo + 3, 4) == data[lo + 3:lo + 7]
+        assert bytes(s.view(lo, 100)) == data[lo:lo + 10]
+    assert s.read(110, 5) == b"" and s.read(105, 0) == b""
+    for a, b in gaps:
+        for off in (a, a + 5, b - 1):
+            with pytest.raises(ValueError, match=f"in the gap \\[{a}, {b}\\)"):
+                s.read(off, 1)
+            with pytest.raises(ValueError, match="gap"):
+                s.view(off, 1)
+    # Data after the last gap goes on from the frontier.
+    assert s.add(1000 + 110, b"tail") == {"frontier_moved"}
+    assert s.read(100, 100) == data[100:110] + b"tail"
+
+
+def test_retransmission_compared_around_every_gap():
+    pool = big_pool()
+    s, data = holes_stream(pool, 3)
+    s.skip_to(1000 + 70)
+    # The same bytes again across every gap: nothing to compare in the gaps.
+    again = bytes(data[:70])
+    assert s.add(1000, again) == {"old", "overlap", "unchecked"}
+    assert s.conflicts == 0 and pool.unchecked_bytes == 30
+    # A differing byte after the second gap is found, one in a gap is not.
+    bad = bytearray(again)
+    bad[35] ^= 0xFF                 # in the gap [30, 40)
+    assert "overlap_conflict" not in s.add(1000, bytes(bad))
+    bad[45] ^= 0xFF                 # held bytes [40, 50)
+    assert "overlap_conflict" in s.add(1000, bytes(bad)) and s.conflict_offset == 45
+    assert s.read(40, 100) == data[40:50]
+
+
+def test_release_across_gaps():
+    pool = big_pool()
+    s, data = holes_stream(pool, 4)
+    s.skip_to(1000 + 90)
+    assert s.held_gaps == [(10, 20), (30, 40), (50, 60), (70, 80)]
+    s.release(5)                    # before every gap: they all stay
+    assert s.base == 5 and len(s.held_gaps) == 4 and s.read(5, 100) == data[5:10]
+    s.release(30)                   # at a gap's start: base moves past it
+    assert s.base == 40 and s.held_gaps == [(50, 60), (70, 80)]
+    with pytest.raises(ValueError, match="released"):
+        s.read(20, 1)
+    assert s.read(40, 100) == data[40:50]
+    s.release(75)                   # across a gap into the next one
+    assert s.base == 80 and s.held_gaps == [] and s.read(80, 100) == data[80:90]
+    assert pool.ooo_blocks_in_use == 0      # no interval, no gap: the block is back
+    s.close()
+    assert pool.chunks_in_use == 0 and pool.ooo_blocks_in_use == 0
+
+
+def test_gap_list_overflow_releases_before_the_oldest():
+    pool = big_pool(retain=1000)
+    n = MAX_GAPS + 3
+    s, data = holes_stream(pool, n)
+    s.skip_to(1000 + 20 * n + 10)
+    assert len(s.gaps) == n and pool.gap_overflows == 3
+    # The three oldest gaps went, with the bytes before them.
+    assert s.held_gaps == [(20 * k + 10, 20 * k + 20) for k in range(3, n)]
+    assert s.base == 60
+    with pytest.raises(ValueError, match="released"):
+        s.read(40, 1)
+    for k in range(3, n + 1):
+        assert s.read(20 * k, 100) == data[20 * k:20 * k + 10]
+    assert pool.counters["gap_overflows"] == 3
+
+
+def test_gaps_with_no_byte_between_are_one():
+    s = Stream(big_pool(), 0)
+    s.add(0, b"abc")
+    assert s.skip_to(10) == 7 and s.skip_to(20) == 10 and s.skip_to(25) == 5
+    assert s.gaps == [(3, 10), (10, 20), (20, 25)] and s.held_gaps == [(3, 25)]
+    assert s.read(0, 100) == b"abc"
+    with pytest.raises(ValueError, match=r"gap \[3, 25\)"):
+        s.read(24, 1)
+    assert s.read(25, 10) == b""
+
+
+def test_gap_with_no_block_free_releases_before_it():
+    pool = StreamPool(total_bytes=1 << 16, chunk_size=1024, ooo_blocks=1)
+    a, b = Stream(pool, 0), Stream(pool, 0)
+    a.add(10, b"x")                         # a holds the only block
+    b.add(0, b"abc")
+    assert b.skip_to(10) == 7 and pool.gap_overflows == 1
+    assert b.held_gaps == [] and b.base == 10
+    with pytest.raises(ValueError, match="released"):
+        b.read(0, 1)
+    a.close()
+    b.add(10, b"def")
+    assert b.skip_to(20) == 7 and b.held_gaps == [(13, 20)] and b.read(10, 10) == b"def"
+    assert pool.ooo_blocks_in_use == 1
+    b.close()
+    assert pool.ooo_blocks_in_use == 0
 
 
 # ------------------------------------------------------------------ memory
@@ -417,15 +540,17 @@ def covered(a, b, intervals):
 
 
 class Model:
-    """What a stream should hold: frontier, out-of-order intervals, base, the one
-    gap kept, recorded gaps; the bytes come from the stream's truth."""
+    """What a stream should hold: frontier, out-of-order intervals, base, the gaps
+    held inside [base, frontier), recorded gaps; the bytes come from the stream's
+    truth."""
 
     def __init__(self, seq0, truth, retain, window):
         self.seq0, self.truth, self.retain, self.window = seq0, truth, retain, window
         self.frontier = self.base = 0
         self.ooo = []
-        self.hole = None
+        self.held = []
         self.gaps = []
+        self.overflows = 0
 
     def add(self, start, end):
         """Returns the model after the add when only intervals or the window can
@@ -450,11 +575,12 @@ class Model:
 
     def set_base(self, nb):
         self.base = nb
-        if self.hole and nb >= self.hole[0]:
-            self.base = max(nb, self.hole[1])
-            self.hole = None
+        while self.held and self.held[0][0] <= self.base:
+            self.base = max(self.base, self.held[0][1])
+            self.held.pop(0)
 
-    def skip_to(self, target):
+    def skip_to(self, target, can_hold):
+        """can_hold: the stream has a pool block, or one is free."""
         total = 0
         while True:
             if self.ooo and self.ooo[0][0] <= target:
@@ -464,11 +590,19 @@ class Model:
             else:
                 return total
             hs = self.frontier
-            if self.hole:
-                self.set_base(self.hole[1])
-            self.frontier, self.hole = nf, (hs, he)
+            self.frontier = nf
             if self.base >= hs:
-                self.set_base(hs)
+                self.set_base(he)
+            elif self.held and self.held[-1][1] == hs:
+                self.held[-1] = (self.held[-1][0], he)
+            elif not can_hold:
+                self.overflows += 1
+                self.set_base(he)
+            else:
+                if len(self.held) == MAX_GAPS:
+                    self.overflows += 1
+                    self.set_base(self.held[0][1])
+                self.held.append((hs, he))
             self.gaps.append((hs, he))
             total += he - hs
 
@@ -477,10 +611,15 @@ class Model:
         if nb > self.base:
             self.set_base(nb)
 
+    def in_gap(self, off):
+        return any(a <= off < b for a, b in self.held)
+
     def expected(self, off, n):
         end = self.frontier
-        if self.hole and off < self.hole[0]:
-            end = self.hole[0]
+        for a, b in self.held:
+            if off < b:
+                end = a
+                break
         return self.truth[off:min(off + n, end)]
 
 
@@ -495,6 +634,7 @@ class StreamMachine(RuleBasedStateMachine):
                                max_stream_bytes=chunk * window, retain=retain,
                                ooo_blocks=blocks)
         self.live = {}
+        self.overflows = 0
 
     @rule(target=streams, seq0=st.integers(MASK - 3000, MASK) | st.integers(0, MASK),
           size=st.integers(0, 4000), seed=st.integers(0, 1 << 30),
@@ -548,9 +688,17 @@ class StreamMachine(RuleBasedStateMachine):
         if s is None:
             return
         target = m.frontier + data.draw(st.integers(0, 700))
+        can_hold = bool(s.out_of_order or s.held_gaps) or \
+            self.pool.ooo_blocks_in_use < self.pool.ooo_blocks
+        before = m.overflows
         skipped = s.skip_to(seq(m.seq0, target))
-        assert skipped == m.skip_to(target)
+        assert skipped == m.skip_to(target, can_hold)
+        self.overflows += m.overflows - before
         event("skip: two or more gaps" if len(m.gaps) > 1 else "skip")
+        if len(m.held) > 1:
+            event("skip: two or more gaps held")
+        if m.overflows > before:
+            event("skip: gap overflow")
 
     @rule(s=streams, data=st.data())
     def release(self, s, data):
@@ -568,8 +716,7 @@ class StreamMachine(RuleBasedStateMachine):
             return
         off = data.draw(st.integers(max(0, m.base - 5), m.frontier + 5))
         n = data.draw(st.integers(0, 800))
-        in_gap = m.hole and m.hole[0] <= off < m.hole[1]
-        if off < m.base or off > m.frontier or in_gap:
+        if off < m.base or off > m.frontier or m.in_gap(off):
             with pytest.raises(ValueError):
                 s.read(off, n)
             with pytest.raises(ValueError):
@@ -592,14 +739,15 @@ class StreamMachine(RuleBasedStateMachine):
             return
         used = 0
         for s, m in self.live.values():
-            assert (s.frontier, s.base, s.out_of_order, s.gaps) == \
-                (m.frontier, m.base, m.ooo, m.gaps)
+            assert (s.frontier, s.base, s.out_of_order, s.gaps, s.held_gaps) == \
+                (m.frontier, m.base, m.ooo, m.gaps, m.held)
             assert s.conflicts == 0
             assert s.chunks <= self.pool.window_chunks
             used += s.chunks
         assert self.pool.chunks_in_use == used
         assert self.pool.ooo_blocks_in_use == sum(1 for s, _ in self.live.values()
-                                                  if s.out_of_order)
+                                                  if s.out_of_order or s.held_gaps)
+        assert self.pool.gap_overflows == self.overflows
 
     def teardown(self):
         if not hasattr(self, "pool"):
