@@ -489,8 +489,7 @@ cdef class TcpMonitor(NetworkLayer):
                     (<flow_tcp_body *>m.body).stream_dir = o ^ cdir
                     self.bus.publish(m)
                 # the held bytes the frontier ran through after this hole: their own
-                # DATA_RDY, from the hole's end (a range across the hole cannot be
-                # read, and the next hole releases what lies before this one)
+                # DATA_RDY, from the hole's end (a read cannot cross a hole)
                 if s.frontier > ge:
                     self.data_ready(p, slot, c, pair, o, ge)
 
