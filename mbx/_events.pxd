@@ -149,6 +149,31 @@ ctypedef struct mbx_filter:
     uint16_t dport_lo[FILTER_MAX_PORT_RANGES]
     uint16_t dport_hi[FILTER_MAX_PORT_RANGES]
 
+# A handler in C (a Cython NF's, see mbx/cnf.pxd): called by the dispatcher without
+# Python objects, on the message and its packet (NULL for events without one).  The
+# verdict: 0 (MBX_PASS) passes, anything else drops the packet (MBX_DROP, 1).
+ctypedef int (*mbx_c_handler)(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil
+
+ctypedef struct mbx_chandler:
+    mbx_c_handler fn
+    void *ctx
+
+# The Python face of a C handler: NF.sub and up_sub take it like a callable; the
+# bus's tables point at its mbx_chandler (the bus keeps the object alive).
+cdef class CHandler:
+    cdef mbx_chandler c
+    cdef readonly object owner      # keeps whatever ctx points into alive
+    cdef readonly str name
+
+# A CHandler for fn(ctx, ...); owner is kept alive as long as the handler is.
+cdef CHandler chandler(mbx_c_handler fn, void *ctx, object owner=*, str name=*)
+
+cdef enum:
+    MBX_PASS = 0
+    MBX_DROP = 1
+
+ctypedef mbx_chandler *c_entry
+ctypedef c_entry *c_table         # type index -> C handler (NULL: a Python one or none)
 ctypedef void **handler_table     # type index -> PyObject* handler (NULL: none)
 ctypedef mbx_filter *filter_ptr
 ctypedef filter_ptr *filter_table  # type index -> filter (NULL: none)
@@ -170,6 +195,8 @@ cdef class EventBus:
     cdef uint16_t ***set_batch
     cdef uint8_t ***set_side        # the same shape: 4-bit side mask (see SIDES)
     cdef filter_table **set_filter  # the same shape: a filter or NULL
+    cdef c_table **set_c            # the same shape: the C handler, or NULL
+    cdef uint8_t *nf_has_c          # per NF: some set of it has a C handler
     cdef uint8_t *nf_stage          # per NF: its chain stage (parallel NFs share one)
     cdef uint32_t *nsets
     cdef uint16_t **flow_set        # per NF, per flow slot: handler set (0 = default)
@@ -195,6 +222,14 @@ cdef class EventBus:
     cdef readonly uint64_t delivered
     cdef uint64_t *per_type_published
     cdef uint64_t *per_type_delivered
+    # per NF: events delivered (to C handlers among them), drops asked for, ns spent
+    # in handlers; per NF and type: events delivered (nnf * MAX_TYPES)
+    cdef uint64_t *nf_events
+    cdef uint64_t *nf_c_events
+    cdef uint64_t *nf_drops
+    cdef uint64_t *nf_ns
+    cdef uint64_t *nf_type_events
+    cdef public bint timing         # clock the Python handlers (about 2 x 20 ns a call)
     cdef object current_nf
     cdef object current_msg_idx
     cdef bint closed
@@ -220,4 +255,5 @@ cdef class EventBus:
     cdef uint32_t next_ring(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef uint32_t pop(self, uint32_t r) noexcept nogil
     cdef _drain(self, uint32_t i, uint32_t limit)
+    cdef uint32_t _run_c(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt, uint32_t limit)

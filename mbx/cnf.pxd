@@ -1,0 +1,17 @@
+# The C side of an NF (cimport this from a Cython NF): the message and packet
+# structs, the handler type and its verdicts, and chandler() to hand a handler to
+# NF.sub / NF.up_sub.  A handler runs inside the dispatcher's loop, maybe without
+# the GIL: it must not touch Python objects, and must not block.
+#
+#     from mbx.cnf cimport MBX_PASS, chandler, mbx_msg, mbx_pkt
+#
+#     cdef int on_pkt(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
+#         return MBX_PASS
+#
+#     nf.sub("PKT", chandler(on_pkt, NULL, None, "on_pkt"))
+from mbx._events cimport (
+    MBX_DROP, MBX_PASS, T_DATA_RDY, T_FLOW, T_FLOW_END, T_FLOW_START, T_PKT, T_PKT_TCP,
+    CHandler, chandler, data_rdy_body, flow_body, mbx_c_handler, mbx_msg, mbx_msg_hdr,
+    pkt_body, pkt_tcp_body,
+)
+from mbx._packet cimport VERDICT_DROP, mbx_pkt

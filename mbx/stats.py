@@ -1,0 +1,153 @@
+"""Run statistics: the live per NF view of ``mbx run --stats`` and the Prometheus
+exporter of ``mbx run --prometheus PORT``.
+
+Both are fed by the stack's progress callback (about every half second) with a
+snapshot of the counters: the stack's (packets, bytes, flows, drops, events per
+type) and the bus's per NF ones (events, drops, time in handlers).
+"""
+import sys
+import time
+
+from mbx.errors import MbxError
+
+
+def snapshot(stack):
+    """The counters of a running stack, with the per NF ones under ``"nfs"``."""
+    from mbx.runtime import nf_stats
+
+    c = stack.counters()
+    c["nfs"] = nf_stats(stack.bus)
+    return c
+
+
+def nf_table(nfs, rates=None):
+    """The per NF table as lines of text: events (and events/s when ``rates`` gives
+    them), drops, mean time in a handler."""
+    head = f"  {'NF':<20} {'events':>14} {'events/s':>12} {'drops':>10} {'mean ns':>9}  C"
+    lines = [head]
+    for name, n in nfs.items():
+        rate = f"{rates.get(name, 0.0):>12,.0f}" if rates is not None else f"{'':>12}"
+        c = f"{100.0 * n['c_events'] / n['events']:.0f}%" if n["events"] else "-"
+        lines.append(f"  {name:<20} {n['events']:>14,} {rate} {n['drops']:>10,} "
+                     f"{n['mean_ns']:>9.0f}  {c}")
+    return lines
+
+
+class StatsView:
+    """A live per NF table on ``out`` (stderr), redrawn in place on a terminal, at
+    most once a second; ``final()`` prints the table of the whole run."""
+
+    def __init__(self, out=None, every=1.0):
+        self.out = out if out is not None else sys.stderr
+        self.every = every
+        self.tty = self.out.isatty()
+        self.t_last = time.monotonic()
+        self.t0 = self.t_last
+        self.last = {}
+        self.drawn = 0
+        self.latest = None
+
+    def update(self, counters):
+        self.latest = counters
+        now = time.monotonic()
+        if now - self.t_last < self.every:
+            return
+        dt = now - self.t_last
+        nfs = counters["nfs"]
+        rates = {k: (v["events"] - self.last.get(k, 0)) / dt for k, v in nfs.items()}
+        self.last = {k: v["events"] for k, v in nfs.items()}
+        self.t_last = now
+        lines = [f"[{now - self.t0:7.1f} s] {counters['packets']:,} packets, "
+                 f"{counters['dropped_by_nf']:,} dropped by NFs"] + nf_table(nfs, rates)
+        w = self.out.write
+        if self.tty and self.drawn:
+            w(f"\x1b[{self.drawn}F\x1b[J")      # up to the table's first line, clear
+        w("\n".join(lines) + "\n")
+        self.out.flush()
+        self.drawn = len(lines)
+
+    def final(self, counters, elapsed, out=None):
+        nfs = counters.get("nfs") or {}
+        rates = {k: v["events"] / elapsed if elapsed > 0 else 0.0 for k, v in nfs.items()}
+        out = out if out is not None else sys.stdout
+        out.write("NF stats       events / events per s of the run / drops / mean "
+                  "handler ns / share to C handlers\n")
+        out.write("\n".join(nf_table(nfs, rates)) + "\n")
+
+
+class Prometheus:
+    """Counters for a Prometheus scrape on http://127.0.0.1:PORT/metrics, from the
+    latest snapshot ``update()`` was given.  Needs prometheus-client (the
+    ``prometheus`` extra)."""
+
+    def __init__(self, port, addr="127.0.0.1"):
+        try:
+            import prometheus_client
+            from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        except ImportError:
+            raise MbxError("--prometheus needs prometheus-client: "
+                           "pip install 'mbx[prometheus]' (or prometheus-client)") from None
+        self._counter = CounterMetricFamily
+        self._gauge = GaugeMetricFamily
+        self.latest = None
+        self.registry = prometheus_client.CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        try:
+            self.server, self.thread = prometheus_client.start_http_server(
+                int(port), addr=addr, registry=self.registry)
+        except OSError as exc:
+            raise MbxError(f"--prometheus {port}: cannot listen on {addr}:{port}: "
+                           f"{exc.strerror or exc}") from None
+        self.port = self.server.server_address[1]
+
+    def update(self, counters):
+        self.latest = counters
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        c = self.latest
+        if c is None:
+            return
+        C, G = self._counter, self._gauge
+        yield C("mbx_packets", "Packets read", value=c["packets"])
+        yield C("mbx_bytes", "Bytes read", value=c["bytes"])
+        yield C("mbx_sent", "Packets sent", value=c["sent"])
+        drops = C("mbx_dropped", "Packets dropped", labels=["by"])
+        drops.add_metric(["nf"], c["dropped_by_nf"])
+        drops.add_metric(["malformed"], c["dropped_malformed"])
+        yield drops
+        flows = C("mbx_flows", "Flows", labels=["what"])
+        for what in ("created", "expired", "evicted", "refused"):
+            flows.add_metric([what], c["flows"][what])
+        yield flows
+        yield G("mbx_flows_active", "Flows in the flow table", value=c["flows"]["active"])
+        pub = C("mbx_events_published", "Events published", labels=["type"])
+        dlv = C("mbx_events_delivered", "Events delivered to NFs", labels=["type"])
+        for name, e in c["events"].items():
+            pub.add_metric([name], e["published"])
+            dlv.add_metric([name], e["delivered"])
+        yield pub
+        yield dlv
+        nfs = c.get("nfs") or {}
+        ev = C("mbx_nf_events", "Events delivered to an NF", labels=["nf"])
+        nd = C("mbx_nf_drops", "Packet drops an NF asked for", labels=["nf"])
+        ns = C("mbx_nf_handler_seconds", "Time in an NF's handlers", labels=["nf"])
+        for name, n in nfs.items():
+            ev.add_metric([name], n["events"])
+            nd.add_metric([name], n["drops"])
+            ns.add_metric([name], n["handler_ns"] * 1e-9)
+        yield ev
+        yield nd
+        yield ns

@@ -1,0 +1,183 @@
+"""Per NF statistics (events in, drops, handler time), ``mbx run --stats`` and the
+Prometheus exporter."""
+import json
+import re
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+import mbx
+from mbx import cli
+from mbx.examples import cnoop
+
+
+class Calls(mbx.NF):
+    def __init__(self, name, etype="EVENT", drop_every=0):
+        super().__init__(name)
+        self.calls = 0
+        self.drop_every = drop_every
+        self.sub(etype, self.on_event)
+
+    def on_event(self, ev):
+        self.calls += 1
+        if self.drop_every and ev.has_packet and self.calls % self.drop_every == 0:
+            ev.drop()
+
+
+def test_events_in_equal_delivered(run, example_pcap):
+    a = Calls("a", "EVENT", drop_every=7)
+    rows = []
+    b = mbx.NF("b")
+    b.sub("PKT", lambda recs: rows.append(len(recs)), batch=True)
+    c = cnoop.make_counter("c", "FLOW")
+    counters, _ = run([a, b, c], example_pcap)
+    nfs = counters["nfs"]
+    assert nfs["a"]["events"] == a.calls
+    assert nfs["b"]["events"] == sum(rows)
+    assert nfs["c"]["events"] == c.counter.total
+    assert nfs["a"]["drops"] == counters["dropped_by_nf"] > 0
+    assert nfs["b"]["drops"] == nfs["c"]["drops"] == 0
+    # per NF per type sums to the bus's per type delivered counts
+    for name, e in counters["events"].items():
+        assert sum(n["types"].get(name, 0) for n in nfs.values()) == e["delivered"]
+    assert sum(nfs["a"]["types"].values()) == a.calls
+    assert nfs["a"]["handler_ns"] > 0 and nfs["a"]["mean_ns"] > 0
+    assert nfs["b"]["handler_ns"] > 0
+
+
+def test_timing_off(run, example_pcap):
+    a = Calls("a")
+    counters, _ = run([a], example_pcap, nf_timing=False)
+    assert counters["nfs"]["a"]["events"] == a.calls > 0
+    assert counters["nfs"]["a"]["handler_ns"] == 0
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_cli_stats(example_pcap, tmp_path, capsys, deploy):
+    rc = cli.main(["run", "mbx.examples.cnoop:make_counter", "--in", "pcap:" + example_pcap,
+                   "--stats", "--deploy", deploy, "--json", str(tmp_path / "c.json")])
+    assert rc == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["nfs"]["ccount"]["events"] == c["events"]["PKT"]["delivered"] > 0
+    out = capsys.readouterr().out
+    assert "NF stats" in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("ccount"))
+    assert int(line.split()[1].replace(",", "")) == c["nfs"]["ccount"]["events"]
+
+
+SLOW_NF = """
+import time
+import urllib.request
+
+import mbx
+
+
+def make(port, out):
+    nf = mbx.NF("slow")
+
+    def on_pkt(ev):
+        time.sleep(0.0005)
+        if ev.dir == 1:
+            ev.drop()
+
+    def stop():
+        # the run is over: the exporter has the last counters and still serves
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            open(out, "w").write(r.read().decode())
+
+    nf.sub("PKT", on_pkt)
+    nf.stop = stop
+    return nf
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metric(text, name, labels=""):
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    return None if m is None else float(m.group(1))
+
+
+def test_prometheus_scrape(example_pcap, tmp_path):
+    pytest.importorskip("prometheus_client")
+    path = tmp_path / "slow.py"
+    path.write_text(SLOW_NF)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    live = []
+    done = threading.Event()
+
+    def scrape():
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    live.append(r.read().decode())
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    t = threading.Thread(target=scrape, daemon=True)
+    t.start()
+    try:
+        rc = cli.main(["run", str(path), "--in", "pcap:" + example_pcap, "--burst", "1",
+                       "--set", f"slow.port={port}", "--set", f"slow.out={tmp_path / 'end'}",
+                       "--prometheus", str(port), "-q", "--json", str(tmp_path / "c.json")])
+    finally:
+        done.set()
+        t.join()
+    assert rc == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    # scraped while it ran: counters on their way
+    during = [v for v in (_metric(x, "mbx_packets_total") for x in live) if v is not None]
+    assert during and 0 < min(during) < c["packets"]
+    # scraped at the end (by the NF's stop()): the final figures
+    text = (tmp_path / "end").read_text()
+    assert _metric(text, "mbx_packets_total") == c["packets"]
+    assert _metric(text, "mbx_bytes_total") == c["bytes"]
+    assert _metric(text, "mbx_dropped_total", '{by="nf"}') == c["dropped_by_nf"] > 0
+    assert _metric(text, "mbx_flows_total", '{what="created"}') == c["flows"]["created"]
+    assert (_metric(text, "mbx_events_delivered_total", '{type="PKT"}')
+            == c["events"]["PKT"]["delivered"])
+    assert _metric(text, "mbx_nf_events_total", '{nf="slow"}') == c["nfs"]["slow"]["events"]
+    assert _metric(text, "mbx_nf_drops_total", '{nf="slow"}') == c["dropped_by_nf"]
+    assert _metric(text, "mbx_nf_handler_seconds_total", '{nf="slow"}') > 0.0005 * 100
+    with pytest.raises(OSError):        # the server ends with the run
+        urllib.request.urlopen(url, timeout=1)
+
+
+def test_prometheus_missing(monkeypatch, example_pcap, capsys):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name.startswith("prometheus_client"):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    rc = cli.main(["run", "mbx.examples.cnoop:make_noop", "--in", "pcap:" + example_pcap,
+                   "--prometheus", "0"])
+    assert rc == 2
+    assert "prometheus-client" in capsys.readouterr().err
+
+
+def test_stats_view_renders():
+    import io
+
+    from mbx.stats import StatsView
+
+    buf = io.StringIO()
+    v = StatsView(out=buf, every=0)
+    snap = {"packets": 10, "dropped_by_nf": 1,
+            "nfs": {"x": {"events": 10, "c_events": 10, "drops": 1, "handler_ns": 100,
+                          "mean_ns": 10.0, "types": {"PKT": 10}}}}
+    v.update(snap)
+    assert "x" in buf.getvalue() and "100%" in buf.getvalue()
