@@ -283,7 +283,10 @@ def per_request_us(cpu, requests):
     ours = sum(cpu.get(f"{k}_s") or 0.0 for k in ("middlebox", "servers", "client"))
     # the test bed's share of the machine: its processes, plus the busy time charged
     # to no process (softirq/kernel threads: kernel forwarding and NAT are there)
-    out["unattributed"] = (cpu["machine_busy_s"] - ours - cpu["others_s"]) / requests * 1e6
+    # (never below 0: the per-process and machine-wide counters are read a moment
+    # apart, and a busy machine can make the difference slightly negative)
+    out["unattributed"] = max(
+        0.0, (cpu["machine_busy_s"] - ours - cpu["others_s"]) / requests * 1e6)
     out["bed"] = ours / requests * 1e6 + out["unattributed"]
     return out
 
