@@ -80,6 +80,25 @@ ctypedef struct pkt_tcp_body:
     uint32_t win            # as sent (unscaled)
     uint32_t payload_len
 
+# Every message header is filled here, whoever allocates the message (the inline
+# bus, the pipelined one).
+cdef inline void msg_header(mbx_msg *m, uint16_t type_idx, uint64_t type_id,
+                            int64_t ts_ns, uint32_t flow, uint32_t gen, uint32_t pkt,
+                            uint8_t dir, uint16_t publisher, uint32_t pos,
+                            uint16_t refs) noexcept nogil:
+    m.h.type_id = type_id
+    m.h.ts_ns = ts_ns
+    m.h.flow = flow
+    m.h.flow_gen = gen
+    m.h.pkt = pkt
+    m.h.pos = pos
+    m.h.type_idx = type_idx
+    m.h.publisher = publisher
+    m.h.refs = refs
+    m.h.dir = dir
+    m.h.flags = 0
+
+
 # FLOW/TCP and its children: the FLOW fields (oriented by the TCP client), then
 # these; each child type uses the fields that concern it.
 ctypedef struct flow_tcp_body:

@@ -1305,17 +1305,7 @@ cdef class EventBus:
             return NULL
         cdef mbx_msg *m = &self.msgs[self.msg_used]
         self.msg_used += 1
-        m.h.type_id = type_id
-        m.h.ts_ns = ts_ns
-        m.h.flow = flow
-        m.h.flow_gen = gen
-        m.h.pkt = pkt
-        m.h.pos = pos
-        m.h.type_idx = type_idx
-        m.h.publisher = publisher
-        m.h.refs = 0
-        m.h.dir = dir
-        m.h.flags = 0
+        msg_header(m, type_idx, type_id, ts_ns, flow, gen, pkt, dir, publisher, pos, 0)
         return m
 
     cdef void publish(self, mbx_msg *m) noexcept nogil:

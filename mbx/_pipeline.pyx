@@ -31,7 +31,7 @@ from posix.unistd cimport getppid
 from posix.wait cimport WNOHANG, waitpid
 
 from mbx._events cimport (
-    MAX_TYPES, MSG_F_SIDED, NO_PKT, NO_RING, EventBus, mbx_filter, mbx_msg,
+    MAX_TYPES, MSG_F_SIDED, NO_PKT, NO_RING, EventBus, mbx_filter, mbx_msg, msg_header,
 )
 from mbx._packet cimport VERDICT_DROP, Batch, mbx_pkt
 
@@ -248,17 +248,9 @@ cdef class PipeBus(EventBus):
         cdef mbx_msg *m = &self.msgs[self.stack_share + self.role * self.nf_share
                                      + self.nf_used]
         self.nf_used += 1
-        m.h.type_id = type_id
-        m.h.ts_ns = ts_ns
-        m.h.flow = flow
-        m.h.flow_gen = gen
-        m.h.pkt = pkt
-        m.h.pos = pos
-        m.h.type_idx = type_idx
-        m.h.publisher = publisher
-        m.h.refs = self.role            # held by this NF until it pushes it on
-        m.h.dir = dir
-        m.h.flags = 0
+        # refs: held by this NF until it pushes it on
+        msg_header(m, type_idx, type_id, ts_ns, flow, gen, pkt, dir, publisher, pos,
+                   self.role)
         return m
 
     cdef void filter_mask(self, mbx_msg *m, uint32_t first) noexcept nogil:
