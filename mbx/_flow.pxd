@@ -96,6 +96,22 @@ ctypedef struct mbx_flow:
 
 # final: other extensions call lookup() per packet, and a final class lets Cython
 # call its C methods directly instead of through the vtable.
+# The flow's endpoints with the one on canonical side ``side`` (0: key.a, 1: key.b)
+# as the client: its address and port, then the other's.
+cdef inline void flow_endpoints(const mbx_flow *f, int side, uint8_t *cli, uint8_t *srv,
+                                uint16_t *cli_port, uint16_t *srv_port) noexcept nogil:
+    if side == 0:
+        memcpy(cli, f.key.a, 16)
+        memcpy(srv, f.key.b, 16)
+        cli_port[0] = f.key.a_port
+        srv_port[0] = f.key.b_port
+    else:
+        memcpy(cli, f.key.b, 16)
+        memcpy(srv, f.key.a, 16)
+        cli_port[0] = f.key.b_port
+        srv_port[0] = f.key.a_port
+
+
 cdef inline void flow_count(mbx_flow *f, const mbx_pkt *p) noexcept nogil:
     f.pkts[p.dir] += 1
     f.bytes[p.dir] += p.wirelen

@@ -29,7 +29,7 @@ from mbx._events cimport (
     T_PKT_TCP_RST, T_PKT_TCP_SYN, EventBus, data_rdy_body, flow_tcp_body, mbx_msg,
     pkt_tcp_body,
 )
-from mbx._flow cimport END_CLOSED, FLOW_ACTIVE, flow_count, mbx_flow
+from mbx._flow cimport END_CLOSED, FLOW_ACTIVE, flow_count, flow_endpoints, mbx_flow
 from mbx._packet cimport (
     NO_FLOW, PARSE_BAD_TCP_OPT, PARSE_OK, TH_ACK, TH_FIN, TH_RST, TH_SYN, VERDICT_DROP,
     Batch, Port, mbx_pkt,
@@ -620,16 +620,7 @@ cdef class TcpMonitor(NetworkLayer):
         cdir = tcp_client_dir(c)
         # flow dir 0 is the flow's first sender (canonical side init_side)
         cli_side = f.init_side ^ cdir
-        if cli_side == 0:
-            memcpy(r.cli, f.key.a, 16)
-            memcpy(r.srv, f.key.b, 16)
-            r.cli_port = f.key.a_port
-            r.srv_port = f.key.b_port
-        else:
-            memcpy(r.cli, f.key.b, 16)
-            memcpy(r.srv, f.key.a, 16)
-            r.cli_port = f.key.b_port
-            r.srv_port = f.key.a_port
+        flow_endpoints(f, cli_side, r.cli, r.srv, &r.cli_port, &r.srv_port)
         r.ip_ver = f.key.ip_ver
         r.handshake = (c.flags & (CONN_HS_SYN | CONN_HS_SYNACK | CONN_HS_ACK)) == (
             CONN_HS_SYN | CONN_HS_SYNACK | CONN_HS_ACK)

@@ -14,7 +14,9 @@ from mbx._events cimport (
     NO_PKT, PUBLISHER_STACK, T_FLOW_END, T_FLOW_START, T_PKT, EventBus, flow_body,
     mbx_msg, pkt_body,
 )
-from mbx._flow cimport FlowTable, flow_count, flow_key_hash, flow_key_of, mbx_flow, mbx_flow_key
+from mbx._flow cimport (
+    FlowTable, flow_count, flow_endpoints, flow_key_hash, flow_key_of, mbx_flow, mbx_flow_key,
+)
 from mbx._packet cimport (
     NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PORT_EOF, PORT_ERROR,
     VERDICT_DROP, VERDICT_HELD, VERDICT_PASS, Batch, Port, mbx_pkt,
@@ -37,20 +39,11 @@ cdef inline double monotonic() noexcept nogil:
 
 cdef void fill_flow_body(mbx_msg *m, const mbx_flow *f) noexcept nogil:
     cdef flow_body *b = <flow_body *>m.body
-    cdef int c = f.init_side        # the client is the side that sent the first packet
     b.ip_ver = f.key.ip_ver
     b.proto = f.key.proto
     b.end_reason = f.end_reason
-    if c == 0:
-        memcpy(b.cli_addr, f.key.a, 16)
-        memcpy(b.srv_addr, f.key.b, 16)
-        b.cli_port = f.key.a_port
-        b.srv_port = f.key.b_port
-    else:
-        memcpy(b.cli_addr, f.key.b, 16)
-        memcpy(b.srv_addr, f.key.a, 16)
-        b.cli_port = f.key.b_port
-        b.srv_port = f.key.a_port
+    # the client is the side that sent the first packet
+    flow_endpoints(f, f.init_side, b.cli_addr, b.srv_addr, &b.cli_port, &b.srv_port)
     b.pkts_c2s = f.pkts[0]
     b.pkts_s2c = f.pkts[1]
     b.bytes_c2s = f.bytes[0]
