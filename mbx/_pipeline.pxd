@@ -278,6 +278,8 @@ cdef class PipeBus(EventBus):
     cdef object terminator              # the TCP Monitor, when NFs may terminate flows
     cdef object req_error               # an error applying requests mid-epoch
     cdef public object stack_memory     # StackMemory: mapped read-only in NF processes
+    cdef readonly uint64_t requests     # requests applied (mb_up_sub, TERMINATE)
+    cdef readonly uint64_t requests_early   # ... taken before their epoch completed
 
     cdef inline mbx_proc *proc(self, uint32_t k) noexcept nogil
     cdef void wake_consumer(self, uint32_t r) noexcept nogil

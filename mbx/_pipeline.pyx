@@ -21,6 +21,13 @@ burst's verdicts are final and its memory is reused.  A dead NF is found by wait
 the messages it held (their header records the hop they were sent to), and applies
 its failure policy: "open" forwards them as if it skipped them, "closed" drops the
 packets it was subscribed to.
+
+NFs change the stack's state only by requests (the control path, after the burst in
+the mapping: one ring of mbx_req per NF).  An NF's mb_up_sub and the
+FLOW/TCP/TERMINATE it publishes are tagged with the epoch it is handling; the stack
+applies an epoch's requests when that epoch completes, before it builds anything
+later.  The stack's tables (Stack Memory: flow table, TCP state, stream buffers) are
+in a second shared mapping (mbx._shm), read-only in the NF processes.
 """
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -793,6 +800,8 @@ cdef class PipeBus(EventBus):
             "lost": self.published - self.completed - dropped,
             "pool_in_use": in_use,
             "ring_entries": queued,
+            "requests": self.requests,
+            "requests_early": self.requests_early,
         }
 
     # -- what NF processes may do: the control path and Stack Memory --------------
@@ -885,8 +894,10 @@ cdef class PipeBus(EventBus):
         # A request ring is full mid-epoch: the stack builds nothing while it waits
         # for this epoch, so taking this epoch's requests now changes nothing they
         # apply to (the NF waits for room otherwise).  Errors wait for dispatch.
+        cdef uint64_t before = self.requests
         try:
             self.apply_requests(self.ctl.epoch)
+            self.requests_early += self.requests - before
         except BaseException as exc:    # noqa: BLE001 (raised again by dispatch)
             self.req_error = exc
 
@@ -908,6 +919,7 @@ cdef class PipeBus(EventBus):
                 if q == NULL or <int32_t>(q.epoch - upto) > 0:
                     break
                 flow = q.slot | (<uint64_t>q.gen << 32)
+                self.requests += 1
                 if q.kind == MBX_REQ_UP_SUB:
                     try:
                         EventBus.up_sub(self, k, types[q.type_idx], flow,

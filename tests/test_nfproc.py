@@ -3,6 +3,7 @@
 bytes are readable, Stack Memory is read-only (a writer faults alone), and an NF
 cannot publish a type it did not declare.  Each against the inline deployment."""
 import ctypes
+import faulthandler
 import hashlib
 import json
 import os
@@ -196,6 +197,7 @@ class Vandal(mbx.NF):
         self.n += 1
         if self.n == self.after:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))    # no core file
+            faulthandler.disable()      # pytest's: no traceback dump for an expected fault
             for address, size in mbx._shm.mapped_read_only():
                 ctypes.memset(address, 0xAB, min(size, 1 << 20))
 
@@ -249,3 +251,29 @@ def test_undeclared_publication_refused_in_nf_process(example_pcap):
             App([Liar()], deploy="pipelined").run(inp, None)
     finally:
         inp.close()
+
+
+class Churn(Sampler):
+    """A Sampler that also changes a subscription four times on every TCP packet:
+    more requests in one epoch than the NF's request ring holds."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.sub(mbx.PKT_TCP, self.on_tcp)
+
+    def on_tcp(self, ev):
+        for handler in (None, self.on_event, None, self.on_event):
+            self.up_sub(mbx.FLOW_TCP_STATE, ev.flow, handler)
+
+
+def test_more_requests_than_the_ring_holds(example_pcap, tmp_path):
+    r = run_both(lambda tag: [Churn(str(tmp_path / f"{tag}.log"))], example_pcap,
+                 tmp_path, burst=512)
+    (ci, fi, _), (cp, fp, _) = r["inline"], r["pipelined"]
+    ev = ci["events"]
+    tcp = sum(v["delivered"] for k, v in ev.items() if k.startswith("PKT/TCP"))
+    assert cp["pipeline"]["requests"] == 4 * tcp + ev["DATA_RDY"]["delivered"]
+    assert cp["pipeline"]["requests_early"] > 0         # a ring filled up
+    log = (tmp_path / "inline.log").read_text()
+    assert "FLOW/TCP/STATE" in log and log == (tmp_path / "pipelined.log").read_text()
+    assert ci["events"] == cp["events"] and ci["tcp"] == cp["tcp"] and fi == fp
