@@ -14,6 +14,8 @@ class PipeBus(EventBus):
     ring_size: int
     drop_full: bool
     completed: int
+    requests: int
+    requests_early: int
     def setup(self, shm: Any, ring_size: int, drop_full: bool,
               failures: list[str | None]) -> None: ...
     def attach_shared_batch(self, batch: Batch) -> None: ...
