@@ -30,6 +30,7 @@ cdef enum:
 # configuration (flow_capacity, stream_memory, ...), so this bounds a deployment far
 # above any of them.
 DEFAULT_RESERVE = 64 << 30
+MIN_RESERVE = 1 << 20
 
 cdef list _building = []
 cdef list _mapped = []
@@ -39,10 +40,18 @@ cdef class StackMemory:
     """``StackMemory(reserve=64 GiB)``: the shared arena (see the module)."""
 
     def __cinit__(self, size_t reserve=DEFAULT_RESERVE):
-        cdef void *p = mmap(NULL, reserve, PROT_READ | PROT_WRITE,
-                            MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        cdef void *p = MAP_FAILED
+        cdef size_t asked = reserve
+        # Where the kernel does account MAP_NORESERVE (vm.overcommit_memory = 2),
+        # settle for less address space: the tables then fail to fit with a clear
+        # MemoryError, not the mapping.
+        while p == MAP_FAILED and reserve >= MIN_RESERVE:
+            p = mmap(NULL, reserve, PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            if p == MAP_FAILED:
+                reserve >>= 1
         if p == MAP_FAILED:
-            raise MemoryError(f"cannot map {reserve} bytes of shared Stack Memory")
+            raise MemoryError(f"cannot map shared Stack Memory (asked {asked} bytes)")
         self.base = <char *>p
         self.size = reserve
 
