@@ -136,6 +136,8 @@ cdef class FlowTable:
     cdef uint32_t *ended_slot
     cdef readonly uint32_t n_ended
     cdef uint32_t ended_cap
+    cdef object stack_memory        # the shared arena the arrays are in (None: heap)
+    cdef bint shared_tables         # they are: freed with it, not one by one
     cdef readonly bint created_last     # the last lookup() created its flow
     # The caller counts packets itself (flow_count) when it handles each one, so
     # an event built for a packet sees the counters as of that packet even when

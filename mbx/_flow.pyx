@@ -15,6 +15,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 from mbx._packet cimport NO_FLOW, PARSE_BAD_IP_LEN, PARSE_OK, mbx_pkt
+from mbx._shm cimport stack_arena, stack_calloc, stack_free
 
 # Largest capacity accepted: keeps 2 x capacity buckets (rounded up to a power of
 # two) within uint32 slot numbers, clear of NO_FLOW.
@@ -87,10 +88,13 @@ cdef class FlowTable:
         self.ended_cap = ended_capacity
         self.bucket_mask = <uint32_t>(nbuckets - 1)
 
-        self.flows = <mbx_flow *>PyMem_Calloc(cap, sizeof(mbx_flow))
-        self.buckets = <uint32_t *>PyMem_Malloc(nbuckets * sizeof(uint32_t))
-        self.ended = <mbx_flow *>PyMem_Calloc(self.ended_cap, sizeof(mbx_flow))
-        self.ended_slot = <uint32_t *>PyMem_Calloc(self.ended_cap, sizeof(uint32_t))
+        # Stack Memory: shared with the NF processes when pipelined
+        self.stack_memory = stack_arena()
+        self.shared_tables = self.stack_memory is not None
+        self.flows = <mbx_flow *>stack_calloc(cap, sizeof(mbx_flow))
+        self.buckets = <uint32_t *>stack_calloc(nbuckets, sizeof(uint32_t))
+        self.ended = <mbx_flow *>stack_calloc(self.ended_cap, sizeof(mbx_flow))
+        self.ended_slot = <uint32_t *>stack_calloc(self.ended_cap, sizeof(uint32_t))
         if (self.flows == NULL or self.buckets == NULL or self.ended == NULL
                 or self.ended_slot == NULL):
             raise MemoryError(f"cannot allocate a flow table of {cap} flows")
@@ -110,10 +114,10 @@ cdef class FlowTable:
         self.n_ended = 0
 
     def __dealloc__(self):
-        PyMem_Free(self.flows)
-        PyMem_Free(self.buckets)
-        PyMem_Free(self.ended)
-        PyMem_Free(self.ended_slot)
+        stack_free(self.shared_tables, self.flows)
+        stack_free(self.shared_tables, self.buckets)
+        stack_free(self.shared_tables, self.ended)
+        stack_free(self.shared_tables, self.ended_slot)
 
     # ------------------------------------------------------------------ C API
 

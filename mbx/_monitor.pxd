@@ -92,6 +92,11 @@ cdef class TcpMonitor(NetworkLayer):
     cdef uint64_t *after_flow
     cdef uint32_t after_cap
     cdef public bint terminable     # an NF publishes FLOW/TCP/TERMINATE
+    cdef object stack_memory        # the shared arena the tables are in (None: heap)
+    cdef bint shared_tables         # they are: freed with it, not one by one
+    # This copy runs in an NF process (pipelined): only what is in Stack Memory is
+    # current here, the object's own fields are as of the fork; it only reads.
+    cdef public bint nf_side
     cdef Batch current
     # counters
     cdef readonly uint64_t tcp_pkts
@@ -127,6 +132,8 @@ cdef class TcpMonitor(NetworkLayer):
     cdef uint64_t frontier_of(self, uint32_t slot, uint8_t d) noexcept nogil
     cdef bint wants_stream(self, uint32_t slot, mbx_pkt *p, uint8_t tdir) noexcept nogil
     cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir) except NULL
+    cdef mbx_stream *_ended_stream(self, uint32_t slot, uint32_t gen,
+                                   uint8_t tdir) except NULL
     cdef uint64_t _patch_packets(self, uint32_t slot, uint32_t gen, uint8_t d,
                                  mbx_stream *s, uint64_t off,
                                  const uint8_t[::1] new) except? 0xFFFFFFFFFFFFFFFF

@@ -34,6 +34,7 @@ from mbx._packet cimport (
     NO_FLOW, PARSE_BAD_TCP_OPT, PARSE_OK, TH_ACK, TH_FIN, TH_RST, TH_SYN, VERDICT_DROP,
     Batch, Port, mbx_pkt,
 )
+from mbx._shm cimport stack_arena, stack_calloc, stack_free
 from mbx._stack cimport NetworkLayer, fill_flow_body, fill_pkt_body
 from mbx._stream cimport (
     OVERLAP_FIRST, OVERLAP_LAST, STREAM_CONFLICT, STREAM_MAX_OOO, STREAM_MEMCAP,
@@ -108,16 +109,20 @@ cdef class TcpMonitor(NetworkLayer):
         self.capacity = flow_capacity
         self.pool = StreamPool(total_bytes=stream_memory, chunk_size=chunk_size,
                                max_stream_bytes=stream_window, retain=retain)
-        self.conns = <tcp_conn *>PyMem_Calloc(flow_capacity, sizeof(tcp_conn))
+        # Stack Memory, shared with the NF processes when pipelined (stream reads
+        # there need the connections, the streams and the burst's ended pairs).
         # calloc: pages are touched only as flows arrive
-        self.meta = <conn_meta *>PyMem_Calloc(flow_capacity, sizeof(conn_meta))
+        self.stack_memory = stack_arena()
+        self.shared_tables = self.stack_memory is not None
+        self.conns = <tcp_conn *>stack_calloc(flow_capacity, sizeof(tcp_conn))
+        self.meta = <conn_meta *>stack_calloc(flow_capacity, sizeof(conn_meta))
         self.max_pairs = max_streams
-        self.streams = <mbx_stream *>PyMem_Calloc(2 * max_streams, sizeof(mbx_stream))
-        self.free_pairs = <uint32_t *>PyMem_Malloc(max_streams * 4)
-        self.touched = <uint32_t *>PyMem_Malloc(max_streams * 4)
-        self.touched_mark = <uint8_t *>PyMem_Calloc(max_streams, 1)
-        self.pair_owner = <uint64_t *>PyMem_Calloc(max_streams, 8)
-        self.pair_cdir = <uint8_t *>PyMem_Calloc(max_streams, 1)
+        self.streams = <mbx_stream *>stack_calloc(2 * max_streams, sizeof(mbx_stream))
+        self.free_pairs = <uint32_t *>stack_calloc(max_streams, 4)
+        self.touched = <uint32_t *>stack_calloc(max_streams, 4)
+        self.touched_mark = <uint8_t *>stack_calloc(max_streams, 1)
+        self.pair_owner = <uint64_t *>stack_calloc(max_streams, 8)
+        self.pair_cdir = <uint8_t *>stack_calloc(max_streams, 1)
         if (self.conns == NULL or self.meta == NULL or self.streams == NULL
                 or self.free_pairs == NULL or self.touched == NULL or self.touched_mark == NULL
                 or self.pair_owner == NULL or self.pair_cdir == NULL):
@@ -143,14 +148,14 @@ cdef class TcpMonitor(NetworkLayer):
             for i in range(self.capacity):
                 free(self.sums[i])
         PyMem_Free(self.sums)
-        PyMem_Free(self.conns)
-        PyMem_Free(self.meta)
-        PyMem_Free(self.streams)
-        PyMem_Free(self.free_pairs)
-        PyMem_Free(self.touched)
-        PyMem_Free(self.touched_mark)
-        PyMem_Free(self.pair_owner)
-        PyMem_Free(self.pair_cdir)
+        stack_free(self.shared_tables, self.conns)
+        stack_free(self.shared_tables, self.meta)
+        stack_free(self.shared_tables, self.streams)
+        stack_free(self.shared_tables, self.free_pairs)
+        stack_free(self.shared_tables, self.touched)
+        stack_free(self.shared_tables, self.touched_mark)
+        stack_free(self.shared_tables, self.pair_owner)
+        stack_free(self.shared_tables, self.pair_cdir)
         PyMem_Free(self.after)
         PyMem_Free(self.after_flow)
         free(self.records)
@@ -663,9 +668,17 @@ cdef class TcpMonitor(NetworkLayer):
     def terminate(self, ev):
         """FLOW/TCP/TERMINATE from an NF: RSTs to both endpoints, with the sequence
         numbers each expects, and the connection's later packets are dropped."""
-        flow = ev.flow
-        if flow is None or ev.publisher == PUBLISHER_STACK:
+        if ev.flow is None or ev.publisher == PUBLISHER_STACK:
             return False
+        return self.terminate_flow(ev.flow, ev.burst_pos)
+
+    def terminate_flow(self, flow, uint32_t pos):
+        """Terminate ``flow`` as of burst position ``pos`` of the current burst (an
+        NF's FLOW/TCP/TERMINATE: by event inline, by request from an NF process
+        pipelined)."""
+        if self.nf_side:
+            raise MbxError("an NF process cannot change the TCP Monitor's state: "
+                           "publish FLOW/TCP/TERMINATE")
         cdef uint32_t slot = <uint32_t>(flow & 0xFFFFFFFF)
         cdef uint32_t gen = <uint32_t>(flow >> 32)
         if slot >= self.capacity or self.meta[slot].gen != gen:
@@ -677,7 +690,6 @@ cdef class TcpMonitor(NetworkLayer):
         cdef mbx_pkt *tmpl = NULL
         cdef uint32_t i
         cdef tcp_conn *c = &self.conns[slot]
-        cdef uint32_t pos = ev.burst_pos
         if pos < self.after_cap and self.after_flow[pos] == slot | (<uint64_t>gen << 32):
             # the state as of the event: the later packets of this burst are dropped
             # below, the endpoints never see them
@@ -796,6 +808,8 @@ cdef class TcpMonitor(NetworkLayer):
         cdef uint32_t k, p
         if slot >= self.capacity or self.meta[slot].gen != gen:
             # ended during this burst: its streams stay until the burst's end
+            if self.nf_side:
+                return self._ended_stream(slot, gen, tdir)
             for k in range(self.n_touched):
                 p = self.touched[k]
                 if (self.touched_mark[p] == 3
@@ -810,6 +824,18 @@ cdef class TcpMonitor(NetworkLayer):
                            "(subscribe to DATA_RDY to have it reassembled)")
         return &self.streams[2 * pair + d]
 
+    cdef mbx_stream *_ended_stream(self, uint32_t slot, uint32_t gen,
+                                   uint8_t tdir) except NULL:
+        # In an NF process the burst's list of touched pairs (n_touched is the
+        # stack's private field) is not known: look through every pair's mark.
+        cdef uint32_t p
+        cdef uint64_t owner = slot | (<uint64_t>gen << 32)
+        for p in range(self.max_pairs):
+            if (self.touched_mark[p] == 3 and self.pair_owner[p] == owner
+                    and self.streams[2 * p + (tdir ^ self.pair_cdir[p])].live):
+                return &self.streams[2 * p + (tdir ^ self.pair_cdir[p])]
+        raise MbxError("the event's flow has ended: its stream is gone")
+
     def write_stream(self, nf, uint32_t slot, uint32_t gen, uint8_t tdir, uint64_t off,
                      data):
         """In-place rewrite of delivered stream bytes (same length) by a writer NF:
@@ -818,6 +844,11 @@ cdef class TcpMonitor(NetworkLayer):
         if not nf.writes:
             raise PermissionDenied(
                 f"NF {nf.name} rewrote stream bytes but did not declare writes=True")
+        if self.nf_side:
+            raise PermissionDenied(
+                f"NF {nf.name}: Event.write of stream bytes needs the inline "
+                "deployment (in an NF process stream buffers are read-only Stack "
+                "Memory; rewrite the packet's payload instead, or run inline)")
         cdef const uint8_t[::1] new = data
         cdef uint64_t n = new.shape[0]
         cdef mbx_stream *s = self._stream(slot, gen, tdir)

@@ -165,6 +165,86 @@ cdef extern from *:
     void mbx_sleep_wait(mbx_proc *p, const int *fds, int nfds, int timeout_ms) noexcept nogil
 
 
+# The control path from NF processes to the stack (paper §4.2: NFs change stack state
+# only by events): one SPSC ring of requests per NF, after the burst in the mapping.
+# An NF pushes a request (its mb_up_sub for a flow, the FLOW/TCP/TERMINATE it
+# published) tagged with the epoch it handles; the stack applies the requests of an
+# epoch when that epoch completes, before it builds anything later, so a flow's
+# later events follow them, whatever number of epochs is in flight.
+cdef extern from *:
+    """
+    #define MBX_REQ_SLOTS 1024          /* requests one NF may leave per epoch */
+    enum { MBX_REQ_UP_SUB = 1, MBX_REQ_TERMINATE = 2 };
+
+    typedef struct {            /* 32 bytes */
+        uint32_t epoch;         /* made while handling this epoch */
+        uint16_t kind;          /* MBX_REQ_* */
+        uint16_t type_idx;      /* UP_SUB: the type */
+        uint32_t slot;          /* the flow (slot, generation) */
+        uint32_t gen;
+        uint32_t pos;           /* TERMINATE: burst position of the event */
+        uint32_t pkt;           /* TERMINATE: its packet, or NO_PKT */
+        uint8_t subscribed;     /* UP_SUB: a handler (1) or None (0) */
+        uint8_t batch;
+        uint8_t smask;          /* UP_SUB: the side mask */
+        uint8_t pad[5];
+    } mbx_req;
+
+    typedef struct {
+        uint32_t head; uint32_t pad0[15];
+        uint32_t tail; uint32_t pad1[15];
+        mbx_req slots[MBX_REQ_SLOTS];
+    } mbx_req_ring;
+
+    static inline int mbx_req_push(mbx_req_ring *r, const mbx_req *q) {
+        uint32_t tail = __atomic_load_n(&r->tail, __ATOMIC_RELAXED);
+        if (tail - __atomic_load_n(&r->head, __ATOMIC_ACQUIRE) >= MBX_REQ_SLOTS)
+            return 0;
+        r->slots[tail % MBX_REQ_SLOTS] = *q;
+        __atomic_store_n(&r->tail, tail + 1, __ATOMIC_RELEASE);
+        return 1;
+    }
+    /* The oldest request, left in place (the stack takes it only once its epoch
+       is complete), or NULL. */
+    static inline mbx_req *mbx_req_peek(mbx_req_ring *r) {
+        uint32_t head = __atomic_load_n(&r->head, __ATOMIC_RELAXED);
+        if (head == __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE)) return NULL;
+        return &r->slots[head % MBX_REQ_SLOTS];
+    }
+    static inline void mbx_req_pop(mbx_req_ring *r) {
+        __atomic_store_n(&r->head, r->head + 1, __ATOMIC_RELEASE);
+    }
+    static inline uint32_t mbx_req_count(mbx_req_ring *r) {
+        return __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE)
+               - __atomic_load_n(&r->head, __ATOMIC_ACQUIRE);
+    }
+    """
+    enum:
+        MBX_REQ_SLOTS
+        MBX_REQ_UP_SUB
+        MBX_REQ_TERMINATE
+
+    ctypedef struct mbx_req:
+        uint32_t epoch
+        uint16_t kind
+        uint16_t type_idx
+        uint32_t slot
+        uint32_t gen
+        uint32_t pos
+        uint32_t pkt
+        uint8_t subscribed
+        uint8_t batch
+        uint8_t smask
+
+    ctypedef struct mbx_req_ring:
+        pass
+
+    int mbx_req_push(mbx_req_ring *r, const mbx_req *q) noexcept nogil
+    mbx_req *mbx_req_peek(mbx_req_ring *r) noexcept nogil
+    void mbx_req_pop(mbx_req_ring *r) noexcept nogil
+    uint32_t mbx_req_count(mbx_req_ring *r) noexcept nogil
+
+
 cdef class PipeBus(EventBus):
     cdef readonly uint32_t role         # the NF this process runs, or nnf: the stack
     cdef readonly uint32_t total        # messages in the shared pool
@@ -193,6 +273,13 @@ cdef class PipeBus(EventBus):
     cdef object reported                # NFs whose failure was reported
     cdef readonly uint64_t completed
     cdef uint32_t maxpos
+    # the control path (see mbx_req_ring)
+    cdef mbx_req_ring *reqs             # per NF, in the mapping after the burst
+    cdef object terminator              # the TCP Monitor, when NFs may terminate flows
+    cdef object req_error               # an error applying requests mid-epoch
+    cdef public object stack_memory     # StackMemory: mapped read-only in NF processes
+    cdef readonly uint64_t requests     # requests applied (mb_up_sub, TERMINATE)
+    cdef readonly uint64_t requests_early   # ... taken before their epoch completed
 
     cdef inline mbx_proc *proc(self, uint32_t k) noexcept nogil
     cdef void wake_consumer(self, uint32_t r) noexcept nogil
@@ -209,3 +296,6 @@ cdef class PipeBus(EventBus):
     cdef void filter_mask(self, mbx_msg *m, uint32_t first) noexcept nogil
     cdef uint32_t wait_input(self, uint32_t k, uint32_t *buf, uint32_t n) noexcept nogil
     cdef int deliver(self, uint32_t k, object nf, uint32_t limit) except -1
+    cdef int push_request(self, mbx_req *q) except -1
+    cdef bint requests_pressing(self) noexcept nogil
+    cdef int apply_requests(self, uint32_t upto) except -1

@@ -21,9 +21,16 @@ burst's verdicts are final and its memory is reused.  A dead NF is found by wait
 the messages it held (their header records the hop they were sent to), and applies
 its failure policy: "open" forwards them as if it skipped them, "closed" drops the
 packets it was subscribed to.
+
+NFs change the stack's state only by requests (the control path, after the burst in
+the mapping: one ring of mbx_req per NF).  An NF's mb_up_sub and the
+FLOW/TCP/TERMINATE it publishes are tagged with the epoch it is handling; the stack
+applies an epoch's requests when that epoch completes, before it builds anything
+later.  The stack's tables (Stack Memory: flow table, TCP state, stream buffers) are
+in a second shared mapping (mbx._shm), read-only in the NF processes.
 """
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy, memmove, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -33,7 +40,7 @@ from posix.wait cimport WNOHANG, waitpid
 from mbx._events cimport (
     MAX_TYPES, MSG_F_SIDED, NO_PKT, NO_RING, EventBus, mbx_filter, mbx_msg, msg_header,
 )
-from mbx._packet cimport VERDICT_DROP, Batch, mbx_pkt
+from mbx._packet cimport NO_FLOW, VERDICT_DROP, Batch, mbx_pkt
 
 import os
 import signal
@@ -96,23 +103,21 @@ cdef inline void drop_pkt(mbx_pkt *p, uint8_t stage) noexcept nogil:
 
 
 def layout(uint32_t nnf, uint32_t total, uint32_t ring_size, size_t batch_bytes):
-    """(bytes of the shared mapping, offset of the burst in it)."""
+    """(bytes of the shared mapping, offset of the burst in it).  The NFs' request
+    rings (the control path) end the mapping, after the burst."""
     cdef size_t off = up(sizeof(mbx_ctl), PAGE)
     off += up(<size_t>nnf * ERROR_SIZE, 64)
     off += up(<size_t>nnf * 2 * MAX_TYPES * 8, 64)
     off += (nnf + 1) * up(RING_HDR + <size_t>ring_size * 4, 64)
     off += up(<size_t>total * 4, 64)
     off = up(off, PAGE) + up(<size_t>total * sizeof(mbx_msg), PAGE)
-    return off + batch_bytes, off
+    return up(off + batch_bytes, PAGE) + nnf * sizeof(mbx_req_ring), off
 
 
-class _NoStreams:
-    # Stream buffers are the TCP Monitor's private memory, not shared yet.
-    def read_stream(self, *args):
-        raise MbxError("Event.read is not available in the pipelined deployment yet "
-                       "(stream buffers are not in shared memory)")
-
-    write_stream = read_stream
+def _handled_in_nf_process(ev):
+    # What the stack's copy of an NF's handler tables holds where the NF's own
+    # mb_up_sub installed a handler: the stack only asks whether one is there.
+    raise MbxError("an NF's handler runs in its own process, not in the stack's")
 
 
 cdef class PipeBus(EventBus):
@@ -203,6 +208,8 @@ cdef class PipeBus(EventBus):
                 raise OSError(os.strerror(efd), "eventfd")
             self.ctl.procs[k].efd = efd
         self.any_filter = any(nf.filters for nf in self.nfs)
+        # the control path ends the mapping (see layout)
+        self.reqs = <mbx_req_ring *>(self.base + view.shape[0] - n * sizeof(mbx_req_ring))
 
     def attach_shared_batch(self, Batch batch):
         """The burst every process sees (built over the shared mapping)."""
@@ -398,7 +405,7 @@ cdef class PipeBus(EventBus):
             os._exit(1)
         self.role = k
         self.msg_capacity = self.total
-        self.stream_reader = _NoStreams()
+        self.enter_nf_process()
         self.per_type_published = self.typecnt + <size_t>k * 2 * MAX_TYPES
         self.per_type_delivered = self.per_type_published + MAX_TYPES
         me = &self.ctl.procs[k]
@@ -646,6 +653,11 @@ cdef class PipeBus(EventBus):
             if self.check_deaths():
                 spins = 0
                 continue
+            if self.requests_pressing():
+                with gil:
+                    self.take_requests_now()
+                spins = 0
+                continue
             mbx_sleep_begin(me)
             idle = mbx_ring_count(self.rings[self.nnf]) == 0
             if idle and sent < self.nout and mbx_ring_room(self.rings[0]):
@@ -686,6 +698,7 @@ cdef class PipeBus(EventBus):
             with nogil:
                 self.stack_round()
             self.count_drops()
+            self.apply_requests(self.ctl.epoch)
         self._report_failures()
 
     def _report_failures(self):
@@ -787,7 +800,144 @@ cdef class PipeBus(EventBus):
             "lost": self.published - self.completed - dropped,
             "pool_in_use": in_use,
             "ring_entries": queued,
+            "requests": self.requests,
+            "requests_early": self.requests_early,
         }
+
+    # -- what NF processes may do: the control path and Stack Memory --------------
+
+    def enable_terminate(self, monitor):
+        """Before the fork: the TCP Monitor that FLOW/TCP/TERMINATE from NF processes
+        reaches (as the inline deployment's _TerminateSink does)."""
+        self.terminator = monitor
+
+    def enter_nf_process(self):
+        # After the fork, in an NF's process: the stack's tables are read here,
+        # never written (an NF that tries faults in its own process).
+        if self.stack_memory is not None:
+            self.stack_memory.protect()
+        if self.stream_reader is not None:
+            self.stream_reader.nf_side = True
+
+    def up_sub(self, uint32_t nf, etype, flow, handler, bint batch, uint8_t smask):
+        """mb_up_sub: the NF's own tables change now, and the stack's (which decide
+        what it still builds for the flow: events, reassembly) when this epoch
+        completes, before the flow's later events."""
+        EventBus.up_sub(self, nf, etype, flow, handler, batch, smask)
+        cdef mbx_req q
+        if self.role >= self.nnf:
+            return
+        memset(&q, 0, sizeof(q))
+        q.kind = MBX_REQ_UP_SUB
+        q.type_idx = etype.idx
+        q.slot = <uint32_t>(flow & 0xFFFFFFFF)
+        q.gen = <uint32_t>(flow >> 32)
+        q.subscribed = handler is not None
+        q.batch = batch
+        q.smask = smask
+        self.push_request(&q)
+
+    def publish_from(self, nf, msg):
+        """An NF's publication; a FLOW/TCP/TERMINATE also goes to the stack as a
+        request (its TCP Monitor sends the RSTs when the epoch completes)."""
+        EventBus.publish_from(self, nf, msg)
+        cdef mbx_req q
+        cdef mbx_msg *m
+        if (self.role >= self.nnf or self.terminator is None
+                or not msg.etype.is_a(_events.FLOW_TCP_TERMINATE)):
+            return
+        m = &self.msgs[self.out[self.nout - 1]]     # publish() queued it last
+        if m.h.flow == NO_FLOW:
+            return
+        memset(&q, 0, sizeof(q))
+        q.kind = MBX_REQ_TERMINATE
+        q.slot = m.h.flow
+        q.gen = m.h.flow_gen
+        q.pos = m.h.pos
+        q.pkt = m.h.pkt
+        self.push_request(&q)
+
+    cdef int push_request(self, mbx_req *q) except -1:
+        # Into this NF's request ring, tagged with the epoch it handles (one more
+        # than the ends it forwarded).  A full ring waits for the stack, which takes
+        # requests of the epoch it waits for when a ring fills (requests_pressing).
+        cdef mbx_proc *me = &self.ctl.procs[self.role]
+        cdef mbx_req_ring *ring = &self.reqs[self.role]
+        cdef uint32_t spins = 0
+        q.epoch = me.epochs + 1
+        with nogil:
+            while not mbx_req_push(ring, q):
+                if mbx_load(&self.ctl.stop):
+                    break
+                mbx_wake(&self.ctl.procs[self.nnf])
+                spins += 1
+                if spins < SPIN:
+                    mbx_relax()
+                elif spins < SPIN + YIELDS:
+                    sched_yield()
+                else:
+                    mbx_sleep_begin(me)
+                    if mbx_req_count(ring) < MBX_REQ_SLOTS:
+                        mbx_sleep_cancel(me)
+                        continue
+                    mbx_sleep_wait(me, NULL, 0, 1)
+        return 0
+
+    cdef bint requests_pressing(self) noexcept nogil:
+        cdef uint32_t k
+        for k in range(self.nnf):
+            if mbx_req_count(&self.reqs[k]) >= MBX_REQ_SLOTS:
+                return True
+        return False
+
+    def take_requests_now(self):
+        # A request ring is full mid-epoch: the stack builds nothing while it waits
+        # for this epoch, so taking this epoch's requests now changes nothing they
+        # apply to (the NF waits for room otherwise).  Errors wait for dispatch.
+        cdef uint64_t before = self.requests
+        try:
+            self.apply_requests(self.ctl.epoch)
+            self.requests_early += self.requests - before
+        except BaseException as exc:    # noqa: BLE001 (raised again by dispatch)
+            self.req_error = exc
+
+    cdef int apply_requests(self, uint32_t upto) except -1:
+        # The requests made in epochs up to upto, in order: each NF's mb_up_sub into
+        # the stack's copy of its tables; then the TERMINATEs, by burst position and
+        # chain order, as the inline sink takes them, and skipped like there when an
+        # NF dropped the packet they came with.
+        cdef uint32_t k
+        cdef mbx_req *q
+        cdef list terminate = []
+        if self.req_error is not None:
+            exc, self.req_error = self.req_error, None
+            raise exc
+        types = _events.event_types()
+        for k in range(self.nnf):
+            while True:
+                q = mbx_req_peek(&self.reqs[k])
+                if q == NULL or <int32_t>(q.epoch - upto) > 0:
+                    break
+                flow = q.slot | (<uint64_t>q.gen << 32)
+                self.requests += 1
+                if q.kind == MBX_REQ_UP_SUB:
+                    try:
+                        EventBus.up_sub(self, k, types[q.type_idx], flow,
+                                        _handled_in_nf_process if q.subscribed else None,
+                                        q.batch, q.smask)
+                    finally:
+                        mbx_req_pop(&self.reqs[k])
+                    continue
+                if q.kind == MBX_REQ_TERMINATE:
+                    terminate.append((q.pos, k, len(terminate), flow, q.pkt))
+                mbx_req_pop(&self.reqs[k])
+            mbx_wake(&self.ctl.procs[k])
+        terminate.sort()
+        for pos, _nf, _, flow, pkt in terminate:
+            if pkt != NO_PKT and self.pkts[<uint32_t>pkt].verdict == VERDICT_DROP:
+                continue
+            self.terminator.terminate_flow(flow, pos)
+        return 0
 
 
 cdef inline void *calloc_u32(uint32_t n) noexcept nogil:

@@ -115,6 +115,8 @@ cdef class StreamPool:
     cdef readonly uint64_t old_segments
     cdef readonly uint64_t ooo_segments     # segments held beyond the frontier
     cdef readonly uint64_t unchecked_bytes  # overlapping bytes that could not be compared
+    cdef object stack_memory        # the shared arena the arrays are in (None: heap)
+    cdef bint shared_tables         # they are: freed with it, not one by one
 
 
 # s must be zeroed, or freed with stream_free, before (init does not free); seq0 is

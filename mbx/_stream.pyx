@@ -26,6 +26,8 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memmove, memset
 
+from mbx._shm cimport stack_arena, stack_calloc, stack_free
+
 cdef enum:
     MIN_CHUNK = 64
     MAX_CHUNK = 1 << 24
@@ -112,13 +114,17 @@ cdef class StreamPool:
         self.retain = retain
         self.ooo_blocks = ooo_blocks
 
-        self.mem = <uint8_t *>PyMem_Malloc(self.total_bytes)
-        self.chunk_next = <uint32_t *>PyMem_Malloc(n_chunks * sizeof(uint32_t))
-        self.chunk_no = <uint64_t *>PyMem_Malloc(n_chunks * sizeof(uint64_t))
+        # In the shared Stack Memory arena when pipelined, so NF processes read the
+        # streams (see mbx._shm); else the heap.
+        self.stack_memory = stack_arena()
+        self.shared_tables = self.stack_memory is not None
+        self.mem = <uint8_t *>stack_calloc(self.total_bytes, 1)
+        self.chunk_next = <uint32_t *>stack_calloc(n_chunks, sizeof(uint32_t))
+        self.chunk_no = <uint64_t *>stack_calloc(n_chunks, sizeof(uint64_t))
         # +1: never a zero-byte request, which may return NULL.
-        self.ooo_iv = <uint64_t *>PyMem_Malloc(
-            (<size_t>ooo_blocks * BLOCK_WORDS + 1) * sizeof(uint64_t))
-        self.ooo_next = <uint32_t *>PyMem_Malloc((<size_t>ooo_blocks + 1) * sizeof(uint32_t))
+        self.ooo_iv = <uint64_t *>stack_calloc(<size_t>ooo_blocks * BLOCK_WORDS + 1,
+                                               sizeof(uint64_t))
+        self.ooo_next = <uint32_t *>stack_calloc(<size_t>ooo_blocks + 1, sizeof(uint32_t))
         if (self.mem == NULL or self.chunk_next == NULL or self.chunk_no == NULL
                 or self.ooo_iv == NULL or self.ooo_next == NULL):
             raise MemoryError(f"cannot allocate a stream pool of {self.total_bytes} bytes")
@@ -135,11 +141,11 @@ cdef class StreamPool:
         self.n_free_ooo = self.ooo_blocks
 
     def __dealloc__(self):
-        PyMem_Free(self.mem)
-        PyMem_Free(self.chunk_next)
-        PyMem_Free(self.chunk_no)
-        PyMem_Free(self.ooo_iv)
-        PyMem_Free(self.ooo_next)
+        stack_free(self.shared_tables, self.mem)
+        stack_free(self.shared_tables, self.chunk_next)
+        stack_free(self.shared_tables, self.chunk_no)
+        stack_free(self.shared_tables, self.ooo_iv)
+        stack_free(self.shared_tables, self.ooo_next)
 
     @property
     def chunks_in_use(self):

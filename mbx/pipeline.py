@@ -14,6 +14,7 @@ import traceback
 from mbx import _events
 from mbx._packet import Batch
 from mbx._pipeline import PipeBus, layout
+from mbx._shm import StackMemory
 from mbx.errors import AppError
 
 RING_FULL = ("stall", "drop")
@@ -75,8 +76,9 @@ def _pow2(n):
 
 def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_full="stall",
         max_packets=0, progress=None, duration=0, stop=None):
-    """Run ``nfs`` pipelined; ``make_stack(bus)`` builds the μStack over the bus.
-    Returns (stack, pipeline counters)."""
+    """Run ``nfs`` pipelined; ``make_stack(bus)`` builds the μStack over the bus, its
+    tables in shared Stack Memory (read-only in the NF processes).  Returns (stack,
+    pipeline counters)."""
     if ring_full not in RING_FULL:
         raise AppError(f"ring_full must be 'stall' or 'drop', not {ring_full!r}")
     _check(nfs)
@@ -94,7 +96,9 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
                   [getattr(nf, "failure", None) for nf in nfs])
         batch = Batch.over(memoryview(shm)[batch_at:], burst)
         bus.attach_shared_batch(batch)
-        stack = make_stack(bus)
+        bus.stack_memory = StackMemory()
+        with bus.stack_memory.building():
+            stack = make_stack(bus)
         sys.stdout.flush()
         sys.stderr.flush()
         pids = []

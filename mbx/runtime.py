@@ -221,13 +221,18 @@ class App:
         from mbx import pipeline
 
         if sink is not None:
-            raise AppError("the pipelined deployment does not carry FLOW/TCP/TERMINATE "
-                           "back to the TCP Monitor yet: run this application inline")
+            # The Monitor takes FLOW/TCP/TERMINATE from NF processes as requests on
+            # the control path (mbx._pipeline), not through a sink NF of its own.
+            nfs.remove(sink)
 
         def make_stack(bus):
-            if tcp:
-                return TcpMonitor(bus, **self.config, **self.monitor_options)
-            return NetworkLayer(bus, **self.config)
+            if not tcp:
+                return NetworkLayer(bus, **self.config)
+            monitor = TcpMonitor(bus, **self.config, **self.monitor_options)
+            if sink is not None:
+                monitor.terminable = True
+                bus.enable_terminate(monitor)
+            return monitor
 
         self.stack, self.pipeline = pipeline.run(
             nfs, make_stack, inp, out, msg_capacity=self.msg_capacity,
