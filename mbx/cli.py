@@ -106,7 +106,7 @@ def _run(nfs, args, spec=None):
     config = dict(flow_capacity=args.flows, idle_timeout=args.idle_timeout,
                   flow_policy=args.flow_policy, malformed=args.malformed, stack=args.stack,
                   overlap=args.overlap, deploy=args.deploy, ring_size=args.ring_size,
-                  ring_full=args.ring_full, nf_timing=args.nf_timing)
+                  ring_full=args.ring_full, inflight=args.inflight, nf_timing=args.nf_timing)
     if spec is not None:        # an application file: its [stack] options win
         config.update(spec.options)
         config["stack"] = spec.stack
@@ -229,6 +229,9 @@ def _add_run_options(p):
     p.add_argument("--ring-size", type=int, default=0, metavar="N",
                    help="pipelined: entries per ring, a power of two (room for all of "
                         "Event Memory)")
+    p.add_argument("--inflight", type=int, default=4, metavar="K",
+                   help="pipelined: bursts the stack runs ahead of the NF processes, a "
+                        "power of two from 1 to 16 (4)")
     p.add_argument("--ring-full", choices=("stall", "drop"), default="stall",
                    help="pipelined: a full ring stalls its producer, or drops the event "
                         "and its packet, counted (stall)")

@@ -13,7 +13,7 @@ import traceback
 
 from mbx import _events
 from mbx._packet import Batch
-from mbx._pipeline import PipeBus, layout
+from mbx._pipeline import PipeBus, check_inflight, layout
 from mbx.errors import AppError
 
 RING_FULL = ("stall", "drop")
@@ -74,26 +74,32 @@ def _pow2(n):
 
 
 def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_full="stall",
-        max_packets=0, progress=None, duration=0, stop=None):
+        inflight=4, max_packets=0, progress=None, duration=0, stop=None):
     """Run ``nfs`` pipelined; ``make_stack(bus)`` builds the μStack over the bus.
-    Returns (stack, pipeline counters)."""
+    Up to ``inflight`` bursts are in flight (the stack reads and parses ahead while
+    the NF processes work on earlier ones).  Returns (stack, pipeline counters)."""
     if ring_full not in RING_FULL:
         raise AppError(f"ring_full must be 'stall' or 'drop', not {ring_full!r}")
+    try:
+        check_inflight(inflight)
+    except ValueError as exc:
+        raise AppError(str(exc)) from None
     _check(nfs)
     if msg_capacity < 64 * max(len(nfs), 1):
         raise AppError(f"msg_capacity {msg_capacity} is too small for {len(nfs)} NF "
                        "processes")
     ring_size = int(ring_size) or _pow2(msg_capacity + 64)
-    size, batch_at = layout(len(nfs), msg_capacity, ring_size, Batch.shared_size(burst))
+    size, slots = layout(len(nfs), msg_capacity, ring_size, Batch.shared_size(burst),
+                         inflight)
     shm = mmap.mmap(-1, size)       # MAP_SHARED | MAP_ANONYMOUS: no file anywhere
     bus = PipeBus(nfs, 0, msg_capacity)
     pidfds = []
     forked = False
     try:
         bus.setup(shm, ring_size, ring_full == "drop",
-                  [getattr(nf, "failure", None) for nf in nfs])
-        batch = Batch.over(memoryview(shm)[batch_at:], burst)
-        bus.attach_shared_batch(batch)
+                  [getattr(nf, "failure", None) for nf in nfs], inflight)
+        batches = [Batch.over(memoryview(shm)[at:], burst) for at in slots]
+        bus.attach_shared_batches(batches)
         stack = make_stack(bus)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -114,7 +120,7 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
         bus.become_stack(pids, pidfds)
         forked = True
         stack.run(inp, out, burst=burst, max_packets=max_packets, progress=progress,
-                  duration=duration, stop=stop, batch=batch)
+                  duration=duration, stop=stop, batches=batches)
     finally:
         if forked:
             bus.finish_run()

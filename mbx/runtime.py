@@ -146,7 +146,9 @@ class App:
     the stack in this process and each NF in its own, events over shared-memory
     rings (see ``mbx.pipeline``); ``ring_size`` (entries, a power of two; default
     room for all of Event Memory) and ``ring_full`` (``"stall"`` the producer, or
-    ``"drop"`` the event and its packet, counted) tune its rings.
+    ``"drop"`` the event and its packet, counted) tune its rings; ``inflight`` (a
+    power of two, 1 to 16) is how many bursts the stack runs ahead of the NF
+    processes (1: each burst waits for the whole chain before the next is read).
 
     ``stack`` is ``"auto"`` (the TCP Monitor when some NF wants TCP events, else the
     Network Layer), ``"network"`` or ``"tcp"``.  TCP Monitor options:
@@ -160,7 +162,8 @@ class App:
     def __init__(self, nfs, *, flow_capacity=65536, idle_timeout=60.0, flow_policy="evict",
                  malformed="forward", msg_capacity=65536, frag_memory=4 << 20,
                  frag_timeout=30.0, stack="auto", deploy="inline", ring_size=0,
-                 ring_full="stall", rss=(0, 1), nf_timing=True, **monitor_options):
+                 ring_full="stall", inflight=4, rss=(0, 1), nf_timing=True,
+                 **monitor_options):
         unknown = set(monitor_options) - set(_MONITOR_OPTIONS)
         if unknown:
             raise AppError(f"unknown App option(s): {', '.join(sorted(unknown))}")
@@ -171,6 +174,7 @@ class App:
         self.deploy = deploy
         self.ring_size = ring_size
         self.ring_full = ring_full
+        self.inflight = inflight
         self.pipeline = None
         self.stack_kind = stack
         self.monitor_options = monitor_options
@@ -231,7 +235,8 @@ class App:
 
         self.stack, self.pipeline = pipeline.run(
             nfs, make_stack, inp, out, msg_capacity=self.msg_capacity,
-            ring_size=self.ring_size, ring_full=self.ring_full, **run)
+            ring_size=self.ring_size, ring_full=self.ring_full, inflight=self.inflight,
+            **run)
         return self.counters()
 
     def counters(self):
