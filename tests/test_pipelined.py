@@ -94,6 +94,28 @@ def test_batch_lives_in_shared_memory():
         Batch.over(bytearray(16), 8)
 
 
+def test_shared_batch_in_a_garbage_cycle():
+    # The bus keeps its burst slots in a list, and buses sit in reference cycles: the
+    # cyclic GC must not make a Batch over shared memory free the mapping's pointers.
+    code = """if True:
+        import gc, mmap
+        from mbx._packet import Batch
+        shm = mmap.mmap(-1, Batch.shared_size(8))
+        for first_the_list in (True, False):
+            cycle = [] if first_the_list else None
+            b = Batch.over(memoryview(shm), 8)
+            if cycle is None:
+                cycle = []
+            cycle += [cycle, b]
+            del b, cycle
+            gc.collect()
+        print("ok")
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_l2fwd_same_output(example_pcap, tmp_path):
     r = both(lambda tag: load_app("l2fwd"), example_pcap, tmp_path)
     (ci, fi), (cp, fp) = r["inline"], r["pipelined"]
