@@ -67,7 +67,9 @@ cdef extern from *:
         uint32_t failed;        /* a handler raised (the text is in the error area) */
         uint64_t events_in, delivered, published, busy_ns;
         uint64_t ring_dropped, ring_dropped_pkts, drops, pumped;
-        uint8_t pad[32];
+        uint64_t c_events;      /* of delivered: to C handlers */
+        uint64_t handler_ns;    /* in handlers (when timed), as inline */
+        uint8_t pad[16];
     } mbx_proc;
 
     typedef struct {
@@ -152,6 +154,8 @@ cdef extern from *:
         uint64_t ring_dropped_pkts
         uint64_t drops
         uint64_t pumped
+        uint64_t c_events
+        uint64_t handler_ns
 
     ctypedef struct mbx_ctl:
         uint32_t stop

@@ -440,7 +440,10 @@ cdef class PipeBus(EventBus):
             _events._dispatching[0] = None
             self.current_msg_idx = None
             self.ctl.procs[k].busy_ns += now_ns() - t0
+            # what the inline bus counts per NF, for the stack's statistics
             self.ctl.procs[k].delivered = self.delivered
+            self.ctl.procs[k].c_events = self.nf_c_events[k]
+            self.ctl.procs[k].handler_ns = self.nf_ns[k]
         return 0
 
     def nf_main(self, uint32_t k):
@@ -906,9 +909,12 @@ cdef class PipeBus(EventBus):
         cdef uint64_t in_use = 0, queued = 0, dropped = 0, published = 0
         cdef mbx_proc *pr
         cdef mbx_proc *stack
+        cdef uint64_t *dlv
         nfs = {}
+        types = _events.event_types()
         for k in range(self.nnf):
             pr = &self.ctl.procs[k]
+            dlv = self.typecnt + <size_t>k * 2 * MAX_TYPES + MAX_TYPES
             if pr.failed:
                 state = "failed"
             elif pr.exited:
@@ -921,6 +927,8 @@ cdef class PipeBus(EventBus):
                 "pid": pr.pid, "state": state, "exit_status": pr.status,
                 "failure": self.failure_names[k] or "closed",
                 "events_in": pr.events_in, "delivered": pr.delivered,
+                "c_events": pr.c_events, "handler_ns": pr.handler_ns,
+                "types": {t.name: dlv[t.idx] for t in types if dlv[t.idx]},
                 "published": pr.published, "drops": pr.drops,
                 "handler_s": pr.busy_ns * 1e-9,
                 "ring_dropped": pr.ring_dropped,

@@ -74,7 +74,7 @@ def _pow2(n):
 
 
 def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_full="stall",
-        inflight=4, max_packets=0, progress=None, duration=0, stop=None):
+        inflight=4, nf_timing=True, max_packets=0, progress=None, duration=0, stop=None):
     """Run ``nfs`` pipelined; ``make_stack(bus)`` builds the μStack over the bus.
     Up to ``inflight`` bursts are in flight (the stack reads and parses ahead while
     the NF processes work on earlier ones).  Returns (stack, pipeline counters)."""
@@ -93,6 +93,7 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
                          inflight)
     shm = mmap.mmap(-1, size)       # MAP_SHARED | MAP_ANONYMOUS: no file anywhere
     bus = PipeBus(nfs, 0, msg_capacity)
+    bus.timing = nf_timing
     pidfds = []
     forked = False
     try:

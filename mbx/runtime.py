@@ -235,6 +235,7 @@ class App:
 
         self.stack, self.pipeline = pipeline.run(
             nfs, make_stack, inp, out, msg_capacity=self.msg_capacity,
+            nf_timing=self.nf_timing,
             ring_size=self.ring_size, ring_full=self.ring_full, inflight=self.inflight,
             **run)
         return self.counters()
@@ -250,20 +251,20 @@ class App:
 
 def nf_stats(bus, pipeline=None):
     """Per NF: events, drops, handler time (see ``EventBus.nf_stats``).  Pipelined,
-    the NFs count in their own processes: the figures are the pipeline's per process
-    counters (``pipeline`` or, during the run, the bus's live ones), where handler
-    time is the whole time spent delivering and there are no per type counts."""
+    the NFs count in their own processes and share the counts with the stack: the
+    figures are the pipeline's per process counters (``pipeline`` or, during the
+    run, the bus's live ones)."""
     if pipeline is None and hasattr(bus, "pipeline_counters"):
         pipeline = bus.pipeline_counters()
     if pipeline is None:
         return bus.nf_stats()
     out = {}
     for name, n in pipeline["nfs"].items():
-        ns = n["handler_s"] * 1e9
-        out[name] = {"events": n["delivered"], "c_events": 0, "drops": n["drops"],
-                     "handler_ns": int(ns),
+        ns = n["handler_ns"]
+        out[name] = {"events": n["delivered"], "c_events": n["c_events"],
+                     "drops": n["drops"], "handler_ns": ns,
                      "mean_ns": ns / n["delivered"] if n["delivered"] else 0.0,
-                     "types": {}}
+                     "types": dict(n["types"])}
     return out
 
 
