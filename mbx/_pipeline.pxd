@@ -210,6 +210,8 @@ cdef class PipeBus(EventBus):
     cdef bint need_slot                 # an NF: look the next epoch's burst slot up
     cdef readonly uint32_t max_ahead    # the stack: most epochs seen in flight at once
     cdef uint32_t deaths                # the stack: NF processes found dead
+    cdef uint32_t spin                  # polls before yielding, then yields before
+    cdef uint32_t yields                # blocking (fewer with more processes than cores)
     cdef object failure_names           # per NF: "open", "closed" or None (as given)
     cdef object reported                # NFs whose failure was reported
     cdef readonly uint64_t completed

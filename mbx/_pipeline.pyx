@@ -97,6 +97,8 @@ cdef enum:
     RING_HDR = 192
     SPIN = 512              # polls before yielding, then before blocking
     YIELDS = 64
+    SPIN_SHARED = 32        # the same with more processes than cores
+    YIELDS_SHARED = 4
     SCRATCH = 1024
     ERROR_SIZE = 1024
     PAGE = 4096
@@ -251,6 +253,12 @@ cdef class PipeBus(EventBus):
                 raise OSError(os.strerror(efd), "eventfd")
             self.ctl.procs[k].efd = efd
         self.any_filter = any(nf.filters for nf in self.nfs)
+        # Spinning pays only while every process has a core to itself; past that a
+        # waiting process would take the core its producer needs: block soon.
+        if n + 1 <= len(os.sched_getaffinity(0)):
+            self.spin, self.yields = SPIN, YIELDS
+        else:
+            self.spin, self.yields = SPIN_SHARED, YIELDS_SHARED
 
     def attach_shared_batches(self, batches):
         """The K burst slots every process sees (built over the shared mapping)."""
@@ -391,10 +399,10 @@ cdef class PipeBus(EventBus):
                 if done == keep:
                     break
             spins += 1
-            if spins < SPIN:
+            if spins < self.spin:
                 mbx_relax()
                 continue
-            if spins < SPIN + YIELDS:
+            if spins < self.spin + self.yields:
                 sched_yield()
                 continue
             mbx_sleep_begin(me)
@@ -417,10 +425,10 @@ cdef class PipeBus(EventBus):
             if mbx_load(&self.ctl.stop):
                 return 0
             spins += 1
-            if spins < SPIN:
+            if spins < self.spin:
                 mbx_relax()
                 continue
-            if spins < SPIN + YIELDS:
+            if spins < self.spin + self.yields:
                 sched_yield()
                 continue
             mbx_sleep_begin(me)
@@ -777,10 +785,10 @@ cdef class PipeBus(EventBus):
                 spins = 0
                 continue
             spins += 1
-            if spins < SPIN:
+            if spins < self.spin:
                 mbx_relax()
                 continue
-            if spins < SPIN + YIELDS:
+            if spins < self.spin + self.yields:
                 sched_yield()
                 continue
             if self.check_deaths():
