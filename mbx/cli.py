@@ -91,8 +91,10 @@ def _print_counters(c, elapsed, out=sys.stdout):
             w(f"  {name:<24} {e['published']:>12,} / {e['delivered']:,}\n")
     p = c.get("pipeline")
     if p:
-        w(f"pipeline       epochs {p['epochs']:,}, ring drops {p['ring_dropped']:,} "
-          f"({p['ring_dropped_pkts']:,} packets), lost {p['lost']:,}\n")
+        w(f"pipeline       epochs {p['epochs']:,} (up to {p['max_in_flight']} of "
+          f"{p['inflight']} in flight; the stack waited {p['stack_wait_s']:.3f} s), "
+          f"ring drops {p['ring_dropped']:,} ({p['ring_dropped_pkts']:,} packets), "
+          f"lost {p['lost']:,}\n")
         w("  NF process               events in / handled / drops   handler s  state\n")
         for name, n in p["nfs"].items():
             w(f"  {name:<20} {n['events_in']:>12,} / {n['delivered']:,} / {n['drops']:,}"

@@ -12,6 +12,7 @@ import traceback
 from mbx import _events, api
 from mbx._events import NF, EventBus
 from mbx._monitor import TcpMonitor
+from mbx._pipeline import check_inflight
 from mbx._stack import NetworkLayer
 from mbx.errors import AppError
 
@@ -171,6 +172,10 @@ class App:
             raise AppError(f"stack must be 'auto', 'network' or 'tcp', not {stack!r}")
         if deploy not in ("inline", "pipelined"):
             raise AppError(f"deploy must be 'inline' or 'pipelined', not {deploy!r}")
+        try:
+            check_inflight(inflight)
+        except ValueError as exc:
+            raise AppError(str(exc)) from None
         self.deploy = deploy
         self.ring_size = ring_size
         self.ring_full = ring_full

@@ -412,5 +412,20 @@ def test_killed_nf_with_bursts_in_flight(example_pcap, tmp_path, failure, inflig
 
 @pytest.mark.parametrize("bad", [0, 3, 32, "4"])
 def test_bad_inflight_refused(example_pcap, bad):
-    with pytest.raises(mbx.AppError, match="inflight must be a power of two"):
-        run_app(load_app("l2fwd"), example_pcap, deploy="pipelined", inflight=bad)
+    for deploy in ("pipelined", "inline"):
+        with pytest.raises(mbx.AppError, match="inflight must be a power of two"):
+            run_app(load_app("l2fwd"), example_pcap, deploy=deploy, inflight=bad)
+
+
+def test_cli_inflight(example_pcap):
+    r = subprocess.run(
+        [sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--deploy", "pipelined",
+         "--inflight", "2", "--in", f"pcap:{example_pcap}", "--burst", "16"],
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "of 2 in flight" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--deploy", "pipelined",
+         "--inflight", "5", "--in", f"pcap:{example_pcap}"],
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "inflight must be a power of two" in r.stderr
