@@ -5,23 +5,28 @@ Fig. 6.  A chain of N no-op NFs subscribed to the TCP Monitor's PKT/TCP events.
 *Consolidated* (mbx): one Network Layer + TCP Monitor, the N NFs behind it.
 *Per-NF stack* (the baseline, as chained mOS instances would be): each NF runs with
 its own Network Layer + TCP Monitor over the packets, one after the other, so the
-stack work is done N times.  Both inline (one process), per-event and batch
-handlers; the consolidated chain also pipelined (each NF its own process).
-Throughput is packets per second of the whole chain; latency is the time a burst
-of 64 packets spends in the chain (every packet of a burst waits for it).
+stack work is done N times.  Inline (one process), per-event and batch handlers;
+with ``--pipelined``, the consolidated chain also pipelined (the stack in this
+process, each NF in its own, ``--inflight`` bursts in flight).  Throughput is
+packets per second of the whole chain over the stack's run loop (``timing.run_s``:
+a deployment's start, such as forking the NF processes, is not counted); latency is
+the mean time a burst of 64 packets spends from its read to its send (every packet
+of a burst waits for it), as the stack measures it.  ``--json`` and ``--plot`` write
+the figures and their plot.
 
 Fig. 7a.  Six read-only NFs, sequential vs one parallel group.  Inline, one process
 runs them one after another either way, so the measured latency is the same; with
 N cores a parallel group's latency is the slowest member's plus the merge, which the
 printed model gives from the measured per-NF times.
 
-    python benchmarks/chain_figures.py [--quick] [--runs 3]
+    python benchmarks/chain_figures.py [--quick] [--runs 3] [--pipelined] [--inflight 4]
+                                       [--json FILE] [--plot FILE]
 """
 import argparse
+import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,10 +52,14 @@ def noop_chain(n, batch, group=None):
 
 
 def run(nfs, spec, n_flows, **kw):
-    t0 = time.perf_counter()
-    c = App(nfs, stack="tcp", flow_capacity=2 * n_flows, **kw).run(open_input(spec),
-                                                                    burst=BURST)
-    return time.perf_counter() - t0, c["packets"]
+    """(seconds in the run loop, packets, µs a burst waited from read to send)."""
+    inp = open_input(spec)
+    try:
+        c = App(nfs, stack="tcp", flow_capacity=2 * n_flows, **kw).run(inp, burst=BURST)
+    finally:
+        inp.close()
+    t = c["timing"]
+    return t["run_s"], c["packets"], t["burst_wait_s"] / max(t["bursts_done"], 1) * 1e6
 
 
 def consolidated(n, batch, spec, n_flows, **kw):
@@ -58,21 +67,55 @@ def consolidated(n, batch, spec, n_flows, **kw):
 
 
 def per_nf_stack(n, batch, spec, n_flows):
-    total, pkts = 0.0, 0
+    # the packets go through N stacks one after the other: the times add up
+    total, pkts, wait = 0.0, 0, 0.0
     for nf in noop_chain(n, batch):
-        dt, pkts = run([nf], spec, n_flows)
+        dt, pkts, w = run([nf], spec, n_flows)
         total += dt
-    return total, pkts
+        wait += w
+    return total, pkts, wait
 
 
 def median_rate(fn, runs):
-    times = []
-    pkts = 0
+    """(packets/s, µs a burst waited), medians of ``runs``."""
+    rates, waits = [], []
     for _ in range(runs):
-        dt, pkts = fn()
-        times.append(dt)
-    dt = statistics.median(times)
-    return pkts / dt, dt / (pkts / BURST) * 1e6      # pps, µs per burst
+        dt, pkts, wait = fn()
+        rates.append(pkts / dt)
+        waits.append(wait)
+    return statistics.median(rates), statistics.median(waits)
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, handler in zip(axes, ("event", "batch"), strict=True):
+        rows = [r for r in result["fig6"] if r["handler"] == handler]
+        ns = [r["n"] for r in rows]
+        ax.plot(ns, [r["consolidated_kpps"] for r in rows], "o-", label="consolidated, "
+                "inline")
+        if "pipelined_kpps" in rows[0]:
+            ax.plot(ns, [r["pipelined_kpps"] for r in rows], "s-", label="consolidated, "
+                    f"pipelined (K={result['inflight']})")
+        ax.plot(ns, [r["per_nf_kpps"] for r in rows], "^--", color="C7",
+                label="a stack per NF (baseline)")
+        ax.set_xlabel("NFs in the chain")
+        ax.set_title(f"{'per-event' if handler == 'event' else 'batch'} handlers")
+        ax.set_xticks(ns)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("kpps (64 B TCP)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Fig. 6: chains of no-op NFs on PKT/TCP; {result['cores']} cores "
+                 f"shared with other work (load average {result['load_start']:.1f} at the "
+                 f"start, {result['load']:.1f} at the end), median of {result['runs']}",
+                 fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
@@ -81,18 +124,26 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--pipelined", action="store_true",
                     help="also the consolidated chain with each NF in its own process")
+    ap.add_argument("--inflight", type=int, default=4,
+                    help="pipelined: bursts in flight (4)")
+    ap.add_argument("--json", metavar="FILE", help="write the Fig. 6 figures as JSON")
+    ap.add_argument("--plot", metavar="FILE", help="plot Fig. 6 to FILE (png)")
     args = ap.parse_args(argv)
     n_flows = 2_000 if args.quick else 20_000
     spec = "pcap:" + make_tcp64_capture(n_flows, 10)
+    cores = len(os.sched_getaffinity(0))
+    load_start = os.getloadavg()[0]
     print(f"capture: {n_flows:,} TCP connections x 10 packets (64 B), median of "
-          f"{args.runs}, bursts of {BURST}")
+          f"{args.runs}, bursts of {BURST}; {cores} usable cores, load average "
+          f"{load_start:.1f}")
     print("\nFig. 6: chain of N no-op NFs on PKT/TCP")
     head = (f"{'N':>2} {'handler':<9} {'consolidated kpps':>18} {'per-NF stack kpps':>18} "
             f"{'ratio':>6} {'cons. µs/burst':>15} {'per-NF µs/burst':>16}")
     if args.pipelined:
-        head += f" {'pipelined kpps':>15}"
+        head += (f" {'pipelined kpps':>15} {'pipe/per-NF':>11} {'pipe µs/burst':>14}")
     print(head)
-    base1 = {}
+    base1, pipe1 = {}, {}
+    rows = []
     for batch in (False, True):
         for n in range(1, 7):
             c_pps, c_lat = median_rate(
@@ -101,16 +152,37 @@ def main(argv=None):
                 lambda n=n, batch=batch: per_nf_stack(n, batch, spec, n_flows), args.runs)
             if n == 1:
                 base1[batch] = c_pps
-            line = (f"{n:>2} {'batch' if batch else 'event':<9} {c_pps / 1e3:>18.0f} "
+            row = {"n": n, "handler": "batch" if batch else "event",
+                   "consolidated_kpps": c_pps / 1e3, "per_nf_kpps": b_pps / 1e3,
+                   "consolidated_us": c_lat, "per_nf_us": b_lat}
+            line = (f"{n:>2} {row['handler']:<9} {c_pps / 1e3:>18.0f} "
                     f"{b_pps / 1e3:>18.0f} {c_pps / b_pps:>5.2f}x {c_lat:>15.0f} "
                     f"{b_lat:>16.0f}")
             if args.pipelined:
-                p_pps, _ = median_rate(
-                    lambda n=n, batch=batch: consolidated(n, batch, spec, n_flows,
-                                                          deploy="pipelined"), 1)
-                line += f" {p_pps / 1e3:>15.0f}"
-            print(line + (f"   chain of {n} keeps {c_pps / base1[batch]:.2f}x the chain "
-                          "of 1" if n == 6 else ""))
+                p_pps, p_lat = median_rate(
+                    lambda n=n, batch=batch: consolidated(
+                        n, batch, spec, n_flows, deploy="pipelined",
+                        inflight=args.inflight), args.runs)
+                if n == 1:
+                    pipe1[batch] = p_pps
+                row.update(pipelined_kpps=p_pps / 1e3, pipelined_us=p_lat)
+                line += f" {p_pps / 1e3:>15.0f} {p_pps / b_pps:>10.2f}x {p_lat:>14.0f}"
+            rows.append(row)
+            tail = ""
+            if n == 6:
+                tail = f"   chain of 6 keeps {c_pps / base1[batch]:.2f}x the chain of 1"
+                if args.pipelined:
+                    tail += f" (pipelined {p_pps / pipe1[batch]:.2f}x)"
+            print(line + tail)
+            sys.stdout.flush()
+    result = {"fig6": rows, "runs": args.runs, "cores": cores, "flows": n_flows,
+              "inflight": args.inflight, "load_start": load_start,
+              "load": os.getloadavg()[0]}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    if args.plot:
+        plot(result, args.plot)
     print("\nFig. 7a: 6 read-only NFs, sequential vs one parallel group (inline)")
     seq_pps, seq_lat = median_rate(
         lambda: run(noop_chain(6, False), spec, n_flows), args.runs)

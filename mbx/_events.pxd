@@ -267,6 +267,10 @@ cdef class EventBus:
     cdef uint32_t handler_set(self, uint32_t nf, uint32_t flow, uint32_t gen) noexcept nogil
     cpdef dispatch(self)
     cdef void reset_pool(self) noexcept nogil
+    # A burst's completion: a mark taken after its last dispatch, then asked (or
+    # waited for) until every NF is done with it (inline: at once).
+    cpdef uint32_t burst_mark(self)
+    cpdef bint burst_done(self, Batch batch, uint32_t mark, bint wait) except -1
     cdef void attach_batch(self, Batch batch)
     cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF
     cdef void release(self, mbx_msg *m) noexcept nogil

@@ -1353,6 +1353,16 @@ cdef class EventBus:
     cdef void reset_pool(self) noexcept nogil:
         self.msg_used = 0
 
+    cpdef uint32_t burst_mark(self):
+        """A mark for the burst just processed (see ``burst_done``)."""
+        return 0
+
+    cpdef bint burst_done(self, Batch batch, uint32_t mark, bint wait) except -1:
+        """Is every NF done with ``batch`` (processed up to ``mark``), so its verdicts
+        are final and it may be sent?  ``wait``: block until it is.  Inline, dispatch
+        returns only when it is."""
+        return True
+
     @property
     def msg_used_now(self):
         return self.msg_used

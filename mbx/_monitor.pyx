@@ -547,7 +547,6 @@ cdef class TcpMonitor(NetworkLayer):
         (beyond what ``retain`` keeps) go back to the pool."""
         cdef uint32_t k, pair
         self.current = batch
-        self.inject.clear()
         if batch.count > self.after_cap:
             PyMem_Free(self.after)
             PyMem_Free(self.after_flow)

@@ -1,4 +1,5 @@
 """Packet bursts and the Port interface shared by every I/O backend."""
+cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uintptr_t
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
@@ -7,6 +8,10 @@ from libc.string cimport memcpy, memset
 from mbx.errors import PortError
 
 
+# owner says whether pkts and arena are this Batch's to free: the cyclic GC must not
+# clear it first (a Batch over shared memory in a cycle would free the mapping's
+# pointers).
+@cython.no_gc_clear
 cdef class Batch:
     """A reusable burst: up to ``capacity`` packet descriptors over one byte arena."""
 

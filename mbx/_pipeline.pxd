@@ -3,6 +3,7 @@
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from mbx._events cimport EventBus, mbx_msg
+from mbx._packet cimport Batch, mbx_pkt
 
 cdef extern from *:
     """
@@ -15,6 +16,7 @@ cdef extern from *:
 
     #define MBX_END_BIT 0x80000000u     /* a ring entry that ends an epoch */
     #define MBX_MAX_PROCS 33            /* MAX_NFS NFs + the stack */
+    #define MBX_MAX_INFLIGHT 16         /* bursts (epochs) the stack runs ahead */
 
     /* One SPSC ring of message indices.  head is the consumer's, tail the
        producer's, each alone on its cache line; entries are published by the
@@ -65,7 +67,9 @@ cdef extern from *:
         uint32_t failed;        /* a handler raised (the text is in the error area) */
         uint64_t events_in, delivered, published, busy_ns;
         uint64_t ring_dropped, ring_dropped_pkts, drops, pumped;
-        uint8_t pad[32];
+        uint64_t c_events;      /* of delivered: to C handlers */
+        uint64_t handler_ns;    /* in handlers (when timed), as inline */
+        uint8_t pad[16];
     } mbx_proc;
 
     typedef struct {
@@ -73,6 +77,9 @@ cdef extern from *:
         uint32_t epoch;
         uint32_t pad[14];
         mbx_proc procs[MBX_MAX_PROCS];
+        /* per in-flight epoch region ((epoch - 1) & (inflight - 1)): the burst slot
+           its packets are in; written before the epoch's first message is pushed */
+        uint32_t epoch_slot[MBX_MAX_INFLIGHT];
     } mbx_ctl;
 
     static inline uint32_t mbx_load(uint32_t *p) {
@@ -124,6 +131,7 @@ cdef extern from *:
     enum:
         MBX_END_BIT
         MBX_MAX_PROCS
+        MBX_MAX_INFLIGHT
 
     ctypedef struct mbx_ring:
         uint32_t size
@@ -146,11 +154,14 @@ cdef extern from *:
         uint64_t ring_dropped_pkts
         uint64_t drops
         uint64_t pumped
+        uint64_t c_events
+        uint64_t handler_ns
 
     ctypedef struct mbx_ctl:
         uint32_t stop
         uint32_t epoch
         mbx_proc procs[MBX_MAX_PROCS]
+        uint32_t epoch_slot[MBX_MAX_INFLIGHT]
 
     uint32_t mbx_ring_count(mbx_ring *r) noexcept nogil
     uint32_t mbx_ring_room(mbx_ring *r) noexcept nogil
@@ -265,10 +276,22 @@ cdef class PipeBus(EventBus):
     cdef uint8_t *policy                # per NF: 1 fail open, 0 closed
     cdef uint32_t **pending             # per dead NF: what the stack forwards for it
     cdef uint32_t *npend
+    cdef uint32_t *pend_last            # per dead NF: the last end marker it forwarded
     cdef int *pidfds
     cdef uint32_t *fmask                # per message: NFs a filter kept it from (shared)
     cdef bint any_filter
-    cdef uint8_t *counted               # per packet of the burst: its drop was counted
+    cdef readonly uint32_t inflight     # K: epochs (and bursts) in flight, a power of two
+    cdef uint32_t stack_region          # the stack's messages per epoch region (share / K)
+    cdef uint32_t nf_region             # each NF's, per epoch region (nf_share / K)
+    cdef mbx_pkt **slot_pkts            # per burst slot: its descriptors (shared)
+    cdef object batches                 # the K Batch objects over the burst slots
+    cdef uint32_t slot                  # the burst slot of the epoch being built/handled
+    cdef uint32_t done_epoch            # the stack: last epoch whose end marker returned
+    cdef bint need_slot                 # an NF: look the next epoch's burst slot up
+    cdef readonly uint32_t max_ahead    # the stack: most epochs seen in flight at once
+    cdef uint32_t deaths                # the stack: NF processes found dead
+    cdef uint32_t spin                  # polls before yielding, then yields before
+    cdef uint32_t yields                # blocking (fewer with more processes than cores)
     cdef object failure_names           # per NF: "open", "closed" or None (as given)
     cdef object reported                # NFs whose failure was reported
     cdef readonly uint64_t completed
@@ -286,13 +309,16 @@ cdef class PipeBus(EventBus):
     cdef void wake_producer(self, uint32_t r) noexcept nogil
     cdef void ring_drop(self, uint32_t idx, mbx_proc *me) noexcept nogil
     cdef void push_out(self, uint32_t r, mbx_proc *me, bint from_stack) noexcept nogil
-    cdef bint drain_completions(self, uint32_t end) noexcept nogil
+    cdef bint drain_completions(self) noexcept nogil
     cdef bint pump(self, uint32_t k) noexcept nogil
     cdef void pump_one(self, uint32_t k, uint32_t idx) noexcept nogil
+    cdef void pend_end(self, uint32_t k, uint32_t end) noexcept nogil
+    cdef uint32_t region_of(self, uint32_t idx) noexcept nogil
     cdef bint check_deaths(self) noexcept nogil
     cdef void recover(self, uint32_t k) noexcept nogil
     cdef void stack_round(self) noexcept nogil
-    cdef void count_drops(self) noexcept nogil
+    cdef void stack_wait(self, uint32_t target) noexcept nogil
+    cdef void count_drops(self, Batch batch) noexcept nogil
     cdef void filter_mask(self, mbx_msg *m, uint32_t first) noexcept nogil
     cdef uint32_t wait_input(self, uint32_t k, uint32_t *buf, uint32_t n) noexcept nogil
     cdef int deliver(self, uint32_t k, object nf, uint32_t limit) except -1

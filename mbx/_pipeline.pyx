@@ -15,23 +15,51 @@ event that caused them.  So NF k+1 sees a packet's events after NF k, in the ord
 the inline waves give, and its verdicts and rewrites are in the shared packet.
 
 The stack works in epochs (a dispatch round): it pushes the round's messages and an
-end marker, and waits for the marker to come back on the completion ring; then the
-burst's verdicts are final and its memory is reused.  A dead NF is found by waitpid
-(its pidfd wakes the stack); the stack then drains its ring on its behalf, recovers
-the messages it held (their header records the hop they were sent to), and applies
-its failure policy: "open" forwards them as if it skipped them, "closed" drops the
-packets it was subscribed to.
+end marker; the epoch is complete when the marker comes back on the completion ring
+(markers never overtake messages, and every hop forwards them in order, so epochs
+complete in order).  Up to K = ``inflight`` epochs are in flight: Event Memory is cut
+into K regions (the stack's share and each NF's share alike), epoch e using region
+(e - 1) mod K, and the stack starts building epoch e + K only once epoch e is
+complete.  Bursts run ahead the same way: there are K burst slots (descriptors and
+arena) in the mapping, and the stack reads, parses and publishes burst i + 1 (and up
+to i + K - 1) while the NFs still work on burst i; it sends burst i only once the
+last epoch of it is complete (``burst_done``), in order, and reads into its slot again
+only after that.  An epoch's packets are in one slot (``epoch_slot``, written before
+its first message is pushed); an NF looks it up at its first message of the epoch.
+K = 1 is one burst in flight: the stack waits for each epoch before the next.
+
+What the stack mutates while NFs still handle earlier bursts, and why that is safe
+(the rule for anything added to this deployment): an NF reads only (a) its messages,
+whose headers, bodies and snapshots were filled when they were published and are not
+touched again until their region is reused, K epochs later, after they completed;
+(b) the packets of its epoch's burst slot, which the stack does not touch again until
+that burst was sent; (c) what it copied itself.  Nothing an NF reads may point into
+live Stack Memory (flow records, TCP state, stream buffers): the stack moves on with
+those while up to K - 1 later bursts are parsed, so anything of them an NF needs
+travels in the message (a snapshot), or is kept by the stack until the burst that
+referenced it completes.  Conversely, what an NF asks of the stack takes effect up to
+K - 1 bursts later than inline.
+
+A dead NF is found by waitpid (its pidfd wakes the stack); the stack then drains its
+ring on its behalf, recovers the messages it held (their header records the hop they
+were sent to; their region tells their epoch), and applies its failure policy: "open"
+forwards them as if it skipped them, "closed" drops the packets it was subscribed to.
 
 NFs change the stack's state only by requests (the control path, after the burst in
 the mapping: one ring of mbx_req per NF).  An NF's mb_up_sub and the
 FLOW/TCP/TERMINATE it publishes are tagged with the epoch it is handling; the stack
-applies an epoch's requests when that epoch completes, before it builds anything
-later.  The stack's tables (Stack Memory: flow table, TCP state, stream buffers) are
-in a second shared mapping (mbx._shm), read-only in the NF processes.
+applies an epoch's requests when that epoch completes (with K > 1 the stack has
+already built up to K - 1 later bursts by then: a stack-side mb_up_sub lands that
+much later than inline, while the NF's own tables change at once).  TERMINATE and
+stream reads act on the epoch's own burst and on live stream buffers, so an
+application whose NF processes publish FLOW/TCP/TERMINATE or subscribe to DATA_RDY
+runs with one burst in flight (mbx.pipeline.inflight_for).  The stack's tables
+(Stack Memory: flow table, TCP state, stream buffers) are in a second shared mapping
+(mbx._shm), read-only in the NF processes.
 """
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, qsort
+from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcpy, memmove, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport getppid
@@ -81,6 +109,8 @@ cdef enum:
     RING_HDR = 192
     SPIN = 512              # polls before yielding, then before blocking
     YIELDS = 64
+    SPIN_SHARED = 32        # the same with more processes than cores
+    YIELDS_SHARED = 4
     SCRATCH = 1024
     ERROR_SIZE = 1024
     PAGE = 4096
@@ -102,16 +132,26 @@ cdef inline void drop_pkt(mbx_pkt *p, uint8_t stage) noexcept nogil:
     p.verdict = VERDICT_DROP
 
 
-def layout(uint32_t nnf, uint32_t total, uint32_t ring_size, size_t batch_bytes):
-    """(bytes of the shared mapping, offset of the burst in it).  The NFs' request
-    rings (the control path) end the mapping, after the burst."""
+def layout(uint32_t nnf, uint32_t total, uint32_t ring_size, size_t batch_bytes,
+           uint32_t inflight=1):
+    """(bytes of the shared mapping, [offset of each of the ``inflight`` burst slots]).
+    The NFs' request rings (the control path) end the mapping, after the bursts."""
     cdef size_t off = up(sizeof(mbx_ctl), PAGE)
     off += up(<size_t>nnf * ERROR_SIZE, 64)
     off += up(<size_t>nnf * 2 * MAX_TYPES * 8, 64)
     off += (nnf + 1) * up(RING_HDR + <size_t>ring_size * 4, 64)
     off += up(<size_t>total * 4, 64)
     off = up(off, PAGE) + up(<size_t>total * sizeof(mbx_msg), PAGE)
-    return up(off + batch_bytes, PAGE) + nnf * sizeof(mbx_req_ring), off
+    slots = [off + k * up(batch_bytes, PAGE) for k in range(inflight)]
+    return off + inflight * up(batch_bytes, PAGE) + nnf * sizeof(mbx_req_ring), slots
+
+
+def check_inflight(inflight):
+    """Refuse a number of bursts in flight the mapping cannot carry."""
+    if (not isinstance(inflight, int) or not 1 <= inflight <= MBX_MAX_INFLIGHT
+            or inflight & (inflight - 1)):
+        raise ValueError(f"inflight must be a power of two from 1 to {MBX_MAX_INFLIGHT} "
+                         f"(bursts the stack runs ahead of the NFs), not {inflight}")
 
 
 def _handled_in_nf_process(ev):
@@ -131,8 +171,9 @@ cdef class PipeBus(EventBus):
         self.policy = NULL
         self.pending = NULL
         self.npend = NULL
+        self.pend_last = NULL
         self.pidfds = NULL
-        self.counted = NULL
+        self.slot_pkts = NULL
         self.shm = None
 
     def __dealloc__(self):
@@ -142,14 +183,16 @@ cdef class PipeBus(EventBus):
                 free(self.pending[k])
         free(self.pending)
         free(self.npend)
+        free(self.pend_last)
         free(self.rings)
         free(self.out)
         free(self.scratch)
         free(self.policy)
         free(self.pidfds)
-        PyMem_Free(self.counted)
+        free(self.slot_pkts)
 
-    def setup(self, shm, uint32_t ring_size, bint drop_full, failures):
+    def setup(self, shm, uint32_t ring_size, bint drop_full, failures,
+              uint32_t inflight=1):
         """Carve the shared mapping (see ``layout``); before the fork."""
         cdef uint8_t[::1] view = shm
         cdef uint32_t n = self.nnf, k
@@ -158,11 +201,20 @@ cdef class PipeBus(EventBus):
             raise MbxError("the pipelined deployment needs at least one NF")
         if ring_size < 2 or ring_size & (ring_size - 1):
             raise ValueError(f"ring_size must be a power of two >= 2, not {ring_size}")
+        check_inflight(inflight)
         self.shm = view
         self.base = &view[0]
         self.total = self.msg_capacity
         self.stack_share = self.total // 2
         self.nf_share = (self.total - self.stack_share) // n
+        # A power of two: (epoch - 1) & (K - 1) stays right across the 32-bit wrap.
+        self.inflight = inflight
+        self.stack_region = self.stack_share // inflight
+        self.nf_region = self.nf_share // inflight
+        if self.stack_region < 32 or self.nf_region < 1:
+            raise MbxError(f"msg_capacity {self.total} is too small for {n} NF processes "
+                           f"with {inflight} bursts in flight (each has its own share of "
+                           "Event Memory)")
         self.ring_size = ring_size
         self.drop_full = drop_full
         self.role = n
@@ -191,10 +243,13 @@ cdef class PipeBus(EventBus):
         self.scratch = <uint32_t *>malloc(max(SCRATCH, ring_size) * 4)
         self.policy = <uint8_t *>malloc(n)
         self.npend = <uint32_t *>calloc_u32(n)
+        self.pend_last = <uint32_t *>calloc_u32(n)
         self.pending = <uint32_t **>malloc(n * sizeof(uint32_t *))
         self.pidfds = <int *>malloc((n + 1) * sizeof(int))
+        self.slot_pkts = <mbx_pkt **>calloc(inflight, sizeof(mbx_pkt *))
         if (self.out == NULL or self.scratch == NULL or self.policy == NULL
-                or self.npend == NULL or self.pending == NULL or self.pidfds == NULL):
+                or self.npend == NULL or self.pend_last == NULL or self.pending == NULL
+                or self.pidfds == NULL or self.slot_pkts == NULL):
             raise MemoryError()
         self.failure_names = list(failures)
         self.reported = set()
@@ -210,17 +265,30 @@ cdef class PipeBus(EventBus):
         self.any_filter = any(nf.filters for nf in self.nfs)
         # the control path ends the mapping (see layout)
         self.reqs = <mbx_req_ring *>(self.base + view.shape[0] - n * sizeof(mbx_req_ring))
+        # Spinning pays only while every process has a core to itself; past that a
+        # waiting process would take the core its producer needs: block soon.
+        if n + 1 <= len(os.sched_getaffinity(0)):
+            self.spin, self.yields = SPIN, YIELDS
+        else:
+            self.spin, self.yields = SPIN_SHARED, YIELDS_SHARED
 
-    def attach_shared_batch(self, Batch batch):
-        """The burst every process sees (built over the shared mapping)."""
-        self.attach_batch(batch)
-        PyMem_Free(self.counted)
-        self.counted = <uint8_t *>PyMem_Calloc(batch.capacity, 1)
+    def attach_shared_batches(self, batches):
+        """The K burst slots every process sees (built over the shared mapping)."""
+        cdef uint32_t k
+        if len(batches) != self.inflight:
+            raise MbxError(f"{len(batches)} burst slots for {self.inflight} in flight")
+        self.batches = list(batches)
+        for k in range(self.inflight):
+            self.slot_pkts[k] = (<Batch>self.batches[k]).pkts
+        self.attach_batch(self.batches[0])
 
     cdef void attach_batch(self, Batch batch):
+        # The stack starts a burst: its slot goes with the epochs it publishes.
+        cdef uint32_t k
         EventBus.attach_batch(self, batch)
-        if self.counted != NULL:
-            memset(self.counted, 0, batch.capacity)
+        for k in range(self.inflight):
+            if self.slot_pkts[k] == batch.pkts:
+                self.slot = k
 
     cdef inline mbx_proc *proc(self, uint32_t k) noexcept nogil:
         return &self.ctl.procs[k]
@@ -249,11 +317,13 @@ cdef class PipeBus(EventBus):
         if self.role == self.nnf:
             return EventBus.new_msg(self, type_idx, type_id, ts_ns, flow, gen, pkt, dir,
                                     publisher, pos)
-        # An NF publishes into its own share of Event Memory, reused every epoch.
-        if self.nf_used >= self.nf_share:
+        # An NF publishes into its own share of Event Memory, in the epoch's region
+        # (reused K epochs later, when the stack knows this one complete).
+        if self.nf_used >= self.nf_region:
             return NULL
+        cdef uint32_t region = self.ctl.procs[self.role].epochs & (self.inflight - 1)
         cdef mbx_msg *m = &self.msgs[self.stack_share + self.role * self.nf_share
-                                     + self.nf_used]
+                                     + region * self.nf_region + self.nf_used]
         self.nf_used += 1
         # refs: held by this NF until it pushes it on
         msg_header(m, type_idx, type_id, ts_ns, flow, gen, pkt, dir, publisher, pos,
@@ -341,10 +411,10 @@ cdef class PipeBus(EventBus):
                 if done == keep:
                     break
             spins += 1
-            if spins < SPIN:
+            if spins < self.spin:
                 mbx_relax()
                 continue
-            if spins < SPIN + YIELDS:
+            if spins < self.spin + self.yields:
                 sched_yield()
                 continue
             mbx_sleep_begin(me)
@@ -367,10 +437,10 @@ cdef class PipeBus(EventBus):
             if mbx_load(&self.ctl.stop):
                 return 0
             spins += 1
-            if spins < SPIN:
+            if spins < self.spin:
                 mbx_relax()
                 continue
-            if spins < SPIN + YIELDS:
+            if spins < self.spin + self.yields:
                 sched_yield()
                 continue
             mbx_sleep_begin(me)
@@ -390,7 +460,10 @@ cdef class PipeBus(EventBus):
             _events._dispatching[0] = None
             self.current_msg_idx = None
             self.ctl.procs[k].busy_ns += now_ns() - t0
+            # what the inline bus counts per NF, for the stack's statistics
             self.ctl.procs[k].delivered = self.delivered
+            self.ctl.procs[k].c_events = self.nf_c_events[k]
+            self.ctl.procs[k].handler_ns = self.nf_ns[k]
         return 0
 
     def nf_main(self, uint32_t k):
@@ -417,6 +490,7 @@ cdef class PipeBus(EventBus):
         mask = self.msg_capacity - 1
         self.maxpos = 0
         self.nout = 0
+        self.need_slot = True
         while True:
             with nogil:
                 n = self.wait_input(k, buf, SCRATCH)
@@ -425,17 +499,33 @@ cdef class PipeBus(EventBus):
             for j in range(n):
                 idx = buf[j]
                 if idx & MBX_END_BIT:
+                    if (idx - me.epochs - 1) & 0x7FFFFFFF:
+                        continue        # a copy a recovery upstream sent again
                     # The epoch is complete upstream: finish it, pass the end on, and
-                    # reuse this NF's share of Event Memory.
+                    # go on in the next region of this NF's share of Event Memory.
+                    # The end is counted after the epoch's messages are pushed and
+                    # before it is: a recovery of the next NF may count it early
+                    # (and send it itself, the copy dropped), never late.
                     self.deliver(k, nf, NO_RING - 1)
-                    self.out[self.nout] = idx
-                    self.nout += 1
+                    if self.nout:
+                        with nogil:
+                            self.push_out(k + 1, me, False)
+                    mbx_store(&me.epochs, me.epochs + 1)
+                    self.out[0] = idx
+                    self.nout = 1
                     with nogil:
                         self.push_out(k + 1, me, False)
-                    mbx_store(&me.epochs, me.epochs + 1)
                     self.nf_used = 0
                     self.maxpos = 0
+                    self.need_slot = True
                     continue
+                if self.need_slot:
+                    # The epoch's first message: the stack named its burst slot
+                    # before pushing it (the rings' release/acquire carry that here).
+                    self.slot = self.ctl.epoch_slot[me.epochs & (self.inflight - 1)]
+                    self.pkts = self.slot_pkts[self.slot]
+                    self.batch = self.batches[self.slot]
+                    self.need_slot = False
                 me.events_in += 1
                 m = &self.msgs[idx]
                 skip[idx] = (self.fmask[idx] >> k) & 1 if self.any_filter else 0
@@ -475,22 +565,43 @@ cdef class PipeBus(EventBus):
             self.ctl.procs[k].pid = pids[k]
             self.pidfds[k] = pidfds[k]
         self.ctl.procs[self.nnf].pid = os.getpid()
-        self.msg_capacity = self.stack_share
+        self.done_epoch = self.ctl.epoch
+        self.reset_pool()
 
-    cdef bint drain_completions(self, uint32_t end) noexcept nogil:
-        cdef uint32_t n, j, idx
+    cdef void reset_pool(self) noexcept nogil:
+        # The stack builds the next epoch (ctl.epoch + 1) in that epoch's region of
+        # its share, which stack_round made sure is free: msg_used and msg_capacity
+        # bound the region, so the stack's room checks stay what they are inline.
+        if self.role != self.nnf:
+            self.msg_used = 0
+            return
+        self.msg_used = (self.ctl.epoch & (self.inflight - 1)) * self.stack_region
+        self.msg_capacity = self.msg_used + self.stack_region
+
+    cdef uint32_t region_of(self, uint32_t idx) noexcept nogil:
+        # The epoch region a message was built in (the stack's share or an NF's).
+        if idx < self.stack_share:
+            return idx // self.stack_region
+        return ((idx - self.stack_share) % self.nf_share) // self.nf_region
+
+    cdef bint drain_completions(self) noexcept nogil:
+        # Take completions back; an end marker completes its epoch (they come back
+        # in order; one a recovery sent twice is older than done_epoch, and ignored).
+        cdef uint32_t n, j, idx, ahead
         cdef bint got = False
         cdef mbx_ring *ring = self.rings[self.nnf]
         while True:
             n = mbx_ring_dequeue(ring, self.scratch, SCRATCH)
             if n == 0:
                 return got
+            got = True
             self.wake_producer(self.nnf)
             for j in range(n):
                 idx = self.scratch[j]
                 if idx & MBX_END_BIT:
-                    if idx == end:
-                        got = True
+                    ahead = (idx - self.done_epoch) & 0x7FFFFFFF
+                    if ahead <= self.inflight:
+                        self.done_epoch += ahead
                     continue
                 self.msgs[idx].h.refs = DONE
                 self.completed += 1
@@ -509,11 +620,13 @@ cdef class PipeBus(EventBus):
             self.pidfds[k] = -1
             mbx_store(&self.ctl.procs[k].dead, 1)
             self.recover(k)
+            self.deaths += 1
             found = True
         return found
 
     cdef void pump_one(self, uint32_t k, uint32_t idx) noexcept nogil:
-        # Forward a message in dead NF k's place, by its failure policy.
+        # Forward a message in dead NF k's place, by its failure policy.  Its packet
+        # is in the burst slot of its epoch, which its region names.
         cdef mbx_msg *m = &self.msgs[idx]
         cdef uint16_t t = m.h.type_idx
         cdef mbx_pkt *p
@@ -525,65 +638,90 @@ cdef class PipeBus(EventBus):
                     or (self.set_side[k][0][t] >> (m.h.flags & 3)) & 1):
                 if (self.set_filter[k][0][t] == NULL
                         or self.passes(self.set_filter[k][0][t], m)):
-                    p = &self.pkts[m.h.pkt]
+                    p = &self.slot_pkts[self.ctl.epoch_slot[self.region_of(idx)]][m.h.pkt]
                     drop_pkt(p, self.nf_stage[k])
         m.h.refs = k + 1
         self.pending[k][self.npend[k]] = idx
         self.npend[k] += 1
         self.ctl.procs[k].pumped += 1
 
+    cdef void pend_end(self, uint32_t k, uint32_t end) noexcept nogil:
+        # An end marker in dead NF k's place: the next one only (a copy a recovery
+        # already sent is dropped by its number).
+        if (end - self.pend_last[k] - 1) & 0x7FFFFFFF:
+            return
+        self.pend_last[k] += 1
+        self.pending[k][self.npend[k]] = end
+        self.npend[k] += 1
+
     cdef void recover(self, uint32_t k) noexcept nogil:
         # NF k died: take its ring over, and find the messages it held (popped, not
-        # yet forwarded: their header still names hop k), oldest first.
-        cdef uint32_t n = 0, j, idx, nh = 0
-        cdef uint32_t up_ends
-        cdef bint end_seen = False
+        # yet forwarded: their header still names hop k), in order: by epoch (their
+        # region tells which of those in flight), then by position.  It may also
+        # have held end markers: each goes back after its epoch's held messages.
+        cdef uint32_t n = 0, j, idx, nh = 0, r, ring_ends = 0, first, ranks
+        cdef int64_t held_ends
         cdef uint32_t *ring_items
         cdef uint64_t *held
         if self.pending[k] == NULL:
             self.pending[k] = <uint32_t *>malloc((self.total + self.ring_size + 64) * 4)
             self.npend[k] = 0
-        up_ends = mbx_load(&self.ctl.procs[k - 1 if k else self.nnf].epochs)
         ring_items = <uint32_t *>malloc(self.ring_size * 4)
         held = <uint64_t *>malloc(<size_t>self.total * 8)
         if ring_items == NULL or held == NULL or self.pending[k] == NULL:
             free(ring_items)
             free(held)
             return
+        # An NF counts an end before it pushes it, so the upstream count may be one
+        # ahead of its ring (never behind), and NF k may have died between counting
+        # its last end and pushing it: so that end is sent again first (dropped
+        # downstream if it got there).
+        first = self.ctl.procs[k].epochs + 1
+        self.pend_last[k] = first - 1
+        if first > 1:
+            self.pending[k][self.npend[k]] = MBX_END_BIT | ((first - 1) & 0x7FFFFFFF)
+            self.npend[k] += 1
+        held_ends = <int64_t>(<int32_t>(
+            mbx_load(&self.ctl.procs[k - 1 if k else self.nnf].epochs) - (first - 1)))
         n = mbx_ring_dequeue(self.rings[k], ring_items, self.ring_size)
         self.wake_producer(k)
         for j in range(n):
             if not ring_items[j] & MBX_END_BIT:
                 self.msgs[ring_items[j]].h.refs = DONE - 1
             else:
-                end_seen = True
+                ring_ends += 1
+        held_ends -= ring_ends
+        ranks = <uint32_t>max(held_ends, 0)
         for idx in range(self.total):
             if self.msgs[idx].h.refs == k or self.msgs[idx].h.refs == (HANDLED | k):
-                held[nh] = ((<uint64_t>self.msgs[idx].h.pos) << 32) | idx
+                r = (self.region_of(idx) - (first - 1)) & (self.inflight - 1)
+                # epoch rank, then burst position (< 2^24), then index
+                held[nh] = (((<uint64_t>r) << 56) | ((<uint64_t>self.msgs[idx].h.pos) << 32)
+                            | idx)
                 nh += 1
+                ranks = max(ranks, r + 1)
         qsort(held, nh, 8, mbx_cmp_u64)
         for j in range(n):
             if not ring_items[j] & MBX_END_BIT:
                 self.msgs[ring_items[j]].h.refs = k
-        for j in range(nh):
-            self.pump_one(k, <uint32_t>held[j])
-        if up_ends > self.ctl.procs[k].epochs and not end_seen:
-            # it died holding the epoch's end marker
-            self.pending[k][self.npend[k]] = MBX_END_BIT | (self.ctl.epoch & 0x7FFFFFFF)
-            self.npend[k] += 1
-            self.ctl.procs[k].epochs += 1
+        j = 0
+        for r in range(ranks):
+            while j < nh and (held[j] >> 56) == r:
+                self.pump_one(k, <uint32_t>held[j])
+                j += 1
+            if r < held_ends:
+                self.pend_end(k, MBX_END_BIT | ((first + r) & 0x7FFFFFFF))
         for j in range(n):
             if ring_items[j] & MBX_END_BIT:
-                self.pending[k][self.npend[k]] = ring_items[j]
-                self.npend[k] += 1
-                self.ctl.procs[k].epochs += 1
+                self.pend_end(k, ring_items[j])
             else:
                 self.pump_one(k, ring_items[j])
         free(ring_items)
         free(held)
 
     cdef bint pump(self, uint32_t k) noexcept nogil:
-        # Dead NF k: drain its ring (room permitting), push what is pending on.
+        # Dead NF k: drain its ring (room permitting), push what is pending on; its
+        # ends count as forwarded once they are in the next ring.
         cdef uint32_t n, j, idx, sent
         cdef bint progress = False
         while self.npend[k] + SCRATCH <= self.total + self.ring_size:
@@ -595,32 +733,45 @@ cdef class PipeBus(EventBus):
             for j in range(n):
                 idx = self.scratch[j]
                 if idx & MBX_END_BIT:
-                    self.pending[k][self.npend[k]] = idx
-                    self.npend[k] += 1
-                    self.ctl.procs[k].epochs += 1
+                    self.pend_end(k, idx)
                 else:
                     self.pump_one(k, idx)
         if self.npend[k]:
             sent = mbx_ring_enqueue(self.rings[k + 1], self.pending[k], self.npend[k])
             if sent:
                 progress = True
+                for j in range(sent):
+                    idx = self.pending[k][j]
+                    if (idx & MBX_END_BIT
+                            and not (idx - self.ctl.procs[k].epochs - 1) & 0x7FFFFFFF):
+                        self.ctl.procs[k].epochs += 1
                 memmove(self.pending[k], self.pending[k] + sent, (self.npend[k] - sent) * 4)
                 self.npend[k] -= sent
                 self.wake_consumer(k + 1)
         return progress
 
     cdef void stack_round(self) noexcept nogil:
-        # One epoch: push the round's messages and its end marker to NF 0, and take
-        # completions back until the marker returns.  Meanwhile drain the rings of
-        # dead NFs, and watch for deaths.
+        # Close an epoch: name its burst slot, push its messages and end marker to
+        # NF 0, and wait until the region the next epoch is built in is free (the
+        # epoch K before it complete; with K = 1, this very epoch).
+        cdef uint32_t e
+        self.ctl.epoch += 1
+        e = self.ctl.epoch
+        self.ctl.epoch_slot[(e - 1) & (self.inflight - 1)] = self.slot
+        if e - self.done_epoch > self.max_ahead:
+            self.max_ahead = e - self.done_epoch
+        self.out[self.nout] = MBX_END_BIT | (e & 0x7FFFFFFF)
+        self.nout += 1
+        self.stack_wait(e + 1 - self.inflight)
+
+    cdef void stack_wait(self, uint32_t target) noexcept nogil:
+        # Push what is in out (an epoch, its end marker last) and take completions
+        # back until epoch `target` is complete.  Meanwhile drain the rings of dead
+        # NFs, and watch for deaths.
         cdef uint32_t sent = 0, n, k, spins = 0
-        cdef uint32_t end
         cdef bint progress, idle
         cdef mbx_proc *me = &self.ctl.procs[self.nnf]
-        self.ctl.epoch += 1
-        end = MBX_END_BIT | (self.ctl.epoch & 0x7FFFFFFF)
-        self.out[self.nout] = end
-        self.nout += 1
+        cdef uint64_t t0 = now_ns()
         while True:
             progress = False
             if sent < self.nout:
@@ -635,7 +786,9 @@ cdef class PipeBus(EventBus):
                     while sent < self.nout - 1:
                         self.ring_drop(self.out[sent], me)
                         sent += 1
-            if self.drain_completions(end):
+            if self.drain_completions():
+                progress = True
+            if sent == self.nout and <int32_t>(self.done_epoch - target) >= 0:
                 break
             for k in range(self.nnf):
                 if self.ctl.procs[k].dead and self.pump(k):
@@ -644,10 +797,10 @@ cdef class PipeBus(EventBus):
                 spins = 0
                 continue
             spins += 1
-            if spins < SPIN:
+            if spins < self.spin:
                 mbx_relax()
                 continue
-            if spins < SPIN + YIELDS:
+            if spins < self.spin + self.yields:
                 sched_yield()
                 continue
             if self.check_deaths():
@@ -672,34 +825,62 @@ cdef class PipeBus(EventBus):
                 continue
             mbx_sleep_wait(me, self.pidfds, self.nnf, 20)
         self.nout = 0
+        me.busy_ns += now_ns() - t0
 
-    cdef void count_drops(self) noexcept nogil:
-        # Attribute each packet dropped in this burst to the NF (stage) that did.
+    cdef void count_drops(self, Batch batch) noexcept nogil:
+        # Attribute each packet of a completed burst dropped by an NF to that NF
+        # (the stage that dropped it).
         cdef uint32_t i, k
         cdef mbx_pkt *p
-        if self.batch is None or self.counted == NULL:
-            return
-        for i in range(self.batch.count):
-            p = &self.pkts[i]
-            if p.verdict != VERDICT_DROP or self.counted[i] or p.drop_stage == 0:
+        for i in range(batch.count):
+            p = &batch.pkts[i]
+            if p.verdict != VERDICT_DROP or p.drop_stage == 0:
                 continue
-            self.counted[i] = 1
             for k in range(self.nnf):
                 if self.nf_stage[k] == p.drop_stage:
                     self.ctl.procs[k].drops += 1
                     break
 
     cpdef dispatch(self):
-        """The stack's side of a dispatch round: every NF process handles what this
-        round published; returns when all of it completed."""
+        """The stack's side of a dispatch round: push what this round published to
+        the NF processes, and return once the next round's Event Memory is free
+        (with one burst in flight: once all of this round completed)."""
         if self.role != self.nnf:
             raise MbxError("dispatch runs in the stack's process")
         if self.nout:
             with nogil:
                 self.stack_round()
-            self.count_drops()
-            self.apply_requests(self.ctl.epoch)
-        self._report_failures()
+        self.apply_requests(self.done_epoch)
+        if self.deaths:
+            self._report_failures()
+
+    cpdef uint32_t burst_mark(self):
+        """The last epoch pushed: the burst just processed is complete with it."""
+        return self.ctl.epoch
+
+    cpdef bint burst_done(self, Batch batch, uint32_t mark, bint wait) except -1:
+        """Has epoch ``mark`` come back (so every NF is done with ``batch``)?  Then
+        its drops are attributed, and it may be sent."""
+        cdef uint32_t k
+        if self.role != self.nnf:
+            raise MbxError("burst_done runs in the stack's process")
+        if <int32_t>(self.done_epoch - mark) < 0:
+            with nogil:
+                if wait:
+                    self.stack_wait(mark)
+                else:
+                    self.drain_completions()
+                    for k in range(self.nnf):
+                        if self.ctl.procs[k].dead:
+                            self.pump(k)
+        self.apply_requests(self.done_epoch)
+        if self.deaths:
+            self._report_failures()
+        if <int32_t>(self.done_epoch - mark) < 0:
+            return False
+        if batch is not None:
+            self.count_drops(batch)
+        return True
 
     def _report_failures(self):
         cdef uint32_t k
@@ -755,9 +936,12 @@ cdef class PipeBus(EventBus):
         cdef uint64_t in_use = 0, queued = 0, dropped = 0, published = 0
         cdef mbx_proc *pr
         cdef mbx_proc *stack
+        cdef uint64_t *dlv
         nfs = {}
+        types = _events.event_types()
         for k in range(self.nnf):
             pr = &self.ctl.procs[k]
+            dlv = self.typecnt + <size_t>k * 2 * MAX_TYPES + MAX_TYPES
             if pr.failed:
                 state = "failed"
             elif pr.exited:
@@ -770,6 +954,8 @@ cdef class PipeBus(EventBus):
                 "pid": pr.pid, "state": state, "exit_status": pr.status,
                 "failure": self.failure_names[k] or "closed",
                 "events_in": pr.events_in, "delivered": pr.delivered,
+                "c_events": pr.c_events, "handler_ns": pr.handler_ns,
+                "types": {t.name: dlv[t.idx] for t in types if dlv[t.idx]},
                 "published": pr.published, "drops": pr.drops,
                 "handler_s": pr.busy_ns * 1e-9,
                 "ring_dropped": pr.ring_dropped,
@@ -790,6 +976,9 @@ cdef class PipeBus(EventBus):
             "nfs": nfs,
             "ring_size": self.ring_size,
             "ring_full": "drop" if self.drop_full else "stall",
+            "inflight": self.inflight,
+            "max_in_flight": self.max_ahead,
+            "stack_wait_s": self.ctl.procs[self.nnf].busy_ns * 1e-9,
             "epochs": self.ctl.epoch,
             "published": self.published,
             "completed": self.completed,
@@ -891,9 +1080,11 @@ cdef class PipeBus(EventBus):
         return False
 
     def take_requests_now(self):
-        # A request ring is full mid-epoch: the stack builds nothing while it waits
-        # for this epoch, so taking this epoch's requests now changes nothing they
-        # apply to (the NF waits for room otherwise).  Errors wait for dispatch.
+        # A request ring is full mid-epoch: the stack builds nothing while it waits,
+        # so taking the requests made so far changes only what it builds later, as
+        # their epoch's completion would (the NF waits for room otherwise; TERMINATE
+        # comes only with one burst in flight, see the module).  Errors wait for
+        # dispatch.
         cdef uint64_t before = self.requests
         try:
             self.apply_requests(self.ctl.epoch)

@@ -25,6 +25,9 @@ cdef class NetworkLayer:
     cdef readonly uint64_t nf_dropped
     cdef readonly uint64_t sent
     cdef readonly uint64_t bursts
+    cdef readonly uint64_t retired      # bursts sent (or finished without an output)
+    cdef readonly double latency_s      # their total time from read to send
+    cdef readonly double run_s          # time spent in run()
     cdef bint drop_malformed
     cdef int64_t now_ns
     cdef int64_t next_expire_ns
@@ -52,3 +55,5 @@ cdef class NetworkLayer:
     cdef void prefetch(self, mbx_pkt *p) noexcept nogil
     cpdef process(self, Batch batch)
     cdef int finish(self, Batch batch, Port out) except -1
+    cdef bint retire(self, Batch batch, uint32_t mark, Port out, bint wait,
+                     double t_read) except -1

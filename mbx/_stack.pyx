@@ -25,6 +25,7 @@ from mbx._parse cimport DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
 
 from mbx import _events
 from mbx._parse import status_names
+from mbx.errors import MbxError
 
 
 cdef enum:
@@ -252,6 +253,11 @@ cdef class NetworkLayer:
         self.pkt_id = _events.PKT.id
         self.bus.attach_batch(batch)
         self.bursts += 1
+        if self.bus.msg_capacity - self.bus.msg_used < self.events_per_pkt:
+            raise MbxError(
+                f"Event Memory: {self.bus.msg_capacity - self.bus.msg_used} messages "
+                f"per dispatch round, this stack needs {self.events_per_pkt} for one "
+                "packet: raise msg_capacity (pipelined, the bursts in flight share it)")
         while i < batch.count or self.flows.n_ended:
             with nogil:
                 i = self.stack_pass(batch, i)
@@ -300,25 +306,43 @@ cdef class NetworkLayer:
 
     def run(self, Port inp, Port out=None, *, uint32_t burst=64, uint64_t max_packets=0,
             progress=None, double progress_every=0.5, double duration=0, stop=None,
-            Batch batch=None):
+            batches=None):
         """Read ``inp`` through the stack and the NFs to ``out`` until the input ends,
         ``max_packets`` were read, ``duration`` seconds passed, or ``stop`` (anything
         with ``is_set()``, e.g. a threading.Event) is set; then every flow ends.
 
         ``progress(stack)`` is called about every ``progress_every`` seconds.  A
-        deployment that shares the burst with other processes passes its ``batch``.
+        deployment that shares bursts with other processes passes its ``batches``:
+        with several, as many bursts are in flight (the next is read and processed
+        while the NFs still work on earlier ones); each is sent once the bus says
+        every NF is done with it (``EventBus.burst_done``), in the order read.
         """
-        if batch is None:
-            batch = Batch(burst)
+        if not batches:
+            batches = [Batch(burst)]
+        cdef uint32_t nslots = len(batches)
+        cdef uint32_t head = 0          # the oldest burst in flight ...
+        cdef uint32_t inflight = 0      # ... and how many there are
+        cdef uint32_t marks[64]
+        cdef double t_read[64]          # when each burst in flight was read
+        cdef Batch batch
         cdef int n
         cdef double now = monotonic()
+        cdef double started = now
         cdef double next_report = now + progress_every
         cdef double deadline = now + duration if duration > 0 else 0
         cdef uint64_t limit = max_packets
         cdef uint32_t idle = 0
         cdef bint live = bool(getattr(inp, "live", False))
         cdef timespec wall
+        if nslots > 64:
+            raise ValueError(f"at most 64 bursts in flight, not {nslots}")
         while True:
+            if inflight == nslots:
+                # every slot is in flight: the oldest burst must leave first
+                self.retire(batches[head], marks[head], out, True, t_read[head])
+                head = (head + 1) % nslots
+                inflight -= 1
+            batch = batches[(head + inflight) % nslots]
             batch.clear()
             with nogil:
                 n = inp.rx_burst(batch)
@@ -329,8 +353,15 @@ cdef class NetworkLayer:
             if limit and self.pkts + batch.count > limit:
                 batch.count = <uint32_t>(limit - self.pkts)
             if batch.count:
+                t_read[(head + inflight) % nslots] = monotonic()
                 self.process(batch)
-                self.finish(batch, out)
+                marks[(head + inflight) % nslots] = self.bus.burst_mark()
+                inflight += 1
+            # send what the NFs are done with (a live link that went quiet: all of it)
+            while inflight and self.retire(batches[head], marks[head], out, n == 0,
+                                           t_read[head]):
+                head = (head + 1) % nslots
+                inflight -= 1
             if limit and self.pkts >= limit:
                 break
             # Live ports return 0 when nothing came in time: look at the clock and
@@ -350,9 +381,26 @@ cdef class NetworkLayer:
                 if progress is not None and now >= next_report:
                     progress(self)
                     next_report = now + progress_every
+        while inflight:
+            self.retire(batches[head], marks[head], out, True, t_read[head])
+            head = (head + 1) % nslots
+            inflight -= 1
         self.shutdown()
+        self.bus.burst_done(None, self.bus.burst_mark(), True)
+        self.run_s += monotonic() - started
         if progress is not None:
             progress(self)
+
+    cdef bint retire(self, Batch batch, uint32_t mark, Port out, bint wait,
+                     double t_read) except -1:
+        # Completion: when every NF is done with the burst (processed up to the bus's
+        # mark), send what passed.
+        if not self.bus.burst_done(batch, mark, wait):
+            return False
+        self.finish(batch, out)
+        self.latency_s += monotonic() - t_read
+        self.retired += 1
+        return True
 
     def counters(self):
         """Everything counted so far, as a plain dict."""
@@ -382,4 +430,12 @@ cdef class NetworkLayer:
                 "bad": self.frags.bad,
             },
             "events": self.bus.counters(),
+            # Clock readings, apart so that the counts above compare across runs.
+            # Bursts completed and their total time from read to send (the mean is
+            # what a packet waited in the stack and the NFs; totals, so that the
+            # counters of parallel stacks add up), and the time in run() from the
+            # first read to the last FLOW/END done (a deployment's start and stop,
+            # such as forking NF processes, excluded).
+            "timing": {"bursts_done": self.retired, "burst_wait_s": self.latency_s,
+                       "run_s": self.run_s},
         }

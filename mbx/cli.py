@@ -91,8 +91,10 @@ def _print_counters(c, elapsed, out=sys.stdout):
             w(f"  {name:<24} {e['published']:>12,} / {e['delivered']:,}\n")
     p = c.get("pipeline")
     if p:
-        w(f"pipeline       epochs {p['epochs']:,}, ring drops {p['ring_dropped']:,} "
-          f"({p['ring_dropped_pkts']:,} packets), lost {p['lost']:,}\n")
+        w(f"pipeline       epochs {p['epochs']:,} (up to {p['max_in_flight']} of "
+          f"{p['inflight']} in flight; the stack waited {p['stack_wait_s']:.3f} s), "
+          f"ring drops {p['ring_dropped']:,} ({p['ring_dropped_pkts']:,} packets), "
+          f"lost {p['lost']:,}\n")
         w("  NF process               events in / handled / drops   handler s  state\n")
         for name, n in p["nfs"].items():
             w(f"  {name:<20} {n['events_in']:>12,} / {n['delivered']:,} / {n['drops']:,}"
@@ -106,7 +108,7 @@ def _run(nfs, args, spec=None):
     config = dict(flow_capacity=args.flows, idle_timeout=args.idle_timeout,
                   flow_policy=args.flow_policy, malformed=args.malformed, stack=args.stack,
                   overlap=args.overlap, deploy=args.deploy, ring_size=args.ring_size,
-                  ring_full=args.ring_full, nf_timing=args.nf_timing)
+                  ring_full=args.ring_full, inflight=args.inflight, nf_timing=args.nf_timing)
     if spec is not None:        # an application file: its [stack] options win
         config.update(spec.options)
         config["stack"] = spec.stack
@@ -229,6 +231,10 @@ def _add_run_options(p):
     p.add_argument("--ring-size", type=int, default=0, metavar="N",
                    help="pipelined: entries per ring, a power of two (room for all of "
                         "Event Memory)")
+    p.add_argument("--inflight", type=int, default=None, metavar="K",
+                   help="pipelined: bursts the stack runs ahead of the NF processes, a "
+                        "power of two from 1 to 16 (4; 1 where an NF reads stream "
+                        "bytes or terminates flows)")
     p.add_argument("--ring-full", choices=("stall", "drop"), default="stall",
                    help="pipelined: a full ring stalls its producer, or drops the event "
                         "and its packet, counted (stall)")

@@ -13,7 +13,7 @@ import traceback
 
 from mbx import _events
 from mbx._packet import Batch
-from mbx._pipeline import PipeBus, layout
+from mbx._pipeline import PipeBus, check_inflight, layout
 from mbx._shm import StackMemory
 from mbx.errors import AppError
 
@@ -36,6 +36,38 @@ def _check(nfs):
         if getattr(a, "failure", None) not in (None, "open", "closed"):
             raise AppError(f"NF {a.name}: failure must be 'open' or 'closed', "
                            f"not {a.failure!r}")
+
+
+DEFAULT_INFLIGHT = 4
+
+
+def _lock_step_reason(nfs):
+    # What needs each burst to complete before the stack reads the next: stream
+    # reads point into live stream buffers, which the stack reuses as soon as it
+    # moves on, and a TERMINATE acts on its own epoch's burst and TCP state.
+    types = _events.event_types()
+    for nf in nfs:
+        for idx in nf.subs:
+            if types[idx].is_a(_events.DATA_RDY):
+                return f"NF {nf.name} reads stream bytes (subscribes to {types[idx].name})"
+        for idx in nf.pubs:
+            if types[idx].is_a(_events.FLOW_TCP_TERMINATE):
+                return f"NF {nf.name} publishes {types[idx].name}"
+    return None
+
+
+def inflight_for(nfs, inflight=None):
+    """The bursts in flight for ``nfs``: ``inflight``, or by default 4; but 1 where an
+    NF process reads stream bytes or terminates flows (see ``_lock_step_reason``),
+    and then a larger ``inflight`` asked for explicitly is refused."""
+    reason = _lock_step_reason(nfs)
+    if inflight is None:
+        return 1 if reason else DEFAULT_INFLIGHT
+    check_inflight(inflight)
+    if reason and inflight > 1:
+        raise AppError(f"pipelined deployment: {reason}, which needs one burst in "
+                       f"flight (inflight=1), not {inflight}")
+    return inflight
 
 
 def _child(bus, k, nf):
@@ -75,27 +107,33 @@ def _pow2(n):
 
 
 def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_full="stall",
-        max_packets=0, progress=None, duration=0, stop=None):
+        inflight=None, nf_timing=True, max_packets=0, progress=None, duration=0,
+        stop=None):
     """Run ``nfs`` pipelined; ``make_stack(bus)`` builds the μStack over the bus, its
-    tables in shared Stack Memory (read-only in the NF processes).  Returns (stack,
-    pipeline counters)."""
+    tables in shared Stack Memory (read-only in the NF processes).  Up to
+    ``inflight`` bursts are in flight (the stack reads and parses ahead while the NF
+    processes work on earlier ones; see ``inflight_for``).  Returns (stack, pipeline
+    counters)."""
     if ring_full not in RING_FULL:
         raise AppError(f"ring_full must be 'stall' or 'drop', not {ring_full!r}")
     _check(nfs)
+    inflight = inflight_for(nfs, inflight)
     if msg_capacity < 64 * max(len(nfs), 1):
         raise AppError(f"msg_capacity {msg_capacity} is too small for {len(nfs)} NF "
                        "processes")
     ring_size = int(ring_size) or _pow2(msg_capacity + 64)
-    size, batch_at = layout(len(nfs), msg_capacity, ring_size, Batch.shared_size(burst))
+    size, slots = layout(len(nfs), msg_capacity, ring_size, Batch.shared_size(burst),
+                         inflight)
     shm = mmap.mmap(-1, size)       # MAP_SHARED | MAP_ANONYMOUS: no file anywhere
     bus = PipeBus(nfs, 0, msg_capacity)
+    bus.timing = nf_timing
     pidfds = []
     forked = False
     try:
         bus.setup(shm, ring_size, ring_full == "drop",
-                  [getattr(nf, "failure", None) for nf in nfs])
-        batch = Batch.over(memoryview(shm)[batch_at:], burst)
-        bus.attach_shared_batch(batch)
+                  [getattr(nf, "failure", None) for nf in nfs], inflight)
+        batches = [Batch.over(memoryview(shm)[at:], burst) for at in slots]
+        bus.attach_shared_batches(batches)
         bus.stack_memory = StackMemory()
         with bus.stack_memory.building():
             stack = make_stack(bus)
@@ -118,7 +156,7 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
         bus.become_stack(pids, pidfds)
         forked = True
         stack.run(inp, out, burst=burst, max_packets=max_packets, progress=progress,
-                  duration=duration, stop=stop, batch=batch)
+                  duration=duration, stop=stop, batches=batches)
     finally:
         if forked:
             bus.finish_run()

@@ -12,6 +12,7 @@ import traceback
 from mbx import _events, api
 from mbx._events import NF, EventBus
 from mbx._monitor import TcpMonitor
+from mbx._pipeline import check_inflight
 from mbx._stack import NetworkLayer
 from mbx.errors import AppError
 
@@ -146,7 +147,11 @@ class App:
     the stack in this process and each NF in its own, events over shared-memory
     rings (see ``mbx.pipeline``); ``ring_size`` (entries, a power of two; default
     room for all of Event Memory) and ``ring_full`` (``"stall"`` the producer, or
-    ``"drop"`` the event and its packet, counted) tune its rings.
+    ``"drop"`` the event and its packet, counted) tune its rings; ``inflight`` (a
+    power of two, 1 to 16; default 4, or 1 where an NF reads stream bytes or
+    terminates flows, see ``mbx.pipeline.inflight_for``) is how many bursts the stack
+    runs ahead of the NF processes (1: each burst waits for the whole chain before
+    the next is read).
 
     ``stack`` is ``"auto"`` (the TCP Monitor when some NF wants TCP events, else the
     Network Layer), ``"network"`` or ``"tcp"``.  TCP Monitor options:
@@ -160,7 +165,8 @@ class App:
     def __init__(self, nfs, *, flow_capacity=65536, idle_timeout=60.0, flow_policy="evict",
                  malformed="forward", msg_capacity=65536, frag_memory=4 << 20,
                  frag_timeout=30.0, stack="auto", deploy="inline", ring_size=0,
-                 ring_full="stall", rss=(0, 1), nf_timing=True, **monitor_options):
+                 ring_full="stall", inflight=None, rss=(0, 1), nf_timing=True,
+                 **monitor_options):
         unknown = set(monitor_options) - set(_MONITOR_OPTIONS)
         if unknown:
             raise AppError(f"unknown App option(s): {', '.join(sorted(unknown))}")
@@ -168,9 +174,15 @@ class App:
             raise AppError(f"stack must be 'auto', 'network' or 'tcp', not {stack!r}")
         if deploy not in ("inline", "pipelined"):
             raise AppError(f"deploy must be 'inline' or 'pipelined', not {deploy!r}")
+        try:
+            if inflight is not None:
+                check_inflight(inflight)
+        except ValueError as exc:
+            raise AppError(str(exc)) from None
         self.deploy = deploy
         self.ring_size = ring_size
         self.ring_full = ring_full
+        self.inflight = inflight
         self.pipeline = None
         self.stack_kind = stack
         self.monitor_options = monitor_options
@@ -236,7 +248,9 @@ class App:
 
         self.stack, self.pipeline = pipeline.run(
             nfs, make_stack, inp, out, msg_capacity=self.msg_capacity,
-            ring_size=self.ring_size, ring_full=self.ring_full, **run)
+            nf_timing=self.nf_timing,
+            ring_size=self.ring_size, ring_full=self.ring_full, inflight=self.inflight,
+            **run)
         return self.counters()
 
     def counters(self):
@@ -250,20 +264,20 @@ class App:
 
 def nf_stats(bus, pipeline=None):
     """Per NF: events, drops, handler time (see ``EventBus.nf_stats``).  Pipelined,
-    the NFs count in their own processes: the figures are the pipeline's per process
-    counters (``pipeline`` or, during the run, the bus's live ones), where handler
-    time is the whole time spent delivering and there are no per type counts."""
+    the NFs count in their own processes and share the counts with the stack: the
+    figures are the pipeline's per process counters (``pipeline`` or, during the
+    run, the bus's live ones)."""
     if pipeline is None and hasattr(bus, "pipeline_counters"):
         pipeline = bus.pipeline_counters()
     if pipeline is None:
         return bus.nf_stats()
     out = {}
     for name, n in pipeline["nfs"].items():
-        ns = n["handler_s"] * 1e9
-        out[name] = {"events": n["delivered"], "c_events": 0, "drops": n["drops"],
-                     "handler_ns": int(ns),
+        ns = n["handler_ns"]
+        out[name] = {"events": n["delivered"], "c_events": n["c_events"],
+                     "drops": n["drops"], "handler_ns": ns,
                      "mean_ns": ns / n["delivered"] if n["delivered"] else 0.0,
-                     "types": {}}
+                     "types": dict(n["types"])}
     return out
 
 

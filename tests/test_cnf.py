@@ -123,3 +123,24 @@ def test_c_drop_pipelined(run, example_pcap):
     assert counters["dropped_by_nf"] == inline["dropped_by_nf"] > 0
     assert len(out) == len(out_inline)
     assert counters["nfs"]["cdrop"]["drops"] == inline["dropped_by_nf"]
+
+
+def test_pipelined_nf_stats_like_inline(run, example_pcap):
+    # NF processes share what the inline bus counts per NF: events (to C handlers
+    # among them), drops, handler time, events per type; C and Python alike.
+    def make():
+        nf = mbx.NF("mixed")
+        nf.sub("PKT", cnoop.Counter().handler())
+        nf.sub("FLOW/START", lambda ev: None)
+        return [nf, cnoop.make_dropper(1), PyCounter("py", "EVENT")]
+
+    inline, _ = run(make(), example_pcap)
+    piped, _ = run(make(), example_pcap, deploy="pipelined")
+    for name in ("mixed", "cdrop", "py"):
+        a, b = inline["nfs"][name], piped["nfs"][name]
+        for key in ("events", "c_events", "drops", "types"):
+            assert a[key] == b[key], (name, key)
+        assert b["handler_ns"] > 0
+    assert piped["nfs"]["mixed"]["c_events"] == piped["nfs"]["mixed"]["types"]["PKT"] > 0
+    assert piped["nfs"]["cdrop"]["c_events"] == piped["nfs"]["cdrop"]["events"] > 0
+    assert piped["nfs"]["py"]["c_events"] == 0

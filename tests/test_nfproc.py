@@ -315,3 +315,32 @@ def test_reading_an_ended_flows_stream_in_an_nf_process(example_pcap, tmp_path):
     inline = json.loads((tmp_path / "inline.json").read_text())
     assert len([v for v in inline.values() if len(v) == 64]) > 10
     assert inline == json.loads((tmp_path / "pipelined.json").read_text())
+
+
+def test_stream_readers_and_terminators_run_one_burst_in_flight(example_pcap, tmp_path):
+    # Stream bytes and a TERMINATE's burst are state the stack moves on with when it
+    # runs ahead: such apps default to one burst in flight, and refuse more.
+    results = run_both(lambda tag: [Sampler(str(tmp_path / f"{tag}.log"))],
+                       example_pcap, tmp_path)
+    assert results["pipelined"][0]["pipeline"]["inflight"] == 1
+
+    class Plain(mbx.NF):
+        def __init__(self):
+            super().__init__("plain")
+            self.sub(mbx.PKT, lambda ev: None)
+
+    inp = open_input("pcap:" + example_pcap)
+    try:
+        counters = App([Plain()], deploy="pipelined").run(inp, None)
+    finally:
+        inp.close()
+    assert counters["pipeline"]["inflight"] == 4
+
+    inp = open_input("pcap:" + example_pcap)
+    try:
+        with pytest.raises(mbx.AppError, match=r"NF sampler reads stream bytes.*"
+                                               r"inflight=1\), not 4"):
+            App([Sampler(str(tmp_path / "x.log"))], deploy="pipelined",
+                inflight=4).run(inp, None)
+    finally:
+        inp.close()

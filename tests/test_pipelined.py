@@ -13,7 +13,7 @@ from conftest import read_frames, run_app
 
 import mbx
 from mbx._packet import Batch
-from mbx.examples.capture import BACKENDS, VIP
+from mbx.examples.capture import BACKENDS, VIP, write_pcap
 from mbx.runtime import load_app
 
 IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
@@ -92,6 +92,28 @@ def test_batch_lives_in_shared_memory():
     assert shm[len(shm) - b.arena_size] == 1        # the frame is in the mapping
     with pytest.raises(ValueError):
         Batch.over(bytearray(16), 8)
+
+
+def test_shared_batch_in_a_garbage_cycle():
+    # The bus keeps its burst slots in a list, and buses sit in reference cycles: the
+    # cyclic GC must not make a Batch over shared memory free the mapping's pointers.
+    code = """if True:
+        import gc, mmap
+        from mbx._packet import Batch
+        shm = mmap.mmap(-1, Batch.shared_size(8))
+        for first_the_list in (True, False):
+            cycle = [] if first_the_list else None
+            b = Batch.over(memoryview(shm), 8)
+            if cycle is None:
+                cycle = []
+            cycle += [cycle, b]
+            del b, cycle
+            gc.collect()
+        print("ok")
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def test_l2fwd_same_output(example_pcap, tmp_path):
@@ -307,3 +329,103 @@ def test_sigterm_mid_run(example_pcap, tmp_path):
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{nf_pid}"), "an NF process outlived the run"
     assert set(os.listdir("/dev/shm")) <= shm_before
+
+
+# -- several bursts in flight ---------------------------------------------------------
+
+@pytest.mark.parametrize("inflight", [1, 2, 4, 16])
+def test_same_outputs_across_inflight(example_pcap, tmp_path, inflight):
+    # Small bursts and a small Event Memory: many bursts, several epochs per burst,
+    # a drop, a publication (IDS) and a per-flow switch (mb_up_sub), a writer (the
+    # recorder sees the packets after the drop): all as inline, whatever K.
+    def make(tag):
+        return load_app(f"{IDS}+logger", {"logger": {
+            "path": str(tmp_path / f"{tag}.jsonl"), "types": "DPI_DETECT,IDS_ALERT"}}) + [
+            DropUdp(), FileRecorder("rec", str(tmp_path / f"{tag}.rec"))]
+
+    r = both(make, example_pcap, tmp_path, burst=16, msg_capacity=4096,
+             inflight=inflight)
+    for ext in ("jsonl", "rec"):
+        inline = (tmp_path / f"inline.{ext}").read_text()
+        assert inline and inline == (tmp_path / f"pipelined.{ext}").read_text()
+    assert r["inline"][1] == r["pipelined"][1]
+    ci, cp = r["inline"][0], r["pipelined"][0]
+    assert ci["events"] == cp["events"]
+    assert ci["dropped_by_nf"] == cp["dropped_by_nf"] > 0
+    assert cp["pipeline"]["nfs"]["drop_udp"]["drops"] == cp["dropped_by_nf"]
+    assert cp["pipeline"]["inflight"] == inflight
+    assert 1 <= cp["pipeline"]["max_in_flight"] <= inflight
+    assert_baseline(cp)
+
+
+SLOW = 0.001
+
+
+class SlowRecorder(FileRecorder):
+    """A recorder slow enough that the stack is always bursts ahead of it."""
+
+    def on_event(self, ev):
+        time.sleep(SLOW)
+        super().on_event(ev)
+
+
+@pytest.mark.parametrize("inflight", [1, 4])
+def test_stack_runs_ahead(example_pcap, tmp_path, inflight):
+    def make(tag):
+        return [SlowRecorder("slow", str(tmp_path / f"{tag}.rec"), types=("PKT",))]
+
+    small = str(tmp_path / "small.pcap")
+    write_pcap(small, read_frames(example_pcap)[:400])
+    r = both(make, small, tmp_path, burst=8, inflight=inflight)
+    assert (tmp_path / "inline.rec").read_text() == (tmp_path / "pipelined.rec").read_text()
+    assert r["inline"][1] == r["pipelined"][1]
+    p = r["pipelined"][0]["pipeline"]
+    # K = 1 is the old lock step; with K = 4 the stack had K epochs out at once
+    assert p["max_in_flight"] == inflight
+    assert_baseline(r["pipelined"][0])
+
+
+@pytest.mark.parametrize("failure", ["open", "closed"])
+@pytest.mark.parametrize("inflight", [4, 16])
+def test_killed_nf_with_bursts_in_flight(example_pcap, tmp_path, failure, inflight):
+    # It dies holding messages of several epochs (small bursts, slow NF after it so
+    # the rings are full of them): the stack recovers them in order, by its policy.
+    frames = read_frames(example_pcap)
+    rec_path = tmp_path / "after.rec"
+    nfs = [Suicide(100, failure), FileRecorder("after", str(rec_path), types=("PKT",))]
+    c, out = run_app(nfs, example_pcap, deploy="pipelined", burst=4, inflight=inflight)
+    p = c["pipeline"]
+    assert p["nfs"]["suicide"]["state"] == "died"
+    assert p["nfs"]["after"]["state"] == "ok"
+    assert p["max_in_flight"] > 1
+    assert_baseline(c)
+    held = c["fragments_held"]
+    seen = len(rec_path.read_text().splitlines())
+    if failure == "open":
+        assert len(out) == len(frames) - held
+        assert seen == len(out)
+    else:
+        assert len(out) == 99 and seen == 99
+        assert c["dropped_by_nf"] == len(frames) - held - 99
+    assert p["nfs"]["suicide"]["forwarded_for_it"] > 0
+
+
+@pytest.mark.parametrize("bad", [0, 3, 32, "4"])
+def test_bad_inflight_refused(example_pcap, bad):
+    for deploy in ("pipelined", "inline"):
+        with pytest.raises(mbx.AppError, match="inflight must be a power of two"):
+            run_app(load_app("l2fwd"), example_pcap, deploy=deploy, inflight=bad)
+
+
+def test_cli_inflight(example_pcap):
+    r = subprocess.run(
+        [sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--deploy", "pipelined",
+         "--inflight", "2", "--in", f"pcap:{example_pcap}", "--burst", "16"],
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "of 2 in flight" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--deploy", "pipelined",
+         "--inflight", "5", "--in", f"pcap:{example_pcap}"],
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "inflight must be a power of two" in r.stderr
