@@ -8,6 +8,7 @@ session fixture starts it and every test attaches vdevs under fresh names.
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -375,7 +376,13 @@ def test_a_memif_pair_carries_a_capture_as_the_pcap_port_reads_it(example_pcap, 
     assert [f for _, f in read_frames(tmp_path / "memif.pcap")] == frames
 
 
-AFP_NS = f"mxd{os.getpid() % 100000}"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from benchmarks.testbed import netns  # noqa: E402  (the shared namespace plumbing)
+
+AFP_PREFIX = "mxd"
+AFP_NS = f"{AFP_PREFIX}{os.getpid()}-veth"
 
 
 def _veth_missing():
@@ -398,20 +405,18 @@ def veth_ns():
             pytest.fail(f"CI must run the net_af_packet test: {reason}")
         pytest.skip(reason)
 
-    def sh(*cmd):
-        subprocess.run(cmd, check=True, timeout=20, capture_output=True, text=True)
-
-    sh("ip", "netns", "add", AFP_NS)
+    netns.reap_stale(re.compile(rf"^{AFP_PREFIX}(\d+)-veth$"))
+    netns.run(["ip", "netns", "add", AFP_NS])
     try:
-        sh("ip", "netns", "exec", AFP_NS, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-        sh("ip", "-n", AFP_NS, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+        netns.run(netns.in_ns(AFP_NS, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"))
+        netns.run(["ip", "-n", AFP_NS, "link", "add", "d0", "type", "veth", "peer", "name",
+                   "d1"])
         for dev in ("d0", "d1"):
-            sh("ip", "netns", "exec", AFP_NS, "ethtool", "-K", dev, "tx", "off", "rx", "off",
-               "tso", "off", "gso", "off", "gro", "off")
-            sh("ip", "-n", AFP_NS, "link", "set", dev, "up")
+            netns.offloads_off(AFP_NS, dev)
+            netns.run(["ip", "-n", AFP_NS, "link", "set", dev, "up"])
         yield AFP_NS
     finally:
-        subprocess.run(["ip", "netns", "del", AFP_NS], capture_output=True, timeout=20)
+        netns.delete_ns(AFP_NS)
 
 
 def test_net_af_packet_over_a_veth_pair_matches_the_pcap_port(veth_ns, example_pcap,
