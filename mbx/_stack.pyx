@@ -166,9 +166,9 @@ cdef class NetworkLayer:
                     self.now_ns = p.ts_ns
                 st = -1
                 if self.rss_n > 1 and self.rss_input is None:
-                    # (an input that filters delivers exactly this process's share)
-                    # Another stack process's packet costs a short header walk,
-                    # not a parse; the full parse decides where the walk cannot.
+                    # Software RSS here, for an input that cannot filter: another
+                    # process's packet costs a short header walk, not a parse; the
+                    # full parse decides where the walk cannot.
                     owner = rss_stack_of_frame(p.data, p.caplen, self.rss_n)
                     if owner < 0:
                         st = parse_packet(p)
