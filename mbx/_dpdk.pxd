@@ -143,6 +143,11 @@ cdef extern from "rte_ethdev.h" nogil:
         uint64_t oerrors
         uint64_t rx_nombuf
 
+    # link_status is a bit-field in the C struct; Cython only names it.
+    struct rte_eth_link:
+        uint32_t link_speed
+        uint16_t link_status
+
     struct rte_eth_rxconf:
         pass
 
@@ -168,6 +173,7 @@ cdef extern from "rte_ethdev.h" nogil:
     int rte_eth_dev_info_get(uint16_t port_id, rte_eth_dev_info *dev_info)
     int rte_eth_stats_get(uint16_t port_id, rte_eth_stats *stats)
     int rte_eth_promiscuous_enable(uint16_t port_id)
+    int rte_eth_link_get_nowait(uint16_t port_id, rte_eth_link *link)
 
     uint16_t rte_eth_rx_burst(uint16_t port_id, uint16_t queue_id,
                               rte_mbuf **rx_pkts, uint16_t nb_pkts)

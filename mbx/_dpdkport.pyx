@@ -44,6 +44,8 @@ from mbx._dpdk cimport (
     rte_eth_dev_socket_id,
     rte_eth_dev_start,
     rte_eth_dev_stop,
+    rte_eth_link,
+    rte_eth_link_get_nowait,
     rte_eth_promiscuous_enable,
     rte_eth_rx_burst,
     rte_eth_rx_queue_setup,
@@ -711,6 +713,17 @@ cdef class DpdkPort(Port):
         return {"ipackets": st.ipackets, "opackets": st.opackets, "ibytes": st.ibytes,
                 "obytes": st.obytes, "imissed": st.imissed, "ierrors": st.ierrors,
                 "oerrors": st.oerrors, "rx_nombuf": st.rx_nombuf}
+
+    @property
+    def link_up(self):
+        """Whether the device reports its link up (a memif pair once both ends have
+        connected; False once closed)."""
+        cdef rte_eth_link link
+        if not self.started or _eal_state != EAL_RUNNING:
+            return False
+        if rte_eth_link_get_nowait(self.dpdk_port, &link) != 0:
+            return False
+        return bool(link.link_status)
 
     @property
     def mbufs_free(self):

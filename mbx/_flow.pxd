@@ -57,13 +57,10 @@ cdef inline uint8_t flow_key_of(const mbx_pkt *p, mbx_flow_key *k) noexcept nogi
     return side
 
 # Symmetric because the key is canonical.  Multiply/xor-shift over the key's five
-# 8-byte words, then the murmur3 fmix64 finalizer so the low bits (bucket index, and
-# the stack index under software RSS) depend on every key bit.  The seed is fixed,
-# not per process: stack processes and the dispatcher must agree on it.
-cdef inline uint32_t flow_key_hash(const mbx_flow_key *k) noexcept nogil:
-    cdef uint64_t w[5]
-    # memcpy, not a cast: the key is only 2-byte aligned inside other structs.
-    memcpy(w, k, 40)
+# 8-byte words, then the murmur3 fmix64 finalizer so the low bits (bucket index) and
+# the high bits (the stack index under software RSS) depend on every key bit.  The
+# seed is fixed, not per process: stack processes must agree on it.
+cdef inline uint32_t flow_hash_words(const uint64_t *w) noexcept nogil:
     cdef uint64_t h = 0x6a09e667f3bcc909ULL
     cdef int i
     for i in range(5):
@@ -75,6 +72,12 @@ cdef inline uint32_t flow_key_hash(const mbx_flow_key *k) noexcept nogil:
     h *= 0xc4ceb9fe1a85ec53ULL
     h ^= h >> 33
     return <uint32_t>h
+
+cdef inline uint32_t flow_key_hash(const mbx_flow_key *k) noexcept nogil:
+    cdef uint64_t w[5]
+    # memcpy, not a cast: the key is only 2-byte aligned inside other structs.
+    memcpy(w, k, 40)
+    return flow_hash_words(w)
 
 ctypedef struct mbx_flow:
     mbx_flow_key key

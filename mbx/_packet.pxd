@@ -152,6 +152,9 @@ cdef class Port:
     cdef readonly uint64_t tx_bytes
     cdef readonly uint64_t rx_dropped      # frames the backend could not deliver
     cdef readonly uint64_t tx_dropped      # frames the backend could not send
+    cdef readonly uint64_t rss_skipped     # frames passed over for other stack processes
+    cdef uint32_t rss_k                    # deliver share rss_k of rss_n (see rss_share)
+    cdef uint32_t rss_n                    # 0 or 1: deliver everything
     cdef object _error
     cdef bint closed
 
@@ -162,3 +165,4 @@ cdef class Port:
     cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil
     cdef void set_error(self, const char *message) noexcept with gil
     cpdef check(self)
+    cpdef bint rss_share(self, uint32_t k, uint32_t n) except -1

@@ -158,6 +158,18 @@ cdef class Port:
             err, self._error = self._error, None
             raise err
 
+    cpdef bint rss_share(self, uint32_t k, uint32_t n) except -1:
+        """Software RSS at the source: from now on, pass over the frames that a short
+        header walk gives to another of ``n`` stack processes than ``k``, without
+        copying them into a batch (counted in ``rss_skipped``).  Frames the walk
+        cannot place are still delivered; the stack decides those after parsing.
+        True when this backend filters (a capture replayed by every process), False
+        when it delivers everything as before."""
+        if n == 0 or k >= n:
+            raise ValueError(f"{self.name}: rss share must be k of n with 0 <= k < n, "
+                             f"not {k} of {n}")
+        return False
+
     def receive(self, Batch batch):
         """Fill ``batch`` (appending); the count added, or -1 at the end of input."""
         cdef int n
@@ -202,4 +214,5 @@ cdef class Port:
             "rx_pkts": self.rx_pkts, "rx_bytes": self.rx_bytes,
             "tx_pkts": self.tx_pkts, "tx_bytes": self.tx_bytes,
             "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped,
+            "rss_skipped": self.rss_skipped,
         }

@@ -76,7 +76,8 @@ cdef class PcapReader(Port):
 
     cdef int _next_pcap(self, pcap_rec *r) noexcept nogil
     cdef int _next_pcapng(self, pcap_rec *r) noexcept nogil
-    cdef mbx_pkt *_deliver(self, Batch batch, const pcap_rec *r) noexcept nogil
+    cdef void _ethernet(self, pcap_rec *r) noexcept nogil
+    cdef bint _others(self, const pcap_rec *r) noexcept nogil
     cdef int _open_pcap(self, uint32_t magic) except -1
     cdef int _open_pcapng(self, pcap_rec *probe) except -1
     cdef int _fail(self, bint damage) noexcept nogil

@@ -20,6 +20,8 @@ from posix.unistd cimport close as c_close
 from posix.unistd cimport write
 
 from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, mbx_pkt
+from mbx._parse cimport parse_packet
+from mbx._rss cimport rss_stack_of_frame, rss_stack_of_parsed
 
 from mbx.errors import CaptureFormatError, PortError
 
@@ -507,13 +509,13 @@ cdef class PcapReader(Port):
             # Anything else (name resolution, statistics, custom, ...) is skipped.
             self.pos = pos + blen
 
-    cdef mbx_pkt *_deliver(self, Batch batch, const pcap_rec *r) noexcept nogil:
+    cdef void _ethernet(self, pcap_rec *r) noexcept nogil:
+        # Gives a raw-IP or Linux cooked record an Ethernet header, in a scratch
+        # buffer because the mapping is read-only; r then describes that frame.
         cdef const uint8_t *d = r.data
         cdef uint32_t hl = 0, l3len, wl
         cdef uint16_t etype = 0
         cdef uint8_t *s
-        if r.mode == LINK_ETHER:
-            return batch.add(d, r.caplen, r.wirelen, r.ts_ns, self.port_id)
         if r.mode == LINK_SLL:
             hl = 16
             if r.caplen >= 16:
@@ -533,21 +535,46 @@ cdef class PcapReader(Port):
                 etype = 0x86DD
         l3len = r.caplen - hl if r.caplen > hl else 0
         wl = r.wirelen - hl if r.wirelen > hl else 0
-        # The frame is rebuilt in a scratch buffer because the mapping is read-only
-        # and Batch.add owns how descriptors are filled.
         s = self.scratch
         memset(s, 0, 12)
         s[12] = etype >> 8
         s[13] = etype & 0xFF
         memcpy(s + ETH_HLEN, d + hl, l3len)
-        return batch.add(s, ETH_HLEN + l3len, ETH_HLEN + wl, r.ts_ns, self.port_id)
+        r.data = s
+        r.caplen = ETH_HLEN + l3len
+        r.wirelen = ETH_HLEN + wl
+        r.mode = LINK_ETHER
+
+    cdef bint _others(self, const pcap_rec *r) noexcept nogil:
+        # Software RSS: True for a frame of another stack process.  The short walk
+        # answers for almost every frame; the rest are parsed where they lie (the
+        # parser only reads), so nothing is copied before the answer is known.
+        cdef mbx_pkt probe
+        cdef int owner = rss_stack_of_frame(r.data, r.caplen, self.rss_n)
+        if owner < 0:
+            memset(&probe, 0, sizeof(mbx_pkt))
+            probe.data = <uint8_t *>r.data
+            probe.caplen = r.caplen
+            probe.wirelen = r.wirelen if r.wirelen >= r.caplen else r.caplen
+            parse_packet(&probe)
+            owner = rss_stack_of_parsed(&probe, self.rss_n)
+        return owner != <int>self.rss_k
+
+    cpdef bint rss_share(self, uint32_t k, uint32_t n) except -1:
+        # Every stack process replays the whole file (paper §4.2), so passing over
+        # the others' frames here, before the copy into the batch, is most of what
+        # a second process saves; what is delivered is exactly this process's share.
+        Port.rss_share(self, k, n)
+        self.rss_k = k
+        self.rss_n = n
+        return True
 
     cdef int rx_burst(self, Batch batch) noexcept nogil:
         cdef pcap_rec r
         cdef mbx_pkt *p
         cdef int n = 0
         cdef int got
-        cdef uint64_t nbytes = 0
+        cdef uint64_t nbytes = 0, skipped = 0
         if self.base == NULL:
             return PORT_EOF
         while self.state == READ_OK:
@@ -557,7 +584,14 @@ cdef class PcapReader(Port):
                 got = self._next_pcap(&r)
             if got <= 0:
                 break
-            p = self._deliver(batch, &r)
+            if r.mode != LINK_ETHER:
+                self._ethernet(&r)
+            if self.rss_n > 1 and self._others(&r):
+                # not copied, not described
+                self.pos = r.next_pos
+                skipped += 1
+                continue
+            p = batch.add(r.data, r.caplen, r.wirelen, r.ts_ns, self.port_id)
             if p == NULL:
                 # Full batch: the record stays for the next call.  Only a frame
                 # that cannot fit even an empty batch is an error.
@@ -574,6 +608,7 @@ cdef class PcapReader(Port):
             nbytes += p.caplen
         self.rx_pkts = self.rx_pkts + n
         self.rx_bytes = self.rx_bytes + nbytes
+        self.rss_skipped = self.rss_skipped + skipped
         if n:
             return n
         if self.state == READ_FAILED:

@@ -41,6 +41,7 @@ cdef class NetworkLayer:
     cdef uint32_t rss_k             # this stack process's share of the flows ...
     cdef uint32_t rss_n             # ... out of rss_n (software RSS)
     cdef readonly uint64_t rss_other    # packets left to the other stack processes
+    cdef Port rss_input                 # an input that leaves them unread, if any
 
     cdef bint room(self, uint32_t n) noexcept nogil
     cdef void publish_flow(self, uint16_t t, uint64_t type_id, const mbx_flow *f,
@@ -50,7 +51,6 @@ cdef class NetworkLayer:
     cdef int drain_ended(self) except -1
     cdef uint32_t stack_pass(self, Batch batch, uint32_t i) noexcept nogil
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil
-    cdef bint rss_mine(self, mbx_pkt *p) noexcept nogil
     cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil
     cdef void prefetch(self, mbx_pkt *p) noexcept nogil
     cpdef process(self, Batch batch)

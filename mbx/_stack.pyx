@@ -14,14 +14,13 @@ from mbx._events cimport (
     NO_PKT, PUBLISHER_STACK, T_FLOW_END, T_FLOW_START, T_PKT, EventBus, flow_body,
     mbx_msg, pkt_body,
 )
-from mbx._flow cimport (
-    FlowTable, flow_count, flow_endpoints, flow_key_hash, flow_key_of, mbx_flow, mbx_flow_key,
-)
+from mbx._flow cimport FlowTable, flow_count, flow_endpoints, mbx_flow
 from mbx._packet cimport (
     NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PORT_EOF, PORT_ERROR,
     VERDICT_DROP, VERDICT_HELD, VERDICT_PASS, Batch, Port, mbx_pkt,
 )
 from mbx._parse cimport DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
+from mbx._rss cimport rss_stack_of_frame, rss_stack_of_parsed
 
 from mbx import _events
 from mbx._parse import status_names
@@ -146,7 +145,7 @@ cdef class NetworkLayer:
         cdef mbx_pkt *p
         cdef mbx_pkt *tracked[CHUNK]
         cdef uint8_t created[CHUNK]
-        cdef int st, r, k, n, ntracked
+        cdef int st, r, k, n, ntracked, owner
         cdef uint32_t slot, free_msgs
         cdef mbx_msg *m
         cdef uint64_t want = self.bus.global_want
@@ -166,11 +165,21 @@ cdef class NetworkLayer:
                 p = &batch.pkts[i + k]
                 if p.ts_ns > self.now_ns:
                     self.now_ns = p.ts_ns
-                st = parse_packet(p)
-                if self.rss_n > 1 and not self.rss_mine(p):
-                    p.verdict = VERDICT_HELD    # another stack process's packet
-                    self.rss_other += 1
-                    continue
+                st = -1
+                if self.rss_n > 1 and self.rss_input is None:
+                    # Software RSS here, for an input that cannot filter: another
+                    # process's packet costs a short header walk, not a parse; the
+                    # full parse decides where the walk cannot.
+                    owner = rss_stack_of_frame(p.data, p.caplen, self.rss_n)
+                    if owner < 0:
+                        st = parse_packet(p)
+                        owner = rss_stack_of_parsed(p, self.rss_n)
+                    if owner != <int>self.rss_k:
+                        p.verdict = VERDICT_HELD
+                        self.rss_other += 1
+                        continue
+                if st < 0:
+                    st = parse_packet(p)
                 self.pkts += 1
                 self.bytes += p.wirelen
                 self.status_count[st] += 1
@@ -227,17 +236,6 @@ cdef class NetworkLayer:
     cdef void prefetch(self, mbx_pkt *p) noexcept nogil:
         # ... and asks for its per-flow state early, a chunk at a time.
         pass
-
-    cdef bint rss_mine(self, mbx_pkt *p) noexcept nogil:
-        # Software RSS (paper §4.2 "Parallel Stacks"): the flow table's symmetric
-        # hash picks the stack process, so both directions of a flow meet in one.
-        # Fragments carry no ports, so all of a datagram's pieces hash alike (by
-        # addresses); non-IP frames are stack 0's.
-        cdef mbx_flow_key key
-        if p.ip_ver == 0:
-            return self.rss_k == 0
-        flow_key_of(p, &key)
-        return flow_key_hash(&key) % self.rss_n == self.rss_k
 
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil:
         # A μStack that extends this one (the TCP Monitor) does its per-packet work
@@ -325,6 +323,8 @@ cdef class NetworkLayer:
         cdef uint32_t marks[64]
         cdef double t_read[64]          # when each burst in flight was read
         cdef Batch batch
+        if self.rss_n > 1 and inp.rss_share(self.rss_k, self.rss_n):
+            self.rss_input = inp        # it counts what it passed over
         cdef int n
         cdef double now = monotonic()
         cdef double started = now
@@ -416,7 +416,8 @@ cdef class NetworkLayer:
             "sent": self.sent,
             "dropped_by_nf": self.nf_dropped,
             "dropped_malformed": self.malformed_dropped,
-            "other_stacks": self.rss_other,
+            "other_stacks": self.rss_other + (
+                self.rss_input.rss_skipped if self.rss_input is not None else 0),
             "fragments_held": self.frag_held,
             "parse": parse,
             "flows": {
@@ -439,3 +440,22 @@ cdef class NetworkLayer:
             "timing": {"bursts_done": self.retired, "burst_wait_s": self.latency_s,
                        "run_s": self.run_s},
         }
+
+
+def rss_owners(frame, uint32_t n):
+    """Software RSS on one frame over ``n`` stacks: (the short header walk's answer,
+    or -1 where it defers to the parser; the answer after the full parse).
+
+    Tests and tools only: the stack decides on its own batches.  Wherever the first
+    is not -1 the two must be equal, or a flow's directions could part.
+    """
+    cdef const uint8_t[::1] view = frame
+    cdef uint32_t caplen = view.shape[0]
+    cdef Batch b = Batch(1, caplen + 16)
+    cdef mbx_pkt *p
+    if n == 0:
+        raise ValueError("rss_owners: n (the number of stacks) must be at least 1")
+    p = b.add(&view[0] if caplen else <const uint8_t *>b"", caplen, caplen, 0, 0)
+    fast = rss_stack_of_frame(p.data, p.caplen, n)
+    parse_packet(p)
+    return fast, rss_stack_of_parsed(p, n)

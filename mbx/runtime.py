@@ -303,7 +303,8 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     the flows whose symmetric hash is its share, so both directions of a flow meet
     in one process.  An AF_PACKET input is split by the kernel (a fanout group).
     Each process writes its own output (``FILE.stackK`` for ``pcap:FILE``).
-    Returns (merged counters, [each process's counters])."""
+    Returns (merged counters, [each process's counters]); each process's counters
+    carry its CPU seconds (``cpu_s``, summed in the merged ones)."""
     import json
     import signal
 
@@ -349,11 +350,13 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     for k, (pid, rfd) in enumerate(children):
         with os.fdopen(rfd, "rb") as fh:
             data = fh.read()
-        os.waitpid(pid, 0)
+        _, _, usage = os.wait4(pid, 0)
         msg = json.loads(data) if data else {"error": "exited without a report"}
         if "error" in msg:
             errors.append(f"stack {k}: {msg['error']}")
         else:
+            # the process's own CPU time: on a busy machine, how the work was split
+            msg["ok"]["cpu_s"] = usage.ru_utime + usage.ru_stime
             parts.append(msg["ok"])
     if errors:
         raise AppError("; ".join(errors))

@@ -33,8 +33,14 @@ import pytest
 from mbx.errors import PortError
 from mbx.ports import open_input, open_output, open_ports
 
-TAG = f"mx{os.getpid() % 100000}"
-NS_C, NS_M, NS_S = f"{TAG}c", f"{TAG}m", f"{TAG}s"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from benchmarks.testbed import netns  # noqa: E402  (the shared namespace plumbing)
+
+PREFIX = "mxa"
+NS_RE = re.compile(rf"^{PREFIX}(\d+)-[cms]$")
+NS_C, NS_M, NS_S = (f"{PREFIX}{os.getpid()}-{role}" for role in "cms")
 CLIENT_IP, SERVER_IP = "198.18.1.1", "198.18.1.2"
 HERE = os.path.abspath(__file__)
 
@@ -47,8 +53,7 @@ def _sh(*cmd, check=True, timeout=20, **kw):
                           text=True, **kw)
 
 
-def _in_ns(ns, *cmd):
-    return ["ip", "netns", "exec", ns, *cmd]
+_in_ns = netns.in_ns
 
 
 def _testbed_missing():
@@ -58,12 +63,7 @@ def _testbed_missing():
     for tool in ("ip", "ethtool", "nft", "curl", "tcpdump"):
         if shutil.which(tool) is None:
             return f"needs {tool} (apt-get install iproute2 ethtool nftables curl tcpdump)"
-    probe = f"{TAG}probe"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"'ip netns add' does not work here: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
+    return netns.probe(PREFIX)
 
 
 def _require_testbed():
@@ -80,8 +80,7 @@ def _mac(ns, dev):
 
 def _quiet_veth(ns, dev):
     _sh("ip", "-n", ns, "link", "set", dev, "up")
-    _sh(*_in_ns(ns, "ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off",
-                "gso", "off", "gro", "off"), check=False)
+    netns.offloads_off(ns, dev, check=False)
     _sh(*_in_ns(ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1"), check=False)
 
 
@@ -111,6 +110,7 @@ class Procs:
 def testbed():
     """client -- mb -- server namespaces; removed (with their veths) afterwards."""
     _require_testbed()
+    netns.reap_stale(NS_RE)     # left by a run that was killed
     made = []
     procs = Procs()
     try:
@@ -143,7 +143,7 @@ def testbed():
     finally:
         procs.stop_all()
         for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            netns.delete_ns(ns)
 
 
 def _start_bridge(procs, *extra):

@@ -8,6 +8,7 @@ session fixture starts it and every test attaches vdevs under fresh names.
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -317,3 +318,146 @@ def test_mbx_run_over_dpdk_vdevs_ends_with_the_capture(example_pcap, tmp_path):
     assert outs["dpdk"] == outs["pcap"]
     assert [f for _, f in read_frames(tmp_path / "d.pcap")] == \
         [f for _, f in read_frames(tmp_path / "p.pcap")]
+
+
+# ------------------------------------------------------------------ net_memif, net_af_packet
+# The same stack and NFs over ports of another kind: what comes out of the port must
+# give the counters and the frames the pcap port gives for the same capture.
+
+def stack_results(counters):
+    """What must not depend on the port: timestamps (and so handler times) do."""
+    return {k: counters[k] for k in ("packets", "bytes", "flows", "parse", "events")}
+
+
+def pcap_reference(capture, tmp_path):
+    from mbx.nfs.flow_stats import FlowStats
+
+    out = str(tmp_path / "reference.pcap")
+    with open_input(f"pcap:{capture}") as inp, open_output(f"pcap:{out}") as outp:
+        counters = App([L2Fwd(), FlowStats()]).run(inp, outp)
+    return stack_results(counters), [f for _, f in read_frames(out)]
+
+
+def carry(capture, tx, rx, out):
+    """Send the frames of ``capture`` out of ``tx`` as they are, then run the stack
+    and NFs over what ``rx`` received (as many frames, within 60 s); its counters."""
+    from mbx.nfs.flow_stats import FlowStats
+
+    expected = 0
+    with open_input(f"pcap:{capture}") as inp:
+        batch = Batch(64)
+        while inp.receive(batch) != -1:
+            expected += tx.send(batch)
+            batch.reset()
+    assert (tx.tx_pkts, tx.tx_dropped) == (inp.rx_pkts, 0), tx.counters
+    with open_output(f"pcap:{out}") as outp:
+        counters = App([L2Fwd(), FlowStats()]).run(rx, outp, max_packets=expected,
+                                                    duration=60)
+    return stack_results(counters)
+
+
+@pytest.mark.usefixtures("eal")
+def test_a_memif_pair_carries_a_capture_as_the_pcap_port_reads_it(example_pcap, tmp_path):
+    import time
+
+    reference, frames = pcap_reference(example_pcap, tmp_path)
+    sock = tmp_path / "memif.sock"
+    # rsize: a ring of 2**14 slots holds the whole capture until it is read
+    args = f"socket={sock},socket-abstract=no,rsize=14"
+    with DpdkPort(vdev("net_memif", f"role=server,{args}"), port_id=1) as server, \
+            DpdkPort(vdev("net_memif", f"role=client,{args}")) as client:
+        assert server.driver == client.driver == "net_memif"
+        for _ in range(1000):               # the two ends meet over the socket
+            if server.link_up and client.link_up:
+                break
+            time.sleep(0.01)
+        assert server.link_up and client.link_up, "memif ends did not connect in 10 s"
+        got = carry(example_pcap, client, server, tmp_path / "memif.pcap")
+    assert got == reference
+    assert [f for _, f in read_frames(tmp_path / "memif.pcap")] == frames
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from benchmarks.testbed import netns  # noqa: E402  (the shared namespace plumbing)
+
+AFP_PREFIX = "mxd"
+AFP_NS = f"{AFP_PREFIX}{os.getpid()}-veth"
+
+
+def _veth_missing():
+    """Why a veth pair in a namespace cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (a network namespace and AF_PACKET sockets)"
+    for tool in ("ip", "ethtool"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (apt-get install iproute2 ethtool)"
+    return None
+
+
+@pytest.fixture
+def veth_ns():
+    """A namespace holding a veth pair d0 -- d1: offloads off (frames stay as sent),
+    IPv6 off (no chatter of its own); removed afterwards."""
+    reason = _veth_missing()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the net_af_packet test: {reason}")
+        pytest.skip(reason)
+
+    netns.reap_stale(re.compile(rf"^{AFP_PREFIX}(\d+)-veth$"))
+    netns.run(["ip", "netns", "add", AFP_NS])
+    try:
+        netns.run(netns.in_ns(AFP_NS, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"))
+        netns.run(["ip", "-n", AFP_NS, "link", "add", "d0", "type", "veth", "peer", "name",
+                   "d1"])
+        for dev in ("d0", "d1"):
+            netns.offloads_off(AFP_NS, dev)
+            netns.run(["ip", "-n", AFP_NS, "link", "set", dev, "up"])
+        yield AFP_NS
+    finally:
+        netns.delete_ns(AFP_NS)
+
+
+def test_net_af_packet_over_a_veth_pair_matches_the_pcap_port(veth_ns, example_pcap,
+                                                              tmp_path):
+    # DPDK 22.11's net_af_packet joins its socket to a fanout group with the defrag
+    # flag (the kernel hands it IPv4 datagrams reassembled, cut to the ring's frame
+    # size) and reinserts a stripped outer 802.1ad tag as 802.1Q: those frames
+    # cannot arrive as sent, so the comparison is over the rest of the capture.
+    from mbx._parse import parse
+
+    kept = [(ts, f) for ts, f in read_frames(example_pcap)
+            if f[12:14] != b"\x88\xa8" and "fragment" not in parse(f)["flag_names"]]
+    assert 1000 < len(kept) < len(read_frames(example_pcap))
+    capture = str(tmp_path / "carried.pcap")
+    write_pcap(capture, kept)
+    reference, frames = pcap_reference(capture, tmp_path)
+    # In its own process inside the namespace: the interfaces live there, and the
+    # process has its own EAL.
+    out = tmp_path / "afpacket.pcap"
+    r = subprocess.run(["ip", "netns", "exec", veth_ns, sys.executable, __file__,
+                        "afpacket", capture, str(out)],
+                       capture_output=True, text=True, timeout=180, check=False)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    assert got == reference
+    assert [f for _, f in read_frames(out)] == frames
+
+
+def _afpacket_main(capture, out):
+    _dpdkport.eal_init()
+    # framecnt: the kernel rings hold the whole capture (the default 512 drops)
+    rx = DpdkPort("net_af_packet1,iface=d1,framecnt=4096", port_id=1)
+    tx = DpdkPort("net_af_packet0,iface=d0,framecnt=4096")
+    try:
+        counters = carry(capture, tx, rx, out)
+    finally:
+        rx.close()
+        tx.close()
+    print(json.dumps(counters))
+
+
+if __name__ == "__main__":
+    {"afpacket": _afpacket_main}[sys.argv[1]](*sys.argv[2:])

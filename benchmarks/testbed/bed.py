@@ -52,6 +52,8 @@ import sys
 import tempfile
 import time
 
+from . import netns
+
 CLIENT_IP = "198.18.1.1"
 MB_CLIENT_IP = "198.18.1.254"
 MB_SERVER_IP = "198.18.2.254"
@@ -81,18 +83,14 @@ STATE_DIR = "/run/mbx-testbed"
 TIMEOUT = 20.0
 
 
-class TestbedError(RuntimeError):
+class TestbedError(netns.NetnsError):
     """The test bed could not be set up, or a command in it failed."""
 
     __test__ = False
 
 
 def run(argv, timeout=TIMEOUT, check=True, **kw):
-    r = subprocess.run(argv, capture_output=True, timeout=timeout, **kw)
-    if check and r.returncode != 0:
-        err = r.stderr.decode(errors="replace") if isinstance(r.stderr, bytes) else r.stderr
-        raise TestbedError(f"{' '.join(map(str, argv))}: exit {r.returncode}: {err.strip()}")
-    return r
+    return netns.run(argv, timeout=timeout, check=check, error=TestbedError, **kw)
 
 
 REQUIRED_TOOLS = {"ip": "iproute2", "nft": "nftables", "ethtool": "ethtool",
@@ -111,13 +109,9 @@ def unavailable(modes=()):
     missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if missing:
         return f"missing Debian packages: {' '.join(missing)}"
-    name = f"{PREFIX}{os.getpid()}-probe"
-    try:
-        r = run(["ip", "netns", "add", name], check=False, timeout=10)
-        if r.returncode != 0:
-            return f"ip netns add fails here: {r.stderr.decode(errors='replace').strip()}"
-    finally:
-        run(["ip", "netns", "del", name], check=False, timeout=10)
+    reason = netns.probe(PREFIX)
+    if reason:
+        return reason
     for m in modes:
         if m in MBX_MODES:
             reason = afpacket_unavailable()
@@ -140,45 +134,15 @@ def afpacket_unavailable():
     return None
 
 
-def list_netns():
-    r = run(["ip", "netns", "list"], check=False, timeout=10)
-    return [line.split()[0] for line in r.stdout.decode().splitlines() if line.strip()]
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not running: check its state
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def ns_pids(ns):
-    r = run(["ip", "netns", "pids", ns], check=False, timeout=10)
-    return [int(t) for t in r.stdout.decode().split() if t.isdigit()]
-
-
-def delete_ns(ns):
-    """Kill what still runs in namespace ``ns`` (by PID) and delete it."""
-    for pid in ns_pids(ns):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    run(["ip", "netns", "del", ns], check=False, timeout=10)
+list_netns = netns.list_netns
+pid_alive = netns.pid_alive
+ns_pids = netns.ns_pids
+delete_ns = netns.delete_ns
 
 
 def reap_stale():
     """Delete namespaces of earlier runs whose process is gone."""
-    for ns in list_netns():
-        m = _NS_RE.match(ns)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
-            delete_ns(ns)
+    netns.reap_stale(_NS_RE)
 
 
 def stop_pid(pid, sig=signal.SIGTERM, timeout=5.0, popen=None):
@@ -347,8 +311,7 @@ class Bed:
                 # merge frames on receive.  The same settings in every mode, so the
                 # kernel and HAProxy rows are not favoured by offloads the bridge
                 # modes cannot have.
-                self.exec(role, ["ethtool", "-K", dev, "rx", "off", "tx", "off", "tso",
-                                 "off", "gso", "off", "gro", "off"])
+                netns.offloads_off(self.ns[role], dev, error=TestbedError)
             self.ip(role, "link", "set", dev, "up")
             if self.rps:
                 # RPS on every CPU: a veth hands packets over in the sender's context,

@@ -43,6 +43,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+# The namespace plumbing is shared with the Table 3 bed (benchmarks/testbed).
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+from benchmarks.testbed import netns as _ns  # noqa: E402
+
 CLIENT_IP = "198.18.1.1"
 SERVER_IP = "198.18.2.1"
 ROUTER_CLIENT_IP = "198.18.1.254"
@@ -71,16 +77,12 @@ _serial = itertools.count(1)
 TIMEOUT = 20.0  # default bound for one command run in a namespace
 
 
-class TestbedError(RuntimeError):
+class TestbedError(_ns.NetnsError):
     """The test bed could not be set up (or a command in it failed)."""
 
 
 def _run(argv, timeout=TIMEOUT, check=True, **kw):
-    r = subprocess.run(argv, capture_output=True, timeout=timeout, **kw)
-    if check and r.returncode != 0:
-        err = r.stderr.decode(errors="replace") if isinstance(r.stderr, bytes) else r.stderr
-        raise TestbedError(f"{' '.join(map(str, argv))}: exit {r.returncode}: {err.strip()}")
-    return r
+    return _ns.run(argv, timeout=timeout, check=check, error=TestbedError, **kw)
 
 
 def netns_available():
@@ -91,50 +93,16 @@ def netns_available():
                  "wget"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (scripts/test.sh installs it as root)"
-    name = f"{_PREFIX}{os.getpid()}-probe"
-    try:
-        r = _run(["ip", "netns", "add", name], check=False, timeout=10)
-        if r.returncode != 0:
-            return f"ip netns add fails here: {r.stderr.decode(errors='replace').strip()}"
-    finally:
-        _run(["ip", "netns", "del", name], check=False, timeout=10)
-    return None
+    return _ns.probe(_PREFIX)
 
 
-def list_netns():
-    r = _run(["ip", "netns", "list"], check=False, timeout=10)
-    return [line.split()[0] for line in r.stdout.decode().splitlines() if line.strip()]
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _kill_ns_pids(ns):
-    """Kill what is still running in one of our namespaces (by PID)."""
-    r = _run(["ip", "netns", "pids", ns], check=False, timeout=10)
-    for tok in r.stdout.decode().split():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(tok), signal.SIGKILL)
-
-
-def _delete_ns(ns):
-    _kill_ns_pids(ns)
-    _run(["ip", "netns", "del", ns], check=False, timeout=10)
+list_netns = _ns.list_netns
+_delete_ns = _ns.delete_ns
 
 
 def reap_stale():
     """Delete namespaces left by earlier runs of this harness whose process is gone."""
-    for ns in list_netns():
-        m = _NS_RE.match(ns)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            _delete_ns(ns)
+    _ns.reap_stale(_NS_RE)
 
 
 @dataclass
@@ -230,8 +198,7 @@ class Testbed:
             # checksums, as a middlebox on a real link would see them.  With TSO/GSO
             # the veth hands tcpdump 64 KiB super-segments, with GRO it merges them on
             # receive, and with tx checksum offload the checksums are left unfinished.
-            self.exec(role, ["ethtool", "-K", dev, "rx", "off", "tx", "off", "tso", "off",
-                             "gso", "off", "gro", "off"], timeout=10)
+            _ns.offloads_off(self.ns[role], dev, error=TestbedError)
             self.ip(role, "link", "set", dev, "up")
         self.sysctl("rtr", "net.ipv4.ip_forward", "1")
         # The client's receive buffer may grow to CLIENT_RMEM_MAX only (the default

@@ -1,0 +1,247 @@
+"""Software RSS (paper §4.2): the short header walk that places a frame in a stack
+process before any parse must agree with the full parse plus the flow table's
+symmetric hash, wherever it answers; the pcap reader and the stack then deliver
+exactly a process's share."""
+import struct
+
+import dpkt
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import mbx
+from mbx._events import EventBus
+from mbx._packet import Batch
+from mbx._pcap import PcapReader
+from mbx._stack import NetworkLayer, rss_owners
+from mbx.examples.capture import ether, tcp4, tcp6, udp4
+
+V4 = [b"\xc6\x12\x00\x01", b"\xc6\x12\x00\x02", b"\xc6\x13\x07\x07"]
+V6 = [bytes.fromhex("20010db8" + "00" * 11 + k) for k in ("01", "02", "ff")]
+TPIDS = [0x8100, 0x88A8, 0x9100]
+EXT6 = [0, 43, 60, 51, 44]          # hop-by-hop, routing, dest opts, AH, fragment
+
+
+def l4_header(draw, proto, sport, dport):
+    if proto == 6:
+        doff = draw(st.sampled_from([5, 5, 6, 4, 15]))
+        opts = b"\x01\x01\x01\x01" * max(0, doff - 5)
+        return struct.pack("!HHIIBBHHH", sport, dport, 1, 2, doff << 4, 0x18, 100, 0,
+                           0) + opts
+    if proto == 17:
+        ulen = draw(st.sampled_from([8, 16, 3, 400]))
+        return struct.pack("!HHHH", sport, dport, ulen, 0)
+    if proto in (1, 58):
+        return struct.pack("!BBHHH", draw(st.sampled_from([0, 3, 8, 128])), 0, 0, 1, 2)
+    return draw(st.binary(min_size=0, max_size=12))
+
+
+def ipv4_packet(draw, proto, l4):
+    src, dst = draw(st.sampled_from(V4)), draw(st.sampled_from(V4))
+    opts = draw(st.sampled_from([b"", b"", b"\x01\x01\x01\x00", b"\x07\x07\x04" + b"\0" * 5,
+                                 b"\x44\x02\x00\x00"]))
+    ihl = (20 + len(opts)) // 4
+    ihl = draw(st.sampled_from([ihl, ihl, ihl, 3, 15]))
+    version = draw(st.sampled_from([4, 4, 4, 6]))
+    frag = draw(st.sampled_from([0, 0, 0x4000, 0x2000, 0x0003, 0x2005, 0x1FFF]))
+    body = opts + l4
+    tot = 20 + len(body)
+    tot = draw(st.sampled_from([tot, tot, tot, 19, 0, tot + 30, 65535]))
+    hdr = struct.pack("!BBHHHBBH4s4s", (version << 4) | ihl, 0, tot, 7, frag, 64, proto,
+                      0, src, dst)
+    return hdr + body
+
+
+def ipv6_packet(draw, proto, l4):
+    src, dst = draw(st.sampled_from(V6)), draw(st.sampled_from(V6))
+    chain = draw(st.lists(st.sampled_from(EXT6), max_size=3))
+    nexts = chain + [proto]
+    ext = b""
+    for kind, nh in zip(chain, nexts[1:], strict=True):
+        if kind == 44:
+            off = draw(st.sampled_from([0, 0, 1, 8]))   # 0: atomic fragment
+            more = draw(st.sampled_from([0, 1]))
+            ext += struct.pack("!BBHI", nh, 0, (off << 3) | more, 99)
+        elif kind == 51:
+            ext += struct.pack("!BB", nh, 1) + b"\0" * 10
+        else:
+            ext += struct.pack("!BB", nh, 0) + b"\0" * 6
+    body = ext + l4
+    plen = draw(st.sampled_from([len(body), len(body), 0, len(body) + 50]))
+    version = draw(st.sampled_from([6, 6, 6, 4]))
+    return struct.pack("!IHBB16s16s", version << 28, plen, nexts[0], 64, src, dst) + body
+
+
+@st.composite
+def frames(draw):
+    proto = draw(st.sampled_from([6, 6, 17, 17, 1, 58, 47, 50, 132]))
+    sport = draw(st.sampled_from([80, 443, 5000, 5001]))
+    dport = draw(st.sampled_from([80, 443, 5000, 5001]))
+    l4 = l4_header(draw, proto, sport, dport) + draw(st.binary(max_size=16))
+    family = draw(st.sampled_from([4, 6]))
+    ip = ipv4_packet(draw, proto, l4) if family == 4 else ipv6_packet(draw, proto, l4)
+    ethertype = draw(st.sampled_from([0x0800 if family == 4 else 0x86DD] * 4
+                                     + [0x0806, 0x0800 if family == 6 else 0x86DD]))
+    tags = b"".join(struct.pack("!HH", draw(st.sampled_from(TPIDS)), 5)
+                    for _ in range(draw(st.sampled_from([0, 0, 1, 2, 3]))))
+    frame = b"\x02" * 12 + tags + struct.pack("!H", ethertype) + ip
+    if draw(st.booleans()):
+        frame = frame[:draw(st.integers(0, len(frame)))]
+    return frame
+
+
+@settings(max_examples=3000, deadline=None)
+@given(frame=frames(), n=st.integers(1, 8))
+def test_fast_walk_agrees_with_the_full_parse(frame, n):
+    fast, full = rss_owners(frame, n)
+    assert 0 <= full < n
+    assert fast in (-1, full)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(frame=st.binary(max_size=120), n=st.integers(1, 8))
+@example(frame=b"\x02" * 12 + b"\x08\x00" + b"\x45" + b"\0" * 19, n=3)
+def test_fast_walk_agrees_on_any_bytes(frame, n):
+    fast, full = rss_owners(frame, n)
+    assert fast in (-1, full)
+
+
+def dpkt_frames():
+    """Frames built by dpkt: the common cases the walk must answer itself, and the
+    ones it must leave to the parser."""
+    def eth(ip, tags=()):
+        e = dpkt.ethernet.Ethernet(src=b"\x02" * 6, dst=b"\x04" * 6, data=ip,
+                                   type=0x0800 if isinstance(ip, dpkt.ip.IP) else 0x86DD)
+        raw = bytes(e)
+        for tpid in reversed(tags):
+            raw = raw[:12] + struct.pack("!HH", tpid, 9) + raw[12:]
+        return raw
+
+    fast, slow = [], []
+    for i in range(64):
+        s, d = V4[i % 3], V4[(i // 3) % 3]
+        tcp = dpkt.tcp.TCP(sport=1000 + i, dport=80, flags=dpkt.tcp.TH_SYN)
+        udp = dpkt.udp.UDP(sport=53, dport=2000 + i, data=b"q")
+        udp.ulen = 9
+        fast.append(eth(dpkt.ip.IP(src=s, dst=d, p=6, data=tcp), tags=[0x8100] * (i % 3)))
+        fast.append(eth(dpkt.ip.IP(src=s, dst=d, p=17, data=udp)))
+        fast.append(eth(dpkt.ip.IP(src=s, dst=d, p=6, mf=1, offset=3, data=b"x" * 16)))
+        fast.append(eth(dpkt.ip6.IP6(src=V6[i % 3], dst=V6[(i + 1) % 3], nxt=6, hlim=64,
+                                     data=tcp, plen=20)))
+        slow.append(eth(dpkt.ip.IP(src=s, dst=d, p=6, hl=6, opts=b"\x01\x01\x01\x00",
+                                    data=tcp)))
+        # IPv6 with a hop-by-hop header, built by hand (dpkt re-serialises its own)
+        body = struct.pack("!BB", 6, 0) + b"\0" * 6 + bytes(tcp)
+        ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(body), 0, 64, V6[i % 3],
+                          V6[(i + 2) % 3]) + body
+        slow.append(b"\x04" * 6 + b"\x02" * 6 + b"\x86\xdd" + ip6)
+    return fast, slow
+
+
+def test_dpkt_frames_common_cases_are_decided_without_the_parser():
+    fast, slow = dpkt_frames()
+    for n in (2, 3, 4):
+        for f in fast:
+            quick, full = rss_owners(f, n)
+            assert quick == full, f.hex()
+        for f in slow:
+            quick, full = rss_owners(f, n)
+            assert quick == -1, f.hex()
+            assert 0 <= full < n
+    # both directions of a flow, and all pieces of a datagram, meet in one stack
+    a = ether(tcp4("198.18.0.1", "198.19.0.2", 40000, 443))
+    b = ether(tcp4("198.19.0.2", "198.18.0.1", 443, 40000))
+    assert rss_owners(a, 4) == rss_owners(b, 4)
+    c = ether(tcp6("2001:db8::1", "2001:db8::2", 1, 2))
+    d = ether(tcp6("2001:db8::2", "2001:db8::1", 2, 1))
+    assert rss_owners(c, 4) == rss_owners(d, 4)
+
+
+def mixed_frames():
+    fast, slow = dpkt_frames()
+    extra = [ether(b"\x00" * 28, ethertype=0x0806),           # ARP: stack 0's
+             ether(udp4("198.18.5.5", "198.19.5.5", 9, 9))[:30],  # cut short
+             ether(tcp4("198.18.1.1", "198.19.1.1", 7, 8), vlans=(3, 4))]
+    out = []
+    for i in range(max(len(fast), len(slow))):
+        out += fast[i:i + 1] + slow[i:i + 1]
+    return out + extra
+
+
+def write(path, frames, linktype=1):
+    with open(path, "wb") as fh:
+        w = dpkt.pcap.Writer(fh, linktype=linktype)
+        for i, f in enumerate(frames):
+            w.writepkt(f, ts=1.0 + i * 1e-3)
+
+
+def read_all(port):
+    got = []
+    b = Batch(64)
+    while True:
+        b.reset()
+        if port.receive(b) < 0:
+            return got
+        got += [b.frame(i) for i in range(len(b))]
+
+
+def test_pcap_reader_delivers_exactly_its_share(tmp_path):
+    frames = mixed_frames()
+    ip_only = [f[14:] for f in frames if f[12:14] == b"\x08\x00"]
+    for name, written, linktype, as_ether in (
+            ("eth.pcap", frames, 1, lambda f: f),
+            ("raw.pcap", ip_only, 101, lambda f: b"\0" * 12 + b"\x08\x00" + f)):
+        path = str(tmp_path / name)
+        write(path, written, linktype)
+        expect_all = [as_ether(f) for f in written]
+        n = 3
+        shares = []
+        for k in range(n):
+            port = PcapReader(path)
+            assert port.rss_share(k, n) is True
+            got = read_all(port)
+            want = [f for f in expect_all if rss_owners(f, n)[1] == k]
+            assert got == want
+            assert port.rss_skipped == len(expect_all) - len(want)
+            shares.append(len(got))
+            port.close()
+        assert sum(shares) == len(expect_all) and min(shares) > 0
+
+
+def test_rss_share_rejects_a_bad_share(tmp_path):
+    path = str(tmp_path / "x.pcap")
+    write(path, mixed_frames()[:3])
+    port = PcapReader(path)
+    try:
+        port.rss_share(2, 2)
+    except ValueError as e:
+        assert "pcap:" in str(e) and "2 of 2" in str(e)
+    else:
+        raise AssertionError("rss_share(2, 2) was accepted")
+    finally:
+        port.close()
+
+
+def test_stack_keeps_its_share_from_an_input_that_does_not_filter():
+    # A batch handed to the stack directly (as a DPDK or AF_PACKET port would
+    # deliver it): the stack decides each packet itself.
+    frames = mixed_frames()
+    n = 3
+    seen_total = 0
+    for k in range(n):
+        seen = []
+        nf = mbx.NF("recorder")
+        nf.sub(mbx.PKT, lambda ev, seen=seen: seen.append(1))
+        bus = EventBus([nf], msg_capacity=4096)
+        stack = NetworkLayer(bus, rss=(k, n))
+        batch = Batch(len(frames))
+        for f in frames:
+            assert batch.append(f)
+        stack.process(batch)
+        want = sum(1 for f in frames if rss_owners(f, n)[1] == k)
+        c = stack.counters()
+        assert c["packets"] == want
+        assert len(seen) == want - c["fragments_held"]    # held fragments make no PKT
+        assert c["other_stacks"] == len(frames) - want
+        seen_total += c["packets"]
+        bus.close()
+    assert seen_total == len(frames)
