@@ -82,6 +82,24 @@ def assert_baseline(counters):
     assert p["ring_entries"] == 0
     assert p["published"] == p["completed"] + p["ring_dropped"]
 
+def assert_killed_at_100(c, out, frames, rec_path, failure):
+    """A Suicide(100) NF's run, followed by a FileRecorder at rec_path: its policy
+    applied from its death on, and every slot and ring entry back."""
+    assert_baseline(c)
+    held = c["fragments_held"]
+    seen = len(rec_path.read_text().splitlines())
+    if failure == "open":
+        # bypassed: everything still leaves, and the next NF sees every packet
+        assert len(out) == len(frames) - held
+        assert seen == len(out)
+    else:
+        # what needed it is dropped from its death on: the 100th packet (it died
+        # holding it) and every later one
+        assert len(out) == 99 and seen == 99
+        assert c["dropped_by_nf"] == len(frames) - held - 99
+    assert c["pipeline"]["nfs"]["suicide"]["forwarded_for_it"] > 0
+
+
 
 def test_batch_lives_in_shared_memory():
     import mmap
@@ -209,19 +227,7 @@ def test_killed_nf(example_pcap, tmp_path, failure):
     assert p["nfs"]["suicide"]["state"] == "died"
     assert p["nfs"]["suicide"]["exit_status"] == signal.SIGKILL
     assert p["nfs"]["after"]["state"] == "ok"
-    assert_baseline(c)
-    held = c["fragments_held"]
-    seen = len(rec_path.read_text().splitlines())
-    if failure == "open":
-        # bypassed: everything still leaves, and the next NF sees every packet
-        assert len(out) == len(frames) - held
-        assert seen == len(out)
-    else:
-        # what needed it is dropped from its death on: the 100th packet (it died
-        # holding it) and every later one
-        assert len(out) == 99 and seen == 99
-        assert c["dropped_by_nf"] == len(frames) - held - 99
-    assert p["nfs"]["suicide"]["forwarded_for_it"] > 0
+    assert_killed_at_100(c, out, frames, rec_path, failure)
 
 
 @pytest.mark.parametrize("full", ["stall", "drop"])
@@ -398,16 +404,7 @@ def test_killed_nf_with_bursts_in_flight(example_pcap, tmp_path, failure, inflig
     assert p["nfs"]["suicide"]["state"] == "died"
     assert p["nfs"]["after"]["state"] == "ok"
     assert p["max_in_flight"] > 1
-    assert_baseline(c)
-    held = c["fragments_held"]
-    seen = len(rec_path.read_text().splitlines())
-    if failure == "open":
-        assert len(out) == len(frames) - held
-        assert seen == len(out)
-    else:
-        assert len(out) == 99 and seen == 99
-        assert c["dropped_by_nf"] == len(frames) - held - 99
-    assert p["nfs"]["suicide"]["forwarded_for_it"] > 0
+    assert_killed_at_100(c, out, frames, rec_path, failure)
 
 
 @pytest.mark.parametrize("bad", [0, 3, 32, "4"])
