@@ -551,11 +551,11 @@ cdef class AfPacketPort(Port):
         # any batch: dropped), -1 the batch is full (leave the frame in the ring).
         cdef uint8_t *s
         cdef uint16_t tpid
+        cdef bint tagged = False
+        cdef bint truncated = status & TP_STATUS_COPY or caplen < wirelen
         if pkttype == PACKET_OUTGOING:
             self.rx_outgoing = self.rx_outgoing + 1
             return 0
-        if status & TP_STATUS_COPY or caplen < wirelen:
-            self.rx_truncated = self.rx_truncated + 1
         if status & TP_STATUS_VLAN_VALID and caplen >= 12:
             # The kernel strips the 802.1Q tag before packet sockets see the frame;
             # a transparent middlebox puts it back.
@@ -570,13 +570,17 @@ cdef class AfPacketPort(Port):
             frame = s
             caplen += VLAN_HLEN
             wirelen += VLAN_HLEN
-            self.rx_vlan = self.rx_vlan + 1
+            tagged = True
         if batch.add(frame, caplen, wirelen, ts_ns, port_id) == NULL:
             if batch.count:
-                return -1
+                return -1               # counted when the next call takes it
             # Larger than an empty batch's arena: it can never go.
             self.rx_dropped = self.rx_dropped + 1
             return 0
+        if truncated:
+            self.rx_truncated = self.rx_truncated + 1
+        if tagged:
+            self.rx_vlan = self.rx_vlan + 1
         self.rx_pkts = self.rx_pkts + 1
         self.rx_bytes = self.rx_bytes + caplen
         return 1
