@@ -167,3 +167,11 @@ def test_tshark_finds_valid_checksums_and_consistent_conversations(run, example_
     # the backend never shows as a source towards a client
     assert "198.18.2." not in "".join(
         line.split("\t")[0] for line in r.stdout.splitlines())
+
+
+def test_c_l4lb_pipelined_writes_what_inline_writes(run, example_pcap):
+    # in its own process the C handlers rewrite the shared packet memory alike
+    inline, out_inline = run([L4LB(**OPTIONS)], example_pcap)
+    counters, out = run([L4LB(**OPTIONS)], example_pcap, deploy="pipelined")
+    assert counters["sent"] == inline["sent"] > 1000
+    assert out == out_inline
