@@ -254,7 +254,7 @@ cdef class AfPacketPort(Port):
     Receiving maps a ring of ``block_count`` blocks of ``block_size`` bytes.  With
     ``ring="v2"`` (TPACKET_V2) each block holds ``block_size // frame_size`` slots
     of ``frame_size`` bytes, one frame each, handed over as soon as it arrives; a
-    frame longer than a slot's room (``frame_size`` minus about 80 bytes of
+    frame longer than a slot's room (``frame_size`` minus about 70 bytes of
     header) is cut short and counted in ``rx_truncated``.  With ``ring="v3"``
     (TPACKET_V3) frames are packed into blocks and the kernel hands a block over
     when it is full or ``retire_ms`` after its first frame, so ``retire_ms``
