@@ -8,7 +8,9 @@ out of ms; the sink's kernel drops them (they are addressed to another MAC).  Tw
 forwarders, measured in the same run over the same traffic:
 
 - ``mbx``: ``BridgePorts`` receive -> send, one burst at a time (no stack, no NF),
-  and the same with ``App([L2Fwd()])`` (parse, flow table, PKT events);
+  on the default TPACKET_V2 ring; ``mbx-v3`` the same on the TPACKET_V3 ring
+  (``ring="v3"``); ``mbx-app`` the V2 bridge with ``App([L2Fwd()])`` (parse, flow
+  table, PKT events);
 - ``python``: ``socket(AF_PACKET)`` ``recv_into`` / ``send`` per packet.
 
 Rates are forwarded packets per CPU second of the forwarder process (user + system,
@@ -142,7 +144,8 @@ def forward(mode, n, idle_s=1.0):
     else:
         from mbx._afpacket import BridgePorts
         from mbx._packet import Batch
-        bridge = BridgePorts("mg", "ms", block_count=128, timeout_ms=10)
+        bridge = BridgePorts("mg", "ms", ring="v3" if mode == "mbx-v3" else "v2",
+                             block_count=128, timeout_ms=10)
         if mode == "mbx-app":
             # The run ends when the bridge goes idle: a watchdog stops it.
             import threading
@@ -227,7 +230,8 @@ def main():
     teardown()
     try:
         setup()
-        results = {m: measure(m, args.packets) for m in ("mbx", "mbx-app", "python")}
+        results = {m: measure(m, args.packets)
+                   for m in ("mbx", "mbx-v3", "mbx-app", "python")}
     finally:
         teardown()
     print(f"{'forwarder':<10} {'offered':>9} {'offer pps':>10} {'forwarded':>9} "
@@ -238,9 +242,12 @@ def main():
               f"{r['offered'] - r['forwarded']:>8} {r['cpu_s']:>6.2f} {r['user_s']:>6.2f} "
               f"{r['pps_per_core']:>10,.0f} {wall_pps:>10,.0f}")
     py = results["python"]["pps_per_core"]
-    for m in ("mbx", "mbx-app"):
+    for m in ("mbx", "mbx-v3", "mbx-app"):
         ratio = results[m]["pps_per_core"] / py if py else float("nan")
         print(f"ratio {m} / python (packets per CPU second): {ratio:.1f}x")
+    v2, v3 = results["mbx"]["pps_per_core"], results["mbx-v3"]["pps_per_core"]
+    print(f"ratio mbx (V2 ring) / mbx-v3 (packets per CPU second): "
+          f"{v2 / v3 if v3 else float('nan'):.2f}x")
 
 
 if __name__ == "__main__":

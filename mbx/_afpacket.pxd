@@ -1,5 +1,5 @@
 # Live interfaces through Linux AF_PACKET sockets: AfPacketPort (one interface, a
-# TPACKET_V3 receive ring and sendmmsg batches) and BridgePorts (the middlebox
+# TPACKET_V2 or V3 receive ring and sendmmsg batches) and BridgePorts (the middlebox
 # between a client-facing and a server-facing interface).  Declared here so other
 # extensions can cimport them and call rx_burst/tx_burst directly.
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -16,11 +16,16 @@ cdef class AfPacketPort(Port):
     cdef readonly int ifindex
     cdef readonly int mtu
     cdef readonly uint16_t port_id
+    cdef readonly str ring_version      # "v2" (a slot per frame) or "v3" (packed blocks)
+    cdef int tpacket_version            # TPACKET_V2 or TPACKET_V3
     cdef readonly uint32_t block_size
     cdef readonly uint32_t block_count
     cdef readonly uint32_t frame_size
+    cdef uint32_t frames_per_block      # V2: slots per block
+    cdef uint32_t frame_count           # V2: slots in the ring
+    cdef uint32_t cur_frame             # V2: slot being read (or waited for)
     cdef readonly int timeout_ms        # poll() wait when no block is ready
-    cdef readonly int retire_ms         # kernel hands over a partly filled block after this
+    cdef readonly int retire_ms         # V3: kernel hands over a partly filled block after this
     cdef readonly object fanout_group   # None or 0..65535
     cdef readonly str fanout_mode
     cdef readonly bint rx
@@ -37,9 +42,9 @@ cdef class AfPacketPort(Port):
     cdef int fd
     cdef uint8_t *ring                  # the mmapped receive ring, NULL without one
     cdef size_t ring_len
-    cdef uint32_t cur_block             # block being read (or waited for)
-    cdef uint32_t left_in_block         # frames of cur_block not yet delivered
-    cdef uint8_t *next_frame            # the next of those
+    cdef uint32_t cur_block             # V3: block being read (or waited for)
+    cdef uint32_t left_in_block         # V3: frames of cur_block not yet delivered
+    cdef uint8_t *next_frame            # V3: the next of those
     cdef uint8_t *scratch               # a frame getting its VLAN tag back
     cdef bint stopping
     cdef int64_t deadline_ns            # 0: none; else rx ends at this CLOCK_MONOTONIC time
@@ -48,7 +53,13 @@ cdef class AfPacketPort(Port):
     cdef uint32_t calls
     cdef char errmsg[AFP_ERRMSG]
 
+    cdef int take_frame(self, Batch batch, const uint8_t *frame, uint32_t caplen,
+                        uint32_t wirelen, int64_t ts_ns, uint32_t status,
+                        uint16_t vlan_tci, uint16_t vlan_tpid, uint8_t pkttype,
+                        uint16_t port_id) noexcept nogil
     cdef int rx_ready(self, Batch batch, uint16_t port_id) noexcept nogil
+    cdef int rx_ready_v2(self, Batch batch, uint16_t port_id) noexcept nogil
+    cdef int rx_ready_v3(self, Batch batch, uint16_t port_id) noexcept nogil
     cdef int wait(self) noexcept nogil
     cdef int send_frames(self, mbx_pkt **pkts, int n) noexcept nogil
     cdef void refresh_stats(self) noexcept nogil

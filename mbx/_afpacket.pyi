@@ -3,14 +3,17 @@
 from mbx._packet import Port
 
 FANOUT_MODES: dict[str, int]
+RING_VERSIONS: dict[str, int]
 
 class AfPacketPort(Port):
-    """One interface: a TPACKET_V3 receive ring, sendmmsg bursts, optional fanout."""
+    """One interface: a TPACKET_V2 (default) or V3 receive ring, sendmmsg bursts,
+    optional fanout."""
 
     iface: str
     ifindex: int
     mtu: int
     port_id: int
+    ring_version: str
     block_size: int
     block_count: int
     frame_size: int
@@ -34,6 +37,7 @@ class AfPacketPort(Port):
         iface: str,
         *,
         port_id: int = 0,
+        ring: str = "v2",
         block_size: int = 1 << 17,
         block_count: int = 64,
         frame_size: int = 2048,
@@ -64,6 +68,7 @@ class BridgePorts(Port):
         client_iface: str,
         server_iface: str,
         *,
+        ring: str = "v2",
         block_size: int = 1 << 17,
         block_count: int = 64,
         frame_size: int = 2048,

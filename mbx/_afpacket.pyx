@@ -1,9 +1,23 @@
 """Live interfaces through Linux AF_PACKET sockets.
 
-``AfPacketPort`` receives from a TPACKET_V3 ring mapped into our memory: the kernel
-fills blocks of frames, ``rx_burst`` walks them without the GIL and copies each frame
-into the batch arena once (the stack parses and rewrites there), then hands the block
-back.  It sends with ``sendmmsg``: one system call per burst of up to 64 frames.
+``AfPacketPort`` receives from a ring mapped into our memory and copies each frame
+into the batch arena once (the stack parses and rewrites there), without the GIL.
+Two ring formats, chosen by ``ring``:
+
+- ``"v2"`` (TPACKET_V2, the default): one fixed-size slot per frame; the kernel hands
+  each frame over (TP_STATUS_USER) as soon as it is written and wakes ``poll()``
+  per frame.  A bridging middlebox forwards request/response traffic whose next
+  packet waits for this one, so the time a frame sits in the ring is added to every
+  round trip: V2 adds none.
+- ``"v3"`` (TPACKET_V3): frames packed into blocks; the kernel hands a block over
+  when it is full or ``retire_ms`` (at least 1 ms) after its first frame, and wakes
+  ``poll()`` per block.  Fewer wake-ups and denser memory for capture-heavy
+  receive, but up to ``retire_ms`` of added latency per hop at low or moderate
+  rates (Table 3's keep-alive runs lost 2-3x to it).
+
+Both drain every ready frame per call (a burst), never allocate per packet, and
+keep the same counters.  It sends with ``sendmmsg``: one system call per burst of
+up to 64 frames.
 
 Why ``sendmmsg`` and not a PACKET_TX_RING: the TX ring is zero-copy past the Ethernet
 header (the skb points into the ring's pages) and a frame slot is released when the
@@ -111,6 +125,11 @@ cdef extern from "<linux/if_packet.h>" nogil:
         unsigned short mr_type
         unsigned short mr_alen
         unsigned char mr_address[8]
+    struct tpacket_req:
+        unsigned int tp_block_size
+        unsigned int tp_block_nr
+        unsigned int tp_frame_size
+        unsigned int tp_frame_nr
     struct tpacket_req3:
         unsigned int tp_block_size
         unsigned int tp_block_nr
@@ -130,6 +149,16 @@ cdef extern from "<linux/if_packet.h>" nogil:
         uint32_t version
         uint32_t offset_to_priv
         tpacket_bd_header_u hdr
+    struct tpacket2_hdr:
+        uint32_t tp_status
+        uint32_t tp_len
+        uint32_t tp_snaplen
+        uint16_t tp_mac
+        uint16_t tp_net
+        uint32_t tp_sec
+        uint32_t tp_nsec
+        uint16_t tp_vlan_tci
+        uint16_t tp_vlan_tpid
     struct tpacket_hdr_variant1:
         uint32_t tp_rxhash
         uint32_t tp_vlan_tci
@@ -157,6 +186,7 @@ cdef extern from "<linux/if_packet.h>" nogil:
         PACKET_FANOUT
         PACKET_IGNORE_OUTGOING
         PACKET_OUTGOING
+        TPACKET_V2
         TPACKET_V3
         TP_STATUS_KERNEL
         TP_STATUS_USER
@@ -194,6 +224,9 @@ cdef enum:
     SIGNAL_CHECK_EVERY = 256    # rx calls between checks for Ctrl-C under load
     VLAN_HLEN = 4
 
+# The ring formats the ``ring`` option names (see the module docstring for the choice).
+RING_VERSIONS = {"v2": TPACKET_V2, "v3": TPACKET_V3}
+
 FANOUT_MODES = {
     "hash": PACKET_FANOUT_HASH, "lb": PACKET_FANOUT_LB, "cpu": PACKET_FANOUT_CPU,
     "rollover": PACKET_FANOUT_ROLLOVER, "random": PACKET_FANOUT_RND,
@@ -214,17 +247,21 @@ def _errno_text(int e):
 cdef class AfPacketPort(Port):
     """One live interface through an AF_PACKET socket.
 
-    ``AfPacketPort(iface, *, port_id=0, block_size=1<<17, block_count=64,
+    ``AfPacketPort(iface, *, port_id=0, ring="v2", block_size=1<<17, block_count=64,
     frame_size=2048, fanout_group=None, fanout_mode="hash", fanout_defrag=False,
     rx=True, tx=True, timeout_ms=5, retire_ms=1, promisc=True, duration=0.0)``
 
-    Receiving maps a TPACKET_V3 ring of ``block_count`` blocks of ``block_size``
-    bytes; the kernel hands a block over when it is full or ``retire_ms`` after its
-    first frame, so ``retire_ms`` bounds the latency the ring adds at low rates.
-    ``rx_burst`` waits at most ``timeout_ms`` in ``poll()`` when no block is ready,
-    then returns 0.  ``frame_size`` is the largest frame expected (it sizes the
-    ring's frame count and the VLAN scratch buffer).  Frames this socket (or any
-    socket) sent out of the interface are not received.
+    Receiving maps a ring of ``block_count`` blocks of ``block_size`` bytes.  With
+    ``ring="v2"`` (TPACKET_V2) each block holds ``block_size // frame_size`` slots
+    of ``frame_size`` bytes, one frame each, handed over as soon as it arrives; a
+    frame longer than a slot's room (``frame_size`` minus about 70 bytes of
+    header) is cut short and counted in ``rx_truncated``.  With ``ring="v3"``
+    (TPACKET_V3) frames are packed into blocks and the kernel hands a block over
+    when it is full or ``retire_ms`` after its first frame, so ``retire_ms``
+    bounds the latency the ring adds at low rates (V2 ignores it).
+    ``rx_burst`` waits at most ``timeout_ms`` in ``poll()`` when nothing is
+    ready, then returns 0.  Frames this socket (or any socket) sent out of the
+    interface are not received.
 
     ``fanout_group`` (0..65535) joins a PACKET_FANOUT group: sockets in one group
     share the interface's frames; ``"hash"`` keeps both directions of a flow on one
@@ -235,7 +272,8 @@ cdef class AfPacketPort(Port):
     ``rx_burst`` return end of input, so the run loop finishes normally.
     Counters: ``rx_dropped`` are frames the kernel could not put in the ring
     (PACKET_STATISTICS, refreshed by ``stats()`` and when idle); ``tx_dropped``
-    frames refused by the interface (full queue, too big).
+    frames refused by the interface (full queue, too big); ``kernel_freezes``
+    (V3 only) blocks the kernel found still in our hands.
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -245,13 +283,15 @@ cdef class AfPacketPort(Port):
         self.iface = ""
         self.fanout_mode = ""
 
-    def __init__(self, str iface, *, int port_id=0, uint32_t block_size=1 << 17,
+    def __init__(self, str iface, *, int port_id=0, str ring="v2",
+                 uint32_t block_size=1 << 17,
                  uint32_t block_count=64, uint32_t frame_size=2048, fanout_group=None,
                  str fanout_mode="hash", bint fanout_defrag=False, bint rx=True,
                  bint tx=True, int timeout_ms=5, int retire_ms=1, bint promisc=True,
                  double duration=0.0):
         cdef sockaddr_ll sll
-        cdef tpacket_req3 req
+        cdef tpacket_req3 req3
+        cdef tpacket_req req
         cdef packet_mreq mreq
         cdef ifreq ifr
         cdef int fd, val, e
@@ -263,6 +303,8 @@ cdef class AfPacketPort(Port):
             raise ValueError(f"port_id {port_id} is not in 0..65535")
         if not rx and not tx:
             raise ValueError("an AfPacketPort needs rx, tx or both")
+        if ring not in RING_VERSIONS:
+            raise ValueError(f"ring {ring!r} is not one of {', '.join(RING_VERSIONS)}")
         if rx:
             if block_size < 4096 or block_size & (block_size - 1):
                 raise ValueError(f"block_size {block_size} is not a power of two >= 4096")
@@ -284,9 +326,13 @@ cdef class AfPacketPort(Port):
         self.iface = iface
         self.name = f"afpacket:{iface}"
         self.port_id = port_id
+        self.ring_version = ring
+        self.tpacket_version = RING_VERSIONS[ring]
         self.block_size = block_size
         self.block_count = block_count
         self.frame_size = frame_size
+        self.frames_per_block = block_size // frame_size
+        self.frame_count = self.frames_per_block * block_count
         self.timeout_ms = timeout_ms
         self.retire_ms = retire_ms
         self.fanout_group = fanout_group
@@ -322,17 +368,25 @@ cdef class AfPacketPort(Port):
                 self._raise("ioctl(SIOCGIFMTU)", e)
             self.mtu = ifr.ifr_mtu
             if rx:
-                val = TPACKET_V3
+                val = self.tpacket_version
                 if setsockopt(fd, SOL_PACKET, PACKET_VERSION, &val, sizeof(val)) < 0:
                     e = errno
-                    self._raise("setsockopt(PACKET_VERSION, TPACKET_V3)", e)
-                memset(&req, 0, sizeof(req))
-                req.tp_block_size = block_size
-                req.tp_block_nr = block_count
-                req.tp_frame_size = frame_size
-                req.tp_frame_nr = (block_size // frame_size) * block_count
-                req.tp_retire_blk_tov = retire_ms
-                if setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req)) < 0:
+                    self._raise(f"setsockopt(PACKET_VERSION, TPACKET_V{val})", e)
+                if self.tpacket_version == TPACKET_V3:
+                    memset(&req3, 0, sizeof(req3))
+                    req3.tp_block_size = block_size
+                    req3.tp_block_nr = block_count
+                    req3.tp_frame_size = frame_size
+                    req3.tp_frame_nr = self.frame_count
+                    req3.tp_retire_blk_tov = retire_ms
+                    val = setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &req3, sizeof(req3))
+                else:
+                    req.tp_block_size = block_size
+                    req.tp_block_nr = block_count
+                    req.tp_frame_size = frame_size
+                    req.tp_frame_nr = self.frame_count
+                    val = setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req))
+                if val < 0:
                     e = errno
                     self._raise(f"setsockopt(PACKET_RX_RING, {block_count} blocks of "
                                 f"{block_size} bytes)", e)
@@ -439,6 +493,7 @@ cdef class AfPacketPort(Port):
 
     def __repr__(self):
         return (f"<AfPacketPort {self.iface!r} ifindex={self.ifindex} mtu={self.mtu} "
+                f"ring={self.ring_version} "
                 f"rx={self.rx_pkts} tx={self.tx_pkts}"
                 f"{' closed' if self.fd < 0 else ''}>")
 
@@ -448,6 +503,8 @@ cdef class AfPacketPort(Port):
         cdef socklen_t n = sizeof(st)
         if self.fd < 0 or self.ring == NULL:
             return
+        # A V2 socket fills only the first two fields (struct tpacket_stats).
+        memset(&st, 0, sizeof(st))
         if getsockopt(self.fd, SOL_PACKET, PACKET_STATISTICS, &st, &n) == 0:
             self.kernel_packets = self.kernel_packets + st.tp_packets
             self.rx_dropped = self.rx_dropped + st.tp_drops
@@ -486,23 +543,92 @@ cdef class AfPacketPort(Port):
                 return r
         return 0
 
+    cdef int take_frame(self, Batch batch, const uint8_t *frame, uint32_t caplen,
+                        uint32_t wirelen, int64_t ts_ns, uint32_t status,
+                        uint16_t vlan_tci, uint16_t vlan_tpid, uint8_t pkttype,
+                        uint16_t port_id) noexcept nogil:
+        # One ring frame into the batch: 1 added, 0 skipped (ours, or too large for
+        # any batch: dropped), -1 the batch is full (leave the frame in the ring).
+        cdef uint8_t *s
+        cdef uint16_t tpid
+        cdef bint tagged = False
+        cdef bint truncated = status & TP_STATUS_COPY or caplen < wirelen
+        if pkttype == PACKET_OUTGOING:
+            self.rx_outgoing = self.rx_outgoing + 1
+            return 0
+        if status & TP_STATUS_VLAN_VALID and caplen >= 12:
+            # The kernel strips the 802.1Q tag before packet sockets see the frame;
+            # a transparent middlebox puts it back.
+            tpid = vlan_tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q
+            s = self.scratch
+            memcpy(s, frame, 12)
+            s[12] = tpid >> 8
+            s[13] = tpid & 0xFF
+            s[14] = (vlan_tci >> 8) & 0xFF
+            s[15] = vlan_tci & 0xFF
+            memcpy(s + 16, frame + 12, caplen - 12)
+            frame = s
+            caplen += VLAN_HLEN
+            wirelen += VLAN_HLEN
+            tagged = True
+        if batch.add(frame, caplen, wirelen, ts_ns, port_id) == NULL:
+            if batch.count:
+                return -1               # counted when the next call takes it
+            # Larger than an empty batch's arena: it can never go.
+            self.rx_dropped = self.rx_dropped + 1
+            return 0
+        if truncated:
+            self.rx_truncated = self.rx_truncated + 1
+        if tagged:
+            self.rx_vlan = self.rx_vlan + 1
+        self.rx_pkts = self.rx_pkts + 1
+        self.rx_bytes = self.rx_bytes + caplen
+        return 1
+
     cdef int rx_ready(self, Batch batch, uint16_t port_id) noexcept nogil:
-        # Copy frames of the blocks the kernel has handed over into the batch, until
-        # it is full or no block is ready; never waits.  A block goes back to the
-        # kernel once all its frames are out; a full batch leaves the position
-        # inside the block for the next call.
+        # Copy the frames the kernel has handed over into the batch, until it is
+        # full or none is ready; never waits.  Returns the count added.
+        if self.ring == NULL:
+            return 0
+        if self.tpacket_version == TPACKET_V2:
+            return self.rx_ready_v2(batch, port_id)
+        return self.rx_ready_v3(batch, port_id)
+
+    cdef int rx_ready_v2(self, Batch batch, uint16_t port_id) noexcept nogil:
+        # Slot by slot from cur_frame; each goes back to the kernel once copied.
+        cdef tpacket2_hdr *h
+        cdef const sockaddr_ll *sll
+        cdef uint8_t *slot
+        cdef int n = 0, r
+        cdef size_t sll_off = TPACKET_ALIGN(sizeof(tpacket2_hdr))
+        while True:
+            slot = (self.ring + <size_t>(self.cur_frame // self.frames_per_block)
+                    * self.block_size
+                    + <size_t>(self.cur_frame % self.frames_per_block) * self.frame_size)
+            h = <tpacket2_hdr *>slot
+            if not (load_acquire(&h.tp_status) & TP_STATUS_USER):
+                break
+            sll = <const sockaddr_ll *>(slot + sll_off)
+            r = self.take_frame(batch, slot + h.tp_mac, h.tp_snaplen, h.tp_len,
+                                <int64_t>h.tp_sec * 1000000000 + h.tp_nsec, h.tp_status,
+                                h.tp_vlan_tci, h.tp_vlan_tpid, sll.sll_pkttype, port_id)
+            if r < 0:
+                break                   # full: this slot is read again next call
+            n += r
+            store_release(&h.tp_status, TP_STATUS_KERNEL)
+            self.cur_frame += 1
+            if self.cur_frame == self.frame_count:
+                self.cur_frame = 0
+        return n
+
+    cdef int rx_ready_v3(self, Batch batch, uint16_t port_id) noexcept nogil:
+        # A block goes back to the kernel once all its frames are out; a full batch
+        # leaves the position inside the block for the next call.
         cdef tpacket_block_desc *bd
         cdef tpacket3_hdr *h
         cdef const sockaddr_ll *sll
-        cdef const uint8_t *frame
-        cdef uint8_t *s
-        cdef uint32_t caplen, wirelen
-        cdef uint16_t tpid
-        cdef int n = 0
-        cdef uint64_t nbytes = 0
+        cdef int n = 0, r
         cdef size_t sll_off = TPACKET_ALIGN(sizeof(tpacket3_hdr))
-        if self.ring == NULL:
-            return 0
         while True:
             bd = <tpacket_block_desc *>(self.ring + <size_t>self.cur_block * self.block_size)
             if self.next_frame == NULL:
@@ -513,49 +639,18 @@ cdef class AfPacketPort(Port):
             while self.left_in_block:
                 h = <tpacket3_hdr *>self.next_frame
                 sll = <const sockaddr_ll *>(self.next_frame + sll_off)
-                if sll.sll_pkttype == PACKET_OUTGOING:
-                    self.rx_outgoing = self.rx_outgoing + 1
-                else:
-                    frame = self.next_frame + h.tp_mac
-                    caplen = h.tp_snaplen
-                    wirelen = h.tp_len
-                    if h.tp_status & TP_STATUS_COPY:
-                        self.rx_truncated = self.rx_truncated + 1
-                    if h.tp_status & TP_STATUS_VLAN_VALID and caplen >= 12:
-                        # The kernel strips the 802.1Q tag before packet sockets see
-                        # the frame; a transparent middlebox puts it back.
-                        tpid = (h.hv1.tp_vlan_tpid if h.tp_status & TP_STATUS_VLAN_TPID_VALID
-                                else ETH_P_8021Q)
-                        s = self.scratch
-                        memcpy(s, frame, 12)
-                        s[12] = tpid >> 8
-                        s[13] = tpid & 0xFF
-                        s[14] = (h.hv1.tp_vlan_tci >> 8) & 0xFF
-                        s[15] = h.hv1.tp_vlan_tci & 0xFF
-                        memcpy(s + 16, frame + 12, caplen - 12)
-                        frame = s
-                        caplen += VLAN_HLEN
-                        wirelen += VLAN_HLEN
-                        self.rx_vlan = self.rx_vlan + 1
-                    if batch.add(frame, caplen, wirelen,
-                                 <int64_t>h.tp_sec * 1000000000 + h.tp_nsec,
-                                 port_id) == NULL:
-                        if batch.count:
-                            self.rx_pkts = self.rx_pkts + n
-                            self.rx_bytes = self.rx_bytes + nbytes
-                            return n            # full: resume here next call
-                        # Larger than an empty batch's arena: it can never go.
-                        self.rx_dropped = self.rx_dropped + 1
-                    else:
-                        n += 1
-                        nbytes += caplen
+                r = self.take_frame(batch, self.next_frame + h.tp_mac, h.tp_snaplen,
+                                    h.tp_len, <int64_t>h.tp_sec * 1000000000 + h.tp_nsec,
+                                    h.tp_status, h.hv1.tp_vlan_tci, h.hv1.tp_vlan_tpid,
+                                    sll.sll_pkttype, port_id)
+                if r < 0:
+                    return n            # full: resume here next call
+                n += r
                 self.next_frame += h.tp_next_offset
                 self.left_in_block -= 1
             store_release(&bd.hdr.bh1.block_status, TP_STATUS_KERNEL)
             self.next_frame = NULL
             self.cur_block = (self.cur_block + 1) % self.block_count
-        self.rx_pkts = self.rx_pkts + n
-        self.rx_bytes = self.rx_bytes + nbytes
         return n
 
     cdef int wait(self) noexcept nogil:

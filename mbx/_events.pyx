@@ -19,11 +19,11 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from mbx._checksum cimport csum_replace, load16, store16
 from mbx._packet cimport (
-    NO_FLOW, PKT_F_FRAGMENT, TH_ACK, TH_FIN, TH_PUSH, TH_RST, TH_SYN, TH_URG,
+    NO_FLOW, TH_ACK, TH_FIN, TH_PUSH, TH_RST, TH_SYN, TH_URG,
     VERDICT_DROP, Batch, mbx_pkt,
 )
+from mbx._rewrite cimport REWRITE_NO_PORTS, pkt_rewrite
 
 import difflib
 import ipaddress
@@ -924,56 +924,21 @@ cdef class Event:
 
     cdef _rewrite(self, int which, object ip, object port):
         cdef mbx_pkt *p = self._pkt()
+        cdef const uint8_t *newb = NULL
+        cdef int new_port = -1 if port is None else <uint16_t>port
+        cdef bytes raw
         if not self.nf.writes:
             raise PermissionDenied(
                 f"NF {self.nf.name} rewrote a packet but did not declare writes=True")
         if p.ip_ver == 0:
             raise MbxError("cannot rewrite addresses of a non-IP packet")
-        cdef uint8_t *ip_hdr = p.data + p.l3_off
-        cdef uint8_t *l4 = p.data + p.l4_off
-        cdef uint8_t *l4_csum = NULL
-        cdef bint has_l4 = p.l4_off > 0 and not (p.flags & PKT_F_FRAGMENT)
-        cdef uint8_t *addr_at
-        cdef int alen = 4 if p.ip_ver == 4 else 16
-        cdef const uint8_t *newb
-        cdef uint8_t oldport[2]
-        cdef uint8_t newport[2]
-        if has_l4 and p.l4_proto == 6 and p.l4_off + 18 <= p.caplen:
-            l4_csum = l4 + 16
-        elif has_l4 and p.l4_proto == 17 and p.l4_off + 8 <= p.caplen:
-            l4_csum = l4 + 6
-            if load16(l4_csum) == 0 and p.ip_ver == 4:
-                l4_csum = NULL          # UDP over IPv4 without a checksum stays so
         if ip is not None:
             raw = _packed_address(ip)
-            if len(raw) != alen:
+            if len(raw) != (4 if p.ip_ver == 4 else 16):
                 raise MbxError(f"cannot put {ip} into an IPv{p.ip_ver} header")
             newb = raw
-            addr_at = ip_hdr + (12 if p.ip_ver == 4 else 8) + which * alen
-            if p.ip_ver == 4:
-                csum_replace(ip_hdr + 10, addr_at, newb, 4)
-            if l4_csum != NULL:
-                csum_replace(l4_csum, addr_at, newb, alen)
-            memcpy(addr_at, newb, alen)
-            if which:
-                memcpy(p.dst.b, newb, alen)
-            else:
-                memcpy(p.src.b, newb, alen)
-        if port is not None:
-            if not (has_l4 and (p.l4_proto == 6 or p.l4_proto == 17)
-                    and p.l4_off + 4 <= p.caplen):
-                raise MbxError("cannot rewrite the port of a packet without TCP/UDP ports")
-            store16(newport, <uint16_t>port)
-            memcpy(oldport, l4 + 2 * which, 2)
-            if l4_csum != NULL:
-                csum_replace(l4_csum, oldport, newport, 2)
-            memcpy(l4 + 2 * which, newport, 2)
-            if which:
-                p.dport = port
-            else:
-                p.sport = port
-        if l4_csum != NULL and p.l4_proto == 17 and load16(l4_csum) == 0:
-            store16(l4_csum, 0xFFFF)     # a computed UDP checksum of 0 is sent as all ones
+        if pkt_rewrite(p, which, newb, new_port) == REWRITE_NO_PORTS:
+            raise MbxError("cannot rewrite the port of a packet without TCP/UDP ports")
 
     def __getattr__(self, name):
         t = _types[self.m.h.type_idx]

@@ -1,7 +1,9 @@
 # The C side of an NF (cimport this from a Cython NF): the message and packet
-# structs, the handler type and its verdicts, and chandler() to hand a handler to
-# NF.sub / NF.up_sub.  A handler runs inside the dispatcher's loop, maybe without
-# the GIL: it must not touch Python objects, and must not block.
+# structs, the handler type and its verdicts, chandler() to hand a handler to
+# NF.sub / NF.up_sub, and pkt_rewrite() to change addresses and ports (checksums
+# follow, exactly as Event.set_src/set_dst; the NF must be made with writes=True).
+# A handler runs inside the dispatcher's loop, maybe without the GIL: it must not
+# touch Python objects, and must not block.
 #
 #     from mbx.cnf cimport MBX_PASS, chandler, mbx_msg, mbx_pkt
 #
@@ -14,4 +16,5 @@ from mbx._events cimport (
     CHandler, chandler, data_rdy_body, flow_body, mbx_c_handler, mbx_msg, mbx_msg_hdr,
     pkt_body, pkt_tcp_body,
 )
-from mbx._packet cimport VERDICT_DROP, mbx_pkt
+from mbx._packet cimport NO_FLOW, VERDICT_DROP, mbx_pkt
+from mbx._rewrite cimport REWRITE_OK, pkt_rewrite

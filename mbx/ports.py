@@ -5,9 +5,9 @@ A spec is ``SCHEME:ARG``.  Capture files are ``pcap:FILE``; live interfaces are
 bridge between two interfaces: one object receives from both and sends each packet
 out of the other one, so it is the input and the output of a run; see
 :func:`open_ports`).  AF_PACKET options follow a ``?``:
-``afpacket:veth0,veth1?fanout=7&block_count=128`` (keys: ``fanout``,
-``fanout_mode``, ``block_size``, ``block_count``, ``frame_size``, ``timeout_ms``,
-``retire_ms``, ``promisc``, ``duration``).  DPDK virtual devices are
+``afpacket:veth0,veth1?fanout=7&block_count=128`` (keys: ``ring`` (``v2``, the
+default, or ``v3``), ``fanout``, ``fanout_mode``, ``block_size``, ``block_count``,
+``frame_size``, ``timeout_ms``, ``retire_ms``, ``promisc``, ``duration``).  DPDK virtual devices are
 ``dpdk:VDEV[,ARGS]`` (e.g. ``dpdk:net_pcap0,rx_pcap=in.pcap``), when mbx was built
 with DPDK.  A bare path ending
 in ``.pcap``, ``.pcapng`` or ``.cap`` is taken as a capture file, so shell
@@ -77,14 +77,14 @@ def _afpacket(spec: str, arg: str) -> tuple[list[str], dict]:
         try:
             if key in _AFPACKET_INT:
                 options["fanout_group" if key == "fanout" else key] = int(value, 0)
-            elif key == "fanout_mode":
+            elif key in ("fanout_mode", "ring"):
                 options[key] = value
             elif key == "promisc":
                 options[key] = value.lower() not in ("0", "no", "false", "off")
             elif key == "duration":
                 options[key] = float(value)
             else:
-                known = _AFPACKET_INT + ("fanout_mode", "promisc", "duration")
+                known = ("ring",) + _AFPACKET_INT + ("fanout_mode", "promisc", "duration")
                 raise PortError(f"port spec {spec!r}: unknown option {key!r}; known: "
                                 f"{', '.join(known)}")
         except ValueError:

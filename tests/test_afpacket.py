@@ -43,6 +43,7 @@ NS_RE = re.compile(rf"^{PREFIX}(\d+)-[cms]$")
 NS_C, NS_M, NS_S = (f"{PREFIX}{os.getpid()}-{role}" for role in "cms")
 CLIENT_IP, SERVER_IP = "198.18.1.1", "198.18.1.2"
 HERE = os.path.abspath(__file__)
+RINGS = ("v2", "v3")            # AfPacketPort ring formats; every live test runs both
 
 
 # ---------------------------------------------------------------- helpers
@@ -212,6 +213,9 @@ def test_spec_errors():
             open_input(spec)
     with pytest.raises(PortError, match="two different interfaces"):
         open_input("afpacket:lo,lo")
+    with pytest.raises(PortError, match=r"afpacket:lo\?ring=v1'?: ring 'v1' is not one "
+                                        r"of v2, v3"):
+        open_input("afpacket:lo?ring=v1")
 
 
 def test_open_ports_pcap(tmp_path, example_pcap):
@@ -254,6 +258,47 @@ def test_loopback_port_attributes_and_close():
     q.close()
 
 
+@pytest.mark.parametrize("ring", RINGS)
+def test_loopback_receive_each_ring(ring):
+    # Frames sent on lo come back in as received frames: both ring formats deliver
+    # them whole, in order, with their wire length; a V2 slot too small for a frame
+    # cuts it short and counts it.
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CAP_NET_RAW) for an AF_PACKET socket")
+    from mbx._afpacket import AfPacketPort
+    from mbx._packet import Batch
+    frame_size = 512 if ring == "v2" else 2048
+    rx = AfPacketPort("lo", ring=ring, block_size=1 << 16, block_count=4,
+                      frame_size=frame_size, timeout_ms=1, promisc=False, tx=False,
+                      retire_ms=1)
+    tx = AfPacketPort("lo", rx=False)
+    marker = os.urandom(6)
+    sizes = [60, 300, 1000]
+    with rx, tx:
+        for i, n in enumerate(sizes):
+            b = Batch(1)
+            # an unused ethertype keeps the kernel's stack off these frames
+            b.append(b"\x02" * 6 + marker + b"\x88\xb5" + bytes([i]) * (n - 14))
+            assert tx.send(b) == 1
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < len(sizes) and time.monotonic() < deadline:
+            batch = Batch(64)
+            for j in range(max(rx.receive(batch), 0)):
+                f = batch.frame(j)
+                if f[6:12] == marker:
+                    got.append(f)
+        assert [f[14] for f in got] == [0, 1, 2]
+        if ring == "v2":
+            room = len(got[2])
+            assert room < 1000 and [len(f) for f in got[:2]] == sizes[:2]
+            assert rx.rx_truncated == 1
+        else:
+            assert [len(f) for f in got] == sizes
+            assert rx.rx_truncated == 0
+        assert rx.ring_version == ring
+
+
 def _send_one(port):
     from mbx._packet import Batch
     b = Batch(1)
@@ -264,7 +309,8 @@ def _send_one(port):
 # ---------------------------------------------------------------- the test bed
 
 
-def test_bridge_ping_curl_counters_and_pcap_equivalence(testbed, tmp_path):
+@pytest.mark.parametrize("ring", RINGS)
+def test_bridge_ping_curl_counters_and_pcap_equivalence(testbed, tmp_path, ring):
     procs = testbed
     # The server: a 3 MiB random file over HTTP.
     www = tmp_path / "www"
@@ -287,7 +333,7 @@ def test_bridge_ping_curl_counters_and_pcap_equivalence(testbed, tmp_path):
         time.sleep(0.05)
     time.sleep(0.5)
 
-    bridge = _start_bridge(procs, "60")
+    bridge = _start_bridge(procs, "60", ring)
     try:
         assert _ping(5) == 5
         # The server may take a moment to listen.
@@ -309,6 +355,7 @@ def test_bridge_ping_curl_counters_and_pcap_equivalence(testbed, tmp_path):
     assert re.search(r"^0 packets dropped by kernel", dump_err, re.M), dump_err
 
     live, ports = result["counters"], result["ports"]
+    assert result["ring"] == [ring, ring]
     # The port counters agree with what the stack and the NF saw.
     assert ports["rx_pkts"] == live["packets"] == result["l2fwd"] > 2000
     assert ports["tx_pkts"] == live["sent"] == live["packets"]
@@ -332,9 +379,10 @@ def test_bridge_ping_curl_counters_and_pcap_equivalence(testbed, tmp_path):
     assert replay["parse"] == live["parse"]
 
 
-def test_fanout_hash_splits_flows_and_keeps_directions_together(testbed):
+@pytest.mark.parametrize("ring", RINGS)
+def test_fanout_hash_splits_flows_and_keeps_directions_together(testbed, ring):
     procs = testbed
-    helper = procs.start(_in_ns(NS_M, sys.executable, HERE, "fanout", "mc"),
+    helper = procs.start(_in_ns(NS_M, sys.executable, HERE, "fanout", "mc", ring),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     assert helper.stdout.readline().strip() == "ready", helper.stderr.read()
@@ -353,12 +401,13 @@ def test_fanout_hash_splits_flows_and_keeps_directions_together(testbed):
 # ---------------------------------------------------------------- inside a namespace
 
 
-def _bridge_main(client_if, server_if, duration):
+def _bridge_main(client_if, server_if, duration, ring):
     from mbx._afpacket import BridgePorts
     from mbx.nfs.flow_stats import FlowStats
     from mbx.nfs.l2fwd import L2Fwd
     from mbx.runtime import App
-    bridge = BridgePorts(client_if, server_if, timeout_ms=5, duration=float(duration))
+    bridge = BridgePorts(client_if, server_if, ring=ring, timeout_ms=5,
+                         duration=float(duration))
     l2 = L2Fwd()
     app = App([l2, FlowStats()])
     result = {}
@@ -378,7 +427,8 @@ def _bridge_main(client_if, server_if, duration):
     if "error" in result or worker.is_alive():
         print(result.get("error", "bridge run did not stop"), file=sys.stderr)
         sys.exit(1)
-    out = {"counters": result["counters"], "ports": bridge.stats(), "l2fwd": l2.packets}
+    out = {"counters": result["counters"], "ports": bridge.stats(), "l2fwd": l2.packets,
+           "ring": [bridge.client.ring_version, bridge.server.ring_version]}
     bridge.close()
     print(json.dumps(out, default=str))
 
@@ -419,14 +469,14 @@ def _send_main(tx_if):
     print(sent)
 
 
-def _fanout_main(rx_if):
+def _fanout_main(rx_if, ring):
     # Two sockets in one hash fanout group on rx_if; drain both once the sender is
     # done and report which flows each saw.
     from mbx._afpacket import AfPacketPort
     from mbx._packet import Batch
     group = os.getpid() & 0xFFFF
-    members = [AfPacketPort(rx_if, fanout_group=group, fanout_mode="hash", tx=False,
-                            block_size=1 << 20, block_count=8, timeout_ms=2)
+    members = [AfPacketPort(rx_if, ring=ring, fanout_group=group, fanout_mode="hash",
+                            tx=False, block_size=1 << 20, block_count=8, timeout_ms=2)
                for _ in range(2)]
     print("ready", flush=True)
     sent = int(sys.stdin.readline())
@@ -465,9 +515,9 @@ def _fanout_main(rx_if):
 
 if __name__ == "__main__":
     if sys.argv[1] == "bridge":
-        _bridge_main(*sys.argv[2:5])
+        _bridge_main(*sys.argv[2:6])
     elif sys.argv[1] == "fanout":
-        _fanout_main(sys.argv[2])
+        _fanout_main(*sys.argv[2:4])
     elif sys.argv[1] == "send":
         _send_main(sys.argv[2])
     else:

@@ -1,5 +1,7 @@
 """The L4 load balancer's output capture, read back by dpkt and by tshark:
-checksums valid, translation consistent in both directions."""
+checksums valid, translation consistent in both directions; the C-handler L4LB and
+the Python reference PyL4LB write the same bytes."""
+import random
 import shutil
 import subprocess
 
@@ -7,8 +9,11 @@ import dpkt
 import pytest
 from conftest import read_frames
 
-from mbx.examples.capture import BACKENDS, VIP
-from mbx.nfs.l4lb import L4LB, choose_backend
+import mbx
+from mbx.examples.capture import BACKENDS, VIP, tcp_connection
+from mbx.nfs.l4lb import L4LB, PyL4LB, choose_backend
+
+OPTIONS = {"vip": f"{VIP[0]}:{VIP[1]}", "backends": ",".join(f"{a}:{p}" for a, p in BACKENDS)}
 
 
 def _checksums_ok(ip):
@@ -34,8 +39,9 @@ def _addr(raw):
     return ".".join(str(b) for b in raw)
 
 
-def test_translation_both_ways_with_valid_checksums(run, example_pcap):
-    lb = L4LB(vip=f"{VIP[0]}:{VIP[1]}", backends=",".join(f"{a}:{p}" for a, p in BACKENDS))
+@pytest.mark.parametrize("cls", [L4LB, PyL4LB])
+def test_translation_both_ways_with_valid_checksums(run, example_pcap, cls):
+    lb = cls(**OPTIONS)
     counters, out = run([lb], example_pcap)
     before = list(_tcp_packets(read_frames(example_pcap)))
     after = list(_tcp_packets(out))
@@ -59,7 +65,71 @@ def test_translation_both_ways_with_valid_checksums(run, example_pcap):
             assert bytes(a) == bytes(b), "traffic not for the VIP is untouched"
     assert to_backend > 500 and from_vip > 500
     assert lb.translated == to_backend + from_vip
-    assert not lb.forward and not lb.reply_flows     # per-flow state freed at FLOW/END
+    assert lb.tracked == 0                  # per-flow state freed at FLOW/END
+    if cls is L4LB:
+        assert lb.core.reverse_entries == 0
+        assert lb.core.untranslatable == lb.core.no_memory == 0
+        assert counters["nfs"]["l4lb"]["c_events"] == counters["nfs"]["l4lb"]["events"]
+
+
+def _many_open_connections(n, seed=3):
+    """n connections to the VIP, all opened (handshake) before any carries data, then
+    finished in a shuffled order: thousands of flows and reverse entries at once."""
+    rng = random.Random(seed)
+    conns = []
+    for i in range(n):
+        cli = (f"198.18.1.{1 + i % 250}", 10000 + i)
+        backend = choose_backend(cli[0], cli[1], *VIP, 6, BACKENDS)
+        conns.append(tcp_connection(cli, VIP, backend, b"GET / HTTP/1.1\r\n\r\n",
+                                    b"x" * rng.choice([10, 3000]), 0.0,
+                                    rng.getrandbits(32), rng.getrandbits(32)))
+    order = [f for c in conns for f in c[:3]]
+    rng.shuffle(conns)
+    order += [f for c in conns for f in c[3:]]
+    return [(1_700_000_000 + k * 1e-5, frame) for k, (_, frame) in enumerate(order)]
+
+
+def test_c_and_python_write_the_same_bytes(run, example_pcap, tmp_path):
+    # the example capture, and one with 3000 connections open at once (the C tables
+    # grow several times; FLOW/END frees entries in an order unlike insertion)
+    for frames in (None, _many_open_connections(3000)):
+        outs, lbs = [], []
+        for cls in (L4LB, PyL4LB):
+            lb = cls(**OPTIONS)
+            counters, out = (run([lb], example_pcap) if frames is None
+                             else run([lb], frames=frames))
+            outs.append(out)
+            lbs.append(lb)
+        c, py = lbs
+        assert c.translated == py.translated > 1000
+        assert len(outs[0]) == len(outs[1])
+        assert outs[0] == outs[1]
+        assert c.tracked == py.tracked == 0 and c.core.reverse_entries == 0
+
+
+def test_backend_choice_is_the_documented_hash():
+    # CRC-32 of packed addresses, big-endian ports and the protocol
+    import struct
+    import zlib
+    key = bytes([198, 18, 1, 7, 198, 18, 3, 1]) + struct.pack("!HHB", 40000, 80, 6)
+    want = BACKENDS[zlib.crc32(key) % 2]
+    assert choose_backend("198.18.1.7", 40000, "198.18.3.1", 80, 6, BACKENDS) == want
+    # Linux picks even ephemeral ports: both backends still get connections
+    picks = {choose_backend("198.18.1.7", p, *VIP, 6, BACKENDS) for p in range(40000, 40100, 2)}
+    assert picks == set(BACKENDS)
+
+
+def test_bad_options_name_the_nf():
+    with pytest.raises(mbx.AppError, match="l4lb: needs at least one backend"):
+        L4LB(backends="")
+    with pytest.raises(mbx.AppError, match="l4lb: bad endpoint '198.18.2.1:99999'"):
+        L4LB(backends="198.18.2.1:99999")
+
+
+def test_builtin_l4lb_is_the_c_one():
+    from mbx.runtime import load_app
+    nfs = load_app("l4lb", {"l4lb": OPTIONS})
+    assert len(nfs) == 1 and isinstance(nfs[0], L4LB)
 
 
 @pytest.mark.skipif(shutil.which("tshark") is None,
@@ -67,6 +137,7 @@ def test_translation_both_ways_with_valid_checksums(run, example_pcap):
 def test_tshark_finds_valid_checksums_and_consistent_conversations(run, example_pcap):
     lb = L4LB()
     run([lb], example_pcap)
+    assert lb.translated > 1000
     out_path = example_pcap + ".out.pcap"
     r = subprocess.run(
         ["tshark", "-n", "-r", out_path, "-o", "ip.check_checksum:TRUE",
@@ -96,3 +167,11 @@ def test_tshark_finds_valid_checksums_and_consistent_conversations(run, example_
     # the backend never shows as a source towards a client
     assert "198.18.2." not in "".join(
         line.split("\t")[0] for line in r.stdout.splitlines())
+
+
+def test_c_l4lb_pipelined_writes_what_inline_writes(run, example_pcap):
+    # in its own process the C handlers rewrite the shared packet memory alike
+    inline, out_inline = run([L4LB(**OPTIONS)], example_pcap)
+    counters, out = run([L4LB(**OPTIONS)], example_pcap, deploy="pipelined")
+    assert counters["sent"] == inline["sent"] > 1000
+    assert out == out_inline

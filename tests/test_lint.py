@@ -25,8 +25,11 @@ def test_ruff():
 
 
 def test_cython_lint():
+    # the core, and the Cython NFs (examples and built-ins)
     files = sorted(glob.glob(os.path.join(ROOT, "mbx", "*.pyx"))
-                   + glob.glob(os.path.join(ROOT, "mbx", "*.pxd")))
+                   + glob.glob(os.path.join(ROOT, "mbx", "*.pxd"))
+                   + glob.glob(os.path.join(ROOT, "mbx", "examples", "*.pyx"))
+                   + glob.glob(os.path.join(ROOT, "mbx", "nfs", "*.pyx")))
     assert files
     r = subprocess.run([_tool("cython-lint"), *files], cwd=ROOT, capture_output=True,
                        text=True)

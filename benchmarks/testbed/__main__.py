@@ -35,7 +35,8 @@ def _list(text, known, what):
 
 def _bed_options(args):
     return {"offloads": args.offloads == "on", "rps": not args.no_rps,
-            "http_reuse": args.http_reuse, "haproxy_mode": args.haproxy_mode}
+            "http_reuse": args.http_reuse, "haproxy_mode": args.haproxy_mode,
+            "mbx_port": args.mbx_port, "mbx_nf": args.mbx_nf}
 
 
 def _add_bed_options(p):
@@ -49,6 +50,13 @@ def _add_bed_options(p):
                    help="HAProxy http-reuse (never: one backend connection per client "
                         "connection, as a splicer or L4 LB has)")
     p.add_argument("--haproxy-mode", default="http", choices=("http", "tcp"))
+    p.add_argument("--mbx-port", default="", metavar="OPTS",
+                   help="AF_PACKET options of the mbx modes' bridge, as in a port spec "
+                        "after '?' (e.g. ring=v3 to compare with the block ring)")
+    p.add_argument("--mbx-nf", default="", metavar="NF",
+                   help="mbx-l4lb: run this NF (a built-in name or a .py file with "
+                        "make(name, vip, backends)) instead of l4lb, e.g. "
+                        "benchmarks/testbed/l4lb_python.py (the Python-handler L4 LB)")
 
 
 def main(argv=None):

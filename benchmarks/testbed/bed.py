@@ -193,7 +193,8 @@ class Bed:
 
     def __init__(self, mode, workdir=None, big_size=BIG_SIZE, offloads=False, rps=True,
                  static_neigh=True, http_reuse="never", haproxy_mode="http", tag=None,
-                 mbx_duration=3600.0, mbx_argv=None, new_session=False):
+                 mbx_duration=3600.0, mbx_argv=None, new_session=False, mbx_port="",
+                 mbx_nf=""):
         if mode not in MODES:
             raise TestbedError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
         if mode in BRIDGE_MODES and offloads:
@@ -210,6 +211,8 @@ class Bed:
         self.mbx_duration = mbx_duration
         self.new_session = new_session  # `setup`: daemons outlive us, away from the tty
         self.mbx_argv = mbx_argv  # override of the mbx command (tests, integration)
+        self.mbx_port = mbx_port  # AF_PACKET options of the mbx bridge ("ring=v3&...")
+        self.mbx_nf = mbx_nf      # mbx-l4lb: the NF to run instead of the built-in l4lb
         self.ns = {}
         self.files = {}          # name -> {"path", "size", "sha256", "url_path"}
         self.procs = []          # [(role name, Popen)] in start order
@@ -521,7 +524,11 @@ backend be
         if self.mbx_argv is not None:
             return list(self.mbx_argv)
         spec = f"afpacket:{IF_MB_CLIENT},{IF_MB_SERVER}"
-        app = "l2fwd" if self.mode == "mbx-l2fwd" else "l4lb"
+        if self.mbx_port:
+            spec += "?" + self.mbx_port
+        app = "l2fwd" if self.mode == "mbx-l2fwd" else (self.mbx_nf or "l4lb")
+        # the name `mbx run` gives the NF, which its --set options must use
+        key = os.path.splitext(os.path.basename(app))[0] if app.endswith(".py") else app
         # --out names the same bridge: mbx.ports.open_ports() makes the input bridge
         # its own output then (one object receives on both veths and sends each
         # packet out of the other one); --duration bounds the run even if we die.
@@ -529,9 +536,9 @@ backend be
                 "sys.argv[0] = 'mbx'; sys.exit(main())",
                 "run", app, "--in", spec, "--out", spec, "--duration",
                 f"{self.mbx_duration:g}", "--json", self.mb_json, "-q"]
-        if app == "l4lb":
-            argv += ["--set", f"l4lb.vip={VIP}:{HTTP_PORT}", "--set",
-                     "l4lb.backends=" + ",".join(f"{b}:{HTTP_PORT}" for b in BACKENDS)]
+        if self.mode == "mbx-l4lb":
+            argv += ["--set", f"{key}.vip={VIP}:{HTTP_PORT}", "--set",
+                     f"{key}.backends=" + ",".join(f"{b}:{HTTP_PORT}" for b in BACKENDS)]
         return argv
 
     def _start_mbx(self):

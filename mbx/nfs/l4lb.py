@@ -1,14 +1,25 @@
 """L4 load balancer: a 5-tuple hash picks a backend for each connection to the VIP;
 the destination is rewritten to it, and the backend's replies get the VIP back as
 their source, so both directions stay consistent.  Checksums are updated
-incrementally (RFC 1624) by the stack's rewrite calls.
+incrementally (RFC 1624) by the stack's rewrite helper.
 
 Options: ``vip`` (``ADDR:PORT``), ``backends`` (comma-separated ``ADDR:PORT``).
+
+Two implementations of one translation:
+
+- ``L4LB`` (the built-in ``l4lb``, what ``make()`` returns): C handlers
+  (mbx.nfs._l4lb) that the dispatcher calls without the GIL, its state in C tables
+  freed at FLOW/END.  This is the one to deploy.
+- ``PyL4LB``: the same translation with Python handlers and dicts, readable in a
+  minute; the reference the C one is tested against (same output, byte for byte)
+  and the example of a Python NF that rewrites packets.
 """
 import ipaddress
+import struct
 import zlib
 
 import mbx
+from mbx.nfs._l4lb import Balancer
 
 
 def parse_endpoint(text):
@@ -19,34 +30,71 @@ def parse_endpoint(text):
     else:
         addr, _, port = text.rpartition(":")
     try:
-        return str(ipaddress.ip_address(addr)), int(port)
+        port = int(port)
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"port {port} is not in 0..65535")
+        return str(ipaddress.ip_address(addr)), port
     except ValueError as exc:
         raise mbx.AppError(f"l4lb: bad endpoint {text!r}: expected ADDR:PORT") from exc
 
 
 def choose_backend(src, sport, dst, dport, proto, backends):
-    """The backend for a connection: a hash of its 5-tuple over the backend list."""
-    key = f"{src}|{sport}|{dst}|{dport}|{proto}".encode()
+    """The backend for a connection: CRC-32 of its packed 5-tuple (addresses as 4 or
+    16 bytes, ports big-endian, protocol) modulo the number of backends.  Bytes, not
+    text, so the C handler hashes exactly the same key."""
+    key = (ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
+           + struct.pack("!HHB", sport, dport, proto))
     return backends[zlib.crc32(key) % len(backends)]
 
 
+def _endpoints(vip, backends):
+    vip = parse_endpoint(vip) if isinstance(vip, str) else tuple(vip)
+    if isinstance(backends, str):
+        backends = [b for b in backends.split(",") if b.strip()]
+    backends = [parse_endpoint(b) if isinstance(b, str) else tuple(b) for b in backends]
+    if not backends:
+        raise mbx.AppError("l4lb: needs at least one backend")
+    return vip, backends
+
+
 class L4LB(mbx.NF):
+    """The L4 load balancer with C handlers; ``translated``, ``tracked`` (flows with
+    state now) and the drop counters come from its C state (``self.core``)."""
+
     def __init__(self, name="l4lb", vip="198.18.3.1:80",
                  backends="198.18.2.1:80,198.18.2.2:80"):
         super().__init__(name, writes=True)
-        self.vip = parse_endpoint(vip) if isinstance(vip, str) else tuple(vip)
-        if isinstance(backends, str):
-            backends = [b for b in backends.split(",") if b.strip()]
-        self.backends = [parse_endpoint(b) if isinstance(b, str) else tuple(b)
-                         for b in backends]
-        if not self.backends:
-            raise mbx.AppError("l4lb: needs at least one backend")
+        self.vip, self.backends = _endpoints(vip, backends)
+        self.core = Balancer(self.vip, self.backends)
+        self.sub(mbx.PKT, self.core.packet_handler())
+        self.sub(mbx.FLOW_END, self.core.end_handler())
+
+    @property
+    def translated(self):
+        return self.core.translated
+
+    @property
+    def tracked(self):
+        return self.core.tracked
+
+
+class PyL4LB(mbx.NF):
+    """The L4 load balancer with Python handlers: the reference for ``L4LB``."""
+
+    def __init__(self, name="l4lb", vip="198.18.3.1:80",
+                 backends="198.18.2.1:80,198.18.2.2:80"):
+        super().__init__(name, writes=True)
+        self.vip, self.backends = _endpoints(vip, backends)
         self.forward = {}       # flow id -> (backend, reverse key) (client -> VIP flows)
         self.reverse = {}       # (client, cport, backend, bport) -> VIP, for replies
         self.reply_flows = {}   # flow id -> VIP (backend -> client flows)
         self.translated = 0
         self.sub(mbx.PKT, self.on_packet)
         self.sub(mbx.FLOW_END, self.on_end)
+
+    @property
+    def tracked(self):
+        return len(self.forward) + len(self.reply_flows)
 
     def on_packet(self, ev):
         flow = ev.flow

@@ -1,0 +1,15 @@
+"""Stubs for mbx.nfs._l4lb: the L4 load balancer's C handlers."""
+
+from collections.abc import Iterable
+
+from mbx._events import CHandler
+
+class Balancer:
+    translated: int
+    tracked: int
+    reverse_entries: int
+    untranslatable: int
+    no_memory: int
+    def __init__(self, vip: tuple[str, int], backends: Iterable[tuple[str, int]]) -> None: ...
+    def packet_handler(self) -> CHandler: ...
+    def end_handler(self) -> CHandler: ...
