@@ -22,7 +22,8 @@ def _parse_sets(items):
     options = {}
     for item in items or ():
         name, eq, value = item.partition("=")
-        nf, dot, key = name.partition(".")
+        # the key is a keyword argument (no dots); the NF may be module.path:attr
+        nf, dot, key = name.rpartition(".")
         if not eq or not dot or not nf or not key:
             raise MbxError(f"--set {item!r}: expected NF.KEY=VALUE, e.g. logger.path=out.jsonl")
         options.setdefault(nf, {})[key] = value

@@ -98,3 +98,14 @@ def test_docs_show_listing1_as_it_runs():
     doc = (pathlib.Path(__file__).parent.parent / "docs" / "listing1.md").read_text()
     code = doc.split("```python\n", 1)[1].rsplit("```", 1)[0]
     assert code == pathlib.Path(IDS).read_text()
+
+
+def test_set_reaches_an_nf_named_by_module_path(tmp_path):
+    # --set NF.KEY=VALUE splits at the last dot: the NF may be module.path:attr
+    cap = tmp_path / "example.pcap"
+    assert mbx_cmd("example-capture", str(cap)).returncode == 0
+    events = tmp_path / "events.jsonl"
+    r = mbx_cmd("run", "mbx.nfs.logger:make", "--in", f"pcap:{cap}",
+                "--set", f"mbx.nfs.logger:make.path={events}")
+    assert r.returncode == 0, r.stderr
+    assert events.read_text().count("FLOW/START") > 0
