@@ -100,6 +100,9 @@ def _print_counters(c, elapsed, out=sys.stdout):
             w(f"  {name:<20} {n['events_in']:>12,} / {n['delivered']:,} / {n['drops']:,}"
               f"   {n['handler_s']:9.3f}  {n['state']}"
               f"{' (failure ' + n['failure'] + ')' if n['state'] != 'ok' else ''}\n")
+            if n.get("restart_limit"):
+                w(f"    restarts {n['restarts']} of {n['restart_limit']}"
+                  + "".join(f"\n    died: {why}" for why in n["deaths"]) + "\n")
 
 
 def _run(nfs, args, spec=None):
