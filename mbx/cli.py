@@ -115,12 +115,6 @@ def _run(nfs, args, spec=None):
     if spec is not None:        # an application file: its [stack] options win
         config.update(spec.options)
         config["stack"] = spec.stack
-    if args.stacks > 1:
-        if args.stats or args.prometheus is not None:
-            raise MbxError("--stats and --prometheus watch one stack process: not with "
-                           "--stacks")
-        return _run_parallel(nfs, args, config)
-    app = App(nfs, **config)
     listeners = []
     view = None
     if args.stats:
@@ -133,7 +127,9 @@ def _run(nfs, args, spec=None):
 
         listeners.append(Prometheus(args.prometheus))
     try:
-        return _run_app(app, args, listeners, view)
+        if args.stacks > 1:
+            return _run_parallel(nfs, args, config, listeners, view)
+        return _run_app(App(nfs, **config), args, listeners, view)
     finally:
         for listener in listeners:
             if hasattr(listener, "close"):
@@ -176,17 +172,32 @@ def _run_app(app, args, listeners, view):
     return counters
 
 
-def _run_parallel(nfs, args, config):
-    from mbx.runtime import run_parallel
+def _run_parallel(nfs, args, config, listeners, view):
+    from mbx.runtime import merge_snapshots, run_parallel
 
     if config.get("deploy", "inline") != "inline":
         raise MbxError("--stacks runs inline stack processes; drop --deploy")
+    latest = [None] * args.stacks
+
+    def on_snapshot(k, snap):
+        # each process's latest counters, merged for the live views
+        latest[k] = snap
+        merged = merge_snapshots([c for c in latest if c is not None])
+        merged["per_stack"] = latest
+        for listener in listeners:
+            listener.update(merged)
+
     t0 = time.perf_counter()
     # each stack process gets its own copy of the NFs (fork)
     counters, parts = run_parallel(lambda: nfs, args.inp, args.out, stacks=args.stacks,
                                    burst=args.burst, max_packets=args.max_packets,
-                                   duration=args.duration, **config)
+                                   duration=args.duration,
+                                   on_snapshot=on_snapshot if listeners else None, **config)
     elapsed = time.perf_counter() - t0
+    # the views end on the final counters, the ones printed below
+    final = dict(counters, per_stack=parts)
+    for listener in listeners:
+        listener.update(final)
     counters["elapsed_s"] = elapsed
     counters["stacks"] = [{"packets": c["packets"], "flows": c["flows"]["created"]}
                           for c in parts]
@@ -195,6 +206,8 @@ def _run_parallel(nfs, args, config):
         print("stacks         " + ", ".join(
             f"#{k}: {c['packets']:,} pkts, {c['flows']:,} flows"
             for k, c in enumerate(counters["stacks"])))
+    if view is not None:
+        view.final(final, elapsed)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(counters, fh, indent=2)
