@@ -63,7 +63,8 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _print_counters(c, elapsed, out=sys.stdout):
+def _print_counters(c, elapsed, out=None):
+    out = out if out is not None else sys.stdout     # the stream of now, not of import
     pps = c["packets"] / elapsed if elapsed > 0 else 0.0
     w = out.write
     w(f"packets        {c['packets']:,} ({c['bytes']:,} bytes) in {elapsed:.3f} s, "
