@@ -1002,6 +1002,7 @@ cdef class PipeBus(EventBus):
             self.restart_left[k] = 0
             self.restart_made[k] -= 1
             self.restart_log[k].append(f"restart failed: {type(exc).__name__}: {exc}")
+            self.reported.add(k)        # its death is in the log already
             return
         pr.pid = pid
         self.pidfds[k] = pidfd
