@@ -303,6 +303,16 @@ cdef class PipeBus(EventBus):
     cdef public object stack_memory     # StackMemory: mapped read-only in NF processes
     cdef readonly uint64_t requests     # requests applied (mb_up_sub, TERMINATE)
     cdef readonly uint64_t requests_early   # ... taken before their epoch completed
+    # optional restart of a dead NF (see restart_nf)
+    cdef uint32_t *restart_left         # per NF: restarts it may still have
+    cdef uint64_t *restart_at           # per NF: not before this (now_ns), the back-off
+    cdef uint32_t *started_epochs       # per NF: its epoch count when this process began
+    cdef uint8_t *at_boundary           # per dead NF: its ring stops at an epoch's start
+    cdef bint may_restart               # some NF has restarts left
+    cdef object restart_conf            # per NF: (limit, back-off s)
+    cdef object restart_log             # per NF: [death reasons], restarted or not
+    cdef object restart_made            # per NF: restarts made
+    cdef public object spawn            # spawn(k) -> (pid, pidfd): forks NF k again
 
     cdef inline mbx_proc *proc(self, uint32_t k) noexcept nogil
     cdef void wake_consumer(self, uint32_t r) noexcept nogil
@@ -325,3 +335,6 @@ cdef class PipeBus(EventBus):
     cdef int push_request(self, mbx_req *q) except -1
     cdef bint requests_pressing(self) noexcept nogil
     cdef int apply_requests(self, uint32_t upto) except -1
+    cdef void plan_restart(self, uint32_t k) noexcept nogil
+    cdef bint restart_wanted(self, uint32_t k) noexcept nogil
+    cdef bint restart_ready(self) noexcept nogil

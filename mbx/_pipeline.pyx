@@ -44,6 +44,10 @@ A dead NF is found by waitpid (its pidfd wakes the stack); the stack then drains
 ring on its behalf, recovers the messages it held (their header records the hop they
 were sent to; their region tells their epoch), and applies its failure policy: "open"
 forwards them as if it skipped them, "closed" drops the packets it was subscribed to.
+An NF with restarts allowed (``restart_nf``) is forked again once its back-off has
+passed: the stack then drains its ring only up to the next epoch end, forwards what it
+recovered, and the new process consumes the ring from the epoch after, in the region
+of its share of Event Memory that epoch uses, as the dead one would have.
 
 NFs change the stack's state only by requests (the control path, after the burst in
 the mapping: one ring of mbx_req per NF).  An NF's mb_up_sub and the
@@ -175,6 +179,10 @@ cdef class PipeBus(EventBus):
         self.pidfds = NULL
         self.slot_pkts = NULL
         self.shm = None
+        self.restart_left = NULL
+        self.restart_at = NULL
+        self.started_epochs = NULL
+        self.at_boundary = NULL
 
     def __dealloc__(self):
         cdef uint32_t k
@@ -190,10 +198,15 @@ cdef class PipeBus(EventBus):
         free(self.policy)
         free(self.pidfds)
         free(self.slot_pkts)
+        free(self.restart_left)
+        free(self.restart_at)
+        free(self.started_epochs)
+        free(self.at_boundary)
 
     def setup(self, shm, uint32_t ring_size, bint drop_full, failures,
-              uint32_t inflight=1):
-        """Carve the shared mapping (see ``layout``); before the fork."""
+              uint32_t inflight=1, restarts=None):
+        """Carve the shared mapping (see ``layout``); before the fork.  ``restarts``:
+        per NF, (restarts allowed, first back-off in seconds), see ``restart_nf``."""
         cdef uint8_t[::1] view = shm
         cdef uint32_t n = self.nnf, k
         cdef size_t off
@@ -253,6 +266,19 @@ cdef class PipeBus(EventBus):
             raise MemoryError()
         self.failure_names = list(failures)
         self.reported = set()
+        self.restart_conf = list(restarts) if restarts is not None else [(0, 0.0)] * n
+        self.restart_log = [[] for _ in range(n)]
+        self.restart_made = [0] * n
+        self.restart_left = <uint32_t *>calloc_u32(n)
+        self.started_epochs = <uint32_t *>calloc_u32(n)
+        self.restart_at = <uint64_t *>calloc(n, 8)
+        self.at_boundary = <uint8_t *>calloc(n, 1)
+        if (self.restart_left == NULL or self.started_epochs == NULL
+                or self.restart_at == NULL or self.at_boundary == NULL):
+            raise MemoryError()
+        for k in range(n):
+            self.restart_left[k] = self.restart_conf[k][0]
+            self.may_restart |= self.restart_left[k] > 0
         for k in range(n):
             self.policy[k] = self.failure_names[k] == "open"
             self.pending[k] = NULL
@@ -482,6 +508,10 @@ cdef class PipeBus(EventBus):
         self.per_type_published = self.typecnt + <size_t>k * 2 * MAX_TYPES
         self.per_type_delivered = self.per_type_published + MAX_TYPES
         me = &self.ctl.procs[k]
+        # A restarted NF goes on counting where its dead process left off.
+        self.delivered = me.delivered
+        self.nf_c_events[k] = me.c_events
+        self.nf_ns[k] = me.handler_ns
         skip = <uint8_t *>PyMem_Calloc(self.total, 1)
         if skip == NULL:
             raise MemoryError()
@@ -619,6 +649,7 @@ cdef class PipeBus(EventBus):
             self.ctl.procs[k].status = status if r > 0 else -1
             self.pidfds[k] = -1
             mbx_store(&self.ctl.procs[k].dead, 1)
+            self.plan_restart(k)
             self.recover(k)
             self.deaths += 1
             found = True
@@ -722,10 +753,13 @@ cdef class PipeBus(EventBus):
     cdef bint pump(self, uint32_t k) noexcept nogil:
         # Dead NF k: drain its ring (room permitting), push what is pending on; its
         # ends count as forwarded once they are in the next ring.
-        cdef uint32_t n, j, idx, sent
-        cdef bint progress = False
-        while self.npend[k] + SCRATCH <= self.total + self.ring_size:
-            n = mbx_ring_dequeue(self.rings[k], self.scratch, SCRATCH)
+        # Once its restart is due, the ring is taken one entry at a time and left at
+        # the start of an epoch, for the new process (restart_ready).
+        cdef uint32_t n, j, idx, sent, last
+        cdef bint progress = False, restarting = self.restart_wanted(k)
+        while (not self.at_boundary[k]
+                and self.npend[k] + SCRATCH <= self.total + self.ring_size):
+            n = mbx_ring_dequeue(self.rings[k], self.scratch, 1 if restarting else SCRATCH)
             if n == 0:
                 break
             progress = True
@@ -733,7 +767,10 @@ cdef class PipeBus(EventBus):
             for j in range(n):
                 idx = self.scratch[j]
                 if idx & MBX_END_BIT:
+                    last = self.pend_last[k]
                     self.pend_end(k, idx)
+                    if restarting and self.pend_last[k] != last:
+                        self.at_boundary[k] = 1
                 else:
                     self.pump_one(k, idx)
         if self.npend[k]:
@@ -793,6 +830,8 @@ cdef class PipeBus(EventBus):
             for k in range(self.nnf):
                 if self.ctl.procs[k].dead and self.pump(k):
                     progress = True
+            if self.may_restart and self.restart_ready():
+                progress = True
             if progress:
                 spins = 0
                 continue
@@ -883,13 +922,102 @@ cdef class PipeBus(EventBus):
         return True
 
     def _report_failures(self):
+        # A handler's error ends the run when the NF has no failure policy, unless a
+        # restart is coming (which records why it died, as it happens).
         cdef uint32_t k
         for k in range(self.nnf):
             if not self.ctl.procs[k].dead or k in self.reported:
                 continue
             self.reported.add(k)
+            if self.restart_left[k]:
+                continue
+            if self.restart_conf[k][0]:
+                self.restart_log[k].append(self._death_reason(k) + (
+                    "; not restarted: it died before finishing an epoch"
+                    if self.restart_made[k] < self.restart_conf[k][0]
+                    else "; not restarted: restart limit reached"))
             if self.ctl.procs[k].failed and self.failure_names[k] is None:
                 raise _events.NFError(self.errors[k * ERROR_SIZE:].decode("utf-8", "replace"))
+
+    # -- restarting a dead NF -------------------------------------------------------
+
+    cdef void plan_restart(self, uint32_t k) noexcept nogil:
+        # NF k was just found dead.  A process that did not finish one epoch of its
+        # own is not restarted (it fails at start, or on the first events it gets:
+        # a restart would only repeat that); otherwise the next restart waits the
+        # back-off, doubled at each restart already made.
+        cdef uint32_t made
+        self.at_boundary[k] = 0
+        if not self.restart_left[k]:
+            return
+        if self.ctl.procs[k].epochs == self.started_epochs[k]:
+            self.restart_left[k] = 0
+            return
+        with gil:
+            made = self.restart_made[k]
+            self.restart_at[k] = now_ns() + <uint64_t>(
+                self.restart_conf[k][1] * 1e9 * (1 << min(made, 20)))
+
+    cdef bint restart_wanted(self, uint32_t k) noexcept nogil:
+        return self.restart_left[k] > 0 and now_ns() >= self.restart_at[k]
+
+    cdef bint restart_ready(self) noexcept nogil:
+        # Restart each dead NF whose ring the stack left at an epoch's start, once
+        # everything it forwarded for it is in the next ring.
+        cdef uint32_t k
+        cdef bint done = False
+        for k in range(self.nnf):
+            if (self.ctl.procs[k].dead and self.restart_left[k] and self.at_boundary[k]
+                    and self.npend[k] == 0):
+                with gil:
+                    self.restart_nf(k)
+                done = True
+        return done
+
+    def restart_nf(self, uint32_t k):
+        """Fork a new process for dead NF k, which consumes its ring from the next
+        epoch on.  It is forked from this (the stack's) process, whose copy of the NF
+        object is the pre-fork one: the dead process's state is lost, as in any
+        crash; its counters go on.  Its per-flow subscription changes are lost with
+        it, in the stack's tables too, and requests it left unapplied are dropped."""
+        cdef mbx_proc *pr = &self.ctl.procs[k]
+        self.restart_log[k].append(self._death_reason(k))
+        self.restart_left[k] -= 1
+        self.restart_made[k] += 1
+        self.at_boundary[k] = 0
+        self.reported.discard(k)
+        while mbx_req_peek(&self.reqs[k]) != NULL:
+            mbx_req_pop(&self.reqs[k])
+        if self.flow_set[k] != NULL:
+            memset(self.flow_set[k], 0, <size_t>self.flow_capacity * 2)
+        self.errors[k * ERROR_SIZE] = 0
+        pr.failed = 0
+        pr.status = 0
+        self.started_epochs[k] = pr.epochs
+        mbx_store(&pr.dead, 0)
+        try:
+            pid, pidfd = self.spawn(k)
+        except BaseException as exc:    # noqa: BLE001 (it stays down, by its policy)
+            mbx_store(&pr.dead, 1)
+            self.restart_left[k] = 0
+            self.restart_made[k] -= 1
+            self.restart_log[k].append(f"restart failed: {type(exc).__name__}: {exc}")
+            self.reported.add(k)        # its death is in the log already
+            return
+        pr.pid = pid
+        self.pidfds[k] = pidfd
+        mbx_wake(pr)
+
+    def _death_reason(self, uint32_t k):
+        cdef mbx_proc *pr = &self.ctl.procs[k]
+        if pr.failed:
+            return self.errors[k * ERROR_SIZE:].decode("utf-8", "replace")
+        if pr.status < 0:
+            return "gone (not reaped)"
+        code = os.waitstatus_to_exitcode(pr.status)
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exited with status {code}"
 
     def finish_run(self, double timeout=10.0):
         """Stop every NF process (their stop() runs there), reap them, kill any that
@@ -961,6 +1089,9 @@ cdef class PipeBus(EventBus):
                 "ring_dropped": pr.ring_dropped,
                 "ring_dropped_pkts": pr.ring_dropped_pkts,
                 "forwarded_for_it": pr.pumped,
+                "restarts": self.restart_made[k],
+                "restart_limit": self.restart_conf[k][0],
+                "deaths": list(self.restart_log[k]),
             }
             dropped += pr.ring_dropped
             published += pr.published

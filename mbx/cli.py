@@ -64,7 +64,8 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _print_counters(c, elapsed, out=sys.stdout):
+def _print_counters(c, elapsed, out=None):
+    out = out if out is not None else sys.stdout     # the stream of now, not of import
     pps = c["packets"] / elapsed if elapsed > 0 else 0.0
     w = out.write
     w(f"packets        {c['packets']:,} ({c['bytes']:,} bytes) in {elapsed:.3f} s, "
@@ -101,6 +102,9 @@ def _print_counters(c, elapsed, out=sys.stdout):
             w(f"  {name:<20} {n['events_in']:>12,} / {n['delivered']:,} / {n['drops']:,}"
               f"   {n['handler_s']:9.3f}  {n['state']}"
               f"{' (failure ' + n['failure'] + ')' if n['state'] != 'ok' else ''}\n")
+            if n.get("restart_limit"):
+                w(f"    restarts {n['restarts']} of {n['restart_limit']}"
+                  + "".join(f"\n    died: {why}" for why in n["deaths"]) + "\n")
 
 
 def _run(nfs, args, spec=None):
@@ -113,12 +117,6 @@ def _run(nfs, args, spec=None):
     if spec is not None:        # an application file: its [stack] options win
         config.update(spec.options)
         config["stack"] = spec.stack
-    if args.stacks > 1:
-        if args.stats or args.prometheus is not None:
-            raise MbxError("--stats and --prometheus watch one stack process: not with "
-                           "--stacks")
-        return _run_parallel(nfs, args, config)
-    app = App(nfs, **config)
     listeners = []
     view = None
     if args.stats:
@@ -131,7 +129,9 @@ def _run(nfs, args, spec=None):
 
         listeners.append(Prometheus(args.prometheus))
     try:
-        return _run_app(app, args, listeners, view)
+        if args.stacks > 1:
+            return _run_parallel(nfs, args, config, listeners, view)
+        return _run_app(App(nfs, **config), args, listeners, view)
     finally:
         for listener in listeners:
             if hasattr(listener, "close"):
@@ -174,17 +174,32 @@ def _run_app(app, args, listeners, view):
     return counters
 
 
-def _run_parallel(nfs, args, config):
-    from mbx.runtime import run_parallel
+def _run_parallel(nfs, args, config, listeners, view):
+    from mbx.runtime import merge_snapshots, run_parallel
 
     if config.get("deploy", "inline") != "inline":
         raise MbxError("--stacks runs inline stack processes; drop --deploy")
+    latest = [None] * args.stacks
+
+    def on_snapshot(k, snap):
+        # each process's latest counters, merged for the live views
+        latest[k] = snap
+        merged = merge_snapshots([c for c in latest if c is not None])
+        merged["per_stack"] = latest
+        for listener in listeners:
+            listener.update(merged)
+
     t0 = time.perf_counter()
     # each stack process gets its own copy of the NFs (fork)
     counters, parts = run_parallel(lambda: nfs, args.inp, args.out, stacks=args.stacks,
                                    burst=args.burst, max_packets=args.max_packets,
-                                   duration=args.duration, **config)
+                                   duration=args.duration,
+                                   on_snapshot=on_snapshot if listeners else None, **config)
     elapsed = time.perf_counter() - t0
+    # the views end on the final counters, the ones printed below
+    final = dict(counters, per_stack=parts)
+    for listener in listeners:
+        listener.update(final)
     counters["elapsed_s"] = elapsed
     counters["stacks"] = [{"packets": c["packets"], "flows": c["flows"]["created"]}
                           for c in parts]
@@ -193,6 +208,8 @@ def _run_parallel(nfs, args, config):
         print("stacks         " + ", ".join(
             f"#{k}: {c['packets']:,} pkts, {c['flows']:,} flows"
             for k, c in enumerate(counters["stacks"])))
+    if view is not None:
+        view.final(final, elapsed)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(counters, fh, indent=2)

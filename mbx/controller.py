@@ -37,6 +37,7 @@ import tomllib
 
 from mbx import _events
 from mbx.errors import AppError, MbxError
+from mbx.pipeline import DEFAULT_BACKOFF, restart_of
 
 # What each μStack publishes.
 NETWORK_LAYER_PUBS = [_events.PKT, _events.FLOW_START, _events.FLOW_END]
@@ -49,7 +50,8 @@ TCP_MONITOR_PUBS = [_events.PKT_TCP_SYN, _events.PKT_TCP_FIN, _events.PKT_TCP_RS
 _STACK_KEYS = {"flow_capacity", "idle_timeout", "flow_policy", "malformed",
                "msg_capacity", "frag_memory", "frag_timeout", "stream_memory",
                "chunk_size", "stream_window", "retain", "max_streams", "overlap"}
-_NF_KEYS = {"name", "use", "options", "group", "filter", "filters", "failure"}
+_NF_KEYS = {"name", "use", "options", "group", "filter", "filters", "failure", "restart",
+            "restart_backoff"}
 
 
 class AppSpec:
@@ -177,6 +179,13 @@ def load_app_file(path):
             if nf.failure not in ("open", "closed"):
                 raise AppError(f"{where}: NF {nf.name}: failure = {nf.failure!r}: "
                                "use open or closed")
+            # restarts of its process in the pipelined deployment (mbx.pipeline)
+            nf.restart = entry.get("restart", 0)
+            nf.restart_backoff = entry.get("restart_backoff", DEFAULT_BACKOFF)
+            try:
+                restart_of(nf)
+            except AppError as exc:
+                raise AppError(f"{where}: {exc}") from None
         nfs += made
     return check(path, name, stack, options, nfs)
 

@@ -36,9 +36,27 @@ def _check(nfs):
         if getattr(a, "failure", None) not in (None, "open", "closed"):
             raise AppError(f"NF {a.name}: failure must be 'open' or 'closed', "
                            f"not {a.failure!r}")
+        restart_of(a)
+
+
+def restart_of(nf):
+    """(restarts allowed, first back-off in seconds) of ``nf``: its ``restart``
+    (default 0, never) and ``restart_backoff`` (default 0.1 s, doubled at each
+    restart) attributes, as the application file or the NF's code set them."""
+    n = getattr(nf, "restart", 0)
+    backoff = getattr(nf, "restart_backoff", DEFAULT_BACKOFF)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1000:
+        raise AppError(f"NF {nf.name}: restart must be a whole number of restarts from "
+                       f"0 to 1000, not {n!r}")
+    if (isinstance(backoff, bool) or not isinstance(backoff, int | float)
+            or not 0 <= backoff <= 3600):
+        raise AppError(f"NF {nf.name}: restart_backoff must be seconds from 0 to 3600, "
+                       f"not {backoff!r}")
+    return n, float(backoff)
 
 
 DEFAULT_INFLIGHT = 4
+DEFAULT_BACKOFF = 0.1
 
 
 def _lock_step_reason(nfs):
@@ -131,7 +149,8 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
     forked = False
     try:
         bus.setup(shm, ring_size, ring_full == "drop",
-                  [getattr(nf, "failure", None) for nf in nfs], inflight)
+                  [getattr(nf, "failure", None) for nf in nfs], inflight,
+                  [restart_of(nf) for nf in nfs])
         batches = [Batch.over(memoryview(shm)[at:], burst) for at in slots]
         bus.attach_shared_batches(batches)
         bus.stack_memory = StackMemory()
@@ -155,6 +174,19 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
             raise
         bus.become_stack(pids, pidfds)
         forked = True
+
+        def spawn(k):
+            # A dead NF again (PipeBus.restart_nf), from this process's pre-fork
+            # copy of it; its pidfd is closed with the others.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(bus, k, nfs[k])
+            pidfds.append(os.pidfd_open(pid))
+            return pid, pidfds[-1]
+
+        bus.spawn = spawn
         stack.run(inp, out, burst=burst, max_packets=max_packets, progress=progress,
                   duration=duration, stop=stop, batches=batches)
     finally:

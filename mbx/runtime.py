@@ -295,8 +295,23 @@ def merge_counters(parts):
     return out
 
 
+def merge_snapshots(parts):
+    """The counters of several stack processes as one: ``merge_counters``, with each
+    NF's mean handler time taken over all of them (not summed)."""
+    out = merge_counters(parts)
+    for n in out.get("nfs", {}).values():
+        n["mean_ns"] = n["handler_ns"] / n["events"] if n["events"] else 0.0
+    return out
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
-                 max_packets=0, duration=0, **config):
+                 max_packets=0, duration=0, on_snapshot=None, **config):
     """Run ``stacks`` stack processes over one input (paper §4.2 "Parallel Stacks"),
     each with its own NFs (``make_nfs()`` is called in each) and its own Stack
     Memory.  A capture is split by software RSS: every process reads it and keeps
@@ -304,8 +319,15 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     in one process.  An AF_PACKET input is split by the kernel (a fanout group).
     Each process writes its own output (``FILE.stackK`` for ``pcap:FILE``).
     Returns (merged counters, [each process's counters]); each process's counters
-    carry its CPU seconds (``cpu_s``, summed in the merged ones)."""
+    carry its CPU seconds (``cpu_s``, summed in the merged ones).
+
+    ``on_snapshot(k, counters)`` is called here with each process's counters as its
+    stack's progress callback takes them (about every half second; see
+    ``mbx.stats.snapshot``): each process writes them, a JSON line, to the pipe its
+    final counters come back on.
+    """
     import json
+    import selectors
     import signal
 
     from mbx.ports import open_ports
@@ -329,29 +351,57 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 out = f"{out_spec}.stack{k}" if out_spec and out_spec.startswith(
                     "pcap:") else out_spec
                 inp, outp = open_ports(spec, out)
+                progress = None
+                if on_snapshot is not None:
+                    from mbx.stats import snapshot
+
+                    def progress(stack, fd=wfd):
+                        _write_all(fd, (json.dumps({"snap": snapshot(stack)})
+                                        + "\n").encode())
                 try:
                     app = App(make_nfs(), **config,
                               rss=(0, 1) if afpacket else (k, stacks))
                     counters = app.run(inp, outp, burst=burst, max_packets=max_packets,
-                                       duration=duration)
+                                       duration=duration, progress=progress)
                 finally:
                     inp.close()
                     if outp is not None and outp is not inp:
                         outp.close()
-                os.write(wfd, json.dumps({"ok": counters}).encode())
+                _write_all(wfd, (json.dumps({"ok": counters}) + "\n").encode())
                 code = 0
             except BaseException as exc:            # report, never return into the parent
-                os.write(wfd, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
+                _write_all(wfd, (json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+                                 + "\n").encode())
             finally:
                 os._exit(code)
         os.close(wfd)
         children.append((pid, rfd))
+    # Read every process's pipe as it writes (a snapshot waits for room in it), to
+    # the end: the last line is its final report.
+    last = [None] * stacks
+    buffers = [b""] * stacks
+    with selectors.DefaultSelector() as sel:
+        for k, (_, rfd) in enumerate(children):
+            sel.register(rfd, selectors.EVENT_READ, k)
+        while sel.get_map():
+            for key, _ in sel.select():
+                k = key.data
+                data = os.read(key.fd, 1 << 16)
+                if not data:
+                    sel.unregister(key.fd)
+                    os.close(key.fd)
+                    continue
+                *lines, buffers[k] = (buffers[k] + data).split(b"\n")
+                for line in lines:
+                    msg = json.loads(line)
+                    if "snap" in msg:
+                        on_snapshot(k, msg["snap"])
+                    else:
+                        last[k] = msg
     parts, errors = [], []
-    for k, (pid, rfd) in enumerate(children):
-        with os.fdopen(rfd, "rb") as fh:
-            data = fh.read()
+    for k, (pid, _) in enumerate(children):
         _, _, usage = os.wait4(pid, 0)
-        msg = json.loads(data) if data else {"error": "exited without a report"}
+        msg = last[k] or {"error": "exited without a report"}
         if "error" in msg:
             errors.append(f"stack {k}: {msg['error']}")
         else:
@@ -360,4 +410,4 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             parts.append(msg["ok"])
     if errors:
         raise AppError("; ".join(errors))
-    return merge_counters(parts), parts
+    return merge_snapshots(parts), parts

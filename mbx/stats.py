@@ -3,7 +3,10 @@ exporter of ``mbx run --prometheus PORT``.
 
 Both are fed by the stack's progress callback (about every half second) with a
 snapshot of the counters: the stack's (packets, bytes, flows, drops, events per
-type) and the bus's per NF ones (events, drops, time in handlers).
+type) and the bus's per NF ones (events, drops, time in handlers).  With several
+stack processes (``mbx run --stacks N``) each sends its snapshots to the parent
+(``mbx.runtime.run_parallel``), which gives these the merged counters, each
+process's own under ``"per_stack"``.
 """
 import sys
 import time
@@ -59,6 +62,11 @@ class StatsView:
         self.t_last = now
         lines = [f"[{now - self.t0:7.1f} s] {counters['packets']:,} packets, "
                  f"{counters['dropped_by_nf']:,} dropped by NFs"] + nf_table(nfs, rates)
+        for k, c in enumerate(counters.get("per_stack") or ()):
+            if c is not None:
+                lines.append(f"  stack #{k}: {c['packets']:,} packets, "
+                             f"{sum(n['events'] for n in c['nfs'].values()):,} NF events, "
+                             f"{c['dropped_by_nf']:,} dropped by NFs")
         w = self.out.write
         if self.tty and self.drawn:
             w(f"\x1b[{self.drawn}F\x1b[J")      # up to the table's first line, clear
@@ -117,37 +125,48 @@ class Prometheus:
         return []
 
     def collect(self):
+        # One series per stack process (label ``stack``) when there are several.
         c = self.latest
         if c is None:
             return
+        if c.get("per_stack"):
+            parts = [((str(k),), p) for k, p in enumerate(c["per_stack"]) if p is not None]
+            head = ["stack"]
+        else:
+            parts, head = [((), c)], []
         C, G = self._counter, self._gauge
-        yield C("mbx_packets", "Packets read", value=c["packets"])
-        yield C("mbx_bytes", "Bytes read", value=c["bytes"])
-        yield C("mbx_sent", "Packets sent", value=c["sent"])
-        drops = C("mbx_dropped", "Packets dropped", labels=["by"])
-        drops.add_metric(["nf"], c["dropped_by_nf"])
-        drops.add_metric(["malformed"], c["dropped_malformed"])
-        yield drops
-        flows = C("mbx_flows", "Flows", labels=["what"])
-        for what in ("created", "expired", "evicted", "refused"):
-            flows.add_metric([what], c["flows"][what])
-        yield flows
-        yield G("mbx_flows_active", "Flows in the flow table", value=c["flows"]["active"])
-        pub = C("mbx_events_published", "Events published", labels=["type"])
-        dlv = C("mbx_events_delivered", "Events delivered to NFs", labels=["type"])
-        for name, e in c["events"].items():
-            pub.add_metric([name], e["published"])
-            dlv.add_metric([name], e["delivered"])
-        yield pub
-        yield dlv
-        nfs = c.get("nfs") or {}
-        ev = C("mbx_nf_events", "Events delivered to an NF", labels=["nf"])
-        nd = C("mbx_nf_drops", "Packet drops an NF asked for", labels=["nf"])
-        ns = C("mbx_nf_handler_seconds", "Time in an NF's handlers", labels=["nf"])
-        for name, n in nfs.items():
-            ev.add_metric([name], n["events"])
-            nd.add_metric([name], n["drops"])
-            ns.add_metric([name], n["handler_ns"] * 1e-9)
-        yield ev
-        yield nd
-        yield ns
+
+        def family(kind, name, text, *labels):
+            return kind(name, text, labels=head + list(labels))
+
+        fams = {
+            "packets": family(C, "mbx_packets", "Packets read"),
+            "bytes": family(C, "mbx_bytes", "Bytes read"),
+            "sent": family(C, "mbx_sent", "Packets sent"),
+            "drops": family(C, "mbx_dropped", "Packets dropped", "by"),
+            "flows": family(C, "mbx_flows", "Flows", "what"),
+            "active": family(G, "mbx_flows_active", "Flows in the flow table"),
+            "pub": family(C, "mbx_events_published", "Events published", "type"),
+            "dlv": family(C, "mbx_events_delivered", "Events delivered to NFs", "type"),
+            "ev": family(C, "mbx_nf_events", "Events delivered to an NF", "nf"),
+            "nd": family(C, "mbx_nf_drops", "Packet drops an NF asked for", "nf"),
+            "ns": family(C, "mbx_nf_handler_seconds", "Time in an NF's handlers", "nf"),
+        }
+        for at, p in parts:
+            at = list(at)
+            fams["packets"].add_metric(at, p["packets"])
+            fams["bytes"].add_metric(at, p["bytes"])
+            fams["sent"].add_metric(at, p["sent"])
+            fams["drops"].add_metric(at + ["nf"], p["dropped_by_nf"])
+            fams["drops"].add_metric(at + ["malformed"], p["dropped_malformed"])
+            for what in ("created", "expired", "evicted", "refused"):
+                fams["flows"].add_metric(at + [what], p["flows"][what])
+            fams["active"].add_metric(at, p["flows"]["active"])
+            for name, e in p["events"].items():
+                fams["pub"].add_metric(at + [name], e["published"])
+                fams["dlv"].add_metric(at + [name], e["delivered"])
+            for name, n in (p.get("nfs") or {}).items():
+                fams["ev"].add_metric(at + [name], n["events"])
+                fams["nd"].add_metric(at + [name], n["drops"])
+                fams["ns"].add_metric(at + [name], n["handler_ns"] * 1e-9)
+        yield from fams.values()

@@ -181,3 +181,121 @@ def test_stats_view_renders():
                           "mean_ns": 10.0, "types": {"PKT": 10}}}}
     v.update(snap)
     assert "x" in buf.getvalue() and "100%" in buf.getvalue()
+
+
+# -- several stack processes (--stacks N): snapshots sent to the parent, merged ----------
+
+
+def test_cli_stats_stacks(example_pcap, tmp_path, capsys):
+    rc = cli.main(["run", "mbx.examples.cnoop:make_counter", "--in", "pcap:" + example_pcap,
+                   "--stats", "--stacks", "2", "--json", str(tmp_path / "c.json")])
+    assert rc == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["nfs"]["ccount"]["events"] == c["events"]["PKT"]["delivered"] > 0
+    assert all(s["packets"] > 0 for s in c["stacks"])
+    assert sum(s["packets"] for s in c["stacks"]) == c["packets"]
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("ccount"))
+    assert int(line.split()[1].replace(",", "")) == c["nfs"]["ccount"]["events"]
+
+
+def test_stats_view_per_stack():
+    import io
+
+    from mbx.runtime import merge_snapshots
+    from mbx.stats import StatsView
+
+    def part(events, ns):
+        return {"packets": events, "dropped_by_nf": 0,
+                "nfs": {"x": {"events": events, "c_events": 0, "drops": 0,
+                              "handler_ns": ns, "mean_ns": ns / events, "types": {}}}}
+
+    merged = merge_snapshots([part(10, 100), part(30, 900)])
+    assert merged["nfs"]["x"]["events"] == 40
+    assert merged["nfs"]["x"]["mean_ns"] == 25.0       # over both, not 10 + 30
+    merged["per_stack"] = [part(10, 100), None]         # stack #1 not heard from yet
+    buf = io.StringIO()
+    StatsView(out=buf, every=0).update(merged)
+    text = buf.getvalue()
+    assert "stack #0: 10 packets, 10 NF events" in text and "stack #1" not in text
+
+
+SLOW_PLAIN = """
+import time
+
+import mbx
+
+nf = mbx.NF("slow")
+
+
+def on_pkt(ev):
+    time.sleep(0.002)   # about 1.4 s a process: progress calls
+    if ev.dir == 1:
+        ev.drop()
+
+
+nf.sub("PKT", on_pkt)
+"""
+
+
+def test_prometheus_stacks(example_pcap, tmp_path, monkeypatch):
+    pytest.importorskip("prometheus_client")
+    from mbx import stats
+
+    path = tmp_path / "slow.py"
+    path.write_text(SLOW_PLAIN)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    live, final = [], []
+    done = threading.Event()
+    close = stats.Prometheus.close
+
+    def scrape_then_close(self):
+        # the run is over: the exporter has the final counters
+        with urllib.request.urlopen(url, timeout=5) as r:
+            final.append(r.read().decode())
+        close(self)
+
+    monkeypatch.setattr(stats.Prometheus, "close", scrape_then_close)
+
+    def scrape():
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    live.append(r.read().decode())
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    t = threading.Thread(target=scrape, daemon=True)
+    t.start()
+    try:
+        rc = cli.main(["run", str(path), "--in", "pcap:" + example_pcap, "--burst", "1",
+                       "--stacks", "2", "--prometheus", str(port), "-q",
+                       "--json", str(tmp_path / "c.json")])
+    finally:
+        done.set()
+        t.join()
+    assert rc == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    # scraped while it ran: each process's counters on their way
+    for k in ("0", "1"):
+        during = [v for v in (_metric(x, "mbx_packets_total", f'{{stack="{k}"}}')
+                              for x in live) if v is not None]
+        assert during and 0 < min(during) < c["packets"]
+    # at the end: per process, summing to the merged counters the run printed
+    text = final[0]
+
+    def total(name, label=""):
+        # the exposition writes labels sorted by name
+        def at(k):
+            labels = sorted([label, f'stack="{k}"'] if label else [f'stack="{k}"'])
+            return "{" + ",".join(labels) + "}"
+        return sum(_metric(text, name, at(k)) for k in "01")
+
+    assert total("mbx_packets_total") == c["packets"]
+    assert total("mbx_dropped_total", 'by="nf"') == c["dropped_by_nf"] > 0
+    assert total("mbx_flows_total", 'what="created"') == c["flows"]["created"]
+    assert total("mbx_nf_events_total", 'nf="slow"') == c["nfs"]["slow"]["events"]
+    assert total("mbx_nf_drops_total", 'nf="slow"') == c["dropped_by_nf"]
+    assert total("mbx_nf_handler_seconds_total", 'nf="slow"') > 0.002 * 100

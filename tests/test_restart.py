@@ -1,0 +1,256 @@
+"""Optional restart of a dead NF process in the pipelined deployment: the stack
+recovers what it held, applies its failure policy while it is down, and forks it again
+from its pre-fork copy, which then gets the events of the following epochs."""
+import os
+import signal
+
+import pytest
+from conftest import read_frames, run_app
+from test_pipelined import FileRecorder, assert_baseline
+
+import mbx
+from mbx import cli
+from mbx.controller import load_app_file
+
+
+class Crasher(mbx.NF):
+    """Logs "pid ts" for each packet it handles (line-buffered, so a killed process
+    loses nothing), and crashes on its ``after``-th packet: once (``marker`` is
+    created then), or in every process (``marker`` None).  ``then_after`` is when a
+    restarted process crashes, once the marker exists."""
+
+    def __init__(self, log, after, how, marker=None, then_after=0, name="crash", **kw):
+        super().__init__(name)
+        self.log, self.after, self.how = str(log), after, how
+        self.marker = str(marker) if marker else None
+        self.then_after = then_after
+        self.n = 0
+        self.fh = None
+        for key, value in kw.items():
+            setattr(self, key, value)
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def crash(self):
+        if self.how == "raise":
+            raise RuntimeError("kaput")
+        if self.how == "exit":
+            os._exit(7)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_pkt(self, ev):
+        self.n += 1
+        if self.marker is None:
+            if self.n == self.after:
+                self.crash()
+        elif not os.path.exists(self.marker):
+            if self.n == self.after:
+                open(self.marker, "w").close()
+                self.crash()
+        elif self.then_after and self.n == self.then_after:
+            self.crash()
+        if self.fh is None:
+            self.fh = open(self.log, "a", buffering=1)
+        self.fh.write(f"{os.getpid()} {ev.ts}\n")
+
+    def stop(self):
+        if self.fh is not None:
+            self.fh.close()
+
+
+def lives(log):
+    """{pid: packets it logged}, in the order the processes started."""
+    out = {}
+    for line in log.read_text().splitlines():
+        pid = int(line.split()[0])
+        out[pid] = out.get(pid, 0) + 1
+    return out
+
+
+def gone(pids):
+    return all(not os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+REASONS = {"raise": "kaput", "exit": "exited with status 7", "kill": "killed by SIGKILL"}
+
+
+@pytest.mark.parametrize("inflight", [1, 4, 16])
+@pytest.mark.parametrize("failure", ["open", "closed"])
+@pytest.mark.parametrize("how", ["raise", "exit", "kill"])
+def test_restarted_nf_gets_later_events(example_pcap, tmp_path, failure, how, inflight):
+    frames = read_frames(example_pcap)
+    shm_before = set(os.listdir("/dev/shm"))
+    log, rec = tmp_path / "crash.log", tmp_path / "after.rec"
+    nfs = [Crasher(log, 100, how, tmp_path / "crashed", failure=failure, restart=3,
+                   restart_backoff=0),
+           FileRecorder("after", str(rec), types=("PKT",))]
+    c, out = run_app(nfs, example_pcap, deploy="pipelined", burst=4, inflight=inflight)
+    p = c["pipeline"]
+    n = p["nfs"]["crash"]
+    assert n["restarts"] == 1 and n["restart_limit"] == 3
+    assert len(n["deaths"]) == 1 and REASONS[how] in n["deaths"][0]
+    assert n["state"] == "ok" and p["nfs"]["after"]["state"] == "ok"
+    assert n["forwarded_for_it"] > 0
+    assert_baseline(c)
+    pids = lives(log)
+    assert len(pids) == 2, pids
+    first, second = pids.values()
+    assert first == 99 and second > 0           # the restarted process got events
+    assert gone(pids) and set(os.listdir("/dev/shm")) <= shm_before
+    held = c["fragments_held"]
+    if failure == "open":
+        # bypassed while down: every packet still leaves, the next NF sees them all
+        assert len(out) == len(frames) - held
+        assert len(rec.read_text().splitlines()) == len(out)
+        assert n["drops"] == 0
+    else:
+        # what it did not handle (those while it was down; and the packet it was
+        # killed on, while the one its handler raised on counts as handled, as
+        # inline) is dropped, and counted as its drops
+        handled = first + second + (how == "raise")
+        assert len(out) == handled < len(frames) - held
+        assert c["dropped_by_nf"] == n["drops"] == len(frames) - held - handled
+
+
+def test_restart_limit_reached(example_pcap, tmp_path):
+    # It crashes on its 40th packet in every process: 2 restarts, then it stays down
+    # (fail-open: bypassed to the end).
+    frames = read_frames(example_pcap)
+    log = tmp_path / "crash.log"
+    nfs = [Crasher(log, 40, "raise", failure="open", restart=2, restart_backoff=0)]
+    c, out = run_app(nfs, example_pcap, deploy="pipelined", burst=4)
+    n = c["pipeline"]["nfs"]["crash"]
+    assert n["restarts"] == 2 and n["state"] == "failed"
+    assert len(n["deaths"]) == 3 and n["deaths"][-1].endswith("restart limit reached")
+    assert list(lives(log).values()) == [39, 39, 39]
+    assert len(out) == len(frames) - c["fragments_held"]
+    assert_baseline(c)
+
+
+def test_no_restart_loop_when_it_fails_at_once(example_pcap, tmp_path):
+    # Restarted, it dies on its first packet, before finishing an epoch: it is not
+    # restarted again, however many restarts are left (fail-closed from then on).
+    log = tmp_path / "crash.log"
+    nfs = [Crasher(log, 50, "kill", tmp_path / "crashed", then_after=1, failure="closed",
+                   restart=5, restart_backoff=0)]
+    c, out = run_app(nfs, example_pcap, deploy="pipelined", burst=4)
+    n = c["pipeline"]["nfs"]["crash"]
+    assert n["restarts"] == 1 and n["state"] == "died"
+    assert len(n["deaths"]) == 2
+    assert n["deaths"][-1] == ("killed by SIGKILL; not restarted: it died before "
+                               "finishing an epoch")
+    assert list(lives(log).values()) == [49]
+    assert len(out) == 49
+    assert_baseline(c)
+
+
+def test_backoff_keeps_it_down(example_pcap, tmp_path):
+    # A back-off longer than the run: it stays down under its policy, and the run
+    # does not wait for it.
+    frames = read_frames(example_pcap)
+    log = tmp_path / "crash.log"
+    nfs = [Crasher(log, 30, "raise", tmp_path / "crashed", failure="open", restart=1,
+                   restart_backoff=3600)]
+    c, out = run_app(nfs, example_pcap, deploy="pipelined", burst=4)
+    n = c["pipeline"]["nfs"]["crash"]
+    assert n["restarts"] == 0 and n["state"] == "failed"
+    assert len(lives(log)) == 1
+    assert len(out) == len(frames) - c["fragments_held"]
+    assert_baseline(c)
+
+
+def test_no_policy_but_restart_keeps_the_run(example_pcap, tmp_path):
+    # Without a failure policy a handler error ends the run, unless it is restarted.
+    log = tmp_path / "crash.log"
+    c, _ = run_app([Crasher(log, 30, "raise", tmp_path / "crashed", restart=1,
+                            restart_backoff=0)],
+                   example_pcap, deploy="pipelined", burst=4)
+    assert c["pipeline"]["nfs"]["crash"]["restarts"] == 1
+    with pytest.raises(mbx.MbxError, match="kaput"):
+        run_app([Crasher(tmp_path / "again.log", 30, "raise", restart=0)],
+                example_pcap, deploy="pipelined", burst=4)
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("restart = -1", "restart must be a whole number"),
+    ("restart = 1.5", "restart must be a whole number"),
+    ("restart_backoff = \"soon\"", "restart_backoff must be seconds"),
+])
+def test_app_file_restart_refused(tmp_path, bad, why):
+    app = tmp_path / "app.toml"
+    app.write_text(f'[[nf]]\nuse = "l2fwd"\nfailure = "open"\n{bad}\n')
+    with pytest.raises(mbx.AppError, match=f"NF l2fwd: {why}"):
+        load_app_file(str(app))
+
+
+def test_app_file_restart(tmp_path):
+    app = tmp_path / "app.toml"
+    app.write_text('[[nf]]\nuse = "l2fwd"\nfailure = "open"\nrestart = 3\n'
+                   'restart_backoff = 0.5\n')
+    nf = load_app_file(str(app)).nfs[0]
+    assert (nf.restart, nf.restart_backoff) == (3, 0.5)
+
+
+class Slow(mbx.NF):
+    """After the crasher: slow enough that the rings hold several epochs."""
+
+    def __init__(self):
+        super().__init__("slow")
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def on_pkt(self, ev):
+        for _ in range(2000):
+            pass
+
+
+@pytest.mark.parametrize("failure", ["open", "closed"])
+def test_restart_with_full_rings(example_pcap, tmp_path, failure):
+    # It dies holding several epochs in flight, its ring full behind it: the stack
+    # recovers them by its policy and the restarted process takes the ring over at
+    # an epoch boundary, with nothing lost or seen twice.
+    frames = read_frames(example_pcap)
+    log = tmp_path / "crash.log"
+    nfs = [Crasher(log, 300, "kill", tmp_path / "crashed", failure=failure, restart=1,
+                   restart_backoff=0), Slow()]
+    c, out = run_app(nfs, example_pcap, deploy="pipelined", burst=4, inflight=16,
+                     ring_size=64)
+    p = c["pipeline"]
+    assert p["nfs"]["crash"]["restarts"] == 1 and p["max_in_flight"] > 1
+    assert_baseline(c)
+    first, second = lives(log).values()
+    assert first == 299 and second > 0
+    held = c["fragments_held"]
+    if failure == "open":
+        assert len(out) == len(frames) - held
+    else:
+        assert len(out) == first + second
+        assert c["dropped_by_nf"] == len(frames) - held - first - second
+
+
+def test_cli_summary_shows_restarts(example_pcap, tmp_path, capsys):
+    nf_file = tmp_path / "crashy.py"
+    nf_file.write_text(f"""
+import os
+import mbx
+from mbx import cli
+
+nf = mbx.NF("crashy")
+n = [0]
+
+
+def on_pkt(ev):
+    n[0] += 1
+    if n[0] == 200 and not os.path.exists({str(tmp_path / "crashed")!r}):
+        open({str(tmp_path / "crashed")!r}, "w").close()
+        os._exit(5)
+
+
+nf.sub("PKT", on_pkt)
+""")
+    app = tmp_path / "app.toml"
+    app.write_text(f'[[nf]]\nuse = "{nf_file}"\nfailure = "open"\nrestart = 2\n'
+                   'restart_backoff = 0\n')
+    rc = cli.main(["run", str(app), "--deploy", "pipelined", "--in", "pcap:" + example_pcap,
+                   "--burst", "8"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "restarts 1 of 2\n    died: exited with status 5\n" in out
