@@ -213,6 +213,15 @@ def test_smoke_mbx_modes(tmp_path):
 
 
 @pytest.mark.root
+def _comm(pid):
+    # the name of a process that may leave at any moment (the checks' curls do)
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def test_interrupted_run_cleans_up(tmp_path):
     _prereq(["kernel"])
     argv = [sys.executable, "-m", "benchmarks.testbed", "run", "--mode", "kernel",
@@ -226,9 +235,8 @@ def test_interrupted_run_cleans_up(tmp_path):
         # wait until the load runs (the namespaces exist and wrk is in the client)
         while time.monotonic() < deadline:
             names = [n for n in tb.list_netns() if n.startswith(prefix)]
-            if len(names) == 3 and any(
-                    open(f"/proc/{pid}/comm").read().strip() == "wrk"
-                    for pid in tb.ns_pids(f"{prefix}cli") if os.path.exists(f"/proc/{pid}")):
+            if len(names) == 3 and any(_comm(pid) == "wrk"
+                                       for pid in tb.ns_pids(f"{prefix}cli")):
                 break
             time.sleep(0.1)
         else:
