@@ -217,6 +217,9 @@ cdef class EventBus:
     cdef c_table **set_c            # the same shape: the C handler, or NULL
     cdef uint8_t *nf_has_c          # per NF: some set of it has a C handler
     cdef uint8_t *nf_stage          # per NF: its chain stage (parallel NFs share one)
+    # per NF: 0 when its drop is the packet's (any drop wins), else the chain-index
+    # bits of its parallel group, whose every member must drop (merge = "all")
+    cdef uint32_t *nf_votemask
     cdef uint32_t *nsets
     cdef uint16_t **flow_set        # per NF, per flow slot: handler set (0 = default)
     cdef uint32_t **flow_set_gen
@@ -274,6 +277,7 @@ cdef class EventBus:
     cdef void attach_batch(self, Batch batch)
     cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF
     cdef void release(self, mbx_msg *m) noexcept nogil
+    cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil
     cdef bint passes(self, const mbx_filter *f, const mbx_msg *m) noexcept nogil
     cdef uint32_t next_ring(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef uint32_t pop(self, uint32_t r) noexcept nogil

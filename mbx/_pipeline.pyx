@@ -639,7 +639,7 @@ cdef class PipeBus(EventBus):
                 if (self.set_filter[k][0][t] == NULL
                         or self.passes(self.set_filter[k][0][t], m)):
                     p = &self.slot_pkts[self.ctl.epoch_slot[self.region_of(idx)]][m.h.pkt]
-                    drop_pkt(p, self.nf_stage[k])
+                    self.nf_drop(k, p)      # its vote, in a merge = "all" group
         m.h.refs = k + 1
         self.pending[k][self.npend[k]] = idx
         self.npend[k] += 1
