@@ -20,6 +20,17 @@ cdef enum:
     MSG_F_RECEIVER = 0x02
     MSG_F_SIDED = 0x80
 
+cdef extern from *:
+    """
+    /* Set bit in *word and return it after; atomic, as the members of a parallel
+       group (their drop votes, their replies) write from their own processes in
+       the pipelined deployment. */
+    static inline uint32_t mbx_vote(uint32_t *word, uint32_t bit) {
+        return __atomic_or_fetch(word, bit, __ATOMIC_ACQ_REL);
+    }
+    """
+    uint32_t mbx_vote(uint32_t *word, uint32_t bit) noexcept nogil
+
 # One cache line: what every event has.  A type's own fields follow in body, a
 # child type's fields after its parent's, so a handler for X reads X/Y unchanged.
 ctypedef struct mbx_msg_hdr:

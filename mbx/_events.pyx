@@ -1045,17 +1045,6 @@ cdef class Event:
 # ---------------------------------------------------------------------------------
 # The bus
 
-cdef extern from *:
-    """
-    /* A member's drop vote; atomic, as the members of a parallel group vote from
-       their own processes in the pipelined deployment.  Returns the votes after. */
-    static inline uint32_t mbx_vote(uint32_t *votes, uint32_t bit) {
-        return __atomic_or_fetch(votes, bit, __ATOMIC_ACQ_REL);
-    }
-    """
-    uint32_t mbx_vote(uint32_t *votes, uint32_t bit) noexcept nogil
-
-
 MERGES = ("any", "all")
 
 
@@ -1174,7 +1163,7 @@ cdef class EventBus:
                 stage_no += 1
             self.nf_stage[i] = stage_no
             prev_group = g
-        for g, at in voting.items():
+        for at in voting.values():
             for i in at:
                 self.nf_votemask[i] = sum(1 << j for j in at)
         # Waves matter only when an NF subscribes to what another NF publishes.
