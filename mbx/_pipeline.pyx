@@ -272,7 +272,8 @@ cdef class PipeBus(EventBus):
         for k in range(n):
             self.gfirst[k] = k if k == 0 or self.nf_stage[k] != self.nf_stage[k - 1] \
                 else self.gfirst[k - 1]
-        for k in range(n - 1, -1, -1):
+        for j in range(n, 0, -1):        # (k is unsigned: count down from n)
+            k = j - 1
             self.glast[k] = k if k == n - 1 or self.nf_stage[k] != self.nf_stage[k + 1] \
                 else self.glast[k + 1]
         # rings 0..n: the input of NF k (n: the stack's completions); n + 1 + k: the
@@ -330,6 +331,10 @@ cdef class PipeBus(EventBus):
             self.spin, self.yields = SPIN, YIELDS
         else:
             self.spin, self.yields = SPIN_SHARED, YIELDS_SHARED
+
+    def stage_of(self, uint32_t k):
+        """(first, last) NF of NF k's stage (a parallel group, or k alone)."""
+        return self.gfirst[k], self.glast[k]
 
     def fanout_members(self):
         """NFs in parallel groups of two or more (each has a merge ring)."""
@@ -1252,6 +1257,9 @@ cdef class PipeBus(EventBus):
                 "ring_dropped": pr.ring_dropped,
                 "ring_dropped_pkts": pr.ring_dropped_pkts,
                 "forwarded_for_it": pr.pumped,
+                # the members of its parallel group it runs beside (fanned out to)
+                "parallel_with": [self.nfs[j].name for j in
+                                  range(self.gfirst[k], self.glast[k] + 1) if j != k],
             }
             dropped += pr.ring_dropped
             published += pr.published

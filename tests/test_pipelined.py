@@ -474,6 +474,9 @@ def test_parallel_group_fanned_out_same_as_inline(example_pcap, tmp_path, shape,
     # every member took every message sent to the group from its own ring
     nfs = cp["pipeline"]["nfs"]
     assert nfs["drop_udp"]["events_in"] == nfs["a"]["events_in"] > 0
+    assert "a" in nfs["drop_udp"]["parallel_with"] and "drop_udp" in nfs["a"]["parallel_with"]
+    assert all(not v["parallel_with"] for k, v in nfs.items()
+               if k in ("before", "after", "l4lb"))
     assert_baseline(cp)
 
 
