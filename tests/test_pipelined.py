@@ -301,13 +301,21 @@ nf.sub(mbx.PKT, on_pkt)
 """
 
 
-def test_sigterm_mid_run(example_pcap, tmp_path):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_sigterm_mid_run(example_pcap, tmp_path, grouped):
     marker = tmp_path / "pid"
     script = tmp_path / "slow.py"
     script.write_text(SLOW_NF.replace("{marker!r}", repr(str(marker))))
+    app = f"{script}+l2fwd"
+    if grouped:
+        # the slow NF beside another in a parallel group (fanned out, merged)
+        app = str(tmp_path / "app.toml")
+        with open(app, "w") as fh:
+            fh.write(f'[[nf]]\nuse = "{script}"\ngroup = "g"\n'
+                     '[[nf]]\nuse = "flow_stats"\ngroup = "g"\n')
     shm_before = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mbx.cli", "run", f"{script}+l2fwd", "--deploy", "pipelined",
+        [sys.executable, "-m", "mbx.cli", "run", app, "--deploy", "pipelined",
          "--in", f"pcap:{example_pcap}", "--burst", "8"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
