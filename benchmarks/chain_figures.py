@@ -17,7 +17,8 @@ the figures and their plot.
 Fig. 7a.  Six read-only NFs, sequential vs one parallel group.  Inline, one process
 runs them one after another either way, so the measured latency is the same; with
 N cores a parallel group's latency is the slowest member's plus the merge, which the
-printed model gives from the measured per-NF times.
+printed model gives from the measured per-NF times.  Pipelined, where a group is
+fanned out to its members' processes, see ``group_figures.py``.
 
     python benchmarks/chain_figures.py [--quick] [--runs 3] [--pipelined] [--inflight 4]
                                        [--json FILE] [--plot FILE]

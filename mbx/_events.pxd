@@ -20,6 +20,17 @@ cdef enum:
     MSG_F_RECEIVER = 0x02
     MSG_F_SIDED = 0x80
 
+cdef extern from *:
+    """
+    /* Set bit in *word and return it after; atomic, as the members of a parallel
+       group (their drop votes, their replies) write from their own processes in
+       the pipelined deployment. */
+    static inline uint32_t mbx_vote(uint32_t *word, uint32_t bit) {
+        return __atomic_or_fetch(word, bit, __ATOMIC_ACQ_REL);
+    }
+    """
+    uint32_t mbx_vote(uint32_t *word, uint32_t bit) noexcept nogil
+
 # One cache line: what every event has.  A type's own fields follow in body, a
 # child type's fields after its parent's, so a handler for X reads X/Y unchanged.
 ctypedef struct mbx_msg_hdr:
@@ -217,6 +228,9 @@ cdef class EventBus:
     cdef c_table **set_c            # the same shape: the C handler, or NULL
     cdef uint8_t *nf_has_c          # per NF: some set of it has a C handler
     cdef uint8_t *nf_stage          # per NF: its chain stage (parallel NFs share one)
+    # per NF: 0 when its drop is the packet's (any drop wins), else the chain-index
+    # bits of its parallel group, whose every member must drop (merge = "all")
+    cdef uint32_t *nf_votemask
     cdef uint32_t *nsets
     cdef uint16_t **flow_set        # per NF, per flow slot: handler set (0 = default)
     cdef uint32_t **flow_set_gen
@@ -274,6 +288,7 @@ cdef class EventBus:
     cdef void attach_batch(self, Batch batch)
     cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF
     cdef void release(self, mbx_msg *m) noexcept nogil
+    cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil
     cdef bint passes(self, const mbx_filter *f, const mbx_msg *m) noexcept nogil
     cdef uint32_t next_ring(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef uint32_t pop(self, uint32_t r) noexcept nogil

@@ -50,9 +50,12 @@ class PubPort:
 class NF:
     name: str
     writes: bool
+    group: str | None
+    group_merge: str
     subs: dict[int, tuple[Handler, bool]]
     pubs: dict[int, PubPort]
-    def __init__(self, name: str, *, writes: bool = False) -> None: ...
+    def __init__(self, name: str, *, writes: bool = False,
+                 group: str | None = None) -> None: ...
     def sub(self, etype: TypeSpec, handler: Callable[..., object], *,
             batch: bool = False) -> EventType: ...
     def pub(self, etype: TypeSpec, *, writes: bool = False) -> PubPort: ...

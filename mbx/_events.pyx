@@ -453,6 +453,8 @@ class NF:
         self.name = name
         self.writes = bool(writes)
         self.group = group      # NFs of one group run in parallel (read-only NFs)
+        # how its group merges verdicts: "any" member's drop wins, or "all" must drop
+        self.group_merge = "any"
         self.subs = {}          # type idx -> (handler, batch, side mask)
         self.pubs = {}          # type idx -> PubPort
         self.filters = {}       # type idx (or None: every subscription) -> Filter
@@ -911,7 +913,7 @@ cdef class Event:
     def drop(self):
         """Drop this event's packet: it is not sent, and later NFs do not see it
         (NFs of the same parallel group still do)."""
-        drop_at(self._pkt(), self.bus.nf_stage[self.nf._index])
+        self.bus.nf_drop(self.nf._index, self._pkt())
         self.bus.nf_drops[self.nf._index] += 1
 
     def set_src(self, ip=None, port=None):
@@ -1008,6 +1010,9 @@ cdef class Event:
 # ---------------------------------------------------------------------------------
 # The bus
 
+MERGES = ("any", "all")
+
+
 cdef inline void drop_at(mbx_pkt *p, uint8_t stage) noexcept nogil:
     if p.verdict != VERDICT_DROP or stage < p.drop_stage:
         p.drop_stage = stage
@@ -1045,6 +1050,18 @@ cdef class EventBus:
             raise SubscriptionError(f"two NFs are named {', '.join(sorted(dup))}")
         if msg_capacity < 64 or msg_capacity & (msg_capacity - 1):
             raise ValueError(f"msg_capacity must be a power of two >= 64, not {msg_capacity}")
+        # How a group merges its members' verdicts: "any" (the default) drops a
+        # packet one member dropped; "all" only one every member dropped.
+        voting = {}
+        for g in {nf.group for nf in nfs if nf.group is not None}:
+            at = [i for i in range(len(nfs)) if nfs[i].group == g]
+            merges = {nfs[i].group_merge for i in at}
+            if len(merges) > 1 or not merges <= set(MERGES):
+                raise SubscriptionError(
+                    f"parallel group {g!r}: its NFs must share one merge, \"any\" or "
+                    f"\"all\", not {', '.join(sorted(map(repr, merges)))}")
+            if merges == {"all"}:
+                voting[g] = at
         self.nfs = nfs
         self.nnf = len(nfs)
         self.msg_capacity = msg_capacity
@@ -1068,6 +1085,7 @@ cdef class EventBus:
         self.nf_type_events = <uint64_t *>PyMem_Calloc(max(self.nnf, 1) * MAX_TYPES, 8)
         self.timing = True
         self.nf_stage = <uint8_t *>PyMem_Calloc(MAX_NFS, 1)
+        self.nf_votemask = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
         self.nsets = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
         self.flow_set = <uint16_t **>PyMem_Calloc(MAX_NFS, sizeof(uint16_t *))
         self.flow_set_gen = <uint32_t **>PyMem_Calloc(MAX_NFS, sizeof(uint32_t *))
@@ -1077,7 +1095,7 @@ cdef class EventBus:
                 or self.per_type_delivered == NULL or self.taken == NULL
                 or self.set_c == NULL or self.nf_has_c == NULL or self.nf_events == NULL
                 or self.nf_c_events == NULL or self.nf_drops == NULL or self.nf_ns == NULL
-                or self.nf_type_events == NULL):
+                or self.nf_type_events == NULL or self.nf_votemask == NULL):
             raise MemoryError("cannot allocate Event Memory")
         self.set_keys = [{} for _ in nfs]
         self.set_maps = [[] for _ in nfs]
@@ -1110,6 +1128,9 @@ cdef class EventBus:
                 stage_no += 1
             self.nf_stage[i] = stage_no
             prev_group = g
+        for at in voting.values():
+            for i in at:
+                self.nf_votemask[i] = sum(1 << j for j in at)
         # Waves matter only when an NF subscribes to what another NF publishes.
         self.ordered = False
         for a in nfs:
@@ -1155,6 +1176,7 @@ cdef class EventBus:
         PyMem_Free(self.nf_ns)
         PyMem_Free(self.nf_type_events)
         PyMem_Free(self.nf_stage)
+        PyMem_Free(self.nf_votemask)
         PyMem_Free(self.nsets)
         PyMem_Free(self.flow_set)
         PyMem_Free(self.flow_set_gen)
@@ -1505,6 +1527,12 @@ cdef class EventBus:
                 self.nf_ns[i] += mono_ns() - t0
             self.release(m)
 
+    cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil:
+        # NF i drops p: at once, or (a merge = "all" group) once its last member has.
+        cdef uint32_t mask = self.nf_votemask[i]
+        if mask == 0 or mbx_vote(&p.votes, (<uint32_t>1) << i) & mask == mask:
+            drop_at(p, self.nf_stage[i])
+
     cdef uint32_t _run_c(self, uint32_t i, uint32_t limit) noexcept nogil:
         # Deliver from the head of NF i's queue every message bound for a C handler
         # (and let go of those nobody takes any more: dropped earlier in the chain,
@@ -1544,7 +1572,7 @@ cdef class EventBus:
             self.per_type_delivered[t] += 1
             tev[t] += 1
             if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
-                drop_at(p, stage)
+                self.nf_drop(i, p)
                 drops += 1
             self.release(m)
         if n:
@@ -1622,7 +1650,7 @@ cdef class EventBus:
                 for j in np.flatnonzero(drops):
                     m = &self.msgs[taken[j]]
                     if m.h.pkt != NO_PKT:
-                        drop_at(&self.pkts[m.h.pkt], self.nf_stage[i])
+                        self.nf_drop(i, &self.pkts[m.h.pkt])
                         self.nf_drops[i] += 1
         finally:
             for j in range(n):

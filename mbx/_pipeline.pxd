@@ -256,6 +256,21 @@ cdef extern from *:
     uint32_t mbx_req_count(mbx_req_ring *r) noexcept nogil
 
 
+# The stack's merge of one parallel group (NFs first..last): what its members sent
+# back, per epoch region, until every member has ended that epoch; then the epoch
+# goes on to the next hop, sorted as the chain would have ordered it.
+ctypedef struct mbx_merge:
+    uint32_t first
+    uint32_t last
+    uint32_t next               # the ring after the group (the next stage's, or nnf)
+    uint32_t flushed            # the last epoch sent on
+    uint32_t *count             # per region: entries kept
+    uint64_t *keys              # per region: (position, class, sequence) of each
+    uint32_t *idx               # per region, by sequence: the message
+    uint32_t *out               # sent on when the next ring has room
+    uint32_t nout
+
+
 cdef class PipeBus(EventBus):
     cdef readonly uint32_t role         # the NF this process runs, or nnf: the stack
     cdef readonly uint32_t total        # messages in the shared pool
@@ -313,6 +328,14 @@ cdef class PipeBus(EventBus):
     cdef object restart_log             # per NF: [death reasons], restarted or not
     cdef object restart_made            # per NF: restarts made
     cdef public object spawn            # spawn(k) -> (pid, pidfd): forks NF k again
+    # parallel groups (see the module): the fan-out and the stack's merge
+    cdef uint32_t *gfirst               # per NF: the first and last NF of its stage
+    cdef uint32_t *glast                # (itself, outside a group of two or more)
+    cdef uint32_t *gdone                # per message: the group members done with it (shared)
+    cdef uint32_t *mends                # the stack, per member: ends taken from its merge ring
+    cdef uint32_t *hop_ends             # the stack, per ring after a group: ends it pushed
+    cdef mbx_merge *merges              # the stack: per group, its merge state
+    cdef uint32_t ngroups
 
     cdef inline mbx_proc *proc(self, uint32_t k) noexcept nogil
     cdef void wake_consumer(self, uint32_t r) noexcept nogil
@@ -338,3 +361,10 @@ cdef class PipeBus(EventBus):
     cdef void plan_restart(self, uint32_t k) noexcept nogil
     cdef bint restart_wanted(self, uint32_t k) noexcept nogil
     cdef bint restart_ready(self) noexcept nogil
+    cdef inline bint member(self, uint32_t k) noexcept nogil
+    cdef uint32_t hop_after(self, uint32_t k) noexcept nogil
+    cdef uint32_t hop_room(self, uint32_t r) noexcept nogil
+    cdef uint32_t hop_enqueue(self, uint32_t r, uint32_t *src, uint32_t n) noexcept nogil
+    cdef uint32_t ends_into(self, uint32_t r) noexcept nogil
+    cdef bint merge_groups(self) noexcept nogil
+    cdef bint merge_idle(self) noexcept nogil

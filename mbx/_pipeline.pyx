@@ -4,7 +4,8 @@ Everything the processes share lives in one anonymous shared mapping made before
 the fork (so it has the same address everywhere, and nothing is left in /dev/shm):
 the control block (a doorbell, liveness and counters per process), Event Memory (the
 message pool), the burst's descriptors and arena, and one SPSC ring of message
-indices per hop of the chain: stack -> NF 0 -> NF 1 -> ... -> NF n-1 -> stack.
+indices per hop of the chain: stack -> NF 0 -> NF 1 -> ... -> NF n-1 -> stack, plus
+one merge ring per member of a parallel group (member -> stack, see below).
 
 Every message the stack builds travels the whole chain in order.  An NF takes from
 its ring, sorts what it took into the same two local queues the inline dispatcher
@@ -13,6 +14,23 @@ the last burst position it knows complete; whatever it is done with (handled,
 skipped, hidden by an earlier drop) it forwards, and its publications follow the
 event that caused them.  So NF k+1 sees a packet's events after NF k, in the order
 the inline waves give, and its verdicts and rewrites are in the shared packet.
+
+A parallel group (two or more adjacent NFs with one ``group``; read-only, so any
+order of them gives the same packets) is one hop with a ring per member: the hop
+before it pushes every message (and epoch end) into every member's ring, all of
+them or none, so the members see the same messages.  Each member sends what it is
+done with, its publications and its epoch ends back on its own merge ring to the
+stack; a member done with a message sent to the group sets its bit in ``gdone``
+(shared, per message), and only the group's first member (the lead) names where its
+copy is in the message header.  The stack merges: it keeps the lead's copies and
+every member's publications per epoch region, and once every member has ended an
+epoch, sends the epoch on to the next hop (the next stage's rings, or its own
+completions) ordered as the chain orders it: by burst position, the messages from
+before the group first, then each member's publications in chain order.  So later
+stages see exactly what they would behind the members one after the other.  The
+members of a group share a chain stage: a drop hides the packet from later stages
+only ("any drop wins"), or with merge "all" counts as a vote (mbx_pkt.votes) and
+the last member's vote drops it.
 
 The stack works in epochs (a dispatch round): it pushes the round's messages and an
 end marker; the epoch is complete when the marker comes back on the completion ring
@@ -44,10 +62,15 @@ A dead NF is found by waitpid (its pidfd wakes the stack); the stack then drains
 ring on its behalf, recovers the messages it held (their header records the hop they
 were sent to; their region tells their epoch), and applies its failure policy: "open"
 forwards them as if it skipped them, "closed" drops the packets it was subscribed to.
-An NF with restarts allowed (``restart_nf``) is forked again once its back-off has
-passed: the stack then drains its ring only up to the next epoch end, forwards what it
-recovered, and the new process consumes the ring from the epoch after, in the region
-of its share of Event Memory that epoch uses, as the dead one would have.
+A dead group member is pumped into its merge ring the same way; the messages it
+held are those sent to the group without its bit in ``gdone`` (only the lead's are
+forwarded: another member's copy only counts, and its drop under "closed").
+
+An NF with restarts allowed (``restart_nf``; not a member of a parallel group of two
+or more, mbx.pipeline refuses that) is forked again once its back-off has passed: the
+stack then drains its ring only up to the next epoch end, forwards what it recovered,
+and the new process consumes the ring from the epoch after, in the region of its
+share of Event Memory that epoch uses, as the dead one would have.
 
 NFs change the stack's state only by requests (the control path, after the burst in
 the mapping: one ring of mbx_req per NF).  An NF's mb_up_sub and the
@@ -70,7 +93,8 @@ from posix.unistd cimport getppid
 from posix.wait cimport WNOHANG, waitpid
 
 from mbx._events cimport (
-    MAX_TYPES, MSG_F_SIDED, NO_PKT, NO_RING, EventBus, mbx_filter, mbx_msg, msg_header,
+    MAX_TYPES, MSG_F_SIDED, NO_PKT, NO_RING, EventBus, mbx_filter, mbx_msg, mbx_vote,
+    msg_header,
 )
 from mbx._packet cimport NO_FLOW, VERDICT_DROP, Batch, mbx_pkt
 
@@ -137,14 +161,15 @@ cdef inline void drop_pkt(mbx_pkt *p, uint8_t stage) noexcept nogil:
 
 
 def layout(uint32_t nnf, uint32_t total, uint32_t ring_size, size_t batch_bytes,
-           uint32_t inflight=1):
+           uint32_t inflight=1, uint32_t members=0):
     """(bytes of the shared mapping, [offset of each of the ``inflight`` burst slots]).
+    ``members``: NFs in parallel groups (each has a merge ring, see the module).
     The NFs' request rings (the control path) end the mapping, after the bursts."""
     cdef size_t off = up(sizeof(mbx_ctl), PAGE)
     off += up(<size_t>nnf * ERROR_SIZE, 64)
     off += up(<size_t>nnf * 2 * MAX_TYPES * 8, 64)
-    off += (nnf + 1) * up(RING_HDR + <size_t>ring_size * 4, 64)
-    off += up(<size_t>total * 4, 64)
+    off += (nnf + 1 + members) * up(RING_HDR + <size_t>ring_size * 4, 64)
+    off += 2 * up(<size_t>total * 4, 64)
     off = up(off, PAGE) + up(<size_t>total * sizeof(mbx_msg), PAGE)
     slots = [off + k * up(batch_bytes, PAGE) for k in range(inflight)]
     return off + inflight * up(batch_bytes, PAGE) + nnf * sizeof(mbx_req_ring), slots
@@ -183,6 +208,12 @@ cdef class PipeBus(EventBus):
         self.restart_at = NULL
         self.started_epochs = NULL
         self.at_boundary = NULL
+        self.gfirst = NULL
+        self.glast = NULL
+        self.mends = NULL
+        self.hop_ends = NULL
+        self.merges = NULL
+        self.ngroups = 0
 
     def __dealloc__(self):
         cdef uint32_t k
@@ -202,6 +233,16 @@ cdef class PipeBus(EventBus):
         free(self.restart_at)
         free(self.started_epochs)
         free(self.at_boundary)
+        for k in range(self.ngroups):
+            free(self.merges[k].count)
+            free(self.merges[k].keys)
+            free(self.merges[k].idx)
+            free(self.merges[k].out)
+        free(self.merges)
+        free(self.gfirst)
+        free(self.glast)
+        free(self.mends)
+        free(self.hop_ends)
 
     def setup(self, shm, uint32_t ring_size, bint drop_full, failures,
               uint32_t inflight=1, restarts=None):
@@ -237,13 +278,34 @@ cdef class PipeBus(EventBus):
         off += up(<size_t>n * ERROR_SIZE, 64)
         self.typecnt = <uint64_t *>(self.base + off)
         off += up(<size_t>n * 2 * MAX_TYPES * 8, 64)
-        self.rings = <mbx_ring **>malloc((n + 1) * sizeof(mbx_ring *))
-        for k in range(n + 1):
+        # Stages: a parallel group of two or more NFs is fanned out to and merged
+        # (see the module); every other NF is a stage of its own.
+        self.gfirst = <uint32_t *>calloc_u32(n)
+        self.glast = <uint32_t *>calloc_u32(n)
+        if self.gfirst == NULL or self.glast == NULL:
+            raise MemoryError()
+        for k in range(n):
+            self.gfirst[k] = k if k == 0 or self.nf_stage[k] != self.nf_stage[k - 1] \
+                else self.gfirst[k - 1]
+        for j in range(n, 0, -1):        # (k is unsigned: count down from n)
+            k = j - 1
+            self.glast[k] = k if k == n - 1 or self.nf_stage[k] != self.nf_stage[k + 1] \
+                else self.glast[k + 1]
+        # rings 0..n: the input of NF k (n: the stack's completions); n + 1 + k: the
+        # merge ring of group member k (to the stack)
+        self.rings = <mbx_ring **>calloc(2 * n + 1, sizeof(mbx_ring *))
+        if self.rings == NULL:
+            raise MemoryError()
+        for k in range(2 * n + 1):
+            if k > n and not self.member(k - n - 1):
+                continue
             self.rings[k] = <mbx_ring *>(self.base + off)
             self.rings[k].size = ring_size
             self.rings[k].mask = ring_size - 1
             off += up(RING_HDR + <size_t>ring_size * 4, 64)
         self.fmask = <uint32_t *>(self.base + off)
+        off += up(<size_t>self.total * 4, 64)
+        self.gdone = <uint32_t *>(self.base + off)
         off += up(<size_t>self.total * 4, 64)
         off = up(off, PAGE)
         # Event Memory moves into the mapping; every slot starts free.
@@ -298,6 +360,57 @@ cdef class PipeBus(EventBus):
         else:
             self.spin, self.yields = SPIN_SHARED, YIELDS_SHARED
 
+    def stage_of(self, uint32_t k):
+        """(first, last) NF of NF k's stage (a parallel group, or k alone)."""
+        return self.gfirst[k], self.glast[k]
+
+    def fanout_members(self):
+        """NFs in parallel groups of two or more (each has a merge ring)."""
+        cdef uint32_t k, n = 0
+        for k in range(self.nnf):
+            if ((k > 0 and self.nf_stage[k] == self.nf_stage[k - 1])
+                    or (k + 1 < self.nnf and self.nf_stage[k] == self.nf_stage[k + 1])):
+                n += 1
+        return n
+
+    cdef inline bint member(self, uint32_t k) noexcept nogil:
+        return self.glast[k] != self.gfirst[k]
+
+    cdef uint32_t hop_after(self, uint32_t k) noexcept nogil:
+        # Where NF k pushes: its merge ring (a group member), else the next stage's
+        # ring (fanned out to every ring of a group), or the stack's.
+        return self.nnf + 1 + k if self.member(k) else k + 1
+
+    cdef uint32_t hop_room(self, uint32_t r) noexcept nogil:
+        cdef uint32_t j, room = mbx_ring_room(self.rings[r])
+        if r < self.nnf and self.member(r):
+            for j in range(r + 1, self.glast[r] + 1):
+                room = min(room, mbx_ring_room(self.rings[j]))
+        return room
+
+    cdef uint32_t hop_enqueue(self, uint32_t r, uint32_t *src, uint32_t n) noexcept nogil:
+        # Into ring r, or (r starts a group) the same entries into every member's
+        # ring: all of them or none, so the members see the same messages.
+        cdef uint32_t j, last = r
+        if r < self.nnf and self.member(r):
+            last = self.glast[r]
+        n = min(n, self.hop_room(r))
+        if n == 0:
+            return 0
+        for j in range(r, last + 1):
+            mbx_ring_enqueue(self.rings[j], src, n)
+            self.wake_consumer(j)
+        return n
+
+    cdef uint32_t ends_into(self, uint32_t r) noexcept nogil:
+        # Epoch ends pushed into ring r so far (counted before they are pushed).
+        cdef uint32_t p = self.gfirst[r] if r < self.nnf else r
+        if p == 0:
+            return mbx_load(&self.ctl.procs[self.nnf].epochs)
+        if self.member(p - 1):
+            return self.hop_ends[p]
+        return mbx_load(&self.ctl.procs[p - 1].epochs)
+
     def attach_shared_batches(self, batches):
         """The K burst slots every process sees (built over the shared mapping)."""
         cdef uint32_t k
@@ -322,18 +435,28 @@ cdef class PipeBus(EventBus):
     # -- waking -------------------------------------------------------------------
 
     cdef void wake_consumer(self, uint32_t r) noexcept nogil:
-        # The consumer of ring r is NF r (the stack for the last ring, and for the
-        # ring of a dead NF, which it drains).
+        # The consumer of ring r is NF r (the stack for the last ring, the merge
+        # rings, and the ring of a dead NF, which it drains).
         if r < self.nnf and not self.ctl.procs[r].dead:
             mbx_wake(&self.ctl.procs[r])
         else:
             mbx_wake(&self.ctl.procs[self.nnf])
 
     cdef void wake_producer(self, uint32_t r) noexcept nogil:
-        if r > 0 and not self.ctl.procs[r - 1].dead:
-            mbx_wake(&self.ctl.procs[r - 1])
+        # A merge ring's producer is its member; a stage's rings are fed by the NF
+        # before it, or by the stack (the first stage, and after a group).
+        cdef uint32_t p
+        if r > self.nnf:
+            p = r - self.nnf - 1
         else:
-            mbx_wake(&self.ctl.procs[self.nnf])
+            p = self.gfirst[r] if r < self.nnf else r
+            if p == 0 or self.member(p - 1):
+                p = self.nnf
+            else:
+                p -= 1
+        if p < self.nnf and self.ctl.procs[p].dead:
+            p = self.nnf
+        mbx_wake(&self.ctl.procs[p])
 
     # -- the EventBus hooks ---------------------------------------------------------
 
@@ -385,9 +508,20 @@ cdef class PipeBus(EventBus):
         self.nout += 1
 
     cdef void release(self, mbx_msg *m) noexcept nogil:
-        # An NF is done with m (handled, skipped or hidden): on down the chain.
-        m.h.refs = HANDLED | self.role
-        self.out[self.nout] = <uint32_t>(m - self.msgs)
+        # An NF is done with m (handled, skipped or hidden): on down the chain.  The
+        # members of a group share the messages sent to it: each says it is done in
+        # gdone, and only the first (the lead) names where its copy is (the stack
+        # merges the lead's copies, and every member's ends and publications).
+        cdef uint32_t idx = <uint32_t>(m - self.msgs)
+        cdef uint32_t k = self.role
+        if k < self.nnf and self.member(k):
+            mbx_vote(&self.gdone[idx], (<uint32_t>1) << (k - self.gfirst[k]))
+            if k != self.gfirst[k]:
+                self.out[self.nout] = idx
+                self.nout += 1
+                return
+        m.h.refs = HANDLED | k
+        self.out[self.nout] = idx
         self.nout += 1
 
     cdef void ring_drop(self, uint32_t idx, mbx_proc *me) noexcept nogil:
@@ -411,21 +545,25 @@ cdef class PipeBus(EventBus):
         # epoch ends are never dropped.
         cdef uint32_t done = 0, n, j, keep
         cdef uint32_t spins = 0
-        cdef mbx_ring *ring = self.rings[r]
+        cdef bint copies = r > self.nnf and self.role != self.gfirst[self.role]
+        cdef mbx_msg *m
         while done < self.nout:
             # Name the next hop in what is about to go (no more than fits): until
-            # then, a message is this NF's, should it die.
-            n = min(mbx_ring_room(ring), self.nout - done)
+            # then, a message is this NF's, should it die.  (A group member other
+            # than the lead names only its own publications: the rest are shared.)
+            n = min(self.hop_room(r), self.nout - done)
             for j in range(done, done + n):
                 if not self.out[j] & MBX_END_BIT:
-                    self.msgs[self.out[j]].h.refs = r
-            n = mbx_ring_enqueue(ring, self.out + done, n)
+                    m = &self.msgs[self.out[j]]
+                    if not copies or m.h.publisher == self.role + 1:
+                        m.h.refs = r
+            n = self.hop_enqueue(r, self.out + done, n)
             if n:
                 done += n
                 spins = 0
-                self.wake_consumer(r)
                 continue
-            if self.drop_full:
+            # a merge ring never drops: the stack drains it whatever comes next
+            if self.drop_full and r <= self.nnf:
                 keep = done
                 for j in range(done, self.nout):
                     if self.out[j] & MBX_END_BIT:
@@ -444,7 +582,7 @@ cdef class PipeBus(EventBus):
                 sched_yield()
                 continue
             mbx_sleep_begin(me)
-            if mbx_ring_room(ring):
+            if self.hop_room(r):
                 mbx_sleep_cancel(me)
                 continue
             mbx_sleep_wait(me, NULL, 0, 100)
@@ -494,7 +632,7 @@ cdef class PipeBus(EventBus):
 
     def nf_main(self, uint32_t k):
         """The loop of NF k's process (after the fork); returns when the run ends."""
-        cdef uint32_t n, j, idx, r, mask, parent = os.getppid()
+        cdef uint32_t n, j, idx, r, mask, hop, parent = os.getppid()
         cdef uint32_t *buf = self.scratch
         cdef mbx_msg *m
         cdef mbx_proc *me
@@ -518,6 +656,7 @@ cdef class PipeBus(EventBus):
         self.skip = skip
         nf = self.nfs[k]
         mask = self.msg_capacity - 1
+        hop = self.hop_after(k)
         self.maxpos = 0
         self.nout = 0
         self.need_slot = True
@@ -539,12 +678,12 @@ cdef class PipeBus(EventBus):
                     self.deliver(k, nf, NO_RING - 1)
                     if self.nout:
                         with nogil:
-                            self.push_out(k + 1, me, False)
+                            self.push_out(hop, me, False)
                     mbx_store(&me.epochs, me.epochs + 1)
                     self.out[0] = idx
                     self.nout = 1
                     with nogil:
-                        self.push_out(k + 1, me, False)
+                        self.push_out(hop, me, False)
                     self.nf_used = 0
                     self.maxpos = 0
                     self.need_slot = True
@@ -570,7 +709,7 @@ cdef class PipeBus(EventBus):
                 self.deliver(k, nf, self.maxpos - 1)
             if self.nout:
                 with nogil:
-                    self.push_out(k + 1, me, False)
+                    self.push_out(hop, me, False)
 
     def nf_failed(self, uint32_t k, str text):
         """NF k's handler raised: keep the text for the stack, pass on what is done."""
@@ -580,7 +719,7 @@ cdef class PipeBus(EventBus):
         self.ctl.procs[k].failed = 1
         if self.nout:
             with nogil:
-                self.push_out(k + 1, &self.ctl.procs[k], False)
+                self.push_out(self.hop_after(k), &self.ctl.procs[k], False)
 
     def nf_exit(self, uint32_t k):
         mbx_store(&self.ctl.procs[k].exited, 1)
@@ -590,6 +729,7 @@ cdef class PipeBus(EventBus):
     def become_stack(self, pids, pidfds):
         """In the stack's process after the fork: the children and their pidfds."""
         cdef uint32_t k
+        cdef mbx_merge *mg
         self.role = self.nnf
         for k in range(self.nnf):
             self.ctl.procs[k].pid = pids[k]
@@ -597,6 +737,27 @@ cdef class PipeBus(EventBus):
         self.ctl.procs[self.nnf].pid = os.getpid()
         self.done_epoch = self.ctl.epoch
         self.reset_pool()
+        self.mends = <uint32_t *>calloc_u32(self.nnf)
+        self.hop_ends = <uint32_t *>calloc_u32(self.nnf + 1)
+        firsts = [k for k in range(self.nnf) if self.member(k) and self.gfirst[k] == k]
+        self.merges = <mbx_merge *>calloc(max(len(firsts), 1), sizeof(mbx_merge))
+        if self.mends == NULL or self.hop_ends == NULL or self.merges == NULL:
+            raise MemoryError()
+        for k in range(self.nnf):
+            self.mends[k] = self.ctl.epoch
+        for k in firsts:
+            mg = &self.merges[self.ngroups]
+            self.ngroups += 1
+            mg.first = k
+            mg.last = self.glast[k]
+            mg.next = mg.last + 1
+            mg.flushed = self.ctl.epoch
+            mg.count = <uint32_t *>calloc_u32(self.inflight)
+            mg.keys = <uint64_t *>malloc(<size_t>self.inflight * self.total * 8)
+            mg.idx = <uint32_t *>malloc(<size_t>self.inflight * self.total * 4)
+            mg.out = <uint32_t *>malloc((<size_t>self.total + 2 * MBX_MAX_INFLIGHT + 64) * 4)
+            if mg.count == NULL or mg.keys == NULL or mg.idx == NULL or mg.out == NULL:
+                raise MemoryError()
 
     cdef void reset_pool(self) noexcept nogil:
         # The stack builds the next epoch (ctl.epoch + 1) in that epoch's region of
@@ -636,6 +797,114 @@ cdef class PipeBus(EventBus):
                 self.msgs[idx].h.refs = DONE
                 self.completed += 1
 
+    cdef bint merge_groups(self) noexcept nogil:
+        # The stack's merge of each parallel group: take what its members sent back
+        # (the lead's copies of the messages sent to the group, every member's
+        # publications and epoch ends), and once every member has ended an epoch,
+        # send the epoch on, ordered as the chain would (by burst position; the
+        # messages from before the group first, then each member's publications in
+        # chain order).
+        cdef uint32_t g, j, n, i, idx, r, e, cls, seq, region
+        cdef bint progress = False
+        cdef mbx_merge *mg
+        cdef mbx_msg *m
+        cdef uint64_t *keys
+        for g in range(self.ngroups):
+            mg = &self.merges[g]
+            for j in range(mg.first, mg.last + 1):
+                r = self.nnf + 1 + j
+                while True:
+                    n = mbx_ring_dequeue(self.rings[r], self.scratch, SCRATCH)
+                    if n == 0:
+                        break
+                    progress = True
+                    self.wake_producer(r)
+                    for i in range(n):
+                        idx = self.scratch[i]
+                        if idx & MBX_END_BIT:
+                            if not (idx - self.mends[j] - 1) & 0x7FFFFFFF:
+                                self.mends[j] += 1      # (a copy a recovery resent is not)
+                            continue
+                        m = &self.msgs[idx]
+                        if mg.first < m.h.publisher <= mg.last + 1:
+                            cls = m.h.publisher - mg.first
+                        elif j == mg.first:
+                            cls = 0
+                        else:
+                            continue        # another member's copy: the lead's goes on
+                        region = self.region_of(idx)
+                        seq = mg.count[region]
+                        mg.count[region] += 1
+                        mg.keys[region * self.total + seq] = (
+                            ((<uint64_t>m.h.pos) << 40) | ((<uint64_t>cls) << 32) | seq)
+                        mg.idx[region * self.total + seq] = idx
+            while True:
+                e = mg.flushed + 1
+                for j in range(mg.first, mg.last + 1):
+                    if <int32_t>(self.mends[j] - e) < 0:
+                        break
+                else:
+                    region = (e - 1) & (self.inflight - 1)
+                    keys = mg.keys + region * self.total
+                    qsort(keys, mg.count[region], 8, mbx_cmp_u64)
+                    for i in range(mg.count[region]):
+                        idx = mg.idx[region * self.total + <uint32_t>keys[i]]
+                        self.gdone[idx] = 0
+                        self.msgs[idx].h.refs = mg.next
+                        mg.out[mg.nout] = idx
+                        mg.nout += 1
+                    mg.out[mg.nout] = MBX_END_BIT | (e & 0x7FFFFFFF)
+                    mg.nout += 1
+                    mg.count[region] = 0
+                    mg.flushed = e
+                    self.hop_ends[mg.next] += 1
+                    progress = True
+                    continue
+                break
+            if mg.nout == 0:
+                continue
+            if mg.next == self.nnf:
+                # the group ends the chain: these are completions
+                for i in range(mg.nout):
+                    idx = mg.out[i]
+                    if idx & MBX_END_BIT:
+                        if ((idx - self.done_epoch) & 0x7FFFFFFF) <= self.inflight:
+                            self.done_epoch += (idx - self.done_epoch) & 0x7FFFFFFF
+                        continue
+                    self.msgs[idx].h.refs = DONE
+                    self.completed += 1
+                mg.nout = 0
+                continue
+            n = self.hop_enqueue(mg.next, mg.out, mg.nout)
+            if n:
+                progress = True
+                memmove(mg.out, mg.out + n, (mg.nout - n) * 4)
+                mg.nout -= n
+            elif self.drop_full:
+                i = 0
+                for j in range(mg.nout):
+                    if mg.out[j] & MBX_END_BIT:
+                        mg.out[i] = mg.out[j]
+                        i += 1
+                    else:
+                        self.ring_drop(mg.out[j], &self.ctl.procs[self.nnf])
+                progress = progress or i < mg.nout
+                mg.nout = i
+        return progress
+
+    cdef bint merge_idle(self) noexcept nogil:
+        # Nothing for the stack to merge or send on until a member or ring moves.
+        cdef uint32_t g, j
+        cdef mbx_merge *mg
+        for g in range(self.ngroups):
+            mg = &self.merges[g]
+            for j in range(mg.first, mg.last + 1):
+                if mbx_ring_count(self.rings[self.nnf + 1 + j]):
+                    return False
+            if mg.nout and self.hop_room(mg.next):
+                return False
+        return True
+
     cdef bint check_deaths(self) noexcept nogil:
         cdef uint32_t k
         cdef int status = 0, r
@@ -661,20 +930,37 @@ cdef class PipeBus(EventBus):
         cdef mbx_msg *m = &self.msgs[idx]
         cdef uint16_t t = m.h.type_idx
         cdef mbx_pkt *p
-        if m.h.refs != k and m.h.refs != (HANDLED | k):
+        cdef uint32_t bit = 0
+        cdef bint copy = False, unhandled
+        if self.member(k):
+            bit = (<uint32_t>1) << (k - self.gfirst[k])
+            # a message sent to the group (not its own publication): done when its
+            # gdone bit says so; only the lead's copy goes on to the merge
+            copy = m.h.publisher != k + 1 and k != self.gfirst[k]
+            if copy and self.gdone[idx] & bit:
+                return
+        if copy:
+            unhandled = True
+        elif m.h.refs != k and m.h.refs != (HANDLED | k):
             return              # already forwarded (met twice around the death)
-        if (not self.policy[k] and m.h.refs == k and m.h.pkt != NO_PKT
+        else:
+            unhandled = m.h.refs == k
+        if (not self.policy[k] and unhandled and m.h.pkt != NO_PKT
                 and self.sets[k][0][t] != NULL):
             if (not (m.h.flags & MSG_F_SIDED)
                     or (self.set_side[k][0][t] >> (m.h.flags & 3)) & 1):
                 if (self.set_filter[k][0][t] == NULL
                         or self.passes(self.set_filter[k][0][t], m)):
                     p = &self.slot_pkts[self.ctl.epoch_slot[self.region_of(idx)]][m.h.pkt]
-                    drop_pkt(p, self.nf_stage[k])
-        m.h.refs = k + 1
+                    self.nf_drop(k, p)      # its vote, in a merge = "all" group
+        self.ctl.procs[k].pumped += 1
+        if bit:
+            mbx_vote(&self.gdone[idx], bit)
+        if copy:
+            return
+        m.h.refs = self.hop_after(k)
         self.pending[k][self.npend[k]] = idx
         self.npend[k] += 1
-        self.ctl.procs[k].pumped += 1
 
     cdef void pend_end(self, uint32_t k, uint32_t end) noexcept nogil:
         # An end marker in dead NF k's place: the next one only (a copy a recovery
@@ -694,14 +980,19 @@ cdef class PipeBus(EventBus):
         cdef int64_t held_ends
         cdef uint32_t *ring_items
         cdef uint64_t *held
+        cdef uint8_t *in_ring
+        cdef uint16_t refs, a = self.gfirst[k]
+        cdef bint mine
         if self.pending[k] == NULL:
             self.pending[k] = <uint32_t *>malloc((self.total + self.ring_size + 64) * 4)
             self.npend[k] = 0
         ring_items = <uint32_t *>malloc(self.ring_size * 4)
         held = <uint64_t *>malloc(<size_t>self.total * 8)
-        if ring_items == NULL or held == NULL or self.pending[k] == NULL:
+        in_ring = <uint8_t *>calloc(self.total, 1)
+        if ring_items == NULL or held == NULL or in_ring == NULL or self.pending[k] == NULL:
             free(ring_items)
             free(held)
+            free(in_ring)
             return
         # An NF counts an end before it pushes it, so the upstream count may be one
         # ahead of its ring (never behind), and NF k may have died between counting
@@ -712,19 +1003,26 @@ cdef class PipeBus(EventBus):
         if first > 1:
             self.pending[k][self.npend[k]] = MBX_END_BIT | ((first - 1) & 0x7FFFFFFF)
             self.npend[k] += 1
-        held_ends = <int64_t>(<int32_t>(
-            mbx_load(&self.ctl.procs[k - 1 if k else self.nnf].epochs) - (first - 1)))
+        held_ends = <int64_t>(<int32_t>(self.ends_into(k) - (first - 1)))
         n = mbx_ring_dequeue(self.rings[k], ring_items, self.ring_size)
         self.wake_producer(k)
         for j in range(n):
             if not ring_items[j] & MBX_END_BIT:
-                self.msgs[ring_items[j]].h.refs = DONE - 1
+                in_ring[ring_items[j]] = 1
             else:
                 ring_ends += 1
         held_ends -= ring_ends
         ranks = <uint32_t>max(held_ends, 0)
         for idx in range(self.total):
-            if self.msgs[idx].h.refs == k or self.msgs[idx].h.refs == (HANDLED | k):
+            if in_ring[idx]:
+                continue
+            refs = self.msgs[idx].h.refs
+            mine = refs == k or refs == (HANDLED | k)
+            if (not mine and self.member(k) and k != a and self.msgs[idx].h.publisher != k + 1
+                    and (refs == a or refs == (HANDLED | a) or refs == self.nnf + 1 + a)):
+                # sent to the group, and this member had not said it was done
+                mine = not self.gdone[idx] & ((<uint32_t>1) << (k - a))
+            if mine:
                 r = (self.region_of(idx) - (first - 1)) & (self.inflight - 1)
                 # epoch rank, then burst position (< 2^24), then index
                 held[nh] = (((<uint64_t>r) << 56) | ((<uint64_t>self.msgs[idx].h.pos) << 32)
@@ -732,9 +1030,7 @@ cdef class PipeBus(EventBus):
                 nh += 1
                 ranks = max(ranks, r + 1)
         qsort(held, nh, 8, mbx_cmp_u64)
-        for j in range(n):
-            if not ring_items[j] & MBX_END_BIT:
-                self.msgs[ring_items[j]].h.refs = k
+        free(in_ring)
         j = 0
         for r in range(ranks):
             while j < nh and (held[j] >> 56) == r:
@@ -774,7 +1070,7 @@ cdef class PipeBus(EventBus):
                 else:
                     self.pump_one(k, idx)
         if self.npend[k]:
-            sent = mbx_ring_enqueue(self.rings[k + 1], self.pending[k], self.npend[k])
+            sent = self.hop_enqueue(self.hop_after(k), self.pending[k], self.npend[k])
             if sent:
                 progress = True
                 for j in range(sent):
@@ -784,7 +1080,6 @@ cdef class PipeBus(EventBus):
                         self.ctl.procs[k].epochs += 1
                 memmove(self.pending[k], self.pending[k] + sent, (self.npend[k] - sent) * 4)
                 self.npend[k] -= sent
-                self.wake_consumer(k + 1)
         return progress
 
     cdef void stack_round(self) noexcept nogil:
@@ -812,11 +1107,10 @@ cdef class PipeBus(EventBus):
         while True:
             progress = False
             if sent < self.nout:
-                n = mbx_ring_enqueue(self.rings[0], self.out + sent, self.nout - sent)
+                n = self.hop_enqueue(0, self.out + sent, self.nout - sent)
                 if n:
                     sent += n
                     progress = True
-                    self.wake_consumer(0)
                     if sent == self.nout:
                         mbx_store(&me.epochs, me.epochs + 1)
                 elif self.drop_full:
@@ -824,6 +1118,8 @@ cdef class PipeBus(EventBus):
                         self.ring_drop(self.out[sent], me)
                         sent += 1
             if self.drain_completions():
+                progress = True
+            if self.ngroups and self.merge_groups():
                 progress = True
             if sent == self.nout and <int32_t>(self.done_epoch - target) >= 0:
                 break
@@ -851,8 +1147,8 @@ cdef class PipeBus(EventBus):
                 spins = 0
                 continue
             mbx_sleep_begin(me)
-            idle = mbx_ring_count(self.rings[self.nnf]) == 0
-            if idle and sent < self.nout and mbx_ring_room(self.rings[0]):
+            idle = mbx_ring_count(self.rings[self.nnf]) == 0 and self.merge_idle()
+            if idle and sent < self.nout and self.hop_room(0):
                 idle = False
             for k in range(self.nnf):
                 if self.ctl.procs[k].dead and (
@@ -909,6 +1205,8 @@ cdef class PipeBus(EventBus):
                     self.stack_wait(mark)
                 else:
                     self.drain_completions()
+                    if self.ngroups:
+                        self.merge_groups()
                     for k in range(self.nnf):
                         if self.ctl.procs[k].dead:
                             self.pump(k)
@@ -1092,6 +1390,9 @@ cdef class PipeBus(EventBus):
                 "restarts": self.restart_made[k],
                 "restart_limit": self.restart_conf[k][0],
                 "deaths": list(self.restart_log[k]),
+                # the members of its parallel group it runs beside (fanned out to)
+                "parallel_with": [self.nfs[j].name for j in
+                                  range(self.gfirst[k], self.glast[k] + 1) if j != k],
             }
             dropped += pr.ring_dropped
             published += pr.published
@@ -1100,8 +1401,9 @@ cdef class PipeBus(EventBus):
         for i in range(self.total):
             if self.msgs[i].h.refs != DONE:
                 in_use += 1
-        for k in range(self.nnf + 1):
-            queued += mbx_ring_count(self.rings[k])
+        for k in range(2 * self.nnf + 1):
+            if self.rings[k] != NULL:
+                queued += mbx_ring_count(self.rings[k])
         stack_published = self.published - published
         return {
             "nfs": nfs,

@@ -24,6 +24,9 @@ options, subscription filters and parallel groups::
     [nf.filters."FLOW/END"]     # on one subscription
     proto = "tcp"
 
+    [groups.inspect]            # how a parallel group merges its members' verdicts:
+    merge = "all"               # "any" drop wins (the default), or "all" must drop
+
 The Controller links each subscription to the publications that can feed it (a
 publication feeds a subscription when it is the subscribed type or a descendant:
 paper §3.3): the μStacks' publications, and those of the NFs before it in the chain
@@ -52,6 +55,7 @@ _STACK_KEYS = {"flow_capacity", "idle_timeout", "flow_policy", "malformed",
                "chunk_size", "stream_window", "retain", "max_streams", "overlap"}
 _NF_KEYS = {"name", "use", "options", "group", "filter", "filters", "failure", "restart",
             "restart_backoff"}
+_GROUP_KEYS = {"merge"}
 
 
 class AppSpec:
@@ -74,7 +78,7 @@ class AppSpec:
             if nf.writes:
                 flags.append("writes")
             if nf.group is not None:
-                flags.append(f"parallel group {nf.group}")
+                flags.append(f"parallel group {nf.group}, merge {nf.group_merge}")
             lines.append(f"  {i}. NF {nf.name}" + (f" ({', '.join(flags)})" if flags else ""))
             for sub, t, pubs in self.links:
                 if sub is nf:
@@ -110,10 +114,10 @@ def load_app_file(path):
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise AppError(f"{path}: {exc}") from None
-    unknown = set(doc) - {"app", "stack", "nf"}
+    unknown = set(doc) - {"app", "stack", "nf", "groups"}
     if unknown:
         raise AppError(f"{path}: unknown table(s) {', '.join(sorted(unknown))} "
-                       "(expected [app], [stack], [[nf]])")
+                       "(expected [app], [stack], [[nf]], [groups.NAME])")
     app = doc.get("app", {})
     name = app.get("name", os.path.splitext(os.path.basename(path))[0])
     stack = app.get("stack", "auto")
@@ -187,7 +191,35 @@ def load_app_file(path):
             except AppError as exc:
                 raise AppError(f"{where}: {exc}") from None
         nfs += made
+    _merge_policies(path, text, doc.get("groups", {}), nfs)
     return check(path, name, stack, options, nfs)
+
+
+def _merge_policies(path, text, groups, nfs):
+    # [groups.NAME] merge = "any" | "all": set on every member, checked here so the
+    # error names the file and line of the group's table.
+    from mbx._events import MERGES
+
+    members = {nf.group for nf in nfs if nf.group is not None}
+    for gname, spec in groups.items():
+        line = _line_of(text, 0, f"[groups.{gname}]")
+        where = f"{path}, line {line}" if line else path
+        if not isinstance(spec, dict):
+            raise AppError(f"{where}: groups.{gname} must be a table ([groups.{gname}])")
+        bad = set(spec) - _GROUP_KEYS
+        if bad:
+            raise AppError(f"{where}: [groups.{gname}] unknown key(s) "
+                           f"{', '.join(sorted(bad))} (known: merge)")
+        if gname not in members:
+            raise AppError(f"{where}: [groups.{gname}]: no NF has group = {gname!r}")
+        merge = spec.get("merge", "any")
+        if merge not in MERGES:
+            raise AppError(f"{where}: parallel group {gname!r}: merge = {merge!r}: use "
+                           "\"any\" (a packet any member dropped is dropped) or \"all\" "
+                           "(dropped only when every member dropped it)")
+        for nf in nfs:
+            if nf.group == gname:
+                nf.group_merge = merge
 
 
 def check(path, name, stack, options, nfs):

@@ -33,10 +33,29 @@ def _check(nfs):
                             f"pipelined deployment: NF {b.name} subscribes to "
                             f"{types[t].name}, which NF {a.name} after it publishes; "
                             "put the publisher first in the chain (or run inline)")
+        for b in nfs[:i]:
+            # the members of a parallel group run side by side: none sees what
+            # another publishes
+            if a.group is None or b.group != a.group:
+                continue
+            for x, y in ((a, b), (b, a)):
+                for p in x.pubs:
+                    for t in y.subs:
+                        if types[p].is_a(types[t]):
+                            raise AppError(
+                                f"pipelined deployment: NF {y.name} subscribes to "
+                                f"{types[t].name}, which NF {x.name} of its parallel "
+                                f"group {a.group!r} publishes; members run side by "
+                                "side (take one out of the group, or run inline)")
         if getattr(a, "failure", None) not in (None, "open", "closed"):
             raise AppError(f"NF {a.name}: failure must be 'open' or 'closed', "
                            f"not {a.failure!r}")
-        restart_of(a)
+        if restart_of(a)[0] and a.group is not None and any(
+                b is not a and b.group == a.group for b in nfs):
+            # a member's ring feeds the group's merge: restarting one mid-group is
+            # not built (its dead ring is drained to the merge for good)
+            raise AppError(f"NF {a.name}: restart is not available for a member of a "
+                           f"parallel group ({a.group!r}) in the pipelined deployment")
 
 
 def restart_of(nf):
@@ -140,10 +159,10 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
         raise AppError(f"msg_capacity {msg_capacity} is too small for {len(nfs)} NF "
                        "processes")
     ring_size = int(ring_size) or _pow2(msg_capacity + 64)
-    size, slots = layout(len(nfs), msg_capacity, ring_size, Batch.shared_size(burst),
-                         inflight)
-    shm = mmap.mmap(-1, size)       # MAP_SHARED | MAP_ANONYMOUS: no file anywhere
     bus = PipeBus(nfs, 0, msg_capacity)
+    size, slots = layout(len(nfs), msg_capacity, ring_size, Batch.shared_size(burst),
+                         inflight, bus.fanout_members())
+    shm = mmap.mmap(-1, size)       # MAP_SHARED | MAP_ANONYMOUS: no file anywhere
     bus.timing = nf_timing
     pidfds = []
     forked = False

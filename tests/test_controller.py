@@ -133,6 +133,28 @@ def test_an_application_file_loads_links_and_runs(tmp_path, example_pcap):
      [[nf]]
      use = "nosuch"
      """, "unknown NF 'nosuch'"),
+    ("""
+     [[nf]]
+     use = "{nf}"
+     group = "g"
+     [groups.g]
+     merge = "most"
+     """, "line 5: parallel group 'g': merge = 'most': use \"any\""),
+    ("""
+     [[nf]]
+     use = "{nf}"
+     group = "g"
+     [groups.h]
+     merge = "all"
+     """, "line 5: [groups.h]: no NF has group = 'h'"),
+    ("""
+     [[nf]]
+     use = "{nf}"
+     group = "g"
+     [groups.g]
+     merge = "all"
+     quorum = 2
+     """, "line 5: [groups.g] unknown key(s) quorum"),
 ])
 def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
     nf_file = write(tmp_path, "counter.py", NF_FILE)
@@ -192,6 +214,73 @@ def test_parallel_group_sees_every_packet_and_any_drop_wins(run, example_pcap):
     a2, b2 = Dropper("a2", 53), Dropper("b2", 443)
     run([a2, b2], example_pcap)
     assert b2.seen < a2.seen
+
+
+def test_group_merge_all_drops_only_what_every_member_dropped(run, tmp_path,
+                                                             example_pcap):
+    # merge = "all": a packet one member drops still passes; one every member drops
+    # does not.  Every member sees every packet either way.
+    nf_file = write(tmp_path, "counter.py", NF_FILE)
+    app = write(tmp_path, "app.toml", f"""
+        [[nf]]
+        use = "{nf_file}"
+        options = {{ name = "a", drop_port = 53 }}
+        group = "g"
+        [[nf]]
+        use = "{nf_file}"
+        options = {{ name = "b", drop_port = 53 }}
+        group = "g"
+        [[nf]]
+        use = "{nf_file}"
+        options = {{ name = "c", drop_port = 443 }}
+        group = "g"
+        [[nf]]
+        use = "{nf_file}"
+        options = {{ name = "after" }}
+        [groups.g]
+        merge = "all"
+        """)
+    spec = load_app_file(app)
+    assert "parallel group g, merge all" in spec.graph()
+    counters, _ = run(spec.nfs, example_pcap)
+    a, b, c, after = spec.nfs
+    assert len(a.seen) == len(b.seen) == len(c.seen) == counters["events"]["PKT"]["published"]
+    ports = [d for _, d in a.seen]
+    # 53 is dropped by two members of three, 443 by one: nothing is dropped
+    assert ports.count(53) > 0 and ports.count(443) > 0
+    assert counters["dropped_by_nf"] == 0
+    assert len(after.seen) == len(ports)
+    # the same members, any drop wins (the default)
+    spec = load_app_file(app)
+    for nf in spec.nfs:
+        nf.group_merge = "any"
+    counters, _ = run(spec.nfs, example_pcap)
+    assert counters["dropped_by_nf"] == ports.count(53) + ports.count(443)
+    assert len(spec.nfs[3].seen) == len(ports) - counters["dropped_by_nf"]
+
+
+def test_group_merge_all_when_every_member_drops(run, example_pcap):
+    class Dropper(mbx.NF):
+        def __init__(self, name, port):
+            super().__init__(name, group="g")
+            self.group_merge = "all"
+            self.port = port
+            self.sub(mbx.PKT, self.on_pkt)
+
+        def on_pkt(self, ev):
+            if ev.dport == self.port:
+                ev.drop()
+
+    counters, out = run([Dropper("a", 53), Dropper("b", 53)], example_pcap)
+    assert counters["dropped_by_nf"] > 0
+    for _, buf in out:
+        ip = dpkt.ethernet.Ethernet(buf).data
+        if isinstance(ip, dpkt.ip.IP | dpkt.ip6.IP6) and hasattr(ip.data, "dport"):
+            assert ip.data.dport != 53
+    mixed = Dropper("m", 53)
+    mixed.group_merge = "any"
+    with pytest.raises(mbx.SubscriptionError, match="parallel group 'g': its NFs must share"):
+        run([Dropper("a2", 53), mixed], example_pcap)
 
 
 def test_mbx_check_prints_the_graph(tmp_path):

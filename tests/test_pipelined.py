@@ -307,13 +307,21 @@ nf.sub(mbx.PKT, on_pkt)
 """
 
 
-def test_sigterm_mid_run(example_pcap, tmp_path):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_sigterm_mid_run(example_pcap, tmp_path, grouped):
     marker = tmp_path / "pid"
     script = tmp_path / "slow.py"
     script.write_text(SLOW_NF.replace("{marker!r}", repr(str(marker))))
+    app = f"{script}+l2fwd"
+    if grouped:
+        # the slow NF beside another in a parallel group (fanned out, merged)
+        app = str(tmp_path / "app.toml")
+        with open(app, "w") as fh:
+            fh.write(f'[[nf]]\nuse = "{script}"\ngroup = "g"\n'
+                     '[[nf]]\nuse = "flow_stats"\ngroup = "g"\n')
     shm_before = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mbx.cli", "run", f"{script}+l2fwd", "--deploy", "pipelined",
+        [sys.executable, "-m", "mbx.cli", "run", app, "--deploy", "pipelined",
          "--in", f"pcap:{example_pcap}", "--burst", "8"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -426,3 +434,151 @@ def test_cli_inflight(example_pcap):
          "--inflight", "5", "--in", f"pcap:{example_pcap}"],
         capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "inflight must be a power of two" in r.stderr
+
+
+# -- parallel groups: fanned out to every member, merged by the stack --------------
+
+def _grouped(tag, tmp_path, shape):
+    def rec(name, group=None):
+        return FileRecorder(name, str(tmp_path / f"{tag}.{name}"), group=group)
+
+    def dropper(group=None):
+        d = DropUdp()
+        d.group = group
+        return d
+
+    if shape == "two":
+        return [dropper("g"), rec("a", "g"), rec("after")]
+    if shape == "three":
+        return [rec("a", "g"), dropper("g"), rec("b", "g"), rec("after")]
+    if shape == "at_end":
+        return [rec("before"), rec("a", "g"), dropper("g")]
+    if shape == "adjacent":
+        return [rec("a", "g"), dropper("g"), rec("b", "h"), rec("c", "h")]
+    # a group followed by a writer that rewrites what the group passed
+    lb = load_app("l4lb", {"l4lb": {"vip": f"{VIP[0]}:{VIP[1]}", "backends": ",".join(
+        f"{a}:{p}" for a, p in BACKENDS)}})
+    return [dropper("g"), rec("a", "g")] + lb + [rec("after")]
+
+
+@pytest.mark.parametrize("inflight", [1, 4])
+@pytest.mark.parametrize("shape", ["two", "three", "at_end", "adjacent", "writer"])
+def test_parallel_group_fanned_out_same_as_inline(example_pcap, tmp_path, shape, inflight):
+    r = both(lambda tag: _grouped(tag, tmp_path, shape), example_pcap, tmp_path,
+             inflight=inflight)
+    recs = sorted(p.name.split(".", 1)[1] for p in tmp_path.glob("inline.*")
+                  if not p.name.endswith("pcap"))
+    assert recs
+    for name in recs:
+        inline = (tmp_path / f"inline.{name}").read_text()
+        assert inline and inline == (tmp_path / f"pipelined.{name}").read_text(), name
+    assert r["inline"][1] == r["pipelined"][1]
+    ci, cp = r["inline"][0], r["pipelined"][0]
+    assert ci["dropped_by_nf"] == cp["dropped_by_nf"] > 0
+    assert ci["events"] == cp["events"]
+    # every member took every message sent to the group from its own ring
+    nfs = cp["pipeline"]["nfs"]
+    assert nfs["drop_udp"]["events_in"] == nfs["a"]["events_in"] > 0
+    assert "a" in nfs["drop_udp"]["parallel_with"] and "drop_udp" in nfs["a"]["parallel_with"]
+    assert all(not v["parallel_with"] for k, v in nfs.items()
+               if k in ("before", "after", "l4lb"))
+    assert_baseline(cp)
+
+
+def test_parallel_group_small_pool_many_epochs(example_pcap, tmp_path):
+    r = both(lambda tag: _grouped(tag, tmp_path, "three"), example_pcap, tmp_path,
+             msg_capacity=256, burst=128)
+    for name in ("a", "b", "after"):
+        assert (tmp_path / f"inline.{name}").read_text() == \
+            (tmp_path / f"pipelined.{name}").read_text()
+    assert r["inline"][1] == r["pipelined"][1]
+    assert_baseline(r["pipelined"][0])
+
+
+class DropPort(mbx.NF):
+    def __init__(self, name, port):
+        super().__init__(name, group="g")
+        self.port = port
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def on_pkt(self, ev):
+        if ev.dport in self.port:
+            ev.drop()
+
+
+@pytest.mark.parametrize("merge", ["any", "all"])
+def test_group_merge_policy_same_as_inline(example_pcap, tmp_path, merge):
+    def make(tag):
+        nfs = [DropPort("a", (53, 443)), DropPort("b", (53,)),
+               FileRecorder("after", str(tmp_path / f"{tag}.after"), types=("PKT",))]
+        for nf in nfs[:2]:
+            nf.group_merge = merge
+        return nfs
+
+    r = both(make, example_pcap, tmp_path)
+    assert r["inline"][1] == r["pipelined"][1]
+    assert (tmp_path / "inline.after").read_text() == \
+        (tmp_path / "pipelined.after").read_text()
+    ci, cp = r["inline"][0], r["pipelined"][0]
+    assert ci["dropped_by_nf"] == cp["dropped_by_nf"] > 0
+    dports = [json.loads(line)[6][3] for line in
+              (tmp_path / "inline.after").read_text().splitlines()]
+    assert 53 not in dports
+    assert (443 in dports) == (merge == "all")
+    assert_baseline(cp)
+
+
+@pytest.mark.parametrize("lead", [True, False])
+@pytest.mark.parametrize("failure", ["open", "closed"])
+def test_killed_group_member(example_pcap, tmp_path, failure, lead):
+    frames = read_frames(example_pcap)
+    s = Suicide(100, failure)
+    s.group = "g"
+    mate = FileRecorder("mate", str(tmp_path / "mate.rec"), types=("PKT",), group="g")
+    after = tmp_path / "after.rec"
+    nfs = ([s, mate] if lead else [mate, s]) + [
+        FileRecorder("after", str(after), types=("PKT",))]
+    c, out = run_app(nfs, example_pcap, deploy="pipelined")
+    p = c["pipeline"]
+    assert p["nfs"]["suicide"]["state"] == "died"
+    assert p["nfs"]["mate"]["state"] == p["nfs"]["after"]["state"] == "ok"
+    assert_baseline(c)
+    held = c["fragments_held"]
+    # the other member sees every packet whatever happens to its mate
+    assert len((tmp_path / "mate.rec").read_text().splitlines()) == len(frames) - held
+    seen = len(after.read_text().splitlines())
+    if failure == "open":
+        assert len(out) == len(frames) - held and seen == len(out)
+    else:
+        assert len(out) == 99 and seen == 99
+        assert c["dropped_by_nf"] == len(frames) - held - 99
+    assert p["nfs"]["suicide"]["forwarded_for_it"] > 0
+
+
+@pytest.mark.parametrize("full", ["stall", "drop"])
+def test_parallel_group_tiny_rings(example_pcap, tmp_path, full):
+    frames = read_frames(example_pcap)
+    if full == "stall":
+        r = both(lambda tag: _grouped(tag, tmp_path, "three"), example_pcap, tmp_path,
+                 ring_size=8)
+        assert r["inline"][1] == r["pipelined"][1]
+        for name in ("a", "b", "after"):
+            assert (tmp_path / f"inline.{name}").read_text() == \
+                (tmp_path / f"pipelined.{name}").read_text()
+        c = r["pipelined"][0]
+        assert c["pipeline"]["ring_dropped"] == 0
+    else:
+        c, out = run_app(_grouped("pipelined", tmp_path, "three"), example_pcap,
+                         deploy="pipelined", ring_size=8, ring_full="drop")
+        p = c["pipeline"]
+        assert p["ring_dropped"] > 0 and p["ring_dropped_pkts"] > 0
+        assert c["sent"] + c["dropped_by_nf"] == len(frames) - c["fragments_held"]
+    assert_baseline(c)
+
+
+def test_group_member_may_not_hear_its_mate(example_pcap):
+    # members run side by side: one cannot handle what another publishes
+    dpi, ids = load_app(f"{IDS}")
+    dpi.group = ids.group = "g"
+    with pytest.raises(mbx.AppError, match="of its parallel group 'g' publishes"):
+        run_app([dpi, ids], example_pcap, deploy="pipelined")

@@ -254,3 +254,17 @@ nf.sub("PKT", on_pkt)
     assert rc == 0
     out = capsys.readouterr().out
     assert "restarts 1 of 2\n    died: exited with status 5\n" in out
+
+
+def test_restart_refused_for_a_parallel_group_member(example_pcap, tmp_path):
+    # A member's ring feeds its group's merge; restarting one is not built, and is
+    # refused before anything runs (alone in its group, an NF may restart).
+    nfs = [Crasher(tmp_path / "a.log", 40, "raise", name="a", group="g", restart=1),
+           Crasher(tmp_path / "b.log", 10 ** 9, "raise", name="b", group="g")]
+    with pytest.raises(mbx.AppError, match=r"NF a: restart is not available for a "
+                                           r"member of a parallel group \('g'\)"):
+        run_app(nfs, example_pcap, deploy="pipelined")
+    c, _ = run_app([Crasher(tmp_path / "c.log", 40, "raise", name="c", group="solo",
+                            failure="open", restart=1, restart_backoff=0)],
+                   example_pcap, deploy="pipelined", burst=4)
+    assert c["pipeline"]["nfs"]["c"]["restarts"] == 1
