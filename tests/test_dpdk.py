@@ -356,11 +356,11 @@ def carry(capture, tx, rx, out):
     return stack_results(counters)
 
 
-@pytest.mark.usefixtures("eal")
-def test_a_memif_pair_carries_a_capture_as_the_pcap_port_reads_it(example_pcap, tmp_path):
+def memif_carry(capture, tmp_path, results):
+    """Carry ``capture`` over a memif pair in this process; write the App's counters
+    to ``results`` (JSON) before the ports close."""
     import time
 
-    reference, frames = pcap_reference(example_pcap, tmp_path)
     sock = tmp_path / "memif.sock"
     # rsize: a ring of 2**14 slots holds the whole capture until it is read
     args = f"socket={sock},socket-abstract=no,rsize=14"
@@ -372,9 +372,35 @@ def test_a_memif_pair_carries_a_capture_as_the_pcap_port_reads_it(example_pcap, 
                 break
             time.sleep(0.01)
         assert server.link_up and client.link_up, "memif ends did not connect in 10 s"
-        got = carry(example_pcap, client, server, tmp_path / "memif.pcap")
-    assert got == reference
+        got = carry(capture, client, server, tmp_path / "memif.pcap")
+        with open(results, "w") as f:
+            json.dump(got, f)
+
+
+def test_a_memif_pair_carries_a_capture_as_the_pcap_port_reads_it(example_pcap, tmp_path):
+    # In a process of its own: once in a full CI run, DPDK 22.11's memif crashed in
+    # its interrupt thread while both ends of a pair closed in one process (after
+    # the frames were carried).  The crash must not take the suite down with it,
+    # nor hide: the results are checked, and a crash at close is reported.
+    reference, frames = pcap_reference(example_pcap, tmp_path)
+    results = tmp_path / "memif.json"
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+            "from pathlib import Path\n"
+            "import test_dpdk as t\n"
+            "t._dpdkport.eal_init()\n"
+            f"t.memif_carry({example_pcap!r}, Path({str(tmp_path)!r}), {str(results)!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert results.exists(), f"the memif run failed ({r.returncode}): {r.stderr[-3000:]}"
+    assert json.loads(results.read_text()) == json.loads(json.dumps(reference))
     assert [f for _, f in read_frames(tmp_path / "memif.pcap")] == frames
+    if r.returncode < 0:
+        import warnings
+        warnings.warn(f"the memif pair carried the capture, then its process died of "
+                      f"signal {-r.returncode} while the ports closed (DPDK memif "
+                      f"teardown): {r.stderr[-500:]}", stacklevel=1)
+    else:
+        assert r.returncode == 0, r.stderr[-3000:]
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
