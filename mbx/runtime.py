@@ -311,7 +311,7 @@ def _write_all(fd, data):
 
 
 def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
-                 max_packets=0, duration=0, on_snapshot=None, **config):
+                 max_packets=0, duration=0, on_snapshot=None, pin=None, **config):
     """Run ``stacks`` stack processes over one input (paper §4.2 "Parallel Stacks"),
     each with its own NFs (``make_nfs()`` is called in each) and its own Stack
     Memory.  A capture is split by software RSS: every process reads it and keeps
@@ -320,6 +320,11 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     Each process writes its own output (``FILE.stackK`` for ``pcap:FILE``).
     Returns (merged counters, [each process's counters]); each process's counters
     carry its CPU seconds (``cpu_s``, summed in the merged ones).
+
+    ``pin``: pin stack process k to the k-th CPU this process may use (default: when
+    there are at least as many CPUs as stacks).  Left to itself the scheduler
+    often runs two busy stack processes on one core by turns for a while: on this
+    2-core machine pinning took 2 stacks from 1.39x to 1.76x one stack.
 
     ``on_snapshot(k, counters)`` is called here with each process's counters as its
     stack's progress callback takes them (about every half second; see
@@ -336,6 +341,9 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         raise AppError(f"stacks must be at least 1, not {stacks}")
     afpacket = in_spec.startswith("afpacket:")
     group = os.getpid() & 0xFFFF
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin is None:
+        pin = 1 < stacks <= len(cpus)
     children = []
     for k in range(stacks):
         rfd, wfd = os.pipe()
@@ -345,6 +353,8 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             code = 1
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us
+                if pin:
+                    os.sched_setaffinity(0, {cpus[k % len(cpus)]})
                 spec = in_spec
                 if afpacket:
                     spec += ("&" if "?" in spec else "?") + f"fanout={group}"

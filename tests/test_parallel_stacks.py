@@ -4,6 +4,8 @@ import json
 import os
 import random
 
+import pytest
+
 import mbx
 from mbx.examples.capture import ether, tcp4, udp4, write_pcap
 from mbx.ports import open_input
@@ -103,3 +105,23 @@ def open_frames(path):
 
     with open(path, "rb") as fh:
         return list(dpkt.pcap.Reader(fh))
+
+
+@pytest.mark.parametrize("pin", [None, False])
+def test_stack_processes_pinned_one_per_cpu(example_pcap, tmp_path, pin):
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip(f"needs 2 usable CPUs to pin 2 stacks, this process has {cpus}")
+
+    def make_nfs():
+        # runs in each stack process: note where it may run
+        (tmp_path / f"cpus.{os.getpid()}").write_text(
+            " ".join(map(str, sorted(os.sched_getaffinity(0)))))
+        return []
+
+    run_parallel(make_nfs, "pcap:" + example_pcap, stacks=2, pin=pin)
+    seen = sorted(f.read_text() for f in tmp_path.glob("cpus.*"))
+    if pin is None:         # the default with enough CPUs: one each, distinct
+        assert seen == [str(cpus[0]), str(cpus[1])]
+    else:
+        assert seen == [" ".join(map(str, cpus))] * 2
