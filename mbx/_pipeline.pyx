@@ -150,6 +150,18 @@ cdef inline uint64_t now_ns() noexcept nogil:
     return <uint64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+cdef inline bint spun(uint32_t spins, uint32_t spin, uint32_t yields) noexcept nogil:
+    # The first stages of every wait here: poll (relaxed) for `spin` rounds, then
+    # yield the core for `yields` more; False once it is time to block instead.
+    if spins < spin:
+        mbx_relax()
+        return True
+    if spins < spin + yields:
+        sched_yield()
+        return True
+    return False
+
+
 cdef inline size_t up(size_t n, size_t a) noexcept nogil:
     return (n + a - 1) & ~(a - 1)
 
@@ -575,11 +587,7 @@ cdef class PipeBus(EventBus):
                 if done == keep:
                     break
             spins += 1
-            if spins < self.spin:
-                mbx_relax()
-                continue
-            if spins < self.spin + self.yields:
-                sched_yield()
+            if spun(spins, self.spin, self.yields):
                 continue
             mbx_sleep_begin(me)
             if self.hop_room(r):
@@ -601,11 +609,7 @@ cdef class PipeBus(EventBus):
             if mbx_load(&self.ctl.stop):
                 return 0
             spins += 1
-            if spins < self.spin:
-                mbx_relax()
-                continue
-            if spins < self.spin + self.yields:
-                sched_yield()
+            if spun(spins, self.spin, self.yields):
                 continue
             mbx_sleep_begin(me)
             if mbx_ring_count(ring) or mbx_load(&self.ctl.stop):
@@ -1132,11 +1136,7 @@ cdef class PipeBus(EventBus):
                 spins = 0
                 continue
             spins += 1
-            if spins < self.spin:
-                mbx_relax()
-                continue
-            if spins < self.spin + self.yields:
-                sched_yield()
+            if spun(spins, self.spin, self.yields):
                 continue
             if self.check_deaths():
                 spins = 0
@@ -1493,11 +1493,7 @@ cdef class PipeBus(EventBus):
                     break
                 mbx_wake(&self.ctl.procs[self.nnf])
                 spins += 1
-                if spins < SPIN:
-                    mbx_relax()
-                elif spins < SPIN + YIELDS:
-                    sched_yield()
-                else:
+                if not spun(spins, SPIN, YIELDS):
                     mbx_sleep_begin(me)
                     if mbx_req_count(ring) < MBX_REQ_SLOTS:
                         mbx_sleep_cancel(me)
