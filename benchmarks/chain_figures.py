@@ -5,7 +5,9 @@ Fig. 6.  A chain of N no-op NFs subscribed to the TCP Monitor's PKT/TCP events.
 *Consolidated* (mbx): one Network Layer + TCP Monitor, the N NFs behind it.
 *Per-NF stack* (the baseline, as chained mOS instances would be): each NF runs with
 its own Network Layer + TCP Monitor over the packets, one after the other, so the
-stack work is done N times.  Inline (one process), per-event and batch handlers;
+stack work is done N times.  Inline (one process), three kinds of no-op NF: Python
+per-event handlers, Python batch handlers, and a Cython NF's C handler
+(``mbx.examples.cnoop``, the kind of NF the paper chains);
 with ``--pipelined``, the consolidated chain also pipelined (the stack in this
 process, each NF in its own, ``--inflight`` bursts in flight).  Throughput is
 packets per second of the whole chain over the stack's run loop (``timing.run_s``:
@@ -34,18 +36,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from captures import make_tcp64_capture  # noqa: E402
 
 import mbx  # noqa: E402
+from mbx.examples import cnoop  # noqa: E402
 from mbx.ports import open_input  # noqa: E402
 from mbx.runtime import App  # noqa: E402
 
 BURST = 64
 
 
-def noop_chain(n, batch, group=None):
+HANDLERS = ("event", "batch", "c")
+HANDLER_TITLES = {"event": "Python per-event handlers", "batch": "Python batch handlers",
+                  "c": "Cython C handlers"}
+
+
+def noop_chain(n, handler, group=None):
     nfs = []
     for i in range(n):
         nf = mbx.NF(f"nf{i}", group=group)
-        if batch:
+        if handler == "batch":
             nf.sub(mbx.PKT_TCP, lambda recs: None, batch=True)
+        elif handler == "c":
+            nf.sub(mbx.PKT_TCP, cnoop.noop_handler())
         else:
             nf.sub(mbx.PKT_TCP, lambda ev: None)
         nfs.append(nf)
@@ -63,14 +73,14 @@ def run(nfs, spec, n_flows, **kw):
     return t["run_s"], c["packets"], t["burst_wait_s"] / max(t["bursts_done"], 1) * 1e6
 
 
-def consolidated(n, batch, spec, n_flows, **kw):
-    return run(noop_chain(n, batch), spec, n_flows, **kw)
+def consolidated(n, handler, spec, n_flows, **kw):
+    return run(noop_chain(n, handler), spec, n_flows, **kw)
 
 
-def per_nf_stack(n, batch, spec, n_flows):
+def per_nf_stack(n, handler, spec, n_flows):
     # the packets go through N stacks one after the other: the times add up
     total, pkts, wait = 0.0, 0, 0.0
-    for nf in noop_chain(n, batch):
+    for nf in noop_chain(n, handler):
         dt, pkts, w = run([nf], spec, n_flows)
         total += dt
         wait += w
@@ -93,8 +103,9 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, handler in zip(axes, ("event", "batch"), strict=True):
+    kinds = [h for h in HANDLERS if any(r["handler"] == h for r in result["fig6"])]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), sharey=True)
+    for ax, handler in zip(axes, kinds, strict=True):
         rows = [r for r in result["fig6"] if r["handler"] == handler]
         ns = [r["n"] for r in rows]
         ax.plot(ns, [r["consolidated_kpps"] for r in rows], "o-", label="consolidated, "
@@ -105,7 +116,7 @@ def plot(result, path):
         ax.plot(ns, [r["per_nf_kpps"] for r in rows], "^--", color="C7",
                 label="a stack per NF (baseline)")
         ax.set_xlabel("NFs in the chain")
-        ax.set_title(f"{'per-event' if handler == 'event' else 'batch'} handlers")
+        ax.set_title(HANDLER_TITLES[handler])
         ax.set_xticks(ns)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("kpps (64 B TCP)")
@@ -145,15 +156,15 @@ def main(argv=None):
     print(head)
     base1, pipe1 = {}, {}
     rows = []
-    for batch in (False, True):
+    for handler in HANDLERS:
         for n in range(1, 7):
             c_pps, c_lat = median_rate(
-                lambda n=n, batch=batch: consolidated(n, batch, spec, n_flows), args.runs)
+                lambda n=n, h=handler: consolidated(n, h, spec, n_flows), args.runs)
             b_pps, b_lat = median_rate(
-                lambda n=n, batch=batch: per_nf_stack(n, batch, spec, n_flows), args.runs)
+                lambda n=n, h=handler: per_nf_stack(n, h, spec, n_flows), args.runs)
             if n == 1:
-                base1[batch] = c_pps
-            row = {"n": n, "handler": "batch" if batch else "event",
+                base1[handler] = c_pps
+            row = {"n": n, "handler": handler,
                    "consolidated_kpps": c_pps / 1e3, "per_nf_kpps": b_pps / 1e3,
                    "consolidated_us": c_lat, "per_nf_us": b_lat}
             line = (f"{n:>2} {row['handler']:<9} {c_pps / 1e3:>18.0f} "
@@ -161,19 +172,19 @@ def main(argv=None):
                     f"{b_lat:>16.0f}")
             if args.pipelined:
                 p_pps, p_lat = median_rate(
-                    lambda n=n, batch=batch: consolidated(
-                        n, batch, spec, n_flows, deploy="pipelined",
+                    lambda n=n, h=handler: consolidated(
+                        n, h, spec, n_flows, deploy="pipelined",
                         inflight=args.inflight), args.runs)
                 if n == 1:
-                    pipe1[batch] = p_pps
+                    pipe1[handler] = p_pps
                 row.update(pipelined_kpps=p_pps / 1e3, pipelined_us=p_lat)
                 line += f" {p_pps / 1e3:>15.0f} {p_pps / b_pps:>10.2f}x {p_lat:>14.0f}"
             rows.append(row)
             tail = ""
             if n == 6:
-                tail = f"   chain of 6 keeps {c_pps / base1[batch]:.2f}x the chain of 1"
+                tail = f"   chain of 6 keeps {c_pps / base1[handler]:.2f}x the chain of 1"
                 if args.pipelined:
-                    tail += f" (pipelined {p_pps / pipe1[batch]:.2f}x)"
+                    tail += f" (pipelined {p_pps / pipe1[handler]:.2f}x)"
             print(line + tail)
             sys.stdout.flush()
     result = {"fig6": rows, "runs": args.runs, "cores": cores, "flows": n_flows,
@@ -186,11 +197,11 @@ def main(argv=None):
         plot(result, args.plot)
     print("\nFig. 7a: 6 read-only NFs, sequential vs one parallel group (inline)")
     seq_pps, seq_lat = median_rate(
-        lambda: run(noop_chain(6, False), spec, n_flows), args.runs)
+        lambda: run(noop_chain(6, "event"), spec, n_flows), args.runs)
     par_pps, par_lat = median_rate(
-        lambda: run(noop_chain(6, False, group="g"), spec, n_flows), args.runs)
+        lambda: run(noop_chain(6, "event", group="g"), spec, n_flows), args.runs)
     one_pps, one_lat = median_rate(
-        lambda: run(noop_chain(1, False), spec, n_flows), args.runs)
+        lambda: run(noop_chain(1, "event"), spec, n_flows), args.runs)
     stack_pps, stack_lat = median_rate(lambda: run([], spec, n_flows), args.runs)
     per_nf = (seq_lat - stack_lat) / 6
     print(f"measured, µs per burst: stack alone {stack_lat:.0f}, 1 NF {one_lat:.0f}, "
