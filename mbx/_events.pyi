@@ -36,6 +36,11 @@ def register_event_type(name: str, parent: TypeSpec | None = None,
                         fields: Sequence[tuple[str, str]] | dict[str, str] = ()) -> EventType: ...
 def message_size() -> tuple[int, int]: ...
 
+MergeFunction = Callable[[frozenset[str]], object]
+MERGES: tuple[str, ...]
+def merge_name(merge: str | MergeFunction) -> str: ...
+def merge_problem(merge: object, members: Sequence[str]) -> str | None: ...
+
 class CHandler:
     """A C handler (made in Cython with mbx.cnf.chandler); NF.sub takes it."""
     owner: object
@@ -51,7 +56,7 @@ class NF:
     name: str
     writes: bool
     group: str | None
-    group_merge: str
+    group_merge: str | MergeFunction
     subs: dict[int, tuple[Handler, bool]]
     pubs: dict[int, PubPort]
     def __init__(self, name: str, *, writes: bool = False,

@@ -30,7 +30,8 @@ before the group first, then each member's publications in chain order.  So late
 stages see exactly what they would behind the members one after the other.  The
 members of a group share a chain stage: a drop hides the packet from later stages
 only ("any drop wins"), or with merge "all" counts as a vote (mbx_pkt.votes) and
-the last member's vote drops it.
+the last member's vote drops it, or with a merge function is only a vote, which the
+stack hands to the function as it sends the epoch on (merge_decide).
 
 The stack works in epochs (a dispatch round): it pushes the round's messages and an
 end marker; the epoch is complete when the marker comes back on the completion ring
@@ -755,6 +756,8 @@ cdef class PipeBus(EventBus):
             mg.first = k
             mg.last = self.glast[k]
             mg.next = mg.last + 1
+            mg.fn = self.nf_fngroup[k]
+            mg.votemask = self.nf_votemask[k] if mg.fn else 0
             mg.flushed = self.ctl.epoch
             mg.count = <uint32_t *>calloc_u32(self.inflight)
             mg.keys = <uint64_t *>malloc(<size_t>self.inflight * self.total * 8)
@@ -853,6 +856,8 @@ cdef class PipeBus(EventBus):
                     qsort(keys, mg.count[region], 8, mbx_cmp_u64)
                     for i in range(mg.count[region]):
                         idx = mg.idx[region * self.total + <uint32_t>keys[i]]
+                        if mg.fn:
+                            self.merge_decide(mg, idx, region)
                         self.gdone[idx] = 0
                         self.msgs[idx].h.refs = mg.next
                         mg.out[mg.nout] = idx
@@ -895,6 +900,29 @@ cdef class PipeBus(EventBus):
                 progress = progress or i < mg.nout
                 mg.nout = i
         return progress
+
+    cdef void merge_decide(self, mbx_merge *mg, uint32_t idx, uint32_t region) noexcept nogil:
+        # Every member has ended the epoch of message idx: the group's merge function
+        # decides its packet if a member voted to drop it (the first of the packet's
+        # messages in chain order does; the votes are cleared then), before the next
+        # stage or the completion sees it.  An error is kept for dispatch to raise;
+        # until then the packets it leaves undecided are dropped.
+        cdef uint32_t pkt = self.msgs[idx].h.pkt
+        cdef mbx_pkt *p
+        if pkt == NO_PKT:
+            return
+        p = &self.slot_pkts[self.ctl.epoch_slot[region]][pkt]
+        if not p.votes & mg.votemask:
+            return
+        with gil:
+            if self.req_error is not None:
+                p.votes &= ~mg.votemask
+                drop_pkt(p, self.nf_stage[mg.first])
+                return
+            try:
+                self.merge_packet(mg.fn - 1, p)
+            except BaseException as exc:    # noqa: BLE001 (raised again by dispatch)
+                self.req_error = exc
 
     cdef bint merge_idle(self) noexcept nogil:
         # Nothing for the stack to merge or send on until a member or ring moves.

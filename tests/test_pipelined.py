@@ -582,3 +582,64 @@ def test_group_member_may_not_hear_its_mate(example_pcap):
     dpi.group = ids.group = "g"
     with pytest.raises(mbx.AppError, match="of its parallel group 'g' publishes"):
         run_app([dpi, ids], example_pcap, deploy="pipelined")
+
+
+# -- a merge function: the group's splitter decides from its members' votes ---------
+
+def majority(dropped):
+    """2 of 3: drop a packet most members dropped."""
+    return len(dropped) >= 2
+
+
+def priority_a(dropped):
+    """Member a decides alone; the others only advise."""
+    return "a" in dropped
+
+
+def _voters(tag, tmp_path, fn, calls):
+    def logged(dropped):
+        calls.append(sorted(dropped))
+        return fn(dropped)
+
+    nfs = [DropPort("a", (53, 443)), DropPort("b", (53, 3306, 80)), DropPort("c", (443, 3306)),
+           FileRecorder("after", str(tmp_path / f"{tag}.after"), types=("PKT",))]
+    for nf in nfs[:3]:
+        nf.group_merge = logged
+    return nfs
+
+
+@pytest.mark.parametrize("inflight", [1, 4])
+@pytest.mark.parametrize("fn", [majority, priority_a])
+def test_group_merge_function_same_as_inline(example_pcap, tmp_path, fn, inflight):
+    calls = {"inline": [], "pipelined": []}
+    r = both(lambda tag: _voters(tag, tmp_path, fn, calls[tag]), example_pcap, tmp_path,
+             inflight=inflight, burst=16)
+    # called once per packet a member dropped, in the same order, with the same votes
+    assert calls["inline"] and calls["inline"] == calls["pipelined"]
+    assert {tuple(c) for c in calls["inline"]} == {
+        ("a", "b"), ("a", "c"), ("b", "c"), ("b",)}
+    assert r["inline"][1] == r["pipelined"][1]
+    inline = (tmp_path / "inline.after").read_text()
+    assert inline == (tmp_path / "pipelined.after").read_text()
+    dports = {json.loads(line)[6][3] for line in inline.splitlines()}
+    kept = {80} if fn is majority else {3306, 80}
+    assert dports & {53, 443, 3306, 80} == kept
+    ci, cp = r["inline"][0], r["pipelined"][0]
+    assert ci["dropped_by_nf"] == cp["dropped_by_nf"] == sum(
+        1 for c in calls["inline"] if fn(frozenset(c)))
+    assert_baseline(cp)
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_group_merge_function_error_ends_the_run(example_pcap, tmp_path, deploy):
+    def broken(dropped):
+        raise KeyError("no quorum")
+
+    nfs = _voters(deploy, tmp_path, majority, [])
+    for nf in nfs[:3]:
+        nf.group_merge = broken
+    with pytest.raises(mbx.NFError) as info:
+        run_app(nfs, example_pcap, deploy=deploy)
+    text = str(info.value)
+    assert "parallel group 'g': merge function" in text and "broken (" in text
+    assert "raised KeyError on a packet dropped by " in text and "no quorum" in text
