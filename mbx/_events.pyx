@@ -1054,6 +1054,28 @@ def merge_problem(merge, members):
     return None
 
 
+def group_dependency(nfs):
+    """A member of a parallel group that subscribes to what another member publishes,
+    said (or None).  Members do not depend on each other: they run side by side
+    pipelined, and in either order inline, so one cannot handle another's events.
+    Refused for both deployments (the bus; the Controller, so mbx check says it)."""
+    for y in nfs:
+        if y.group is None:
+            continue
+        for x in nfs:
+            if x is y or x.group != y.group:
+                continue
+            for p, port in x.pubs.items():
+                for t in y.subs:
+                    if _types[p].is_a(_types[t]):
+                        return (f"NF {y.name} subscribes to {_types[t].name}, which NF "
+                                f"{x.name} of its parallel group {y.group!r} publishes "
+                                f"(its port {port.type.name}): the members of a group do "
+                                f"not depend on each other; put NF {x.name} before the "
+                                f"group, or NF {y.name} after it")
+    return None
+
+
 cdef inline void drop_at(mbx_pkt *p, uint8_t stage) noexcept nogil:
     if p.verdict != VERDICT_DROP or stage < p.drop_stage:
         p.drop_stage = stage
@@ -1113,6 +1135,9 @@ cdef class EventBus:
             elif not isinstance(merge, str):
                 voting[g] = at
                 deciding[g] = merge
+        why = group_dependency(nfs)
+        if why is not None:
+            raise SubscriptionError(why)
         self.nfs = nfs
         self.nnf = len(nfs)
         self.msg_capacity = msg_capacity

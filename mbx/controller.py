@@ -32,8 +32,10 @@ The Controller links each subscription to the publications that can feed it (a
 publication feeds a subscription when it is the subscribed type or a descendant:
 paper §3.3): the μStacks' publications, and those of the NFs before it in the chain
 (an NF also republishes what it subscribes to).  A subscription nothing can feed, a
-writer in a parallel group, an NF listed twice, a bad option or filter: each is
-refused with an error naming the file, the line, the NF and the types.
+writer in a parallel group, a member of a group subscribed to what another member
+publishes, an NF listed twice, a bad option or filter, a merge function that cannot
+be loaded or called: each is refused with an error naming the file, the line, the
+NF and the types.
 """
 import os
 import re
@@ -288,6 +290,9 @@ def check(path, name, stack, options, nfs):
         if at != list(range(at[0], at[-1] + 1)):
             raise AppError(f"{path}: parallel group {g!r} is split by other NFs: list its "
                            "NFs next to each other")
+    why = _events.group_dependency(nfs)
+    if why is not None:
+        raise AppError(f"{path}: {why}")
     from mbx.runtime import needs_monitor
 
     tcp = stack == "tcp" or (stack == "auto" and needs_monitor(nfs))

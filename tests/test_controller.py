@@ -383,3 +383,28 @@ def test_group_merge_function_refused_on_the_bus(run, example_pcap):
     b.group_merge = lambda dropped: True        # another function: not one merge
     with pytest.raises(mbx.SubscriptionError, match="must share one merge"):
         run([a, b], example_pcap)
+
+
+def test_group_member_subscribing_to_its_mate_refused(tmp_path):
+    # ids.py's two NFs: ids subscribes to DPI_DETECT, which dpi publishes
+    import mbx as pkg
+
+    ids = str(pkg.__file__).replace("__init__.py", "examples/ids.py")
+    app = write(tmp_path, "app.toml", f"""
+        [[nf]]
+        use = "{ids}"
+        name = "dpi"
+        group = "g"
+        [[nf]]
+        use = "{ids}"
+        name = "ids"
+        group = "g"
+        """)
+    with pytest.raises(AppError) as info:
+        load_app_file(app)
+    text = str(info.value)
+    assert "app.toml: NF ids subscribes to DPI_DETECT, which NF dpi of its parallel " \
+           "group 'g' publishes (its port DPI_DETECT)" in text
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", app], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "NF ids subscribes to DPI_DETECT" in r.stderr

@@ -576,12 +576,19 @@ def test_parallel_group_tiny_rings(example_pcap, tmp_path, full):
     assert_baseline(c)
 
 
-def test_group_member_may_not_hear_its_mate(example_pcap):
-    # members run side by side: one cannot handle what another publishes
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+@pytest.mark.parametrize("order", ["publisher_first", "subscriber_first"])
+def test_group_member_may_not_hear_its_mate(example_pcap, deploy, order):
+    # members do not depend on each other: one cannot handle what another
+    # publishes, in either deployment and either order
     dpi, ids = load_app(f"{IDS}")
     dpi.group = ids.group = "g"
-    with pytest.raises(mbx.AppError, match="of its parallel group 'g' publishes"):
-        run_app([dpi, ids], example_pcap, deploy="pipelined")
+    nfs = [dpi, ids] if order == "publisher_first" else [ids, dpi]
+    with pytest.raises(mbx.SubscriptionError) as info:
+        run_app(nfs, example_pcap, deploy=deploy)
+    assert ("NF ids subscribes to DPI_DETECT, which NF dpi of its parallel group 'g' "
+            "publishes (its port DPI_DETECT)") in str(info.value)
+    assert dpi._bus is None and ids._bus is None     # refused before it ran
 
 
 # -- a merge function: the group's splitter decides from its members' votes ---------
