@@ -354,7 +354,6 @@ cdef class PipeBus(EventBus):
     cdef void recover(self, uint32_t k) noexcept nogil
     cdef void stack_round(self) noexcept nogil
     cdef void stack_wait(self, uint32_t target) noexcept nogil
-    cdef void count_drops(self, Batch batch) noexcept nogil
     cdef void filter_mask(self, mbx_msg *m, uint32_t first) noexcept nogil
     cdef uint32_t wait_input(self, uint32_t k, uint32_t *buf, uint32_t n) noexcept nogil
     cdef int deliver(self, uint32_t k, object nf, uint32_t limit) except -1

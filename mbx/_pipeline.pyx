@@ -633,6 +633,8 @@ cdef class PipeBus(EventBus):
             self.ctl.procs[k].delivered = self.delivered
             self.ctl.procs[k].c_events = self.nf_c_events[k]
             self.ctl.procs[k].handler_ns = self.nf_ns[k]
+            # its own drops (in a group that votes, its votes), each member its own
+            self.ctl.procs[k].drops = self.nf_drops[k]
         return 0
 
     def nf_main(self, uint32_t k):
@@ -655,6 +657,7 @@ cdef class PipeBus(EventBus):
         self.delivered = me.delivered
         self.nf_c_events[k] = me.c_events
         self.nf_ns[k] = me.handler_ns
+        self.nf_drops[k] = me.drops
         skip = <uint8_t *>PyMem_Calloc(self.total, 1)
         if skip == NULL:
             raise MemoryError()
@@ -984,7 +987,11 @@ cdef class PipeBus(EventBus):
                 if (self.set_filter[k][0][t] == NULL
                         or self.passes(self.set_filter[k][0][t], m)):
                     p = &self.slot_pkts[self.ctl.epoch_slot[self.region_of(idx)]][m.h.pkt]
-                    self.nf_drop(k, p)      # its vote, in a merge = "all" group
+                    # counted as its drop once per packet it would have seen (not
+                    # dropped before it; its vote not cast yet)
+                    if p.verdict != VERDICT_DROP and not (p.votes >> k) & 1:
+                        self.ctl.procs[k].drops += 1
+                    self.nf_drop(k, p)      # its vote, in a group that votes
         self.ctl.procs[k].pumped += 1
         if bit:
             mbx_vote(&self.gdone[idx], bit)
@@ -1190,20 +1197,6 @@ cdef class PipeBus(EventBus):
         self.nout = 0
         me.busy_ns += now_ns() - t0
 
-    cdef void count_drops(self, Batch batch) noexcept nogil:
-        # Attribute each packet of a completed burst dropped by an NF to that NF
-        # (the stage that dropped it).
-        cdef uint32_t i, k
-        cdef mbx_pkt *p
-        for i in range(batch.count):
-            p = &batch.pkts[i]
-            if p.verdict != VERDICT_DROP or p.drop_stage == 0:
-                continue
-            for k in range(self.nnf):
-                if self.nf_stage[k] == p.drop_stage:
-                    self.ctl.procs[k].drops += 1
-                    break
-
     cpdef dispatch(self):
         """The stack's side of a dispatch round: push what this round published to
         the NF processes, and return once the next round's Event Memory is free
@@ -1223,7 +1216,7 @@ cdef class PipeBus(EventBus):
 
     cpdef bint burst_done(self, Batch batch, uint32_t mark, bint wait) except -1:
         """Has epoch ``mark`` come back (so every NF is done with ``batch``)?  Then
-        its drops are attributed, and it may be sent."""
+        it may be sent."""
         cdef uint32_t k
         if self.role != self.nnf:
             raise MbxError("burst_done runs in the stack's process")
@@ -1241,11 +1234,7 @@ cdef class PipeBus(EventBus):
         self.apply_requests(self.done_epoch)
         if self.deaths:
             self._report_failures()
-        if <int32_t>(self.done_epoch - mark) < 0:
-            return False
-        if batch is not None:
-            self.count_drops(batch)
-        return True
+        return <int32_t>(self.done_epoch - mark) >= 0
 
     def _report_failures(self):
         # A handler's error ends the run when the NF has no failure policy, unless a

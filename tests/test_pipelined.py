@@ -650,3 +650,37 @@ def test_group_merge_function_error_ends_the_run(example_pcap, tmp_path, deploy)
     text = str(info.value)
     assert "parallel group 'g': merge function" in text and "broken (" in text
     assert "raised KeyError on a packet dropped by " in text and "no quorum" in text
+
+
+@pytest.mark.parametrize("merge", ["any", "all", "majority"])
+def test_group_members_drops_each_their_own(example_pcap, tmp_path, merge):
+    # Each member is credited its own drops (its votes, where the group votes),
+    # pipelined as inline; not the first member with all of the group's.
+    def make(tag):
+        nfs = _voters(tag, tmp_path, majority, [])
+        for nf in nfs[:3]:
+            nf.group_merge = majority if merge == "majority" else merge
+        return nfs
+
+    r = both(make, example_pcap, tmp_path, inflight=4, burst=16)
+    ci, cp = r["inline"][0], r["pipelined"][0]
+    frames = read_frames(example_pcap)
+    ports = [json.loads(line)[6][3] for line in
+             (tmp_path / "inline.after").read_text().splitlines()]
+    assert r["inline"][1] == r["pipelined"][1] and len(frames) > len(ports)
+    for name, dropping in (("a", (53, 443)), ("b", (53, 3306, 80)), ("c", (443, 3306))):
+        assert ci["nfs"][name]["drops"] == cp["nfs"][name]["drops"] > 0, name
+        assert cp["pipeline"]["nfs"][name]["drops"] == cp["nfs"][name]["drops"]
+        # every member sees every packet: its drops are the packets to its ports
+        assert cp["nfs"][name]["drops"] == sum(1 for d in _dports(frames) if d in dropping)
+    assert ci["nfs"]["after"]["drops"] == cp["nfs"]["after"]["drops"] == 0
+    # the members' drops overlap (53 is two members' drop, in every merge)
+    assert ci["dropped_by_nf"] < sum(ci["nfs"][n]["drops"] for n in "abc")
+
+
+def _dports(frames):
+    import dpkt
+
+    for _, buf in frames:
+        ip = dpkt.ethernet.Ethernet(buf).data
+        yield getattr(getattr(ip, "data", None), "dport", None)
