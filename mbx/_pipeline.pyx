@@ -67,11 +67,14 @@ A dead group member is pumped into its merge ring the same way; the messages it
 held are those sent to the group without its bit in ``gdone`` (only the lead's are
 forwarded: another member's copy only counts, and its drop under "closed").
 
-An NF with restarts allowed (``restart_nf``; not a member of a parallel group of two
-or more, mbx.pipeline refuses that) is forked again once its back-off has passed: the
-stack then drains its ring only up to the next epoch end, forwards what it recovered,
-and the new process consumes the ring from the epoch after, in the region of its
-share of Event Memory that epoch uses, as the dead one would have.
+An NF with restarts allowed (``restart_nf``) is forked again once its back-off has
+passed: the stack then drains its ring only up to the next epoch end, forwards what
+it recovered, and the new process consumes the ring from the epoch after, in the
+region of its share of Event Memory that epoch uses, as the dead one would have.
+A group member is no different: its ring is one of the fan-out's, what the stack
+forwards for it goes to its merge ring (ends, the lead's copies, gdone bits) as the
+member would have sent it, and the merge counts the new process's epoch ends after
+those, so it rejoins at the epoch boundary.
 
 NFs change the stack's state only by requests (the control path, after the burst in
 the mapping: one ring of mbx_req per NF).  An NF's mb_up_sub and the

@@ -40,12 +40,6 @@ def _check(nfs):
         if getattr(a, "failure", None) not in (None, "open", "closed"):
             raise AppError(f"NF {a.name}: failure must be 'open' or 'closed', "
                            f"not {a.failure!r}")
-        if restart_of(a)[0] and a.group is not None and any(
-                b is not a and b.group == a.group for b in nfs):
-            # a member's ring feeds the group's merge: restarting one mid-group is
-            # not built (its dead ring is drained to the merge for good)
-            raise AppError(f"NF {a.name}: restart is not available for a member of a "
-                           f"parallel group ({a.group!r}) in the pipelined deployment")
 
 
 def restart_of(nf):
