@@ -339,9 +339,13 @@ def test_group_merge_function_from_a_file(run, tmp_path, example_pcap):
     # 53: two members of three dropped it; 443: one only
     assert counters["dropped_by_nf"] == ports.count(53) > 0
     assert [d for _, d in after.seen].count(443) == ports.count(443) > 0
-    # module:function resolves the same way (the NF file is imported as a module)
-    spec = load_app_file(_voting_app(tmp_path, "mbx.examples.votes:majority"))
-    assert "merge majority" in spec.graph()
+    # module:function resolves the same way; mbx check prints it in the graph
+    app = _voting_app(tmp_path, "mbx.examples.votes:majority")
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", app], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "NF m1 (parallel group g, merge majority (" in r.stdout
+    assert "mbx/examples/votes.py, line " in r.stdout
 
 
 @pytest.mark.parametrize("merge, members, message", [
