@@ -295,7 +295,8 @@ cdef class EventBus:
     cdef void release(self, mbx_msg *m) noexcept nogil
     cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil
     cdef int merge_votes(self, uint32_t g) except -1
-    cdef int merge_packet(self, uint32_t g, mbx_pkt *p) except -1
+    cdef int merge_packet(self, object group, object fn, dict names, uint32_t mask,
+                          uint8_t stage, mbx_pkt *p) except -1
     cdef bint passes(self, const mbx_filter *f, const mbx_msg *m) noexcept nogil
     cdef uint32_t next_ring(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef uint32_t pop(self, uint32_t r) noexcept nogil

@@ -1641,19 +1641,20 @@ cdef class EventBus:
     cdef int merge_votes(self, uint32_t g) except -1:
         # Inline: every packet of the burst some member of group g voted to drop.
         cdef uint32_t j
-        cdef uint32_t mask = self.fn_groups[g][2]
+        name, fn, mask, stage, names = self.fn_groups[g]
         self.fn_pending[g] = 0
         for j in range(self.batch.count):
-            if self.pkts[j].votes & mask:
-                self.merge_packet(g, &self.pkts[j])
+            if self.pkts[j].votes & <uint32_t>mask:
+                self.merge_packet(name, fn, names, mask, stage, &self.pkts[j])
         return 0
 
-    cdef int merge_packet(self, uint32_t g, mbx_pkt *p) except -1:
-        # Group g's merge function decides p from its members' votes, which are then
-        # cleared (decided once).  Its error ends the run, as a handler's does.
-        name, fn, mask, stage, names = self.fn_groups[g]
-        cdef uint32_t votes = p.votes & <uint32_t>mask
-        p.votes &= ~(<uint32_t>mask)
+    cdef int merge_packet(self, object group, object fn, dict names, uint32_t mask,
+                          uint8_t stage, mbx_pkt *p) except -1:
+        # A group's merge function (an entry of fn_groups, unpacked once per run of
+        # packets) decides p from its members' votes, which are then cleared
+        # (decided once).  Its error ends the run, as a handler's does.
+        cdef uint32_t votes = p.votes & mask
+        p.votes &= ~mask
         dropped = names.get(votes)
         if dropped is None:
             dropped = frozenset(self.nfs[i].name for i in range(self.nnf)
@@ -1664,7 +1665,7 @@ cdef class EventBus:
         except Exception as exc:
             drop_at(p, stage)
             raise NFError(
-                f"parallel group {name!r}: merge function {merge_name(fn)} raised "
+                f"parallel group {group!r}: merge function {merge_name(fn)} raised "
                 f"{type(exc).__name__} on a packet dropped by "
                 f"{', '.join(sorted(dropped))}: {exc}") from exc
         if verdict:

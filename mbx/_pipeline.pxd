@@ -369,5 +369,5 @@ cdef class PipeBus(EventBus):
     cdef uint32_t hop_enqueue(self, uint32_t r, uint32_t *src, uint32_t n) noexcept nogil
     cdef uint32_t ends_into(self, uint32_t r) noexcept nogil
     cdef bint merge_groups(self) noexcept nogil
-    cdef void merge_decide(self, mbx_merge *mg, uint32_t idx, uint32_t region) noexcept nogil
+    cdef void merge_decide(self, mbx_merge *mg, uint32_t start, uint32_t region) noexcept nogil
     cdef bint merge_idle(self) noexcept nogil

@@ -817,7 +817,7 @@ cdef class PipeBus(EventBus):
         # send the epoch on, ordered as the chain would (by burst position; the
         # messages from before the group first, then each member's publications in
         # chain order).
-        cdef uint32_t g, j, n, i, idx, r, e, cls, seq, region
+        cdef uint32_t g, j, n, i, idx, r, e, cls, seq, region, start
         cdef bint progress = False
         cdef mbx_merge *mg
         cdef mbx_msg *m
@@ -860,14 +860,15 @@ cdef class PipeBus(EventBus):
                     region = (e - 1) & (self.inflight - 1)
                     keys = mg.keys + region * self.total
                     qsort(keys, mg.count[region], 8, mbx_cmp_u64)
+                    start = mg.nout
                     for i in range(mg.count[region]):
                         idx = mg.idx[region * self.total + <uint32_t>keys[i]]
-                        if mg.fn:
-                            self.merge_decide(mg, idx, region)
                         self.gdone[idx] = 0
                         self.msgs[idx].h.refs = mg.next
                         mg.out[mg.nout] = idx
                         mg.nout += 1
+                    if mg.fn:
+                        self.merge_decide(mg, start, region)
                     mg.out[mg.nout] = MBX_END_BIT | (e & 0x7FFFFFFF)
                     mg.nout += 1
                     mg.count[region] = 0
@@ -907,28 +908,37 @@ cdef class PipeBus(EventBus):
                 mg.nout = i
         return progress
 
-    cdef void merge_decide(self, mbx_merge *mg, uint32_t idx, uint32_t region) noexcept nogil:
-        # Every member has ended the epoch of message idx: the group's merge function
-        # decides its packet if a member voted to drop it (the first of the packet's
-        # messages in chain order does; the votes are cleared then), before the next
-        # stage or the completion sees it.  An error is kept for dispatch to raise;
-        # until then the packets it leaves undecided are dropped.
-        cdef uint32_t pkt = self.msgs[idx].h.pkt
+    cdef void merge_decide(self, mbx_merge *mg, uint32_t start, uint32_t region) noexcept nogil:
+        # Every member has ended the epoch whose messages are mg.out[start:]: the
+        # group's merge function decides each packet a member voted to drop (at the
+        # first of its messages, in chain order; its votes are cleared then), before
+        # the next stage or the completion sees it, under one taking of the GIL.  An
+        # error is kept for dispatch to raise; until then the packets it leaves
+        # undecided are dropped.
+        cdef uint32_t i, pkt
+        cdef mbx_pkt *pkts = self.slot_pkts[self.ctl.epoch_slot[region]]
         cdef mbx_pkt *p
-        if pkt == NO_PKT:
-            return
-        p = &self.slot_pkts[self.ctl.epoch_slot[region]][pkt]
-        if not p.votes & mg.votemask:
+        for i in range(start, mg.nout):
+            pkt = self.msgs[mg.out[i]].h.pkt
+            if pkt != NO_PKT and pkts[pkt].votes & mg.votemask:
+                break
+        else:
             return
         with gil:
-            if self.req_error is not None:
-                p.votes &= ~mg.votemask
-                drop_pkt(p, self.nf_stage[mg.first])
-                return
-            try:
-                self.merge_packet(mg.fn - 1, p)
-            except BaseException as exc:    # noqa: BLE001 (raised again by dispatch)
-                self.req_error = exc
+            name, fn, mask, stage, names = self.fn_groups[mg.fn - 1]
+            for i in range(i, mg.nout):
+                pkt = self.msgs[mg.out[i]].h.pkt
+                if pkt == NO_PKT or not pkts[pkt].votes & mg.votemask:
+                    continue
+                p = &pkts[pkt]
+                if self.req_error is not None:
+                    p.votes &= ~mg.votemask
+                    drop_pkt(p, stage)
+                    continue
+                try:
+                    self.merge_packet(name, fn, names, mask, stage, p)
+                except BaseException as exc:    # noqa: BLE001 (raised again by dispatch)
+                    self.req_error = exc
 
     cdef bint merge_idle(self) noexcept nogil:
         # Nothing for the stack to merge or send on until a member or ring moves.
