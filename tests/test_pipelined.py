@@ -615,12 +615,15 @@ def _voters(tag, tmp_path, fn, calls):
     return nfs
 
 
-@pytest.mark.parametrize("inflight", [1, 4])
+@pytest.mark.parametrize("config", [
+    {"inflight": 1, "burst": 16}, {"inflight": 4, "burst": 16},
+    # several epochs per burst
+    {"inflight": 4, "burst": 128, "msg_capacity": 256}], ids=["k1", "k4", "epochs"])
 @pytest.mark.parametrize("fn", [majority, priority_a])
-def test_group_merge_function_same_as_inline(example_pcap, tmp_path, fn, inflight):
+def test_group_merge_function_same_as_inline(example_pcap, tmp_path, fn, config):
     calls = {"inline": [], "pipelined": []}
     r = both(lambda tag: _voters(tag, tmp_path, fn, calls[tag]), example_pcap, tmp_path,
-             inflight=inflight, burst=16)
+             **config)
     # called once per packet a member dropped, in the same order, with the same votes
     assert calls["inline"] and calls["inline"] == calls["pipelined"]
     assert {tuple(c) for c in calls["inline"]} == {
