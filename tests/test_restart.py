@@ -311,3 +311,39 @@ def test_restart_of_a_group_member_from_an_app_file(example_pcap, tmp_path):
     assert [nf.restart for nf in spec.nfs] == [2, 0]
     c, _ = run_app(spec.nfs, example_pcap, deploy="pipelined")
     assert c["pipeline"]["nfs"]["flow_stats"]["restart_limit"] == 2
+
+
+def test_restarted_member_of_a_group_with_a_merge_function(example_pcap, tmp_path):
+    # 2 of 3 decide; the crashing member (closed) votes to drop everything it misses
+    # while down, and its mate "a" drops web and DNS: the function sees those votes, and
+    # the restarted member's (none) after it rejoined.
+    from test_pipelined import DropPort
+
+    frames = read_frames(example_pcap)
+    log = tmp_path / "crash.log"
+    calls = []
+
+    def two_of_three(dropped):
+        calls.append(dropped)
+        return len(dropped) >= 2
+
+    crash = Crasher(log, 100, "kill", tmp_path / "crashed", group="g", failure="closed",
+                    restart=3, restart_backoff=0)
+    a, c = DropPort("a", (80, 53)), DropPort("c", ())
+    nfs = [a, crash, c]
+    for nf in nfs:
+        nf.group_merge = two_of_three
+    counters, out = run_app(nfs, example_pcap, deploy="pipelined", burst=4, inflight=4)
+    n = counters["pipeline"]["nfs"]["crash"]
+    assert n["restarts"] == 1 and n["state"] == "ok"
+    assert_baseline(counters)
+    handled = sum(lives(log).values())
+    missed = len(frames) - counters["fragments_held"] - handled
+    assert missed > 0
+    # its votes while down, each seen by the function once; and a's
+    assert sum("crash" in d for d in calls) == n["drops"] == missed
+    assert sum("a" in d for d in calls) == counters["nfs"]["a"]["drops"] > 0
+    assert all(d <= {"a", "crash"} for d in calls)
+    both_ = sum(d == {"a", "crash"} for d in calls)
+    assert counters["dropped_by_nf"] == both_ > 0
+    assert len(out) == len(frames) - counters["fragments_held"] - both_
