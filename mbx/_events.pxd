@@ -231,6 +231,11 @@ cdef class EventBus:
     # per NF: 0 when its drop is the packet's (any drop wins), else the chain-index
     # bits of its parallel group, whose every member must drop (merge = "all")
     cdef uint32_t *nf_votemask
+    # per NF: 1 + the index in fn_groups of its group when a merge function decides
+    # it (its drop is then only a vote), else 0; per such group: votes not decided
+    cdef uint8_t *nf_fngroup
+    cdef uint32_t *fn_pending
+    cdef object fn_groups
     cdef uint32_t *nsets
     cdef uint16_t **flow_set        # per NF, per flow slot: handler set (0 = default)
     cdef uint32_t **flow_set_gen
@@ -289,6 +294,9 @@ cdef class EventBus:
     cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF
     cdef void release(self, mbx_msg *m) noexcept nogil
     cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil
+    cdef int merge_votes(self, uint32_t g) except -1
+    cdef int merge_packet(self, object group, object fn, dict names, uint32_t mask,
+                          uint8_t stage, mbx_pkt *p) except -1
     cdef bint passes(self, const mbx_filter *f, const mbx_msg *m) noexcept nogil
     cdef uint32_t next_ring(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef uint32_t pop(self, uint32_t r) noexcept nogil

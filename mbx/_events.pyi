@@ -36,6 +36,12 @@ def register_event_type(name: str, parent: TypeSpec | None = None,
                         fields: Sequence[tuple[str, str]] | dict[str, str] = ()) -> EventType: ...
 def message_size() -> tuple[int, int]: ...
 
+MergeFunction = Callable[[frozenset[str]], object]
+MERGES: tuple[str, ...]
+def group_dependency(nfs: Sequence[NF]) -> str | None: ...
+def merge_name(merge: str | MergeFunction) -> str: ...
+def merge_problem(merge: object, members: Sequence[str]) -> str | None: ...
+
 class CHandler:
     """A C handler (made in Cython with mbx.cnf.chandler); NF.sub takes it."""
     owner: object
@@ -51,7 +57,7 @@ class NF:
     name: str
     writes: bool
     group: str | None
-    group_merge: str
+    group_merge: str | MergeFunction
     subs: dict[int, tuple[Handler, bool]]
     pubs: dict[int, PubPort]
     def __init__(self, name: str, *, writes: bool = False,

@@ -453,7 +453,8 @@ class NF:
         self.name = name
         self.writes = bool(writes)
         self.group = group      # NFs of one group run in parallel (read-only NFs)
-        # how its group merges verdicts: "any" member's drop wins, or "all" must drop
+        # how its group merges verdicts: "any" member's drop wins, "all" must drop, or
+        # a merge function decides (see merge_problem)
         self.group_merge = "any"
         self.subs = {}          # type idx -> (handler, batch, side mask)
         self.pubs = {}          # type idx -> PubPort
@@ -1013,6 +1014,68 @@ cdef class Event:
 MERGES = ("any", "all")
 
 
+def merge_name(merge):
+    """How a group's merge reads in messages and graphs: "any", "all", or the merge
+    function's name with its file and line."""
+    if isinstance(merge, str):
+        return merge
+    name = getattr(merge, "__qualname__", None) or repr(merge)
+    code = getattr(merge, "__code__", None)
+    if code is None:
+        return name
+    return f"{name} ({code.co_filename}, line {code.co_firstlineno})"
+
+
+def merge_problem(merge, members):
+    """Why ``merge`` cannot merge the verdicts of the group of NFs named ``members``,
+    or None.  A merge function is called as ``fn(dropped)``, ``dropped`` the frozenset
+    of the names of the members that dropped the packet, and returns true to drop it."""
+    import inspect
+
+    if isinstance(merge, str):
+        if merge in MERGES:
+            return None
+        return f"use \"any\", \"all\" or a merge function, not {merge!r}"
+    fn = merge
+    if not callable(fn):
+        return f"{fn!r} is not callable"
+    if len(members) < 2:
+        return (f"a merge function needs two or more members (NF {members[0]} is "
+                "alone)")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None             # (a builtin without a signature: called as it is)
+    try:
+        sig.bind(frozenset())
+    except TypeError:
+        return (f"{merge_name(fn)} must take one argument (the frozenset of the names "
+                f"of the members that dropped the packet), not {sig}")
+    return None
+
+
+def group_dependency(nfs):
+    """A member of a parallel group that subscribes to what another member publishes,
+    said (or None).  Members do not depend on each other: they run side by side
+    pipelined, and in either order inline, so one cannot handle another's events.
+    Refused for both deployments (the bus; the Controller, so mbx check says it)."""
+    for y in nfs:
+        if y.group is None:
+            continue
+        for x in nfs:
+            if x is y or x.group != y.group:
+                continue
+            for p, port in x.pubs.items():
+                for t in y.subs:
+                    if _types[p].is_a(_types[t]):
+                        return (f"NF {y.name} subscribes to {_types[t].name}, which NF "
+                                f"{x.name} of its parallel group {y.group!r} publishes "
+                                f"(its port {port.type.name}): the members of a group do "
+                                f"not depend on each other; put NF {x.name} before the "
+                                f"group, or NF {y.name} after it")
+    return None
+
+
 cdef inline void drop_at(mbx_pkt *p, uint8_t stage) noexcept nogil:
     if p.verdict != VERDICT_DROP or stage < p.drop_stage:
         p.drop_stage = stage
@@ -1052,16 +1115,29 @@ cdef class EventBus:
             raise ValueError(f"msg_capacity must be a power of two >= 64, not {msg_capacity}")
         # How a group merges its members' verdicts: "any" (the default) drops a
         # packet one member dropped; "all" only one every member dropped.
+        # A merge function decides once every member ran on the packet (merge_votes).
         voting = {}
+        deciding = {}
         for g in {nf.group for nf in nfs if nf.group is not None}:
             at = [i for i in range(len(nfs)) if nfs[i].group == g]
-            merges = {nfs[i].group_merge for i in at}
-            if len(merges) > 1 or not merges <= set(MERGES):
+            merges = {id(nfs[i].group_merge): nfs[i].group_merge for i in at}
+            merge = next(iter(merges.values()))
+            if len(merges) > 1:
                 raise SubscriptionError(
-                    f"parallel group {g!r}: its NFs must share one merge, \"any\" or "
-                    f"\"all\", not {', '.join(sorted(map(repr, merges)))}")
-            if merges == {"all"}:
+                    f"parallel group {g!r}: its NFs must share one merge, \"any\", "
+                    f"\"all\" or a merge function, not "
+                    f"{', '.join(sorted(merge_name(m) for m in merges.values()))}")
+            why = merge_problem(merge, [nfs[i].name for i in at])
+            if why is not None:
+                raise SubscriptionError(f"parallel group {g!r}: merge: {why}")
+            if merge == "all":
                 voting[g] = at
+            elif not isinstance(merge, str):
+                voting[g] = at
+                deciding[g] = merge
+        why = group_dependency(nfs)
+        if why is not None:
+            raise SubscriptionError(why)
         self.nfs = nfs
         self.nnf = len(nfs)
         self.msg_capacity = msg_capacity
@@ -1086,6 +1162,8 @@ cdef class EventBus:
         self.timing = True
         self.nf_stage = <uint8_t *>PyMem_Calloc(MAX_NFS, 1)
         self.nf_votemask = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
+        self.nf_fngroup = <uint8_t *>PyMem_Calloc(MAX_NFS, 1)
+        self.fn_pending = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
         self.nsets = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
         self.flow_set = <uint16_t **>PyMem_Calloc(MAX_NFS, sizeof(uint16_t *))
         self.flow_set_gen = <uint32_t **>PyMem_Calloc(MAX_NFS, sizeof(uint32_t *))
@@ -1095,7 +1173,8 @@ cdef class EventBus:
                 or self.per_type_delivered == NULL or self.taken == NULL
                 or self.set_c == NULL or self.nf_has_c == NULL or self.nf_events == NULL
                 or self.nf_c_events == NULL or self.nf_drops == NULL or self.nf_ns == NULL
-                or self.nf_type_events == NULL or self.nf_votemask == NULL):
+                or self.nf_type_events == NULL or self.nf_votemask == NULL
+                or self.nf_fngroup == NULL or self.fn_pending == NULL):
             raise MemoryError("cannot allocate Event Memory")
         self.set_keys = [{} for _ in nfs]
         self.set_maps = [[] for _ in nfs]
@@ -1131,6 +1210,14 @@ cdef class EventBus:
         for at in voting.values():
             for i in at:
                 self.nf_votemask[i] = sum(1 << j for j in at)
+        # per group with a merge function: (name, function, vote mask, chain stage,
+        # {vote mask: frozenset of member names}); nf_fngroup is 1 + its index
+        self.fn_groups = []
+        for g, fn in deciding.items():
+            at = voting[g]
+            self.fn_groups.append((g, fn, self.nf_votemask[at[0]], self.nf_stage[at[0]], {}))
+            for i in at:
+                self.nf_fngroup[i] = len(self.fn_groups)
         # Waves matter only when an NF subscribes to what another NF publishes.
         self.ordered = False
         for a in nfs:
@@ -1177,6 +1264,8 @@ cdef class EventBus:
         PyMem_Free(self.nf_type_events)
         PyMem_Free(self.nf_stage)
         PyMem_Free(self.nf_votemask)
+        PyMem_Free(self.nf_fngroup)
+        PyMem_Free(self.fn_pending)
         PyMem_Free(self.nsets)
         PyMem_Free(self.flow_set)
         PyMem_Free(self.flow_set_gen)
@@ -1442,6 +1531,7 @@ cdef class EventBus:
         NF drains its whole queue at once (larger batches).
         """
         cdef uint32_t i, r, wave, pos
+        cdef uint8_t g
         cdef uint32_t mask = self.msg_capacity - 1
         try:
             while True:
@@ -1460,6 +1550,14 @@ cdef class EventBus:
                     if self.next_ring(i, wave) != NO_RING:
                         _dispatching[0] = self.nfs[i]
                         self._drain(i, wave)
+                    g = self.nf_fngroup[i]
+                    if g and self.fn_pending[g - 1] and (
+                            i + 1 == self.nnf or self.nf_fngroup[i + 1] != g):
+                        # the group's last member is done up to the wave, so every
+                        # member has run on what it voted on: its merge function
+                        # decides, before a later stage sees the packets
+                        _dispatching[0] = None
+                        self.merge_votes(g - 1)
         finally:
             _dispatching[0] = None
             self.current_msg_idx = None
@@ -1528,10 +1626,51 @@ cdef class EventBus:
             self.release(m)
 
     cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil:
-        # NF i drops p: at once, or (a merge = "all" group) once its last member has.
-        cdef uint32_t mask = self.nf_votemask[i]
-        if mask == 0 or mbx_vote(&p.votes, (<uint32_t>1) << i) & mask == mask:
+        # NF i drops p: at once, or (a merge = "all" group) once its last member has,
+        # or (a group with a merge function) as the function decides (merge_votes).
+        cdef uint32_t mask = self.nf_votemask[i], votes
+        if mask == 0:
             drop_at(p, self.nf_stage[i])
+            return
+        votes = mbx_vote(&p.votes, (<uint32_t>1) << i)
+        if self.nf_fngroup[i]:
+            self.fn_pending[self.nf_fngroup[i] - 1] += 1
+        elif votes & mask == mask:
+            drop_at(p, self.nf_stage[i])
+
+    cdef int merge_votes(self, uint32_t g) except -1:
+        # Inline: every packet of the burst some member of group g voted to drop.
+        cdef uint32_t j
+        name, fn, mask, stage, names = self.fn_groups[g]
+        self.fn_pending[g] = 0
+        for j in range(self.batch.count):
+            if self.pkts[j].votes & <uint32_t>mask:
+                self.merge_packet(name, fn, names, mask, stage, &self.pkts[j])
+        return 0
+
+    cdef int merge_packet(self, object group, object fn, dict names, uint32_t mask,
+                          uint8_t stage, mbx_pkt *p) except -1:
+        # A group's merge function (an entry of fn_groups, unpacked once per run of
+        # packets) decides p from its members' votes, which are then cleared
+        # (decided once).  Its error ends the run, as a handler's does.
+        cdef uint32_t votes = p.votes & mask
+        p.votes &= ~mask
+        dropped = names.get(votes)
+        if dropped is None:
+            dropped = frozenset(self.nfs[i].name for i in range(self.nnf)
+                                if (votes >> i) & 1)
+            names[votes] = dropped
+        try:
+            verdict = fn(dropped)
+        except Exception as exc:
+            drop_at(p, stage)
+            raise NFError(
+                f"parallel group {group!r}: merge function {merge_name(fn)} raised "
+                f"{type(exc).__name__} on a packet dropped by "
+                f"{', '.join(sorted(dropped))}: {exc}") from exc
+        if verdict:
+            drop_at(p, stage)
+        return 0
 
     cdef uint32_t _run_c(self, uint32_t i, uint32_t limit) noexcept nogil:
         # Deliver from the head of NF i's queue every message bound for a C handler

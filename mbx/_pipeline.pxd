@@ -263,6 +263,8 @@ ctypedef struct mbx_merge:
     uint32_t first
     uint32_t last
     uint32_t next               # the ring after the group (the next stage's, or nnf)
+    uint32_t votemask           # its members' vote bits, when a merge function decides
+    uint32_t fn                 # 1 + its index in EventBus.fn_groups, or 0
     uint32_t flushed            # the last epoch sent on
     uint32_t *count             # per region: entries kept
     uint64_t *keys              # per region: (position, class, sequence) of each
@@ -314,7 +316,8 @@ cdef class PipeBus(EventBus):
     # the control path (see mbx_req_ring)
     cdef mbx_req_ring *reqs             # per NF, in the mapping after the burst
     cdef object terminator              # the TCP Monitor, when NFs may terminate flows
-    cdef object req_error               # an error applying requests mid-epoch
+    cdef object req_error               # an error kept for dispatch to raise (applying
+    #                                     requests mid-epoch, a group's merge function)
     cdef public object stack_memory     # StackMemory: mapped read-only in NF processes
     cdef readonly uint64_t requests     # requests applied (mb_up_sub, TERMINATE)
     cdef readonly uint64_t requests_early   # ... taken before their epoch completed
@@ -351,7 +354,6 @@ cdef class PipeBus(EventBus):
     cdef void recover(self, uint32_t k) noexcept nogil
     cdef void stack_round(self) noexcept nogil
     cdef void stack_wait(self, uint32_t target) noexcept nogil
-    cdef void count_drops(self, Batch batch) noexcept nogil
     cdef void filter_mask(self, mbx_msg *m, uint32_t first) noexcept nogil
     cdef uint32_t wait_input(self, uint32_t k, uint32_t *buf, uint32_t n) noexcept nogil
     cdef int deliver(self, uint32_t k, object nf, uint32_t limit) except -1
@@ -367,4 +369,5 @@ cdef class PipeBus(EventBus):
     cdef uint32_t hop_enqueue(self, uint32_t r, uint32_t *src, uint32_t n) noexcept nogil
     cdef uint32_t ends_into(self, uint32_t r) noexcept nogil
     cdef bint merge_groups(self) noexcept nogil
+    cdef void merge_decide(self, mbx_merge *mg, uint32_t start, uint32_t region) noexcept nogil
     cdef bint merge_idle(self) noexcept nogil

@@ -30,7 +30,8 @@ before the group first, then each member's publications in chain order.  So late
 stages see exactly what they would behind the members one after the other.  The
 members of a group share a chain stage: a drop hides the packet from later stages
 only ("any drop wins"), or with merge "all" counts as a vote (mbx_pkt.votes) and
-the last member's vote drops it.
+the last member's vote drops it, or with a merge function is only a vote, which the
+stack hands to the function as it sends the epoch on (merge_decide).
 
 The stack works in epochs (a dispatch round): it pushes the round's messages and an
 end marker; the epoch is complete when the marker comes back on the completion ring
@@ -66,11 +67,14 @@ A dead group member is pumped into its merge ring the same way; the messages it
 held are those sent to the group without its bit in ``gdone`` (only the lead's are
 forwarded: another member's copy only counts, and its drop under "closed").
 
-An NF with restarts allowed (``restart_nf``; not a member of a parallel group of two
-or more, mbx.pipeline refuses that) is forked again once its back-off has passed: the
-stack then drains its ring only up to the next epoch end, forwards what it recovered,
-and the new process consumes the ring from the epoch after, in the region of its
-share of Event Memory that epoch uses, as the dead one would have.
+An NF with restarts allowed (``restart_nf``) is forked again once its back-off has
+passed: the stack then drains its ring only up to the next epoch end, forwards what
+it recovered, and the new process consumes the ring from the epoch after, in the
+region of its share of Event Memory that epoch uses, as the dead one would have.
+A group member is no different: its ring is one of the fan-out's, what the stack
+forwards for it goes to its merge ring (ends, the lead's copies, gdone bits) as the
+member would have sent it, and the merge counts the new process's epoch ends after
+those, so it rejoins at the epoch boundary.
 
 NFs change the stack's state only by requests (the control path, after the burst in
 the mapping: one ring of mbx_req per NF).  An NF's mb_up_sub and the
@@ -632,6 +636,8 @@ cdef class PipeBus(EventBus):
             self.ctl.procs[k].delivered = self.delivered
             self.ctl.procs[k].c_events = self.nf_c_events[k]
             self.ctl.procs[k].handler_ns = self.nf_ns[k]
+            # its own drops (in a group that votes, its votes), each member its own
+            self.ctl.procs[k].drops = self.nf_drops[k]
         return 0
 
     def nf_main(self, uint32_t k):
@@ -654,6 +660,7 @@ cdef class PipeBus(EventBus):
         self.delivered = me.delivered
         self.nf_c_events[k] = me.c_events
         self.nf_ns[k] = me.handler_ns
+        self.nf_drops[k] = me.drops
         skip = <uint8_t *>PyMem_Calloc(self.total, 1)
         if skip == NULL:
             raise MemoryError()
@@ -755,6 +762,8 @@ cdef class PipeBus(EventBus):
             mg.first = k
             mg.last = self.glast[k]
             mg.next = mg.last + 1
+            mg.fn = self.nf_fngroup[k]
+            mg.votemask = self.nf_votemask[k] if mg.fn else 0
             mg.flushed = self.ctl.epoch
             mg.count = <uint32_t *>calloc_u32(self.inflight)
             mg.keys = <uint64_t *>malloc(<size_t>self.inflight * self.total * 8)
@@ -808,7 +817,7 @@ cdef class PipeBus(EventBus):
         # send the epoch on, ordered as the chain would (by burst position; the
         # messages from before the group first, then each member's publications in
         # chain order).
-        cdef uint32_t g, j, n, i, idx, r, e, cls, seq, region
+        cdef uint32_t g, j, n, i, idx, r, e, cls, seq, region, start
         cdef bint progress = False
         cdef mbx_merge *mg
         cdef mbx_msg *m
@@ -851,12 +860,15 @@ cdef class PipeBus(EventBus):
                     region = (e - 1) & (self.inflight - 1)
                     keys = mg.keys + region * self.total
                     qsort(keys, mg.count[region], 8, mbx_cmp_u64)
+                    start = mg.nout
                     for i in range(mg.count[region]):
                         idx = mg.idx[region * self.total + <uint32_t>keys[i]]
                         self.gdone[idx] = 0
                         self.msgs[idx].h.refs = mg.next
                         mg.out[mg.nout] = idx
                         mg.nout += 1
+                    if mg.fn:
+                        self.merge_decide(mg, start, region)
                     mg.out[mg.nout] = MBX_END_BIT | (e & 0x7FFFFFFF)
                     mg.nout += 1
                     mg.count[region] = 0
@@ -895,6 +907,38 @@ cdef class PipeBus(EventBus):
                 progress = progress or i < mg.nout
                 mg.nout = i
         return progress
+
+    cdef void merge_decide(self, mbx_merge *mg, uint32_t start, uint32_t region) noexcept nogil:
+        # Every member has ended the epoch whose messages are mg.out[start:]: the
+        # group's merge function decides each packet a member voted to drop (at the
+        # first of its messages, in chain order; its votes are cleared then), before
+        # the next stage or the completion sees it, under one taking of the GIL.  An
+        # error is kept for dispatch to raise; until then the packets it leaves
+        # undecided are dropped.
+        cdef uint32_t i, pkt
+        cdef mbx_pkt *pkts = self.slot_pkts[self.ctl.epoch_slot[region]]
+        cdef mbx_pkt *p
+        for i in range(start, mg.nout):
+            pkt = self.msgs[mg.out[i]].h.pkt
+            if pkt != NO_PKT and pkts[pkt].votes & mg.votemask:
+                break
+        else:
+            return
+        with gil:
+            name, fn, mask, stage, names = self.fn_groups[mg.fn - 1]
+            for i in range(i, mg.nout):
+                pkt = self.msgs[mg.out[i]].h.pkt
+                if pkt == NO_PKT or not pkts[pkt].votes & mg.votemask:
+                    continue
+                p = &pkts[pkt]
+                if self.req_error is not None:
+                    p.votes &= ~mg.votemask
+                    drop_pkt(p, stage)
+                    continue
+                try:
+                    self.merge_packet(name, fn, names, mask, stage, p)
+                except BaseException as exc:    # noqa: BLE001 (raised again by dispatch)
+                    self.req_error = exc
 
     cdef bint merge_idle(self) noexcept nogil:
         # Nothing for the stack to merge or send on until a member or ring moves.
@@ -956,7 +1000,11 @@ cdef class PipeBus(EventBus):
                 if (self.set_filter[k][0][t] == NULL
                         or self.passes(self.set_filter[k][0][t], m)):
                     p = &self.slot_pkts[self.ctl.epoch_slot[self.region_of(idx)]][m.h.pkt]
-                    self.nf_drop(k, p)      # its vote, in a merge = "all" group
+                    # counted as its drop once per packet it would have seen (not
+                    # dropped before it; its vote not cast yet)
+                    if p.verdict != VERDICT_DROP and not (p.votes >> k) & 1:
+                        self.ctl.procs[k].drops += 1
+                    self.nf_drop(k, p)      # its vote, in a group that votes
         self.ctl.procs[k].pumped += 1
         if bit:
             mbx_vote(&self.gdone[idx], bit)
@@ -1162,20 +1210,6 @@ cdef class PipeBus(EventBus):
         self.nout = 0
         me.busy_ns += now_ns() - t0
 
-    cdef void count_drops(self, Batch batch) noexcept nogil:
-        # Attribute each packet of a completed burst dropped by an NF to that NF
-        # (the stage that dropped it).
-        cdef uint32_t i, k
-        cdef mbx_pkt *p
-        for i in range(batch.count):
-            p = &batch.pkts[i]
-            if p.verdict != VERDICT_DROP or p.drop_stage == 0:
-                continue
-            for k in range(self.nnf):
-                if self.nf_stage[k] == p.drop_stage:
-                    self.ctl.procs[k].drops += 1
-                    break
-
     cpdef dispatch(self):
         """The stack's side of a dispatch round: push what this round published to
         the NF processes, and return once the next round's Event Memory is free
@@ -1195,7 +1229,7 @@ cdef class PipeBus(EventBus):
 
     cpdef bint burst_done(self, Batch batch, uint32_t mark, bint wait) except -1:
         """Has epoch ``mark`` come back (so every NF is done with ``batch``)?  Then
-        its drops are attributed, and it may be sent."""
+        it may be sent."""
         cdef uint32_t k
         if self.role != self.nnf:
             raise MbxError("burst_done runs in the stack's process")
@@ -1213,11 +1247,7 @@ cdef class PipeBus(EventBus):
         self.apply_requests(self.done_epoch)
         if self.deaths:
             self._report_failures()
-        if <int32_t>(self.done_epoch - mark) < 0:
-            return False
-        if batch is not None:
-            self.count_drops(batch)
-        return True
+        return <int32_t>(self.done_epoch - mark) >= 0
 
     def _report_failures(self):
         # A handler's error ends the run when the NF has no failure policy, unless a

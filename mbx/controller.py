@@ -25,14 +25,17 @@ options, subscription filters and parallel groups::
     proto = "tcp"
 
     [groups.inspect]            # how a parallel group merges its members' verdicts:
-    merge = "all"               # "any" drop wins (the default), or "all" must drop
+    merge = "all"               # "any" drop wins (the default), "all" must drop, or a
+    #                             merge function: "votes.py:majority", "pkg.mod:fn"
 
 The Controller links each subscription to the publications that can feed it (a
 publication feeds a subscription when it is the subscribed type or a descendant:
 paper §3.3): the μStacks' publications, and those of the NFs before it in the chain
 (an NF also republishes what it subscribes to).  A subscription nothing can feed, a
-writer in a parallel group, an NF listed twice, a bad option or filter: each is
-refused with an error naming the file, the line, the NF and the types.
+writer in a parallel group, a member of a group subscribed to what another member
+publishes, an NF listed twice, a bad option or filter, a merge function that cannot
+be loaded or called: each is refused with an error naming the file, the line, the
+NF and the types.
 """
 import os
 import re
@@ -78,7 +81,8 @@ class AppSpec:
             if nf.writes:
                 flags.append("writes")
             if nf.group is not None:
-                flags.append(f"parallel group {nf.group}, merge {nf.group_merge}")
+                flags.append(f"parallel group {nf.group}, "
+                             f"merge {_events.merge_name(nf.group_merge)}")
             lines.append(f"  {i}. NF {nf.name}" + (f" ({', '.join(flags)})" if flags else ""))
             for sub, t, pubs in self.links:
                 if sub is nf:
@@ -195,10 +199,51 @@ def load_app_file(path):
     return check(path, name, stack, options, nfs)
 
 
+def _merge_function(spec, base, where):
+    # "file.py:function" (relative to the application file, as NF files are) or
+    # "module:function": the callable, checked; AppError says why not.
+    import importlib
+    import runpy
+    import traceback
+
+    source, _, attr = spec.rpartition(":")
+    if not source or not attr:
+        raise AppError(f"{where}: \"any\", \"all\", or a merge function as "
+                       "\"file.py:function\" or \"module:function\"")
+    try:
+        if source.endswith(".py"):
+            if not os.path.isabs(source) and not os.path.exists(source):
+                source = os.path.join(base, source)
+            if not os.path.isfile(source):
+                raise AppError(f"{where}: {source}: no such file")
+            try:
+                scope = runpy.run_path(source, run_name="mbx_merge")
+            except Exception as exc:
+                tb = traceback.extract_tb(exc.__traceback__)
+                line = next((f.lineno for f in reversed(tb) if f.filename == source), None)
+                at = f", line {line}" if line else ""
+                raise AppError(f"{where}: {source}{at}: {type(exc).__name__}: "
+                               f"{exc}") from None
+            if attr not in scope:
+                raise AppError(f"{where}: {source} defines no {attr}")
+            fn = scope[attr]
+        else:
+            try:
+                fn = getattr(importlib.import_module(source), attr)
+            except (ImportError, AttributeError) as exc:
+                raise AppError(f"{where}: {type(exc).__name__}: {exc}") from None
+    except AppError:
+        raise
+    except Exception as exc:
+        raise AppError(f"{where}: {type(exc).__name__}: {exc}") from None
+    return fn
+
+
 def _merge_policies(path, text, groups, nfs):
-    # [groups.NAME] merge = "any" | "all": set on every member, checked here so the
-    # error names the file and line of the group's table.
-    from mbx._events import MERGES
+    # [groups.NAME] merge = "any" | "all" | "file.py:function" | "module:function":
+    # set on every member, checked here so the error names the file and line of the
+    # group's table.
+    from mbx._events import MERGES, merge_problem
 
     members = {nf.group for nf in nfs if nf.group is not None}
     for gname, spec in groups.items():
@@ -213,10 +258,17 @@ def _merge_policies(path, text, groups, nfs):
         if gname not in members:
             raise AppError(f"{where}: [groups.{gname}]: no NF has group = {gname!r}")
         merge = spec.get("merge", "any")
-        if merge not in MERGES:
+        if not isinstance(merge, str) or (merge not in MERGES and ":" not in merge):
             raise AppError(f"{where}: parallel group {gname!r}: merge = {merge!r}: use "
-                           "\"any\" (a packet any member dropped is dropped) or \"all\" "
-                           "(dropped only when every member dropped it)")
+                           "\"any\" (a packet any member dropped is dropped), \"all\" "
+                           "(dropped only when every member dropped it) or a merge "
+                           "function, \"file.py:function\" or \"module:function\"")
+        if merge not in MERGES:
+            said = f"{where}: parallel group {gname!r}: merge = {merge!r}"
+            merge = _merge_function(merge, os.path.dirname(os.path.abspath(path)), said)
+            why = merge_problem(merge, [nf.name for nf in nfs if nf.group == gname])
+            if why is not None:
+                raise AppError(f"{said}: {why}")
         for nf in nfs:
             if nf.group == gname:
                 nf.group_merge = merge
@@ -238,6 +290,9 @@ def check(path, name, stack, options, nfs):
         if at != list(range(at[0], at[-1] + 1)):
             raise AppError(f"{path}: parallel group {g!r} is split by other NFs: list its "
                            "NFs next to each other")
+    why = _events.group_dependency(nfs)
+    if why is not None:
+        raise AppError(f"{path}: {why}")
     from mbx.runtime import needs_monitor
 
     tcp = stack == "tcp" or (stack == "auto" and needs_monitor(nfs))

@@ -15,14 +15,18 @@ from mbx import _events
 from mbx._packet import Batch
 from mbx._pipeline import PipeBus, check_inflight, layout
 from mbx._shm import StackMemory
-from mbx.errors import AppError
+from mbx.errors import AppError, SubscriptionError
 
 RING_FULL = ("stall", "drop")
 
 
 def _check(nfs):
     # Publications travel down the chain with the events: an NF cannot (yet)
-    # subscribe to what an NF after it publishes.
+    # subscribe to what an NF after it publishes.  (Within a parallel group the bus
+    # refuses it in both deployments: said first, it is the better reason.)
+    why = _events.group_dependency(nfs)
+    if why is not None:
+        raise SubscriptionError(why)
     types = _events.event_types()
     for i, a in enumerate(nfs):
         for b in nfs[:i]:
@@ -33,29 +37,9 @@ def _check(nfs):
                             f"pipelined deployment: NF {b.name} subscribes to "
                             f"{types[t].name}, which NF {a.name} after it publishes; "
                             "put the publisher first in the chain (or run inline)")
-        for b in nfs[:i]:
-            # the members of a parallel group run side by side: none sees what
-            # another publishes
-            if a.group is None or b.group != a.group:
-                continue
-            for x, y in ((a, b), (b, a)):
-                for p in x.pubs:
-                    for t in y.subs:
-                        if types[p].is_a(types[t]):
-                            raise AppError(
-                                f"pipelined deployment: NF {y.name} subscribes to "
-                                f"{types[t].name}, which NF {x.name} of its parallel "
-                                f"group {a.group!r} publishes; members run side by "
-                                "side (take one out of the group, or run inline)")
         if getattr(a, "failure", None) not in (None, "open", "closed"):
             raise AppError(f"NF {a.name}: failure must be 'open' or 'closed', "
                            f"not {a.failure!r}")
-        if restart_of(a)[0] and a.group is not None and any(
-                b is not a and b.group == a.group for b in nfs):
-            # a member's ring feeds the group's merge: restarting one mid-group is
-            # not built (its dead ring is drained to the merge for good)
-            raise AppError(f"NF {a.name}: restart is not available for a member of a "
-                           f"parallel group ({a.group!r}) in the pipelined deployment")
 
 
 def restart_of(nf):

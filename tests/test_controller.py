@@ -296,3 +296,119 @@ def test_mbx_check_prints_the_graph(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2
     assert "NF logger subscribes to IDS_ALERT" in r.stderr or "unknown event type" in r.stderr
+
+
+VOTES_FILE = '''
+def majority(dropped):
+    return len(dropped) >= 2
+
+def two(a, b):
+    return True
+
+THRESHOLD = 2
+'''
+
+
+def _voting_app(tmp_path, merge, members=3):
+    nf_file = write(tmp_path, "counter.py", NF_FILE)
+    write(tmp_path, "votes.py", VOTES_FILE)
+    write(tmp_path, "broken.py", "import no_such_module_here\n")
+    ports = [53, 53, 443]
+    body = "".join(f"""
+        [[nf]]
+        use = "{nf_file}"
+        options = {{ name = "m{i}", drop_port = {ports[i]} }}
+        group = "g"
+        """ for i in range(members))
+    return write(tmp_path, "app.toml", body + f"""
+        [[nf]]
+        use = "{nf_file}"
+        options = {{ name = "after" }}
+        [groups.g]
+        merge = "{merge}"
+        """)
+
+
+def test_group_merge_function_from_a_file(run, tmp_path, example_pcap):
+    spec = load_app_file(_voting_app(tmp_path, "votes.py:majority"))
+    graph = spec.graph()
+    assert "parallel group g, merge majority (" in graph and "votes.py, line 2)" in graph
+    counters, _ = run(spec.nfs, example_pcap)
+    m0, _, _, after = spec.nfs
+    ports = [d for _, d in m0.seen]
+    # 53: two members of three dropped it; 443: one only
+    assert counters["dropped_by_nf"] == ports.count(53) > 0
+    assert [d for _, d in after.seen].count(443) == ports.count(443) > 0
+    # module:function resolves the same way; mbx check prints it in the graph
+    app = _voting_app(tmp_path, "mbx.examples.votes:majority")
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", app], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "NF m1 (parallel group g, merge majority (" in r.stdout
+    assert "mbx/examples/votes.py, line " in r.stdout
+
+
+@pytest.mark.parametrize("merge, members, message", [
+    ("votes.py:nosuch", 3, "votes.py defines no nosuch"),
+    ("votes.py:THRESHOLD", 3, "2 is not callable"),
+    ("votes.py:two", 3, "two (" ),
+    ("votes.py:majority", 1, "a merge function needs two or more members (NF m0 is alone)"),
+    ("broken.py:f", 3, "broken.py, line 1: ModuleNotFoundError"),
+    ("nosuch.py:f", 3, "nosuch.py: no such file"),
+    ("no_such_pkg_xyz:f", 3, "ModuleNotFoundError"),
+    ("majority", 3, "merge = 'majority': use \"any\""),
+])
+def test_group_merge_function_refusals(tmp_path, merge, members, message):
+    app = _voting_app(tmp_path, merge, members)
+    with pytest.raises(AppError) as info:
+        load_app_file(app)
+    text = str(info.value)
+    assert message in text
+    assert "app.toml, line " in text and "parallel group 'g'" in text
+    if merge == "votes.py:two":
+        assert "must take one argument" in text
+
+
+def test_group_merge_function_refused_on_the_bus(run, example_pcap):
+    def nfs(merge, n=2):
+        out = [mbx.NF(f"n{i}", group="g") for i in range(n)]
+        for nf in out:
+            nf.sub(mbx.PKT, lambda ev: None)
+            nf.group_merge = merge
+        return out
+
+    with pytest.raises(mbx.SubscriptionError, match="parallel group 'g': merge: 3 is not"):
+        run(nfs(3), example_pcap)
+    with pytest.raises(mbx.SubscriptionError, match="must take one argument"):
+        run(nfs(lambda: True), example_pcap)
+    with pytest.raises(mbx.SubscriptionError, match="needs two or more members"):
+        run(nfs(len, 1), example_pcap)
+    a, b = nfs(len)
+    b.group_merge = lambda dropped: True        # another function: not one merge
+    with pytest.raises(mbx.SubscriptionError, match="must share one merge"):
+        run([a, b], example_pcap)
+
+
+def test_group_member_subscribing_to_its_mate_refused(tmp_path):
+    # ids.py's two NFs: ids subscribes to DPI_DETECT, which dpi publishes
+    import mbx as pkg
+
+    ids = str(pkg.__file__).replace("__init__.py", "examples/ids.py")
+    app = write(tmp_path, "app.toml", f"""
+        [[nf]]
+        use = "{ids}"
+        name = "dpi"
+        group = "g"
+        [[nf]]
+        use = "{ids}"
+        name = "ids"
+        group = "g"
+        """)
+    with pytest.raises(AppError) as info:
+        load_app_file(app)
+    text = str(info.value)
+    assert "app.toml: NF ids subscribes to DPI_DETECT, which NF dpi of its parallel " \
+           "group 'g' publishes (its port DPI_DETECT)" in text
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", app], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "NF ids subscribes to DPI_DETECT" in r.stderr

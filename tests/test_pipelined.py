@@ -576,9 +576,114 @@ def test_parallel_group_tiny_rings(example_pcap, tmp_path, full):
     assert_baseline(c)
 
 
-def test_group_member_may_not_hear_its_mate(example_pcap):
-    # members run side by side: one cannot handle what another publishes
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+@pytest.mark.parametrize("order", ["publisher_first", "subscriber_first"])
+def test_group_member_may_not_hear_its_mate(example_pcap, deploy, order):
+    # members do not depend on each other: one cannot handle what another
+    # publishes, in either deployment and either order
     dpi, ids = load_app(f"{IDS}")
     dpi.group = ids.group = "g"
-    with pytest.raises(mbx.AppError, match="of its parallel group 'g' publishes"):
-        run_app([dpi, ids], example_pcap, deploy="pipelined")
+    nfs = [dpi, ids] if order == "publisher_first" else [ids, dpi]
+    with pytest.raises(mbx.SubscriptionError) as info:
+        run_app(nfs, example_pcap, deploy=deploy)
+    assert ("NF ids subscribes to DPI_DETECT, which NF dpi of its parallel group 'g' "
+            "publishes (its port DPI_DETECT)") in str(info.value)
+    assert dpi._bus is None and ids._bus is None     # refused before it ran
+
+
+# -- a merge function: the group's splitter decides from its members' votes ---------
+
+def majority(dropped):
+    """2 of 3: drop a packet most members dropped."""
+    return len(dropped) >= 2
+
+
+def priority_a(dropped):
+    """Member a decides alone; the others only advise."""
+    return "a" in dropped
+
+
+def _voters(tag, tmp_path, fn, calls):
+    def logged(dropped):
+        calls.append(sorted(dropped))
+        return fn(dropped)
+
+    nfs = [DropPort("a", (53, 443)), DropPort("b", (53, 3306, 80)), DropPort("c", (443, 3306)),
+           FileRecorder("after", str(tmp_path / f"{tag}.after"), types=("PKT",))]
+    for nf in nfs[:3]:
+        nf.group_merge = logged
+    return nfs
+
+
+@pytest.mark.parametrize("config", [
+    {"inflight": 1, "burst": 16}, {"inflight": 4, "burst": 16},
+    # several epochs per burst
+    {"inflight": 4, "burst": 128, "msg_capacity": 256}], ids=["k1", "k4", "epochs"])
+@pytest.mark.parametrize("fn", [majority, priority_a])
+def test_group_merge_function_same_as_inline(example_pcap, tmp_path, fn, config):
+    calls = {"inline": [], "pipelined": []}
+    r = both(lambda tag: _voters(tag, tmp_path, fn, calls[tag]), example_pcap, tmp_path,
+             **config)
+    # called once per packet a member dropped, in the same order, with the same votes
+    assert calls["inline"] and calls["inline"] == calls["pipelined"]
+    assert {tuple(c) for c in calls["inline"]} == {
+        ("a", "b"), ("a", "c"), ("b", "c"), ("b",)}
+    assert r["inline"][1] == r["pipelined"][1]
+    inline = (tmp_path / "inline.after").read_text()
+    assert inline == (tmp_path / "pipelined.after").read_text()
+    dports = {json.loads(line)[6][3] for line in inline.splitlines()}
+    kept = {80} if fn is majority else {3306, 80}
+    assert dports & {53, 443, 3306, 80} == kept
+    ci, cp = r["inline"][0], r["pipelined"][0]
+    assert ci["dropped_by_nf"] == cp["dropped_by_nf"] == sum(
+        1 for c in calls["inline"] if fn(frozenset(c)))
+    assert_baseline(cp)
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_group_merge_function_error_ends_the_run(example_pcap, tmp_path, deploy):
+    def broken(dropped):
+        raise KeyError("no quorum")
+
+    nfs = _voters(deploy, tmp_path, majority, [])
+    for nf in nfs[:3]:
+        nf.group_merge = broken
+    with pytest.raises(mbx.NFError) as info:
+        run_app(nfs, example_pcap, deploy=deploy)
+    text = str(info.value)
+    assert "parallel group 'g': merge function" in text and "broken (" in text
+    assert "raised KeyError on a packet dropped by " in text and "no quorum" in text
+
+
+@pytest.mark.parametrize("merge", ["any", "all", "majority"])
+def test_group_members_drops_each_their_own(example_pcap, tmp_path, merge):
+    # Each member is credited its own drops (its votes, where the group votes),
+    # pipelined as inline; not the first member with all of the group's.
+    def make(tag):
+        nfs = _voters(tag, tmp_path, majority, [])
+        for nf in nfs[:3]:
+            nf.group_merge = majority if merge == "majority" else merge
+        return nfs
+
+    r = both(make, example_pcap, tmp_path, inflight=4, burst=16)
+    ci, cp = r["inline"][0], r["pipelined"][0]
+    frames = read_frames(example_pcap)
+    ports = [json.loads(line)[6][3] for line in
+             (tmp_path / "inline.after").read_text().splitlines()]
+    assert r["inline"][1] == r["pipelined"][1] and len(frames) > len(ports)
+    for name, dropping in (("a", (53, 443)), ("b", (53, 3306, 80)), ("c", (443, 3306))):
+        assert ci["nfs"][name]["drops"] == cp["nfs"][name]["drops"] > 0, name
+        assert cp["pipeline"]["nfs"][name]["drops"] == cp["nfs"][name]["drops"]
+        # every member sees every packet: its drops are the packets to its ports
+        assert cp["nfs"][name]["drops"] == sum(1 for d in _dports(frames) if d in dropping)
+    assert ci["nfs"]["after"]["drops"] == cp["nfs"]["after"]["drops"] == 0
+    # the members' drops overlap (53 is two members' drop, in every merge)
+    assert ci["dropped_by_nf"] < sum(ci["nfs"][n]["drops"] for n in "abc")
+
+
+def _dports(frames):
+    import dpkt
+
+    for _, buf in frames:
+        ip = dpkt.ethernet.Ethernet(buf).data
+        yield getattr(getattr(ip, "data", None), "dport", None)

@@ -256,15 +256,94 @@ nf.sub("PKT", on_pkt)
     assert "restarts 1 of 2\n    died: exited with status 5\n" in out
 
 
-def test_restart_refused_for_a_parallel_group_member(example_pcap, tmp_path):
-    # A member's ring feeds its group's merge; restarting one is not built, and is
-    # refused before anything runs (alone in its group, an NF may restart).
-    nfs = [Crasher(tmp_path / "a.log", 40, "raise", name="a", group="g", restart=1),
-           Crasher(tmp_path / "b.log", 10 ** 9, "raise", name="b", group="g")]
-    with pytest.raises(mbx.AppError, match=r"NF a: restart is not available for a "
-                                           r"member of a parallel group \('g'\)"):
-        run_app(nfs, example_pcap, deploy="pipelined")
-    c, _ = run_app([Crasher(tmp_path / "c.log", 40, "raise", name="c", group="solo",
-                            failure="open", restart=1, restart_backoff=0)],
-                   example_pcap, deploy="pipelined", burst=4)
-    assert c["pipeline"]["nfs"]["c"]["restarts"] == 1
+@pytest.mark.parametrize("inflight", [1, 4])
+@pytest.mark.parametrize("lead", [True, False])
+@pytest.mark.parametrize("failure, merge", [("open", "any"), ("closed", "any"),
+                                            ("closed", "all")])
+def test_restarted_group_member_rejoins_the_fan_out(example_pcap, tmp_path, failure, merge,
+                                                    lead, inflight):
+    # A member of a parallel group of two dies on its 100th packet and is restarted:
+    # bypassed (open) or its packets dropped (closed: its votes, with merge "all")
+    # while down, then it gets the group's messages again from the next epoch on;
+    # its mate sees every packet, and the stack's merge waits for it as for any
+    # member.
+    frames = read_frames(example_pcap)
+    log, rec = tmp_path / "crash.log", tmp_path / "after.rec"
+    crash = Crasher(log, 100, "kill", tmp_path / "crashed", group="g", failure=failure,
+                    restart=3, restart_backoff=0)
+    mate = FileRecorder("mate", str(tmp_path / "mate.rec"), types=("PKT",), group="g")
+    crash.group_merge = mate.group_merge = merge
+    nfs = ([crash, mate] if lead else [mate, crash]) + [
+        FileRecorder("after", str(rec), types=("PKT",))]
+    c, out = run_app(nfs, example_pcap, deploy="pipelined", burst=4, inflight=inflight)
+    p = c["pipeline"]
+    n = p["nfs"]["crash"]
+    assert n["restarts"] == 1 and len(n["deaths"]) == 1 and "SIGKILL" in n["deaths"][0]
+    assert n["state"] == p["nfs"]["mate"]["state"] == p["nfs"]["after"]["state"] == "ok"
+    assert n["parallel_with"] == ["mate"] and n["forwarded_for_it"] > 0
+    assert_baseline(c)
+    held = c["fragments_held"]
+    first, second = lives(log).values()
+    assert first == 99 and second > 0
+    # the mate sees every packet whatever happens to the crashing member
+    assert len((tmp_path / "mate.rec").read_text().splitlines()) == len(frames) - held
+    seen = len(rec.read_text().splitlines())
+    handled = first + second
+    if failure == "open":
+        assert len(out) == len(frames) - held == seen
+        assert n["drops"] == 0
+    elif merge == "any":
+        # dropped: what it did not handle (while down, and the packet it was killed on)
+        assert len(out) == seen == handled < len(frames) - held
+        assert c["dropped_by_nf"] == n["drops"] == len(frames) - held - handled
+    else:
+        # its votes to drop those, which its mate (never dropping) outvotes
+        assert len(out) == len(frames) - held == seen
+        assert c["dropped_by_nf"] == 0 and n["drops"] == len(frames) - held - handled
+
+
+def test_restart_of_a_group_member_from_an_app_file(example_pcap, tmp_path):
+    # restart = N on a member of a group: accepted (it used to be refused)
+    app = tmp_path / "app.toml"
+    app.write_text('[[nf]]\nuse = "flow_stats"\ngroup = "g"\nrestart = 2\n'
+                   '[[nf]]\nuse = "l2fwd"\ngroup = "g"\n')
+    spec = load_app_file(str(app))
+    assert [nf.restart for nf in spec.nfs] == [2, 0]
+    c, _ = run_app(spec.nfs, example_pcap, deploy="pipelined")
+    assert c["pipeline"]["nfs"]["flow_stats"]["restart_limit"] == 2
+
+
+def test_restarted_member_of_a_group_with_a_merge_function(example_pcap, tmp_path):
+    # 2 of 3 decide; the crashing member (closed) votes to drop everything it misses
+    # while down, and its mate "a" drops web and DNS: the function sees those votes, and
+    # the restarted member's (none) after it rejoined.
+    from test_pipelined import DropPort
+
+    frames = read_frames(example_pcap)
+    log = tmp_path / "crash.log"
+    calls = []
+
+    def two_of_three(dropped):
+        calls.append(dropped)
+        return len(dropped) >= 2
+
+    crash = Crasher(log, 100, "kill", tmp_path / "crashed", group="g", failure="closed",
+                    restart=3, restart_backoff=0)
+    a, c = DropPort("a", (80, 53)), DropPort("c", ())
+    nfs = [a, crash, c]
+    for nf in nfs:
+        nf.group_merge = two_of_three
+    counters, out = run_app(nfs, example_pcap, deploy="pipelined", burst=4, inflight=4)
+    n = counters["pipeline"]["nfs"]["crash"]
+    assert n["restarts"] == 1 and n["state"] == "ok"
+    assert_baseline(counters)
+    handled = sum(lives(log).values())
+    missed = len(frames) - counters["fragments_held"] - handled
+    assert missed > 0
+    # its votes while down, each seen by the function once; and a's
+    assert sum("crash" in d for d in calls) == n["drops"] == missed
+    assert sum("a" in d for d in calls) == counters["nfs"]["a"]["drops"] > 0
+    assert all(d <= {"a", "crash"} for d in calls)
+    both_ = sum(d == {"a", "crash"} for d in calls)
+    assert counters["dropped_by_nf"] == both_ > 0
+    assert len(out) == len(frames) - counters["fragments_held"] - both_
