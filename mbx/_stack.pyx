@@ -433,6 +433,7 @@ cdef class NetworkLayer:
             "fragments_held": self.frag_held,
             "parse": parse,
             "flows": {
+                "capacity": self.flows.capacity,
                 "created": self.flows.created, "active": self.flows.active,
                 "expired": self.flows.expired, "evicted": self.flows.evicted,
                 "refused": self.flows.refused,
