@@ -6,6 +6,7 @@ import random
 import struct
 
 import dpkt
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,7 @@ from mbx._events import EventBus
 from mbx._packet import Batch
 from mbx._pcap import PcapReader
 from mbx._stack import NetworkLayer, rss_owners
+from mbx.errors import CaptureFormatError
 from mbx.examples.capture import ether, tcp4, tcp6, udp4
 
 V4 = [b"\xc6\x12\x00\x01", b"\xc6\x12\x00\x02", b"\xc6\x13\x07\x07"]
@@ -265,6 +267,33 @@ def test_flow_table_takes_the_hash_the_reader_found(tmp_path):
             assert plain.append(f)
         assert plain.rss_hash(0) is None
         assert with_walk == ended(0, 1, batch=plain) and len(with_walk) > 32
+
+
+def test_rss_reader_delivers_its_frames_before_the_damage_then_fails(tmp_path):
+    # The reader decides records ahead of delivering them: damage found ahead must
+    # still come after every frame of this share that precedes it, as without RSS.
+    frames = mixed_frames()[:40]
+    path = tmp_path / "damaged.pcap"
+    write(str(path), frames)
+    raw = bytearray(path.read_bytes())
+    pos = 24
+    for f in frames[:30]:                   # record 30's captured length: absurd
+        pos += 16 + len(f)
+    raw[pos + 8:pos + 12] = struct.pack("<I", 0x7FFFFFFF)
+    path.write_bytes(bytes(raw))
+    for k in range(2):
+        port = PcapReader(str(path))
+        port.rss_share(k, 2)
+        got = []
+        b = Batch(4)
+        with pytest.raises(CaptureFormatError, match=f"byte offset {pos}"):
+            while True:
+                b.reset()
+                if port.receive(b) < 0:
+                    break
+                got += [b.frame(i) for i in range(len(b))]
+        assert got == [f for f in frames[:30] if rss_owners(f, 2)[1] == k]
+        port.close()
 
 
 def test_rss_share_rejects_a_bad_share(tmp_path):
