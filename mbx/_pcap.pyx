@@ -559,9 +559,13 @@ cdef class PcapReader(Port):
         # the others' frames here, before the copy into the batch, is most of what
         # a second process saves; what is delivered is exactly this process's share.
         Port.rss_share(self, k, n)
+        if self.own_i < self.own_n:
+            # records decided for the old share and not yet delivered would be lost
+            raise PortError(f"{self.name}: rss_share({k}, {n}) while frames decided for "
+                            f"share {self.rss_k} of {self.rss_n} wait: set the share "
+                            "before reading, or rewind() first")
         self.rss_k = k
         self.rss_n = n
-        self.own_n = self.own_i = 0
         return True
 
     cdef int _rss_decide(self) noexcept nogil:

@@ -15,7 +15,7 @@ from mbx._events import EventBus
 from mbx._packet import Batch
 from mbx._pcap import PcapReader
 from mbx._stack import NetworkLayer, rss_owners
-from mbx.errors import CaptureFormatError
+from mbx.errors import CaptureFormatError, PortError
 from mbx.examples.capture import ether, tcp4, tcp6, udp4
 
 V4 = [b"\xc6\x12\x00\x01", b"\xc6\x12\x00\x02", b"\xc6\x13\x07\x07"]
@@ -294,6 +294,22 @@ def test_rss_reader_delivers_its_frames_before_the_damage_then_fails(tmp_path):
                 got += [b.frame(i) for i in range(len(b))]
         assert got == [f for f in frames[:30] if rss_owners(f, 2)[1] == k]
         port.close()
+
+
+def test_rss_share_is_not_changed_under_frames_decided_for_another(tmp_path):
+    path = str(tmp_path / "x.pcap")
+    frames = mixed_frames()
+    write(path, frames)
+    port = PcapReader(path)
+    port.rss_share(0, 2)
+    b = Batch(1)
+    assert port.receive(b) == 1             # the rest of its run of records waits
+    with pytest.raises(PortError, match="rss_share.1, 2. while frames decided"):
+        port.rss_share(1, 2)
+    port.rewind()
+    port.rss_share(1, 2)
+    assert read_all(port) == [f for f in frames if rss_owners(f, 2)[1] == 1]
+    port.close()
 
 
 def test_rss_share_rejects_a_bad_share(tmp_path):
