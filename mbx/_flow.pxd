@@ -4,7 +4,7 @@ cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
-from mbx._packet cimport mbx_pkt
+from mbx._packet cimport PARSE_BAD_IP_LEN, PARSE_OK, mbx_pkt
 
 cdef enum FlowStatus:
     FLOW_FREE = 0
@@ -32,6 +32,11 @@ ctypedef struct mbx_flow_key:
     uint8_t proto
     uint8_t ip_ver
     uint8_t pad[2]
+
+# Does the table track p?  Parse statuses below PARSE_BAD_IP_LEN fail before the
+# addresses are read.
+cdef inline bint flow_trackable(const mbx_pkt *p) noexcept nogil:
+    return p.ip_ver != 0 and (p.status == PARSE_OK or p.status >= PARSE_BAD_IP_LEN)
 
 # Builds p's canonical key into k and returns p's side (0: p's source is endpoint a).
 # Inline here so the stack and a software-RSS dispatcher key packets exactly as the

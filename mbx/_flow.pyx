@@ -14,7 +14,7 @@ from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-from mbx._packet cimport NO_FLOW, PARSE_BAD_IP_LEN, PARSE_OK, mbx_pkt
+from mbx._packet cimport NO_FLOW, PARSE_OK, PKT_F_RSS_HASH, mbx_pkt
 from mbx._shm cimport stack_arena, stack_calloc, stack_free
 
 # Largest capacity accepted: keeps 2 x capacity buckets (rounded up to a power of
@@ -36,9 +36,12 @@ _END_NAMES = {
 }
 _STATUS_NAMES = {FLOW_FREE: "free", FLOW_ACTIVE: "active", FLOW_EXPIRED: "expired"}
 
-cdef inline bint _trackable(const mbx_pkt *p) noexcept nogil:
-    # Statuses below PARSE_BAD_IP_LEN fail before the addresses are read.
-    return p.ip_ver != 0 and (p.status == PARSE_OK or p.status >= PARSE_BAD_IP_LEN)
+# p's hash: the one its port's software-RSS walk already computed for this key (the
+# same function over the same canonical key, tests/test_rss.py), else computed here.
+cdef inline uint32_t _key_hash(const mbx_pkt *p, const mbx_flow_key *k) noexcept nogil:
+    if p.flags & PKT_F_RSS_HASH:
+        return p.hash
+    return flow_key_hash(k)
 
 
 # Hashing and memcmp read the key as five 8-byte words; a layout change must be seen.
@@ -175,10 +178,10 @@ cdef class FlowTable:
 
     cdef uint32_t lookup(self, mbx_pkt *p) noexcept nogil:
         cdef mbx_flow_key key
-        if not _trackable(p):
+        if not flow_trackable(p):
             return self._untracked(p)
         cdef uint8_t side = flow_key_of(p, &key)
-        return self._lookup_keyed(p, &key, side, flow_key_hash(&key))
+        return self._lookup_keyed(p, &key, side, _key_hash(p, &key))
 
     cdef uint32_t _untracked(self, mbx_pkt *p) noexcept nogil:
         self.created_last = False
@@ -205,9 +208,9 @@ cdef class FlowTable:
             m = n - base if n - base < BURST_CHUNK else BURST_CHUNK
             for i in range(m):
                 p = pkts[base + i]
-                if _trackable(p):
+                if flow_trackable(p):
                     sides[i] = flow_key_of(p, &keys[i])
-                    hs[i] = flow_key_hash(&keys[i])
+                    hs[i] = _key_hash(p, &keys[i])
                     __builtin_prefetch(&self.buckets[hs[i] & self.bucket_mask])
                 else:
                     sides[i] = 0xFF

@@ -41,6 +41,8 @@ cdef enum PktFlags:
     PKT_F_ICMP_ERROR = 4        # ICMP/ICMPv6 error quoting another packet
     PKT_F_IP_OPTIONS = 8        # IPv4 header carries options
     PKT_F_TRUNCATED = 16        # caplen < what the headers say (payload cut)
+    PKT_F_RSS_HASH = 32         # hash already holds the flow table's hash: the port's
+    #                             software-RSS walk computed it (mbx/_rss.pxd)
 
 cdef enum TcpFlags:
     TH_FIN = 0x01

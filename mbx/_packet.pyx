@@ -133,6 +133,13 @@ cdef class Batch:
             raise IndexError(f"packet {i} not in a batch of {self.count}")
         return self.pkts[i].wirelen
 
+    def rss_hash(self, uint32_t i):
+        """The flow hash the port's software-RSS walk found for packet ``i`` (the
+        flow table takes it rather than hashing again), or None."""
+        if i >= self.count:
+            raise IndexError(f"packet {i} not in a batch of {self.count}")
+        return self.pkts[i].hash if self.pkts[i].flags & PKT_F_RSS_HASH else None
+
 
 cdef class Port:
     """Base of every packet I/O backend: burst receive, burst send, close, counters."""

@@ -35,6 +35,7 @@ from mbx._packet cimport (
     PKT_F_ICMP_ERROR,
     PKT_F_IP_OPTIONS,
     PKT_F_REASSEMBLED,
+    PKT_F_RSS_HASH,
     PKT_F_TRUNCATED,
     TCPOPT_F_MSS,
     TCPOPT_F_SACK,
@@ -58,7 +59,7 @@ assert len(_STATUS_NAMES) == PARSE_N, "ParseStatus and _STATUS_NAMES disagree"
 _DEFRAG_NAMES = ("none", "held", "done", "drop")
 _FLAG_NAMES = ((PKT_F_FRAGMENT, "fragment"), (PKT_F_REASSEMBLED, "reassembled"),
                (PKT_F_ICMP_ERROR, "icmp_error"), (PKT_F_IP_OPTIONS, "ip_options"),
-               (PKT_F_TRUNCATED, "truncated"))
+               (PKT_F_TRUNCATED, "truncated"), (PKT_F_RSS_HASH, "rss_hash"))
 
 cdef enum:
     ETH_HLEN = 14
@@ -346,8 +347,9 @@ cdef int parse_packet(mbx_pkt *p) noexcept nogil:
     cdef uint32_t off = ETH_HLEN
     cdef uint16_t et
     # REASSEMBLED describes where data came from, not what it holds: it survives
-    # the re-parse that FragTable does after rebuilding a datagram.
-    cdef uint8_t keep = p.flags & PKT_F_REASSEMBLED
+    # the re-parse that FragTable does after rebuilding a datagram.  RSS_HASH, set by
+    # the port before any parse, says the hash (left alone here) is already known.
+    cdef uint8_t keep = p.flags & (PKT_F_REASSEMBLED | PKT_F_RSS_HASH)
     memset(&p.ethertype, 0, <size_t>(<char *>&p.hash - <char *>&p.ethertype))
     p.flags = keep
     if n < ETH_HLEN:

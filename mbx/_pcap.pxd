@@ -1,7 +1,7 @@
 # Capture-file ports: PcapReader replays a pcap/pcapng file into Batches, PcapWriter
 # records what an NF passed.  Declared here so other extensions (the CLI driver, the
 # test harness of the stack) can cimport them and call rx_burst/tx_burst directly.
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from mbx._packet cimport Batch, Port, mbx_pkt
 
@@ -10,6 +10,8 @@ cdef enum:
     PCAP_MAX_CAPLEN = 262144
     # Ethernet header synthesised in front of raw-IP / cooked captures.
     ETH_HLEN = 14
+    # Records a software-RSS reader decides at a time (PcapReader._rss_decide).
+    RSS_AHEAD = 64
 
 # How the frames of a link type become Ethernet frames.
 cdef enum LinkMode:
@@ -45,6 +47,7 @@ ctypedef struct pcap_rec:
     uint32_t wirelen
     int64_t ts_ns
     uint8_t mode            # LinkMode of its interface
+    size_t at               # file offset of this record
     size_t next_pos         # file offset after this record
 
 
@@ -73,11 +76,21 @@ cdef class PcapReader(Port):
     cdef uint8_t *scratch               # a frame being given an Ethernet header
     cdef bint error_is_format           # pending error: CaptureFormatError vs PortError
     cdef char errmsg[192]
+    # Software RSS: this process's records among those decided ahead of pos, in file
+    # order, with the hash the walk found (own_kind: an rss_hash_of_frame result).
+    cdef pcap_rec own[RSS_AHEAD]
+    cdef uint32_t own_hash[RSS_AHEAD]
+    cdef int8_t own_kind[RSS_AHEAD]
+    cdef uint32_t own_n                 # decided records of ours ...
+    cdef uint32_t own_i                 # ... of which delivered
 
     cdef int _next_pcap(self, pcap_rec *r) noexcept nogil
     cdef int _next_pcapng(self, pcap_rec *r) noexcept nogil
     cdef void _ethernet(self, pcap_rec *r) noexcept nogil
-    cdef bint _others(self, const pcap_rec *r) noexcept nogil
+    cdef int _rss_decide(self) noexcept nogil
+    cdef int _rss_burst(self, Batch batch) noexcept nogil
+    cdef void _too_big(self, const pcap_rec *r, Batch batch) noexcept nogil
+    cdef int _burst_end(self, int n, uint64_t nbytes) noexcept nogil
     cdef int _open_pcap(self, uint32_t magic) except -1
     cdef int _open_pcapng(self, pcap_rec *probe) except -1
     cdef int _fail(self, bint damage) noexcept nogil

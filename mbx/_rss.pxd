@@ -43,12 +43,15 @@ cdef inline uint32_t _rss_ld32(const uint8_t *b) noexcept nogil:
 # The transport ports as parse_packet fills them: TCP and UDP ports when their whole
 # fixed header was captured within the IP datagram, else 0 (ICMP, other protocols,
 # fragments, a short capture).  cur: transport header offset; end: end of the
-# captured datagram.
+# captured datagram.  Without branches on the protocol: a capture mixing TCP and
+# UDP at random would mispredict them on every other frame.
 cdef inline uint32_t _rss_ports(uint8_t proto, const uint8_t *d, uint32_t cur,
                                 uint32_t end) noexcept nogil:
-    if (proto == 6 and cur + 20 <= end) or (proto == 17 and cur + 8 <= end):
-        return (<uint32_t>_rss_ld16(d + cur) << 16) | _rss_ld16(d + cur + 2)
-    return 0
+    cdef uint32_t need = 20 if proto == 6 else 8
+    cdef uint32_t ok = ((proto == 6) | (proto == 17)) & (cur + need <= end)
+    # read at cur only where the header is there (else at 0, always captured)
+    cdef const uint8_t *t = d + (cur & (0 - ok))
+    return ((<uint32_t>_rss_ld16(t) << 16) | _rss_ld16(t + 2)) & (0 - ok)
 
 
 # The stack (0..n-1) that owns parsed packet p: the flow table's symmetric hash
@@ -65,33 +68,43 @@ cdef inline int rss_stack_of_parsed(const mbx_pkt *p, uint32_t n) noexcept nogil
 
 # flow_key_hash(flow_key_of(p)) of an IPv4 packet without building either: the
 # canonical key's five words made in registers (a: the smaller address, then port).
+# The order is chosen by masks, not a branch: it is each packet's direction, which
+# a branch predictor cannot learn.
 cdef inline uint32_t _rss_hash_v4(const uint8_t *ip, uint8_t proto,
                                   uint32_t ports) noexcept nogil:
-    cdef uint32_t src, dst, a, b
-    cdef uint16_t sport = <uint16_t>(ports >> 16), dport = <uint16_t>ports
-    cdef uint16_t a_port, b_port
+    cdef uint32_t src, dst, x, swap, pswap
+    cdef uint32_t sport = ports >> 16, dport = ports & 0xFFFF
     cdef uint64_t w[5]
     memcpy(&src, ip + 12, 4)            # as the key holds them: bytes in wire order
     memcpy(&dst, ip + 16, 4)
     cdef uint32_t s_be = _rss_ld32(ip + 12), d_be = _rss_ld32(ip + 16)
-    if s_be > d_be or (s_be == d_be and sport > dport):
-        a, b, a_port, b_port = dst, src, dport, sport
-    else:
-        a, b, a_port, b_port = src, dst, sport, dport
-    w[0] = a
+    swap = 0 - <uint32_t>((s_be > d_be) | ((s_be == d_be) & (sport > dport)))
+    x = (src ^ dst) & swap
+    pswap = (sport ^ dport) & swap
+    w[0] = src ^ x
     w[1] = 0
-    w[2] = b
+    w[2] = dst ^ x
     w[3] = 0
-    w[4] = (a_port | (<uint64_t>b_port << 16) | (<uint64_t>proto << 32)
-            | (<uint64_t>4 << 40))
+    w[4] = ((sport ^ pswap) | (<uint64_t>(dport ^ pswap) << 16)
+            | (<uint64_t>proto << 32) | (<uint64_t>4 << 40))
     return flow_hash_words(w)
 
 
-# The stack (0..n-1) that owns frame d[0:caplen], or -1 when only the full parse can
-# tell.  Frames the parser finds no IP address in (non-IP, cut short before the
-# addresses, a wrong version nibble) are stack 0's, as rss_stack_of_parsed says.
-cdef inline int rss_stack_of_frame(const uint8_t *d, uint32_t caplen,
-                                   uint32_t n) noexcept nogil:
+# What the walk found in a frame (rss_hash_of_frame).
+cdef enum:
+    RSS_PARSE = -1      # only the full parse can tell (IPv4 options, IPv6 extensions)
+    RSS_NOT_IP = 0      # no IP addresses for the parser to read: stack 0's
+    RSS_FLOW = 1        # *h is the flow table's hash of the frame's flow key
+    RSS_FRAGMENT = 2    # *h hashes the addresses alone (an IPv4 fragment); the flow
+    #                     table hashes the reassembled datagram's key instead
+
+
+# The walk itself: classifies frame d[0:caplen] and, for RSS_FLOW and RSS_FRAGMENT,
+# leaves its hash in h.  Frames the parser finds no IP address in (non-IP, cut
+# short before the addresses, a wrong version nibble) are RSS_NOT_IP, as
+# rss_stack_of_parsed says.
+cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen,
+                                  uint32_t *h) noexcept nogil:
     cdef uint32_t off = 14, nvlan = 0, ihl, tot, end, plen
     cdef uint16_t et
     cdef uint8_t proto
@@ -99,34 +112,35 @@ cdef inline int rss_stack_of_frame(const uint8_t *d, uint32_t caplen,
     cdef mbx_pkt k                  # IPv6: only the fields flow_key_of reads
     cdef mbx_flow_key key
     if caplen < 14:
-        return 0                    # TRUNC_L2
+        return RSS_NOT_IP           # TRUNC_L2
     et = _rss_ld16(d + 12)
     while et == 0x8100 or et == 0x88A8 or et == 0x9100:
         if nvlan == 2 or off + 4 > caplen:
-            return 0                # a third tag (NOT_IP) or TRUNC_L2
+            return RSS_NOT_IP       # a third tag (NOT_IP) or TRUNC_L2
         et = _rss_ld16(d + off + 2)
         off += 4
         nvlan += 1
     ip = d + off
     if et == 0x0800:
         if caplen - off < 20 or (ip[0] >> 4) != 4:
-            return 0                # TRUNC_L3 or BAD_IP_VERSION: no addresses
+            return RSS_NOT_IP       # TRUNC_L3 or BAD_IP_VERSION: no addresses
         ihl = <uint32_t>(ip[0] & 0x0F) * 4
         tot = _rss_ld16(ip + 2)
         if ihl != 20 or tot < 20 or not MBX_LITTLE_ENDIAN:
-            return -1               # options, BAD_IHL, BAD_IP_LEN: the parser's call
+            return RSS_PARSE        # options, BAD_IHL, BAD_IP_LEN: the parser's call
         proto = ip[9]
         if _rss_ld16(ip + 6) & 0x3FFF:
-            # a fragment: hashed by addresses alone
-            return rss_share_of(_rss_hash_v4(ip, proto, 0), n)
+            h[0] = _rss_hash_v4(ip, proto, 0)
+            return RSS_FRAGMENT
         end = off + tot if tot <= caplen - off else caplen
-        return rss_share_of(_rss_hash_v4(ip, proto, _rss_ports(proto, d, off + 20, end)), n)
+        h[0] = _rss_hash_v4(ip, proto, _rss_ports(proto, d, off + 20, end))
+        return RSS_FLOW
     if et == 0x86DD:
         if caplen - off < 40 or (ip[0] >> 4) != 6:
-            return 0
+            return RSS_NOT_IP
         proto = ip[6]
         if proto == 0 or proto == 43 or proto == 44 or proto == 51 or proto == 60:
-            return -1               # extension headers: the parser walks them
+            return RSS_PARSE        # extension headers: the parser walks them
         memcpy(k.src.b, ip + 8, 16)
         memcpy(k.dst.b, ip + 24, 16)
         k.ip_ver = 6
@@ -137,5 +151,17 @@ cdef inline int rss_stack_of_frame(const uint8_t *d, uint32_t caplen,
         k.sport = <uint16_t>(plen >> 16)
         k.dport = <uint16_t>plen
         flow_key_of(&k, &key)
-        return rss_share_of(flow_key_hash(&key), n)
-    return 0                        # NOT_IP
+        h[0] = flow_key_hash(&key)
+        return RSS_FLOW
+    return RSS_NOT_IP               # NOT_IP
+
+
+# The stack (0..n-1) that owns frame d[0:caplen], or -1 when only the full parse can
+# tell.
+cdef inline int rss_stack_of_frame(const uint8_t *d, uint32_t caplen,
+                                   uint32_t n) noexcept nogil:
+    cdef uint32_t h = 0
+    cdef int kind = rss_hash_of_frame(d, caplen, &h)
+    if kind == RSS_PARSE:
+        return -1
+    return rss_share_of(h, n)       # RSS_NOT_IP: h = 0, stack 0

@@ -14,13 +14,19 @@ from mbx._events cimport (
     NO_PKT, PUBLISHER_STACK, T_FLOW_END, T_FLOW_START, T_PKT, EventBus, flow_body,
     mbx_msg, pkt_body,
 )
-from mbx._flow cimport FlowTable, flow_count, flow_endpoints, mbx_flow
+from mbx._flow cimport (
+    FlowTable, flow_count, flow_endpoints, flow_key_hash, flow_key_of, flow_trackable,
+    mbx_flow, mbx_flow_key,
+)
 from mbx._packet cimport (
-    NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PORT_EOF, PORT_ERROR,
-    VERDICT_DROP, VERDICT_HELD, VERDICT_PASS, Batch, Port, mbx_pkt,
+    NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PKT_F_RSS_HASH, PORT_EOF,
+    PORT_ERROR, VERDICT_DROP, VERDICT_HELD, VERDICT_PASS, Batch, Port, mbx_pkt,
 )
 from mbx._parse cimport DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
-from mbx._rss cimport rss_stack_of_frame, rss_stack_of_parsed
+from mbx._rss cimport (
+    RSS_FLOW, RSS_PARSE, rss_hash_of_frame, rss_share_of, rss_stack_of_frame,
+    rss_stack_of_parsed,
+)
 
 from mbx import _events
 from mbx._parse import status_names
@@ -145,8 +151,8 @@ cdef class NetworkLayer:
         cdef mbx_pkt *p
         cdef mbx_pkt *tracked[CHUNK]
         cdef uint8_t created[CHUNK]
-        cdef int st, r, k, n, ntracked, owner
-        cdef uint32_t slot, free_msgs
+        cdef int st, r, k, n, ntracked, owner, kind
+        cdef uint32_t slot, free_msgs, h = 0
         cdef mbx_msg *m
         cdef uint64_t want = self.bus.global_want
         while i < batch.count:
@@ -170,10 +176,16 @@ cdef class NetworkLayer:
                     # Software RSS here, for an input that cannot filter: another
                     # process's packet costs a short header walk, not a parse; the
                     # full parse decides where the walk cannot.
-                    owner = rss_stack_of_frame(p.data, p.caplen, self.rss_n)
-                    if owner < 0:
+                    h = 0                   # stays 0 where there is no IP: stack 0
+                    kind = rss_hash_of_frame(p.data, p.caplen, &h)
+                    if kind == RSS_PARSE:
                         st = parse_packet(p)
                         owner = rss_stack_of_parsed(p, self.rss_n)
+                    else:
+                        owner = rss_share_of(h, self.rss_n)
+                        if kind == RSS_FLOW:
+                            p.hash = h          # the flow table's own: not hashed again
+                            p.flags |= PKT_F_RSS_HASH
                     if owner != <int>self.rss_k:
                         p.verdict = VERDICT_HELD
                         self.rss_other += 1
@@ -421,6 +433,7 @@ cdef class NetworkLayer:
             "fragments_held": self.frag_held,
             "parse": parse,
             "flows": {
+                "capacity": self.flows.capacity,
                 "created": self.flows.created, "active": self.flows.active,
                 "expired": self.flows.expired, "evicted": self.flows.evicted,
                 "refused": self.flows.refused,
@@ -444,18 +457,30 @@ cdef class NetworkLayer:
 
 def rss_owners(frame, uint32_t n):
     """Software RSS on one frame over ``n`` stacks: (the short header walk's answer,
-    or -1 where it defers to the parser; the answer after the full parse).
+    or -1 where it defers to the parser; the answer after the full parse; the hash
+    the walk hands to the flow table, or None where the table hashes the key itself;
+    the flow table's hash of the parsed frame's key, or None where it tracks none).
 
     Tests and tools only: the stack decides on its own batches.  Wherever the first
-    is not -1 the two must be equal, or a flow's directions could part.
+    is not -1 the first two must be equal, or a flow's directions could part; where
+    the third is not None it must equal the fourth, or the table would file a flow's
+    packets under two hashes.
     """
     cdef const uint8_t[::1] view = frame
     cdef uint32_t caplen = view.shape[0]
     cdef Batch b = Batch(1, caplen + 16)
     cdef mbx_pkt *p
+    cdef mbx_flow_key key
+    cdef uint32_t h = 0
+    cdef int kind
     if n == 0:
         raise ValueError("rss_owners: n (the number of stacks) must be at least 1")
     p = b.add(&view[0] if caplen else <const uint8_t *>b"", caplen, caplen, 0, 0)
     fast = rss_stack_of_frame(p.data, p.caplen, n)
+    kind = rss_hash_of_frame(p.data, p.caplen, &h)
     parse_packet(p)
-    return fast, rss_stack_of_parsed(p, n)
+    table = None
+    if flow_trackable(p):
+        flow_key_of(p, &key)
+        table = flow_key_hash(&key)
+    return fast, rss_stack_of_parsed(p, n), h if kind == RSS_FLOW else None, table

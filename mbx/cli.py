@@ -201,12 +201,18 @@ def _run_parallel(nfs, args, config, listeners, view):
     for listener in listeners:
         listener.update(final)
     counters["elapsed_s"] = elapsed
-    counters["stacks"] = [{"packets": c["packets"], "flows": c["flows"]["created"]}
-                          for c in parts]
+    counters["stacks"] = [{"packets": c["packets"], "flows": c["flows"]["created"],
+                           "flow_capacity": c["flows"]["capacity"],
+                           "evicted": c["flows"]["evicted"],
+                           "refused": c["flows"]["refused"]} for c in parts]
     if not args.quiet:
         _print_counters(counters, elapsed)
+        # each stack's table holds its share of --flows: say which share overflowed
         print("stacks         " + ", ".join(
-            f"#{k}: {c['packets']:,} pkts, {c['flows']:,} flows"
+            f"#{k}: {c['packets']:,} pkts, {c['flows']:,} flows in a table of "
+            f"{c['flow_capacity']:,}" + (f" ({c['evicted']:,} evicted, {c['refused']:,} "
+                                         "refused: the share is full)"
+                                         if c["evicted"] or c["refused"] else "")
             for k, c in enumerate(counters["stacks"])))
     if view is not None:
         view.final(final, elapsed)

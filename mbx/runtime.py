@@ -24,6 +24,7 @@ _MONITOR_OPTIONS = ("stream_memory", "chunk_size", "stream_window", "retain",
                     "max_streams", "overlap", "summarise")
 
 BUILTIN_NFS = ("l2fwd", "flow_stats", "logger", "l4lb")
+FLOW_CAPACITY = 65536       # flows a stack tracks unless told otherwise
 
 
 def _as_nfs(obj, where):
@@ -162,7 +163,7 @@ class App:
     ``counters()["nfs"]``; about 40 ns a call); turn it off for the last few percent.
     """
 
-    def __init__(self, nfs, *, flow_capacity=65536, idle_timeout=60.0, flow_policy="evict",
+    def __init__(self, nfs, *, flow_capacity=FLOW_CAPACITY, idle_timeout=60.0, flow_policy="evict",
                  malformed="forward", msg_capacity=65536, frag_memory=4 << 20,
                  frag_timeout=30.0, stack="auto", deploy="inline", ring_size=0,
                  ring_full="stall", inflight=None, rss=(0, 1), nf_timing=True,
@@ -304,6 +305,18 @@ def merge_snapshots(parts):
     return out
 
 
+def stack_share(capacity, stacks):
+    """The flow capacity of each of ``stacks`` stack processes that split
+    ``capacity`` flows: its share, rounded up to a power of two (1 stack: all of it).
+
+    Each process tracks only its share of the flows, so a full-size table in each
+    would be Stack Memory (and cache) that no flow ever uses; a stack whose share
+    fills up evicts or refuses by policy and counts it, as one stack does."""
+    if stacks <= 1:
+        return capacity
+    return 1 << max(0, -(-capacity // stacks) - 1).bit_length()
+
+
 def _write_all(fd, data):
     view = memoryview(data)
     while view:
@@ -320,6 +333,9 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     Each process writes its own output (``FILE.stackK`` for ``pcap:FILE``).
     Returns (merged counters, [each process's counters]); each process's counters
     carry its CPU seconds (``cpu_s``, summed in the merged ones).
+
+    ``flow_capacity`` is shared out: each process's flow table (and everything
+    sized by it) holds ``stack_share(flow_capacity, stacks)`` flows.
 
     ``pin``: pin stack process k to the k-th CPU this process may use (default: when
     there are at least as many CPUs as stacks).  Left to itself the scheduler
@@ -339,6 +355,8 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
 
     if stacks < 1:
         raise AppError(f"stacks must be at least 1, not {stacks}")
+    config["flow_capacity"] = stack_share(config.get("flow_capacity", FLOW_CAPACITY),
+                                          stacks)
     afpacket = in_spec.startswith("afpacket:")
     group = os.getpid() & 0xFFFF
     cpus = sorted(os.sched_getaffinity(0))

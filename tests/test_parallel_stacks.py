@@ -9,7 +9,7 @@ import pytest
 import mbx
 from mbx.examples.capture import ether, tcp4, udp4, write_pcap
 from mbx.ports import open_input
-from mbx.runtime import App, run_parallel
+from mbx.runtime import App, run_parallel, stack_share
 
 
 class FlowRecorder(mbx.NF):
@@ -81,6 +81,25 @@ def test_two_stacks_split_flows_and_keep_both_directions_together(tmp_path):
     assert sum(1 for rec in alone.values() if rec[1] and rec[2]) > 1000
 
 
+def test_each_stack_holds_its_share_of_the_flow_capacity(tmp_path):
+    assert [stack_share(100, k) for k in (1, 2, 3, 4)] == [100, 64, 64, 32]
+    assert stack_share(131072, 2) == 65536 and stack_share(1, 2) == 1
+    cap = str(tmp_path / "many.pcap")
+    n = many_flows_capture(cap, flows=300, packets=3000)
+    # room for all 300 flows: each stack's table is its share, nothing overflows
+    merged, parts = run_parallel(list, "pcap:" + cap, stacks=2, flow_capacity=512)
+    assert [p["flows"]["capacity"] for p in parts] == [256, 256]
+    assert merged["flows"]["created"] == 300 and merged["flows"]["evicted"] == 0
+    # 100 flows for 300: each share (64) fills, and each stack counts what it evicted
+    # or refused, as one stack with a full table does
+    for policy, what in (("evict", "evicted"), ("refuse", "refused")):
+        merged, parts = run_parallel(list, "pcap:" + cap, stacks=2, flow_capacity=100,
+                                     flow_policy=policy)
+        assert merged["packets"] == n
+        assert [p["flows"]["capacity"] for p in parts] == [64, 64]
+        assert all(p["flows"][what] > 0 for p in parts)
+
+
 def test_cli_stacks_option(tmp_path):
     import subprocess
     import sys
@@ -96,6 +115,9 @@ def test_cli_stacks_option(tmp_path):
     c = json.loads(out.read_text())
     assert c["packets"] == 2000 and len(c["stacks"]) == 2
     assert sum(s["packets"] for s in c["stacks"]) == 2000
+    # each stack's table is half of --flows (65536), and no share was full
+    assert [s["flow_capacity"] for s in c["stacks"]] == [32768, 32768]
+    assert "in a table of 32,768" in r.stdout and "the share is full" not in r.stdout
     sent = sum(len(open_frames(tmp_path / f"o.pcap.stack{k}")) for k in range(2))
     assert sent == 2000
 

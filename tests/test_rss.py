@@ -2,9 +2,11 @@
 process before any parse must agree with the full parse plus the flow table's
 symmetric hash, wherever it answers; the pcap reader and the stack then deliver
 exactly a process's share."""
+import random
 import struct
 
 import dpkt
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +15,7 @@ from mbx._events import EventBus
 from mbx._packet import Batch
 from mbx._pcap import PcapReader
 from mbx._stack import NetworkLayer, rss_owners
+from mbx.errors import CaptureFormatError, PortError
 from mbx.examples.capture import ether, tcp4, tcp6, udp4
 
 V4 = [b"\xc6\x12\x00\x01", b"\xc6\x12\x00\x02", b"\xc6\x13\x07\x07"]
@@ -92,17 +95,20 @@ def frames(draw):
 @settings(max_examples=3000, deadline=None)
 @given(frame=frames(), n=st.integers(1, 8))
 def test_fast_walk_agrees_with_the_full_parse(frame, n):
-    fast, full = rss_owners(frame, n)
+    fast, full, walk_hash, table_hash = rss_owners(frame, n)
     assert 0 <= full < n
     assert fast in (-1, full)
+    # the hash the walk hands the flow table is the table's own for that frame
+    assert walk_hash is None or walk_hash == table_hash
 
 
 @settings(max_examples=1000, deadline=None)
 @given(frame=st.binary(max_size=120), n=st.integers(1, 8))
 @example(frame=b"\x02" * 12 + b"\x08\x00" + b"\x45" + b"\0" * 19, n=3)
 def test_fast_walk_agrees_on_any_bytes(frame, n):
-    fast, full = rss_owners(frame, n)
+    fast, full, walk_hash, table_hash = rss_owners(frame, n)
     assert fast in (-1, full)
+    assert walk_hash is None or walk_hash == table_hash
 
 
 def dpkt_frames():
@@ -141,11 +147,13 @@ def test_dpkt_frames_common_cases_are_decided_without_the_parser():
     fast, slow = dpkt_frames()
     for n in (2, 3, 4):
         for f in fast:
-            quick, full = rss_owners(f, n)
+            quick, full, walk_hash, table_hash = rss_owners(f, n)
             assert quick == full, f.hex()
+            # handed to the table except for fragments (hashed by addresses alone)
+            assert walk_hash == (None if f[20:22] == b"\x20\x03" else table_hash), f.hex()
         for f in slow:
-            quick, full = rss_owners(f, n)
-            assert quick == -1, f.hex()
+            quick, full, walk_hash, table_hash = rss_owners(f, n)
+            assert quick == -1 and walk_hash is None, f.hex()
             assert 0 <= full < n
     # both directions of a flow, and all pieces of a datagram, meet in one stack
     a = ether(tcp4("198.18.0.1", "198.19.0.2", 40000, 443))
@@ -205,6 +213,103 @@ def test_pcap_reader_delivers_exactly_its_share(tmp_path):
             shares.append(len(got))
             port.close()
         assert sum(shares) == len(expect_all) and min(shares) > 0
+
+
+def test_flow_table_takes_the_hash_the_reader_found(tmp_path):
+    # Both directions of 300 flows into tables of 32 flows (64 buckets: long chains,
+    # and evictions), once from the RSS reader (which hands each frame's hash to the
+    # table) and once from the same frames appended to batches (the table hashes
+    # them): the same flows end with the same counts, in the same order.
+    rng = random.Random(5)
+    ends = [(f"198.18.{rng.randrange(1, 250)}.{rng.randrange(1, 250)}",
+             f"198.19.{rng.randrange(1, 250)}.{rng.randrange(1, 250)}",
+             rng.randrange(1024, 65000), rng.choice([80, 53])) for _ in range(300)]
+    frames = []
+    for _ in range(3000):
+        src, dst, sp, dp = ends[rng.randrange(len(ends))]
+        if rng.random() < 0.5:
+            src, dst, sp, dp = dst, src, dp, sp
+        frames.append(ether((udp4 if 53 in (sp, dp) else tcp4)(src, dst, sp, dp, b"x")))
+    path = str(tmp_path / "flows.pcap")
+    write(path, frames)
+
+    def ended(k, n, port=None, batch=None):
+        got = []
+        nf = mbx.NF("ends")
+        # (timestamps apart: appended frames carry none)
+        nf.sub(mbx.FLOW_END, lambda ev: got.append(
+            {k: v for k, v in ev.fields().items() if not k.endswith("_ns")}))
+        stack = NetworkLayer(EventBus([nf], msg_capacity=4096), flow_capacity=32,
+                             rss=(k, n))
+        if port is not None:
+            stack.run(port)
+        else:
+            stack.process(batch)
+            stack.shutdown()
+        assert stack.counters()["flows"]["evicted"] > 0
+        return got
+
+    for k in range(2):
+        port = PcapReader(path)
+        port.rss_share(k, 2)
+        batch = Batch(64)
+        assert port.receive(batch) > 0
+        for i in range(len(batch)):
+            h = batch.rss_hash(i)
+            *_, table = rss_owners(batch.frame(i), 2)
+            assert h is not None and h == table
+        port.rewind()
+        with_walk = ended(k, 2, port=port)
+        port.close()
+        mine = [f for f in frames if rss_owners(f, 2)[1] == k]
+        plain = Batch(len(mine))
+        for f in mine:
+            assert plain.append(f)
+        assert plain.rss_hash(0) is None
+        assert with_walk == ended(0, 1, batch=plain) and len(with_walk) > 32
+
+
+def test_rss_reader_delivers_its_frames_before_the_damage_then_fails(tmp_path):
+    # The reader decides records ahead of delivering them: damage found ahead must
+    # still come after every frame of this share that precedes it, as without RSS.
+    frames = mixed_frames()[:40]
+    path = tmp_path / "damaged.pcap"
+    write(str(path), frames)
+    raw = bytearray(path.read_bytes())
+    pos = 24
+    for f in frames[:30]:                   # record 30's captured length: absurd
+        pos += 16 + len(f)
+    raw[pos + 8:pos + 12] = struct.pack("<I", 0x7FFFFFFF)
+    path.write_bytes(bytes(raw))
+    for k in range(2):
+        port = PcapReader(str(path))
+        port.rss_share(k, 2)
+        got = []
+        b = Batch(4)
+        with pytest.raises(CaptureFormatError, match=f"byte offset {pos}"):
+            while True:
+                b.reset()
+                if port.receive(b) < 0:
+                    break
+                got += [b.frame(i) for i in range(len(b))]
+        assert got == [f for f in frames[:30] if rss_owners(f, 2)[1] == k]
+        port.close()
+
+
+def test_rss_share_is_not_changed_under_frames_decided_for_another(tmp_path):
+    path = str(tmp_path / "x.pcap")
+    frames = mixed_frames()
+    write(path, frames)
+    port = PcapReader(path)
+    port.rss_share(0, 2)
+    b = Batch(1)
+    assert port.receive(b) == 1             # the rest of its run of records waits
+    with pytest.raises(PortError, match="rss_share.1, 2. while frames decided"):
+        port.rss_share(1, 2)
+    port.rewind()
+    port.rss_share(1, 2)
+    assert read_all(port) == [f for f in frames if rss_owners(f, 2)[1] == 1]
+    port.close()
 
 
 def test_rss_share_rejects_a_bad_share(tmp_path):
