@@ -146,6 +146,9 @@ KNOWN_VDEV_DRIVERS = ("net_pcap", "net_ring", "net_null", "net_af_packet", "net_
 
 cdef int _eal_state = EAL_NONE
 _eal_args = None
+# The process that started the EAL.  A child forked from it shares the devices and
+# EAL's memory but has no EAL threads: there, DPDK is left alone.
+_eal_pid = 0
 # argv handed to rte_eal_init: EAL may keep pointers into it, so it is never freed.
 cdef char **_eal_argv = NULL
 # Open ports, closed at exit before the EAL is cleaned up.
@@ -256,7 +259,7 @@ def eal_init(args=None):
     restarted), after it was cleaned up at exit, or when initialisation fails (the
     message quotes the DPDK log).  Returns the arguments in force.
     """
-    global _eal_state, _eal_args, _eal_argv
+    global _eal_state, _eal_args, _eal_argv, _eal_pid
     cdef int argc, rc, i
     cdef char **argv
     if args is None:
@@ -300,6 +303,7 @@ def eal_init(args=None):
     _eal_argv = argv
     _eal_args = args
     _eal_state = EAL_RUNNING
+    _eal_pid = os.getpid()
     atexit.register(_eal_cleanup)
     why = _watch_wake_fd()
     if why is not None:
@@ -317,7 +321,7 @@ def _eal_cleanup():
     """At exit: close what is still open, then release the EAL (never earlier: any
     DPDK call after rte_eal_cleanup crashes the process)."""
     global _eal_state
-    if _eal_state != EAL_RUNNING:
+    if _eal_state != EAL_RUNNING or os.getpid() != _eal_pid:
         return
     for port in list(_live_ports):
         try:
@@ -797,8 +801,9 @@ cdef class DpdkPort(Port):
         cdef uint32_t polls = 0
         cdef Teardown t
         cdef bint ran
-        if _eal_state != EAL_RUNNING:
-            # After rte_eal_cleanup every DPDK call crashes: only forget.
+        if _eal_state != EAL_RUNNING or os.getpid() != _eal_pid:
+            # After rte_eal_cleanup every DPDK call crashes, and a forked child
+            # closing a device would close it under its parent: only forget.
             self.pool = NULL
             self.started = False
             self.attached = False
@@ -831,9 +836,8 @@ cdef class DpdkPort(Port):
                 with nogil:
                     ran = _teardown_in_interrupt_thread(&t)
             if not ran:
-                # Stuck, or absent (a forked child of the process that started EAL
-                # has none): better closed from here, racing as described above,
-                # than left open.
+                # Stuck (or our eventfd could not be watched): better closed from
+                # here, racing as described above, than left open.
                 if _wake_fd >= 0:
                     sys.stderr.write(f"mbx: {self.name}: EAL's interrupt thread did not "
                                      f"run the close within {INTR_THREAD_WAIT_S} s; "

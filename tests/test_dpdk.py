@@ -295,6 +295,31 @@ def test_a_bad_eal_argument_fails_with_the_dpdk_log(tmp_path):
     assert "--definitely-not-an-option" in r.stdout
 
 
+def test_a_forked_child_leaves_the_parents_dpdk_ports_alone():
+    # A forked child shares the parent's devices and EAL memory but has no EAL
+    # threads: its close (or its exit) must not close the device under the parent.
+    code = ("import os, sys\n"
+            f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+            "import test_dpdk as t\n"
+            "t._dpdkport.eal_init()\n"
+            "ring = t.DpdkPort('net_ring3')\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    ring.close()\n"
+            "    t._dpdkport._eal_cleanup()\n"
+            "    os._exit(0 if ring.receive(t.Batch(4)) == -1 else 3)\n"
+            "assert os.waitpid(pid, 0)[1] == 0\n"
+            "frames = [bytes([i]) * 64 for i in range(5)]\n"
+            "assert ring.send(t.batch_of(frames)) == 5\n"
+            "assert t.receive_all(ring, limit=5) == frames\n"
+            "ring.close()\n"
+            "print('parent ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "parent ok" in r.stdout
+
+
 def test_mbx_run_over_dpdk_vdevs_ends_with_the_capture(example_pcap, tmp_path):
     outs = {}
     for backend, inp, out in [
