@@ -29,6 +29,29 @@ cdef extern from "rte_eal.h" nogil:
     int rte_eal_cleanup()
 
 
+# ---------------------------------------------------------------- rte_interrupts.h
+cdef extern from "rte_interrupts.h" nogil:
+    # EAL's interrupt thread waits on these sources and runs their callbacks, one at
+    # a time; drivers handle their control events there (memif's control channel).
+    # The instance functions are experimental in 22.11 (ALLOW_EXPERIMENTAL_API).
+    enum:
+        RTE_INTR_INSTANCE_F_PRIVATE     # the handle in malloc'd memory, not EAL's
+
+    enum rte_intr_handle_type:
+        RTE_INTR_HANDLE_EXT             # EAL only calls back; the callback reads
+
+    struct rte_intr_handle:
+        pass
+
+    ctypedef void (*rte_intr_callback_fn)(void *cb_arg) noexcept nogil
+    int rte_intr_callback_register(const rte_intr_handle *intr_handle,
+                                   rte_intr_callback_fn cb, void *cb_arg)
+    rte_intr_handle *rte_intr_instance_alloc(uint32_t flags)
+    void rte_intr_instance_free(rte_intr_handle *intr_handle)
+    int rte_intr_fd_set(rte_intr_handle *intr_handle, int fd)
+    int rte_intr_type_set(rte_intr_handle *intr_handle, rte_intr_handle_type type)
+
+
 # ---------------------------------------------------------------- rte_lcore.h
 cdef extern from "rte_lcore.h" nogil:
     unsigned int rte_lcore_id()

@@ -7,26 +7,32 @@ initialisation, even after cleanup, is impossible.  ``DpdkPort`` attaches a virt
 device by name and arguments (``net_pcap0,rx_pcap=in.pcap``, ``net_ring0``,
 ``net_null0``, ``net_af_packet0,iface=veth0``, ``net_memif0,role=server``) or takes
 over a port EAL already probed, and moves frames between DPDK mbufs and Batches with
-one copy each way, without the GIL.
+one copy each way, without the GIL.  A port is stopped, closed and detached in EAL's
+interrupt thread, in step with the drivers' own control handlers (see "teardown").
 """
 import atexit
 import os
 import shlex
 import sys
+import threading
 import weakref
 
-from libc.errno cimport ENOMEM
+from libc.errno cimport ENOMEM, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport FILE, fclose, fflush, stderr
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset, strdup
-from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, nanosleep, timespec
+from posix.unistd cimport close as close_fd
+from posix.unistd cimport read, write
 
 from mbx._dpdk cimport (
     RTE_ETH_NAME_MAX_LEN,
     RTE_ETH_RX_OFFLOAD_TIMESTAMP,
     RTE_ETH_TX_OFFLOAD_MULTI_SEGS,
     RTE_PKTMBUF_HEADROOM,
+    RTE_INTR_HANDLE_EXT,
+    RTE_INTR_INSTANCE_F_PRIVATE,
     rte_eal_cleanup,
     rte_eal_hotplug_add,
     rte_eal_hotplug_remove,
@@ -53,6 +59,12 @@ from mbx._dpdk cimport (
     rte_eth_stats_get,
     rte_eth_tx_burst,
     rte_eth_tx_queue_setup,
+    rte_intr_callback_register,
+    rte_intr_fd_set,
+    rte_intr_handle,
+    rte_intr_instance_alloc,
+    rte_intr_instance_free,
+    rte_intr_type_set,
     rte_mbuf,
     rte_mbuf_dyn_rx_timestamp_register,
     rte_mempool_avail_count,
@@ -77,6 +89,36 @@ from mbx.errors import PortError
 cdef extern from "<stdio.h>" nogil:
     FILE *open_memstream(char **ptr, size_t *sizeloc)
 
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+
+cdef extern from *:
+    """
+    /* Handing a request from one thread to another: a pointer slot the requester
+       fills and the worker empties (or the requester takes back), and a flag the
+       worker raises when done; each side sees what the other wrote before. */
+    static inline void mbx_slot_put(void **slot, void *p) {
+        __atomic_store_n(slot, p, __ATOMIC_RELEASE);
+    }
+    static inline void *mbx_slot_take(void **slot) {
+        return __atomic_exchange_n(slot, (void *)0, __ATOMIC_ACQ_REL);
+    }
+    static inline int mbx_slot_take_back(void **slot, void *p) {
+        return __atomic_compare_exchange_n(slot, &p, (void *)0, 0, __ATOMIC_ACQ_REL,
+                                           __ATOMIC_ACQUIRE);
+    }
+    static inline void mbx_flag_raise(int *flag) { __atomic_store_n(flag, 1, __ATOMIC_RELEASE); }
+    static inline int mbx_flag_up(int *flag) { return __atomic_load_n(flag, __ATOMIC_ACQUIRE); }
+    """
+    void slot_put "mbx_slot_put"(void **slot, void *p) noexcept nogil
+    void *slot_take "mbx_slot_take"(void **slot) noexcept nogil
+    bint slot_take_back "mbx_slot_take_back"(void **slot, void *p) noexcept nogil
+    void flag_raise "mbx_flag_raise"(int *flag) noexcept nogil
+    int flag_up "mbx_flag_up"(int *flag) noexcept nogil
+
 __all__ = ["DpdkPort", "default_eal_args", "eal_args", "eal_init", "eal_initialized",
            "KNOWN_VDEV_DRIVERS"]
 
@@ -92,6 +134,10 @@ cdef enum:
     PCAP_IDLE_POLLS_EOF = 4
     MEMPOOL_CACHE = 256
     NS_PER_US = 1000
+    # How long a close waits for EAL's interrupt thread to run it (see _teardown)
+    # before doing it from the calling thread, and how often it looks.
+    INTR_THREAD_WAIT_S = 10
+    INTR_THREAD_POLL_NS = 100000
 
 #: Virtual-device drivers known to work without hugepages or a NIC (the vdev name is
 #: one of these followed by an instance number, e.g. ``net_pcap0``).
@@ -100,6 +146,9 @@ KNOWN_VDEV_DRIVERS = ("net_pcap", "net_ring", "net_null", "net_af_packet", "net_
 
 cdef int _eal_state = EAL_NONE
 _eal_args = None
+# The process that started the EAL.  A child forked from it shares the devices and
+# EAL's memory but has no EAL threads: there, DPDK is left alone.
+_eal_pid = 0
 # argv handed to rte_eal_init: EAL may keep pointers into it, so it is never freed.
 cdef char **_eal_argv = NULL
 # Open ports, closed at exit before the EAL is cleaned up.
@@ -210,7 +259,7 @@ def eal_init(args=None):
     restarted), after it was cleaned up at exit, or when initialisation fails (the
     message quotes the DPDK log).  Returns the arguments in force.
     """
-    global _eal_state, _eal_args, _eal_argv
+    global _eal_state, _eal_args, _eal_argv, _eal_pid
     cdef int argc, rc, i
     cdef char **argv
     if args is None:
@@ -254,7 +303,12 @@ def eal_init(args=None):
     _eal_argv = argv
     _eal_args = args
     _eal_state = EAL_RUNNING
+    _eal_pid = os.getpid()
     atexit.register(_eal_cleanup)
+    why = _watch_wake_fd()
+    if why is not None:
+        sys.stderr.write(f"mbx: DPDK ports will close from the calling thread, which can "
+                         f"race a driver's own handlers (net_memif): {why}\n")
     return _eal_args
 
 
@@ -267,7 +321,7 @@ def _eal_cleanup():
     """At exit: close what is still open, then release the EAL (never earlier: any
     DPDK call after rte_eal_cleanup crashes the process)."""
     global _eal_state
-    if _eal_state != EAL_RUNNING:
+    if _eal_state != EAL_RUNNING or os.getpid() != _eal_pid:
         return
     for port in list(_live_ports):
         try:
@@ -283,6 +337,106 @@ cdef inline int64_t _now_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME, &ts)
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+# ---------------------------------------------------------------- teardown
+# A device is stopped, closed and detached in EAL's interrupt thread, never in the
+# thread that calls close().  Drivers handle their control events in that thread,
+# and DPDK 22.11's net_memif does so without a lock against the application: when
+# the other end of a pair goes away, the interrupt thread runs memif_disconnect on
+# this end (freeing its shared-memory regions) while close() in the calling thread
+# did the same and went on to free the device, a double free that crashed the
+# interrupt thread with SIGSEGV in memif_free_regions -> rte_free (1 run in 15-50
+# under load: benchmarks/memif_teardown.py).  The interrupt thread runs one
+# callback at a time, so a teardown run there cannot overlap memif's handlers, and
+# a handler that comes after finds the device's callbacks unregistered.
+#
+# The request goes through an eventfd of ours that the interrupt thread watches.
+# Not an alarm (rte_eal_alarm_set): rte_eal_cleanup then unregisters the alarm
+# source, which makes the interrupt thread rebuild its wait list, reading every
+# source's handle, while the cleanup unmaps EAL's memory; net_memif never
+# unregisters a server's listening socket (memif_socket_remove_device), whose
+# handle lives in that memory: SIGSEGV in rte_intr_fd_get at exit.  Our source is
+# registered once and never unregistered, so the cleanup leaves the list alone.
+
+cdef struct Teardown:
+    uint16_t port
+    bint stop               # rte_eth_dev_stop
+    const char *vdev        # close the device and detach this vdev; NULL: neither
+    int done                # raised once done, by whichever thread ran it
+
+cdef int _wake_fd = -1              # the eventfd; -1: teardowns run in the caller
+cdef void *_request = NULL          # the Teardown the interrupt thread is to run
+# One request at a time (reentrant: a port freed by the garbage collector while
+# another closes, outside the wait, closes too).
+_request_lock = threading.RLock()
+
+
+cdef void _teardown(void *arg) noexcept nogil:
+    cdef Teardown *t = <Teardown *>arg
+    if t.stop:
+        rte_eth_dev_stop(t.port)
+    if t.vdev != NULL:
+        rte_eth_dev_close(t.port)
+        rte_eal_hotplug_remove(b"vdev", t.vdev)
+    flag_raise(&t.done)
+
+
+cdef void _on_wake(void *arg) noexcept nogil:
+    """In the interrupt thread: run the request, if it was not taken back."""
+    cdef uint64_t count
+    cdef void *t
+    read(_wake_fd, &count, sizeof(count))   # EAL reads no EXT source: re-arm it
+    t = slot_take(&_request)
+    if t != NULL:
+        _teardown(t)
+
+
+cdef str _watch_wake_fd():
+    """Start the interrupt thread watching our eventfd; why not, or None."""
+    global _wake_fd
+    cdef int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+    cdef rte_intr_handle *handle
+    if fd < 0:
+        return f"eventfd: {os.strerror(errno)}"
+    # A private handle (malloc'd): it stays valid after rte_eal_cleanup.
+    handle = rte_intr_instance_alloc(RTE_INTR_INSTANCE_F_PRIVATE)
+    if handle == NULL:
+        close_fd(fd)
+        return "cannot allocate an interrupt handle"
+    if (rte_intr_fd_set(handle, fd) != 0 or rte_intr_type_set(handle, RTE_INTR_HANDLE_EXT) != 0
+            or rte_intr_callback_register(handle, _on_wake, NULL) != 0):
+        rte_intr_instance_free(handle)
+        close_fd(fd)
+        return "cannot register an interrupt callback"
+    _wake_fd = fd
+    return None
+
+
+cdef bint _teardown_in_interrupt_thread(Teardown *t) noexcept nogil:
+    """Run _teardown(t) in EAL's interrupt thread and wait for it; False (and nothing
+    done) if there is none to ask or it did not take it within INTR_THREAD_WAIT_S."""
+    cdef timespec pause, now
+    cdef int64_t deadline
+    cdef uint64_t one = 1
+    if _wake_fd < 0:
+        return False
+    slot_put(&_request, t)
+    if write(_wake_fd, &one, sizeof(one)) != sizeof(one):
+        if slot_take_back(&_request, t):
+            return False
+    pause.tv_sec = 0
+    pause.tv_nsec = INTR_THREAD_POLL_NS
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    deadline = now.tv_sec + INTR_THREAD_WAIT_S
+    while not flag_up(&t.done):
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        if now.tv_sec > deadline:
+            if slot_take_back(&_request, t):
+                return False
+            deadline = now.tv_sec + 365 * 86400     # taken: it is running, wait
+        nanosleep(&pause, NULL)
+    return True
 
 
 cdef class DpdkPort(Port):
@@ -645,9 +799,11 @@ cdef class DpdkPort(Port):
         cdef rte_mbuf *drain[DPDK_MAX_BURST]
         cdef uint16_t got
         cdef uint32_t polls = 0
-        cdef const char *cname
-        if _eal_state != EAL_RUNNING:
-            # After rte_eal_cleanup every DPDK call crashes: only forget.
+        cdef Teardown t
+        cdef bint ran
+        if _eal_state != EAL_RUNNING or os.getpid() != _eal_pid:
+            # After rte_eal_cleanup every DPDK call crashes, and a forked child
+            # closing a device would close it under its parent: only forget.
             self.pool = NULL
             self.started = False
             self.attached = False
@@ -659,25 +815,36 @@ cdef class DpdkPort(Port):
             rte_pktmbuf_free(self.held[self.held_head])
             self.held_head += 1
             self.held_count -= 1
-        if self.started:
+        if self.started and self.driver == "net_ring":
             # net_ring hands over mbuf pointers: mbufs of our pool still queued would
             # outlive it (the ring of a vdev of the same name is found again).
-            if self.driver == "net_ring":
-                got = 1
-                while got and polls < self.mbufs // DPDK_MAX_BURST + 2:
-                    got = rte_eth_rx_burst(pid, 0, drain, DPDK_MAX_BURST)
-                    for j in range(got):
-                        rte_pktmbuf_free(drain[j])
-                    polls += 1
-            with nogil:
-                rte_eth_dev_stop(pid)
-            self.started = False
-        if self.attached:
+            got = 1
+            while got and polls < self.mbufs // DPDK_MAX_BURST + 2:
+                got = rte_eth_rx_burst(pid, 0, drain, DPDK_MAX_BURST)
+                for j in range(got):
+                    rte_pktmbuf_free(drain[j])
+                polls += 1
+        if self.started or self.attached:
             bname = self.vdev.encode()
-            cname = bname
-            with nogil:
-                rte_eth_dev_close(pid)
-                rte_eal_hotplug_remove(b"vdev", cname)
+            t.port = pid
+            t.stop = self.started
+            t.vdev = NULL
+            if self.attached:
+                t.vdev = bname
+            t.done = 0
+            with _request_lock:
+                with nogil:
+                    ran = _teardown_in_interrupt_thread(&t)
+            if not ran:
+                # Stuck (or our eventfd could not be watched): better closed from
+                # here, racing as described above, than left open.
+                if _wake_fd >= 0:
+                    sys.stderr.write(f"mbx: {self.name}: EAL's interrupt thread did not "
+                                     f"run the close within {INTR_THREAD_WAIT_S} s; "
+                                     f"closing from this thread\n")
+                with nogil:
+                    _teardown(&t)
+            self.started = False
             self.attached = False
         if self.pool != NULL:
             rte_mempool_free(self.pool)
