@@ -93,7 +93,7 @@ ctypedef struct mbx_flow:
     uint32_t lru_next
     uint32_t want           # event classes some NF still wants for this flow (stack-owned)
     uint8_t status          # FlowStatus
-    uint8_t init_side       # canonical side (0: a, 1: b) that sent the first packet
+    uint8_t init_side       # canonical side (0: a, 1: b) that opened the flow
     uint8_t end_reason      # FlowEndReason once ended
     uint8_t pad
     uint64_t pkts[2]        # [0] initiator -> responder, [1] responder -> initiator

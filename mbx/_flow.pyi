@@ -77,6 +77,7 @@ class FlowTable:
         ts_ns: int,
         wirelen: int = 60,
         status: int = 0,
+        tcp_flags: int = 0,
     ) -> tuple[int, int, int, bool]: ...
     def lookup_burst_py(
         self, packets: Sequence[_Packet]

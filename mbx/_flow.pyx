@@ -14,7 +14,7 @@ from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-from mbx._packet cimport NO_FLOW, PARSE_OK, PKT_F_RSS_HASH, mbx_pkt
+from mbx._packet cimport NO_FLOW, PARSE_OK, PKT_F_RSS_HASH, TH_ACK, TH_SYN, mbx_pkt
 from mbx._shm cimport stack_arena, stack_calloc, stack_free
 
 # Largest capacity accepted: keeps 2 x capacity buckets (rounded up to a power of
@@ -38,6 +38,14 @@ _STATUS_NAMES = {FLOW_FREE: "free", FLOW_ACTIVE: "active", FLOW_EXPIRED: "expire
 
 # p's hash: the one its port's software-RSS walk already computed for this key (the
 # same function over the same canonical key, tests/test_rss.py), else computed here.
+cdef inline uint8_t _opened_by_receiver(const mbx_pkt *p) noexcept nogil:
+    # A TCP flow first seen at its SYN+ACK (its SYN was lost, or went by before the
+    # capture started) was opened by the SYN+ACK's receiver: name that side the
+    # initiator, as the TCP Monitor names it the client, so that direction 0 is
+    # from the client for the flow table and every layer above it.
+    return p.l4_proto == 6 and (p.tcp_flags & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK)
+
+
 cdef inline uint32_t _key_hash(const mbx_pkt *p, const mbx_flow_key *k) noexcept nogil:
     if p.flags & PKT_F_RSS_HASH:
         return p.hash
@@ -284,7 +292,7 @@ cdef class FlowTable:
             self.buckets[b] = slot
             f.want = 0xFFFFFFFF
             f.status = FLOW_ACTIVE
-            f.init_side = side
+            f.init_side = side ^ _opened_by_receiver(p)
             f.end_reason = END_NONE
             f.pkts[0] = 0
             f.pkts[1] = 0
@@ -348,7 +356,8 @@ cdef class FlowTable:
     # ------------------------------------------------- Python API (tests, tools)
 
     def lookup_tuple(self, str src, str dst, int sport, int dport, int proto,
-                     int64_t ts_ns, uint32_t wirelen=60, uint8_t status=PARSE_OK):
+                     int64_t ts_ns, uint32_t wirelen=60, uint8_t status=PARSE_OK,
+                     uint8_t tcp_flags=0):
         """Look up one packet given as a 5-tuple; ``(slot, gen, dir, created)``.
 
         ``slot`` is -1 when the table refused the flow, or when ``status`` (the
@@ -356,6 +365,7 @@ cdef class FlowTable:
         """
         cdef mbx_pkt pkt
         _fill_pkt(&pkt, src, dst, sport, dport, proto, ts_ns, wirelen, status)
+        pkt.tcp_flags = tcp_flags
         cdef uint32_t slot = self.lookup(&pkt)
         if slot == NO_FLOW:
             return (-1, 0, 0, False)

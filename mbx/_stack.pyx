@@ -48,7 +48,7 @@ cdef void fill_flow_body(mbx_msg *m, const mbx_flow *f) noexcept nogil:
     b.ip_ver = f.key.ip_ver
     b.proto = f.key.proto
     b.end_reason = f.end_reason
-    # the client is the side that sent the first packet
+    # the client is the flow's initiator (the flow table's init_side)
     flow_endpoints(f, f.init_side, b.cli_addr, b.srv_addr, &b.cli_port, &b.srv_port)
     b.pkts_c2s = f.pkts[0]
     b.pkts_s2c = f.pkts[1]

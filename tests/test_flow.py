@@ -249,6 +249,25 @@ def test_initiator_orientation_and_counts():
     assert t.lookup_tuple("10.0.0.9", "10.0.0.1", 5555, 80, 17, 10)[0] == 1
 
 
+SYN, ACK = 0x02, 0x10
+
+
+def test_a_tcp_flow_first_seen_at_its_syn_ack_is_named_by_its_client():
+    t = FlowTable(capacity=4)
+    # The SYN went by unseen: the SYN+ACK's receiver opened the flow.
+    assert t.lookup_tuple("10.0.0.1", "10.0.0.9", 80, 5555, 6, 10,
+                          tcp_flags=SYN | ACK) == (0, 1, 1, True)
+    assert t.lookup_tuple("10.0.0.9", "10.0.0.1", 5555, 80, 6, 20, tcp_flags=ACK)[2] == 0
+    f = t.flow(0)
+    assert (f["src"], f["sport"], f["dst"], f["dport"]) == ("10.0.0.9", 5555, "10.0.0.1", 80)
+    assert f["pkts"] == (1, 1)
+    # Only a TCP SYN+ACK flips: a first pure SYN, a first ACK, a UDP packet with
+    # those bits in the byte do not.
+    for slot, (proto, flags) in enumerate(((6, SYN), (6, ACK), (17, SYN | ACK)), 1):
+        assert t.lookup_tuple("10.0.0.1", "10.0.0.9", 80 + slot, 5555, proto, 30,
+                              tcp_flags=flags) == (slot, 1, 0, True)
+
+
 def test_unparsed_packets_get_no_flow_uncounted():
     t = FlowTable(capacity=4)
     assert t.lookup_tuple("10.0.0.1", "10.0.0.2", 1, 2, 6, 0, status=PARSE_TRUNC_L3)[0] == -1

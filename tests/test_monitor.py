@@ -5,6 +5,7 @@ Directions: ``stream_dir`` 0 and an event's ``dir`` 0 are client -> server (the
 client is the sender of the first pure SYN).
 """
 import hashlib
+import ipaddress
 import struct
 
 import dpkt
@@ -421,6 +422,24 @@ def test_event_types_per_packet(run, tmp_path):
     assert states[0] == (0, 0, 2)               # client CLOSED -> SYN_SENT
     assert (6, 4, 5) in states                  # client ESTABLISHED -> FIN_WAIT_1
     assert (7, 7, 9) in states                  # server CLOSE_WAIT -> LAST_ACK
+
+
+def test_capture_without_the_syn_names_the_client_by_the_syn_ack(run, tmp_path):
+    """The capture starts at the server's SYN+ACK: the flow's client is still the
+    SYN+ACK's receiver, in FLOW/START's addresses, in every packet's dir and in the
+    TCP Monitor's stream directions."""
+    conn = Conn()
+    frames = conn.exchange(b"GET / HTTP/1.0\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\nhi")[1:]
+    rec = Recorder([mbx.FLOW_START, mbx.PKT, mbx.DATA_RDY])
+    run([rec], frames=frames, stack="tcp")
+    (start,) = rec.of("FLOW/START")
+    assert (start[3]["cli_addr"], start[3]["cli_port"]) == conn.cli
+    assert (start[3]["srv_addr"], start[3]["srv_port"]) == conn.srv
+    pkt_dirs = {e[1]: e[2] for e in rec.events if e[0].startswith("PKT")}
+    senders = [ip.src for ip, _ in (tcp_of(f) for _, f in frames)]
+    cli_ip = ipaddress.ip_address(conn.cli[0]).packed
+    assert pkt_dirs == {i: 0 if s == cli_ip else 1 for i, s in enumerate(senders)}
+    assert by_dir(rec) == {0: b"GET / HTTP/1.0\r\n\r\n", 1: b"HTTP/1.0 200 OK\r\n\r\nhi"}
 
 
 def test_reused_five_tuple(run, tmp_path):
