@@ -241,6 +241,7 @@ cdef class EventBus:
     cdef uint32_t **flow_set_gen
     cdef uint32_t flow_capacity
     cdef readonly uint64_t global_want    # bit t: some NF wants built-in type t at all
+    cdef uint8_t want_side[64]       # per built-in type: the union of its side masks
     cdef Batch batch                # the burst whose packets events reference
     cdef mbx_pkt *pkts              # its descriptors
     cdef readonly object nfs        # list of NF, in chain order
@@ -292,6 +293,7 @@ cdef class EventBus:
     cpdef bint burst_done(self, Batch batch, uint32_t mark, bint wait) except -1
     cdef void attach_batch(self, Batch batch)
     cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF
+    cdef void want_set(self, uint32_t nf, uint32_t s) noexcept
     cdef void release(self, mbx_msg *m) noexcept nogil
     cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil
     cdef int merge_votes(self, uint32_t g) except -1
