@@ -227,6 +227,7 @@ cdef class EventBus:
     cdef filter_table **set_filter  # the same shape: a filter or NULL
     cdef c_table **set_c            # the same shape: the C handler, or NULL
     cdef uint8_t *nf_has_c          # per NF: some set of it has a C handler
+    cdef uint8_t nf_has_py[MAX_NFS]  # per NF: some set of it has a Python handler
     cdef uint8_t *nf_stage          # per NF: its chain stage (parallel NFs share one)
     # per NF: 0 when its drop is the packet's (any drop wins), else the chain-index
     # bits of its parallel group, whose every member must drop (merge = "all")

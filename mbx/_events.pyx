@@ -1351,8 +1351,10 @@ cdef class EventBus:
             if isinstance(handler, CHandler):
                 ctab[t.idx] = &(<CHandler>handler).c
                 self.nf_has_c[nf] = 1
-            elif batch:
-                btab[t.idx] = a.idx + 1
+            else:
+                self.nf_has_py[nf] = 1
+                if batch:
+                    btab[t.idx] = a.idx + 1
         self.set_keys[nf][key] = s
         self.set_maps[nf].append(mapping)
         return s
@@ -1567,7 +1569,18 @@ cdef class EventBus:
                 if not self.ordered:
                     wave = NO_RING - 1
                 for i in range(self.nnf):
-                    if self.next_ring(i, wave) != NO_RING:
+                    if self.next_ring(i, wave) == NO_RING:
+                        pass
+                    elif not self.nf_has_py[i]:
+                        # only C handlers: their run is the whole drain, and needs
+                        # neither the NF's Python objects nor the GIL when long
+                        if (self.qtail[2 * i] - self.qhead[2 * i] + self.qtail[2 * i + 1]
+                                - self.qhead[2 * i + 1]) >= C_RUN_NOGIL:
+                            with nogil:
+                                self._run_c(i, wave)
+                        else:
+                            self._run_c(i, wave)
+                    else:
                         _dispatching[0] = self.nfs[i]
                         self._drain(i, wave)
                     g = self.nf_fngroup[i]
