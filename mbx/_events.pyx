@@ -1092,6 +1092,10 @@ cdef inline uint64_t mono_ns() noexcept nogil:
     return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
 
 
+cdef extern from *:
+    int __builtin_ctz(unsigned int x) noexcept nogil   # x != 0
+
+
 cdef inline uint32_t flow_set_of(const uint16_t *flow_set, const uint32_t *flow_set_gen,
                                  uint32_t capacity, uint32_t flow,
                                  uint32_t gen) noexcept nogil:
@@ -1180,8 +1184,9 @@ cdef class EventBus:
         self.flow_set_gen = <uint32_t **>PyMem_Calloc(MAX_NFS, sizeof(uint32_t *))
         self.per_type_published = <uint64_t *>PyMem_Calloc(MAX_TYPES, 8)
         self.per_type_delivered = <uint64_t *>PyMem_Calloc(MAX_TYPES, 8)
+        self.fan = <uint32_t *>PyMem_Calloc(MAX_TYPES * FAN_N, 4)
         if (self.msgs == NULL or self.queues == NULL or self.sets == NULL
-                or self.per_type_delivered == NULL or self.taken == NULL
+                or self.per_type_delivered == NULL or self.taken == NULL or self.fan == NULL
                 or self.set_c == NULL or self.nf_has_c == NULL or self.nf_events == NULL
                 or self.nf_c_events == NULL or self.nf_drops == NULL or self.nf_ns == NULL
                 or self.nf_type_events == NULL or self.nf_votemask == NULL
@@ -1240,6 +1245,7 @@ cdef class EventBus:
         memset(self.want_side, 0, sizeof(self.want_side))
         for i in range(self.nnf):
             self.want_set(i, 0)
+            self.plan_fanout(i)
 
     def __dealloc__(self):
         cdef uint32_t i, s
@@ -1287,6 +1293,7 @@ cdef class EventBus:
         PyMem_Free(self.taken)
         PyMem_Free(self.per_type_published)
         PyMem_Free(self.per_type_delivered)
+        PyMem_Free(self.fan)
 
     def close(self):
         """Detach the NFs so they can run again on another bus."""
@@ -1404,15 +1411,26 @@ cdef class EventBus:
         cdef uint32_t from_nf = m.h.publisher != PUBLISHER_STACK
         cdef uint16_t refs = 0
         cdef filter_ptr f
-        for i in range(self.nnf):
-            if i + 1 == m.h.publisher:
-                continue            # an NF does not receive its own publications
-            s = flow_set_of(self.flow_set[i], self.flow_set_gen[i], fcap, flow, gen)
-            if self.sets[i][s][t] == NULL or not side_ok(self.set_side[i][s][t], flags):
-                continue
-            f = self.set_filter[i][s][t]
-            if f != NULL and not self.passes(f, m):
-                continue
+        cdef const uint32_t *fan = self.fan + <size_t>t * FAN_N
+        cdef uint32_t check = fan[FAN_CHECK]
+        # the NFs that take m: those the plan names for its side, and those whose
+        # tables must say (per-flow sets, filters); an NF does not receive its own
+        # publications
+        cdef uint32_t take = (fan[flags & 3] if flags & MSG_F_SIDED
+                              else fan[FAN_UNSIDED]) | check
+        if from_nf:
+            take &= ~((<uint32_t>1) << (m.h.publisher - 1))
+        while take:
+            i = <uint32_t>__builtin_ctz(take)
+            take &= take - 1
+            if (check >> i) & 1:
+                s = flow_set_of(self.flow_set[i], self.flow_set_gen[i], fcap, flow, gen)
+                if (self.sets[i][s][t] == NULL
+                        or not side_ok(self.set_side[i][s][t], flags)):
+                    continue
+                f = self.set_filter[i][s][t]
+                if f != NULL and not self.passes(f, m):
+                    continue
             r = 2 * i + from_nf
             self.queues[<size_t>r * cap + (self.qtail[r] & mask)] = idx
             self.qtail[r] += 1
@@ -1499,6 +1517,7 @@ cdef class EventBus:
             self.flow_set_gen[nf] = <uint32_t *>PyMem_Calloc(self.flow_capacity, 4)
             if self.flow_set[nf] == NULL or self.flow_set_gen[nf] == NULL:
                 raise MemoryError()
+            self.plan_fanout(nf)        # its handler set now depends on the flow
         cdef uint32_t cur = self.handler_set(nf, slot, gen)
         mapping = dict(self.set_maps[nf][cur])
         mapping[etype.idx] = (handler, batch, smask)
@@ -1508,6 +1527,25 @@ cdef class EventBus:
         # a type no NF wanted by default may be wanted now, for this flow (wants()
         # still asks per flow)
         self.want_set(nf, s)
+
+    cdef void plan_fanout(self, uint32_t nf) noexcept:
+        # Where publish sends NF nf's messages without asking its tables: a type its
+        # default set takes, per side combination, unless a filter must judge each
+        # message; an NF with per-flow sets is asked per message for every type.
+        cdef uint32_t t, c, bit = (<uint32_t>1) << nf
+        cdef uint32_t *fan
+        cdef bint dynamic = self.flow_set[nf] != NULL
+        for t in range(MAX_TYPES):
+            fan = self.fan + <size_t>t * FAN_N
+            for c in range(FAN_N):
+                fan[c] &= ~bit
+            if dynamic or self.set_filter[nf][0][t] != NULL:
+                fan[FAN_CHECK] |= bit
+            elif self.sets[nf][0][t] != NULL:
+                for c in range(4):
+                    if side_ok(self.set_side[nf][0][t], MSG_F_SIDED | c):
+                        fan[c] |= bit
+                fan[FAN_UNSIDED] |= bit
 
     cdef void want_set(self, uint32_t nf, uint32_t s) noexcept:
         # What the stack may skip building: the built-in types and sides no handler
