@@ -1380,11 +1380,19 @@ cdef class EventBus:
 
     cdef bint wants(self, uint16_t type_idx, uint32_t flow, uint32_t gen,
                     uint8_t flags) noexcept nogil:
+        # publish's plan (plan_fanout) answers for the NFs whose handler set does
+        # not depend on the flow; the others' tables are asked for this flow
         cdef uint32_t i, s
         if type_idx < 64 and (not (self.global_want >> type_idx) & 1
                               or not side_ok(self.want_side[type_idx], flags)):
             return False
-        for i in range(self.nnf):
+        cdef const uint32_t *fan = self.fan + <size_t>type_idx * FAN_N
+        if fan[flags & 3] if flags & MSG_F_SIDED else fan[FAN_UNSIDED]:
+            return True
+        cdef uint32_t check = fan[FAN_CHECK]
+        while check:
+            i = <uint32_t>__builtin_ctz(check)
+            check &= check - 1
             s = self.handler_set(i, flow, gen)
             if (self.sets[i][s][type_idx] != NULL
                     and side_ok(self.set_side[i][s][type_idx], flags)):
