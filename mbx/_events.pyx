@@ -1803,7 +1803,7 @@ cdef class EventBus:
             c = csets[s][t]
             if ((p != NULL and p.verdict == VERDICT_DROP and p.drop_stage < stage)
                     or (skip != NULL and skip[idx])
-                    or sets[s][t] == NULL
+                    or (c == NULL and sets[s][t] == NULL)    # a C handler is in sets
                     or not side_ok(sides[s][t], m.h.flags)):
                 self.qhead[r] += 1
                 self.release(m)
