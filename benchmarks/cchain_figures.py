@@ -3,9 +3,9 @@ each extra NF costs (issue 4, Fig. 6's c rows, measured finely).
 
 A chain of 1 and a chain of 6 ``mbx.examples.cnoop`` NFs on PKT/TCP, each run
 ``--runs`` times alternating, over one capture read from memory.  Printed: CPU time
-per packet (``time.thread_time``: this thread's, steadier than wall clock on a shared VM) and
-throughput over the run loop, medians; the chain of 6 over the chain of 1, and the
-nanoseconds each NF past the first adds per packet.  ``--stack`` also runs the stack
+per packet (``time.thread_time``, this thread's: steadier than wall clock on a shared
+VM) and throughput over the run loop, medians; the chain of 6 over the chain of 1,
+and the nanoseconds each NF past the first adds per packet.  ``--stack`` also runs the stack
 alone (no NF).
 
     python benchmarks/cchain_figures.py [--flows 20000] [--runs 9] [--stack]
