@@ -20,6 +20,11 @@ cdef enum:
     MSG_F_RECEIVER = 0x02
     MSG_F_SIDED = 0x80
 
+cdef enum:
+    FAN_UNSIDED = 4     # mbx_msg_hdr.flags & 3 index the sided combinations
+    FAN_CHECK = 5
+    FAN_N = 6
+
 cdef extern from *:
     """
     /* Set bit in *word and return it after; atomic, as the members of a parallel
@@ -227,6 +232,7 @@ cdef class EventBus:
     cdef filter_table **set_filter  # the same shape: a filter or NULL
     cdef c_table **set_c            # the same shape: the C handler, or NULL
     cdef uint8_t *nf_has_c          # per NF: some set of it has a C handler
+    cdef uint8_t nf_has_py[MAX_NFS]  # per NF: some set of it has a Python handler
     cdef uint8_t *nf_stage          # per NF: its chain stage (parallel NFs share one)
     # per NF: 0 when its drop is the packet's (any drop wins), else the chain-index
     # bits of its parallel group, whose every member must drop (merge = "all")
@@ -241,6 +247,11 @@ cdef class EventBus:
     cdef uint32_t **flow_set_gen
     cdef uint32_t flow_capacity
     cdef readonly uint64_t global_want    # bit t: some NF wants built-in type t at all
+    cdef uint8_t want_side[64]       # per built-in type: the union of its side masks
+    # per type, FAN_N words: for each side combination (FAN_UNSIDED: unsided) the NFs
+    # taking it whatever the flow, and (FAN_CHECK) those whose tables publish must
+    # ask per message (per-flow sets, a filter); see plan_fanout
+    cdef uint32_t *fan
     cdef Batch batch                # the burst whose packets events reference
     cdef mbx_pkt *pkts              # its descriptors
     cdef readonly object nfs        # list of NF, in chain order
@@ -292,6 +303,8 @@ cdef class EventBus:
     cpdef bint burst_done(self, Batch batch, uint32_t mark, bint wait) except -1
     cdef void attach_batch(self, Batch batch)
     cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF
+    cdef void want_set(self, uint32_t nf, uint32_t s) noexcept
+    cdef void plan_fanout(self, uint32_t nf) noexcept
     cdef void release(self, mbx_msg *m) noexcept nogil
     cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil
     cdef int merge_votes(self, uint32_t g) except -1

@@ -1092,6 +1092,21 @@ cdef inline uint64_t mono_ns() noexcept nogil:
     return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
 
 
+cdef extern from *:
+    int __builtin_ctz(unsigned int x) noexcept nogil   # x != 0
+
+
+cdef inline uint32_t flow_set_of(const uint16_t *flow_set, const uint32_t *flow_set_gen,
+                                 uint32_t capacity, uint32_t flow,
+                                 uint32_t gen) noexcept nogil:
+    # An NF's handler set for a flow (its per-flow tables hoisted by the caller, as
+    # the hot loops run over many messages of one NF): 0 unless mb_up_sub gave this
+    # generation of the slot another.
+    if flow_set == NULL or flow >= capacity or flow_set_gen[flow] != gen:
+        return 0
+    return flow_set[flow]
+
+
 cdef inline bint side_ok(uint8_t mask, uint8_t flags) noexcept nogil:
     # Unsided messages reach every subscriber; sided ones those whose mask has
     # their (stack, sender/receiver) combination.
@@ -1169,8 +1184,9 @@ cdef class EventBus:
         self.flow_set_gen = <uint32_t **>PyMem_Calloc(MAX_NFS, sizeof(uint32_t *))
         self.per_type_published = <uint64_t *>PyMem_Calloc(MAX_TYPES, 8)
         self.per_type_delivered = <uint64_t *>PyMem_Calloc(MAX_TYPES, 8)
+        self.fan = <uint32_t *>PyMem_Calloc(MAX_TYPES * FAN_N, 4)
         if (self.msgs == NULL or self.queues == NULL or self.sets == NULL
-                or self.per_type_delivered == NULL or self.taken == NULL
+                or self.per_type_delivered == NULL or self.taken == NULL or self.fan == NULL
                 or self.set_c == NULL or self.nf_has_c == NULL or self.nf_events == NULL
                 or self.nf_c_events == NULL or self.nf_drops == NULL or self.nf_ns == NULL
                 or self.nf_type_events == NULL or self.nf_votemask == NULL
@@ -1226,10 +1242,10 @@ cdef class EventBus:
                                       for p in a.pubs for t in b.subs):
                     self.ordered = True
         self.global_want = 0
+        memset(self.want_side, 0, sizeof(self.want_side))
         for i in range(self.nnf):
-            for t in range(T_BUILTIN_N):
-                if self.sets[i][0][t] != NULL:
-                    self.global_want |= (<uint64_t>1) << t
+            self.want_set(i, 0)
+            self.plan_fanout(i)
 
     def __dealloc__(self):
         cdef uint32_t i, s
@@ -1277,6 +1293,7 @@ cdef class EventBus:
         PyMem_Free(self.taken)
         PyMem_Free(self.per_type_published)
         PyMem_Free(self.per_type_delivered)
+        PyMem_Free(self.fan)
 
     def close(self):
         """Detach the NFs so they can run again on another bus."""
@@ -1341,8 +1358,10 @@ cdef class EventBus:
             if isinstance(handler, CHandler):
                 ctab[t.idx] = &(<CHandler>handler).c
                 self.nf_has_c[nf] = 1
-            elif batch:
-                btab[t.idx] = a.idx + 1
+            else:
+                self.nf_has_py[nf] = 1
+                if batch:
+                    btab[t.idx] = a.idx + 1
         self.set_keys[nf][key] = s
         self.set_maps[nf].append(mapping)
         return s
@@ -1356,18 +1375,24 @@ cdef class EventBus:
         self.flow_capacity = capacity
 
     cdef uint32_t handler_set(self, uint32_t nf, uint32_t flow, uint32_t gen) noexcept nogil:
-        if self.flow_set[nf] == NULL or flow >= self.flow_capacity:
-            return 0
-        if self.flow_set_gen[nf][flow] != gen:
-            return 0
-        return self.flow_set[nf][flow]
+        return flow_set_of(self.flow_set[nf], self.flow_set_gen[nf], self.flow_capacity,
+                           flow, gen)
 
     cdef bint wants(self, uint16_t type_idx, uint32_t flow, uint32_t gen,
                     uint8_t flags) noexcept nogil:
+        # publish's plan (plan_fanout) answers for the NFs whose handler set does
+        # not depend on the flow; the others' tables are asked for this flow
         cdef uint32_t i, s
-        if type_idx < 64 and not (self.global_want >> type_idx) & 1:
+        if type_idx < 64 and (not (self.global_want >> type_idx) & 1
+                              or not side_ok(self.want_side[type_idx], flags)):
             return False
-        for i in range(self.nnf):
+        cdef const uint32_t *fan = self.fan + <size_t>type_idx * FAN_N
+        if fan[flags & 3] if flags & MSG_F_SIDED else fan[FAN_UNSIDED]:
+            return True
+        cdef uint32_t check = fan[FAN_CHECK]
+        while check:
+            i = <uint32_t>__builtin_ctz(check)
+            check &= check - 1
             s = self.handler_set(i, flow, gen)
             if (self.sets[i][s][type_idx] != NULL
                     and side_ok(self.set_side[i][s][type_idx], flags)):
@@ -1387,23 +1412,40 @@ cdef class EventBus:
     cdef void publish(self, mbx_msg *m) noexcept nogil:
         cdef uint32_t i, s, r
         cdef uint32_t idx = <uint32_t>(m - self.msgs)
-        cdef uint32_t mask = self.msg_capacity - 1
-        for i in range(self.nnf):
-            if i + 1 == m.h.publisher:
-                continue            # an NF does not receive its own publications
-            s = self.handler_set(i, m.h.flow, m.h.flow_gen)
-            if (self.sets[i][s][m.h.type_idx] == NULL
-                    or not side_ok(self.set_side[i][s][m.h.type_idx], m.h.flags)):
-                continue
-            if (self.set_filter[i][s][m.h.type_idx] != NULL
-                    and not self.passes(self.set_filter[i][s][m.h.type_idx], m)):
-                continue
-            r = 2 * i + (m.h.publisher != PUBLISHER_STACK)
-            self.queues[r * self.msg_capacity + (self.qtail[r] & mask)] = idx
+        cdef uint32_t cap = self.msg_capacity, mask = cap - 1
+        cdef uint32_t flow = m.h.flow, gen = m.h.flow_gen, fcap = self.flow_capacity
+        cdef uint16_t t = m.h.type_idx
+        cdef uint8_t flags = m.h.flags
+        cdef uint32_t from_nf = m.h.publisher != PUBLISHER_STACK
+        cdef uint16_t refs = 0
+        cdef filter_ptr f
+        cdef const uint32_t *fan = self.fan + <size_t>t * FAN_N
+        cdef uint32_t check = fan[FAN_CHECK]
+        # the NFs that take m: those the plan names for its side, and those whose
+        # tables must say (per-flow sets, filters); an NF does not receive its own
+        # publications
+        cdef uint32_t take = (fan[flags & 3] if flags & MSG_F_SIDED
+                              else fan[FAN_UNSIDED]) | check
+        if from_nf:
+            take &= ~((<uint32_t>1) << (m.h.publisher - 1))
+        while take:
+            i = <uint32_t>__builtin_ctz(take)
+            take &= take - 1
+            if (check >> i) & 1:
+                s = flow_set_of(self.flow_set[i], self.flow_set_gen[i], fcap, flow, gen)
+                if (self.sets[i][s][t] == NULL
+                        or not side_ok(self.set_side[i][s][t], flags)):
+                    continue
+                f = self.set_filter[i][s][t]
+                if f != NULL and not self.passes(f, m):
+                    continue
+            r = 2 * i + from_nf
+            self.queues[<size_t>r * cap + (self.qtail[r] & mask)] = idx
             self.qtail[r] += 1
-            m.h.refs += 1
+            refs += 1
+        m.h.refs += refs
         self.published += 1
-        self.per_type_published[m.h.type_idx] += 1
+        self.per_type_published[t] += 1
         if m.h.refs and m.h.pkt != NO_PKT:
             self.pkts[m.h.pkt].refs += 1
 
@@ -1483,6 +1525,7 @@ cdef class EventBus:
             self.flow_set_gen[nf] = <uint32_t *>PyMem_Calloc(self.flow_capacity, 4)
             if self.flow_set[nf] == NULL or self.flow_set_gen[nf] == NULL:
                 raise MemoryError()
+            self.plan_fanout(nf)        # its handler set now depends on the flow
         cdef uint32_t cur = self.handler_set(nf, slot, gen)
         mapping = dict(self.set_maps[nf][cur])
         mapping[etype.idx] = (handler, batch, smask)
@@ -1491,10 +1534,35 @@ cdef class EventBus:
         self.flow_set_gen[nf][slot] = gen
         # a type no NF wanted by default may be wanted now, for this flow (wants()
         # still asks per flow)
+        self.want_set(nf, s)
+
+    cdef void plan_fanout(self, uint32_t nf) noexcept:
+        # Where publish sends NF nf's messages without asking its tables: a type its
+        # default set takes, per side combination, unless a filter must judge each
+        # message; an NF with per-flow sets is asked per message for every type.
+        cdef uint32_t t, c, bit = (<uint32_t>1) << nf
+        cdef uint32_t *fan
+        cdef bint dynamic = self.flow_set[nf] != NULL
+        for t in range(MAX_TYPES):
+            fan = self.fan + <size_t>t * FAN_N
+            for c in range(FAN_N):
+                fan[c] &= ~bit
+            if dynamic or self.set_filter[nf][0][t] != NULL:
+                fan[FAN_CHECK] |= bit
+            elif self.sets[nf][0][t] != NULL:
+                for c in range(4):
+                    if side_ok(self.set_side[nf][0][t], MSG_F_SIDED | c):
+                        fan[c] |= bit
+                fan[FAN_UNSIDED] |= bit
+
+    cdef void want_set(self, uint32_t nf, uint32_t s) noexcept:
+        # What the stack may skip building: the built-in types and sides no handler
+        # set of any NF takes (wants() asks per flow only past these).
         cdef uint32_t t
         for t in range(T_BUILTIN_N):
             if self.sets[nf][s][t] != NULL:
                 self.global_want |= (<uint64_t>1) << t
+                self.want_side[t] |= self.set_side[nf][s][t]
 
     cdef uint32_t next_ring(self, uint32_t i, uint32_t limit) noexcept nogil:
         # Which of NF i's two rings (stack events, NF publications) holds its next
@@ -1547,7 +1615,18 @@ cdef class EventBus:
                 if not self.ordered:
                     wave = NO_RING - 1
                 for i in range(self.nnf):
-                    if self.next_ring(i, wave) != NO_RING:
+                    if self.next_ring(i, wave) == NO_RING:
+                        pass
+                    elif not self.nf_has_py[i]:
+                        # only C handlers: their run is the whole drain, and needs
+                        # neither the NF's Python objects nor the GIL when long
+                        if (self.qtail[2 * i] - self.qhead[2 * i] + self.qtail[2 * i + 1]
+                                - self.qhead[2 * i + 1]) >= C_RUN_NOGIL:
+                            with nogil:
+                                self._run_c(i, wave)
+                        else:
+                            self._run_c(i, wave)
+                    else:
                         _dispatching[0] = self.nfs[i]
                         self._drain(i, wave)
                     g = self.nf_fngroup[i]
@@ -1676,8 +1755,23 @@ cdef class EventBus:
         # Deliver from the head of NF i's queue every message bound for a C handler
         # (and let go of those nobody takes any more: dropped earlier in the chain,
         # filtered, unsubscribed), up to the first one a Python handler takes.
-        cdef uint32_t r, idx, s, n = 0
-        cdef uint32_t mask = self.msg_capacity - 1
+        # This loop is what each NF of a chain of C NFs costs per event: NF i's
+        # tables and queues are looked up once here, not per message.
+        cdef uint32_t r, idx, s, n = 0, h
+        cdef uint32_t cap = self.msg_capacity, mask = cap - 1
+        cdef uint32_t rs = 2 * i, rp = 2 * i + 1
+        cdef const uint32_t *qs = self.queues + <size_t>rs * cap
+        cdef handler_table *sets = self.sets[i]
+        cdef c_table *csets = self.set_c[i]
+        cdef uint8_t **sides = self.set_side[i]
+        cdef const uint16_t *fset = self.flow_set[i]
+        cdef const uint32_t *fgen = self.flow_set_gen[i]
+        cdef uint32_t fcap = self.flow_capacity
+        cdef const uint8_t *skip = self.skip
+        cdef mbx_msg *msgs = self.msgs
+        cdef mbx_pkt *pkts = self.pkts
+        cdef uint64_t *delivered = self.per_type_delivered
+        cdef bint timing = self.timing
         cdef uint16_t t
         cdef mbx_msg *m
         cdef mbx_pkt *p
@@ -1686,29 +1780,41 @@ cdef class EventBus:
         cdef uint64_t t0 = 0, drops = 0
         cdef uint64_t *tev = self.nf_type_events + <size_t>i * MAX_TYPES
         while True:
-            r = self.next_ring(i, limit)
-            if r == NO_RING:
-                break
-            idx = self.queues[r * self.msg_capacity + (self.qhead[r] & mask)]
-            m = &self.msgs[idx]
+            if self.qhead[rp] == self.qtail[rp]:
+                # no publications of other NFs queued (the usual case): the stack's
+                # ring alone, without next_ring's comparison of the two heads
+                h = self.qhead[rs]
+                if h == self.qtail[rs]:
+                    break
+                r = rs
+                idx = qs[h & mask]
+                m = &msgs[idx]
+                if m.h.pos > limit:
+                    break
+            else:
+                r = self.next_ring(i, limit)
+                if r == NO_RING:
+                    break
+                idx = self.queues[<size_t>r * cap + (self.qhead[r] & mask)]
+                m = &msgs[idx]
             t = m.h.type_idx
-            p = NULL if m.h.pkt == NO_PKT else &self.pkts[m.h.pkt]
-            s = self.handler_set(i, m.h.flow, m.h.flow_gen)
-            c = self.set_c[i][s][t]
+            p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
+            s = flow_set_of(fset, fgen, fcap, m.h.flow, m.h.flow_gen)
+            c = csets[s][t]
             if ((p != NULL and p.verdict == VERDICT_DROP and p.drop_stage < stage)
-                    or (self.skip != NULL and self.skip[idx])
-                    or self.sets[i][s][t] == NULL
-                    or not side_ok(self.set_side[i][s][t], m.h.flags)):
+                    or (skip != NULL and skip[idx])
+                    or (c == NULL and sets[s][t] == NULL)    # a C handler is in sets
+                    or not side_ok(sides[s][t], m.h.flags)):
                 self.qhead[r] += 1
                 self.release(m)
                 continue
             if c == NULL:
                 break                   # a Python handler's: _drain takes it
             self.qhead[r] += 1
-            if n == 0 and self.timing:
+            if n == 0 and timing:
                 t0 = mono_ns()
             n += 1
-            self.per_type_delivered[t] += 1
+            delivered[t] += 1
             tev[t] += 1
             if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
                 self.nf_drop(i, p)
@@ -1719,7 +1825,7 @@ cdef class EventBus:
             self.nf_events[i] += n
             self.nf_c_events[i] += n
             self.nf_drops[i] += drops
-            if self.timing:
+            if timing:
                 self.nf_ns[i] += mono_ns() - t0
         return n
 

@@ -144,3 +144,80 @@ def test_pipelined_nf_stats_like_inline(run, example_pcap):
     assert piped["nfs"]["mixed"]["c_events"] == piped["nfs"]["mixed"]["types"]["PKT"] > 0
     assert piped["nfs"]["cdrop"]["c_events"] == piped["nfs"]["cdrop"]["events"] > 0
     assert piped["nfs"]["py"]["c_events"] == 0
+
+
+class Unsubscriber(mbx.NF):
+    """On every other flow's start, unsubscribes ``target`` from PKT for that flow."""
+
+    def __init__(self, name, target):
+        super().__init__(name)
+        self.target = target
+        self.flows = 0
+        self.sub("FLOW/START", self.on_start)
+
+    def on_start(self, ev):
+        self.flows += 1
+        if self.flows % 2:
+            self.target.up_sub("PKT", ev.flow, None)
+
+
+def c_chain(python_too):
+    """A chain of C NFs: a drop in the middle, a filter, a voting group, one NF
+    unsubscribed per flow by a Python NF ahead of it.  ``python_too`` gives every C
+    NF also a Python handler (for FLOW/END), which takes it off the C-only path."""
+    def nf(name, handler, group=None):
+        n = mbx.NF(name, group=group)
+        n.sub("PKT", handler)
+        if python_too:
+            n.sub("FLOW/END", lambda ev: None)
+        return n
+
+    counters = {name: cnoop.Counter() for name in ("first", "filt", "g2", "late")}
+    late = nf("late", counters["late"].handler())
+    g1 = nf("g1", cnoop.Dropper(0).handler(), group="g")
+    g2 = nf("g2", counters["g2"].handler(), group="g")
+    g1.group_merge = g2.group_merge = "all"    # g2 never drops: votes, no drops
+    filt = nf("filt", counters["filt"].handler())
+    filt.filter("PKT", proto="tcp")
+    chain = [nf("first", counters["first"].handler()),
+             nf("drop", cnoop.Dropper(1).handler()), filt, g1, g2,
+             Unsubscriber("unsub", late), late]
+    return chain, counters
+
+
+def test_c_only_nfs_count_as_with_python_handlers(run, example_pcap):
+    # NFs with only C handlers are drained by one C loop each, straight from
+    # dispatch; the same NFs with a Python handler too go through the general
+    # drain.  Everything about PKT is the same either way.
+    got = {}
+    for python_too in (False, True):
+        chain, counts = c_chain(python_too)
+        counters, out = run(chain, example_pcap)
+        stats = counters["nfs"]
+        got[python_too] = (
+            {n: (c.c2s, c.s2c) for n, c in counts.items()},
+            {n: (s["drops"], s["c_events"], {t: k for t, k in s["types"].items()
+                                             if not t.startswith("FLOW")})
+             for n, s in stats.items() if n != "unsub"},
+            counters["dropped_by_nf"], len(out))
+    assert got[False] == got[True]
+    per_dir, per_nf, dropped, _ = got[False]
+    assert dropped == per_nf["drop"][0] > 0 and per_nf["g1"][0] > 0
+    assert per_dir["first"][1] > 0 and per_dir["late"][1] == 0    # the drop hides
+    assert 0 < per_dir["filt"][0] < per_dir["first"][0]           # tcp only
+    assert per_dir["g2"] == (per_dir["first"][0], 0)              # no group drop
+    assert 0 < per_dir["late"][0] < per_dir["g2"][0]              # unsubscribed flows
+
+
+def test_c_chain_sides(run, example_pcap):
+    # C NFs on the receiver's side of TCP events behind sender-side ones count
+    # as their Python twins (the stack builds receiver-side events only when some
+    # handler set takes them)
+    chain = [cnoop.make_counter(f"s{i}", "PKT/TCP") for i in range(3)]
+    chain.append(cnoop.make_counter("r", "PKT/TCP", side="receiver"))
+    py_s, py_r = PyCounter("py_s", "PKT/TCP"), PyCounter("py_r", "PKT/TCP", "receiver")
+    run(chain + [py_s, py_r], example_pcap)
+    assert chain[3].counter.total > 0
+    for nf in chain[:3]:
+        assert [nf.counter.c2s, nf.counter.s2c] == py_s.per_dir()
+    assert [chain[3].counter.c2s, chain[3].counter.s2c] == py_r.per_dir()

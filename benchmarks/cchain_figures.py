@@ -1,0 +1,81 @@
+"""Chains of Cython C-handler no-op NFs on one consolidated TCP stack, inline: what
+each extra NF costs (issue 4, Fig. 6's c rows, measured finely).
+
+A chain of 1 and a chain of 6 ``mbx.examples.cnoop`` NFs on PKT/TCP, each run
+``--runs`` times alternating, over one capture read from memory.  Printed: CPU time
+per packet (``time.thread_time``, this thread's: steadier than wall clock on a shared
+VM) and throughput over the run loop, medians; the chain of 6 over the chain of 1,
+and the nanoseconds each NF past the first adds per packet.  ``--stack`` also runs the stack
+alone (no NF).
+
+    python benchmarks/cchain_figures.py [--flows 20000] [--runs 9] [--stack]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from captures import make_tcp64_capture  # noqa: E402
+
+import mbx  # noqa: E402
+from mbx.examples import cnoop  # noqa: E402
+from mbx.ports import open_input  # noqa: E402
+from mbx.runtime import App  # noqa: E402
+
+BURST = 64
+
+
+def chain(n):
+    nfs = []
+    for i in range(n):
+        nf = mbx.NF(f"c{i}")
+        nf.sub(mbx.PKT_TCP, cnoop.noop_handler())
+        nfs.append(nf)
+    return nfs
+
+
+def run_once(n, spec, n_flows):
+    """(CPU ns per packet, wall kpps over the run loop)."""
+    inp = open_input(spec)
+    try:
+        app = App(chain(n), stack="tcp", flow_capacity=2 * n_flows)
+        cpu0 = time.thread_time_ns()
+        c = app.run(inp, burst=BURST)
+        cpu = time.thread_time_ns() - cpu0
+    finally:
+        inp.close()
+    return cpu / c["packets"], c["packets"] / c["timing"]["run_s"] / 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--flows", type=int, default=20_000,
+                    help="TCP connections of 10 packets (20000)")
+    ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--stack", action="store_true", help="also the stack alone")
+    args = ap.parse_args(argv)
+    spec = "pcap:" + make_tcp64_capture(args.flows, 10)
+    sizes = ([0] if args.stack else []) + [1, 6]
+    cpu = {n: [] for n in sizes}
+    kpps = {n: [] for n in sizes}
+    run_once(1, spec, args.flows)           # warm the caches and the page cache
+    for _ in range(args.runs):
+        for n in sizes:
+            c, k = run_once(n, spec, args.flows)
+            cpu[n].append(c)
+            kpps[n].append(k)
+    med = {n: (statistics.median(cpu[n]), statistics.median(kpps[n])) for n in sizes}
+    print(f"{args.flows:,} TCP connections x 10 packets (64 B), bursts of {BURST}, "
+          f"median of {args.runs}, load average {os.getloadavg()[0]:.1f}")
+    for n in sizes:
+        print(f"chain of {n}: {med[n][0]:6.1f} CPU ns/packet  {med[n][1]:7.0f} kpps")
+    print(f"chain of 6 / chain of 1: {med[1][0] / med[6][0]:.2f}x by CPU time, "
+          f"{med[6][1] / med[1][1]:.2f}x by wall-clock kpps; each NF past the first "
+          f"adds {(med[6][0] - med[1][0]) / 5:.1f} CPU ns per packet")
+
+
+if __name__ == "__main__":
+    main()
