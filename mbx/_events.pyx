@@ -1381,10 +1381,12 @@ cdef class EventBus:
     cdef bint wants(self, uint16_t type_idx, uint32_t flow, uint32_t gen,
                     uint8_t flags) noexcept nogil:
         # publish's plan (plan_fanout) answers for the NFs whose handler set does
-        # not depend on the flow; the others' tables are asked for this flow
+        # not depend on the flow; the others' tables are asked for this flow.
+        # global_want covers the built-in types only (want_set), so the short cut
+        # must not answer for a type NFs registered.
         cdef uint32_t i, s
-        if type_idx < 64 and (not (self.global_want >> type_idx) & 1
-                              or not side_ok(self.want_side[type_idx], flags)):
+        if type_idx < T_BUILTIN_N and (not (self.global_want >> type_idx) & 1
+                                       or not side_ok(self.want_side[type_idx], flags)):
             return False
         cdef const uint32_t *fan = self.fan + <size_t>type_idx * FAN_N
         if fan[flags & 3] if flags & MSG_F_SIDED else fan[FAN_UNSIDED]:
