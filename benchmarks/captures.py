@@ -15,7 +15,12 @@ import struct
 import tempfile
 
 import dpkt
-import numpy as np
+
+# numpy's OpenBLAS starts a thread per CPU at import, and they showed in the
+# benchmarks' profiles (about 4 %) though nothing here uses BLAS: on 2 cores they
+# only compete with the processes being measured.  Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
 
 from mbx.examples.capture import ether, tcp4, udp4
 
