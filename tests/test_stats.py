@@ -1,5 +1,6 @@
 """Per NF statistics (events in, drops, handler time), ``mbx run --stats`` and the
 Prometheus exporter."""
+import contextlib
 import json
 import re
 import socket
@@ -105,20 +106,17 @@ def _metric(text, name, labels=""):
     return None if m is None else float(m.group(1))
 
 
-def test_prometheus_scrape(example_pcap, tmp_path):
-    pytest.importorskip("prometheus_client")
-    path = tmp_path / "slow.py"
-    path.write_text(SLOW_NF)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/metrics"
-    live = []
+@contextlib.contextmanager
+def scraping(url):
+    """Scrape ``url`` every 50 ms in a thread while the block runs; yields the pages."""
+    pages = []
     done = threading.Event()
 
     def scrape():
         while not done.is_set():
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
-                    live.append(r.read().decode())
+                    pages.append(r.read().decode())
             except OSError:
                 pass
             time.sleep(0.05)
@@ -126,12 +124,22 @@ def test_prometheus_scrape(example_pcap, tmp_path):
     t = threading.Thread(target=scrape, daemon=True)
     t.start()
     try:
-        rc = cli.main(["run", str(path), "--in", "pcap:" + example_pcap, "--burst", "1",
-                       "--set", f"slow.port={port}", "--set", f"slow.out={tmp_path / 'end'}",
-                       "--prometheus", str(port), "-q", "--json", str(tmp_path / "c.json")])
+        yield pages
     finally:
         done.set()
         t.join()
+
+
+def test_prometheus_scrape(example_pcap, tmp_path):
+    pytest.importorskip("prometheus_client")
+    path = tmp_path / "slow.py"
+    path.write_text(SLOW_NF)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    with scraping(url) as live:
+        rc = cli.main(["run", str(path), "--in", "pcap:" + example_pcap, "--burst", "1",
+                       "--set", f"slow.port={port}", "--set", f"slow.out={tmp_path / 'end'}",
+                       "--prometheus", str(port), "-q", "--json", str(tmp_path / "c.json")])
     assert rc == 0
     c = json.loads((tmp_path / "c.json").read_text())
     # scraped while it ran: counters on their way
@@ -246,8 +254,7 @@ def test_prometheus_stacks(example_pcap, tmp_path, monkeypatch):
     path.write_text(SLOW_PLAIN)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/metrics"
-    live, final = [], []
-    done = threading.Event()
+    final = []
     close = stats.Prometheus.close
 
     def scrape_then_close(self):
@@ -257,25 +264,10 @@ def test_prometheus_stacks(example_pcap, tmp_path, monkeypatch):
         close(self)
 
     monkeypatch.setattr(stats.Prometheus, "close", scrape_then_close)
-
-    def scrape():
-        while not done.is_set():
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    live.append(r.read().decode())
-            except OSError:
-                pass
-            time.sleep(0.05)
-
-    t = threading.Thread(target=scrape, daemon=True)
-    t.start()
-    try:
+    with scraping(url) as live:
         rc = cli.main(["run", str(path), "--in", "pcap:" + example_pcap, "--burst", "1",
                        "--stacks", "2", "--prometheus", str(port), "-q",
                        "--json", str(tmp_path / "c.json")])
-    finally:
-        done.set()
-        t.join()
     assert rc == 0
     c = json.loads((tmp_path / "c.json").read_text())
     # scraped while it ran: each process's counters on their way
