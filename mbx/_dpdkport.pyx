@@ -270,6 +270,15 @@ def eal_init(args=None):
     for a in args:
         if not isinstance(a, str):
             raise TypeError(f"EAL arguments must be strings, got {a!r}")
+    if _eal_state == EAL_RUNNING and os.getpid() != _eal_pid:
+        # The EAL's memory came with the fork, its threads did not: a port opened
+        # here would be polled with no interrupt thread behind it and close devices
+        # under the parent.
+        raise PortError(
+            f"DPDK EAL was initialised in process {_eal_pid}, and this process "
+            f"({os.getpid()}) is a fork of it: DPDK cannot be used in a forked child of "
+            "a process that started the EAL (open DPDK ports in the parent, or start "
+            "the EAL only in the child)")
     if _eal_state == EAL_RUNNING:
         if args == _eal_args:
             return _eal_args
@@ -313,8 +322,8 @@ def eal_init(args=None):
 
 
 def _ensure_eal():
-    if _eal_state != EAL_RUNNING:
-        eal_init()
+    if _eal_state != EAL_RUNNING or os.getpid() != _eal_pid:
+        eal_init()              # starts it, or says why it cannot be used here
 
 
 def _eal_cleanup():

@@ -314,5 +314,7 @@ cdef class EventBus:
     cdef uint32_t next_ring(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef uint32_t pop(self, uint32_t r) noexcept nogil
     cdef _drain(self, uint32_t i, uint32_t limit)
+    cdef void _run_cs(self, uint32_t first, uint32_t end, uint32_t limit) noexcept nogil
+    cdef void _run_c_timed(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef uint32_t _run_c(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt, uint32_t limit)

@@ -320,6 +320,42 @@ def test_a_forked_child_leaves_the_parents_dpdk_ports_alone():
     assert "parent ok" in r.stdout
 
 
+def test_a_forked_child_cannot_start_or_use_the_parents_eal():
+    # The child has the parent's EAL state but none of its threads: opening a port
+    # there (or asking for the EAL) is refused with an error that says why, instead
+    # of handing back an EAL that does not run.
+    code = ("import os, sys\n"
+            f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+            "import test_dpdk as t\n"
+            "t._dpdkport.eal_init()\n"
+            "r, w = os.pipe()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    msgs = []\n"
+            "    for attempt in (t._dpdkport.eal_init, lambda: t.DpdkPort('net_ring4')):\n"
+            "        try:\n"
+            "            attempt()\n"
+            "            msgs.append('no error')\n"
+            "        except t.PortError as e:\n"
+            "            msgs.append(str(e))\n"
+            "    os.write(w, '\\n'.join(msgs).encode())\n"
+            "    os._exit(0)\n"
+            "os.close(w)\n"
+            "assert os.waitpid(pid, 0)[1] == 0\n"
+            "print(os.read(r, 65536).decode())\n"
+            "ring = t.DpdkPort('net_ring4')\n"
+            "ring.close()\n"
+            "print('parent ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "parent ok"
+    assert len(lines) == 3
+    for line in lines[:2]:
+        assert "forked child" in line and "start the EAL only in the child" in line
+
+
 def test_mbx_run_over_dpdk_vdevs_ends_with_the_capture(example_pcap, tmp_path):
     outs = {}
     for backend, inp, out in [
