@@ -223,36 +223,43 @@ def test_c_chain_sides(run, example_pcap):
     assert [chain[3].counter.c2s, chain[3].counter.s2c] == py_r.per_dir()
 
 
+def voting_c_chain(python_too, calls):
+    """C counters before and after a group of three C droppers (two drop what the
+    client sends, one what the server sends) merged by a majority that records its
+    calls; ``python_too`` as in ``c_chain``."""
+    from mbx.examples import votes
+
+    def majority(dropped):
+        calls.append(dropped)
+        return votes.majority(dropped)
+
+    def nf(name, handler, group=None):
+        n = mbx.NF(name, group=group)
+        n.sub("PKT", handler)
+        if python_too:
+            n.sub("FLOW/END", lambda ev: None)
+        if group:
+            n.group_merge = majority
+        return n
+
+    counts = {"before": cnoop.Counter(), "after": cnoop.Counter()}
+    chain = [nf("before", counts["before"].handler()),
+             nf("v0", cnoop.Dropper(0).handler(), group="g"),
+             nf("v1", cnoop.Dropper(0).handler(), group="g"),
+             nf("v2", cnoop.Dropper(1).handler(), group="g"),
+             nf("after", counts["after"].handler())]
+    return chain, counts
+
+
 def test_c_group_with_merge_function_decides_before_the_next_stage(run, example_pcap):
     # A voting group of C-only NFs between C-only NFs: the dispatcher runs a stretch
     # of C NFs together, and must stop after the group's last member so that its
     # merge function decides before the NF behind it sees the packets.  Two of
     # three members drop what the client sends, so a majority drops exactly that.
-    from mbx.examples import votes
-
     got = {}
     for python_too in (False, True):
-        counts = {"before": cnoop.Counter(), "after": cnoop.Counter()}
         calls = []
-
-        def majority(dropped):
-            calls.append(dropped)
-            return votes.majority(dropped)
-
-        def nf(name, handler, group=None):
-            n = mbx.NF(name, group=group)
-            n.sub("PKT", handler)
-            if python_too:
-                n.sub("FLOW/END", lambda ev: None)
-            if group:
-                n.group_merge = majority
-            return n
-
-        chain = [nf("before", counts["before"].handler()),
-                 nf("v0", cnoop.Dropper(0).handler(), group="g"),
-                 nf("v1", cnoop.Dropper(0).handler(), group="g"),
-                 nf("v2", cnoop.Dropper(1).handler(), group="g"),
-                 nf("after", counts["after"].handler())]
+        chain, counts = voting_c_chain(python_too, calls)
         counters, out = run(chain, example_pcap)
         got[python_too] = ({n: (c.c2s, c.s2c) for n, c in counts.items()},
                            collections.Counter(calls), counters["dropped_by_nf"],
