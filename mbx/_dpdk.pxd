@@ -52,6 +52,14 @@ cdef extern from "rte_interrupts.h" nogil:
     int rte_intr_type_set(rte_intr_handle *intr_handle, rte_intr_handle_type type)
 
 
+# ---------------------------------------------------------------- rte_alarm.h
+cdef extern from "rte_alarm.h" nogil:
+    # An alarm's callback runs once in EAL's interrupt thread (tests use one to keep
+    # that thread busy).
+    ctypedef void (*rte_eal_alarm_callback)(void *arg) noexcept nogil
+    int rte_eal_alarm_set(uint64_t us, rte_eal_alarm_callback cb, void *cb_arg)
+
+
 # ---------------------------------------------------------------- rte_lcore.h
 cdef extern from "rte_lcore.h" nogil:
     unsigned int rte_lcore_id()

@@ -33,7 +33,7 @@ from mbx._dpdk cimport (
     RTE_PKTMBUF_HEADROOM,
     RTE_INTR_HANDLE_EXT,
     RTE_INTR_INSTANCE_F_PRIVATE,
-    rte_eal_cleanup,
+    rte_eal_alarm_set, rte_eal_cleanup,
     rte_eal_hotplug_add,
     rte_eal_hotplug_remove,
     rte_eal_init,
@@ -134,8 +134,8 @@ cdef enum:
     PCAP_IDLE_POLLS_EOF = 4
     MEMPOOL_CACHE = 256
     NS_PER_US = 1000
-    # How long a close waits for EAL's interrupt thread to run it (see _teardown)
-    # before doing it from the calling thread, and how often it looks.
+    # How long a close waits by default for EAL's interrupt thread to run it (see
+    # _teardown) before doing it from the calling thread, and how often it looks.
     INTR_THREAD_WAIT_S = 10
     INTR_THREAD_POLL_NS = 100000
 
@@ -375,6 +375,7 @@ cdef struct Teardown:
     int done                # raised once done, by whichever thread ran it
 
 cdef int _wake_fd = -1              # the eventfd; -1: teardowns run in the caller
+cdef int _close_wait_s = INTR_THREAD_WAIT_S
 cdef void *_request = NULL          # the Teardown the interrupt thread is to run
 # One request at a time (reentrant: a port freed by the garbage collector while
 # another closes, outside the wait, closes too).
@@ -422,9 +423,33 @@ cdef str _watch_wake_fd():
     return None
 
 
+cdef void _hold(void *arg) noexcept nogil:
+    cdef timespec pause
+    pause.tv_sec = <uint64_t>arg // 1000000000
+    pause.tv_nsec = <uint64_t>arg % 1000000000
+    nanosleep(&pause, NULL)
+
+
+def _hold_interrupt_thread(double seconds):
+    """For tests: keep EAL's interrupt thread busy for ``seconds`` from now (an alarm
+    that sleeps), so that a close meets a thread that does not answer."""
+    if _eal_state != EAL_RUNNING:
+        raise PortError("DPDK EAL is not running")
+    if rte_eal_alarm_set(1, _hold, <void *><uint64_t>(seconds * 1e9)) != 0:
+        raise PortError("rte_eal_alarm_set failed")
+
+
+def _set_close_wait(int seconds):
+    """For tests: how long a close waits for the interrupt thread (default 10 s)."""
+    global _close_wait_s
+    if seconds < 0:
+        raise ValueError(f"a wait of {seconds} s")
+    _close_wait_s = seconds
+
+
 cdef bint _teardown_in_interrupt_thread(Teardown *t) noexcept nogil:
     """Run _teardown(t) in EAL's interrupt thread and wait for it; False (and nothing
-    done) if there is none to ask or it did not take it within INTR_THREAD_WAIT_S."""
+    done) if there is none to ask or it did not take it within _close_wait_s."""
     cdef timespec pause, now
     cdef int64_t deadline
     cdef uint64_t one = 1
@@ -437,7 +462,7 @@ cdef bint _teardown_in_interrupt_thread(Teardown *t) noexcept nogil:
     pause.tv_sec = 0
     pause.tv_nsec = INTR_THREAD_POLL_NS
     clock_gettime(CLOCK_MONOTONIC, &now)
-    deadline = now.tv_sec + INTR_THREAD_WAIT_S
+    deadline = now.tv_sec + _close_wait_s
     while not flag_up(&t.done):
         clock_gettime(CLOCK_MONOTONIC, &now)
         if now.tv_sec > deadline:
@@ -849,7 +874,7 @@ cdef class DpdkPort(Port):
                 # here, racing as described above, than left open.
                 if _wake_fd >= 0:
                     sys.stderr.write(f"mbx: {self.name}: EAL's interrupt thread did not "
-                                     f"run the close within {INTR_THREAD_WAIT_S} s; "
+                                     f"run the close within {_close_wait_s} s; "
                                      f"closing from this thread\n")
                 with nogil:
                     _teardown(&t)

@@ -356,6 +356,37 @@ def test_a_forked_child_cannot_start_or_use_the_parents_eal():
         assert "forked child" in line and "start the EAL only in the child" in line
 
 
+def test_a_close_the_interrupt_thread_does_not_take_runs_from_the_caller_once():
+    # EAL's interrupt thread is kept busy past the close's wait: the close takes its
+    # request back and closes from the calling thread, says so, and the interrupt
+    # thread, free again, does not close the device a second time (the process
+    # exits cleanly after a port of the same name was opened and closed again).
+    code = ("import os, sys, time\n"
+            f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+            "import test_dpdk as t\n"
+            "d = t._dpdkport\n"
+            "d.eal_init()\n"
+            "ring = t.DpdkPort('net_ring6')\n"
+            "d._set_close_wait(1)\n"
+            "d._hold_interrupt_thread(4.0)\n"
+            "time.sleep(0.2)\n"
+            "ring.close()\n"
+            "print('closed', ring.receive(t.Batch(4)) == -1)\n"
+            "time.sleep(4.0)\n"
+            "again = t.DpdkPort('net_ring6')\n"
+            "frames = [bytes([i]) * 64 for i in range(3)]\n"
+            "assert again.send(t.batch_of(frames)) == 3\n"
+            "assert t.receive_all(again, limit=3) == frames\n"
+            "again.close()\n"
+            "print('reopened ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines() == ["closed True", "reopened ok"]
+    assert ("net_ring6: EAL's interrupt thread did not run the close within 1 s; "
+            "closing from this thread") in r.stderr
+
+
 def test_mbx_run_over_dpdk_vdevs_ends_with_the_capture(example_pcap, tmp_path):
     outs = {}
     for backend, inp, out in [
