@@ -1,14 +1,18 @@
-"""Chains of Cython C-handler no-op NFs on one consolidated TCP stack, inline: what
-each extra NF costs (issue 4, Fig. 6's c rows, measured finely).
+"""Chains of no-op NFs on one consolidated TCP stack, inline: what each extra NF
+costs (issue 4, Fig. 6's inline rows, measured finely).
 
-A chain of 1 and a chain of 6 ``mbx.examples.cnoop`` NFs on PKT/TCP, each run
-``--runs`` times alternating, over one capture read from memory.  Printed: CPU time
-per packet (``time.thread_time``, this thread's: steadier than wall clock on a shared
-VM) and throughput over the run loop, medians; the chain of 6 over the chain of 1,
-and the nanoseconds each NF past the first adds per packet.  ``--stack`` also runs the stack
-alone (no NF).
+A chain of 1 and a chain of 6 no-op NFs on PKT/TCP, each run ``--runs`` times
+alternating, over one capture read from memory.  ``--handler``: ``c`` (default,
+``mbx.examples.cnoop``'s C handler), ``batch`` (a Python batch handler) or
+``event`` (a Python per-event handler).  Printed: CPU time per packet
+(``time.thread_time``, this thread's: steadier than wall clock on a shared VM) and
+throughput over the run loop, medians; the chain of 6 over the chain of 1, and the
+nanoseconds each NF past the first adds per packet; then the least CPU time of each
+and the median of the ratios of runs taken side by side.  ``--stack`` also runs the
+stack alone (no NF).
 
-    python benchmarks/cchain_figures.py [--flows 20000] [--runs 9] [--stack]
+    python benchmarks/cchain_figures.py [--handler c|batch|event] [--flows 20000]
+                                        [--runs 9] [--stack]
 """
 import argparse
 import os
@@ -28,20 +32,32 @@ from mbx.runtime import App  # noqa: E402
 BURST = 64
 
 
-def chain(n):
+def on_event(ev):
+    pass
+
+
+def on_batch(records):
+    return None
+
+
+def chain(n, handler="c"):
     nfs = []
     for i in range(n):
-        nf = mbx.NF(f"c{i}")
-        nf.sub(mbx.PKT_TCP, cnoop.noop_handler())
+        nf = mbx.NF(f"{handler}{i}")
+        if handler == "c":
+            nf.sub(mbx.PKT_TCP, cnoop.noop_handler())
+        else:
+            nf.sub(mbx.PKT_TCP, on_batch if handler == "batch" else on_event,
+                   batch=handler == "batch")
         nfs.append(nf)
     return nfs
 
 
-def run_once(n, spec, n_flows):
+def run_once(n, spec, n_flows, handler="c"):
     """(CPU ns per packet, wall kpps over the run loop)."""
     inp = open_input(spec)
     try:
-        app = App(chain(n), stack="tcp", flow_capacity=2 * n_flows)
+        app = App(chain(n, handler), stack="tcp", flow_capacity=2 * n_flows)
         cpu0 = time.thread_time_ns()
         c = app.run(inp, burst=BURST)
         cpu = time.thread_time_ns() - cpu0
@@ -56,19 +72,22 @@ def main(argv=None):
                     help="TCP connections of 10 packets (20000)")
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--stack", action="store_true", help="also the stack alone")
+    ap.add_argument("--handler", choices=("c", "batch", "event"), default="c",
+                    help="the NFs' no-op handler (c)")
     args = ap.parse_args(argv)
     spec = "pcap:" + make_tcp64_capture(args.flows, 10)
     sizes = ([0] if args.stack else []) + [1, 6]
     cpu = {n: [] for n in sizes}
     kpps = {n: [] for n in sizes}
-    run_once(1, spec, args.flows)           # warm the caches and the page cache
+    run_once(1, spec, args.flows, args.handler)     # warm the caches and page cache
     for _ in range(args.runs):
         for n in sizes:
-            c, k = run_once(n, spec, args.flows)
+            c, k = run_once(n, spec, args.flows, args.handler)
             cpu[n].append(c)
             kpps[n].append(k)
     med = {n: (statistics.median(cpu[n]), statistics.median(kpps[n])) for n in sizes}
-    print(f"{args.flows:,} TCP connections x 10 packets (64 B), bursts of {BURST}, "
+    print(f"{args.handler} handlers; "
+          f"{args.flows:,} TCP connections x 10 packets (64 B), bursts of {BURST}, "
           f"median of {args.runs}, load average {os.getloadavg()[0]:.1f}")
     for n in sizes:
         print(f"chain of {n}: {med[n][0]:6.1f} CPU ns/packet  {med[n][1]:7.0f} kpps")

@@ -260,7 +260,9 @@ cdef class EventBus:
     cdef object keep                # strong refs to every handler in the tables
     cdef object views               # per NF: a reused Event view
     cdef object stage               # numpy buffer for batch handlers
-    cdef object stage_views         # per type idx: typed numpy view of stage
+    cdef mbx_msg *stage_buf         # its memory
+    cdef object np                  # numpy, imported when a batch handler first runs
+    cdef object stage_views         # per type idx, per length: typed numpy view of stage
     cdef object flowtable           # the stack's FlowTable (for want masks and lookups)
     cdef uint32_t *taken            # scratch for batch runs
     cdef bint ordered               # dispatch in per-packet waves (see dispatch)

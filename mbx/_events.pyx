@@ -1087,6 +1087,7 @@ cdef enum:
     # ring entries between where two rings start a burst (reset_pool): 5 cache lines,
     # so 12 rings of a burst's entries share no cache set
     RING_STAGGER = 80
+    BATCH_VIEWS_KEPT = 256  # batch lengths whose staging views are kept per type
 
 
 cdef inline uint64_t mono_ns() noexcept nogil:
@@ -1939,52 +1940,96 @@ cdef class EventBus:
                     uint32_t limit):
         # Gather the run of queued messages that resolve to the same batch handler
         # into the staging buffer, and hand them over as one numpy view.
-        import numpy as np
-
+        cdef uint8_t[::1] stage_mem
         if self.stage is None:
+            import numpy as np
+
+            self.np = np
             self.stage = np.zeros(self.msg_capacity * sizeof(mbx_msg), dtype=np.uint8)
-        cdef uint8_t[::1] stage_mem = self.stage
-        cdef mbx_msg *stage = <mbx_msg *>&stage_mem[0]
-        cdef uint32_t n = 0, idx, s, r
+            stage_mem = self.stage
+            self.stage_buf = <mbx_msg *>&stage_mem[0]
+        cdef mbx_msg *stage = self.stage_buf
+        cdef uint32_t n = 0, idx, s, r, j, hd
         cdef mbx_msg *m
         cdef mbx_pkt *p
         cdef uint32_t *taken = self.taken
         cdef uint64_t t0
+        # NF i's tables and rings, looked up once for the run (see _run_c)
+        cdef uint32_t cap = self.msg_capacity, mask = cap - 1
+        cdef uint32_t rs = 2 * i, rp = 2 * i + 1
+        cdef const uint32_t *qs = self.queues + <size_t>rs * cap
+        cdef handler_table *sets = self.sets[i]
+        cdef uint16_t **sbatch = self.set_batch[i]
+        cdef uint8_t **sides = self.set_side[i]
+        cdef const uint16_t *fset = self.flow_set[i]
+        cdef const uint32_t *fgen = self.flow_set_gen[i]
+        cdef const uint8_t *skip = self.skip
+        cdef mbx_msg *msgs = self.msgs
+        cdef mbx_pkt *pkts = self.pkts
+        cdef uint8_t stage_no = self.nf_stage[i]
+        cdef uint64_t *tev = self.nf_type_events + <size_t>i * MAX_TYPES
+        cdef uint16_t t, run_t
+        cdef uint64_t run_n = 0
         try:
             idx = first
+            run_t = msgs[idx].h.type_idx
             while True:
-                m = &self.msgs[idx]
+                m = &msgs[idx]
                 memcpy(&stage[n], m, sizeof(mbx_msg))
                 taken[n] = idx
                 n += 1
-                self.per_type_delivered[m.h.type_idx] += 1
-                self.nf_type_events[<size_t>i * MAX_TYPES + m.h.type_idx] += 1
-                r = self.next_ring(i, limit)
-                if r == NO_RING:
-                    break
-                idx = self.queues[r * self.msg_capacity
-                                  + (self.qhead[r] & (self.msg_capacity - 1))]
-                m = &self.msgs[idx]
-                p = NULL if m.h.pkt == NO_PKT else &self.pkts[m.h.pkt]
-                s = self.handler_set(i, m.h.flow, m.h.flow_gen)
-                if (self.sets[i][s][m.h.type_idx] != h
-                        or (self.skip != NULL and self.skip[idx])
-                        or self.set_batch[i][s][m.h.type_idx] != bt
-                        or not side_ok(self.set_side[i][s][m.h.type_idx], m.h.flags)
+                t = m.h.type_idx
+                if t != run_t:          # counted per run of one type
+                    self.per_type_delivered[run_t] += run_n
+                    tev[run_t] += run_n
+                    run_t = t
+                    run_n = 0
+                run_n += 1
+                if self.qhead[rp] == self.qtail[rp]:
+                    # only the stack's ring holds messages (the usual case)
+                    hd = self.qhead[rs]
+                    if hd == self.qtail[rs]:
+                        break
+                    r = rs
+                    idx = qs[hd & mask]
+                    if msgs[idx].h.pos > limit:
+                        break
+                else:
+                    r = self.next_ring(i, limit)
+                    if r == NO_RING:
+                        break
+                    idx = self.queues[<size_t>r * cap + (self.qhead[r] & mask)]
+                m = &msgs[idx]
+                t = m.h.type_idx
+                p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
+                s = flow_set_of(fset, fgen, self.flow_capacity, m.h.flow, m.h.flow_gen)
+                if (sets[s][t] != h
+                        or (skip != NULL and skip[idx])
+                        or sbatch[s][t] != bt
+                        or not side_ok(sides[s][t], m.h.flags)
                         or (p != NULL and p.verdict == VERDICT_DROP
-                            and p.drop_stage < self.nf_stage[i])):
+                            and p.drop_stage < stage_no)):
                     break
-                self.pop(r)
+                self.qhead[r] += 1
+            self.per_type_delivered[run_t] += run_n
+            tev[run_t] += run_n
             self.delivered += n
             self.nf_events[i] += n
-            view = self.stage_views.get(bt)
+            # the first n records of the staging buffer as type bt's records: kept
+            # per type and length up to BATCH_VIEWS_KEPT (a slice per call costs more
+            # than the lookup; runs are mostly a burst's events of one type)
+            views = self.stage_views.get(bt)
+            if views is None:
+                views = self.stage_views[bt] = {}
+            view = views.get(n)
             if view is None:
-                view = self.stage.view(_types[bt - 1].dtype)
-                self.stage_views[bt] = view
+                view = self.stage.view(_types[bt - 1].dtype)[:n]
+                if n <= BATCH_VIEWS_KEPT:
+                    views[n] = view
             self.current_msg_idx = first
             t0 = mono_ns() if self.timing else 0
             try:
-                verdicts = (<object>h)(view[:n])
+                verdicts = (<object>h)(view)
                 if self.timing:
                     self.nf_ns[i] += mono_ns() - t0
             except Exception as exc:
@@ -1993,12 +2038,13 @@ cdef class EventBus:
                     f"{getattr(<object>h, '__qualname__', <object>h)} raised "
                     f"{type(exc).__name__}: {exc}") from exc
             if verdicts is not None:
-                drops = np.asarray(verdicts, dtype=bool)
+                drops = self.np.asarray(verdicts, dtype=bool)
                 if drops.shape != (n,):
                     raise NFError(
                         f"NF {self.nfs[i].name}: a batch handler returns None or one "
                         f"drop flag per event ({n}), not shape {drops.shape}")
-                for j in np.flatnonzero(drops):
+                for k in self.np.flatnonzero(drops):
+                    j = k
                     m = &self.msgs[taken[j]]
                     if m.h.pkt != NO_PKT:
                         self.nf_drop(i, &self.pkts[m.h.pkt])

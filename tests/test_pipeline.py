@@ -285,3 +285,57 @@ def test_event_memory_smaller_than_a_burst_still_delivers_everything(run, exampl
     small = Recorder("small")
     c2, _ = run([small], example_pcap, msg_capacity=64, burst=256)
     assert small.seen == big.seen
+
+
+def test_batch_handler_sees_and_counts_what_a_per_event_handler_does(run, example_pcap):
+    # One batch handler on every event type of the TCP stack takes runs that mix
+    # types (its records are then the header's): it must get the same events, in
+    # the same order, as a per-event handler ahead of it, and its per-type counts
+    # must be that handler's.  Its drops (every packet of TCP port 443's flows)
+    # reach the NF behind it, which sees none of those packets' later events.
+    seen = {"each": [], "batch": [], "after": []}
+
+    class Each(mbx.NF):
+        def __init__(self):
+            super().__init__("each")
+            self.sub("EVENT", lambda ev: seen["each"].append(
+                (ev.type_name, ev.flow, ev.burst_pos)))
+
+    class Batch(mbx.NF):
+        def __init__(self):
+            super().__init__("batch")
+            self.sub("EVENT", self.on_batch, batch=True)
+
+        def on_batch(self, recs):
+            names = [mbx.event_type(int(t)).name for t in recs["type_id"]]
+            flows = (recs["flow_gen"].astype(np.uint64) << 32) | recs["flow_slot"]
+            ids = [None if slot == 0xFFFFFFFF else f            # no flow: None
+                   for slot, f in zip(recs["flow_slot"].tolist(), flows.tolist(),
+                                      strict=True)]
+            seen["batch"].extend(zip(names, ids, recs["pos"].tolist(), strict=True))
+            return np.array([n.startswith("PKT") for n in names]) & np.isin(
+                flows, list(https_flows))
+
+    class After(mbx.NF):
+        def __init__(self):
+            super().__init__("after")
+            self.sub("PKT", lambda ev: seen["after"].append(ev.flow))
+
+    class Https(mbx.NF):
+        def __init__(self):
+            super().__init__("https")
+            self.sub("FLOW/START", self.on_start)
+
+        def on_start(self, ev):
+            if 443 in (ev.cli_port, ev.srv_port):
+                https_flows.add(ev.flow)
+
+    https_flows = set()
+    counters, _ = run([Https(), Each(), Batch(), After()], example_pcap, stack="tcp")
+    assert seen["batch"] == seen["each"]
+    assert len({name for name, _, _ in seen["each"]}) >= 4       # runs mix types
+    stats = counters["nfs"]
+    assert stats["batch"]["types"] == stats["each"]["types"]
+    assert stats["batch"]["events"] == len(seen["batch"])
+    assert https_flows and not https_flows & set(seen["after"])
+    assert stats["batch"]["drops"] == counters["dropped_by_nf"] > 0
