@@ -159,8 +159,9 @@ class App:
     ``stream_memory``, ``chunk_size``, ``stream_window``, ``retain``, ``max_streams``,
     ``overlap`` (see ``TcpMonitor``).
 
-    ``nf_timing`` clocks every Python handler call (per NF handler time in
-    ``counters()["nfs"]``; about 40 ns a call); turn it off for the last few percent.
+    ``nf_timing`` clocks the NFs' handlers (per NF handler time in
+    ``counters()["nfs"]``; two clock reads per run of an NF's consecutive calls, so
+    the time includes the dispatch of its events); turn it off for the last percent.
     """
 
     def __init__(self, nfs, *, flow_capacity=FLOW_CAPACITY, idle_timeout=60.0, flow_policy="evict",

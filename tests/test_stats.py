@@ -49,6 +49,28 @@ def test_events_in_equal_delivered(run, example_pcap):
     assert nfs["b"]["handler_ns"] > 0
 
 
+def test_handler_time_is_each_nfs_own(run, example_pcap):
+    # Runs of calls are clocked as a whole: the time of a handler that sleeps on
+    # some events is its own, not its neighbours' in the chain, and covers every
+    # sleep (whether the sleeping call is first, inside or last in its run).
+    import time
+
+    class Sleepy(Calls):
+        def on_event(self, ev):
+            super().on_event(ev)
+            if self.calls % 50 == 1:
+                time.sleep(0.002)
+
+    before, sleepy, after = Calls("before", "PKT"), Sleepy("sleepy", "PKT"), Calls("after", "PKT")
+    counters, _ = run([before, sleepy, after], example_pcap)
+    nfs = counters["nfs"]
+    sleeps = (sleepy.calls + 49) // 50
+    assert sleeps >= 3
+    assert nfs["sleepy"]["handler_ns"] >= sleeps * 2_000_000
+    for neighbour in ("before", "after"):
+        assert nfs[neighbour]["handler_ns"] < nfs["sleepy"]["handler_ns"] / 2
+
+
 def test_timing_off(run, example_pcap):
     a = Calls("a")
     counters, _ = run([a], example_pcap, nf_timing=False)
