@@ -87,14 +87,14 @@ def per_nf_stack(n, handler, spec, n_flows):
     return total, pkts, wait
 
 
-def median_rate(fn, runs):
-    """(packets/s, µs a burst waited), medians of ``runs``."""
-    rates, waits = [], []
-    for _ in range(runs):
-        dt, pkts, wait = fn()
-        rates.append(pkts / dt)
-        waits.append(wait)
-    return statistics.median(rates), statistics.median(waits)
+def median_rate(samples):
+    """(packets/s, µs a burst waited), medians over ``samples`` of ``run``."""
+    return (statistics.median(pkts / dt for dt, pkts, _ in samples),
+            statistics.median(wait for _, _, wait in samples))
+
+
+def measure(fn, runs):
+    return median_rate([fn() for _ in range(runs)])
 
 
 def plot(result, path):
@@ -146,7 +146,8 @@ def main(argv=None):
     cores = len(os.sched_getaffinity(0))
     load_start = os.getloadavg()[0]
     print(f"capture: {n_flows:,} TCP connections x 10 packets (64 B), median of "
-          f"{args.runs}, bursts of {BURST}; {cores} usable cores, load average "
+          f"{args.runs} rounds (each runs every contender once), bursts of {BURST}; "
+          f"{cores} usable cores, load average "
           f"{load_start:.1f}")
     print("\nFig. 6: chain of N no-op NFs on PKT/TCP")
     head = (f"{'N':>2} {'handler':<9} {'consolidated kpps':>18} {'per-NF stack kpps':>18} "
@@ -154,14 +155,30 @@ def main(argv=None):
     if args.pipelined:
         head += (f" {'pipelined kpps':>15} {'pipe/per-NF':>11} {'pipe µs/burst':>14}")
     print(head)
+    # Every contender runs once per round, rounds one after another, so that a
+    # stretch of seconds in which the host takes the CPU away slows one run of
+    # many contenders, not every run of one (which moved whole points by ±40 %).
+    contenders = {}
+    for handler in HANDLERS:
+        for n in range(1, 7):
+            contenders[handler, n, "consolidated"] = (
+                lambda n=n, h=handler: consolidated(n, h, spec, n_flows))
+            contenders[handler, n, "per_nf"] = (
+                lambda n=n, h=handler: per_nf_stack(n, h, spec, n_flows))
+            if args.pipelined:
+                contenders[handler, n, "pipelined"] = (
+                    lambda n=n, h=handler: consolidated(
+                        n, h, spec, n_flows, deploy="pipelined", inflight=args.inflight))
+    samples = {key: [] for key in contenders}
+    for _ in range(args.runs):
+        for key, fn in contenders.items():
+            samples[key].append(fn())
     base1, pipe1 = {}, {}
     rows = []
     for handler in HANDLERS:
         for n in range(1, 7):
-            c_pps, c_lat = median_rate(
-                lambda n=n, h=handler: consolidated(n, h, spec, n_flows), args.runs)
-            b_pps, b_lat = median_rate(
-                lambda n=n, h=handler: per_nf_stack(n, h, spec, n_flows), args.runs)
+            c_pps, c_lat = median_rate(samples[handler, n, "consolidated"])
+            b_pps, b_lat = median_rate(samples[handler, n, "per_nf"])
             if n == 1:
                 base1[handler] = c_pps
             row = {"n": n, "handler": handler,
@@ -171,10 +188,7 @@ def main(argv=None):
                     f"{b_pps / 1e3:>18.0f} {c_pps / b_pps:>5.2f}x {c_lat:>15.0f} "
                     f"{b_lat:>16.0f}")
             if args.pipelined:
-                p_pps, p_lat = median_rate(
-                    lambda n=n, h=handler: consolidated(
-                        n, h, spec, n_flows, deploy="pipelined",
-                        inflight=args.inflight), args.runs)
+                p_pps, p_lat = median_rate(samples[handler, n, "pipelined"])
                 if n == 1:
                     pipe1[handler] = p_pps
                 row.update(pipelined_kpps=p_pps / 1e3, pipelined_us=p_lat)
@@ -186,7 +200,6 @@ def main(argv=None):
                 if args.pipelined:
                     tail += f" (pipelined {p_pps / pipe1[handler]:.2f}x)"
             print(line + tail)
-            sys.stdout.flush()
     result = {"fig6": rows, "runs": args.runs, "cores": cores, "flows": n_flows,
               "inflight": args.inflight, "load_start": load_start,
               "load": os.getloadavg()[0]}
@@ -196,13 +209,13 @@ def main(argv=None):
     if args.plot:
         plot(result, args.plot)
     print("\nFig. 7a: 6 read-only NFs, sequential vs one parallel group (inline)")
-    seq_pps, seq_lat = median_rate(
+    seq_pps, seq_lat = measure(
         lambda: run(noop_chain(6, "event"), spec, n_flows), args.runs)
-    par_pps, par_lat = median_rate(
+    par_pps, par_lat = measure(
         lambda: run(noop_chain(6, "event", group="g"), spec, n_flows), args.runs)
-    one_pps, one_lat = median_rate(
+    one_pps, one_lat = measure(
         lambda: run(noop_chain(1, "event"), spec, n_flows), args.runs)
-    stack_pps, stack_lat = median_rate(lambda: run([], spec, n_flows), args.runs)
+    stack_pps, stack_lat = measure(lambda: run([], spec, n_flows), args.runs)
     per_nf = (seq_lat - stack_lat) / 6
     print(f"measured, µs per burst: stack alone {stack_lat:.0f}, 1 NF {one_lat:.0f}, "
           f"6 sequential {seq_lat:.0f}, 6 in a parallel group {par_lat:.0f} "
