@@ -423,20 +423,36 @@ cdef str _watch_wake_fd():
     return None
 
 
+cdef int _holding = 0               # raised once _hold has started
+
+
 cdef void _hold(void *arg) noexcept nogil:
     cdef timespec pause
     pause.tv_sec = <uint64_t>arg // 1000000000
     pause.tv_nsec = <uint64_t>arg % 1000000000
+    flag_raise(&_holding)
     nanosleep(&pause, NULL)
 
 
 def _hold_interrupt_thread(double seconds):
-    """For tests: keep EAL's interrupt thread busy for ``seconds`` from now (an alarm
-    that sleeps), so that a close meets a thread that does not answer."""
+    """For tests: keep EAL's interrupt thread busy for ``seconds`` (an alarm that
+    sleeps there), so that a close meets a thread that does not answer.  Returns once
+    the hold has started."""
+    global _holding
+    cdef timespec pause
     if _eal_state != EAL_RUNNING:
         raise PortError("DPDK EAL is not running")
+    _holding = 0
     if rte_eal_alarm_set(1, _hold, <void *><uint64_t>(seconds * 1e9)) != 0:
         raise PortError("rte_eal_alarm_set failed")
+    pause.tv_sec = 0
+    pause.tv_nsec = INTR_THREAD_POLL_NS
+    for _ in range(100000):             # 10 s
+        if flag_up(&_holding):
+            return
+        with nogil:
+            nanosleep(&pause, NULL)
+    raise PortError("EAL's interrupt thread did not start the hold within 10 s")
 
 
 def _set_close_wait(int seconds):

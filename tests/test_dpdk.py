@@ -369,7 +369,6 @@ def test_a_close_the_interrupt_thread_does_not_take_runs_from_the_caller_once():
             "ring = t.DpdkPort('net_ring6')\n"
             "d._set_close_wait(1)\n"
             "d._hold_interrupt_thread(4.0)\n"
-            "time.sleep(0.2)\n"
             "ring.close()\n"
             "print('closed', ring.receive(t.Batch(4)) == -1)\n"
             "time.sleep(4.0)\n"
