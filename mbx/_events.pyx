@@ -1088,6 +1088,7 @@ cdef enum:
     # so 12 rings of a burst's entries share no cache set
     RING_STAGGER = 80
     BATCH_VIEWS_KEPT = 256  # batch lengths whose staging views are kept per type
+    NO_MSG = 0xFFFFFFFF     # next_msg: nothing queued up to the limit
 
 
 cdef inline uint64_t mono_ns() noexcept nogil:
@@ -1115,6 +1116,26 @@ cdef inline bint side_ok(uint8_t mask, uint8_t flags) noexcept nogil:
     # Unsided messages reach every subscriber; sided ones those whose mask has
     # their (stack, sender/receiver) combination.
     return not (flags & MSG_F_SIDED) or (mask >> (flags & 3)) & 1
+
+
+cdef inline uint32_t next_msg(EventBus bus, uint32_t i, uint32_t limit,
+                              uint32_t *ring) noexcept nogil:
+    # NF i's next queued message at a position <= limit (its index, and in ring the
+    # ring it heads), or NO_MSG.  With no publications of other NFs queued (the usual
+    # case) the stack's ring alone, without next_ring's comparison of the two heads.
+    cdef uint32_t rs = 2 * i, cap = bus.msg_capacity, idx
+    if bus.qhead[rs + 1] == bus.qtail[rs + 1]:
+        if bus.qhead[rs] == bus.qtail[rs]:
+            return NO_MSG
+        idx = bus.queues[<size_t>rs * cap + (bus.qhead[rs] & (cap - 1))]
+        if bus.msgs[idx].h.pos > limit:
+            return NO_MSG
+        ring[0] = rs
+        return idx
+    ring[0] = bus.next_ring(i, limit)
+    if ring[0] == NO_RING:
+        return NO_MSG
+    return bus.queues[<size_t>ring[0] * cap + (bus.qhead[ring[0]] & (cap - 1))]
 
 
 cdef class EventBus:
@@ -1894,51 +1915,33 @@ cdef class EventBus:
             if run_n:
                 delivered[run_t] += run_n
                 tev[run_t] += run_n
-            if n:
-                self.delivered += n
-                self.nf_events[i] += n
-                self.nf_c_events[i] += n
-                self.nf_drops[i] += drops
-            return n
-        while True:
-            if self.qhead[rp] == self.qtail[rp]:
-                # no publications of other NFs queued (the usual case): the stack's
-                # ring alone, without next_ring's comparison of the two heads
-                h = self.qhead[rs]
-                if h == self.qtail[rs]:
+        else:
+            while True:
+                idx = next_msg(self, i, limit, &r)
+                if idx == NO_MSG:
                     break
-                r = rs
-                idx = qs[h & mask]
                 m = &msgs[idx]
-                if m.h.pos > limit:
-                    break
-            else:
-                r = self.next_ring(i, limit)
-                if r == NO_RING:
-                    break
-                idx = self.queues[<size_t>r * cap + (self.qhead[r] & mask)]
-                m = &msgs[idx]
-            t = m.h.type_idx
-            p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
-            s = flow_set_of(fset, fgen, fcap, m.h.flow, m.h.flow_gen)
-            c = csets[s][t]
-            if ((p != NULL and p.verdict == VERDICT_DROP and p.drop_stage < stage)
-                    or (skip != NULL and skip[idx])
-                    or (c == NULL and sets[s][t] == NULL)    # a C handler is in sets
-                    or not side_ok(sides[s][t], m.h.flags)):
+                t = m.h.type_idx
+                p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
+                s = flow_set_of(fset, fgen, fcap, m.h.flow, m.h.flow_gen)
+                c = csets[s][t]
+                if ((p != NULL and p.verdict == VERDICT_DROP and p.drop_stage < stage)
+                        or (skip != NULL and skip[idx])
+                        or (c == NULL and sets[s][t] == NULL)  # a C handler is in sets
+                        or not side_ok(sides[s][t], m.h.flags)):
+                    self.qhead[r] += 1
+                    self.release(m)
+                    continue
+                if c == NULL:
+                    break               # a Python handler's: _drain takes it
                 self.qhead[r] += 1
+                n += 1
+                delivered[t] += 1
+                tev[t] += 1
+                if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
+                    self.nf_drop(i, p)
+                    drops += 1
                 self.release(m)
-                continue
-            if c == NULL:
-                break                   # a Python handler's: _drain takes it
-            self.qhead[r] += 1
-            n += 1
-            delivered[t] += 1
-            tev[t] += 1
-            if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
-                self.nf_drop(i, p)
-                drops += 1
-            self.release(m)
         if n:
             self.delivered += n
             self.nf_events[i] += n
@@ -1959,15 +1962,12 @@ cdef class EventBus:
             stage_mem = self.stage
             self.stage_buf = <mbx_msg *>&stage_mem[0]
         cdef mbx_msg *stage = self.stage_buf
-        cdef uint32_t n = 0, idx, s, r, j, hd
+        cdef uint32_t n = 0, idx, s, r, j
         cdef mbx_msg *m
         cdef mbx_pkt *p
         cdef uint32_t *taken = self.taken
         cdef uint64_t t0
-        # NF i's tables and rings, looked up once for the run (see _run_c)
-        cdef uint32_t cap = self.msg_capacity, mask = cap - 1
-        cdef uint32_t rs = 2 * i, rp = 2 * i + 1
-        cdef const uint32_t *qs = self.queues + <size_t>rs * cap
+        # NF i's tables, looked up once for the run (see _run_c)
         cdef handler_table *sets = self.sets[i]
         cdef uint16_t **sbatch = self.set_batch[i]
         cdef uint8_t **sides = self.set_side[i]
@@ -1995,20 +1995,9 @@ cdef class EventBus:
                     run_t = t
                     run_n = 0
                 run_n += 1
-                if self.qhead[rp] == self.qtail[rp]:
-                    # only the stack's ring holds messages (the usual case)
-                    hd = self.qhead[rs]
-                    if hd == self.qtail[rs]:
-                        break
-                    r = rs
-                    idx = qs[hd & mask]
-                    if msgs[idx].h.pos > limit:
-                        break
-                else:
-                    r = self.next_ring(i, limit)
-                    if r == NO_RING:
-                        break
-                    idx = self.queues[<size_t>r * cap + (self.qhead[r] & mask)]
+                idx = next_msg(self, i, limit, &r)
+                if idx == NO_MSG:
+                    break
                 m = &msgs[idx]
                 t = m.h.type_idx
                 p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]

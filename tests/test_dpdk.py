@@ -280,6 +280,20 @@ def test_dpdk_specs_through_ports(eal, monkeypatch, tmp_path):
         open_input("dpdk:net_ring0")
 
 
+def in_fresh_process(lines, timeout=120):
+    """Run ``lines`` of Python in a new process (EAL is started once per process),
+    with this module importable as ``t``; returns its stdout, after checking it
+    exited 0."""
+    code = "\n".join(["import os, sys, time",
+                      f"sys.path.insert(0, {os.path.dirname(__file__)!r})",
+                      "import test_dpdk as t", *lines, ""])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=timeout, check=False)
+    assert r.returncode == 0, (f"exit {r.returncode} (negative: killed by that signal): "
+                               f"{r.stderr[-3000:]}")
+    return r.stdout, r.stderr
+
+
 def test_a_bad_eal_argument_fails_with_the_dpdk_log(tmp_path):
     # In its own process: a failed (or successful) rte_eal_init is once per process.
     code = ("from mbx._dpdkport import eal_init\n"
@@ -298,58 +312,48 @@ def test_a_bad_eal_argument_fails_with_the_dpdk_log(tmp_path):
 def test_a_forked_child_leaves_the_parents_dpdk_ports_alone():
     # A forked child shares the parent's devices and EAL memory but has no EAL
     # threads: its close (or its exit) must not close the device under the parent.
-    code = ("import os, sys\n"
-            f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-            "import test_dpdk as t\n"
-            "t._dpdkport.eal_init()\n"
-            "ring = t.DpdkPort('net_ring3')\n"
-            "pid = os.fork()\n"
-            "if pid == 0:\n"
-            "    ring.close()\n"
-            "    t._dpdkport._eal_cleanup()\n"
-            "    os._exit(0 if ring.receive(t.Batch(4)) == -1 else 3)\n"
-            "assert os.waitpid(pid, 0)[1] == 0\n"
-            "frames = [bytes([i]) * 64 for i in range(5)]\n"
-            "assert ring.send(t.batch_of(frames)) == 5\n"
-            "assert t.receive_all(ring, limit=5) == frames\n"
-            "ring.close()\n"
-            "print('parent ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "parent ok" in r.stdout
+    out, _ = in_fresh_process([
+        "t._dpdkport.eal_init()",
+        "ring = t.DpdkPort('net_ring3')",
+        "pid = os.fork()",
+        "if pid == 0:",
+        "    ring.close()",
+        "    t._dpdkport._eal_cleanup()",
+        "    os._exit(0 if ring.receive(t.Batch(4)) == -1 else 3)",
+        "assert os.waitpid(pid, 0)[1] == 0",
+        "frames = [bytes([i]) * 64 for i in range(5)]",
+        "assert ring.send(t.batch_of(frames)) == 5",
+        "assert t.receive_all(ring, limit=5) == frames",
+        "ring.close()",
+        "print('parent ok')"])
+    assert "parent ok" in out
 
 
 def test_a_forked_child_cannot_start_or_use_the_parents_eal():
     # The child has the parent's EAL state but none of its threads: opening a port
     # there (or asking for the EAL) is refused with an error that says why, instead
     # of handing back an EAL that does not run.
-    code = ("import os, sys\n"
-            f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-            "import test_dpdk as t\n"
-            "t._dpdkport.eal_init()\n"
-            "r, w = os.pipe()\n"
-            "pid = os.fork()\n"
-            "if pid == 0:\n"
-            "    msgs = []\n"
-            "    for attempt in (t._dpdkport.eal_init, lambda: t.DpdkPort('net_ring4')):\n"
-            "        try:\n"
-            "            attempt()\n"
-            "            msgs.append('no error')\n"
-            "        except t.PortError as e:\n"
-            "            msgs.append(str(e))\n"
-            "    os.write(w, '\\n'.join(msgs).encode())\n"
-            "    os._exit(0)\n"
-            "os.close(w)\n"
-            "assert os.waitpid(pid, 0)[1] == 0\n"
-            "print(os.read(r, 65536).decode())\n"
-            "ring = t.DpdkPort('net_ring4')\n"
-            "ring.close()\n"
-            "print('parent ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.splitlines()
+    out, _ = in_fresh_process([
+        "t._dpdkport.eal_init()",
+        "r, w = os.pipe()",
+        "pid = os.fork()",
+        "if pid == 0:",
+        "    msgs = []",
+        "    for attempt in (t._dpdkport.eal_init, lambda: t.DpdkPort('net_ring4')):",
+        "        try:",
+        "            attempt()",
+        "            msgs.append('no error')",
+        "        except t.PortError as e:",
+        "            msgs.append(str(e))",
+        "    os.write(w, '\\n'.join(msgs).encode())",
+        "    os._exit(0)",
+        "os.close(w)",
+        "assert os.waitpid(pid, 0)[1] == 0",
+        "print(os.read(r, 65536).decode())",
+        "ring = t.DpdkPort('net_ring4')",
+        "ring.close()",
+        "print('parent ok')"])
+    lines = out.splitlines()
     assert lines[-1] == "parent ok"
     assert len(lines) == 3
     for line in lines[:2]:
@@ -361,29 +365,24 @@ def test_a_close_the_interrupt_thread_does_not_take_runs_from_the_caller_once():
     # request back and closes from the calling thread, says so, and the interrupt
     # thread, free again, does not close the device a second time (the process
     # exits cleanly after a port of the same name was opened and closed again).
-    code = ("import os, sys, time\n"
-            f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-            "import test_dpdk as t\n"
-            "d = t._dpdkport\n"
-            "d.eal_init()\n"
-            "ring = t.DpdkPort('net_ring6')\n"
-            "d._set_close_wait(1)\n"
-            "d._hold_interrupt_thread(4.0)\n"
-            "ring.close()\n"
-            "print('closed', ring.receive(t.Batch(4)) == -1)\n"
-            "time.sleep(4.0)\n"
-            "again = t.DpdkPort('net_ring6')\n"
-            "frames = [bytes([i]) * 64 for i in range(3)]\n"
-            "assert again.send(t.batch_of(frames)) == 3\n"
-            "assert t.receive_all(again, limit=3) == frames\n"
-            "again.close()\n"
-            "print('reopened ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.splitlines() == ["closed True", "reopened ok"]
+    out, err = in_fresh_process([
+        "d = t._dpdkport",
+        "d.eal_init()",
+        "ring = t.DpdkPort('net_ring6')",
+        "d._set_close_wait(1)",
+        "d._hold_interrupt_thread(4.0)",
+        "ring.close()",
+        "print('closed', ring.receive(t.Batch(4)) == -1)",
+        "time.sleep(4.0)",
+        "again = t.DpdkPort('net_ring6')",
+        "frames = [bytes([i]) * 64 for i in range(3)]",
+        "assert again.send(t.batch_of(frames)) == 3",
+        "assert t.receive_all(again, limit=3) == frames",
+        "again.close()",
+        "print('reopened ok')"])
+    assert out.splitlines() == ["closed True", "reopened ok"]
     assert ("net_ring6: EAL's interrupt thread did not run the close within 1 s; "
-            "closing from this thread") in r.stderr
+            "closing from this thread") in err
 
 
 def test_mbx_run_over_dpdk_vdevs_ends_with_the_capture(example_pcap, tmp_path):
@@ -475,15 +474,11 @@ def test_a_memif_pair_carries_a_capture_as_the_pcap_port_reads_it(example_pcap, 
     # into that thread.  benchmarks/memif_teardown.py repeats this hundreds of times.
     reference, frames = pcap_reference(example_pcap, tmp_path)
     results = tmp_path / "memif.json"
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-            "from pathlib import Path\n"
-            "import test_dpdk as t\n"
-            "t._dpdkport.eal_init()\n"
-            f"t.memif_carry({example_pcap!r}, Path({str(tmp_path)!r}), {str(results)!r})\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, (f"the memif run ended with {r.returncode} (negative: "
-                               f"killed by that signal): {r.stderr[-3000:]}")
+    in_fresh_process([
+        "t._dpdkport.eal_init()",
+        "from pathlib import Path",
+        f"t.memif_carry({example_pcap!r}, Path({str(tmp_path)!r}), {str(results)!r})"],
+        timeout=300)
     assert json.loads(results.read_text()) == json.loads(json.dumps(reference))
     assert [f for _, f in read_frames(tmp_path / "memif.pcap")] == frames
 
