@@ -1138,20 +1138,6 @@ cdef inline uint32_t next_msg(EventBus bus, uint32_t i, uint32_t limit,
     return bus.queues[<size_t>ring[0] * cap + (bus.qhead[ring[0]] & (cap - 1))]
 
 
-cdef inline uint32_t give_c(EventBus bus, uint32_t j, mbx_msg *m, mbx_pkt *p,
-                            mbx_chandler *c, uint8_t stage, uint64_t *tev,
-                            uint64_t *drops) noexcept nogil:
-    # Hand m to NF j's C handler c, unless an earlier stage dropped its packet;
-    # 1 when it did.
-    if c == NULL or (p != NULL and p.verdict == VERDICT_DROP and p.drop_stage < stage):
-        return 0
-    tev[m.h.type_idx] += 1
-    if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
-        bus.nf_drop(j, p)
-        drops[0] += 1
-    return 1
-
-
 cdef class EventBus:
     """Event Memory, one input queue per NF, handler tables, and dispatch."""
 
@@ -2064,69 +2050,110 @@ cdef class EventBus:
         # each NF in chain order before the next packet's, so a drop hides the rest
         # of its events from the NFs after it, as with rings of their own (and as
         # dispatch's waves order NFs).  What one pass saves per further NF: the
-        # ring entry, the loop, reading the message and finding its packet.
+        # ring entry, the loop, reading the message and finding its packet, and the
+        # counting: every event is counted once for all (per run of one type, see
+        # _run_c) as if each NF took it, and taken back for an NF that did not.
         cdef uint32_t cap = self.msg_capacity, mask = cap - 1
         cdef const uint32_t *qs = self.queues + <size_t>(2 * lead) * cap
         cdef mbx_msg *msgs = self.msgs
         cdef mbx_pkt *pkts = self.pkts
         cdef uint64_t *delivered = self.per_type_delivered
         cdef uint32_t h = self.qhead[2 * lead], tail = self.qtail[2 * lead]
-        cdef uint32_t e, k, j, pos, took, g, n = 0
-        cdef uint16_t t
+        cdef uint32_t e, k, j, pos, members = end - lead
+        cdef uint64_t seen = 0, run_n = 0, n = 0
+        cdef uint16_t t, run_t = 0
         cdef mbx_msg *m
         cdef mbx_pkt *p
+        cdef mbx_chandler *c
         cdef c_table cset[MAX_NFS]
         cdef uint8_t stage[MAX_NFS]
         cdef uint64_t *tev[MAX_NFS]
-        cdef uint64_t given[MAX_NFS]
+        cdef uint64_t missed[MAX_NFS]
         cdef uint64_t drops[MAX_NFS]
         for j in range(lead, end):
             cset[j] = self.set_c[j][0]
             stage[j] = self.nf_stage[j]
             tev[j] = self.nf_type_events + <size_t>j * MAX_TYPES
-            given[j] = 0
+            missed[j] = 0
             drops[j] = 0
         while h != tail:
             m = &msgs[qs[h & mask]]
             pos = m.h.pos
             if pos > limit:
                 break
+            t = m.h.type_idx
             e = h + 1
+            if e == tail or msgs[qs[e & mask]].h.pos != pos:
+                # the packet's only event (the usual case): read once for all NFs
+                if t != run_t:
+                    if run_n:
+                        for j in range(lead, end):
+                            tev[j][run_t] += run_n
+                        delivered[run_t] += run_n * members
+                    run_t = t
+                    run_n = 0
+                run_n += 1
+                p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
+                for j in range(lead, end):
+                    c = cset[j][t]
+                    if c == NULL or (p != NULL and p.verdict == VERDICT_DROP
+                                     and p.drop_stage < stage[j]):
+                        missed[j] += 1  # counted already: take it back
+                        tev[j][t] -= 1
+                        delivered[t] -= 1
+                    elif c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
+                        self.nf_drop(j, p)
+                        drops[j] += 1
+                m.h.refs -= 1           # release(m), inline: the ring held one reference
+                if m.h.refs == 0 and p != NULL:
+                    p.refs -= 1
+                h = e
+                continue
             while e != tail and msgs[qs[e & mask]].h.pos == pos:
                 e += 1
-            if e == h + 1:
-                # the packet's only event (the usual case)
-                t = m.h.type_idx
-                p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
-                took = 0
-                for j in range(lead, end):
-                    g = give_c(self, j, m, p, cset[j][t], stage[j], tev[j], &drops[j])
-                    given[j] += g
-                    took += g
-                delivered[t] += took
-            else:
-                for j in range(lead, end):
-                    for k in range(h, e):
-                        m = &msgs[qs[k & mask]]
-                        t = m.h.type_idx
-                        p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
-                        g = give_c(self, j, m, p, cset[j][t], stage[j], tev[j], &drops[j])
-                        given[j] += g
-                        delivered[t] += g
+            for k in range(h, e):       # count the packet's events for every NF
+                t = msgs[qs[k & mask]].h.type_idx
+                if t != run_t:
+                    if run_n:
+                        for j in range(lead, end):
+                            tev[j][run_t] += run_n
+                        delivered[run_t] += run_n * members
+                    run_t = t
+                    run_n = 0
+                run_n += 1
+            for j in range(lead, end):  # then hand them to one NF after another
+                for k in range(h, e):
+                    m = &msgs[qs[k & mask]]
+                    t = m.h.type_idx
+                    p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
+                    c = cset[j][t]
+                    if c == NULL or (p != NULL and p.verdict == VERDICT_DROP
+                                     and p.drop_stage < stage[j]):
+                        missed[j] += 1
+                        tev[j][t] -= 1
+                        delivered[t] -= 1
+                    elif c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
+                        self.nf_drop(j, p)
+                        drops[j] += 1
             for k in range(h, e):
                 m = &msgs[qs[k & mask]]
-                m.h.refs -= 1           # release(m), inline: the ring held one reference
+                m.h.refs -= 1
                 if m.h.refs == 0 and m.h.pkt != NO_PKT:
                     pkts[m.h.pkt].refs -= 1
             h = e
+        seen = h - self.qhead[2 * lead]
         self.qhead[2 * lead] = h
+        if run_n:
+            for j in range(lead, end):
+                tev[j][run_t] += run_n
+            delivered[run_t] += run_n * members
         for j in range(lead, end):
-            n += given[j]
-            self.nf_events[j] += given[j]
-            self.nf_c_events[j] += given[j]
+            n += seen - missed[j]
+            self.nf_events[j] += seen - missed[j]
+            self.nf_c_events[j] += seen - missed[j]
             self.nf_drops[j] += drops[j]
         self.delivered += n
-        return n
+        return <uint32_t>n
 
     cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt,
                     uint32_t limit):
