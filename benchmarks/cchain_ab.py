@@ -10,7 +10,7 @@ in a venv of DIR).  Printed per build: the medians over all rounds of CPU ns per
 packet for the chain of 1 and 6, their ratio, and ns per extra NF.
 
     python benchmarks/cchain_ab.py BEFORE_PYTHON AFTER_PYTHON [--rounds 5] [--runs 3]
-                                   [--handler c|batch|event]
+                                   [--handler c|batch|event] [--no-nf-timing]
 """
 import argparse
 import os
@@ -33,6 +33,8 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--flows", type=int, default=20_000)
     ap.add_argument("--handler", choices=("c", "batch", "event"), default="c")
+    ap.add_argument("--no-nf-timing", dest="nf_timing", action="store_false",
+                    help="both builds without per NF handler clocks")
     args = ap.parse_args(argv)
     got = {"before": [], "after": []}
     for _ in range(args.rounds):
@@ -40,7 +42,7 @@ def main(argv=None):
             out = subprocess.run(
                 [getattr(args, name), os.path.join(HERE, "cchain_figures.py"),
                  "--runs", str(args.runs), "--flows", str(args.flows),
-                 "--handler", args.handler],
+                 "--handler", args.handler] + ([] if args.nf_timing else ["--no-nf-timing"]),
                 capture_output=True, text=True, check=True).stdout
             ns = {int(n): float(v) for n, v, _ in LINE.findall(out)}
             ratio, kratio, extra = RATIO.search(out).groups()

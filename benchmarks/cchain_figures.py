@@ -9,10 +9,11 @@ alternating, over one capture read from memory.  ``--handler``: ``c`` (default,
 throughput over the run loop, medians; the chain of 6 over the chain of 1, and the
 nanoseconds each NF past the first adds per packet; then the least CPU time of each
 and the median of the ratios of runs taken side by side.  ``--stack`` also runs the
-stack alone (no NF).
+stack alone (no NF).  ``--no-nf-timing`` runs without per NF handler clocks (then
+C NFs with the same subscriptions share one ring and one pass, see the guide).
 
     python benchmarks/cchain_figures.py [--handler c|batch|event] [--flows 20000]
-                                        [--runs 9] [--stack]
+                                        [--runs 9] [--stack] [--no-nf-timing]
 """
 import argparse
 import os
@@ -53,11 +54,12 @@ def chain(n, handler="c"):
     return nfs
 
 
-def run_once(n, spec, n_flows, handler="c"):
+def run_once(n, spec, n_flows, handler="c", nf_timing=True):
     """(CPU ns per packet, wall kpps over the run loop)."""
     inp = open_input(spec)
     try:
-        app = App(chain(n, handler), stack="tcp", flow_capacity=2 * n_flows)
+        app = App(chain(n, handler), stack="tcp", flow_capacity=2 * n_flows,
+                  nf_timing=nf_timing)
         cpu0 = time.thread_time_ns()
         c = app.run(inp, burst=BURST)
         cpu = time.thread_time_ns() - cpu0
@@ -74,19 +76,21 @@ def main(argv=None):
     ap.add_argument("--stack", action="store_true", help="also the stack alone")
     ap.add_argument("--handler", choices=("c", "batch", "event"), default="c",
                     help="the NFs' no-op handler (c)")
+    ap.add_argument("--no-nf-timing", dest="nf_timing", action="store_false",
+                    help="no per NF handler clocks")
     args = ap.parse_args(argv)
     spec = "pcap:" + make_tcp64_capture(args.flows, 10)
     sizes = ([0] if args.stack else []) + [1, 6]
     cpu = {n: [] for n in sizes}
     kpps = {n: [] for n in sizes}
-    run_once(1, spec, args.flows, args.handler)     # warm the caches and page cache
+    run_once(1, spec, args.flows, args.handler, args.nf_timing)     # warm the caches
     for _ in range(args.runs):
         for n in sizes:
-            c, k = run_once(n, spec, args.flows, args.handler)
+            c, k = run_once(n, spec, args.flows, args.handler, args.nf_timing)
             cpu[n].append(c)
             kpps[n].append(k)
     med = {n: (statistics.median(cpu[n]), statistics.median(kpps[n])) for n in sizes}
-    print(f"{args.handler} handlers; "
+    print(f"{args.handler} handlers{'' if args.nf_timing else ', no handler clocks'}; "
           f"{args.flows:,} TCP connections x 10 packets (64 B), bursts of {BURST}, "
           f"median of {args.runs}, load average {os.getloadavg()[0]:.1f}")
     for n in sizes:

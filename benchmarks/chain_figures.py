@@ -5,9 +5,11 @@ Fig. 6.  A chain of N no-op NFs subscribed to the TCP Monitor's PKT/TCP events.
 *Consolidated* (mbx): one Network Layer + TCP Monitor, the N NFs behind it.
 *Per-NF stack* (the baseline, as chained mOS instances would be): each NF runs with
 its own Network Layer + TCP Monitor over the packets, one after the other, so the
-stack work is done N times.  Inline (one process), three kinds of no-op NF: Python
-per-event handlers, Python batch handlers, and a Cython NF's C handler
-(``mbx.examples.cnoop``, the kind of NF the paper chains);
+stack work is done N times.  Inline (one process), four kinds of no-op NF: Python
+per-event handlers, Python batch handlers, a Cython NF's C handler
+(``mbx.examples.cnoop``, the kind of NF the paper chains), and the same C handlers
+run without handler clocks (``nf_timing=False``: inline, the chain's NFs then share
+one ring and one pass, see docs/guide.md);
 with ``--pipelined``, the consolidated chain also pipelined (the stack in this
 process, each NF in its own, ``--inflight`` bursts in flight).  Throughput is
 packets per second of the whole chain over the stack's run loop (``timing.run_s``:
@@ -43,9 +45,10 @@ from mbx.runtime import App  # noqa: E402
 BURST = 64
 
 
-HANDLERS = ("event", "batch", "c")
+HANDLERS = ("event", "batch", "c", "c-shared")
 HANDLER_TITLES = {"event": "Python per-event handlers", "batch": "Python batch handlers",
-                  "c": "Cython C handlers"}
+                  "c": "Cython C handlers",
+                  "c-shared": "C handlers, no handler clocks (one shared ring)"}
 
 
 def noop_chain(n, handler, group=None):
@@ -54,7 +57,7 @@ def noop_chain(n, handler, group=None):
         nf = mbx.NF(f"nf{i}", group=group)
         if handler == "batch":
             nf.sub(mbx.PKT_TCP, lambda recs: None, batch=True)
-        elif handler == "c":
+        elif handler in ("c", "c-shared"):
             nf.sub(mbx.PKT_TCP, cnoop.noop_handler())
         else:
             nf.sub(mbx.PKT_TCP, lambda ev: None)
@@ -64,6 +67,7 @@ def noop_chain(n, handler, group=None):
 
 def run(nfs, spec, n_flows, **kw):
     """(seconds in the run loop, packets, µs a burst waited from read to send)."""
+    kw.setdefault("nf_timing", True)
     inp = open_input(spec)
     try:
         c = App(nfs, stack="tcp", flow_capacity=2 * n_flows, **kw).run(inp, burst=BURST)
@@ -74,14 +78,15 @@ def run(nfs, spec, n_flows, **kw):
 
 
 def consolidated(n, handler, spec, n_flows, **kw):
-    return run(noop_chain(n, handler), spec, n_flows, **kw)
+    return run(noop_chain(n, handler), spec, n_flows, nf_timing=handler != "c-shared",
+               **kw)
 
 
 def per_nf_stack(n, handler, spec, n_flows):
     # the packets go through N stacks one after the other: the times add up
     total, pkts, wait = 0.0, 0, 0.0
     for nf in noop_chain(n, handler):
-        dt, pkts, w = run([nf], spec, n_flows)
+        dt, pkts, w = run([nf], spec, n_flows, nf_timing=handler != "c-shared")
         total += dt
         wait += w
     return total, pkts, wait
@@ -104,7 +109,7 @@ def plot(result, path):
     import matplotlib.pyplot as plt
 
     kinds = [h for h in HANDLERS if any(r["handler"] == h for r in result["fig6"])]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.5), sharey=True)
     for ax, handler in zip(axes, kinds, strict=True):
         rows = [r for r in result["fig6"] if r["handler"] == handler]
         ns = [r["n"] for r in rows]

@@ -1201,7 +1201,7 @@ cdef class EventBus:
         self.nf_drops = <uint64_t *>PyMem_Calloc(MAX_NFS, 8)
         self.nf_ns = <uint64_t *>PyMem_Calloc(MAX_NFS, 8)
         self.nf_type_events = <uint64_t *>PyMem_Calloc(max(self.nnf, 1) * MAX_TYPES, 8)
-        self.timing = True
+        self.timed = True
         self.nf_stage = <uint8_t *>PyMem_Calloc(MAX_NFS, 1)
         self.nf_votemask = <uint32_t *>PyMem_Calloc(MAX_NFS, 4)
         self.nf_fngroup = <uint8_t *>PyMem_Calloc(MAX_NFS, 1)
@@ -1273,6 +1273,24 @@ cdef class EventBus:
         for i in range(self.nnf):
             self.want_set(i, 0)
             self.plan_fanout(i)
+        self.may_share = True
+        self.plan_rings()
+
+    @property
+    def timing(self):
+        """Clock each NF's handlers (its handler time in the stats).  Off, consecutive
+        NFs with only C handlers and the same subscriptions also share one ring and
+        one pass over it (see plan_rings): a shared pass has no time of each NF's."""
+        return self.timed
+
+    @timing.setter
+    def timing(self, bint on):
+        cdef uint32_t r
+        for r in range(2 * self.nnf):
+            if self.qhead[r] != self.qtail[r]:
+                raise MbxError("cannot turn handler timing on or off while events are queued")
+        self.timed = on
+        self.plan_rings()
 
     def __dealloc__(self):
         cdef uint32_t i, s
@@ -1457,6 +1475,7 @@ cdef class EventBus:
         # publications
         cdef uint32_t take = (fan[flags & 3] if flags & MSG_F_SIDED
                               else fan[FAN_UNSIDED]) | check
+        take &= self.ring_mask          # NFs sharing a ring take it from there
         if from_nf:
             take &= ~((<uint32_t>1) << (m.h.publisher - 1))
         while take:
@@ -1514,6 +1533,8 @@ cdef class EventBus:
             if self.qhead[r] == self.qtail[r]:
                 self.qhead[r] = (r * RING_STAGGER) & (self.msg_capacity - 1)
                 self.qtail[r] = self.qhead[r]
+        if self.replan:
+            self.plan_rings()
 
     cpdef uint32_t burst_mark(self):
         """A mark for the burst just processed (see ``burst_done``)."""
@@ -1579,6 +1600,8 @@ cdef class EventBus:
         # a type no NF wanted by default may be wanted now, for this flow (wants()
         # still asks per flow)
         self.want_set(nf, s)
+        if self.nf_shares[nf] or self.nf_sharers[nf]:
+            self.plan_rings()           # nf now has a plan of its own
 
     cdef void plan_fanout(self, uint32_t nf) noexcept:
         # Where publish sends NF nf's messages without asking its tables: a type its
@@ -1598,6 +1621,73 @@ cdef class EventBus:
                     if side_ok(self.set_side[nf][0][t], MSG_F_SIDED | c):
                         fan[c] |= bit
                 fan[FAN_UNSIDED] |= bit
+
+    cdef void plan_rings(self) noexcept nogil:
+        # NFs that take the same events the same way need not each have them queued
+        # and looped over: consecutive NFs with only C handlers and the same plan
+        # for every type and side (no filters, no per-flow sets) and no merge
+        # function between them share the first one's ring, and _run_shared hands
+        # each event to each of them in chain order.  Not when each NF's handler
+        # time is clocked (a shared pass has no time of each NF's), not when NFs
+        # take NF publications (dispatch's waves), not pipelined (may_share: there
+        # each NF has its own process and ring).
+        cdef uint32_t i, j, k, t, c, r, idx, pos, ls, js, lead = 0
+        cdef uint32_t cap = self.msg_capacity, mask = cap - 1
+        cdef uint32_t lbit, ibit, col
+        cdef const uint32_t *fan
+        cdef bint same
+        # NFs leaving a group (an mb_up_sub gave one a plan of its own) get what
+        # the group's ring still holds for them
+        for i in range(self.nnf):
+            ls = 2 * i
+            for j in range(i + 1, i + 1 + self.nf_sharers[i]):
+                js = 2 * j
+                k = self.qhead[ls]
+                while k != self.qtail[ls]:
+                    idx = self.queues[<size_t>ls * cap + (k & mask)]
+                    pos = self.qtail[js]
+                    self.queues[<size_t>js * cap + (pos & mask)] = idx
+                    self.qtail[js] = pos + 1
+                    self.msgs[idx].h.refs += 1
+                    k += 1
+            self.nf_sharers[i] = 0
+        memset(self.nf_shares, 0, MAX_NFS)
+        self.ring_mask = 0xFFFFFFFF
+        self.replan = False
+        if self.timed or self.ordered or not self.may_share:
+            return
+        for i in range(1, self.nnf):
+            lbit = (<uint32_t>1) << lead
+            ibit = (<uint32_t>1) << i
+            same = (not self.nf_has_py[lead] and not self.nf_has_py[i]
+                    and self.nf_has_c[lead] and self.nf_has_c[i]
+                    and self.flow_set[lead] == NULL and self.flow_set[i] == NULL
+                    and not self.nf_fngroup[lead] and not self.nf_fngroup[i])
+            t = 0
+            while same and t < MAX_TYPES:
+                fan = self.fan + <size_t>t * FAN_N
+                if (fan[FAN_CHECK] & (lbit | ibit)) != 0:
+                    same = False
+                for c in range(FAN_N):
+                    col = fan[c]
+                    if ((col & lbit) != 0) != ((col & ibit) != 0):
+                        same = False
+                t += 1
+            if same:
+                # only between bursts (rings empty): entries queued before would
+                # not be the new member's
+                for k in range(4):
+                    r = 2 * (lead if k < 2 else i) + (k & 1)
+                    if self.qhead[r] != self.qtail[r]:
+                        same = False
+                if not same:
+                    self.replan = True
+            if same:
+                self.nf_sharers[lead] += 1
+                self.nf_shares[i] = 1
+                self.ring_mask &= ~ibit
+            else:
+                lead = i
 
     cdef void want_set(self, uint32_t nf, uint32_t s) noexcept:
         # What the stack may skip building: the built-in types and sides no handler
@@ -1708,7 +1798,7 @@ cdef class EventBus:
         # calls, NF i's own, counts as its time); two readings per call cost about
         # 40 ns, as much as the rest of a call's dispatch.
         cdef uint64_t t_run = 0
-        cdef bint timing = self.timing
+        cdef bint timing = self.timed
         cdef bint has_c = self.nf_has_c[i]
         cdef Event view = <Event>self.views[i]
         nf = self.nfs[i]
@@ -1822,9 +1912,15 @@ cdef class EventBus:
         # clocked (with timing on) by one reading between two NFs' runs.
         cdef uint32_t i
         cdef uint64_t t0, t1
-        if not self.timing:
-            for i in range(first, end):
-                self._run_c(i, limit)
+        if not self.timed:
+            i = first
+            while i < end:
+                if self.nf_sharers[i]:
+                    self._run_shared(i, i + 1 + self.nf_sharers[i], limit)
+                    i += 1 + self.nf_sharers[i]
+                else:
+                    self._run_c(i, limit)
+                    i += 1
             return
         t0 = mono_ns()
         for i in range(first, end):
@@ -1836,7 +1932,7 @@ cdef class EventBus:
     cdef void _run_c_timed(self, uint32_t i, uint32_t limit) noexcept nogil:
         # NF i's C run, clocked when timing is on.
         cdef uint64_t t0
-        if not self.timing:
+        if not self.timed:
             self._run_c(i, limit)
             return
         t0 = mono_ns()
@@ -1949,6 +2045,116 @@ cdef class EventBus:
             self.nf_drops[i] += drops
         return n
 
+    cdef uint32_t _run_shared(self, uint32_t lead, uint32_t end, uint32_t limit) noexcept nogil:
+        # NFs lead..end-1 share lead's ring (plan_rings).  Each packet's events go to
+        # each NF in chain order before the next packet's, so a drop hides the rest
+        # of its events from the NFs after it, as with rings of their own (and as
+        # dispatch's waves order NFs).  What one pass saves per further NF: the
+        # ring entry, the loop, reading the message and finding its packet, and the
+        # counting: every event is counted once for all (per run of one type, see
+        # _run_c) as if each NF took it, and taken back for an NF that did not.
+        cdef uint32_t cap = self.msg_capacity, mask = cap - 1
+        cdef const uint32_t *qs = self.queues + <size_t>(2 * lead) * cap
+        cdef mbx_msg *msgs = self.msgs
+        cdef mbx_pkt *pkts = self.pkts
+        cdef uint64_t *delivered = self.per_type_delivered
+        cdef uint32_t h = self.qhead[2 * lead], tail = self.qtail[2 * lead]
+        cdef uint32_t e, k, j, pos, members = end - lead
+        cdef uint64_t seen = 0, run_n = 0, n = 0
+        cdef uint16_t t, run_t = 0
+        cdef mbx_msg *m
+        cdef mbx_pkt *p
+        cdef mbx_chandler *c
+        cdef c_table cset[MAX_NFS]
+        cdef uint8_t stage[MAX_NFS]
+        cdef uint64_t *tev[MAX_NFS]
+        cdef uint64_t missed[MAX_NFS]
+        cdef uint64_t drops[MAX_NFS]
+        for j in range(lead, end):
+            cset[j] = self.set_c[j][0]
+            stage[j] = self.nf_stage[j]
+            tev[j] = self.nf_type_events + <size_t>j * MAX_TYPES
+            missed[j] = 0
+            drops[j] = 0
+        while h != tail:
+            m = &msgs[qs[h & mask]]
+            pos = m.h.pos
+            if pos > limit:
+                break
+            t = m.h.type_idx
+            e = h + 1
+            if e == tail or msgs[qs[e & mask]].h.pos != pos:
+                # the packet's only event (the usual case): read once for all NFs
+                if t != run_t:
+                    if run_n:
+                        for j in range(lead, end):
+                            tev[j][run_t] += run_n
+                        delivered[run_t] += run_n * members
+                    run_t = t
+                    run_n = 0
+                run_n += 1
+                p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
+                for j in range(lead, end):
+                    c = cset[j][t]
+                    if c == NULL or (p != NULL and p.verdict == VERDICT_DROP
+                                     and p.drop_stage < stage[j]):
+                        missed[j] += 1  # counted already: take it back
+                        tev[j][t] -= 1
+                        delivered[t] -= 1
+                    elif c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
+                        self.nf_drop(j, p)
+                        drops[j] += 1
+                m.h.refs -= 1           # release(m), inline: the ring held one reference
+                if m.h.refs == 0 and p != NULL:
+                    p.refs -= 1
+                h = e
+                continue
+            while e != tail and msgs[qs[e & mask]].h.pos == pos:
+                e += 1
+            for k in range(h, e):       # count the packet's events for every NF
+                t = msgs[qs[k & mask]].h.type_idx
+                if t != run_t:
+                    if run_n:
+                        for j in range(lead, end):
+                            tev[j][run_t] += run_n
+                        delivered[run_t] += run_n * members
+                    run_t = t
+                    run_n = 0
+                run_n += 1
+            for j in range(lead, end):  # then hand them to one NF after another
+                for k in range(h, e):
+                    m = &msgs[qs[k & mask]]
+                    t = m.h.type_idx
+                    p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
+                    c = cset[j][t]
+                    if c == NULL or (p != NULL and p.verdict == VERDICT_DROP
+                                     and p.drop_stage < stage[j]):
+                        missed[j] += 1
+                        tev[j][t] -= 1
+                        delivered[t] -= 1
+                    elif c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
+                        self.nf_drop(j, p)
+                        drops[j] += 1
+            for k in range(h, e):
+                m = &msgs[qs[k & mask]]
+                m.h.refs -= 1
+                if m.h.refs == 0 and m.h.pkt != NO_PKT:
+                    pkts[m.h.pkt].refs -= 1
+            h = e
+        seen = h - self.qhead[2 * lead]
+        self.qhead[2 * lead] = h
+        if run_n:
+            for j in range(lead, end):
+                tev[j][run_t] += run_n
+            delivered[run_t] += run_n * members
+        for j in range(lead, end):
+            n += seen - missed[j]
+            self.nf_events[j] += seen - missed[j]
+            self.nf_c_events[j] += seen - missed[j]
+            self.nf_drops[j] += drops[j]
+        self.delivered += n
+        return <uint32_t>n
+
     cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt,
                     uint32_t limit):
         # Gather the run of queued messages that resolve to the same batch handler
@@ -2026,10 +2232,10 @@ cdef class EventBus:
                 if n <= BATCH_VIEWS_KEPT:
                     views[n] = view
             self.current_msg_idx = first
-            t0 = mono_ns() if self.timing else 0
+            t0 = mono_ns() if self.timed else 0
             try:
                 verdicts = (<object>h)(view)
-                if self.timing:
+                if self.timed:
                     self.nf_ns[i] += mono_ns() - t0
             except Exception as exc:
                 raise NFError(
@@ -2079,6 +2285,14 @@ cdef class EventBus:
                 "types": {t.name: tev[t.idx] for t in _types if tev[t.idx]},
             }
         return out
+
+    @property
+    def shared_rings(self):
+        """The groups of NFs (names, in chain order) that share one ring and one pass
+        over it (see ``timing``); empty when every NF has its own."""
+        cdef uint32_t i
+        return [tuple(self.nfs[j].name for j in range(i, i + 1 + self.nf_sharers[i]))
+                for i in range(self.nnf) if self.nf_sharers[i]]
 
     @property
     def pending(self):

@@ -210,6 +210,7 @@ cdef class PipeBus(EventBus):
     process; ``role`` says which part this process plays)."""
 
     def __cinit__(self, *args, **kwargs):
+        self.may_share = False      # every NF its own process, and its own ring
         self.rings = NULL
         self.out = NULL
         self.scratch = NULL

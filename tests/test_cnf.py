@@ -271,3 +271,110 @@ def test_c_group_with_merge_function_decides_before_the_next_stage(run, example_
     assert calls == {frozenset({"v0", "v1"}): per_dir["before"][0],
                      frozenset({"v2"}): per_dir["before"][1]}
     assert dropped == per_dir["before"][0]
+
+
+def run_twice_sharing(make_chain, capture):
+    """Run the chain ``make_chain()`` builds inline over ``capture`` with per NF
+    handler clocks (every NF its own ring) and without (C NFs with the same plan
+    share one ring and one pass); per run: the chain's shared rings, its counters
+    and its output frames."""
+    got = []
+    for timing in (True, False):
+        chain, counts = make_chain()
+        app = mbx.App(chain, stack="tcp", nf_timing=timing)
+        counters, out = run_app_with(app, capture)
+        got.append((app.stack.bus.shared_rings, counters, counts, out))
+    return got
+
+
+def run_app_with(app, capture):
+    from mbx.ports import open_input, open_output
+
+    out_path = capture + ".out.pcap"
+    inp, out = open_input("pcap:" + capture), open_output("pcap:" + out_path)
+    try:
+        counters = app.run(inp, out, burst=64)
+    finally:
+        inp.close()
+        out.close()
+    return counters, read_frames(out_path)
+
+
+def seen(counters, counts):
+    """What a run showed about its NFs: events per direction counted in C, and per
+    NF its events, drops and events per type; the packets dropped by NFs."""
+    return ({n: (c.c2s, c.s2c) for n, c in counts.items()},
+            {n: (s["events"], s["c_events"], s["drops"], s["types"])
+             for n, s in counters["nfs"].items()},
+            counters["dropped_by_nf"])
+
+
+def test_c_nfs_sharing_a_ring_see_and_drop_as_with_rings_of_their_own(example_pcap):
+    # Five C NFs on every event, the third dropping what the server sends, but only
+    # on FLOW/TCP/STATE events, which come after their packet's PKT/TCP event:
+    # sharing one pass, the NFs after it must still see neither (each packet's
+    # events go to one NF after another, not each event to every NF in turn).
+    def make_chain():
+        counts = {n: cnoop.Counter() for n in ("a", "b", "d", "e")}
+        chain = []
+        for name in ("a", "b", "drop", "d", "e"):
+            nf = mbx.NF(name)
+            nf.sub("EVENT", cnoop.Dropper(1, "FLOW/TCP/STATE").handler() if name == "drop"
+                   else counts[name].handler())
+            chain.append(nf)
+        return chain, counts
+
+    (rings_own, c_own, n_own, out_own), (rings, c, n, out) = run_twice_sharing(
+        make_chain, example_pcap)
+    assert rings_own == [] and rings == [("a", "b", "drop", "d", "e")]
+    assert seen(c, n) == seen(c_own, n_own)
+    assert out == out_own
+    per_dir, per_nf, dropped = seen(c, n)
+    assert dropped == per_nf["drop"][2] > 0
+    for t in ("PKT/TCP", "FLOW/TCP/STATE"):         # server packets' events hidden
+        assert per_nf["a"][3][t] > per_nf["d"][3][t] > 0
+    assert per_dir["a"] == per_dir["b"] and per_dir["d"] == per_dir["e"]
+    assert per_dir["d"][0] == per_dir["a"][0] and per_dir["d"][1] < per_dir["a"][1]
+
+
+def test_an_up_sub_takes_an_nf_out_of_its_shared_ring_with_nothing_lost(example_pcap):
+    # A Python NF ahead of three C NFs sharing a ring unsubscribes the middle one
+    # from some flows while the burst's events wait in the shared ring: it leaves
+    # the group with its own copy of what is queued, and the counts are those of
+    # rings of their own.
+    def make_chain():
+        counts = {n: cnoop.Counter() for n in ("c1", "late", "c3")}
+        late = mbx.NF("late")
+        late.sub("PKT", counts["late"].handler())
+        chain = [Unsubscriber("unsub", late)]
+        for name in ("c1", "late", "c3"):
+            nf = late if name == "late" else mbx.NF(name)
+            if nf is not late:
+                nf.sub("PKT", counts[name].handler())
+            chain.append(nf)
+        return chain, counts
+
+    (rings_own, c_own, n_own, out_own), (rings, c, n, out) = run_twice_sharing(
+        make_chain, example_pcap)
+    assert rings_own == [] and rings == []           # split by the first up_sub
+    assert seen(c, n) == seen(c_own, n_own) and out == out_own
+    per_dir = seen(c, n)[0]
+    assert per_dir["c1"] == per_dir["c3"]
+    assert 0 < sum(per_dir["late"]) < sum(per_dir["c1"])
+
+
+
+def test_pipelined_nfs_keep_rings_of_their_own(example_pcap):
+    # Pipelined, each NF has its own process and ring, handler clocks or not: two C
+    # NFs with the same plan each get every event, as inline.
+    def chain():
+        return [cnoop.make_counter("a", "PKT/TCP"), cnoop.make_counter("b", "PKT/TCP")]
+
+    got = {}
+    for deploy in ("inline", "pipelined"):
+        app = mbx.App(chain(), stack="tcp", nf_timing=False, deploy=deploy)
+        counters, _ = run_app_with(app, example_pcap)
+        got[deploy] = (app.stack.bus.shared_rings,
+                       {n: s["events"] for n, s in counters["nfs"].items()})
+    assert got["inline"][0] == [("a", "b")] and got["pipelined"][0] == []
+    assert got["pipelined"][1] == got["inline"][1] and got["inline"][1]["a"] > 0

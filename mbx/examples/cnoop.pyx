@@ -2,13 +2,14 @@
 
 ``make_noop()``: an NF whose handler does nothing (the benchmarks' dispatch cost);
 ``make_counter()``: counts events per direction in C, read from Python;
-``make_dropper(dir)``: drops every packet sent in direction ``dir``.
+``make_dropper(dir)``: drops every packet sent in direction ``dir`` (``Dropper(dir,
+etype)``: only on events of exactly that type).
 """
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint16_t, uint64_t
 
 from mbx.cnf cimport MBX_DROP, MBX_PASS, chandler, mbx_msg, mbx_pkt
 
-from mbx._events import NF
+from mbx._events import NF, event_type
 
 
 cdef int noop(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
@@ -24,8 +25,16 @@ cdef int count(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
     return MBX_PASS
 
 
+cdef struct drop_rule:
+    uint64_t dir
+    uint16_t type_idx           # 0xFFFF: any type
+
+
 cdef int drop_dir(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
-    return MBX_DROP if m.h.dir == (<uint64_t *>ctx)[0] else MBX_PASS
+    cdef const drop_rule *r = <const drop_rule *>ctx
+    if m.h.dir == r.dir and (r.type_idx == 0xFFFF or m.h.type_idx == r.type_idx):
+        return MBX_DROP
+    return MBX_PASS
 
 
 def noop_handler():
@@ -55,14 +64,16 @@ cdef class Counter:
 
 
 cdef class Dropper:
-    """Drops the packets of events sent in direction ``dir``."""
-    cdef uint64_t dir
+    """Drops the packets of events sent in direction ``dir`` (with ``etype``: of
+    events of exactly that type only)."""
+    cdef drop_rule rule
 
-    def __init__(self, int dir):
-        self.dir = dir
+    def __init__(self, int dir, etype=None):
+        self.rule.dir = dir
+        self.rule.type_idx = 0xFFFF if etype is None else event_type(etype).idx
 
     def handler(self):
-        return chandler(drop_dir, &self.dir, self, "cnoop.drop_dir")
+        return chandler(drop_dir, &self.rule, self, "cnoop.drop_dir")
 
 
 def make_noop(name="cnoop", etype="PKT"):
