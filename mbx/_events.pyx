@@ -1138,6 +1138,18 @@ cdef inline uint32_t next_msg(EventBus bus, uint32_t i, uint32_t limit,
     return bus.queues[<size_t>ring[0] * cap + (bus.qhead[ring[0]] & (cap - 1))]
 
 
+cdef inline bint offer_c(EventBus bus, uint32_t j, mbx_msg *m, mbx_pkt *p,
+                         mbx_chandler *c, uint8_t stage, uint64_t *drops) noexcept nogil:
+    # Hand m to NF j's C handler c (NULL: none for m's type) unless an earlier stage
+    # dropped its packet; True when it did.
+    if c == NULL or (p != NULL and p.verdict == VERDICT_DROP and p.drop_stage < stage):
+        return False
+    if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
+        bus.nf_drop(j, p)
+        drops[0] += 1
+    return True
+
+
 cdef class EventBus:
     """Event Memory, one input queue per NF, handler tables, and dispatch."""
 
@@ -2051,8 +2063,9 @@ cdef class EventBus:
         # of its events from the NFs after it, as with rings of their own (and as
         # dispatch's waves order NFs).  What one pass saves per further NF: the
         # ring entry, the loop, reading the message and finding its packet, and the
-        # counting: every event is counted once for all (per run of one type, see
-        # _run_c) as if each NF took it, and taken back for an NF that did not.
+        # counting: a packet's only event is counted once for all (per run of one
+        # type, see _run_c) as if each NF took it, and taken back for one that did
+        # not; the events of a packet with several are counted as each NF takes them.
         cdef uint32_t cap = self.msg_capacity, mask = cap - 1
         cdef const uint32_t *qs = self.queues + <size_t>(2 * lead) * cap
         cdef mbx_msg *msgs = self.msgs
@@ -2064,7 +2077,6 @@ cdef class EventBus:
         cdef uint16_t t, run_t = 0
         cdef mbx_msg *m
         cdef mbx_pkt *p
-        cdef mbx_chandler *c
         cdef c_table cset[MAX_NFS]
         cdef uint8_t stage[MAX_NFS]
         cdef uint64_t *tev[MAX_NFS]
@@ -2095,15 +2107,10 @@ cdef class EventBus:
                 run_n += 1
                 p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
                 for j in range(lead, end):
-                    c = cset[j][t]
-                    if c == NULL or (p != NULL and p.verdict == VERDICT_DROP
-                                     and p.drop_stage < stage[j]):
+                    if not offer_c(self, j, m, p, cset[j][t], stage[j], &drops[j]):
                         missed[j] += 1  # counted already: take it back
                         tev[j][t] -= 1
                         delivered[t] -= 1
-                    elif c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
-                        self.nf_drop(j, p)
-                        drops[j] += 1
                 m.h.refs -= 1           # release(m), inline: the ring held one reference
                 if m.h.refs == 0 and p != NULL:
                     p.refs -= 1
@@ -2111,30 +2118,16 @@ cdef class EventBus:
                 continue
             while e != tail and msgs[qs[e & mask]].h.pos == pos:
                 e += 1
-            for k in range(h, e):       # count the packet's events for every NF
-                t = msgs[qs[k & mask]].h.type_idx
-                if t != run_t:
-                    if run_n:
-                        for j in range(lead, end):
-                            tev[j][run_t] += run_n
-                        delivered[run_t] += run_n * members
-                    run_t = t
-                    run_n = 0
-                run_n += 1
-            for j in range(lead, end):  # then hand them to one NF after another
+            for j in range(lead, end):  # the packet's events, one NF after another
                 for k in range(h, e):
                     m = &msgs[qs[k & mask]]
                     t = m.h.type_idx
                     p = NULL if m.h.pkt == NO_PKT else &pkts[m.h.pkt]
-                    c = cset[j][t]
-                    if c == NULL or (p != NULL and p.verdict == VERDICT_DROP
-                                     and p.drop_stage < stage[j]):
+                    if offer_c(self, j, m, p, cset[j][t], stage[j], &drops[j]):
+                        tev[j][t] += 1
+                        delivered[t] += 1
+                    else:
                         missed[j] += 1
-                        tev[j][t] -= 1
-                        delivered[t] -= 1
-                    elif c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
-                        self.nf_drop(j, p)
-                        drops[j] += 1
             for k in range(h, e):
                 m = &msgs[qs[k & mask]]
                 m.h.refs -= 1
