@@ -4,6 +4,8 @@ import collections
 
 import pytest
 from conftest import read_frames
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mbx
 from mbx.examples import cnoop
@@ -378,3 +380,41 @@ def test_pipelined_nfs_keep_rings_of_their_own(example_pcap):
                        {n: s["events"] for n, s in counters["nfs"].items()})
     assert got["inline"][0] == [("a", "b")] and got["pipelined"][0] == []
     assert got["pipelined"][1] == got["inline"][1] and got["inline"][1]["a"] > 0
+
+
+_DROP = st.tuples(st.integers(0, 1),                      # a dropper of this direction,
+                  st.sampled_from([None, "PKT/TCP", "FLOW/TCP/STATE", "DATA_RDY"]))  # on
+_C_RUN = st.tuples(                                       # NFs next to each other with
+    st.sampled_from(["EVENT", "PKT/TCP", "FLOW/TCP/STATE", "PKT", "FLOW"]),   # one plan
+    st.sampled_from(["sender", "both"]),
+    st.booleans(),                                        # filtered (not shared then)
+    st.lists(st.one_of(st.none(), _DROP), min_size=1, max_size=4))   # None: a counter
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(_C_RUN, min_size=1, max_size=3))
+def test_any_c_chain_counts_and_drops_the_same_with_shared_rings(example_pcap, runs):
+    # Random chains of C counters and droppers in runs of NFs with one plan (so that
+    # they share rings), on types with one event per packet and with several, some
+    # sided both ways, some filtered (which keeps them out of a shared ring):
+    # sharing rings must change nothing anyone can see.
+    def make_chain():
+        counts, chain = {}, []
+        for etype, side, filtered, members in runs:
+            for drop in members:
+                nf = mbx.NF(f"n{len(chain)}")
+                if drop is None:
+                    counts[nf.name] = cnoop.Counter()
+                    nf.sub(etype, counts[nf.name].handler(), side=side)
+                else:
+                    nf.sub(etype, cnoop.Dropper(*drop).handler(), side=side)
+                if filtered:
+                    nf.filter(etype, dst_port=[80, 443])
+                chain.append(nf)
+        return chain, counts
+
+    (rings_own, c_own, n_own, out_own), (_, c, n, out) = run_twice_sharing(
+        make_chain, example_pcap)
+    assert rings_own == []
+    assert seen(c, n) == seen(c_own, n_own)
+    assert out == out_own
