@@ -25,14 +25,16 @@ def snapshot(stack):
 
 def nf_table(nfs, rates=None):
     """The per NF table as lines of text: events (and events/s when ``rates`` gives
-    them), drops, mean time in a handler."""
+    them), drops, mean time in a handler ("-" when handlers were not clocked:
+    ``--no-nf-timing``)."""
     head = f"  {'NF':<20} {'events':>14} {'events/s':>12} {'drops':>10} {'mean ns':>9}  C"
     lines = [head]
     for name, n in nfs.items():
         rate = f"{rates.get(name, 0.0):>12,.0f}" if rates is not None else f"{'':>12}"
         c = f"{100.0 * n['c_events'] / n['events']:.0f}%" if n["events"] else "-"
+        mean = f"{n['mean_ns']:>9.0f}" if n["handler_ns"] else f"{'-':>9}"
         lines.append(f"  {name:<20} {n['events']:>14,} {rate} {n['drops']:>10,} "
-                     f"{n['mean_ns']:>9.0f}  {c}")
+                     f"{mean}  {c}")
     return lines
 
 

@@ -72,10 +72,16 @@ def test_handler_time_is_each_nfs_own(run, example_pcap):
 
 
 def test_timing_off(run, example_pcap):
+    from mbx.stats import nf_table
+
     a = Calls("a")
     counters, _ = run([a], example_pcap, nf_timing=False)
     assert counters["nfs"]["a"]["events"] == a.calls > 0
     assert counters["nfs"]["a"]["handler_ns"] == 0
+    # the table says the time was not taken, not that it was 0 ns
+    assert nf_table(counters["nfs"])[1].split()[-2:] == ["-", "0%"]
+    timed, _ = run([Calls("a")], example_pcap)
+    assert nf_table(timed["nfs"])[1].split()[-2].isdigit()
 
 
 @pytest.mark.parametrize("deploy", ["inline", "pipelined"])
