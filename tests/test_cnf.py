@@ -418,3 +418,28 @@ def test_any_c_chain_counts_and_drops_the_same_with_shared_rings(example_pcap, r
     assert rings_own == []
     assert seen(c, n) == seen(c_own, n_own)
     assert out == out_own
+
+
+def test_handler_timing_changes_only_between_bursts():
+    # Turning handler clocks off re-plans the rings; with events queued that would
+    # strand them in rings nobody reads, so the bus refuses until they are handled.
+    from mbx._events import EventBus
+    from mbx.errors import MbxError
+
+    tick = mbx.register_event_type("TEST_CNF_TICK")
+    got = []
+    pub, sub = mbx.NF("pub"), mbx.NF("sub")
+    port = pub.pub(tick)
+    sub.sub(tick, got.append)
+    bus = EventBus([pub, sub])
+    try:
+        pub.publish(port, pub.new_msg(tick))
+        with pytest.raises(MbxError, match="while events are queued"):
+            bus.timing = False
+        assert bus.timing and bus.pending == 1
+        bus.dispatch()
+        assert len(got) == 1 and bus.pending == 0
+        bus.timing = False
+        assert not bus.timing
+    finally:
+        bus.close()
