@@ -25,7 +25,7 @@ printed model gives from the measured per-NF times.  Pipelined, where a group is
 fanned out to its members' processes, see ``group_figures.py``.
 
     python benchmarks/chain_figures.py [--quick] [--runs 3] [--pipelined] [--inflight 4]
-                                       [--json FILE] [--plot FILE]
+                                       [--json FILE] [--plot FILE] [--fig7a-only]
 """
 import argparse
 import json
@@ -98,8 +98,16 @@ def median_rate(samples):
             statistics.median(wait for _, _, wait in samples))
 
 
-def measure(fn, runs):
-    return median_rate([fn() for _ in range(runs)])
+def interleaved(contenders, runs):
+    """{key: [sample, ...]}: every contender run once per round, rounds one after
+    another, so that a stretch of seconds in which the host takes the CPU away slows
+    one run of many contenders, not every run of one (which moved whole points by
+    ±40 %)."""
+    samples = {key: [] for key in contenders}
+    for _ in range(runs):
+        for key, fn in contenders.items():
+            samples[key].append(fn())
+    return samples
 
 
 def plot(result, path):
@@ -135,34 +143,14 @@ def plot(result, path):
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 k connections (20 k packets)")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--pipelined", action="store_true",
-                    help="also the consolidated chain with each NF in its own process")
-    ap.add_argument("--inflight", type=int, default=4,
-                    help="pipelined: bursts in flight (4)")
-    ap.add_argument("--json", metavar="FILE", help="write the Fig. 6 figures as JSON")
-    ap.add_argument("--plot", metavar="FILE", help="plot Fig. 6 to FILE (png)")
-    args = ap.parse_args(argv)
-    n_flows = 2_000 if args.quick else 20_000
-    spec = "pcap:" + make_tcp64_capture(n_flows, 10)
-    cores = len(os.sched_getaffinity(0))
-    load_start = os.getloadavg()[0]
-    print(f"capture: {n_flows:,} TCP connections x 10 packets (64 B), median of "
-          f"{args.runs} rounds (each runs every contender once), bursts of {BURST}; "
-          f"{cores} usable cores, load average "
-          f"{load_start:.1f}")
+def fig6(args, spec, n_flows, cores, load_start):
+    """Fig. 6: print the table, write --json and --plot."""
     print("\nFig. 6: chain of N no-op NFs on PKT/TCP")
     head = (f"{'N':>2} {'handler':<9} {'consolidated kpps':>18} {'per-NF stack kpps':>18} "
             f"{'ratio':>6} {'cons. µs/burst':>15} {'per-NF µs/burst':>16}")
     if args.pipelined:
         head += (f" {'pipelined kpps':>15} {'pipe/per-NF':>11} {'pipe µs/burst':>14}")
     print(head)
-    # Every contender runs once per round, rounds one after another, so that a
-    # stretch of seconds in which the host takes the CPU away slows one run of
-    # many contenders, not every run of one (which moved whole points by ±40 %).
     contenders = {}
     for handler in HANDLERS:
         for n in range(1, 7):
@@ -174,10 +162,7 @@ def main(argv=None):
                 contenders[handler, n, "pipelined"] = (
                     lambda n=n, h=handler: consolidated(
                         n, h, spec, n_flows, deploy="pipelined", inflight=args.inflight))
-    samples = {key: [] for key in contenders}
-    for _ in range(args.runs):
-        for key, fn in contenders.items():
-            samples[key].append(fn())
+    samples = interleaved(contenders, args.runs)
     base1, pipe1 = {}, {}
     rows = []
     for handler in HANDLERS:
@@ -213,14 +198,38 @@ def main(argv=None):
             json.dump(result, fh, indent=1)
     if args.plot:
         plot(result, args.plot)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 k connections (20 k packets)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--pipelined", action="store_true",
+                    help="also the consolidated chain with each NF in its own process")
+    ap.add_argument("--inflight", type=int, default=4,
+                    help="pipelined: bursts in flight (4)")
+    ap.add_argument("--json", metavar="FILE", help="write the Fig. 6 figures as JSON")
+    ap.add_argument("--plot", metavar="FILE", help="plot Fig. 6 to FILE (png)")
+    ap.add_argument("--fig7a-only", action="store_true", help="only the Fig. 7a part")
+    args = ap.parse_args(argv)
+    n_flows = 2_000 if args.quick else 20_000
+    spec = "pcap:" + make_tcp64_capture(n_flows, 10)
+    cores = len(os.sched_getaffinity(0))
+    load_start = os.getloadavg()[0]
+    print(f"capture: {n_flows:,} TCP connections x 10 packets (64 B), median of "
+          f"{args.runs} rounds (each runs every contender once), bursts of {BURST}; "
+          f"{cores} usable cores, load average "
+          f"{load_start:.1f}")
+    if not args.fig7a_only:
+        fig6(args, spec, n_flows, cores, load_start)
     print("\nFig. 7a: 6 read-only NFs, sequential vs one parallel group (inline)")
-    seq_pps, seq_lat = measure(
-        lambda: run(noop_chain(6, "event"), spec, n_flows), args.runs)
-    par_pps, par_lat = measure(
-        lambda: run(noop_chain(6, "event", group="g"), spec, n_flows), args.runs)
-    one_pps, one_lat = measure(
-        lambda: run(noop_chain(1, "event"), spec, n_flows), args.runs)
-    stack_pps, stack_lat = measure(lambda: run([], spec, n_flows), args.runs)
+    samples = interleaved({
+        "seq": lambda: run(noop_chain(6, "event"), spec, n_flows),
+        "par": lambda: run(noop_chain(6, "event", group="g"), spec, n_flows),
+        "one": lambda: run(noop_chain(1, "event"), spec, n_flows),
+        "stack": lambda: run([], spec, n_flows)}, args.runs)
+    (seq_pps, seq_lat), (par_pps, par_lat), (one_pps, one_lat), (stack_pps, stack_lat) = (
+        median_rate(samples[key]) for key in ("seq", "par", "one", "stack"))
     per_nf = (seq_lat - stack_lat) / 6
     print(f"measured, µs per burst: stack alone {stack_lat:.0f}, 1 NF {one_lat:.0f}, "
           f"6 sequential {seq_lat:.0f}, 6 in a parallel group {par_lat:.0f} "
