@@ -1490,6 +1490,17 @@ cdef class EventBus:
         take &= self.ring_mask          # NFs sharing a ring take it from there
         if from_nf:
             take &= ~((<uint32_t>1) << (m.h.publisher - 1))
+        if check == 0:
+            # The usual case: the plan decided every taker, so each is one ring
+            # entry (a loop that also asks tables keeps fewer of its values in
+            # registers, about twice the instructions per NF)
+            while take:
+                r = 2 * <uint32_t>__builtin_ctz(take) + from_nf
+                take &= take - 1
+                pos = qtail[r]
+                queues[<size_t>r * cap + (pos & mask)] = idx
+                qtail[r] = pos + 1
+                refs += 1
         while take:
             i = <uint32_t>__builtin_ctz(take)
             take &= take - 1

@@ -28,6 +28,7 @@ cdef class NetworkLayer:
     cdef readonly uint64_t retired      # bursts sent (or finished without an output)
     cdef readonly double latency_s      # their total time from read to send
     cdef readonly double run_s          # time spent in run()
+    cdef readonly double run_cpu_s      # the running thread's CPU time in run()
     cdef bint drop_malformed
     cdef int64_t now_ns
     cdef int64_t next_expire_ns

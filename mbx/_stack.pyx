@@ -8,7 +8,9 @@ stops, dispatches what it has, and resumes.
 """
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
-from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+from posix.time cimport (
+    CLOCK_MONOTONIC, CLOCK_REALTIME, CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec,
+)
 
 from mbx._events cimport (
     NO_PKT, PUBLISHER_STACK, T_FLOW_END, T_FLOW_START, T_PKT, EventBus, flow_body,
@@ -40,6 +42,12 @@ cdef enum:
 cdef inline double monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline double thread_cpu() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
@@ -340,6 +348,7 @@ cdef class NetworkLayer:
         cdef int n
         cdef double now = monotonic()
         cdef double started = now
+        cdef double cpu_started = thread_cpu()
         cdef double next_report = now + progress_every
         cdef double deadline = now + duration if duration > 0 else 0
         cdef uint64_t limit = max_packets
@@ -400,6 +409,7 @@ cdef class NetworkLayer:
         self.shutdown()
         self.bus.burst_done(None, self.bus.burst_mark(), True)
         self.run_s += monotonic() - started
+        self.run_cpu_s += thread_cpu() - cpu_started
         if progress is not None:
             progress(self)
 
@@ -451,7 +461,7 @@ cdef class NetworkLayer:
             # first read to the last FLOW/END done (a deployment's start and stop,
             # such as forking NF processes, excluded).
             "timing": {"bursts_done": self.retired, "burst_wait_s": self.latency_s,
-                       "run_s": self.run_s},
+                       "run_s": self.run_s, "run_cpu_s": self.run_cpu_s},
         }
 
 

@@ -71,6 +71,14 @@ def test_handler_time_is_each_nfs_own(run, example_pcap):
         assert nfs[neighbour]["handler_ns"] < nfs["sleepy"]["handler_ns"] / 2
 
 
+def test_run_loop_cpu_time_is_counted(run, example_pcap):
+    # The stack thread's CPU time in its run loop: some, and no more than the loop's
+    # wall-clock time (a thread cannot run longer than the loop lasted).
+    counters, _ = run([Calls("a")], example_pcap)
+    t = counters["timing"]
+    assert 0 < t["run_cpu_s"] <= t["run_s"] * 1.01 + 1e-4
+
+
 def test_timing_off(run, example_pcap):
     from mbx.stats import nf_table
 
