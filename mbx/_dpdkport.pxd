@@ -30,6 +30,10 @@ cdef class DpdkPort(Port):
     cdef rte_mempool *pool
     cdef bint attached                  # we hot-plugged the vdev: remove it at close
     cdef bint started
+    # Threads inside a receive, send or counter read, and the flag a close raises
+    # before it waits for them to leave (see mbx_use_begin).
+    cdef int users
+    cdef int closing
     cdef bint timestamps                # the driver stamps mbufs (rx timestamp dynfield)
     cdef int ts_offset
     cdef uint64_t ts_flag
@@ -45,5 +49,8 @@ cdef class DpdkPort(Port):
     cdef object __weakref__
 
     cdef int _copy_held(self, Batch batch, int64_t now_ns) noexcept nogil
+    cdef int _rx_burst(self, Batch batch) noexcept nogil
+    cdef int _tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil
+    cdef void _wait_for_users(self) noexcept
     cdef int _fill(self, rte_mbuf *m, const mbx_pkt *p) noexcept nogil
     cdef void _release(self) noexcept

@@ -24,7 +24,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset, strdup
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, nanosleep, timespec
 from posix.unistd cimport close as close_fd
-from posix.unistd cimport read, write
+from posix.unistd cimport read, usleep, write
 
 from mbx._dpdk cimport (
     RTE_ETH_NAME_MAX_LEN,
@@ -112,12 +112,39 @@ cdef extern from *:
     }
     static inline void mbx_flag_raise(int *flag) { __atomic_store_n(flag, 1, __ATOMIC_RELEASE); }
     static inline int mbx_flag_up(int *flag) { return __atomic_load_n(flag, __ATOMIC_ACQUIRE); }
+
+    /* A port's users against its close (Dekker's pattern, hence sequentially
+       consistent): a user counts itself in, then looks for the closing flag; the
+       close raises the flag, then waits for the count to fall to 0.  Either the
+       close sees the user's count and waits for it, or the user sees the flag and
+       backs out: no device call can run while the device is torn down. */
+    static inline int mbx_use_begin(int *users, const int *closing) {
+        __atomic_add_fetch(users, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(closing, __ATOMIC_SEQ_CST)) {
+            __atomic_sub_fetch(users, 1, __ATOMIC_RELEASE);
+            return 0;
+        }
+        return 1;
+    }
+    static inline void mbx_use_end(int *users) {
+        __atomic_sub_fetch(users, 1, __ATOMIC_RELEASE);
+    }
+    static inline void mbx_close_begin(int *closing) {
+        __atomic_store_n(closing, 1, __ATOMIC_SEQ_CST);
+    }
+    static inline int mbx_users(int *users) {
+        return __atomic_load_n(users, __ATOMIC_SEQ_CST);
+    }
     """
     void slot_put "mbx_slot_put"(void **slot, void *p) noexcept nogil
     void *slot_take "mbx_slot_take"(void **slot) noexcept nogil
     bint slot_take_back "mbx_slot_take_back"(void **slot, void *p) noexcept nogil
     void flag_raise "mbx_flag_raise"(int *flag) noexcept nogil
     int flag_up "mbx_flag_up"(int *flag) noexcept nogil
+    bint use_begin "mbx_use_begin"(int *users, const int *closing) noexcept nogil
+    void use_end "mbx_use_end"(int *users) noexcept nogil
+    void close_begin "mbx_close_begin"(int *closing) noexcept nogil
+    int users_now "mbx_users"(int *users) noexcept nogil
 
 __all__ = ["DpdkPort", "default_eal_args", "eal_args", "eal_init", "eal_initialized",
            "KNOWN_VDEV_DRIVERS"]
@@ -731,6 +758,14 @@ cdef class DpdkPort(Port):
         return n
 
     cdef int rx_burst(self, Batch batch) noexcept nogil:
+        cdef int n
+        if not use_begin(&self.users, &self.closing):
+            return PORT_EOF
+        n = self._rx_burst(batch)
+        use_end(&self.users)
+        return n
+
+    cdef int _rx_burst(self, Batch batch) noexcept nogil:
         cdef int n = 0
         cdef uint32_t room, want
         cdef uint16_t got = 1          # a call that finds the batch full is not idle
@@ -792,6 +827,15 @@ cdef class DpdkPort(Port):
                 return -1
 
     cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
+        cdef int sent
+        if not use_begin(&self.users, &self.closing):
+            self.set_error(b"send on a closed port")
+            return PORT_ERROR
+        sent = self._tx_burst(pkts, n)
+        use_end(&self.users)
+        return sent
+
+    cdef int _tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
         cdef rte_mbuf *out[DPDK_MAX_BURST]
         cdef uint32_t lens[DPDK_MAX_BURST]
         cdef rte_mbuf *m
@@ -851,6 +895,7 @@ cdef class DpdkPort(Port):
         cdef uint32_t polls = 0
         cdef Teardown t
         cdef bint ran
+        self._wait_for_users()
         if _eal_state != EAL_RUNNING or os.getpid() != _eal_pid:
             # After rte_eal_cleanup every DPDK call crashes, and a forked child
             # closing a device would close it under its parent: only forget.
@@ -902,9 +947,28 @@ cdef class DpdkPort(Port):
         free(self.scratch)
         self.scratch = NULL
 
+    cdef void _wait_for_users(self) noexcept:
+        """Refuse new receives, sends and counter reads, and wait until none is left
+        in another thread: DPDK has no guard of its own against a burst on a device
+        that is being stopped, and the pool is freed after.  Each takes
+        microseconds; a thread stopped inside one (a debugger) is waited for, and
+        said so once."""
+        cdef int64_t start = _now_ns()
+        cdef bint told = False
+        close_begin(&self.closing)
+        while users_now(&self.users):
+            with nogil:
+                usleep(50)
+            if not told and _now_ns() - start > <int64_t>_close_wait_s * 1000000000:
+                sys.stderr.write(f"mbx: {self.name}: close() is waiting for another "
+                                 f"thread to leave a receive or send on this port\n")
+                told = True
+
     def close(self):
         """Stop the device, detach a vdev this port attached, free the pool.
-        Idempotent; also done at exit for ports still open."""
+        Idempotent; also done at exit for ports still open.  Safe while other
+        threads receive or send on the port: those calls finish first, later ones
+        see the end of input (receive) or a closed port (send)."""
         if self.attached or self.started or self.pool != NULL:
             self._last_stats = self.stats
             log = _EalLog()
@@ -923,9 +987,14 @@ cdef class DpdkPort(Port):
     def stats(self):
         """The device's own counters (rte_eth_stats), or {} once closed."""
         cdef rte_eth_stats st
+        cdef int rc
         if not self.started or _eal_state != EAL_RUNNING:
             return dict(self._last_stats or {})
-        if rte_eth_stats_get(self.dpdk_port, &st) != 0:
+        if not use_begin(&self.users, &self.closing):
+            return dict(self._last_stats or {})
+        rc = rte_eth_stats_get(self.dpdk_port, &st)
+        use_end(&self.users)
+        if rc != 0:
             return {}
         return {"ipackets": st.ipackets, "opackets": st.opackets, "ibytes": st.ibytes,
                 "obytes": st.obytes, "imissed": st.imissed, "ierrors": st.ierrors,
@@ -936,18 +1005,26 @@ cdef class DpdkPort(Port):
         """Whether the device reports its link up (a memif pair once both ends have
         connected; False once closed)."""
         cdef rte_eth_link link
+        cdef int rc
         if not self.started or _eal_state != EAL_RUNNING:
             return False
-        if rte_eth_link_get_nowait(self.dpdk_port, &link) != 0:
+        if not use_begin(&self.users, &self.closing):
             return False
-        return bool(link.link_status)
+        rc = rte_eth_link_get_nowait(self.dpdk_port, &link)
+        use_end(&self.users)
+        return rc == 0 and bool(link.link_status)
 
     @property
     def mbufs_free(self):
         """Mbufs available in this port's pool (0 once closed)."""
+        cdef unsigned int n
         if self.pool == NULL or _eal_state != EAL_RUNNING:
             return 0
-        return rte_mempool_avail_count(self.pool)
+        if not use_begin(&self.users, &self.closing):
+            return 0
+        n = rte_mempool_avail_count(self.pool)
+        use_end(&self.users)
+        return n
 
     @property
     def counters(self):
