@@ -34,7 +34,7 @@ def _list(text, known, what):
 
 
 def _bed_options(args):
-    return {"offloads": args.offloads == "on", "rps": not args.no_rps,
+    return {"offloads": args.offloads == "on", "rps": args.rps == "on",
             "http_reuse": args.http_reuse, "haproxy_mode": args.haproxy_mode,
             "mbx_port": args.mbx_port, "mbx_nf": args.mbx_nf}
 
@@ -44,7 +44,9 @@ def _add_bed_options(p):
                    help="size of the correctness download (32M)")
     p.add_argument("--offloads", choices=("off", "on"), default="off",
                    help="veth offloads (off; the bridge modes require off)")
-    p.add_argument("--no-rps", action="store_true", help="leave RPS off on the veths")
+    p.add_argument("--rps", choices=("off", "on"), default="off",
+                   help="RPS over all CPUs on the veths (off: its IPIs cost every mode "
+                        "on this machine; docs/testbed.md)")
     p.add_argument("--http-reuse", default="never", choices=("never", "safe", "aggressive",
                                                              "always"),
                    help="HAProxy http-reuse (never: one backend connection per client "

@@ -191,7 +191,7 @@ class Bed:
 
     __test__ = False
 
-    def __init__(self, mode, workdir=None, big_size=BIG_SIZE, offloads=False, rps=True,
+    def __init__(self, mode, workdir=None, big_size=BIG_SIZE, offloads=False, rps=False,
                  static_neigh=True, http_reuse="never", haproxy_mode="http", tag=None,
                  mbx_duration=3600.0, mbx_argv=None, new_session=False, mbx_port="",
                  mbx_nf=""):
@@ -317,8 +317,10 @@ class Bed:
                 netns.offloads_off(self.ns[role], dev, error=TestbedError)
             self.ip(role, "link", "set", dev, "up")
             if self.rps:
-                # RPS on every CPU: a veth hands packets over in the sender's context,
-                # so without it one core does all the receive work and the other idles.
+                # Off by default.  A veth hands a packet over in the sender's context;
+                # RPS spreads that receive work over the CPUs, but each hand-over is
+                # an IPI, which in this KVM guest costs more than the spread gains
+                # (docs/testbed.md, "Link settings").
                 self.write_sys(role, f"/sys/class/net/{dev}/queues/rx-0/rps_cpus",
                                cpu_mask())
         self.ip("cli", "addr", "add", f"{CLIENT_IP}/{PREFIX_LEN}", "dev", IF_CLIENT)
