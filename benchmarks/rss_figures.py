@@ -9,7 +9,9 @@ the busier stack process's, which is what the wall-clock ratio would be on two f
 cores and holds up on a busy machine.  Then the CPU per packet of one stack, and the
 two stack processes' CPU together as a multiple of it (what a second process adds);
 and the same split measured serially on one CPU (see serial()), the figure that
-holds best on a machine shared with other work.
+holds best on a machine shared with other work.  Last, two ceilings measured in
+the same run: two spin loops, and two independent stacks each replaying the
+whole capture (independent_scaling()), which no split of the work can beat.
 
     python benchmarks/rss_figures.py [--quick] [--runs 3]
 """
@@ -62,6 +64,41 @@ def machine_scaling(runs):
     return statistics.median(out)
 
 
+def independent_scaling(make, spec, runs):
+    """How much faster two independent stacks, each replaying the whole capture,
+    finish than one: the ceiling for this very work on this machine (2.0 on two
+    free cores).  Nothing is split or shared but the file's page cache, so what
+    it loses is the machine's: two vCPUs that share a physical core or its caches
+    (the guest cannot see that) run each process slower than one alone."""
+    from mbx.ports import open_input
+    from mbx.runtime import App
+
+    def whole():
+        inp = open_input(spec)
+        App(make(), flow_capacity=131072).run(inp)
+        inp.close()
+
+    def at_once(k):
+        t0 = time.perf_counter()
+        pids = []
+        for _ in range(k):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    whole()
+                    code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        for pid in pids:
+            _, status = os.waitpid(pid, 0)
+            assert status == 0, f"a stack process failed: status {status}"
+        return time.perf_counter() - t0
+
+    return statistics.median(2 * at_once(1) / at_once(2) for _ in range(runs))
+
+
 def stacks(k, make, spec, n):
     """Wall seconds of a run over k stack processes and the CPU seconds of the
     busiest.  One stack runs through run_parallel too, so both sides pay the same
@@ -110,7 +147,7 @@ def main(argv=None):
     spec = "pcap:" + cap
     rows = []
     for label, make in (("stack alone", list), ("PKT to a no-op Python NF", noop_nf)):
-        one, two, cpu1, cpu2, pair = [], [], [], [], []
+        one, two, cpu1, cpu2, pair, skew = [], [], [], [], [], []
         for _ in range(args.runs):      # alternate, so drifting load hits both alike
             wall, [cpu] = stacks(1, make, spec, n)
             one.append(wall)
@@ -119,22 +156,26 @@ def main(argv=None):
             two.append(wall)
             cpu2.append(max(cpus))
             pair.append(sum(cpus))
+            skew.append(max(cpus) / min(cpus))
         t1, t2 = statistics.median(one), statistics.median(two)
         c1 = statistics.median(cpu1)
         rows.append((label, n / t1 / 1e6, n / t2 / 1e6, t1 / t2,
                      c1 / statistics.median(cpu2), c1 * 1e9 / n,
-                     statistics.median(pair) / c1))
+                     statistics.median(pair) / c1, statistics.median(skew)))
     print(f"capture: {n:,} packets over {flows:,} flows (64 B), median of {args.runs}")
     print(f"{'work':<28} {'1 stack Mpps':>13} {'2 stacks Mpps':>14} {'ratio':>7} "
           f"{'CPU-time ratio':>15}")
-    for label, a, b, r, rc, _, _ in rows:
+    for label, a, b, r, rc, *_ in rows:
         print(f"{label:<28} {a:>13.2f} {b:>14.2f} {r:>6.2f}x {rc:>14.2f}x")
     # What the second process costs in CPU, whatever else runs on the machine: the
     # two stack processes' CPU seconds together over the single one's (1.00: no
     # work repeated; what each repeats is reading and walking the other's frames).
-    for label, *_, ns, extra in rows:
+    # The two shares are the same work (the serial figure below), so CPU seconds
+    # that differ between the two processes are the CPUs' speeds differing.
+    for label, *_, ns, extra, skewed in rows:
         print(f"{label}: 1 stack {ns:.0f} ns CPU per packet; 2 stacks together "
-              f"{extra:.2f}x that")
+              f"{extra:.2f}x that; the slower of the 2 took {skewed:.2f}x the "
+              f"other's CPU time")
     print("one CPU, serially (least CPU time of the runs): the two shares' work "
           "against one stack's")
     for label, make in (("stack alone", list), ("PKT to a no-op Python NF", noop_nf)):
@@ -145,6 +186,13 @@ def main(argv=None):
     print(f"machine: two CPU-bound processes scale {ceiling:.2f}x here (2.00 = two "
           "free cores); the figures above as a share of that: "
           + ", ".join(f"{row[3] / ceiling:.0%}" for row in rows))
+    print("machine, this work: two independent stacks, each replaying the whole "
+          "capture at once, against one")
+    for (label, make), row in zip((("stack alone", list), ("PKT to a no-op Python NF",
+                                                           noop_nf)), rows, strict=True):
+        same = independent_scaling(make, spec, args.runs)
+        print(f"{label}: {same:.2f}x; 2 stacks' ratio above as a share of it: "
+              f"{row[3] / same:.0%}")
     print(f"load average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 
 
