@@ -249,3 +249,19 @@ def test_interrupted_run_cleans_up(tmp_path):
             p.wait()
     assert p.returncode != 0
     assert not [n for n in tb.list_netns() if n.startswith(prefix)]
+
+
+@pytest.mark.root
+def test_rps_is_off_on_every_veth_unless_asked_for():
+    # RPS costs every mode here (docs/testbed.md), so the bed leaves it off unless
+    # --rps on; with it, every veth spreads its receive work over every CPU.
+    _prereq(["kernel"])
+    links = [("cli", tb.IF_CLIENT), ("mb", tb.IF_MB_CLIENT), ("mb", tb.IF_MB_SERVER),
+             ("srv", tb.IF_SERVER)]
+    every_cpu = int(tb.cpu_mask(), 16)
+    for options, want in (({}, 0), ({"rps": True}, every_cpu)):
+        with tb.Bed("kernel", big_size=1 << 20, **options) as bed:
+            for role, dev in links:
+                mask = bed.exec(role, ["cat", f"/sys/class/net/{dev}/queues/rx-0/rps_cpus"]
+                                ).stdout.decode().strip()
+                assert int(mask.replace(",", ""), 16) == want, (options, role, dev, mask)
