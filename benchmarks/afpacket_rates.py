@@ -56,7 +56,10 @@ def setup():
         sh("ip", "-n", ns, "link", "set", dev, "up")
         sh(*in_ns(ns, "ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off",
                   "gso", "off", "gro", "off"), check=False)
-        # Receive packet steering over both CPUs (see the test-bed notes).
+        # Receive packet steering over both CPUs.  A flood from one generator would
+        # otherwise run all receive work, the copies into the forwarders' rings
+        # included, in the generator's context.  (The load test bed leaves RPS off:
+        # for request/response traffic its IPIs cost more here; docs/testbed.md.)
         sh(*in_ns(ns, "sh", "-c", f"echo 3 > /sys/class/net/{dev}/queues/rx-0/rps_cpus"),
            check=False)
     rules = ("table netdev mbx {\n"
