@@ -895,7 +895,12 @@ cdef class DpdkPort(Port):
         cdef uint32_t polls = 0
         cdef Teardown t
         cdef bint ran
-        self._wait_for_users()
+        if os.getpid() == _eal_pid:
+            self._wait_for_users()
+        else:
+            # A forked child: the count may hold the parent's threads, which the
+            # child does not have, and nothing below calls DPDK here.
+            close_begin(&self.closing)
         if _eal_state != EAL_RUNNING or os.getpid() != _eal_pid:
             # After rte_eal_cleanup every DPDK call crashes, and a forked child
             # closing a device would close it under its parent: only forget.

@@ -369,15 +369,34 @@ def test_a_bad_eal_argument_fails_with_the_dpdk_log(tmp_path):
 def test_a_forked_child_leaves_the_parents_dpdk_ports_alone():
     # A forked child shares the parent's devices and EAL memory but has no EAL
     # threads: its close (or its exit) must not close the device under the parent.
+    # A stack thread polls another port while the child is forked, so the child
+    # inherits a count of that port's users it has no threads for: its close must
+    # not wait for them.
     out, _ = in_fresh_process([
+        "import threading",
         "t._dpdkport.eal_init()",
         "ring = t.DpdkPort('net_ring3')",
-        "pid = os.fork()",
-        "if pid == 0:",
-        "    ring.close()",
-        "    t._dpdkport._eal_cleanup()",
-        "    os._exit(0 if ring.receive(t.Batch(4)) == -1 else 3)",
-        "assert os.waitpid(pid, 0)[1] == 0",
+        "null = t.DpdkPort('net_null3,size=64')",
+        "poller = threading.Thread(target=t.App([]).run, args=(null,),",
+        "                          kwargs={'duration': 60})",
+        "poller.start()",
+        "time.sleep(0.05)",
+        "for _ in range(10):",
+        "    pid = os.fork()",
+        "    if pid == 0:",
+        "        null.close()",
+        "        ring.close()",
+        "        t._dpdkport._eal_cleanup()",
+        "        os._exit(0 if ring.receive(t.Batch(4)) == -1 else 3)",
+        "    deadline = time.monotonic() + 10",
+        "    while not (done := os.waitpid(pid, os.WNOHANG))[0]:",
+        "        if time.monotonic() > deadline:",
+        "            os.kill(pid, 9)",
+        "            raise SystemExit('a forked child hung in close()')",
+        "        time.sleep(0.01)",
+        "    assert done[1] == 0, done",
+        "null.close()",
+        "poller.join()",
         "frames = [bytes([i]) * 64 for i in range(5)]",
         "assert ring.send(t.batch_of(frames)) == 5",
         "assert t.receive_all(ring, limit=5) == frames",
