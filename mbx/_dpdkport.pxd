@@ -54,3 +54,15 @@ cdef class DpdkPort(Port):
     cdef void _wait_for_users(self) noexcept
     cdef int _fill(self, rte_mbuf *m, const mbx_pkt *p) noexcept nogil
     cdef void _release(self) noexcept
+
+
+cdef class DpdkBridge(Port):
+    cdef readonly DpdkPort client       # port id 0
+    cdef readonly DpdkPort server       # port id 1
+    cdef readonly uint32_t idle_us      # sleep this long once both sides are idle
+    cdef readonly uint64_t misrouted    # packets sent with a port id other than 0/1
+    cdef uint32_t idle_polls
+    cdef uint32_t turn
+    cdef bint ended
+
+    cdef void adopt_error(self, DpdkPort side) noexcept with gil

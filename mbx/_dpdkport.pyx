@@ -146,7 +146,7 @@ cdef extern from *:
     void close_begin "mbx_close_begin"(int *closing) noexcept nogil
     int users_now "mbx_users"(int *users) noexcept nogil
 
-__all__ = ["DpdkPort", "default_eal_args", "eal_args", "eal_init", "eal_initialized",
+__all__ = ["DpdkBridge", "DpdkPort", "default_eal_args", "eal_args", "eal_init", "eal_initialized",
            "KNOWN_VDEV_DRIVERS"]
 
 cdef enum EalState:
@@ -1049,3 +1049,149 @@ cdef class DpdkPort(Port):
         state = "closed" if self.closed else f"port {self.dpdk_port}"
         return f"<DpdkPort {self.name!r} {self.driver} {state} rx={self.rx_pkts} " \
                f"tx={self.tx_pkts}>"
+
+
+cdef enum:
+    # Empty polls of both sides before a bridge with idle_us sleeps: a frame that is
+    # on its way (the peer's reply) is still met by polling.
+    BRIDGE_SPIN_POLLS = 64
+
+
+cdef class DpdkBridge(Port):
+    """The middlebox between two DPDK devices, as one port for input and output.
+
+    ``DpdkBridge(client_vdev, server_vdev, idle_us=0, **options)``: frames received
+    on the client-side device get port 0, those from the server side port 1;
+    ``tx_burst`` sends a packet with port 0 out of the server side and one with
+    port 1 out of the client side (any other port id is dropped and counted in
+    ``misrouted``).  ``options`` go to both ``DpdkPort``s.  The spec
+    ``dpdk:VDEV0[,ARGS]+VDEV1[,ARGS][?idle_us=N]`` opens one.  Use the same object
+    as input and output of a run; it ends when either side ends.
+
+    DPDK drivers poll and never sleep, which is right on a core of its own.  On
+    cores shared with other work (the test bed's 2 cores, with the client and the
+    servers), ``idle_us=N`` sleeps N µs once both sides have been empty for
+    BRIDGE_SPIN_POLLS polls in a row, giving the core back; a frame arriving then
+    waits up to that long (plus the kernel's timer slack).
+    """
+
+    def __init__(self, str client_vdev, str server_vdev, *, uint32_t idle_us=0,
+                 **options):
+        if "port_id" in options:
+            raise TypeError("DpdkBridge sets port_id itself (0 client, 1 server side)")
+        if client_vdev.partition(",")[0] == server_vdev.partition(",")[0]:
+            raise PortError(f"dpdk:{client_vdev}+{server_vdev}: a bridge needs two "
+                            f"different devices")
+        self.name = f"dpdk:{client_vdev}+{server_vdev}"
+        self.idle_us = idle_us
+        self.client = DpdkPort(client_vdev, port_id=0, **options)
+        try:
+            self.server = DpdkPort(server_vdev, port_id=1, **options)
+        except BaseException:
+            self.client.close()
+            raise
+
+    def close(self):
+        """Close both sides.  Idempotent."""
+        if self.client is not None:
+            self.client.close()
+        if self.server is not None:
+            self.server.close()
+        self.closed = True
+
+    @property
+    def ports(self):
+        """(client side, server side)."""
+        return (self.client, self.server)
+
+    @property
+    def live(self):
+        """Frames are stamped when received: the stack may expire idle flows by the
+        wall clock while nothing arrives."""
+        return True
+
+    @property
+    def counters(self):
+        c = Port.counters.__get__(self)
+        c.update(misrouted=self.misrouted, client=self.client.counters,
+                 server=self.server.counters)
+        return c
+
+    def __repr__(self):
+        return f"<DpdkBridge {self.client.name!r} <-> {self.server.name!r}>"
+
+    cdef void adopt_error(self, DpdkPort side) noexcept with gil:
+        if self._error is None and side._error is not None:
+            self._error = side._error
+        side._error = None
+
+    cdef int rx_burst(self, Batch batch) noexcept nogil:
+        cdef int a, b, n
+        cdef timespec pause
+        if self.ended:
+            return PORT_EOF
+        # Alternate which side goes first, so one busy side cannot starve the other.
+        self.turn ^= 1
+        if self.turn:
+            a = self.client.rx_burst(batch)
+            b = self.server.rx_burst(batch)
+        else:
+            b = self.server.rx_burst(batch)
+            a = self.client.rx_burst(batch)
+        if a == PORT_ERROR:
+            self.adopt_error(self.client)
+            return PORT_ERROR
+        if b == PORT_ERROR:
+            self.adopt_error(self.server)
+            return PORT_ERROR
+        if a == PORT_EOF or b == PORT_EOF:
+            self.ended = True           # what the other side returned is delivered
+        n = (a if a > 0 else 0) + (b if b > 0 else 0)
+        self.rx_pkts = self.client.rx_pkts + self.server.rx_pkts
+        self.rx_bytes = self.client.rx_bytes + self.server.rx_bytes
+        if n == 0 and self.ended:
+            return PORT_EOF
+        if n or batch.count:
+            self.idle_polls = 0
+        elif self.idle_us:
+            self.idle_polls = self.idle_polls + 1
+            if self.idle_polls >= BRIDGE_SPIN_POLLS:
+                pause.tv_sec = self.idle_us // 1000000
+                pause.tv_nsec = (self.idle_us % 1000000) * 1000
+                nanosleep(&pause, NULL)
+        return n
+
+    cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
+        # Split by side, keeping each side's order, and send each group out of the
+        # other device.
+        cdef mbx_pkt *to_server[256]
+        cdef mbx_pkt *to_client[256]
+        cdef int i = 0, ns, nc, r, sent = 0
+        while i < n:
+            ns = nc = 0
+            while i < n and ns < 256 and nc < 256:
+                if pkts[i].port == 0:
+                    to_server[ns] = pkts[i]
+                    ns += 1
+                elif pkts[i].port == 1:
+                    to_client[nc] = pkts[i]
+                    nc += 1
+                else:
+                    self.misrouted = self.misrouted + 1
+                i += 1
+            if ns:
+                r = self.server.tx_burst(to_server, ns)
+                if r == PORT_ERROR:
+                    self.adopt_error(self.server)
+                    return PORT_ERROR
+                sent += r
+            if nc:
+                r = self.client.tx_burst(to_client, nc)
+                if r == PORT_ERROR:
+                    self.adopt_error(self.client)
+                    return PORT_ERROR
+                sent += r
+        self.tx_pkts = self.client.tx_pkts + self.server.tx_pkts
+        self.tx_bytes = self.client.tx_bytes + self.server.tx_bytes
+        self.tx_dropped = self.client.tx_dropped + self.server.tx_dropped + self.misrouted
+        return sent

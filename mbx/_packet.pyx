@@ -133,6 +133,13 @@ cdef class Batch:
             raise IndexError(f"packet {i} not in a batch of {self.count}")
         return self.pkts[i].wirelen
 
+    def port(self, uint32_t i):
+        """The port id packet ``i`` was received on (a bridge: 0 client side, 1
+        server side)."""
+        if i >= self.count:
+            raise IndexError(f"packet {i} not in a batch of {self.count}")
+        return self.pkts[i].port
+
     def rss_hash(self, uint32_t i):
         """The flow hash the port's software-RSS walk found for packet ``i`` (the
         flow table takes it rather than hashing again), or None."""

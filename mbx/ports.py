@@ -16,6 +16,7 @@ completion of file names works as expected.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from mbx._packet import Port
@@ -104,10 +105,11 @@ def _open_afpacket(spec: str, arg: str, port_id: int, rx: bool):
 
 
 def _dpdk_port(arg: str, port_id: int = 0) -> Port:
-    """A DpdkPort on the vdev ``arg``; mbx._dpdkport is imported only here, so the
-    rest of mbx works in a build without DPDK."""
+    """A DpdkPort on the vdev ``arg``, or a DpdkBridge for ``VDEV0+VDEV1[?idle_us=N]``;
+    mbx._dpdkport is imported only here, so the rest of mbx works in a build without
+    DPDK."""
     try:
-        from mbx._dpdkport import DpdkPort
+        from mbx._dpdkport import DpdkBridge, DpdkPort
     except ImportError as exc:
         # Keep the original text: a missing DPDK symbol shows up only there.
         raise PortError(
@@ -116,7 +118,28 @@ def _dpdk_port(arg: str, port_id: int = 0) -> Port:
             f"libdpdk-dev dpdk pkg-config) and reinstall mbx (pip install "
             f"--no-build-isolation .); add -Csetup-args=-Ddpdk=enabled to make a "
             f"missing libdpdk a build error") from exc
-    return DpdkPort(arg, port_id=port_id)
+    if "+" not in arg:
+        return DpdkPort(arg, port_id=port_id)
+    # A bridge: vdev arguments use commas, so the two devices are joined by '+'.
+    devices, _, query = arg.partition("?")
+    sides = [d.strip() for d in devices.split("+")]
+    if len(sides) != 2 or not all(sides):
+        raise PortError(f"port spec 'dpdk:{arg}': expected dpdk:VDEV0[,ARGS]+VDEV1[,ARGS]"
+                        f"[?idle_us=N] for a bridge")
+    options = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key != "idle_us":
+            raise PortError(f"port spec 'dpdk:{arg}': unknown option {key!r}; known: "
+                            f"idle_us")
+        try:
+            options[key] = int(value, 0)
+        except ValueError:
+            raise PortError(f"port spec 'dpdk:{arg}': bad value {value!r} for "
+                            f"{key}") from None
+        if options[key] < 0:
+            raise PortError(f"port spec 'dpdk:{arg}': {key} must be >= 0")
+    return DpdkBridge(*sides, **options)
 
 
 def open_input(spec: str, port_id: int = 0) -> Port:
@@ -128,7 +151,9 @@ def open_input(spec: str, port_id: int = 0) -> Port:
     usable capture.  ``afpacket:IF`` receives live from an interface (and can send
     back out of it); ``afpacket:IF0,IF1`` is a :class:`~mbx._afpacket.BridgePorts`
     (port 0 client side, 1 server side).  ``dpdk:VDEV[,ARGS]`` receives from a DPDK
-    virtual device (``net_pcap0,rx_pcap=FILE`` replays a capture and ends with it).
+    virtual device (``net_pcap0,rx_pcap=FILE`` replays a capture and ends with it);
+    ``dpdk:VDEV0[,ARGS]+VDEV1[,ARGS][?idle_us=N]`` is a
+    :class:`~mbx._dpdkport.DpdkBridge` between two.
     """
     scheme, arg = _parse(spec)
     if scheme == "pcap":
@@ -164,8 +189,8 @@ def open_output(spec: str) -> Port:
 def open_ports(in_spec: str, out_spec: str | None = None) -> tuple[Port, Port | None]:
     """The (input, output) ports of a run.
 
-    An AF_PACKET bridge (``afpacket:IF0,IF1``) given as input is also the output
-    when ``out_spec`` is omitted or names the same bridge: the middlebox sends what
+    A bridge (``afpacket:IF0,IF1``, ``dpdk:VDEV0+VDEV1``) given as input is also the
+    output when ``out_spec`` is omitted or names the same bridge: the middlebox sends what
     passes back out of the other interface, through the same sockets.  Otherwise
     each spec is opened on its own (no ``out_spec``: no output).
     """
@@ -180,5 +205,12 @@ def open_ports(in_spec: str, out_spec: str | None = None) -> tuple[Port, Port | 
 
 
 def _bridge_type():
-    from mbx._afpacket import BridgePorts
-    return BridgePorts
+    """The bridge classes this build has (an input that is its own output)."""
+    types = []
+    with contextlib.suppress(ImportError):
+        from mbx._afpacket import BridgePorts
+        types.append(BridgePorts)
+    with contextlib.suppress(ImportError):
+        from mbx._dpdkport import DpdkBridge
+        types.append(DpdkBridge)
+    return tuple(types)

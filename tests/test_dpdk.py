@@ -20,7 +20,7 @@ from mbx._packet import Batch
 from mbx.errors import PortError
 from mbx.examples.capture import write_pcap
 from mbx.nfs.l2fwd import L2Fwd
-from mbx.ports import open_input, open_output
+from mbx.ports import open_input, open_output, open_ports
 from mbx.runtime import App, load_app
 
 
@@ -164,6 +164,48 @@ def test_a_full_batch_leaves_the_rest_in_the_port():
             ring.receive(batch)
             got += [batch.frame(i) for i in range(len(batch))]
         assert got == frames
+
+
+@pytest.mark.usefixtures("eal")
+def test_a_bridge_sends_each_side_out_of_the_other():
+    # Over two net_ring devices, which hand what is sent back to their own receive:
+    # what is sent as from the client side (port 0) goes out of the server side and
+    # comes back tagged port 1, and the other way round.  The spec opens one bridge
+    # as input and output.
+    a, b = vdev("net_ring"), vdev("net_ring")
+    inp, out = open_ports(f"dpdk:{a}+{b}?idle_us=20")
+    try:
+        assert inp is out and isinstance(inp, _dpdkport.DpdkBridge) and inp.idle_us == 20
+        frames = [bytes([i]) * 64 for i in range(6)]
+        batch = batch_of(frames)
+        assert inp.send(batch) == 6                     # port 0: out of the server side
+        assert (inp.server.tx_pkts, inp.client.tx_pkts) == (6, 0)
+        back = Batch(16)
+        assert inp.receive(back) == 6
+        assert [back.frame(i) for i in range(6)] == frames
+        assert {back.port(i) for i in range(6)} == {1}  # received on the server side
+        assert inp.send(back) == 6                      # port 1: out of the client side
+        assert (inp.server.tx_pkts, inp.client.tx_pkts) == (6, 6)
+        again = Batch(16)
+        assert inp.receive(again) == 6
+        assert {again.port(i) for i in range(6)} == {0}
+        assert inp.counters["rx_pkts"] == 12 and inp.counters["tx_pkts"] == 12
+        assert inp.receive(Batch(4)) == 0               # idle: sleeps, no end
+    finally:
+        inp.close()
+    assert inp.receive(Batch(4)) == -1                  # closed: the end of input
+
+
+@pytest.mark.usefixtures("eal")
+@pytest.mark.parametrize("spec,message", [
+    ("dpdk:net_ring90+net_ring90", "two different devices"),
+    ("dpdk:net_ring91+", "expected dpdk:VDEV0"),
+    ("dpdk:net_ring92+net_ring93?spin=1", "unknown option 'spin'"),
+    ("dpdk:net_ring94+net_ring95?idle_us=x", "bad value 'x' for idle_us"),
+])
+def test_bad_bridge_specs_say_why(spec, message):
+    with pytest.raises(PortError, match=message):
+        open_input(spec)
 
 
 @pytest.mark.usefixtures("eal")

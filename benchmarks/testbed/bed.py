@@ -27,6 +27,10 @@ Modes (``MODES``):
     the VIP, mbx rewrites the destination to a backend, and the backends answer the
     client directly through the bridge, where mbx puts the VIP back as the source.
     ``mbx-l2fwd`` and ``pybridge`` do not translate: the client talks to backend 1.
+``mbx-l4lb-dpdk``
+    ``mbx-l4lb`` through DPDK's own AF_PACKET driver instead of mbx's port:
+    ``--in dpdk:net_af_packet0,iface=m-cli,...+net_af_packet1,iface=m-srv,...`` (a
+    ``DpdkBridge``), which polls and sleeps ``DPDK_IDLE_US`` once idle.
 
 Everything is torn down by ``Bed.close()``: from ``__exit__``, ``atexit`` and the
 SIGTERM/SIGHUP handlers that ``install_signal_handlers`` sets (SIGINT raises
@@ -67,9 +71,13 @@ IF_MB_CLIENT = "m-cli"  # in the middlebox namespace, facing the client
 IF_MB_SERVER = "m-srv"  # in the middlebox namespace, facing the servers
 IF_SERVER = "s0"       # in the servers namespace
 
-MODES = ("kernel", "haproxy", "mbx-l2fwd", "mbx-l4lb", "pybridge")
-BRIDGE_MODES = ("mbx-l2fwd", "mbx-l4lb", "pybridge")
-MBX_MODES = ("mbx-l2fwd", "mbx-l4lb")
+MODES = ("kernel", "haproxy", "mbx-l2fwd", "mbx-l4lb", "mbx-l4lb-dpdk", "pybridge")
+BRIDGE_MODES = ("mbx-l2fwd", "mbx-l4lb", "mbx-l4lb-dpdk", "pybridge")
+MBX_MODES = ("mbx-l2fwd", "mbx-l4lb", "mbx-l4lb-dpdk")
+L4LB_MODES = ("mbx-l4lb", "mbx-l4lb-dpdk")
+# mbx-l4lb-dpdk: the DPDK bridge polls; on cores shared with the client and the
+# servers it sleeps this long once idle (DpdkBridge idle_us).
+DPDK_IDLE_US = 20
 
 # name -> size of the files nginx serves (as /NAME.bin); "big" is the correctness
 # download, its size set by Bed(big_size=...)
@@ -114,7 +122,7 @@ def unavailable(modes=()):
         return reason
     for m in modes:
         if m in MBX_MODES:
-            reason = afpacket_unavailable()
+            reason = dpdk_unavailable() if m == "mbx-l4lb-dpdk" else afpacket_unavailable()
             if reason:
                 return reason
     return None
@@ -131,6 +139,15 @@ def afpacket_unavailable():
         return ("mbx was built without the afpacket port (mbx.ports knows "
                 f"{', '.join(schemes) or 'no'} schemes; modes {', '.join(MBX_MODES)} need "
                 "open_input('afpacket:IF0,IF1'))")
+    return None
+
+
+def dpdk_unavailable():
+    """None if this mbx has the DPDK port (``dpdk:VDEV0+VDEV1`` bridges), else why
+    not."""
+    if importlib.util.find_spec("mbx._dpdkport") is None:
+        return ("mbx was built without DPDK (mode mbx-l4lb-dpdk needs mbx._dpdkport: "
+                "apt-get install libdpdk-dev dpdk pkg-config, then reinstall mbx)")
     return None
 
 
@@ -525,9 +542,17 @@ backend be
         """The middlebox process of the mbx modes (argv, run in the middlebox ns)."""
         if self.mbx_argv is not None:
             return list(self.mbx_argv)
-        spec = f"afpacket:{IF_MB_CLIENT},{IF_MB_SERVER}"
-        if self.mbx_port:
-            spec += "?" + self.mbx_port
+        if self.mode == "mbx-l4lb-dpdk":
+            # DPDK's own AF_PACKET driver on each veth; framecnt above its default
+            # 512, which drops under load (docs/guide.md).
+            spec = "dpdk:" + "+".join(f"net_af_packet{k},iface={dev},framecnt=2048"
+                                      for k, dev in enumerate((IF_MB_CLIENT,
+                                                               IF_MB_SERVER)))
+            spec += "?" + (self.mbx_port or f"idle_us={DPDK_IDLE_US}")
+        else:
+            spec = f"afpacket:{IF_MB_CLIENT},{IF_MB_SERVER}"
+            if self.mbx_port:
+                spec += "?" + self.mbx_port
         app = "l2fwd" if self.mode == "mbx-l2fwd" else (self.mbx_nf or "l4lb")
         # the name `mbx run` gives the NF, which its --set options must use
         key = os.path.splitext(os.path.basename(app))[0] if app.endswith(".py") else app
@@ -538,13 +563,14 @@ backend be
                 "sys.argv[0] = 'mbx'; sys.exit(main())",
                 "run", app, "--in", spec, "--out", spec, "--duration",
                 f"{self.mbx_duration:g}", "--json", self.mb_json, "-q"]
-        if self.mode == "mbx-l4lb":
+        if self.mode in L4LB_MODES:
             argv += ["--set", f"{key}.vip={VIP}:{HTTP_PORT}", "--set",
                      f"{key}.backends=" + ",".join(f"{b}:{HTTP_PORT}" for b in BACKENDS)]
         return argv
 
     def _start_mbx(self):
-        reason = afpacket_unavailable()
+        reason = (dpdk_unavailable() if self.mode == "mbx-l4lb-dpdk"
+                  else afpacket_unavailable())
         if reason and self.mbx_argv is None:
             raise TestbedError(f"mode {self.mode}: {reason}")
         self.mb_json = os.path.join(self.workdir, "mbx-counters.json")

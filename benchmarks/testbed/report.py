@@ -3,6 +3,7 @@ from __future__ import annotations
 
 MODE_LABELS = {"kernel": "kernel forwarding (nft DNAT)", "haproxy": "HAProxy 2.6",
                "mbx-l2fwd": "mbx L2 fwd", "mbx-l4lb": "mbx L4 LB",
+               "mbx-l4lb-dpdk": "mbx L4 LB, DPDK net_af_packet",
                "pybridge": "naive Python AF_PACKET bridge"}
 WORKLOAD_LABELS = {"close-64": "new conn./req, 64 B", "close-8k": "new conn./req, 8 KiB",
                    "ka-64": "keep-alive, 64 B", "ka-8k": "keep-alive, 8 KiB"}
