@@ -74,5 +74,4 @@ cdef class BridgePorts(Port):
     cdef readonly uint64_t misrouted      # packets sent with a port id other than 0/1
     cdef uint32_t turn
 
-    cdef void adopt_error(self, AfPacketPort side) noexcept with gil
     cdef int read_both(self, Batch batch) noexcept nogil

@@ -46,7 +46,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
 from posix.unistd cimport close as c_close
 
-from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, mbx_pkt
+from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, bridge_tx_burst, mbx_pkt
 
 from mbx.errors import PortError
 
@@ -814,11 +814,6 @@ cdef class BridgePorts(Port):
     def __repr__(self):
         return f"<BridgePorts {self.client.iface!r} <-> {self.server.iface!r}>"
 
-    cdef void adopt_error(self, AfPacketPort side) noexcept with gil:
-        if self._error is None and side._error is not None:
-            self._error = side._error
-        side._error = None
-
     cdef int read_both(self, Batch batch) noexcept nogil:
         cdef int n
         if self.turn:
@@ -866,36 +861,4 @@ cdef class BridgePorts(Port):
         return n
 
     cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
-        # Split by side, keeping each side's order, and send each group with one
-        # sendmmsg run out of the other interface.
-        cdef mbx_pkt *to_server[256]
-        cdef mbx_pkt *to_client[256]
-        cdef int i = 0, ns, nc, r, sent = 0
-        while i < n:
-            ns = nc = 0
-            while i < n and ns < 256 and nc < 256:
-                if pkts[i].port == 0:
-                    to_server[ns] = pkts[i]
-                    ns += 1
-                elif pkts[i].port == 1:
-                    to_client[nc] = pkts[i]
-                    nc += 1
-                else:
-                    self.misrouted = self.misrouted + 1
-                i += 1
-            if ns:
-                r = self.server.send_frames(to_server, ns)
-                if r == PORT_ERROR:
-                    self.adopt_error(self.server)
-                    return PORT_ERROR
-                sent += r
-            if nc:
-                r = self.client.send_frames(to_client, nc)
-                if r == PORT_ERROR:
-                    self.adopt_error(self.client)
-                    return PORT_ERROR
-                sent += r
-        self.tx_pkts = self.client.tx_pkts + self.server.tx_pkts
-        self.tx_bytes = self.client.tx_bytes + self.server.tx_bytes
-        self.tx_dropped = self.client.tx_dropped + self.server.tx_dropped + self.misrouted
-        return sent
+        return bridge_tx_burst(self, self.client, self.server, pkts, n, &self.misrouted)

@@ -64,5 +64,3 @@ cdef class DpdkBridge(Port):
     cdef uint32_t idle_polls
     cdef uint32_t turn
     cdef bint ended
-
-    cdef void adopt_error(self, DpdkPort side) noexcept with gil

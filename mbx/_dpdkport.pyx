@@ -82,7 +82,7 @@ from mbx._dpdk cimport (
     rte_strerror,
     mbuf_rx_timestamp,
 )
-from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, mbx_pkt
+from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, bridge_tx_burst, mbx_pkt
 
 from mbx.errors import PortError
 
@@ -1120,11 +1120,6 @@ cdef class DpdkBridge(Port):
     def __repr__(self):
         return f"<DpdkBridge {self.client.name!r} <-> {self.server.name!r}>"
 
-    cdef void adopt_error(self, DpdkPort side) noexcept with gil:
-        if self._error is None and side._error is not None:
-            self._error = side._error
-        side._error = None
-
     cdef int rx_burst(self, Batch batch) noexcept nogil:
         cdef int a, b, n
         cdef timespec pause
@@ -1162,36 +1157,4 @@ cdef class DpdkBridge(Port):
         return n
 
     cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
-        # Split by side, keeping each side's order, and send each group out of the
-        # other device.
-        cdef mbx_pkt *to_server[256]
-        cdef mbx_pkt *to_client[256]
-        cdef int i = 0, ns, nc, r, sent = 0
-        while i < n:
-            ns = nc = 0
-            while i < n and ns < 256 and nc < 256:
-                if pkts[i].port == 0:
-                    to_server[ns] = pkts[i]
-                    ns += 1
-                elif pkts[i].port == 1:
-                    to_client[nc] = pkts[i]
-                    nc += 1
-                else:
-                    self.misrouted = self.misrouted + 1
-                i += 1
-            if ns:
-                r = self.server.tx_burst(to_server, ns)
-                if r == PORT_ERROR:
-                    self.adopt_error(self.server)
-                    return PORT_ERROR
-                sent += r
-            if nc:
-                r = self.client.tx_burst(to_client, nc)
-                if r == PORT_ERROR:
-                    self.adopt_error(self.client)
-                    return PORT_ERROR
-                sent += r
-        self.tx_pkts = self.client.tx_pkts + self.server.tx_pkts
-        self.tx_bytes = self.client.tx_bytes + self.server.tx_bytes
-        self.tx_dropped = self.client.tx_dropped + self.server.tx_dropped + self.misrouted
-        return sent
+        return bridge_tx_burst(self, self.client, self.server, pkts, n, &self.misrouted)

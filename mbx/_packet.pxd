@@ -168,5 +168,15 @@ cdef class Port:
     # Sends n packets; returns the count sent or PORT_ERROR.
     cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil
     cdef void set_error(self, const char *message) noexcept with gil
+    # Take over the error a port this one is made of recorded (a bridge's sides).
+    cdef void adopt_error(self, Port part) noexcept with gil
     cpdef check(self)
     cpdef bint rss_share(self, uint32_t k, uint32_t n) except -1
+
+
+# A bridge's send: each packet received on the client side (port 0) goes out of
+# the server side and the other way round, in order per side; other port ids are
+# dropped and counted in *misrouted.  Keeps the bridge's tx counters as the sum of
+# its sides'.  The count sent, or PORT_ERROR (the side's error adopted).
+cdef int bridge_tx_burst(Port bridge, Port client, Port server, mbx_pkt **pkts, int n,
+                         uint64_t *misrouted) noexcept nogil

@@ -166,6 +166,11 @@ cdef class Port:
         if self._error is None:
             self._error = PortError(f"{self.name}: {message.decode('utf-8', 'replace')}")
 
+    cdef void adopt_error(self, Port part) noexcept with gil:
+        if self._error is None and part._error is not None:
+            self._error = part._error
+        part._error = None
+
     cpdef check(self):
         """Raise the error a burst call recorded, if any."""
         if self._error is not None:
@@ -230,3 +235,38 @@ cdef class Port:
             "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped,
             "rss_skipped": self.rss_skipped,
         }
+
+
+cdef int bridge_tx_burst(Port bridge, Port client, Port server, mbx_pkt **pkts, int n,
+                         uint64_t *misrouted) noexcept nogil:
+    cdef mbx_pkt *to_server[256]
+    cdef mbx_pkt *to_client[256]
+    cdef int i = 0, ns, nc, r, sent = 0
+    while i < n:
+        ns = nc = 0
+        while i < n and ns < 256 and nc < 256:
+            if pkts[i].port == 0:
+                to_server[ns] = pkts[i]
+                ns += 1
+            elif pkts[i].port == 1:
+                to_client[nc] = pkts[i]
+                nc += 1
+            else:
+                misrouted[0] += 1
+            i += 1
+        if ns:
+            r = server.tx_burst(to_server, ns)
+            if r == PORT_ERROR:
+                bridge.adopt_error(server)
+                return PORT_ERROR
+            sent += r
+        if nc:
+            r = client.tx_burst(to_client, nc)
+            if r == PORT_ERROR:
+                bridge.adopt_error(client)
+                return PORT_ERROR
+            sent += r
+    bridge.tx_pkts = client.tx_pkts + server.tx_pkts
+    bridge.tx_bytes = client.tx_bytes + server.tx_bytes
+    bridge.tx_dropped = client.tx_dropped + server.tx_dropped + misrouted[0]
+    return sent
