@@ -83,6 +83,7 @@ from mbx._dpdk cimport (
     mbuf_rx_timestamp,
 )
 from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, bridge_tx_burst, mbx_pkt
+from mbx._rewrite cimport pkt_finish_csum
 
 from mbx.errors import PortError
 
@@ -856,6 +857,9 @@ cdef class DpdkPort(Port):
                     self.tx_dropped = self.tx_dropped + 1
                     i += 1
                     continue
+                # No offload metadata goes to the device: a checksum an AF_PACKET
+                # port with offloads left for the sender is finished here.
+                pkt_finish_csum(pkts[i])
                 rc = self._fill(m, pkts[i])
                 if rc != 0:
                     rte_pktmbuf_free(m)
