@@ -51,6 +51,7 @@ from mbx._packet cimport (
 )
 from mbx._rewrite cimport pkt_finish_csum
 
+from mbx._packet import bridge_counters
 from mbx.errors import PortError
 
 
@@ -899,10 +900,7 @@ cdef class BridgePorts(Port):
     @property
     def counters(self):
         """The bridge's counters, and each side's under ``client`` and ``server``."""
-        c = Port.counters.__get__(self)
-        c.update(misrouted=self.misrouted, client=self.client.counters,
-                 server=self.server.counters)
-        return c
+        return bridge_counters(self, self.client, self.server, self.misrouted)
 
     def stats(self):
         """Refresh both sides' kernel counters; the bridge's counters and each side's."""

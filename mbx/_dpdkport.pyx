@@ -85,6 +85,7 @@ from mbx._dpdk cimport (
 from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, bridge_tx_burst, mbx_pkt
 from mbx._rewrite cimport pkt_finish_csum
 
+from mbx._packet import bridge_counters
 from mbx.errors import PortError
 
 cdef extern from "<stdio.h>" nogil:
@@ -1116,10 +1117,7 @@ cdef class DpdkBridge(Port):
 
     @property
     def counters(self):
-        c = Port.counters.__get__(self)
-        c.update(misrouted=self.misrouted, client=self.client.counters,
-                 server=self.server.counters)
-        return c
+        return bridge_counters(self, self.client, self.server, self.misrouted)
 
     def __repr__(self):
         return f"<DpdkBridge {self.client.name!r} <-> {self.server.name!r}>"

@@ -165,6 +165,18 @@ def _stop_bridge(p):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _serve_blob(procs, tmp_path):
+    """The server: a 3 MiB random file over HTTP at SERVER_IP:8080/blob.bin."""
+    www = tmp_path / "www"
+    www.mkdir()
+    blob = os.urandom(3 << 20)
+    (www / "blob.bin").write_bytes(blob)
+    procs.start(_in_ns(NS_S, sys.executable, "-m", "http.server", "8080", "--bind",
+                       SERVER_IP, "--directory", str(www)),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return blob
+
+
 def _ping(count=5):
     """ICMP echo from the client (a raw socket: no dependency on iputils)."""
     code = f"""
@@ -313,14 +325,7 @@ def _send_one(port):
 @pytest.mark.parametrize("ring", RINGS)
 def test_bridge_ping_curl_counters_and_pcap_equivalence(testbed, tmp_path, ring):
     procs = testbed
-    # The server: a 3 MiB random file over HTTP.
-    www = tmp_path / "www"
-    www.mkdir()
-    blob = os.urandom(3 << 20)
-    (www / "blob.bin").write_bytes(blob)
-    procs.start(_in_ns(NS_S, sys.executable, "-m", "http.server", "8080", "--bind",
-                       SERVER_IP, "--directory", str(www)),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    blob = _serve_blob(procs, tmp_path)
     # Without the bridge nothing crosses the middlebox.
     assert _ping(1) == 0
     # What the bridge receives, captured beside it (incoming frames only).
@@ -438,13 +443,7 @@ def test_offloads_bridge_moves_super_frames_and_the_lb_keeps_checksums_right(
         _offloads(NS_M, dev, tx=False)
     _sh("ip", "-n", NS_C, "neigh", "replace", vip, "lladdr", _mac(NS_S, "s0"),
         "dev", "c0", "nud", "permanent")
-    www = tmp_path / "www"
-    www.mkdir()
-    blob = os.urandom(3 << 20)
-    (www / "blob.bin").write_bytes(blob)
-    procs.start(_in_ns(NS_S, sys.executable, "-m", "http.server", "8080", "--bind",
-                       SERVER_IP, "--directory", str(www)),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    blob = _serve_blob(procs, tmp_path)
     cap = tmp_path / "ms.pcap"
     rec = procs.start(_in_ns(NS_M, sys.executable, HERE, "record", "ms", str(cap)),
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
