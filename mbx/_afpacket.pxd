@@ -31,10 +31,14 @@ cdef class AfPacketPort(Port):
     cdef readonly bint rx
     cdef readonly bint tx
     cdef readonly bint promisc
+    cdef readonly bint offloads         # frames carry a virtio_net_hdr (PACKET_VNET_HDR)
     cdef readonly bint ignore_outgoing  # the kernel filters our own frames (>= 4.20)
     cdef readonly uint64_t rx_outgoing  # own/outgoing frames skipped in user space
     cdef readonly uint64_t rx_vlan      # frames whose stripped 802.1Q tag was put back
     cdef readonly uint64_t rx_truncated  # frames the ring cut short (TP_STATUS_COPY)
+    cdef readonly uint64_t rx_gso       # offloads: super-frames received (gso_size set)
+    cdef readonly uint64_t rx_csum_partial  # offloads: frames with a checksum to finish
+    cdef readonly uint64_t tx_csum_done  # partial checksums finished here (no offloads)
     cdef readonly uint64_t kernel_packets   # PACKET_STATISTICS, accumulated
     cdef readonly uint64_t kernel_freezes   # blocks the kernel found still in user hands
     cdef readonly int last_tx_errno     # errno of the last send that dropped frames
@@ -57,6 +61,8 @@ cdef class AfPacketPort(Port):
                         uint32_t wirelen, int64_t ts_ns, uint32_t status,
                         uint16_t vlan_tci, uint16_t vlan_tpid, uint8_t pkttype,
                         uint16_t port_id) noexcept nogil
+    cdef void take_offloads(self, mbx_pkt *p, const uint8_t *frame,
+                            bint tagged) noexcept nogil
     cdef int rx_ready(self, Batch batch, uint16_t port_id) noexcept nogil
     cdef int rx_ready_v2(self, Batch batch, uint16_t port_id) noexcept nogil
     cdef int rx_ready_v3(self, Batch batch, uint16_t port_id) noexcept nogil

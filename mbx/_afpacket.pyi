@@ -7,7 +7,9 @@ RING_VERSIONS: dict[str, int]
 
 class AfPacketPort(Port):
     """One interface: a TPACKET_V2 (default) or V3 receive ring, sendmmsg bursts,
-    optional fanout."""
+    optional fanout and offloads.  A size of 0 takes the default: block_size 128 KiB,
+    block_count 64, frame_size 2048, or with offloads frame_size 65792 and, for
+    ring "v2", 16 blocks of 1 MiB."""
 
     iface: str
     ifindex: int
@@ -24,11 +26,15 @@ class AfPacketPort(Port):
     rx: bool
     tx: bool
     promisc: bool
+    offloads: bool
     ignore_outgoing: bool
     interrupted: bool
     rx_outgoing: int
     rx_vlan: int
     rx_truncated: int
+    rx_gso: int
+    rx_csum_partial: int
+    tx_csum_done: int
     kernel_packets: int
     kernel_freezes: int
     last_tx_errno: int
@@ -38,9 +44,9 @@ class AfPacketPort(Port):
         *,
         port_id: int = 0,
         ring: str = "v2",
-        block_size: int = 1 << 17,
-        block_count: int = 64,
-        frame_size: int = 2048,
+        block_size: int = 0,
+        block_count: int = 0,
+        frame_size: int = 0,
         fanout_group: int | None = None,
         fanout_mode: str = "hash",
         fanout_defrag: bool = False,
@@ -50,6 +56,7 @@ class AfPacketPort(Port):
         retire_ms: int = 1,
         promisc: bool = True,
         duration: float = 0.0,
+        offloads: bool = False,
     ) -> None: ...
     def stop(self) -> None: ...
     def stats(self) -> dict[str, int]: ...
@@ -69,9 +76,9 @@ class BridgePorts(Port):
         server_iface: str,
         *,
         ring: str = "v2",
-        block_size: int = 1 << 17,
-        block_count: int = 64,
-        frame_size: int = 2048,
+        block_size: int = 0,
+        block_count: int = 0,
+        frame_size: int = 0,
         fanout_group: int | None = None,
         fanout_mode: str = "hash",
         fanout_defrag: bool = False,
@@ -81,6 +88,7 @@ class BridgePorts(Port):
         retire_ms: int = 1,
         promisc: bool = True,
         duration: float = 0.0,
+        offloads: bool = False,
     ) -> None: ...
     @property
     def interrupted(self) -> bool: ...

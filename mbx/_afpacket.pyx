@@ -46,8 +46,12 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
 from posix.unistd cimport close as c_close
 
-from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, bridge_tx_burst, mbx_pkt
+from mbx._packet cimport (
+    OFFLOAD_CSUM_PARTIAL, PORT_EOF, PORT_ERROR, Batch, Port, bridge_tx_burst, mbx_pkt,
+)
+from mbx._rewrite cimport pkt_finish_csum
 
+from mbx._packet import bridge_counters
 from mbx.errors import PortError
 
 
@@ -185,6 +189,7 @@ cdef extern from "<linux/if_packet.h>" nogil:
         PACKET_VERSION
         PACKET_FANOUT
         PACKET_IGNORE_OUTGOING
+        PACKET_VNET_HDR
         PACKET_OUTGOING
         TPACKET_V2
         TPACKET_V3
@@ -202,6 +207,20 @@ cdef extern from "<linux/if_packet.h>" nogil:
         PACKET_FANOUT_FLAG_DEFRAG
         PACKET_FANOUT_FLAG_ROLLOVER
     size_t TPACKET_ALIGN(size_t x)
+
+cdef extern from "<linux/virtio_net.h>" nogil:
+    # Fields in host byte order (legacy virtio on a little-endian host, which is what
+    # AF_PACKET uses).
+    struct virtio_net_hdr:
+        uint8_t flags
+        uint8_t gso_type
+        uint16_t hdr_len
+        uint16_t gso_size
+        uint16_t csum_start
+        uint16_t csum_offset
+    enum:
+        VIRTIO_NET_HDR_F_NEEDS_CSUM
+        VIRTIO_NET_HDR_GSO_NONE
 
 # The block status word is shared with the kernel: read it with acquire (the frames
 # written before it are visible) and hand the block back with release (our reads of
@@ -223,6 +242,12 @@ cdef extern from *:
 cdef enum:
     SIGNAL_CHECK_EVERY = 256    # rx calls between checks for Ctrl-C under load
     VLAN_HLEN = 4
+    VNET_HLEN = 10              # sizeof(struct virtio_net_hdr)
+    # offloads=True: a slot must hold a 64 KiB super-frame with its headers (V2 cuts
+    # longer frames short), so slots are this large and blocks hold 15 of them.
+    OFFLOAD_FRAME_SIZE = 65536 + 256
+    OFFLOAD_V2_BLOCK_SIZE = 1 << 20
+    OFFLOAD_V2_BLOCK_COUNT = 16
 
 # The ring formats the ``ring`` option names (see the module docstring for the choice).
 RING_VERSIONS = {"v2": TPACKET_V2, "v3": TPACKET_V3}
@@ -249,7 +274,8 @@ cdef class AfPacketPort(Port):
 
     ``AfPacketPort(iface, *, port_id=0, ring="v2", block_size=1<<17, block_count=64,
     frame_size=2048, fanout_group=None, fanout_mode="hash", fanout_defrag=False,
-    rx=True, tx=True, timeout_ms=5, retire_ms=1, promisc=True, duration=0.0)``
+    rx=True, tx=True, timeout_ms=5, retire_ms=1, promisc=True, duration=0.0,
+    offloads=False)``
 
     Receiving maps a ring of ``block_count`` blocks of ``block_size`` bytes.  With
     ``ring="v2"`` (TPACKET_V2) each block holds ``block_size // frame_size`` slots
@@ -266,6 +292,18 @@ cdef class AfPacketPort(Port):
     ``fanout_group`` (0..65535) joins a PACKET_FANOUT group: sockets in one group
     share the interface's frames; ``"hash"`` keeps both directions of a flow on one
     member.  ``rx=False`` makes a send-only port (no ring, receives nothing).
+
+    ``offloads=True`` keeps the interface's segmentation and checksum offloads
+    usable (PACKET_VNET_HDR): each frame comes with the kernel's virtio_net_hdr, so a
+    TCP super-frame of up to 64 KiB (TSO/GSO/GRO) arrives whole with its segment size
+    (``mbx_pkt.gso_size``) and a checksum left for the sending interface is marked
+    (``OFFLOAD_CSUM_PARTIAL``); on send the header goes back to the kernel, which
+    segments and finishes checksums, in hardware or software.  A bridge then moves
+    one super-frame where it would move a dozen wire-size frames.  Ring defaults
+    change to hold such frames: ``frame_size`` 65792, and for ``ring="v2"``
+    ``block_size`` 1 MiB and ``block_count`` 16 (240 slots, 16 MiB).  A port
+    without offloads finishes partial checksums in software before sending; a
+    super-frame larger than its MTU cannot go and counts in ``tx_dropped``.
 
     A live port never ends by itself: ``stop()`` (from another thread), a
     ``duration`` in seconds (counted from the first receive) or Ctrl-C make
@@ -284,11 +322,10 @@ cdef class AfPacketPort(Port):
         self.fanout_mode = ""
 
     def __init__(self, str iface, *, int port_id=0, str ring="v2",
-                 uint32_t block_size=1 << 17,
-                 uint32_t block_count=64, uint32_t frame_size=2048, fanout_group=None,
-                 str fanout_mode="hash", bint fanout_defrag=False, bint rx=True,
-                 bint tx=True, int timeout_ms=5, int retire_ms=1, bint promisc=True,
-                 double duration=0.0):
+                 uint32_t block_size=0, uint32_t block_count=0, uint32_t frame_size=0,
+                 fanout_group=None, str fanout_mode="hash", bint fanout_defrag=False,
+                 bint rx=True, bint tx=True, int timeout_ms=5, int retire_ms=1,
+                 bint promisc=True, double duration=0.0, bint offloads=False):
         cdef sockaddr_ll sll
         cdef tpacket_req3 req3
         cdef tpacket_req req
@@ -305,6 +342,13 @@ cdef class AfPacketPort(Port):
             raise ValueError("an AfPacketPort needs rx, tx or both")
         if ring not in RING_VERSIONS:
             raise ValueError(f"ring {ring!r} is not one of {', '.join(RING_VERSIONS)}")
+        # 0: the default, which depends on whether super-frames must fit (offloads).
+        if frame_size == 0:
+            frame_size = OFFLOAD_FRAME_SIZE if offloads else 2048
+        if block_size == 0:
+            block_size = OFFLOAD_V2_BLOCK_SIZE if offloads and ring == "v2" else 1 << 17
+        if block_count == 0:
+            block_count = OFFLOAD_V2_BLOCK_COUNT if offloads and ring == "v2" else 64
         if rx:
             if block_size < 4096 or block_size & (block_size - 1):
                 raise ValueError(f"block_size {block_size} is not a power of two >= 4096")
@@ -341,6 +385,7 @@ cdef class AfPacketPort(Port):
         self.tx = tx
         self.promisc = promisc and rx
         self.duration = duration
+        self.offloads = offloads
         name_b = iface.encode()
         if not name_b or len(name_b) >= IFNAMSIZ or b"/" in name_b or b"\0" in name_b:
             raise PortError(f"{self.name}: {iface!r} is not a valid interface name")
@@ -367,6 +412,12 @@ cdef class AfPacketPort(Port):
                 e = errno
                 self._raise("ioctl(SIOCGIFMTU)", e)
             self.mtu = ifr.ifr_mtu
+            if offloads:
+                # Before the ring: the kernel sizes ring frames with the header.
+                val = 1
+                if setsockopt(fd, SOL_PACKET, PACKET_VNET_HDR, &val, sizeof(val)) < 0:
+                    e = errno
+                    self._raise("setsockopt(PACKET_VNET_HDR) for offloads=True", e)
             if rx:
                 val = self.tpacket_version
                 if setsockopt(fd, SOL_PACKET, PACKET_VERSION, &val, sizeof(val)) < 0:
@@ -481,19 +532,24 @@ cdef class AfPacketPort(Port):
         wall clock while nothing arrives."""
         return True
 
+    @property
+    def counters(self):
+        c = Port.counters.__get__(self)
+        c.update(kernel_packets=self.kernel_packets, kernel_freezes=self.kernel_freezes,
+                 rx_outgoing=self.rx_outgoing, rx_vlan=self.rx_vlan,
+                 rx_truncated=self.rx_truncated, rx_gso=self.rx_gso,
+                 rx_csum_partial=self.rx_csum_partial, tx_csum_done=self.tx_csum_done)
+        return c
+
     def stats(self):
         """Refresh the kernel's drop counters; all counters as a dict."""
         if self.fd >= 0 and self.rx:
             self.refresh_stats()
-        c = self.counters
-        c.update(kernel_packets=self.kernel_packets, kernel_freezes=self.kernel_freezes,
-                 rx_outgoing=self.rx_outgoing, rx_vlan=self.rx_vlan,
-                 rx_truncated=self.rx_truncated)
-        return c
+        return self.counters
 
     def __repr__(self):
         return (f"<AfPacketPort {self.iface!r} ifindex={self.ifindex} mtu={self.mtu} "
-                f"ring={self.ring_version} "
+                f"ring={self.ring_version}{' offloads' if self.offloads else ''} "
                 f"rx={self.rx_pkts} tx={self.tx_pkts}"
                 f"{' closed' if self.fd < 0 else ''}>")
 
@@ -551,6 +607,8 @@ cdef class AfPacketPort(Port):
         # any batch: dropped), -1 the batch is full (leave the frame in the ring).
         cdef uint8_t *s
         cdef uint16_t tpid
+        cdef mbx_pkt *p
+        cdef const uint8_t *received = frame
         cdef bint tagged = False
         cdef bint truncated = status & TP_STATUS_COPY or caplen < wirelen
         if pkttype == PACKET_OUTGOING:
@@ -571,12 +629,15 @@ cdef class AfPacketPort(Port):
             caplen += VLAN_HLEN
             wirelen += VLAN_HLEN
             tagged = True
-        if batch.add(frame, caplen, wirelen, ts_ns, port_id) == NULL:
+        p = batch.add(frame, caplen, wirelen, ts_ns, port_id)
+        if p == NULL:
             if batch.count:
                 return -1               # counted when the next call takes it
             # Larger than an empty batch's arena: it can never go.
             self.rx_dropped = self.rx_dropped + 1
             return 0
+        if self.offloads:
+            self.take_offloads(p, received, tagged)
         if truncated:
             self.rx_truncated = self.rx_truncated + 1
         if tagged:
@@ -584,6 +645,21 @@ cdef class AfPacketPort(Port):
         self.rx_pkts = self.rx_pkts + 1
         self.rx_bytes = self.rx_bytes + caplen
         return 1
+
+    cdef void take_offloads(self, mbx_pkt *p, const uint8_t *frame,
+                            bint tagged) noexcept nogil:
+        # The kernel's virtio_net_hdr sits right before the frame in the ring.
+        cdef const virtio_net_hdr *vh = <const virtio_net_hdr *>(frame - VNET_HLEN)
+        if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE and vh.gso_size:
+            p.gso_type = vh.gso_type
+            p.gso_size = vh.gso_size
+            self.rx_gso = self.rx_gso + 1
+        if vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            p.offload = OFFLOAD_CSUM_PARTIAL
+            # The offsets count from the frame as received; a tag put back moves them.
+            p.csum_start = vh.csum_start + (VLAN_HLEN if tagged else 0)
+            p.csum_offset = vh.csum_offset
+            self.rx_csum_partial = self.rx_csum_partial + 1
 
     cdef int rx_ready(self, Batch batch, uint16_t port_id) noexcept nogil:
         # Copy the frames the kernel has handed over into the batch, until it is
@@ -681,9 +757,13 @@ cdef class AfPacketPort(Port):
 
     cdef int send_frames(self, mbx_pkt **pkts, int n) noexcept nogil:
         # sendmmsg in chunks; frames the interface refuses are dropped and counted,
-        # never waited for beyond one short poll for room.
+        # never waited for beyond one short poll for room.  With offloads each frame
+        # goes after its virtio_net_hdr (two iovecs); without, a checksum left for
+        # the interface is finished here first.
         cdef mmsghdr msgs[AFP_TX_CHUNK]
-        cdef iovec iov[AFP_TX_CHUNK]
+        cdef iovec iov[2 * AFP_TX_CHUNK]
+        cdef virtio_net_hdr vh[AFP_TX_CHUNK]
+        cdef mbx_pkt *p
         cdef pollfd pfd
         cdef int i = 0, j, k, r, e
         cdef int sent = 0
@@ -698,10 +778,25 @@ cdef class AfPacketPort(Port):
             k = min(n - i, <int>AFP_TX_CHUNK)
             memset(msgs, 0, k * sizeof(mmsghdr))
             for j in range(k):
-                iov[j].iov_base = pkts[i + j].data
-                iov[j].iov_len = pkts[i + j].caplen
-                msgs[j].msg_hdr.msg_iov = &iov[j]
-                msgs[j].msg_hdr.msg_iovlen = 1
+                p = pkts[i + j]
+                if self.offloads:
+                    vh[j].flags = (VIRTIO_NET_HDR_F_NEEDS_CSUM
+                                   if p.offload & OFFLOAD_CSUM_PARTIAL else 0)
+                    vh[j].gso_type = p.gso_type if p.gso_size else VIRTIO_NET_HDR_GSO_NONE
+                    vh[j].hdr_len = 0       # the kernel works it out
+                    vh[j].gso_size = p.gso_size
+                    vh[j].csum_start = p.csum_start
+                    vh[j].csum_offset = p.csum_offset
+                    iov[2 * j].iov_base = &vh[j]
+                    iov[2 * j].iov_len = VNET_HLEN
+                    msgs[j].msg_hdr.msg_iovlen = 2
+                else:
+                    if p.offload & OFFLOAD_CSUM_PARTIAL and pkt_finish_csum(p) == 0:
+                        self.tx_csum_done = self.tx_csum_done + 1
+                    msgs[j].msg_hdr.msg_iovlen = 1
+                iov[2 * j + 1].iov_base = p.data
+                iov[2 * j + 1].iov_len = p.caplen
+                msgs[j].msg_hdr.msg_iov = &iov[2 * j + (0 if self.offloads else 1)]
             r = sendmmsg(self.fd, msgs, k, MSG_DONTWAIT)
             if r > 0:
                 for j in range(r):
@@ -802,14 +897,17 @@ cdef class BridgePorts(Port):
         wall clock while nothing arrives."""
         return True
 
+    @property
+    def counters(self):
+        """The bridge's counters, and each side's under ``client`` and ``server``."""
+        return bridge_counters(self, self.client, self.server, self.misrouted)
+
     def stats(self):
         """Refresh both sides' kernel counters; the bridge's counters and each side's."""
-        cs = self.client.stats()
-        ss = self.server.stats()
+        self.client.stats()
+        self.server.stats()
         self.rx_dropped = self.client.rx_dropped + self.server.rx_dropped
-        c = self.counters
-        c.update(client=cs, server=ss)
-        return c
+        return self.counters
 
     def __repr__(self):
         return f"<BridgePorts {self.client.iface!r} <-> {self.server.iface!r}>"

@@ -45,3 +45,18 @@ cdef inline void csum_replace(uint8_t *csum_at, const uint8_t *old, const uint8_
         s += load16(new + i)
         i += 2
     store16(csum_at, <uint16_t>(~csum_fold(s) & 0xFFFF))
+
+
+# The same update for a field an interface has yet to finish (OFFLOAD_CSUM_PARTIAL):
+# it holds the pseudo-header sum itself, not its complement, so the words are
+# swapped in the sum directly.  Only pseudo-header words (addresses) belong here:
+# the interface sums the rest of the segment, ports included, when it sends.
+cdef inline void csum_replace_partial(uint8_t *csum_at, const uint8_t *old,
+                                      const uint8_t *new, size_t n) noexcept nogil:
+    cdef uint32_t s = load16(csum_at)
+    cdef size_t i = 0
+    while i + 1 < n:
+        s += (~load16(old + i)) & 0xFFFF
+        s += load16(new + i)
+        i += 2
+    store16(csum_at, csum_fold(s))

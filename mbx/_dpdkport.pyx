@@ -83,7 +83,9 @@ from mbx._dpdk cimport (
     mbuf_rx_timestamp,
 )
 from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, bridge_tx_burst, mbx_pkt
+from mbx._rewrite cimport pkt_finish_csum
 
+from mbx._packet import bridge_counters
 from mbx.errors import PortError
 
 cdef extern from "<stdio.h>" nogil:
@@ -856,6 +858,9 @@ cdef class DpdkPort(Port):
                     self.tx_dropped = self.tx_dropped + 1
                     i += 1
                     continue
+                # No offload metadata goes to the device: a checksum an AF_PACKET
+                # port with offloads left for the sender is finished here.
+                pkt_finish_csum(pkts[i])
                 rc = self._fill(m, pkts[i])
                 if rc != 0:
                     rte_pktmbuf_free(m)
@@ -1112,10 +1117,7 @@ cdef class DpdkBridge(Port):
 
     @property
     def counters(self):
-        c = Port.counters.__get__(self)
-        c.update(misrouted=self.misrouted, client=self.client.counters,
-                 server=self.server.counters)
-        return c
+        return bridge_counters(self, self.client, self.server, self.misrouted)
 
     def __repr__(self):
         return f"<DpdkBridge {self.client.name!r} <-> {self.server.name!r}>"

@@ -31,7 +31,8 @@ from mbx._events cimport (
 )
 from mbx._flow cimport END_CLOSED, FLOW_ACTIVE, flow_count, flow_endpoints, mbx_flow
 from mbx._packet cimport (
-    NO_FLOW, PARSE_BAD_TCP_OPT, PARSE_OK, TH_ACK, TH_FIN, TH_RST, TH_SYN, VERDICT_DROP,
+    NO_FLOW, OFFLOAD_CSUM_PARTIAL, PARSE_BAD_TCP_OPT, PARSE_OK, TH_ACK, TH_FIN, TH_RST,
+    TH_SYN, VERDICT_DROP,
     Batch, Port, mbx_pkt,
 )
 from mbx._shm cimport stack_arena, stack_calloc, stack_free
@@ -895,10 +896,13 @@ cdef class TcpMonitor(NetworkLayer):
 
 cdef void _tcp_checksum(mbx_pkt *p) noexcept nogil:
     # Whole TCP checksum again (pseudo-header + segment): used only for segments an
-    # NF rewrote, so its cost does not matter.
+    # NF rewrote, so its cost does not matter.  A checksum the sending interface
+    # finishes (OFFLOAD_CSUM_PARTIAL) covers the new bytes by itself.
     cdef uint8_t *tcp = p.data + p.l4_off
     cdef uint32_t seg_len = p.payload_off + p.payload_len - p.l4_off
     cdef uint32_t s = 0
+    if p.offload & OFFLOAD_CSUM_PARTIAL:
+        return
     store16(tcp + 16, 0)
     if p.ip_ver == 4:
         s = csum_add(s, p.src.b, 4)

@@ -44,6 +44,13 @@ cdef enum PktFlags:
     PKT_F_RSS_HASH = 32         # hash already holds the flow table's hash: the port's
     #                             software-RSS walk computed it (mbx/_rss.pxd)
 
+# What an interface left for the next one to do (AF_PACKET with offloads=True reads
+# it from the kernel's virtio_net_hdr and hands it back on send).
+cdef enum OffloadFlags:
+    OFFLOAD_CSUM_PARTIAL = 1    # the L4 checksum field holds only the pseudo-header sum
+    #                             (not complemented); the sending interface adds the
+    #                             bytes from csum_start on and stores the complement
+
 cdef enum TcpFlags:
     TH_FIN = 0x01
     TH_SYN = 0x02
@@ -75,6 +82,14 @@ ctypedef struct mbx_pkt:
     uint16_t port           # receiving port id (bridge: 0 client side, 1 server side)
     uint8_t verdict         # Verdict
     uint8_t status          # ParseStatus
+    # filled by a port that takes offloaded frames (all zero otherwise): a frame of
+    # up to 64 KiB the sending interface cuts into gso_size-byte segments, and/or a
+    # checksum it finishes (OffloadFlags)
+    uint16_t gso_size       # payload bytes per segment; 0: send as one frame
+    uint16_t csum_start     # OFFLOAD_CSUM_PARTIAL: the sum covers data[csum_start:] ...
+    uint16_t csum_offset    # ... and goes to csum_start + csum_offset
+    uint8_t gso_type        # VIRTIO_NET_HDR_GSO_* (TCPV4, TCPV6, ...; ECN bit kept)
+    uint8_t offload         # OffloadFlags
     # filled by the parser
     uint16_t ethertype      # innermost ethertype
     uint8_t nvlan           # 0, 1 (802.1Q) or 2 (QinQ)

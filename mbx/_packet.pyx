@@ -237,6 +237,14 @@ cdef class Port:
         }
 
 
+def bridge_counters(Port bridge, Port client, Port server, uint64_t misrouted):
+    """A bridge's counters, with ``misrouted`` and each side's counters under
+    ``client`` and ``server`` (AF_PACKET and DPDK bridges alike)."""
+    c = Port.counters.__get__(bridge)
+    c.update(misrouted=misrouted, client=client.counters, server=server.counters)
+    return c
+
+
 cdef int bridge_tx_burst(Port bridge, Port client, Port server, mbx_pkt **pkts, int n,
                          uint64_t *misrouted) noexcept nogil:
     cdef mbx_pkt *to_server[256]

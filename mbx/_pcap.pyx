@@ -21,6 +21,7 @@ from posix.unistd cimport write
 
 from mbx._packet cimport PKT_F_RSS_HASH, PORT_EOF, PORT_ERROR, Batch, Port, mbx_pkt
 from mbx._parse cimport parse_packet
+from mbx._rewrite cimport pkt_finish_csum
 from mbx._rss cimport RSS_FLOW, RSS_PARSE, rss_hash_of_frame, rss_share_of, rss_stack_of_parsed
 
 from mbx.errors import CaptureFormatError, PortError
@@ -707,6 +708,8 @@ cdef class PcapWriter(Port):
 
     ``PcapWriter(path, nanosecond=True, snaplen=262144, linktype=1)``; frames longer
     than ``snaplen`` are cut and keep their wire length.  ``close()`` flushes.
+    A checksum a live port left for the sending interface (AF_PACKET ``offloads``)
+    is finished first, so the capture shows the checksums the wire would carry.
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -779,6 +782,7 @@ cdef class PcapWriter(Port):
             return PORT_ERROR
         for i in range(n):
             p = pkts[i]
+            pkt_finish_csum(p)
             caplen = min(p.caplen, self.snaplen)
             if self.used + PCAP_REC_HDR + caplen > WRITE_BUFFER:
                 if self._flush() < 0:

@@ -7,9 +7,11 @@ out of the other one, so it is the input and the output of a run; see
 :func:`open_ports`).  AF_PACKET options follow a ``?``:
 ``afpacket:veth0,veth1?fanout=7&block_count=128`` (keys: ``ring`` (``v2``, the
 default, or ``v3``), ``fanout``, ``fanout_mode``, ``block_size``, ``block_count``,
-``frame_size``, ``timeout_ms``, ``retire_ms``, ``promisc``, ``duration``).  DPDK virtual devices are
-``dpdk:VDEV[,ARGS]`` (e.g. ``dpdk:net_pcap0,rx_pcap=in.pcap``), when mbx was built
-with DPDK.  A bare path ending
+``frame_size``, ``timeout_ms``, ``retire_ms``, ``promisc``, ``duration``,
+``offloads``: ``offloads=1`` takes TSO/GRO super-frames and unfinished checksums
+from the kernel and hands them back, see ``AfPacketPort``).  DPDK virtual devices
+are ``dpdk:VDEV[,ARGS]`` (e.g. ``dpdk:net_pcap0,rx_pcap=in.pcap``), when mbx was
+built with DPDK.  A bare path ending
 in ``.pcap``, ``.pcapng`` or ``.cap`` is taken as a capture file, so shell
 completion of file names works as expected.
 """
@@ -80,12 +82,13 @@ def _afpacket(spec: str, arg: str) -> tuple[list[str], dict]:
                 options["fanout_group" if key == "fanout" else key] = int(value, 0)
             elif key in ("fanout_mode", "ring"):
                 options[key] = value
-            elif key == "promisc":
+            elif key in ("promisc", "offloads"):
                 options[key] = value.lower() not in ("0", "no", "false", "off")
             elif key == "duration":
                 options[key] = float(value)
             else:
-                known = ("ring",) + _AFPACKET_INT + ("fanout_mode", "promisc", "duration")
+                known = ("ring",) + _AFPACKET_INT + ("fanout_mode", "promisc", "duration",
+                                                     "offloads")
                 raise PortError(f"port spec {spec!r}: unknown option {key!r}; known: "
                                 f"{', '.join(known)}")
         except ValueError:

@@ -8,7 +8,8 @@ everything its kernel would receive on mc/ms: packet sockets are served before t
 hook, so only the bridge moves frames between the sides.  Offloads are off on every
 veth: a user-space middlebox must see wire-sized frames whose checksums are final,
 not 64 KiB GSO/GRO super-frames or frames with a partial checksum left for a NIC
-that does not exist.  IPv6 is off so router/multicast chatter does not muddy counts.
+that does not exist; the one exception is the test of the port's ``offloads=True``,
+which takes exactly those.  IPv6 is off so router/multicast chatter does not muddy counts.
 
 The namespace tests need root, ``ip netns``, ethtool, nft, curl and tcpdump; without
 them they are skipped with the reason (and fail instead under ``CI=true``, where the
@@ -164,6 +165,18 @@ def _stop_bridge(p):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _serve_blob(procs, tmp_path):
+    """The server: a 3 MiB random file over HTTP at SERVER_IP:8080/blob.bin."""
+    www = tmp_path / "www"
+    www.mkdir()
+    blob = os.urandom(3 << 20)
+    (www / "blob.bin").write_bytes(blob)
+    procs.start(_in_ns(NS_S, sys.executable, "-m", "http.server", "8080", "--bind",
+                       SERVER_IP, "--directory", str(www)),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return blob
+
+
 def _ping(count=5):
     """ICMP echo from the client (a raw socket: no dependency on iputils)."""
     code = f"""
@@ -312,14 +325,7 @@ def _send_one(port):
 @pytest.mark.parametrize("ring", RINGS)
 def test_bridge_ping_curl_counters_and_pcap_equivalence(testbed, tmp_path, ring):
     procs = testbed
-    # The server: a 3 MiB random file over HTTP.
-    www = tmp_path / "www"
-    www.mkdir()
-    blob = os.urandom(3 << 20)
-    (www / "blob.bin").write_bytes(blob)
-    procs.start(_in_ns(NS_S, sys.executable, "-m", "http.server", "8080", "--bind",
-                       SERVER_IP, "--directory", str(www)),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    blob = _serve_blob(procs, tmp_path)
     # Without the bridge nothing crosses the middlebox.
     assert _ping(1) == 0
     # What the bridge receives, captured beside it (incoming frames only).
@@ -398,17 +404,109 @@ def test_fanout_hash_splits_flows_and_keeps_directions_together(testbed, ring):
     assert res["split_directions"] == 0
 
 
+def _offloads(ns, dev, tx):
+    # A veth's default offloads (TSO, GSO, GRO, checksums), or the same without tx
+    # checksumming, and so without TSO: the kernel then finishes checksums and cuts
+    # super-frames in software before a frame leaves through dev.
+    _sh(*_in_ns(ns, "ethtool", "-K", dev, "rx", "on", "tx", "on" if tx else "off",
+                "gso", "on", "gro", "on", *(("tso", "on") if tx else ())))
+
+
+def _tcp_checksums_bad(frames):
+    import dpkt
+    bad = 0
+    for buf in frames:
+        ip = dpkt.ethernet.Ethernet(buf).data
+        if isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.tcp.TCP):
+            want = ip.data.sum
+            ip.data.sum = 0
+            ip.sum = 0
+            bad += dpkt.ip.IP(bytes(ip)).data.sum != want
+    return bad
+
+
+def test_offloads_bridge_moves_super_frames_and_the_lb_keeps_checksums_right(
+        testbed, tmp_path):
+    # Offloads on at client and server: their TCP hands the veths super-frames of up
+    # to 64 KiB whose checksums are left for the sending device.  The bridge takes
+    # them with offloads=1 and runs the L4 LB, which rewrites VIP to backend in each
+    # one's pseudo-header sum.  The bridge's own veths have tx checksumming off, so
+    # the kernel cuts each super-frame and finishes its checksum in software on the
+    # way out, and the receiving TCP checks every checksum: a wrong rewrite stalls
+    # the download.  A recorder beside the bridge writes what it takes to pcap, and
+    # PcapWriter finishes the checksums there.
+    procs = testbed
+    vip = "198.18.1.100"
+    for ns, dev in ((NS_C, "c0"), (NS_S, "s0")):
+        _offloads(ns, dev, tx=True)
+    for dev in ("mc", "ms"):
+        _offloads(NS_M, dev, tx=False)
+    _sh("ip", "-n", NS_C, "neigh", "replace", vip, "lladdr", _mac(NS_S, "s0"),
+        "dev", "c0", "nud", "permanent")
+    blob = _serve_blob(procs, tmp_path)
+    cap = tmp_path / "ms.pcap"
+    rec = procs.start(_in_ns(NS_M, sys.executable, HERE, "record", "ms", str(cap)),
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE)
+    assert rec.stdout.readline().strip() == "ready", rec.stderr.read()
+    # The server listens before the one download that counts: a broken checksum
+    # fails it within its time limit instead of being retried.
+    for _ in range(100):
+        if _sh(*_in_ns(NS_S, "curl", "-sS", "-o", "/dev/null", "--max-time", "2",
+                       f"http://{SERVER_IP}:8080/"), check=False).returncode == 0:
+            break
+        time.sleep(0.1)
+    # VIP port 80, backend port 8080: ports change too, which a partial sum must not
+    # take in (the sending device sums them).
+    bridge = _start_bridge(procs, "60", "v2", "1", f"{vip}:80", f"{SERVER_IP}:8080")
+    try:
+        r = subprocess.run(_in_ns(NS_C, "curl", "-sS", "--max-time", "15", "-o", "-",
+                                  f"http://{vip}/blob.bin"),
+                           capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert hashlib.sha256(r.stdout).hexdigest() == hashlib.sha256(blob).hexdigest()
+    finally:
+        result = _stop_bridge(bridge)
+        out, err = rec.communicate(input="", timeout=30)
+    assert rec.returncode == 0, err
+    recorded = json.loads(out.strip().splitlines()[-1])
+
+    ports = result["ports"]
+    client, server = ports["client"], ports["server"]
+    assert result["l2fwd"] > 0                              # the LB translated
+    assert server["rx_gso"] > 0 and server["rx_csum_partial"] > 0
+    assert client["rx_csum_partial"] > 0
+    # super-frames: far fewer frames than the 1448-byte segments on a plain link
+    assert server["rx_pkts"] < len(blob) // 1448 // 2
+    assert ports["tx_dropped"] == ports["rx_dropped"] == 0
+    assert client["tx_pkts"] == server["rx_pkts"] and server["tx_pkts"] == client["rx_pkts"]
+
+    from mbx._pcap import PcapReader
+    frames = []
+    with PcapReader(str(cap)) as reader:
+        from mbx._packet import Batch
+        batch = Batch(64)
+        while (n := reader.receive(batch)) != -1:
+            frames += [batch.frame(i) for i in range(n)]
+            batch.reset()
+    assert recorded["rx_gso"] > 0 and recorded["rx_csum_partial"] > 0
+    assert max(map(len, frames)) > 1514
+    assert _tcp_checksums_bad(frames) == 0
+
+
 # ---------------------------------------------------------------- inside a namespace
 
 
-def _bridge_main(client_if, server_if, duration, ring):
+def _bridge_main(client_if, server_if, duration, ring, offloads="0", vip="", backend=""):
+    # L2 forwarding, or with a VIP the L4 LB sending it to one backend.
     from mbx._afpacket import BridgePorts
     from mbx.nfs.flow_stats import FlowStats
     from mbx.nfs.l2fwd import L2Fwd
+    from mbx.nfs.l4lb import L4LB
     from mbx.runtime import App
     bridge = BridgePorts(client_if, server_if, ring=ring, timeout_ms=5,
-                         duration=float(duration))
-    l2 = L2Fwd()
+                         duration=float(duration), offloads=offloads == "1")
+    l2 = L4LB(vip=vip, backends=backend) if vip else L2Fwd()
     app = App([l2, FlowStats()])
     result = {}
 
@@ -427,10 +525,32 @@ def _bridge_main(client_if, server_if, duration, ring):
     if "error" in result or worker.is_alive():
         print(result.get("error", "bridge run did not stop"), file=sys.stderr)
         sys.exit(1)
-    out = {"counters": result["counters"], "ports": bridge.stats(), "l2fwd": l2.packets,
+    out = {"counters": result["counters"], "ports": bridge.stats(),
+           "l2fwd": l2.translated if vip else l2.packets,
            "ring": [bridge.client.ring_version, bridge.server.ring_version]}
     bridge.close()
     print(json.dumps(out, default=str))
+
+
+def _record_main(iface, path):
+    # What arrives on iface, as an offloads port takes it, into a pcap file.
+    from mbx._afpacket import AfPacketPort
+    from mbx._pcap import PcapWriter
+    from mbx.nfs.l2fwd import L2Fwd
+    from mbx.runtime import App
+    port = AfPacketPort(iface, offloads=True, tx=False, timeout_ms=5, duration=60.0)
+    writer = PcapWriter(path)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(c=App([L2Fwd()]).run(port,
+                                                                              writer)))
+    worker.start()
+    print("ready", flush=True)
+    sys.stdin.read()
+    port.stop()
+    worker.join(30)
+    writer.close()
+    print(json.dumps(port.stats()))
+    port.close()
 
 
 def _frame(src_mac, dst_mac, src, dst, proto, sport, dport, payload=b"x" * 18):
@@ -515,7 +635,9 @@ def _fanout_main(rx_if, ring):
 
 if __name__ == "__main__":
     if sys.argv[1] == "bridge":
-        _bridge_main(*sys.argv[2:6])
+        _bridge_main(*sys.argv[2:])
+    elif sys.argv[1] == "record":
+        _record_main(*sys.argv[2:4])
     elif sys.argv[1] == "fanout":
         _fanout_main(*sys.argv[2:4])
     elif sys.argv[1] == "send":

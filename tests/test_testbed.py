@@ -131,9 +131,21 @@ def test_afpacket_missing_is_a_clear_error(monkeypatch):
         tb.Bed("mbx-l2fwd")._start_mbx()
 
 
-def test_bridge_modes_refuse_offloads():
-    with pytest.raises(tb.TestbedError, match="offloads must be off"):
-        tb.Bed("mbx-l4lb", offloads=True)
+def test_bridge_modes_without_offload_metadata_refuse_offloads():
+    for mode in ("pybridge", "mbx-l4lb-dpdk"):
+        with pytest.raises(tb.TestbedError, match="offloads must be off"):
+            tb.Bed(mode, offloads=True)
+
+
+def test_offloads_on_give_mbx_bridges_the_offloads_port_option():
+    bed = tb.Bed("mbx-l4lb", workdir="/w", offloads=True, mbx_port="ring=v2")
+    bed.mb_json = "/w/mbx.json"
+    argv = bed.mbx_command()
+    assert argv[argv.index("--in") + 1] == "afpacket:m-cli,m-srv?ring=v2&offloads=1"
+    bed = tb.Bed("mbx-l2fwd", workdir="/w", offloads=True)
+    bed.mb_json = "/w/mbx.json"
+    assert bed.mbx_command()[bed.mbx_command().index("--out") + 1] == (
+        "afpacket:m-cli,m-srv?offloads=1")
 
 
 # -- smoke runs as root ---------------------------------------------------------------------

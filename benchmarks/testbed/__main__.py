@@ -43,7 +43,8 @@ def _add_bed_options(p):
     p.add_argument("--big-size", type=_size, default=tb.BIG_SIZE,
                    help="size of the correctness download (32M)")
     p.add_argument("--offloads", choices=("off", "on"), default="off",
-                   help="veth offloads (off; the bridge modes require off)")
+                   help="veth offloads (off; on runs mbx's bridges with offloads=1, "
+                        "and is refused for mbx-l4lb-dpdk and pybridge)")
     p.add_argument("--rps", choices=("off", "on"), default="off",
                    help="RPS over all CPUs on the veths (off: its IPIs cost every mode "
                         "on this machine; docs/testbed.md)")

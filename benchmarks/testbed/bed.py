@@ -73,6 +73,11 @@ IF_SERVER = "s0"       # in the servers namespace
 
 MODES = ("kernel", "haproxy", "mbx-l2fwd", "mbx-l4lb", "mbx-l4lb-dpdk", "pybridge")
 BRIDGE_MODES = ("mbx-l2fwd", "mbx-l4lb", "mbx-l4lb-dpdk", "pybridge")
+# Bridges that can run with the veths' offloads on: mbx's own AF_PACKET port with
+# offloads=1 takes super-frames and unfinished checksums with the kernel's
+# virtio_net_hdr and hands them back.  DPDK's net_af_packet and the Python bridge
+# have no such header.
+OFFLOAD_BRIDGE_MODES = ("mbx-l2fwd", "mbx-l4lb")
 MBX_MODES = ("mbx-l2fwd", "mbx-l4lb", "mbx-l4lb-dpdk")
 L4LB_MODES = ("mbx-l4lb", "mbx-l4lb-dpdk")
 # mbx-l4lb-dpdk: the DPDK bridge polls; on cores shared with the client and the
@@ -214,8 +219,10 @@ class Bed:
                  mbx_nf=""):
         if mode not in MODES:
             raise TestbedError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
-        if mode in BRIDGE_MODES and offloads:
-            raise TestbedError(f"mode {mode} bridges raw frames: offloads must be off")
+        if mode in BRIDGE_MODES and offloads and mode not in OFFLOAD_BRIDGE_MODES:
+            raise TestbedError(f"mode {mode} bridges raw frames without the kernel's "
+                               "offload metadata: offloads must be off (modes that "
+                               f"can have them: {', '.join(OFFLOAD_BRIDGE_MODES)})")
         self.mode = mode
         self.workdir = workdir
         self.big_size = big_size
@@ -324,13 +331,15 @@ class Bed:
                  ("srv", IF_SERVER)]
         for role, dev in links:
             if not self.offloads:
-                # Offloads off on every veth.  A user-space middlebox sees raw frames:
-                # with TSO/GSO the sender's veth hands over 64 KiB super-frames, with
-                # tx checksum offload the checksums are left unfinished (the L4LB
-                # updates them incrementally, so they must be right), and GRO would
-                # merge frames on receive.  The same settings in every mode, so the
-                # kernel and HAProxy rows are not favoured by offloads the bridge
-                # modes cannot have.
+                # Offloads off on every veth (the default).  A user-space middlebox
+                # that reads plain frames would see 64 KiB TSO/GSO super-frames it
+                # cannot send out of a 1500-byte link, checksums left unfinished for
+                # the sending device (the L4LB updates them incrementally, so they
+                # must be right), and GRO merges.  The same settings in every mode,
+                # so the kernel and HAProxy rows are not favoured by offloads a
+                # bridge without them cannot use.  With offloads on, the mbx bridges
+                # use the AF_PACKET port's offloads=1 (the kernel's virtio_net_hdr
+                # with each frame), so every mode gets the offloads.
                 netns.offloads_off(self.ns[role], dev, error=TestbedError)
             self.ip(role, "link", "set", dev, "up")
             if self.rps:
@@ -550,9 +559,11 @@ backend be
                                                                IF_MB_SERVER)))
             spec += "?" + (self.mbx_port or f"idle_us={DPDK_IDLE_US}")
         else:
+            options = [o for o in (self.mbx_port, "offloads=1" if self.offloads else "")
+                       if o]
             spec = f"afpacket:{IF_MB_CLIENT},{IF_MB_SERVER}"
-            if self.mbx_port:
-                spec += "?" + self.mbx_port
+            if options:
+                spec += "?" + "&".join(options)
         app = "l2fwd" if self.mode == "mbx-l2fwd" else (self.mbx_nf or "l4lb")
         # the name `mbx run` gives the NF, which its --set options must use
         key = os.path.splitext(os.path.basename(app))[0] if app.endswith(".py") else app

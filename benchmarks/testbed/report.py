@@ -94,8 +94,9 @@ def plot(doc, path):
             ax.set_xticklabels([WORKLOAD_LABELS[w] for w in wls], fontsize=8)
             ax.set_ylabel(ylabel)
             title = "throughput" if metric == "rps" else "middlebox CPU per request"
-            ax.set_title(f"{title} ({tool}, median of {summary[0]['runs']}, min-max bars)",
-                         fontsize=9)
+            links = "offloads on" if doc.get("config", {}).get("offloads") else "offloads off"
+            ax.set_title(f"{title} ({tool}, {links}, median of {summary[0]['runs']}, "
+                         "min-max bars)", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
             ax.set_ylim(0, ax.get_ylim()[1] * 1.45)  # room for the legend
             ax.legend(fontsize=7, loc="upper left")
