@@ -8,8 +8,8 @@ RING_VERSIONS: dict[str, int]
 class AfPacketPort(Port):
     """One interface: a TPACKET_V2 (default) or V3 receive ring, sendmmsg bursts,
     optional fanout and offloads.  A size of 0 takes the default: block_size 128 KiB,
-    block_count 64, frame_size 2048, or with offloads frame_size 65792 and, for
-    ring "v2", 16 blocks of 1 MiB."""
+    block_count 64, frame_size 2048, or with offloads and ring "v2" frame_size 65792
+    in 16 blocks of 1 MiB."""
 
     iface: str
     ifindex: int

@@ -243,8 +243,9 @@ cdef enum:
     SIGNAL_CHECK_EVERY = 256    # rx calls between checks for Ctrl-C under load
     VLAN_HLEN = 4
     VNET_HLEN = 10              # sizeof(struct virtio_net_hdr)
-    # offloads=True: a slot must hold a 64 KiB super-frame with its headers (V2 cuts
-    # longer frames short), so slots are this large and blocks hold 15 of them.
+    # offloads=True: a V2 slot must hold a 64 KiB super-frame with its headers (V2
+    # cuts longer frames short), so slots are this large and blocks hold 15 of them;
+    # a V3 block must be at least this large.
     OFFLOAD_FRAME_SIZE = 65536 + 256
     OFFLOAD_V2_BLOCK_SIZE = 1 << 20
     OFFLOAD_V2_BLOCK_COUNT = 16
@@ -300,8 +301,9 @@ cdef class AfPacketPort(Port):
     (``OFFLOAD_CSUM_PARTIAL``); on send the header goes back to the kernel, which
     segments and finishes checksums, in hardware or software.  A bridge then moves
     one super-frame where it would move a dozen wire-size frames.  Ring defaults
-    change to hold such frames: ``frame_size`` 65792, and for ``ring="v2"``
-    ``block_size`` 1 MiB and ``block_count`` 16 (240 slots, 16 MiB).  A port
+    change to hold such frames whole (``ring="v2"``: ``frame_size`` 65792,
+    ``block_size`` 1 MiB, ``block_count`` 16: 240 slots, 16 MiB), and sizes that
+    would cut them short are refused.  A port
     without offloads finishes partial checksums in software before sending; a
     super-frame larger than its MTU cannot go and counts in ``tx_dropped``.
 
@@ -343,13 +345,21 @@ cdef class AfPacketPort(Port):
         if ring not in RING_VERSIONS:
             raise ValueError(f"ring {ring!r} is not one of {', '.join(RING_VERSIONS)}")
         # 0: the default, which depends on whether super-frames must fit (offloads).
+        # (A V3 frame may fill its block whatever frame_size says.)
         if frame_size == 0:
-            frame_size = OFFLOAD_FRAME_SIZE if offloads else 2048
+            frame_size = OFFLOAD_FRAME_SIZE if offloads and ring == "v2" else 2048
         if block_size == 0:
             block_size = OFFLOAD_V2_BLOCK_SIZE if offloads and ring == "v2" else 1 << 17
         if block_count == 0:
             block_count = OFFLOAD_V2_BLOCK_COUNT if offloads and ring == "v2" else 64
         if rx:
+            # A super-frame cut short cannot be sent on: its segments would be wrong.
+            room = frame_size if ring == "v2" else block_size
+            if offloads and room < OFFLOAD_FRAME_SIZE:
+                raise ValueError(
+                    f"offloads: super-frames of up to 64 KiB must fit whole, but "
+                    f"{'frame_size' if ring == 'v2' else 'block_size'} {room} is below "
+                    f"{OFFLOAD_FRAME_SIZE} (leave it 0 for a size that fits)")
             if block_size < 4096 or block_size & (block_size - 1):
                 raise ValueError(f"block_size {block_size} is not a power of two >= 4096")
             if frame_size < 128 or frame_size % 16 or frame_size > block_size:

@@ -230,6 +230,11 @@ def test_spec_errors():
     with pytest.raises(PortError, match=r"afpacket:lo\?ring=v1'?: ring 'v1' is not one "
                                         r"of v2, v3"):
         open_input("afpacket:lo?ring=v1")
+    with pytest.raises(PortError, match=r"offloads: super-frames of up to 64 KiB must fit "
+                                        r"whole, but frame_size 2048 is below 65792"):
+        open_input("afpacket:lo?offloads=1&frame_size=2048")
+    with pytest.raises(PortError, match=r"but block_size 65536 is below 65792"):
+        open_input("afpacket:lo?offloads=1&ring=v3&block_size=65536")
 
 
 def test_open_ports_pcap(tmp_path, example_pcap):
@@ -437,9 +442,9 @@ def _url(addr, port=80):
     return f"http://{_endpoint(addr, port)}"
 
 
-@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("family,ring", [(4, "v2"), (6, "v2"), (4, "v3")])
 def test_offloads_bridge_moves_super_frames_and_the_lb_keeps_checksums_right(
-        testbed, tmp_path, family):
+        testbed, tmp_path, family, ring):
     # Offloads on at client and server: their TCP hands the veths super-frames of up
     # to 64 KiB whose checksums are left for the sending device.  The bridge takes
     # them with offloads=1 and runs the L4 LB, which rewrites VIP to backend in each
@@ -483,7 +488,7 @@ def test_offloads_bridge_moves_super_frames_and_the_lb_keeps_checksums_right(
     assert rec.stdout.readline().strip() == "ready", rec.stderr.read()
     # VIP port 80, backend port 8080: ports change too, which a partial sum must not
     # take in (the sending device sums them).
-    bridge = _start_bridge(procs, "60", "v2", "1", _endpoint(vip, 80),
+    bridge = _start_bridge(procs, "60", ring, "1", _endpoint(vip, 80),
                            _endpoint(server, 8080))
     try:
         r = subprocess.run(_in_ns(NS_C, "curl", "-gsS", "--max-time", "15", "-o", "-",
