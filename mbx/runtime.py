@@ -26,6 +26,17 @@ _MONITOR_OPTIONS = ("stream_memory", "chunk_size", "stream_window", "retain",
 BUILTIN_NFS = ("l2fwd", "flow_stats", "logger", "l4lb")
 FLOW_CAPACITY = 65536       # flows a stack tracks unless told otherwise
 
+# (k, n): this process is stack process k of the n that run_parallel started.
+_stack_process = (0, 1)
+
+
+def output_path(path):
+    """The file this process should write for ``path``: ``path`` itself, or
+    ``path.stackK`` in stack process K of a ``run_parallel`` run, so that stack
+    processes never write over one another (pcap outputs, Logger files)."""
+    k, n = _stack_process
+    return f"{path}.stack{k}" if n > 1 else path
+
 
 def _as_nfs(obj, where):
     if isinstance(obj, NF):
@@ -331,7 +342,8 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     Memory.  A capture is split by software RSS: every process reads it and keeps
     the flows whose symmetric hash is its share, so both directions of a flow meet
     in one process.  An AF_PACKET input is split by the kernel (a fanout group).
-    Each process writes its own output (``FILE.stackK`` for ``pcap:FILE``).
+    Each process writes its own output (``FILE.stackK`` for ``pcap:FILE``, see
+    ``output_path``).
     Returns (merged counters, [each process's counters]); each process's counters
     carry its CPU seconds (``cpu_s``, summed in the merged ones).
 
@@ -377,7 +389,9 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 spec = in_spec
                 if afpacket:
                     spec += ("&" if "?" in spec else "?") + f"fanout={group}"
-                out = f"{out_spec}.stack{k}" if out_spec and out_spec.startswith(
+                global _stack_process
+                _stack_process = (k, stacks)
+                out = output_path(out_spec) if out_spec and out_spec.startswith(
                     "pcap:") else out_spec
                 inp, outp = open_ports(spec, out)
                 progress = None

@@ -287,13 +287,19 @@ def test_mbx_check_prints_the_graph(tmp_path):
     import mbx as pkg
 
     ids = str(pkg.__file__).replace("__init__.py", "examples/ids.toml")
+    # The IDS's Logger writes ids-alerts.jsonl when it runs; a check must leave a
+    # log already there as it was, and create none.
+    kept = tmp_path / "ids-alerts.jsonl"
+    kept.write_text('{"type":"IDS_ALERT"}\n')
     r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", ids], capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert kept.read_text() == '{"type":"IDS_ALERT"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids-alerts.jsonl"]
     assert "NF dpi" in r.stdout and "<- DPI_DETECT" in r.stdout and "from NF dpi" in r.stdout
     bad = write(tmp_path, "bad.toml", '[[nf]]\nuse = "logger"\noptions = { types = "IDS_ALERT" }\n')
     r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", bad], capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2
     assert "NF logger subscribes to IDS_ALERT" in r.stderr or "unknown event type" in r.stderr
 

@@ -107,8 +107,10 @@ def test_cli_stacks_option(tmp_path):
     cap = str(tmp_path / "many.pcap")
     many_flows_capture(cap, flows=200, packets=2000)
     out = tmp_path / "c.json"
-    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "flow_stats", "--in",
+    log = tmp_path / "events.jsonl"
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "flow_stats+logger", "--in",
                         f"pcap:{cap}", "--stacks", "2", "--json", str(out),
+                        "--set", f"logger.path={log}", "--set", "logger.types=FLOW/STATS",
                         "--out", f"pcap:{tmp_path / 'o.pcap'}"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -120,6 +122,12 @@ def test_cli_stacks_option(tmp_path):
     assert "in a table of 32,768" in r.stdout and "the share is full" not in r.stdout
     sent = sum(len(open_frames(tmp_path / f"o.pcap.stack{k}")) for k in range(2))
     assert sent == 2000
+    # Each stack's Logger writes its own file, whole lines that nobody overwrote:
+    # one FLOW/STATS per flow of that stack, and every packet counted once.
+    assert not log.exists()
+    stats = [[json.loads(line) for line in open(f"{log}.stack{k}")] for k in range(2)]
+    assert [len(s) for s in stats] == [p["flows"] for p in c["stacks"]]
+    assert sum(rec["packets"] for s in stats for rec in s) == 2000
 
 
 def open_frames(path):
