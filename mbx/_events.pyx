@@ -465,6 +465,12 @@ class NF:
     def __repr__(self):
         return f"<NF {self.name}>"
 
+    def start(self):
+        """Called once when a run starts, in the process that runs the stack, before
+        the first packet and before any NF process is forked: open output files here,
+        not in ``__init__`` (building an NF, as ``mbx check`` does, must not touch
+        them, and an NF process restarted after a failure keeps what was opened)."""
+
     def stop(self):
         """Called once when the run ends (flush files, print summaries)."""
 

@@ -220,6 +220,8 @@ class App:
                        for nf in nfs for i in nf.pubs):
             sink = _TerminateSink()
             nfs.append(sink)
+        for nf in nfs:
+            nf.start()
         if self.deploy == "pipelined":
             return self._run_pipelined(nfs, sink, tcp, inp, out, burst=burst,
                                        max_packets=max_packets, progress=progress,

@@ -1,6 +1,7 @@
 """Optional restart of a dead NF process in the pipelined deployment: the stack
 recovers what it held, applies its failure policy while it is down, and forks it again
 from its pre-fork copy, which then gets the events of the following epochs."""
+import json
 import os
 import signal
 
@@ -11,6 +12,7 @@ from test_pipelined import FileRecorder, assert_baseline
 import mbx
 from mbx import cli
 from mbx.controller import load_app_file
+from mbx.nfs.logger import Logger
 
 
 class Crasher(mbx.NF):
@@ -347,3 +349,33 @@ def test_restarted_member_of_a_group_with_a_merge_function(example_pcap, tmp_pat
     both_ = sum(d == {"a", "crash"} for d in calls)
     assert counters["dropped_by_nf"] == both_ > 0
     assert len(out) == len(frames) - counters["fragments_held"] - both_
+
+
+class CrashingLogger(Logger):
+    """The built-in Logger, each line flushed, crashing once on its 60th event."""
+
+    def __init__(self, path, marker):
+        super().__init__("logger", path, types="PKT")
+        self.marker = str(marker)
+        self.failure, self.restart, self.restart_backoff = "open", 1, 0
+
+    def on_event(self, ev):
+        super().on_event(ev)
+        self.out.flush()
+        if self.events == 60 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(7)
+
+
+def test_restarted_logger_appends_to_the_file_the_run_opened(example_pcap, tmp_path):
+    # The file is opened once, by NF.start() before the NF process is forked: the
+    # restarted process writes on after the lines of the first, and does not start
+    # the file afresh.
+    log = tmp_path / "events.jsonl"
+    c, _ = run_app([CrashingLogger(log, tmp_path / "crashed")], example_pcap,
+                   deploy="pipelined", burst=4)
+    assert c["pipeline"]["nfs"]["logger"]["restarts"] == 1
+    ts = [json.loads(line)["ts_ns"] for line in log.read_text().splitlines()]
+    assert len(ts) > 60 and ts == sorted(ts)
+    first_ts, _ = read_frames(example_pcap)[0]
+    assert round(ts[0] / 1000) == round(first_ts * 1e6)     # the first life's lines

@@ -4,8 +4,8 @@ Options: ``path`` (default ``mbx-events.jsonl``; ``-`` for stdout), ``types``
 (comma-separated event types to subscribe to, default ``FLOW``: every flow event,
 including FLOW/STATS from Flow_Stats).
 
-The file is created when the run starts logging (or, if nothing was logged, when
-it ends), so ``mbx check`` leaves an existing log alone.  With ``--stacks N`` each
+The file is opened when the run starts (``start``), so ``mbx check`` leaves an
+existing log alone.  With ``--stacks N`` each
 stack process writes ``PATH.stackK`` (``mbx.runtime.output_path``).
 """
 import json
@@ -26,34 +26,30 @@ class Logger(mbx.NF):
             where = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(where) or not os.access(where, os.W_OK):
                 raise AppError(f"NF {name}: path {path!r}: cannot write in {where}")
-        # Opened when the run starts writing, not here: building the NF (``mbx
-        # check``, or the parent of a pipelined run) must leave no file behind.
-        self.out = sys.stdout if path == "-" else None
+        self.out = None         # opened by start()
         self.events = 0
         for t in str(types).split(","):
             self.sub(t.strip(), self.on_event)
 
-    def _open(self):
-        self.out = open(output_path(self.path), "w", buffering=1 << 20)
-        return self.out
+    def start(self):
+        self.out = sys.stdout if self.path == "-" else open(
+            output_path(self.path), "w", buffering=1 << 20)
 
     def on_event(self, ev):
-        out = self.out or self._open()
         rec = {"type": ev.type_name, "ts_ns": ev.ts, "flow": ev.flow}
         rec.update(ev.fields())
         if "end_reason" in rec:
             rec["end_reason"] = END_REASONS.get(rec["end_reason"], rec["end_reason"])
         if "proto" in rec:
             rec["proto"] = PROTO_NAMES.get(rec["proto"], rec["proto"])
-        out.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
         self.events += 1
 
     def stop(self):
-        out = self.out or self._open()     # a run that logged nothing leaves an empty file
-        if out is sys.stdout:
-            out.flush()
-        else:
-            out.close()
+        if self.out is sys.stdout:
+            self.out.flush()
+        elif self.out is not None:
+            self.out.close()
 
 
 def make(name="logger", path="mbx-events.jsonl", types="FLOW"):
