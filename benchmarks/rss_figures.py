@@ -13,7 +13,7 @@ holds best on a machine shared with other work.  Last, two ceilings measured in
 the same run: two spin loops, and two independent stacks each replaying the
 whole capture (independent_scaling()), which no split of the work can beat.
 
-    python benchmarks/rss_figures.py [--quick] [--runs 3]
+    python benchmarks/rss_figures.py [--quick] [--runs 3] [--packets 1000000]
 """
 import argparse
 import os
@@ -141,8 +141,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="200 k packets, 20 k flows")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--packets", type=int, default=1_000_000,
+                    help="packets in the capture (1,000,000)")
     args = ap.parse_args(argv)
-    n, flows = (200_000, 20_000) if args.quick else (1_000_000, 100_000)
+    n, flows = (200_000, 20_000) if args.quick else (args.packets, 100_000)
     cap = make_capture(n, flows, "64")
     spec = "pcap:" + cap
     rows = []
