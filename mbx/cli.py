@@ -214,6 +214,10 @@ def _run_parallel(nfs, args, config, listeners, view):
                                          "refused: the share is full)"
                                          if c["evicted"] or c["refused"] else "")
             for k, c in enumerate(counters["stacks"])))
+        if args.out and args.out.startswith("pcap:"):
+            # run_parallel gives each process its own file (output_path)
+            print(f"written        {args.out[5:]}.stack0 .. .stack{args.stacks - 1}, one per "
+                  "stack process (as are the files a Logger writes)")
     if view is not None:
         view.final(final, elapsed)
     if args.json:

@@ -120,6 +120,7 @@ def test_cli_stacks_option(tmp_path):
     # each stack's table is half of --flows (65536), and no share was full
     assert [s["flow_capacity"] for s in c["stacks"]] == [32768, 32768]
     assert "in a table of 32,768" in r.stdout and "the share is full" not in r.stdout
+    assert f"written        {tmp_path / 'o.pcap'}.stack0 .. .stack1" in r.stdout
     sent = sum(len(open_frames(tmp_path / f"o.pcap.stack{k}")) for k in range(2))
     assert sent == 2000
     # Each stack's Logger writes its own file, whole lines that nobody overwrote:
