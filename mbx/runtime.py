@@ -220,8 +220,15 @@ class App:
                        for nf in nfs for i in nf.pubs):
             sink = _TerminateSink()
             nfs.append(sink)
-        for nf in nfs:
-            nf.start()
+        started = []
+        try:
+            for nf in nfs:
+                nf.start()
+                started.append(nf)
+        except BaseException:
+            for nf in started:          # what they opened is closed again
+                nf.stop()
+            raise
         if self.deploy == "pipelined":
             return self._run_pipelined(nfs, sink, tcp, inp, out, burst=burst,
                                        max_packets=max_packets, progress=progress,

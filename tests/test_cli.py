@@ -69,6 +69,10 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
     (["run", "l2fwd", "--in", "tcp:x"], "tcp"),
     (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger"], "NF.KEY=VALUE"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--set", "other.a=1"], "other"),
+    (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger.path=."],
+     "NF logger: path '.' is a directory"),
+    (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger.path=no/such/dir.jsonl"],
+     "NF logger: path 'no/such/dir.jsonl': cannot write in"),
 ])
 def test_clear_errors(tmp_path, args, message):
     r = mbx_cmd(*args, cwd=tmp_path)
@@ -109,3 +113,30 @@ def test_set_reaches_an_nf_named_by_module_path(tmp_path):
                 "--set", f"mbx.nfs.logger:make.path={events}")
     assert r.returncode == 0, r.stderr
     assert events.read_text().count("FLOW/START") > 0
+
+
+def test_an_nf_that_cannot_start_ends_the_run_and_stops_those_started(tmp_path,
+                                                                     example_pcap):
+    from mbx.nfs.logger import Logger
+    from mbx.ports import open_input
+    from mbx.runtime import App
+
+    class Tracked(mbx.NF):
+        stopped = False
+
+        def stop(self):
+            self.stopped = True
+
+    first = Tracked("first")
+    first.sub(mbx.PKT, lambda ev: None)
+    log = tmp_path / "gone" / "events.jsonl"
+    log.parent.mkdir()
+    logger = Logger("logger", str(log))
+    log.parent.rmdir()              # the directory was there when the NF was built
+    inp = open_input(f"pcap:{example_pcap}")
+    try:
+        with pytest.raises(mbx.MbxError, match="NF logger: cannot write .*events.jsonl"):
+            App([first, logger]).run(inp)
+    finally:
+        inp.close()
+    assert first.stopped

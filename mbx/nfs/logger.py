@@ -24,6 +24,8 @@ class Logger(mbx.NF):
         self.path = path
         if path != "-":
             where = os.path.dirname(os.path.abspath(path))
+            if os.path.isdir(path):
+                raise AppError(f"NF {name}: path {path!r} is a directory, not a file")
             if not os.path.isdir(where) or not os.access(where, os.W_OK):
                 raise AppError(f"NF {name}: path {path!r}: cannot write in {where}")
         self.out = None         # opened by start()
@@ -32,8 +34,14 @@ class Logger(mbx.NF):
             self.sub(t.strip(), self.on_event)
 
     def start(self):
-        self.out = sys.stdout if self.path == "-" else open(
-            output_path(self.path), "w", buffering=1 << 20)
+        if self.path == "-":
+            self.out = sys.stdout
+            return
+        path = output_path(self.path)
+        try:
+            self.out = open(path, "w", buffering=1 << 20)
+        except OSError as exc:
+            raise AppError(f"NF {self.name}: cannot write {path!r}: {exc.strerror}") from None
 
     def on_event(self, ev):
         rec = {"type": ev.type_name, "ts_ns": ev.ts, "flow": ev.flow}
