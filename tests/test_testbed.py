@@ -87,6 +87,20 @@ def test_summarize_median_min_max():
     assert "| keep-alive, 64 B | wrk | kernel forwarding" in report.markdown({"summary": [s]})
 
 
+def test_a_command_that_hangs_is_an_error_naming_it():
+    with pytest.raises(tb.TestbedError, match="sleep 5: still running after 0.2 s"):
+        tb.run(["sleep", "5"], timeout=0.2, check=False)
+
+
+def test_failed_checks_are_named():
+    chk = {"fetches": [{"file": "64", "ok": True}, {"file": "8k", "ok": False}],
+           "checked_runs": [{"workload": "ka-8k", "ok": False, "error": "wrk: hung"},
+                            {"workload": "close-64", "ok": True}],
+           "big": [{"file": "big", "ok": False}]}
+    assert runner._check_failures(chk) == ("8k fetch, checked ka-8k load: wrk: hung, "
+                                           "big download")
+
+
 def test_haproxy_config():
     bed = tb.Bed("haproxy", workdir="/nonexistent", http_reuse="never")
     cfg = bed.haproxy_config()
@@ -157,12 +171,12 @@ def _prereq(modes):
         pytest.skip(f"test bed ({', '.join(modes)}): {reason}")
 
 
-def _smoke(tmp_path, modes, workloads="close-64,ka-8k"):
+def _smoke(tmp_path, modes, workloads="close-64,ka-8k", extra=()):
     out = tmp_path / "tb.json"
     argv = [sys.executable, "-m", "benchmarks.testbed", "run", "--mode", ",".join(modes),
             "--workload", workloads, "--runs", "1", "--duration", "1", "--connections",
             "4", "--gap", "0.2", "--check-seconds", "1", "--check-connections", "2",
-            "--big-size", "8M", "--json", str(out)]
+            "--big-size", "8M", "--json", str(out), *extra]
     p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          stdin=subprocess.DEVNULL)
     try:
@@ -197,6 +211,7 @@ def _check_doc(p, doc, stderr, modes, workloads):
             assert c["middlebox"] > 0
     for chk in doc["checks"]:
         assert chk["ok"], chk
+        assert chk["checksums_verified"]
         assert all(b["ok"] and b["size"] == 8 << 20 for b in chk["big"]), chk["big"]
         assert all(c["ok"] for c in chk["checked_runs"]), chk["checked_runs"]
     for s in doc["summary"]:
@@ -232,6 +247,22 @@ def test_smoke_mbx_modes(tmp_path):
 
 
 @pytest.mark.root
+def test_smoke_mbx_l4lb_with_offloads_checks_checksums(tmp_path):
+    # Offloads on: the bridge carries super-frames and partial checksums, and the
+    # correctness pass has the kernel finish every checksum leaving the middlebox in
+    # software so that the receivers verify the L4 LB's updates of them (a wrong
+    # one stalls the connection and fails the checks).
+    modes = ["mbx-l4lb"]
+    _prereq(modes)
+    p, doc, stderr = _smoke(tmp_path, modes, "close-64,ka-8k", extra=["--offloads", "on"])
+    _check_doc(p, doc, stderr, modes, ["close-64", "ka-8k"])
+    assert doc["config"]["offloads"] is True
+    [mc] = doc["middlebox_counters"]
+    sides = mc["counters"]["ports"]["in"]
+    assert sides["client"]["rx_csum_partial"] > 0 and sides["server"]["rx_gso"] > 0
+
+
+@pytest.mark.root
 def test_smoke_mbx_l4lb_over_dpdk_net_af_packet(tmp_path):
     # The L4 LB bridging the veths through DPDK's own AF_PACKET driver (a DpdkBridge)
     # instead of mbx's port: the same checks (every response, the big file's
@@ -247,7 +278,6 @@ def test_smoke_mbx_l4lb_over_dpdk_net_af_packet(tmp_path):
     assert ports["misrouted"] == 0
 
 
-@pytest.mark.root
 def _comm(pid):
     # the name of a process that may leave at any moment (the checks' curls do)
     try:
@@ -257,6 +287,7 @@ def _comm(pid):
         return None
 
 
+@pytest.mark.root
 def test_interrupted_run_cleans_up(tmp_path):
     _prereq(["kernel"])
     argv = [sys.executable, "-m", "benchmarks.testbed", "run", "--mode", "kernel",

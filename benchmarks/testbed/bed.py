@@ -299,6 +299,37 @@ class Bed:
             self.middlebox.append((name, p.pid))
         return p
 
+    @contextlib.contextmanager
+    def checksums_verified(self):
+        """Within the block every checksum that leaves the middlebox is finished in
+        software and verified by the receiving TCP.  With offloads off that is so
+        anyway.  With offloads on a receiver trusts a checksum left to the device
+        (CHECKSUM_PARTIAL crosses a veth unverified), so a wrong one, such as a
+        bridge's bad update of a partial checksum, would pass every check: tx
+        checksumming goes off on the middlebox's two veths (TSO with it; the kernel
+        then cuts super-frames and finishes checksums on the way out), and the
+        features are put back as they were, which is checked, after the block."""
+        if not self.offloads:
+            yield
+            return
+        devs = (IF_MB_CLIENT, IF_MB_SERVER)
+
+        def features(dev):
+            return self.exec("mb", ["ethtool", "-k", dev]).stdout
+
+        before = {dev: features(dev) for dev in devs}
+        try:
+            for dev in devs:
+                self.exec("mb", ["ethtool", "-K", dev, "tx", "off"])
+            yield
+        finally:
+            for dev in devs:
+                self.exec("mb", ["ethtool", "-K", dev, "tx", "on"], check=False)
+            changed = [dev for dev in devs if features(dev) != before[dev]]
+            if changed:
+                raise TestbedError(f"offload features of {', '.join(changed)} not "
+                                   "restored after the checksum-verified checks")
+
     def netns_inode(self, role):
         """``net:[inode]`` of a namespace, as /proc/PID/ns/net reads for its processes."""
         st = os.stat(f"/run/netns/{self.ns[role]}")

@@ -23,8 +23,13 @@ class NetnsError(RuntimeError):
 
 def run(argv, timeout=TIMEOUT, check=True, error=NetnsError, **kw):
     """Run ``argv`` with its output captured; raise ``error`` naming the command and
-    its stderr when it fails and ``check`` is set."""
-    r = subprocess.run(argv, capture_output=True, timeout=timeout, **kw)
+    its stderr when it fails and ``check`` is set, or when it outlives ``timeout``
+    (whatever ``check``: a command that hangs has no result to look at)."""
+    try:
+        r = subprocess.run(argv, capture_output=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired:
+        raise error(f"{' '.join(map(str, argv))}: still running after {timeout:g} s, "
+                    "stopped") from None
     if check and r.returncode != 0:
         err = r.stderr.decode(errors="replace") if isinstance(r.stderr, bytes) else r.stderr
         raise error(f"{' '.join(map(str, argv))}: exit {r.returncode}: {err.strip()}")

@@ -110,6 +110,14 @@ def run_matrix(modes, workloads, tools=("wrk",), runs=3, duration=5.0, connectio
                 doc["checks"].append(chk)
                 log(f"[round {rnd + 1}/{runs}] {mode}: correctness "
                     f"{'ok' if chk['ok'] else 'FAILED'}")
+                if not chk["ok"]:
+                    # The figures of a middlebox that loses or corrupts traffic mean
+                    # nothing, and its loads would only wait for answers.
+                    why = _check_failures(chk)
+                    doc["notes"].append(f"round {rnd + 1}, {mode}: correctness failed "
+                                        f"({why}); its loads were not run")
+                    log(f"[round {rnd + 1}/{runs}] {mode}: {why}; skipping its loads")
+                    continue
                 for tool in tools:
                     for wl in workloads:
                         resp_len = response_length(bed, wl)
@@ -143,6 +151,15 @@ def run_matrix(modes, workloads, tools=("wrk",), runs=3, duration=5.0, connectio
     doc["ok"] = all(c["ok"] for c in doc["checks"]) and all(
         r["errors_total"] == 0 for r in doc["summary"])
     return doc
+
+
+def _check_failures(chk):
+    """What failed in a correctness pass, in a few words."""
+    out = [f"{f['file']} fetch" for f in chk["fetches"] if not f["ok"]]
+    out += [f"checked {c['workload']} load" + (f": {c['error']}" if "error" in c else "")
+            for c in chk["checked_runs"] if not c["ok"]]
+    out += [f"{b.get('file', 'big')} download" for b in chk["big"] if not b["ok"]]
+    return ", ".join(out) or "no detail"
 
 
 def _fmt(v):
