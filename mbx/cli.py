@@ -108,7 +108,10 @@ def _print_counters(c, elapsed, out=None):
 
 
 def _run(nfs, args, spec=None):
-    from mbx.runtime import App
+    from mbx.runtime import App, check_writable
+
+    if args.json:
+        check_writable(args.json, "--json")     # not only once the run is over
 
     config = dict(flow_capacity=args.flows, idle_timeout=args.idle_timeout,
                   flow_policy=args.flow_policy, malformed=args.malformed, stack=args.stack,
@@ -226,6 +229,16 @@ def _run_parallel(nfs, args, config, listeners, view):
     return counters
 
 
+def _tcp_port(text):
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return port
+
+
 def _add_run_options(p):
     p.add_argument("--in", dest="inp", required=True, metavar="PORT",
                    help="input port: pcap:FILE, afpacket:IF, afpacket:IF0,IF1 (a bridge: "
@@ -269,7 +282,7 @@ def _add_run_options(p):
     p.add_argument("--stats", action="store_true",
                    help="a live per NF table on stderr (events/s, drops, mean handler "
                         "time), and the table of the whole run at the end")
-    p.add_argument("--prometheus", type=int, metavar="PORT",
+    p.add_argument("--prometheus", type=_tcp_port, metavar="PORT",
                    help="serve the counters for Prometheus on http://127.0.0.1:PORT/metrics "
                         "while the run lasts (needs prometheus-client)")
     p.add_argument("--no-nf-timing", dest="nf_timing", action="store_false",
@@ -351,7 +364,10 @@ def main(argv=None):
             print(f"wrote {n:,} packets to {args.path}")
         elif args.cmd == "flows":
             from mbx.flows import flows_json
+            from mbx.runtime import check_writable
 
+            if args.output:
+                check_writable(args.output, "-o")
             doc, warnings = flows_json(args.capture, flow_capacity=args.flows,
                                        stream_memory=args.stream_memory << 20)
             text = json.dumps(doc, indent=1) + "\n"

@@ -30,6 +30,19 @@ FLOW_CAPACITY = 65536       # flows a stack tracks unless told otherwise
 _stack_process = (0, 1)
 
 
+def check_writable(path, what):
+    """Refuse, before any work is done, a file that could not be written at the end
+    of a run: ``what`` names the option or NF in the message."""
+    where = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise AppError(f"{what}: path {path!r} is a directory, not a file")
+    if not os.path.isdir(where):
+        raise AppError(f"{what}: path {path!r}: directory {where} does not exist")
+    if not os.access(where, os.W_OK) or (os.path.exists(path)
+                                          and not os.access(path, os.W_OK)):
+        raise AppError(f"{what}: path {path!r}: cannot write in {where}")
+
+
 def output_path(path):
     """The file this process should write for ``path``: ``path`` itself, or
     ``path.stackK`` in stack process K of a ``run_parallel`` run, so that stack

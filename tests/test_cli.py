@@ -72,7 +72,13 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
     (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger.path=."],
      "NF logger: path '.' is a directory"),
     (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger.path=no/such/dir.jsonl"],
-     "NF logger: path 'no/such/dir.jsonl': cannot write in"),
+     "NF logger: path 'no/such/dir.jsonl': directory"),
+    # refused before the run, not once its work is done
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--json", "no/such/c.json"],
+     "--json: path 'no/such/c.json': directory"),
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--prometheus", "99999"],
+     "'99999' is not a TCP port (1-65535)"),
+    (["flows", "x.pcap", "--json", "-o", "."], "-o: path '.' is a directory"),
 ])
 def test_clear_errors(tmp_path, args, message):
     r = mbx_cmd(*args, cwd=tmp_path)

@@ -9,13 +9,12 @@ existing log alone.  With ``--stacks N`` each
 stack process writes ``PATH.stackK`` (``mbx.runtime.output_path``).
 """
 import json
-import os
 import sys
 
 import mbx
 from mbx._events import END_REASONS, PROTO_NAMES
 from mbx.errors import AppError
-from mbx.runtime import output_path
+from mbx.runtime import check_writable, output_path
 
 
 class Logger(mbx.NF):
@@ -23,11 +22,7 @@ class Logger(mbx.NF):
         super().__init__(name)
         self.path = path
         if path != "-":
-            where = os.path.dirname(os.path.abspath(path))
-            if os.path.isdir(path):
-                raise AppError(f"NF {name}: path {path!r} is a directory, not a file")
-            if not os.path.isdir(where) or not os.access(where, os.W_OK):
-                raise AppError(f"NF {name}: path {path!r}: cannot write in {where}")
+            check_writable(path, f"NF {name}")
         self.out = None         # opened by start()
         self.events = 0
         for t in str(types).split(","):
