@@ -130,7 +130,10 @@ def _run(nfs, args, spec=None):
     if args.prometheus is not None:
         from mbx.stats import Prometheus
 
-        listeners.append(Prometheus(args.prometheus))
+        prom = Prometheus(args.prometheus)
+        listeners.append(prom)
+        if not args.quiet:
+            print(f"prometheus     http://127.0.0.1:{prom.port}/metrics", file=sys.stderr)
     try:
         if args.stacks > 1:
             return _run_parallel(nfs, args, config, listeners, view)
@@ -234,8 +237,9 @@ def _tcp_port(text):
         port = int(text)
     except ValueError:
         port = -1
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535; 0: any "
+                                         "free port)")
     return port
 
 
@@ -283,7 +287,8 @@ def _add_run_options(p):
                    help="a live per NF table on stderr (events/s, drops, mean handler "
                         "time), and the table of the whole run at the end")
     p.add_argument("--prometheus", type=_tcp_port, metavar="PORT",
-                   help="serve the counters for Prometheus on http://127.0.0.1:PORT/metrics "
+                   help="serve the counters for Prometheus on http://127.0.0.1:PORT/metrics (0: "
+                        "any free port, printed) "
                         "while the run lasts (needs prometheus-client)")
     p.add_argument("--no-nf-timing", dest="nf_timing", action="store_false",
                    help="do not clock the handler calls (saves about 40 ns an event)")

@@ -77,7 +77,7 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--json", "no/such/c.json"],
      "--json: path 'no/such/c.json': directory"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--prometheus", "99999"],
-     "'99999' is not a TCP port (1-65535)"),
+     "'99999' is not a TCP port (0-65535"),
     (["flows", "x.pcap", "--json", "-o", "."], "-o: path '.' is a directory"),
 ])
 def test_clear_errors(tmp_path, args, message):

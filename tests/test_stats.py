@@ -196,6 +196,15 @@ def test_prometheus_scrape(example_pcap, tmp_path):
         urllib.request.urlopen(url, timeout=1)
 
 
+def test_prometheus_any_free_port_is_printed(example_pcap, capsys):
+    pytest.importorskip("prometheus_client")
+    rc = cli.main(["run", "l2fwd", "--in", "pcap:" + example_pcap, "--prometheus", "0"])
+    assert rc == 0
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("prometheus")]
+    assert len(line) == 1 and line[0].endswith("/metrics")
+    assert int(line[0].split(":")[-1].split("/")[0]) > 0
+
+
 def test_prometheus_missing(monkeypatch, example_pcap, capsys):
     import builtins
 
