@@ -28,6 +28,8 @@ cdef enum:
     MAX_CAPACITY = 1 << 28
     DEFAULT_ENDED = 256 + 64    # a 256-packet burst may evict 256 flows, plus slack
 
+CAPACITY_MAX = MAX_CAPACITY    # for callers that check options before building a table
+
 _POLICIES = {"evict": FULL_EVICT_OLDEST, "refuse": FULL_REFUSE}
 _POLICY_NAMES = {v: k for k, v in _POLICIES.items()}
 _END_NAMES = {

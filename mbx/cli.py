@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+from mbx._flow import CAPACITY_MAX
 from mbx.errors import MbxError
 
 _EPILOG = """\
@@ -232,6 +233,30 @@ def _run_parallel(nfs, args, config, listeners, view):
     return counters
 
 
+def _int_at_least(low, most=None):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {low}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at most {most:,}")
+        return value
+    return parse
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:      # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be 0 or more")
+    return value
+
+
 def _tcp_port(text):
     try:
         port = int(text)
@@ -250,20 +275,21 @@ def _add_run_options(p):
     p.add_argument("--out", metavar="PORT",
                    help="output port for packets that pass: pcap:FILE, afpacket:IF, "
                         "dpdk:VDEV[,ARGS]")
-    p.add_argument("--flows", type=int, default=65536, help="flow table capacity (65536)")
-    p.add_argument("--idle-timeout", type=float, default=60.0,
+    p.add_argument("--flows", type=_int_at_least(1, CAPACITY_MAX), default=65536,
+                   help="flow table capacity (65536)")
+    p.add_argument("--idle-timeout", type=_seconds, default=60.0,
                    help="seconds before an idle flow ends (60)")
     p.add_argument("--flow-policy", choices=("evict", "refuse"), default="evict",
                    help="when the flow table is full: evict the oldest idle flow, or "
                         "refuse new flows (evict)")
     p.add_argument("--malformed", choices=("forward", "drop"), default="forward",
                    help="what to do with packets the parser flags (forward)")
-    p.add_argument("--burst", type=int, default=64, help="packets per burst (64)")
-    p.add_argument("--max-packets", type=int, default=0, help="stop after N packets")
-    p.add_argument("--stacks", type=int, default=1,
+    p.add_argument("--burst", type=_int_at_least(1), default=64, help="packets per burst (64)")
+    p.add_argument("--max-packets", type=_int_at_least(0), default=0, help="stop after N packets")
+    p.add_argument("--stacks", type=_int_at_least(1), default=1,
                    help="stack processes, flows split by a symmetric hash (software RSS "
                         "over a capture, a fanout group on an AF_PACKET port) (1)")
-    p.add_argument("--duration", type=float, default=0,
+    p.add_argument("--duration", type=_seconds, default=0,
                    help="stop after S seconds (live ports); SIGINT/SIGTERM stop cleanly too")
     p.add_argument("--stack", choices=("auto", "network", "tcp"), default="auto",
                    help="μStacks: auto runs the TCP Monitor only when an NF subscribes "
@@ -273,10 +299,10 @@ def _add_run_options(p):
     p.add_argument("--deploy", choices=("inline", "pipelined"), default="inline",
                    help="inline: NFs in this process; pipelined: each NF in its own "
                         "process, events over shared-memory rings (inline)")
-    p.add_argument("--ring-size", type=int, default=0, metavar="N",
+    p.add_argument("--ring-size", type=_int_at_least(0), default=0, metavar="N",
                    help="pipelined: entries per ring, a power of two (room for all of "
                         "Event Memory)")
-    p.add_argument("--inflight", type=int, default=None, metavar="K",
+    p.add_argument("--inflight", type=_int_at_least(1), default=None, metavar="K",
                    help="pipelined: bursts the stack runs ahead of the NF processes, a "
                         "power of two from 1 to 16 (4; 1 where an NF reads stream "
                         "bytes or terminates flows)")
@@ -325,7 +351,8 @@ def main(argv=None):
     c.add_argument("--set", action="append", metavar="NF.KEY=VALUE")
     g = sub.add_parser("example-capture", help="write the built-in example capture")
     g.add_argument("path")
-    g.add_argument("--flows", type=int, default=200, help="TCP connections (200)")
+    g.add_argument("--flows", type=_int_at_least(1), default=200,
+                   help="TCP connections (200)")
     g.add_argument("--seed", type=int, default=1)
     f = sub.add_parser("flows", help="summarise every TCP connection of a capture "
                                      "(reassembled bytes, counts, handshake, close)")
@@ -333,9 +360,9 @@ def main(argv=None):
     f.add_argument("--json", action="store_true",
                    help="write the mbx-flows/1 JSON object (the only format so far)")
     f.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
-    f.add_argument("--flows", type=int, default=1 << 20,
+    f.add_argument("--flows", type=_int_at_least(1, CAPACITY_MAX), default=1 << 20,
                    help="concurrent connections tracked (1048576)")
-    f.add_argument("--stream-memory", type=int, default=1024,
+    f.add_argument("--stream-memory", type=_int_at_least(1), default=1024,
                    help="MiB for out-of-order data waiting for its hole (1024)")
     t = sub.add_parser("types", help="list the registered event types")
     t.add_argument("--fields", action="store_true")

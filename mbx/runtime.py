@@ -205,6 +205,9 @@ class App:
                 check_inflight(inflight)
         except ValueError as exc:
             raise AppError(str(exc)) from None
+        if ring_size and (ring_size < 2 or ring_size & (ring_size - 1)):
+            raise AppError(f"ring_size must be a power of two >= 2 (or 0: sized to "
+                           f"Event Memory), not {ring_size}")
         self.deploy = deploy
         self.ring_size = ring_size
         self.ring_full = ring_full
@@ -249,13 +252,16 @@ class App:
         bus = EventBus(nfs, msg_capacity=self.msg_capacity)
         bus.timing = self.nf_timing
         try:
-            if tcp:
-                self.stack = TcpMonitor(bus, **self.config, **self.monitor_options)
-                if sink is not None:
-                    sink.monitor = self.stack
-                    self.stack.terminable = True
-            else:
-                self.stack = NetworkLayer(bus, **self.config)
+            try:
+                if tcp:
+                    self.stack = TcpMonitor(bus, **self.config, **self.monitor_options)
+                    if sink is not None:
+                        sink.monitor = self.stack
+                        self.stack.terminable = True
+                else:
+                    self.stack = NetworkLayer(bus, **self.config)
+            except ValueError as exc:   # an option out of its range, named in exc
+                raise AppError(f"stack options: {exc}") from None
             self.stack.run(inp, out, burst=burst, max_packets=max_packets,
                            progress=progress, duration=duration, stop=stop)
         finally:

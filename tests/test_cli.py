@@ -79,6 +79,18 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--prometheus", "99999"],
      "'99999' is not a TCP port (0-65535"),
     (["flows", "x.pcap", "--json", "-o", "."], "-o: path '.' is a directory"),
+    # out-of-range options are named by argparse, not tracebacks from the stack
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--burst", "0"], "--burst: '0': must be at least 1"),
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--stacks", "0"], "--stacks: '0': must be"),
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--flows", "999999999999"],
+     "--flows: '999999999999': must be at most 268,435,456"),
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--max-packets", "-5"], "--max-packets: '-5'"),
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--idle-timeout", "nan"],
+     "--idle-timeout: 'nan': seconds must be 0 or more"),
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--duration", "soon"],
+     "'soon' is not a number of seconds"),
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--deploy", "pipelined", "--ring-size", "3"],
+     "ring_size must be a power of two >= 2"),
 ])
 def test_clear_errors(tmp_path, args, message):
     r = mbx_cmd(*args, cwd=tmp_path)
@@ -146,3 +158,15 @@ def test_an_nf_that_cannot_start_ends_the_run_and_stops_those_started(tmp_path,
     finally:
         inp.close()
     assert first.stopped
+
+
+def test_stack_option_out_of_range_is_an_app_error(example_pcap):
+    from mbx.ports import open_input
+    from mbx.runtime import App
+
+    inp = open_input(f"pcap:{example_pcap}")
+    try:
+        with pytest.raises(mbx.AppError, match="stack options: idle_timeout must be"):
+            App([], idle_timeout=-1.0).run(inp)
+    finally:
+        inp.close()
