@@ -64,6 +64,7 @@ def _parse(spec: str) -> tuple[str, str]:
                     f"{', '.join(_CAPTURE_SUFFIXES)})")
 
 
+_TRUE, _FALSE = ("1", "yes", "true", "on"), ("0", "no", "false", "off")
 _AFPACKET_INT = ("fanout", "block_size", "block_count", "frame_size", "timeout_ms",
                   "retire_ms")
 
@@ -83,9 +84,14 @@ def _afpacket(spec: str, arg: str) -> tuple[list[str], dict]:
             elif key in ("fanout_mode", "ring"):
                 options[key] = value
             elif key in ("promisc", "offloads"):
-                options[key] = value.lower() not in ("0", "no", "false", "off")
+                flag = value.lower()
+                if flag not in _TRUE + _FALSE:
+                    raise ValueError(value)
+                options[key] = flag in _TRUE
             elif key == "duration":
                 options[key] = float(value)
+                if not options[key] >= 0:       # also refuses nan
+                    raise ValueError(value)
             else:
                 known = ("ring",) + _AFPACKET_INT + ("fanout_mode", "promisc", "duration",
                                                      "offloads")

@@ -222,7 +222,10 @@ def test_spec_errors():
     for spec, msg in [("afpacket:", "names no interface"),
                       ("afpacket:a,b,c", "expected afpacket:IF"),
                       ("afpacket:a?colour=red", "unknown option 'colour'"),
-                      ("afpacket:a?block_count=x", "bad value 'x'")]:
+                      ("afpacket:a?block_count=x", "bad value 'x'"),
+                      ("afpacket:a?promisc=maybe", "bad value 'maybe' for promisc"),
+                      ("afpacket:a?offloads=2", "bad value '2' for offloads"),
+                      ("afpacket:a?duration=-3", "bad value '-3' for duration")]:
         with pytest.raises(PortError, match=msg):
             open_input(spec)
     with pytest.raises(PortError, match="two different interfaces"):
