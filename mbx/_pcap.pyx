@@ -314,6 +314,14 @@ cdef class PcapReader(Port):
         """Bytes of the file consumed so far (for progress reporting)."""
         return self.pos
 
+    @property
+    def counters(self):
+        """The port's counters and ``truncated``: 1 when the capture ends in a
+        record cut short, which is not delivered."""
+        c = Port.counters.__get__(self)
+        c["truncated"] = self.truncated
+        return c
+
     def __repr__(self):
         return (f"<PcapReader {self.path!r} {self.format} linktype={self.linktype} "
                 f"position={self.pos}/{self.size}>")

@@ -76,6 +76,9 @@ def _print_counters(c, elapsed, out=None):
     f = c["flows"]
     w(f"flows          created {f['created']:,}, expired {f['expired']:,}, "
       f"evicted {f['evicted']:,}, refused {f['refused']:,}\n")
+    if ((c.get("ports") or {}).get("in") or {}).get("truncated"):
+        w("input          the capture ends in a record cut short (its writer stopped "
+          "mid-write): that record was not read\n")
     fr = c["fragments"]
     if any(fr.values()):
         w(f"fragments      held {fr['held']:,}, reassembled {fr['completed']:,}, "

@@ -40,11 +40,15 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
               chunk_size=chunk_size, stream_window=64 << 20)
     try:
         counters = app.run(inp, burst=256)
+        cut_short = inp.counters.get("truncated", 0)
     finally:
         inp.close()
     doc = {"schema": SCHEMA, "capture": os.path.basename(capture),
            "connections": number_keys(app.stack.connections_summary())}
     warnings = []
+    if cut_short:
+        warnings.append("the capture ends in a record cut short (its writer stopped "
+                        "mid-write); that packet is not in the summary")
     tcp = counters["tcp"]
     if tcp["memcaps"]:
         warnings.append(f"{tcp['memcaps']} segments lost bytes to memory caps: raise "

@@ -170,3 +170,21 @@ def test_stack_option_out_of_range_is_an_app_error(example_pcap):
             App([], idle_timeout=-1.0).run(inp)
     finally:
         inp.close()
+
+
+def test_a_capture_cut_short_is_reported(tmp_path, example_pcap):
+    # A writer killed mid-record leaves a partial last record: the run ends normally
+    # and says so, in the summary, the JSON counters and mbx flows' warnings.
+    data = open(example_pcap, "rb").read()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[:-7])
+    counters = tmp_path / "c.json"
+    r = mbx_cmd("run", "flow_stats", "--in", f"pcap:{cut}", "--json", str(counters))
+    assert r.returncode == 0, r.stderr
+    assert "the capture ends in a record cut short" in r.stdout
+    assert json.loads(counters.read_text())["ports"]["in"]["truncated"] == 1
+    r = mbx_cmd("flows", str(cut), "--json", "-o", str(tmp_path / "f.json"))
+    assert r.returncode == 0, r.stderr
+    assert "warning: the capture ends in a record cut short" in r.stderr
+    r = mbx_cmd("run", "flow_stats", "--in", f"pcap:{example_pcap}")
+    assert "cut short" not in r.stdout
