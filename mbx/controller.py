@@ -53,9 +53,16 @@ TCP_MONITOR_PUBS = [_events.PKT_TCP_SYN, _events.PKT_TCP_FIN, _events.PKT_TCP_RS
                     _events.FLOW_TCP_STATE, _events.FLOW_TCP_TERMINATE,
                     _events.FLOW_TCP_GAP, _events.FLOW_TCP_OVERLAP_CONFLICT,
                     _events.FLOW_TCP_MEMCAP, _events.DATA_RDY]
-_STACK_KEYS = {"flow_capacity", "idle_timeout", "flow_policy", "malformed",
-               "msg_capacity", "frag_memory", "frag_timeout", "stream_memory",
-               "chunk_size", "stream_window", "retain", "max_streams", "overlap"}
+# [stack] option -> what its value must be (ranges are the stack's to check)
+_STACK_KEYS = {**dict.fromkeys(("flow_capacity", "msg_capacity", "frag_memory",
+                                "stream_memory", "chunk_size", "stream_window", "retain",
+                                "max_streams"), "a whole number"),
+               **dict.fromkeys(("idle_timeout", "frag_timeout"), "a number of seconds"),
+               **dict.fromkeys(("flow_policy", "malformed", "overlap"), "a string")}
+_KIND_OK = {"a whole number": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "a number of seconds": lambda v: isinstance(v, int | float)
+            and not isinstance(v, bool),
+            "a string": lambda v: isinstance(v, str)}
 _NF_KEYS = {"name", "use", "options", "group", "filter", "filters", "failure", "restart",
             "restart_backoff"}
 _GROUP_KEYS = {"merge"}
@@ -122,16 +129,28 @@ def load_app_file(path):
     if unknown:
         raise AppError(f"{path}: unknown table(s) {', '.join(sorted(unknown))} "
                        "(expected [app], [stack], [[nf]], [groups.NAME])")
+    for table in ("app", "stack", "groups"):
+        if not isinstance(doc.get(table, {}), dict):
+            raise AppError(f"{path}: {table} = {doc[table]!r}: expected a [{table}] table")
+    if not isinstance(doc.get("nf", []), list) or not all(
+            isinstance(e, dict) for e in doc.get("nf", [])):
+        raise AppError(f"{path}: nf = {doc['nf']!r}: expected [[nf]] tables")
     app = doc.get("app", {})
     name = app.get("name", os.path.splitext(os.path.basename(path))[0])
+    if not isinstance(name, str):
+        raise AppError(f"{path}: [app] name = {name!r}: expected a string")
     stack = app.get("stack", "auto")
     if stack not in ("auto", "network", "tcp"):
         raise AppError(f"{path}: [app] stack = {stack!r}: use auto, network or tcp")
     options = dict(doc.get("stack", {}))
-    bad = set(options) - _STACK_KEYS
+    bad = set(options) - set(_STACK_KEYS)
     if bad:
         raise AppError(f"{path}: [stack] unknown option(s) {', '.join(sorted(bad))} "
                        f"(known: {', '.join(sorted(_STACK_KEYS))})")
+    for key, value in options.items():
+        if not _KIND_OK[_STACK_KEYS[key]](value):
+            raise AppError(f"{path}: [stack] {key} = {value!r}: expected "
+                           f"{_STACK_KEYS[key]}")
     entries = doc.get("nf", [])
     if not entries:
         raise AppError(f"{path}: no [[nf]] tables: an application names at least one NF")
@@ -147,9 +166,16 @@ def load_app_file(path):
             raise AppError(f"{where}: [[nf]] unknown key(s) {', '.join(sorted(bad))} "
                            f"(known: {', '.join(sorted(_NF_KEYS))})")
         use = entry.get("use")
-        if not use:
+        if not use or not isinstance(use, str):
             raise AppError(f"{where}: [[nf]] needs use = \"NF\" (a built-in, a .py file "
                            "or module:attr)")
+        for key, kind, ok in (("name", "a string", str), ("group", "a string", str),
+                              ("options", "a table", dict), ("filter", "a table", dict),
+                              ("filters", "a table of tables", dict)):
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, ok) or key == "filters" and
+                                      not all(isinstance(v, dict) for v in value.values())):
+                raise AppError(f"{where}: [[nf]] {key} = {value!r}: expected {kind}")
         if use.endswith(".py") and not os.path.isabs(use) and not os.path.exists(use):
             use = os.path.join(base, use)
         stem = (os.path.splitext(os.path.basename(use))[0] if use.endswith(".py")

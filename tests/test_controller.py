@@ -126,6 +126,48 @@ def test_an_application_file_loads_links_and_runs(tmp_path, example_pcap):
      use = "l2fwd"
      """, "[stack] unknown option(s) flows"),
     ("""
+     [stack]
+     idle_timeout = "soon"
+     [[nf]]
+     use = "l2fwd"
+     """, "[stack] idle_timeout = 'soon': expected a number of seconds"),
+    ("""
+     [stack]
+     flow_capacity = 1.5
+     [[nf]]
+     use = "l2fwd"
+     """, "[stack] flow_capacity = 1.5: expected a whole number"),
+    ("""
+     [stack]
+     overlap = true
+     [[nf]]
+     use = "l2fwd"
+     """, "[stack] overlap = True: expected a string"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     options = 3
+     """, "line 2: [[nf]] options = 3: expected a table"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     group = 5
+     """, "line 2: [[nf]] group = 5: expected a string"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [nf.filters]
+     PKT = 3
+     """, "[[nf]] filters = {'PKT': 3}: expected a table of tables"),
+    ("""
+     nf = 3
+     """, "nf = 3: expected [[nf]] tables"),
+    ("""
+     stack = "tcp"
+     [[nf]]
+     use = "l2fwd"
+     """, "stack = 'tcp': expected a [stack] table"),
+    ("""
      [[nf]]
      use = "l2fwd
      """, "app.toml: "),
