@@ -29,7 +29,9 @@ import difflib
 import ipaddress
 
 
-from mbx.errors import EventTypeError, MbxError, PermissionDenied, SubscriptionError
+from mbx.errors import (
+    EventTypeError, MbxError, PermissionDenied, SubscriptionError, user_code_line,
+)
 
 
 class NFError(MbxError):
@@ -1886,7 +1888,7 @@ cdef class EventBus:
                 raise NFError(
                     f"NF {nf.name}: {getattr(<object>h, '__qualname__', <object>h)} raised "
                     f"{type(exc).__name__} on a {_types[m.h.type_idx].name} event: {exc}"
-                ) from exc
+                    f"{user_code_line(exc)}") from exc
             self.release(m)
 
     cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil:
@@ -2251,7 +2253,7 @@ cdef class EventBus:
                 raise NFError(
                     f"NF {self.nfs[i].name}: batch handler "
                     f"{getattr(<object>h, '__qualname__', <object>h)} raised "
-                    f"{type(exc).__name__}: {exc}") from exc
+                    f"{type(exc).__name__}: {exc}{user_code_line(exc)}") from exc
             if verdicts is not None:
                 drops = self.np.asarray(verdicts, dtype=bool)
                 if drops.shape != (n,):

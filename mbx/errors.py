@@ -27,3 +27,20 @@ class PermissionDenied(MbxError):
 
 class AppError(MbxError):
     """An application description that cannot be loaded or linked."""
+
+
+def user_code_line(exc):
+    """``" (at FILE, line N)"`` for the innermost frame of ``exc``'s traceback that is
+    not mbx's own code, that is, the NF's code that raised; ``""`` if there is none.
+    Error messages carry it so that a user finds the failing line without a
+    traceback through mbx."""
+    import os
+    import traceback
+
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        name = frame.filename
+        # Cython frames name their .pyx relative to the build ("mbx/_events.pyx")
+        if not (os.path.abspath(name).startswith(here) or name.startswith("mbx" + os.sep)):
+            return f" (at {os.path.basename(name)}, line {frame.lineno})"
+    return ""

@@ -14,7 +14,7 @@ from mbx._events import NF, EventBus
 from mbx._monitor import TcpMonitor
 from mbx._pipeline import check_inflight
 from mbx._stack import NetworkLayer
-from mbx.errors import AppError
+from mbx.errors import AppError, MbxError, user_code_line
 
 # The types only the TCP Monitor produces: an application with a subscriber to one
 # of them (or a publisher of FLOW/TCP/TERMINATE) runs the Monitor; otherwise the
@@ -62,8 +62,12 @@ def _as_nfs(obj, where):
 def _make(factory, options, where):
     try:
         return _as_nfs(factory(**options), where)
+    except MbxError:
+        raise
     except TypeError as exc:
         raise AppError(f"{where}: bad options {options}: {exc}") from exc
+    except Exception as exc:
+        raise AppError(f"{where}: {type(exc).__name__}: {exc}{user_code_line(exc)}") from exc
 
 
 def _load_file(path, options):

@@ -112,6 +112,24 @@ def test_bad_capture_and_bad_nf_files(tmp_path):
     nf.write_text("import mbx\nmbx.mb_sub('PKT', 42)\n")
     r = mbx_cmd("run", str(nf), "--in", f"pcap:{junk}")
     assert r.returncode == 2 and "not callable" in r.stderr
+    # a factory that fails: its error and where, not a traceback through mbx
+    nf.write_text("import mbx\n\ndef make():\n    raise RuntimeError('no config')\n")
+    r = mbx_cmd("run", str(nf), "--in", f"pcap:{junk}")
+    assert r.returncode == 2, r.stderr
+    assert "make(): RuntimeError: no config (at typo.py, line 4)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_a_handler_error_names_the_nf_the_event_and_the_line(tmp_path, example_pcap,
+                                                             deploy):
+    nf = tmp_path / "boom.py"
+    nf.write_text("import mbx\nnf = mbx.NF('boom')\n\ndef on_pkt(ev):\n"
+                  "    return {}[ev.dport]\n\nnf.sub(mbx.PKT, on_pkt)\n")
+    r = mbx_cmd("run", str(nf), "--in", f"pcap:{example_pcap}", "--deploy", deploy)
+    assert r.returncode == 2, r.stderr
+    assert "NF boom: on_pkt raised KeyError on a PKT event" in r.stderr
+    assert "(at boom.py, line 5)" in r.stderr
 
 
 def test_docs_show_listing1_as_it_runs():
