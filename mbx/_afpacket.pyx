@@ -549,6 +549,9 @@ cdef class AfPacketPort(Port):
                  rx_outgoing=self.rx_outgoing, rx_vlan=self.rx_vlan,
                  rx_truncated=self.rx_truncated, rx_gso=self.rx_gso,
                  rx_csum_partial=self.rx_csum_partial, tx_csum_done=self.tx_csum_done)
+        if self.tx_dropped:
+            # why the last frames were not sent (EMSGSIZE: larger than the MTU, ...)
+            c["tx_error"] = os.strerror(self.last_tx_errno) if self.last_tx_errno else None
         return c
 
     def stats(self):

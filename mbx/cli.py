@@ -76,6 +76,13 @@ def _print_counters(c, elapsed, out=None):
     f = c["flows"]
     w(f"flows          created {f['created']:,}, expired {f['expired']:,}, "
       f"evicted {f['evicted']:,}, refused {f['refused']:,}\n")
+    for side, port in (c.get("ports") or {}).items():
+        unsent = (port or {}).get("tx_dropped")
+        if unsent:
+            why = "; ".join(f"{k}: {v['tx_error']}" for k, v in port.items()
+                            if isinstance(v, dict) and v.get("tx_error")) or port.get("tx_error")
+            w(f"not sent       {unsent:,} frames, by the {side} port"
+              + (f" (last error: {why})" if why else "") + "\n")
     if ((c.get("ports") or {}).get("in") or {}).get("truncated"):
         w("input          the capture ends in a record cut short (its writer stopped "
           "mid-write): that record was not read\n")

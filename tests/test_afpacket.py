@@ -16,6 +16,7 @@ them they are skipped with the reason (and fail instead under ``CI=true``, where
 CI image is expected to provide them).  The parts that run inside a namespace are
 this file run as a script (``python test_afpacket.py bridge|fanout ...``).
 """
+import errno
 import hashlib
 import json
 import os
@@ -768,3 +769,32 @@ if __name__ == "__main__":
         _send_main(sys.argv[2])
     else:
         sys.exit(f"unknown mode {sys.argv[1]!r}")
+
+
+def test_frames_larger_than_the_mtu_are_counted_and_explained(testbed, tmp_path):
+    # A 3,000-byte frame cannot leave a 1,500-byte link: it is dropped and counted,
+    # and the run's summary says so with the reason (EMSGSIZE), while the frames
+    # around it go out.
+    import dpkt
+
+    from mbx.examples.capture import write_pcap
+
+    frames = []
+    for size in (100, 3000, 100):
+        udp = dpkt.udp.UDP(sport=1, dport=2, data=b"x" * (size - 14 - 28))
+        ip = dpkt.ip.IP(src=socket.inet_aton(CLIENT_IP), dst=socket.inet_aton(SERVER_IP),
+                        p=17, data=udp)
+        ip.len = len(bytes(ip))
+        frames.append((1.0, b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00"
+                       + bytes(ip)))
+    cap, counters = tmp_path / "jumbo.pcap", tmp_path / "c.json"
+    write_pcap(str(cap), frames)
+    r = _sh(*_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                    f"pcap:{cap}", "--out", "afpacket:ms", "--json", str(counters)),
+            check=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "not sent       1 frames, by the out port (last error: Message too long)" \
+        in r.stdout
+    out = json.loads(counters.read_text())["ports"]["out"]
+    assert out["tx_pkts"] == 2 and out["tx_dropped"] == 1
+    assert out["tx_error"] == os.strerror(errno.EMSGSIZE)
