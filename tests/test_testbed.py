@@ -92,6 +92,17 @@ def test_a_command_that_hangs_is_an_error_naming_it():
         tb.run(["sleep", "5"], timeout=0.2, check=False)
 
 
+@pytest.mark.parametrize("option, value", [("--runs", "0"), ("--duration", "0"),
+                                           ("--connections", "0"), ("--gap", "-1"),
+                                           ("--check-seconds", "nan")])
+def test_run_options_out_of_range_are_refused(option, value):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.testbed", "run", "--mode",
+                        "kernel", option, value], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2
+    assert f"argument {option}: '{value}': must be at least" in r.stderr
+
+
 def test_failed_checks_are_named():
     chk = {"fetches": [{"file": "64", "ok": True}, {"file": "8k", "ok": False}],
            "checked_runs": [{"workload": "ka-8k", "ok": False, "error": "wrk: hung"},

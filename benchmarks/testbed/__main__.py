@@ -62,6 +62,20 @@ def _add_bed_options(p):
                         "benchmarks/testbed/l4lb_python.py (the Python-handler L4 LB)")
 
 
+def _at_least(low, kind=int):
+    """An argparse type: a number of ``kind`` not below ``low`` (a bounded run
+    needs at least one round, one connection and some seconds)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= low:        # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {low}")
+        return value
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.testbed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,14 +86,18 @@ def main(argv=None):
     r.add_argument("--workload", default="all",
                    help=f"comma-separated workloads or 'all' ({', '.join(WORKLOADS)})")
     r.add_argument("--tool", default="wrk", help="wrk, ab or wrk,ab")
-    r.add_argument("--runs", type=int, default=3, help="rounds (3); medians over them")
-    r.add_argument("--duration", type=float, default=5.0, help="seconds per run (5)")
-    r.add_argument("--connections", type=int, default=32, help="concurrent connections (32)")
-    r.add_argument("--gap", type=float, default=1.0, help="pause before each run (1 s)")
-    r.add_argument("--check-seconds", type=float, default=1.0,
+    r.add_argument("--runs", type=_at_least(1), default=3,
+                   help="rounds (3); medians over them")
+    r.add_argument("--duration", type=_at_least(1, float), default=5.0,
+                   help="seconds per run (5)")
+    r.add_argument("--connections", type=_at_least(1), default=32,
+                   help="concurrent connections (32)")
+    r.add_argument("--gap", type=_at_least(0, float), default=1.0,
+                   help="pause before each run (1 s)")
+    r.add_argument("--check-seconds", type=_at_least(1, float), default=1.0,
                    help="seconds of checked load per workload in the correctness pass (1)")
-    r.add_argument("--check-connections", type=int, default=8)
-    r.add_argument("--quiet-wait", type=float, default=0.0,
+    r.add_argument("--check-connections", type=_at_least(1), default=8)
+    r.add_argument("--quiet-wait", type=_at_least(0, float), default=0.0,
                    help="before each run wait up to S seconds for the machine to idle "
                         "(under 0.3 busy CPUs): it may be shared (0: do not wait)")
     r.add_argument("--json", help="write the results here")
