@@ -410,6 +410,10 @@ def main(argv=None):
 
             if args.output:
                 check_writable(args.output, "-o")
+                if os.path.exists(args.output) and os.path.samefile(args.output,
+                                                                    args.capture):
+                    raise MbxError(f"-o {args.output}: that is the capture itself; "
+                                   "name another file")
             doc, warnings = flows_json(args.capture, flow_capacity=args.flows,
                                        stream_memory=args.stream_memory << 20)
             text = json.dumps(doc, indent=1) + "\n"

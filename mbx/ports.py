@@ -19,6 +19,7 @@ completion of file names works as expected.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 
 from mbx._packet import Port
@@ -203,6 +204,9 @@ def open_ports(in_spec: str, out_spec: str | None = None) -> tuple[Port, Port | 
     passes back out of the other interface, through the same sockets.  Otherwise
     each spec is opened on its own (no ``out_spec``: no output).
     """
+    if out_spec and _same_capture(in_spec, out_spec):
+        raise PortError(f"{out_spec}: the output is the input capture; writing it would "
+                        "destroy what is being read: name another file")
     inp = open_input(in_spec)
     try:
         if isinstance(inp, _bridge_type()) and (out_spec is None or out_spec == in_spec):
@@ -211,6 +215,15 @@ def open_ports(in_spec: str, out_spec: str | None = None) -> tuple[Port, Port | 
     except BaseException:
         inp.close()
         raise
+
+
+def _same_capture(in_spec, out_spec):
+    """Whether both specs are capture files and the output is the input's file."""
+    try:
+        (si, ai), (so, ao) = _parse(in_spec), _parse(out_spec)
+        return si == so == "pcap" and os.path.samefile(ai, ao)
+    except (PortError, OSError):
+        return False        # not both files, or the output does not exist yet
 
 
 def _bridge_type():

@@ -206,3 +206,19 @@ def test_a_capture_cut_short_is_reported(tmp_path, example_pcap):
     assert "warning: the capture ends in a record cut short" in r.stderr
     r = mbx_cmd("run", "flow_stats", "--in", f"pcap:{example_pcap}")
     assert "cut short" not in r.stdout
+
+
+def test_the_input_capture_is_never_the_output(tmp_path, example_pcap):
+    # Writing the capture being read would destroy it (and, mapped, end the reader
+    # with SIGBUS): refused, whatever the path's spelling, and the file is intact.
+    cap = tmp_path / "in.pcap"
+    cap.write_bytes(open(example_pcap, "rb").read())
+    (tmp_path / "alias.pcap").symlink_to(cap)
+    before = cap.read_bytes()
+    for out in (f"pcap:{cap}", f"pcap:{tmp_path / 'alias.pcap'}"):
+        r = mbx_cmd("run", "l2fwd", "--in", str(cap), "--out", out)
+        assert r.returncode == 2, r.stderr
+        assert "the output is the input capture" in r.stderr
+    r = mbx_cmd("flows", str(cap), "--json", "-o", str(cap))
+    assert r.returncode == 2 and "that is the capture itself" in r.stderr
+    assert cap.read_bytes() == before
