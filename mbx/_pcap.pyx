@@ -180,7 +180,9 @@ cdef class PcapReader(Port):
         self.name = f"pcap:{path}"
         self.port_id = port_id
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, before
+            # the check below can refuse it (no effect on a regular file)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError as e:
             raise PortError(f"pcap:{path}: no such file ({e.strerror})") from None
         except OSError as e:
@@ -189,6 +191,10 @@ cdef class PcapReader(Port):
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise PortError(f"pcap:{path}: is a directory, not a capture file")
+            if not stat.S_ISREG(st.st_mode):
+                raise PortError(f"pcap:{path}: not a regular file (a pipe or a device): "
+                                "captures are read by mapping the file; save it to a "
+                                "file first")
             size = st.st_size
             if size == 0:
                 raise CaptureFormatError(f"pcap:{path}: empty file, not a pcap or pcapng capture")

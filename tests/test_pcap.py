@@ -416,6 +416,13 @@ def test_directory(tmp_path):
         PcapReader(tmp_path)
 
 
+def test_a_pipe_is_refused_with_what_to_do(tmp_path):
+    fifo = tmp_path / "cap.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(PortError, match="not a regular file .*save it to a file first"):
+        PcapReader(fifo)
+
+
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.pcap"
     path.write_bytes(b"")
