@@ -42,7 +42,7 @@ import re
 import tomllib
 
 from mbx import _events
-from mbx.errors import AppError, MbxError
+from mbx.errors import AppError, MbxError, raising_line
 from mbx.pipeline import DEFAULT_BACKOFF, restart_of
 
 # What each μStack publishes.
@@ -230,7 +230,6 @@ def _merge_function(spec, base, where):
     # "module:function": the callable, checked; AppError says why not.
     import importlib
     import runpy
-    import traceback
 
     source, _, attr = spec.rpartition(":")
     if not source or not attr:
@@ -245,9 +244,8 @@ def _merge_function(spec, base, where):
             try:
                 scope = runpy.run_path(source, run_name="mbx_merge")
             except Exception as exc:
-                tb = traceback.extract_tb(exc.__traceback__)
-                line = next((f.lineno for f in reversed(tb) if f.filename == source), None)
-                at = f", line {line}" if line else ""
+                at = raising_line(exc, source)
+                at = f", line {at[1]}" if at else ""
                 raise AppError(f"{where}: {source}{at}: {type(exc).__name__}: "
                                f"{exc}") from None
             if attr not in scope:

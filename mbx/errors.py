@@ -29,18 +29,29 @@ class AppError(MbxError):
     """An application description that cannot be loaded or linked."""
 
 
-def user_code_line(exc):
-    """``" (at FILE, line N)"`` for the innermost frame of ``exc``'s traceback that is
-    not mbx's own code, that is, the NF's code that raised; ``""`` if there is none.
-    Error messages carry it so that a user finds the failing line without a
-    traceback through mbx."""
+def raising_line(exc, filename=None):
+    """(file, line) of the innermost frame of ``exc``'s traceback in ``filename``, or,
+    without one, outside mbx's own code (the NF's code that raised); None if none."""
     import os
     import traceback
 
     here = os.path.dirname(os.path.abspath(__file__)) + os.sep
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         name = frame.filename
-        # Cython frames name their .pyx relative to the build ("mbx/_events.pyx")
-        if not (os.path.abspath(name).startswith(here) or name.startswith("mbx" + os.sep)):
-            return f" (at {os.path.basename(name)}, line {frame.lineno})"
-    return ""
+        if filename is not None:
+            mine = name == filename
+        else:
+            # Cython frames name their .pyx relative to the build ("mbx/_events.pyx")
+            mine = not (os.path.abspath(name).startswith(here)
+                        or name.startswith("mbx" + os.sep))
+        if mine:
+            return name, frame.lineno
+    return None
+
+
+def user_code_line(exc):
+    """``" (at FILE, line N)"`` for the NF's code that raised ``exc``, or ``""``:
+    error messages carry it so that a user finds the failing line without a
+    traceback through mbx."""
+    at = raising_line(exc)
+    return f" (at {at[0].rsplit('/', 1)[-1]}, line {at[1]})" if at else ""

@@ -7,14 +7,13 @@ files in TOML, with filters and parallel groups, build on this.)
 import importlib
 import os
 import runpy
-import traceback
 
 from mbx import _events, api
 from mbx._events import NF, EventBus
 from mbx._monitor import TcpMonitor
 from mbx._pipeline import check_inflight
 from mbx._stack import NetworkLayer
-from mbx.errors import AppError, MbxError, user_code_line
+from mbx.errors import AppError, MbxError, raising_line, user_code_line
 
 # The types only the TCP Monitor produces: an application with a subscriber to one
 # of them (or a publisher of FLOW/TCP/TERMINATE) runs the Monitor; otherwise the
@@ -80,9 +79,8 @@ def _load_file(path, options):
         except AppError:
             raise
         except Exception as exc:
-            tb = traceback.extract_tb(exc.__traceback__)
-            line = next((f.lineno for f in reversed(tb) if f.filename == path), None)
-            at = f", line {line}" if line else ""
+            at = raising_line(exc, path)
+            at = f", line {at[1]}" if at else ""
             raise AppError(f"NF file {path}{at}: {type(exc).__name__}: {exc}") from exc
     if callable(scope.get("make")):
         return _make(scope["make"], options, f"NF file {path}: make()")
