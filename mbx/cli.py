@@ -124,13 +124,15 @@ def _run(nfs, args, spec=None):
     if args.json:
         check_writable(args.json, "--json")     # not only once the run is over
 
-    config = dict(flow_capacity=args.flows, idle_timeout=args.idle_timeout,
-                  flow_policy=args.flow_policy, malformed=args.malformed, stack=args.stack,
-                  overlap=args.overlap, deploy=args.deploy, ring_size=args.ring_size,
+    config = dict(_STACK_DEFAULTS, deploy=args.deploy, ring_size=args.ring_size,
                   ring_full=args.ring_full, inflight=args.inflight, nf_timing=args.nf_timing)
-    if spec is not None:        # an application file: its [stack] options win
-        config.update(spec.options)
-        config["stack"] = spec.stack
+    if spec is not None:        # an application file's [app] stack and [stack] options
+        config.update(spec.options, stack=spec.stack)
+    # ... and what the command line says wins over both (argparse leaves None where
+    # an option was not given)
+    config.update({key: value for key, value in
+                   ((key, getattr(args, dest)) for dest, key in _STACK_OPTIONS.items())
+                   if value is not None})
     listeners = []
     view = None
     if args.stats:
@@ -278,6 +280,16 @@ def _tcp_port(text):
     return port
 
 
+# command-line option (dest) -> App option, for those an application file's [app]
+# stack or [stack] table can also set; their defaults are applied in _run, so that an
+# option given on the command line is told from one left out
+_STACK_OPTIONS = {"flows": "flow_capacity", "idle_timeout": "idle_timeout",
+                  "flow_policy": "flow_policy", "malformed": "malformed",
+                  "stack": "stack", "overlap": "overlap"}
+_STACK_DEFAULTS = {"flow_capacity": 65536, "idle_timeout": 60.0, "flow_policy": "evict",
+                   "malformed": "forward", "stack": "auto", "overlap": "first"}
+
+
 def _add_run_options(p):
     p.add_argument("--in", dest="inp", required=True, metavar="PORT",
                    help="input port: pcap:FILE, afpacket:IF, afpacket:IF0,IF1 (a bridge: "
@@ -285,14 +297,14 @@ def _add_run_options(p):
     p.add_argument("--out", metavar="PORT",
                    help="output port for packets that pass: pcap:FILE, afpacket:IF, "
                         "dpdk:VDEV[,ARGS]")
-    p.add_argument("--flows", type=_int_at_least(1, CAPACITY_MAX), default=65536,
+    p.add_argument("--flows", type=_int_at_least(1, CAPACITY_MAX),
                    help="flow table capacity (65536)")
-    p.add_argument("--idle-timeout", type=_seconds, default=60.0,
+    p.add_argument("--idle-timeout", type=_seconds,
                    help="seconds before an idle flow ends (60)")
-    p.add_argument("--flow-policy", choices=("evict", "refuse"), default="evict",
+    p.add_argument("--flow-policy", choices=("evict", "refuse"),
                    help="when the flow table is full: evict the oldest idle flow, or "
                         "refuse new flows (evict)")
-    p.add_argument("--malformed", choices=("forward", "drop"), default="forward",
+    p.add_argument("--malformed", choices=("forward", "drop"),
                    help="what to do with packets the parser flags (forward)")
     p.add_argument("--burst", type=_int_at_least(1), default=64, help="packets per burst (64)")
     p.add_argument("--max-packets", type=_int_at_least(0), default=0, help="stop after N packets")
@@ -301,10 +313,10 @@ def _add_run_options(p):
                         "over a capture, a fanout group on an AF_PACKET port) (1)")
     p.add_argument("--duration", type=_seconds, default=0,
                    help="stop after S seconds (live ports); SIGINT/SIGTERM stop cleanly too")
-    p.add_argument("--stack", choices=("auto", "network", "tcp"), default="auto",
+    p.add_argument("--stack", choices=("auto", "network", "tcp"),
                    help="μStacks: auto runs the TCP Monitor only when an NF subscribes "
                         "to TCP events (auto)")
-    p.add_argument("--overlap", choices=("first", "last"), default="first",
+    p.add_argument("--overlap", choices=("first", "last"),
                    help="TCP reassembly: which bytes win a conflicting overlap (first)")
     p.add_argument("--deploy", choices=("inline", "pipelined"), default="inline",
                    help="inline: NFs in this process; pipelined: each NF in its own "
@@ -351,7 +363,8 @@ def main(argv=None):
     r = sub.add_parser("run", help="run an application (NF chain) over a port")
     r.add_argument("app", help="an application file (.toml), or an NF chain: built-ins "
                               "(l2fwd, flow_stats, logger, l4lb), .py files or "
-                              "module:attr, joined by +")
+                              "module:attr, joined by +; the stack options given here "
+                              "(--stack, --flows, ...) win over the file's")
     r.add_argument("--set", action="append", metavar="NF.KEY=VALUE",
                    help="an option for one NF (repeatable)")
     _add_run_options(r)
@@ -394,6 +407,8 @@ def main(argv=None):
             from mbx.runtime import load_app
 
             if is_app_file(args.app):
+                if args.set:
+                    raise MbxError("give NF options in the application file, not --set")
                 spec = load_app_file(args.app)
             else:
                 spec = check(args.app, args.app, "auto", {},

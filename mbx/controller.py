@@ -7,7 +7,7 @@ options, subscription filters and parallel groups::
     name = "ids"
     stack = "auto"              # auto | network | tcp
 
-    [stack]                     # App options: flows, idle_timeout, retain, overlap...
+    [stack]                     # App options: flow_capacity, idle_timeout, overlap...
     flow_capacity = 65536
 
     [[nf]]
@@ -136,6 +136,10 @@ def load_app_file(path):
             isinstance(e, dict) for e in doc.get("nf", [])):
         raise AppError(f"{path}: nf = {doc['nf']!r}: expected [[nf]] tables")
     app = doc.get("app", {})
+    unknown = set(app) - {"name", "stack"}
+    if unknown:
+        raise AppError(f"{path}: [app] unknown key(s) {', '.join(sorted(unknown))} "
+                       "(known: name, stack)")
     name = app.get("name", os.path.splitext(os.path.basename(path))[0])
     if not isinstance(name, str):
         raise AppError(f"{path}: [app] name = {name!r}: expected a string")
@@ -209,6 +213,15 @@ def load_app_file(path):
                     nf.filter(tname, **spec)
             except (MbxError, TypeError) as exc:
                 raise AppError(f"{where}: NF {nf.name}: filter: {exc}") from None
+            for tname in entry.get("filters", {}):
+                # a filter applies to the subscription of exactly its type: on any
+                # other it would never be consulted
+                if _events.event_type(tname).idx not in nf.subs:
+                    subs = ", ".join(t.name for t in _events.event_types()
+                                     if t.idx in nf.subs)
+                    raise AppError(f"{where}: NF {nf.name}: filters.\"{tname}\": the NF "
+                                   f"does not subscribe to {tname}, so the filter would "
+                                   f"never apply (it subscribes to {subs or 'nothing'})")
             nf.failure = entry.get("failure", "closed")
             if nf.failure not in ("open", "closed"):
                 raise AppError(f"{where}: NF {nf.name}: failure = {nf.failure!r}: "

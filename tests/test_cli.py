@@ -222,3 +222,23 @@ def test_the_input_capture_is_never_the_output(tmp_path, example_pcap):
     r = mbx_cmd("flows", str(cap), "--json", "-o", str(cap))
     assert r.returncode == 2 and "that is the capture itself" in r.stderr
     assert cap.read_bytes() == before
+
+
+def test_command_line_stack_options_win_over_the_application_file(tmp_path, example_pcap):
+    app = tmp_path / "app.toml"
+    app.write_text('[app]\nstack = "network"\n[stack]\nflow_capacity = 4096\n'
+                   '[[nf]]\nuse = "l2fwd"\n')
+    counters = tmp_path / "c.json"
+
+    def run(*extra):
+        r = mbx_cmd("run", str(app), "--in", f"pcap:{example_pcap}", "--json",
+                    str(counters), "-q", *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(counters.read_text())
+
+    c = run()                                   # the file's options apply ...
+    assert c["flows"]["capacity"] == 4096 and "tcp" not in c
+    c = run("--flows", "1024", "--stack", "tcp")  # ... and what is given here wins
+    assert c["flows"]["capacity"] == 1024 and c["tcp"]["tcp_packets"] > 0
+    r = mbx_cmd("check", str(app), "--set", "l2fwd.x=1")
+    assert r.returncode == 2 and "not --set" in r.stderr

@@ -120,6 +120,19 @@ def test_an_application_file_loads_links_and_runs(tmp_path, example_pcap):
      dst_port = [70000]
      """, "NF l2fwd: filter: filter dst_port: 70000 is not within 0-65535"),
     ("""
+     [[nf]]
+     use = "{nf}"
+     [nf.filters."FLOW/END"]
+     proto = "tcp"
+     """, 'NF counter: filters."FLOW/END": the NF does not subscribe to FLOW/END'),
+    ("""
+     [app]
+     name = "x"
+     stak = "tcp"
+     [[nf]]
+     use = "l2fwd"
+     """, "[app] unknown key(s) stak"),
+    ("""
      [stack]
      flows = 3
      [[nf]]
