@@ -331,8 +331,8 @@ cdef class PipeBus(EventBus):
         self.msgs_shared = True
         for k in range(self.total):
             self.msgs[k].h.refs = DONE
-        self.out = <uint32_t *>malloc((self.total + 64) * 4)
-        self.scratch = <uint32_t *>malloc(max(SCRATCH, ring_size) * 4)
+        self.out = <uint32_t *>malloc((<size_t>self.total + 64) * 4)
+        self.scratch = <uint32_t *>malloc(<size_t>max(SCRATCH, ring_size) * 4)
         self.policy = <uint8_t *>malloc(n)
         self.npend = <uint32_t *>calloc_u32(n)
         self.pend_last = <uint32_t *>calloc_u32(n)
@@ -1037,9 +1037,9 @@ cdef class PipeBus(EventBus):
         cdef uint16_t refs, a = self.gfirst[k]
         cdef bint mine
         if self.pending[k] == NULL:
-            self.pending[k] = <uint32_t *>malloc((self.total + self.ring_size + 64) * 4)
+            self.pending[k] = <uint32_t *>malloc((<size_t>self.total + self.ring_size + 64) * 4)
             self.npend[k] = 0
-        ring_items = <uint32_t *>malloc(self.ring_size * 4)
+        ring_items = <uint32_t *>malloc(<size_t>self.ring_size * 4)
         held = <uint64_t *>malloc(<size_t>self.total * 8)
         in_ring = <uint8_t *>calloc(self.total, 1)
         if ring_items == NULL or held == NULL or in_ring == NULL or self.pending[k] == NULL:

@@ -194,6 +194,7 @@ def _run_app(app, args, listeners, view):
 
 
 def _run_parallel(nfs, args, config, listeners, view):
+    from mbx.ports import capture_file
     from mbx.runtime import merge_snapshots, run_parallel
 
     if config.get("deploy", "inline") != "inline":
@@ -233,9 +234,10 @@ def _run_parallel(nfs, args, config, listeners, view):
                                          "refused: the share is full)"
                                          if c["evicted"] or c["refused"] else "")
             for k, c in enumerate(counters["stacks"])))
-        if args.out and args.out.startswith("pcap:"):
+        out_file = capture_file(args.out) if args.out else None
+        if out_file:
             # run_parallel gives each process its own file (output_path)
-            print(f"written        {args.out[5:]}.stack0 .. .stack{args.stacks - 1}, one per "
+            print(f"written        {out_file}.stack0 .. .stack{args.stacks - 1}, one per "
                   "stack process (as are the files a Logger writes)")
     if view is not None:
         view.final(final, elapsed)
@@ -307,7 +309,8 @@ def _add_run_options(p):
     p.add_argument("--malformed", choices=("forward", "drop"),
                    help="what to do with packets the parser flags (forward)")
     p.add_argument("--burst", type=_int_at_least(1), default=64, help="packets per burst (64)")
-    p.add_argument("--max-packets", type=_int_at_least(0), default=0, help="stop after N packets")
+    p.add_argument("--max-packets", type=_int_at_least(0), default=0,
+                   help="stop after N packets (in each stack process with --stacks)")
     p.add_argument("--stacks", type=_int_at_least(1), default=1,
                    help="stack processes, flows split by a symmetric hash (software RSS "
                         "over a capture, a fanout group on an AF_PACKET port) (1)")

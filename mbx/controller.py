@@ -155,6 +155,8 @@ def load_app_file(path):
         if not _KIND_OK[_STACK_KEYS[key]](value):
             raise AppError(f"{path}: [stack] {key} = {value!r}: expected "
                            f"{_STACK_KEYS[key]}")
+    from mbx.runtime import check_stack_options
+    check_stack_options(options, f"{path}: [stack]")
     entries = doc.get("nf", [])
     if not entries:
         raise AppError(f"{path}: no [[nf]] tables: an application names at least one NF")

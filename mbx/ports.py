@@ -81,7 +81,10 @@ def _afpacket(spec: str, arg: str) -> tuple[list[str], dict]:
         key, _, value = item.partition("=")
         try:
             if key in _AFPACKET_INT:
-                options["fanout_group" if key == "fanout" else key] = int(value, 0)
+                number = int(value, 0)
+                if not 0 <= number <= 0x7FFFFFFF:   # what every such C field holds
+                    raise ValueError(value)
+                options["fanout_group" if key == "fanout" else key] = number
             elif key in ("fanout_mode", "ring"):
                 options[key] = value
             elif key in ("promisc", "offloads"):
@@ -215,6 +218,16 @@ def open_ports(in_spec: str, out_spec: str | None = None) -> tuple[Port, Port | 
     except BaseException:
         inp.close()
         raise
+
+
+def capture_file(spec):
+    """The file ``spec`` names if it is a capture (``pcap:FILE``, or a bare name
+    ending in .pcap, .pcapng or .cap), else None."""
+    try:
+        scheme, arg = _parse(spec)
+    except PortError:
+        return None
+    return arg if scheme == "pcap" else None
 
 
 def _same_capture(in_spec, out_spec):

@@ -32,6 +32,8 @@ _stack_process = (0, 1)
 def check_writable(path, what):
     """Refuse, before any work is done, a file that could not be written at the end
     of a run: ``what`` names the option or NF in the message."""
+    if not path:
+        raise AppError(f"{what}: the path is empty: name a file")
     where = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise AppError(f"{what}: path {path!r} is a directory, not a file")
@@ -167,6 +169,33 @@ class _TerminateSink(NF):
             self.monitor.terminate(ev)
 
 
+# Whole-number options and the largest value of the C type the stack keeps them in:
+# checked here, by name, because Cython's conversion error names neither.
+_U32, _SIZE = (1 << 32) - 1, (1 << 64) - 1
+_WHOLE_OPTIONS = {"flow_capacity": _U32, "msg_capacity": _U32, "frag_memory": _SIZE,
+                  "stream_memory": _SIZE, "chunk_size": _U32, "stream_window": _SIZE,
+                  "retain": _SIZE, "max_streams": _U32}
+
+
+def check_stack_options(options, where="stack options:"):
+    """Raise ``AppError`` (``where`` first) naming the first whole-number stack
+    option (``App``'s keywords, an application file's ``[stack]``) that is not a
+    whole number its C field can hold; finer ranges are the stack's to check when
+    it is built."""
+    for key, top in _WHOLE_OPTIONS.items():
+        value = options.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 0 <= value <= top):
+            raise AppError(f"{where} {key} must be a whole number from 0 to "
+                           f"{top:,}, not {value!r}")
+
+
+# A ring holds message numbers, and a ring larger than Event Memory's messages is
+# never filled: 2**24 entries (64 MiB a ring) is room for the largest msg_capacity
+# that makes sense, and keeps the ring's byte sizes far from 32-bit limits.
+RING_SIZE_MAX = 1 << 24
+
+
 class App:
     """NFs over the μStacks they need.
 
@@ -207,9 +236,16 @@ class App:
                 check_inflight(inflight)
         except ValueError as exc:
             raise AppError(str(exc)) from None
-        if ring_size and (ring_size < 2 or ring_size & (ring_size - 1)):
-            raise AppError(f"ring_size must be a power of two >= 2 (or 0: sized to "
-                           f"Event Memory), not {ring_size}")
+        check_stack_options(dict(monitor_options, flow_capacity=flow_capacity,
+                                 msg_capacity=msg_capacity, frag_memory=frag_memory))
+        if msg_capacity < 64 or msg_capacity & (msg_capacity - 1):
+            raise AppError(f"stack options: msg_capacity must be a power of two >= 64, "
+                           f"not {msg_capacity}")
+        if ring_size and (not 2 <= ring_size <= RING_SIZE_MAX
+                          or ring_size & (ring_size - 1)):
+            raise AppError(f"ring_size must be a power of two from 2 to "
+                           f"{RING_SIZE_MAX:,} (or 0: sized to Event Memory), not "
+                           f"{ring_size}")
         self.deploy = deploy
         self.ring_size = ring_size
         self.ring_full = ring_full
@@ -389,15 +425,25 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     stack's progress callback takes them (about every half second; see
     ``mbx.stats.snapshot``): each process writes them, a JSON line, to the pipe its
     final counters come back on.
+
+    ``max_packets`` and ``duration`` hold for each process.  SIGINT or SIGTERM to this
+    process (when it runs in the main thread) stops every stack process cleanly,
+    between bursts, as ``mbx run`` stops one stack: their counters still come back.
+    The stack processes ignore SIGINT, so a Ctrl-C to the terminal's process group
+    reaches them only this way.
     """
     import json
     import selectors
     import signal
+    import threading
 
-    from mbx.ports import open_ports
+    from mbx.ports import capture_file, open_ports
 
     if stacks < 1:
         raise AppError(f"stacks must be at least 1, not {stacks}")
+    if config.get("deploy", "inline") != "inline":
+        raise AppError("parallel stacks run their NFs inline: drop deploy="
+                       f"{config['deploy']!r}")
     config["flow_capacity"] = stack_share(config.get("flow_capacity", FLOW_CAPACITY),
                                           stacks)
     afpacket = in_spec.startswith("afpacket:")
@@ -405,6 +451,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     cpus = sorted(os.sched_getaffinity(0))
     if pin is None:
         pin = 1 < stacks <= len(cpus)
+    out_file = capture_file(out_spec) if out_spec else None
     children = []
     for k in range(stacks):
         rfd, wfd = os.pipe()
@@ -414,6 +461,8 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             code = 1
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us
+                stop = threading.Event()                # ... with SIGTERM, between bursts
+                signal.signal(signal.SIGTERM, lambda *_, stop=stop: stop.set())
                 if pin:
                     os.sched_setaffinity(0, {cpus[k % len(cpus)]})
                 spec = in_spec
@@ -421,8 +470,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                     spec += ("&" if "?" in spec else "?") + f"fanout={group}"
                 global _stack_process
                 _stack_process = (k, stacks)
-                out = output_path(out_spec) if out_spec and out_spec.startswith(
-                    "pcap:") else out_spec
+                out = "pcap:" + output_path(out_file) if out_file else out_spec
                 inp, outp = open_ports(spec, out)
                 progress = None
                 if on_snapshot is not None:
@@ -435,7 +483,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                     app = App(make_nfs(), **config,
                               rss=(0, 1) if afpacket else (k, stacks))
                     counters = app.run(inp, outp, burst=burst, max_packets=max_packets,
-                                       duration=duration, progress=progress)
+                                       duration=duration, progress=progress, stop=stop)
                 finally:
                     inp.close()
                     if outp is not None and outp is not inp:
@@ -449,31 +497,57 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 os._exit(code)
         os.close(wfd)
         children.append((pid, rfd))
+
+    def stop_children(*_):
+        for pid, _ in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, stop_children)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
     # Read every process's pipe as it writes (a snapshot waits for room in it), to
     # the end: the last line is its final report.
     last = [None] * stacks
     buffers = [b""] * stacks
-    with selectors.DefaultSelector() as sel:
-        for k, (_, rfd) in enumerate(children):
-            sel.register(rfd, selectors.EVENT_READ, k)
-        while sel.get_map():
-            for key, _ in sel.select():
-                k = key.data
-                data = os.read(key.fd, 1 << 16)
-                if not data:
-                    sel.unregister(key.fd)
-                    os.close(key.fd)
-                    continue
-                *lines, buffers[k] = (buffers[k] + data).split(b"\n")
-                for line in lines:
-                    msg = json.loads(line)
-                    if "snap" in msg:
-                        on_snapshot(k, msg["snap"])
-                    else:
-                        last[k] = msg
+    usages = [None] * stacks
+    reading = {rfd for _, rfd in children}
+    try:
+        with selectors.DefaultSelector() as sel:
+            for k, (_, rfd) in enumerate(children):
+                sel.register(rfd, selectors.EVENT_READ, k)
+            while sel.get_map():
+                for key, _ in sel.select():
+                    k = key.data
+                    data = os.read(key.fd, 1 << 16)
+                    if not data:
+                        sel.unregister(key.fd)
+                        os.close(key.fd)
+                        reading.discard(key.fd)
+                        continue
+                    *lines, buffers[k] = (buffers[k] + data).split(b"\n")
+                    for line in lines:
+                        msg = json.loads(line)
+                        if "snap" in msg:
+                            on_snapshot(k, msg["snap"])
+                        else:
+                            last[k] = msg
+    except BaseException:
+        stop_children()         # never leave stack processes running on their own
+        for rfd in reading:     # ... nor blocked writing to a pipe nobody reads
+            os.close(rfd)
+        raise
+    finally:
+        for k, (pid, _) in enumerate(children):
+            usages[k] = os.wait4(pid, 0)[2]
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     parts, errors = [], []
-    for k, (pid, _) in enumerate(children):
-        _, _, usage = os.wait4(pid, 0)
+    for k in range(stacks):
+        usage = usages[k]
         msg = last[k] or {"error": "exited without a report"}
         if "error" in msg:
             errors.append(f"stack {k}: {msg['error']}")

@@ -226,7 +226,11 @@ def test_spec_errors():
                       ("afpacket:a?block_count=x", "bad value 'x'"),
                       ("afpacket:a?promisc=maybe", "bad value 'maybe' for promisc"),
                       ("afpacket:a?offloads=2", "bad value '2' for offloads"),
-                      ("afpacket:a?duration=-3", "bad value '-3' for duration")]:
+                      ("afpacket:a?duration=-3", "bad value '-3' for duration"),
+                      # past what the C fields hold: named, not an OverflowError
+                      ("afpacket:a?block_count=-1", "bad value '-1' for block_count"),
+                      ("afpacket:a?retire_ms=99999999999",
+                       "bad value '99999999999' for retire_ms")]:
         with pytest.raises(PortError, match=msg):
             open_input(spec)
     with pytest.raises(PortError, match="two different interfaces"):

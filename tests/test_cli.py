@@ -89,8 +89,13 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
      "--idle-timeout: 'nan': seconds must be 0 or more"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--duration", "soon"],
      "'soon' is not a number of seconds"),
+    (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger.path="],
+     "NF logger: the path is empty"),
+    # a ring past 2**24 entries once overflowed a 32-bit size: SIGSEGV
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--deploy", "pipelined", "--ring-size",
+      "1073741824"], "ring_size must be a power of two from 2 to 16,777,216"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--deploy", "pipelined", "--ring-size", "3"],
-     "ring_size must be a power of two >= 2"),
+     "ring_size must be a power of two from 2 to 16,777,216"),
 ])
 def test_clear_errors(tmp_path, args, message):
     r = mbx_cmd(*args, cwd=tmp_path)
@@ -178,14 +183,22 @@ def test_an_nf_that_cannot_start_ends_the_run_and_stops_those_started(tmp_path,
     assert first.stopped
 
 
-def test_stack_option_out_of_range_is_an_app_error(example_pcap):
+@pytest.mark.parametrize("options, message", [
+    (dict(idle_timeout=-1.0), "stack options: idle_timeout must be"),
+    # numbers past their C fields, and msg_capacity's range (once tracebacks)
+    (dict(flow_capacity=-5), "stack options: flow_capacity must be a whole number "
+                             "from 0 to 4,294,967,295, not -5"),
+    (dict(stream_memory=-1), "stack options: stream_memory must be a whole number"),
+    (dict(msg_capacity=0), "stack options: msg_capacity must be a power of two"),
+])
+def test_stack_option_out_of_range_is_an_app_error(example_pcap, options, message):
     from mbx.ports import open_input
     from mbx.runtime import App
 
     inp = open_input(f"pcap:{example_pcap}")
     try:
-        with pytest.raises(mbx.AppError, match="stack options: idle_timeout must be"):
-            App([], idle_timeout=-1.0).run(inp)
+        with pytest.raises(mbx.AppError, match=message):
+            App([], **options).run(inp)
     finally:
         inp.close()
 

@@ -134,6 +134,12 @@ def test_an_application_file_loads_links_and_runs(tmp_path, example_pcap):
      """, "[app] unknown key(s) stak"),
     ("""
      [stack]
+     flow_capacity = -5
+     [[nf]]
+     use = "l2fwd"
+     """, "[stack] flow_capacity must be a whole number from 0 to 4,294,967,295, not -5"),
+    ("""
+     [stack]
      flows = 3
      [[nf]]
      use = "l2fwd"

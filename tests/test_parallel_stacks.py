@@ -100,7 +100,8 @@ def test_each_stack_holds_its_share_of_the_flow_capacity(tmp_path):
         assert all(p["flows"][what] > 0 for p in parts)
 
 
-def test_cli_stacks_option(tmp_path):
+@pytest.mark.parametrize("scheme", ["pcap:", ""])     # a bare capture name too
+def test_cli_stacks_option(tmp_path, scheme):
     import subprocess
     import sys
 
@@ -111,7 +112,7 @@ def test_cli_stacks_option(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "flow_stats+logger", "--in",
                         f"pcap:{cap}", "--stacks", "2", "--json", str(out),
                         "--set", f"logger.path={log}", "--set", "logger.types=FLOW/STATS",
-                        "--out", f"pcap:{tmp_path / 'o.pcap'}"],
+                        "--out", f"{scheme}{tmp_path / 'o.pcap'}"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     c = json.loads(out.read_text())
@@ -122,13 +123,79 @@ def test_cli_stacks_option(tmp_path):
     assert "in a table of 32,768" in r.stdout and "the share is full" not in r.stdout
     assert f"written        {tmp_path / 'o.pcap'}.stack0 .. .stack1" in r.stdout
     sent = sum(len(open_frames(tmp_path / f"o.pcap.stack{k}")) for k in range(2))
-    assert sent == 2000
+    assert sent == 2000 and not (tmp_path / "o.pcap").exists()
     # Each stack's Logger writes its own file, whole lines that nobody overwrote:
     # one FLOW/STATS per flow of that stack, and every packet counted once.
     assert not log.exists()
     stats = [[json.loads(line) for line in open(f"{log}.stack{k}")] for k in range(2)]
     assert [len(s) for s in stats] == [p["flows"] for p in c["stacks"]]
     assert sum(rec["packets"] for s in stats for rec in s) == 2000
+
+
+SLOW_NF = """
+import os, time
+import mbx
+
+class Slow(mbx.NF):
+    def __init__(self):
+        super().__init__("slow")
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def start(self):
+        open(os.path.join(OUT, f"started-{os.getpid()}"), "w").close()
+
+    def on_pkt(self, ev):
+        time.sleep(0.0005)
+
+    def stop(self):
+        open(os.path.join(OUT, f"stopped-{os.getpid()}"), "w").close()
+
+nf = Slow()
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_every_stack_process_with_its_counters(tmp_path, sig):
+    # Before, the stack processes (which ignore SIGINT) ran on as orphans and the
+    # parent died with a traceback and no counters.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cap = str(tmp_path / "many.pcap")
+    many_flows_capture(cap, flows=200, packets=20000)       # about 10 s per process
+    nf = tmp_path / "slow.py"
+    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + SLOW_NF)
+    out = tmp_path / "c.json"
+    p = subprocess.Popen([sys.executable, "-m", "mbx.cli", "run", str(nf), "--in", cap,
+                          "--stacks", "2", "--json", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        p.send_signal(getattr(signal, sig))
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, stderr
+    started = {f.name.split("-")[1] for f in tmp_path.glob("started-*")}
+    stopped = {f.name.split("-")[1] for f in tmp_path.glob("stopped-*")}
+    assert len(started) == 2 and stopped == started       # both ended their run
+    for pid in started:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+    c = json.loads(out.read_text())
+    assert 0 < c["packets"] < 20000 and len(c["stacks"]) == 2
+    assert "stacks         #0:" in stdout
+
+
+def test_parallel_stacks_refuse_the_pipelined_deployment(example_pcap):
+    with pytest.raises(mbx.AppError, match="inline: drop deploy='pipelined'"):
+        run_parallel(lambda: [], f"pcap:{example_pcap}", deploy="pipelined")
 
 
 def open_frames(path):
