@@ -860,10 +860,17 @@ cdef class BridgePorts(Port):
     client-facing interface get port 0, those from the server-facing one port 1;
     ``tx_burst`` sends a packet with port 0 out of the server side and one with
     port 1 out of the client side (any other port id is dropped and counted).
-    ``options`` go to both sides' ``AfPacketPort`` (``fanout_group`` too: several
-    bridge processes with one group id share the traffic flow by flow; ``rx=False``
-    gives a send-only bridge).  Use the same object as input and output of a run.
-    ``stop()``, ``duration`` and Ctrl-C end the input as for ``AfPacketPort``.
+    ``options`` go to both sides' ``AfPacketPort`` (``rx=False`` gives a send-only
+    bridge).  ``fanout_group=G``: the client side joins fanout group G and the server
+    side group G + 1 (mod 65536; Linux ties a group to one interface), so several
+    bridge processes given the same G share the traffic flow by flow.  A flow's two
+    directions reach the same process when the processes joined both groups in the
+    same order (``run_parallel`` opens their ports one after another) and the flow
+    keeps its addresses across the bridge: the kernel's symmetric hash of the
+    5-tuple picks the member.  An NF that rewrites addresses (the L4 LB) sees the
+    return traffic under other addresses, which may hash to another process.  Use
+    the same object as input and output of a run.  ``stop()``, ``duration`` and
+    Ctrl-C end the input as for ``AfPacketPort``.
     """
 
     def __init__(self, str client_iface, str server_iface, **options):
@@ -874,6 +881,9 @@ cdef class BridgePorts(Port):
             raise TypeError("BridgePorts sets port_id itself (0 client, 1 server side)")
         self.name = f"afpacket:{client_iface},{server_iface}"
         self.client = AfPacketPort(client_iface, port_id=0, **options)
+        group = options.get("fanout_group")
+        if group is not None:
+            options["fanout_group"] = (group + 1) & 0xFFFF
         try:
             self.server = AfPacketPort(server_iface, port_id=1, **options)
         except BaseException:

@@ -446,18 +446,29 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                        f"{config['deploy']!r}")
     config["flow_capacity"] = stack_share(config.get("flow_capacity", FLOW_CAPACITY),
                                           stacks)
-    afpacket = in_spec.startswith("afpacket:")
-    group = os.getpid() & 0xFFFF
+    afpacket = in_spec.lower().startswith("afpacket:")
+    group = os.getpid() & 0xFFFE        # a bridge takes group and group + 1
     cpus = sorted(os.sched_getaffinity(0))
     if pin is None:
         pin = 1 < stacks <= len(cpus)
     out_file = capture_file(out_spec) if out_spec else None
+    # An AF_PACKET fanout group hands a flow to the member at the index its hash
+    # picks, members indexed in the order they joined.  A bridge's two sides are two
+    # groups, so both directions of a flow meet in one process only if process k is
+    # member k of both: the processes open their ports one after another, each
+    # waiting for its go pipe, which the parent writes once the one before it has
+    # opened its ports (or failed).
+    gos = []
     children = []
     for k in range(stacks):
         rfd, wfd = os.pipe()
+        go_r, go_w = os.pipe() if afpacket else (-1, -1)
         pid = os.fork()
         if pid == 0:                                    # a stack process
             os.close(rfd)
+            for fd in (go_w, *gos):
+                if fd >= 0:
+                    os.close(fd)
             code = 1
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us
@@ -471,7 +482,11 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 global _stack_process
                 _stack_process = (k, stacks)
                 out = "pcap:" + output_path(out_file) if out_file else out_spec
+                if afpacket and os.read(go_r, 1) != b"g":
+                    raise AppError("stopped before its ports were opened")
                 inp, outp = open_ports(spec, out)
+                if afpacket:
+                    _write_all(wfd, b'{"opened": true}\n')
                 progress = None
                 if on_snapshot is not None:
                     from mbx.stats import snapshot
@@ -496,9 +511,30 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             finally:
                 os._exit(code)
         os.close(wfd)
+        if afpacket:
+            os.close(go_r)
+            gos.append(go_w)
         children.append((pid, rfd))
+    released = 0
+
+    def release_next():
+        # let the next stack process open its ports
+        nonlocal released
+        if released < len(gos):
+            if gos[released] >= 0:          # not closed by stop_children
+                try:
+                    os.write(gos[released], b"g")
+                except BrokenPipeError:     # it died: its report says why
+                    pass
+                os.close(gos[released])
+                gos[released] = -1
+            released += 1
 
     def stop_children(*_):
+        for k in range(released, len(gos)):     # those still waiting to open: go away
+            if gos[k] >= 0:
+                os.close(gos[k])
+                gos[k] = -1
         for pid, _ in children:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -516,6 +552,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     usages = [None] * stacks
     reading = {rfd for _, rfd in children}
     try:
+        release_next()
         with selectors.DefaultSelector() as sel:
             for k, (_, rfd) in enumerate(children):
                 sel.register(rfd, selectors.EVENT_READ, k)
@@ -527,12 +564,16 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                         sel.unregister(key.fd)
                         os.close(key.fd)
                         reading.discard(key.fd)
+                        if released == k + 1:   # it failed before it opened its ports
+                            release_next()
                         continue
                     *lines, buffers[k] = (buffers[k] + data).split(b"\n")
                     for line in lines:
                         msg = json.loads(line)
                         if "snap" in msg:
                             on_snapshot(k, msg["snap"])
+                        elif "opened" in msg:
+                            release_next()
                         else:
                             last[k] = msg
     except BaseException:

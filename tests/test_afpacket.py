@@ -619,6 +619,71 @@ def test_offloads_super_frames_reassemble_into_the_exact_stream(testbed, tmp_pat
     assert 0 < c["pkts_s2c"] < len(blob) // 1448 // 2
 
 
+RECORDER_NF = """
+import json, os
+import mbx
+
+class Recorder(mbx.NF):
+    # per flow (endpoints sorted): packets each way, written by each stack process
+    def __init__(self):
+        super().__init__("recorder")
+        self.flows = {}
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def start(self):
+        open(os.path.join(OUT, f"started-{os.getpid()}"), "w").close()
+
+    def on_pkt(self, ev):
+        a, b = (ev.src_ip, ev.sport), (ev.dst_ip, ev.dport)
+        rec = self.flows.setdefault(repr(sorted([a, b]) + [ev.proto]), [0, 0])
+        rec[a > b] += 1
+
+    def stop(self):
+        with open(os.path.join(OUT, f"flows-{os.getpid()}.json"), "w") as fh:
+            json.dump(self.flows, fh)
+
+nf = Recorder()
+"""
+
+
+@pytest.mark.parametrize("ring", RINGS)
+def test_stacks_split_a_bridge_and_keep_both_directions_of_a_flow_together(
+        testbed, tmp_path, ring):
+    # Each side of a bridge is a fanout group of its own (Linux ties a group to one
+    # interface), and run_parallel opens the stacks' ports in order, so the kernel's
+    # symmetric hash gives a flow's two directions, arriving on different
+    # interfaces, to the same stack.  Before, the second side's join failed (EINVAL).
+    procs = testbed
+    nf = tmp_path / "rec.py"
+    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + RECORDER_NF)
+    os.chmod(tmp_path, 0o755)
+    mbx = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", str(nf),
+                             "--in", f"afpacket:mc,ms?ring={ring}&timeout_ms=5",
+                             "--stacks", "2", "--duration", "60", "-q"),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("started-*"))) < 2:
+        assert mbx.poll() is None, mbx.communicate()[1]
+        assert time.monotonic() < deadline, "the stack processes did not start"
+        time.sleep(0.05)
+    sent = sum(int(_sh(*_in_ns(ns, sys.executable, HERE, "send", dev, way),
+                       timeout=60).stdout)
+               for ns, dev, way in ((NS_C, "c0", "ab"), (NS_S, "s0", "ba")))
+    time.sleep(1.0)
+    mbx.send_signal(signal.SIGINT)              # every stack ends its run, and reports
+    _, err = mbx.communicate(timeout=60)
+    assert mbx.returncode == 0, err
+    parts = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("flows-*"))]
+    assert len(parts) == 2
+    ours = [{k: v for k, v in part.items() if "198.18.7." in k} for part in parts]
+    assert all(ours), "hash fanout should spread 64 flows over both stacks"
+    assert not set(ours[0]) & set(ours[1]), "a flow reached both stacks"
+    assert len(ours[0]) + len(ours[1]) == 64
+    # each stack saw both directions of its flows, every packet once
+    assert all(v == [4, 4] for part in ours for v in part.values())
+    assert sent == 512
+
+
 # ---------------------------------------------------------------- inside a namespace
 
 
@@ -700,8 +765,9 @@ def _key(frame):
     return proto, (src, sport), (dst, dport)
 
 
-def _send_main(tx_if):
-    # Frames for 64 flows (TCP and UDP), both directions, 4 packets each way.
+def _send_main(tx_if, directions="both"):
+    # Frames for 64 flows (TCP and UDP), 4 packets each way: both directions, or
+    # only "ab" (client to server) or "ba" (server to client).
     raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     raw.bind((tx_if, 0))
     mac_a, mac_b = b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x02"
@@ -711,9 +777,12 @@ def _send_main(tx_if):
         a, b = f"198.18.7.{1 + i % 50}", f"198.18.8.{1 + i // 50}"
         sport, dport = 20000 + 2 * i, 80 if proto == 6 else 53
         for _ in range(4):
-            raw.send(_frame(mac_a, mac_b, a, b, proto, sport, dport))
-            raw.send(_frame(mac_b, mac_a, b, a, proto, dport, sport))
-            sent += 2
+            if directions != "ba":
+                raw.send(_frame(mac_a, mac_b, a, b, proto, sport, dport))
+                sent += 1
+            if directions != "ab":
+                raw.send(_frame(mac_b, mac_a, b, a, proto, dport, sport))
+                sent += 1
     raw.close()
     print(sent)
 
@@ -770,7 +839,7 @@ if __name__ == "__main__":
     elif sys.argv[1] == "fanout":
         _fanout_main(*sys.argv[2:4])
     elif sys.argv[1] == "send":
-        _send_main(sys.argv[2])
+        _send_main(*sys.argv[2:4])
     else:
         sys.exit(f"unknown mode {sys.argv[1]!r}")
 
