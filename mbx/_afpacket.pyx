@@ -273,12 +273,14 @@ def _errno_text(int e):
 cdef class AfPacketPort(Port):
     """One live interface through an AF_PACKET socket.
 
-    ``AfPacketPort(iface, *, port_id=0, ring="v2", block_size=1<<17, block_count=64,
-    frame_size=2048, fanout_group=None, fanout_mode="hash", fanout_defrag=False,
+    ``AfPacketPort(iface, *, port_id=0, ring="v2", block_size=0, block_count=0,
+    frame_size=0, fanout_group=None, fanout_mode="hash", fanout_defrag=False,
     rx=True, tx=True, timeout_ms=5, retire_ms=1, promisc=True, duration=0.0,
     offloads=False)``
 
-    Receiving maps a ring of ``block_count`` blocks of ``block_size`` bytes.  With
+    Receiving maps a ring of ``block_count`` blocks of ``block_size`` bytes (0: 64
+    blocks of 128 KiB and 2048-byte slots; with ``offloads`` and V2, 16 blocks of
+    1 MiB and 65792-byte slots).  With
     ``ring="v2"`` (TPACKET_V2) each block holds ``block_size // frame_size`` slots
     of ``frame_size`` bytes, one frame each, handed over as soon as it arrives; a
     frame longer than a slot's room (``frame_size`` minus about 70 bytes of

@@ -4,7 +4,8 @@ A type is a path (``EVENT/PKT/TCP/SYN``); each level owns LEVEL_BITS bits of a 6
 id, so "X/Y is a descendant of X" is ``(y.id & mask(x.depth)) == x.id``.  A message is
 a 64-byte header plus the type's own fields, child fields after the parent's.
 
-The EventBus holds Event Memory (a fixed pool of messages), one input queue per NF,
+The EventBus holds Event Memory (a fixed pool of messages), two input queues per NF
+(events from the stack, publications of the NFs before it; see ``next_ring``),
 and per NF a small number of *handler sets*: tables from type index to handler,
 resolved once through the hierarchy.  A flow uses set 0 (the NF's subscriptions)
 unless ``mb_up_sub`` gave it another; publishing is a table lookup per NF, without
@@ -502,6 +503,10 @@ class NF:
         ``src_port``/``dst_port`` (ports, "a-b" ranges, lists), ``src_net``/``dst_net``
         (prefixes, lists).  Checked in C when the event is published."""
         key = None if etype is None else event_type(etype).idx
+        unknown = set(spec) - set(FILTER_KEYS)
+        if unknown:
+            raise SubscriptionError(f"filter: unknown key(s) {', '.join(sorted(unknown))} "
+                                    f"(known: {', '.join(FILTER_KEYS)})")
         self.filters[key] = Filter(**spec)
 
     def pub(self, etype, *, writes=False):
@@ -552,6 +557,7 @@ def _check_c(nf, t, handler, batch):
             "batched (the dispatcher already calls them in a loop): drop batch=True")
 
 
+FILTER_KEYS = ("proto", "src_port", "dst_port", "src_net", "dst_net")
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58, "sctp": 132, "any": 0}
 
 
@@ -568,8 +574,11 @@ def _ports(spec, what):
         except ValueError:
             raise SubscriptionError(f"filter {what}: {item!r} is not a port or a range "
                                     "such as 8000-8080") from None
-        if not 0 <= a <= b <= 65535:
+        if not (0 <= a <= 65535 and 0 <= b <= 65535):
             raise SubscriptionError(f"filter {what}: {item!r} is not within 0-65535")
+        if a > b:
+            raise SubscriptionError(f"filter {what}: {item!r} runs backwards: write "
+                                    f"{b}-{a}")
         out.append((a, b))
     if len(out) > FILTER_MAX_PORT_RANGES:
         raise SubscriptionError(f"filter {what}: at most {FILTER_MAX_PORT_RANGES} ranges")
@@ -701,6 +710,9 @@ cdef class Message:
         self.m.h.flow = NO_FLOW
         self.m.h.pkt = NO_PKT
         self.flow = None
+        if etype.idx == T_FLOW_TCP_TERMINATE:   # an NF asks: its subscribers see why
+            f = etype.fields["reason"]
+            write_field(self.m.body, f[0], f[1], 3)
 
     def __setattr__(self, name, value):
         f = self.etype.fields.get(name)
@@ -964,9 +976,12 @@ cdef class Event:
     @property
     def snapshot(self):
         """The TCP stack snapshot the event carries, decoded (a dict): the receiver's
-        sequence state and both sides' status as of the event."""
+        sequence state and both sides' status as of the event.  None on events that
+        carry none: those not from the TCP Monitor (the Network Layer's, NFs')."""
         from mbx._tcp import snapshot_decode
 
+        if self.m.h.publisher != 0 or not T_PKT_TCP <= self.m.h.type_idx <= T_DATA_RDY:
+            return None
         return snapshot_decode(bytes(self.m.h.snapshot[:23]), self.m.h.ts_ns)
 
     def read(self, offset=None, length=None, stream_dir=None):
@@ -1159,7 +1174,7 @@ cdef inline bint offer_c(EventBus bus, uint32_t j, mbx_msg *m, mbx_pkt *p,
 
 
 cdef class EventBus:
-    """Event Memory, one input queue per NF, handler tables, and dispatch."""
+    """Event Memory, two input queues per NF, handler tables, and dispatch."""
 
     def __cinit__(self, nfs, uint32_t flow_capacity=0, uint32_t msg_capacity=65536):
         cdef uint32_t i

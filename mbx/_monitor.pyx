@@ -83,7 +83,7 @@ cdef inline uint8_t data_rdy_flags(uint8_t tdir) noexcept nogil:
 cdef class TcpMonitor(NetworkLayer):
     """The TCP Monitor over an EventBus (all NetworkLayer options, plus):
 
-    ``stream_memory`` bytes of Event Memory for reassembled streams, in
+    ``stream_memory`` bytes of Stack Memory for reassembled streams, in
     ``chunk_size`` chunks; at most ``stream_window`` bytes held per stream (the
     out-of-order window plus retention); ``retain`` bytes kept behind the frontier for
     late readers; ``max_streams`` flows reassembled at once; ``overlap`` policy

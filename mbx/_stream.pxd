@@ -7,7 +7,7 @@
 # order, until the hole before them is filled or acknowledged (skipped).  Offsets are
 # 64-bit (offset 0 is the byte at seq0), so streams longer than 4 GiB and sequence
 # wraparound need no special case.  Every byte lives in a fixed-size chunk of one
-# StreamPool allocation (Event Memory); out-of-order bookkeeping is a fixed-size
+# StreamPool allocation (Stack Memory); out-of-order bookkeeping is a fixed-size
 # interval block from the same pool.  Running out of either is MEMCAP, never a crash.
 #
 # A hole that the receiver acknowledged is skipped: a *gap*, never filler bytes.  Up
@@ -80,7 +80,7 @@ ctypedef struct mbx_stream:
     uint8_t live
 
 
-# Event Memory for streams: one allocation carved into chunks, allocated once.
+# Stack Memory for streams: one allocation carved into chunks, allocated once.
 # final: the Monitor reads its fields from another extension without the vtable.
 @cython.final
 cdef class StreamPool:

@@ -66,7 +66,7 @@ cdef bint _is_int(x):
 
 @cython.final
 cdef class StreamPool:
-    """Event Memory for reassembled streams: ``total_bytes`` allocated once, carved
+    """Stack Memory for reassembled streams: ``total_bytes`` allocated once, carved
     into ``chunk_size`` chunks (a power of two) shared by every stream.
 
     ``StreamPool(total_bytes=64 MiB, chunk_size=16384, max_stream_bytes=1 MiB,

@@ -9,6 +9,7 @@ import time
 
 from mbx._flow import CAPACITY_MAX
 from mbx.errors import MbxError
+from mbx.examples.capture import FLOWS_MAX as EXAMPLE_FLOWS_MAX
 
 _EPILOG = """\
 examples:
@@ -119,7 +120,12 @@ def _print_counters(c, elapsed, out=None):
 
 
 def _run(nfs, args, spec=None):
+    from mbx.controller import check
     from mbx.runtime import App, check_writable
+
+    if spec is None:    # a chain: the links mbx check would refuse, refused here too
+        check(args.app if hasattr(args, "app") else "the NFs", "", args.stack or "auto",
+              {}, nfs)
 
     if args.json:
         check_writable(args.json, "--json")     # not only once the run is over
@@ -377,12 +383,13 @@ def main(argv=None):
     c.add_argument("--set", action="append", metavar="NF.KEY=VALUE")
     g = sub.add_parser("example-capture", help="write the built-in example capture")
     g.add_argument("path")
-    g.add_argument("--flows", type=_int_at_least(1), default=200,
+    g.add_argument("--flows", type=_int_at_least(1, EXAMPLE_FLOWS_MAX), default=200,
                    help="TCP connections (200)")
     g.add_argument("--seed", type=int, default=1)
     f = sub.add_parser("flows", help="summarise every TCP connection of a capture "
                                      "(reassembled bytes, counts, handshake, close)")
-    f.add_argument("capture", help="a pcap or pcapng file")
+    f.add_argument("capture", help="a pcap or pcapng file (or a live port spec such as "
+                                   "afpacket:IF, summarised when Ctrl-C ends it)")
     f.add_argument("--json", action="store_true",
                    help="write the mbx-flows/1 JSON object (the only format so far)")
     f.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
@@ -426,6 +433,8 @@ def main(argv=None):
             from mbx.flows import flows_json
             from mbx.runtime import check_writable
 
+            if not args.capture:
+                raise MbxError("mbx flows: name a capture file")
             if args.output:
                 check_writable(args.output, "-o")
                 if os.path.exists(args.output) and os.path.samefile(args.output,
@@ -445,17 +454,21 @@ def main(argv=None):
         elif args.cmd == "types":
             import mbx
 
+            width = max(len(t.name) for t in mbx.event_types())
             for t in mbx.event_types():
-                line = f"{t.name:<24} id={t.id:#018x}"
+                line = f"{t.name:<{width}}  id={t.id:#018x}"
                 if args.fields:
                     line += "  " + ", ".join(f"{k}:{v[1]}" for k, v in t.fields.items())
                 print(line)
     except MbxError as exc:
         print(f"mbx: error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except OSError as exc:      # a path that cannot be read or written: its errno says why
         print(f"mbx: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # a run stops cleanly on its own; the rest just stop
+        print("mbx: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

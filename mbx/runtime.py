@@ -125,6 +125,9 @@ def load_app(spec, options=None):
             nfs += _make(module.make, opts, f"NF {item}")
         elif ":" in item:
             mod_name, _, attr = item.partition(":")
+            if not mod_name or not attr or mod_name.startswith("."):
+                raise AppError(f"NF {item!r}: expected module:attribute, an absolute "
+                               "module name and the NF, list or factory it defines")
             try:
                 obj = getattr(importlib.import_module(mod_name), attr)
             except (ImportError, AttributeError) as exc:

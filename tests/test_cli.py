@@ -94,6 +94,11 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
     # a ring past 2**24 entries once overflowed a 32-bit size: SIGSEGV
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--deploy", "pipelined", "--ring-size",
       "1073741824"], "ring_size must be a power of two from 2 to 16,777,216"),
+    (["run", ":flow_stats", "--in", "pcap:x.pcap"], "expected module:attribute"),
+    (["run", ".foo:bar", "--in", "pcap:x.pcap"], "expected module:attribute"),
+    (["example-capture", "x.pcap", "--flows", "30000"], "must be at most 20,000"),
+    (["example-capture", "."], "Is a directory"),
+    (["flows", ""], "mbx flows: name a capture file"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--deploy", "pipelined", "--ring-size", "3"],
      "ring_size must be a power of two from 2 to 16,777,216"),
 ])
@@ -123,6 +128,19 @@ def test_bad_capture_and_bad_nf_files(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "make(): RuntimeError: no config (at typo.py, line 4)" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_run_checks_a_chain_as_check_does(tmp_path, example_pcap):
+    # A subscription nothing publishes: mbx check refused it, mbx run ran on and the
+    # NF never got an event.
+    nf = tmp_path / "orphan.py"
+    nf.write_text("import mbx\nT = mbx.register_event_type('FLOW/MYT')\n"
+                  "nf = mbx.NF('orphan')\nnf.sub(T, print)\n")
+    for cmd in ("check", "run"):
+        r = mbx_cmd(cmd, str(nf), *(["--in", f"pcap:{example_pcap}"] if cmd == "run"
+                                    else []))
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert "NF orphan subscribes to FLOW/MYT, which nothing" in r.stderr, cmd
 
 
 @pytest.mark.parametrize("deploy", ["inline", "pipelined"])

@@ -121,6 +121,19 @@ def test_an_application_file_loads_links_and_runs(tmp_path, example_pcap):
      """, "NF l2fwd: filter: filter dst_port: 70000 is not within 0-65535"),
     ("""
      [[nf]]
+     use = "l2fwd"
+     [nf.filter]
+     dst_port = "90-80"
+     """, "filter dst_port: '90-80' runs backwards: write 80-90"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [nf.filter]
+     src = "198.18.0.1"
+     """, "NF l2fwd: filter: filter: unknown key(s) src (known: proto, src_port, "
+          "dst_port, src_net, dst_net)"),
+    ("""
+     [[nf]]
      use = "{nf}"
      [nf.filters."FLOW/END"]
      proto = "tcp"

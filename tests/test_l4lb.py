@@ -124,6 +124,18 @@ def test_bad_options_name_the_nf():
         L4LB(backends="")
     with pytest.raises(mbx.AppError, match="l4lb: bad endpoint '198.18.2.1:99999'"):
         L4LB(backends="198.18.2.1:99999")
+    # what the balancer cannot do was accepted, and its packets dropped uncounted
+    with pytest.raises(mbx.AppError, match=r"backend 198.18.2.1:80 is not IPv6 like "
+                                           r"the VIP \[2001:db8:2::1\]:443"):
+        L4LB(vip="[2001:db8:2::1]:443", backends="198.18.2.1:80")
+    with pytest.raises(mbx.AppError, match="backend 198.18.2.1:80 is listed twice"):
+        L4LB(backends="198.18.2.1:80,198.18.2.1:80")
+    with pytest.raises(mbx.AppError, match="backend 198.18.3.1:80 is the VIP itself"):
+        L4LB(backends="198.18.3.1:80")
+    with pytest.raises(mbx.AppError, match=r"bad endpoint \['1.1.1.1', 80, 3\]"):
+        L4LB(vip=["1.1.1.1", 80, 3])
+    assert L4LB(vip=["2001:db8::1", 80], backends=[["2001:db8::2", 80]]).vip == (
+        "2001:db8::1", 80)
 
 
 def test_builtin_l4lb_is_the_c_one():

@@ -627,6 +627,24 @@ class Killer(mbx.NF):
             self.publish(self.port, self.new_msg(mbx.FLOW_TCP_TERMINATE))
 
 
+class Watcher(mbx.NF):
+    """Records the TERMINATEs other NFs publish: (publisher, reason, snapshot)."""
+
+    def __init__(self):
+        super().__init__("watch")
+        self.terminates = []
+        self.pkt_snapshots = set()
+        self.sub(mbx.FLOW_TCP_TERMINATE, self.on_terminate)
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def on_terminate(self, ev):
+        if ev.publisher:
+            self.terminates.append((ev.publisher, ev.reason, ev.snapshot))
+
+    def on_pkt(self, ev):
+        self.pkt_snapshots.add(type(ev.snapshot).__name__)
+
+
 @pytest.mark.parametrize("v6", [False, True])
 def test_terminate_sends_rsts(run, tmp_path, v6):
     cli, srv = (CLI6, SRV6) if v6 else (CLI4, SRV4)
@@ -643,8 +661,13 @@ def test_terminate_sends_rsts(run, tmp_path, v6):
     other_after.s(1, 1, PSH | ACK, b"fine")     # the other connection goes on
     frames += other_after.frames
     k = Killer()
-    counters, out = run([k], frames=frames)
+    watch = Watcher()
+    counters, out = run([k, watch], frames=frames)
     assert counters["tcp"]["rst_sent"] == 2
+    # the NF's TERMINATE says an NF asked (reason 3), and carries no stack snapshot
+    # (its snapshot area was whatever the message slot held before)
+    assert watch.terminates == [(1, 3, None)]
+    assert watch.pkt_snapshots == {"dict"}         # the Monitor's PKT/TCP events do
     rsts, rest = [], []
     for _, f in out:
         ip, tcp = tcp_of(f)
@@ -668,6 +691,16 @@ def test_terminate_sends_rsts(run, tmp_path, v6):
     other_pkts = [t for _, t in rest if 40007 in (t.sport, t.dport)]
     assert len(other_pkts) == len(other.frames) + 1
     assert counters["tcp"]["dropped_terminated"] == 3
+
+
+def test_events_not_from_the_monitor_carry_no_snapshot(run):
+    from mbx.examples.capture import ether, udp4
+
+    watch = Watcher()
+    frames = [(1.0 + i, ether(udp4("198.18.1.1", "198.18.1.2", 5000, 53, b"q")))
+              for i in range(3)]
+    run([watch], frames=frames, stack="tcp")
+    assert watch.pkt_snapshots == {"NoneType"}
 
 
 def test_terminate_across_bursts(run, tmp_path):

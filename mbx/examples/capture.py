@@ -14,6 +14,8 @@ from mbx.nfs.l4lb import choose_backend
 
 VIP = ("198.18.3.1", 80)
 BACKENDS = [("198.18.2.1", 80), ("198.18.2.2", 80)]
+# Client ports are 20000 + 2i, one a flow, and must stay below 65536.
+FLOWS_MAX = 20000
 MAC_C = bytes.fromhex("020000000001")
 MAC_S = bytes.fromhex("020000000002")
 
@@ -118,6 +120,8 @@ def tcp_connection(cli, srv, reply_from, request, response, t, isn_c, isn_s, mss
 
 def example_frames(flows=200, seed=1, t0=1_700_000_000.0):
     """Every frame of the example capture as (timestamp seconds, bytes), in time order."""
+    if not 1 <= flows <= FLOWS_MAX:
+        raise ValueError(f"flows must be from 1 to {FLOWS_MAX:,}, not {flows}")
     rng = random.Random(seed)
     frames = []
     for i in range(flows):

@@ -47,14 +47,41 @@ def choose_backend(src, sport, dst, dport, proto, backends):
     return backends[zlib.crc32(key) % len(backends)]
 
 
+def _endpoint(value):
+    # "ADDR:PORT", or (address, port) as an application file's list gives it
+    if isinstance(value, str):
+        return parse_endpoint(value)
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise mbx.AppError(f"l4lb: bad endpoint {value!r}: expected \"ADDR:PORT\" or "
+                           "[ADDR, PORT]")
+    addr, port = value
+    return parse_endpoint(f"[{addr}]:{port}" if ":" in str(addr) else f"{addr}:{port}")
+
+
 def _endpoints(vip, backends):
-    vip = parse_endpoint(vip) if isinstance(vip, str) else tuple(vip)
+    vip = _endpoint(vip)
     if isinstance(backends, str):
         backends = [b for b in backends.split(",") if b.strip()]
-    backends = [parse_endpoint(b) if isinstance(b, str) else tuple(b) for b in backends]
+    backends = [_endpoint(b) for b in backends]
     if not backends:
         raise mbx.AppError("l4lb: needs at least one backend")
+    version = ipaddress.ip_address(vip[0]).version
+    for b in backends:
+        # the balancer rewrites the destination in place: an IPv4 packet cannot be
+        # given an IPv6 backend (its packets were dropped, uncounted)
+        if ipaddress.ip_address(b[0]).version != version:
+            raise mbx.AppError(f"l4lb: backend {_show(b)} is not IPv{version} like the "
+                               f"VIP {_show(vip)}")
+        if b == vip:
+            raise mbx.AppError(f"l4lb: backend {_show(b)} is the VIP itself")
+        if backends.count(b) > 1:
+            raise mbx.AppError(f"l4lb: backend {_show(b)} is listed twice")
     return vip, backends
+
+
+def _show(endpoint):
+    addr, port = endpoint
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 class L4LB(mbx.NF):
