@@ -164,10 +164,12 @@ def _run(nfs, args, spec=None):
 
 
 def _run_app(app, args, listeners, view):
-    from mbx.ports import open_ports
+    from mbx.ports import DeferredOutput, open_ports
 
-    # an AF_PACKET bridge is its own output unless --out says otherwise
-    inp, out = open_ports(args.inp, args.out)
+    # an AF_PACKET bridge is its own output unless --out says otherwise; any other
+    # output is opened once the run has started (an existing file survives a failed
+    # start)
+    inp, out = open_ports(args.inp, args.out, defer_output=True)
     progress = Progress(inp, sys.stderr.isatty() and not args.quiet, listeners)
     # SIGINT/SIGTERM end the run between bursts: every flow ends, NFs stop, counters
     # are printed, ports are closed.
@@ -187,8 +189,10 @@ def _run_app(app, args, listeners, view):
             out.close()
     elapsed = time.perf_counter() - t0
     counters["elapsed_s"] = elapsed
+    sent_by = out.port if isinstance(out, DeferredOutput) else out
     counters["ports"] = {"in": inp.counters,
-                         "out": out.counters if out is not None and out is not inp else None}
+                         "out": sent_by.counters if sent_by is not None and sent_by is not inp
+                         else None}
     if not args.quiet:
         _print_counters(counters, elapsed)
     if view is not None:

@@ -159,6 +159,9 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
         bus.stack_memory = StackMemory()
         with bus.stack_memory.building():
             stack = make_stack(bus)
+        from mbx.runtime import opened
+
+        out = opened(out)       # once the stack is built (see App.run)
         sys.stdout.flush()
         sys.stderr.flush()
         pids = []

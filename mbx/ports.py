@@ -26,7 +26,7 @@ from mbx._packet import Port
 from mbx._pcap import PcapReader, PcapWriter
 from mbx.errors import PortError
 
-__all__ = ["KNOWN_SCHEMES", "open_input", "open_output", "open_ports"]
+__all__ = ["KNOWN_SCHEMES", "DeferredOutput", "open_input", "open_output", "open_ports"]
 
 #: Schemes this build can open.
 KNOWN_SCHEMES: tuple[str, ...] = ("pcap", "afpacket", "dpdk")
@@ -199,22 +199,51 @@ def open_output(spec: str) -> Port:
     raise AssertionError(f"scheme {scheme!r} parsed but not handled")  # pragma: no cover
 
 
-def open_ports(in_spec: str, out_spec: str | None = None) -> tuple[Port, Port | None]:
+class DeferredOutput:
+    """An output port opened only when called: ``App.run`` calls it once the NFs
+    have started and the stack is built, so a run that fails before its first
+    packet leaves an existing output file as it was.  ``port`` is the opened port
+    (None until then); ``close()`` closes it if it was opened."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.port = None
+
+    def __call__(self) -> Port:
+        if self.port is None:
+            self.port = open_output(self.spec)
+        return self.port
+
+    def close(self):
+        if self.port is not None:
+            self.port.close()
+
+    def __repr__(self):
+        return f"<DeferredOutput {self.spec!r}{' (open)' if self.port else ''}>"
+
+
+def open_ports(in_spec: str, out_spec: str | None = None, *, defer_output=False
+               ) -> tuple[Port, Port | DeferredOutput | None]:
     """The (input, output) ports of a run.
 
     A bridge (``afpacket:IF0,IF1``, ``dpdk:VDEV0+VDEV1``) given as input is also the
     output when ``out_spec`` is omitted or names the same bridge: the middlebox sends what
     passes back out of the other interface, through the same sockets.  Otherwise
-    each spec is opened on its own (no ``out_spec``: no output).
+    each spec is opened on its own (no ``out_spec``: no output); with
+    ``defer_output`` the output is a :class:`DeferredOutput` for ``App.run``.
     """
     if out_spec and _same_capture(in_spec, out_spec):
         raise PortError(f"{out_spec}: the output is the input capture; writing it would "
                         "destroy what is being read: name another file")
+    if out_spec:
+        _parse(out_spec)            # a bad spec is refused before the input is opened
     inp = open_input(in_spec)
     try:
         if isinstance(inp, _bridge_type()) and (out_spec is None or out_spec == in_spec):
             return inp, inp
-        return inp, open_output(out_spec) if out_spec else None
+        if not out_spec:
+            return inp, None
+        return inp, DeferredOutput(out_spec) if defer_output else open_output(out_spec)
     except BaseException:
         inp.close()
         raise

@@ -11,6 +11,7 @@ import runpy
 from mbx import _events, api
 from mbx._events import NF, EventBus
 from mbx._monitor import TcpMonitor
+from mbx._packet import Port
 from mbx._pipeline import check_inflight
 from mbx._stack import NetworkLayer
 from mbx.errors import AppError, MbxError, raising_line, user_code_line
@@ -27,6 +28,11 @@ FLOW_CAPACITY = 65536       # flows a stack tracks unless told otherwise
 
 # (k, n): this process is stack process k of the n that run_parallel started.
 _stack_process = (0, 1)
+
+
+def opened(out):
+    """``out``, or the port it opens when it is a function (see ``App.run``)."""
+    return out() if callable(out) and not isinstance(out, Port) else out
 
 
 def check_writable(path, what):
@@ -268,7 +274,11 @@ class App:
     def run(self, inp, out=None, *, burst=64, max_packets=0, progress=None, duration=0,
             stop=None):
         """Run ``inp`` through the stack and NFs (to its end, ``max_packets``,
-        ``duration`` seconds or until ``stop.is_set()``); returns the counters."""
+        ``duration`` seconds or until ``stop.is_set()``); returns the counters.
+
+        ``out`` is a port, or a function returning one (``mbx.ports.DeferredOutput``):
+        it is called once the NFs have started and the stack is built, so a run that
+        fails before its first packet has not created or truncated its output."""
         tcp = self.stack_kind == "tcp" or (self.stack_kind == "auto" and (
             needs_monitor(self.nfs) or self.monitor_options.get("summarise")))
         nfs = list(self.nfs)
@@ -293,23 +303,25 @@ class App:
         bus = EventBus(nfs, msg_capacity=self.msg_capacity)
         bus.timing = self.nf_timing
         try:
-            try:
-                if tcp:
-                    self.stack = TcpMonitor(bus, **self.config, **self.monitor_options)
-                    if sink is not None:
-                        sink.monitor = self.stack
-                        self.stack.terminable = True
-                else:
-                    self.stack = NetworkLayer(bus, **self.config)
-            except ValueError as exc:   # an option out of its range, named in exc
-                raise AppError(f"stack options: {exc}") from None
-            self.stack.run(inp, out, burst=burst, max_packets=max_packets,
+            self.stack = self._make_stack(bus, tcp)
+            if sink is not None:
+                sink.monitor = self.stack
+                self.stack.terminable = True
+            self.stack.run(inp, opened(out), burst=burst, max_packets=max_packets,
                            progress=progress, duration=duration, stop=stop)
         finally:
             bus.close()
             for nf in self.nfs:
                 nf.stop()
         return self.counters()
+
+    def _make_stack(self, bus, tcp):
+        try:
+            if tcp:
+                return TcpMonitor(bus, **self.config, **self.monitor_options)
+            return NetworkLayer(bus, **self.config)
+        except ValueError as exc:       # an option out of its range, named in exc
+            raise AppError(f"stack options: {exc}") from None
 
     def _run_pipelined(self, nfs, sink, tcp, inp, out, **run):
         from mbx import pipeline
@@ -320,13 +332,11 @@ class App:
             nfs.remove(sink)
 
         def make_stack(bus):
-            if not tcp:
-                return NetworkLayer(bus, **self.config)
-            monitor = TcpMonitor(bus, **self.config, **self.monitor_options)
+            stack = self._make_stack(bus, tcp)
             if sink is not None:
-                monitor.terminable = True
-                bus.enable_terminate(monitor)
-            return monitor
+                stack.terminable = True
+                bus.enable_terminate(stack)
+            return stack
 
         self.stack, self.pipeline = pipeline.run(
             nfs, make_stack, inp, out, msg_capacity=self.msg_capacity,
@@ -487,7 +497,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 out = "pcap:" + output_path(out_file) if out_file else out_spec
                 if afpacket and os.read(go_r, 1) != b"g":
                     raise AppError("stopped before its ports were opened")
-                inp, outp = open_ports(spec, out)
+                inp, outp = open_ports(spec, out, defer_output=True)
                 if afpacket:
                     _write_all(wfd, b'{"opened": true}\n')
                 progress = None

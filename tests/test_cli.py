@@ -273,3 +273,29 @@ def test_command_line_stack_options_win_over_the_application_file(tmp_path, exam
     assert c["flows"]["capacity"] == 1024 and c["tcp"]["tcp_packets"] > 0
     r = mbx_cmd("check", str(app), "--set", "l2fwd.x=1")
     assert r.returncode == 2 and "not --set" in r.stderr
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_a_run_that_fails_to_start_leaves_an_existing_output_alone(tmp_path, example_pcap,
+                                                                   deploy):
+    # The output used to be opened (so truncated) before the NFs started and the
+    # stack was built: a run refused at start wiped the capture it was to replace.
+    keep = tmp_path / "keep.pcap"
+    keep.write_bytes(open(example_pcap, "rb").read())
+    before = keep.read_bytes()
+    nf = tmp_path / "late.py"
+    nf.write_text("import mbx\n\nclass Late(mbx.NF):\n    def start(self):\n"
+                  "        raise RuntimeError('no licence')\n\n"
+                  "nf = Late('late')\nnf.sub(mbx.PKT, lambda ev: None)\n")
+    r = mbx_cmd("run", str(nf), "--in", f"pcap:{example_pcap}", "--out", f"pcap:{keep}",
+                "--deploy", deploy)
+    assert r.returncode != 0 and "no licence" in r.stderr
+    app = tmp_path / "app.toml"         # a stack option the stack refuses when built
+    app.write_text('[app]\nstack = "tcp"\n[stack]\nchunk_size = 1000\n[[nf]]\nuse = "l2fwd"\n')
+    r = mbx_cmd("run", str(app), "--in", f"pcap:{example_pcap}", "--out", f"pcap:{keep}",
+                "--deploy", deploy)
+    assert r.returncode == 2 and "chunk_size" in r.stderr, r.stderr
+    assert keep.read_bytes() == before
+    fresh = tmp_path / "fresh.pcap"     # nor is a new one left behind
+    mbx_cmd("run", str(app), "--in", f"pcap:{example_pcap}", "--out", f"pcap:{fresh}")
+    assert not fresh.exists()
