@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from _args import at_least
+
 TAG = f"ar{os.getpid() % 100000}"
 NS_G, NS_M, NS_S = f"{TAG}g", f"{TAG}m", f"{TAG}s"
 HERE = os.path.abspath(__file__)
@@ -226,7 +228,7 @@ def measure(mode, n):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--packets", type=int, default=1_000_000)
+    ap.add_argument("--packets", type=at_least(1), default=1_000_000)
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, AF_PACKET)")

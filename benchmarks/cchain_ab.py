@@ -19,6 +19,8 @@ import statistics
 import subprocess
 import sys
 
+from _args import at_least, program
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LINE = re.compile(r"chain of (\d+):\s+([\d.]+) CPU ns/packet\s+(\d+) kpps")
 RATIO = re.compile(r"([\d.]+)x by CPU time, ([\d.]+)x by wall-clock kpps; each NF past "
@@ -27,11 +29,11 @@ RATIO = re.compile(r"([\d.]+)x by CPU time, ([\d.]+)x by wall-clock kpps; each N
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("before")
-    ap.add_argument("after")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--flows", type=int, default=20_000)
+    ap.add_argument("before", type=program)
+    ap.add_argument("after", type=program)
+    ap.add_argument("--rounds", type=at_least(1), default=5)
+    ap.add_argument("--runs", type=at_least(1), default=3)
+    ap.add_argument("--flows", type=at_least(1), default=20_000)
     ap.add_argument("--handler", choices=("c", "batch", "event"), default="c")
     ap.add_argument("--no-nf-timing", dest="nf_timing", action="store_false",
                     help="both builds without per NF handler clocks")

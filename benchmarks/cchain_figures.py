@@ -23,6 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _args import at_least  # noqa: E402
 from captures import make_tcp64_capture  # noqa: E402
 
 import mbx  # noqa: E402
@@ -70,9 +71,9 @@ def run_once(n, spec, n_flows, handler="c", nf_timing=True):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--flows", type=int, default=20_000,
+    ap.add_argument("--flows", type=at_least(1), default=20_000,
                     help="TCP connections of 10 packets (20000)")
-    ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--runs", type=at_least(1), default=9)
     ap.add_argument("--stack", action="store_true", help="also the stack alone")
     ap.add_argument("--handler", choices=("c", "batch", "event"), default="c",
                     help="the NFs' no-op handler (c)")

@@ -22,6 +22,8 @@ import shutil
 import subprocess
 import sys
 
+from _args import at_least
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = """
 import sys
@@ -47,7 +49,7 @@ def main(argv=None):
     ap.add_argument("--handler", choices=("c", "batch", "event"), default="c")
     ap.add_argument("--no-nf-timing", dest="nf_timing", action="store_false",
                     help="without per NF handler clocks")
-    ap.add_argument("--flows", type=int, default=1000,
+    ap.add_argument("--flows", type=at_least(1), default=1000,
                     help="the smaller capture's TCP connections (1000; the larger has 3x)")
     args = ap.parse_args(argv)
     if shutil.which("valgrind") is None:

@@ -39,6 +39,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _args import at_least, inflight, writable  # noqa: E402
 from captures import make_tcp64_capture  # noqa: E402
 
 import mbx  # noqa: E402
@@ -148,7 +149,6 @@ def plot(result, path):
                  f"start, {result['load']:.1f} at the end), median of {result['runs']}",
                  fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
@@ -216,15 +216,19 @@ def fig6(args, spec, n_flows, cores, load_start):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 k connections (20 k packets)")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=at_least(1), default=3)
     ap.add_argument("--pipelined", action="store_true",
                     help="also the consolidated chain with each NF in its own process")
-    ap.add_argument("--inflight", type=int, default=4,
+    ap.add_argument("--inflight", type=inflight, default=4,
                     help="pipelined: bursts in flight (4)")
-    ap.add_argument("--json", metavar="FILE", help="write the Fig. 6 figures as JSON")
-    ap.add_argument("--plot", metavar="FILE", help="plot Fig. 6 to FILE (png)")
+    ap.add_argument("--json", metavar="FILE", type=writable,
+                    help="write the Fig. 6 figures as JSON")
+    ap.add_argument("--plot", metavar="FILE", type=writable,
+                    help="plot Fig. 6 to FILE (png)")
     ap.add_argument("--fig7a-only", action="store_true", help="only the Fig. 7a part")
     args = ap.parse_args(argv)
+    if args.fig7a_only and (args.json or args.plot):
+        ap.error("--json and --plot write Fig. 6, which --fig7a-only leaves out")
     n_flows = 2_000 if args.quick else 20_000
     spec = "pcap:" + make_tcp64_capture(n_flows, 10)
     cores = len(os.sched_getaffinity(0))

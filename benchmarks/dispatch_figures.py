@@ -18,6 +18,7 @@ import sys
 import time
 
 import captures
+from _args import at_least, parse, writable
 
 import mbx
 from mbx.examples import cnoop
@@ -58,15 +59,14 @@ def once(path, make, config, burst, capacity):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="200k packets, 3 runs")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--packets", type=int, default=1_000_000)
-    ap.add_argument("--flows", type=int, default=10_000)
-    ap.add_argument("--burst", type=int, default=64)
-    ap.add_argument("--json", metavar="FILE")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.packets, args.runs = 200_000, 3
+    ap.add_argument("--quick", action="store_true",
+                    help="200k packets, 3 runs (unless given explicitly)")
+    ap.add_argument("--runs", type=at_least(1), default=5)
+    ap.add_argument("--packets", type=at_least(1), default=1_000_000)
+    ap.add_argument("--flows", type=at_least(1), default=10_000)
+    ap.add_argument("--burst", type=at_least(1), default=64)
+    ap.add_argument("--json", metavar="FILE", type=writable)
+    args = parse(ap, argv, {"packets": 200_000, "runs": 3})
     path = captures.make_capture(args.packets, args.flows)
     capacity = 1 << max(args.flows * 2 - 1, 1).bit_length()
     times = {k: [] for k in CASES}

@@ -18,8 +18,11 @@ import sys
 import tempfile
 import time
 
+from _args import seconds
+
 from mbx._packet import Batch
 from mbx._pcap import PcapReader, PcapWriter
+from mbx.errors import PortError
 from mbx.examples.capture import write_example
 
 BURST = 256
@@ -96,12 +99,26 @@ def afpacket_python_rate(seconds, frames=20000):
         tx.close()
 
 
+def capture_file(text):
+    """A capture the pcap port can replay, refused before EAL starts."""
+    try:
+        with PcapReader(text) as r:
+            got = r.receive(Batch(BURST))
+    except PortError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if got <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: no frames to replay")
+    return text
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--capture", help="capture to replay (default: mbx's example)")
-    ap.add_argument("--seconds", type=float, default=1.0)
-    ap.add_argument("--cpu", type=int, default=None,
-                    help="pin to this CPU (default: the first one allowed)")
+    ap.add_argument("--capture", type=capture_file,
+                    help="capture to replay (default: mbx's example)")
+    ap.add_argument("--seconds", type=seconds, default=1.0)
+    allowed = sorted(os.sched_getaffinity(0))
+    ap.add_argument("--cpu", type=int, choices=allowed, default=allowed[0], metavar="N",
+                    help="pin to this CPU, one this process may use (default: the first)")
     args = ap.parse_args(argv)
 
     try:
@@ -109,16 +126,19 @@ def main(argv=None):
     except ImportError as exc:
         sys.exit(f"mbx was built without DPDK ({exc}); apt-get install libdpdk-dev and "
                  f"reinstall mbx")
-    cpu = args.cpu if args.cpu is not None else min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpu})          # per core: EAL keeps this affinity
+    os.sched_setaffinity(0, {args.cpu})     # per core: EAL keeps this affinity
     # --no-huge memory is only touched as pools use it; a cached capture needs room.
     _dpdkport.eal_init(_dpdkport.default_eal_args(memory_mb=1024))
-    DpdkPort = _dpdkport.DpdkPort
+    with tempfile.TemporaryDirectory(prefix="mbx-dpdk-rates-") as tmp:
+        capture = args.capture or os.path.join(tmp, "example.pcap")
+        if not args.capture:
+            write_example(capture, flows=2000, seed=1)
+        report(_dpdkport.DpdkPort, capture, args.seconds, args.cpu, tmp)
 
-    tmp = tempfile.mkdtemp(prefix="mbx-dpdk-rates-")
-    capture = args.capture or os.path.join(tmp, "example.pcap")
-    if not args.capture:
-        write_example(capture, flows=2000, seed=1)
+
+def report(DpdkPort, capture, run_s, cpu, tmp):
+    """Measure every path over ``capture`` and print the table; ``tmp`` takes the
+    files the paths write."""
     with PcapReader(capture) as r:
         b = Batch(BURST)
         count = 0
@@ -127,7 +147,7 @@ def main(argv=None):
             b.reset()
         size = r.rx_bytes / max(count, 1)
     print(f"capture {capture}: {count:,} frames, {size:.0f} B average; cpu {cpu}; "
-          f"best of 3 x {args.seconds:.1f} s, bursts of {BURST}")
+          f"best of 3 x {run_s:.1f} s, bursts of {BURST}")
     serial = iter(range(100, 10**6))
     devnull = os.path.join(tmp, "out.pcap")
 
@@ -138,19 +158,19 @@ def main(argv=None):
     rates = {}
     rates["pcap port: file -> file"] = _best(lambda s: forward_rate(
         lambda: PcapReader(capture), lambda: PcapWriter(devnull), s,
-        rewind=lambda p: p.rewind()), args.seconds)
+        rewind=lambda p: p.rewind()), run_s)
     rates["dpdk net_pcap cached (infinite_rx) -> net_null"] = _best(lambda s: forward_rate(
         # infinite_rx keeps the whole capture in mbufs of the port's pool.
         lambda: vdev("net_pcap", f"rx_pcap={capture},infinite_rx=1",
                      mbufs=count + 8192),
-        lambda: vdev("net_null"), s), args.seconds)
+        lambda: vdev("net_null"), s), run_s)
     rates["dpdk net_null -> net_null"] = _best(lambda s: forward_rate(
-        lambda: vdev("net_null", "size=64"), lambda: vdev("net_null"), s), args.seconds)
+        lambda: vdev("net_null", "size=64"), lambda: vdev("net_null"), s), run_s)
     rates["dpdk net_pcap file -> net_pcap file"] = _best(lambda s: forward_rate(
         lambda: vdev("net_pcap", f"rx_pcap={capture}"),
         lambda: vdev("net_pcap", f"tx_pcap={devnull}"), s,
-        rewind=None), args.seconds)
-    py = afpacket_python_rate(args.seconds)
+        rewind=None), run_s)
+    py = afpacket_python_rate(run_s)
 
     base = rates["pcap port: file -> file"]
     print(f"{'path':<50} {'Mpps':>8} {'x pcap port':>12}")

@@ -29,6 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _args import at_least, inflight, non_negative, writable  # noqa: E402
 from captures import make_tcp64_capture  # noqa: E402
 
 import mbx  # noqa: E402
@@ -116,22 +117,21 @@ def plot(result, path):
                  f"{result['load_start']:.1f} -> {result['load']:.1f}), median of "
                  f"{result['runs']}", fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 k connections (10 k packets)")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--work-us", type=float, default=10.0,
+    ap.add_argument("--runs", type=at_least(1), default=5)
+    ap.add_argument("--work-us", type=non_negative, default=10.0,
                     help="µs of CPU work each NF does per event (10)")
-    ap.add_argument("--inflight", type=int, default=4,
+    ap.add_argument("--inflight", type=inflight, default=4,
                     help="bursts in flight for the throughput figure (4)")
     ap.add_argument("--no-pin", action="store_true",
                     help="leave the NF processes where Linux puts them")
-    ap.add_argument("--json", metavar="FILE")
-    ap.add_argument("--plot", metavar="FILE", help="plot to FILE (png)")
+    ap.add_argument("--json", metavar="FILE", type=writable)
+    ap.add_argument("--plot", metavar="FILE", type=writable, help="plot to FILE (png)")
     args = ap.parse_args(argv)
     n_flows = 1_000 if args.quick else 5_000
     spec = "pcap:" + make_tcp64_capture(n_flows, 10)

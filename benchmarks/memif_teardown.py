@@ -11,7 +11,8 @@ Each run is a fresh process (one EAL each) in one of two layouts, alternating:
 
 Every pair waits for its link, carries ``--frames`` frames client -> server, checks
 they all arrived, then closes both ends.  A run that dies of a signal is a crash;
-one that exits non-zero otherwise is a failure (its stderr is printed).  ``--hogs``
+one that exits non-zero otherwise is a failure, one still running after
+``--timeout`` (killed then) a timeout; each has its stderr printed.  ``--hogs``
 busy processes (default: one per CPU) keep the cores loaded meanwhile, since the
 teardown races DPDK's interrupt thread only when it is slow to be scheduled.
 
@@ -28,8 +29,11 @@ import sys
 import tempfile
 import time
 
+from _args import at_least, seconds
+
 HERE = os.path.abspath(__file__)
 LINK_WAIT_S = 10.0
+RING_LOG2 = 12          # memif rsize: a ring of 2**12 frames
 
 
 def _frames(n):
@@ -45,9 +49,9 @@ def _frames(n):
 def _open_end(role, serial, sock, **kw):
     from mbx._dpdkport import DpdkPort
 
-    # rsize 2**12: a ring holds every frame sent before the other end reads
+    # a ring holds every frame sent before the other end reads (--frames at most)
     return DpdkPort(f"net_memif{serial},role={role},socket={sock},socket-abstract=no,"
-                    f"rsize=12", **kw)
+                    f"rsize={RING_LOG2}", **kw)
 
 
 def _wait_link(*ports):
@@ -121,12 +125,6 @@ def child_end(role, workdir, nframes):
             time.sleep(0.001)
 
 
-def _verdict(rc):
-    if rc == 0:
-        return "ok"
-    return "crash" if rc < 0 else "failed"
-
-
 def run_once(layout, pairs, nframes, timeout):
     """One run; a list of (verdict, returncode, stderr tail), one per process."""
     with tempfile.TemporaryDirectory(prefix="mbx-memif-") as workdir:
@@ -143,10 +141,13 @@ def run_once(layout, pairs, nframes, timeout):
             try:
                 _, err = p.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
+                # our own SIGKILL: a hang, which a crash count must not take in
                 p.kill()
                 _, err = p.communicate()
-                err += f"\n(killed after {timeout} s)"
-            out.append((_verdict(p.returncode), p.returncode, err))
+                out.append(("timeout", p.returncode, err))
+                continue
+            verdict = "ok" if p.returncode == 0 else "crash" if p.returncode < 0 else "failed"
+            out.append((verdict, p.returncode, err))
         return out
 
 
@@ -162,13 +163,14 @@ def start_hogs(n, seconds):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=200, help="processes' runs in all")
-    ap.add_argument("--hogs", type=int, default=len(os.sched_getaffinity(0)),
+    ap.add_argument("--runs", type=at_least(1), default=200, help="processes' runs in all")
+    ap.add_argument("--hogs", type=at_least(0), default=len(os.sched_getaffinity(0)),
                     help="busy processes meanwhile (default: one per CPU)")
-    ap.add_argument("--pairs", type=int, default=3, help="pairs per 'pair' run")
-    ap.add_argument("--frames", type=int, default=2000, help="frames each pair carries")
+    ap.add_argument("--pairs", type=at_least(1), default=3, help="pairs per 'pair' run")
+    ap.add_argument("--frames", type=at_least(1, 1 << RING_LOG2), default=2000,
+                    help="frames each pair carries")
     ap.add_argument("--layout", choices=("both", "pair", "split"), default="both")
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per run at most")
+    ap.add_argument("--timeout", type=seconds, default=120.0, help="seconds per run at most")
     ap.add_argument("--child", nargs=4, metavar=("ROLE", "DIR", "PAIRS", "FRAMES"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -182,7 +184,7 @@ def main(argv=None):
 
     layouts = ("pair", "split") if args.layout == "both" else (args.layout,)
     hogs = start_hogs(args.hogs, seconds=args.runs * args.timeout)
-    counts = {lay: {"ok": 0, "crash": 0, "failed": 0} for lay in layouts}
+    counts = {lay: {"ok": 0, "crash": 0, "failed": 0, "timeout": 0} for lay in layouts}
     t0 = time.monotonic()
     try:
         for i in range(args.runs):
@@ -190,7 +192,8 @@ def main(argv=None):
             for verdict, rc, err in run_once(layout, args.pairs, args.frames, args.timeout):
                 counts[layout][verdict] += 1
                 if verdict != "ok":
-                    what = (f"signal {signal.Signals(-rc).name}" if rc < 0
+                    what = (f"timed out after {args.timeout:g} s" if verdict == "timeout"
+                            else f"signal {signal.Signals(-rc).name}" if rc < 0
                             else f"exit {rc}")
                     print(f"run {i + 1} ({layout}): {what}: {err.strip()[-600:]}",
                           file=sys.stderr)
@@ -204,11 +207,11 @@ def main(argv=None):
           f"{args.frames} frames per pair):")
     for layout, c in counts.items():
         print(f"  {layout:<6} processes: {c['ok']} exited 0, {c['crash']} crashed, "
-              f"{c['failed']} failed")
-    crashes = sum(c["crash"] for c in counts.values())
-    failures = sum(c["failed"] for c in counts.values())
-    print(f"crashes: {crashes}, failures: {failures}")
-    return 1 if crashes or failures else 0
+              f"{c['failed']} failed, {c['timeout']} timed out")
+    crashes, failures, timeouts = (sum(c[k] for c in counts.values())
+                                   for k in ("crash", "failed", "timeout"))
+    print(f"crashes: {crashes}, failures: {failures}, timeouts: {timeouts}")
+    return 1 if crashes or failures or timeouts else 0
 
 
 if __name__ == "__main__":

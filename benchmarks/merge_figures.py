@@ -19,12 +19,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _args import at_least, parse  # noqa: E402
 from captures import make_capture  # noqa: E402
 
 import mbx  # noqa: E402
 from mbx.examples import cnoop  # noqa: E402
 from mbx.ports import open_input  # noqa: E402
 from mbx.runtime import App  # noqa: E402
+
+FLOWS = 10_000
 
 
 def all_three(dropped):
@@ -63,13 +66,14 @@ def run(kind, merge, deploy, spec):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--packets", type=int, default=200_000)
-    ap.add_argument("--quick", action="store_true", help="2 runs of 50,000 packets")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.runs, args.packets = 2, 50_000
-    spec = "pcap:" + make_capture(args.packets, 10_000)
+    ap.add_argument("--runs", type=at_least(1), default=5)
+    # Each flow opens with a client packet and the members drop the server's, so a
+    # capture of no more packets than flows has nothing to drop and no merge to time.
+    ap.add_argument("--packets", type=at_least(2 * FLOWS), default=200_000)
+    ap.add_argument("--quick", action="store_true",
+                    help="2 runs of 50,000 packets (unless given explicitly)")
+    args = parse(ap, argv, {"runs": 2, "packets": 50_000})
+    spec = "pcap:" + make_capture(args.packets, FLOWS)
     print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.packets:,} "
           f"packets, median of {args.runs}")
     print(f"{'members':<8} {'deploy':<10} {'all Mpps':>9} {'fn Mpps':>9} {'fn/all':>7}")

@@ -37,6 +37,7 @@ import time
 
 import captures
 import reassemblers
+from _args import at_least, writable
 from stack_figures import _fmt, _load, flow_capacity_for, machine
 
 import mbx
@@ -459,7 +460,6 @@ def plot(result, path):
                  f"{result['machine']['cores']} cores (median of {result['runs']})",
                  fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
@@ -471,9 +471,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="20 + 10 MB bulk captures, 100 k 64-byte frames, 100 k "
                          "concurrent flows, for a smoke run")
-    ap.add_argument("--runs", type=int, default=3, help="runs of each, median (3)")
-    ap.add_argument("--json", help="write the figures as JSON here")
-    ap.add_argument("--plot", help="write a bar chart (PNG) here")
+    ap.add_argument("--runs", type=at_least(1), default=3, help="runs of each, median (3)")
+    ap.add_argument("--json", type=writable, help="write the figures as JSON here")
+    ap.add_argument("--plot", type=writable, help="write a bar chart (PNG) here")
     ap.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     args = ap.parse_args(argv)
     command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable),

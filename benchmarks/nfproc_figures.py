@@ -22,6 +22,7 @@ import statistics
 import time
 
 import captures
+from _args import at_least
 
 import mbx
 from mbx._shm import StackMemory
@@ -83,11 +84,11 @@ def median_of(runs, contenders):
     return {n: statistics.median(v) for n, v in times.items()}, last
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=int, default=32, help="MB of TCP payload")
-    ap.add_argument("--runs", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--mb", type=at_least(1), default=32, help="MB of TCP payload")
+    ap.add_argument("--runs", type=at_least(1), default=3)
+    args = ap.parse_args(argv)
     path = captures.make_bulk_capture(total_mb=args.mb, segment="small")
     print(f"capture: {path}")
 

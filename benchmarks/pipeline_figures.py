@@ -26,6 +26,7 @@ import statistics
 import sys
 
 import captures
+from _args import at_least, inflight, parse, writable
 
 import mbx
 from mbx.ports import open_input
@@ -71,15 +72,14 @@ def measure(path, k, batch, runs, burst, capacity, inflight):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small capture, 1 run")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--packets", type=int, default=400_000)
-    p.add_argument("--burst", type=int, default=64)
-    p.add_argument("--inflight", type=int, default=4, help="K of the run-ahead column")
-    p.add_argument("--json", metavar="FILE")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.packets, args.runs = 100_000, 1
+    p.add_argument("--quick", action="store_true",
+                   help="100 k packets, 1 run (unless given explicitly)")
+    p.add_argument("--runs", type=at_least(1), default=3)
+    p.add_argument("--packets", type=at_least(1), default=400_000)
+    p.add_argument("--burst", type=at_least(1), default=64)
+    p.add_argument("--inflight", type=inflight, default=4, help="K of the run-ahead column")
+    p.add_argument("--json", metavar="FILE", type=writable)
+    args = parse(p, argv, {"packets": 100_000, "runs": 1})
     flows = max(args.packets // 20, 1000)
     path = captures.make_capture(args.packets, flows, "64")
     capacity = 1 << max(16, (flows * 5 // 4 - 1).bit_length())

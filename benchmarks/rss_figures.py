@@ -24,6 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _args import at_least, parse  # noqa: E402
 from captures import make_capture  # noqa: E402
 
 import mbx  # noqa: E402
@@ -145,12 +146,13 @@ def serial(make, spec, runs):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="200 k packets, 20 k flows")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--packets", type=int, default=1_000_000,
+    ap.add_argument("--quick", action="store_true",
+                    help="20 k flows, 200 k packets unless --packets is given")
+    ap.add_argument("--runs", type=at_least(1), default=3)
+    ap.add_argument("--packets", type=at_least(1), default=1_000_000,
                     help="packets in the capture (1,000,000)")
-    args = ap.parse_args(argv)
-    n, flows = (200_000, 20_000) if args.quick else (args.packets, 100_000)
+    args = parse(ap, argv, {"packets": 200_000})
+    n, flows = args.packets, 20_000 if args.quick else 100_000
     cap = make_capture(n, flows, "64")
     spec = "pcap:" + cap
     rows = []

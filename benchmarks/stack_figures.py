@@ -31,6 +31,7 @@ import tracemalloc
 
 import captures
 import dpkt
+from _args import at_least, writable
 
 import mbx
 from mbx._events import message_size
@@ -305,7 +306,6 @@ def plot(result, path):
                  f"{result['machine']['cores']} cores (median of {result['runs']})",
                  fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
@@ -317,11 +317,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="100 k packets over 10 k flows instead of 1 M over 100 k")
-    ap.add_argument("--runs", type=int, default=3, help="runs of each, median (3)")
+    ap.add_argument("--runs", type=at_least(1), default=3, help="runs of each, median (3)")
     ap.add_argument("--no-mixed", action="store_true",
                     help="skip the 500-1500 byte frame variant")
-    ap.add_argument("--json", help="write the figures as JSON here")
-    ap.add_argument("--plot", help="write a bar chart (PNG) here")
+    ap.add_argument("--json", type=writable, help="write the figures as JSON here")
+    ap.add_argument("--plot", type=writable, help="write a bar chart (PNG) here")
     ap.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     args = ap.parse_args(argv)
     command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable),
