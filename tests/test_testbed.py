@@ -6,8 +6,10 @@ ethtool: in CI (``CI=true``, root) a missing prerequisite is a failure, elsewher
 skip that says why.  The mbx modes run only when mbx has the AF_PACKET port
 (``open_input("afpacket:IF0,IF1")``), else they are skipped with that reason.
 """
+import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.testbed import __main__ as cli  # noqa: E402
 from benchmarks.testbed import bed as tb  # noqa: E402
 from benchmarks.testbed import load, report, runner  # noqa: E402
 
@@ -173,6 +176,310 @@ def test_offloads_on_give_mbx_bridges_the_offloads_port_option():
         "afpacket:m-cli,m-srv?offloads=1")
 
 
+def _refused(monkeypatch, capsys, argv):
+    """``argv`` is refused by argparse-style checks (rc 2) before any probe of root,
+    tools or namespaces; returns the error text."""
+    def probe(*a):
+        raise AssertionError("probed the machine before refusing the options")
+    monkeypatch.setattr(tb, "unavailable", probe)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, why", [
+    ("--duration", "inf", "must be a finite number"),
+    ("--gap", "inf", "must be a finite number"),
+    ("--check-seconds", "inf", "must be a finite number"),
+    ("--quiet-wait", "inf", "must be a finite number"),
+    ("--duration", "1e300", "must be at most 86400"),
+    ("--quiet-wait", "86401", "must be at most 86400"),
+    ("--runs", "1e9", "is not a number"),
+    ("--big-size", "infk", "must be from 1 byte to 1G"),
+    ("--big-size", "-5k", "must be from 1 byte to 1G"),
+    ("--big-size", "2G", "must be from 1 byte to 1G"),
+    ("--big-size", "lots", "is not a size"),
+    ("--mode", ",", "no modes given"),
+    ("--workload", ",", "no workloads given"),
+    ("--tool", ",", "no tools given"),
+    ("--workload", "ka-64,nope", "unknown workloads: nope"),
+])
+def test_run_options_refused_at_parse(monkeypatch, capsys, option, value, why):
+    err = _refused(monkeypatch, capsys, ["run", f"{option}={value}"])
+    assert f"argument {option}: " in err and why in err, err
+
+
+def test_sizes_and_selections_parse():
+    assert cli._size("32M") == 32 << 20 and cli._size("1GiB") == 1 << 30
+    assert cli._size("512k") == 512 << 10 and cli._size("100") == 100
+    assert cli._selection(tb.MODES, "modes")("kernel, kernel,haproxy") == ["kernel",
+                                                                           "haproxy"]
+    assert cli._selection(tb.MODES, "modes")("all") == list(tb.MODES)
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["run", "--mode", "kernel,pybridge", "--offloads", "on"], "offloads must be off"),
+    (["run", "--mode", "mbx-l4lb-dpdk", "--offloads", "on"], "offloads must be off"),
+    (["run", "--mode", "mbx-l4lb", "--mbx-nf", "/nonexistent/nf.py"], "no such file"),
+    (["run", "--mode", "mbx-l4lb", "--mbx-nf", "nosuchnf"], "not a built-in NF"),
+    (["run", "--mode", "kernel", "--mbx-nf", "l4lb"], "none of which is selected"),
+    (["run", "--mode", "mbx-l4lb", "--mbx-port", "bogus=1"], "unknown option 'bogus'"),
+    (["run", "--mode", "mbx-l4lb-dpdk", "--mbx-port", "ring=v3"], "known: idle_us"),
+    (["run", "--mode", "kernel", "--json", "/nonexistent-dir/tb.json"],
+     "directory /nonexistent-dir does not exist"),
+    (["run", "--mode", "kernel", "--json", "/"], "is a directory"),
+    (["setup", "--tag", "aud3 x"], "a tag is 1-32 letters"),
+    (["setup", "--tag", "x" * 33], "a tag is 1-32 letters"),
+    (["setup", "--tag=-x"], "a tag is 1-32 letters"),
+    (["setup", "--tag", "mbxt123"], "kept for the namespaces of runs"),
+    (["teardown", "--tag", "../etc"], "a tag is 1-32 letters"),
+    (["report", "x.json", "--plot", "/nonexistent-dir/x.png"], "does not exist"),
+])
+def test_mode_and_output_preconditions_refused_before_work(monkeypatch, capsys, argv, why):
+    assert why in _refused(monkeypatch, capsys, argv)
+
+
+def _row(mode, rps, runs=3, tool="wrk", workload="ka-64", failed=0):
+    m = None if rps is None else {"median": rps, "min": rps, "max": rps}
+    return {"mode": mode, "tool": tool, "workload": workload, "runs": runs,
+            "failed_runs": failed, "requests": 0, "errors_total": 0, "rps": m,
+            "p50_us": None, "p99_us": None, "mb_cpu_us": None, "bed_cpu_us": None,
+            "others_cpus": None, "unattributed_cpu_us": None}
+
+
+def test_report_ratio_is_na_when_kernel_has_no_throughput():
+    table = report.markdown({"summary": [_row("kernel", 0.0), _row("haproxy", 500.0)]})
+    haproxy = next(line for line in table.splitlines() if "HAProxy" in line)
+    assert haproxy.split("|")[5].strip() == "n/a"
+    table = report.markdown({"summary": [_row("kernel", 100.0), _row("haproxy", 50.0),
+                                         _row("mbx-l4lb", None, runs=0, failed=1)]})
+    assert "| 0.50 |" in table and "1 runs failed" in table
+
+
+@pytest.mark.parametrize("content, why", [
+    (None, "No such file"), ("{not json", "not a JSON file"),
+    ('{"results": []}', "no 'summary' list"), ("[1, 2]", "no 'summary' list")])
+def test_report_bad_files_are_one_line_errors(tmp_path, capsys, content, why):
+    path = tmp_path / "r.json"
+    if content is not None:
+        path.write_text(content)
+    assert cli.main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert why in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_report_plot_refuses_an_empty_summary(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"summary": [], "complete": False}))
+    assert cli.main(["report", str(path), "--plot", str(tmp_path / "p.png")]) == 2
+    assert "nothing to plot" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_report_merge_keeps_the_configuration_and_counts_runs_per_panel():
+    a = {"summary": [_row("kernel", 1.0, runs=3)], "config": {"offloads": True}}
+    b = {"summary": [_row("kernel", 1.0, runs=5, tool="ab")], "config": {"offloads": True}}
+    assert report.merge([a])["config"]["offloads"] is True
+    assert report.merge([a, b])["config"] == {"offloads": True}
+    assert report.merge([a, dict(b, config={})])["config"] == {"offloads": "mixed"}
+    assert report._runs_label([_row("kernel", 1.0, runs=3)]) == "median of 3"
+    assert report._runs_label([_row("kernel", 1.0, runs=3),
+                               _row("haproxy", 1.0, runs=2)]) == "median of 2-3"
+
+
+class _FakeBed:
+    """Bed's face as the runner sees it, with no namespaces."""
+
+    def __init__(self, mode, **kw):
+        self.mode, self.workdir, self.started_pids = mode, "/nonexistent", [1]
+        self.procs, self.middlebox, self.mb_counters = [], [], None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def stop_middlebox(self):
+        pass
+
+
+def _fake_matrix(monkeypatch, run_load):
+    monkeypatch.setattr(runner.tb, "Bed", _FakeBed)
+    monkeypatch.setattr(runner, "machine_info", lambda: {})
+    monkeypatch.setattr(runner, "write_lua", lambda workdir: {})
+    monkeypatch.setattr(runner, "correctness_pass",
+                        lambda *a, **kw: {"ok": True, "fetches": [], "checked_runs": [],
+                                          "big": []})
+    monkeypatch.setattr(runner, "response_length", lambda bed, wl: 300)
+    monkeypatch.setattr(runner, "_conntrack_guard", lambda bed, notes: None)
+    monkeypatch.setattr(runner, "run_load", run_load)
+
+
+def _fake_result(requests=100):
+    cpu = {"middlebox_s": 0.01, "servers_s": 0.01, "client_s": 0.01, "others_s": 0.0,
+           "machine_busy_s": 0.04, "machine_softirq_s": 0.0, "wall_s": 1.0}
+    return ({"requests": requests, "rps": float(requests), "p50_us": 1.0, "p99_us": 2.0,
+             "bytes": requests * 300, "errors": {"non2xx": 0}}, cpu)
+
+
+def test_failed_runs_are_recorded_and_every_run_is_saved(monkeypatch, tmp_path):
+    def run_load(bed, tool, wl, duration, connections, lua=None):
+        if wl == "close-64":
+            raise tb.TestbedError("ip netns exec mbxt1-cli wrk ...: still running after "
+                                  "32 s, stopped")
+        if wl == "ka-8k":
+            raise ValueError("ab output has no 'Complete requests'")
+        return _fake_result()
+
+    _fake_matrix(monkeypatch, run_load)
+    out = tmp_path / "tb.json"
+    saves = []
+
+    def save(doc):
+        runner.write_json(str(out), doc)
+        saves.append(json.loads(out.read_text()))
+
+    doc = runner.run_matrix(["kernel"], ["close-64", "ka-64", "ka-8k"], runs=1,
+                            duration=1, gap=0, log=lambda m: None, save=save)
+    assert [r["workload"] for r in doc["results"]] == ["ka-64"]
+    assert [(f["workload"], f["stage"]) for f in doc["failed_runs"]] == [
+        ("close-64", "load"), ("ka-8k", "load")]
+    assert "still running after 32 s" in doc["failed_runs"][0]["error"]
+    assert doc["complete"] and not doc["ok"]
+    assert all(not s["complete"] for s in saves[:-1]) and saves[-1]["complete"]
+    assert len(saves) >= 4   # the check, each run or failure, the end
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    rows = {r["workload"]: r for r in doc["summary"]}
+    assert rows["close-64"]["failed_runs"] == 1 and rows["close-64"]["rps"] is None
+    assert rows["ka-64"]["runs"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["tb.json"]  # no temporary left
+
+
+def test_an_interrupted_matrix_keeps_what_was_measured(monkeypatch, tmp_path):
+    calls = []
+
+    def run_load(bed, tool, wl, duration, connections, lua=None):
+        calls.append(wl)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return _fake_result()
+
+    _fake_matrix(monkeypatch, run_load)
+    out = tmp_path / "tb.json"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_matrix(["kernel"], ["ka-64", "ka-8k"], runs=1, duration=1, gap=0,
+                          log=lambda m: None,
+                          save=lambda doc: runner.write_json(str(out), doc))
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is False and doc["stopped"] == "interrupted (SIGINT)"
+    assert [r["workload"] for r in doc["results"]] == ["ka-64"]
+    assert not doc["ok"] and doc["summary"][0]["runs"] == 1
+
+
+def test_a_failed_setup_is_recorded_and_the_next_mode_runs(monkeypatch):
+    class Broken(_FakeBed):
+        def __enter__(self):
+            if self.mode == "haproxy":
+                raise tb.TestbedError("haproxy exited 1: bad config")
+            return self
+
+    _fake_matrix(monkeypatch, lambda *a, **kw: _fake_result())
+    monkeypatch.setattr(runner.tb, "Bed", Broken)
+    doc = runner.run_matrix(["haproxy", "kernel"], ["ka-64"], runs=1, duration=1, gap=0,
+                            log=lambda m: None)
+    assert [(f["mode"], f["stage"]) for f in doc["failed_runs"]] == [("haproxy",
+                                                                       "setting up")]
+    assert [r["mode"] for r in doc["results"]] == ["kernel"] and not doc["ok"]
+
+
+def test_mbx_budget_covers_the_quiet_wait():
+    base = runner.mbx_budget(["ka-64"], ["wrk"], 2, 1, 1, 0)
+    waited = runner.mbx_budget(["ka-64", "ka-8k"], ["wrk"], 2, 1, 1, 100)
+    assert waited >= runner.mbx_budget(["ka-64", "ka-8k"], ["wrk"], 2, 1, 1, 0) + 200
+    assert base >= 2 + 1 + 30   # a run at its time-out
+
+
+def test_wait_quiet_says_it_waits(monkeypatch):
+    busy = iter([1.0, 1.0, 0.1])
+    monkeypatch.setattr(load, "background_cpus", lambda window: next(busy))
+    monkeypatch.setattr(load.time, "sleep", lambda s: None)
+    said = []
+    assert load.wait_quiet(30, window=0.0, log=said.append, every=0) == 0.1
+    assert said and "waiting up to" in said[0] and "CPUs busy" in said[0]
+
+
+def test_setup_bridge_has_no_time_limit():
+    bed = tb.Bed("mbx-l4lb", workdir="/w", mbx_duration=0)
+    bed.mb_json = "/w/mbx.json"
+    assert "--duration" not in bed.mbx_command()
+
+
+def test_signals_held_until_the_block_ends():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with tb.signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append(1)
+    assert done == [1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _sleeper():
+    return subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL)
+
+
+def test_teardown_signals_only_the_recorded_process(monkeypatch, tmp_path):
+    monkeypatch.setattr(tb, "delete_ns", lambda ns: None)
+    p = _sleeper()
+    try:
+        start = tb.netns.proc_start(p.pid)
+        assert start is not None and tb.same_process(p.pid, start)
+        assert not tb.same_process(p.pid, start + 1)
+        state = tmp_path / "t.json"
+        st = {"tag": "t", "ns": {"cli": "t-cli"}, "workdir": str(tmp_path / "nope"),
+              "own_workdir": True, "pids": [["nginx0", p.pid, start + 1]]}
+        state.write_text(json.dumps(st))
+        got = tb.teardown_state(str(state))
+        assert got["skipped"] == [["nginx0", p.pid, "another process has that PID now"]]
+        assert p.poll() is None and not state.exists()
+        state.write_text(json.dumps(dict(st, pids=[["nginx0", p.pid, start]])))
+        assert tb.teardown_state(str(state))["stopped"] == [["nginx0", p.pid]]
+        assert p.wait(timeout=10) is not None
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_stale_workdirs_are_removed_only_when_ours_and_their_owner_is_gone(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = _sleeper()
+    try:
+        dead_dir = tmp_path / f"mbx-testbed-{gone.pid}-abcd_123"
+        live_dir = tmp_path / f"mbx-testbed-{alive.pid}-abcd_123"
+        bare = tmp_path / f"mbx-testbed-{gone.pid}-zzzzzzzz"     # no owner record
+        other = tmp_path / "mbx-testbed-jh1tr8yc"                 # not named after a PID
+        wrong = tmp_path / f"mbx-testbed-{gone.pid}-wrongpid"     # record names another
+        for d in (dead_dir, live_dir, bare, other, wrong):
+            d.mkdir()
+            (d / "www").mkdir()
+        tb.write_owner(str(dead_dir), gone.pid)
+        tb.write_owner(str(live_dir), alive.pid)
+        tb.write_owner(str(other), gone.pid)
+        tb.write_owner(str(wrong), alive.pid)
+        assert tb.reap_workdirs(str(tmp_path)) == [str(dead_dir)]
+        assert not dead_dir.exists()
+        assert all(d.exists() for d in (live_dir, bare, other, wrong))
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 # -- smoke runs as root ---------------------------------------------------------------------
 def _prereq(modes):
     reason = tb.unavailable(modes)
@@ -326,6 +633,87 @@ def test_interrupted_run_cleans_up(tmp_path):
             p.wait()
     assert p.returncode != 0
     assert not [n for n in tb.list_netns() if n.startswith(prefix)]
+
+
+# Deletes the namespaces slowly and says so, so that a signal lands inside clean-up.
+SLOW_CLEANUP = """
+import sys, time
+from benchmarks.testbed import __main__ as cli, bed as tb
+delete = tb.delete_ns
+def slow(ns):
+    print("deleting", ns, file=sys.stderr, flush=True)
+    time.sleep(0.5)
+    delete(ns)
+tb.delete_ns = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _wait_for(p, text, timeout):
+    """Read ``p``'s stderr until a line has ``text``; the lines read so far."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = p.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    pytest.fail(f"never saw {text!r}: {''.join(lines)[-2000:]}")
+
+
+@pytest.mark.root
+def test_signals_during_cleanup_do_not_cut_it_short(tmp_path):
+    # Ctrl-C in a measured run, then Ctrl-C and SIGTERM while the namespaces are being
+    # deleted: clean-up still finishes, the JSON keeps what was measured (partial),
+    # one line says so, rc 130.
+    _prereq(["kernel"])
+    out = tmp_path / "tb.json"
+    p = subprocess.Popen([sys.executable, "-c", SLOW_CLEANUP, "run", "--mode", "kernel",
+                          "--workload", "ka-64", "--runs", "1", "--duration", "2",
+                          "--big-size", "1M", "--json", str(out)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL)
+    prefix = f"{tb.PREFIX}{p.pid}-"
+    try:
+        _wait_for(p, "correctness ok", 60)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        _wait_for(p, "deleting", 20)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        rest = p.stderr.read()
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, rest
+    assert "Traceback" not in rest and "interrupted (SIGINT): cleaned up" in rest, rest
+    assert not [n for n in tb.list_netns() if n.startswith(prefix)]
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is False and doc["stopped"] == "interrupted (SIGINT)"
+    assert not glob.glob(f"/tmp/{tb.WORKDIR_PREFIX}{p.pid}-*")
+
+
+@pytest.mark.root
+def test_a_killed_runs_namespaces_and_workdir_are_reaped():
+    _prereq(["kernel"])
+    p = subprocess.Popen([sys.executable, "-m", "benchmarks.testbed", "run", "--mode",
+                          "kernel", "--workload", "ka-64", "--runs", "1", "--duration",
+                          "2", "--big-size", "1M"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        _wait_for(p, "correctness ok", 60)
+    finally:
+        p.kill()
+        p.wait()
+    [workdir] = glob.glob(f"/tmp/{tb.WORKDIR_PREFIX}{p.pid}-*")
+    tb.reap_stale()
+    assert not os.path.exists(workdir)
+    assert not [n for n in tb.list_netns() if n.startswith(f"{tb.PREFIX}{p.pid}-")]
 
 
 @pytest.mark.root

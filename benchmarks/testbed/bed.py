@@ -33,11 +33,14 @@ Modes (``MODES``):
     ``DpdkBridge``), which polls and sleeps ``DPDK_IDLE_US`` once idle.
 
 Everything is torn down by ``Bed.close()``: from ``__exit__``, ``atexit`` and the
-SIGTERM/SIGHUP handlers that ``install_signal_handlers`` sets (SIGINT raises
-KeyboardInterrupt).  Processes are stopped by the PIDs we hold, namespaces are deleted
+SIGTERM/SIGHUP handlers that ``install_signal_handlers`` sets (they raise
+``Interrupted``, a KeyboardInterrupt, as SIGINT does).  ``close()`` holds SIGINT,
+SIGTERM and SIGHUP until it is done (``signals_held``), so a second Ctrl-C cannot cut
+it short.  Processes are stopped by the PIDs we hold, namespaces are deleted
 (anything still running in them is killed by PID first), and ``close()`` checks that
-none is left.  Namespace names carry the PID of the run (``mbxt<pid>-cli``); those of
-earlier runs whose process is gone are removed on start.
+none is left.  Namespace names carry the PID of the run (``mbxt<pid>-cli``), and so
+does its work directory (``/tmp/mbx-testbed-<pid>-XXXXXXXX``, with an ``.owner``
+record); those of earlier runs whose process is gone are removed on start.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from . import netns
@@ -100,6 +104,100 @@ class TestbedError(netns.NetnsError):
     """The test bed could not be set up, or a command in it failed."""
 
     __test__ = False
+
+
+class CleanupError(TestbedError):
+    """Clean-up left namespaces behind: nothing more should be set up."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``install_signal_handlers``): unwinds like Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+WORKDIR_PREFIX = "mbx-testbed-"
+_WORKDIR_RE = re.compile(rf"^{WORKDIR_PREFIX}(\d+)-[a-z0-9_]{{8}}$")
+OWNER_FILE = ".owner"   # {"pid", "start"} of the run that made a work directory
+# `setup --tag`: namespace names are TAG-cli etc. and the state file TAG.json
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+
+
+def tag_problem(tag):
+    """None if ``tag`` can name a bed set up by hand, else what is wrong with it."""
+    if not TAG_RE.match(tag):
+        return ("a tag is 1-32 letters, digits, '_' or '-', starting with a letter or "
+                "digit")
+    if re.match(rf"^{PREFIX}\d+$", tag):
+        return f"{PREFIX}<digits> is kept for the namespaces of runs"
+    return None
+
+
+def check_options(mode, offloads=False, mbx_port="", mbx_nf="", **_):
+    """None if ``mode`` can run with these bed options, else why not (checked for
+    every mode of a run before anything is measured)."""
+    if mode not in MODES:
+        return f"unknown mode {mode!r}; modes: {', '.join(MODES)}"
+    if mode in BRIDGE_MODES and offloads and mode not in OFFLOAD_BRIDGE_MODES:
+        return (f"mode {mode} bridges raw frames without the kernel's "
+                "offload metadata: offloads must be off (modes that "
+                f"can have them: {', '.join(OFFLOAD_BRIDGE_MODES)})")
+    if mbx_port and mode in MBX_MODES:
+        reason = _port_options_problem(mode, mbx_port)
+        if reason:
+            return reason
+    if mbx_nf and mode in L4LB_MODES:
+        reason = _nf_problem(mbx_nf)
+        if reason:
+            return reason
+    return None
+
+
+def _port_options_problem(mode, opts):
+    """The bridge's port spec parsed as mbx will parse it (afpacket) or checked the
+    same way (DPDK's bridge: only idle_us)."""
+    if mode == "mbx-l4lb-dpdk":
+        for item in filter(None, opts.split("&")):
+            key, _, value = item.partition("=")
+            if key != "idle_us":
+                return f"--mbx-port {opts!r}: unknown option {key!r} for {mode}; known: idle_us"
+            try:
+                if int(value, 0) < 0:
+                    raise ValueError(value)
+            except ValueError:
+                return f"--mbx-port {opts!r}: bad value {value!r} for idle_us"
+        return None
+    try:
+        from mbx import ports
+        from mbx.errors import MbxError
+    except ImportError:  # pragma: no cover (the mode is refused as unavailable)
+        return None
+    parse = getattr(ports, "_afpacket", None)
+    if parse is None:  # pragma: no cover
+        return None
+    spec = f"afpacket:{IF_MB_CLIENT},{IF_MB_SERVER}?{opts}"
+    try:
+        parse(spec, spec.partition(":")[2])
+    except MbxError as exc:
+        return f"--mbx-port {opts!r}: {exc}"
+    return None
+
+
+def _nf_problem(nf):
+    if nf.endswith(".py") or os.sep in nf:
+        if not os.path.isfile(nf):
+            return f"--mbx-nf {nf}: no such file"
+        return None
+    try:
+        from mbx.runtime import BUILTIN_NFS
+    except ImportError:  # pragma: no cover
+        return None
+    if nf not in BUILTIN_NFS and ":" not in nf:
+        return (f"--mbx-nf {nf!r}: not a built-in NF ({', '.join(BUILTIN_NFS)}), a .py "
+                "file or module:attribute")
+    return None
 
 
 def run(argv, timeout=TIMEOUT, check=True, **kw):
@@ -162,9 +260,90 @@ ns_pids = netns.ns_pids
 delete_ns = netns.delete_ns
 
 
-def reap_stale():
-    """Delete namespaces of earlier runs whose process is gone."""
+def reap_stale(tmp=None):
+    """Delete namespaces and work directories of earlier runs whose process is gone."""
     netns.reap_stale(_NS_RE)
+    reap_workdirs(tmp)
+
+
+def _owner_gone(path, pid):
+    """True if the work directory ``path`` (named after ``pid``) is the bed's own and
+    its owner is gone: its ``.owner`` record names that PID, and that process is not
+    running or is another one (another start time)."""
+    try:
+        st = os.lstat(path)
+        if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.geteuid():
+            return False
+        owner = os.path.join(path, OWNER_FILE)
+        if os.path.islink(owner):
+            return False
+        with open(owner) as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        return False    # no record (a kept or set-up bed, or not ours): left alone
+    if not isinstance(rec, dict) or rec.get("pid") != pid or pid == os.getpid():
+        return False
+    return not pid_alive(pid) or netns.proc_start(pid) != rec.get("start")
+
+
+def reap_workdirs(tmp=None):
+    """Remove work directories of runs that died without cleaning up (SIGKILL): only
+    ``mbx-testbed-<pid>-XXXXXXXX`` directories holding an owner record whose process
+    is gone.  Returns the removed paths."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return removed
+    for name in names:
+        m = _WORKDIR_RE.match(name)
+        path = os.path.join(tmp, name)
+        if m and _owner_gone(path, int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def write_owner(workdir, pid=None):
+    """Record the process that owns ``workdir`` (``reap_workdirs`` checks it)."""
+    pid = os.getpid() if pid is None else pid
+    with open(os.path.join(workdir, OWNER_FILE), "w") as fh:
+        json.dump({"pid": pid, "start": netns.proc_start(pid)}, fh)
+
+
+def _drop_owner(workdir):
+    """The work directory outlives its run (``setup``, MBX_TESTBED_KEEP): never reap it."""
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(workdir, OWNER_FILE))
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Run the block to its end whatever SIGINT/SIGTERM/SIGHUP arrive, then act on
+    them as usual (Ctrl-C's KeyboardInterrupt once the block is done).  They are
+    blocked in this thread, so the commands the block starts (``ip netns del``)
+    inherit the mask and a Ctrl-C to the terminal's process group spares them, and
+    recorded by a quiet handler should another thread take one.  In another thread
+    than the main one (where Python handles signals) this is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+           for sig in HELD_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 def stop_pid(pid, sig=signal.SIGTERM, timeout=5.0, popen=None):
@@ -217,12 +396,9 @@ class Bed:
                  static_neigh=True, http_reuse="never", haproxy_mode="http", tag=None,
                  mbx_duration=3600.0, mbx_argv=None, new_session=False, mbx_port="",
                  mbx_nf=""):
-        if mode not in MODES:
-            raise TestbedError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
-        if mode in BRIDGE_MODES and offloads and mode not in OFFLOAD_BRIDGE_MODES:
-            raise TestbedError(f"mode {mode} bridges raw frames without the kernel's "
-                               "offload metadata: offloads must be off (modes that "
-                               f"can have them: {', '.join(OFFLOAD_BRIDGE_MODES)})")
+        reason = check_options(mode, offloads=offloads)
+        if reason:
+            raise TestbedError(reason)
         self.mode = mode
         self.workdir = workdir
         self.big_size = big_size
@@ -232,6 +408,8 @@ class Bed:
         self.http_reuse = http_reuse
         self.haproxy_mode = haproxy_mode
         self.tag = tag or f"{PREFIX}{os.getpid()}"
+        # bound of the mbx/pybridge process in seconds (0: none; `setup`, which has an
+        # explicit teardown)
         self.mbx_duration = mbx_duration
         self.new_session = new_session  # `setup`: daemons outlive us, away from the tty
         self.mbx_argv = mbx_argv  # override of the mbx command (tests, integration)
@@ -242,6 +420,7 @@ class Bed:
         self.procs = []          # [(role name, Popen)] in start order
         self.middlebox = []      # [(name, pid)] whose CPU is the middlebox's
         self.started_pids = []   # every daemon we started (checked after close)
+        self.pid_starts = {}     # pid -> its start time (teardown checks it is the same)
         self.mb_json = None      # mbx/pybridge --json counters file
         self.mb_counters = None  # ... read back after the process stopped
         self._closed = False
@@ -295,6 +474,7 @@ class Bed:
         p = subprocess.Popen(["ip", "netns", "exec", self.ns[role], *argv], **kw)
         self.procs.append((name, p))
         self.started_pids.append(p.pid)
+        self.pid_starts[p.pid] = netns.proc_start(p.pid)
         if middlebox:
             self.middlebox.append((name, p.pid))
         return p
@@ -337,13 +517,16 @@ class Bed:
 
     # -- set-up -----------------------------------------------------------------------
     def start(self):
-        if self.workdir is None:
-            self.workdir = tempfile.mkdtemp(prefix="mbx-testbed-")
-            self._own_workdir = True
-        os.makedirs(self.workdir, exist_ok=True)
-        os.chmod(self.workdir, 0o755)  # nginx workers run as nobody
         atexit.register(self.close)
         reap_stale()
+        if self.workdir is None:
+            # named after us, with an owner record: a later bed removes it should we
+            # die without cleaning up (reap_workdirs)
+            self.workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+            self._own_workdir = True
+            write_owner(self.workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        os.chmod(self.workdir, 0o755)  # nginx workers run as nobody
         self.ns = {role: f"{self.tag}-{role}" for role in ("cli", "mb", "srv")}
         for role, name in self.ns.items():
             if name in list_netns():
@@ -600,11 +783,14 @@ backend be
         key = os.path.splitext(os.path.basename(app))[0] if app.endswith(".py") else app
         # --out names the same bridge: mbx.ports.open_ports() makes the input bridge
         # its own output then (one object receives on both veths and sends each
-        # packet out of the other one); --duration bounds the run even if we die.
+        # packet out of the other one); --duration bounds the run even if we die
+        # (none for `setup`: it runs until teardown).
         argv = [sys.executable, "-c", "import sys; from mbx.cli import main; "
                 "sys.argv[0] = 'mbx'; sys.exit(main())",
-                "run", app, "--in", spec, "--out", spec, "--duration",
-                f"{self.mbx_duration:g}", "--json", self.mb_json, "-q"]
+                "run", app, "--in", spec, "--out", spec]
+        if self.mbx_duration:
+            argv += ["--duration", f"{self.mbx_duration:g}"]
+        argv += ["--json", self.mb_json, "-q"]
         if self.mode in L4LB_MODES:
             argv += ["--set", f"{key}.vip={VIP}:{HTTP_PORT}", "--set",
                      f"{key}.backends=" + ",".join(f"{b}:{HTTP_PORT}" for b in BACKENDS)]
@@ -623,7 +809,7 @@ backend be
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pybridge.py")
         self._start_bridge_process("pybridge", [
             sys.executable, script, IF_MB_CLIENT, IF_MB_SERVER, "--duration",
-            f"{self.mbx_duration:g}", "--json", self.mb_json, "--ready",
+            f"{self.mbx_duration or 0:g}", "--json", self.mb_json, "--ready",
             os.path.join(self.workdir, "pybridge.ready")])
 
     def _start_bridge_process(self, name, argv):
@@ -648,7 +834,9 @@ backend be
     def state(self):
         return {"tag": self.tag, "mode": self.mode, "ns": self.ns, "workdir": self.workdir,
                 "own_workdir": self._own_workdir,
-                "pids": [(name, p.pid) for name, p in self.procs],
+                # [name, pid, start time]: teardown signals only the same process
+                "pids": [(name, p.pid, self.pid_starts.get(p.pid))
+                         for name, p in self.procs],
                 "url": {n: self.url(n) for n in self.files}}
 
     def detach(self, state_path):
@@ -656,6 +844,8 @@ backend be
         os.makedirs(os.path.dirname(state_path), exist_ok=True)
         with open(state_path, "w") as fh:
             json.dump(self.state(), fh, indent=1)
+        if self._own_workdir:
+            _drop_owner(self.workdir)   # teardown removes it, not a later run
         self._detached = True
         self._closed = True
         atexit.unregister(self.close)
@@ -674,36 +864,94 @@ backend be
                     self.mb_counters = json.load(fh)
 
     def close(self):
+        """Stop everything and delete the namespaces, to the end: signals are held
+        meanwhile (``signals_held``) and a failing step does not skip the next."""
         if self._closed:
             return
         self._closed = True
-        try:
-            with contextlib.suppress(Exception):
-                self.stop_middlebox()
-            for name, p in reversed(self.procs):
-                stop_pid(p.pid, signal.SIGQUIT if name.startswith("nginx") else
-                         signal.SIGTERM, popen=p)
-            for name in self.ns.values():
-                delete_ns(name)
-            left = [n for n in list_netns() if n in self.ns.values()]
-            if left:
-                raise TestbedError(f"namespaces left behind: {left}")
-        finally:
-            atexit.unregister(self.close)
-            if self._own_workdir and not os.environ.get("MBX_TESTBED_KEEP"):
+        with signals_held():
+            self._close()
+
+    def _close(self):
+        failed = []
+
+        def step(what, fn, *args, **kw):
+            try:
+                fn(*args, **kw)
+            except Exception as exc:
+                failed.append(f"{what}: {exc}")
+
+        step("stopping the middlebox", self.stop_middlebox)
+        for name, p in reversed(self.procs):
+            step(f"stopping {name}", stop_pid, p.pid, signal.SIGQUIT if
+                 name.startswith("nginx") else signal.SIGTERM, popen=p)
+        left = list(self.ns.values())
+        for _ in range(2):
+            for name in left:
+                step(f"deleting {name}", delete_ns, name)
+            try:
+                left = [n for n in list_netns() if n in self.ns.values()]
+            except netns.NetnsError as exc:
+                failed.append(f"listing namespaces: {exc}")
+            if not left:
+                break
+        atexit.unregister(self.close)
+        if self._own_workdir and self.workdir:
+            if os.environ.get("MBX_TESTBED_KEEP"):
+                _drop_owner(self.workdir)
+            else:
                 shutil.rmtree(self.workdir, ignore_errors=True)
+        if left:
+            raise CleanupError(f"namespaces left behind: {left}"
+                               + (f" ({'; '.join(failed)})" if failed else ""))
+
+
+def same_process(pid, start, netns_names=()):
+    """True if ``pid`` still is the process that was recorded: the same start time,
+    or, for a record without one (older state files), a process inside one of the
+    bed's namespaces ``netns_names``."""
+    if not pid_alive(pid):
+        return False
+    if start is not None:
+        return netns.proc_start(pid) == start
+    try:
+        mine = os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return False
+    for ns in netns_names:
+        with contextlib.suppress(OSError):
+            if mine == f"net:[{os.stat(f'/run/netns/{ns}').st_ino}]":
+                return True
+    return False
 
 
 def teardown_state(state_path):
-    """Stop what ``setup`` left running (by the PIDs it recorded) and delete it."""
+    """Stop what ``setup`` left running (by the PIDs it recorded, each only if it is
+    still the process recorded) and delete it.  The state read back gains
+    ``stopped`` and ``skipped`` ([name, pid, why])."""
     with open(state_path) as fh:
         st = json.load(fh)
-    for name, pid in reversed(st["pids"]):
-        stop_pid(pid, signal.SIGQUIT if name.startswith("nginx") else signal.SIGTERM)
-    for ns in st["ns"].values():
-        delete_ns(ns)
-    if st.get("own_workdir"):
-        shutil.rmtree(st["workdir"], ignore_errors=True)
+    st["stopped"], st["skipped"] = [], []
+    with signals_held():
+        for entry in reversed(st["pids"]):
+            name, pid = entry[0], entry[1]
+            start = entry[2] if len(entry) > 2 else None
+            if not pid_alive(pid):
+                st["skipped"].append([name, pid, "not running"])
+            elif not same_process(pid, start, st["ns"].values()):
+                st["skipped"].append([name, pid, "another process has that PID now"])
+            else:
+                stop_pid(pid, signal.SIGQUIT if name.startswith("nginx")
+                         else signal.SIGTERM)
+                st["stopped"].append([name, pid])
+        for ns in st["ns"].values():
+            delete_ns(ns)
+    workdir = st.get("workdir") or ""
+    # only a directory the bed made (its name), never one a stale or edited state
+    # file points at
+    if (st.get("own_workdir") and os.path.basename(workdir).startswith(WORKDIR_PREFIX)
+            and os.path.isdir(workdir) and not os.path.islink(workdir)):
+        shutil.rmtree(workdir, ignore_errors=True)
     os.unlink(state_path)
     return st
 
@@ -711,7 +959,7 @@ def teardown_state(state_path):
 def install_signal_handlers():
     """SIGTERM and SIGHUP unwind like SIGINT (through ``finally`` and ``close()``)."""
     def handler(signum, frame):
-        raise SystemExit(128 + signum)
+        raise Interrupted(signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)

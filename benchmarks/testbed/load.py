@@ -258,14 +258,30 @@ def background_cpus(window=1.0):
     return (b1 - b0) / (time.monotonic() - t0)
 
 
-def wait_quiet(max_wait, threshold=0.3, window=1.0):
-    """Wait (at most ``max_wait`` s) until the background load is under ``threshold``
-    CPUs; returns the last measurement."""
-    deadline = time.monotonic() + max_wait
+QUIET_SLACK = 2.0   # wait_quiet may last this much beyond max_wait (window + pause)
+
+
+def wait_quiet(max_wait, threshold=0.3, window=1.0, log=None, every=10.0):
+    """Wait (at most ``max_wait`` s, plus up to ``QUIET_SLACK``) until the background
+    load is under ``threshold`` CPUs; returns the last measurement.  ``log`` hears
+    that it waits, every ``every`` s how busy the machine still is, and how it ended,
+    so a long wait does not look like a hang."""
+    t0 = time.monotonic()
+    deadline = t0 + max_wait
+    next_note = t0
     while True:
         bg = background_cpus(window)
-        if bg < threshold or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if bg < threshold or now >= deadline:
+            if log and now - t0 > window + 0.1:
+                log(f"{'idle' if bg < threshold else 'still busy'} after {now - t0:.0f} s "
+                    f"({bg:.2f} CPUs busy)" + ("" if bg < threshold else
+                                              "; measuring anyway"))
             return bg
+        if log and now >= next_note:
+            log(f"waiting up to {max(deadline - now, 0):.0f} s more for the machine to "
+                f"idle: {bg:.2f} CPUs busy (under {threshold:g} wanted)")
+            next_note = now + every
         time.sleep(0.5)
 
 

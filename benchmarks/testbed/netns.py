@@ -74,6 +74,17 @@ def pid_alive(pid):
         return False
 
 
+def proc_start(pid):
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22),
+    or None if there is no such process.  A PID with another start time is another
+    process: the PID was reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def ns_pids(ns):
     r = run(["ip", "netns", "pids", ns], check=False, timeout=10)
     return [int(t) for t in r.stdout.decode().split() if t.isdigit()]

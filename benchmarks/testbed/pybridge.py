@@ -8,7 +8,8 @@ reports as our own outgoing ones (``PACKET_OUTGOING``) are skipped.
 
     python pybridge.py IF0 IF1 [--duration S] [--json FILE] [--ready FILE]
 
-Stops after ``--duration`` seconds or on SIGINT/SIGTERM, then writes its counters.
+Stops after ``--duration`` seconds (0: no limit) or on SIGINT/SIGTERM, then writes
+its counters.
 """
 import argparse
 import json
@@ -56,7 +57,7 @@ def main(argv=None):
         sel.register(s, selectors.EVENT_READ)
     if args.ready:
         open(args.ready, "w").close()
-    t_end = time.monotonic() + args.duration
+    t_end = time.monotonic() + args.duration if args.duration > 0 else float("inf")
     t0 = time.monotonic()
     while not stop and time.monotonic() < t_end:
         for key, _ in sel.select(timeout=0.2):

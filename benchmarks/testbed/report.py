@@ -1,6 +1,8 @@
 """Table 3 from a results file: a markdown table and a bar chart."""
 from __future__ import annotations
 
+import json
+
 MODE_LABELS = {"kernel": "kernel forwarding (nft DNAT)", "haproxy": "HAProxy 2.6",
                "mbx-l2fwd": "mbx L2 fwd", "mbx-l4lb": "mbx L4 LB",
                "mbx-l4lb-dpdk": "mbx L4 LB, DPDK net_af_packet",
@@ -22,9 +24,44 @@ def _base(summary, row):
     return None
 
 
+class ReportError(Exception):
+    """A results file that cannot be read or reported (one line, for the user)."""
+
+
+def load(path):
+    """A results file of ``python -m benchmarks.testbed run``, checked."""
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except OSError as exc:
+        raise ReportError(f"{path}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: not a JSON file ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("summary"), list):
+        raise ReportError(f"{path}: no 'summary' list: not a results file of "
+                          "python -m benchmarks.testbed run")
+    return doc
+
+
 def merge(docs):
-    """Several results files (e.g. a wrk and an ab run) as one: their summaries."""
-    return {"summary": [r for d in docs for r in d["summary"]]}
+    """Several results files (e.g. a wrk and an ab run) as one: their summaries, and
+    their configuration where they agree (``offloads`` is "mixed" where not)."""
+    if len(docs) == 1:
+        return {"summary": list(docs[0]["summary"]), "config": docs[0].get("config", {})}
+    offloads = {bool(d.get("config", {}).get("offloads")) for d in docs}
+    return {"summary": [r for d in docs for r in d["summary"]],
+            "config": {"offloads": offloads.pop() if len(offloads) == 1 else "mixed"}}
+
+
+def _ratio(row, base):
+    """req/s against the kernel row's: '-' without one, 'n/a' if either median is
+    missing or the kernel's is 0."""
+    if not base:
+        return "-"
+    num, den = (row.get("rps") or {}).get("median"), (base.get("rps") or {}).get("median")
+    if num is None or not den:
+        return "n/a"
+    return f"{num / den:.2f}"
 
 
 def markdown(doc, pending=()):
@@ -38,27 +75,46 @@ def markdown(doc, pending=()):
     rows = sorted(summary, key=lambda r: (wl_order.get(r["workload"], 99), r["tool"],
                                           order.get(r["mode"], 99)))
     for r in rows:
-        base = _base(summary, r)
-        ratio = (f"{r['rps']['median'] / base['rps']['median']:.2f}"
-                 if base and base["rps"] and r["rps"] else "-")
-        mb = _mmm(r["mb_cpu_us"], "{:.1f}") if r["mb_cpu_us"] else "n/a (softirq)"
+        ratio = _ratio(r, _base(summary, r))
+        if r["mb_cpu_us"]:
+            mb = _mmm(r["mb_cpu_us"], "{:.1f}")
+        else:
+            mb = "n/a (softirq)" if r.get("runs") else "-"
+        errors = str(r["errors_total"])
+        if r.get("failed_runs"):
+            errors += f" ({r['failed_runs']} runs failed)"
         lines.append(
             f"| {WORKLOAD_LABELS.get(r['workload'], r['workload'])} | {r['tool']} | "
             f"{MODE_LABELS.get(r['mode'], r['mode'])} | {_mmm(r['rps'])} | {ratio} | "
             f"{_mmm(r['p50_us'])} | {_mmm(r['p99_us'])} | {mb} | "
             f"{_mmm(r.get('bed_cpu_us'), '{:.0f}')} | "
-            f"{_mmm(r.get('others_cpus'), '{:.2f}')} | {r['errors_total']} |")
+            f"{_mmm(r.get('others_cpus'), '{:.2f}')} | {errors} |")
     for mode in pending:
         lines.append(f"| all | - | {MODE_LABELS.get(mode, mode)} | pending | | | | | | | |")
     return "\n".join(lines)
 
 
+def _runs_label(rows):
+    """"median of N" for the rows of one panel (N-M where their counts differ)."""
+    runs = sorted({r["runs"] for r in rows if r.get("runs")})
+    if not runs:
+        return "no runs"
+    return f"median of {runs[0]}" if len(runs) == 1 else f"median of {runs[0]}-{runs[-1]}"
+
+
 def plot(doc, path):
-    import matplotlib
+    summary = [r for r in doc["summary"] if r.get("rps")]
+    if not summary:
+        raise ReportError(f"nothing to plot in {path}: no run has figures")
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("--plot needs matplotlib (pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = doc["summary"]
+    offloads = doc.get("config", {}).get("offloads")
+    links = {True: "offloads on", "mixed": "offloads mixed"}.get(offloads, "offloads off")
     tools = sorted({r["tool"] for r in summary})
     wls = [w for w in WORKLOAD_LABELS if any(r["workload"] == w for r in summary)]
     modes = [m for m in MODE_LABELS if any(r["mode"] == m for r in summary)]
@@ -94,9 +150,8 @@ def plot(doc, path):
             ax.set_xticklabels([WORKLOAD_LABELS[w] for w in wls], fontsize=8)
             ax.set_ylabel(ylabel)
             title = "throughput" if metric == "rps" else "middlebox CPU per request"
-            links = "offloads on" if doc.get("config", {}).get("offloads") else "offloads off"
-            ax.set_title(f"{title} ({tool}, {links}, median of {summary[0]['runs']}, "
-                         "min-max bars)", fontsize=9)
+            runs = _runs_label([r for r in summary if r["tool"] == tool])
+            ax.set_title(f"{title} ({tool}, {links}, {runs}, min-max bars)", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
             ax.set_ylim(0, ax.get_ylim()[1] * 1.45)  # room for the legend
             ax.legend(fontsize=7, loc="upper left")
