@@ -371,14 +371,17 @@ cdef class AfPacketPort(Port):
                 raise ValueError(f"block_count {block_count} is below 2")
         if timeout_ms < 0 or retire_ms < 0:
             raise ValueError("timeout_ms and retire_ms cannot be negative")
+        if ring == "v3" and retire_ms < 1:
+            # 0 hands the choice to the kernel: several ms of latency per hop
+            raise ValueError("retire_ms must be at least 1 with ring v3")
+        if fanout_mode not in FANOUT_MODES:
+            raise ValueError(f"fanout_mode {fanout_mode!r} is not one of "
+                             f"{', '.join(FANOUT_MODES)}")
         if fanout_group is not None:
             if not rx:
                 raise ValueError("fanout needs rx=True")
             if not 0 <= fanout_group <= 0xFFFF:
                 raise ValueError(f"fanout_group {fanout_group} is not in 0..65535")
-            if fanout_mode not in FANOUT_MODES:
-                raise ValueError(f"fanout_mode {fanout_mode!r} is not one of "
-                                 f"{', '.join(FANOUT_MODES)}")
         self.iface = iface
         self.name = f"afpacket:{iface}"
         self.port_id = port_id

@@ -80,14 +80,15 @@ POW10[0] = 1
 for _i in range(1, 20):
     POW10[_i] = POW10[_i - 1] * 10
 
-SUPPORTED_LINKTYPES = ("1 (Ethernet), 101/228/229 (raw IP), 113 (Linux SLL), "
+SUPPORTED_LINKTYPES = ("1 (Ethernet), 101/228/229 (raw IP; also 12 and 14, the BSDs' "
+                       "DLT_RAW, which old writers put in files), 113 (Linux SLL), "
                        "276 (Linux SLL2)")
 
 
 cdef inline uint8_t link_mode(uint32_t linktype) noexcept nogil:
     if linktype == 1:
         return LINK_ETHER
-    if linktype == 101:
+    if linktype == 101 or linktype == 12 or linktype == 14:
         return LINK_RAW
     if linktype == 228:
         return LINK_IPV4

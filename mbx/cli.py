@@ -130,8 +130,15 @@ def _run(nfs, args, spec=None):
     if args.json:
         check_writable(args.json, "--json")     # not only once the run is over
 
-    config = dict(_STACK_DEFAULTS, deploy=args.deploy, ring_size=args.ring_size,
-                  ring_full=args.ring_full, inflight=args.inflight, nf_timing=args.nf_timing)
+    given = [opt for opt, value in (("--ring-size", args.ring_size),
+                                    ("--inflight", args.inflight),
+                                    ("--ring-full", args.ring_full)) if value is not None]
+    if given and args.deploy != "pipelined":
+        raise MbxError(f"{', '.join(given)}: for --deploy pipelined only (this run is "
+                       f"{args.deploy})")
+    config = dict(_STACK_DEFAULTS, deploy=args.deploy, ring_size=args.ring_size or 0,
+                  ring_full=args.ring_full or "stall", inflight=args.inflight,
+                  nf_timing=args.nf_timing)
     if spec is not None:        # an application file's [app] stack and [stack] options
         config.update(spec.options, stack=spec.stack)
     # ... and what the command line says wins over both (argparse leaves None where
@@ -334,14 +341,14 @@ def _add_run_options(p):
     p.add_argument("--deploy", choices=("inline", "pipelined"), default="inline",
                    help="inline: NFs in this process; pipelined: each NF in its own "
                         "process, events over shared-memory rings (inline)")
-    p.add_argument("--ring-size", type=_int_at_least(0), default=0, metavar="N",
+    p.add_argument("--ring-size", type=_int_at_least(0), metavar="N",
                    help="pipelined: entries per ring, a power of two (room for all of "
                         "Event Memory)")
     p.add_argument("--inflight", type=_int_at_least(1), default=None, metavar="K",
                    help="pipelined: bursts the stack runs ahead of the NF processes, a "
                         "power of two from 1 to 16 (4; 1 where an NF reads stream "
                         "bytes or terminates flows)")
-    p.add_argument("--ring-full", choices=("stall", "drop"), default="stall",
+    p.add_argument("--ring-full", choices=("stall", "drop"),
                    help="pipelined: a full ring stalls its producer, or drops the event "
                         "and its packet, counted (stall)")
     p.add_argument("--stats", action="store_true",

@@ -117,7 +117,8 @@ def load_app_file(path):
     from mbx.runtime import load_app
 
     if not os.path.isfile(path):
-        raise AppError(f"application file {path}: no such file")
+        raise AppError(f"application file {path}: "
+                       + ("a directory" if os.path.isdir(path) else "no such file"))
     with open(path, "rb") as fh:
         raw = fh.read()
     text = raw.decode("utf-8", "replace")

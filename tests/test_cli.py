@@ -99,6 +99,12 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
     (["example-capture", "x.pcap", "--flows", "30000"], "must be at most 20,000"),
     (["example-capture", "."], "Is a directory"),
     (["flows", ""], "mbx flows: name a capture file"),
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--inflight", "2", "--ring-full", "drop"],
+     "--inflight, --ring-full: for --deploy pipelined only (this run is inline)"),
+    (["run", "l2fwd", "--in", "afpacket:lo?ring=v3&retire_ms=0"],
+     "retire_ms must be at least 1 with ring v3"),
+    (["run", "l2fwd", "--in", "afpacket:lo?fanout_mode=bogus"],
+     "fanout_mode 'bogus' is not one of"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--deploy", "pipelined", "--ring-size", "3"],
      "ring_size must be a power of two from 2 to 16,777,216"),
 ])
@@ -128,6 +134,12 @@ def test_bad_capture_and_bad_nf_files(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "make(): RuntimeError: no config (at typo.py, line 4)" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_an_application_file_that_is_a_directory_is_named(tmp_path):
+    (tmp_path / "d.toml").mkdir()
+    r = mbx_cmd("check", "d.toml", cwd=tmp_path)
+    assert r.returncode == 2 and "application file d.toml: a directory" in r.stderr
 
 
 def test_run_checks_a_chain_as_check_does(tmp_path, example_pcap):

@@ -238,6 +238,7 @@ IP6 = bytes.fromhex("6000000000081140") + bytes(32) + b"\0" * 8
 
 @pytest.mark.parametrize("linktype,payload,ethertype", [
     (101, IP4, 0x0800), (101, IP6, 0x86DD), (101, b"\x10junk", 0),
+    (12, IP4, 0x0800), (14, IP6, 0x86DD),       # DLT_RAW as old BSD writers put it
     (228, IP4, 0x0800), (229, IP6, 0x86DD),
     (113, struct.pack(">HHH8sH", 0, 1, 6, b"\1" * 8, 0x0800) + IP4, 0x0800),
     (113, struct.pack(">HHH8sH", 4, 1, 6, b"\1" * 8, 0x0806) + b"arp!", 0x0806),
