@@ -347,6 +347,8 @@ cdef object read_field(const uint8_t *body, int offset, str kind, int ip_ver):
 
 cdef int write_field(uint8_t *body, int offset, str kind, object value) except -1:
     cdef uint8_t *q = body + offset
+    if kind != "ip" and kind[0] in "ui" and not isinstance(value, int):
+        raise TypeError(f"expected a whole number, not {type(value).__name__}")
     if kind == "u8":
         q[0] = value
     elif kind == "u16":
@@ -369,6 +371,8 @@ cdef int write_field(uint8_t *body, int offset, str kind, object value) except -
         (<double *>q)[0] = value
     else:
         raw = ipaddress.ip_address(value).packed if not isinstance(value, bytes) else value
+        if len(raw) not in (4, 16):
+            raise ValueError(f"an address is 4 or 16 bytes, not {len(raw)}")
         memset(q, 0, 16)
         memcpy(q, <const char *>raw, min(len(raw), 16))
     return 0
@@ -406,7 +410,7 @@ cdef class CHandler:
     def __init__(self):
         raise TypeError("a CHandler is made in Cython with mbx.cnf.chandler(fn, ctx)")
 
-    def __call__(self, Event ev):
+    def __call__(self, Event ev not None):
         if self.c.fn(self.c.ctx, ev.m, ev.p) and ev.p != NULL:
             ev.drop()
 
@@ -538,6 +542,9 @@ class NF:
 
     def publish(self, port, msg):
         """Publish ``msg`` on ``port`` (``mb_publish_event``)."""
+        if not isinstance(msg, Message):
+            raise TypeError(f"NF {self.name}: publish takes a Message (nf.new_msg(type)), "
+                            f"not {type(msg).__name__}")
         if not isinstance(port, PubPort) or port.nf is not self:
             raise SubscriptionError(
                 f"NF {self.name}: {port!r} is not one of this NF's publication ports")
@@ -715,11 +722,21 @@ cdef class Message:
             write_field(self.m.body, f[0], f[1], 3)
 
     def __setattr__(self, name, value):
+        if name == "flow":          # the flow it belongs to, not a field of the body
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise TypeError(f"{self.etype.name}: flow must be a flow id (ev.flow) or "
+                                f"None, not {value!r}")
+            self.flow = value
+            return
         f = self.etype.fields.get(name)
         if f is None:
             raise AttributeError(f"{self.etype.name} has no field {name!r} "
                                  f"(fields: {', '.join(self.etype.fields) or 'none'})")
-        write_field(self.m.body, f[0], f[1], value)
+        try:
+            write_field(self.m.body, f[0], f[1], value)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise type(exc)(f"{self.etype.name}.{name} ({f[1]}) = {value!r}: {exc}"
+                            ) from None
 
     def __getattr__(self, name):
         f = self.etype.fields.get(name)
@@ -727,10 +744,14 @@ cdef class Message:
             raise AttributeError(f"{self.etype.name} has no field {name!r}")
         return read_field(self.m.body, f[0], f[1], 0)
 
-    def fill_from(self, Event ev):
-        """Copy the fields ``ev`` has in common with this message (a parent's record
-        is a prefix of its children's, so an X event fills the X part of an X/Y)."""
-        cdef size_t n = min(_types[ev.m.h.type_idx].body_size, MSG_BODY_SIZE)
+    def fill_from(self, Event ev not None):
+        """Copy the fields ``ev`` has in common with this message: those of their
+        nearest common type (a parent's record is a prefix of its children's, so an
+        X event fills the X part of an X/Y, and unrelated types share none)."""
+        common = _types[ev.m.h.type_idx]
+        while common is not None and not self.etype.is_a(common):
+            common = common.parent
+        cdef size_t n = min(common.body_size if common is not None else 0, MSG_BODY_SIZE)
         memcpy(self.m.body, ev.m.body, n)
         self.flow = ev.flow
         self.m.h.ts_ns = ev.m.h.ts_ns
@@ -796,6 +817,12 @@ cdef _PacketBytes _view_of(object owner, uint8_t *ptr, Py_ssize_t length, bint w
     return b
 
 
+# What an Event made by hand views: a blank EVENT with no flow and no packet.
+cdef mbx_msg _NO_MSG
+_NO_MSG.h.flow = NO_FLOW
+_NO_MSG.h.pkt = NO_PKT
+
+
 @cython.final
 cdef class Event:
     """The reused view a handler receives: header, packet and the type's fields.
@@ -806,6 +833,16 @@ cdef class Event:
     cdef mbx_pkt *p
     cdef EventBus bus
     cdef object nf
+
+    def __cinit__(self):
+        # The bus points m at the message it hands over; until then (an Event made by
+        # hand, e.g. to test a handler) at a blank EVENT, never at nothing.
+        self.m = &_NO_MSG
+
+    cdef int _live(self) except -1:
+        if self.bus is None or self.nf is None or self.nf._index < 0:
+            raise MbxError("this event view is not in a handler call of a running NF")
+        return 0
 
     @property
     def type(self):
@@ -934,6 +971,7 @@ cdef class Event:
     def drop(self):
         """Drop this event's packet: it is not sent, and later NFs do not see it
         (NFs of the same parallel group still do)."""
+        self._live()
         self.bus.nf_drop(self.nf._index, self._pkt())
         self.bus.nf_drops[self.nf._index] += 1
 
@@ -989,6 +1027,7 @@ cdef class Event:
         at ``offset`` of the stream ``stream_dir`` (0: client -> server).  On a
         DATA_RDY event the defaults are its stream and its new bytes.  A zero-copy
         memoryview where the bytes are contiguous in memory, else a copy."""
+        self._live()
         reader = self.bus.stream_reader
         if reader is None:
             raise MbxError("no TCP Monitor is running: subscribe to DATA_RDY")
@@ -1013,6 +1052,7 @@ cdef class Event:
         """Rewrite delivered stream bytes in place, same length (writer NFs, on
         DATA_RDY): the stream and this burst's packets carrying them change, their
         checksums follow.  Returns the bytes changed in packets."""
+        self._live()
         reader = self.bus.stream_reader
         if reader is None:
             raise MbxError("no TCP Monitor is running: subscribe to DATA_RDY")

@@ -53,6 +53,7 @@ ctypedef struct pcap_rec:
 
 cdef class PcapReader(Port):
     cdef readonly str path
+    cdef object file_key                # (st_dev, st_ino) while mapped (see _being_read)
     cdef readonly str format            # "pcap" or "pcapng"
     cdef readonly uint32_t linktype     # of the file (pcapng: of its first interface)
     cdef readonly bint nanosecond       # native resolution finer than microseconds

@@ -146,6 +146,12 @@ cdef inline int _next_record(PcapReader rd, pcap_rec *r) noexcept nogil:
     return got
 
 
+# The files PcapReaders of this process have mapped, (st_dev, st_ino) -> readers: a
+# PcapWriter refuses to truncate one, which would take the pages from under the
+# mapping (SIGBUS on the next read) and destroy the capture.
+_being_read = {}
+
+
 cdef class PcapReader(Port):
     """Replay a pcap or pcapng capture file as a port.
 
@@ -165,6 +171,7 @@ cdef class PcapReader(Port):
         self.state = READ_END
         self.format = ""
         self.path = ""
+        self.file_key = None
 
     def __init__(self, path, int port_id=0):
         cdef const uint8_t *m
@@ -227,6 +234,8 @@ cdef class PcapReader(Port):
         except BaseException:
             self._unmap()
             raise
+        self.file_key = (st.st_dev, st.st_ino)
+        _being_read[self.file_key] = _being_read.get(self.file_key, 0) + 1
 
     cdef int _open_pcap(self, uint32_t magic) except -1:
         cdef const uint8_t *m = self.base
@@ -288,6 +297,14 @@ cdef class PcapReader(Port):
 
     def __dealloc__(self):
         self._unmap()
+        self._forget()
+
+    def _forget(self):
+        if self.file_key is not None:
+            left = _being_read.pop(self.file_key, 1) - 1
+            if left:
+                _being_read[self.file_key] = left
+            self.file_key = None
 
     cdef void _unmap(self) noexcept nogil:
         if self.base != NULL:
@@ -304,6 +321,7 @@ cdef class PcapReader(Port):
     def close(self):
         """Unmap the file; later receives return end of input.  Idempotent."""
         self._unmap()
+        self._forget()
         self.closed = True
 
     def rewind(self):
@@ -746,6 +764,13 @@ cdef class PcapWriter(Port):
         self.nanosecond = nanosecond
         self.snaplen = snaplen
         self.linktype = linktype
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) in _being_read:
+            raise PortError(f"pcap:{path}: this capture is being read as an input; writing "
+                            "it would destroy it: name another file")
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         except FileNotFoundError as e:

@@ -1251,8 +1251,9 @@ cdef class PipeBus(EventBus):
         return <int32_t>(self.done_epoch - mark) >= 0
 
     def _report_failures(self):
-        # A handler's error ends the run when the NF has no failure policy, unless a
-        # restart is coming (which records why it died, as it happens).
+        # A dead NF process (its handler's error, a signal, an exit) ends the run when
+        # the NF has no failure policy, unless a restart is coming (which records why
+        # it died, as it happens); every death is recorded in its "deaths".
         cdef uint32_t k
         for k in range(self.nnf):
             if not self.ctl.procs[k].dead or k in self.reported:
@@ -1260,13 +1261,19 @@ cdef class PipeBus(EventBus):
             self.reported.add(k)
             if self.restart_left[k]:
                 continue
+            reason = self._death_reason(k)
             if self.restart_conf[k][0]:
-                self.restart_log[k].append(self._death_reason(k) + (
-                    "; not restarted: it died before finishing an epoch"
-                    if self.restart_made[k] < self.restart_conf[k][0]
-                    else "; not restarted: restart limit reached"))
-            if self.ctl.procs[k].failed and self.failure_names[k] is None:
-                raise _events.NFError(self.errors[k * ERROR_SIZE:].decode("utf-8", "replace"))
+                reason += ("; not restarted: it died before finishing an epoch"
+                           if self.restart_made[k] < self.restart_conf[k][0]
+                           else "; not restarted: restart limit reached")
+            self.restart_log[k].append(reason)
+            if self.failure_names[k] is None:
+                if self.ctl.procs[k].failed:
+                    raise _events.NFError(self.errors[k * ERROR_SIZE:].decode(
+                        "utf-8", "replace"))
+                raise _events.NFError(f"NF {self.nfs[k].name}: its process {reason}, "
+                                      "and the NF has no failure policy (failure = "
+                                      "\"open\" or \"closed\" lets the run go on)")
 
     # -- restarting a dead NF -------------------------------------------------------
 

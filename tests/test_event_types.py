@@ -79,3 +79,62 @@ def test_hierarchy_rule_matches_paths(spec):
         for y in everything:
             by_path = x.path == y.path or x.path.startswith(y.path + "/")
             assert x.is_a(y) == by_path, (x, y)
+
+
+def test_messages_name_the_field_a_bad_value_was_for():
+    t = mbx.register_event_type("TEST_MSG_VALUES", fields=[("a", "u8"), ("ip", "ip")])
+    msg = mbx.Message(t)
+    with pytest.raises(OverflowError, match=r"TEST_MSG_VALUES.a \(u8\) = 300"):
+        msg.a = 300
+    with pytest.raises(TypeError, match=r"TEST_MSG_VALUES.a \(u8\) = 1.5: expected a "
+                                        r"whole number"):
+        msg.a = 1.5
+    with pytest.raises(ValueError, match=r"TEST_MSG_VALUES.ip \(ip\) = b'12345': an "
+                                         r"address is 4 or 16 bytes"):
+        msg.ip = b"12345"
+    msg.a, msg.ip = 7, "198.18.0.1"
+    assert (msg.a, msg.ip) == (7, "198.18.0.1")
+    # the flow a message belongs to is set as the docs say
+    msg.flow = 5 | (3 << 32)
+    assert msg.flow == 5 | (3 << 32)
+    with pytest.raises(TypeError, match="flow must be a flow id"):
+        msg.flow = "x"
+
+
+def test_fill_from_copies_only_what_the_types_share(run, example_pcap):
+    other = mbx.register_event_type("TEST_FILL_OTHER", fields=[("app", "u16")])
+    got = {}
+
+    class Filler(mbx.NF):
+        def __init__(self):
+            super().__init__("filler")
+            self.sub(mbx.FLOW_END, self.on_end)
+
+        def on_end(self, ev):
+            unrelated, same = mbx.Message(other), mbx.Message(mbx.FLOW_END)
+            unrelated.fill_from(ev)
+            same.fill_from(ev)
+            if ev.pkts_c2s:
+                got.setdefault("unrelated", unrelated.app)
+                got.setdefault("same", (same.pkts_c2s, ev.pkts_c2s))
+
+    run([Filler()], example_pcap)
+    assert got["unrelated"] == 0            # was a piece of the flow record
+    assert got["same"][0] == got["same"][1] > 0
+
+
+def test_misused_views_and_ports_raise_instead_of_crashing():
+    # Each of these was a segfault.
+    t = mbx.register_event_type("TEST_MISUSE")
+    nf = mbx.NF("misuse")
+    port = nf.pub(t)
+    with pytest.raises(TypeError, match="publish takes a Message"):
+        nf.publish(port, "hello")
+    with pytest.raises(TypeError):
+        mbx.Message(mbx.PKT).fill_from(None)
+    ev = mbx.Event()                    # a view made by hand: a blank EVENT
+    assert (ev.type_name, ev.flow, ev.has_packet) == ("EVENT", None, False)
+    with pytest.raises(mbx.MbxError, match="not in a handler call"):
+        ev.drop()
+    with pytest.raises(mbx.MbxError, match="not in a handler call"):
+        ev.read(0, 1)

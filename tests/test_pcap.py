@@ -572,3 +572,21 @@ def test_bad_port_specs(spec, message):
         open_input(spec)
     with pytest.raises(PortError, match=message):
         open_output(spec)
+
+
+def test_a_writer_refuses_a_capture_a_reader_has_open(tmp_path, example_pcap):
+    # Truncating a mapped capture took its pages away: SIGBUS on the next read, and
+    # the capture lost.  The CLI refused it; the API did not.
+    import shutil
+
+    from mbx.errors import PortError
+
+    cap = tmp_path / "x.pcap"
+    shutil.copyfile(example_pcap, cap)
+    before = cap.read_bytes()
+    r = PcapReader(cap)
+    with pytest.raises(PortError, match="this capture is being read as an input"):
+        PcapWriter(cap)
+    assert cap.read_bytes() == before
+    r.close()
+    PcapWriter(cap).close()             # once it is closed, it may be written

@@ -230,6 +230,16 @@ def test_killed_nf(example_pcap, tmp_path, failure):
     assert_killed_at_100(c, out, frames, rec_path, failure)
 
 
+def test_a_dead_nf_without_a_failure_policy_ends_the_run(example_pcap):
+    # As a handler error does; before, its packets were dropped silently (the
+    # counters said failure "closed", and "deaths" was empty).
+    with pytest.raises(mbx.NFError, match=r"NF suicide: its process killed by SIGKILL, "
+                                          r"and the NF has no failure policy"):
+        run_app([Suicide(100, None)], example_pcap, deploy="pipelined")
+    c, _ = run_app([Suicide(100, "closed")], example_pcap, deploy="pipelined")
+    assert c["pipeline"]["nfs"]["suicide"]["deaths"] == ["killed by SIGKILL"]
+
+
 @pytest.mark.parametrize("full", ["stall", "drop"])
 def test_tiny_rings(example_pcap, tmp_path, full):
     frames = read_frames(example_pcap)
