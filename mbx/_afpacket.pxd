@@ -42,6 +42,9 @@ cdef class AfPacketPort(Port):
     cdef readonly uint64_t kernel_packets   # PACKET_STATISTICS, accumulated
     cdef readonly uint64_t kernel_freezes   # blocks the kernel found still in user hands
     cdef readonly int last_tx_errno     # errno of the last send that dropped frames
+    cdef readonly uint64_t link_errors  # errors the kernel raised on the socket (ENETDOWN)
+    cdef readonly int last_link_errno   # the last of those
+    cdef char ifname[16]                # iface, for the nogil check that it still exists
 
     cdef int fd
     cdef uint8_t *ring                  # the mmapped receive ring, NULL without one
@@ -67,6 +70,7 @@ cdef class AfPacketPort(Port):
     cdef int rx_ready_v2(self, Batch batch, uint16_t port_id) noexcept nogil
     cdef int rx_ready_v3(self, Batch batch, uint16_t port_id) noexcept nogil
     cdef int wait(self) noexcept nogil
+    cdef int socket_error(self, short revents) noexcept nogil
     cdef int send_frames(self, mbx_pkt **pkts, int n) noexcept nogil
     cdef void refresh_stats(self) noexcept nogil
     cdef int live_check(self) noexcept nogil

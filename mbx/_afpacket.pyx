@@ -75,6 +75,8 @@ cdef extern from "<sys/socket.h>" nogil:
         SOCK_RAW
         SOCK_CLOEXEC
         SOL_PACKET
+        SOL_SOCKET
+        SO_ERROR
         MSG_DONTWAIT
     int socket(int domain, int type, int protocol)
     int bind(int fd, const sockaddr *addr, socklen_t len)
@@ -90,6 +92,9 @@ cdef extern from "<poll.h>" nogil:
     enum:
         POLLIN
         POLLOUT
+        POLLERR
+        POLLHUP
+        POLLNVAL
     int poll(pollfd *fds, unsigned long nfds, int timeout)
 
 cdef extern from "<arpa/inet.h>" nogil:
@@ -404,6 +409,7 @@ cdef class AfPacketPort(Port):
         name_b = iface.encode()
         if not name_b or len(name_b) >= IFNAMSIZ or b"/" in name_b or b"\0" in name_b:
             raise PortError(f"{self.name}: {iface!r} is not a valid interface name")
+        strncpy(self.ifname, name_b, IFNAMSIZ - 1)
         self.ifindex = if_nametoindex(name_b)
         if self.ifindex == 0:
             e = errno
@@ -553,7 +559,11 @@ cdef class AfPacketPort(Port):
         c.update(kernel_packets=self.kernel_packets, kernel_freezes=self.kernel_freezes,
                  rx_outgoing=self.rx_outgoing, rx_vlan=self.rx_vlan,
                  rx_truncated=self.rx_truncated, rx_gso=self.rx_gso,
-                 rx_csum_partial=self.rx_csum_partial, tx_csum_done=self.tx_csum_done)
+                 rx_csum_partial=self.rx_csum_partial, tx_csum_done=self.tx_csum_done,
+                 link_errors=self.link_errors)
+        if self.link_errors:
+            # e.g. "Network is down": the link went down at least once
+            c["link_error"] = os.strerror(self.last_link_errno)
         if self.tx_dropped:
             # why the last frames were not sent (EMSGSIZE: larger than the MTU, ...)
             c["tx_error"] = os.strerror(self.last_tx_errno) if self.last_tx_errno else None
@@ -748,13 +758,39 @@ cdef class AfPacketPort(Port):
         return n
 
     cdef int wait(self) noexcept nogil:
-        # Sleep in poll() until a block is ready or timeout_ms pass.
+        # Sleep in poll() until a block is ready or timeout_ms pass; -1: the
+        # interface is gone (socket_error).
         cdef pollfd pfd
         pfd.fd = self.fd
         pfd.events = POLLIN
         pfd.revents = 0
         if poll(&pfd, 1, self.timeout_ms) == 0:
             self.refresh_stats()       # idle: a cheap moment to fetch drop counts
+            return 0
+        return self.socket_error(pfd.revents)
+
+    cdef int socket_error(self, short revents) noexcept nogil:
+        # When its link goes down or its interface goes away, the kernel sets an
+        # error on the socket (ENETDOWN), and poll() then returns at once, POLLERR,
+        # until someone reads it: reading it here keeps a downed link from spinning
+        # a core.  A link that comes back up delivers again; an interface that is
+        # gone (deleted, moved to another namespace, or replaced by one of the same
+        # name) never will: that ends the input with an error (-1).
+        cdef int err = 0
+        cdef socklen_t n = sizeof(int)
+        if not revents & (POLLERR | POLLHUP | POLLNVAL):
+            return 0
+        if getsockopt(self.fd, SOL_SOCKET, SO_ERROR, &err, &n) == 0 and err:
+            self.link_errors = self.link_errors + 1
+            self.last_link_errno = err
+        if if_nametoindex(self.ifname) != <unsigned int>self.ifindex:
+            snprintf(self.errmsg, sizeof(self.errmsg),
+                     "interface %s is gone (deleted, or moved to another namespace)",
+                     self.ifname)
+            self.set_error(self.errmsg)
+            return -1
+        if not err:
+            poll(NULL, 0, self.timeout_ms)     # an error poll() keeps reporting: wait
         return 0
 
     cdef int rx_burst(self, Batch batch) noexcept nogil:
@@ -767,7 +803,8 @@ cdef class AfPacketPort(Port):
         n = self.rx_ready(batch, self.port_id)
         if n or batch.count:
             return n
-        self.wait()
+        if self.wait() < 0:
+            return PORT_ERROR
         r = self.poll_signals()
         if r:
             return PORT_ERROR if r < 0 else PORT_EOF
@@ -784,6 +821,7 @@ cdef class AfPacketPort(Port):
         cdef mbx_pkt *p
         cdef pollfd pfd
         cdef int i = 0, j, k, r, e
+        cdef socklen_t elen
         cdef int sent = 0
         cdef uint64_t nbytes = 0
         cdef uint64_t dropped = 0
@@ -834,6 +872,14 @@ cdef class AfPacketPort(Port):
                 pfd.events = POLLOUT
                 pfd.revents = 0
                 poll(&pfd, 1, 1)
+                continue
+            if e == ENETDOWN and not waited:
+                # Maybe an error left on the socket from a link that was down and is
+                # up again (sendmmsg reports the one a partial batch left): clear it
+                # and try once more before dropping the burst.
+                waited = True
+                elen = sizeof(int)
+                getsockopt(self.fd, SOL_SOCKET, SO_ERROR, &e, &elen)
                 continue
             if e == EMSGSIZE or e == EINVAL:
                 dropped += 1            # this frame cannot go (larger than the MTU)
@@ -975,6 +1021,12 @@ cdef class BridgePorts(Port):
                 self.client.refresh_stats()
                 self.server.refresh_stats()
                 self.rx_dropped = self.client.rx_dropped + self.server.rx_dropped
+            elif self.client.socket_error(pfd[0].revents) < 0:
+                self.adopt_error(self.client)
+                return PORT_ERROR
+            elif self.server.socket_error(pfd[1].revents) < 0:
+                self.adopt_error(self.server)
+                return PORT_ERROR
             r = self.client.poll_signals()
             if r:
                 if r < 0:

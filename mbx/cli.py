@@ -66,6 +66,12 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def _port_sum(port, key):
+    # a bridge's sides each count their own; a single port counts for itself
+    sides = [port[s] for s in ("client", "server") if isinstance(port.get(s), dict)]
+    return sum(side.get(key) or 0 for side in sides) if sides else port.get(key) or 0
+
+
 def _print_counters(c, elapsed, out=None):
     out = out if out is not None else sys.stdout     # the stream of now, not of import
     pps = c["packets"] / elapsed if elapsed > 0 else 0.0
@@ -84,7 +90,18 @@ def _print_counters(c, elapsed, out=None):
                             if isinstance(v, dict) and v.get("tx_error")) or port.get("tx_error")
             w(f"not sent       {unsent:,} frames, by the {side} port"
               + (f" (last error: {why})" if why else "") + "\n")
-    if ((c.get("ports") or {}).get("in") or {}).get("truncated"):
+    inp = (c.get("ports") or {}).get("in") or {}
+    lost, cut, link = (_port_sum(inp, key) for key in ("rx_dropped", "rx_truncated",
+                                                        "link_errors"))
+    if lost:
+        w(f"not received   {lost:,} frames: the receive ring was full (raise "
+          "block_count, or use ring=v3 for floods of small frames)\n")
+    if cut:
+        w(f"cut short      {cut:,} frames longer than a ring slot (raise frame_size)\n")
+    if link:
+        w(f"link           {link:,} errors raised on the input's sockets (the link went "
+          "down; frames sent meanwhile count as not sent)\n")
+    if inp.get("truncated"):
         w("input          the capture ends in a record cut short (its writer stopped "
           "mid-write): that record was not read\n")
     fr = c["fragments"]
@@ -178,15 +195,17 @@ def _run_app(app, args, listeners, view):
     # start)
     inp, out = open_ports(args.inp, args.out, defer_output=True)
     progress = Progress(inp, sys.stderr.isatty() and not args.quiet, listeners)
-    # SIGINT/SIGTERM end the run between bursts: every flow ends, NFs stop, counters
+    # SIGINT/SIGTERM/SIGHUP end the run between bursts: every flow ends, NFs stop, counters
     # are printed, ports are closed.
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     t0 = time.perf_counter()
     try:
         counters = app.run(inp, out, burst=args.burst, max_packets=args.max_packets,
                            progress=progress, duration=args.duration, stop=stop)
+        if hasattr(inp, "stats"):
+            inp.stats()         # the kernel's drop counts, fetched only when idle
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
@@ -332,7 +351,7 @@ def _add_run_options(p):
                    help="stack processes, flows split by a symmetric hash (software RSS "
                         "over a capture, a fanout group on an AF_PACKET port) (1)")
     p.add_argument("--duration", type=_seconds, default=0,
-                   help="stop after S seconds (live ports); SIGINT/SIGTERM stop cleanly too")
+                   help="stop after S seconds (live ports); SIGINT/SIGTERM/SIGHUP stop cleanly too")
     p.add_argument("--stack", choices=("auto", "network", "tcp"),
                    help="μStacks: auto runs the TCP Monitor only when an NF subscribes "
                         "to TCP events (auto)")

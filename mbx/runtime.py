@@ -414,6 +414,18 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
+def _stop_with_parent(parent):
+    """Have the kernel send this (forked) process SIGTERM when its parent dies, so a
+    stack process never runs on alone after the parent was killed (SIGKILL)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:          # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                  max_packets=0, duration=0, on_snapshot=None, pin=None, **config):
     """Run ``stacks`` stack processes over one input (paper §4.2 "Parallel Stacks"),
@@ -465,6 +477,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     if pin is None:
         pin = 1 < stacks <= len(cpus)
     out_file = capture_file(out_spec) if out_spec else None
+    parent = os.getpid()
     # An AF_PACKET fanout group hands a flow to the member at the index its hash
     # picks, members indexed in the order they joined.  A bridge's two sides are two
     # groups, so both directions of a flow meet in one process only if process k is
@@ -486,7 +499,9 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us
                 stop = threading.Event()                # ... with SIGTERM, between bursts
-                signal.signal(signal.SIGTERM, lambda *_, stop=stop: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(sig, lambda *_, stop=stop: stop.set())
+                _stop_with_parent(parent)
                 if pin:
                     os.sched_setaffinity(0, {cpus[k % len(cpus)]})
                 spec = in_spec
@@ -557,7 +572,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, stop_children)
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     # Read every process's pipe as it writes (a snapshot waits for room in it), to
     # the end: the last line is its final report.
     last = [None] * stacks
@@ -579,6 +594,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                         reading.discard(key.fd)
                         if released == k + 1:   # it failed before it opened its ports
                             release_next()
+                        if last[k] is None:
+                            # it died without a report: its share of the flows has no
+                            # stack any more, so the run ends now, not at its end
+                            stop_children()
                         continue
                     *lines, buffers[k] = (buffers[k] + data).split(b"\n")
                     for line in lines:
@@ -595,14 +614,18 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             os.close(rfd)
         raise
     finally:
+        statuses = [0] * stacks
         for k, (pid, _) in enumerate(children):
-            usages[k] = os.wait4(pid, 0)[2]
+            _, statuses[k], usages[k] = os.wait4(pid, 0)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     parts, errors = [], []
     for k in range(stacks):
         usage = usages[k]
-        msg = last[k] or {"error": "exited without a report"}
+        code = os.waitstatus_to_exitcode(statuses[k])
+        msg = last[k] or {"error": (f"killed by {signal.Signals(-code).name}" if code < 0
+                                    else f"exited with status {code}")
+                          + " without a report; the other stacks were stopped"}
         if "error" in msg:
             errors.append(f"stack {k}: {msg['error']}")
         else:

@@ -684,6 +684,63 @@ def test_stacks_split_a_bridge_and_keep_both_directions_of_a_flow_together(
     assert sent == 512
 
 
+def _cpu_ticks(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])        # utime + stime
+
+
+def _start_recorder_run(procs, tmp_path, *extra):
+    nf = tmp_path / "rec.py"
+    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + RECORDER_NF)
+    p = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", str(nf),
+                           "--in", "afpacket:mc,ms?timeout_ms=5", "--duration", "60",
+                           *extra),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not list(tmp_path.glob("started-*")):
+        assert p.poll() is None, p.communicate()[1]
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.05)
+    return p
+
+
+def test_a_link_down_is_waited_out_and_a_deleted_interface_ends_the_run(testbed,
+                                                                         tmp_path):
+    # A downed link left an error on the socket that poll() reported at once, for
+    # ever: the bridge spun a core until --duration; a deleted interface likewise,
+    # though it could never deliver again.
+    procs = testbed
+    counters = tmp_path / "c.json"
+    p = _start_recorder_run(procs, tmp_path, "--json", str(counters))
+    _sh("ip", "-n", NS_M, "link", "set", "ms", "down")
+    before = _cpu_ticks(p.pid)
+    time.sleep(2.0)
+    spent = _cpu_ticks(p.pid) - before
+    _sh("ip", "-n", NS_M, "link", "set", "ms", "up")
+    assert spent < 50, f"{spent} ticks of CPU in 2 s with the link down"
+    time.sleep(0.5)
+    sent = int(_sh(*_in_ns(NS_C, sys.executable, HERE, "send", "c0", "ab"),
+                   timeout=60).stdout)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "errors raised on the input's sockets (the link went down" in out
+    c = json.loads(counters.read_text())
+    server = c["ports"]["in"]["server"]
+    assert server["link_errors"] >= 1 and server["link_error"] == "Network is down"
+    assert c["packets"] >= sent == 256 and server["tx_dropped"] == 0
+    # the interface deleted under a running bridge: the run ends, naming it
+    for f in tmp_path.glob("started-*"):
+        f.unlink()
+    p = _start_recorder_run(procs, tmp_path)
+    t0 = time.monotonic()
+    _sh("ip", "-n", NS_M, "link", "del", "mc")
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 2 and "interface mc is gone" in err, err
+    assert time.monotonic() - t0 < 10
+
+
 # ---------------------------------------------------------------- inside a namespace
 
 

@@ -154,7 +154,7 @@ nf = Slow()
 """
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_stops_every_stack_process_with_its_counters(tmp_path, sig):
     # Before, the stack processes (which ignore SIGINT) ran on as orphans and the
     # parent died with a traceback and no counters.
@@ -191,6 +191,80 @@ def test_a_signal_stops_every_stack_process_with_its_counters(tmp_path, sig):
     c = json.loads(out.read_text())
     assert 0 < c["packets"] < 20000 and len(c["stacks"]) == 2
     assert "stacks         #0:" in stdout
+
+
+def _slow_stacks(tmp_path, packets=40000):
+    import subprocess
+    import sys
+    import time
+
+    cap = str(tmp_path / "many.pcap")
+    many_flows_capture(cap, flows=200, packets=packets)
+    nf = tmp_path / "slow.py"
+    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + SLOW_NF)
+    p = subprocess.Popen([sys.executable, "-m", "mbx.cli", "run", str(nf), "--in", cap,
+                          "--stacks", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("started-*"))) < 2:
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    return p, sorted(int(f.name.split("-")[1]) for f in tmp_path.glob("started-*"))
+
+
+def _gone_within(pids, seconds):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_stack_process_that_dies_ends_the_run_at_once(tmp_path):
+    # Before, the parent noticed only at the end of the input (or never, live) and
+    # then said "exited without a report".
+    import signal
+    import time
+
+    p, (a, b) = _slow_stacks(tmp_path)
+    try:
+        os.kill(a, signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = p.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 2
+    assert "killed by SIGKILL without a report; the other stacks were stopped" in err
+    assert took < 5, f"the run went on {took:.1f} s after a stack died"
+    assert _gone_within([b], 5)
+
+
+def test_stack_processes_end_when_mbx_is_killed(tmp_path):
+    import signal
+
+    p, pids = _slow_stacks(tmp_path)
+    try:
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+        assert _gone_within(pids, 10), "stack processes ran on without their parent"
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_parallel_stacks_refuse_the_pipelined_deployment(example_pcap):
