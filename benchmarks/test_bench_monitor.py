@@ -9,6 +9,7 @@ import pytest
 import reassemblers
 from monitor_figures import (
     MONITOR_SLOT_ARRAYS,
+    check_tcpflow,
     mbx_cli,
     monitor_alone,
     snapshot_figures,
@@ -76,6 +77,9 @@ def test_tcpflow_1448(benchmark, record, bulk_1448, tmp_path):
     benchmark.pedantic(tcpflow, (bulk_1448, str(tmp_path / "out")), rounds=3)
     record("mon_tcpflow_1448")
     assert len(list((tmp_path / "out").iterdir())) == 128
+    # tcpflow (an independent reassembler) wrote the bytes mbx's digests describe
+    doc, _ = _flows_json(bulk_1448)
+    assert check_tcpflow(doc["connections"], str(tmp_path / "out")) == []
 
 
 @pytest.mark.benchmark(group="reassembly, 100-200 B segments")

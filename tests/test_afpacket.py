@@ -637,6 +637,9 @@ class Recorder(mbx.NF):
         a, b = (ev.src_ip, ev.sport), (ev.dst_ip, ev.dport)
         rec = self.flows.setdefault(repr(sorted([a, b]) + [ev.proto]), [0, 0])
         rec[a > b] += 1
+        self.n = getattr(self, "n", 0) + 1      # how far it got, for the test to wait on
+        with open(os.path.join(OUT, f"count-{os.getpid()}"), "w") as fh:
+            fh.write(str(self.n))
 
     def stop(self):
         with open(os.path.join(OUT, f"flows-{os.getpid()}.json"), "w") as fh:
@@ -669,7 +672,10 @@ def test_stacks_split_a_bridge_and_keep_both_directions_of_a_flow_together(
     sent = sum(int(_sh(*_in_ns(ns, sys.executable, HERE, "send", dev, way),
                        timeout=60).stdout)
                for ns, dev, way in ((NS_C, "c0", "ab"), (NS_S, "s0", "ba")))
-    time.sleep(1.0)
+    deadline = time.monotonic() + 20            # until the stacks have taken them all
+    while (sum(int(f.read_text() or 0) for f in tmp_path.glob("count-*")) < sent
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
     mbx.send_signal(signal.SIGINT)              # every stack ends its run, and reports
     _, err = mbx.communicate(timeout=60)
     assert mbx.returncode == 0, err
@@ -721,7 +727,10 @@ def test_a_link_down_is_waited_out_and_a_deleted_interface_ends_the_run(testbed,
     time.sleep(0.5)
     sent = int(_sh(*_in_ns(NS_C, sys.executable, HERE, "send", "c0", "ab"),
                    timeout=60).stdout)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 20
+    while (sum(int(f.read_text() or 0) for f in tmp_path.glob("count-*")) < sent
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err

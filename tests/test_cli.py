@@ -1,6 +1,7 @@
 """The mbx command: the main job on the example capture, and clear errors."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -42,7 +43,20 @@ def test_main_job_on_the_example(tmp_path):
     r = mbx_cmd("run", "l4lb", "--in", f"pcap:{cap}", "--out", f"pcap:{out}",
                 "--set", "l4lb.vip=198.18.3.1:80")
     assert r.returncode == 0, r.stderr
-    assert out.stat().st_size > 0
+    import dpkt
+
+    from mbx.examples.capture import BACKENDS, VIP
+
+    with open(out, "rb") as fh:                 # dpkt reads what the LB wrote
+        sent = [dpkt.ethernet.Ethernet(buf) for _, buf in dpkt.pcap.Reader(fh)]
+    assert len(sent) == c["packets"] - c["fragments_held"]
+    to_vip = [f for f in sent if isinstance(f.data, dpkt.ip.IP)
+              and isinstance(f.data.data, dpkt.tcp.TCP) and f.data.data.dport == VIP[1]
+              and f.data.dst == socket.inet_aton(VIP[0])]
+    assert not to_vip                           # every VIP packet went to a backend
+    backends = {socket.inet_aton(a) for a, _ in BACKENDS}
+    assert sum(isinstance(f.data, dpkt.ip.IP) and f.data.dst in backends
+               for f in sent) > 100
 
 
 def test_listing1_ids_runs_and_alerts(tmp_path):
@@ -66,9 +80,10 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["run", "l2fwd", "--in", "pcap:/nonexistent/x.pcap"], "no such file"),
     (["run", "nosuchnf", "--in", "pcap:x.pcap"], "unknown NF 'nosuchnf'"),
-    (["run", "l2fwd", "--in", "tcp:x"], "tcp"),
+    (["run", "l2fwd", "--in", "tcp:x"], "unknown port spec 'tcp:x'; expected SCHEME:ARG"),
     (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger"], "NF.KEY=VALUE"),
-    (["run", "l2fwd", "--in", "pcap:x.pcap", "--set", "other.a=1"], "other"),
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--set", "other.a=1"],
+     "options given for other, which the application 'l2fwd' does not name"),
     (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger.path=."],
      "NF logger: path '.' is a directory"),
     (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger.path=no/such/dir.jsonl"],

@@ -60,7 +60,7 @@ def test_c_drop_hides_the_packet(run, example_pcap):
     frames = read_frames(example_pcap)
     dropped = counters["dropped_by_nf"]
     assert dropped > 0
-    assert py.per_dir() == [py.per_dir()[0], 0]     # later NFs never see them
+    assert py.per_dir()[0] > 0 and py.per_dir()[1] == 0   # later NFs never see them
     assert counters["nfs"]["cdrop"]["drops"] == dropped
     assert len(out) == len(frames) - dropped - counters["fragments_held"]
     # the packets that left are exactly those the client sent
@@ -123,7 +123,7 @@ def test_c_drop_pipelined(run, example_pcap):
                              example_pcap)
     counters, out = run([drop, py], example_pcap, deploy="pipelined")
     assert counters["dropped_by_nf"] == inline["dropped_by_nf"] > 0
-    assert len(out) == len(out_inline)
+    assert out == out_inline                    # the same frames, in the same order
     assert counters["nfs"]["cdrop"]["drops"] == inline["dropped_by_nf"]
 
 

@@ -1,10 +1,10 @@
 """Real captures of real clients (curl, wget, raw sockets) and nginx in network
 namespaces, checked against an independent reference built by tshark.
 
-For now these check the harness itself (every scenario yields a complete capture
-whose reference has the expected connections, keys, handshake, close and bodies);
-``test_mbx_flows_matches_reference`` compares ``mbx flows`` with the reference as
-soon as the CLI has that subcommand.  Needs root and ``ip netns``: in CI (``CI=true``,
+The harness is checked first (every scenario yields a complete capture whose
+reference has the expected connections, keys, handshake, close and bodies); then
+``test_mbx_flows_matches_reference`` compares ``mbx flows`` with the reference.
+Needs root and ``ip netns``: in CI (``CI=true``,
 root) a missing prerequisite is a failure, elsewhere a skip that says why.
 """
 import hashlib
@@ -152,15 +152,7 @@ def test_testbed_cleans_up_on_error(bed):
     assert not left
 
 
-def _mbx_flows_available():
-    r = subprocess.run([sys.executable, "-m", "mbx.cli", "flows", "--help"],
-                       capture_output=True, timeout=60)
-    return r.returncode == 0
-
-
 def test_mbx_flows_matches_reference(runs, tmp_path):
-    if not _mbx_flows_available():
-        pytest.skip("mbx flows not available yet")
     problems = []
     for name in [*SCENARIOS, "capture_gap"]:
         res, ref = runs.get(name)
