@@ -38,6 +38,8 @@ class AfPacketPort(Port):
     kernel_packets: int
     kernel_freezes: int
     last_tx_errno: int
+    link_errors: int
+    last_link_errno: int
     def __init__(
         self,
         iface: str,

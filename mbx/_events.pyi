@@ -27,7 +27,24 @@ PKT: EventType
 FLOW: EventType
 FLOW_START: EventType
 FLOW_END: EventType
+PKT_TCP: EventType
+PKT_TCP_SYN: EventType
+PKT_TCP_FIN: EventType
+PKT_TCP_RST: EventType
+PKT_TCP_RETRANSMISSION: EventType
+FLOW_TCP: EventType
+FLOW_TCP_START: EventType
+FLOW_TCP_ESTABLISHED: EventType
+FLOW_TCP_STATE: EventType
+FLOW_TCP_TERMINATE: EventType
+FLOW_TCP_GAP: EventType
+FLOW_TCP_OVERLAP_CONFLICT: EventType
+FLOW_TCP_MEMCAP: EventType
+DATA_RDY: EventType
+SIDES: dict[str, int]
+FILTER_KEYS: tuple[str, ...]
 END_REASONS: dict[int, str]
+TERMINATE_REASONS: dict[int, str]
 PROTO_NAMES: dict[int, str]
 
 def event_type(spec: TypeSpec) -> EventType: ...
@@ -53,22 +70,30 @@ class PubPort:
     type: EventType
     writes: bool
 
+class Filter:
+    spec: dict[str, object]
+
 class NF:
     name: str
     writes: bool
     group: str | None
     group_merge: str | MergeFunction
-    subs: dict[int, tuple[Handler, bool]]
+    subs: dict[int, tuple[Handler, bool, int]]     # handler, batch, side mask
     pubs: dict[int, PubPort]
+    filters: dict[int | None, Filter]
+    # Optional, read with getattr by the pipelined deployment (mbx.pipeline): failure
+    # ("open" or "closed"), restart and restart_backoff (see restart_of).
     def __init__(self, name: str, *, writes: bool = False,
                  group: str | None = None) -> None: ...
     def sub(self, etype: TypeSpec, handler: Callable[..., object], *,
-            batch: bool = False) -> EventType: ...
+            batch: bool = False, side: str = "sender") -> EventType: ...
+    def filter(self, etype: TypeSpec | None = None, **spec: object) -> None: ...
     def pub(self, etype: TypeSpec, *, writes: bool = False) -> PubPort: ...
     def up_sub(self, etype: TypeSpec, flow: int, handler: Callable[..., object] | None, *,
-               batch: bool = False) -> None: ...
+               batch: bool = False, side: str = "sender") -> None: ...
     def new_msg(self, etype: TypeSpec) -> Message: ...
     def publish(self, port: PubPort, msg: Message) -> None: ...
+    def start(self) -> None: ...
     def stop(self) -> None: ...
 
 class Message:
@@ -105,7 +130,12 @@ class Event:
     packet: memoryview
     payload: memoryview
     dropped: bool
+    burst_pos: int
+    snapshot: dict[str, Any] | None
     def drop(self) -> None: ...
+    def read(self, offset: int | None = None, length: int | None = None,
+             stream_dir: int | None = None) -> memoryview | bytes: ...
+    def write(self, offset: int, data: bytes, stream_dir: int | None = None) -> int: ...
     def set_src(self, ip: str | None = None, port: int | None = None) -> None: ...
     def set_dst(self, ip: str | None = None, port: int | None = None) -> None: ...
     def fields(self) -> dict[str, Any]: ...

@@ -58,6 +58,9 @@ _HEADER_FIELDS = [
     ("snapshot", ("u1", SNAPSHOT_SIZE), 40),
 ]
 assert sizeof(mbx_msg_hdr) == 64, sizeof(mbx_msg_hdr)
+# a batch record's header columns: a type's own field of one of these names would
+# clash with them in its numpy dtype ("flow" is the Message attribute)
+_HEADER_NAMES = frozenset(f[0] for f in _HEADER_FIELDS) | {"flow"}
 
 
 cdef inline uint64_t depth_mask(uint32_t depth) noexcept nogil:
@@ -80,15 +83,10 @@ class EventType:
         if self.depth > MAX_DEPTH:
             raise EventTypeError(f"event type {path}: deeper than {MAX_DEPTH} levels")
         self._children = 0
-        if parent is None:
-            self.id = 1
-        else:
-            parent._children += 1
-            if parent._children >= (1 << LEVEL_BITS):
-                raise EventTypeError(
-                    f"event type {path}: {parent.path} already has "
-                    f"{(1 << LEVEL_BITS) - 1} children")
-            self.id = parent.id | (parent._children << (LEVEL_BITS * parent.depth))
+        if parent is not None and parent._children + 1 >= (1 << LEVEL_BITS):
+            raise EventTypeError(
+                f"event type {path}: {parent.path} already has "
+                f"{(1 << LEVEL_BITS) - 1} children")
         self.fields = dict(parent.fields) if parent is not None else {}
         offset = parent.body_size if parent is not None else 0
         for fname, kind in fields:
@@ -98,10 +96,14 @@ class EventType:
                     f"(known: {', '.join(_KINDS)})")
             # Built-in fields may mirror view properties (a view property that has no
             # packet to read raises AttributeError and falls back to the field).
-            if fname in self.fields or (not builtin and hasattr(Event, fname)):
+            if not fname.isidentifier():
+                raise EventTypeError(f"event type {path}: field name {fname!r} is not a "
+                                     "name (letters, digits and _)")
+            if fname in self.fields or (not builtin and (fname in _HEADER_NAMES
+                                                         or hasattr(Event, fname))):
                 raise EventTypeError(
                     f"event type {path}: field {fname!r} is already defined "
-                    "by a parent type or the event view")
+                    "by a parent type, the message header or the event view")
             size = _KINDS[kind][0]
             align = min(size, 8)
             offset = (offset + align - 1) // align * align
@@ -113,6 +115,12 @@ class EventType:
                 f"{MSG_BODY_SIZE}")
         self.body_size = offset
         self._dtype = None
+        # only a type that is valid takes its parent's next child number
+        if parent is None:
+            self.id = 1
+        else:
+            parent._children += 1
+            self.id = parent.id | (parent._children << (LEVEL_BITS * parent.depth))
 
     @property
     def dtype(self):
@@ -207,7 +215,11 @@ def register_event_type(name, parent=None, fields=()):
     """
     if isinstance(fields, dict):
         fields = list(fields.items())
-    fields = [(str(n), str(k)) for n, k in fields]
+    try:
+        fields = [(str(n), str(k)) for n, k in fields]
+    except (TypeError, ValueError):
+        raise EventTypeError(f"event type {name!r}: fields are (name, kind) pairs or a "
+                             f"dict, not {fields!r}") from None
     key = str(name).strip().strip("/").upper()
     if not key or any(not part.replace("_", "").isalnum() for part in key.split("/")):
         raise EventTypeError(f"event type name {name!r}: use letters, digits, _ and /")
@@ -215,6 +227,9 @@ def register_event_type(name, parent=None, fields=()):
         head, _, leaf = key.rpartition("/")
         parent_t = event_type(head) if head else _by_path["EVENT"]
     else:
+        if "/" in key:
+            raise EventTypeError(f"event type name {name!r}: with parent= give a bare "
+                                 f"name, or give the whole path without parent")
         parent_t = event_type(parent)
         leaf = key
     path = parent_t.path + "/" + leaf
@@ -498,6 +513,10 @@ class NF:
             raise SubscriptionError(
                 f"NF {self.name}: subscribe before the run starts; use up_sub to change "
                 "one flow's subscription at run time")
+        if t.idx in self.subs:
+            raise SubscriptionError(
+                f"NF {self.name}: already subscribed to {t.name} (one handler per type; "
+                "use up_sub to change it for one flow)")
         self.subs[t.idx] = (handler, bool(batch), side_mask(side))
         return t
 
@@ -505,7 +524,11 @@ class NF:
         """Restrict this NF's subscription to ``etype`` (or all of them) to events
         whose packet (or flow) matches ``spec``: ``proto`` ("tcp", "udp", 6...),
         ``src_port``/``dst_port`` (ports, "a-b" ranges, lists), ``src_net``/``dst_net``
-        (prefixes, lists).  Checked in C when the event is published."""
+        (prefixes, lists).  Checked in C when the event is published.  Before the
+        run only."""
+        if self._bus is not None:
+            raise SubscriptionError(f"NF {self.name}: filter before the run starts (the "
+                                    "bus compiled the filters when it started)")
         key = None if etype is None else event_type(etype).idx
         unknown = set(spec) - set(FILTER_KEYS)
         if unknown:
@@ -514,7 +537,11 @@ class NF:
         self.filters[key] = Filter(**spec)
 
     def pub(self, etype, *, writes=False):
-        """Announce a publication of ``etype`` and get its output port (``mb_pub``)."""
+        """Announce a publication of ``etype`` and get its output port (``mb_pub``).
+        Before the run only: the Controller checks the application's links then."""
+        if self._bus is not None:
+            raise SubscriptionError(f"NF {self.name}: declare publications (pub) before "
+                                    "the run starts")
         t = event_type(etype)
         port = PubPort(self, t, bool(writes) or self.writes)
         self.pubs[t.idx] = port

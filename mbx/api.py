@@ -60,9 +60,10 @@ class loading:
         _stack().loading.pop()
 
 
-def mb_sub(etype, handler, *, batch=False):
-    """Subscribe ``handler`` to ``etype`` (and its descendants)."""
-    return current_nf().sub(etype, handler, batch=batch)
+def mb_sub(etype, handler, *, batch=False, side="sender"):
+    """Subscribe ``handler`` to ``etype`` (and its descendants); ``side`` as for
+    ``NF.sub``."""
+    return current_nf().sub(etype, handler, batch=batch, side=side)
 
 
 def mb_pub(etype, *, writes=False):
@@ -70,9 +71,9 @@ def mb_pub(etype, *, writes=False):
     return current_nf().pub(etype, writes=writes)
 
 
-def mb_up_sub(etype, flow, handler, *, batch=False):
+def mb_up_sub(etype, flow, handler, *, batch=False, side="sender"):
     """Switch this NF's handler for ``etype`` on ``flow`` (None unsubscribes)."""
-    return current_nf().up_sub(etype, flow, handler, batch=batch)
+    return current_nf().up_sub(etype, flow, handler, batch=batch, side=side)
 
 
 def mb_new_msg(etype):

@@ -56,6 +56,25 @@ def test_errors_name_what_is_wrong():
         mbx.register_event_type("TEST_TOOBIG", fields=[(f"f{i}", "u64") for i in range(17)])
     with pytest.raises(mbx.EventTypeError, match="already defined"):
         mbx.register_event_type("TEST_SHADOW", parent="FLOW", fields=[("proto", "u8")])
+    # a header column's name broke a batch subscriber's dtype during the run
+    with pytest.raises(mbx.EventTypeError, match="field 'pkt' is already defined by a "
+                                                 "parent type, the message header"):
+        mbx.register_event_type("TEST_HDRCLASH", fields=[("pkt", "u32")])
+    with pytest.raises(mbx.EventTypeError, match="field name 'a b' is not a name"):
+        mbx.register_event_type("TEST_SPACE", fields=[("a b", "u8")])
+    with pytest.raises(mbx.EventTypeError, match="fields are \\(name, kind\\) pairs"):
+        mbx.register_event_type("TEST_PAIRS", fields="abc")
+    with pytest.raises(mbx.EventTypeError, match="with parent= give a bare name"):
+        mbx.register_event_type("X/Y", parent="FLOW")
+
+
+def test_failed_registrations_do_not_use_up_child_numbers():
+    parent = mbx.register_event_type("TEST_CHILDREN")
+    for _ in range(300):                        # more than a level holds (255)
+        with pytest.raises(mbx.EventTypeError):
+            mbx.register_event_type("BAD", parent=parent, fields=[("x", "u128")])
+    child = mbx.register_event_type("GOOD", parent=parent)
+    assert child.id == parent.id | (1 << (8 * parent.depth))
 
 
 _names = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=6)
@@ -138,3 +157,25 @@ def test_misused_views_and_ports_raise_instead_of_crashing():
         ev.drop()
     with pytest.raises(mbx.MbxError, match="not in a handler call"):
         ev.read(0, 1)
+
+
+def test_declarations_are_made_once_and_before_the_run(run, example_pcap):
+    nf = mbx.NF("twice")
+    nf.sub(mbx.PKT, lambda ev: None)
+    with pytest.raises(mbx.SubscriptionError, match="already subscribed to PKT"):
+        nf.sub(mbx.PKT, lambda ev: None)     # replaced the first one silently
+    late = mbx.register_event_type("TEST_LATE_PUB")
+    for what in ("pub", "filter"):
+        class Late(mbx.NF):
+            def __init__(self, what=what):
+                super().__init__(f"late_{what}")
+                self.sub(mbx.FLOW_START, self.on_start)
+
+            def on_start(self, ev, what=what):
+                if what == "pub":
+                    self.pub(late)          # got past the Controller's link check
+                else:
+                    self.filter(mbx.FLOW_START, proto="udp")   # was ignored
+
+        with pytest.raises(mbx.NFError, match=f"{what}.* before the run starts"):
+            run([Late()], example_pcap)
