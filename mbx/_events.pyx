@@ -28,6 +28,7 @@ from mbx._rewrite cimport REWRITE_NO_PORTS, pkt_rewrite
 
 import difflib
 import ipaddress
+import threading
 
 
 from mbx.errors import (
@@ -158,12 +159,14 @@ class EventType:
 _types = []            # by dense index
 _by_path = {}
 _live_buses = [0]      # types cannot be added while a bus is running
-_dispatching = [None]  # the NF whose handlers are running (for the mb_* functions)
+# .nf: the NF whose handlers this thread is running (for the mb_* functions); per
+# thread, as Apps may run in several threads at once
+_dispatching = threading.local()
 
 
 def dispatching_nf():
-    """The NF whose handler is running now, or None outside handlers."""
-    return _dispatching[0]
+    """The NF whose handler is running now in this thread, or None outside handlers."""
+    return getattr(_dispatching, "nf", None)
 
 
 def _register(path, parent, fields, builtin=False):
@@ -1848,6 +1851,7 @@ cdef class EventBus:
         cdef uint32_t i, j, r, wave, pos, queued
         cdef uint8_t g
         cdef uint32_t mask = self.msg_capacity - 1
+        outer = getattr(_dispatching, "nf", None)   # a run inside a handler: restored
         try:
             while True:
                 wave = NO_RING
@@ -1885,7 +1889,7 @@ cdef class EventBus:
                             self._run_cs(i, j, wave)
                         i = j - 1
                     elif self.next_ring(i, wave) != NO_RING:
-                        _dispatching[0] = self.nfs[i]
+                        _dispatching.nf = self.nfs[i]
                         self._drain(i, wave)
                     g = self.nf_fngroup[i]
                     if g and self.fn_pending[g - 1] and (
@@ -1893,11 +1897,11 @@ cdef class EventBus:
                         # the group's last member is done up to the wave, so every
                         # member has run on what it voted on: its merge function
                         # decides, before a later stage sees the packets
-                        _dispatching[0] = None
+                        _dispatching.nf = None
                         self.merge_votes(g - 1)
                     i += 1
         finally:
-            _dispatching[0] = None
+            _dispatching.nf = outer
             self.current_msg_idx = None
 
     cdef _drain(self, uint32_t i, uint32_t limit):

@@ -626,11 +626,11 @@ cdef class PipeBus(EventBus):
         if self.next_ring(k, limit) == NO_RING:
             return 0
         cdef uint64_t t0 = now_ns()
-        _events._dispatching[0] = nf
+        _events._dispatching.nf = nf
         try:
             self._drain(k, limit)
         finally:
-            _events._dispatching[0] = None
+            _events._dispatching.nf = None
             self.current_msg_idx = None
             self.ctl.procs[k].busy_ns += now_ns() - t0
             # what the inline bus counts per NF, for the stack's statistics

@@ -179,3 +179,76 @@ def test_declarations_are_made_once_and_before_the_run(run, example_pcap):
 
         with pytest.raises(mbx.NFError, match=f"{what}.* before the run starts"):
             run([Late()], example_pcap)
+
+
+def test_current_nf_is_the_one_running_in_this_thread(example_pcap):
+    # The running NF was one global: Apps in other threads saw each other's NF
+    # (mb_up_sub, mb_new_msg then act on another App's NF).
+    import threading
+
+    from mbx.api import current_nf
+    from mbx.ports import open_input
+    from mbx.runtime import App
+
+    wrong = []
+
+    class Who(mbx.NF):
+        def __init__(self, name):
+            super().__init__(name)
+            self.sub(mbx.PKT, self.on_pkt)
+
+        def on_pkt(self, ev):
+            if current_nf() is not self:
+                wrong.append(self.name)
+
+    def run_one(k):
+        for _ in range(3):
+            inp = open_input(f"pcap:{example_pcap}")
+            try:
+                App([Who(f"who{k}")]).run(inp)
+            finally:
+                inp.close()
+
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)     # threads take turns often, inside dispatch too
+    try:
+        threads = [threading.Thread(target=run_one, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, f"{len(wrong)} events saw another thread's NF"
+
+
+def test_current_nf_comes_back_after_a_run_inside_a_handler(example_pcap):
+    from mbx.api import current_nf
+    from mbx.ports import open_input
+    from mbx.runtime import App
+
+    seen = []
+
+    class Outer(mbx.NF):
+        def __init__(self):
+            super().__init__("outer")
+            self.sub(mbx.FLOW_START, self.on_start)
+
+        def on_start(self, ev):
+            if seen:
+                return
+            inner = open_input(f"pcap:{example_pcap}")
+            try:
+                App([mbx.NF("inner")]).run(inner)
+            finally:
+                inner.close()
+            seen.append(current_nf().name)
+
+    inp = open_input(f"pcap:{example_pcap}")
+    try:
+        App([Outer()]).run(inp)
+    finally:
+        inp.close()
+    assert seen == ["outer"]
