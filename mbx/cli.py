@@ -284,14 +284,16 @@ def _run_parallel(nfs, args, config, listeners, view):
     return counters
 
 
-def _int_at_least(low, most=None):
+def int_at_least(low, most=None):
+    """An argparse type: a whole number from ``low`` to ``most`` (no upper bound
+    without one); the benchmark scripts use it too."""
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {low}")
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {low:,}")
         if most is not None and value > most:
             raise argparse.ArgumentTypeError(f"{text!r}: must be at most {most:,}")
         return value
@@ -336,7 +338,7 @@ def _add_run_options(p):
     p.add_argument("--out", metavar="PORT",
                    help="output port for packets that pass: pcap:FILE, afpacket:IF, "
                         "dpdk:VDEV[,ARGS]")
-    p.add_argument("--flows", type=_int_at_least(1, CAPACITY_MAX),
+    p.add_argument("--flows", type=int_at_least(1, CAPACITY_MAX),
                    help="flow table capacity (65536)")
     p.add_argument("--idle-timeout", type=_seconds,
                    help="seconds before an idle flow ends (60)")
@@ -345,10 +347,10 @@ def _add_run_options(p):
                         "refuse new flows (evict)")
     p.add_argument("--malformed", choices=("forward", "drop"),
                    help="what to do with packets the parser flags (forward)")
-    p.add_argument("--burst", type=_int_at_least(1), default=64, help="packets per burst (64)")
-    p.add_argument("--max-packets", type=_int_at_least(0), default=0,
+    p.add_argument("--burst", type=int_at_least(1), default=64, help="packets per burst (64)")
+    p.add_argument("--max-packets", type=int_at_least(0), default=0,
                    help="stop after N packets (in each stack process with --stacks)")
-    p.add_argument("--stacks", type=_int_at_least(1), default=1,
+    p.add_argument("--stacks", type=int_at_least(1), default=1,
                    help="stack processes, flows split by a symmetric hash (software RSS "
                         "over a capture, a fanout group on an AF_PACKET port) (1)")
     p.add_argument("--duration", type=_seconds, default=0,
@@ -361,10 +363,10 @@ def _add_run_options(p):
     p.add_argument("--deploy", choices=("inline", "pipelined"), default="inline",
                    help="inline: NFs in this process; pipelined: each NF in its own "
                         "process, events over shared-memory rings (inline)")
-    p.add_argument("--ring-size", type=_int_at_least(0), metavar="N",
+    p.add_argument("--ring-size", type=int_at_least(0), metavar="N",
                    help="pipelined: entries per ring, a power of two (room for all of "
                         "Event Memory)")
-    p.add_argument("--inflight", type=_int_at_least(1), default=None, metavar="K",
+    p.add_argument("--inflight", type=int_at_least(1), default=None, metavar="K",
                    help="pipelined: bursts the stack runs ahead of the NF processes, a "
                         "power of two from 1 to 16 (4; 1 where an NF reads stream "
                         "bytes or terminates flows)")
@@ -414,7 +416,7 @@ def main(argv=None):
     c.add_argument("--set", action="append", metavar="NF.KEY=VALUE")
     g = sub.add_parser("example-capture", help="write the built-in example capture")
     g.add_argument("path")
-    g.add_argument("--flows", type=_int_at_least(1, EXAMPLE_FLOWS_MAX), default=200,
+    g.add_argument("--flows", type=int_at_least(1, EXAMPLE_FLOWS_MAX), default=200,
                    help="TCP connections (200)")
     g.add_argument("--seed", type=int, default=1)
     f = sub.add_parser("flows", help="summarise every TCP connection of a capture "
@@ -424,9 +426,9 @@ def main(argv=None):
     f.add_argument("--json", action="store_true",
                    help="write the mbx-flows/1 JSON object (the only format so far)")
     f.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
-    f.add_argument("--flows", type=_int_at_least(1, CAPACITY_MAX), default=1 << 20,
+    f.add_argument("--flows", type=int_at_least(1, CAPACITY_MAX), default=1 << 20,
                    help="concurrent connections tracked (1048576)")
-    f.add_argument("--stream-memory", type=_int_at_least(1), default=1024,
+    f.add_argument("--stream-memory", type=int_at_least(1), default=1024,
                    help="MiB for out-of-order data waiting for its hole (1024)")
     t = sub.add_parser("types", help="list the registered event types")
     t.add_argument("--fields", action="store_true")
