@@ -594,9 +594,9 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                         reading.discard(key.fd)
                         if released == k + 1:   # it failed before it opened its ports
                             release_next()
-                        if last[k] is None:
-                            # it died without a report: its share of the flows has no
-                            # stack any more, so the run ends now, not at its end
+                        if last[k] is None or "error" in last[k]:
+                            # it died or failed: its share of the flows has no stack
+                            # any more, so the run ends now, not at the input's end
                             stop_children()
                         continue
                     *lines, buffers[k] = (buffers[k] + data).split(b"\n")

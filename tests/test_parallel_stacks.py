@@ -251,6 +251,36 @@ def test_a_stack_process_that_dies_ends_the_run_at_once(tmp_path):
     assert _gone_within([b], 5)
 
 
+def test_a_stack_process_that_fails_ends_the_run_at_once(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    cap = str(tmp_path / "many.pcap")
+    many_flows_capture(cap, flows=200, packets=40000)
+    nf = tmp_path / "fails.py"
+    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + SLOW_NF + """
+from mbx import runtime
+slow_pkt = nf.on_pkt
+
+def on_pkt(ev, n=[0]):
+    n[0] += 1
+    if runtime._stack_process[0] == 0 and n[0] == 100:
+        raise RuntimeError("stack 0 gives up")
+    slow_pkt(ev)
+
+nf.subs.clear()
+nf.sub(mbx.PKT, on_pkt)
+""")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", str(nf), "--in", cap,
+                        "--stacks", "2"], capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 2 and "stack 0: NFError" in r.stderr, r.stderr
+    assert "stack 0 gives up" in r.stderr
+    assert took < 8, f"the other stack ran on {took:.1f} s after stack 0 failed"
+
+
 def test_stack_processes_end_when_mbx_is_killed(tmp_path):
     import signal
 
