@@ -330,4 +330,5 @@ cdef class EventBus:
     cdef void _run_c_timed(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef uint32_t _run_c(self, uint32_t i, uint32_t limit) noexcept nogil
     cdef uint32_t _run_shared(self, uint32_t lead, uint32_t end, uint32_t limit) noexcept nogil
+    cdef _make_stage(self)
     cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt, uint32_t limit)

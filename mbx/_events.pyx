@@ -1512,6 +1512,11 @@ cdef class EventBus:
                 self.nf_has_py[nf] = 1
                 if batch:
                     btab[t.idx] = a.idx + 1
+                    # numpy (about 80 ms to import), the staging buffer and the
+                    # record type now, when the subscription is planned (before
+                    # the run), not while the first packet waits
+                    self._make_stage()
+                    _types[a.idx].dtype
         self.set_keys[nf][key] = s
         self.set_maps[nf].append(mapping)
         return s
@@ -2253,10 +2258,9 @@ cdef class EventBus:
         self.delivered += n
         return <uint32_t>n
 
-    cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt,
-                    uint32_t limit):
-        # Gather the run of queued messages that resolve to the same batch handler
-        # into the staging buffer, and hand them over as one numpy view.
+    cdef _make_stage(self):
+        # The batch handlers' staging buffer (numpy is imported only by a bus that
+        # has some batch handler).
         cdef uint8_t[::1] stage_mem
         if self.stage is None:
             import numpy as np
@@ -2265,6 +2269,12 @@ cdef class EventBus:
             self.stage = np.zeros(self.msg_capacity * sizeof(mbx_msg), dtype=np.uint8)
             stage_mem = self.stage
             self.stage_buf = <mbx_msg *>&stage_mem[0]
+
+    cdef _run_batch(self, uint32_t i, uint32_t first, void *h, uint16_t bt,
+                    uint32_t limit):
+        # Gather the run of queued messages that resolve to the same batch handler
+        # into the staging buffer, and hand them over as one numpy view.
+        self._make_stage()
         cdef mbx_msg *stage = self.stage_buf
         cdef uint32_t n = 0, idx, s, r, j
         cdef mbx_msg *m

@@ -252,3 +252,21 @@ def test_current_nf_comes_back_after_a_run_inside_a_handler(example_pcap):
     finally:
         inp.close()
     assert seen == ["outer"]
+
+
+def test_a_batch_subscription_prepares_numpy_before_the_run():
+    # numpy was imported (about 80 ms) when the first batch was dispatched: on a
+    # live bridge the first packet waited for it.
+    import subprocess
+    import sys
+
+    code = ("import sys, mbx\n"
+            "from mbx._events import EventBus\n"
+            "nf = mbx.NF('b')\n"
+            "nf.sub(mbx.PKT, lambda recs: None, batch=True)\n"
+            "before = 'numpy' in sys.modules\n"
+            "bus = EventBus([nf])\n"
+            "print(before, 'numpy' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.split() == ["False", "True"], r.stderr
