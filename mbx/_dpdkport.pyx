@@ -618,6 +618,11 @@ cdef class DpdkPort(Port):
                         KNOWN_VDEV_DRIVERS):
                     why = (f"no virtual-device driver matches the name (it must start "
                            f"with a driver name, e.g. {', '.join(KNOWN_VDEV_DRIVERS)})")
+                elif "Address already in use" in text:
+                    # memif: the driver's return code says ENOENT; its log says why
+                    why = ("its socket path is in use: another run is listening there, "
+                           "or a run that was killed left the socket file behind "
+                           "(remove it if no run uses it)")
                 else:
                     why = (f"the driver refused it ({_err(rc)}; check the arguments "
                            f"{devargs!r})")

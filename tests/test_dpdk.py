@@ -698,3 +698,16 @@ def _afpacket_main(capture, out):
 
 if __name__ == "__main__":
     {"afpacket": _afpacket_main}[sys.argv[1]](*sys.argv[2:])
+
+
+def test_a_memif_socket_path_in_use_is_named(eal, tmp_path):
+    # A server killed with SIGKILL leaves its socket file: the next server's error
+    # was the driver's errno ("No such file or directory"); its log says why.
+    import socket
+
+    sock = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))
+    s.close()                               # the file stays, as a killed run leaves it
+    with pytest.raises(PortError, match="its socket path is in use"):
+        DpdkPort(vdev("net_memif", f"role=server,socket={sock},socket-abstract=no"))
