@@ -416,9 +416,37 @@ def test_bad_udp_len(ulen):
     assert f["status"] == "bad_udp_len" and (f["sport"], f["dport"]) == (9, 10)
 
 
-def test_frag_timeout_and_memcap_are_counted():
-    # Reassembly reasons: set by FragTable, checked in the fragment tests below.
+def test_frag_timeout_and_memcap_are_counted(tmp_path):
+    # The stack's frag_timeout and frag_memory options, and their counters.
+    from mbx.examples.capture import write_pcap
+    from mbx.ports import open_input
+    from mbx.runtime import App
+
     assert {"frag_timeout", "frag_memcap"} <= set(STATUSES)
+    lost = fragment4(eth(ip4(17, udp(1000, 53, b"x" * 3000))), 1200)   # 3 fragments
+    later = eth(ip4(17, udp(1001, 53, b"y" * 10), src="10.0.0.3"))
+    big = fragment4(eth(ip4(17, udp(1002, 53, b"z" * 6000), ident=7)), 1200)  # 6
+    frames = [(1.0, lost[0]), (2.0, lost[1]),       # its last fragment never comes
+              (40.0, later)]                        # 30 s on: the two time out
+    frames += [(41.0 + i / 1000, f) for i, f in enumerate(big)]
+    cap = str(tmp_path / "frag.pcap")
+    write_pcap(cap, frames)
+
+    def run(**options):
+        inp = open_input("pcap:" + cap)
+        try:
+            return App([], frag_timeout=30.0, **options).run(inp)
+        finally:
+            inp.close()
+
+    # datagrams: the lost one times out; big, cut by the memcap, never completes and
+    # is given up at the end of the input
+    c = run(frag_memory=4096)                       # too little for all of big
+    assert c["fragments"]["timed_out"] == 2 and c["fragments"]["completed"] == 0
+    assert c["fragments"]["memcap_drops"] == c["parse"]["frag_memcap"] == 2
+    c = run(frag_memory=1 << 20)                    # room for all: big is whole again
+    assert c["fragments"]["timed_out"] == 1 and c["fragments"]["completed"] == 1
+    assert c["fragments"]["memcap_drops"] == 0 and "frag_memcap" not in c["parse"]
 
 
 # ---------------------------------------------------------------------------
