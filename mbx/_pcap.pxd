@@ -39,6 +39,7 @@ ctypedef struct pcapng_if:
     uint64_t mul            # power of ten, ns = units * mul ...
     uint64_t div            # ... or units / div
     int64_t offset_ns       # if_tsoffset
+    uint32_t fcs_len        # bytes of frame check sequence each frame ends with (if_fcslen)
 
 # The next packet found in the file, before it is copied into a batch.
 ctypedef struct pcap_rec:
@@ -58,6 +59,7 @@ cdef class PcapReader(Port):
     cdef readonly uint32_t linktype     # of the file (pcapng: of its first interface)
     cdef readonly bint nanosecond       # native resolution finer than microseconds
     cdef readonly uint32_t snaplen
+    cdef readonly uint32_t fcs_len      # classic pcap: FCS bytes each frame ends with
     cdef readonly uint64_t size         # file bytes
     cdef readonly uint64_t damaged      # records/blocks whose lengths lie (reading stops)
     cdef readonly uint64_t truncated    # final record cut short (reading ends normally)

@@ -67,7 +67,11 @@ cdef enum:
     BYTE_ORDER_SWAPPED = 0x4D3C2B1A
     OPT_ENDOFOPT = 0
     OPT_IF_TSRESOL = 9
+    OPT_IF_FCSLEN = 13
     OPT_IF_TSOFFSET = 14
+    # classic pcap: the link-type field's top bits say whether, and how long, an FCS
+    # ends each frame (in 16-bit words)
+    LT_FCS_PRESENT = 0x04000000
     # A block longer than the file by no more than this is a capture cut short;
     # anything longer is a length field that lies.
     PCAPNG_MAX_BLOCK = PCAP_MAX_CAPLEN + 65536
@@ -115,6 +119,16 @@ cdef inline int64_t units_to_ns(const pcapng_if *itf, uint64_t t) noexcept nogil
     if itf.mul:
         return <int64_t>(t * itf.mul) + itf.offset_ns
     return <int64_t>(t / itf.div) + itf.offset_ns
+
+
+cdef inline void drop_fcs(pcap_rec *r, uint32_t fcs) noexcept nogil:
+    # The frame check sequence a capture kept is not part of the frame a stack
+    # parses or a port sends: the wire length loses it, and the captured bytes lose
+    # whatever of it they hold.
+    if r.wirelen >= fcs:
+        r.wirelen -= fcs
+    if r.caplen > r.wirelen:
+        r.caplen = r.wirelen
 
 
 cdef inline void set_tsresol(pcapng_if *itf, uint8_t resol) noexcept nogil:
@@ -252,6 +266,8 @@ cdef class PcapReader(Port):
         self.snaplen = rd32(m + 16, sw)
         # The top bits carry FCS information, not the link type.
         self.linktype = rd32(m + 20, sw) & 0x03FFFFFF
+        if rd32(m + 20, sw) & LT_FCS_PRESENT:
+            self.fcs_len = (rd32(m + 20, sw) >> 28) * 2
         self.mode = link_mode(self.linktype)
         if self.mode == LINK_UNSUPPORTED:
             raise CaptureFormatError(
@@ -399,6 +415,8 @@ cdef class PcapReader(Port):
         r.data = h + PCAP_REC_HDR
         r.caplen = caplen
         r.wirelen = rd32(h + 12, self.swapped)
+        if self.fcs_len:
+            drop_fcs(r, self.fcs_len)
         r.ts_ns = (<int64_t>rd32(h, self.swapped) * NS
                    + <int64_t>rd32(h + 4, self.swapped) * self.frac_mul)
         r.mode = self.mode
@@ -484,6 +502,8 @@ cdef class PcapReader(Port):
                 r.data = b + 20
                 r.caplen = caplen
                 r.wirelen = rd32(b + 16, sw)
+                if itf.fcs_len:
+                    drop_fcs(r, itf.fcs_len)
                 r.ts_ns = units_to_ns(
                     itf, (<uint64_t>rd32(b + 4, sw) << 32) | rd32(b + 8, sw))
                 r.mode = itf.mode
@@ -507,6 +527,8 @@ cdef class PcapReader(Port):
                 r.data = b + 4
                 r.caplen = caplen
                 r.wirelen = wirelen
+                if itf.fcs_len:
+                    drop_fcs(r, itf.fcs_len)
                 r.ts_ns = 0
                 r.mode = itf.mode
                 r.at = pos
@@ -537,7 +559,7 @@ cdef class PcapReader(Port):
                 if itf.mode == LINK_UNSUPPORTED:
                     snprintf(self.errmsg, sizeof(self.errmsg),
                              "unsupported link type %u (interface %u at byte offset %zu); "
-                             "supported: 1, 101, 113, 228, 229, 276",
+                             "supported: 1, 12, 14, 101, 113, 228, 229, 276",
                              itf.linktype, self.n_ifaces, pos)
                     return self._fail(False)
                 # Options are read leniently: one that runs past the block ends the
@@ -550,6 +572,8 @@ cdef class PcapReader(Port):
                         break
                     if code == OPT_IF_TSRESOL and olen >= 1:
                         set_tsresol(itf, b[o + 4])
+                    elif code == OPT_IF_FCSLEN and olen >= 1:
+                        itf.fcs_len = b[o + 4] // 8     # given in bits
                     elif code == OPT_IF_TSOFFSET and olen >= 8:
                         itf.offset_ns = <int64_t>rd64(b + o + 4, sw) * NS
                     o += 4 + ((olen + 3) & ~(<uint32_t>3))

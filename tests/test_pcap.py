@@ -160,10 +160,12 @@ def shb(e="<"):
     return block(0x0A0D0D0A, struct.pack(e + "IHHq", 0x1A2B3C4D, 1, 0, -1), e)
 
 
-def idb(linktype, tsresol=None, snaplen=0, e="<", tsoffset=None):
+def idb(linktype, tsresol=None, snaplen=0, e="<", tsoffset=None, fcslen_bits=None):
     opts = b""
     if tsresol is not None:
         opts += opt(9, bytes([tsresol]), e)
+    if fcslen_bits is not None:
+        opts += opt(13, bytes([fcslen_bits]), e)
     if tsoffset is not None:
         opts += opt(14, struct.pack(e + "q", tsoffset), e)
     if opts:
@@ -590,3 +592,24 @@ def test_a_writer_refuses_a_capture_a_reader_has_open(tmp_path, example_pcap):
     assert cap.read_bytes() == before
     r.close()
     PcapWriter(cap).close()             # once it is closed, it may be written
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+def test_a_frame_check_sequence_the_capture_kept_is_dropped(tmp_path, fmt):
+    # Captures that say their frames end with an FCS (the link-type field's FCS bits
+    # in pcap, if_fcslen in pcapng) had those 4 bytes parsed and forwarded as frame.
+    frames = random_frames(5, seed=7)
+    fcs = b"\xde\xad\xbe\xef"
+    if fmt == "pcap":
+        # FCS present (0x04000000), 2 words of 16 bits (top 4 bits)
+        data = classic([(1, 0, f + fcs, len(f) + 4) for f in frames], big_endian=False,
+                       linktype=1 | 0x04000000 | (2 << 28))
+    else:
+        data = shb() + idb(1, fcslen_bits=32) + b"".join(
+            epb(0, 1_000_000, f + fcs) for f in frames)
+    path = tmp_path / f"fcs.{fmt}"
+    path.write_bytes(data)
+    with PcapReader(path) as r:
+        assert r.linktype == 1
+        got = read_all(r)
+    assert [(f, wl) for f, _, wl in got] == [(f, len(f)) for f in frames]
