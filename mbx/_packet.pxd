@@ -43,6 +43,8 @@ cdef enum PktFlags:
     PKT_F_TRUNCATED = 16        # caplen < what the headers say (payload cut)
     PKT_F_RSS_HASH = 32         # hash already holds the flow table's hash: the port's
     #                             software-RSS walk computed it (mbx/_rss.pxd)
+    PKT_F_STACK_DROP = 64       # dropped by the stack, not an NF (malformed, a refused
+    #                             fragment, a full ring): counted where it happened
 
 # What an interface left for the next one to do (AF_PACKET with offloads=True reads
 # it from the kernel's virtio_net_hdr and hands it back on send).

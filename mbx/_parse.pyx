@@ -36,6 +36,7 @@ from mbx._packet cimport (
     PKT_F_IP_OPTIONS,
     PKT_F_REASSEMBLED,
     PKT_F_RSS_HASH,
+    PKT_F_STACK_DROP,
     PKT_F_TRUNCATED,
     TCPOPT_F_MSS,
     TCPOPT_F_SACK,
@@ -59,7 +60,8 @@ assert len(_STATUS_NAMES) == PARSE_N, "ParseStatus and _STATUS_NAMES disagree"
 _DEFRAG_NAMES = ("none", "held", "done", "drop")
 _FLAG_NAMES = ((PKT_F_FRAGMENT, "fragment"), (PKT_F_REASSEMBLED, "reassembled"),
                (PKT_F_ICMP_ERROR, "icmp_error"), (PKT_F_IP_OPTIONS, "ip_options"),
-               (PKT_F_TRUNCATED, "truncated"), (PKT_F_RSS_HASH, "rss_hash"))
+               (PKT_F_TRUNCATED, "truncated"), (PKT_F_RSS_HASH, "rss_hash"),
+               (PKT_F_STACK_DROP, "stack_drop"))
 
 cdef enum:
     ETH_HLEN = 14
@@ -669,6 +671,7 @@ cdef class FragTable:
             self.bad += 1
         p.status = <uint8_t>status
         p.verdict = VERDICT_DROP
+        p.flags |= PKT_F_STACK_DROP
         return DEFRAG_DROP
 
     cdef int expire(self, int64_t now_ns) noexcept nogil:

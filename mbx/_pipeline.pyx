@@ -100,7 +100,7 @@ from mbx._events cimport (
     MAX_TYPES, MSG_F_SIDED, NO_PKT, NO_RING, EventBus, mbx_filter, mbx_msg, mbx_vote,
     msg_header,
 )
-from mbx._packet cimport NO_FLOW, VERDICT_DROP, Batch, mbx_pkt
+from mbx._packet cimport NO_FLOW, PKT_F_STACK_DROP, VERDICT_DROP, Batch, mbx_pkt
 
 import os
 import signal
@@ -552,6 +552,7 @@ cdef class PipeBus(EventBus):
             p = &self.pkts[m.h.pkt]
             if p.verdict != VERDICT_DROP:
                 me.ring_dropped_pkts += 1
+                p.flags |= PKT_F_STACK_DROP     # counted here, not as an NF's drop
             drop_pkt(p, 0)
 
     # -- the NF side --------------------------------------------------------------

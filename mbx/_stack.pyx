@@ -21,8 +21,9 @@ from mbx._flow cimport (
     mbx_flow, mbx_flow_key,
 )
 from mbx._packet cimport (
-    NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PKT_F_RSS_HASH, PORT_EOF,
-    PORT_ERROR, VERDICT_DROP, VERDICT_HELD, VERDICT_PASS, Batch, Port, mbx_pkt,
+    NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PKT_F_RSS_HASH,
+    PKT_F_STACK_DROP, PORT_EOF, PORT_ERROR, VERDICT_DROP, VERDICT_HELD, VERDICT_PASS,
+    Batch, Port, mbx_pkt,
 )
 from mbx._parse cimport DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
 from mbx._rss cimport (
@@ -214,6 +215,7 @@ cdef class NetworkLayer:
                     st = p.status
                 if st != PARSE_OK and st != PARSE_NOT_IP and self.drop_malformed:
                     p.verdict = VERDICT_DROP
+                    p.flags |= PKT_F_STACK_DROP
                     self.malformed_dropped += 1
                     continue
                 tracked[ntracked] = p
@@ -311,7 +313,8 @@ cdef class NetworkLayer:
                     if out is not None:
                         ptrs[k] = &batch.pkts[i]
                         k += 1
-                elif batch.pkts[i].verdict == VERDICT_DROP:
+                elif (batch.pkts[i].verdict == VERDICT_DROP
+                      and not batch.pkts[i].flags & PKT_F_STACK_DROP):
                     self.nf_dropped += 1
                 i += 1
             if k:
@@ -352,7 +355,7 @@ cdef class NetworkLayer:
         cdef double next_report = now + progress_every
         cdef double deadline = now + duration if duration > 0 else 0
         cdef uint64_t limit = max_packets
-        cdef uint32_t idle = 0
+        cdef uint32_t idle = 0, full
         cdef bint live = bool(getattr(inp, "live", False))
         cdef timespec wall
         if nslots > 64:
@@ -365,8 +368,15 @@ cdef class NetworkLayer:
                 inflight -= 1
             batch = batches[(head + inflight) % nslots]
             batch.clear()
+            full = 0
+            if limit and limit - self.pkts < batch.capacity:
+                # read no more than the limit: frames read past it would be lost
+                full = batch.capacity
+                batch.capacity = <uint32_t>(limit - self.pkts)
             with nogil:
                 n = inp.rx_burst(batch)
+            if full:
+                batch.capacity = full
             if n == PORT_ERROR:
                 inp.check()
             if n == PORT_EOF:

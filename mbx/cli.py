@@ -82,7 +82,9 @@ def _print_counters(c, elapsed, out=None):
     w(f"dropped        by NFs {c['dropped_by_nf']:,}, malformed {c['dropped_malformed']:,}\n")
     f = c["flows"]
     w(f"flows          created {f['created']:,}, expired {f['expired']:,}, "
-      f"evicted {f['evicted']:,}, refused {f['refused']:,}\n")
+      f"evicted {f['evicted']:,}"
+      + (f", refused {f['refused']:,} packets (no room for their flow)" if f["refused"]
+         else "") + "\n")
     for side, port in (c.get("ports") or {}).items():
         unsent = (port or {}).get("tx_dropped")
         if unsent:
@@ -215,6 +217,10 @@ def _run_app(app, args, listeners, view):
         if out is not None and out is not inp:
             out.close()
     elapsed = time.perf_counter() - t0
+    # the views end on the final counters, the ones printed below (pipelined, the NF
+    # processes' per-type counts join the stack's only when they stop)
+    for listener in listeners:
+        listener.update(counters)
     counters["elapsed_s"] = elapsed
     sent_by = out.port if isinstance(out, DeferredOutput) else out
     counters["ports"] = {"in": inp.counters,

@@ -391,6 +391,10 @@ def merge_snapshots(parts):
     """The counters of several stack processes as one: ``merge_counters``, with each
     NF's mean handler time taken over all of them (not summed)."""
     out = merge_counters(parts)
+    # each process's packets left to the others: summed, they would be the input
+    # (N - 1) times over; the merged counters leave no packet to anyone
+    if "other_stacks" in out:
+        out["other_stacks"] = 0
     for n in out.get("nfs", {}).values():
         n["mean_ns"] = n["handler_ns"] / n["events"] if n["events"] else 0.0
     return out

@@ -351,3 +351,35 @@ def test_the_summary_says_what_a_live_input_lost(example_pcap):
     assert "not received   300 frames: the receive ring was full" in lines[4]
     assert any(line.startswith("cut short      2 frames") for line in lines)
     assert any(line.startswith("link           1 errors") for line in lines)
+
+
+def test_every_packet_is_counted_once(tmp_path, example_pcap):
+    # Packets the stack dropped (malformed, refused fragments, full rings) were
+    # counted as dropped by NFs too, so the counters added up to more than the input;
+    # --max-packets read and lost the rest of its last burst.
+    from mbx.ports import open_input, open_output
+    from mbx.runtime import App, load_app
+
+    def run(max_packets=0, **options):
+        inp = open_input(f"pcap:{example_pcap}")
+        out = open_output(f"pcap:{tmp_path / 'o.pcap'}")
+        try:
+            return App(load_app("l2fwd"), **options).run(inp, out, burst=64,
+                                                         max_packets=max_packets)
+        finally:
+            inp.close()
+            out.close()
+
+    c = run(malformed="drop")
+    assert c["dropped_malformed"] > 0 and c["dropped_by_nf"] == 0
+    assert c["packets"] == c["sent"] + c["dropped_malformed"] + c["fragments_held"]
+    c = run(deploy="pipelined", ring_size=16, ring_full="drop")
+    lost = c["pipeline"]["ring_dropped_pkts"]
+    assert lost > 0 and c["dropped_by_nf"] == 0 and c["packets"] == c["sent"] + lost + c[
+        "fragments_held"]
+    inp = open_input(f"pcap:{example_pcap}")
+    try:
+        c = App([]).run(inp, max_packets=100)
+        assert c["packets"] == 100 == inp.counters["rx_pkts"]
+    finally:
+        inp.close()

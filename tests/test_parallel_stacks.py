@@ -117,6 +117,7 @@ def test_cli_stacks_option(tmp_path, scheme):
     assert r.returncode == 0, r.stderr
     c = json.loads(out.read_text())
     assert c["packets"] == 2000 and len(c["stacks"]) == 2
+    assert c["other_stacks"] == 0       # summed, it was the input once per extra stack
     assert sum(s["packets"] for s in c["stacks"]) == 2000
     # each stack's table is half of --flows (65536), and no share was full
     assert [s["flow_capacity"] for s in c["stacks"]] == [32768, 32768]

@@ -444,6 +444,7 @@ def test_frag_timeout_and_memcap_are_counted(tmp_path):
     c = run(frag_memory=4096)                       # too little for all of big
     assert c["fragments"]["timed_out"] == 2 and c["fragments"]["completed"] == 0
     assert c["fragments"]["memcap_drops"] == c["parse"]["frag_memcap"] == 2
+    assert c["dropped_by_nf"] == 0                  # the stack refused them, no NF
     c = run(frag_memory=1 << 20)                    # room for all: big is whole again
     assert c["fragments"]["timed_out"] == 1 and c["fragments"]["completed"] == 1
     assert c["fragments"]["memcap_drops"] == 0 and "frag_memcap" not in c["parse"]
