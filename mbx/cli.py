@@ -155,7 +155,8 @@ def _run(nfs, args, spec=None):
     if given and args.deploy != "pipelined":
         raise MbxError(f"{', '.join(given)}: for --deploy pipelined only (this run is "
                        f"{args.deploy})")
-    config = dict(_STACK_DEFAULTS, deploy=args.deploy, ring_size=args.ring_size or 0,
+    # stack options left out everywhere take App's own defaults
+    config = dict(deploy=args.deploy, ring_size=args.ring_size or 0,
                   ring_full=args.ring_full or "stall", inflight=args.inflight,
                   nf_timing=args.nf_timing)
     if spec is not None:        # an application file's [app] stack and [stack] options
@@ -328,13 +329,12 @@ def _tcp_port(text):
 
 
 # command-line option (dest) -> App option, for those an application file's [app]
-# stack or [stack] table can also set; their defaults are applied in _run, so that an
-# option given on the command line is told from one left out
+# stack or [stack] table can also set; argparse leaves them None when not given (App
+# applies its defaults), so that an option given on the command line is told from
+# one left out
 _STACK_OPTIONS = {"flows": "flow_capacity", "idle_timeout": "idle_timeout",
                   "flow_policy": "flow_policy", "malformed": "malformed",
                   "stack": "stack", "overlap": "overlap"}
-_STACK_DEFAULTS = {"flow_capacity": 65536, "idle_timeout": 60.0, "flow_policy": "evict",
-                   "malformed": "forward", "stack": "auto", "overlap": "first"}
 
 
 def _add_run_options(p):
