@@ -196,7 +196,7 @@ def forward(mode, n, idle_s=1.0):
                 got += send(batch)
                 last = time.perf_counter()
             cpu = cpu_seconds() - c0
-        dropped = bridge.stats()["rx_dropped"]
+        dropped = bridge.counters["rx_dropped"]
         bridge.close()
     wall = (last - first) if first and last and last > first else float("nan")
     print(json.dumps({"mode": mode, "forwarded": got, "cpu_s": cpu, "wall_s": wall,

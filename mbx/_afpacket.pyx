@@ -318,7 +318,7 @@ cdef class AfPacketPort(Port):
     ``duration`` in seconds (counted from the first receive) or Ctrl-C make
     ``rx_burst`` return end of input, so the run loop finishes normally.
     Counters: ``rx_dropped`` are frames the kernel could not put in the ring
-    (PACKET_STATISTICS, refreshed by ``stats()`` and when idle); ``tx_dropped``
+    (PACKET_STATISTICS, fetched by ``counters``, when idle and at close); ``tx_dropped``
     frames refused by the interface (full queue, too big); ``kernel_freezes``
     (V3 only) blocks the kernel found still in our hands.
     """
@@ -555,6 +555,10 @@ cdef class AfPacketPort(Port):
 
     @property
     def counters(self):
+        """All counters; the kernel's (``kernel_packets``, ``rx_dropped``,
+        ``kernel_freezes``) fetched afresh while the socket is open."""
+        if self.fd >= 0 and self.rx:
+            self.refresh_stats()
         c = Port.counters.__get__(self)
         c.update(kernel_packets=self.kernel_packets, kernel_freezes=self.kernel_freezes,
                  rx_outgoing=self.rx_outgoing, rx_vlan=self.rx_vlan,
@@ -568,12 +572,6 @@ cdef class AfPacketPort(Port):
             # why the last frames were not sent (EMSGSIZE: larger than the MTU, ...)
             c["tx_error"] = os.strerror(self.last_tx_errno) if self.last_tx_errno else None
         return c
-
-    def stats(self):
-        """Refresh the kernel's drop counters; all counters as a dict."""
-        if self.fd >= 0 and self.rx:
-            self.refresh_stats()
-        return self.counters
 
     def __repr__(self):
         return (f"<AfPacketPort {self.iface!r} ifindex={self.ifindex} mtu={self.mtu} "
@@ -948,7 +946,8 @@ cdef class BridgePorts(Port):
         if self.client is not None:
             self.client.close()
         if self.server is not None:
-            self.server.close()
+            self.server.close()     # each side fetches its kernel counters first
+            self.rx_dropped = self.client.rx_dropped + self.server.rx_dropped
         self.closed = True
 
     def stop(self):
@@ -973,15 +972,12 @@ cdef class BridgePorts(Port):
 
     @property
     def counters(self):
-        """The bridge's counters, and each side's under ``client`` and ``server``."""
-        return bridge_counters(self, self.client, self.server, self.misrouted)
-
-    def stats(self):
-        """Refresh both sides' kernel counters; the bridge's counters and each side's."""
-        self.client.stats()
-        self.server.stats()
+        """The bridge's counters, and each side's under ``client`` and ``server``
+        (each side's kernel counters fetched afresh while it is open)."""
+        c = bridge_counters(self, self.client, self.server, self.misrouted)
         self.rx_dropped = self.client.rx_dropped + self.server.rx_dropped
-        return self.counters
+        c["rx_dropped"] = self.rx_dropped
+        return c
 
     def __repr__(self):
         return f"<BridgePorts {self.client.iface!r} <-> {self.server.iface!r}>"

@@ -985,7 +985,7 @@ cdef class DpdkPort(Port):
         threads receive or send on the port: those calls finish first, later ones
         see the end of input (receive) or a closed port (send)."""
         if self.attached or self.started or self.pool != NULL:
-            self._last_stats = self.stats
+            self._last_stats = self.device_stats
             log = _EalLog()
             self._release()
             log.finish()
@@ -999,7 +999,7 @@ cdef class DpdkPort(Port):
     # ------------------------------------------------------------ counters
 
     @property
-    def stats(self):
+    def device_stats(self):
         """The device's own counters (rte_eth_stats), or {} once closed."""
         cdef rte_eth_stats st
         cdef int rc
@@ -1048,7 +1048,7 @@ cdef class DpdkPort(Port):
              "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped,
              "rx_oversize": self.rx_oversize, "tx_nombuf": self.tx_nombuf,
              "tx_oversize": self.tx_oversize}
-        st = self.stats
+        st = self.device_stats
         if st:
             # Frames the driver lost before we polled: no mbuf, or the device missed.
             c["rx_nombuf"] = st["rx_nombuf"]

@@ -207,9 +207,6 @@ def _run_app(app, args, listeners, view):
     try:
         counters = app.run(inp, out, burst=args.burst, max_packets=args.max_packets,
                            progress=progress, duration=args.duration, stop=stop)
-        refresh = getattr(inp, "stats", None)
-        if callable(refresh):   # AF_PACKET: the kernel's drop counts, fetched when idle
-            refresh()
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)

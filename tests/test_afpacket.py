@@ -273,7 +273,7 @@ def test_loopback_port_attributes_and_close():
                      promisc=False)
     assert p.iface == "lo" and p.ifindex > 0 and p.mtu >= 1500
     assert p.name == "afpacket:lo"
-    assert set(p.stats()) >= {"rx_pkts", "rx_dropped", "kernel_packets"}
+    assert set(p.counters) >= {"rx_pkts", "rx_dropped", "kernel_packets"}
     p.close()
     p.close()
     from mbx._packet import Batch
@@ -781,7 +781,7 @@ def _bridge_main(client_if, server_if, duration, ring, offloads="0", vip="", bac
     if "error" in result or worker.is_alive():
         print(result.get("error", "bridge run did not stop"), file=sys.stderr)
         sys.exit(1)
-    out = {"counters": result["counters"], "ports": bridge.stats(),
+    out = {"counters": result["counters"], "ports": bridge.counters,
            "l2fwd": l2.translated if vip else l2.packets,
            "ring": [bridge.client.ring_version, bridge.server.ring_version]}
     bridge.close()
@@ -809,7 +809,7 @@ def _record_main(ifaces, path):
     port.stop()
     worker.join(30)
     writer.close()
-    print(json.dumps(port.stats()))
+    print(json.dumps(port.counters))
     port.close()
 
 

@@ -216,7 +216,7 @@ def test_net_null_generates_and_swallows_frames():
         assert {batch.wirelen(i) for i in range(64)} == {128}
         assert null.send(batch) == 64
         assert null.tx_pkts == 64 and null.tx_dropped == 0
-        assert null.stats["opackets"] == 64
+        assert null.device_stats["opackets"] == 64
 
 
 @pytest.mark.usefixtures("eal")
@@ -294,7 +294,7 @@ def test_a_close_while_other_threads_receive_and_send_waits_for_them():
         "closed = threading.Event()",
         "def reader(port):",
         "    while not closed.is_set():",
-        "        port.stats, port.link_up, port.mbufs_free",
+        "        port.device_stats, port.link_up, port.mbufs_free",
         "    ends.append(('stats',))",
         "for i in range(40):",
         "    closed.clear()",
