@@ -191,7 +191,7 @@ def _run(nfs, args, spec=None):
 
 
 def _run_app(app, args, listeners, view):
-    from mbx.ports import DeferredOutput, open_ports
+    from mbx.ports import open_ports, port_counters
 
     # an AF_PACKET bridge is its own output unless --out says otherwise; any other
     # output is opened once the run has started (an existing file survives a failed
@@ -220,10 +220,7 @@ def _run_app(app, args, listeners, view):
     for listener in listeners:
         listener.update(counters)
     counters["elapsed_s"] = elapsed
-    sent_by = out.port if isinstance(out, DeferredOutput) else out
-    counters["ports"] = {"in": inp.counters,
-                         "out": sent_by.counters if sent_by is not None and sent_by is not inp
-                         else None}
+    counters["ports"] = port_counters(inp, out)
     if not args.quiet:
         _print_counters(counters, elapsed)
     if view is not None:
@@ -262,7 +259,8 @@ def _run_parallel(nfs, args, config, listeners, view):
     for listener in listeners:
         listener.update(final)
     counters["elapsed_s"] = elapsed
-    counters["stacks"] = [{"packets": c["packets"], "flows": c["flows"]["created"],
+    counters["stacks"] = [{"packets": c["packets"], "sent": c["sent"], "cpu_s": c["cpu_s"],
+                           "flows": c["flows"]["created"],
                            "flow_capacity": c["flows"]["capacity"],
                            "evicted": c["flows"]["evicted"],
                            "refused": c["flows"]["refused"]} for c in parts]

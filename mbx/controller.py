@@ -44,6 +44,7 @@ import tomllib
 from mbx import _events
 from mbx.errors import AppError, MbxError, raising_line
 from mbx.pipeline import DEFAULT_BACKOFF, restart_of
+from mbx.runtime import WHOLE_STACK_OPTIONS, check_stack_options
 
 # What each μStack publishes.
 NETWORK_LAYER_PUBS = [_events.PKT, _events.FLOW_START, _events.FLOW_END]
@@ -54,9 +55,7 @@ TCP_MONITOR_PUBS = [_events.PKT_TCP_SYN, _events.PKT_TCP_FIN, _events.PKT_TCP_RS
                     _events.FLOW_TCP_GAP, _events.FLOW_TCP_OVERLAP_CONFLICT,
                     _events.FLOW_TCP_MEMCAP, _events.DATA_RDY]
 # [stack] option -> what its value must be (ranges are the stack's to check)
-_STACK_KEYS = {**dict.fromkeys(("flow_capacity", "msg_capacity", "frag_memory",
-                                "stream_memory", "chunk_size", "stream_window", "retain",
-                                "max_streams"), "a whole number"),
+_STACK_KEYS = {**dict.fromkeys(WHOLE_STACK_OPTIONS, "a whole number"),
                **dict.fromkeys(("idle_timeout", "frag_timeout"), "a number of seconds"),
                **dict.fromkeys(("flow_policy", "malformed", "overlap"), "a string")}
 _KIND_OK = {"a whole number": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -156,7 +155,6 @@ def load_app_file(path):
         if not _KIND_OK[_STACK_KEYS[key]](value):
             raise AppError(f"{path}: [stack] {key} = {value!r}: expected "
                            f"{_STACK_KEYS[key]}")
-    from mbx.runtime import check_stack_options
     check_stack_options(options, f"{path}: [stack]")
     entries = doc.get("nf", [])
     if not entries:

@@ -26,7 +26,8 @@ from mbx._packet import Port
 from mbx._pcap import PcapReader, PcapWriter
 from mbx.errors import PortError
 
-__all__ = ["KNOWN_SCHEMES", "DeferredOutput", "open_input", "open_output", "open_ports"]
+__all__ = ["KNOWN_SCHEMES", "DeferredOutput", "open_input", "open_output", "open_ports",
+           "port_counters"]
 
 #: Schemes this build can open.
 KNOWN_SCHEMES: tuple[str, ...] = ("pcap", "afpacket", "dpdk")
@@ -247,6 +248,15 @@ def open_ports(in_spec: str, out_spec: str | None = None, *, defer_output=False
     except BaseException:
         inp.close()
         raise
+
+
+def port_counters(inp, out) -> dict:
+    """The ``ports`` block of a run's counters: ``in``, the input's counters, and
+    ``out``, the output's when packets left by another port than the input (a
+    bridge sends through its input; a deferred output never opened counts nothing)."""
+    sent_by = out.port if isinstance(out, DeferredOutput) else out
+    return {"in": inp.counters,
+            "out": sent_by.counters if sent_by is not None and sent_by is not inp else None}
 
 
 def capture_file(spec):

@@ -181,7 +181,7 @@ class _TerminateSink(NF):
 # Whole-number options and the largest value of the C type the stack keeps them in:
 # checked here, by name, because Cython's conversion error names neither.
 _U32, _SIZE = (1 << 32) - 1, (1 << 64) - 1
-_WHOLE_OPTIONS = {"flow_capacity": _U32, "msg_capacity": _U32, "frag_memory": _SIZE,
+WHOLE_STACK_OPTIONS = {"flow_capacity": _U32, "msg_capacity": _U32, "frag_memory": _SIZE,
                   "stream_memory": _SIZE, "chunk_size": _U32, "stream_window": _SIZE,
                   "retain": _SIZE, "max_streams": _U32}
 
@@ -191,7 +191,7 @@ def check_stack_options(options, where="stack options:"):
     option (``App``'s keywords, an application file's ``[stack]``) that is not a
     whole number its C field can hold; finer ranges are the stack's to check when
     it is built."""
-    for key, top in _WHOLE_OPTIONS.items():
+    for key, top in WHOLE_STACK_OPTIONS.items():
         value = options.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or not 0 <= value <= top):
@@ -379,7 +379,7 @@ def merge_counters(parts):
     for part in parts:
         for key, value in part.items():
             if isinstance(value, dict):
-                out[key] = merge_counters([out.get(key, {}), value])
+                out[key] = merge_counters([out.get(key) or {}, value])
             elif isinstance(value, int | float) and not isinstance(value, bool):
                 out[key] = out.get(key, 0) + value
             elif key not in out:
@@ -395,6 +395,9 @@ def merge_snapshots(parts):
     # (N - 1) times over; the merged counters leave no packet to anyone
     if "other_stacks" in out:
         out["other_stacks"] = 0
+    inp = (out.get("ports") or {}).get("in") or {}
+    if "rss_skipped" in inp:            # the same, counted by each process's input
+        inp["rss_skipped"] = 0
     for n in out.get("nfs", {}).values():
         n["mean_ns"] = n["handler_ns"] / n["events"] if n["events"] else 0.0
     return out
@@ -466,7 +469,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     import signal
     import threading
 
-    from mbx.ports import capture_file, open_ports
+    from mbx.ports import capture_file, open_ports, port_counters
 
     if stacks < 1:
         raise AppError(f"stacks must be at least 1, not {stacks}")
@@ -535,6 +538,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                     inp.close()
                     if outp is not None and outp is not inp:
                         outp.close()
+                counters["ports"] = port_counters(inp, outp)
                 _write_all(wfd, (json.dumps({"ok": counters}) + "\n").encode())
                 code = 0
             except BaseException as exc:            # report, never return into the parent

@@ -119,6 +119,11 @@ def test_cli_stacks_option(tmp_path, scheme):
     assert c["packets"] == 2000 and len(c["stacks"]) == 2
     assert c["other_stacks"] == 0       # summed, it was the input once per extra stack
     assert sum(s["packets"] for s in c["stacks"]) == 2000
+    assert sum(s["sent"] for s in c["stacks"]) == 2000
+    assert all(s["cpu_s"] > 0 for s in c["stacks"])
+    # the ports: each stack's share of the capture and each stack's file, summed
+    assert c["ports"]["in"]["rx_pkts"] == 2000 and c["ports"]["in"]["rss_skipped"] == 0
+    assert c["ports"]["out"]["tx_pkts"] == 2000
     # each stack's table is half of --flows (65536), and no share was full
     assert [s["flow_capacity"] for s in c["stacks"]] == [32768, 32768]
     assert "in a table of 32,768" in r.stdout and "the share is full" not in r.stdout
