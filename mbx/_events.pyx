@@ -499,6 +499,14 @@ class NF:
     def stop(self):
         """Called once when the run ends (flush files, print summaries)."""
 
+    def report(self):
+        """The NF's own counters, a dict of numbers and text (or None: nothing to
+        report), taken when the run ends, after ``stop()``.  They appear in the
+        run's counters (``counters()["nfs"][name]["report"]``) and in ``mbx
+        run``'s summary; pipelined, the NF's process sends them to the stack's as
+        JSON (up to 4 KiB); with parallel stacks the numbers are summed."""
+        return None
+
     def sub(self, etype, handler, *, batch=False, side="sender"):
         """Subscribe ``handler`` to ``etype`` and its descendants (``mb_sub``).
 

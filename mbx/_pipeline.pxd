@@ -283,6 +283,7 @@ cdef class PipeBus(EventBus):
     cdef uint8_t *base
     cdef mbx_ctl *ctl
     cdef char *errors                   # per NF: the text of the error that ended it
+    cdef char *reports                  # per NF: its report() as JSON, when it ended
     cdef uint64_t *typecnt              # per NF: published[MAX_TYPES], delivered[MAX_TYPES]
     cdef mbx_ring **rings               # ring k feeds NF k; ring nnf is the completion ring
     cdef readonly uint32_t ring_size

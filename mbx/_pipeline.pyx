@@ -102,6 +102,7 @@ from mbx._events cimport (
 )
 from mbx._packet cimport NO_FLOW, PKT_F_STACK_DROP, VERDICT_DROP, Batch, mbx_pkt
 
+import json
 import os
 import signal
 
@@ -145,6 +146,7 @@ cdef enum:
     YIELDS_SHARED = 4
     SCRATCH = 1024
     ERROR_SIZE = 1024
+    REPORT_SIZE = 4096      # an NF's report(), as JSON, written when its process ends
     PAGE = 4096
 
 
@@ -166,6 +168,14 @@ cdef inline bint spun(uint32_t spins, uint32_t spin, uint32_t yields) noexcept n
     return False
 
 
+cdef str slot_text(const char *area, uint32_t k, size_t size):
+    # The NUL-terminated text in slot k of an area of ``size``-byte slots.  (Cython
+    # slices a char * as area[start:strlen(area)], which is empty for k > 0 when
+    # slot 0 holds less text: point at the slot first.)
+    cdef const char *text = area + <size_t>k * size
+    return text.decode("utf-8", "replace")
+
+
 cdef inline size_t up(size_t n, size_t a) noexcept nogil:
     return (n + a - 1) & ~(a - 1)
 
@@ -183,6 +193,7 @@ def layout(uint32_t nnf, uint32_t total, uint32_t ring_size, size_t batch_bytes,
     The NFs' request rings (the control path) end the mapping, after the bursts."""
     cdef size_t off = up(sizeof(mbx_ctl), PAGE)
     off += up(<size_t>nnf * ERROR_SIZE, 64)
+    off += up(<size_t>nnf * REPORT_SIZE, 64)
     off += up(<size_t>nnf * 2 * MAX_TYPES * 8, 64)
     off += (nnf + 1 + members) * up(RING_HDR + <size_t>ring_size * 4, 64)
     off += 2 * up(<size_t>total * 4, 64)
@@ -293,6 +304,8 @@ cdef class PipeBus(EventBus):
         off = up(sizeof(mbx_ctl), PAGE)
         self.errors = <char *>(self.base + off)
         off += up(<size_t>n * ERROR_SIZE, 64)
+        self.reports = <char *>(self.base + off)
+        off += up(<size_t>n * REPORT_SIZE, 64)
         self.typecnt = <uint64_t *>(self.base + off)
         off += up(<size_t>n * 2 * MAX_TYPES * 8, 64)
         # Stages: a parallel group of two or more NFs is fanned out to and merged
@@ -733,6 +746,17 @@ cdef class PipeBus(EventBus):
         if self.nout:
             with nogil:
                 self.push_out(self.hop_after(k), &self.ctl.procs[k], False)
+
+    def nf_report(self, uint32_t k, str text):
+        """NF k's report (JSON text) for the stack; one too large for its area
+        is replaced by a report saying so."""
+        raw = text.encode("utf-8")
+        if len(raw) >= REPORT_SIZE:
+            raw = json.dumps({"error": f"NF {self.nfs[k].name}: report(): {len(raw):,} "
+                                       f"bytes as JSON, more than {REPORT_SIZE - 1:,}"}
+                             ).encode()
+        memcpy(self.reports + k * REPORT_SIZE, <const char *>raw, len(raw))
+        self.reports[k * REPORT_SIZE + len(raw)] = 0
 
     def nf_exit(self, uint32_t k):
         mbx_store(&self.ctl.procs[k].exited, 1)
@@ -1270,8 +1294,7 @@ cdef class PipeBus(EventBus):
             self.restart_log[k].append(reason)
             if self.failure_names[k] is None:
                 if self.ctl.procs[k].failed:
-                    raise _events.NFError(self.errors[k * ERROR_SIZE:].decode(
-                        "utf-8", "replace"))
+                    raise _events.NFError(slot_text(self.errors, k, ERROR_SIZE))
                 raise _events.NFError(f"NF {self.nfs[k].name}: its process {reason}, "
                                       "and the NF has no failure policy (failure = "
                                       "\"open\" or \"closed\" lets the run go on)")
@@ -1348,7 +1371,7 @@ cdef class PipeBus(EventBus):
     def _death_reason(self, uint32_t k):
         cdef mbx_proc *pr = &self.ctl.procs[k]
         if pr.failed:
-            return self.errors[k * ERROR_SIZE:].decode("utf-8", "replace")
+            return slot_text(self.errors, k, ERROR_SIZE)
         if pr.status < 0:
             return "gone (not reaped)"
         code = os.waitstatus_to_exitcode(pr.status)
@@ -1430,6 +1453,8 @@ cdef class PipeBus(EventBus):
                 "restart_limit": self.restart_conf[k][0],
                 "deaths": list(self.restart_log[k]),
                 # the members of its parallel group it runs beside (fanned out to)
+                "report": (json.loads(slot_text(self.reports, k, REPORT_SIZE))
+                           if self.reports[k * REPORT_SIZE] else None),
                 "parallel_with": [self.nfs[j].name for j in
                                   range(self.gfirst[k], self.glast[k] + 1) if j != k],
             }

@@ -72,6 +72,12 @@ def _port_sum(port, key):
     return sum(side.get(key) or 0 for side in sides) if sides else port.get(key) or 0
 
 
+def _shown(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value if isinstance(value, str) else json.dumps(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.3f}"
+
+
 def _print_counters(c, elapsed, out=None):
     out = out if out is not None else sys.stdout     # the stream of now, not of import
     pps = c["packets"] / elapsed if elapsed > 0 else 0.0
@@ -136,6 +142,13 @@ def _print_counters(c, elapsed, out=None):
             if n.get("restart_limit"):
                 w(f"    restarts {n['restarts']} of {n['restart_limit']}"
                   + "".join(f"\n    died: {why}" for why in n["deaths"]) + "\n")
+    reports = {name: n["report"] for name, n in (c.get("nfs") or {}).items()
+               if n.get("report")}
+    if reports:
+        w("NF reports     what each NF counted (its report())\n")
+        for name, report in reports.items():
+            w(f"  {name:<20} " + ", ".join(f"{key} {_shown(value)}"
+                                           for key, value in report.items()) + "\n")
 
 
 def _run(nfs, args, spec=None):

@@ -5,6 +5,7 @@ process runs the same NF code with the same handler tables.  One anonymous share
 mapping holds what they share (see ``mbx._pipeline``): nothing is left behind in
 /dev/shm, and children die with the stack (PR_SET_PDEATHSIG).
 """
+import json
 import mmap
 import os
 import signal
@@ -113,6 +114,11 @@ def _child(bus, k, nf):
         traceback.print_exc()
         code = code or 4
     try:
+        from mbx.runtime import take_report
+
+        report = take_report(nf)
+        if report is not None:
+            bus.nf_report(k, json.dumps(report))
         bus.nf_exit(k)
         sys.stdout.flush()
         sys.stderr.flush()

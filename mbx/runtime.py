@@ -270,6 +270,7 @@ class App:
         self.msg_capacity = msg_capacity
         self.nf_timing = bool(nf_timing)
         self.stack = None
+        self.reports = {}       # inline: each NF's report() after the run
 
     def run(self, inp, out=None, *, burst=64, max_packets=0, progress=None, duration=0,
             stop=None):
@@ -282,6 +283,7 @@ class App:
         tcp = self.stack_kind == "tcp" or (self.stack_kind == "auto" and (
             needs_monitor(self.nfs) or self.monitor_options.get("summarise")))
         nfs = list(self.nfs)
+        self.reports = {}
         sink = None
         if tcp and any(_events.event_types()[i].is_a(_events.FLOW_TCP_TERMINATE)
                        for nf in nfs for i in nf.pubs):
@@ -313,6 +315,7 @@ class App:
             bus.close()
             for nf in self.nfs:
                 nf.stop()
+            self.reports = {nf.name: take_report(nf) for nf in self.nfs}
         return self.counters()
 
     def _make_stack(self, bus, tcp):
@@ -351,7 +354,27 @@ class App:
             out["pipeline"] = self.pipeline
         if self.stack is not None:
             out["nfs"] = nf_stats(self.stack.bus, self.pipeline)
+            for name, report in self.reports.items():     # inline: taken after stop()
+                if report is not None and name in out["nfs"]:
+                    out["nfs"][name]["report"] = report
         return out
+
+
+def take_report(nf):
+    """``nf.report()``, checked: a dict that JSON can carry, or None.  A report that
+    raises or is of another kind becomes ``{"error": why}`` (the run's counters and
+    the NF's other results are not lost to it)."""
+    import json
+
+    try:
+        report = nf.report()
+        if report is None:
+            return None
+        if not isinstance(report, dict):
+            raise TypeError(f"report() returned {type(report).__name__}, not a dict")
+        return json.loads(json.dumps(report))
+    except Exception as exc:            # noqa: BLE001 (kept in the counters instead)
+        return {"error": f"NF {nf.name}: report(): {type(exc).__name__}: {exc}"}
 
 
 def nf_stats(bus, pipeline=None):
@@ -370,6 +393,8 @@ def nf_stats(bus, pipeline=None):
                      "drops": n["drops"], "handler_ns": ns,
                      "mean_ns": ns / n["delivered"] if n["delivered"] else 0.0,
                      "types": dict(n["types"])}
+        if n.get("report") is not None:
+            out[name]["report"] = n["report"]
     return out
 
 

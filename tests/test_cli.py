@@ -57,6 +57,14 @@ def test_main_job_on_the_example(tmp_path):
     backends = {socket.inet_aton(a) for a, _ in BACKENDS}
     assert sum(isinstance(f.data, dpkt.ip.IP) and f.data.dst in backends
                for f in sent) > 100
+    # the LB's report: every packet it rewrote, to a backend or back from one
+    from_vip = sum(isinstance(f.data, dpkt.ip.IP) and isinstance(f.data.data, dpkt.tcp.TCP)
+                   and f.data.src == socket.inet_aton(VIP[0]) for f in sent)
+    to_backends = sum(isinstance(f.data, dpkt.ip.IP) and f.data.dst in backends
+                      and isinstance(f.data.data, dpkt.tcp.TCP) and f.data.data.dport == 80
+                      for f in sent)
+    assert f"  l4lb                 translated {from_vip + to_backends:,}, tracked 0" \
+        in r.stdout
 
 
 def test_listing1_ids_runs_and_alerts(tmp_path):

@@ -136,6 +136,9 @@ def test_cli_stacks_option(tmp_path, scheme):
     stats = [[json.loads(line) for line in open(f"{log}.stack{k}")] for k in range(2)]
     assert [len(s) for s in stats] == [p["flows"] for p in c["stacks"]]
     assert sum(rec["packets"] for s in stats for rec in s) == 2000
+    # the NFs' reports, summed over the stacks
+    assert c["nfs"]["flow_stats"]["report"] == {"flows": sum(len(s) for s in stats)}
+    assert c["nfs"]["logger"]["report"] == {"events": sum(len(s) for s in stats)}
 
 
 SLOW_NF = """

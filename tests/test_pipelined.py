@@ -292,6 +292,73 @@ def test_a_handler_error_is_reported(example_pcap):
         run_app([Boom()], example_pcap, deploy="pipelined")
 
 
+@pytest.mark.parametrize("first", ["quiet", "chatty"])
+def test_a_later_nf_s_error_is_reported_whole(example_pcap, first):
+    # Each NF process has its own slot for its error's text; the stack read the
+    # text of any NF but the first as empty (or cut) when the first's slot held less.
+    class Boom(mbx.NF):
+        def __init__(self):
+            super().__init__("boom")
+            self.sub(mbx.PKT, self.on_pkt)
+
+        def on_pkt(self, ev):
+            raise RuntimeError("kaput, in the second NF")
+
+    head = mbx.NF(first)
+    head.sub(mbx.PKT, lambda ev: None)
+    with pytest.raises(mbx.NFError, match=r"^NF boom: .*kaput, in the second NF"):
+        run_app([head, Boom()], example_pcap, deploy="pipelined")
+
+
+class Reporter(mbx.NF):
+    """Counts packets and reports them; ``bad`` makes report() misbehave."""
+
+    def __init__(self, name, bad=None):
+        super().__init__(name)
+        self.bad = bad
+        self.packets = 0
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def on_pkt(self, ev):
+        self.packets += 1
+
+    def report(self):
+        if self.bad == "raises":
+            raise ValueError("no figures")
+        if self.bad == "list":
+            return [self.packets]
+        if self.bad == "huge":
+            return {"x" * 5000: self.packets}
+        if self.bad == "set":
+            return {"seen": {1, 2}}
+        return {"packets": self.packets, "pid": os.getpid(), "note": "from the NF"}
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_nf_reports_reach_the_counters(example_pcap, deploy):
+    nfs = [Reporter("good"), Reporter("raises", "raises"), Reporter("list", "list"),
+           Reporter("set", "set"), Reporter("silent")]
+    nfs[-1].report = lambda: None
+    c, _ = run_app(nfs, example_pcap, deploy=deploy)
+    reports = {name: n.get("report") for name, n in c["nfs"].items()}
+    assert reports["good"]["packets"] == c["events"]["PKT"]["published"] > 0
+    assert reports["good"]["note"] == "from the NF"
+    # taken in the NF's own process when pipelined (where its counts are)
+    assert (reports["good"]["pid"] == os.getpid()) == (deploy == "inline")
+    assert reports["raises"] == {"error": "NF raises: report(): ValueError: no figures"}
+    assert reports["list"] == {"error": "NF list: report(): TypeError: report() returned "
+                                        "list, not a dict"}
+    assert "set is not JSON serializable" in reports["set"]["error"]
+    assert reports["silent"] is None
+
+
+def test_a_report_too_large_for_its_slot_says_so(example_pcap):
+    c, _ = run_app([Reporter("huge", "huge")], example_pcap, deploy="pipelined")
+    assert c["nfs"]["huge"]["report"] == {
+        "error": f"NF huge: report(): {len(json.dumps({'x' * 5000: 1390})):,} bytes as "
+                 "JSON, more than 4,095"}
+
+
 def test_backward_publication_refused(example_pcap):
     nfs = load_app(f"{IDS}")[::-1]          # IDS before the DPI it listens to
     with pytest.raises(mbx.AppError, match="put the publisher first"):

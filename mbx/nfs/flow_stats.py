@@ -25,6 +25,9 @@ class FlowStats(mbx.NF):
         self.publish(self.port, msg)
         self.flows += 1
 
+    def report(self):
+        return {"flows": self.flows}
+
 
 def make(name="flow_stats"):
     return FlowStats(name)

@@ -11,6 +11,9 @@ class L2Fwd(mbx.NF):
     def on_packets(self, batch):
         self.packets += len(batch)
 
+    def report(self):
+        return {"packets": self.packets}
+
 
 def make(name="l2fwd"):
     return L2Fwd(name)

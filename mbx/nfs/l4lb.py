@@ -104,6 +104,11 @@ class L4LB(mbx.NF):
     def tracked(self):
         return self.core.tracked
 
+    def report(self):
+        return {"translated": self.translated, "tracked": self.tracked,
+                "untranslatable": self.core.untranslatable,
+                "no_memory": self.core.no_memory}
+
 
 class PyL4LB(mbx.NF):
     """The L4 load balancer with Python handlers: the reference for ``L4LB``."""
@@ -122,6 +127,9 @@ class PyL4LB(mbx.NF):
     @property
     def tracked(self):
         return len(self.forward) + len(self.reply_flows)
+
+    def report(self):
+        return {"translated": self.translated, "tracked": self.tracked}
 
     def on_packet(self, ev):
         flow = ev.flow

@@ -48,6 +48,9 @@ class Logger(mbx.NF):
         self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
         self.events += 1
 
+    def report(self):
+        return {"events": self.events}
+
     def stop(self):
         if self.out is sys.stdout:
             self.out.flush()
