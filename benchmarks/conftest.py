@@ -1,21 +1,16 @@
 """Fixtures of the micro benchmarks, and the ratios they print at the end.
 
-Run with ``pytest benchmarks`` (``tests/`` is the default test path, so a plain
-``pytest`` does not run these).  Sizes are small; ``stack_figures.py`` makes the
-full-size figures.
+Run with ``pytest benchmarks``.  The test command (``scripts/test.sh``) runs them
+too, once each and untimed (``--benchmark-disable``), for what they assert.  Sizes
+are small; ``stack_figures.py`` makes the full-size figures.
 """
 import captures
 import pytest
+from bench_records import EVENTS, FIGURES, MEDIANS
 
 N_PACKETS = 50_000
 N_FLOWS = 5_000
 
-# median seconds of each benchmark of this session, by name (see ``record``)
-MEDIANS = {}
-# events delivered by the runs of a benchmark, by name
-EVENTS = {}
-# extra figures that are not timings (bytes), by name
-FIGURES = {}
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ The assertions check what ran (packets, connections, digests), never how fast.
 import captures
 import pytest
 import reassemblers
+from bench_records import FIGURES, MEDIANS
 from monitor_figures import (
     MONITOR_SLOT_ARRAYS,
     check_tcpflow,
@@ -128,10 +129,8 @@ def test_snapshot(benchmark, record):
 
 
 def test_bytes_per_flow():
-    import conftest
-
     per_flow = FlowTable(1 << 16).bytes_per_flow + _tcp.CONN_SIZE + MONITOR_SLOT_ARRAYS
-    conftest.FIGURES["monitor_bytes_per_flow"] = per_flow
+    FIGURES["monitor_bytes_per_flow"] = per_flow
     assert _tcp.CONN_SIZE == 64 and per_flow > 64
 
 
@@ -139,9 +138,7 @@ class _MonitorRatios:
     """Prints this module's ratios at the end of the session (beside conftest's)."""
 
     def pytest_terminal_summary(self, terminalreporter):
-        import conftest
-
-        m, f, lines = conftest.MEDIANS, conftest.FIGURES, []
+        m, f, lines = MEDIANS, FIGURES, []
         for seg in ("1448", "small"):
             mbx_t = m.get(f"mon_flows_json_{seg}")
             payload = f.get(f"payload_{seg}")

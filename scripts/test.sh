@@ -4,4 +4,6 @@ source "$(dirname "$0")/_env.sh"
 # tshark checks the L4 load balancer's output capture; tcpdump and friends follow.
 apt_install tshark nginx-light tcpdump curl wget iproute2 ethtool nftables haproxy wrk apache2-utils
 "$PY" -m pip install -q --no-build-isolation -e ".[test]"
-exec "$PY" -m pytest -q "$@"
+# benchmarks/ is a test path too: --benchmark-disable runs each micro benchmark once,
+# untimed, for what it asserts (timing belongs to `pytest benchmarks`).
+exec "$PY" -m pytest -q --benchmark-disable "$@"

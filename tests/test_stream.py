@@ -520,11 +520,11 @@ def test_view_is_zero_copy_within_a_chunk_and_copies_across():
         s.read(300, 1)
 
 
-def test_speed_sanity():
-    r = bench_add(nbytes=8 << 20)
-    assert r["complete"] and r["mb_per_s"] > 0
-    r = bench_add(nbytes=8 << 20, reorder=0.1)
-    assert r["complete"]
+@pytest.mark.parametrize("reorder", [0.0, 0.1, 1.0])
+def test_the_reassembly_benchmark_delivers_every_byte(reorder):
+    # benchmarks/ times bench_add(); here: what it times is whole reassembly
+    r = bench_add(nbytes=8 << 20, reorder=reorder)
+    assert r["complete"] and r["bytes"] == r["segments"] * 1448 == (8 << 20) // 1448 * 1448
 
 
 # ------------------------------------------------------------------ stateful model

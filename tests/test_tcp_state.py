@@ -20,8 +20,6 @@ from mbx._tcp import (
     CONN_SIZE,
     SNAPSHOT_SIZE,
     TcpConn,
-    bench_snapshot,
-    bench_updates,
     snapshot_decode,
 )
 
@@ -624,30 +622,3 @@ class TwinModel(RuleBasedStateMachine):
 TwinModel.TestCase.settings = settings(max_examples=300, stateful_step_count=50,
                                        deadline=None)
 test_twin_model = TwinModel.TestCase
-
-
-# ---------------------------------------------------------------------------
-# Speed sanity (not a test of speed): prints the figures for the report.
-
-def test_speed_figures(capsys):
-    cli, srv = pair()
-    segs = [(cli.frame(SYN, 1000, opts=syn_opts(wscale=7)), 0),
-            (srv.frame(SYN | ACK, 5000, 1001, opts=syn_opts(wscale=7)), 1),
-            (cli.frame(ACK, 1001, 5001), 0)]
-    seq_c, seq_s = 1001, 5001
-    for _ in range(60):
-        segs.append((cli.frame(ACK | PSH, seq_c, seq_s, data=b"c" * 200), 0))
-        seq_c += 200
-        segs.append((srv.frame(ACK | PSH, seq_s, seq_c, data=b"s" * 1000), 1))
-        seq_s += 1000
-    segs += [(cli.frame(FIN | ACK, seq_c, seq_s), 0), (srv.frame(FIN | ACK, seq_s, seq_c + 1), 1),
-             (cli.frame(ACK, seq_c + 1, seq_s + 1), 0)]
-    ns_update = bench_updates(segs, repeat=2000)
-    c = TcpConn()
-    for f, d in segs[:20]:
-        c.update(f, d)
-    ns_snap = bench_snapshot(c, 2_000_000)
-    with capsys.disabled():
-        print(f"\ntcp_sender_update + tcp_receiver_update: {ns_update:.1f} ns/segment; "
-              f"tcp_snapshot: {ns_snap:.1f} ns")
-    assert ns_update > 0 and ns_snap > 0
