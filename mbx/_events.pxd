@@ -19,6 +19,12 @@ cdef enum:
     MSG_F_SERVER = 0x01
     MSG_F_RECEIVER = 0x02
     MSG_F_SIDED = 0x80
+    # The TCP client's flow direction when the Monitor published the event (bit 3,
+    # valid with bit 2): a stream read maps the event's stream_dir (0: from the
+    # client) to the flow's streams as they were then, though a later segment of the
+    # burst (a SYN+ACK seen after data) may have turned the client around.
+    MSG_F_CDIR_KNOWN = 0x04
+    MSG_F_CDIR1 = 0x08
 
 cdef enum:
     FAN_UNSIDED = 4     # mbx_msg_hdr.flags & 3 index the sided combinations

@@ -1084,7 +1084,7 @@ cdef class Event:
                 raise MbxError("read() needs a length outside DATA_RDY events")
             length = b.frontier - offset
         return reader.read_stream(self.m.h.flow, self.m.h.flow_gen, stream_dir, offset,
-                                  length)
+                                  length, self.m.h.flags)
 
     def write(self, offset, data, stream_dir=None):
         """Rewrite delivered stream bytes in place, same length (writer NFs, on
@@ -1098,7 +1098,7 @@ cdef class Event:
             stream_dir = ((<data_rdy_body *>self.m.body).stream_dir
                           if self.m.h.type_idx == T_DATA_RDY else self.m.h.dir)
         return reader.write_stream(self.nf, self.m.h.flow, self.m.h.flow_gen, stream_dir,
-                                   offset, data)
+                                   offset, data, self.m.h.flags)
 
     def fields(self):
         """The type's own fields as a dict (allocates; for logging and tests)."""

@@ -131,9 +131,12 @@ cdef class TcpMonitor(NetworkLayer):
     cdef int craft_rst(self, const mbx_pkt *tmpl, tcp_conn *c, uint8_t from_dir) except -1
     cdef uint64_t frontier_of(self, uint32_t slot, uint8_t d) noexcept nogil
     cdef bint wants_stream(self, uint32_t slot, mbx_pkt *p, uint8_t tdir) noexcept nogil
-    cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir) except NULL
-    cdef mbx_stream *_ended_stream(self, uint32_t slot, uint32_t gen,
-                                   uint8_t tdir) except NULL
+    cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir,
+                             uint8_t flags) except NULL
+    cdef mbx_stream *_ended_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir,
+                                   int cdir) except NULL
+    cdef mbx_stream *_ended_pair_stream(self, uint32_t p, uint8_t tdir,
+                                        int cdir) except NULL
     cdef uint64_t _patch_packets(self, uint32_t slot, uint32_t gen, uint8_t d,
                                  mbx_stream *s, uint64_t off,
                                  const uint8_t[::1] new) except? 0xFFFFFFFFFFFFFFFF

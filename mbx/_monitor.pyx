@@ -22,7 +22,8 @@ from libc.string cimport memcpy, memset
 
 from mbx._checksum cimport csum_add, csum_fold, store16
 from mbx._events cimport (
-    MSG_F_RECEIVER, MSG_F_SERVER, MSG_F_SIDED, PUBLISHER_STACK, T_DATA_RDY,
+    MSG_F_CDIR1, MSG_F_CDIR_KNOWN, MSG_F_RECEIVER, MSG_F_SERVER, MSG_F_SIDED,
+    PUBLISHER_STACK, T_DATA_RDY,
     T_FLOW_START, T_FLOW_TCP_ESTABLISHED, T_FLOW_TCP_GAP, T_FLOW_TCP_MEMCAP,
     T_FLOW_TCP_OVERLAP_CONFLICT, T_FLOW_TCP_START, T_FLOW_TCP_STATE,
     T_FLOW_TCP_TERMINATE, T_PKT_TCP, T_PKT_TCP_FIN, T_PKT_TCP_RETRANSMISSION,
@@ -70,6 +71,11 @@ cdef inline uint8_t side_flags(uint8_t from_server, bint receiver) noexcept nogi
     # receiver's is the other one.
     cdef uint8_t server = from_server if not receiver else (from_server ^ 1)
     return MSG_F_SIDED | (MSG_F_SERVER if server else 0) | (MSG_F_RECEIVER if receiver else 0)
+
+
+cdef inline uint8_t cdir_flags(const tcp_conn *c) noexcept nogil:
+    # the client's direction as of this event, for stream reads (see MSG_F_CDIR1)
+    return MSG_F_CDIR_KNOWN | (MSG_F_CDIR1 if tcp_client_dir(c) else 0)
 
 
 cdef inline uint8_t data_rdy_flags(uint8_t tdir) noexcept nogil:
@@ -255,7 +261,7 @@ cdef class TcpMonitor(NetworkLayer):
                                            p.index, tdir, PUBLISHER_STACK, self.pos)
         if m == NULL:
             return
-        m.h.flags = flags
+        m.h.flags = flags | cdir_flags(c)
         fill_pkt_body(m, p)
         cdef pkt_tcp_body *b = <pkt_tcp_body *>m.body
         b.seq = p.seq
@@ -283,7 +289,7 @@ cdef class TcpMonitor(NetworkLayer):
                                            self.pos)
         if m == NULL:
             return NULL
-        m.h.flags = flags
+        m.h.flags = flags | cdir_flags(c)
         fill_flow_body(m, &self.flows.flows[slot])
         cdef flow_tcp_body *b = <flow_tcp_body *>m.body
         cdef uint8_t tmp[16]
@@ -534,7 +540,7 @@ cdef class TcpMonitor(NetworkLayer):
                              p.index, p.dir ^ tcp_client_dir(c), PUBLISHER_STACK, self.pos)
         if m == NULL:
             return
-        m.h.flags = flags
+        m.h.flags = flags | cdir_flags(c)
         b = <data_rdy_body *>m.body
         b.offset = old_frontier
         b.frontier = s.frontier
@@ -783,10 +789,11 @@ cdef class TcpMonitor(NetworkLayer):
         return c
 
     def read_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir, uint64_t off,
-                    uint64_t length):
+                    uint64_t length, uint8_t flags=0):
         """Stateless read of delivered stream bytes (``Event.read``): a zero-copy
-        memoryview where they are contiguous in memory, else a copy."""
-        cdef mbx_stream *s = self._stream(slot, gen, tdir)
+        memoryview where they are contiguous in memory, else a copy.  ``flags``: the
+        event's (``MSG_F_CDIR1``: the client's direction when it was published)."""
+        cdef mbx_stream *s = self._stream(slot, gen, tdir, flags)
         cdef const uint8_t *ptr
         cdef int k = stream_read(self.pool, s, off, length, &ptr)
         if k < 0:
@@ -804,40 +811,54 @@ cdef class TcpMonitor(NetworkLayer):
             got += k
         return memoryview(b"".join(parts))
 
-    cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir) except NULL:
+    cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir,
+                             uint8_t flags) except NULL:
+        # tdir counts from the client; the streams are kept by flow direction.  The
+        # client's direction is the event's own (flags) where the Monitor published
+        # it, else the flow's now.
         cdef uint32_t k, p
+        cdef int cdir = (flags & MSG_F_CDIR1) != 0 if flags & MSG_F_CDIR_KNOWN else -1
         if slot >= self.capacity or self.meta[slot].gen != gen:
             # ended during this burst: its streams stay until the burst's end
             if self.nf_side:
-                return self._ended_stream(slot, gen, tdir)
+                return self._ended_stream(slot, gen, tdir, cdir)
             for k in range(self.n_touched):
                 p = self.touched[k]
                 if (self.touched_mark[p] == 3
-                        and self.pair_owner[p] == slot | (<uint64_t>gen << 32)
-                        and self.streams[2 * p + (tdir ^ self.pair_cdir[p])].live):
-                    return &self.streams[2 * p + (tdir ^ self.pair_cdir[p])]
+                        and self.pair_owner[p] == slot | (<uint64_t>gen << 32)):
+                    return self._ended_pair_stream(p, tdir, cdir)
             raise MbxError("the event's flow has ended: its stream is gone")
         cdef uint32_t pair = (self.meta[slot].pair - 1)
-        cdef uint8_t d = tdir ^ tcp_client_dir(&self.conns[slot])
+        if cdir < 0:
+            cdir = tcp_client_dir(&self.conns[slot])
+        cdef uint8_t d = tdir ^ cdir
         if pair == NO_PAIR or not self.meta[slot].mark & (MARK_INIT0 << d):
             raise MbxError("no stream is kept for this flow and direction "
                            "(subscribe to DATA_RDY to have it reassembled)")
         return &self.streams[2 * pair + d]
 
-    cdef mbx_stream *_ended_stream(self, uint32_t slot, uint32_t gen,
-                                   uint8_t tdir) except NULL:
+    cdef mbx_stream *_ended_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir,
+                                   int cdir) except NULL:
         # In an NF process the burst's list of touched pairs (n_touched is the
         # stack's private field) is not known: look through every pair's mark.
         cdef uint32_t p
         cdef uint64_t owner = slot | (<uint64_t>gen << 32)
         for p in range(self.max_pairs):
-            if (self.touched_mark[p] == 3 and self.pair_owner[p] == owner
-                    and self.streams[2 * p + (tdir ^ self.pair_cdir[p])].live):
-                return &self.streams[2 * p + (tdir ^ self.pair_cdir[p])]
+            if self.touched_mark[p] == 3 and self.pair_owner[p] == owner:
+                return self._ended_pair_stream(p, tdir, cdir)
         raise MbxError("the event's flow has ended: its stream is gone")
 
+    cdef mbx_stream *_ended_pair_stream(self, uint32_t p, uint8_t tdir,
+                                        int cdir) except NULL:
+        # pair p's flow ended this burst; pair_cdir is its client's direction then
+        cdef mbx_stream *s = &self.streams[2 * p + (tdir ^ (self.pair_cdir[p] if cdir < 0
+                                                            else cdir))]
+        if not s.live:
+            raise MbxError("the event's flow has ended: its stream is gone")
+        return s
+
     def write_stream(self, nf, uint32_t slot, uint32_t gen, uint8_t tdir, uint64_t off,
-                     data):
+                     data, uint8_t flags=0):
         """In-place rewrite of delivered stream bytes (same length) by a writer NF:
         the stream and the packets of this burst that carry those bytes change, and
         their TCP checksums follow.  Returns the bytes changed in packets."""
@@ -851,7 +872,7 @@ cdef class TcpMonitor(NetworkLayer):
                 "Memory; rewrite the packet's payload instead, or run inline)")
         cdef const uint8_t[::1] new = data
         cdef uint64_t n = new.shape[0]
-        cdef mbx_stream *s = self._stream(slot, gen, tdir)
+        cdef mbx_stream *s = self._stream(slot, gen, tdir, flags)
         cdef const uint8_t *ptr
         cdef uint64_t done = 0
         cdef int k

@@ -115,6 +115,27 @@ class Recorder(mbx.NF):
         return [e for e in self.events if e[0] == name]
 
 
+class StreamCheck(mbx.NF):
+    """Checks in its handler (in the NF's process when pipelined) that each DATA_RDY
+    reads the bytes of the one of ``streams`` its frontier names (not another
+    direction's); reports how many it checked."""
+
+    def __init__(self, *streams):
+        super().__init__("check")
+        self.streams, self.checked = streams, 0
+        self.sub(mbx.DATA_RDY, self.on_data, side="both")
+
+    def on_data(self, ev):
+        got = bytes(ev.read())
+        (want,) = [s for s in self.streams if len(s) == ev.frontier]
+        assert got == want[ev.offset:ev.frontier], \
+            f"stream_dir {ev.stream_dir}: read {got[:8]!r}..., not {want[:8]!r}"
+        self.checked += 1
+
+    def report(self):
+        return {"checked": self.checked}
+
+
 def joined(chunks):
     """Bytes of a stream's DATA_RDY chunks, checking they are contiguous."""
     end = 0
@@ -440,6 +461,41 @@ def test_capture_without_the_syn_names_the_client_by_the_syn_ack(run, tmp_path):
     cli_ip = ipaddress.ip_address(conn.cli[0]).packed
     assert pkt_dirs == {i: 0 if s == cli_ip else 1 for i, s in enumerate(senders)}
     assert by_dir(rec) == {0: b"GET / HTTP/1.0\r\n\r\n", 1: b"HTTP/1.0 200 OK\r\n\r\nhi"}
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+@pytest.mark.parametrize("burst", [64, 1])
+def test_a_burst_that_turns_the_client_around_reads_each_event_s_own_stream(
+        run, deploy, burst):
+    """Picked up mid-connection: the server speaks first (so it is taken for the
+    client), the client answers, then the server's SYN+ACK (a retransmission) turns
+    the roles around, all in one burst.  Handlers run after the burst: each DATA_RDY
+    must still read the bytes of the stream it was published for (it read the other
+    direction's, with no error, when the read mapped the event's stream_dir through
+    the flow's client as of the burst's end)."""
+    conn = Conn()
+    conn.s(1, 1, PSH | ACK, b"x" * 100)           # the server's bytes first
+    conn.c(1, 101, PSH | ACK, b"y" * 60)          # the client's
+    conn.s(0, 1, SYN | ACK)                       # the SYN+ACK names the client
+    # stream_dir counts from the client as the event knew it: at burst 64 the first
+    # DATA_RDY (the server's bytes) says 0, as the server was taken for the client
+    check = StreamCheck(b"x" * 100, b"y" * 60)
+    c, _ = run([check], frames=conn.frames, stack="tcp", burst=burst, deploy=deploy)
+    # (a wrong read raises in the handler, which ends the run with NFError)
+    assert c["nfs"]["check"]["report"] == {"checked": 2}
+
+
+def test_data_then_a_syn_ack_of_the_same_sender_in_one_burst(run):
+    """Data from one side, then a SYN+ACK (with FIN) from the same side in the same
+    burst: the first DATA_RDY's handler raised "no stream is kept for this flow and
+    direction" (its stream_dir went through the client as of the burst's end)."""
+    conn = Conn()
+    conn.s(1, 1, ACK, b"x" * 100)
+    conn.s(101, 1, SYN | FIN | ACK, b"y" * 100)
+    rec = Recorder([mbx.DATA_RDY], side="both")
+    run([rec], frames=conn.frames, stack="tcp")
+    data = [chunk for chunks in rec.streams.values() for _, _, chunk in chunks]
+    assert data and data[0] == b"x" * 100
 
 
 def test_reused_five_tuple(run, tmp_path):
