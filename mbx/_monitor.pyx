@@ -40,6 +40,7 @@ from mbx._shm cimport stack_arena, stack_calloc, stack_free
 from mbx._stack cimport NetworkLayer, fill_flow_body, fill_pkt_body
 from mbx._stream cimport (
     OVERLAP_FIRST, OVERLAP_LAST, STREAM_CONFLICT, STREAM_MAX_OOO, STREAM_MEMCAP,
+    STREAM_PIECES,
     StreamPool, mbx_stream, stream_add, stream_free, stream_gap_end, stream_init,
     stream_offset_of, stream_read, stream_release, stream_skip_hole,
 )
@@ -474,6 +475,8 @@ cdef class TcpMonitor(NetworkLayer):
                     self.bus.publish(m)
             if fl & STREAM_MEMCAP:
                 self.memcaps += 1
+                if fl & STREAM_PIECES:
+                    self.memcaps_pieces += 1
                 m = self.flow_tcp_msg(T_FLOW_TCP_MEMCAP, p, slot, 0, c)
                 if m != NULL:
                     (<flow_tcp_body *>m.body).offset = <uint64_t>stream_offset_of(s, seq)
@@ -778,7 +781,8 @@ cdef class TcpMonitor(NetworkLayer):
             "connections": self.connections, "new_connections": self.new_connections,
             "streams_opened": self.streams_opened, "streams_exhausted": self.pairs_exhausted,
             "gaps": self.gaps, "gap_bytes": self.gap_bytes, "conflicts": self.conflicts,
-            "memcaps": self.memcaps, "rst_sent": self.rst_sent,
+            "memcaps": self.memcaps, "memcaps_pieces": self.memcaps_pieces,
+            "rst_sent": self.rst_sent,
             "dropped_terminated": self.killed_drops,
             "pool_chunks_in_use": self.pool.n_chunks - self.pool.n_free,
         }

@@ -45,6 +45,9 @@ cdef enum StreamAddFlags:
     STREAM_OVERLAP = 32         # some bytes were already held or delivered
     # some overlapping bytes could not be compared (released, in a gap, before 0)
     STREAM_UNCHECKED = 64
+    # with STREAM_MEMCAP: dropped because the stream held STREAM_MAX_OOO out-of-order
+    # pieces already and the bytes would have made another (not for lack of memory)
+    STREAM_PIECES = 128
 
 # Negative results of stream_read.
 cdef enum StreamReadError:
@@ -106,6 +109,7 @@ cdef class StreamPool:
     cdef readonly uint64_t bytes_stored     # new bytes written into chunks
     cdef readonly uint64_t memcap_events    # stream_add calls that dropped bytes
     cdef readonly uint64_t memcap_bytes
+    cdef readonly uint64_t piece_drops      # memcap_events that were STREAM_PIECES
     cdef readonly uint64_t conflicts
     cdef readonly uint64_t gaps
     cdef readonly uint64_t gap_bytes

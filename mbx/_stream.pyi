@@ -6,10 +6,11 @@ from typing import Literal, TypedDict
 from typing_extensions import Buffer
 
 STREAM_SIZE: int        # sizeof(mbx_stream), bytes
+MAX_OOO_PIECES: int     # out-of-order pieces a stream holds at most (STREAM_MAX_OOO)
 
 FlagName = Literal[
     "frontier_moved", "overlap_conflict", "memcap", "old", "out_of_order", "overlap",
-    "unchecked",
+    "unchecked", "too_many_pieces",
 ]
 FLAGS: dict[FlagName, int]
 
@@ -22,6 +23,7 @@ class PoolCounters(TypedDict):
     bytes_stored: int
     memcap_events: int
     memcap_bytes: int
+    piece_drops: int        # memcap_events for want of a piece: MAX_OOO_PIECES held already
     conflicts: int
     gaps: int
     gap_bytes: int
@@ -60,6 +62,8 @@ class StreamPool:
     def memcap_events(self) -> int: ...
     @property
     def memcap_bytes(self) -> int: ...
+    @property
+    def piece_drops(self) -> int: ...
     @property
     def conflicts(self) -> int: ...
     @property

@@ -40,6 +40,7 @@ cdef uint64_t NO_DIFF = 0xFFFFFFFFFFFFFFFFULL
 _MIB = 1 << 20
 
 STREAM_SIZE = sizeof(mbx_stream)
+MAX_OOO_PIECES = STREAM_MAX_OOO     # out-of-order pieces a stream holds at most
 
 
 _FLAG_NAMES = (
@@ -50,6 +51,7 @@ _FLAG_NAMES = (
     (STREAM_OUT_OF_ORDER, "out_of_order"),
     (STREAM_OVERLAP, "overlap"),
     (STREAM_UNCHECKED, "unchecked"),
+    (STREAM_PIECES, "too_many_pieces"),
 )
 FLAGS = {name: value for value, name in _FLAG_NAMES}
 _POLICIES = {"first": OVERLAP_FIRST, "last": OVERLAP_LAST}
@@ -169,6 +171,7 @@ cdef class StreamPool:
             "bytes_stored": self.bytes_stored,
             "memcap_events": self.memcap_events,
             "memcap_bytes": self.memcap_bytes,
+            "piece_drops": self.piece_drops,
             "conflicts": self.conflicts,
             "gaps": self.gaps,
             "gap_bytes": self.gap_bytes,
@@ -502,6 +505,8 @@ cdef int _add_slow(StreamPool pool, mbx_stream *s, int64_t start, const uint8_t 
                                       and pool.n_free_ooo == 0):
             dropped += <uint64_t>(end - start) - _held_in(iv, i, j, start, end)
             end = start
+            if after > STREAM_MAX_OOO:
+                flags |= STREAM_PIECES
         elif after > 0 and s.ooo == NO_CHUNK:
             s.ooo = pool.free_ooo
             pool.free_ooo = pool.ooo_next[s.ooo]
@@ -597,6 +602,10 @@ cdef int _add_slow(StreamPool pool, mbx_stream *s, int64_t start, const uint8_t 
         s.dropped += dropped
         pool.memcap_events += 1
         pool.memcap_bytes += dropped
+        if flags & STREAM_PIECES:
+            pool.piece_drops += 1
+    elif flags & STREAM_PIECES:         # every byte was held already: nothing lost
+        flags &= ~STREAM_PIECES
     return flags
 
 

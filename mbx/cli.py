@@ -121,9 +121,14 @@ def _print_counters(c, elapsed, out=None):
           + "\n")
     t = c.get("tcp")
     if t:
+        from mbx._stream import MAX_OOO_PIECES
+
         w(f"tcp            packets {t['tcp_packets']:,}, connections {t['connections']:,}, "
           f"streams {t['streams_opened']:,}, gaps {t['gaps']:,} ({t['gap_bytes']:,} bytes), "
-          f"conflicts {t['conflicts']:,}, memcap {t['memcaps']:,}, rst sent {t['rst_sent']:,}\n")
+          f"conflicts {t['conflicts']:,}, memcap {t['memcaps']:,}"
+          + (f" ({t['memcaps_pieces']:,} of them: {MAX_OOO_PIECES} out-of-order pieces held "
+             "already)" if t.get("memcaps_pieces") else "")
+          + f", rst sent {t['rst_sent']:,}\n")
     if c["events"]:
         w("events         type: published / delivered\n")
         for name, e in c["events"].items():

@@ -9,6 +9,7 @@ same endpoints (a pure SYN with another ISN) is a new connection: ``#2``, ``#3``
 """
 import os
 
+from mbx._stream import MAX_OOO_PIECES
 from mbx.ports import open_input
 from mbx.runtime import App
 
@@ -50,9 +51,14 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
         warnings.append("the capture ends in a record cut short (its writer stopped "
                         "mid-write); that packet is not in the summary")
     tcp = counters["tcp"]
-    if tcp["memcaps"]:
-        warnings.append(f"{tcp['memcaps']} segments lost bytes to memory caps: raise "
-                        "--stream-memory; their connections' digests are incomplete")
+    pieces = tcp["memcaps_pieces"]
+    if pieces:
+        warnings.append(f"{pieces} segments lost bytes: their stream held {MAX_OOO_PIECES} "
+                        "out-of-order pieces already (the bound on a stream's holes; heavy "
+                        "loss or reordering); their connections' digests are incomplete")
+    if tcp["memcaps"] - pieces:
+        warnings.append(f"{tcp['memcaps'] - pieces} segments lost bytes to memory caps: "
+                        "raise --stream-memory; their connections' digests are incomplete")
     if tcp["streams_exhausted"]:
         warnings.append(f"{tcp['streams_exhausted']} segments found no stream: raise --flows")
     if counters["flows"]["evicted"] or counters["flows"]["refused"]:

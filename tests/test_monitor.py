@@ -832,6 +832,33 @@ def _flows(tmp_path, frames, name="c.pcap"):
     return doc["connections"]
 
 
+def test_flows_names_the_piece_bound_not_memory(tmp_path):
+    """More out-of-order pieces at once than a stream holds: the bytes are lost and
+    `mbx flows` says why; it used to send the user to --stream-memory, which cannot
+    help."""
+    from mbx._stream import MAX_OOO_PIECES
+
+    conn = Conn()
+    c0 = conn.handshake()
+    data = bytes(range(256)) * 16
+    holes = 2 * MAX_OOO_PIECES + 4
+    seg = len(data) // holes
+    for k in range(1, holes, 2):                # every other segment first
+        conn.c(c0 + k * seg, 1, PSH | ACK, data[k * seg:(k + 1) * seg])
+    for k in range(0, holes, 2):                # then the holes
+        conn.c(c0 + k * seg, 1, PSH | ACK, data[k * seg:(k + 1) * seg])
+    path = str(tmp_path / "holes.pcap")
+    write_pcap(path, conn.frames)
+    doc, warnings = flows_json(path)
+    lost = holes // 2 - MAX_OOO_PIECES          # the odd pieces past the bound
+    (rec,) = doc["connections"].values()
+    # delivered: up to the first piece that was not held (it never comes again)
+    assert rec["c2s_len"] == (2 * MAX_OOO_PIECES + 1) * seg
+    assert warnings == [f"{lost} segments lost bytes: their stream held {MAX_OOO_PIECES} "
+                        "out-of-order pieces already (the bound on a stream's holes; heavy "
+                        "loss or reordering); their connections' digests are incomplete"]
+
+
 def _sha(b):
     return hashlib.sha256(b).hexdigest()
 

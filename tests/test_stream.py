@@ -16,7 +16,7 @@ from hypothesis.stateful import (
 from mbx._stream import STREAM_SIZE, Stream, StreamPool, _zeroed_stream_is_inert, bench_add
 
 MASK = 0xFFFFFFFF
-MAX_OOO = 16        # STREAM_MAX_OOO in mbx/_stream.pxd
+MAX_OOO = 16        # STREAM_MAX_OOO in mbx/_stream.pxd (MAX_OOO_PIECES)
 MAX_GAPS = 8        # STREAM_MAX_GAPS in mbx/_stream.pxd
 
 
@@ -176,8 +176,9 @@ def test_many_holes_overflow_the_block_then_retransmission_completes():
     # Every other segment first: the 17th hole does not fit.
     flags = [s.add(1000 + off, data[off:off + 100]) for off in range(100, len(data), 200)]
     assert all("out_of_order" in f for f in flags[:MAX_OOO])
-    assert all(f == {"memcap"} for f in flags[MAX_OOO:])
+    assert all(f == {"memcap", "too_many_pieces"} for f in flags[MAX_OOO:])
     assert len(s.out_of_order) == MAX_OOO and pool.memcap_bytes == s.dropped > 0
+    assert pool.piece_drops == pool.memcap_events == len(flags) - MAX_OOO
     for off in range(0, len(data), 100):
         s.add(1000 + off, data[off:off + 100])
     assert s.frontier == len(data) and s.read(0, len(data)) == data
