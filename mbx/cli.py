@@ -96,7 +96,7 @@ def _print_counters(c, elapsed, out=None):
         if unsent:
             why = "; ".join(f"{k}: {v['tx_error']}" for k, v in port.items()
                             if isinstance(v, dict) and v.get("tx_error")) or port.get("tx_error")
-            w(f"not sent       {unsent:,} frames, by the {side} port"
+            w(f"not sent       {unsent:,} frame{'s' if unsent != 1 else ''}, by the {side} port"
               + (f" (last error: {why})" if why else "") + "\n")
     inp = (c.get("ports") or {}).get("in") or {}
     lost, cut, link = (_port_sum(inp, key) for key in ("rx_dropped", "rx_truncated",
@@ -196,7 +196,7 @@ def _run(nfs, args, spec=None):
 
         prom = Prometheus(args.prometheus)
         listeners.append(prom)
-        if not args.quiet:
+        if not args.quiet or args.prometheus == 0:     # a port picked for us: always say it
             print(f"prometheus     http://127.0.0.1:{prom.port}/metrics", file=sys.stderr)
     try:
         if args.stacks > 1:
@@ -478,7 +478,9 @@ def main(argv=None):
             print(spec.graph())
         elif args.cmd == "example-capture":
             from mbx.examples.capture import write_example
+            from mbx.runtime import check_writable
 
+            check_writable(args.path, "example-capture")
             n = write_example(args.path, flows=args.flows, seed=args.seed)
             print(f"wrote {n:,} packets to {args.path}")
         elif args.cmd == "flows":

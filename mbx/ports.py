@@ -59,6 +59,10 @@ def _parse(spec: str) -> tuple[str, str]:
     if sep and scheme in _PLANNED_SCHEMES:
         raise PortError(f"port scheme {scheme!r} ({spec!r}) is not available yet; "
                         f"known schemes: {', '.join(KNOWN_SCHEMES)}")
+    if sep and re.fullmatch(r"[a-z][a-z0-9_]*", scheme) and not os.path.exists(spec):
+        # "pcp:demo.pcap": a misspelt scheme, not a file of that name
+        raise PortError(f"unknown port scheme {scheme!r} in {spec!r}; known schemes: "
+                        f"{', '.join(KNOWN_SCHEMES)} (a bare capture file name works too)")
     if spec.lower().endswith(_CAPTURE_SUFFIXES):
         return "pcap", spec
     raise PortError(f"unknown port spec {spec!r}; expected SCHEME:ARG with a scheme in "

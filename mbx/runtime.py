@@ -66,7 +66,26 @@ def _as_nfs(obj, where):
     raise AppError(f"{where}: expected an NF or a list of NFs, got {obj!r}")
 
 
+def _option_names(factory):
+    """The keyword options ``factory`` takes (None: any, or it cannot be told)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def _make(factory, options, where):
+    known = _option_names(factory)
+    unknown = sorted(set(options) - set(known)) if known is not None else []
+    if unknown:
+        shown = [k for k in known if k != "name"]     # the NF's name: not an option to tune
+        raise AppError(f"{where}: unknown option(s) {', '.join(unknown)}; it takes "
+                       + (", ".join(shown) if shown else "none"))
     try:
         return _as_nfs(factory(**options), where)
     except MbxError:

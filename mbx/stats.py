@@ -95,8 +95,9 @@ class Prometheus:
             import prometheus_client
             from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         except ImportError:
-            raise MbxError("--prometheus needs prometheus-client: "
-                           "pip install 'mbx[prometheus]' (or prometheus-client)") from None
+            raise MbxError("--prometheus needs prometheus-client: pip install "
+                           "prometheus-client (in the repository: pip install -e "
+                           "'.[prometheus]')") from None
         self._counter = CounterMetricFamily
         self._gauge = GaugeMetricFamily
         self.latest = None

@@ -36,8 +36,9 @@ apt_install pkg-config libssl-dev libdpdk-dev dpdk
 "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || apt_install python3-venv
 
 VENV=${MBX_VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV"
+# A venv whose creation was interrupted has a python but no pip: make it again.
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    "$PYTHON" -m venv --clear "$VENV"
 fi
 PY="$VENV/bin/python"
 # The build requirements first: the editable install rebuilds the Cython extensions

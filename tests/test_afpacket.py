@@ -932,7 +932,7 @@ def test_frames_larger_than_the_mtu_are_counted_and_explained(testbed, tmp_path)
                     f"pcap:{cap}", "--out", "afpacket:ms", "--json", str(counters)),
             check=False, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "not sent       1 frames, by the out port (last error: Message too long)" \
+    assert "not sent       1 frame, by the out port (last error: Message too long)" \
         in r.stdout
     out = json.loads(counters.read_text())["ports"]["out"]
     assert out["tx_pkts"] == 2 and out["tx_dropped"] == 1

@@ -88,7 +88,9 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["run", "l2fwd", "--in", "pcap:/nonexistent/x.pcap"], "no such file"),
     (["run", "nosuchnf", "--in", "pcap:x.pcap"], "unknown NF 'nosuchnf'"),
-    (["run", "l2fwd", "--in", "tcp:x"], "unknown port spec 'tcp:x'; expected SCHEME:ARG"),
+    (["run", "l2fwd", "--in", "tcp:x"], "unknown port scheme 'tcp' in 'tcp:x'; known schemes"),
+    (["run", "l2fwd", "--in", "pcp:demo.pcap"], "unknown port scheme 'pcp' in 'pcp:demo.pcap'"),
+    (["run", "l2fwd", "--in", "eth0"], "unknown port spec 'eth0'; expected SCHEME:ARG"),
     (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger"], "NF.KEY=VALUE"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--set", "other.a=1"],
      "options given for other, which the application 'l2fwd' does not name"),
@@ -120,7 +122,8 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
     (["run", ":flow_stats", "--in", "pcap:x.pcap"], "expected module:attribute"),
     (["run", ".foo:bar", "--in", "pcap:x.pcap"], "expected module:attribute"),
     (["example-capture", "x.pcap", "--flows", "30000"], "must be at most 20,000"),
-    (["example-capture", "."], "Is a directory"),
+    (["example-capture", "."], "example-capture: path '.' is a directory, not a file"),
+    (["example-capture", "/nonexistent/x.pcap"], "directory /nonexistent does not exist"),
     (["flows", ""], "mbx flows: name a capture file"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--inflight", "2", "--ring-full", "drop"],
      "--inflight, --ring-full: for --deploy pipelined only (this run is inline)"),
@@ -391,3 +394,16 @@ def test_every_packet_is_counted_once(tmp_path, example_pcap):
         assert c["packets"] == 100 == inp.counters["rx_pkts"]
     finally:
         inp.close()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("logger.pth=x", "NF logger: unknown option(s) pth; it takes path, types"),
+    ("l2fwd.x=1", "NF l2fwd: unknown option(s) x; it takes none"),
+])
+def test_a_misspelt_nf_option_names_the_ones_there_are(example_pcap, setting, message):
+    # it was make()'s TypeError: "unexpected keyword argument 'pth'"
+    nf = setting.split(".")[0]
+    r = mbx_cmd("run", nf, "--in", example_pcap, "--set", setting, "-q")
+    assert r.returncode == 2 and r.stderr.strip() == f"mbx: error: {message}"
+    # the NF's own name is not a misspelling
+    assert mbx_cmd("check", nf, "--set", f"{nf}.name=mine").returncode == 0

@@ -565,7 +565,8 @@ def test_port_specs(tmp_path):
     ("afpacket:", "names no interface"),
     ("dpdk:0000:01:00.0", "not available yet; known schemes: pcap"),
     ("eth0", "unknown port spec 'eth0'.*pcap"),
-    ("tap:x", "unknown port spec.*pcap"),
+    ("tap:x", "unknown port scheme .tap. in .tap:x.; known schemes: pcap"),
+    ("capture", "unknown port spec .capture.; expected SCHEME:ARG"),
     ("pcap:", "names no file"),
     ("", "empty"),
 ])
