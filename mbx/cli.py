@@ -330,6 +330,19 @@ def _seconds(text):
     return value
 
 
+def _ring_size(text):
+    """--ring-size: checked here, so that the error names the option, not App's
+    keyword (App checks the same, for the API)."""
+    from mbx.runtime import RING_SIZE_MAX
+
+    value = int_at_least(0)(text)
+    if value and (not 2 <= value <= RING_SIZE_MAX or value & (value - 1)):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a power of two from 2 to "
+                                         f"{RING_SIZE_MAX:,} (or 0: room for all of "
+                                         "Event Memory)")
+    return value
+
+
 def _tcp_port(text):
     try:
         port = int(text)
@@ -382,7 +395,7 @@ def _add_run_options(p):
     p.add_argument("--deploy", choices=("inline", "pipelined"), default="inline",
                    help="inline: NFs in this process; pipelined: each NF in its own "
                         "process, events over shared-memory rings (inline)")
-    p.add_argument("--ring-size", type=int_at_least(0), metavar="N",
+    p.add_argument("--ring-size", type=_ring_size, metavar="N",
                    help="pipelined: entries per ring, a power of two (room for all of "
                         "Event Memory)")
     p.add_argument("--inflight", type=int_at_least(1), default=None, metavar="K",

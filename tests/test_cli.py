@@ -118,7 +118,7 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
      "NF logger: the path is empty"),
     # a ring past 2**24 entries once overflowed a 32-bit size: SIGSEGV
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--deploy", "pipelined", "--ring-size",
-      "1073741824"], "ring_size must be a power of two from 2 to 16,777,216"),
+      "1073741824"], "--ring-size: '1073741824': must be a power of two from 2 to 16,777,216"),
     (["run", ":flow_stats", "--in", "pcap:x.pcap"], "expected module:attribute"),
     (["run", ".foo:bar", "--in", "pcap:x.pcap"], "expected module:attribute"),
     (["example-capture", "x.pcap", "--flows", "30000"], "must be at most 20,000"),
@@ -132,7 +132,7 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
     (["run", "l2fwd", "--in", "afpacket:lo?fanout_mode=bogus"],
      "fanout_mode 'bogus' is not one of"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--deploy", "pipelined", "--ring-size", "3"],
-     "ring_size must be a power of two from 2 to 16,777,216"),
+     "argument --ring-size: '3': must be a power of two"),
 ])
 def test_clear_errors(tmp_path, args, message):
     r = mbx_cmd(*args, cwd=tmp_path)
