@@ -312,6 +312,7 @@ cdef class PipeBus(EventBus):
     cdef uint32_t yields                # blocking (fewer with more processes than cores)
     cdef object failure_names           # per NF: "open", "closed" or None (as given)
     cdef object reported                # NFs whose failure was reported
+    cdef object logged                  # NFs whose last process's death is in restart_log
     cdef readonly uint64_t completed
     cdef uint32_t maxpos
     # the control path (see mbx_req_ring)

@@ -358,6 +358,7 @@ cdef class PipeBus(EventBus):
             raise MemoryError()
         self.failure_names = list(failures)
         self.reported = set()
+        self.logged = set()
         self.restart_conf = list(restarts) if restarts is not None else [(0, 0.0)] * n
         self.restart_log = [[] for _ in range(n)]
         self.restart_made = [0] * n
@@ -1277,8 +1278,9 @@ cdef class PipeBus(EventBus):
 
     def _report_failures(self):
         # A dead NF process (its handler's error, a signal, an exit) ends the run when
-        # the NF has no failure policy, unless a restart is coming (which records why
-        # it died, as it happens); every death is recorded in its "deaths".
+        # the NF has no failure policy, unless a restart is coming (restart_nf records
+        # why it died, or finish_run if the run ends first); every death is recorded
+        # in its "deaths".
         cdef uint32_t k
         for k in range(self.nnf):
             if not self.ctl.procs[k].dead or k in self.reported:
@@ -1286,12 +1288,9 @@ cdef class PipeBus(EventBus):
             self.reported.add(k)
             if self.restart_left[k]:
                 continue
-            reason = self._death_reason(k)
-            if self.restart_conf[k][0]:
-                reason += ("; not restarted: it died before finishing an epoch"
-                           if self.restart_made[k] < self.restart_conf[k][0]
-                           else "; not restarted: restart limit reached")
+            reason = self._death_reason(k) + self._not_restarted(k)
             self.restart_log[k].append(reason)
+            self.logged.add(k)
             if self.failure_names[k] is None:
                 if self.ctl.procs[k].failed:
                     raise _events.NFError(slot_text(self.errors, k, ERROR_SIZE))
@@ -1342,6 +1341,7 @@ cdef class PipeBus(EventBus):
         it, in the stack's tables too, and requests it left unapplied are dropped."""
         cdef mbx_proc *pr = &self.ctl.procs[k]
         self.restart_log[k].append(self._death_reason(k))
+        self.logged.discard(k)          # the next process's death is its own entry
         self.restart_left[k] -= 1
         self.restart_made[k] += 1
         self.at_boundary[k] = 0
@@ -1352,6 +1352,7 @@ cdef class PipeBus(EventBus):
             memset(self.flow_set[k], 0, <size_t>self.flow_capacity * 2)
         self.errors[k * ERROR_SIZE] = 0
         pr.failed = 0
+        pr.exited = 0                   # a process whose handler raised left cleanly
         pr.status = 0
         self.started_epochs[k] = pr.epochs
         mbx_store(&pr.dead, 0)
@@ -1363,6 +1364,7 @@ cdef class PipeBus(EventBus):
             self.restart_made[k] -= 1
             self.restart_log[k].append(f"restart failed: {type(exc).__name__}: {exc}")
             self.reported.add(k)        # its death is in the log already
+            self.logged.add(k)
             return
         pr.pid = pid
         self.pidfds[k] = pidfd
@@ -1376,12 +1378,49 @@ cdef class PipeBus(EventBus):
             return "gone (not reaped)"
         code = os.waitstatus_to_exitcode(pr.status)
         if code < 0:
-            return f"killed by {signal.Signals(-code).name}"
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:          # a real-time signal has no name
+                return f"killed by signal {-code}"
         return f"exited with status {code}"
+
+    def _not_restarted(self, uint32_t k):
+        # Why NF k's dead process was not restarted ("" when it has no restarts).
+        if not self.restart_conf[k][0]:
+            return ""
+        if self.restart_left[k]:
+            return "; not restarted: the run ended"
+        if self.restart_made[k] < self.restart_conf[k][0]:
+            return "; not restarted: it died before finishing an epoch"
+        return "; not restarted: restart limit reached"
+
+    def _log_end_deaths(self, killed, double timeout):
+        # At the run's end: the deaths nothing recorded yet.  A process may die too
+        # late for a check to see it (after its last epoch, in stop()), or be seen
+        # dead while its restart waited for the back-off or an epoch boundary, which
+        # the run's end overtook: each is recorded, and why it was not restarted.
+        cdef uint32_t k
+        cdef mbx_proc *pr
+        for k in range(self.nnf):
+            pr = &self.ctl.procs[k]
+            if k in self.logged or not (pr.failed or (pr.dead and not pr.exited)):
+                continue
+            if k in killed:
+                reason = (f"{self._death_reason(k)}: it did not stop within "
+                          f"{timeout:g} s of the run's end")
+            else:
+                if pr.epochs == self.started_epochs[k]:
+                    # as plan_restart does for a death seen during the run: no
+                    # restart for a process that did not finish an epoch
+                    self.restart_left[k] = 0
+                reason = self._death_reason(k) + self._not_restarted(k)
+            self.restart_log[k].append(reason)
+            self.logged.add(k)
 
     def finish_run(self, double timeout=10.0):
         """Stop every NF process (their stop() runs there), reap them, kill any that
-        do not leave in time, and fold their counters into the bus's."""
+        do not leave in time, record the deaths not recorded yet, and fold their
+        counters into the bus's."""
         cdef uint32_t k, t
         cdef int status = 0, r
         cdef uint64_t *pub
@@ -1390,6 +1429,7 @@ cdef class PipeBus(EventBus):
             mbx_wake(&self.ctl.procs[k])
         import time
         deadline = time.monotonic() + timeout
+        killed = set()
         while True:
             waiting = False
             for k in range(self.nnf):
@@ -1399,6 +1439,7 @@ cdef class PipeBus(EventBus):
                 if r == 0:
                     if time.monotonic() > deadline:
                         os.kill(self.ctl.procs[k].pid, signal.SIGKILL)
+                        killed.add(k)
                     waiting = True
                     continue
                 self.ctl.procs[k].status = status if r > 0 else -1
@@ -1406,6 +1447,7 @@ cdef class PipeBus(EventBus):
             if not waiting:
                 break
             time.sleep(0.002)
+        self._log_end_deaths(killed, timeout)
         for k in range(self.nnf):
             pub = self.typecnt + <size_t>k * 2 * MAX_TYPES
             for t in range(MAX_TYPES):

@@ -145,8 +145,9 @@ def _print_counters(c, elapsed, out=None):
               f"   {n['handler_s']:9.3f}  {n['state']}"
               f"{' (failure ' + n['failure'] + ')' if n['state'] != 'ok' else ''}\n")
             if n.get("restart_limit"):
-                w(f"    restarts {n['restarts']} of {n['restart_limit']}"
-                  + "".join(f"\n    died: {why}" for why in n["deaths"]) + "\n")
+                w(f"    restarts {n['restarts']} of {n['restart_limit']}\n")
+            for why in n["deaths"]:         # with or without a restart policy
+                w(f"    died: {why}\n")
     reports = {name: n["report"] for name, n in (c.get("nfs") or {}).items()
                if n.get("report")}
     if reports:

@@ -37,6 +37,7 @@ publishes, an NF listed twice, a bad option or filter, a merge function that can
 be loaded or called: each is refused with an error naming the file, the line, the
 NF and the types.
 """
+import itertools
 import os
 import re
 import tomllib
@@ -100,15 +101,65 @@ class AppSpec:
         return "\n".join(lines)
 
 
+# tomllib keeps no positions: the lines of tables and keys are found in the text.  A
+# key or table name is bare, "quoted" or 'literal', and dotted paths may have spaces.
+_PART = r"""(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)"""
+_PATH = rf"{_PART}(?:\s*\.\s*{_PART})*"
+_HEADER = re.compile(rf"\s*(\[\[?)\s*({_PATH})\s*\]\]?\s*(?:#.*)?$")
+_ASSIGN = re.compile(rf"\s*({_PATH})\s*=")
+
+
+def _parts(path):
+    return tuple(a or b or c for a, b, c in
+                 re.findall(r'"([^"]*)"|\'([^\']*)\'|([A-Za-z0-9_-]+)', path))
+
+
+def _header(line):
+    # ("[" or "[[", the table's path) of a table header line, else None
+    m = _HEADER.match(line)
+    return (m.group(1), _parts(m.group(2))) if m else None
+
+
 def _line_of(text, index, key="[[nf]]"):
-    """The line of the index-th ``[[nf]]`` table (tomllib keeps no positions)."""
+    """The line of the index-th table with header ``key`` (``[[nf]]``,
+    ``[groups.NAME]``), headers compared as TOML reads them: spaces, quotes or a
+    comment after one do not hide it."""
+    want = _header(key)
     n = -1
     for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip() == key:
+        if _header(line) == want:
             n += 1
             if n == index:
                 return lineno
     return None
+
+
+def _key_line(text, table, key):
+    """The line of ``key`` of the ``[table]`` table (under its header, or as a dotted
+    ``table.key``); else the line of the table itself (its header, or ``table =
+    {...}`` inline), else None."""
+    current = ()
+    table_line = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        head = _header(line)
+        if head is not None:
+            current = head[1] if head[0] == "[" else head[1] + ("[]",)
+            if current == (table,) and table_line is None:
+                table_line = lineno
+            continue
+        m = _ASSIGN.match(line)
+        if m:
+            path = current + _parts(m.group(1))
+            if path == (table, key):
+                return lineno
+            if path == (table,) and table_line is None:
+                table_line = lineno
+    return table_line
+
+
+def _at(path, line):
+    # where an error is: "FILE, line N", or the file when the line is not known
+    return f"{path}, line {line}" if line else path
 
 
 def load_app_file(path):
@@ -136,36 +187,46 @@ def load_app_file(path):
             isinstance(e, dict) for e in doc.get("nf", [])):
         raise AppError(f"{path}: nf = {doc['nf']!r}: expected [[nf]] tables")
     app = doc.get("app", {})
+
+    def key_at(table, keys):
+        # the file and the first line of keys of [table]
+        lines = [n for n in (_key_line(text, table, k) for k in keys) if n]
+        return _at(path, min(lines, default=None))
+
     unknown = set(app) - {"name", "stack"}
     if unknown:
-        raise AppError(f"{path}: [app] unknown key(s) {', '.join(sorted(unknown))} "
-                       "(known: name, stack)")
+        raise AppError(f"{key_at('app', unknown)}: [app] unknown key(s) "
+                       f"{', '.join(sorted(unknown))} (known: name, stack)")
     name = app.get("name", os.path.splitext(os.path.basename(path))[0])
     if not isinstance(name, str):
-        raise AppError(f"{path}: [app] name = {name!r}: expected a string")
+        raise AppError(f"{key_at('app', ['name'])}: [app] name = {name!r}: "
+                       "expected a string")
     stack = app.get("stack", "auto")
     if stack not in ("auto", "network", "tcp"):
-        raise AppError(f"{path}: [app] stack = {stack!r}: use auto, network or tcp")
+        raise AppError(f"{key_at('app', ['stack'])}: [app] stack = {stack!r}: use "
+                       "auto, network or tcp")
     options = dict(doc.get("stack", {}))
     bad = set(options) - set(_STACK_KEYS)
     if bad:
-        raise AppError(f"{path}: [stack] unknown option(s) {', '.join(sorted(bad))} "
-                       f"(known: {', '.join(sorted(_STACK_KEYS))})")
+        raise AppError(f"{key_at('stack', bad)}: [stack] unknown option(s) "
+                       f"{', '.join(sorted(bad))} (known: {', '.join(sorted(_STACK_KEYS))})")
     for key, value in options.items():
         if not _KIND_OK[_STACK_KEYS[key]](value):
-            raise AppError(f"{path}: [stack] {key} = {value!r}: expected "
-                           f"{_STACK_KEYS[key]}")
-    check_stack_options(options, f"{path}: [stack]")
+            raise AppError(f"{key_at('stack', [key])}: [stack] {key} = {value!r}: "
+                           f"expected {_STACK_KEYS[key]}")
+        # one key at a time, so the error has its line
+        check_stack_options({key: value}, f"{key_at('stack', [key])}: [stack]")
     entries = doc.get("nf", [])
     if not entries:
         raise AppError(f"{path}: no [[nf]] tables: an application names at least one NF")
     nfs = []
+    lines = []          # per NF of nfs: the line of its [[nf]] table
     loaded = {}         # (use, options): the NFs it made, so a file that defines
     #                     several NFs is run once
     base = os.path.dirname(os.path.abspath(path))
     for i, entry in enumerate(entries):
         line = _line_of(text, i)
-        where = f"{path}, line {line}" if line else path
+        where = _at(path, line)
         bad = set(entry) - _NF_KEYS
         if bad:
             raise AppError(f"{where}: [[nf]] unknown key(s) {', '.join(sorted(bad))} "
@@ -235,8 +296,9 @@ def load_app_file(path):
             except AppError as exc:
                 raise AppError(f"{where}: {exc}") from None
         nfs += made
+        lines += [line] * len(made)
     _merge_policies(path, text, doc.get("groups", {}), nfs)
-    return check(path, name, stack, options, nfs)
+    return check(path, name, stack, options, nfs, lines)
 
 
 def _merge_function(spec, base, where):
@@ -285,8 +347,7 @@ def _merge_policies(path, text, groups, nfs):
 
     members = {nf.group for nf in nfs if nf.group is not None}
     for gname, spec in groups.items():
-        line = _line_of(text, 0, f"[groups.{gname}]")
-        where = f"{path}, line {line}" if line else path
+        where = _at(path, _line_of(text, 0, f"[groups.{gname}]"))
         if not isinstance(spec, dict):
             raise AppError(f"{where}: groups.{gname} must be a table ([groups.{gname}])")
         bad = set(spec) - _GROUP_KEYS
@@ -312,25 +373,46 @@ def _merge_policies(path, text, groups, nfs):
                 nf.group_merge = merge
 
 
-def check(path, name, stack, options, nfs):
-    """Type-check and link ``nfs``; returns the AppSpec or raises AppError."""
+def _dependent_member(nfs):
+    # The index of the NF _events.group_dependency speaks of: the first member of a
+    # group (in chain order, as it looks) subscribed to what a mate publishes.
+    types = _events.event_types()
+    for i, y in enumerate(nfs):
+        if y.group is not None and any(
+                types[p].is_a(types[t]) for x in nfs
+                if x is not y and x.group == y.group for p in x.pubs for t in y.subs):
+            return i
+    return None
+
+
+def check(path, name, stack, options, nfs, lines=None):
+    """Type-check and link ``nfs``; returns the AppSpec or raises AppError.  ``lines``
+    (per NF, the line of its ``[[nf]]`` table) puts the line in the errors."""
+    def at(i):
+        return _at(path, lines[i] if lines else None)
+
     names = [nf.name for nf in nfs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise AppError(f"{path}: NF name(s) used twice: {', '.join(dup)}")
-    for nf in nfs:
+        again = next(i for i, n in enumerate(names) if n in names[:i])
+        raise AppError(f"{at(again)}: NF name(s) used twice: {', '.join(dup)}")
+    for i, nf in enumerate(nfs):
         if nf.group is not None and nf.writes:
-            raise AppError(f"{path}: NF {nf.name} writes packets and cannot run in the "
+            raise AppError(f"{at(i)}: NF {nf.name} writes packets and cannot run in the "
                            f"parallel group {nf.group!r}: writers are serialised")
     groups = [nf.group for nf in nfs]
-    for g in {g for g in groups if g is not None}:
-        at = [i for i, x in enumerate(groups) if x == g]
-        if at != list(range(at[0], at[-1] + 1)):
-            raise AppError(f"{path}: parallel group {g!r} is split by other NFs: list its "
-                           "NFs next to each other")
+    for g in dict.fromkeys(g for g in groups if g is not None):   # in chain order
+        members = [i for i, x in enumerate(groups) if x == g]
+        for before, i in itertools.pairwise(members):
+            if i != before + 1:
+                # the line of the member the other NFs cut off from its group
+                raise AppError(f"{at(i)}: parallel group {g!r} is split by other NFs "
+                               f"(NF {nfs[before + 1].name}): list its NFs next to "
+                               "each other")
     why = _events.group_dependency(nfs)
     if why is not None:
-        raise AppError(f"{path}: {why}")
+        dependent = _dependent_member(nfs)
+        raise AppError(f"{at(dependent) if dependent is not None else path}: {why}")
     from mbx.runtime import needs_monitor
 
     tcp = stack == "tcp" or (stack == "auto" and needs_monitor(nfs))
@@ -354,7 +436,7 @@ def check(path, name, stack, options, nfs):
                 offered = sorted({p.name for p in stack_pubs}
                                  | {types[j].name for o in nfs for j in o.pubs})
                 raise AppError(
-                    f"{path}: NF {nf.name} subscribes to {t.name}, which nothing in the "
+                    f"{at(i)}: NF {nf.name} subscribes to {t.name}, which nothing in the "
                     f"application publishes (a publication must be {t.name} or a "
                     f"descendant; published: {', '.join(offered)})")
             links.append((nf, t, feeders))

@@ -239,6 +239,123 @@ def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
     assert "app.toml" in str(info.value)
 
 
+@pytest.mark.parametrize("body, line, message", [
+    ("""
+     [app]
+     name = "x"
+
+     [stack]                     # comments and blank lines do not move the line
+     idle_timeout = 5
+     flow_capacity = "big"
+     [[nf]]
+     use = "l2fwd"
+     """, 7, "[stack] flow_capacity = 'big': expected a whole number"),
+    ("""
+     [stack]
+     msg_capacity = 4096
+     flow_capcity = 5
+     [[nf]]
+     use = "l2fwd"
+     """, 4, "[stack] unknown option(s) flow_capcity (known: "),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [stack]
+     "flow_capacity" = -5
+     """, 5, "[stack] flow_capacity must be a whole number from 0 to 4,294,967,295"),
+    ("""
+     stack.overlap = 3
+     [[nf]]
+     use = "l2fwd"
+     """, 2, "[stack] overlap = 3: expected a string"),
+    ("""
+     [stack]
+     flow_capacity = 5
+     [app]
+     stack = "udp"
+     [[nf]]
+     use = "l2fwd"
+     """, 5, "[app] stack = 'udp': use auto, network or tcp"),
+    ("""
+     [[nf]]   # the first NF
+     use = "flow_stats"
+     group = "g"
+     [[nf]]
+     use = "l2fwd"
+     [[nf]]
+     use = "logger"
+     group = "g"
+     """, 7, "parallel group 'g' is split by other NFs (NF l2fwd): list its NFs next "
+             "to each other"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [[nf]]
+     use = "IDS"
+     name = "dpi"
+     group = "g"
+     [[nf]]
+     use = "IDS"
+     name = "ids"
+     group = "g"
+     """, 8, "NF ids subscribes to DPI_DETECT, which NF dpi of its parallel group 'g' "
+             "publishes"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [[ nf ]]
+     use = "IDS"
+     name = "ids"
+     """, 4, "NF ids subscribes to DPI_DETECT, which nothing in the application "
+             "publishes"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [[nf]]
+     use = "flow_stats"
+     [[nf]]
+     use = "l2fwd"
+     """, 6, "NF name(s) used twice: l2fwd"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     group = "g"
+     [[nf]]
+     use = "l4lb"
+     group = "g"
+     """, 5, "NF l4lb writes packets and cannot run in the parallel group 'g'"),
+    ("""
+     [[nf]]        # a comment after the header does not hide it
+     use = "l2fwd"
+     [[nf]]
+     use = "l2fwd"
+     colour = "blue"
+     """, 4, "[[nf]] unknown key(s) colour"),
+])
+def test_refusals_give_the_line_of_the_key_or_nf(tmp_path, body, line, message):
+    import mbx as pkg
+
+    ids = str(pkg.__file__).replace("__init__.py", "examples/ids.py")
+    app = write(tmp_path, "app.toml", body.replace("IDS", ids))
+    with pytest.raises(AppError) as info:
+        load_app_file(app)
+    assert str(info.value).startswith(f"{app}, line {line}: {message}")
+
+
+def test_mbx_check_and_run_give_the_line_of_a_stack_key(tmp_path, example_pcap):
+    app = write(tmp_path, "app.toml", """
+        [stack]
+        flow_capcity = 5
+        [[nf]]
+        use = "l2fwd"
+        """)
+    for cmd in (["check", app], ["run", app, "--in", "pcap:" + example_pcap]):
+        r = subprocess.run([sys.executable, "-m", "mbx.cli", *cmd], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2, cmd
+        assert f"{app}, line 3: [stack] unknown option(s) flow_capcity" in r.stderr, cmd
+
+
 def test_subscription_fed_by_a_publishing_nf_or_a_descendant_type(tmp_path):
     parent = mbx.register_event_type("TEST_CTL_PARENT")
     child = mbx.register_event_type("TEST_CTL_PARENT/CHILD")
@@ -487,8 +604,8 @@ def test_group_member_subscribing_to_its_mate_refused(tmp_path):
     with pytest.raises(AppError) as info:
         load_app_file(app)
     text = str(info.value)
-    assert "app.toml: NF ids subscribes to DPI_DETECT, which NF dpi of its parallel " \
-           "group 'g' publishes (its port DPI_DETECT)" in text
+    assert "app.toml, line 6: NF ids subscribes to DPI_DETECT, which NF dpi of its " \
+           "parallel group 'g' publishes (its port DPI_DETECT)" in text
     r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", app], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "NF ids subscribes to DPI_DETECT" in r.stderr

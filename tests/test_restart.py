@@ -172,6 +172,61 @@ def test_no_policy_but_restart_keeps_the_run(example_pcap, tmp_path):
                 example_pcap, deploy="pipelined", burst=4)
 
 
+@pytest.mark.parametrize("how", ["raise", "exit", "kill"])
+def test_death_the_run_end_overtook_is_recorded(example_pcap, tmp_path, how):
+    # Seen dead, its restart waiting for a back-off the run does not last: the death
+    # is still recorded, and why it was not restarted.
+    log = tmp_path / "crash.log"
+    nfs = [Crasher(log, 300, how, failure="open", restart=2, restart_backoff=3600)]
+    c, _ = run_app(nfs, example_pcap, deploy="pipelined", burst=4)
+    n = c["pipeline"]["nfs"]["crash"]
+    assert n["restarts"] == 0 and n["restart_limit"] == 2
+    assert len(n["deaths"]) == 1 and REASONS[how] in n["deaths"][0]
+    assert n["deaths"][0].endswith("; not restarted: the run ended")
+    assert_baseline(c)
+
+
+class DiesInStop(Crasher):
+    """A Crasher whose process, unless it crashed, exits with status 7 in stop(),
+    after the run's last epoch: no check during the run sees it die."""
+
+    crashed = False
+
+    def crash(self):
+        self.crashed = True
+        super().crash()
+
+    def stop(self):
+        super().stop()
+        if not self.crashed:
+            os._exit(7)
+
+
+@pytest.mark.parametrize("restart, why", [
+    (0, "exited with status 7"),
+    (1, "exited with status 7; not restarted: the run ended"),
+])
+def test_death_after_the_last_epoch_is_recorded(example_pcap, tmp_path, restart, why):
+    nf = DiesInStop(tmp_path / "crash.log", 0, "exit", failure="open", restart=restart,
+                    restart_backoff=0)
+    c, _ = run_app([nf], example_pcap, deploy="pipelined", burst=4)
+    n = c["pipeline"]["nfs"]["crash"]
+    assert n["state"] == "died" and n["deaths"] == [why]
+    assert os.waitstatus_to_exitcode(n["exit_status"]) == 7
+
+
+def test_restarted_process_of_a_failed_nf_can_die_too(example_pcap, tmp_path):
+    # Its first process's handler raises (that process then leaves cleanly); the
+    # restarted one exits in stop(): both deaths are recorded, and its state is "died".
+    nf = DiesInStop(tmp_path / "crash.log", 100, "raise", tmp_path / "crashed",
+                    failure="open", restart=3, restart_backoff=0)
+    c, _ = run_app([nf], example_pcap, deploy="pipelined", burst=4)
+    n = c["pipeline"]["nfs"]["crash"]
+    assert n["restarts"] == 1 and n["state"] == "died"
+    assert len(n["deaths"]) == 2 and "kaput" in n["deaths"][0]
+    assert n["deaths"][1] == "exited with status 7; not restarted: the run ended"
+
+
 @pytest.mark.parametrize("bad, why", [
     ("restart = -1", "restart must be a whole number"),
     ("restart = 1.5", "restart must be a whole number"),
@@ -256,6 +311,44 @@ nf.sub("PKT", on_pkt)
     assert rc == 0
     out = capsys.readouterr().out
     assert "restarts 1 of 2\n    died: exited with status 5\n" in out
+
+
+def test_cli_summary_shows_a_death_the_run_end_overtook(example_pcap, tmp_path, capsys):
+    # The NF of the report: it dies on its 500th event, and the run ends before its
+    # restart (a back-off longer than the run).
+    nf_file = tmp_path / "nf.py"
+    nf_file.write_text("""
+import os
+import mbx
+
+nf = mbx.NF("crashy")
+nf.failure, nf.restart, nf.restart_backoff = "open", 2, 3600
+n = [0]
+
+
+def on_pkt(ev):
+    n[0] += 1
+    if n[0] == 500:
+        os._exit(7)
+
+
+nf.sub("PKT", on_pkt)
+""")
+    rc = cli.main(["run", str(nf_file), "--deploy", "pipelined", "--in",
+                   "pcap:" + example_pcap])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert ("died (failure open)\n    restarts 0 of 2\n"
+            "    died: exited with status 7; not restarted: the run ended\n") in out
+    # without a restart policy the death is shown too (it was only with one)
+    nf_file.write_text(nf_file.read_text().replace(
+        'nf.failure, nf.restart, nf.restart_backoff = "open", 2, 3600',
+        'nf.failure = "open"'))
+    assert cli.main(["run", str(nf_file), "--deploy", "pipelined", "--in",
+                     "pcap:" + example_pcap]) == 0
+    out = capsys.readouterr().out
+    assert "died (failure open)\n    died: exited with status 7" in out
+    assert "restarts" not in out
 
 
 @pytest.mark.parametrize("inflight", [1, 4])
