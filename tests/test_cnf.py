@@ -3,9 +3,9 @@ subscription, drops that hide the packet downstream, per-flow overrides."""
 import collections
 
 import pytest
-from conftest import read_frames
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mbxtest import read_frames
 
 import mbx
 from mbx.examples import cnoop

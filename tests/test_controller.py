@@ -6,7 +6,7 @@ import textwrap
 
 import dpkt
 import pytest
-from conftest import read_frames
+from mbxtest import read_frames
 
 import mbx
 from mbx.controller import check, load_app_file

@@ -7,7 +7,7 @@ import subprocess
 
 import dpkt
 import pytest
-from conftest import read_frames
+from mbxtest import read_frames
 
 import mbx
 from mbx.examples.capture import BACKENDS, VIP, tcp_connection

@@ -14,7 +14,7 @@ import signal
 import sys
 
 import pytest
-from conftest import read_frames
+from mbxtest import read_frames
 
 import mbx
 from mbx.ports import open_input, open_output

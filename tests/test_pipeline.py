@@ -3,7 +3,7 @@ subscriptions, batch handlers, completion, and the flow lifecycle."""
 import dpkt
 import numpy as np
 import pytest
-from conftest import read_frames
+from mbxtest import read_frames
 
 import mbx
 from mbx.examples.capture import ether, tcp4, udp4

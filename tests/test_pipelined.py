@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import read_frames, run_app
+from mbxtest import read_frames, run_app
 
 import mbx
 from mbx._packet import Batch

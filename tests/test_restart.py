@@ -6,7 +6,7 @@ import os
 import signal
 
 import pytest
-from conftest import read_frames, run_app
+from mbxtest import read_frames, run_app
 from test_pipelined import FileRecorder, assert_baseline
 
 import mbx
