@@ -26,6 +26,9 @@ cdef class DpdkPort(Port):
     cdef readonly uint64_t rx_oversize  # frames larger than DPDK_MAX_FRAME
     cdef readonly uint64_t tx_nombuf    # frames not sent: the mempool had no mbuf
     cdef readonly uint64_t tx_oversize  # frames not sent: more segments than allowed
+    # Seconds close() keeps a connected net_memif end that sent up, for its peer to
+    # read the ring (MEMIF_LINGER_S; 0: close at once)
+    cdef public double linger_s
 
     cdef rte_mempool *pool
     cdef bint attached                  # we hot-plugged the vdev: remove it at close

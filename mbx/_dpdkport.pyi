@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from mbx._packet import Port
 
 KNOWN_VDEV_DRIVERS: tuple[str, ...]
+MEMIF_LINGER_S: float
 
 def default_eal_args(memory_mb: int = 256) -> tuple[str, ...]:
     """EAL arguments that work without hugepages, PCI access or root."""
@@ -30,6 +31,7 @@ class DpdkPort(Port):
     rx_oversize: int
     tx_nombuf: int
     tx_oversize: int
+    linger_s: float
     def __init__(
         self,
         vdev_or_port: str | int,
@@ -48,6 +50,8 @@ class DpdkPort(Port):
     def mbufs_free(self) -> int: ...
     @property
     def link_up(self) -> bool: ...
+    def wait_for_link(self, seconds: float) -> None:
+        """Return once the link is up within ``seconds``; PortError otherwise."""
     @property
     def counters(self) -> dict[str, int]: ...
     def close(self) -> None: ...

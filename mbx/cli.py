@@ -251,7 +251,7 @@ def _run_app(app, args, listeners, view):
 
 
 def _run_parallel(nfs, args, config, listeners, view):
-    from mbx.ports import capture_file
+    from mbx.ports import written_files
     from mbx.runtime import merge_snapshots, run_parallel
 
     if config.get("deploy", "inline") != "inline":
@@ -292,10 +292,13 @@ def _run_parallel(nfs, args, config, listeners, view):
                                          "refused: the share is full)"
                                          if c["evicted"] or c["refused"] else "")
             for k, c in enumerate(counters["stacks"])))
-        out_file = capture_file(args.out) if args.out else None
-        if out_file:
-            # run_parallel gives each process its own file (output_path)
-            print(f"written        {out_file}.stack0 .. .stack{args.stacks - 1}, one per "
+        # run_parallel gives each process its own files (output_path): a capture
+        # output's, and a DPDK net_pcap device's tx_pcap file, in the input too
+        files = written_files(args.inp, output=False)
+        if args.out and args.out != args.inp:
+            files += written_files(args.out)
+        for path in dict.fromkeys(files):
+            print(f"written        {path}.stack0 .. .stack{args.stacks - 1}, one per "
                   "stack process (as are the files a Logger writes)")
     if view is not None:
         view.final(final, elapsed)

@@ -11,7 +11,10 @@ default, or ``v3``), ``fanout``, ``fanout_mode``, ``block_size``, ``block_count`
 ``offloads``: ``offloads=1`` takes TSO/GRO super-frames and unfinished checksums
 from the kernel and hands them back, see ``AfPacketPort``).  DPDK virtual devices
 are ``dpdk:VDEV[,ARGS]`` (e.g. ``dpdk:net_pcap0,rx_pcap=in.pcap``), when mbx was
-built with DPDK.  A bare path ending
+built with DPDK; mbx's own options follow a ``?``: ``link_wait=S`` (how long a port
+that sends waits for its link, default 10 s) and, for a bridge of two devices
+(``dpdk:VDEV0[,ARGS]+VDEV1[,ARGS]``), ``idle_us=N``.  Option values are checked when
+the spec is read (:func:`check_spec`), before anything is opened.  A bare path ending
 in ``.pcap``, ``.pcapng`` or ``.cap`` is taken as a capture file, so shell
 completion of file names works as expected.
 """
@@ -26,8 +29,9 @@ from mbx._packet import Port
 from mbx._pcap import PcapReader, PcapWriter
 from mbx.errors import PortError
 
-__all__ = ["KNOWN_SCHEMES", "DeferredOutput", "open_input", "open_output", "open_ports",
-           "port_counters"]
+__all__ = ["KNOWN_SCHEMES", "LINK_WAIT_S", "DeferredOutput", "check_spec", "check_stacks",
+           "open_input", "open_output", "open_ports", "port_counters", "stack_spec",
+           "written_files"]
 
 #: Schemes this build can open.
 KNOWN_SCHEMES: tuple[str, ...] = ("pcap", "afpacket", "dpdk")
@@ -71,49 +75,115 @@ def _parse(spec: str) -> tuple[str, str]:
 
 
 _TRUE, _FALSE = ("1", "yes", "true", "on"), ("0", "no", "false", "off")
+_FLAG_VALUES = "use 1/0, yes/no, true/false, on/off"
 _AFPACKET_INT = ("fanout", "block_size", "block_count", "frame_size", "timeout_ms",
-                  "retire_ms")
+                 "retire_ms")
+_AFPACKET_KEYS = ("ring",) + _AFPACKET_INT + ("fanout_mode", "promisc", "duration",
+                                              "offloads")
+# AfPacketPort's own limits and defaults (mbx/_afpacket.pyx), checked here so that a
+# bad value is refused when the spec is read, before anything is set up (the test bed
+# checks its --mbx-port options this way); tests/test_pcap.py holds the two to
+# agreeing.  With offloads a V2 slot (a V3 block) must hold a 64 KiB super-frame.
+_AFPACKET_RINGS = ("v2", "v3")
+_AFPACKET_FANOUT_MODES = ("hash", "lb", "cpu", "rollover", "random", "queue")
+_OFFLOAD_FRAME_SIZE = 65536 + 256
+_RING_DEFAULTS = {False: {"frame_size": 2048, "block_size": 1 << 17, "block_count": 64},
+                  True: {"frame_size": _OFFLOAD_FRAME_SIZE, "block_size": 1 << 20,
+                         "block_count": 16}}
 
 
-def _afpacket(spec: str, arg: str) -> tuple[list[str], dict]:
-    """``IF[,IF2][?key=value&...]`` -> (interfaces, AfPacketPort keyword options)."""
+def _afpacket(spec: str, arg: str, rx: bool = True) -> tuple[list[str], dict]:
+    """``IF[,IF2][?key=value&...]`` -> (interfaces, AfPacketPort keyword options).
+
+    Every value the port would refuse is refused here, worded with the keys of the
+    spec (``fanout``, not the keyword ``fanout_group``); ``rx``: for a port that
+    receives (an output checks only what a send-only port uses)."""
     names, _, query = arg.partition("?")
     ifaces = [n.strip() for n in names.split(",")]
     if not 1 <= len(ifaces) <= 2 or not all(ifaces):
         raise PortError(f"port spec {spec!r}: expected afpacket:IF or afpacket:IF0,IF1")
     options: dict = {}
+    given: dict = {}
     for item in filter(None, query.split("&")):
         key, _, value = item.partition("=")
-        try:
-            if key in _AFPACKET_INT:
+        if key not in _AFPACKET_KEYS:
+            raise PortError(f"port spec {spec!r}: unknown option {key!r}; known: "
+                            f"{', '.join(_AFPACKET_KEYS)}")
+        given[key] = value
+        bad = f"port spec {spec!r}: bad value {value!r} for {key}"
+        if key in _AFPACKET_INT:
+            most = 0xFFFF if key == "fanout" else 0x7FFFFFFF   # what the C field holds
+            try:
                 number = int(value, 0)
-                if not 0 <= number <= 0x7FFFFFFF:   # what every such C field holds
-                    raise ValueError(value)
-                options["fanout_group" if key == "fanout" else key] = number
-            elif key in ("fanout_mode", "ring"):
-                options[key] = value
-            elif key in ("promisc", "offloads"):
-                flag = value.lower()
-                if flag not in _TRUE + _FALSE:
-                    raise ValueError(value)
-                options[key] = flag in _TRUE
-            elif key == "duration":
+            except ValueError:
+                number = -1
+            if not 0 <= number <= most:
+                what = "a PACKET_FANOUT group id" if key == "fanout" else "a whole number"
+                raise PortError(f"{bad}: {what} from 0 to {most}")
+            options["fanout_group" if key == "fanout" else key] = number
+        elif key in ("ring", "fanout_mode"):
+            accepted = _AFPACKET_RINGS if key == "ring" else _AFPACKET_FANOUT_MODES
+            if value not in accepted:
+                raise PortError(f"port spec {spec!r}: {key} {value!r} is not one of "
+                                f"{', '.join(accepted)}")
+            options[key] = value
+        elif key in ("promisc", "offloads"):
+            flag = value.lower()
+            if flag not in _TRUE + _FALSE:
+                raise PortError(f"{bad}: {_FLAG_VALUES}")
+            options[key] = flag in _TRUE
+        else:   # duration
+            try:
                 options[key] = float(value)
-                if not options[key] >= 0:       # also refuses nan
-                    raise ValueError(value)
-            else:
-                known = ("ring",) + _AFPACKET_INT + ("fanout_mode", "promisc", "duration",
-                                                     "offloads")
-                raise PortError(f"port spec {spec!r}: unknown option {key!r}; known: "
-                                f"{', '.join(known)}")
-        except ValueError:
-            raise PortError(f"port spec {spec!r}: bad value {value!r} for {key}") from None
+            except ValueError:
+                options[key] = -1.0
+            if not options[key] >= 0:       # also refuses nan
+                raise PortError(f"{bad}: seconds, 0 or more")
+    problem = _afpacket_ring_problem(options, given, rx)
+    if problem:
+        raise PortError(f"port spec {spec!r}: {problem}")
     return ifaces, options
+
+
+def _afpacket_ring_problem(options, given, rx):
+    """What AfPacketPort would refuse in a combination of valid values, or None."""
+    ring = options.get("ring", "v2")
+    if ring == "v3" and options.get("retire_ms", 1) < 1:
+        # 0 hands the block timeout to the kernel: several ms of latency per hop
+        return (f"retire_ms must be at least 1 with ring v3, not {given['retire_ms']!r} "
+                f"(0 leaves the block timeout to the kernel: several ms a hop)")
+    if not rx:
+        if "fanout_group" in options:
+            return "fanout: only a receiving port (an input) joins a fanout group"
+        return None
+    # The sizes in force: what was given, else the port's default (0 takes it too).
+    defaults = _RING_DEFAULTS[bool(options.get("offloads")) and ring == "v2"]
+    size = {key: options.get(key) or defaults[key] for key in defaults}
+
+    def named(key):     # "frame_size 2048" or "frame_size 2048 (the default)"
+        return f"{key} {size[key]}" + ("" if options.get(key) else " (the default)")
+
+    if options.get("offloads"):
+        key = "frame_size" if ring == "v2" else "block_size"
+        if size[key] < _OFFLOAD_FRAME_SIZE:
+            return (f"offloads: super-frames of up to 64 KiB must fit whole, but "
+                    f"{named(key)} is below {_OFFLOAD_FRAME_SIZE} (leave {key} out for "
+                    f"a size that fits)")
+    block = size["block_size"]
+    if block < 4096 or block & (block - 1):
+        return f"bad value {given['block_size']!r} for block_size: a power of two, 4096 or more"
+    frame = size["frame_size"]
+    if frame < 128 or frame % 16 or frame > block:
+        return (f"{named('frame_size')}: use a multiple of 16 from 128 up to "
+                f"{named('block_size')}")
+    if size["block_count"] < 2:
+        return f"bad value {given['block_count']!r} for block_count: 2 or more"
+    return None
 
 
 def _open_afpacket(spec: str, arg: str, port_id: int, rx: bool):
     from mbx._afpacket import AfPacketPort, BridgePorts
-    ifaces, options = _afpacket(spec, arg)
+    ifaces, options = _afpacket(spec, arg, rx)
     try:
         if len(ifaces) == 2:
             return BridgePorts(*ifaces, rx=rx, **options)
@@ -122,12 +192,65 @@ def _open_afpacket(spec: str, arg: str, port_id: int, rx: bool):
         raise PortError(f"port spec {spec!r}: {exc}") from None
 
 
-def _dpdk_port(arg: str, port_id: int = 0) -> Port:
+#: How long a DPDK port that sends waits, by default, for its link to come up (a memif
+#: end for its peer): ``?link_wait=S`` changes it.
+LINK_WAIT_S = 10.0
+
+
+def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
+    """``VDEV[,ARGS][?link_wait=S]`` or ``VDEV0[,ARGS]+VDEV1[,ARGS][?idle_us=N&link_wait=S]``
+    -> (devices, options), every option value checked."""
+    # vdev arguments use commas, so a bridge's two devices are joined by '+', and
+    # mbx's own options follow a '?'
+    devices, _, query = arg.partition("?")
+    sides = [d.strip() for d in devices.split("+")]
+    bridge = len(sides) > 1
+    if bridge and (len(sides) != 2 or not all(sides)):
+        raise PortError(f"port spec {spec!r}: expected dpdk:VDEV0[,ARGS]+VDEV1[,ARGS]"
+                        f"[?idle_us=N&link_wait=S] for a bridge")
+    if not sides[0]:
+        raise PortError(f"port spec {spec!r}: names no vdev before '?'")
+    known = ("idle_us", "link_wait") if bridge else ("link_wait",)
+    options: dict = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key not in known:
+            why = (" (idle_us is for a bridge, dpdk:VDEV0+VDEV1: one device never "
+                   "sleeps)" if key == "idle_us" else "")
+            raise PortError(f"port spec {spec!r}: unknown option {key!r}; known: "
+                            f"{', '.join(known)}{why}")
+        bad = f"port spec {spec!r}: bad value {value!r} for {key}"
+        if key == "idle_us":
+            try:
+                number = int(value, 0)
+            except ValueError:
+                number = -1
+            if not 0 <= number <= 0xFFFFFFFF:       # DpdkBridge's field
+                raise PortError(f"{bad}: microseconds, a whole number from 0 to "
+                                f"{0xFFFFFFFF}")
+            options[key] = number
+        else:   # link_wait
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = -1.0
+            if not 0 <= seconds < float("inf"):     # also refuses nan
+                raise PortError(f"{bad}: seconds, 0 or more")
+            options[key] = seconds
+    return sides, options
+
+
+def _dpdk_port(spec: str, arg: str, port_id: int = 0, output: bool = False) -> Port:
     """A DpdkPort on the vdev ``arg``, or a DpdkBridge for ``VDEV0+VDEV1[?idle_us=N]``;
     mbx._dpdkport is imported only here, so the rest of mbx works in a build without
-    DPDK."""
+    DPDK.  A port that sends (``output``, a bridge, or any given ``link_wait``) is
+    returned once its link is up: a memif end sends nothing until its peer has
+    connected, and what it is given before that is lost.  A memif end keeps its link
+    up for MEMIF_LINGER_S when it closes after it sent, for the peer to read the
+    ring."""
+    devices, options = _dpdk_spec(spec, arg)
     try:
-        from mbx._dpdkport import DpdkBridge, DpdkPort
+        from mbx._dpdkport import MEMIF_LINGER_S, DpdkBridge, DpdkPort
     except ImportError as exc:
         # Keep the original text: a missing DPDK symbol shows up only there.
         raise PortError(
@@ -136,28 +259,132 @@ def _dpdk_port(arg: str, port_id: int = 0) -> Port:
             f"libdpdk-dev dpdk pkg-config) and reinstall mbx (pip install "
             f"--no-build-isolation .); add -Csetup-args=-Ddpdk=enabled to make a "
             f"missing libdpdk a build error") from exc
-    if "+" not in arg:
-        return DpdkPort(arg, port_id=port_id)
-    # A bridge: vdev arguments use commas, so the two devices are joined by '+'.
-    devices, _, query = arg.partition("?")
-    sides = [d.strip() for d in devices.split("+")]
-    if len(sides) != 2 or not all(sides):
-        raise PortError(f"port spec 'dpdk:{arg}': expected dpdk:VDEV0[,ARGS]+VDEV1[,ARGS]"
-                        f"[?idle_us=N] for a bridge")
-    options = {}
-    for item in filter(None, query.split("&")):
-        key, _, value = item.partition("=")
-        if key != "idle_us":
-            raise PortError(f"port spec 'dpdk:{arg}': unknown option {key!r}; known: "
-                            f"idle_us")
+    wait = output or len(devices) == 2 or "link_wait" in options
+    link_wait = options.pop("link_wait", LINK_WAIT_S)
+    if len(devices) == 1:
+        port = DpdkPort(devices[0], port_id=port_id)
+    else:
+        port = DpdkBridge(*devices, **options)
+    sides = port.ports if len(devices) == 2 else (port,)
+    for side in sides:
+        if side.driver == "net_memif":
+            # closing takes the ring, and what the peer has not read yet, away
+            side.linger_s = MEMIF_LINGER_S
+    if wait:
         try:
-            options[key] = int(value, 0)
-        except ValueError:
-            raise PortError(f"port spec 'dpdk:{arg}': bad value {value!r} for "
-                            f"{key}") from None
-        if options[key] < 0:
-            raise PortError(f"port spec 'dpdk:{arg}': {key} must be >= 0")
-    return DpdkBridge(*sides, **options)
+            for side in sides:
+                side.wait_for_link(link_wait)
+        except BaseException:
+            port.close()
+            raise
+    return port
+
+
+def check_spec(spec: str, *, rx: bool = True) -> None:
+    """Refuse (:class:`~mbx.errors.PortError`) a spec that opening it would refuse for
+    its form or an option's value, without opening anything: an unknown scheme, an
+    AF_PACKET option value ``AfPacketPort`` does not take (``rx=False``: checked as
+    for a send-only port), a DPDK bridge or ``?`` option that is wrong.  What only
+    opening can tell (a missing interface or file, a driver's arguments) is left to
+    the opening."""
+    scheme, arg = _parse(spec)
+    if scheme == "afpacket":
+        _afpacket(spec, arg, rx)
+    elif scheme == "dpdk":
+        _dpdk_spec(spec, arg)
+
+
+# ---------------------------------------------------------------- parallel stacks
+# Each stack process of a parallel run (mbx.runtime.run_parallel, `mbx run --stacks N`)
+# opens the run's ports itself.  Software RSS needs every process to see every frame
+# of the input (each keeps its share of the flows), and no two may write one file.
+
+def _vdev_driver(device: str) -> str:
+    """``net_pcap1,tx_pcap=x`` -> ``net_pcap`` (DPDK also takes ``eth_`` for ``net_``)."""
+    name = device.partition(",")[0].strip().lower()
+    if name.startswith("eth_"):
+        name = "net_" + name[4:]
+    return name.rstrip("0123456789")
+
+
+def _vdev_arg(device: str, key: str, default: str) -> str:
+    for item in device.split(",")[1:]:
+        k, _, value = item.partition("=")
+        if k.strip() == key:
+            return value.strip()
+    return default
+
+
+def check_stacks(spec: str, stacks: int) -> None:
+    """Refuse (PortError) a port the ``stacks`` processes of a parallel run cannot
+    each open: a DPDK ``net_memif`` end (one link to one peer over one socket: a
+    second server finds the path taken, a second client is refused by the peer) or
+    ``net_tap`` (one kernel interface, whose frames the kernel would share out
+    between the processes by its own hash, not by the flows' symmetric one, so
+    frames would reach a process that does not keep them).  Capture files and
+    ``net_pcap`` ``tx_pcap`` files are written per process (:func:`stack_spec`);
+    every other device is opened in each process and sees every frame (``net_pcap``
+    files and interfaces, ``net_af_packet``, whose socket is in a fanout group of
+    its own process) or lives in the process (``net_ring``, ``net_null``)."""
+    if stacks <= 1:
+        return
+    scheme, arg = _parse(spec)
+    if scheme != "dpdk":
+        return
+    for device in _dpdk_spec(spec, arg)[0]:
+        driver = _vdev_driver(device)
+        if driver == "net_memif":
+            where = _vdev_arg(device, "socket", "/run/memif.sock")
+            why = f"a memif interface is one link to one peer (socket {where})"
+        elif driver == "net_tap":
+            why = (f"a tap device is one kernel interface "
+                   f"({_vdev_arg(device, 'iface', 'dtap0')}), whose frames the kernel "
+                   f"would share out by its own hash, not by the flows' symmetric one")
+        else:
+            continue
+        raise PortError(f"port spec {spec!r}: {why}; the {stacks} stack processes of a "
+                        f"parallel run (--stacks {stacks}) cannot each open it: run it "
+                        f"in one stack process")
+
+
+def _dpdk_rewrite(arg: str, rename) -> str:
+    """``arg`` with each net_pcap ``tx_pcap=FILE`` as ``tx_pcap=rename(FILE)``."""
+    devices, sep, query = arg.partition("?")
+    out = []
+    for device in devices.split("+"):
+        if _vdev_driver(device) == "net_pcap":
+            items = device.split(",")
+            for i, item in enumerate(items[1:], 1):
+                key, eq, value = item.partition("=")
+                if eq and key.strip() == "tx_pcap":
+                    items[i] = f"{key}={rename(value.strip())}"
+            device = ",".join(items)
+        out.append(device)
+    return "+".join(out) + sep + query
+
+
+def stack_spec(spec: str, rename, *, output: bool = True) -> str:
+    """The spec a stack process of a parallel run opens for ``spec``, each file it
+    writes renamed by ``rename`` (``mbx.runtime.output_path``: ``FILE.stackK`` in
+    stack process K): a capture output (``output``) and a DPDK ``net_pcap``
+    device's ``tx_pcap`` file, in an input too."""
+    scheme, arg = _parse(spec)
+    if scheme == "pcap":
+        return f"pcap:{rename(arg)}" if output else spec
+    if scheme == "dpdk":
+        return f"{spec.partition(':')[0]}:{_dpdk_rewrite(arg, rename)}"
+    return spec
+
+
+def written_files(spec: str, *, output: bool = True) -> list[str]:
+    """The files a port opened from ``spec`` writes: a capture output's, and the
+    ``tx_pcap`` file of each DPDK ``net_pcap`` device (input or output)."""
+    files: list[str] = []
+    try:
+        stack_spec(spec, lambda path: files.append(path) or path, output=output)
+    except PortError:
+        return []
+    return files
 
 
 def open_input(spec: str, port_id: int = 0) -> Port:
@@ -170,8 +397,10 @@ def open_input(spec: str, port_id: int = 0) -> Port:
     back out of it); ``afpacket:IF0,IF1`` is a :class:`~mbx._afpacket.BridgePorts`
     (port 0 client side, 1 server side).  ``dpdk:VDEV[,ARGS]`` receives from a DPDK
     virtual device (``net_pcap0,rx_pcap=FILE`` replays a capture and ends with it);
-    ``dpdk:VDEV0[,ARGS]+VDEV1[,ARGS][?idle_us=N]`` is a
-    :class:`~mbx._dpdkport.DpdkBridge` between two.
+    ``dpdk:VDEV0[,ARGS]+VDEV1[,ARGS][?idle_us=N&link_wait=S]`` is a
+    :class:`~mbx._dpdkport.DpdkBridge` between two, returned once both links are up
+    (within ``link_wait`` seconds, default :data:`LINK_WAIT_S`; a single device waits
+    only when given ``?link_wait=S``).
     """
     scheme, arg = _parse(spec)
     if scheme == "pcap":
@@ -179,7 +408,7 @@ def open_input(spec: str, port_id: int = 0) -> Port:
     if scheme == "afpacket":
         return _open_afpacket(spec, arg, port_id, rx=True)
     if scheme == "dpdk":
-        return _dpdk_port(arg, port_id)
+        return _dpdk_port(spec, arg, port_id)
     raise AssertionError(f"scheme {scheme!r} parsed but not handled")  # pragma: no cover
 
 
@@ -192,7 +421,10 @@ def open_output(spec: str) -> Port:
     :class:`~mbx.errors.PortError` for an unknown scheme or a file that cannot be
     created.  ``afpacket:IF`` sends out of an interface (a send-only socket);
     ``afpacket:IF0,IF1`` a send-only bridge (prefer :func:`open_ports`, which
-    makes the bridge of the input its output too).
+    makes the bridge of the input its output too).  ``dpdk:VDEV[,ARGS][?link_wait=S]``
+    is returned once the device's link is up: a ``net_memif`` end once its peer has
+    connected (what is sent before is lost); PortError if that takes more than
+    ``link_wait`` seconds (default :data:`LINK_WAIT_S`; 0 does not wait).
     """
     scheme, arg = _parse(spec)
     if scheme == "pcap":
@@ -200,7 +432,7 @@ def open_output(spec: str) -> Port:
     if scheme == "afpacket":
         return _open_afpacket(spec, arg, 0, rx=False)
     if scheme == "dpdk":
-        return _dpdk_port(arg)
+        return _dpdk_port(spec, arg, output=True)
     raise AssertionError(f"scheme {scheme!r} parsed but not handled")  # pragma: no cover
 
 
@@ -241,7 +473,8 @@ def open_ports(in_spec: str, out_spec: str | None = None, *, defer_output=False
         raise PortError(f"{out_spec}: the output is the input capture; writing it would "
                         "destroy what is being read: name another file")
     if out_spec:
-        _parse(out_spec)            # a bad spec is refused before the input is opened
+        # a bad spec or option value is refused before the input is opened
+        check_spec(out_spec, rx=out_spec == in_spec)
     inp = open_input(in_spec)
     try:
         if isinstance(inp, _bridge_type()) and (out_spec is None or out_spec == in_spec):

@@ -484,8 +484,11 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     Memory.  A capture is split by software RSS: every process reads it and keeps
     the flows whose symmetric hash is its share, so both directions of a flow meet
     in one process.  An AF_PACKET input is split by the kernel (a fanout group).
-    Each process writes its own output (``FILE.stackK`` for ``pcap:FILE``, see
-    ``output_path``).
+    Each process writes its own output (``FILE.stackK`` for ``pcap:FILE`` and for a
+    DPDK ``net_pcap`` device's ``tx_pcap=FILE``, in the input too; see
+    ``output_path`` and ``mbx.ports.stack_spec``).  A port the processes cannot
+    each open (a DPDK ``net_memif`` or ``net_tap`` device) is refused before any
+    process starts (``mbx.ports.check_stacks``), as is a bad spec.
     Returns (merged counters, [each process's counters]); each process's counters
     carry its CPU seconds (``cpu_s``, summed in the merged ones).
 
@@ -513,7 +516,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     import signal
     import threading
 
-    from mbx.ports import capture_file, open_ports, port_counters
+    from mbx.ports import check_spec, check_stacks, open_ports, port_counters, stack_spec
 
     if stacks < 1:
         raise AppError(f"stacks must be at least 1, not {stacks}")
@@ -527,7 +530,12 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     cpus = sorted(os.sched_getaffinity(0))
     if pin is None:
         pin = 1 < stacks <= len(cpus)
-    out_file = capture_file(out_spec) if out_spec else None
+    # Refused here, once, rather than by every stack process: a bad spec, and a port
+    # the processes cannot each open.
+    for spec, rx in ((in_spec, True), (out_spec, out_spec == in_spec)):
+        if spec:
+            check_spec(spec, rx=rx)
+            check_stacks(spec, stacks)
     parent = os.getpid()
     # An AF_PACKET fanout group hands a flow to the member at the index its hash
     # picks, members indexed in the order they joined.  A bridge's two sides are two
@@ -555,12 +563,13 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 _stop_with_parent(parent)
                 if pin:
                     os.sched_setaffinity(0, {cpus[k % len(cpus)]})
-                spec = in_spec
-                if afpacket:
-                    spec += ("&" if "?" in spec else "?") + f"fanout={group}"
                 global _stack_process
                 _stack_process = (k, stacks)
-                out = "pcap:" + output_path(out_file) if out_file else out_spec
+                # the files this process writes are its own (output_path)
+                spec = stack_spec(in_spec, output_path, output=False)
+                if afpacket:
+                    spec += ("&" if "?" in spec else "?") + f"fanout={group}"
+                out = stack_spec(out_spec, output_path) if out_spec else None
                 if afpacket and os.read(go_r, 1) != b"g":
                     raise AppError("stopped before its ports were opened")
                 inp, outp = open_ports(spec, out, defer_output=True)

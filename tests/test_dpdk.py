@@ -12,9 +12,10 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
-from conftest import read_frames
+from mbxtest import read_frames
 
 from mbx._packet import Batch
 from mbx.errors import PortError
@@ -711,3 +712,167 @@ def test_a_memif_socket_path_in_use_is_named(eal, tmp_path):
     s.close()                               # the file stays, as a killed run leaves it
     with pytest.raises(PortError, match="its socket path is in use"):
         DpdkPort(vdev("net_memif", f"role=server,socket={sock},socket-abstract=no"))
+
+
+# ------------------------------------------------------------------ memif between runs
+
+def _mbx(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "mbx.cli", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def _wait_for_file(path, proc, seconds=60):
+    for _ in range(int(seconds * 100)):
+        if os.path.exists(path) or proc.poll() is not None:
+            return
+        time.sleep(0.01)
+
+
+def test_a_memif_output_waits_for_its_peer_across_two_mbx_runs(example_pcap, tmp_path):
+    # The guide's memif example between two `mbx run`s: the client sent before the
+    # two ends had met ("not sent 2,174 frames, by the out port", exit 0) and the
+    # server received nothing.  The client starts as soon as the server listens.
+    reference = tmp_path / "reference.pcap"
+    with open_input(f"pcap:{example_pcap}") as inp, \
+            open_output(f"pcap:{reference}") as outp:
+        sent = App([L2Fwd()]).run(inp, outp)["sent"]
+    sock = tmp_path / "m.sock"
+    args = f"socket={sock},socket-abstract=no,rsize=14"
+    server = _mbx("run", "l2fwd", "--in", f"dpdk:net_memif0,role=server,{args}",
+                  "--out", f"pcap:{tmp_path / 'm.pcap'}", "--duration", "60",
+                  "--max-packets", str(sent), "--json", str(tmp_path / "s.json"))
+    try:
+        _wait_for_file(sock, server)
+        client = subprocess.run(
+            [sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+             f"pcap:{example_pcap}", "--out", f"dpdk:net_memif0,role=client,{args}",
+             "--json", str(tmp_path / "c.json")],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert client.returncode == 0, client.stderr
+        assert "not sent" not in client.stdout, client.stdout
+        _, err = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0, err
+    assert json.loads((tmp_path / "c.json").read_text())["sent"] == sent
+    assert json.loads((tmp_path / "s.json").read_text())["packets"] == sent
+    assert [f for _, f in read_frames(tmp_path / "m.pcap")] == \
+        [f for _, f in read_frames(reference)]
+
+
+def test_a_memif_output_whose_peer_never_comes_fails_after_link_wait(eal, tmp_path):
+    sock = tmp_path / "alone.sock"
+    spec = f"dpdk:{vdev('net_memif', f'role=server,socket={sock},socket-abstract=no')}"
+    t0 = time.monotonic()
+    with pytest.raises(PortError, match=(
+            rf"memif link dpdk:net_memif\d+,role=server,socket={sock},socket-abstract=no "
+            rf"not up after 0.3 s: is the other end \(role=client, id=0\) running on "
+            rf"socket {sock}\?")):
+        open_output(spec + "?link_wait=0.3")
+    assert 0.3 <= time.monotonic() - t0 < 5
+    # a client whose server is not there cannot start: the error says what to do
+    with pytest.raises(PortError, match="no memif server listens on its socket: start "
+                                        "the other end, role=server, first"):
+        open_output(f"dpdk:{vdev('net_memif', f'role=client,socket={sock}x')}")
+
+
+@pytest.mark.usefixtures("eal")
+@pytest.mark.parametrize("spec,message", [
+    ("dpdk:net_ring96?link_wait=soon", "bad value 'soon' for link_wait: seconds"),
+    ("dpdk:net_ring96?link_wait=-1", "bad value '-1' for link_wait"),
+    ("dpdk:net_ring96?idle_us=3", "unknown option 'idle_us'; known: link_wait "
+                                  r"\(idle_us is for a bridge"),
+    ("dpdk:net_ring96+net_ring97?idle_us=99999999999", "bad value '99999999999' for "
+                                                       "idle_us"),
+    ("dpdk:?link_wait=1", "names no vdev before '\\?'"),
+])
+def test_dpdk_options_are_checked_when_the_spec_is_read(spec, message):
+    from mbx.ports import check_spec
+
+    with pytest.raises(PortError, match=message):
+        check_spec(spec)
+    with pytest.raises(PortError, match=message):
+        open_output(spec)
+
+
+def memif_linger_server(sock):
+    """One end of test_a_memif_end_that_sent_keeps_its_link_for_the_peer_to_read:
+    listen, say so, wait for the link and for "read" on stdin, then read for 1 s and
+    print how many frames came."""
+    _dpdkport.eal_init()
+    with DpdkPort(vdev("net_memif", f"role=server,socket={sock},socket-abstract=no"),
+                  eof_after_idle_polls=0) as server:
+        print("listening", flush=True)
+        server.wait_for_link(30)
+        sys.stdin.readline()
+        got, end, batch = 0, time.monotonic() + 1, Batch(64)
+        while time.monotonic() < end:
+            batch.reset()
+            got += max(server.receive(batch), 0)
+        print(got, flush=True)
+
+
+def memif_linger_client(sock, n):
+    _dpdkport.eal_init()
+    # as mbx run opens it: returned once the link is up, lingering when closed
+    device = vdev("net_memif", f"role=client,socket={sock},socket-abstract=no")
+    client = open_output(f"dpdk:{device}?link_wait=30")
+    assert client.linger_s == _dpdkport.MEMIF_LINGER_S > 0.2
+    assert client.send(batch_of([bytes([i]) * 60 for i in range(n)])) == n
+    print("sent", flush=True)
+    client.close()
+
+
+def test_a_memif_end_that_sent_keeps_its_link_for_the_peer_to_read(tmp_path):
+    # Closing a memif client takes its ring from the server, with what the server
+    # had not read yet: a run that sent and ended at once lost its last frames
+    # (every frame when the peer had not started polling).  The server here starts
+    # reading 0.2 s after the client sent, the client closing meanwhile.
+    sock = tmp_path / "linger.sock"
+    prelude = ["import os, sys, time",
+               f"sys.path.insert(0, {os.path.dirname(__file__)!r})",
+               "import test_dpdk as t"]
+    server = subprocess.Popen(
+        [sys.executable, "-c", "\n".join(prelude + [f"t.memif_linger_server({str(sock)!r})"])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = None
+    try:
+        assert server.stdout.readline() == "listening\n"
+        client = subprocess.Popen(
+            [sys.executable, "-c", "\n".join(prelude + [
+                f"t.memif_linger_client({str(sock)!r}, 100)"])],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert client.stdout.readline() == "sent\n", client.communicate()[1]
+        time.sleep(0.2)
+        server.stdin.write("read\n")
+        server.stdin.flush()
+        out, err = server.communicate(timeout=60)
+        assert server.returncode == 0, err
+        assert out.strip() == "100", err
+        assert client.wait(timeout=60) == 0
+    finally:
+        for proc in (server, client):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_stack_processes_write_a_net_pcap_output_each(example_pcap, tmp_path):
+    # Both stack processes wrote one tx_pcap file, which dpkt could not read.
+    out = tmp_path / "out.pcap"
+    r = subprocess.run(
+        [sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+         f"dpdk:net_pcap0,rx_pcap={example_pcap}", "--out",
+         f"dpdk:net_pcap1,tx_pcap={out}", "--stacks", "2"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"written        {out}.stack0 .. .stack1, one per stack process" in r.stdout
+    assert not out.exists()
+    got = [f for k in range(2) for _, f in read_frames(f"{out}.stack{k}")]
+    reference = tmp_path / "reference.pcap"
+    with open_input(f"pcap:{example_pcap}") as inp, \
+            open_output(f"pcap:{reference}") as outp:
+        App([L2Fwd()]).run(inp, outp)
+    assert sorted(got) == sorted(f for _, f in read_frames(reference))

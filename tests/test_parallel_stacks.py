@@ -3,6 +3,8 @@ capture by the symmetric hash; both directions of every flow reach the same one.
 import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -336,3 +338,63 @@ def test_stack_processes_pinned_one_per_cpu(example_pcap, tmp_path, pin):
         assert seen == [str(cpus[0]), str(cpus[1])]
     else:
         assert seen == [" ".join(map(str, cpus))] * 2
+
+
+def test_each_stack_process_writes_its_own_files():
+    # A DPDK net_pcap device's tx_pcap file was opened by every stack process: one
+    # file written by two, which dpkt could not read.  It is FILE.stackK, as a
+    # pcap: output is, in an input's device too; what is read stays as it is.
+    from mbx.ports import stack_spec, written_files
+
+    def rename(path):
+        return path + ".stack1"
+
+    assert stack_spec("pcap:o.pcap", rename) == "pcap:o.pcap.stack1"
+    assert stack_spec("o.pcap", rename) == "pcap:o.pcap.stack1"
+    assert stack_spec("pcap:in.pcap", rename, output=False) == "pcap:in.pcap"
+    assert stack_spec("dpdk:net_pcap1,tx_pcap=/t/o.pcap", rename) == \
+        "dpdk:net_pcap1,tx_pcap=/t/o.pcap.stack1"
+    assert stack_spec("dpdk:net_pcap0,rx_pcap=i.pcap,tx_pcap=o.pcap", rename,
+                      output=False) == "dpdk:net_pcap0,rx_pcap=i.pcap,tx_pcap=o.pcap.stack1"
+    bridge = ("dpdk:eth_pcap0,rx_pcap=a.pcap,tx_pcap=b.pcap+net_pcap1,rx_iface=eth1,"
+              "tx_pcap=c.pcap?idle_us=5")
+    assert stack_spec(bridge, rename) == (
+        "dpdk:eth_pcap0,rx_pcap=a.pcap,tx_pcap=b.pcap.stack1+net_pcap1,rx_iface=eth1,"
+        "tx_pcap=c.pcap.stack1?idle_us=5")
+    # other devices and AF_PACKET ports are opened as they are
+    for spec in ("dpdk:net_ring0", "dpdk:net_af_packet0,iface=eth0", "afpacket:a,b"):
+        assert stack_spec(spec, rename) == spec
+    assert written_files(bridge) == ["b.pcap", "c.pcap"]
+    assert written_files("pcap:in.pcap", output=False) == []
+    assert written_files("pcap:o.pcap") == ["o.pcap"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("dpdk:net_memif0,role=client,socket=/tmp/x.sock",
+     "a memif interface is one link to one peer \\(socket /tmp/x.sock\\)"),
+    ("dpdk:net_ring0+net_memif3", "memif interface is one link .*socket /run/memif.sock"),
+    ("dpdk:net_tap0,iface=t0", "a tap device is one kernel interface \\(t0\\)"),
+])
+def test_ports_the_stack_processes_cannot_each_open_are_refused_up_front(
+        example_pcap, tmp_path, spec, message):
+    from mbx.errors import PortError
+    from mbx.ports import check_stacks
+
+    with pytest.raises(PortError, match=message + ".*the 2 stack processes of a "
+                                                  "parallel run \\(--stacks 2\\)"):
+        check_stacks(spec, 2)
+    check_stacks(spec, 1)
+    for ok in ("dpdk:net_pcap0,tx_pcap=o.pcap", "dpdk:net_af_packet0,iface=eth0",
+               "dpdk:net_ring0", "dpdk:net_null0", "afpacket:a,b", "pcap:o.pcap"):
+        check_stacks(ok, 2)
+    # before any stack process starts (no DPDK needed to refuse it), as --in or --out
+    with pytest.raises(PortError, match=message):
+        run_parallel(lambda: [], f"pcap:{example_pcap}", spec, stacks=2)
+    with pytest.raises(PortError, match=message):
+        run_parallel(lambda: [], spec, stacks=2)
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                        f"pcap:{example_pcap}", "--out", spec, "--stacks", "2"],
+                       capture_output=True, text=True, timeout=60, check=False,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and "--stacks 2" in r.stderr and r.stderr.count("\n") == 1, \
+        r.stderr

@@ -614,3 +614,85 @@ def test_a_frame_check_sequence_the_capture_kept_is_dropped(tmp_path, fmt):
         assert r.linktype == 1
         got = read_all(r)
     assert [(f, wl) for f, _, wl in got] == [(f, len(f)) for f in frames]
+
+
+@pytest.mark.parametrize("options,message", [
+    # what AfPacketPort refuses, refused when the spec is read, in the spec's words
+    ("ring=v9", "ring 'v9' is not one of v2, v3"),
+    ("fanout=70000", "bad value '70000' for fanout: a PACKET_FANOUT group id from 0 "
+                     "to 65535"),
+    ("fanout_mode=spray", "fanout_mode 'spray' is not one of hash, lb, cpu"),
+    ("promisc=maybe", "bad value 'maybe' for promisc: use 1/0, yes/no, true/false, "
+                      "on/off"),
+    ("ring=v3&retire_ms=0", "retire_ms must be at least 1 with ring v3"),
+    ("block_size=5000", "bad value '5000' for block_size: a power of two, 4096 or more"),
+    ("frame_size=100", r"frame_size 100: use a multiple of 16 from 128 up to "
+                       r"block_size 131072 \(the default\)"),
+    ("block_count=1", "bad value '1' for block_count: 2 or more"),
+    ("offloads=1&frame_size=2048", "offloads: super-frames of up to 64 KiB must fit "
+                                   "whole, but frame_size 2048 is below 65792"),
+])
+def test_afpacket_option_values_are_refused_when_the_spec_is_read(options, message):
+    from mbx.ports import check_spec
+
+    # No interface is looked at: the interface does not exist, and the value is named.
+    spec = f"afpacket:mbx-nope0,mbx-nope1?{options}"
+    with pytest.raises(PortError, match=message):
+        check_spec(spec)
+    with pytest.raises(PortError, match=message):
+        open_input(spec)
+
+
+def test_an_output_is_checked_as_a_send_only_port():
+    from mbx.ports import check_spec
+
+    # ring sizes are a receiving port's: a send-only one takes (and ignores) them
+    check_spec("afpacket:mbx-nope0?block_size=5000", rx=False)
+    with pytest.raises(PortError, match="fanout: only a receiving port"):
+        check_spec("afpacket:mbx-nope0?fanout=3", rx=False)
+    with pytest.raises(PortError, match="fanout: only a receiving port"):
+        open_output("afpacket:mbx-nope0?fanout=3")
+
+
+def _afpacket_refuses(options, rx):
+    """Whether AfPacketPort itself refuses ``options`` (a ValueError before it looks
+    for the interface, which does not exist)."""
+    from mbx._afpacket import AfPacketPort
+
+    try:
+        AfPacketPort("mbx-nope0", rx=rx, **options)
+    except ValueError:
+        return True
+    except PortError as exc:
+        assert "no such interface" in str(exc)
+        return False
+    raise AssertionError("opened an interface that does not exist")
+
+
+def test_the_spec_parser_refuses_exactly_what_the_afpacket_port_refuses():
+    # The parser repeats AfPacketPort's checks (so that they run before anything is
+    # set up): the two must agree on every combination.
+    import itertools
+
+    from mbx.ports import check_spec
+
+    values = {"ring": [None, "v2", "v3"], "offloads": [None, "1"],
+              "block_size": [None, "0", "4096", "5000", "65536", "1048576"],
+              "frame_size": [None, "0", "100", "2048", "2056", "65792", "131072"],
+              "block_count": [None, "0", "1", "2"], "retire_ms": [None, "0", "2"],
+              "fanout": [None, "7"]}
+    checked = 0
+    for combo in itertools.product(*values.values()):
+        given = {k: v for k, v in zip(values, combo, strict=True) if v is not None}
+        options = {("fanout_group" if k == "fanout" else k): v if k == "ring" else
+                   bool(int(v)) if k == "offloads" else int(v) for k, v in given.items()}
+        spec = "afpacket:mbx-nope0?" + "&".join(f"{k}={v}" for k, v in given.items())
+        for rx in (True, False):
+            try:
+                check_spec(spec, rx=rx)
+                parser = False
+            except PortError:
+                parser = True
+            assert parser == _afpacket_refuses(options, rx), (spec, rx)
+            checked += 1
+    assert checked > 5000

@@ -226,6 +226,21 @@ def test_sizes_and_selections_parse():
     (["run", "--mode", "kernel", "--mbx-nf", "l4lb"], "none of which is selected"),
     (["run", "--mode", "mbx-l4lb", "--mbx-port", "bogus=1"], "unknown option 'bogus'"),
     (["run", "--mode", "mbx-l4lb-dpdk", "--mbx-port", "ring=v3"], "known: idle_us"),
+    # values, not only keys, as mbx.ports checks them when mbx opens the bridge
+    (["run", "--mode", "mbx-l2fwd", "--mbx-port", "ring=v9"],
+     "ring 'v9' is not one of v2, v3"),
+    (["run", "--mode", "mbx-l4lb", "--mbx-port", "fanout=70000"],
+     "bad value '70000' for fanout"),
+    (["run", "--mode", "mbx-l2fwd", "--mbx-port", "promisc=maybe"],
+     "use 1/0, yes/no, true/false, on/off"),
+    (["run", "--mode", "mbx-l2fwd", "--mbx-port", "ring=v3&retire_ms=0"],
+     "retire_ms must be at least 1 with ring v3"),
+    (["run", "--mode", "mbx-l4lb", "--offloads", "on", "--mbx-port", "frame_size=2048"],
+     "offloads: super-frames of up to 64 KiB must fit whole"),
+    (["run", "--mode", "mbx-l4lb-dpdk", "--mbx-port", "idle_us=99999999999"],
+     "bad value '99999999999' for idle_us"),
+    (["run", "--mode", "mbx-l4lb-dpdk", "--mbx-port", "link_wait=soon"],
+     "bad value 'soon' for link_wait"),
     (["run", "--mode", "kernel", "--json", "/nonexistent-dir/tb.json"],
      "directory /nonexistent-dir does not exist"),
     (["run", "--mode", "kernel", "--json", "/"], "is a directory"),
@@ -735,3 +750,23 @@ def test_rps_is_off_on_every_veth_unless_asked_for():
                 mask = bed.exec(role, ["cat", f"/sys/class/net/{dev}/queues/rx-0/rps_cpus"]
                                 ).stdout.decode().strip()
                 assert int(mask.replace(",", ""), 16) == want, (options, role, dev, mask)
+
+
+def test_a_bad_mbx_port_value_exits_2_before_the_bed_is_set_up():
+    # It passed the up-front check and failed once the whole bed was set up (exit 1).
+    r = subprocess.run([sys.executable, "-m", "benchmarks.testbed", "run", "--mode",
+                        "mbx-l2fwd", "--mbx-port", "ring=v9"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2, r.stderr
+    assert "--mbx-port 'ring=v9'" in r.stderr and "ring 'v9' is not one of v2, v3" in \
+        r.stderr, r.stderr
+
+
+def test_the_mbx_modes_run_the_spec_they_check():
+    for mode, port, offloads in (("mbx-l4lb-dpdk", "", False),
+                                 ("mbx-l4lb-dpdk", "idle_us=5", False),
+                                 ("mbx-l4lb", "ring=v3", True), ("mbx-l2fwd", "", False)):
+        bed = tb.Bed(mode, workdir="/w", offloads=offloads, mbx_port=port)
+        argv = bed.mbx_command()
+        spec = tb.mbx_bridge_spec(mode, port, offloads)
+        assert argv[argv.index("--in") + 1] == argv[argv.index("--out") + 1] == spec

@@ -145,7 +145,8 @@ def check_options(mode, offloads=False, mbx_port="", mbx_nf="", **_):
                 "offload metadata: offloads must be off (modes that "
                 f"can have them: {', '.join(OFFLOAD_BRIDGE_MODES)})")
     if mbx_port and mode in MBX_MODES:
-        reason = _port_options_problem(mode, mbx_port)
+        reason = _port_options_problem(mode, mbx_port,
+                                       offloads and mode in OFFLOAD_BRIDGE_MODES)
         if reason:
             return reason
     if mbx_nf and mode in L4LB_MODES:
@@ -155,31 +156,31 @@ def check_options(mode, offloads=False, mbx_port="", mbx_nf="", **_):
     return None
 
 
-def _port_options_problem(mode, opts):
-    """The bridge's port spec parsed as mbx will parse it (afpacket) or checked the
-    same way (DPDK's bridge: only idle_us)."""
+def mbx_bridge_spec(mode, mbx_port="", offloads=False):
+    """The port spec of the bridge an mbx mode runs (its --in and --out): what
+    ``Bed.mbx_command`` runs and ``check_options`` checks up front."""
     if mode == "mbx-l4lb-dpdk":
-        for item in filter(None, opts.split("&")):
-            key, _, value = item.partition("=")
-            if key != "idle_us":
-                return f"--mbx-port {opts!r}: unknown option {key!r} for {mode}; known: idle_us"
-            try:
-                if int(value, 0) < 0:
-                    raise ValueError(value)
-            except ValueError:
-                return f"--mbx-port {opts!r}: bad value {value!r} for idle_us"
-        return None
+        # DPDK's own AF_PACKET driver on each veth; framecnt above its default
+        # 512, which drops under load (docs/guide.md).
+        spec = "dpdk:" + "+".join(f"net_af_packet{k},iface={dev},framecnt=2048"
+                                  for k, dev in enumerate((IF_MB_CLIENT, IF_MB_SERVER)))
+        return spec + "?" + (mbx_port or f"idle_us={DPDK_IDLE_US}")
+    options = [o for o in (mbx_port, "offloads=1" if offloads else "") if o]
+    spec = f"afpacket:{IF_MB_CLIENT},{IF_MB_SERVER}"
+    return spec + "?" + "&".join(options) if options else spec
+
+
+def _port_options_problem(mode, opts, offloads=False):
+    """The bridge's spec checked as ``mbx run`` will check it when it opens the
+    bridge (mbx.ports.check_spec: every option and value, AF_PACKET or DPDK), so
+    that a bad --mbx-port is refused before the bed is set up."""
     try:
-        from mbx import ports
         from mbx.errors import MbxError
+        from mbx.ports import check_spec
     except ImportError:  # pragma: no cover (the mode is refused as unavailable)
         return None
-    parse = getattr(ports, "_afpacket", None)
-    if parse is None:  # pragma: no cover
-        return None
-    spec = f"afpacket:{IF_MB_CLIENT},{IF_MB_SERVER}?{opts}"
     try:
-        parse(spec, spec.partition(":")[2])
+        check_spec(mbx_bridge_spec(mode, opts, offloads))
     except MbxError as exc:
         return f"--mbx-port {opts!r}: {exc}"
     return None
@@ -765,19 +766,7 @@ backend be
         """The middlebox process of the mbx modes (argv, run in the middlebox ns)."""
         if self.mbx_argv is not None:
             return list(self.mbx_argv)
-        if self.mode == "mbx-l4lb-dpdk":
-            # DPDK's own AF_PACKET driver on each veth; framecnt above its default
-            # 512, which drops under load (docs/guide.md).
-            spec = "dpdk:" + "+".join(f"net_af_packet{k},iface={dev},framecnt=2048"
-                                      for k, dev in enumerate((IF_MB_CLIENT,
-                                                               IF_MB_SERVER)))
-            spec += "?" + (self.mbx_port or f"idle_us={DPDK_IDLE_US}")
-        else:
-            options = [o for o in (self.mbx_port, "offloads=1" if self.offloads else "")
-                       if o]
-            spec = f"afpacket:{IF_MB_CLIENT},{IF_MB_SERVER}"
-            if options:
-                spec += "?" + "&".join(options)
+        spec = mbx_bridge_spec(self.mode, self.mbx_port, self.offloads)
         app = "l2fwd" if self.mode == "mbx-l2fwd" else (self.mbx_nf or "l4lb")
         # the name `mbx run` gives the NF, which its --set options must use
         key = os.path.splitext(os.path.basename(app))[0] if app.endswith(".py") else app
