@@ -770,3 +770,28 @@ def test_the_mbx_modes_run_the_spec_they_check():
         argv = bed.mbx_command()
         spec = tb.mbx_bridge_spec(mode, port, offloads)
         assert argv[argv.index("--in") + 1] == argv[argv.index("--out") + 1] == spec
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_soak_script_runs_and_checks_what_it_says(tmp_path, deploy):
+    # benchmarks/soak.py (docs/results.md, "Soak"), briefly: every slice measured,
+    # memory sampled, the stream NF's report back with every stream an HTTP request.
+    _prereq(["mbx-l4lb"])
+    out = tmp_path / "soak.json"
+    r = subprocess.run([sys.executable, "benchmarks/soak.py", "--minutes", "0.1",
+                        "--slice", "2", "--connections", "4", "--deploy", deploy,
+                        "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=180, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.stdout.rstrip().endswith("soak: ok")
+    doc = json.loads(out.read_text())
+    assert len(doc["slices"]) == 3 and doc["problems"] == []
+    assert doc["growth_second_half_mib"] is None       # 6 s: all warm-up, not checked
+    assert "growth not checked" in r.stdout
+    for row in doc["slices"]:
+        assert row["rps"] > 0 and row["errors"] == 0
+        assert row["anon_mib"] > 0 and row["processes"] == (1 if deploy == "inline" else 3)
+    report = doc["final_counters"]["nfs"]["streams"]["report"]
+    assert report["streams"] > 0 and report["bytes"] > 0 and report["not_http"] == 0
+    assert not [n for n in tb.list_netns() if n.startswith(tb.PREFIX)]
