@@ -569,7 +569,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 spec = stack_spec(in_spec, output_path, output=False)
                 if afpacket:
                     spec += ("&" if "?" in spec else "?") + f"fanout={group}"
-                out = stack_spec(out_spec, output_path) if out_spec else None
+                # an output naming the input's bridge is that bridge (open_ports
+                # sends through the input's sockets), fanout and all
+                out = (spec if out_spec == in_spec else
+                       stack_spec(out_spec, output_path) if out_spec else None)
                 if afpacket and os.read(go_r, 1) != b"g":
                     raise AppError("stopped before its ports were opened")
                 inp, outp = open_ports(spec, out, defer_output=True)

@@ -649,9 +649,9 @@ nf = Recorder()
 """
 
 
-@pytest.mark.parametrize("ring", RINGS)
+@pytest.mark.parametrize("ring, out", [(ring, False) for ring in RINGS] + [("v2", True)])
 def test_stacks_split_a_bridge_and_keep_both_directions_of_a_flow_together(
-        testbed, tmp_path, ring):
+        testbed, tmp_path, ring, out):
     # Each side of a bridge is a fanout group of its own (Linux ties a group to one
     # interface), and run_parallel opens the stacks' ports in order, so the kernel's
     # symmetric hash gives a flow's two directions, arriving on different
@@ -660,9 +660,14 @@ def test_stacks_split_a_bridge_and_keep_both_directions_of_a_flow_together(
     nf = tmp_path / "rec.py"
     nf.write_text(f"OUT = {str(tmp_path)!r}\n" + RECORDER_NF)
     os.chmod(tmp_path, 0o755)
+    spec = f"afpacket:mc,ms?ring={ring}&timeout_ms=5"
+    counters = tmp_path / "c.json"
+    # out: --out names the input's bridge, as the test bed does; each stack sends
+    # through its input's sockets then (it opened a second, send-only bridge before)
     mbx = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", str(nf),
-                             "--in", f"afpacket:mc,ms?ring={ring}&timeout_ms=5",
-                             "--stacks", "2", "--duration", "60", "-q"),
+                             "--in", spec, *(("--out", spec) if out else ()),
+                             "--stacks", "2", "--duration", "60", "-q",
+                             "--json", str(counters)),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     deadline = time.monotonic() + 30
     while len(list(tmp_path.glob("started-*"))) < 2:
@@ -688,6 +693,9 @@ def test_stacks_split_a_bridge_and_keep_both_directions_of_a_flow_together(
     # each stack saw both directions of its flows, every packet once
     assert all(v == [4, 4] for part in ours for v in part.values())
     assert sent == 512
+    ports = json.loads(counters.read_text())["ports"]
+    assert ports["out"] is None                 # the input's bridge sent, with --out too
+    assert ports["in"]["tx_pkts"] == sent
 
 
 def _cpu_ticks(pid):
