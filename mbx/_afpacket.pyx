@@ -543,6 +543,10 @@ cdef class AfPacketPort(Port):
     def __dealloc__(self):
         self.release()
 
+    def fileno(self):
+        """The packet socket's descriptor (-1 once closed)."""
+        return self.fd
+
     def stop(self):
         """End the live input: the next receive returns end of input (thread-safe)."""
         self.stopping = True

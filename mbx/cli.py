@@ -210,12 +210,18 @@ def _run(nfs, args, spec=None):
 
 
 def _run_app(app, args, listeners, view):
-    from mbx.ports import open_ports, port_counters
+    from mbx.ports import open_ports, other_packet_sockets, port_counters
 
     # an AF_PACKET bridge is its own output unless --out says otherwise; any other
     # output is opened once the run has started (an existing file survives a failed
     # start)
     inp, out = open_ports(args.inp, args.out, defer_output=True)
+    for iface, n in other_packet_sockets(inp).items():
+        # two bridges on one interface both forward every frame: say so at the start
+        print(f"mbx: warning: {n} other packet socket{'s' if n > 1 else ''} "
+              f"receive{'' if n > 1 else 's'} on {iface} (a capture such as tcpdump is "
+              "harmless; another bridge there forwards every frame a second time)",
+              file=sys.stderr)
     progress = Progress(inp, sys.stderr.isatty() and not args.quiet, listeners)
     # SIGINT/SIGTERM/SIGHUP end the run between bursts: every flow ends, NFs stop, counters
     # are printed, ports are closed.

@@ -30,8 +30,8 @@ from mbx._pcap import PcapReader, PcapWriter
 from mbx.errors import PortError
 
 __all__ = ["KNOWN_SCHEMES", "LINK_WAIT_S", "DeferredOutput", "check_spec", "check_stacks",
-           "open_input", "open_output", "open_ports", "port_counters", "stack_spec",
-           "written_files"]
+           "open_input", "open_output", "open_ports", "other_packet_sockets",
+           "port_counters", "stack_spec", "written_files"]
 
 #: Schemes this build can open.
 KNOWN_SCHEMES: tuple[str, ...] = ("pcap", "afpacket", "dpdk")
@@ -485,6 +485,31 @@ def open_ports(in_spec: str, out_spec: str | None = None, *, defer_output=False
     except BaseException:
         inp.close()
         raise
+
+
+def other_packet_sockets(port) -> dict[str, int]:
+    """{interface: how many other packet sockets of this network namespace are
+    bound to it} for an AF_PACKET port or bridge that receives without a fanout
+    group ({} otherwise).  A capture (tcpdump) there is harmless; a second bridge
+    forwards every frame again, so the receiver gets each one twice."""
+    sides = getattr(port, "ports", None) or (port,)
+    ours = [p for p in sides if hasattr(p, "ifindex") and p.rx and p.fanout_group is None]
+    if not ours:
+        return {}
+    try:
+        with open("/proc/net/packet") as fh:
+            rows = [line.split() for line in fh.readlines()[1:]]
+        # sk RefCnt Type Proto Iface R Rmem User Inode
+        bound = [(int(r[4]), int(r[8])) for r in rows if len(r) >= 9]
+    except (OSError, ValueError):
+        return {}
+    own = {os.fstat(p.fileno()).st_ino for p in ours if p.fileno() >= 0}
+    out = {}
+    for p in ours:
+        n = sum(1 for ifindex, inode in bound if ifindex == p.ifindex and inode not in own)
+        if n:
+            out[p.iface] = n
+    return out
 
 
 def port_counters(inp, out) -> dict:

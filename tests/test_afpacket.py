@@ -945,3 +945,22 @@ def test_frames_larger_than_the_mtu_are_counted_and_explained(testbed, tmp_path)
     out = json.loads(counters.read_text())["ports"]["out"]
     assert out["tx_pkts"] == 2 and out["tx_dropped"] == 1
     assert out["tx_error"] == os.strerror(errno.EMSGSIZE)
+
+
+def test_a_second_bridge_on_the_same_interfaces_is_warned_of(testbed, tmp_path):
+    # Two runs bridging the same veths both forward every frame, so the far end gets
+    # each twice; nothing said so.  The second run now warns at its start (the first,
+    # alone there, does not).
+    procs = testbed
+    first = _start_recorder_run(procs, tmp_path, "-q")
+    second = _sh(*_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                         "afpacket:mc,ms?timeout_ms=5", "--duration", "0.5", "-q"),
+                 check=False, timeout=60)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 0 and "warning" not in err, err
+    assert second.returncode == 0, second.stderr
+    for iface in ("mc", "ms"):
+        assert (f"mbx: warning: 1 other packet socket receives on {iface} (a capture such "
+                "as tcpdump is harmless; another bridge there forwards every frame a "
+                "second time)") in second.stderr
