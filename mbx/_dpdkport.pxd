@@ -26,6 +26,11 @@ cdef class DpdkPort(Port):
     cdef readonly uint64_t rx_oversize  # frames larger than DPDK_MAX_FRAME
     cdef readonly uint64_t tx_nombuf    # frames not sent: the mempool had no mbuf
     cdef readonly uint64_t tx_oversize  # frames not sent: more segments than allowed
+    cdef readonly uint64_t tx_full      # frames not sent: the driver's ring had no room
+    cdef readonly uint64_t tx_waits     # bursts that waited for room (tx_wait_ms)
+    # Milliseconds a send waits for room in the driver's ring before it drops what is
+    # left (0: drop at once); see DpdkPort's docstring
+    cdef readonly uint32_t tx_wait_ms
     # Seconds close() keeps a connected net_memif end that sent up, for its peer to
     # read the ring (MEMIF_LINGER_S; 0: close at once)
     cdef public double linger_s
@@ -42,6 +47,7 @@ cdef class DpdkPort(Port):
     cdef uint64_t ts_flag
     cdef uint32_t idle_polls
     cdef bint seen_data
+    cdef bint tx_stalled                # a wait ran out and the ring took nothing since
     cdef uint16_t seg_room              # bytes of data per tx mbuf
     # Received mbufs not yet copied into a batch (the batch filled up first).
     cdef rte_mbuf *held[DPDK_MAX_BURST]
@@ -54,6 +60,7 @@ cdef class DpdkPort(Port):
     cdef int _copy_held(self, Batch batch, int64_t now_ns) noexcept nogil
     cdef int _rx_burst(self, Batch batch) noexcept nogil
     cdef int _tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil
+    cdef int _tx_wait(self, rte_mbuf **out, int left) noexcept nogil
     cdef void _wait_for_users(self) noexcept
     cdef int _fill(self, rte_mbuf *m, const mbx_pkt *p) noexcept nogil
     cdef void _release(self) noexcept

@@ -6,6 +6,7 @@ from mbx._packet import Port
 
 KNOWN_VDEV_DRIVERS: tuple[str, ...]
 MEMIF_LINGER_S: float
+MEMIF_TX_WAIT_MS: int
 
 def default_eal_args(memory_mb: int = 256) -> tuple[str, ...]:
     """EAL arguments that work without hugepages, PCI access or root."""
@@ -31,6 +32,9 @@ class DpdkPort(Port):
     rx_oversize: int
     tx_nombuf: int
     tx_oversize: int
+    tx_full: int
+    tx_waits: int
+    tx_wait_ms: int
     linger_s: float
     def __init__(
         self,
@@ -43,6 +47,7 @@ class DpdkPort(Port):
         mbuf_size: int = 2176,
         burst: int = 32,
         eof_after_idle_polls: int | None = None,
+        tx_wait_ms: int | None = None,
     ) -> None: ...
     @property
     def device_stats(self) -> dict[str, int]: ...

@@ -92,6 +92,12 @@ from mbx.errors import PortError
 cdef extern from "<stdio.h>" nogil:
     FILE *open_memstream(char **ptr, size_t *sizeloc)
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+cdef extern from "rte_pause.h" nogil:
+    void rte_pause()
+
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
     enum:
@@ -168,6 +174,16 @@ cdef enum:
     # _teardown) before doing it from the calling thread, and how often it looks.
     INTR_THREAD_WAIT_S = 10
     INTR_THREAD_POLL_NS = 100000
+    # A send waiting for room in the device's ring (tx_wait_ms): this many retries
+    # after a pause instruction each, then this many after a sched_yield (a peer on
+    # the same CPU gets to run), then retries TX_WAIT_SLEEP_NS apart (plus the
+    # kernel's timer slack); the link is looked at every TX_WAIT_LINK_EVERY tries.
+    TX_WAIT_SPINS = 64
+    TX_WAIT_YIELDS = 64
+    TX_WAIT_SLEEP_NS = 20000
+    TX_WAIT_LINK_EVERY = 64
+    # The most tx_wait_ms takes (a minute; mbx.ports refuses more).
+    TX_WAIT_MAX_MS = 60000
 
 #: Seconds a net_memif end that sent frames keeps its link up when closed, as opened
 #: by mbx.ports (``DpdkPort.linger_s``; the class's default is 0).  DPDK 22.11's
@@ -177,6 +193,17 @@ cdef enum:
 #: `mbx run` server may meet its client before its loop polls: with 20 ms, 1 run in 6
 #: of the guide's memif example lost every frame; with 100 ms, none in 6.
 MEMIF_LINGER_S = 0.5
+
+#: Milliseconds a net_memif end's send waits, by default, for room in its ring
+#: (``DpdkPort(tx_wait_ms=...)``, ``?tx_wait_ms=N``).  The ring is drained by the
+#: peer, another process that polls when it is scheduled: a sender faster than its
+#: peer finds the ring (1,024 slots by default) full many times a second, and each
+#: time it was dropping what did not fit.  Waiting passes the peer's pace back to
+#: the sender.  Long enough for a peer that is busy, descheduled on a loaded machine
+#: or not polling yet (an `mbx run` server that met its client before its loop
+#: started, see MEMIF_LINGER_S); once a wait runs out, the next bursts do not wait
+#: until the ring takes a frame again (a peer that stopped reading costs one wait).
+MEMIF_TX_WAIT_MS = 500
 
 #: Virtual-device drivers known to work without hugepages or a NIC (the vdev name is
 #: one of these followed by an instance number, e.g. ``net_pcap0``).
@@ -387,6 +414,12 @@ cdef inline int64_t _now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+cdef inline int64_t _mono_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
 # ---------------------------------------------------------------- teardown
 # A device is stopped, closed and detached in EAL's interrupt thread, never in the
 # thread that calls close().  Drivers handle their control events in that thread,
@@ -548,8 +581,21 @@ cdef class DpdkPort(Port):
     receive time otherwise.  Frames the batch cannot take yet stay in the port for
     the next call.  Multi-segment mbufs are copied segment by segment; frames over
     256 KiB are dropped (``rx_oversize``).  A send that finds the pool empty drops
-    and counts (``tx_nombuf``, ``tx_dropped``), as does a driver that refuses part
-    of a burst.
+    and counts (``tx_nombuf``, ``tx_dropped``).
+
+    ``tx_wait_ms``: when the driver takes only part of a burst (its ring is full),
+    the send retries the rest for up to this many milliseconds (spinning, yielding,
+    then sleeping 20 µs between tries) before it drops what is left (``tx_full``,
+    ``tx_dropped``); ``tx_waits`` counts the bursts that waited.  Default (None):
+    ``MEMIF_TX_WAIT_MS`` for ``net_memif``, whose peer is another process draining
+    the ring at its own pace, and 0 (drop at once) for every other driver, where a
+    full ring means overload (``net_af_packet``, a NIC: the link is slower than the
+    offered load, and waiting would only hold up the receive side of the same run)
+    or cannot empty while the sender waits (``net_ring``, read by the same process;
+    ``net_pcap`` and ``net_null`` take everything).  A wait that runs out marks the
+    ring stalled: later bursts drop at once what it cannot take, until it takes a
+    frame again.  A wait ends at once when the link goes down (the peer went away)
+    or another thread closes the port.
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -565,7 +611,7 @@ cdef class DpdkPort(Port):
 
     def __init__(self, vdev_or_port, *, int port_id=0, uint32_t rx_queue_size=1024,
                  uint32_t tx_queue_size=1024, uint32_t mbufs=8192, uint32_t mbuf_size=2176,
-                 uint32_t burst=32, eof_after_idle_polls=None):
+                 uint32_t burst=32, eof_after_idle_polls=None, tx_wait_ms=None):
         global _pool_serial
         cdef uint16_t pid
         cdef int rc, socket
@@ -588,6 +634,10 @@ cdef class DpdkPort(Port):
             raise ValueError(f"mbufs {mbufs} is below 64")
         if not 1 <= rx_queue_size <= 0xFFFF or not 1 <= tx_queue_size <= 0xFFFF:
             raise ValueError("rx_queue_size and tx_queue_size must be in 1..65535")
+        if tx_wait_ms is not None and not (isinstance(tx_wait_ms, int)
+                                           and 0 <= tx_wait_ms <= TX_WAIT_MAX_MS):
+            raise ValueError(f"tx_wait_ms {tx_wait_ms!r} is not a whole number of "
+                             f"milliseconds in 0..{TX_WAIT_MAX_MS}")
         self.port_id = port_id
         self.burst = burst
         self.mbufs = mbufs
@@ -740,6 +790,11 @@ cdef class DpdkPort(Port):
             raise ValueError("eof_after_idle_polls must be >= 0")
         self.eof_after_idle_polls = eof_after_idle_polls
         self.idle_polls = 0
+        if tx_wait_ms is None:
+            # See the class's docstring and MEMIF_TX_WAIT_MS.
+            tx_wait_ms = MEMIF_TX_WAIT_MS if self.driver == "net_memif" else 0
+        self.tx_wait_ms = tx_wait_ms
+        self.tx_stalled = False
 
     # ------------------------------------------------------------ receive
 
@@ -898,18 +953,60 @@ cdef class DpdkPort(Port):
             if k == 0:
                 continue
             sent = rte_eth_tx_burst(self.dpdk_port, 0, out, <uint16_t>k)
+            if sent:
+                self.tx_stalled = False
+            if sent < k and self.tx_wait_ms and not self.tx_stalled:
+                sent += self._tx_wait(&out[sent], k - sent)
             nbytes = 0
             for j in range(sent):
                 nbytes += lens[j]
-            # What the driver did not take is ours to free: dropped, not retried
-            # (a full ring or link stays full within the burst).
+            # What the driver did not take (after any wait) is ours to free.
             for j in range(sent, k):
                 rte_pktmbuf_free(out[j])
+            self.tx_full = self.tx_full + (k - sent)
             self.tx_dropped = self.tx_dropped + (k - sent)
             self.tx_pkts = self.tx_pkts + sent
             self.tx_bytes = self.tx_bytes + nbytes
             total += sent
         return total
+
+    cdef int _tx_wait(self, rte_mbuf **out, int left) noexcept nogil:
+        """Offer the driver ``out[:left]`` (what its ring had no room for) again until
+        it takes them all or tx_wait_ms passes; how many it took.  Gives up at once
+        when another thread closes the port (close() waits for this send to leave)
+        or the link goes down (a peer that went away drains nothing); a wait that
+        runs out marks the ring stalled (see the class's docstring)."""
+        cdef int taken = 0
+        cdef uint32_t tries = 0
+        cdef int64_t deadline
+        cdef timespec pause
+        cdef rte_eth_link link
+        if flag_up(&self.closing):
+            return 0
+        self.tx_waits = self.tx_waits + 1
+        deadline = _mono_ns() + <int64_t>self.tx_wait_ms * 1000000
+        pause.tv_sec = 0
+        pause.tv_nsec = TX_WAIT_SLEEP_NS
+        while True:
+            if tries < TX_WAIT_SPINS:
+                rte_pause()
+            elif tries < TX_WAIT_SPINS + TX_WAIT_YIELDS:
+                sched_yield()
+            else:
+                nanosleep(&pause, NULL)
+            tries += 1
+            taken += rte_eth_tx_burst(self.dpdk_port, 0, &out[taken],
+                                      <uint16_t>(left - taken))
+            if taken == left or flag_up(&self.closing):
+                break
+            if _mono_ns() >= deadline:
+                self.tx_stalled = True
+                break
+            if tries % TX_WAIT_LINK_EVERY == 0:
+                if rte_eth_link_get_nowait(self.dpdk_port, &link) == 0 \
+                        and not link.link_status:
+                    break
+        return taken
 
     # ------------------------------------------------------------ life cycle
 
@@ -1104,7 +1201,8 @@ cdef class DpdkPort(Port):
              "tx_pkts": self.tx_pkts, "tx_bytes": self.tx_bytes,
              "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped,
              "rx_oversize": self.rx_oversize, "tx_nombuf": self.tx_nombuf,
-             "tx_oversize": self.tx_oversize}
+             "tx_oversize": self.tx_oversize, "tx_full": self.tx_full,
+             "tx_waits": self.tx_waits}
         st = self.device_stats
         if st:
             # Frames the driver lost before we polled: no mbuf, or the device missed.

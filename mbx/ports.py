@@ -12,8 +12,10 @@ default, or ``v3``), ``fanout``, ``fanout_mode``, ``block_size``, ``block_count`
 from the kernel and hands them back, see ``AfPacketPort``).  DPDK virtual devices
 are ``dpdk:VDEV[,ARGS]`` (e.g. ``dpdk:net_pcap0,rx_pcap=in.pcap``), when mbx was
 built with DPDK; mbx's own options follow a ``?``: ``link_wait=S`` (how long a port
-that sends waits for its link, default 10 s) and, for a bridge of two devices
-(``dpdk:VDEV0[,ARGS]+VDEV1[,ARGS]``), ``idle_us=N``.  Option values are checked when
+that sends waits for its link, default 10 s), ``tx_wait_ms=N`` (how long a send waits
+for room in the device's ring before it drops; default 500 for ``net_memif``, 0 for
+other drivers) and, for a bridge of two devices (``dpdk:VDEV0[,ARGS]+VDEV1[,ARGS]``),
+``idle_us=N``.  Option values are checked when
 the spec is read (:func:`check_spec`), before anything is opened.  A bare path ending
 in ``.pcap``, ``.pcapng`` or ``.cap`` is taken as a capture file, so shell
 completion of file names works as expected.
@@ -195,11 +197,14 @@ def _open_afpacket(spec: str, arg: str, port_id: int, rx: bool):
 #: How long a DPDK port that sends waits, by default, for its link to come up (a memif
 #: end for its peer): ``?link_wait=S`` changes it.
 LINK_WAIT_S = 10.0
+#: The most ``?tx_wait_ms=N`` takes (a minute per burst; DpdkPort's own limit).
+TX_WAIT_MAX_MS = 60000
 
 
 def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
-    """``VDEV[,ARGS][?link_wait=S]`` or ``VDEV0[,ARGS]+VDEV1[,ARGS][?idle_us=N&link_wait=S]``
-    -> (devices, options), every option value checked."""
+    """``VDEV[,ARGS][?link_wait=S&tx_wait_ms=N]`` or
+    ``VDEV0[,ARGS]+VDEV1[,ARGS][?idle_us=N&link_wait=S&tx_wait_ms=N]`` -> (devices,
+    options), every option value checked."""
     # vdev arguments use commas, so a bridge's two devices are joined by '+', and
     # mbx's own options follow a '?'
     devices, _, query = arg.partition("?")
@@ -210,7 +215,7 @@ def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
                         f"[?idle_us=N&link_wait=S] for a bridge")
     if not sides[0]:
         raise PortError(f"port spec {spec!r}: names no vdev before '?'")
-    known = ("idle_us", "link_wait") if bridge else ("link_wait",)
+    known = ("idle_us", "link_wait", "tx_wait_ms") if bridge else ("link_wait", "tx_wait_ms")
     options: dict = {}
     for item in filter(None, query.split("&")):
         key, _, value = item.partition("=")
@@ -228,6 +233,13 @@ def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
             if not 0 <= number <= 0xFFFFFFFF:       # DpdkBridge's field
                 raise PortError(f"{bad}: microseconds, a whole number from 0 to "
                                 f"{0xFFFFFFFF}")
+            options[key] = number
+        elif key == "tx_wait_ms":
+            number = int(value) if value.isascii() and value.isdigit() else -1
+            if not 0 <= number <= TX_WAIT_MAX_MS:
+                raise PortError(f"{bad}: milliseconds a send waits for room in the "
+                                f"device's ring, a whole number from 0 (drop at once) "
+                                f"to {TX_WAIT_MAX_MS}")
             options[key] = number
         else:   # link_wait
             try:
@@ -247,7 +259,8 @@ def _dpdk_port(spec: str, arg: str, port_id: int = 0, output: bool = False) -> P
     returned once its link is up: a memif end sends nothing until its peer has
     connected, and what it is given before that is lost.  A memif end keeps its link
     up for MEMIF_LINGER_S when it closes after it sent, for the peer to read the
-    ring."""
+    ring.  ``tx_wait_ms`` goes to each DpdkPort (its default depends on the driver:
+    see MEMIF_TX_WAIT_MS)."""
     devices, options = _dpdk_spec(spec, arg)
     try:
         from mbx._dpdkport import MEMIF_LINGER_S, DpdkBridge, DpdkPort
@@ -262,7 +275,7 @@ def _dpdk_port(spec: str, arg: str, port_id: int = 0, output: bool = False) -> P
     wait = output or len(devices) == 2 or "link_wait" in options
     link_wait = options.pop("link_wait", LINK_WAIT_S)
     if len(devices) == 1:
-        port = DpdkPort(devices[0], port_id=port_id)
+        port = DpdkPort(devices[0], port_id=port_id, **options)
     else:
         port = DpdkBridge(*devices, **options)
     sides = port.ports if len(devices) == 2 else (port,)
