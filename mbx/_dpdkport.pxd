@@ -31,6 +31,7 @@ cdef class DpdkPort(Port):
     # Milliseconds a send waits for room in the driver's ring before it drops what is
     # left (0: drop at once); see DpdkPort's docstring
     cdef readonly uint32_t tx_wait_ms
+    cdef readonly uint32_t tx_max_len   # frames longer are not sent (memif: a slot); 0: any
     # Seconds close() keeps a connected net_memif end that sent up, for its peer to
     # read the ring (MEMIF_LINGER_S; 0: close at once)
     cdef public double linger_s

@@ -414,6 +414,19 @@ cdef inline int64_t _now_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
+def _memif_slot_size(devargs):
+    """The bytes of one net_memif ring slot: its ``bsize`` argument, else DPDK's
+    default of 2048."""
+    for arg in devargs.split(","):
+        key, _, value = arg.partition("=")
+        if key.strip() == "bsize":
+            try:
+                return int(value, 0)
+            except ValueError:
+                break       # the driver refuses it when the device is attached
+    return 2048
+
+
 cdef inline int64_t _mono_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -793,6 +806,13 @@ cdef class DpdkPort(Port):
         if tx_wait_ms is None:
             # See the class's docstring and MEMIF_TX_WAIT_MS.
             tx_wait_ms = MEMIF_TX_WAIT_MS if self.driver == "net_memif" else 0
+        self.tx_max_len = 0
+        if self.driver == "net_memif":
+            # DPDK 22.11's memif corrupts the ring after a frame longer than one slot
+            # (it leaves a "next" flag on the slot, and a frame written there a ring
+            # later reaches the peer merged with the ones after it): such a frame is
+            # not sent (tx_oversize), so it cannot spoil the others.
+            self.tx_max_len = _memif_slot_size(self.devargs)
         self.tx_wait_ms = tx_wait_ms
         self.tx_stalled = False
 
@@ -928,6 +948,11 @@ cdef class DpdkPort(Port):
         while i < n:
             k = 0
             while i < n and k < DPDK_MAX_BURST:
+                if self.tx_max_len and pkts[i].caplen > self.tx_max_len:
+                    self.tx_oversize = self.tx_oversize + 1     # see __init__
+                    self.tx_dropped = self.tx_dropped + 1
+                    i += 1
+                    continue
                 m = rte_pktmbuf_alloc(self.pool)
                 if m == NULL:
                     self.tx_nombuf = self.tx_nombuf + 1
@@ -1203,6 +1228,14 @@ cdef class DpdkPort(Port):
              "rx_oversize": self.rx_oversize, "tx_nombuf": self.tx_nombuf,
              "tx_oversize": self.tx_oversize, "tx_full": self.tx_full,
              "tx_waits": self.tx_waits}
+        # why frames were not sent, for mbx run's summary (the most telling first)
+        if self.tx_oversize and self.tx_max_len:
+            c["tx_error"] = (f"frames longer than a memif slot ({self.tx_max_len} bytes): "
+                             "raise bsize on both ends")
+        elif self.tx_full:
+            c["tx_error"] = "the device's ring stayed full"
+        elif self.tx_nombuf:
+            c["tx_error"] = "no mbuf free in the port's pool"
         st = self.device_stats
         if st:
             # Frames the driver lost before we polled: no mbuf, or the device missed.
