@@ -6,6 +6,9 @@ from typing import Literal, TypedDict
 
 _Packet = tuple[str, str, int, int, int, int] | tuple[str, str, int, int, int, int, int]
 
+CAPACITY_MAX: int                   # the largest flow table
+FLOW_POLICIES: tuple[str, ...]      # policy= (when the table is full): evict, refuse
+
 class FlowRecord(TypedDict):
     slot: int
     gen: int

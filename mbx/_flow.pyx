@@ -31,6 +31,7 @@ cdef enum:
 CAPACITY_MAX = MAX_CAPACITY    # for callers that check options before building a table
 
 _POLICIES = {"evict": FULL_EVICT_OLDEST, "refuse": FULL_REFUSE}
+FLOW_POLICIES = tuple(_POLICIES)    # for callers that check options first
 _POLICY_NAMES = {v: k for k, v in _POLICIES.items()}
 _END_NAMES = {
     END_NONE: "none", END_IDLE: "idle", END_EVICTED: "evicted",

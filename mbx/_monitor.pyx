@@ -58,6 +58,7 @@ from mbx import _events
 from mbx.errors import MbxError, PermissionDenied
 
 _POLICIES = {"first": OVERLAP_FIRST, "last": OVERLAP_LAST}
+OVERLAP_POLICIES = tuple(_POLICIES)     # ``overlap=``, for callers that check first
 
 # Type ids by built-in index, for the nogil code (filled at import, below).
 cdef uint64_t _type_ids[32]

@@ -4,6 +4,8 @@ from typing import Any
 from mbx._events import EventBus
 from mbx._packet import Batch, Port
 
+MALFORMED_ACTIONS: tuple[str, ...]  # malformed=: forward, drop
+
 class NetworkLayer:
     flows: Any
     frags: Any

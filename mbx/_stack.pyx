@@ -35,6 +35,9 @@ from mbx import _events
 from mbx._parse import status_names
 from mbx.errors import MbxError
 
+# what a malformed packet gets (``malformed=``)
+MALFORMED_ACTIONS = ("forward", "drop")
+
 
 cdef enum:
     CHUNK = 32      # packets parsed and looked up together
@@ -95,7 +98,7 @@ cdef class NetworkLayer:
                  double idle_timeout=60.0, str flow_policy="evict",
                  str malformed="forward", size_t frag_memory=4 << 20,
                  double frag_timeout=30.0, rss=(0, 1)):
-        if malformed not in ("forward", "drop"):
+        if malformed not in MALFORMED_ACTIONS:
             raise ValueError(f"malformed must be 'forward' or 'drop', not {malformed!r}")
         self.flows = FlowTable(flow_capacity, idle_timeout=idle_timeout, policy=flow_policy)
         self.flows.defer_count = True       # counted per packet in stack_pass

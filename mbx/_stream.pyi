@@ -6,6 +6,7 @@ from typing import Literal, TypedDict
 from typing_extensions import Buffer
 
 STREAM_SIZE: int        # sizeof(mbx_stream), bytes
+CHUNK_SIZES: tuple[int, int]    # chunk_size: a power of two from the first to the second
 MAX_OOO_PIECES: int     # out-of-order pieces a stream holds at most (STREAM_MAX_OOO)
 
 FlagName = Literal[

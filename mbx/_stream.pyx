@@ -40,6 +40,7 @@ cdef uint64_t NO_DIFF = 0xFFFFFFFFFFFFFFFFULL
 _MIB = 1 << 20
 
 STREAM_SIZE = sizeof(mbx_stream)
+CHUNK_SIZES = (MIN_CHUNK, MAX_CHUNK)    # chunk_size: a power of two in this range
 MAX_OOO_PIECES = STREAM_MAX_OOO     # out-of-order pieces a stream holds at most
 
 

@@ -10,10 +10,12 @@ import runpy
 
 from mbx import _events, api
 from mbx._events import NF, EventBus
-from mbx._monitor import TcpMonitor
+from mbx._flow import FLOW_POLICIES
+from mbx._monitor import OVERLAP_POLICIES, TcpMonitor
 from mbx._packet import Port
 from mbx._pipeline import check_inflight
-from mbx._stack import NetworkLayer
+from mbx._stack import MALFORMED_ACTIONS, NetworkLayer
+from mbx._stream import CHUNK_SIZES
 from mbx.errors import AppError, MbxError, raising_line, user_code_line
 
 # The types only the TCP Monitor produces: an application with a subscriber to one
@@ -205,17 +207,35 @@ WHOLE_STACK_OPTIONS = {"flow_capacity": _U32, "msg_capacity": _U32, "frag_memory
                   "retain": _SIZE, "max_streams": _U32}
 
 
+# Stack options that take one of a few words: the words, from the modules that use
+# them.
+STACK_CHOICES = {"flow_policy": FLOW_POLICIES, "malformed": MALFORMED_ACTIONS,
+                 "overlap": OVERLAP_POLICIES}
+
+
 def check_stack_options(options, where="stack options:"):
-    """Raise ``AppError`` (``where`` first) naming the first whole-number stack
-    option (``App``'s keywords, an application file's ``[stack]``) that is not a
-    whole number its C field can hold; finer ranges are the stack's to check when
-    it is built."""
+    """Raise ``AppError`` (``where`` first) naming the first stack option
+    (``App``'s keywords, an application file's ``[stack]``) that is not a whole
+    number its C field can hold, not one of its words, or (``chunk_size``) not a
+    power of two in range; finer ranges are the stack's to check when it is built
+    (an application file's line is known only here, so what can be checked without
+    building a stack is checked here)."""
     for key, top in WHOLE_STACK_OPTIONS.items():
         value = options.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or not 0 <= value <= top):
             raise AppError(f"{where} {key} must be a whole number from 0 to "
                            f"{top:,}, not {value!r}")
+    for key, words in STACK_CHOICES.items():
+        value = options.get(key)
+        if value is not None and value not in words:
+            raise AppError(f"{where} {key} must be one of {', '.join(words)}, not "
+                           f"{value!r}")
+    value = options.get("chunk_size")
+    low, high = CHUNK_SIZES
+    if value is not None and (not low <= value <= high or value & (value - 1)):
+        raise AppError(f"{where} chunk_size must be a power of two from {low:,} to "
+                       f"{high:,}, not {value!r}")
 
 
 # A ring holds message numbers, and a ring larger than Event Memory's messages is

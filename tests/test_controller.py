@@ -268,6 +268,33 @@ def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
      [[nf]]
      use = "l2fwd"
      """, 2, "[stack] overlap = 3: expected a string"),
+    # values only the stack used to check, refused by mbx run without the line
+    ("""
+     [stack]
+     idle_timeout = 5
+     flow_policy = "drop"
+     [[nf]]
+     use = "l2fwd"
+     """, 4, "[stack] flow_policy must be one of evict, refuse, not 'drop'"),
+    ("""
+     [stack]
+     overlap = "middle"
+     [[nf]]
+     use = "l2fwd"
+     """, 3, "[stack] overlap must be one of first, last, not 'middle'"),
+    ("""
+     [stack]
+     malformed = "keep"
+     chunk_size = 4096
+     [[nf]]
+     use = "l2fwd"
+     """, 3, "[stack] malformed must be one of forward, drop, not 'keep'"),
+    ("""
+     [stack]
+     chunk_size = 3000
+     [[nf]]
+     use = "l2fwd"
+     """, 3, "[stack] chunk_size must be a power of two from 64 to 16,777,216, not 3000"),
     ("""
      [stack]
      flow_capacity = 5
