@@ -71,6 +71,8 @@ cdef class AfPacketPort(Port):
     cdef int rx_ready_v3(self, Batch batch, uint16_t port_id) noexcept nogil
     cdef int wait(self) noexcept nogil
     cdef int socket_error(self, short revents) noexcept nogil
+    cdef int idle_check(self) noexcept nogil
+    cdef void gone(self) noexcept nogil
     cdef int send_frames(self, mbx_pkt **pkts, int n) noexcept nogil
     cdef void refresh_stats(self) noexcept nogil
     cdef int live_check(self) noexcept nogil

@@ -768,8 +768,25 @@ cdef class AfPacketPort(Port):
         pfd.revents = 0
         if poll(&pfd, 1, self.timeout_ms) == 0:
             self.refresh_stats()       # idle: a cheap moment to fetch drop counts
-            return 0
+            return self.idle_check()
         return self.socket_error(pfd.revents)
+
+    cdef int idle_check(self) noexcept nogil:
+        # Nothing arrived for timeout_ms.  After a link error, look whether the
+        # interface is still there: a deletion takes the link down first (the
+        # socket's error, read by socket_error while the name still resolves) and
+        # then unregisters it without another error, so socket_error may never see
+        # it gone.  -1 (error set): gone.
+        if self.link_errors and if_nametoindex(self.ifname) != <unsigned int>self.ifindex:
+            self.gone()
+            return -1
+        return 0
+
+    cdef void gone(self) noexcept nogil:
+        snprintf(self.errmsg, sizeof(self.errmsg),
+                 "interface %s is gone (deleted, or moved to another namespace)",
+                 self.ifname)
+        self.set_error(self.errmsg)
 
     cdef int socket_error(self, short revents) noexcept nogil:
         # When its link goes down or its interface goes away, the kernel sets an
@@ -786,10 +803,7 @@ cdef class AfPacketPort(Port):
             self.link_errors = self.link_errors + 1
             self.last_link_errno = err
         if if_nametoindex(self.ifname) != <unsigned int>self.ifindex:
-            snprintf(self.errmsg, sizeof(self.errmsg),
-                     "interface %s is gone (deleted, or moved to another namespace)",
-                     self.ifname)
-            self.set_error(self.errmsg)
+            self.gone()
             return -1
         if not err:
             poll(NULL, 0, self.timeout_ms)     # an error poll() keeps reporting: wait
@@ -1021,6 +1035,12 @@ cdef class BridgePorts(Port):
                 self.client.refresh_stats()
                 self.server.refresh_stats()
                 self.rx_dropped = self.client.rx_dropped + self.server.rx_dropped
+                if self.client.idle_check() < 0:
+                    self.adopt_error(self.client)
+                    return PORT_ERROR
+                if self.server.idle_check() < 0:
+                    self.adopt_error(self.server)
+                    return PORT_ERROR
             elif self.client.socket_error(pfd[0].revents) < 0:
                 self.adopt_error(self.client)
                 return PORT_ERROR

@@ -964,3 +964,33 @@ def test_a_second_bridge_on_the_same_interfaces_is_warned_of(testbed, tmp_path):
         assert (f"mbx: warning: 1 other packet socket receives on {iface} (a capture such "
                 "as tcpdump is harmless; another bridge there forwards every frame a "
                 "second time)") in second.stderr
+
+
+def test_an_interface_deleted_after_its_link_went_down_ends_the_run(testbed, tmp_path):
+    # A deletion takes the link down (an error on the socket, which the port reads
+    # while the name still resolves: a link that went down) and then unregisters
+    # the interface without another error: the run went on until --duration.
+    # Now an idle port that saw a link error looks whether its interface is still
+    # there.  Taking the link down first, by hand, makes the order certain.
+    procs = testbed
+    _sh("ip", "-n", NS_M, "link", "add", "x0", "type", "veth", "peer", "name", "x1")
+    _sh("ip", "-n", NS_M, "link", "set", "x0", "up")
+    _sh("ip", "-n", NS_M, "link", "set", "x1", "up")
+    nf = tmp_path / "rec.py"
+    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + RECORDER_NF)
+    p = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", str(nf),
+                           "--in", "afpacket:x0?timeout_ms=5", "--duration", "60", "-q"),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not list(tmp_path.glob("started-*")):
+        assert p.poll() is None, p.communicate()[1]
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    _sh("ip", "-n", NS_M, "link", "set", "x0", "down")
+    time.sleep(0.5)                             # the port reads the error meanwhile
+    t0 = time.monotonic()
+    _sh("ip", "-n", NS_M, "link", "del", "x0")
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 2 and "interface x0 is gone" in err, err
+    assert time.monotonic() - t0 < 5
