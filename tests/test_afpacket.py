@@ -703,12 +703,11 @@ def _cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])        # utime + stime
 
 
-def _start_recorder_run(procs, tmp_path, *extra):
+def _start_recorder_run(procs, tmp_path, *extra, inp="afpacket:mc,ms?timeout_ms=5"):
     nf = tmp_path / "rec.py"
     nf.write_text(f"OUT = {str(tmp_path)!r}\n" + RECORDER_NF)
     p = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", str(nf),
-                           "--in", "afpacket:mc,ms?timeout_ms=5", "--duration", "60",
-                           *extra),
+                           "--in", inp, "--duration", "60", *extra),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     deadline = time.monotonic() + 30
     while not list(tmp_path.glob("started-*")):
@@ -976,16 +975,7 @@ def test_an_interface_deleted_after_its_link_went_down_ends_the_run(testbed, tmp
     _sh("ip", "-n", NS_M, "link", "add", "x0", "type", "veth", "peer", "name", "x1")
     _sh("ip", "-n", NS_M, "link", "set", "x0", "up")
     _sh("ip", "-n", NS_M, "link", "set", "x1", "up")
-    nf = tmp_path / "rec.py"
-    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + RECORDER_NF)
-    p = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", str(nf),
-                           "--in", "afpacket:x0?timeout_ms=5", "--duration", "60", "-q"),
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while not list(tmp_path.glob("started-*")):
-        assert p.poll() is None, p.communicate()[1]
-        assert time.monotonic() < deadline, "the run did not start"
-        time.sleep(0.05)
+    p = _start_recorder_run(procs, tmp_path, "-q", inp="afpacket:x0?timeout_ms=5")
     time.sleep(0.3)
     _sh("ip", "-n", NS_M, "link", "set", "x0", "down")
     time.sleep(0.5)                             # the port reads the error meanwhile
