@@ -4,6 +4,11 @@ from mbx._packet import Port
 
 FANOUT_MODES: dict[str, int]
 RING_VERSIONS: dict[str, int]
+RING_DEFAULTS: dict[tuple[str, bool], tuple[int, int, int]]
+
+def ring_layout(ring: str = ..., *, offloads: bool = ..., rx: bool = ...,
+                frame_size: int = ..., block_size: int = ..., block_count: int = ...,
+                retire_ms: int = ...) -> tuple[int, int, int]: ...
 
 class AfPacketPort(Port):
     """One interface: a TPACKET_V2 (default) or V3 receive ring, sendmmsg bursts,

@@ -248,12 +248,9 @@ cdef enum:
     SIGNAL_CHECK_EVERY = 256    # rx calls between checks for Ctrl-C under load
     VLAN_HLEN = 4
     VNET_HLEN = 10              # sizeof(struct virtio_net_hdr)
-    # offloads=True: a V2 slot must hold a 64 KiB super-frame with its headers (V2
-    # cuts longer frames short), so slots are this large and blocks hold 15 of them;
-    # a V3 block must be at least this large.
+    # offloads=True: a V2 slot (a V3 block) must hold a 64 KiB super-frame and its
+    # headers whole.
     OFFLOAD_FRAME_SIZE = 65536 + 256
-    OFFLOAD_V2_BLOCK_SIZE = 1 << 20
-    OFFLOAD_V2_BLOCK_COUNT = 16
 
 # The ring formats the ``ring`` option names (see the module docstring for the choice).
 RING_VERSIONS = {"v2": TPACKET_V2, "v3": TPACKET_V3}
@@ -263,6 +260,57 @@ FANOUT_MODES = {
     "rollover": PACKET_FANOUT_ROLLOVER, "random": PACKET_FANOUT_RND,
     "queue": PACKET_FANOUT_QM,
 }
+
+
+RING_DEFAULTS = {
+    # (ring, offloads): frame_size, block_size, block_count for a value given as 0.
+    # With offloads a V2 slot must hold a 64 KiB super-frame with its headers (V2 cuts
+    # longer frames short), so slots are that large and blocks hold 15 of them.
+    ("v2", False): (2048, 1 << 17, 64), ("v3", False): (2048, 1 << 17, 64),
+    ("v2", True): (OFFLOAD_FRAME_SIZE, 1 << 20, 16), ("v3", True): (2048, 1 << 17, 64),
+}
+
+
+def ring_layout(ring="v2", *, offloads=False, rx=True, frame_size=0, block_size=0,
+                block_count=0, retire_ms=1):
+    """The ring ``AfPacketPort`` would map for these options: ``(frame_size,
+    block_size, block_count)``, each 0 replaced by its default.  Raises ValueError,
+    naming the option and the value in force, for anything the port refuses.  The
+    one place these rules live: ``mbx.ports`` calls it to refuse a port spec before
+    anything is set up."""
+    if ring not in RING_VERSIONS:
+        raise ValueError(f"ring {ring!r} is not one of {', '.join(RING_VERSIONS)}")
+    if retire_ms < 0:
+        raise ValueError(f"retire_ms {retire_ms} is negative")
+    if ring == "v3" and retire_ms < 1:
+        # 0 hands the choice to the kernel: several ms of latency per hop
+        raise ValueError(f"retire_ms must be at least 1 with ring v3, not {retire_ms} "
+                         f"(0 leaves the block timeout to the kernel: several ms a hop)")
+    defaults = RING_DEFAULTS[ring, bool(offloads)]
+    given = (frame_size, block_size, block_count)
+    frame, block, count = (value or default for value, default in zip(given, defaults))
+    if not rx:
+        return frame, block, count      # a send-only port maps no ring
+
+    def named(key, value, was_given):   # "frame_size 2048 (the default)"
+        return f"{key} {value}" + ("" if was_given else " (the default)")
+
+    # A super-frame cut short cannot be sent on: its segments would be wrong.
+    # (A V3 frame may fill its block whatever frame_size says.)
+    room, key, was = (frame, "frame_size", frame_size) if ring == "v2" else (
+        block, "block_size", block_size)
+    if offloads and room < OFFLOAD_FRAME_SIZE:
+        raise ValueError(f"offloads: super-frames of up to 64 KiB must fit whole, but "
+                         f"{named(key, room, was)} is below {OFFLOAD_FRAME_SIZE} (leave "
+                         f"{key} out for a size that fits)")
+    if block < 4096 or block & (block - 1):
+        raise ValueError(f"block_size {block} is not a power of two, 4096 or more")
+    if frame < 128 or frame % 16 or frame > block:
+        raise ValueError(f"{named('frame_size', frame, frame_size)}: use a multiple of 16 "
+                         f"from 128 up to {named('block_size', block, block_size)}")
+    if count < 2:
+        raise ValueError(f"block_count {count} is below 2")
+    return frame, block, count
 
 
 cdef inline int64_t monotonic_ns() noexcept nogil:
@@ -285,7 +333,8 @@ cdef class AfPacketPort(Port):
 
     Receiving maps a ring of ``block_count`` blocks of ``block_size`` bytes (0: 64
     blocks of 128 KiB and 2048-byte slots; with ``offloads`` and V2, 16 blocks of
-    1 MiB and 65792-byte slots).  With
+    1 MiB and 65792-byte slots; ``ring_layout()`` gives the sizes in force and
+    refuses what the port refuses).  With
     ``ring="v2"`` (TPACKET_V2) each block holds ``block_size // frame_size`` slots
     of ``frame_size`` bytes, one frame each, handed over as soon as it arrives; a
     frame longer than a slot's room (``frame_size`` minus about 70 bytes of
@@ -349,36 +398,11 @@ cdef class AfPacketPort(Port):
             raise ValueError(f"port_id {port_id} is not in 0..65535")
         if not rx and not tx:
             raise ValueError("an AfPacketPort needs rx, tx or both")
-        if ring not in RING_VERSIONS:
-            raise ValueError(f"ring {ring!r} is not one of {', '.join(RING_VERSIONS)}")
-        # 0: the default, which depends on whether super-frames must fit (offloads).
-        # (A V3 frame may fill its block whatever frame_size says.)
-        if frame_size == 0:
-            frame_size = OFFLOAD_FRAME_SIZE if offloads and ring == "v2" else 2048
-        if block_size == 0:
-            block_size = OFFLOAD_V2_BLOCK_SIZE if offloads and ring == "v2" else 1 << 17
-        if block_count == 0:
-            block_count = OFFLOAD_V2_BLOCK_COUNT if offloads and ring == "v2" else 64
-        if rx:
-            # A super-frame cut short cannot be sent on: its segments would be wrong.
-            room = frame_size if ring == "v2" else block_size
-            if offloads and room < OFFLOAD_FRAME_SIZE:
-                raise ValueError(
-                    f"offloads: super-frames of up to 64 KiB must fit whole, but "
-                    f"{'frame_size' if ring == 'v2' else 'block_size'} {room} is below "
-                    f"{OFFLOAD_FRAME_SIZE} (leave it 0 for a size that fits)")
-            if block_size < 4096 or block_size & (block_size - 1):
-                raise ValueError(f"block_size {block_size} is not a power of two >= 4096")
-            if frame_size < 128 or frame_size % 16 or frame_size > block_size:
-                raise ValueError(f"frame_size {frame_size} is not a multiple of 16 in "
-                                 f"128..block_size")
-            if block_count < 2:
-                raise ValueError(f"block_count {block_count} is below 2")
-        if timeout_ms < 0 or retire_ms < 0:
-            raise ValueError("timeout_ms and retire_ms cannot be negative")
-        if ring == "v3" and retire_ms < 1:
-            # 0 hands the choice to the kernel: several ms of latency per hop
-            raise ValueError("retire_ms must be at least 1 with ring v3")
+        frame_size, block_size, block_count = ring_layout(
+            ring, offloads=offloads, rx=rx, frame_size=frame_size,
+            block_size=block_size, block_count=block_count, retire_ms=retire_ms)
+        if timeout_ms < 0:
+            raise ValueError("timeout_ms cannot be negative")
         if fanout_mode not in FANOUT_MODES:
             raise ValueError(f"fanout_mode {fanout_mode!r} is not one of "
                              f"{', '.join(FANOUT_MODES)}")

@@ -82,16 +82,9 @@ _AFPACKET_INT = ("fanout", "block_size", "block_count", "frame_size", "timeout_m
                  "retire_ms")
 _AFPACKET_KEYS = ("ring",) + _AFPACKET_INT + ("fanout_mode", "promisc", "duration",
                                               "offloads")
-# AfPacketPort's own limits and defaults (mbx/_afpacket.pyx), checked here so that a
-# bad value is refused when the spec is read, before anything is set up (the test bed
-# checks its --mbx-port options this way); tests/test_pcap.py holds the two to
-# agreeing.  With offloads a V2 slot (a V3 block) must hold a 64 KiB super-frame.
-_AFPACKET_RINGS = ("v2", "v3")
-_AFPACKET_FANOUT_MODES = ("hash", "lb", "cpu", "rollover", "random", "queue")
-_OFFLOAD_FRAME_SIZE = 65536 + 256
-_RING_DEFAULTS = {False: {"frame_size": 2048, "block_size": 1 << 17, "block_count": 64},
-                  True: {"frame_size": _OFFLOAD_FRAME_SIZE, "block_size": 1 << 20,
-                         "block_count": 16}}
+# The ring options' values are AfPacketPort's to judge (mbx._afpacket.ring_layout),
+# asked here so that a bad value is refused when the spec is read, before anything is
+# set up (the test bed checks its --mbx-port options this way).
 
 
 def _afpacket(spec: str, arg: str, rx: bool = True) -> tuple[list[str], dict]:
@@ -105,13 +98,11 @@ def _afpacket(spec: str, arg: str, rx: bool = True) -> tuple[list[str], dict]:
     if not 1 <= len(ifaces) <= 2 or not all(ifaces):
         raise PortError(f"port spec {spec!r}: expected afpacket:IF or afpacket:IF0,IF1")
     options: dict = {}
-    given: dict = {}
     for item in filter(None, query.split("&")):
         key, _, value = item.partition("=")
         if key not in _AFPACKET_KEYS:
             raise PortError(f"port spec {spec!r}: unknown option {key!r}; known: "
                             f"{', '.join(_AFPACKET_KEYS)}")
-        given[key] = value
         bad = f"port spec {spec!r}: bad value {value!r} for {key}"
         if key in _AFPACKET_INT:
             most = 0xFFFF if key == "fanout" else 0x7FFFFFFF   # what the C field holds
@@ -123,11 +114,13 @@ def _afpacket(spec: str, arg: str, rx: bool = True) -> tuple[list[str], dict]:
                 what = "a PACKET_FANOUT group id" if key == "fanout" else "a whole number"
                 raise PortError(f"{bad}: {what} from 0 to {most}")
             options["fanout_group" if key == "fanout" else key] = number
-        elif key in ("ring", "fanout_mode"):
-            accepted = _AFPACKET_RINGS if key == "ring" else _AFPACKET_FANOUT_MODES
-            if value not in accepted:
-                raise PortError(f"port spec {spec!r}: {key} {value!r} is not one of "
-                                f"{', '.join(accepted)}")
+        elif key == "ring":
+            options[key] = value        # judged with the sizes, below
+        elif key == "fanout_mode":
+            from mbx._afpacket import FANOUT_MODES
+            if value not in FANOUT_MODES:
+                raise PortError(f"port spec {spec!r}: fanout_mode {value!r} is not one "
+                                f"of {', '.join(FANOUT_MODES)}")
             options[key] = value
         elif key in ("promisc", "offloads"):
             flag = value.lower()
@@ -141,45 +134,22 @@ def _afpacket(spec: str, arg: str, rx: bool = True) -> tuple[list[str], dict]:
                 options[key] = -1.0
             if not options[key] >= 0:       # also refuses nan
                 raise PortError(f"{bad}: seconds, 0 or more")
-    problem = _afpacket_ring_problem(options, given, rx)
+    problem = _afpacket_ring_problem(options, rx)
     if problem:
         raise PortError(f"port spec {spec!r}: {problem}")
     return ifaces, options
 
 
-def _afpacket_ring_problem(options, given, rx):
+def _afpacket_ring_problem(options, rx):
     """What AfPacketPort would refuse in a combination of valid values, or None."""
-    ring = options.get("ring", "v2")
-    if ring == "v3" and options.get("retire_ms", 1) < 1:
-        # 0 hands the block timeout to the kernel: several ms of latency per hop
-        return (f"retire_ms must be at least 1 with ring v3, not {given['retire_ms']!r} "
-                f"(0 leaves the block timeout to the kernel: several ms a hop)")
-    if not rx:
-        if "fanout_group" in options:
-            return "fanout: only a receiving port (an input) joins a fanout group"
-        return None
-    # The sizes in force: what was given, else the port's default (0 takes it too).
-    defaults = _RING_DEFAULTS[bool(options.get("offloads")) and ring == "v2"]
-    size = {key: options.get(key) or defaults[key] for key in defaults}
-
-    def named(key):     # "frame_size 2048" or "frame_size 2048 (the default)"
-        return f"{key} {size[key]}" + ("" if options.get(key) else " (the default)")
-
-    if options.get("offloads"):
-        key = "frame_size" if ring == "v2" else "block_size"
-        if size[key] < _OFFLOAD_FRAME_SIZE:
-            return (f"offloads: super-frames of up to 64 KiB must fit whole, but "
-                    f"{named(key)} is below {_OFFLOAD_FRAME_SIZE} (leave {key} out for "
-                    f"a size that fits)")
-    block = size["block_size"]
-    if block < 4096 or block & (block - 1):
-        return f"bad value {given['block_size']!r} for block_size: a power of two, 4096 or more"
-    frame = size["frame_size"]
-    if frame < 128 or frame % 16 or frame > block:
-        return (f"{named('frame_size')}: use a multiple of 16 from 128 up to "
-                f"{named('block_size')}")
-    if size["block_count"] < 2:
-        return f"bad value {given['block_count']!r} for block_count: 2 or more"
+    from mbx._afpacket import ring_layout
+    if not rx and "fanout_group" in options:
+        return "fanout: only a receiving port (an input) joins a fanout group"
+    sizes = ("ring", "offloads", "frame_size", "block_size", "block_count", "retire_ms")
+    try:
+        ring_layout(rx=rx, **{key: options[key] for key in sizes if key in options})
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

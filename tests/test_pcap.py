@@ -625,10 +625,10 @@ def test_a_frame_check_sequence_the_capture_kept_is_dropped(tmp_path, fmt):
     ("promisc=maybe", "bad value 'maybe' for promisc: use 1/0, yes/no, true/false, "
                       "on/off"),
     ("ring=v3&retire_ms=0", "retire_ms must be at least 1 with ring v3"),
-    ("block_size=5000", "bad value '5000' for block_size: a power of two, 4096 or more"),
+    ("block_size=5000", "block_size 5000 is not a power of two, 4096 or more"),
     ("frame_size=100", r"frame_size 100: use a multiple of 16 from 128 up to "
                        r"block_size 131072 \(the default\)"),
-    ("block_count=1", "bad value '1' for block_count: 2 or more"),
+    ("block_count=1", "block_count 1 is below 2"),
     ("offloads=1&frame_size=2048", "offloads: super-frames of up to 64 KiB must fit "
                                    "whole, but frame_size 2048 is below 65792"),
 ])
@@ -670,8 +670,9 @@ def _afpacket_refuses(options, rx):
 
 
 def test_the_spec_parser_refuses_exactly_what_the_afpacket_port_refuses():
-    # The parser repeats AfPacketPort's checks (so that they run before anything is
-    # set up): the two must agree on every combination.
+    # The parser asks AfPacketPort's rules (ring_layout) before anything is set up,
+    # after turning the spec's words into the port's keywords: the two must agree on
+    # every combination, so no option is lost or misnamed on the way.
     import itertools
 
     from mbx.ports import check_spec
