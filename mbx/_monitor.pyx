@@ -55,10 +55,30 @@ from mbx._tcp cimport (
 import ipaddress
 
 from mbx import _events
+from mbx._stream import check_pool
 from mbx.errors import MbxError, PermissionDenied
 
 _POLICIES = {"first": OVERLAP_FIRST, "last": OVERLAP_LAST}
 OVERLAP_POLICIES = tuple(_POLICIES)     # ``overlap=``, for callers that check first
+
+# The TCP Monitor's stream sizes when not given: TcpMonitor's keywords, and App's and
+# an application file's [stack] options of the same names.
+STREAM_DEFAULTS = {"stream_memory": 256 << 20, "chunk_size": 16384,
+                   "stream_window": 4 << 20, "retain": 0, "max_streams": 16384}
+_POOL_OPTIONS = ("stream_memory", "chunk_size", "stream_window", "retain")
+
+
+def check_stream_options(**given):
+    """Raise ValueError for stream sizes the TCP Monitor refuses, alone or together
+    (``stream_window`` below ``chunk_size``, ``retain`` not below ``stream_window``,
+    ...); sizes not given take STREAM_DEFAULTS.  Each message begins with the name
+    of the option it refuses, so a caller can point at that option (an application
+    file's line)."""
+    sizes = dict(STREAM_DEFAULTS, **given)
+    if not 1 <= sizes["max_streams"] <= 0xFFFFFFFF:
+        raise ValueError(f"max_streams must be from 1 to {0xFFFFFFFF:,}, not "
+                         f"{sizes['max_streams']!r}")
+    check_pool(*(sizes[key] for key in _POOL_OPTIONS), names=_POOL_OPTIONS)
 
 # Type ids by built-in index, for the nogil code (filled at import, below).
 cdef uint64_t _type_ids[32]
@@ -102,18 +122,22 @@ cdef class TcpMonitor(NetworkLayer):
     def __init__(self, EventBus bus, *, uint32_t flow_capacity=65536,
                  double idle_timeout=60.0, str flow_policy="evict",
                  str malformed="forward", size_t frag_memory=4 << 20,
-                 double frag_timeout=30.0, size_t stream_memory=256 << 20,
-                 uint32_t chunk_size=16384, size_t stream_window=4 << 20,
-                 size_t retain=0, uint32_t max_streams=16384, str overlap="first",
-                 bint summarise=False, rss=(0, 1)):
+                 double frag_timeout=30.0,
+                 size_t stream_memory=STREAM_DEFAULTS["stream_memory"],
+                 uint32_t chunk_size=STREAM_DEFAULTS["chunk_size"],
+                 size_t stream_window=STREAM_DEFAULTS["stream_window"],
+                 size_t retain=STREAM_DEFAULTS["retain"],
+                 uint32_t max_streams=STREAM_DEFAULTS["max_streams"],
+                 str overlap="first", bint summarise=False, rss=(0, 1)):
+        check_stream_options(stream_memory=stream_memory, chunk_size=chunk_size,
+                             stream_window=stream_window, retain=retain,
+                             max_streams=max_streams)
         NetworkLayer.__init__(self, bus, flow_capacity=flow_capacity, rss=rss,
                               idle_timeout=idle_timeout, flow_policy=flow_policy,
                               malformed=malformed, frag_memory=frag_memory,
                               frag_timeout=frag_timeout)
         if overlap not in _POLICIES:
             raise ValueError(f"overlap must be 'first' or 'last', not {overlap!r}")
-        if max_streams == 0:
-            raise ValueError("max_streams must be at least 1")
         self.policy = _POLICIES[overlap]
         self.capacity = flow_capacity
         self.pool = StreamPool(total_bytes=stream_memory, chunk_size=chunk_size,

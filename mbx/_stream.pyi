@@ -6,7 +6,11 @@ from typing import Literal, TypedDict
 from typing_extensions import Buffer
 
 STREAM_SIZE: int        # sizeof(mbx_stream), bytes
-CHUNK_SIZES: tuple[int, int]    # chunk_size: a power of two from the first to the second
+POOL_NAMES: tuple[str, str, str, str]
+
+def check_pool(total_bytes: int, chunk_size: int, max_stream_bytes: int, retain: int,
+               names: tuple[str, str, str, str] = ...) -> None: ...
+
 MAX_OOO_PIECES: int     # out-of-order pieces a stream holds at most (STREAM_MAX_OOO)
 
 FlagName = Literal[

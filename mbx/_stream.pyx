@@ -40,7 +40,6 @@ cdef uint64_t NO_DIFF = 0xFFFFFFFFFFFFFFFFULL
 _MIB = 1 << 20
 
 STREAM_SIZE = sizeof(mbx_stream)
-CHUNK_SIZES = (MIN_CHUNK, MAX_CHUNK)    # chunk_size: a power of two in this range
 MAX_OOO_PIECES = STREAM_MAX_OOO     # out-of-order pieces a stream holds at most
 
 
@@ -67,6 +66,38 @@ cdef bint _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+POOL_NAMES = ("total_bytes", "chunk_size", "max_stream_bytes", "retain")
+
+
+def check_pool(total_bytes, chunk_size, max_stream_bytes, retain, names=POOL_NAMES):
+    """Raise ValueError for sizes ``StreamPool`` refuses.  ``names``: the four sizes'
+    names in the message, so a layer that takes them under its own names (the TCP
+    Monitor's ``stream_memory`` and ``stream_window``) reports them as its user
+    gave them; the rules live only here."""
+    total_name, chunk_name, window_name, retain_name = names
+    if not _is_int(chunk_size) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK \
+            or chunk_size & (chunk_size - 1):
+        raise ValueError(f"{chunk_name} must be a power of two from {MIN_CHUNK:,} to "
+                         f"{MAX_CHUNK:,}, not {chunk_size!r}")
+    if not _is_int(total_bytes) or total_bytes < chunk_size:
+        raise ValueError(f"{total_name} must be at least {chunk_name} ({chunk_size:,}), "
+                         f"not {total_bytes!r}")
+    if total_bytes // chunk_size >= 0xFFFFFFFF:
+        raise ValueError(f"{total_name} makes too many chunks of {chunk_name} "
+                         f"({chunk_size:,}): {total_bytes // chunk_size:,}, below "
+                         f"{0xFFFFFFFF:,} fit")
+    if not _is_int(max_stream_bytes) or not chunk_size <= max_stream_bytes <= MAX_STREAM_BYTES:
+        raise ValueError(f"{window_name} must be from {chunk_name} ({chunk_size:,}) to "
+                         f"{MAX_STREAM_BYTES:,}, not {max_stream_bytes!r}")
+    if max_stream_bytes // chunk_size > MAX_WINDOW_CHUNKS:
+        raise ValueError(f"{window_name} must be at most {MAX_WINDOW_CHUNKS:,} chunks of "
+                         f"{chunk_name} ({chunk_size:,}), not "
+                         f"{max_stream_bytes // chunk_size:,}")
+    if not _is_int(retain) or not 0 <= retain < max_stream_bytes:
+        raise ValueError(f"{retain_name} must be below {window_name} "
+                         f"({max_stream_bytes:,}), not {retain!r}")
+
+
 @cython.final
 cdef class StreamPool:
     """Stack Memory for reassembled streams: ``total_bytes`` allocated once, carved
@@ -83,24 +114,7 @@ cdef class StreamPool:
     def __cinit__(self, total_bytes=64 * _MIB, chunk_size=16384,
                   max_stream_bytes=_MIB, retain=0, ooo_blocks=None):
         # Validate everything before allocating anything.
-        if not _is_int(chunk_size) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK \
-                or chunk_size & (chunk_size - 1):
-            raise ValueError(f"chunk_size must be a power of two between {MIN_CHUNK} and "
-                             f"{MAX_CHUNK}, got {chunk_size!r}")
-        if not _is_int(total_bytes) or total_bytes < chunk_size:
-            raise ValueError(f"total_bytes must be an int of at least chunk_size "
-                             f"({chunk_size}), got {total_bytes!r}")
-        if total_bytes // chunk_size >= 0xFFFFFFFF:
-            raise ValueError(f"total_bytes makes too many chunks: {total_bytes // chunk_size}")
-        if not _is_int(max_stream_bytes) or not chunk_size <= max_stream_bytes <= MAX_STREAM_BYTES:
-            raise ValueError(f"max_stream_bytes must be between chunk_size ({chunk_size}) "
-                             f"and {MAX_STREAM_BYTES}, got {max_stream_bytes!r}")
-        if max_stream_bytes // chunk_size > MAX_WINDOW_CHUNKS:
-            raise ValueError(f"max_stream_bytes must be at most {MAX_WINDOW_CHUNKS} chunks, "
-                             f"got {max_stream_bytes // chunk_size}")
-        if not _is_int(retain) or not 0 <= retain < max_stream_bytes:
-            raise ValueError(f"retain must be between 0 and max_stream_bytes "
-                             f"({max_stream_bytes}) - 1, got {retain!r}")
+        check_pool(total_bytes, chunk_size, max_stream_bytes, retain)
         n_chunks = total_bytes // chunk_size
         if ooo_blocks is None:
             ooo_blocks = n_chunks

@@ -158,8 +158,8 @@ def _print_counters(c, elapsed, out=None):
 
 
 def _run(nfs, args, spec=None):
-    from mbx.controller import check
-    from mbx.runtime import App, check_writable
+    from mbx.controller import check, unused_warning
+    from mbx.runtime import App, check_writable, unused_monitor_options
 
     if spec is None:    # a chain: the links mbx check would refuse, refused here too
         check(args.app if hasattr(args, "app") else "the NFs", "", args.stack or "auto",
@@ -185,6 +185,10 @@ def _run(nfs, args, spec=None):
     config.update({key: value for key, value in
                    ((key, getattr(args, dest)) for dest, key in _STACK_OPTIONS.items())
                    if value is not None})
+    stack = config.get("stack", "auto")
+    unused = unused_monitor_options(stack, nfs, config)
+    if unused:
+        print(f"mbx: warning: {unused_warning(unused, stack)}", file=sys.stderr)
     listeners = []
     view = None
     if args.stats:

@@ -45,7 +45,7 @@ import tomllib
 from mbx import _events
 from mbx.errors import AppError, MbxError, raising_line
 from mbx.pipeline import DEFAULT_BACKOFF, restart_of
-from mbx.runtime import WHOLE_STACK_OPTIONS, check_stack_options
+from mbx.runtime import WHOLE_STACK_OPTIONS, stack_options_problem
 
 # What each μStack publishes.
 NETWORK_LAYER_PUBS = [_events.PKT, _events.FLOW_START, _events.FLOW_END]
@@ -71,10 +71,11 @@ _GROUP_KEYS = {"merge"}
 class AppSpec:
     """A loaded application: its NFs (in chain order), options, and the link graph."""
 
-    def __init__(self, path, name, stack, options, nfs, links):
+    def __init__(self, path, name, stack, options, nfs, links, warnings=()):
         self.path = path
         self.name = name
-        self.stack = stack
+        self.stack = stack      # the one that runs: "network" or "tcp"
+        self.warnings = list(warnings)      # what a run would ignore
         self.options = options
         self.nfs = nfs
         self.links = links          # [(subscriber NF, type, [publishers])]
@@ -83,6 +84,7 @@ class AppSpec:
         """The application as text: stacks, NFs, and what feeds each subscription."""
         lines = [f"application {self.name} ({self.path})",
                  f"  stack: {self.stack}" + (f"  {self.options}" if self.options else "")]
+        lines += [f"  warning: {w}" for w in self.warnings]
         for i, nf in enumerate(self.nfs, 1):
             flags = []
             if nf.writes:
@@ -99,6 +101,15 @@ class AppSpec:
             for idx in nf.pubs:
                 lines.append(f"       -> {_events.event_types()[idx].name}")
         return "\n".join(lines)
+
+
+def unused_warning(unused, stack):
+    """What to tell a user whose TCP Monitor options ``unused`` go unused."""
+    what = "a TCP Monitor option" if len(unused) == 1 else "TCP Monitor options"
+    why = ("the stack is set to the Network Layer" if stack == "network" else
+           "no NF subscribes to a TCP type, so the Network Layer runs alone")
+    return (f"{', '.join(unused)}: {what}, unused: {why} ([app] stack = \"tcp\" or "
+            f"--stack tcp runs the Monitor)")
 
 
 # tomllib keeps no positions: the lines of tables and keys are found in the text.  A
@@ -214,8 +225,9 @@ def load_app_file(path):
         if not _KIND_OK[_STACK_KEYS[key]](value):
             raise AppError(f"{key_at('stack', [key])}: [stack] {key} = {value!r}: "
                            f"expected {_STACK_KEYS[key]}")
-        # one key at a time, so the error has its line
-        check_stack_options({key: value}, f"{key_at('stack', [key])}: [stack]")
+    problem = stack_options_problem(options)
+    if problem:         # at the line of the option it names
+        raise AppError(f"{key_at('stack', [problem[0]])}: [stack] {problem[1]}")
     entries = doc.get("nf", [])
     if not entries:
         raise AppError(f"{path}: no [[nf]] tables: an application names at least one NF")
@@ -413,9 +425,9 @@ def check(path, name, stack, options, nfs, lines=None):
     if why is not None:
         dependent = _dependent_member(nfs)
         raise AppError(f"{at(dependent) if dependent is not None else path}: {why}")
-    from mbx.runtime import needs_monitor
+    from mbx.runtime import runs_monitor, unused_monitor_options
 
-    tcp = stack == "tcp" or (stack == "auto" and needs_monitor(nfs))
+    tcp = runs_monitor(stack, nfs, options)
     stack_pubs = NETWORK_LAYER_PUBS + (TCP_MONITOR_PUBS if tcp else [])
     stack_name = "TCP Monitor" if tcp else "Network Layer"
     types = _events.event_types()
@@ -440,7 +452,9 @@ def check(path, name, stack, options, nfs, lines=None):
                     f"application publishes (a publication must be {t.name} or a "
                     f"descendant; published: {', '.join(offered)})")
             links.append((nf, t, feeders))
-    return AppSpec(path, name, "tcp" if tcp else "network", options, nfs, links)
+    unused = unused_monitor_options(stack, nfs, options)
+    warnings = [unused_warning(unused, stack)] if unused else []
+    return AppSpec(path, name, "tcp" if tcp else "network", options, nfs, links, warnings)
 
 
 def is_app_file(spec):

@@ -11,11 +11,15 @@ import runpy
 from mbx import _events, api
 from mbx._events import NF, EventBus
 from mbx._flow import FLOW_POLICIES
-from mbx._monitor import OVERLAP_POLICIES, TcpMonitor
+from mbx._monitor import (
+    OVERLAP_POLICIES,
+    STREAM_DEFAULTS,
+    TcpMonitor,
+    check_stream_options,
+)
 from mbx._packet import Port
 from mbx._pipeline import check_inflight
 from mbx._stack import MALFORMED_ACTIONS, NetworkLayer
-from mbx._stream import CHUNK_SIZES
 from mbx.errors import AppError, MbxError, raising_line, user_code_line
 
 # The types only the TCP Monitor produces: an application with a subscriber to one
@@ -185,6 +189,21 @@ def needs_monitor(nfs):
     return False
 
 
+def runs_monitor(stack, nfs, options):
+    """Does a run with ``stack`` ("auto", "network", "tcp"), these NFs and these stack
+    options run the TCP Monitor (else the Network Layer alone)?"""
+    return stack == "tcp" or (stack == "auto" and bool(
+        needs_monitor(nfs) or options.get("summarise")))
+
+
+def unused_monitor_options(stack, nfs, options):
+    """The TCP Monitor's options among ``options`` when the run would not start the
+    Monitor: given, and ignored, which the user should hear about."""
+    if runs_monitor(stack, nfs, options):
+        return []
+    return [key for key in _MONITOR_OPTIONS if key in options]
+
+
 class _TerminateSink(NF):
     """The TCP Monitor's own subscription to FLOW/TCP/TERMINATE (paper §4.2: NFs
     change stack state only by events)."""
@@ -213,29 +232,39 @@ STACK_CHOICES = {"flow_policy": FLOW_POLICIES, "malformed": MALFORMED_ACTIONS,
                  "overlap": OVERLAP_POLICIES}
 
 
-def check_stack_options(options, where="stack options:"):
-    """Raise ``AppError`` (``where`` first) naming the first stack option
-    (``App``'s keywords, an application file's ``[stack]``) that is not a whole
-    number its C field can hold, not one of its words, or (``chunk_size``) not a
-    power of two in range; finer ranges are the stack's to check when it is built
-    (an application file's line is known only here, so what can be checked without
-    building a stack is checked here)."""
+def stack_options_problem(options):
+    """``(option, why)`` for the first stack option (``App``'s keywords, an
+    application file's ``[stack]``) that is not a whole number its C field can
+    hold, not one of its words, or that the TCP Monitor's stream sizes refuse, alone
+    or with the others (``stream_window`` below ``chunk_size``, ...); None when all
+    are right.  What can be checked without building a stack is checked here, where
+    an application file's line is still known."""
     for key, top in WHOLE_STACK_OPTIONS.items():
         value = options.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or not 0 <= value <= top):
-            raise AppError(f"{where} {key} must be a whole number from 0 to "
-                           f"{top:,}, not {value!r}")
+            return key, f"{key} must be a whole number from 0 to {top:,}, not {value!r}"
     for key, words in STACK_CHOICES.items():
         value = options.get(key)
         if value is not None and value not in words:
-            raise AppError(f"{where} {key} must be one of {', '.join(words)}, not "
-                           f"{value!r}")
-    value = options.get("chunk_size")
-    low, high = CHUNK_SIZES
-    if value is not None and (not low <= value <= high or value & (value - 1)):
-        raise AppError(f"{where} chunk_size must be a power of two from {low:,} to "
-                       f"{high:,}, not {value!r}")
+            return key, f"{key} must be one of {', '.join(words)}, not {value!r}"
+    try:
+        check_stream_options(**{key: options[key] for key in STREAM_DEFAULTS
+                                if key in options})
+    except ValueError as exc:
+        why = str(exc)
+        key = why.split()[0]            # the message begins with the option's name
+        if key not in options:          # its default clashes with what was given
+            why += f" (the default {key}: give one that fits)"
+        return key, why
+    return None
+
+
+def check_stack_options(options, where="stack options:"):
+    """Raise ``AppError`` (``where`` first) for :func:`stack_options_problem`."""
+    problem = stack_options_problem(options)
+    if problem:
+        raise AppError(f"{where} {problem[1]}")
 
 
 # A ring holds message numbers, and a ring larger than Event Memory's messages is
@@ -319,8 +348,7 @@ class App:
         ``out`` is a port, or a function returning one (``mbx.ports.DeferredOutput``):
         it is called once the NFs have started and the stack is built, so a run that
         fails before its first packet has not created or truncated its output."""
-        tcp = self.stack_kind == "tcp" or (self.stack_kind == "auto" and (
-            needs_monitor(self.nfs) or self.monitor_options.get("summarise")))
+        tcp = runs_monitor(self.stack_kind, self.nfs, self.monitor_options)
         nfs = list(self.nfs)
         self.reports = {}
         sink = None

@@ -12,6 +12,7 @@ import mbx
 from mbx.controller import check, load_app_file
 from mbx.errors import AppError
 from mbx.ports import open_input
+from mbx.runtime import App
 
 
 def write(tmp_path, name, text):
@@ -295,6 +296,41 @@ def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
      [[nf]]
      use = "l2fwd"
      """, 3, "[stack] chunk_size must be a power of two from 64 to 16,777,216, not 3000"),
+    # sizes that are wrong only together, at the line of the one the rule names
+    ("""
+     [stack]
+     chunk_size = 65536
+     stream_window = 16384
+     [[nf]]
+     use = "l2fwd"
+     """, 4, "[stack] stream_window must be from chunk_size (65,536) to 1,073,741,824, "
+             "not 16384"),
+    ("""
+     [stack]
+     stream_window = 65536
+     retain = 65536
+     [[nf]]
+     use = "l2fwd"
+     """, 4, "[stack] retain must be below stream_window (65,536), not 65536"),
+    ("""
+     [stack]
+     stream_memory = 8192
+     [[nf]]
+     use = "l2fwd"
+     """, 3, "[stack] stream_memory must be at least chunk_size (16,384), not 8192"),
+    ("""
+     [stack]
+     max_streams = 0
+     [[nf]]
+     use = "l2fwd"
+     """, 3, "[stack] max_streams must be from 1 to 4,294,967,295, not 0"),
+    ("""
+     [stack]
+     chunk_size = 8388608
+     [[nf]]
+     use = "l2fwd"
+     """, 2, "[stack] stream_window must be from chunk_size (8,388,608) to "
+             "1,073,741,824, not 4194304 (the default stream_window: give one that fits)"),
     ("""
      [stack]
      flow_capacity = 5
@@ -381,6 +417,65 @@ def test_mbx_check_and_run_give_the_line_of_a_stack_key(tmp_path, example_pcap):
                            text=True, timeout=120)
         assert r.returncode == 2, cmd
         assert f"{app}, line 3: [stack] unknown option(s) flow_capcity" in r.stderr, cmd
+
+
+def test_stream_sizes_wrong_together_are_refused_before_the_run(tmp_path, example_pcap):
+    # mbx check passed them and mbx run failed in the stack, without the line and in
+    # the stream pool's own words (max_stream_bytes for stream_window)
+    app = write(tmp_path, "app.toml", """
+        [app]
+        stack = "tcp"
+        [stack]
+        stream_window = 4096
+        [[nf]]
+        use = "l2fwd"
+        """)
+    for cmd in (["check", app], ["run", app, "--in", "pcap:" + example_pcap]):
+        r = subprocess.run([sys.executable, "-m", "mbx.cli", *cmd], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2, cmd
+        assert (f"{app}, line 5: [stack] stream_window must be from chunk_size (16,384)"
+                in r.stderr), (cmd, r.stderr)
+    with pytest.raises(AppError, match="stack options: retain must be below "
+                                       "stream_window"):
+        App([], stack="tcp", stream_window=1 << 16, retain=1 << 16)
+    # the Monitor itself says the same, in the same words
+    from mbx._monitor import TcpMonitor
+
+    from mbx._events import EventBus
+
+    with pytest.raises(ValueError, match="^stream_window must be from chunk_size"):
+        TcpMonitor(EventBus([]), stream_window=4096)
+
+
+def test_monitor_options_an_application_would_ignore_are_named(tmp_path, example_pcap):
+    app = write(tmp_path, "app.toml", """
+        [stack]
+        chunk_size = 8192
+        [[nf]]
+        use = "l2fwd"
+        """)
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", app],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert ("warning: chunk_size: a TCP Monitor option, unused: no NF subscribes to a "
+            "TCP type, so the Network Layer runs alone") in r.stdout
+    cmd = [sys.executable, "-m", "mbx.cli", "run", app, "--in", "pcap:" + example_pcap,
+           "-q"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "mbx: warning: chunk_size: a TCP Monitor option, unused" in r.stderr
+    # --stack tcp runs the Monitor: the option is used, nothing to say
+    r = subprocess.run(cmd + ["--stack", "tcp"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                        "pcap:" + example_pcap, "-q", "--stack", "network", "--overlap",
+                        "last"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert ("mbx: warning: overlap: a TCP Monitor option, unused: the stack is set to "
+            "the Network Layer") in r.stderr
 
 
 def test_subscription_fed_by_a_publishing_nf_or_a_descendant_type(tmp_path):
