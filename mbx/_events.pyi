@@ -18,6 +18,7 @@ class EventType:
     body_size: int
     dtype: np.dtype
     def is_a(self, other: EventType | str | int) -> bool: ...
+    def overlaps(self, other: EventType | str | int) -> bool: ...
 
 TypeSpec = EventType | str | int
 Handler = Callable[[Event], object]

@@ -146,6 +146,13 @@ class EventType:
         other = event_type(other)
         return (self.id & depth_mask(other.depth)) == other.id
 
+    def overlaps(self, other):
+        """True if one type is the other or a descendant of it: a subscription to
+        either can receive messages of the other (DATA_RDY reaches a subscriber to
+        EVENT), a port of either can carry them."""
+        other = event_type(other)
+        return self.is_a(other) or other.is_a(self)
+
     def __repr__(self):
         return f"<EventType {self.name} id={self.id:#x}>"
 
@@ -1701,11 +1708,13 @@ cdef class EventBus:
         cdef mbx_msg *m = self.new_msg(msg.m.h.type_idx, msg.m.h.type_id, ts, flow, gen,
                                        pkt, dir, nf._index + 1, pos)
         if m == NULL:
-            raise MbxError(
-                f"NF {nf.name}: Event Memory is full ({self.msg_capacity} messages); "
-                "raise msg_capacity")
+            raise MbxError(f"NF {nf.name}: {self.full_text()}; raise msg_capacity")
         memcpy(m.body, msg.m.body, MSG_BODY_SIZE)
         self.publish(m)
+
+    def full_text(self):
+        """What filled up when an NF's publication found no message free."""
+        return f"Event Memory is full ({self.msg_capacity} messages)"
 
     def up_sub(self, uint32_t nf, etype, flow, handler, bint batch, uint8_t smask):
         if flow is None:

@@ -491,6 +491,16 @@ cdef class PipeBus(EventBus):
 
     # -- the EventBus hooks ---------------------------------------------------------
 
+    def full_text(self):
+        # An NF process publishes into its own region of Event Memory for the epoch,
+        # far smaller than the whole.
+        if self.role == self.nnf:
+            return EventBus.full_text(self)
+        return (f"its share of Event Memory for one burst is full ({self.nf_region} "
+                f"messages: msg_capacity {self.total} is half the stack's, half shared "
+                f"by {self.nnf} NF process{'es' if self.nnf > 1 else ''}, over "
+                f"{self.inflight} burst{'s' if self.inflight > 1 else ''} in flight)")
+
     cdef mbx_msg *new_msg(self, uint16_t type_idx, uint64_t type_id, int64_t ts_ns,
                           uint32_t flow, uint32_t gen, uint32_t pkt, uint8_t dir,
                           uint16_t publisher, uint32_t pos) noexcept nogil:

@@ -63,26 +63,36 @@ DEFAULT_INFLIGHT = 4
 DEFAULT_BACKOFF = 0.1
 
 
-def _lock_step_reason(nfs):
+def _lock_step_reason(nfs, tcp=True):
     # What needs each burst to complete before the stack reads the next: stream
     # reads point into live stream buffers, which the stack reuses as soon as it
-    # moves on, and a TERMINATE acts on its own epoch's burst and TCP state.
+    # moves on, and a TERMINATE acts on its own epoch's burst and TCP state.  With
+    # the TCP Monitor (tcp) a subscription to an ancestor of DATA_RDY (EVENT) gets
+    # DATA_RDY too, and a port of an ancestor of TERMINATE (FLOW/TCP) can carry it.
+    def takes(t, target):
+        return t.overlaps(target) if tcp else t.is_a(target)
+
     types = _events.event_types()
     for nf in nfs:
         for idx in nf.subs:
-            if types[idx].is_a(_events.DATA_RDY):
-                return f"NF {nf.name} reads stream bytes (subscribes to {types[idx].name})"
+            if takes(types[idx], _events.DATA_RDY):
+                also = "" if types[idx].is_a(_events.DATA_RDY) else ", so DATA_RDY"
+                return (f"NF {nf.name} reads stream bytes (subscribes to "
+                        f"{types[idx].name}{also})")
         for idx in nf.pubs:
-            if types[idx].is_a(_events.FLOW_TCP_TERMINATE):
-                return f"NF {nf.name} publishes {types[idx].name}"
+            if takes(types[idx], _events.FLOW_TCP_TERMINATE):
+                also = ("" if types[idx].is_a(_events.FLOW_TCP_TERMINATE) else
+                        ", which can carry FLOW/TCP/TERMINATE")
+                return f"NF {nf.name} publishes {types[idx].name}{also}"
     return None
 
 
-def inflight_for(nfs, inflight=None):
+def inflight_for(nfs, inflight=None, tcp=True):
     """The bursts in flight for ``nfs``: ``inflight``, or by default 4; but 1 where an
-    NF process reads stream bytes or terminates flows (see ``_lock_step_reason``),
-    and then a larger ``inflight`` asked for explicitly is refused."""
-    reason = _lock_step_reason(nfs)
+    NF process reads stream bytes or terminates flows (see ``_lock_step_reason``;
+    ``tcp``: the TCP Monitor runs), and then a larger ``inflight`` asked for
+    explicitly is refused."""
+    reason = _lock_step_reason(nfs, tcp)
     if inflight is None:
         return 1 if reason else DEFAULT_INFLIGHT
     check_inflight(inflight)
@@ -135,7 +145,7 @@ def _pow2(n):
 
 def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_full="stall",
         inflight=None, nf_timing=True, max_packets=0, progress=None, duration=0,
-        stop=None):
+        stop=None, tcp=True):
     """Run ``nfs`` pipelined; ``make_stack(bus)`` builds the μStack over the bus, its
     tables in shared Stack Memory (read-only in the NF processes).  Up to
     ``inflight`` bursts are in flight (the stack reads and parses ahead while the NF
@@ -144,7 +154,7 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
     if ring_full not in RING_FULL:
         raise AppError(f"ring_full must be 'stall' or 'drop', not {ring_full!r}")
     _check(nfs)
-    inflight = inflight_for(nfs, inflight)
+    inflight = inflight_for(nfs, inflight, tcp)
     if msg_capacity < 64 * max(len(nfs), 1):
         raise AppError(f"msg_capacity {msg_capacity} is too small for {len(nfs)} NF "
                        "processes")

@@ -352,7 +352,8 @@ class App:
         nfs = list(self.nfs)
         self.reports = {}
         sink = None
-        if tcp and any(_events.event_types()[i].is_a(_events.FLOW_TCP_TERMINATE)
+        # a port of FLOW/TCP (or EVENT) can carry a TERMINATE too
+        if tcp and any(_events.event_types()[i].overlaps(_events.FLOW_TCP_TERMINATE)
                        for nf in nfs for i in nf.pubs):
             sink = _TerminateSink()
             nfs.append(sink)
@@ -412,7 +413,7 @@ class App:
             nfs, make_stack, inp, out, msg_capacity=self.msg_capacity,
             nf_timing=self.nf_timing,
             ring_size=self.ring_size, ring_full=self.ring_full, inflight=self.inflight,
-            **run)
+            tcp=tcp, **run)
         return self.counters()
 
     def counters(self):

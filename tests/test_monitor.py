@@ -749,6 +749,63 @@ def test_terminate_sends_rsts(run, tmp_path, v6):
     assert counters["tcp"]["dropped_terminated"] == 3
 
 
+class AncestorKiller(Killer):
+    """Killer's TERMINATEs through a FLOW/TCP port, which can carry them too."""
+
+    def __init__(self):
+        super().__init__()
+        self.pubs.clear()
+        self.port = self.pub(mbx.FLOW_TCP)
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_a_terminate_through_an_ancestor_port_still_terminates(run, deploy):
+    # The TCP Monitor took TERMINATEs only when some NF declared a FLOW/TCP/TERMINATE
+    # port; one published on a FLOW/TCP port was delivered to nobody, silently.
+    victim = Conn()
+    victim.handshake()
+    victim.c(1, 1, PSH | ACK, b"attack payload")
+    victim.s(1, 15, PSH | ACK, b"response")
+    counters, _ = run([AncestorKiller()], frames=victim.frames, deploy=deploy,
+                      stack="tcp")
+    assert counters["tcp"]["rst_sent"] == 2
+    assert counters["tcp"]["dropped_terminated"] == 1
+    if deploy == "pipelined":       # a TERMINATE acts on its own burst: lock-step
+        assert counters["pipeline"]["inflight"] == 1
+
+
+class EveryEventReader(mbx.NF):
+    """Subscribes to EVENT, so gets DATA_RDY with the rest, and reads each one."""
+
+    def __init__(self):
+        super().__init__("every")
+        self.sub(mbx.EVENT, self.on)
+        self.read = 0
+
+    def on(self, ev):
+        if ev.type_name == "DATA_RDY":
+            self.read += len(bytes(ev.read()))
+
+    def report(self):
+        return {"read": self.read}
+
+
+def test_a_subscriber_to_an_ancestor_of_data_rdy_reads_streams_pipelined(
+        run, example_pcap):
+    # With the TCP Monitor a subscriber to EVENT gets DATA_RDY and may read streams,
+    # so its process needs one burst in flight; it had four, and its reads failed
+    # ("stream offset 0 was already released") once the stack had moved on.
+    inline, _ = run([EveryEventReader()], capture=example_pcap, stack="tcp")
+    c, _ = run([EveryEventReader()], capture=example_pcap, stack="tcp",
+               deploy="pipelined")
+    assert c["pipeline"]["inflight"] == 1
+    assert c["nfs"]["every"]["report"]["read"] == inline["nfs"]["every"]["report"][
+        "read"] > 0
+    # without the Monitor no DATA_RDY exists: no reason to hold the stack back
+    c, _ = run([EveryEventReader()], capture=example_pcap, deploy="pipelined")
+    assert c["pipeline"]["inflight"] == 4
+
+
 def test_events_not_from_the_monitor_carry_no_snapshot(run):
     from mbx.examples.capture import ether, udp4
 

@@ -310,6 +310,33 @@ def test_a_later_nf_s_error_is_reported_whole(example_pcap, first):
         run_app([head, Boom()], example_pcap, deploy="pipelined")
 
 
+def test_an_nf_process_that_fills_its_share_of_event_memory_is_told_which(
+        example_pcap):
+    # The error named the whole of Event Memory (1024 messages), where what filled
+    # was the NF process's region for one burst (128 here).
+    chatter = mbx.register_event_type("TEST_CHATTER")
+
+    class Chatty(mbx.NF):
+        def __init__(self):
+            super().__init__("chatty")
+            self.sub(mbx.PKT, self.on_pkt)
+            self.port = self.pub(chatter)
+
+        def on_pkt(self, ev):
+            for _ in range(200):
+                self.publish(self.port, self.new_msg(chatter))
+
+    with pytest.raises(mbx.NFError, match=r"NF chatty: its share of Event Memory for "
+                                          r"one burst is full \(128 messages: "
+                                          r"msg_capacity 1024 .* 1 NF process, over 4 "
+                                          r"bursts in flight\); raise msg_capacity"):
+        run_app([Chatty()], example_pcap, deploy="pipelined", msg_capacity=1024,
+                inflight=4)
+    # inline the whole of it is the limit, and the message says so
+    with pytest.raises(mbx.MbxError, match=r"Event Memory is full \(1024 messages\)"):
+        run_app([Chatty()], example_pcap, msg_capacity=1024, burst=8)
+
+
 class Reporter(mbx.NF):
     """Counts packets and reports them; ``bad`` makes report() misbehave."""
 
