@@ -602,6 +602,16 @@ class NF:
         (<EventBus>self._bus).publish_from(self, <Message>msg)
 
 
+def _handler_key(h):
+    # A handler as a key: itself when hashable (bound methods of one object are
+    # equal), else its identity.
+    try:
+        hash(h)
+    except TypeError:
+        return ("unhashable", id(h))
+    return h
+
+
 def _check_c(nf, t, handler, batch):
     if batch and isinstance(handler, CHandler):
         raise SubscriptionError(
@@ -1280,6 +1290,13 @@ cdef class EventBus:
         deciding = {}
         for g in {nf.group for nf in nfs if nf.group is not None}:
             at = [i for i in range(len(nfs)) if nfs[i].group == g]
+            for i in at:
+                if nfs[i].writes:
+                    # members see each packet at once (pipelined: in parallel), so
+                    # a rewrite would race the others' reads
+                    raise SubscriptionError(
+                        f"NF {nfs[i].name} writes packets and cannot run in the "
+                        f"parallel group {g!r}: writers are serialised")
             merges = {id(nfs[i].group_merge): nfs[i].group_merge for i in at}
             merge = next(iter(merges.values()))
             if len(merges) > 1:
@@ -1471,8 +1488,10 @@ cdef class EventBus:
                 nf._index = -1
 
     cdef uint32_t _add_set(self, uint32_t nf, dict mapping) except? 0xFFFFFFFF:
-        # Interned: flows that share a subscription pattern share one table.
-        key = frozenset((k, id(h), b, sm) for k, (h, b, sm) in mapping.items())
+        # Interned: flows that share a subscription pattern share one table.  Handlers
+        # compare by equality: ``self.on_data`` is a new bound method object at each
+        # up_sub, equal to the last, and must not make a set per flow.
+        key = frozenset((k, _handler_key(h), b, sm) for k, (h, b, sm) in mapping.items())
         nf_obj = self.nfs[nf]
         found = self.set_keys[nf].get(key)
         if found is not None:
@@ -2392,6 +2411,12 @@ cdef class EventBus:
             if pub or dlv:
                 out[t.name] = {"published": pub, "delivered": dlv}
         return out
+
+    def handler_sets(self):
+        """Per NF name: the handler sets its subscriptions made in this process (one
+        for its ``sub`` calls, one more per distinct per-flow pattern of ``up_sub``;
+        at most 65,535)."""
+        return {nf.name: self.nsets[i] for i, nf in enumerate(self.nfs)}
 
     def nf_stats(self):
         """Per NF: events delivered (``events``; ``c_events`` of them to C handlers),

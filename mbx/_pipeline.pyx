@@ -1492,7 +1492,8 @@ cdef class PipeBus(EventBus):
                 state = "running"
             nfs[self.nfs[k].name] = {
                 "pid": pr.pid, "state": state, "exit_status": pr.status,
-                "failure": self.failure_names[k] or "closed",
+                # None: no policy, so a failure of this NF ends the run
+                "failure": self.failure_names[k],
                 "events_in": pr.events_in, "delivered": pr.delivered,
                 "c_events": pr.c_events, "handler_ns": pr.handler_ns,
                 "types": {t.name: dlv[t.idx] for t in types if dlv[t.idx]},

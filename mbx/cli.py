@@ -143,7 +143,8 @@ def _print_counters(c, elapsed, out=None):
         for name, n in p["nfs"].items():
             w(f"  {name:<20} {n['events_in']:>12,} / {n['delivered']:,} / {n['drops']:,}"
               f"   {n['handler_s']:9.3f}  {n['state']}"
-              f"{' (failure ' + n['failure'] + ')' if n['state'] != 'ok' else ''}\n")
+              f"{' (failure ' + (n['failure'] or 'none') + ')' if n['state'] != 'ok' else ''}"
+              "\n")
             if n.get("restart_limit"):
                 w(f"    restarts {n['restarts']} of {n['restart_limit']}\n")
             for why in n["deaths"]:         # with or without a restart policy

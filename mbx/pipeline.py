@@ -151,22 +151,25 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
     ``inflight`` bursts are in flight (the stack reads and parses ahead while the NF
     processes work on earlier ones; see ``inflight_for``).  Returns (stack, pipeline
     counters)."""
-    if ring_full not in RING_FULL:
-        raise AppError(f"ring_full must be 'stall' or 'drop', not {ring_full!r}")
-    _check(nfs)
-    inflight = inflight_for(nfs, inflight, tcp)
-    if msg_capacity < 64 * max(len(nfs), 1):
-        raise AppError(f"msg_capacity {msg_capacity} is too small for {len(nfs)} NF "
-                       "processes")
-    ring_size = int(ring_size) or _pow2(msg_capacity + 64)
-    bus = PipeBus(nfs, 0, msg_capacity)
-    size, slots = layout(len(nfs), msg_capacity, ring_size, Batch.shared_size(burst),
-                         inflight, bus.fanout_members())
-    shm = mmap.mmap(-1, size)       # MAP_SHARED | MAP_ANONYMOUS: no file anywhere
-    bus.timing = nf_timing
+    from mbx.runtime import stop_all
+
+    bus = None
     pidfds = []
     forked = False
     try:
+        if ring_full not in RING_FULL:
+            raise AppError(f"ring_full must be 'stall' or 'drop', not {ring_full!r}")
+        _check(nfs)
+        inflight = inflight_for(nfs, inflight, tcp)
+        if msg_capacity < 64 * max(len(nfs), 1):
+            raise AppError(f"msg_capacity {msg_capacity} is too small for {len(nfs)} "
+                           "NF processes")
+        ring_size = int(ring_size) or _pow2(msg_capacity + 64)
+        bus = PipeBus(nfs, 0, msg_capacity)
+        size, slots = layout(len(nfs), msg_capacity, ring_size,
+                             Batch.shared_size(burst), inflight, bus.fanout_members())
+        shm = mmap.mmap(-1, size)       # MAP_SHARED | MAP_ANONYMOUS: no file anywhere
+        bus.timing = nf_timing
         bus.setup(shm, ring_size, ring_full == "drop",
                   [getattr(nf, "failure", None) for nf in nfs], inflight,
                   [restart_of(nf) for nf in nfs])
@@ -214,7 +217,10 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
     finally:
         if forked:
             bus.finish_run()
+        else:       # the caller started them, and no NF process will stop them
+            stop_all(nfs)
         for fd in pidfds:
             os.close(fd)
-        bus.close()
+        if bus is not None:
+            bus.close()
     return stack, bus.pipeline_counters()

@@ -407,7 +407,8 @@ def open_output(spec: str) -> Port:
     makes the bridge of the input its output too).  ``dpdk:VDEV[,ARGS][?link_wait=S]``
     is returned once the device's link is up: a ``net_memif`` end once its peer has
     connected (what is sent before is lost); PortError if that takes more than
-    ``link_wait`` seconds (default :data:`LINK_WAIT_S`; 0 does not wait).
+    ``link_wait`` seconds (default :data:`LINK_WAIT_S`; 0 does not wait but only
+    looks: PortError unless the link is up already).
     """
     scheme, arg = _parse(spec)
     if scheme == "pcap":

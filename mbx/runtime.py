@@ -9,7 +9,7 @@ import os
 import runpy
 
 from mbx import _events, api
-from mbx._events import NF, EventBus
+from mbx._events import NF, EventBus, NFError
 from mbx._flow import FLOW_POLICIES
 from mbx._monitor import (
     OVERLAP_POLICIES,
@@ -273,6 +273,22 @@ def check_stack_options(options, where="stack options:"):
 RING_SIZE_MAX = 1 << 24
 
 
+def stop_all(nfs):
+    """Call each NF's ``stop()``, every one even when an earlier one raised (each may
+    hold files to close); returns the first failure as an NFError naming its NF, or
+    None."""
+    first = None
+    for nf in nfs:
+        try:
+            nf.stop()
+        except Exception as exc:        # noqa: BLE001 (told to the caller)
+            if first is None:
+                first = NFError(f"NF {nf.name}: stop() raised {type(exc).__name__}: "
+                                f"{exc}{user_code_line(exc)}")
+                first.__cause__ = exc
+    return first
+
+
 class App:
     """NFs over the μStacks they need.
 
@@ -363,16 +379,18 @@ class App:
                 nf.start()
                 started.append(nf)
         except BaseException:
-            for nf in started:          # what they opened is closed again
-                nf.stop()
+            stop_all(started)           # what they opened is closed again
             raise
         if self.deploy == "pipelined":
+            # each NF process stops its copy; pipeline.run stops these if it fails
+            # before it forks them
             return self._run_pipelined(nfs, sink, tcp, inp, out, burst=burst,
                                        max_packets=max_packets, progress=progress,
                                        duration=duration, stop=stop)
-        bus = EventBus(nfs, msg_capacity=self.msg_capacity)
-        bus.timing = self.nf_timing
+        bus = None
         try:
+            bus = EventBus(nfs, msg_capacity=self.msg_capacity)
+            bus.timing = self.nf_timing
             self.stack = self._make_stack(bus, tcp)
             if sink is not None:
                 sink.monitor = self.stack
@@ -380,10 +398,12 @@ class App:
             self.stack.run(inp, opened(out), burst=burst, max_packets=max_packets,
                            progress=progress, duration=duration, stop=stop)
         finally:
-            bus.close()
-            for nf in self.nfs:
-                nf.stop()
+            if bus is not None:
+                bus.close()
+            failed = stop_all(started)
             self.reports = {nf.name: take_report(nf) for nf in self.nfs}
+        if failed is not None:
+            raise failed
         return self.counters()
 
     def _make_stack(self, bus, tcp):

@@ -123,6 +123,92 @@ def test_up_sub_none_stops_a_flow_and_the_stack_stops_building(run, example_pcap
     assert pub < counters["packets"] / 3
 
 
+def test_up_sub_with_a_bound_method_written_in_the_call_shares_one_set(example_pcap):
+    # ``self.on_end`` is a new bound method object at each call; handler sets were
+    # told apart by identity, so every flow made a set of its own (about 27 KB, and
+    # at most 65,535 per NF).
+    from mbx.ports import open_input
+
+    class PerFlow(mbx.NF):
+        def __init__(self):
+            super().__init__("perflow")
+            self.ended = 0
+            self.sub(mbx.FLOW_START, self.on_start)
+
+        def on_start(self, ev):
+            self.up_sub(mbx.FLOW_END, ev.flow, self.on_end)
+
+        def on_end(self, ev):
+            self.ended += 1
+
+    nf = PerFlow()
+    app = mbx.App([nf])
+    counters = app.run(open_input(f"pcap:{example_pcap}"))
+    assert counters["flows"]["created"] > 50
+    assert nf.ended == counters["flows"]["created"]
+    # the set of its sub() calls, and one with FLOW/END added, shared by every flow
+    assert app.stack.bus.handler_sets() == {"perflow": 2}
+
+
+class StartStop(mbx.NF):
+    """Logs its start() and stop() calls in ``log``; ``fail_stop`` makes stop raise."""
+
+    def __init__(self, name, log, fail_stop=False, **kw):
+        super().__init__(name, **kw)
+        self.log = log
+        self.fail_stop = fail_stop
+        self.sub(mbx.PKT, lambda ev: None)
+
+    def start(self):
+        self.log.append(("start", self.name))
+
+    def stop(self):
+        self.log.append(("stop", self.name))
+        if self.fail_stop:
+            raise RuntimeError("cannot close")
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_an_app_refused_after_its_nfs_started_stops_them(example_pcap, deploy):
+    # A parallel group whose members disagree on their merge is refused when the bus
+    # is built, after start(): stop() never ran, so what start() opened stayed open.
+    from mbx.ports import open_input
+
+    log = []
+    x, y = StartStop("x", log, group="g"), StartStop("y", log, group="g")
+    x.group_merge = "all"
+    with pytest.raises(mbx.MbxError, match="must share one merge"):
+        mbx.App([x, y], deploy=deploy).run(open_input(f"pcap:{example_pcap}"))
+    assert log == [("start", "x"), ("start", "y"), ("stop", "x"), ("stop", "y")]
+
+
+def test_an_nf_whose_stop_raises_does_not_keep_the_others_from_stopping(example_pcap):
+    from mbx.ports import open_input
+
+    log = []
+    nfs = [StartStop("a", log, fail_stop=True), StartStop("b", log)]
+    app = mbx.App(nfs)
+    with pytest.raises(mbx.NFError, match=r"^NF a: stop\(\) raised RuntimeError: "
+                                          r"cannot close \(at test_pipeline.py"):
+        app.run(open_input(f"pcap:{example_pcap}"))
+    assert log[-2:] == [("stop", "a"), ("stop", "b")]
+    assert set(app.reports) == {"a", "b"}
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_app_refuses_a_writer_in_a_parallel_group(example_pcap, deploy):
+    # Only application files refused it; App ran it, and pipelined the writer
+    # rewrote packets the other members were reading at the same time.
+    from mbx.ports import open_input
+
+    reader, writer = mbx.NF("r", group="g"), mbx.NF("w", writes=True, group="g")
+    reader.sub(mbx.PKT, lambda ev: None)
+    writer.sub(mbx.PKT, lambda ev: None)
+    with pytest.raises(mbx.SubscriptionError, match="NF w writes packets and cannot "
+                                                    "run in the parallel group 'g'"):
+        mbx.App([reader, writer], deploy=deploy).run(open_input(f"pcap:{example_pcap}"))
+
+
 def test_up_sub_switches_one_flows_handler(run, example_pcap):
     class Switch(mbx.NF):
         def __init__(self):

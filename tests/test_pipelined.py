@@ -337,6 +337,19 @@ def test_an_nf_process_that_fills_its_share_of_event_memory_is_told_which(
         run_app([Chatty()], example_pcap, msg_capacity=1024, burst=8)
 
 
+def test_an_nf_without_a_failure_policy_is_reported_as_having_none(example_pcap):
+    # The counters said "closed", which is a policy under which the run goes on;
+    # without one, the NF's failure ends the run.
+    nf = mbx.NF("plain")
+    nf.sub(mbx.PKT, lambda ev: None)
+    closed = mbx.NF("closed")
+    closed.sub(mbx.PKT, lambda ev: None)
+    closed.failure = "closed"
+    c, _ = run_app([nf, closed], example_pcap, deploy="pipelined")
+    assert c["pipeline"]["nfs"]["plain"]["failure"] is None
+    assert c["pipeline"]["nfs"]["closed"]["failure"] == "closed"
+
+
 class Reporter(mbx.NF):
     """Counts packets and reports them; ``bad`` makes report() misbehave."""
 
