@@ -80,6 +80,7 @@ def check_stream_options(**given):
                          f"{sizes['max_streams']!r}")
     check_pool(*(sizes[key] for key in _POOL_OPTIONS), names=_POOL_OPTIONS)
 
+
 # Type ids by built-in index, for the nogil code (filled at import, below).
 cdef uint64_t _type_ids[32]
 
