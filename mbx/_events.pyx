@@ -323,6 +323,7 @@ cdef _check_layouts():
 
 _check_layouts()
 cdef uint64_t _FLOW_ID = FLOW.id
+cdef uint64_t _PKT_ID = PKT.id
 
 END_REASONS = {0: "none", 1: "idle", 2: "evicted", 3: "shutdown", 4: "closed"}
 TERMINATE_REASONS = {0: "none", 1: "fin", 2: "rst", 3: "nf"}
@@ -1656,18 +1657,25 @@ cdef class EventBus:
             self.pkts[m.h.pkt].refs += 1
 
     cdef bint passes(self, const mbx_filter *f, const mbx_msg *m) noexcept nogil:
-        # The packet's headers when the event has a packet, else the flow's (client
-        # as source, server as destination) when it is a FLOW event.
+        # A PKT event: its packet's headers as they are.  A FLOW event: its flow's
+        # (client as source, server as destination).  Any other event with a packet
+        # (DATA_RDY, an NF's own types): that packet's headers seen as the flow sees
+        # them, from the client; a stream event rides on either direction's packet
+        # (the server's ACK that proves the client's hole), and a filter that asks
+        # for connections to port 80 must not lose the ones the server carried.
         cdef const mbx_pkt *p
         cdef const flow_body *b
-        if m.h.pkt != NO_PKT:
-            p = &self.pkts[m.h.pkt]
-            return filter_match(f, p.l4_proto, p.ip_ver, p.src.b, p.dst.b, p.sport, p.dport)
-        if (m.h.type_id & 0xFFFF) == (<uint64_t>_FLOW_ID & 0xFFFF):
+        cdef uint64_t family = m.h.type_id & 0xFFFF
+        if family == (<uint64_t>_FLOW_ID & 0xFFFF):
             b = <const flow_body *>m.body
             return filter_match(f, b.proto, b.ip_ver, b.cli_addr, b.srv_addr, b.cli_port,
                                 b.srv_port)
-        return True
+        if m.h.pkt == NO_PKT:
+            return True
+        p = &self.pkts[m.h.pkt]
+        if family == (<uint64_t>_PKT_ID & 0xFFFF) or p.dir == 0:
+            return filter_match(f, p.l4_proto, p.ip_ver, p.src.b, p.dst.b, p.sport, p.dport)
+        return filter_match(f, p.l4_proto, p.ip_ver, p.dst.b, p.src.b, p.dport, p.sport)
 
     cdef void release(self, mbx_msg *m) noexcept nogil:
         m.h.refs -= 1

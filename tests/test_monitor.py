@@ -485,6 +485,46 @@ def test_a_burst_that_turns_the_client_around_reads_each_event_s_own_stream(
     assert c["nfs"]["check"]["report"] == {"checked": 2}
 
 
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_a_filter_on_flow_and_stream_events_matches_the_connection(run, deploy):
+    """A filter asking for connections to port 80 on DATA_RDY and FLOW/TCP/STATE:
+    the events a server's packet carries (its bytes, its state changes, the client's
+    bytes after a hole the server's ACK proved) are the connection's too.  They were
+    matched by that packet's headers (source port 80) and filtered out: the NF lost
+    the client's bytes after the hole, with no GAP either."""
+    conn = Conn()
+    c0 = conn.handshake()
+    conn.c(c0, 1, PSH | ACK, b"GET /first HTTP/1.1\r\n\r\n")       # 24 bytes
+    conn.c(c0 + 24 + 10, 1, PSH | ACK, b"GET /after-hole HTTP/1.1\r\n\r\n")
+    conn.s(1, c0 + 24 + 10 + 29)            # the server ACKs past the lost 10 bytes
+    conn.s(1, c0 + 63, PSH | ACK, b"HTTP/1.1 200 OK\r\n\r\n")
+    conn.c(c0 + 63, 20, FIN | ACK)
+    conn.s(20, c0 + 64, FIN | ACK)
+    conn.c(c0 + 64, 21)
+
+    def recorder(name, filtered):
+        rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_STATE, mbx.FLOW_TCP_GAP],
+                       side="both", name=name)
+        if filtered:
+            for t in ("DATA_RDY", "FLOW/TCP/STATE", "FLOW/TCP/GAP"):
+                rec.filter(t, dst_port=80)
+        return rec
+
+    every, port80 = recorder("every", False), recorder("port80", True)
+    c, _ = run([every, port80], frames=conn.frames, stack="tcp", deploy=deploy)
+    # (pipelined the events reach the NF processes: compare the counts)
+    assert c["nfs"]["port80"]["types"] == c["nfs"]["every"]["types"]
+    assert c["nfs"]["every"]["types"]["FLOW/TCP/GAP"] >= 1
+    if deploy == "inline":
+        assert every.streams and port80.streams == every.streams
+    # and a filter that names another port still keeps them out
+    other = recorder("other", False)
+    for t in ("DATA_RDY", "FLOW/TCP/STATE", "FLOW/TCP/GAP"):
+        other.filter(t, dst_port=8080)
+    c, _ = run([other], frames=conn.frames, stack="tcp")
+    assert c["nfs"]["other"]["events"] == 0
+
+
 def test_data_then_a_syn_ack_of_the_same_sender_in_one_burst(run):
     """Data from one side, then a SYN+ACK (with FIN) from the same side in the same
     burst: the first DATA_RDY's handler raised "no stream is kept for this flow and
