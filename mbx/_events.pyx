@@ -2018,13 +2018,18 @@ cdef class EventBus:
                 t_run = mono_ns()
             try:
                 (<object>h)(view)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() in a handler too
+                self.handler_failed(i, p)
                 self.release(m)
                 raise NFError(
                     f"NF {nf.name}: {getattr(<object>h, '__qualname__', <object>h)} raised "
                     f"{type(exc).__name__} on a {_types[m.h.type_idx].name} event: {exc}"
                     f"{user_code_line(exc)}") from exc
             self.release(m)
+
+    cdef void handler_failed(self, uint32_t i, mbx_pkt *p) noexcept nogil:
+        # Inline a handler's error ends the run: nothing more is sent.
+        pass
 
     cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil:
         # NF i drops p: at once, or (a merge = "all" group) once its last member has,

@@ -565,6 +565,14 @@ cdef class PipeBus(EventBus):
         self.out[self.nout] = idx
         self.nout += 1
 
+    cdef void handler_failed(self, uint32_t i, mbx_pkt *p) noexcept nogil:
+        # In NF i's process its handler raised on p's event: the NF is about to fail,
+        # and unless it fails open the packet it gave no verdict on does not pass
+        # (a firewall's crash on a bad packet must not forward exactly that packet).
+        if p != NULL and not self.policy[i] and p.verdict != VERDICT_DROP:
+            self.nf_drop(i, p)
+            self.nf_drops[i] += 1
+
     cdef void ring_drop(self, uint32_t idx, mbx_proc *me) noexcept nogil:
         # A full ring under the drop policy: the message goes no further, and its
         # packet is dropped with it (an NF that did not see it cannot pass it).

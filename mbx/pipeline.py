@@ -16,7 +16,7 @@ from mbx import _events
 from mbx._packet import Batch
 from mbx._pipeline import PipeBus, check_inflight, layout
 from mbx._shm import StackMemory
-from mbx.errors import AppError, SubscriptionError
+from mbx.errors import AppError, SubscriptionError, user_code_line
 
 RING_FULL = ("stall", "drop")
 
@@ -112,7 +112,10 @@ def _child(bus, k, nf):
     except BaseException as exc:     # noqa: BLE001 (the process ends here either way)
         text = str(exc) if isinstance(exc, _events.NFError) else (
             f"NF {nf.name}: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
+        if not isinstance(exc, _events.NFError):
+            # not a handler's error, whose one line (with the NF's file and line)
+            # the stack prints: a traceback helps whoever reports it
+            traceback.print_exc()
         try:
             bus.nf_failed(k, text)
         except BaseException:        # noqa: BLE001
@@ -120,8 +123,9 @@ def _child(bus, k, nf):
         code = 3
     try:
         nf.stop()
-    except BaseException:            # noqa: BLE001
-        traceback.print_exc()
+    except BaseException as exc:     # noqa: BLE001
+        print(f"mbx: error: NF {nf.name}: stop() raised {type(exc).__name__}: {exc}"
+              f"{user_code_line(exc)}", file=sys.stderr)
         code = code or 4
     try:
         from mbx.runtime import take_report

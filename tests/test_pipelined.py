@@ -350,6 +350,68 @@ def test_an_nf_without_a_failure_policy_is_reported_as_having_none(example_pcap)
     assert c["pipeline"]["nfs"]["closed"]["failure"] == "closed"
 
 
+class Raiser(mbx.NF):
+    """Raises in its handler on its ``after``-th packet (``exc``: what it raises)."""
+
+    def __init__(self, after, failure, exc=None):
+        super().__init__("raiser")
+        self.after = after
+        self.failure = failure
+        self.exc = exc or ValueError("bad packet")
+        self.n = 0
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def on_pkt(self, ev):
+        self.n += 1
+        if self.n == self.after:
+            raise self.exc
+
+
+@pytest.mark.parametrize("failure", ["closed", "open"])
+def test_the_packet_a_handler_raised_on_follows_the_failure_policy(example_pcap,
+                                                                   failure):
+    # Failing closed, the NF's process passed the very packet its handler raised on
+    # (a firewall's crash on a bad packet forwarded that packet) and dropped every
+    # later one.
+    frames = read_frames(example_pcap)
+    c, out = run_app([Raiser(100, failure)], example_pcap, deploy="pipelined")
+    assert_baseline(c)
+    held = c["fragments_held"]
+    if failure == "closed":
+        assert len(out) == 99
+        assert c["dropped_by_nf"] == len(frames) - held - 99
+    else:
+        assert len(out) == len(frames) - held
+    assert c["pipeline"]["nfs"]["raiser"]["state"] == "failed"
+
+
+def test_a_pipelined_handler_error_is_one_line_on_stderr(example_pcap, tmp_path):
+    # The NF's process printed a traceback through mbx's internals before the line.
+    nf_file = tmp_path / "raiser.py"
+    nf_file.write_text(
+        "import mbx\n"
+        "def make():\n"
+        "    nf = mbx.NF('raiser')\n"
+        "    def on(ev):\n"
+        "        raise ValueError('bad packet')\n"
+        "    nf.sub(mbx.PKT, on)\n"
+        "    return nf\n")
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", str(nf_file), "--in",
+                        f"pcap:{example_pcap}", "-q", "--deploy", "pipelined"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        "mbx: error: NF raiser: make.<locals>.on raised ValueError on a PKT event: "
+        "bad packet (at raiser.py, line 5)"]
+
+
+def test_sys_exit_in_a_handler_is_the_nf_s_error(example_pcap):
+    # Inline it ended mbx with the handler's exit status, no message, no summary.
+    with pytest.raises(mbx.NFError, match=r"^NF raiser: .* raised SystemExit on a PKT "
+                                          r"event: 3"):
+        run_app([Raiser(5, None, SystemExit(3))], example_pcap)
+
+
 class Reporter(mbx.NF):
     """Counts packets and reports them; ``bad`` makes report() misbehave."""
 

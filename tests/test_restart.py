@@ -105,10 +105,10 @@ def test_restarted_nf_gets_later_events(example_pcap, tmp_path, failure, how, in
         assert len(rec.read_text().splitlines()) == len(out)
         assert n["drops"] == 0
     else:
-        # what it did not handle (those while it was down; and the packet it was
-        # killed on, while the one its handler raised on counts as handled, as
-        # inline) is dropped, and counted as its drops
-        handled = first + second + (how == "raise")
+        # what it did not handle (those while it was down, and the packet it died
+        # on: killed holding it, or its handler raised on it without a verdict) is
+        # dropped, and counted as its drops
+        handled = first + second
         assert len(out) == handled < len(frames) - held
         assert c["dropped_by_nf"] == n["drops"] == len(frames) - held - handled
 
