@@ -439,11 +439,17 @@ def check(path, name, stack, options, nfs, lines=None):
             if any(p.is_a(t) for p in stack_pubs):
                 feeders.append(stack_name)
             for other in nfs[:i] + nfs[i + 1:]:
+                if nf.group is not None and other.group == nf.group:
+                    continue    # the members of a group run side by side, not in turn
                 pubs = [types[j] for j in other.pubs]
-                if nfs.index(other) < i:
+                later = nfs.index(other) > i
+                if not later:
                     pubs += [types[j] for j in other.subs]     # implicit republication
                 if any(p.is_a(t) for p in pubs):
-                    feeders.append(f"NF {other.name}")
+                    # a later NF's publication reaches an earlier NF in the next wave
+                    # inline; the pipelined deployment refuses such a link
+                    feeders.append(f"NF {other.name}" + (
+                        " (later in the chain: inline only)" if later else ""))
             if not feeders:
                 offered = sorted({p.name for p in stack_pubs}
                                  | {types[j].name for o in nfs for j in o.pubs})

@@ -10,7 +10,7 @@ import runpy
 
 from mbx import _events, api
 from mbx._events import NF, EventBus, NFError
-from mbx._flow import FLOW_POLICIES
+from mbx._flow import CAPACITY_MAX, FLOW_POLICIES
 from mbx._monitor import (
     OVERLAP_POLICIES,
     STREAM_DEFAULTS,
@@ -218,12 +218,14 @@ class _TerminateSink(NF):
             self.monitor.terminate(ev)
 
 
-# Whole-number options and the largest value of the C type the stack keeps them in:
-# checked here, by name, because Cython's conversion error names neither.
+# Whole-number options and the values they may take: up to what the C type the stack
+# keeps them in holds (flow_capacity: what FlowTable takes), checked here, by name,
+# because Cython's conversion error names neither.
 _U32, _SIZE = (1 << 32) - 1, (1 << 64) - 1
-WHOLE_STACK_OPTIONS = {"flow_capacity": _U32, "msg_capacity": _U32, "frag_memory": _SIZE,
-                  "stream_memory": _SIZE, "chunk_size": _U32, "stream_window": _SIZE,
-                  "retain": _SIZE, "max_streams": _U32}
+WHOLE_STACK_OPTIONS = {"flow_capacity": (1, CAPACITY_MAX), "msg_capacity": (64, _U32),
+                       "frag_memory": (0, _SIZE), "stream_memory": (0, _SIZE),
+                       "chunk_size": (0, _U32), "stream_window": (0, _SIZE),
+                       "retain": (0, _SIZE), "max_streams": (0, _U32)}
 
 
 # Stack options that take one of a few words: the words, from the modules that use
@@ -239,15 +241,29 @@ def stack_options_problem(options):
     or with the others (``stream_window`` below ``chunk_size``, ...); None when all
     are right.  What can be checked without building a stack is checked here, where
     an application file's line is still known."""
-    for key, top in WHOLE_STACK_OPTIONS.items():
+    for key, (low, top) in WHOLE_STACK_OPTIONS.items():
         value = options.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or not 0 <= value <= top):
-            return key, f"{key} must be a whole number from 0 to {top:,}, not {value!r}"
+                                  or not low <= value <= top):
+            return key, (f"{key} must be a whole number from {low} to {top:,}, not "
+                         f"{value!r}")
     for key, words in STACK_CHOICES.items():
         value = options.get(key)
         if value is not None and value not in words:
             return key, f"{key} must be one of {', '.join(words)}, not {value!r}"
+    # what the tables refuse when built, in the options' names (FragTable says
+    # "timeout")
+    value = options.get("msg_capacity")
+    if value is not None and value & (value - 1):
+        return "msg_capacity", f"msg_capacity must be a power of two, not {value!r}"
+    for key, zero_ok in (("idle_timeout", True), ("frag_timeout", False)):
+        value = options.get(key)
+        if value is None:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not (0 <= value if zero_ok else 0 < value) or not value <= 1e9):
+            span = "from 0 to 1e9" if zero_ok else "above 0, up to 1e9"
+            return key, f"{key} must be seconds, {span}, not {value!r}"
     try:
         check_stream_options(**{key: options[key] for key in STREAM_DEFAULTS
                                 if key in options})
@@ -330,10 +346,8 @@ class App:
         except ValueError as exc:
             raise AppError(str(exc)) from None
         check_stack_options(dict(monitor_options, flow_capacity=flow_capacity,
-                                 msg_capacity=msg_capacity, frag_memory=frag_memory))
-        if msg_capacity < 64 or msg_capacity & (msg_capacity - 1):
-            raise AppError(f"stack options: msg_capacity must be a power of two >= 64, "
-                           f"not {msg_capacity}")
+                                 msg_capacity=msg_capacity, frag_memory=frag_memory,
+                                 idle_timeout=idle_timeout, frag_timeout=frag_timeout))
         if ring_size and (not 2 <= ring_size <= RING_SIZE_MAX
                           or ring_size & (ring_size - 1)):
             raise AppError(f"ring_size must be a power of two from 2 to "

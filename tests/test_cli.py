@@ -243,9 +243,12 @@ def test_an_nf_that_cannot_start_ends_the_run_and_stops_those_started(tmp_path,
     (dict(idle_timeout=-1.0), "stack options: idle_timeout must be"),
     # numbers past their C fields, and msg_capacity's range (once tracebacks)
     (dict(flow_capacity=-5), "stack options: flow_capacity must be a whole number "
-                             "from 0 to 4,294,967,295, not -5"),
+                             "from 1 to 268,435,456, not -5"),
     (dict(stream_memory=-1), "stack options: stream_memory must be a whole number"),
-    (dict(msg_capacity=0), "stack options: msg_capacity must be a power of two"),
+    (dict(msg_capacity=0), "stack options: msg_capacity must be a whole number from "
+                           "64 to 4,294,967,295, not 0"),
+    (dict(msg_capacity=96), "stack options: msg_capacity must be a power of two, not "
+                            "96"),
 ])
 def test_stack_option_out_of_range_is_an_app_error(example_pcap, options, message):
     from mbx.ports import open_input

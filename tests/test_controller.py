@@ -151,7 +151,7 @@ def test_an_application_file_loads_links_and_runs(tmp_path, example_pcap):
      flow_capacity = -5
      [[nf]]
      use = "l2fwd"
-     """, "[stack] flow_capacity must be a whole number from 0 to 4,294,967,295, not -5"),
+     """, "[stack] flow_capacity must be a whole number from 1 to 268,435,456, not -5"),
     ("""
      [stack]
      flows = 3
@@ -263,7 +263,7 @@ def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
      use = "l2fwd"
      [stack]
      "flow_capacity" = -5
-     """, 5, "[stack] flow_capacity must be a whole number from 0 to 4,294,967,295"),
+     """, 5, "[stack] flow_capacity must be a whole number from 1 to 268,435,456"),
     ("""
      stack.overlap = 3
      [[nf]]
@@ -296,6 +296,34 @@ def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
      [[nf]]
      use = "l2fwd"
      """, 3, "[stack] chunk_size must be a power of two from 64 to 16,777,216, not 3000"),
+    # what only the tables refused, without the line and in their own words
+    # ("capacity", "timeout"), after mbx check had passed them
+    ("""
+     [stack]
+     idle_timeout = 5
+     flow_capacity = 0
+     [[nf]]
+     use = "l2fwd"
+     """, 4, "[stack] flow_capacity must be a whole number from 1 to 268,435,456, "
+             "not 0"),
+    ("""
+     [stack]
+     msg_capacity = 1000
+     [[nf]]
+     use = "l2fwd"
+     """, 3, "[stack] msg_capacity must be a power of two, not 1000"),
+    ("""
+     [stack]
+     idle_timeout = -5
+     [[nf]]
+     use = "l2fwd"
+     """, 3, "[stack] idle_timeout must be seconds, from 0 to 1e9, not -5"),
+    ("""
+     [stack]
+     frag_timeout = 0
+     [[nf]]
+     use = "l2fwd"
+     """, 3, "[stack] frag_timeout must be seconds, above 0, up to 1e9, not 0"),
     # sizes that are wrong only together, at the line of the one the rule names
     ("""
      [stack]
@@ -476,6 +504,44 @@ def test_monitor_options_an_application_would_ignore_are_named(tmp_path, example
     assert r.returncode == 0, r.stderr
     assert ("mbx: warning: overlap: a TCP Monitor option, unused: the stack is set to "
             "the Network Layer") in r.stderr
+
+
+def test_the_graph_marks_a_later_feeder_and_leaves_out_group_mates(tmp_path):
+    import mbx as pkg
+
+    ids = str(pkg.__file__).replace("__init__.py", "examples/ids.py")
+    backward = write(tmp_path, "back.toml", f"""
+        [[nf]]
+        use = "{ids}"
+        name = "ids"
+        [[nf]]
+        use = "{ids}"
+        name = "dpi"
+        """)
+    graph = load_app_file(backward).graph()
+    assert "<- DPI_DETECT             from NF dpi (later in the chain: inline only)" in graph
+    # two members of a group that take PKT: each is fed by the stack alone (a mate
+    # republishes PKT, but mates run side by side, not one after the other)
+    member = write(tmp_path, "member.py", """
+        import mbx
+        def make(name="m"):
+            nf = mbx.NF(name)
+            nf.sub(mbx.PKT, lambda ev: None)
+            return nf
+        """)
+    grouped = write(tmp_path, "group.toml", f"""
+        [[nf]]
+        use = "{member}"
+        options = {{ name = "m1" }}
+        group = "g"
+        [[nf]]
+        use = "{member}"
+        options = {{ name = "m2" }}
+        group = "g"
+        """)
+    fed = [line.strip() for line in load_app_file(grouped).graph().splitlines()
+           if "<- PKT" in line]
+    assert fed == ["<- PKT                    from Network Layer"] * 2
 
 
 def test_subscription_fed_by_a_publishing_nf_or_a_descendant_type(tmp_path):
