@@ -20,7 +20,7 @@ from mbx._monitor import (
 from mbx._packet import Port
 from mbx._pipeline import check_inflight
 from mbx._stack import MALFORMED_ACTIONS, NetworkLayer
-from mbx.errors import AppError, MbxError, raising_line, user_code_line
+from mbx.errors import AppError, EventTypeError, MbxError, raising_line, user_code_line
 
 # The types only the TCP Monitor produces: an application with a subscriber to one
 # of them (or a publisher of FLOW/TCP/TERMINATE) runs the Monitor; otherwise the
@@ -94,6 +94,14 @@ def _make(factory, options, where):
                        + (", ".join(shown) if shown else "none"))
     try:
         return _as_nfs(factory(**options), where)
+    except EventTypeError as exc:
+        # its options name a type nobody registered yet: a typo (the message has the
+        # close matches), or one an NF file later in the chain defines, which exists
+        # only once that file has been loaded
+        hint = "" if "did you mean" in str(exc) else (
+            " (a type an NF file defines exists once that file is loaded: list the "
+            "file before this NF)")
+        raise AppError(f"{where}: {exc}{hint}") from None
     except MbxError:
         raise
     except TypeError as exc:

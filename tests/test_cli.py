@@ -85,6 +85,9 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
     assert "IDS_ALERT" in r.stdout
 
 
+IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "l2fwd", "--in", "pcap:/nonexistent/x.pcap"], "no such file"),
     (["run", "nosuchnf", "--in", "pcap:x.pcap"], "unknown NF 'nosuchnf'"),
@@ -133,6 +136,13 @@ def test_listing1_ids_runs_and_alerts(tmp_path):
      "fanout_mode 'bogus' is not one of"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--deploy", "pipelined", "--ring-size", "3"],
      "argument --ring-size: '3': must be a power of two"),
+    # a type only a later NF file defines: said so (the line named no NF)
+    (["run", "logger+" + IDS, "--in", "pcap:x.pcap", "--set", "logger.types=IDS_ALERT"],
+     "NF logger: unknown event type 'IDS_ALERT' (a type an NF file defines exists once "
+     "that file is loaded: list the file before this NF)"),
+    # a typo has its close matches, and no such hint
+    (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger.types=FLOWW"],
+     "NF logger: unknown event type 'FLOWW' (did you mean FLOW, FLOW/TCP, FLOW/END?)\n"),
 ])
 def test_clear_errors(tmp_path, args, message):
     r = mbx_cmd(*args, cwd=tmp_path)

@@ -6,7 +6,7 @@ import textwrap
 
 import dpkt
 import pytest
-from mbxtest import read_frames
+from mbxtest import read_frames, run_app
 
 import mbx
 from mbx.controller import check, load_app_file
@@ -324,6 +324,14 @@ def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
      [[nf]]
      use = "l2fwd"
      """, 3, "[stack] frag_timeout must be seconds, above 0, up to 1e9, not 0"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [[nf]]
+     use = "logger"
+     options = { types = ["FLOW", "PKT"] }
+     """, 4, "NF logger: types must be a string of comma-separated event types "
+             "(\"FLOW,PKT\"), not ['FLOW', 'PKT']"),
     # sizes that are wrong only together, at the line of the one the rule names
     ("""
      [stack]
@@ -542,6 +550,17 @@ def test_the_graph_marks_a_later_feeder_and_leaves_out_group_mates(tmp_path):
     fed = [line.strip() for line in load_app_file(grouped).graph().splitlines()
            if "<- PKT" in line]
     assert fed == ["<- PKT                    from Network Layer"] * 2
+
+
+def test_the_logger_subscribes_once_to_a_type_named_twice(example_pcap, tmp_path):
+    # "FLOW/END,FLOW/END" was refused as a second subscription "(use up_sub ...)"
+    from mbx.nfs.logger import make
+
+    log = tmp_path / "ends.jsonl"
+    logger = make(path=str(log), types="FLOW/END, FLOW/END,")
+    counters, _ = run_app([logger], example_pcap)
+    ends = [line for line in log.read_text().splitlines() if "FLOW/END" in line]
+    assert len(ends) == counters["flows"]["created"] > 0
 
 
 def test_subscription_fed_by_a_publishing_nf_or_a_descendant_type(tmp_path):

@@ -25,8 +25,19 @@ class Logger(mbx.NF):
             check_writable(path, f"NF {name}")
         self.out = None         # opened by start()
         self.events = 0
-        for t in str(types).split(","):
-            self.sub(t.strip(), self.on_event)
+        if not isinstance(types, str):
+            # a TOML list reached str() as "['FLOW', 'PKT']" and was read as names
+            raise AppError(f"NF {name}: types must be a string of comma-separated "
+                           f"event types (\"FLOW,PKT\"), not {types!r}")
+        wanted = [t.strip() for t in types.split(",") if t.strip()]
+        if not wanted:
+            raise AppError(f"NF {name}: types names no event type")
+        subscribed = set()
+        for t in wanted:
+            etype = mbx.event_type(t)
+            if etype.idx not in subscribed:     # "FLOW/END,FLOW/END": once
+                subscribed.add(etype.idx)
+                self.sub(etype, self.on_event)
 
     def start(self):
         if self.path == "-":
