@@ -862,9 +862,12 @@ cdef class TcpMonitor(NetworkLayer):
         if cdir < 0:
             cdir = tcp_client_dir(&self.conns[slot])
         cdef uint8_t d = tdir ^ cdir
-        if pair == NO_PAIR or not self.meta[slot].mark & (MARK_INIT0 << d):
-            raise MbxError("no stream is kept for this flow and direction "
-                           "(subscribe to DATA_RDY to have it reassembled)")
+        if pair == NO_PAIR:
+            raise MbxError("no stream is kept for this flow (an NF must subscribe to "
+                           "DATA_RDY, for every flow or with up_sub for this one, to "
+                           "have it reassembled)")
+        if not self.meta[slot].mark & (MARK_INIT0 << d):
+            raise MbxError("no byte of this stream has arrived yet")
         return &self.streams[2 * pair + d]
 
     cdef mbx_stream *_ended_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir,
@@ -899,7 +902,7 @@ cdef class TcpMonitor(NetworkLayer):
             raise PermissionDenied(
                 f"NF {nf.name}: Event.write of stream bytes needs the inline "
                 "deployment (in an NF process stream buffers are read-only Stack "
-                "Memory; rewrite the packet's payload instead, or run inline)")
+                "Memory, and no NF process may change them; run inline)")
         cdef const uint8_t[::1] new = data
         cdef uint64_t n = new.shape[0]
         cdef mbx_stream *s = self._stream(slot, gen, tdir, flags)
@@ -968,7 +971,8 @@ cdef void _tcp_checksum(mbx_pkt *p) noexcept nogil:
 
 
 _READ_ERRORS = {
-    -1: "stream offset {off} was already released (held from {base})",
+    -1: ("stream offset {off} is no longer held (held from {base}: the bytes before "
+         "were released, or never arrived and were skipped as a gap)"),
     -2: "stream offset {off} is beyond the frontier ({frontier}): not delivered yet",
     -3: "stream offset {off} lies in a gap the stream skipped: there are no bytes",
 }

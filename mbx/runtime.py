@@ -128,7 +128,13 @@ def _load_file(path, options):
     if options:
         raise AppError(f"NF file {path}: options {sorted(options)} given but the file "
                        "defines no make(**options)")
-    nfs = [v for k, v in scope.items() if isinstance(v, NF) and not k.startswith("_")]
+    nfs = []
+    for key, value in scope.items():     # NFs, and lists of NFs, under public names
+        if key.startswith("_"):
+            continue
+        group = value if isinstance(value, list | tuple) and value and all(
+            isinstance(v, NF) for v in value) else [value]
+        nfs += [v for v in group if isinstance(v, NF) and v not in nfs]
     for nf in created:
         if nf not in nfs:
             nfs.append(nf)

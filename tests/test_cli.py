@@ -211,6 +211,20 @@ def test_docs_show_listing1_as_it_runs():
     assert code == pathlib.Path(IDS).read_text()
 
 
+def test_an_nf_file_may_bind_a_list_of_nfs(tmp_path, example_pcap):
+    # it said "defines no NF"; a module:attribute could name a list already
+    nf_file = tmp_path / "pair.py"
+    nf_file.write_text("import mbx\n"
+                       "chain = [mbx.NF('first'), mbx.NF('second')]\n"
+                       "for nf in chain:\n"
+                       "    nf.sub(mbx.PKT, lambda ev: None)\n"
+                       "extra = chain[0]           # bound twice: listed once\n")
+    r = mbx_cmd("check", str(nf_file), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "1. NF first" in r.stdout and "2. NF second" in r.stdout
+    assert "3. NF" not in r.stdout
+
+
 def test_set_reaches_an_nf_named_by_module_path(tmp_path):
     # --set NF.KEY=VALUE splits at the last dot: the NF may be module.path:attr
     cap = tmp_path / "example.pcap"

@@ -281,7 +281,7 @@ def test_read_released_bytes(run, tmp_path):
             if ok:
                 assert r == REQ[:1]
             else:
-                assert "already released" in r and "offset 0" in r, r
+                assert "is no longer held" in r and "offset 0" in r, r
 
 
 # ---------------------------------------------------------------------------
