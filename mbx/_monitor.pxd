@@ -129,7 +129,8 @@ cdef class TcpMonitor(NetworkLayer):
                          uint8_t d, uint64_t old_frontier) noexcept nogil
     cdef void summary_packet(self, uint32_t slot, mbx_pkt *p) noexcept nogil
     cdef void summary_end(self, uint32_t slot, const mbx_flow *f) noexcept nogil
-    cdef int craft_rst(self, const mbx_pkt *tmpl, tcp_conn *c, uint8_t from_dir) except -1
+    cdef int craft_rst(self, const mbx_pkt *tmpl, tcp_conn *c, uint8_t from_dir,
+                       int64_t ts_ns) except -1
     cdef uint64_t frontier_of(self, uint32_t slot, uint8_t d) noexcept nogil
     cdef bint wants_stream(self, uint32_t slot, mbx_pkt *p, uint8_t tdir) noexcept nogil
     cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir,

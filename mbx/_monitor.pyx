@@ -740,12 +740,16 @@ cdef class TcpMonitor(NetworkLayer):
                         self.killed_drops += 1
         if tmpl == NULL or tmpl.l4_off == 0:
             return False
+        # The RSTs leave after the burst's packets (finish), so they take the time of
+        # its last one: an output capture stays in time order.
+        cdef int64_t ts_ns = batch.pkts[batch.count - 1].ts_ns
         # to the server: as if sent by the client, and to the client: by the server
-        self.craft_rst(tmpl, c, cdir)
-        self.craft_rst(tmpl, c, cdir ^ 1)
+        self.craft_rst(tmpl, c, cdir, ts_ns)
+        self.craft_rst(tmpl, c, cdir ^ 1, ts_ns)
         return True
 
-    cdef int craft_rst(self, const mbx_pkt *tmpl, tcp_conn *c, uint8_t from_dir) except -1:
+    cdef int craft_rst(self, const mbx_pkt *tmpl, tcp_conn *c, uint8_t from_dir,
+                       int64_t ts_ns) except -1:
         # A RST+ACK travelling in flow direction from_dir: its seq is what the
         # receiver expects next from that side, its ack what that side expects.
         cdef bint swap = tmpl.dir != from_dir
@@ -797,7 +801,7 @@ cdef class TcpMonitor(NetworkLayer):
         memcpy(q.src.b, &f[a_off], alen)
         memcpy(q.dst.b, &f[a_off + alen], alen)
         _tcp_checksum(&q)
-        if self.inject.add(&f[0], len(frame), len(frame), tmpl.ts_ns, tmpl.port) != NULL:
+        if self.inject.add(&f[0], len(frame), len(frame), ts_ns, tmpl.port) != NULL:
             self.rst_sent += 1
         return 0
 

@@ -787,6 +787,10 @@ def test_terminate_sends_rsts(run, tmp_path, v6):
     other_pkts = [t for _, t in rest if 40007 in (t.sport, t.dport)]
     assert len(other_pkts) == len(other.frames) + 1
     assert counters["tcp"]["dropped_terminated"] == 3
+    # the RSTs leave after their burst's packets, and take the time of its last one
+    # (they took the flow's first packet's, and the output went back in time)
+    stamps = [t for t, _ in out]
+    assert stamps == sorted(stamps)
 
 
 class AncestorKiller(Killer):
