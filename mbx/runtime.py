@@ -144,8 +144,9 @@ def _load_file(path, options):
 
 
 def load_app(spec, options=None):
-    """The NFs of ``spec`` (``"flow_stats+logger"``, ``"my_nf.py"``, ``"pkg.mod:nf"``),
-    in chain order.  ``options`` maps an item's name to keyword options for its
+    """The NFs of ``spec`` (``"flow_stats+logger"``, ``"my_nf.py"``, ``"ids.py:dpi"``:
+    the NF of that name of a file that makes several, ``"pkg.mod:nf"``), in chain
+    order.  ``options`` maps an item's name to keyword options for its
     ``make(**options)``."""
     options = dict(options or {})
     if spec and spec.endswith(".toml"):
@@ -158,13 +159,25 @@ def load_app(spec, options=None):
         raise AppError("an application names at least one NF")
     nfs = []
     used = set()
+    files = {}      # a file named twice ("ids.py:dpi+ids.py:ids") is loaded once
     for item in spec.split("+"):
         item = item.strip()
-        name = os.path.splitext(os.path.basename(item))[0] if item.endswith(".py") else item
+        path, colon, wanted = item.rpartition(":")
+        if not (colon and path.endswith(".py") and wanted and "/" not in wanted):
+            path, wanted = item, None
+        name = os.path.splitext(os.path.basename(path))[0] if path.endswith(".py") else item
         opts = options.get(name, {})
         used.add(name)
-        if item.endswith(".py") or os.sep in item:
-            nfs += _load_file(item, opts)
+        if path.endswith(".py") or os.sep in path:
+            if path not in files:
+                files[path] = _load_file(path, opts)
+            made = files[path]
+            if wanted is not None:      # FILE.py:NAME, one NF of a file of several
+                made = [nf for nf in made if nf.name == wanted]
+                if not made:
+                    raise AppError(f"NF file {path} defines no NF named {wanted!r} (it "
+                                   f"defines {', '.join(nf.name for nf in files[path])})")
+            nfs += made
         elif item in BUILTIN_NFS:
             module = importlib.import_module(f"mbx.nfs.{item}")
             nfs += _make(module.make, opts, f"NF {item}")

@@ -225,6 +225,22 @@ def test_an_nf_file_may_bind_a_list_of_nfs(tmp_path, example_pcap):
     assert "3. NF" not in r.stdout
 
 
+def test_one_nf_of_a_file_of_several_by_its_name(tmp_path, example_pcap):
+    # "ids.py:dpi" was read as module ids.py, attribute dpi: "No module named"
+    r = mbx_cmd("check", f"{IDS}:ids+{IDS}:logger_of_nothing", cwd=tmp_path)
+    assert r.returncode == 2
+    assert f"NF file {IDS} defines no NF named 'logger_of_nothing' (it defines dpi, ids)" \
+        in r.stderr
+    r = mbx_cmd("check", f"{IDS}:dpi", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "1. NF dpi" in r.stdout and "2. NF" not in r.stdout
+    r = mbx_cmd("run", f"{IDS}:dpi+{IDS}:ids", "--in", f"pcap:{example_pcap}", "-q",
+                "--json", str(tmp_path / "c.json"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    nfs = json.loads((tmp_path / "c.json").read_text())["nfs"]
+    assert list(nfs) == ["dpi", "ids"] and nfs["ids"]["events"] > 0
+
+
 def test_set_reaches_an_nf_named_by_module_path(tmp_path):
     # --set NF.KEY=VALUE splits at the last dot: the NF may be module.path:attr
     cap = tmp_path / "example.pcap"
