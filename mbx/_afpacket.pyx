@@ -211,6 +211,7 @@ cdef extern from "<linux/if_packet.h>" nogil:
         PACKET_FANOUT_QM
         PACKET_FANOUT_FLAG_DEFRAG
         PACKET_FANOUT_FLAG_ROLLOVER
+        PACKET_FANOUT_FLAG_UNIQUEID
     size_t TPACKET_ALIGN(size_t x)
 
 cdef extern from "<linux/virtio_net.h>" nogil:
@@ -251,6 +252,9 @@ cdef enum:
     # offloads=True: a V2 slot (a V3 block) must hold a 64 KiB super-frame and its
     # headers whole.
     OFFLOAD_FRAME_SIZE = 65536 + 256
+
+# fanout_group=NEW_GROUP: a group of an id the kernel picks, unused in the namespace.
+NEW_GROUP = "new"
 
 # The ring formats the ``ring`` option names (see the module docstring for the choice).
 RING_VERSIONS = {"v2": TPACKET_V2, "v3": TPACKET_V3}
@@ -347,7 +351,8 @@ cdef class AfPacketPort(Port):
     interface are not received.
 
     ``fanout_group`` (0..65535) joins a PACKET_FANOUT group: sockets in one group
-    share the interface's frames; ``"hash"`` keeps both directions of a flow on one
+    share the interface's frames (``"new"``: a new group of an id the kernel picks,
+    unused in the network namespace, then in ``fanout_group``); ``"hash"`` keeps both directions of a flow on one
     member.  ``rx=False`` makes a send-only port (no ring, receives nothing).
 
     ``offloads=True`` keeps the interface's segmentation and checksum offloads
@@ -390,6 +395,7 @@ cdef class AfPacketPort(Port):
         cdef packet_mreq mreq
         cdef ifreq ifr
         cdef int fd, val, e
+        cdef socklen_t optlen
         cdef void *mapped
         cdef bytes name_b
         if self.fd >= 0:
@@ -409,8 +415,10 @@ cdef class AfPacketPort(Port):
         if fanout_group is not None:
             if not rx:
                 raise ValueError("fanout needs rx=True")
-            if not 0 <= fanout_group <= 0xFFFF:
-                raise ValueError(f"fanout_group {fanout_group} is not in 0..65535")
+            if fanout_group != NEW_GROUP and not (
+                    isinstance(fanout_group, int) and 0 <= fanout_group <= 0xFFFF):
+                raise ValueError(f"fanout_group {fanout_group!r} is not in 0..65535 or "
+                                 f"{NEW_GROUP!r}")
         self.iface = iface
         self.name = f"afpacket:{iface}"
         self.port_id = port_id
@@ -521,11 +529,25 @@ cdef class AfPacketPort(Port):
                 val = FANOUT_MODES[fanout_mode]
                 if fanout_defrag:
                     val |= PACKET_FANOUT_FLAG_DEFRAG
-                val = (val << 16) | <int>fanout_group
+                if fanout_group == NEW_GROUP:
+                    # the kernel picks an id no group in this namespace has, so the
+                    # group cannot be another program's (joining an existing id with
+                    # the same mode shares that group's frames, silently)
+                    val = (val | PACKET_FANOUT_FLAG_UNIQUEID) << 16
+                else:
+                    val = (val << 16) | <int>fanout_group
                 if setsockopt(fd, SOL_PACKET, PACKET_FANOUT, &val, sizeof(val)) < 0:
                     e = errno
                     self._raise(f"setsockopt(PACKET_FANOUT, group {fanout_group}, "
-                                f"{fanout_mode})", e)
+                                f"{fanout_mode})" + (
+                                    " (another program's group of that id, with another "
+                                    "mode or on another interface)" if e == EINVAL
+                                    and fanout_group != NEW_GROUP else ""), e)
+                optlen = sizeof(val)
+                if getsockopt(fd, SOL_PACKET, PACKET_FANOUT, &val, &optlen) < 0:
+                    e = errno
+                    self._raise("getsockopt(PACKET_FANOUT)", e)
+                self.fanout_group = val & 0xFFFF       # the id others join
             # Start the kernel counters from zero: what was counted before the ring
             # existed is not ours.
             self.refresh_stats()
@@ -954,7 +976,10 @@ cdef class BridgePorts(Port):
     ``options`` go to both sides' ``AfPacketPort`` (``rx=False`` gives a send-only
     bridge).  ``fanout_group=G``: the client side joins fanout group G and the server
     side group G + 1 (mod 65536; Linux ties a group to one interface), so several
-    bridge processes given the same G share the traffic flow by flow.  A flow's two
+    bridge processes given the same G share the traffic flow by flow;
+    ``fanout_group=(G0, G1)`` names the two; ``fanout_group="new"`` makes two new
+    groups of ids the kernel picks (``fanout_groups`` says which, for the others to
+    join).  A flow's two
     directions reach the same process when the processes joined both groups in the
     same order (``run_parallel`` opens their ports one after another) and the flow
     keeps its addresses across the bridge: the kernel's symmetric hash of the
@@ -971,9 +996,13 @@ cdef class BridgePorts(Port):
         if "port_id" in options:
             raise TypeError("BridgePorts sets port_id itself (0 client, 1 server side)")
         self.name = f"afpacket:{client_iface},{server_iface}"
-        self.client = AfPacketPort(client_iface, port_id=0, **options)
         group = options.get("fanout_group")
-        if group is not None:
+        if isinstance(group, tuple):        # (client side's, server side's)
+            options["fanout_group"] = group[0]
+        self.client = AfPacketPort(client_iface, port_id=0, **options)
+        if isinstance(group, tuple):
+            options["fanout_group"] = group[1]
+        elif group is not None and group != NEW_GROUP:
             options["fanout_group"] = (group + 1) & 0xFFFF
         try:
             self.server = AfPacketPort(server_iface, port_id=1, **options)
@@ -982,6 +1011,14 @@ cdef class BridgePorts(Port):
             raise
         # Only the client side counts time and signals, so the two agree.
         self.server.duration = 0.0
+
+    @property
+    def fanout_groups(self):
+        """(client side's, server side's) fanout group ids, or None without fanout:
+        what other processes join to share the bridge's traffic."""
+        if self.client is None or self.client.fanout_group is None:
+            return None
+        return (self.client.fanout_group, self.server.fanout_group)
 
     def close(self):
         """Close both sides.  Idempotent."""

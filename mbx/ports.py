@@ -6,7 +6,8 @@ bridge between two interfaces: one object receives from both and sends each pack
 out of the other one, so it is the input and the output of a run; see
 :func:`open_ports`).  AF_PACKET options follow a ``?``:
 ``afpacket:veth0,veth1?fanout=7&block_count=128`` (keys: ``ring`` (``v2``, the
-default, or ``v3``), ``fanout``, ``fanout_mode``, ``block_size``, ``block_count``,
+default, or ``v3``), ``fanout`` (a group id; a bridge's server side takes the next,
+or ``G0,G1``; ``new``: ids the kernel picks), ``fanout_mode``, ``block_size``, ``block_count``,
 ``frame_size``, ``timeout_ms``, ``retire_ms``, ``promisc``, ``duration``,
 ``offloads``: ``offloads=1`` takes TSO/GRO super-frames and unfinished checksums
 from the kernel and hands them back, see ``AfPacketPort``).  DPDK virtual devices
@@ -78,10 +79,9 @@ def _parse(spec: str) -> tuple[str, str]:
 
 _TRUE, _FALSE = ("1", "yes", "true", "on"), ("0", "no", "false", "off")
 _FLAG_VALUES = "use 1/0, yes/no, true/false, on/off"
-_AFPACKET_INT = ("fanout", "block_size", "block_count", "frame_size", "timeout_ms",
-                 "retire_ms")
-_AFPACKET_KEYS = ("ring",) + _AFPACKET_INT + ("fanout_mode", "promisc", "duration",
-                                              "offloads")
+_AFPACKET_INT = ("block_size", "block_count", "frame_size", "timeout_ms", "retire_ms")
+_AFPACKET_KEYS = ("ring", "fanout") + _AFPACKET_INT + ("fanout_mode", "promisc",
+                                                      "duration", "offloads")
 # The ring options' values are AfPacketPort's to judge (mbx._afpacket.ring_layout),
 # asked here so that a bad value is refused when the spec is read, before anything is
 # set up (the test bed checks its --mbx-port options this way).
@@ -103,17 +103,19 @@ def _afpacket(spec: str, arg: str, rx: bool = True) -> tuple[list[str], dict]:
         if key not in _AFPACKET_KEYS:
             raise PortError(f"port spec {spec!r}: unknown option {key!r}; known: "
                             f"{', '.join(_AFPACKET_KEYS)}")
+        if key in options or (key == "fanout" and "fanout_group" in options):
+            raise PortError(f"port spec {spec!r}: {key} is given twice")
         bad = f"port spec {spec!r}: bad value {value!r} for {key}"
-        if key in _AFPACKET_INT:
-            most = 0xFFFF if key == "fanout" else 0x7FFFFFFF   # what the C field holds
+        if key == "fanout":
+            options["fanout_group"] = _fanout_groups(value, len(ifaces), bad)
+        elif key in _AFPACKET_INT:
             try:
                 number = int(value, 0)
             except ValueError:
                 number = -1
-            if not 0 <= number <= most:
-                what = "a PACKET_FANOUT group id" if key == "fanout" else "a whole number"
-                raise PortError(f"{bad}: {what} from 0 to {most}")
-            options["fanout_group" if key == "fanout" else key] = number
+            if not 0 <= number <= 0x7FFFFFFF:              # what the C field holds
+                raise PortError(f"{bad}: a whole number from 0 to {0x7FFFFFFF}")
+            options[key] = number
         elif key == "ring":
             options[key] = value        # judged with the sizes, below
         elif key == "fanout_mode":
@@ -138,6 +140,28 @@ def _afpacket(spec: str, arg: str, rx: bool = True) -> tuple[list[str], dict]:
     if problem:
         raise PortError(f"port spec {spec!r}: {problem}")
     return ifaces, options
+
+
+def _fanout_groups(value, sides, bad):
+    """``fanout=`` as AfPacketPort's ``fanout_group``: a group id (a bridge's server
+    side takes the next one), ``G0,G1`` (a bridge's two), or ``new`` (ids the kernel
+    picks, unused: what ``--stacks`` uses, so that no other program's group is
+    joined by accident)."""
+    from mbx._afpacket import NEW_GROUP
+    if value == NEW_GROUP:
+        return NEW_GROUP
+    parts = value.split(",")
+    ids = []
+    for part in parts:
+        try:
+            ids.append(int(part, 0))
+        except ValueError:
+            ids.append(-1)
+    if len(parts) > sides or not all(0 <= g <= 0xFFFF for g in ids):
+        two = ", or G0,G1 for a bridge's two sides" if sides == 2 else ""
+        raise PortError(f"{bad}: a PACKET_FANOUT group id from 0 to 65535{two}, or "
+                        f"{NEW_GROUP} (ids the kernel picks)")
+    return tuple(ids) if len(ids) == 2 else ids[0]
 
 
 def _afpacket_ring_problem(options, rx):

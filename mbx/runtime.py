@@ -6,6 +6,7 @@ files in TOML, with filters and parallel groups, build on this.)
 """
 import importlib
 import os
+import re
 import runpy
 
 from mbx import _events, api
@@ -569,6 +570,17 @@ def stack_share(capacity, stacks):
     return 1 << max(0, -(-capacity // stacks) - 1).bit_length()
 
 
+def _read_line(fd):
+    """Bytes from ``fd`` up to a newline (or its end), without it."""
+    line = b""
+    while not line.endswith(b"\n"):
+        data = os.read(fd, 1)
+        if not data:
+            break
+        line += data
+    return line.rstrip(b"\n")
+
+
 def _write_all(fd, data):
     view = memoryview(data)
     while view:
@@ -626,6 +638,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     import signal
     import threading
 
+    from mbx._afpacket import NEW_GROUP
     from mbx.ports import check_spec, check_stacks, open_ports, port_counters, stack_spec
 
     if stacks < 1:
@@ -636,7 +649,9 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     config["flow_capacity"] = stack_share(config.get("flow_capacity", FLOW_CAPACITY),
                                           stacks)
     afpacket = in_spec.lower().startswith("afpacket:")
-    group = os.getpid() & 0xFFFE        # a bridge takes group and group + 1
+    if afpacket and re.search(r"[?&]fanout=", in_spec):
+        raise AppError(f"{in_spec}: --stacks makes the fanout groups its processes share "
+                       "(new ones, of ids the kernel picks): drop fanout= from the spec")
     cpus = sorted(os.sched_getaffinity(0))
     if pin is None:
         pin = 1 < stacks <= len(cpus)
@@ -652,7 +667,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     # groups, so both directions of a flow meet in one process only if process k is
     # member k of both: the processes open their ports one after another, each
     # waiting for its go pipe, which the parent writes once the one before it has
-    # opened its ports (or failed).
+    # opened its ports (or failed).  The first makes new groups, of ids the kernel
+    # picks (an id chosen here could be another program's group, whose frames the
+    # processes would then share with it, silently); the go message carries them to
+    # the others.
     gos = []
     children = []
     for k in range(stacks):
@@ -678,16 +696,20 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 # the files this process writes are its own (output_path)
                 spec = stack_spec(in_spec, output_path, output=False)
                 if afpacket:
-                    spec += ("&" if "?" in spec else "?") + f"fanout={group}"
+                    go = _read_line(go_r)       # "g", and the groups to join
+                    if not go.startswith(b"g"):
+                        raise AppError("stopped before its ports were opened")
+                    groups = go[1:].decode().strip() or NEW_GROUP
+                    spec += ("&" if "?" in spec else "?") + f"fanout={groups}"
                 # an output naming the input's bridge is that bridge (open_ports
                 # sends through the input's sockets), fanout and all
                 out = (spec if out_spec == in_spec else
                        stack_spec(out_spec, output_path) if out_spec else None)
-                if afpacket and os.read(go_r, 1) != b"g":
-                    raise AppError("stopped before its ports were opened")
                 inp, outp = open_ports(spec, out, defer_output=True)
                 if afpacket:
-                    _write_all(wfd, b'{"opened": true}\n')
+                    made = getattr(inp, "fanout_groups", None) or (inp.fanout_group,)
+                    _write_all(wfd, (json.dumps({"opened": ",".join(map(str, made))})
+                                     + "\n").encode())
                 progress = None
                 if on_snapshot is not None:
                     from mbx.stats import snapshot
@@ -718,6 +740,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             gos.append(go_w)
         children.append((pid, rfd))
     released = 0
+    groups = b""        # the fanout groups the first process made, for the others
 
     def release_next():
         # let the next stack process open its ports
@@ -725,7 +748,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         if released < len(gos):
             if gos[released] >= 0:          # not closed by stop_children
                 try:
-                    os.write(gos[released], b"g")
+                    os.write(gos[released], b"g" + groups + b"\n")
                 except BrokenPipeError:     # it died: its report says why
                     pass
                 os.close(gos[released])
@@ -779,6 +802,8 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                         if "snap" in msg:
                             on_snapshot(k, msg["snap"])
                         elif "opened" in msg:
+                            if not groups:
+                                groups = msg["opened"].encode()
                             release_next()
                         else:
                             last[k] = msg

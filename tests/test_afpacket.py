@@ -649,6 +649,27 @@ nf = Recorder()
 """
 
 
+def test_new_fanout_groups_are_nobody_else_s(testbed):
+    # --stacks took group ids from its pid (pid & 0xFFFE): two runs whose pids
+    # differed in the last bit shared one group, each seeing half the traffic, with
+    # no word.  Groups of ids the kernel picks are new, and joinable by their id.
+    r = _sh(*_in_ns(NS_M, sys.executable, HERE, "newgroups", "mc", "ms"), timeout=60)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    squatter, a, b, c = res["ids"]
+    assert squatter == 7 and len({squatter, a, b}) == 3 and c == a
+    assert len(set(res["bridge"])) == 2 and not set(res["bridge"]) & {squatter, a, b}
+    # an id in use with another mode: refused, and the message says why
+    assert "another program's group of that id" in res["clash"]
+
+
+def test_stacks_refuse_a_fanout_of_their_own(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                        "afpacket:mc,ms?fanout=9", "--stacks", "2"], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2
+    assert "--stacks makes the fanout groups its processes share" in r.stderr
+
+
 @pytest.mark.parametrize("ring, out", [(ring, False) for ring in RINGS] + [("v2", True)])
 def test_stacks_split_a_bridge_and_keep_both_directions_of_a_flow_together(
         testbed, tmp_path, ring, out):
@@ -904,8 +925,31 @@ def _fanout_main(rx_if, ring):
         port.close()
 
 
+def _newgroups_main(client_if, server_if):
+    # Fanout groups of ids the kernel picks, next to "another program's" group 7.
+    from mbx._afpacket import AfPacketPort, BridgePorts
+    from mbx.errors import PortError
+    small = dict(tx=False, block_size=1 << 16, block_count=2)
+    squatter = AfPacketPort(client_if, fanout_group=7, **small)
+    a = AfPacketPort(client_if, fanout_group="new", **small)
+    b = AfPacketPort(client_if, fanout_group="new", **small)
+    c = AfPacketPort(client_if, fanout_group=a.fanout_group, **small)
+    bridge = BridgePorts(client_if, server_if, fanout_group="new", **small)
+    try:
+        AfPacketPort(client_if, fanout_group=7, fanout_mode="lb", **small)
+        clash = None
+    except PortError as exc:
+        clash = str(exc)
+    print(json.dumps({"ids": [p.fanout_group for p in (squatter, a, b, c)],
+                      "bridge": bridge.fanout_groups, "clash": clash}))
+    for port in (squatter, a, b, c, bridge):
+        port.close()
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "bridge":
+    if sys.argv[1] == "newgroups":
+        _newgroups_main(*sys.argv[2:4])
+    elif sys.argv[1] == "bridge":
         _bridge_main(*sys.argv[2:])
     elif sys.argv[1] == "record":
         _record_main(*sys.argv[2:4])
