@@ -37,7 +37,9 @@ cdef class AfPacketPort(Port):
     cdef readonly uint64_t rx_vlan      # frames whose stripped 802.1Q tag was put back
     cdef readonly uint64_t rx_truncated  # frames the ring cut short (TP_STATUS_COPY)
     cdef readonly uint64_t rx_gso       # offloads: super-frames received (gso_size set)
-    cdef readonly uint64_t rx_csum_partial  # offloads: frames with a checksum to finish
+    cdef readonly uint64_t rx_csum_partial  # frames with a checksum to finish (offloads:
+    #                                         the virtio-net header says; without, the
+    #                                         ring's TP_STATUS_CSUMNOTREADY)
     cdef readonly uint64_t tx_csum_done  # partial checksums finished here (no offloads)
     cdef readonly uint64_t kernel_packets   # PACKET_STATISTICS, accumulated
     cdef readonly uint64_t kernel_freezes   # blocks the kernel found still in user hands

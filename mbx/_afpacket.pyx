@@ -201,6 +201,7 @@ cdef extern from "<linux/if_packet.h>" nogil:
         TP_STATUS_KERNEL
         TP_STATUS_USER
         TP_STATUS_COPY
+        TP_STATUS_CSUMNOTREADY
         TP_STATUS_VLAN_VALID
         TP_STATUS_VLAN_TPID_VALID
         PACKET_FANOUT_HASH
@@ -352,8 +353,9 @@ cdef class AfPacketPort(Port):
 
     ``fanout_group`` (0..65535) joins a PACKET_FANOUT group: sockets in one group
     share the interface's frames (``"new"``: a new group of an id the kernel picks,
-    unused in the network namespace, then in ``fanout_group``); ``"hash"`` keeps both directions of a flow on one
-    member.  ``rx=False`` makes a send-only port (no ring, receives nothing).
+    unused in the network namespace, then in ``fanout_group``); ``"hash"`` keeps
+    both directions of a flow on one member.  ``rx=False`` makes a send-only port
+    (no ring, receives nothing).
 
     ``offloads=True`` keeps the interface's segmentation and checksum offloads
     usable (PACKET_VNET_HDR): each frame comes with the kernel's virtio_net_hdr, so a
@@ -366,7 +368,10 @@ cdef class AfPacketPort(Port):
     ``block_size`` 1 MiB, ``block_count`` 16: 240 slots, 16 MiB), and sizes that
     would cut them short are refused.  A port
     without offloads finishes partial checksums in software before sending; a
-    super-frame larger than its MTU cannot go and counts in ``tx_dropped``.
+    super-frame larger than its MTU cannot go and counts in ``tx_dropped``.  Without
+    offloads, a frame whose checksum its sender left to the device (the ring says
+    TP_STATUS_CSUMNOTREADY) is marked so too (``rx_csum_partial``), and is finished
+    by the output where its parsed TCP or UDP header puts the checksum.
 
     A live port never ends by itself: ``stop()`` (from another thread), a
     ``duration`` in seconds (counted from the first receive) or Ctrl-C make
@@ -714,6 +719,16 @@ cdef class AfPacketPort(Port):
             return 0
         if self.offloads:
             self.take_offloads(p, received, tagged)
+        elif status & TP_STATUS_CSUMNOTREADY:
+            # Sent from this host by an interface that was to finish the L4 checksum
+            # (a veth's default tx checksumming): the field holds only the
+            # pseudo-header sum.  An output finishes it (pkt_finish_csum, where the
+            # parsed headers say; csum_start 0: not known here), or every such frame
+            # would leave with a wrong checksum.
+            p.offload = OFFLOAD_CSUM_PARTIAL
+            p.csum_start = 0
+            p.csum_offset = 0
+            self.rx_csum_partial = self.rx_csum_partial + 1
         if truncated:
             self.rx_truncated = self.rx_truncated + 1
         if tagged:

@@ -8,7 +8,7 @@ from libc.string cimport memcpy
 from mbx._checksum cimport (
     csum_add, csum_fold, csum_replace, csum_replace_partial, load16, store16,
 )
-from mbx._packet cimport OFFLOAD_CSUM_PARTIAL, PKT_F_FRAGMENT, mbx_pkt
+from mbx._packet cimport OFFLOAD_CSUM_PARTIAL, PARSE_OK, PKT_F_FRAGMENT, mbx_pkt
 
 cdef enum RewriteStatus:
     REWRITE_OK = 0
@@ -78,10 +78,23 @@ cdef inline int pkt_rewrite(mbx_pkt *p, int which, const uint8_t *addr,
 # pseudo-header sum already in the field, store the complement).  0: done or nothing
 # to do; -1: the offsets lie outside the captured bytes (the packet is left as is).
 cdef inline int pkt_finish_csum(mbx_pkt *p) noexcept nogil:
-    cdef uint32_t at = <uint32_t>p.csum_start + p.csum_offset
+    cdef uint32_t at
     cdef uint16_t c
     if not (p.offload & OFFLOAD_CSUM_PARTIAL):
         return 0
+    if p.csum_start == 0:
+        # The port knew only that the checksum was not ready (AF_PACKET without
+        # offloads: TP_STATUS_CSUMNOTREADY): the parsed TCP or UDP header says where.
+        if p.l4_off == 0 or p.status != PARSE_OK or p.flags & PKT_F_FRAGMENT:
+            return -1
+        if p.l4_proto == 6:
+            p.csum_offset = 16
+        elif p.l4_proto == 17:
+            p.csum_offset = 6
+        else:
+            return -1
+        p.csum_start = p.l4_off
+    at = <uint32_t>p.csum_start + p.csum_offset
     if at + 2 > p.caplen or p.caplen < p.wirelen:
         return -1
     c = <uint16_t>(~csum_fold(csum_add(0, p.data + p.csum_start,

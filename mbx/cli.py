@@ -105,7 +105,9 @@ def _print_counters(c, elapsed, out=None):
         w(f"not received   {lost:,} frames: the receive ring was full (raise "
           "block_count, or use ring=v3 for floods of small frames)\n")
     if cut:
-        w(f"cut short      {cut:,} frames longer than a ring slot (raise frame_size)\n")
+        w(f"cut short      {cut:,} frames longer than a ring slot (raise frame_size; "
+          "super-frames from senders with TSO/GSO, a veth's default, need ?offloads=1, "
+          "or those offloads off)\n")
     if link:
         w(f"link           {link:,} errors raised on the input's sockets (the link went "
           "down; frames sent meanwhile count as not sent)\n")
