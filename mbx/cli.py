@@ -206,17 +206,27 @@ def _run(nfs, args, spec=None):
         listeners.append(prom)
         if not args.quiet or args.prometheus == 0:     # a port picked for us: always say it
             print(f"prometheus     http://127.0.0.1:{prom.port}/metrics", file=sys.stderr)
+    # SIGINT/SIGTERM/SIGHUP end the run between bursts: every flow ends, NFs stop,
+    # ports are closed, counters are printed and written.  The handler stays until
+    # all of that is done, so a second signal (a double Ctrl-C, `timeout` signalling
+    # the process and then its group) does not lose the summary or the --json file.
+    # (run_parallel puts its own in place while its stack processes run.)
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if args.stacks > 1:
             return _run_parallel(nfs, args, config, listeners, view)
-        return _run_app(App(nfs, **config), args, listeners, view)
+        return _run_app(App(nfs, **config), args, listeners, view, stop)
     finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
         for listener in listeners:
             if hasattr(listener, "close"):
                 listener.close()
 
 
-def _run_app(app, args, listeners, view):
+def _run_app(app, args, listeners, view, stop):
     from mbx.ports import open_ports, other_packet_sockets, port_counters
 
     # an AF_PACKET bridge is its own output unless --out says otherwise; any other
@@ -230,18 +240,11 @@ def _run_app(app, args, listeners, view):
               "harmless; another bridge there forwards every frame a second time)",
               file=sys.stderr)
     progress = Progress(inp, sys.stderr.isatty() and not args.quiet, listeners)
-    # SIGINT/SIGTERM/SIGHUP end the run between bursts: every flow ends, NFs stop, counters
-    # are printed, ports are closed.
-    stop = threading.Event()
-    handlers = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     t0 = time.perf_counter()
     try:
         counters = app.run(inp, out, burst=args.burst, max_packets=args.max_packets,
                            progress=progress, duration=args.duration, stop=stop)
     finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
         progress.done()
         inp.close()
         if out is not None and out is not inp:

@@ -1,9 +1,11 @@
 """The mbx command: the main job on the example capture, and clear errors."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -239,6 +241,38 @@ def test_one_nf_of_a_file_of_several_by_its_name(tmp_path, example_pcap):
     assert r.returncode == 0, r.stderr
     nfs = json.loads((tmp_path / "c.json").read_text())["nfs"]
     assert list(nfs) == ["dpi", "ids"] and nfs["ids"]["events"] > 0
+
+
+def test_signals_while_a_run_ends_lose_neither_summary_nor_counters(tmp_path):
+    # The handler that turns SIGINT into "stop between bursts" was put back before
+    # the output was closed and the summary and --json written: a second SIGINT then
+    # (a double Ctrl-C, or `timeout` signalling the process and then its group)
+    # ended mbx with "interrupted", no summary and no counters file.
+    cap = tmp_path / "big.pcap"
+    assert mbx_cmd("example-capture", str(cap), "--flows", "4000").returncode == 0
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time, mbx\n"
+                    "def make():\n"
+                    "    nf = mbx.NF('slow')\n"
+                    "    nf.sub(mbx.PKT, lambda ev: time.sleep(0.0005))\n"
+                    "    return nf\n")
+    counters = tmp_path / "c.json"
+    p = subprocess.Popen([*MBX, "run", str(slow), "--in", f"pcap:{cap}", "--out",
+                          f"pcap:{tmp_path / 'out.pcap'}", "--json", str(counters)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)
+    time.sleep(3)                       # well into the run
+    assert p.poll() is None, p.communicate()
+    deadline = time.monotonic() + 30
+    # again and again until its counters are written (after that, its end is its own)
+    while p.poll() is None and not counters.exists() and time.monotonic() < deadline:
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.002)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "interrupted" not in err
+    assert "packets" in out
+    assert json.loads(counters.read_text())["packets"] > 0
 
 
 def test_set_reaches_an_nf_named_by_module_path(tmp_path):
