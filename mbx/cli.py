@@ -162,6 +162,7 @@ def _print_counters(c, elapsed, out=None):
 
 def _run(nfs, args, spec=None):
     from mbx.controller import check, unused_warning
+    from mbx.ports import bridge_output_note
     from mbx.runtime import App, check_writable, unused_monitor_options
 
     if spec is None:    # a chain: the links mbx check would refuse, refused here too
@@ -188,6 +189,9 @@ def _run(nfs, args, spec=None):
     config.update({key: value for key, value in
                    ((key, getattr(args, dest)) for dest, key in _STACK_OPTIONS.items())
                    if value is not None})
+    note = bridge_output_note(args.inp, args.out)
+    if note:
+        print(f"mbx: warning: {note}", file=sys.stderr)
     stack = config.get("stack", "auto")
     unused = unused_monitor_options(stack, nfs, config)
     if unused:
@@ -268,10 +272,11 @@ def _run_app(app, args, listeners, view, stop):
 
 def _run_parallel(nfs, args, config, listeners, view):
     from mbx.ports import written_files
-    from mbx.runtime import merge_snapshots, run_parallel
+    from mbx.runtime import check_one_stack, merge_snapshots, run_parallel
 
     if config.get("deploy", "inline") != "inline":
         raise MbxError("--stacks runs inline stack processes; drop --deploy")
+    check_one_stack(nfs, args.stacks)       # before any process is started
     latest = [None] * args.stacks
 
     def on_snapshot(k, snap):

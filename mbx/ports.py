@@ -495,6 +495,23 @@ def open_ports(in_spec: str, out_spec: str | None = None, *, defer_output=False
         raise
 
 
+def bridge_output_note(in_spec: str, out_spec: str | None) -> str | None:
+    """What a user should hear when ``out_spec`` takes a bridge input's place as the
+    output: the bridge then forwards nothing between its interfaces (a tap that
+    only records, perhaps, but often a mistake), or (another bridge, or the same
+    interfaces the other way round) sends frames somewhere else.  None otherwise."""
+    if not out_spec or out_spec == in_spec:
+        return None
+    scheme, arg = _parse(in_spec)
+    bridge = (scheme == "afpacket" and "," in arg.partition("?")[0]) or (
+        scheme == "dpdk" and "+" in arg.partition("?")[0])
+    if not bridge:
+        return None
+    return (f"--out {out_spec}: the bridge {in_spec} forwards nothing between its "
+            f"interfaces; what passes goes to {out_spec} only (leave --out out to "
+            "forward)")
+
+
 def other_packet_sockets(port) -> dict[str, int]:
     """{interface: how many other packet sockets of this network namespace are
     bound to it} for an AF_PACKET port or bridge that receives without a fanout

@@ -570,6 +570,20 @@ def stack_share(capacity, stacks):
     return 1 << max(0, -(-capacity // stacks) - 1).bit_length()
 
 
+def check_one_stack(nfs, stacks):
+    """Refuse (AppError) NFs that need every packet of a connection in one stack
+    process, when there are ``stacks`` > 1: a flow's two directions meet in one
+    process only if they keep their addresses, and an NF that rewrites them (a NAT,
+    the L4 LB: ``rewrites_addresses = True``) sees its replies under other
+    addresses, hashed to a process with no state for them."""
+    movers = [nf.name for nf in nfs if getattr(nf, "rewrites_addresses", False)]
+    if stacks > 1 and movers:
+        raise AppError(f"NF {', '.join(movers)} rewrites addresses, so the replies of a "
+                       f"flow hash elsewhere than its requests and may reach a stack "
+                       f"process with no state for them: run it in one stack process "
+                       f"(without --stacks)")
+
+
 def _read_line(fd):
     """Bytes from ``fd`` up to a newline (or its end), without it."""
     line = b""
@@ -718,8 +732,9 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                         _write_all(fd, (json.dumps({"snap": snapshot(stack)})
                                         + "\n").encode())
                 try:
-                    app = App(make_nfs(), **config,
-                              rss=(0, 1) if afpacket else (k, stacks))
+                    nfs = make_nfs()
+                    check_one_stack(nfs, stacks)
+                    app = App(nfs, **config, rss=(0, 1) if afpacket else (k, stacks))
                     counters = app.run(inp, outp, burst=burst, max_packets=max_packets,
                                        duration=duration, progress=progress, stop=stop)
                 finally:

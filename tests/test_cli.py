@@ -138,6 +138,10 @@ IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
      "fanout_mode 'bogus' is not one of"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--deploy", "pipelined", "--ring-size", "3"],
      "argument --ring-size: '3': must be a power of two"),
+    # it ran, and its replies reached stacks without their translation, uncounted
+    (["run", "l4lb", "--in", "pcap:x.pcap", "--stacks", "2"],
+     "NF l4lb rewrites addresses, so the replies of a flow hash elsewhere than its "
+     "requests"),
     # a type only a later NF file defines: said so (the line named no NF)
     (["run", "logger+" + IDS, "--in", "pcap:x.pcap", "--set", "logger.types=IDS_ALERT"],
      "NF logger: unknown event type 'IDS_ALERT' (a type an NF file defines exists once "
@@ -273,6 +277,20 @@ def test_signals_while_a_run_ends_lose_neither_summary_nor_counters(tmp_path):
     assert "interrupted" not in err
     assert "packets" in out
     assert json.loads(counters.read_text())["packets"] > 0
+
+
+def test_an_output_that_takes_a_bridge_s_place_is_warned_of():
+    from mbx.ports import bridge_output_note
+
+    # the bridge forwarded nothing, and the summary still said frames were sent
+    note = bridge_output_note("afpacket:m-cli,m-srv", "pcap:x.pcap")
+    assert note == ("--out pcap:x.pcap: the bridge afpacket:m-cli,m-srv forwards "
+                    "nothing between its interfaces; what passes goes to pcap:x.pcap "
+                    "only (leave --out out to forward)")
+    assert bridge_output_note("dpdk:net_ring0+net_ring1", "afpacket:lo")
+    for inp, out in (("afpacket:a,b", None), ("afpacket:a,b", "afpacket:a,b"),
+                     ("afpacket:a", "pcap:x.pcap"), ("pcap:y.pcap", "pcap:x.pcap")):
+        assert bridge_output_note(inp, out) is None
 
 
 def test_set_reaches_an_nf_named_by_module_path(tmp_path):

@@ -88,6 +88,10 @@ class L4LB(mbx.NF):
     """The L4 load balancer with C handlers; ``translated``, ``tracked`` (flows with
     state now) and the drop counters come from its C state (``self.core``)."""
 
+    # A reply comes back under the backend's address, which hashes to another flow,
+    # maybe another stack process, which has no translation for it (run_parallel).
+    rewrites_addresses = True
+
     def __init__(self, name="l4lb", vip="198.18.3.1:80",
                  backends="198.18.2.1:80,198.18.2.2:80"):
         super().__init__(name, writes=True)
@@ -112,6 +116,8 @@ class L4LB(mbx.NF):
 
 class PyL4LB(mbx.NF):
     """The L4 load balancer with Python handlers: the reference for ``L4LB``."""
+
+    rewrites_addresses = True       # see L4LB
 
     def __init__(self, name="l4lb", vip="198.18.3.1:80",
                  backends="198.18.2.1:80,198.18.2.2:80"):
