@@ -204,6 +204,8 @@ cdef extern from "rte_ethdev.h" nogil:
     int rte_eth_dev_info_get(uint16_t port_id, rte_eth_dev_info *dev_info)
     int rte_eth_stats_get(uint16_t port_id, rte_eth_stats *stats)
     int rte_eth_promiscuous_enable(uint16_t port_id)
+    int rte_eth_promiscuous_disable(uint16_t port_id)
+    int rte_eth_promiscuous_get(uint16_t port_id)
     int rte_eth_link_get_nowait(uint16_t port_id, rte_eth_link *link)
 
     uint16_t rte_eth_rx_burst(uint16_t port_id, uint16_t queue_id,

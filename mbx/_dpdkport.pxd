@@ -39,6 +39,7 @@ cdef class DpdkPort(Port):
     cdef rte_mempool *pool
     cdef bint attached                  # we hot-plugged the vdev: remove it at close
     cdef bint started
+    cdef bint promisc_set       # we turned promiscuous mode on: off again at close
     # Threads inside a receive, send or counter read, and the flag a close raises
     # before it waits for them to leave (see mbx_use_begin).
     cdef int users

@@ -53,7 +53,9 @@ from mbx._dpdk cimport (
     rte_eth_dev_stop,
     rte_eth_link,
     rte_eth_link_get_nowait,
+    rte_eth_promiscuous_disable,
     rte_eth_promiscuous_enable,
+    rte_eth_promiscuous_get,
     rte_eth_rx_burst,
     rte_eth_rx_queue_setup,
     rte_eth_stats,
@@ -455,6 +457,7 @@ cdef inline int64_t _mono_ns() noexcept nogil:
 
 cdef struct Teardown:
     uint16_t port
+    bint promisc_off        # rte_eth_promiscuous_disable: we turned it on
     bint stop               # rte_eth_dev_stop
     const char *vdev        # close the device and detach this vdev; NULL: neither
     int done                # raised once done, by whichever thread ran it
@@ -469,6 +472,10 @@ _request_lock = threading.RLock()
 
 cdef void _teardown(void *arg) noexcept nogil:
     cdef Teardown *t = <Teardown *>arg
+    if t.promisc_off:
+        # net_af_packet and net_tap set the kernel interface's IFF_PROMISC flag
+        # itself, which outlives the process unless it is cleared
+        rte_eth_promiscuous_disable(t.port)
     if t.stop:
         rte_eth_dev_stop(t.port)
     if t.vdev != NULL:
@@ -788,7 +795,8 @@ cdef class DpdkPort(Port):
         # Not every vdev has a promiscuous mode; those that do (af_packet, tap) need
         # it to see traffic for other MACs.
         log = _EalLog()
-        rte_eth_promiscuous_enable(pid)
+        if rte_eth_promiscuous_get(pid) == 0:
+            self.promisc_set = rte_eth_promiscuous_enable(pid) == 0
         log.finish(False)
         if self.driver == "net_pcap":
             # Registering finds the field and flag the driver registered at probe.
@@ -1075,6 +1083,7 @@ cdef class DpdkPort(Port):
         if self.started or self.attached:
             bname = self.vdev.encode()
             t.port = pid
+            t.promisc_off = self.promisc_set
             t.stop = self.started
             t.vdev = NULL
             if self.attached:

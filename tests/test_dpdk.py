@@ -682,6 +682,10 @@ def test_net_af_packet_over_a_veth_pair_matches_the_pcap_port(veth_ns, example_p
     got = json.loads(r.stdout.splitlines()[-1])
     assert got == reference
     assert [f for _, f in read_frames(out)] == frames
+    # the driver set the interfaces' IFF_PROMISC itself; they were left so
+    for dev in ("d0", "d1"):
+        link = netns.run(["ip", "-n", veth_ns, "-d", "link", "show", dev], text=True).stdout
+        assert "promiscuity 0" in link and "PROMISC" not in link, link
 
 
 def _afpacket_main(capture, out):
