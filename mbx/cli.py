@@ -62,8 +62,9 @@ class Progress:
         sys.stderr.flush()
 
     def done(self):
-        if self.enabled:
+        if self.enabled:            # once: ends the progress line
             sys.stderr.write("\n")
+            self.enabled = False
 
 
 def _port_sum(port, key):
@@ -248,6 +249,10 @@ def _run_app(app, args, listeners, view, stop):
     try:
         counters = app.run(inp, out, burst=args.burst, max_packets=args.max_packets,
                            progress=progress, duration=args.duration, stop=stop)
+    except MbxError as exc:
+        progress.done()
+        _report_failed_run(app, args, inp, out, exc, time.perf_counter() - t0)
+        raise
     finally:
         progress.done()
         inp.close()
@@ -268,6 +273,25 @@ def _run_app(app, args, listeners, view, stop):
         with open(args.json, "w") as fh:
             json.dump(counters, fh, indent=2)
     return counters
+
+
+def _report_failed_run(app, args, inp, out, exc, elapsed):
+    # A run that ended in an error (an NF's, an interface gone) after it started:
+    # what it did until then is not lost.  Inline only: a pipelined run's counters
+    # live in the shared mapping, which is gone by now.
+    from mbx.ports import port_counters
+
+    if app.deploy != "inline" or app.stack is None:
+        return
+    counters = app.counters()
+    counters["elapsed_s"] = elapsed
+    counters["ports"] = port_counters(inp, out)
+    counters["error"] = str(exc)
+    if not args.quiet:
+        _print_counters(counters, elapsed)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(counters, fh, indent=2)
 
 
 def _run_parallel(nfs, args, config, listeners, view):

@@ -209,6 +209,13 @@ def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
                         f"[?idle_us=N&link_wait=S] for a bridge")
     if not sides[0]:
         raise PortError(f"port spec {spec!r}: names no vdev before '?'")
+    if bridge:
+        # two drivers on one kernel interface: each frame would go back out of the
+        # interface it came from (afpacket:IF,IF is refused the same way)
+        ifaces = [_vdev_arg(side, "iface", "") for side in sides]
+        if ifaces[0] and ifaces[0] == ifaces[1]:
+            raise PortError(f"port spec {spec!r}: a bridge needs two different "
+                            f"interfaces, not {ifaces[0]} twice")
     known = ("idle_us", "link_wait", "tx_wait_ms") if bridge else ("link_wait", "tx_wait_ms")
     options: dict = {}
     for item in filter(None, query.split("&")):

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from mbxtest import read_frames
 
 import mbx
 
@@ -291,6 +292,32 @@ def test_an_output_that_takes_a_bridge_s_place_is_warned_of():
     for inp, out in (("afpacket:a,b", None), ("afpacket:a,b", "afpacket:a,b"),
                      ("afpacket:a", "pcap:x.pcap"), ("pcap:y.pcap", "pcap:x.pcap")):
         assert bridge_output_note(inp, out) is None
+
+
+def test_a_run_ended_by_an_error_still_reports_what_it_did(tmp_path, example_pcap):
+    # The error was all: no summary, no --json, the counters of every packet before
+    # it lost (hours of a live run, for an NF that fails late).
+    nf_file = tmp_path / "late.py"
+    nf_file.write_text("import mbx\n"
+                       "def make():\n"
+                       "    nf = mbx.NF('late')\n"
+                       "    seen = [0]\n"
+                       "    def on(ev):\n"
+                       "        seen[0] += 1\n"
+                       "        if seen[0] == 500:\n"
+                       "            raise ValueError('late failure')\n"
+                       "    nf.sub(mbx.PKT, on)\n"
+                       "    return nf\n")
+    counters = tmp_path / "c.json"
+    r = mbx_cmd("run", str(nf_file), "--in", f"pcap:{example_pcap}", "--json",
+                str(counters), "--burst", "16", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "raised ValueError on a PKT event: late failure" in r.stderr
+    assert r.stdout.startswith("packets")
+    written = json.loads(counters.read_text())
+    assert "late failure" in written["error"]
+    assert 500 <= written["packets"] < len(read_frames(example_pcap))
+    assert written["nfs"]["late"]["events"] == 500
 
 
 def test_set_reaches_an_nf_named_by_module_path(tmp_path):

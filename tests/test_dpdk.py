@@ -799,6 +799,9 @@ def test_a_memif_output_whose_peer_never_comes_fails_after_link_wait(eal, tmp_pa
     ("dpdk:net_ring96?tx_wait_ms=60001", "bad value '60001' for tx_wait_ms: .* to 60000"),
     ("dpdk:net_ring96+net_ring97?tx_wait_ms=x", "bad value 'x' for tx_wait_ms"),
     ("dpdk:net_ring96?tx_wait=5", "unknown option 'tx_wait'; known: link_wait, tx_wait_ms"),
+    # it ran, and sent every frame back out of the interface it came from
+    ("dpdk:net_af_packet0,iface=m-cli+net_af_packet1,iface=m-cli",
+     "a bridge needs two different interfaces, not m-cli twice"),
 ])
 def test_dpdk_options_are_checked_when_the_spec_is_read(spec, message):
     from mbx.ports import check_spec
