@@ -48,6 +48,10 @@ cdef class DpdkPort(Port):
     cdef int ts_offset
     cdef uint64_t ts_flag
     cdef uint32_t idle_polls
+    # net_af_packet: its kernel interface, looked for once a second while idle (the
+    # driver goes on polling a deleted one); "" for other drivers
+    cdef char kernel_iface[16]
+    cdef int64_t iface_checked_ns
     cdef bint seen_data
     cdef bint tx_stalled                # a wait ran out and the ring took nothing since
     cdef uint16_t seg_room              # bytes of data per tx mbuf

@@ -91,6 +91,10 @@ from mbx._rewrite cimport pkt_finish_csum
 from mbx._packet import bridge_counters
 from mbx.errors import PortError
 
+cdef extern from "<net/if.h>" nogil:
+    unsigned int if_nametoindex(const char *name)
+
+
 cdef extern from "<stdio.h>" nogil:
     FILE *open_memstream(char **ptr, size_t *sizeloc)
 
@@ -727,6 +731,11 @@ cdef class DpdkPort(Port):
             self._release()
             raise PortError(f"{self.name}: cannot read the device info: {_err(rc)}")
         self.driver = (info.driver_name or b"").decode("utf-8", "replace")
+        iface = _devarg(self.devargs, "iface").encode() if (
+            self.driver == "net_af_packet") else b""
+        memset(self.kernel_iface, 0, sizeof(self.kernel_iface))
+        if len(iface) < sizeof(self.kernel_iface):
+            memcpy(self.kernel_iface, <const char *>iface, len(iface))
         socket = rte_eth_dev_socket_id(pid)
         if socket < 0:
             socket = rte_socket_id()
@@ -903,6 +912,14 @@ cdef class DpdkPort(Port):
             self.idle_polls = self.idle_polls + 1
             if self.eof_after_idle_polls and self.idle_polls >= self.eof_after_idle_polls:
                 return PORT_EOF
+            if self.kernel_iface[0] and now - self.iface_checked_ns > 1000000000:
+                self.iface_checked_ns = now
+                if if_nametoindex(self.kernel_iface) == 0:
+                    # deleted (or moved to another namespace): the driver would poll
+                    # its socket for ever
+                    self.set_error(b"its interface is gone (deleted, or moved to "
+                                   b"another network namespace)")
+                    return PORT_ERROR
         return 0
 
     # ------------------------------------------------------------ send
@@ -1262,6 +1279,15 @@ cdef enum:
     # Empty polls of both sides before a bridge with idle_us sleeps: a frame that is
     # on its way (the peer's reply) is still met by polling.
     BRIDGE_SPIN_POLLS = 64
+
+
+def _devarg(devargs, key):
+    """The value of ``key`` in a vdev's ``k=v,k=v`` arguments, or ""."""
+    for item in devargs.split(","):
+        k, _, v = item.partition("=")
+        if k.strip() == key:
+            return v.strip()
+    return ""
 
 
 cdef class DpdkBridge(Port):

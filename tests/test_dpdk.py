@@ -688,6 +688,28 @@ def test_net_af_packet_over_a_veth_pair_matches_the_pcap_port(veth_ns, example_p
         assert "promiscuity 0" in link and "PROMISC" not in link, link
 
 
+def test_a_deleted_interface_ends_a_net_af_packet_run(veth_ns, tmp_path):
+    # DPDK's driver went on polling the socket of a deleted interface: the bridge ran
+    # on (at a quarter of a core) until signalled, saying nothing.
+    spec = ("dpdk:net_af_packet0,iface=d0,framecnt=512+net_af_packet1,iface=d1,"
+            "framecnt=512?idle_us=20")
+    p = subprocess.Popen(["ip", "netns", "exec", veth_ns, sys.executable, "-m", "mbx.cli",
+                          "run", "l2fwd", "--in", spec, "-q", "--duration", "60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)
+    try:
+        time.sleep(3)                   # EAL up, both devices polled
+        assert p.poll() is None, p.communicate()
+        netns.run(["ip", "-n", veth_ns, "link", "del", "d0"])     # d1 goes with it
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 2, err
+    assert "its interface is gone" in err
+
+
 def _afpacket_main(capture, out):
     _dpdkport.eal_init()
     # framecnt: the kernel rings hold the whole capture (the default 512 drops)
