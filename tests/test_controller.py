@@ -6,9 +6,11 @@ import textwrap
 
 import dpkt
 import pytest
+from mbx._monitor import TcpMonitor
 from mbxtest import read_frames, run_app
 
 import mbx
+from mbx._events import EventBus
 from mbx.controller import check, load_app_file
 from mbx.errors import AppError
 from mbx.ports import open_input
@@ -441,45 +443,39 @@ def test_refusals_give_the_line_of_the_key_or_nf(tmp_path, body, line, message):
     assert str(info.value).startswith(f"{app}, line {line}: {message}")
 
 
-def test_mbx_check_and_run_give_the_line_of_a_stack_key(tmp_path, example_pcap):
-    app = write(tmp_path, "app.toml", """
-        [stack]
-        flow_capcity = 5
-        [[nf]]
-        use = "l2fwd"
-        """)
+@pytest.mark.parametrize("body, line, message", [
+    ("""
+     [stack]
+     flow_capcity = 5
+     [[nf]]
+     use = "l2fwd"
+     """, 3, "[stack] unknown option(s) flow_capcity"),
+    # mbx check passed sizes wrong only together, and mbx run failed in the stack,
+    # without the line and in the stream pool's own words (max_stream_bytes)
+    ("""
+     [app]
+     stack = "tcp"
+     [stack]
+     stream_window = 4096
+     [[nf]]
+     use = "l2fwd"
+     """, 5, "[stack] stream_window must be from chunk_size (16,384)"),
+])
+def test_mbx_check_and_run_give_the_line_of_a_stack_key(tmp_path, example_pcap, body, line,
+                                                         message):
+    app = write(tmp_path, "app.toml", body)
     for cmd in (["check", app], ["run", app, "--in", "pcap:" + example_pcap]):
         r = subprocess.run([sys.executable, "-m", "mbx.cli", *cmd], capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2, cmd
-        assert f"{app}, line 3: [stack] unknown option(s) flow_capcity" in r.stderr, cmd
+        assert f"{app}, line {line}: {message}" in r.stderr, (cmd, r.stderr)
 
 
-def test_stream_sizes_wrong_together_are_refused_before_the_run(tmp_path, example_pcap):
-    # mbx check passed them and mbx run failed in the stack, without the line and in
-    # the stream pool's own words (max_stream_bytes for stream_window)
-    app = write(tmp_path, "app.toml", """
-        [app]
-        stack = "tcp"
-        [stack]
-        stream_window = 4096
-        [[nf]]
-        use = "l2fwd"
-        """)
-    for cmd in (["check", app], ["run", app, "--in", "pcap:" + example_pcap]):
-        r = subprocess.run([sys.executable, "-m", "mbx.cli", *cmd], capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode == 2, cmd
-        assert (f"{app}, line 5: [stack] stream_window must be from chunk_size (16,384)"
-                in r.stderr), (cmd, r.stderr)
+def test_app_and_the_monitor_refuse_stream_sizes_in_the_same_words():
     with pytest.raises(AppError, match="stack options: retain must be below "
                                        "stream_window"):
         App([], stack="tcp", stream_window=1 << 16, retain=1 << 16)
     # the Monitor itself says the same, in the same words
-    from mbx._monitor import TcpMonitor
-
-    from mbx._events import EventBus
-
     with pytest.raises(ValueError, match="^stream_window must be from chunk_size"):
         TcpMonitor(EventBus([]), stream_window=4096)
 
