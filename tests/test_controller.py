@@ -16,6 +16,8 @@ from mbx.errors import AppError
 from mbx.ports import open_input
 from mbx.runtime import App
 
+IDS = str(mbx.__file__).replace("__init__.py", "examples/ids.py")
+
 
 def write(tmp_path, name, text):
     path = tmp_path / name
@@ -434,10 +436,7 @@ def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
      """, 4, "[[nf]] unknown key(s) colour"),
 ])
 def test_refusals_give_the_line_of_the_key_or_nf(tmp_path, body, line, message):
-    import mbx as pkg
-
-    ids = str(pkg.__file__).replace("__init__.py", "examples/ids.py")
-    app = write(tmp_path, "app.toml", body.replace("IDS", ids))
+    app = write(tmp_path, "app.toml", body.replace("IDS", IDS))
     with pytest.raises(AppError) as info:
         load_app_file(app)
     assert str(info.value).startswith(f"{app}, line {line}: {message}")
@@ -511,15 +510,12 @@ def test_monitor_options_an_application_would_ignore_are_named(tmp_path, example
 
 
 def test_the_graph_marks_a_later_feeder_and_leaves_out_group_mates(tmp_path):
-    import mbx as pkg
-
-    ids = str(pkg.__file__).replace("__init__.py", "examples/ids.py")
     backward = write(tmp_path, "back.toml", f"""
         [[nf]]
-        use = "{ids}"
+        use = "{IDS}"
         name = "ids"
         [[nf]]
-        use = "{ids}"
+        use = "{IDS}"
         name = "dpi"
         """)
     graph = load_app_file(backward).graph()
@@ -791,16 +787,13 @@ def test_group_merge_function_refused_on_the_bus(run, example_pcap):
 
 def test_group_member_subscribing_to_its_mate_refused(tmp_path):
     # ids.py's two NFs: ids subscribes to DPI_DETECT, which dpi publishes
-    import mbx as pkg
-
-    ids = str(pkg.__file__).replace("__init__.py", "examples/ids.py")
     app = write(tmp_path, "app.toml", f"""
         [[nf]]
-        use = "{ids}"
+        use = "{IDS}"
         name = "dpi"
         group = "g"
         [[nf]]
-        use = "{ids}"
+        use = "{IDS}"
         name = "ids"
         group = "g"
         """)
