@@ -277,11 +277,10 @@ def _run_app(app, args, listeners, view, stop):
 
 def _report_failed_run(app, args, inp, out, exc, elapsed):
     # A run that ended in an error (an NF's, an interface gone) after it started:
-    # what it did until then is not lost.  Inline only: a pipelined run's counters
-    # live in the shared mapping, which is gone by now.
+    # what it did until then is not lost.
     from mbx.ports import port_counters
 
-    if app.deploy != "inline" or app.stack is None:
+    if app.stack is None:       # it never started
         return
     counters = app.counters()
     counters["elapsed_s"] = elapsed

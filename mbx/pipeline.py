@@ -149,12 +149,13 @@ def _pow2(n):
 
 def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_full="stall",
         inflight=None, nf_timing=True, max_packets=0, progress=None, duration=0,
-        stop=None, tcp=True):
+        stop=None, tcp=True, ended=None):
     """Run ``nfs`` pipelined; ``make_stack(bus)`` builds the μStack over the bus, its
     tables in shared Stack Memory (read-only in the NF processes).  Up to
     ``inflight`` bursts are in flight (the stack reads and parses ahead while the NF
     processes work on earlier ones; see ``inflight_for``).  Returns (stack, pipeline
-    counters)."""
+    counters); ``ended(stack, counters)``, if given, gets them too once the NF
+    processes are done, also when the run ends in an error."""
     from mbx.runtime import stop_all
 
     bus = None
@@ -221,6 +222,10 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
     finally:
         if forked:
             bus.finish_run()
+            if ended is not None:
+                # the counters as the run left them, an error or not: they live in
+                # the shared mapping, which close() unmaps
+                ended(stack, bus.pipeline_counters())
         else:       # the caller started them, and no NF process will stop them
             stop_all(nfs)
         for fd in pidfds:

@@ -409,6 +409,7 @@ class App:
         tcp = runs_monitor(self.stack_kind, self.nfs, self.monitor_options)
         nfs = list(self.nfs)
         self.reports = {}
+        self.stack = self.pipeline = None       # this run's, once it has them
         sink = None
         # a port of FLOW/TCP (or EVENT) can carry a TERMINATE too
         if tcp and any(_events.event_types()[i].overlaps(_events.FLOW_TCP_TERMINATE)
@@ -471,11 +472,13 @@ class App:
                 bus.enable_terminate(stack)
             return stack
 
-        self.stack, self.pipeline = pipeline.run(
-            nfs, make_stack, inp, out, msg_capacity=self.msg_capacity,
-            nf_timing=self.nf_timing,
-            ring_size=self.ring_size, ring_full=self.ring_full, inflight=self.inflight,
-            tcp=tcp, **run)
+        def ended(stack, counters):     # kept when the run fails too (counters())
+            self.stack, self.pipeline = stack, counters
+
+        pipeline.run(nfs, make_stack, inp, out, msg_capacity=self.msg_capacity,
+                     nf_timing=self.nf_timing, ring_size=self.ring_size,
+                     ring_full=self.ring_full, inflight=self.inflight, tcp=tcp,
+                     ended=ended, **run)
         return self.counters()
 
     def counters(self):

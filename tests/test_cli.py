@@ -294,7 +294,9 @@ def test_an_output_that_takes_a_bridge_s_place_is_warned_of():
         assert bridge_output_note(inp, out) is None
 
 
-def test_a_run_ended_by_an_error_still_reports_what_it_did(tmp_path, example_pcap):
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_a_run_ended_by_an_error_still_reports_what_it_did(tmp_path, example_pcap,
+                                                           deploy):
     # The error was all: no summary, no --json, the counters of every packet before
     # it lost (hours of a live run, for an NF that fails late).
     nf_file = tmp_path / "late.py"
@@ -310,7 +312,7 @@ def test_a_run_ended_by_an_error_still_reports_what_it_did(tmp_path, example_pca
                        "    return nf\n")
     counters = tmp_path / "c.json"
     r = mbx_cmd("run", str(nf_file), "--in", f"pcap:{example_pcap}", "--json",
-                str(counters), "--burst", "16", cwd=tmp_path)
+                str(counters), "--burst", "16", "--deploy", deploy, cwd=tmp_path)
     assert r.returncode == 2
     assert "raised ValueError on a PKT event: late failure" in r.stderr
     assert r.stdout.startswith("packets")
@@ -318,6 +320,8 @@ def test_a_run_ended_by_an_error_still_reports_what_it_did(tmp_path, example_pca
     assert "late failure" in written["error"]
     assert 500 <= written["packets"] < len(read_frames(example_pcap))
     assert written["nfs"]["late"]["events"] == 500
+    if deploy == "pipelined":       # the NF process's own account, from its mapping
+        assert written["pipeline"]["nfs"]["late"]["state"] == "failed"
 
 
 def test_set_reaches_an_nf_named_by_module_path(tmp_path):
