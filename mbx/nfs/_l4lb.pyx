@@ -75,6 +75,7 @@ ctypedef struct lb_state:
     uint32_t rev_used
     uint64_t translated
     uint64_t untranslatable
+    uint64_t passed         # IP packets neither to the VIP nor a known reply: untouched
     uint64_t no_memory
     uint64_t tracked        # flows with an entry now
 
@@ -255,6 +256,7 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
         f.kind = FLOW_REPLY
         s.tracked += 1
         return translate(s, p, 0, &f.to)
+    s.passed += 1
     return MBX_PASS
 
 
@@ -283,7 +285,9 @@ cdef class Balancer:
     non-empty list of them (addresses as text).  Counters: ``translated`` packets
     rewritten, ``tracked`` flows holding an entry now, ``reverse_entries`` client
     connections whose replies are awaited, ``untranslatable`` and ``no_memory``
-    packets dropped.
+    packets dropped, ``passed`` packets let through untouched (not to the VIP, not
+    a reply to a connection it sent to a backend: with ``--stacks``, say, a reply
+    whose request another process saw).
     """
     cdef lb_state s
 
@@ -333,3 +337,7 @@ cdef class Balancer:
     @property
     def no_memory(self):
         return self.s.no_memory
+
+    @property
+    def passed(self):
+        return self.s.passed

@@ -111,7 +111,7 @@ class L4LB(mbx.NF):
     def report(self):
         return {"translated": self.translated, "tracked": self.tracked,
                 "untranslatable": self.core.untranslatable,
-                "no_memory": self.core.no_memory}
+                "no_memory": self.core.no_memory, "passed": self.core.passed}
 
 
 class PyL4LB(mbx.NF):
@@ -127,6 +127,7 @@ class PyL4LB(mbx.NF):
         self.reverse = {}       # (client, cport, backend, bport) -> VIP, for replies
         self.reply_flows = {}   # flow id -> VIP (backend -> client flows)
         self.translated = 0
+        self.passed = 0         # IP packets neither to the VIP nor a known reply
         self.sub(mbx.PKT, self.on_packet)
         self.sub(mbx.FLOW_END, self.on_end)
 
@@ -135,7 +136,8 @@ class PyL4LB(mbx.NF):
         return len(self.forward) + len(self.reply_flows)
 
     def report(self):
-        return {"translated": self.translated, "tracked": self.tracked}
+        return {"translated": self.translated, "tracked": self.tracked,
+                "passed": self.passed}
 
     def on_packet(self, ev):
         flow = ev.flow
@@ -165,6 +167,8 @@ class PyL4LB(mbx.NF):
                 self.reply_flows[flow] = vip
                 ev.set_src(*vip)
                 self.translated += 1
+            else:
+                self.passed += 1
 
     def on_end(self, ev):
         flow = ev.flow
