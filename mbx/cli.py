@@ -238,12 +238,7 @@ def _run_app(app, args, listeners, view, stop):
     # output is opened once the run has started (an existing file survives a failed
     # start)
     inp, out = open_ports(args.inp, args.out, defer_output=True)
-    for iface, n in other_packet_sockets(inp).items():
-        # two bridges on one interface both forward every frame: say so at the start
-        print(f"mbx: warning: {n} other packet socket{'s' if n > 1 else ''} "
-              f"receive{'' if n > 1 else 's'} on {iface} (a capture such as tcpdump is "
-              "harmless; another bridge there forwards every frame a second time)",
-              file=sys.stderr)
+    _warn_other_sockets(other_packet_sockets(inp))
     progress = Progress(inp, sys.stderr.isatty() and not args.quiet, listeners)
     t0 = time.perf_counter()
     try:
@@ -275,6 +270,15 @@ def _run_app(app, args, listeners, view, stop):
     return counters
 
 
+def _warn_other_sockets(found):
+    for iface, n in found.items():
+        # two bridges on one interface both forward every frame: say so at the start
+        print(f"mbx: warning: {n} other packet socket{'s' if n > 1 else ''} "
+              f"receive{'' if n > 1 else 's'} on {iface} (a capture such as tcpdump is "
+              "harmless; another bridge there forwards every frame a second time)",
+              file=sys.stderr)
+
+
 def _report_failed_run(app, args, inp, out, exc, elapsed):
     # A run that ended in an error (an NF's, an interface gone) after it started:
     # what it did until then is not lost.
@@ -294,12 +298,13 @@ def _report_failed_run(app, args, inp, out, exc, elapsed):
 
 
 def _run_parallel(nfs, args, config, listeners, view):
-    from mbx.ports import written_files
+    from mbx.ports import packet_sockets_before, written_files
     from mbx.runtime import check_one_stack, merge_snapshots, run_parallel
 
     if config.get("deploy", "inline") != "inline":
         raise MbxError("--stacks runs inline stack processes; drop --deploy")
     check_one_stack(nfs, args.stacks)       # before any process is started
+    _warn_other_sockets(packet_sockets_before(args.inp))
     latest = [None] * args.stacks
 
     def on_snapshot(k, snap):

@@ -526,7 +526,31 @@ def other_packet_sockets(port) -> dict[str, int]:
     forwards every frame again, so the receiver gets each one twice."""
     sides = getattr(port, "ports", None) or (port,)
     ours = [p for p in sides if hasattr(p, "ifindex") and p.rx and p.fanout_group is None]
-    if not ours:
+    own = {os.fstat(p.fileno()).st_ino for p in ours if p.fileno() >= 0}
+    return _packet_sockets({p.iface: p.ifindex for p in ours}, own)
+
+
+def packet_sockets_before(spec: str) -> dict[str, int]:
+    """{interface: packet sockets bound to it} for the interfaces of an
+    ``afpacket:`` spec, before this process opens any ({} for other schemes): what
+    ``mbx run --stacks N`` warns of, as :func:`other_packet_sockets` does for one
+    stack (its own processes' sockets join fanout groups of their own)."""
+    import socket
+    scheme, arg = _parse(spec)
+    if scheme != "afpacket":
+        return {}
+    names = {}
+    for iface in _afpacket(spec, arg)[0]:
+        try:
+            names[iface] = socket.if_nametoindex(iface)
+        except OSError:
+            pass        # opening the port says it better
+    return _packet_sockets(names, set())
+
+
+def _packet_sockets(ifindexes: dict[str, int], own: set[int]) -> dict[str, int]:
+    # {name: sockets bound to its ifindex, not counting the inodes in own}
+    if not ifindexes:
         return {}
     try:
         with open("/proc/net/packet") as fh:
@@ -535,12 +559,11 @@ def other_packet_sockets(port) -> dict[str, int]:
         bound = [(int(r[4]), int(r[8])) for r in rows if len(r) >= 9]
     except (OSError, ValueError):
         return {}
-    own = {os.fstat(p.fileno()).st_ino for p in ours if p.fileno() >= 0}
     out = {}
-    for p in ours:
-        n = sum(1 for ifindex, inode in bound if ifindex == p.ifindex and inode not in own)
+    for name, index in ifindexes.items():
+        n = sum(1 for ifindex, inode in bound if ifindex == index and inode not in own)
         if n:
-            out[p.iface] = n
+            out[name] = n
     return out
 
 

@@ -1035,14 +1035,20 @@ def test_a_second_bridge_on_the_same_interfaces_is_warned_of(testbed, tmp_path):
     second = _sh(*_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
                          "afpacket:mc,ms?timeout_ms=5", "--duration", "0.5", "-q"),
                  check=False, timeout=60)
+    # ... and so does a --stacks run, whose own sockets are in fanout groups
+    stacks = _sh(*_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                         "afpacket:mc,ms?timeout_ms=5", "--duration", "0.5", "-q",
+                         "--stacks", "2"), check=False, timeout=60)
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=60)
     assert first.returncode == 0 and "warning" not in err, err
     assert second.returncode == 0, second.stderr
+    assert stacks.returncode == 0, stacks.stderr
     for iface in ("mc", "ms"):
-        assert (f"mbx: warning: 1 other packet socket receives on {iface} (a capture such "
-                "as tcpdump is harmless; another bridge there forwards every frame a "
-                "second time)") in second.stderr
+        for run in (second, stacks):
+            assert (f"mbx: warning: 1 other packet socket receives on {iface} (a capture "
+                    "such as tcpdump is harmless; another bridge there forwards every "
+                    "frame a second time)") in run.stderr
 
 
 def test_an_interface_deleted_after_its_link_went_down_ends_the_run(testbed, tmp_path):
