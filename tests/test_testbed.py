@@ -255,6 +255,16 @@ def test_mode_and_output_preconditions_refused_before_work(monkeypatch, capsys, 
     assert why in _refused(monkeypatch, capsys, argv)
 
 
+def test_every_mode_s_problems_are_named_at_once(monkeypatch, capsys):
+    # only the first was: fixing it only to be told the next took a run each
+    assert {"mbx-l4lb", "mbx-l4lb-dpdk"} <= set(tb.L4LB_MODES)
+    err = _refused(monkeypatch, capsys, ["run", "--mode", "pybridge,mbx-l4lb,mbx-l4lb-dpdk",
+                                         "--mbx-nf", "/nonexistent/nf.py",
+                                         "--offloads", "on"])
+    assert "mode pybridge bridges raw frames" in err and "no such file" in err
+    assert err.count("no such file") == 1       # both L4 LB modes run it: said once
+
+
 def _row(mode, rps, runs=3, tool="wrk", workload="ka-64", failed=0):
     m = None if rps is None else {"median": rps, "min": rps, "max": rps}
     return {"mode": mode, "tool": tool, "workload": workload, "runs": runs,

@@ -139,10 +139,10 @@ def _check_bed_options(parser, modes, args):
         parser.error(f"--mbx-port is for {', '.join(tb.MBX_MODES)}, none of which is "
                      "selected")
     opts = _bed_options(args)
-    for mode in modes:
-        reason = tb.check_options(mode, **opts)
-        if reason:
-            parser.error(reason)
+    # every mode's problems at once, each said once (modes often share one)
+    reasons = dict.fromkeys(r for m in modes for r in tb.option_problems(m, **opts))
+    if reasons:
+        parser.error("\n  ".join(reasons))
 
 
 def _first_line(text):

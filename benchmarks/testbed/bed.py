@@ -135,25 +135,28 @@ def tag_problem(tag):
     return None
 
 
-def check_options(mode, offloads=False, mbx_port="", mbx_nf="", **_):
-    """None if ``mode`` can run with these bed options, else why not (checked for
-    every mode of a run before anything is measured)."""
+def check_options(mode, **options):
+    """None if ``mode`` can run with these bed options, else why not (every reason,
+    joined by "; ")."""
+    return "; ".join(option_problems(mode, **options)) or None
+
+
+def option_problems(mode, offloads=False, mbx_port="", mbx_nf="", **_):
+    """Why ``mode`` cannot run with these bed options, every reason ([] if it can):
+    checked for every mode of a run before anything is measured."""
     if mode not in MODES:
-        return f"unknown mode {mode!r}; modes: {', '.join(MODES)}"
+        return [f"unknown mode {mode!r}; modes: {', '.join(MODES)}"]
+    reasons = []
     if mode in BRIDGE_MODES and offloads and mode not in OFFLOAD_BRIDGE_MODES:
-        return (f"mode {mode} bridges raw frames without the kernel's "
-                "offload metadata: offloads must be off (modes that "
-                f"can have them: {', '.join(OFFLOAD_BRIDGE_MODES)})")
+        reasons.append(f"mode {mode} bridges raw frames without the kernel's "
+                       "offload metadata: offloads must be off (modes that "
+                       f"can have them: {', '.join(OFFLOAD_BRIDGE_MODES)})")
     if mbx_port and mode in MBX_MODES:
-        reason = _port_options_problem(mode, mbx_port,
-                                       offloads and mode in OFFLOAD_BRIDGE_MODES)
-        if reason:
-            return reason
+        reasons.append(_port_options_problem(mode, mbx_port,
+                                             offloads and mode in OFFLOAD_BRIDGE_MODES))
     if mbx_nf and mode in L4LB_MODES:
-        reason = _nf_problem(mbx_nf)
-        if reason:
-            return reason
-    return None
+        reasons.append(_nf_problem(mbx_nf))
+    return [r for r in reasons if r]
 
 
 def mbx_bridge_spec(mode, mbx_port="", offloads=False):
