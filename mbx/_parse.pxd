@@ -49,7 +49,7 @@ ctypedef struct frag_dgram:
     uint8_t ver
     uint8_t proto           # IPv4 protocol (part of the key); IPv6: 0
     uint8_t used
-    uint8_t pad
+    uint8_t counted         # its datagram counters are this table's (see defrag)
     int32_t end             # fragmentable length once the last fragment came; -1 before
     int64_t first_ns        # arrival of the first fragment: the timeout runs from here
     frag_piece *pieces
@@ -76,8 +76,12 @@ cdef class FragTable:
     cdef uint32_t free_head
     cdef uint32_t seed
     cdef Batch _scratch                     # push() only: the Python test/tool path
+    cdef bint counting                      # the fragment in hand counts here (defrag)
 
-    cdef int defrag(self, Batch batch, mbx_pkt *p) noexcept nogil
+    # counted=False: reassemble the fragment but leave it out of the counters (a
+    # parallel stack that rebuilds every datagram, but counts only the fragments
+    # whose addresses pick it; the datagram's counters follow its first fragment).
+    cdef int defrag(self, Batch batch, mbx_pkt *p, bint counted=*) noexcept nogil
     # Abandons datagrams idle for longer than the timeout; returns how many.
     cdef int expire(self, int64_t now_ns) noexcept nogil
 

@@ -633,6 +633,7 @@ cdef class FragTable:
         g.head_len = 0
         g.l3_off = 0
         g.charged = 0
+        g.counted = self.counting
         g.hnext = self.buckets[b]
         self.buckets[b] = s
         self.pending += 1
@@ -665,7 +666,9 @@ cdef class FragTable:
         # single fragment, so keeping the rest would only hold memory to the timeout.
         if slot != NO_SLOT:
             self._release(slot)
-        if status == PARSE_FRAG_MEMCAP:
+        if not self.counting:
+            pass
+        elif status == PARSE_FRAG_MEMCAP:
             self.memcap_drops += 1
         else:
             self.bad += 1
@@ -681,12 +684,12 @@ cdef class FragTable:
             return 0
         for s in range(self.max_datagrams):
             if self.dgrams[s].used and now_ns - self.dgrams[s].first_ns > self.timeout_ns:
+                self.timed_out += self.dgrams[s].counted
                 self._release(s)
-                self.timed_out += 1
                 n += 1
         return n
 
-    cdef int defrag(self, Batch batch, mbx_pkt *p) noexcept nogil:
+    cdef int defrag(self, Batch batch, mbx_pkt *p, bint counted=True) noexcept nogil:
         cdef uint32_t slot, off, length, e, hdr, lo, hi, covered
         cdef size_t need
         cdef bint dup = False, store_head
@@ -697,6 +700,7 @@ cdef class FragTable:
         cdef const uint8_t *src
         if not (p.flags & PKT_F_FRAGMENT):
             return DEFRAG_NONE
+        self.counting = counted
         slot = self._lookup(p, False)
         if p.status != PARSE_OK:
             return self._refuse(p, slot, p.status)
@@ -714,8 +718,8 @@ cdef class FragTable:
         if (p.frag_more and (length == 0 or length & 7)) or hdr + e > IP_MAXPACKET:
             return self._refuse(p, slot, PARSE_BAD_FRAG)
         if slot != NO_SLOT and p.ts_ns - self.dgrams[slot].first_ns > self.timeout_ns:
+            self.timed_out += self.dgrams[slot].counted
             self._release(slot)
-            self.timed_out += 1
             slot = NO_SLOT
         if slot == NO_SLOT:
             slot = self._lookup(p, True)
@@ -782,7 +786,7 @@ cdef class FragTable:
                 q = q.next
             if covered >= <uint32_t>g.end:
                 return self._rebuild(batch, p, slot)
-        self.held += 1
+        self.held += counted
         p.verdict = VERDICT_HELD
         return DEFRAG_HELD
 
@@ -824,8 +828,8 @@ cdef class FragTable:
         while q != NULL:
             memcpy(out + hdr + q.off, _piece_data(q), q.length)
             q = q.next
+        self.completed += g.counted
         self._release(slot)
-        self.completed += 1
         p.data = out
         p.caplen = total
         p.wirelen = total

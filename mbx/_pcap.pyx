@@ -19,10 +19,14 @@ from posix.mman cimport munmap
 from posix.unistd cimport close as c_close
 from posix.unistd cimport write
 
-from mbx._packet cimport PKT_F_RSS_HASH, PORT_EOF, PORT_ERROR, Batch, Port, mbx_pkt
+from mbx._packet cimport (
+    PKT_F_FRAGMENT, PKT_F_RSS_HASH, PORT_EOF, PORT_ERROR, Batch, Port, mbx_pkt,
+)
 from mbx._parse cimport parse_packet
 from mbx._rewrite cimport pkt_finish_csum
-from mbx._rss cimport RSS_FLOW, RSS_PARSE, rss_hash_of_frame, rss_share_of, rss_stack_of_parsed
+from mbx._rss cimport (
+    RSS_FLOW, RSS_FRAGMENT, RSS_PARSE, rss_hash_of_frame, rss_share_of, rss_stack_of_parsed,
+)
 
 from mbx.errors import CaptureFormatError, PortError
 
@@ -666,8 +670,14 @@ cdef class PcapReader(Port):
                 probe.wirelen = r.wirelen if r.wirelen >= r.caplen else r.caplen
                 parse_packet(&probe)
                 owner = rss_stack_of_parsed(&probe, self.rss_n)
+                if probe.flags & PKT_F_FRAGMENT:
+                    kind = RSS_FRAGMENT
             else:
                 owner = rss_share_of(h, self.rss_n)
+            if kind == RSS_FRAGMENT:
+                # every stack rebuilds every datagram: only then are its ports, and
+                # so its flow's stack, known (the stack counts the fragment once)
+                owner = self.rss_k
             self.own[m] = r
             self.own_hash[m] = h
             self.own_kind[m] = <int8_t>kind

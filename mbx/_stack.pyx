@@ -25,9 +25,9 @@ from mbx._packet cimport (
     PKT_F_STACK_DROP, PORT_EOF, PORT_ERROR, VERDICT_DROP, VERDICT_HELD, VERDICT_PASS,
     Batch, Port, mbx_pkt,
 )
-from mbx._parse cimport DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
+from mbx._parse cimport DEFRAG_DONE, DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
 from mbx._rss cimport (
-    RSS_FLOW, RSS_PARSE, rss_hash_of_frame, rss_share_of, rss_stack_of_frame,
+    RSS_FLOW, RSS_FRAGMENT, RSS_PARSE, rss_hash_of_frame, rss_share_of, rss_stack_of_frame,
     rss_stack_of_parsed,
 )
 
@@ -164,6 +164,7 @@ cdef class NetworkLayer:
         cdef mbx_pkt *tracked[CHUNK]
         cdef uint8_t created[CHUNK]
         cdef int st, r, k, n, ntracked, owner, kind
+        cdef bint counted
         cdef uint32_t slot, free_msgs, h = 0
         cdef mbx_msg *m
         cdef uint64_t want = self.bus.global_want
@@ -187,35 +188,54 @@ cdef class NetworkLayer:
                 if self.rss_n > 1 and self.rss_input is None:
                     # Software RSS here, for an input that cannot filter: another
                     # process's packet costs a short header walk, not a parse; the
-                    # full parse decides where the walk cannot.
+                    # full parse decides where the walk cannot.  Fragments go on
+                    # (below).
                     h = 0                   # stays 0 where there is no IP: stack 0
                     kind = rss_hash_of_frame(p.data, p.caplen, &h)
                     if kind == RSS_PARSE:
                         st = parse_packet(p)
                         owner = rss_stack_of_parsed(p, self.rss_n)
+                        if p.flags & PKT_F_FRAGMENT:
+                            kind = RSS_FRAGMENT
                     else:
                         owner = rss_share_of(h, self.rss_n)
                         if kind == RSS_FLOW:
                             p.hash = h          # the flow table's own: not hashed again
                             p.flags |= PKT_F_RSS_HASH
-                    if owner != <int>self.rss_k:
+                    if owner != <int>self.rss_k and kind != RSS_FRAGMENT:
                         p.verdict = VERDICT_HELD
                         self.rss_other += 1
                         continue
                 if st < 0:
                     st = parse_packet(p)
-                self.pkts += 1
-                self.bytes += p.wirelen
-                self.status_count[st] += 1
+                counted = True
+                if p.flags & PKT_F_FRAGMENT and self.rss_n > 1:
+                    # A fragment's ports are in its datagram's first fragment, if
+                    # anywhere, so which stack owns the datagram's flow is known only
+                    # once it is rebuilt: every stack rebuilds every datagram (the
+                    # inputs give fragments to all), and counts the fragments its
+                    # addresses pick (the hash of a key without ports), so that each
+                    # is counted once.
+                    counted = rss_stack_of_parsed(p, self.rss_n) == <int>self.rss_k
+                if counted:
+                    self.pkts += 1
+                    self.bytes += p.wirelen
+                    self.status_count[st] += 1
+                else:
+                    self.rss_other += 1
                 if p.flags & PKT_F_FRAGMENT:
-                    r = self.frags.defrag(batch, p)
+                    r = self.frags.defrag(batch, p, counted)
                     if r == DEFRAG_HELD:
-                        self.frag_held += 1
+                        self.frag_held += counted
                         continue
                     if r == DEFRAG_DROP:
-                        self.status_count[p.status] += 1
+                        self.status_count[p.status] += counted
                         continue
                     st = p.status
+                    if (self.rss_n > 1 and r == DEFRAG_DONE
+                            and rss_stack_of_parsed(p, self.rss_n) != <int>self.rss_k):
+                        p.verdict = VERDICT_HELD    # another stack's flow: it sends it
+                        continue
                 if st != PARSE_OK and st != PARSE_NOT_IP and self.drop_malformed:
                     p.verdict = VERDICT_DROP
                     p.flags |= PKT_F_STACK_DROP

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from mbxtest import fragmented_flows
 
 import mbx
 from mbx.examples.capture import ether, tcp4, udp4, write_pcap
@@ -81,6 +82,37 @@ def test_two_stacks_split_flows_and_keep_both_directions_together(tmp_path):
     together = {**first, **second}
     assert together == alone              # same packets per flow, per direction
     assert sum(1 for rec in alone.values() if rec[1] and rec[2]) > 1000
+
+
+@pytest.mark.parametrize("stacks", [2, 3])
+def test_fragmented_datagrams_stay_with_their_flow(tmp_path, stacks):
+    # Before, a datagram's fragments went to the stack their addresses picked and the
+    # rebuilt datagram was tracked there, while the flow's whole packets went to the
+    # stack their ports picked: one flow, two records, split counts.
+    cap = str(tmp_path / "frag.pcap")
+    frames, fragmented = fragmented_flows()
+    write_pcap(cap, [(1.0 + i * 1e-4, f) for i, f in enumerate(frames)])
+    one_dir, many_dir = tmp_path / "one", tmp_path / "many"
+    one_dir.mkdir()
+    many_dir.mkdir()
+    single = App([FlowRecorder(str(one_dir))]).run(open_input("pcap:" + cap))
+    merged, parts = run_parallel(lambda: [FlowRecorder(str(many_dir))], "pcap:" + cap,
+                                 stacks=stacks)
+    assert single["fragments"]["completed"] == fragmented
+    [alone] = _read(one_dir)
+    assert len(alone) == 120 and all(rec[0] == 6 for rec in alone.values())
+    per_stack = _read(many_dir)
+    seen = [key for flows in per_stack for key in flows]
+    assert len(seen) == len(set(seen)), "a flow was seen by two stacks"
+    assert {k: v for flows in per_stack for k, v in flows.items()} == alone
+    # every frame and every rebuilt datagram counted once over all the stacks
+    for key in ("packets", "bytes", "fragments_held"):
+        assert merged[key] == single[key], key
+    assert merged["packets"] == len(frames)
+    assert merged["fragments"] == single["fragments"]
+    assert merged["flows"]["created"] == single["flows"]["created"] == 120
+    assert sum(p["fragments"]["completed"] for p in parts) == fragmented
+    assert all(p["flows"]["created"] > 0 for p in parts)
 
 
 def test_each_stack_holds_its_share_of_the_flow_capacity(tmp_path):

@@ -7,6 +7,7 @@ import dpkt
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from mbxtest import fragment4, fragment6, ip_checksum
 
 from mbx._parse import FragTable, parse, parse_many, status_names
 
@@ -24,13 +25,6 @@ def eth(l3: bytes, ethertype: int = 0x0800, tags=()) -> bytes:
     for tpid, vid in tags:
         hdr += struct.pack("!HH", tpid, vid)
     return hdr + struct.pack("!H", ethertype) + l3
-
-
-def ip_checksum(hdr: bytes) -> int:
-    s = sum(struct.unpack(f"!{len(hdr) // 2}H", hdr))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def ip4(proto: int, l4: bytes, src="10.0.0.1", dst="10.0.0.2", opts=b"", ttl=64,
@@ -516,47 +510,6 @@ def test_every_truncation(frame):
 
 # ---------------------------------------------------------------------------
 # Fragmentation
-
-def fragment4(frame: bytes, size: int) -> list[bytes]:
-    """Split the IPv4 datagram of an untagged frame into fragments of size bytes."""
-    hl = (frame[14] & 0x0F) * 4
-    body = frame[14 + hl:]
-    out = []
-    for off in range(0, len(body), size):
-        chunk = body[off:off + size]
-        more = off + size < len(body)
-        h = bytearray(frame[14:14 + hl])
-        h[2:4] = struct.pack("!H", hl + len(chunk))
-        h[6:8] = struct.pack("!H", (0x2000 if more else 0) | (off // 8))
-        h[10:12] = b"\0\0"
-        h[10:12] = struct.pack("!H", ip_checksum(bytes(h)))
-        out.append(frame[:14] + bytes(h) + chunk)
-    return out
-
-
-def fragment6(frame: bytes, size: int, unfrag: int, ident: int) -> list[bytes]:
-    """Split an untagged IPv6 frame: unfrag bytes of extension headers stay in front."""
-    hdr = bytearray(frame[14:54 + unfrag])
-    body = frame[54 + unfrag:]
-    # The next-header byte that names the fragmentable part.
-    if unfrag:
-        nh_pos = 40
-        while nh_pos + (hdr[nh_pos + 1] + 1) * 8 < len(hdr):
-            nh_pos += (hdr[nh_pos + 1] + 1) * 8
-    else:
-        nh_pos = 6
-    inner = hdr[nh_pos]
-    hdr[nh_pos] = 44
-    out = []
-    for off in range(0, len(body), size):
-        chunk = body[off:off + size]
-        more = off + size < len(body)
-        fh = bytes([inner, 0]) + struct.pack("!HI", off | int(more), ident)
-        h = bytearray(hdr)
-        h[4:6] = struct.pack("!H", len(h) - 40 + 8 + len(chunk))
-        out.append(frame[:14] + bytes(h) + fh + chunk)
-    return out
-
 
 def push_all(table, frames, ts=0):
     return [table.push(f, ts) for f in frames]

@@ -9,10 +9,12 @@ import dpkt
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from mbxtest import fragmented_flows
 
 import mbx
 from mbx._events import EventBus
 from mbx._packet import Batch
+from mbx._parse import parse
 from mbx._pcap import PcapReader
 from mbx._stack import NetworkLayer, rss_owners
 from mbx.errors import CaptureFormatError, PortError
@@ -175,6 +177,16 @@ def mixed_frames():
     return out + extra
 
 
+def is_fragment(frame):
+    return "fragment" in parse(frame)["flag_names"]
+
+
+def delivered(frames, k, n):
+    """The frames an RSS reader hands stack k of n: its own, and every fragment
+    (only the rebuilt datagram names its flow, so every stack rebuilds it)."""
+    return [f for f in frames if rss_owners(f, n)[1] == k or is_fragment(f)]
+
+
 def write(path, frames, linktype=1):
     with open(path, "wb") as fh:
         w = dpkt.pcap.Writer(fh, linktype=linktype)
@@ -201,18 +213,20 @@ def test_pcap_reader_delivers_exactly_its_share(tmp_path):
         path = str(tmp_path / name)
         write(path, written, linktype)
         expect_all = [as_ether(f) for f in written]
+        fragments = [f for f in expect_all if is_fragment(f)]
+        assert fragments
         n = 3
         shares = []
         for k in range(n):
             port = PcapReader(path)
             assert port.rss_share(k, n) is True
             got = read_all(port)
-            want = [f for f in expect_all if rss_owners(f, n)[1] == k]
+            want = delivered(expect_all, k, n)
             assert got == want
             assert port.rss_skipped == len(expect_all) - len(want)
-            shares.append(len(got))
+            shares.append(len(got) - len(fragments))
             port.close()
-        assert sum(shares) == len(expect_all) and min(shares) > 0
+        assert sum(shares) == len(expect_all) - len(fragments) and min(shares) > 0
 
 
 def test_flow_table_takes_the_hash_the_reader_found(tmp_path):
@@ -292,7 +306,7 @@ def test_rss_reader_delivers_its_frames_before_the_damage_then_fails(tmp_path):
                 if port.receive(b) < 0:
                     break
                 got += [b.frame(i) for i in range(len(b))]
-        assert got == [f for f in frames[:30] if rss_owners(f, 2)[1] == k]
+        assert got == delivered(frames[:30], k, 2)
         port.close()
 
 
@@ -308,7 +322,7 @@ def test_rss_share_is_not_changed_under_frames_decided_for_another(tmp_path):
         port.rss_share(1, 2)
     port.rewind()
     port.rss_share(1, 2)
-    assert read_all(port) == [f for f in frames if rss_owners(f, 2)[1] == 1]
+    assert read_all(port) == delivered(frames, 1, 2)
     port.close()
 
 
@@ -350,3 +364,37 @@ def test_stack_keeps_its_share_from_an_input_that_does_not_filter():
         seen_total += c["packets"]
         bus.close()
     assert seen_total == len(frames)
+
+
+def test_stack_gives_a_rebuilt_datagram_to_its_flows_stack():
+    # Batches handed to the stacks directly: every stack rebuilds every fragmented
+    # datagram, the stack its flow hashes to delivers it, and each fragment counts
+    # in one stack only.
+    frames, fragmented = fragmented_flows()
+    n = 3
+    flows_per_stack, packets, completed = [], 0, 0
+    for k in range(n):
+        flows = {}
+        nf = mbx.NF("recorder")
+
+        def on_pkt(ev, flows=flows):
+            key = tuple(sorted([(ev.src_ip, ev.sport), (ev.dst_ip, ev.dport)]))
+            flows[key] = flows.get(key, 0) + 1
+        nf.sub(mbx.PKT, on_pkt)
+        bus = EventBus([nf], msg_capacity=4096)
+        stack = NetworkLayer(bus, rss=(k, n))
+        for i in range(0, len(frames), 64):
+            batch = Batch(64)
+            for f in frames[i:i + 64]:
+                assert batch.append(f)
+            stack.process(batch)
+        c = stack.counters()
+        packets += c["packets"]
+        completed += c["fragments"]["completed"]
+        assert c["packets"] + c["other_stacks"] == len(frames)
+        flows_per_stack.append(flows)
+        bus.close()
+    keys = [key for flows in flows_per_stack for key in flows]
+    assert len(keys) == len(set(keys)) == 120, "a flow was seen by two stacks"
+    assert all(count == 6 for flows in flows_per_stack for count in flows.values())
+    assert packets == len(frames) and completed == fragmented
