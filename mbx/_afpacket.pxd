@@ -9,6 +9,7 @@ from mbx._packet cimport Batch, Port, mbx_pkt
 cdef enum:
     AFP_TX_CHUNK = 64       # messages handed to one sendmmsg call
     AFP_ERRMSG = 256
+    WHOLE_FRAME_MAX = 65536 + 256   # a frame read whole from the socket (IPv4/6 max + L2)
 
 
 cdef class AfPacketPort(Port):
@@ -35,12 +36,15 @@ cdef class AfPacketPort(Port):
     cdef readonly bint ignore_outgoing  # the kernel filters our own frames (>= 4.20)
     cdef readonly uint64_t rx_outgoing  # own/outgoing frames skipped in user space
     cdef readonly uint64_t rx_vlan      # frames whose stripped 802.1Q tag was put back
-    cdef readonly uint64_t rx_truncated  # frames the ring cut short (TP_STATUS_COPY)
+    cdef readonly uint64_t rx_truncated  # frames cut short (a slot too small, no copy)
+    cdef readonly uint64_t rx_whole     # V2: frames longer than a slot, read whole from
+    #                                     the socket's queue (TP_STATUS_COPY)
     cdef readonly uint64_t rx_gso       # offloads: super-frames received (gso_size set)
     cdef readonly uint64_t rx_csum_partial  # frames with a checksum to finish (offloads:
     #                                         the virtio-net header says; without, the
     #                                         ring's TP_STATUS_CSUMNOTREADY)
     cdef readonly uint64_t tx_csum_done  # partial checksums finished here (no offloads)
+    cdef readonly uint64_t tx_cut       # datagrams longer than the MTU sent as fragments
     cdef readonly uint64_t kernel_packets   # PACKET_STATISTICS, accumulated
     cdef readonly uint64_t kernel_freezes   # blocks the kernel found still in user hands
     cdef readonly int last_tx_errno     # errno of the last send that dropped frames
@@ -55,6 +59,9 @@ cdef class AfPacketPort(Port):
     cdef uint32_t left_in_block         # V3: frames of cur_block not yet delivered
     cdef uint8_t *next_frame            # V3: the next of those
     cdef uint8_t *scratch               # a frame getting its VLAN tag back
+    cdef uint8_t *whole                 # V2: a frame longer than a slot, read whole
+    cdef uint32_t whole_len             # its length while it waits for a batch (0: none)
+    cdef uint8_t *frag_hdrs             # tx: each message's fragment headers, if cut
     cdef bint stopping
     cdef int64_t deadline_ns            # 0: none; else rx ends at this CLOCK_MONOTONIC time
     cdef double duration

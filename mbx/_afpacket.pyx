@@ -49,6 +49,9 @@ from posix.unistd cimport close as c_close
 from mbx._packet cimport (
     OFFLOAD_CSUM_PARTIAL, PORT_EOF, PORT_ERROR, Batch, Port, bridge_tx_burst, mbx_pkt,
 )
+from mbx._fragment cimport (
+    FRAG_HDR_MAX, frag_header, frag_payload_at, frag_payload_len, frag_plan, frag_plan_for,
+)
 from mbx._rewrite cimport pkt_finish_csum
 
 from mbx._packet import bridge_counters
@@ -78,7 +81,9 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SO_ERROR
         MSG_DONTWAIT
+        MSG_TRUNC
     int socket(int domain, int type, int protocol)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
     int bind(int fd, const sockaddr *addr, socklen_t len)
     int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
     int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
@@ -188,6 +193,7 @@ cdef extern from "<linux/if_packet.h>" nogil:
         unsigned int tp_freeze_q_cnt
     enum:
         PACKET_ADD_MEMBERSHIP
+        PACKET_COPY_THRESH
         PACKET_MR_PROMISC
         PACKET_RX_RING
         PACKET_STATISTICS
@@ -332,7 +338,7 @@ cdef class AfPacketPort(Port):
     """One live interface through an AF_PACKET socket.
 
     ``AfPacketPort(iface, *, port_id=0, ring="v2", block_size=0, block_count=0,
-    frame_size=0, fanout_group=None, fanout_mode="hash", fanout_defrag=False,
+    frame_size=0, fanout_group=None, fanout_mode="hash", fanout_defrag=True,
     rx=True, tx=True, timeout_ms=5, retire_ms=1, promisc=True, duration=0.0,
     offloads=False)``
 
@@ -343,7 +349,10 @@ cdef class AfPacketPort(Port):
     ``ring="v2"`` (TPACKET_V2) each block holds ``block_size // frame_size`` slots
     of ``frame_size`` bytes, one frame each, handed over as soon as it arrives; a
     frame longer than a slot's room (``frame_size`` minus about 70 bytes of
-    header) is cut short and counted in ``rx_truncated``.  With ``ring="v3"``
+    header: a jumbo frame, a datagram the kernel rebuilt for the fanout group) is
+    also queued whole on the socket, and read from there (``rx_whole``); one the
+    kernel could not queue (the socket's receive buffer full) stays cut short
+    and counts in ``rx_truncated``.  With ``ring="v3"``
     (TPACKET_V3) frames are packed into blocks and the kernel hands a block over
     when it is full or ``retire_ms`` after its first frame, so ``retire_ms``
     bounds the latency the ring adds at low rates (V2 ignores it).
@@ -354,7 +363,13 @@ cdef class AfPacketPort(Port):
     ``fanout_group`` (0..65535) joins a PACKET_FANOUT group: sockets in one group
     share the interface's frames (``"new"``: a new group of an id the kernel picks,
     unused in the network namespace, then in ``fanout_group``); ``"hash"`` keeps
-    both directions of a flow on one member.  ``rx=False`` makes a send-only port
+    both directions of a flow on one member.  ``fanout_defrag`` (the default)
+    has the kernel rebuild IPv4 datagrams from their fragments before it picks a
+    member: a fragment has no ports, so otherwise a fragmented datagram went to
+    the member its addresses picked, away from the rest of its flow (the rebuilt
+    datagram arrives as one frame, read whole however long; IPv6 fragments are
+    not rebuilt by the kernel and go by their addresses).  Every member of a
+    group must join it with the same flags.  ``rx=False`` makes a send-only port
     (no ring, receives nothing).
 
     ``offloads=True`` keeps the interface's segmentation and checksum offloads
@@ -378,8 +393,10 @@ cdef class AfPacketPort(Port):
     ``rx_burst`` return end of input, so the run loop finishes normally.
     Counters: ``rx_dropped`` are frames the kernel could not put in the ring
     (PACKET_STATISTICS, fetched by ``counters``, when idle and at close); ``tx_dropped``
-    frames refused by the interface (full queue, too big); ``kernel_freezes``
-    (V3 only) blocks the kernel found still in our hands.
+    frames refused by the interface (full queue, too big); ``tx_cut`` IP datagrams
+    longer than the MTU sent as fragments (``_fragment.pxd``: IPv4 without DF, IPv6
+    that mbx rebuilt); ``kernel_freezes`` (V3 only) blocks the kernel found still in
+    our hands.
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -391,7 +408,7 @@ cdef class AfPacketPort(Port):
 
     def __init__(self, str iface, *, int port_id=0, str ring="v2",
                  uint32_t block_size=0, uint32_t block_count=0, uint32_t frame_size=0,
-                 fanout_group=None, str fanout_mode="hash", bint fanout_defrag=False,
+                 fanout_group=None, str fanout_mode="hash", bint fanout_defrag=True,
                  bint rx=True, bint tx=True, int timeout_ms=5, int retire_ms=1,
                  bint promisc=True, double duration=0.0, bint offloads=False):
         cdef sockaddr_ll sll
@@ -470,6 +487,10 @@ cdef class AfPacketPort(Port):
                 e = errno
                 self._raise("ioctl(SIOCGIFMTU)", e)
             self.mtu = ifr.ifr_mtu
+            if tx:
+                self.frag_hdrs = <uint8_t *>malloc(AFP_TX_CHUNK * FRAG_HDR_MAX)
+                if self.frag_hdrs == NULL:
+                    raise MemoryError(f"{self.name}: cannot allocate fragment headers")
             if offloads:
                 # Before the ring: the kernel sizes ring frames with the header.
                 val = 1
@@ -506,9 +527,24 @@ cdef class AfPacketPort(Port):
                     e = errno
                     self._raise(f"mmap of the {block_size * block_count}-byte ring", e)
                 self.ring = <uint8_t *>mapped
-                self.scratch = <uint8_t *>malloc(block_size + VLAN_HLEN)
+                self.scratch = <uint8_t *>malloc(max(block_size, WHOLE_FRAME_MAX) + VLAN_HLEN)
                 if self.scratch == NULL:
                     raise MemoryError(f"{self.name}: cannot allocate a frame buffer")
+                if self.tpacket_version == TPACKET_V2 and not offloads:
+                    # A frame longer than a V2 slot (a jumbo frame, a datagram the
+                    # kernel rebuilt for a fanout group with the defrag flag) is cut
+                    # short in the slot; with a copy threshold the kernel also queues
+                    # it whole on the socket (TP_STATUS_COPY), and take_frame reads it
+                    # from there.  (A V3 frame may fill its block; with offloads a
+                    # slot holds 64 KiB.)
+                    self.whole = <uint8_t *>malloc(WHOLE_FRAME_MAX)
+                    if self.whole == NULL:
+                        raise MemoryError(f"{self.name}: cannot allocate a frame buffer")
+                    val = 1
+                    if setsockopt(fd, SOL_PACKET, PACKET_COPY_THRESH, &val,
+                                  sizeof(val)) < 0:
+                        e = errno
+                        self._raise("setsockopt(PACKET_COPY_THRESH)", e)
                 # Our own frames (and those of every socket) leaving the interface
                 # are not wanted: a bridge would loop them.  Older kernels lack the
                 # option; rx_burst also skips PACKET_OUTGOING frames itself.
@@ -546,7 +582,8 @@ cdef class AfPacketPort(Port):
                     self._raise(f"setsockopt(PACKET_FANOUT, group {fanout_group}, "
                                 f"{fanout_mode})" + (
                                     " (another program's group of that id, with another "
-                                    "mode or on another interface)" if e == EINVAL
+                                    "mode, other flags (fanout_defrag) or on another "
+                                    "interface)" if e == EINVAL
                                     and fanout_group != NEW_GROUP else ""), e)
                 optlen = sizeof(val)
                 if getsockopt(fd, SOL_PACKET, PACKET_FANOUT, &val, &optlen) < 0:
@@ -582,6 +619,11 @@ cdef class AfPacketPort(Port):
             self.fd = -1
         free(self.scratch)
         self.scratch = NULL
+        free(self.whole)
+        self.whole = NULL
+        free(self.frag_hdrs)
+        self.frag_hdrs = NULL
+        self.whole_len = 0
         self.next_frame = NULL
 
     def close(self):
@@ -617,8 +659,10 @@ cdef class AfPacketPort(Port):
         c = Port.counters.__get__(self)
         c.update(kernel_packets=self.kernel_packets, kernel_freezes=self.kernel_freezes,
                  rx_outgoing=self.rx_outgoing, rx_vlan=self.rx_vlan,
-                 rx_truncated=self.rx_truncated, rx_gso=self.rx_gso,
+                 rx_truncated=self.rx_truncated, rx_whole=self.rx_whole,
+                 rx_gso=self.rx_gso,
                  rx_csum_partial=self.rx_csum_partial, tx_csum_done=self.tx_csum_done,
+                 tx_cut=self.tx_cut,
                  link_errors=self.link_errors)
         if self.link_errors:
             # e.g. "Network is down": the link went down at least once
@@ -689,10 +733,26 @@ cdef class AfPacketPort(Port):
         cdef uint8_t *s
         cdef uint16_t tpid
         cdef mbx_pkt *p
-        cdef const uint8_t *received = frame
+        cdef const uint8_t *received
         cdef bint tagged = False
-        cdef bint truncated = status & TP_STATUS_COPY or caplen < wirelen
+        cdef bint truncated
+        cdef ssize_t got
+        if status & TP_STATUS_COPY and self.whole != NULL:
+            # The slot holds the frame cut short; the kernel queued it whole on the
+            # socket, one copy per such slot in ring order.  Read it once (a full
+            # batch sends us back to this slot: whole_len keeps it till then).
+            if self.whole_len == 0:
+                got = recv(self.fd, self.whole, WHOLE_FRAME_MAX, MSG_DONTWAIT | MSG_TRUNC)
+                if got > 0:
+                    self.whole_len = <uint32_t>min(got, <ssize_t>WHOLE_FRAME_MAX)
+            if self.whole_len:
+                frame = self.whole
+                caplen = self.whole_len
+                status &= ~(<uint32_t>TP_STATUS_COPY)
+        received = frame
+        truncated = status & TP_STATUS_COPY or caplen < wirelen
         if pkttype == PACKET_OUTGOING:
+            self.whole_len = 0
             self.rx_outgoing = self.rx_outgoing + 1
             return 0
         if status & TP_STATUS_VLAN_VALID and caplen >= 12:
@@ -715,8 +775,12 @@ cdef class AfPacketPort(Port):
             if batch.count:
                 return -1               # counted when the next call takes it
             # Larger than an empty batch's arena: it can never go.
+            self.whole_len = 0
             self.rx_dropped = self.rx_dropped + 1
             return 0
+        if frame == self.whole or received == self.whole:
+            self.whole_len = 0
+            self.rx_whole = self.rx_whole + 1
         if self.offloads:
             self.take_offloads(p, received, tagged)
         elif status & TP_STATUS_CSUMNOTREADY:
@@ -890,52 +954,111 @@ cdef class AfPacketPort(Port):
     cdef int send_frames(self, mbx_pkt **pkts, int n) noexcept nogil:
         # sendmmsg in chunks; frames the interface refuses are dropped and counted,
         # never waited for beyond one short poll for room.  With offloads each frame
-        # goes after its virtio_net_hdr (two iovecs); without, a checksum left for
-        # the interface is finished here first.
+        # goes after its virtio_net_hdr (an iovec of its own); without, a checksum
+        # left for the interface is finished here first.  An IP datagram longer than
+        # the MTU that may be cut (_fragment.pxd: one mbx or the kernel rebuilt) goes
+        # as fragments, a message each: its headers written in frag_hdrs, its
+        # payload an iovec into the datagram.  (i, piece) is the next message to send:
+        # packet i, and its fragment piece when it is being cut.
         cdef mmsghdr msgs[AFP_TX_CHUNK]
-        cdef iovec iov[2 * AFP_TX_CHUNK]
+        cdef iovec iov[3 * AFP_TX_CHUNK]
         cdef virtio_net_hdr vh[AFP_TX_CHUNK]
+        cdef int msg_pkt[AFP_TX_CHUNK]          # each message's packet ...
+        cdef uint32_t msg_piece[AFP_TX_CHUNK]   # ... and fragment
+        cdef uint32_t msg_len[AFP_TX_CHUNK]
+        cdef uint8_t msg_cuts[AFP_TX_CHUNK]     # 1: the first fragment of a datagram
+        cdef frag_plan plan
+        cdef int plan_of = -1                   # the packet plan was made for
         cdef mbx_pkt *p
         cdef pollfd pfd
-        cdef int i = 0, j, k, r, e
+        cdef int i = 0, ci, j, k, r, e
+        cdef uint32_t piece = 0, cpiece, hlen, at
         cdef socklen_t elen
         cdef int sent = 0
         cdef uint64_t nbytes = 0
-        cdef uint64_t dropped = 0
-        cdef bint waited = False
+        cdef uint64_t dropped = 0, cuts = 0
+        cdef bint waited = False, cut
+        cdef iovec *v
         if self.fd < 0 or not self.tx:
             self.set_error(b"send on a closed port" if self.fd < 0
                            else b"send on a receive-only port")
             return PORT_ERROR
         while i < n:
-            k = min(n - i, <int>AFP_TX_CHUNK)
-            memset(msgs, 0, k * sizeof(mmsghdr))
-            for j in range(k):
-                p = pkts[i + j]
+            k = 0
+            ci = i
+            cpiece = piece
+            memset(msgs, 0, AFP_TX_CHUNK * sizeof(mmsghdr))
+            while k < <int>AFP_TX_CHUNK and ci < n:
+                p = pkts[ci]
+                v = &iov[3 * k]
+                msg_pkt[k] = ci
+                msg_piece[k] = cpiece
+                cut = False
+                if p.caplen > <uint32_t>self.mtu + p.l3_off and p.gso_size == 0:
+                    if plan_of != ci:
+                        if p.offload & OFFLOAD_CSUM_PARTIAL and pkt_finish_csum(p) == 0:
+                            self.tx_csum_done = self.tx_csum_done + 1
+                            p.offload &= ~(<uint8_t>OFFLOAD_CSUM_PARTIAL)
+                        plan.count = 0
+                        frag_plan_for(p, <uint32_t>self.mtu, &plan)
+                        plan_of = ci
+                    cut = plan.count > 1
                 if self.offloads:
-                    vh[j].flags = (VIRTIO_NET_HDR_F_NEEDS_CSUM
-                                   if p.offload & OFFLOAD_CSUM_PARTIAL else 0)
-                    vh[j].gso_type = p.gso_type if p.gso_size else VIRTIO_NET_HDR_GSO_NONE
-                    vh[j].hdr_len = 0       # the kernel works it out
-                    vh[j].gso_size = p.gso_size
-                    vh[j].csum_start = p.csum_start
-                    vh[j].csum_offset = p.csum_offset
-                    iov[2 * j].iov_base = &vh[j]
-                    iov[2 * j].iov_len = VNET_HLEN
-                    msgs[j].msg_hdr.msg_iovlen = 2
+                    memset(&vh[k], 0, sizeof(virtio_net_hdr))
+                    vh[k].gso_type = VIRTIO_NET_HDR_GSO_NONE
+                    if not cut:
+                        vh[k].flags = (VIRTIO_NET_HDR_F_NEEDS_CSUM
+                                       if p.offload & OFFLOAD_CSUM_PARTIAL else 0)
+                        vh[k].gso_type = (p.gso_type if p.gso_size
+                                          else VIRTIO_NET_HDR_GSO_NONE)
+                        vh[k].gso_size = p.gso_size
+                        vh[k].csum_start = p.csum_start
+                        vh[k].csum_offset = p.csum_offset
+                    v[0].iov_base = &vh[k]
+                    v[0].iov_len = VNET_HLEN
+                    msgs[k].msg_hdr.msg_iov = v
                 else:
-                    if p.offload & OFFLOAD_CSUM_PARTIAL and pkt_finish_csum(p) == 0:
+                    if (not cut and p.offload & OFFLOAD_CSUM_PARTIAL
+                            and pkt_finish_csum(p) == 0):
                         self.tx_csum_done = self.tx_csum_done + 1
-                    msgs[j].msg_hdr.msg_iovlen = 1
-                iov[2 * j + 1].iov_base = p.data
-                iov[2 * j + 1].iov_len = p.caplen
-                msgs[j].msg_hdr.msg_iov = &iov[2 * j + (0 if self.offloads else 1)]
+                        p.offload &= ~(<uint8_t>OFFLOAD_CSUM_PARTIAL)
+                    msgs[k].msg_hdr.msg_iov = v + 1
+                if cut:
+                    hlen = frag_header(p, &plan, cpiece, self.frag_hdrs + k * FRAG_HDR_MAX)
+                    at = frag_payload_at(&plan, cpiece)
+                    v[1].iov_base = self.frag_hdrs + k * FRAG_HDR_MAX
+                    v[1].iov_len = hlen
+                    v[2].iov_base = p.data + at
+                    v[2].iov_len = frag_payload_len(&plan, cpiece)
+                    msgs[k].msg_hdr.msg_iovlen = 2
+                    msg_len[k] = hlen + <uint32_t>v[2].iov_len
+                    msg_cuts[k] = cpiece == 0
+                    cpiece += 1
+                    if cpiece == plan.count:
+                        ci += 1
+                        cpiece = 0
+                else:
+                    v[1].iov_base = p.data
+                    v[1].iov_len = p.caplen
+                    msgs[k].msg_hdr.msg_iovlen = 1
+                    msg_len[k] = p.caplen
+                    msg_cuts[k] = 0
+                    ci += 1
+                if self.offloads:
+                    msgs[k].msg_hdr.msg_iovlen += 1
+                k += 1
             r = sendmmsg(self.fd, msgs, k, MSG_DONTWAIT)
             if r > 0:
                 for j in range(r):
-                    nbytes += pkts[i + j].caplen
+                    nbytes += msg_len[j]
+                    cuts += msg_cuts[j]
                 sent += r
-                i += r
+                if r == k:
+                    i = ci
+                    piece = cpiece
+                else:
+                    i = msg_pkt[r]
+                    piece = msg_piece[r]
                 continue
             e = errno
             if e == EINTR:
@@ -959,8 +1082,11 @@ cdef class AfPacketPort(Port):
                 getsockopt(self.fd, SOL_SOCKET, SO_ERROR, &e, &elen)
                 continue
             if e == EMSGSIZE or e == EINVAL:
-                dropped += 1            # this frame cannot go (larger than the MTU)
-                i += 1
+                # this frame cannot go (larger than the MTU); a fragment that cannot
+                # takes its datagram's other fragments with it
+                dropped += 1
+                i = msg_pkt[0] + 1
+                piece = 0
             elif e == EAGAIN or e == ENOBUFS or e == ENETDOWN or e == ENXIO or e == ENOMEM:
                 dropped += n - i        # the interface takes nothing right now
                 i = n
@@ -968,6 +1094,7 @@ cdef class AfPacketPort(Port):
                 self.tx_pkts = self.tx_pkts + sent
                 self.tx_bytes = self.tx_bytes + nbytes
                 self.tx_dropped = self.tx_dropped + dropped
+                self.tx_cut = self.tx_cut + cuts
                 snprintf(self.errmsg, sizeof(self.errmsg), "sendmmsg: %s (errno %d)",
                          strerror(e), e)
                 self.set_error(self.errmsg)
@@ -975,6 +1102,7 @@ cdef class AfPacketPort(Port):
         self.tx_pkts = self.tx_pkts + sent
         self.tx_bytes = self.tx_bytes + nbytes
         self.tx_dropped = self.tx_dropped + dropped
+        self.tx_cut = self.tx_cut + cuts
         return sent
 
     cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:

@@ -124,7 +124,10 @@ ctypedef struct mbx_pkt:
     uint32_t tsval
     uint32_t tsecr
     uint8_t nsack
-    uint8_t pad0[3]
+    uint8_t pad0
+    uint16_t frag_size      # a datagram FragTable rebuilt: its fragments' longest payload
+    #                         (set after the re-parse; an output that cuts it again
+    #                         makes no longer ones, see _fragment.pxd); 0 otherwise
     uint32_t sack[8]        # up to 4 (left, right) edges
     # filled by the flow table
     uint32_t hash           # symmetric: the same for both directions

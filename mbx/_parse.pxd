@@ -51,6 +51,7 @@ ctypedef struct frag_dgram:
     uint8_t used
     uint8_t counted         # its datagram counters are this table's (see defrag)
     int32_t end             # fragmentable length once the last fragment came; -1 before
+    uint32_t piece_max      # the longest fragment payload held (what the sender chose)
     int64_t first_ns        # arrival of the first fragment: the timeout runs from here
     frag_piece *pieces
     uint8_t *head           # first fragment's L2 + IP headers (up to its data), or NULL

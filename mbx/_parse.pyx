@@ -13,6 +13,9 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
 from mbx._checksum cimport csum
+from mbx._fragment cimport (
+    FRAG_HDR_MAX, frag_header, frag_payload_at, frag_payload_len, frag_plan, frag_plan_for,
+)
 from mbx._packet cimport (
     MAX_SACK_BLOCKS,
     PARSE_BAD_FRAG,
@@ -627,6 +630,7 @@ cdef class FragTable:
         g.proto = proto
         g.used = 1
         g.end = -1
+        g.piece_max = 0
         g.first_ns = p.ts_ns
         g.pieces = NULL
         g.head = NULL
@@ -767,6 +771,8 @@ cdef class FragTable:
                 return self._refuse(p, slot, PARSE_FRAG_MEMCAP)
             np.off = off
             np.length = length
+            if length > g.piece_max:
+                g.piece_max = length
             memcpy(_piece_data(np), src, length)
             link = &g.pieces
             while link[0] != NULL and link[0].off <= off:
@@ -796,7 +802,7 @@ cdef class FragTable:
         cdef uint32_t l3 = g.l3_off
         cdef uint32_t hdr = g.head_len - 8 if v6 else g.head_len
         cdef uint32_t total = hdr + <uint32_t>g.end
-        cdef uint32_t nhpos, cur, ihl
+        cdef uint32_t nhpos, cur, ihl, piece_max, ident
         cdef uint8_t kind
         cdef frag_piece *q
         cdef uint8_t *out = batch.reserve(total)
@@ -829,6 +835,8 @@ cdef class FragTable:
             memcpy(out + hdr + q.off, _piece_data(q), q.length)
             q = q.next
         self.completed += g.counted
+        piece_max = g.piece_max
+        ident = g.ident
         self._release(slot)
         p.data = out
         p.caplen = total
@@ -836,17 +844,25 @@ cdef class FragTable:
         p.flags |= PKT_F_REASSEMBLED
         p.verdict = VERDICT_PASS
         parse_packet(p)
+        # What an output needs to cut it again as its sender did (the re-parse
+        # cleared both): no fragment longer than the longest received, and IPv6's
+        # identification, which the rebuilt datagram no longer carries.
+        p.frag_size = <uint16_t>min(piece_max, 0xFFF8)
+        p.frag_id = ident
         return DEFRAG_DONE
 
     def sweep(self, int64_t now_ns):
         """Give up datagrams older than the timeout at ``now_ns``; how many."""
         return self.expire(now_ns)
 
-    def push(self, frame, int64_t ts_ns=0):
+    def push(self, frame, int64_t ts_ns=0, uint32_t mtu=0):
         """Parse and offer one frame: ("none"|"held"|"done"|"drop", datagram or None).
 
-        The reassembled frame is returned only for "done".  Tests and tools only:
-        the stack calls ``defrag`` on its own batches.
+        The reassembled frame is returned only for "done"; with ``mtu``, as the list
+        of frames an AF_PACKET output of that MTU sends for it (cut into fragments
+        when longer, see ``mbx/_fragment.pxd``; the datagram alone when it need not
+        or may not be cut).  Tests and tools only: the stack calls ``defrag`` on its
+        own batches.
         """
         cdef const uint8_t[::1] view = frame
         cdef uint32_t n = view.shape[0]
@@ -865,5 +881,23 @@ cdef class FragTable:
             parse_packet(p)
             r = self.defrag(b, p)
         if r == DEFRAG_DONE:
+            if mtu:
+                return "done", _sent_as(p, mtu)
             return "done", (<const char *>p.data)[:p.caplen]
         return _DEFRAG_NAMES[r], None
+
+
+cdef list _sent_as(const mbx_pkt *p, uint32_t mtu):
+    # The frames an output of this MTU sends for p (AfPacketPort.send_frames' rule).
+    cdef frag_plan plan
+    cdef uint8_t hdr[FRAG_HDR_MAX]
+    cdef uint32_t k, n, at
+    if p.caplen <= mtu + p.l3_off or not frag_plan_for(p, mtu, &plan):
+        return [(<const char *>p.data)[:p.caplen]]
+    out = []
+    for k in range(plan.count):
+        n = frag_header(p, &plan, k, hdr)
+        at = frag_payload_at(&plan, k)
+        out.append((<const char *>hdr)[:n]
+                   + (<const char *>p.data)[at:at + frag_payload_len(&plan, k)])
+    return out

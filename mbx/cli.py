@@ -100,8 +100,10 @@ def _print_counters(c, elapsed, out=None):
             w(f"not sent       {unsent:,} frame{'s' if unsent != 1 else ''}, by the {side} port"
               + (f" (last error: {why})" if why else "") + "\n")
     inp = (c.get("ports") or {}).get("in") or {}
-    lost, cut, link = (_port_sum(inp, key) for key in ("rx_dropped", "rx_truncated",
-                                                        "link_errors"))
+    lost, cut, link, whole = (_port_sum(inp, key) for key in (
+        "rx_dropped", "rx_truncated", "link_errors", "rx_whole"))
+    unsent = sum((port or {}).get("tx_dropped") or 0
+                 for port in (c.get("ports") or {}).values())
     if lost:
         w(f"not received   {lost:,} frames: the receive ring was full (raise "
           "block_count, or use ring=v3 for floods of small frames)\n")
@@ -109,6 +111,13 @@ def _print_counters(c, elapsed, out=None):
         w(f"cut short      {cut:,} frames longer than a ring slot (raise frame_size; "
           "super-frames from senders with TSO/GSO, a veth's default, need ?offloads=1, "
           "or those offloads off)\n")
+    if whole and unsent:
+        # read whole past a ring slot, and maybe too long to leave: a TCP super-frame
+        # (DF set) cannot be cut as a rebuilt datagram is
+        w(f"long frames    {whole:,} frames longer than a ring slot were read whole; one "
+          "longer than an output's MTU leaves only as fragments, and a super-frame from "
+          "a sender with TSO/GSO (a veth's default) not at all: use ?offloads=1, or "
+          "those offloads off\n")
     if link:
         w(f"link           {link:,} errors raised on the input's sockets (the link went "
           "down; frames sent meanwhile count as not sent)\n")

@@ -7,7 +7,9 @@ out of the other one, so it is the input and the output of a run; see
 :func:`open_ports`).  AF_PACKET options follow a ``?``:
 ``afpacket:veth0,veth1?fanout=7&block_count=128`` (keys: ``ring`` (``v2``, the
 default, or ``v3``), ``fanout`` (a group id; a bridge's server side takes the next,
-or ``G0,G1``; ``new``: ids the kernel picks), ``fanout_mode``, ``block_size``, ``block_count``,
+or ``G0,G1``; ``new``: ids the kernel picks), ``fanout_mode``, ``fanout_defrag``
+(``1``, the default: the kernel rebuilds IPv4 datagrams before it picks a member),
+``block_size``, ``block_count``,
 ``frame_size``, ``timeout_ms``, ``retire_ms``, ``promisc``, ``duration``,
 ``offloads``: ``offloads=1`` takes TSO/GRO super-frames and unfinished checksums
 from the kernel and hands them back, see ``AfPacketPort``).  DPDK virtual devices
@@ -80,8 +82,8 @@ def _parse(spec: str) -> tuple[str, str]:
 _TRUE, _FALSE = ("1", "yes", "true", "on"), ("0", "no", "false", "off")
 _FLAG_VALUES = "use 1/0, yes/no, true/false, on/off"
 _AFPACKET_INT = ("block_size", "block_count", "frame_size", "timeout_ms", "retire_ms")
-_AFPACKET_KEYS = ("ring", "fanout") + _AFPACKET_INT + ("fanout_mode", "promisc",
-                                                      "duration", "offloads")
+_AFPACKET_KEYS = ("ring", "fanout") + _AFPACKET_INT + ("fanout_mode", "fanout_defrag",
+                                                      "promisc", "duration", "offloads")
 # The ring options' values are AfPacketPort's to judge (mbx._afpacket.ring_layout),
 # asked here so that a bad value is refused when the spec is read, before anything is
 # set up (the test bed checks its --mbx-port options this way).
@@ -124,7 +126,7 @@ def _afpacket(spec: str, arg: str, rx: bool = True) -> tuple[list[str], dict]:
                 raise PortError(f"port spec {spec!r}: fanout_mode {value!r} is not one "
                                 f"of {', '.join(FANOUT_MODES)}")
             options[key] = value
-        elif key in ("promisc", "offloads"):
+        elif key in ("promisc", "offloads", "fanout_defrag"):
             flag = value.lower()
             if flag not in _TRUE + _FALSE:
                 raise PortError(f"{bad}: {_FLAG_VALUES}")
