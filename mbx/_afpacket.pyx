@@ -998,7 +998,6 @@ cdef class AfPacketPort(Port):
                     if plan_of != ci:
                         if p.offload & OFFLOAD_CSUM_PARTIAL and pkt_finish_csum(p) == 0:
                             self.tx_csum_done = self.tx_csum_done + 1
-                            p.offload &= ~(<uint8_t>OFFLOAD_CSUM_PARTIAL)
                         plan.count = 0
                         frag_plan_for(p, <uint32_t>self.mtu, &plan)
                         plan_of = ci
@@ -1021,7 +1020,6 @@ cdef class AfPacketPort(Port):
                     if (not cut and p.offload & OFFLOAD_CSUM_PARTIAL
                             and pkt_finish_csum(p) == 0):
                         self.tx_csum_done = self.tx_csum_done + 1
-                        p.offload &= ~(<uint8_t>OFFLOAD_CSUM_PARTIAL)
                     msgs[k].msg_hdr.msg_iov = v + 1
                 if cut:
                     hlen = frag_header(p, &plan, cpiece, self.frag_hdrs + k * FRAG_HDR_MAX)

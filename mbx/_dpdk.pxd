@@ -202,6 +202,7 @@ cdef extern from "rte_ethdev.h" nogil:
     int rte_eth_dev_get_port_by_name(const char *name, uint16_t *port_id)
     int rte_eth_dev_get_name_by_port(uint16_t port_id, char *name)
     int rte_eth_dev_info_get(uint16_t port_id, rte_eth_dev_info *dev_info)
+    int rte_eth_dev_get_mtu(uint16_t port_id, uint16_t *mtu)
     int rte_eth_stats_get(uint16_t port_id, rte_eth_stats *stats)
     int rte_eth_promiscuous_enable(uint16_t port_id)
     int rte_eth_promiscuous_disable(uint16_t port_id)

@@ -32,6 +32,10 @@ cdef class DpdkPort(Port):
     # left (0: drop at once); see DpdkPort's docstring
     cdef readonly uint32_t tx_wait_ms
     cdef readonly uint32_t tx_max_len   # frames longer are not sent (memif: a slot); 0: any
+    # net_af_packet: the device's MTU, past which an IP datagram is cut into fragments
+    # (memif: a slot's room; see _fragment.pxd); 0: never cut
+    cdef readonly uint32_t tx_mtu
+    cdef readonly uint64_t tx_cut       # datagrams sent as fragments
     # Seconds close() keeps a connected net_memif end that sent up, for its peer to
     # read the ring (MEMIF_LINGER_S; 0: close at once)
     cdef public double linger_s
@@ -69,6 +73,9 @@ cdef class DpdkPort(Port):
     cdef int _tx_wait(self, rte_mbuf **out, int left) noexcept nogil
     cdef void _wait_for_users(self) noexcept
     cdef int _fill(self, rte_mbuf *m, const mbx_pkt *p) noexcept nogil
+    cdef int _fill_parts(self, rte_mbuf *head, const uint8_t *a, uint32_t alen,
+                         const uint8_t *b, uint32_t blen) noexcept nogil
+    cdef uint32_t _cut_mtu(self, const mbx_pkt *p) noexcept nogil
     cdef void _release(self) noexcept
 
 

@@ -43,6 +43,7 @@ from mbx._dpdk cimport (
     rte_eth_dev_adjust_nb_rx_tx_desc,
     rte_eth_dev_close,
     rte_eth_dev_configure,
+    rte_eth_dev_get_mtu,
     rte_eth_dev_get_name_by_port,
     rte_eth_dev_get_port_by_name,
     rte_eth_dev_info,
@@ -86,6 +87,9 @@ from mbx._dpdk cimport (
     mbuf_rx_timestamp,
 )
 from mbx._packet cimport PORT_EOF, PORT_ERROR, Batch, Port, bridge_tx_burst, mbx_pkt
+from mbx._fragment cimport (
+    FRAG_HDR_MAX, frag_header, frag_payload_at, frag_payload_len, frag_plan, frag_plan_for,
+)
 from mbx._rewrite cimport pkt_finish_csum
 
 from mbx._packet import bridge_counters
@@ -605,7 +609,10 @@ cdef class DpdkPort(Port):
     receive time otherwise.  Frames the batch cannot take yet stay in the port for
     the next call.  Multi-segment mbufs are copied segment by segment; frames over
     256 KiB are dropped (``rx_oversize``).  A send that finds the pool empty drops
-    and counts (``tx_nombuf``, ``tx_dropped``).
+    and counts (``tx_nombuf``, ``tx_dropped``).  An IP datagram longer than a
+    ``net_af_packet`` device's MTU or a ``net_memif`` slot goes as fragments
+    (``tx_cut``; ``_fragment.pxd``: IPv4 without DF, IPv6 that mbx rebuilt) where
+    it may be cut; other drivers send frames as they are.
 
     ``tx_wait_ms``: when the driver takes only part of a burst (its ring is full),
     the send retries the rest for up to this many milliseconds (spinning, yielding,
@@ -639,7 +646,7 @@ cdef class DpdkPort(Port):
         global _pool_serial
         cdef uint16_t pid
         cdef int rc, socket
-        cdef uint16_t nrx, ntx
+        cdef uint16_t nrx, ntx, mtu = 0
         cdef rte_eth_dev_info info
         cdef rte_eth_conf conf
         cdef char ethname[RTE_ETH_NAME_MAX_LEN]
@@ -830,6 +837,14 @@ cdef class DpdkPort(Port):
             # later reaches the peer merged with the ones after it): such a frame is
             # not sent (tx_oversize), so it cannot spoil the others.
             self.tx_max_len = _memif_slot_size(self.devargs)
+        # A datagram mbx rebuilt (or the kernel, for net_af_packet's fanout group) is
+        # longer than the link it leaves on: cut it as the AF_PACKET port does, where
+        # the device has a link MTU (net_af_packet: a longer frame is dropped by the
+        # driver or the kernel, unseen) or a slot (memif).  Files and loops take any
+        # length, as the pcap port writes the datagram whole.
+        self.tx_mtu = 0
+        if self.driver == "net_af_packet" and rte_eth_dev_get_mtu(pid, &mtu) == 0:
+            self.tx_mtu = mtu
         self.tx_wait_ms = tx_wait_ms
         self.tx_stalled = False
 
@@ -958,12 +973,60 @@ cdef class DpdkPort(Port):
         use_end(&self.users)
         return sent
 
+    cdef uint32_t _cut_mtu(self, const mbx_pkt *p) noexcept nogil:
+        # The IP bytes a frame like p may carry on this device, if longer ones are
+        # cut (see __init__); 0: none are.
+        if self.tx_mtu:
+            return self.tx_mtu
+        if self.tx_max_len > p.l3_off + 68:     # memif: what a slot leaves for IP
+            return self.tx_max_len - p.l3_off
+        return 0
+
+    cdef int _fill_parts(self, rte_mbuf *head, const uint8_t *a, uint32_t alen,
+                         const uint8_t *b, uint32_t blen) noexcept nogil:
+        """Copy a then b into head (a fragment: its headers, then its payload),
+        chaining more mbufs where one is not enough; -1: the pool ran dry, -2: the
+        chain would be too long."""
+        cdef rte_mbuf *seg = head
+        cdef const uint8_t *src[2]
+        cdef uint32_t left[2]
+        cdef uint32_t room, chunk
+        cdef int part = 0
+        cdef char *dst
+        src[0], src[1], left[0], left[1] = a, b, alen, blen
+        while True:
+            room = rte_pktmbuf_tailroom(seg)
+            while part < 2:
+                if left[part] == 0:
+                    part += 1
+                    continue
+                if room == 0:
+                    break
+                chunk = left[part] if left[part] < room else room
+                dst = rte_pktmbuf_append(seg, <uint16_t>chunk)
+                memcpy(dst, src[part], chunk)
+                src[part] += chunk
+                left[part] -= chunk
+                room -= chunk
+            if seg != head and rte_pktmbuf_chain(head, seg) != 0:
+                rte_pktmbuf_free(seg)
+                return -2
+            if part == 2:
+                return 0
+            seg = rte_pktmbuf_alloc(self.pool)
+            if seg == NULL:
+                return -1
+
     cdef int _tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
         cdef rte_mbuf *out[DPDK_MAX_BURST]
         cdef uint32_t lens[DPDK_MAX_BURST]
+        cdef uint8_t hdr[FRAG_HDR_MAX]
+        cdef frag_plan plan
         cdef rte_mbuf *m
+        cdef mbx_pkt *p
         cdef int i = 0
-        cdef int k, j, rc
+        cdef int k, j, rc, k0
+        cdef uint32_t mtu, piece, hlen, at, plen
         cdef uint16_t sent
         cdef int total = 0
         cdef uint64_t nbytes
@@ -973,7 +1036,48 @@ cdef class DpdkPort(Port):
         while i < n:
             k = 0
             while i < n and k < DPDK_MAX_BURST:
-                if self.tx_max_len and pkts[i].caplen > self.tx_max_len:
+                p = pkts[i]
+                # No offload metadata goes to the device: a checksum an AF_PACKET
+                # port with offloads left for the sender is finished here.
+                pkt_finish_csum(p)
+                mtu = self._cut_mtu(p)
+                plan.count = 0
+                if (mtu and p.caplen > mtu + p.l3_off and p.gso_size == 0
+                        and frag_plan_for(p, mtu, &plan)
+                        and plan.count <= DPDK_MAX_BURST):
+                    if k + <int>plan.count > DPDK_MAX_BURST:
+                        break               # its fragments go in the next burst, together
+                    k0 = k
+                    for piece in range(plan.count):
+                        m = rte_pktmbuf_alloc(self.pool)
+                        if m == NULL:
+                            rc = -1
+                            break
+                        hlen = frag_header(p, &plan, piece, hdr)
+                        at = frag_payload_at(&plan, piece)
+                        plen = frag_payload_len(&plan, piece)
+                        rc = self._fill_parts(m, hdr, hlen, p.data + at, plen)
+                        if rc != 0:
+                            rte_pktmbuf_free(m)
+                            break
+                        lens[k] = hlen + plen
+                        out[k] = m
+                        k += 1
+                    if k - k0 == <int>plan.count:
+                        self.tx_cut = self.tx_cut + 1
+                    else:
+                        # a datagram goes whole or not at all
+                        for j in range(k0, k):
+                            rte_pktmbuf_free(out[j])
+                        k = k0
+                        if rc == -1:
+                            self.tx_nombuf = self.tx_nombuf + 1
+                        else:
+                            self.tx_oversize = self.tx_oversize + 1
+                        self.tx_dropped = self.tx_dropped + 1
+                    i += 1
+                    continue
+                if self.tx_max_len and p.caplen > self.tx_max_len:
                     self.tx_oversize = self.tx_oversize + 1     # see __init__
                     self.tx_dropped = self.tx_dropped + 1
                     i += 1
@@ -984,10 +1088,7 @@ cdef class DpdkPort(Port):
                     self.tx_dropped = self.tx_dropped + 1
                     i += 1
                     continue
-                # No offload metadata goes to the device: a checksum an AF_PACKET
-                # port with offloads left for the sender is finished here.
-                pkt_finish_csum(pkts[i])
-                rc = self._fill(m, pkts[i])
+                rc = self._fill(m, p)
                 if rc != 0:
                     rte_pktmbuf_free(m)
                     if rc == -1:
@@ -996,7 +1097,7 @@ cdef class DpdkPort(Port):
                         self.tx_oversize = self.tx_oversize + 1
                     self.tx_dropped = self.tx_dropped + 1
                 else:
-                    lens[k] = pkts[i].caplen
+                    lens[k] = p.caplen
                     out[k] = m
                     k += 1
                 i += 1
@@ -1253,7 +1354,7 @@ cdef class DpdkPort(Port):
              "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped,
              "rx_oversize": self.rx_oversize, "tx_nombuf": self.tx_nombuf,
              "tx_oversize": self.tx_oversize, "tx_full": self.tx_full,
-             "tx_waits": self.tx_waits}
+             "tx_waits": self.tx_waits, "tx_cut": self.tx_cut}
         # why frames were not sent, for mbx run's summary (the most telling first)
         if self.tx_oversize and self.tx_max_len:
             c["tx_error"] = (f"frames longer than a memif slot ({self.tx_max_len} bytes): "

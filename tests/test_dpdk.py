@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from mbxtest import read_frames
+from mbxtest import fragmented_flows, read_frames
 
 from mbx._packet import Batch
 from mbx.errors import PortError
@@ -688,6 +688,26 @@ def test_net_af_packet_over_a_veth_pair_matches_the_pcap_port(veth_ns, example_p
         assert "promiscuity 0" in link and "PROMISC" not in link, link
 
 
+def test_a_net_af_packet_output_cuts_a_rebuilt_datagram_again(veth_ns, tmp_path):
+    # The stack rebuilds fragmented datagrams; a net_af_packet output sent each as
+    # one frame longer than the link's MTU, and the driver or the kernel dropped it
+    # unseen (counted as sent).  Now it goes as fragments (IPv4 and IPv6), which an
+    # AF_PACKET socket on the other end of the veth takes as sent.
+    frames, fragmented = fragmented_flows(flows=8)
+    capture = tmp_path / "frag.pcap"
+    write_pcap(str(capture), [(1.0 + i * 1e-4, f) for i, f in enumerate(frames)])
+    r = subprocess.run(["ip", "netns", "exec", veth_ns, sys.executable, __file__,
+                        "cut", str(capture)],
+                       capture_output=True, text=True, timeout=180, check=False)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    assert got["tx_cut"] == fragmented and got["tx_dropped"] == 0
+    # what arrived is the capture's frames: each datagram in fragments as long as
+    # the ones it was rebuilt from (in offset order; the capture has some reversed)
+    assert sorted(got["received"]) == sorted(f.hex() for f in frames), \
+        "the frames that arrived are not the capture's"
+
+
 def test_a_deleted_interface_ends_a_net_af_packet_run(veth_ns, tmp_path):
     # DPDK's driver went on polling the socket of a deleted interface: the bridge ran
     # on (at a quarter of a core) until signalled, saying nothing.
@@ -723,8 +743,29 @@ def _afpacket_main(capture, out):
     print(json.dumps(counters))
 
 
+def _cut_main(capture):
+    # The capture through the stack to net_af_packet on d0; what d1 gets, as an
+    # AF_PACKET socket there receives it (no fanout group: fragments as sent).
+    from mbx._afpacket import AfPacketPort
+    _dpdkport.eal_init()
+    rx = AfPacketPort("d1", tx=False, timeout_ms=5)
+    tx = DpdkPort("net_af_packet0,iface=d0,framecnt=4096")
+    try:
+        counters = App([L2Fwd()]).run(open_input(f"pcap:{capture}"), tx)
+        received = []
+        deadline = time.monotonic() + 10
+        while len(received) < counters["packets"] and time.monotonic() < deadline:
+            batch = Batch(64)
+            received += [batch.frame(i) for i in range(max(rx.receive(batch), 0))]
+        print(json.dumps({"tx_cut": tx.tx_cut, "tx_dropped": tx.tx_dropped,
+                          "received": [f.hex() for f in received]}))
+    finally:
+        tx.close()
+        rx.close()
+
+
 if __name__ == "__main__":
-    {"afpacket": _afpacket_main}[sys.argv[1]](*sys.argv[2:])
+    {"afpacket": _afpacket_main, "cut": _cut_main}[sys.argv[1]](*sys.argv[2:])
 
 
 def test_a_memif_socket_path_in_use_is_named(eal, tmp_path):
@@ -986,12 +1027,26 @@ def test_a_memif_sender_waits_for_a_slower_peer(large_capture, tmp_path):
     assert frames == expected
 
 
-def test_a_frame_longer_than_a_memif_slot_is_not_sent_and_spoils_nothing(tmp_path):
+def _with_df(frame):
+    """An untagged IPv4 frame with Don't Fragment set (its header checksum redone)."""
+    from mbxtest import ip_checksum
+    hdr = bytearray(frame[14:14 + (frame[14] & 0x0F) * 4])
+    hdr[6] |= 0x40
+    hdr[10:12] = b"\0\0"
+    hdr[10:12] = ip_checksum(bytes(hdr)).to_bytes(2, "big")
+    return frame[:14] + bytes(hdr) + frame[14 + len(hdr):]
+
+
+@pytest.mark.parametrize("df", [False, True])
+def test_a_frame_longer_than_a_memif_slot_is_cut_or_not_sent_and_spoils_nothing(tmp_path,
+                                                                               df):
     # DPDK 22.11's memif left a "next" flag behind such a frame, and the frame
     # written in that slot a ring later reached the peer merged with the following
     # ones: a 21,734-frame capture with one 4,138-byte frame arrived as 21,698
-    # frames, 17,648 of them misplaced.  Such a frame is now not sent (counted,
-    # with why) and every other one arrives whole.
+    # frames, 17,648 of them misplaced.  The frame (a datagram the stack rebuilt) now
+    # goes in fragments that fit a slot; with DF set it may not be cut, and is not
+    # sent (counted, with why).  Every other frame arrives whole either way.
+    from mbx._parse import FragTable, parse
     from mbx.examples.capture import write_example
 
     example, capture = tmp_path / "example.pcap", tmp_path / "l2fwd.pcap"
@@ -999,14 +1054,29 @@ def test_a_frame_longer_than_a_memif_slot_is_not_sent_and_spoils_nothing(tmp_pat
     with open_input(f"pcap:{example}") as inp, open_output(f"pcap:{capture}") as outp:
         App([L2Fwd()]).run(inp, outp)           # fragments come out reassembled
     sent = [f for _, f in read_frames(capture)]
+    if df:
+        sent = [_with_df(f) if len(f) > 2048 else f for f in sent]
+        write_pcap(str(capture), [(1.0, f) for f in sent])
     long = [f for f in sent if len(f) > 2048]
     assert long and len(sent) > 3 * 1024        # past the ring more than once
     frames, counters = memif_to_a_slow_peer(str(capture), tmp_path)
     out = counters["ports"]["out"]
-    assert frames == [f for f in sent if len(f) <= 2048]
-    assert out["tx_oversize"] == out["tx_dropped"] == len(long), out
-    assert out["tx_error"] == ("frames longer than a memif slot (2048 bytes): raise bsize "
-                               "on both ends")
+    pieces = [f for f in frames if "fragment" in parse(f)["flag_names"]]
+    assert [f for f in frames if f not in pieces] == [f for f in sent if len(f) <= 2048]
+    if df:
+        assert not pieces
+        assert out["tx_oversize"] == out["tx_dropped"] == len(long), out
+        assert out["tx_error"] == ("frames longer than a memif slot (2048 bytes): raise "
+                                   "bsize on both ends")
+        return
+    assert out["tx_cut"] == len(long) and out["tx_dropped"] == 0, out
+    assert all(len(f) <= 2048 for f in pieces)
+    table, rebuilt = FragTable(), []
+    for f in pieces:
+        verdict, datagram = table.push(f)
+        if verdict == "done":
+            rebuilt.append(datagram)
+    assert rebuilt == long
 
 
 def test_a_memif_sender_told_not_to_wait_drops_what_the_ring_cannot_take(large_capture,
