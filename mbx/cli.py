@@ -111,6 +111,11 @@ def _print_counters(c, elapsed, out=None):
         w(f"cut short      {cut:,} frames longer than a ring slot (raise frame_size; "
           "super-frames from senders with TSO/GSO, a veth's default, need ?offloads=1, "
           "or those offloads off)\n")
+    cut_again = sum(_port_sum(port or {}, "tx_cut")
+                    for port in (c.get("ports") or {}).values())
+    if cut_again:
+        w(f"cut again      {cut_again:,} datagrams longer than an output's link, sent as "
+          "fragments\n")
     if whole and unsent:
         # read whole past a ring slot, and maybe too long to leave: a TCP super-frame
         # (DF set) cannot be cut as a rebuilt datagram is

@@ -488,14 +488,16 @@ def test_the_summary_says_what_a_live_input_lost(example_pcap):
     assert "not received   300 frames: the receive ring was full" in lines[4]
     assert any(line.startswith("cut short      2 frames") for line in lines)
     assert any(line.startswith("link           1 errors") for line in lines)
-    assert not any(line.startswith("long frames") for line in lines)
+    assert not any(line.startswith(("long frames", "cut again")) for line in lines)
     # frames read whole past a slot, and frames not sent: say what may be why
     c["ports"]["in"]["client"]["rx_whole"] = 3
-    c["ports"]["out"] = {"tx_dropped": 1, "tx_error": "Message too long"}
+    c["ports"]["out"] = {"tx_dropped": 1, "tx_error": "Message too long", "tx_cut": 2}
+    c["ports"]["in"]["server"]["tx_cut"] = 1
     text = io.StringIO()
     _print_counters(c, 1.0, text)
     assert "long frames    3 frames longer than a ring slot were read whole" \
         in text.getvalue()
+    assert "cut again      3 datagrams longer than an output's link" in text.getvalue()
 
 
 def test_every_packet_is_counted_once(tmp_path, example_pcap):
