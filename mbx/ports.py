@@ -93,62 +93,75 @@ def _afpacket(spec: str, arg: str, rx: bool = True) -> tuple[list[str], dict]:
     """``IF[,IF2][?key=value&...]`` -> (interfaces, AfPacketPort keyword options).
 
     Every value the port would refuse is refused here, worded with the keys of the
-    spec (``fanout``, not the keyword ``fanout_group``); ``rx``: for a port that
-    receives (an output checks only what a send-only port uses)."""
+    spec (``fanout``, not the keyword ``fanout_group``), all of a spec's problems in
+    one error; ``rx``: for a port that receives (an output checks only what a
+    send-only port uses)."""
     names, _, query = arg.partition("?")
     ifaces = [n.strip() for n in names.split(",")]
     if not 1 <= len(ifaces) <= 2 or not all(ifaces):
         raise PortError(f"port spec {spec!r}: expected afpacket:IF or afpacket:IF0,IF1")
     options: dict = {}
+    problems = []
     for item in filter(None, query.split("&")):
         key, _, value = item.partition("=")
         if key not in _AFPACKET_KEYS:
-            raise PortError(f"port spec {spec!r}: unknown option {key!r}; known: "
-                            f"{', '.join(_AFPACKET_KEYS)}")
-        if key in options or (key == "fanout" and "fanout_group" in options):
-            raise PortError(f"port spec {spec!r}: {key} is given twice")
-        bad = f"port spec {spec!r}: bad value {value!r} for {key}"
-        if key == "fanout":
-            options["fanout_group"] = _fanout_groups(value, len(ifaces), bad)
-        elif key in _AFPACKET_INT:
+            problems.append(f"unknown option {key!r}; known: {', '.join(_AFPACKET_KEYS)}")
+        elif key in options or (key == "fanout" and "fanout_group" in options):
+            problems.append(f"{key} is given twice")
+        else:
             try:
-                number = int(value, 0)
-            except ValueError:
-                number = -1
-            if not 0 <= number <= 0x7FFFFFFF:              # what the C field holds
-                raise PortError(f"{bad}: a whole number from 0 to {0x7FFFFFFF}")
-            options[key] = number
-        elif key == "ring":
-            options[key] = value        # judged with the sizes, below
-        elif key == "fanout_mode":
-            from mbx._afpacket import FANOUT_MODES
-            if value not in FANOUT_MODES:
-                raise PortError(f"port spec {spec!r}: fanout_mode {value!r} is not one "
-                                f"of {', '.join(FANOUT_MODES)}")
-            options[key] = value
-        elif key in ("promisc", "offloads", "fanout_defrag"):
-            flag = value.lower()
-            if flag not in _TRUE + _FALSE:
-                raise PortError(f"{bad}: {_FLAG_VALUES}")
-            options[key] = flag in _TRUE
-        else:   # duration
-            try:
-                options[key] = float(value)
-            except ValueError:
-                options[key] = -1.0
-            if not options[key] >= 0:       # also refuses nan
-                raise PortError(f"{bad}: seconds, 0 or more")
-    problem = _afpacket_ring_problem(options, rx)
+                options.update(_afpacket_option(key, value, len(ifaces)))
+            except ValueError as exc:
+                problems.append(str(exc))
+    problem = _afpacket_ring_problem(options, rx)     # the sizes together (those valid)
     if problem:
-        raise PortError(f"port spec {spec!r}: {problem}")
+        problems.append(problem)
+    if problems:
+        raise PortError(f"port spec {spec!r}: {'; '.join(problems)}")
     return ifaces, options
+
+
+def _afpacket_option(key, value, sides):
+    """One AF_PACKET option of a spec as AfPacketPort's keyword and value; ValueError
+    saying what is wrong with the value."""
+    bad = f"bad value {value!r} for {key}"
+    if key == "fanout":
+        return {"fanout_group": _fanout_groups(value, sides, bad)}
+    if key in _AFPACKET_INT:
+        try:
+            number = int(value, 0)
+        except ValueError:
+            number = -1
+        if not 0 <= number <= 0x7FFFFFFF:              # what the C field holds
+            raise ValueError(f"{bad}: a whole number from 0 to {0x7FFFFFFF}")
+        return {key: number}
+    if key == "ring":
+        return {key: value}         # judged with the sizes (_afpacket_ring_problem)
+    if key == "fanout_mode":
+        from mbx._afpacket import FANOUT_MODES
+        if value not in FANOUT_MODES:
+            raise ValueError(f"fanout_mode {value!r} is not one of "
+                             f"{', '.join(FANOUT_MODES)}")
+        return {key: value}
+    if key in ("promisc", "offloads", "fanout_defrag"):
+        flag = value.lower()
+        if flag not in _TRUE + _FALSE:
+            raise ValueError(f"{bad}: {_FLAG_VALUES}")
+        return {key: flag in _TRUE}
+    try:                        # duration
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:        # also refuses nan
+        raise ValueError(f"{bad}: seconds, 0 or more")
+    return {key: seconds}
 
 
 def _fanout_groups(value, sides, bad):
     """``fanout=`` as AfPacketPort's ``fanout_group``: a group id (a bridge's server
     side takes the next one), ``G0,G1`` (a bridge's two), or ``new`` (ids the kernel
     picks, unused: what ``--stacks`` uses, so that no other program's group is
-    joined by accident)."""
+    joined by accident).  ValueError for anything else."""
     from mbx._afpacket import NEW_GROUP
     if value == NEW_GROUP:
         return NEW_GROUP
@@ -161,8 +174,8 @@ def _fanout_groups(value, sides, bad):
             ids.append(-1)
     if len(parts) > sides or not all(0 <= g <= 0xFFFF for g in ids):
         two = ", or G0,G1 for a bridge's two sides" if sides == 2 else ""
-        raise PortError(f"{bad}: a PACKET_FANOUT group id from 0 to 65535{two}, or "
-                        f"{NEW_GROUP} (ids the kernel picks)")
+        raise ValueError(f"{bad}: a PACKET_FANOUT group id from 0 to 65535{two}, or "
+                         f"{NEW_GROUP} (ids the kernel picks)")
     return tuple(ids) if len(ids) == 2 else ids[0]
 
 

@@ -643,6 +643,22 @@ def test_afpacket_option_values_are_refused_when_the_spec_is_read(options, messa
         open_input(spec)
 
 
+def test_every_problem_of_an_afpacket_spec_is_named_at_once():
+    from mbx.ports import check_spec
+
+    # The spec was refused at its first problem: fixing it showed the next, one run
+    # at a time.
+    spec = ("afpacket:mbx-nope0?ring=v9&block_count=x&promisc=maybe&bogus=1&ring=v2"
+            "&fanout_defrag=2")
+    with pytest.raises(PortError) as err:
+        check_spec(spec)
+    text = str(err.value)
+    for problem in ("bad value 'x' for block_count", "bad value 'maybe' for promisc",
+                    "unknown option 'bogus'", "ring is given twice",
+                    "bad value '2' for fanout_defrag", "ring 'v9' is not one of v2, v3"):
+        assert text.count(problem) == 1, (problem, text)
+
+
 def test_an_output_is_checked_as_a_send_only_port():
     from mbx.ports import check_spec
 
