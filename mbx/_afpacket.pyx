@@ -959,7 +959,8 @@ cdef class AfPacketPort(Port):
         # the MTU that may be cut (_fragment.pxd: one mbx or the kernel rebuilt) goes
         # as fragments, a message each: its headers written in frag_hdrs, its
         # payload an iovec into the datagram.  (i, piece) is the next message to send:
-        # packet i, and its fragment piece when it is being cut.
+        # packet i, and its fragment piece when it is being cut.  Returns the packets
+        # sent (all of a cut one's fragments); the port's counters count frames.
         cdef mmsghdr msgs[AFP_TX_CHUNK]
         cdef iovec iov[3 * AFP_TX_CHUNK]
         cdef virtio_net_hdr vh[AFP_TX_CHUNK]
@@ -967,6 +968,7 @@ cdef class AfPacketPort(Port):
         cdef uint32_t msg_piece[AFP_TX_CHUNK]   # ... and fragment
         cdef uint32_t msg_len[AFP_TX_CHUNK]
         cdef uint8_t msg_cuts[AFP_TX_CHUNK]     # 1: the first fragment of a datagram
+        cdef uint8_t msg_ends[AFP_TX_CHUNK]     # 1: its packet's last (or only) message
         cdef frag_plan plan
         cdef int plan_of = -1                   # the packet plan was made for
         cdef mbx_pkt *p
@@ -977,6 +979,7 @@ cdef class AfPacketPort(Port):
         cdef int sent = 0
         cdef uint64_t nbytes = 0
         cdef uint64_t dropped = 0, cuts = 0
+        cdef int done = 0                       # packets whose every message went
         cdef bint waited = False, cut
         cdef iovec *v
         if self.fd < 0 or not self.tx:
@@ -1032,6 +1035,7 @@ cdef class AfPacketPort(Port):
                     msg_len[k] = hlen + <uint32_t>v[2].iov_len
                     msg_cuts[k] = cpiece == 0
                     cpiece += 1
+                    msg_ends[k] = cpiece == plan.count
                     if cpiece == plan.count:
                         ci += 1
                         cpiece = 0
@@ -1041,6 +1045,7 @@ cdef class AfPacketPort(Port):
                     msgs[k].msg_hdr.msg_iovlen = 1
                     msg_len[k] = p.caplen
                     msg_cuts[k] = 0
+                    msg_ends[k] = 1
                     ci += 1
                 if self.offloads:
                     msgs[k].msg_hdr.msg_iovlen += 1
@@ -1050,6 +1055,7 @@ cdef class AfPacketPort(Port):
                 for j in range(r):
                     nbytes += msg_len[j]
                     cuts += msg_cuts[j]
+                    done += msg_ends[j]
                 sent += r
                 if r == k:
                     i = ci
@@ -1101,7 +1107,7 @@ cdef class AfPacketPort(Port):
         self.tx_bytes = self.tx_bytes + nbytes
         self.tx_dropped = self.tx_dropped + dropped
         self.tx_cut = self.tx_cut + cuts
-        return sent
+        return done
 
     cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
         return self.send_frames(pkts, n)

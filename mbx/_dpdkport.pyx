@@ -1020,6 +1020,7 @@ cdef class DpdkPort(Port):
     cdef int _tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
         cdef rte_mbuf *out[DPDK_MAX_BURST]
         cdef uint32_t lens[DPDK_MAX_BURST]
+        cdef uint8_t ends[DPDK_MAX_BURST]      # 1: its packet's last (or only) frame
         cdef uint8_t hdr[FRAG_HDR_MAX]
         cdef frag_plan plan
         cdef rte_mbuf *m
@@ -1061,6 +1062,7 @@ cdef class DpdkPort(Port):
                             rte_pktmbuf_free(m)
                             break
                         lens[k] = hlen + plen
+                        ends[k] = piece + 1 == plan.count
                         out[k] = m
                         k += 1
                     if k - k0 == <int>plan.count:
@@ -1098,6 +1100,7 @@ cdef class DpdkPort(Port):
                     self.tx_dropped = self.tx_dropped + 1
                 else:
                     lens[k] = p.caplen
+                    ends[k] = 1
                     out[k] = m
                     k += 1
                 i += 1
@@ -1111,6 +1114,7 @@ cdef class DpdkPort(Port):
             nbytes = 0
             for j in range(sent):
                 nbytes += lens[j]
+                total += ends[j]        # packets: a cut one once all its fragments went
             # What the driver did not take (after any wait) is ours to free.
             for j in range(sent, k):
                 rte_pktmbuf_free(out[j])
@@ -1118,7 +1122,6 @@ cdef class DpdkPort(Port):
             self.tx_dropped = self.tx_dropped + (k - sent)
             self.tx_pkts = self.tx_pkts + sent
             self.tx_bytes = self.tx_bytes + nbytes
-            total += sent
         return total
 
     cdef int _tx_wait(self, rte_mbuf **out, int left) noexcept nogil:

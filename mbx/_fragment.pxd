@@ -7,7 +7,9 @@
 #
 # - IPv4 with DF clear, as any IPv4 router may: into fragments of at most the
 #   link's MTU, and none longer than the sender's own (frag_size, when mbx rebuilt
-#   it).  Options not marked "copied" go only in the first (they become NOPs).
+#   it).  With DF set only one mbx rebuilt, into fragments as long as the sender's
+#   (when those fit the link), as Linux does with frag_max_size; the fragments keep
+#   DF.  Options not marked "copied" go only in the first (they become NOPs).
 # - IPv6 only where mbx rebuilt it (PKT_F_REASSEMBLED): the source fragmented it,
 #   only a source may; the unfragmentable part (the IPv6 header, hop-by-hop and
 #   routing headers, a destination options header before a routing header) goes in
@@ -38,20 +40,24 @@ ctypedef struct frag_plan:
 
 
 # Whether p, one IP datagram longer than mtu (IP bytes), can be cut for that MTU, and
-# how (in f).  No: not IP, cut short, itself a fragment, IPv4 with DF set, IPv6 that
-# mbx did not rebuild, or headers longer than FRAG_HDR_MAX or the MTU allows.
+# how (in f).  No: not IP, cut short, itself a fragment, IPv4 with DF set that mbx
+# did not rebuild (or whose sender's fragments are longer than the link takes), IPv6
+# that mbx did not rebuild, or headers longer than FRAG_HDR_MAX or the MTU allows.
 cdef inline bint frag_plan_for(const mbx_pkt *p, uint32_t mtu, frag_plan *f) noexcept nogil:
     cdef const uint8_t *d = p.data
     cdef uint32_t l3 = p.l3_off, end, cur, hdr, nh_pos, ext
     cdef uint8_t nh
+    cdef bint df = False
     if (p.ip_ver != 4 and p.ip_ver != 6) or p.flags & (PKT_F_FRAGMENT | PKT_F_TRUNCATED):
         return False
     if p.caplen < p.wirelen or p.ip_len == 0 or l3 + p.ip_len > p.caplen:
         return False
     end = l3 + p.ip_len
     if p.ip_ver == 4:
-        if d[l3 + 6] & 0x40:
-            return False            # DF: the sender asked that it not be cut
+        # DF: the sender asked that it not be cut, beyond how it was cut already
+        df = (d[l3 + 6] & 0x40) != 0
+        if df and not (p.flags & PKT_F_REASSEMBLED and p.frag_size):
+            return False
         cur = l3 + <uint32_t>(d[l3] & 0x0F) * 4
         hdr = cur - l3
         nh_pos = 0
@@ -88,6 +94,8 @@ cdef inline bint frag_plan_for(const mbx_pkt *p, uint32_t mtu, frag_plan *f) noe
         f.chunk = p.frag_size & ~(<uint32_t>7)
         if f.chunk == 0:
             f.chunk = 8
+    elif df and p.frag_size > f.chunk:
+        return False                # the sender's fragments do not fit this link
     f.count = (f.total + f.chunk - 1) // f.chunk
     f.v6 = p.ip_ver == 6
     return f.count > 1
@@ -114,7 +122,7 @@ cdef inline uint32_t frag_header(const mbx_pkt *p, const frag_plan *f, uint32_t 
     if not f.v6:
         ihl = f.unfrag - l3
         store16(out + l3 + 2, <uint16_t>(ihl + n))
-        store16(out + l3 + 6, <uint16_t>((load16(p.data + l3 + 6) & 0x8000)
+        store16(out + l3 + 6, <uint16_t>((load16(p.data + l3 + 6) & 0xC000)
                                          | (more << 13) | (off >> 3)))
         if k:
             # Only options marked "copied" (the type's top bit) belong in later

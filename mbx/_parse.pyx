@@ -757,6 +757,11 @@ cdef class FragTable:
         if store_head:
             need += p.payload_off
         if self.bytes_used + need > self.max_bytes:
+            # Give up the datagrams past their time first (by this fragment's clock,
+            # not the stack's: parallel stacks see the same fragments but not the
+            # same packets, and must agree on what each table holds).
+            self.expire(p.ts_ns)
+        if self.bytes_used + need > self.max_bytes:
             return self._refuse(p, slot, PARSE_FRAG_MEMCAP)
         if store_head:
             g.head = <uint8_t *>malloc(p.payload_off)
@@ -805,7 +810,12 @@ cdef class FragTable:
         cdef uint32_t nhpos, cur, ihl, piece_max, ident
         cdef uint8_t kind
         cdef frag_piece *q
-        cdef uint8_t *out = batch.reserve(total)
+        cdef uint8_t *out
+        # The first fragment's headers may be longer than the others' (IPv4 options,
+        # IPv6 extension headers): the whole must still fit the length field.
+        if total - l3 - (40 if v6 else 0) > IP_MAXPACKET:
+            return self._refuse(p, slot, PARSE_BAD_FRAG)
+        out = batch.reserve(total)
         if out == NULL:
             return self._refuse(p, slot, PARSE_FRAG_MEMCAP)
         memcpy(out, g.head, hdr)

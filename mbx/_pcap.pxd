@@ -93,7 +93,7 @@ cdef class PcapReader(Port):
     cdef int _rss_decide(self) noexcept nogil
     cdef int _rss_burst(self, Batch batch) noexcept nogil
     cdef void _too_big(self, const pcap_rec *r, Batch batch) noexcept nogil
-    cdef int _burst_end(self, int n, uint64_t nbytes) noexcept nogil
+    cdef int _burst_end(self, int n, int counted, uint64_t nbytes) noexcept nogil
     cdef int _open_pcap(self, uint32_t magic) except -1
     cdef int _open_pcapng(self, pcap_rec *probe) except -1
     cdef int _fail(self, bint damage) noexcept nogil

@@ -170,6 +170,11 @@ cdef inline int _next_record(PcapReader rd, pcap_rec *r) noexcept nogil:
 _being_read = {}
 
 
+cdef enum:
+    # an own_kind: a fragment handed to this process, which another one counts
+    FRAGMENT_COUNTED_ELSEWHERE = 100
+
+
 cdef class PcapReader(Port):
     """Replay a pcap or pcapng capture file as a port.
 
@@ -676,7 +681,10 @@ cdef class PcapReader(Port):
                 owner = rss_share_of(h, self.rss_n)
             if kind == RSS_FRAGMENT:
                 # every stack rebuilds every datagram: only then are its ports, and
-                # so its flow's stack, known (the stack counts the fragment once)
+                # so its flow's stack, known.  The process its addresses pick counts
+                # it (here and in the stack); for the others it is another's.
+                if owner != <int>self.rss_k:
+                    kind = FRAGMENT_COUNTED_ELSEWHERE
                 owner = self.rss_k
             self.own[m] = r
             self.own_hash[m] = h
@@ -695,7 +703,7 @@ cdef class PcapReader(Port):
         # with the flow hash the walk found (the flow table then skips its own).
         cdef const pcap_rec *r
         cdef mbx_pkt *p
-        cdef int n = 0
+        cdef int n = 0, counted = 0
         cdef uint64_t nbytes = 0
         while True:
             if self.own_i == self.own_n:
@@ -712,10 +720,14 @@ cdef class PcapReader(Port):
             if self.own_kind[self.own_i] == RSS_FLOW:
                 p.hash = self.own_hash[self.own_i]
                 p.flags = PKT_F_RSS_HASH
+            if self.own_kind[self.own_i] == FRAGMENT_COUNTED_ELSEWHERE:
+                self.rss_skipped = self.rss_skipped + 1
+            else:
+                counted += 1
+                nbytes += p.caplen
             self.own_i += 1
             n += 1
-            nbytes += p.caplen
-        return self._burst_end(n, nbytes)
+        return self._burst_end(n, counted, nbytes)
 
     cdef void _too_big(self, const pcap_rec *r, Batch batch) noexcept nogil:
         # Only a frame that cannot fit even an empty batch is an error.
@@ -726,9 +738,10 @@ cdef class PcapReader(Port):
         self.error_is_format = False
         self.own_i = self.own_n         # reading stops here
 
-    cdef int _burst_end(self, int n, uint64_t nbytes) noexcept nogil:
-        # Counts a burst of n frames; what rx_burst returns after it.
-        self.rx_pkts = self.rx_pkts + n
+    cdef int _burst_end(self, int n, int counted, uint64_t nbytes) noexcept nogil:
+        # Counts a burst of n frames (counted of them this process's, nbytes their
+        # bytes); what rx_burst returns after it.
+        self.rx_pkts = self.rx_pkts + counted
         self.rx_bytes = self.rx_bytes + nbytes
         if n:
             return n
@@ -767,7 +780,7 @@ cdef class PcapReader(Port):
             self.pos = r.next_pos
             n += 1
             nbytes += p.caplen
-        return self._burst_end(n, nbytes)
+        return self._burst_end(n, n, nbytes)
 
 
 cdef class PcapWriter(Port):

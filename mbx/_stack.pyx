@@ -221,8 +221,8 @@ cdef class NetworkLayer:
                     self.pkts += 1
                     self.bytes += p.wirelen
                     self.status_count[st] += 1
-                else:
-                    self.rss_other += 1
+                elif self.rss_input is None:
+                    self.rss_other += 1     # (an RSS input counts it in rss_skipped)
                 if p.flags & PKT_F_FRAGMENT:
                     r = self.frags.defrag(batch, p, counted)
                     if r == DEFRAG_HELD:
@@ -232,9 +232,13 @@ cdef class NetworkLayer:
                         self.status_count[p.status] += counted
                         continue
                     st = p.status
-                    if (self.rss_n > 1 and r == DEFRAG_DONE
-                            and rss_stack_of_parsed(p, self.rss_n) != <int>self.rss_k):
-                        p.verdict = VERDICT_HELD    # another stack's flow: it sends it
+                    if self.rss_n > 1 and (
+                            rss_stack_of_parsed(p, self.rss_n) != <int>self.rss_k
+                            if r == DEFRAG_DONE else not counted):
+                        # a rebuilt datagram of another stack's flow, or a fragment
+                        # passed on as it is (cut short by the capture) that the
+                        # stack its addresses pick passes on: that stack sends it
+                        p.verdict = VERDICT_HELD
                         continue
                 if st != PARSE_OK and st != PARSE_NOT_IP and self.drop_malformed:
                     p.verdict = VERDICT_DROP

@@ -433,11 +433,12 @@ def test_frag_timeout_and_memcap_are_counted(tmp_path):
         finally:
             inp.close()
 
-    # datagrams: the lost one times out; big, cut by the memcap, never completes and
-    # is given up at the end of the input
+    # datagrams: the lost one times out (given up, past its time, before a fragment
+    # is refused for memory); big, cut by the memcap, never completes and is given up
+    # at the end of the input
     c = run(frag_memory=4096)                       # too little for all of big
     assert c["fragments"]["timed_out"] == 2 and c["fragments"]["completed"] == 0
-    assert c["fragments"]["memcap_drops"] == c["parse"]["frag_memcap"] == 2
+    assert c["fragments"]["memcap_drops"] == c["parse"]["frag_memcap"] == 1
     assert c["dropped_by_nf"] == 0                  # the stack refused them, no NF
     c = run(frag_memory=1 << 20)                    # room for all: big is whole again
     assert c["fragments"]["timed_out"] == 1 and c["fragments"]["completed"] == 1
@@ -624,6 +625,51 @@ def test_a_rebuilt_datagram_is_cut_again_for_the_output(version, proto, data, si
     # the kernel's own reader agrees on every fragment's IPv4 header checksum
     if version == 4:
         assert all(ip_checksum(f[14:14 + (f[14] & 0x0F) * 4]) == 0 for f in sent)
+
+def _ip4_fragment(payload, off, more, opts=b"", df=False):
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45 + len(opts) // 4, 0,
+                                20 + len(opts) + len(payload), 0x4242,
+                                (0x4000 if df else 0) | (0x2000 if more else 0) | off // 8,
+                                64, 17, 0, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
+                    + opts)
+    hdr[10:12] = struct.pack("!H", ip_checksum(bytes(hdr)))
+    return eth(bytes(hdr) + payload)
+
+
+def test_a_datagram_that_would_not_fit_its_length_field_is_refused():
+    # Each fragment's own header fit the 65,535-byte limit, but the rebuilt datagram
+    # takes the first fragment's (with 40 bytes of options): its length field wrapped
+    # (a 65,589-byte frame saying 39), and NFs and outputs got it as good.
+    data = bytes(range(256)) * 256
+    body = udp(1, 2, data[:65500 - 8])
+    frags = [_ip4_fragment(body[:1480], 0, True, opts=b"\x01" * 39 + b"\x00")]
+    frags += [_ip4_fragment(body[off:off + 1480], off, off + 1480 < len(body))
+              for off in range(1480, len(body), 1480)]
+    table = FragTable()
+    results = [table.push(f) for f in frags]
+    assert results[-1] == ("drop", None)
+    assert table.bad == 1 and table.completed == 0 and table.pending == 0
+
+
+def test_a_datagram_sent_in_fragments_with_df_is_cut_as_its_sender_cut_it():
+    # Fragments with DF set (legal, if rare): the rebuilt datagram keeps DF, and an
+    # output refused to cut it, so none of it left.  As Linux does, it is cut into
+    # fragments as long as the sender's, DF kept, where those fit the link.
+    body = udp(1, 2, bytes(range(256)) * 12)
+    frags = [_ip4_fragment(body[off:off + 1480], off, off + 1480 < len(body), df=True)
+             for off in range(0, len(body), 1480)]
+    for mtu, cut in ((1500, True), (9000, False), (1400, False)):
+        table = FragTable()
+        for f in frags[:-1]:
+            table.push(f, 0, mtu)
+        verdict, sent = table.push(frags[-1], 0, mtu)
+        assert verdict == "done"
+        if cut:
+            assert sent == frags            # the sender's own fragments, DF and all
+        else:
+            # it fits (9000), or the sender's fragments do not (1400): as it is
+            [datagram] = sent
+            assert len(datagram) == 14 + 20 + len(body)
 
 def test_not_a_fragment_is_none():
     assert FragTable().push(original_frame(4, 6, b"x")) == ("none", None)
