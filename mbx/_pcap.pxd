@@ -66,6 +66,9 @@ cdef class PcapReader(Port):
     cdef readonly uint16_t port_id
 
     cdef const uint8_t *base            # the read-only mapping, NULL once closed
+    # Set (by mbx_on_sigbus) when the file shrank under the mapping: the pages past
+    # its new end read as zeros from then on, and reading stops with an error.
+    cdef int cut_under_us
     cdef size_t pos
     cdef size_t start                   # offset of the first record
     cdef bint is_pcapng
@@ -93,6 +96,8 @@ cdef class PcapReader(Port):
     cdef int _rss_decide(self) noexcept nogil
     cdef int _rss_burst(self, Batch batch) noexcept nogil
     cdef void _too_big(self, const pcap_rec *r, Batch batch) noexcept nogil
+    cdef bint _taken_back(self, Batch batch, mbx_pkt *p) noexcept nogil
+    cdef void _shrank(self) noexcept nogil
     cdef int _burst_end(self, int n, int counted, uint64_t nbytes) noexcept nogil
     cdef int _open_pcap(self, uint32_t magic) except -1
     cdef int _open_pcapng(self, pcap_rec *probe) except -1

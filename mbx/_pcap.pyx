@@ -158,10 +158,106 @@ cdef inline int _next_record(PcapReader rd, pcap_rec *r) noexcept nogil:
     # The next record of either format.  The file streams through: ask for it ahead
     # of the reader (about 1.5 ns a frame less here, where the RSS walk is all the
     # work a skipped frame costs).  A function, not a method: called directly.
-    cdef int got = rd._next_pcapng(r) if rd.is_pcapng else rd._next_pcap(r)
+    cdef int got
+    if rd.cut_under_us:
+        rd._shrank()            # the file shrank: nothing more can be read
+        return -1
+    got = rd._next_pcapng(r) if rd.is_pcapng else rd._next_pcap(r)
     if got > 0:
         __builtin_prefetch(r.data + PREFETCH_AHEAD)
     return got
+
+
+# Another program may shorten a capture while it is mapped here (tcpdump -w onto it,
+# a cp over it, a log rotation): touching the pages past its new end raises SIGBUS,
+# which kills the process, with no summary and no error.  mbx_on_sigbus, for a fault
+# inside a mapping a PcapReader watches, maps zeros over the rest of that mapping
+# and raises the reader's flag, so the faulting read goes on and the reader, which
+# looks at the flag after each frame it copies, stops with an error instead.  A
+# fault anywhere else goes to the handler that was there before (Python's
+# faulthandler, say), or ends the process as it would have.
+cdef extern from *:
+    """
+    #include <signal.h>
+    #include <stdint.h>
+    #include <string.h>
+    #include <sys/mman.h>
+    #include <unistd.h>
+    #define MBX_WATCHED_MAPS 256
+    typedef struct { const char *base; size_t len; int *hit; } mbx_watched_map;
+    static mbx_watched_map mbx_watched[MBX_WATCHED_MAPS];
+    static struct sigaction mbx_sigbus_before;
+    static int mbx_sigbus_on = 0;
+    static size_t mbx_page_size = 4096;
+
+    static void mbx_on_sigbus(int sig, siginfo_t *si, void *uc) {
+        const char *a = (const char *)si->si_addr;
+        int i;
+        if (si->si_code > 0) {          /* a fault, not kill() or raise() */
+            for (i = 0; i < MBX_WATCHED_MAPS; i++) {
+                const char *b = __atomic_load_n(&mbx_watched[i].base, __ATOMIC_ACQUIRE);
+                if (b != NULL && a >= b && a < b + mbx_watched[i].len) {
+                    char *page = (char *)((uintptr_t)a & ~(uintptr_t)(mbx_page_size - 1));
+                    size_t rest = (size_t)(b + mbx_watched[i].len - page);
+                    rest = (rest + mbx_page_size - 1) & ~(mbx_page_size - 1);
+                    if (mmap(page, rest, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                             -1, 0) != MAP_FAILED) {
+                        *mbx_watched[i].hit = 1;
+                        return;
+                    }
+                }
+            }
+        }
+        if (mbx_sigbus_before.sa_flags & SA_SIGINFO) {
+            if (mbx_sigbus_before.sa_sigaction != NULL) {
+                mbx_sigbus_before.sa_sigaction(sig, si, uc);
+                return;
+            }
+        } else if (mbx_sigbus_before.sa_handler != SIG_DFL
+                   && mbx_sigbus_before.sa_handler != SIG_IGN) {
+            mbx_sigbus_before.sa_handler(sig);
+            return;
+        }
+        signal(SIGBUS, SIG_DFL);        /* the fault comes again, fatal as it was */
+    }
+
+    /* Watch [base, base + len) for the file shrinking under it; 0, or -1 when it
+       cannot be watched (reading goes on unguarded, as before). */
+    static int mbx_watch_map(const void *base, size_t len, int *hit) {
+        int i;
+        if (!mbx_sigbus_on) {
+            struct sigaction sa;
+            long page = sysconf(_SC_PAGESIZE);
+            if (page > 0)
+                mbx_page_size = (size_t)page;
+            memset(&sa, 0, sizeof sa);
+            sa.sa_sigaction = mbx_on_sigbus;
+            sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+            sigemptyset(&sa.sa_mask);
+            if (sigaction(SIGBUS, &sa, &mbx_sigbus_before) != 0)
+                return -1;
+            mbx_sigbus_on = 1;
+        }
+        for (i = 0; i < MBX_WATCHED_MAPS; i++) {
+            if (mbx_watched[i].base == NULL) {
+                mbx_watched[i].len = len;
+                mbx_watched[i].hit = hit;
+                __atomic_store_n(&mbx_watched[i].base, (const char *)base, __ATOMIC_RELEASE);
+                return 0;
+            }
+        }
+        return -1;
+    }
+
+    static void mbx_unwatch_map(const void *base) {
+        int i;
+        for (i = 0; i < MBX_WATCHED_MAPS; i++)
+            if (mbx_watched[i].base == (const char *)base)
+                __atomic_store_n(&mbx_watched[i].base, (const char *)NULL, __ATOMIC_RELEASE);
+    }
+    """
+    int mbx_watch_map(const void *base, size_t length, int *hit) nogil
+    void mbx_unwatch_map(const void *base) nogil
 
 
 # The files PcapReaders of this process have mapped, (st_dev, st_ino) -> readers: a
@@ -236,6 +332,8 @@ cdef class PcapReader(Port):
             os.close(fd)
         # Reading is one forward pass: let the kernel read ahead aggressively.
         madvise(mapped, size, MADV_SEQUENTIAL)
+        self.cut_under_us = 0
+        mbx_watch_map(mapped, size, &self.cut_under_us)
         self.base = m = <const uint8_t *>mapped
         self.size = size
         self.scratch = <uint8_t *>malloc(PCAP_MAX_CAPLEN + ETH_HLEN)
@@ -333,6 +431,7 @@ cdef class PcapReader(Port):
 
     cdef void _unmap(self) noexcept nogil:
         if self.base != NULL:
+            mbx_unwatch_map(self.base)
             munmap(<void *>self.base, self.size)
             self.base = NULL
         free(self.ifaces)
@@ -717,6 +816,8 @@ cdef class PcapReader(Port):
                 if batch.count == 0:
                     self._too_big(r, batch)
                 break
+            if self._taken_back(batch, p):
+                break
             if self.own_kind[self.own_i] == RSS_FLOW:
                 p.hash = self.own_hash[self.own_i]
                 p.flags = PKT_F_RSS_HASH
@@ -728,6 +829,26 @@ cdef class PcapReader(Port):
             self.own_i += 1
             n += 1
         return self._burst_end(n, counted, nbytes)
+
+    cdef bint _taken_back(self, Batch batch, mbx_pkt *p) noexcept nogil:
+        # After each frame copied: if the file shrank under the mapping meanwhile
+        # (mbx_on_sigbus), the frame may hold zeros for bytes it never had: take it
+        # back out of the batch and stop with an error.
+        if not self.cut_under_us:
+            return False
+        batch.count = batch.count - 1
+        batch.arena_used = <size_t>(p.data - batch.arena)
+        self._shrank()
+        return True
+
+    cdef void _shrank(self) noexcept nogil:
+        if self.state != READ_FAILED:
+            snprintf(self.errmsg, sizeof(self.errmsg),
+                     "the file was cut short by another program while it was read "
+                     "(near byte offset %zu): reading stops", self.pos)
+            self._fail(False)
+            self.error_is_format = False
+        self.own_i = self.own_n             # reading stops here
 
     cdef void _too_big(self, const pcap_rec *r, Batch batch) noexcept nogil:
         # Only a frame that cannot fit even an empty batch is an error.
@@ -776,6 +897,8 @@ cdef class PcapReader(Port):
                 # Full batch: the record stays for the next call.
                 if batch.count == 0:
                     self._too_big(&r, batch)
+                break
+            if self._taken_back(batch, p):
                 break
             self.pos = r.next_pos
             n += 1

@@ -1,17 +1,22 @@
 """Capture-file ports: PcapReader/PcapWriter against dpkt and hand-built files."""
 
+import json
 import os
 import random
 import struct
+import subprocess
+import sys
 
 import dpkt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mbxtest import read_frames
 
 from mbx._packet import Batch
 from mbx._pcap import PcapReader, PcapWriter
 from mbx.errors import CaptureFormatError, PortError
+from mbx.examples.capture import write_example
 from mbx.ports import open_input, open_output
 
 NS = 1_000_000_000
@@ -593,6 +598,67 @@ def test_a_writer_refuses_a_capture_a_reader_has_open(tmp_path, example_pcap):
     assert cap.read_bytes() == before
     r.close()
     PcapWriter(cap).close()             # once it is closed, it may be written
+
+
+SHRINK = """
+import os, sys
+from mbx._packet import Batch
+from mbx._pcap import PcapReader
+from mbx.errors import PortError
+from mbx.examples.capture import write_example
+path = sys.argv[1]
+write_example(path, flows=400, seed=3)
+r = PcapReader(path)
+b = Batch(64)
+first = r.receive(b)
+os.truncate(path, 4096)         # as tcpdump -w onto it, or a cp over it, would
+try:
+    while True:
+        b.reset()
+        if r.receive(b) < 0:
+            break
+    print("no error")
+except PortError as e:
+    print(first, e)
+"""
+
+
+def test_a_capture_cut_short_by_another_program_while_read_is_an_error(tmp_path):
+    # The file is mapped: another program shortening it took the pages past its new
+    # end, and the next read killed the process (SIGBUS, exit 135): no error, no
+    # summary, no --json, the output's last buffer lost.
+    r = subprocess.run([sys.executable, "-c", SHRINK, str(tmp_path / "x.pcap")],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout.startswith("64 pcap:"), r.stdout
+    assert "the file was cut short by another program while it was read" in r.stdout
+    # the same under mbx run, the file cut by an NF's handler after 100 packets: the
+    # run ends with the error, its summary and --json, and the frames read before
+    # are in the output
+    cap = tmp_path / "y.pcap"
+    write_example(str(cap), flows=400, seed=3)
+    nf = tmp_path / "cutter.py"
+    nf.write_text("import os\nimport mbx\n"
+                  "def make():\n"
+                  "    nf = mbx.NF('cutter')\n"
+                  "    seen = [0]\n"
+                  "    def on(ev):\n"
+                  "        seen[0] += 1\n"
+                  f"        if seen[0] == 100:\n"
+                  f"            os.truncate({str(cap)!r}, 4096)\n"
+                  "    nf.sub(mbx.PKT, on)\n"
+                  "    return nf\n")
+    out, counters = tmp_path / "out.pcap", tmp_path / "c.json"
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", f"{nf}+l2fwd", "--in",
+                        f"pcap:{cap}", "--out", f"pcap:{out}", "--json", str(counters),
+                        "--burst", "16"], capture_output=True, text=True, timeout=60,
+                       check=False, cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "cut short by another program" in r.stderr
+    assert r.stdout.startswith("packets")
+    written = json.loads(counters.read_text())
+    assert "cut short by another program" in written["error"]
+    assert 100 <= written["sent"] == len(read_frames(out))
 
 
 @pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
