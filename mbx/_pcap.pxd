@@ -21,6 +21,7 @@ cdef enum LinkMode:
     LINK_IPV6 = 3
     LINK_SLL = 4            # Linux cooked v1: 16-byte header, protocol at 14
     LINK_SLL2 = 5           # Linux cooked v2: 20-byte header, protocol at 0
+    LINK_NULL = 6           # BSD loopback: 4-byte address family, then IP (nibble)
     LINK_UNSUPPORTED = 255
 
 # Where reading stands: anything but READ_OK ends the replay once reported.
@@ -81,7 +82,7 @@ cdef class PcapReader(Port):
     cdef uint32_t cap_ifaces
     cdef uint8_t *scratch               # a frame being given an Ethernet header
     cdef bint error_is_format           # pending error: CaptureFormatError vs PortError
-    cdef char errmsg[192]
+    cdef char errmsg[512]
     # Software RSS: this process's records among those decided ahead of pos, in file
     # order, with the hash the walk found (own_kind: an rss_hash_of_frame result).
     cdef pcap_rec own[RSS_AHEAD]

@@ -90,7 +90,11 @@ for _i in range(1, 20):
 
 SUPPORTED_LINKTYPES = ("1 (Ethernet), 101/228/229 (raw IP; also 12 and 14, the BSDs' "
                        "DLT_RAW, which old writers put in files), 113 (Linux SLL), "
-                       "276 (Linux SLL2)")
+                       "276 (Linux SLL2), 0/108 (BSD loopback)")
+
+
+_SUPPORTED_B = SUPPORTED_LINKTYPES.encode()
+cdef const char *_SUPPORTED_C = _SUPPORTED_B
 
 
 cdef inline uint8_t link_mode(uint32_t linktype) noexcept nogil:
@@ -106,6 +110,10 @@ cdef inline uint8_t link_mode(uint32_t linktype) noexcept nogil:
         return LINK_SLL
     if linktype == 276:
         return LINK_SLL2
+    if linktype == 0 or linktype == 108:
+        # The family word's byte order and values differ between systems (AF_INET6
+        # is 24, 28 or 30): the IP version nibble says more, as for raw IP.
+        return LINK_NULL
     return LINK_UNSUPPORTED
 
 
@@ -265,6 +273,12 @@ cdef extern from *:
 # mapping (SIGBUS on the next read) and destroy the capture.
 _being_read = {}
 
+# Compressed files given as captures: magic -> (what, how to undo it).
+_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k FILE, or zcat FILE > OUT"),
+               b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d FILE"),
+               b"\xfd\x37\x7a\x58": ("xz", "xz -dk FILE"),
+               b"\x42\x5a\x68": ("bzip2", "bunzip2 -k FILE")}
+
 
 cdef enum:
     # an own_kind: a fragment handed to this process, which another one counts
@@ -347,6 +361,12 @@ cdef class PcapReader(Port):
                 self._open_pcapng(&probe)
             elif magic in (MAGIC_US, MAGIC_NS, MAGIC_US_SWAPPED, MAGIC_NS_SWAPPED):
                 self._open_pcap(magic)
+            elif bytes(m[:min(size, 4)]).startswith(tuple(_COMPRESSED)):
+                kind, tool = next(v for k, v in _COMPRESSED.items()
+                                  if bytes(m[:min(size, 4)]).startswith(k))
+                raise CaptureFormatError(
+                    f"pcap:{path}: a {kind}-compressed file, not a capture: decompress "
+                    f"it first ({tool})")
             else:
                 seen = bytes(m[:min(size, 4)]).hex(" ")
                 raise CaptureFormatError(
@@ -505,6 +525,15 @@ cdef class PcapReader(Port):
             self.state = READ_END
             return 0
         h = self.base + pos
+        if (rd32(h, self.swapped) in (MAGIC_US, MAGIC_NS, MAGIC_US_SWAPPED, MAGIC_NS_SWAPPED)
+                and left >= PCAP_FILE_HDR and rd16(h + 4, self.swapped) == 2
+                and rd16(h + 6, self.swapped) == 4):
+            # read as a record, it would be an empty frame of 2055, then damage
+            snprintf(self.errmsg, sizeof(self.errmsg),
+                     "a second pcap file header at byte offset %zu: this file is two "
+                     "captures joined end to end (cat a b > c); join captures with "
+                     "mergecap -a, or read them one by one", pos)
+            return self._fail(True)
         caplen = rd32(h + 8, self.swapped)
         # Writers round snaplen oddly, so a record may exceed it a little; a length
         # far beyond it (or beyond libpcap's maximum) is a corrupt header.
@@ -667,8 +696,8 @@ cdef class PcapReader(Port):
                 if itf.mode == LINK_UNSUPPORTED:
                     snprintf(self.errmsg, sizeof(self.errmsg),
                              "unsupported link type %u (interface %u at byte offset %zu); "
-                             "supported: 1, 12, 14, 101, 113, 228, 229, 276",
-                             itf.linktype, self.n_ifaces, pos)
+                             "supported: %s", itf.linktype, self.n_ifaces, pos,
+                             _SUPPORTED_C)
                     return self._fail(False)
                 # Options are read leniently: one that runs past the block ends the
                 # list rather than the capture.
@@ -695,7 +724,7 @@ cdef class PcapReader(Port):
             self.pos = pos + blen
 
     cdef void _ethernet(self, pcap_rec *r) noexcept nogil:
-        # Gives a raw-IP or Linux cooked record an Ethernet header, in a scratch
+        # Gives a raw-IP, Linux cooked or loopback record an Ethernet header, in a scratch
         # buffer because the mapping is read-only; r then describes that frame.
         cdef const uint8_t *d = r.data
         cdef uint32_t hl = 0, l3len, wl
@@ -713,11 +742,14 @@ cdef class PcapReader(Port):
             etype = 0x0800
         elif r.mode == LINK_IPV6:
             etype = 0x86DD
-        elif r.caplen >= 1:
-            if d[0] >> 4 == 4:
-                etype = 0x0800
-            elif d[0] >> 4 == 6:
-                etype = 0x86DD
+        else:
+            if r.mode == LINK_NULL:
+                hl = 4
+            if r.caplen >= hl + 1:
+                if d[hl] >> 4 == 4:
+                    etype = 0x0800
+                elif d[hl] >> 4 == 6:
+                    etype = 0x86DD
         l3len = r.caplen - hl if r.caplen > hl else 0
         wl = r.wirelen - hl if r.wirelen > hl else 0
         s = self.scratch

@@ -74,6 +74,10 @@ def _parse(spec: str) -> tuple[str, str]:
                         f"{', '.join(KNOWN_SCHEMES)} (a bare capture file name works too)")
     if spec.lower().endswith(_CAPTURE_SUFFIXES):
         return "pcap", spec
+    if os.path.isfile(spec):
+        # a capture by another name (tcpdump -C's x.pcap1, x.pcap.gz): say how
+        raise PortError(f"{spec!r} is a file, but not named as a capture (.pcap, "
+                        f".pcapng, .cap): give it as pcap:{spec}")
     raise PortError(f"unknown port spec {spec!r}; expected SCHEME:ARG with a scheme in "
                     f"{', '.join(KNOWN_SCHEMES)} (or a file ending in "
                     f"{', '.join(_CAPTURE_SUFFIXES)})")

@@ -250,10 +250,14 @@ IP6 = bytes.fromhex("6000000000081140") + bytes(32) + b"\0" * 8
     (113, struct.pack(">HHH8sH", 0, 1, 6, b"\1" * 8, 0x0800) + IP4, 0x0800),
     (113, struct.pack(">HHH8sH", 4, 1, 6, b"\1" * 8, 0x0806) + b"arp!", 0x0806),
     (276, struct.pack(">HHIHBB8s", 0x86DD, 0, 2, 1, 0, 6, b"\1" * 8) + IP6, 0x86DD),
+    # BSD loopback (macOS lo0): a 4-byte address family in host (0) or network
+    # (108) order, whose values differ between systems; the version nibble decides
+    (0, struct.pack("<I", 2) + IP4, 0x0800), (0, struct.pack("<I", 30) + IP6, 0x86DD),
+    (108, struct.pack(">I", 24) + IP6, 0x86DD), (108, struct.pack(">I", 2) + IP4, 0x0800),
 ])
 @pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
 def test_link_types_get_an_ethernet_header(tmp_path, linktype, payload, ethertype, fmt):
-    hl = {113: 16, 276: 20}.get(linktype, 0)
+    hl = {113: 16, 276: 20, 0: 4, 108: 4}.get(linktype, 0)
     if fmt == "pcap":
         data = classic([(5, 6, payload, len(payload) + 10)], big_endian=False,
                        linktype=linktype)
@@ -274,6 +278,37 @@ def test_cooked_frame_shorter_than_its_header(tmp_path):
     path.write_bytes(classic([(0, 0, b"\0" * 10, 10)], big_endian=False, linktype=113))
     with PcapReader(path) as r:
         assert read_all(r) == [(bytes(14), 0, 14)]
+
+
+def test_captures_compressed_joined_or_oddly_named_are_told_how_to_read(tmp_path,
+                                                                        example_pcap):
+    # A .pcap.gz was "not a pcap or pcapng file (magic bytes 1f 8b 08 08 ...)"; two
+    # captures joined with cat gave an empty frame dated 2055, then "damaged record";
+    # tcpdump -C's x.pcap1 was an "unknown port spec" though the file was there.
+    import gzip
+    import shutil
+
+    raw = open(example_pcap, "rb").read()
+    gz = tmp_path / "x.pcap.gz"
+    gz.write_bytes(gzip.compress(raw))
+    with pytest.raises(CaptureFormatError, match=r"gzip-compressed file, not a capture: "
+                                                 r"decompress it first \(gunzip"):
+        PcapReader(gz)
+    joined = tmp_path / "joined.pcap"
+    joined.write_bytes(raw + raw)
+    with PcapReader(joined) as r:
+        n = 0
+        with pytest.raises(CaptureFormatError, match=rf"a second pcap file header at byte "
+                                                     rf"offset {len(raw)}.*mergecap"):
+            while (got := r.receive(Batch(64))) >= 0:
+                n += got
+    assert n == len(read_frames(example_pcap))      # the first capture, and nothing more
+    rotated = tmp_path / "x.pcap1"
+    shutil.copyfile(example_pcap, rotated)
+    with pytest.raises(PortError, match=rf"is a file, but not named as a capture.*"
+                                        rf"pcap:{rotated}"):
+        open_input(str(rotated))
+    open_input(f"pcap:{rotated}").close()
 
 
 @pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
