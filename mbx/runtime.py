@@ -656,7 +656,14 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     import threading
 
     from mbx._afpacket import NEW_GROUP
-    from mbx.ports import check_spec, check_stacks, open_ports, port_counters, stack_spec
+    from mbx.ports import (
+        capture_file,
+        check_spec,
+        check_stacks,
+        open_ports,
+        port_counters,
+        stack_spec,
+    )
 
     if stacks < 1:
         raise AppError(f"stacks must be at least 1, not {stacks}")
@@ -719,8 +726,9 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                     groups = go[1:].decode().strip() or NEW_GROUP
                     spec += ("&" if "?" in spec else "?") + f"fanout={groups}"
                 # an output naming the input's bridge is that bridge (open_ports
-                # sends through the input's sockets), fanout and all
-                out = (spec if out_spec == in_spec else
+                # sends through the input's sockets), fanout and all; one naming the
+                # input capture is this process's FILE.stackK, as any capture output
+                out = (spec if out_spec == in_spec and capture_file(in_spec) is None else
                        stack_spec(out_spec, output_path) if out_spec else None)
                 inp, outp = open_ports(spec, out, defer_output=True)
                 if afpacket:

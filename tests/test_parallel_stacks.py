@@ -184,6 +184,17 @@ def frames_of_a_lost_datagram():
     frame = frame[:18] + struct.pack("!H", 999) + frame[20:]
     return fragment4(frame, 1480)[:1]
 
+
+def test_stacks_may_write_beside_the_input_capture_under_its_name(tmp_path):
+    # Each stack writes FILE.stackK, so --out naming the input overwrites nothing;
+    # it was refused in every stack ("the output is the input capture").
+    cap = str(tmp_path / "self.pcap")
+    n = many_flows_capture(cap, flows=50, packets=500)
+    merged, _ = run_parallel(lambda: [L2Fwd()], "pcap:" + cap, "pcap:" + cap, stacks=2)
+    assert merged["sent"] == n
+    assert sum(len(read_frames(f"{cap}.stack{k}")) for k in range(2)) == n
+    assert len(read_frames(cap)) == n               # the input is as it was
+
 def test_each_stack_holds_its_share_of_the_flow_capacity(tmp_path):
     assert [stack_share(100, k) for k in (1, 2, 3, 4)] == [100, 64, 64, 32]
     assert stack_share(131072, 2) == 65536 and stack_share(1, 2) == 1
