@@ -150,6 +150,19 @@ def testbed():
             netns.delete_ns(ns)
 
 
+def _ipv6_on_the_end_hosts():
+    """IPv6 on the client and the server only (lo too: the server's own check goes
+    there), with static neighbours both ways: no NDP to wait for."""
+    for ns, dev, addr in ((NS_C, "c0", CLIENT_IP6), (NS_S, "s0", SERVER_IP6)):
+        for d in ("lo", dev):
+            _sh(*_in_ns(ns, "sysctl", "-qw", f"net.ipv6.conf.{d}.disable_ipv6=0"))
+        _sh("ip", "-n", ns, "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad")
+    _sh("ip", "-n", NS_C, "neigh", "replace", SERVER_IP6, "lladdr", _mac(NS_S, "s0"),
+        "dev", "c0", "nud", "permanent")
+    _sh("ip", "-n", NS_S, "neigh", "replace", CLIENT_IP6, "lladdr", _mac(NS_C, "c0"),
+        "dev", "s0", "nud", "permanent")
+
+
 def _start_bridge(procs, *extra):
     p = procs.start(_in_ns(NS_M, sys.executable, HERE, "bridge", "mc", "ms", *extra),
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -502,14 +515,7 @@ def test_offloads_bridge_moves_super_frames_and_the_lb_keeps_checksums_right(
     for dev in ("mc", "ms"):
         _offloads(NS_M, dev, tx=False)
     if family == 6:
-        # IPv6 on the end hosts only (lo too: the server's own check goes there),
-        # static neighbours: no NDP to wait for.
-        for ns, dev, addr in ((NS_C, "c0", CLIENT_IP6), (NS_S, "s0", SERVER_IP6)):
-            for d in ("lo", dev):
-                _sh(*_in_ns(ns, "sysctl", "-qw", f"net.ipv6.conf.{d}.disable_ipv6=0"))
-            _sh("ip", "-n", ns, "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad")
-        _sh("ip", "-n", NS_S, "neigh", "replace", CLIENT_IP6, "lladdr", _mac(NS_C, "c0"),
-            "dev", "s0", "nud", "permanent")
+        _ipv6_on_the_end_hosts()
     _sh("ip", "-n", NS_C, "neigh", "replace", vip, "lladdr", _mac(NS_S, "s0"),
         "dev", "c0", "nud", "permanent")
     blob = _serve_blob(procs, tmp_path, bind=server)
@@ -1045,13 +1051,7 @@ def test_a_bridge_forwards_fragmented_datagrams_whole_and_in_their_flow(
     procs = testbed
     client, server = (CLIENT_IP, SERVER_IP) if family == 4 else (CLIENT_IP6, SERVER_IP6)
     if family == 6:
-        for ns, dev, addr in ((NS_C, "c0", CLIENT_IP6), (NS_S, "s0", SERVER_IP6)):
-            _sh(*_in_ns(ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=0"))
-            _sh("ip", "-n", ns, "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad")
-        _sh("ip", "-n", NS_C, "neigh", "replace", SERVER_IP6, "lladdr", _mac(NS_S, "s0"),
-            "dev", "c0", "nud", "permanent")
-        _sh("ip", "-n", NS_S, "neigh", "replace", CLIENT_IP6, "lladdr", _mac(NS_C, "c0"),
-            "dev", "s0", "nud", "permanent")
+        _ipv6_on_the_end_hosts()
     count = 48
     nf = tmp_path / "rec.py"
     nf.write_text(f"OUT = {str(tmp_path)!r}\n" + RECORDER_NF)
