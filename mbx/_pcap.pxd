@@ -64,6 +64,9 @@ cdef class PcapReader(Port):
     cdef readonly uint64_t size         # file bytes
     cdef readonly uint64_t damaged      # records/blocks whose lengths lie (reading stops)
     cdef readonly uint64_t truncated    # final record cut short (reading ends normally)
+    cdef readonly uint64_t skipped      # pcapng frames of interfaces of unsupported link types
+    cdef readonly uint32_t skipped_linktype     # the first of those link types ...
+    cdef readonly uint32_t skipped_iface        # ... and its interface
     cdef readonly uint16_t port_id
 
     cdef const uint8_t *base            # the read-only mapping, NULL once closed
@@ -94,6 +97,7 @@ cdef class PcapReader(Port):
     cdef int _next_pcap(self, pcap_rec *r) noexcept nogil
     cdef int _next_pcapng(self, pcap_rec *r) noexcept nogil
     cdef void _ethernet(self, pcap_rec *r) noexcept nogil
+    cdef void _skip_frame(self, uint32_t linktype, uint32_t ifid) noexcept nogil
     cdef int _rss_decide(self) noexcept nogil
     cdef int _rss_burst(self, Batch batch) noexcept nogil
     cdef void _too_big(self, const pcap_rec *r, Batch batch) noexcept nogil

@@ -421,9 +421,15 @@ cdef class PcapReader(Port):
         # Walk the leading blocks up to the first packet to learn the link type and
         # resolution now, and to refuse an unsupported link type at open.  Damage
         # found here is left for reading to report at its offset.
-        self._next_pcapng(probe)
+        got = self._next_pcapng(probe)
         if self.state == READ_FAILED and not self.damaged:
             raise CaptureFormatError(f"pcap:{self.path}: {self.errmsg.decode('utf-8')}")
+        if got <= 0 and self.skipped:
+            # every frame up to the end is of a link type mbx does not read
+            raise CaptureFormatError(
+                f"pcap:{self.path}: unsupported link type {self.skipped_linktype} "
+                f"(interface {self.skipped_iface}), and no frame of a supported one; "
+                f"supported: {SUPPORTED_LINKTYPES}")
         if self.n_ifaces:
             self.linktype = self.ifaces[0].linktype
             self.snaplen = self.ifaces[0].snaplen
@@ -433,6 +439,7 @@ cdef class PcapReader(Port):
             self.linktype = 1
         self.damaged = 0
         self.truncated = 0
+        self.skipped = 0
         self.n_ifaces = 0
         self.pos = 0
         self.state = READ_OK
@@ -485,10 +492,15 @@ cdef class PcapReader(Port):
 
     @property
     def counters(self):
-        """The port's counters and ``truncated``: 1 when the capture ends in a
-        record cut short, which is not delivered."""
+        """The port's counters, ``truncated``: 1 when the capture ends in a record
+        cut short, which is not delivered, and ``skipped``: pcapng frames of an
+        interface whose link type mbx does not read (``skipped_linktype``, the first
+        such)."""
         c = Port.counters.__get__(self)
         c["truncated"] = self.truncated
+        if self.skipped:
+            c["skipped"] = self.skipped
+            c["skipped_linktype"] = self.skipped_linktype
         return c
 
     def __repr__(self):
@@ -636,6 +648,10 @@ cdef class PcapReader(Port):
                              "%u exceeds the block's %u bytes", pos, caplen, body - 20)
                     return self._fail(True)
                 itf = &self.ifaces[ifid]
+                if itf.mode == LINK_UNSUPPORTED:
+                    self._skip_frame(itf.linktype, ifid)
+                    self.pos = pos + blen
+                    continue
                 r.data = b + 20
                 r.caplen = caplen
                 r.wirelen = rd32(b + 16, sw)
@@ -654,6 +670,10 @@ cdef class PcapReader(Port):
                              "%u interfaces described before it", pos, blen, self.n_ifaces)
                     return self._fail(True)
                 itf = &self.ifaces[0]
+                if itf.mode == LINK_UNSUPPORTED:
+                    self._skip_frame(itf.linktype, 0)
+                    self.pos = pos + blen
+                    continue
                 # An SPB has no captured length: what fits the block, the
                 # interface's snaplen and the wire length, whichever is least.
                 wirelen = rd32(b, sw)
@@ -693,12 +713,9 @@ cdef class PcapReader(Port):
                 itf.snaplen = rd32(b + 4, sw)
                 itf.mode = link_mode(itf.linktype)
                 set_tsresol(itf, 6)
-                if itf.mode == LINK_UNSUPPORTED:
-                    snprintf(self.errmsg, sizeof(self.errmsg),
-                             "unsupported link type %u (interface %u at byte offset %zu); "
-                             "supported: %s", itf.linktype, self.n_ifaces, pos,
-                             _SUPPORTED_C)
-                    return self._fail(False)
+                # An interface of a link type mbx does not read: its frames are
+                # skipped and counted (a macOS capture of en0 and an 802.11 monitor
+                # interface, say), unless no interface at all is readable (open).
                 # Options are read leniently: one that runs past the block ends the
                 # list rather than the capture.
                 o = 8
@@ -722,6 +739,12 @@ cdef class PcapReader(Port):
                 return self._fail(True)
             # Anything else (name resolution, statistics, custom, ...) is skipped.
             self.pos = pos + blen
+
+    cdef void _skip_frame(self, uint32_t linktype, uint32_t ifid) noexcept nogil:
+        if self.skipped == 0:
+            self.skipped_linktype = linktype
+            self.skipped_iface = ifid
+        self.skipped = self.skipped + 1
 
     cdef void _ethernet(self, pcap_rec *r) noexcept nogil:
         # Gives a raw-IP, Linux cooked or loopback record an Ethernet header, in a scratch

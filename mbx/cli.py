@@ -126,6 +126,9 @@ def _print_counters(c, elapsed, out=None):
     if link:
         w(f"link           {link:,} errors raised on the input's sockets (the link went "
           "down; frames sent meanwhile count as not sent)\n")
+    if inp.get("skipped"):
+        w(f"input          {inp['skipped']:,} frames skipped: their interface's link type "
+          f"({inp['skipped_linktype']}) is not one mbx reads\n")
     if inp.get("truncated"):
         w("input          the capture ends in a record cut short (its writer stopped "
           "mid-write): that record was not read\n")

@@ -42,11 +42,15 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
     try:
         counters = app.run(inp, burst=256)
         cut_short = inp.counters.get("truncated", 0)
+        skipped = inp.counters.get("skipped", 0), inp.counters.get("skipped_linktype")
     finally:
         inp.close()
     doc = {"schema": SCHEMA, "capture": os.path.basename(capture),
            "connections": number_keys(app.stack.connections_summary())}
     warnings = []
+    if skipped[0]:
+        warnings.append(f"{skipped[0]} frames skipped: their interface's link type "
+                        f"({skipped[1]}) is not one mbx reads")
     if cut_short:
         warnings.append("the capture ends in a record cut short (its writer stopped "
                         "mid-write); that packet is not in the summary")

@@ -322,15 +322,29 @@ def test_unsupported_link_type(tmp_path, fmt):
         PcapReader(path)
 
 
-def test_unsupported_link_type_in_later_interface(tmp_path):
+def test_frames_of_an_interface_of_an_unsupported_link_type_are_skipped(tmp_path):
+    # One such interface refused the whole capture (a macOS capture of en0 and an
+    # 802.11 monitor interface, which tshark reads): its frames are skipped and
+    # counted, the others read; a capture with no readable frame is still refused.
     path = tmp_path / "later.pcapng"
-    path.write_bytes(shb() + idb(1) + epb(0, 0, b"a" * 20) + idb(147) + epb(1, 0, b"b"))
+    path.write_bytes(shb() + idb(1) + epb(0, 0, b"a" * 20) + idb(147) + epb(1, 0, b"b")
+                     + epb(0, 0, b"c" * 20) + epb(1, 0, b"d"))
     r = PcapReader(path)
-    batch = Batch(8)
-    assert r.receive(batch) == 1
-    with pytest.raises(CaptureFormatError, match=rf"{path}.*link type 147"):
-        r.receive(batch)
-    assert r.receive(batch) == -1
+    got = read_all(r)
+    assert [f for f, _, _ in got] == [b"a" * 20, b"c" * 20]
+    assert r.counters["skipped"] == 2 and r.counters["skipped_linktype"] == 147
+    r.close()
+    only = tmp_path / "only.pcapng"
+    only.write_bytes(shb() + idb(147) + epb(0, 0, b"b") + idb(105) + epb(1, 0, b"d"))
+    with pytest.raises(CaptureFormatError, match=r"unsupported link type 147 \(interface "
+                                                 r"0\), and no frame of a supported one"):
+        PcapReader(only)
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                        f"pcap:{path}"], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert "input          2 frames skipped: their interface's link type (147) is not " \
+           "one mbx reads" in r.stdout
 
 
 # ---------------------------------------------------------------- writer
