@@ -286,21 +286,25 @@ def ring_layout(ring="v2", *, offloads=False, rx=True, frame_size=0, block_size=
                 block_count=0, retire_ms=1):
     """The ring ``AfPacketPort`` would map for these options: ``(frame_size,
     block_size, block_count)``, each 0 replaced by its default.  Raises ValueError,
-    naming the option and the value in force, for anything the port refuses.  The
-    one place these rules live: ``mbx.ports`` calls it to refuse a port spec before
-    anything is set up."""
+    naming every option it refuses and the value in force.  The one place these
+    rules live: ``mbx.ports`` calls it to refuse a port spec before anything is set
+    up."""
+    problems = []
     if ring not in RING_VERSIONS:
-        raise ValueError(f"ring {ring!r} is not one of {', '.join(RING_VERSIONS)}")
+        problems.append(f"ring {ring!r} is not one of {', '.join(RING_VERSIONS)}")
+        ring = "v2"                 # judge the sizes as for the default
     if retire_ms < 0:
-        raise ValueError(f"retire_ms {retire_ms} is negative")
-    if ring == "v3" and retire_ms < 1:
+        problems.append(f"retire_ms {retire_ms} is negative")
+    elif ring == "v3" and retire_ms < 1:
         # 0 hands the choice to the kernel: several ms of latency per hop
-        raise ValueError(f"retire_ms must be at least 1 with ring v3, not {retire_ms} "
-                         f"(0 leaves the block timeout to the kernel: several ms a hop)")
+        problems.append(f"retire_ms must be at least 1 with ring v3, not {retire_ms} "
+                        f"(0 leaves the block timeout to the kernel: several ms a hop)")
     defaults = RING_DEFAULTS[ring, bool(offloads)]
     given = (frame_size, block_size, block_count)
     frame, block, count = (value or default for value, default in zip(given, defaults))
     if not rx:
+        if problems:
+            raise ValueError("; ".join(problems))
         return frame, block, count      # a send-only port maps no ring
 
     def named(key, value, was_given):   # "frame_size 2048 (the default)"
@@ -311,16 +315,18 @@ def ring_layout(ring="v2", *, offloads=False, rx=True, frame_size=0, block_size=
     room, key, was = (frame, "frame_size", frame_size) if ring == "v2" else (
         block, "block_size", block_size)
     if offloads and room < OFFLOAD_FRAME_SIZE:
-        raise ValueError(f"offloads: super-frames of up to 64 KiB must fit whole, but "
-                         f"{named(key, room, was)} is below {OFFLOAD_FRAME_SIZE} (leave "
-                         f"{key} out for a size that fits)")
+        problems.append(f"offloads: super-frames of up to 64 KiB must fit whole, but "
+                        f"{named(key, room, was)} is below {OFFLOAD_FRAME_SIZE} (leave "
+                        f"{key} out for a size that fits)")
     if block < 4096 or block & (block - 1):
-        raise ValueError(f"block_size {block} is not a power of two, 4096 or more")
+        problems.append(f"block_size {block} is not a power of two, 4096 or more")
     if frame < 128 or frame % 16 or frame > block:
-        raise ValueError(f"{named('frame_size', frame, frame_size)}: use a multiple of 16 "
-                         f"from 128 up to {named('block_size', block, block_size)}")
+        problems.append(f"{named('frame_size', frame, frame_size)}: use a multiple of 16 "
+                        f"from 128 up to {named('block_size', block, block_size)}")
     if count < 2:
-        raise ValueError(f"block_count {count} is below 2")
+        problems.append(f"block_count {count} is below 2")
+    if problems:
+        raise ValueError("; ".join(problems))
     return frame, block, count
 
 
@@ -394,9 +400,9 @@ cdef class AfPacketPort(Port):
     Counters: ``rx_dropped`` are frames the kernel could not put in the ring
     (PACKET_STATISTICS, fetched by ``counters``, when idle and at close); ``tx_dropped``
     frames refused by the interface (full queue, too big); ``tx_cut`` IP datagrams
-    longer than the MTU sent as fragments (``_fragment.pxd``: IPv4 without DF, IPv6
-    that mbx rebuilt); ``kernel_freezes`` (V3 only) blocks the kernel found still in
-    our hands.
+    longer than the MTU sent as fragments (``_fragment.pxd``: IPv4 without DF;
+    IPv4 with DF and IPv6 that mbx rebuilt); ``kernel_freezes`` (V3 only) blocks the
+    kernel found still in our hands.
     """
 
     def __cinit__(self, *args, **kwargs):

@@ -611,8 +611,8 @@ cdef class DpdkPort(Port):
     256 KiB are dropped (``rx_oversize``).  A send that finds the pool empty drops
     and counts (``tx_nombuf``, ``tx_dropped``).  An IP datagram longer than a
     ``net_af_packet`` device's MTU or a ``net_memif`` slot goes as fragments
-    (``tx_cut``; ``_fragment.pxd``: IPv4 without DF, IPv6 that mbx rebuilt) where
-    it may be cut; other drivers send frames as they are.
+    (``tx_cut``; ``_fragment.pxd``: IPv4 without DF; IPv4 with DF and IPv6 that mbx
+    rebuilt) where it may be cut; other drivers send frames as they are.
 
     ``tx_wait_ms``: when the driver takes only part of a burst (its ring is full),
     the send retries the rest for up to this many milliseconds (spinning, yielding,

@@ -537,9 +537,10 @@ cdef class PcapReader(Port):
             self.state = READ_END
             return 0
         h = self.base + pos
-        if (rd32(h, self.swapped) in (MAGIC_US, MAGIC_NS, MAGIC_US_SWAPPED, MAGIC_NS_SWAPPED)
-                and left >= PCAP_FILE_HDR and rd16(h + 4, self.swapped) == 2
-                and rd16(h + 6, self.swapped) == 4):
+        if (rd32(h, 0) in (MAGIC_US, MAGIC_NS, MAGIC_US_SWAPPED, MAGIC_NS_SWAPPED)
+                and left >= PCAP_FILE_HDR
+                and ((rd16(h + 4, 0) == 2 and rd16(h + 6, 0) == 4)
+                     or (rd16(h + 4, 1) == 2 and rd16(h + 6, 1) == 4))):
             # read as a record, it would be an empty frame of 2055, then damage
             snprintf(self.errmsg, sizeof(self.errmsg),
                      "a second pcap file header at byte offset %zu: this file is two "

@@ -114,21 +114,22 @@ def _print_counters(c, elapsed, out=None):
     cut_again = sum(_port_sum(port or {}, "tx_cut")
                     for port in (c.get("ports") or {}).values())
     if cut_again:
-        w(f"cut again      {cut_again:,} datagrams longer than an output's link, sent as "
-          "fragments\n")
+        w(f"cut again      {cut_again:,} datagram{'s' if cut_again != 1 else ''} longer than "
+          "an output's link, sent as fragments\n")
     if whole and unsent:
         # read whole past a ring slot, and maybe too long to leave: a TCP super-frame
         # (DF set) cannot be cut as a rebuilt datagram is
         w(f"long frames    {whole:,} frames longer than a ring slot were read whole; one "
-          "longer than an output's MTU leaves only as fragments, and a super-frame from "
-          "a sender with TSO/GSO (a veth's default) not at all: use ?offloads=1, or "
-          "those offloads off\n")
+          "longer than an output's MTU leaves only as fragments, and not at all if it "
+          "may not be cut: a super-frame from a sender with TSO/GSO (a veth's default; "
+          "use ?offloads=1, or those offloads off), or a datagram the kernel rebuilt "
+          "for --stacks from fragments with DF set\n")
     if link:
         w(f"link           {link:,} errors raised on the input's sockets (the link went "
           "down; frames sent meanwhile count as not sent)\n")
     if inp.get("skipped"):
         w(f"input          {inp['skipped']:,} frames skipped: their interface's link type "
-          f"({inp['skipped_linktype']}) is not one mbx reads\n")
+          f"is not one mbx reads (the first: {inp['skipped_linktype']})\n")
     if inp.get("truncated"):
         w("input          the capture ends in a record cut short (its writer stopped "
           "mid-write): that record was not read\n")
@@ -334,10 +335,24 @@ def _run_parallel(nfs, args, config, listeners, view):
 
     t0 = time.perf_counter()
     # each stack process gets its own copy of the NFs (fork)
-    counters, parts = run_parallel(lambda: nfs, args.inp, args.out, stacks=args.stacks,
-                                   burst=args.burst, max_packets=args.max_packets,
-                                   duration=args.duration,
-                                   on_snapshot=on_snapshot if listeners else None, **config)
+    try:
+        counters, parts = run_parallel(lambda: nfs, args.inp, args.out,
+                                       stacks=args.stacks, burst=args.burst,
+                                       max_packets=args.max_packets, duration=args.duration,
+                                       on_snapshot=on_snapshot if listeners else None,
+                                       **config)
+    except MbxError as exc:
+        # a failed run keeps what its stacks did until then, as one stack's does
+        failed = getattr(exc, "counters", None)
+        if failed is not None:
+            failed["elapsed_s"] = time.perf_counter() - t0
+            failed["error"] = str(exc)
+            if not args.quiet:
+                _print_counters(failed, failed["elapsed_s"])
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(failed, fh, indent=2)
+        raise
     elapsed = time.perf_counter() - t0
     # the views end on the final counters, the ones printed below
     final = dict(counters, per_stack=parts)

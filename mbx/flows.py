@@ -49,8 +49,8 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
            "connections": number_keys(app.stack.connections_summary())}
     warnings = []
     if skipped[0]:
-        warnings.append(f"{skipped[0]} frames skipped: their interface's link type "
-                        f"({skipped[1]}) is not one mbx reads")
+        warnings.append(f"{skipped[0]} frames skipped: their interface's link type is "
+                        f"not one mbx reads (the first: {skipped[1]})")
     if cut_short:
         warnings.append("the capture ends in a record cut short (its writer stopped "
                         "mid-write); that packet is not in the summary")

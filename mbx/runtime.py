@@ -707,6 +707,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 if fd >= 0:
                     os.close(fd)
             code = 1
+            partial = None          # a failed run's counters, once it ran
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us
                 stop = threading.Event()                # ... with SIGTERM, between bursts
@@ -746,8 +747,15 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                     nfs = make_nfs()
                     check_one_stack(nfs, stacks)
                     app = App(nfs, **config, rss=(0, 1) if afpacket else (k, stacks))
-                    counters = app.run(inp, outp, burst=burst, max_packets=max_packets,
-                                       duration=duration, progress=progress, stop=stop)
+                    try:
+                        counters = app.run(inp, outp, burst=burst,
+                                           max_packets=max_packets, duration=duration,
+                                           progress=progress, stop=stop)
+                    except BaseException:
+                        if app.stack is not None:   # it ran: what it did is not lost
+                            partial = app.counters()
+                            partial["ports"] = port_counters(inp, outp)
+                        raise
                 finally:
                     inp.close()
                     if outp is not None and outp is not inp:
@@ -756,8 +764,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 _write_all(wfd, (json.dumps({"ok": counters}) + "\n").encode())
                 code = 0
             except BaseException as exc:            # report, never return into the parent
-                _write_all(wfd, (json.dumps({"error": f"{type(exc).__name__}: {exc}"})
-                                 + "\n").encode())
+                report = {"error": f"{type(exc).__name__}: {exc}"}
+                if partial is not None:
+                    report["partial"] = partial
+                _write_all(wfd, (json.dumps(report, default=str) + "\n").encode())
             finally:
                 os._exit(code)
         os.close(wfd)
@@ -844,19 +854,26 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             _, statuses[k], usages[k] = os.wait4(pid, 0)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    parts, errors = [], []
+    parts, errors, partials = [], [], []
     for k in range(stacks):
         usage = usages[k]
         code = os.waitstatus_to_exitcode(statuses[k])
         msg = last[k] or {"error": (f"killed by {signal.Signals(-code).name}" if code < 0
                                     else f"exited with status {code}")
                           + " without a report; the other stacks were stopped"}
+        # the process's own CPU time: on a busy machine, how the work was split
+        cpu_s = usage.ru_utime + usage.ru_stime
         if "error" in msg:
             errors.append(f"stack {k}: {msg['error']}")
+            if "partial" in msg:
+                partials.append(dict(msg["partial"], cpu_s=cpu_s))
         else:
-            # the process's own CPU time: on a busy machine, how the work was split
-            msg["ok"]["cpu_s"] = usage.ru_utime + usage.ru_stime
+            msg["ok"]["cpu_s"] = cpu_s
             parts.append(msg["ok"])
     if errors:
-        raise AppError("; ".join(errors))
+        exc = AppError("; ".join(errors))
+        # what the stacks did until then, for the failed run's summary and --json
+        # (None when no stack ran)
+        exc.counters = merge_snapshots(parts + partials) if parts or partials else None
+        raise exc
     return merge_snapshots(parts), parts

@@ -294,7 +294,7 @@ def test_an_output_that_takes_a_bridge_s_place_is_warned_of():
         assert bridge_output_note(inp, out) is None
 
 
-@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+@pytest.mark.parametrize("deploy", ["inline", "pipelined", "stacks"])
 def test_a_run_ended_by_an_error_still_reports_what_it_did(tmp_path, example_pcap,
                                                            deploy):
     # The error was all: no summary, no --json, the counters of every packet before
@@ -311,14 +311,20 @@ def test_a_run_ended_by_an_error_still_reports_what_it_did(tmp_path, example_pca
                        "    nf.sub(mbx.PKT, on)\n"
                        "    return nf\n")
     counters = tmp_path / "c.json"
+    how = ("--stacks", "2") if deploy == "stacks" else ("--deploy", deploy)
     r = mbx_cmd("run", str(nf_file), "--in", f"pcap:{example_pcap}", "--json",
-                str(counters), "--burst", "16", "--deploy", deploy, cwd=tmp_path)
+                str(counters), "--burst", "16", *how, cwd=tmp_path)
     assert r.returncode == 2
     assert "raised ValueError on a PKT event: late failure" in r.stderr
     assert r.stdout.startswith("packets")
     written = json.loads(counters.read_text())
     assert "late failure" in written["error"]
     assert 500 <= written["packets"] < len(read_frames(example_pcap))
+    if deploy == "stacks":
+        # the stack whose NF failed first at its 500th packet stopped the other, which
+        # may have failed at its own 500th by then, or not
+        assert 500 <= written["nfs"]["late"]["events"] <= 1000
+        return
     assert written["nfs"]["late"]["events"] == 500
     if deploy == "pipelined":       # the NF process's own account, from its mapping
         assert written["pipeline"]["nfs"]["late"]["state"] == "failed"
@@ -498,6 +504,10 @@ def test_the_summary_says_what_a_live_input_lost(example_pcap):
     assert "long frames    3 frames longer than a ring slot were read whole" \
         in text.getvalue()
     assert "cut again      3 datagrams longer than an output's link" in text.getvalue()
+    c["ports"]["out"]["tx_cut"], c["ports"]["in"]["server"]["tx_cut"] = 1, 0
+    text = io.StringIO()
+    _print_counters(c, 1.0, text)
+    assert "cut again      1 datagram longer" in text.getvalue()
 
 
 def test_every_packet_is_counted_once(tmp_path, example_pcap):

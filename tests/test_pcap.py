@@ -303,6 +303,12 @@ def test_captures_compressed_joined_or_oddly_named_are_told_how_to_read(tmp_path
             while (got := r.receive(Batch(64))) >= 0:
                 n += got
     assert n == len(read_frames(example_pcap))      # the first capture, and nothing more
+    other_order = tmp_path / "joined2.pcap"           # the second in the other byte order
+    other_order.write_bytes(raw + classic([(1, 0, b"x" * 60, 60)], big_endian=True))
+    with PcapReader(other_order) as r, pytest.raises(CaptureFormatError,
+                                                     match="a second pcap file header"):
+        while r.receive(Batch(64)) >= 0:
+            pass
     rotated = tmp_path / "x.pcap1"
     shutil.copyfile(example_pcap, rotated)
     with pytest.raises(PortError, match=rf"is a file, but not named as a capture.*"
@@ -343,8 +349,8 @@ def test_frames_of_an_interface_of_an_unsupported_link_type_are_skipped(tmp_path
                         f"pcap:{path}"], capture_output=True, text=True, timeout=60,
                        check=False)
     assert r.returncode == 0, r.stderr
-    assert "input          2 frames skipped: their interface's link type (147) is not " \
-           "one mbx reads" in r.stdout
+    assert "input          2 frames skipped: their interface's link type is not one " \
+           "mbx reads (the first: 147)" in r.stdout
 
 
 # ---------------------------------------------------------------- writer
@@ -772,6 +778,12 @@ def test_every_problem_of_an_afpacket_spec_is_named_at_once():
                     "unknown option 'bogus'", "ring is given twice",
                     "bad value '2' for fanout_defrag", "ring 'v9' is not one of v2, v3"):
         assert text.count(problem) == 1, (problem, text)
+    # the ring's sizes, judged together, each named too
+    with pytest.raises(PortError) as err:
+        check_spec("afpacket:mbx-nope0?frame_size=100&block_size=3000&block_count=1")
+    for problem in ("block_size 3000 is not a power of two", "frame_size 100: use a "
+                    "multiple of 16", "block_count 1 is below 2"):
+        assert problem in str(err.value), (problem, str(err.value))
 
 
 def test_an_output_is_checked_as_a_send_only_port():
