@@ -10,6 +10,7 @@ cdef enum:
     AFP_TX_CHUNK = 64       # messages handed to one sendmmsg call
     AFP_ERRMSG = 256
     WHOLE_FRAME_MAX = 65536 + 256   # a frame read whole from the socket (IPv4/6 max + L2)
+    WHOLE_QUEUE_BYTES = 16 << 20    # V2: receive buffer for the kernel's whole copies
 
 
 cdef class AfPacketPort(Port):
@@ -45,6 +46,7 @@ cdef class AfPacketPort(Port):
     #                                         ring's TP_STATUS_CSUMNOTREADY)
     cdef readonly uint64_t tx_csum_done  # partial checksums finished here (no offloads)
     cdef readonly uint64_t tx_cut       # datagrams longer than the MTU sent as fragments
+    cdef readonly uint64_t tx_partial   # frames not sent: received cut short (in tx_dropped)
     cdef readonly uint64_t kernel_packets   # PACKET_STATISTICS, accumulated
     cdef readonly uint64_t kernel_freezes   # blocks the kernel found still in user hands
     cdef readonly int last_tx_errno     # errno of the last send that dropped frames

@@ -80,6 +80,8 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_PACKET
         SOL_SOCKET
         SO_ERROR
+        SO_RCVBUF
+        SO_RCVBUFFORCE
         MSG_DONTWAIT
         MSG_TRUNC
     int socket(int domain, int type, int protocol)
@@ -551,6 +553,13 @@ cdef class AfPacketPort(Port):
                                   sizeof(val)) < 0:
                         e = errno
                         self._raise("setsockopt(PACKET_COPY_THRESH)", e)
+                    # The kernel queues a copy only while the socket's receive
+                    # buffer has room: the default (about 200 KiB) holds a handful
+                    # of jumbo frames, and a burst of them came out cut short.  As
+                    # large as root may make it, else as rmem_max allows.
+                    val = WHOLE_QUEUE_BYTES
+                    if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &val, sizeof(val)) < 0:
+                        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &val, sizeof(val))
                 # Our own frames (and those of every socket) leaving the interface
                 # are not wanted: a bridge would loop them.  Older kernels lack the
                 # option; rx_burst also skips PACKET_OUTGOING frames itself.
@@ -668,14 +677,17 @@ cdef class AfPacketPort(Port):
                  rx_truncated=self.rx_truncated, rx_whole=self.rx_whole,
                  rx_gso=self.rx_gso,
                  rx_csum_partial=self.rx_csum_partial, tx_csum_done=self.tx_csum_done,
-                 tx_cut=self.tx_cut,
+                 tx_cut=self.tx_cut, tx_partial=self.tx_partial,
                  link_errors=self.link_errors)
         if self.link_errors:
             # e.g. "Network is down": the link went down at least once
             c["link_error"] = os.strerror(self.last_link_errno)
         if self.tx_dropped:
             # why the last frames were not sent (EMSGSIZE: larger than the MTU, ...)
-            c["tx_error"] = os.strerror(self.last_tx_errno) if self.last_tx_errno else None
+            why = [os.strerror(self.last_tx_errno)] if self.last_tx_errno else []
+            if self.tx_partial:
+                why.append(f"{self.tx_partial} received cut short, so not sent on")
+            c["tx_error"] = "; ".join(why) or None
         return c
 
     def __repr__(self):
@@ -999,6 +1011,18 @@ cdef class AfPacketPort(Port):
             memset(msgs, 0, AFP_TX_CHUNK * sizeof(mmsghdr))
             while k < <int>AFP_TX_CHUNK and ci < n:
                 p = pkts[ci]
+                if p.caplen < p.wirelen:
+                    # received (or captured) only in part: on the wire its headers
+                    # would promise bytes that are not there.  Dropped once it is
+                    # first in line (what comes before it goes first), so a chunk
+                    # sent in part never meets it twice.
+                    if k:
+                        break
+                    self.tx_partial = self.tx_partial + 1
+                    dropped += 1
+                    ci += 1
+                    i = ci
+                    continue
                 v = &iov[3 * k]
                 msg_pkt[k] = ci
                 msg_piece[k] = cpiece
@@ -1056,6 +1080,8 @@ cdef class AfPacketPort(Port):
                 if self.offloads:
                     msgs[k].msg_hdr.msg_iovlen += 1
                 k += 1
+            if k == 0:
+                continue                # only frames that cannot go, all dropped
             r = sendmmsg(self.fd, msgs, k, MSG_DONTWAIT)
             if r > 0:
                 for j in range(r):

@@ -144,6 +144,13 @@ ctypedef struct mbx_pkt:
 # A burst of packets and the bytes they live in.  A port copies frames in once;
 # parsing, NFs and rewrites all work on the arena in place; the output port sends
 # what passed.  A Batch is reused burst after burst: nothing is allocated per packet.
+# The arena a Batch of this many packets gets by default: room for a burst of
+# 2 KiB frames, and 512 KiB more for jumbo or oversized frames and for datagrams
+# rebuilt from fragments (half of it is kept for those: Batch.rebuild_room).
+cdef inline size_t default_arena(uint32_t capacity) noexcept nogil:
+    return <size_t>capacity * 2048 + (512 << 10)
+
+
 cdef class Batch:
     cdef mbx_pkt *pkts
     cdef uint8_t *arena
@@ -152,6 +159,10 @@ cdef class Batch:
     cdef uint32_t count
     cdef size_t arena_used
     cdef object owner               # the buffer pkts and arena live in, or None (malloc'd)
+    # Arena bytes add() leaves free for reserve(): the stack rebuilds fragmented
+    # datagrams (up to 64 KiB each) in the arena of the burst their last fragment is
+    # in, which frames alone (jumbo frames, say) could otherwise fill.
+    cdef public size_t rebuild_room
 
     cdef void clear(self) noexcept nogil
     # Copies a frame in; NULL when the batch is out of slots or arena bytes.

@@ -19,9 +19,7 @@ cdef class Batch:
         if capacity == 0:
             raise ValueError("Batch capacity must be at least 1")
         if arena_size == 0:
-            # Room for a full burst of jumbo-ish frames; reassembled datagrams and
-            # oversized captures fall back to the tail of the arena.
-            arena_size = capacity * 2048 + 262144
+            arena_size = default_arena(capacity)
         self.capacity = capacity
         self.arena_size = arena_size
         self.pkts = <mbx_pkt *>PyMem_Malloc(capacity * sizeof(mbx_pkt))
@@ -40,7 +38,7 @@ cdef class Batch:
     def shared_size(uint32_t capacity=64, size_t arena_size=0):
         """Bytes ``Batch.over`` needs for this capacity and arena."""
         if arena_size == 0:
-            arena_size = capacity * 2048 + 262144
+            arena_size = default_arena(capacity)
         return ((capacity * sizeof(mbx_pkt) + 63) & ~(<size_t>63)) + arena_size
 
     @staticmethod
@@ -50,7 +48,7 @@ cdef class Batch:
         kept exported while the Batch lives, never freed by it."""
         cdef uint8_t[::1] view = buffer
         if arena_size == 0:
-            arena_size = capacity * 2048 + 262144
+            arena_size = default_arena(capacity)
         cdef size_t need = Batch.shared_size(capacity, arena_size)
         if capacity == 0 or <size_t>view.shape[0] < need:
             raise ValueError(f"Batch.over: needs {need} bytes, the buffer has "
@@ -85,6 +83,9 @@ cdef class Batch:
     cdef mbx_pkt *add(self, const uint8_t *frame, uint32_t caplen, uint32_t wirelen,
                       int64_t ts_ns, uint16_t port) noexcept nogil:
         if self.count >= self.capacity:
+            return NULL
+        if ((self.arena_used + 15) & ~(<size_t>15)) + caplen + self.rebuild_room > \
+                self.arena_size:
             return NULL
         cdef uint8_t *dst = self.reserve(caplen)
         if dst == NULL:

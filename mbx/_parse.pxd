@@ -66,6 +66,8 @@ cdef class FragTable:
     cdef readonly uint64_t timed_out        # datagrams abandoned at the timeout
     cdef readonly uint64_t memcap_drops     # fragments refused for lack of memory
     cdef readonly uint64_t bad              # fragments refused as malformed/overlapping
+    cdef readonly uint64_t no_room          # datagrams complete but with no room in their
+    #                                         burst's arena to be rebuilt (dropped)
     cdef readonly size_t max_bytes          # budget for held fragment bytes + bookkeeping
     cdef readonly uint32_t max_datagrams
     cdef readonly int64_t timeout_ns

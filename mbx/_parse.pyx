@@ -598,7 +598,8 @@ cdef class FragTable:
     def counters(self):
         return {"held": self.held, "completed": self.completed,
                 "timed_out": self.timed_out, "memcap_drops": self.memcap_drops,
-                "bad": self.bad, "pending": self.pending, "bytes_used": self.bytes_used}
+                "bad": self.bad, "no_room": self.no_room, "pending": self.pending,
+                "bytes_used": self.bytes_used}
 
     cdef uint32_t _lookup(self, mbx_pkt *p, bint create) noexcept nogil:
         cdef uint32_t h, s, b, i
@@ -817,6 +818,9 @@ cdef class FragTable:
             return self._refuse(p, slot, PARSE_BAD_FRAG)
         out = batch.reserve(total)
         if out == NULL:
+            # not the fragment budget: the burst's arena (see Batch.rebuild_room)
+            self.no_room += g.counted
+            self.counting = False
             return self._refuse(p, slot, PARSE_FRAG_MEMCAP)
         memcpy(out, g.head, hdr)
         if v6:

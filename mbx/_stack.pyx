@@ -387,6 +387,9 @@ cdef class NetworkLayer:
         cdef timespec wall
         if nslots > 64:
             raise ValueError(f"at most 64 bursts in flight, not {nslots}")
+        for batch in batches:
+            # room kept for datagrams rebuilt in the burst (five of 64 KiB by default)
+            batch.rebuild_room = batch.arena_size // 2
         while True:
             if inflight == nslots:
                 # every slot is in flight: the oldest burst must leave first
@@ -488,7 +491,7 @@ cdef class NetworkLayer:
             "fragments": {
                 "held": self.frags.held, "completed": self.frags.completed,
                 "timed_out": self.frags.timed_out, "memcap_drops": self.frags.memcap_drops,
-                "bad": self.frags.bad,
+                "bad": self.frags.bad, "no_room": self.frags.no_room,
             },
             "events": self.bus.counters(),
             # Clock readings, apart so that the counts above compare across runs.

@@ -121,9 +121,10 @@ def _print_counters(c, elapsed, out=None):
         # (DF set) cannot be cut as a rebuilt datagram is
         w(f"long frames    {whole:,} frames longer than a ring slot were read whole; one "
           "longer than an output's MTU leaves only as fragments, and not at all if it "
-          "may not be cut: a super-frame from a sender with TSO/GSO (a veth's default; "
-          "use ?offloads=1, or those offloads off), or a datagram the kernel rebuilt "
-          "for --stacks from fragments with DF set\n")
+          "may not be cut: a datagram with DF set or an IPv6 one its source did not "
+          "fragment (the two sides' MTUs differ?), a super-frame from a sender with "
+          "TSO/GSO (a veth's default; use ?offloads=1, or those offloads off), or one "
+          "the kernel rebuilt for --stacks from fragments with DF set\n")
     if link:
         w(f"link           {link:,} errors raised on the input's sockets (the link went "
           "down; frames sent meanwhile count as not sent)\n")
@@ -136,7 +137,9 @@ def _print_counters(c, elapsed, out=None):
     fr = c["fragments"]
     if any(fr.values()):
         w(f"fragments      held {fr['held']:,}, reassembled {fr['completed']:,}, "
-          f"timed out {fr['timed_out']:,}, memcap {fr['memcap_drops']:,}, bad {fr['bad']:,}\n")
+          f"timed out {fr['timed_out']:,}, memcap {fr['memcap_drops']:,}, bad {fr['bad']:,}"
+          + (f", no room in their burst {fr['no_room']:,} (lower --burst)"
+             if fr.get("no_room") else "") + "\n")
     if c["parse"]:
         w("parse          " + ", ".join(f"{k} {v:,}" for k, v in sorted(c["parse"].items()))
           + "\n")

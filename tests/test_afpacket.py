@@ -1129,6 +1129,28 @@ def test_frames_larger_than_the_mtu_are_cut_or_counted_and_explained(testbed, tm
     assert out["tx_error"] == os.strerror(errno.EMSGSIZE)
 
 
+def test_a_frame_received_cut_short_is_not_sent_on(testbed, tmp_path):
+    # A frame the input had only part of (a capture's snaplen; a ring slot when the
+    # kernel could not queue the whole copy) went out cut short: a 1,982-byte frame
+    # whose IP header said 9,000 bytes.  It is dropped and counted, with why.
+    frame = (b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00"
+             + bytes.fromhex("4500025800000000401100000a0000010a000002") + bytes(580))
+    cap, counters = tmp_path / "cut.pcap", tmp_path / "c.json"
+    with open(cap, "wb") as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
+        for caplen in (len(frame), 200, len(frame)):      # the second cut short
+            fh.write(struct.pack("<IIII", 1, 0, caplen, len(frame)) + frame[:caplen])
+    r = _sh(*_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                    f"pcap:{cap}", "--out", "afpacket:ms", "--json", str(counters)),
+            check=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(counters.read_text())["ports"]["out"]
+    assert (out["tx_pkts"], out["tx_dropped"], out["tx_partial"]) == (2, 1, 1), out
+    assert out["tx_error"] == "1 received cut short, so not sent on"
+    assert "not sent       1 frame, by the out port (last error: 1 received cut short" \
+        in r.stdout
+
+
 def test_a_second_bridge_on_the_same_interfaces_is_warned_of(testbed, tmp_path):
     # Two runs bridging the same veths both forward every frame, so the far end gets
     # each twice; nothing said so.  The second run now warns at its start (the first,
