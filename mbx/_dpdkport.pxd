@@ -36,6 +36,8 @@ cdef class DpdkPort(Port):
     # (memif: a slot's room; see _fragment.pxd); 0: never cut
     cdef readonly uint32_t tx_mtu
     cdef readonly uint64_t tx_cut       # datagrams sent as fragments
+    cdef readonly uint64_t tx_partial   # frames not sent: received cut short (a device
+    #                                     with a link only; in tx_dropped)
     # Seconds close() keeps a connected net_memif end that sent up, for its peer to
     # read the ring (MEMIF_LINGER_S; 0: close at once)
     cdef public double linger_s

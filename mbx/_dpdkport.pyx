@@ -612,7 +612,8 @@ cdef class DpdkPort(Port):
     and counts (``tx_nombuf``, ``tx_dropped``).  An IP datagram longer than a
     ``net_af_packet`` device's MTU or a ``net_memif`` slot goes as fragments
     (``tx_cut``; ``_fragment.pxd``: IPv4 without DF; IPv4 with DF and IPv6 that mbx
-    rebuilt) where it may be cut; other drivers send frames as they are.
+    rebuilt) where it may be cut, and a frame received cut short is not sent on
+    (``tx_partial``); other drivers send frames as they are.
 
     ``tx_wait_ms``: when the driver takes only part of a burst (its ring is full),
     the send retries the rest for up to this many milliseconds (spinning, yielding,
@@ -1038,6 +1039,14 @@ cdef class DpdkPort(Port):
             k = 0
             while i < n and k < DPDK_MAX_BURST:
                 p = pkts[i]
+                if p.caplen < p.wirelen and (self.tx_mtu or self.tx_max_len):
+                    # a device with a link (see __init__): a frame had only in part
+                    # would carry headers that promise bytes that are not there (a
+                    # net_pcap file keeps it, as the pcap port does)
+                    self.tx_partial = self.tx_partial + 1
+                    self.tx_dropped = self.tx_dropped + 1
+                    i += 1
+                    continue
                 # No offload metadata goes to the device: a checksum an AF_PACKET
                 # port with offloads left for the sender is finished here.
                 pkt_finish_csum(p)
@@ -1357,11 +1366,14 @@ cdef class DpdkPort(Port):
              "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped,
              "rx_oversize": self.rx_oversize, "tx_nombuf": self.tx_nombuf,
              "tx_oversize": self.tx_oversize, "tx_full": self.tx_full,
-             "tx_waits": self.tx_waits, "tx_cut": self.tx_cut}
+             "tx_waits": self.tx_waits, "tx_cut": self.tx_cut,
+             "tx_partial": self.tx_partial}
         # why frames were not sent, for mbx run's summary (the most telling first)
         if self.tx_oversize and self.tx_max_len:
             c["tx_error"] = (f"frames longer than a memif slot ({self.tx_max_len} bytes): "
                              "raise bsize on both ends")
+        elif self.tx_partial:
+            c["tx_error"] = f"{self.tx_partial} received cut short, so not sent on"
         elif self.tx_full:
             c["tx_error"] = "the device's ring stayed full"
         elif self.tx_nombuf:
