@@ -74,7 +74,6 @@ cdef class DpdkPort(Port):
     cdef int _tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil
     cdef int _tx_wait(self, rte_mbuf **out, int left) noexcept nogil
     cdef void _wait_for_users(self) noexcept
-    cdef int _fill(self, rte_mbuf *m, const mbx_pkt *p) noexcept nogil
     cdef int _fill_parts(self, rte_mbuf *head, const uint8_t *a, uint32_t alen,
                          const uint8_t *b, uint32_t blen) noexcept nogil
     cdef uint32_t _cut_mtu(self, const mbx_pkt *p) noexcept nogil

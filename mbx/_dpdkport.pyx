@@ -940,31 +940,6 @@ cdef class DpdkPort(Port):
 
     # ------------------------------------------------------------ send
 
-    cdef int _fill(self, rte_mbuf *head, const mbx_pkt *p) noexcept nogil:
-        """Copy p's frame into head, chaining more mbufs if it does not fit one;
-        -1: the pool ran dry, -2: the chain would be too long."""
-        cdef rte_mbuf *seg = head
-        cdef uint32_t left = p.caplen
-        cdef uint32_t off = 0
-        cdef uint32_t chunk
-        cdef char *dst
-        while True:
-            chunk = rte_pktmbuf_tailroom(seg)
-            if chunk > left:
-                chunk = left
-            dst = rte_pktmbuf_append(seg, <uint16_t>chunk)
-            memcpy(dst, p.data + off, chunk)
-            off += chunk
-            left -= chunk
-            if seg != head and rte_pktmbuf_chain(head, seg) != 0:
-                rte_pktmbuf_free(seg)
-                return -2
-            if left == 0:
-                return 0
-            seg = rte_pktmbuf_alloc(self.pool)
-            if seg == NULL:
-                return -1
-
     cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
         cdef int sent
         if not use_begin(&self.users, &self.closing):
@@ -985,8 +960,8 @@ cdef class DpdkPort(Port):
 
     cdef int _fill_parts(self, rte_mbuf *head, const uint8_t *a, uint32_t alen,
                          const uint8_t *b, uint32_t blen) noexcept nogil:
-        """Copy a then b into head (a fragment: its headers, then its payload),
-        chaining more mbufs where one is not enough; -1: the pool ran dry, -2: the
+        """Copy a then b into head (a frame: b empty; a fragment: its headers, then
+        its payload), chaining more mbufs where one is not enough; -1: the pool ran dry, -2: the
         chain would be too long."""
         cdef rte_mbuf *seg = head
         cdef const uint8_t *src[2]
@@ -1099,7 +1074,7 @@ cdef class DpdkPort(Port):
                     self.tx_dropped = self.tx_dropped + 1
                     i += 1
                     continue
-                rc = self._fill(m, p)
+                rc = self._fill_parts(m, p.data, p.caplen, NULL, 0)
                 if rc != 0:
                     rte_pktmbuf_free(m)
                     if rc == -1:
