@@ -631,6 +631,7 @@ def test_offloads_super_frames_reassemble_into_the_exact_stream(testbed, tmp_pat
         out, err = rec.communicate(input="", timeout=30)
     assert rec.returncode == 0, err
     assert r.stdout.split() == [str(len(blob)), hashlib.sha256(blob).hexdigest()]
+    assert json.loads(out.strip().splitlines()[-1])["rx_dropped"] == 0   # a whole record
 
     # The recorder reads the two rings in turns, so a client ACK can land in the file
     # before the server data it acknowledges (the bridge itself cannot see them so:
@@ -873,6 +874,12 @@ def _record_main(ifaces, path):
     worker.start()
     print("ready", flush=True)
     sys.stdin.read()
+    # stop() ends the input at once, leaving what the ring still holds unread; a
+    # busy machine can leave the last frames there, so wait until nothing more comes.
+    seen, deadline = -1, time.monotonic() + 10
+    while port.counters["rx_pkts"] != seen and time.monotonic() < deadline:
+        seen = port.counters["rx_pkts"]
+        time.sleep(0.2)
     port.stop()
     worker.join(30)
     writer.close()

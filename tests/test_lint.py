@@ -31,6 +31,10 @@ def test_cython_lint():
                    + glob.glob(os.path.join(ROOT, "mbx", "examples", "*.pyx"))
                    + glob.glob(os.path.join(ROOT, "mbx", "nfs", "*.pyx")))
     assert files
+    # cython-lint runs pycodestyle by name: find it beside this Python, which is not
+    # on PATH when the venv's python is run without activating the venv.
+    env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable),
+                                                 os.environ.get("PATH", "")]))
     r = subprocess.run([_tool("cython-lint"), *files], cwd=ROOT, capture_output=True,
-                       text=True)
+                       text=True, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
