@@ -48,6 +48,7 @@ cdef class AfPacketPort(Port):
     cdef readonly uint64_t tx_cut       # datagrams longer than the MTU sent as fragments
     cdef readonly uint64_t tx_partial   # frames not sent: received cut short (in tx_dropped)
     cdef readonly uint64_t kernel_packets   # PACKET_STATISTICS, accumulated
+    cdef readonly uint64_t rx_unread    # frames still in the ring when it was closed
     cdef readonly uint64_t kernel_freezes   # blocks the kernel found still in user hands
     cdef readonly int last_tx_errno     # errno of the last send that dropped frames
     cdef readonly uint64_t link_errors  # errors the kernel raised on the socket (ENETDOWN)
@@ -86,6 +87,7 @@ cdef class AfPacketPort(Port):
     cdef void gone(self) noexcept nogil
     cdef int send_frames(self, mbx_pkt **pkts, int n) noexcept nogil
     cdef void refresh_stats(self) noexcept nogil
+    cdef uint64_t count_unread(self) noexcept nogil
     cdef int live_check(self) noexcept nogil
     cdef int poll_signals(self) noexcept with gil
     cdef void release(self) noexcept nogil

@@ -41,6 +41,7 @@ class AfPacketPort(Port):
     rx_csum_partial: int
     tx_csum_done: int
     kernel_packets: int
+    rx_unread: int
     kernel_freezes: int
     last_tx_errno: int
     link_errors: int

@@ -642,11 +642,48 @@ cdef class AfPacketPort(Port):
         self.next_frame = NULL
 
     def close(self):
-        """Unmap the ring and close the socket.  Idempotent."""
+        """Unmap the ring and close the socket.  Idempotent.  Frames the kernel had
+        put in the ring that were never read (the input was stopped with them there)
+        are counted in ``rx_unread``."""
         if self.fd >= 0 and self.rx:
             self.refresh_stats()
+            self.rx_unread += self.count_unread()
         self.release()
         self.closed = True
+
+    cdef uint64_t count_unread(self) noexcept nogil:
+        # The kernel fills the ring in order and stops at a slot (block) still in
+        # our hands, so the frames it handed over and we did not read are the run
+        # of user-owned slots (blocks) from where reading would resume.
+        cdef uint64_t n = 1 if self.whole_len else 0   # V2: a long frame waiting
+        cdef uint32_t i, at
+        cdef tpacket2_hdr *h
+        cdef tpacket_block_desc *bd
+        if self.ring == NULL:
+            return 0
+        if self.tpacket_version == TPACKET_V2:
+            for i in range(self.frame_count):
+                at = (self.cur_frame + i) % self.frame_count
+                h = <tpacket2_hdr *>(self.ring + <size_t>(at // self.frames_per_block)
+                                     * self.block_size
+                                     + <size_t>(at % self.frames_per_block)
+                                     * self.frame_size)
+                if not (load_acquire(&h.tp_status) & TP_STATUS_USER):
+                    break
+                n += 1
+            return n
+        i = 0
+        if self.next_frame != NULL:         # a block read in part
+            n += self.left_in_block
+            i = 1
+        while i < self.block_count:
+            bd = <tpacket_block_desc *>(self.ring + <size_t>(
+                (self.cur_block + i) % self.block_count) * self.block_size)
+            if not (load_acquire(&bd.hdr.bh1.block_status) & TP_STATUS_USER):
+                break
+            n += bd.hdr.bh1.num_pkts
+            i += 1
+        return n
 
     def __dealloc__(self):
         self.release()
@@ -673,7 +710,7 @@ cdef class AfPacketPort(Port):
             self.refresh_stats()
         c = Port.counters.__get__(self)
         c.update(kernel_packets=self.kernel_packets, kernel_freezes=self.kernel_freezes,
-                 rx_outgoing=self.rx_outgoing, rx_vlan=self.rx_vlan,
+                 rx_unread=self.rx_unread, rx_outgoing=self.rx_outgoing, rx_vlan=self.rx_vlan,
                  rx_truncated=self.rx_truncated, rx_whole=self.rx_whole,
                  rx_gso=self.rx_gso,
                  rx_csum_partial=self.rx_csum_partial, tx_csum_done=self.tx_csum_done,

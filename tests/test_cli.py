@@ -494,7 +494,13 @@ def test_the_summary_says_what_a_live_input_lost(example_pcap):
     assert "not received   300 frames: the receive ring was full" in lines[4]
     assert any(line.startswith("cut short      2 frames") for line in lines)
     assert any(line.startswith("link           1 errors") for line in lines)
-    assert not any(line.startswith(("long frames", "cut again")) for line in lines)
+    assert not any(line.startswith(("long frames", "cut again", "unread")) for line in lines)
+    # frames the input was stopped with still in its ring
+    c["ports"]["in"]["server"]["rx_unread"] = 7
+    text = io.StringIO()
+    _print_counters(c, 1.0, text)
+    assert "unread         7 frames still in the receive ring when the input ended" \
+        in text.getvalue()
     # frames read whole past a slot, and frames not sent: say what may be why
     c["ports"]["in"]["client"]["rx_whole"] = 3
     c["ports"]["out"] = {"tx_dropped": 1, "tx_error": "Message too long", "tx_cut": 2}
