@@ -94,6 +94,7 @@ from mbx._rewrite cimport pkt_finish_csum
 
 from mbx._packet import bridge_counters
 from mbx.errors import PortError
+from mbx.ports import vdev_arg
 
 cdef extern from "<net/if.h>" nogil:
     unsigned int if_nametoindex(const char *name)
@@ -739,7 +740,7 @@ cdef class DpdkPort(Port):
             self._release()
             raise PortError(f"{self.name}: cannot read the device info: {_err(rc)}")
         self.driver = (info.driver_name or b"").decode("utf-8", "replace")
-        iface = _devarg(self.devargs, "iface").encode() if (
+        iface = vdev_arg(f"{self.name},{self.devargs}", "iface", "").encode() if (
             self.driver == "net_af_packet") else b""
         memset(self.kernel_iface, 0, sizeof(self.kernel_iface))
         if len(iface) < sizeof(self.kernel_iface):
@@ -1370,15 +1371,6 @@ cdef enum:
     # Empty polls of both sides before a bridge with idle_us sleeps: a frame that is
     # on its way (the peer's reply) is still met by polling.
     BRIDGE_SPIN_POLLS = 64
-
-
-def _devarg(devargs, key):
-    """The value of ``key`` in a vdev's ``k=v,k=v`` arguments, or ""."""
-    for item in devargs.split(","):
-        k, _, v = item.partition("=")
-        if k.strip() == key:
-            return v.strip()
-    return ""
 
 
 cdef class DpdkBridge(Port):

@@ -231,7 +231,7 @@ def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
     if bridge:
         # two drivers on one kernel interface: each frame would go back out of the
         # interface it came from (afpacket:IF,IF is refused the same way)
-        ifaces = [_vdev_arg(side, "iface", "") for side in sides]
+        ifaces = [vdev_arg(side, "iface", "") for side in sides]
         if ifaces[0] and ifaces[0] == ifaces[1]:
             raise PortError(f"port spec {spec!r}: a bridge needs two different "
                             f"interfaces, not {ifaces[0]} twice")
@@ -340,7 +340,8 @@ def _vdev_driver(device: str) -> str:
     return name.rstrip("0123456789")
 
 
-def _vdev_arg(device: str, key: str, default: str) -> str:
+def vdev_arg(device: str, key: str, default: str) -> str:
+    """The value of ``key`` in a vdev's ``NAME,k=v,k=v`` string, else ``default``."""
     for item in device.split(",")[1:]:
         k, _, value = item.partition("=")
         if k.strip() == key:
@@ -367,11 +368,11 @@ def check_stacks(spec: str, stacks: int) -> None:
     for device in _dpdk_spec(spec, arg)[0]:
         driver = _vdev_driver(device)
         if driver == "net_memif":
-            where = _vdev_arg(device, "socket", "/run/memif.sock")
+            where = vdev_arg(device, "socket", "/run/memif.sock")
             why = f"a memif interface is one link to one peer (socket {where})"
         elif driver == "net_tap":
             why = (f"a tap device is one kernel interface "
-                   f"({_vdev_arg(device, 'iface', 'dtap0')}), whose frames the kernel "
+                   f"({vdev_arg(device, 'iface', 'dtap0')}), whose frames the kernel "
                    f"would share out by its own hash, not by the flows' symmetric one")
         else:
             continue
