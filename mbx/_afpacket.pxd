@@ -44,11 +44,13 @@ cdef class AfPacketPort(Port):
     cdef readonly uint64_t rx_csum_partial  # frames with a checksum to finish (offloads:
     #                                         the virtio-net header says; without, the
     #                                         ring's TP_STATUS_CSUMNOTREADY)
-    cdef readonly uint64_t tx_csum_done  # partial checksums finished here (no offloads)
+    cdef readonly uint64_t tx_csum_done  # partial checksums finished here (no offloads,
+    #                                      a datagram cut, or a place the input lacked)
     cdef readonly uint64_t tx_cut       # datagrams longer than the MTU sent as fragments
     cdef readonly uint64_t tx_partial   # frames not sent: received cut short (in tx_dropped)
     cdef readonly uint64_t kernel_packets   # PACKET_STATISTICS, accumulated
     cdef readonly uint64_t rx_unread    # frames still in the ring when it was closed
+    cdef readonly uint64_t rx_oversize  # frames larger than an empty batch holds (in rx_dropped)
     cdef readonly uint64_t kernel_freezes   # blocks the kernel found still in user hands
     cdef readonly int last_tx_errno     # errno of the last send that dropped frames
     cdef readonly uint64_t link_errors  # errors the kernel raised on the socket (ENETDOWN)

@@ -5,6 +5,7 @@ from mbx._packet import Port
 FANOUT_MODES: dict[str, int]
 RING_VERSIONS: dict[str, int]
 RING_DEFAULTS: dict[tuple[str, bool], tuple[int, int, int]]
+NEW_GROUP: str      # fanout_group=NEW_GROUP: a group of an id the kernel picks
 
 def ring_layout(ring: str = ..., *, offloads: bool = ..., rx: bool = ...,
                 frame_size: int = ..., block_size: int = ..., block_count: int = ...,
@@ -26,7 +27,7 @@ class AfPacketPort(Port):
     frame_size: int
     timeout_ms: int
     retire_ms: int
-    fanout_group: int | None
+    fanout_group: int | None    # the id joined (NEW_GROUP resolved)
     fanout_mode: str
     rx: bool
     tx: bool
@@ -37,11 +38,15 @@ class AfPacketPort(Port):
     rx_outgoing: int
     rx_vlan: int
     rx_truncated: int
+    rx_whole: int
     rx_gso: int
     rx_csum_partial: int
     tx_csum_done: int
+    tx_cut: int
+    tx_partial: int
     kernel_packets: int
     rx_unread: int
+    rx_oversize: int
     kernel_freezes: int
     last_tx_errno: int
     link_errors: int
@@ -55,9 +60,9 @@ class AfPacketPort(Port):
         block_size: int = 0,
         block_count: int = 0,
         frame_size: int = 0,
-        fanout_group: int | None = None,
+        fanout_group: int | str | None = None,
         fanout_mode: str = "hash",
-        fanout_defrag: bool = False,
+        fanout_defrag: bool = True,
         rx: bool = True,
         tx: bool = True,
         timeout_ms: int = 5,
@@ -67,6 +72,8 @@ class AfPacketPort(Port):
         offloads: bool = False,
     ) -> None: ...
     def fileno(self) -> int: ...
+    @property
+    def counters(self) -> dict: ...
     def stop(self) -> None: ...
     def close(self) -> None: ...
     def __enter__(self) -> AfPacketPort: ...
@@ -87,9 +94,9 @@ class BridgePorts(Port):
         block_size: int = 0,
         block_count: int = 0,
         frame_size: int = 0,
-        fanout_group: int | None = None,
+        fanout_group: int | str | tuple[int, int] | None = None,
         fanout_mode: str = "hash",
-        fanout_defrag: bool = False,
+        fanout_defrag: bool = True,
         rx: bool = True,
         tx: bool = True,
         timeout_ms: int = 5,
@@ -98,6 +105,10 @@ class BridgePorts(Port):
         duration: float = 0.0,
         offloads: bool = False,
     ) -> None: ...
+    @property
+    def fanout_groups(self) -> tuple[int, int] | None: ...
+    @property
+    def counters(self) -> dict: ...
     @property
     def interrupted(self) -> bool: ...
     @property

@@ -400,7 +400,9 @@ cdef class AfPacketPort(Port):
     ``duration`` in seconds (counted from the first receive) or Ctrl-C make
     ``rx_burst`` return end of input, so the run loop finishes normally.
     Counters: ``rx_dropped`` are frames the kernel could not put in the ring
-    (PACKET_STATISTICS, fetched by ``counters``, when idle and at close); ``tx_dropped``
+    (PACKET_STATISTICS, fetched by ``counters``, when idle and at close) and frames
+    larger than an empty batch holds (``rx_oversize``, counted in it too);
+    ``rx_unread`` frames still in the ring at close; ``tx_dropped``
     frames refused by the interface (full queue, too big); ``tx_cut`` IP datagrams
     longer than the MTU sent as fragments (``_fragment.pxd``: IPv4 without DF;
     IPv4 with DF and IPv6 that mbx rebuilt); ``kernel_freezes`` (V3 only) blocks the
@@ -655,7 +657,7 @@ cdef class AfPacketPort(Port):
         # The kernel fills the ring in order and stops at a slot (block) still in
         # our hands, so the frames it handed over and we did not read are the run
         # of user-owned slots (blocks) from where reading would resume.
-        cdef uint64_t n = 1 if self.whole_len else 0   # V2: a long frame waiting
+        cdef uint64_t n = 0
         cdef uint32_t i, at
         cdef tpacket2_hdr *h
         cdef tpacket_block_desc *bd
@@ -710,7 +712,8 @@ cdef class AfPacketPort(Port):
             self.refresh_stats()
         c = Port.counters.__get__(self)
         c.update(kernel_packets=self.kernel_packets, kernel_freezes=self.kernel_freezes,
-                 rx_unread=self.rx_unread, rx_outgoing=self.rx_outgoing, rx_vlan=self.rx_vlan,
+                 rx_unread=self.rx_unread, rx_oversize=self.rx_oversize,
+                 rx_outgoing=self.rx_outgoing, rx_vlan=self.rx_vlan,
                  rx_truncated=self.rx_truncated, rx_whole=self.rx_whole,
                  rx_gso=self.rx_gso,
                  rx_csum_partial=self.rx_csum_partial, tx_csum_done=self.tx_csum_done,
@@ -831,6 +834,7 @@ cdef class AfPacketPort(Port):
                 return -1               # counted when the next call takes it
             # Larger than an empty batch's arena: it can never go.
             self.whole_len = 0
+            self.rx_oversize = self.rx_oversize + 1
             self.rx_dropped = self.rx_dropped + 1
             return 0
         if frame == self.whole or received == self.whole:
@@ -1010,12 +1014,15 @@ cdef class AfPacketPort(Port):
         # sendmmsg in chunks; frames the interface refuses are dropped and counted,
         # never waited for beyond one short poll for room.  With offloads each frame
         # goes after its virtio_net_hdr (an iovec of its own); without, a checksum
-        # left for the interface is finished here first.  An IP datagram longer than
-        # the MTU that may be cut (_fragment.pxd: one mbx or the kernel rebuilt) goes
-        # as fragments, a message each: its headers written in frag_hdrs, its
-        # payload an iovec into the datagram.  (i, piece) is the next message to send:
-        # packet i, and its fragment piece when it is being cut.  Returns the packets
-        # sent (all of a cut one's fragments); the port's counters count frames.
+        # left for the interface is finished here first (with offloads too, where the
+        # input could not say where it is).  An IP datagram longer than the MTU that
+        # may be cut (_fragment.pxd: IPv4 without DF; IPv4 with DF and IPv6 that mbx
+        # or the kernel rebuilt) goes as fragments, a message each: its headers
+        # written in frag_hdrs, its payload an iovec into the datagram.  (i, piece)
+        # is the next message to send: packet i, and its fragment piece when it is
+        # being cut.  Returns the packets sent (all of a cut one's fragments).
+        # Counters: tx_pkts and tx_bytes count the frames that left (each fragment
+        # one); tx_dropped counts packets (a datagram lost while being cut is one).
         cdef mmsghdr msgs[AFP_TX_CHUNK]
         cdef iovec iov[3 * AFP_TX_CHUNK]
         cdef virtio_net_hdr vh[AFP_TX_CHUNK]
@@ -1075,6 +1082,12 @@ cdef class AfPacketPort(Port):
                 if self.offloads:
                     memset(&vh[k], 0, sizeof(virtio_net_hdr))
                     vh[k].gso_type = VIRTIO_NET_HDR_GSO_NONE
+                    if (not cut and p.offload & OFFLOAD_CSUM_PARTIAL and p.csum_start == 0
+                            and pkt_finish_csum(p) == 0):
+                        # from a port without offloads, which knew only that the
+                        # checksum was not ready, not where it is: the kernel would
+                        # take offset 0 for its place, so finish it here
+                        self.tx_csum_done = self.tx_csum_done + 1
                     if not cut:
                         vh[k].flags = (VIRTIO_NET_HDR_F_NEEDS_CSUM
                                        if p.offload & OFFLOAD_CSUM_PARTIAL else 0)
@@ -1136,7 +1149,6 @@ cdef class AfPacketPort(Port):
             e = errno
             if e == EINTR:
                 continue
-            self.last_tx_errno = e
             if e == EAGAIN and not waited:
                 # The socket's send budget is used up by frames still queued: give
                 # the device one short moment, then drop what does not fit.
@@ -1154,6 +1166,7 @@ cdef class AfPacketPort(Port):
                 elen = sizeof(int)
                 getsockopt(self.fd, SOL_SOCKET, SO_ERROR, &e, &elen)
                 continue
+            self.last_tx_errno = e          # why frames are dropped from here on
             if e == EMSGSIZE or e == EINVAL:
                 # this frame cannot go (larger than the MTU); a fragment that cannot
                 # takes its datagram's other fragments with it

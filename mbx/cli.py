@@ -100,13 +100,18 @@ def _print_counters(c, elapsed, out=None):
             w(f"not sent       {unsent:,} frame{'s' if unsent != 1 else ''}, by the {side} port"
               + (f" (last error: {why})" if why else "") + "\n")
     inp = (c.get("ports") or {}).get("in") or {}
-    lost, cut, link, whole, unread = (_port_sum(inp, key) for key in (
-        "rx_dropped", "rx_truncated", "link_errors", "rx_whole", "rx_unread"))
+    lost, oversize, cut, link, whole, unread = (_port_sum(inp, key) for key in (
+        "rx_dropped", "rx_oversize", "rx_truncated", "link_errors", "rx_whole",
+        "rx_unread"))
     unsent = sum((port or {}).get("tx_dropped") or 0
                  for port in (c.get("ports") or {}).values())
-    if lost:
-        w(f"not received   {lost:,} frames: the receive ring was full (raise "
+    if lost - oversize:
+        w(f"not received   {lost - oversize:,} frames: the receive ring was full (raise "
           "block_count, or use ring=v3 for floods of small frames)\n")
+    if oversize:
+        w(f"too large      {oversize:,} frame{'s' if oversize != 1 else ''} larger than a "
+          "whole burst's memory (raise --burst), or than the 256 KiB a DPDK port takes: "
+          "not received\n")
     if unread:
         w(f"unread         {unread:,} frame{'s' if unread != 1 else ''} still in the receive "
           "ring when the input ended (stopped, --duration or Ctrl-C): neither processed "

@@ -125,6 +125,17 @@ def _afpacket(spec: str, arg: str, rx: bool = True) -> tuple[list[str], dict]:
     return ifaces, options
 
 
+def _whole_number(value: str) -> int:
+    """A spec's whole number: decimal (leading zeros allowed) or 0x hexadecimal;
+    -1 for anything else, which every caller's range refuses."""
+    text = value.strip().lower()
+    if re.fullmatch(r"[0-9]+", text):
+        return int(text, 10)
+    if re.fullmatch(r"0x[0-9a-f]+", text):
+        return int(text, 16)
+    return -1
+
+
 def _afpacket_option(key, value, sides):
     """One AF_PACKET option of a spec as AfPacketPort's keyword and value; ValueError
     saying what is wrong with the value."""
@@ -132,10 +143,7 @@ def _afpacket_option(key, value, sides):
     if key == "fanout":
         return {"fanout_group": _fanout_groups(value, sides, bad)}
     if key in _AFPACKET_INT:
-        try:
-            number = int(value, 0)
-        except ValueError:
-            number = -1
+        number = _whole_number(value)
         if not 0 <= number <= 0x7FFFFFFF:              # what the C field holds
             raise ValueError(f"{bad}: a whole number from 0 to {0x7FFFFFFF}")
         return {key: number}
@@ -172,14 +180,14 @@ def _fanout_groups(value, sides, bad):
     parts = value.split(",")
     ids = []
     for part in parts:
-        try:
-            ids.append(int(part, 0))
-        except ValueError:
-            ids.append(-1)
+        ids.append(_whole_number(part))
     if len(parts) > sides or not all(0 <= g <= 0xFFFF for g in ids):
         two = ", or G0,G1 for a bridge's two sides" if sides == 2 else ""
         raise ValueError(f"{bad}: a PACKET_FANOUT group id from 0 to 65535{two}, or "
                          f"{NEW_GROUP} (ids the kernel picks)")
+    if len(ids) == 2 and ids[0] == ids[1]:
+        raise ValueError(f"{bad}: the two sides need two groups (Linux ties a fanout "
+                         f"group to one interface)")
     return tuple(ids) if len(ids) == 2 else ids[0]
 
 
@@ -246,16 +254,13 @@ def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
                             f"{', '.join(known)}{why}")
         bad = f"port spec {spec!r}: bad value {value!r} for {key}"
         if key == "idle_us":
-            try:
-                number = int(value, 0)
-            except ValueError:
-                number = -1
+            number = _whole_number(value)
             if not 0 <= number <= 0xFFFFFFFF:       # DpdkBridge's field
                 raise PortError(f"{bad}: microseconds, a whole number from 0 to "
                                 f"{0xFFFFFFFF}")
             options[key] = number
         elif key == "tx_wait_ms":
-            number = int(value) if value.isascii() and value.isdigit() else -1
+            number = _whole_number(value)
             if not 0 <= number <= TX_WAIT_MAX_MS:
                 raise PortError(f"{bad}: milliseconds a send waits for room in the "
                                 f"device's ring, a whole number from 0 (drop at once) "
@@ -575,8 +580,9 @@ def _packet_sockets(ifindexes: dict[str, int], own: set[int]) -> dict[str, int]:
     try:
         with open("/proc/net/packet") as fh:
             rows = [line.split() for line in fh.readlines()[1:]]
-        # sk RefCnt Type Proto Iface R Rmem User Inode
-        bound = [(int(r[4]), int(r[8])) for r in rows if len(r) >= 9]
+        # sk RefCnt Type Proto Iface R Rmem User Inode; R: receiving (a send-only
+        # socket, bound with protocol 0, gets no frames)
+        bound = [(int(r[4]), int(r[8])) for r in rows if len(r) >= 9 and r[5] == "1"]
     except (OSError, ValueError):
         return {}
     out = {}

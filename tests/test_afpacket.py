@@ -248,6 +248,16 @@ def test_spec_errors():
             open_input(spec)
     with pytest.raises(PortError, match="two different interfaces"):
         open_input("afpacket:lo,lo")
+    # whole numbers: decimal, leading zeros and all, or 0x hexadecimal, in every option
+    from mbx.ports import check_spec
+    check_spec("afpacket:lo?timeout_ms=05&block_count=0x10&fanout=07")
+    for bad in ("timeout_ms=1_0", "timeout_ms=-3", "fanout=7x"):
+        with pytest.raises(PortError, match="bad value"):
+            open_input(f"afpacket:lo?{bad}")
+    # Linux ties a fanout group to one interface: the server side's join would fail
+    # with a message blaming another program
+    with pytest.raises(PortError, match=r"the two sides need two groups"):
+        open_input("afpacket:a,b?fanout=7,7")
     with pytest.raises(PortError, match=r"afpacket:lo\?ring=v1'?: ring 'v1' is not one "
                                         r"of v2, v3"):
         open_input("afpacket:lo?ring=v1")
@@ -296,6 +306,21 @@ def test_loopback_port_attributes_and_close():
     q = open_output("afpacket:lo")
     assert not q.rx and q.tx
     q.close()
+
+
+def test_only_receiving_sockets_count_as_other_readers():
+    # The warning about other packet sockets on a bridge's interfaces ("... receive
+    # on IF") counted send-only sockets too, which get no frames.
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CAP_NET_RAW) for an AF_PACKET socket")
+    from mbx._afpacket import AfPacketPort
+    from mbx.ports import _packet_sockets
+    lo = {"lo": socket.if_nametoindex("lo")}
+    before = _packet_sockets(lo, set()).get("lo", 0)
+    with AfPacketPort("lo", rx=False):
+        assert _packet_sockets(lo, set()).get("lo", 0) == before
+    with AfPacketPort("lo", block_size=1 << 16, block_count=2, promisc=False, tx=False):
+        assert _packet_sockets(lo, set()).get("lo", 0) == before + 1
 
 
 @pytest.mark.parametrize("ring", RINGS)
@@ -1143,6 +1168,48 @@ def test_a_bridge_forwards_fragmented_datagrams_whole_and_in_their_flow(
     assert len(seen) == len(set(seen)) == 8, "a flow was seen by two stacks"
     assert all(v == [count // 8, 0] or v == [0, count // 8]
                for part in ours for v in part.values())
+
+
+def test_an_offloads_output_finishes_checksums_a_plain_input_could_not_place(
+        testbed, tmp_path):
+    # A port without offloads learns only that a frame's checksum is not finished
+    # (TP_STATUS_CSUMNOTREADY), not where it is (csum_start 0).  An offloads output
+    # passed that on in its virtio_net_hdr, and the kernel took offset 0 for the
+    # checksum's place: it wrote into the destination MAC and every such datagram
+    # was lost.  Now that output finishes the checksum itself.
+    procs = testbed
+    _sh(*_in_ns(NS_C, "ethtool", "-K", "c0", "tx", "on"))
+    count = 24
+    nf = tmp_path / "rec.py"
+    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + RECORDER_NF)
+    os.chmod(tmp_path, 0o755)
+    counters = tmp_path / "c.json"
+    mbx = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", f"{nf}+l2fwd",
+                             "--in", "afpacket:mc?timeout_ms=5", "--out",
+                             "afpacket:ms?offloads=1", "--duration", "60", "-q",
+                             "--json", str(counters)),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    receiver = procs.start(_in_ns(NS_S, sys.executable, HERE, "udp", "recv", SERVER_IP,
+                                  str(count)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert receiver.stdout.readline().strip() == "ready", receiver.stderr.read()
+    deadline = time.monotonic() + 30
+    while not list(tmp_path.glob("started-*")):
+        assert mbx.poll() is None, mbx.communicate()[1]
+        assert time.monotonic() < deadline, "the stack did not start"
+        time.sleep(0.05)
+    sent = json.loads(_sh(*_in_ns(NS_C, sys.executable, HERE, "udp", "send", CLIENT_IP,
+                                  str(count), SERVER_IP), timeout=60).stdout)
+    out, err = receiver.communicate(timeout=60)
+    mbx.send_signal(signal.SIGINT)
+    _, mbx_err = mbx.communicate(timeout=60)
+    assert mbx.returncode == 0, mbx_err
+    assert json.loads(out) == sent          # every datagram, byte for byte
+    ports = json.loads(counters.read_text())["ports"]
+    # the 200-byte datagrams left their checksum to c0 (the fragmented ones could not)
+    assert ports["in"]["rx_csum_partial"] == count // 3
+    assert ports["out"]["tx_csum_done"] == count // 3
+    assert ports["out"]["tx_dropped"] == 0
 
 
 def test_frames_larger_than_the_mtu_are_cut_or_counted_and_explained(testbed, tmp_path):

@@ -495,6 +495,12 @@ def test_the_summary_says_what_a_live_input_lost(example_pcap):
     assert any(line.startswith("cut short      2 frames") for line in lines)
     assert any(line.startswith("link           1 errors") for line in lines)
     assert not any(line.startswith(("long frames", "cut again", "unread")) for line in lines)
+    # frames too large to take are in rx_dropped too, but not the ring's fault
+    c["ports"]["in"]["client"]["rx_oversize"] = 100
+    text = io.StringIO()
+    _print_counters(c, 1.0, text)
+    assert "not received   200 frames: the receive ring was full" in text.getvalue()
+    assert "too large      100 frames larger than a whole burst's memory" in text.getvalue()
     # frames the input was stopped with still in its ring
     c["ports"]["in"]["server"]["rx_unread"] = 7
     text = io.StringIO()
