@@ -837,7 +837,7 @@ cdef class AfPacketPort(Port):
             self.rx_oversize = self.rx_oversize + 1
             self.rx_dropped = self.rx_dropped + 1
             return 0
-        if frame == self.whole or received == self.whole:
+        if received == self.whole:
             self.whole_len = 0
             self.rx_whole = self.rx_whole + 1
         if self.offloads:
@@ -1301,8 +1301,9 @@ cdef class BridgePorts(Port):
     cdef int rx_burst(self, Batch batch) noexcept nogil:
         cdef int n, r
         cdef pollfd pfd[2]
-        if self.client.fd < 0 or self.server.fd < 0:
-            return PORT_EOF
+        if (self.client.fd < 0 or self.server.fd < 0 or self.client.ring == NULL
+                or self.server.ring == NULL):
+            return PORT_EOF     # closed, or a send-only bridge: nothing to receive
         r = self.client.live_check()
         if r == 0 and self.server.stopping:
             r = 1

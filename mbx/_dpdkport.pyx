@@ -94,7 +94,7 @@ from mbx._rewrite cimport pkt_finish_csum
 
 from mbx._packet import bridge_counters
 from mbx.errors import PortError
-from mbx.ports import vdev_arg
+from mbx.ports import TX_WAIT_MAX_MS, vdev_arg
 
 cdef extern from "<net/if.h>" nogil:
     unsigned int if_nametoindex(const char *name)
@@ -193,8 +193,6 @@ cdef enum:
     TX_WAIT_YIELDS = 64
     TX_WAIT_SLEEP_NS = 20000
     TX_WAIT_LINK_EVERY = 64
-    # The most tx_wait_ms takes (a minute; mbx.ports refuses more).
-    TX_WAIT_MAX_MS = 60000
 
 #: Seconds a net_memif end that sent frames keeps its link up when closed, as opened
 #: by mbx.ports (``DpdkPort.linger_s``; the class's default is 0).  DPDK 22.11's

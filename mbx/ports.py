@@ -40,9 +40,6 @@ __all__ = ["KNOWN_SCHEMES", "LINK_WAIT_S", "DeferredOutput", "check_spec", "chec
 
 #: Schemes this build can open.
 KNOWN_SCHEMES: tuple[str, ...] = ("pcap", "afpacket", "dpdk")
-# Schemes planned but not built yet: named so the error says "not available" rather
-# than "unknown", which would suggest a typo.
-_PLANNED_SCHEMES: tuple[str, ...] = ()
 _CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap")
 # A PCI address (0000:01:00.0 or 01:00.0): a NIC for DPDK, which needs EAL with
 # PCI access and hugepages; the DPDK port attaches virtual devices only so far.
@@ -65,9 +62,6 @@ def _parse(spec: str) -> tuple[str, str]:
                             f"schemes: {', '.join(KNOWN_SCHEMES)} (dpdk with a virtual "
                             f"device, e.g. dpdk:net_pcap0,rx_pcap=FILE)")
         return scheme, arg
-    if sep and scheme in _PLANNED_SCHEMES:
-        raise PortError(f"port scheme {scheme!r} ({spec!r}) is not available yet; "
-                        f"known schemes: {', '.join(KNOWN_SCHEMES)}")
     if sep and re.fullmatch(r"[a-z][a-z0-9_]*", scheme) and not os.path.exists(spec):
         # "pcp:demo.pcap": a misspelt scheme, not a file of that name
         raise PortError(f"unknown port scheme {scheme!r} in {spec!r}; known schemes: "
@@ -218,7 +212,7 @@ def _open_afpacket(spec: str, arg: str, port_id: int, rx: bool):
 #: How long a DPDK port that sends waits, by default, for its link to come up (a memif
 #: end for its peer): ``?link_wait=S`` changes it.
 LINK_WAIT_S = 10.0
-#: The most ``?tx_wait_ms=N`` takes (a minute per burst; DpdkPort's own limit).
+#: The most ``?tx_wait_ms=N`` takes (a minute per burst); DpdkPort holds to it too.
 TX_WAIT_MAX_MS = 60000
 
 

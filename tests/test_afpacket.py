@@ -308,6 +308,18 @@ def test_loopback_port_attributes_and_close():
     q.close()
 
 
+def test_a_send_only_bridge_has_nothing_to_receive(testbed):
+    # rx_burst on a bridge opened with rx=False polled sockets that never receive
+    # and returned "nothing yet" forever; a send-only AfPacketPort says end of input.
+    code = ("from mbx._afpacket import BridgePorts\n"
+            "from mbx._packet import Batch\n"
+            "b = BridgePorts('mc', 'ms', rx=False)\n"
+            "print(b.receive(Batch(4)), b.client.receive(Batch(4)))\n"
+            "b.close()\n")
+    r = _sh(*_in_ns(NS_M, sys.executable, "-c", code), timeout=30, cwd=ROOT)
+    assert r.stdout.split() == ["-1", "-1"], r.stderr
+
+
 def test_only_receiving_sockets_count_as_other_readers():
     # The warning about other packet sockets on a bridge's interfaces ("... receive
     # on IF") counted send-only sockets too, which get no frames.
