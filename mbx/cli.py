@@ -276,6 +276,10 @@ def _run_app(app, args, listeners, view, stop):
                            progress=progress, duration=args.duration, stop=stop)
     except MbxError as exc:
         progress.done()
+        # closed first: a port counts some things as it closes (frames left unread)
+        inp.close()
+        if out is not None and out is not inp:
+            out.close()
         _report_failed_run(app, args, inp, out, exc, time.perf_counter() - t0)
         raise
     finally:

@@ -754,6 +754,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                     except BaseException:
                         if app.stack is not None:   # it ran: what it did is not lost
                             partial = app.counters()
+                            # closed first, as a port counts frames left unread
+                            inp.close()
+                            if outp is not None and outp is not inp:
+                                outp.close()
                             partial["ports"] = port_counters(inp, outp)
                         raise
                 finally:

@@ -308,6 +308,45 @@ def test_loopback_port_attributes_and_close():
     q.close()
 
 
+def test_a_failed_live_run_counts_what_it_left_in_the_ring(testbed, tmp_path):
+    # A run ended by an NF's error reports its counters; the frames still in the
+    # ring were counted only as the port closed, after the report was made.
+    procs = testbed
+    nf = tmp_path / "slow_fail.py"
+    nf.write_text("import os, time\n"
+                  "import mbx\n"
+                  f"OUT = {str(tmp_path)!r}\n"
+                  "class SlowFail(mbx.NF):\n"
+                  "    def __init__(self):\n"
+                  "        super().__init__('slow_fail')\n"
+                  "        self.sub(mbx.PKT, self.on_pkt)\n"
+                  "    def start(self):\n"
+                  "        open(os.path.join(OUT, 'started'), 'w').close()\n"
+                  "    def on_pkt(self, ev):\n"
+                  "        time.sleep(0.5)         # the rest arrives meanwhile\n"
+                  "        raise ValueError('gave up')\n"
+                  "def make():\n"
+                  "    return SlowFail()\n")
+    os.chmod(tmp_path, 0o755)
+    counters = tmp_path / "c.json"
+    mbx = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", str(nf),
+                             "--in", "afpacket:mc?timeout_ms=5", "--duration", "60",
+                             "--json", str(counters)),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists():
+        assert mbx.poll() is None, mbx.communicate()[1]
+        assert time.monotonic() < deadline, "the stack did not start"
+        time.sleep(0.05)
+    sent = int(_sh(*_in_ns(NS_C, sys.executable, HERE, "send", "c0", "ab")).stdout)
+    out, err = mbx.communicate(timeout=60)
+    assert mbx.returncode == 2 and "gave up" in err
+    port = json.loads(counters.read_text())["ports"]["in"]
+    assert port["rx_unread"] > 0
+    assert port["rx_pkts"] + port["rx_unread"] == port["kernel_packets"] == sent
+    assert "unread" in out
+
+
 def test_a_send_only_bridge_has_nothing_to_receive(testbed):
     # rx_burst on a bridge opened with rx=False polled sockets that never receive
     # and returned "nothing yet" forever; a send-only AfPacketPort says end of input.
