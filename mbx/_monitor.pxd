@@ -110,6 +110,7 @@ cdef class TcpMonitor(NetworkLayer):
     cdef readonly uint64_t conflicts
     cdef readonly uint64_t memcaps
     cdef readonly uint64_t memcaps_pieces  # of those: STREAM_MAX_OOO pieces held already
+    cdef readonly uint64_t memcaps_streams  # of those: no stream free (max_streams in use)
     cdef readonly uint64_t rst_sent
     cdef readonly uint64_t killed_drops
     cdef readonly uint64_t summary_oom

@@ -477,6 +477,7 @@ cdef class TcpMonitor(NetworkLayer):
                     (<flow_tcp_body *>m.body).stream_dir = d ^ cdir
                     self.bus.publish(m)
                 self.memcaps += 1
+                self.memcaps_streams += 1
             return
         # the packet's payload, into its direction's stream
         if want_d and p.payload_len:
@@ -812,6 +813,7 @@ cdef class TcpMonitor(NetworkLayer):
             "streams_opened": self.streams_opened, "streams_exhausted": self.pairs_exhausted,
             "gaps": self.gaps, "gap_bytes": self.gap_bytes, "conflicts": self.conflicts,
             "memcaps": self.memcaps, "memcaps_pieces": self.memcaps_pieces,
+            "memcaps_streams": self.memcaps_streams,
             "rst_sent": self.rst_sent,
             "dropped_terminated": self.killed_drops,
             "pool_chunks_in_use": self.pool.n_chunks - self.pool.n_free,

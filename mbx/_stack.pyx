@@ -168,11 +168,16 @@ cdef class NetworkLayer:
         cdef uint32_t slot, free_msgs, h = 0
         cdef mbx_msg *m
         cdef uint64_t want = self.bus.global_want
-        while i < batch.count:
+        while True:
             if self.flows.n_ended:
-                self.publish_ended()    # left over when Event Memory filled up
+                # left over when Event Memory filled up, or ended by a transport
+                # μStack after the chunk's lookup (the TCP Monitor's restart looks a
+                # flow up again, which may evict one): out before the caller returns
+                self.publish_ended()
                 if self.flows.n_ended:
                     return i
+            if i >= batch.count:
+                return i
             # Room for the most events one packet can make (here: FLOW/END of a flow
             # evicted for it, FLOW/START, PKT; a transport μStack adds its own).
             free_msgs = self.bus.msg_capacity - self.bus.msg_used
@@ -276,7 +281,6 @@ cdef class NetworkLayer:
                         fill_pkt_body(m, p)
                         self.bus.publish(m)
             i += n
-        return i
 
     cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil:
         # A μStack extending this one frees what it kept for the flow here.

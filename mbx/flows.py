@@ -60,11 +60,15 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
         warnings.append(f"{pieces} segments lost bytes: their stream held {MAX_OOO_PIECES} "
                         "out-of-order pieces already (the bound on a stream's holes; heavy "
                         "loss or reordering); their connections' digests are incomplete")
-    if tcp["memcaps"] - pieces:
-        warnings.append(f"{tcp['memcaps'] - pieces} segments lost bytes to memory caps: "
-                        "raise --stream-memory; their connections' digests are incomplete")
+    no_stream = tcp["memcaps_streams"]     # said below, with the segments of no stream
+    if tcp["memcaps"] - pieces - no_stream:
+        warnings.append(f"{tcp['memcaps'] - pieces - no_stream} segments lost bytes to "
+                        "memory caps: raise --stream-memory; their connections' digests "
+                        "are incomplete")
     if tcp["streams_exhausted"]:
-        warnings.append(f"{tcp['streams_exhausted']} segments found no stream: raise --flows")
+        warnings.append(f"{tcp['streams_exhausted']} segments found no stream (one per flow "
+                        f"slot, all in use), {no_stream} of them with bytes lost: raise "
+                        "--flows; their connections' digests are incomplete")
     if counters["flows"]["evicted"] or counters["flows"]["refused"]:
         warnings.append(f"flow table full ({counters['flows']['evicted']} evicted, "
                         f"{counters['flows']['refused']} refused): raise --flows")

@@ -565,3 +565,27 @@ def test_a_misspelt_nf_option_names_the_ones_there_are(example_pcap, setting, me
     assert r.returncode == 2 and r.stderr.strip() == f"mbx: error: {message}"
     # the NF's own name is not a misspelling
     assert mbx_cmd("check", nf, "--set", f"{nf}.name=mine").returncode == 0
+
+
+def test_a_tcp_stack_with_fewer_flow_slots_than_a_burst_has_flows_finishes(
+        tmp_path, example_pcap):
+    # The TCP Monitor's restart (a SYN on an old 5-tuple) looks the new flow up,
+    # which in a full table evicts another; ended after the burst's last chunk, that
+    # flow's FLOW/END was never published, and the stack spun on the burst forever
+    # (at 99 % CPU, deaf to SIGTERM) for --flows 8 over the example capture.
+    counters = tmp_path / "c.json"
+    r = subprocess.run([*MBX, "run", "l2fwd", "--in", f"pcap:{example_pcap}", "--stack",
+                        "tcp", "--flows", "8", "-q", "--json", str(counters)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    c = json.loads(counters.read_text())
+    assert c["packets"] == len(read_frames(example_pcap))
+    assert c["flows"]["evicted"] > 0
+    # mbx flows runs the same Monitor, with reassembly
+    r = subprocess.run([*MBX, "flows", example_pcap, "--json", "--flows", "4"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["connections"]
+    # the segments that lost bytes lost them for want of a stream, not of memory
+    assert "found no stream" in r.stderr and "raise --flows" in r.stderr
+    assert "--stream-memory" not in r.stderr
