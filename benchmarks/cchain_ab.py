@@ -5,9 +5,10 @@ figure by up to a third on the shared VM, so each figure is taken within one
 process (chain of 1 and of 6 alternating there) and the medians are over rounds.
 
 Each build is a Python whose ``import mbx`` gives it (a venv with an editable install
-of one revision, e.g. ``git archive REV | tar -x -C DIR`` then ``pip install -e DIR``
-in a venv of DIR).  Printed per build: the medians over all rounds of CPU ns per
-packet for the chain of 1 and 6, their ratio, and ns per extra NF.
+of one revision, e.g. ``git archive REV | tar -x -C DIR`` then
+``pip install --no-build-isolation -e DIR`` in a venv of DIR).  Printed per build:
+the medians over all rounds of CPU ns per packet for the chain of 1 and 6, their
+ratio, and ns per extra NF.
 
     python benchmarks/cchain_ab.py BEFORE_PYTHON AFTER_PYTHON [--rounds 5] [--runs 3]
                                    [--handler c|batch|event] [--no-nf-timing]

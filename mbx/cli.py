@@ -193,7 +193,7 @@ def _print_counters(c, elapsed, out=None):
 
 def _run(nfs, args, spec=None):
     from mbx.controller import check, unused_warning
-    from mbx.ports import bridge_output_note
+    from mbx.ports import bridge_output_note, capture_file
     from mbx.runtime import App, check_writable, unused_monitor_options
 
     if spec is None:    # a chain: the links mbx check would refuse, refused here too
@@ -202,6 +202,11 @@ def _run(nfs, args, spec=None):
 
     if args.json:
         check_writable(args.json, "--json")     # not only once the run is over
+    out_file = capture_file(args.out) if args.out else None
+    if out_file:
+        # the output opens once the run has started (an existing file survives a
+        # failed start), so a path it cannot write is refused here, before the run
+        check_writable(out_file, "--out")
 
     given = [opt for opt, value in (("--ring-size", args.ring_size),
                                     ("--inflight", args.inflight),

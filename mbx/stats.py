@@ -96,8 +96,8 @@ class Prometheus:
             from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         except ImportError:
             raise MbxError("--prometheus needs prometheus-client: pip install "
-                           "prometheus-client (in the repository: pip install -e "
-                           "'.[prometheus]')") from None
+                           "prometheus-client (in the repository: pip install "
+                           "--no-build-isolation -e '.[prometheus]')") from None
         self._counter = CounterMetricFamily
         self._gauge = GaugeMetricFamily
         self.latest = None

@@ -589,3 +589,14 @@ def test_a_tcp_stack_with_fewer_flow_slots_than_a_burst_has_flows_finishes(
     # the segments that lost bytes lost them for want of a stream, not of memory
     assert "found no stream" in r.stderr and "raise --flows" in r.stderr
     assert "--stream-memory" not in r.stderr
+
+
+def test_an_output_capture_that_cannot_be_written_is_refused_before_the_run(
+        tmp_path, example_pcap):
+    # It was opened once the run had started: an empty summary came first, then
+    # the error, unlike --json or a Logger's path, refused before any work.
+    r = mbx_cmd("run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out",
+                f"pcap:{tmp_path / 'missing' / 'o.pcap'}", "--json", str(tmp_path / "c.json"))
+    assert r.returncode == 2
+    assert "--out: path" in r.stderr and "does not exist" in r.stderr
+    assert r.stdout == "" and not (tmp_path / "c.json").exists()

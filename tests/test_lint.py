@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _tool(name):
     exe = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
     if exe is None:
-        pytest.fail(f"{name} is not installed: pip install -e '.[test]' installs it")
+        pytest.fail(f"{name} is not installed: pip install --no-build-isolation -e "
+                    f"'.[test]' installs it")
     return exe
 
 

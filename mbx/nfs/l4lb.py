@@ -29,13 +29,17 @@ def parse_endpoint(text):
         addr, _, port = text[1:].partition("]:")
     else:
         addr, _, port = text.rpartition(":")
+    if not port.isascii() or not port.isdigit():
+        raise mbx.AppError(f"l4lb: bad endpoint {text!r}: expected ADDR:PORT, or "
+                           f"[ADDR]:PORT for IPv6")
+    if int(port) > 0xFFFF:
+        raise mbx.AppError(f"l4lb: bad endpoint {text!r}: port {int(port)} is not in "
+                           f"0..65535")
     try:
-        port = int(port)
-        if not 0 <= port <= 0xFFFF:
-            raise ValueError(f"port {port} is not in 0..65535")
-        return str(ipaddress.ip_address(addr)), port
-    except ValueError as exc:
-        raise mbx.AppError(f"l4lb: bad endpoint {text!r}: expected ADDR:PORT") from exc
+        return str(ipaddress.ip_address(addr)), int(port)
+    except ValueError:
+        raise mbx.AppError(f"l4lb: bad endpoint {text!r}: {addr!r} is not an IPv4 or "
+                           f"IPv6 address") from None
 
 
 def choose_backend(src, sport, dst, dport, proto, backends):
