@@ -172,10 +172,11 @@ def _print_counters(c, elapsed, out=None):
           f"{p['inflight']} in flight; the stack waited {p['stack_wait_s']:.3f} s), "
           f"ring drops {p['ring_dropped']:,} ({p['ring_dropped_pkts']:,} packets), "
           f"lost {p['lost']:,}\n")
-        w("  NF process               events in / handled / drops   handler s  state\n")
+        w(f"  {'NF process':<20} {'events in':>12} {'handled':>12} {'drops':>10} "
+          f"{'handler s':>10}  state\n")
         for name, n in p["nfs"].items():
-            w(f"  {name:<20} {n['events_in']:>12,} / {n['delivered']:,} / {n['drops']:,}"
-              f"   {n['handler_s']:9.3f}  {n['state']}"
+            w(f"  {name:<20} {n['events_in']:>12,} {n['delivered']:>12,} {n['drops']:>10,}"
+              f" {n['handler_s']:>10.3f}  {n['state']}"
               f"{' (failure ' + (n['failure'] or 'none') + ')' if n['state'] != 'ok' else ''}"
               "\n")
             if n.get("restart_limit"):
