@@ -200,7 +200,9 @@ def load_app(spec, options=None):
     unknown = set(options) - used
     if unknown:
         raise AppError(f"options given for {', '.join(sorted(unknown))}, which the "
-                       f"application {spec!r} does not name")
+                       f"application {spec!r} does not name (--set KEY.OPTION: KEY is "
+                       f"an item of the chain, a file's without .py: "
+                       f"{', '.join(sorted(used))})")
     return nfs
 
 

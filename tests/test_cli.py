@@ -99,7 +99,8 @@ IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
     (["run", "l2fwd", "--in", "eth0"], "unknown port spec 'eth0'; expected SCHEME:ARG"),
     (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger"], "NF.KEY=VALUE"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--set", "other.a=1"],
-     "options given for other, which the application 'l2fwd' does not name"),
+     "options given for other, which the application 'l2fwd' does not name (--set "
+     "KEY.OPTION: KEY is an item of the chain, a file's without .py: l2fwd)"),
     (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger.path=."],
      "NF logger: path '.' is a directory"),
     (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger.path=no/such/dir.jsonl"],
