@@ -103,7 +103,8 @@ def test_run_options_out_of_range_are_refused(option, value):
                         "kernel", option, value], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2
-    assert f"argument {option}: '{value}': must be at least" in r.stderr
+    why = "must be a finite number" if value == "nan" else "must be at least"
+    assert f"argument {option}: '{value}': {why}" in r.stderr
 
 
 def test_failed_checks_are_named():

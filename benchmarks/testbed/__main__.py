@@ -102,10 +102,10 @@ def _at_least(low, kind=int, high=None):
             value = kind(text)
         except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value >= low:        # also refuses nan
-            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {low}")
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {low}")
         if high is not None and value > high:
             raise argparse.ArgumentTypeError(f"{text!r}: must be at most {high:g}")
         return value
