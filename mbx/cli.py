@@ -232,7 +232,11 @@ def _run(nfs, args, spec=None):
     stack = config.get("stack", "auto")
     unused = unused_monitor_options(stack, nfs, config)
     if unused:
-        print(f"mbx: warning: {unused_warning(unused, stack)}", file=sys.stderr)
+        # said of the stack as the user chose it: an application file's "network"
+        # may be the Controller's answer to a stack left to it
+        chosen = (args.stack if args.stack is not None else
+                  spec.declared_stack if spec is not None else stack)
+        print(f"mbx: warning: {unused_warning(unused, chosen)}", file=sys.stderr)
     listeners = []
     view = None
     if args.stats:

@@ -75,6 +75,7 @@ class AppSpec:
         self.path = path
         self.name = name
         self.stack = stack      # the one that runs: "network" or "tcp"
+        self.declared_stack = stack     # [app] stack as written ("auto" if left out)
         self.warnings = list(warnings)      # what a run would ignore
         self.options = options
         self.nfs = nfs
@@ -460,7 +461,9 @@ def check(path, name, stack, options, nfs, lines=None):
             links.append((nf, t, feeders))
     unused = unused_monitor_options(stack, nfs, options)
     warnings = [unused_warning(unused, stack)] if unused else []
-    return AppSpec(path, name, "tcp" if tcp else "network", options, nfs, links, warnings)
+    spec = AppSpec(path, name, "tcp" if tcp else "network", options, nfs, links, warnings)
+    spec.declared_stack = stack
+    return spec
 
 
 def is_app_file(spec):

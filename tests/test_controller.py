@@ -495,7 +495,13 @@ def test_monitor_options_an_application_would_ignore_are_named(tmp_path, example
            "-q"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "mbx: warning: chunk_size: a TCP Monitor option, unused" in r.stderr
+    # run says what check says (it said "the stack is set to the Network Layer",
+    # the Controller's answer for a stack nobody set)
+    assert ("mbx: warning: chunk_size: a TCP Monitor option, unused: no NF subscribes "
+            "to a TCP type") in r.stderr
+    r = subprocess.run(cmd + ["--stack", "network"], capture_output=True, text=True,
+                       timeout=120)
+    assert "unused: the stack is set to the Network Layer" in r.stderr
     # --stack tcp runs the Monitor: the option is used, nothing to say
     r = subprocess.run(cmd + ["--stack", "tcp"], capture_output=True, text=True,
                        timeout=120)
