@@ -181,7 +181,12 @@ cdef class NetworkLayer:
             # Room for the most events one packet can make (here: FLOW/END of a flow
             # evicted for it, FLOW/START, PKT; a transport μStack adds its own).
             free_msgs = self.bus.msg_capacity - self.bus.msg_used
-            n = min(<uint32_t>CHUNK, batch.count - i, free_msgs // self.events_per_pkt)
+            # A chunk's flows are looked up before its events are built, so a chunk
+            # must not touch more flows than the table holds: the LRU would evict a
+            # flow made earlier in the same chunk, whose FLOW/END would then come
+            # before its FLOW/START and its packets would count for no flow.
+            n = min(<uint32_t>CHUNK, self.flows.capacity, batch.count - i,
+                    free_msgs // self.events_per_pkt)
             if n == 0:
                 return i
             ntracked = 0

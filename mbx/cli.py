@@ -415,6 +415,11 @@ def _run_parallel(nfs, args, config, listeners, view):
     return counters
 
 
+BURST_MAX = 65536
+# more stack processes than that is a fork storm on any machine mbx targets
+STACKS_MAX = 256
+
+
 def int_at_least(low, most=None):
     """An argparse type: a whole number from ``low`` to ``most`` (no upper bound
     without one); the benchmark scripts use it too."""
@@ -490,10 +495,13 @@ def _add_run_options(p):
                         "refuse new flows (evict)")
     p.add_argument("--malformed", choices=("forward", "drop"),
                    help="what to do with packets the parser flags (forward)")
-    p.add_argument("--burst", type=int_at_least(1), default=64, help="packets per burst (64)")
+    # a burst's memory is about 2 KiB a packet (Batch's arena): 65,536 is 128 MiB
+    p.add_argument("--burst", type=int_at_least(1, BURST_MAX), default=64,
+                   help=f"packets per burst (64; at most {BURST_MAX:,})")
     p.add_argument("--max-packets", type=int_at_least(0), default=0,
-                   help="stop after N packets (in each stack process with --stacks)")
-    p.add_argument("--stacks", type=int_at_least(1), default=1,
+                   help="stop after N packets (0, the default: all; in each stack "
+                        "process with --stacks)")
+    p.add_argument("--stacks", type=int_at_least(1, STACKS_MAX), default=1,
                    help="stack processes, flows split by a symmetric hash (software RSS "
                         "over a capture, a fanout group on an AF_PACKET port) (1)")
     p.add_argument("--duration", type=_seconds, default=0,

@@ -32,9 +32,9 @@ def parse_endpoint(text):
     if not port.isascii() or not port.isdigit():
         raise mbx.AppError(f"l4lb: bad endpoint {text!r}: expected ADDR:PORT, or "
                            f"[ADDR]:PORT for IPv6")
-    if int(port) > 0xFFFF:
+    if not 1 <= int(port) <= 0xFFFF:       # no connection is made to port 0
         raise mbx.AppError(f"l4lb: bad endpoint {text!r}: port {int(port)} is not in "
-                           f"0..65535")
+                           f"1..65535")
     try:
         return str(ipaddress.ip_address(addr)), int(port)
     except ValueError:
