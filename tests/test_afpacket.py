@@ -1160,29 +1160,18 @@ def test_frames_left_in_the_ring_at_close_are_counted(testbed, ring):
     assert got["kernel_packets"] == sent
 
 
-@pytest.mark.parametrize("family,stacks", [(4, 1), (6, 1), (4, 2)])
-def test_a_bridge_forwards_fragmented_datagrams_whole_and_in_their_flow(
-        testbed, tmp_path, family, stacks):
-    # The client's kernel sends UDP datagrams of 3,000 and 9,000 bytes in fragments.
-    # The bridge rebuilt them (FragTable; with --stacks the kernel, for the fanout
-    # group) and sent each as one frame longer than the MTU: the veth refused it
-    # (EMSGSIZE), so every fragmented datagram was lost.  With --stacks, the
-    # fragments went to the stack their addresses picked, away from their flow.  Now
-    # the output cuts them again and the server's kernel gets every datagram, each
-    # flow in one stack.
-    procs = testbed
-    client, server = (CLIENT_IP, SERVER_IP) if family == 4 else (CLIENT_IP6, SERVER_IP6)
-    if family == 6:
-        _ipv6_on_the_end_hosts()
-    count = 48
+def _udp_through_mbx(procs, tmp_path, count, client, server, *ports, stacks=1):
+    """``mbx run`` of the recorder and l2fwd in the middle namespace with ``ports``
+    (its --in and --out); the client's kernel sends ``count`` UDP datagrams (200,
+    3,000 and 9,000 bytes in turn) to the server's.  Checks that every one arrived
+    byte for byte and returns the run's counters (--json); the recorder's per-flow
+    files are in ``tmp_path``."""
     nf = tmp_path / "rec.py"
     nf.write_text(f"OUT = {str(tmp_path)!r}\n" + RECORDER_NF)
     os.chmod(tmp_path, 0o755)
     counters = tmp_path / "c.json"
-    mbx = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run",
-                             f"{nf}+l2fwd", "--in", "afpacket:mc,ms?timeout_ms=5",
-                             "--stacks", str(stacks), "--duration", "60", "-q",
-                             "--json", str(counters)),
+    mbx = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", f"{nf}+l2fwd",
+                             *ports, "--duration", "60", "-q", "--json", str(counters)),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     receiver = procs.start(_in_ns(NS_S, sys.executable, HERE, "udp", "recv", server,
                                   str(count)),
@@ -1200,7 +1189,27 @@ def test_a_bridge_forwards_fragmented_datagrams_whole_and_in_their_flow(
     _, mbx_err = mbx.communicate(timeout=60)
     assert mbx.returncode == 0, mbx_err
     assert json.loads(out) == sent          # every datagram, byte for byte
-    result = json.loads(counters.read_text())
+    return json.loads(counters.read_text())
+
+
+@pytest.mark.parametrize("family,stacks", [(4, 1), (6, 1), (4, 2)])
+def test_a_bridge_forwards_fragmented_datagrams_whole_and_in_their_flow(
+        testbed, tmp_path, family, stacks):
+    # The client's kernel sends UDP datagrams of 3,000 and 9,000 bytes in fragments.
+    # The bridge rebuilt them (FragTable; with --stacks the kernel, for the fanout
+    # group) and sent each as one frame longer than the MTU: the veth refused it
+    # (EMSGSIZE), so every fragmented datagram was lost.  With --stacks, the
+    # fragments went to the stack their addresses picked, away from their flow.  Now
+    # the output cuts them again and the server's kernel gets every datagram, each
+    # flow in one stack.
+    procs = testbed
+    client, server = (CLIENT_IP, SERVER_IP) if family == 4 else (CLIENT_IP6, SERVER_IP6)
+    if family == 6:
+        _ipv6_on_the_end_hosts()
+    count = 48
+    result = _udp_through_mbx(procs, tmp_path, count, client, server, "--in",
+                              "afpacket:mc,ms?timeout_ms=5", "--stacks", str(stacks),
+                              stacks=stacks)
     server_side = result["ports"]["in"]["server"]
     assert server_side["tx_cut"] == count * 2 // 3 and server_side["tx_dropped"] == 0
     # "sent" counts packets, as "packets" does: a datagram cut again is one (each
@@ -1231,32 +1240,9 @@ def test_an_offloads_output_finishes_checksums_a_plain_input_could_not_place(
     procs = testbed
     _sh(*_in_ns(NS_C, "ethtool", "-K", "c0", "tx", "on"))
     count = 24
-    nf = tmp_path / "rec.py"
-    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + RECORDER_NF)
-    os.chmod(tmp_path, 0o755)
-    counters = tmp_path / "c.json"
-    mbx = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", f"{nf}+l2fwd",
-                             "--in", "afpacket:mc?timeout_ms=5", "--out",
-                             "afpacket:ms?offloads=1", "--duration", "60", "-q",
-                             "--json", str(counters)),
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    receiver = procs.start(_in_ns(NS_S, sys.executable, HERE, "udp", "recv", SERVER_IP,
-                                  str(count)),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert receiver.stdout.readline().strip() == "ready", receiver.stderr.read()
-    deadline = time.monotonic() + 30
-    while not list(tmp_path.glob("started-*")):
-        assert mbx.poll() is None, mbx.communicate()[1]
-        assert time.monotonic() < deadline, "the stack did not start"
-        time.sleep(0.05)
-    sent = json.loads(_sh(*_in_ns(NS_C, sys.executable, HERE, "udp", "send", CLIENT_IP,
-                                  str(count), SERVER_IP), timeout=60).stdout)
-    out, err = receiver.communicate(timeout=60)
-    mbx.send_signal(signal.SIGINT)
-    _, mbx_err = mbx.communicate(timeout=60)
-    assert mbx.returncode == 0, mbx_err
-    assert json.loads(out) == sent          # every datagram, byte for byte
-    ports = json.loads(counters.read_text())["ports"]
+    ports = _udp_through_mbx(procs, tmp_path, count, CLIENT_IP, SERVER_IP,
+                             "--in", "afpacket:mc?timeout_ms=5",
+                             "--out", "afpacket:ms?offloads=1")["ports"]
     # the 200-byte datagrams left their checksum to c0 (the fragmented ones could not)
     assert ports["in"]["rx_csum_partial"] == count // 3
     assert ports["out"]["tx_csum_done"] == count // 3
