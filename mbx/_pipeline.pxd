@@ -333,6 +333,12 @@ cdef class PipeBus(EventBus):
     cdef object restart_log             # per NF: [death reasons], restarted or not
     cdef object restart_made            # per NF: restarts made
     cdef public object spawn            # spawn(k) -> (pid, pidfd): forks NF k again
+    # the stack: the run's stop request (anything with is_set()); an NF that never
+    # finishes its epoch must not keep a stopped run waiting (stack_wait gives up)
+    cdef public object stop_event
+    cdef int64_t stop_seen_ns           # when stack_wait first saw it (0: not yet)
+    cdef readonly bint abandoned        # stack_wait gave up on the NFs: the run is ending
+    cdef object stop_exc                # an exception a signal handler raised meanwhile
     # parallel groups (see the module): the fan-out and the stack's merge
     cdef uint32_t *gfirst               # per NF: the first and last NF of its stage
     cdef uint32_t *glast                # (itself, outside a group of two or more)
@@ -356,6 +362,9 @@ cdef class PipeBus(EventBus):
     cdef void recover(self, uint32_t k) noexcept nogil
     cdef void stack_round(self) noexcept nogil
     cdef void stack_wait(self, uint32_t target) noexcept nogil
+    cdef bint stop_pending(self) noexcept nogil
+    cdef bint stop_asked(self)
+    cdef int raise_stop_exc(self) except -1
     cdef void filter_mask(self, mbx_msg *m, uint32_t first) noexcept nogil
     cdef uint32_t wait_input(self, uint32_t k, uint32_t *buf, uint32_t n) noexcept nogil
     cdef int deliver(self, uint32_t k, object nf, uint32_t limit) except -1

@@ -88,6 +88,7 @@ runs with one burst in flight (mbx.pipeline.inflight_for).  The stack's tables
 (Stack Memory: flow table, TCP state, stream buffers) are in a second shared mapping
 (mbx._shm), read-only in the NF processes.
 """
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort
@@ -148,6 +149,9 @@ cdef enum:
     ERROR_SIZE = 1024
     REPORT_SIZE = 4096      # an NF's report(), as JSON, written when its process ends
     PAGE = 4096
+
+# How long stack_wait still waits for the NFs once the run was asked to stop.
+cdef int64_t STOP_GRACE_NS = 1000000000
 
 
 cdef inline uint64_t now_ns() noexcept nogil:
@@ -1202,6 +1206,8 @@ cdef class PipeBus(EventBus):
         cdef mbx_proc *me = &self.ctl.procs[self.nnf]
         cdef uint64_t t0 = now_ns()
         while True:
+            if self.abandoned:
+                break
             progress = False
             if sent < self.nout:
                 n = self.hop_enqueue(0, self.out + sent, self.nout - sent)
@@ -1252,8 +1258,45 @@ cdef class PipeBus(EventBus):
                 spins = 0
                 continue
             mbx_sleep_wait(me, self.pidfds, self.nnf, 20)
+            if self.stop_pending():
+                break
         self.nout = 0
         me.busy_ns += now_ns() - t0
+
+    cdef bint stop_pending(self) noexcept nogil:
+        # Asked to stop while an NF keeps its epoch (a handler that hangs): wait a
+        # second for it as for any, then give up on the NFs (abandoned), so the run
+        # ends; finish_run then kills what does not leave.
+        cdef bint asked
+        if self.abandoned:
+            return True
+        with gil:
+            asked = self.stop_asked()
+        if not asked:
+            return False
+        if self.stop_exc is not None:
+            self.abandoned = True       # a KeyboardInterrupt: the caller raises it
+        elif self.stop_seen_ns == 0:
+            self.stop_seen_ns = <int64_t>now_ns()
+        elif <int64_t>now_ns() - self.stop_seen_ns > STOP_GRACE_NS:
+            self.abandoned = True
+        return self.abandoned
+
+    cdef bint stop_asked(self):
+        # Python signal handlers run only when this runs Python: let them (the CLI's
+        # set the run's stop event), and keep what one raised for the caller.
+        try:
+            PyErr_CheckSignals()
+        except BaseException as exc:
+            self.stop_exc = exc
+            return True
+        return self.stop_event is not None and self.stop_event.is_set()
+
+    cdef int raise_stop_exc(self) except -1:
+        if self.stop_exc is not None:
+            exc, self.stop_exc = self.stop_exc, None
+            raise exc
+        return 0
 
     cpdef dispatch(self):
         """The stack's side of a dispatch round: push what this round published to
@@ -1264,6 +1307,7 @@ cdef class PipeBus(EventBus):
         if self.nout:
             with nogil:
                 self.stack_round()
+        self.raise_stop_exc()
         self.apply_requests(self.done_epoch)
         if self.deaths:
             self._report_failures()
@@ -1289,6 +1333,7 @@ cdef class PipeBus(EventBus):
                     for k in range(self.nnf):
                         if self.ctl.procs[k].dead:
                             self.pump(k)
+        self.raise_stop_exc()
         self.apply_requests(self.done_epoch)
         if self.deaths:
             self._report_failures()
@@ -1442,6 +1487,9 @@ cdef class PipeBus(EventBus):
         cdef uint32_t k, t
         cdef int status = 0, r
         cdef uint64_t *pub
+        if self.abandoned:
+            # stopped while an NF held an epoch: it is not coming back soon
+            timeout = min(timeout, 1.0)
         mbx_store(&self.ctl.stop, 1)
         for k in range(self.nnf):
             mbx_wake(&self.ctl.procs[k])

@@ -389,6 +389,7 @@ cdef class NetworkLayer:
         cdef double started = now
         cdef double cpu_started = thread_cpu()
         cdef double next_report = now + progress_every
+        cdef double next_check = now + 0.05
         cdef double deadline = now + duration if duration > 0 else 0
         cdef uint64_t limit = max_packets
         cdef uint32_t idle = 0, full
@@ -435,11 +436,13 @@ cdef class NetworkLayer:
             if limit and self.pkts >= limit:
                 break
             # Live ports return 0 when nothing came in time: look at the clock and
-            # the stop flag then, and every 64 bursts otherwise.
+            # the stop flag then, and every 64 bursts or 50 ms otherwise (bursts
+            # that slow NFs make long would leave a Ctrl-C waiting for 64 of them).
             idle += 1
-            if n == 0 or idle >= 64:
+            if n == 0 or idle >= 64 or monotonic() >= next_check:
                 idle = 0
                 now = monotonic()
+                next_check = now + 0.05
                 if deadline and now >= deadline:
                     break
                 if stop is not None and stop.is_set():

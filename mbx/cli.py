@@ -255,9 +255,22 @@ def _run(nfs, args, spec=None):
     # ports are closed, counters are printed and written.  The handler stays until
     # all of that is done, so a second signal (a double Ctrl-C, `timeout` signalling
     # the process and then its group) does not lose the summary or the --json file.
-    # (run_parallel puts its own in place while its stack processes run.)
+    # (run_parallel puts its own in place while its stack processes run.)  Only a
+    # run that has not ended 3 s after the first signal (an NF's handler that never
+    # returns holds it) is interrupted by the next (KeyboardInterrupt, from wherever
+    # it is: the run fails, its summary and --json still come out).
     stop = threading.Event()
-    handlers = {sig: signal.signal(sig, lambda *_: stop.set())
+    asked = []
+
+    def on_signal(*_):
+        if asked and time.monotonic() - asked[0] > STOP_FORCE_AFTER_S:
+            raise KeyboardInterrupt("stopped again: the run had not ended "
+                                    f"{STOP_FORCE_AFTER_S:g} s after the first signal")
+        if not asked:
+            asked.append(time.monotonic())
+        stop.set()
+
+    handlers = {sig: signal.signal(sig, on_signal)
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if args.stacks > 1:
@@ -284,7 +297,7 @@ def _run_app(app, args, listeners, view, stop):
     try:
         counters = app.run(inp, out, burst=args.burst, max_packets=args.max_packets,
                            progress=progress, duration=args.duration, stop=stop)
-    except MbxError as exc:
+    except (MbxError, KeyboardInterrupt) as exc:
         progress.done()
         # closed first: a port counts some things as it closes (frames left unread)
         inp.close()
@@ -416,6 +429,8 @@ def _run_parallel(nfs, args, config, listeners, view):
 
 
 BURST_MAX = 65536
+# a second stop signal this long after the first interrupts the run (see _run)
+STOP_FORCE_AFTER_S = 3.0
 # more stack processes than that is a fork storm on any machine mbx targets
 STACKS_MAX = 256
 

@@ -217,6 +217,7 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
             return pid, pidfds[-1]
 
         bus.spawn = spawn
+        bus.stop_event = stop
         stack.run(inp, out, burst=burst, max_packets=max_packets, progress=progress,
                   duration=duration, stop=stop, batches=batches)
     finally:

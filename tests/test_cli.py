@@ -642,3 +642,85 @@ def test_a_table_smaller_than_a_chunk_keeps_every_flow_s_events_in_order(
     assert small["evicted"] > 0 and large["evicted"] == 0
     # every packet counted in some flow's FLOW/END, however small the table
     assert small_pkts == large_pkts
+
+
+HANGING_NF = """import time
+import mbx
+
+def make():
+    nf = mbx.NF("hangs")
+    seen = [0]
+    def on(ev):
+        seen[0] += 1
+        if seen[0] == 100:
+            open(__file__ + ".hung", "w").close()
+            while True:
+                time.sleep(1)
+    nf.sub(mbx.PKT, on)
+    return nf
+"""
+
+
+@pytest.mark.parametrize("deploy", ["pipelined", "inline"])
+def test_a_run_whose_nf_hangs_still_stops(tmp_path, example_pcap, deploy):
+    # Pipelined, the stack waited for the hung NF's epoch forever and no signal
+    # ended the run; inline nothing can interrupt a handler that never returns
+    # except a signal that raises: a second one, 3 s after the first, now does.
+    nf = tmp_path / "hangs.py"
+    nf.write_text(HANGING_NF)
+    counters = tmp_path / "c.json"
+    p = subprocess.Popen([*MBX, "run", f"{nf}+l2fwd", "--in", f"pcap:{example_pcap}",
+                          "--deploy", deploy, "--json", str(counters)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "hangs.py.hung").exists():
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "the NF never got its 100th packet"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        if deploy == "inline":
+            time.sleep(3.5)
+            p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert out.startswith("packets"), err           # the summary came out
+    c = json.loads(counters.read_text())
+    if deploy == "pipelined":
+        assert p.returncode == 0, err
+        death, = c["pipeline"]["nfs"]["hangs"]["deaths"]
+        assert "did not stop within 1 s" in death
+    else:
+        assert p.returncode == 130
+        assert "had not ended 3 s after the first signal" in c["error"]
+
+
+def test_a_stop_is_seen_within_a_burst_or_two_of_slow_nfs(tmp_path, example_pcap):
+    # The stack looked at the stop flag every 64 bursts: behind an NF that takes
+    # 5 ms a packet that is 20 s, so a Ctrl-C waited for the whole example capture.
+    nf = tmp_path / "slow.py"
+    nf.write_text("import os, time\nimport mbx\n"
+                  "def make():\n"
+                  "    nf = mbx.NF('slow')\n"
+                  "    def on(ev):\n"
+                  "        open(__file__ + '.began', 'a').close()\n"
+                  "        time.sleep(0.005)\n"
+                  "    nf.sub(mbx.PKT, on)\n"
+                  "    return nf\n")
+    counters = tmp_path / "c.json"
+    p = subprocess.Popen([*MBX, "run", str(nf), "--in", f"pcap:{example_pcap}", "-q",
+                          "--json", str(counters)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "slow.py.began").exists():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    # stopped within a burst or two, far from the capture's end
+    assert json.loads(counters.read_text())["packets"] <= 3 * 64
