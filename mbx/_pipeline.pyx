@@ -1447,6 +1447,18 @@ cdef class PipeBus(EventBus):
                 return f"killed by signal {-code}"
         return f"exited with status {code}"
 
+    def stop_failures(self, int code):
+        """The errors of the NF processes that exited with status ``code`` (their
+        stop() raised), once finish_run reaped them."""
+        cdef uint32_t k
+        out = []
+        for k in range(self.nnf):
+            pr = &self.ctl.procs[k]
+            if (pr.dead and pr.failed and pr.status >= 0
+                    and os.waitstatus_to_exitcode(pr.status) == code):
+                out.append(slot_text(self.errors, k, ERROR_SIZE))
+        return out
+
     def _not_restarted(self, uint32_t k):
         # Why NF k's dead process was not restarted ("" when it has no restarts).
         if not self.restart_conf[k][0]:

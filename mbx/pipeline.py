@@ -102,6 +102,10 @@ def inflight_for(nfs, inflight=None, tcp=True):
     return inflight
 
 
+# An NF process's exit status when its stop() raised (3: its handler raised).
+STOP_FAILED = 4
+
+
 def _child(bus, k, nf):
     # The NF's process: never returns.
     code = 0
@@ -124,9 +128,16 @@ def _child(bus, k, nf):
     try:
         nf.stop()
     except BaseException as exc:     # noqa: BLE001
-        print(f"mbx: error: NF {nf.name}: stop() raised {type(exc).__name__}: {exc}"
-              f"{user_code_line(exc)}", file=sys.stderr)
-        code = code or 4
+        text = (f"NF {nf.name}: stop() raised {type(exc).__name__}: {exc}"
+                f"{user_code_line(exc)}")
+        if code:                     # failed already: the stack reports that error
+            print(f"mbx: error: {text}", file=sys.stderr)
+        else:                        # the run fails for it, as inline (stop_failures)
+            try:
+                bus.nf_failed(k, text)
+            except BaseException:    # noqa: BLE001
+                print(f"mbx: error: {text}", file=sys.stderr)
+            code = STOP_FAILED
     try:
         from mbx.runtime import take_report
 
@@ -161,6 +172,7 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
     bus = None
     pidfds = []
     forked = False
+    stop_failures = []
     try:
         if ring_full not in RING_FULL:
             raise AppError(f"ring_full must be 'stall' or 'drop', not {ring_full!r}")
@@ -223,6 +235,7 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
     finally:
         if forked:
             bus.finish_run()
+            stop_failures = bus.stop_failures(STOP_FAILED)
             if ended is not None:
                 # the counters as the run left them, an error or not: they live in
                 # the shared mapping, which close() unmaps
@@ -233,4 +246,6 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
             os.close(fd)
         if bus is not None:
             bus.close()
+    if stop_failures:
+        raise _events.NFError(stop_failures[0])
     return stack, bus.pipeline_counters()

@@ -724,3 +724,28 @@ def test_a_stop_is_seen_within_a_burst_or_two_of_slow_nfs(tmp_path, example_pcap
     assert p.returncode == 0, err
     # stopped within a burst or two, far from the capture's end
     assert json.loads(counters.read_text())["packets"] <= 3 * 64
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_an_nf_whose_stop_raises_fails_the_run_in_every_deployment(
+        tmp_path, example_pcap, deploy):
+    # Pipelined, the NF process printed the error and the run still exited 0, the
+    # NF's state "ok".
+    nf = tmp_path / "stopper.py"
+    nf.write_text("import mbx\n"
+                  "def make():\n"
+                  "    nf = mbx.NF('stopper')\n"
+                  "    nf.sub(mbx.PKT, lambda ev: None)\n"
+                  "    def stop():\n"
+                  "        raise ValueError('cannot flush')\n"
+                  "    nf.stop = stop\n"
+                  "    return nf\n")
+    counters = tmp_path / "c.json"
+    r = mbx_cmd("run", f"{nf}+l2fwd", "--in", f"pcap:{example_pcap}", "--deploy",
+                deploy, "--json", str(counters))
+    assert r.returncode == 2
+    assert r.stderr.count("stop() raised ValueError: cannot flush") == 1, r.stderr
+    c = json.loads(counters.read_text())
+    assert "cannot flush" in c["error"]
+    if deploy == "pipelined":
+        assert c["pipeline"]["nfs"]["stopper"]["state"] == "failed"
