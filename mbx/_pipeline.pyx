@@ -628,11 +628,16 @@ cdef class PipeBus(EventBus):
                 self.nout = keep
                 if done == keep:
                     break
+            if mbx_load(&self.ctl.stop):
+                # the run is over: whoever would have made room (a consumer that
+                # died, the stack draining for it) is gone or stopping, so stop
+                # waiting, or this process could not run its stop() and report
+                break
             spins += 1
             if spun(spins, self.spin, self.yields):
                 continue
             mbx_sleep_begin(me)
-            if self.hop_room(r):
+            if self.hop_room(r) or mbx_load(&self.ctl.stop):
                 mbx_sleep_cancel(me)
                 continue
             mbx_sleep_wait(me, NULL, 0, 100)

@@ -869,3 +869,43 @@ def _dports(frames):
     for _, buf in frames:
         ip = dpkt.ethernet.Ethernet(buf).data
         yield getattr(getattr(ip, "data", None), "dport", None)
+
+
+def test_an_nf_that_fails_with_small_rings_does_not_strand_the_others(tmp_path,
+                                                                       example_pcap):
+    # drop -> bad -> l2fwd on rings of 2: bad raised, the run ended, and drop, stuck
+    # pushing into bad's full ring, waited until killed 10 s later: its stop() never
+    # ran and its report was lost.  A push now gives up once the run is stopping.
+    (tmp_path / "drop.py").write_text(
+        "import mbx\n"
+        "def make():\n"
+        "    nf = mbx.NF('drop')\n"
+        "    seen = [0]\n"
+        "    def on(ev):\n"
+        "        seen[0] += 1\n"
+        "        if seen[0] % 3 == 0:\n"
+        "            ev.drop()\n"
+        "    nf.sub(mbx.PKT, on)\n"
+        "    nf.report = lambda: {'seen': seen[0]}\n"
+        "    return nf\n")
+    (tmp_path / "bad.py").write_text(
+        "import mbx\n"
+        "def make():\n"
+        "    nf = mbx.NF('bad')\n"
+        "    seen = [0]\n"
+        "    def on(ev):\n"
+        "        seen[0] += 1\n"
+        "        if seen[0] == 300:\n"
+        "            raise ValueError('gave up')\n"
+        "    nf.sub(mbx.PKT, on)\n"
+        "    return nf\n")
+    counters = tmp_path / "c.json"
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "drop.py+bad.py+l2fwd",
+                        "--in", f"pcap:{example_pcap}", "--deploy", "pipelined",
+                        "--ring-size", "2", "--json", str(counters)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "gave up" in r.stderr
+    nfs = json.loads(counters.read_text())["pipeline"]["nfs"]
+    assert nfs["drop"]["state"] == "ok" and nfs["drop"]["deaths"] == []
+    assert nfs["drop"]["report"]["seen"] >= 300
+    assert nfs["bad"]["state"] == "failed"
