@@ -142,6 +142,9 @@ cdef class FlowTable:
     # the stack publishes FLOW/END for each and then calls clear_ended().
     cdef mbx_flow *ended
     cdef uint32_t *ended_slot
+    cdef int64_t *ended_ns          # when each ended: the evicting packet's time, ...
+    cdef int64_t clock_ns           # ... the time of the packet being looked up (or
+    #                                 the time expire() was given)
     cdef readonly uint32_t n_ended
     cdef uint32_t ended_cap
     cdef object stack_memory        # the shared arena the arrays are in (None: heap)

@@ -109,11 +109,13 @@ cdef class FlowTable:
         self.buckets = <uint32_t *>stack_calloc(nbuckets, sizeof(uint32_t))
         self.ended = <mbx_flow *>stack_calloc(self.ended_cap, sizeof(mbx_flow))
         self.ended_slot = <uint32_t *>stack_calloc(self.ended_cap, sizeof(uint32_t))
+        self.ended_ns = <int64_t *>stack_calloc(self.ended_cap, sizeof(int64_t))
         if (self.flows == NULL or self.buckets == NULL or self.ended == NULL
-                or self.ended_slot == NULL):
+                or self.ended_slot == NULL or self.ended_ns == NULL):
             raise MemoryError(f"cannot allocate a flow table of {cap} flows")
         self.mem_bytes = (cap * sizeof(mbx_flow) + nbuckets * sizeof(uint32_t)
-                          + self.ended_cap * (sizeof(mbx_flow) + sizeof(uint32_t)))
+                          + self.ended_cap * (sizeof(mbx_flow) + sizeof(uint32_t)
+                                              + sizeof(int64_t)))
         memset(self.buckets, 0xFF, nbuckets * sizeof(uint32_t))
 
         # Freed slots are chained through hnext (free_head).  Slots never used are
@@ -132,6 +134,7 @@ cdef class FlowTable:
         stack_free(self.shared_tables, self.buckets)
         stack_free(self.shared_tables, self.ended)
         stack_free(self.shared_tables, self.ended_slot)
+        stack_free(self.shared_tables, self.ended_ns)
 
     # ------------------------------------------------------------------ C API
 
@@ -167,6 +170,7 @@ cdef class FlowTable:
         e.lru_prev = NO_FLOW
         e.lru_next = NO_FLOW
         self.ended_slot[self.n_ended] = slot
+        self.ended_ns[self.n_ended] = self.clock_ns
         self.n_ended += 1
 
         # Unlink from the bucket chain (singly linked: chains are short).
@@ -261,6 +265,7 @@ cdef class FlowTable:
         cdef uint8_t d
         self.created_last = False
         self.lookups += 1
+        self.clock_ns = p.ts_ns         # a flow evicted for this one ends now
         p.hash = h
         p.flow = NO_FLOW
         p.flow_gen = 0
@@ -328,6 +333,7 @@ cdef class FlowTable:
         cdef int n = 0
         cdef uint32_t slot
         cdef mbx_flow *f
+        self.clock_ns = now_ns
         while self.lru_head != NO_FLOW and self.n_ended < self.ended_cap:
             slot = self.lru_head
             f = &self.flows[slot]

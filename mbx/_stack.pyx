@@ -17,7 +17,7 @@ from mbx._events cimport (
     mbx_msg, pkt_body,
 )
 from mbx._flow cimport (
-    FlowTable, flow_count, flow_endpoints, flow_key_hash, flow_key_of, flow_trackable,
+    END_EVICTED, FlowTable, flow_count, flow_endpoints, flow_key_hash, flow_key_of, flow_trackable,
     mbx_flow, mbx_flow_key,
 )
 from mbx._packet cimport (
@@ -141,8 +141,11 @@ cdef class NetworkLayer:
             self.ended_pos += 1
             self.flow_ended(slot, f)
             if self.bus.wants(T_FLOW_END, slot, f.gen, 0):
+                # an evicted flow ended when the packet that took its slot came, not
+                # at the latest time its chunk has seen
                 self.publish_flow(T_FLOW_END, self.flow_end_id, f, slot, NO_PKT, 0,
-                                  self.now_ns)
+                                  self.flows.ended_ns[self.ended_pos - 1]
+                                  if f.end_reason == END_EVICTED else self.now_ns)
         self.ended_pos = 0
         self.flows.clear_ended()
 

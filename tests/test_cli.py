@@ -749,3 +749,27 @@ def test_an_nf_whose_stop_raises_fails_the_run_in_every_deployment(
     assert "cannot flush" in c["error"]
     if deploy == "pipelined":
         assert c["pipeline"]["nfs"]["stopper"]["state"] == "failed"
+
+
+def test_an_evicted_flow_ends_when_the_packet_that_took_its_slot_came(
+        tmp_path, example_pcap):
+    # FLOW/END of a flow evicted for a new one carried the latest time its chunk
+    # had seen, later than the new flow's FLOW/START that followed it.
+    events = tmp_path / "e.jsonl"
+    r = mbx_cmd("run", "logger", "--in", f"pcap:{example_pcap}", "--flows", "8",
+                "--set", f"logger.path={events}", "-q")
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    evicted = [i for i, e in enumerate(log)
+               if e["type"] == "FLOW/END" and e["end_reason"] == "evicted"]
+    assert evicted
+    for i in evicted:
+        # the FLOW/START of the flow that took the slot follows, among its chunk's
+        # (the FLOW/STARTs up to the next FLOW/END), at the same time
+        chunk = []
+        for e in log[i + 1:]:
+            if e["type"] == "FLOW/END" and e["ts_ns"] != log[i]["ts_ns"] and chunk:
+                break
+            if e["type"] == "FLOW/START":
+                chunk.append(e["ts_ns"])
+        assert log[i]["ts_ns"] in chunk
