@@ -7,6 +7,7 @@ RING_VERSIONS: dict[str, int]
 RING_DEFAULTS: dict[tuple[str, bool], tuple[int, int, int]]
 NEW_GROUP: str      # fanout_group=NEW_GROUP: a group of an id the kernel picks
 
+def check_fanout_mode(mode: str) -> None: ...
 def ring_layout(ring: str = ..., *, offloads: bool = ..., rx: bool = ...,
                 frame_size: int = ..., block_size: int = ..., block_count: int = ...,
                 retire_ms: int = ...) -> tuple[int, int, int]: ...

@@ -275,6 +275,13 @@ FANOUT_MODES = {
 }
 
 
+def check_fanout_mode(mode):
+    """ValueError unless ``mode`` names a PACKET_FANOUT mode: the one place the
+    rule lives (mbx.ports refuses a spec by it, AfPacketPort its keyword)."""
+    if mode not in FANOUT_MODES:
+        raise ValueError(f"fanout_mode {mode!r} is not one of {', '.join(FANOUT_MODES)}")
+
+
 RING_DEFAULTS = {
     # (ring, offloads): frame_size, block_size, block_count for a value given as 0.
     # With offloads a V2 slot must hold a 64 KiB super-frame with its headers (V2 cuts
@@ -441,9 +448,7 @@ cdef class AfPacketPort(Port):
             block_size=block_size, block_count=block_count, retire_ms=retire_ms)
         if timeout_ms < 0:
             raise ValueError("timeout_ms cannot be negative")
-        if fanout_mode not in FANOUT_MODES:
-            raise ValueError(f"fanout_mode {fanout_mode!r} is not one of "
-                             f"{', '.join(FANOUT_MODES)}")
+        check_fanout_mode(fanout_mode)
         if fanout_group is not None:
             if not rx:
                 raise ValueError("fanout needs rx=True")
@@ -484,11 +489,7 @@ cdef class AfPacketPort(Port):
         # interface, so no frame of another interface slips into the ring.
         fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0)
         if fd < 0:
-            e = errno
-            hint = (" (needs CAP_NET_RAW: run as root or grant the capability)"
-                    if e in (EPERM, EACCES) else "")
-            raise PortError(f"{self.name}: socket(AF_PACKET, SOCK_RAW): "
-                            f"{_errno_text(e)}{hint}")
+            self._raise("socket(AF_PACKET, SOCK_RAW)", errno)
         self.fd = fd
         try:
             memset(&ifr, 0, sizeof(ifr))
@@ -620,7 +621,7 @@ cdef class AfPacketPort(Port):
     def _raise(self, call, int e):
         hint = ""
         if e in (EPERM, EACCES):
-            hint = " (needs CAP_NET_RAW)"
+            hint = " (needs CAP_NET_RAW: run as root or grant the capability)"
         elif e == ENOMEM:
             hint = " (ring too large for the memory or locked-memory limit?)"
         elif e == ENODEV or e == ENXIO:

@@ -144,10 +144,8 @@ def _afpacket_option(key, value, sides):
     if key == "ring":
         return {key: value}         # judged with the sizes (_afpacket_ring_problem)
     if key == "fanout_mode":
-        from mbx._afpacket import FANOUT_MODES
-        if value not in FANOUT_MODES:
-            raise ValueError(f"fanout_mode {value!r} is not one of "
-                             f"{', '.join(FANOUT_MODES)}")
+        from mbx._afpacket import check_fanout_mode
+        check_fanout_mode(value)
         return {key: value}
     if key in ("promisc", "offloads", "fanout_defrag"):
         flag = value.lower()
