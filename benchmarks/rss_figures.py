@@ -15,11 +15,14 @@ and the same split measured serially on one CPU (see serial()), the figure that
 holds best on a machine shared with other work.  Last, two ceilings measured in
 the same run: two spin loops, and two independent stacks each replaying the
 whole capture (independent_round(), in every round right after the split, so the
-two see the same host), which no split of the work can beat.
+two see the same host), which no split of the work can beat.  ``--json`` keeps
+every round's figures, ``--plot`` draws them as the paper's Fig. 7b.
 
     python benchmarks/rss_figures.py [--quick] [--runs 3] [--packets 1000000]
+                                     [--json FILE] [--plot FILE]
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -27,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _args import at_least, parse  # noqa: E402
+from _args import at_least, parse, writable  # noqa: E402
 from captures import make_capture  # noqa: E402
 
 import mbx  # noqa: E402
@@ -156,6 +159,45 @@ def serial(make, spec, runs):
     return best
 
 
+def plot(result, path):
+    """Fig. 7b as the paper draws it, throughput while running for 1 and 2 stack
+    processes per work, beside every round's ratio (the host's spread) and the goal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    works = result["works"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    x = range(len(works))
+    left.bar([i - 0.2 for i in x], [w["running_mpps"][0] for w in works], 0.4,
+             label="1 stack process")
+    left.bar([i + 0.2 for i in x], [w["running_mpps"][1] for w in works], 0.4,
+             label="2 stack processes")
+    left.set_xticks(list(x), [w["work"] for w in works], fontsize=8)
+    left.set_ylabel("Mpps while running (64 B)")
+    left.legend(fontsize=8)
+    left.grid(axis="y", alpha=0.3)
+    for i, w in enumerate(works):
+        rounds = w["rounds_running_ratio"]
+        right.plot([i] * len(rounds), rounds, "o", alpha=0.5, color="C0")
+        right.plot([i - 0.15, i + 0.15], [w["running_ratio"]] * 2, "-", color="C3", lw=2)
+        right.plot([i], [w["independent"]], "^", color="C7")
+    right.axhline(result["goal"], ls="--", color="C2", label=f"goal {result['goal']}x")
+    right.plot([], [], "-", color="C3", label="median 1 stack / median 2 stacks")
+    right.plot([], [], "^", color="C7", label="two independent stacks (ceiling)")
+    right.set_xticks(list(x), [w["work"] for w in works], fontsize=8)
+    right.set_xlim(-0.6, len(works) - 0.4)
+    right.set_ylabel("2 stacks / 1 stack, each round")
+    right.legend(fontsize=8)
+    right.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Fig. 7b: {result['packets']:,} packets over {result['flows']:,} flows, "
+                 f"{result['runs']} rounds, {result['cores']} cores (load average "
+                 f"{result['load']:.2f} at the end)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -163,11 +205,15 @@ def main(argv=None):
     ap.add_argument("--runs", type=at_least(1), default=3)
     ap.add_argument("--packets", type=at_least(1), default=1_000_000,
                     help="packets in the capture (1,000,000)")
+    ap.add_argument("--json", metavar="FILE", type=writable,
+                    help="write every round's figures here")
+    ap.add_argument("--plot", metavar="FILE", type=writable,
+                    help="draw Fig. 7b here (needs matplotlib: pip install '.[bench]')")
     args = parse(ap, argv, {"packets": 200_000})
     n, flows = args.packets, 20_000 if args.quick else 100_000
     cap = make_capture(n, flows, "64")
     spec = "pcap:" + cap
-    rows = []
+    rows, works = [], []
     for label, make in (("stack alone", list), ("PKT to a no-op Python NF", noop_nf)):
         one, two, cpu1, cpu2, pair, skew, same, share = [], [], [], [], [], [], [], []
         loop1, loop2 = [], []
@@ -195,6 +241,13 @@ def main(argv=None):
                      c1 * 1e9 / n,
                      statistics.median(pair) / c1, statistics.median(skew),
                      statistics.median(same), statistics.median(share)))
+        works.append({"work": label, "wall_s": [one, two], "run_loop_s": [loop1, loop2],
+                      "cpu_s": [cpu1, cpu2], "pair_cpu_s": pair, "independent_rounds": same,
+                      "running_mpps": [n / r1 / 1e6, n / r2 / 1e6], "running_ratio": r1 / r2,
+                      "wall_ratio": t1 / t2,
+                      "rounds_running_ratio": [a / b for a, b in zip(loop1, loop2,
+                                                                      strict=True)],
+                      "independent": statistics.median(same)})
     print(f"capture: {n:,} packets over {flows:,} flows (64 B), median of {args.runs}")
     print("wall clock, process start to exit:")
     print(f"{'work':<28} {'1 stack Mpps':>13} {'2 stacks Mpps':>14} {'ratio':>7} "
@@ -232,7 +285,15 @@ def main(argv=None):
           "split; the share is the median of the rounds' split ratio over it)")
     for label, *_, same, share in rows:
         print(f"{label}: {same:.2f}x; 2 stacks' ratio as a share of it: {share:.0%}")
-    print(f"load average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    load = os.getloadavg()[0]
+    print(f"load average now: {load:.2f} on {os.cpu_count()} cores")
+    result = {"packets": n, "flows": flows, "runs": args.runs, "cores": os.cpu_count(),
+              "load": load, "goal": 1.8, "spin_scaling": ceiling, "works": works}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    if args.plot:
+        plot(result, args.plot)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def _print_counters(c, elapsed, out=None):
         if unsent:
             why = "; ".join(f"{k}: {v['tx_error']}" for k, v in port.items()
                             if isinstance(v, dict) and v.get("tx_error")) or port.get("tx_error")
-            w(f"not sent       {unsent:,} frame{'s' if unsent != 1 else ''}, by the {side} port"
+            w(f"not sent       {unsent:,} packet{'s' if unsent != 1 else ''}, by the {side} port"
               + (f" (last error: {why})" if why else "") + "\n")
     inp = (c.get("ports") or {}).get("in") or {}
     lost, oversize, cut, link, whole, unread = (_port_sum(inp, key) for key in (

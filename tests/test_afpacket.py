@@ -1272,7 +1272,7 @@ def test_frames_larger_than_the_mtu_are_cut_or_counted_and_explained(testbed, tm
                     f"pcap:{cap}", "--out", "afpacket:ms", "--json", str(counters)),
             check=False, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "not sent       1 frame, by the out port (last error: Message too long)" \
+    assert "not sent       1 packet, by the out port (last error: Message too long)" \
         in r.stdout
     out = json.loads(counters.read_text())["ports"]["out"]
     assert out["tx_pkts"] == 2 + 3 and out["tx_dropped"] == 1 and out["tx_cut"] == 1
@@ -1297,7 +1297,7 @@ def test_a_frame_received_cut_short_is_not_sent_on(testbed, tmp_path):
     out = json.loads(counters.read_text())["ports"]["out"]
     assert (out["tx_pkts"], out["tx_dropped"], out["tx_partial"]) == (2, 1, 1), out
     assert out["tx_error"] == "1 received cut short, so not sent on"
-    assert "not sent       1 frame, by the out port (last error: 1 received cut short" \
+    assert "not sent       1 packet, by the out port (last error: 1 received cut short" \
         in r.stdout
 
 
