@@ -41,16 +41,15 @@ from _args import at_least, writable
 from stack_figures import _fmt, _load, flow_capacity_for, machine
 
 import mbx
-from mbx import _tcp
+from mbx import _monitor, _tcp
 from mbx._flow import FlowTable
 from mbx._stream import bench_add
 from mbx.examples.capture import tcp_connection
 from mbx.flows import flows_json
 from mbx.ports import open_input
 
-# The Monitor's own arrays per flow slot besides tcp_conn (see _monitor.pxd):
-# conn_gen (uint32), conn_mark (uint8), pair_of (uint32).
-MONITOR_SLOT_ARRAYS = 4 + 1 + 4
+# The Monitor's own Stack Memory per flow slot besides tcp_conn (conn_meta).
+MONITOR_SLOT_ARRAYS = _monitor.META_SIZE
 PAPER_SNAPSHOT_BYTES = 23
 PAPER_SNAPSHOT_CYCLES = 76
 GOALS = {

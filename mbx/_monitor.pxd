@@ -25,6 +25,8 @@ cdef enum:
     MARK_KILLED = 1         # an NF terminated the connection: drop what follows
     MARK_INIT0 = 2          # stream of flow dir 0 initialised
     MARK_INIT1 = 4          # stream of flow dir 1 initialised
+    MARK_HI0 = 8            # sent_hi[0] holds what flow dir 0 was seen sending
+    MARK_HI1 = 16           # sent_hi[1] likewise
 
 
 # Per flow slot, beside its tcp_conn: one small record, so a packet costs one cache
@@ -32,6 +34,10 @@ cdef enum:
 ctypedef struct conn_meta:
     uint32_t gen            # flow generation conns[slot] belongs to (0: none)
     uint32_t pair           # its stream pair + 1 (0: none)
+    # by flow dir: the end of the sequence space its acceptable segments covered
+    # (SYN and payload; a pure ACK's seq too), so what it was seen sending.  An ACK
+    # skips a hole only up to there: it cannot make a gap of bytes not yet seen.
+    uint32_t sent_hi[2]
     uint8_t mark            # MARK_* bits
     uint8_t pad[3]
 

@@ -47,7 +47,8 @@ from mbx._stream cimport (
 from mbx._tcp cimport (
     CONN_CLOSED_RST, CONN_HS_ACK, CONN_HS_SYN, CONN_HS_SYNACK, EP_FIN,
     EP_SYN, EP_SYNACK, TCPEV_ESTABLISHED, TCPEV_FIN, TCPEV_NEW_CONNECTION,
-    TCPEV_RETRANSMISSION, TCPEV_RST, TCPEV_STATE_CHANGE, TCPEV_SYN, TCPEV_SYNACK,
+    TCPEV_OUT_OF_WINDOW, TCPEV_RETRANSMISSION, TCPEV_RST, TCPEV_RST_INVALID,
+    TCPEV_STATE_CHANGE, TCPEV_SYN, TCPEV_SYNACK,
     TCPEV_TERMINATE, seq_gt, tcp_client_dir, tcp_conn, tcp_init, tcp_receiver_update,
     tcp_sender_update, tcp_snapshot,
 )
@@ -59,6 +60,9 @@ from mbx._stream import check_pool
 from mbx.errors import MbxError, PermissionDenied
 
 _POLICIES = {"first": OVERLAP_FIRST, "last": OVERLAP_LAST}
+# Stack Memory per flow slot the Monitor keeps beside its tcp_conn (conn_meta), for
+# the figures of bytes per flow
+META_SIZE = sizeof(conn_meta)
 OVERLAP_POLICIES = tuple(_POLICIES)     # ``overlap=``, for callers that check first
 
 # The TCP Monitor's stream sizes when not given: TcpMonitor's keywords, and App's and
@@ -461,10 +465,27 @@ cdef class TcpMonitor(NetworkLayer):
         cdef bint want_o = self.wants_stream(slot, p, o ^ cdir)
         cdef uint32_t pair
         cdef mbx_stream *s
-        cdef uint32_t seq, ack
+        cdef uint32_t seq, ack, end, seen
         cdef uint64_t before, gs, ge, n
         cdef int fl
         cdef mbx_msg *m
+        cdef conn_meta *meta = &self.meta[slot]
+        cdef uint8_t hi_d = MARK_HI0 << d
+        cdef bint seen_d = (meta.mark & hi_d) != 0
+        # What the receiver would not take (RFC 9293 §3.10.7.4), as the state machine
+        # judged it: a segment out of its window, or a RST it found invalid.  Neither
+        # its payload nor its ACK touches the streams.  A valid RST's data counts (as
+        # tshark's follow counts it), its ACK field does not; and what follows a valid
+        # RST is still delivered: the RST the Monitor saw may never reach the
+        # endpoint (a low TTL), and stopping there would let a sender hide the rest.
+        cdef bint accepted = not (sbits & (TCPEV_OUT_OF_WINDOW | TCPEV_RST_INVALID))
+        seq = p.seq + (1 if p.tcp_flags & TH_SYN else 0)
+        seen = meta.sent_hi[d]
+        if accepted:
+            end = seq + p.payload_len
+            if not seen_d or seq_gt(end, seen):
+                meta.sent_hi[d] = end
+                meta.mark |= hi_d
         if not want_d and not want_o:
             self.free_pair(slot)            # nobody (any more) wants this flow's bytes
             return
@@ -480,17 +501,22 @@ cdef class TcpMonitor(NetworkLayer):
                 self.memcaps_streams += 1
             return
         # the packet's payload, into its direction's stream
-        if want_d and p.payload_len:
+        if want_d and p.payload_len and accepted:
             s = &self.streams[2 * pair + d]
-            seq = p.seq + (1 if p.tcp_flags & TH_SYN else 0)
-            if not self.meta[slot].mark & (MARK_INIT0 << d):
-                # offset 0 is the byte after the ISN when the SYN was seen, else the
-                # first byte we see (a midstream pickup)
+            if not meta.mark & (MARK_INIT0 << d):
+                # offset 0 is the byte after the ISN when the SYN was seen, else (a
+                # midstream pickup) where the sender's earlier segments, a pure ACK
+                # say, put its next byte, if before this one and within the window
+                # (so bytes that come later to fill in before it are not lost), else
+                # this segment's first byte
                 if c.ep[d].flags & (EP_SYN | EP_SYNACK):
                     stream_init(self.pool, s, c.ep[d].isn + 1, self.policy)
+                elif seen_d and seq_gt(seq, seen) and \
+                        seq - seen < self.pool.max_stream_bytes:
+                    stream_init(self.pool, s, seen, self.policy)
                 else:
                     stream_init(self.pool, s, seq, self.policy)
-                self.meta[slot].mark |= MARK_INIT0 << d
+                meta.mark |= MARK_INIT0 << d
             before = s.frontier
             fl = stream_add(self.pool, s, seq, p.data + p.payload_off, p.payload_len)
             if fl & STREAM_CONFLICT:
@@ -513,11 +539,19 @@ cdef class TcpMonitor(NetworkLayer):
             if s.frontier != before:
                 self.data_ready(p, slot, c, pair, d, before)
         # the packet's ACK: holes in the other direction that the receiver got
-        if want_o and p.tcp_flags & TH_ACK and self.meta[slot].mark & (MARK_INIT0 << o):
+        if (want_o and accepted and (p.tcp_flags & (TH_ACK | TH_RST)) == TH_ACK
+                and meta.mark & (MARK_INIT0 << o)):
             s = &self.streams[2 * pair + o]
             ack = p.ack
             if c.ep[o].flags & EP_FIN and seq_gt(ack, c.ep[o].fin_seq):
                 ack = c.ep[o].fin_seq       # the FIN's sequence number is no data
+            # An ACK beyond what the other side was seen sending acknowledges bytes
+            # not seen yet: they may still come (a capture reorders an ACK before
+            # its data), or the ACK is bogus (a blind injection would otherwise
+            # skip the real bytes as a gap).  A hole is skipped once bytes beyond it
+            # were seen, so that a lost segment is reported when its successor is.
+            if meta.mark & (MARK_HI0 << o) and seq_gt(ack, meta.sent_hi[o]):
+                ack = meta.sent_hi[o]
             while True:
                 n = stream_skip_hole(self.pool, s, ack, &gs, &ge)
                 if n == 0:
@@ -630,6 +664,8 @@ cdef class TcpMonitor(NetworkLayer):
     # ---------------------------------------------------------------- mbx flows
 
     cdef void summary_packet(self, uint32_t slot, mbx_pkt *p) noexcept nogil:
+        # close: "rst" when any segment had RST, valid or not (the brief of `mbx
+        # flows`, as a capture tool reads it), else "fin" when any had FIN
         cdef conn_sum *cs = self.sums[slot]
         if cs == NULL:
             return

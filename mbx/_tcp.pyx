@@ -235,6 +235,16 @@ cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
         bits |= TCPEV_MIDSTREAM
         s.state = TCPS_ESTABLISHED
     else:
+        # r still opening, its SYN sent: a segment whose ACK does not acknowledge
+        # that SYN is not this connection's (a late segment of the previous one on
+        # the 5-tuple, say); RFC 9293 §3.10.7.3 drops it, and so does the monitor.
+        if ackf and r.state == TCPS_SYN_SENT and (r.flags & EP_SYN) and \
+                not (seq_gt(p.ack, r.isn) and seq_leq(p.ack, r.snd_nxt)):
+            c.pkt |= PK_OOW
+            bits |= TCPEV_OUT_OF_WINDOW
+            if fin:
+                bits |= TCPEV_FIN
+            return bits
         # Right edge of what r accepts (Linux's tcp_sequence test: a segment may
         # start at most at rcv_nxt + window); everything before is at worst a
         # retransmission.

@@ -37,19 +37,21 @@ class Conn:
             cli, srv, isn_c, isn_s, v6, t)
         self.frames = []
 
-    def _add(self, src, dst, seq, ack, flags, data):
+    def _add(self, src, dst, seq, ack, flags, data, win=65535):
         wrap, et = (tcp6, 0x86DD) if self.v6 else (tcp4, 0x0800)
         self.t += 0.001
         frame = ether(wrap(src[0], dst[0], src[1], dst[1], data, seq=seq & M32,
-                           ack=ack & M32, flags=flags), et)
+                           ack=ack & M32, flags=flags, win=win), et)
         self.frames.append((self.t, frame))
         return len(self.frames) - 1
 
-    def c(self, seq, ack=0, flags=ACK, data=b""):
-        return self._add(self.cli, self.srv, self.isn_c + seq, self.isn_s + ack, flags, data)
+    def c(self, seq, ack=0, flags=ACK, data=b"", win=65535):
+        return self._add(self.cli, self.srv, self.isn_c + seq, self.isn_s + ack, flags, data,
+                         win)
 
-    def s(self, seq, ack=0, flags=ACK, data=b""):
-        return self._add(self.srv, self.cli, self.isn_s + seq, self.isn_c + ack, flags, data)
+    def s(self, seq, ack=0, flags=ACK, data=b"", win=65535):
+        return self._add(self.srv, self.cli, self.isn_s + seq, self.isn_c + ack, flags, data,
+                         win)
 
     def handshake(self, syn_data=b""):
         self.c(0, -self.isn_s, SYN, syn_data)
@@ -1070,7 +1072,8 @@ def _three_holes():
     conn.c(1, 1, PSH | ACK, b"a" * 10)
     conn.c(21, 1, PSH | ACK, b"b" * 10)         # hole [10, 20)
     conn.c(41, 1, PSH | ACK, b"c" * 10)         # hole [30, 40)
-    conn.s(1, 61)                               # and [50, 60) before the ACK
+    conn.c(61, 1)                               # and [50, 60): its next seq is 61
+    conn.s(1, 61)                               # one ACK of all three
     return conn.frames
 
 
@@ -1089,6 +1092,127 @@ def test_multiple_gaps_one_ack(run, tmp_path):
     write_pcap(path, frames)
     r = next(iter(flows_json(path)[0]["connections"].values()))
     assert (r["c2s_len"], r["c2s_sha256"]) == (30, _sha(b"a" * 10 + b"b" * 10 + b"c" * 10))
+
+
+def _streams_and_gaps(run, tmp_path, conn):
+    """(c2s bytes, s2c bytes) by mbx flows, and the GAP events an NF saw."""
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_GAP], side="both", read=False)
+    run([rec], frames=conn.frames)
+    gaps = [(e[3]["stream_dir"], e[3]["offset"], e[3]["length"])
+            for e in rec.of("FLOW/TCP/GAP")]
+    path = str(tmp_path / "c.pcap")
+    write_pcap(path, conn.frames)
+    r = next(iter(flows_json(path)[0]["connections"].values()))
+    return (r["c2s_len"], r["c2s_sha256"]), (r["s2c_len"], r["s2c_sha256"]), gaps
+
+
+def test_an_ack_ahead_of_its_data_skips_nothing(run, tmp_path):
+    """An ACK captured before the data it acknowledges (merged or multi-queue
+    captures), and a bogus one far ahead: neither may turn bytes not seen yet into a
+    gap, or the real bytes that follow are never delivered (an injected ACK would
+    blind every NF to the rest of the stream)."""
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"GET / ")
+    conn.s(1, 19)                               # ACKs bytes still on their way
+    conn.s(1, 100_001)                          # acknowledges nothing ever sent
+    conn.c(7, 1, PSH | ACK, b"HTTP/1.1\r\n\r\n")
+    conn.s(1, 19)
+    conn.c(19, 1, FIN | ACK)
+    conn.s(1, 20, FIN | ACK)
+    conn.c(20, 2)
+    c2s, _, gaps = _streams_and_gaps(run, tmp_path, conn)
+    assert c2s == (18, _sha(b"GET / HTTP/1.1\r\n\r\n")) and gaps == []
+
+
+def test_a_lost_last_segment_is_a_gap_once_its_successor_is_seen(run, tmp_path):
+    """A hole at the end of what was seen is skipped only when the sender shows it
+    sent past it (here its next segment): then the ACK proves the bytes lost."""
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"a" * 10)
+    conn.s(1, 21)                               # [10, 20) never captured
+    conn.s(1, 21)
+    c2s, _, gaps = _streams_and_gaps(run, tmp_path, conn)
+    assert gaps == [] and c2s[0] == 10
+    conn.c(21, 1, PSH | ACK, b"c" * 10)
+    conn.s(1, 31)
+    c2s, _, gaps = _streams_and_gaps(run, tmp_path, conn)
+    assert gaps == [(0, 10, 10)] and c2s == (20, _sha(b"a" * 10 + b"c" * 10))
+
+
+def test_segments_the_receiver_would_refuse_do_not_reach_the_stream(run, tmp_path):
+    """A segment beyond the receiver's window, and a RST that fails validation, are
+    refused by the state machine: their payload is no stream data and their ACK skips
+    no hole (RFC 9293 §3.10.7.4).  The window-breaking copy used to win over the
+    bytes the receiver did accept (overlap policy "first")."""
+    conn = Conn()
+    conn.c(0, 0, SYN)
+    conn.s(0, 1, SYN | ACK, win=100)            # the server takes 100 bytes at a time
+    conn.c(1, 1, win=65535)
+    conn.c(1, 1, PSH | ACK, b"x" * 50)
+    conn.c(151, 1, PSH | ACK, b"Z" * 100)       # starts past 1 + 100: refused
+    conn.s(1, 51, win=100)
+    conn.c(51, 1, PSH | ACK, b"y" * 100)
+    conn.s(1, 151, win=100)
+    conn.c(151, 1, PSH | ACK, b"W" * 100)
+    conn.s(1, 251, win=100)
+    conn.s(9_999_999, 10_000, RST | ACK, b"rstdata")     # fails validation
+    conn.c(251, 1, FIN | ACK)
+    conn.s(1, 252, FIN | ACK, win=100)
+    conn.c(252, 2)
+    c2s, s2c, gaps = _streams_and_gaps(run, tmp_path, conn)
+    assert c2s == (250, _sha(b"x" * 50 + b"y" * 100 + b"W" * 100))
+    assert s2c == (0, _sha(b"")) and gaps == []
+
+
+def test_a_late_segment_of_the_old_connection_leaves_the_new_one_alone(run):
+    """A reused 4-tuple: the old server's retransmitted FIN arrives after the new
+    SYN.  It does not acknowledge the new SYN, so it is not the new connection's
+    (RFC 9293 §3.10.7.3); it used to put the new server in FIN_WAIT_1 and end the
+    connection before its data."""
+    old = Conn()
+    old.handshake()
+    old.c(1, 1, PSH | ACK, b"first")
+    old.s(1, 6, PSH | ACK, b"r1")
+    old.c(6, 3, FIN | ACK)
+    old.s(3, 7, FIN | ACK)
+    old.c(7, 4)
+    new = Conn(isn_c=200_000, isn_s=900_000, t=old.t)
+    new.c(0, -900_000, SYN)
+    new.frames.append((new.t + 0.0005, old.frames[-2][1]))     # the stale FIN again
+    new.s(0, 1, SYN | ACK)
+    new.c(1, 1)
+    new.c(1, 1, PSH | ACK, b"second")
+    new.c(7, 1, FIN | ACK)
+    new.s(1, 8)
+    new.s(1, 8, PSH | ACK, b"server-still-sending")
+    new.s(21, 8, FIN | ACK)
+    new.c(8, 22)
+    rec = Recorder([mbx.FLOW_TCP_ESTABLISHED, mbx.FLOW_TCP_TERMINATE, mbx.DATA_RDY])
+    run([rec], frames=old.frames + new.frames)
+    names = [e[0] for e in rec.events]
+    est = rec.of("FLOW/TCP/ESTABLISHED")[-1][3]
+    assert (est["state_cli"], est["state_srv"]) == (4, 4)     # both ESTABLISHED
+    last = len(names) - 1 - names[::-1].index("FLOW/TCP/TERMINATE")
+    assert "DATA_RDY" not in names[last:]
+    assert rec.streams[(rec.events[last][5], 1)][-1][2] == b"server-still-sending"
+
+
+def test_a_midstream_pickup_keeps_bytes_before_its_first_payload(run, tmp_path):
+    """Picked up without a SYN: a pure ACK already put the client's next byte at
+    seq 1, so "hello " arriving after "world" still belongs before it."""
+    conn = Conn()
+    conn.c(1, 1)
+    conn.s(1, 1)
+    conn.c(7, 1, PSH | ACK, b"world")
+    conn.c(1, 1, PSH | ACK, b"hello ")
+    conn.s(1, 12)
+    conn.c(12, 1, FIN | ACK)
+    conn.s(1, 13, FIN | ACK)
+    conn.c(13, 2)
+    c2s, _, gaps = _streams_and_gaps(run, tmp_path, conn)
+    assert c2s == (11, _sha(b"hello world")) and gaps == []
 
 
 def test_multiple_gaps_one_ack_readable(run, tmp_path):
