@@ -192,6 +192,13 @@ def _print_counters(c, elapsed, out=None):
                                            for key, value in report.items()) + "\n")
 
 
+def _same_file(a, b):
+    """Whether paths a and b name one file, existing (links too) or to be made."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _run(nfs, args, spec=None):
     from mbx.controller import check, unused_warning
     from mbx.ports import bridge_output_note, capture_file
@@ -201,9 +208,14 @@ def _run(nfs, args, spec=None):
         check(args.app if hasattr(args, "app") else "the NFs", "", args.stack or "auto",
               {}, nfs)
 
+    out_file = capture_file(args.out) if args.out else None
     if args.json:
         check_writable(args.json, "--json")     # not only once the run is over
-    out_file = capture_file(args.out) if args.out else None
+        for port_spec, what in ((args.inp, "the input capture"), (args.out, "the output")):
+            capture = capture_file(port_spec) if port_spec else None
+            if capture and _same_file(args.json, capture):
+                raise MbxError(f"--json {args.json}: that is {what}; writing it would "
+                               "destroy it: name another file")
     if out_file:
         # the output opens once the run has started (an existing file survives a
         # failed start), so a path it cannot write is refused here, before the run

@@ -57,6 +57,20 @@ def check_writable(path, what):
         raise AppError(f"{what}: path {path!r}: cannot write in {where}")
 
 
+def check_not_being_read(path, what):
+    """Refuse to write over a capture this process is reading as its input: its
+    bytes would be gone mid-read (a pcap output refuses the same in its port)."""
+    from mbx import _pcap
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if (st.st_dev, st.st_ino) in _pcap._being_read:
+        raise AppError(f"{what}: {path!r} is the capture being read as the input; "
+                       "writing it would destroy it: name another file")
+
+
 def output_path(path):
     """The file this process should write for ``path``: ``path`` itself, or
     ``path.stackK`` in stack process K of a ``run_parallel`` run, so that stack

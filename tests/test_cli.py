@@ -428,7 +428,17 @@ def test_the_input_capture_is_never_the_output(tmp_path, example_pcap):
         assert "the output is the input capture" in r.stderr
     r = mbx_cmd("flows", str(cap), "--json", "-o", str(cap))
     assert r.returncode == 2 and "that is the capture itself" in r.stderr
-    assert cap.read_bytes() == before
+    # nor the counters (--json) or a Logger's events, inline, pipelined or parallel
+    for extra in (["--json", str(tmp_path / "alias.pcap")],
+                  ["--set", f"logger.path={cap}"],
+                  ["--set", f"logger.path={cap}", "--deploy", "pipelined"]):
+        r = mbx_cmd("run", "l2fwd+logger", "--in", str(cap), *extra)
+        assert r.returncode == 2, r.stderr
+        assert "is the capture being read" in r.stderr or "that is the input" in r.stderr
+    r = mbx_cmd("run", "l2fwd", "--in", str(cap), "--out", f"pcap:{tmp_path / 'o.pcap'}",
+                "--json", str(tmp_path / "o.pcap"))
+    assert r.returncode == 2 and "that is the output" in r.stderr
+    assert cap.read_bytes() == before and not (tmp_path / "o.pcap").exists()
 
 
 def test_command_line_stack_options_win_over_the_application_file(tmp_path, example_pcap):

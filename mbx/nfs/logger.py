@@ -14,7 +14,7 @@ import sys
 import mbx
 from mbx._events import END_REASONS, PROTO_NAMES
 from mbx.errors import AppError
-from mbx.runtime import check_writable, output_path
+from mbx.runtime import check_not_being_read, check_writable, output_path
 
 
 class Logger(mbx.NF):
@@ -44,6 +44,7 @@ class Logger(mbx.NF):
             self.out = sys.stdout
             return
         path = output_path(self.path)
+        check_not_being_read(path, f"NF {self.name}")
         try:
             self.out = open(path, "w", buffering=1 << 20)
         except OSError as exc:
