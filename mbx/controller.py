@@ -452,6 +452,17 @@ def check(path, name, stack, options, nfs, lines=None):
                     feeders.append(f"NF {other.name}" + (
                         " (later in the chain: inline only)" if later else ""))
             if not feeders:
+                mine = [types[j].name for j in nf.pubs if types[j].is_a(t)]
+                mates = [o.name for o in nfs if o is not nf and nf.group is not None
+                         and o.group == nf.group
+                         and any(types[j].is_a(t) for j in o.pubs)]
+                if mine or mates:
+                    who = (f"only it publishes ({', '.join(mine)}): an NF never receives "
+                           "its own publications") if mine else (
+                        f"only its group's {', '.join(mates)} publish: a member never "
+                        "receives the publications of the members it runs beside")
+                    raise AppError(f"{at(i)}: NF {nf.name} subscribes to {t.name}, which "
+                                   f"{who}")
                 offered = sorted({p.name for p in stack_pubs}
                                  | {types[j].name for o in nfs for j in o.pubs})
                 raise AppError(

@@ -41,9 +41,10 @@ def raising_line(exc, filename=None):
         if filename is not None:
             mine = name == filename
         else:
-            # Cython frames name their .pyx relative to the build ("mbx/_events.pyx")
+            # Cython frames name their .pyx relative to the build ("mbx/_events.pyx");
+            # the import machinery's frames are "<frozen importlib._bootstrap>"
             mine = not (os.path.abspath(name).startswith(here)
-                        or name.startswith("mbx" + os.sep))
+                        or name.startswith("mbx" + os.sep) or name.startswith("<frozen "))
         if mine:
             return name, frame.lineno
     return None

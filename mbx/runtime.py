@@ -5,9 +5,11 @@ built-in NF (``mbx.nfs``), a Python file, or ``module:attribute``.  (Application
 files in TOML, with filters and parallel groups, build on this.)
 """
 import importlib
+import inspect
 import os
 import re
 import runpy
+import sys
 
 from mbx import _events, api
 from mbx._events import NF, EventBus, NFError
@@ -89,8 +91,6 @@ def _as_nfs(obj, where):
 
 def _option_names(factory):
     """The keyword options ``factory`` takes (None: any, or it cannot be told)."""
-    import inspect
-
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):
@@ -108,6 +108,17 @@ def _make(factory, options, where):
         raise AppError(f"{where}: unknown option(s) {', '.join(unknown)}; it takes "
                        + (", ".join(shown) if shown else "none"))
     try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        options = _typed_options(signature, options, where)
+        try:
+            signature.bind(**options)
+        except TypeError as exc:
+            given = f"options {options}" if options else "no options"
+            raise AppError(f"{where}: cannot be called with {given}: {exc}") from None
+    try:
         return _as_nfs(factory(**options), where)
     except EventTypeError as exc:
         # its options name a type nobody registered yet: a typo (the message has the
@@ -119,16 +130,51 @@ def _make(factory, options, where):
         raise AppError(f"{where}: {exc}{hint}") from None
     except MbxError:
         raise
-    except TypeError as exc:
-        raise AppError(f"{where}: bad options {options}: {exc}") from exc
     except Exception as exc:
         raise AppError(f"{where}: {type(exc).__name__}: {exc}{user_code_line(exc)}") from exc
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _typed_options(signature, options, where):
+    """Options given as text (``--set NF.KEY=VALUE``) made the type the factory
+    declares for them, by annotation or else by its default's type (int, float,
+    bool); other values, and text for parameters of other types, pass as they are.
+    A value that does not convert is refused here, naming the option, not by the
+    NF's first packet."""
+    typed = dict(options)
+    for key, value in options.items():
+        param = signature.parameters.get(key)
+        if param is None or not isinstance(value, str):
+            continue
+        kind = param.annotation if param.annotation in (bool, int, float) else (
+            type(param.default) if type(param.default) in (bool, int, float) else None)
+        if kind is None:
+            continue
+        text = value.strip().lower()
+        if kind is bool:
+            if text not in _TRUE + _FALSE:
+                raise AppError(f"{where}: option {key}={value!r}: expected true or false")
+            typed[key] = text in _TRUE
+            continue
+        try:
+            typed[key] = int(text, 0) if kind is int else float(text)
+        except ValueError:
+            raise AppError(f"{where}: option {key}={value!r}: expected "
+                           f"{'an integer' if kind is int else 'a number'}") from None
+    return typed
 
 
 def _load_file(path, options):
     if not os.path.isfile(path):
         raise AppError(f"NF file {path}: no such file")
     stem = os.path.splitext(os.path.basename(path))[0]
+    # its own directory first on the path, as Python runs a script: an NF file may
+    # import a module beside it
+    where = os.path.dirname(os.path.abspath(path))
+    if where not in sys.path:
+        sys.path.insert(0, where)
     with api.loading(stem) as created:
         try:
             scope = runpy.run_path(path, run_name="__main__")
@@ -201,9 +247,22 @@ def load_app(spec, options=None):
             if not mod_name or not attr or mod_name.startswith("."):
                 raise AppError(f"NF {item!r}: expected module:attribute, an absolute "
                                "module name and the NF, list or factory it defines")
+            if os.getcwd() not in sys.path:
+                sys.path.append(os.getcwd())    # as python -m would find it, last
             try:
-                obj = getattr(importlib.import_module(mod_name), attr)
-            except (ImportError, AttributeError) as exc:
+                module = importlib.import_module(mod_name)
+            except ModuleNotFoundError as exc:
+                # the module itself is missing, or one it imports (its line, then)
+                where = (" in the current directory, PYTHONPATH or the installed "
+                         "packages") if exc.name == mod_name.partition(".")[0] else \
+                    user_code_line(exc)
+                raise AppError(f"NF {item}: {exc}{where}") from exc
+            except Exception as exc:
+                raise AppError(f"NF {item}: {type(exc).__name__}: {exc}"
+                               f"{user_code_line(exc)}") from exc
+            try:
+                obj = getattr(module, attr)
+            except AttributeError as exc:
                 raise AppError(f"NF {item}: {exc}") from exc
             nfs += _make(obj, opts, f"NF {item}") if callable(obj) and not isinstance(
                 obj, NF) else _as_nfs(obj, f"NF {item}")
@@ -435,7 +494,13 @@ class App:
         started = []
         try:
             for nf in nfs:
-                nf.start()
+                try:
+                    nf.start()
+                except MbxError:
+                    raise               # says which NF already
+                except Exception as exc:
+                    raise NFError(f"NF {nf.name}: start() raised {type(exc).__name__}: "
+                                  f"{exc}{user_code_line(exc)}") from exc
                 started.append(nf)
         except BaseException:
             stop_all(started)           # what they opened is closed again

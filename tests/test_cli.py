@@ -583,6 +583,91 @@ def test_a_misspelt_nf_option_names_the_ones_there_are(example_pcap, setting, me
     assert mbx_cmd("check", nf, "--set", f"{nf}.name=mine").returncode == 0
 
 
+NF_SOURCES = {
+    # options typed by annotation or default; report() tells what make() got
+    "opts.py": """
+import mbx
+class O(mbx.NF):
+    def __init__(self, **got):
+        super().__init__("opts")
+        self.got = got
+        self.sub(mbx.PKT, lambda ev: None)
+    def report(self):
+        return {k: f"{type(v).__name__} {v}" for k, v in self.got.items()}
+def make(min_len: int = 100, verbose=False, ratio=0.5, label="x"):
+    return O(min_len=min_len, verbose=verbose, ratio=ratio, label=label)
+""",
+    "starts.py": """
+import mbx
+class S(mbx.NF):
+    def __init__(self):
+        super().__init__("starts")
+        self.sub(mbx.PKT, lambda ev: None)
+    def start(self):
+        raise KeyError("cfg")
+def make():
+    return S()
+""",
+    "factory.py": """
+import mbx
+class F(mbx.NF):
+    def __init__(self, t):
+        super().__init__("factory")
+        self.n = len(t)
+def make(threshold=10):
+    return F(threshold)
+""",
+    "broken_mod.py": "import mbx\nnf = mbx.NF('b')\nx = 1 / 0\n",
+    "plain_mod.py": "import mbx\nnf = mbx.NF('plain')\nnf.sub(mbx.PKT, lambda ev: None)\n",
+    "selfish.py": """
+import mbx
+T = mbx.register_event_type("SELFISH", parent=mbx.PKT)
+nf = mbx.NF("selfish")
+port = nf.pub(T)
+nf.sub(T, lambda ev: None)
+""",
+}
+
+
+def test_nf_code_errors_name_the_nf_and_the_line(tmp_path, example_pcap):
+    """What an NF's own code gets wrong is told as the NF, what it did, and the line
+    (no traceback through mbx): start() raising, a TypeError inside make() (it was
+    called "bad options"), a module:attribute whose import fails; a --set value is
+    made the type make() declares, or refused naming the option; an NF subscribing
+    to only its own publication is told so (the message listed it as published)."""
+    for name, source in NF_SOURCES.items():
+        (tmp_path / name).write_text(source)
+
+    def run(*args):
+        r = mbx_cmd("run", *args, "--in", example_pcap, "-q", cwd=tmp_path)
+        return r.returncode, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+
+    assert run("starts.py") == (2, "mbx: error: NF starts: start() raised KeyError: "
+                                   "'cfg' (at starts.py, line 8)")
+    assert run("factory.py") == (2, "mbx: error: NF file factory.py: make(): TypeError: "
+                                    "object of type 'int' has no len() (at factory.py, "
+                                    "line 6)")
+    assert run("broken_mod:nf") == (2, "mbx: error: NF broken_mod:nf: ZeroDivisionError: "
+                                       "division by zero (at broken_mod.py, line 3)")
+    assert run("plain_mod:nf")[0] == 0         # found in the current directory
+    code, err = run("selfish.py")
+    assert code == 2 and "which only it publishes (PKT/SELFISH)" in err
+    code, err = run("opts.py", "--set", "opts.min_len=0x10", "--set", "opts.verbose=yes",
+                    "--set", "opts.ratio=2", "--set", "opts.label=7")
+    assert code == 0, err
+    r = mbx_cmd("run", "opts.py", "--in", example_pcap, "--set", "opts.min_len=500",
+                "--set", "opts.verbose=off", "--set", "opts.ratio=2", "--set",
+                "opts.label=7", cwd=tmp_path)
+    report = r.stdout[r.stdout.index("NF reports"):]
+    for shown in ("int 500", "bool False", "float 2.0", "str 7"):
+        assert shown in report, report
+    assert run("opts.py", "--set", "opts.min_len=abc") == (
+        2, "mbx: error: NF file opts.py: make(): option min_len='abc': expected an integer")
+    assert run("opts.py", "--set", "opts.verbose=maybe") == (
+        2, "mbx: error: NF file opts.py: make(): option verbose='maybe': expected true or "
+           "false")
+
+
 def test_a_tcp_stack_with_fewer_flow_slots_than_a_burst_has_flows_finishes(
         tmp_path, example_pcap):
     # The TCP Monitor's restart (a SYN on an old 5-tuple) looks the new flow up,

@@ -261,6 +261,20 @@ def test_data_rdy_hand_built(run, tmp_path, case):
     assert counters["tcp"]["gaps"] == counters["tcp"]["conflicts"] == 0
 
 
+def test_a_read_of_the_event_s_stream_ends_at_its_frontier(run):
+    """The stack delivers a whole burst before the NFs run: a read past a DATA_RDY's
+    frontier returned the burst's later bytes too, so its result depended on --burst."""
+    frames = Conn().exchange(REQ, RESP, seg_s=[1000, 1000, 1000, len(RESP) - 3000])
+    for burst in (64, 1):
+        got = []
+        nf = mbx.NF("reader")
+        nf.sub(mbx.DATA_RDY, lambda ev, got=got: got.append(
+            (ev.frontier - ev.offset, len(ev.read(ev.offset, 10**6)),
+             len(ev.read(0, 10**6)) == ev.frontier)), side="both")
+        run([nf], frames=frames, burst=burst, retain=1 << 20)
+        assert len(got) == 5 and all(a == b and whole for a, b, whole in got), got
+
+
 def test_read_released_bytes(run, tmp_path):
     """With retain=0 the bytes behind the frontier go back to the pool at the end of
     each burst: reading them later raises a clear MbxError; retain keeps them."""
