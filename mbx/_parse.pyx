@@ -244,6 +244,12 @@ cdef inline int _parse_ipv4(mbx_pkt *p, const uint8_t *d, uint32_t off,
         return _done(p, PARSE_BAD_IHL)
     if ihl > avail:
         return _done(p, PARSE_TRUNC_L3)
+    if tot == 0 and p.wirelen > off + ihl:
+        # Captured on the sending host with TCP segmentation offload: the kernel
+        # leaves the total length to the NIC, so the datagram is the whole frame (as
+        # Wireshark reads it).
+        tot = p.wirelen - off
+        p.ip_len = tot
     if tot < ihl:
         return _done(p, PARSE_BAD_IP_LEN)
     if ihl > 20:

@@ -361,6 +361,20 @@ def test_bad_ip_len():
     assert parse(eth(bytes(ip)))["status"] == "bad_ip_len"
 
 
+def test_a_total_length_of_zero_is_the_whole_frame():
+    """Captured on a sender with TCP segmentation offload, an IPv4 datagram says 0 for
+    its length (the NIC fills it in): the datagram is the frame, as Wireshark reads
+    it; it was refused as bad_ip_len and `mbx flows` lost the payload."""
+    payload = b"x" * 3000
+    ip = bytearray(ip4(6, tcp(data=payload)))
+    ip[2:4] = b"\x00\x00"
+    f = parse(eth(bytes(ip)))
+    assert f["status"] == "ok" and f["payload_len"] == len(payload)
+    cut = eth(bytes(ip))[:200]      # and cut by a snaplen: what was captured
+    f = parse(cut, wirelen=len(eth(bytes(ip))))
+    assert f["status"] == "ok" and "truncated" in f["flag_names"]
+
+
 @pytest.mark.parametrize("opts", [b"\x07\x01\x00\x00", b"\x07\x08\x00\x00", b"\x01\x01\x01\x07"])
 def test_bad_ip_option(opts):
     f = parse(eth(ip4(17, udp(), opts=opts)))
