@@ -73,6 +73,9 @@ cdef class PcapReader(Port):
     # Set (by mbx_on_sigbus) when the file shrank under the mapping: the pages past
     # its new end read as zeros from then on, and reading stops with an error.
     cdef int cut_under_us
+    # The file, kept open while mapped: a zero-length record may be the zeros past
+    # a new end inside its last page (no SIGBUS there), which fstat tells.
+    cdef int map_fd
     cdef size_t pos
     cdef size_t start                   # offset of the first record
     cdef bint is_pcapng
@@ -101,7 +104,7 @@ cdef class PcapReader(Port):
     cdef int _rss_decide(self) noexcept nogil
     cdef int _rss_burst(self, Batch batch) noexcept nogil
     cdef void _too_big(self, const pcap_rec *r, Batch batch) noexcept nogil
-    cdef bint _taken_back(self, Batch batch, mbx_pkt *p) noexcept nogil
+    cdef bint _taken_back(self, Batch batch, mbx_pkt *p, size_t at) noexcept nogil
     cdef void _shrank(self) noexcept nogil
     cdef int _burst_end(self, int n, int counted, uint64_t nbytes) noexcept nogil
     cdef int _open_pcap(self, uint32_t magic) except -1

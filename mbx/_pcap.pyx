@@ -16,6 +16,8 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset, strerror
 from posix.mman cimport MADV_SEQUENTIAL, MAP_FAILED, MAP_PRIVATE, PROT_READ, madvise, mmap
 from posix.mman cimport munmap
+from posix.stat cimport fstat
+from posix.stat cimport struct_stat as stat_t
 from posix.unistd cimport close as c_close
 from posix.unistd cimport write
 
@@ -298,6 +300,7 @@ cdef class PcapReader(Port):
 
     def __cinit__(self, *args, **kwargs):
         self.base = NULL
+        self.map_fd = -1
         self.ifaces = NULL
         self.scratch = NULL
         self.own_n = self.own_i = 0
@@ -342,8 +345,10 @@ cdef class PcapReader(Port):
             mapped = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0)
             if mapped == MAP_FAILED:
                 raise PortError(f"pcap:{path}: cannot map the file ({os.strerror(errno)})")
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self.map_fd = fd
         # Reading is one forward pass: let the kernel read ahead aggressively.
         madvise(mapped, size, MADV_SEQUENTIAL)
         self.cut_under_us = 0
@@ -461,6 +466,9 @@ cdef class PcapReader(Port):
             mbx_unwatch_map(self.base)
             munmap(<void *>self.base, self.size)
             self.base = NULL
+        if self.map_fd >= 0:
+            c_close(self.map_fd)
+            self.map_fd = -1
         free(self.ifaces)
         self.ifaces = NULL
         self.n_ifaces = self.cap_ifaces = 0
@@ -872,7 +880,7 @@ cdef class PcapReader(Port):
                 if batch.count == 0:
                     self._too_big(r, batch)
                 break
-            if self._taken_back(batch, p):
+            if self._taken_back(batch, p, r.at):
                 break
             if self.own_kind[self.own_i] == RSS_FLOW:
                 p.hash = self.own_hash[self.own_i]
@@ -886,12 +894,20 @@ cdef class PcapReader(Port):
             n += 1
         return self._burst_end(n, counted, nbytes)
 
-    cdef bint _taken_back(self, Batch batch, mbx_pkt *p) noexcept nogil:
+    cdef bint _taken_back(self, Batch batch, mbx_pkt *p, size_t at) noexcept nogil:
         # After each frame copied: if the file shrank under the mapping meanwhile
         # (mbx_on_sigbus), the frame may hold zeros for bytes it never had: take it
-        # back out of the batch and stop with an error.
+        # back out of the batch and stop with an error.  Past a new end inside the
+        # last page no SIGBUS comes: those bytes read as zeros, pcap records of
+        # length 0, so a record (at byte offset at) that says 0 bytes is checked
+        # against the file's size.
+        cdef stat_t st
         if not self.cut_under_us:
-            return False
+            if self.is_pcapng or rd32(self.base + at + 8, 0) != 0 or self.map_fd < 0 \
+                    or fstat(self.map_fd, &st) != 0 \
+                    or <size_t>st.st_size >= at + PCAP_REC_HDR:
+                return False
+            self.cut_under_us = 1
         batch.count = batch.count - 1
         batch.arena_used = <size_t>(p.data - batch.arena)
         self._shrank()
@@ -954,7 +970,7 @@ cdef class PcapReader(Port):
                 if batch.count == 0:
                     self._too_big(&r, batch)
                 break
-            if self._taken_back(batch, p):
+            if self._taken_back(batch, p, r.at):
                 break
             self.pos = r.next_pos
             n += 1
