@@ -138,8 +138,10 @@ def _print_counters(c, elapsed, out=None):
         w(f"link           {link:,} errors raised on the input's sockets (the link went "
           "down; frames sent meanwhile count as not sent)\n")
     if inp.get("skipped"):
-        w(f"input          {inp['skipped']:,} frames skipped: their interface's link type "
-          f"is not one mbx reads (the first: {inp['skipped_linktype']})\n")
+        n = inp["skipped"]
+        w(f"input          {n:,} frame{'s' if n != 1 else ''} skipped: "
+          f"{'their' if n != 1 else 'its'} interface's link type is not one mbx reads "
+          f"(the first: {inp['skipped_linktype']})\n")
     if inp.get("truncated"):
         w("input          the capture ends in a record cut short (its writer stopped "
           "mid-write): that record was not read\n")

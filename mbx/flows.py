@@ -10,7 +10,7 @@ same endpoints (a pure SYN with another ISN) is a new connection: ``#2``, ``#3``
 import os
 
 from mbx._stream import MAX_OOO_PIECES
-from mbx.ports import open_input
+from mbx.ports import capture_file, open_input
 from mbx.runtime import App
 
 SCHEMA = "mbx-flows/1"
@@ -45,12 +45,15 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
         skipped = inp.counters.get("skipped", 0), inp.counters.get("skipped_linktype")
     finally:
         inp.close()
-    doc = {"schema": SCHEMA, "capture": os.path.basename(capture),
+    named = capture if os.path.exists(capture) else capture_file(capture) or capture
+    doc = {"schema": SCHEMA, "capture": os.path.basename(named),
            "connections": number_keys(app.stack.connections_summary())}
     warnings = []
     if skipped[0]:
-        warnings.append(f"{skipped[0]} frames skipped: their interface's link type is "
-                        f"not one mbx reads (the first: {skipped[1]})")
+        many = skipped[0] != 1
+        warnings.append(f"{skipped[0]} frame{'s' if many else ''} skipped: "
+                        f"{'their' if many else 'its'} interface's link type is not one "
+                        f"mbx reads (the first: {skipped[1]})")
     if cut_short:
         warnings.append("the capture ends in a record cut short (its writer stopped "
                         "mid-write); that packet is not in the summary")

@@ -868,3 +868,13 @@ def test_an_evicted_flow_ends_when_the_packet_that_took_its_slot_came(
             if e["type"] == "FLOW/START":
                 chunk.append(e["ts_ns"])
         assert log[i]["ts_ns"] in chunk
+
+
+def test_mbx_flows_names_the_capture_however_it_was_given(tmp_path, example_pcap):
+    # "pcap:x.pcap" was kept whole while "pcap:/dir/x.pcap" became "x.pcap"
+    cap = tmp_path / "named.pcap"
+    cap.write_bytes(open(example_pcap, "rb").read())
+    for spec in ("named.pcap", "pcap:named.pcap", f"pcap:{cap}", str(cap)):
+        r = mbx_cmd("flows", spec, "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["capture"] == "named.pcap", spec
