@@ -473,6 +473,10 @@ class PubPort:
         return f"<PubPort {self.nf.name}:{self.type.name}{' writes' if self.writes else ''}>"
 
 
+_NF_INIT_ATTRS = frozenset(("name", "writes", "group", "group_merge", "subs", "pubs",
+                            "filters", "_bus", "_index"))
+
+
 class NF:
     """A network function: its subscriptions, publications and the calls of the paper.
 
@@ -494,6 +498,14 @@ class NF:
         self.filters = {}       # type idx (or None: every subscription) -> Filter
         self._bus = None
         self._index = -1
+
+    def __getattr__(self, attr):
+        # Only reached when the attribute is missing: for those __init__ sets, a
+        # subclass that never called it (the usual slip), said so.
+        if attr in _NF_INIT_ATTRS:
+            raise AttributeError(f"{type(self).__name__} has no {attr!r}: its __init__ "
+                                 "must call super().__init__(name) first")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
 
     def __repr__(self):
         return f"<NF {self.name}>"

@@ -617,6 +617,14 @@ class F(mbx.NF):
 def make(threshold=10):
     return F(threshold)
 """,
+    "nosuper.py": """
+import mbx
+class A(mbx.NF):
+    def __init__(self):
+        self.sub(mbx.PKT, lambda ev: None)
+def make():
+    return A()
+""",
     "broken_mod.py": "import mbx\nnf = mbx.NF('b')\nx = 1 / 0\n",
     "plain_mod.py": "import mbx\nnf = mbx.NF('plain')\nnf.sub(mbx.PKT, lambda ev: None)\n",
     "selfish.py": """
@@ -650,6 +658,9 @@ def test_nf_code_errors_name_the_nf_and_the_line(tmp_path, example_pcap):
     assert run("broken_mod:nf") == (2, "mbx: error: NF broken_mod:nf: ZeroDivisionError: "
                                        "division by zero (at broken_mod.py, line 3)")
     assert run("plain_mod:nf")[0] == 0         # found in the current directory
+    assert run("nosuper.py") == (2, "mbx: error: NF file nosuper.py: make(): AttributeError: "
+                                    "A has no '_bus': its __init__ must call "
+                                    "super().__init__(name) first (at nosuper.py, line 5)")
     code, err = run("selfish.py")
     assert code == 2 and "which only it publishes (PKT/SELFISH)" in err
     code, err = run("opts.py", "--set", "opts.min_len=0x10", "--set", "opts.verbose=yes",
