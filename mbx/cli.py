@@ -673,11 +673,17 @@ def main(argv=None):
             for t in mbx.event_types():
                 line = f"{t.name:<{width}}  id={t.id:#018x}"
                 if args.fields:
-                    line += "  " + ", ".join(f"{k}:{v[1]}" for k, v in t.fields.items())
+                    line += "  " + ", ".join(f"{k}:{v[1]}" for k, v in t.fields.items()
+                                             if not k.startswith("_"))    # padding
                 print(line)
     except MbxError as exc:
         print(f"mbx: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # what read the output went away (mbx types | head): stop quietly, as other
+        # tools do, and keep the interpreter's last flush from failing too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except OSError as exc:      # a path that cannot be read or written: its errno says why
         print(f"mbx: error: {exc}", file=sys.stderr)
         return 2
