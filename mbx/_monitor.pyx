@@ -518,7 +518,14 @@ cdef class TcpMonitor(NetworkLayer):
                     stream_init(self.pool, s, seq, self.policy)
                 meta.mark |= MARK_INIT0 << d
             before = s.frontier
-            fl = stream_add(self.pool, s, seq, p.data + p.payload_off, p.payload_len)
+            if (p.payload_len == 1 and seen_d and seq + 1 == seen
+                    and stream_offset_of(s, seq) < <int64_t>s.frontier):
+                # A keep-alive probe: the last byte sent again, which many stacks
+                # fill with garbage (RFC 1122 §4.2.3.6); already delivered, it is
+                # nothing new, and no conflict either.
+                fl = 0
+            else:
+                fl = stream_add(self.pool, s, seq, p.data + p.payload_off, p.payload_len)
             if fl & STREAM_CONFLICT:
                 self.conflicts += 1
                 m = self.flow_tcp_msg(T_FLOW_TCP_OVERLAP_CONFLICT, p, slot, 0, c)

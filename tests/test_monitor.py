@@ -1213,6 +1213,23 @@ def test_a_late_segment_of_the_old_connection_leaves_the_new_one_alone(run):
     assert rec.streams[(rec.events[last][5], 1)][-1][2] == b"server-still-sending"
 
 
+def test_a_keep_alive_probe_with_a_garbage_byte_is_no_conflict(run):
+    """Keep-alive probes resend the last byte, often as garbage (RFC 1122 §4.2.3.6):
+    each one raised OVERLAP_CONFLICT.  A different byte elsewhere still does."""
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"abc")
+    conn.s(1, 4)
+    for _ in range(3):
+        conn.c(3, 1, ACK, b"\x00")              # seq = next - 1, one byte
+        conn.s(1, 4)
+    conn.c(1, 1, PSH | ACK, b"aXc")             # a real conflicting retransmission
+    rec = Recorder([mbx.FLOW_TCP_OVERLAP_CONFLICT, mbx.DATA_RDY])
+    run([rec], frames=conn.frames)
+    assert [e[3]["offset"] for e in rec.of("FLOW/TCP/OVERLAP_CONFLICT")] == [1]
+    assert b"".join(d for _, _, d in rec.streams[next(iter(rec.streams))]) == b"abc"
+
+
 def test_a_midstream_pickup_keeps_bytes_before_its_first_payload(run, tmp_path):
     """Picked up without a SYN: a pure ACK already put the client's next byte at
     seq 1, so "hello " arriving after "world" still belongs before it."""
