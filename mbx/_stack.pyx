@@ -33,7 +33,7 @@ from mbx._rss cimport (
 
 from mbx import _events
 from mbx._parse import status_names
-from mbx.errors import MbxError
+from mbx.errors import MbxError, PortError
 
 # what a malformed packet gets (``malformed=``)
 MALFORMED_ACTIONS = ("forward", "drop")
@@ -398,6 +398,7 @@ cdef class NetworkLayer:
         cdef uint32_t idle = 0, full
         cdef bint live = bool(getattr(inp, "live", False))
         cdef timespec wall
+        cdef object failure = None
         if nslots > 64:
             raise ValueError(f"at most 64 bursts in flight, not {nslots}")
         for batch in batches:
@@ -421,7 +422,14 @@ cdef class NetworkLayer:
             if full:
                 batch.capacity = full
             if n == PORT_ERROR:
-                inp.check()
+                try:
+                    inp.check()
+                except PortError as exc:
+                    # The input failed (an interface deleted, a damaged capture):
+                    # what was read still goes out and every flow still ends, as at
+                    # the end of the input; then the error is raised.
+                    failure = exc
+                    break
             if n == PORT_EOF:
                 break
             if limit and self.pkts + batch.count > limit:
@@ -467,6 +475,8 @@ cdef class NetworkLayer:
         self.run_cpu_s += thread_cpu() - cpu_started
         if progress is not None:
             progress(self)
+        if failure is not None:
+            raise failure
 
     cdef bint retire(self, Batch batch, uint32_t mark, Port out, bint wait,
                      double t_read) except -1:

@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -899,3 +900,25 @@ def test_a_reader_that_goes_away_is_no_error():
     p.stdout.close()                # before mbx has written anything
     err = p.stderr.read()
     assert p.wait(timeout=60) in (0, 141) and err == "", err
+
+
+def test_every_flow_ends_when_the_input_fails(tmp_path, example_pcap):
+    """An input that fails mid-run (here a damaged record; live, an interface
+    deleted) still ends every flow with FLOW/END, as the end of input does: the
+    run stopped at the error and the Logger kept only FLOW/STARTs."""
+    from mbxtest import read_frames
+
+    data = bytearray(open(example_pcap, "rb").read())
+    pos, n = 24, 0
+    while n < 1000:                 # the 1,000th record's captured length: absurd
+        caplen = struct.unpack_from("<I", data, pos + 8)[0]
+        pos, n = pos + 16 + caplen, n + 1
+    struct.pack_into("<I", data, pos + 8, 0x7FFFFFFF)
+    cap, log = tmp_path / "damaged.pcap", tmp_path / "events.jsonl"
+    cap.write_bytes(bytes(data))
+    r = mbx_cmd("run", "flow_stats+logger", "--in", str(cap), "--set",
+                f"logger.path={log}", "-q")
+    assert r.returncode == 2 and "damaged record" in r.stderr, r.stderr
+    events = [json.loads(line)["type"] for line in log.read_text().splitlines()]
+    assert events.count("FLOW/START") == events.count("FLOW/END") > 0
+    assert len(read_frames(example_pcap)) > 1000
