@@ -35,6 +35,7 @@ cdef class AfPacketPort(Port):
     cdef readonly bint promisc
     cdef readonly bint offloads         # frames carry a virtio_net_hdr (PACKET_VNET_HDR)
     cdef readonly bint ignore_outgoing  # the kernel filters our own frames (>= 4.20)
+    cdef readonly bint outgoing         # frames the host sends out are received too
     cdef readonly uint64_t rx_outgoing  # own/outgoing frames skipped in user space
     cdef readonly uint64_t rx_vlan      # frames whose stripped 802.1Q tag was put back
     cdef readonly uint64_t rx_truncated  # frames cut short (a slot too small, no copy)

@@ -35,6 +35,7 @@ class AfPacketPort(Port):
     promisc: bool
     offloads: bool
     ignore_outgoing: bool
+    outgoing: bool      # frames the host sends out are received too
     interrupted: bool
     rx_outgoing: int
     rx_vlan: int
@@ -71,6 +72,7 @@ class AfPacketPort(Port):
         promisc: bool = True,
         duration: float = 0.0,
         offloads: bool = False,
+        outgoing: bool = False,
     ) -> None: ...
     def fileno(self) -> int: ...
     @property

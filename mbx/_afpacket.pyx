@@ -427,7 +427,8 @@ cdef class AfPacketPort(Port):
                  uint32_t block_size=0, uint32_t block_count=0, uint32_t frame_size=0,
                  fanout_group=None, str fanout_mode="hash", bint fanout_defrag=True,
                  bint rx=True, bint tx=True, int timeout_ms=5, int retire_ms=1,
-                 bint promisc=True, double duration=0.0, bint offloads=False):
+                 bint promisc=True, double duration=0.0, bint offloads=False,
+                 bint outgoing=False):
         cdef sockaddr_ll sll
         cdef tpacket_req3 req3
         cdef tpacket_req req
@@ -475,6 +476,7 @@ cdef class AfPacketPort(Port):
         self.promisc = promisc and rx
         self.duration = duration
         self.offloads = offloads
+        self.outgoing = outgoing and rx
         name_b = iface.encode()
         if not name_b or len(name_b) >= IFNAMSIZ or b"/" in name_b or b"\0" in name_b:
             raise PortError(f"{self.name}: {iface!r} is not a valid interface name")
@@ -565,10 +567,14 @@ cdef class AfPacketPort(Port):
                         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &val, sizeof(val))
                 # Our own frames (and those of every socket) leaving the interface
                 # are not wanted: a bridge would loop them.  Older kernels lack the
-                # option; rx_burst also skips PACKET_OUTGOING frames itself.
-                val = 1
-                self.ignore_outgoing = setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING,
-                                                  &val, sizeof(val)) == 0
+                # option; rx_burst also skips PACKET_OUTGOING frames itself.  A
+                # monitor of one interface (outgoing) wants the host's sends too, as
+                # tcpdump sees them (the kernel never loops a socket's own sends back
+                # to it).
+                if not self.outgoing:
+                    val = 1
+                    self.ignore_outgoing = setsockopt(
+                        fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &val, sizeof(val)) == 0
             memset(&sll, 0, sizeof(sll))
             sll.sll_family = AF_PACKET
             sll.sll_protocol = htons(ETH_P_ALL) if rx else 0
@@ -810,7 +816,7 @@ cdef class AfPacketPort(Port):
                 status &= ~(<uint32_t>TP_STATUS_COPY)
         received = frame
         truncated = status & TP_STATUS_COPY or caplen < wirelen
-        if pkttype == PACKET_OUTGOING:
+        if pkttype == PACKET_OUTGOING and not self.outgoing:
             self.whole_len = 0
             self.rx_outgoing = self.rx_outgoing + 1
             return 0
@@ -1225,6 +1231,9 @@ cdef class BridgePorts(Port):
                             "different interfaces")
         if "port_id" in options:
             raise TypeError("BridgePorts sets port_id itself (0 client, 1 server side)")
+        if options.get("outgoing"):
+            raise ValueError("outgoing: a bridge sends what it receives out of the other "
+                             "interface, where it would receive it again")
         self.name = f"afpacket:{client_iface},{server_iface}"
         group = options.get("fanout_group")
         if isinstance(group, tuple):        # (client side's, server side's)

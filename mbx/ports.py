@@ -12,7 +12,9 @@ or ``G0,G1``; ``new``: ids the kernel picks), ``fanout_mode``, ``fanout_defrag``
 ``block_size``, ``block_count``,
 ``frame_size``, ``timeout_ms``, ``retire_ms``, ``promisc``, ``duration``,
 ``offloads``: ``offloads=1`` takes TSO/GRO super-frames and unfinished checksums
-from the kernel and hands them back, see ``AfPacketPort``).  DPDK virtual devices
+from the kernel and hands them back, see ``AfPacketPort``; ``outgoing``: whether one
+interface's input receives what the host sends out of it too, by default yes
+unless the run's output is that interface).  DPDK virtual devices
 are ``dpdk:VDEV[,ARGS]`` (e.g. ``dpdk:net_pcap0,rx_pcap=in.pcap``), when mbx was
 built with DPDK; mbx's own options follow a ``?``: ``link_wait=S`` (how long a port
 that sends waits for its link, default 10 s), ``tx_wait_ms=N`` (how long a send waits
@@ -81,7 +83,8 @@ _TRUE, _FALSE = ("1", "yes", "true", "on"), ("0", "no", "false", "off")
 _FLAG_VALUES = "use 1/0, yes/no, true/false, on/off"
 _AFPACKET_INT = ("block_size", "block_count", "frame_size", "timeout_ms", "retire_ms")
 _AFPACKET_KEYS = ("ring", "fanout") + _AFPACKET_INT + ("fanout_mode", "fanout_defrag",
-                                                      "promisc", "duration", "offloads")
+                                                      "promisc", "duration", "offloads",
+                                                      "outgoing")
 # The ring options' values are AfPacketPort's to judge (mbx._afpacket.ring_layout),
 # asked here so that a bad value is refused when the spec is read, before anything is
 # set up (the test bed checks its --mbx-port options this way).
@@ -114,6 +117,9 @@ def _afpacket(spec: str, arg: str, rx: bool = True) -> tuple[list[str], dict]:
     problem = _afpacket_ring_problem(options, rx)     # the sizes together (those valid)
     if problem:
         problems.append(problem)
+    if options.get("outgoing") and len(ifaces) == 2:
+        problems.append("outgoing: a bridge sends what it receives out of the other "
+                        "interface, where it would receive it again")
     if problems:
         raise PortError(f"port spec {spec!r}: {'; '.join(problems)}")
     return ifaces, options
@@ -147,7 +153,7 @@ def _afpacket_option(key, value, sides):
         from mbx._afpacket import check_fanout_mode
         check_fanout_mode(value)
         return {key: value}
-    if key in ("promisc", "offloads", "fanout_defrag"):
+    if key in ("promisc", "offloads", "fanout_defrag", "outgoing"):
         flag = value.lower()
         if flag not in _TRUE + _FALSE:
             raise ValueError(f"{bad}: {_FLAG_VALUES}")
@@ -196,12 +202,19 @@ def _afpacket_ring_problem(options, rx):
     return None
 
 
-def _open_afpacket(spec: str, arg: str, port_id: int, rx: bool):
+def _open_afpacket(spec: str, arg: str, port_id: int, rx: bool, sends_there=False):
     from mbx._afpacket import AfPacketPort, BridgePorts
     ifaces, options = _afpacket(spec, arg, rx)
     try:
         if len(ifaces) == 2:
             return BridgePorts(*ifaces, rx=rx, **options)
+        if rx and "outgoing" not in options:
+            # One interface: both directions, as tcpdump sees them, unless the run
+            # sends out of it too (it would receive what it sent)
+            options["outgoing"] = not sends_there
+        elif options.get("outgoing") and sends_there:
+            raise PortError(f"port spec {spec!r}: outgoing=1, and the run sends out of "
+                            f"{ifaces[0]} too: it would receive what it sent again")
         return AfPacketPort(ifaces[0], port_id=port_id, rx=rx, **options)
     except ValueError as exc:
         raise PortError(f"port spec {spec!r}: {exc}") from None
@@ -418,7 +431,7 @@ def written_files(spec: str, *, output: bool = True) -> list[str]:
     return files
 
 
-def open_input(spec: str, port_id: int = 0) -> Port:
+def open_input(spec: str, port_id: int = 0, *, sends_there: bool = False) -> Port:
     """Open the port ``spec`` for receiving; frames are tagged with ``port_id``.
 
     ``pcap:FILE`` (or a bare ``FILE.pcap``/``.pcapng``/``.cap``) replays a capture
@@ -426,7 +439,10 @@ def open_input(spec: str, port_id: int = 0) -> Port:
     cannot be opened, :class:`~mbx.errors.CaptureFormatError` for one that is not a
     usable capture.  ``afpacket:IF`` receives live from an interface (and can send
     back out of it); ``afpacket:IF0,IF1`` is a :class:`~mbx._afpacket.BridgePorts`
-    (port 0 client side, 1 server side).  ``dpdk:VDEV[,ARGS]`` receives from a DPDK
+    (port 0 client side, 1 server side).  One interface receives both directions,
+    what the host sends out too (``?outgoing=1``, its default), unless
+    ``sends_there`` (the run's output is that interface: it would receive what it
+    sent) or ``?outgoing=0``.  ``dpdk:VDEV[,ARGS]`` receives from a DPDK
     virtual device (``net_pcap0,rx_pcap=FILE`` replays a capture and ends with it);
     ``dpdk:VDEV0[,ARGS]+VDEV1[,ARGS][?idle_us=N&link_wait=S]`` is a
     :class:`~mbx._dpdkport.DpdkBridge` between two, returned once both links are up
@@ -437,7 +453,7 @@ def open_input(spec: str, port_id: int = 0) -> Port:
     if scheme == "pcap":
         return PcapReader(arg, port_id)
     if scheme == "afpacket":
-        return _open_afpacket(spec, arg, port_id, rx=True)
+        return _open_afpacket(spec, arg, port_id, rx=True, sends_there=sends_there)
     if scheme == "dpdk":
         return _dpdk_port(spec, arg, port_id)
     raise AssertionError(f"scheme {scheme!r} parsed but not handled")  # pragma: no cover
@@ -507,7 +523,7 @@ def open_ports(in_spec: str, out_spec: str | None = None, *, defer_output=False
     if out_spec:
         # a bad spec or option value is refused before the input is opened
         check_spec(out_spec, rx=out_spec == in_spec)
-    inp = open_input(in_spec)
+    inp = open_input(in_spec, sends_there=_sends_to_input(in_spec, out_spec))
     try:
         if isinstance(inp, _bridge_type()) and (out_spec is None or out_spec == in_spec):
             return inp, inp
@@ -517,6 +533,25 @@ def open_ports(in_spec: str, out_spec: str | None = None, *, defer_output=False
     except BaseException:
         inp.close()
         raise
+
+
+def _sends_to_input(in_spec: str, out_spec: str | None) -> bool:
+    """Whether the run's output sends out of the interface its ``afpacket:``
+    input receives from (an AF_PACKET output of the same interface, or a DPDK
+    ``net_af_packet`` device on it)."""
+    if not out_spec:
+        return False
+    try:
+        (si, ai), (so, ao) = _parse(in_spec), _parse(out_spec)
+    except PortError:
+        return False
+    if si != "afpacket":
+        return False
+    ifaces = {n.strip() for n in ai.partition("?")[0].split(",")}
+    if so == "afpacket":
+        return bool(ifaces & {n.strip() for n in ao.partition("?")[0].split(",")})
+    return so == "dpdk" and bool({f"iface={i}" for i in ifaces}
+                                 & set(re.split(r"[,+?&]", ao)))
 
 
 def bridge_output_note(in_spec: str, out_spec: str | None) -> str | None:

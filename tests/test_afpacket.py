@@ -347,6 +347,73 @@ def test_a_failed_live_run_counts_what_it_left_in_the_ring(testbed, tmp_path):
     assert "unread" in out
 
 
+DIRECTIONS_NF = """
+import os
+import mbx
+OUT = {out!r}
+class Directions(mbx.NF):
+    def __init__(self):
+        super().__init__("directions")
+        self.seen = {{"to_server": 0, "to_client": 0}}
+        self.sub(mbx.PKT, self.on_pkt)
+    def start(self):
+        open(os.path.join(OUT, "started"), "w").close()
+    def on_pkt(self, ev):
+        if ev.dport == 8080:
+            self.seen["to_server"] += 1
+        elif ev.sport == 8080:
+            self.seen["to_client"] += 1
+    def report(self):
+        return self.seen
+def make():
+    return Directions()
+"""
+
+
+def test_one_interface_is_monitored_both_ways(testbed, tmp_path):
+    """afpacket:IF on the client's own interface sees what the client sends as well
+    as what it receives, as tcpdump does (every socket used to ignore outgoing
+    frames, right for a bridge, so a host's monitor saw half of each connection, and
+    said nothing); ?outgoing=0 leaves the host's sends out."""
+    _serve_blob(testbed, tmp_path)
+    bridge = _start_bridge(testbed, "60", "v2")
+    os.chmod(tmp_path, 0o755)
+    seen = {}
+    try:
+        for spec in ("afpacket:c0", "afpacket:c0?outgoing=0"):
+            run = tmp_path / spec.replace(":", "_").replace("?", "_").replace("=", "_")
+            run.mkdir()
+            os.chmod(run, 0o755)
+            nf = run / "directions.py"
+            nf.write_text(DIRECTIONS_NF.format(out=str(run)))
+            counters = run / "c.json"
+            mon = testbed.start(_in_ns(NS_C, sys.executable, "-m", "mbx.cli", "run", str(nf),
+                                       "--in", spec, "--duration", "4", "-q", "--json",
+                                       str(counters)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+            deadline = time.monotonic() + 30
+            while not (run / "started").exists():
+                assert mon.poll() is None, mon.communicate()[1]
+                assert time.monotonic() < deadline, "the monitor did not start"
+                time.sleep(0.05)
+            for _ in range(50):
+                r = subprocess.run(_in_ns(NS_C, "curl", "-sS", "--max-time", "20", "-o",
+                                          "/dev/null", f"http://{SERVER_IP}:8080/blob.bin"),
+                                   capture_output=True, timeout=30)
+                if r.returncode == 0:
+                    break
+                time.sleep(0.1)
+            assert r.returncode == 0, r.stderr
+            _, err = mon.communicate(timeout=60)
+            assert mon.returncode == 0, err
+            seen[spec] = json.loads(counters.read_text())["nfs"]["directions"]["report"]
+    finally:
+        _stop_bridge(bridge)
+    both, inbound = seen["afpacket:c0"], seen["afpacket:c0?outgoing=0"]
+    assert both["to_server"] > 0 and both["to_client"] > 1000, both
+    assert inbound["to_server"] == 0 and inbound["to_client"] > 1000, inbound
+
+
 def test_a_send_only_bridge_has_nothing_to_receive(testbed):
     # rx_burst on a bridge opened with rx=False polled sockets that never receive
     # and returned "nothing yet" forever; a send-only AfPacketPort says end of input.
@@ -1345,3 +1412,16 @@ def test_an_interface_deleted_after_its_link_went_down_ends_the_run(testbed, tmp
     _, err = p.communicate(timeout=30)
     assert p.returncode == 2 and "interface x0 is gone" in err, err
     assert time.monotonic() - t0 < 5
+
+
+def test_which_runs_receive_what_they_send():
+    # the input of one interface takes outgoing frames unless the run sends there
+    from mbx.ports import _sends_to_input, check_spec
+    assert not _sends_to_input("afpacket:eth0", None)
+    assert not _sends_to_input("afpacket:eth0", "pcap:out.pcap")
+    assert not _sends_to_input("afpacket:eth0", "afpacket:eth1")
+    assert _sends_to_input("afpacket:eth0?ring=v3", "afpacket:eth0?promisc=0")
+    assert _sends_to_input("afpacket:eth0", "dpdk:net_af_packet0,iface=eth0")
+    assert not _sends_to_input("afpacket:eth0", "dpdk:net_af_packet0,iface=eth01")
+    with pytest.raises(PortError, match="outgoing: a bridge sends what it receives"):
+        check_spec("afpacket:a,b?outgoing=1")
