@@ -27,6 +27,7 @@ cdef enum:
     MARK_INIT1 = 4          # stream of flow dir 1 initialised
     MARK_HI0 = 8            # sent_hi[0] holds what flow dir 0 was seen sending
     MARK_HI1 = 16           # sent_hi[1] likewise
+    MARK_DONE = 32          # closed by FINs: its streams are freed, nothing more comes
 
 
 # Per flow slot, beside its tcp_conn: one small record, so a packet costs one cache
@@ -117,6 +118,7 @@ cdef class TcpMonitor(NetworkLayer):
     cdef readonly uint64_t memcaps
     cdef readonly uint64_t memcaps_pieces  # of those: STREAM_MAX_OOO pieces held already
     cdef readonly uint64_t memcaps_streams  # of those: no stream free (max_streams in use)
+    cdef readonly uint64_t after_close      # segments with payload after a FIN close
     cdef readonly uint64_t rst_sent
     cdef readonly uint64_t killed_drops
     cdef readonly uint64_t summary_oom
@@ -125,6 +127,8 @@ cdef class TcpMonitor(NetworkLayer):
     cdef void conn_start(self, uint32_t slot, mbx_pkt *p) noexcept nogil
     cdef uint32_t restart(self, Batch batch, mbx_pkt *p) noexcept nogil
     cdef void free_pair(self, uint32_t slot) noexcept nogil
+    cdef void detach_pair(self, uint32_t slot) noexcept nogil
+    cdef void close_streams(self, uint32_t slot) noexcept nogil
     cdef uint32_t get_pair(self, uint32_t slot) noexcept nogil
     cdef void publish_pkt_tcp(self, uint16_t t, mbx_pkt *p, uint32_t slot, uint8_t tdir,
                               uint8_t flags, tcp_conn *c) noexcept nogil

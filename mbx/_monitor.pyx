@@ -45,7 +45,7 @@ from mbx._stream cimport (
     stream_offset_of, stream_read, stream_release, stream_skip_hole,
 )
 from mbx._tcp cimport (
-    CONN_CLOSED_RST, CONN_HS_ACK, CONN_HS_SYN, CONN_HS_SYNACK, EP_FIN,
+    CONN_CLOSED_FIN, CONN_CLOSED_RST, CONN_HS_ACK, CONN_HS_SYN, CONN_HS_SYNACK, EP_FIN,
     EP_SYN, EP_SYNACK, TCPEV_ESTABLISHED, TCPEV_FIN, TCPEV_NEW_CONNECTION,
     TCPEV_OUT_OF_WINDOW, TCPEV_RETRANSMISSION, TCPEV_RST, TCPEV_RST_INVALID,
     TCPEV_STATE_CHANGE, TCPEV_SYN, TCPEV_SYNACK,
@@ -246,15 +246,29 @@ cdef class TcpMonitor(NetworkLayer):
             return
         if self.summarise:
             self.summary_end(slot, f)
+        self.detach_pair(slot)
+        self.free_pair(slot)
+        self.meta[slot].gen = 0
+
+    cdef void detach_pair(self, uint32_t slot) noexcept nogil:
+        # The flow gives its stream pair up; DATA_RDY of this burst may still read
+        # it: then it is freed at the burst's end (found by its owner), else now
+        # by free_pair.
         cdef uint32_t pair = (self.meta[slot].pair - 1)
         if pair != NO_PAIR and self.touched_mark[pair]:
-            # DATA_RDY of this burst may still read it: free it at the burst's end
             self.touched_mark[pair] = 3
             self.pair_cdir[pair] = tcp_client_dir(&self.conns[slot])
             self.meta[slot].pair = 0
             self.meta[slot].mark &= ~(MARK_INIT0 | MARK_INIT1)
+
+    cdef void close_streams(self, uint32_t slot) noexcept nogil:
+        # A connection both sides closed with FINs (both acknowledged) sends no new
+        # byte: its streams go back to the pool now, not when its flow idles out
+        # (each kept a chunk: 8,192 such connections within the idle timeout took
+        # the default pool, and reassembly stopped for every later one).
+        self.detach_pair(slot)
         self.free_pair(slot)
-        self.meta[slot].gen = 0
+        self.meta[slot].mark |= MARK_DONE
 
     cdef void free_pair(self, uint32_t slot) noexcept nogil:
         cdef uint32_t pair = (self.meta[slot].pair - 1)
@@ -443,6 +457,8 @@ cdef class TcpMonitor(NetworkLayer):
             if m != NULL:
                 (<flow_tcp_body *>m.body).reason = 2 if c.flags & CONN_CLOSED_RST else 1
                 self.bus.publish(m)
+            if c.flags & CONN_CLOSED_FIN:
+                self.close_streams(slot)
         if self.terminable and p.index < self.after_cap:
             # kept only when some NF may terminate connections (see terminate)
             self.after[p.index] = c[0]
@@ -486,6 +502,11 @@ cdef class TcpMonitor(NetworkLayer):
             if not seen_d or seq_gt(end, seen):
                 meta.sent_hi[d] = end
                 meta.mark |= hi_d
+        if meta.mark & MARK_DONE:
+            # closed by FINs: no new byte can come (a retransmission at most)
+            if p.payload_len and accepted:
+                self.after_close += 1
+            return
         if not want_d and not want_o:
             self.free_pair(slot)            # nobody (any more) wants this flow's bytes
             return
@@ -857,6 +878,7 @@ cdef class TcpMonitor(NetworkLayer):
             "gaps": self.gaps, "gap_bytes": self.gap_bytes, "conflicts": self.conflicts,
             "memcaps": self.memcaps, "memcaps_pieces": self.memcaps_pieces,
             "memcaps_streams": self.memcaps_streams,
+            "payload_after_close": self.after_close,
             "rst_sent": self.rst_sent,
             "dropped_terminated": self.killed_drops,
             "pool_chunks_in_use": self.pool.n_chunks - self.pool.n_free,
@@ -897,8 +919,10 @@ cdef class TcpMonitor(NetworkLayer):
         # it, else the flow's now.
         cdef uint32_t k, p
         cdef int cdir = (flags & MSG_F_CDIR1) != 0 if flags & MSG_F_CDIR_KNOWN else -1
-        if slot >= self.capacity or self.meta[slot].gen != gen:
-            # ended during this burst: its streams stay until the burst's end
+        if slot >= self.capacity or self.meta[slot].gen != gen or (
+                self.meta[slot].pair == 0 and self.meta[slot].mark & MARK_DONE):
+            # ended (or closed) during this burst: its streams stay until the
+            # burst's end
             if self.nf_side:
                 return self._ended_stream(slot, gen, tdir, cdir)
             for k in range(self.n_touched):
@@ -906,7 +930,7 @@ cdef class TcpMonitor(NetworkLayer):
                 if (self.touched_mark[p] == 3
                         and self.pair_owner[p] == slot | (<uint64_t>gen << 32)):
                     return self._ended_pair_stream(p, tdir, cdir)
-            raise MbxError("the event's flow has ended: its stream is gone")
+            raise MbxError("the event's flow has ended (or its connection closed): its stream is gone")
         cdef uint32_t pair = (self.meta[slot].pair - 1)
         if cdir < 0:
             cdir = tcp_client_dir(&self.conns[slot])
@@ -928,7 +952,7 @@ cdef class TcpMonitor(NetworkLayer):
         for p in range(self.max_pairs):
             if self.touched_mark[p] == 3 and self.pair_owner[p] == owner:
                 return self._ended_pair_stream(p, tdir, cdir)
-        raise MbxError("the event's flow has ended: its stream is gone")
+        raise MbxError("the event's flow has ended (or its connection closed): its stream is gone")
 
     cdef mbx_stream *_ended_pair_stream(self, uint32_t p, uint8_t tdir,
                                         int cdir) except NULL:
@@ -936,7 +960,7 @@ cdef class TcpMonitor(NetworkLayer):
         cdef mbx_stream *s = &self.streams[2 * p + (tdir ^ (self.pair_cdir[p] if cdir < 0
                                                             else cdir))]
         if not s.live:
-            raise MbxError("the event's flow has ended: its stream is gone")
+            raise MbxError("the event's flow has ended (or its connection closed): its stream is gone")
         return s
 
     def write_stream(self, nf, uint32_t slot, uint32_t gen, uint8_t tdir, uint64_t off,

@@ -1213,6 +1213,23 @@ def test_a_late_segment_of_the_old_connection_leaves_the_new_one_alone(run):
     assert rec.streams[(rec.events[last][5], 1)][-1][2] == b"server-still-sending"
 
 
+def test_closed_connections_give_their_stream_memory_back(run):
+    """A connection closed by FINs kept a chunk of each stream until its flow idled
+    out: with the default pool 8,192 of them within the idle timeout stopped
+    reassembly (MEMCAP) for every later one.  Here a pool of 64 chunks carries 300
+    connections one after another, all within the idle timeout."""
+    frames = []
+    for i in range(300):
+        conn = Conn(cli=("10.0.0.1", 20000 + i), t=1.0 + i * 0.01)
+        frames += conn.exchange(b"GET /%d" % i, b"HTTP/1.1 200 OK\r\n\r\n%d" % i)
+    got = []
+    nf = mbx.NF("reader")
+    nf.sub(mbx.DATA_RDY, lambda ev: got.append(bytes(ev.read())), side="both")
+    counters, _ = run([nf], frames=frames, stream_memory=1 << 20)
+    assert counters["tcp"]["memcaps"] == 0 and len(got) == 600
+    assert counters["tcp"]["pool_chunks_in_use"] == 0
+
+
 def test_a_keep_alive_probe_with_a_garbage_byte_is_no_conflict(run):
     """Keep-alive probes resend the last byte, often as garbage (RFC 1122 §4.2.3.6):
     each one raised OVERLAP_CONFLICT.  A different byte elsewhere still does."""
