@@ -154,6 +154,11 @@ cdef class FlowTable:
     # an event built for a packet sees the counters as of that packet even when
     # its chunk was looked up together (lookup_burst).
     cdef public bint defer_count
+    # lookup_burst's packets looked up so far: a flow one of them touched, found idle
+    # by a later one, ends only once the caller has handled them (see split)
+    cdef mbx_pkt **guard
+    cdef int guard_n
+    cdef bint split
     cdef readonly uint64_t lookups
     cdef readonly uint64_t created
     cdef readonly uint64_t expired
@@ -165,7 +170,10 @@ cdef class FlowTable:
     cdef uint32_t lookup(self, mbx_pkt *p) noexcept nogil
     # The same as lookup() on each of pkts[0:n] in order, with the cache misses of
     # neighbouring packets overlapped.  created[i] (if created is not NULL) is set to
-    # whether pkts[i] created its flow; returns how many did.
+    # whether pkts[i] created its flow.  Returns how many packets it looked up: all
+    # n, or fewer when a packet finds its flow idle past the timeout while an
+    # earlier packet of the same call touched it (that flow's FLOW/END must follow
+    # those packets' events): the caller handles those and calls again for the rest.
     cdef int lookup_burst(self, mbx_pkt **pkts, int n, uint8_t *created) noexcept nogil
     # Ends flows idle since before now_ns - timeout, oldest first, while the ended
     # list has room; returns how many ended.
@@ -182,5 +190,6 @@ cdef class FlowTable:
     cdef void _lru_append(self, uint32_t slot) noexcept nogil
     cdef void _finish(self, uint32_t slot, uint8_t reason) noexcept nogil
     cdef uint32_t _untracked(self, mbx_pkt *p) noexcept nogil
+    cdef bint _touched_in_burst(self, uint32_t slot, uint32_t gen) noexcept nogil
     cdef uint32_t _lookup_keyed(self, mbx_pkt *p, const mbx_flow_key *k, uint8_t side,
                                 uint32_t h) noexcept nogil

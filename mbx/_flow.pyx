@@ -214,10 +214,11 @@ cdef class FlowTable:
         cdef mbx_flow_key keys[BURST_CHUNK]
         cdef uint32_t hs[BURST_CHUNK]
         cdef uint8_t sides[BURST_CHUNK]
-        cdef int base, i, m, n_created = 0
+        cdef int base, i, m
         cdef uint32_t slot
         cdef mbx_flow *f
         cdef mbx_pkt *p
+        self.guard = pkts
         base = 0
         while base < n:
             m = n - base if n - base < BURST_CHUNK else BURST_CHUNK
@@ -250,12 +251,26 @@ cdef class FlowTable:
                 if sides[i] == 0xFF:
                     self._untracked(p)
                 else:
+                    self.guard_n = base + i
                     self._lookup_keyed(p, &keys[i], sides[i], hs[i])
+                    if self.split:
+                        self.split = False
+                        self.guard_n = 0
+                        return base + i
                 if created != NULL:
                     created[base + i] = self.created_last
-                n_created += self.created_last
             base += m
-        return n_created
+        self.guard_n = 0
+        return n
+
+    cdef bint _touched_in_burst(self, uint32_t slot, uint32_t gen) noexcept nogil:
+        # Whether a packet looked up earlier in this lookup_burst call is slot's
+        # (rare: asked only of a flow found idle)
+        cdef int j
+        for j in range(self.guard_n):
+            if self.guard[j].flow == slot and self.guard[j].flow_gen == gen:
+                return True
+        return False
 
     cdef uint32_t _lookup_keyed(self, mbx_pkt *p, const mbx_flow_key *k, uint8_t side,
                                 uint32_t h) noexcept nogil:
@@ -277,6 +292,19 @@ cdef class FlowTable:
             if f.hash == h and memcmp(&f.key, k, sizeof(mbx_flow_key)) == 0:
                 break
             slot = f.hnext
+
+        if slot != NO_FLOW and p.ts_ns > f.last_ns and self.n_ended < self.ended_cap and \
+                <uint64_t>p.ts_ns - <uint64_t>f.last_ns > <uint64_t>self.idle_timeout_ns:
+            # Idle past the timeout before this packet came (expiry runs after each
+            # burst, by its time): the old flow ends, as it would have had the
+            # burst ended just before, and this packet starts a new one; first,
+            # though, the caller handles the packets of this burst the old flow had.
+            if self._touched_in_burst(slot, f.gen):
+                self.split = True
+                self.lookups -= 1
+                return NO_FLOW
+            self._finish(slot, END_IDLE)
+            slot = NO_FLOW
 
         if slot == NO_FLOW:
             if self.free_head == NO_FLOW and self.next_unused < self.capacity:
@@ -397,7 +425,9 @@ cdef class FlowTable:
                 _fill_pkt(&pkts[i], a[0], a[1], a[2], a[3], a[4], a[5],
                           a[6] if len(a) > 6 else 60)
                 ptrs[i] = &pkts[i]
-            self.lookup_burst(ptrs, <int>n, created)
+            i = 0
+            while i < n:
+                i += self.lookup_burst(ptrs + i, <int>(n - i), created + i)
             return [(-1, 0, 0, False) if pkts[i].flow == NO_FLOW else
                     (<int>pkts[i].flow, pkts[i].flow_gen, pkts[i].dir, bool(created[i]))
                     for i in range(n)]
@@ -582,6 +612,7 @@ def bench_lookups(uint32_t n_flows=100_000, uint64_t n_packets=1_000_000,
     cdef mbx_pkt ring[256]
     cdef mbx_pkt *ptrs[256]
     cdef uint64_t k
+    cdef int done
     cdef uint64_t rng = seed
     cdef uint64_t i, r
     cdef _bench_tuple *t
@@ -633,7 +664,9 @@ def bench_lookups(uint32_t n_flows=100_000, uint64_t n_packets=1_000_000,
                         _bench_one(&ring[k], &tuples[order[i]], <int64_t>i)
                         k += 1
                         i += 1
-                    table.lookup_burst(ptrs, <int>k, NULL)
+                    done = 0
+                    while done < <int>k:
+                        done += table.lookup_burst(ptrs + done, <int>k - done, NULL)
         t1 = time.perf_counter_ns()
     finally:
         PyMem_Free(tuples)

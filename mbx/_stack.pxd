@@ -51,6 +51,8 @@ cdef class NetworkLayer:
     cdef void publish_ended(self) noexcept nogil
     cdef int drain_ended(self) except -1
     cdef uint32_t stack_pass(self, Batch batch, uint32_t i) noexcept nogil
+    cdef void chunk_events(self, Batch batch, mbx_pkt **tracked, uint8_t *created,
+                           int start, int done, uint64_t want) noexcept nogil
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil
     cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil
     cdef void prefetch(self, mbx_pkt *p) noexcept nogil

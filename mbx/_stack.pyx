@@ -166,10 +166,9 @@ cdef class NetworkLayer:
         cdef mbx_pkt *p
         cdef mbx_pkt *tracked[CHUNK]
         cdef uint8_t created[CHUNK]
-        cdef int st, r, k, n, ntracked, owner, kind
+        cdef int st, r, k, n, ntracked, owner, kind, start, done
         cdef bint counted
-        cdef uint32_t slot, free_msgs, h = 0
-        cdef mbx_msg *m
+        cdef uint32_t free_msgs, h = 0
         cdef uint64_t want = self.bus.global_want
         while True:
             if self.flows.n_ended:
@@ -260,35 +259,52 @@ cdef class NetworkLayer:
                     continue
                 tracked[ntracked] = p
                 ntracked += 1
-            self.flows.lookup_burst(tracked, ntracked, created)
-            for k in range(ntracked):
-                self.prefetch(tracked[k])
-            if self.flows.n_ended:
-                # FLOW/END of flows evicted for this chunk's new ones, first
-                self.pos = tracked[0].index
-                self.publish_ended()
-            for k in range(ntracked):
-                p = tracked[k]
-                self.pos = p.index
-                slot = p.flow
-                if slot != NO_FLOW and self.flows.flows[slot].gen == p.flow_gen:
-                    # (a transport μStack may have restarted the flow since the
-                    # chunk's lookup: then it counts the packet itself)
-                    flow_count(&self.flows.flows[slot], p)
-                if (slot != NO_FLOW and created[k] and want & (1 << T_FLOW_START)
-                        and self.bus.wants(T_FLOW_START, slot, p.flow_gen, 0)):
-                    self.publish_flow(T_FLOW_START, self.flow_start_id,
-                                      &self.flows.flows[slot], slot, p.index, p.dir,
-                                      p.ts_ns)
-                if slot != NO_FLOW and self.transport(batch, p):
-                    continue            # the transport μStack published its events
-                if want & (1 << T_PKT) and self.bus.wants(T_PKT, slot, p.flow_gen, 0):
-                    m = self.bus.new_msg(T_PKT, self.pkt_id, p.ts_ns, slot, p.flow_gen,
-                                         p.index, p.dir, PUBLISHER_STACK, self.pos)
-                    if m != NULL:
-                        fill_pkt_body(m, p)
-                        self.bus.publish(m)
+            start = 0
+            while start < ntracked:
+                # one pass, unless a flow of the chunk went idle within it: then
+                # its packets before the pause are handled, and its FLOW/END
+                # published, before the packet that starts the next flow
+                done = start + self.flows.lookup_burst(tracked + start, ntracked - start,
+                                                       created + start)
+                self.chunk_events(batch, tracked, created, start, done, want)
+                start = done
             i += n
+
+    cdef void chunk_events(self, Batch batch, mbx_pkt **tracked, uint8_t *created,
+                           int start, int done, uint64_t want) noexcept nogil:
+        # The events of tracked[start:done], looked up together.
+        cdef int k
+        cdef mbx_pkt *p
+        cdef uint32_t slot
+        cdef mbx_msg *m
+        for k in range(start, done):
+            self.prefetch(tracked[k])
+        if self.flows.n_ended:
+            # FLOW/END of flows evicted (or gone idle) for this chunk's new ones,
+            # first
+            self.pos = tracked[start].index
+            self.publish_ended()
+        for k in range(start, done):
+            p = tracked[k]
+            self.pos = p.index
+            slot = p.flow
+            if slot != NO_FLOW and self.flows.flows[slot].gen == p.flow_gen:
+                # (a transport μStack may have restarted the flow since the
+                # chunk's lookup: then it counts the packet itself)
+                flow_count(&self.flows.flows[slot], p)
+            if (slot != NO_FLOW and created[k] and want & (1 << T_FLOW_START)
+                    and self.bus.wants(T_FLOW_START, slot, p.flow_gen, 0)):
+                self.publish_flow(T_FLOW_START, self.flow_start_id,
+                                  &self.flows.flows[slot], slot, p.index, p.dir,
+                                  p.ts_ns)
+            if slot != NO_FLOW and self.transport(batch, p):
+                continue            # the transport μStack published its events
+            if want & (1 << T_PKT) and self.bus.wants(T_PKT, slot, p.flow_gen, 0):
+                m = self.bus.new_msg(T_PKT, self.pkt_id, p.ts_ns, slot, p.flow_gen,
+                                     p.index, p.dir, PUBLISHER_STACK, self.pos)
+                if m != NULL:
+                    fill_pkt_body(m, p)
+                    self.bus.publish(m)
 
     cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil:
         # A μStack extending this one frees what it kept for the flow here.

@@ -89,6 +89,11 @@ class FlowTableModel(RuleBasedStateMachine):
         self.counters["lookups"] += 1
         key = canonical(src, sport, dst, dport, proto)
         side = side_of(src, sport, dst, dport)
+        if (key in self.flows and self.now - self.flows[key]["last_ns"] > self.timeout
+                and len(self.ended) < self.ended_cap):
+            # idle past the timeout before this packet: ends, and the packet starts
+            # a new flow (expiry runs only after each burst)
+            self._end(key, "idle")
         if key not in self.flows:
             if len(self.flows) == self.capacity:
                 if self.policy == "evict" and len(self.ended) < self.ended_cap:
@@ -402,3 +407,28 @@ def test_burst_equals_single_lookups(steps, policy):
     assert burst.take_ended() == single.take_ended()
     for slot in range(3):
         assert burst.flow(slot) == single.flow(slot)
+
+
+def test_a_packet_after_the_idle_timeout_starts_a_new_flow_within_a_burst(tmp_path):
+    """Expiry runs after each burst: a flow idle for longer than the timeout used to
+    go on with the first packets after its pause (the first burst's worth), however
+    long the pause."""
+    import mbx
+    from mbx.examples.capture import ether, udp4, write_pcap
+    from mbx.ports import open_input
+
+    frames = [(1.0 + t, ether(udp4("10.0.0.1", "10.0.0.2", 5000, 53, b"q")))
+              for t in (0, 0.5, 5, 5.5, 20)]
+    path = str(tmp_path / "gaps.pcap")
+    write_pcap(path, frames)
+    ends = []
+    nf = mbx.NF("ends")
+    nf.sub(mbx.FLOW_END, lambda ev: ends.append((ev.end_reason, ev.pkts_c2s)))
+    inp = open_input(f"pcap:{path}")
+    try:
+        c = mbx.App([nf], idle_timeout=1.0).run(inp, burst=64)
+    finally:
+        inp.close()
+    assert c["flows"]["created"] == 3 and c["flows"]["expired"] == 2
+    names = mbx._events.END_REASONS
+    assert [(names[r], n) for r, n in ends] == [("idle", 2), ("idle", 2), ("shutdown", 1)]
