@@ -1499,10 +1499,17 @@ cdef class EventBus:
         PyMem_Free(self.fan)
 
     def close(self):
-        """Detach the NFs so they can run again on another bus."""
+        """Detach the NFs so they can run again on another bus, and let go of what
+        points back at it (the handlers' Event views, the TCP Monitor that reads
+        streams for them): a run's Stack Memory and Event Memory are freed as soon
+        as nothing uses them, not at the next full garbage collection, which the
+        size of those buffers does not hasten (each run of an App in one process
+        held another 10 MiB until then)."""
         if not self.closed:
             self.closed = True
             _live_buses[0] -= 1
+        self.views = []
+        self.stream_reader = None
         for nf in self.nfs:
             if nf._bus is self:
                 nf._bus = None

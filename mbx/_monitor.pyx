@@ -930,7 +930,8 @@ cdef class TcpMonitor(NetworkLayer):
                 if (self.touched_mark[p] == 3
                         and self.pair_owner[p] == slot | (<uint64_t>gen << 32)):
                     return self._ended_pair_stream(p, tdir, cdir)
-            raise MbxError("the event's flow has ended (or its connection closed): its stream is gone")
+            raise MbxError("the event's flow has ended (or its connection closed): its "
+                           "stream is gone")
         cdef uint32_t pair = (self.meta[slot].pair - 1)
         if cdir < 0:
             cdir = tcp_client_dir(&self.conns[slot])
@@ -952,7 +953,8 @@ cdef class TcpMonitor(NetworkLayer):
         for p in range(self.max_pairs):
             if self.touched_mark[p] == 3 and self.pair_owner[p] == owner:
                 return self._ended_pair_stream(p, tdir, cdir)
-        raise MbxError("the event's flow has ended (or its connection closed): its stream is gone")
+        raise MbxError("the event's flow has ended (or its connection closed): its "
+                       "stream is gone")
 
     cdef mbx_stream *_ended_pair_stream(self, uint32_t p, uint8_t tdir,
                                         int cdir) except NULL:
@@ -960,7 +962,8 @@ cdef class TcpMonitor(NetworkLayer):
         cdef mbx_stream *s = &self.streams[2 * p + (tdir ^ (self.pair_cdir[p] if cdir < 0
                                                             else cdir))]
         if not s.live:
-            raise MbxError("the event's flow has ended (or its connection closed): its stream is gone")
+            raise MbxError("the event's flow has ended (or its connection closed): its "
+                           "stream is gone")
         return s
 
     def write_stream(self, nf, uint32_t slot, uint32_t gen, uint8_t tdir, uint64_t off,

@@ -524,6 +524,8 @@ class App:
         finally:
             if bus is not None:
                 bus.close()
+            if sink is not None:
+                sink.monitor = None     # it points back at the stack
             failed = stop_all(started)
             self.reports = {nf.name: take_report(nf) for nf in self.nfs}
         if failed is not None:

@@ -1285,3 +1285,37 @@ def test_data_rdy_sides(run, tmp_path):
     assert got["server"] == {0: b"request"}
     assert got["client"] == {1: b"response"}
     assert got["receiver"] == {}
+
+
+def test_a_finished_run_frees_its_stack_without_garbage_collection(example_pcap):
+    """The bus, the TCP Monitor and the handlers' Event views pointed at one another,
+    so each App run in one process kept its Stack and Event Memory until a full
+    garbage collection, which the buffers' size does not bring on (10 MiB more per
+    run)."""
+    import gc
+
+    from mbx._monitor import TcpMonitor
+
+    from mbx._events import EventBus
+    from mbx.ports import open_input
+
+    def live():
+        return sum(isinstance(o, TcpMonitor | EventBus) for o in gc.get_objects())
+
+    gc.collect()
+    before = live()
+    gc.disable()
+    try:
+        for _ in range(3):
+            nf = mbx.NF("reader")
+            nf.sub(mbx.DATA_RDY, lambda ev: len(ev.read()))
+            terminator = mbx.NF("terminator")      # its sink points at the stack
+            terminator.pub(mbx.FLOW_TCP_TERMINATE)
+            inp = open_input(f"pcap:{example_pcap}")
+            app = mbx.App([nf, terminator])
+            app.run(inp)
+            inp.close()
+            del app, nf, terminator
+        assert live() == before
+    finally:
+        gc.enable()
