@@ -101,6 +101,7 @@ cdef extern from "rte_mbuf.h" nogil:
         RTE_MBUF_DEFAULT_BUF_SIZE
 
     struct rte_mbuf:
+        uint16_t buf_len
         uint16_t data_off
         uint16_t nb_segs
         uint16_t port

@@ -24,6 +24,7 @@ cdef class DpdkPort(Port):
     cdef readonly uint32_t mbuf_size
     cdef readonly uint32_t eof_after_idle_polls     # 0: never report the end of input
     cdef readonly uint64_t rx_oversize  # frames larger than DPDK_MAX_FRAME
+    cdef readonly uint64_t rx_bad_length  # mbufs whose length their data does not have
     cdef readonly uint64_t tx_nombuf    # frames not sent: the mempool had no mbuf
     cdef readonly uint64_t tx_oversize  # frames not sent: more segments than allowed
     cdef readonly uint64_t tx_full      # frames not sent: the driver's ring had no room

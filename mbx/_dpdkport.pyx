@@ -309,8 +309,11 @@ def default_eal_args(memory_mb=256):
     one core.  ``MBX_EAL_ARGS`` in the environment (shell syntax) replaces them.
     """
     env = os.environ.get("MBX_EAL_ARGS")
-    if env:
-        return tuple(shlex.split(env))
+    if env and env.strip():
+        try:
+            return tuple(shlex.split(env))
+        except ValueError as exc:
+            raise PortError(f"MBX_EAL_ARGS={env!r}: {exc} (shell syntax)") from None
     cpus = os.sched_getaffinity(0)
     return ("--no-huge", "-m", str(memory_mb), "--no-pci", "--no-telemetry",
             "--no-shconf", f"--lcores=0@({_cpu_list(cpus)})", "--log-level=*:warning")
@@ -337,10 +340,14 @@ def eal_init(args=None):
     global _eal_state, _eal_args, _eal_argv, _eal_pid
     cdef int argc, rc, i
     cdef char **argv
+    cdef char **owned
     if args is None:
         args = default_eal_args()
     elif isinstance(args, str):
-        args = shlex.split(args)
+        try:
+            args = shlex.split(args)
+        except ValueError as exc:
+            raise PortError(f"EAL arguments {args!r}: {exc} (shell syntax)") from None
     args = tuple(args)
     for a in args:
         if not isinstance(a, str):
@@ -372,6 +379,15 @@ def eal_init(args=None):
     for i, a in enumerate(args):
         argv[i + 1] = strdup(a.encode())
     argv[argc] = NULL
+    # The EAL's option parser reorders argv (and writes argv[0] over one of them):
+    # what to free after a failure is kept apart.
+    owned = <char **>malloc((argc + 1) * sizeof(char *))
+    if owned == NULL:
+        for i in range(argc):
+            free(argv[i])
+        free(argv)
+        raise MemoryError("cannot allocate the EAL argument vector")
+    memcpy(owned, argv, (argc + 1) * sizeof(char *))
     log = _EalLog()
     with nogil:
         rc = rte_eal_init(argc, argv)
@@ -379,11 +395,13 @@ def eal_init(args=None):
     text = log.finish()
     if rc < 0:
         for i in range(argc):
-            free(argv[i])
+            free(owned[i])
+        free(owned)
         free(argv)
         why = rte_strerror(code).decode("utf-8", "replace") if code > 0 else f"error {rc}"
         raise PortError(f"DPDK EAL initialisation failed ({why}) with arguments "
                         f"{shlex.join(args)!r}; {_log_tail(text)}")
+    free(owned)                     # argv's strings stay: the EAL may keep them
     _eal_argv = argv
     _eal_args = args
     _eal_state = EAL_RUNNING
@@ -864,10 +882,22 @@ cdef class DpdkPort(Port):
                 self.rx_oversize = self.rx_oversize + 1
                 self.rx_dropped = self.rx_dropped + 1
             else:
-                if m.nb_segs == 1:
+                if m.nb_segs != 1:
+                    data = <const uint8_t *>rte_pktmbuf_read(m, 0, length, self.scratch)
+                elif m.data_len >= length and \
+                        <uint32_t>m.data_off + m.data_len <= m.buf_len:
                     data = rte_pktmbuf_mtod(m)
                 else:
-                    data = <const uint8_t *>rte_pktmbuf_read(m, 0, length, self.scratch)
+                    # a driver whose lengths claim more than its one segment's buffer
+                    # holds (net_null with size= beyond the mbuf): never read past it
+                    data = NULL
+                if data == NULL:
+                    self.rx_dropped = self.rx_dropped + 1
+                    self.rx_bad_length = self.rx_bad_length + 1
+                    rte_pktmbuf_free(m)
+                    self.held_head = self.held_head + 1
+                    self.held_count = self.held_count - 1
+                    continue
                 ts = now_ns
                 if self.timestamps and (m.ol_flags & self.ts_flag):
                     ts = <int64_t>mbuf_rx_timestamp(m, self.ts_offset) * NS_PER_US
@@ -896,7 +926,7 @@ cdef class DpdkPort(Port):
         return n
 
     cdef int _rx_burst(self, Batch batch) noexcept nogil:
-        cdef int n = 0
+        cdef int n = 0, k
         cdef uint32_t room, want
         cdef uint16_t got = 1          # a call that finds the batch full is not idle
         cdef int64_t now
@@ -917,7 +947,12 @@ cdef class DpdkPort(Port):
             self.held_head = 0
             self.held_count = got
             if got:
-                n += self._copy_held(batch, now)
+                k = self._copy_held(batch, now)
+                n += k
+                if k == 0 and not self.held_count:
+                    # every frame dropped (too large, bad): back to the caller, who
+                    # looks at the clock and the stop flag, rather than poll on
+                    break
             if got < want or self.held_count:
                 break
         if n:
@@ -1289,11 +1324,13 @@ cdef class DpdkPort(Port):
         use_end(&self.users)
         return rc == 0 and bool(link.link_status)
 
-    def wait_for_link(self, double seconds):
+    def wait_for_link(self, double seconds, cancel=None):
         """Return once the device reports its link up, within ``seconds`` (0: only
-        look); raise :class:`PortError` if it does not come up by then.  A memif end
-        is up once its peer has connected over the socket, which happens in EAL's
-        interrupt thread after the device started: frames sent before are lost."""
+        look); raise :class:`PortError` if it does not come up by then, or once
+        ``cancel`` (anything with ``is_set()``: a run's stop event) is set.  A memif
+        end is up once its peer has connected over the socket, which happens in
+        EAL's interrupt thread after the device started: frames sent before are
+        lost."""
         cdef double deadline
         if not seconds >= 0:            # also refuses nan
             raise ValueError(f"link wait {seconds} s: must be 0 or more")
@@ -1301,6 +1338,8 @@ cdef class DpdkPort(Port):
         while not self.link_up:
             if not self.started:
                 raise PortError(f"{self.name}: closed while waiting for its link")
+            if cancel is not None and cancel.is_set():
+                raise PortError(f"{self.name}: stopped while waiting for its link")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PortError(self._link_down_text(seconds))
@@ -1338,7 +1377,8 @@ cdef class DpdkPort(Port):
         c = {"rx_pkts": self.rx_pkts, "rx_bytes": self.rx_bytes,
              "tx_pkts": self.tx_pkts, "tx_bytes": self.tx_bytes,
              "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped,
-             "rx_oversize": self.rx_oversize, "tx_nombuf": self.tx_nombuf,
+             "rx_oversize": self.rx_oversize, "rx_bad_length": self.rx_bad_length,
+             "tx_nombuf": self.tx_nombuf,
              "tx_oversize": self.tx_oversize, "tx_full": self.tx_full,
              "tx_waits": self.tx_waits, "tx_cut": self.tx_cut,
              "tx_partial": self.tx_partial}
@@ -1421,8 +1461,9 @@ cdef class DpdkBridge(Port):
     @property
     def live(self):
         """Frames are stamped when received: the stack may expire idle flows by the
-        wall clock while nothing arrives."""
-        return True
+        wall clock while nothing arrives.  Not a bridge replaying a capture
+        (``net_pcap`` with ``rx_pcap``): its frames carry the capture's times."""
+        return not any("rx_pcap=" in side.devargs for side in (self.client, self.server))
 
     @property
     def counters(self):

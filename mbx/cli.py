@@ -100,14 +100,17 @@ def _print_counters(c, elapsed, out=None):
             w(f"not sent       {unsent:,} packet{'s' if unsent != 1 else ''}, by the {side} port"
               + (f" (last error: {why})" if why else "") + "\n")
     inp = (c.get("ports") or {}).get("in") or {}
-    lost, oversize, cut, link, whole, unread = (_port_sum(inp, key) for key in (
+    lost, oversize, cut, link, whole, unread, bad = (_port_sum(inp, key) for key in (
         "rx_dropped", "rx_oversize", "rx_truncated", "link_errors", "rx_whole",
-        "rx_unread"))
+        "rx_unread", "rx_bad_length"))
     unsent = sum((port or {}).get("tx_dropped") or 0
                  for port in (c.get("ports") or {}).values())
-    if lost - oversize:
-        w(f"not received   {lost - oversize:,} frames: the receive ring was full (raise "
-          "block_count, or use ring=v3 for floods of small frames)\n")
+    if lost - oversize - bad:
+        w(f"not received   {lost - oversize - bad:,} frames: the receive ring was full "
+          "(raise block_count, or use ring=v3 for floods of small frames)\n")
+    if bad:
+        w(f"bad length     {bad:,} frame{'s' if bad != 1 else ''} whose length the "
+          "driver gave is more than its buffer holds: not received\n")
     if oversize:
         w(f"too large      {oversize:,} frame{'s' if oversize != 1 else ''} larger than a "
           "whole burst's memory (raise --burst), or than the 256 KiB a DPDK port takes: "
@@ -202,8 +205,9 @@ def _same_file(a, b):
 
 
 def _run(nfs, args, spec=None):
+    from mbx import ports
     from mbx.controller import check, unused_warning
-    from mbx.ports import bridge_output_note, capture_file
+    from mbx.ports import bridge_output_note, capture_file, read_files, written_files
     from mbx.runtime import App, check_writable, unused_monitor_options
 
     if spec is None:    # a chain: the links mbx check would refuse, refused here too
@@ -213,9 +217,10 @@ def _run(nfs, args, spec=None):
     out_file = capture_file(args.out) if args.out else None
     if args.json:
         check_writable(args.json, "--json")     # not only once the run is over
-        for port_spec, what in ((args.inp, "the input capture"), (args.out, "the output")):
-            capture = capture_file(port_spec) if port_spec else None
-            if capture and _same_file(args.json, capture):
+        files = [(f, "the input capture") for f in read_files(args.inp)] + [
+            (f, "the output") for f in (written_files(args.out) if args.out else [])]
+        for capture, what in files:
+            if _same_file(args.json, capture):
                 raise MbxError(f"--json {args.json}: that is {what}; writing it would "
                                "destroy it: name another file")
     if out_file:
@@ -286,11 +291,13 @@ def _run(nfs, args, spec=None):
 
     handlers = {sig: signal.signal(sig, on_signal)
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    ports.wait_cancel = stop            # a DPDK output waiting for its link, too
     try:
         if args.stacks > 1:
             return _run_parallel(nfs, args, config, listeners, view)
         return _run_app(App(nfs, **config), args, listeners, view, stop)
     finally:
+        ports.wait_cancel = None
         for sig, h in handlers.items():
             signal.signal(sig, h)
         for listener in listeners:

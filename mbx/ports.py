@@ -220,6 +220,11 @@ def _open_afpacket(spec: str, arg: str, port_id: int, rx: bool, sends_there=Fals
         raise PortError(f"port spec {spec!r}: {exc}") from None
 
 
+#: A caller whose run may be stopped (``mbx run``'s signal handlers) sets this to its
+#: stop event (anything with ``is_set()``): a port waiting for its link gives up when
+#: it is set, instead of holding a Ctrl-C for up to ``link_wait`` seconds.
+wait_cancel = None
+
 #: How long a DPDK port that sends waits, by default, for its link to come up (a memif
 #: end for its peer): ``?link_wait=S`` changes it.
 LINK_WAIT_S = 10.0
@@ -292,6 +297,16 @@ def _dpdk_port(spec: str, arg: str, port_id: int = 0, output: bool = False) -> P
     ring.  ``tx_wait_ms`` goes to each DpdkPort (its default depends on the driver:
     see MEMIF_TX_WAIT_MS)."""
     devices, options = _dpdk_spec(spec, arg)
+    for path in read_files(spec):
+        link = _pcap_linktype(path)
+        if link is not None and link != 1:
+            # net_pcap hands each record over as it is: a raw IP packet (101, 228),
+            # a Linux cooked one (113, 276) would be parsed as Ethernet, every frame
+            # "not IP", without a word
+            raise PortError(f"{spec}: rx_pcap {path} holds link type {link} frames, "
+                            "not Ethernet (1), and net_pcap passes them on as they are: "
+                            f"read it with pcap:{path}, which gives them an Ethernet "
+                            "header")
     try:
         from mbx._dpdkport import MEMIF_LINGER_S, DpdkBridge, DpdkPort
     except ImportError as exc:
@@ -316,7 +331,7 @@ def _dpdk_port(spec: str, arg: str, port_id: int = 0, output: bool = False) -> P
     if wait:
         try:
             for side in sides:
-                side.wait_for_link(link_wait)
+                side.wait_for_link(link_wait, wait_cancel)
         except BaseException:
             port.close()
             raise
@@ -517,9 +532,9 @@ def open_ports(in_spec: str, out_spec: str | None = None, *, defer_output=False
     each spec is opened on its own (no ``out_spec``: no output); with
     ``defer_output`` the output is a :class:`DeferredOutput` for ``App.run``.
     """
-    if out_spec and _same_capture(in_spec, out_spec):
-        raise PortError(f"{out_spec}: the output is the input capture; writing it would "
-                        "destroy what is being read: name another file")
+    if _same_capture(in_spec, out_spec):
+        raise PortError(f"{out_spec or in_spec}: the output is the input capture; writing "
+                        "it would destroy what is being read: name another file")
     if out_spec:
         # a bad spec or option value is refused before the input is opened
         check_spec(out_spec, rx=out_spec == in_spec)
@@ -639,13 +654,56 @@ def capture_file(spec):
     return arg if scheme == "pcap" else None
 
 
-def _same_capture(in_spec, out_spec):
-    """Whether both specs are capture files and the output is the input's file."""
+def _pcap_linktype(path: str) -> int | None:
+    """The link type in a classic pcap file's header; None for anything else (a
+    pcapng file, an unreadable one: the opener says what is wrong with it)."""
+    import struct
     try:
-        (si, ai), (so, ao) = _parse(in_spec), _parse(out_spec)
-        return si == so == "pcap" and os.path.samefile(ai, ao)
-    except (PortError, OSError):
-        return False        # not both files, or the output does not exist yet
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+    except OSError:
+        return None
+    if len(head) < 24:
+        return None
+    for order in "<>":
+        magic, = struct.unpack(order + "I", head[:4])
+        if magic in (0xA1B2C3D4, 0xA1B23C4D):
+            return struct.unpack(order + "I", head[20:24])[0] & 0x0FFFFFFF
+    return None
+
+
+def read_files(spec: str) -> list[str]:
+    """The capture files a port opened from ``spec`` reads: ``pcap:FILE``'s, and the
+    ``rx_pcap`` file of each DPDK ``net_pcap`` device."""
+    try:
+        scheme, arg = _parse(spec)
+    except PortError:
+        return []
+    if scheme == "pcap":
+        return [arg]
+    files = []
+    if scheme == "dpdk":
+        for device in arg.partition("?")[0].split("+"):
+            for item in device.split(",")[1:]:
+                key, eq, value = item.partition("=")
+                if eq and key.strip() == "rx_pcap":
+                    files.append(value.strip())
+    return files
+
+
+def _same_capture(in_spec, out_spec):
+    """Whether the run would write a capture file its input reads (the output's, or
+    a DPDK input's own ``tx_pcap``), whatever the spelling of the two paths."""
+    written = written_files(in_spec, output=False) + (
+        written_files(out_spec) if out_spec else [])
+    for w in written:
+        for r in read_files(in_spec):
+            try:
+                if os.path.samefile(w, r):
+                    return True
+            except OSError:
+                continue    # the output does not exist yet, or the input does not
+    return False
 
 
 def _bridge_type():

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -1186,3 +1187,104 @@ def test_stack_processes_write_a_net_pcap_output_each(example_pcap, tmp_path):
             open_output(f"pcap:{reference}") as outp:
         App([L2Fwd()]).run(inp, outp)
     assert sorted(got) == sorted(f for _, f in read_frames(reference))
+
+
+# ------------------------------------------------------------------ audit findings
+
+def _run_cli(*args, env=None, timeout=120, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mbx.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def test_a_dpdk_run_never_writes_the_capture_it_reads(tmp_path, example_pcap):
+    """net_pcap's rx_pcap and tx_pcap files were never compared: naming the input as
+    the output (DPDK to DPDK, DPDK to pcap, pcap to DPDK, one device's rx and tx)
+    cut the capture to a few frames, with exit 0."""
+    cap = tmp_path / "same.pcap"
+    cap.write_bytes(open(example_pcap, "rb").read())
+    before = cap.read_bytes()
+    for args in (["--in", f"dpdk:{vdev('net_pcap', f'rx_pcap={cap}')}", "--out",
+                  f"dpdk:{vdev('net_pcap', f'tx_pcap={cap}')}"],
+                 ["--in", f"dpdk:{vdev('net_pcap', f'rx_pcap={cap}')}", "--out",
+                  f"pcap:{cap}"],
+                 ["--in", f"pcap:{cap}", "--out", f"dpdk:{vdev('net_pcap', f'tx_pcap={cap}')}"],
+                 ["--in", f"dpdk:{vdev('net_pcap', f'rx_pcap={cap},tx_pcap={cap}')}"],
+                 ["--in", f"dpdk:{vdev('net_pcap', f'rx_pcap={cap}')}", "--json", str(cap)]):
+        r = _run_cli("run", "l2fwd", *args, "-q")
+        assert r.returncode == 2 and ("is the input capture" in r.stderr
+                                      or "that is the input capture" in r.stderr), r.stderr
+        assert cap.read_bytes() == before
+
+
+def test_eal_arguments_that_fail_are_an_error_not_a_crash(tmp_path, example_pcap):
+    """Without --no-huge the EAL fails; freeing the argument vector it had reordered
+    aborted the process (double free, exit 134).  Unbalanced quotes were a
+    traceback."""
+    spec = f"dpdk:net_pcap0,rx_pcap={example_pcap}"
+    for value, said in (("-m 64 --no-pci --no-shconf", "EAL initialisation failed"),
+                        ("'x", "No closing quotation")):
+        r = _run_cli("run", "l2fwd", "--in", spec, "-q",
+                     env=dict(os.environ, MBX_EAL_ARGS=value))
+        assert r.returncode == 2 and said in r.stderr, (r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_frames_a_driver_cannot_hand_over_leave_the_run_responsive():
+    """net_null with size= beyond what a batch (or an mbuf) holds: every frame
+    dropped, and the receive loop polled for ever (100 % CPU, deaf to --duration and
+    SIGTERM); sizes past the mbuf were copied from beyond it."""
+    for size, counter in ((99_999_999, "rx_oversize"), (5000, "rx_bad_length")):
+        r = _run_cli("run", "l2fwd", "--in", f"dpdk:net_null0,size={size}", "--duration",
+                     "0.5", "--json", "/dev/stdout", "-q", timeout=60)
+        assert r.returncode == 0, r.stderr
+        port = json.loads(r.stdout)["ports"]["in"]
+        assert port["rx_pkts"] == 0 and port[counter] == port["rx_dropped"] > 0, port
+
+
+def test_a_capture_of_other_frames_than_ethernet_is_refused_by_net_pcap(tmp_path,
+                                                                       example_pcap):
+    # net_pcap passes raw IP records on as they are: every frame was "not IP", exit 0
+    import dpkt
+    raw = tmp_path / "raw.pcap"
+    with open(example_pcap, "rb") as src, open(raw, "wb") as dst:
+        w = dpkt.pcap.Writer(dst, linktype=101)
+        for ts, buf in dpkt.pcap.Reader(src):
+            e = dpkt.ethernet.Ethernet(buf)
+            if e.type == 0x0800:
+                w.writepkt(bytes(e.data), ts)
+    r = _run_cli("run", "l2fwd", "--in", f"dpdk:net_pcap0,rx_pcap={raw}", "-q")
+    assert r.returncode == 2 and "link type 101" in r.stderr and f"pcap:{raw}" in r.stderr
+
+
+def test_a_bridge_replaying_captures_ends_flows_by_their_own_time(tmp_path, example_pcap):
+    """A DPDK bridge counted as live: while its files ran dry it expired every flow by
+    the wall clock, years after the capture's times (469 of 469 ended 'idle')."""
+    counters = tmp_path / "c.json"
+    r = _run_cli("run", "flow_stats", "--in",
+                 f"dpdk:net_pcap0,rx_pcap={example_pcap}+net_pcap1,"
+                 f"tx_pcap={tmp_path / 'b.pcap'}", "-q", "--json", str(counters))
+    assert r.returncode == 0, r.stderr
+    flows = json.loads(counters.read_text())["flows"]
+    r = _run_cli("run", "flow_stats", "--in", f"pcap:{example_pcap}", "-q", "--json",
+                 str(counters))
+    assert r.returncode == 0, r.stderr
+    assert flows == json.loads(counters.read_text())["flows"]
+    assert flows["created"] > 0 and flows["expired"] == 0, flows
+
+
+def test_a_signal_stops_an_output_waiting_for_its_link(tmp_path, example_pcap):
+    # the wait slept through SIGINT/SIGTERM for up to link_wait seconds (10 s)
+    sock = tmp_path / "m.sock"
+    p = _mbx("run", "l2fwd", "--in", example_pcap, "--out",
+             f"dpdk:net_memif0,role=server,socket={sock},socket-abstract=no?link_wait=60")
+    _wait_for_file(sock, p)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    try:
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert time.monotonic() - t0 < 5
+    assert p.returncode == 2 and "stopped while waiting for its link" in err, err
