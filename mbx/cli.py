@@ -1,5 +1,6 @@
 """The ``mbx`` command: run an application over a port, make the example capture."""
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -270,14 +271,31 @@ def _run(nfs, args, spec=None):
         listeners.append(prom)
         if not args.quiet or args.prometheus == 0:     # a port picked for us: always say it
             print(f"prometheus     http://127.0.0.1:{prom.port}/metrics", file=sys.stderr)
-    # SIGINT/SIGTERM/SIGHUP end the run between bursts: every flow ends, NFs stop,
-    # ports are closed, counters are printed and written.  The handler stays until
-    # all of that is done, so a second signal (a double Ctrl-C, `timeout` signalling
-    # the process and then its group) does not lose the summary or the --json file.
-    # (run_parallel puts its own in place while its stack processes run.)  Only a
-    # run that has not ended 3 s after the first signal (an NF's handler that never
-    # returns holds it) is interrupted by the next (KeyboardInterrupt, from wherever
-    # it is: the run fails, its summary and --json still come out).
+    try:
+        with stop_on_signals() as stop:
+            ports.wait_cancel = stop        # a DPDK output waiting for its link, too
+            if args.stacks > 1:
+                return _run_parallel(nfs, args, config, listeners, view)
+            return _run_app(App(nfs, **config), args, listeners, view, stop)
+    finally:
+        ports.wait_cancel = None
+        for listener in listeners:
+            if hasattr(listener, "close"):
+                listener.close()
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """An Event that SIGINT, SIGTERM and SIGHUP set, for a run to end between
+    bursts: every flow ends, NFs stop, ports are closed, counters are printed and
+    written.  The handlers stay until all of that is done, so a second signal (a
+    double Ctrl-C, `timeout` signalling the process and then its group) does not
+    lose the summary or the output file, and a signal the shell had set to be
+    ignored (a background job) still stops it.  (run_parallel puts its own in place
+    while its stack processes run.)  Only a run that has not ended 3 s after the
+    first signal (an NF's handler that never returns holds it) is interrupted by the
+    next (KeyboardInterrupt, from wherever it is: the run fails, its summary and
+    output still come out)."""
     stop = threading.Event()
     asked = []
 
@@ -291,18 +309,11 @@ def _run(nfs, args, spec=None):
 
     handlers = {sig: signal.signal(sig, on_signal)
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    ports.wait_cancel = stop            # a DPDK output waiting for its link, too
     try:
-        if args.stacks > 1:
-            return _run_parallel(nfs, args, config, listeners, view)
-        return _run_app(App(nfs, **config), args, listeners, view, stop)
+        yield stop
     finally:
-        ports.wait_cancel = None
         for sig, h in handlers.items():
             signal.signal(sig, h)
-        for listener in listeners:
-            if hasattr(listener, "close"):
-                listener.close()
 
 
 def _run_app(app, args, listeners, view, stop):
@@ -663,8 +674,10 @@ def main(argv=None):
                                                                     args.capture):
                     raise MbxError(f"-o {args.output}: that is the capture itself; "
                                    "name another file")
-            doc, warnings = flows_json(args.capture, flow_capacity=args.flows,
-                                       stream_memory=args.stream_memory << 20)
+            with stop_on_signals() as stop:     # a live port: the summary so far
+                doc, warnings = flows_json(args.capture, flow_capacity=args.flows,
+                                           stream_memory=args.stream_memory << 20,
+                                           stop=stop)
             text = json.dumps(doc, indent=1) + "\n"
             if args.output:
                 with open(args.output, "w") as fh:

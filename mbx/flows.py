@@ -29,9 +29,11 @@ def number_keys(summary):
 
 
 def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
-               chunk_size=2048):
+               chunk_size=2048, stop=None):
     """The ``mbx-flows/1`` object for ``capture`` and a list of warnings (anything
-    that may make the summary incomplete: memory caps, evicted flows)."""
+    that may make the summary incomplete: memory caps, evicted flows).  ``stop``
+    (anything with ``is_set()``) ends a live input: the summary then covers what
+    came until then."""
     inp = open_input(capture if ":" in capture and not os.path.exists(capture)
                      else "pcap:" + capture)
     # No idle timeout: a connection ends at a new SYN on its endpoints or at the end
@@ -40,7 +42,7 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
               summarise=True, max_streams=flow_capacity, stream_memory=stream_memory,
               chunk_size=chunk_size, stream_window=64 << 20)
     try:
-        counters = app.run(inp, burst=256)
+        counters = app.run(inp, burst=256, stop=stop)
         cut_short = inp.counters.get("truncated", 0)
         skipped = inp.counters.get("skipped", 0), inp.counters.get("skipped_linktype")
     finally:

@@ -414,6 +414,43 @@ def test_one_interface_is_monitored_both_ways(testbed, tmp_path):
     assert inbound["to_server"] == 0 and inbound["to_client"] > 1000, inbound
 
 
+def test_mbx_flows_on_a_live_interface_stops_on_a_signal_with_its_summary(testbed,
+                                                                          tmp_path):
+    """mbx flows on a live port had no signal handling: SIGTERM ended it with no
+    output at all, and SIGINT did nothing to a background job (ignored by the shell).
+    Both now end the capture and write the summary of what came."""
+    _serve_blob(testbed, tmp_path)
+    bridge = _start_bridge(testbed, "60", "v2")
+    os.chmod(tmp_path, 0o755)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            out = tmp_path / f"flows-{sig}.json"
+            flows = testbed.start(
+                _in_ns(NS_C, sys.executable, "-c",
+                       "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                       "from mbx.cli import main; sys.exit(main())",
+                       "flows", "afpacket:c0", "--json", "-o", str(out)),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+            time.sleep(1.5)             # its socket is bound by then
+            for _ in range(50):
+                r = subprocess.run(_in_ns(NS_C, "curl", "-sS", "--max-time", "20", "-o",
+                                          "/dev/null", f"http://{SERVER_IP}:8080/blob.bin"),
+                                   capture_output=True, timeout=30)
+                if r.returncode == 0:
+                    break
+                time.sleep(0.1)
+            assert r.returncode == 0, r.stderr
+            time.sleep(0.3)
+            flows.send_signal(sig)
+            _, err = flows.communicate(timeout=30)
+            assert flows.returncode == 0, (sig, err)
+            conns = json.loads(out.read_text())["connections"]
+            done = [c for c in conns.values() if c["s2c_len"] > 3 << 20]   # + headers
+            assert done and done[0]["handshake"], conns
+    finally:
+        _stop_bridge(bridge)
+
+
 def test_a_send_only_bridge_has_nothing_to_receive(testbed):
     # rx_burst on a bridge opened with rx=False polled sockets that never receive
     # and returned "nothing yet" forever; a send-only AfPacketPort says end of input.
