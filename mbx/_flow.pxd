@@ -163,6 +163,8 @@ cdef class FlowTable:
     cdef readonly uint64_t created
     cdef readonly uint64_t expired
     cdef readonly uint64_t evicted
+    cdef readonly uint64_t closed       # ended by their transport (TCP close, restart)
+    cdef readonly uint64_t shut         # ended at the end of the input
     cdef readonly uint64_t refused
 
     # Finds or creates p's flow; fills p.hash, p.flow, p.flow_gen and p.dir and

@@ -190,6 +190,10 @@ cdef class FlowTable:
             self.expired += 1
         elif reason == END_EVICTED:
             self.evicted += 1
+        elif reason == END_SHUTDOWN:
+            self.shut += 1
+        else:
+            self.closed += 1
 
     cdef uint32_t lookup(self, mbx_pkt *p) noexcept nogil:
         cdef mbx_flow_key key
@@ -468,7 +472,8 @@ cdef class FlowTable:
     def counters(self):
         return {
             "lookups": self.lookups, "created": self.created, "expired": self.expired,
-            "evicted": self.evicted, "refused": self.refused, "active": self.active,
+            "evicted": self.evicted, "closed": self.closed, "shutdown": self.shut,
+            "refused": self.refused, "active": self.active,
         }
 
     @property

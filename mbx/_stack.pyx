@@ -527,6 +527,7 @@ cdef class NetworkLayer:
                 "capacity": self.flows.capacity,
                 "created": self.flows.created, "active": self.flows.active,
                 "expired": self.flows.expired, "evicted": self.flows.evicted,
+                "closed": self.flows.closed, "shutdown": self.flows.shut,
                 "refused": self.flows.refused,
             },
             "fragments": {

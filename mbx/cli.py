@@ -91,6 +91,8 @@ def _print_counters(c, elapsed, out=None):
     f = c["flows"]
     w(f"flows          created {f['created']:,}, expired {f['expired']:,}, "
       f"evicted {f['evicted']:,}"
+      + (f", closed {f['closed']:,}" if f.get("closed") else "")
+      + (f", ended with the input {f['shutdown']:,}" if f.get("shutdown") else "")
       + (f", refused {f['refused']:,} packets (no room for their flow)" if f["refused"]
          else "") + "\n")
     for side, port in (c.get("ports") or {}).items():

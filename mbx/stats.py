@@ -162,7 +162,7 @@ class Prometheus:
             fams["sent"].add_metric(at, p["sent"])
             fams["drops"].add_metric(at + ["nf"], p["dropped_by_nf"])
             fams["drops"].add_metric(at + ["malformed"], p["dropped_malformed"])
-            for what in ("created", "expired", "evicted", "refused"):
+            for what in ("created", "expired", "evicted", "closed", "shutdown", "refused"):
                 fams["flows"].add_metric(at + [what], p["flows"][what])
             fams["active"].add_metric(at, p["flows"]["active"])
             for name, e in p["events"].items():

@@ -62,7 +62,8 @@ class FlowTableModel(RuleBasedStateMachine):
         self.flows = OrderedDict()
         self.slot_gen = {}
         self.ended = []
-        self.counters = Counter(lookups=0, created=0, expired=0, evicted=0, refused=0)
+        self.counters = Counter(lookups=0, created=0, expired=0, evicted=0, closed=0,
+                                shutdown=0, refused=0)
 
     def _end(self, key, reason):
         rec = self.flows.pop(key)
@@ -72,6 +73,8 @@ class FlowTableModel(RuleBasedStateMachine):
             self.counters["expired"] += 1
         elif reason == "evicted":
             self.counters["evicted"] += 1
+        else:
+            self.counters[reason] += 1          # closed, shutdown
 
     @rule(
         family=st.sampled_from([4, 6]),
@@ -192,6 +195,9 @@ class FlowTableModel(RuleBasedStateMachine):
         t = self.table
         assert len(t) == len(self.flows)
         assert t.counters == dict(self.counters, active=len(self.flows))
+        c = t.counters        # every flow created is active or ended for one reason
+        assert c["created"] == c["active"] + c["expired"] + c["evicted"] + c["closed"] \
+            + c["shutdown"]
         assert t.n_ended == len(self.ended)
         live = {}
         for rec in self.flows.values():
