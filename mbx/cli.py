@@ -688,6 +688,8 @@ def main(argv=None):
                 sys.stdout.write(text)
             for w in warnings:
                 print(f"mbx flows: warning: {w}", file=sys.stderr)
+            if "error" in doc:      # the summary is of what came before it
+                raise MbxError(doc["error"])
         elif args.cmd == "types":
             import mbx
 

@@ -10,6 +10,7 @@ same endpoints (a pure SYN with another ISN) is a new connection: ``#2``, ``#3``
 import os
 
 from mbx._stream import MAX_OOO_PIECES
+from mbx.errors import PortError
 from mbx.ports import capture_file, open_input
 from mbx.runtime import App
 
@@ -31,7 +32,9 @@ def number_keys(summary):
 def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
                chunk_size=2048, stop=None):
     """The ``mbx-flows/1`` object for ``capture`` and a list of warnings (anything
-    that may make the summary incomplete: memory caps, evicted flows).  ``stop``
+    that may make the summary incomplete: memory caps, evicted flows).  A capture
+    damaged midway gives the connections read before the damage and an ``error``
+    key saying what stopped the reading.  ``stop``
     (anything with ``is_set()``) ends a live input: the summary then covers what
     came until then."""
     inp = open_input(capture if ":" in capture and not os.path.exists(capture)
@@ -41,8 +44,17 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
     app = App([], flow_capacity=flow_capacity, idle_timeout=1e9, stack="tcp",
               summarise=True, max_streams=flow_capacity, stream_memory=stream_memory,
               chunk_size=chunk_size, stream_window=64 << 20)
+    error = None
     try:
-        counters = app.run(inp, burst=256, stop=stop)
+        try:
+            counters = app.run(inp, burst=256, stop=stop)
+        except PortError as exc:
+            # a capture damaged midway: the connections before the damage are summed
+            # up (every flow still ended), and the error is told with them
+            if app.stack is None:
+                raise
+            error = exc
+            counters = app.counters()
         cut_short = inp.counters.get("truncated", 0)
         skipped = inp.counters.get("skipped", 0), inp.counters.get("skipped_linktype")
     finally:
@@ -50,6 +62,8 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
     named = capture if os.path.exists(capture) else capture_file(capture) or capture
     doc = {"schema": SCHEMA, "capture": os.path.basename(named),
            "connections": number_keys(app.stack.connections_summary())}
+    if error is not None:
+        doc["error"] = str(error)
     warnings = []
     if skipped[0]:
         many = skipped[0] != 1

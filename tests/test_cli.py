@@ -922,3 +922,23 @@ def test_every_flow_ends_when_the_input_fails(tmp_path, example_pcap):
     events = [json.loads(line)["type"] for line in log.read_text().splitlines()]
     assert events.count("FLOW/START") == events.count("FLOW/END") > 0
     assert len(read_frames(example_pcap)) > 1000
+
+
+def test_mbx_flows_on_a_damaged_capture_sums_up_what_came_before(tmp_path, example_pcap):
+    # it printed the error alone: the connections before the damage were lost
+    data = bytearray(open(example_pcap, "rb").read())
+    pos, n = 24, 0
+    while n < 1000:
+        caplen = struct.unpack_from("<I", data, pos + 8)[0]
+        pos, n = pos + 16 + caplen, n + 1
+    struct.pack_into("<I", data, pos + 8, 0x7FFFFFFF)
+    cap = tmp_path / "damaged.pcap"
+    cap.write_bytes(bytes(data))
+    r = mbx_cmd("flows", str(cap), "--json")
+    assert r.returncode == 2 and "damaged record" in r.stderr
+    doc = json.loads(r.stdout)
+    assert "damaged record" in doc["error"] and len(doc["connections"]) > 10
+    whole = json.loads(mbx_cmd("flows", example_pcap, "--json").stdout)["connections"]
+    done = [k for k, c in doc["connections"].items() if c["close"] == "fin"
+            and whole[k]["pkts_c2s"] == c["pkts_c2s"]]
+    assert done and all(doc["connections"][k] == whole[k] for k in done)
