@@ -639,6 +639,13 @@ def merge_snapshots(parts):
     inp = (out.get("ports") or {}).get("in") or {}
     if "rss_skipped" in inp:            # the same, counted by each process's input
         inp["rss_skipped"] = 0
+    elif parts and all(part.get("other_stacks") for part in parts):
+        # an input that cannot split (a DPDK net_pcap replay): every process read
+        # all of it, and its receive counters are the input's once, not N times
+        for key in ("rx_pkts", "rx_bytes"):
+            seen = [((part.get("ports") or {}).get("in") or {}).get(key) for part in parts]
+            if key in inp and all(isinstance(v, int) for v in seen):
+                inp[key] = max(seen)
     for n in out.get("nfs", {}).values():
         n["mean_ns"] = n["handler_ns"] / n["events"] if n["events"] else 0.0
     return out

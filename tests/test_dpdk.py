@@ -1288,3 +1288,17 @@ def test_a_signal_stops_an_output_waiting_for_its_link(tmp_path, example_pcap):
             p.wait()
     assert time.monotonic() - t0 < 5
     assert p.returncode == 2 and "stopped while waiting for its link" in err, err
+
+
+def test_parallel_stacks_count_a_dpdk_replay_once(tmp_path, example_pcap):
+    # every stack process replays the whole net_pcap file: its receive counters
+    # were summed, the input counted twice over with --stacks 2
+    got = {}
+    for spec in (f"pcap:{example_pcap}", f"dpdk:net_pcap0,rx_pcap={example_pcap}"):
+        out = tmp_path / "c.json"
+        r = _run_cli("run", "flow_stats", "--in", spec, "--stacks", "2", "-q", "--json",
+                     str(out))
+        assert r.returncode == 0, r.stderr
+        c = json.loads(out.read_text())
+        got[spec] = (c["packets"], c["ports"]["in"]["rx_pkts"], c["ports"]["in"]["rx_bytes"])
+    assert len(set(got.values())) == 1, got
