@@ -192,6 +192,19 @@ def _serve_blob(procs, tmp_path, bind=SERVER_IP):
     return blob
 
 
+def _fetch_blob():
+    """The client downloads the server's blob through the bridge (the server may take
+    a moment to listen), to nowhere: the traffic is what counts."""
+    for _ in range(50):
+        r = subprocess.run(_in_ns(NS_C, "curl", "-sS", "--max-time", "20", "-o",
+                                  "/dev/null", f"http://{SERVER_IP}:8080/blob.bin"),
+                           capture_output=True, timeout=30)
+        if r.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"curl failed: {r.stderr}")
+
+
 def _ping(count=5):
     """ICMP echo from the client (a raw socket: no dependency on iputils)."""
     code = f"""
@@ -396,14 +409,7 @@ def test_one_interface_is_monitored_both_ways(testbed, tmp_path):
                 assert mon.poll() is None, mon.communicate()[1]
                 assert time.monotonic() < deadline, "the monitor did not start"
                 time.sleep(0.05)
-            for _ in range(50):
-                r = subprocess.run(_in_ns(NS_C, "curl", "-sS", "--max-time", "20", "-o",
-                                          "/dev/null", f"http://{SERVER_IP}:8080/blob.bin"),
-                                   capture_output=True, timeout=30)
-                if r.returncode == 0:
-                    break
-                time.sleep(0.1)
-            assert r.returncode == 0, r.stderr
+            _fetch_blob()
             _, err = mon.communicate(timeout=60)
             assert mon.returncode == 0, err
             seen[spec] = json.loads(counters.read_text())["nfs"]["directions"]["report"]
@@ -432,14 +438,7 @@ def test_mbx_flows_on_a_live_interface_stops_on_a_signal_with_its_summary(testbe
                        "flows", "afpacket:c0", "--json", "-o", str(out)),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
             time.sleep(1.5)             # its socket is bound by then
-            for _ in range(50):
-                r = subprocess.run(_in_ns(NS_C, "curl", "-sS", "--max-time", "20", "-o",
-                                          "/dev/null", f"http://{SERVER_IP}:8080/blob.bin"),
-                                   capture_output=True, timeout=30)
-                if r.returncode == 0:
-                    break
-                time.sleep(0.1)
-            assert r.returncode == 0, r.stderr
+            _fetch_blob()
             time.sleep(0.3)
             flows.send_signal(sig)
             _, err = flows.communicate(timeout=30)
