@@ -902,20 +902,26 @@ def test_a_reader_that_goes_away_is_no_error():
     assert p.wait(timeout=60) in (0, 141) and err == "", err
 
 
+def _damaged_after(capture, tmp_path, n):
+    """A copy of a classic pcap whose n-th record has an absurd captured length:
+    a capture damaged midway."""
+    data = bytearray(open(capture, "rb").read())
+    pos = 24
+    for _ in range(n):
+        pos += 16 + struct.unpack_from("<I", data, pos + 8)[0]
+    struct.pack_into("<I", data, pos + 8, 0x7FFFFFFF)
+    out = tmp_path / "damaged.pcap"
+    out.write_bytes(bytes(data))
+    return out
+
+
 def test_every_flow_ends_when_the_input_fails(tmp_path, example_pcap):
     """An input that fails mid-run (here a damaged record; live, an interface
     deleted) still ends every flow with FLOW/END, as the end of input does: the
     run stopped at the error and the Logger kept only FLOW/STARTs."""
     from mbxtest import read_frames
 
-    data = bytearray(open(example_pcap, "rb").read())
-    pos, n = 24, 0
-    while n < 1000:                 # the 1,000th record's captured length: absurd
-        caplen = struct.unpack_from("<I", data, pos + 8)[0]
-        pos, n = pos + 16 + caplen, n + 1
-    struct.pack_into("<I", data, pos + 8, 0x7FFFFFFF)
-    cap, log = tmp_path / "damaged.pcap", tmp_path / "events.jsonl"
-    cap.write_bytes(bytes(data))
+    cap, log = _damaged_after(example_pcap, tmp_path, 1000), tmp_path / "events.jsonl"
     r = mbx_cmd("run", "flow_stats+logger", "--in", str(cap), "--set",
                 f"logger.path={log}", "-q")
     assert r.returncode == 2 and "damaged record" in r.stderr, r.stderr
@@ -926,14 +932,7 @@ def test_every_flow_ends_when_the_input_fails(tmp_path, example_pcap):
 
 def test_mbx_flows_on_a_damaged_capture_sums_up_what_came_before(tmp_path, example_pcap):
     # it printed the error alone: the connections before the damage were lost
-    data = bytearray(open(example_pcap, "rb").read())
-    pos, n = 24, 0
-    while n < 1000:
-        caplen = struct.unpack_from("<I", data, pos + 8)[0]
-        pos, n = pos + 16 + caplen, n + 1
-    struct.pack_into("<I", data, pos + 8, 0x7FFFFFFF)
-    cap = tmp_path / "damaged.pcap"
-    cap.write_bytes(bytes(data))
+    cap = _damaged_after(example_pcap, tmp_path, 1000)
     r = mbx_cmd("flows", str(cap), "--json")
     assert r.returncode == 2 and "damaged record" in r.stderr
     doc = json.loads(r.stdout)
