@@ -192,6 +192,16 @@ def _serve_blob(procs, tmp_path, bind=SERVER_IP):
     return blob
 
 
+def _wait_started(proc, marker):
+    """Until an NF's start() has written ``marker`` (the stack is reading), or fail
+    with the process's error if it died first."""
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, f"{marker.name} never came: it did not start"
+        time.sleep(0.05)
+
+
 def _fetch_blob():
     """The client downloads the server's blob through the bridge (the server may take
     a moment to listen), to nowhere: the traffic is what counts."""
@@ -346,11 +356,7 @@ def test_a_failed_live_run_counts_what_it_left_in_the_ring(testbed, tmp_path):
                              "--in", "afpacket:mc?timeout_ms=5", "--duration", "60",
                              "--json", str(counters)),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "started").exists():
-        assert mbx.poll() is None, mbx.communicate()[1]
-        assert time.monotonic() < deadline, "the stack did not start"
-        time.sleep(0.05)
+    _wait_started(mbx, tmp_path / "started")
     sent = int(_sh(*_in_ns(NS_C, sys.executable, HERE, "send", "c0", "ab")).stdout)
     out, err = mbx.communicate(timeout=60)
     assert mbx.returncode == 2 and "gave up" in err
@@ -404,11 +410,7 @@ def test_one_interface_is_monitored_both_ways(testbed, tmp_path):
                                        "--in", spec, "--duration", "4", "-q", "--json",
                                        str(counters)),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-            deadline = time.monotonic() + 30
-            while not (run / "started").exists():
-                assert mon.poll() is None, mon.communicate()[1]
-                assert time.monotonic() < deadline, "the monitor did not start"
-                time.sleep(0.05)
+            _wait_started(mon, run / "started")
             _fetch_blob()
             _, err = mon.communicate(timeout=60)
             assert mon.returncode == 0, err
