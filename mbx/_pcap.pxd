@@ -122,5 +122,6 @@ cdef class PcapWriter(Port):
     cdef uint8_t *buf
     cdef size_t used
     cdef int io_errno
+    cdef object written_key     # its entry in _being_written while open
 
     cdef int _flush(self) noexcept nogil

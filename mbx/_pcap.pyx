@@ -275,6 +275,35 @@ cdef extern from *:
 # mapping (SIGBUS on the next read) and destroy the capture.
 _being_read = {}
 
+# The files this process is writing, (st_dev, st_ino) -> who writes it ("the pcap
+# output pcap:FILE", "NF logger's log"): a second writer of one file is refused, as
+# the two would interleave their bytes into neither's file (mbx.runtime.claim_output).
+_being_written = {}
+
+
+def refuse_second_writer(key, path, what):
+    """Raise PortError if ``key`` (st_dev, st_ino) is a file this process writes."""
+    other = _being_written.get(key)
+    if other is not None:
+        raise PortError(f"{what}: {path!r} is already written by {other}; two writers "
+                        "would interleave their bytes: name another file")
+
+
+def claim_output(fd, path, what):
+    """Record that ``what`` writes the open file ``fd`` (``path``), refused as
+    ``refuse_second_writer`` says.  Returns the key ``release_output`` takes."""
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    refuse_second_writer(key, path, what)
+    _being_written[key] = what
+    return key
+
+
+def release_output(key):
+    if key is not None and _being_written is not None:     # None: interpreter exit
+        _being_written.pop(key, None)
+
+
 # Compressed files given as captures: magic -> (what, how to undo it).
 _COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k FILE, or zcat FILE > OUT"),
                b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d FILE"),
@@ -1013,6 +1042,9 @@ cdef class PcapWriter(Port):
         if st is not None and (st.st_dev, st.st_ino) in _being_read:
             raise PortError(f"pcap:{path}: this capture is being read as an input; writing "
                             "it would destroy it: name another file")
+        if st is not None:
+            # refused before O_TRUNC empties what the other writer has written
+            refuse_second_writer((st.st_dev, st.st_ino), path, self.name)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         except FileNotFoundError as e:
@@ -1021,9 +1053,15 @@ cdef class PcapWriter(Port):
                             f"({e.strerror})") from None
         except OSError as e:
             raise PortError(f"pcap:{path}: cannot create ({e.strerror})") from None
+        try:
+            self.written_key = claim_output(fd, path, f"the pcap output {self.name}")
+        except BaseException:
+            os.close(fd)
+            raise
         self.buf = <uint8_t *>malloc(WRITE_BUFFER)
         if self.buf == NULL:
             os.close(fd)
+            release_output(self.written_key)
             raise MemoryError(f"{self.name}: cannot allocate the write buffer")
         self.fd = fd
         h = self.buf
@@ -1105,6 +1143,8 @@ cdef class PcapWriter(Port):
                 rc = self._flush()
             os.close(self.fd)
             self.fd = -1
+            release_output(self.written_key)
+            self.written_key = None
         free(self.buf)
         self.buf = NULL
         self.closed = True
@@ -1118,6 +1158,7 @@ cdef class PcapWriter(Port):
             self._flush()
             c_close(self.fd)
             self.fd = -1
+            release_output(self.written_key)
         free(self.buf)
         self.buf = NULL
 

@@ -23,7 +23,14 @@ from mbx._monitor import (
 from mbx._packet import Port
 from mbx._pipeline import check_inflight
 from mbx._stack import MALFORMED_ACTIONS, NetworkLayer
-from mbx.errors import AppError, EventTypeError, MbxError, raising_line, user_code_line
+from mbx.errors import (
+    AppError,
+    EventTypeError,
+    MbxError,
+    PortError,
+    raising_line,
+    user_code_line,
+)
 
 # The types only the TCP Monitor produces: an application with a subscriber to one
 # of them (or a publisher of FLOW/TCP/TERMINATE) runs the Monitor; otherwise the
@@ -59,9 +66,10 @@ def check_writable(path, what):
         raise AppError(f"{what}: path {path!r}: cannot write in {where}")
 
 
-def check_not_being_read(path, what):
-    """Refuse to write over a capture this process is reading as its input: its
-    bytes would be gone mid-read (a pcap output refuses the same in its port)."""
+def check_output_free(path, what):
+    """Refuse to write over a capture this process is reading as its input (its
+    bytes would be gone mid-read) or a file it writes already (a pcap output, another
+    NF's log: the two would interleave); PcapWriter refuses the same."""
     from mbx import _pcap
 
     try:
@@ -71,6 +79,10 @@ def check_not_being_read(path, what):
     if (st.st_dev, st.st_ino) in _pcap._being_read:
         raise AppError(f"{what}: {path!r} is the capture being read as the input; "
                        "writing it would destroy it: name another file")
+    try:
+        _pcap.refuse_second_writer((st.st_dev, st.st_ino), path, what)
+    except PortError as exc:
+        raise AppError(str(exc)) from None
 
 
 def output_path(path):

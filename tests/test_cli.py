@@ -442,6 +442,35 @@ def test_the_input_capture_is_never_the_output(tmp_path, example_pcap):
     assert cap.read_bytes() == before and not (tmp_path / "o.pcap").exists()
 
 
+def test_one_file_has_one_writer(tmp_path, example_pcap):
+    # A Logger's log that is also the pcap output (or another Logger's log) would mix
+    # JSON lines into pcap records: refused in every deployment, naming both writers.
+    out = tmp_path / "o.pcap"
+    for deploy in (["--deploy", "inline"], ["--deploy", "pipelined"], ["--stacks", "2"]):
+        r = mbx_cmd("run", "l2fwd+logger", "--in", example_pcap, "--out", f"pcap:{out}",
+                    "--set", f"logger.path={out}", *deploy)
+        assert r.returncode == 2, (deploy, r.stderr)
+        assert "is already written by NF logger (its log)" in r.stderr, r.stderr
+    app = tmp_path / "two.toml"
+    log = tmp_path / "events.jsonl"
+    app.write_text(f'[[nf]]\nuse = "logger"\nname = "a"\noptions = {{ path = "{log}" }}\n'
+                   f'[[nf]]\nuse = "logger"\nname = "b"\noptions = {{ path = "{log}" }}\n')
+    r = mbx_cmd("run", str(app), "--in", example_pcap)
+    assert r.returncode == 2 and "is already written by NF a (its log)" in r.stderr, r.stderr
+    # the other way round (the output open first), through the library
+    from mbx._pcap import PcapWriter
+    from mbx.errors import AppError
+    from mbx.nfs.logger import Logger
+
+    writer = PcapWriter(str(out))
+    logger = Logger(path=str(out))
+    with pytest.raises(AppError, match="already written by the pcap output"):
+        logger.start()
+    writer.close()
+    logger.start()          # free again once the output is closed
+    logger.stop()
+
+
 def test_command_line_stack_options_win_over_the_application_file(tmp_path, example_pcap):
     app = tmp_path / "app.toml"
     app.write_text('[app]\nstack = "network"\n[stack]\nflow_capacity = 4096\n'

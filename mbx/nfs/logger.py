@@ -13,8 +13,9 @@ import sys
 
 import mbx
 from mbx._events import END_REASONS, PROTO_NAMES
+from mbx._pcap import claim_output, release_output
 from mbx.errors import AppError
-from mbx.runtime import check_not_being_read, check_writable, output_path
+from mbx.runtime import check_output_free, check_writable, output_path
 
 
 class Logger(mbx.NF):
@@ -24,6 +25,7 @@ class Logger(mbx.NF):
         if path != "-":
             check_writable(path, f"NF {name}")
         self.out = None         # opened by start()
+        self.written_key = None     # the log's entry among the files this process writes
         self.events = 0
         if not isinstance(types, str):
             # a TOML list reached str() as "['FLOW', 'PKT']" and was read as names
@@ -44,11 +46,12 @@ class Logger(mbx.NF):
             self.out = sys.stdout
             return
         path = output_path(self.path)
-        check_not_being_read(path, f"NF {self.name}")
+        check_output_free(path, f"NF {self.name}")
         try:
             self.out = open(path, "w", buffering=1 << 20)
         except OSError as exc:
             raise AppError(f"NF {self.name}: cannot write {path!r}: {exc.strerror}") from None
+        self.written_key = claim_output(self.out.fileno(), path, f"NF {self.name} (its log)")
 
     def on_event(self, ev):
         rec = {"type": ev.type_name, "ts_ns": ev.ts, "flow": ev.flow}
@@ -67,6 +70,8 @@ class Logger(mbx.NF):
         if self.out is sys.stdout:
             self.out.flush()
         elif self.out is not None:
+            release_output(self.written_key)
+            self.written_key = None
             self.out.close()
 
 
