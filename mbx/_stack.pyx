@@ -68,6 +68,11 @@ cdef void fill_flow_body(mbx_msg *m, const mbx_flow *f) noexcept nogil:
     b.bytes_s2c = f.bytes[1]
     b.first_ns = f.first_ns
     b.last_ns = f.last_ns
+    if m.h.pkt != NO_PKT and m.h.ts_ns < f.last_ns:
+        # An event of a packet shows the flow as of that packet, as its counts do:
+        # the chunk's lookups have already moved last_ns on to the flow's later
+        # packets in the same chunk (FlowTable._lookup_keyed)
+        b.last_ns = m.h.ts_ns if m.h.ts_ns > f.first_ns else f.first_ns
 
 
 cdef void fill_pkt_body(mbx_msg *m, const mbx_pkt *p) noexcept nogil:

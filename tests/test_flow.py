@@ -438,3 +438,35 @@ def test_a_packet_after_the_idle_timeout_starts_a_new_flow_within_a_burst(tmp_pa
     assert c["flows"]["created"] == 3 and c["flows"]["expired"] == 2
     names = mbx._events.END_REASONS
     assert [(names[r], n) for r, n in ends] == [("idle", 2), ("idle", 2), ("shutdown", 1)]
+
+
+@pytest.mark.parametrize("stack", ["network", "tcp"])
+def test_flow_events_show_the_flow_as_of_their_packet_whatever_the_burst(example_pcap,
+                                                                          stack):
+    """A flow's later packets in the same burst used to show in its FLOW/START and
+    FLOW/TCP/* events: a last_ns past the event's packet, so the event changed with
+    --burst."""
+    import mbx
+    from mbx.ports import open_input
+
+    def flow_events(burst):
+        seen = []
+        nf = mbx.NF("flows")
+        nf.sub(mbx.FLOW, lambda ev: seen.append((ev.type_name, ev.ts, ev.fields())))
+        inp = open_input(f"pcap:{example_pcap}")
+        try:
+            mbx.App([nf], stack=stack).run(inp, burst=burst)
+        finally:
+            inp.close()
+        return seen
+
+    whole = flow_events(64)
+    starts = [(ts, f) for name, ts, f in whole if name == "FLOW/START"]
+    assert len(starts) > 100
+    for ts, f in starts:
+        assert f["first_ns"] == f["last_ns"] == ts, f
+        assert f["pkts_c2s"] + f["pkts_s2c"] == 1, f
+    if stack == "tcp":
+        tcp = [(ts, f) for name, ts, f in whole if name.startswith("FLOW/TCP/")]
+        assert len(tcp) > 100 and all(f["last_ns"] == ts for ts, f in tcp)
+    assert whole == flow_events(1)
