@@ -300,6 +300,9 @@ cdef class EventBus:
     cdef object current_msg_idx
     cdef bint closed
     cdef public object stream_reader  # the TCP Monitor, for Event.read/write
+    # (μStack name, the EventTypes it and the NFs publish) in this run, or None:
+    # mb_up_sub refuses a type none of them can deliver
+    cdef public object offered
 
     # Does any NF want type_idx for this flow?  (cheap: the stack asks before it builds)
     cdef bint wants(self, uint16_t type_idx, uint32_t flow, uint32_t gen,

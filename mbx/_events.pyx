@@ -591,6 +591,20 @@ class NF:
             raise SubscriptionError(
                 f"NF {self.name}: handler for {t.name} is not callable: {handler!r}")
         _check_c(self, t, handler, batch)
+        offered = (<EventBus>self._bus).offered
+        if handler is not None and offered is not None:
+            stack, pubs, monitor_pubs = offered
+            if not any(p.is_a(t) for p in pubs):
+                # the stack never builds what no one publishes: the handler would
+                # wait for nothing, silently
+                hint = ("; the TCP Monitor does: run with --stack tcp (stack = \"tcp\" "
+                        "in an application file or App), or sub() a TCP type so that "
+                        "the Controller runs it" if any(p.is_a(t) for p in monitor_pubs)
+                        else "")
+                raise SubscriptionError(
+                    f"NF {self.name}: up_sub({t.name}): nothing in this run publishes "
+                    f"{t.name} or a descendant of it (the {stack} and the NFs publish "
+                    f"{', '.join(sorted({p.name for p in pubs}))}){hint}")
         (<EventBus>self._bus).up_sub(self._index, t, flow, handler, bool(batch),
                                      side_mask(side))
 

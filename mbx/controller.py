@@ -55,6 +55,20 @@ TCP_MONITOR_PUBS = [_events.PKT_TCP_SYN, _events.PKT_TCP_FIN, _events.PKT_TCP_RS
                     _events.FLOW_TCP_STATE, _events.FLOW_TCP_TERMINATE,
                     _events.FLOW_TCP_GAP, _events.FLOW_TCP_OVERLAP_CONFLICT,
                     _events.FLOW_TCP_MEMCAP, _events.DATA_RDY]
+
+
+def publications(tcp, nfs):
+    """What a run with the TCP Monitor (``tcp``) or the Network Layer alone can
+    deliver: (the μStack's name, every EventType it and ``nfs`` publish, what the TCP
+    Monitor would add)."""
+    types = _events.event_types()
+    if tcp:
+        return ("TCP Monitor", NETWORK_LAYER_PUBS + TCP_MONITOR_PUBS
+                + [types[i] for nf in nfs for i in nf.pubs], [])
+    return ("Network Layer", NETWORK_LAYER_PUBS + [types[i] for nf in nfs for i in nf.pubs],
+            TCP_MONITOR_PUBS)
+
+
 # [stack] option -> what its value must be (ranges are the stack's to check)
 _STACK_KEYS = {**dict.fromkeys(WHOLE_STACK_OPTIONS, "a whole number"),
                **dict.fromkeys(("idle_timeout", "frag_timeout"), "a number of seconds"),
@@ -429,8 +443,7 @@ def check(path, name, stack, options, nfs, lines=None):
     from mbx.runtime import runs_monitor, unused_monitor_options
 
     tcp = runs_monitor(stack, nfs, options)
-    stack_pubs = NETWORK_LAYER_PUBS + (TCP_MONITOR_PUBS if tcp else [])
-    stack_name = "TCP Monitor" if tcp else "Network Layer"
+    stack_name, stack_pubs, _ = publications(tcp, [])
     types = _events.event_types()
     links = []
     for i, nf in enumerate(nfs):

@@ -545,12 +545,17 @@ class App:
         return self.counters()
 
     def _make_stack(self, bus, tcp):
+        from mbx.controller import publications
+
         try:
             if tcp:
-                return TcpMonitor(bus, **self.config, **self.monitor_options)
-            return NetworkLayer(bus, **self.config)
+                stack = TcpMonitor(bus, **self.config, **self.monitor_options)
+            else:
+                stack = NetworkLayer(bus, **self.config)
         except ValueError as exc:       # an option out of its range, named in exc
             raise AppError(f"stack options: {exc}") from None
+        bus.offered = publications(tcp, self.nfs)
+        return stack
 
     def _run_pipelined(self, nfs, sink, tcp, inp, out, **run):
         from mbx import pipeline

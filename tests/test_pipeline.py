@@ -234,6 +234,44 @@ def test_up_sub_switches_one_flows_handler(run, example_pcap):
     assert nf.default + nf.special == counters["events"]["PKT"]["delivered"]
 
 
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_up_sub_to_a_type_nothing_in_the_run_publishes_is_refused(example_pcap, deploy):
+    # Listing 1's pattern (up_sub(PKT/TCP) at FLOW/START) with no static TCP
+    # subscription: the Controller ran the Network Layer alone, and the handler waited
+    # for events no μStack would ever build, silently.
+    from mbx.ports import open_input
+
+    class Pick(mbx.NF):
+        def __init__(self):
+            super().__init__("pick")
+            self.seen = 0
+            self.sub(mbx.FLOW_START, self.on_start)
+
+        def on_start(self, ev):
+            if ev.proto == 6:
+                self.up_sub(mbx.PKT_TCP, ev.flow, self.on_pkt)
+                self.up_sub(mbx.PKT, ev.flow, None)     # nothing to build: allowed
+
+        def on_pkt(self, ev):
+            self.seen += 1
+
+    def run(**config):
+        nf = Pick()
+        inp = open_input(f"pcap:{example_pcap}")
+        try:
+            mbx.App([nf], deploy=deploy, **config).run(inp)
+        finally:
+            inp.close()
+        return nf
+
+    with pytest.raises(mbx.MbxError, match=r"NF pick: up_sub\(PKT/TCP\): nothing in this "
+                       r"run publishes PKT/TCP .*the Network Layer .*--stack tcp"):
+        run()
+    nf = run(stack="tcp")
+    if deploy == "inline":          # (pipelined, the count is the NF process's)
+        assert nf.seen > 50
+
+
 def test_batch_handler_gets_numpy_records_and_can_drop(run, example_pcap):
     class Batchy(mbx.NF):
         def __init__(self):
