@@ -876,6 +876,9 @@ cdef class TcpMonitor(NetworkLayer):
             "connections": self.connections, "new_connections": self.new_connections,
             "streams_opened": self.streams_opened, "streams_exhausted": self.pairs_exhausted,
             "gaps": self.gaps, "gap_bytes": self.gap_bytes, "conflicts": self.conflicts,
+            # retransmitted bytes over stream bytes already released (beyond retain):
+            # nothing left to compare them with, so a conflict there goes unseen
+            "unchecked_bytes": self.pool.unchecked_bytes,
             "memcaps": self.memcaps, "memcaps_pieces": self.memcaps_pieces,
             "memcaps_streams": self.memcaps_streams,
             "payload_after_close": self.after_close,

@@ -166,7 +166,10 @@ def _print_counters(c, elapsed, out=None):
 
         w(f"tcp            packets {t['tcp_packets']:,}, connections {t['connections']:,}, "
           f"streams {t['streams_opened']:,}, gaps {t['gaps']:,} ({t['gap_bytes']:,} bytes), "
-          f"conflicts {t['conflicts']:,}, memcap {t['memcaps']:,}"
+          f"conflicts {t['conflicts']:,}"
+          + (f" ({t['unchecked_bytes']:,} retransmitted bytes not compared: released "
+             "already, see retain)" if t.get("unchecked_bytes") else "")
+          + f", memcap {t['memcaps']:,}"
           + (f" ({t['memcaps_pieces']:,} of them: {MAX_OOO_PIECES} out-of-order pieces held "
              "already)" if t.get("memcaps_pieces") else "")
           + f", rst sent {t['rst_sent']:,}\n")

@@ -646,6 +646,25 @@ def test_overlap_conflict(run, tmp_path, policy, want):
     assert counters["tcp"]["conflicts"] == 1
 
 
+def test_a_retransmission_over_released_bytes_is_counted_unchecked(run):
+    # "GET /evil" sent again over "GET /good" once delivered: compared (a conflict)
+    # while the bytes are held, counted as unchecked once released, so that a
+    # conflict missed because of where the bursts fell shows in the counters.
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"GET /good")
+    conn.c(1, 1, PSH | ACK, b"GET /evil")
+    conn.s(1, 10)
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT])
+    for burst, retain, conflicts, unchecked in ((64, 0, 1, 0), (1, 0, 0, 9),
+                                                (1, 65536, 1, 0)):
+        rec.events.clear()
+        counters, _ = run([rec], frames=conn.frames, burst=burst, retain=retain)
+        assert len(rec.of("FLOW/TCP/OVERLAP_CONFLICT")) == conflicts, (burst, retain)
+        assert counters["tcp"]["conflicts"] == conflicts
+        assert counters["tcp"]["unchecked_bytes"] == unchecked, (burst, retain)
+
+
 def test_gap_acked_hole(run, tmp_path):
     conn = Conn()
     conn.handshake()
