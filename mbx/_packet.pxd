@@ -188,6 +188,10 @@ cdef class Port:
     cdef readonly uint64_t rx_dropped      # frames the backend could not deliver
     cdef readonly uint64_t tx_dropped      # frames the backend could not send
     cdef readonly uint64_t rss_skipped     # frames passed over for other stack processes
+    # The latest capture time of the frames this port has read up to the last one it
+    # delivered, those passed over for other stack processes included (0: it does not
+    # pass frames over): the stack's clock for idle flows, as one stack would see it.
+    cdef readonly int64_t walked_ns
     cdef uint32_t rss_k                    # deliver share rss_k of rss_n (see rss_share)
     cdef uint32_t rss_n                    # 0 or 1: deliver everything
     cdef object _error

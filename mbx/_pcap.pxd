@@ -96,6 +96,10 @@ cdef class PcapReader(Port):
     cdef int8_t own_kind[RSS_AHEAD]
     cdef uint32_t own_n                 # decided records of ours ...
     cdef uint32_t own_i                 # ... of which delivered
+    # the latest capture time among the records walked up to each of ours, and over
+    # the whole walk: the capture's clock, others' records included (Port.walked_ns)
+    cdef int64_t own_upto_ns[RSS_AHEAD]
+    cdef int64_t walk_max_ns
 
     cdef int _next_pcap(self, pcap_rec *r) noexcept nogil
     cdef int _next_pcapng(self, pcap_rec *r) noexcept nogil

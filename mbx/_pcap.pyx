@@ -519,6 +519,7 @@ cdef class PcapReader(Port):
         self.pos = self.start
         self.n_ifaces = 0
         self.own_n = self.own_i = 0
+        self.walk_max_ns = self.walked_ns = 0
         self.state = READ_OK
         self._error = None
 
@@ -878,9 +879,12 @@ cdef class PcapReader(Port):
                 if owner != <int>self.rss_k:
                     kind = FRAGMENT_COUNTED_ELSEWHERE
                 owner = self.rss_k
+            if r.ts_ns > self.walk_max_ns:
+                self.walk_max_ns = r.ts_ns
             self.own[m] = r
             self.own_hash[m] = h
             self.own_kind[m] = <int8_t>kind
+            self.own_upto_ns[m] = self.walk_max_ns
             m += owner == <int>self.rss_k
             self.pos = r.next_pos
             seen += 1
@@ -899,6 +903,9 @@ cdef class PcapReader(Port):
         cdef uint64_t nbytes = 0
         while True:
             if self.own_i == self.own_n:
+                # all of ours delivered: the walk's later records are others', and
+                # their time has come
+                self.walked_ns = self.walk_max_ns
                 if self.state != READ_OK or self._rss_decide() == 0:
                     break
                 continue
@@ -919,6 +926,7 @@ cdef class PcapReader(Port):
             else:
                 counted += 1
                 nbytes += p.caplen
+            self.walked_ns = self.own_upto_ns[self.own_i]
             self.own_i += 1
             n += 1
         return self._burst_end(n, counted, nbytes)

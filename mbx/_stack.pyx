@@ -460,6 +460,14 @@ cdef class NetworkLayer:
                 self.process(batch)
                 marks[(head + inflight) % nslots] = self.bus.burst_mark()
                 inflight += 1
+            if inp.walked_ns > self.now_ns:
+                # Software RSS on a capture: the other stack processes' frames move
+                # the capture's clock too, so that flows go idle in capture time as
+                # with one stack (not only when this process's next frame comes)
+                self.now_ns = inp.walked_ns
+                if self.now_ns >= self.next_expire_ns:
+                    self.expire(self.now_ns)
+                    self.next_expire_ns = self.now_ns + self.expire_every_ns
             # send what the NFs are done with (a live link that went quiet: all of it)
             while inflight and self.retire(batches[head], marks[head], out, n == 0,
                                            t_read[head]):

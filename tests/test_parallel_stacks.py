@@ -214,6 +214,31 @@ def test_each_stack_holds_its_share_of_the_flow_capacity(tmp_path):
         assert all(p["flows"][what] > 0 for p in parts)
 
 
+@pytest.mark.parametrize("stacks", [2, 3])
+def test_flows_go_idle_in_capture_time_however_many_stacks(tmp_path, stacks):
+    # A stack process's clock used to move only with its own share of the frames:
+    # flows idle over a capture's quiet stretch stayed until the end of the input
+    # (reason shutdown) in a process that saw no frame of its own after them.
+
+    frames = [(0.0, ether(udp4(f"198.18.0.{i}", "198.18.1.1", 5000 + i, 53, b"q")))
+              for i in range(1, 9)]
+    frames += [(0.0, ether(udp4("198.18.0.99", "198.18.1.1", 7000, 53, b"q"))),
+               (10.0, ether(udp4("198.18.0.99", "198.18.1.1", 7000, 53, b"q")))]
+    cap = str(tmp_path / "quiet.pcap")
+    write_pcap(cap, frames)
+    one = App([], idle_timeout=1.0)
+    inp = open_input("pcap:" + cap)
+    try:
+        alone = one.run(inp)["flows"]
+    finally:
+        inp.close()
+    assert (alone["created"], alone["expired"], alone["shutdown"]) == (10, 9, 1)
+    merged, parts = run_parallel(list, "pcap:" + cap, stacks=stacks, idle_timeout=1.0)
+    assert all(p["packets"] for p in parts)      # the flows are split
+    assert {k: merged["flows"][k] for k in ("created", "expired", "shutdown")} == {
+        "created": 10, "expired": 9, "shutdown": 1}
+
+
 @pytest.mark.parametrize("scheme", ["pcap:", ""])     # a bare capture name too
 def test_cli_stacks_option(tmp_path, scheme):
     import subprocess
