@@ -439,7 +439,12 @@ def _run_parallel(nfs, args, config, listeners, view):
                            "flows": c["flows"]["created"],
                            "flow_capacity": c["flows"]["capacity"],
                            "evicted": c["flows"]["evicted"],
-                           "refused": c["flows"]["refused"]} for c in parts]
+                           "refused": c["flows"]["refused"],
+                           # the summed reports are wrong for a maximum or a ratio:
+                           # each process's own are kept
+                           "reports": {name: n["report"]
+                                       for name, n in (c.get("nfs") or {}).items()
+                                       if n.get("report") is not None}} for c in parts]
     if not args.quiet:
         _print_counters(counters, elapsed)
         # each stack's table holds its share of --flows: say which share overflowed

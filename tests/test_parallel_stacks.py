@@ -278,6 +278,9 @@ def test_cli_stacks_option(tmp_path, scheme):
     # the NFs' reports, summed over the stacks
     assert c["nfs"]["flow_stats"]["report"] == {"flows": sum(len(s) for s in stats)}
     assert c["nfs"]["logger"]["report"] == {"events": sum(len(s) for s in stats)}
+    # ... and each stack's own (a maximum or a ratio cannot be summed)
+    assert [s["reports"] for s in c["stacks"]] == [
+        {"flow_stats": {"flows": len(s)}, "logger": {"events": len(s)}} for s in stats]
 
 
 SLOW_NF = """
