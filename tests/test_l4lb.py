@@ -10,7 +10,7 @@ import pytest
 from mbxtest import read_frames
 
 import mbx
-from mbx.examples.capture import BACKENDS, VIP, tcp_connection
+from mbx.examples.capture import BACKENDS, VIP, ether, tcp4, tcp_connection
 from mbx.nfs.l4lb import L4LB, PyL4LB, choose_backend
 
 OPTIONS = {"vip": f"{VIP[0]}:{VIP[1]}", "backends": ",".join(f"{a}:{p}" for a, p in BACKENDS)}
@@ -195,3 +195,29 @@ def test_c_l4lb_pipelined_writes_what_inline_writes(run, example_pcap):
     counters, out = run([L4LB(**OPTIONS)], example_pcap, deploy="pipelined")
     assert counters["sent"] == inline["sent"] > 1000
     assert out == out_inline
+
+
+@pytest.mark.parametrize("cls", [L4LB, PyL4LB])
+def test_only_the_direction_that_made_a_translation_is_translated(run, cls):
+    # The stack's flow holds both directions; each translation is for one of them.
+    # A packet from the VIP's address to the client on a forward flow used to get
+    # the backend as destination (the client's address lost); a client's packet
+    # straight to the backend, on a reply flow, the VIP as source.
+    cli, backend = ("198.18.1.1", 1002), choose_backend("198.18.1.1", 1002, *VIP, 6,
+                                                         BACKENDS)
+    frames = [(1_700_000_000 + k * 1e-3, ether(f)) for k, f in enumerate([
+        tcp4(cli[0], VIP[0], cli[1], VIP[1], flags=0x02, seq=1),          # to the VIP
+        tcp4(VIP[0], cli[0], VIP[1], cli[1], flags=0x12, seq=9, ack=2),     # other way
+        tcp4(cli[0], VIP[0], cli[1], VIP[1], flags=0x10, seq=2, ack=10),    # to the VIP
+        tcp4(backend[0], cli[0], backend[1], cli[1], flags=0x12, seq=5, ack=2),  # reply
+        tcp4(cli[0], backend[0], cli[1], backend[1], flags=0x10, seq=2, ack=6),  # other
+        tcp4(backend[0], cli[0], backend[1], cli[1], flags=0x10, seq=6, ack=2),  # reply
+    ])]
+    lb = cls(**OPTIONS)
+    _, out = run([lb], frames=frames)
+    seen = [((_addr(ip.src), ip.data.sport), (_addr(ip.dst), ip.data.dport))
+            for _, ip in _tcp_packets(out)]
+    assert seen == [(cli, backend), (VIP, cli), (cli, backend),
+                    (VIP, cli), (cli, backend), (VIP, cli)]
+    assert all(_checksums_ok(ip) for _, ip in _tcp_packets(out))
+    assert (lb.translated, lb.report()["passed"]) == (4, 2)

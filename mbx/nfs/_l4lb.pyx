@@ -7,10 +7,14 @@ reference in mbx.nfs.l4lb), packet for packet:
 
 - a flow whose first packet goes to the VIP is a *forward* flow: the backend is
   chosen by ``choose_backend`` (CRC-32 of the packed 5-tuple modulo the number of
-  backends), its packets get the backend as destination, and (client, backend)
-  goes into the reverse table;
+  backends), its packets in that direction get the backend as destination, and
+  (client, backend) goes into the reverse table;
 - a flow whose first packet comes from a backend to a client in the reverse table
-  is a *reply* flow: its packets get the VIP as source;
+  is a *reply* flow: its packets in that direction get the VIP as source;
+- a packet in the other direction of a forward or reply flow (from the VIP's
+  address to the client, from the client to the backend) is let through untouched
+  and counted as ``passed``: the stack's flow holds both directions, but the
+  translation is only for the direction that made it;
 - FLOW/END frees the flow's entry (and a forward flow's reverse entry).
 
 State: one entry per flow-table slot (grown as slots appear), tagged with the
@@ -55,7 +59,8 @@ ctypedef struct endpoint:
 
 ctypedef struct flow_entry:
     uint32_t gen            # the flow-table slot's generation this entry is for
-    uint32_t kind           # FLOW_*
+    uint16_t kind           # FLOW_*
+    uint16_t dir            # the packet direction (m.h.dir) the translation is for
     endpoint to             # forward: the backend; reply: the VIP
     endpoint client         # forward: the client (with `to`, its reverse key)
 
@@ -236,7 +241,14 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
         return MBX_DROP
     if f.kind != FLOW_NONE:
         if f.gen == m.h.flow_gen:
-            return translate(s, p, 1 if f.kind == FLOW_FORWARD else 0, &f.to)
+            # The stack's flow holds both directions; the translation is for the
+            # direction that made it (to the VIP, or a backend's reply).  The other
+            # direction (the VIP's address as a source, a client talking to a
+            # backend directly) is not the balancer's to rewrite.
+            if m.h.dir == f.dir:
+                return translate(s, p, 1 if f.kind == FLOW_FORWARD else 0, &f.to)
+            s.passed += 1
+            return MBX_PASS
         forget(s, f)            # the slot's earlier flow ended without FLOW/END
     endpoint_of(&a, p.ip_ver, p.dst.b, p.dport)
     if same(&a, &s.vip):
@@ -247,6 +259,7 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
             return MBX_DROP
         f.gen = m.h.flow_gen
         f.kind = FLOW_FORWARD
+        f.dir = m.h.dir
         s.tracked += 1
         return translate(s, p, 1, &f.to)
     endpoint_of(&b, p.ip_ver, p.src.b, p.sport)
@@ -254,6 +267,7 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
         f.to = s.vip
         f.gen = m.h.flow_gen
         f.kind = FLOW_REPLY
+        f.dir = m.h.dir
         s.tracked += 1
         return translate(s, p, 0, &f.to)
     s.passed += 1

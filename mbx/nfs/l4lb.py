@@ -3,6 +3,11 @@ the destination is rewritten to it, and the backend's replies get the VIP back a
 their source, so both directions stay consistent.  Checksums are updated
 incrementally (RFC 1624) by the stack's rewrite helper.
 
+Each translation is for one direction of the stack's (two-way) flow, the one that
+made it: a connection's packets to the VIP, a backend's replies to the client.  A
+packet in the flow's other direction (from the VIP's address to the client, from
+the client straight to the backend) is not the balancer's and passes untouched.
+
 Options: ``vip`` (``ADDR:PORT``), ``backends`` (comma-separated ``ADDR:PORT``).
 
 Two implementations of one translation:
@@ -127,9 +132,9 @@ class PyL4LB(mbx.NF):
                  backends="198.18.2.1:80,198.18.2.2:80"):
         super().__init__(name, writes=True)
         self.vip, self.backends = _endpoints(vip, backends)
-        self.forward = {}       # flow id -> (backend, reverse key) (client -> VIP flows)
+        self.forward = {}       # flow id -> (backend, reverse key, dir) (client -> VIP)
         self.reverse = {}       # (client, cport, backend, bport) -> VIP, for replies
-        self.reply_flows = {}   # flow id -> VIP (backend -> client flows)
+        self.reply_flows = {}   # flow id -> (VIP, dir) (backend -> client flows)
         self.translated = 0
         self.passed = 0         # IP packets neither to the VIP nor a known reply
         self.sub(mbx.PKT, self.on_packet)
@@ -147,28 +152,36 @@ class PyL4LB(mbx.NF):
         flow = ev.flow
         if flow is None:
             return
+        # a flow holds both directions; its translation is for the direction that
+        # made it, and the other direction passes untouched (as in the C one)
         fwd = self.forward.get(flow)
         if fwd is not None:
-            ev.set_dst(*fwd[0])
-            self.translated += 1
+            if ev.dir == fwd[2]:
+                ev.set_dst(*fwd[0])
+                self.translated += 1
+            else:
+                self.passed += 1
             return
-        vip = self.reply_flows.get(flow)
-        if vip is not None:
-            ev.set_src(*vip)
-            self.translated += 1
+        reply = self.reply_flows.get(flow)
+        if reply is not None:
+            if ev.dir == reply[1]:
+                ev.set_src(*reply[0])
+                self.translated += 1
+            else:
+                self.passed += 1
             return
         src, dst, sport, dport = ev.src_ip, ev.dst_ip, ev.sport, ev.dport
         if (dst, dport) == self.vip:
             backend = choose_backend(src, sport, dst, dport, ev.proto, self.backends)
             key = (src, sport) + backend
-            self.forward[flow] = (backend, key)
+            self.forward[flow] = (backend, key, ev.dir)
             self.reverse[key] = self.vip
             ev.set_dst(*backend)
             self.translated += 1
         else:
             vip = self.reverse.get((dst, dport, src, sport))
             if vip is not None:
-                self.reply_flows[flow] = vip
+                self.reply_flows[flow] = (vip, ev.dir)
                 ev.set_src(*vip)
                 self.translated += 1
             else:
