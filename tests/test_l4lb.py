@@ -68,7 +68,8 @@ def test_translation_both_ways_with_valid_checksums(run, example_pcap, cls):
     assert lb.translated == to_backend + from_vip
     # counted as let through: the untouched TCP packets, and the other IP traffic
     assert untouched > 0 and lb.report()["passed"] >= untouched
-    assert lb.report()["passed"] + lb.translated <= counters["packets"]
+    # every packet it was given (fragments as the datagram) counted once; no drops
+    assert lb.report()["passed"] + lb.translated == counters["nfs"]["l4lb"]["types"]["PKT"]
     assert lb.tracked == 0                  # per-flow state freed at FLOW/END
     if cls is L4LB:
         assert lb.core.reverse_entries == 0
@@ -221,3 +222,26 @@ def test_only_the_direction_that_made_a_translation_is_translated(run, cls):
                     (VIP, cli), (cli, backend), (VIP, cli)]
     assert all(_checksums_ok(ip) for _, ip in _tcp_packets(out))
     assert (lb.translated, lb.report()["passed"]) == (4, 2)
+
+
+@pytest.mark.parametrize("cls", [L4LB, PyL4LB])
+def test_a_packet_to_the_vip_without_a_flow_is_dropped_and_counted(run, cls):
+    # With the flow table full (refuse) the stack gives new connections no flow:
+    # forwarded untranslated, their packets went on to the VIP, counted nowhere.
+    syns = [tcp4("198.18.1.1", VIP[0], port, VIP[1], flags=0x02, seq=1)
+            for port in range(1100, 1110)]
+    other = tcp4("198.18.1.1", "198.18.0.9", 1200, 80, flags=0x02, seq=1)
+    frames = [(1_700_000_000 + k * 1e-3, ether(f))
+              for k, f in enumerate(syns + [other])]
+    frames.append((1_700_000_001, ether(b"\x00" * 28, ethertype=0x0806)))    # ARP
+    lb = cls(**OPTIONS)
+    counters, out = run([lb], frames=frames, flow_capacity=4, flow_policy="refuse")
+    report = lb.report()
+    assert (lb.translated, report["no_flow"]) == (4, 6)
+    sent = [(_addr(ip.dst), ip.data.dport) for _, ip in _tcp_packets(out)]
+    assert VIP not in sent and len(sent) == 5 and ("198.18.0.9", 80) in sent
+    assert report["passed"] == 2                  # the other SYN, the ARP frame
+    # every packet the balancer saw is counted once
+    drops = report["no_flow"] + report.get("untranslatable", 0) + report.get("no_memory", 0)
+    assert lb.translated + report["passed"] + drops == counters["packets"] == 12
+    assert counters["dropped_by_nf"] == 6

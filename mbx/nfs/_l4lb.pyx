@@ -26,6 +26,10 @@ forwards a packet untranslated sends a client's traffic somewhere it never asked
 for.  A packet the translation cannot apply to (a backend of the other IP
 version, a port change on a packet without ports) is dropped and counted
 (``untranslatable``); the Python reference raises there.
+A packet to the VIP that the stack gave no flow (its flow table full under
+``--flow-policy refuse``, a malformed packet it forwards) is dropped and counted
+(``no_flow``) for the same reason; other packets without a flow pass.  Every
+packet lands in one counter: ``translated``, ``passed``, or one of the drops.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
@@ -80,8 +84,9 @@ ctypedef struct lb_state:
     uint32_t rev_used
     uint64_t translated
     uint64_t untranslatable
-    uint64_t passed         # IP packets neither to the VIP nor a known reply: untouched
+    uint64_t passed         # packets neither to the VIP nor a known reply: untouched
     uint64_t no_memory
+    uint64_t no_flow        # packets to the VIP the stack gave no flow: dropped
     uint64_t tracked        # flows with an entry now
 
 
@@ -233,7 +238,19 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
     cdef lb_state *s = <lb_state *>ctx
     cdef flow_entry *f
     cdef endpoint a, b
-    if m.h.flow == NO_FLOW or p == NULL or p.ip_ver == 0:
+    if p == NULL or p.ip_ver == 0:
+        s.passed += 1
+        return MBX_PASS
+    endpoint_of(&a, p.ip_ver, p.dst.b, p.dport)
+    if m.h.flow == NO_FLOW:
+        # No flow (the table full under --flow-policy refuse, a malformed packet
+        # forwarded): nothing would keep the connection on one backend or bring its
+        # replies back, and sent on untranslated it would reach the VIP, which no
+        # server answers.
+        if same(&a, &s.vip):
+            s.no_flow += 1
+            return MBX_DROP
+        s.passed += 1
         return MBX_PASS
     f = flow_slot(s, m.h.flow)
     if f == NULL:
@@ -250,7 +267,6 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
             s.passed += 1
             return MBX_PASS
         forget(s, f)            # the slot's earlier flow ended without FLOW/END
-    endpoint_of(&a, p.ip_ver, p.dst.b, p.dport)
     if same(&a, &s.vip):
         f.to = s.backends[choose_backend(s, p)]
         endpoint_of(&f.client, p.ip_ver, p.src.b, p.sport)
@@ -298,10 +314,11 @@ cdef class Balancer:
     ``Balancer(vip, backends)``: ``vip`` an (address, port) pair, ``backends`` a
     non-empty list of them (addresses as text).  Counters: ``translated`` packets
     rewritten, ``tracked`` flows holding an entry now, ``reverse_entries`` client
-    connections whose replies are awaited, ``untranslatable`` and ``no_memory``
-    packets dropped, ``passed`` packets let through untouched (not to the VIP, not
-    a reply to a connection it sent to a backend: with ``--stacks``, say, a reply
-    whose request another process saw).
+    connections whose replies are awaited, ``untranslatable``, ``no_memory`` and
+    ``no_flow`` packets dropped, ``passed`` packets let through untouched (not to
+    the VIP, not a reply to a connection it sent to a backend: with ``--stacks``,
+    say, a reply whose request another process saw).  Each packet is counted once,
+    in one of these.
     """
     cdef lb_state s
 
@@ -355,3 +372,7 @@ cdef class Balancer:
     @property
     def passed(self):
         return self.s.passed
+
+    @property
+    def no_flow(self):
+        return self.s.no_flow

@@ -120,7 +120,8 @@ class L4LB(mbx.NF):
     def report(self):
         return {"translated": self.translated, "tracked": self.tracked,
                 "untranslatable": self.core.untranslatable,
-                "no_memory": self.core.no_memory, "passed": self.core.passed}
+                "no_memory": self.core.no_memory, "no_flow": self.core.no_flow,
+                "passed": self.core.passed}
 
 
 class PyL4LB(mbx.NF):
@@ -136,7 +137,8 @@ class PyL4LB(mbx.NF):
         self.reverse = {}       # (client, cport, backend, bport) -> VIP, for replies
         self.reply_flows = {}   # flow id -> (VIP, dir) (backend -> client flows)
         self.translated = 0
-        self.passed = 0         # IP packets neither to the VIP nor a known reply
+        self.passed = 0         # packets neither to the VIP nor a known reply
+        self.no_flow = 0        # packets to the VIP without a flow, dropped
         self.sub(mbx.PKT, self.on_packet)
         self.sub(mbx.FLOW_END, self.on_end)
 
@@ -146,11 +148,18 @@ class PyL4LB(mbx.NF):
 
     def report(self):
         return {"translated": self.translated, "tracked": self.tracked,
-                "passed": self.passed}
+                "no_flow": self.no_flow, "passed": self.passed}
 
     def on_packet(self, ev):
         flow = ev.flow
         if flow is None:
+            # without a flow nothing keeps a connection on one backend, and sent on
+            # untranslated a packet to the VIP reaches no server: dropped
+            if ev.dst_ip is not None and (ev.dst_ip, ev.dport) == self.vip:
+                ev.drop()
+                self.no_flow += 1
+            else:
+                self.passed += 1
             return
         # a flow holds both directions; its translation is for the direction that
         # made it, and the other direction passes untouched (as in the C one)
