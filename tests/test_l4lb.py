@@ -124,27 +124,68 @@ def test_backend_choice_is_the_documented_hash():
     assert picks == set(BACKENDS)
 
 
-def test_bad_options_name_the_nf():
-    with pytest.raises(mbx.AppError, match="l4lb: needs at least one backend"):
-        L4LB(backends="")
+@pytest.mark.parametrize("cls", [L4LB, PyL4LB])
+def test_bad_options_name_the_nf_and_the_option(cls):
+    # they used to start "l4lb:" whatever the NF was called, and name no option
+    with pytest.raises(mbx.AppError, match="^NF frontlb: backends: needs at least one "
+                                           "backend"):
+        cls("frontlb", backends="")
     for port in (99999, 0):
-        with pytest.raises(mbx.AppError, match=f"l4lb: bad endpoint '198.18.2.1:{port}': "
-                                               f"port {port} is not in 1..65535"):
-            L4LB(backends=f"198.18.2.1:{port}")
-    with pytest.raises(mbx.AppError, match="'backend1' is not an IPv4 or IPv6 address"):
-        L4LB(backends="backend1:80")
+        with pytest.raises(mbx.AppError, match=f"^NF frontlb: backends: "
+                                               f"'198.18.2.1:{port}': port {port} is "
+                                               f"not in 1..65535"):
+            cls("frontlb", backends=f"198.18.2.1:{port}")
+    with pytest.raises(mbx.AppError, match=r"^NF frontlb: backends: '198.18.2.1' is not "
+                                           r"ADDR:PORT \(or \[ADDR\]:PORT for IPv6\)"):
+        cls("frontlb", backends=["198.18.2.1:80", "198.18.2.1"])
+    with pytest.raises(mbx.AppError, match="^NF l4lb: backends: 'backend1:80': "
+                                           "'backend1' is not an IPv4 or IPv6 address"):
+        cls(backends="backend1:80")
     # what the balancer cannot do was accepted, and its packets dropped uncounted
-    with pytest.raises(mbx.AppError, match=r"backend 198.18.2.1:80 is not IPv6 like "
-                                           r"the VIP \[2001:db8:2::1\]:443"):
-        L4LB(vip="[2001:db8:2::1]:443", backends="198.18.2.1:80")
-    with pytest.raises(mbx.AppError, match="backend 198.18.2.1:80 is listed twice"):
-        L4LB(backends="198.18.2.1:80,198.18.2.1:80")
-    with pytest.raises(mbx.AppError, match="backend 198.18.3.1:80 is the VIP itself"):
-        L4LB(backends="198.18.3.1:80")
-    with pytest.raises(mbx.AppError, match=r"bad endpoint \['1.1.1.1', 80, 3\]"):
-        L4LB(vip=["1.1.1.1", 80, 3])
-    assert L4LB(vip=["2001:db8::1", 80], backends=[["2001:db8::2", 80]]).vip == (
+    with pytest.raises(mbx.AppError, match=r"^NF l4lb: backends: 198.18.2.1:80 is not "
+                                           r"IPv6 like the VIP \[2001:db8:2::1\]:443"):
+        cls(vip="[2001:db8:2::1]:443", backends="198.18.2.1:80")
+    # a value the user never set: say it is the default and what to give
+    with pytest.raises(mbx.AppError, match=r"^NF frontlb: backends: the VIP "
+                                           r"\[2001:db8:2::1\]:443 is IPv6 and the "
+                                           r"default backends \(198.18.2.1:80,"
+                                           r"198.18.2.2:80\) are not: give the "
+                                           r"backends option"):
+        cls("frontlb", vip="[2001:db8:2::1]:443")
+    with pytest.raises(mbx.AppError, match="^NF l4lb: backends: 198.18.2.1:80 is listed "
+                                           "twice"):
+        cls(backends="198.18.2.1:80,198.18.2.1:80")
+    with pytest.raises(mbx.AppError, match="^NF l4lb: backends: 198.18.3.1:80 is the "
+                                           "VIP itself"):
+        cls(backends="198.18.3.1:80")
+    with pytest.raises(mbx.AppError, match=r"^NF l4lb: vip: \['1.1.1.1', 80, 3\] is not "):
+        cls(vip=["1.1.1.1", 80, 3])
+    with pytest.raises(mbx.AppError, match="^NF l4lb: backends: 5 is not a "
+                                           "comma-separated string"):
+        cls(backends=5)
+    # "2001:db8::1:2" was read as [2001:db8::1]:2; either reading is a guess
+    with pytest.raises(mbx.AppError, match=r"^NF l4lb: vip: '2001:db8::1:2': an IPv6 "
+                                           r"endpoint is written \[ADDR\]:PORT"):
+        cls(vip="2001:db8::1:2", backends="[2001:db8::2]:80")
+    # packets have no scope: the C balancer matched fe80::1%eth0 as fe80::1, the
+    # Python one never matched it
+    with pytest.raises(mbx.AppError, match=r"^NF l4lb: vip: '\[fe80::1%eth0\]:80': a "
+                                           r"scoped address"):
+        cls(vip="[fe80::1%eth0]:80", backends="[fe80::2]:80")
+    assert cls(vip=["2001:db8::1", 80], backends=[["2001:db8::2", 80]]).vip == (
         "2001:db8::1", 80)
+    assert cls(vip="[2001:db8::1]:80", backends="[2001:db8::2]:80").backends == [
+        ("2001:db8::2", 80)]
+
+
+def test_application_file_errors_name_the_nf_and_the_option(tmp_path):
+    from mbx.controller import load_app_file
+    app = tmp_path / "lb.toml"
+    app.write_text('[app]\nname = "lb"\n[[nf]]\nuse = "l4lb"\nname = "frontlb"\n'
+                   'options = { backends = ["198.18.2.1:80", "198.18.2.1"] }\n')
+    with pytest.raises(mbx.AppError, match=r"line 3: NF frontlb: backends: "
+                                           r"'198.18.2.1' is not ADDR:PORT"):
+        load_app_file(str(app))
 
 
 def test_builtin_l4lb_is_the_c_one():

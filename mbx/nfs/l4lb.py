@@ -26,25 +26,37 @@ import zlib
 import mbx
 from mbx.nfs._l4lb import Balancer
 
+DEFAULT_VIP = "198.18.3.1:80"
+DEFAULT_BACKENDS = "198.18.2.1:80,198.18.2.2:80"
 
-def parse_endpoint(text):
-    """``"198.18.3.1:80"`` or ``"[2001:db8::1]:80"`` -> (address string, port)."""
+
+def parse_endpoint(text, where="l4lb"):
+    """``"198.18.3.1:80"`` or ``"[2001:db8::1]:80"`` -> (address string, port);
+    ``AppError`` starting with ``where`` (the NF and its option) says why not."""
     text = text.strip()
     if text.startswith("["):
         addr, _, port = text[1:].partition("]:")
     else:
         addr, _, port = text.rpartition(":")
+        if ":" in addr:
+            # "2001:db8::1:2" reads as a port on an address and as an address alone
+            raise mbx.AppError(f"{where}: {text!r}: an IPv6 endpoint is written "
+                               f"[ADDR]:PORT")
     if not port.isascii() or not port.isdigit():
-        raise mbx.AppError(f"l4lb: bad endpoint {text!r}: expected ADDR:PORT, or "
-                           f"[ADDR]:PORT for IPv6")
+        raise mbx.AppError(f"{where}: {text!r} is not ADDR:PORT (or [ADDR]:PORT for "
+                           f"IPv6)")
     if not 1 <= int(port) <= 0xFFFF:       # no connection is made to port 0
-        raise mbx.AppError(f"l4lb: bad endpoint {text!r}: port {int(port)} is not in "
-                           f"1..65535")
+        raise mbx.AppError(f"{where}: {text!r}: port {int(port)} is not in 1..65535")
+    if "%" in addr:
+        # packets carry no scope: the C handlers would match fe80::1%eth0 as fe80::1
+        # on every link, the Python ones never
+        raise mbx.AppError(f"{where}: {text!r}: a scoped address ({addr!r}) cannot "
+                           f"be matched; give the address without %SCOPE")
     try:
         return str(ipaddress.ip_address(addr)), int(port)
     except ValueError:
-        raise mbx.AppError(f"l4lb: bad endpoint {text!r}: {addr!r} is not an IPv4 or "
-                           f"IPv6 address") from None
+        raise mbx.AppError(f"{where}: {text!r}: {addr!r} is not an IPv4 or IPv6 "
+                           f"address") from None
 
 
 def choose_backend(src, sport, dst, dport, proto, backends):
@@ -56,35 +68,45 @@ def choose_backend(src, sport, dst, dport, proto, backends):
     return backends[zlib.crc32(key) % len(backends)]
 
 
-def _endpoint(value):
+def _endpoint(value, where):
     # "ADDR:PORT", or (address, port) as an application file's list gives it
     if isinstance(value, str):
-        return parse_endpoint(value)
+        return parse_endpoint(value, where)
     if not isinstance(value, list | tuple) or len(value) != 2:
-        raise mbx.AppError(f"l4lb: bad endpoint {value!r}: expected \"ADDR:PORT\" or "
-                           "[ADDR, PORT]")
+        raise mbx.AppError(f"{where}: {value!r} is not \"ADDR:PORT\" or [ADDR, PORT]")
     addr, port = value
-    return parse_endpoint(f"[{addr}]:{port}" if ":" in str(addr) else f"{addr}:{port}")
+    return parse_endpoint(f"[{addr}]:{port}" if ":" in str(addr) else f"{addr}:{port}",
+                          where)
 
 
-def _endpoints(vip, backends):
-    vip = _endpoint(vip)
+def _endpoints(name, vip, backends):
+    # The (vip, backends) of NF `name`; AppError names the NF and the option.
+    vip = _endpoint(vip, f"NF {name}: vip")
+    where = f"NF {name}: backends"
+    given = backends
     if isinstance(backends, str):
         backends = [b for b in backends.split(",") if b.strip()]
-    backends = [_endpoint(b) for b in backends]
+    elif not isinstance(backends, list | tuple):
+        raise mbx.AppError(f"{where}: {backends!r} is not a comma-separated string or "
+                           f"a list of endpoints")
+    backends = [_endpoint(b, where) for b in backends]
     if not backends:
-        raise mbx.AppError("l4lb: needs at least one backend")
+        raise mbx.AppError(f"{where}: needs at least one backend")
     version = ipaddress.ip_address(vip[0]).version
     for b in backends:
         # the balancer rewrites the destination in place: an IPv4 packet cannot be
         # given an IPv6 backend (its packets were dropped, uncounted)
         if ipaddress.ip_address(b[0]).version != version:
-            raise mbx.AppError(f"l4lb: backend {_show(b)} is not IPv{version} like the "
-                               f"VIP {_show(vip)}")
+            if given == DEFAULT_BACKENDS:
+                raise mbx.AppError(f"{where}: the VIP {_show(vip)} is IPv{version} and "
+                                   f"the default backends ({DEFAULT_BACKENDS}) are not: "
+                                   f"give the backends option")
+            raise mbx.AppError(f"{where}: {_show(b)} is not IPv{version} like the VIP "
+                               f"{_show(vip)}")
         if b == vip:
-            raise mbx.AppError(f"l4lb: backend {_show(b)} is the VIP itself")
+            raise mbx.AppError(f"{where}: {_show(b)} is the VIP itself")
         if backends.count(b) > 1:
-            raise mbx.AppError(f"l4lb: backend {_show(b)} is listed twice")
+            raise mbx.AppError(f"{where}: {_show(b)} is listed twice")
     return vip, backends
 
 
@@ -101,10 +123,9 @@ class L4LB(mbx.NF):
     # maybe another stack process, which has no translation for it (run_parallel).
     rewrites_addresses = True
 
-    def __init__(self, name="l4lb", vip="198.18.3.1:80",
-                 backends="198.18.2.1:80,198.18.2.2:80"):
+    def __init__(self, name="l4lb", vip=DEFAULT_VIP, backends=DEFAULT_BACKENDS):
         super().__init__(name, writes=True)
-        self.vip, self.backends = _endpoints(vip, backends)
+        self.vip, self.backends = _endpoints(name, vip, backends)
         self.core = Balancer(self.vip, self.backends)
         self.sub(mbx.PKT, self.core.packet_handler())
         self.sub(mbx.FLOW_END, self.core.end_handler())
@@ -129,10 +150,9 @@ class PyL4LB(mbx.NF):
 
     rewrites_addresses = True       # see L4LB
 
-    def __init__(self, name="l4lb", vip="198.18.3.1:80",
-                 backends="198.18.2.1:80,198.18.2.2:80"):
+    def __init__(self, name="l4lb", vip=DEFAULT_VIP, backends=DEFAULT_BACKENDS):
         super().__init__(name, writes=True)
-        self.vip, self.backends = _endpoints(vip, backends)
+        self.vip, self.backends = _endpoints(name, vip, backends)
         self.forward = {}       # flow id -> (backend, reverse key, dir) (client -> VIP)
         self.reverse = {}       # (client, cport, backend, bport) -> VIP, for replies
         self.reply_flows = {}   # flow id -> (VIP, dir) (backend -> client flows)
@@ -204,5 +224,5 @@ class PyL4LB(mbx.NF):
         self.reply_flows.pop(flow, None)
 
 
-def make(name="l4lb", vip="198.18.3.1:80", backends="198.18.2.1:80,198.18.2.2:80"):
+def make(name="l4lb", vip=DEFAULT_VIP, backends=DEFAULT_BACKENDS):
     return L4LB(name, vip, backends)
