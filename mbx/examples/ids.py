@@ -5,7 +5,11 @@ The paper's C calls map one to one (the controller handle is implicit):
 ``mb_nf_run``.  A tiny DPI NF stands in for the nDPI one: it classifies each flow
 by its server port and publishes DPI_DETECT.  The IDS listens to every packet with
 a no-op handler until DPI_DETECT tells it what the flow is, then switches that
-flow, and only that flow, to the matching signature handler.
+flow, and only that flow, to the matching signature handler.  mb_up_sub takes
+effect for the flow's later packets; the packet that classified the flow (its
+first: a SYN carrying data, the first packet seen of a flow picked up mid-stream)
+went to the no-op, so cb_detect runs the signature handler on it too: DPI_DETECT,
+published while the DPI NF handled that packet's FLOW/START, carries that packet.
 
 Run it under mbx (``mbx run path/to/ids.py+logger --set logger.types=IDS_ALERT
 --in pcap:FILE``) or on its own (``python ids.py --in pcap:FILE``).
@@ -58,8 +62,10 @@ def cb_noop(m):
 def cb_detect(m):                                # line 10
     if m.dpi_app_type == HTTP:                   # line 11
         mb_up_sub(mbx.PKT, m.flow, cb_http)      # line 12
+        cb_http(m)                               # the packet that classified it
     elif m.dpi_app_type == SQL:                  # line 13
         mb_up_sub(mbx.PKT, m.flow, cb_sql)       # line 14
+        cb_sql(m)
 
 
 def cb_sql(m):                                   # line 16
