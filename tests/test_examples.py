@@ -38,3 +38,25 @@ def test_ids_inspects_the_packet_that_classified_the_flow(run, burst):
     ]
     seen = _alerts(run, frames, burst)
     assert len(seen) == 3 and len(set(seen)) == 3     # one per flow, none twice
+
+
+def test_ids_matches_each_packet_on_its_own_as_documented(run):
+    # The limits its docstring and docs/listing1.md state: per-packet matching.
+    split = [b"SELECT * FROM users WHERE name='' O", b"R 1=1 --"]
+    frames = [
+        # a signature split across two segments: no alert
+        tcp4(CLI, DB, 41100, 3306, split[0], seq=1001, ack=1),
+        tcp4(CLI, DB, 41100, 3306, split[1], seq=1001 + len(split[0]), ack=1),
+        # a retransmitted attack: two alerts for one
+        tcp4(CLI, DB, 41102, 3306, INJECTION, seq=1001, ack=1),
+        tcp4(CLI, DB, 41102, 3306, INJECTION, seq=1001, ack=1),
+        # mid-stream, the server's packet first: the client's port is taken for the
+        # server's, and the flow is never classified
+        tcp4(DB, CLI, 3306, 41104, b"ok", seq=9000, ack=2000),
+        tcp4(CLI, DB, 41104, 3306, INJECTION, seq=2000, ack=9002),
+    ]
+    seen = _alerts(run, frames)
+    assert len(seen) == 2 and len(set(seen)) == 1
+    ids_py = open(IDS).read()
+    assert "raises no alert" in ids_py and "raises its alert again" in ids_py
+    assert "DATA_RDY" in ids_py

@@ -11,6 +11,15 @@ first: a SYN carrying data, the first packet seen of a flow picked up mid-stream
 went to the no-op, so cb_detect runs the signature handler on it too: DPI_DETECT,
 published while the DPI NF handled that packet's FLOW/START, carries that packet.
 
+It matches each packet on its own, as Listing 1 does, so: a signature split
+across two TCP segments (in order or not) raises no alert; a retransmitted segment
+raises its alert again; and a flow picked up mid-stream whose first packet seen is
+the server's is classified by the client's port (the stack takes the first
+sender for the client), so usually not at all.  Matching the byte stream instead
+would subscribe to DATA_RDY (``side="server"`` for the client's bytes) in place of
+PKT and search ``ev.read()`` plus a few bytes kept from the previous read: the TCP
+Monitor reassembles in order and delivers retransmitted bytes once.
+
 Run it under mbx (``mbx run path/to/ids.py+logger --set logger.types=IDS_ALERT
 --in pcap:FILE``) or on its own (``python ids.py --in pcap:FILE``).
 The paper subscribes to PKT/TCP; PKT (its parent) serves until the TCP Monitor.
