@@ -27,6 +27,7 @@ from mbx._packet cimport (
 from mbx._rewrite cimport REWRITE_NO_PORTS, pkt_rewrite
 
 import difflib
+import functools
 import ipaddress
 import threading
 
@@ -1172,6 +1173,9 @@ def merge_name(merge):
     function's name with its file and line."""
     if isinstance(merge, str):
         return merge
+    if isinstance(merge, functools.partial):
+        # a merge function with some of its arguments bound: named by the function
+        merge = merge.func
     name = getattr(merge, "__qualname__", None) or repr(merge)
     code = getattr(merge, "__code__", None)
     if code is None:
@@ -1179,10 +1183,33 @@ def merge_name(merge):
     return f"{name} ({code.co_filename}, line {code.co_firstlineno})"
 
 
+def _takes_members(fn):
+    # A merge function with a keyword-only parameter `members` is given the whole
+    # group: the votes alone do not say how many members there are.
+    import inspect
+
+    try:
+        param = inspect.signature(fn).parameters.get("members")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind == param.KEYWORD_ONLY
+
+
+def merge_call(fn, members):
+    """The one-argument callable the bus calls for a merge function of the group of
+    NFs named ``members``: ``fn`` itself, or ``fn`` with ``members`` bound (the
+    frozenset of the group's names) when it declares ``*, members``."""
+    if _takes_members(fn):
+        return functools.partial(fn, members=frozenset(members))
+    return fn
+
+
 def merge_problem(merge, members):
     """Why ``merge`` cannot merge the verdicts of the group of NFs named ``members``,
     or None.  A merge function is called as ``fn(dropped)``, ``dropped`` the frozenset
-    of the names of the members that dropped the packet, and returns true to drop it."""
+    of the names of the members that dropped the packet, and returns true to drop it;
+    one with a keyword-only parameter ``members`` as ``fn(dropped, members=...)``, the
+    frozenset of the names of all the group's members."""
     import inspect
 
     if isinstance(merge, str):
@@ -1200,10 +1227,14 @@ def merge_problem(merge, members):
     except (TypeError, ValueError):
         return None             # (a builtin without a signature: called as it is)
     try:
-        sig.bind(frozenset())
+        if _takes_members(fn):
+            sig.bind(frozenset(), members=frozenset())
+        else:
+            sig.bind(frozenset())
     except TypeError:
         return (f"{merge_name(fn)} must take one argument (the frozenset of the names "
-                f"of the members that dropped the packet), not {sig}")
+                f"of the members that dropped the packet), and optionally a "
+                f"keyword-only members (all the group's names), not {sig}")
     return None
 
 
@@ -1430,7 +1461,8 @@ cdef class EventBus:
         self.fn_groups = []
         for g, fn in deciding.items():
             at = voting[g]
-            self.fn_groups.append((g, fn, self.nf_votemask[at[0]], self.nf_stage[at[0]], {}))
+            self.fn_groups.append((g, merge_call(fn, [nfs[i].name for i in at]),
+                                   self.nf_votemask[at[0]], self.nf_stage[at[0]], {}))
             for i in at:
                 self.nf_fngroup[i] = len(self.fn_groups)
         # Waves matter only when an NF subscribes to what another NF publishes.

@@ -231,9 +231,9 @@ def voting_c_chain(python_too, calls):
     calls; ``python_too`` as in ``c_chain``."""
     from mbx.examples import votes
 
-    def majority(dropped):
+    def majority(dropped, *, members):
         calls.append(dropped)
-        return votes.majority(dropped)
+        return votes.majority(dropped, members=members)
 
     def nf(name, handler, group=None):
         n = mbx.NF(name, group=group)
