@@ -241,8 +241,8 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
     if p == NULL or p.ip_ver == 0:
         s.passed += 1
         return MBX_PASS
-    endpoint_of(&a, p.ip_ver, p.dst.b, p.dport)
     if m.h.flow == NO_FLOW:
+        endpoint_of(&a, p.ip_ver, p.dst.b, p.dport)
         # No flow (the table full under --flow-policy refuse, a malformed packet
         # forwarded): nothing would keep the connection on one backend or bring its
         # replies back, and sent on untranslated it would reach the VIP, which no
@@ -267,6 +267,7 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
             s.passed += 1
             return MBX_PASS
         forget(s, f)            # the slot's earlier flow ended without FLOW/END
+    endpoint_of(&a, p.ip_ver, p.dst.b, p.dport)
     if same(&a, &s.vip):
         f.to = s.backends[choose_backend(s, p)]
         endpoint_of(&f.client, p.ip_ver, p.src.b, p.sport)
