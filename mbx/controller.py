@@ -269,10 +269,15 @@ def load_app_file(path):
             if value is not None and (not isinstance(value, ok) or key == "filters" and
                                       not all(isinstance(v, dict) for v in value.values())):
                 raise AppError(f"{where}: [[nf]] {key} = {value!r}: expected {kind}")
-        if use.endswith(".py") and not os.path.isabs(use) and not os.path.exists(use):
-            use = os.path.join(base, use)
-        stem = (os.path.splitext(os.path.basename(use))[0] if use.endswith(".py")
-                else use)
+        # an NF file, whole or "FILE.py:NAME" (one NF of several), is found relative
+        # to the application file
+        file, colon, nf_name = use.rpartition(":")
+        if not (colon and file.endswith(".py")):
+            file, nf_name = use, ""
+        if file.endswith(".py") and not os.path.isabs(file) and not os.path.exists(file):
+            use = os.path.join(base, file) + (f":{nf_name}" if nf_name else "")
+            file = os.path.join(base, file)
+        stem = os.path.splitext(os.path.basename(file))[0] if file.endswith(".py") else use
         wanted = entry.get("name")
         opts = dict(entry.get("options", {}))
         from mbx.runtime import BUILTIN_NFS

@@ -88,6 +88,35 @@ def test_an_application_file_loads_links_and_runs(tmp_path, example_pcap):
     assert counters["packets"] == len(read_frames(example_pcap))
 
 
+def test_nf_files_are_found_beside_the_application_file(tmp_path, monkeypatch):
+    # "FILE.py:NAME" (one NF of a file of several) was looked up in the current
+    # directory, and its options were keyed by the whole "FILE.py:NAME" and lost.
+    sub = tmp_path / "app"
+    sub.mkdir()
+    write(sub, "two.py", """
+        import mbx
+
+        def make(name="x", types="PKT"):
+            made = []
+            for nf_name in (name, "other"):
+                nf = mbx.NF(nf_name)
+                for t in types.split(","):
+                    nf.sub(t, lambda ev: None)
+                made.append(nf)
+            return made
+        """)
+    app = write(sub, "app.toml", """
+        [[nf]]
+        use = "two.py:picked"
+        options = { name = "picked", types = "FLOW/START,FLOW/END" }
+        """)
+    monkeypatch.chdir(tmp_path)             # not the application file's directory
+    spec = load_app_file(app)
+    assert [nf.name for nf in spec.nfs] == ["picked"]
+    assert sorted(mbx._events.event_types()[i].name for i in spec.nfs[0].subs) == [
+        "FLOW/END", "FLOW/START"]
+
+
 @pytest.mark.parametrize("body, message", [
     ("""
      [[nf]]
