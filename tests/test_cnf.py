@@ -65,6 +65,9 @@ def test_c_drop_hides_the_packet(run, example_pcap):
     assert len(out) == len(frames) - dropped - counters["fragments_held"]
     # the packets that left are exactly those the client sent
     assert py.per_dir()[0] == counters["sent"]
+    for wrong in (2, -1):           # matches no event: it would drop nothing, silently
+        with pytest.raises(ValueError, match="dir must be 0 .* or 1"):
+            cnoop.make_dropper(wrong)
 
 
 def test_c_and_python_handlers_in_one_nf(run, example_pcap):

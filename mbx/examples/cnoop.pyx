@@ -69,6 +69,10 @@ cdef class Dropper:
     cdef drop_rule rule
 
     def __init__(self, int dir, etype=None):
+        if dir not in (0, 1):
+            # any other value matches no event: the NF would silently drop nothing
+            raise ValueError(f"Dropper: dir must be 0 (from the client) or 1 (from the "
+                             f"server), not {dir}")
         self.rule.dir = dir
         self.rule.type_idx = 0xFFFF if etype is None else event_type(etype).idx
 

@@ -1,4 +1,9 @@
-"""L2 forwarder: passes every frame unchanged and counts them (a batch handler)."""
+"""L2 forwarder: passes every packet and counts them (a batch handler).
+
+Frames go out as they came in, except IP fragments: the Network Layer delivers a
+fragmented datagram rebuilt (one packet here), a ``pcap:`` output writes it as one
+record and a live output cuts it again (docs/guide.md, "Ports").
+"""
 import mbx
 
 
