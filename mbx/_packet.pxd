@@ -23,7 +23,8 @@ cdef enum ParseStatus:
     PARSE_TRUNC_L3          # shorter than the IP header
     PARSE_BAD_IP_VERSION    # version nibble disagrees with the ethertype
     PARSE_BAD_IHL           # IPv4 header length < 20 or past the frame
-    PARSE_BAD_IP_LEN        # IP total/payload length smaller than the header
+    PARSE_BAD_IP_LEN        # IP total/payload length smaller than the header, or
+    #                         past the frame on the wire (past caplen only: TRUNCATED)
     PARSE_BAD_IP_OPTION     # IPv4 option length runs past the header
     PARSE_BAD_IPV6_EXT      # IPv6 extension header chain runs past the packet
     PARSE_BAD_FRAG          # absurd fragment offset/length

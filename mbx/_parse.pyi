@@ -53,10 +53,11 @@ class FragTable:
         self, max_bytes: int = 4 << 20, max_datagrams: int = 1024, timeout: float = 30.0
     ) -> None: ...
     def push(
-        self, frame: Buffer, ts_ns: int = 0, mtu: int = 0
+        self, frame: Buffer, ts_ns: int = 0, mtu: int = 0, wirelen: int | None = None
     ) -> tuple[DefragVerdict, bytes | list[bytes] | None]:
-        """Parse and offer one frame; the reassembled frame comes back with "done"
-        (with ``mtu``: the frames an output of that MTU sends for it)."""
+        """Parse and offer one frame (``wirelen``: its length on the wire, when cut
+        short); the reassembled frame comes back with "done" (with ``mtu``: the frames
+        an output of that MTU sends for it)."""
     def sweep(self, now_ns: int) -> int:
         """Give up datagrams older than the timeout at ``now_ns``; how many."""
     def close(self) -> None: ...

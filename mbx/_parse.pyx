@@ -270,6 +270,12 @@ cdef inline int _parse_ipv4(mbx_pkt *p, const uint8_t *d, uint32_t off,
     # Bytes after the total length are Ethernet padding, not payload.
     end = off + tot
     if tot > avail:
+        # Past the captured bytes only, a capture cut by its snaplen; past the frame
+        # on the wire too, a lie (Wireshark: "total length exceeds packet length").
+        # A lying fragment is refused here, before it is taken for one: it could
+        # only be rebuilt into a datagram with bytes that never came.
+        if off + tot > p.wirelen:
+            return _done(p, PARSE_BAD_IP_LEN)
         end = n
         p.flags |= PKT_F_TRUNCATED
     fo = ld16(ip + 6)
@@ -304,6 +310,11 @@ cdef inline int _parse_ipv6(mbx_pkt *p, const uint8_t *d, uint32_t off,
     decl = off + 40 + plen
     end = decl
     if decl > n:
+        # as for IPv4: a cut capture, or a lie when even the wire frame is shorter
+        # (then the extension headers are not walked: their lengths cannot be
+        # checked against a length that is itself wrong)
+        if decl > p.wirelen:
+            return _done(p, PARSE_BAD_IP_LEN)
         end = n
         p.flags |= PKT_F_TRUNCATED
     cur = off + 40
@@ -875,8 +886,11 @@ cdef class FragTable:
         """Give up datagrams older than the timeout at ``now_ns``; how many."""
         return self.expire(now_ns)
 
-    def push(self, frame, int64_t ts_ns=0, uint32_t mtu=0):
+    def push(self, frame, int64_t ts_ns=0, uint32_t mtu=0, wirelen=None):
         """Parse and offer one frame: ("none"|"held"|"done"|"drop", datagram or None).
+
+        ``wirelen`` (default: the frame's length) says how long the frame was on the
+        wire, when ``frame`` is a capture cut short.
 
         The reassembled frame is returned only for "done"; with ``mtu``, as the list
         of frames an AF_PACKET output of that MTU sends for it (cut into fragments
@@ -894,7 +908,8 @@ cdef class FragTable:
             self._scratch = Batch(1, 4 * 65536)
         b = self._scratch
         b.clear()
-        p = b.add(&view[0] if n else <const uint8_t *>b"", n, n, ts_ns, 0)
+        p = b.add(&view[0] if n else <const uint8_t *>b"", n,
+                  n if wirelen is None or wirelen < n else wirelen, ts_ns, 0)
         if p == NULL:
             raise ValueError(f"frame of {n} bytes is too large")
         with nogil:

@@ -860,7 +860,7 @@ cdef class PcapReader(Port):
             if converted:
                 self._ethernet(&r)
             h = 0
-            kind = rss_hash_of_frame(r.data, r.caplen, &h)
+            kind = rss_hash_of_frame(r.data, r.caplen, r.wirelen, &h)
             if kind == RSS_PARSE:
                 memset(&probe, 0, sizeof(mbx_pkt))
                 probe.data = <uint8_t *>r.data

@@ -99,11 +99,12 @@ cdef enum:
     #                     table hashes the reassembled datagram's key instead
 
 
-# The walk itself: classifies frame d[0:caplen] and, for RSS_FLOW and RSS_FRAGMENT,
-# leaves its hash in h.  Frames the parser finds no IP address in (non-IP, cut
-# short before the addresses, a wrong version nibble) are RSS_NOT_IP, as
-# rss_stack_of_parsed says.
-cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen,
+# The walk itself: classifies frame d[0:caplen] (wirelen bytes on the wire) and, for
+# RSS_FLOW and RSS_FRAGMENT, leaves its hash in h.  Frames the parser finds no IP
+# address in (non-IP, cut short before the addresses, a wrong version nibble) are
+# RSS_NOT_IP, as rss_stack_of_parsed says.  An IP length past the wire frame is the
+# parser's BAD_IP_LEN, which reads no ports: left to it (RSS_PARSE).
+cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen, uint32_t wirelen,
                                   uint32_t *h) noexcept nogil:
     cdef uint32_t off = 14, nvlan = 0, ihl, tot, end, plen
     cdef uint16_t et
@@ -126,7 +127,7 @@ cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen,
             return RSS_NOT_IP       # TRUNC_L3 or BAD_IP_VERSION: no addresses
         ihl = <uint32_t>(ip[0] & 0x0F) * 4
         tot = _rss_ld16(ip + 2)
-        if ihl != 20 or tot < 20 or not MBX_LITTLE_ENDIAN:
+        if ihl != 20 or tot < 20 or off + tot > wirelen or not MBX_LITTLE_ENDIAN:
             return RSS_PARSE        # options, BAD_IHL, BAD_IP_LEN: the parser's call
         proto = ip[9]
         if _rss_ld16(ip + 6) & 0x3FFF:
@@ -146,6 +147,8 @@ cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen,
         k.ip_ver = 6
         k.l4_proto = proto
         plen = _rss_ld16(ip + 4)
+        if off + 40 + plen > wirelen:
+            return RSS_PARSE        # BAD_IP_LEN
         end = off + 40 + plen if 40 + plen <= caplen - off else caplen
         plen = _rss_ports(proto, d, off + 40, end)
         k.sport = <uint16_t>(plen >> 16)
@@ -158,10 +161,10 @@ cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen,
 
 # The stack (0..n-1) that owns frame d[0:caplen], or -1 when only the full parse can
 # tell.
-cdef inline int rss_stack_of_frame(const uint8_t *d, uint32_t caplen,
+cdef inline int rss_stack_of_frame(const uint8_t *d, uint32_t caplen, uint32_t wirelen,
                                    uint32_t n) noexcept nogil:
     cdef uint32_t h = 0
-    cdef int kind = rss_hash_of_frame(d, caplen, &h)
+    cdef int kind = rss_hash_of_frame(d, caplen, wirelen, &h)
     if kind == RSS_PARSE:
         return -1
     return rss_share_of(h, n)       # RSS_NOT_IP: h = 0, stack 0

@@ -31,7 +31,8 @@ class NetworkLayer:
             batch: Batch | None = None) -> None: ...
     def counters(self) -> dict[str, Any]: ...
 
-def rss_owners(frame: bytes, n: int) -> tuple[int, int, int | None, int | None]:
+def rss_owners(frame: bytes, n: int,
+               wirelen: int | None = None) -> tuple[int, int, int | None, int | None]:
     """Software RSS on one frame over ``n`` stacks: (the short header walk's answer,
     -1 where it defers to the parser; the answer after the full parse; the hash the
     walk hands the flow table, or None; the table's hash of the parsed key, or

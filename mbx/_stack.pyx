@@ -208,7 +208,7 @@ cdef class NetworkLayer:
                     # full parse decides where the walk cannot.  Fragments go on
                     # (below).
                     h = 0                   # stays 0 where there is no IP: stack 0
-                    kind = rss_hash_of_frame(p.data, p.caplen, &h)
+                    kind = rss_hash_of_frame(p.data, p.caplen, p.wirelen, &h)
                     if kind == RSS_PARSE:
                         st = parse_packet(p)
                         owner = rss_stack_of_parsed(p, self.rss_n)
@@ -560,8 +560,9 @@ cdef class NetworkLayer:
         }
 
 
-def rss_owners(frame, uint32_t n):
-    """Software RSS on one frame over ``n`` stacks: (the short header walk's answer,
+def rss_owners(frame, uint32_t n, wirelen=None):
+    """Software RSS on one frame over ``n`` stacks (``wirelen``: the frame's length on
+    the wire, when it was captured cut short): (the short header walk's answer,
     or -1 where it defers to the parser; the answer after the full parse; the hash
     the walk hands to the flow table, or None where the table hashes the key itself;
     the flow table's hash of the parsed frame's key, or None where it tracks none).
@@ -580,9 +581,10 @@ def rss_owners(frame, uint32_t n):
     cdef int kind
     if n == 0:
         raise ValueError("rss_owners: n (the number of stacks) must be at least 1")
-    p = b.add(&view[0] if caplen else <const uint8_t *>b"", caplen, caplen, 0, 0)
-    fast = rss_stack_of_frame(p.data, p.caplen, n)
-    kind = rss_hash_of_frame(p.data, p.caplen, &h)
+    p = b.add(&view[0] if caplen else <const uint8_t *>b"", caplen,
+              caplen if wirelen is None or wirelen < caplen else wirelen, 0, 0)
+    fast = rss_stack_of_frame(p.data, p.caplen, p.wirelen, n)
+    kind = rss_hash_of_frame(p.data, p.caplen, p.wirelen, &h)
     parse_packet(p)
     table = None
     if flow_trackable(p):

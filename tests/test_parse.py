@@ -375,6 +375,46 @@ def test_a_total_length_of_zero_is_the_whole_frame():
     assert f["status"] == "ok" and "truncated" in f["flag_names"]
 
 
+def test_an_ip_length_past_the_wire_frame_is_bad_ip_len():
+    """A whole frame (wirelen = caplen) whose IP length says more bytes than it has
+    lies, as Wireshark says ("total length exceeds packet length"); it was taken for
+    a capture cut by a snaplen (ok, truncated): not counted, not dropped by
+    --malformed drop, and a last fragment so was passed on unrebuilt."""
+    ip = bytearray(ip4(6, tcp(data=b"hello")))
+    ip[2:4] = struct.pack("!H", 1500)
+    f = parse(eth(bytes(ip)))
+    assert f["status"] == "bad_ip_len" and f["src"] == "10.0.0.1"
+    assert parse(eth(bytes(ip)), wirelen=14 + 1499)["status"] == "bad_ip_len"
+    # the same bytes cut by a snaplen from a 1,514-byte frame: a short capture
+    f = parse(eth(bytes(ip)), wirelen=14 + 1500)
+    assert f["status"] == "ok" and "truncated" in f["flag_names"] and f["sport"] == 1234
+    v6 = eth(ip6(17, udp(data=b"hello"), plen=1000), 0x86DD)
+    assert parse(v6)["status"] == "bad_ip_len"
+    assert parse(v6, wirelen=14 + 40 + 1000)["status"] == "ok"
+    # an extension header running past the whole frame: the payload length lies first
+    # (it was trunc_l3)
+    frame = eth(ip6(0, ext6(17, b"\x01\x0c" + b"\x00" * 12) + udp()), 0x86DD)
+    assert parse(frame[:60])["status"] == "bad_ip_len"
+    assert parse(frame[:60], wirelen=len(frame))["status"] == "trunc_l3"
+    # a last fragment with such a length is no fragment to rebuild
+    last = bytearray(eth(ip4(17, b"x" * 32, frag=4)))
+    last[16:18] = struct.pack("!H", 1500)
+    f = parse(bytes(last))
+    assert f["status"] == "bad_ip_len" and "fragment" not in f["flag_names"]
+
+
+def test_a_lying_ip_length_is_counted_and_dropped_as_malformed(tmp_path):
+    from mbxtest import run_app
+
+    lie4 = bytearray(eth(ip4(6, tcp(data=b"hello"))))
+    lie4[16:18] = struct.pack("!H", 1500)
+    lie6 = eth(ip6(17, udp(data=b"hello"), plen=1000), 0x86DD)
+    frames = [(1.0, bytes(lie4)), (1.001, lie6)]
+    c, out = run_app([], None, tmp_path, frames, malformed="drop")
+    assert c["parse"] == {"bad_ip_len": 2}
+    assert c["dropped_malformed"] == 2 and c["sent"] == 0 and out == []
+
+
 @pytest.mark.parametrize("opts", [b"\x07\x01\x00\x00", b"\x07\x08\x00\x00", b"\x01\x01\x01\x07"])
 def test_bad_ip_option(opts):
     f = parse(eth(ip4(17, udp(), opts=opts)))
@@ -824,7 +864,7 @@ def test_random_fragment_soup_never_breaks_the_table():
 def test_truncated_fragment_passes_through():
     frags = fragment4(original_frame(4, 17, bytes(300)), 64)
     table = FragTable()
-    assert table.push(frags[0][:-10]) == ("none", None)
+    assert table.push(frags[0][:-10], wirelen=len(frags[0])) == ("none", None)
     assert table.pending == 0
 
 
