@@ -4,7 +4,7 @@ cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
-from mbx._packet cimport PARSE_BAD_IP_LEN, PARSE_OK, mbx_pkt
+from mbx._packet cimport PARSE_BAD_IP_LEN, PARSE_OK, PARSE_TRUNC_L4, mbx_pkt
 
 cdef enum FlowStatus:
     FLOW_FREE = 0
@@ -34,9 +34,14 @@ ctypedef struct mbx_flow_key:
     uint8_t pad[2]
 
 # Does the table track p?  Parse statuses below PARSE_BAD_IP_LEN fail before the
-# addresses are read.
+# addresses are read.  A TCP or UDP header cut before its ports (TRUNC_L4 with
+# fewer than 4 bytes of it captured) is not tracked either: keyed 0:0, every
+# connection between two hosts cut so would be counted as one flow.
 cdef inline bint flow_trackable(const mbx_pkt *p) noexcept nogil:
-    return p.ip_ver != 0 and (p.status == PARSE_OK or p.status >= PARSE_BAD_IP_LEN)
+    if p.ip_ver == 0 or (p.status != PARSE_OK and p.status < PARSE_BAD_IP_LEN):
+        return False
+    return not (p.status == PARSE_TRUNC_L4 and (p.l4_proto == 6 or p.l4_proto == 17)
+                and (p.l4_off + 4 > p.caplen or p.l4_off + 4 > p.l3_off + p.ip_len))
 
 # Builds p's canonical key into k and returns p's side (0: p's source is endpoint a).
 # Inline here so the stack and a software-RSS dispatcher key packets exactly as the

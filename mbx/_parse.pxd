@@ -8,7 +8,8 @@ from mbx._packet cimport Batch, mbx_pkt
 # Conventions the rest of the stack can rely on:
 # - the parser fields are zeroed first (PKT_F_REASSEMBLED survives), so it can run
 #   again on the same descriptor; fields learnt before a malformation stay filled
-#   (addresses before BAD_IHL, ports before BAD_TCP_OFF, options before BAD_TCP_OPT);
+#   (addresses before BAD_IHL, ports before BAD_TCP_OFF, options before BAD_TCP_OPT,
+#   the ports of a TCP/UDP header cut short when its first 4 bytes were captured);
 # - a lying header (a length past wirelen or past the enclosing length) is BAD_*, a
 #   short capture (past caplen only) is TRUNC_*;
 # - more than two VLAN tags: PARSE_NOT_IP, ethertype = the third TPID (forwarded

@@ -165,11 +165,17 @@ cdef inline int _parse_l4(mbx_pkt *p, const uint8_t *d, uint32_t cur, uint32_t e
     cdef uint32_t doff, ulen, uend
     cdef uint8_t proto = p.l4_proto
     p.l4_off = cur
-    if proto == IPPROTO_TCP:
-        if cur + 20 > end:
+    if proto == IPPROTO_TCP or proto == IPPROTO_UDP:
+        # The ports lead both headers: kept whenever they were captured, so a header
+        # cut short by a snaplen still keys its own flow, not a 0:0 one it would share
+        # with every other connection cut so between the same addresses.
+        if cur + 4 > end:
             return _done(p, PARSE_TRUNC_L4)
         p.sport = ld16(t)
         p.dport = ld16(t + 2)
+    if proto == IPPROTO_TCP:
+        if cur + 20 > end:
+            return _done(p, PARSE_TRUNC_L4)
         p.seq = ld32(t + 4)
         p.ack = ld32(t + 8)
         p.tcp_flags = t[13]
@@ -187,8 +193,6 @@ cdef inline int _parse_l4(mbx_pkt *p, const uint8_t *d, uint32_t cur, uint32_t e
     if proto == IPPROTO_UDP:
         if cur + 8 > end:
             return _done(p, PARSE_TRUNC_L4)
-        p.sport = ld16(t)
-        p.dport = ld16(t + 2)
         p.payload_off = cur + 8
         p.payload_len = end - p.payload_off
         ulen = ld16(t + 4)

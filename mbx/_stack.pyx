@@ -569,8 +569,8 @@ def rss_owners(frame, uint32_t n, wirelen=None):
 
     Tests and tools only: the stack decides on its own batches.  Wherever the first
     is not -1 the first two must be equal, or a flow's directions could part; where
-    the third is not None it must equal the fourth, or the table would file a flow's
-    packets under two hashes.
+    the third and the fourth are not None they must be equal, or the table would file
+    a flow's packets under two hashes.
     """
     cdef const uint8_t[::1] view = frame
     cdef uint32_t caplen = view.shape[0]

@@ -16,10 +16,12 @@ from hypothesis.stateful import (
 )
 
 from mbx._flow import FlowTable, bench_lookups, flow_hash
+from mbx._parse import status_names
 
-# Parse statuses (mbx/_packet.pxd) used below.
-PARSE_TRUNC_L3 = 3
-PARSE_TRUNC_L4 = 11
+# Parse statuses (mbx/_packet.pxd) used below, by name (TRUNC_L4 was written as 11,
+# which is BAD_TCP_OFF).
+PARSE_TRUNC_L3 = status_names().index("trunc_l3")
+PARSE_TRUNC_L4 = status_names().index("trunc_l4")
 
 # A small pool so that random packets hit the same flows often, in both directions.
 POOL = {
@@ -283,9 +285,51 @@ def test_unparsed_packets_get_no_flow_uncounted():
     t = FlowTable(capacity=4)
     assert t.lookup_tuple("10.0.0.1", "10.0.0.2", 1, 2, 6, 0, status=PARSE_TRUNC_L3)[0] == -1
     assert t.counters["lookups"] == 0
-    # Addresses were read before the transport header turned out short: tracked.
-    assert t.lookup_tuple("10.0.0.1", "10.0.0.2", 1, 2, 6, 0, status=PARSE_TRUNC_L4)[0] == 0
+    # Addresses were read before the transport header turned out short: tracked (an
+    # ICMP flow's key has no ports; a TCP/UDP header cut before its ports is not
+    # tracked, see the next test; lookup_tuple's packet has no captured bytes).
+    assert t.lookup_tuple("10.0.0.1", "10.0.0.2", 0, 0, 1, 0, status=PARSE_TRUNC_L4)[0] == 0
     assert t.counters["lookups"] == 1
+    assert t.lookup_tuple("10.0.0.1", "10.0.0.2", 0, 0, 6, 0, status=PARSE_TRUNC_L4)[0] == -1
+    assert t.counters["lookups"] == 1
+
+
+def test_connections_captured_cut_short_keep_their_own_flows(tmp_path):
+    """TCP and UDP headers cut by a snaplen after their ports: the parser left the
+    ports 0, so all such connections between two hosts were one 0:0 flow.  A header
+    cut before its ports end is tracked by no flow."""
+    import struct
+
+    import mbx
+    from mbx.examples.capture import ether, tcp4, udp4
+    from mbx.ports import open_input
+
+    cut = []                    # (captured bytes, length on the wire)
+    for sport in (40001, 40002, 40003):
+        f = ether(tcp4("198.18.0.1", "198.18.0.2", sport, 80))
+        cut.append((f[:38], len(f)))                # the ports and the sequence number
+    for sport in (5001, 5002):
+        f = ether(udp4("198.18.0.1", "198.18.0.2", sport, 53, b"q" * 20))
+        cut.append((f[:38], len(f)))                # the ports, not the length
+    for sport in (7001, 7002):
+        f = ether(tcp4("198.18.0.1", "198.18.0.2", sport, 80))
+        cut.append((f[:37], len(f)))                # 3 bytes of the header
+    path = tmp_path / "snap.pcap"
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 38, 1))
+        for i, (frame, wirelen) in enumerate(cut):
+            fh.write(struct.pack("<IIII", 1_700_000_000, i, len(frame), wirelen) + frame)
+    ports = []
+    nf = mbx.NF("starts")
+    nf.sub(mbx.FLOW_START, lambda ev: ports.append((ev.cli_port, ev.srv_port)))
+    inp = open_input(f"pcap:{path}")
+    try:
+        c = mbx.App([nf]).run(inp)
+    finally:
+        inp.close()
+    assert c["parse"] == {"trunc_l4": 7} and c["packets"] == 7
+    assert sorted(ports) == [(5001, 53), (5002, 53), (40001, 80), (40002, 80), (40003, 80)]
+    assert c["flows"]["created"] == 5
 
 
 def test_eviction_falls_back_to_refusal_when_ended_is_full():

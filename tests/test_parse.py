@@ -442,6 +442,21 @@ def test_trunc_l4():
     assert parse(frame[:60], wirelen=len(frame))["status"] == "trunc_l4"
 
 
+def test_a_transport_header_cut_short_keeps_the_ports_it_has():
+    """The ports were read only with the whole fixed header: a TCP or UDP header cut
+    by a snaplen after them had ports 0, and its connection merged into a 0:0 flow."""
+    seg = eth(ip4(6, tcp(40001, 80)))
+    for n, ports in ((38, (40001, 80)), (37, (0, 0))):
+        f = parse(seg[:n], wirelen=len(seg))
+        assert f["status"] == "trunc_l4" and (f["sport"], f["dport"]) == ports
+    dgram = eth(ip4(17, udp(5001, 53, b"q" * 20)))
+    f = parse(dgram[:38], wirelen=len(dgram))
+    assert f["status"] == "trunc_l4" and (f["sport"], f["dport"]) == (5001, 53)
+    v6 = eth(ip6(6, tcp(40001, 80)), 0x86DD)
+    f = parse(v6[:58], wirelen=len(v6))
+    assert f["status"] == "trunc_l4" and (f["sport"], f["dport"]) == (40001, 80)
+
+
 def test_bad_tcp_off():
     seg = bytearray(tcp(data=b"abc"))
     seg[12] = 0x40

@@ -102,8 +102,9 @@ def test_fast_walk_agrees_with_the_full_parse(frame, n, cut):
     fast, full, walk_hash, table_hash = rss_owners(frame, n, len(frame) + cut)
     assert 0 <= full < n
     assert fast in (-1, full)
-    # the hash the walk hands the flow table is the table's own for that frame
-    assert walk_hash is None or walk_hash == table_hash
+    # the hash the walk hands the flow table is the table's own for that frame (one
+    # it does not track, a TCP/UDP header cut before its ports, has no use for it)
+    assert walk_hash is None or table_hash is None or walk_hash == table_hash
 
 
 @settings(max_examples=1000, deadline=None)
@@ -112,7 +113,7 @@ def test_fast_walk_agrees_with_the_full_parse(frame, n, cut):
 def test_fast_walk_agrees_on_any_bytes(frame, n):
     fast, full, walk_hash, table_hash = rss_owners(frame, n)
     assert fast in (-1, full)
-    assert walk_hash is None or walk_hash == table_hash
+    assert walk_hash is None or table_hash is None or walk_hash == table_hash
 
 
 def dpkt_frames():
