@@ -246,7 +246,10 @@ cdef class NetworkLayer:
                         self.frag_held += counted
                         continue
                     if r == DEFRAG_DROP:
-                        self.status_count[p.status] += counted
+                        # refused for what the table found (an overlap, no memory);
+                        # a malformation the parser found was counted above
+                        if p.status != st:
+                            self.status_count[p.status] += counted
                         continue
                     st = p.status
                     if self.rss_n > 1 and (
@@ -257,6 +260,12 @@ cdef class NetworkLayer:
                         # stack its addresses pick passes on: that stack sends it
                         p.verdict = VERDICT_HELD
                         continue
+                    if r == DEFRAG_DONE and st != PARSE_OK:
+                        # The rebuilt datagram was parsed anew, past the headers its
+                        # fragments showed: a malformation there (a lying UDP length)
+                        # is counted as it would be unfragmented, by the stack that
+                        # owns its flow, which is the one that drops it.
+                        self.status_count[st] += 1
                 if st != PARSE_OK and st != PARSE_NOT_IP and self.drop_malformed:
                     p.verdict = VERDICT_DROP
                     p.flags |= PKT_F_STACK_DROP

@@ -514,6 +514,27 @@ def test_frag_timeout_and_memcap_are_counted(tmp_path):
     assert c["fragments"]["memcap_drops"] == 0 and "frag_memcap" not in c["parse"]
 
 
+def test_a_malformation_is_counted_once_fragmented_or_not(tmp_path):
+    """A rebuilt datagram's malformation (a lying UDP length) was dropped under
+    --malformed drop but counted nowhere in `parse`, where the same datagram
+    unfragmented counts bad_udp_len; and a fragment the parser found bad (bad_frag)
+    was counted twice, by the parse and again when the table refused it."""
+    from mbxtest import run_app
+
+    lying = eth(ip4(17, udp(5000, 53, b"Q" * 64, ulen=500), ident=10))
+    absurd = eth(ip4(17, b"x" * 32, ident=11, frag=0x2000 | 8190))
+    for frames, parse_count, fragments_bad in (
+            ([lying], {"bad_udp_len": 1}, 0),
+            (fragment4(lying, 32), {"bad_udp_len": 1}, 0),
+            ([absurd], {"bad_frag": 1}, 1)):
+        c, out = run_app([], None, tmp_path, [(1.0 + i / 1000, f)
+                                              for i, f in enumerate(frames)],
+                         malformed="drop")
+        assert c["parse"] == parse_count, frames
+        assert c["fragments"]["bad"] == fragments_bad
+        assert c["dropped_malformed"] == 1 - fragments_bad and out == []
+
+
 # ---------------------------------------------------------------------------
 # Never crash, never step outside the frame
 
