@@ -854,6 +854,10 @@ cdef class FragTable:
                 nhpos = cur
                 if kind == IPPROTO_AH:
                     cur += (<uint32_t>out[cur + 1] + 2) * 4
+                elif kind == IPPROTO_FRAGMENT:
+                    # an atomic fragment header before the real one: 8 bytes, as the
+                    # parser walks it (its second byte is reserved, not a length)
+                    cur += 8
                 else:
                     cur += (<uint32_t>out[cur + 1] + 1) * 8
             out[nhpos] = g.head[hdr]

@@ -781,6 +781,28 @@ def test_datagrams_rebuilt_in_a_burst_full_of_jumbo_frames_find_room(tmp_path):
     assert fr["completed"] == 24 and fr["no_room"] == fr["memcap_drops"] == 0, fr
     assert sum(1 for _, f in out if len(f) > 60000) == 24
 
+@pytest.mark.parametrize("reserved", [0, 0xFF])
+def test_an_atomic_fragment_header_in_the_head_is_walked_as_8_bytes(reserved):
+    """Rebuilding IPv6, the walk to the header that names the fragment header read
+    an earlier (atomic) fragment header's reserved byte as a length, as if it were
+    an options header, and wrote the next-header byte in the wrong place: the
+    datagram came out bad_udp_len with ports 11264:260."""
+    body = udp(1111, 2222, bytes(range(40)))
+    atomic = bytes([60, reserved, 0, 0, 0, 0, 0, 9])    # offset 0, M clear
+    dstopts = b"\x01\x04\x00\x00\x00\x00"
+    frags = [eth(ip6(44, atomic + bytes([44, 0]) + dstopts
+                     + struct.pack("!BBHI", 17, 0, (a // 8) << 3 | (b < len(body)), 0x1234)
+                     + body[a:b]), 0x86DD)
+             for a, b in ((0, 24), (24, len(body)))]
+    table = FragTable()
+    assert table.push(frags[0])[0] == "held"
+    verdict, rebuilt = table.push(frags[1])
+    assert verdict == "done"
+    assert rebuilt == eth(ip6(44, atomic + bytes([17, 0]) + dstopts + body), 0x86DD)
+    f = parse(rebuilt)
+    assert f["status"] == "ok" and (f["sport"], f["dport"]) == (1111, 2222)
+
+
 def test_not_a_fragment_is_none():
     assert FragTable().push(original_frame(4, 6, b"x")) == ("none", None)
 
