@@ -1,5 +1,5 @@
 # The one packet parser of the project, and IP fragment reassembly.
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from mbx._packet cimport Batch, mbx_pkt
 
@@ -20,6 +20,14 @@ from mbx._packet cimport Batch, mbx_pkt
 # - other transports (SCTP, GRE, ESP, ...): payload_off = l4_off.
 cdef int parse_packet(mbx_pkt *p) noexcept nogil
 
+# The most fragments a datagram may come in; one with more is dropped (counted,
+# FragTable.too_many).  Each fragment is checked against the pieces already held, so
+# the cap bounds that work.  Generous: a 64 KiB datagram is 45 fragments at a
+# 1,500-byte MTU, 52 at IPv6's minimum of 1,280, 119 at IPv4's minimum datagram of
+# 576 bytes; FreeBSD allows 16 (net.inet.ip.maxfragsperpacket).
+cdef enum:
+    FRAG_MAX_PIECES = 128
+
 cdef enum DefragResult:
     DEFRAG_NONE = 0     # not a fragment: nothing to do
     DEFRAG_HELD = 1     # fragment kept; p.verdict = VERDICT_HELD, no further processing
@@ -28,7 +36,8 @@ cdef enum DefragResult:
 # NONE is also returned for a fragment that was captured short (PKT_F_TRUNCATED):
 # it can never be rebuilt, so it goes on as it is.  DROP with PARSE_BAD_FRAG takes
 # the whole pending datagram with it (overlap with different bytes, a piece past the
-# known end, a non-last piece not a multiple of 8, a datagram over 65535 bytes);
+# known end, a non-last piece not a multiple of 8, a datagram over 65535 bytes, more
+# than FRAG_MAX_PIECES pieces);
 # DROP with PARSE_FRAG_MEMCAP means the byte budget, the datagram slots or the batch
 # arena ran out (the pending datagram is dropped too: it could never complete).
 
@@ -51,6 +60,7 @@ ctypedef struct frag_dgram:
     uint8_t proto           # IPv4 protocol (part of the key); IPv6: 0
     uint8_t used
     uint8_t counted         # its datagram counters are this table's (see defrag)
+    uint16_t npieces        # pieces held (at most FRAG_MAX_PIECES)
     int32_t end             # fragmentable length once the last fragment came; -1 before
     uint32_t piece_max      # the longest fragment payload held (what the sender chose)
     int64_t first_ns        # arrival of the first fragment: the timeout runs from here
@@ -69,6 +79,8 @@ cdef class FragTable:
     cdef readonly uint64_t bad              # fragments refused as malformed/overlapping
     cdef readonly uint64_t no_room          # datagrams complete but with no room in their
     #                                         burst's arena to be rebuilt (dropped)
+    cdef readonly uint64_t too_many         # datagrams dropped at a fragment past
+    #                                         FRAG_MAX_PIECES
     cdef readonly size_t max_bytes          # budget for held fragment bytes + bookkeeping
     cdef readonly uint32_t max_datagrams
     cdef readonly int64_t timeout_ns

@@ -7,6 +7,8 @@ from typing_extensions import Buffer
 
 DefragVerdict = Literal["none", "held", "done", "drop"]
 
+MAX_FRAGMENTS: int
+
 def status_names() -> list[str]:
     """The ParseStatus names in enum order (lower case, no ``PARSE_`` prefix)."""
 
@@ -37,6 +39,10 @@ class FragTable:
     def memcap_drops(self) -> int: ...
     @property
     def bad(self) -> int: ...
+    @property
+    def no_room(self) -> int: ...
+    @property
+    def too_many(self) -> int: ...
     @property
     def max_bytes(self) -> int: ...
     @property

@@ -61,6 +61,8 @@ _STATUS_NAMES = (
 )
 assert len(_STATUS_NAMES) == PARSE_N, "ParseStatus and _STATUS_NAMES disagree"
 _DEFRAG_NAMES = ("none", "held", "done", "drop")
+# The most fragments FragTable rebuilds a datagram from (FRAG_MAX_PIECES)
+MAX_FRAGMENTS = FRAG_MAX_PIECES
 _FLAG_NAMES = ((PKT_F_FRAGMENT, "fragment"), (PKT_F_REASSEMBLED, "reassembled"),
                (PKT_F_ICMP_ERROR, "icmp_error"), (PKT_F_IP_OPTIONS, "ip_options"),
                (PKT_F_TRUNCATED, "truncated"), (PKT_F_RSS_HASH, "rss_hash"),
@@ -619,7 +621,8 @@ cdef class FragTable:
     def counters(self):
         return {"held": self.held, "completed": self.completed,
                 "timed_out": self.timed_out, "memcap_drops": self.memcap_drops,
-                "bad": self.bad, "no_room": self.no_room, "pending": self.pending,
+                "bad": self.bad, "no_room": self.no_room, "too_many": self.too_many,
+                "pending": self.pending,
                 "bytes_used": self.bytes_used}
 
     cdef uint32_t _lookup(self, mbx_pkt *p, bint create) noexcept nogil:
@@ -653,6 +656,7 @@ cdef class FragTable:
         g.used = 1
         g.end = -1
         g.piece_max = 0
+        g.npieces = 0
         g.first_ns = p.ts_ns
         g.pieces = NULL
         g.head = NULL
@@ -774,6 +778,12 @@ cdef class FragTable:
                 if q.off <= off and e <= q.off + q.length:
                     dup = True
             q = q.next
+        if not dup and g.npieces == FRAG_MAX_PIECES:
+            # More pieces than any sender cuts a datagram into: a flood of tiny
+            # fragments, each checked against every piece held.
+            self.too_many += g.counted
+            self.counting = False           # (counted as too_many, not bad)
+            return self._refuse(p, slot, PARSE_BAD_FRAG)
         store_head = off == 0 and g.head == NULL
         need = 0 if dup else sizeof(frag_piece) + length
         if store_head:
@@ -806,6 +816,7 @@ cdef class FragTable:
                 link = &link[0].next
             np.next = link[0]
             link[0] = np
+            g.npieces += 1
         g.charged += need
         self.bytes_used += need
         if not p.frag_more:

@@ -556,6 +556,7 @@ cdef class NetworkLayer:
                 "held": self.frags.held, "completed": self.frags.completed,
                 "timed_out": self.frags.timed_out, "memcap_drops": self.frags.memcap_drops,
                 "bad": self.frags.bad, "no_room": self.frags.no_room,
+                "too_many": self.frags.too_many,
             },
             "events": self.bus.counters(),
             # Clock readings, apart so that the counts above compare across runs.

@@ -156,7 +156,8 @@ def _print_counters(c, elapsed, out=None):
         w(f"fragments      held {fr['held']:,}, reassembled {fr['completed']:,}, "
           f"timed out {fr['timed_out']:,}, memcap {fr['memcap_drops']:,}, bad {fr['bad']:,}"
           + (f", no room in their burst {fr['no_room']:,} (lower --burst)"
-             if fr.get("no_room") else "") + "\n")
+             if fr.get("no_room") else "")
+          + (f", too many pieces {fr['too_many']:,}" if fr.get("too_many") else "") + "\n")
     if c["parse"]:
         w("parse          " + ", ".join(f"{k} {v:,}" for k, v in sorted(c["parse"].items()))
           + "\n")

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from mbxtest import fragment4, fragment6, ip_checksum
 
-from mbx._parse import FragTable, parse, parse_many, status_names
+from mbx._parse import MAX_FRAGMENTS, FragTable, parse, parse_many, status_names
 
 STATUSES = status_names()
 MAC_A = b"\x02\x00\x00\x00\x00\x01"
@@ -801,6 +801,35 @@ def test_an_atomic_fragment_header_in_the_head_is_walked_as_8_bytes(reserved):
     assert rebuilt == eth(ip6(44, atomic + bytes([17, 0]) + dstopts + body), 0x86DD)
     f = parse(rebuilt)
     assert f["status"] == "ok" and (f["sport"], f["dport"]) == (1111, 2222)
+
+
+def test_a_datagram_in_more_fragments_than_the_cap_is_dropped_and_counted(tmp_path):
+    """Each fragment is checked against every piece of its datagram held: 64,000
+    8-byte fragments took 60 times longer as datagrams of 8,000 than of 8.  A
+    datagram of MAX_FRAGMENTS pieces is rebuilt; one more piece drops it
+    (too_many)."""
+    from mbxtest import run_app
+
+    def datagram(pieces):
+        # an IP payload of 8 * pieces bytes, cut into 8-byte fragments
+        data = bytes(i % 251 for i in range(8 * (pieces - 1)))
+        orig = eth(ip4(17, udp(1, 2, data), ident=pieces))
+        frags = fragment4(orig, 8)
+        assert len(frags) == pieces
+        return orig, frags
+
+    assert MAX_FRAGMENTS >= 119         # 64 KiB at IPv4's minimum datagram of 576 bytes
+    orig, frags = datagram(MAX_FRAGMENTS)
+    table = FragTable()
+    assert push_all(table, frags)[-1] == ("done", orig) and table.too_many == 0
+    _, frags = datagram(MAX_FRAGMENTS + 1)
+    results = push_all(table, frags)
+    assert [r for r, _ in results] == ["held"] * MAX_FRAGMENTS + ["drop"]
+    assert table.too_many == 1 and table.bad == 0
+    assert table.pending == 0 and table.bytes_used == 0
+    c, out = run_app([], None, tmp_path, [(1.0 + i / 1e6, f) for i, f in enumerate(frags)])
+    assert c["fragments"]["too_many"] == 1 and c["fragments"]["completed"] == 0
+    assert c["parse"] == {"bad_frag": 1} and out == []
 
 
 def test_not_a_fragment_is_none():
