@@ -32,7 +32,9 @@ cdef enum ParseStatus:
     PARSE_BAD_TCP_OFF       # TCP data offset < 5 or past the segment
     PARSE_BAD_TCP_OPT       # TCP option length runs past the header
     PARSE_BAD_UDP_LEN       # UDP length field lies
-    PARSE_FRAG_TIMEOUT      # fragments that never completed (counted at expiry)
+    PARSE_FRAG_TIMEOUT      # never a packet's status: fragments held are not dropped
+    #                         one by one, their datagram is given up whole (counted in
+    #                         FragTable.timed_out / pending_at_end, not under `parse`)
     PARSE_FRAG_MEMCAP       # fragment dropped: reassembly memory exhausted
     PARSE_N                 # number of reasons
 

@@ -75,6 +75,8 @@ cdef class FragTable:
     cdef readonly uint64_t held             # fragments accepted into a pending datagram
     cdef readonly uint64_t completed        # datagrams rebuilt
     cdef readonly uint64_t timed_out        # datagrams abandoned at the timeout
+    cdef readonly uint64_t pending_at_end   # datagrams still incomplete when the input
+    #                                         ended (end_all), before their timeout
     cdef readonly uint64_t memcap_drops     # fragments refused for lack of memory
     cdef readonly uint64_t bad              # fragments refused as malformed/overlapping
     cdef readonly uint64_t no_room          # datagrams complete but with no room in their
@@ -100,6 +102,8 @@ cdef class FragTable:
     cdef int defrag(self, Batch batch, mbx_pkt *p, bint counted=*) noexcept nogil
     # Abandons datagrams idle for longer than the timeout; returns how many.
     cdef int expire(self, int64_t now_ns) noexcept nogil
+    # Abandons every pending datagram at the end of the input; returns how many.
+    cdef int end_all(self) noexcept nogil
 
     cdef uint32_t _lookup(self, mbx_pkt *p, bint create) noexcept nogil
     cdef void _release(self, uint32_t slot) noexcept nogil

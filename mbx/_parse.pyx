@@ -620,7 +620,8 @@ cdef class FragTable:
     @property
     def counters(self):
         return {"held": self.held, "completed": self.completed,
-                "timed_out": self.timed_out, "memcap_drops": self.memcap_drops,
+                "timed_out": self.timed_out, "pending_at_end": self.pending_at_end,
+                "memcap_drops": self.memcap_drops,
                 "bad": self.bad, "no_room": self.no_room, "too_many": self.too_many,
                 "pending": self.pending,
                 "bytes_used": self.bytes_used}
@@ -718,6 +719,26 @@ cdef class FragTable:
                 self._release(s)
                 n += 1
         return n
+
+    cdef int end_all(self) noexcept nogil:
+        # Not timed out: the input ended first (a capture of a millisecond would
+        # otherwise count all its incomplete datagrams as 30 s old), as flows that
+        # the input's end ends count as `shutdown`, not idle.
+        cdef uint32_t s
+        cdef int n = 0
+        if self.pending == 0:
+            return 0
+        for s in range(self.max_datagrams):
+            if self.dgrams[s].used:
+                self.pending_at_end += self.dgrams[s].counted
+                self._release(s)
+                n += 1
+        return n
+
+    def finish(self):
+        """Give up every pending datagram as cut off by the end of the input
+        (``pending_at_end``); how many.  ``close()`` frees them uncounted."""
+        return self.end_all()
 
     cdef int defrag(self, Batch batch, mbx_pkt *p, bint counted=True) noexcept nogil:
         cdef uint32_t slot, off, length, e, hdr, lo, hi, covered

@@ -365,7 +365,10 @@ cdef class NetworkLayer:
 
     def shutdown(self):
         """End every flow (FLOW/END, reason shutdown) at the end of the input."""
-        self.frags.expire(0x7FFFFFFFFFFFFFFF)
+        # datagrams past their time by the input's clock timed out; the rest were
+        # cut off by the end of the input
+        self.frags.expire(self.now_ns)
+        self.frags.end_all()
         self.drain_ended()
         while self.flows.end_all():
             self.drain_ended()
@@ -554,7 +557,9 @@ cdef class NetworkLayer:
             },
             "fragments": {
                 "held": self.frags.held, "completed": self.frags.completed,
-                "timed_out": self.frags.timed_out, "memcap_drops": self.frags.memcap_drops,
+                "timed_out": self.frags.timed_out,
+                "pending_at_end": self.frags.pending_at_end,
+                "memcap_drops": self.frags.memcap_drops,
                 "bad": self.frags.bad, "no_room": self.frags.no_room,
                 "too_many": self.frags.too_many,
             },

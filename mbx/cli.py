@@ -155,6 +155,8 @@ def _print_counters(c, elapsed, out=None):
     if any(fr.values()):
         w(f"fragments      held {fr['held']:,}, reassembled {fr['completed']:,}, "
           f"timed out {fr['timed_out']:,}, memcap {fr['memcap_drops']:,}, bad {fr['bad']:,}"
+          + (f", incomplete at the end of the input {fr['pending_at_end']:,}"
+             if fr.get("pending_at_end") else "")
           + (f", no room in their burst {fr['no_room']:,} (lower --burst)"
              if fr.get("no_room") else "")
           + (f", too many pieces {fr['too_many']:,}" if fr.get("too_many") else "") + "\n")

@@ -503,15 +503,25 @@ def test_frag_timeout_and_memcap_are_counted(tmp_path):
             inp.close()
 
     # datagrams: the lost one times out (given up, past its time, before a fragment
-    # is refused for memory); big, cut by the memcap, never completes and is given up
-    # at the end of the input
+    # is refused for memory); big, cut by the memcap, never completes and is cut off
+    # by the end of the input, 1 s after its first fragment (it was counted as timed
+    # out, as if it had waited its 30 s)
     c = run(frag_memory=4096)                       # too little for all of big
-    assert c["fragments"]["timed_out"] == 2 and c["fragments"]["completed"] == 0
+    assert c["fragments"]["timed_out"] == 1 and c["fragments"]["completed"] == 0
+    assert c["fragments"]["pending_at_end"] == 1
     assert c["fragments"]["memcap_drops"] == c["parse"]["frag_memcap"] == 1
     assert c["dropped_by_nf"] == 0                  # the stack refused them, no NF
     c = run(frag_memory=1 << 20)                    # room for all: big is whole again
     assert c["fragments"]["timed_out"] == 1 and c["fragments"]["completed"] == 1
+    assert c["fragments"]["pending_at_end"] == 0
     assert c["fragments"]["memcap_drops"] == 0 and "frag_memcap" not in c["parse"]
+    # a datagram still incomplete when the input ends within its time, and one past
+    # its time by the input's clock: one of each
+    frames = [(1.0, lost[0]), (32.0, big[0]), (32.001, later)]
+    write_pcap(cap, frames)
+    c = run(frag_memory=1 << 20)
+    assert c["fragments"]["timed_out"] == 1 and c["fragments"]["pending_at_end"] == 1
+    assert c["fragments"]["held"] == 2 and "frag_timeout" not in c["parse"]
 
 
 def test_a_malformation_is_counted_once_fragmented_or_not(tmp_path):
@@ -946,6 +956,16 @@ def test_random_fragment_soup_never_breaks_the_table():
         assert table.bytes_used <= 20000 and table.pending <= 8
     table.sweep(10**12)
     assert table.pending == 0 and table.bytes_used == 0
+
+
+def test_finish_counts_what_the_end_of_the_input_cut_off():
+    table = FragTable(timeout=30.0)
+    for ident in range(3):
+        table.push(fragment4(eth(ip4(17, udp(data=bytes(100)), ident=ident)), 32)[0], 0)
+    assert table.finish() == 3
+    assert table.pending_at_end == 3 and table.timed_out == 0
+    assert table.pending == 0 and table.bytes_used == 0
+    assert table.finish() == 0 and table.counters["pending_at_end"] == 3
 
 
 def test_truncated_fragment_passes_through():
