@@ -278,12 +278,18 @@ cdef inline int _parse_ipv4(mbx_pkt *p, const uint8_t *d, uint32_t off,
     if tot > avail:
         # Past the captured bytes only, a capture cut by its snaplen; past the frame
         # on the wire too, a lie (Wireshark: "total length exceeds packet length").
-        # A lying fragment is refused here, before it is taken for one: it could
-        # only be rebuilt into a datagram with bytes that never came.
-        if off + tot > p.wirelen:
-            return _done(p, PARSE_BAD_IP_LEN)
         end = n
         p.flags |= PKT_F_TRUNCATED
+        if off + tot > p.wirelen:
+            # A lying fragment is refused before it is taken for one: it could only
+            # be rebuilt into a datagram with bytes that never came.  Otherwise the
+            # transport header is read as far as it was captured, as Wireshark does:
+            # its ports keep the packet in its own flow (a capture rewritten after a
+            # snaplen cut, with wire lengths lost, says this of every long frame).
+            if ld16(ip + 6) & 0x3FFF:
+                return _done(p, PARSE_BAD_IP_LEN)
+            _parse_l4(p, d, off + ihl, end, off + tot)
+            return _done(p, PARSE_BAD_IP_LEN)
     fo = ld16(ip + 6)
     if fo & 0x3FFF:
         p.flags |= PKT_F_FRAGMENT
@@ -302,6 +308,7 @@ cdef inline int _parse_ipv6(mbx_pkt *p, const uint8_t *d, uint32_t off,
     cdef const uint8_t *ip = d + off
     cdef uint32_t plen, decl, end, cur, hlen, fo
     cdef uint8_t nh
+    cdef int cut = PARSE_TRUNC_L3      # what a header past the captured bytes is
     if n - off < 40:
         return _done(p, PARSE_TRUNC_L3)
     if (ip[0] >> 4) != 6:
@@ -316,13 +323,13 @@ cdef inline int _parse_ipv6(mbx_pkt *p, const uint8_t *d, uint32_t off,
     decl = off + 40 + plen
     end = decl
     if decl > n:
-        # as for IPv4: a cut capture, or a lie when even the wire frame is shorter
-        # (then the extension headers are not walked: their lengths cannot be
-        # checked against a length that is itself wrong)
-        if decl > p.wirelen:
-            return _done(p, PARSE_BAD_IP_LEN)
+        # as for IPv4: a cut capture, or a lie when even the wire frame is shorter;
+        # a lie is the packet's status however far the walk gets, and the headers
+        # are read as far as they were captured (the ports keep it in its flow)
         end = n
         p.flags |= PKT_F_TRUNCATED
+        if decl > p.wirelen:
+            cut = PARSE_BAD_IP_LEN
     cur = off + 40
     # Every header advances cur by at least 8 bytes, so the walk ends within
     # plen / 8 steps however the chain is built.
@@ -333,7 +340,7 @@ cdef inline int _parse_ipv6(mbx_pkt *p, const uint8_t *d, uint32_t off,
             if cur + 2 > decl:
                 return _done(p, PARSE_BAD_IPV6_EXT)
             if cur + 2 > end:
-                return _done(p, PARSE_TRUNC_L3)
+                return _done(p, cut)
             if nh == IPPROTO_AH:
                 hlen = (<uint32_t>d[cur + 1] + 2) * 4
             else:
@@ -341,20 +348,22 @@ cdef inline int _parse_ipv6(mbx_pkt *p, const uint8_t *d, uint32_t off,
             if cur + hlen > decl:
                 return _done(p, PARSE_BAD_IPV6_EXT)
             if cur + hlen > end:
-                return _done(p, PARSE_TRUNC_L3)
+                return _done(p, cut)
             nh = d[cur]
             cur += hlen
         elif nh == IPPROTO_FRAGMENT:
             if cur + 8 > decl:
                 return _done(p, PARSE_BAD_IPV6_EXT)
             if cur + 8 > end:
-                return _done(p, PARSE_TRUNC_L3)
+                return _done(p, cut)
             nh = d[cur]
             fo = ld16(d + cur + 2)
             p.frag_id = ld32(d + cur + 4)
             cur += 8
             # An atomic fragment (offset 0, M clear) is a whole datagram: parse on.
             if fo & 0xFFF9:
+                if cut == PARSE_BAD_IP_LEN:
+                    return _done(p, cut)    # never rebuilt from bytes that never came
                 p.l4_proto = nh
                 p.flags |= PKT_F_FRAGMENT
                 p.frag_off = fo >> 3
@@ -366,6 +375,9 @@ cdef inline int _parse_ipv6(mbx_pkt *p, const uint8_t *d, uint32_t off,
                 return _done(p, PARSE_OK)
         else:
             break
+    if cut == PARSE_BAD_IP_LEN:
+        _parse_l4(p, d, cur, end, decl)
+        return _done(p, cut)
     return _parse_l4(p, d, cur, end, decl)
 
 

@@ -102,7 +102,7 @@ cdef enum:
 # RSS_FLOW and RSS_FRAGMENT, leaves its hash in h.  Frames the parser finds no IP
 # address in (non-IP, cut short before the addresses, a wrong version nibble) are
 # RSS_NOT_IP, as rss_stack_of_parsed says.  An IP length past the wire frame is the
-# parser's BAD_IP_LEN, which reads no ports: left to it (RSS_PARSE).
+# parser's BAD_IP_LEN: left to it (RSS_PARSE), a rare frame.
 cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen, uint32_t wirelen,
                                   uint32_t *h) noexcept nogil:
     cdef uint32_t off = 14, nvlan = 0, ihl, tot, end, plen

@@ -384,12 +384,17 @@ def test_an_ip_length_past_the_wire_frame_is_bad_ip_len():
     ip[2:4] = struct.pack("!H", 1500)
     f = parse(eth(bytes(ip)))
     assert f["status"] == "bad_ip_len" and f["src"] == "10.0.0.1"
+    # its transport header is still read as far as it was captured: a capture
+    # rewritten after a snaplen cut (wire lengths lost) says this of every long
+    # frame, and without its ports each would join one flow per pair of hosts
+    assert (f["sport"], f["dport"], f["seq"]) == (1234, 80, 1)
     assert parse(eth(bytes(ip)), wirelen=14 + 1499)["status"] == "bad_ip_len"
     # the same bytes cut by a snaplen from a 1,514-byte frame: a short capture
     f = parse(eth(bytes(ip)), wirelen=14 + 1500)
     assert f["status"] == "ok" and "truncated" in f["flag_names"] and f["sport"] == 1234
     v6 = eth(ip6(17, udp(data=b"hello"), plen=1000), 0x86DD)
-    assert parse(v6)["status"] == "bad_ip_len"
+    f = parse(v6)
+    assert f["status"] == "bad_ip_len" and (f["sport"], f["dport"]) == (5353, 53)
     assert parse(v6, wirelen=14 + 40 + 1000)["status"] == "ok"
     # an extension header running past the whole frame: the payload length lies first
     # (it was trunc_l3)
