@@ -1,17 +1,20 @@
 """The L4 load balancer's output capture, read back by dpkt and by tshark:
 checksums valid, translation consistent in both directions; the C-handler L4LB and
 the Python reference PyL4LB write the same bytes."""
+import ipaddress
 import random
 import shutil
+import struct
 import subprocess
+import zlib
 
 import dpkt
 import pytest
 from mbxtest import read_frames
 
 import mbx
-from mbx.examples.capture import BACKENDS, VIP, ether, tcp4, tcp_connection
-from mbx.nfs.l4lb import L4LB, PyL4LB, choose_backend
+from mbx.examples.capture import BACKENDS, VIP, ether, ipv4, tcp4, tcp6, tcp_connection
+from mbx.nfs.l4lb import L4LB, PyL4LB, choose_backend, parse_endpoint
 
 OPTIONS = {"vip": f"{VIP[0]}:{VIP[1]}", "backends": ",".join(f"{a}:{p}" for a, p in BACKENDS)}
 
@@ -51,7 +54,7 @@ def test_translation_both_ways_with_valid_checksums(run, example_pcap, cls):
         assert _checksums_ok(b), "checksum broken by the rewrite"
         src, dst = _addr(a.src), _addr(a.dst)
         if (dst, a.data.dport) == VIP:
-            backend = choose_backend(src, a.data.sport, dst, a.data.dport, 6, BACKENDS)
+            backend = _documented_backend(src, a.data.sport, dst, a.data.dport, 6, BACKENDS)
             assert (_addr(b.dst), b.data.dport) == backend
             assert (_addr(b.src), b.data.sport) == (src, a.data.sport)
             to_backend += 1
@@ -59,7 +62,8 @@ def test_translation_both_ways_with_valid_checksums(run, example_pcap, cls):
             # a reply: the backend becomes the VIP again, and it is the backend
             # this client's connection was sent to
             assert (_addr(b.src), b.data.sport) == VIP
-            assert choose_backend(dst, a.data.dport, *VIP, 6, BACKENDS) == (src, a.data.sport)
+            assert _documented_backend(dst, a.data.dport, *VIP, 6, BACKENDS) == (
+                src, a.data.sport)
             from_vip += 1
         else:
             assert bytes(a) == bytes(b), "traffic not for the VIP is untouched"
@@ -112,10 +116,154 @@ def test_c_and_python_write_the_same_bytes(run, example_pcap, tmp_path):
         assert c.tracked == py.tracked == 0 and c.core.reverse_entries == 0
 
 
+def _documented_backend(src, sport, dst, dport, proto, backends):
+    """The backend choose_backend's docstring describes, computed here from it: CRC-32
+    of the addresses (4 or 16 bytes), the ports big-endian and the protocol, modulo
+    the number of backends."""
+    key = (ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
+           + sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes([proto]))
+    return backends[zlib.crc32(key) % len(backends)]
+
+
+def _fold(s):
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _ones_sum(data):
+    data = bytes(data) + b"\0" * (len(data) % 2)
+    return _fold(sum(struct.unpack(f"!{len(data) // 2}H", data)))
+
+
+def _l4_checksum_ok(frame):
+    """The IPv4 header checksum and the TCP/UDP checksum of an untagged frame, summed
+    here over the IPv4 or IPv6 pseudo-header (RFC 768, 793, 8200 8.1): the sum of a
+    header with its checksum field in it is all ones.  None for other frames."""
+    ethertype = int.from_bytes(frame[12:14], "big")
+    if ethertype == 0x0800:
+        ihl = (frame[14] & 0x0F) * 4
+        ip, proto = frame[14:14 + int.from_bytes(frame[16:18], "big")], frame[23]
+        if _ones_sum(ip[:ihl]) != 0xFFFF:
+            return False
+        seg = ip[ihl:]
+        pseudo = ip[12:20] + bytes([0, proto]) + len(seg).to_bytes(2, "big")
+    elif ethertype == 0x86DD:
+        proto = frame[20]
+        seg = frame[54:54 + int.from_bytes(frame[18:20], "big")]
+        pseudo = frame[22:54] + len(seg).to_bytes(4, "big") + bytes([0, 0, 0, proto])
+    else:
+        return None
+    if proto not in (6, 17):
+        return None
+    if proto == 17 and seg[6:8] == b"\0\0":
+        return ethertype == 0x0800          # no checksum: allowed over IPv4 only
+    return _ones_sum(pseudo + seg) == 0xFFFF
+
+
+def _udp(src, dst, sport, dport, payload):
+    # A UDP datagram over IPv4 or IPv6 with its checksum, built from the RFCs
+    s, d = ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed
+    seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    if len(s) == 4:
+        pseudo = s + d + bytes([0, 17]) + len(seg).to_bytes(2, "big")
+    else:
+        pseudo = s + d + len(seg).to_bytes(4, "big") + bytes([0, 0, 0, 17])
+    seg = seg[:6] + struct.pack("!H", (~_ones_sum(pseudo + seg) & 0xFFFF) or 0xFFFF) + seg[8:]
+    if len(s) == 4:
+        return ether(ipv4(src, dst, 17, seg))
+    return ether(struct.pack("!IHBB16s16s", 6 << 28, len(seg), 17, 64, s, d) + seg,
+                 ethertype=0x86DD)
+
+
+def _tcp(src, dst, sport, dport, **kw):
+    if ":" in src:
+        return ether(tcp6(src, dst, sport, dport, **kw), ethertype=0x86DD)
+    return ether(tcp4(src, dst, sport, dport, **kw))
+
+
+def _frame_endpoints(frame):
+    # ((src, sport), (dst, dport), proto) of an untagged TCP/UDP frame
+    if frame[12:14] == b"\x08\x00":
+        ip = frame[14:]
+        l4, proto = ip[(ip[0] & 0x0F) * 4:], ip[9]
+        src, dst = ip[12:16], ip[16:20]
+    else:
+        l4, proto, src, dst = frame[54:], frame[20], frame[22:38], frame[38:54]
+    return ((str(ipaddress.ip_address(src)), int.from_bytes(l4[0:2], "big")),
+            (str(ipaddress.ip_address(dst)), int.from_bytes(l4[2:4], "big")), proto)
+
+
+# Five backends on their own ports and VIP ports whose two bytes differ: with two
+# backends and port 80 a key with its port bytes swapped picked the same backend
+# about as often as not (CRC-32 mod 2 is one bit), and every test passed.
+_LB_CASES = {
+    4: ("198.18.3.1", 8443, ["198.18.2.1:8080", "198.18.2.2:8081", "198.18.2.3:9090",
+                             "198.18.2.4:8080", "198.18.2.5:443"]),
+    6: ("2001:db8:3::1", 4433, ["[2001:db8:2::a]:8080", "[2001:db8:2:1::b]:8081",
+                                "[2001:db8:2::c]:9090", "[2001:db8:4::d]:8080",
+                                "[2001:db8:2::e]:443"]),
+}
+
+
+def _lb_flows(version, flows=240, seed=5):
+    """TCP and UDP flows to the VIP of _LB_CASES[version], each answered by the backend
+    the documented hash picks; client ports drawn from the whole range.  Returns the
+    frames and, for each frame, the endpoints the balancer must write."""
+    vip_addr, vip_port, backends = _LB_CASES[version]
+    backends = [parse_endpoint(b) for b in backends]
+    vip = (vip_addr, vip_port)
+    rng = random.Random(seed)
+    frames, want = [], []
+    for i in range(flows):
+        cli = (f"198.18.{1 + i // 200}.{1 + i % 200}" if version == 4
+               else f"2001:db8:1::{i + 1:x}", rng.randrange(1024, 65536))
+        proto = 6 if i % 3 else 17
+        backend = _documented_backend(*cli, *vip, proto, backends)
+        if proto == 6:
+            pkts = [(cli, vip, dict(flags=0x02, seq=1)),
+                    (backend, cli, dict(flags=0x12, seq=7, ack=2)),
+                    (cli, vip, dict(flags=0x18, seq=2, ack=8, payload=b"q" * (i % 7)))]
+        else:
+            pkts = [(cli, vip, {"payload": b"ask" * (1 + i % 5)}),
+                    (backend, cli, {"payload": b"answer" + bytes([i % 256])})]
+        for src, dst, kw in pkts:
+            if proto == 6:
+                frames.append(_tcp(src[0], dst[0], src[1], dst[1], **kw))
+            else:
+                frames.append(_udp(src[0], dst[0], src[1], dst[1], kw["payload"]))
+            # to the VIP: the backend as destination; from the backend: the VIP as source
+            want.append((src, backend, proto) if dst == vip else (vip, dst, proto))
+    return [(1_700_000_000 + k * 1e-4, f) for k, f in enumerate(frames)], want, backends
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_backend_and_checksums_of_many_flows_with_five_backends(run, version):
+    frames, want, backends = _lb_flows(version)
+    vip_addr, vip_port, backend_opt = _LB_CASES[version]
+    vip_opt = f"[{vip_addr}]:{vip_port}" if version == 6 else f"{vip_addr}:{vip_port}"
+    outs = []
+    for cls in (L4LB, PyL4LB):
+        lb = cls(vip=vip_opt, backends=",".join(backend_opt))
+        _, out = run([lb], frames=frames)
+        got = [_frame_endpoints(f) for _, f in out]
+        assert len(got) == len(want)
+        wrong = [(k, g, w) for k, (g, w) in enumerate(zip(got, want, strict=True)) if g != w]
+        assert not wrong, f"{cls.__name__}: {len(wrong)} packets to or from the wrong " \
+            f"endpoint, first {wrong[:3]}"
+        bad = [k for k, (_, f) in enumerate(out) if not _l4_checksum_ok(f)]
+        assert not bad, f"{cls.__name__}: checksums wrong after the rewrite in " \
+            f"frames {bad[:10]}"
+        assert (cls.__name__, lb.translated) == (cls.__name__, len(frames))
+        outs.append(out)
+    # every backend got flows, of both protocols
+    assert {(w[1], w[2]) for w in want if w[0] != (vip_addr, vip_port)} >= {
+        (b, p) for b in backends for p in (6, 17)}
+    assert outs[0] == outs[1], "the C and Python balancers wrote different bytes"
+
+
 def test_backend_choice_is_the_documented_hash():
     # CRC-32 of packed addresses, big-endian ports and the protocol
-    import struct
-    import zlib
     key = bytes([198, 18, 1, 7, 198, 18, 3, 1]) + struct.pack("!HHB", 40000, 80, 6)
     want = BACKENDS[zlib.crc32(key) % 2]
     assert choose_backend("198.18.1.7", 40000, "198.18.3.1", 80, 6, BACKENDS) == want
