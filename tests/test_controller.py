@@ -1,5 +1,6 @@
 """Application files and the Controller: loading, type checks with their messages,
 filters compiled into the bus, parallel groups and their merged verdicts."""
+import ipaddress
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import mbx
 from mbx._events import EventBus
 from mbx.controller import check, load_app_file
 from mbx.errors import AppError
+from mbx.examples.capture import ether, tcp4, tcp6, udp4, write_pcap
 from mbx.ports import open_input
 from mbx.runtime import App
 
@@ -86,6 +88,110 @@ def test_an_application_file_loads_links_and_runs(tmp_path, example_pcap):
     # FLOW/END has no packet: the flow's server port is what the filter checks
     assert any(s[0] == "FLOW/END" for s in web.seen)
     assert counters["packets"] == len(read_frames(example_pcap))
+
+
+# Prefixes of every kind the C matcher handles differently: whole bytes only (/8,
+# /24, /32), a partial last byte (/15, /20, /31, /127), IPv6 (/64, /127).
+FILTER_NETS = ["10.0.0.0/8", "172.16.0.0/15", "192.168.5.0/24", "198.51.100.6/31",
+               "198.51.100.9/32", "203.0.112.0/20", "2001:db8:a:b::/64", "2001:db8::6/127"]
+
+
+def _near(net):
+    """Addresses at and just beyond the edges of ``net``, and the network address with
+    each of the bits around the prefix length flipped: the last bit of the prefix
+    (outside when flipped) and the first bit after it (inside)."""
+    out = {net.network_address, net.broadcast_address, net.network_address - 1,
+           net.broadcast_address + 1}
+    width = net.max_prefixlen
+    for bit in range(max(0, net.prefixlen - 3), min(width, net.prefixlen + 2)):
+        out.add(ipaddress.ip_address(int(net.network_address) ^ (1 << (width - 1 - bit))))
+    return out
+
+
+def test_src_net_and_dst_net_filters_take_exactly_the_prefix(run):
+    nets = [ipaddress.ip_network(n) for n in FILTER_NETS]
+    addrs = sorted({a for n in nets for a in _near(n)}, key=lambda a: (a.version, a))
+    peer = {4: "192.0.2.200", 6: "2001:db8:ffff::1"}
+    frames = []
+    for k, a in enumerate(addrs):
+        # a SYN from the address and one to it
+        for src, dst in ((str(a), peer[a.version]), (peer[a.version], str(a))):
+            frame = (ether(tcp4(src, dst, 1000 + k, 80, flags=0x02)) if a.version == 4
+                     else ether(tcp6(src, dst, 1000 + k, 80, flags=0x02), ethertype=0x86DD))
+            frames.append((1_700_000_000 + len(frames) * 1e-4, frame))
+    sent = [tuple(str(ipaddress.ip_address(bytes(a))) for a in (ip.src, ip.dst))
+            for ip in (dpkt.ethernet.Ethernet(f).data for _, f in frames)]
+
+    def recorder(name, **spec):
+        nf = mbx.NF(name)
+        nf.got = []
+        nf.sub("PKT", lambda ev: nf.got.append((ev.src_ip, ev.dst_ip)))
+        nf.filter("PKT", **spec)
+        nf.spec = spec
+        return nf
+
+    nfs = [recorder(f"{side}{i}", **{f"{side}_net": str(n)})
+           for i, n in enumerate(nets) for side in ("src", "dst")]
+    # a list of prefixes takes an address in any of them
+    nfs.append(recorder("list", src_net=[FILTER_NETS[1], FILTER_NETS[7]]))
+    run(nfs, frames=frames)
+    for nf in nfs:
+        side, want_nets = next(iter(nf.spec.items()))
+        want_nets = [ipaddress.ip_network(n) for n in
+                     (want_nets if isinstance(want_nets, list) else [want_nets])]
+        want = [p for p in sent
+                if any(ipaddress.ip_address(p[0 if side == "src_net" else 1]) in n
+                       for n in want_nets)]
+        assert nf.got == want, f"{nf.name} {nf.spec}: took " \
+            f"{sorted(set(nf.got) - set(want))}, missed {sorted(set(want) - set(nf.got))}"
+        assert want and len(want) < len(sent)       # the filter had work on both sides
+
+
+def test_a_per_type_filter_replaces_the_nf_wide_one_for_its_type_only(tmp_path):
+    nf_file = write(tmp_path, "rec.py", """
+        import mbx
+
+        def make(name="rec"):
+            nf = mbx.NF(name)
+            nf.got = []
+            nf.sub("PKT", lambda ev: nf.got.append(("PKT", ev.proto, ev.sport, ev.dport)))
+            nf.sub("FLOW/END", lambda ev: nf.got.append(
+                ("FLOW/END", ev.proto, ev.cli_port, ev.srv_port)))
+            return nf
+        """)
+    app = write(tmp_path, "app.toml", f"""
+        [[nf]]
+        use = "{nf_file}"
+        [nf.filter]
+        dst_port = 80
+        [nf.filters.PKT]
+        proto = "udp"
+        """)
+    spec = load_app_file(app)
+    # mbx check shows the filter each subscription gets
+    links = {line.split()[1]: line for line in spec.graph().splitlines() if "<-" in line}
+    assert links["PKT"].endswith("[Filter(proto='udp')]")
+    assert links["FLOW/END"].endswith("[Filter(dst_port=80)]")
+    # TCP and UDP flows to port 80 and to other ports, a packet each way
+    frames, k = [], 0
+    for proto, srv_port in ((6, 80), (6, 443), (17, 80), (17, 53)):
+        for cli_port in (40000, 40001):
+            for sp, dp, src, dst in ((cli_port, srv_port, "198.18.1.1", "198.18.2.1"),
+                                     (srv_port, cli_port, "198.18.2.1", "198.18.1.1")):
+                pkt = (tcp4(src, dst, sp, dp, flags=0x02 if sp == cli_port else 0x12)
+                       if proto == 6 else udp4(src, dst, sp, dp, b"x"))
+                frames.append((1_700_000_000 + k * 1e-3, ether(pkt)))
+                k += 1
+    write_pcap(str(tmp_path / "in.pcap"), frames)
+    App(spec.nfs).run(open_input(f"pcap:{tmp_path / 'in.pcap'}"))
+    got = spec.nfs[0].got
+    # PKT: its own filter (every UDP packet, port 80 or not), not the NF-wide one
+    assert [g[1:] for g in got if g[0] == "PKT"] == [
+        (17, sp, dp) for port in (80, 53) for cli in (40000, 40001)
+        for sp, dp in ((cli, port), (port, cli))]
+    # FLOW/END: the NF-wide filter (server port 80, TCP or UDP)
+    assert sorted(g[1:] for g in got if g[0] == "FLOW/END") == [
+        (6, 40000, 80), (6, 40001, 80), (17, 40000, 80), (17, 40001, 80)]
 
 
 def test_nf_files_are_found_beside_the_application_file(tmp_path, monkeypatch):
