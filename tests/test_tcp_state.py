@@ -162,6 +162,37 @@ def test_rst_valid_and_out_of_window():
     assert states(c) == ("CLOSED", "CLOSED") and c.closed_by == "rst"
 
 
+@pytest.mark.parametrize("offset, ok", [(-1, False), (0, True), (999, True),
+                                        (1000, False), (1001, False)])
+def test_rst_window_edges(offset, ok):
+    # The receive window is [RCV.NXT, RCV.NXT + RCV.WND) (RFC 9293 3.5.3, 3.10.7.4):
+    # the client acked 5001 and offers 1000 bytes, so 6000 is the last acceptable
+    # sequence number and 6001, the top edge itself, is out.
+    cli, srv = pair()
+    c = TcpConn()
+    handshake(c, cli, srv)
+    c.update(cli.frame(ACK, 1001, 5001, win=1000, data=b"a" * 10), 0)
+    c.update(srv.frame(ACK, 5001, 1011, win=2000), 1)
+    s, r = c.update(srv.frame(RST, 5001 + offset), 1)
+    if ok:
+        assert s == ["RST", "STATE_CHANGE", "TERMINATE"] and r == ["RST", "STATE_CHANGE"]
+        assert states(c) == ("CLOSED", "CLOSED") and c.closed_by == "rst"
+    else:
+        assert s == ["RST", "RST_INVALID"] and r == ["RST", "RST_INVALID"]
+        assert states(c) == ("ESTABLISHED", "ESTABLISHED") and not c.closed
+
+
+@pytest.mark.parametrize("offset, ok", [(-1, False), (0, True), (1, False)])
+def test_rst_against_a_zero_window_must_hit_rcv_nxt(offset, ok):
+    # with no window RFC 9293 takes only SEG.SEQ = RCV.NXT (the code's window of 1)
+    cli, srv = pair()
+    c = TcpConn()
+    handshake(c, cli, srv)
+    c.update(cli.frame(ACK, 1001, 5001, win=0), 0)
+    s, _ = c.update(srv.frame(RST, 5001 + offset), 1)
+    assert ("RST_INVALID" not in s) == ok and c.closed == ok
+
+
 def test_rst_refusing_a_syn():
     cli, srv = pair()
     c = TcpConn()
