@@ -459,6 +459,34 @@ def test_burst_equals_single_lookups(steps, policy):
         assert burst.flow(slot) == single.flow(slot)
 
 
+@pytest.mark.parametrize("gap, ends", [(999, False), (1000, False), (1001, True)])
+def test_the_idle_timeout_edge_is_the_same_at_lookup_and_at_expiry(gap, ends):
+    # A flow is idle once *more* than idle_timeout passed since its last packet:
+    # whether its next packet finds that out (lookup, within a burst) or expiry does
+    # (after a burst), a packet exactly idle_timeout later goes on with the flow and
+    # one 1 ns later starts a new one.
+    udp = ("10.0.0.1", "10.0.0.2", 5000, 53, 17)
+    first, then = (*udp, 1_000_000), (*udp, 1_000_000 + gap)
+
+    by_lookup = FlowTable(capacity=4, idle_timeout=1e-6)
+    assert by_lookup.idle_timeout_ns == 1000
+    a, b = by_lookup.lookup_burst_py([first, then])
+    assert a[3] and b[3] == ends and (b[1] == a[1] + 1 if ends else b[:2] == a[:2])
+
+    by_expiry = FlowTable(capacity=4, idle_timeout=1e-6)
+    a2 = by_expiry.lookup_tuple(*first)
+    assert by_expiry.expire_py(then[5]) == int(ends)
+    b2 = by_expiry.lookup_tuple(*then)
+    assert b2[3] == ends
+
+    for t in (by_lookup, by_expiry):
+        assert t.counters["expired"] == int(ends) and t.counters["created"] == 1 + ends
+        assert [(e["end_reason"], e["last_ns"]) for e in t.take_ended()] == (
+            [("idle", 1_000_000)] if ends else [])
+        assert t.flow(b[0] if t is by_lookup else b2[0])["last_ns"] == then[5]
+    assert a2[:3] == a[:3]
+
+
 def test_a_packet_after_the_idle_timeout_starts_a_new_flow_within_a_burst(tmp_path):
     """Expiry runs after each burst: a flow idle for longer than the timeout used to
     go on with the first packets after its pause (the first burst's worth), however
