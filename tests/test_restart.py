@@ -3,7 +3,10 @@ recovers what it held, applies its failure policy while it is down, and forks it
 from its pre-fork copy, which then gets the events of the following epochs."""
 import json
 import os
+import pathlib
 import signal
+import subprocess
+import sys
 
 import pytest
 from mbxtest import read_frames, run_app
@@ -247,6 +250,9 @@ def test_app_file_restart(tmp_path):
     assert (nf.restart, nf.restart_backoff) == (3, 0.5)
 
 
+FULL_RINGS_LIMIT = 60         # seconds
+
+
 class Slow(mbx.NF):
     """After the crasher: slow enough that the rings hold several epochs."""
 
@@ -259,27 +265,50 @@ class Slow(mbx.NF):
             pass
 
 
+def run_with_full_rings(capture, tmp, failure):
+    """test_restart_with_full_rings's run: its counters and how many frames it sent
+    (called in a process of its own)."""
+    tmp = pathlib.Path(tmp)
+    nfs = [Crasher(tmp / "crash.log", 300, "kill", tmp / "crashed", failure=failure,
+                   restart=1, restart_backoff=0), Slow()]
+    c, out = run_app(nfs, capture, deploy="pipelined", burst=4, inflight=16, ring_size=64)
+    return c, len(out)
+
+
 @pytest.mark.parametrize("failure", ["open", "closed"])
 def test_restart_with_full_rings(example_pcap, tmp_path, failure):
     # It dies holding several epochs in flight, its ring full behind it: the stack
     # recovers them by its policy and the restarted process takes the ring over at
     # an epoch boundary, with nothing lost or seen twice.
+    # Run in a process of its own with a time limit: a ring overrun (entries pushed
+    # past a full ring) made this run hang rather than fail.
     frames = read_frames(example_pcap)
-    log = tmp_path / "crash.log"
-    nfs = [Crasher(log, 300, "kill", tmp_path / "crashed", failure=failure, restart=1,
-                   restart_backoff=0), Slow()]
-    c, out = run_app(nfs, example_pcap, deploy="pipelined", burst=4, inflight=16,
-                     ring_size=64)
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+            f"from test_restart import run_with_full_rings; print(json.dumps("
+            f"run_with_full_rings({example_pcap!r}, {str(tmp_path)!r}, {failure!r})))")
+    # a session of its own: on time-out its NF processes are killed with it
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=FULL_RINGS_LIMIT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"the pipelined run with full rings did not end within "
+                    f"{FULL_RINGS_LIMIT} s (it takes well under one): hung; "
+                    f"stderr: {stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    c, sent = json.loads(stdout.splitlines()[-1])
     p = c["pipeline"]
     assert p["nfs"]["crash"]["restarts"] == 1 and p["max_in_flight"] > 1
     assert_baseline(c)
-    first, second = lives(log).values()
+    first, second = lives(tmp_path / "crash.log").values()
     assert first == 299 and second > 0
     held = c["fragments_held"]
     if failure == "open":
-        assert len(out) == len(frames) - held
+        assert sent == len(frames) - held
     else:
-        assert len(out) == first + second
+        assert sent == first + second
         assert c["dropped_by_nf"] == len(frames) - held - first - second
 
 
