@@ -20,7 +20,14 @@ from mbx._stack import NetworkLayer, rss_owners
 from mbx.errors import CaptureFormatError, PortError
 from mbx.examples.capture import ether, tcp4, tcp6, udp4
 
-V4 = [b"\xc6\x12\x00\x01", b"\xc6\x12\x00\x02", b"\xc6\x13\x07\x07"]
+V4 = [b"\xc6\x12\x00\x01", b"\xc6\x12\x00\x02", b"\xc6\x13\x07\x07",
+      # ordered one way in network byte order and the other way read little-endian
+      # (1.0.0.2 < 2.0.0.1, 0x02000001 < 0x01000002 as a host's u32): which end
+      # of a flow is the smaller must be decided in network order, as the flow
+      # table does; the three above sort alike in both orders
+      b"\x01\x00\x00\x02", b"\x02\x00\x00\x01"]
+# ports likewise: 0x0102 < 0x0201, their bytes swapped the other way round
+PORTS = [80, 443, 5000, 5001, 0x0102, 0x0201]
 V6 = [bytes.fromhex("20010db8" + "00" * 11 + k) for k in ("01", "02", "ff")]
 TPIDS = [0x8100, 0x88A8, 0x9100]
 EXT6 = [0, 43, 60, 51, 44]          # hop-by-hop, routing, dest opts, AH, fragment
@@ -79,8 +86,8 @@ def ipv6_packet(draw, proto, l4):
 @st.composite
 def frames(draw):
     proto = draw(st.sampled_from([6, 6, 17, 17, 1, 58, 47, 50, 132]))
-    sport = draw(st.sampled_from([80, 443, 5000, 5001]))
-    dport = draw(st.sampled_from([80, 443, 5000, 5001]))
+    sport = draw(st.sampled_from(PORTS))
+    dport = draw(st.sampled_from(PORTS))
     l4 = l4_header(draw, proto, sport, dport) + draw(st.binary(max_size=16))
     family = draw(st.sampled_from([4, 6]))
     ip = ipv4_packet(draw, proto, l4) if family == 4 else ipv6_packet(draw, proto, l4)
@@ -94,11 +101,26 @@ def frames(draw):
     return frame
 
 
+def _order_flips():
+    """TCP and UDP frames between ends whose order flips with the byte order: the
+    addresses 1.0.0.2 and 2.0.0.1, or one address and the ports 0x0102 and 0x0201,
+    each way."""
+    out = []
+    for make in (tcp4, udp4):
+        for a, b, pa, pb in (("1.0.0.2", "2.0.0.1", 80, 80),
+                             ("1.0.0.2", "2.0.0.1", 0x0102, 0x0201),
+                             ("198.18.0.1", "198.18.0.1", 0x0102, 0x0201)):
+            out += [ether(make(a, b, pa, pb, b"x")), ether(make(b, a, pb, pa, b"x"))]
+    return out
+
+
 @settings(max_examples=3000, deadline=None)
 @given(frame=frames(), n=st.integers(1, 8), cut=st.sampled_from([0, 0, 1, 30, 2000]))
+@example(frame=_order_flips()[2], n=5, cut=0)
+@example(frame=_order_flips()[9], n=5, cut=0)
 def test_fast_walk_agrees_with_the_full_parse(frame, n, cut):
     # cut: bytes the capture left out (a snaplen); with none, an IP length past the
-    # frame is a lie the parser reads no ports after
+    # frame is a lie (bad_ip_len)
     fast, full, walk_hash, table_hash = rss_owners(frame, n, len(frame) + cut)
     assert 0 <= full < n
     assert fast in (-1, full)
@@ -160,6 +182,14 @@ def test_dpkt_frames_common_cases_are_decided_without_the_parser():
             quick, full, walk_hash, table_hash = rss_owners(f, n)
             assert quick == -1 and walk_hash is None, f.hex()
             assert 0 <= full < n
+    # ends that sort one way in network byte order and the other in a host's: the
+    # walk orders them as the flow table does, and both directions meet
+    flips = _order_flips()
+    for f in flips:
+        quick, full, walk_hash, table_hash = rss_owners(f, 4)
+        assert quick == full and walk_hash == table_hash, f.hex()
+    for there, back in zip(flips[::2], flips[1::2], strict=True):
+        assert rss_owners(there, 4) == rss_owners(back, 4)
     # both directions of a flow, and all pieces of a datagram, meet in one stack
     a = ether(tcp4("198.18.0.1", "198.19.0.2", 40000, 443))
     b = ether(tcp4("198.19.0.2", "198.18.0.1", 443, 40000))
