@@ -1,15 +1,26 @@
 """Helpers the tests share: reading captures with the reference reader, running NFs
-over a capture, fragmenting IP datagrams.  Imported as ``mbxtest`` (see conftest.py
-for why not from it)."""
+over a capture, fragmenting IP datagrams, skipping what this machine lacks (but not
+in CI).  Imported as ``mbxtest`` (see conftest.py for why not from it)."""
 import os
 import random
 import struct
 
 import dpkt
+import pytest
 
 from mbx.examples.capture import ether, tcp6, udp4, write_pcap
 from mbx.ports import open_input, open_output
 from mbx.runtime import App
+
+
+def skip_or_fail_in_ci(reason, what="this test", allow_module_level=False):
+    """A test cannot run here (``reason``: root, a tool, libdpdk is missing): in CI
+    (``CI=true``), whose image provides all of them, it fails saying so; elsewhere it
+    is skipped with the reason, never silently."""
+    __tracebackhide__ = True        # reported where the test called it
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run {what}: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=allow_module_level)
 
 
 def read_frames(path):

@@ -31,6 +31,7 @@ import threading
 import time
 
 import pytest
+from mbxtest import skip_or_fail_in_ci
 
 from mbx.errors import PortError
 from mbx.ports import open_input, open_output, open_ports
@@ -73,9 +74,7 @@ def _testbed_missing():
 def _require_testbed():
     reason = _testbed_missing()
     if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the AF_PACKET tests: {reason}")
-        pytest.skip(reason)
+        skip_or_fail_in_ci(reason, what="the AF_PACKET tests")
 
 
 def _mac(ns, dev):
@@ -302,7 +301,7 @@ def test_open_ports_pcap(tmp_path, example_pcap):
 
 def test_without_cap_net_raw_is_a_port_error():
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to drop CAP_NET_RAW")
+        skip_or_fail_in_ci("needs root and setpriv to drop CAP_NET_RAW")
     code = ("from mbx._afpacket import AfPacketPort\n"
             "try:\n    AfPacketPort('lo')\nexcept Exception as e:\n    print(type(e).__name__, e)")
     r = _sh("setpriv", "--bounding-set", "-net_raw", "--inh-caps", "-net_raw",
@@ -313,7 +312,7 @@ def test_without_cap_net_raw_is_a_port_error():
 
 def test_loopback_port_attributes_and_close():
     if os.geteuid() != 0:
-        pytest.skip("needs root (CAP_NET_RAW) for an AF_PACKET socket")
+        skip_or_fail_in_ci("needs root (CAP_NET_RAW) for an AF_PACKET socket")
     from mbx._afpacket import AfPacketPort
     p = AfPacketPort("lo", block_size=1 << 16, block_count=4, timeout_ms=1,
                      promisc=False)
@@ -468,7 +467,7 @@ def test_only_receiving_sockets_count_as_other_readers():
     # The warning about other packet sockets on a bridge's interfaces ("... receive
     # on IF") counted send-only sockets too, which get no frames.
     if os.geteuid() != 0:
-        pytest.skip("needs root (CAP_NET_RAW) for an AF_PACKET socket")
+        skip_or_fail_in_ci("needs root (CAP_NET_RAW) for an AF_PACKET socket")
     from mbx._afpacket import AfPacketPort
     from mbx.ports import _packet_sockets
     lo = {"lo": socket.if_nametoindex("lo")}
@@ -486,7 +485,7 @@ def test_loopback_receive_each_ring(ring):
     # read whole from the socket's queue, where the kernel put it too (it was cut
     # short to the slot).
     if os.geteuid() != 0:
-        pytest.skip("needs root (CAP_NET_RAW) for an AF_PACKET socket")
+        skip_or_fail_in_ci("needs root (CAP_NET_RAW) for an AF_PACKET socket")
     from mbx._afpacket import AfPacketPort
     from mbx._packet import Batch
     frame_size = 512 if ring == "v2" else 2048
