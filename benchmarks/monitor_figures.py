@@ -78,10 +78,11 @@ def _timed(fn):
 
 # ---------------------------------------------------------------- contenders
 
-def mbx_cli(path):
-    """``mbx flows`` as a whole process: interpreter start-up, imports, the run."""
+def mbx_cli(path, out=os.devnull):
+    """``mbx flows`` as a whole process: interpreter start-up, imports, the run (its
+    JSON written to ``out``)."""
     subprocess.run([sys.executable, "-m", "mbx.cli", "flows", path, "--json", "-o",
-                    os.devnull], check=True)
+                    out], check=True)
 
 
 def tcpflow(path, outdir):

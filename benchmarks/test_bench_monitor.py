@@ -4,6 +4,8 @@ full-size figures.
 
 The assertions check what ran (packets, connections, digests), never how fast.
 """
+import json
+
 import captures
 import pytest
 import reassemblers
@@ -68,9 +70,16 @@ def test_dpkt_reassembler_1448(benchmark, record, bulk_1448):
 
 
 @pytest.mark.benchmark(group="reassembly, 1448 B segments")
-def test_mbx_flows_process_1448(benchmark, record, bulk_1448):
-    benchmark.pedantic(mbx_cli, (bulk_1448,), rounds=3)
+def test_mbx_flows_process_1448(benchmark, record, bulk_1448, tmp_path):
+    out = tmp_path / "flows.json"
+    benchmark.pedantic(mbx_cli, (bulk_1448, str(out)), rounds=3)
     record("mon_cli_1448")
+    # what the process wrote: every connection, each direction's length and SHA-256
+    # as dpkt's reassembly of the capture gives them
+    doc = json.loads(out.read_text())
+    ref = reassemblers.reassemble(bulk_1448)
+    assert len(doc["connections"]) == len(ref) == 64
+    assert reassemblers.differences(doc["connections"], ref) == []
 
 
 @pytest.mark.benchmark(group="reassembly, 1448 B segments")
@@ -88,7 +97,9 @@ def test_flows_json_small(benchmark, record, bulk_small):
     doc, warnings = benchmark.pedantic(_flows_json, (bulk_small,), rounds=5,
                                        warmup_rounds=1)
     record("mon_flows_json_small", payload_small=_payload(doc["connections"]))
-    assert not warnings and doc["connections"]
+    ref = reassemblers.reassemble(bulk_small)
+    assert not warnings and len(doc["connections"]) == len(ref) > 100
+    assert reassemblers.differences(doc["connections"], ref) == []
 
 
 @pytest.mark.benchmark(group="reassembly, 100-200 B segments")
