@@ -9,7 +9,6 @@ root) a missing prerequisite is a failure, elsewhere a skip that says why.
 """
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 from interop import netns
 from interop.reference import compare, http_responses, reference, segments
 from interop.scenarios import REUSED_PORT, SCENARIOS, capture_gap
+from mbxtest import skip_or_fail_in_ci
 
 pytestmark = pytest.mark.root
 
@@ -30,9 +30,7 @@ KEY_RE = re.compile(rf"^(?:{_V4}-{_V4}|{_V6}-{_V6})(?:#([2-9]|[1-9]\d+))?$")
 def bed():
     reason = netns.netns_available()
     if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI runs the interop captures, but {reason}")
-        pytest.skip(f"interop captures: {reason}")
+        skip_or_fail_in_ci(f"interop captures: {reason}", "the interop captures")
     with netns.Testbed() as b:
         yield b
     ours = [n for n in netns.list_netns() if n in b.ns.values()]
