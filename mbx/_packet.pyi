@@ -28,6 +28,9 @@ class Port:
     rx_dropped: int
     tx_dropped: int
     rss_skipped: int
+    walked_ns: int
+    """The latest capture time read up to the last frame delivered, the frames
+    passed over for other stack processes included (0: none are)."""
     def check(self) -> None: ...
     def rss_share(self, k: int, n: int) -> bool:
         """Pass over the frames of the other stack processes (software RSS) where
