@@ -349,6 +349,15 @@ def _errno_text(int e):
     return f"{os.strerror(e)} (errno {e})"
 
 
+def _is_loopback(iface):
+    """Whether ``iface`` is a loopback device (ARPHRD_LOOPBACK), by sysfs."""
+    try:
+        with open(f"/sys/class/net/{iface}/type") as fh:
+            return fh.read().strip() == "772"
+    except (OSError, ValueError):
+        return False
+
+
 cdef class AfPacketPort(Port):
     """One live interface through an AF_PACKET socket.
 
@@ -486,6 +495,10 @@ cdef class AfPacketPort(Port):
             e = errno
             raise PortError(f"{self.name}: no such interface in this network namespace "
                             f"(if_nametoindex: {_errno_text(e)})")
+        if self.outgoing and _is_loopback(iface):
+            # On a loopback every frame sent also comes back received (PACKET_HOST):
+            # its outgoing copy would count each frame twice (libpcap drops it too)
+            self.outgoing = False
 
         # Protocol 0 at creation: the socket receives nothing until bind() names the
         # interface, so no frame of another interface slips into the ring.
