@@ -36,11 +36,12 @@ def _parse_sets(items):
 class Progress:
     """One status line on stderr (a terminal), refreshed by the stack's callback;
     ``listeners`` (the --stats view, the Prometheus exporter) get a snapshot of the
-    counters at each call."""
+    counters at each call.  The caller leaves the line out (``enabled``) where the
+    --stats table is drawn in its place; the exporter draws nothing."""
 
     def __init__(self, port, enabled, listeners=()):
         self.port = port
-        self.enabled = enabled and not listeners    # a live table replaces the line
+        self.enabled = enabled
         self.listeners = list(listeners)
         self.t0 = time.monotonic()
 
@@ -332,7 +333,8 @@ def _run_app(app, args, listeners, view, stop):
     # start)
     inp, out = open_ports(args.inp, args.out, defer_output=True)
     _warn_other_sockets(other_packet_sockets(inp))
-    progress = Progress(inp, sys.stderr.isatty() and not args.quiet, listeners)
+    progress = Progress(inp, sys.stderr.isatty() and not args.quiet and view is None,
+                        listeners)
     t0 = time.perf_counter()
     try:
         counters = app.run(inp, out, burst=args.burst, max_packets=args.max_packets,
@@ -343,7 +345,8 @@ def _run_app(app, args, listeners, view, stop):
         inp.close()
         if out is not None and out is not inp:
             out.close()
-        _report_failed_run(app, args, inp, out, exc, time.perf_counter() - t0)
+        _report_failed_run(app, args, inp, out, exc, time.perf_counter() - t0, listeners,
+                           view)
         raise
     finally:
         progress.done()
@@ -376,7 +379,7 @@ def _warn_other_sockets(found):
               file=sys.stderr)
 
 
-def _report_failed_run(app, args, inp, out, exc, elapsed):
+def _report_failed_run(app, args, inp, out, exc, elapsed, listeners, view):
     # A run that ended in an error (an NF's, an interface gone) after it started:
     # what it did until then is not lost.
     from mbx.ports import port_counters
@@ -384,11 +387,15 @@ def _report_failed_run(app, args, inp, out, exc, elapsed):
     if app.stack is None:       # it never started
         return
     counters = app.counters()
+    for listener in listeners:      # the live views end on these counters too
+        listener.update(counters)
     counters["elapsed_s"] = elapsed
     counters["ports"] = port_counters(inp, out)
     counters["error"] = str(exc)
     if not args.quiet:
         _print_counters(counters, elapsed)
+    if view is not None:
+        view.final(counters, elapsed)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(counters, fh, indent=2)
@@ -424,10 +431,14 @@ def _run_parallel(nfs, args, config, listeners, view):
         # a failed run keeps what its stacks did until then, as one stack's does
         failed = getattr(exc, "counters", None)
         if failed is not None:
+            for listener in listeners:
+                listener.update(failed)
             failed["elapsed_s"] = time.perf_counter() - t0
             failed["error"] = str(exc)
             if not args.quiet:
                 _print_counters(failed, failed["elapsed_s"])
+            if view is not None:
+                view.final(failed, failed["elapsed_s"])
             if args.json:
                 with open(args.json, "w") as fh:
                     json.dump(failed, fh, indent=2)

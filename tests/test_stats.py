@@ -4,6 +4,7 @@ import contextlib
 import json
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -105,6 +106,49 @@ def test_cli_stats(example_pcap, tmp_path, capsys, deploy):
     assert "NF stats" in out
     line = next(x for x in out.splitlines() if x.strip().startswith("ccount"))
     assert int(line.split()[1].replace(",", "")) == c["nfs"]["ccount"]["events"]
+
+
+BOOM_NF = """
+import mbx
+
+
+def make():
+    nf = mbx.NF("boom")
+    seen = [0]
+
+    def on_pkt(ev):
+        seen[0] += 1
+        if seen[0] == 300:
+            raise RuntimeError("boom")
+
+    nf.sub("PKT", on_pkt)
+    return nf
+"""
+
+
+@pytest.mark.parametrize("extra", [[], ["--stacks", "2"]])
+def test_cli_stats_table_ends_a_failed_run_too(example_pcap, tmp_path, capsys, extra):
+    # A run that failed kept its summary and --json, but --stats printed no table.
+    path = tmp_path / "boom.py"
+    path.write_text(BOOM_NF)
+    rc = cli.main(["run", str(path), "--in", "pcap:" + example_pcap, "--stats",
+                   "--json", str(tmp_path / "c.json"), *extra])
+    assert rc == 2
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert "boom" in c["error"]
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("boom "))
+    assert int(line.split()[1].replace(",", "")) == c["nfs"]["boom"]["events"] > 0
+
+
+def test_only_the_stats_table_takes_the_progress_lines_place(example_pcap, capsys,
+                                                              monkeypatch):
+    # --prometheus shows nothing on the terminal, yet it turned the progress line off.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    for extra, shown in ((["--prometheus", "0"], True), (["--stats"], False), ([], True)):
+        assert cli.main(["run", "l2fwd", "--in", "pcap:" + example_pcap, *extra]) == 0
+        err = capsys.readouterr().err
+        assert ("pkts" in err and "Mpps" in err) == shown, (extra, err)
 
 
 SLOW_NF = """
