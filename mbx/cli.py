@@ -207,6 +207,16 @@ def _print_counters(c, elapsed, out=None):
                                            for key, value in report.items()) + "\n")
 
 
+def write_output(path, text, what):
+    """Write ``text`` to ``path`` at the end of a run; MbxError names the file and
+    why it could not be written (a full disk, a file system that refuses it)."""
+    try:
+        with open(path, "w") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise MbxError(f"{what} {path}: cannot write: {exc.strerror}") from None
+
+
 def _same_file(a, b):
     """Whether paths a and b name one file, existing (links too) or to be made."""
     if os.path.exists(a) and os.path.exists(b):
@@ -365,8 +375,7 @@ def _run_app(app, args, listeners, view, stop):
     if view is not None:
         view.final(counters, elapsed)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(counters, fh, indent=2)
+        write_output(args.json, json.dumps(counters, indent=2), "--json")
     return counters
 
 
@@ -397,8 +406,15 @@ def _report_failed_run(app, args, inp, out, exc, elapsed, listeners, view):
     if view is not None:
         view.final(counters, elapsed)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(counters, fh, indent=2)
+        _write_failed_json(args.json, counters)
+
+
+def _write_failed_json(path, counters):
+    # the run's own error is the one raised: this one is said beside it
+    try:
+        write_output(path, json.dumps(counters, indent=2), "--json")
+    except MbxError as exc:
+        print(f"mbx: error: {exc}", file=sys.stderr)
 
 
 def _run_parallel(nfs, args, config, listeners, view):
@@ -440,8 +456,7 @@ def _run_parallel(nfs, args, config, listeners, view):
             if view is not None:
                 view.final(failed, failed["elapsed_s"])
             if args.json:
-                with open(args.json, "w") as fh:
-                    json.dump(failed, fh, indent=2)
+                _write_failed_json(args.json, failed)
         raise
     elapsed = time.perf_counter() - t0
     # the views end on the final counters, the ones printed below
@@ -479,8 +494,7 @@ def _run_parallel(nfs, args, config, listeners, view):
     if view is not None:
         view.final(final, elapsed)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(counters, fh, indent=2)
+        write_output(args.json, json.dumps(counters, indent=2), "--json")
     return counters
 
 
@@ -704,8 +718,7 @@ def main(argv=None):
                                            stop=stop)
             text = json.dumps(doc, indent=1) + "\n"
             if args.output:
-                with open(args.output, "w") as fh:
-                    fh.write(text)
+                write_output(args.output, text, "-o")
             else:
                 sys.stdout.write(text)
             for w in warnings:

@@ -442,6 +442,24 @@ def test_the_input_capture_is_never_the_output(tmp_path, example_pcap):
     assert cap.read_bytes() == before and not (tmp_path / "o.pcap").exists()
 
 
+def test_a_result_that_cannot_be_written_is_named(tmp_path, example_pcap):
+    # A full disk at the end of a run gave "[Errno 28] No space left on device", no
+    # file named; a failed run's own error must still be the one it ends with.
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full (Linux has it)")
+    r = mbx_cmd("flows", example_pcap, "--json", "-o", "/dev/full")
+    assert r.returncode == 2
+    assert "mbx: error: -o /dev/full: cannot write: No space left on device" in r.stderr
+    r = mbx_cmd("run", "l2fwd", "--in", example_pcap, "--json", "/dev/full", "-q")
+    assert r.returncode == 2 and "--json /dev/full: cannot write" in r.stderr
+    boom = tmp_path / "boom.py"
+    boom.write_text("import mbx\nnf = mbx.NF('boom')\n"
+                    "nf.sub('PKT', lambda ev: 1 / 0)\n")
+    r = mbx_cmd("run", str(boom), "--in", example_pcap, "--json", "/dev/full", "-q")
+    assert r.returncode == 2 and "--json /dev/full: cannot write" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("mbx: error: NF boom:")
+
+
 def test_one_file_has_one_writer(tmp_path, example_pcap):
     # A Logger's log that is also the pcap output (or another Logger's log) would mix
     # JSON lines into pcap records: refused in every deployment, naming both writers.
