@@ -59,7 +59,7 @@ class Progress:
         pos = getattr(self.port, "position", 0)
         frac = f" {100.0 * pos / size:5.1f}%" if size else ""
         sys.stderr.write(
-            f"\r{frac} {stack.pkts:>12,} pkts  {stack.pkts / dt / 1e6:7.2f} Mpps  "
+            f"\r{frac} {stack.pkts:>12,} pkts  {_rate(stack.pkts / dt):>11}  "
             f"{stack.bytes * 8 / dt / 1e9:6.2f} Gbit/s  flows {stack.flows.active:,}   ")
         sys.stderr.flush()
 
@@ -81,12 +81,18 @@ def _shown(value):
     return f"{value:,}" if isinstance(value, int) else f"{value:,.3f}"
 
 
+def _rate(pps):
+    # Mpps for a stack's rates; a slow run (a live link, a slow NF) in packets/s,
+    # which "0.000 Mpps" would hide
+    return f"{pps / 1e6:.3f} Mpps" if pps >= 10_000 else f"{pps:,.0f} pps"
+
+
 def _print_counters(c, elapsed, out=None):
     out = out if out is not None else sys.stdout     # the stream of now, not of import
     pps = c["packets"] / elapsed if elapsed > 0 else 0.0
     w = out.write
     w(f"packets        {c['packets']:,} ({c['bytes']:,} bytes) in {elapsed:.3f} s, "
-      f"{pps / 1e6:.3f} Mpps\n")
+      f"{_rate(pps)}\n")
     w(f"sent           {c['sent']:,}\n")
     w(f"dropped        by NFs {c['dropped_by_nf']:,}, malformed {c['dropped_malformed']:,}\n")
     f = c["flows"]

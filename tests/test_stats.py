@@ -148,7 +148,13 @@ def test_only_the_stats_table_takes_the_progress_lines_place(example_pcap, capsy
     for extra, shown in ((["--prometheus", "0"], True), (["--stats"], False), ([], True)):
         assert cli.main(["run", "l2fwd", "--in", "pcap:" + example_pcap, *extra]) == 0
         err = capsys.readouterr().err
-        assert ("pkts" in err and "Mpps" in err) == shown, (extra, err)
+        assert ("pkts" in err and "pps" in err) == shown, (extra, err)
+
+
+def test_slow_rates_are_given_in_packets_per_second():
+    # a slow run (a live link, a slow NF) printed "0.000 Mpps"
+    assert cli._rate(904.4) == "904 pps" and cli._rate(9_999) == "9,999 pps"
+    assert cli._rate(41_000) == "0.041 Mpps" and cli._rate(7.6e6) == "7.600 Mpps"
 
 
 SLOW_NF = """
