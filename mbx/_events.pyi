@@ -83,8 +83,9 @@ class NF:
     subs: dict[int, tuple[Handler, bool, int]]     # handler, batch, side mask
     pubs: dict[int, PubPort]
     filters: dict[int | None, Filter]
-    # Optional, read with getattr by the pipelined deployment (mbx.pipeline): failure
-    # ("open" or "closed"), restart and restart_backoff (see restart_of).
+    failure: str | None
+    restart: int
+    restart_backoff: float
     def __init__(self, name: str, *, writes: bool = False,
                  group: str | None = None) -> None: ...
     def sub(self, etype: TypeSpec, handler: Callable[..., object], *,

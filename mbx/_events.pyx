@@ -474,6 +474,11 @@ class PubPort:
         return f"<PubPort {self.nf.name}:{self.type.name}{' writes' if self.writes else ''}>"
 
 
+def _public_fields(t):
+    """The names of ``t``'s fields an NF uses, for messages: padding left out."""
+    return ", ".join(name for name in t.fields if not name.startswith("_"))
+
+
 _NF_INIT_ATTRS = frozenset(("name", "writes", "group", "group_merge", "subs", "pubs",
                             "filters", "_bus", "_index"))
 
@@ -484,6 +489,15 @@ class NF:
     ``writes=True`` declares that the NF rewrites packet headers (or stream bytes);
     only such NFs may, and the Controller serialises them.
     """
+
+    # What the pipelined deployment does when the NF's process dies or its handler
+    # raises (mbx.pipeline checks them): None ends the run, "open" passes its packets
+    # on, "closed" drops them; and how often, and after how long, its process is
+    # started again.  Class attributes, so that an NF has them whether or not its
+    # code or an application file sets them.
+    failure = None
+    restart = 0                 # restarts allowed
+    restart_backoff = 0.1       # the first back-off in seconds, doubled each restart
 
     def __init__(self, name, *, writes=False, group=None):
         if not name or not isinstance(name, str):
@@ -814,7 +828,7 @@ cdef class Message:
         f = self.etype.fields.get(name)
         if f is None:
             raise AttributeError(f"{self.etype.name} has no field {name!r} "
-                                 f"(fields: {', '.join(self.etype.fields) or 'none'})")
+                                 f"(fields: {_public_fields(self.etype) or 'none'})")
         try:
             write_field(self.m.body, f[0], f[1], value)
         except (OverflowError, TypeError, ValueError) as exc:

@@ -44,7 +44,7 @@ import tomllib
 
 from mbx import _events
 from mbx.errors import AppError, MbxError, raising_line
-from mbx.pipeline import DEFAULT_BACKOFF, restart_of
+from mbx.pipeline import restart_of
 from mbx.runtime import WHOLE_STACK_OPTIONS, stack_options_problem
 
 # What each μStack publishes.
@@ -321,8 +321,8 @@ def load_app_file(path):
                 raise AppError(f"{where}: NF {nf.name}: failure = {nf.failure!r}: "
                                "use open or closed")
             # restarts of its process in the pipelined deployment (mbx.pipeline)
-            nf.restart = entry.get("restart", 0)
-            nf.restart_backoff = entry.get("restart_backoff", DEFAULT_BACKOFF)
+            nf.restart = entry.get("restart", nf.restart)
+            nf.restart_backoff = entry.get("restart_backoff", nf.restart_backoff)
             try:
                 restart_of(nf)
             except AppError as exc:
@@ -448,7 +448,7 @@ def check(path, name, stack, options, nfs, lines=None):
     from mbx.runtime import runs_monitor, unused_monitor_options
 
     tcp = runs_monitor(stack, nfs, options)
-    stack_name, stack_pubs, _ = publications(tcp, [])
+    stack_name, stack_pubs, monitor_pubs = publications(tcp, [])
     types = _events.event_types()
     links = []
     for i, nf in enumerate(nfs):
@@ -483,10 +483,15 @@ def check(path, name, stack, options, nfs, lines=None):
                                    f"{who}")
                 offered = sorted({p.name for p in stack_pubs}
                                  | {types[j].name for o in nfs for j in o.pubs})
+                # the stack was set to the Network Layer, and the Monitor would
+                hint = ("; the TCP Monitor does, but the stack is set to the Network "
+                        "Layer: run with --stack auto or tcp (stack = \"auto\" or "
+                        "\"tcp\" in an application file)"
+                        if any(p.is_a(t) for p in monitor_pubs) else "")
                 raise AppError(
                     f"{at(i)}: NF {nf.name} subscribes to {t.name}, which nothing in the "
                     f"application publishes (a publication must be {t.name} or a "
-                    f"descendant; published: {', '.join(offered)})")
+                    f"descendant; published: {', '.join(offered)}){hint}")
             links.append((nf, t, feeders))
     unused = unused_monitor_options(stack, nfs, options)
     warnings = [unused_warning(unused, stack)] if unused else []

@@ -18,8 +18,6 @@ from mbx._pipeline import PipeBus, check_inflight, layout
 from mbx._shm import StackMemory
 from mbx.errors import AppError, SubscriptionError, user_code_line
 
-RING_FULL = ("stall", "drop")
-
 
 def _check(nfs):
     # Publications travel down the chain with the events: an NF cannot (yet)
@@ -38,7 +36,7 @@ def _check(nfs):
                             f"pipelined deployment: NF {b.name} subscribes to "
                             f"{types[t].name}, which NF {a.name} after it publishes; "
                             "put the publisher first in the chain (or run inline)")
-        if getattr(a, "failure", None) not in (None, "open", "closed"):
+        if a.failure not in (None, "open", "closed"):
             raise AppError(f"NF {a.name}: failure must be 'open' or 'closed', "
                            f"not {a.failure!r}")
 
@@ -47,8 +45,8 @@ def restart_of(nf):
     """(restarts allowed, first back-off in seconds) of ``nf``: its ``restart``
     (default 0, never) and ``restart_backoff`` (default 0.1 s, doubled at each
     restart) attributes, as the application file or the NF's code set them."""
-    n = getattr(nf, "restart", 0)
-    backoff = getattr(nf, "restart_backoff", DEFAULT_BACKOFF)
+    n = nf.restart
+    backoff = nf.restart_backoff
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1000:
         raise AppError(f"NF {nf.name}: restart must be a whole number of restarts from "
                        f"0 to 1000, not {n!r}")
@@ -60,7 +58,6 @@ def restart_of(nf):
 
 
 DEFAULT_INFLIGHT = 4
-DEFAULT_BACKOFF = 0.1
 
 
 def _lock_step_reason(nfs, tcp=True):
@@ -174,8 +171,6 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
     forked = False
     stop_failures = []
     try:
-        if ring_full not in RING_FULL:
-            raise AppError(f"ring_full must be 'stall' or 'drop', not {ring_full!r}")
         _check(nfs)
         inflight = inflight_for(nfs, inflight, tcp)
         if msg_capacity < 64 * max(len(nfs), 1):
@@ -188,7 +183,7 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
         shm = mmap.mmap(-1, size)       # MAP_SHARED | MAP_ANONYMOUS: no file anywhere
         bus.timing = nf_timing
         bus.setup(shm, ring_size, ring_full == "drop",
-                  [getattr(nf, "failure", None) for nf in nfs], inflight,
+                  [nf.failure for nf in nfs], inflight,
                   [restart_of(nf) for nf in nfs])
         batches = [Batch.over(memoryview(shm)[at:], burst) for at in slots]
         bus.attach_shared_batches(batches)

@@ -226,7 +226,8 @@ def load_app(spec, options=None):
         from mbx.controller import load_app_file
 
         if options:
-            raise AppError(f"{spec}: give NF options in the application file, not --set")
+            raise AppError(f"{spec}: an application file sets its NFs' options itself "
+                           "([[nf]] options); load_app takes no options for it")
         return load_app_file(spec).nfs
     if not spec or not spec.strip("+"):
         raise AppError("an application names at least one NF")
@@ -462,7 +463,12 @@ class App:
             raise AppError(str(exc)) from None
         check_stack_options(dict(monitor_options, flow_capacity=flow_capacity,
                                  msg_capacity=msg_capacity, frag_memory=frag_memory,
-                                 idle_timeout=idle_timeout, frag_timeout=frag_timeout))
+                                 idle_timeout=idle_timeout, frag_timeout=frag_timeout,
+                                 flow_policy=flow_policy, malformed=malformed))
+        # checked whatever the deployment, as every other option is, so that an App
+        # that runs inline today does not fail when it is deployed pipelined
+        if ring_full not in ("stall", "drop"):
+            raise AppError(f"ring_full must be 'stall' or 'drop', not {ring_full!r}")
         if ring_size and (not 2 <= ring_size <= RING_SIZE_MAX
                           or ring_size & (ring_size - 1)):
             raise AppError(f"ring_size must be a power of two from 2 to "

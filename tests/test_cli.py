@@ -385,6 +385,11 @@ def test_an_nf_that_cannot_start_ends_the_run_and_stops_those_started(tmp_path,
                            "64 to 4,294,967,295, not 0"),
     (dict(msg_capacity=96), "stack options: msg_capacity must be a power of two, not "
                             "96"),
+    # named as the App's keyword (the flow table's own error says "policy"), and
+    # refused inline as pipelined
+    (dict(flow_policy="x"), "stack options: flow_policy must be one of evict, refuse"),
+    (dict(malformed="x"), "stack options: malformed must be one of"),
+    (dict(ring_full="x"), "ring_full must be 'stall' or 'drop', not 'x'"),
 ])
 def test_stack_option_out_of_range_is_an_app_error(example_pcap, options, message):
     from mbx.ports import open_input

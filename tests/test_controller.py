@@ -814,6 +814,33 @@ def test_group_merge_all_when_every_member_drops(run, example_pcap):
         run([Dropper("a2", 53), mixed], example_pcap)
 
 
+def test_a_subscription_the_network_layer_cannot_feed_says_the_stack_was_set():
+    # DATA_RDY is the TCP Monitor's: with the stack set to the Network Layer the
+    # refusal says so; a type no μStack publishes gets no such hint.
+    reader = mbx.NF("reader")
+    reader.sub(mbx.DATA_RDY, lambda ev: None)
+    with pytest.raises(AppError, match=r"DATA_RDY, which nothing.*the stack is set to "
+                                       r"the Network Layer: run with --stack auto or tcp"):
+        check("app", "app", "network", {}, [reader])
+    assert check("app", "app", "auto", {}, [reader]).stack == "tcp"
+    lonely = mbx.NF("lonely")
+    lonely.sub(mbx.register_event_type("TEST_CTL_LONELY"), lambda ev: None)
+    with pytest.raises(AppError, match="nothing in the application publishes") as err:
+        check("app", "app", "network", {}, [lonely])
+    assert "stack is set" not in str(err.value)
+
+
+def test_load_app_refuses_options_for_an_application_file(tmp_path):
+    # From Python there is no --set to blame: the error says what to do instead.
+    from mbx.runtime import load_app
+
+    app = write(tmp_path, "one.toml", '[[nf]]\nuse = "l2fwd"\n')
+    with pytest.raises(mbx.AppError, match=r"sets its NFs' options itself") as err:
+        load_app(str(app), {"l2fwd": {"x": 1}})
+    assert "--set" not in str(err.value)
+    assert [nf.name for nf in load_app(str(app))] == ["l2fwd"]
+
+
 def test_mbx_check_prints_the_graph(tmp_path):
     import mbx as pkg
 

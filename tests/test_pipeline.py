@@ -339,6 +339,15 @@ def test_publishing_an_undeclared_type_is_refused():
         other.publish(port, other.new_msg(mbx.FLOW_END))
 
 
+def test_an_unknown_message_field_lists_the_fields_an_nf_can_set():
+    msg = mbx.NF("lister").new_msg(mbx.FLOW_START)
+    with pytest.raises(AttributeError, match="has no field 'nope'") as err:
+        msg.nope = 1
+    listed = str(err.value).split("(fields: ")[1].rstrip(")").split(", ")
+    assert "cli_port" in listed and "end_reason" in listed
+    assert not [name for name in listed if name.startswith("_")]
+
+
 def test_a_reader_cannot_rewrite(run, tmp_path):
     class Sneaky(mbx.NF):
         def __init__(self):

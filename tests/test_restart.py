@@ -16,6 +16,7 @@ import mbx
 from mbx import cli
 from mbx.controller import load_app_file
 from mbx.nfs.logger import Logger
+from mbx.pipeline import restart_of
 
 
 class Crasher(mbx.NF):
@@ -248,6 +249,24 @@ def test_app_file_restart(tmp_path):
                    'restart_backoff = 0.5\n')
     nf = load_app_file(str(app)).nfs[0]
     assert (nf.restart, nf.restart_backoff) == (3, 0.5)
+
+
+def test_failure_policy_defaults_on_every_nf(tmp_path):
+    # An NF has the three attributes api.md documents whether or not its code sets
+    # them; an application file that leaves restart out keeps what the code set.
+    nf = mbx.NF("plain")
+    assert (nf.failure, nf.restart, nf.restart_backoff) == (None, 0, 0.1)
+    assert restart_of(nf) == (0, 0.1)
+    src = tmp_path / "keeps.py"
+    src.write_text("import mbx\n"
+                   "def make():\n"
+                   "    nf = mbx.NF('keeps')\n"
+                   "    nf.restart = 2\n"
+                   "    return nf\n")
+    app = tmp_path / "app.toml"
+    app.write_text('[[nf]]\nuse = "keeps.py"\n')
+    nf = load_app_file(str(app)).nfs[0]
+    assert (nf.failure, nf.restart, nf.restart_backoff) == ("closed", 2, 0.1)
 
 
 FULL_RINGS_LIMIT = 60         # seconds
