@@ -150,6 +150,10 @@ cdef enum:
     REPORT_SIZE = 4096      # an NF's report(), as JSON, written when its process ends
     PAGE = 4096
 
+# An NF's report() as JSON, in bytes, at most: what its area in the pipeline's shared
+# memory holds with the NUL; every deployment keeps to it (mbx.runtime.take_report).
+REPORT_MAX = REPORT_SIZE - 1
+
 # How long stack_wait still waits for the NFs once the run was asked to stop.
 cdef int64_t STOP_GRACE_NS = 1000000000
 
@@ -776,13 +780,11 @@ cdef class PipeBus(EventBus):
                 self.push_out(self.hop_after(k), &self.ctl.procs[k], False)
 
     def nf_report(self, uint32_t k, str text):
-        """NF k's report (JSON text) for the stack; one too large for its area
-        is replaced by a report saying so."""
+        """NF k's report (JSON text, at most REPORT_MAX bytes: mbx.runtime.take_report
+        made it so) for the stack."""
         raw = text.encode("utf-8")
-        if len(raw) >= REPORT_SIZE:
-            raw = json.dumps({"error": f"NF {self.nfs[k].name}: report(): {len(raw):,} "
-                                       f"bytes as JSON, more than {REPORT_SIZE - 1:,}"}
-                             ).encode()
+        if len(raw) > REPORT_MAX:
+            raise ValueError(f"NF {self.nfs[k].name}: a report of {len(raw):,} bytes")
         memcpy(self.reports + k * REPORT_SIZE, <const char *>raw, len(raw))
         self.reports[k * REPORT_SIZE + len(raw)] = 0
 

@@ -171,7 +171,10 @@ def _typed_options(signature, options, where):
             typed[key] = text in _TRUE
             continue
         try:
-            typed[key] = int(text, 0) if kind is int else float(text)
+            # decimal digits are decimal even with leading zeros ("010" is 10, as a
+            # user means it, where int(text, 0) refuses it); 0x/0o/0b prefixes work too
+            typed[key] = ((int(text, 10) if text.lstrip("+-").isdigit() else int(text, 0))
+                          if kind is int else float(text))
         except ValueError:
             raise AppError(f"{where}: option {key}={value!r}: expected "
                            f"{'an integer' if kind is int else 'a number'}") from None
@@ -600,10 +603,15 @@ class App:
 
 
 def take_report(nf):
-    """``nf.report()``, checked: a dict that JSON can carry, or None.  A report that
-    raises or is of another kind becomes ``{"error": why}`` (the run's counters and
-    the NF's other results are not lost to it)."""
+    """``nf.report()``, checked: a dict that JSON can carry in at most
+    ``REPORT_MAX`` bytes, or None.  A report that raises, is of another kind or is
+    larger becomes ``{"error": why}`` (the run's counters and the NF's other results
+    are not lost to it).  The size is the pipelined deployment's, where a report
+    crosses shared memory; inline and in parallel stacks it is held to the same, so
+    that an NF reports the same whichever way it is deployed."""
     import json
+
+    from mbx._pipeline import REPORT_MAX
 
     try:
         report = nf.report()
@@ -611,9 +619,14 @@ def take_report(nf):
             return None
         if not isinstance(report, dict):
             raise TypeError(f"report() returned {type(report).__name__}, not a dict")
-        return json.loads(json.dumps(report))
+        text = json.dumps(report)
     except Exception as exc:            # noqa: BLE001 (kept in the counters instead)
         return {"error": f"NF {nf.name}: report(): {type(exc).__name__}: {exc}"}
+    size = len(text.encode("utf-8"))
+    if size > REPORT_MAX:
+        return {"error": f"NF {nf.name}: report(): {size:,} bytes as JSON, more than "
+                         f"{REPORT_MAX:,}"}
+    return json.loads(text)
 
 
 def nf_stats(bus, pipeline=None):

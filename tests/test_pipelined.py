@@ -454,8 +454,10 @@ def test_nf_reports_reach_the_counters(example_pcap, deploy):
     assert reports["silent"] is None
 
 
-def test_a_report_too_large_for_its_slot_says_so(example_pcap):
-    c, _ = run_app([Reporter("huge", "huge")], example_pcap, deploy="pipelined")
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_a_report_too_large_for_its_slot_says_so(example_pcap, deploy):
+    # the pipelined slot's size, held to in every deployment
+    c, _ = run_app([Reporter("huge", "huge")], example_pcap, deploy=deploy)
     assert c["nfs"]["huge"]["report"] == {
         "error": f"NF huge: report(): {len(json.dumps({'x' * 5000: 1390})):,} bytes as "
                  "JSON, more than 4,095"}
