@@ -175,7 +175,8 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
         inflight = inflight_for(nfs, inflight, tcp)
         if msg_capacity < 64 * max(len(nfs), 1):
             raise AppError(f"msg_capacity {msg_capacity} is too small for {len(nfs)} "
-                           "NF processes")
+                           f"NF processes: give at least {_pow2(64 * len(nfs))} (64 "
+                           "messages a process, a power of two)")
         ring_size = int(ring_size) or _pow2(msg_capacity + 64)
         bus = PipeBus(nfs, 0, msg_capacity)
         size, slots = layout(len(nfs), msg_capacity, ring_size,

@@ -463,6 +463,13 @@ def test_a_report_too_large_for_its_slot_says_so(example_pcap, deploy):
                  "JSON, more than 4,095"}
 
 
+def test_event_memory_too_small_for_the_nf_processes_says_how_much_is_enough(example_pcap):
+    nfs = [mbx.NF(f"n{k}") for k in range(3)]
+    with pytest.raises(mbx.AppError, match=r"msg_capacity 128 is too small for 3 NF "
+                                           r"processes: give at least 256 "):
+        run_app(nfs, example_pcap, deploy="pipelined", msg_capacity=128)
+
+
 def test_backward_publication_refused(example_pcap):
     nfs = load_app(f"{IDS}")[::-1]          # IDS before the DPI it listens to
     with pytest.raises(mbx.AppError, match="put the publisher first"):
