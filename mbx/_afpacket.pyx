@@ -31,6 +31,7 @@ from the client side get port 0, from the server side port 1) and sends each pac
 out of the other interface.
 """
 import os
+import struct
 
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport (
@@ -218,10 +219,51 @@ cdef extern from "<linux/if_packet.h>" nogil:
         PACKET_FANOUT_ROLLOVER
         PACKET_FANOUT_RND
         PACKET_FANOUT_QM
+        PACKET_FANOUT_CBPF
+        PACKET_FANOUT_DATA
         PACKET_FANOUT_FLAG_DEFRAG
         PACKET_FANOUT_FLAG_ROLLOVER
         PACKET_FANOUT_FLAG_UNIQUEID
     size_t TPACKET_ALIGN(size_t x)
+
+cdef extern from "<linux/filter.h>" nogil:
+    struct sock_filter:
+        uint16_t code
+        uint8_t jt
+        uint8_t jf
+        uint32_t k
+    struct sock_fprog:
+        unsigned short len
+        sock_filter *filter
+    enum:
+        BPF_LD
+        BPF_LDX
+        BPF_ST
+        BPF_ALU
+        BPF_JMP
+        BPF_RET
+        BPF_MISC
+        BPF_W
+        BPF_H
+        BPF_B
+        BPF_ABS
+        BPF_IND
+        BPF_MEM
+        BPF_K
+        BPF_X
+        BPF_A
+        BPF_AND
+        BPF_LSH
+        BPF_RSH
+        BPF_XOR
+        BPF_MUL
+        BPF_JA
+        BPF_JEQ
+        BPF_JSET
+        BPF_TAX
+        SKF_AD_OFF
+        SKF_AD_PROTOCOL
+        SKF_NET_OFF
 
 cdef extern from "<linux/virtio_net.h>" nogil:
     # Fields in host byte order (legacy virtio on a little-endian host, which is what
@@ -269,10 +311,98 @@ NEW_GROUP = "new"
 RING_VERSIONS = {"v2": TPACKET_V2, "v3": TPACKET_V3}
 
 FANOUT_MODES = {
-    "hash": PACKET_FANOUT_HASH, "lb": PACKET_FANOUT_LB, "cpu": PACKET_FANOUT_CPU,
-    "rollover": PACKET_FANOUT_ROLLOVER, "random": PACKET_FANOUT_RND,
-    "queue": PACKET_FANOUT_QM,
+    "flow": PACKET_FANOUT_CBPF, "hash": PACKET_FANOUT_HASH, "lb": PACKET_FANOUT_LB,
+    "cpu": PACKET_FANOUT_CPU, "rollover": PACKET_FANOUT_ROLLOVER,
+    "random": PACKET_FANOUT_RND, "queue": PACKET_FANOUT_QM,
 }
+
+
+def _assemble(listing):
+    """Classic BPF as the kernel takes it (``struct sock_filter`` in host byte
+    order) from ``(code, k)`` or ``(code, k, jt, jf)`` tuples and label names: a
+    jump target (``jt``, ``jf``, or a BPF_JA's ``k``) may name a label, and becomes
+    the count of instructions it skips, which is what the kernel wants and what is
+    easy to get wrong by hand."""
+    at, insns = {}, []
+    for item in listing:
+        if isinstance(item, str):
+            at[item] = len(insns)
+        else:
+            insns.append(item)
+    out = bytearray()
+    for i, (code, k, *jumps) in enumerate(insns):
+        jt, jf = (jumps + [0, 0])[:2]
+        skip = [at[j] - i - 1 if isinstance(j, str) else j for j in (k, jt, jf)]
+        k = skip[0] if code == BPF_JMP | BPF_JA else k
+        out += struct.pack("=HBBI", code, skip[1], skip[2], k & 0xFFFFFFFF)
+    return bytes(out)
+
+
+# fanout_mode="flow": the member a frame goes to is this program's result modulo
+# the group's size (PACKET_FANOUT_CBPF).  The kernel's own symmetric hash
+# ("hash") takes the ports of a whole IPv6 packet but not of an IPv6 fragment,
+# which it never rebuilds, so a flow whose datagrams were sometimes fragmented
+# went to two members.  This one hashes what every packet of a flow carries, the
+# same both ways: IPv4 (whole, once the defrag flag rebuilt it) by its addresses
+# and TCP/UDP/SCTP ports, a fragment the kernel left alone by its addresses;
+# IPv6 by its addresses only, as a fragment has no ports to give.  Loads are from
+# the network header (SKF_NET_OFF): that is where a received frame's data starts,
+# but a frame the host sends (outgoing) still starts at its Ethernet header.
+# The kernel has already taken the outer VLAN tag off (skb->protocol is what it
+# carried); anything else (ARP, a second tag, a frame too short to load from)
+# gets 0, the first member.
+_FLOW_HASH = _assemble([
+    (BPF_LD | BPF_H | BPF_ABS, SKF_AD_OFF + SKF_AD_PROTOCOL),
+    (BPF_JMP | BPF_JEQ | BPF_K, 0x0800, 0, "ipv6"),
+    # IPv4: M[0] = source ^ destination
+    (BPF_LD | BPF_W | BPF_ABS, SKF_NET_OFF + 12),
+    (BPF_MISC | BPF_TAX, 0),
+    (BPF_LD | BPF_W | BPF_ABS, SKF_NET_OFF + 16),
+    (BPF_ALU | BPF_XOR | BPF_X, 0),
+    (BPF_ST, 0),
+    (BPF_LD | BPF_H | BPF_ABS, SKF_NET_OFF + 6),     # a fragment: MF or an offset
+    (BPF_JMP | BPF_JSET | BPF_K, 0x3FFF, "addresses", 0),
+    (BPF_LD | BPF_B | BPF_ABS, SKF_NET_OFF + 9),
+    (BPF_JMP | BPF_JEQ | BPF_K, 6, "ports", 0),
+    (BPF_JMP | BPF_JEQ | BPF_K, 17, "ports", 0),
+    (BPF_JMP | BPF_JEQ | BPF_K, 132, "ports", "addresses"),
+    "ports",                                        # ^ source port ^ destination port
+    (BPF_LD | BPF_B | BPF_ABS, SKF_NET_OFF),
+    (BPF_ALU | BPF_AND | BPF_K, 0xF),
+    (BPF_ALU | BPF_LSH | BPF_K, 2),
+    (BPF_MISC | BPF_TAX, 0),                        # X = the header's length
+    (BPF_LD | BPF_H | BPF_IND, SKF_NET_OFF),
+    (BPF_ST, 1),
+    (BPF_LD | BPF_H | BPF_IND, SKF_NET_OFF + 2),
+    (BPF_LDX | BPF_W | BPF_MEM, 1),
+    (BPF_ALU | BPF_XOR | BPF_X, 0),
+    (BPF_LDX | BPF_W | BPF_MEM, 0),
+    (BPF_ALU | BPF_XOR | BPF_X, 0),
+    (BPF_JMP | BPF_JA, "mix"),
+    "addresses",
+    (BPF_LD | BPF_W | BPF_MEM, 0),
+    (BPF_JMP | BPF_JA, "mix"),
+    "ipv6",                                         # the XOR of the addresses' 8 words
+    (BPF_JMP | BPF_JEQ | BPF_K, 0x86DD, 0, "other"),
+    (BPF_LD | BPF_W | BPF_ABS, SKF_NET_OFF + 8),
+    *[insn for at in range(12, 40, 4) for insn in (
+        (BPF_MISC | BPF_TAX, 0),
+        (BPF_LD | BPF_W | BPF_ABS, SKF_NET_OFF + at),
+        (BPF_ALU | BPF_XOR | BPF_X, 0))],
+    # The kernel takes the result modulo the group's size, that is its low bits, so
+    # every bit of the XOR is folded and multiplied into them.
+    "mix",
+    (BPF_MISC | BPF_TAX, 0),
+    (BPF_ALU | BPF_RSH | BPF_K, 16),
+    (BPF_ALU | BPF_XOR | BPF_X, 0),
+    (BPF_ALU | BPF_MUL | BPF_K, 0x9E3779B1),
+    (BPF_MISC | BPF_TAX, 0),
+    (BPF_ALU | BPF_RSH | BPF_K, 16),
+    (BPF_ALU | BPF_XOR | BPF_X, 0),
+    (BPF_RET | BPF_A, 0),
+    "other",
+    (BPF_RET | BPF_K, 0),
+])
 
 
 def check_fanout_mode(mode):
@@ -362,7 +492,7 @@ cdef class AfPacketPort(Port):
     """One live interface through an AF_PACKET socket.
 
     ``AfPacketPort(iface, *, port_id=0, ring="v2", block_size=0, block_count=0,
-    frame_size=0, fanout_group=None, fanout_mode="hash", fanout_defrag=True,
+    frame_size=0, fanout_group=None, fanout_mode="flow", fanout_defrag=True,
     rx=True, tx=True, timeout_ms=5, retire_ms=1, promisc=True, duration=0.0,
     offloads=False)``
 
@@ -386,15 +516,24 @@ cdef class AfPacketPort(Port):
 
     ``fanout_group`` (0..65535) joins a PACKET_FANOUT group: sockets in one group
     share the interface's frames (``"new"``: a new group of an id the kernel picks,
-    unused in the network namespace, then in ``fanout_group``); ``"hash"`` keeps
-    both directions of a flow on one member.  ``fanout_defrag`` (the default)
-    has the kernel rebuild IPv4 datagrams from their fragments before it picks a
-    member: a fragment has no ports, so otherwise a fragmented datagram went to
-    the member its addresses picked, away from the rest of its flow (the rebuilt
-    datagram arrives as one frame, read whole however long; IPv6 fragments are
-    not rebuilt by the kernel and go by their addresses).  Every member of a
-    group must join it with the same flags.  ``rx=False`` makes a send-only port
-    (no ring, receives nothing).
+    unused in the network namespace, then in ``fanout_group``).  ``fanout_mode``
+    ``"flow"`` (the default) keeps every packet of a flow, both directions and
+    every fragment, on one member: the group runs mbx's own symmetric hash
+    (PACKET_FANOUT_CBPF, each member sets the program), of IPv4 addresses and
+    TCP/UDP/SCTP ports and of IPv6 addresses only, since the kernel does not
+    rebuild IPv6 fragments and a fragment has no ports; so IPv6 flows between one
+    pair of hosts all go to one member.  ``"hash"`` is the kernel's symmetric
+    hash, ports included for IPv6 too, which sends an IPv6 fragment by its
+    addresses and so may part it from the rest of its flow (for sharing a group
+    another program made in that mode); ``"lb"``, ``"cpu"``, ``"rollover"``,
+    ``"random"`` and ``"queue"`` are the kernel's modes that ignore flows.
+    ``fanout_defrag`` (the default) has the kernel rebuild IPv4 datagrams from
+    their fragments before it picks a member: a fragment has no ports, so
+    otherwise a fragmented datagram went to the member its addresses picked,
+    away from the rest of its flow (the rebuilt datagram arrives as one frame,
+    read whole however long).  Every member of a group must join it with the
+    same mode and flags.  ``rx=False`` makes a send-only port (no ring, receives
+    nothing).
 
     ``offloads=True`` keeps the interface's segmentation and checksum offloads
     usable (PACKET_VNET_HDR): each frame comes with the kernel's virtio_net_hdr, so a
@@ -434,7 +573,7 @@ cdef class AfPacketPort(Port):
 
     def __init__(self, str iface, *, int port_id=0, str ring="v2",
                  uint32_t block_size=0, uint32_t block_count=0, uint32_t frame_size=0,
-                 fanout_group=None, str fanout_mode="hash", bint fanout_defrag=True,
+                 fanout_group=None, str fanout_mode="flow", bint fanout_defrag=True,
                  bint rx=True, bint tx=True, int timeout_ms=5, int retire_ms=1,
                  bint promisc=True, double duration=0.0, bint offloads=False,
                  bint outgoing=False):
@@ -443,6 +582,8 @@ cdef class AfPacketPort(Port):
         cdef tpacket_req req
         cdef packet_mreq mreq
         cdef ifreq ifr
+        cdef sock_fprog fprog
+        cdef bytes flow_hash = _FLOW_HASH
         cdef int fd, val, e
         cdef socklen_t optlen
         cdef void *mapped
@@ -622,6 +763,17 @@ cdef class AfPacketPort(Port):
                                     "mode, other flags (fanout_defrag) or on another "
                                     "interface)" if e == EINVAL
                                     and fanout_group != NEW_GROUP else ""), e)
+                if fanout_mode == "flow":
+                    # The group's program, set by every member alike (the last
+                    # one set is the group's); until the first has set it the
+                    # kernel gives every frame to member 0, the only one then.
+                    fprog.len = <unsigned short>(len(flow_hash) // sizeof(sock_filter))
+                    fprog.filter = <sock_filter *><char *>flow_hash
+                    if setsockopt(fd, SOL_PACKET, PACKET_FANOUT_DATA, &fprog,
+                                  sizeof(fprog)) < 0:
+                        e = errno
+                        self._raise(f"setsockopt(PACKET_FANOUT_DATA, the flow hash of "
+                                    f"fanout_mode 'flow', group {fanout_group})", e)
                 optlen = sizeof(val)
                 if getsockopt(fd, SOL_PACKET, PACKET_FANOUT, &val, &optlen) < 0:
                     e = errno

@@ -7,7 +7,9 @@ out of the other one, so it is the input and the output of a run; see
 :func:`open_ports`).  AF_PACKET options follow a ``?``:
 ``afpacket:veth0,veth1?fanout=7&block_count=128`` (keys: ``ring`` (``v2``, the
 default, or ``v3``), ``fanout`` (a group id; a bridge's server side takes the next,
-or ``G0,G1``; ``new``: ids the kernel picks), ``fanout_mode``, ``fanout_defrag``
+or ``G0,G1``; ``new``: ids the kernel picks), ``fanout_mode`` (``flow``, the
+default, keeps every packet of a flow on one member; see ``AfPacketPort``),
+``fanout_defrag``
 (``1``, the default: the kernel rebuilds IPv4 datagrams before it picks a member),
 ``block_size``, ``block_count``,
 ``frame_size``, ``timeout_ms``, ``retire_ms``, ``promisc``, ``duration``,

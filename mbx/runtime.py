@@ -748,7 +748,9 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     each with its own NFs (``make_nfs()`` is called in each) and its own Stack
     Memory.  A capture is split by software RSS: every process reads it and keeps
     the flows whose symmetric hash is its share, so both directions of a flow meet
-    in one process.  An AF_PACKET input is split by the kernel (a fanout group).
+    in one process.  An AF_PACKET input is split by the kernel (a fanout group, in
+    the port's default mode ``flow``: every packet of a flow, both ways and each
+    fragment, to one member).
     Each process writes its own output (``FILE.stackK`` for ``pcap:FILE`` and for a
     DPDK ``net_pcap`` device's ``tx_pcap=FILE``, in the input too; see
     ``output_path`` and ``mbx.ports.stack_spec``).  A port the processes cannot

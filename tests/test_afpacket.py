@@ -620,9 +620,10 @@ def test_bridge_ping_curl_counters_and_pcap_equivalence(testbed, tmp_path, ring)
 
 
 @pytest.mark.parametrize("ring", RINGS)
-def test_fanout_hash_splits_flows_and_keeps_directions_together(testbed, ring):
+@pytest.mark.parametrize("mode", ["flow", "hash"])
+def test_fanout_splits_flows_and_keeps_directions_together(testbed, ring, mode):
     procs = testbed
-    helper = procs.start(_in_ns(NS_M, sys.executable, HERE, "fanout", "mc", ring),
+    helper = procs.start(_in_ns(NS_M, sys.executable, HERE, "fanout", "mc", ring, mode),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     assert helper.stdout.readline().strip() == "ready", helper.stderr.read()
@@ -632,7 +633,7 @@ def test_fanout_hash_splits_flows_and_keeps_directions_together(testbed, ring):
     res = json.loads(out.strip().splitlines()[-1])
     a, b = (set(map(tuple, m)) for m in res["members"])
     assert res["received"] == sent == res["per_member"][0] + res["per_member"][1]
-    assert a and b, "hash fanout should spread 64 flows over both members"
+    assert a and b, f"{mode} fanout should spread 64 flows over both members"
     assert not a & b, "a flow (either direction) reached both members"
     assert len(a | b) == 64
     assert res["split_directions"] == 0
@@ -969,6 +970,50 @@ def test_stacks_split_a_bridge_and_keep_both_directions_of_a_flow_together(
     assert ports["in"]["tx_pkts"] == sent
 
 
+def test_stacks_keep_every_packet_of_a_flow_together_fragments_too(testbed, tmp_path):
+    # The kernel's fanout hash takes a whole IPv6 packet's ports but not an IPv6
+    # fragment's (it rebuilds only IPv4 for the group), so a flow whose datagrams
+    # were sometimes fragmented was split between two stacks.  mbx's flow mode
+    # hashes IPv6 by its addresses: each flow's whole and fragmented datagrams, both
+    # ways, reach one stack, IPv4 ones by their ports once the kernel rebuilt them.
+    procs = testbed
+    nf = tmp_path / "rec.py"
+    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + RECORDER_NF)
+    os.chmod(tmp_path, 0o755)
+    mbx = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", str(nf),
+                             "--in", "afpacket:mc,ms?timeout_ms=5", "--stacks", "2",
+                             "--duration", "60", "-q"),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("started-*"))) < 2:
+        assert mbx.poll() is None, mbx.communicate()[1]
+        assert time.monotonic() < deadline, "the stack processes did not start"
+        time.sleep(0.05)
+    for ns, dev, way in ((NS_C, "c0", "ab"), (NS_S, "s0", "ba")):
+        _sh(*_in_ns(ns, sys.executable, HERE, "sendfrag", dev, way), timeout=60)
+    flows = _fragmented_flows()
+    expected = len(flows) * 6           # 3 datagrams each way, a fragmented one whole
+    deadline = time.monotonic() + 20    # until the stacks have taken them all
+    while (sum(int(f.read_text() or 0) for f in tmp_path.glob("count-*")) < expected
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    mbx.send_signal(signal.SIGINT)
+    _, err = mbx.communicate(timeout=60)
+    assert mbx.returncode == 0, err
+    parts = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("flows-*"))]
+    assert len(parts) == 2
+    ours = [{k: v for k, v in part.items() if "2001:db8:7:" in k or "198.18.7." in k}
+            for part in parts]
+    split = set(ours[0]) & set(ours[1])
+    assert not split, f"{len(split)} flows reached both stacks, e.g. {min(split)}"
+    assert len(ours[0]) + len(ours[1]) == len(flows)
+    # every datagram once, in its flow's stack: the fragmented one rebuilt
+    assert all(v == [3, 3] for part in ours for v in part.values())
+    for family in ("2001:db8:7:", "198.18.7."):
+        assert all(any(family in k for k in part) for part in ours), \
+            f"the {family} flows should be spread over both stacks"
+
+
 def _cpu_ticks(pid):
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])        # utime + stime
@@ -1137,6 +1182,74 @@ def _send_main(tx_if, directions="both"):
     print(sent)
 
 
+def _ip_frames(src_mac, dst_mac, src, dst, proto, sport, dport, ident, payload):
+    """One UDP or TCP datagram (checksums by dpkt) in Ethernet frames: whole if it
+    fits a 1500-byte MTU, else fragments of it with identification ``ident``."""
+    import dpkt
+    v6 = ":" in src
+    addr = ((lambda a: socket.inet_pton(socket.AF_INET6, a)) if v6 else socket.inet_aton)
+    l4 = (dpkt.udp.UDP(sport=sport, dport=dport, ulen=8 + len(payload), data=payload)
+          if proto == 17 else
+          dpkt.tcp.TCP(sport=sport, dport=dport, seq=ident, ack=1,
+                       flags=dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH, data=payload))
+    eth = dst_mac + src_mac + (b"\x86\xdd" if v6 else b"\x08\x00")
+    if v6:
+        ip = dpkt.ip6.IP6(src=addr(src), dst=addr(dst), nxt=proto, hlim=64, data=l4,
+                          plen=len(l4))
+        body = bytes(ip)[40:]
+        if len(body) <= 1400:
+            return [eth + bytes(ip)]
+        frames = []
+        for off in range(0, len(body), 1232):
+            part = body[off:off + 1232]
+            more = off + 1232 < len(body)
+            frames.append(eth + struct.pack("!IHBB", 6 << 28, 8 + len(part), 44, 64)
+                          + addr(src) + addr(dst)
+                          + struct.pack("!BBHI", proto, 0, off | more, ident) + part)
+        return frames
+    body = bytes(dpkt.ip.IP(src=addr(src), dst=addr(dst), p=proto, ttl=64, data=l4))[20:]
+    step = 1480 if len(body) > 1480 else len(body)
+    return [eth + bytes(dpkt.ip.IP(src=addr(src), dst=addr(dst), p=proto, ttl=64,
+                                   id=ident & 0xFFFF, data=body[off:off + step],
+                                   offset=off // 8, mf=int(off + step < len(body))))
+            for off in range(0, len(body), step)]
+
+
+def _fragmented_flows():
+    """96 flows, 64 IPv6 (16 address pairs, 4 flows each) and 32 IPv4, a quarter
+    TCP, each with its datagrams of 100, 2,000 (fragmented) and 300 bytes."""
+    flows = []
+    for i in range(64):
+        proto = 6 if i % 4 == 3 else 17
+        flows.append((f"2001:db8:7::{1 + i // 4}", f"2001:db8:8::{1 + i % 3}", proto,
+                      20000 + i, 443 if proto == 6 else 53))
+    for i in range(32):
+        proto = 6 if i % 4 == 3 else 17
+        flows.append((f"198.18.7.{1 + i}", "198.18.8.1", proto, 30000 + i,
+                      443 if proto == 6 else 53))
+    return flows
+
+
+def _send_fragmented_main(tx_if, direction):
+    # Every flow of _fragmented_flows one way: "ab" (client to server) or "ba".
+    raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    raw.bind((tx_if, 0))
+    mac_a, mac_b = b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x02"
+    sent = 0
+    for n, (a, b, proto, sport, dport) in enumerate(_fragmented_flows()):
+        for k, size in enumerate((100, 2000, 300)):
+            ident = n * 8 + k + (4 if direction == "ba" else 0)
+            payload = bytes((ident + i) & 0xFF for i in range(size))
+            frames = (_ip_frames(mac_a, mac_b, a, b, proto, sport, dport, ident, payload)
+                      if direction == "ab" else
+                      _ip_frames(mac_b, mac_a, b, a, proto, dport, sport, ident, payload))
+            for frame in frames:
+                raw.send(frame)
+                sent += 1
+    raw.close()
+    print(sent)
+
+
 def _unread_main(iface, ring, keep):
     # Takes `keep` frames from `iface`'s ring once the sender is done (a line on
     # stdin), leaves the rest there, closes: what the port counted, as JSON.
@@ -1191,13 +1304,13 @@ def _udp_main(role, addr, count, peer=""):
     print(json.dumps(sorted(digests)))
 
 
-def _fanout_main(rx_if, ring):
-    # Two sockets in one hash fanout group on rx_if; drain both once the sender is
-    # done and report which flows each saw.
+def _fanout_main(rx_if, ring, mode):
+    # Two sockets in one fanout group of this mode on rx_if; drain both once the
+    # sender is done and report which flows each saw.
     from mbx._afpacket import AfPacketPort
     from mbx._packet import Batch
     group = os.getpid() & 0xFFFF
-    members = [AfPacketPort(rx_if, ring=ring, fanout_group=group, fanout_mode="hash",
+    members = [AfPacketPort(rx_if, ring=ring, fanout_group=group, fanout_mode=mode,
                             tx=False, block_size=1 << 20, block_count=8, timeout_ms=2)
                for _ in range(2)]
     print("ready", flush=True)
@@ -1264,7 +1377,9 @@ if __name__ == "__main__":
     elif sys.argv[1] == "record":
         _record_main(*sys.argv[2:4])
     elif sys.argv[1] == "fanout":
-        _fanout_main(*sys.argv[2:4])
+        _fanout_main(*sys.argv[2:5])
+    elif sys.argv[1] == "sendfrag":
+        _send_fragmented_main(*sys.argv[2:4])
     elif sys.argv[1] == "unread":
         _unread_main(*sys.argv[2:5])
     elif sys.argv[1] == "udp":

@@ -746,7 +746,7 @@ def test_a_frame_check_sequence_the_capture_kept_is_dropped(tmp_path, fmt):
     ("ring=v9", "ring 'v9' is not one of v2, v3"),
     ("fanout=70000", "bad value '70000' for fanout: a PACKET_FANOUT group id from 0 "
                      "to 65535"),
-    ("fanout_mode=spray", "fanout_mode 'spray' is not one of hash, lb, cpu"),
+    ("fanout_mode=spray", "fanout_mode 'spray' is not one of flow, hash, lb, cpu"),
     ("promisc=maybe", "bad value 'maybe' for promisc: use 1/0, yes/no, true/false, "
                       "on/off"),
     ("ring=v3&retire_ms=0", "retire_ms must be at least 1 with ring v3"),
