@@ -27,6 +27,7 @@ cdef enum ParseStatus:
     #                         past the frame on the wire (past caplen only: TRUNCATED)
     PARSE_BAD_IP_OPTION     # IPv4 option length runs past the header
     PARSE_BAD_IPV6_EXT      # IPv6 extension header chain runs past the packet
+    PARSE_BAD_IPV4_AH       # IPv4 Authentication Header runs past the datagram
     PARSE_BAD_FRAG          # absurd fragment offset/length
     PARSE_TRUNC_L4          # shorter than the TCP/UDP/ICMP header
     PARSE_BAD_TCP_OFF       # TCP data offset < 5 or past the segment

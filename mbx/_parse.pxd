@@ -16,6 +16,8 @@ from mbx._packet cimport Batch, mbx_pkt
 #   untouched rather than counted as malformed);
 # - a fragment (PKT_F_FRAGMENT): l4_proto is set, l4_off = 0, ports 0, and
 #   payload_off/payload_len are the fragment's data, which is what FragTable copies;
+# - Authentication Headers (IPv4 and IPv6) are walked like IPv6 extension headers:
+#   l4_proto, l4_off and the ports are the transport's inside them;
 # - ICMP errors: payload_off is the quoted packet; transport fields stay 0;
 # - other transports (SCTP, GRE, ESP, ...): payload_off = l4_off.
 cdef int parse_packet(mbx_pkt *p) noexcept nogil

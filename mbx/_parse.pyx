@@ -23,6 +23,7 @@ from mbx._packet cimport (
     PARSE_BAD_IP_LEN,
     PARSE_BAD_IP_OPTION,
     PARSE_BAD_IP_VERSION,
+    PARSE_BAD_IPV4_AH,
     PARSE_BAD_IPV6_EXT,
     PARSE_BAD_TCP_OFF,
     PARSE_BAD_TCP_OPT,
@@ -56,7 +57,7 @@ from mbx._packet cimport (
 # The ParseStatus names in enum order: counters and the CLI print these.
 _STATUS_NAMES = (
     "ok", "not_ip", "trunc_l2", "trunc_l3", "bad_ip_version", "bad_ihl", "bad_ip_len",
-    "bad_ip_option", "bad_ipv6_ext", "bad_frag", "trunc_l4", "bad_tcp_off",
+    "bad_ip_option", "bad_ipv6_ext", "bad_ipv4_ah", "bad_frag", "trunc_l4", "bad_tcp_off",
     "bad_tcp_opt", "bad_udp_len", "frag_timeout", "frag_memcap",
 )
 assert len(_STATUS_NAMES) == PARSE_N, "ParseStatus and _STATUS_NAMES disagree"
@@ -226,11 +227,38 @@ cdef inline int _parse_l4(mbx_pkt *p, const uint8_t *d, uint32_t cur, uint32_t e
     return _done(p, PARSE_OK)
 
 
+# IPv4's Authentication Headers (RFC 4302) between the IP header and the transport,
+# walked as the IPv6 chain walks its AH, so a TCP or UDP packet inside AH keys its
+# own flow by its ports and reaches the L4 checks.  cur (in/out): the header after
+# the IP header, left at the transport header; end, decl: as for _parse_l4; cut: the
+# status of a header past the captured bytes only (TRUNC_L3, or BAD_IP_LEN when the
+# IP length lies).  PARSE_OK to go on to the transport, else p's status.  Each AH is
+# at least 8 bytes, so the walk ends within tot / 8 steps.
+cdef inline int _skip_ipv4_ah(mbx_pkt *p, const uint8_t *d, uint32_t *cur,
+                              uint32_t end, uint32_t decl, int cut) noexcept nogil:
+    cdef uint32_t at = cur[0], hlen
+    while p.l4_proto == IPPROTO_AH:
+        if at + 2 > decl:
+            return _done(p, PARSE_BAD_IPV4_AH)
+        if at + 2 > end:
+            return _done(p, cut)
+        hlen = (<uint32_t>d[at + 1] + 2) * 4
+        if at + hlen > decl:
+            return _done(p, PARSE_BAD_IPV4_AH)
+        if at + hlen > end:
+            return _done(p, cut)
+        p.l4_proto = d[at]
+        at += hlen
+    cur[0] = at
+    return PARSE_OK
+
+
 cdef inline int _parse_ipv4(mbx_pkt *p, const uint8_t *d, uint32_t off,
                             uint32_t n) noexcept nogil:
     cdef const uint8_t *ip = d + off
     cdef uint32_t avail = n - off
     cdef uint32_t ihl, tot, end, i, olen, fo
+    cdef uint32_t cur = off
     if avail < 20:
         return _done(p, PARSE_TRUNC_L3)
     if (ip[0] >> 4) != 4:
@@ -288,9 +316,14 @@ cdef inline int _parse_ipv4(mbx_pkt *p, const uint8_t *d, uint32_t off,
             # snaplen cut, with wire lengths lost, says this of every long frame).
             if ld16(ip + 6) & 0x3FFF:
                 return _done(p, PARSE_BAD_IP_LEN)
-            _parse_l4(p, d, off + ihl, end, off + tot)
+            cur += ihl
+            if _skip_ipv4_ah(p, d, &cur, end, off + tot, PARSE_BAD_IP_LEN) != PARSE_OK:
+                return p.status
+            _parse_l4(p, d, cur, end, off + tot)
             return _done(p, PARSE_BAD_IP_LEN)
     fo = ld16(ip + 6)
+    # A fragment's AH is in its fragmentable part (RFC 4302 applies AH to whole
+    # datagrams, fragmentation comes after): only the rebuilt datagram is walked.
     if fo & 0x3FFF:
         p.flags |= PKT_F_FRAGMENT
         p.frag_off = fo & 0x1FFF
@@ -300,7 +333,10 @@ cdef inline int _parse_ipv4(mbx_pkt *p, const uint8_t *d, uint32_t off,
         if <uint32_t>p.frag_off * 8 + (tot - ihl) > IP_MAXPACKET:
             return _done(p, PARSE_BAD_FRAG)
         return _done(p, PARSE_OK)
-    return _parse_l4(p, d, off + ihl, end, off + tot)
+    cur += ihl
+    if _skip_ipv4_ah(p, d, &cur, end, off + tot, PARSE_TRUNC_L3) != PARSE_OK:
+        return p.status
+    return _parse_l4(p, d, cur, end, off + tot)
 
 
 cdef inline int _parse_ipv6(mbx_pkt *p, const uint8_t *d, uint32_t off,

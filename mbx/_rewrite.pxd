@@ -2,6 +2,10 @@
 # IPv4 header and TCP/UDP checksums updated incrementally (RFC 1624, _checksum.pxd).
 # The one implementation: Event.set_src/set_dst (Python NFs) and C NFs (mbx/cnf.pxd)
 # both call pkt_rewrite, so a packet leaves the same whichever kind of NF rewrote it.
+# The transport header is p.l4_off, which the parser places after any IPv4 or IPv6
+# Authentication Header.  A rewrite breaks AH's ICV, which covers the addresses and
+# everything after AH, ports included: as through any NAT, the receiver's IPsec will
+# refuse the packet, though its TCP/UDP checksum is kept right.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.string cimport memcpy
 

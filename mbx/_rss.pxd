@@ -6,9 +6,10 @@
 # then the flow table's symmetric hash of flow_key_of), or both directions of a
 # flow could land in different processes.  So the walk mirrors parse_packet's rules
 # for the fields the flow key reads, and answers only where those rules are short:
-# Ethernet with up to two VLAN tags, IPv4 without options, IPv6 without extension
-# headers, any transport.  Everything else (IPv4 options or a bad header length,
-# IPv6 extension headers) returns -1: only the full parse can tell.
+# Ethernet with up to two VLAN tags, IPv4 without options or AH, IPv6 without
+# extension headers, any other transport.  Everything else (IPv4 options, AH or a
+# bad header length, IPv6 extension headers) returns -1: only the full parse can
+# tell (the parser walks AH to the ports of the transport inside).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -91,7 +92,8 @@ cdef inline uint32_t _rss_hash_v4(const uint8_t *ip, uint8_t proto,
 
 # What the walk found in a frame (rss_hash_of_frame).
 cdef enum:
-    RSS_PARSE = -1      # only the full parse can tell (IPv4 options, IPv6 extensions)
+    RSS_PARSE = -1      # only the full parse can tell (IPv4 options or AH, IPv6
+    #                     extension headers)
     RSS_NOT_IP = 0      # no IP addresses for the parser to read: stack 0's
     RSS_FLOW = 1        # *h is the flow table's hash of the frame's flow key
     RSS_FRAGMENT = 2    # *h hashes the addresses alone (an IPv4 fragment); the flow
@@ -126,9 +128,10 @@ cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen, uint32_t wi
             return RSS_NOT_IP       # TRUNC_L3 or BAD_IP_VERSION: no addresses
         ihl = <uint32_t>(ip[0] & 0x0F) * 4
         tot = _rss_ld16(ip + 2)
-        if ihl != 20 or tot < 20 or off + tot > wirelen or not MBX_LITTLE_ENDIAN:
-            return RSS_PARSE        # options, BAD_IHL, BAD_IP_LEN: the parser's call
         proto = ip[9]
+        if (ihl != 20 or tot < 20 or off + tot > wirelen or proto == 51
+                or not MBX_LITTLE_ENDIAN):
+            return RSS_PARSE        # options, BAD_IHL, BAD_IP_LEN, AH: the parser's call
         if _rss_ld16(ip + 6) & 0x3FFF:
             h[0] = _rss_hash_v4(ip, proto, 0)
             return RSS_FRAGMENT

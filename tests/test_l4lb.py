@@ -435,3 +435,33 @@ def test_a_packet_to_the_vip_without_a_flow_is_dropped_and_counted(run, cls):
     drops = report["no_flow"] + report.get("untranslatable", 0) + report.get("no_memory", 0)
     assert lb.translated + report["passed"] + drops == counters["packets"] == 12
     assert counters["dropped_by_nf"] == 6
+
+
+@pytest.mark.parametrize("cls", [L4LB, PyL4LB])
+def test_a_connection_inside_an_authentication_header_is_translated(run, cls):
+    # IPv4 with AH (RFC 4302) before TCP: the ports and the checksum to update are
+    # the TCP header's after AH.  Read at AH's bytes, the packet had no ports, got a
+    # portless flow, and went on to the VIP untranslated.  (The rewrite breaks AH's
+    # ICV, as any NAT does; the TCP checksum must still be right.)
+    cli = ("198.18.1.1", 1003)
+    backend = choose_backend(*cli, *VIP, 6, BACKENDS)
+    ah = bytes([6, 4, 0, 0]) + struct.pack("!II", 0x100, 1) + b"\xab" * 12
+    frames = [(1_700_000_000 + k * 1e-3,
+               ether(ipv4(cli[0], VIP[0], 51,
+                          ah + tcp4(cli[0], VIP[0], cli[1], VIP[1], **kw)[20:])))
+              for k, kw in enumerate([dict(flags=0x02, seq=1),
+                                      dict(flags=0x18, seq=2, ack=9, payload=b"GET")])]
+    lb = cls(**OPTIONS)
+    _, out = run([lb], frames=frames)
+    assert len(out) == 2 and lb.translated == 2
+    for (_, before), (_, after) in zip(frames, out, strict=True):
+        ip = after[14:]
+        assert ip[9] == 51 and ip[20:44] == ah            # AH itself is left as it was
+        seg = ip[44:]
+        assert (_addr(ip[16:20]), int.from_bytes(seg[2:4], "big")) == backend
+        assert ip[12:16] == before[26:30] and seg[0:2] == before[58:60]
+        # the rest of the segment as it was, but for its checksum
+        assert seg[4:16] + seg[18:] == before[62:74] + before[76:]
+        assert _ones_sum(ip[:20]) == 0xFFFF
+        pseudo = ip[12:20] + bytes([0, 6]) + len(seg).to_bytes(2, "big")
+        assert _ones_sum(pseudo + seg) == 0xFFFF, "TCP checksum broken by the rewrite"

@@ -294,6 +294,60 @@ def test_ipv6_ah_is_walked():
     assert f["status"] == "ok" and (f["sport"], f["dport"]) == (7, 8)
 
 
+def ah4(nxt, words=4):
+    """An Authentication Header: (words + 2) * 4 bytes (RFC 4302), next header nxt."""
+    body = struct.pack("!II", 0x1000, 7) + b"\xaa" * (words * 4)     # SPI, seq, ICV
+    return bytes([nxt, words, 0, 0]) + body[:(words + 2) * 4 - 4]
+
+
+def test_ipv4_ah_is_walked_to_the_transport():
+    f = parse(eth(ip4(51, ah4(6) + tcp(7, 8, data=b"hi"))))
+    assert f["status"] == "ok" and f["l4_proto"] == 6
+    assert (f["sport"], f["dport"], f["l4_off"]) == (7, 8, 14 + 20 + 24)
+    assert f["payload"] == b"hi"
+    # two AH headers (one without an ICV, 12 bytes), then UDP; the UDP length checks
+    f = parse(eth(ip4(51, ah4(51, 1) + ah4(17, 3) + udp(5, 6, b"abc"))))
+    assert f["status"] == "ok" and (f["l4_proto"], f["sport"], f["dport"]) == (17, 5, 6)
+    assert f["payload"] == b"abc"
+    assert parse(eth(ip4(51, ah4(17) + udp(5, 6, b"abc", ulen=99))))["status"] == "bad_udp_len"
+    # TCP's checks run on the TCP header inside, not on AH's bytes
+    bad = bytearray(tcp(7, 8))
+    bad[12] = 0x40
+    assert parse(eth(ip4(51, ah4(6) + bytes(bad))))["status"] == "bad_tcp_off"
+
+
+def test_ipv4_ah_cut_short_or_lying():
+    frame = eth(ip4(51, ah4(6) + tcp(7, 8)))
+    # captured short inside AH (the wire had it all): as IPv6's chain, trunc_l3
+    f = parse(frame[:14 + 20 + 10], wirelen=len(frame))
+    assert f["status"] == "trunc_l3" and f["l4_proto"] == 51 and f["sport"] == 0
+    # captured short in the TCP header after it: trunc_l4, the ports kept
+    f = parse(frame[:14 + 20 + 24 + 6], wirelen=len(frame))
+    assert f["status"] == "trunc_l4" and (f["sport"], f["dport"]) == (7, 8)
+    # an AH length past the datagram is a lie
+    lying = eth(ip4(51, bytes([6, 60]) + b"\0" * 22 + tcp(7, 8)))
+    assert parse(lying)["status"] == "bad_ipv4_ah"
+    assert parse(eth(ip4(51, b"\x06")))["status"] == "bad_ipv4_ah"
+    # an IP length past the wire frame: bad_ip_len, the ports still read through AH
+    f = parse(frame[:-4])
+    assert f["status"] == "bad_ip_len" and (f["sport"], f["dport"]) == (7, 8)
+
+
+def test_ipv4_ah_is_walked_after_reassembly_not_in_a_fragment():
+    body = ah4(6) + tcp(7, 8, data=b"z" * 64)
+    whole = ip4(51, body, ident=9)
+    first = eth(ip4(51, body[:48], ident=9, frag=0x2000))
+    last = eth(ip4(51, body[48:], ident=9, frag=48 // 8))
+    f = parse(first)
+    assert "fragment" in f["flag_names"] and (f["l4_proto"], f["sport"]) == (51, 0)
+    table = FragTable()
+    assert table.push(first) == ("held", None)
+    kind, frame = table.push(last)
+    assert kind == "done" and frame[14:] == whole
+    f = parse(frame)
+    assert f["status"] == "ok" and (f["l4_proto"], f["sport"], f["dport"]) == (6, 7, 8)
+
+
 def test_ipv4_fragment_fields_and_no_l4():
     frame = eth(ip4(6, tcp(data=b"z" * 40), ident=0xBEEF, frag=0x2000 | 3))
     f = parse(frame)
@@ -314,7 +368,7 @@ def test_reparse_resets_fields():
 
 def test_status_names_order():
     assert STATUSES[0] == "ok" and STATUSES[1] == "not_ip"
-    assert len(STATUSES) == len(set(STATUSES)) == 16
+    assert len(STATUSES) == len(set(STATUSES)) == 17
     assert STATUSES[-2:] == ["frag_timeout", "frag_memcap"]
 
 

@@ -55,11 +55,18 @@ def ipv4_packet(draw, proto, l4):
     ihl = draw(st.sampled_from([ihl, ihl, ihl, 3, 15]))
     version = draw(st.sampled_from([4, 4, 4, 6]))
     frag = draw(st.sampled_from([0, 0, 0x4000, 0x2000, 0x0003, 0x2005, 0x1FFF]))
-    body = opts + l4
+    # Authentication Headers (RFC 4302) before the transport: the parser walks them
+    # to the ports inside; lengths (n + 2) * 4, 0 (too short, still walked) to 60
+    nahs = draw(st.sampled_from([0, 0, 0, 1, 2]))
+    ahs = b""
+    for k in range(nahs):
+        n = draw(st.sampled_from([0, 1, 4, 60]))
+        ahs += bytes([51 if k + 1 < nahs else proto, n, 0, 0]) + b"\x5a" * (n * 4 + 4)
+    body = opts + ahs + l4
     tot = 20 + len(body)
     tot = draw(st.sampled_from([tot, tot, tot, 19, 0, tot + 30, 65535]))
-    hdr = struct.pack("!BBHHHBBH4s4s", (version << 4) | ihl, 0, tot, 7, frag, 64, proto,
-                      0, src, dst)
+    hdr = struct.pack("!BBHHHBBH4s4s", (version << 4) | ihl, 0, tot, 7, frag, 64,
+                      51 if nahs else proto, 0, src, dst)
     return hdr + body
 
 
@@ -167,6 +174,10 @@ def dpkt_frames():
         ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(body), 0, 64, V6[i % 3],
                           V6[(i + 2) % 3]) + body
         slow.append(b"\x04" * 6 + b"\x02" * 6 + b"\x86\xdd" + ip6)
+        # IPv4 with an Authentication Header before the TCP or UDP header
+        ah = bytes([6 if i % 2 else 17, 4, 0, 0]) + b"\0" * 20
+        inner = tcp if i % 2 else udp
+        slow.append(eth(dpkt.ip.IP(src=s, dst=d, p=51, data=ah + bytes(inner))))
     return fast, slow
 
 
@@ -194,6 +205,16 @@ def test_dpkt_frames_common_cases_are_decided_without_the_parser():
     a = ether(tcp4("198.18.0.1", "198.19.0.2", 40000, 443))
     b = ether(tcp4("198.19.0.2", "198.18.0.1", 443, 40000))
     assert rss_owners(a, 4) == rss_owners(b, 4)
+    # IPv4 in AH: its flow is the TCP connection inside (the ports after AH), which
+    # its packets without AH share
+    plain = dpkt.ip.IP(ether(tcp4("198.18.0.1", "198.19.0.2", 40000, 443))[14:])
+    inner = bytes(plain.data)
+    plain.p, plain.len, plain.sum = 51, 0, 0
+    plain.data = bytes([6, 1, 0, 0]) + b"\0" * 8 + inner
+    in_ah = b"\x04" * 6 + b"\x02" * 6 + b"\x08\x00" + bytes(plain)
+    quick, full, walk_hash, table_hash = rss_owners(in_ah, 4)
+    assert (quick, walk_hash) == (-1, None)
+    assert (full, table_hash) == (rss_owners(b, 4)[1], rss_owners(b, 4)[3])
     c = ether(tcp6("2001:db8::1", "2001:db8::2", 1, 2))
     d = ether(tcp6("2001:db8::2", "2001:db8::1", 2, 1))
     assert rss_owners(c, 4) == rss_owners(d, 4)
