@@ -19,7 +19,8 @@ cdef enum Verdict:
 cdef enum ParseStatus:
     PARSE_OK = 0
     PARSE_NOT_IP            # ARP, LLDP, ...: no L3 to parse, forwarded as is
-    PARSE_TRUNC_L2          # frame shorter than its Ethernet/VLAN headers
+    PARSE_TRUNC_L2          # frame shorter than its Ethernet/VLAN headers (a raw-IP,
+    #                         cooked or loopback record cut in its link header: empty)
     PARSE_TRUNC_L3          # shorter than the IP header
     PARSE_BAD_IP_VERSION    # version nibble disagrees with the ethertype
     PARSE_BAD_IHL           # IPv4 header length < 20 or past the frame

@@ -4,7 +4,8 @@ The reader maps the file read-only and walks record headers in C without the GIL
 replaying a capture costs one memcpy per frame into the batch arena and no Python
 object per packet.  Every frame leaves the reader as an Ethernet frame: raw-IP and
 Linux cooked captures get a synthesised Ethernet header, because the parser and
-everything after it speak Ethernet only.
+everything after it speak Ethernet only (a record cut inside its link header leaves
+empty, for the parser to count as ``trunc_l2``).
 """
 import os
 import stat
@@ -814,6 +815,15 @@ cdef class PcapReader(Port):
                     etype = 0x86DD
         l3len = r.caplen - hl if r.caplen > hl else 0
         wl = r.wirelen - hl if r.wirelen > hl else 0
+        if r.caplen < hl or r.caplen == 0:
+            # Cut before its link header ends (or, raw IP, with not one byte): no
+            # bytes to put behind an Ethernet header, whose type would be a guess.
+            # An empty frame, never a made-up 14-byte one: the parser counts it cut
+            # short at L2 (trunc_l2), as it does an Ethernet record under 14 bytes.
+            r.caplen = 0
+            r.wirelen = ETH_HLEN + wl if wl else 0
+            r.mode = LINK_ETHER
+            return
         s = self.scratch
         memset(s, 0, 12)
         s[12] = etype >> 8

@@ -11,7 +11,7 @@ import dpkt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mbxtest import read_frames
+from mbxtest import read_frames, run_app
 
 from mbx._packet import Batch
 from mbx._pcap import PcapReader, PcapWriter
@@ -273,11 +273,52 @@ def test_link_types_get_an_ethernet_header(tmp_path, linktype, payload, ethertyp
                     14 + len(l3) + 10)]
 
 
-def test_cooked_frame_shorter_than_its_header(tmp_path):
-    path = tmp_path / "short.pcap"
-    path.write_bytes(classic([(0, 0, b"\0" * 10, 10)], big_endian=False, linktype=113))
+SLL_IP4 = struct.pack(">HHH8sH", 0, 1, 6, b"\1" * 8, 0x0800)
+SLL2_IP4 = struct.pack(">HHIHBB8s", 0x0800, 0, 2, 1, 0, 6, b"\1" * 8)
+
+
+@pytest.mark.parametrize("linktype,record,reason", [
+    # not one byte: no version nibble (101), nothing behind the link type's (228)
+    (101, b"", "trunc_l2"), (228, b"", "trunc_l2"), (229, b"", "trunc_l2"),
+    # an IP header begun: a real one, cut short, behind a made-up Ethernet header
+    (101, b"\x45\x00\x00", "trunc_l3"), (228, b"\x45\x00\x00", "trunc_l3"),
+    # cut inside the cooked header (16 and 20 bytes), its protocol read or not
+    (113, SLL_IP4[:10], "trunc_l2"), (113, SLL_IP4[:15], "trunc_l2"),
+    (276, SLL2_IP4[:10], "trunc_l2"), (276, SLL2_IP4[:3], "trunc_l2"),
+    (0, b"\x02\x00", "trunc_l2"),
+])
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+def test_a_record_cut_in_its_link_header_is_counted_not_made_a_frame(
+        tmp_path, linktype, record, reason, fmt):
+    # Such a record became a 14-byte empty Ethernet frame: of type 0 (not IP, so
+    # forwarded and counted nowhere) or, for 228 and SLL2, of type IPv4 with nothing
+    # in it.  Now it is delivered empty, which the parser counts as cut short at L2;
+    # the wire length says what the Ethernet frame was had it been captured.
+    wire = len(record) + 40
+    if fmt == "pcap":
+        data = classic([(5, 6, record, wire)], big_endian=False, linktype=linktype)
+    else:
+        data = shb() + idb(linktype) + epb(0, 5_000_006, record, wire)
+    path = tmp_path / f"short.{fmt}"
+    path.write_bytes(data)
+    hl = {113: 16, 276: 20, 0: 4}.get(linktype, 0)
     with PcapReader(path) as r:
-        assert read_all(r) == [(bytes(14), 0, 14)]
+        got = read_all(r)
+        assert (r.damaged, r.truncated) == (0, 0)
+    if reason == "trunc_l2":
+        assert got == [(b"", 5_000_006_000, 14 + wire - hl)]
+    else:
+        assert got == [(bytes(12) + b"\x08\x00" + record, 5_000_006_000, 14 + wire)]
+    # under software RSS too (the same conversion): with no IP header, stack 0's
+    for k in (0, 1):
+        with PcapReader(path) as r:
+            r.rss_share(k, 2)
+            assert [g[0] for g in read_all(r)] == ([got[0][0]] if k == 0 else [])
+    counters, out = run_app([], str(path))
+    assert counters["parse"] == {reason: 1} and counters["packets"] == 1
+    assert len(out) == 1 and out[0][1] == got[0][0]    # forwarded as it came
+    counters, out = run_app([], str(path), malformed="drop")
+    assert counters["dropped_malformed"] == 1 and out == []
 
 
 def test_captures_compressed_joined_or_oddly_named_are_told_how_to_read(tmp_path,
