@@ -13,7 +13,7 @@ import pytest
 from mbxtest import read_frames, skip_or_fail_in_ci
 
 import mbx
-from mbx.examples.capture import BACKENDS, VIP, ether, ipv4, tcp4, tcp6, tcp_connection
+from mbx.examples.capture import BACKENDS, VIP, ether, ipv4, tcp4, tcp6, tcp_connection, udp4
 from mbx.nfs.l4lb import L4LB, PyL4LB, choose_backend, parse_endpoint
 
 OPTIONS = {"vip": f"{VIP[0]}:{VIP[1]}", "backends": ",".join(f"{a}:{p}" for a, p in BACKENDS)}
@@ -432,9 +432,39 @@ def test_a_packet_to_the_vip_without_a_flow_is_dropped_and_counted(run, cls):
     assert VIP not in sent and len(sent) == 5 and ("198.18.0.9", 80) in sent
     assert report["passed"] == 2                  # the other SYN, the ARP frame
     # every packet the balancer saw is counted once
-    drops = report["no_flow"] + report.get("untranslatable", 0) + report.get("no_memory", 0)
+    drops = (report["no_flow"] + report["no_ports"] + report.get("untranslatable", 0)
+             + report.get("no_memory", 0))
     assert lb.translated + report["passed"] + drops == counters["packets"] == 12
     assert counters["dropped_by_nf"] == 6
+
+
+@pytest.mark.parametrize("cls", [L4LB, PyL4LB])
+def test_a_packet_to_the_vip_address_without_its_ports_is_dropped_and_counted(run, cls):
+    # IP says TCP (or UDP) but the header is cut before its ports: the parser leaves
+    # them 0:0, the balancer found no VIP in (VIP address, port 0), and the packet
+    # went on untranslated, to the VIP.  With a consistent IP length the stack gives
+    # it no flow; with one that lies (bad_ip_len) a flow keyed 0:0: dropped either way.
+    cli = ("198.18.1.1", 1004)
+    syn = tcp4(cli[0], VIP[0], cli[1], VIP[1], flags=0x02, seq=1)
+    udp = udp4(cli[0], VIP[0], cli[1], VIP[1], b"ask")
+    icmp = ipv4(cli[0], VIP[0], 1, bytes([8, 0, 0, 0, 0, 1, 0, 1]))
+    frames = [ether(f) for f in (
+        syn,                                                # translated
+        ipv4(cli[0], VIP[0], 6, syn[20:22]),                # 2 bytes of TCP header
+        ipv4(cli[0], VIP[0], 17, udp[20:23]),               # 3 bytes of UDP header
+        ipv4(cli[0], "198.18.0.9", 6, syn[20:22]),          # not to the VIP: passes
+        icmp,                                               # no ports to read: passes
+    )] + [ether(syn)[:14 + 20 + 3]]                         # IP length past the frame
+    frames = [(1_700_000_000 + k * 1e-3, f) for k, f in enumerate(frames)]
+    lb = cls(**OPTIONS)
+    counters, out = run([lb], frames=frames)
+    assert counters["parse"] == {"trunc_l4": 3, "bad_ip_len": 1}
+    to_vip = [f for _, f in out if f[30:34] == bytes(map(int, VIP[0].split(".")))]
+    assert to_vip == [frames[4][1]]                     # only the ICMP echo
+    assert [f for _, f in out][1:] == [frames[3][1], frames[4][1]]
+    report = lb.report()
+    assert (lb.translated, report["no_ports"], report["passed"]) == (1, 3, 2)
+    assert report["no_flow"] == 0 and counters["dropped_by_nf"] == 3
 
 
 @pytest.mark.parametrize("cls", [L4LB, PyL4LB])

@@ -28,8 +28,11 @@ version, a port change on a packet without ports) is dropped and counted
 (``untranslatable``); the Python reference raises there.
 A packet to the VIP that the stack gave no flow (its flow table full under
 ``--flow-policy refuse``, a malformed packet it forwards) is dropped and counted
-(``no_flow``) for the same reason; other packets without a flow pass.  Every
-packet lands in one counter: ``translated``, ``passed``, or one of the drops.
+(``no_flow``) for the same reason; other packets without a flow pass.  A TCP or
+UDP packet to the VIP's address whose ports could not be read (its header cut
+before them; the parser leaves them 0:0) can never be translated either: dropped
+and counted (``no_ports``), flow or no flow.  Every packet lands in one counter:
+``translated``, ``passed``, or one of the drops.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
@@ -87,6 +90,7 @@ ctypedef struct lb_state:
     uint64_t passed         # packets neither to the VIP nor a known reply: untouched
     uint64_t no_memory
     uint64_t no_flow        # packets to the VIP the stack gave no flow: dropped
+    uint64_t no_ports       # TCP/UDP to the VIP's address, ports unread: dropped
     uint64_t tracked        # flows with an entry now
 
 
@@ -226,6 +230,15 @@ cdef void forget(lb_state *s, flow_entry *f) noexcept nogil:
     f.kind = FLOW_NONE
 
 
+cdef inline bint portless_to_vip(const lb_state *s, const mbx_pkt *p) noexcept nogil:
+    # TCP or UDP to the VIP's address with ports 0:0: what the parser leaves when
+    # the header was cut before them.  No connection uses port 0 (nor does the
+    # VIP), so whatever the ports were, the packet cannot be matched to a backend;
+    # sent on, it would reach the VIP itself.
+    return ((p.l4_proto == 6 or p.l4_proto == 17) and p.sport == 0 and p.dport == 0
+            and p.ip_ver == s.vip.ip_ver and memcmp(p.dst.b, s.vip.addr, 16) == 0)
+
+
 cdef int translate(lb_state *s, mbx_pkt *p, int which, const endpoint *to) noexcept nogil:
     if to.ip_ver != p.ip_ver or pkt_rewrite(p, which, to.addr, to.port) != REWRITE_OK:
         s.untranslatable += 1
@@ -241,6 +254,11 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
     if p == NULL or p.ip_ver == 0:
         s.passed += 1
         return MBX_PASS
+    if portless_to_vip(s, p):
+        # Checked before the flow: the stack gives no flow to a header cut before
+        # its ports, but one whose IP length lies (bad_ip_len) it keys 0:0.
+        s.no_ports += 1
+        return MBX_DROP
     if m.h.flow == NO_FLOW:
         endpoint_of(&a, p.ip_ver, p.dst.b, p.dport)
         # No flow (the table full under --flow-policy refuse, a malformed packet
@@ -315,8 +333,8 @@ cdef class Balancer:
     ``Balancer(vip, backends)``: ``vip`` an (address, port) pair, ``backends`` a
     non-empty list of them (addresses as text).  Counters: ``translated`` packets
     rewritten, ``tracked`` flows holding an entry now, ``reverse_entries`` client
-    connections whose replies are awaited, ``untranslatable``, ``no_memory`` and
-    ``no_flow`` packets dropped, ``passed`` packets let through untouched (not to
+    connections whose replies are awaited, ``untranslatable``, ``no_memory``,
+    ``no_flow`` and ``no_ports`` packets dropped, ``passed`` packets let through untouched (not to
     the VIP, not a reply to a connection it sent to a backend: with ``--stacks``,
     say, a reply whose request another process saw).  Each packet is counted once,
     in one of these.
@@ -377,3 +395,7 @@ cdef class Balancer:
     @property
     def no_flow(self):
         return self.s.no_flow
+
+    @property
+    def no_ports(self):
+        return self.s.no_ports

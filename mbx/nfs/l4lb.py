@@ -142,7 +142,7 @@ class L4LB(mbx.NF):
         return {"translated": self.translated, "tracked": self.tracked,
                 "untranslatable": self.core.untranslatable,
                 "no_memory": self.core.no_memory, "no_flow": self.core.no_flow,
-                "passed": self.core.passed}
+                "no_ports": self.core.no_ports, "passed": self.core.passed}
 
 
 class PyL4LB(mbx.NF):
@@ -159,6 +159,7 @@ class PyL4LB(mbx.NF):
         self.translated = 0
         self.passed = 0         # packets neither to the VIP nor a known reply
         self.no_flow = 0        # packets to the VIP without a flow, dropped
+        self.no_ports = 0       # TCP/UDP to the VIP's address, ports unread, dropped
         self.sub(mbx.PKT, self.on_packet)
         self.sub(mbx.FLOW_END, self.on_end)
 
@@ -168,9 +169,15 @@ class PyL4LB(mbx.NF):
 
     def report(self):
         return {"translated": self.translated, "tracked": self.tracked,
-                "no_flow": self.no_flow, "passed": self.passed}
+                "no_flow": self.no_flow, "no_ports": self.no_ports, "passed": self.passed}
 
     def on_packet(self, ev):
+        if ev.proto in (6, 17) and ev.sport == ev.dport == 0 and ev.dst_ip == self.vip[0]:
+            # ports cut off (the parser leaves them 0:0, which no connection uses):
+            # no backend can be chosen, and sent on it would reach the VIP itself
+            ev.drop()
+            self.no_ports += 1
+            return
         flow = ev.flow
         if flow is None:
             # without a flow nothing keeps a connection on one backend, and sent on
