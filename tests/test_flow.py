@@ -332,6 +332,47 @@ def test_connections_captured_cut_short_keep_their_own_flows(tmp_path):
     assert c["flows"]["created"] == 5
 
 
+def test_malformed_tcp_whose_ports_were_not_read_is_in_no_flow(tmp_path):
+    """Beyond TRUNC_L4: a header cut before its ports under an IP length that lies
+    (bad_ip_len), and a TCP packet whose bad IP option stopped the parser before the
+    transport, have ports 0; tracked, every such connection between two hosts was
+    one 0:0 flow.  A lying length with the ports captured keeps its own flow."""
+    import struct
+
+    import mbx
+    from mbx.examples.capture import ether, tcp4
+    from mbx.ports import open_input
+
+    records = []                # (captured bytes, length on the wire)
+    for sport in (7001, 7002):
+        f = ether(tcp4("198.18.0.1", "198.18.0.2", sport, 80))
+        records.append((f[:37], 37))                # 3 bytes of TCP, IP says 40
+    f = ether(tcp4("198.18.0.1", "198.18.0.2", 7003, 80))
+    records.append((f[:38], 38))                    # the ports, IP says 40 more
+    for sport in (7004, 7005):
+        f = bytearray(ether(tcp4("198.18.0.1", "198.18.0.2", sport, 80)))
+        ip = f[14:34]
+        ip[0] = 0x46                                # a 24-byte header: one option
+        struct.pack_into("!H", ip, 2, struct.unpack_from("!H", ip, 2)[0] + 4)
+        bad = bytes(f[:14] + ip + b"\x07\x01\x00\x00" + f[34:])   # option length 1
+        records.append((bad, len(bad)))
+    path = tmp_path / "lies.pcap"
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i, (frame, wirelen) in enumerate(records):
+            fh.write(struct.pack("<IIII", 1_700_000_000, i, len(frame), wirelen) + frame)
+    ports = []
+    nf = mbx.NF("starts")
+    nf.sub(mbx.FLOW_START, lambda ev: ports.append((ev.cli_port, ev.srv_port)))
+    inp = open_input(f"pcap:{path}")
+    try:
+        c = mbx.App([nf]).run(inp)
+    finally:
+        inp.close()
+    assert c["parse"] == {"bad_ip_len": 3, "bad_ip_option": 2} and c["packets"] == 5
+    assert ports == [(7003, 80)] and c["flows"]["created"] == 1
+
+
 def test_eviction_falls_back_to_refusal_when_ended_is_full():
     t = FlowTable(capacity=1, policy="evict", ended_capacity=1)
     assert t.lookup_tuple("10.0.0.1", "10.0.0.2", 1, 2, 6, 0)[0] == 0
