@@ -24,6 +24,9 @@ cdef class NetworkLayer:
     cdef readonly uint64_t frag_held
     cdef readonly uint64_t nf_dropped
     cdef readonly uint64_t sent
+    cdef readonly uint64_t error_dropped    # in flight when the run failed: never sent
+    cdef uint32_t passed            # packets of the burst in process() the pass reached
+    cdef bint finishing             # finish() is sending a burst (an output may fail)
     cdef readonly uint64_t bursts
     cdef readonly uint64_t retired      # bursts sent (or finished without an output)
     cdef readonly double latency_s      # their total time from read to send
@@ -58,5 +61,6 @@ cdef class NetworkLayer:
     cdef void prefetch(self, mbx_pkt *p) noexcept nogil
     cpdef process(self, Batch batch)
     cdef int finish(self, Batch batch, Port out) except -1
+    cdef void fail_burst(self, Batch batch, uint32_t passed) noexcept nogil
     cdef bint retire(self, Batch batch, uint32_t mark, Port out, bint wait,
                      double t_read) except -1

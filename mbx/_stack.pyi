@@ -16,6 +16,7 @@ class NetworkLayer:
     frag_held: int
     nf_dropped: int
     sent: int
+    error_dropped: int
     bursts: int
     rss_other: int
     def __init__(self, bus: EventBus, *, flow_capacity: int = 65536,

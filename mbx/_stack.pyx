@@ -350,6 +350,7 @@ cdef class NetworkLayer:
         while i < batch.count or self.flows.n_ended:
             with nogil:
                 i = self.stack_pass(batch, i)
+            self.passed = i             # what the packets from i on missed, if NFs fail
             self.bus.dispatch()
             self.bus.reset_pool()
         if self.now_ns >= self.next_expire_ns:
@@ -378,6 +379,7 @@ cdef class NetworkLayer:
         cdef mbx_pkt *ptrs[256]
         cdef uint32_t i = 0
         cdef int k, n
+        self.finishing = True
         while i < batch.count:
             k = 0
             while i < batch.count and k < 256:
@@ -395,7 +397,34 @@ cdef class NetworkLayer:
                 if n == PORT_ERROR:
                     out.check()
                 self.sent += n
+        self.finishing = False
         return 0
+
+    cdef void fail_burst(self, Batch batch, uint32_t passed) noexcept nogil:
+        # The run failed with this burst in flight (an NF's handler raised): it is
+        # never finished, so each packet finish would have sent is counted dropped on
+        # the error, and each an NF dropped as its drop; every packet read stays
+        # accounted for.  The packets from `passed` on never met the stack pass (it
+        # had stopped for Event Memory): counted read here, and dropped, unless
+        # software RSS leaves them to another stack process, as the pass would have.
+        cdef uint32_t i
+        cdef mbx_pkt *p
+        for i in range(passed):
+            p = &batch.pkts[i]
+            if p.verdict == VERDICT_PASS:
+                self.error_dropped += 1
+            elif p.verdict == VERDICT_DROP and not p.flags & PKT_F_STACK_DROP:
+                self.nf_dropped += 1
+        for i in range(passed, batch.count):
+            p = &batch.pkts[i]
+            if self.rss_n > 1 and self.rss_input is None:
+                parse_packet(p)
+                if rss_stack_of_parsed(p, self.rss_n) != <int>self.rss_k:
+                    self.rss_other += 1
+                    continue
+            self.pkts += 1
+            self.bytes += p.wirelen
+            self.error_dropped += 1
 
     def run(self, Port inp, Port out=None, *, uint32_t burst=64, uint64_t max_packets=0,
             progress=None, double progress_every=0.5, double duration=0, stop=None,
@@ -430,6 +459,7 @@ cdef class NetworkLayer:
         cdef uint64_t limit = max_packets
         cdef uint32_t idle = 0, full
         cdef bint live = bool(getattr(inp, "live", False))
+        cdef bint processing = False    # the burst just read is in process()
         cdef timespec wall
         cdef object failure = None
         if nslots > 64:
@@ -437,85 +467,107 @@ cdef class NetworkLayer:
         for batch in batches:
             # room kept for datagrams rebuilt in the burst (five of 64 KiB by default)
             batch.rebuild_room = batch.arena_size // 2
-        while True:
-            if inflight == nslots:
-                # every slot is in flight: the oldest burst must leave first
+        self.finishing = False
+        try:
+            while True:
+                if inflight == nslots:
+                    # every slot is in flight: the oldest burst must leave first
+                    self.retire(batches[head], marks[head], out, True, t_read[head])
+                    head = (head + 1) % nslots
+                    inflight -= 1
+                batch = batches[(head + inflight) % nslots]
+                batch.clear()
+                full = 0
+                if limit and limit - self.pkts < batch.capacity:
+                    # read no more than the limit: frames read past it would be lost
+                    full = batch.capacity
+                    batch.capacity = <uint32_t>(limit - self.pkts)
+                with nogil:
+                    n = inp.rx_burst(batch)
+                if full:
+                    batch.capacity = full
+                if n == PORT_ERROR:
+                    try:
+                        inp.check()
+                    except PortError as exc:
+                        # The input failed (an interface deleted, a damaged capture):
+                        # what was read still goes out and every flow still ends, as at
+                        # the end of the input; then the error is raised.
+                        failure = exc
+                        break
+                if n == PORT_EOF:
+                    break
+                if limit and self.pkts + batch.count > limit:
+                    batch.count = <uint32_t>(limit - self.pkts)
+                if batch.count:
+                    t_read[(head + inflight) % nslots] = monotonic()
+                    self.passed = 0
+                    processing = True
+                    self.process(batch)
+                    processing = False
+                    marks[(head + inflight) % nslots] = self.bus.burst_mark()
+                    inflight += 1
+                if inp.walked_ns > self.now_ns:
+                    # Software RSS on a capture: the other stack processes' frames move
+                    # the capture's clock too, so that flows go idle in capture time as
+                    # with one stack (not only when this process's next frame comes)
+                    self.now_ns = inp.walked_ns
+                    if self.now_ns >= self.next_expire_ns:
+                        self.expire(self.now_ns)
+                        self.next_expire_ns = self.now_ns + self.expire_every_ns
+                # send what the NFs are done with (a live link that went quiet: all of it)
+                while inflight and self.retire(batches[head], marks[head], out, n == 0,
+                                               t_read[head]):
+                    head = (head + 1) % nslots
+                    inflight -= 1
+                if limit and self.pkts >= limit:
+                    break
+                # Live ports return 0 when nothing came in time: look at the clock and
+                # the stop flag then, and every 64 bursts or 50 ms otherwise (bursts
+                # that slow NFs make long would leave a Ctrl-C waiting for 64 of them).
+                idle += 1
+                if n == 0 or idle >= 64 or monotonic() >= next_check:
+                    idle = 0
+                    now = monotonic()
+                    next_check = now + 0.05
+                    if deadline and now >= deadline:
+                        break
+                    if stop is not None and stop.is_set():
+                        break
+                    if live and n == 0:
+                        # a quiet live link: flows still go idle by the clock
+                        clock_gettime(CLOCK_REALTIME, &wall)
+                        self.expire(wall.tv_sec * 1000000000 + wall.tv_nsec)
+                    if progress is not None and now >= next_report:
+                        progress(self)
+                        next_report = now + progress_every
+            while inflight:
                 self.retire(batches[head], marks[head], out, True, t_read[head])
                 head = (head + 1) % nslots
                 inflight -= 1
-            batch = batches[(head + inflight) % nslots]
-            batch.clear()
-            full = 0
-            if limit and limit - self.pkts < batch.capacity:
-                # read no more than the limit: frames read past it would be lost
-                full = batch.capacity
-                batch.capacity = <uint32_t>(limit - self.pkts)
-            with nogil:
-                n = inp.rx_burst(batch)
-            if full:
-                batch.capacity = full
-            if n == PORT_ERROR:
-                try:
-                    inp.check()
-                except PortError as exc:
-                    # The input failed (an interface deleted, a damaged capture):
-                    # what was read still goes out and every flow still ends, as at
-                    # the end of the input; then the error is raised.
-                    failure = exc
-                    break
-            if n == PORT_EOF:
-                break
-            if limit and self.pkts + batch.count > limit:
-                batch.count = <uint32_t>(limit - self.pkts)
-            if batch.count:
-                t_read[(head + inflight) % nslots] = monotonic()
-                self.process(batch)
-                marks[(head + inflight) % nslots] = self.bus.burst_mark()
-                inflight += 1
-            if inp.walked_ns > self.now_ns:
-                # Software RSS on a capture: the other stack processes' frames move
-                # the capture's clock too, so that flows go idle in capture time as
-                # with one stack (not only when this process's next frame comes)
-                self.now_ns = inp.walked_ns
-                if self.now_ns >= self.next_expire_ns:
-                    self.expire(self.now_ns)
-                    self.next_expire_ns = self.now_ns + self.expire_every_ns
-            # send what the NFs are done with (a live link that went quiet: all of it)
-            while inflight and self.retire(batches[head], marks[head], out, n == 0,
-                                           t_read[head]):
+            self.shutdown()
+            self.bus.burst_done(None, self.bus.burst_mark(), True)
+            self.run_s += monotonic() - started
+            self.run_cpu_s += thread_cpu() - cpu_started
+            if progress is not None:
+                progress(self)
+        except BaseException:
+            # The run failed (an NF's handler raised, or a second stop signal
+            # interrupted one): the bursts in flight are never sent.  Their packets
+            # are counted (dropped_on_error), so that a failed run's counters still
+            # add up to the packets read.  (A burst the output failed on is left as
+            # finish() had counted it.)
+            if processing:
+                self.fail_burst(batches[(head + inflight) % nslots], self.passed)
+            if inflight and self.finishing:
                 head = (head + 1) % nslots
                 inflight -= 1
-            if limit and self.pkts >= limit:
-                break
-            # Live ports return 0 when nothing came in time: look at the clock and
-            # the stop flag then, and every 64 bursts or 50 ms otherwise (bursts
-            # that slow NFs make long would leave a Ctrl-C waiting for 64 of them).
-            idle += 1
-            if n == 0 or idle >= 64 or monotonic() >= next_check:
-                idle = 0
-                now = monotonic()
-                next_check = now + 0.05
-                if deadline and now >= deadline:
-                    break
-                if stop is not None and stop.is_set():
-                    break
-                if live and n == 0:
-                    # a quiet live link: flows still go idle by the clock
-                    clock_gettime(CLOCK_REALTIME, &wall)
-                    self.expire(wall.tv_sec * 1000000000 + wall.tv_nsec)
-                if progress is not None and now >= next_report:
-                    progress(self)
-                    next_report = now + progress_every
-        while inflight:
-            self.retire(batches[head], marks[head], out, True, t_read[head])
-            head = (head + 1) % nslots
-            inflight -= 1
-        self.shutdown()
-        self.bus.burst_done(None, self.bus.burst_mark(), True)
-        self.run_s += monotonic() - started
-        self.run_cpu_s += thread_cpu() - cpu_started
-        if progress is not None:
-            progress(self)
+            while inflight:
+                batch = batches[head]
+                self.fail_burst(batch, batch.count)
+                head = (head + 1) % nslots
+                inflight -= 1
+            raise
         if failure is not None:
             raise failure
 
@@ -544,6 +596,7 @@ cdef class NetworkLayer:
             "sent": self.sent,
             "dropped_by_nf": self.nf_dropped,
             "dropped_malformed": self.malformed_dropped,
+            "dropped_on_error": self.error_dropped,
             "other_stacks": self.rss_other + (
                 self.rss_input.rss_skipped if self.rss_input is not None else 0),
             "fragments_held": self.frag_held,

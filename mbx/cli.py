@@ -94,7 +94,9 @@ def _print_counters(c, elapsed, out=None):
     w(f"packets        {c['packets']:,} ({c['bytes']:,} bytes) in {elapsed:.3f} s, "
       f"{_rate(pps)}\n")
     w(f"sent           {c['sent']:,}\n")
-    w(f"dropped        by NFs {c['dropped_by_nf']:,}, malformed {c['dropped_malformed']:,}\n")
+    w(f"dropped        by NFs {c['dropped_by_nf']:,}, malformed {c['dropped_malformed']:,}"
+      + (f", in flight when the run failed {c['dropped_on_error']:,} (neither sent nor "
+         "dropped by an NF)" if c["dropped_on_error"] else "") + "\n")
     f = c["flows"]
     w(f"flows          created {f['created']:,}, expired {f['expired']:,}, "
       f"evicted {f['evicted']:,}"

@@ -62,8 +62,11 @@ class StatsView:
         rates = {k: (v["events"] - self.last.get(k, 0)) / dt for k, v in nfs.items()}
         self.last = {k: v["events"] for k, v in nfs.items()}
         self.t_last = now
+        lost = counters.get("dropped_on_error")
         lines = [f"[{now - self.t0:7.1f} s] {counters['packets']:,} packets, "
-                 f"{counters['dropped_by_nf']:,} dropped by NFs"] + nf_table(nfs, rates)
+                 f"{counters['dropped_by_nf']:,} dropped by NFs"
+                 + (f", {lost:,} in flight when the run failed" if lost else "")
+                 ] + nf_table(nfs, rates)
         for k, c in enumerate(counters.get("per_stack") or ()):
             if c is not None:
                 lines.append(f"  stack #{k}: {c['packets']:,} packets, "
@@ -83,6 +86,10 @@ class StatsView:
         out.write("NF stats       events / events per s of the run / drops / mean "
                   "handler ns / share to C handlers\n")
         out.write("\n".join(nf_table(nfs, rates)) + "\n")
+        lost = counters.get("dropped_on_error")
+        if lost:
+            out.write(f"  {lost:,} packets in flight when the run failed were dropped: "
+                      "neither sent nor dropped by an NF\n")
 
 
 class Prometheus:
@@ -162,6 +169,7 @@ class Prometheus:
             fams["sent"].add_metric(at, p["sent"])
             fams["drops"].add_metric(at + ["nf"], p["dropped_by_nf"])
             fams["drops"].add_metric(at + ["malformed"], p["dropped_malformed"])
+            fams["drops"].add_metric(at + ["run_error"], p["dropped_on_error"])
             for what in ("created", "expired", "evicted", "closed", "shutdown", "refused"):
                 fams["flows"].add_metric(at + [what], p["flows"][what])
             fams["active"].add_metric(at, p["flows"]["active"])

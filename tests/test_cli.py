@@ -301,6 +301,17 @@ def test_an_output_that_takes_a_bridge_s_place_is_warned_of():
         assert bridge_output_note(inp, out) is None
 
 
+def unaccounted(c):
+    """Packets read that the counters put nowhere: none, in any run."""
+    fr = c["fragments"]
+    out_port = (c.get("ports") or {}).get("out") or {}
+    return c["packets"] - (
+        c["sent"] + c["dropped_by_nf"] + c["dropped_malformed"] + c["dropped_on_error"]
+        + c["fragments_held"] + fr["bad"] + fr["memcap_drops"] + fr["no_room"]
+        + fr["too_many"] + (c.get("pipeline") or {}).get("ring_dropped_pkts", 0)
+        + (out_port.get("tx_dropped") or 0))
+
+
 @pytest.mark.parametrize("deploy", ["inline", "pipelined", "stacks"])
 def test_a_run_ended_by_an_error_still_reports_what_it_did(tmp_path, example_pcap,
                                                            deploy):
@@ -320,13 +331,21 @@ def test_a_run_ended_by_an_error_still_reports_what_it_did(tmp_path, example_pca
     counters = tmp_path / "c.json"
     how = ("--stacks", "2") if deploy == "stacks" else ("--deploy", deploy)
     r = mbx_cmd("run", str(nf_file), "--in", f"pcap:{example_pcap}", "--json",
-                str(counters), "--burst", "16", *how, cwd=tmp_path)
+                str(counters), "--burst", "16", "--out", f"pcap:{tmp_path / 'out.pcap'}",
+                "--stats", *how, cwd=tmp_path)
     assert r.returncode == 2
     assert "raised ValueError on a PKT event: late failure" in r.stderr
     assert r.stdout.startswith("packets")
     written = json.loads(counters.read_text())
     assert "late failure" in written["error"]
     assert 500 <= written["packets"] < len(read_frames(example_pcap))
+    # The bursts in flight when the NF raised were neither sent nor dropped: every
+    # packet read must be accounted for, and the summary and --stats say so.
+    assert written["dropped_on_error"] > 0
+    assert unaccounted(written) == 0, written
+    lost = f"{written['dropped_on_error']:,}"
+    assert f"in flight when the run failed {lost} " in r.stdout
+    assert f"  {lost} packets in flight when the run failed were dropped" in r.stdout
     if deploy == "stacks":
         # the stack whose NF failed first at its 500th packet stopped the other, which
         # may have failed at its own 500th by then, or not
@@ -335,6 +354,34 @@ def test_a_run_ended_by_an_error_still_reports_what_it_did(tmp_path, example_pca
     assert written["nfs"]["late"]["events"] == 500
     if deploy == "pipelined":       # the NF process's own account, from its mapping
         assert written["pipeline"]["nfs"]["late"]["state"] == "failed"
+
+
+def test_a_burst_the_stack_pass_had_not_finished_counts_when_an_nf_fails(tmp_path,
+                                                                        example_pcap):
+    # Event Memory of 256 messages takes a burst of 1024 in several rounds: an NF
+    # that raises in an early one leaves packets the stack never reached.  They
+    # were read all the same: they count as read and as dropped on the error.
+    from mbx.ports import open_input, open_output
+    from mbx.runtime import App
+
+    nf = mbx.NF("late")
+    seen = [0]
+
+    def on(ev):
+        seen[0] += 1
+        if seen[0] == 100:
+            raise ValueError("late failure")
+
+    nf.sub(mbx.PKT, on)
+    app = App([nf], msg_capacity=256)
+    inp = open_input(f"pcap:{example_pcap}")
+    out = open_output(f"pcap:{tmp_path / 'out.pcap'}")
+    with inp, out, pytest.raises(mbx.NFError, match="late failure"):
+        app.run(inp, out, burst=1024)
+    c = app.counters()
+    assert c["packets"] == inp.rx_pkts == 1024
+    assert c["sent"] == 0 and c["dropped_on_error"] == 1024 - c["dropped_malformed"]
+    assert c["bytes"] == inp.rx_bytes
 
 
 def test_set_reaches_an_nf_named_by_module_path(tmp_path):
