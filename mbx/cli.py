@@ -292,9 +292,15 @@ def _run(nfs, args, spec=None):
         view = StatsView()
         listeners.append(view)
     if args.prometheus is not None:
+        from mbx.controller import publications
+        from mbx.runtime import runs_monitor
         from mbx.stats import Prometheus
 
-        prom = Prometheus(args.prometheus)
+        # every series from the first scrape: the NFs, and the event types this
+        # run's stack and NFs may publish
+        types = publications(runs_monitor(stack, nfs, config), nfs)[1]
+        prom = Prometheus(args.prometheus, nfs=[nf.name for nf in nfs],
+                          types=[t.name for t in types], stacks=args.stacks)
         listeners.append(prom)
         if not args.quiet or args.prometheus == 0:     # a port picked for us: always say it
             print(f"prometheus     http://127.0.0.1:{prom.port}/metrics", file=sys.stderr)

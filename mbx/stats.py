@@ -92,12 +92,34 @@ class StatsView:
                       "neither sent nor dropped by an NF\n")
 
 
+FLOW_COUNTS = ("created", "expired", "evicted", "closed", "shutdown", "refused")
+
+
+def zero_snapshot(nfs=(), types=()):
+    """The counters of a run before its first packet: every one 0, for the NFs and
+    event types named."""
+    return {"packets": 0, "bytes": 0, "sent": 0, "dropped_by_nf": 0,
+            "dropped_malformed": 0, "dropped_on_error": 0,
+            "flows": dict.fromkeys(FLOW_COUNTS + ("active",), 0),
+            "events": {t: {"published": 0, "delivered": 0} for t in types},
+            "nfs": {n: {"events": 0, "c_events": 0, "drops": 0, "handler_ns": 0,
+                        "mean_ns": 0.0, "types": {}} for n in nfs}}
+
+
 class Prometheus:
     """Counters for a Prometheus scrape on http://127.0.0.1:PORT/metrics, from the
     latest snapshot ``update()`` was given.  Needs prometheus-client (the
-    ``prometheus`` extra)."""
+    ``prometheus`` extra).
 
-    def __init__(self, port, addr="127.0.0.1"):
+    Every series is there from the first scrape, 0 until the run counts something,
+    and stays: a scrape before the first snapshot (NFs starting, the first half
+    second) sees the NFs named by ``nfs``, the event types named by ``types`` (those
+    the run's stack and NFs may publish) and, with ``stacks`` > 1, each stack
+    process's series; a type or NF a later snapshot no longer lists (types are
+    listed once counted) keeps its series.  A dashboard or an alert never sees a
+    series come and go."""
+
+    def __init__(self, port, addr="127.0.0.1", *, nfs=(), types=(), stacks=1):
         try:
             import prometheus_client
             from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -107,6 +129,9 @@ class Prometheus:
                            "--no-build-isolation -e '.[prometheus]')") from None
         self._counter = CounterMetricFamily
         self._gauge = GaugeMetricFamily
+        self.nfs = dict.fromkeys(nfs)       # (dicts: ordered sets) the series kept
+        self.types = dict.fromkeys(types)
+        self.stacks = stacks
         self.latest = None
         self.registry = prometheus_client.CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -119,6 +144,14 @@ class Prometheus:
         self.port = self.server.server_address[1]
 
     def update(self, counters):
+        if self.stacks > 1 and not counters.get("per_stack"):
+            # merged counters alone (a failed run's): the series are per stack
+            # process, and keep each one's last snapshot rather than go back to 0
+            return
+        for part in [counters] + list(counters.get("per_stack") or ()):
+            if part is not None:
+                self.types.update(dict.fromkeys(part.get("events") or ()))
+                self.nfs.update(dict.fromkeys(part.get("nfs") or ()))
         self.latest = counters
 
     def close(self):
@@ -135,15 +168,17 @@ class Prometheus:
         return []
 
     def collect(self):
-        # One series per stack process (label ``stack``) when there are several.
-        c = self.latest
-        if c is None:
-            return
-        if c.get("per_stack"):
-            parts = [((str(k),), p) for k, p in enumerate(c["per_stack"]) if p is not None]
+        # One series per stack process (label ``stack``) when there are several; a
+        # process not heard from yet has its series at 0.
+        zero = zero_snapshot(self.nfs, self.types)
+        c = self.latest or {}
+        if self.stacks > 1 or c.get("per_stack"):
+            per = list(c.get("per_stack") or ())
+            per += [None] * (self.stacks - len(per))
+            parts = [((str(k),), p or zero) for k, p in enumerate(per)]
             head = ["stack"]
         else:
-            parts, head = [((), c)], []
+            parts, head = [((), c or zero)], []
         C, G = self._counter, self._gauge
 
         def family(kind, name, text, *labels):
@@ -170,13 +205,13 @@ class Prometheus:
             fams["drops"].add_metric(at + ["nf"], p["dropped_by_nf"])
             fams["drops"].add_metric(at + ["malformed"], p["dropped_malformed"])
             fams["drops"].add_metric(at + ["run_error"], p["dropped_on_error"])
-            for what in ("created", "expired", "evicted", "closed", "shutdown", "refused"):
+            for what in FLOW_COUNTS:
                 fams["flows"].add_metric(at + [what], p["flows"][what])
             fams["active"].add_metric(at, p["flows"]["active"])
-            for name, e in p["events"].items():
+            for name, e in dict(zero["events"], **p["events"]).items():
                 fams["pub"].add_metric(at + [name], e["published"])
                 fams["dlv"].add_metric(at + [name], e["delivered"])
-            for name, n in (p.get("nfs") or {}).items():
+            for name, n in dict(zero["nfs"], **(p.get("nfs") or {})).items():
                 fams["ev"].add_metric(at + [name], n["events"])
                 fams["nd"].add_metric(at + [name], n["drops"])
                 fams["ns"].add_metric(at + [name], n["handler_ns"] * 1e-9)
