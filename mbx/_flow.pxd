@@ -159,6 +159,9 @@ cdef class FlowTable:
     cdef object stack_memory        # the shared arena the arrays are in (None: heap)
     cdef bint shared_tables         # they are: freed with it, not one by one
     cdef readonly bint created_last     # the last lookup() created its flow
+    # the last lookup()'s flow's last_ns before that packet (the packet's own time
+    # for a flow it created): when its previous packet came
+    cdef readonly int64_t last_before
     # The caller counts packets itself (flow_count) when it handles each one, so
     # an event built for a packet sees the counters as of that packet even when
     # its chunk was looked up together (lookup_burst).
@@ -181,11 +184,14 @@ cdef class FlowTable:
     cdef uint32_t lookup(self, mbx_pkt *p) noexcept nogil
     # The same as lookup() on each of pkts[0:n] in order, with the cache misses of
     # neighbouring packets overlapped.  created[i] (if created is not NULL) is set to
-    # whether pkts[i] created its flow.  Returns how many packets it looked up: all
+    # whether pkts[i] created its flow, before[i] (if before is not NULL) to its
+    # flow's last_before (the lookups of a chunk move last_ns past the packets
+    # handled later, one by one).  Returns how many packets it looked up: all
     # n, or fewer when a packet finds its flow idle past the timeout while an
     # earlier packet of the same call touched it (that flow's FLOW/END must follow
     # those packets' events): the caller handles those and calls again for the rest.
-    cdef int lookup_burst(self, mbx_pkt **pkts, int n, uint8_t *created) noexcept nogil
+    cdef int lookup_burst(self, mbx_pkt **pkts, int n, uint8_t *created,
+                          int64_t *before) noexcept nogil
     # Ends flows idle since before now_ns - timeout, oldest first, while the ended
     # list has room; returns how many ended.
     cdef int expire(self, int64_t now_ns) noexcept nogil

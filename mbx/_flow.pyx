@@ -204,13 +204,15 @@ cdef class FlowTable:
 
     cdef uint32_t _untracked(self, mbx_pkt *p) noexcept nogil:
         self.created_last = False
+        self.last_before = p.ts_ns
         p.hash = 0
         p.flow = NO_FLOW
         p.flow_gen = 0
         p.dir = 0
         return NO_FLOW
 
-    cdef int lookup_burst(self, mbx_pkt **pkts, int n, uint8_t *created) noexcept nogil:
+    cdef int lookup_burst(self, mbx_pkt **pkts, int n, uint8_t *created,
+                          int64_t *before) noexcept nogil:
         # Three prefetch passes over a chunk before the real lookups, so the chunk's
         # cache misses (bucket, flow record, LRU neighbours) overlap instead of
         # being paid one after another.  The lookups themselves run in packet order,
@@ -263,6 +265,8 @@ cdef class FlowTable:
                         return base + i
                 if created != NULL:
                     created[base + i] = self.created_last
+                if before != NULL:
+                    before[base + i] = self.last_before
             base += m
         self.guard_n = 0
         return n
@@ -283,6 +287,7 @@ cdef class FlowTable:
         cdef uint32_t b = h & self.bucket_mask
         cdef uint8_t d
         self.created_last = False
+        self.last_before = p.ts_ns      # (a refused packet has no flow)
         self.lookups += 1
         self.clock_ns = p.ts_ns         # a flow evicted for this one ends now
         p.hash = h
@@ -354,6 +359,7 @@ cdef class FlowTable:
         p.dir = d
         if not self.defer_count:
             flow_count(f, p)
+        self.last_before = f.last_ns
         if p.ts_ns > f.last_ns:
             f.last_ns = p.ts_ns
         return slot
@@ -431,7 +437,7 @@ cdef class FlowTable:
                 ptrs[i] = &pkts[i]
             i = 0
             while i < n:
-                i += self.lookup_burst(ptrs + i, <int>(n - i), created + i)
+                i += self.lookup_burst(ptrs + i, <int>(n - i), created + i, NULL)
             return [(-1, 0, 0, False) if pkts[i].flow == NO_FLOW else
                     (<int>pkts[i].flow, pkts[i].flow_gen, pkts[i].dir, bool(created[i]))
                     for i in range(n)]
@@ -671,7 +677,7 @@ def bench_lookups(uint32_t n_flows=100_000, uint64_t n_packets=1_000_000,
                         i += 1
                     done = 0
                     while done < <int>k:
-                        done += table.lookup_burst(ptrs + done, <int>k - done, NULL)
+                        done += table.lookup_burst(ptrs + done, <int>k - done, NULL, NULL)
         t1 = time.perf_counter_ns()
     finally:
         PyMem_Free(tuples)

@@ -225,9 +225,13 @@ cdef class TcpMonitor(NetworkLayer):
         cdef uint32_t slot = p.flow
         cdef mbx_flow *old = &self.flows.flows[slot]
         self.new_connections += 1
-        # the SYN belongs to the new flow, not to the one it ends
+        # the SYN belongs to the new flow, not to the one it ends: nor do its count
+        # and its time (the lookups moved last_ns on to it, or to a later packet
+        # of its chunk), so the old flow's last packet is the one before it
         old.pkts[p.dir] -= 1
         old.bytes[p.dir] -= p.wirelen
+        old.last_ns = self.last_before
+        self.flows.clock_ns = p.ts_ns       # it ends when the SYN comes
         if self.flows.end_flow(slot, END_CLOSED):
             self.publish_ended()
         slot = self.flows.lookup(p)
@@ -387,6 +391,7 @@ cdef class TcpMonitor(NetworkLayer):
             if slot == NO_FLOW:
                 return False
             flow_count(&self.flows.flows[slot], p)
+            self.last_before = self.flows.last_before
         self.tcp_pkts += 1
         self.pkt_no += 1
         if self.meta[slot].mark & MARK_KILLED and self.meta[slot].gen == p.flow_gen:

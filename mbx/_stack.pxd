@@ -38,6 +38,7 @@ cdef class NetworkLayer:
     cdef int64_t expire_every_ns
     cdef uint32_t ended_pos         # FLOW/END published so far from the ended list
     cdef uint32_t pos               # burst position of the packet being processed
+    cdef int64_t last_before        # when its flow had its previous packet (transport)
     cdef uint64_t flow_start_id     # type ids, read once per burst
     cdef uint64_t flow_end_id
     cdef uint64_t pkt_id
@@ -55,7 +56,8 @@ cdef class NetworkLayer:
     cdef int drain_ended(self) except -1
     cdef uint32_t stack_pass(self, Batch batch, uint32_t i) noexcept nogil
     cdef void chunk_events(self, Batch batch, mbx_pkt **tracked, uint8_t *created,
-                           int start, int done, uint64_t want) noexcept nogil
+                           int64_t *before, int start, int done,
+                           uint64_t want) noexcept nogil
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil
     cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil
     cdef void prefetch(self, mbx_pkt *p) noexcept nogil

@@ -17,8 +17,8 @@ from mbx._events cimport (
     mbx_msg, pkt_body,
 )
 from mbx._flow cimport (
-    END_EVICTED, FlowTable, flow_count, flow_endpoints, flow_key_hash, flow_key_of, flow_trackable,
-    mbx_flow, mbx_flow_key,
+    END_CLOSED, END_EVICTED, FlowTable, flow_count, flow_endpoints, flow_key_hash,
+    flow_key_of, flow_trackable, mbx_flow, mbx_flow_key,
 )
 from mbx._packet cimport (
     NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PKT_F_RSS_HASH,
@@ -146,11 +146,13 @@ cdef class NetworkLayer:
             self.ended_pos += 1
             self.flow_ended(slot, f)
             if self.bus.wants(T_FLOW_END, slot, f.gen, 0):
-                # an evicted flow ended when the packet that took its slot came, not
-                # at the latest time its chunk has seen
+                # an evicted flow ended when the packet that took its slot came, a
+                # closed one when the SYN of the next connection did, not at the
+                # latest time its chunk has seen
                 self.publish_flow(T_FLOW_END, self.flow_end_id, f, slot, NO_PKT, 0,
                                   self.flows.ended_ns[self.ended_pos - 1]
-                                  if f.end_reason == END_EVICTED else self.now_ns)
+                                  if f.end_reason == END_EVICTED
+                                  or f.end_reason == END_CLOSED else self.now_ns)
         self.ended_pos = 0
         self.flows.clear_ended()
 
@@ -171,6 +173,7 @@ cdef class NetworkLayer:
         cdef mbx_pkt *p
         cdef mbx_pkt *tracked[CHUNK]
         cdef uint8_t created[CHUNK]
+        cdef int64_t before[CHUNK]
         cdef int st, r, k, n, ntracked, owner, kind, start, done
         cdef bint counted
         cdef uint32_t free_msgs, h = 0
@@ -279,13 +282,14 @@ cdef class NetworkLayer:
                 # its packets before the pause are handled, and its FLOW/END
                 # published, before the packet that starts the next flow
                 done = start + self.flows.lookup_burst(tracked + start, ntracked - start,
-                                                       created + start)
-                self.chunk_events(batch, tracked, created, start, done, want)
+                                                       created + start, before + start)
+                self.chunk_events(batch, tracked, created, before, start, done, want)
                 start = done
             i += n
 
     cdef void chunk_events(self, Batch batch, mbx_pkt **tracked, uint8_t *created,
-                           int start, int done, uint64_t want) noexcept nogil:
+                           int64_t *before, int start, int done,
+                           uint64_t want) noexcept nogil:
         # The events of tracked[start:done], looked up together.
         cdef int k
         cdef mbx_pkt *p
@@ -311,6 +315,9 @@ cdef class NetworkLayer:
                 self.publish_flow(T_FLOW_START, self.flow_start_id,
                                   &self.flows.flows[slot], slot, p.index, p.dir,
                                   p.ts_ns)
+            # (the chunk's lookups have moved the flow's last_ns past this packet:
+            # a transport that ends the flow at it needs the time before)
+            self.last_before = before[k]
             if slot != NO_FLOW and self.transport(batch, p):
                 continue            # the transport μStack published its events
             if want & (1 << T_PKT) and self.bus.wants(T_PKT, slot, p.flow_gen, 0):

@@ -578,6 +578,91 @@ def test_reused_five_tuple(run, tmp_path):
     assert counters["tcp"]["pool_chunks_in_use"] == 0
 
 
+def _dpkt_tcp(src, dst, seq, ack, flags, data=b""):
+    """One Ethernet/IPv4/TCP frame, built by dpkt (not by mbx's own helpers)."""
+    seg = dpkt.tcp.TCP(sport=src[1], dport=dst[1], seq=seq & M32, ack=ack & M32,
+                       flags=flags, win=65535, data=data)
+    ip = dpkt.ip.IP(src=ipaddress.ip_address(src[0]).packed,
+                    dst=ipaddress.ip_address(dst[0]).packed, p=dpkt.ip.IP_PROTO_TCP,
+                    ttl=64, data=seg)
+    ip.len = len(ip)
+    return bytes(dpkt.ethernet.Ethernet(src=b"\x02" * 6, dst=b"\x04" * 6,
+                                        type=dpkt.ethernet.ETH_TYPE_IP, data=ip))
+
+
+def _dpkt_connection(t, isn_c, isn_s, req, resp):
+    """[(ts, frame)] of a whole connection CLI4 -> SRV4 from time t, 10 ms apart:
+    handshake, request, response, FIN close (10 packets: 6 from the client)."""
+    c = [(CLI4, SRV4, isn_c, isn_s), (SRV4, CLI4, isn_s, isn_c)]
+    q, r = len(req), len(resp)
+    segs = [(0, 0, 0, SYN, b""), (1, 0, 1, SYN | ACK, b""), (0, 1, 1, ACK, b""),
+            (0, 1, 1, PSH | ACK, req), (1, 1, 1 + q, ACK, b""),
+            (1, 1, 1 + q, PSH | ACK, resp), (0, 1 + q, 1 + r, ACK, b""),
+            (0, 1 + q, 1 + r, FIN | ACK, b""), (1, 1 + r, 2 + q, FIN | ACK, b""),
+            (0, 2 + q, 2 + r, ACK, b"")]
+    out = []
+    for k, (who, seq, ack, flags, data) in enumerate(segs):
+        src, dst, isn, peer = c[who]
+        out.append((t + k * 0.01, _dpkt_tcp(src, dst, isn + seq, peer + ack, flags, data)))
+    return out
+
+
+@pytest.mark.parametrize("burst,deploy", [(64, "inline"), (1, "inline"),
+                                          (64, "pipelined")])
+def test_a_restarted_flow_ends_at_its_own_last_packet(run, tmp_path, burst, deploy):
+    """Two connections on one 5-tuple, 10 s apart: the old flow's FLOW/END gave
+    last_ns = the new SYN's time (or a later packet's, the second connection's
+    packets being looked up in the same chunk), which is the new flow's first."""
+    first = _dpkt_connection(100.0, 1000, 5000, b"first", b"one")
+    second = _dpkt_connection(110.0, 900000, 77, b"second!", b"two")
+    ns = [round(ts * 1e9) for ts, _ in first + second]
+
+    class Flows(mbx.NF):
+        def __init__(self):
+            super().__init__("flows")
+            self.seen = []
+            self.sub(mbx.FLOW_START, self.on)
+            self.sub(mbx.FLOW_END, self.on)
+
+        def on(self, ev):
+            self.seen.append((ev.type_name, ev.ts, ev.fields()))
+
+        def report(self):
+            return {"seen": self.seen}
+
+    nf = Flows()
+    counters, _ = run([nf], frames=first + second, stack="tcp", burst=burst,
+                      deploy=deploy)
+    seen = (counters["nfs"]["flows"]["report"]["seen"] if deploy == "pipelined"
+            else nf.seen)
+    assert counters["tcp"]["new_connections"] == 1
+    ends = [(ts, f) for name, ts, f in seen if name == "FLOW/END"]
+    starts = [(ts, f) for name, ts, f in seen if name == "FLOW/START"]
+    assert len(ends) == len(starts) == 2
+    (end_old, old), (end_new, new) = ends
+    assert (old["end_reason"], new["end_reason"]) == (4, 3)      # closed, shutdown
+    # each flow spans its own connection's packets, and counts them
+    assert (old["first_ns"], old["last_ns"]) == (ns[0], ns[9])
+    assert (new["first_ns"], new["last_ns"]) == (ns[10], ns[19])
+    for f in (old, new):
+        assert (f["pkts_c2s"], f["pkts_s2c"]) == (6, 4)
+    # the old flow ends when the new SYN comes, which starts the new one
+    assert end_old == ns[10] == starts[1][0]
+    # mbx flows: two connections, each with its own packets
+    capture = tmp_path / "two.pcap"
+    with open(capture, "wb") as fh:
+        writer = dpkt.pcap.Writer(fh)
+        for ts, frame in first + second:
+            writer.writepkt(frame, ts)
+    doc, warnings = flows_json(str(capture))
+    assert not warnings
+    key = f"{CLI4[0]}:{CLI4[1]}-{SRV4[0]}:{SRV4[1]}"
+    conns = doc["connections"]
+    assert list(conns) == [key, key + "#2"]
+    assert [(c["pkts_c2s"], c["pkts_s2c"], c["c2s_len"], c["s2c_len"])
+            for c in conns.values()] == [(6, 4, 5, 3), (6, 4, 7, 3)]
+
+
 # ---------------------------------------------------------------------------
 # 5. Snapshots
 
