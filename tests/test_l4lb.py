@@ -50,6 +50,7 @@ def test_translation_both_ways_with_valid_checksums(run, example_pcap, cls):
     after = list(_tcp_packets(out))
     assert len(before) == len(after) > 1000
     to_backend = from_vip = untouched = 0
+    clients = set()             # the connections to the VIP, by client endpoint
     for (_, a), (_, b) in zip(before, after, strict=True):
         assert _checksums_ok(b), "checksum broken by the rewrite"
         src, dst = _addr(a.src), _addr(a.dst)
@@ -58,6 +59,7 @@ def test_translation_both_ways_with_valid_checksums(run, example_pcap, cls):
             assert (_addr(b.dst), b.data.dport) == backend
             assert (_addr(b.src), b.data.sport) == (src, a.data.sport)
             to_backend += 1
+            clients.add((src, a.data.sport))
         elif (src, a.data.sport) in BACKENDS:
             # a reply: the backend becomes the VIP again, and it is the backend
             # this client's connection was sent to
@@ -75,6 +77,8 @@ def test_translation_both_ways_with_valid_checksums(run, example_pcap, cls):
     # every packet it was given (fragments as the datagram) counted once; no drops
     assert lb.report()["passed"] + lb.translated == counters["nfs"]["l4lb"]["types"]["PKT"]
     assert lb.tracked == 0                  # per-flow state freed at FLOW/END
+    # ... while connections counts every one it balanced (the example reuses no port)
+    assert lb.report()["connections"] == len(clients) > 10
     if cls is L4LB:
         assert lb.core.reverse_entries == 0
         assert lb.core.untranslatable == lb.core.no_memory == 0
@@ -114,6 +118,9 @@ def test_c_and_python_write_the_same_bytes(run, example_pcap, tmp_path):
         assert len(outs[0]) == len(outs[1])
         assert outs[0] == outs[1]
         assert c.tracked == py.tracked == 0 and c.core.reverse_entries == 0
+        assert c.core.connections == py.connections
+        if frames is not None:
+            assert c.core.connections == 3000
 
 
 def _documented_backend(src, sport, dst, dport, proto, backends):

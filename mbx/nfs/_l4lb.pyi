@@ -7,6 +7,7 @@ from mbx._events import CHandler
 class Balancer:
     translated: int
     tracked: int
+    connections: int
     reverse_entries: int
     untranslatable: int
     no_memory: int

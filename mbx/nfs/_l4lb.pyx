@@ -91,7 +91,8 @@ ctypedef struct lb_state:
     uint64_t no_memory
     uint64_t no_flow        # packets to the VIP the stack gave no flow: dropped
     uint64_t no_ports       # TCP/UDP to the VIP's address, ports unread: dropped
-    uint64_t tracked        # flows with an entry now
+    uint64_t tracked        # flows with an entry now (0 again once every flow ended)
+    uint64_t connections    # flows to the VIP given a backend, in all
 
 
 cdef inline void endpoint_of(endpoint *e, uint8_t ip_ver, const uint8_t *addr,
@@ -296,6 +297,7 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
         f.kind = FLOW_FORWARD
         f.dir = m.h.dir
         s.tracked += 1
+        s.connections += 1
         return translate(s, p, 1, &f.to)
     endpoint_of(&b, p.ip_ver, p.src.b, p.sport)
     if reverse_find(s, &a, &b) >= 0:
@@ -375,6 +377,10 @@ cdef class Balancer:
     @property
     def tracked(self):
         return self.s.tracked
+
+    @property
+    def connections(self):
+        return self.s.connections
 
     @property
     def reverse_entries(self):

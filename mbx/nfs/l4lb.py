@@ -116,8 +116,10 @@ def _show(endpoint):
 
 
 class L4LB(mbx.NF):
-    """The L4 load balancer with C handlers; ``translated``, ``tracked`` (flows with
-    state now) and the drop counters come from its C state (``self.core``)."""
+    """The L4 load balancer with C handlers; ``translated``, ``connections`` (flows to
+    the VIP given a backend, in all), ``tracked`` (flows with state now: 0 once every
+    flow has ended, as at the end of a run) and the drop counters come from its C
+    state (``self.core``)."""
 
     # A reply comes back under the backend's address, which hashes to another flow,
     # maybe another stack process, which has no translation for it (run_parallel).
@@ -139,8 +141,8 @@ class L4LB(mbx.NF):
         return self.core.tracked
 
     def report(self):
-        return {"translated": self.translated, "tracked": self.tracked,
-                "untranslatable": self.core.untranslatable,
+        return {"translated": self.translated, "connections": self.core.connections,
+                "tracked": self.tracked, "untranslatable": self.core.untranslatable,
                 "no_memory": self.core.no_memory, "no_flow": self.core.no_flow,
                 "no_ports": self.core.no_ports, "passed": self.core.passed}
 
@@ -157,6 +159,7 @@ class PyL4LB(mbx.NF):
         self.reverse = {}       # (client, cport, backend, bport) -> VIP, for replies
         self.reply_flows = {}   # flow id -> (VIP, dir) (backend -> client flows)
         self.translated = 0
+        self.connections = 0    # flows to the VIP given a backend, in all
         self.passed = 0         # packets neither to the VIP nor a known reply
         self.no_flow = 0        # packets to the VIP without a flow, dropped
         self.no_ports = 0       # TCP/UDP to the VIP's address, ports unread, dropped
@@ -168,8 +171,9 @@ class PyL4LB(mbx.NF):
         return len(self.forward) + len(self.reply_flows)
 
     def report(self):
-        return {"translated": self.translated, "tracked": self.tracked,
-                "no_flow": self.no_flow, "no_ports": self.no_ports, "passed": self.passed}
+        return {"translated": self.translated, "connections": self.connections,
+                "tracked": self.tracked, "no_flow": self.no_flow, "no_ports": self.no_ports,
+                "passed": self.passed}
 
     def on_packet(self, ev):
         if ev.proto in (6, 17) and ev.sport == ev.dport == 0 and ev.dst_ip == self.vip[0]:
@@ -211,6 +215,7 @@ class PyL4LB(mbx.NF):
             backend = choose_backend(src, sport, dst, dport, ev.proto, self.backends)
             key = (src, sport) + backend
             self.forward[flow] = (backend, key, ev.dir)
+            self.connections += 1
             self.reverse[key] = self.vip
             ev.set_dst(*backend)
             self.translated += 1
