@@ -225,7 +225,8 @@ def test_icmp_echo(ident, seq, data):
     ref = dpkt.ethernet.Ethernet(frame).data.data
     assert f["status"] == "ok"
     assert (f["icmp_type"], f["icmp_code"]) == (ref.type, ref.code)
-    assert f["flag_names"] == [] and (f["sport"], f["dport"]) == (0, 0)
+    # the echo identifier in both port fields: each ping session keys its own flow
+    assert f["flag_names"] == [] and (f["sport"], f["dport"]) == (ident, ident)
     assert f["payload"] == ref.data.data
 
 
