@@ -67,8 +67,12 @@ def test_main_job_on_the_example(tmp_path):
     to_backends = sum(isinstance(f.data, dpkt.ip.IP) and f.data.dst in backends
                       and isinstance(f.data.data, dpkt.tcp.TCP) and f.data.data.dport == 80
                       for f in sent)
-    assert f"  l4lb                 translated {from_vip + to_backends:,}, tracked 0" \
-        in r.stdout
+    # ... and the connections it balanced: the SYNs it sent to a backend
+    syns = sum(isinstance(f.data, dpkt.ip.IP) and f.data.dst in backends
+               and isinstance(f.data.data, dpkt.tcp.TCP) and f.data.data.dport == 80
+               and bool(f.data.data.flags & dpkt.tcp.TH_SYN) for f in sent)
+    assert (f"  l4lb                 translated {from_vip + to_backends:,}, "
+            f"connections {syns:,}, tracked 0") in r.stdout
 
 
 def test_listing1_ids_runs_and_alerts(tmp_path):
