@@ -1096,6 +1096,11 @@ cdef class PcapWriter(Port):
     cdef int _flush(self) noexcept nogil:
         cdef size_t done = 0
         cdef ssize_t k
+        if self.io_errno:
+            # A failed write may have put part of the buffer in the file already:
+            # writing it again would leave those records twice (a damaged capture),
+            # and the failure was raised where it happened.
+            return -1
         while done < self.used:
             k = write(self.fd, self.buf + done, self.used - done)
             if k < 0:
@@ -1154,8 +1159,11 @@ cdef class PcapWriter(Port):
             raise PortError(f"{self.name}: write failed ({os.strerror(self.io_errno)})")
 
     def close(self):
-        """Flush and close the file.  Idempotent."""
+        """Flush and close the file.  Idempotent.  A write that failed before (raised
+        by ``send`` or ``flush``) is not raised again: the run that met it ends with
+        that error, the moment it happened, not a second one from its clean-up."""
         cdef int rc = 0
+        cdef bint failed_before = self.io_errno != 0
         if self.fd >= 0:
             with nogil:
                 rc = self._flush()
@@ -1166,7 +1174,7 @@ cdef class PcapWriter(Port):
         free(self.buf)
         self.buf = NULL
         self.closed = True
-        if rc < 0:
+        if rc < 0 and not failed_before:
             raise PortError(f"{self.name}: write failed at close "
                             f"({os.strerror(self.io_errno)})")
 

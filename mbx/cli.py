@@ -350,7 +350,7 @@ def stop_on_signals():
 
 
 def _run_app(app, args, listeners, view, stop):
-    from mbx.ports import open_ports, other_packet_sockets, port_counters
+    from mbx.ports import close_ports, open_ports, other_packet_sockets, port_counters
 
     # an AF_PACKET bridge is its own output unless --out says otherwise; any other
     # output is opened once the run has started (an existing file survives a failed
@@ -363,20 +363,25 @@ def _run_app(app, args, listeners, view, stop):
     try:
         counters = app.run(inp, out, burst=args.burst, max_packets=args.max_packets,
                            progress=progress, duration=args.duration, stop=stop)
+        progress.done()
+        # inside the run: an output's last write, as it closes, can fail as any other
+        close_ports(inp, out)
     except (MbxError, KeyboardInterrupt) as exc:
         progress.done()
         # closed first: a port counts some things as it closes (frames left unread)
-        inp.close()
-        if out is not None and out is not inp:
-            out.close()
+        try:
+            close_ports(inp, out)
+        except MbxError as again:   # said beside the run's own error, the one raised
+            print(f"mbx: error: {again}", file=sys.stderr)
         _report_failed_run(app, args, inp, out, exc, time.perf_counter() - t0, listeners,
                            view)
         raise
     finally:
         progress.done()
-        inp.close()
-        if out is not None and out is not inp:
-            out.close()
+        # closed already unless the run ended in an error of another kind: that one
+        # is the one raised
+        with contextlib.suppress(MbxError):
+            close_ports(inp, out)
     elapsed = time.perf_counter() - t0
     # the views end on the final counters, the ones printed below (pipelined, the NF
     # processes' per-type counts join the stack's only when they stop)

@@ -637,6 +637,17 @@ def _packet_sockets(ifindexes: dict[str, int], own: set[int]) -> dict[str, int]:
     return out
 
 
+def close_ports(inp, out) -> None:
+    """Close a run's ports, the input first (it counts frames left unread as it
+    closes), the output even when the input raises.  Called as the run's last step:
+    an output's last write (a capture's buffer) can fail there as any other."""
+    try:
+        inp.close()
+    finally:
+        if out is not None and out is not inp:
+            out.close()
+
+
 def port_counters(inp, out) -> dict:
     """The ``ports`` block of a run's counters: ``in``, the input's counters, and
     ``out``, the output's when packets left by another port than the input (a

@@ -4,6 +4,7 @@ An application here is a chain of NFs given as ``a+b+c`` where each item is a
 built-in NF (``mbx.nfs``), a Python file, or ``module:attribute``.  (Application
 files in TOML, with filters and parallel groups, build on this.)
 """
+import contextlib
 import importlib
 import inspect
 import os
@@ -788,6 +789,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         capture_file,
         check_spec,
         check_stacks,
+        close_ports,
         open_ports,
         port_counters,
         stack_spec,
@@ -879,19 +881,22 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                         counters = app.run(inp, outp, burst=burst,
                                            max_packets=max_packets, duration=duration,
                                            progress=progress, stop=stop)
+                        # inside the run: an output's last write can fail as it closes
+                        close_ports(inp, outp)
                     except BaseException:
                         if app.stack is not None:   # it ran: what it did is not lost
                             partial = app.counters()
                             # closed first, as a port counts frames left unread
-                            inp.close()
-                            if outp is not None and outp is not inp:
-                                outp.close()
+                            try:
+                                close_ports(inp, outp)
+                            except MbxError as again:
+                                # said beside the run's own error, the one reported
+                                print(f"mbx: error: stack {k}: {again}", file=sys.stderr)
                             partial["ports"] = port_counters(inp, outp)
                         raise
                 finally:
-                    inp.close()
-                    if outp is not None and outp is not inp:
-                        outp.close()
+                    with contextlib.suppress(MbxError):     # the error raised is the run's
+                        close_ports(inp, outp)
                 counters["ports"] = port_counters(inp, outp)
                 _write_all(wfd, (json.dumps({"ok": counters}) + "\n").encode())
                 code = 0

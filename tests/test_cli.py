@@ -1,6 +1,7 @@
 """The mbx command: the main job on the example capture, and clear errors."""
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -514,6 +515,64 @@ def test_a_result_that_cannot_be_written_is_named(tmp_path, example_pcap):
     r = mbx_cmd("run", str(boom), "--in", example_pcap, "--json", "/dev/full", "-q")
     assert r.returncode == 2 and "--json /dev/full: cannot write" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("mbx: error: NF boom:")
+
+
+def _mbx_with_file_limit(limit, *args, cwd):
+    """``mbx`` with files limited to ``limit`` bytes (RLIMIT_FSIZE): a write past it
+    fails with EFBIG, a full disk without root or a file system to fill."""
+    import resource
+
+    def limit_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # the error, not the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([*MBX, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, preexec_fn=limit_files, restore_signals=False)
+
+
+@pytest.mark.parametrize("stacks", [1, 2])
+def test_an_output_write_that_fails_mid_run_is_the_error_with_the_summary(tmp_path, stacks):
+    # The capture output's write failed mid-run (a full disk), and closing the output
+    # wrote its buffer again: that second failure, "write failed at close", replaced
+    # the run's own error, and the summary and --json of a failed run were lost (a
+    # stale --json left in place); with --stacks, every stack said "at close".
+    cap = tmp_path / "big.pcap"
+    r = mbx_cmd("example-capture", str(cap), "--flows", "1000")
+    assert r.returncode == 0, r.stderr
+    total = int(r.stdout.split()[1].replace(",", ""))
+    counters = tmp_path / "c.json"
+    counters.write_text("{}")           # a stale one, from an earlier run
+    # each stack's output is larger than a writer's 1 MiB buffer: written mid-run
+    r = _mbx_with_file_limit(256 << 10, "run", "l2fwd", "--in", f"pcap:{cap}",
+                             "--out", "pcap:o.pcap", "--json", str(counters),
+                             "--stacks", str(stacks), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "at close" not in r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    if stacks == 1:
+        assert err == "mbx: error: pcap:o.pcap: write failed: File too large"
+    else:       # the other stack may have been stopped before its first write
+        assert re.fullmatch(r"mbx: error: stack (\d): PortError: pcap:o\.pcap\.stack\1: write "
+                            r"failed: File too large(; stack 1: .*)?", err), err
+        assert err.count("write failed: File too large") == err.count("; ") + 1
+    assert r.stdout.startswith("packets")
+    c = json.loads(counters.read_text())
+    assert c["error"] == err.removeprefix("mbx: error: ")
+    assert 0 < c["packets"] < total     # ended where the write failed
+
+
+def test_an_output_write_that_fails_as_it_closes_is_a_failed_run(tmp_path, example_pcap):
+    # The output fits in the writer's buffer, written when it closes, after the run:
+    # that failure ended mbx with no summary and no --json.
+    counters = tmp_path / "c.json"
+    r = _mbx_with_file_limit(64 << 10, "run", "l2fwd", "--in", example_pcap, "--out",
+                             "pcap:o.pcap", "--json", str(counters), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    err = "pcap:o.pcap: write failed at close (File too large)"
+    assert r.stderr.strip().splitlines() == [f"mbx: error: {err}"]
+    assert r.stdout.startswith("packets")
+    c = json.loads(counters.read_text())
+    assert c["error"] == err and c["packets"] > 0
 
 
 def test_one_file_has_one_writer(tmp_path, example_pcap):

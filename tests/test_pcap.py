@@ -474,7 +474,17 @@ def test_writer_full_disk(tmp_path):
     with pytest.raises(PortError, match="/dev/full.*write failed"):
         for _ in range(20):  # more than the 1 MiB buffer
             w.send(b)
-    with pytest.raises(PortError):
+    # raised once, where it happened: close() neither writes the buffer again (part
+    # of it may be in the file already) nor hides that error under "at close"
+    with pytest.raises(PortError, match=r"write failed: No space left on device"):
+        w.send(b)
+    w.close()
+    with pytest.raises(PortError, match="closed writer"):
+        w.send(b)
+    # a failure first met at close is raised there
+    w = PcapWriter("/dev/full")
+    w.send(b)
+    with pytest.raises(PortError, match="write failed at close"):
         w.close()
 
 
