@@ -439,6 +439,7 @@ cdef class NetworkLayer:
         """Read ``inp`` through the stack and the NFs to ``out`` until the input ends,
         ``max_packets`` were read, ``duration`` seconds passed, or ``stop`` (anything
         with ``is_set()``, e.g. a threading.Event) is set; then every flow ends.
+        ``stopped`` says afterwards whether it was ``stop`` (the input not finished).
 
         ``progress(stack)`` is called about every ``progress_every`` seconds.  A
         deployment that shares bursts with other processes passes its ``batches``:
@@ -475,6 +476,7 @@ cdef class NetworkLayer:
             # room kept for datagrams rebuilt in the burst (five of 64 KiB by default)
             batch.rebuild_room = batch.arena_size // 2
         self.finishing = False
+        self.stopped = False
         try:
             while True:
                 if inflight == nslots:
@@ -540,6 +542,8 @@ cdef class NetworkLayer:
                     if deadline and now >= deadline:
                         break
                     if stop is not None and stop.is_set():
+                        # told apart from the input's end: the counters are of part of it
+                        self.stopped = True
                         break
                     if live and n == 0:
                         # a quiet live link: flows still go idle by the clock

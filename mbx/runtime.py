@@ -777,7 +777,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     process (when it runs in the main thread) stops every stack process cleanly,
     between bursts, as ``mbx run`` stops one stack: their counters still come back.
     The stack processes ignore SIGINT, so a Ctrl-C to the terminal's process group
-    reaches them only this way.
+    reaches them only this way.  A stack process that dies, fails, or is stopped by
+    a signal this process did not send (its share of the input then not all read)
+    stops the others and the run raises AppError, with ``counters`` of what the
+    stacks did until then.
     """
     import json
     import selectors
@@ -841,8 +844,14 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us
                 stop = threading.Event()                # ... with SIGTERM, between bursts
+                stopped_by = []                         # the signal that did, for the report
+
+                def on_stop(sig, _, stop=stop, stopped_by=stopped_by):
+                    stopped_by.append(signal.Signals(sig).name)
+                    stop.set()
+
                 for sig in (signal.SIGTERM, signal.SIGHUP):
-                    signal.signal(sig, lambda *_, stop=stop: stop.set())
+                    signal.signal(sig, on_stop)
                 _stop_with_parent(parent)
                 if pin:
                     os.sched_setaffinity(0, {cpus[k % len(cpus)]})
@@ -898,7 +907,11 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                     with contextlib.suppress(MbxError):     # the error raised is the run's
                         close_ports(inp, outp)
                 counters["ports"] = port_counters(inp, outp)
-                _write_all(wfd, (json.dumps({"ok": counters}) + "\n").encode())
+                # a signal that ended the run before its input did: the parent tells
+                # its own stop from another program's (which leaves part undone)
+                stopped = stopped_by[0] if app.stack.stopped else None
+                _write_all(wfd, (json.dumps({"ok": counters, "stopped": stopped})
+                                 + "\n").encode())
                 code = 0
             except BaseException as exc:            # report, never return into the parent
                 report = {"error": f"{type(exc).__name__}: {exc}"}
@@ -928,7 +941,15 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 gos[released] = -1
             released += 1
 
-    def stop_children(*_):
+    asked = []          # set once this process has asked the stacks to stop
+    signalled = []      # the signal that stopped the run
+    # the stacks stopped by a signal this process did not send (another program's:
+    # their share of the input was not all read)
+    unasked = [False] * stacks
+    last = [None] * stacks
+
+    def stop_children():
+        asked.append(True)
         for k in range(released, len(gos)):     # those still waiting to open: go away
             if gos[k] >= 0:
                 os.close(gos[k])
@@ -939,13 +960,16 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             except ProcessLookupError:
                 pass
 
+    def on_signal(sig, _):
+        signalled.append(signal.Signals(sig).name)
+        stop_children()
+
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, stop_children)
+        handlers = {sig: signal.signal(sig, on_signal)
                     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     # Read every process's pipe as it writes (a snapshot waits for room in it), to
     # the end: the last line is its final report.
-    last = [None] * stacks
     buffers = [b""] * stacks
     usages = [None] * stacks
     reading = {rfd for _, rfd in children}
@@ -964,9 +988,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                         reading.discard(key.fd)
                         if released == k + 1:   # it failed before it opened its ports
                             release_next()
-                        if last[k] is None or "error" in last[k]:
-                            # it died or failed: its share of the flows has no stack
-                            # any more, so the run ends now, not at the input's end
+                        if last[k] is None or "error" in last[k] or unasked[k]:
+                            # it died, failed or was stopped by another program: its
+                            # share of the flows has no stack any more, so the run
+                            # ends now, not at the input's end
                             stop_children()
                         continue
                     *lines, buffers[k] = (buffers[k] + data).split(b"\n")
@@ -980,6 +1005,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                             release_next()
                         else:
                             last[k] = msg
+                            unasked[k] = bool(msg.get("stopped")) and not asked
     except BaseException:
         stop_children()         # never leave stack processes running on their own
         for rfd in reading:     # ... nor blocked writing to a pipe nobody reads
@@ -1004,6 +1030,13 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             errors.append(f"stack {k}: {msg['error']}")
             if "partial" in msg:
                 partials.append(dict(msg["partial"], cpu_s=cpu_s))
+        elif unasked[k] and not signalled:
+            # (a signal to the whole process group reaches this process too: then
+            # the stop is the run's own)
+            errors.append(f"stack {k}: stopped by {msg['stopped']} sent to its process "
+                          "alone, not by mbx: its share of the input was not all read; "
+                          "the other stacks were stopped")
+            partials.append(dict(msg["ok"], cpu_s=cpu_s))
         else:
             msg["ok"]["cpu_s"] = cpu_s
             parts.append(msg["ok"])

@@ -402,6 +402,31 @@ def test_a_stack_process_that_dies_ends_the_run_at_once(tmp_path):
     assert _gone_within([b], 5)
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_stack_process_another_program_stops_fails_the_run(tmp_path, sig):
+    # A stack process took any SIGTERM for its parent's stop: one signalled by
+    # another program stopped cleanly, the others ran to the end and the run
+    # "succeeded" (exit 0) with that stack's share of the input missing.
+    import signal
+    import time
+
+    p, (a, b) = _slow_stacks(tmp_path)
+    try:
+        os.kill(a, getattr(signal, sig))
+        t0 = time.monotonic()
+        out, err = p.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 2, err
+    assert f"stopped by {sig} sent to its process alone, not by mbx: its share of the " \
+           "input was not all read; the other stacks were stopped" in err
+    assert out.startswith("packets")    # what the stacks did, the stopped one's too
+    assert took < 5, f"the run went on {took:.1f} s after a stack was stopped"
+    assert _gone_within([b], 5)
+
+
 def test_a_stack_process_that_fails_ends_the_run_at_once(tmp_path):
     import subprocess
     import sys
