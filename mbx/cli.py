@@ -329,6 +329,8 @@ def stop_on_signals():
     first signal (an NF's handler that never returns holds it) is interrupted by the
     next (KeyboardInterrupt, from wherever it is: the run fails, its summary and
     output still come out)."""
+    from mbx.runtime import STOP_FORCE_AFTER_S
+
     stop = threading.Event()
     asked = []
 
@@ -462,8 +464,9 @@ def _run_parallel(nfs, args, config, listeners, view):
                                        max_packets=args.max_packets, duration=args.duration,
                                        on_snapshot=on_snapshot if listeners else None,
                                        **config)
-    except MbxError as exc:
+    except (MbxError, KeyboardInterrupt) as exc:
         # a failed run keeps what its stacks did until then, as one stack's does
+        # (interrupted: stacks held by their NFs were stopped where they were)
         failed = getattr(exc, "counters", None)
         if failed is not None:
             for listener in listeners:
@@ -518,8 +521,6 @@ def _run_parallel(nfs, args, config, listeners, view):
 
 
 BURST_MAX = 65536
-# a second stop signal this long after the first interrupts the run (see _run)
-STOP_FORCE_AFTER_S = 3.0
 # more stack processes than that is a fork storm on any machine mbx targets
 STACKS_MAX = 256
 

@@ -42,6 +42,11 @@ _MONITOR_OPTIONS = ("stream_memory", "chunk_size", "stream_window", "retain",
 
 BUILTIN_NFS = ("l2fwd", "flow_stats", "logger", "l4lb")
 FLOW_CAPACITY = 65536       # flows a stack tracks unless told otherwise
+# a run still going this long after the first stop signal (an NF handler that never
+# returns holds it) is interrupted by the next: mbx run, and run_parallel's stacks
+STOP_FORCE_AFTER_S = 3.0
+# ... and a stack process that even that leaves running is killed this much later
+STOP_KILL_AFTER_S = 1.0
 
 # (k, n): this process is stack process k of the n that run_parallel started.
 _stack_process = (0, 1)
@@ -780,12 +785,17 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     reaches them only this way.  A stack process that dies, fails, or is stopped by
     a signal this process did not send (its share of the input then not all read)
     stops the others and the run raises AppError, with ``counters`` of what the
-    stacks did until then.
+    stacks did until then.  A stack process held by an NF handler that never returns
+    cannot stop itself: a second signal, ``STOP_FORCE_AFTER_S`` after the first,
+    interrupts those still running (``KeyboardInterrupt`` there, so that what they
+    did is still reported; killed ``STOP_KILL_AFTER_S`` later if that does not end
+    them) and the run raises KeyboardInterrupt, with the same ``counters``.
     """
     import json
     import selectors
     import signal
     import threading
+    import time
 
     from mbx._afpacket import NEW_GROUP
     from mbx.ports import (
@@ -847,6 +857,15 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 stopped_by = []                         # the signal that did, for the report
 
                 def on_stop(sig, _, stop=stop, stopped_by=stopped_by):
+                    if stop.is_set():
+                        # the parent sends a second only when the first has not
+                        # stopped the run in STOP_FORCE_AFTER_S (an NF handler that
+                        # never returns): interrupted where it is, as one stack is,
+                        # and what it did until then still reported
+                        raise KeyboardInterrupt(
+                            f"still running {STOP_FORCE_AFTER_S:g} s after the first "
+                            "signal (held by an NF handler that never returns?): "
+                            "interrupted")
                     stopped_by.append(signal.Signals(sig).name)
                     stop.set()
 
@@ -914,7 +933,8 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                                  + "\n").encode())
                 code = 0
             except BaseException as exc:            # report, never return into the parent
-                report = {"error": f"{type(exc).__name__}: {exc}"}
+                report = {"error": str(exc) if isinstance(exc, KeyboardInterrupt)
+                          else f"{type(exc).__name__}: {exc}"}
                 if partial is not None:
                     report["partial"] = partial
                 _write_all(wfd, (json.dumps(report, default=str) + "\n").encode())
@@ -942,13 +962,19 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             released += 1
 
     asked = []          # set once this process has asked the stacks to stop
-    signalled = []      # the signal that stopped the run
+    signalled = []      # (the signal that stopped the run, when it came)
+    forced = []         # when a second signal interrupted the stacks still running
     # the stacks stopped by a signal this process did not send (another program's:
-    # their share of the input was not all read)
+    # their share of the input was not all read), those a second signal interrupted,
+    # and those killed when not even that ended them
     unasked = [False] * stacks
+    interrupted = [False] * stacks
+    killed = [False] * stacks
     last = [None] * stacks
 
     def stop_children():
+        if asked:       # once: a second SIGTERM interrupts a stack process (on_signal)
+            return
         asked.append(True)
         for k in range(released, len(gos)):     # those still waiting to open: go away
             if gos[k] >= 0:
@@ -961,8 +987,29 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 pass
 
     def on_signal(sig, _):
-        signalled.append(signal.Signals(sig).name)
-        stop_children()
+        now = time.monotonic()
+        if not signalled:
+            signalled.append((signal.Signals(sig).name, now))
+            stop_children()
+        elif now - signalled[0][1] > STOP_FORCE_AFTER_S and not forced:
+            # as one stack is interrupted: a stack still running this long after the
+            # first signal is held (an NF handler that never returns) and cannot
+            # stop itself; a second SIGTERM interrupts it (see on_stop)
+            forced.append(now)
+            for k, (pid, _) in enumerate(children):
+                if last[k] is None:
+                    interrupted[k] = True
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+
+    def kill_held():
+        # interrupted STOP_KILL_AFTER_S ago and still running (held in C code, or
+        # the interrupt caught by the NF): killed, its counters lost
+        for k, (pid, _) in enumerate(children):
+            if last[k] is None and not killed[k]:
+                killed[k] = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     handlers = {}
     if threading.current_thread() is threading.main_thread():
@@ -979,7 +1026,11 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             for k, (_, rfd) in enumerate(children):
                 sel.register(rfd, selectors.EVENT_READ, k)
             while sel.get_map():
-                for key, _ in sel.select():
+                if forced and time.monotonic() >= forced[0] + STOP_KILL_AFTER_S:
+                    kill_held()
+                # a bounded wait, to look at that clock: a signal handler that runs
+                # during select cannot end the wait it retries
+                for key, _ in sel.select(0.25):
                     k = key.data
                     data = os.read(key.fd, 1 << 16)
                     if not data:
@@ -1024,6 +1075,11 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         msg = last[k] or {"error": (f"killed by {signal.Signals(-code).name}" if code < 0
                                     else f"exited with status {code}")
                           + " without a report; the other stacks were stopped"}
+        if killed[k] and last[k] is None:
+            msg = {"error": f"still running {STOP_FORCE_AFTER_S:g} s after the first "
+                            "signal (held by an NF handler that never returns?), and "
+                            f"{STOP_KILL_AFTER_S:g} s after it was interrupted: killed, "
+                            "its counters lost"}
         # the process's own CPU time: on a busy machine, how the work was split
         cpu_s = usage.ru_utime + usage.ru_stime
         if "error" in msg:
@@ -1041,7 +1097,13 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             msg["ok"]["cpu_s"] = cpu_s
             parts.append(msg["ok"])
     if errors:
-        exc = AppError("; ".join(errors))
+        if any(interrupted):
+            # interrupted, as one stack is (mbx run: exit 130)
+            exc = KeyboardInterrupt(f"stopped again: the run had not ended "
+                                    f"{STOP_FORCE_AFTER_S:g} s after the first signal; "
+                                    + "; ".join(errors))
+        else:
+            exc = AppError("; ".join(errors))
         # what the stacks did until then, for the failed run's summary and --json
         # (None when no stack ran)
         exc.counters = merge_snapshots(parts + partials) if parts or partials else None

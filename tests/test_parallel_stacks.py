@@ -1,5 +1,6 @@
 """Parallel stacks (paper §4.2): several stack processes split the flows of one
 capture by the symmetric hash; both directions of every flow reach the same one."""
+import contextlib
 import json
 import os
 import random
@@ -425,6 +426,80 @@ def test_a_stack_process_another_program_stops_fails_the_run(tmp_path, sig):
     assert out.startswith("packets")    # what the stacks did, the stopped one's too
     assert took < 5, f"the run went on {took:.1f} s after a stack was stopped"
     assert _gone_within([b], 5)
+
+
+HANGING_NF = """import os
+import mbx
+from mbx import runtime
+
+def make():
+    nf = mbx.NF("hangs")
+    seen = [0]
+    def on(ev):
+        seen[0] += 1
+        if seen[0] == 100 and runtime._stack_process[0] == 0:
+            with open(__file__ + ".hung", "w") as fh:
+                fh.write(str(os.getpid()))
+            while True:
+                try:
+                    while True:
+                        pass
+                except BaseException:
+                    if not SWALLOWS:
+                        raise
+    nf.sub(mbx.PKT, on)
+    return nf
+"""
+
+
+@pytest.mark.parametrize("swallows", [False, True])
+def test_a_stack_held_by_its_nf_is_interrupted_by_a_second_signal(tmp_path, swallows):
+    # No number of signals ended a --stacks run whose NF handler never returns: the
+    # parent only sent SIGTERM again, which the held stack process cannot act on.
+    # Now a second signal, 3 s after the first, interrupts it as one stack is (and
+    # one that even that leaves running is killed a second later): exit 130, with
+    # the summary and --json of what the stacks did.
+    import signal
+    import time
+
+    cap = str(tmp_path / "many.pcap")
+    many_flows_capture(cap, flows=200, packets=4000)
+    nf = tmp_path / "hangs.py"
+    nf.write_text(f"SWALLOWS = {swallows}\n" + HANGING_NF)
+    counters = tmp_path / "c.json"
+    p = subprocess.Popen([sys.executable, "-m", "mbx.cli", "run", str(nf), "--in", cap,
+                          "--stacks", "2", "--json", str(counters)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "hangs.py.hung").exists():
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "stack 0's NF never got its 100th packet"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)        # too soon: the stop is still awaited
+        time.sleep(2.5)
+        assert p.poll() is None
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            # the held stack process too: it keeps the output pipes open
+            with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+                os.kill(int((tmp_path / "hangs.py.hung").read_text()), signal.SIGKILL)
+            p.communicate()
+    assert p.returncode == 130, err
+    assert out.startswith("packets"), err       # the summary came out
+    c = json.loads(counters.read_text())
+    held = ("stack 0: still running 3 s after the first signal (held by an NF handler "
+            "that never returns?)" + (", and 1 s after it was interrupted: killed, its "
+                                      "counters lost" if swallows else ": interrupted"))
+    assert c["error"] == ("stopped again: the run had not ended 3 s after the first "
+                          f"signal; {held}")
+    # stack 1 ran to its end: its share, about half, is there
+    assert c["packets"] > 1000
 
 
 def test_a_stack_process_that_fails_ends_the_run_at_once(tmp_path):
