@@ -93,6 +93,10 @@ def _print_counters(c, elapsed, out=None):
     w = out.write
     w(f"packets        {c['packets']:,} ({c['bytes']:,} bytes) in {elapsed:.3f} s, "
       f"{_rate(pps)}\n")
+    if c.get("stopped"):
+        # a script or a reader must not take these counters for the whole input's
+        w(f"stopped        by {c['stopped']} after {c['packets']:,} packets, before the "
+          "input's end\n")
     w(f"sent           {c['sent']:,}\n")
     w(f"dropped        by NFs {c['dropped_by_nf']:,}, malformed {c['dropped_malformed']:,}"
       + (f", in flight when the run failed {c['dropped_on_error']:,} (neither sent nor "
@@ -317,9 +321,16 @@ def _run(nfs, args, spec=None):
                 listener.close()
 
 
+class StopSignal(threading.Event):
+    """The Event stop_on_signals yields; ``signal``: the name of the signal that set
+    it (None until then), for the summary and --json to say why the run ended."""
+
+    signal = None
+
+
 @contextlib.contextmanager
 def stop_on_signals():
-    """An Event that SIGINT, SIGTERM and SIGHUP set, for a run to end between
+    """A StopSignal that SIGINT, SIGTERM and SIGHUP set, for a run to end between
     bursts: every flow ends, NFs stop, ports are closed, counters are printed and
     written.  The handlers stay until all of that is done, so a second signal (a
     double Ctrl-C, `timeout` signalling the process and then its group) does not
@@ -331,15 +342,16 @@ def stop_on_signals():
     output still come out)."""
     from mbx.runtime import STOP_FORCE_AFTER_S
 
-    stop = threading.Event()
+    stop = StopSignal()
     asked = []
 
-    def on_signal(*_):
+    def on_signal(sig, _):
         if asked and time.monotonic() - asked[0] > STOP_FORCE_AFTER_S:
             raise KeyboardInterrupt("stopped again: the run had not ended "
                                     f"{STOP_FORCE_AFTER_S:g} s after the first signal")
         if not asked:
             asked.append(time.monotonic())
+            stop.signal = signal.Signals(sig).name
         stop.set()
 
     handlers = {sig: signal.signal(sig, on_signal)
@@ -376,7 +388,7 @@ def _run_app(app, args, listeners, view, stop):
         except MbxError as again:   # said beside the run's own error, the one raised
             print(f"mbx: error: {again}", file=sys.stderr)
         _report_failed_run(app, args, inp, out, exc, time.perf_counter() - t0, listeners,
-                           view)
+                           view, stop)
         raise
     finally:
         progress.done()
@@ -391,6 +403,7 @@ def _run_app(app, args, listeners, view, stop):
         listener.update(counters)
     counters["elapsed_s"] = elapsed
     counters["ports"] = port_counters(inp, out)
+    counters["stopped"] = stop.signal if app.stack.stopped else None
     if not args.quiet:
         _print_counters(counters, elapsed)
     if view is not None:
@@ -409,7 +422,7 @@ def _warn_other_sockets(found):
               file=sys.stderr)
 
 
-def _report_failed_run(app, args, inp, out, exc, elapsed, listeners, view):
+def _report_failed_run(app, args, inp, out, exc, elapsed, listeners, view, stop):
     # A run that ended in an error (an NF's, an interface gone) after it started:
     # what it did until then is not lost.
     from mbx.ports import port_counters
@@ -422,6 +435,9 @@ def _report_failed_run(app, args, inp, out, exc, elapsed, listeners, view):
     counters["elapsed_s"] = elapsed
     counters["ports"] = port_counters(inp, out)
     counters["error"] = str(exc)
+    # interrupted (KeyboardInterrupt) by a second signal: stopped by the first too
+    counters["stopped"] = (stop.signal if app.stack.stopped
+                           or isinstance(exc, KeyboardInterrupt) else None)
     if not args.quiet:
         _print_counters(counters, elapsed)
     if view is not None:

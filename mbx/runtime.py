@@ -1096,6 +1096,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         else:
             msg["ok"]["cpu_s"] = cpu_s
             parts.append(msg["ok"])
+    # the signal that ended the run before its input did (None: the input ended, or
+    # max_packets or duration did); interrupted, it stopped the run too
+    stopped = signalled[0][0] if signalled and (any(interrupted) or any(
+        msg and msg.get("stopped") for msg in last)) else None
     if errors:
         if any(interrupted):
             # interrupted, as one stack is (mbx run: exit 130)
@@ -1107,5 +1111,9 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         # what the stacks did until then, for the failed run's summary and --json
         # (None when no stack ran)
         exc.counters = merge_snapshots(parts + partials) if parts or partials else None
+        if exc.counters is not None:
+            exc.counters["stopped"] = stopped
         raise exc
-    return merge_snapshots(parts), parts
+    merged = merge_snapshots(parts)
+    merged["stopped"] = stopped
+    return merged, parts

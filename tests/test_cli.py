@@ -959,6 +959,7 @@ def test_a_run_whose_nf_hangs_still_stops(tmp_path, example_pcap, deploy):
             p.communicate()
     assert out.startswith("packets"), err           # the summary came out
     c = json.loads(counters.read_text())
+    assert c["stopped"] == "SIGINT"
     if deploy == "pipelined":
         assert p.returncode == 0, err
         death, = c["pipeline"]["nfs"]["hangs"]["deaths"]
@@ -994,6 +995,45 @@ def test_a_stop_is_seen_within_a_burst_or_two_of_slow_nfs(tmp_path, example_pcap
     assert p.returncode == 0, err
     # stopped within a burst or two, far from the capture's end
     assert json.loads(counters.read_text())["packets"] <= 3 * 64
+
+
+@pytest.mark.parametrize("deploy", [["--deploy", "inline"], ["--deploy", "pipelined"],
+                                    ["--stacks", "2"]])
+def test_a_run_a_signal_stopped_says_so(tmp_path, example_pcap, deploy):
+    # Ctrl-C on a capture replay exited 0 with a summary and --json just like a
+    # whole run's: nothing told a script the counters were of part of the input.
+    nf = tmp_path / "slow.py"
+    nf.write_text("import time\nimport mbx\n"
+                  "def make():\n"
+                  "    nf = mbx.NF('slow')\n"
+                  "    def on(ev):\n"
+                  "        open(__file__ + '.began', 'a').close()\n"
+                  "        time.sleep(0.005)\n"
+                  "    nf.sub(mbx.PKT, on)\n"
+                  "    return nf\n")
+    counters = tmp_path / "c.json"
+    p = subprocess.Popen([*MBX, "run", str(nf), "--in", f"pcap:{example_pcap}", *deploy,
+                          "--json", str(counters)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "slow.py.began").exists():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err           # a clean stop, as documented
+    c = json.loads(counters.read_text())
+    assert c["stopped"] == "SIGINT" and "error" not in c
+    assert (f"stopped        by SIGINT after {c['packets']:,} packets, before the "
+            "input's end\n") in out
+    # a run to the input's end says it was not stopped
+    r = mbx_cmd("run", "l2fwd", "--in", f"pcap:{example_pcap}", *deploy, "--json",
+                str(counters))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(counters.read_text())["stopped"] is None
+    assert "stopped" not in r.stdout
 
 
 @pytest.mark.parametrize("deploy", ["inline", "pipelined"])

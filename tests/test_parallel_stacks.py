@@ -342,6 +342,7 @@ def test_a_signal_stops_every_stack_process_with_its_counters(tmp_path, sig):
             os.kill(int(pid), 0)
     c = json.loads(out.read_text())
     assert 0 < c["packets"] < 20000 and len(c["stacks"]) == 2
+    assert c["stopped"] == sig
     assert "stacks         #0:" in stdout
 
 
@@ -498,6 +499,7 @@ def test_a_stack_held_by_its_nf_is_interrupted_by_a_second_signal(tmp_path, swal
                                       "counters lost" if swallows else ": interrupted"))
     assert c["error"] == ("stopped again: the run had not ended 3 s after the first "
                           f"signal; {held}")
+    assert c["stopped"] == "SIGINT"
     # stack 1 ran to its end: its share, about half, is there
     assert c["packets"] > 1000
 
