@@ -95,8 +95,8 @@ def _print_counters(c, elapsed, out=None):
       f"{_rate(pps)}\n")
     if c.get("stopped"):
         # a script or a reader must not take these counters for the whole input's
-        w(f"stopped        by {c['stopped']} after {c['packets']:,} packets, before the "
-          "input's end\n")
+        w(f"stopped        by {c['stopped']} after {c['packets']:,} packets: the run did "
+          "not finish, the counters are of part of it\n")
     w(f"sent           {c['sent']:,}\n")
     w(f"dropped        by NFs {c['dropped_by_nf']:,}, malformed {c['dropped_malformed']:,}"
       + (f", in flight when the run failed {c['dropped_on_error']:,} (neither sent nor "
@@ -403,7 +403,12 @@ def _run_app(app, args, listeners, view, stop):
         listener.update(counters)
     counters["elapsed_s"] = elapsed
     counters["ports"] = port_counters(inp, out)
-    counters["stopped"] = stop.signal if app.stack.stopped else None
+    counters["stopped"] = stop.signal if _cut_short(app) else None
+    for name, n in ((counters.get("pipeline") or {}).get("nfs") or {}).items():
+        for why in n["deaths"]:
+            # the run went on without it (its policy, or the stop gave up on it): said
+            # even with -q, where the summary's "died" lines are not printed
+            print(f"mbx: warning: NF {name}: its process died: {why}", file=sys.stderr)
     if not args.quiet:
         _print_counters(counters, elapsed)
     if view is not None:
@@ -422,6 +427,12 @@ def _warn_other_sockets(found):
               file=sys.stderr)
 
 
+def _cut_short(app):
+    """Whether the stop signal cut the run short: before its input's end, or
+    (pipelined) at its end, giving up on NF processes that still held events."""
+    return app.stack.stopped or getattr(app.stack.bus, "abandoned", False)
+
+
 def _report_failed_run(app, args, inp, out, exc, elapsed, listeners, view, stop):
     # A run that ended in an error (an NF's, an interface gone) after it started:
     # what it did until then is not lost.
@@ -436,7 +447,7 @@ def _report_failed_run(app, args, inp, out, exc, elapsed, listeners, view, stop)
     counters["ports"] = port_counters(inp, out)
     counters["error"] = str(exc)
     # interrupted (KeyboardInterrupt) by a second signal: stopped by the first too
-    counters["stopped"] = (stop.signal if app.stack.stopped
+    counters["stopped"] = (stop.signal if _cut_short(app)
                            or isinstance(exc, KeyboardInterrupt) else None)
     if not args.quiet:
         _print_counters(counters, elapsed)

@@ -1026,14 +1026,49 @@ def test_a_run_a_signal_stopped_says_so(tmp_path, example_pcap, deploy):
     assert p.returncode == 0, err           # a clean stop, as documented
     c = json.loads(counters.read_text())
     assert c["stopped"] == "SIGINT" and "error" not in c
-    assert (f"stopped        by SIGINT after {c['packets']:,} packets, before the "
-            "input's end\n") in out
+    assert (f"stopped        by SIGINT after {c['packets']:,} packets: the run did not "
+            "finish, the counters are of part of it\n") in out
     # a run to the input's end says it was not stopped
     r = mbx_cmd("run", "l2fwd", "--in", f"pcap:{example_pcap}", *deploy, "--json",
                 str(counters))
     assert r.returncode == 0, r.stderr
     assert json.loads(counters.read_text())["stopped"] is None
     assert "stopped" not in r.stdout
+
+
+def test_an_nf_process_killed_at_the_stop_is_said_even_quietly(tmp_path, example_pcap):
+    # Pipelined, a signal during the end-of-input flush gives a slow NF a second and
+    # kills it; its death was only in the summary, so with -q the run exited 0
+    # saying nothing, and --json did not say the signal had cut the run short.
+    nf = tmp_path / "slowend.py"
+    nf.write_text("import time\nimport mbx\n"
+                  "def make():\n"
+                  "    nf = mbx.NF('slowend')\n"
+                  "    def on(ev):\n"
+                  "        open(__file__ + '.ending', 'a').close()\n"
+                  "        time.sleep(0.02)\n"
+                  "    nf.sub(mbx.FLOW_END, on)\n"
+                  "    return nf\n")
+    counters = tmp_path / "c.json"
+    p = subprocess.Popen([*MBX, "run", str(nf), "--in", f"pcap:{example_pcap}", "-q",
+                          "--deploy", "pipelined", "--json", str(counters)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "slowend.py.ending").exists():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err           # as documented: the stop is clean
+    why = "killed by SIGKILL: it did not stop within 1 s of the run's end"
+    assert err == f"mbx: warning: NF slowend: its process died: {why}\n"
+    assert out == ""
+    c = json.loads(counters.read_text())
+    assert c["stopped"] == "SIGINT"
+    n = c["pipeline"]["nfs"]["slowend"]
+    assert n["state"] == "died" and n["deaths"] == [why]
+    assert c["events"]["FLOW/END"]["delivered"] < c["events"]["FLOW/END"]["published"]
 
 
 @pytest.mark.parametrize("deploy", ["inline", "pipelined"])
