@@ -1197,6 +1197,16 @@ def merge_name(merge):
     return f"{name} ({code.co_filename}, line {code.co_firstlineno})"
 
 
+def held_in(exc, nf_name, handler, what):
+    """The KeyboardInterrupt that ``exc`` (one) becomes when it stopped an NF's
+    handler (a second stop signal, the run held there): its message names the NF,
+    the handler, what it was handling and its line, for the user to find the code
+    that never returned."""
+    held = (f"held in NF {nf_name}: {getattr(handler, '__qualname__', handler)} on a "
+            f"{what}{user_code_line(exc)}")
+    return KeyboardInterrupt(f"{exc}; {held}" if str(exc) else held)
+
+
 def _takes_members(fn):
     # A merge function with a keyword-only parameter `members` is given the whole
     # group: the votes alone do not say how many members there are.
@@ -2112,6 +2122,12 @@ cdef class EventBus:
                     f"NF {nf.name}: {getattr(<object>h, '__qualname__', <object>h)} raised "
                     f"{type(exc).__name__} on a {_types[m.h.type_idx].name} event: {exc}"
                     f"{user_code_line(exc)}") from exc
+            except KeyboardInterrupt as exc:
+                # a second stop signal that found the run held in this handler (one
+                # that never returns): the error names it, as a handler's own does
+                self.release(m)
+                raise held_in(exc, nf.name, <object>h,
+                              _types[m.h.type_idx].name + " event") from exc
             self.release(m)
 
     cdef void handler_failed(self, uint32_t i, mbx_pkt *p) noexcept nogil:
@@ -2486,6 +2502,9 @@ cdef class EventBus:
                     f"NF {self.nfs[i].name}: batch handler "
                     f"{getattr(<object>h, '__qualname__', <object>h)} raised "
                     f"{type(exc).__name__}: {exc}{user_code_line(exc)}") from exc
+            except KeyboardInterrupt as exc:
+                raise held_in(exc, self.nfs[i].name, <object>h,
+                              f"batch of {n} {_types[bt - 1].name} events") from exc
             if verdicts is not None:
                 drops = self.np.asarray(verdicts, dtype=bool)
                 if drops.shape != (n,):

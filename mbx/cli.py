@@ -793,8 +793,9 @@ def main(argv=None):
     except OSError as exc:      # a path that cannot be read or written: its errno says why
         print(f"mbx: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:   # a run stops cleanly on its own; the rest just stop
-        print("mbx: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:    # a run stops cleanly on its own; the rest just stop
+        # a run interrupted by a second signal says what held it (the NF's handler)
+        print("mbx: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -966,7 +966,11 @@ def test_a_run_whose_nf_hangs_still_stops(tmp_path, example_pcap, deploy):
         assert "did not stop within 1 s" in death
     else:
         assert p.returncode == 130
-        assert "had not ended 3 s after the first signal" in c["error"]
+        # the handler that held the run is named, with its line
+        held = ("stopped again: the run had not ended 3 s after the first signal; held "
+                "in NF hangs: make.<locals>.on on a PKT event (at hangs.py, line 12)")
+        assert c["error"] == held
+        assert err.strip().splitlines()[-1] == f"mbx: interrupted: {held}"
 
 
 def test_a_stop_is_seen_within_a_burst_or_two_of_slow_nfs(tmp_path, example_pcap):
