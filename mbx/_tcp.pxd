@@ -72,7 +72,7 @@ ctypedef struct tcp_endpoint:           # 28 bytes
     uint32_t isn            # initial sequence number (its SYN's seq)
     uint32_t snd_nxt        # next seq it will send: highest seq + SYN + len + FIN seen
     uint32_t ack            # highest ACK it sent: the monitor's view of its RCV.NXT
-    uint32_t win            # last window it advertised, in bytes (scaled once agreed)
+    uint32_t win            # window of its newest ACK, in bytes (scaled once agreed)
     uint32_t fin_seq        # sequence number of its FIN (EP_FIN)
     uint16_t mss            # from its SYN (0: none)
     uint8_t state           # TcpState

@@ -22,7 +22,7 @@ class Endpoint(TypedDict):
     isn: int | None
     snd_nxt: int | None         # highest seq + SYN + len + FIN it sent
     ack: int | None             # highest ACK it sent
-    win: int | None             # last window, bytes (scaled once both SYNs agreed)
+    win: int | None             # its newest ACK's window, bytes (scaled once both SYNs agreed)
     win_scale_unknown: bool     # midstream: win is the raw field
     wscale: int | None
     mss: int | None

@@ -142,6 +142,19 @@ cdef inline void _syn_options(tcp_endpoint *s, const mbx_pkt *p) noexcept nogil:
         s.wscale = p.wscale if p.wscale < MAX_WSCALE else MAX_WSCALE
 
 
+# Whether the window ``win`` that s advertises in p is older than the one it holds
+# (see the window update in tcp_sender_update).  Windows in other units (raw, scale
+# unknown, against scaled) are not compared.
+cdef inline bint _older_window(const tcp_endpoint *s, const mbx_pkt *p, uint32_t win,
+                               bint raw) noexcept nogil:
+    if not (p.tcp_flags & TH_ACK) or \
+            (s.flags & (EP_ACK_KNOWN | EP_WIN_KNOWN)) != EP_ACK_KNOWN | EP_WIN_KNOWN:
+        return False
+    if ((s.flags & EP_WIN_RAW) != 0) != raw:
+        return False
+    return seq_lt(p.ack, s.ack) or (p.ack == s.ack and win < s.win)
+
+
 cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
     cdef uint8_t d = p.dir & 1
     cdef tcp_endpoint *s = &c.ep[d]
@@ -150,11 +163,11 @@ cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
     cdef uint8_t fl = p.tcp_flags
     cdef uint8_t old = s.state
     cdef uint32_t bits = 0, length = p.payload_len
-    cdef uint32_t dstart, dend, end
+    cdef uint32_t dstart, dend, end, win
     cdef bint first = not (c.flags & CONN_SEEN)
     cdef bint syn = (fl & TH_SYN) != 0, ackf = (fl & TH_ACK) != 0
     cdef bint fin = (fl & TH_FIN) != 0
-    cdef bint syn_new = False, syn_again = False, restart = False
+    cdef bint syn_new = False, syn_again = False, restart = False, raw
     c.pkt = PK_SENDER_DONE
     c.flags |= CONN_SEEN
 
@@ -288,16 +301,27 @@ cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
         s.snd_nxt = end
         s.flags |= EP_SEQ_KNOWN
 
-    # Window: a SYN's is never scaled; later ones are once both SYNs agreed.
+    # Window: a SYN's is never scaled; later ones are once both SYNs agreed.  One
+    # sender's segments can be seen out of order (a tap fed by two CPUs, a
+    # multipath), so the last one seen need not carry the current window.  A
+    # higher ACK is newer: its window is taken.  A lower one is older (RFC 9293
+    # §3.10.7.4 takes a window only if SEG.ACK >= SND.WL2): its window is not.  At
+    # the same ACK the larger window is the newer, as a receiver does not shrink
+    # its window (§3.8.6.2.2; Linux does not by default).  Pairing an older, smaller
+    # window with the newest ACK would put the receiver's right edge short of what it
+    # offered, and a segment it accepted would be refused as OUT_OF_WINDOW.
     if syn:
         s.win = p.win
         s.flags = (s.flags | EP_WIN_KNOWN) & ~EP_WIN_RAW
-    elif c.flags & CONN_OPTS_KNOWN:
-        s.win = (<uint32_t>p.win) << (s.wscale if c.flags & CONN_WSCALE else 0)
-        s.flags = (s.flags | EP_WIN_KNOWN) & ~EP_WIN_RAW
     else:
-        s.win = p.win
-        s.flags |= EP_WIN_KNOWN | EP_WIN_RAW
+        raw = not (c.flags & CONN_OPTS_KNOWN)
+        win = p.win if raw else (<uint32_t>p.win) << (s.wscale if c.flags & CONN_WSCALE else 0)
+        if not _older_window(s, p, win, raw):
+            s.win = win
+            if raw:
+                s.flags |= EP_WIN_KNOWN | EP_WIN_RAW
+            else:
+                s.flags = (s.flags | EP_WIN_KNOWN) & ~EP_WIN_RAW
 
     if ackf:
         c.pkt |= PK_ACK_OK

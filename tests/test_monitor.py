@@ -1284,6 +1284,37 @@ def test_segments_the_receiver_would_refuse_do_not_reach_the_stream(run, tmp_pat
     assert s2c == (0, _sha(b"")) and gaps == []
 
 
+@pytest.mark.parametrize("older_ack", [101, 301], ids=["lower_ack", "same_ack"])
+def test_an_older_ack_seen_late_does_not_narrow_the_window(run, tmp_path, older_ack):
+    """The client's ACKs seen out of order (a capture fed by two CPUs does that; seen
+    in the interop reorder_dup captures): its newest ACK (301, window 300: right edge
+    601) comes before an older one with a smaller window (100), sent before it, at a
+    lower ACK or, before a window update, at the same one.  The older window taken
+    as the current one put the edge at 401 and refused the server's segment at 501,
+    which the client accepted; its ACK then made those bytes a GAP."""
+    resp = bytes(range(200)) * 3
+    conn = Conn()
+    conn.c(0, 0, SYN)
+    conn.s(0, 1, SYN | ACK)
+    conn.c(1, 1, win=300)
+    conn.c(1, 1, PSH | ACK, b"GET", win=300)
+    for off in (0, 100, 200):
+        conn.s(1 + off, 4, ACK, resp[off:off + 100])
+    conn.c(4, 301, win=300)                     # the newest ACK, seen first
+    conn.c(4, older_ack, win=100)               # sent before it
+    for off in (300, 400, 500):                 # the last one starts at 501 < 601
+        conn.s(1 + off, 4, ACK, resp[off:off + 100])
+    conn.c(4, 601, win=300)                     # the client got every byte
+    conn.s(601, 4, FIN | ACK)
+    conn.c(4, 602, FIN | ACK)
+    conn.s(602, 5)
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_GAP], side="both")
+    run([rec], frames=conn.frames)
+    assert by_dir(rec)[1] == resp and not rec.of("FLOW/TCP/GAP")
+    c2s, s2c, gaps = _streams_and_gaps(run, tmp_path, conn)
+    assert s2c == (600, _sha(resp)) and gaps == []
+
+
 def test_a_late_segment_of_the_old_connection_leaves_the_new_one_alone(run):
     """A reused 4-tuple: the old server's retransmitted FIN arrives after the new
     SYN.  It does not acknowledge the new SYN, so it is not the new connection's

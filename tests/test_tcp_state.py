@@ -71,11 +71,15 @@ def pair(v6=False):
     return Host("10.0.0.1", 40000, "10.0.0.2", 80), Host("10.0.0.2", 80, "10.0.0.1", 40000)
 
 
-def handshake(c, cli, srv, isn_c=1000, isn_s=5000, cdir=0, **kw):
+def handshake(c, cli, srv, isn_c=1000, isn_s=5000, cdir=0, swin=65535, cwin=65535, **kw):
+    """SYN, SYN+ACK (window ``swin``), ACK (window ``cwin``).  A window narrowed later
+    at the same ACK is taken as an older one seen late (receivers do not shrink
+    theirs), so a test that wants a narrow window offers it here."""
     sdir = cdir ^ 1
     c.update(cli.frame(SYN, isn_c, opts=syn_opts(**kw.get("copts", {}))), cdir)
-    c.update(srv.frame(SYN | ACK, isn_s, isn_c + 1, opts=syn_opts(**kw.get("sopts", {}))), sdir)
-    return c.update(cli.frame(ACK, isn_c + 1, isn_s + 1), cdir)
+    c.update(srv.frame(SYN | ACK, isn_s, isn_c + 1, win=swin,
+                       opts=syn_opts(**kw.get("sopts", {}))), sdir)
+    return c.update(cli.frame(ACK, isn_c + 1, isn_s + 1, win=cwin), cdir)
 
 
 def states(c):
@@ -148,7 +152,7 @@ def test_simultaneous_close():
 def test_rst_valid_and_out_of_window():
     cli, srv = pair()
     c = TcpConn()
-    handshake(c, cli, srv)
+    handshake(c, cli, srv, cwin=1000)
     c.update(cli.frame(ACK, 1001, 5001, win=1000, data=b"a" * 10), 0)
     c.update(srv.frame(ACK, 5001, 1011, win=2000), 1)
     # blind RSTs outside the receiver's window change nothing
@@ -170,7 +174,7 @@ def test_rst_window_edges(offset, ok):
     # sequence number and 6001, the top edge itself, is out.
     cli, srv = pair()
     c = TcpConn()
-    handshake(c, cli, srv)
+    handshake(c, cli, srv, cwin=1000)
     c.update(cli.frame(ACK, 1001, 5001, win=1000, data=b"a" * 10), 0)
     c.update(srv.frame(ACK, 5001, 1011, win=2000), 1)
     s, r = c.update(srv.frame(RST, 5001 + offset), 1)
@@ -188,8 +192,9 @@ def test_rst_against_a_zero_window_must_hit_rcv_nxt(offset, ok):
     cli, srv = pair()
     c = TcpConn()
     handshake(c, cli, srv)
-    c.update(cli.frame(ACK, 1001, 5001, win=0), 0)
-    s, _ = c.update(srv.frame(RST, 5001 + offset), 1)
+    c.update(srv.frame(ACK, 5001, 1001, data=b"f" * 10), 1)
+    c.update(cli.frame(ACK, 1001, 5011, win=0), 0)      # those 10 bytes filled it
+    s, _ = c.update(srv.frame(RST, 5011 + offset), 1)
     assert ("RST_INVALID" not in s) == ok and c.closed == ok
 
 
@@ -208,8 +213,7 @@ def test_rst_refusing_a_syn():
 def test_data_outside_the_window():
     cli, srv = pair()
     c = TcpConn()
-    handshake(c, cli, srv)
-    c.update(srv.frame(ACK, 5001, 1001, win=1000), 1)
+    handshake(c, cli, srv, swin=1000)
     s, r = c.update(cli.frame(ACK, 1001 + 1001, 5001, data=b"z" * 10), 0)
     assert s == ["OUT_OF_WINDOW"] and r == ["OUT_OF_WINDOW"]
     assert c.endpoint(0)["snd_nxt"] == 1001
@@ -273,18 +277,40 @@ def test_fast_open_data_in_syn():
 def test_window_scaling():
     cli, srv = pair()
     c = TcpConn()
-    handshake(c, cli, srv, copts={"wscale": 7, "sack_ok": True, "ts": (1, 0)},
+    handshake(c, cli, srv, cwin=100, copts={"wscale": 7, "sack_ok": True, "ts": (1, 0)},
               sopts={"wscale": 9, "sack_ok": True})
     assert c.options == {"wscale": True, "sack": True, "ts": False}
     assert c.endpoint(1)["win"] == 65535          # the SYN+ACK's window: never scaled
-    c.update(cli.frame(ACK, 1001, 5001, win=100), 0)
-    c.update(srv.frame(ACK, 5001, 1001, win=100), 1)
-    assert c.endpoint(0)["win"] == 100 << 7 and c.endpoint(1)["win"] == 100 << 9
+    assert c.endpoint(0)["win"] == 100 << 7
+    c.update(srv.frame(ACK, 5001, 1001, win=200), 1)
+    assert c.endpoint(1)["win"] == 200 << 9
     # one side without the option: no scaling either way
     c = TcpConn()
-    handshake(c, cli, srv, copts={"wscale": 7}, sopts={})
-    c.update(cli.frame(ACK, 1001, 5001, win=100), 0)
+    handshake(c, cli, srv, cwin=100, copts={"wscale": 7}, sopts={})
     assert c.options["wscale"] is False and c.endpoint(0)["win"] == 100
+
+
+def test_the_window_is_the_newest_ack_s():
+    """ACKs seen out of order: the window of a lower ACK, or a smaller one at the same
+    ACK (sent before a window update), is older than the one held and not taken; a
+    higher ACK's is taken even if smaller (the receiver's buffer filled)."""
+    cli, srv = pair()
+    c = TcpConn()
+    handshake(c, cli, srv, cwin=1000)
+    c.update(srv.frame(ACK, 5001, 1001, data=b"s" * 500), 1)
+    c.update(cli.frame(ACK, 1001, 5501, win=3000), 0)
+    c.update(cli.frame(ACK, 1001, 5201, win=800), 0)        # lower ACK: older
+    assert (c.endpoint(0)["ack"], c.endpoint(0)["win"]) == (5501, 3000)
+    c.update(cli.frame(ACK, 1001, 5501, win=2000), 0)       # same ACK, smaller: older
+    assert c.endpoint(0)["win"] == 3000
+    c.update(cli.frame(ACK, 1001, 5501, win=4000), 0)       # same ACK, larger: an update
+    assert c.endpoint(0)["win"] == 4000
+    s, _ = c.update(srv.frame(ACK, 5501 + 3999, 1001, data=b"e"), 1)
+    assert "OUT_OF_WINDOW" not in s
+    c.update(cli.frame(ACK, 1001, 5502, win=10), 0)         # higher ACK: taken
+    assert c.endpoint(0)["win"] == 10
+    s, _ = c.update(srv.frame(ACK, 5502 + 11, 1001, data=b"e"), 1)
+    assert s == ["OUT_OF_WINDOW"]
 
 
 @pytest.mark.parametrize("v6", [False, True])
@@ -368,7 +394,7 @@ def test_snapshot_round_trip_and_isolation():
     cli, srv = pair()
     c = TcpConn()
     handshake(c, cli, srv, copts={"wscale": 3}, sopts={"wscale": 5})
-    c.update(srv.frame(ACK, 5001, 1001, win=1000), 1)
+    c.update(srv.frame(ACK, 5001, 1001, win=3000), 1)
     c.update(cli.frame(ACK | PSH, 1001, 5001, data=b"d" * 50), 0)
     ts = 1_700_000_000_987_654_321
     snap = c.snapshot(0, frontier=(1 << 47) + 50, ts_ns=ts)
@@ -377,7 +403,7 @@ def test_snapshot_round_trip_and_isolation():
     assert d["dir"] == 0 and d["sender_state"] == "ESTABLISHED"
     assert d["receiver_state"] == "ESTABLISHED" and d["established"]
     assert d["receiver_snd_nxt"] == 5001 and d["receiver_ack"] == 1001
-    assert d["receiver_win"] == 1000 << 5 and not d["receiver_is_client"]
+    assert d["receiver_win"] == 3000 << 5 and not d["receiver_is_client"]
     assert d["frontier"] == (1 << 47) + 50 and d["ts_ns"] == ts // 1000 * 1000
     # later segments change the connection, not the snapshot taken before them
     c.update(srv.frame(ACK | PSH, 5001, 1051, win=7, data=b"r" * 20), 1)
