@@ -19,7 +19,6 @@ from mbx._packet cimport Batch, mbx_pkt
 # - Authentication Headers (IPv4 and IPv6) are walked like IPv6 extension headers:
 #   l4_proto, l4_off and the ports are the transport's inside them;
 # - ICMP errors: payload_off is the quoted packet; transport fields stay 0;
-# - ICMP/ICMPv6 echo requests and replies: sport = dport = the echo identifier;
 # - other transports (SCTP, GRE, ESP, ...): payload_off = l4_off.
 cdef int parse_packet(mbx_pkt *p) noexcept nogil
 

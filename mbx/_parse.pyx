@@ -213,18 +213,11 @@ cdef inline int _parse_l4(mbx_pkt *p, const uint8_t *d, uint32_t cur, uint32_t e
         p.icmp_code = t[1]
         # An error quotes the packet that caused it; its ports belong to that other
         # packet, so they are left for an NF that asks, not put in this one's fields.
-        # An echo request or reply carries its session's identifier in both port
-        # fields, as conntrack keys it: each ping session between two hosts is a
-        # flow of its own, apart from the other sessions and from the errors.
         if proto == IPPROTO_ICMP:
             if t[0] == 3 or t[0] == 4 or t[0] == 5 or t[0] == 11 or t[0] == 12:
                 p.flags |= PKT_F_ICMP_ERROR
-            elif t[0] == 8 or t[0] == 0:
-                p.sport = p.dport = ld16(t + 4)
         elif 1 <= t[0] <= 4:
             p.flags |= PKT_F_ICMP_ERROR
-        elif t[0] == 128 or t[0] == 129:
-            p.sport = p.dport = ld16(t + 4)
         p.payload_off = cur + 8
         p.payload_len = end - p.payload_off
         return _done(p, PARSE_OK)

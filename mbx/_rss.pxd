@@ -7,10 +7,9 @@
 # flow could land in different processes.  So the walk mirrors parse_packet's rules
 # for the fields the flow key reads, and answers only where those rules are short:
 # Ethernet with up to two VLAN tags, IPv4 without options or AH, IPv6 without
-# extension headers, any other transport but ICMP.  Everything else (IPv4 options,
-# AH or a bad header length, IPv6 extension headers, ICMP and ICMPv6) returns -1:
-# only the full parse can tell (the parser walks AH to the ports of the transport
-# inside, and gives an ICMP echo its identifier as ports).
+# extension headers, any other transport.  Everything else (IPv4 options, AH or a
+# bad header length, IPv6 extension headers) returns -1: only the full parse can
+# tell (the parser walks AH to the ports of the transport inside).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -43,7 +42,7 @@ cdef inline uint32_t _rss_ld32(const uint8_t *b) noexcept nogil:
 
 
 # The transport ports as parse_packet fills them: TCP and UDP ports when their 4
-# bytes were captured within the IP datagram, else 0 (other protocols,
+# bytes were captured within the IP datagram, else 0 (ICMP, other protocols,
 # fragments, a capture cut before them).  cur: transport header offset; end: end of
 # the captured datagram.  Without branches on the protocol: a capture mixing TCP
 # and UDP at random would mispredict them on every other frame.
@@ -130,11 +129,9 @@ cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen, uint32_t wi
         ihl = <uint32_t>(ip[0] & 0x0F) * 4
         tot = _rss_ld16(ip + 2)
         proto = ip[9]
-        if (ihl != 20 or tot < 20 or off + tot > wirelen or proto == 51 or proto == 1
+        if (ihl != 20 or tot < 20 or off + tot > wirelen or proto == 51
                 or not MBX_LITTLE_ENDIAN):
-            # options, BAD_IHL, BAD_IP_LEN, AH, ICMP (an echo's identifier is its
-            # ports): the parser's call
-            return RSS_PARSE
+            return RSS_PARSE        # options, BAD_IHL, BAD_IP_LEN, AH: the parser's call
         if _rss_ld16(ip + 6) & 0x3FFF:
             h[0] = _rss_hash_v4(ip, proto, 0)
             return RSS_FRAGMENT
@@ -145,9 +142,8 @@ cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen, uint32_t wi
         if caplen - off < 40 or (ip[0] >> 4) != 6:
             return RSS_NOT_IP
         proto = ip[6]
-        if (proto == 0 or proto == 43 or proto == 44 or proto == 51 or proto == 60
-                or proto == 58):
-            return RSS_PARSE        # extension headers, which the parser walks; ICMPv6
+        if proto == 0 or proto == 43 or proto == 44 or proto == 51 or proto == 60:
+            return RSS_PARSE        # extension headers: the parser walks them
         memcpy(k.src.b, ip + 8, 16)
         memcpy(k.dst.b, ip + 24, 16)
         k.ip_ver = 6

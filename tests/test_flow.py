@@ -332,53 +332,6 @@ def test_connections_captured_cut_short_keep_their_own_flows(tmp_path):
     assert c["flows"]["created"] == 5
 
 
-def test_each_ping_session_is_a_flow_of_its_own(tmp_path):
-    """An echo's identifier keys its flow (in both port fields, as conntrack keys
-    it): two ping sessions between the same hosts, each request with its reply, are
-    two flows, and an ICMP error between them a third; IPv6 alike."""
-    import struct
-
-    import dpkt
-
-    import mbx
-    from mbx.examples.capture import ether
-    from mbx.ports import open_input
-
-    def icmp4(src, dst, kind, ident):
-        body = struct.pack("!BBHHH", kind, 0, 0, ident, 1) + b"ping"
-        ip = dpkt.ip.IP(src=bytes(map(int, src.split("."))),
-                        dst=bytes(map(int, dst.split("."))), p=1, data=body)
-        return ether(bytes(ip))
-
-    def icmp6(src, dst, kind, ident):
-        body = struct.pack("!BBHHH", kind, 0, 0, ident, 1) + b"ping"
-        return ether(struct.pack("!IHBB16s16s", 6 << 28, len(body), 58, 64,
-                                 bytes.fromhex(src), bytes.fromhex(dst)) + body, 0x86DD)
-
-    a, b = "198.18.0.1", "198.18.0.2"
-    a6, b6 = "20010db8" + "0" * 23 + "1", "20010db8" + "0" * 23 + "2"
-    frames = [icmp4(a, b, 8, 7), icmp4(b, a, 0, 7), icmp4(a, b, 8, 9), icmp4(b, a, 0, 9),
-              icmp4(b, a, 3, 0), icmp6(a6, b6, 128, 7), icmp6(b6, a6, 129, 7),
-              icmp6(a6, b6, 128, 8), icmp6(b6, a6, 129, 8)]
-    path = tmp_path / "pings.pcap"
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for i, f in enumerate(frames):
-            fh.write(struct.pack("<IIII", 1_700_000_000, i, len(f), len(f)) + f)
-    ends = []
-    nf = mbx.NF("ends")
-    nf.sub(mbx.FLOW_END, lambda ev: ends.append(
-        (ev.ip_ver, ev.cli_port, ev.srv_port, ev.pkts_c2s, ev.pkts_s2c)))
-    inp = open_input(f"pcap:{path}")
-    try:
-        c = mbx.App([nf]).run(inp)
-    finally:
-        inp.close()
-    assert sorted(ends) == [(4, 0, 0, 1, 0), (4, 7, 7, 1, 1), (4, 9, 9, 1, 1),
-                            (6, 7, 7, 1, 1), (6, 8, 8, 1, 1)]
-    assert c["flows"]["created"] == 5
-
-
 def test_malformed_tcp_whose_ports_were_not_read_is_in_no_flow(tmp_path):
     """Beyond TRUNC_L4: a header cut before its ports under an IP length that lies
     (bad_ip_len), and a TCP packet whose bad IP option stopped the parser before the
