@@ -67,6 +67,7 @@ cdef enum TcpEndpointFlags:
     EP_FIN_ACKED = 0x20     # the other side acknowledged that FIN
     EP_WIN_KNOWN = 0x40     # win holds a window it advertised
     EP_WIN_RAW = 0x80       # win is as advertised, its scale unknown (midstream)
+    EP_WIN_SYN = 0x100      # win is its SYN's: never scaled (RFC 7323 §2.2), other units
 
 ctypedef struct tcp_endpoint:           # 28 bytes
     uint32_t isn            # initial sequence number (its SYN's seq)
@@ -77,9 +78,9 @@ ctypedef struct tcp_endpoint:           # 28 bytes
     uint16_t mss            # from its SYN (0: none)
     uint8_t state           # TcpState
     uint8_t wscale          # shift it offered in its SYN (0..14)
-    uint8_t flags           # TcpEndpointFlags
+    uint16_t flags          # TcpEndpointFlags
     uint8_t opts            # TCPOPT_F_* options its SYN carried (MSS, WSCALE, SACK_OK, TS)
-    uint8_t pad[2]
+    uint8_t pad
 
 # tcp_conn.flags
 cdef enum TcpConnFlags:

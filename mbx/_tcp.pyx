@@ -144,10 +144,13 @@ cdef inline void _syn_options(tcp_endpoint *s, const mbx_pkt *p) noexcept nogil:
 
 # Whether the window ``win`` that s advertises in p is older than the one it holds
 # (see the window update in tcp_sender_update).  Windows in other units (raw, scale
-# unknown, against scaled) are not compared.
+# unknown, against scaled) are not compared.  Nor is a SYN's: its window is never
+# scaled (RFC 7323 §2.2), so a receiver offering 65160 in it offers 509 << 7 = 65152
+# next, not a smaller window but the same one in other units; and a SYN is the
+# first segment its sender sends, so any later window of that sender is newer.
 cdef inline bint _older_window(const tcp_endpoint *s, const mbx_pkt *p, uint32_t win,
                                bint raw) noexcept nogil:
-    if not (p.tcp_flags & TH_ACK) or \
+    if not (p.tcp_flags & TH_ACK) or (s.flags & EP_WIN_SYN) or \
             (s.flags & (EP_ACK_KNOWN | EP_WIN_KNOWN)) != EP_ACK_KNOWN | EP_WIN_KNOWN:
         return False
     if ((s.flags & EP_WIN_RAW) != 0) != raw:
@@ -312,16 +315,16 @@ cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
     # offered, and a segment it accepted would be refused as OUT_OF_WINDOW.
     if syn:
         s.win = p.win
-        s.flags = (s.flags | EP_WIN_KNOWN) & ~EP_WIN_RAW
+        s.flags = (s.flags | EP_WIN_KNOWN | EP_WIN_SYN) & ~EP_WIN_RAW
     else:
         raw = not (c.flags & CONN_OPTS_KNOWN)
         win = p.win if raw else (<uint32_t>p.win) << (s.wscale if c.flags & CONN_WSCALE else 0)
         if not _older_window(s, p, win, raw):
             s.win = win
             if raw:
-                s.flags |= EP_WIN_KNOWN | EP_WIN_RAW
+                s.flags = (s.flags | EP_WIN_KNOWN | EP_WIN_RAW) & ~EP_WIN_SYN
             else:
-                s.flags = (s.flags | EP_WIN_KNOWN) & ~EP_WIN_RAW
+                s.flags = (s.flags | EP_WIN_KNOWN) & ~(EP_WIN_RAW | EP_WIN_SYN)
 
     if ackf:
         c.pkt |= PK_ACK_OK

@@ -313,6 +313,41 @@ def test_the_window_is_the_newest_ack_s():
     assert s == ["OUT_OF_WINDOW"]
 
 
+def test_the_first_window_after_a_syn_replaces_the_syn_s():
+    """A SYN's window is never scaled, so it is not weighed against later, scaled
+    ones at the same ACK: Linux offers 65160 in its SYN+ACK and 509 << 7 = 65152
+    after it (a server-first protocol, an SSH or SMTP banner, at the SYN's ACK).
+    Taken as a smaller, older window, the SYN+ACK's stayed the server's, in its
+    snapshot and in the window a client segment is checked against."""
+    cli, srv = pair()
+    c = TcpConn()
+    wscale = {"wscale": 7}
+    handshake(c, cli, srv, swin=65160, cwin=502, copts=wscale, sopts=wscale)
+    assert c.endpoint(1)["win"] == 65160
+    c.update(srv.frame(ACK | PSH, 5001, 1001, win=509, data=b"SSH-2.0-banner\r\n"), 1)
+    assert c.endpoint(1)["win"] == 509 << 7
+    d = snapshot_decode(c.snapshot(0, frontier=0, ts_ns=0))
+    assert d["receiver_win"] == 509 << 7
+
+
+def test_a_narrow_window_after_the_syn_is_enforced():
+    """The server's first window after its SYN+ACK (65535, unscaled) is 1 << 7 = 128
+    bytes at the same ACK: it is taken, and a client segment 10 KB past it is refused;
+    the SYN+ACK's window held on let it through as NEW_DATA."""
+    cli, srv = pair()
+    c = TcpConn()
+    wscale = {"wscale": 7}
+    handshake(c, cli, srv, swin=65535, cwin=502, copts=wscale, sopts=wscale)
+    c.update(srv.frame(ACK, 5001, 1001, win=1), 1)
+    assert c.endpoint(1)["win"] == 128
+    s, r = c.update(cli.frame(ACK | PSH, 1001 + 10_000, 5001, win=502, data=b"x" * 100), 0)
+    assert s == ["OUT_OF_WINDOW"] and r == ["OUT_OF_WINDOW"]
+    # once a scaled window is held, a smaller one at the same ACK is older again
+    c.update(srv.frame(ACK, 5001, 1001, win=2), 1)
+    c.update(srv.frame(ACK, 5001, 1001, win=1), 1)
+    assert c.endpoint(1)["win"] == 2 << 7
+
+
 @pytest.mark.parametrize("v6", [False, True])
 def test_sequence_numbers_wrap(v6):
     cli, srv = pair(v6)
