@@ -779,8 +779,9 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     final counters come back on.
 
     ``max_packets`` and ``duration`` hold for each process.  SIGINT or SIGTERM to this
-    process (when it runs in the main thread) stops every stack process cleanly,
-    between bursts, as ``mbx run`` stops one stack: their counters still come back.
+    process (when it runs in the main thread), or to its process group, stops every
+    stack process cleanly, between bursts, as ``mbx run`` stops one stack: their
+    counters still come back.
     The stack processes ignore SIGINT, so a Ctrl-C to the terminal's process group
     reaches them only this way.  A stack process that dies, fails, or is stopped by
     a signal this process did not send (its share of the input then not all read)
@@ -792,6 +793,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     them) and the run raises KeyboardInterrupt, with the same ``counters``.
     """
     import json
+    import mmap
     import selectors
     import signal
     import threading
@@ -840,6 +842,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     # the others.
     gos = []
     children = []
+    # force[k]: set by this process before the SIGTERM that interrupts stack process
+    # k (on_signal), for it to tell that one from a signal sent to the process group,
+    # which reaches it as well as this process's own stop (shared: made before fork)
+    force = mmap.mmap(-1, stacks)
     for k in range(stacks):
         rfd, wfd = os.pipe()
         go_r, go_w = os.pipe() if afpacket else (-1, -1)
@@ -854,20 +860,25 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us
                 stop = threading.Event()                # ... with SIGTERM, between bursts
-                stopped_by = []                         # the signal that did, for the report
+                stopped_by = []     # the signal that did, for the report, and when
 
-                def on_stop(sig, _, stop=stop, stopped_by=stopped_by):
-                    if stop.is_set():
-                        # the parent sends a second only when the first has not
-                        # stopped the run in STOP_FORCE_AFTER_S (an NF handler that
-                        # never returns): interrupted where it is, as one stack is,
-                        # and what it did until then still reported
+                def on_stop(sig, _, stop=stop, stopped_by=stopped_by, k=k):
+                    # A signal to the process group (`timeout`, systemd, a closed
+                    # terminal) reaches this process and the parent, whose stop
+                    # follows at once: a second signal alone is no reason to
+                    # interrupt.  Only the parent's forced stop (sent once its first
+                    # signal has not stopped the run in STOP_FORCE_AFTER_S: an NF
+                    # handler that never returns), or a signal this long after this
+                    # process's own first, interrupts it where it is, as one stack
+                    # is, and what it did until then is still reported.
+                    if not stopped_by:
+                        stopped_by[:] = [signal.Signals(sig).name, time.monotonic()]
+                        stop.set()
+                    elif force[k] or time.monotonic() - stopped_by[1] > STOP_FORCE_AFTER_S:
                         raise KeyboardInterrupt(
                             f"still running {STOP_FORCE_AFTER_S:g} s after the first "
                             "signal (held by an NF handler that never returns?): "
                             "interrupted")
-                    stopped_by.append(signal.Signals(sig).name)
-                    stop.set()
 
                 for sig in (signal.SIGTERM, signal.SIGHUP):
                     signal.signal(sig, on_stop)
@@ -999,6 +1010,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             for k, (pid, _) in enumerate(children):
                 if last[k] is None:
                     interrupted[k] = True
+                    force[k] = 1            # this SIGTERM is the forced stop
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
 

@@ -347,6 +347,44 @@ def test_a_signal_stops_every_stack_process_with_its_counters(tmp_path, sig):
     assert "stacks         #0:" in stdout
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_signal_to_the_process_group_stops_every_stack_cleanly(tmp_path, sig):
+    # `timeout`, systemd and a closed terminal signal the whole process group: each
+    # stack process got that signal and then the parent's stop, took the second for
+    # a forced stop, and the run failed at once ("still running 3 s after the first
+    # signal ... interrupted", packets dropped on error) instead of stopping cleanly.
+    import signal
+    import time
+
+    cap = str(tmp_path / "many.pcap")
+    many_flows_capture(cap, flows=200, packets=20000)       # about 10 s per process
+    nf = tmp_path / "slow.py"
+    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + SLOW_NF)
+    out = tmp_path / "c.json"
+    p = subprocess.Popen([sys.executable, "-m", "mbx.cli", "run", str(nf), "--in", cap,
+                          "--stacks", "2", "--json", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.killpg(p.pid, getattr(signal, sig))
+        _, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    assert p.returncode == 0, stderr
+    c = json.loads(out.read_text())
+    assert "error" not in c and c["stopped"] == sig
+    assert 0 < c["packets"] < 20000 and c["dropped_on_error"] == 0
+    started = {f.name.split("-")[1] for f in tmp_path.glob("started-*")}
+    stopped = {f.name.split("-")[1] for f in tmp_path.glob("stopped-*")}
+    assert len(started) == 2 and stopped == started       # both ended their run
+
+
 def _slow_stacks(tmp_path, packets=40000):
     import subprocess
     import sys
