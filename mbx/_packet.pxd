@@ -192,6 +192,9 @@ cdef class Port:
     cdef readonly uint64_t tx_bytes
     cdef readonly uint64_t rx_dropped      # frames the backend could not deliver
     cdef readonly uint64_t tx_dropped      # frames the backend could not send
+    # frames a send took (returned as sent) that never went after all, moved out of
+    # tx_pkts: a capture writer's buffered records that a failed write lost
+    cdef readonly uint64_t tx_lost
     cdef readonly uint64_t rss_skipped     # frames passed over for other stack processes
     # The latest capture time of the frames this port has read up to the last one it
     # delivered, those passed over for other stack processes included (0: it does not

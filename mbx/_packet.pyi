@@ -27,6 +27,9 @@ class Port:
     tx_bytes: int
     rx_dropped: int
     tx_dropped: int
+    tx_lost: int
+    """Frames a send took (counted sent) that never went after all, moved out of
+    ``tx_pkts``: a capture writer's records that a failed write lost."""
     rss_skipped: int
     walked_ns: int
     """The latest capture time read up to the last frame delivered, the frames

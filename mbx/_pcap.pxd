@@ -125,7 +125,10 @@ cdef class PcapWriter(Port):
     cdef int fd
     cdef uint8_t *buf
     cdef size_t used
+    cdef size_t buf_first       # where the buffer's first record starts (after the file header)
+    cdef uint32_t buf_records   # records in the buffer, counted in tx_pkts
     cdef int io_errno
     cdef object written_key     # its entry in _being_written while open
 
     cdef int _flush(self) noexcept nogil
+    cdef void _lose_unwritten(self, size_t done) noexcept nogil

@@ -1091,7 +1091,7 @@ cdef class PcapWriter(Port):
         wr32(h + 12, 0)
         wr32(h + 16, snaplen)
         wr32(h + 20, linktype)
-        self.used = PCAP_FILE_HDR
+        self.used = self.buf_first = PCAP_FILE_HDR
 
     cdef int _flush(self) noexcept nogil:
         cdef size_t done = 0
@@ -1107,10 +1107,31 @@ cdef class PcapWriter(Port):
                 if errno == EINTR:
                     continue
                 self.io_errno = errno
+                self._lose_unwritten(done)
                 return -1
             done += k
         self.used = 0
+        self.buf_first = 0
+        self.buf_records = 0
         return 0
+
+    cdef void _lose_unwritten(self, size_t done) noexcept nogil:
+        # The records of the buffer a failed write did not put in the file whole
+        # were counted sent when they were buffered: they move from tx_pkts to
+        # tx_lost, for tx_pkts to count what the file holds and for the stack to
+        # count them unsent (a record cut short in the file is one of them).
+        cdef size_t at = self.buf_first, size
+        cdef uint32_t i
+        for i in range(self.buf_records):
+            size = PCAP_REC_HDR + rd32(self.buf + at + 8, 0)
+            if at + size > done:
+                self.tx_pkts = self.tx_pkts - (self.buf_records - i)
+                self.tx_lost = self.tx_lost + (self.buf_records - i)
+                self.tx_bytes = self.tx_bytes - (self.used - at
+                                                 - (self.buf_records - i) * PCAP_REC_HDR)
+                break
+            at += size
+        self.buf_records = 0
 
     cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
         cdef int i
@@ -1118,7 +1139,6 @@ cdef class PcapWriter(Port):
         cdef uint32_t caplen
         cdef int64_t ts
         cdef uint8_t *h
-        cdef uint64_t nbytes = 0
         cdef char msg[160]
         if self.fd < 0:
             self.set_error(b"write on a closed writer")
@@ -1127,10 +1147,9 @@ cdef class PcapWriter(Port):
             p = pkts[i]
             pkt_finish_csum(p)
             caplen = min(p.caplen, self.snaplen)
-            if self.used + PCAP_REC_HDR + caplen > WRITE_BUFFER:
+            # after a failed write nothing is taken, even what would fit the buffer
+            if self.io_errno or self.used + PCAP_REC_HDR + caplen > WRITE_BUFFER:
                 if self._flush() < 0:
-                    self.tx_pkts = self.tx_pkts + i
-                    self.tx_bytes = self.tx_bytes + nbytes
                     snprintf(msg, sizeof(msg), "write failed: %s", strerror(self.io_errno))
                     self.set_error(msg)
                     return PORT_ERROR
@@ -1143,9 +1162,12 @@ cdef class PcapWriter(Port):
             wr32(h + 12, p.wirelen if p.wirelen > caplen else caplen)
             memcpy(h + PCAP_REC_HDR, p.data, caplen)
             self.used = self.used + PCAP_REC_HDR + caplen
-            nbytes += caplen
-        self.tx_pkts = self.tx_pkts + n
-        self.tx_bytes = self.tx_bytes + nbytes
+            # counted as buffered, each on its own: a failed write that loses the
+            # buffer moves its records out again (_lose_unwritten), those this
+            # call put there included
+            self.buf_records += 1
+            self.tx_pkts = self.tx_pkts + 1
+            self.tx_bytes = self.tx_bytes + caplen
         return n
 
     def flush(self):
@@ -1187,6 +1209,14 @@ cdef class PcapWriter(Port):
             release_output(self.written_key)
         free(self.buf)
         self.buf = NULL
+
+    @property
+    def counters(self):
+        """The port's counters, ``tx_lost``: records taken (returned as sent) that a
+        failed write then lost, not in the file whole and not in ``tx_pkts``."""
+        c = Port.counters.__get__(self)
+        c["tx_lost"] = self.tx_lost
+        return c
 
     def __repr__(self):
         return f"<PcapWriter {self.path!r} packets={self.tx_pkts}>"

@@ -24,9 +24,15 @@ cdef class NetworkLayer:
     cdef readonly uint64_t frag_held
     cdef readonly uint64_t nf_dropped
     cdef readonly uint64_t sent
-    cdef readonly uint64_t error_dropped    # in flight when the run failed: never sent
+    # in flight when the run failed: never sent (with what the output took and a
+    # failed write then lost: counters() adds its tx_lost)
+    cdef readonly uint64_t error_dropped
     cdef uint32_t passed            # packets of the burst in process() the pass reached
     cdef bint finishing             # finish() is sending a burst (an output may fail)
+    # The output of the last run, and its tx_lost when the run began: what it took
+    # and then lost (a capture writer's failed write) counters() moves from sent.
+    cdef Port output
+    cdef uint64_t output_lost_at_start
     cdef readonly uint64_t bursts
     cdef readonly uint64_t retired      # bursts sent (or finished without an output)
     cdef readonly double latency_s      # their total time from read to send
@@ -64,6 +70,6 @@ cdef class NetworkLayer:
     cdef void prefetch(self, mbx_pkt *p) noexcept nogil
     cpdef process(self, Batch batch)
     cdef int finish(self, Batch batch, Port out) except -1
-    cdef void fail_burst(self, Batch batch, uint32_t passed) noexcept nogil
+    cdef void fail_burst(self, Batch batch, uint32_t start, uint32_t passed) noexcept nogil
     cdef bint retire(self, Batch batch, uint32_t mark, Port out, bint wait,
                      double t_read) except -1

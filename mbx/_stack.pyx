@@ -386,7 +386,7 @@ cdef class NetworkLayer:
         cdef mbx_pkt *ptrs[256]
         cdef uint32_t i = 0
         cdef int k, n
-        self.finishing = True
+        cdef uint64_t taken
         while i < batch.count:
             k = 0
             while i < batch.count and k < 256:
@@ -399,24 +399,35 @@ cdef class NetworkLayer:
                     self.nf_dropped += 1
                 i += 1
             if k:
+                taken = out.tx_pkts + out.tx_lost
                 with nogil:
                     n = out.tx_burst(ptrs, k)
                 if n == PORT_ERROR:
-                    out.check()
+                    # The output failed: what it took before that is sent (and what
+                    # a capture writer then lost is in its tx_lost, see counters());
+                    # the rest of the chunk and of the burst was never sent, and
+                    # every packet stays accounted for.
+                    n = <int>min(out.tx_pkts + out.tx_lost - taken, <uint64_t>k)
+                    self.sent += n
+                    self.error_dropped += k - n
+                    self.fail_burst(batch, i, batch.count)
+                    out.check()                 # raises what the port recorded
+                    return 0
                 self.sent += n
-        self.finishing = False
         return 0
 
-    cdef void fail_burst(self, Batch batch, uint32_t passed) noexcept nogil:
+    cdef void fail_burst(self, Batch batch, uint32_t start,
+                         uint32_t passed) noexcept nogil:
         # The run failed with this burst in flight (an NF's handler raised): it is
         # never finished, so each packet finish would have sent is counted dropped on
         # the error, and each an NF dropped as its drop; every packet read stays
         # accounted for.  The packets from `passed` on never met the stack pass (it
         # had stopped for Event Memory): counted read here, and dropped, unless
         # software RSS leaves them to another stack process, as the pass would have.
+        # Those before `start` were counted already (finish() sent them).
         cdef uint32_t i
         cdef mbx_pkt *p
-        for i in range(passed):
+        for i in range(start, passed):
             p = &batch.pkts[i]
             if p.verdict == VERDICT_PASS:
                 self.error_dropped += 1
@@ -477,6 +488,8 @@ cdef class NetworkLayer:
             batch.rebuild_room = batch.arena_size // 2
         self.finishing = False
         self.stopped = False
+        self.output = out
+        self.output_lost_at_start = out.tx_lost if out is not None else 0
         try:
             while True:
                 if inflight == nslots:
@@ -566,16 +579,16 @@ cdef class NetworkLayer:
             # The run failed (an NF's handler raised, or a second stop signal
             # interrupted one): the bursts in flight are never sent.  Their packets
             # are counted (dropped_on_error), so that a failed run's counters still
-            # add up to the packets read.  (A burst the output failed on is left as
-            # finish() had counted it.)
+            # add up to the packets read.  (A burst the output failed on is counted
+            # by finish(): what it sent, and the rest dropped_on_error.)
             if processing:
-                self.fail_burst(batches[(head + inflight) % nslots], self.passed)
+                self.fail_burst(batches[(head + inflight) % nslots], 0, self.passed)
             if inflight and self.finishing:
                 head = (head + 1) % nslots
                 inflight -= 1
             while inflight:
                 batch = batches[head]
-                self.fail_burst(batch, batch.count)
+                self.fail_burst(batch, 0, batch.count)
                 head = (head + 1) % nslots
                 inflight -= 1
             raise
@@ -588,7 +601,9 @@ cdef class NetworkLayer:
         # mark), send what passed.
         if not self.bus.burst_done(batch, mark, wait):
             return False
+        self.finishing = True
         self.finish(batch, out)
+        self.finishing = False
         self.latency_s += monotonic() - t_read
         self.retired += 1
         return True
@@ -601,13 +616,17 @@ cdef class NetworkLayer:
         for i in range(<int>PARSE_N):
             if self.status_count[i] and i != <int>PARSE_OK:
                 parse[names[i]] = self.status_count[i]
+        # what the output took and then lost (a capture writer's buffer whose write
+        # failed, at the latest as it closed) was never sent
+        lost = (self.output.tx_lost - self.output_lost_at_start
+                if self.output is not None else 0)
         return {
             "packets": self.pkts,
             "bytes": self.bytes,
-            "sent": self.sent,
+            "sent": self.sent - lost,
             "dropped_by_nf": self.nf_dropped,
             "dropped_malformed": self.malformed_dropped,
-            "dropped_on_error": self.error_dropped,
+            "dropped_on_error": self.error_dropped + lost,
             "other_stacks": self.rss_other + (
                 self.rss_input.rss_skipped if self.rss_input is not None else 0),
             "fragments_held": self.frag_held,

@@ -561,6 +561,50 @@ def test_an_output_write_that_fails_mid_run_is_the_error_with_the_summary(tmp_pa
     assert 0 < c["packets"] < total     # ended where the write failed
 
 
+def _whole_records(path):
+    """The records of a pcap file (mbx's own: native byte order) that are there
+    whole: a failed write may leave the last one, or its header, cut short."""
+    data = open(path, "rb").read()
+    at, n = 24, 0
+    while at + 16 <= len(data):
+        at += 16 + struct.unpack_from("=I", data, at + 8)[0]
+        n += at <= len(data)
+    return n
+
+
+def _accounted(c):
+    return (c["sent"] + c["dropped_by_nf"] + c["dropped_malformed"] + c["dropped_on_error"]
+            + c["fragments_held"] + c["fragments"]["bad"])
+
+
+@pytest.mark.parametrize("stacks", [1, 2])
+def test_an_output_write_that_fails_leaves_counters_that_add_up(tmp_path, stacks):
+    # The burst the output failed on was counted nowhere (packets read but neither
+    # sent nor dropped), and the records the failed write lost were still counted
+    # in sent and the output's tx_pkts: sent overstated what the file holds.
+    from mbx.examples.capture import ether, udp4, write_pcap
+
+    cap = tmp_path / "udp.pcap"
+    write_pcap(str(cap), [(1.0 + i * 1e-4, ether(udp4(f"198.18.0.{1 + i % 50}",
+                                                      "198.18.1.1", 10000 + i % 100, 53,
+                                                      b"x" * 200)))
+                          for i in range(20000)])
+    counters = tmp_path / "c.json"
+    # past the first 1 MiB buffer of each stack, and part of the second
+    r = _mbx_with_file_limit(1500 << 10, "run", "l2fwd", "--in", f"pcap:{cap}",
+                             "--out", "pcap:o.pcap", "--json", str(counters),
+                             "--stacks", str(stacks), cwd=tmp_path)
+    assert r.returncode == 2 and "write failed: File too large" in r.stderr, r.stderr
+    c = json.loads(counters.read_text())
+    assert 0 < c["packets"] < 20000 and c["dropped_on_error"] > 0
+    assert _accounted(c) == c["packets"]
+    files = [tmp_path / "o.pcap"] if stacks == 1 else sorted(tmp_path.glob("o.pcap.stack*"))
+    assert c["sent"] == sum(_whole_records(f) for f in files) > 0
+    if stacks == 1:
+        out = c["ports"]["out"]
+        assert out["tx_pkts"] == c["sent"] and out["tx_lost"] > 0
+
+
 def test_an_output_write_that_fails_as_it_closes_is_a_failed_run(tmp_path, example_pcap):
     # The output fits in the writer's buffer, written when it closes, after the run:
     # that failure ended mbx with no summary and no --json.
@@ -573,6 +617,9 @@ def test_an_output_write_that_fails_as_it_closes_is_a_failed_run(tmp_path, examp
     assert r.stdout.startswith("packets")
     c = json.loads(counters.read_text())
     assert c["error"] == err and c["packets"] > 0
+    # what the failed write at close lost was not sent: counted dropped on the error
+    assert c["sent"] == _whole_records(tmp_path / "o.pcap") < c["packets"] // 2
+    assert _accounted(c) == c["packets"]
 
 
 def test_one_file_has_one_writer(tmp_path, example_pcap):

@@ -474,6 +474,10 @@ def test_writer_full_disk(tmp_path):
     with pytest.raises(PortError, match="/dev/full.*write failed"):
         for _ in range(20):  # more than the 1 MiB buffer
             w.send(b)
+    # every record it took is lost, none in the file: tx_pkts counted them all
+    # while they were only buffered
+    assert w.tx_pkts == 0 and w.tx_bytes == 0
+    assert w.tx_lost > 64 and w.counters["tx_lost"] == w.tx_lost
     # raised once, where it happened: close() neither writes the buffer again (part
     # of it may be in the file already) nor hides that error under "at close"
     with pytest.raises(PortError, match=r"write failed: No space left on device"):
@@ -486,6 +490,7 @@ def test_writer_full_disk(tmp_path):
     w.send(b)
     with pytest.raises(PortError, match="write failed at close"):
         w.close()
+    assert (w.tx_pkts, w.tx_lost) == (0, 64)
 
 
 def test_round_trip_thousands_of_frames(tmp_path):
