@@ -294,15 +294,34 @@ def test_unparsed_packets_get_no_flow_uncounted():
     assert t.counters["lookups"] == 1
 
 
+def _flow_starts(path, records, snaplen=65535):
+    """Run the stack over ``records`` ((captured bytes, length on the wire), written
+    to ``path`` as a pcap): its counters, and each FLOW/START's (client, server) port."""
+    import struct
+
+    import mbx
+    from mbx.ports import open_input
+
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, snaplen, 1))
+        for i, (frame, wirelen) in enumerate(records):
+            fh.write(struct.pack("<IIII", 1_700_000_000, i, len(frame), wirelen) + frame)
+    ports = []
+    nf = mbx.NF("starts")
+    nf.sub(mbx.FLOW_START, lambda ev: ports.append((ev.cli_port, ev.srv_port)))
+    inp = open_input(f"pcap:{path}")
+    try:
+        return mbx.App([nf]).run(inp), ports
+    finally:
+        inp.close()
+
+
 def test_connections_captured_cut_short_keep_their_own_flows(tmp_path):
     """TCP and UDP headers cut by a snaplen after their ports: the parser left the
     ports 0, so all such connections between two hosts were one 0:0 flow.  A header
     cut before its ports end is tracked by no flow."""
-    import struct
 
-    import mbx
     from mbx.examples.capture import ether, tcp4, udp4
-    from mbx.ports import open_input
 
     cut = []                    # (captured bytes, length on the wire)
     for sport in (40001, 40002, 40003):
@@ -314,19 +333,7 @@ def test_connections_captured_cut_short_keep_their_own_flows(tmp_path):
     for sport in (7001, 7002):
         f = ether(tcp4("198.18.0.1", "198.18.0.2", sport, 80))
         cut.append((f[:37], len(f)))                # 3 bytes of the header
-    path = tmp_path / "snap.pcap"
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 38, 1))
-        for i, (frame, wirelen) in enumerate(cut):
-            fh.write(struct.pack("<IIII", 1_700_000_000, i, len(frame), wirelen) + frame)
-    ports = []
-    nf = mbx.NF("starts")
-    nf.sub(mbx.FLOW_START, lambda ev: ports.append((ev.cli_port, ev.srv_port)))
-    inp = open_input(f"pcap:{path}")
-    try:
-        c = mbx.App([nf]).run(inp)
-    finally:
-        inp.close()
+    c, ports = _flow_starts(tmp_path / "snap.pcap", cut, snaplen=38)
     assert c["parse"] == {"trunc_l4": 7} and c["packets"] == 7
     assert sorted(ports) == [(5001, 53), (5002, 53), (40001, 80), (40002, 80), (40003, 80)]
     assert c["flows"]["created"] == 5
@@ -339,9 +346,7 @@ def test_malformed_tcp_whose_ports_were_not_read_is_in_no_flow(tmp_path):
     one 0:0 flow.  A lying length with the ports captured keeps its own flow."""
     import struct
 
-    import mbx
     from mbx.examples.capture import ether, tcp4
-    from mbx.ports import open_input
 
     records = []                # (captured bytes, length on the wire)
     for sport in (7001, 7002):
@@ -356,19 +361,7 @@ def test_malformed_tcp_whose_ports_were_not_read_is_in_no_flow(tmp_path):
         struct.pack_into("!H", ip, 2, struct.unpack_from("!H", ip, 2)[0] + 4)
         bad = bytes(f[:14] + ip + b"\x07\x01\x00\x00" + f[34:])   # option length 1
         records.append((bad, len(bad)))
-    path = tmp_path / "lies.pcap"
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for i, (frame, wirelen) in enumerate(records):
-            fh.write(struct.pack("<IIII", 1_700_000_000, i, len(frame), wirelen) + frame)
-    ports = []
-    nf = mbx.NF("starts")
-    nf.sub(mbx.FLOW_START, lambda ev: ports.append((ev.cli_port, ev.srv_port)))
-    inp = open_input(f"pcap:{path}")
-    try:
-        c = mbx.App([nf]).run(inp)
-    finally:
-        inp.close()
+    c, ports = _flow_starts(tmp_path / "lies.pcap", records)
     assert c["parse"] == {"bad_ip_len": 3, "bad_ip_option": 2} and c["packets"] == 5
     assert ports == [(7003, 80)] and c["flows"]["created"] == 1
 
