@@ -1020,11 +1020,11 @@ def test_a_run_whose_nf_hangs_still_stops(tmp_path, example_pcap, deploy):
         assert err.strip().splitlines()[-1] == f"mbx: interrupted: {held}"
 
 
-def test_a_stop_is_seen_within_a_burst_or_two_of_slow_nfs(tmp_path, example_pcap):
-    # The stack looked at the stop flag every 64 bursts: behind an NF that takes
-    # 5 ms a packet that is 20 s, so a Ctrl-C waited for the whole example capture.
+def _run_slow_nf(tmp_path, example_pcap, *args):
+    """``mbx run`` of an NF that takes 5 ms a packet over the example capture, with
+    ``args``: the process, once the NF has seen its first packet."""
     nf = tmp_path / "slow.py"
-    nf.write_text("import os, time\nimport mbx\n"
+    nf.write_text("import time\nimport mbx\n"
                   "def make():\n"
                   "    nf = mbx.NF('slow')\n"
                   "    def on(ev):\n"
@@ -1032,15 +1032,21 @@ def test_a_stop_is_seen_within_a_burst_or_two_of_slow_nfs(tmp_path, example_pcap
                   "        time.sleep(0.005)\n"
                   "    nf.sub(mbx.PKT, on)\n"
                   "    return nf\n")
-    counters = tmp_path / "c.json"
-    p = subprocess.Popen([*MBX, "run", str(nf), "--in", f"pcap:{example_pcap}", "-q",
-                          "--json", str(counters)],
+    p = subprocess.Popen([*MBX, "run", str(nf), "--in", f"pcap:{example_pcap}", *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (tmp_path / "slow.py.began").exists():
         assert p.poll() is None, p.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    return p
+
+
+def test_a_stop_is_seen_within_a_burst_or_two_of_slow_nfs(tmp_path, example_pcap):
+    # The stack looked at the stop flag every 64 bursts: behind an NF that takes
+    # 5 ms a packet that is 20 s, so a Ctrl-C waited for the whole example capture.
+    counters = tmp_path / "c.json"
+    p = _run_slow_nf(tmp_path, example_pcap, "-q", "--json", str(counters))
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
@@ -1053,24 +1059,8 @@ def test_a_stop_is_seen_within_a_burst_or_two_of_slow_nfs(tmp_path, example_pcap
 def test_a_run_a_signal_stopped_says_so(tmp_path, example_pcap, deploy):
     # Ctrl-C on a capture replay exited 0 with a summary and --json just like a
     # whole run's: nothing told a script the counters were of part of the input.
-    nf = tmp_path / "slow.py"
-    nf.write_text("import time\nimport mbx\n"
-                  "def make():\n"
-                  "    nf = mbx.NF('slow')\n"
-                  "    def on(ev):\n"
-                  "        open(__file__ + '.began', 'a').close()\n"
-                  "        time.sleep(0.005)\n"
-                  "    nf.sub(mbx.PKT, on)\n"
-                  "    return nf\n")
     counters = tmp_path / "c.json"
-    p = subprocess.Popen([*MBX, "run", str(nf), "--in", f"pcap:{example_pcap}", *deploy,
-                          "--json", str(counters)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "slow.py.began").exists():
-        assert p.poll() is None, p.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    p = _run_slow_nf(tmp_path, example_pcap, *deploy, "--json", str(counters))
     time.sleep(0.3)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
