@@ -312,22 +312,11 @@ def test_a_signal_stops_every_stack_process_with_its_counters(tmp_path, sig):
     # Before, the stack processes (which ignore SIGINT) ran on as orphans and the
     # parent died with a traceback and no counters.
     import signal
-    import subprocess
-    import sys
     import time
 
-    cap = str(tmp_path / "many.pcap")
-    many_flows_capture(cap, flows=200, packets=20000)       # about 10 s per process
-    nf = tmp_path / "slow.py"
-    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + SLOW_NF)
     out = tmp_path / "c.json"
-    p = subprocess.Popen([sys.executable, "-m", "mbx.cli", "run", str(nf), "--in", cap,
-                          "--stacks", "2", "--json", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p, _ = _slow_stacks(tmp_path, 20000, "--json", str(out))    # about 10 s per process
     try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
         time.sleep(0.5)
         p.send_signal(getattr(signal, sig))
         stdout, stderr = p.communicate(timeout=60)
@@ -356,19 +345,9 @@ def test_a_signal_to_the_process_group_stops_every_stack_cleanly(tmp_path, sig):
     import signal
     import time
 
-    cap = str(tmp_path / "many.pcap")
-    many_flows_capture(cap, flows=200, packets=20000)       # about 10 s per process
-    nf = tmp_path / "slow.py"
-    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + SLOW_NF)
     out = tmp_path / "c.json"
-    p = subprocess.Popen([sys.executable, "-m", "mbx.cli", "run", str(nf), "--in", cap,
-                          "--stacks", "2", "--json", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    p, _ = _slow_stacks(tmp_path, 20000, "--json", str(out), start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
         time.sleep(0.5)
         os.killpg(p.pid, getattr(signal, sig))
         _, stderr = p.communicate(timeout=60)
@@ -385,7 +364,10 @@ def test_a_signal_to_the_process_group_stops_every_stack_cleanly(tmp_path, sig):
     assert len(started) == 2 and stopped == started       # both ended their run
 
 
-def _slow_stacks(tmp_path, packets=40000):
+def _slow_stacks(tmp_path, packets=40000, *args, **popen):
+    """``mbx run`` of SLOW_NF with ``--stacks 2`` and ``args`` over ``packets`` of 200
+    flows (``popen``: more Popen keywords): the process once both stacks have
+    started, and their PIDs."""
     import subprocess
     import sys
     import time
@@ -395,8 +377,8 @@ def _slow_stacks(tmp_path, packets=40000):
     nf = tmp_path / "slow.py"
     nf.write_text(f"OUT = {str(tmp_path)!r}\n" + SLOW_NF)
     p = subprocess.Popen([sys.executable, "-m", "mbx.cli", "run", str(nf), "--in", cap,
-                          "--stacks", "2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--stacks", "2", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
     deadline = time.monotonic() + 60
     while len(list(tmp_path.glob("started-*"))) < 2:
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()
