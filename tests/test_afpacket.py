@@ -191,13 +191,15 @@ def _serve_blob(procs, tmp_path, bind=SERVER_IP):
     return blob
 
 
-def _wait_started(proc, marker):
-    """Until an NF's start() has written ``marker`` (the stack is reading), or fail
-    with the process's error if it died first."""
+def _wait_started(proc, directory, n=1):
+    """Until ``n`` NF start()s of the run ``proc`` have each written a ``started``
+    marker (``started``, or ``started-PID`` per stack process) in ``directory``: its
+    stacks are reading.  Fails with the process's error if it died first, or after
+    30 s."""
     deadline = time.monotonic() + 30
-    while not marker.exists():
+    while len(list(directory.glob("started*"))) < n:
         assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, f"{marker.name} never came: it did not start"
+        assert time.monotonic() < deadline, f"{n} stack(s) of the run did not start"
         time.sleep(0.05)
 
 
@@ -355,7 +357,7 @@ def test_a_failed_live_run_counts_what_it_left_in_the_ring(testbed, tmp_path):
                              "--in", "afpacket:mc?timeout_ms=5", "--duration", "60",
                              "--json", str(counters)),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    _wait_started(mbx, tmp_path / "started")
+    _wait_started(mbx, tmp_path)
     sent = int(_sh(*_in_ns(NS_C, sys.executable, HERE, "send", "c0", "ab")).stdout)
     out, err = mbx.communicate(timeout=60)
     assert mbx.returncode == 2 and "gave up" in err
@@ -409,7 +411,7 @@ def test_one_interface_is_monitored_both_ways(testbed, tmp_path):
                                        "--in", spec, "--duration", "4", "-q", "--json",
                                        str(counters)),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-            _wait_started(mon, run / "started")
+            _wait_started(mon, run)
             _fetch_blob()
             _, err = mon.communicate(timeout=60)
             assert mon.returncode == 0, err
@@ -941,11 +943,7 @@ def test_stacks_split_a_bridge_and_keep_both_directions_of_a_flow_together(
                              "--stacks", "2", "--duration", "60", "-q",
                              "--json", str(counters)),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while len(list(tmp_path.glob("started-*"))) < 2:
-        assert mbx.poll() is None, mbx.communicate()[1]
-        assert time.monotonic() < deadline, "the stack processes did not start"
-        time.sleep(0.05)
+    _wait_started(mbx, tmp_path, 2)
     sent = sum(int(_sh(*_in_ns(ns, sys.executable, HERE, "send", dev, way),
                        timeout=60).stdout)
                for ns, dev, way in ((NS_C, "c0", "ab"), (NS_S, "s0", "ba")))
@@ -984,11 +982,7 @@ def test_stacks_keep_every_packet_of_a_flow_together_fragments_too(testbed, tmp_
                              "--in", "afpacket:mc,ms?timeout_ms=5", "--stacks", "2",
                              "--duration", "60", "-q"),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while len(list(tmp_path.glob("started-*"))) < 2:
-        assert mbx.poll() is None, mbx.communicate()[1]
-        assert time.monotonic() < deadline, "the stack processes did not start"
-        time.sleep(0.05)
+    _wait_started(mbx, tmp_path, 2)
     for ns, dev, way in ((NS_C, "c0", "ab"), (NS_S, "s0", "ba")):
         _sh(*_in_ns(ns, sys.executable, HERE, "sendfrag", dev, way), timeout=60)
     flows = _fragmented_flows()
@@ -1025,11 +1019,7 @@ def _start_recorder_run(procs, tmp_path, *extra, inp="afpacket:mc,ms?timeout_ms=
     p = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", str(nf),
                            "--in", inp, "--duration", "60", *extra),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while not list(tmp_path.glob("started-*")):
-        assert p.poll() is None, p.communicate()[1]
-        assert time.monotonic() < deadline, "the run did not start"
-        time.sleep(0.05)
+    _wait_started(p, tmp_path)
     return p
 
 
@@ -1426,11 +1416,7 @@ def _udp_through_mbx(procs, tmp_path, count, client, server, *ports, stacks=1):
                                   str(count)),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert receiver.stdout.readline().strip() == "ready", receiver.stderr.read()
-    deadline = time.monotonic() + 30
-    while len(list(tmp_path.glob("started-*"))) < stacks:
-        assert mbx.poll() is None, mbx.communicate()[1]
-        assert time.monotonic() < deadline, "the stack processes did not start"
-        time.sleep(0.05)
+    _wait_started(mbx, tmp_path, stacks)
     sent = json.loads(_sh(*_in_ns(NS_C, sys.executable, HERE, "udp", "send", client,
                                   str(count), server), timeout=60).stdout)
     out, err = receiver.communicate(timeout=60)
