@@ -1412,11 +1412,13 @@ def _udp_through_mbx(procs, tmp_path, count, client, server, *ports, stacks=1):
     mbx = procs.start(_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", f"{nf}+l2fwd",
                              *ports, "--duration", "60", "-q", "--json", str(counters)),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    # The receiver gives up 10 s after its last datagram, or after it starts: so it
+    # starts once mbx reads (mbx may take longer than that to start on a busy host).
+    _wait_started(mbx, tmp_path, stacks)
     receiver = procs.start(_in_ns(NS_S, sys.executable, HERE, "udp", "recv", server,
                                   str(count)),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert receiver.stdout.readline().strip() == "ready", receiver.stderr.read()
-    _wait_started(mbx, tmp_path, stacks)
     sent = json.loads(_sh(*_in_ns(NS_C, sys.executable, HERE, "udp", "send", client,
                                   str(count), server), timeout=60).stdout)
     out, err = receiver.communicate(timeout=60)
