@@ -42,6 +42,12 @@ cdef class DpdkPort(Port):
     # Seconds close() keeps a connected net_memif end that sent up, for its peer to
     # read the ring (MEMIF_LINGER_S; 0: close at once)
     cdef public double linger_s
+    # net_pcap reading a file once (rx_pcap, not infinite_rx): its path, walked at the
+    # end of input for how the file ends (net_pcap ends at a record cut short, or at
+    # damage, without a word); "" otherwise
+    cdef readonly str rx_capture
+    cdef object capture_end             # what that walk found, once it ran (a dict)
+    cdef bint at_end                    # rx_burst reported the end of input
 
     cdef rte_mempool *pool
     cdef bint attached                  # we hot-plugged the vdev: remove it at close

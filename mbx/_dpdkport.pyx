@@ -657,6 +657,7 @@ cdef class DpdkPort(Port):
         self.vdev = ""
         self.devargs = ""
         self.driver = ""
+        self.rx_capture = ""
 
     def __init__(self, vdev_or_port, *, int port_id=0, uint32_t rx_queue_size=1024,
                  uint32_t tx_queue_size=1024, uint32_t mbufs=8192, uint32_t mbuf_size=2176,
@@ -837,9 +838,11 @@ cdef class DpdkPort(Port):
             self.timestamps = rte_mbuf_dyn_rx_timestamp_register(
                 &self.ts_offset, &self.ts_flag) == 0
 
+        once = (self.driver == "net_pcap" and "rx_pcap=" in self.devargs
+                and "infinite_rx=1" not in self.devargs.replace(" ", ""))
+        if once:
+            self.rx_capture = vdev_arg(f"{self.name},{self.devargs}", "rx_pcap", "")
         if eof_after_idle_polls is None:
-            once = (self.driver == "net_pcap" and "rx_pcap=" in self.devargs
-                    and "infinite_rx=1" not in self.devargs.replace(" ", ""))
             eof_after_idle_polls = PCAP_IDLE_POLLS_EOF if once else 0
         if eof_after_idle_polls < 0:
             raise ValueError("eof_after_idle_polls must be >= 0")
@@ -961,6 +964,7 @@ cdef class DpdkPort(Port):
         if got == 0:
             self.idle_polls = self.idle_polls + 1
             if self.eof_after_idle_polls and self.idle_polls >= self.eof_after_idle_polls:
+                self.at_end = True
                 return PORT_EOF
             if self.kernel_iface[0] and now - self.iface_checked_ns > 1000000000:
                 self.iface_checked_ns = now
@@ -1397,7 +1401,35 @@ cdef class DpdkPort(Port):
             # Frames the driver lost before we polled: no mbuf, or the device missed.
             c["rx_nombuf"] = st["rx_nombuf"]
             c["rx_missed"] = st["imissed"]
+        if self.at_end and self.rx_capture:
+            c.update(self._capture_end())
         return c
+
+    def _capture_end(self):
+        """How the ``rx_pcap`` file ends, as the pcap port counts it: ``truncated``
+        (a final record cut short, which net_pcap, as the pcap port, does not
+        deliver) or ``damage`` (the pcap port's error there; net_pcap stops at it or
+        reads on through it, without a word either way).  Walked once, at the end of
+        input, when the file has just been read."""
+        from mbx._pcap import PcapReader
+        from mbx.errors import CaptureFormatError
+
+        if self.capture_end is None:
+            found = {}
+            try:
+                reader = PcapReader(self.rx_capture)
+            except (OSError, PortError):
+                reader = None           # gone or replaced since: nothing to say
+            if reader is not None:
+                try:
+                    reader.walk_to_end()
+                    found["truncated"] = reader.truncated
+                except CaptureFormatError as exc:
+                    found["damage"] = str(exc)
+                finally:
+                    reader.close()
+            self.capture_end = found
+        return self.capture_end
 
     def __repr__(self):
         state = "closed" if self.closed else f"port {self.dpdk_port}"

@@ -524,6 +524,24 @@ cdef class PcapReader(Port):
         self.state = READ_OK
         self._error = None
 
+    def walk_to_end(self):
+        """Step over the records left, delivering none (their headers are read, not
+        their frames), to learn how the capture ends: afterwards ``truncated`` is 1
+        when it ends in a record cut short, and damage raises its
+        :class:`CaptureFormatError` here.  For a capture another reader took the
+        frames of (DPDK's ``net_pcap``, which ends at either without a word)."""
+        cdef pcap_rec r
+        if self.base == NULL:
+            raise PortError(f"{self.name}: walk_to_end on a closed reader")
+        with nogil:
+            while self.state == READ_OK and _next_record(self, &r) > 0:
+                self.pos = r.next_pos
+        if self.state == READ_FAILED:
+            self.state = READ_END
+            self.set_error(self.errmsg)
+            error, self._error = self._error, None
+            raise error
+
     @property
     def position(self):
         """Bytes of the file consumed so far (for progress reporting)."""

@@ -161,9 +161,15 @@ def _print_counters(c, elapsed, out=None):
         w(f"input          {n:,} frame{'s' if n != 1 else ''} skipped: "
           f"{'their' if n != 1 else 'its'} interface's link type is not one mbx reads "
           f"(the first: {inp['skipped_linktype']})\n")
-    if inp.get("truncated"):
+    if _port_sum(inp, "truncated"):
         w("input          the capture ends in a record cut short (its writer stopped "
           "mid-write): that record was not read\n")
+    for side in [inp] + [inp[s] for s in ("client", "server") if isinstance(inp.get(s), dict)]:
+        if side.get("damage"):
+            # DPDK net_pcap's file: the pcap port would have ended the run here
+            w(f"input          the capture is damaged ({side['damage']}): net_pcap "
+              "reads such a file without an error, so frames it gave from there on, "
+              "if any, are not the capture's\n")
     fr = c["fragments"]
     if any(fr.values()):
         w(f"fragments      held {fr['held']:,}, reassembled {fr['completed']:,}, "

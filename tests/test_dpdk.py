@@ -533,6 +533,44 @@ def test_mbx_run_over_dpdk_vdevs_ends_with_the_capture(example_pcap, tmp_path):
         [f for _, f in read_frames(tmp_path / "p.pcap")]
 
 
+def _mbx_run_json(inp, counters):
+    r = subprocess.run(
+        [sys.executable, "-m", "mbx.cli", "run", "flow_stats", "--in", inp,
+         "--json", str(counters)],
+        capture_output=True, text=True, timeout=120, check=False)
+    return r, (json.loads(counters.read_text()) if counters.exists() else None)
+
+
+def test_a_net_pcap_capture_cut_short_or_damaged_is_reported(example_pcap, tmp_path):
+    # net_pcap ends at a record cut short, and at damage, as it ends at the file's
+    # end: without a word.  The run says what the pcap port would have said.
+    data = open(example_pcap, "rb").read()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[:-7])
+    r, c = _mbx_run_json(f"dpdk:net_pcap0,rx_pcap={cut}", tmp_path / "cut.json")
+    assert r.returncode == 0, r.stderr
+    assert "the capture ends in a record cut short" in r.stdout
+    assert c["ports"]["in"]["truncated"] == 1
+    r, whole = _mbx_run_json(f"dpdk:net_pcap0,rx_pcap={example_pcap}", tmp_path / "w.json")
+    assert r.returncode == 0, r.stderr
+    assert whole["ports"]["in"]["truncated"] == 0 and "cut short" not in r.stdout
+    assert c["ports"]["in"]["rx_pkts"] == whole["ports"]["in"]["rx_pkts"] - 1
+
+    # The tenth record's captured length beyond any snaplen: libpcap stops there.
+    at = 24
+    for _ in range(9):
+        at += 16 + struct.unpack_from("<I", data, at + 8)[0]
+    damaged = bytearray(data)
+    struct.pack_into("<I", damaged, at + 8, 0x7FFFFFF0)
+    bad = tmp_path / "damaged.pcap"
+    bad.write_bytes(bytes(damaged))
+    r, c = _mbx_run_json(f"dpdk:net_pcap0,rx_pcap={bad}", tmp_path / "bad.json")
+    assert r.returncode == 0, r.stderr
+    assert f"damaged record at byte offset {at}" in c["ports"]["in"]["damage"]
+    assert f"the capture is damaged (pcap:{bad}: damaged record" in r.stdout
+    assert c["ports"]["in"]["rx_pkts"] == 9
+
+
 # ------------------------------------------------------------------ net_memif, net_af_packet
 # The same stack and NFs over ports of another kind: what comes out of the port must
 # give the counters and the frames the pcap port gives for the same capture.

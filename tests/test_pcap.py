@@ -608,6 +608,24 @@ def test_truncated_last_record(tmp_path, cut):
     assert [g[0] for g in got] == frames[:4]
 
 
+def test_walk_to_end_tells_how_a_capture_ends_without_delivering(tmp_path):
+    # For a capture DPDK's net_pcap read, which ends at a cut or damage silently.
+    frames = random_frames(5, seed=8, lo=60, hi=60)
+    data = classic([(1, 2, f, 60) for f in frames], big_endian=False)
+    for name, body, truncated in [("whole", data, 0), ("cut", data[:-7], 1)]:
+        (tmp_path / name).write_bytes(body)
+        with PcapReader(tmp_path / name) as r:
+            r.walk_to_end()
+            assert (r.truncated, r.damaged, r.rx_pkts) == (truncated, 0, 0)
+            assert r.position == len(data) - (76 if truncated else 0)
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, 24 + 2 * 76 + 8, 1 << 30)     # third record's caplen
+    (tmp_path / "bad").write_bytes(bytes(bad))
+    with PcapReader(tmp_path / "bad") as r, \
+            pytest.raises(CaptureFormatError, match=f"damaged record at byte offset {24 + 2 * 76}"):
+        r.walk_to_end()
+
+
 def test_pcapng_damage(tmp_path):
     good = shb() + idb(1) + epb(0, 1, b"a" * 64)
     bad = bytearray(epb(0, 2, b"b" * 64))
