@@ -261,11 +261,13 @@ cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
             if fin:
                 bits |= TCPEV_FIN
             return bits
-        # Right edge of what r accepts (Linux's tcp_sequence test: a segment may
-        # start at most at rcv_nxt + window); everything before is at worst a
-        # retransmission.
+        # Right edge of what r accepts, rcv_nxt + window: data must start before it
+        # (RFC 9293 §3.10.7.4; Linux's tcp_data_queue drops the rest, zero-window
+        # probes included), a segment without data may sit on it (an ACK into a
+        # zero window); everything before is at worst a retransmission.
         if (r.flags & (EP_ACK_KNOWN | EP_WIN_KNOWN)) == EP_ACK_KNOWN | EP_WIN_KNOWN and \
-                seq_gt(p.seq, r.ack + _rcv_wnd(r)):
+                (seq_gt(p.seq, r.ack + _rcv_wnd(r))
+                 or (length and p.seq == r.ack + _rcv_wnd(r))):
             c.pkt |= PK_OOW
             bits |= TCPEV_OUT_OF_WINDOW
             if fin:

@@ -1284,6 +1284,31 @@ def test_segments_the_receiver_would_refuse_do_not_reach_the_stream(run, tmp_pat
     assert s2c == (0, _sha(b"")) and gaps == []
 
 
+def test_data_on_the_window_edge_is_refused(run, tmp_path):
+    """Data must start before the receiver's right edge, rcv_nxt + window (RFC 9293
+    §3.10.7.4): a zero-window probe's byte at rcv_nxt, and a segment starting just
+    at the edge of an open window, are dropped by the receiver (Linux's
+    tcp_data_queue).  Both used to reach the stream, ahead of the bytes the
+    receiver took at those places."""
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"hello")
+    conn.s(1, 6, win=0)                         # window closed at rcv_nxt 6
+    conn.c(6, 1, PSH | ACK, b"X")               # the probe's byte: refused
+    conn.s(1, 6, win=10)                        # reopens, X not taken: edge 16
+    conn.c(16, 1, PSH | ACK, b"EVIL")           # starts on the edge: refused
+    conn.c(6, 1, PSH | ACK, b"0123456789")
+    conn.s(1, 16, win=1000)
+    conn.c(16, 1, PSH | ACK, b"GOOD")
+    conn.s(1, 20, win=1000)
+    want = b"hello0123456789GOOD"
+    rec = Recorder([mbx.DATA_RDY], side="both")
+    run([rec], frames=conn.frames)
+    assert by_dir(rec)[0] == want
+    c2s, _, gaps = _streams_and_gaps(run, tmp_path, conn)
+    assert c2s == (len(want), _sha(want)) and gaps == []
+
+
 @pytest.mark.parametrize("older_ack", [101, 301], ids=["lower_ack", "same_ack"])
 def test_an_older_ack_seen_late_does_not_narrow_the_window(run, tmp_path, older_ack):
     """The client's ACKs seen out of order (a capture fed by two CPUs does that; seen

@@ -219,6 +219,21 @@ def test_data_outside_the_window():
     assert c.endpoint(0)["snd_nxt"] == 1001
     s, _ = c.update(cli.frame(ACK, 1001 + 990, 5001, data=b"z" * 10), 0)
     assert s == ["NEW_DATA"]          # inside the window, past a gap
+    s, _ = c.update(cli.frame(ACK, 1001 + 1000, 5001, data=b"z"), 0)
+    assert s == ["OUT_OF_WINDOW"]     # data starting on the right edge (RFC 9293)
+    s, _ = c.update(cli.frame(ACK, 1001 + 1000, 5001), 0)
+    assert "OUT_OF_WINDOW" not in s   # a bare ACK may sit there
+
+
+def test_a_zero_window_takes_no_data():
+    cli, srv = pair()
+    c = TcpConn()
+    handshake(c, cli, srv)
+    c.update(srv.frame(ACK, 5001, 1001, win=0), 1)
+    s, _ = c.update(cli.frame(ACK, 1001, 5001, data=b"p"), 0)
+    assert s == ["OUT_OF_WINDOW"] and c.endpoint(0)["snd_nxt"] == 1001
+    s, _ = c.update(cli.frame(ACK, 1001, 5001), 0)
+    assert "OUT_OF_WINDOW" not in s
 
 
 def test_retransmissions():
