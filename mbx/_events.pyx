@@ -620,6 +620,17 @@ class NF:
                     f"NF {self.name}: up_sub({t.name}): nothing in this run publishes "
                     f"{t.name} or a descendant of it (the {stack} and the NFs publish "
                     f"{', '.join(sorted({p.name for p in pubs}))}){hint}")
+            inflight = getattr(self._bus, "inflight", 1)
+            if inflight > 1 and t.overlaps(DATA_RDY) and any(p.is_a(DATA_RDY) for p in pubs):
+                # Stream bytes are read from the stack's own buffers, which it reuses
+                # once it moves on: an NF process may not read them while the stack
+                # runs bursts ahead (mbx.pipeline.inflight_for sees only sub()).
+                raise SubscriptionError(
+                    f"NF {self.name}: up_sub({t.name}) would hand it stream bytes "
+                    f"(DATA_RDY), which a pipelined NF reads only with one burst in "
+                    f"flight, not {inflight}: run with --inflight 1 (inflight = 1 in "
+                    f"an application file or App), or also sub(DATA_RDY) before the "
+                    f"run, with a filter, which makes 1 the default")
         (<EventBus>self._bus).up_sub(self._index, t, flow, handler, bool(batch),
                                      side_mask(side))
 

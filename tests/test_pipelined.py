@@ -625,6 +625,57 @@ def test_cli_inflight(example_pcap):
     assert r.returncode != 0 and "inflight must be a power of two" in r.stderr
 
 
+STREAM_BY_UP_SUB_NF = """
+import mbx
+
+class Requests(mbx.NF):
+    def __init__(self):
+        super().__init__("requests")
+        self.n = 0
+        self.sub(mbx.FLOW_START, self.on_start)
+
+    def on_start(self, ev):
+        if ev.proto == 6:
+            self.up_sub(mbx.DATA_RDY, ev.flow, self.on_data, side="server")
+
+    def on_data(self, ev):
+        self.n += bytes(ev.read()).count(b"\\r\\n\\r\\n")
+
+    def report(self):
+        return {"requests": self.n}
+
+def make():
+    return Requests()
+"""
+
+
+def test_stream_bytes_taken_by_up_sub_need_one_burst_in_flight(example_pcap, tmp_path):
+    # An NF that gets DATA_RDY only through up_sub is not seen before the run, so
+    # the default of 4 bursts in flight held: its reads then met stream bytes the
+    # stack had already released, with an error about gaps.  The up_sub now says
+    # what it needs; with --inflight 1 it counts what the inline run counts.
+    nf = tmp_path / "requests.py"
+    nf.write_text(STREAM_BY_UP_SUB_NF)
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "mbx.cli", "run", str(nf), "--stack", "tcp",
+             "--in", f"pcap:{example_pcap}", "--json", str(tmp_path / "c.json"), *args],
+            capture_output=True, text=True, timeout=120)
+
+    r = run("--deploy", "pipelined")
+    assert r.returncode == 2
+    assert "up_sub(DATA_RDY) would hand it stream bytes" in r.stderr
+    assert "run with --inflight 1" in r.stderr
+    r = run("--deploy", "pipelined", "--inflight", "1")
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "c.json").read_text())["nfs"]["requests"]["report"]
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert got == json.loads((tmp_path / "c.json").read_text())["nfs"]["requests"]["report"]
+    assert got["requests"] > 0
+
+
 # -- parallel groups: fanned out to every member, merged by the stack --------------
 
 def _grouped(tag, tmp_path, shape):
