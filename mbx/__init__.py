@@ -58,6 +58,16 @@ from mbx.runtime import App, load_app
 
 __version__ = "0.1.0"
 
+
+def get_include() -> str:
+    """The directory to give Cython (``include_path``) to build an NF of your own
+    that cimports ``mbx.cnf``: the one holding the ``mbx`` package's ``.pxd``
+    files, in an installed mbx as in an editable install's checkout (which Cython
+    cannot find through the import system)."""
+    import os
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 __all__ = [
     "EVENT", "PKT", "FLOW", "FLOW_START", "FLOW_END",
     "PKT_TCP", "PKT_TCP_SYN", "PKT_TCP_FIN", "PKT_TCP_RST", "PKT_TCP_RETRANSMISSION",
@@ -67,7 +77,7 @@ __all__ = [
     "NF", "Event", "EventType", "Message", "PubPort", "CHandler",
     "event_type", "event_types", "register_event_type",
     "mb_sub", "mb_pub", "mb_up_sub", "mb_new_msg", "mb_publish_event", "mb_nf_run",
-    "current_nf", "App", "load_app",
+    "current_nf", "App", "load_app", "get_include",
     "MbxError", "PortError", "CaptureFormatError", "EventTypeError", "SubscriptionError",
     "PermissionDenied", "AppError", "NFError",
 ]

@@ -1,6 +1,9 @@
 """Cython NFs with C handlers: the same events as a Python NF with the same
 subscription, drops that hide the packet downstream, per-flow overrides."""
 import collections
+import json
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -9,6 +12,7 @@ from mbxtest import read_frames
 
 import mbx
 from mbx.examples import cnoop
+from mbx.ports import open_input
 
 
 class PyCounter(mbx.NF):
@@ -446,3 +450,72 @@ def test_handler_timing_changes_only_between_bursts():
         assert not bus.timing
     finally:
         bus.close()
+
+
+OWN_C_NF = """
+from libc.stdint cimport uint64_t
+
+from mbx.cnf cimport MBX_DROP, MBX_PASS, chandler, mbx_msg, mbx_pkt
+
+import mbx
+
+
+cdef int by_dir(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
+    (<uint64_t *>ctx)[m.h.dir & 1] += 1
+    return MBX_DROP if m.h.dir == 1 else MBX_PASS
+
+
+cdef class Counts:
+    cdef uint64_t n[2]
+
+    def handler(self):
+        return chandler(by_dir, self.n, self, "mine.by_dir")
+
+    def both(self):
+        return {"c2s": self.n[0], "s2c": self.n[1]}
+
+
+class Mine(mbx.NF):
+    def __init__(self):
+        super().__init__("mine")
+        self.counts = Counts()
+        self.sub(mbx.PKT, self.counts.handler())
+
+    def report(self):
+        return self.counts.both()
+
+
+def make():
+    return Mine()
+"""
+
+BUILD_OWN = """
+import mbx
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+setup(ext_modules=cythonize([Extension("mine", ["mine.pyx"])],
+                            include_path=[mbx.get_include()], language_level=3),
+      script_args=["build_ext", "--inplace"])
+"""
+
+
+def test_a_c_nf_of_ones_own_builds_with_get_include_and_runs(example_pcap, tmp_path):
+    # The guide's recipe for a .pyx outside mbx: Cython finds mbx/cnf.pxd through
+    # mbx.get_include(), also in an editable install, where mbx's checkout is not
+    # on sys.path as a directory.
+    (tmp_path / "mine.pyx").write_text(OWN_C_NF)
+    (tmp_path / "build.py").write_text(BUILD_OWN)
+    r = subprocess.run([sys.executable, "build.py"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "mine:make", "--in",
+                        f"pcap:{example_pcap}", "--json", "c.json", "-q"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    c = json.loads((tmp_path / "c.json").read_text())
+    ref = cnoop.make_counter()
+    with open_input(f"pcap:{example_pcap}") as inp:
+        mbx.App([ref]).run(inp)
+    assert c["nfs"]["mine"]["report"] == {"c2s": ref.counter.c2s, "s2c": ref.counter.s2c}
+    assert c["dropped_by_nf"] == ref.counter.s2c > 0
