@@ -314,10 +314,14 @@ cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
     # the same ACK the larger window is the newer, as a receiver does not shrink
     # its window (§3.8.6.2.2; Linux does not by default).  Pairing an older, smaller
     # window with the newest ACK would put the receiver's right edge short of what it
-    # offered, and a segment it accepted would be refused as OUT_OF_WINDOW.
+    # offered, and a segment it accepted would be refused as OUT_OF_WINDOW.  A SYN
+    # is its sender's first segment, so a SYN seen after a window of a later one (a
+    # retransmission, a reordered capture) is older than that window, in other
+    # units too: it is not taken.
     if syn:
-        s.win = p.win
-        s.flags = (s.flags | EP_WIN_KNOWN | EP_WIN_SYN) & ~EP_WIN_RAW
+        if not (s.flags & EP_WIN_KNOWN) or (s.flags & EP_WIN_SYN):
+            s.win = p.win
+            s.flags = (s.flags | EP_WIN_KNOWN | EP_WIN_SYN) & ~EP_WIN_RAW
     else:
         raw = not (c.flags & CONN_OPTS_KNOWN)
         win = p.win if raw else (<uint32_t>p.win) << (s.wscale if c.flags & CONN_WSCALE else 0)

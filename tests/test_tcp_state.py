@@ -363,6 +363,32 @@ def test_a_narrow_window_after_the_syn_is_enforced():
     assert c.endpoint(1)["win"] == 2 << 7
 
 
+def test_a_syn_seen_again_late_keeps_the_window_learned_since():
+    """A SYN is its sender's first segment: one seen again after a later window (a
+    retransmission, a reordered capture) is older, and its unscaled window is not
+    taken.  Taken, the SYN+ACK's 65535 replaced the server's 128 bytes and let a
+    client segment 10 KB past them through as NEW_DATA; the client's SYN likewise."""
+    cli, srv = pair()
+    c = TcpConn()
+    wscale = {"wscale": 7}
+    handshake(c, cli, srv, swin=65535, cwin=502, copts=wscale, sopts=wscale)
+    assert c.endpoint(0)["win"] == 502 << 7
+    c.update(srv.frame(ACK, 5001, 1001, win=1), 1)
+    s, _ = c.update(srv.frame(SYN | ACK, 5000, 1001, win=65535, opts=syn_opts(**wscale)), 1)
+    assert "RETRANSMISSION" in s
+    assert c.endpoint(1)["win"] == 128
+    assert snapshot_decode(c.snapshot(0, frontier=0, ts_ns=0))["receiver_win"] == 128
+    s, r = c.update(cli.frame(ACK | PSH, 1001 + 10_000, 5001, win=502, data=b"x" * 100), 0)
+    assert s == ["OUT_OF_WINDOW"] and r == ["OUT_OF_WINDOW"]
+    c.update(cli.frame(SYN, 1000, win=64240, opts=syn_opts(**wscale)), 0)
+    assert c.endpoint(0)["win"] == 502 << 7
+    # a SYN's window still replaces a SYN's (no later window of its sender seen)
+    c = TcpConn()
+    c.update(cli.frame(SYN, 1000, win=1000, opts=syn_opts()), 0)
+    c.update(cli.frame(SYN, 1000, win=2000, opts=syn_opts()), 0)
+    assert c.endpoint(0)["win"] == 2000
+
+
 @pytest.mark.parametrize("v6", [False, True])
 def test_sequence_numbers_wrap(v6):
     cli, srv = pair(v6)
