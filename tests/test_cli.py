@@ -292,6 +292,42 @@ def test_signals_while_a_run_ends_lose_neither_summary_nor_counters(tmp_path):
     assert json.loads(counters.read_text())["packets"] > 0
 
 
+# The console script as pip writes it (load the entry point, call it, exit with its
+# return), timed from where code of mbx's can first catch a signal.  Done before:
+# an editable install's rebuild, run by meson-python's loader when the package is
+# first looked up, before any code of mbx's; and loading the entry point's module, if
+# it is one of its own (its first line is that first chance), not in the package.
+_CONSOLE_SCRIPT = """\
+import importlib, importlib.util, sys
+from importlib.metadata import entry_points
+importlib.util.find_spec("mbx")
+(ep,) = entry_points(group="console_scripts", name="mbx")
+if ep.module.partition(".")[0] != "mbx":
+    importlib.import_module(ep.module)
+assert "mbx" not in sys.modules
+sys.argv[0] = "mbx"
+print("importing", flush=True)
+sys.exit(ep.load()())
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005, 0.01, 0.02, 0.04, 0.2])
+def test_ctrl_c_while_the_command_starts_is_a_clean_stop(tmp_path, delay):
+    """A SIGINT while the command imports mbx (the Cython extensions, the runtime)
+    or parses its arguments ends it as one during its work does: "interrupted" and
+    130, no KeyboardInterrupt traceback.  The entry point was in mbx.cli, which only
+    runs once the package has been imported."""
+    p = subprocess.Popen([sys.executable, "-c", _CONSOLE_SCRIPT, "example-capture",
+                          str(tmp_path / "x.pcap"), "--flows", "5000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "importing\n"
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert (p.returncode, err, out) == (130, "mbx: interrupted\n", "")
+
+
 def test_an_output_that_takes_a_bridge_s_place_is_warned_of():
     from mbx.ports import bridge_output_note
 

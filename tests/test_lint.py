@@ -19,7 +19,8 @@ def _tool(name):
 
 
 def test_ruff():
-    dirs = [d for d in ("mbx", "tests", "benchmarks") if os.path.isdir(os.path.join(ROOT, d))]
+    dirs = [d for d in ("mbx", "_mbx_main.py", "tests", "benchmarks")
+            if os.path.exists(os.path.join(ROOT, d))]
     r = subprocess.run([_tool("ruff"), "check", *dirs], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stdout + r.stderr
