@@ -250,7 +250,7 @@ cdef int bridge_tx_burst(Port bridge, Port client, Port server, mbx_pkt **pkts, 
                          uint64_t *misrouted) noexcept nogil:
     cdef mbx_pkt *to_server[256]
     cdef mbx_pkt *to_client[256]
-    cdef int i = 0, ns, nc, r, sent = 0
+    cdef int i = 0, ns, nc, r = 0, sent = 0
     while i < n:
         ns = nc = 0
         while i < n and ns < 256 and nc < 256:
@@ -267,15 +267,18 @@ cdef int bridge_tx_burst(Port bridge, Port client, Port server, mbx_pkt **pkts, 
             r = server.tx_burst(to_server, ns)
             if r == PORT_ERROR:
                 bridge.adopt_error(server)
-                return PORT_ERROR
+                break
             sent += r
         if nc:
             r = client.tx_burst(to_client, nc)
             if r == PORT_ERROR:
                 bridge.adopt_error(client)
-                return PORT_ERROR
+                break
             sent += r
+    # After a failed send too: a caller tells what went out from these counters (the
+    # stack counts only the rest as dropped_on_error), and the other side, or the
+    # failed side before its error, may have sent part of the burst.
     bridge.tx_pkts = client.tx_pkts + server.tx_pkts
     bridge.tx_bytes = client.tx_bytes + server.tx_bytes
     bridge.tx_dropped = client.tx_dropped + server.tx_dropped + misrouted[0]
-    return sent
+    return PORT_ERROR if r == PORT_ERROR else sent

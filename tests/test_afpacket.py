@@ -465,6 +465,35 @@ def test_a_send_only_bridge_has_nothing_to_receive(testbed):
     assert r.stdout.split() == ["-1", "-1"], r.stderr
 
 
+def test_a_bridge_side_that_fails_leaves_what_the_other_sent_counted(testbed):
+    # The bridge's counters were brought up to its sides' only after a burst that
+    # sent in full: when one side failed, what the other had sent of the same burst
+    # was missing from the bridge's tx_pkts, from which the stack tells what went
+    # out, and all of it counted as dropped_on_error.  The server side sends first;
+    # the client side, closed, then fails.
+    code = ("import json\n"
+            "from mbx._afpacket import BridgePorts\n"
+            "from mbx._packet import Batch\n"
+            "from mbx.errors import PortError\n"
+            "b = BridgePorts('mc', 'ms', rx=False)\n"
+            "batch = Batch(8)\n"
+            "for i in range(7):\n"
+            "    batch.append(b'\\xff' * 60, port=i % 2)\n"
+            "b.client.close()\n"
+            "try:\n"
+            "    b.send(batch)\n"
+            "except PortError as e:\n"
+            "    print(e)\n"
+            "c = b.counters\n"
+            "print(json.dumps([c['tx_pkts'], c['tx_bytes'], c['server']['tx_pkts'],\n"
+            "                  c['client']['tx_pkts']]))\n"
+            "b.close()\n")
+    r = _sh(*_in_ns(NS_M, sys.executable, "-c", code), timeout=30, cwd=ROOT)
+    error, counts = r.stdout.splitlines()
+    assert "send on a closed port" in error, r.stdout + r.stderr
+    assert json.loads(counts) == [4, 4 * 60, 4, 0]
+
+
 def test_only_receiving_sockets_count_as_other_readers():
     # The warning about other packet sockets on a bridge's interfaces ("... receive
     # on IF") counted send-only sockets too, which get no frames.
