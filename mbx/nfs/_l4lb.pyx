@@ -40,6 +40,7 @@ from libc.string cimport memcmp, memcpy, memset
 
 from mbx.cnf cimport MBX_DROP, MBX_PASS, NO_FLOW, REWRITE_OK, chandler, mbx_msg, mbx_pkt
 from mbx.cnf cimport pkt_rewrite
+from mbx._packet cimport TH_ACK, TH_SYN
 
 import ipaddress
 
@@ -70,6 +71,8 @@ ctypedef struct flow_entry:
     uint16_t dir            # the packet direction (m.h.dir) the translation is for
     endpoint to             # forward: the backend; reply: the VIP
     endpoint client         # forward: the client (with `to`, its reverse key)
+    uint32_t syn_seq        # forward, TCP: the sequence number of its last SYN ...
+    uint32_t syn_seen       # ... when one was seen
 
 ctypedef struct reverse_entry:
     uint32_t used
@@ -92,7 +95,8 @@ ctypedef struct lb_state:
     uint64_t no_flow        # packets to the VIP the stack gave no flow: dropped
     uint64_t no_ports       # TCP/UDP to the VIP's address, ports unread: dropped
     uint64_t tracked        # flows with an entry now (0 again once every flow ended)
-    uint64_t connections    # flows to the VIP given a backend, in all
+    uint64_t connections    # flows to the VIP given a backend, and TCP connections
+    #                         opened again on one (a SYN with a new sequence number)
 
 
 cdef inline void endpoint_of(endpoint *e, uint8_t ip_ver, const uint8_t *addr,
@@ -248,6 +252,21 @@ cdef int translate(lb_state *s, mbx_pkt *p, int which, const endpoint *to) noexc
     return MBX_PASS
 
 
+cdef inline bint is_syn(const mbx_pkt *p) noexcept nogil:
+    return p.l4_proto == 6 and (p.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN
+
+
+cdef inline void new_connection(lb_state *s, flow_entry *f, const mbx_pkt *p) noexcept nogil:
+    # Without the TCP Monitor a client reusing its port within the idle timeout is
+    # the same flow, and the same backend: its new SYN (another sequence number
+    # than the last one's, a retransmission has the same) is still a connection.
+    if f.syn_seen and f.syn_seq == p.seq:
+        return
+    f.syn_seq = p.seq
+    f.syn_seen = 1
+    s.connections += 1
+
+
 cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
     cdef lb_state *s = <lb_state *>ctx
     cdef flow_entry *f
@@ -282,6 +301,8 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
             # direction (the VIP's address as a source, a client talking to a
             # backend directly) is not the balancer's to rewrite.
             if m.h.dir == f.dir:
+                if f.kind == FLOW_FORWARD and is_syn(p):
+                    new_connection(s, f, p)
                 return translate(s, p, 1 if f.kind == FLOW_FORWARD else 0, &f.to)
             s.passed += 1
             return MBX_PASS
@@ -296,8 +317,12 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
         f.gen = m.h.flow_gen
         f.kind = FLOW_FORWARD
         f.dir = m.h.dir
+        f.syn_seen = 0
         s.tracked += 1
-        s.connections += 1
+        if is_syn(p):
+            new_connection(s, f, p)
+        else:
+            s.connections += 1
         return translate(s, p, 1, &f.to)
     endpoint_of(&b, p.ip_ver, p.src.b, p.sport)
     if reverse_find(s, &a, &b) >= 0:

@@ -117,9 +117,9 @@ def _show(endpoint):
 
 class L4LB(mbx.NF):
     """The L4 load balancer with C handlers; ``translated``, ``connections`` (flows to
-    the VIP given a backend, in all), ``tracked`` (flows with state now: 0 once every
-    flow has ended, as at the end of a run) and the drop counters come from its C
-    state (``self.core``)."""
+    the VIP given a backend, and TCP connections opened again on one), ``tracked``
+    (flows with state now: 0 once every flow has ended, as at the end of a run) and
+    the drop counters come from its C state (``self.core``)."""
 
     # A reply comes back under the backend's address, which hashes to another flow,
     # maybe another stack process, which has no translation for it (run_parallel).
@@ -147,6 +147,10 @@ class L4LB(mbx.NF):
                 "no_ports": self.core.no_ports, "passed": self.core.passed}
 
 
+def _is_syn(ev):
+    return ev.proto == 6 and ev.tcp_flags & 0x12 == 0x02      # SYN without ACK
+
+
 class PyL4LB(mbx.NF):
     """The L4 load balancer with Python handlers: the reference for ``L4LB``."""
 
@@ -155,11 +159,12 @@ class PyL4LB(mbx.NF):
     def __init__(self, name="l4lb", vip=DEFAULT_VIP, backends=DEFAULT_BACKENDS):
         super().__init__(name, writes=True)
         self.vip, self.backends = _endpoints(name, vip, backends)
-        self.forward = {}       # flow id -> (backend, reverse key, dir) (client -> VIP)
+        self.forward = {}       # flow id -> (backend, reverse key, dir, SYN seq) (client -> VIP)
         self.reverse = {}       # (client, cport, backend, bport) -> VIP, for replies
         self.reply_flows = {}   # flow id -> (VIP, dir) (backend -> client flows)
         self.translated = 0
-        self.connections = 0    # flows to the VIP given a backend, in all
+        self.connections = 0    # flows to the VIP given a backend, and TCP connections
+        #                         opened again on one (a SYN with a new sequence number)
         self.passed = 0         # packets neither to the VIP nor a known reply
         self.no_flow = 0        # packets to the VIP without a flow, dropped
         self.no_ports = 0       # TCP/UDP to the VIP's address, ports unread, dropped
@@ -197,6 +202,11 @@ class PyL4LB(mbx.NF):
         fwd = self.forward.get(flow)
         if fwd is not None:
             if ev.dir == fwd[2]:
+                if _is_syn(ev) and ev.seq != fwd[3]:
+                    # the client's port reused within the idle timeout: the same
+                    # flow (without the TCP Monitor), a new connection
+                    self.forward[flow] = fwd[:3] + (ev.seq,)
+                    self.connections += 1
                 ev.set_dst(*fwd[0])
                 self.translated += 1
             else:
@@ -214,7 +224,7 @@ class PyL4LB(mbx.NF):
         if (dst, dport) == self.vip:
             backend = choose_backend(src, sport, dst, dport, ev.proto, self.backends)
             key = (src, sport) + backend
-            self.forward[flow] = (backend, key, ev.dir)
+            self.forward[flow] = (backend, key, ev.dir, ev.seq if _is_syn(ev) else None)
             self.connections += 1
             self.reverse[key] = self.vip
             ev.set_dst(*backend)
