@@ -133,8 +133,8 @@ def _print_counters(c, elapsed, out=None):
           "not received\n")
     if unread:
         w(f"unread         {unread:,} frame{'s' if unread != 1 else ''} still in the receive "
-          "ring when the input ended (--duration, --max-packets or a signal): neither "
-          "processed nor sent\n")
+          "ring when the input ended (--duration, --max-packets, a signal or an error): "
+          "neither processed nor sent\n")
     if cut:
         w(f"cut short      {cut:,} frames longer than a ring slot (raise frame_size; "
           "super-frames from senders with TSO/GSO, a veth's default, need ?offloads=1, "
