@@ -28,6 +28,8 @@ cdef enum:
     MARK_HI0 = 8            # sent_hi[0] holds what flow dir 0 was seen sending
     MARK_HI1 = 16           # sent_hi[1] likewise
     MARK_DONE = 32          # closed by FINs: its streams are freed, nothing more comes
+    MARK_SYN0 = 64          # what became of flow dir 0's SYN data is decided (see held)
+    MARK_SYN1 = 128         # likewise for flow dir 1
 
 
 # Per flow slot, beside its tcp_conn: one small record, so a packet costs one cache
@@ -75,6 +77,9 @@ cdef class TcpMonitor(NetworkLayer):
     cdef tcp_conn *conns            # Stack Memory: one per flow slot
     cdef conn_meta *meta            # the Monitor's bookkeeping, one per flow slot
     cdef mbx_stream *streams        # 2 per pair, by flow dir
+    # 2 per pair, by flow dir: the data of its SYN (or SYN+ACK), held out of the
+    # stream until the receiver is known to have taken it (syn_decide)
+    cdef mbx_stream *held
     cdef uint32_t *free_pairs
     cdef uint32_t n_free_pairs
     cdef readonly uint32_t max_pairs
@@ -85,6 +90,7 @@ cdef class TcpMonitor(NetworkLayer):
     cdef uint64_t *pair_owner       # per pair: slot | gen << 32 of its flow
     cdef uint8_t *pair_cdir         # per pair whose flow ended: its client's flow dir
     cdef uint32_t n_touched
+    cdef bint in_burst              # process() runs: it releases the touched pairs itself
     cdef uint32_t capacity
     cdef conn_sum **sums            # per flow slot, when summarising
     cdef bint summarise
@@ -119,6 +125,7 @@ cdef class TcpMonitor(NetworkLayer):
     cdef readonly uint64_t memcaps_pieces  # of those: STREAM_MAX_OOO pieces held already
     cdef readonly uint64_t memcaps_streams  # of those: no stream free (max_streams in use)
     cdef readonly uint64_t after_close      # segments with payload after a FIN close
+    cdef readonly uint64_t syn_data_dropped  # SYN data bytes no receiver took
     cdef readonly uint64_t rst_sent
     cdef readonly uint64_t killed_drops
     cdef readonly uint64_t summary_oom
@@ -127,6 +134,8 @@ cdef class TcpMonitor(NetworkLayer):
     cdef void conn_start(self, uint32_t slot, mbx_pkt *p) noexcept nogil
     cdef uint32_t restart(self, Batch batch, mbx_pkt *p) noexcept nogil
     cdef void free_pair(self, uint32_t slot) noexcept nogil
+    cdef void free_pair_streams(self, uint32_t pair) noexcept nogil
+    cdef void release_touched(self) noexcept nogil
     cdef void detach_pair(self, uint32_t slot) noexcept nogil
     cdef void close_streams(self, uint32_t slot) noexcept nogil
     cdef uint32_t get_pair(self, uint32_t slot) noexcept nogil
@@ -138,6 +147,12 @@ cdef class TcpMonitor(NetworkLayer):
                           uint32_t sbits) noexcept nogil
     cdef void data_ready(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                          uint8_t d, uint64_t old_frontier) noexcept nogil
+    cdef void add_flags(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, mbx_stream *s,
+                        uint8_t d, int fl, uint32_t seq, uint32_t n) noexcept nogil
+    cdef void syn_hold(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                       uint32_t seq) noexcept nogil
+    cdef void syn_decide(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                         uint8_t d, uint32_t upto, bint whole) noexcept nogil
     cdef void summary_packet(self, uint32_t slot, mbx_pkt *p) noexcept nogil
     cdef void summary_end(self, uint32_t slot, const mbx_flow *f) noexcept nogil
     cdef int craft_rst(self, const mbx_pkt *tmpl, tcp_conn *c, uint8_t from_dir,

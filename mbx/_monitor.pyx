@@ -16,13 +16,13 @@ the sender's (the default: one per packet) or both.
 """
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
 from mbx._checksum cimport csum_add, csum_fold, store16
 from mbx._events cimport (
-    MSG_F_CDIR1, MSG_F_CDIR_KNOWN, MSG_F_RECEIVER, MSG_F_SERVER, MSG_F_SIDED,
+    MSG_F_CDIR1, MSG_F_CDIR_KNOWN, MSG_F_RECEIVER, MSG_F_SERVER, MSG_F_SIDED, NO_PKT,
     PUBLISHER_STACK, T_DATA_RDY,
     T_FLOW_START, T_FLOW_TCP_ESTABLISHED, T_FLOW_TCP_GAP, T_FLOW_TCP_MEMCAP,
     T_FLOW_TCP_OVERLAP_CONFLICT, T_FLOW_TCP_START, T_FLOW_TCP_STATE,
@@ -156,12 +156,14 @@ cdef class TcpMonitor(NetworkLayer):
         self.meta = <conn_meta *>stack_calloc(flow_capacity, sizeof(conn_meta))
         self.max_pairs = max_streams
         self.streams = <mbx_stream *>stack_calloc(2 * max_streams, sizeof(mbx_stream))
+        # only the stack reads held SYN data: private memory (its bytes are in the pool)
+        self.held = <mbx_stream *>PyMem_Calloc(2 * max_streams, sizeof(mbx_stream))
         self.free_pairs = <uint32_t *>stack_calloc(max_streams, 4)
         self.touched = <uint32_t *>stack_calloc(max_streams, 4)
         self.touched_mark = <uint8_t *>stack_calloc(max_streams, 1)
         self.pair_owner = <uint64_t *>stack_calloc(max_streams, 8)
         self.pair_cdir = <uint8_t *>stack_calloc(max_streams, 1)
-        if (self.conns == NULL or self.meta == NULL or self.streams == NULL
+        if (self.conns == NULL or self.meta == NULL or self.streams == NULL or self.held == NULL
                 or self.free_pairs == NULL or self.touched == NULL or self.touched_mark == NULL
                 or self.pair_owner == NULL or self.pair_cdir == NULL):
             raise MemoryError("cannot allocate the TCP Monitor's Stack Memory")
@@ -178,6 +180,8 @@ cdef class TcpMonitor(NetworkLayer):
         # Sender and receiver updates, state changes, data and gaps (a GAP and a
         # DATA_RDY per hole an ACK skips): room for them.
         self.events_per_pkt = 32 + 2 * STREAM_MAX_OOO
+        # a flow's end delivers the SYN data still held, of each side (syn_decide)
+        self.events_per_end = 3
         bus.stream_reader = self
 
     def __dealloc__(self):
@@ -189,6 +193,7 @@ cdef class TcpMonitor(NetworkLayer):
         stack_free(self.shared_tables, self.conns)
         stack_free(self.shared_tables, self.meta)
         stack_free(self.shared_tables, self.streams)
+        PyMem_Free(self.held)
         stack_free(self.shared_tables, self.free_pairs)
         stack_free(self.shared_tables, self.touched)
         stack_free(self.shared_tables, self.touched_mark)
@@ -248,6 +253,22 @@ cdef class TcpMonitor(NetworkLayer):
     cdef void flow_ended(self, uint32_t slot, const mbx_flow *f) noexcept nogil:
         if slot >= self.capacity or self.meta[slot].gen != f.gen:
             return
+        cdef uint32_t pair = self.meta[slot].pair - 1
+        cdef uint8_t d
+        cdef mbx_pkt q
+        if pair != NO_PAIR:
+            # SYN data nothing decided on (no reply, no later segment seen): delivered
+            # at the flow's end, as what the receiver may have taken, so that a
+            # sender cannot make it vanish by going quiet.  Its DATA_RDY comes before
+            # FLOW/END and carries no packet.
+            memset(&q, 0, sizeof(mbx_pkt))
+            q.ts_ns = f.last_ns
+            q.flow_gen = f.gen
+            q.index = NO_PKT
+            for d in range(2):
+                if self.held[2 * pair + d].live:
+                    q.dir = d
+                    self.syn_decide(&q, slot, &self.conns[slot], pair, d, 0, True)
         if self.summarise:
             self.summary_end(slot, f)
         self.detach_pair(slot)
@@ -278,12 +299,19 @@ cdef class TcpMonitor(NetworkLayer):
         cdef uint32_t pair = (self.meta[slot].pair - 1)
         if pair == NO_PAIR:
             return
-        stream_free(self.pool, &self.streams[2 * pair])
-        stream_free(self.pool, &self.streams[2 * pair + 1])
+        self.free_pair_streams(pair)
         self.meta[slot].pair = 0
+        self.meta[slot].mark &= ~(MARK_INIT0 | MARK_INIT1)
+
+    cdef void free_pair_streams(self, uint32_t pair) noexcept nogil:
+        # Every stream of the pair, and SYN data still held, back to the pool; the
+        # pair back to the free list.
+        cdef uint32_t k
+        for k in range(2 * pair, 2 * pair + 2):
+            stream_free(self.pool, &self.streams[k])
+            stream_free(self.pool, &self.held[k])
         self.free_pairs[self.n_free_pairs] = pair
         self.n_free_pairs += 1
-        self.meta[slot].mark &= ~(MARK_INIT0 | MARK_INIT1)
 
     cdef uint32_t get_pair(self, uint32_t slot) noexcept nogil:
         cdef uint32_t pair = (self.meta[slot].pair - 1)
@@ -526,8 +554,25 @@ cdef class TcpMonitor(NetworkLayer):
                 self.memcaps += 1
                 self.memcaps_streams += 1
             return
-        # the packet's payload, into its direction's stream
-        if want_d and p.payload_len and accepted:
+        if accepted:
+            # What became of SYN data held so far (syn_decide): the sender's next
+            # segment with data starts where the receiver told it its bytes go on,
+            # and the receiver's ACK says so itself.  A FIN or RST before either
+            # ends the wait: the bytes are delivered (see flow_ended).
+            if self.held[2 * pair + d].live and not p.tcp_flags & TH_SYN:
+                if p.payload_len:
+                    self.syn_decide(p, slot, c, pair, d, seq, False)
+                elif p.tcp_flags & (TH_FIN | TH_RST):
+                    self.syn_decide(p, slot, c, pair, d, 0, True)
+            if self.held[2 * pair + o].live:
+                if (p.tcp_flags & (TH_ACK | TH_RST)) == TH_ACK:
+                    self.syn_decide(p, slot, c, pair, o, p.ack, False)
+                elif p.tcp_flags & (TH_FIN | TH_RST):
+                    self.syn_decide(p, slot, c, pair, o, 0, True)
+        if want_d and p.payload_len and accepted and p.tcp_flags & TH_SYN:
+            self.syn_hold(p, slot, c, pair, seq)
+        elif want_d and p.payload_len and accepted:
+            # the packet's payload, into its direction's stream
             s = &self.streams[2 * pair + d]
             if not meta.mark & (MARK_INIT0 << d):
                 # offset 0 is the byte after the ISN when the SYN was seen, else (a
@@ -552,23 +597,7 @@ cdef class TcpMonitor(NetworkLayer):
                 fl = 0
             else:
                 fl = stream_add(self.pool, s, seq, p.data + p.payload_off, p.payload_len)
-            if fl & STREAM_CONFLICT:
-                self.conflicts += 1
-                m = self.flow_tcp_msg(T_FLOW_TCP_OVERLAP_CONFLICT, p, slot, 0, c)
-                if m != NULL:
-                    (<flow_tcp_body *>m.body).offset = s.conflict_off
-                    (<flow_tcp_body *>m.body).stream_dir = d ^ cdir
-                    self.bus.publish(m)
-            if fl & STREAM_MEMCAP:
-                self.memcaps += 1
-                if fl & STREAM_PIECES:
-                    self.memcaps_pieces += 1
-                m = self.flow_tcp_msg(T_FLOW_TCP_MEMCAP, p, slot, 0, c)
-                if m != NULL:
-                    (<flow_tcp_body *>m.body).offset = <uint64_t>stream_offset_of(s, seq)
-                    (<flow_tcp_body *>m.body).length = p.payload_len
-                    (<flow_tcp_body *>m.body).stream_dir = d ^ cdir
-                    self.bus.publish(m)
+            self.add_flags(p, slot, c, s, d, fl, seq, p.payload_len)
             if s.frontier != before:
                 self.data_ready(p, slot, c, pair, d, before)
         # the packet's ACK: holes in the other direction that the receiver got
@@ -601,6 +630,86 @@ cdef class TcpMonitor(NetworkLayer):
                 # DATA_RDY, from the hole's end (a read cannot cross a hole)
                 if s.frontier > ge:
                     self.data_ready(p, slot, c, pair, o, ge)
+
+    cdef void add_flags(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, mbx_stream *s,
+                        uint8_t d, int fl, uint32_t seq, uint32_t n) noexcept nogil:
+        # What stream_add of n bytes at seq into s (of flow dir d) reported: counted,
+        # and published when there is a packet to name (not at a flow's end, whose
+        # slot may hold another flow by then).
+        cdef uint8_t cdir = tcp_client_dir(c)
+        cdef mbx_msg *m = NULL
+        if fl & STREAM_CONFLICT:
+            self.conflicts += 1
+            if p.index != NO_PKT:
+                m = self.flow_tcp_msg(T_FLOW_TCP_OVERLAP_CONFLICT, p, slot, 0, c)
+            if m != NULL:
+                (<flow_tcp_body *>m.body).offset = s.conflict_off
+                (<flow_tcp_body *>m.body).stream_dir = d ^ cdir
+                self.bus.publish(m)
+        m = NULL
+        if fl & STREAM_MEMCAP:
+            self.memcaps += 1
+            if fl & STREAM_PIECES:
+                self.memcaps_pieces += 1
+            if p.index != NO_PKT:
+                m = self.flow_tcp_msg(T_FLOW_TCP_MEMCAP, p, slot, 0, c)
+            if m != NULL:
+                (<flow_tcp_body *>m.body).offset = <uint64_t>stream_offset_of(s, seq)
+                (<flow_tcp_body *>m.body).length = n
+                (<flow_tcp_body *>m.body).stream_dir = d ^ cdir
+                self.bus.publish(m)
+
+    cdef void syn_hold(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                       uint32_t seq) noexcept nogil:
+        # Data on a SYN (or SYN+ACK) is not the stream's yet: a receiver without a
+        # TFO cookie for the sender throws it away (its SYN+ACK acknowledges the SYN
+        # only) and gets the real bytes again at ISN + 1.  Held in a stream of its
+        # own, from the pool, so it is bounded as stream bytes are (stream_window,
+        # a full pool is MEMCAP; an IP packet carries less than 64 KiB anyway), and
+        # a retransmitted SYN with other bytes is a conflict there.  Once decided,
+        # later SYN data is none: the receiver answered the SYN already.
+        cdef uint8_t d = p.dir
+        cdef mbx_stream *h = &self.held[2 * pair + d]
+        if self.meta[slot].mark & (MARK_SYN0 << d):
+            self.syn_data_dropped += p.payload_len
+            return
+        if not h.live:
+            stream_init(self.pool, h, c.ep[d].isn + 1, self.policy)
+        self.add_flags(p, slot, c, h, d, stream_add(self.pool, h, seq, p.data + p.payload_off,
+                                                    p.payload_len), seq, p.payload_len)
+
+    cdef void syn_decide(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                         uint8_t d, uint32_t upto, bint whole) noexcept nogil:
+        # The receiver of flow dir d's SYN data took its bytes before seq upto (or,
+        # whole, all of them): those go to the stream, ahead of anything after them;
+        # the rest is dropped.
+        cdef mbx_stream *h = &self.held[2 * pair + d]
+        cdef mbx_stream *s = &self.streams[2 * pair + d]
+        cdef int64_t keep = h.frontier if whole else <int32_t>(upto - h.seq0)
+        cdef uint64_t off = 0, before
+        cdef const uint8_t *ptr
+        cdef int k, fl = 0
+        self.meta[slot].mark |= MARK_SYN0 << d
+        if keep < 0:
+            keep = 0
+        elif keep > <int64_t>h.frontier:
+            keep = h.frontier
+        self.syn_data_dropped += h.frontier - keep
+        if keep and self.wants_stream(slot, p, d ^ tcp_client_dir(c)):
+            if not self.meta[slot].mark & (MARK_INIT0 << d):
+                stream_init(self.pool, s, h.seq0, self.policy)
+                self.meta[slot].mark |= MARK_INIT0 << d
+            before = s.frontier
+            while off < <uint64_t>keep:
+                k = stream_read(self.pool, h, off, keep - off, &ptr)
+                if k <= 0:
+                    break
+                fl |= stream_add(self.pool, s, h.seq0 + <uint32_t>off, ptr, k)
+                off += k
+            self.add_flags(p, slot, c, s, d, fl, h.seq0, <uint32_t>keep)
+            if s.frontier != before:
+                self.data_ready(p, slot, c, pair, d, before)
+        stream_free(self.pool, h)
 
     cdef void data_ready(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                          uint8_t d, uint64_t old_frontier) noexcept nogil:
@@ -649,7 +758,7 @@ cdef class TcpMonitor(NetworkLayer):
     cpdef process(self, Batch batch):
         """One burst through the stack and the NFs, then the streams' delivered bytes
         (beyond what ``retain`` keeps) go back to the pool."""
-        cdef uint32_t k, pair
+        cdef uint32_t k
         self.current = batch
         if batch.count > self.after_cap:
             PyMem_Free(self.after)
@@ -662,14 +771,31 @@ cdef class TcpMonitor(NetworkLayer):
             self.after_cap = batch.count
         for k in range(batch.count):
             self.after_flow[k] = 0xFFFFFFFFFFFFFFFF
-        NetworkLayer.process(self, batch)
+        self.in_burst = True
+        try:
+            NetworkLayer.process(self, batch)
+        finally:
+            self.in_burst = False
+        self.release_touched()
+
+    cdef int drain_ended(self) except -1:
+        # Flows ended outside a burst (idle, at the input's end) may deliver held SYN
+        # data (flow_ended): their pairs go back once those DATA_RDY were handled.
+        # Within a burst (its idle expiry) the burst's end does that, after every
+        # flow it ended: a pair touched in the burst stays readable on FLOW/END.
+        NetworkLayer.drain_ended(self)
+        if not self.in_burst:
+            self.release_touched()
+        return 0
+
+    cdef void release_touched(self) noexcept nogil:
+        # The NFs are done with the DATA_RDY just dispatched: the pairs whose flow
+        # ended go back to the pool, the others' delivered bytes (beyond retain).
+        cdef uint32_t k, pair
         for k in range(self.n_touched):
             pair = self.touched[k]
             if self.touched_mark[pair] == 3:      # its flow ended during the burst
-                stream_free(self.pool, &self.streams[2 * pair])
-                stream_free(self.pool, &self.streams[2 * pair + 1])
-                self.free_pairs[self.n_free_pairs] = pair
-                self.n_free_pairs += 1
+                self.free_pair_streams(pair)
             else:
                 stream_release(self.pool, &self.streams[2 * pair],
                                self.streams[2 * pair].frontier)
@@ -887,6 +1013,7 @@ cdef class TcpMonitor(NetworkLayer):
             "memcaps": self.memcaps, "memcaps_pieces": self.memcaps_pieces,
             "memcaps_streams": self.memcaps_streams,
             "payload_after_close": self.after_close,
+            "syn_data_dropped": self.syn_data_dropped,
             "rst_sent": self.rst_sent,
             "dropped_terminated": self.killed_drops,
             "pool_chunks_in_use": self.pool.n_chunks - self.pool.n_free,

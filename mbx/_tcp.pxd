@@ -164,8 +164,9 @@ cdef enum TcpEventBits:
     # pickup): nothing was changed; the caller ends the connection, calls
     # tcp_init() and runs both steps again on the same segment
     TCPEV_NEW_CONNECTION = 0x2000
-    # sender: payload in a SYN or SYN+ACK (TCP Fast Open); it is stream data
-    # (NEW_DATA is set as well when it is new)
+    # sender: payload in a SYN or SYN+ACK (TCP Fast Open); stream data only once
+    # the receiver took it (the TCP Monitor holds it until then; NEW_DATA is set
+    # as well when it is new)
     TCPEV_SYN_DATA = 0x4000
     # sender: payload in a RST (RFC 1122 diagnostic text; never stream data)
     TCPEV_RST_DATA = 0x8000

@@ -1479,3 +1479,137 @@ def test_a_finished_run_frees_its_stack_without_garbage_collection(example_pcap)
         assert live() == before
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------------------
+# Data on a SYN (TCP Fast Open): stream data only once the receiver took it
+
+SYNDATA, REAL = b"SYNDATA", b"REAL request\r\n"
+
+
+def _syn_data_run(run, tmp_path, conn):
+    """(stream bytes by stream_dir as NFs read them, the c2s and s2c (length,
+    sha256) of mbx flows, OVERLAP_CONFLICT events, the tcp counters)."""
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT], side="both")
+    counters, _ = run([rec], frames=conn.frames)
+    c2s, s2c, _ = _streams_and_gaps(run, tmp_path, conn)
+    streams = {d: joined(ch) for (_, d), ch in rec.streams.items()}
+    return streams, c2s, s2c, rec.of("FLOW/TCP/OVERLAP_CONFLICT"), counters["tcp"]
+
+
+def _close(conn, c_next, s_next):
+    conn.c(c_next, s_next, FIN | ACK)
+    conn.s(s_next, c_next + 1, FIN | ACK)
+    conn.c(c_next + 1, s_next + 1)
+
+
+def test_syn_data_the_server_refuses_never_reaches_the_stream(run, tmp_path):
+    """A server without a TFO cookie for the client (Linux, say) answers a SYN with
+    data by a SYN+ACK that acknowledges the SYN only, throws the SYN's bytes away,
+    and gets the real bytes again at ISN + 1.  The Monitor delivered the SYN's bytes
+    at once, so NFs read SYNDATA where the server got REAL, and the real bytes only
+    raised OVERLAP_CONFLICT (an IDS evasion)."""
+    conn = Conn()
+    conn.c(0, -conn.isn_s, SYN, SYNDATA)
+    conn.s(0, 1, SYN | ACK)                     # acknowledges the SYN only
+    conn.c(1, 1, PSH | ACK, REAL)               # the client sends its bytes again
+    conn.s(1, 1 + len(REAL))
+    _close(conn, 1 + len(REAL), 1)
+    streams, c2s, _, conflicts, tcp = _syn_data_run(run, tmp_path, conn)
+    assert streams == {0: REAL} and c2s == (len(REAL), _sha(REAL))
+    assert conflicts == [] and tcp["conflicts"] == 0
+    assert tcp["syn_data_dropped"] == len(SYNDATA)
+    assert tcp["pool_chunks_in_use"] == 0
+
+
+@pytest.mark.parametrize("taken", [len(SYNDATA), 3])
+def test_syn_data_the_server_takes_is_the_stream_s_first_bytes(run, tmp_path, taken):
+    """A SYN+ACK that acknowledges the SYN's bytes (TFO accepted): those bytes are
+    the stream's first, ahead of what follows; of a part taken, only that part."""
+    conn = Conn()
+    conn.c(0, -conn.isn_s, SYN, SYNDATA)
+    conn.s(0, 1 + taken, SYN | ACK)
+    rest = SYNDATA[taken:] + b" and more"
+    conn.c(1 + taken, 1, PSH | ACK, rest)
+    end = 1 + taken + len(rest)
+    conn.s(1, end)
+    _close(conn, end, 1)
+    streams, c2s, _, conflicts, tcp = _syn_data_run(run, tmp_path, conn)
+    want = SYNDATA + b" and more"
+    assert streams == {0: want} and c2s == (len(want), _sha(want))
+    assert conflicts == [] and tcp["syn_data_dropped"] == len(SYNDATA) - taken
+
+
+@pytest.mark.parametrize("taken", [False, True])
+def test_syn_data_in_a_one_sided_capture(run, tmp_path, taken):
+    """Only the client's side captured (or the SYN+ACK lost): its next segment with
+    data says what became of its SYN's bytes: sent again at ISN + 1, they were
+    refused; sent on past them, they were taken and come first."""
+    conn = Conn()
+    conn.c(0, -conn.isn_s, SYN, SYNDATA)
+    start = 1 + len(SYNDATA) if taken else 1
+    conn.c(start, 1)                            # its ACK of the SYN+ACK decides nothing
+    conn.c(start, 1, PSH | ACK, REAL)
+    conn.c(start + len(REAL), 1, FIN | ACK)
+    want = SYNDATA + REAL if taken else REAL
+    streams, c2s, _, conflicts, tcp = _syn_data_run(run, tmp_path, conn)
+    assert streams == {0: want} and c2s == (len(want), _sha(want))
+    assert conflicts == [] and tcp["syn_data_dropped"] == (0 if taken else len(SYNDATA))
+
+
+@pytest.mark.parametrize("end", ["fin", "rst", "flow_end"])
+def test_syn_data_nothing_decided_goes_to_the_stream_when_the_connection_ends(
+        run, tmp_path, end):
+    """Held SYN data that nothing decided (no reply, no later data) when the
+    connection ends by a FIN, a RST or its flow's end is delivered then, as any
+    data the receiver may have taken: it does not vanish."""
+    conn = Conn()
+    conn.c(0, -conn.isn_s, SYN, SYNDATA)
+    if end == "fin":
+        conn.c(1 + len(SYNDATA), 1, FIN | ACK)
+    elif end == "rst":
+        conn.s(0, 1 + len(SYNDATA), RST | ACK)  # a closed port's reply
+    streams, c2s, _, conflicts, tcp = _syn_data_run(run, tmp_path, conn)
+    assert streams == {0: SYNDATA} and c2s == (len(SYNDATA), _sha(SYNDATA))
+    assert tcp["syn_data_dropped"] == 0 and tcp["pool_chunks_in_use"] == 0
+
+
+@pytest.mark.parametrize("taken", [False, True])
+def test_data_on_a_syn_ack_counts_once_the_client_took_it(run, tmp_path, taken):
+    """The same rule for the server's side: data on its SYN+ACK is stream data only
+    once the client's ACK covers it; else the server sends it again at ISN + 1."""
+    conn = Conn()
+    conn.c(0, -conn.isn_s, SYN)
+    conn.s(0, 1, SYN | ACK, b"HELLO")
+    if taken:
+        conn.c(1, 6)
+        conn.s(6, 1, PSH | ACK, REAL)
+        s_next = 6 + len(REAL)
+    else:
+        conn.c(1, 1)                            # acknowledges the SYN+ACK only
+        conn.s(1, 1, PSH | ACK, REAL)
+        s_next = 1 + len(REAL)
+    conn.c(1, s_next)
+    _close(conn, 1, s_next)
+    want = b"HELLO" + REAL if taken else REAL
+    streams, _, s2c, conflicts, tcp = _syn_data_run(run, tmp_path, conn)
+    assert streams == {1: want} and s2c == (len(want), _sha(want))
+    assert conflicts == [] and tcp["syn_data_dropped"] == (0 if taken else 5)
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+@pytest.mark.parametrize("end", ["idle", "input_end"])
+def test_syn_data_delivered_at_a_flow_s_end_is_readable(run, deploy, end):
+    """SYN data delivered when its flow ends (idle, or at the input's end: outside
+    any burst) is read by the DATA_RDY handler, in an NF process too, and the
+    stream's memory goes back to the pool afterwards."""
+    conn = Conn()
+    conn.c(0, -conn.isn_s, SYN, SYNDATA)
+    if end == "idle":                           # a later flow's packet expires it
+        later = Conn(cli=("10.0.0.3", 40001), t=500.0)
+        later.c(0, 0, SYN)
+        conn.frames += later.frames
+    counters, _ = run([EveryEventReader()], frames=conn.frames, stack="tcp",
+                      deploy=deploy)
+    assert counters["nfs"]["every"]["report"]["read"] == len(SYNDATA)
+    assert counters["tcp"]["pool_chunks_in_use"] == 0
