@@ -676,10 +676,20 @@ FILTER_KEYS = ("proto", "src_port", "dst_port", "src_net", "dst_net")
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58, "sctp": 132, "any": 0}
 
 
+def _items(spec, what, kind):
+    # A filter key's value as a list of its items; an empty list would leave the key
+    # without a constraint, matching everything, the opposite of "any of none".
+    items = list(spec) if isinstance(spec, list | tuple | set) else [spec]
+    if not items:
+        raise SubscriptionError(f"filter {what}: an empty list: give at least one "
+                                f"{kind}, or leave {what} out to match any")
+    return items
+
+
 def _ports(spec, what):
     if spec is None:
         return []
-    items = spec if isinstance(spec, list | tuple | set) else [spec]
+    items = _items(spec, what, "port or range")
     out = []
     for item in items:
         text = str(item)
@@ -703,13 +713,21 @@ def _ports(spec, what):
 def _nets(spec, what):
     if spec is None:
         return []
-    items = spec if isinstance(spec, list | tuple | set) else [spec]
+    items = _items(spec, what, "prefix")
     out = []
     for item in items:
         try:
-            out.append(ipaddress.ip_network(str(item), strict=False))
+            out.append(ipaddress.ip_network(str(item)))
         except ValueError as exc:
-            raise SubscriptionError(f"filter {what}: {exc}") from None
+            try:
+                net = ipaddress.ip_network(str(item), strict=False)
+            except ValueError:
+                raise SubscriptionError(f"filter {what}: {exc}") from None
+            # 10.0.0.1/8: a host or a network?  (tcpdump refuses it too)
+            raise SubscriptionError(
+                f"filter {what}: {item!r} has bits set past its prefix length: write "
+                f"{net} for the network, or {ipaddress.ip_interface(str(item)).ip} for "
+                f"the host") from None
     if len(out) > FILTER_MAX_PREFIXES:
         raise SubscriptionError(f"filter {what}: at most {FILTER_MAX_PREFIXES} prefixes")
     return out
@@ -729,9 +747,15 @@ cdef class Filter:
                                            dst_net=dst_net).items() if v is not None}
         if proto is not None:
             p = _PROTOS.get(str(proto).lower(), proto)
-            if not isinstance(p, int) or not 0 <= p <= 255:
+            if isinstance(p, str) and p.strip().isdigit():
+                p = int(p)
+            if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 255:
+                # (a bool is an int to Python: true would have been ICMP)
                 raise SubscriptionError(f"filter proto: {proto!r} is not tcp, udp, icmp, "
                                         "icmp6, sctp or a protocol number")
+            if p in (1, 58) and (src_port is not None or dst_port is not None):
+                raise SubscriptionError(f"filter: proto {proto!r} with src_port or dst_port "
+                                        "matches nothing: ICMP has no ports")
             self.f.proto = p
         cdef int i
         for i, (lo, hi) in enumerate(_ports(src_port, "src_port")):

@@ -265,6 +265,40 @@ def test_nf_files_are_found_beside_the_application_file(tmp_path, monkeypatch):
      [nf.filter]
      dst_port = "90-80"
      """, "filter dst_port: '90-80' runs backwards: write 80-90"),
+    # a bool is an int to Python: proto = true was taken as 1, ICMP
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [nf.filter]
+     proto = true
+     """, "filter proto: True is not tcp, udp, icmp, icmp6, sctp or a protocol number"),
+    # an empty list left the key unconstrained: it matched every packet
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [nf.filter]
+     dst_port = []
+     """, "filter dst_port: an empty list: give at least one port or range"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [nf.filter]
+     src_net = []
+     """, "filter src_net: an empty list: give at least one prefix"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [nf.filter]
+     src_net = "10.0.0.1/8"
+     """, "filter src_net: '10.0.0.1/8' has bits set past its prefix length: write "
+          "10.0.0.0/8 for the network, or 10.0.0.1 for the host"),
+    ("""
+     [[nf]]
+     use = "l2fwd"
+     [nf.filter]
+     proto = "icmp"
+     dst_port = 80
+     """, "proto 'icmp' with src_port or dst_port matches nothing: ICMP has no ports"),
     ("""
      [[nf]]
      use = "l2fwd"
