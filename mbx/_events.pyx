@@ -1867,7 +1867,9 @@ cdef class EventBus:
         cdef mbx_msg *m = self.new_msg(msg.m.h.type_idx, msg.m.h.type_id, ts, flow, gen,
                                        pkt, dir, nf._index + 1, pos)
         if m == NULL:
-            raise MbxError(f"NF {nf.name}: {self.full_text()}; raise msg_capacity")
+            raise MbxError(f"NF {nf.name}: {self.full_text()}; raise msg_capacity, "
+                           "unless NFs publish to each other in a loop (mbx check "
+                           "warns of one)")
         memcpy(m.body, msg.m.body, MSG_BODY_SIZE)
         self.publish(m)
 

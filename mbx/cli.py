@@ -244,7 +244,7 @@ def _same_file(a, b):
 
 def _run(nfs, args, spec=None):
     from mbx import ports
-    from mbx.controller import check, unused_warning
+    from mbx.controller import check, loop_warning, publication_loop, unused_warning
     from mbx.ports import bridge_output_note, capture_file, read_files, written_files
     from mbx.runtime import App, check_writable, unused_monitor_options
 
@@ -286,6 +286,9 @@ def _run(nfs, args, spec=None):
     note = bridge_output_note(args.inp, args.out)
     if note:
         print(f"mbx: warning: {note}", file=sys.stderr)
+    loop = publication_loop(nfs)
+    if loop:
+        print(f"mbx: warning: {loop_warning(loop)}", file=sys.stderr)
     stack = config.get("stack", "auto")
     unused = unused_monitor_options(stack, nfs, config)
     if unused:

@@ -127,6 +127,52 @@ def unused_warning(unused, stack):
             f"--stack tcp runs the Monitor)")
 
 
+def publication_loop(nfs):
+    """A loop of NFs each subscribed to what the one before it publishes (explicit
+    publications; an NF never receives its own), as "NF a -> NF b (YEV) -> NF a
+    (XEV)", or None.  Inline, a publication reaches an earlier NF in the chain too,
+    so handlers that always publish on such a loop's events pass one packet's events
+    round it until Event Memory fills: worth a warning, not a refusal, as a handler
+    may publish only on some events."""
+    types = _events.event_types()
+
+    def feeds(a, b):
+        # the first type a publishes that b takes, or None
+        if a is b or (a.group is not None and a.group == b.group):
+            return None
+        for j in a.pubs:
+            for idx in b.subs:
+                if types[j].is_a(types[idx]):
+                    return types[j].name
+        return None
+
+    def walk(path, seen):
+        for nxt in nfs:
+            via = feeds(path[-1][0], nxt)
+            if via is None:
+                continue
+            if nxt is path[0][0]:
+                return path + [(nxt, via)]
+            if nxt not in seen:
+                seen.add(nxt)
+                found = walk(path + [(nxt, via)], seen)
+                if found:
+                    return found
+        return None
+
+    for start in nfs:
+        loop = walk([(start, None)], {start})
+        if loop:
+            return " -> ".join(f"NF {nf.name}" + (f" ({via})" if via else "")
+                               for nf, via in loop)
+    return None
+
+
+def loop_warning(loop):
+    return (f"NFs publish to each other in a loop: {loop}; if their handlers always "
+            "publish, one packet's events go round it until Event Memory fills")
+
+
 # tomllib keeps no positions: the lines of tables and keys are found in the text.  A
 # key or table name is bare, "quoted" or 'literal', and dotted paths may have spaces.
 _PART = r"""(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)"""
@@ -495,6 +541,9 @@ def check(path, name, stack, options, nfs, lines=None):
             links.append((nf, t, feeders))
     unused = unused_monitor_options(stack, nfs, options)
     warnings = [unused_warning(unused, stack)] if unused else []
+    loop = publication_loop(nfs)
+    if loop:
+        warnings.append(loop_warning(loop))
     spec = AppSpec(path, name, "tcp" if tcp else "network", options, nfs, links, warnings)
     spec.declared_stack = stack
     return spec

@@ -1007,3 +1007,64 @@ def test_group_member_subscribing_to_its_mate_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", app], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "NF ids subscribes to DPI_DETECT" in r.stderr
+
+
+LOOP_NFS = '''
+import mbx
+
+X = mbx.register_event_type("LOOP_X", fields=[("v", "u16")])
+Y = mbx.register_event_type("LOOP_Y", fields=[("v", "u16")])
+
+
+class Forward(mbx.NF):
+    # takes one type and always publishes the other
+    def __init__(self, name, takes, gives, start=False):
+        super().__init__(name)
+        self.port = self.pub(gives)
+        self.gives = gives
+        self.sub(takes, self.on)
+        if start:
+            self.sub(mbx.FLOW_START, self.on)
+
+    def on(self, ev):
+        self.publish(self.port, self.new_msg(self.gives))
+
+
+def a():
+    return Forward("a", X, Y)
+
+
+def b():
+    return Forward("b", Y, X, start=True)
+
+
+def c():
+    return Forward("c", mbx.FLOW_START, X)
+'''
+
+
+def test_a_publication_loop_is_warned_of_and_named_when_it_fills_event_memory(
+        tmp_path, example_pcap):
+    # a takes LOOP_X and publishes LOOP_Y, b (after it) the other way round: inline,
+    # one flow's events went round until Event Memory filled, and the error said
+    # only to raise msg_capacity, which cannot help.
+    (tmp_path / "loop.py").write_text(LOOP_NFS)
+    app = tmp_path / "loop.toml"
+    app.write_text('[[nf]]\nuse = "loop:a"\n[[nf]]\nuse = "loop:b"\n')
+
+    def mbx_cmd(*args):
+        return subprocess.run([sys.executable, "-m", "mbx.cli", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+
+    loop = "NF a -> NF b (LOOP_Y) -> NF a (LOOP_X)"
+    r = mbx_cmd("check", str(app))
+    assert r.returncode == 0, r.stderr
+    assert f"warning: NFs publish to each other in a loop: {loop}" in r.stdout
+    r = mbx_cmd("run", str(app), "--in", f"pcap:{example_pcap}")
+    assert r.returncode == 2
+    assert f"mbx: warning: NFs publish to each other in a loop: {loop}" in r.stderr
+    assert "raise msg_capacity, unless NFs publish to each other in a loop" in r.stderr
+    # a chain without the loop: no warning
+    app.write_text('[[nf]]\nuse = "loop:c"\n[[nf]]\nuse = "loop:a"\n')
+    r = mbx_cmd("check", str(app))
+    assert r.returncode == 0 and "warning" not in r.stdout + r.stderr
