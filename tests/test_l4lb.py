@@ -327,6 +327,13 @@ def test_bad_options_name_the_nf_and_the_option(cls):
     with pytest.raises(mbx.AppError, match=r"^NF l4lb: vip: '\[fe80::1%eth0\]:80': a "
                                            r"scoped address"):
         cls(vip="[fe80::1%eth0]:80", backends="[fe80::2]:80")
+    # no host has these: were accepted, and nothing to the VIP was ever balanced
+    for bad in ("0.0.0.0:80", "255.255.255.255:80", "224.0.0.1:80"):
+        with pytest.raises(mbx.AppError, match=f"^NF l4lb: vip: '{bad}': .* is not a "
+                                               r"host's address"):
+            cls(vip=bad)
+    with pytest.raises(mbx.AppError, match=r"^NF l4lb: backends: '\[::\]:80': :: is not a "):
+        cls(vip="[2001:db8::1]:80", backends="[::]:80")
     assert cls(vip=["2001:db8::1", 80], backends=[["2001:db8::2", 80]]).vip == (
         "2001:db8::1", 80)
     assert cls(vip="[2001:db8::1]:80", backends="[2001:db8::2]:80").backends == [

@@ -53,10 +53,15 @@ def parse_endpoint(text, where="l4lb"):
         raise mbx.AppError(f"{where}: {text!r}: a scoped address ({addr!r}) cannot "
                            f"be matched; give the address without %SCOPE")
     try:
-        return str(ipaddress.ip_address(addr)), int(port)
+        ip = ipaddress.ip_address(addr)
     except ValueError:
         raise mbx.AppError(f"{where}: {text!r}: {addr!r} is not an IPv4 or IPv6 "
                            f"address") from None
+    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.ip_address("255.255.255.255"):
+        # no host has it: no connection is made to it, and none can be sent to it
+        raise mbx.AppError(f"{where}: {text!r}: {ip} is not a host's address "
+                           f"(unspecified, multicast or broadcast)")
+    return str(ip), int(port)
 
 
 def choose_backend(src, sport, dst, dport, proto, backends):
