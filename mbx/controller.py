@@ -38,6 +38,7 @@ be loaded or called: each is refused with an error naming the file, the line, th
 NF and the types.
 """
 import itertools
+import json
 import os
 import re
 import tomllib
@@ -425,7 +426,8 @@ def _merge_policies(path, text, groups, nfs):
 
     members = {nf.group for nf in nfs if nf.group is not None}
     for gname, spec in groups.items():
-        where = _at(path, _line_of(text, 0, f"[groups.{gname}]"))
+        # quoted, as a name with a dot or a space must be in the file
+        where = _at(path, _line_of(text, 0, f"[groups.{json.dumps(gname)}]"))
         if not isinstance(spec, dict):
             raise AppError(f"{where}: groups.{gname} must be a table ([groups.{gname}])")
         bad = set(spec) - _GROUP_KEYS

@@ -1068,3 +1068,14 @@ def test_a_publication_loop_is_warned_of_and_named_when_it_fills_event_memory(
     app.write_text('[[nf]]\nuse = "loop:c"\n[[nf]]\nuse = "loop:a"\n')
     r = mbx_cmd("check", str(app))
     assert r.returncode == 0 and "warning" not in r.stdout + r.stderr
+
+
+def test_a_group_named_with_a_dot_keeps_its_line_in_errors(tmp_path):
+    # [groups."my.group"] was looked for as [groups.my.group], never found
+    app = tmp_path / "g.toml"
+    app.write_text('[[nf]]\nuse = "flow_stats"\ngroup = "my.group"\n[[nf]]\n'
+                   'use = "logger"\ngroup = "my.group"\n[groups."my.group"]\n'
+                   'merge = "bogus"\n')
+    with pytest.raises(AppError, match=f"^{app}, line 7: parallel group 'my.group': "
+                                       "merge = 'bogus'"):
+        load_app_file(str(app))
