@@ -11,6 +11,7 @@ cdef enum:
     AFP_ERRMSG = 256
     WHOLE_FRAME_MAX = 65536 + 256   # a frame read whole from the socket (IPv4/6 max + L2)
     WHOLE_QUEUE_BYTES = 16 << 20    # V2: receive buffer for the kernel's whole copies
+    NO_CARRIER = -1         # last_tx_errno/last_link_errno: no errno, the link had no carrier
 
 
 cdef class AfPacketPort(Port):
@@ -54,8 +55,13 @@ cdef class AfPacketPort(Port):
     cdef readonly uint64_t rx_oversize  # frames larger than an empty batch holds (in rx_dropped)
     cdef readonly uint64_t kernel_freezes   # blocks the kernel found still in user hands
     cdef readonly int last_tx_errno     # errno of the last send that dropped frames
-    cdef readonly uint64_t link_errors  # errors the kernel raised on the socket (ENETDOWN)
-    cdef readonly int last_link_errno   # the last of those
+    #                                     (or NO_CARRIER)
+    cdef readonly uint64_t link_errors  # times the link went down: an error the kernel
+    #                                     raised on the socket (ENETDOWN), or the carrier
+    #                                     found lost when sending
+    cdef readonly int last_link_errno   # the last of those (an errno or NO_CARRIER)
+    cdef bint no_carrier                # up, without carrier, when last looked at
+    cdef int64_t link_checked_ns        # when (CLOCK_MONOTONIC)
     cdef char ifname[16]                # iface, for the nogil check that it still exists
 
     cdef int fd
@@ -88,6 +94,7 @@ cdef class AfPacketPort(Port):
     cdef int socket_error(self, short revents) noexcept nogil
     cdef int idle_check(self) noexcept nogil
     cdef void gone(self) noexcept nogil
+    cdef void check_link(self) noexcept nogil
     cdef int send_frames(self, mbx_pkt **pkts, int n) noexcept nogil
     cdef void refresh_stats(self) noexcept nogil
     cdef uint64_t count_unread(self) noexcept nogil

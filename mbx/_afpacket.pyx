@@ -114,14 +114,28 @@ cdef extern from "<sys/ioctl.h>" nogil:
 cdef extern from "<net/if.h>" nogil:
     enum:
         IFNAMSIZ
+    enum:
+        IFF_UP
+        IFF_RUNNING
     struct ifreq:
         char ifr_name[16]
-        int ifr_mtu             # a macro over the ifr_ifru union
+        int ifr_mtu             # macros over the ifr_ifru union
+        short ifr_flags
+        char *ifr_data
     unsigned int if_nametoindex(const char *name)
 
 cdef extern from "<linux/sockios.h>":
     enum:
         SIOCGIFMTU
+        SIOCGIFFLAGS
+        SIOCETHTOOL
+
+cdef extern from "<linux/ethtool.h>" nogil:
+    enum:
+        ETHTOOL_GLINK
+    struct ethtool_value:
+        uint32_t cmd
+        uint32_t data
 
 cdef extern from "<linux/if_ether.h>":
     enum:
@@ -303,6 +317,11 @@ cdef enum:
     # offloads=True: a V2 slot (a V3 block) must hold a 64 KiB super-frame and its
     # headers whole.
     OFFLOAD_FRAME_SIZE = 65536 + 256
+    # How often a sending port looks at its link again (its carrier): for this long
+    # (and as long as the kernel takes to mark the link down) frames the kernel drops
+    # at the start of an outage count as sent, and at its end frames are not sent
+    # though the link is back.
+    LINK_CHECK_NS = 5000000
 
 # fanout_group=NEW_GROUP: a group of an id the kernel picks, unused in the namespace.
 NEW_GROUP = "new"
@@ -558,7 +577,10 @@ cdef class AfPacketPort(Port):
     (PACKET_STATISTICS, fetched by ``counters``, when idle and at close) and frames
     larger than an empty batch holds (``rx_oversize``, counted in it too);
     ``rx_unread`` frames still in the ring at close; ``tx_dropped``
-    frames refused by the interface (full queue, too big); ``tx_cut`` IP datagrams
+    frames refused by the interface (full queue, too big, link down) or sent while it
+    had no carrier (the far end down: the kernel would drop them without an error;
+    the port looks every ``LINK_CHECK_NS``, 5 ms); ``link_errors`` times the link went
+    down (an error on the socket, a carrier loss found when sending); ``tx_cut`` IP datagrams
     longer than the MTU sent as fragments (``_fragment.pxd``: IPv4 without DF;
     IPv4 with DF and IPv6 that mbx rebuilt); ``kernel_freezes`` (V3 only) blocks the
     kernel found still in our hands.
@@ -893,14 +915,19 @@ cdef class AfPacketPort(Port):
                  link_errors=self.link_errors)
         if self.link_errors:
             # e.g. "Network is down": the link went down at least once
-            c["link_error"] = os.strerror(self.last_link_errno)
+            c["link_error"] = self._why(self.last_link_errno)
         if self.tx_dropped:
             # why the last frames were not sent (EMSGSIZE: larger than the MTU, ...)
-            why = [os.strerror(self.last_tx_errno)] if self.last_tx_errno else []
+            why = [self._why(self.last_tx_errno)] if self.last_tx_errno else []
             if self.tx_partial:
                 why.append(f"{self.tx_partial} received cut short, so not sent on")
             c["tx_error"] = "; ".join(why) or None
         return c
+
+    def _why(self, int e):
+        if e == NO_CARRIER:
+            return f"no carrier on {self.iface} (the link's far end is down or unplugged)"
+        return os.strerror(e)
 
     def __repr__(self):
         return (f"<AfPacketPort {self.iface!r} ifindex={self.ifindex} mtu={self.mtu} "
@@ -1144,6 +1171,41 @@ cdef class AfPacketPort(Port):
                  self.ifname)
         self.set_error(self.errmsg)
 
+    cdef void check_link(self) noexcept nogil:
+        # The link as the kernel has it now: its carrier.  An interface that is up
+        # without carrier (a veth whose peer is down, a NIC without a cable) raises no
+        # error on the socket, as a link going down does (ENETDOWN): sendmmsg takes
+        # the frames and the kernel drops them.  SIOCGIFFLAGS reads the device under
+        # RCU, with no lock; its IFF_RUNNING is the operstate, which the kernel sets
+        # as it acts on a carrier change (the interface's tx_dropped would count
+        # other senders' losses too, and misses a NIC's).  But it acts on most
+        # changes in a batch up to a second later (those of a NIC, or of a veth whose
+        # peer has the same ifindex in its namespace): an interface just brought up
+        # with its carrier on sends at once while IFF_RUNNING is still clear.  So a
+        # clear IFF_RUNNING is checked against the carrier itself (ETHTOOL_GLINK;
+        # IFF_LOWER_UP does not fit in SIOCGIFFLAGS' short), asked only then since it
+        # takes the RTNL; a driver that cannot say leaves IFF_RUNNING's word.  An
+        # interface that is down (IFF_UP clear) is left to ENETDOWN.
+        cdef ifreq ifr
+        cdef ethtool_value link
+        cdef bint lost
+        self.link_checked_ns = monotonic_ns()
+        memset(&ifr, 0, sizeof(ifr))
+        strncpy(ifr.ifr_name, self.ifname, IFNAMSIZ - 1)
+        if ioctl(self.fd, SIOCGIFFLAGS, &ifr) < 0:
+            return          # gone: sendmmsg and the receive side say so
+        lost = ifr.ifr_flags & IFF_UP and not ifr.ifr_flags & IFF_RUNNING
+        if lost:
+            link.cmd = ETHTOOL_GLINK
+            link.data = 0
+            ifr.ifr_data = <char *>&link
+            if ioctl(self.fd, SIOCETHTOOL, &ifr) == 0 and link.data:
+                lost = False
+        if lost and not self.no_carrier:
+            self.link_errors = self.link_errors + 1
+            self.last_link_errno = NO_CARRIER
+        self.no_carrier = lost
+
     cdef int socket_error(self, short revents) noexcept nogil:
         # When its link goes down or its interface goes away, the kernel sets an
         # error on the socket (ENETDOWN), and poll() then returns at once, POLLERR,
@@ -1220,6 +1282,13 @@ cdef class AfPacketPort(Port):
             self.set_error(b"send on a closed port" if self.fd < 0
                            else b"send on a receive-only port")
             return PORT_ERROR
+        if monotonic_ns() - self.link_checked_ns >= LINK_CHECK_NS:
+            self.check_link()
+        if self.no_carrier:
+            # The kernel would take these and drop them without a word: not sent.
+            self.last_tx_errno = NO_CARRIER
+            self.tx_dropped = self.tx_dropped + n
+            return 0
         while i < n:
             k = 0
             ci = i

@@ -116,9 +116,9 @@ def _print_counters(c, elapsed, out=None):
             w(f"not sent       {unsent:,} packet{'s' if unsent != 1 else ''}, by the {side} port"
               + (f" (last error: {why})" if why else "") + "\n")
     inp = (c.get("ports") or {}).get("in") or {}
-    lost, oversize, cut, link, whole, unread, bad = (_port_sum(inp, key) for key in (
-        "rx_dropped", "rx_oversize", "rx_truncated", "link_errors", "rx_whole",
-        "rx_unread", "rx_bad_length"))
+    lost, oversize, cut, whole, unread, bad = (_port_sum(inp, key) for key in (
+        "rx_dropped", "rx_oversize", "rx_truncated", "rx_whole", "rx_unread",
+        "rx_bad_length"))
     unsent = sum((port or {}).get("tx_dropped") or 0
                  for port in (c.get("ports") or {}).values())
     if lost - oversize - bad:
@@ -153,9 +153,12 @@ def _print_counters(c, elapsed, out=None):
           "fragment (the two sides' MTUs differ?), a super-frame from a sender with "
           "TSO/GSO (a veth's default; use ?offloads=1, or those offloads off), or one "
           "the kernel rebuilt for --stacks from fragments with DF set\n")
+    link = sum(_port_sum(port or {}, "link_errors")      # an output's too
+               for port in (c.get("ports") or {}).values())
     if link:
-        w(f"link           {link:,} errors raised on the input's sockets (the link went "
-          "down; frames sent meanwhile count as not sent)\n")
+        w(f"link           {link:,} link error{'s' if link != 1 else ''} (a port's link went "
+          "down: an error raised on its socket, or no carrier when it sent); frames sent "
+          "meanwhile count as not sent\n")
     if inp.get("skipped"):
         n = inp["skipped"]
         w(f"input          {n:,} frame{'s' if n != 1 else ''} skipped: "

@@ -1076,7 +1076,7 @@ def test_a_link_down_is_waited_out_and_a_deleted_interface_ends_the_run(testbed,
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
-    assert "errors raised on the input's sockets (the link went down" in out
+    assert "(a port's link went down: an error raised on its socket" in out
     c = json.loads(counters.read_text())
     server = c["ports"]["in"]["server"]
     assert server["link_errors"] >= 1 and server["link_error"] == "Network is down"
@@ -1090,6 +1090,56 @@ def test_a_link_down_is_waited_out_and_a_deleted_interface_ends_the_run(testbed,
     _, err = p.communicate(timeout=30)
     assert p.returncode == 2 and "interface mc is gone" in err, err
     assert time.monotonic() - t0 < 10
+
+
+def _sent_through(tmp_path, total, directions="ab"):
+    """The client sends the ``send`` helper's frames (client to server: ``ab``) and
+    waits until the recorder of the run has counted ``total`` packets in all."""
+    sent = int(_sh(*_in_ns(NS_C, sys.executable, HERE, "send", "c0", directions),
+                   timeout=60).stdout)
+    deadline = time.monotonic() + 20
+    while (sum(int(f.read_text() or 0) for f in tmp_path.glob("count-*")) < total
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    return sent
+
+
+def _no_carrier(ns, dev):
+    """Until ``dev``'s operstate says it has no carrier (its peer is down)."""
+    deadline = time.monotonic() + 10
+    while _sh(*_in_ns(ns, "cat", f"/sys/class/net/{dev}/operstate")).stdout.strip() == "up":
+        assert time.monotonic() < deadline, f"{dev} kept its carrier"
+        time.sleep(0.02)
+
+
+def test_frames_sent_while_the_far_end_is_down_count_as_not_sent(testbed, tmp_path):
+    # With the server's end of the link down, mbx's side (ms) is up without carrier:
+    # sendmmsg took the frames and the kernel dropped them, and the summary said
+    # "sent" for every one.  Now the port looks at its carrier: the frames count as
+    # not sent, with why, and the outage as a link error; once the far end is up again
+    # frames go and count as sent.
+    procs = testbed
+    counters = tmp_path / "c.json"
+    p = _start_recorder_run(procs, tmp_path, "--json", str(counters))
+    _sh("ip", "-n", NS_S, "link", "set", "s0", "down")
+    _no_carrier(NS_M, "ms")
+    lost = _sent_through(tmp_path, 256)
+    _sh("ip", "-n", NS_S, "link", "set", "s0", "up")
+    time.sleep(0.2)
+    sent = _sent_through(tmp_path, lost + 256)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    c = json.loads(counters.read_text())
+    server = c["ports"]["in"]["server"]
+    assert c["packets"] == lost + sent == 512
+    assert (server["tx_dropped"], server["tx_pkts"], c["sent"]) == (lost, sent, sent)
+    why = "no carrier on ms (the link's far end is down or unplugged)"
+    assert server["link_errors"] == 1 and server["link_error"] == why
+    assert server["tx_error"] == why
+    assert (f"not sent       256 packets, by the in port (last error: server: {why})"
+            in out), out
+    assert "link           1 link error (a port's link went down" in out
 
 
 # ---------------------------------------------------------------- inside a namespace
