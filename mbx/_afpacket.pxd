@@ -17,7 +17,7 @@ cdef enum:
 cdef class AfPacketPort(Port):
     cdef readonly str iface
     cdef readonly int ifindex
-    cdef readonly int mtu
+    cdef readonly int mtu               # read at open, then again by check_link
     cdef readonly uint16_t port_id
     cdef readonly str ring_version      # "v2" (a slot per frame) or "v3" (packed blocks)
     cdef int tpacket_version            # TPACKET_V2 or TPACKET_V3

@@ -317,7 +317,7 @@ cdef enum:
     # offloads=True: a V2 slot (a V3 block) must hold a 64 KiB super-frame and its
     # headers whole.
     OFFLOAD_FRAME_SIZE = 65536 + 256
-    # How often a sending port looks at its link again (its carrier): for this long
+    # How often a sending port looks at its link again (carrier and MTU): for this long
     # (and as long as the kernel takes to mark the link down) frames the kernel drops
     # at the start of an outage count as sent, and at its end frames are not sent
     # though the link is back.
@@ -579,7 +579,8 @@ cdef class AfPacketPort(Port):
     ``rx_unread`` frames still in the ring at close; ``tx_dropped``
     frames refused by the interface (full queue, too big, link down) or sent while it
     had no carrier (the far end down: the kernel would drop them without an error;
-    the port looks every ``LINK_CHECK_NS``, 5 ms); ``link_errors`` times the link went
+    the port looks every ``LINK_CHECK_NS``, 5 ms, and reads ``mtu`` again then, and
+    when a frame is refused as too long); ``link_errors`` times the link went
     down (an error on the socket, a carrier loss found when sending); ``tx_cut`` IP datagrams
     longer than the MTU sent as fragments (``_fragment.pxd``: IPv4 without DF;
     IPv4 with DF and IPv6 that mbx rebuilt); ``kernel_freezes`` (V3 only) blocks the
@@ -1172,11 +1173,13 @@ cdef class AfPacketPort(Port):
         self.set_error(self.errmsg)
 
     cdef void check_link(self) noexcept nogil:
-        # The link as the kernel has it now: its carrier.  An interface that is up
-        # without carrier (a veth whose peer is down, a NIC without a cable) raises no
-        # error on the socket, as a link going down does (ENETDOWN): sendmmsg takes
-        # the frames and the kernel drops them.  SIOCGIFFLAGS reads the device under
-        # RCU, with no lock; its IFF_RUNNING is the operstate, which the kernel sets
+        # The link as the kernel has it now: its MTU (changed under a running port:
+        # datagrams longer than the new one were refused, EMSGSIZE, or cut to the
+        # old, smaller one) and its carrier.  An interface that is up without carrier
+        # (a veth whose peer is down, a NIC without a cable) raises no error on the
+        # socket, as a link going down does (ENETDOWN): sendmmsg takes the frames and
+        # the kernel drops them.  SIOCGIFMTU and SIOCGIFFLAGS read the device under
+        # RCU, with no lock; IFF_RUNNING is the operstate, which the kernel sets
         # as it acts on a carrier change (the interface's tx_dropped would count
         # other senders' losses too, and misses a NIC's).  But it acts on most
         # changes in a batch up to a second later (those of a NIC, or of a veth whose
@@ -1192,6 +1195,8 @@ cdef class AfPacketPort(Port):
         self.link_checked_ns = monotonic_ns()
         memset(&ifr, 0, sizeof(ifr))
         strncpy(ifr.ifr_name, self.ifname, IFNAMSIZ - 1)
+        if ioctl(self.fd, SIOCGIFMTU, &ifr) == 0 and ifr.ifr_mtu > 0:
+            self.mtu = ifr.ifr_mtu
         if ioctl(self.fd, SIOCGIFFLAGS, &ifr) < 0:
             return          # gone: sendmmsg and the receive side say so
         lost = ifr.ifr_flags & IFF_UP and not ifr.ifr_flags & IFF_RUNNING
@@ -1269,7 +1274,7 @@ cdef class AfPacketPort(Port):
         cdef int plan_of = -1                   # the packet plan was made for
         cdef mbx_pkt *p
         cdef pollfd pfd
-        cdef int i = 0, ci, j, k, r, e
+        cdef int i = 0, ci, j, k, r, e, old_mtu
         cdef uint32_t piece = 0, cpiece, hlen, at
         cdef socklen_t elen
         cdef int sent = 0
@@ -1407,6 +1412,17 @@ cdef class AfPacketPort(Port):
                 elen = sizeof(int)
                 getsockopt(self.fd, SOL_SOCKET, SO_ERROR, &e, &elen)
                 continue
+            if e == EMSGSIZE and piece == 0:
+                # Longer than the MTU as last read: it may have changed since.  If it
+                # has, this packet goes again, cut to the new one where it may be cut.
+                # Not a fragment after the first: those before it went cut to the old
+                # MTU, and fragments cut to another would overlap them, for which a
+                # receiver drops the whole datagram (RFC 5722; Linux for IPv4 too).
+                old_mtu = self.mtu
+                self.check_link()
+                if self.mtu != old_mtu:
+                    plan_of = -1
+                    continue
             self.last_tx_errno = e          # why frames are dropped from here on
             if e == EMSGSIZE or e == EINVAL:
                 # this frame cannot go (larger than the MTU); a fragment that cannot

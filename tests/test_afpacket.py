@@ -1595,6 +1595,71 @@ def test_frames_larger_than_the_mtu_are_cut_or_counted_and_explained(testbed, tm
     assert out["tx_error"] == os.strerror(errno.EMSGSIZE)
 
 
+REMTU_NF = """
+import fcntl, socket, struct, time
+import mbx
+
+class Remtu(mbx.NF):
+    # sets ms's MTU to 1000 at the second packet, back to 1500 at the third
+    def __init__(self):
+        super().__init__("remtu")
+        self.n = 0
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def on_pkt(self, ev):
+        self.n += 1
+        if self.n in (2, 3):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                fcntl.ioctl(s, 0x8922, struct.pack("16si20x", b"ms",   # SIOCSIFMTU
+                                                   1000 if self.n == 2 else 1500))
+        if self.n == 3:
+            time.sleep(0.05)        # past the port's next look at its link
+
+nf = Remtu()
+"""
+
+
+def test_an_mtu_changed_mid_run_is_the_one_datagrams_are_cut_to(testbed, tmp_path):
+    # The output read its MTU once, at open.  Lowered mid-run, a datagram longer than
+    # the new MTU was refused (EMSGSIZE, "not sent ... Message too long") though it
+    # could be cut; raised again, datagrams went on being cut to the old one.  Now
+    # the port reads the MTU again when the kernel refuses a frame as too long (and
+    # sends it again, cut), and as it looks at its carrier.  One packet a burst: the
+    # NF changes the MTU just before the port sends that packet.
+    import dpkt
+
+    from mbx.examples.capture import write_pcap
+
+    procs = testbed
+    payloads = [bytes([k]) * 1400 for k in range(3)]
+    smac = bytes.fromhex(_mac(NS_S, "s0").replace(":", ""))
+    frames = []
+    for k, data in enumerate(payloads):
+        udp = dpkt.udp.UDP(sport=41000, dport=5353, ulen=8 + len(data), data=data)
+        ip = dpkt.ip.IP(src=socket.inet_aton(CLIENT_IP), dst=socket.inet_aton(SERVER_IP),
+                        p=17, data=udp, id=k + 1)        # DF clear: it may be cut
+        ip.len = len(bytes(ip))
+        frames.append((1.0 + k, smac + b"\x02\x00\x00\x00\x00\x01\x08\x00" + bytes(ip)))
+    cap, counters, nf = tmp_path / "big.pcap", tmp_path / "c.json", tmp_path / "remtu.py"
+    write_pcap(str(cap), frames)
+    nf.write_text(REMTU_NF)
+    receiver = procs.start(_in_ns(NS_S, sys.executable, HERE, "udp", "recv", SERVER_IP,
+                                  str(len(payloads))),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert receiver.stdout.readline().strip() == "ready", receiver.stderr.read()
+    r = _sh(*_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", f"{nf}+l2fwd", "--in",
+                    f"pcap:{cap}", "--out", "afpacket:ms", "--burst", "1", "--json",
+                    str(counters)), check=False, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    out, err = receiver.communicate(timeout=30)
+    # every datagram arrived, the second as fragments of the new MTU
+    assert json.loads(out) == sorted(hashlib.sha256(d).hexdigest() for d in payloads), r.stdout
+    c = json.loads(counters.read_text())["ports"]["out"]
+    assert (c["tx_pkts"], c["tx_cut"], c["tx_dropped"]) == (1 + 2 + 1, 1, 0), c
+    assert "cut again      1 datagram longer than an output's link" in r.stdout
+    assert "not sent" not in r.stdout
+
+
 def test_a_frame_received_cut_short_is_not_sent_on(testbed, tmp_path):
     # A frame the input had only part of (a capture's snaplen; a ring slot when the
     # kernel could not queue the whole copy) went out cut short: a 1,982-byte frame
