@@ -24,8 +24,9 @@ cdef class NetworkLayer:
     cdef readonly uint64_t frag_held
     cdef readonly uint64_t nf_dropped
     cdef readonly uint64_t sent
-    # in flight when the run failed: never sent (with what the output took and a
-    # failed write then lost: counters() adds its tx_lost)
+    # in flight when the run failed, or when a stop gave up on the NF processes:
+    # never sent (with what the output took and a failed write then lost:
+    # counters() adds its tx_lost)
     cdef readonly uint64_t error_dropped
     cdef uint32_t passed            # packets of the burst in process() the pass reached
     cdef bint finishing             # finish() is sending a burst (an output may fail)

@@ -599,9 +599,16 @@ cdef class NetworkLayer:
     cdef bint retire(self, Batch batch, uint32_t mark, Port out, bint wait,
                      double t_read) except -1:
         # Completion: when every NF is done with the burst (processed up to the bus's
-        # mark), send what passed.
+        # mark), send what passed.  True once the burst has left its slot.
         if not self.bus.burst_done(batch, mark, wait):
-            return False
+            if not wait:
+                return False
+            # Waited for, and still not done: the bus gave up on its NFs (a stop that
+            # an NF process holding an epoch outlasted, see PipeBus.stop_pending).
+            # The burst is never sent; its packets are counted as a failed run's
+            # are, or they would vanish from the totals.
+            self.fail_burst(batch, 0, batch.count)
+            return True
         self.finishing = True
         self.finish(batch, out)
         self.finishing = False

@@ -88,6 +88,8 @@ def _rate(pps):
 
 
 def _print_counters(c, elapsed, out=None):
+    from mbx.stats import lost_in_flight
+
     out = out if out is not None else sys.stdout     # the stream of now, not of import
     pps = c["packets"] / elapsed if elapsed > 0 else 0.0
     w = out.write
@@ -99,8 +101,8 @@ def _print_counters(c, elapsed, out=None):
           "not finish, the counters are of part of it\n")
     w(f"sent           {c['sent']:,}\n")
     w(f"dropped        by NFs {c['dropped_by_nf']:,}, malformed {c['dropped_malformed']:,}"
-      + (f", in flight when the run failed {c['dropped_on_error']:,} (neither sent nor "
-         "dropped by an NF)" if c["dropped_on_error"] else "") + "\n")
+      + (f", {lost_in_flight(c)} {c['dropped_on_error']:,} (neither sent nor dropped "
+         "by an NF)" if c["dropped_on_error"] else "") + "\n")
     f = c["flows"]
     w(f"flows          created {f['created']:,}, expired {f['expired']:,}, "
       f"evicted {f['evicted']:,}"
@@ -409,13 +411,14 @@ def _run_app(app, args, listeners, view, stop):
         with contextlib.suppress(MbxError):
             close_ports(inp, out)
     elapsed = time.perf_counter() - t0
+    # (before the views' last update: it says why packets were lost in flight)
+    counters["stopped"] = stop.signal if _cut_short(app) else None
     # the views end on the final counters, the ones printed below (pipelined, the NF
     # processes' per-type counts join the stack's only when they stop)
     for listener in listeners:
         listener.update(counters)
     counters["elapsed_s"] = elapsed
     counters["ports"] = port_counters(inp, out)
-    counters["stopped"] = stop.signal if _cut_short(app) else None
     for name, n in ((counters.get("pipeline") or {}).get("nfs") or {}).items():
         for why in n["deaths"]:
             # the run went on without it (its policy, or the stop gave up on it): said

@@ -65,7 +65,8 @@ class StatsView:
         lost = counters.get("dropped_on_error")
         lines = [f"[{now - self.t0:7.1f} s] {counters['packets']:,} packets, "
                  f"{counters['dropped_by_nf']:,} dropped by NFs"
-                 + (f", {lost:,} in flight when the run failed" if lost else "")
+                 # (why, the final table says: a live snapshot knows of no error)
+                 + (f", {lost:,} in flight and never sent" if lost else "")
                  ] + nf_table(nfs, rates)
         for k, c in enumerate(counters.get("per_stack") or ()):
             if c is not None:
@@ -88,8 +89,17 @@ class StatsView:
         out.write("\n".join(nf_table(nfs, rates)) + "\n")
         lost = counters.get("dropped_on_error")
         if lost:
-            out.write(f"  {lost:,} packets in flight when the run failed were dropped: "
+            out.write(f"  {lost:,} packets {lost_in_flight(counters)} were dropped: "
                       "neither sent nor dropped by an NF\n")
+
+
+def lost_in_flight(counters):
+    """Why the packets counted ``dropped_on_error`` were neither sent nor dropped by
+    an NF: the run failed, or (pipelined, a run with no error) its stop gave up on
+    NF processes that still held their bursts, a clean stop by design."""
+    if counters.get("stopped") and not counters.get("error"):
+        return "in flight when the stop gave up on the NF processes"
+    return "in flight when the run failed"
 
 
 FLOW_COUNTS = ("created", "expired", "evicted", "closed", "shutdown", "refused")
