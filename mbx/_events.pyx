@@ -2174,11 +2174,14 @@ cdef class EventBus:
     cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil:
         # NF i drops p: at once, or (a merge = "all" group) once its last member has,
         # or (a group with a merge function) as the function decides (merge_votes).
-        cdef uint32_t mask = self.nf_votemask[i], votes
+        # Its bit in p.votes says it did, in every case: a dead NF's stand-in (the
+        # pipelined stack) counts as its drops only the packets it had not dropped
+        # itself, which the verdict cannot tell where group mates drop too.
+        cdef uint32_t mask = self.nf_votemask[i]
+        cdef uint32_t votes = mbx_vote(&p.votes, (<uint32_t>1) << i)
         if mask == 0:
             drop_at(p, self.nf_stage[i])
             return
-        votes = mbx_vote(&p.votes, (<uint32_t>1) << i)
         if self.nf_fngroup[i]:
             self.fn_pending[self.nf_fngroup[i] - 1] += 1
         elif votes & mask == mask:

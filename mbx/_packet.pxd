@@ -142,8 +142,9 @@ ctypedef struct mbx_pkt:
     uint8_t drop_stage      # chain stage of the NF that dropped it (parallel NFs share one)
     # filled by the event core
     uint16_t refs           # event messages still referencing this packet
-    uint32_t votes          # bit per chain index: members of a merge = "all" group that
-    #                         dropped it (the last of them drops it; see EventBus.nf_drop)
+    uint32_t votes          # bit per chain index: the NFs that dropped it (in a
+    #                         merge = "all" group, voted to: the last of them drops it;
+    #                         see EventBus.nf_drop)
 
 
 # A burst of packets and the bytes they live in.  A port copies frames in once;

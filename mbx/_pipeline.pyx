@@ -577,7 +577,9 @@ cdef class PipeBus(EventBus):
         # In NF i's process its handler raised on p's event: the NF is about to fail,
         # and unless it fails open the packet it gave no verdict on does not pass
         # (a firewall's crash on a bad packet must not forward exactly that packet).
-        if p != NULL and not self.policy[i] and p.verdict != VERDICT_DROP:
+        # Its drop unless it dropped the packet itself (its bit), whatever its group
+        # mates did with it.
+        if p != NULL and not self.policy[i] and not (p.votes >> i) & 1:
             self.nf_drop(i, p)
             self.nf_drops[i] += 1
 
@@ -1056,9 +1058,14 @@ cdef class PipeBus(EventBus):
                 if (self.set_filter[k][0][t] == NULL
                         or self.passes(self.set_filter[k][0][t], m)):
                     p = &self.slot_pkts[self.ctl.epoch_slot[self.region_of(idx)]][m.h.pkt]
-                    # counted as its drop once per packet it would have seen (not
-                    # dropped before it; its vote not cast yet)
-                    if p.verdict != VERDICT_DROP and not (p.votes >> k) & 1:
+                    # counted as its drop once per packet it would have seen: not
+                    # dropped by an earlier stage (the dispatcher's test), nor by NF
+                    # k itself (its bit: its process did, or an earlier message of
+                    # the packet was pumped).  A group mate's drop is no reason: the
+                    # mates all see the packet, and which got to it first is timing.
+                    if (not (p.votes >> k) & 1
+                            and (p.verdict != VERDICT_DROP
+                                 or p.drop_stage >= self.nf_stage[k])):
                         self.ctl.procs[k].drops += 1
                     self.nf_drop(k, p)      # its vote, in a group that votes
         self.ctl.procs[k].pumped += 1
