@@ -250,7 +250,13 @@ def _same_file(a, b):
 def _run(nfs, args, spec=None):
     from mbx import ports
     from mbx.controller import check, loop_warning, publication_loop, unused_warning
-    from mbx.ports import bridge_output_note, capture_file, read_files, written_files
+    from mbx.ports import (
+        bridge_output_note,
+        capture_file,
+        links_not_ready,
+        read_files,
+        written_files,
+    )
     from mbx.runtime import App, check_writable, unused_monitor_options
 
     if spec is None:    # a chain: the links mbx check would refuse, refused here too
@@ -291,6 +297,8 @@ def _run(nfs, args, spec=None):
     note = bridge_output_note(args.inp, args.out)
     if note:
         print(f"mbx: warning: {note}", file=sys.stderr)
+    for link in links_not_ready(args.inp, args.out):
+        print(f"mbx: warning: {link}", file=sys.stderr)
     loop = publication_loop(nfs)
     if loop:
         print(f"mbx: warning: {loop_warning(loop)}", file=sys.stderr)

@@ -1739,3 +1739,21 @@ def test_which_runs_receive_what_they_send():
     assert not _sends_to_input("afpacket:eth0", "dpdk:net_af_packet0,iface=eth01")
     with pytest.raises(PortError, match="outgoing: a bridge sends what it receives"):
         check_spec("afpacket:a,b?outgoing=1")
+
+
+def test_a_link_down_or_without_carrier_at_start_is_warned_of(testbed, tmp_path):
+    # The run starts and waits for the links, as before, but said nothing until its
+    # final counters: now it names each interface and what is wrong with it.
+    _sh("ip", "-n", NS_M, "link", "set", "mc", "down")
+    _sh("ip", "-n", NS_S, "link", "set", "s0", "down")
+    _no_carrier(NS_M, "ms")
+    r = _sh(*_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                    "afpacket:mc,ms?timeout_ms=5", "--duration", "0.3", "-q"), timeout=60)
+    assert ("mbx: warning: interface mc is down: nothing flows through it until it is "
+            "up (ip link set mc up)") in r.stderr
+    assert "mbx: warning: interface ms has no carrier" in r.stderr
+    _sh("ip", "-n", NS_M, "link", "set", "mc", "up")
+    _sh("ip", "-n", NS_S, "link", "set", "s0", "up")
+    r = _sh(*_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                    "afpacket:mc,ms?timeout_ms=5", "--duration", "0.3", "-q"), timeout=60)
+    assert "warning" not in r.stderr, r.stderr
