@@ -427,7 +427,7 @@ def _merge_policies(path, text, groups, nfs):
     members = {nf.group for nf in nfs if nf.group is not None}
     for gname, spec in groups.items():
         # quoted, as a name with a dot or a space must be in the file
-        where = _at(path, _line_of(text, 0, f"[groups.{json.dumps(gname)}]"))
+        where = _at(path, _line_of(text, 0, f"[groups.{json.dumps(gname, ensure_ascii=False)}]"))
         if not isinstance(spec, dict):
             raise AppError(f"{where}: groups.{gname} must be a table ([groups.{gname}])")
         bad = set(spec) - _GROUP_KEYS

@@ -1070,12 +1070,14 @@ def test_a_publication_loop_is_warned_of_and_named_when_it_fills_event_memory(
     assert r.returncode == 0 and "warning" not in r.stdout + r.stderr
 
 
-def test_a_group_named_with_a_dot_keeps_its_line_in_errors(tmp_path):
-    # [groups."my.group"] was looked for as [groups.my.group], never found
+@pytest.mark.parametrize("name", ["my.group", "gé"])
+def test_a_group_named_with_a_dot_keeps_its_line_in_errors(tmp_path, name):
+    # [groups."my.group"] was looked for as [groups.my.group], never found (and
+    # then "gé" as "g\u00e9")
     app = tmp_path / "g.toml"
-    app.write_text('[[nf]]\nuse = "flow_stats"\ngroup = "my.group"\n[[nf]]\n'
-                   'use = "logger"\ngroup = "my.group"\n[groups."my.group"]\n'
-                   'merge = "bogus"\n')
-    with pytest.raises(AppError, match=f"^{app}, line 7: parallel group 'my.group': "
+    app.write_text(f'[[nf]]\nuse = "flow_stats"\ngroup = "{name}"\n[[nf]]\n'
+                   f'use = "logger"\ngroup = "{name}"\n[groups."{name}"]\n'
+                   'merge = "bogus"\n', encoding="utf-8")
+    with pytest.raises(AppError, match=f"^{app}, line 7: parallel group '{name}': "
                                        "merge = 'bogus'"):
         load_app_file(str(app))
