@@ -90,7 +90,6 @@ cdef class TcpMonitor(NetworkLayer):
     cdef uint64_t *pair_owner       # per pair: slot | gen << 32 of its flow
     cdef uint8_t *pair_cdir         # per pair whose flow ended: its client's flow dir
     cdef uint32_t n_touched
-    cdef bint in_burst              # process() runs: it releases the touched pairs itself
     cdef uint32_t capacity
     cdef conn_sum **sums            # per flow slot, when summarising
     cdef bint summarise

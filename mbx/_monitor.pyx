@@ -22,7 +22,7 @@ from libc.string cimport memcpy, memset
 
 from mbx._checksum cimport csum_add, csum_fold, store16
 from mbx._events cimport (
-    MSG_F_CDIR1, MSG_F_CDIR_KNOWN, MSG_F_RECEIVER, MSG_F_SERVER, MSG_F_SIDED, NO_PKT,
+    MSG_F_CDIR1, MSG_F_CDIR_KNOWN, MSG_F_RECEIVER, MSG_F_SERVER, MSG_F_SIDED,
     PUBLISHER_STACK, T_DATA_RDY,
     T_FLOW_START, T_FLOW_TCP_ESTABLISHED, T_FLOW_TCP_GAP, T_FLOW_TCP_MEMCAP,
     T_FLOW_TCP_OVERLAP_CONFLICT, T_FLOW_TCP_START, T_FLOW_TCP_STATE,
@@ -180,8 +180,6 @@ cdef class TcpMonitor(NetworkLayer):
         # Sender and receiver updates, state changes, data and gaps (a GAP and a
         # DATA_RDY per hole an ACK skips): room for them.
         self.events_per_pkt = 32 + 2 * STREAM_MAX_OOO
-        # a flow's end delivers the SYN data still held, of each side (syn_decide)
-        self.events_per_end = 3
         bus.stream_reader = self
 
     def __dealloc__(self):
@@ -255,20 +253,16 @@ cdef class TcpMonitor(NetworkLayer):
             return
         cdef uint32_t pair = self.meta[slot].pair - 1
         cdef uint8_t d
-        cdef mbx_pkt q
         if pair != NO_PAIR:
-            # SYN data nothing decided on (no reply, no later segment seen): delivered
-            # at the flow's end, as what the receiver may have taken, so that a
-            # sender cannot make it vanish by going quiet.  Its DATA_RDY comes before
-            # FLOW/END and carries no packet.
-            memset(&q, 0, sizeof(mbx_pkt))
-            q.ts_ns = f.last_ns
-            q.flow_gen = f.gen
-            q.index = NO_PKT
+            # SYN data nothing decided on (no reply, no later segment, no FIN or RST
+            # seen) when its flow ends: nothing showed that the receiver took it,
+            # so it is dropped, and counted.  Delivered now, its DATA_RDY would carry
+            # no packet: a subscription filter could not match it (it would reach
+            # NFs filtered to other ports) and its packet fields would raise.
             for d in range(2):
                 if self.held[2 * pair + d].live:
-                    q.dir = d
-                    self.syn_decide(&q, slot, &self.conns[slot], pair, d, 0, True)
+                    self.syn_data_dropped += self.held[2 * pair + d].frontier
+                    self.meta[slot].mark |= MARK_SYN0 << d
         if self.summarise:
             self.summary_end(slot, f)
         self.detach_pair(slot)
@@ -633,26 +627,22 @@ cdef class TcpMonitor(NetworkLayer):
 
     cdef void add_flags(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, mbx_stream *s,
                         uint8_t d, int fl, uint32_t seq, uint32_t n) noexcept nogil:
-        # What stream_add of n bytes at seq into s (of flow dir d) reported: counted,
-        # and published when there is a packet to name (not at a flow's end, whose
-        # slot may hold another flow by then).
+        # What stream_add of n bytes at seq into s (of flow dir d) reported: counted
+        # and published.
         cdef uint8_t cdir = tcp_client_dir(c)
-        cdef mbx_msg *m = NULL
+        cdef mbx_msg *m
         if fl & STREAM_CONFLICT:
             self.conflicts += 1
-            if p.index != NO_PKT:
-                m = self.flow_tcp_msg(T_FLOW_TCP_OVERLAP_CONFLICT, p, slot, 0, c)
+            m = self.flow_tcp_msg(T_FLOW_TCP_OVERLAP_CONFLICT, p, slot, 0, c)
             if m != NULL:
                 (<flow_tcp_body *>m.body).offset = s.conflict_off
                 (<flow_tcp_body *>m.body).stream_dir = d ^ cdir
                 self.bus.publish(m)
-        m = NULL
         if fl & STREAM_MEMCAP:
             self.memcaps += 1
             if fl & STREAM_PIECES:
                 self.memcaps_pieces += 1
-            if p.index != NO_PKT:
-                m = self.flow_tcp_msg(T_FLOW_TCP_MEMCAP, p, slot, 0, c)
+            m = self.flow_tcp_msg(T_FLOW_TCP_MEMCAP, p, slot, 0, c)
             if m != NULL:
                 (<flow_tcp_body *>m.body).offset = <uint64_t>stream_offset_of(s, seq)
                 (<flow_tcp_body *>m.body).length = n
@@ -771,22 +761,8 @@ cdef class TcpMonitor(NetworkLayer):
             self.after_cap = batch.count
         for k in range(batch.count):
             self.after_flow[k] = 0xFFFFFFFFFFFFFFFF
-        self.in_burst = True
-        try:
-            NetworkLayer.process(self, batch)
-        finally:
-            self.in_burst = False
+        NetworkLayer.process(self, batch)
         self.release_touched()
-
-    cdef int drain_ended(self) except -1:
-        # Flows ended outside a burst (idle, at the input's end) may deliver held SYN
-        # data (flow_ended): their pairs go back once those DATA_RDY were handled.
-        # Within a burst (its idle expiry) the burst's end does that, after every
-        # flow it ended: a pair touched in the burst stays readable on FLOW/END.
-        NetworkLayer.drain_ended(self)
-        if not self.in_burst:
-            self.release_touched()
-        return 0
 
     cdef void release_touched(self) noexcept nogil:
         # The NFs are done with the DATA_RDY just dispatched: the pairs whose flow

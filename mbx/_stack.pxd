@@ -51,7 +51,6 @@ cdef class NetworkLayer:
     cdef uint64_t flow_end_id
     cdef uint64_t pkt_id
     cdef uint32_t events_per_pkt    # most events one packet can make (Event Memory room)
-    cdef uint32_t events_per_end    # ... and one flow's end (its FLOW/END included)
     cdef uint32_t rss_k             # this stack process's share of the flows ...
     cdef uint32_t rss_n             # ... out of rss_n (software RSS)
     cdef readonly uint64_t rss_other    # packets left to the other stack processes

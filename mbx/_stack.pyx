@@ -112,7 +112,6 @@ cdef class NetworkLayer:
         bus.attach_flowtable(self.flows, flow_capacity)
         self.drop_malformed = malformed == "drop"
         self.events_per_pkt = 3
-        self.events_per_end = 1
         self.rss_k, self.rss_n = rss
         if not 0 <= self.rss_k < self.rss_n:
             raise ValueError(f"rss must be (k, n) with 0 <= k < n, not {rss!r}")
@@ -140,7 +139,7 @@ cdef class NetworkLayer:
         cdef const mbx_flow *f
         cdef uint32_t slot
         while self.ended_pos < self.flows.n_ended:
-            if not self.room(self.events_per_end):
+            if not self.room(1):
                 return
             f = &self.flows.ended[self.ended_pos]
             slot = self.flows.ended_slot[self.ended_pos]

@@ -199,6 +199,8 @@ def _print_counters(c, elapsed, out=None):
           + f", memcap {t['memcaps']:,}"
           + (f" ({t['memcaps_pieces']:,} of them: {MAX_OOO_PIECES} out-of-order pieces held "
              "already)" if t.get("memcaps_pieces") else "")
+          + (f", SYN data the receiver did not take {t['syn_data_dropped']:,} bytes"
+             if t.get("syn_data_dropped") else "")
           + f", rst sent {t['rst_sent']:,}\n")
     if c["events"]:
         w("events         type: published / delivered\n")
