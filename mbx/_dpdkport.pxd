@@ -25,6 +25,9 @@ cdef class DpdkPort(Port):
     cdef readonly uint32_t eof_after_idle_polls     # 0: never report the end of input
     cdef readonly uint64_t rx_oversize  # frames larger than DPDK_MAX_FRAME
     cdef readonly uint64_t rx_bad_length  # mbufs whose length their data does not have
+    # frames received from the driver, or queued in a net_ring of ours, and never
+    # delivered: the input ended (--duration, a signal) before they were
+    cdef readonly uint64_t rx_unread
     cdef readonly uint64_t tx_nombuf    # frames not sent: the mempool had no mbuf
     cdef readonly uint64_t tx_oversize  # frames not sent: more segments than allowed
     cdef readonly uint64_t tx_full      # frames not sent: the driver's ring had no room

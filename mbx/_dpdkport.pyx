@@ -1214,6 +1214,7 @@ cdef class DpdkPort(Port):
             rte_pktmbuf_free(self.held[self.held_head])
             self.held_head += 1
             self.held_count -= 1
+            self.rx_unread += 1
         if self.started and self.driver == "net_ring":
             # net_ring hands over mbuf pointers: mbufs of our pool still queued would
             # outlive it (the ring of a vdev of the same name is found again).
@@ -1222,6 +1223,7 @@ cdef class DpdkPort(Port):
                 got = rte_eth_rx_burst(pid, 0, drain, DPDK_MAX_BURST)
                 for j in range(got):
                     rte_pktmbuf_free(drain[j])
+                self.rx_unread += got
                 polls += 1
         if self.started or self.attached:
             bname = self.vdev.encode()
@@ -1382,6 +1384,7 @@ cdef class DpdkPort(Port):
              "tx_pkts": self.tx_pkts, "tx_bytes": self.tx_bytes,
              "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped,
              "rx_oversize": self.rx_oversize, "rx_bad_length": self.rx_bad_length,
+             "rx_unread": self.rx_unread,
              "tx_nombuf": self.tx_nombuf,
              "tx_oversize": self.tx_oversize, "tx_full": self.tx_full,
              "tx_waits": self.tx_waits, "tx_cut": self.tx_cut,
