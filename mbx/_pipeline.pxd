@@ -336,6 +336,9 @@ cdef class PipeBus(EventBus):
     # the stack: the run's stop request (anything with is_set()); an NF that never
     # finishes its epoch must not keep a stopped run waiting (stack_wait gives up)
     cdef public object stop_event
+    # ... and the run's --duration, as a CLOCK_MONOTONIC time in ns (0: none): the
+    # stack's own deadline is looked at between bursts, never while it waits here
+    cdef public int64_t stop_deadline_ns
     cdef int64_t stop_seen_ns           # when stack_wait first saw it (0: not yet)
     cdef readonly bint abandoned        # stack_wait gave up on the NFs: the run is ending
     cdef object stop_exc                # an exception a signal handler raised meanwhile

@@ -1304,6 +1304,8 @@ cdef class PipeBus(EventBus):
         except BaseException as exc:
             self.stop_exc = exc
             return True
+        if self.stop_deadline_ns and <int64_t>now_ns() >= self.stop_deadline_ns:
+            return True
         return self.stop_event is not None and self.stop_event.is_set()
 
     cdef int raise_stop_exc(self) except -1:

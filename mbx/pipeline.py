@@ -10,6 +10,7 @@ import mmap
 import os
 import signal
 import sys
+import time
 import traceback
 
 from mbx import _events
@@ -226,6 +227,9 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
 
         bus.spawn = spawn
         bus.stop_event = stop
+        # the stack's deadline, also while it waits for an NF that never finishes
+        bus.stop_deadline_ns = (time.monotonic_ns() + int(duration * 1e9)
+                                if duration and duration > 0 else 0)
         stack.run(inp, out, burst=burst, max_packets=max_packets, progress=progress,
                   duration=duration, stop=stop, batches=batches)
     finally:

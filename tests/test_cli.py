@@ -1257,3 +1257,25 @@ def test_mbx_flows_on_a_damaged_capture_sums_up_what_came_before(tmp_path, examp
     done = [k for k, c in doc["connections"].items() if c["close"] == "fin"
             and whole[k]["pkts_c2s"] == c["pkts_c2s"]]
     assert done and all(doc["connections"][k] == whole[k] for k in done)
+
+
+def test_duration_ends_a_pipelined_run_whose_nf_hangs(tmp_path, example_pcap):
+    # The stack looked at --duration only between bursts, never while it waited for
+    # the hung NF's epoch: the run went on until a signal.  Now --duration stops it
+    # as a signal does (a second's grace, then the NF process is killed).
+    nf = tmp_path / "hangs.py"
+    nf.write_text(HANGING_NF)
+    counters = tmp_path / "c.json"
+    t0 = time.monotonic()
+    r = subprocess.run([*MBX, "run", f"{nf}+l2fwd", "--in", f"pcap:{example_pcap}",
+                        "--out", f"pcap:{tmp_path / 'out.pcap'}", "--deploy",
+                        "pipelined", "--duration", "2", "--json", str(counters)],
+                       capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert took < 30, f"--duration 2 took {took:.1f} s"
+    c = json.loads(counters.read_text())
+    death, = c["pipeline"]["nfs"]["hangs"]["deaths"]
+    assert "did not stop within 1 s" in death
+    assert c["packets"] == (c["sent"] + c["dropped_by_nf"] + c["dropped_malformed"]
+                            + c["dropped_on_error"])
