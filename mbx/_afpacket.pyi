@@ -11,6 +11,8 @@ def check_fanout_mode(mode: str) -> None: ...
 def ring_layout(ring: str = ..., *, offloads: bool = ..., rx: bool = ...,
                 frame_size: int = ..., block_size: int = ..., block_count: int = ...,
                 retire_ms: int = ...) -> tuple[int, int, int]: ...
+def interface_link(iface: str) -> str | None:
+    """"up", "down", "no carrier" or None (no such interface)."""
 
 class AfPacketPort(Port):
     """One interface: a TPACKET_V2 (default) or V3 receive ring, sendmmsg bursts,

@@ -76,7 +76,9 @@ cdef extern from "<sys/socket.h>" nogil:
         unsigned int msg_len
     enum:
         AF_PACKET
+        AF_INET
         SOCK_RAW
+        SOCK_DGRAM
         SOCK_CLOEXEC
         SOL_PACKET
         SOL_SOCKET
@@ -486,6 +488,51 @@ def ring_layout(ring="v2", *, offloads=False, rx=True, frame_size=0, block_size=
     if problems:
         raise ValueError("; ".join(problems))
     return frame, block, count
+
+
+cdef enum:
+    LINK_UP = 0
+    LINK_DOWN = 1           # IFF_UP clear: the kernel refuses sends (ENETDOWN)
+    LINK_NO_CARRIER = 2     # up, but its far end down: the kernel drops what is sent
+    LINK_GONE = 3           # no such interface (in this namespace)
+
+
+cdef int link_state(int fd, const char *ifname, int *mtu) noexcept nogil:
+    # The state of interface ifname, asked through any socket fd; its MTU into *mtu
+    # (0 when unknown).  See AfPacketPort.check_link for why a clear IFF_RUNNING is
+    # checked against the carrier itself.
+    cdef ifreq ifr
+    cdef ethtool_value link
+    memset(&ifr, 0, sizeof(ifr))
+    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1)
+    mtu[0] = ifr.ifr_mtu if ioctl(fd, SIOCGIFMTU, &ifr) == 0 else 0
+    if ioctl(fd, SIOCGIFFLAGS, &ifr) < 0:
+        return LINK_GONE
+    if not ifr.ifr_flags & IFF_UP:
+        return LINK_DOWN
+    if ifr.ifr_flags & IFF_RUNNING:
+        return LINK_UP
+    link.cmd = ETHTOOL_GLINK
+    link.data = 0
+    ifr.ifr_data = <char *>&link
+    if ioctl(fd, SIOCETHTOOL, &ifr) == 0 and link.data:
+        return LINK_UP
+    return LINK_NO_CARRIER
+
+
+def interface_link(iface):
+    """``"up"``, ``"down"``, ``"no carrier"`` (up, its link's far end down) or None
+    (no such interface) for ``iface`` now, as a sending port judges it."""
+    cdef int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0)     # any socket asks
+    cdef int mtu = 0
+    cdef int state
+    if fd < 0:
+        raise PortError(f"{iface}: cannot look at its link: {os.strerror(errno)}")
+    name = iface.encode()
+    state = link_state(fd, name, &mtu)
+    c_close(fd)
+    return (None if state == LINK_GONE else "down" if state == LINK_DOWN
+            else "no carrier" if state == LINK_NO_CARRIER else "up")
 
 
 cdef inline int64_t monotonic_ns() noexcept nogil:
@@ -1189,23 +1236,16 @@ cdef class AfPacketPort(Port):
         # IFF_LOWER_UP does not fit in SIOCGIFFLAGS' short), asked only then since it
         # takes the RTNL; a driver that cannot say leaves IFF_RUNNING's word.  An
         # interface that is down (IFF_UP clear) is left to ENETDOWN.
-        cdef ifreq ifr
-        cdef ethtool_value link
+        cdef int mtu = 0
+        cdef int state
         cdef bint lost
         self.link_checked_ns = monotonic_ns()
-        memset(&ifr, 0, sizeof(ifr))
-        strncpy(ifr.ifr_name, self.ifname, IFNAMSIZ - 1)
-        if ioctl(self.fd, SIOCGIFMTU, &ifr) == 0 and ifr.ifr_mtu > 0:
-            self.mtu = ifr.ifr_mtu
-        if ioctl(self.fd, SIOCGIFFLAGS, &ifr) < 0:
-            return          # gone: sendmmsg and the receive side say so
-        lost = ifr.ifr_flags & IFF_UP and not ifr.ifr_flags & IFF_RUNNING
-        if lost:
-            link.cmd = ETHTOOL_GLINK
-            link.data = 0
-            ifr.ifr_data = <char *>&link
-            if ioctl(self.fd, SIOCETHTOOL, &ifr) == 0 and link.data:
-                lost = False
+        state = link_state(self.fd, self.ifname, &mtu)
+        if mtu > 0:
+            self.mtu = mtu
+        if state == LINK_GONE:
+            return          # sendmmsg and the receive side say so
+        lost = state == LINK_NO_CARRIER
         if lost and not self.no_carrier:
             self.link_errors = self.link_errors + 1
             self.last_link_errno = NO_CARRIER

@@ -624,25 +624,6 @@ def links_not_ready(spec: str, out_spec: str | None = None) -> list[str]:
     until then nothing flows, which a user starting it should hear of at once, not
     only from the final counters.  Interfaces that do not exist are left to opening
     the port, which says so."""
-    import array
-    import fcntl
-    import socket
-    import struct
-
-    siocgifflags, siocethtool, ethtool_glink, iff_up, iff_running = (
-        0x8913, 0x8946, 0x0A, 0x1, 0x40)
-
-    def carrier(s, iface):
-        # IFF_RUNNING lags a link that just came up by up to a second: ask the
-        # carrier itself, as the port does (AfPacketPort.check_link)
-        link = array.array("I", [ethtool_glink, 0])
-        try:
-            fcntl.ioctl(s, siocethtool,
-                        struct.pack("16sP16x", iface.encode(), link.buffer_info()[0]))
-        except OSError:
-            return False        # the driver cannot say: IFF_RUNNING's word stands
-        return link[1] != 0
-
     found = []
     for one in (spec, out_spec):
         if not one:
@@ -653,21 +634,17 @@ def links_not_ready(spec: str, out_spec: str | None = None) -> list[str]:
             continue
         if scheme != "afpacket":
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for iface in _afpacket(one, arg)[0]:
-                try:
-                    raw = fcntl.ioctl(s, siocgifflags,
-                                      struct.pack("16sH14x", iface.encode(), 0))
-                except OSError:
-                    continue
-                flags = struct.unpack("16sH14x", raw)[1]
-                if not flags & iff_up:
-                    found.append(f"interface {iface} is down: nothing flows through it "
-                                 f"until it is up (ip link set {iface} up)")
-                elif not flags & iff_running and not carrier(s, iface):
-                    found.append(f"interface {iface} has no carrier (its link's far end "
-                                 "is down or unplugged): nothing flows through it until "
-                                 "it has")
+        from mbx._afpacket import interface_link
+
+        for iface in _afpacket(one, arg)[0]:
+            state = interface_link(iface)
+            if state == "down":
+                found.append(f"interface {iface} is down: nothing flows through it "
+                             f"until it is up (ip link set {iface} up)")
+            elif state == "no carrier":
+                found.append(f"interface {iface} has no carrier (its link's far end "
+                             "is down or unplugged): nothing flows through it until "
+                             "it has")
     return list(dict.fromkeys(found))
 
 
