@@ -285,6 +285,13 @@ def _run(nfs, args, spec=None):
     if given and args.deploy != "pipelined":
         raise MbxError(f"{', '.join(given)}: for --deploy pipelined only (this run is "
                        f"{args.deploy})")
+    if args.deploy == "pipelined" and spec is not None:
+        # refused by the run too, but only here with the line of the NF to move
+        from mbx.pipeline import backward_link
+
+        backward = backward_link(nfs)
+        if backward is not None:
+            raise MbxError(f"{spec.where(backward[0])}: {backward[1]}")
     # stack options left out everywhere take App's own defaults
     config = dict(deploy=args.deploy, ring_size=args.ring_size or 0,
                   ring_full=args.ring_full or "stall", inflight=args.inflight,

@@ -86,8 +86,9 @@ _GROUP_KEYS = {"merge"}
 class AppSpec:
     """A loaded application: its NFs (in chain order), options, and the link graph."""
 
-    def __init__(self, path, name, stack, options, nfs, links, warnings=()):
+    def __init__(self, path, name, stack, options, nfs, links, warnings=(), lines=None):
         self.path = path
+        self.lines = lines          # per NF, the line of its [[nf]] table (or None)
         self.name = name
         self.stack = stack      # the one that runs: "network" or "tcp"
         self.declared_stack = stack     # [app] stack as written ("auto" if left out)
@@ -95,6 +96,10 @@ class AppSpec:
         self.options = options
         self.nfs = nfs
         self.links = links          # [(subscriber NF, type, [publishers])]
+
+    def where(self, i):
+        """Where the i-th NF is set up, for errors: "FILE, line N" (or the file)."""
+        return _at(self.path, self.lines[i] if self.lines else None)
 
     def graph(self):
         """The application as text: stacks, NFs, and what feeds each subscription."""
@@ -546,7 +551,8 @@ def check(path, name, stack, options, nfs, lines=None):
     loop = publication_loop(nfs)
     if loop:
         warnings.append(loop_warning(loop))
-    spec = AppSpec(path, name, "tcp" if tcp else "network", options, nfs, links, warnings)
+    spec = AppSpec(path, name, "tcp" if tcp else "network", options, nfs, links, warnings,
+                   lines)
     spec.declared_stack = stack
     return spec
 

@@ -20,26 +20,36 @@ from mbx._shm import StackMemory
 from mbx.errors import AppError, SubscriptionError, user_code_line
 
 
-def _check(nfs):
-    # Publications travel down the chain with the events: an NF cannot (yet)
-    # subscribe to what an NF after it publishes.  (Within a parallel group the bus
-    # refuses it in both deployments: said first, it is the better reason.)
-    why = _events.group_dependency(nfs)
-    if why is not None:
-        raise SubscriptionError(why)
+def backward_link(nfs):
+    """``(i, why)`` for the first NF ``nfs[i]`` subscribed to what an NF after it
+    publishes, or None.  Publications travel down the chain with the events: the
+    pipelined deployment cannot (yet) carry one back up."""
     types = _events.event_types()
     for i, a in enumerate(nfs):
-        for b in nfs[:i]:
+        for j, b in enumerate(nfs[:i]):
             for p in a.pubs:
                 for t in b.subs:
                     if types[p].is_a(types[t]) or types[t].is_a(types[p]):
-                        raise AppError(
-                            f"pipelined deployment: NF {b.name} subscribes to "
-                            f"{types[t].name}, which NF {a.name} after it publishes; "
-                            "put the publisher first in the chain (or run inline)")
-        if a.failure not in (None, "open", "closed"):
-            raise AppError(f"NF {a.name}: failure must be 'open' or 'closed', "
-                           f"not {a.failure!r}")
+                        return j, (f"pipelined deployment: NF {b.name} subscribes to "
+                                   f"{types[t].name}, which NF {a.name} after it "
+                                   "publishes; put the publisher first in the chain "
+                                   "(or run inline)")
+    return None
+
+
+def _check(nfs):
+    # (Within a parallel group the bus refuses a dependency in both deployments:
+    # said first, it is the better reason.)
+    why = _events.group_dependency(nfs)
+    if why is not None:
+        raise SubscriptionError(why)
+    backward = backward_link(nfs)
+    if backward is not None:
+        raise AppError(backward[1])
+    for nf in nfs:
+        if nf.failure not in (None, "open", "closed"):
+            raise AppError(f"NF {nf.name}: failure must be 'open' or 'closed', "
+                           f"not {nf.failure!r}")
 
 
 def restart_of(nf):

@@ -191,6 +191,23 @@ def test_bad_capture_and_bad_nf_files(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_pipelined_backward_publication_names_the_nf_table_to_move(tmp_path):
+    # the IDS before the DPI it listens to: the error says which [[nf]] to move
+    import shutil
+
+    shutil.copy(IDS, tmp_path / "ids.py")
+    app = tmp_path / "rev.toml"
+    app.write_text('[app]\nname = "rev"\n\n[[nf]]\nuse = "ids.py"\nname = "ids"\n\n'
+                   '[[nf]]\nuse = "ids.py"\nname = "dpi"\n')
+    cap = tmp_path / "ex.pcap"
+    assert mbx_cmd("example-capture", str(cap)).returncode == 0
+    r = mbx_cmd("run", str(app), "--in", f"pcap:{cap}", "--deploy", "pipelined")
+    assert r.returncode == 2
+    assert (f"{app}, line 4: pipelined deployment: NF ids subscribes to DPI_DETECT, "
+            "which NF dpi after it publishes") in r.stderr
+    assert mbx_cmd("run", str(app), "--in", f"pcap:{cap}", "-q").returncode == 0
+
+
 def test_an_application_file_that_is_a_directory_is_named(tmp_path):
     (tmp_path / "d.toml").mkdir()
     r = mbx_cmd("check", "d.toml", cwd=tmp_path)
