@@ -251,7 +251,13 @@ def _same_file(a, b):
 
 def _run(nfs, args, spec=None):
     from mbx import ports
-    from mbx.controller import check, loop_warning, publication_loop, unused_warning
+    from mbx.controller import (
+        check,
+        lone_groups_warning,
+        loop_warning,
+        publication_loop,
+        unused_warning,
+    )
     from mbx.ports import (
         bridge_output_note,
         capture_file,
@@ -311,6 +317,9 @@ def _run(nfs, args, spec=None):
     loop = publication_loop(nfs)
     if loop:
         print(f"mbx: warning: {loop_warning(loop)}", file=sys.stderr)
+    lone = lone_groups_warning(nfs)
+    if lone:
+        print(f"mbx: warning: {lone}", file=sys.stderr)
     stack = config.get("stack", "auto")
     unused = unused_monitor_options(stack, nfs, config)
     if unused:

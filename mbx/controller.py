@@ -174,6 +174,20 @@ def publication_loop(nfs):
     return None
 
 
+def lone_groups_warning(nfs):
+    """A warning for parallel groups of one NF, or None: such a group runs as if
+    ungrouped, so its name is most likely a typo for another group's."""
+    counts = {}
+    for nf in nfs:
+        if nf.group is not None:
+            counts.setdefault(nf.group, []).append(nf.name)
+    lone = [f"{g!r} (NF {names[0]})" for g, names in counts.items() if len(names) == 1]
+    if not lone:
+        return None
+    return (f"parallel group(s) of one NF: {', '.join(lone)}; a group runs its NFs side "
+            "by side, so one NF alone runs as if ungrouped (a misspelt group name?)")
+
+
 def loop_warning(loop):
     return (f"NFs publish to each other in a loop: {loop}; if their handlers always "
             "publish, one packet's events go round it until Event Memory fills")
@@ -551,6 +565,9 @@ def check(path, name, stack, options, nfs, lines=None):
     loop = publication_loop(nfs)
     if loop:
         warnings.append(loop_warning(loop))
+    lone = lone_groups_warning(nfs)
+    if lone:
+        warnings.append(lone)
     spec = AppSpec(path, name, "tcp" if tcp else "network", options, nfs, links, warnings,
                    lines)
     spec.declared_stack = stack

@@ -1070,6 +1070,24 @@ def test_a_publication_loop_is_warned_of_and_named_when_it_fills_event_memory(
     assert r.returncode == 0 and "warning" not in r.stdout + r.stderr
 
 
+def test_a_group_of_one_nf_is_warned_of_as_a_likely_typo(tmp_path, example_pcap):
+    # "inpsect" for "inspect": the NF ran ungrouped and nothing said so
+    app = tmp_path / "g.toml"
+    entry = '[[nf]]\nuse = "logger"\nname = "{}"\ngroup = "{}"\noptions = {{ path = "{}" }}\n'
+    app.write_text(entry.format("a", "inspect", tmp_path / "a.jsonl")
+                   + entry.format("b", "inspect", tmp_path / "b.jsonl")
+                   + entry.format("c", "inpsect", tmp_path / "c.jsonl"))
+    warning = "parallel group(s) of one NF: 'inpsect' (NF c)"
+    assert warning in load_app_file(str(app)).graph()
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", str(app), "--in",
+                        f"pcap:{example_pcap}", "-q"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and f"mbx: warning: {warning}" in r.stderr
+    app.write_text(entry.format("a", "inspect", tmp_path / "a.jsonl")
+                   + entry.format("b", "inspect", tmp_path / "b.jsonl"))
+    assert "warning" not in load_app_file(str(app)).graph()
+
+
 @pytest.mark.parametrize("name", ["my.group", "gé"])
 def test_a_group_named_with_a_dot_keeps_its_line_in_errors(tmp_path, name):
     # [groups."my.group"] was looked for as [groups.my.group], never found (and
