@@ -334,6 +334,12 @@ def test_bad_options_name_the_nf_and_the_option(cls):
             cls(vip=bad)
     with pytest.raises(mbx.AppError, match=r"^NF l4lb: backends: '\[::\]:80': :: is not a "):
         cls(vip="[2001:db8::1]:80", backends="[::]:80")
+    # ::ffff:198.18.3.1 is how a dual-stack socket shows an IPv4 peer; packets to it
+    # are IPv4, so the VIP matched nothing (and was echoed as [::ffff:c612:301])
+    with pytest.raises(mbx.AppError, match=r"^NF l4lb: vip: '\[::ffff:198.18.3.1\]:80': "
+                                           r"an IPv4-mapped address never appears in "
+                                           r"packets; write 198.18.3.1:80"):
+        cls(vip="[::ffff:198.18.3.1]:80")
     assert cls(vip=["2001:db8::1", 80], backends=[["2001:db8::2", 80]]).vip == (
         "2001:db8::1", 80)
     assert cls(vip="[2001:db8::1]:80", backends="[2001:db8::2]:80").backends == [

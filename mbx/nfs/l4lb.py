@@ -61,6 +61,11 @@ def parse_endpoint(text, where="l4lb"):
         # no host has it: no connection is made to it, and none can be sent to it
         raise mbx.AppError(f"{where}: {text!r}: {ip} is not a host's address "
                            f"(unspecified, multicast or broadcast)")
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        # ::ffff:a.b.c.d is how a dual-stack socket shows an IPv4 peer; on the wire
+        # the packets are IPv4 (RFC 4291 §2.5.5.2), so such a VIP matched nothing
+        raise mbx.AppError(f"{where}: {text!r}: an IPv4-mapped address never appears "
+                           f"in packets; write {ip.ipv4_mapped}:{port}")
     return str(ip), int(port)
 
 
