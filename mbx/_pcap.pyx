@@ -459,8 +459,10 @@ cdef class PcapReader(Port):
         got = self._next_pcapng(probe)
         if self.state == READ_FAILED and not self.damaged:
             raise CaptureFormatError(f"pcap:{self.path}: {self.errmsg.decode('utf-8')}")
-        if got <= 0 and self.skipped:
-            # every frame up to the end is of a link type mbx does not read
+        if got <= 0 and self.skipped and self.state != READ_FAILED:
+            # every frame up to the end is of a link type mbx does not read; when
+            # the walk stopped at damage instead, the frames after it are unknown,
+            # and the damage (at its offset) is what reading reports
             raise CaptureFormatError(
                 f"pcap:{self.path}: unsupported link type {self.skipped_linktype} "
                 f"(interface {self.skipped_iface}), and no frame of a supported one; "

@@ -394,6 +394,23 @@ def test_frames_of_an_interface_of_an_unsupported_link_type_are_skipped(tmp_path
            "mbx reads (the first: 147)" in r.stdout
 
 
+def test_damage_after_only_skipped_frames_is_reported_as_damage(tmp_path):
+    # The walk at open stopped at the damage having seen only frames of an
+    # unsupported interface: the capture was refused for its link type, hiding the
+    # damage and the Ethernet frames behind it.
+    bad = bytearray(idb(1))
+    struct.pack_into("<I", bad, len(bad) - 4, 999)       # trailing length lies
+    at = len(shb() + idb(105) + epb(0, 0, b"w" * 32))
+    path = tmp_path / "skip_then_damage.pcapng"
+    path.write_bytes(shb() + idb(105) + epb(0, 0, b"w" * 32) + bytes(bad)
+                     + epb(1, 1, b"e" * 34))
+    r = PcapReader(path)
+    with pytest.raises(CaptureFormatError,
+                       match=f"damaged block at byte offset {at}: trailing length 999"):
+        read_all(r)
+    assert r.damaged == 1 and r.counters["skipped"] == 1
+
+
 # ---------------------------------------------------------------- writer
 
 
