@@ -7,18 +7,27 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 cdef enum:
     NO_FLOW = 0xFFFFFFFF
     MAX_SACK_BLOCKS = 4
+    # The most VLAN tags the parser, and the software-RSS walk with it (both must
+    # agree, or a flow's directions could part), step over to the IP header: Linux's
+    # VLAN_MAX_DEPTH, well past 802.1ad QinQ's two.  A frame with more is
+    # PARSE_TOO_MANY_VLAN_TAGS.
+    MAX_VLAN_TAGS = 8
 
 cdef enum Verdict:
     VERDICT_PASS = 0
     VERDICT_DROP = 1
     VERDICT_HELD = 2        # consumed by the stack (an IP fragment waiting for the rest)
 
-# Why a packet could not be parsed to the end.  PARSE_OK and PARSE_NOT_IP are not
-# errors; every other value is a named malformation counted by the stack.  The names
-# (lower case, without the prefix) appear in counters and the CLI.
+# Why a packet could not be parsed to the end.  PARSE_OK, PARSE_NOT_IP and
+# PARSE_TOO_MANY_VLAN_TAGS are not errors; every other value is a named
+# malformation counted by the stack.  The names (lower case, without the prefix)
+# appear in counters and the CLI.
 cdef enum ParseStatus:
     PARSE_OK = 0
     PARSE_NOT_IP            # ARP, LLDP, ...: no L3 to parse, forwarded as is
+    PARSE_TOO_MANY_VLAN_TAGS  # more than MAX_VLAN_TAGS VLAN tags: what they hide is
+    #                         not looked at (forwarded as is; counted apart from not_ip,
+    #                         as it may well be IP)
     PARSE_TRUNC_L2          # frame shorter than its Ethernet/VLAN headers (a raw-IP,
     #                         cooked or loopback record cut in its link header: empty)
     PARSE_TRUNC_L3          # shorter than the IP header
@@ -99,9 +108,11 @@ ctypedef struct mbx_pkt:
     uint8_t offload         # OffloadFlags
     # filled by the parser
     uint16_t ethertype      # innermost ethertype
-    uint8_t nvlan           # 0, 1 (802.1Q) or 2 (QinQ)
+    uint8_t nvlan           # VLAN tags stepped over: 0, 1 (802.1Q), 2 (QinQ), ...
+    #                         up to MAX_VLAN_TAGS
     uint8_t flags           # PktFlags
-    uint16_t vlan[2]        # VLAN ids, outer first
+    uint16_t vlan[2]        # the ids of the outer two tags, outer first (no reader
+    #                         needs the inner ones: they stay out of the descriptor)
     uint8_t ip_ver          # 0 (not IP), 4 or 6
     uint8_t l4_proto        # IP protocol of the transport header (after IPv6 ext headers)
     uint8_t ttl             # TTL / hop limit

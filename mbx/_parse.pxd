@@ -12,8 +12,9 @@ from mbx._packet cimport Batch, mbx_pkt
 #   the ports of a TCP/UDP header cut short when its first 4 bytes were captured);
 # - a lying header (a length past wirelen or past the enclosing length) is BAD_*, a
 #   short capture (past caplen only) is TRUNC_*;
-# - more than two VLAN tags: PARSE_NOT_IP, ethertype = the third TPID (forwarded
-#   untouched rather than counted as malformed);
+# - up to MAX_VLAN_TAGS VLAN tags are stepped over (nvlan counts them, vlan holds
+#   the outer two ids); more: PARSE_TOO_MANY_VLAN_TAGS, ethertype = the TPID past
+#   the bound (forwarded untouched rather than counted as malformed);
 # - a fragment (PKT_F_FRAGMENT): l4_proto is set, l4_off = 0, ports 0, and
 #   payload_off/payload_len are the fragment's data, which is what FragTable copies;
 # - Authentication Headers (IPv4 and IPv6) are walked like IPv6 extension headers:

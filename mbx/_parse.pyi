@@ -8,6 +8,7 @@ from typing_extensions import Buffer
 DefragVerdict = Literal["none", "held", "done", "drop"]
 
 MAX_FRAGMENTS: int
+MAX_VLAN_TAGS: int
 
 def status_names() -> list[str]:
     """The ParseStatus names in enum order (lower case, no ``PARSE_`` prefix)."""

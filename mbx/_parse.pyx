@@ -16,6 +16,7 @@ from mbx._checksum cimport csum
 from mbx._fragment cimport (
     FRAG_HDR_MAX, frag_header, frag_payload_at, frag_payload_len, frag_plan, frag_plan_for,
 )
+from mbx._packet cimport MAX_VLAN_TAGS as VLAN_TAGS_WALKED
 from mbx._packet cimport (
     MAX_SACK_BLOCKS,
     PARSE_BAD_FRAG,
@@ -35,6 +36,7 @@ from mbx._packet cimport (
     PARSE_TRUNC_L2,
     PARSE_TRUNC_L3,
     PARSE_TRUNC_L4,
+    PARSE_TOO_MANY_VLAN_TAGS,
     PKT_F_FRAGMENT,
     PKT_F_ICMP_ERROR,
     PKT_F_IP_OPTIONS,
@@ -56,14 +58,16 @@ from mbx._packet cimport (
 
 # The ParseStatus names in enum order: counters and the CLI print these.
 _STATUS_NAMES = (
-    "ok", "not_ip", "trunc_l2", "trunc_l3", "bad_ip_version", "bad_ihl", "bad_ip_len",
-    "bad_ip_option", "bad_ipv6_ext", "bad_ipv4_ah", "bad_frag", "trunc_l4", "bad_tcp_off",
-    "bad_tcp_opt", "bad_udp_len", "frag_timeout", "frag_memcap",
+    "ok", "not_ip", "too_many_vlan_tags", "trunc_l2", "trunc_l3", "bad_ip_version",
+    "bad_ihl", "bad_ip_len", "bad_ip_option", "bad_ipv6_ext", "bad_ipv4_ah", "bad_frag",
+    "trunc_l4", "bad_tcp_off", "bad_tcp_opt", "bad_udp_len", "frag_timeout", "frag_memcap",
 )
 assert len(_STATUS_NAMES) == PARSE_N, "ParseStatus and _STATUS_NAMES disagree"
 _DEFRAG_NAMES = ("none", "held", "done", "drop")
 # The most fragments FragTable rebuilds a datagram from (FRAG_MAX_PIECES)
 MAX_FRAGMENTS = FRAG_MAX_PIECES
+# The most VLAN tags parsed through; a frame with more is too_many_vlan_tags
+MAX_VLAN_TAGS = VLAN_TAGS_WALKED
 _FLAG_NAMES = ((PKT_F_FRAGMENT, "fragment"), (PKT_F_REASSEMBLED, "reassembled"),
                (PKT_F_ICMP_ERROR, "icmp_error"), (PKT_F_IP_OPTIONS, "ip_options"),
                (PKT_F_TRUNCATED, "truncated"), (PKT_F_RSS_HASH, "rss_hash"),
@@ -76,7 +80,6 @@ cdef enum:
     ETHERTYPE_VLAN = 0x8100
     ETHERTYPE_QINQ = 0x88A8
     ETHERTYPE_QINQ_OLD = 0x9100     # pre-802.1ad QinQ, still seen on old switches
-    MAX_VLAN_TAGS = 2
     IPPROTO_HOPOPTS = 0
     IPPROTO_ICMP = 1
     IPPROTO_TCP = 6
@@ -432,15 +435,16 @@ cdef int parse_packet(mbx_pkt *p) noexcept nogil:
         return _done(p, PARSE_TRUNC_L2)
     et = ld16(d + 12)
     while et == ETHERTYPE_VLAN or et == ETHERTYPE_QINQ or et == ETHERTYPE_QINQ_OLD:
-        if p.nvlan == MAX_VLAN_TAGS:
-            # A third tag has no place in the descriptor: the frame goes on as
-            # non-IP (forwarded untouched, not counted as malformed), with the
-            # third TPID as its ethertype.
+        if p.nvlan == VLAN_TAGS_WALKED:
+            # Deeper than any real stack: the frame goes on untouched (not counted
+            # as malformed), with the TPID past the bound as its ethertype, under
+            # its own status: it may hide IP, which not_ip would deny.
             p.ethertype = et
-            return _done(p, PARSE_NOT_IP)
+            return _done(p, PARSE_TOO_MANY_VLAN_TAGS)
         if off + 4 > n:
             return _done(p, PARSE_TRUNC_L2)
-        p.vlan[p.nvlan] = ld16(d + off) & 0x0FFF
+        if p.nvlan < 2:
+            p.vlan[p.nvlan] = ld16(d + off) & 0x0FFF
         p.nvlan += 1
         et = ld16(d + off + 2)
         off += 4
@@ -476,7 +480,7 @@ cdef dict _fields(mbx_pkt *p):
         "status_code": p.status,
         "ethertype": p.ethertype,
         "nvlan": p.nvlan,
-        "vlan": [p.vlan[i] for i in range(p.nvlan)],
+        "vlan": [p.vlan[i] for i in range(min(p.nvlan, 2))],
         "ip_ver": p.ip_ver,
         "l3_off": p.l3_off,
         "l4_proto": p.l4_proto,

@@ -6,7 +6,7 @@
 # then the flow table's symmetric hash of flow_key_of), or both directions of a
 # flow could land in different processes.  So the walk mirrors parse_packet's rules
 # for the fields the flow key reads, and answers only where those rules are short:
-# Ethernet with up to two VLAN tags, IPv4 without options or AH, IPv6 without
+# Ethernet with up to MAX_VLAN_TAGS VLAN tags, IPv4 without options or AH, IPv6 without
 # extension headers, any other transport.  Everything else (IPv4 options, AH or a
 # bad header length, IPv6 extension headers) returns -1: only the full parse can
 # tell (the parser walks AH to the ports of the transport inside).
@@ -14,7 +14,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from mbx._flow cimport flow_hash_words, flow_key_hash, flow_key_of, mbx_flow_key
-from mbx._packet cimport mbx_pkt
+from mbx._packet cimport MAX_VLAN_TAGS, mbx_pkt
 
 cdef extern from *:
     """
@@ -117,8 +117,8 @@ cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen, uint32_t wi
         return RSS_NOT_IP           # TRUNC_L2
     et = _rss_ld16(d + 12)
     while et == 0x8100 or et == 0x88A8 or et == 0x9100:
-        if nvlan == 2 or off + 4 > caplen:
-            return RSS_NOT_IP       # a third tag (NOT_IP) or TRUNC_L2
+        if nvlan == MAX_VLAN_TAGS or off + 4 > caplen:
+            return RSS_NOT_IP       # TOO_MANY_VLAN_TAGS or TRUNC_L2: no addresses
         et = _rss_ld16(d + off + 2)
         off += 4
         nvlan += 1

@@ -21,9 +21,9 @@ from mbx._flow cimport (
     flow_key_of, flow_trackable, mbx_flow, mbx_flow_key,
 )
 from mbx._packet cimport (
-    NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PKT_F_FRAGMENT, PKT_F_RSS_HASH,
-    PKT_F_STACK_DROP, PORT_EOF, PORT_ERROR, VERDICT_DROP, VERDICT_HELD, VERDICT_PASS,
-    Batch, Port, mbx_pkt,
+    NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PARSE_TOO_MANY_VLAN_TAGS, PKT_F_FRAGMENT,
+    PKT_F_RSS_HASH, PKT_F_STACK_DROP, PORT_EOF, PORT_ERROR, VERDICT_DROP, VERDICT_HELD,
+    VERDICT_PASS, Batch, Port, mbx_pkt,
 )
 from mbx._parse cimport DEFRAG_DONE, DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
 from mbx._rss cimport (
@@ -269,7 +269,8 @@ cdef class NetworkLayer:
                         # is counted as it would be unfragmented, by the stack that
                         # owns its flow, which is the one that drops it.
                         self.status_count[st] += 1
-                if st != PARSE_OK and st != PARSE_NOT_IP and self.drop_malformed:
+                if (st != PARSE_OK and st != PARSE_NOT_IP
+                        and st != PARSE_TOO_MANY_VLAN_TAGS and self.drop_malformed):
                     p.verdict = VERDICT_DROP
                     p.flags |= PKT_F_STACK_DROP
                     self.malformed_dropped += 1

@@ -9,6 +9,7 @@ same endpoints (a pure SYN with another ISN) is a new connection: ``#2``, ``#3``
 """
 import os
 
+from mbx._parse import MAX_VLAN_TAGS
 from mbx._stream import MAX_OOO_PIECES
 from mbx.errors import PortError
 from mbx.ports import capture_file, open_input
@@ -73,6 +74,11 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
     if cut_short:
         warnings.append("the capture ends in a record cut short (its writer stopped "
                         "mid-write); that packet is not in the summary")
+    deep = counters["parse"].get("too_many_vlan_tags", 0)
+    if deep:
+        warnings.append(f"{deep} frame{'s' if deep != 1 else ''} behind more than "
+                        f"{MAX_VLAN_TAGS} VLAN tags not looked at; any connection in "
+                        f"{'them' if deep != 1 else 'it'} is not in the summary")
     tcp = counters["tcp"]
     pieces = tcp["memcaps_pieces"]
     if pieces:

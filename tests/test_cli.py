@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import dpkt
 import pytest
 from mbxtest import read_frames
 
@@ -48,8 +49,6 @@ def test_main_job_on_the_example(tmp_path):
     r = mbx_cmd("run", "l4lb", "--in", f"pcap:{cap}", "--out", f"pcap:{out}",
                 "--set", "l4lb.vip=198.18.3.1:80")
     assert r.returncode == 0, r.stderr
-    import dpkt
-
     from mbx.examples.capture import BACKENDS, VIP
 
     with open(out, "rb") as fh:                 # dpkt reads what the LB wrote
@@ -524,6 +523,36 @@ def test_a_capture_cut_short_is_reported(tmp_path, example_pcap):
     assert "warning: the capture ends in a record cut short" in r.stderr
     r = mbx_cmd("run", "flow_stats", "--in", f"pcap:{example_pcap}")
     assert "cut short" not in r.stdout
+
+
+def retagged(example_pcap, path, depth):
+    """The example capture with ``depth`` VLAN tags in every frame (QinQ outermost)."""
+    tags = b"".join(struct.pack("!HH", 0x88A8 if i == 0 else 0x8100, 10 + i)
+                    for i in range(depth))
+    with open(example_pcap, "rb") as fh, open(path, "wb") as out:
+        r, w = dpkt.pcap.Reader(fh), dpkt.pcap.Writer(out, nano=True)
+        for ts, buf in r:
+            w.writepkt(bytes(buf[:12]) + tags + bytes(buf[12:]), ts=ts)
+
+
+def test_a_deep_vlan_stack_is_read_through_and_a_deeper_one_said(tmp_path, example_pcap):
+    # Three tags or more made every frame not_ip: mbx flows printed no connection,
+    # no warning, exit 0, where tshark found them all.
+    r = mbx_cmd("flows", example_pcap, "--json")
+    want = json.loads(r.stdout)["connections"]
+    assert want
+    retagged(example_pcap, tmp_path / "t3.pcap", 3)
+    r = mbx_cmd("flows", str(tmp_path / "t3.pcap"), "--json")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert json.loads(r.stdout)["connections"] == want
+    retagged(example_pcap, tmp_path / "t9.pcap", 9)
+    r = mbx_cmd("flows", str(tmp_path / "t9.pcap"), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["connections"] == {}
+    assert re.search(r"warning: [\d,]+ frames behind more than 8 VLAN tags not looked at",
+                     r.stderr), r.stderr
+    r = mbx_cmd("run", "l2fwd", "--in", f"pcap:{tmp_path / 't9.pcap'}")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"parse +too_many_vlan_tags [\d,]+\n", r.stdout), r.stdout
 
 
 def test_the_input_capture_is_never_the_output(tmp_path, example_pcap):

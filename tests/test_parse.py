@@ -368,7 +368,7 @@ def test_reparse_resets_fields():
 
 def test_status_names_order():
     assert STATUSES[0] == "ok" and STATUSES[1] == "not_ip"
-    assert len(STATUSES) == len(set(STATUSES)) == 17
+    assert len(STATUSES) == len(set(STATUSES)) == 18
     assert STATUSES[-2:] == ["frag_timeout", "frag_memcap"]
 
 
@@ -376,10 +376,32 @@ def test_not_ip():
     assert parse(eth(b"\x00" * 28, 0x0806))["status"] == "not_ip"
 
 
-def test_three_vlan_tags_are_not_ip():
-    tags = ((0x88A8, 1), (0x8100, 2), (0x8100, 3))
-    f = parse(eth(ip4(17, udp()), tags=tags))
-    assert f["status"] == "not_ip" and f["vlan"] == [1, 2] and f["ethertype"] == 0x8100
+def vlan_tags(depth):
+    return tuple((0x88A8 if i == 0 else 0x8100, i + 1) for i in range(depth))
+
+
+def test_vlan_stacks_up_to_eight_tags_are_walked():
+    # Three tags or more were not_ip: a capture of such a stack gave no connection
+    # and no word.  Eight is the bound (Linux's VLAN_MAX_DEPTH).
+    for depth in (3, 8):
+        f = parse(eth(ip4(17, udp()), tags=vlan_tags(depth)))
+        assert f["status"] == "ok" and f["nvlan"] == depth, depth
+        assert f["vlan"] == [1, 2] and f["ethertype"] == 0x0800
+        assert f["l3_off"] == 14 + 4 * depth and (f["sport"], f["dport"]) == (5353, 53)
+
+
+def test_more_vlan_tags_than_the_bound_are_counted_apart_from_not_ip(tmp_path):
+    from mbxtest import run_app
+
+    deep = eth(ip4(17, udp()), tags=vlan_tags(9))
+    f = parse(deep)
+    assert f["status"] == "too_many_vlan_tags" and f["nvlan"] == 8
+    assert f["ethertype"] == 0x8100 and f["ip_ver"] == 0
+    # not a malformation: forwarded as it is, even under --malformed drop
+    c, out = run_app([], None, tmp_path, [(1.0, deep), (1.001, eth(b"\0" * 28, 0x0806))],
+                     malformed="drop")
+    assert c["parse"] == {"too_many_vlan_tags": 1, "not_ip": 1}
+    assert c["dropped_malformed"] == 0 and [b for _, b in out][0] == deep
 
 
 def test_trunc_l2():
@@ -612,7 +634,7 @@ def check_invariants(f, n):
     assert f["payload_off"] + f["payload_len"] <= n
     assert f["l4_off"] <= n and f["l3_off"] <= n
     assert len(f["payload"]) == f["payload_len"]
-    assert f["nvlan"] <= 2 and len(f["sack"]) <= 4
+    assert f["nvlan"] <= 8 and len(f["vlan"]) <= 2 and len(f["sack"]) <= 4
 
 
 @settings(max_examples=500)

@@ -101,7 +101,7 @@ def frames(draw):
     ethertype = draw(st.sampled_from([0x0800 if family == 4 else 0x86DD] * 4
                                      + [0x0806, 0x0800 if family == 6 else 0x86DD]))
     tags = b"".join(struct.pack("!HH", draw(st.sampled_from(TPIDS)), 5)
-                    for _ in range(draw(st.sampled_from([0, 0, 1, 2, 3]))))
+                    for _ in range(draw(st.sampled_from([0, 0, 1, 2, 3, 8, 9]))))
     frame = b"\x02" * 12 + tags + struct.pack("!H", ethertype) + ip
     if draw(st.booleans()):
         frame = frame[:draw(st.integers(0, len(frame)))]
@@ -218,6 +218,21 @@ def test_dpkt_frames_common_cases_are_decided_without_the_parser():
     c = ether(tcp6("2001:db8::1", "2001:db8::2", 1, 2))
     d = ether(tcp6("2001:db8::2", "2001:db8::1", 2, 1))
     assert rss_owners(c, 4) == rss_owners(d, 4)
+
+
+def test_a_deep_vlan_stack_keeps_a_flow_on_one_stack():
+    # Behind three tags or more a frame was not IP to the walk and the parser alike:
+    # consistent, but its flow untracked.  Up to the bound both read the IP header.
+    def tagged(frame, depth):
+        return frame[:12] + struct.pack("!HH", 0x8100, 7) * depth + frame[12:]
+
+    for depth in (3, 8):
+        there = rss_owners(tagged(ether(tcp4("198.18.0.1", "198.19.0.2", 40000, 443)),
+                                  depth), 4)
+        back = rss_owners(tagged(ether(tcp4("198.19.0.2", "198.18.0.1", 443, 40000)),
+                                 depth), 4)
+        assert there == back and there[0] == there[1], depth
+        assert there[2] is not None and there[2] == there[3], depth
 
 
 def mixed_frames():
