@@ -129,6 +129,9 @@ cdef class PcapWriter(Port):
     cdef uint32_t buf_records   # records in the buffer, counted in tx_pkts
     cdef int io_errno
     cdef object written_key     # its entry in _being_written while open
+    # frames not written (in tx_dropped): their time has no place in a pcap record's
+    # unsigned 32-bit seconds (before 1970, or after 2106-02-07 06:28:15 UTC)
+    cdef readonly uint64_t tx_bad_time
 
     cdef int _flush(self) noexcept nogil
     cdef void _lose_unwritten(self, size_t done) noexcept nogil

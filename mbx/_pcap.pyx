@@ -64,6 +64,7 @@ cdef enum:
     MAGIC_NS_SWAPPED = 0x4d3cb2a1
     PCAP_FILE_HDR = 24
     PCAP_REC_HDR = 16
+    PCAP_MAX_SECONDS = 0xFFFFFFFF   # a record's seconds: 2106-02-07 06:28:15 UTC
     # pcapng block types and option codes
     BT_SHB = 0x0A0D0D0A
     BT_IDB = 1
@@ -1050,6 +1051,8 @@ cdef class PcapWriter(Port):
 
     ``PcapWriter(path, nanosecond=True, snaplen=262144, linktype=1)``; frames longer
     than ``snaplen`` are cut and keep their wire length.  ``close()`` flushes.
+    A frame whose time a pcap record cannot hold (before 1970, after 2106-02-07
+    06:28:15 UTC) is not written: counted in ``tx_dropped`` and ``tx_bad_time``.
     A checksum a live port left for the sending interface (AF_PACKET ``offloads``)
     is finished first, so the capture shows the checksums the wire would carry.
     """
@@ -1154,7 +1157,7 @@ cdef class PcapWriter(Port):
         self.buf_records = 0
 
     cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
-        cdef int i
+        cdef int i, written = 0
         cdef mbx_pkt *p
         cdef uint32_t caplen
         cdef int64_t ts
@@ -1165,6 +1168,14 @@ cdef class PcapWriter(Port):
             return PORT_ERROR
         for i in range(n):
             p = pkts[i]
+            ts = p.ts_ns
+            if ts < 0 or ts // NS > PCAP_MAX_SECONDS:
+                # The record's seconds are unsigned 32 bits from 1970: written, such
+                # a time would read back as another, valid-looking one (wrapped, or
+                # 1970).  No time is better than a wrong one: left out, counted.
+                self.tx_bad_time = self.tx_bad_time + 1
+                self.tx_dropped = self.tx_dropped + 1
+                continue
             pkt_finish_csum(p)
             caplen = min(p.caplen, self.snaplen)
             # after a failed write nothing is taken, even what would fit the buffer
@@ -1173,8 +1184,6 @@ cdef class PcapWriter(Port):
                     snprintf(msg, sizeof(msg), "write failed: %s", strerror(self.io_errno))
                     self.set_error(msg)
                     return PORT_ERROR
-            # pcap cannot hold times before 1970.
-            ts = p.ts_ns if p.ts_ns > 0 else 0
             h = self.buf + self.used
             wr32(h, <uint32_t>(ts // NS))
             wr32(h + 4, <uint32_t>(ts % NS if self.nanosecond else (ts % NS) // 1000))
@@ -1188,7 +1197,8 @@ cdef class PcapWriter(Port):
             self.buf_records += 1
             self.tx_pkts = self.tx_pkts + 1
             self.tx_bytes = self.tx_bytes + caplen
-        return n
+            written += 1
+        return written
 
     def flush(self):
         """Write out what is buffered."""
@@ -1233,9 +1243,19 @@ cdef class PcapWriter(Port):
     @property
     def counters(self):
         """The port's counters, ``tx_lost``: records taken (returned as sent) that a
-        failed write then lost, not in the file whole and not in ``tx_pkts``."""
+        failed write then lost, not in the file whole and not in ``tx_pkts``;
+        ``tx_bad_time``: frames not written for a time a pcap record cannot hold (in
+        ``tx_dropped``, and said in ``tx_error``)."""
         c = Port.counters.__get__(self)
         c["tx_lost"] = self.tx_lost
+        c["tx_bad_time"] = self.tx_bad_time
+        why = []
+        if self.tx_bad_time:
+            n = self.tx_bad_time
+            why.append(f"{n:,} frame{'s' if n != 1 else ''} whose time a pcap record "
+                       "cannot hold (before 1970 or after 2106-02-07 06:28:15 UTC)")
+        if why:
+            c["tx_error"] = "; ".join(why)
         return c
 
     def __repr__(self):

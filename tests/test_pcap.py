@@ -414,6 +414,41 @@ def test_damage_after_only_skipped_frames_is_reported_as_damage(tmp_path):
 # ---------------------------------------------------------------- writer
 
 
+def test_writer_leaves_out_a_time_a_record_cannot_hold(tmp_path):
+    # A record's seconds are unsigned 32 bits: 2200-01-01 came out as 2063 (wrapped),
+    # a time before 1970 as 1970, each a valid-looking wrong time.
+    last = (2**32 - 1) * NS + NS - 1                    # 2106-02-07 06:28:15.999999999
+    stamps = [1_700_000_000 * NS, 7_258_118_400 * NS, -1, last, last + 1]
+    frames = random_frames(len(stamps), seed=3)
+    path = tmp_path / "w.pcap"
+    with PcapWriter(path) as w:
+        batch = Batch(8)
+        for f, t in zip(frames, stamps, strict=True):
+            assert batch.append(f, t)
+        assert w.send(batch) == 2
+    assert (w.tx_pkts, w.tx_dropped, w.tx_bad_time) == (2, 3, 3)
+    assert "3 frames whose time a pcap record cannot hold" in w.counters["tx_error"]
+    raw = path.read_bytes()
+    assert [f for _, f in read_frames(path)] == [frames[0], frames[3]]
+    assert struct.unpack_from("=II", raw, 24) == (1_700_000_000, 0)
+    assert struct.unpack_from("=II", raw, 24 + 16 + len(frames[0])) == (2**32 - 1, NS - 1)
+    # a run says what its output left out, and does not count it sent
+    cap = tmp_path / "y2200.pcapng"
+    eth = b"\2" * 12 + b"\x08\x06" + b"\0" * 28
+    cap.write_bytes(shb() + idb(1, tsresol=9) + epb(0, 1_700_000_000 * NS, eth)
+                    + epb(0, 7_258_118_400 * NS, eth))
+    out = tmp_path / "o.pcap"
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                        f"pcap:{cap}", "--out", f"pcap:{out}", "--json", str(tmp_path / "c.json")],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["sent"] == 1 and c["ports"]["out"]["tx_bad_time"] == 1
+    assert "not sent       1 packet, by the out port (last error: 1 frame whose time a " \
+           "pcap record cannot hold" in r.stdout
+    assert len(read_frames(out)) == 1
+
+
 @pytest.mark.parametrize("nano", [False, True])
 def test_writer_read_by_dpkt(tmp_path, nano):
     frames = random_frames(300, seed=5)
