@@ -132,6 +132,10 @@ cdef class PcapWriter(Port):
     # frames not written (in tx_dropped): their time has no place in a pcap record's
     # unsigned 32-bit seconds (before 1970, or after 2106-02-07 06:28:15 UTC)
     cdef readonly uint64_t tx_bad_time
+    # frames of no bytes not written (in tx_dropped): a record cut inside its
+    # non-Ethernet link header reaches the stack empty, and a record of no bytes
+    # is no record to a reader ("[Invalid header: caplen==0]", tcpdump says)
+    cdef readonly uint64_t tx_empty
 
     cdef int _flush(self) noexcept nogil
     cdef void _lose_unwritten(self, size_t done) noexcept nogil

@@ -5,7 +5,7 @@ replaying a capture costs one memcpy per frame into the batch arena and no Pytho
 object per packet.  Every frame leaves the reader as an Ethernet frame: raw-IP and
 Linux cooked captures get a synthesised Ethernet header, because the parser and
 everything after it speak Ethernet only (a record cut inside its link header leaves
-empty, for the parser to count as ``trunc_l2``).
+empty, for the parser to count as ``trunc_l2``, and a pcap output to leave out).
 """
 import os
 import stat
@@ -1052,7 +1052,8 @@ cdef class PcapWriter(Port):
     ``PcapWriter(path, nanosecond=True, snaplen=262144, linktype=1)``; frames longer
     than ``snaplen`` are cut and keep their wire length.  ``close()`` flushes.
     A frame whose time a pcap record cannot hold (before 1970, after 2106-02-07
-    06:28:15 UTC) is not written: counted in ``tx_dropped`` and ``tx_bad_time``.
+    06:28:15 UTC) is not written: counted in ``tx_dropped`` and ``tx_bad_time``;
+    nor is a frame of no bytes (``tx_empty``, in ``tx_dropped`` too).
     A checksum a live port left for the sending interface (AF_PACKET ``offloads``)
     is finished first, so the capture shows the checksums the wire would carry.
     """
@@ -1176,6 +1177,13 @@ cdef class PcapWriter(Port):
                 self.tx_bad_time = self.tx_bad_time + 1
                 self.tx_dropped = self.tx_dropped + 1
                 continue
+            if p.caplen == 0:
+                # What the reader delivers for a record cut inside its cooked, raw
+                # or loopback link header: its bytes are not Ethernet, and an empty
+                # record is a broken one to every reader.
+                self.tx_empty = self.tx_empty + 1
+                self.tx_dropped = self.tx_dropped + 1
+                continue
             pkt_finish_csum(p)
             caplen = min(p.caplen, self.snaplen)
             # after a failed write nothing is taken, even what would fit the buffer
@@ -1244,16 +1252,23 @@ cdef class PcapWriter(Port):
     def counters(self):
         """The port's counters, ``tx_lost``: records taken (returned as sent) that a
         failed write then lost, not in the file whole and not in ``tx_pkts``;
-        ``tx_bad_time``: frames not written for a time a pcap record cannot hold (in
-        ``tx_dropped``, and said in ``tx_error``)."""
+        ``tx_bad_time``: frames not written for a time a pcap record cannot hold, and
+        ``tx_empty``: frames of no bytes, not written (both in ``tx_dropped``, and
+        said in ``tx_error``)."""
         c = Port.counters.__get__(self)
         c["tx_lost"] = self.tx_lost
         c["tx_bad_time"] = self.tx_bad_time
+        c["tx_empty"] = self.tx_empty
         why = []
         if self.tx_bad_time:
             n = self.tx_bad_time
             why.append(f"{n:,} frame{'s' if n != 1 else ''} whose time a pcap record "
                        "cannot hold (before 1970 or after 2106-02-07 06:28:15 UTC)")
+        if self.tx_empty:
+            n = self.tx_empty
+            why.append(f"{n:,} frame{'s' if n != 1 else ''} of no bytes (a record cut "
+                       "inside its cooked, raw-IP or loopback link header), which no "
+                       "pcap reader takes")
         if why:
             c["tx_error"] = "; ".join(why)
         return c
