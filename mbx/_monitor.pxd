@@ -113,6 +113,7 @@ cdef class TcpMonitor(NetworkLayer):
     # counters
     cdef readonly uint64_t tcp_pkts
     cdef readonly uint64_t tcp_unparsed
+    cdef readonly uint64_t cut_segments     # payload cut short by the capture (snaplen)
     cdef readonly uint64_t connections
     cdef readonly uint64_t new_connections
     cdef readonly uint64_t pairs_exhausted

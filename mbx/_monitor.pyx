@@ -32,8 +32,8 @@ from mbx._events cimport (
 )
 from mbx._flow cimport END_CLOSED, FLOW_ACTIVE, flow_count, flow_endpoints, mbx_flow
 from mbx._packet cimport (
-    NO_FLOW, OFFLOAD_CSUM_PARTIAL, PARSE_BAD_TCP_OPT, PARSE_OK, TH_ACK, TH_FIN, TH_RST,
-    TH_SYN, VERDICT_DROP,
+    NO_FLOW, OFFLOAD_CSUM_PARTIAL, PARSE_BAD_TCP_OPT, PARSE_OK, PKT_F_TRUNCATED, TH_ACK,
+    TH_FIN, TH_RST, TH_SYN, VERDICT_DROP,
     Batch, Port, mbx_pkt,
 )
 from mbx._shm cimport stack_arena, stack_calloc, stack_free
@@ -416,6 +416,9 @@ cdef class TcpMonitor(NetworkLayer):
             self.last_before = self.flows.last_before
         self.tcp_pkts += 1
         self.pkt_no += 1
+        # a capture's snaplen cut its payload: the stream holds what was captured
+        # and skips the rest as a gap, so lengths and digests cover less than was sent
+        self.cut_segments += (p.flags & PKT_F_TRUNCATED) != 0
         if self.meta[slot].mark & MARK_KILLED and self.meta[slot].gen == p.flow_gen:
             p.verdict = VERDICT_DROP        # an NF terminated this connection
             self.killed_drops += 1
@@ -980,6 +983,7 @@ cdef class TcpMonitor(NetworkLayer):
     def counters_tcp(self):
         return {
             "tcp_packets": self.tcp_pkts, "tcp_unparsed": self.tcp_unparsed,
+            "cut_segments": self.cut_segments,
             "connections": self.connections, "new_connections": self.new_connections,
             "streams_opened": self.streams_opened, "streams_exhausted": self.pairs_exhausted,
             "gaps": self.gaps, "gap_bytes": self.gap_bytes, "conflicts": self.conflicts,

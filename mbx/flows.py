@@ -80,6 +80,10 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
                         f"{MAX_VLAN_TAGS} VLAN tags not looked at; any connection in "
                         f"{'them' if deep != 1 else 'it'} is not in the summary")
     tcp = counters["tcp"]
+    if tcp["cut_segments"]:
+        n = tcp["cut_segments"]
+        warnings.append(f"{n} segment{'s' if n != 1 else ''} cut by the capture's snaplen; "
+                        "stream lengths and digests cover the captured bytes only")
     pieces = tcp["memcaps_pieces"]
     if pieces:
         warnings.append(f"{pieces} segments lost bytes: their stream held {MAX_OOO_PIECES} "

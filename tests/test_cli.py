@@ -555,6 +555,32 @@ def test_a_deep_vlan_stack_is_read_through_and_a_deeper_one_said(tmp_path, examp
     assert re.search(r"parse +too_many_vlan_tags [\d,]+\n", r.stdout), r.stdout
 
 
+def test_segments_cut_by_snaplen_are_warned_of(tmp_path, example_pcap):
+    # Stream lengths and digests of a capture cut by its snaplen covered the
+    # captured bytes only, without a word.
+    with open(example_pcap, "rb") as fh:
+        frames = [(ts, bytes(buf)) for ts, buf in dpkt.pcap.Reader(fh)]
+    cut = tmp_path / "snap80.pcap"
+    with open(cut, "wb") as out:
+        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 80, 1))
+        for ts, buf in frames:
+            sec, usec = divmod(round(ts * 1e6), 10**6)
+            out.write(struct.pack("<IIII", sec, usec, min(len(buf), 80), len(buf))
+                      + buf[:80])
+    from mbx._parse import parse
+
+    n = sum(1 for _, buf in frames
+            if (f := parse(buf[:80], wirelen=len(buf)))["l4_proto"] == 6
+            and f["status"] == "ok" and "truncated" in f["flag_names"])
+    assert n
+    r = mbx_cmd("flows", str(cut), "--json")
+    assert r.returncode == 0, r.stderr
+    assert f"warning: {n} segments cut by the capture's snaplen; stream lengths and " \
+        "digests cover the captured bytes only" in r.stderr, r.stderr
+    r = mbx_cmd("flows", example_pcap, "--json")
+    assert r.returncode == 0 and "snaplen" not in r.stderr, r.stderr
+
+
 def test_the_input_capture_is_never_the_output(tmp_path, example_pcap):
     # Writing the capture being read would destroy it (and, mapped, end the reader
     # with SIGBUS): refused, whatever the path's spelling, and the file is intact.
