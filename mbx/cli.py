@@ -507,7 +507,7 @@ def _write_failed_json(path, counters):
 
 
 def _run_parallel(nfs, args, config, listeners, view):
-    from mbx.ports import packet_sockets_before, written_files
+    from mbx.ports import packet_sockets_before, read_by_every_stack, written_files
     from mbx.runtime import check_one_stack, merge_snapshots, run_parallel
 
     if config.get("deploy", "inline") != "inline":
@@ -515,11 +515,12 @@ def _run_parallel(nfs, args, config, listeners, view):
     check_one_stack(nfs, args.stacks)       # before any process is started
     _warn_other_sockets(packet_sockets_before(args.inp))
     latest = [None] * args.stacks
+    every = read_by_every_stack(args.inp)
 
     def on_snapshot(k, snap):
         # each process's latest counters, merged for the live views
         latest[k] = snap
-        merged = merge_snapshots([c for c in latest if c is not None])
+        merged = merge_snapshots([c for c in latest if c is not None], every)
         merged["per_stack"] = latest
         for listener in listeners:
             listener.update(merged)

@@ -40,7 +40,7 @@ from mbx.errors import PortError
 
 __all__ = ["KNOWN_SCHEMES", "LINK_WAIT_S", "DeferredOutput", "check_spec", "check_stacks",
            "open_input", "open_output", "open_ports", "other_packet_sockets",
-           "port_counters", "stack_spec", "written_files"]
+           "port_counters", "read_by_every_stack", "stack_spec", "written_files"]
 
 #: Schemes this build can open.
 KNOWN_SCHEMES: tuple[str, ...] = ("pcap", "afpacket", "dpdk")
@@ -406,6 +406,23 @@ def check_stacks(spec: str, stacks: int) -> None:
         raise PortError(f"port spec {spec!r}: {why}; the {stacks} stack processes of a "
                         f"parallel run (--stacks {stacks}) cannot each open it: run it "
                         f"in one stack process")
+
+
+def read_by_every_stack(spec: str) -> bool:
+    """Whether each stack process of a parallel run reads all of the input ``spec``
+    (a capture file, a DPDK ``net_pcap`` device's file or interface), keeping its
+    share: then what each counts of the input as a whole (its frames, for a device
+    that hands them all over; a capture's cut-short end, its skipped frames) is the
+    same in every process and merged once (``mbx.runtime.merge_snapshots``).  False
+    where each frame reaches one process: an AF_PACKET fanout group, and the devices
+    that live in each process (``net_null``, ``net_ring``), whose frames of other
+    stacks' flows no other process sees."""
+    scheme, arg = _parse(spec)
+    if scheme == "pcap":
+        return True
+    if scheme != "dpdk":
+        return False
+    return all(_vdev_driver(device) == "net_pcap" for device in _dpdk_spec(spec, arg)[0])
 
 
 def _dpdk_rewrite(arg: str, rename) -> str:

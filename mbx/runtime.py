@@ -656,38 +656,73 @@ def nf_stats(bus, pipeline=None):
     return out
 
 
+# Port counters that name something (the link type of a capture's first skipped
+# frames): the same in every process that has them, never added up
+IDENTIFIERS = ("skipped_linktype",)
+# An input's counters of the input as a whole, not of a process's share: where every
+# stack process reads all of the input (mbx.ports.read_by_every_stack), each counts
+# them alike.  A capture's cut-short end and its frames of a link type mbx does not
+# read; its damage (a text) is one too.
+WHOLE_INPUT = ("truncated", "skipped")
+# ... and, from an input that hands every process every frame (a DPDK net_pcap
+# device; a capture reader instead skips the others' frames and counts only its own),
+# what it received
+WHOLE_INPUT_RX = ("rx_pkts", "rx_bytes", "rx_oversize", "rx_bad_length")
+
+
 def merge_counters(parts):
-    """Sum the counters of several stack processes (numbers add, dicts merge)."""
+    """Sum the counters of several stack processes (numbers add, dicts merge; an
+    identifier, one of ``IDENTIFIERS``, and a text are the first process's)."""
     out = {}
     for part in parts:
         for key, value in part.items():
             if isinstance(value, dict):
                 out[key] = merge_counters([out.get(key) or {}, value])
-            elif isinstance(value, int | float) and not isinstance(value, bool):
+            elif (isinstance(value, int | float) and not isinstance(value, bool)
+                  and key not in IDENTIFIERS):
                 out[key] = out.get(key, 0) + value
             elif key not in out:
                 out[key] = value
     return out
 
 
-def merge_snapshots(parts):
+def _take_once(merged, inputs):
+    """In ``merged``, an input's merged counters, the counters of the input as a
+    whole taken once from ``inputs``, each process's (the largest: a process stopped
+    early read less), on a bridge's sides too."""
+    rss = "rss_skipped" in merged
+    for key in WHOLE_INPUT + (() if rss else WHOLE_INPUT_RX):
+        seen = [c[key] for c in inputs if isinstance(c.get(key), int)]
+        if seen:
+            merged[key] = max(seen)
+    if rss:
+        # each process's input counted the frames it left to the others: summed, they
+        # would be the input (N - 1) times over
+        merged["rss_skipped"] = 0
+    for side in ("client", "server"):
+        if isinstance(merged.get(side), dict):
+            _take_once(merged[side], [c.get(side) or {} for c in inputs])
+
+
+def merge_snapshots(parts, read_by_every_stack=True):
     """The counters of several stack processes as one: ``merge_counters``, with each
-    NF's mean handler time taken over all of them (not summed)."""
+    NF's mean handler time taken over all of them (not summed).
+
+    ``read_by_every_stack`` (``mbx.ports.read_by_every_stack`` of the input): each
+    process read all of the input, so what it counted of the input as a whole
+    (``WHOLE_INPUT``) is taken once, and each frame one process left to another
+    (``other_stacks``) was another's packet: the merged counters leave none to
+    anyone.  Otherwise each frame reached one process (a fanout group; a device
+    that lives in each process, such as ``net_null``), and the frames a process
+    received for other stacks' flows reached no other: ``other_stacks`` is summed,
+    so that the input's received frames are the packets plus ``other_stacks``."""
     out = merge_counters(parts)
-    # each process's packets left to the others: summed, they would be the input
-    # (N - 1) times over; the merged counters leave no packet to anyone
-    if "other_stacks" in out:
-        out["other_stacks"] = 0
-    inp = (out.get("ports") or {}).get("in") or {}
-    if "rss_skipped" in inp:            # the same, counted by each process's input
-        inp["rss_skipped"] = 0
-    elif parts and all(part.get("other_stacks") for part in parts):
-        # an input that cannot split (a DPDK net_pcap replay): every process read
-        # all of it, and its receive counters are the input's once, not N times
-        for key in ("rx_pkts", "rx_bytes"):
-            seen = [((part.get("ports") or {}).get("in") or {}).get(key) for part in parts]
-            if key in inp and all(isinstance(v, int) for v in seen):
-                inp[key] = max(seen)
+    if read_by_every_stack:
+        if "other_stacks" in out:
+            out["other_stacks"] = 0
+        inp = (out.get("ports") or {}).get("in")
+        if inp:
+            _take_once(inp, [((part.get("ports") or {}).get("in") or {}) for part in parts])
     for n in out.get("nfs", {}).values():
         n["mean_ns"] = n["handler_ns"] / n["events"] if n["events"] else 0.0
     return out
@@ -807,6 +842,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         close_ports,
         open_ports,
         port_counters,
+        read_by_every_stack,
         stack_spec,
     )
 
@@ -1080,7 +1116,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             _, statuses[k], usages[k] = os.wait4(pid, 0)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    parts, errors, partials = [], [], []
+    parts, errors, partials = [], {}, []
     for k in range(stacks):
         usage = usages[k]
         code = os.waitstatus_to_exitcode(statuses[k])
@@ -1095,15 +1131,15 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         # the process's own CPU time: on a busy machine, how the work was split
         cpu_s = usage.ru_utime + usage.ru_stime
         if "error" in msg:
-            errors.append(f"stack {k}: {msg['error']}")
+            errors.setdefault(msg["error"], []).append(k)
             if "partial" in msg:
                 partials.append(dict(msg["partial"], cpu_s=cpu_s))
         elif unasked[k] and not signalled:
             # (a signal to the whole process group reaches this process too: then
             # the stop is the run's own)
-            errors.append(f"stack {k}: stopped by {msg['stopped']} sent to its process "
-                          "alone, not by mbx: its share of the input was not all read; "
-                          "the other stacks were stopped")
+            errors.setdefault(f"stopped by {msg['stopped']} sent to its process alone, "
+                              "not by mbx: its share of the input was not all read; the "
+                              "other stacks were stopped", []).append(k)
             partials.append(dict(msg["ok"], cpu_s=cpu_s))
         else:
             msg["ok"]["cpu_s"] = cpu_s
@@ -1113,6 +1149,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     stopped = signalled[0][0] if signalled and (any(interrupted) or any(
         msg and msg.get("stopped") for msg in last)) else None
     if errors:
+        # each error once, naming its stacks: a damaged capture fails every process
+        # that reads it alike
+        errors = [("stack " if len(ks) == 1 else "stacks ") + ", ".join(map(str, ks))
+                  + f": {why}" for why, ks in errors.items()]
         if any(interrupted):
             # interrupted, as one stack is (mbx run: exit 130)
             exc = KeyboardInterrupt(f"stopped again: the run had not ended "
@@ -1122,10 +1162,11 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             exc = AppError("; ".join(errors))
         # what the stacks did until then, for the failed run's summary and --json
         # (None when no stack ran)
-        exc.counters = merge_snapshots(parts + partials) if parts or partials else None
+        exc.counters = (merge_snapshots(parts + partials, read_by_every_stack(in_spec))
+                        if parts or partials else None)
         if exc.counters is not None:
             exc.counters["stopped"] = stopped
         raise exc
-    merged = merge_snapshots(parts)
+    merged = merge_snapshots(parts, read_by_every_stack(in_spec))
     merged["stopped"] = stopped
     return merged, parts

@@ -665,3 +665,65 @@ def test_ports_the_stack_processes_cannot_each_open_are_refused_up_front(
                        cwd=tmp_path)
     assert r.returncode == 2 and "--stacks 2" in r.stderr and r.stderr.count("\n") == 1, \
         r.stderr
+
+
+def _pcapng_with_a_foreign_interface(path, frames, every=10):
+    """A pcapng of ``frames`` on an Ethernet interface and, after every ``every``-th,
+    a frame on a second interface of link type 147 (USER0), which mbx skips."""
+    def block(kind, body):
+        body += b"\0" * (-len(body) % 4)
+        return struct.pack("<II", kind, 12 + len(body)) + body + \
+            struct.pack("<I", 12 + len(body))
+
+    out = [block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)),
+           block(1, struct.pack("<HHI", 1, 0, 65535)),
+           block(1, struct.pack("<HHI", 147, 0, 65535))]
+    foreign = 0
+    for i, (ts, frame) in enumerate(frames):
+        us = int(ts * 1e6)
+        out.append(block(6, struct.pack("<IIIII", 0, us >> 32, us & 0xFFFFFFFF,
+                                        len(frame), len(frame)) + frame))
+        if i % every == 0:
+            out.append(block(6, struct.pack("<IIIII", 1, us >> 32, us & 0xFFFFFFFF, 5, 5)
+                             + b"hello"))
+            foreign += 1
+    with open(path, "wb") as fh:
+        fh.write(b"".join(out))
+    return foreign
+
+
+def test_stacks_count_what_is_of_the_whole_capture_once(tmp_path):
+    # Every stack process reads the whole capture, yet the counters of the capture
+    # as a whole were summed: 218 frames of an interface mbx skips were 436 with two
+    # stacks, their link type 147 became 294, and a capture cut short was 2 truncated.
+    cap = str(tmp_path / "many.pcap")
+    many_flows_capture(cap, flows=200, packets=2000)
+    frames = [(ts, frame) for ts, frame in read_frames(cap)]
+    ng = str(tmp_path / "two-interfaces.pcapng")
+    foreign = _pcapng_with_a_foreign_interface(ng, frames)
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(open(cap, "rb").read()[:-7])
+    for stacks in (1, 2, 3):
+        c, parts = run_parallel(lambda: [], f"pcap:{ng}", stacks=stacks)
+        inp = c["ports"]["in"]
+        assert (inp["skipped"], inp["skipped_linktype"]) == (foreign, 147), stacks
+        assert inp["rx_pkts"] == c["packets"] == len(frames), stacks
+        assert all(p["ports"]["in"]["skipped"] == foreign for p in parts)
+        c, _ = run_parallel(lambda: [], f"pcap:{cut}", stacks=stacks)
+        assert c["ports"]["in"]["truncated"] == 1, stacks
+        assert c["packets"] == len(frames) - 1
+
+
+def test_a_damaged_capture_is_said_once_for_every_stack(tmp_path):
+    # every process reads the damage and fails alike: the error was said once per
+    # stack, on one line
+    cap = tmp_path / "damaged.pcap"
+    write_pcap(str(cap), [(1.0, ether(tcp4("198.18.0.1", "198.18.0.2", 1, 2, b"x")))])
+    data = bytearray(cap.read_bytes())
+    data[24 + 8:24 + 12] = struct.pack("<I", 1 << 30)      # a record of 1 GiB
+    cap.write_bytes(bytes(data))
+    with pytest.raises(mbx.MbxError) as err:
+        run_parallel(lambda: [], f"pcap:{cap}", stacks=3)
+    text = str(err.value)
+    assert text.startswith("stacks 0, 1, 2: "), text
+    assert text.count("damaged.pcap") == 1, text
