@@ -382,11 +382,12 @@ def check_stacks(spec: str, stacks: int) -> None:
     second server finds the path taken, a second client is refused by the peer) or
     ``net_tap`` (one kernel interface, whose frames the kernel would share out
     between the processes by its own hash, not by the flows' symmetric one, so
-    frames would reach a process that does not keep them).  Capture files and
+    frames would reach a process that does not keep them), and ``net_af_packet``
+    (a fanout group of each process's own, made with the defrag flag: the kernel
+    rebuilds a fragmented datagram for one of the groups only).  Capture files and
     ``net_pcap`` ``tx_pcap`` files are written per process (:func:`stack_spec`);
     every other device is opened in each process and sees every frame (``net_pcap``
-    files and interfaces, ``net_af_packet``, whose socket is in a fanout group of
-    its own process) or lives in the process (``net_ring``, ``net_null``)."""
+    files and interfaces) or lives in the process (``net_ring``, ``net_null``)."""
     if stacks <= 1:
         return
     scheme, arg = _parse(spec)
@@ -401,6 +402,22 @@ def check_stacks(spec: str, stacks: int) -> None:
             why = (f"a tap device is one kernel interface "
                    f"({vdev_arg(device, 'iface', 'dtap0')}), whose frames the kernel "
                    f"would share out by its own hash, not by the flows' symmetric one")
+        elif driver == "net_af_packet":
+            # DPDK 22.11 joins each socket to a fanout group of its own with the
+            # kernel's defrag flag, which it gives no option to change.  The kernel
+            # keeps one reassembly queue per datagram for all AF_PACKET groups (the
+            # queue's key has no group), so each fragmented datagram is rebuilt
+            # once, for the group whose copy of a fragment completes it: the other
+            # processes never see it, and a stack that does but does not own its
+            # flow drops it (about half the datagrams lost with 2 stacks).
+            iface = vdev_arg(device, "iface", "IF")
+            raise PortError(f"port spec {spec!r}: net_af_packet puts each of the "
+                            f"{stacks} stack processes (--stacks {stacks}) in a fanout "
+                            f"group of its own with the kernel's defrag flag, and the "
+                            f"kernel rebuilds each fragmented IPv4 datagram for one "
+                            f"group only, so the other processes lose it: use "
+                            f"afpacket:{iface}, whose one fanout group splits the flows "
+                            f"among the processes, or run it in one stack process")
         else:
             continue
         raise PortError(f"port spec {spec!r}: {why}; the {stacks} stack processes of a "

@@ -795,8 +795,8 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     Each process writes its own output (``FILE.stackK`` for ``pcap:FILE`` and for a
     DPDK ``net_pcap`` device's ``tx_pcap=FILE``, in the input too; see
     ``output_path`` and ``mbx.ports.stack_spec``).  A port the processes cannot
-    each open (a DPDK ``net_memif`` or ``net_tap`` device) is refused before any
-    process starts (``mbx.ports.check_stacks``), as is a bad spec.
+    each open (a DPDK ``net_memif``, ``net_tap`` or ``net_af_packet`` device) is
+    refused before any process starts (``mbx.ports.check_stacks``), as is a bad spec.
     Returns (merged counters, [each process's counters]); each process's counters
     carry its CPU seconds (``cpu_s``, summed in the merged ones).
 

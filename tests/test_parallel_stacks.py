@@ -641,18 +641,25 @@ def test_each_stack_process_writes_its_own_files():
      "a memif interface is one link to one peer \\(socket /tmp/x.sock\\)"),
     ("dpdk:net_ring0+net_memif3", "memif interface is one link .*socket /run/memif.sock"),
     ("dpdk:net_tap0,iface=t0", "a tap device is one kernel interface \\(t0\\)"),
+    # a fanout group of each process's own, with the defrag flag: the kernel rebuilt
+    # each fragmented IPv4 datagram for one group, and with 2 stacks about half the
+    # datagrams were lost without a count (DPDK 22.11 gives no option to change it)
+    ("dpdk:net_af_packet0,iface=v0", "net_af_packet puts each of the 2 stack processes "
+     "\\(--stacks 2\\) in a fanout group of its own with the kernel's defrag flag.*"
+     "use afpacket:v0"),
 ])
 def test_ports_the_stack_processes_cannot_each_open_are_refused_up_front(
         example_pcap, tmp_path, spec, message):
     from mbx.errors import PortError
     from mbx.ports import check_stacks
 
-    with pytest.raises(PortError, match=message + ".*the 2 stack processes of a "
-                                                  "parallel run \\(--stacks 2\\)"):
+    with pytest.raises(PortError, match=message + ".*(the 2 stack processes of a "
+                                                  "parallel run \\(--stacks 2\\)|one "
+                                                  "stack process)"):
         check_stacks(spec, 2)
     check_stacks(spec, 1)
-    for ok in ("dpdk:net_pcap0,tx_pcap=o.pcap", "dpdk:net_af_packet0,iface=eth0",
-               "dpdk:net_ring0", "dpdk:net_null0", "afpacket:a,b", "pcap:o.pcap"):
+    for ok in ("dpdk:net_pcap0,tx_pcap=o.pcap", "dpdk:net_ring0", "dpdk:net_null0",
+               "afpacket:a,b", "pcap:o.pcap"):
         check_stacks(ok, 2)
     # before any stack process starts (no DPDK needed to refuse it), as --in or --out
     with pytest.raises(PortError, match=message):
