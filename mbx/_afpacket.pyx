@@ -275,6 +275,7 @@ cdef extern from "<linux/filter.h>" nogil:
         BPF_MUL
         BPF_JA
         BPF_JEQ
+        BPF_JGE
         BPF_JSET
         BPF_TAX
         SKF_AD_OFF
@@ -365,7 +366,9 @@ def _assemble(listing):
 # which it never rebuilds, so a flow whose datagrams were sometimes fragmented
 # went to two members.  This one hashes what every packet of a flow carries, the
 # same both ways: IPv4 (whole, once the defrag flag rebuilt it) by its addresses
-# and TCP/UDP/SCTP ports, a fragment the kernel left alone by its addresses;
+# and TCP/UDP/SCTP ports (the ports mbx's flow key holds), a fragment the kernel
+# left alone and a header shorter than 20 bytes (keyed without ports) by its
+# addresses;
 # IPv6 by its addresses only, as a fragment has no ports to give.  Loads are from
 # the network header (SKF_NET_OFF): that is where a received frame's data starts,
 # but a frame the host sends (outgoing) still starts at its Ethernet header.
@@ -391,6 +394,9 @@ _FLOW_HASH = _assemble([
     (BPF_LD | BPF_B | BPF_ABS, SKF_NET_OFF),
     (BPF_ALU | BPF_AND | BPF_K, 0xF),
     (BPF_ALU | BPF_LSH | BPF_K, 2),
+    # a header length below 20 (the parser's bad_ihl, keyed without ports) would
+    # have "ports" read from inside the IP header, which differ packet by packet
+    (BPF_JMP | BPF_JGE | BPF_K, 20, 0, "addresses"),
     (BPF_MISC | BPF_TAX, 0),                        # X = the header's length
     (BPF_LD | BPF_H | BPF_IND, SKF_NET_OFF),
     (BPF_ST, 1),

@@ -43,7 +43,7 @@ cdef inline bint flow_trackable(const mbx_pkt *p) noexcept nogil:
     if p.ip_ver == 0 or (p.status != PARSE_OK and p.status < PARSE_BAD_IP_LEN):
         return False
     return p.status == PARSE_OK or not (
-        (p.l4_proto == 6 or p.l4_proto == 17)
+        (p.l4_proto == 6 or p.l4_proto == 17 or p.l4_proto == 132)
         and (p.l4_off == 0 or p.l4_off + 4 > p.caplen
              or p.l4_off + 4 > p.l3_off + p.ip_len))
 

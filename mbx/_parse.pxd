@@ -20,7 +20,8 @@ from mbx._packet cimport Batch, mbx_pkt
 # - Authentication Headers (IPv4 and IPv6) are walked like IPv6 extension headers:
 #   l4_proto, l4_off and the ports are the transport's inside them;
 # - ICMP errors: payload_off is the quoted packet; transport fields stay 0;
-# - other transports (SCTP, GRE, ESP, ...): payload_off = l4_off.
+# - other transports (SCTP, GRE, ESP, ...): payload_off = l4_off; SCTP's ports are
+#   read as TCP's and UDP's are (its flows keyed by them).
 cdef int parse_packet(mbx_pkt *p) noexcept nogil
 
 # The most fragments a datagram may come in; one with more is dropped (counted,

@@ -89,6 +89,7 @@ cdef enum:
     IPPROTO_AH = 51
     IPPROTO_ICMPV6 = 58
     IPPROTO_DSTOPTS = 60
+    IPPROTO_SCTP = 132
     IP_MAXPACKET = 65535
     NO_SLOT = 0xFFFFFFFF
 
@@ -171,10 +172,13 @@ cdef inline int _parse_l4(mbx_pkt *p, const uint8_t *d, uint32_t cur, uint32_t e
     cdef uint32_t doff, ulen, uend
     cdef uint8_t proto = p.l4_proto
     p.l4_off = cur
-    if proto == IPPROTO_TCP or proto == IPPROTO_UDP:
-        # The ports lead both headers: kept whenever they were captured, so a header
-        # cut short by a snaplen still keys its own flow, not a 0:0 one it would share
-        # with every other connection cut so between the same addresses.
+    if proto == IPPROTO_TCP or proto == IPPROTO_UDP or proto == IPPROTO_SCTP:
+        # The ports lead all three headers: kept whenever they were captured, so a
+        # header cut short by a snaplen still keys its own flow, not a 0:0 one it
+        # would share with every other connection cut so between the same addresses.
+        # SCTP's keep its associations between two hosts apart (they differ by port
+        # only), and agree with the AF_PACKET fanout hash and the RSS walk, which
+        # take them.
         if cur + 4 > end:
             return _done(p, PARSE_TRUNC_L4)
         p.sport = ld16(t)
@@ -224,7 +228,8 @@ cdef inline int _parse_l4(mbx_pkt *p, const uint8_t *d, uint32_t cur, uint32_t e
         p.payload_off = cur + 8
         p.payload_len = end - p.payload_off
         return _done(p, PARSE_OK)
-    # SCTP, GRE, ESP, ...: the transport header is the payload as far as we know.
+    # SCTP (its ports read above), GRE, ESP, ...: the transport header is the
+    # payload as far as we know.
     p.payload_off = cur
     p.payload_len = end - cur
     return _done(p, PARSE_OK)

@@ -41,14 +41,14 @@ cdef inline uint32_t _rss_ld32(const uint8_t *b) noexcept nogil:
             | (<uint32_t>b[2] << 8) | <uint32_t>b[3])
 
 
-# The transport ports as parse_packet fills them: TCP and UDP ports when their 4
-# bytes were captured within the IP datagram, else 0 (ICMP, other protocols,
-# fragments, a capture cut before them).  cur: transport header offset; end: end of
-# the captured datagram.  Without branches on the protocol: a capture mixing TCP
-# and UDP at random would mispredict them on every other frame.
+# The transport ports as parse_packet fills them: TCP, UDP and SCTP ports when
+# their 4 bytes were captured within the IP datagram, else 0 (ICMP, other
+# protocols, fragments, a capture cut before them).  cur: transport header offset;
+# end: end of the captured datagram.  Without branches on the protocol: a capture
+# mixing TCP and UDP at random would mispredict them on every other frame.
 cdef inline uint32_t _rss_ports(uint8_t proto, const uint8_t *d, uint32_t cur,
                                 uint32_t end) noexcept nogil:
-    cdef uint32_t ok = ((proto == 6) | (proto == 17)) & (cur + 4 <= end)
+    cdef uint32_t ok = ((proto == 6) | (proto == 17) | (proto == 132)) & (cur + 4 <= end)
     # read at cur only where the header is there (else at 0, always captured)
     cdef const uint8_t *t = d + (cur & (0 - ok))
     return ((<uint32_t>_rss_ld16(t) << 16) | _rss_ld16(t + 2)) & (0 - ok)

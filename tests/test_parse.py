@@ -255,12 +255,17 @@ def test_icmpv6(icmp_type, code, data):
     assert f["payload"] == data
 
 
-def test_other_transport_has_no_ports():
+def test_sctp_ports_are_read_and_its_header_is_the_payload():
+    # SCTP's ports key its associations apart, as TCP's and UDP's do (the fanout
+    # hash and the RSS walk take them too); its chunks are left to NFs
     sctp = struct.pack("!HHII", 1000, 2000, 0, 0) + b"chunk"
     f = parse(eth(ip4(132, sctp)))
     assert f["status"] == "ok" and f["l4_proto"] == 132
-    assert f["l4_off"] == 34 and (f["sport"], f["dport"]) == (0, 0)
+    assert f["l4_off"] == 34 and (f["sport"], f["dport"]) == (1000, 2000)
     assert f["payload"] == sctp
+    # other transports have no ports
+    f = parse(eth(ip4(47, sctp)))
+    assert f["status"] == "ok" and (f["sport"], f["dport"]) == (0, 0)
 
 
 def test_ethernet_padding_is_not_payload():

@@ -471,3 +471,105 @@ def test_stack_gives_a_rebuilt_datagram_to_its_flows_stack():
     assert len(keys) == len(set(keys)) == 120, "a flow was seen by two stacks"
     assert all(count == 6 for flows in flows_per_stack for count in flows.values())
     assert packets == len(frames) and completed == fragmented
+
+
+def _fanout_member_hash(frame):
+    """What mbx's fanout program (fanout_mode="flow", mbx._afpacket._FLOW_HASH) returns
+    for an Ethernet ``frame`` received (its network header after the one tag the
+    kernel strips): a small classic BPF interpreter for the instructions it uses, an
+    out-of-range load ending it with 0, as the kernel's does."""
+    from mbx._afpacket import _FLOW_HASH
+
+    et = struct.unpack("!H", frame[12:14])[0]
+    net = frame[14:]
+    if et in (0x8100, 0x88A8):
+        et, net = struct.unpack("!H", frame[16:18])[0], frame[18:]
+    prog = [struct.unpack("=HBBI", _FLOW_HASH[i:i + 8]) for i in range(0, len(_FLOW_HASH), 8)]
+    a = x = pc = 0
+    mem = [0] * 16
+    net_off, ad_protocol = (-0x100000) & 0xFFFFFFFF, (-0x1000) & 0xFFFFFFFF
+    sizes = {0x00: 4, 0x08: 2, 0x10: 1}
+    while True:
+        code, jt, jf, k = prog[pc]
+        pc += 1
+        cls, size, mode = code & 0x07, code & 0x18, code & 0xE0
+        if cls == 0x00 and mode in (0x20, 0x40):        # BPF_LD ABS / IND
+            at = k + (x if mode == 0x40 else 0)
+            if k == ad_protocol:
+                a = et
+                continue
+            at -= net_off
+            if at + sizes[size] > len(net):
+                return 0
+            a = int.from_bytes(net[at:at + sizes[size]], "big")
+        elif code == 0x60:                              # BPF_LD | BPF_MEM
+            a = mem[k]
+        elif code == 0x61:                              # BPF_LDX | BPF_MEM
+            x = mem[k]
+        elif code == 0x02:                              # BPF_ST
+            mem[k] = a
+        elif code == 0x07:                              # BPF_MISC | BPF_TAX
+            x = a
+        elif cls == 0x04:                               # BPF_ALU
+            op, src = code & 0xF0, x if code & 0x08 else k
+            a = {0x50: a & src, 0x60: a << src, 0x70: a >> src, 0xA0: a ^ src,
+                 0x20: a * src}[op] & 0xFFFFFFFF
+        elif code == 0x05:                              # BPF_JA
+            pc += k
+        elif cls == 0x05:                               # BPF_JMP, against k
+            op = code & 0xF0
+            taken = {0x10: a == k, 0x30: a >= k, 0x40: bool(a & k)}[op]
+            pc += jt if taken else jf
+        elif cls == 0x06:                               # BPF_RET
+            return a if code & 0x18 == 0x10 else k
+        else:
+            raise AssertionError(f"instruction {code:#x} not interpreted")
+
+
+def sctp4(src, dst, sport, dport):
+    body = struct.pack("!HHII", sport, dport, 1234, 0) + b"\0\0\0\x08dddd"
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 7, 0, 64, 132, 0,
+                      bytes(map(int, src.split("."))), bytes(map(int, dst.split("."))))
+    return ether(hdr + body)
+
+
+def test_sctp_associations_are_flows_of_their_own_in_every_split():
+    # The fanout program hashed SCTP ports, the flow key had none: 8 associations
+    # between two hosts were one flow for one stack, and two stacks on a live
+    # AF_PACKET input each held some of them under that one key.  The key, the RSS
+    # walk and the fanout program now all take SCTP's ports.
+    keys = {}
+    for i in range(8):
+        ends = [("198.18.90.1", 5000 + i), ("198.18.90.2", 6000)]
+        for (src, sp), (dst, dp) in (ends, ends[::-1]):
+            frame = sctp4(src, dst, sp, dp)
+            f = parse(frame)
+            assert f["status"] == "ok" and (f["sport"], f["dport"]) == (sp, dp)
+            fast, full, walk_hash, table_hash = rss_owners(frame, 4)
+            assert fast == full and walk_hash == table_hash is not None
+            keys.setdefault(table_hash, set()).add(_fanout_member_hash(frame))
+    assert len(keys) == 8                   # eight flows, each both ways
+    # each flow's packets, both ways, to one fanout member; the flows spread
+    assert all(len(members) == 1 for members in keys.values())
+    assert len(set().union(*keys.values())) == 8
+
+
+def test_a_header_length_below_20_is_hashed_by_its_addresses_only():
+    # An IPv4 header length below 20 (bad_ihl) had the fanout program read "ports"
+    # from inside the IP header (its length, its TOS): one flow's frames went to
+    # several members.  The parser keys them without ports; the program now hashes
+    # them by their addresses, as it does a fragment.
+    members, keys = set(), set()
+    for ihl in (0, 1, 4):
+        for size in (0, 9, 40, 100):
+            for tos in (0, 0x10):
+                body = struct.pack("!HHIIBBHHH", 1000 + size, 80, 1, 2, 0x50, 0x18, 100,
+                                   0, 0) + b"x" * size
+                hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, tos, 20 + len(body), 7, 0,
+                                  64, 6, 0, b"\xc6\x12\x00\x01", b"\xc6\x12\x00\x02")
+                frame = ether(hdr + body)
+                assert parse(frame)["status"] == "bad_ihl"
+                keys.add(rss_owners(frame, 4)[1])
+                members.add(_fanout_member_hash(frame))
+    assert len(keys) == 1
+    assert len(members) == 1, members
