@@ -754,6 +754,20 @@ def check_one_stack(nfs, stacks):
                        f"(without --stacks)")
 
 
+def _zero_counters(config):
+    """The counters of a stack process that counted nothing, shaped as one's are
+    (every count 0; ``config``: the run's App options), for a parallel run whose
+    every stack process was lost before it reported."""
+    app = App([], **config)
+    bus = EventBus([], msg_capacity=app.msg_capacity)
+    try:
+        counters = NetworkLayer(bus, **app.config).counters()
+    finally:
+        bus.close()
+    counters["nfs"] = {}
+    return counters
+
+
 def _read_line(fd):
     """Bytes from ``fd`` up to a newline (or its end), without it."""
     line = b""
@@ -1160,12 +1174,14 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                                     + "; ".join(errors))
         else:
             exc = AppError("; ".join(errors))
-        # what the stacks did until then, for the failed run's summary and --json
-        # (None when no stack ran)
+        # what the stacks did until then, for the failed run's summary and --json;
+        # every stack lost (killed while held), none: that is nothing counted, said
+        # with the error as a run that did something is
         exc.counters = (merge_snapshots(parts + partials, read_by_every_stack(in_spec))
-                        if parts or partials else None)
-        if exc.counters is not None:
-            exc.counters["stopped"] = stopped
+                        if parts or partials else _zero_counters(config))
+        # the table of every stack, the lost ones' too, as a run that ends well has
+        exc.counters["flows"]["capacity"] = config["flow_capacity"] * stacks
+        exc.counters["stopped"] = stopped
         raise exc
     merged = merge_snapshots(parts, read_by_every_stack(in_spec))
     merged["stopped"] = stopped

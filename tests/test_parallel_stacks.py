@@ -734,3 +734,60 @@ def test_a_damaged_capture_is_said_once_for_every_stack(tmp_path):
     text = str(err.value)
     assert text.startswith("stacks 0, 1, 2: "), text
     assert text.count("damaged.pcap") == 1, text
+
+
+STUBBORN_NF = """import os, time
+import mbx
+
+def make():
+    nf = mbx.NF("stubborn")
+    def on(ev):
+        open(os.path.join(OUT, f"held-{os.getpid()}"), "w").close()
+        while True:
+            try:
+                time.sleep(100)
+            except BaseException:
+                pass
+    nf.sub(mbx.PKT, on)
+    return nf
+"""
+
+
+def test_a_run_whose_every_stack_is_killed_still_writes_its_summary(tmp_path):
+    # Every stack held by an NF that swallows the interrupt, so each is killed and
+    # none reports: the run exited 130 with the error, but without the summary and
+    # the --json the guide promises (the failed run's counters were None).  Now
+    # they say that nothing was counted, and why.
+    import signal
+    import time
+
+    cap = str(tmp_path / "many.pcap")
+    many_flows_capture(cap, flows=200, packets=2000)
+    nf = tmp_path / "stubborn.py"
+    nf.write_text(f"OUT = {str(tmp_path)!r}\n" + STUBBORN_NF)
+    counters = tmp_path / "c.json"
+    p = subprocess.Popen([sys.executable, "-m", "mbx.cli", "run", str(nf), "--in", cap,
+                          "--stacks", "2", "--flows", "1000", "--json", str(counters)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("held-*"))) < 2:
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "the stacks' NFs never got a packet"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        time.sleep(3.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130, err
+    assert out.startswith("packets        0 "), out
+    c = json.loads(counters.read_text())
+    assert "stacks 0, 1: still running 3 s after the first signal" in c["error"]
+    assert "killed, its counters lost" in c["error"]
+    assert c["error"] in err
+    assert (c["packets"], c["sent"], c["stopped"]) == (0, 0, "SIGINT")
+    assert c["flows"]["capacity"] == 2 * stack_share(1000, 2)
