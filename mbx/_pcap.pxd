@@ -67,6 +67,11 @@ cdef class PcapReader(Port):
     cdef readonly uint64_t skipped      # pcapng frames of interfaces of unsupported link types
     cdef readonly uint32_t skipped_linktype     # the first of those link types ...
     cdef readonly uint32_t skipped_iface        # ... and its interface
+    # The first interface (classic pcap: the file) whose frames are not Ethernet,
+    # supported or not, for non_ethernet_interface: in pcapng any block may add one.
+    cdef bint other_link_seen
+    cdef uint32_t other_linktype
+    cdef uint32_t other_iface
     cdef readonly uint16_t port_id
 
     cdef const uint8_t *base            # the read-only mapping, NULL once closed

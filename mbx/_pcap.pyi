@@ -6,6 +6,8 @@ from mbx._packet import Port
 
 SUPPORTED_LINKTYPES: str
 
+def non_ethernet_interface(path: str | os.PathLike[str]) -> tuple[int | None, int] | None: ...
+
 class PcapReader(Port):
     """Replay a pcap or pcapng file as Ethernet frames with ns timestamps."""
 

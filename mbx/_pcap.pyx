@@ -180,6 +180,29 @@ cdef inline int _next_record(PcapReader rd, pcap_rec *r) noexcept nogil:
     return got
 
 
+def non_ethernet_interface(path):
+    """``(interface, link type)`` of the first interface of the capture at ``path``
+    whose frames are not Ethernet (interface None in a classic pcap, which has one
+    link type), or None when all of theirs are: for a reader that
+    takes every frame for an Ethernet one as it is (DPDK's ``net_pcap``).  A classic
+    pcap says it in its header; a pcapng file may describe an interface in any
+    block, so its blocks are walked (headers only) up to the first such interface
+    or the end.  Raises as :class:`PcapReader` does for a file it cannot read."""
+    cdef PcapReader reader = PcapReader(path)
+    cdef pcap_rec r
+    try:
+        with nogil:
+            while not reader.other_link_seen and reader.state == READ_OK and \
+                    _next_record(reader, &r) > 0:
+                reader.pos = r.next_pos
+        if reader.other_link_seen:
+            return (reader.other_iface if reader.is_pcapng else None,
+                    reader.other_linktype)
+        return None
+    finally:
+        reader.close()
+
+
 # Another program may shorten a capture while it is mapped here (tcpdump -w onto it,
 # a cp over it, a log rotation): touching the pages past its new end raises SIGBUS,
 # which kills the process, with no summary and no error.  mbx_on_sigbus, for a fault
@@ -432,6 +455,9 @@ cdef class PcapReader(Port):
         if rd32(m + 20, sw) & LT_FCS_PRESENT:
             self.fcs_len = (rd32(m + 20, sw) >> 28) * 2
         self.mode = link_mode(self.linktype)
+        if self.linktype != 1:
+            self.other_link_seen = True
+            self.other_linktype = self.linktype
         if self.mode == LINK_UNSUPPORTED:
             raise CaptureFormatError(
                 f"pcap:{self.path}: unsupported link type {self.linktype}; "
@@ -773,6 +799,10 @@ cdef class PcapReader(Port):
                 itf.linktype = rd16(b, sw)
                 itf.snaplen = rd32(b + 4, sw)
                 itf.mode = link_mode(itf.linktype)
+                if itf.linktype != 1 and not self.other_link_seen:
+                    self.other_link_seen = True
+                    self.other_linktype = itf.linktype
+                    self.other_iface = self.n_ifaces
                 set_tsresol(itf, 6)
                 # An interface of a link type mbx does not read: its frames are
                 # skipped and counted (a macOS capture of en0 and an 802.11 monitor

@@ -300,15 +300,7 @@ def _dpdk_port(spec: str, arg: str, port_id: int = 0, output: bool = False) -> P
     see MEMIF_TX_WAIT_MS)."""
     devices, options = _dpdk_spec(spec, arg)
     for path in read_files(spec):
-        link = _pcap_linktype(path)
-        if link is not None and link != 1:
-            # net_pcap hands each record over as it is: a raw IP packet (101, 228),
-            # a Linux cooked one (113, 276) would be parsed as Ethernet, every frame
-            # "not IP", without a word
-            raise PortError(f"{spec}: rx_pcap {path} holds link type {link} frames, "
-                            "not Ethernet (1), and net_pcap passes them on as they are: "
-                            f"read it with pcap:{path}, which gives them an Ethernet "
-                            "header")
+        _refuse_non_ethernet(spec, path)
     try:
         from mbx._dpdkport import MEMIF_LINGER_S, DpdkBridge, DpdkPort
     except ImportError as exc:
@@ -732,22 +724,29 @@ def capture_file(spec):
     return arg if scheme == "pcap" else None
 
 
-def _pcap_linktype(path: str) -> int | None:
-    """The link type in a classic pcap file's header; None for anything else (a
-    pcapng file, an unreadable one: the opener says what is wrong with it)."""
-    import struct
+def _refuse_non_ethernet(spec: str, path: str) -> None:
+    """Refuse an ``rx_pcap`` capture whose frames (any pcapng interface's) are not
+    Ethernet: net_pcap hands each record over as it is, so a raw IP packet (101, 228)
+    or a Linux cooked one (113, 276) would be parsed as Ethernet, every frame "not
+    IP", without a word (and libpcap stops reading a pcapng file, as silently, at an
+    interface of another link type than its first's)."""
+    from mbx._pcap import non_ethernet_interface
+    from mbx.errors import CaptureFormatError
+
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(24)
-    except OSError:
-        return None
-    if len(head) < 24:
-        return None
-    for order in "<>":
-        magic, = struct.unpack(order + "I", head[:4])
-        if magic in (0xA1B2C3D4, 0xA1B23C4D):
-            return struct.unpack(order + "I", head[20:24])[0] & 0x0FFFFFFF
-    return None
+        other = non_ethernet_interface(path)
+    except CaptureFormatError as exc:   # not a capture mbx reads (a link type, damage)
+        raise PortError(f"{spec}: rx_pcap {path}: {str(exc).removeprefix(f'pcap:{path}: ')}"
+                        ) from None
+    except PortError:
+        return      # missing or unreadable: the driver says so as it attaches
+    if other is not None:
+        iface, link = other
+        where = "" if iface is None else f" (pcapng interface {iface})"
+        raise PortError(f"{spec}: rx_pcap {path} holds link type {link} frames{where}, "
+                        f"not Ethernet (1), and net_pcap passes them "
+                        f"on as they are: read it with pcap:{path} instead, which gives "
+                        "raw IP, Linux cooked and loopback frames an Ethernet header")
 
 
 def read_files(spec: str) -> list[str]:

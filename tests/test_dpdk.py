@@ -1295,19 +1295,35 @@ def test_frames_a_driver_cannot_hand_over_leave_the_run_responsive():
         assert port["rx_pkts"] == 0 and port[counter] == port["rx_dropped"] > 0, port
 
 
+@pytest.mark.parametrize("form", ["pcap", "pcapng", "pcapng, a second section"])
 def test_a_capture_of_other_frames_than_ethernet_is_refused_by_net_pcap(tmp_path,
-                                                                       example_pcap):
-    # net_pcap passes raw IP records on as they are: every frame was "not IP", exit 0
+                                                                       example_pcap, form):
+    # net_pcap passes raw IP records on as they are: every frame was "not IP", exit 0;
+    # a pcapng file went unchecked (and libpcap stops, without a word, at an interface
+    # of another link type than its first's)
     import dpkt
-    raw = tmp_path / "raw.pcap"
-    with open(example_pcap, "rb") as src, open(raw, "wb") as dst:
-        w = dpkt.pcap.Writer(dst, linktype=101)
-        for ts, buf in dpkt.pcap.Reader(src):
-            e = dpkt.ethernet.Ethernet(buf)
-            if e.type == 0x0800:
-                w.writepkt(bytes(e.data), ts)
+
+    def write(path, linktype, frames):
+        with open(path, "wb") as dst:
+            w = (dpkt.pcap.Writer(dst, linktype=linktype) if form == "pcap" else
+                 dpkt.pcapng.Writer(dst, linktype=linktype))
+            for ts, buf in frames:
+                w.writepkt(buf, ts)
+
+    with open(example_pcap, "rb") as src:
+        frames = list(dpkt.pcap.Reader(src))
+    ip = [(ts, bytes(dpkt.ethernet.Ethernet(buf).data)) for ts, buf in frames
+          if dpkt.ethernet.Ethernet(buf).type == 0x0800]
+    raw = tmp_path / "raw.cap"
+    if form == "pcapng, a second section":
+        write(raw, 1, frames)
+        write(tmp_path / "more", 101, ip)
+        raw.write_bytes(raw.read_bytes() + (tmp_path / "more").read_bytes())
+    else:
+        write(raw, 101, ip)
     r = _run_cli("run", "l2fwd", "--in", f"dpdk:net_pcap0,rx_pcap={raw}", "-q")
     assert r.returncode == 2 and "link type 101" in r.stderr and f"pcap:{raw}" in r.stderr
+    assert ("pcapng interface 0" in r.stderr) == (form != "pcap"), r.stderr
 
 
 def test_a_bridge_replaying_captures_ends_flows_by_their_own_time(tmp_path, example_pcap):
