@@ -1331,12 +1331,13 @@ cdef class DpdkPort(Port):
         return rc == 0 and bool(link.link_status)
 
     def wait_for_link(self, double seconds, cancel=None):
-        """Return once the device reports its link up, within ``seconds`` (0: only
-        look); raise :class:`PortError` if it does not come up by then, or once
-        ``cancel`` (anything with ``is_set()``: a run's stop event) is set.  A memif
-        end is up once its peer has connected over the socket, which happens in
-        EAL's interrupt thread after the device started: frames sent before are
-        lost."""
+        """Return True once the device reports its link up, within ``seconds`` (0:
+        only look); raise :class:`PortError` if it does not come up by then.  Return
+        False, without waiting longer, once ``cancel`` (anything with ``is_set()``: a
+        run's stop event) is set: the run is stopping, which is no failure of the
+        port, and it sends nothing.  A memif end is up once its peer has connected
+        over the socket, which happens in EAL's interrupt thread after the device
+        started: frames sent before are lost."""
         cdef double deadline
         if not seconds >= 0:            # also refuses nan
             raise ValueError(f"link wait {seconds} s: must be 0 or more")
@@ -1345,11 +1346,12 @@ cdef class DpdkPort(Port):
             if not self.started:
                 raise PortError(f"{self.name}: closed while waiting for its link")
             if cancel is not None and cancel.is_set():
-                raise PortError(f"{self.name}: stopped while waiting for its link")
+                return False
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PortError(self._link_down_text(seconds))
             time.sleep(min(left, 0.005))
+        return True
 
     def _link_down_text(self, double seconds):
         if self.driver != "net_memif":

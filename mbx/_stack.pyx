@@ -451,7 +451,8 @@ cdef class NetworkLayer:
         """Read ``inp`` through the stack and the NFs to ``out`` until the input ends,
         ``max_packets`` were read, ``duration`` seconds passed, or ``stop`` (anything
         with ``is_set()``, e.g. a threading.Event) is set; then every flow ends.
-        ``stopped`` says afterwards whether it was ``stop`` (the input not finished).
+        ``stopped`` says afterwards whether it was ``stop`` (the input not finished;
+        a ``stop`` set already when it is called: nothing is read).
 
         ``progress(stack)`` is called about every ``progress_every`` seconds.  A
         deployment that shares bursts with other processes passes its ``batches``:
@@ -488,11 +489,14 @@ cdef class NetworkLayer:
             # room kept for datagrams rebuilt in the burst (five of 64 KiB by default)
             batch.rebuild_room = batch.arena_size // 2
         self.finishing = False
-        self.stopped = False
+        # A stop that came before the first burst (a signal while the output waited
+        # for its link) reads nothing: the burst read before the first look at the
+        # flag could be the whole input of a capture, sent to a link that is not up.
+        self.stopped = stop is not None and stop.is_set()
         self.output = out
         self.output_lost_at_start = out.tx_lost if out is not None else 0
         try:
-            while True:
+            while not self.stopped:
                 if inflight == nslots:
                     # every slot is in flight: the oldest burst must leave first
                     self.retire(batches[head], marks[head], out, True, t_read[head])

@@ -223,8 +223,10 @@ def _open_afpacket(spec: str, arg: str, port_id: int, rx: bool, sends_there=Fals
 
 
 #: A caller whose run may be stopped (``mbx run``'s signal handlers) sets this to its
-#: stop event (anything with ``is_set()``): a port waiting for its link gives up when
-#: it is set, instead of holding a Ctrl-C for up to ``link_wait`` seconds.
+#: stop event (anything with ``is_set()``): a port waiting for its link stops waiting
+#: when it is set, instead of holding a Ctrl-C for up to ``link_wait`` seconds, and is
+#: returned as it is, for a run that stops before its first burst (a signal is a
+#: clean stop, not a failure of the port).
 wait_cancel = None
 
 #: How long a DPDK port that sends waits, by default, for its link to come up (a memif
@@ -293,8 +295,9 @@ def _dpdk_port(spec: str, arg: str, port_id: int = 0, output: bool = False) -> P
     """A DpdkPort on the vdev ``arg``, or a DpdkBridge for ``VDEV0+VDEV1[?idle_us=N]``;
     mbx._dpdkport is imported only here, so the rest of mbx works in a build without
     DPDK.  A port that sends (``output``, a bridge, or any given ``link_wait``) is
-    returned once its link is up: a memif end sends nothing until its peer has
-    connected, and what it is given before that is lost.  A memif end keeps its link
+    returned once its link is up (or once ``wait_cancel`` is set): a memif end sends
+    nothing until its peer has connected, and what it is given before that is lost.
+    A memif end keeps its link
     up for MEMIF_LINGER_S when it closes after it sent, for the peer to read the
     ring.  ``tx_wait_ms`` goes to each DpdkPort (its default depends on the driver:
     see MEMIF_TX_WAIT_MS)."""
@@ -325,7 +328,8 @@ def _dpdk_port(spec: str, arg: str, port_id: int = 0, output: bool = False) -> P
     if wait:
         try:
             for side in sides:
-                side.wait_for_link(link_wait, wait_cancel)
+                if not side.wait_for_link(link_wait, wait_cancel):
+                    break       # the run is stopping: it stops before its first burst
         except BaseException:
             port.close()
             raise
