@@ -257,6 +257,10 @@ def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
         if ifaces[0] and ifaces[0] == ifaces[1]:
             raise PortError(f"port spec {spec!r}: a bridge needs two different "
                             f"interfaces, not {ifaces[0]} twice")
+    for side in sides:
+        problem = vdev_queue_problem(side)
+        if problem:
+            raise PortError(f"port spec {spec!r}: {problem}")
     known = ("idle_us", "link_wait", "tx_wait_ms") if bridge else ("link_wait", "tx_wait_ms")
     options: dict = {}
     for item in filter(None, query.split("&")):
@@ -266,6 +270,8 @@ def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
                    "sleeps)" if key == "idle_us" else "")
             raise PortError(f"port spec {spec!r}: unknown option {key!r}; known: "
                             f"{', '.join(known)}{why}")
+        if key in options:      # as afpacket: refuses it, not the last one winning
+            raise PortError(f"port spec {spec!r}: {key} is given twice")
         bad = f"port spec {spec!r}: bad value {value!r} for {key}"
         if key == "idle_us":
             number = _whole_number(value)
@@ -361,6 +367,35 @@ def _vdev_driver(device: str) -> str:
     if name.startswith("eth_"):
         name = "net_" + name[4:]
     return name.rstrip("0123456789")
+
+
+# net_pcap makes a queue of each of these it is given (``iface``: one each way)
+_PCAP_QUEUE_KEYS = (("rx_pcap", "rx_iface", "rx_iface_in", "iface"),
+                    ("tx_pcap", "tx_iface", "iface"))
+
+
+def vdev_queue_problem(device: str) -> str | None:
+    """Why a vdev's arguments would give it more queues than the one of each way a
+    DpdkPort uses, or None: ``net_pcap`` makes a receive queue of each ``rx_pcap``
+    (``rx_iface``, ...) and a send queue of each ``tx_pcap``, and a second file's
+    frames would never be read, a second file never written, without a word."""
+    if _vdev_driver(device) != "net_pcap":
+        return None
+    given = [item.partition("=")[0].strip() for item in device.split(",")[1:]]
+    for rx, keys in zip((True, False), _PCAP_QUEUE_KEYS, strict=True):
+        queues = [k for k in given if k in keys]
+        if len(queues) < 2:
+            continue
+        what = (f"{queues[0]} is given twice" if len(set(queues)) == 1 else
+                f"{' and '.join(dict.fromkeys(queues))} are given together")
+        if rx:
+            return (f"{what}: a DPDK port reads one receive queue, and the frames of "
+                    f"another would never be read: give one" + (
+                        " (merge the captures into one file first: mergecap -w all.pcap "
+                        "a.pcap b.pcap)" if set(queues) == {"rx_pcap"} else ""))
+        return (f"{what}: a DPDK port sends on one queue, and another file or "
+                f"interface would get nothing: give one")
+    return None
 
 
 def vdev_arg(device: str, key: str, default: str) -> str:

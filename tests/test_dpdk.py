@@ -1326,6 +1326,30 @@ def test_a_capture_of_other_frames_than_ethernet_is_refused_by_net_pcap(tmp_path
     assert ("pcapng interface 0" in r.stderr) == (form != "pcap"), r.stderr
 
 
+def test_a_net_pcap_queue_option_given_twice_is_refused(eal, tmp_path, example_pcap):
+    # net_pcap makes a queue of each rx_pcap / tx_pcap and mbx used one: the second
+    # capture was never read, the second output file stayed empty, exit 0
+    from mbx.ports import check_spec
+
+    d1, d2 = tmp_path / "d1.pcap", tmp_path / "d2.pcap"
+    for args, said in ((f"rx_pcap={example_pcap},rx_pcap={example_pcap}",
+                        "rx_pcap is given twice: .*never be read.*mergecap"),
+                       (f"tx_pcap={d1},tx_pcap={d2}", "tx_pcap is given twice"),
+                       (f"rx_pcap={example_pcap},rx_iface=lo",
+                        "rx_pcap and rx_iface are given together")):
+        with pytest.raises(PortError, match=said):
+            check_spec(f"dpdk:net_pcap0,{args}")      # before anything is opened
+        with pytest.raises(PortError, match=said):
+            DpdkPort(vdev("net_pcap", args))           # the Python API too
+    assert not d1.exists() and not d2.exists()          # the driver opened no file
+    # mbx's own options too, as afpacket: refuses them (the last one won)
+    with pytest.raises(PortError, match="link_wait is given twice"):
+        check_spec("dpdk:net_ring0?link_wait=1&link_wait=2")
+    r = _run_cli("run", "l2fwd", "--in", f"dpdk:net_pcap0,rx_pcap={example_pcap}",
+                 "--out", f"dpdk:net_pcap1,tx_pcap={d1},tx_pcap={d2}", "-q")
+    assert r.returncode == 2 and "tx_pcap is given twice" in r.stderr, r.stderr
+
+
 def test_a_bridge_replaying_captures_ends_flows_by_their_own_time(tmp_path, example_pcap):
     """A DPDK bridge counted as live: while its files ran dry it expired every flow by
     the wall clock, years after the capture's times (469 of 469 ended 'idle')."""
