@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 
-from libc.errno cimport ENOMEM, errno
+from libc.errno cimport ENOBUFS, ENOMEM, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport FILE, fclose, fflush, stderr
 from libc.stdlib cimport free, malloc
@@ -784,7 +784,9 @@ cdef class DpdkPort(Port):
             self._release()
             msg = rte_strerror(code).decode("utf-8", "replace") if code > 0 else "failed"
             hint = ""
-            if code == ENOMEM or code == 0:
+            if code == ENOMEM or code == ENOBUFS or code == 0:
+                # ENOBUFS: what DPDK 22.11 returns for some sizes EAL's memory
+                # cannot hold (200,000 mbufs with -m 256), ENOMEM for others
                 hint = (f"; EAL has the memory of its -m option ({shlex.join(_eal_args)!r}):"
                         f" start it with a larger -m (eal_init or MBX_EAL_ARGS) or use "
                         f"fewer mbufs")

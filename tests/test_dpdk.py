@@ -356,6 +356,17 @@ def test_bad_vdevs_raise_port_errors_that_say_why(spec, message):
         DpdkPort(spec)
 
 
+def test_a_pool_without_room_says_how_to_get_more_memory():
+    # ENOBUFS (the pool's memory not found in one piece) had no hint, ENOMEM had
+    r = subprocess.run([sys.executable, "-c", "from mbx._dpdkport import DpdkPort\n"
+                        "DpdkPort('net_null0', mbufs=200000)"],
+                       capture_output=True, text=True, timeout=120, check=False,
+                       env={k: v for k, v in os.environ.items() if k != "MBX_EAL_ARGS"})
+    assert "No buffer space available; EAL has the memory of its -m option" in r.stderr, \
+        r.stderr
+    assert "start it with a larger -m" in r.stderr, r.stderr
+
+
 @pytest.mark.usefixtures("eal")
 def test_a_vdev_name_in_use_is_refused():
     name = vdev("net_ring")
