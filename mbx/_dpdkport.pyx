@@ -248,7 +248,8 @@ cdef class _EalLog:
             rte_openlog_stream(self.stream)
 
     cdef str finish(self, bint echo=True):
-        """Stop capturing; the captured text (also written to stderr if echo)."""
+        """Stop capturing; the captured text (also written to stderr if echo: pass
+        False where it goes into an error instead, said once)."""
         cdef str text = ""
         if self.stream != NULL:
             rte_openlog_stream(stderr)
@@ -392,7 +393,7 @@ def eal_init(args=None):
     with nogil:
         rc = rte_eal_init(argc, argv)
     code = rte_errno
-    text = log.finish()
+    text = log.finish(rc >= 0)     # a failure's log is in its error
     if rc < 0:
         for i in range(argc):
             free(owned[i])
@@ -725,7 +726,7 @@ cdef class DpdkPort(Port):
             log = _EalLog()
             with nogil:
                 rc = rte_eal_hotplug_add(b"vdev", cname, cargs)
-            text = log.finish()
+            text = log.finish(rc >= 0)     # a failure's log is in its error
             if rc < 0:
                 if "failed to parse device" in text or not name.startswith(
                         KNOWN_VDEV_DRIVERS):
@@ -779,7 +780,7 @@ cdef class DpdkPort(Port):
         self.pool = rte_pktmbuf_pool_create(pool_name, mbufs, min(MEMPOOL_CACHE, mbufs // 4),
                                             0, mbuf_size, socket)
         code = rte_errno
-        text = log.finish()
+        text = log.finish(self.pool != NULL)
         if self.pool == NULL:
             self._release()
             msg = rte_strerror(code).decode("utf-8", "replace") if code > 0 else "failed"
@@ -821,7 +822,7 @@ cdef class DpdkPort(Port):
             with nogil:
                 rc = rte_eth_dev_start(pid)
             step = "start the device"
-        text = log.finish()
+        text = log.finish(rc == 0)
         if rc != 0:
             self._release()
             hint = ""

@@ -356,6 +356,13 @@ def test_bad_vdevs_raise_port_errors_that_say_why(spec, message):
         DpdkPort(spec)
 
 
+def test_a_failed_attach_says_the_dpdk_log_once():
+    # printed on stderr as it was captured, and again inside the error
+    r = _run_cli("run", "l2fwd", "--in", "dpdk:net_af_packet0,iface=nope0", "-q")
+    assert r.returncode == 2 and r.stderr.count("No such device") == 1, r.stderr
+    assert r.stderr.startswith("mbx: error: "), r.stderr
+
+
 def test_a_pool_without_room_says_how_to_get_more_memory():
     # ENOBUFS (the pool's memory not found in one piece) had no hint, ENOMEM had
     r = subprocess.run([sys.executable, "-c", "from mbx._dpdkport import DpdkPort\n"
