@@ -12,6 +12,7 @@ interrupt thread, in step with the drivers' own control handlers (see "teardown"
 """
 import atexit
 import os
+import re
 import shlex
 import sys
 import threading
@@ -277,6 +278,18 @@ cdef str _log_tail(str text, int lines=4):
     if not kept:
         return "nothing in the DPDK log"
     return "DPDK log: " + " | ".join(kept[-lines:])
+
+
+cdef list _driver_lines(str text, int lines=3):
+    """The driver's own lines of a DPDK log (its function's name taken off), without
+    the EAL's generic ones ("Driver cannot attach the device") or memif's note that
+    it has no multi-process channel, which every memif attach prints."""
+    kept = []
+    for ln in text.splitlines():
+        ln = ln.strip()
+        if ln and not ln.startswith("EAL:") and "mp action callback" not in ln:
+            kept.append(re.sub(r"^\w+\(\):\s*", "", ln))
+    return kept[-lines:]
 
 
 cdef str _err(int rc):
@@ -737,11 +750,17 @@ cdef class DpdkPort(Port):
                     why = ("its socket path is in use: another run is listening there, "
                            "or a run that was killed left the socket file behind "
                            "(remove it if no run uses it)")
+                elif _driver_lines(text):
+                    # the errno the EAL returns is the probe's, often not the reason
+                    # (EOPNOTSUPP for a missing interface): the driver's log says it
+                    why = (f"the driver says: {' | '.join(_driver_lines(text))} (check "
+                           f"the arguments {devargs!r})")
+                    text = ""
                 else:
                     why = (f"the driver refused it ({_err(rc)}; check the arguments "
                            f"{devargs!r})")
                 raise PortError(f"dpdk:{vdev_or_port}: cannot attach vdev {name!r}: "
-                                f"{why}; {_log_tail(text)}")
+                                f"{why}" + (f"; {_log_tail(text)}" if text else ""))
             self.attached = True
             _live_ports.add(self)       # closed at exit even if the rest fails
             if rte_eth_dev_get_port_by_name(bname, &pid) != 0:
