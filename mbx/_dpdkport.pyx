@@ -95,7 +95,7 @@ from mbx._rewrite cimport pkt_finish_csum
 
 from mbx._packet import bridge_counters
 from mbx.errors import PortError
-from mbx.ports import TX_WAIT_MAX_MS, vdev_arg, vdev_queue_problem
+from mbx.ports import MBUFS_DEFAULT, MBUFS_MIN, TX_WAIT_MAX_MS, vdev_arg, vdev_queue_problem
 
 cdef extern from "<net/if.h>" nogil:
     unsigned int if_nametoindex(const char *name)
@@ -674,7 +674,7 @@ cdef class DpdkPort(Port):
         self.rx_capture = ""
 
     def __init__(self, vdev_or_port, *, int port_id=0, uint32_t rx_queue_size=1024,
-                 uint32_t tx_queue_size=1024, uint32_t mbufs=8192, uint32_t mbuf_size=2176,
+                 uint32_t tx_queue_size=1024, uint32_t mbufs=MBUFS_DEFAULT, uint32_t mbuf_size=2176,
                  uint32_t burst=32, eof_after_idle_polls=None, tx_wait_ms=None):
         global _pool_serial
         cdef uint16_t pid
@@ -694,8 +694,8 @@ cdef class DpdkPort(Port):
         if not RTE_PKTMBUF_HEADROOM + 64 <= mbuf_size <= 0xFFFF:
             raise ValueError(f"mbuf_size {mbuf_size} is not in "
                              f"{RTE_PKTMBUF_HEADROOM + 64}..65535 (headroom included)")
-        if mbufs < 64:
-            raise ValueError(f"mbufs {mbufs} is below 64")
+        if mbufs < MBUFS_MIN:
+            raise ValueError(f"mbufs {mbufs} is below {MBUFS_MIN}")
         if not 1 <= rx_queue_size <= 0xFFFF or not 1 <= tx_queue_size <= 0xFFFF:
             raise ValueError("rx_queue_size and tx_queue_size must be in 1..65535")
         if tx_wait_ms is not None and not (isinstance(tx_wait_ms, int)
@@ -849,6 +849,10 @@ cdef class DpdkPort(Port):
                 # a client connects when it starts: its server must be listening
                 hint = (" (no memif server listens on its socket: start the other end, "
                         "role=server, first)")
+            elif "mbufs per queue is required" in text:
+                # net_pcap's infinite_rx holds the whole capture in the pool
+                hint = (f" (the pool has {mbufs} mbufs: give more, "
+                        f"dpdk:VDEV,ARGS?mbufs=N or DpdkPort(mbufs=N))")
             raise PortError(f"{self.name}: cannot {step}: {_err(rc)}{hint}; "
                             f"{_log_tail(text)}")
         self.started = True

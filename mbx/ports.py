@@ -234,12 +234,15 @@ wait_cancel = None
 LINK_WAIT_S = 10.0
 #: The most ``?tx_wait_ms=N`` takes (a minute per burst); DpdkPort holds to it too.
 TX_WAIT_MAX_MS = 60000
+#: A DPDK port's pool, ``?mbufs=N`` (DpdkPort's ``mbufs``): its default and least.
+MBUFS_DEFAULT = 8192
+MBUFS_MIN = 64
 
 
 def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
-    """``VDEV[,ARGS][?link_wait=S&tx_wait_ms=N]`` or
-    ``VDEV0[,ARGS]+VDEV1[,ARGS][?idle_us=N&link_wait=S&tx_wait_ms=N]`` -> (devices,
-    options), every option value checked."""
+    """``VDEV[,ARGS][?link_wait=S&tx_wait_ms=N&mbufs=N]`` or
+    ``VDEV0[,ARGS]+VDEV1[,ARGS][?idle_us=N&link_wait=S&tx_wait_ms=N&mbufs=N]`` ->
+    (devices, options), every option value checked."""
     # vdev arguments use commas, so a bridge's two devices are joined by '+', and
     # mbx's own options follow a '?'
     devices, _, query = arg.partition("?")
@@ -261,7 +264,7 @@ def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
         problem = vdev_queue_problem(side)
         if problem:
             raise PortError(f"port spec {spec!r}: {problem}")
-    known = ("idle_us", "link_wait", "tx_wait_ms") if bridge else ("link_wait", "tx_wait_ms")
+    known = (("idle_us",) if bridge else ()) + ("link_wait", "tx_wait_ms", "mbufs")
     options: dict = {}
     for item in filter(None, query.split("&")):
         key, _, value = item.partition("=")
@@ -278,6 +281,13 @@ def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
             if not 0 <= number <= 0xFFFFFFFF:       # DpdkBridge's field
                 raise PortError(f"{bad}: microseconds, a whole number from 0 to "
                                 f"{0xFFFFFFFF}")
+            options[key] = number
+        elif key == "mbufs":
+            number = _whole_number(value)
+            if not MBUFS_MIN <= number <= 0xFFFFFFFF:     # DpdkPort's field
+                raise PortError(f"{bad}: mbufs in each device's pool, a whole number "
+                                f"from {MBUFS_MIN} to {0xFFFFFFFF} (default "
+                                f"{MBUFS_DEFAULT})")
             options[key] = number
         elif key == "tx_wait_ms":
             number = _whole_number(value)

@@ -939,7 +939,7 @@ def test_a_memif_output_whose_peer_never_comes_fails_after_link_wait(eal, tmp_pa
     ("dpdk:net_ring96?link_wait=soon", "bad value 'soon' for link_wait: seconds"),
     ("dpdk:net_ring96?link_wait=-1", "bad value '-1' for link_wait"),
     ("dpdk:net_ring96?idle_us=3", "unknown option 'idle_us'; known: link_wait, "
-                                  r"tx_wait_ms \(idle_us is for a bridge"),
+                                  r"tx_wait_ms, mbufs \(idle_us is for a bridge"),
     ("dpdk:net_ring96+net_ring97?idle_us=99999999999", "bad value '99999999999' for "
                                                        "idle_us"),
     ("dpdk:?link_wait=1", "names no vdev before '\\?'"),
@@ -1373,6 +1373,29 @@ def test_a_net_pcap_queue_option_given_twice_is_refused(eal, tmp_path, example_p
     r = _run_cli("run", "l2fwd", "--in", f"dpdk:net_pcap0,rx_pcap={example_pcap}",
                  "--out", f"dpdk:net_pcap1,tx_pcap={d1},tx_pcap={d2}", "-q")
     assert r.returncode == 2 and "tx_pcap is given twice" in r.stderr, r.stderr
+
+
+def test_mbx_run_sizes_a_dpdk_pool_with_mbufs(tmp_path, example_pcap):
+    # the pool was 8,192 mbufs whatever the run: net_pcap's infinite_rx, which holds
+    # the whole capture in it, could not replay a larger one ("At least 10880 mbufs
+    # per queue is required"), and no spec option could say so
+    from mbx.ports import check_spec
+
+    big = tmp_path / "big.pcap"
+    frames = read_frames(example_pcap)
+    write_pcap(big, frames * (8192 // len(frames) + 1))
+    spec = f"dpdk:net_pcap0,rx_pcap={big},infinite_rx=1"
+    r = _run_cli("run", "l2fwd", "--in", spec, "--duration", "0.3", "-q")
+    assert r.returncode == 2 and "mbufs per queue is required" in r.stderr, r.stderr
+    assert "?mbufs=N" in r.stderr, r.stderr
+    out = tmp_path / "c.json"
+    r = _run_cli("run", "l2fwd", "--in", f"{spec}?mbufs=20000", "--duration", "0.3",
+                 "-q", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["packets"] > len(frames) * 4
+    for bad in ("63", "x", str(2**32)):
+        with pytest.raises(PortError, match=f"bad value '{bad}' for mbufs: .*from 64"):
+            check_spec(f"dpdk:net_ring0?mbufs={bad}")
 
 
 def test_a_bridge_replaying_captures_ends_flows_by_their_own_time(tmp_path, example_pcap):
