@@ -42,6 +42,7 @@ FLOW_TCP_GAP: EventType
 FLOW_TCP_OVERLAP_CONFLICT: EventType
 FLOW_TCP_MEMCAP: EventType
 DATA_RDY: EventType
+FLOW_STATS: EventType
 SIDES: dict[str, int]
 FILTER_KEYS: tuple[str, ...]
 END_REASONS: dict[int, str]

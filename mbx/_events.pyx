@@ -300,6 +300,13 @@ FLOW_TCP_MEMCAP = _register("EVENT/FLOW/TCP/MEMCAP", FLOW_TCP, [], True)
 DATA_RDY = _register("EVENT/DATA_RDY", EVENT, [
     ("offset", "u64"), ("frontier", "u64"), ("length", "u32"), ("stream_dir", "u8")],
     True)
+# The built-in Flow_Stats NF's type, registered with the stack's rather than when
+# mbx.nfs.flow_stats is imported: an NF ahead of flow_stats in a chain subscribes to
+# it before that module is loaded, and `mbx types` lists it.  It comes after the
+# types the C code numbers, leaving their indices alone, and every process of a run
+# (pipelined NFs, parallel stacks) is forked after this import, so all agree on its id.
+FLOW_STATS = _register("EVENT/FLOW/STATS", FLOW, [
+    ("duration_ns", "i64"), ("packets", "u64"), ("bytes", "u64")])
 assert PKT.idx == T_PKT and FLOW_END.idx == T_FLOW_END and DATA_RDY.idx == T_DATA_RDY
 assert PKT.body_size == sizeof(pkt_body) and FLOW.body_size == sizeof(flow_body)
 

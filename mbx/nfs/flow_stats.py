@@ -1,12 +1,12 @@
 """Flow_Stats: publishes one FLOW/STATS event per flow when the flow ends.
 
-FLOW/STATS extends FLOW (the flow's identity and counters) with the duration and
-totals, so a subscriber of FLOW (the Logger, say) receives it too.
+FLOW/STATS (``mbx.FLOW_STATS``, registered with the stack's types so that an NF
+loaded before this one can subscribe to it) extends FLOW (the flow's identity and
+counters) with the duration and totals, so a subscriber of FLOW (the Logger, say)
+receives it too.
 """
 import mbx
-
-FLOW_STATS = mbx.register_event_type(
-    "FLOW/STATS", fields=[("duration_ns", "i64"), ("packets", "u64"), ("bytes", "u64")])
+from mbx import FLOW_STATS
 
 
 class FlowStats(mbx.NF):
