@@ -39,7 +39,8 @@ cdef class NetworkLayer:
     cdef readonly double latency_s      # their total time from read to send
     cdef readonly double run_s          # time spent in run()
     cdef readonly double run_cpu_s      # the running thread's CPU time in run()
-    cdef readonly bint stopped          # the last run() ended on its stop flag
+    cdef readonly bint stopped          # the last run() ended on its stop flag or duration
+    cdef readonly bint timed_out        # ... on its duration
     cdef bint drop_malformed
     cdef int64_t now_ns
     cdef int64_t next_expire_ns

@@ -19,7 +19,8 @@ class NetworkLayer:
     error_dropped: int
     bursts: int
     rss_other: int
-    stopped: bool       # the last run() ended on its stop flag, its input not done
+    stopped: bool       # the last run() ended on its stop flag or duration, its input not done
+    timed_out: bool     # ... on its duration
     def __init__(self, bus: EventBus, *, flow_capacity: int = 65536,
                  idle_timeout: float = 60.0, flow_policy: str = "evict",
                  malformed: str = "forward", frag_memory: int = ...,

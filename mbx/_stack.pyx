@@ -451,8 +451,10 @@ cdef class NetworkLayer:
         """Read ``inp`` through the stack and the NFs to ``out`` until the input ends,
         ``max_packets`` were read, ``duration`` seconds passed, or ``stop`` (anything
         with ``is_set()``, e.g. a threading.Event) is set; then every flow ends.
-        ``stopped`` says afterwards whether it was ``stop`` (the input not finished;
-        a ``stop`` set already when it is called: nothing is read).
+        ``stopped`` says afterwards whether ``stop`` or ``duration`` ended it before its
+        input did (the counters are of part of the input; a ``stop`` set already when
+        it is called: nothing is read), ``timed_out`` whether it was ``duration``: on a
+        capture as on a live port, a time box.
 
         ``progress(stack)`` is called about every ``progress_every`` seconds.  A
         deployment that shares bursts with other processes passes its ``batches``:
@@ -493,6 +495,7 @@ cdef class NetworkLayer:
         # for its link) reads nothing: the burst read before the first look at the
         # flag could be the whole input of a capture, sent to a link that is not up.
         self.stopped = stop is not None and stop.is_set()
+        self.timed_out = False
         self.output = out
         self.output_lost_at_start = out.tx_lost if out is not None else 0
         try:
@@ -558,6 +561,7 @@ cdef class NetworkLayer:
                     now = monotonic()
                     next_check = now + 0.05
                     if deadline and now >= deadline:
+                        self.stopped = self.timed_out = True
                         break
                     if stop is not None and stop.is_set():
                         # told apart from the input's end: the counters are of part of it

@@ -107,7 +107,8 @@ def _print_counters(c, elapsed, out=None):
     w(f"flows          created {f['created']:,}, expired {f['expired']:,}, "
       f"evicted {f['evicted']:,}"
       + (f", closed {f['closed']:,}" if f.get("closed") else "")
-      + (f", ended with the input {f['shutdown']:,}" if f.get("shutdown") else "")
+      + (f", ended {'at the stop' if c.get('stopped') else 'with the input'} "
+         f"{f['shutdown']:,}" if f.get("shutdown") else "")
       + (f", refused {f['refused']:,} packets (no room for their flow)" if f["refused"]
          else "") + "\n")
     for side, port in (c.get("ports") or {}).items():
@@ -438,7 +439,7 @@ def _run_app(app, args, listeners, view, stop):
             close_ports(inp, out)
     elapsed = time.perf_counter() - t0
     # (before the views' last update: it says why packets were lost in flight)
-    counters["stopped"] = stop.signal if _cut_short(app) else None
+    counters["stopped"] = _stopped_by(app, stop)
     # the views end on the final counters, the ones printed below (pipelined, the NF
     # processes' per-type counts join the stack's only when they stop)
     for listener in listeners:
@@ -468,10 +469,17 @@ def _warn_other_sockets(found):
               file=sys.stderr)
 
 
-def _cut_short(app):
-    """Whether the stop signal cut the run short: before its input's end, or
-    (pipelined) at its end, giving up on NF processes that still held events."""
-    return app.stack.stopped or getattr(app.stack.bus, "abandoned", False)
+def _stopped_by(app, stop):
+    """What cut the run short, before its input's end or (pipelined) at its end,
+    giving up on NF processes that still held events: the signal, ``"duration"``
+    (--duration), or None (it was not cut short)."""
+    if app.stack.timed_out:
+        return "duration"
+    if app.stack.stopped or getattr(app.stack.bus, "abandoned", False):
+        # the bus gives up on its NFs for a signal or for the deadline (the input
+        # already read)
+        return stop.signal or "duration"
+    return None
 
 
 def _report_failed_run(app, args, inp, out, exc, elapsed, listeners, view, stop):
@@ -488,8 +496,8 @@ def _report_failed_run(app, args, inp, out, exc, elapsed, listeners, view, stop)
     counters["ports"] = port_counters(inp, out)
     counters["error"] = str(exc)
     # interrupted (KeyboardInterrupt) by a second signal: stopped by the first too
-    counters["stopped"] = (stop.signal if _cut_short(app)
-                           or isinstance(exc, KeyboardInterrupt) else None)
+    counters["stopped"] = (stop.signal if isinstance(exc, KeyboardInterrupt)
+                           else _stopped_by(app, stop))
     if not args.quiet:
         _print_counters(counters, elapsed)
     if view is not None:
@@ -679,7 +687,9 @@ def _add_run_options(p):
                    help="stack processes, flows split by a symmetric hash (software RSS "
                         "over a capture, a fanout group on an AF_PACKET port) (1)")
     p.add_argument("--duration", type=_seconds, default=0,
-                   help="stop after S seconds (live ports); SIGINT/SIGTERM/SIGHUP stop cleanly too")
+                   help="stop after S seconds, a live port or a capture not yet read to "
+                        "its end (the run is then reported stopped by duration); "
+                        "SIGINT/SIGTERM/SIGHUP stop cleanly too")
     p.add_argument("--stack", choices=("auto", "network", "tcp"),
                    help="μStacks: auto runs the TCP Monitor only when an NF subscribes "
                         "to TCP events (auto)")

@@ -988,8 +988,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                         close_ports(inp, outp)
                 counters["ports"] = port_counters(inp, outp)
                 # a signal that ended the run before its input did: the parent tells
-                # its own stop from another program's (which leaves part undone)
-                stopped = stopped_by[0] if app.stack.stopped else None
+                # its own stop from another program's (which leaves part undone);
+                # or the duration, a time box every stack keeps
+                stopped = ("duration" if app.stack.timed_out else
+                           stopped_by[0] if app.stack.stopped else None)
                 _write_all(wfd, (json.dumps({"ok": counters, "stopped": stopped})
                                  + "\n").encode())
                 code = 0
@@ -1118,7 +1120,8 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                             release_next()
                         else:
                             last[k] = msg
-                            unasked[k] = bool(msg.get("stopped")) and not asked
+                            unasked[k] = (msg.get("stopped") not in (None, "duration")
+                                          and not asked)
     except BaseException:
         stop_children()         # never leave stack processes running on their own
         for rfd in reading:     # ... nor blocked writing to a pipe nobody reads
@@ -1158,10 +1161,13 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         else:
             msg["ok"]["cpu_s"] = cpu_s
             parts.append(msg["ok"])
-    # the signal that ended the run before its input did (None: the input ended, or
-    # max_packets or duration did); interrupted, it stopped the run too
+    # the signal that ended the run before its input did, or "duration" when that
+    # ended some stack's (None: the input ended, or max_packets did); interrupted, a
+    # signal stopped the run too
     stopped = signalled[0][0] if signalled and (any(interrupted) or any(
         msg and msg.get("stopped") for msg in last)) else None
+    if stopped is None and any(msg and msg.get("stopped") == "duration" for msg in last):
+        stopped = "duration"
     if errors:
         # each error once, naming its stacks: a damaged capture fails every process
         # that reads it alike

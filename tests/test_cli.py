@@ -308,6 +308,36 @@ def test_one_nf_of_a_file_of_several_by_its_name(tmp_path, example_pcap):
     assert list(nfs) == ["dpi", "ids"] and nfs["ids"]["events"] > 0
 
 
+@pytest.mark.parametrize("deploy", [["--deploy", "inline"], ["--deploy", "pipelined"],
+                                    ["--stacks", "2"]])
+def test_duration_time_boxes_a_capture_and_says_so(tmp_path, example_pcap, deploy):
+    # --duration on a capture cut the run short in silence: exit 0, "stopped": null
+    # and the flows said to have "ended with the input", as if all of it was read.
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time, mbx\n"
+                    "def make():\n"
+                    "    nf = mbx.NF('slow')\n"
+                    "    nf.sub(mbx.PKT, lambda ev: time.sleep(0.002))\n"
+                    "    return nf\n")
+    counters = tmp_path / "c.json"
+    r = mbx_cmd("run", str(slow), "--in", f"pcap:{example_pcap}", "--duration", "0.5",
+                *deploy, "--json", str(counters))
+    assert r.returncode == 0, r.stderr
+    c = json.loads(counters.read_text())
+    whole = sum(1 for _ in read_frames(example_pcap))
+    assert c["stopped"] == "duration" and 0 < c["packets"] < whole
+    assert "stopped        by duration after" in r.stdout
+    assert f"ended at the stop {c['flows']['shutdown']:,}" in r.stdout
+    assert "ended with the input" not in r.stdout
+    # a capture read to its end within the duration was not cut short
+    r = mbx_cmd("run", "l2fwd", "--in", f"pcap:{example_pcap}", "--duration", "600",
+                *deploy, "--json", str(counters))
+    assert r.returncode == 0, r.stderr
+    c = json.loads(counters.read_text())
+    assert c["stopped"] is None and c["packets"] == whole
+    assert "ended with the input" in r.stdout
+
+
 def test_signals_while_a_run_ends_lose_neither_summary_nor_counters(tmp_path):
     # The handler that turns SIGINT into "stop between bursts" was put back before
     # the output was closed and the summary and --json written: a second SIGINT then
@@ -1381,5 +1411,6 @@ def test_duration_ends_a_pipelined_run_whose_nf_hangs(tmp_path, example_pcap):
     c = json.loads(counters.read_text())
     death, = c["pipeline"]["nfs"]["hangs"]["deaths"]
     assert "did not stop within 1 s" in death
+    assert c["stopped"] == "duration"
     assert c["packets"] == (c["sent"] + c["dropped_by_nf"] + c["dropped_malformed"]
                             + c["dropped_on_error"])
