@@ -716,7 +716,10 @@ def _add_run_options(p):
                         "any free port, printed) "
                         "while the run lasts (needs prometheus-client)")
     p.add_argument("--no-nf-timing", dest="nf_timing", action="store_false",
-                   help="do not clock the handler calls (saves about 40 ns an event)")
+                   help="do not clock the NFs' handlers (two clock reads per run of an "
+                        "NF's calls, no measurable cost): handler_ns is then 0 and "
+                        "--stats shows '-'; inline, NFs with only C handlers and the "
+                        "same subscriptions share one ring")
     p.add_argument("--json", metavar="FILE", help="write the final counters as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
 
