@@ -220,6 +220,22 @@ def test_sizes_and_selections_parse():
     assert cli._selection(tb.MODES, "modes")("all") == list(tb.MODES)
 
 
+def test_mbx_nf_is_said_to_be_for_every_l4lb_mode():
+    # the help and docs/testbed.md named mbx-l4lb only; the code takes both
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    cli._add_bed_options(ap)
+    help_text = next(a.help for a in ap._actions if "--mbx-nf" in a.option_strings)
+    with open(os.path.join(ROOT, "docs", "testbed.md")) as fh:
+        doc = " ".join(fh.read().split())
+    said = doc[doc.index("`--mbx-nf NF` runs"):][:120]
+    words = help_text.replace(":", " ").split()
+    assert len(tb.L4LB_MODES) == 2
+    for mode in tb.L4LB_MODES:
+        assert mode in words and f"`{mode}`" in said
+
+
 @pytest.mark.parametrize("argv, why", [
     (["run", "--mode", "kernel,pybridge", "--offloads", "on"], "offloads must be off"),
     (["run", "--mode", "mbx-l4lb-dpdk", "--offloads", "on"], "offloads must be off"),

@@ -85,8 +85,8 @@ def _add_bed_options(p):
                    help="AF_PACKET options of the mbx modes' bridge, as in a port spec "
                         "after '?' (e.g. ring=v3 to compare with the block ring)")
     p.add_argument("--mbx-nf", default="", metavar="NF",
-                   help="mbx-l4lb: run this NF (a built-in name or a .py file with "
-                        "make(name, vip, backends)) instead of l4lb, e.g. "
+                   help=f"{' and '.join(tb.L4LB_MODES)}: run this NF (a built-in name "
+                        "or a .py file with make(name, vip, backends)) instead of l4lb, e.g. "
                         "benchmarks/testbed/l4lb_python.py (the Python-handler L4 LB)")
 
 
