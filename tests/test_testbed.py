@@ -236,6 +236,20 @@ def test_mbx_nf_is_said_to_be_for_every_l4lb_mode():
         assert mode in words and f"`{mode}`" in said
 
 
+def test_offloads_points_to_the_guide_section_that_explains_it():
+    # it pointed to "Ports"; the virtio-net header text is under "Run an application"
+    import re
+
+    with open(os.path.join(ROOT, "docs", "testbed.md")) as fh:
+        doc = fh.read()
+    bullet = doc[doc.index("- **`--offloads on`**"):]
+    section = re.search(r'\(guide: "([^"]+)"', bullet[:bullet.index("\n- ")]).group(1)
+    with open(os.path.join(ROOT, "docs", "guide.md")) as fh:
+        guide = fh.read()
+    body = re.split(r"\n#+ ", guide.split(f"\n## {section}\n", 1)[1], maxsplit=1)[0]
+    assert "`offloads=1`" in body and "virtio-net header" in body
+
+
 @pytest.mark.parametrize("argv, why", [
     (["run", "--mode", "kernel,pybridge", "--offloads", "on"], "offloads must be off"),
     (["run", "--mode", "mbx-l4lb-dpdk", "--offloads", "on"], "offloads must be off"),
