@@ -381,7 +381,10 @@ cdef object read_field(const uint8_t *body, int offset, str kind, int ip_ver):
 
 cdef int write_field(uint8_t *body, int offset, str kind, object value) except -1:
     cdef uint8_t *q = body + offset
-    if kind != "ip" and kind[0] in "ui" and not isinstance(value, int):
+    # (a bool is an int to Python, but True in a count or a port is a mistake: filters
+    # refuse it too)
+    if kind != "ip" and kind[0] in "ui" and (not isinstance(value, int)
+                                             or isinstance(value, bool)):
         raise TypeError(f"expected a whole number, not {type(value).__name__}")
     if kind == "u8":
         q[0] = value

@@ -108,6 +108,10 @@ def test_messages_name_the_field_a_bad_value_was_for():
     with pytest.raises(TypeError, match=r"TEST_MSG_VALUES.a \(u8\) = 1.5: expected a "
                                         r"whole number"):
         msg.a = 1.5
+    # a bool is an int to Python, and was stored as 1 (filters refuse it already)
+    with pytest.raises(TypeError, match=r"TEST_MSG_VALUES.a \(u8\) = True: expected a "
+                                        r"whole number, not bool"):
+        msg.a = True
     with pytest.raises(ValueError, match=r"TEST_MSG_VALUES.ip \(ip\) = b'12345': an "
                                          r"address is 4 or 16 bytes"):
         msg.ip = b"12345"
