@@ -676,6 +676,10 @@ def _handler_key(h):
 
 
 def _check_c(nf, t, handler, batch):
+    # (any truthy value was taken for True: batch="no" subscribed a batch handler)
+    if not isinstance(batch, bool):
+        raise SubscriptionError(f"NF {nf.name}: batch for {t.name} is True or False, "
+                                f"not {batch!r}")
     if batch and isinstance(handler, CHandler):
         raise SubscriptionError(
             f"NF {nf.name}: {handler!r} for {t.name} is a C handler; those are not "

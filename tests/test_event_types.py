@@ -165,6 +165,10 @@ def test_misused_views_and_ports_raise_instead_of_crashing():
 
 def test_declarations_are_made_once_and_before_the_run(run, example_pcap):
     nf = mbx.NF("twice")
+    # any truthy value was a batch subscription: "no" too
+    with pytest.raises(mbx.SubscriptionError, match="NF twice: batch for PKT is True or "
+                                                    "False, not 'yes'"):
+        nf.sub(mbx.PKT, lambda ev: None, batch="yes")
     nf.sub(mbx.PKT, lambda ev: None)
     with pytest.raises(mbx.SubscriptionError, match="already subscribed to PKT"):
         nf.sub(mbx.PKT, lambda ev: None)     # replaced the first one silently
