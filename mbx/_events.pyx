@@ -908,6 +908,10 @@ cdef class Message:
 # The event view handed to handlers
 
 _packed_cache = {}
+# The view's properties that read the event's packet (Event._pkt)
+_PACKET_VIEWS = frozenset((
+    "ip_ver", "proto", "src_ip", "dst_ip", "sport", "dport", "tcp_flags", "tcp_flags_str",
+    "seq", "ack", "win", "caplen", "wirelen", "payload_len", "packet", "payload"))
 
 
 cdef bytes _packed_address(object ip):
@@ -1035,7 +1039,7 @@ cdef class Event:
 
     cdef inline mbx_pkt *_pkt(self) except NULL:
         if self.p == NULL:
-            raise AttributeError(f"a {self.type_name} event carries no packet")
+            raise AttributeError(f"this {self.type_name} event carries no packet")
         return self.p
 
     @property
@@ -1151,6 +1155,11 @@ cdef class Event:
         t = _types[self.m.h.type_idx]
         f = t.fields.get(name)
         if f is None:
+            if name in _PACKET_VIEWS:
+                # a property of the view that reads the packet raised (there is none),
+                # and Python then asks here: say that, not "no field"
+                raise AttributeError(f"this {t.name} event carries no packet "
+                                     f"(ev.{name} reads it)")
             raise AttributeError(f"{t.name} event has no field {name!r}")
         ip_ver = 0
         if f[1] == "ip" and "ip_ver" in t.fields:

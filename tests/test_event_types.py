@@ -161,6 +161,12 @@ def test_misused_views_and_ports_raise_instead_of_crashing():
         ev.drop()
     with pytest.raises(mbx.MbxError, match="not in a handler call"):
         ev.read(0, 1)
+    # said "a EVENT event", or (a property) that EVENT had no field 'payload'
+    with pytest.raises(AttributeError, match="^this EVENT event carries no packet$"):
+        ev.set_src("198.18.0.1", 1)
+    with pytest.raises(AttributeError, match=r"this EVENT event carries no packet "
+                                             r"\(ev.payload reads it\)"):
+        ev.payload  # noqa: B018
 
 
 def test_declarations_are_made_once_and_before_the_run(run, example_pcap):
