@@ -661,7 +661,8 @@ class NF:
                 f"NF {self.name}: port {port.type.name} cannot carry a "
                 f"{(<Message>msg).etype.name} message")
         if self._bus is None:
-            raise SubscriptionError(f"NF {self.name}: publish from a running NF")
+            raise SubscriptionError(f"NF {self.name}: publish is for a running NF (from "
+                                    "its handlers), not before or after the run")
         (<EventBus>self._bus).publish_from(self, <Message>msg)
 
 

@@ -153,6 +153,10 @@ def test_misused_views_and_ports_raise_instead_of_crashing():
     port = nf.pub(t)
     with pytest.raises(TypeError, match="publish takes a Message"):
         nf.publish(port, "hello")
+    # it said "publish from a running NF", which reads as the opposite of the rule
+    with pytest.raises(mbx.SubscriptionError, match="NF misuse: publish is for a running "
+                                                    "NF"):
+        nf.publish(port, nf.new_msg(t))
     with pytest.raises(TypeError):
         mbx.Message(mbx.PKT).fill_from(None)
     ev = mbx.Event()                    # a view made by hand: a blank EVENT
