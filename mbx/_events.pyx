@@ -26,14 +26,14 @@ from mbx._packet cimport (
 )
 from mbx._rewrite cimport REWRITE_NO_PORTS, pkt_rewrite
 
-import difflib
 import functools
 import ipaddress
 import threading
 
 
 from mbx.errors import (
-    EventTypeError, MbxError, PermissionDenied, SubscriptionError, user_code_line,
+    EventTypeError, MbxError, PermissionDenied, SubscriptionError, did_you_mean,
+    user_code_line,
 )
 
 
@@ -210,9 +210,8 @@ def event_type(spec):
     if len(found) > 1:
         raise EventTypeError(
             f"event type {spec!r} is ambiguous: {', '.join(t.path for t in found)}")
-    near = difflib.get_close_matches(key, [t.name for t in _types], n=3)
-    hint = f" (did you mean {', '.join(near)}?)" if near else ""
-    raise EventTypeError(f"unknown event type {spec!r}{hint}")
+    raise EventTypeError(f"unknown event type {spec!r}"
+                         f"{did_you_mean(key, [t.name for t in _types])}")
 
 
 def register_event_type(name, parent=None, fields=()):

@@ -56,3 +56,13 @@ def user_code_line(exc):
     traceback through mbx."""
     at = raising_line(exc)
     return f" (at {at[0].rsplit('/', 1)[-1]}, line {at[1]})" if at else ""
+
+
+def did_you_mean(name, known):
+    """" (did you mean A, B?)" with the names of ``known`` closest to ``name`` (up to
+    three), or "" when none is close: how every error about an unknown name suggests
+    the one that was meant."""
+    import difflib
+
+    near = difflib.get_close_matches(name, list(known), n=3)
+    return f" (did you mean {', '.join(near)}?)" if near else ""

@@ -29,6 +29,7 @@ from mbx.errors import (
     EventTypeError,
     MbxError,
     PortError,
+    did_you_mean,
     raising_line,
     user_code_line,
 )
@@ -290,7 +291,8 @@ def load_app(spec, options=None):
                 obj, NF) else _as_nfs(obj, f"NF {item}")
         else:
             raise AppError(
-                f"unknown NF {item!r}: use a built-in ({', '.join(BUILTIN_NFS)}), "
+                f"unknown NF {item!r}{did_you_mean(item, BUILTIN_NFS)}: use a built-in "
+                f"({', '.join(BUILTIN_NFS)}), "
                 "a .py file, or module:attribute")
     unknown = set(options) - used
     if unknown:

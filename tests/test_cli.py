@@ -129,7 +129,10 @@ IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
 
 @pytest.mark.parametrize("args, message", [
     (["run", "l2fwd", "--in", "pcap:/nonexistent/x.pcap"], "no such file"),
-    (["run", "nosuchnf", "--in", "pcap:x.pcap"], "unknown NF 'nosuchnf'"),
+    (["run", "nosuchnf", "--in", "pcap:x.pcap"], "unknown NF 'nosuchnf': use a built-in"),
+    # as an unknown event type is, a misspelt built-in is named
+    (["run", "flowstats", "--in", "pcap:x.pcap"],
+     "unknown NF 'flowstats' (did you mean flow_stats?): use a built-in"),
     (["run", "l2fwd", "--in", "tcp:x"], "unknown port scheme 'tcp' in 'tcp:x'; known schemes"),
     (["run", "l2fwd", "--in", "pcp:demo.pcap"], "unknown port scheme 'pcp' in 'pcp:demo.pcap'"),
     (["run", "l2fwd", "--in", "eth0"], "unknown port spec 'eth0'; expected SCHEME:ARG"),
