@@ -45,7 +45,7 @@ import tomllib
 
 from mbx import _events
 from mbx.errors import AppError, MbxError, raising_line
-from mbx.pipeline import restart_of
+from mbx.pipeline import check_failure_policy
 from mbx.runtime import WHOLE_STACK_OPTIONS, stack_options_problem
 
 # What each μStack publishes.
@@ -382,15 +382,13 @@ def load_app_file(path):
                     raise AppError(f"{where}: NF {nf.name}: filters.\"{tname}\": the NF "
                                    f"does not subscribe to {tname}, so the filter would "
                                    f"never apply (it subscribes to {subs or 'nothing'})")
+            # (null is not TOML: a file's NFs are always open or closed)
             nf.failure = entry.get("failure", "closed")
-            if nf.failure not in ("open", "closed"):
-                raise AppError(f"{where}: NF {nf.name}: failure = {nf.failure!r}: "
-                               "use open or closed")
             # restarts of its process in the pipelined deployment (mbx.pipeline)
             nf.restart = entry.get("restart", nf.restart)
             nf.restart_backoff = entry.get("restart_backoff", nf.restart_backoff)
             try:
-                restart_of(nf)
+                check_failure_policy(nf)
             except AppError as exc:
                 raise AppError(f"{where}: {exc}") from None
         nfs += made

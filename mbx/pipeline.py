@@ -47,9 +47,18 @@ def _check(nfs):
     if backward is not None:
         raise AppError(backward[1])
     for nf in nfs:
-        if nf.failure not in (None, "open", "closed"):
-            raise AppError(f"NF {nf.name}: failure must be 'open' or 'closed', "
-                           f"not {nf.failure!r}")
+        check_failure_policy(nf)
+
+
+def check_failure_policy(nf):
+    """Refuse (AppError naming the NF) a ``failure``, ``restart`` or
+    ``restart_backoff`` that is not one there is, in every deployment (App.run,
+    application files, this module): an NF that runs inline today must not fail
+    when it is deployed pipelined, where they apply."""
+    if nf.failure not in (None, "open", "closed"):
+        raise AppError(f"NF {nf.name}: failure must be 'open' or 'closed', "
+                       f"not {nf.failure!r}")
+    restart_of(nf)
 
 
 def restart_of(nf):

@@ -510,6 +510,12 @@ class App:
         ``out`` is a port, or a function returning one (``mbx.ports.DeferredOutput``):
         it is called once the NFs have started and the stack is built, so a run that
         fails before its first packet has not created or truncated its output."""
+        from mbx.pipeline import check_failure_policy
+
+        # checked inline too, as the App options are: set in the NF's code, they may
+        # change after the App is made
+        for nf in self.nfs:
+            check_failure_policy(nf)
         tcp = runs_monitor(self.stack_kind, self.nfs, self.monitor_options)
         nfs = list(self.nfs)
         self.reports = {}

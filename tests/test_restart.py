@@ -243,6 +243,23 @@ def test_app_file_restart_refused(tmp_path, bad, why):
         load_app_file(str(app))
 
 
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+@pytest.mark.parametrize("attr, value, why", [
+    ("failure", "maybe", "failure must be 'open' or 'closed', not 'maybe'"),
+    ("restart", 5000, "restart must be a whole number of restarts from 0 to 1000"),
+    ("restart_backoff", -1, "restart_backoff must be seconds"),
+])
+def test_bad_failure_policy_refused_in_every_deployment(example_pcap, deploy, attr, value,
+                                                        why):
+    # Inline, an App took them in silence (they apply only pipelined), while
+    # pipelined runs and application files refused them.
+    nf = mbx.NF("policy")
+    nf.sub(mbx.PKT, lambda ev: None)
+    setattr(nf, attr, value)
+    with pytest.raises(mbx.AppError, match=f"NF policy: {why}"):
+        run_app([nf], example_pcap, deploy=deploy)
+
+
 def test_app_file_restart(tmp_path):
     app = tmp_path / "app.toml"
     app.write_text('[[nf]]\nuse = "l2fwd"\nfailure = "open"\nrestart = 3\n'
