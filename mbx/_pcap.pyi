@@ -4,7 +4,8 @@ import os
 
 from mbx._packet import Port
 
-SUPPORTED_LINKTYPES: str
+SUPPORTED_LINKTYPES: frozenset[int]   # the link type numbers read
+SUPPORTED_LINKTYPES_TEXT: str         # the same in words, as errors give them
 
 def non_ethernet_interface(path: str | os.PathLike[str]) -> tuple[int | None, int] | None: ...
 

@@ -92,12 +92,13 @@ POW10[0] = 1
 for _i in range(1, 20):
     POW10[_i] = POW10[_i - 1] * 10
 
-SUPPORTED_LINKTYPES = ("1 (Ethernet), 101/228/229 (raw IP; also 12 and 14, the BSDs' "
-                       "DLT_RAW, which old writers put in files), 113 (Linux SLL), "
-                       "276 (Linux SLL2), 0/108 (BSD loopback)")
+# The link types read, in words, for the errors that refuse another one
+SUPPORTED_LINKTYPES_TEXT = ("1 (Ethernet), 101/228/229 (raw IP; also 12 and 14, the BSDs' "
+                            "DLT_RAW, which old writers put in files), 113 (Linux "
+                            "SLL), 276 (Linux SLL2), 0/108 (BSD loopback)")
 
 
-_SUPPORTED_B = SUPPORTED_LINKTYPES.encode()
+_SUPPORTED_B = SUPPORTED_LINKTYPES_TEXT.encode()
 cdef const char *_SUPPORTED_C = _SUPPORTED_B
 
 
@@ -119,6 +120,15 @@ cdef inline uint8_t link_mode(uint32_t linktype) noexcept nogil:
         # is 24, 28 or 30): the IP version nibble says more, as for raw IP.
         return LINK_NULL
     return LINK_UNSUPPORTED
+
+
+cdef frozenset _read_linktypes():
+    cdef uint32_t t
+    return frozenset([t for t in range(1 << 16) if link_mode(t) != LINK_UNSUPPORTED])
+
+
+# The link type numbers read, taken from link_mode itself (the one that decides)
+SUPPORTED_LINKTYPES = _read_linktypes()
 
 
 cdef inline int64_t units_to_ns(const pcapng_if *itf, uint64_t t) noexcept nogil:
@@ -461,7 +471,7 @@ cdef class PcapReader(Port):
         if self.mode == LINK_UNSUPPORTED:
             raise CaptureFormatError(
                 f"pcap:{self.path}: unsupported link type {self.linktype}; "
-                f"supported: {SUPPORTED_LINKTYPES}")
+                f"supported: {SUPPORTED_LINKTYPES_TEXT}")
         self.start = self.pos = PCAP_FILE_HDR
         self.state = READ_OK
         return 0
@@ -493,7 +503,7 @@ cdef class PcapReader(Port):
             raise CaptureFormatError(
                 f"pcap:{self.path}: unsupported link type {self.skipped_linktype} "
                 f"(interface {self.skipped_iface}), and no frame of a supported one; "
-                f"supported: {SUPPORTED_LINKTYPES}")
+                f"supported: {SUPPORTED_LINKTYPES_TEXT}")
         if self.n_ifaces:
             self.linktype = self.ifaces[0].linktype
             self.snaplen = self.ifaces[0].snaplen

@@ -375,6 +375,26 @@ def test_unsupported_link_type(tmp_path, fmt):
         PcapReader(path)
 
 
+def test_supported_link_types_are_the_numbers_api_md_lists(tmp_path):
+    # SUPPORTED_LINKTYPES was a sentence, which api.md cited as if a set of numbers:
+    # it is now the set, taken from the reader's own dispatch, and each is read
+    import re
+
+    from mbx import _pcap
+
+    api = open(os.path.join(os.path.dirname(__file__), "..", "docs", "api.md")).read()
+    said = " ".join(api.split())
+    listed = re.search(r"link types ([\d/, ]+) \(`mbx._pcap.SUPPORTED_LINKTYPES`", said)
+    numbers = {int(n) for n in re.findall(r"\d+", listed.group(1))}
+    assert _pcap.SUPPORTED_LINKTYPES == numbers
+    assert all(str(n) in _pcap.SUPPORTED_LINKTYPES_TEXT for n in numbers)
+    for n in sorted(numbers):
+        path = tmp_path / f"l{n}.pcap"
+        path.write_bytes(classic([], big_endian=False, linktype=n))
+        with PcapReader(path) as r:
+            assert r.linktype == n
+
+
 def test_frames_of_an_interface_of_an_unsupported_link_type_are_skipped(tmp_path):
     # One such interface refused the whole capture (a macOS capture of en0 and an
     # 802.11 monitor interface, which tshark reads): its frames are skipped and
