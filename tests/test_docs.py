@@ -1,0 +1,63 @@
+"""docs/ names what is public: the keys mbx run writes, the parameters of the
+functions api.md gives a signature for, and the test bed's report options."""
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+
+import mbx
+import mbx.flows
+import mbx.ports
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _doc(name):
+    with open(os.path.join(ROOT, "docs", name)) as fh:
+        return " ".join(fh.read().split())
+
+
+def test_api_md_names_every_key_of_mbx_run_json(example_pcap, tmp_path):
+    # elapsed_s was written by every mbx run --json and named nowhere
+    counters = tmp_path / "c.json"
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "flow_stats", "--in",
+                        f"pcap:{example_pcap}", "-q", "--json", str(counters)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # named in code spans, alone or in a list (`packets bytes sent`)
+    said = {w for span in re.findall(r"`([^`]+)`", _doc("api.md")) for w in span.split()}
+    missing = [k for k in json.loads(counters.read_text()) if k not in said]
+    assert not missing
+
+
+def test_api_md_signatures_have_every_parameter():
+    # open_input's sends_there and flows_json's stop were left out
+    api = _doc("api.md")
+    # (where the signature is given, not an example call)
+    for fn, where in ((mbx.ports.open_input, "`mbx.ports.open_input(spec"),
+                      (mbx.flows.flows_json, "`mbx.flows.flows_json(capture")):
+        said = api[api.index(where) + where.index("(") + 1:]
+        said = said[:said.index(")`")]
+        for name in inspect.signature(fn).parameters:
+            assert re.search(rf"\b{name}\b", said), (fn.__name__, name, said)
+
+
+def test_chandler_is_named_where_it_is_exported():
+    assert mbx.CHandler is mbx._events.CHandler and "CHandler" in mbx.__all__
+    assert "`mbx.CHandler`" in _doc("api.md")
+
+
+def test_testbed_md_names_every_report_option():
+    # report --pending was in the code only
+    r = subprocess.run([sys.executable, "-m", "benchmarks.testbed", "report", "--help"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    options = set(re.findall(r"(--[a-z][a-z-]+)", r.stdout)) - {"--help"}
+    assert options == {"--plot", "--pending"}
+    doc = _doc("testbed.md")
+    usage = doc[doc.index("`report FILE..."):]
+    usage = usage[:usage.index("`", 1)]
+    for opt in options:
+        assert opt in usage, (opt, usage)
