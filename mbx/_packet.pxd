@@ -25,9 +25,6 @@ cdef enum Verdict:
 cdef enum ParseStatus:
     PARSE_OK = 0
     PARSE_NOT_IP            # ARP, LLDP, ...: no L3 to parse, forwarded as is
-    PARSE_TOO_MANY_VLAN_TAGS  # more than MAX_VLAN_TAGS VLAN tags: what they hide is
-    #                         not looked at (forwarded as is; counted apart from not_ip,
-    #                         as it may well be IP)
     PARSE_TRUNC_L2          # frame shorter than its Ethernet/VLAN headers (a raw-IP,
     #                         cooked or loopback record cut in its link header: empty)
     PARSE_TRUNC_L3          # shorter than the IP header
@@ -47,6 +44,10 @@ cdef enum ParseStatus:
     #                         one by one, their datagram is given up whole (counted in
     #                         FragTable.timed_out / pending_at_end, not under `parse`)
     PARSE_FRAG_MEMCAP       # fragment dropped: reassembly memory exhausted
+    # (new statuses go here, at the end: the numbers are in NFs' PKT events and logs)
+    PARSE_TOO_MANY_VLAN_TAGS  # more than MAX_VLAN_TAGS VLAN tags: what they hide is
+    #                         not looked at (forwarded as is; counted apart from not_ip,
+    #                         as it may well be IP)
     PARSE_N                 # number of reasons
 
 cdef enum PktFlags:

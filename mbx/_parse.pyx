@@ -58,9 +58,9 @@ from mbx._packet cimport (
 
 # The ParseStatus names in enum order: counters and the CLI print these.
 _STATUS_NAMES = (
-    "ok", "not_ip", "too_many_vlan_tags", "trunc_l2", "trunc_l3", "bad_ip_version",
-    "bad_ihl", "bad_ip_len", "bad_ip_option", "bad_ipv6_ext", "bad_ipv4_ah", "bad_frag",
-    "trunc_l4", "bad_tcp_off", "bad_tcp_opt", "bad_udp_len", "frag_timeout", "frag_memcap",
+    "ok", "not_ip", "trunc_l2", "trunc_l3", "bad_ip_version", "bad_ihl", "bad_ip_len",
+    "bad_ip_option", "bad_ipv6_ext", "bad_ipv4_ah", "bad_frag", "trunc_l4", "bad_tcp_off",
+    "bad_tcp_opt", "bad_udp_len", "frag_timeout", "frag_memcap", "too_many_vlan_tags",
 )
 assert len(_STATUS_NAMES) == PARSE_N, "ParseStatus and _STATUS_NAMES disagree"
 _DEFRAG_NAMES = ("none", "held", "done", "drop")
