@@ -452,6 +452,26 @@ def test_a_client_port_reused_is_a_new_connection(run, cls, stack):
 
 
 @pytest.mark.parametrize("cls", [L4LB, PyL4LB])
+def test_sctp_to_the_vip_passes_untouched(run, cls):
+    # SCTP's ports entered the flow key: the C balancer then took an association to
+    # VIP:port for a connection and dropped it (its ports cannot be rewritten
+    # without the CRC-32c), and the Python one ended the run with an error
+    def sctp(src, dst, sport, dport):
+        common = struct.pack("!HHII", sport, dport, 7, 0)           # tag, CRC unused
+        chunk = struct.pack("!BBH", 1, 0, 4)                        # an empty INIT
+        return ether(ipv4(src, dst, 132, common + chunk))
+
+    frames = [(1_700_000_000, sctp("198.18.1.1", VIP[0], 5000, VIP[1])),
+              (1_700_000_001, sctp(VIP[0], "198.18.1.1", VIP[1], 5000))]
+    lb = cls(**OPTIONS)
+    counters, out = run([lb], frames=frames)
+    assert [f for _, f in out] == [f for _, f in frames]
+    report = lb.report()
+    assert (lb.translated, report["connections"], report["passed"]) == (0, 0, 2)
+    assert counters["dropped_by_nf"] == 0
+
+
+@pytest.mark.parametrize("cls", [L4LB, PyL4LB])
 def test_a_packet_to_the_vip_without_a_flow_is_dropped_and_counted(run, cls):
     # With the flow table full (refuse) the stack gives new connections no flow:
     # forwarded untranslated, their packets went on to the VIP, counted nowhere.

@@ -271,7 +271,9 @@ cdef int on_packet(void *ctx, const mbx_msg *m, mbx_pkt *p) noexcept nogil:
     cdef lb_state *s = <lb_state *>ctx
     cdef flow_entry *f
     cdef endpoint a, b
-    if p == NULL or p.ip_ver == 0:
+    if p == NULL or p.ip_ver == 0 or (p.l4_proto != 6 and p.l4_proto != 17):
+        # a TCP and UDP balancer: SCTP has ports too, but rewriting them would need
+        # its CRC-32c done again, so it passes untouched as ICMP does
         s.passed += 1
         return MBX_PASS
     if portless_to_vip(s, p):

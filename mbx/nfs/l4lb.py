@@ -191,7 +191,12 @@ class PyL4LB(mbx.NF):
                 "passed": self.passed}
 
     def on_packet(self, ev):
-        if ev.proto in (6, 17) and ev.sport == ev.dport == 0 and ev.dst_ip == self.vip[0]:
+        if ev.proto not in (6, 17):
+            # TCP and UDP only, as the C balancer (SCTP's ports would need its
+            # CRC-32c done again): everything else passes untouched
+            self.passed += 1
+            return
+        if ev.sport == ev.dport == 0 and ev.dst_ip == self.vip[0]:
             # ports cut off (the parser leaves them 0:0, which no connection uses):
             # no backend can be chosen, and sent on it would reach the VIP itself
             ev.drop()
