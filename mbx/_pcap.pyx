@@ -1299,16 +1299,15 @@ cdef class PcapWriter(Port):
         c["tx_lost"] = self.tx_lost
         c["tx_bad_time"] = self.tx_bad_time
         c["tx_empty"] = self.tx_empty
+        # no counts in the text: the counters above carry them, and texts are not
+        # added up over stack processes as numbers are
         why = []
         if self.tx_bad_time:
-            n = self.tx_bad_time
-            why.append(f"{n:,} frame{'s' if n != 1 else ''} whose time a pcap record "
-                       "cannot hold (before 1970 or after 2106-02-07 06:28:15 UTC)")
+            why.append("frames whose time a pcap record cannot hold (before 1970 or "
+                       "after 2106-02-07 06:28:15 UTC): tx_bad_time")
         if self.tx_empty:
-            n = self.tx_empty
-            why.append(f"{n:,} frame{'s' if n != 1 else ''} of no bytes (a record cut "
-                       "inside its cooked, raw-IP or loopback link header), which no "
-                       "pcap reader takes")
+            why.append("frames of no bytes (a record cut inside its cooked, raw-IP or "
+                       "loopback link header), which no pcap reader takes: tx_empty")
         if why:
             c["tx_error"] = "; ".join(why)
         return c
