@@ -190,6 +190,15 @@ cdef inline int _next_record(PcapReader rd, pcap_rec *r) noexcept nogil:
     return got
 
 
+def _unsupported(text, linktype, iface):
+    # the refusal of a link type, with it and its pcapng interface (None in a classic
+    # pcap) as attributes: a reader of other link types (net_pcap) words its own
+    exc = CaptureFormatError(text)
+    exc.linktype = linktype
+    exc.iface = iface
+    return exc
+
+
 def non_ethernet_interface(path):
     """``(interface, link type)`` of the first interface of the capture at ``path``
     whose frames are not Ethernet (interface None in a classic pcap, which has one
@@ -469,9 +478,8 @@ cdef class PcapReader(Port):
             self.other_link_seen = True
             self.other_linktype = self.linktype
         if self.mode == LINK_UNSUPPORTED:
-            raise CaptureFormatError(
-                f"pcap:{self.path}: unsupported link type {self.linktype}; "
-                f"supported: {SUPPORTED_LINKTYPES_TEXT}")
+            raise _unsupported(f"pcap:{self.path}: unsupported link type {self.linktype}; "
+                               f"supported: {SUPPORTED_LINKTYPES_TEXT}", self.linktype, None)
         self.start = self.pos = PCAP_FILE_HDR
         self.state = READ_OK
         return 0
@@ -500,10 +508,11 @@ cdef class PcapReader(Port):
             # every frame up to the end is of a link type mbx does not read; when
             # the walk stopped at damage instead, the frames after it are unknown,
             # and the damage (at its offset) is what reading reports
-            raise CaptureFormatError(
+            raise _unsupported(
                 f"pcap:{self.path}: unsupported link type {self.skipped_linktype} "
                 f"(interface {self.skipped_iface}), and no frame of a supported one; "
-                f"supported: {SUPPORTED_LINKTYPES_TEXT}")
+                f"supported: {SUPPORTED_LINKTYPES_TEXT}", self.skipped_linktype,
+                self.skipped_iface)
         if self.n_ifaces:
             self.linktype = self.ifaces[0].linktype
             self.snaplen = self.ifaces[0].snaplen

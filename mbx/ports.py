@@ -779,23 +779,32 @@ def _refuse_non_ethernet(spec: str, path: str) -> None:
     or a Linux cooked one (113, 276) would be parsed as Ethernet, every frame "not
     IP", without a word (and libpcap stops reading a pcapng file, as silently, at an
     interface of another link type than its first's)."""
-    from mbx._pcap import non_ethernet_interface
+    from mbx._pcap import SUPPORTED_LINKTYPES, non_ethernet_interface
     from mbx.errors import CaptureFormatError
+
+    def refuse(link, where=""):
+        # pcap: is the way out only for the link types it gives an Ethernet header
+        instead = (f": read it with pcap:{path} instead, which gives raw IP, Linux "
+                   "cooked and loopback frames an Ethernet header"
+                   if link in SUPPORTED_LINKTYPES else
+                   "; net_pcap reads Ethernet frames only")
+        raise PortError(f"{spec}: rx_pcap {path} holds link type {link} frames{where}, "
+                        f"not Ethernet (1), and net_pcap passes them on as they "
+                        f"are{instead}")
 
     try:
         other = non_ethernet_interface(path)
     except CaptureFormatError as exc:   # not a capture mbx reads (a link type, damage)
+        if getattr(exc, "linktype", None) is not None:
+            refuse(exc.linktype, "" if exc.iface is None else
+                   f" (pcapng interface {exc.iface})")
         raise PortError(f"{spec}: rx_pcap {path}: {str(exc).removeprefix(f'pcap:{path}: ')}"
                         ) from None
     except PortError:
         return      # missing or unreadable: the driver says so as it attaches
     if other is not None:
         iface, link = other
-        where = "" if iface is None else f" (pcapng interface {iface})"
-        raise PortError(f"{spec}: rx_pcap {path} holds link type {link} frames{where}, "
-                        f"not Ethernet (1), and net_pcap passes them "
-                        f"on as they are: read it with pcap:{path} instead, which gives "
-                        "raw IP, Linux cooked and loopback frames an Ethernet header")
+        refuse(link, "" if iface is None else f" (pcapng interface {iface})")
 
 
 def read_files(spec: str) -> list[str]:

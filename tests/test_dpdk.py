@@ -1349,6 +1349,12 @@ def test_a_capture_of_other_frames_than_ethernet_is_refused_by_net_pcap(tmp_path
     r = _run_cli("run", "l2fwd", "--in", f"dpdk:net_pcap0,rx_pcap={raw}", "-q")
     assert r.returncode == 2 and "link type 101" in r.stderr and f"pcap:{raw}" in r.stderr
     assert ("pcapng interface 0" in r.stderr) == (form != "pcap"), r.stderr
+    # a link type pcap: does not read either: no advice to use it, nor its list
+    write(raw, 105, ip)
+    r = _run_cli("run", "l2fwd", "--in", f"dpdk:net_pcap0,rx_pcap={raw}", "-q")
+    assert r.returncode == 2 and "link type 105" in r.stderr, r.stderr
+    assert "net_pcap reads Ethernet frames only" in r.stderr
+    assert "pcap:" + str(raw) not in r.stderr and "supported:" not in r.stderr
 
 
 def test_a_net_pcap_queue_option_given_twice_is_refused(eal, tmp_path, example_pcap):
