@@ -494,6 +494,10 @@ def check(path, name, stack, options, nfs, lines=None):
         again = next(i for i, n in enumerate(names) if n in names[:i])
         raise AppError(f"{at(again)}: NF name(s) used twice: {', '.join(dup)}")
     for i, nf in enumerate(nfs):
+        try:
+            check_failure_policy(nf)    # as a run does, in every deployment
+        except AppError as exc:
+            raise AppError(f"{at(i)}: {exc}") from None
         if nf.group is not None and nf.writes:
             raise AppError(f"{at(i)}: NF {nf.name} writes packets and cannot run in the "
                            f"parallel group {nf.group!r}: writers are serialised")

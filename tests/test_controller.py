@@ -1099,3 +1099,14 @@ def test_a_group_named_with_a_dot_keeps_its_line_in_errors(tmp_path, name):
     with pytest.raises(AppError, match=f"^{app}, line 7: parallel group '{name}': "
                                        "merge = 'bogus'"):
         load_app_file(str(app))
+
+
+def test_mbx_check_refuses_a_failure_policy_that_is_none(tmp_path):
+    # a run refused it, and mbx check printed the graph and exited 0
+    nf = tmp_path / "badfail.py"
+    nf.write_text('import mbx\nnf = mbx.NF("badfail")\nnf.failure = "opn"\n'
+                  'nf.sub(mbx.PKT, lambda ev: None)\n')
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", str(nf)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "NF badfail: failure must be 'open' or 'closed', not 'opn'" in r.stderr
