@@ -1151,8 +1151,8 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         if killed[k] and last[k] is None:
             msg = {"error": f"still running {STOP_FORCE_AFTER_S:g} s after the first "
                             "signal (held by an NF handler that never returns?), and "
-                            f"{STOP_KILL_AFTER_S:g} s after it was interrupted: killed, "
-                            "its counters lost"}
+                            f"{STOP_KILL_AFTER_S:g} s after it was interrupted: killed "
+                            "(counters lost)"}
         # the process's own CPU time: on a busy machine, how the work was split
         cpu_s = usage.ru_utime + usage.ru_stime
         if "error" in msg:
