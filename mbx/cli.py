@@ -283,8 +283,12 @@ def _run(nfs, args, spec=None):
                                "destroy it: name another file")
     if out_file:
         # the output opens once the run has started (an existing file survives a
-        # failed start), so a path it cannot write is refused here, before the run
-        check_writable(out_file, "--out")
+        # failed start), so a path it cannot write is refused here, before the run;
+        # each stack process writes its own (mbx.runtime.output_path), and one that
+        # could not would fail only after the others had written theirs
+        for path in ([out_file] if args.stacks <= 1 else
+                     [f"{out_file}.stack{k}" for k in range(args.stacks)]):
+            check_writable(path, "--out")
 
     given = [opt for opt, value in (("--ring-size", args.ring_size),
                                     ("--inflight", args.inflight),

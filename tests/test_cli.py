@@ -1417,3 +1417,16 @@ def test_duration_ends_a_pipelined_run_whose_nf_hangs(tmp_path, example_pcap):
     assert c["stopped"] == "duration"
     assert c["packets"] == (c["sent"] + c["dropped_by_nf"] + c["dropped_malformed"]
                             + c["dropped_on_error"])
+
+
+def test_an_output_one_stack_cannot_write_is_refused_before_any_stack_runs(tmp_path):
+    # stack 1's file was found a directory after stack 0 had written its whole file
+    cap = tmp_path / "ex.pcap"
+    assert mbx_cmd("example-capture", str(cap)).returncode == 0
+    out = tmp_path / "o.pcap"
+    (tmp_path / "o.pcap.stack1").mkdir()
+    r = mbx_cmd("run", "l2fwd", "--in", f"pcap:{cap}", "--out", f"pcap:{out}",
+                "--stacks", "2", "-q")
+    assert r.returncode == 2
+    assert f"--out: path '{out}.stack1' is a directory, not a file" in r.stderr
+    assert not (tmp_path / "o.pcap.stack0").exists()
