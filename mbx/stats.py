@@ -39,13 +39,17 @@ def nf_table(nfs, rates=None):
 
 
 class StatsView:
-    """A live per NF table on ``out`` (stderr), redrawn in place on a terminal, at
-    most once a second; ``final()`` prints the table of the whole run."""
+    """A live per NF table on ``out`` (stderr), redrawn in place on a terminal at
+    most once a second, or appended to a file or pipe every ``LOG_EVERY_S`` seconds
+    (a log, not a screen: one table a second made a minute's run 60 of them);
+    ``final()`` prints the table of the whole run."""
 
-    def __init__(self, out=None, every=1.0):
+    LOG_EVERY_S = 10.0
+
+    def __init__(self, out=None, every=None):
         self.out = out if out is not None else sys.stderr
-        self.every = every
         self.tty = self.out.isatty()
+        self.every = every if every is not None else 1.0 if self.tty else self.LOG_EVERY_S
         self.t_last = time.monotonic()
         self.t0 = self.t_last
         self.last = {}

@@ -2,6 +2,7 @@
 Prometheus exporter."""
 import argparse
 import contextlib
+import io
 import json
 import re
 import socket
@@ -467,3 +468,15 @@ def test_prometheus_stacks(example_pcap, tmp_path, monkeypatch):
     assert total("mbx_nf_events_total", 'nf="slow"') == c["nfs"]["slow"]["events"]
     assert total("mbx_nf_drops_total", 'nf="slow"') == c["dropped_by_nf"]
     assert total("mbx_nf_handler_seconds_total", 'nf="slow"') > 0.002 * 100
+
+
+def test_the_live_table_is_a_log_every_ten_seconds_off_a_terminal():
+    # a minute's run to a file or pipe wrote 60 tables, one a second
+    from mbx.stats import StatsView
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert StatsView(out=io.StringIO()).every == StatsView.LOG_EVERY_S == 10.0
+    assert StatsView(out=Tty()).every == 1.0
