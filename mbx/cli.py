@@ -107,7 +107,7 @@ def _print_counters(c, elapsed, out=None):
     w(f"flows          created {f['created']:,}, expired {f['expired']:,}, "
       f"evicted {f['evicted']:,}"
       + (f", closed {f['closed']:,}" if f.get("closed") else "")
-      + (f", ended {'at the stop' if c.get('stopped') else 'with the input'} "
+      + (f", ended {'at the stop' if c.get('stopped') or c.get('error') else 'with the input'} "
          f"{f['shutdown']:,}" if f.get("shutdown") else "")
       + (f", refused {f['refused']:,} packets (no room for their flow)" if f["refused"]
          else "") + "\n")
@@ -518,6 +518,30 @@ def _write_failed_json(path, counters):
         print(f"mbx: error: {exc}", file=sys.stderr)
 
 
+def _per_stack(parts):
+    """The --json "stacks" table: for each stack process that reported (stack number
+    -> its counters), what it did."""
+    return [{"stack": k, "packets": c["packets"], "sent": c["sent"], "cpu_s": c["cpu_s"],
+             "flows": c["flows"]["created"], "flow_capacity": c["flows"]["capacity"],
+             "evicted": c["flows"]["evicted"], "refused": c["flows"]["refused"],
+             # the summed reports are wrong for a maximum or a ratio: each process's
+             # own are kept
+             "reports": {name: n["report"] for name, n in (c.get("nfs") or {}).items()
+                         if n.get("report") is not None}}
+            for k, c in sorted(parts.items())]
+
+
+def _print_stacks(stacks):
+    # each stack's table holds its share of --flows: say which share overflowed
+    if stacks:
+        print("stacks         " + ", ".join(
+            f"#{c['stack']}: {c['packets']:,} pkts, {c['flows']:,} flows in a table of "
+            f"{c['flow_capacity']:,}" + (f" ({c['evicted']:,} evicted, {c['refused']:,} "
+                                         "refused: the share is full)"
+                                         if c["evicted"] or c["refused"] else "")
+            for c in stacks))
+
+
 def _run_parallel(nfs, args, config, listeners, view):
     from mbx.ports import packet_sockets_before, read_by_every_stack, written_files
     from mbx.runtime import check_one_stack, merge_snapshots, run_parallel
@@ -554,8 +578,11 @@ def _run_parallel(nfs, args, config, listeners, view):
                 listener.update(failed)
             failed["elapsed_s"] = time.perf_counter() - t0
             failed["error"] = str(exc)
+            # the stacks that reported (a lost one is left out: its number says so)
+            failed["stacks"] = _per_stack(getattr(exc, "per_stack", {}))
             if not args.quiet:
                 _print_counters(failed, failed["elapsed_s"])
+                _print_stacks(failed["stacks"])
             if view is not None:
                 view.final(failed, failed["elapsed_s"])
             if args.json:
@@ -567,25 +594,10 @@ def _run_parallel(nfs, args, config, listeners, view):
     for listener in listeners:
         listener.update(final)
     counters["elapsed_s"] = elapsed
-    counters["stacks"] = [{"packets": c["packets"], "sent": c["sent"], "cpu_s": c["cpu_s"],
-                           "flows": c["flows"]["created"],
-                           "flow_capacity": c["flows"]["capacity"],
-                           "evicted": c["flows"]["evicted"],
-                           "refused": c["flows"]["refused"],
-                           # the summed reports are wrong for a maximum or a ratio:
-                           # each process's own are kept
-                           "reports": {name: n["report"]
-                                       for name, n in (c.get("nfs") or {}).items()
-                                       if n.get("report") is not None}} for c in parts]
+    counters["stacks"] = _per_stack(dict(enumerate(parts)))
     if not args.quiet:
         _print_counters(counters, elapsed)
-        # each stack's table holds its share of --flows: say which share overflowed
-        print("stacks         " + ", ".join(
-            f"#{k}: {c['packets']:,} pkts, {c['flows']:,} flows in a table of "
-            f"{c['flow_capacity']:,}" + (f" ({c['evicted']:,} evicted, {c['refused']:,} "
-                                         "refused: the share is full)"
-                                         if c["evicted"] or c["refused"] else "")
-            for k, c in enumerate(counters["stacks"])))
+        _print_stacks(counters["stacks"])
         # run_parallel gives each process its own files (output_path): a capture
         # output's, and a DPDK net_pcap device's tx_pcap file, in the input too
         files = written_files(args.inp, output=False)

@@ -1042,6 +1042,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     interrupted = [False] * stacks
     killed = [False] * stacks
     last = [None] * stacks
+    snaps = [None] * stacks     # each one's latest live counters (with on_snapshot)
 
     def stop_children():
         if asked:       # once: a second SIGTERM interrupts a stack process (on_signal)
@@ -1121,6 +1122,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                     for line in lines:
                         msg = json.loads(line)
                         if "snap" in msg:
+                            snaps[k] = msg["snap"]
                             on_snapshot(k, msg["snap"])
                         elif "opened" in msg:
                             if not groups:
@@ -1142,12 +1144,20 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     parts, errors, partials = [], {}, []
+    reported = {}       # stack -> its counters, for a failed run's per-stack table
     for k in range(stacks):
         usage = usages[k]
         code = os.waitstatus_to_exitcode(statuses[k])
         msg = last[k] or {"error": (f"killed by {signal.Signals(-code).name}" if code < 0
                                     else f"exited with status {code}")
-                          + " without a report; the other stacks were stopped"}
+                          + " without a report" + (
+                              " (its counters as of its last live snapshot)"
+                              if snaps[k] is not None else "")
+                          + "; the other stacks were stopped"}
+        if last[k] is None and snaps[k] is not None:
+            # what it had done by its last snapshot: better than nothing, so the
+            # totals do not fall below what --stats showed live
+            msg["partial"] = snaps[k]
         if killed[k] and last[k] is None:
             msg = {"error": f"still running {STOP_FORCE_AFTER_S:g} s after the first "
                             "signal (held by an NF handler that never returns?), and "
@@ -1159,6 +1169,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             errors.setdefault(msg["error"], []).append(k)
             if "partial" in msg:
                 partials.append(dict(msg["partial"], cpu_s=cpu_s))
+                reported[k] = partials[-1]
         elif unasked[k] and not signalled:
             # (a signal to the whole process group reaches this process too: then
             # the stop is the run's own)
@@ -1166,9 +1177,11 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                               "not by mbx: its share of the input was not all read; the "
                               "other stacks were stopped", []).append(k)
             partials.append(dict(msg["ok"], cpu_s=cpu_s))
+            reported[k] = partials[-1]
         else:
             msg["ok"]["cpu_s"] = cpu_s
             parts.append(msg["ok"])
+            reported[k] = msg["ok"]
     # the signal that ended the run before its input did, or "duration" when that
     # ended some stack's (None: the input ended, or max_packets did); interrupted, a
     # signal stopped the run too
@@ -1196,6 +1209,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         # the table of every stack, the lost ones' too, as a run that ends well has
         exc.counters["flows"]["capacity"] = config["flow_capacity"] * stacks
         exc.counters["stopped"] = stopped
+        exc.per_stack = reported        # stack -> counters, of those that reported
         raise exc
     merged = merge_snapshots(parts, read_by_every_stack(in_spec))
     merged["stopped"] = stopped

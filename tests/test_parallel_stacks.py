@@ -425,6 +425,33 @@ def test_a_stack_process_that_dies_ends_the_run_at_once(tmp_path):
     assert _gone_within([b], 5)
 
 
+def test_a_killed_stack_keeps_its_last_snapshot_and_the_failed_run_its_stacks(tmp_path):
+    # The run's totals fell below what --stats had shown live: the killed stack's
+    # counters were thrown away, though its snapshots had come every half second;
+    # and a failed run's --json had no per-stack table, a good run's has
+    import signal
+    import time
+
+    counters = tmp_path / "c.json"
+    p, (a, _) = _slow_stacks(tmp_path, 40000, "--stats", "--json", str(counters))
+    try:
+        time.sleep(1.5)                 # snapshots come about every 0.5 s
+        os.kill(a, signal.SIGKILL)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 2, err
+    assert ("killed by SIGKILL without a report (its counters as of its last live "
+            "snapshot); the other stacks were stopped") in err
+    c = json.loads(counters.read_text())
+    stacks = {s["stack"]: s for s in c["stacks"]}
+    assert set(stacks) == {0, 1} and stacks[0]["packets"] > 0, c["stacks"]
+    assert c["packets"] == stacks[0]["packets"] + stacks[1]["packets"]
+    assert re.search(r"stacks +#0: [\d,]+ pkts, .*#1: ", out), out
+    assert "ended at the stop" in out or "ended with" not in out
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_a_stack_process_another_program_stops_fails_the_run(tmp_path, sig):
     # A stack process took any SIGTERM for its parent's stop: one signalled by
