@@ -52,11 +52,13 @@ cdef class NetworkLayer:
     cdef uint64_t flow_end_id
     cdef uint64_t pkt_id
     cdef uint32_t events_per_pkt    # most events one packet can make (Event Memory room)
+    cdef bint leave_half            # fill half of Event Memory a round (NFs publish)
     cdef uint32_t rss_k             # this stack process's share of the flows ...
     cdef uint32_t rss_n             # ... out of rss_n (software RSS)
     cdef readonly uint64_t rss_other    # packets left to the other stack processes
     cdef Port rss_input                 # an input that leaves them unread, if any
 
+    cdef uint32_t msg_room(self) noexcept nogil
     cdef bint room(self, uint32_t n) noexcept nogil
     cdef void publish_flow(self, uint16_t t, uint64_t type_id, const mbx_flow *f,
                            uint32_t slot, uint32_t pkt, uint8_t dir,

@@ -112,6 +112,14 @@ cdef class NetworkLayer:
         bus.attach_flowtable(self.flows, flow_capacity)
         self.drop_malformed = malformed == "drop"
         self.events_per_pkt = 3
+        # Room the stack leaves in Event Memory for what NFs publish on its events
+        # in the same dispatch round: half, when an NF publishes inline (one
+        # publication per event taken is the common case: flow_stats' FLOW/STATS
+        # per FLOW/END).  Filled to the brim, a burst of tens of thousands of
+        # packets left an NF no room to publish, and the run failed.  A burst of 64
+        # makes at most a few hundred events, so only bursts near Event Memory's
+        # size notice.  Pipelined, the NF processes have shares of their own.
+        self.leave_half = type(bus) is EventBus and any(nf.pubs for nf in bus.nfs)
         self.rss_k, self.rss_n = rss
         if not 0 <= self.rss_k < self.rss_n:
             raise ValueError(f"rss must be (k, n) with 0 <= k < n, not {rss!r}")
@@ -120,6 +128,13 @@ cdef class NetworkLayer:
         self.next_expire_ns = 0
         # Idle expiry is checked about ten times per timeout, not per packet.
         self.expire_every_ns = max(<int64_t>(idle_timeout * 1e8), 1000000)
+
+    cdef uint32_t msg_room(self) noexcept nogil:
+        # the part of Event Memory the stack fills this round (read each pass: the
+        # pipelined bus changes its capacity from one burst's region to the next)
+        if self.leave_half:
+            return max(self.bus.msg_capacity // 2, 1)
+        return self.bus.msg_capacity
 
     cdef bint room(self, uint32_t n) noexcept nogil:
         return self.bus.msg_used + n <= self.bus.msg_capacity
@@ -176,7 +191,7 @@ cdef class NetworkLayer:
         cdef int64_t before[CHUNK]
         cdef int st, r, k, n, ntracked, owner, kind, start, done
         cdef bint counted
-        cdef uint32_t free_msgs, h = 0
+        cdef uint32_t free_msgs, room, h = 0
         cdef uint64_t want = self.bus.global_want
         while True:
             if self.flows.n_ended:
@@ -190,7 +205,8 @@ cdef class NetworkLayer:
                 return i
             # Room for the most events one packet can make (here: FLOW/END of a flow
             # evicted for it, FLOW/START, PKT; a transport μStack adds its own).
-            free_msgs = self.bus.msg_capacity - self.bus.msg_used
+            room = self.msg_room()
+            free_msgs = room - self.bus.msg_used if self.bus.msg_used < room else 0
             # A chunk's flows are looked up before its events are built, so a chunk
             # must not touch more flows than the table holds: the LRU would evict a
             # flow made earlier in the same chunk, whose FLOW/END would then come
@@ -350,11 +366,13 @@ cdef class NetworkLayer:
         self.pkt_id = _events.PKT.id
         self.bus.attach_batch(batch)
         self.bursts += 1
-        if self.bus.msg_capacity - self.bus.msg_used < self.events_per_pkt:
+        if self.msg_room() < self.bus.msg_used + self.events_per_pkt:
             raise MbxError(
-                f"Event Memory: {self.bus.msg_capacity - self.bus.msg_used} messages "
-                f"per dispatch round, this stack needs {self.events_per_pkt} for one "
-                "packet: raise msg_capacity (pipelined, the bursts in flight share it)")
+                f"Event Memory: {self.msg_room() - min(self.bus.msg_used, self.msg_room())} "
+                f"messages per dispatch round (of {self.bus.msg_capacity}: half is left "
+                "to what NFs publish when one publishes), this stack needs "
+                f"{self.events_per_pkt} for one packet: raise msg_capacity (pipelined, "
+                "the bursts in flight share it)")
         while i < batch.count or self.flows.n_ended:
             with nogil:
                 i = self.stack_pass(batch, i)

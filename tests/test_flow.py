@@ -576,3 +576,23 @@ def test_flow_events_show_the_flow_as_of_their_packet_whatever_the_burst(example
         tcp = [(ts, f) for name, ts, f in whole if name.startswith("FLOW/TCP/")]
         assert len(tcp) > 100 and all(f["last_ns"] == ts for ts, f in tcp)
     assert whole == flow_events(1)
+
+
+def test_a_burst_that_fills_event_memory_leaves_nfs_room_to_publish(tmp_path):
+    # A burst near Event Memory's size was read until the stack's own events filled
+    # it: flow_stats, publishing FLOW/STATS for each FLOW/END of a flow evicted in
+    # the burst, found no room and the run failed ("Event Memory is full").
+    from mbxtest import run_app
+
+    from mbx.examples.capture import ether, udp4
+    from mbx.nfs.flow_stats import FlowStats
+
+    frames = [(1_700_000_000 + k * 1e-6,
+               ether(udp4("198.18.0.1", "198.18.0.2", 1024 + k, 53, b"q")))
+              for k in range(3000)]
+    stats = FlowStats()
+    c, _ = run_app([stats], None, tmp_path, frames=frames, burst=1024,
+                   msg_capacity=1024, flow_capacity=64)
+    assert c["packets"] == 3000 and c["flows"]["evicted"] > 2000
+    published = c["events"]["FLOW/STATS"]["published"]
+    assert published == c["flows"]["created"] == 3000
