@@ -87,6 +87,9 @@ cdef class TcpMonitor(NetworkLayer):
     cdef uint8_t policy
     cdef uint32_t *touched          # pairs whose frontier moved this burst
     cdef uint8_t *touched_mark      # 1: touched; 3: and its flow ended (free at burst end)
+    # 2 per pair, by flow dir, valid while the pair is touched: the frontier when it
+    # was first touched this burst; bytes from there on have DATA_RDY readers still
+    cdef uint64_t *round_from
     cdef uint64_t *pair_owner       # per pair: slot | gen << 32 of its flow
     cdef uint8_t *pair_cdir         # per pair whose flow ended: its client's flow dir
     cdef uint32_t n_touched

@@ -158,12 +158,14 @@ cdef class TcpMonitor(NetworkLayer):
         self.streams = <mbx_stream *>stack_calloc(2 * max_streams, sizeof(mbx_stream))
         # only the stack reads held SYN data: private memory (its bytes are in the pool)
         self.held = <mbx_stream *>PyMem_Calloc(2 * max_streams, sizeof(mbx_stream))
+        self.round_from = <uint64_t *>PyMem_Calloc(2 * max_streams, 8)
         self.free_pairs = <uint32_t *>stack_calloc(max_streams, 4)
         self.touched = <uint32_t *>stack_calloc(max_streams, 4)
         self.touched_mark = <uint8_t *>stack_calloc(max_streams, 1)
         self.pair_owner = <uint64_t *>stack_calloc(max_streams, 8)
         self.pair_cdir = <uint8_t *>stack_calloc(max_streams, 1)
         if (self.conns == NULL or self.meta == NULL or self.streams == NULL or self.held == NULL
+                or self.round_from == NULL
                 or self.free_pairs == NULL or self.touched == NULL or self.touched_mark == NULL
                 or self.pair_owner == NULL or self.pair_cdir == NULL):
             raise MemoryError("cannot allocate the TCP Monitor's Stack Memory")
@@ -192,6 +194,7 @@ cdef class TcpMonitor(NetworkLayer):
         stack_free(self.shared_tables, self.meta)
         stack_free(self.shared_tables, self.streams)
         PyMem_Free(self.held)
+        PyMem_Free(self.round_from)
         stack_free(self.shared_tables, self.free_pairs)
         stack_free(self.shared_tables, self.touched)
         stack_free(self.shared_tables, self.touched_mark)
@@ -612,7 +615,12 @@ cdef class TcpMonitor(NetworkLayer):
             if meta.mark & (MARK_HI0 << o) and seq_gt(ack, meta.sent_hi[o]):
                 ack = meta.sent_hi[o]
             while True:
-                n = stream_skip_hole(self.pool, s, ack, &gs, &ge)
+                # a hole whose gap would release bytes this burst's DATA_RDY
+                # delivered waits for an ACK after the burst's release point
+                n = stream_skip_hole(self.pool, s, ack,
+                                     self.round_from[2 * pair + o]
+                                     if self.touched_mark[pair] else s.frontier,
+                                     &gs, &ge)
                 if n == 0:
                     break
                 self.gaps += 1
@@ -731,6 +739,9 @@ cdef class TcpMonitor(NetworkLayer):
                     off += k
         if not self.touched_mark[pair]:
             self.touched_mark[pair] = 1
+            # nothing of the pair was published earlier in the burst
+            self.round_from[2 * pair + d] = old_frontier
+            self.round_from[2 * pair + (d ^ 1)] = self.streams[2 * pair + (d ^ 1)].frontier
             self.touched[self.n_touched] = pair
             self.n_touched += 1
         if not self.bus.wants(T_DATA_RDY, slot, p.flow_gen, flags):
@@ -986,7 +997,13 @@ cdef class TcpMonitor(NetworkLayer):
             "cut_segments": self.cut_segments,
             "connections": self.connections, "new_connections": self.new_connections,
             "streams_opened": self.streams_opened, "streams_exhausted": self.pairs_exhausted,
-            "gaps": self.gaps, "gap_bytes": self.gap_bytes, "conflicts": self.conflicts,
+            "gaps": self.gaps, "gap_bytes": self.gap_bytes,
+            # gaps that released bytes early (more held than STREAM_MAX_GAPS), and
+            # holes left for a later ACK because that would have released bytes
+            # whose DATA_RDY the burst's NFs had not read yet
+            "gap_overflows": self.pool.gap_overflows,
+            "gap_deferrals": self.pool.gap_deferrals,
+            "conflicts": self.conflicts,
             # retransmitted bytes over stream bytes already released (beyond retain):
             # nothing left to compare them with, so a conflict there goes unseen
             "unchecked_bytes": self.pool.unchecked_bytes,

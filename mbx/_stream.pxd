@@ -15,7 +15,8 @@
 # block as the intervals), so bytes before each stay readable as long as the pool's
 # retain keeps them; reads stop at a gap and fail inside one.  Past the bound (or
 # with no block free) the bytes before the oldest gap are released early
-# (pool.gap_overflows counts it).
+# (pool.gap_overflows counts it), but never bytes the caller still has readers for
+# (from its keep offset on): then the hole is not skipped yet (pool.gap_deferrals).
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
@@ -24,9 +25,11 @@ cdef enum:
     # Out-of-order intervals a stream may hold at once: a receiver window seldom has
     # more holes than this, and a hostile sender must not make bookkeeping grow.
     STREAM_MAX_OOO = 16
-    # Skipped gaps kept inside the held range [base, frontier) at once: a few lost
-    # segments per ACK; more release the bytes before the oldest (gap_overflows).
-    STREAM_MAX_GAPS = 8
+    # Skipped gaps kept inside the held range [base, frontier) at once: as many as
+    # one ACK can skip (a hole before each interval and one after the last), so one
+    # ACK alone never has to release the bytes its own DATA_RDY events deliver; more
+    # release the bytes before the oldest (gap_overflows).
+    STREAM_MAX_GAPS = STREAM_MAX_OOO + 1
 
 # Overlap policy for bytes beyond the frontier that a later segment carries again
 # with different content (bytes before the frontier are delivered: always kept).
@@ -116,6 +119,9 @@ cdef class StreamPool:
     # gaps that released the bytes before the oldest held gap (the list was full) or
     # before themselves (no block free), whatever retain said
     cdef readonly uint64_t gap_overflows
+    # holes left unskipped for now: skipping them would have released bytes from the
+    # caller's keep offset on (its readers are not done with them)
+    cdef readonly uint64_t gap_deferrals
     cdef readonly uint64_t old_segments
     cdef readonly uint64_t ooo_segments     # segments held beyond the frontier
     cdef readonly uint64_t unchecked_bytes  # overlapping bytes that could not be compared
@@ -134,12 +140,18 @@ cdef int stream_add(StreamPool pool, mbx_stream *s, uint32_t seq, const uint8_t 
 # The receiver acknowledged everything before seq: skips every hole before it (the
 # frontier then runs on through whatever contiguous data follows); returns the bytes
 # skipped (0: nothing was missing).  Each hole becomes a gap held inside [base,
-# frontier) while bytes before it are held (see STREAM_MAX_GAPS).
+# frontier) while bytes before it are held (see STREAM_MAX_GAPS).  Releases early
+# whatever that needs (no reader is waiting).
 cdef uint64_t stream_skip_to(StreamPool pool, mbx_stream *s, uint32_t seq) noexcept nogil
 # The same, one hole at a time, for a caller that reports each gap: skips the first
-# hole before seq, sets [*gap_start, *gap_end) and returns its length (0: none left).
+# hole before seq, sets [*gap_start, *gap_end) and returns its length (0: none left,
+# or none that can be skipped now).  Bytes from offset keep on have readers still
+# (DATA_RDY published, not yet dispatched): a hole whose gap could only be held by
+# releasing some of them is left for a later call (pool.gap_deferrals), after the
+# caller released them (stream_release).
 cdef uint64_t stream_skip_hole(StreamPool pool, mbx_stream *s, uint32_t seq,
-                               uint64_t *gap_start, uint64_t *gap_end) noexcept nogil
+                               uint64_t keep, uint64_t *gap_start,
+                               uint64_t *gap_end) noexcept nogil
 # The caller is done with bytes before upto; those also more than pool.retain behind
 # the frontier are released and their whole chunks go back to the pool (a base that
 # reaches a gap moves past it; gaps behind it are dropped).  Returns the chunks freed.

@@ -33,6 +33,7 @@ class PoolCounters(TypedDict):
     gaps: int
     gap_bytes: int
     gap_overflows: int      # gaps that released bytes early: STREAM_MAX_GAPS held already
+    gap_deferrals: int      # holes left unskipped: their gap would release bytes still read
     old_segments: int
     ooo_segments: int
     unchecked_bytes: int
@@ -77,6 +78,8 @@ class StreamPool:
     def gap_bytes(self) -> int: ...
     @property
     def gap_overflows(self) -> int: ...
+    @property
+    def gap_deferrals(self) -> int: ...
     @property
     def old_segments(self) -> int: ...
     @property

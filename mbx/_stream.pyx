@@ -9,11 +9,14 @@ a gap, never filler bytes).  All bytes live in fixed-size chunks of one StreamPo
 allocation; a stream maps at most ``max_stream_bytes`` of them.  Running out of
 chunks, window or interval slots drops bytes and says so (MEMCAP); nothing grows.
 
-Up to ``STREAM_MAX_GAPS`` (8) skipped gaps stay inside the held range ``[base,
-frontier)``, in the same pool block as the intervals: the bytes between them stay
-readable while ``retain`` keeps them (one ACK may prove several holes lost, and each
-DATA_RDY of that burst must still be readable), reads stop at the next gap and fail
-inside one.  A ninth gap releases the bytes before the oldest (``gap_overflows``).
+Up to ``STREAM_MAX_GAPS`` (17: as many as one ACK can skip) skipped gaps stay inside
+the held range ``[base, frontier)``, in the same pool block as the intervals: the
+bytes between them stay readable while ``retain`` keeps them (one ACK may prove
+several holes lost, and each DATA_RDY of that burst must still be readable), reads
+stop at the next gap and fail inside one.  One more gap releases the bytes before the
+oldest (``gap_overflows``), unless the caller still has readers for them (its
+``keep`` offset): then the hole waits, unskipped, for a later ACK
+(``gap_deferrals``).
 
 The hot path is a segment exactly at the frontier with nothing out of order: one
 memcpy into the tail chunk, no interval bookkeeping.
@@ -191,6 +194,7 @@ cdef class StreamPool:
             "gaps": self.gaps,
             "gap_bytes": self.gap_bytes,
             "gap_overflows": self.gap_overflows,
+            "gap_deferrals": self.gap_deferrals,
             "old_segments": self.old_segments,
             "ooo_segments": self.ooo_segments,
             "unchecked_bytes": self.unchecked_bytes,
@@ -648,9 +652,20 @@ cdef int stream_add(StreamPool pool, mbx_stream *s, uint32_t seq, const uint8_t 
 
 
 cdef uint64_t stream_skip_hole(StreamPool pool, mbx_stream *s, uint32_t seq,
-                               uint64_t *gap_start, uint64_t *gap_end) noexcept nogil:
+                               uint64_t keep, uint64_t *gap_start,
+                               uint64_t *gap_end) noexcept nogil:
     cdef int32_t rel = <int32_t>(seq - (s.seq0 + <uint32_t>s.frontier))
     if rel <= 0 or not s.live:
+        return 0
+    # Bytes before the hole with readers still: holding the gap must not release
+    # them.  No block free releases everything before the hole; a full list, what
+    # is before the oldest gap.
+    if s.base < s.frontier and (
+            (s.ooo == NO_CHUNK and pool.n_free_ooo == 0 and s.frontier > keep)
+            or (s.n_gaps == STREAM_MAX_GAPS
+                and _gapv(pool, s)[2 * STREAM_MAX_GAPS - 1] != s.frontier
+                and _gapv(pool, s)[0] > keep)):
+        pool.gap_deferrals += 1
         return 0
     cdef uint64_t target = s.frontier + <uint64_t>rel
     cdef uint64_t hs = s.frontier
@@ -704,7 +719,7 @@ cdef uint64_t stream_skip_to(StreamPool pool, mbx_stream *s, uint32_t seq) noexc
     cdef uint64_t total = 0
     cdef uint64_t gs, ge, k
     while True:
-        k = stream_skip_hole(pool, s, seq, &gs, &ge)
+        k = stream_skip_hole(pool, s, seq, 0xFFFFFFFFFFFFFFFFULL, &gs, &ge)
         if k == 0:
             return total
         total += k
@@ -863,7 +878,7 @@ cdef class Stream:
         cdef uint32_t sq = _seq(seq)
         cdef uint64_t gs, ge, k, total = 0
         while True:
-            k = stream_skip_hole(self.pool, &self.s, sq, &gs, &ge)
+            k = stream_skip_hole(self.pool, &self.s, sq, 0xFFFFFFFFFFFFFFFFULL, &gs, &ge)
             if k == 0:
                 return total
             self._gaps.append((gs, ge))

@@ -1626,3 +1626,30 @@ def test_syn_data_nothing_decided_by_its_flow_s_end_is_dropped(run, deploy, end)
     assert counters["nfs"]["every"]["report"]["read"] == 0
     assert counters["tcp"]["syn_data_dropped"] == len(SYNDATA)
     assert counters["tcp"]["pool_chunks_in_use"] == 0
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_an_ack_over_many_holes_keeps_every_data_rdy_readable(run, rounds):
+    # Each round: 16 pieces (the interval bound), each behind a hole, then one ACK
+    # over them all: a gap and a DATA_RDY per hole, all in one burst.  Holding the
+    # gaps must not release bytes whose DATA_RDY the NF has not read yet; a second
+    # round in the same burst has its holes wait for the ACK of the next burst.
+    conn = Conn()
+    conn.handshake()
+    want, off = {}, 0
+    for _ in range(rounds):
+        for _ in range(16):
+            data = bytes([65 + len(want) % 26]) * 100
+            conn.s(1 + off + 100, 1, PSH | ACK, data)
+            want[off + 100] = data
+            off += 200
+        conn.c(1, 1 + off)
+    for _ in range(40):                         # the next burst: the ACK again
+        conn.c(1, 1 + off)
+    rec = Recorder([mbx.DATA_RDY])
+    counters, _ = run([rec], frames=conn.frames, burst=64)
+    chunks = rec.streams[next(iter(rec.streams))]
+    assert {o: d for o, _, d in chunks} == want
+    assert counters["tcp"]["gaps"] == 16 * rounds
+    assert counters["tcp"]["gap_overflows"] == 0
+    assert (counters["tcp"]["gap_deferrals"] > 0) == (rounds == 2)

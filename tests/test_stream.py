@@ -17,7 +17,7 @@ from mbx._stream import STREAM_SIZE, Stream, StreamPool, _zeroed_stream_is_inert
 
 MASK = 0xFFFFFFFF
 MAX_OOO = 16        # STREAM_MAX_OOO in mbx/_stream.pxd (MAX_OOO_PIECES)
-MAX_GAPS = 8        # STREAM_MAX_GAPS in mbx/_stream.pxd
+MAX_GAPS = 17       # STREAM_MAX_GAPS in mbx/_stream.pxd
 
 
 def seq(seq0, off):
@@ -412,8 +412,12 @@ def test_release_across_gaps():
 def test_gap_list_overflow_releases_before_the_oldest():
     pool = big_pool(retain=1000)
     n = MAX_GAPS + 3
-    s, data = holes_stream(pool, n)
-    s.skip_to(1000 + 20 * n + 10)
+    # more holes than one ACK can prove lost (STREAM_MAX_OOO pieces): an ACK per piece
+    s = Stream(pool, 1000)
+    data = random.Random(n).randbytes(20 * (n + 1))
+    for k in range(n + 1):
+        s.add(1000 + 20 * k, data[20 * k:20 * k + 10])
+        s.skip_to(1000 + 20 * k)
     assert len(s.gaps) == n and pool.gap_overflows == 3
     # The three oldest gaps went, with the bytes before them.
     assert s.held_gaps == [(20 * k + 10, 20 * k + 20) for k in range(3, n)]
