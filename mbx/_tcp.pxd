@@ -68,6 +68,9 @@ cdef enum TcpEndpointFlags:
     EP_WIN_KNOWN = 0x40     # win holds a window it advertised
     EP_WIN_RAW = 0x80       # win is as advertised, its scale unknown (midstream)
     EP_WIN_SYN = 0x100      # win is its SYN's: never scaled (RFC 7323 §2.2), other units
+    # its FIN came beyond a hole (not in sequence): the other side takes it only once
+    # the hole fills, which the monitor learns from that side's ACK of the FIN
+    EP_FIN_PENDING = 0x200
 
 ctypedef struct tcp_endpoint:           # 28 bytes
     uint32_t isn            # initial sequence number (its SYN's seq)

@@ -82,6 +82,17 @@ cdef inline bint _pre_established(uint8_t st) noexcept nogil:
     return st <= TCPS_SYN_RCVD
 
 
+# x takes the other side's FIN: it is in sequence (x's rcv_nxt reached it).
+cdef inline void _take_fin(tcp_endpoint *x, bint live) noexcept nogil:
+    if x.state == TCPS_FIN_WAIT_1:
+        x.state = TCPS_CLOSING
+    elif x.state == TCPS_FIN_WAIT_2:
+        x.state = TCPS_TIME_WAIT
+    elif _pre_established(x.state) and (live or x.state != TCPS_CLOSED) or \
+            x.state == TCPS_ESTABLISHED:
+        x.state = TCPS_CLOSE_WAIT
+
+
 # The receive window of r in bytes as far as the monitor can bound it: a window
 # whose scale was never seen (midstream) may be up to 2^14 times the field.
 cdef inline uint32_t _rcv_wnd(const tcp_endpoint *r) noexcept nogil:
@@ -170,7 +181,7 @@ cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
     cdef bint first = not (c.flags & CONN_SEEN)
     cdef bint syn = (fl & TH_SYN) != 0, ackf = (fl & TH_ACK) != 0
     cdef bint fin = (fl & TH_FIN) != 0
-    cdef bint syn_new = False, syn_again = False, restart = False, raw
+    cdef bint syn_new = False, syn_again = False, restart = False, raw, fin_in_seq
     c.pkt = PK_SENDER_DONE
     c.flags |= CONN_SEEN
 
@@ -293,6 +304,12 @@ cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
     end = dend + (1 if fin else 0)
     if syn and length:
         bits |= TCPEV_SYN_DATA
+    # A FIN is in sequence when nothing before it is known missing: its segment
+    # starts at or before the most s was seen sending, or r acknowledged all
+    # before it.  One beyond a hole waits, as a receiver queues it (RFC 9293
+    # §3.10.7.4: a FIN is processed only once the segment text before it is).
+    fin_in_seq = not (s.flags & EP_SEQ_KNOWN) or seq_leq(dstart, s.snd_nxt) or (
+        (r.flags & EP_ACK_KNOWN) != 0 and seq_leq(dstart, r.ack))
     if s.flags & EP_SEQ_KNOWN:
         if not syn and (length or fin) and seq_leq(end, s.snd_nxt):
             bits |= TCPEV_RETRANSMISSION
@@ -341,13 +358,21 @@ cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
         if d == c.client_dir and c.client_how >= CLIENT_BY_SYNACK and \
                 (r.flags & EP_SYNACK) and seq_gt(p.ack, r.isn):
             c.flags |= CONN_HS_ACK
+        if (r.flags & EP_FIN_PENDING) and seq_gt(p.ack, r.fin_seq):
+            # s acknowledges r's FIN that came beyond a hole: the hole filled and s
+            # took the FIN (and this ACK says so, which r's side takes below)
+            r.flags &= ~EP_FIN_PENDING
+            _take_fin(s, not (c.flags & CONN_TERMINATED))
 
     if fin:
         bits |= TCPEV_FIN
         if not (s.flags & EP_FIN):
             s.flags |= EP_FIN
             s.fin_seq = dend
-            c.pkt |= PK_NEW_FIN
+            if fin_in_seq:
+                c.pkt |= PK_NEW_FIN
+            else:
+                s.flags |= EP_FIN_PENDING
             if s.state == TCPS_CLOSE_WAIT:
                 # Had it received r's FIN before sending its own, this FIN ACKs
                 # it: a normal close; if not, both FINs crossed (simultaneous
@@ -423,13 +448,7 @@ cdef uint32_t tcp_receiver_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
                 r.state = TCPS_CLOSED
 
     if pk & PK_NEW_FIN:
-        if r.state == TCPS_FIN_WAIT_1:
-            r.state = TCPS_CLOSING
-        elif r.state == TCPS_FIN_WAIT_2:
-            r.state = TCPS_TIME_WAIT
-        elif _pre_established(r.state) and (live or r.state != TCPS_CLOSED) or \
-                r.state == TCPS_ESTABLISHED:
-            r.state = TCPS_CLOSE_WAIT
+        _take_fin(r, live)
 
     if (c.flags & HS_ALL) == HS_ALL and not (c.flags & CONN_ESTABLISHED):
         c.flags |= CONN_ESTABLISHED

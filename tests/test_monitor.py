@@ -1653,3 +1653,40 @@ def test_an_ack_over_many_holes_keeps_every_data_rdy_readable(run, rounds):
     assert counters["tcp"]["gaps"] == 16 * rounds
     assert counters["tcp"]["gap_overflows"] == 0
     assert (counters["tcp"]["gap_deferrals"] > 0) == (rounds == 2)
+
+
+@pytest.mark.parametrize("fin_with_hole", [True, False])
+def test_a_fin_beyond_a_hole_waits_for_it(run, fin_with_hole):
+    # The client half-closes; the server sends A, then (B lost) C with its FIN.  The
+    # client has not taken that FIN: it queues it until B fills the hole, and only
+    # its ACK of the FIN closes the connection.  Until then B is stream data.
+    conn = Conn()
+    conn.handshake()
+    req = b"GET / HTTP/1.1\r\n\r\n"
+    n = len(req)
+    conn.c(1, 1, PSH | ACK, req)
+    conn.c(1 + n, 1, FIN | ACK)                 # client half-closes
+    conn.s(1, n + 2)                            # server ACKs it
+    conn.s(1, n + 2, ACK, b"A" * 100)
+    if fin_with_hole:
+        conn.s(201, n + 2, PSH | FIN | ACK, b"C" * 100)     # B lost
+        conn.c(n + 2, 101)                      # dup ACK: the hole
+        conn.s(101, n + 2, ACK, b"B" * 100)     # B retransmitted
+    else:
+        conn.s(101, n + 2, ACK, b"B" * 100)
+        conn.s(201, n + 2, PSH | FIN | ACK, b"C" * 100)
+    last = conn.c(n + 2, 302)                   # all data and the FIN acknowledged
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_STATE, mbx.FLOW_TCP_TERMINATE],
+                   side="both")
+    counters, _ = run([rec], frames=conn.frames)
+    assert by_dir(rec) == {0: req, 1: b"A" * 100 + b"B" * 100 + b"C" * 100}
+    assert counters["tcp"]["payload_after_close"] == 0
+    term = rec.of("FLOW/TCP/TERMINATE")
+    # the client takes the FIN in sequence: FIN_WAIT_2 -> TIME_WAIT when it ACKs it
+    # (the hole) or when it comes (none); both FINs acknowledged either way at the end
+    assert len(term) == 1 and term[0][3]["reason"] == 1
+    took = [e[1] for e in rec.of("FLOW/TCP/STATE")
+            if (e[3]["old_state"], e[3]["new_state"]) == (6, 10)]
+    assert took and set(took) == ({last} if fin_with_hole else {last - 1})
+    if fin_with_hole:
+        assert term[0][1] == last
