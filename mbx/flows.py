@@ -98,6 +98,11 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
         warnings.append(f"{tcp['streams_exhausted']} segments found no stream (one per flow "
                         f"slot, all in use), {no_stream} of them with bytes lost: raise "
                         "--flows; their connections' digests are incomplete")
+    if tcp["payload_after_close"]:
+        n = tcp["payload_after_close"]
+        warnings.append(f"{n} segment{'s' if n != 1 else ''} with payload came after "
+                        "their connection closed with FINs, both acknowledged; their "
+                        "bytes are not in the digests")
     if counters["flows"]["evicted"] or counters["flows"]["refused"]:
         warnings.append(f"flow table full ({counters['flows']['evicted']} evicted, "
                         f"{counters['flows']['refused']} refused): raise --flows")

@@ -1430,3 +1430,32 @@ def test_an_output_one_stack_cannot_write_is_refused_before_any_stack_runs(tmp_p
     assert r.returncode == 2
     assert f"--out: path '{out}.stack1' is a directory, not a file" in r.stderr
     assert not (tmp_path / "o.pcap.stack0").exists()
+
+
+def test_payload_after_close_is_in_the_summary_and_flows_warns(tmp_path):
+    # A data segment after both FINs were acknowledged: its bytes are not delivered
+    # (the streams went back to the pool), which the run's summary and mbx flows say.
+    from mbx.examples.capture import ether, tcp4, write_pcap
+
+    c, s = ("10.0.0.1", 40000), ("10.0.0.2", 80)
+    frames, t = [], 1.0
+    for src, dst, seq, ack, flags, data in (
+            (c, s, 1000, 0, 0x02, b""), (s, c, 5000, 1001, 0x12, b""),
+            (c, s, 1001, 5001, 0x10, b""), (c, s, 1001, 5001, 0x18, b"hello"),
+            (c, s, 1006, 5001, 0x11, b""), (s, c, 5001, 1007, 0x11, b""),
+            (c, s, 1007, 5002, 0x10, b""),
+            (s, c, 5002, 1007, 0x18, b"late")):     # after the close
+        t += 0.001
+        frames.append((t, ether(tcp4(src[0], dst[0], src[1], dst[1], data, seq=seq,
+                                     ack=ack, flags=flags), 0x0800)))
+    cap = tmp_path / "late.pcap"
+    write_pcap(str(cap), frames)
+    nf = tmp_path / "reader.py"
+    nf.write_text("import mbx\nmbx.mb_sub(mbx.DATA_RDY, lambda ev: ev.read())\n")
+    r = mbx_cmd("run", str(nf), "--in", f"pcap:{cap}")
+    assert r.returncode == 0, r.stderr
+    assert "payload after close 1 segment (not delivered" in r.stdout, r.stdout
+    r = mbx_cmd("flows", str(cap), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "warning: 1 segment with payload came after their connection closed with " \
+        "FINs" in r.stderr, r.stderr
