@@ -5,11 +5,30 @@ extensions, the runtime), a good part of the command's start-up: a Ctrl-C in tha
 time raised KeyboardInterrupt before ``mbx.cli.main`` could catch it, and Python
 printed a traceback.  Code here runs before any of ``mbx`` is imported.
 """
+import os
+import signal
 import sys
+
+
+def _interrupted_early(signum, frame):
+    # A Ctrl-C between this module's import and main()'s try (the console script's
+    # own lines, where no except can catch it): nothing is done yet, so stop as
+    # main() would, without a traceback.
+    sys.stderr.write("mbx: interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+# Only where SIGINT is Python's usual KeyboardInterrupt (not ignored, as under
+# nohup), and only until main() starts.
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_early)
 
 
 def main():
     try:
+        if signal.getsignal(signal.SIGINT) is _interrupted_early:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         from mbx.cli import main as cli_main
 
         return cli_main()
