@@ -9,7 +9,7 @@ a gap, never filler bytes).  All bytes live in fixed-size chunks of one StreamPo
 allocation; a stream maps at most ``max_stream_bytes`` of them.  Running out of
 chunks, window or interval slots drops bytes and says so (MEMCAP); nothing grows.
 
-Up to ``STREAM_MAX_GAPS`` (17: as many as one ACK can skip) skipped gaps stay inside
+Up to ``STREAM_MAX_GAPS`` (65: as many as one ACK can skip) skipped gaps stay inside
 the held range ``[base, frontier)``, in the same pool block as the intervals: the
 bytes between them stay readable while ``retain`` keeps them (one ACK may prove
 several holes lost, and each DATA_RDY of that burst must still be readable), reads
@@ -446,7 +446,7 @@ cdef int _add_slow(StreamPool pool, mbx_stream *s, int64_t start, const uint8_t 
     cdef uint64_t c0, c1, cno, avail, missing
     cdef uint32_t c, prev, nc
     cdef uint64_t *iv = NULL
-    cdef int i, j, k, after, dest
+    cdef int i, j, k, t, after, dest
     cdef bint joins
 
     # 1. Bytes before the frontier are delivered: compared, never changed.
@@ -504,9 +504,16 @@ cdef int _add_slow(StreamPool pool, mbx_stream *s, int64_t start, const uint8_t 
 
     # 4. Intervals: the new range merges with every interval it overlaps or touches.
     if start < end:
+        # i: the first interval that ends at or after start (binary search: up to
+        # STREAM_MAX_OOO of them, and in-order bytes beyond the last are the usual case)
         i = 0
-        while i < s.n_ooo and <int64_t>iv[2 * i + 1] < start:
-            i += 1
+        k = s.n_ooo
+        while i < k:
+            t = (i + k) >> 1
+            if <int64_t>iv[2 * t + 1] < start:
+                i = t + 1
+            else:
+                k = t
         j = i
         while j < s.n_ooo and <int64_t>iv[2 * j] <= end:
             j += 1

@@ -116,7 +116,49 @@ def _s2c_anomalies(capture):
     return dup, behind
 
 
-@pytest.mark.parametrize("name", ["lossy", "reorder_dup"])
+def _most_pieces(capture):
+    """The most disjoint pieces of the server's data held beyond its contiguous prefix
+    at once, replaying the capture's segments in order: what a reassembler must hold."""
+    front, pieces, most = None, [], 0
+    for s in segments(capture):
+        if s.src[1] != netns.HTTP_PORT:
+            continue
+        if s.flags & 0x02:                          # SYN: offset 0 is the next byte
+            front = s.seq + 1
+            continue
+        if front is None or not s.length:
+            continue
+        a = (s.seq - front) & 0xFFFFFFFF
+        a -= (a & 0x80000000) << 1                  # before the prefix's end: negative
+        b = a + s.length
+        if b <= 0:
+            continue
+        a, keep = max(a, 0), []
+        for x, y in pieces:
+            if y < a or x > b:
+                keep.append((x, y))
+            else:
+                a, b = min(a, x), max(b, y)
+        pieces = sorted([*keep, (a, b)])
+        if pieces[0][0] == 0:                       # the prefix grew
+            shift = pieces.pop(0)[1]
+            front = (front + shift) & 0xFFFFFFFF
+            pieces = [(x - shift, y - shift) for x, y in pieces]
+        most = max(most, len(pieces))
+    return most
+
+
+def test_heavy_reordering_needs_more_pieces_than_the_old_bound(runs):
+    """heavy_reorder proves the out-of-order bound only if its capture makes more
+    holes at once than the old bound (16) held, and mbx must hold them all: its
+    digest is compared with the reference in test_mbx_flows_matches_reference."""
+    from mbx._stream import MAX_OOO_PIECES
+    res, _ = runs.get("heavy_reorder")
+    most = _most_pieces(res.capture)
+    assert 16 < most <= MAX_OOO_PIECES, most
+
+
+@pytest.mark.parametrize("name", ["lossy", "reorder_dup", "heavy_reorder"])
 def test_impaired_path_shows_in_capture(runs, name):
     """The impairments must really reach the capture, or those scenarios prove nothing."""
     res, _ = runs.get(name)

@@ -1630,27 +1630,30 @@ def test_syn_data_nothing_decided_by_its_flow_s_end_is_dropped(run, deploy, end)
 
 @pytest.mark.parametrize("rounds", [1, 2])
 def test_an_ack_over_many_holes_keeps_every_data_rdy_readable(run, rounds):
-    # Each round: 16 pieces (the interval bound), each behind a hole, then one ACK
-    # over them all: a gap and a DATA_RDY per hole, all in one burst.  Holding the
-    # gaps must not release bytes whose DATA_RDY the NF has not read yet; a second
-    # round in the same burst has its holes wait for the ACK of the next burst.
+    # Each round: as many pieces as a stream holds (the interval bound), each behind
+    # a hole, then one ACK over them all: a gap and a DATA_RDY per hole, all in one
+    # burst.  Holding the gaps must not release bytes whose DATA_RDY the NF has not
+    # read yet; a second round in the same burst has its holes wait for the ACK of
+    # the next burst.
+    from mbx._stream import MAX_OOO_PIECES
     conn = Conn()
     conn.handshake()
     want, off = {}, 0
     for _ in range(rounds):
-        for _ in range(16):
+        for _ in range(MAX_OOO_PIECES):
             data = bytes([65 + len(want) % 26]) * 100
             conn.s(1 + off + 100, 1, PSH | ACK, data)
             want[off + 100] = data
             off += 200
         conn.c(1, 1 + off)
+    burst = len(conn.frames)
     for _ in range(40):                         # the next burst: the ACK again
         conn.c(1, 1 + off)
     rec = Recorder([mbx.DATA_RDY])
-    counters, _ = run([rec], frames=conn.frames, burst=64)
+    counters, _ = run([rec], frames=conn.frames, burst=burst)
     chunks = rec.streams[next(iter(rec.streams))]
     assert {o: d for o, _, d in chunks} == want
-    assert counters["tcp"]["gaps"] == 16 * rounds
+    assert counters["tcp"]["gaps"] == MAX_OOO_PIECES * rounds
     assert counters["tcp"]["gap_overflows"] == 0
     assert (counters["tcp"]["gap_deferrals"] > 0) == (rounds == 2)
 

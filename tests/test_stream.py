@@ -16,8 +16,8 @@ from hypothesis.stateful import (
 from mbx._stream import STREAM_SIZE, Stream, StreamPool, _zeroed_stream_is_inert, bench_add
 
 MASK = 0xFFFFFFFF
-MAX_OOO = 16        # STREAM_MAX_OOO in mbx/_stream.pxd (MAX_OOO_PIECES)
-MAX_GAPS = 17       # STREAM_MAX_GAPS in mbx/_stream.pxd
+MAX_OOO = 64        # STREAM_MAX_OOO in mbx/_stream.pxd (MAX_OOO_PIECES)
+MAX_GAPS = 65       # STREAM_MAX_GAPS in mbx/_stream.pxd
 
 
 def seq(seq0, off):
@@ -170,10 +170,10 @@ def test_bulk_with_local_reordering_and_duplicates(data, seq0, mss, rnd):
 
 
 def test_many_holes_overflow_the_block_then_retransmission_completes():
-    data = random.Random(2).randbytes(100 * 100)
+    data = random.Random(2).randbytes(100 * (2 * MAX_OOO + 36))
     pool = big_pool()
     s = Stream(pool, 1000)
-    # Every other segment first: the 17th hole does not fit.
+    # Every other segment first: the hole after the MAX_OOO-th piece does not fit.
     flags = [s.add(1000 + off, data[off:off + 100]) for off in range(100, len(data), 200)]
     assert all("out_of_order" in f for f in flags[:MAX_OOO])
     assert all(f == {"memcap", "too_many_pieces"} for f in flags[MAX_OOO:])

@@ -262,6 +262,19 @@ def reorder_dup(bed, outdir):
                             files=["2m"]))
 
 
+def heavy_reorder(bed, outdir):
+    """The server's segments before the capture point: 25 % reordered, 3 % lost, on
+    the 16 MiB download (captured on the router's client side): 25-33 holes at once
+    in the capture, past the 16 out-of-order pieces a stream held before (where
+    every segment after a refused one was refused too, losing 1-4 % of the stream)."""
+    impair = [("s2c", {"loss": 0.03, "reorder": 0.25})]
+    path = _begin(bed, outdir, "heavy_reorder", impair)
+    with bed.capture(path, where="router-client") as cap:
+        _curl(bed, [bed.url("16m")])
+    return _end(bed, Result("heavy_reorder", path, cap, [Expect(_sha(bed, "16m"))],
+                            files=["16m"]))
+
+
 def reused_port(bed, outdir):
     """Three connections from 198.18.1.1:40123 to the server, one after another
     (SO_REUSEADDR + bind): keys ``...``, ``...#2``, ``...#3``."""
@@ -283,7 +296,7 @@ def ipv6(bed, outdir):
 
 SCENARIOS = {f.__name__: f for f in (curl_small, curl_large, wget_2m, keepalive, pipelining,
                                      abort_rst, abort_curl, killed_curl, lossy, reorder_dup,
-                                     reused_port, ipv6)}
+                                     heavy_reorder, reused_port, ipv6)}
 
 
 # -- derived from a real capture -------------------------------------------------------
