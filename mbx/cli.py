@@ -236,6 +236,36 @@ def _print_counters(c, elapsed, out=None):
                                            for key, value in report.items()) + "\n")
 
 
+@contextlib.contextmanager
+def _json_on_stdout(args):
+    """``--json -``: the counters are all a run writes on standard output.  What it
+    prints besides (the summary, an NF's prints, a driver's log) goes to standard
+    error meanwhile, moved at the file descriptor so that the processes a run forks
+    (pipelined NFs, --stacks) follow; the counters go to the saved descriptor."""
+    if args.json != "-":
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    args.json_stdout = os.fdopen(saved, "w")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        args.json_stdout.close()
+
+
+def _write_json(args, counters):
+    text = json.dumps(counters, indent=2)
+    if args.json == "-":
+        args.json_stdout.write(text + "\n")
+        args.json_stdout.flush()
+    else:
+        write_output(args.json, text, "--json")
+
+
 def write_output(path, text, what):
     """Write ``text`` to ``path`` at the end of a run; MbxError names the file and
     why it could not be written (a full disk, a file system that refuses it)."""
@@ -254,6 +284,11 @@ def _same_file(a, b):
 
 
 def _run(nfs, args, spec=None):
+    with _json_on_stdout(args):
+        return _run_checked(nfs, args, spec)
+
+
+def _run_checked(nfs, args, spec):
     from mbx import ports
     from mbx.controller import (
         check,
@@ -276,7 +311,7 @@ def _run(nfs, args, spec=None):
               {}, nfs)
 
     out_file = capture_file(args.out) if args.out else None
-    if args.json:
+    if args.json and args.json != "-":
         check_writable(args.json, "--json")     # not only once the run is over
         files = [(f, "the input capture") for f in read_files(args.inp)] + [
             (f, "the output") for f in (written_files(args.out) if args.out else [])]
@@ -463,7 +498,7 @@ def _run_app(app, args, listeners, view, stop):
     if view is not None:
         view.final(counters, elapsed)
     if args.json:
-        write_output(args.json, json.dumps(counters, indent=2), "--json")
+        _write_json(args, counters)
     return counters
 
 
@@ -510,13 +545,13 @@ def _report_failed_run(app, args, inp, out, exc, elapsed, listeners, view, stop)
     if view is not None:
         view.final(counters, elapsed)
     if args.json:
-        _write_failed_json(args.json, counters)
+        _write_failed_json(args, counters)
 
 
-def _write_failed_json(path, counters):
+def _write_failed_json(args, counters):
     # the run's own error is the one raised: this one is said beside it
     try:
-        write_output(path, json.dumps(counters, indent=2), "--json")
+        _write_json(args, counters)
     except MbxError as exc:
         print(f"mbx: error: {exc}", file=sys.stderr)
 
@@ -589,7 +624,7 @@ def _run_parallel(nfs, args, config, listeners, view):
             if view is not None:
                 view.final(failed, failed["elapsed_s"])
             if args.json:
-                _write_failed_json(args.json, failed)
+                _write_failed_json(args, failed)
         raise
     elapsed = time.perf_counter() - t0
     # the views end on the final counters, the ones printed below
@@ -612,7 +647,7 @@ def _run_parallel(nfs, args, config, listeners, view):
     if view is not None:
         view.final(final, elapsed)
     if args.json:
-        write_output(args.json, json.dumps(counters, indent=2), "--json")
+        _write_json(args, counters)
     return counters
 
 
@@ -739,7 +774,8 @@ def _add_run_options(p):
                         "NF's calls, no measurable cost): handler_ns is then 0 and "
                         "--stats shows '-'; inline, NFs with only C handlers and the "
                         "same subscriptions share one ring")
-    p.add_argument("--json", metavar="FILE", help="write the final counters as JSON")
+    p.add_argument("--json", metavar="FILE", help="write the final counters as JSON "
+                   "(-: on standard output, the summary then on standard error)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
 
 
@@ -782,7 +818,8 @@ def main(argv=None):
                                    "afpacket:IF, summarised when Ctrl-C ends it)")
     f.add_argument("--json", action="store_true",
                    help="write the mbx-flows/1 JSON object (the only format so far)")
-    f.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    f.add_argument("-o", "--output", metavar="FILE",
+                   help="write to FILE, not standard output (-: standard output)")
     f.add_argument("--flows", type=int_at_least(1, CAPACITY_MAX), default=1 << 20,
                    help="concurrent connections tracked (1048576)")
     f.add_argument("--stream-memory", type=int_at_least(1), default=1024,
@@ -827,6 +864,8 @@ def main(argv=None):
 
             if not args.capture:
                 raise MbxError("mbx flows: name a capture file")
+            if args.output == "-":
+                args.output = None
             if args.output:
                 check_writable(args.output, "-o")
                 if os.path.exists(args.output) and os.path.samefile(args.output,

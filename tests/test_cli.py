@@ -124,6 +124,33 @@ def test_subscriber_of_flow_stats_ahead_of_flow_stats(example_pcap, tmp_path, de
     assert c["nfs"]["stats_sub"]["events"] == flows == c["flows"]["created"] > 0
 
 
+@pytest.mark.parametrize("deploy", [["--deploy", "inline"], ["--stacks", "2"],
+                                    ["--deploy", "pipelined"]])
+def test_json_dash_is_all_that_stdout_carries(example_pcap, tmp_path, deploy):
+    # "--json -": a script pipes the counters to jq; the summary and whatever an NF
+    # prints (from its own process, pipelined or a stack process of its own) go to
+    # stderr, so stdout is one JSON document
+    nf = tmp_path / "chatty.py"
+    nf.write_text("import mbx\n\ndef make():\n    nf = mbx.NF('chatty')\n"
+                  "    nf.sub('FLOW/START', lambda ev: print('chatty saw', ev.cli_port))\n"
+                  "    return nf\n")
+    r = mbx_cmd("run", f"{nf}+l2fwd", "--in", f"pcap:{example_pcap}", *deploy,
+                "--json", "-")
+    assert r.returncode == 0, r.stderr
+    c = json.loads(r.stdout)
+    assert c["packets"] > 0 and c["nfs"]["chatty"]["events"] == c["flows"]["created"]
+    assert f"packets        {c['packets']:,}" in r.stderr
+    assert r.stderr.count("chatty saw") == c["flows"]["created"]
+
+
+def test_flows_output_dash_is_stdout(example_pcap, tmp_path):
+    a = mbx_cmd("flows", str(example_pcap))
+    b = mbx_cmd("flows", str(example_pcap), "-o", "-", cwd=tmp_path)
+    assert a.returncode == b.returncode == 0, b.stderr
+    assert b.stdout == a.stdout and json.loads(b.stdout)["connections"]
+    assert not (tmp_path / "-").exists()
+
+
 IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
 
 
