@@ -1208,6 +1208,11 @@ cdef class Event:
             # held.  A read ends at the event's frontier, so what it returns does not
             # depend on the burst's size (those bytes come with the next DATA_RDY).
             length = max(0, b.frontier - offset)
+        if rdy and stream_dir == b.stream_dir:
+            # its own bytes: read even where gaps were joined over them since
+            return reader.read_stream(self.m.h.flow, self.m.h.flow_gen, stream_dir,
+                                      offset, length, self.m.h.flags, b.offset,
+                                      b.frontier)
         return reader.read_stream(self.m.h.flow, self.m.h.flow_gen, stream_dir, offset,
                                   length, self.m.h.flags)
 
@@ -1219,9 +1224,14 @@ cdef class Event:
         reader = self.bus.stream_reader
         if reader is None:
             raise MbxError("no TCP Monitor is running: subscribe to DATA_RDY")
+        cdef data_rdy_body *b = <data_rdy_body *>self.m.body
+        cdef bint rdy = self.m.h.type_idx == T_DATA_RDY
         if stream_dir is None:
-            stream_dir = ((<data_rdy_body *>self.m.body).stream_dir
-                          if self.m.h.type_idx == T_DATA_RDY else self.m.h.dir)
+            stream_dir = b.stream_dir if rdy else self.m.h.dir
+        if rdy and stream_dir == b.stream_dir:     # its own bytes: as read() has them
+            return reader.write_stream(self.nf, self.m.h.flow, self.m.h.flow_gen,
+                                       stream_dir, offset, data, self.m.h.flags,
+                                       b.offset, b.frontier)
         return reader.write_stream(self.nf, self.m.h.flow, self.m.h.flow_gen, stream_dir,
                                    offset, data, self.m.h.flags)
 

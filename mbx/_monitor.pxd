@@ -162,6 +162,9 @@ cdef class TcpMonitor(NetworkLayer):
                        int64_t ts_ns) except -1
     cdef uint64_t frontier_of(self, uint32_t slot, uint8_t d) noexcept nogil
     cdef bint wants_stream(self, uint32_t slot, mbx_pkt *p, uint8_t tdir) noexcept nogil
+    cdef int _read_part(self, const mbx_stream *s, uint64_t off, uint64_t n,
+                        uint64_t run_from, uint64_t run_to,
+                        const uint8_t **ptr) noexcept nogil
     cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir,
                              uint8_t flags) except NULL
     cdef mbx_stream *_ended_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir,

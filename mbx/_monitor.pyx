@@ -42,7 +42,7 @@ from mbx._stream cimport (
     OVERLAP_FIRST, OVERLAP_LAST, STREAM_CONFLICT, STREAM_MAX_OOO, STREAM_MEMCAP,
     STREAM_PIECES,
     StreamPool, mbx_stream, stream_add, stream_free, stream_gap_end, stream_init,
-    stream_offset_of, stream_read, stream_release, stream_skip_hole,
+    stream_offset_of, stream_read, stream_read_run, stream_release, stream_skip_hole,
 )
 from mbx._tcp cimport (
     CONN_CLOSED_FIN, CONN_CLOSED_RST, CONN_HS_ACK, CONN_HS_SYN, CONN_HS_SYNACK, EP_FIN,
@@ -60,6 +60,9 @@ from mbx._stream import check_pool
 from mbx.errors import MbxError, PermissionDenied
 
 _POLICIES = {"first": OVERLAP_FIRST, "last": OVERLAP_LAST}
+# round_from of a stream no DATA_RDY of the burst has named: no byte of it is kept for
+# a reader, so a skipped hole may release any (stream_skip_hole's keep)
+cdef uint64_t NO_KEEP = 0xFFFFFFFFFFFFFFFFULL
 # Stack Memory per flow slot the Monitor keeps beside its tcp_conn (conn_meta), for
 # the figures of bytes per flow
 META_SIZE = sizeof(conn_meta)
@@ -739,9 +742,10 @@ cdef class TcpMonitor(NetworkLayer):
                     off += k
         if not self.touched_mark[pair]:
             self.touched_mark[pair] = 1
-            # nothing of the pair was published earlier in the burst
-            self.round_from[2 * pair + d] = old_frontier
-            self.round_from[2 * pair + (d ^ 1)] = self.streams[2 * pair + (d ^ 1)].frontier
+            # no reader yet: a skipped hole may release any delivered byte (the
+            # summary above has hashed them)
+            self.round_from[2 * pair] = NO_KEEP
+            self.round_from[2 * pair + 1] = NO_KEEP
             self.touched[self.n_touched] = pair
             self.n_touched += 1
         if not self.bus.wants(T_DATA_RDY, slot, p.flow_gen, flags):
@@ -750,6 +754,12 @@ cdef class TcpMonitor(NetworkLayer):
                              p.index, p.dir ^ tcp_client_dir(c), PUBLISHER_STACK, self.pos)
         if m == NULL:
             return
+        # The burst's NFs read this event's bytes, and may read what the other
+        # direction delivered so far: holes skipped later in the burst keep both.
+        if self.round_from[2 * pair + d] > old_frontier:
+            self.round_from[2 * pair + d] = old_frontier
+        if self.round_from[2 * pair + (d ^ 1)] > self.streams[2 * pair + (d ^ 1)].frontier:
+            self.round_from[2 * pair + (d ^ 1)] = self.streams[2 * pair + (d ^ 1)].frontier
         m.h.flags = flags | cdir_flags(c)
         b = <data_rdy_body *>m.body
         b.offset = old_frontier
@@ -998,11 +1008,14 @@ cdef class TcpMonitor(NetworkLayer):
             "connections": self.connections, "new_connections": self.new_connections,
             "streams_opened": self.streams_opened, "streams_exhausted": self.pairs_exhausted,
             "gaps": self.gaps, "gap_bytes": self.gap_bytes,
-            # gaps that released bytes early (more held than STREAM_MAX_GAPS), and
-            # holes left for a later ACK because that would have released bytes
-            # whose DATA_RDY the burst's NFs had not read yet
+            # gaps that released bytes early (more held than STREAM_MAX_GAPS); holes
+            # left for a later ACK because no block was free to hold their gap and
+            # that would have released bytes whose DATA_RDY the burst's NFs had not
+            # read yet; gap lists that were full with such bytes before the oldest
+            # gap, so its two oldest gaps became one
             "gap_overflows": self.pool.gap_overflows,
             "gap_deferrals": self.pool.gap_deferrals,
+            "gap_joins": self.pool.gap_joins,
             "conflicts": self.conflicts,
             # retransmitted bytes over stream bytes already released (beyond retain):
             # nothing left to compare them with, so a conflict there goes unseen
@@ -1022,13 +1035,15 @@ cdef class TcpMonitor(NetworkLayer):
         return c
 
     def read_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir, uint64_t off,
-                    uint64_t length, uint8_t flags=0):
+                    uint64_t length, uint8_t flags=0, uint64_t run_from=0,
+                    uint64_t run_to=0):
         """Stateless read of delivered stream bytes (``Event.read``): a zero-copy
         memoryview where they are contiguous in memory, else a copy.  ``flags``: the
-        event's (``MSG_F_CDIR1``: the client's direction when it was published)."""
+        event's (``MSG_F_CDIR1``: the client's direction when it was published);
+        ``[run_from, run_to)``: the bytes a DATA_RDY of this stream named."""
         cdef mbx_stream *s = self._stream(slot, gen, tdir, flags)
         cdef const uint8_t *ptr
-        cdef int k = stream_read(self.pool, s, off, length, &ptr)
+        cdef int k = self._read_part(s, off, length, run_from, run_to, &ptr)
         if k < 0:
             raise MbxError(_READ_ERRORS.get(k, f"stream read error {k}").format(
                 off=off, base=s.base, frontier=s.frontier))
@@ -1037,12 +1052,22 @@ cdef class TcpMonitor(NetworkLayer):
         parts = [bytes(ptr[:k])]
         cdef uint64_t got = k
         while got < length:
-            k = stream_read(self.pool, s, off + got, length - got, &ptr)
+            k = self._read_part(s, off + got, length - got, run_from, run_to, &ptr)
             if k <= 0:
                 break
             parts.append(bytes(ptr[:k]))
             got += k
         return memoryview(b"".join(parts))
+
+    cdef int _read_part(self, const mbx_stream *s, uint64_t off, uint64_t n,
+                        uint64_t run_from, uint64_t run_to,
+                        const uint8_t **ptr) noexcept nogil:
+        # A DATA_RDY's own bytes were held and contiguous when it was published, and
+        # stay held until its NFs are done; a full gap list may have joined gaps over
+        # them since (stream_skip_hole), so they are read past the list.
+        if run_from <= off < run_to:
+            return stream_read_run(self.pool, s, off, min(n, run_to - off), ptr)
+        return stream_read(self.pool, s, off, n, ptr)
 
     cdef mbx_stream *_stream(self, uint32_t slot, uint32_t gen, uint8_t tdir,
                              uint8_t flags) except NULL:
@@ -1099,7 +1124,7 @@ cdef class TcpMonitor(NetworkLayer):
         return s
 
     def write_stream(self, nf, uint32_t slot, uint32_t gen, uint8_t tdir, uint64_t off,
-                     data, uint8_t flags=0):
+                     data, uint8_t flags=0, uint64_t run_from=0, uint64_t run_to=0):
         """In-place rewrite of delivered stream bytes (same length) by a writer NF:
         the stream and the packets of this burst that carry those bytes change, and
         their TCP checksums follow.  Returns the bytes changed in packets."""
@@ -1121,7 +1146,7 @@ cdef class TcpMonitor(NetworkLayer):
             raise MbxError(f"stream bytes [{off}, {off + n}) are not all held "
                            f"(held: [{s.base}, {s.frontier}))")
         while done < n:
-            k = stream_read(self.pool, s, off + done, n - done, &ptr)
+            k = self._read_part(s, off + done, n - done, run_from, run_to, &ptr)
             if k <= 0:
                 raise MbxError(f"stream offset {off + done} cannot be written (gap)")
             memcpy(<uint8_t *>ptr, &new[done], k)

@@ -16,7 +16,9 @@
 # retain keeps them; reads stop at a gap and fail inside one.  Past the bound (or
 # with no block free) the bytes before the oldest gap are released early
 # (pool.gap_overflows counts it), but never bytes the caller still has readers for
-# (from its keep offset on): then the hole is not skipped yet (pool.gap_deferrals).
+# (from its keep offset on): then the two oldest gaps are joined over the bytes
+# between them (pool.gap_joins), which stream_read_run still reads; with no block
+# free, the hole is not skipped yet (pool.gap_deferrals).
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
@@ -124,9 +126,11 @@ cdef class StreamPool:
     # gaps that released the bytes before the oldest held gap (the list was full) or
     # before themselves (no block free), whatever retain said
     cdef readonly uint64_t gap_overflows
-    # holes left unskipped for now: skipping them would have released bytes from the
-    # caller's keep offset on (its readers are not done with them)
+    # holes left unskipped for now: no block free to hold their gap, and bytes from
+    # the caller's keep offset on (its readers are not done with them) held
     cdef readonly uint64_t gap_deferrals
+    # the list was full with readers before the oldest gap: it joined the two oldest
+    cdef readonly uint64_t gap_joins
     cdef readonly uint64_t old_segments
     cdef readonly uint64_t ooo_segments     # segments held beyond the frontier
     cdef readonly uint64_t unchecked_bytes  # overlapping bytes that could not be compared
@@ -151,9 +155,9 @@ cdef uint64_t stream_skip_to(StreamPool pool, mbx_stream *s, uint32_t seq) noexc
 # The same, one hole at a time, for a caller that reports each gap: skips the first
 # hole before seq, sets [*gap_start, *gap_end) and returns its length (0: none left,
 # or none that can be skipped now).  Bytes from offset keep on have readers still
-# (DATA_RDY published, not yet dispatched): a hole whose gap could only be held by
-# releasing some of them is left for a later call (pool.gap_deferrals), after the
-# caller released them (stream_release).
+# (DATA_RDY published, not yet dispatched): they are never released for a gap (a
+# full list joins its two oldest gaps instead; with no block free the hole is left
+# for a later call, pool.gap_deferrals, after the caller released them).
 cdef uint64_t stream_skip_hole(StreamPool pool, mbx_stream *s, uint32_t seq,
                                uint64_t keep, uint64_t *gap_start,
                                uint64_t *gap_end) noexcept nogil
@@ -166,6 +170,10 @@ cdef uint32_t stream_release(StreamPool pool, mbx_stream *s, uint64_t upto) noex
 # StreamReadError (STREAM_ERR_GAP inside a gap).
 cdef int stream_read(StreamPool pool, const mbx_stream *s, uint64_t off, size_t n,
                      const uint8_t **ptr) noexcept nogil
+# The same for bytes a DATA_RDY named, held and contiguous when it was published:
+# read past the gap list, where a full list may have joined gaps around them since.
+cdef int stream_read_run(StreamPool pool, const mbx_stream *s, uint64_t off, size_t n,
+                         const uint8_t **ptr) noexcept nogil
 # Where reading can go on after STREAM_ERR_GAP at off: the end of the held gap off lies
 # in, or the frontier when it lies in none (nothing more can be read).
 cdef uint64_t stream_gap_end(StreamPool pool, const mbx_stream *s,

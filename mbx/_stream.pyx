@@ -15,8 +15,10 @@ bytes between them stay readable while ``retain`` keeps them (one ACK may prove
 several holes lost, and each DATA_RDY of that burst must still be readable), reads
 stop at the next gap and fail inside one.  One more gap releases the bytes before the
 oldest (``gap_overflows``), unless the caller still has readers for them (its
-``keep`` offset): then the hole waits, unskipped, for a later ACK
-(``gap_deferrals``).
+``keep`` offset): then the two oldest gaps become one over the bytes between them
+(``gap_joins``), which the DATA_RDY that named them still reads
+(``stream_read_run``).  With no block free at all, such a hole waits, unskipped,
+for a later ACK (``gap_deferrals``).
 
 The hot path is a segment exactly at the frontier with nothing out of order: one
 memcpy into the tail chunk, no interval bookkeeping.
@@ -195,6 +197,7 @@ cdef class StreamPool:
             "gap_bytes": self.gap_bytes,
             "gap_overflows": self.gap_overflows,
             "gap_deferrals": self.gap_deferrals,
+            "gap_joins": self.gap_joins,
             "old_segments": self.old_segments,
             "ooo_segments": self.ooo_segments,
             "unchecked_bytes": self.unchecked_bytes,
@@ -667,13 +670,25 @@ cdef uint64_t stream_skip_hole(StreamPool pool, mbx_stream *s, uint32_t seq,
     # Bytes before the hole with readers still: holding the gap must not release
     # them.  No block free releases everything before the hole; a full list, what
     # is before the oldest gap.
-    if s.base < s.frontier and (
-            (s.ooo == NO_CHUNK and pool.n_free_ooo == 0 and s.frontier > keep)
-            or (s.n_gaps == STREAM_MAX_GAPS
-                and _gapv(pool, s)[2 * STREAM_MAX_GAPS - 1] != s.frontier
-                and _gapv(pool, s)[0] > keep)):
+    cdef uint64_t *g
+    if s.base < s.frontier and s.ooo == NO_CHUNK and pool.n_free_ooo == 0 \
+            and s.frontier > keep:
         pool.gap_deferrals += 1
         return 0
+    if (s.base < s.frontier and s.n_gaps == STREAM_MAX_GAPS
+            and _gapv(pool, s)[2 * STREAM_MAX_GAPS - 1] != s.frontier
+            and _gapv(pool, s)[0] > keep):
+        # The list is full and the bytes before the oldest gap have readers: the two
+        # oldest gaps become one, over the bytes between them.  Those stay held, and
+        # the DATA_RDY that named them reads them past the gap list
+        # (stream_read_run); other reads now stop at the joined gap.  Deferring the
+        # hole instead would leave the pieces beyond it held until the burst's end,
+        # and a burst with more rounds of holes would then refuse new pieces.
+        g = _gapv(pool, s)
+        g[1] = g[3]
+        memmove(g + 2, g + 4, (STREAM_MAX_GAPS - 2) * 2 * sizeof(uint64_t))
+        s.n_gaps -= 1
+        pool.gap_joins += 1
     cdef uint64_t target = s.frontier + <uint64_t>rel
     cdef uint64_t hs = s.frontier
     cdef uint64_t he, nf
@@ -689,7 +704,6 @@ cdef uint64_t stream_skip_hole(StreamPool pool, mbx_stream *s, uint32_t seq,
         he = target
         nf = target
     s.frontier = nf
-    cdef uint64_t *g
     if s.base >= hs:
         _set_base(pool, s, he)      # nothing held before the gap: base jumps past it
     elif s.n_gaps and _gapv(pool, s)[2 * s.n_gaps - 1] == hs:
@@ -758,6 +772,21 @@ cdef int stream_read(StreamPool pool, const mbx_stream *s, uint64_t off, size_t 
             return STREAM_ERR_GAP
         if avail > g[0] - off:
             avail = g[0] - off
+    return _read_held(pool, s, off, avail, n, ptr)
+
+
+cdef int stream_read_run(StreamPool pool, const mbx_stream *s, uint64_t off, size_t n,
+                         const uint8_t **ptr) noexcept nogil:
+    if off < s.base:
+        return STREAM_ERR_RELEASED
+    if off > s.frontier or not s.live:
+        return STREAM_ERR_BEYOND
+    return _read_held(pool, s, off, s.frontier - off, n, ptr)
+
+
+cdef int _read_held(StreamPool pool, const mbx_stream *s, uint64_t off, uint64_t avail,
+                    size_t n, const uint8_t **ptr) noexcept nogil:
+    # The bytes at off, avail of them held from there on (no gap among them).
     if avail == 0 or n == 0:
         ptr[0] = NULL
         return 0
@@ -878,14 +907,20 @@ cdef class Stream:
             flags = stream_add(self.pool, &self.s, sq, &v[0], n)
         return flag_names(flags)
 
-    def skip_to(self, seq):
+    def skip_to(self, seq, keep=None):
         """The peer acknowledged everything before ``seq``: skips the holes before it,
-        records each as a gap, returns the bytes skipped."""
+        records each as a gap, returns the bytes skipped.  ``keep``: the offset from
+        which delivered bytes still have readers (never released for a gap)."""
         self._check_open()
         cdef uint32_t sq = _seq(seq)
         cdef uint64_t gs, ge, k, total = 0
+        cdef uint64_t kept = 0xFFFFFFFFFFFFFFFFULL
+        if keep is not None:
+            if not _is_int(keep) or keep < 0:
+                raise ValueError(f"keep must be a stream offset, got {keep!r}")
+            kept = keep
         while True:
-            k = stream_skip_hole(self.pool, &self.s, sq, 0xFFFFFFFFFFFFFFFFULL, &gs, &ge)
+            k = stream_skip_hole(self.pool, &self.s, sq, kept, &gs, &ge)
             if k == 0:
                 return total
             self._gaps.append((gs, ge))

@@ -429,6 +429,28 @@ def test_gap_list_overflow_releases_before_the_oldest():
     assert pool.counters["gap_overflows"] == 3
 
 
+def test_full_gap_list_with_readers_joins_the_oldest_gaps():
+    # The same holes, but every delivered byte still has a reader (keep 0): nothing
+    # is released; the two oldest gaps become one over the bytes between them.
+    pool = big_pool()
+    n = MAX_GAPS + 3
+    s = Stream(pool, 1000)
+    data = random.Random(n).randbytes(20 * (n + 1))
+    for k in range(n + 1):
+        s.add(1000 + 20 * k, data[20 * k:20 * k + 10])
+        s.skip_to(1000 + 20 * k, keep=0)
+    assert len(s.gaps) == n and pool.gap_joins == 3 and pool.gap_overflows == 0
+    assert s.base == 0 and pool.gap_deferrals == 0
+    # the first gap now runs over the bytes of pieces 1-3
+    assert s.held_gaps[0] == (10, 80) and len(s.held_gaps) == MAX_GAPS
+    assert s.read(0, 100) == data[:10]
+    with pytest.raises(ValueError, match=r"gap \[10, 80\)"):
+        s.read(40, 1)
+    for k in range(4, n + 1):
+        assert s.read(20 * k, 100) == data[20 * k:20 * k + 10]
+    assert pool.counters["gap_joins"] == 3
+
+
 def test_gaps_with_no_byte_between_are_one():
     s = Stream(big_pool(), 0)
     s.add(0, b"abc")
