@@ -34,18 +34,20 @@ ctypedef struct mbx_flow_key:
     uint8_t pad[2]
 
 # Does the table track p?  Parse statuses below PARSE_BAD_IP_LEN fail before the
-# addresses are read.  A malformed TCP or UDP packet whose ports were not read is
-# not tracked either: its header cut before them (TRUNC_L4, or BAD_IP_LEN when the
-# IP length lies), or the parser stopped before the transport (a bad IP option, a
-# total length shorter than the header: l4_off is still 0).  Keyed 0:0, every
+# addresses are read.  A malformed packet whose parse stopped before its transport
+# header (l4_off is still 0: a bad IP option, a total length shorter than the
+# header, an IPv6 extension chain or IPv4 AH past the datagram) is not tracked
+# whatever its l4_proto: that may be an extension header's number, not the
+# transport's, and no ports were read.  Nor is a TCP, UDP or SCTP header cut before
+# its ports (TRUNC_L4, or BAD_IP_LEN when the IP length lies).  Keyed 0:0, every
 # connection between two hosts so malformed would be counted as one flow.
 cdef inline bint flow_trackable(const mbx_pkt *p) noexcept nogil:
     if p.ip_ver == 0 or (p.status != PARSE_OK and p.status < PARSE_BAD_IP_LEN):
         return False
     return p.status == PARSE_OK or not (
-        (p.l4_proto == 6 or p.l4_proto == 17 or p.l4_proto == 132)
-        and (p.l4_off == 0 or p.l4_off + 4 > p.caplen
-             or p.l4_off + 4 > p.l3_off + p.ip_len))
+        p.l4_off == 0
+        or ((p.l4_proto == 6 or p.l4_proto == 17 or p.l4_proto == 132)
+            and (p.l4_off + 4 > p.caplen or p.l4_off + 4 > p.l3_off + p.ip_len)))
 
 # Builds p's canonical key into k and returns p's side (0: p's source is endpoint a).
 # Inline here so the stack and a software-RSS dispatcher key packets exactly as the

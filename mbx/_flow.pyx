@@ -574,6 +574,10 @@ cdef void _fill_pkt(mbx_pkt *pkt, str src, str dst, int sport, int dport, int pr
     pkt.ts_ns = ts_ns
     pkt.wirelen = wirelen
     pkt.status = status
+    # As if the parser reached the transport header behind an option-less IP header
+    # (no bytes are captured, so a TCP/UDP header is still cut before its ports).
+    pkt.l3_off = 14
+    pkt.l4_off = 14 + (20 if s.version == 4 else 40)
     pkt.flow = NO_FLOW
 
 

@@ -366,6 +366,34 @@ def test_malformed_tcp_whose_ports_were_not_read_is_in_no_flow(tmp_path):
     assert ports == [(7003, 80)] and c["flows"]["created"] == 1
 
 
+def test_a_packet_whose_parse_stopped_before_its_transport_is_in_no_flow(tmp_path):
+    """An IPv6 extension header or an IPv4 AH past the datagram stops the parser
+    before the transport: l4_proto is left the extension header's number (0, 44, 51)
+    and the ports 0.  Tracked, every such connection between two hosts was one flow
+    of that made-up protocol."""
+    import struct
+
+    from mbx.examples.capture import _ip6, ether, ipv4, tcp4, tcp6
+
+    records = []
+    for sport in (7001, 7002, 7003):
+        tcp = tcp6("2001:db8::1", "2001:db8::2", sport, 80)[40:]
+        for ext in (bytes([6, 30]) + b"\0" * 6,        # Hop-by-Hop: 248 bytes
+                    bytes([6, 0])):                     # a fragment header cut short
+            nh = 0 if len(ext) == 8 else 44
+            body = ext + tcp if nh == 0 else ext
+            f = ether(struct.pack("!IHBB16s16s", 6 << 28, len(body), nh, 64,
+                                  _ip6("2001:db8::1"), _ip6("2001:db8::2")) + body,
+                      0x86DD)
+            records.append((f, len(f)))
+        tcp = tcp4("198.18.0.1", "198.18.0.2", sport, 80)[20:]
+        f = ether(ipv4("198.18.0.1", "198.18.0.2", 51, bytes([6, 60]) + b"\0" * 10 + tcp))
+        records.append((f, len(f)))                 # an AH of 248 bytes
+    c, ports = _flow_starts(tmp_path / "ext.pcap", records)
+    assert c["parse"] == {"bad_ipv6_ext": 6, "bad_ipv4_ah": 3} and c["packets"] == 9
+    assert ports == [] and c["flows"]["created"] == 0
+
+
 def test_eviction_falls_back_to_refusal_when_ended_is_full():
     t = FlowTable(capacity=1, policy="evict", ended_capacity=1)
     assert t.lookup_tuple("10.0.0.1", "10.0.0.2", 1, 2, 6, 0)[0] == 0
