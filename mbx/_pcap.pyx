@@ -1227,9 +1227,10 @@ cdef class PcapWriter(Port):
                 self.tx_dropped = self.tx_dropped + 1
                 continue
             if p.caplen == 0:
-                # What the reader delivers for a record cut inside its cooked, raw
-                # or loopback link header: its bytes are not Ethernet, and an empty
-                # record is a broken one to every reader.
+                # What the reader delivers for a record with no captured bytes (an
+                # Ethernet one of caplen 0), or one cut inside its cooked, raw or
+                # loopback link header (its bytes are not Ethernet): an empty record
+                # is a broken one to every reader.
                 self.tx_empty = self.tx_empty + 1
                 self.tx_dropped = self.tx_dropped + 1
                 continue
@@ -1315,8 +1316,9 @@ cdef class PcapWriter(Port):
             why.append("frames whose time a pcap record cannot hold (before 1970 or "
                        "after 2106-02-07 06:28:15 UTC): tx_bad_time")
         if self.tx_empty:
-            why.append("frames of no bytes (a record cut inside its cooked, raw-IP or "
-                       "loopback link header), which no pcap reader takes: tx_empty")
+            why.append("frames of no bytes (input records with no captured bytes, or "
+                       "cut inside their link header), which no pcap reader takes: "
+                       "tx_empty")
         if why:
             c["tx_error"] = "; ".join(why)
         return c
