@@ -64,6 +64,7 @@ cdef class PcapReader(Port):
     cdef readonly uint64_t size         # file bytes
     cdef readonly uint64_t damaged      # records/blocks whose lengths lie (reading stops)
     cdef readonly uint64_t truncated    # final record cut short (reading ends normally)
+    cdef readonly uint64_t wirelen_raised   # records whose wire length was under caplen
     cdef readonly uint64_t skipped      # pcapng frames of interfaces of unsupported link types
     cdef readonly uint32_t skipped_linktype     # the first of those link types ...
     cdef readonly uint32_t skipped_iface        # ... and its interface
@@ -113,6 +114,7 @@ cdef class PcapReader(Port):
     cdef int _rss_decide(self) noexcept nogil
     cdef int _rss_burst(self, Batch batch) noexcept nogil
     cdef void _too_big(self, const pcap_rec *r, Batch batch) noexcept nogil
+    cdef void _check_wirelen(self, pcap_rec *r) noexcept nogil
     cdef bint _taken_back(self, Batch batch, mbx_pkt *p, size_t at) noexcept nogil
     cdef void _shrank(self) noexcept nogil
     cdef int _burst_end(self, int n, int counted, uint64_t nbytes) noexcept nogil

@@ -20,6 +20,7 @@ class PcapReader(Port):
     size: int
     damaged: int
     truncated: int
+    wirelen_raised: int
     port_id: int
     def __init__(self, path: str | os.PathLike[str], port_id: int = 0) -> None: ...
     @property

@@ -522,6 +522,7 @@ cdef class PcapReader(Port):
             self.linktype = 1
         self.damaged = 0
         self.truncated = 0
+        self.wirelen_raised = 0
         self.skipped = 0
         self.n_ifaces = 0
         self.pos = 0
@@ -598,11 +599,15 @@ cdef class PcapReader(Port):
     @property
     def counters(self):
         """The port's counters, ``truncated``: 1 when the capture ends in a record
-        cut short, which is not delivered, and ``skipped``: pcapng frames of an
-        interface whose link type mbx does not read (``skipped_linktype``, the first
-        such)."""
+        cut short, which is not delivered; ``wirelen_raised``: records whose wire
+        length is less than their captured length (not valid pcap), delivered with
+        the captured length as their wire length; and ``skipped``: pcapng frames of
+        an interface whose link type mbx does not read (``skipped_linktype``, the
+        first such)."""
         c = Port.counters.__get__(self)
         c["truncated"] = self.truncated
+        if self.wirelen_raised:
+            c["wirelen_raised"] = self.wirelen_raised
         if self.skipped:
             c["skipped"] = self.skipped
             c["skipped_linktype"] = self.skipped_linktype
@@ -939,13 +944,15 @@ cdef class PcapReader(Port):
             converted = r.mode != LINK_ETHER
             if converted:
                 self._ethernet(&r)
+            # every process walks every record once: counted of the whole input
+            self._check_wirelen(&r)
             h = 0
             kind = rss_hash_of_frame(r.data, r.caplen, r.wirelen, &h)
             if kind == RSS_PARSE:
                 memset(&probe, 0, sizeof(mbx_pkt))
                 probe.data = <uint8_t *>r.data
                 probe.caplen = r.caplen
-                probe.wirelen = r.wirelen if r.wirelen >= r.caplen else r.caplen
+                probe.wirelen = r.wirelen
                 parse_packet(&probe)
                 owner = rss_stack_of_parsed(&probe, self.rss_n)
                 if probe.flags & PKT_F_FRAGMENT:
@@ -1010,6 +1017,18 @@ cdef class PcapReader(Port):
             self.own_i += 1
             n += 1
         return self._burst_end(n, counted, nbytes)
+
+    cdef void _check_wirelen(self, pcap_rec *r) noexcept nogil:
+        # A record that says fewer bytes were on the wire than it captured is not
+        # valid pcap (tcpdump: "Invalid header", Wireshark: "Frame length is less
+        # than captured length").  The stack needs wirelen >= caplen (the parser
+        # judges IP lengths against it, a port sends every captured byte), so the
+        # wire length is raised to the captured one, as a pcap output then writes
+        # it, and the record counted so that the change is not silent.  Once per
+        # record taken: a record left for the next burst is not counted twice.
+        if r.caplen > r.wirelen:
+            r.wirelen = r.caplen
+            self.wirelen_raised = self.wirelen_raised + 1
 
     cdef bint _taken_back(self, Batch batch, mbx_pkt *p, size_t at) noexcept nogil:
         # After each frame copied: if the file shrank under the mapping meanwhile
@@ -1089,6 +1108,7 @@ cdef class PcapReader(Port):
                 break
             if self._taken_back(batch, p, r.at):
                 break
+            self._check_wirelen(&r)
             self.pos = r.next_pos
             n += 1
             nbytes += p.caplen

@@ -170,6 +170,11 @@ def _print_counters(c, elapsed, out=None):
     if _port_sum(inp, "truncated"):
         w("input          the capture ends in a record cut short (its writer stopped "
           "mid-write): that record was not read\n")
+    raised = _port_sum(inp, "wirelen_raised")
+    if raised:
+        w(f"input          {raised:,} record{'s' if raised != 1 else ''} with a wire length "
+          "under the captured length (not valid pcap): read, and written to a pcap "
+          "output, with the captured length as the wire length\n")
     for side in [inp] + [inp[s] for s in ("client", "server") if isinstance(inp.get(s), dict)]:
         if side.get("damage"):
             # DPDK net_pcap's file: the pcap port would have ended the run here

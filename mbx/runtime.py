@@ -670,8 +670,9 @@ IDENTIFIERS = ("skipped_linktype",)
 # An input's counters of the input as a whole, not of a process's share: where every
 # stack process reads all of the input (mbx.ports.read_by_every_stack), each counts
 # them alike.  A capture's cut-short end and its frames of a link type mbx does not
-# read; its damage (a text) is one too.
-WHOLE_INPUT = ("truncated", "skipped")
+# read, its records whose wire length was raised to the captured one; its damage (a
+# text) is one too.
+WHOLE_INPUT = ("truncated", "skipped", "wirelen_raised")
 # ... and, from an input that hands every process every frame (a DPDK net_pcap
 # device; a capture reader instead skips the others' frames and counts only its own),
 # what it received

@@ -1027,3 +1027,34 @@ def test_the_spec_parser_refuses_exactly_what_the_afpacket_port_refuses():
             assert parser == _afpacket_refuses(options, rx), (spec, rx)
             checked += 1
     assert checked > 5000
+
+
+def test_a_record_whose_wire_length_is_under_its_captured_length_is_counted(tmp_path):
+    # pcap does not allow it (tcpdump: "Invalid header", Wireshark: "Frame length is
+    # less than captured length"); the stack needs wirelen >= caplen, so it is read
+    # with its captured length on the wire, and counted: never changed silently
+    from mbx.examples.capture import ether, udp4
+
+    frames = [ether(udp4("198.18.0.1", "198.18.0.2", 1000 + i, 2000, b"x" * 11))
+              for i in range(3)]
+    path = tmp_path / "short_wire.pcap"
+    path.write_bytes(classic([(1, 0, frames[0], 20), (2, 0, frames[1], len(frames[1])),
+                              (3, 0, frames[2], 30)], big_endian=False))
+    with PcapReader(path) as r:
+        got = read_all(r, capacity=1)       # records left for a later burst: once each
+        assert [w for _, _, w in got] == [len(f) for f in frames]
+        assert r.wirelen_raised == 2 and r.counters["wirelen_raised"] == 2
+    for k in (0, 1):                        # every stack process walks every record
+        with PcapReader(path) as r:
+            r.rss_share(k, 2)
+            read_all(r)
+            assert r.wirelen_raised == 2
+    out = tmp_path / "o.pcap"
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                        f"pcap:{path}", "--out", f"pcap:{out}", "--json",
+                        str(tmp_path / "c.json")],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "input          2 records with a wire length under the captured length" in r.stdout
+    assert json.loads((tmp_path / "c.json").read_text())["ports"]["in"]["wirelen_raised"] == 2
+    assert [len(f) for _, f in read_frames(out)] == [len(f) for f in frames]
