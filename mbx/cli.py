@@ -183,7 +183,8 @@ def _print_counters(c, elapsed, out=None):
               "if any, are not the capture's\n")
     fr = c["fragments"]
     if any(fr.values()):
-        w(f"fragments      held {fr['held']:,}, reassembled {fr['completed']:,}, "
+        # held: every fragment the table ever took, not what it holds now
+        w(f"fragments      held in all {fr['held']:,}, reassembled {fr['completed']:,}, "
           f"timed out {fr['timed_out']:,}, memcap {fr['memcap_drops']:,}, bad {fr['bad']:,}"
           + (f", incomplete at the end of the input {fr['pending_at_end']:,}"
              if fr.get("pending_at_end") else "")

@@ -1497,3 +1497,21 @@ def test_payload_after_close_is_in_the_summary_and_flows_warns(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "warning: 1 segment with payload came after their connection closed with " \
         "FINs" in r.stderr, r.stderr
+
+
+def test_the_summary_says_fragments_held_are_counted_in_all(tmp_path):
+    # `held` counts every fragment the table ever took, those of a datagram given
+    # up too: "held 2" next to nothing held any more read as two still waiting
+    from mbx.examples.capture import ether, ipv4, udp4, write_pcap
+
+    body = udp4("198.18.0.1", "198.18.0.2", 1000, 2000, b"x" * 40)[20:]
+    first = ether(ipv4("198.18.0.1", "198.18.0.2", 17, body[:24], ident=7, frag=0x2000))
+    second = ether(ipv4("198.18.0.1", "198.18.0.2", 17, body[24:32], ident=7,
+                        frag=0x2000 | 3))
+    cap = tmp_path / "lost_last.pcap"           # the last fragment never came
+    write_pcap(cap, [(1.0, first), (1.001, second)])
+    r = mbx_cmd("run", "l2fwd", "--in", f"pcap:{cap}", "--json", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr
+    fr = json.loads((tmp_path / "c.json").read_text())["fragments"]
+    assert (fr["held"], fr["pending_at_end"]) == (2, 1)
+    assert "fragments      held in all 2, reassembled 0," in r.stdout
