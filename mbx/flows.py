@@ -58,6 +58,7 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
             counters = app.counters()
         cut_short = inp.counters.get("truncated", 0)
         skipped = inp.counters.get("skipped", 0), inp.counters.get("skipped_linktype")
+        raised = inp.counters.get("wirelen_raised", 0)
     finally:
         inp.close()
     named = capture if os.path.exists(capture) else capture_file(capture) or capture
@@ -74,6 +75,12 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
     if cut_short:
         warnings.append("the capture ends in a record cut short (its writer stopped "
                         "mid-write); that packet is not in the summary")
+    if raised:
+        many = raised != 1
+        warnings.append(f"{raised} record{'s' if many else ''} of the capture "
+                        f"{'say' if many else 'says'} fewer bytes on the wire than "
+                        f"{'they' if many else 'it'} captured (not valid pcap): read as "
+                        "captured, every captured byte in the summary")
     deep = counters["parse"].get("too_many_vlan_tags", 0)
     if deep:
         warnings.append(f"{deep} frame{'s' if deep != 1 else ''} behind more than "

@@ -1044,6 +1044,12 @@ def test_a_record_whose_wire_length_is_under_its_captured_length_is_counted(tmp_
         got = read_all(r, capacity=1)       # records left for a later burst: once each
         assert [w for _, _, w in got] == [len(f) for f in frames]
         assert r.wirelen_raised == 2 and r.counters["wirelen_raised"] == 2
+    from mbx.flows import flows_json
+
+    _, warnings = flows_json(str(path))     # mbx flows says it too
+    assert warnings == ["2 records of the capture say fewer bytes on the wire than they "
+                        "captured (not valid pcap): read as captured, every captured byte "
+                        "in the summary"]
     for k in (0, 1):                        # every stack process walks every record
         with PcapReader(path) as r:
             r.rss_share(k, 2)
