@@ -527,9 +527,10 @@ cdef class TcpMonitor(NetworkLayer):
         # What the receiver would not take (RFC 9293 §3.10.7.4), as the state machine
         # judged it: a segment out of its window, or a RST it found invalid.  Neither
         # its payload nor its ACK touches the streams.  A valid RST's data counts (as
-        # tshark's follow counts it), its ACK field does not; and what follows a valid
-        # RST is still delivered: the RST the Monitor saw may never reach the
-        # endpoint (a low TTL), and stopping there would let a sender hide the rest.
+        # tshark's follow counts it) only at the frontier (below), its ACK field
+        # does not; and what follows a valid RST is still delivered: the RST the
+        # Monitor saw may never reach the endpoint (a low TTL), and stopping there
+        # would let a sender hide the rest.
         cdef bint accepted = not (sbits & (TCPEV_OUT_OF_WINDOW | TCPEV_RST_INVALID))
         seq = p.seq + (1 if p.tcp_flags & TH_SYN else 0)
         seen = meta.sent_hi[d]
@@ -592,7 +593,12 @@ cdef class TcpMonitor(NetworkLayer):
                     stream_init(self.pool, s, seq, self.policy)
                 meta.mark |= MARK_INIT0 << d
             before = s.frontier
-            if (p.payload_len == 1 and seen_d and seq + 1 == seen
+            if p.tcp_flags & TH_RST and stream_offset_of(s, seq) != <int64_t>s.frontier:
+                # A RST's text is diagnostics no receiver takes (Linux drops it): as
+                # the next bytes due it is what a reader of the capture sees, but
+                # anywhere else it would stand for, or conflict with, real bytes.
+                fl = 0
+            elif (p.payload_len == 1 and seen_d and seq + 1 == seen
                     and stream_offset_of(s, seq) < <int64_t>s.frontier):
                 # A keep-alive probe: the last byte sent again, which many stacks
                 # fill with garbage (RFC 1122 §4.2.3.6); already delivered, it is

@@ -9,8 +9,8 @@ bytes an event message carries.  ``TcpConn``, ``snapshot_decode`` and the two
 
 Semantics follow mOS's twin stacks (a segment changes its sender's side first, then
 its receiver's, as if it arrived), with what mOS lacks: RSTs are checked against
-the receiver's window, a SYN with another ISN on the same 5-tuple starts a new
-connection, and nothing depends on the IP family.
+the receiver's next sequence number (RFC 5961), a SYN with another ISN on the same
+5-tuple starts a new connection, and nothing depends on the IP family.
 """
 import time
 
@@ -105,27 +105,33 @@ cdef inline uint32_t _rcv_wnd(const tcp_endpoint *r) noexcept nogil:
 
 # Whether a RST from s is acceptable to r (the RST_INVALID rule, decided here):
 # - r in SYN_SENT (its SYN unanswered): the RST must ACK that SYN (RFC 793 p. 66);
-# - otherwise its seq must lie in r's receive window [rcv_nxt, rcv_nxt + wnd),
-#   rcv_nxt being r's highest ACK (or, before r sent one, s's snd_nxt).  This is RFC
-#   793's in-window test, wider than RFC 5961's exact match: the monitor sees r's
-#   ACKs before s does, and a legitimate RST carries s's snd_nxt, which can be ahead
-#   of r's last ACK by the data in flight.  A blind RST must still hit the window.
+# - otherwise its seq must be r's rcv_nxt, as RFC 5961 §3.2 and Linux take it: any
+#   other seq in the window only draws a challenge ACK, and the connection goes on.
+#   The monitor knows rcv_nxt only within bounds: at least r's highest ACK, at most
+#   the most s was seen sending (its snd_nxt; r's ACK if that is further, the
+#   capture having missed s's bytes); before r sent an ACK, s's snd_nxt.  A RST
+#   anywhere in those bounds is taken.  One beyond them is not, even in r's window
+#   (RFC 793's wider test): the monitor would end a connection the receiver keeps,
+#   and stop watching what a sender then says (a forged in-window RST is the
+#   classic way past an IDS).  The opposite error, ignoring a real RST at a seq the
+#   capture missed the bytes before, only keeps the flow until it idles out, and
+#   its sender answers the challenge ACK with a RST at rcv_nxt anyway.
 # - nothing known about either side (the connection's first segment): accepted.
 cdef bint _rst_ok(const tcp_endpoint *s, const tcp_endpoint *r,
                   const mbx_pkt *p) noexcept nogil:
-    cdef uint32_t base, wnd
+    cdef uint32_t lo, hi
     if r.state == TCPS_SYN_SENT and (r.flags & EP_SYN) and not (r.flags & EP_SYNACK):
         return (p.tcp_flags & TH_ACK) != 0 and p.ack == r.snd_nxt
     if r.flags & EP_ACK_KNOWN:
-        base = r.ack
+        lo = r.ack
     elif s.flags & EP_SEQ_KNOWN:
-        base = s.snd_nxt
+        lo = s.snd_nxt
     else:
         return True
-    wnd = _rcv_wnd(r)
-    if wnd == 0:
-        wnd = 1
-    return seq_in(p.seq, base, base + wnd)
+    hi = lo
+    if (s.flags & EP_SEQ_KNOWN) and seq_gt(s.snd_nxt, lo):
+        hi = s.snd_nxt
+    return seq_leq(lo, p.seq) and seq_leq(p.seq, hi)
 
 
 # Decides the options both SYNs agree on, once each side's SYN has been seen.

@@ -1286,6 +1286,50 @@ def test_segments_the_receiver_would_refuse_do_not_reach_the_stream(run, tmp_pat
     assert s2c == (0, _sha(b"")) and gaps == []
 
 
+@pytest.mark.parametrize("policy", ["first", "last"])
+def test_a_rst_past_rcv_nxt_is_no_stream_data(run, tmp_path, policy):
+    """A RST inside the window but 10 bytes past rcv_nxt, carrying 10 bytes, then the
+    real bytes there: Linux answers such a RST with a challenge ACK and keeps the
+    connection (RFC 5961 §3.2), and no receiver takes a RST's text.  Its bytes used
+    to be stored at 110-119 (RFC 793's whole-window test), read by DATA_RDY in place
+    of the real ones, with an OVERLAP_CONFLICT under either policy."""
+    data = bytes(range(150))
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, data[:100])
+    conn.c(111, 1, RST | ACK, b"X" * 10)
+    conn.c(101, 1, PSH | ACK, data[100:])
+    conn.c(151, 1, FIN | ACK)
+    conn.s(1, 152, FIN | ACK)
+    conn.c(152, 2)
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT, mbx.FLOW_TCP_TERMINATE],
+                   side="both")
+    run([rec], frames=conn.frames, overlap=policy)
+    assert by_dir(rec)[0] == data
+    assert rec.of("FLOW/TCP/OVERLAP_CONFLICT") == []
+    # the connection ends with its FINs, not at the RST
+    (term,) = rec.of("FLOW/TCP/TERMINATE")
+    assert term[3]["reason"] == 1
+    rec = next(iter(_flows(tmp_path, conn.frames).values()))
+    assert (rec["c2s_len"], rec["c2s_sha256"]) == (150, _sha(data))
+
+
+def test_a_valid_rst_s_text_counts_only_at_the_frontier(run, tmp_path):
+    """A RST at the receiver's ACK but behind what the sender sent is valid (the
+    Monitor cannot tell rcv_nxt closer), yet its text would overwrite bytes already
+    delivered: it is no stream data and no conflict.  At the frontier it counts."""
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"a" * 20)
+    conn.s(1, 11)                               # the server has 10 of the 20
+    conn.c(11, 1, RST | ACK, b"Z" * 10)         # at its ACK: over delivered bytes
+    conn.c(21, 1, RST | ACK, b"tail")           # at the frontier
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT], side="both")
+    run([rec], frames=conn.frames)
+    assert by_dir(rec)[0] == b"a" * 20 + b"tail"
+    assert rec.of("FLOW/TCP/OVERLAP_CONFLICT") == []
+
+
 def test_data_on_the_window_edge_is_refused(run, tmp_path):
     """Data must start before the receiver's right edge, rcv_nxt + window (RFC 9293
     §3.10.7.4): a zero-window probe's byte at rcv_nxt, and a segment starting just

@@ -159,25 +159,30 @@ def test_rst_valid_and_out_of_window():
     for seq in (5001 + 1000 + 1, 5001 - 1, 5001 + 100000):
         s, r = c.update(srv.frame(RST, seq), 1)
         assert s == ["RST", "RST_INVALID"] and r == ["RST", "RST_INVALID"]
-    assert states(c) == ("ESTABLISHED", "ESTABLISHED") and not c.closed
-    # in window (not the exact next seq): accepted
+    # in window but not rcv_nxt: a challenge ACK, not a reset (RFC 5961 §3.2)
     s, r = c.update(srv.frame(RST | ACK, 5001 + 999, 1011), 1)
+    assert s == ["RST", "RST_INVALID"] and r == ["RST", "RST_INVALID"]
+    assert states(c) == ("ESTABLISHED", "ESTABLISHED") and not c.closed
+    # at rcv_nxt: accepted
+    s, r = c.update(srv.frame(RST | ACK, 5001, 1011), 1)
     assert s == ["RST", "STATE_CHANGE", "TERMINATE"] and r == ["RST", "STATE_CHANGE"]
     assert states(c) == ("CLOSED", "CLOSED") and c.closed_by == "rst"
 
 
-@pytest.mark.parametrize("offset, ok", [(-1, False), (0, True), (999, True),
-                                        (1000, False), (1001, False)])
-def test_rst_window_edges(offset, ok):
-    # The receive window is [RCV.NXT, RCV.NXT + RCV.WND) (RFC 9293 3.5.3, 3.10.7.4):
-    # the client acked 5001 and offers 1000 bytes, so 6000 is the last acceptable
-    # sequence number and 6001, the top edge itself, is out.
+@pytest.mark.parametrize("offset, ok", [(-1, False), (0, True), (5, True), (10, True),
+                                        (11, False), (999, False)])
+def test_rst_between_the_receiver_s_ack_and_the_sender_s_snd_nxt(offset, ok):
+    # The receiver's rcv_nxt, the one seq it resets at (RFC 5961 §3.2), is at least
+    # its last ACK (5011) and at most what the sender sent (5021): the Monitor takes
+    # a RST anywhere there, and none past it, though the window (1000) reaches on.
+    # RFC 793's whole-window test took 5011 + 999 too: a forged RST the receiver
+    # ignores ended the connection in the Monitor's view.
     cli, srv = pair()
     c = TcpConn()
     handshake(c, cli, srv, cwin=1000)
-    c.update(cli.frame(ACK, 1001, 5001, win=1000, data=b"a" * 10), 0)
-    c.update(srv.frame(ACK, 5001, 1011, win=2000), 1)
-    s, r = c.update(srv.frame(RST, 5001 + offset), 1)
+    c.update(srv.frame(ACK | PSH, 5001, 1001, data=b"r" * 20), 1)
+    c.update(cli.frame(ACK, 1001, 5011, win=1000), 0)
+    s, r = c.update(srv.frame(RST, 5011 + offset), 1)
     if ok:
         assert s == ["RST", "STATE_CHANGE", "TERMINATE"] and r == ["RST", "STATE_CHANGE"]
         assert states(c) == ("CLOSED", "CLOSED") and c.closed_by == "rst"
@@ -188,7 +193,7 @@ def test_rst_window_edges(offset, ok):
 
 @pytest.mark.parametrize("offset, ok", [(-1, False), (0, True), (1, False)])
 def test_rst_against_a_zero_window_must_hit_rcv_nxt(offset, ok):
-    # with no window RFC 9293 takes only SEG.SEQ = RCV.NXT (the code's window of 1)
+    # with no window RFC 9293 takes only SEG.SEQ = RCV.NXT
     cli, srv = pair()
     c = TcpConn()
     handshake(c, cli, srv)
