@@ -1355,6 +1355,28 @@ def test_data_on_the_window_edge_is_refused(run, tmp_path):
     assert c2s == (len(want), _sha(want)) and gaps == []
 
 
+def test_a_zero_window_probe_the_receiver_acks_is_a_one_byte_gap(run, tmp_path):
+    """By design (docs/guide.md): a zero-window probe's byte is refused, as Linux
+    refuses it, even when this receiver takes it and ACKs it; the byte it took is
+    then a 1-byte GAP, reported, and the bytes after it are delivered.  Taking the
+    probe would let its byte win over the real one where the receiver drops it
+    (test_data_on_the_window_edge_is_refused)."""
+    data = bytes(range(150))
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, data[:100])
+    conn.s(1, 101, win=0)
+    conn.c(101, 1, ACK, data[100:101])          # the probe
+    conn.s(1, 102, win=1000)                    # taken: the receiver ACKs it
+    conn.c(102, 1, PSH | ACK, data[101:])
+    conn.c(151, 1, FIN | ACK)
+    conn.s(1, 152, FIN | ACK)
+    conn.c(152, 2)
+    c2s, _, gaps = _streams_and_gaps(run, tmp_path, conn)
+    assert gaps == [(0, 100, 1)]
+    assert c2s == (149, _sha(data[:100] + data[101:]))
+
+
 @pytest.mark.parametrize("older_ack", [101, 301], ids=["lower_ack", "same_ack"])
 def test_an_older_ack_seen_late_does_not_narrow_the_window(run, tmp_path, older_ack):
     """The client's ACKs seen out of order (a capture fed by two CPUs does that; seen
