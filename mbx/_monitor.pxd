@@ -127,6 +127,7 @@ cdef class TcpMonitor(NetworkLayer):
     cdef readonly uint64_t memcaps
     cdef readonly uint64_t memcaps_pieces  # of those: STREAM_MAX_OOO pieces held already
     cdef readonly uint64_t memcaps_streams  # of those: no stream free (max_streams in use)
+    cdef readonly uint64_t memcaps_window   # of those: beyond the stream's window
     cdef readonly uint64_t after_close      # segments with payload after a FIN close
     cdef readonly uint64_t syn_data_dropped  # SYN data bytes no receiver took
     cdef readonly uint64_t rst_sent

@@ -39,7 +39,7 @@ from mbx._packet cimport (
 from mbx._shm cimport stack_arena, stack_calloc, stack_free
 from mbx._stack cimport NetworkLayer, fill_flow_body, fill_pkt_body
 from mbx._stream cimport (
-    OVERLAP_FIRST, OVERLAP_LAST, STREAM_CONFLICT, STREAM_MAX_OOO, STREAM_MEMCAP,
+    NO_CHUNK, OVERLAP_FIRST, OVERLAP_LAST, STREAM_CONFLICT, STREAM_MAX_OOO, STREAM_MEMCAP,
     STREAM_PIECES,
     StreamPool, mbx_stream, stream_add, stream_free, stream_gap_end, stream_init,
     stream_offset_of, stream_read, stream_read_run, stream_release, stream_skip_hole,
@@ -662,6 +662,10 @@ cdef class TcpMonitor(NetworkLayer):
             self.memcaps += 1
             if fl & STREAM_PIECES:
                 self.memcaps_pieces += 1
+            elif self.pool.n_free and (self.pool.n_free_ooo or s.ooo != NO_CHUNK):
+                # the pool had chunks and interval blocks left: the stream's own
+                # window cut the bytes, which more stream memory would not have kept
+                self.memcaps_window += 1
             m = self.flow_tcp_msg(T_FLOW_TCP_MEMCAP, p, slot, 0, c)
             if m != NULL:
                 (<flow_tcp_body *>m.body).offset = <uint64_t>stream_offset_of(s, seq)
@@ -1027,7 +1031,7 @@ cdef class TcpMonitor(NetworkLayer):
             # nothing left to compare them with, so a conflict there goes unseen
             "unchecked_bytes": self.pool.unchecked_bytes,
             "memcaps": self.memcaps, "memcaps_pieces": self.memcaps_pieces,
-            "memcaps_streams": self.memcaps_streams,
+            "memcaps_streams": self.memcaps_streams, "memcaps_window": self.memcaps_window,
             "payload_after_close": self.after_close,
             "syn_data_dropped": self.syn_data_dropped,
             "rst_sent": self.rst_sent,

@@ -11,6 +11,8 @@ import time
 from mbx._flow import CAPACITY_MAX
 from mbx.errors import MbxError
 from mbx.examples.capture import FLOWS_MAX as EXAMPLE_FLOWS_MAX
+from mbx.flows import STREAM_WINDOW as FLOWS_WINDOW
+from mbx.flows import STREAM_WINDOW_MAX as FLOWS_WINDOW_MAX
 
 _EPILOG = """\
 examples:
@@ -830,6 +832,10 @@ def main(argv=None):
                    help="concurrent connections tracked (1048576)")
     f.add_argument("--stream-memory", type=int_at_least(1), default=1024,
                    help="MiB for out-of-order data waiting for its hole (1024)")
+    f.add_argument("--stream-window", type=int_at_least(1, FLOWS_WINDOW_MAX),
+                   default=FLOWS_WINDOW,
+                   help="MiB a stream holds beyond its next byte: the largest hole it "
+                        f"reassembles across ({FLOWS_WINDOW}, at most {FLOWS_WINDOW_MAX})")
     t = sub.add_parser("types", help="list the registered event types")
     t.add_argument("--fields", action="store_true")
     args = p.parse_args(argv)
@@ -881,6 +887,7 @@ def main(argv=None):
             with stop_on_signals() as stop:     # a live port: the summary so far
                 doc, warnings = flows_json(args.capture, flow_capacity=args.flows,
                                            stream_memory=args.stream_memory << 20,
+                                           stream_window=args.stream_window << 20,
                                            stop=stop)
             text = json.dumps(doc, indent=1) + "\n"
             if args.output:

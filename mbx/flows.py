@@ -16,6 +16,12 @@ from mbx.ports import capture_file, open_input
 from mbx.runtime import App
 
 SCHEMA = "mbx-flows/1"
+CHUNK_SIZE = 2048
+# MiB: the most out-of-order bytes a stream holds beyond its next byte (the largest
+# hole it can reassemble across) by default, and at most: a stream maps at most
+# 65,535 chunks (the stream pool's bound) of CHUNK_SIZE
+STREAM_WINDOW = 64
+STREAM_WINDOW_MAX = (0xFFFF * CHUNK_SIZE) >> 20
 
 
 def number_keys(summary):
@@ -31,9 +37,10 @@ def number_keys(summary):
 
 
 def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
-               chunk_size=2048, stop=None):
+               stream_window=STREAM_WINDOW << 20, chunk_size=CHUNK_SIZE, stop=None):
     """The ``mbx-flows/1`` object for ``capture`` and a list of warnings (anything
-    that may make the summary incomplete: memory caps, evicted flows).  A capture
+    that may make the summary incomplete: memory caps, a stream's window, evicted
+    flows).  A capture
     damaged midway gives the connections read before the damage and an ``error``
     key saying what stopped the reading.  ``stop``
     (anything with ``is_set()``) ends a live input: the summary then covers what
@@ -44,7 +51,7 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
     # of the capture, never because it paused.
     app = App([], flow_capacity=flow_capacity, idle_timeout=1e9, stack="tcp",
               summarise=True, max_streams=flow_capacity, stream_memory=stream_memory,
-              chunk_size=chunk_size, stream_window=64 << 20)
+              chunk_size=chunk_size, stream_window=stream_window)
     error = None
     try:
         try:
@@ -96,11 +103,17 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
         warnings.append(f"{pieces} segments lost bytes: their stream held {MAX_OOO_PIECES} "
                         "out-of-order pieces already (the bound on a stream's holes; heavy "
                         "loss or reordering); their connections' digests are incomplete")
+    window = tcp["memcaps_window"]
+    if window:
+        warnings.append(f"{window} segments lost bytes: they lay more than the stream "
+                        f"window ({stream_window / (1 << 20):g} MiB) beyond their stream's "
+                        "next byte (a hole that large): raise --stream-window; their "
+                        "connections' digests are incomplete")
     no_stream = tcp["memcaps_streams"]     # said below, with the segments of no stream
-    if tcp["memcaps"] - pieces - no_stream:
-        warnings.append(f"{tcp['memcaps'] - pieces - no_stream} segments lost bytes to "
-                        "memory caps: raise --stream-memory; their connections' digests "
-                        "are incomplete")
+    if tcp["memcaps"] - pieces - window - no_stream:
+        warnings.append(f"{tcp['memcaps'] - pieces - window - no_stream} segments lost "
+                        "bytes to memory caps: raise --stream-memory; their connections' "
+                        "digests are incomplete")
     if tcp["streams_exhausted"]:
         warnings.append(f"{tcp['streams_exhausted']} segments found no stream (one per flow "
                         f"slot, all in use), {no_stream} of them with bytes lost: raise "

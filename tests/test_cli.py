@@ -203,6 +203,10 @@ IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
     (["example-capture", "."], "example-capture: path '.' is a directory, not a file"),
     (["example-capture", "/nonexistent/x.pcap"], "directory /nonexistent does not exist"),
     (["flows", ""], "mbx flows: name a capture file"),
+    (["flows", "x.pcap", "--stream-window", "0"], "--stream-window: '0': must be at least 1"),
+    # a stream maps at most 65,535 chunks of 2 KiB: past that the stack refused it
+    (["flows", "x.pcap", "--stream-window", "128"],
+     "--stream-window: '128': must be at most 127"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--inflight", "2", "--ring-full", "drop"],
      "--inflight, --ring-full: for --deploy pipelined only (this run is inline)"),
     (["run", "l2fwd", "--in", "afpacket:lo?ring=v3&retire_ms=0"],

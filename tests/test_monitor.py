@@ -18,7 +18,7 @@ from mbx import NFError
 from mbx._tcp import snapshot_decode
 from mbx.errors import MbxError, PermissionDenied
 from mbx.examples.capture import ether, tcp4, tcp6, write_pcap
-from mbx.flows import flows_json
+from mbx.flows import STREAM_WINDOW_MAX, flows_json
 
 M32 = 0xFFFFFFFF
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -1080,6 +1080,53 @@ def test_flows_names_the_piece_bound_not_memory(tmp_path):
     assert warnings == [f"{lost} segments lost bytes: their stream held {MAX_OOO_PIECES} "
                         "out-of-order pieces already (the bound on a stream's holes; heavy "
                         "loss or reordering); their connections' digests are incomplete"]
+
+
+def _hole_past_the_window(tmp_path, hole):
+    """A capture that missed ``hole`` bytes of a window-scaled (shift 14) connection
+    whose receiver ACKs them all: 100 bytes, then 100 more past the hole."""
+    cli, srv, frames = ("10.0.0.1", 40000), ("10.0.0.2", 80), []
+
+    def seg(src, dst, seq, ack, flags, data=b"", opts=b""):
+        frames.append((1.0 + len(frames) / 1000, ether(tcp4(
+            src[0], dst[0], src[1], dst[1], data, seq=seq & M32, ack=ack & M32,
+            flags=flags, win=65535, opts=opts))))
+
+    ws = b"\x01\x03\x03\x0e"                     # NOP, window scale 14
+    seg(cli, srv, 1000, 0, SYN, opts=ws)
+    seg(srv, cli, 5000, 1001, SYN | ACK, opts=ws)
+    seg(cli, srv, 1001, 5001, ACK)
+    seg(srv, cli, 5001, 1001, ACK)              # a scaled window: 1 GiB
+    seg(cli, srv, 1001, 5001, PSH | ACK, b"a" * 100)
+    seg(cli, srv, 1101 + hole, 5001, PSH | ACK, b"b" * 100)
+    seg(srv, cli, 5001, 1201 + hole, ACK)
+    path = str(tmp_path / "hole.pcap")
+    write_pcap(path, frames)
+    return path
+
+
+def test_flows_names_the_stream_window_not_memory(tmp_path):
+    """Bytes beyond the stream's window (64 MiB past its next byte in `mbx flows`)
+    are dropped whatever the stream memory: the warning used to send the user to
+    --stream-memory, which cannot help; it names --stream-window, and a window
+    large enough keeps them (the hole then a gap the ACK proves)."""
+    path = _hole_past_the_window(tmp_path, 80 << 20)
+    doc, warnings = flows_json(path)
+    (rec,) = doc["connections"].values()
+    assert rec["c2s_len"] == 100
+    assert warnings == ["1 segments lost bytes: they lay more than the stream window "
+                        "(64 MiB) beyond their stream's next byte (a hole that large): "
+                        "raise --stream-window; their connections' digests are incomplete"]
+    # the largest --stream-window is one the stack takes, and the next is not
+    doc, warnings = flows_json(path, stream_window=STREAM_WINDOW_MAX << 20)
+    (rec,) = doc["connections"].values()
+    assert warnings == [] and (rec["c2s_len"], rec["c2s_sha256"]) == (
+        200, _sha(b"a" * 100 + b"b" * 100))
+    with pytest.raises(MbxError, match="stream_window must be at most 65,535 chunks"):
+        flows_json(path, stream_window=(STREAM_WINDOW_MAX + 1) << 20)
+    # a pool of one chunk, held by the first bytes: memory, not the window, says so
+    doc, warnings = flows_json(path, stream_memory=2048, stream_window=100 << 20)
+    assert len(warnings) == 1 and "raise --stream-memory" in warnings[0]
 
 
 def _sha(b):
