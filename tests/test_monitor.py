@@ -1206,6 +1206,27 @@ def test_flows_rst_data_counts(tmp_path):
     assert (rec["s2c_len"], rec["s2c_sha256"]) == (3, _sha(b"bye"))
 
 
+def test_flows_close_is_rst_for_any_rst_even_an_invalid_one(run, tmp_path):
+    """By design (docs/guide.md, tests/interop/reference.py): `close` is a header
+    fact, "rst" when any segment had RST.  A blind RST far outside the window, then a
+    FIN close: the Monitor ignores the RST (the connection ends by its FINs, its
+    bytes intact), and `close` still says "rst"."""
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"a" * 100)
+    conn.c(101 + 10**7, 1, RST | ACK, b"forged")
+    conn.c(101, 1, FIN | ACK)
+    conn.s(1, 102, FIN | ACK)
+    conn.c(102, 2)
+    rec = Recorder([mbx.FLOW_TCP_TERMINATE], side="both")
+    run([rec], frames=conn.frames)
+    (term,) = rec.of("FLOW/TCP/TERMINATE")
+    assert term[3]["reason"] == 1               # by FINs
+    r = next(iter(_flows(tmp_path, conn.frames).values()))
+    assert r["close"] == "rst"
+    assert (r["c2s_len"], r["c2s_sha256"]) == (100, _sha(b"a" * 100))
+
+
 def test_flows_truncated_frames(tmp_path):
     """A frame cut by the snaplen: only its captured bytes count; the rest, once
     ACKed, is a gap."""
