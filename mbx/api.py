@@ -92,10 +92,16 @@ def mb_nf_run(argv=None):
     if st.loading:
         return None
     from mbx.cli import run_script
+    from mbx.runtime import script_nfs
 
-    # A script run on its own: every NF it defined, in order, then the implicit one.
-    main = vars(sys.modules.get("__main__", sys))
-    nfs = [v for k, v in main.items() if isinstance(v, NF) and not k.startswith("_")]
-    if current_nf() not in nfs:
-        nfs.append(current_nf())
+    # A script run on its own: the NFs mbx run would find in it (not an implicit NF
+    # made here, which would run with nothing subscribed and count nothing)
+    main = sys.modules.get("__main__", sys)
+    nfs = script_nfs(vars(main), [st.implicit] if st.implicit is not None else [])
+    if not nfs:
+        # as run_script says an error: the command line's, no traceback
+        path = getattr(main, "__file__", None) or "the script"
+        sys.exit(f"error: {path}: mb_nf_run() found no NF (nor would mbx run): "
+                 "create mbx.NF(...) under a global name, or a list of them, or call "
+                 "mb_sub before it")
     return run_script(nfs, sys.argv[1:] if argv is None else argv)

@@ -211,8 +211,19 @@ def _load_file(path, options):
     if options:
         raise AppError(f"NF file {path}: options {sorted(options)} given but the file "
                        "defines no make(**options)")
+    nfs = script_nfs(scope, created)
+    if not nfs:
+        raise AppError(f"NF file {path}: defines no NF (create mbx.NF(...) or call mb_sub)")
+    return nfs
+
+
+def script_nfs(scope, created):
+    """The NFs a script defined: those, and lists of those, its globals hold under
+    public names, in order, then ``created`` (the NF its mb_* calls made).  One rule
+    for ``mbx run FILE`` and ``mb_nf_run()`` in the script run on its own, so that
+    both run the same NFs (an NF only a function's local holds is found by neither)."""
     nfs = []
-    for key, value in scope.items():     # NFs, and lists of NFs, under public names
+    for key, value in scope.items():
         if key.startswith("_"):
             continue
         group = value if isinstance(value, list | tuple) and value and all(
@@ -221,8 +232,6 @@ def _load_file(path, options):
     for nf in created:
         if nf not in nfs:
             nfs.append(nf)
-    if not nfs:
-        raise AppError(f"NF file {path}: defines no NF (create mbx.NF(...) or call mb_sub)")
     return nfs
 
 
