@@ -336,13 +336,17 @@ def load_app_file(path):
                                       not all(isinstance(v, dict) for v in value.values())):
                 raise AppError(f"{where}: [[nf]] {key} = {value!r}: expected {kind}")
         # an NF file, whole or "FILE.py:NAME" (one NF of several), is found relative
-        # to the application file
+        # to the application file, and only there: a file of the same name in the
+        # current directory is another NF, which must not run in its place
         file, colon, nf_name = use.rpartition(":")
         if not (colon and file.endswith(".py")):
             file, nf_name = use, ""
-        if file.endswith(".py") and not os.path.isabs(file) and not os.path.exists(file):
+        if file.endswith(".py") and not os.path.isabs(file):
             use = os.path.join(base, file) + (f":{nf_name}" if nf_name else "")
             file = os.path.join(base, file)
+            if not os.path.isfile(file):
+                raise AppError(f"{where}: NF file {file}: no such file (a relative "
+                               "path is relative to the application file)")
         stem = os.path.splitext(os.path.basename(file))[0] if file.endswith(".py") else use
         wanted = entry.get("name")
         opts = dict(entry.get("options", {}))
@@ -409,10 +413,11 @@ def _merge_function(spec, base, where):
                        "\"file.py:function\" or \"module:function\"")
     try:
         if source.endswith(".py"):
-            if not os.path.isabs(source) and not os.path.exists(source):
+            if not os.path.isabs(source):     # next to the application file only
                 source = os.path.join(base, source)
             if not os.path.isfile(source):
-                raise AppError(f"{where}: {source}: no such file")
+                raise AppError(f"{where}: {source}: no such file (a relative path is "
+                               "relative to the application file)")
             try:
                 scope = runpy.run_path(source, run_name="mbx_merge")
             except Exception as exc:

@@ -223,6 +223,49 @@ def test_nf_files_are_found_beside_the_application_file(tmp_path, monkeypatch):
         "FLOW/END", "FLOW/START"]
 
 
+def test_a_file_in_the_current_directory_never_stands_in_for_one_beside_the_app(
+        tmp_path, monkeypatch):
+    # use = "x.py" and merge = "x.py:fn" were looked up in the current directory
+    # first: a file of the same name there ran in place of the application's own.
+    sub = tmp_path / "app"
+    sub.mkdir()
+    for where, name in ((sub, "mine"), (tmp_path, "impostor")):
+        write(where, "nf.py", f"""
+            import mbx
+
+            nf = mbx.NF("{name}", group="g")
+            nf.sub("PKT", lambda ev: None)
+            """)
+        write(where, "votes.py", f"""
+            def {name}(votes):
+                return False
+            """)
+    app = write(sub, "app.toml", """
+        [[nf]]
+        use = "nf.py"
+        group = "g"
+        [[nf]]
+        use = "l2fwd"
+        group = "g"
+        [groups.g]
+        merge = "votes.py:mine"
+        """)
+    monkeypatch.chdir(tmp_path)
+    spec = load_app_file(app)
+    assert spec.nfs[0].name == "mine"
+    assert spec.nfs[0].group_merge.__name__ == "mine"
+    # beside the application file only: the message says where it looked
+    (sub / "votes.py").unlink()
+    with pytest.raises(AppError) as info:
+        load_app_file(app)
+    assert f"{sub / 'votes.py'}: no such file" in str(info.value)
+    (sub / "nf.py").unlink()
+    with pytest.raises(AppError) as info:
+        load_app_file(app)
+    assert f"NF file {sub / 'nf.py'}: no such file" in str(info.value)
+    assert "relative to the application file" in str(info.value)
+
+
 @pytest.mark.parametrize("body, message", [
     ("""
      [[nf]]
