@@ -206,8 +206,10 @@ def _load_file(path, options):
             at = raising_line(exc, path)
             at = f", line {at[1]}" if at else ""
             raise AppError(f"NF file {path}{at}: {type(exc).__name__}: {exc}") from exc
-    if callable(scope.get("make")):
-        return _make(scope["make"], options, f"NF file {path}: make()")
+        if callable(scope.get("make")):
+            # inside the file's loading context: mb_* calls in make() act on the
+            # file's own NF, named after it, not on one every such file would share
+            return _make(scope["make"], options, f"NF file {path}: make()")
     if options:
         raise AppError(f"NF file {path}: options {sorted(options)} given but the file "
                        "defines no make(**options)")
@@ -281,23 +283,26 @@ def load_app(spec, options=None):
                                "module name and the NF, list or factory it defines")
             if os.getcwd() not in sys.path:
                 sys.path.append(os.getcwd())    # as python -m would find it, last
-            try:
-                module = importlib.import_module(mod_name)
-            except ModuleNotFoundError as exc:
-                # the module itself is missing, or one it imports (its line, then)
-                where = (" in the current directory, PYTHONPATH or the installed "
-                         "packages") if exc.name == mod_name.partition(".")[0] else \
-                    user_code_line(exc)
-                raise AppError(f"NF {item}: {exc}{where}") from exc
-            except Exception as exc:
-                raise AppError(f"NF {item}: {type(exc).__name__}: {exc}"
-                               f"{user_code_line(exc)}") from exc
-            try:
-                obj = getattr(module, attr)
-            except AttributeError as exc:
-                raise AppError(f"NF {item}: {exc}") from exc
-            nfs += _make(obj, opts, f"NF {item}") if callable(obj) and not isinstance(
-                obj, NF) else _as_nfs(obj, f"NF {item}")
+            # as for an NF file: mb_* calls as the module loads, or in its factory,
+            # act on an NF named after the module (mb_nf_run returns at once)
+            with api.loading(mod_name.rpartition(".")[2]):
+                try:
+                    module = importlib.import_module(mod_name)
+                except ModuleNotFoundError as exc:
+                    # the module itself is missing, or one it imports (its line, then)
+                    where = (" in the current directory, PYTHONPATH or the installed "
+                             "packages") if exc.name == mod_name.partition(".")[0] else \
+                        user_code_line(exc)
+                    raise AppError(f"NF {item}: {exc}{where}") from exc
+                except Exception as exc:
+                    raise AppError(f"NF {item}: {type(exc).__name__}: {exc}"
+                                   f"{user_code_line(exc)}") from exc
+                try:
+                    obj = getattr(module, attr)
+                except AttributeError as exc:
+                    raise AppError(f"NF {item}: {exc}") from exc
+                nfs += _make(obj, opts, f"NF {item}") if callable(obj) and not \
+                    isinstance(obj, NF) else _as_nfs(obj, f"NF {item}")
         else:
             raise AppError(
                 f"unknown NF {item!r}{did_you_mean(item, BUILTIN_NFS)}: use a built-in "

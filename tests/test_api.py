@@ -66,3 +66,35 @@ def test_script_with_no_nf_it_can_find_is_refused(tmp_path, example_pcap):
     r = subprocess.run([*MBX, "run", path, "--in", f"pcap:{example_pcap}", "-q"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "defines no NF" in r.stderr
+
+
+MB_MAKE = """
+import mbx
+from mbx import mb_sub
+from mbx.api import current_nf
+
+def on(ev):
+    pass
+
+def make():
+    mb_sub(mbx.FLOW_START, on)
+    return current_nf()
+"""
+
+
+def test_mb_calls_in_make_act_on_an_nf_of_each_file(tmp_path, monkeypatch):
+    # make() ran after the file's loading context had ended: its mb_* calls fell to
+    # one NF named after __main__ ("mbx" under mbx run), shared by every such file,
+    # so a second one failed ("already subscribed to FLOW/START").
+    from mbx.runtime import load_app
+
+    for name in ("api_one", "api_two", "api_mod"):
+        (tmp_path / f"{name}.py").write_text(MB_MAKE)
+    (tmp_path / "api_top.py").write_text(MB_MAKE.replace(
+        "def make():", "mb_sub(mbx.FLOW_END, on)\nnf = current_nf()\n\ndef make():"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    nfs = load_app(f"{tmp_path / 'api_one.py'}+{tmp_path / 'api_two.py'}"
+                   "+api_mod:make+api_top:nf")
+    assert [nf.name for nf in nfs] == ["api_one", "api_two", "api_mod", "api_top"]
+    assert len(set(map(id, nfs))) == 4
+    assert all(len(nf.subs) == 1 for nf in nfs)
