@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 
-from mbx._events import NF, dispatching_nf
+from mbx._events import NF, PubPort, dispatching_nf
 
 _state = threading.local()
 
@@ -82,8 +82,15 @@ def mb_new_msg(etype):
 
 
 def mb_publish_event(port, msg):
-    """Publish ``msg`` on the output port ``port``."""
-    return port.nf.publish(port, msg)
+    """Publish ``msg`` on the output port ``port``: as the NF whose handler is
+    running (a port of another NF is refused, as ``NF.publish`` refuses it), else as
+    the port's NF."""
+    # never as port.nf from inside a handler: NF a holding NF b's port would publish
+    # as b, and a subscriber would see b as the publisher of what a sent
+    running = dispatching_nf()
+    if running is None and isinstance(port, PubPort):
+        running = port.nf
+    return (running if running is not None else current_nf()).publish(port, msg)
 
 
 def mb_nf_run(argv=None):

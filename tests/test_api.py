@@ -98,3 +98,37 @@ def test_mb_calls_in_make_act_on_an_nf_of_each_file(tmp_path, monkeypatch):
     assert [nf.name for nf in nfs] == ["api_one", "api_two", "api_mod", "api_top"]
     assert len(set(map(id, nfs))) == 4
     assert all(len(nf.subs) == 1 for nf in nfs)
+
+
+def test_mb_publish_event_publishes_as_the_nf_whose_handler_runs(run, example_pcap):
+    # It published as the port's NF: NF a holding NF b's port published as b (a
+    # subscriber saw b as the publisher), where a.publish(port_b, msg) is refused.
+    import mbx
+    from mbx import mb_new_msg, mb_publish_event
+    from mbx.errors import SubscriptionError
+
+    t = mbx.register_event_type("TEST_API_XPUB", fields=[("v", "u8")])
+    a, b, c = mbx.NF("a"), mbx.NF("b"), mbx.NF("c")
+    port_a, port_b = a.pub(t), b.pub(t)
+    b.sub(mbx.FLOW_END, lambda ev: None)
+    tried = []
+
+    def on_start(ev):
+        if tried:
+            return
+        for port in (port_b, port_a):
+            msg = mb_new_msg(t)
+            msg.v = 1
+            try:
+                mb_publish_event(port, msg)
+                tried.append("published")
+            except SubscriptionError as exc:
+                tried.append(str(exc))
+
+    a.sub(mbx.FLOW_START, on_start)
+    publishers = []
+    c.sub(t, lambda ev: publishers.append(ev.publisher))
+    run([a, b, c], example_pcap)
+    assert tried == ["NF a: <PubPort b:TEST_API_XPUB> is not one of this NF's "
+                     "publication ports", "published"]
+    assert publishers == [1]        # 1 + a's position in the chain, not b's 2
