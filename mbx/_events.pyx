@@ -585,6 +585,14 @@ class NF:
             raise SubscriptionError(f"NF {self.name}: filter before the run starts (the "
                                     "bus compiled the filters when it started)")
         key = None if etype is None else event_type(etype).idx
+        if key in self.filters:
+            # refused, not replaced (the first would be lost, silently) nor ANDed
+            # (one Filter per subscription is what the bus compiles)
+            what = "every subscription" if key is None else event_types()[key].name
+            raise SubscriptionError(
+                f"NF {self.name}: a second filter for {what} (it has "
+                f"{self.filters[key]!r}; one filter per subscription: put every "
+                "condition in one)")
         unknown = set(spec) - set(FILTER_KEYS)
         if unknown:
             raise SubscriptionError(f"filter: unknown key(s) {', '.join(sorted(unknown))} "

@@ -376,7 +376,9 @@ def load_app_file(path):
                 for tname, spec in entry.get("filters", {}).items():
                     nf.filter(tname, **spec)
             except (MbxError, TypeError) as exc:
-                raise AppError(f"{where}: NF {nf.name}: filter: {exc}") from None
+                # (a message that names the NF already is not prefixed twice)
+                said = str(exc).removeprefix(f"NF {nf.name}: ")
+                raise AppError(f"{where}: NF {nf.name}: filter: {said}") from None
             for tname in entry.get("filters", {}):
                 # a filter applies to the subscription of exactly its type: on any
                 # other it would never be consulted

@@ -194,6 +194,34 @@ def test_a_per_type_filter_replaces_the_nf_wide_one_for_its_type_only(tmp_path):
         (6, 40000, 80), (6, 40001, 80), (17, 40000, 80), (17, 40001, 80)]
 
 
+def test_a_second_filter_for_one_subscription_is_refused(tmp_path):
+    # The second replaced the first, silently: in code, and in an application file
+    # through two names of one type ("flow.end" and END are both FLOW/END).
+    nf = mbx.NF("twice")
+    nf.sub(mbx.PKT, lambda ev: None)
+    nf.filter(mbx.PKT, proto="tcp")
+    with pytest.raises(mbx.SubscriptionError) as info:
+        nf.filter("pkt", dst_port=80)
+    assert str(info.value).startswith("NF twice: a second filter for PKT (it has "
+                                      "Filter(proto='tcp')")
+    nf.filter(None, proto="udp")
+    with pytest.raises(mbx.SubscriptionError, match="second filter for every sub"):
+        nf.filter(None, dst_port=53)
+    assert set(nf.filters) == {mbx.PKT.idx, None}
+    app = write(tmp_path, "app.toml", """
+        [[nf]]
+        use = "flow_stats"
+        [nf.filters."flow.end"]
+        proto = "tcp"
+        [nf.filters.END]
+        dst_port = 80
+        """)
+    with pytest.raises(AppError) as info:
+        load_app_file(app)
+    assert "app.toml, line 2: NF flow_stats: filter: a second filter for FLOW/END" in str(
+        info.value)
+
+
 def test_nf_files_are_found_beside_the_application_file(tmp_path, monkeypatch):
     # "FILE.py:NAME" (one NF of a file of several) was looked up in the current
     # directory, and its options were keyed by the whole "FILE.py:NAME" and lost.
