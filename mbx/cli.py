@@ -312,7 +312,7 @@ def _run_checked(nfs, args, spec):
         read_files,
         written_files,
     )
-    from mbx.runtime import App, check_writable, unused_monitor_options
+    from mbx.runtime import App, check_writable, unused_monitor_options, writes_as_is
 
     if spec is None:    # a chain: the links mbx check would refuse, refused here too
         check(args.app if hasattr(args, "app") else "the NFs", "", args.stack or "auto",
@@ -332,7 +332,7 @@ def _run_checked(nfs, args, spec):
         # failed start), so a path it cannot write is refused here, before the run;
         # each stack process writes its own (mbx.runtime.output_path), and one that
         # could not would fail only after the others had written theirs
-        for path in ([out_file] if args.stacks <= 1 else
+        for path in ([out_file] if args.stacks <= 1 or writes_as_is(out_file) else
                      [f"{out_file}.stack{k}" for k in range(args.stacks)]):
             check_writable(path, "--out")
 
@@ -590,7 +590,7 @@ def _print_stacks(stacks):
 
 def _run_parallel(nfs, args, config, listeners, view):
     from mbx.ports import packet_sockets_before, read_by_every_stack, written_files
-    from mbx.runtime import check_one_stack, merge_snapshots, run_parallel
+    from mbx.runtime import check_one_stack, merge_snapshots, run_parallel, writes_as_is
 
     if config.get("deploy", "inline") != "inline":
         raise MbxError("--stacks runs inline stack processes; drop --deploy")
@@ -650,8 +650,9 @@ def _run_parallel(nfs, args, config, listeners, view):
         if args.out and args.out != args.inp:
             files += written_files(args.out)
         for path in dict.fromkeys(files):
-            print(f"written        {path}.stack0 .. .stack{args.stacks - 1}, one per "
-                  "stack process (as are the files a Logger writes)")
+            if not writes_as_is(path):
+                print(f"written        {path}.stack0 .. .stack{args.stacks - 1}, one "
+                      "per stack process (as are the files a Logger writes)")
     if view is not None:
         view.final(final, elapsed)
     if args.json:

@@ -10,6 +10,7 @@ import inspect
 import os
 import re
 import runpy
+import stat
 import sys
 
 from mbx import _events, api
@@ -95,9 +96,21 @@ def check_output_free(path, what):
 def output_path(path):
     """The file this process should write for ``path``: ``path`` itself, or
     ``path.stackK`` in stack process K of a ``run_parallel`` run, so that stack
-    processes never write over one another (pcap outputs, Logger files)."""
+    processes never write over one another (pcap outputs, Logger files); a path
+    that is not a regular file (``writes_as_is``) is ``path`` in every process."""
     k, n = _stack_process
-    return f"{path}.stack{k}" if n > 1 else path
+    return f"{path}.stack{k}" if n > 1 and not writes_as_is(path) else path
+
+
+def writes_as_is(path):
+    """Is ``path`` something other than a regular file (a device such as /dev/null
+    or a terminal, a FIFO, a socket)?  Every stack process then writes it as it
+    is: ``path.stackK`` beside it would be a new regular file (/dev/null.stack0),
+    not what the user named."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:         # not there yet: a file the run creates
+        return False
 
 
 def _as_nfs(obj, where):

@@ -197,6 +197,36 @@ def test_stacks_may_write_beside_the_input_capture_under_its_name(tmp_path):
     assert sum(len(read_frames(f"{cap}.stack{k}")) for k in range(2)) == n
     assert len(read_frames(cap)) == n               # the input is as it was
 
+def test_a_path_that_is_not_a_regular_file_is_written_as_it_is(tmp_path, monkeypatch):
+    # A Logger's path (or a pcap output) of /dev/null or a FIFO became
+    # PATH.stackK in each stack process: new regular files, /dev/null.stack0 ...
+    from mbx import runtime
+    from mbx.nfs.logger import make as logger
+
+    fifo = str(tmp_path / "events.fifo")
+    os.mkfifo(fifo)
+    monkeypatch.setattr(runtime, "_stack_process", (1, 2))
+    assert runtime.output_path("/dev/null") == "/dev/null"
+    assert runtime.output_path(fifo) == fifo
+    assert runtime.output_path(str(tmp_path / "log")) == str(tmp_path / "log.stack1")
+    monkeypatch.undo()
+    cap = str(tmp_path / "many.pcap")
+    many_flows_capture(cap, flows=50, packets=500)
+    # this process holds both ends, so that neither stack's open waits for a reader
+    # and the reader's end of file waits for the run: 50 lines fit in the pipe
+    r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    w = os.open(fifo, os.O_WRONLY)
+    try:
+        merged, _ = run_parallel(lambda: [logger(path=fifo, types="FLOW/START")],
+                                 "pcap:" + cap, stacks=2)
+    finally:
+        os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        lines = fh.read().splitlines()
+    assert sorted(os.listdir(tmp_path)) == ["events.fifo", "many.pcap"]
+    assert len(lines) == merged["nfs"]["logger"]["report"]["events"] == 50
+
+
 def test_each_stack_holds_its_share_of_the_flow_capacity(tmp_path):
     assert [stack_share(100, k) for k in (1, 2, 3, 4)] == [100, 64, 64, 32]
     assert stack_share(131072, 2) == 65536 and stack_share(1, 2) == 1

@@ -6,7 +6,8 @@ including FLOW/STATS from Flow_Stats).
 
 The file is opened when the run starts (``start``), so ``mbx check`` leaves an
 existing log alone.  With ``--stacks N`` each
-stack process writes ``PATH.stackK`` (``mbx.runtime.output_path``).
+stack process writes ``PATH.stackK`` (``mbx.runtime.output_path``), or PATH itself
+when it is not a regular file (/dev/null, a FIFO).
 """
 import json
 import sys
