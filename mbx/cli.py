@@ -266,7 +266,13 @@ def _json_on_stdout(args):
 
 
 def _write_json(args, counters):
-    text = json.dumps(counters, indent=2)
+    try:
+        # never NaN/Infinity, which json.dumps writes by default and no JSON reader
+        # takes (NF reports are checked for them in take_report)
+        text = json.dumps(counters, indent=2, allow_nan=False)
+    except ValueError as exc:
+        raise MbxError(f"--json {args.json}: the counters hold a value JSON cannot "
+                       f"carry ({exc}): nothing written") from None
     if args.json == "-":
         args.json_stdout.write(text + "\n")
         args.json_stdout.flush()

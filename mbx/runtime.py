@@ -660,7 +660,9 @@ def take_report(nf):
             return None
         if not isinstance(report, dict):
             raise TypeError(f"report() returned {type(report).__name__}, not a dict")
-        text = json.dumps(report)
+        # NaN and infinities refused: json.dumps writes them as NaN/Infinity by
+        # default, which no JSON reader takes (--json would write invalid JSON)
+        text = json.dumps(report, allow_nan=False)
     except Exception as exc:            # noqa: BLE001 (kept in the counters instead)
         return {"error": f"NF {nf.name}: report(): {type(exc).__name__}: {exc}"}
     size = len(text.encode("utf-8"))

@@ -1,8 +1,11 @@
 """The paper's function form (mbx.api) and how a script or a file's NFs are found:
 what runs is what the user wrote, and nothing else runs in its place."""
+import json
 import subprocess
 import sys
 import textwrap
+
+import mbx
 
 MBX = [sys.executable, "-m", "mbx.cli"]
 
@@ -103,7 +106,6 @@ def test_mb_calls_in_make_act_on_an_nf_of_each_file(tmp_path, monkeypatch):
 def test_mb_publish_event_publishes_as_the_nf_whose_handler_runs(run, example_pcap):
     # It published as the port's NF: NF a holding NF b's port published as b (a
     # subscriber saw b as the publisher), where a.publish(port_b, msg) is refused.
-    import mbx
     from mbx import mb_new_msg, mb_publish_event
     from mbx.errors import SubscriptionError
 
@@ -132,3 +134,29 @@ def test_mb_publish_event_publishes_as_the_nf_whose_handler_runs(run, example_pc
     assert tried == ["NF a: <PubPort b:TEST_API_XPUB> is not one of this NF's "
                      "publication ports", "published"]
     assert publishers == [1]        # 1 + a's position in the chain, not b's 2
+
+
+def test_a_report_json_cannot_carry_becomes_an_error_and_json_stays_valid(
+        tmp_path, example_pcap):
+    # report() returning NaN or an infinity went into --json as NaN/Infinity,
+    # which json.dumps writes by default and no JSON reader (jq, JSON.parse) takes.
+    from mbx.runtime import take_report
+
+    nf = _script(tmp_path, "nanr.py", """
+        nf = C("nanr")
+        nf.report = lambda: {"ratio": float("nan"), "peak": float("inf")}
+        """)
+    out = tmp_path / "counters.json"
+    r = subprocess.run([*MBX, "run", nf, "--in", f"pcap:{example_pcap}", "-q",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+
+    def refuse(const):
+        raise AssertionError(f"--json wrote {const}")
+
+    report = json.loads(text, parse_constant=refuse)["nfs"]["nanr"]["report"]
+    assert report["error"].startswith("NF nanr: report(): ValueError: Out of range")
+    neg = mbx.NF("neg")
+    neg.report = lambda: {"low": float("-inf")}
+    assert "error" in take_report(neg)
