@@ -12,6 +12,8 @@ import re
 import runpy
 import stat
 import sys
+import types
+import typing
 
 from mbx import _events, api
 from mbx._events import NF, EventBus, NFError
@@ -138,7 +140,8 @@ def _make(factory, options, where):
     if unknown:
         shown = [k for k in known if k != "name"]     # the NF's name: not an option to tune
         raise AppError(f"{where}: unknown option(s) {', '.join(unknown)}; it takes "
-                       + (", ".join(shown) if shown else "none"))
+                       + (", ".join(shown) if shown else
+                          "only name" if "name" in known else "none"))
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
@@ -169,6 +172,18 @@ def _make(factory, options, where):
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+def _scalar(annotation):
+    """bool, int or float when ``annotation`` is one, or one of them or None
+    (``int | None``, ``Optional[int]``: the text is then that type's), else None."""
+    if annotation in (bool, int, float):
+        return annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            and len(args) == 1 and args[0] in (bool, int, float)):
+        return args[0]
+    return None
+
+
 def _typed_options(signature, options, where):
     """Options given as text (``--set NF.KEY=VALUE``) made the type the factory
     declares for them, by annotation or else by its default's type (int, float,
@@ -180,7 +195,7 @@ def _typed_options(signature, options, where):
         param = signature.parameters.get(key)
         if param is None or not isinstance(value, str):
             continue
-        kind = param.annotation if param.annotation in (bool, int, float) else (
+        kind = _scalar(param.annotation) or (
             type(param.default) if type(param.default) in (bool, int, float) else None)
         if kind is None:
             continue

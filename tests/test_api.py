@@ -160,3 +160,27 @@ def test_a_report_json_cannot_carry_becomes_an_error_and_json_stays_valid(
     neg = mbx.NF("neg")
     neg.report = lambda: {"low": float("-inf")}
     assert "error" in take_report(neg)
+
+
+def test_set_converts_options_annotated_optional(tmp_path):
+    # --set text reached make() as a str for an option annotated int | None (only
+    # bare bool/int/float annotations were converted): "010" stayed "010".
+    from mbx.runtime import load_app
+
+    (tmp_path / "opt_nf.py").write_text(textwrap.dedent("""
+        from typing import Optional
+
+        import mbx
+
+        def make(maybe: int | None = None, ratio: Optional[float] = None,
+                 on: bool | None = None):
+            nf = mbx.NF("opt_nf")
+            nf.sub(mbx.FLOW_END, lambda ev: None)
+            nf.got = (maybe, ratio, on)
+            return nf
+        """))
+    path = str(tmp_path / "opt_nf.py")
+    [nf] = load_app(path, {"opt_nf": {"maybe": "010", "ratio": "2.5", "on": "yes"}})
+    assert nf.got == (10, 2.5, True)
+    [nf] = load_app(path)
+    assert nf.got == (None, None, None)

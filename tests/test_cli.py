@@ -998,7 +998,7 @@ def test_every_packet_is_counted_once(tmp_path, example_pcap):
 
 @pytest.mark.parametrize("setting, message", [
     ("logger.pth=x", "NF logger: unknown option(s) pth; it takes path, types"),
-    ("l2fwd.x=1", "NF l2fwd: unknown option(s) x; it takes none"),
+    ("l2fwd.x=1", "NF l2fwd: unknown option(s) x; it takes only name"),
 ])
 def test_a_misspelt_nf_option_names_the_ones_there_are(example_pcap, setting, message):
     # it was make()'s TypeError: "unexpected keyword argument 'pth'"
