@@ -593,10 +593,12 @@ cdef class TcpMonitor(NetworkLayer):
                     stream_init(self.pool, s, seq, self.policy)
                 meta.mark |= MARK_INIT0 << d
             before = s.frontier
-            if p.tcp_flags & TH_RST and stream_offset_of(s, seq) != <int64_t>s.frontier:
+            if p.tcp_flags & TH_RST and (stream_offset_of(s, seq) != <int64_t>s.frontier
+                                         or s.n_ooo):
                 # A RST's text is diagnostics no receiver takes (Linux drops it): as
                 # the next bytes due it is what a reader of the capture sees, but
-                # anywhere else it would stand for, or conflict with, real bytes.
+                # anywhere else, or over real bytes held beyond the frontier, it
+                # would stand for, or conflict with, what the sender really sent.
                 fl = 0
             elif (p.payload_len == 1 and seen_d and seq + 1 == seen
                     and stream_offset_of(s, seq) < <int64_t>s.frontier):
@@ -1155,10 +1157,14 @@ cdef class TcpMonitor(NetworkLayer):
         if off < s.base or off + n > s.frontier:
             raise MbxError(f"stream bytes [{off}, {off + n}) are not all held "
                            f"(held: [{s.base}, {s.frontier}))")
-        while done < n:
+        while done < n:        # all of it writable first: never half a write
             k = self._read_part(s, off + done, n - done, run_from, run_to, &ptr)
             if k <= 0:
                 raise MbxError(f"stream offset {off + done} cannot be written (gap)")
+            done += k
+        done = 0
+        while done < n:
+            k = self._read_part(s, off + done, n - done, run_from, run_to, &ptr)
             memcpy(<uint8_t *>ptr, &new[done], k)
             done += k
         # s is streams[2 * pair + flow dir]
@@ -1217,7 +1223,9 @@ _READ_ERRORS = {
     -1: ("stream offset {off} is no longer held (held from {base}: the bytes before "
          "were released, or never arrived and were skipped as a gap)"),
     -2: "stream offset {off} is beyond the frontier ({frontier}): not delivered yet",
-    -3: "stream offset {off} lies in a gap the stream skipped: there are no bytes",
+    -3: ("stream offset {off} lies in a gap the stream skipped (there are no bytes), "
+         "or between gaps a full gap list joined (gap_joins: only the DATA_RDY that "
+         "named those bytes reads them)"),
 }
 
 

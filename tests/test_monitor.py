@@ -1035,6 +1035,35 @@ def test_writer_rewrites_packets(run, tmp_path, v6):
     assert rec["s2c_sha256"] == hashlib.sha256(resp.upper()).hexdigest()
 
 
+def test_a_write_over_a_gap_changes_nothing(run, tmp_path):
+    # [0, 100), a hole the ACK skips, [200, 300): a write of [0, 300) fails at the
+    # gap, and must leave the stream as it was (it used to change [0, 100) in the
+    # stream but not in the packets)
+    conn = Conn()
+    conn.handshake()
+    conn.s(1, 1, PSH | ACK, b"A" * 100)
+    conn.s(201, 1, PSH | ACK, b"B" * 100)
+    conn.c(1, 301)
+
+    class Writer(mbx.NF):
+        def __init__(self):
+            super().__init__("w", writes=True)
+            self.sub(mbx.DATA_RDY, self.on)
+            self.log = []
+
+        def on(self, ev):
+            if ev.offset == 0:
+                with pytest.raises(MbxError, match="cannot be written"):
+                    ev.write(0, b"z" * 300)
+                self.log.append(bytes(ev.read(0, 100)))
+
+    nf = Writer()
+    _, out = run([nf], frames=conn.frames)
+    assert nf.log == [b"A" * 100]
+    assert [bytes(tcp_of(f)[1].data) for _, f in out if tcp_of(f)[1].data] == \
+        [b"A" * 100, b"B" * 100]
+
+
 def test_non_writer_cannot_write(run, tmp_path):
     frames = Conn().exchange(b"abc", b"def")
     with pytest.raises(NFError) as info:
@@ -1395,6 +1424,24 @@ def test_a_valid_rst_s_text_counts_only_at_the_frontier(run, tmp_path):
     rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT], side="both")
     run([rec], frames=conn.frames)
     assert by_dir(rec)[0] == b"a" * 20 + b"tail"
+    assert rec.of("FLOW/TCP/OVERLAP_CONFLICT") == []
+
+
+@pytest.mark.parametrize("policy", ["first", "last"])
+def test_a_rst_s_text_never_covers_bytes_held_beyond_the_frontier(run, policy):
+    # A valid RST at the frontier whose text reaches over real bytes held out of
+    # order: it would replace them (overlap "last") or conflict with them; it is no
+    # stream data, and the real bytes fill the hole
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"a" * 100)
+    conn.s(1, 101)
+    conn.c(151, 1, PSH | ACK, b"b" * 50)        # [150, 200), behind a hole
+    conn.c(101, 1, RST | ACK, b"X" * 100)       # at the frontier, over [100, 200)
+    conn.c(101, 1, PSH | ACK, b"c" * 50)        # the real [100, 150)
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT], side="both")
+    run([rec], frames=conn.frames, overlap=policy)
+    assert by_dir(rec)[0] == b"a" * 100 + b"c" * 50 + b"b" * 50
     assert rec.of("FLOW/TCP/OVERLAP_CONFLICT") == []
 
 
