@@ -297,7 +297,27 @@ def _same_file(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _names_stdout(path):
+    """Is ``path`` this process's standard output (/dev/stdout, /dev/fd/1, or the
+    file or pipe it goes to)?"""
+    if os.path.abspath(path) in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
+        return True
+    try:
+        st, out = os.stat(path), os.fstat(1)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
+
+
 def _run(nfs, args, spec=None):
+    if args.json == "-" and args.out:
+        from mbx.ports import capture_file
+
+        out_file = capture_file(args.out)
+        if out_file and _names_stdout(out_file):
+            raise MbxError(f"--json - and --out {args.out}: both would write standard "
+                           "output, the counters into the packets: give one of them a "
+                           "file")
     with _json_on_stdout(args):
         return _run_checked(nfs, args, spec)
 
@@ -333,6 +353,14 @@ def _run_checked(nfs, args, spec):
             if _same_file(args.json, capture):
                 raise MbxError(f"--json {args.json}: that is {what}; writing it would "
                                "destroy it: name another file")
+    if out_file and args.stacks > 1 and writes_as_is(out_file) and \
+            os.path.realpath(out_file) != os.devnull:
+        # a stream (a terminal, a pipe, /dev/stdout): every stack process would write
+        # its own capture into it, interleaved, which no pcap reader takes
+        raise MbxError(f"--out {args.out} with --stacks {args.stacks}: each stack "
+                       "process writes a capture of its own, and in one stream they "
+                       "would interleave: give a file (each process then writes "
+                       "FILE.stackK)")
     if out_file:
         # the output opens once the run has started (an existing file survives a
         # failed start), so a path it cannot write is refused here, before the run;

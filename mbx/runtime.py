@@ -109,6 +109,10 @@ def writes_as_is(path):
     or a terminal, a FIFO, a socket)?  Every stack process then writes it as it
     is: ``path.stackK`` beside it would be a new regular file (/dev/null.stack0),
     not what the user named."""
+    if os.path.abspath(path).startswith(("/dev/", "/proc/")):
+        # /dev/stdout or /dev/fd/1 redirected to a file is a regular file to stat, but
+        # a new file in /dev (/dev/stdout.stack0) is never what was meant
+        return True
     try:
         return not stat.S_ISREG(os.stat(path).st_mode)
     except OSError:         # not there yet: a file the run creates
@@ -147,7 +151,13 @@ def _make(factory, options, where):
     except (TypeError, ValueError):
         signature = None
     if signature is not None:
-        options = _typed_options(signature, options, where)
+        try:
+            # annotations as types, also in a file with `from __future__ import
+            # annotations`, where they are strings
+            typed = inspect.signature(factory, eval_str=True)
+        except Exception:       # a name the annotation uses is not defined
+            typed = signature
+        options = _typed_options(typed, options, where)
         try:
             signature.bind(**options)
         except TypeError as exc:

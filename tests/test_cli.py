@@ -143,6 +143,23 @@ def test_json_dash_is_all_that_stdout_carries(example_pcap, tmp_path, deploy):
     assert r.stderr.count("chatty saw") == c["flows"]["created"]
 
 
+def test_stdout_is_claimed_once(example_pcap, tmp_path):
+    # --json - and a capture output on standard output would interleave; several
+    # stack processes' captures in one stream too (and /dev/stdout redirected to a
+    # file must not become /dev/stdout.stack0)
+    r = mbx_cmd("run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out", "pcap:/dev/stdout",
+                "--json", "-")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "--json - and --out pcap:/dev/stdout: both would write standard output" in r.stderr
+    with open(tmp_path / "st.pcap", "wb") as fh:
+        p = subprocess.run([*MBX, "run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out",
+                            "pcap:/dev/stdout", "--stacks", "2"], stdout=fh,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "each stack process writes a capture of its own" in p.stderr
+    assert not [f for f in os.listdir("/dev") if f.startswith("stdout.stack")]
+
+
 def test_flows_output_dash_is_stdout(example_pcap, tmp_path):
     a = mbx_cmd("flows", str(example_pcap))
     b = mbx_cmd("flows", str(example_pcap), "-o", "-", cwd=tmp_path)
