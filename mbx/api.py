@@ -87,10 +87,12 @@ def mb_publish_event(port, msg):
     the port's NF."""
     # never as port.nf from inside a handler: NF a holding NF b's port would publish
     # as b, and a subscriber would see b as the publisher of what a sent
+    if not isinstance(port, PubPort):
+        # said here, before current_nf() would make the script's implicit NF for it
+        raise TypeError(f"mb_publish_event: {port!r} is not an output port (mb_pub() "
+                        "returns one)")
     running = dispatching_nf()
-    if running is None and isinstance(port, PubPort):
-        running = port.nf
-    return (running if running is not None else current_nf()).publish(port, msg)
+    return (running if running is not None else port.nf).publish(port, msg)
 
 
 def mb_nf_run(argv=None):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import mbx
 
 MBX = [sys.executable, "-m", "mbx.cli"]
@@ -136,6 +138,21 @@ def test_mb_publish_event_publishes_as_the_nf_whose_handler_runs(run, example_pc
     assert publishers == [1]        # 1 + a's position in the chain, not b's 2
 
 
+def test_mb_publish_event_refuses_what_is_no_port_before_making_an_nf():
+    # outside a handler it fell back to the script's implicit NF, made for the
+    # occasion (an empty NF that then ran), and the error named that NF
+    from mbx import api, mb_publish_event
+
+    before = api._stack().implicit
+    with pytest.raises(TypeError, match="'not a port' is not an output port"):
+        mb_publish_event("not a port", None)
+    assert api._stack().implicit is before
+    with api.loading("loaded") as created:
+        with pytest.raises(TypeError, match="is not an output port"):
+            mb_publish_event(None, None)
+    assert created == []
+
+
 def test_a_report_json_cannot_carry_becomes_an_error_and_json_stays_valid(
         tmp_path, example_pcap):
     # report() returning NaN or an infinity went into --json as NaN/Infinity,
@@ -184,3 +201,9 @@ def test_set_converts_options_annotated_optional(tmp_path):
     assert nf.got == (10, 2.5, True)
     [nf] = load_app(path)
     assert nf.got == (None, None, None)
+    # the same with `from __future__ import annotations`: annotations are strings
+    text = (tmp_path / "opt_nf.py").read_text()
+    (tmp_path / "opt_nf2.py").write_text("from __future__ import annotations\n" + text)
+    [nf] = load_app(str(tmp_path / "opt_nf2.py"),
+                    {"opt_nf2": {"maybe": "010", "ratio": "2.5", "on": "yes"}})
+    assert nf.got == (10, 2.5, True)
