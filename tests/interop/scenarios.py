@@ -271,7 +271,11 @@ def heavy_reorder(bed, outdir):
     path = _begin(bed, outdir, "heavy_reorder", impair)
     with bed.capture(path, where="router-client") as cap:
         _curl(bed, [bed.url("16m")])
-    return _end(bed, Result("heavy_reorder", path, cap, [Expect(_sha(bed, "16m"))],
+    # The server's FIN can be sent twice (lost, or held back long enough to be sent
+    # again): the client's TIME_WAIT re-ACKs the second copy, and the server, whose
+    # socket the first ACK closed, answers with a RST, as in reorder_dup.
+    return _end(bed, Result("heavy_reorder", path, cap,
+                            [Expect(_sha(bed, "16m"), close=("fin", "rst"))],
                             files=["16m"]))
 
 
