@@ -611,10 +611,34 @@ cdef class TcpMonitor(NetworkLayer):
             self.add_flags(p, slot, c, s, d, fl, seq, p.payload_len)
             if s.frontier != before:
                 self.data_ready(p, slot, c, pair, d, before)
+        elif (want_d and p.payload_len == 1 and sbits & TCPEV_OUT_OF_WINDOW
+                and not p.tcp_flags & (TH_SYN | TH_FIN | TH_RST)
+                and meta.mark & (MARK_INIT0 << d)):
+            s = &self.streams[2 * pair + d]
+            if stream_offset_of(s, seq) == <int64_t>s.frontier:
+                # A zero-window probe's byte, refused as Linux refuses it (a probe
+                # with other bytes than the real ones must not win over them), but
+                # kept aside: an ACK that covers it before the frontier moves proves
+                # this receiver took it, and then it is the stream's next byte, not
+                # a 1-byte gap where the capture has the byte.
+                s.probe = p.data[p.payload_off]
+                s.probe_held = 1
         # the packet's ACK: holes in the other direction that the receiver got
         if (want_o and accepted and (p.tcp_flags & (TH_ACK | TH_RST)) == TH_ACK
                 and meta.mark & (MARK_INIT0 << o)):
             s = &self.streams[2 * pair + o]
+            if (s.probe_held and not c.ep[o].flags & EP_FIN
+                    and seq_gt(p.ack, s.seq0 + <uint32_t>s.frontier)):
+                # the receiver took the probe's byte (above)
+                before = s.frontier
+                s.probe_held = 0
+                seq = s.seq0 + <uint32_t>before
+                fl = stream_add(self.pool, s, seq, &s.probe, 1)
+                self.add_flags(p, slot, c, s, o, fl, seq, 1)
+                if seq_gt(seq + 1, meta.sent_hi[o]):
+                    meta.sent_hi[o] = seq + 1
+                if s.frontier != before:
+                    self.data_ready(p, slot, c, pair, o, before)
             ack = p.ack
             if c.ep[o].flags & EP_FIN and seq_gt(ack, c.ep[o].fin_seq):
                 ack = c.ep[o].fin_seq       # the FIN's sequence number is no data
@@ -634,6 +658,7 @@ cdef class TcpMonitor(NetworkLayer):
                                      &gs, &ge)
                 if n == 0:
                     break
+                s.probe_held = 0                # the frontier moved past it
                 self.gaps += 1
                 self.gap_bytes += n
                 m = self.flow_tcp_msg(T_FLOW_TCP_GAP, p, slot, 0, c)
@@ -732,6 +757,7 @@ cdef class TcpMonitor(NetworkLayer):
         cdef mbx_stream *s = &self.streams[2 * pair + d]
         cdef uint8_t tdir = d ^ tcp_client_dir(c)
         cdef uint8_t flags = data_rdy_flags(tdir)
+        s.probe_held = 0                # the frontier moved: a probe byte kept is old
         cdef mbx_msg *m
         cdef data_rdy_body *b
         cdef conn_sum *cs

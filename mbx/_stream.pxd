@@ -65,7 +65,7 @@ cdef enum StreamReadError:
     STREAM_ERR_BEYOND = -2      # off > frontier: not delivered (yet)
     STREAM_ERR_GAP = -3         # off lies in a skipped gap: there are no bytes
 
-# 72 bytes (the last 2 are padding).  Chunks are a singly linked list (pool.chunk_next)
+# 72 bytes.  Chunks are a singly linked list (pool.chunk_next)
 # sorted by offset; tail is where in-order appends go.
 ctypedef struct mbx_stream:
     uint64_t base           # first byte still held (everything before it is released)
@@ -91,6 +91,10 @@ ctypedef struct mbx_stream:
     # is inert, so freeing every flow's streams at flow end is safe for flows that
     # never had reassembly, and a freed stream cannot take chunks that nobody frees.
     uint8_t live
+    # The caller's (the TCP Monitor's): a refused zero-window probe's byte, which was
+    # at the frontier, kept until the frontier moves or an ACK proves it was taken.
+    uint8_t probe
+    uint8_t probe_held
 
 
 # Stack Memory for streams: one allocation carved into chunks, allocated once.

@@ -281,10 +281,11 @@ cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil:
         # Right edge of what r accepts, rcv_nxt + window: data must start before it
         # (RFC 9293 §3.10.7.4; Linux's tcp_data_queue drops the rest, zero-window
         # probes included), a segment without data may sit on it (an ACK into a
-        # zero window); everything before is at worst a retransmission.  A probe
-        # a receiver does take (its ACK covers the byte) becomes a 1-byte gap:
-        # taking every probe would let one with other bytes than the sender's
-        # real ones win over them where the receiver, as Linux does, drops it.
+        # zero window); everything before is at worst a retransmission.  Taking
+        # every probe would let one with other bytes than the sender's real ones
+        # win over them where the receiver, as Linux does, drops it; the TCP
+        # Monitor keeps a one-byte probe aside and delivers it only when the
+        # receiver's ACK shows it took it.
         if (r.flags & (EP_ACK_KNOWN | EP_WIN_KNOWN)) == EP_ACK_KNOWN | EP_WIN_KNOWN and \
                 (seq_gt(p.seq, r.ack + _rcv_wnd(r))
                  or (length and p.seq == r.ack + _rcv_wnd(r))):
