@@ -310,14 +310,18 @@ def _names_stdout(path):
 
 
 def _run(nfs, args, spec=None):
-    if args.json == "-" and args.out:
-        from mbx.ports import capture_file
+    from mbx.ports import capture_file
 
-        out_file = capture_file(args.out)
-        if out_file and _names_stdout(out_file):
+    out_file = capture_file(args.out) if args.out else None
+    if out_file and _names_stdout(out_file):
+        if args.json == "-":
             raise MbxError(f"--json - and --out {args.out}: both would write standard "
                            "output, the counters into the packets: give one of them a "
                            "file")
+        # the capture is all that standard output carries (mbx run ... | tcpdump -r -):
+        # the summary, and what NFs print, go to standard error
+        with contextlib.redirect_stdout(sys.stderr):
+            return _run_checked(nfs, args, spec)
     with _json_on_stdout(args):
         return _run_checked(nfs, args, spec)
 

@@ -151,6 +151,21 @@ def test_stdout_is_claimed_once(example_pcap, tmp_path):
                 "--json", "-")
     assert r.returncode == 2 and r.stdout == ""
     assert "--json - and --out pcap:/dev/stdout: both would write standard output" in r.stderr
+    # alone, the capture is all standard output carries; the summary goes to stderr
+    with open(tmp_path / "one.pcap", "wb") as fh:
+        p = subprocess.run([*MBX, "run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out",
+                            "pcap:/dev/stdout"], stdout=fh, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "packets        " in p.stderr
+    r = mbx_cmd("run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out",
+                f"pcap:{tmp_path / 'file.pcap'}", "-q")
+    assert r.returncode == 0, r.stderr
+    records = []
+    for name in ("one.pcap", "file.pcap"):
+        with open(tmp_path / name, "rb") as fh:
+            records.append([bytes(buf) for _, buf in dpkt.pcap.Reader(fh)])
+    assert records[0] == records[1] and records[0]
     with open(tmp_path / "st.pcap", "wb") as fh:
         p = subprocess.run([*MBX, "run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out",
                             "pcap:/dev/stdout", "--stacks", "2"], stdout=fh,
