@@ -1921,6 +1921,9 @@ cdef class EventBus:
     def up_sub(self, uint32_t nf, etype, flow, handler, bint batch, uint8_t smask):
         if flow is None:
             raise SubscriptionError(f"NF {self.nfs[nf].name}: up_sub needs a flow id")
+        if isinstance(flow, bool) or not isinstance(flow, int) or not 0 <= flow < 1 << 64:
+            raise SubscriptionError(f"NF {self.nfs[nf].name}: up_sub({etype.name}): "
+                                    f"{flow!r} is not a flow id (an event's ev.flow)")
         cdef uint32_t slot = <uint32_t>(flow & 0xFFFFFFFF)
         cdef uint32_t gen = <uint32_t>(flow >> 32)
         if slot >= self.flow_capacity:

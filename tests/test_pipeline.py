@@ -99,6 +99,29 @@ def test_a_drop_hides_the_packet_from_the_rest_of_the_chain(run, example_pcap):
             assert 53 not in (ip.data.sport, ip.data.dport)
 
 
+def test_up_sub_refuses_what_is_no_flow_id(run, example_pcap):
+    # -1, a float, True: a bare OverflowError or TypeError, or True taken as flow 1
+    seen = []
+
+    class Bad(mbx.NF):
+        def __init__(self):
+            super().__init__("bad")
+            self.sub(mbx.FLOW_START, self.on)
+
+        def on(self, ev):
+            if seen:
+                return
+            for flow in (-1, 1.5, True, 1 << 64):
+                try:
+                    self.up_sub(mbx.PKT, flow, lambda e: None)
+                except mbx.errors.SubscriptionError as exc:
+                    seen.append(str(exc))
+
+    run([Bad()], example_pcap)
+    assert seen == [f"NF bad: up_sub(PKT): {f!r} is not a flow id (an event's ev.flow)"
+                    for f in (-1, 1.5, True, 1 << 64)]
+
+
 def test_up_sub_none_stops_a_flow_and_the_stack_stops_building(run, example_pcap):
     class FirstOnly(mbx.NF):
         def __init__(self):
