@@ -759,20 +759,17 @@ cdef uint32_t stream_release(StreamPool pool, mbx_stream *s, uint64_t upto) noex
 
 cdef int stream_read(StreamPool pool, const mbx_stream *s, uint64_t off, size_t n,
                      const uint8_t **ptr) noexcept nogil:
-    if off < s.base:
-        return STREAM_ERR_RELEASED
-    if off > s.frontier or not s.live:
-        return STREAM_ERR_BEYOND
-    cdef uint64_t avail = s.frontier - off
     cdef const uint64_t *g
-    cdef int t = _gap_after(pool, s, off)
-    if t < s.n_gaps:
-        g = _gapv(pool, s) + 2 * t
-        if off >= g[0]:
-            return STREAM_ERR_GAP
-        if avail > g[0] - off:
-            avail = g[0] - off
-    return _read_held(pool, s, off, avail, n, ptr)
+    cdef int t
+    if s.base <= off <= s.frontier and s.live:
+        t = _gap_after(pool, s, off)
+        if t < s.n_gaps:
+            g = _gapv(pool, s) + 2 * t
+            if off >= g[0]:
+                return STREAM_ERR_GAP
+            if n > g[0] - off:
+                n = <size_t>(g[0] - off)        # a read stops at the next gap
+    return stream_read_run(pool, s, off, n, ptr)
 
 
 cdef int stream_read_run(StreamPool pool, const mbx_stream *s, uint64_t off, size_t n,
@@ -781,12 +778,7 @@ cdef int stream_read_run(StreamPool pool, const mbx_stream *s, uint64_t off, siz
         return STREAM_ERR_RELEASED
     if off > s.frontier or not s.live:
         return STREAM_ERR_BEYOND
-    return _read_held(pool, s, off, s.frontier - off, n, ptr)
-
-
-cdef int _read_held(StreamPool pool, const mbx_stream *s, uint64_t off, uint64_t avail,
-                    size_t n, const uint8_t **ptr) noexcept nogil:
-    # The bytes at off, avail of them held from there on (no gap among them).
+    cdef uint64_t avail = s.frontier - off
     if avail == 0 or n == 0:
         ptr[0] = NULL
         return 0
