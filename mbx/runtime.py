@@ -210,6 +210,9 @@ def _typed_options(signature, options, where):
         if kind is None:
             continue
         text = value.strip().lower()
+        if text == "none" and type(None) in typing.get_args(param.annotation):
+            typed[key] = None           # int | None: the text can say "none" too
+            continue
         if kind is bool:
             if text not in _TRUE + _FALSE:
                 raise AppError(f"{where}: option {key}={value!r}: expected true or false")

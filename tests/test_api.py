@@ -201,6 +201,8 @@ def test_set_converts_options_annotated_optional(tmp_path):
     assert nf.got == (10, 2.5, True)
     [nf] = load_app(path)
     assert nf.got == (None, None, None)
+    [nf] = load_app(path, {"opt_nf": {"maybe": "None", "ratio": "none", "on": "NONE"}})
+    assert nf.got == (None, None, None)
     # the same with `from __future__ import annotations`: annotations are strings
     text = (tmp_path / "opt_nf.py").read_text()
     (tmp_path / "opt_nf2.py").write_text("from __future__ import annotations\n" + text)
