@@ -126,4 +126,8 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
     if counters["flows"]["evicted"] or counters["flows"]["refused"]:
         warnings.append(f"flow table full ({counters['flows']['evicted']} evicted, "
                         f"{counters['flows']['refused']} refused): raise --flows")
+    if warnings:
+        # in the object too: a script that reads only the JSON learns that the
+        # summary may be incomplete, and why
+        doc["warnings"] = list(warnings)
     return doc, warnings
