@@ -285,6 +285,7 @@ cdef class PipeBus(EventBus):
     cdef char *errors                   # per NF: the text of the error that ended it
     cdef char *reports                  # per NF: its report() as JSON, when it ended
     cdef uint64_t *typecnt              # per NF: published[MAX_TYPES], delivered[MAX_TYPES]
+    cdef bint folded                    # finish_run added the NF processes' counts in
     cdef mbx_ring **rings               # ring k feeds NF k; ring nnf is the completion ring
     cdef readonly uint32_t ring_size
     cdef readonly bint drop_full        # a full ring drops (counted) instead of stalling

@@ -1549,10 +1549,30 @@ cdef class PipeBus(EventBus):
                 self.per_type_delivered[t] += pub[MAX_TYPES + t]
             self.published += self.ctl.procs[k].published
             self.delivered += self.ctl.procs[k].delivered
+        self.folded = True
         for k in range(self.nnf + 1):
             if self.ctl.procs[k].efd > 0:
                 os.close(self.ctl.procs[k].efd)
                 self.ctl.procs[k].efd = -1
+
+    def counters(self):
+        """Events published and delivered, per type name: the stack's and, until
+        finish_run folds them in, the NF processes' as they count them (in shared
+        memory), so that the live views (``--stats``, ``--prometheus``) see the
+        events delivered while the run goes on, not only at its end."""
+        cdef uint32_t k, t
+        cdef uint64_t *cnt
+        if self.folded or self.role != self.nnf:
+            return EventBus.counters(self)
+        pub = [self.per_type_published[t] for t in range(MAX_TYPES)]
+        dlv = [self.per_type_delivered[t] for t in range(MAX_TYPES)]
+        for k in range(self.nnf):
+            cnt = self.typecnt + <size_t>k * 2 * MAX_TYPES
+            for t in range(MAX_TYPES):
+                pub[t] += cnt[t]
+                dlv[t] += cnt[MAX_TYPES + t]
+        return {ty.name: {"published": pub[ty.idx], "delivered": dlv[ty.idx]}
+                for ty in _events.event_types() if pub[ty.idx] or dlv[ty.idx]}
 
     def pipeline_counters(self):
         """Per NF process and for the rings: what went where."""
@@ -1605,7 +1625,10 @@ cdef class PipeBus(EventBus):
         for k in range(2 * self.nnf + 1):
             if self.rings[k] != NULL:
                 queued += mbx_ring_count(self.rings[k])
-        stack_published = self.published - published
+        # Until finish_run folds the NF processes' publications into the bus's
+        # count, it holds the stack's alone.
+        total = self.published if self.folded else self.published + published
+        stack_published = total - published
         return {
             "nfs": nfs,
             "ring_size": self.ring_size,
@@ -1614,13 +1637,13 @@ cdef class PipeBus(EventBus):
             "max_in_flight": self.max_ahead,
             "stack_wait_s": self.ctl.procs[self.nnf].busy_ns * 1e-9,
             "epochs": self.ctl.epoch,
-            "published": self.published,
+            "published": total,
             "completed": self.completed,
             "ring_dropped": dropped,
             "ring_dropped_pkts": stack.ring_dropped_pkts + sum(
                 v["ring_dropped_pkts"] for v in nfs.values()),
             "stack_published": stack_published,
-            "lost": self.published - self.completed - dropped,
+            "lost": total - self.completed - dropped,
             "pool_in_use": in_use,
             "ring_entries": queued,
             "requests": self.requests,

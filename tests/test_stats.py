@@ -355,6 +355,50 @@ def test_prometheus_missing(monkeypatch, example_pcap, capsys):
     assert "prometheus-client" in capsys.readouterr().err
 
 
+def test_pipelined_live_counters_count_the_nf_processes_events(example_pcap):
+    # Pipelined, the NF processes count what they are delivered and publish in
+    # shared memory, and the stack added those counts to its per type ones only at
+    # the end: every snapshot the live views got (--stats, --prometheus) said
+    # 0 events delivered, and the pipeline's published total left out the NFs'.
+    from mbx.ports import open_input
+    from mbx.stats import snapshot
+
+    echo = mbx.register_event_type("TEST_LIVE_ECHO")
+
+    class Slow(mbx.NF):
+        def __init__(self):
+            super().__init__("slow")
+            self.n = 0
+            self.sub(mbx.PKT, self.on_pkt)
+            self.port = self.pub(echo)
+
+        def on_pkt(self, ev):
+            self.n += 1
+            self.publish(self.port, self.new_msg(echo))
+            if self.n % 20 == 0:
+                time.sleep(0.03)    # a run of about 2 s: progress calls
+
+    hears = mbx.NF("hears")
+    hears.sub(echo, lambda ev: None)
+    snaps = []
+    app = mbx.App([Slow(), hears], deploy="pipelined")
+    final = app.run(open_input(f"pcap:{example_pcap}"), burst=8,
+                    progress=lambda stack: snaps.append(
+                        (snapshot(stack), stack.bus.pipeline_counters())))
+    total = final["events"]["PKT"]["delivered"]
+    assert total == final["events"]["TEST_LIVE_ECHO"]["delivered"] > 0
+    mid = [(s, p) for s, p in snaps if 0 < s["nfs"]["slow"]["events"] < total]
+    assert mid, "no snapshot taken while the run went on"
+    for s, p in mid:
+        # the per type counts are read before the per NF ones, which only grow
+        assert 0 < s["events"]["PKT"]["delivered"] <= s["nfs"]["slow"]["types"]["PKT"]
+        assert (s["events"]["TEST_LIVE_ECHO"]["published"]
+                <= p["nfs"]["slow"]["published"] <= p["published"])
+        assert p["stack_published"] >= 0
+    assert final["pipeline"]["published"] == (final["pipeline"]["stack_published"]
+                                              + final["pipeline"]["nfs"]["slow"]["published"])
+
+
 def test_stats_view_renders():
     import io
 
