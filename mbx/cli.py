@@ -380,6 +380,9 @@ def _run_checked(nfs, args, spec):
     if given and args.deploy != "pipelined":
         raise MbxError(f"{', '.join(given)}: for --deploy pipelined only (this run is "
                        f"{args.deploy})")
+    if args.prometheus_linger and args.prometheus is None:
+        raise MbxError("--prometheus-linger: for --prometheus only (there is no "
+                       "exporter to keep serving)")
     if args.deploy == "pipelined" and spec is not None:
         # refused by the run too, but only here with the line of the NF to move
         from mbx.pipeline import backward_link
@@ -418,7 +421,7 @@ def _run_checked(nfs, args, spec):
                   spec.declared_stack if spec is not None else stack)
         print(f"mbx: warning: {unused_warning(unused, chosen)}", file=sys.stderr)
     listeners = []
-    view = None
+    view = prom = None
     if args.stats:
         from mbx.stats import StatsView
 
@@ -445,9 +448,30 @@ def _run_checked(nfs, args, spec):
             return _run_app(App(nfs, **config), args, listeners, view, stop)
     finally:
         ports.wait_cancel = None
+        if prom is not None and args.prometheus_linger and prom.latest is not None:
+            # the run's final counters are the exporter's (a run that never started
+            # has none to serve)
+            _linger(prom, args)
         for listener in listeners:
             if hasattr(listener, "close"):
                 listener.close()
+
+
+def _linger(prom, args):
+    """--prometheus-linger: serve the final counters until a scrape has read them,
+    at most the given seconds; a signal ends the wait (the run is over already: its
+    exit status stays)."""
+    prom.end()
+    secs = args.prometheus_linger
+    if not args.quiet:
+        print(f"prometheus     serving the final counters until a scrape reads them "
+              f"(at most {secs:g} s)", file=sys.stderr)
+    with stop_on_signals() as stop:
+        scraped = prom.linger(secs, stop)
+    if not scraped:
+        why = f"stopped by {stop.signal}" if stop.signal else f"within {secs:g} s"
+        print(f"mbx: warning: --prometheus-linger: no scrape read the final counters "
+              f"({why})", file=sys.stderr)
 
 
 class StopSignal(threading.Event):
@@ -816,6 +840,10 @@ def _add_run_options(p):
                    help="serve the counters for Prometheus on http://127.0.0.1:PORT/metrics (0: "
                         "any free port, printed) "
                         "while the run lasts (needs prometheus-client)")
+    p.add_argument("--prometheus-linger", type=_seconds, metavar="SECONDS",
+                   help="with --prometheus: after the run, serve its final counters "
+                        "until a scrape reads them, at most SECONDS (a run shorter "
+                        "than the scrape interval is otherwise never seen)")
     p.add_argument("--no-nf-timing", dest="nf_timing", action="store_false",
                    help="do not clock the NFs' handlers (two clock reads per run of an "
                         "NF's calls, no measurable cost): handler_ns is then 0 and "

@@ -9,6 +9,7 @@ stack processes (``mbx run --stacks N``) each sends its snapshots to the parent
 process's own under ``"per_stack"``.
 """
 import sys
+import threading
 import time
 
 from mbx.errors import MbxError
@@ -147,6 +148,8 @@ class Prometheus:
         self.types = dict.fromkeys(types)
         self.stacks = stacks
         self.latest = None
+        self.ended = False                  # latest holds the run's final counters
+        self.final_scraped = threading.Event()
         self.registry = prometheus_client.CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         try:
@@ -168,6 +171,29 @@ class Prometheus:
                 self.nfs.update(dict.fromkeys(part.get("nfs") or ()))
         self.latest = counters
 
+    def end(self):
+        """The run is over: ``latest`` holds its final counters (``linger`` waits for
+        a scrape to read them)."""
+        self.ended = True
+
+    def linger(self, seconds, stop):
+        """Keep serving the final counters until a scrape has read them, ``seconds``
+        at most, or until ``stop`` is set: a run shorter than the scrape interval
+        (15 s by default) would otherwise end unseen, and the counts of its last
+        half second would never reach Prometheus.  True if a scrape read them."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.final_scraped.wait(min(left, 0.1)):
+                # the page is built; give its thread time to write it out
+                time.sleep(self.WRITE_GRACE_S)
+                return True
+        return self.final_scraped.is_set()
+
+    WRITE_GRACE_S = 0.2
+
     def close(self):
         self.server.shutdown()
         self.server.server_close()
@@ -185,6 +211,7 @@ class Prometheus:
         # One series per stack process (label ``stack``) when there are several; a
         # process not heard from yet has its series at 0.
         zero = zero_snapshot(self.nfs, self.types)
+        ended = self.ended                  # read with latest: the page is of these
         c = self.latest or {}
         if self.stacks > 1 or c.get("per_stack"):
             per = list(c.get("per_stack") or ())
@@ -230,3 +257,8 @@ class Prometheus:
                 fams["nd"].add_metric(at + [name], n["drops"])
                 fams["ns"].add_metric(at + [name], n["handler_ns"] * 1e-9)
         yield from fams.values()
+        done = G("mbx_run_ended", "1 once the counters are the run's final ones")
+        done.add_metric([], 1 if ended else 0)
+        yield done
+        if ended:
+            self.final_scraped.set()

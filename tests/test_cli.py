@@ -241,6 +241,8 @@ IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
      "--stream-window: '128': must be at most 127"),
     (["run", "l2fwd", "--in", "pcap:x.pcap", "--inflight", "2", "--ring-full", "drop"],
      "--inflight, --ring-full: for --deploy pipelined only (this run is inline)"),
+    (["run", "l2fwd", "--in", "pcap:x.pcap", "--prometheus-linger", "5"],
+     "--prometheus-linger: for --prometheus only"),
     (["run", "l2fwd", "--in", "afpacket:lo?ring=v3&retire_ms=0"],
      "retire_ms must be at least 1 with ring v3"),
     (["run", "l2fwd", "--in", "afpacket:lo?fanout_mode=bogus"],

@@ -266,6 +266,62 @@ def test_prometheus_scrape(example_pcap, tmp_path):
         urllib.request.urlopen(url, timeout=1)
 
 
+@pytest.mark.parametrize("extra", [[], ["--stacks", "2"]])
+def test_prometheus_linger_serves_the_final_counters_until_a_scrape(
+        example_pcap, tmp_path, capsys, extra):
+    # A run shorter than Prometheus's scrape interval ended with its exporter, and
+    # its counts were never scraped: --prometheus-linger keeps the final counters
+    # up until a scrape has read them.
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    final = []
+
+    def scrape_until_the_end():
+        deadline = time.monotonic() + 60
+        while not final and time.monotonic() < deadline:
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(url, timeout=2) as r:
+                text = r.read().decode()
+                if _metric(text, "mbx_run_ended") == 1:
+                    final.append(text)
+            time.sleep(0.02)
+
+    scraper = threading.Thread(target=scrape_until_the_end, daemon=True)
+    scraper.start()
+    t0 = time.monotonic()
+    rc = cli.main(["run", "l2fwd", "--in", "pcap:" + example_pcap, "--prometheus",
+                   str(port), "--prometheus-linger", "60", "--json",
+                   str(tmp_path / "c.json")] + extra)
+    took = time.monotonic() - t0
+    scraper.join()
+    assert rc == 0
+    assert took < 40        # ended by the scrape, not by the 60 s
+    c = json.loads((tmp_path / "c.json").read_text())
+    err = capsys.readouterr().err
+    assert "serving the final counters until a scrape reads them (at most 60 s)" in err
+    assert "no scrape read" not in err
+    assert final, "no scrape saw mbx_run_ended 1"
+    if extra:
+        total = sum(_metric(final[0], "mbx_packets_total", f'{{stack="{k}"}}')
+                    for k in range(2))
+    else:
+        total = _metric(final[0], "mbx_packets_total")
+    assert total == c["packets"] > 0
+    with pytest.raises(OSError):        # and then it ends
+        urllib.request.urlopen(url, timeout=1)
+
+
+def test_prometheus_linger_without_a_scrape_ends_and_says_so(example_pcap, capsys):
+    port = _free_port()
+    rc = cli.main(["run", "l2fwd", "--in", "pcap:" + example_pcap, "--prometheus",
+                   str(port), "--prometheus-linger", "0.3", "-q"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert ("mbx: warning: --prometheus-linger: no scrape read the final counters "
+            "(within 0.3 s)") in err
+    assert "serving the final counters" not in err      # -q
+
+
 SCRAPING_NF = """
 import urllib.request
 
