@@ -1156,8 +1156,17 @@ cdef class PcapWriter(Port):
         if st is not None:
             # refused before O_TRUNC empties what the other writer has written
             refuse_second_writer((st.st_dev, st.st_ino), path, self.name)
+        from mbx.runtime import inherited_fd
+        given = inherited_fd(path)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            if given is not None:
+                # /dev/stdout, /dev/fd/N: the descriptor itself; opened anew, a file
+                # it was redirected to would be truncated and written from offset 0,
+                # whatever the shell opened it for (>>) or wrote there before
+                fd = os.dup(given)
+            else:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                             0o666)
         except FileNotFoundError as e:
             where = os.path.dirname(os.path.abspath(path))
             raise PortError(f"pcap:{path}: cannot create: directory {where} does not exist "

@@ -283,8 +283,14 @@ def _write_json(args, counters):
 def write_output(path, text, what):
     """Write ``text`` to ``path`` at the end of a run; MbxError names the file and
     why it could not be written (a full disk, a file system that refuses it)."""
+    from mbx.runtime import inherited_fd
+
+    given = inherited_fd(path)
     try:
-        with open(path, "w") as fh:
+        # /dev/stderr, /dev/fd/N: through the descriptor itself (opened anew, a file
+        # it goes to would be truncated, and what went there before overwritten)
+        with (os.fdopen(os.dup(given), "w") if given is not None else
+              open(path, "w")) as fh:
             fh.write(text)
     except OSError as exc:
         raise MbxError(f"{what} {path}: cannot write: {exc.strerror}") from None
@@ -313,6 +319,10 @@ def _run(nfs, args, spec=None):
     from mbx.ports import capture_file
 
     out_file = capture_file(args.out) if args.out else None
+    if args.json and args.json != "-" and _names_stdout(args.json):
+        # --json /dev/stdout, or the file standard output goes to: as --json -, so
+        # that the counters are not written over the summary (or it over them)
+        args.json = "-"
     if out_file and _names_stdout(out_file):
         if args.json == "-":
             raise MbxError(f"--json - and --out {args.out}: both would write standard "

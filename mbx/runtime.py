@@ -104,12 +104,32 @@ def output_path(path):
     return f"{path}.stack{k}" if n > 1 and not writes_as_is(path) else path
 
 
+def inherited_fd(path):
+    """The descriptor ``path`` names when it is one this process was given
+    (/dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N), else None.  Such a path
+    is written through that descriptor (a ``dup`` of it), never opened anew: opened
+    anew, a descriptor redirected to a regular file gives a second file offset,
+    from 0 and truncated ("w"), so what the process writes through the other (the
+    summary, another stack process's lines) and what it writes through this one
+    overwrite each other."""
+    p = os.path.abspath(path)
+    named = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+    if p in named:
+        return named[p]
+    for head in ("/dev/fd/", "/proc/self/fd/"):
+        if p.startswith(head) and p[len(head):].isdigit():
+            return int(p[len(head):])
+    return None
+
+
 def writes_as_is(path):
     """Is ``path`` something other than a regular file (a device such as /dev/null
-    or a terminal, a FIFO, a socket)?  Every stack process then writes it as it
-    is: ``path.stackK`` beside it would be a new regular file (/dev/null.stack0),
-    not what the user named."""
-    if os.path.abspath(path).startswith(("/dev/", "/proc/")):
+    or a terminal, a FIFO, a socket), or a descriptor the process was given
+    (``inherited_fd``)?  Every stack process then writes it as it is:
+    ``path.stackK`` beside it would be a new regular file (/dev/null.stack0), not
+    what the user named.  A regular file under /dev (/dev/shm/log.jsonl) is a file
+    like any other: one per stack process."""
+    if inherited_fd(path) is not None:
         # /dev/stdout or /dev/fd/1 redirected to a file is a regular file to stat, but
         # a new file in /dev (/dev/stdout.stack0) is never what was meant
         return True

@@ -143,6 +143,39 @@ def test_json_dash_is_all_that_stdout_carries(example_pcap, tmp_path, deploy):
     assert r.stderr.count("chatty saw") == c["flows"]["created"]
 
 
+def test_json_at_a_standard_stream_is_written_through_it(example_pcap, tmp_path):
+    # --json /dev/stdout > FILE opened the file anew, truncating it, and wrote the
+    # counters over the summary; --json /dev/stderr 2> FILE lost what stderr said
+    # before.  /dev/stdout (or the file stdout goes to) is --json -; another
+    # standard stream is written through its descriptor.
+    for name in ("/dev/stdout", str(tmp_path / "both.txt")):
+        with open(tmp_path / "both.txt", "wb") as fh:
+            p = subprocess.run([*MBX, "run", "l2fwd", "--in", f"pcap:{example_pcap}",
+                                "--json", name], stdout=fh, stderr=subprocess.PIPE,
+                               text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        c = json.loads((tmp_path / "both.txt").read_text())
+        assert f"packets        {c['packets']:,}" in p.stderr
+    with open(tmp_path / "err.txt", "wb") as fh:
+        fh.write(b"before\n")
+        fh.flush()
+        p = subprocess.run([*MBX, "run", "l2fwd", "--in", f"pcap:{example_pcap}",
+                            "--json", "/dev/stderr"], stdout=subprocess.PIPE,
+                           stderr=fh, text=True, timeout=120)
+    assert p.returncode == 0
+    err = (tmp_path / "err.txt").read_text()
+    assert err.startswith("before\n{") and json.loads(err[len("before\n"):])["packets"] > 0
+    # a capture on standard output too (>> kept what was there)
+    (tmp_path / "app.bin").write_bytes(b"kept")
+    with open(tmp_path / "app.bin", "ab") as fh:
+        p = subprocess.run([*MBX, "run", "l2fwd", "--in", f"pcap:{example_pcap}",
+                            "--out", "pcap:/dev/stdout", "-q"], stdout=fh,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    data = (tmp_path / "app.bin").read_bytes()
+    assert data[:4] == b"kept" and len(data) > 4 + 24
+
+
 def test_stdout_is_claimed_once(example_pcap, tmp_path):
     # --json - and a capture output on standard output would interleave; several
     # stack processes' captures in one stream too (and /dev/stdout redirected to a

@@ -227,6 +227,79 @@ def test_a_path_that_is_not_a_regular_file_is_written_as_it_is(tmp_path, monkeyp
     assert len(lines) == merged["nfs"]["logger"]["report"]["events"] == 50
 
 
+def _json_lines(data):
+    """(log lines that parse as JSON objects, lines that do not, other lines)."""
+    good, bad, other = 0, 0, []
+    for line in data.decode().splitlines():
+        if not line.startswith('{"'):
+            other.append(line)
+            continue
+        try:
+            json.loads(line)
+            good += 1
+        except ValueError:
+            bad += 1
+    return good, bad, other
+
+
+def test_a_log_on_standard_output_keeps_every_line_whole(tmp_path):
+    # With --stacks each process's Logger buffered 1 MiB and wrote it wherever the
+    # buffer filled: on a pipe the processes' lines cut into one another (90 broken
+    # lines of 54,269); at /dev/stdout redirected to a file each process opened it
+    # anew, from offset 0, truncating: half the lines were lost, and the summary
+    # was written over the start of a one-stack log.
+    cap = str(tmp_path / "many.pcap")
+    n = many_flows_capture(cap, flows=1500, packets=30000)
+    cmd = [sys.executable, "-m", "mbx.cli", "run", "logger", "--in", f"pcap:{cap}",
+           "--set", "logger.types=PKT", "--stacks", "2"]
+    for path in ("/dev/stdout", "-"):
+        piped = subprocess.run(cmd + ["--set", f"logger.path={path}", "-q"],
+                               capture_output=True, timeout=300)
+        assert piped.returncode == 0, piped.stderr
+        assert _json_lines(piped.stdout) == (n, 0, [])
+    out = tmp_path / "out.txt"
+    for stacks in ("1", "2"):
+        with open(out, "wb") as fh:
+            r = subprocess.run(cmd[:-1] + [stacks, "--set", "logger.path=/dev/stdout"],
+                               stdout=fh, stderr=subprocess.PIPE, timeout=300)
+        assert r.returncode == 0, r.stderr
+        good, bad, other = _json_lines(out.read_bytes())
+        assert (good, bad) == (n, 0)
+        # the summary after the log, whole
+        assert other[0].startswith(f"packets        {n:,} ")
+        assert ["logger", "events", f"{n:,}"] in [line.split() for line in other]
+
+
+def test_a_regular_file_under_dev_is_a_file_of_each_stack(tmp_path):
+    # /dev/shm/x.pcap was taken for a stream because of where it is: --stacks
+    # refused it ("give a file"), and a Logger's /dev/shm log was written by every
+    # stack process at once, each truncating the others'.
+    from mbx.runtime import writes_as_is
+
+    cap = str(tmp_path / "many.pcap")
+    n = many_flows_capture(cap, flows=100, packets=1000)
+    base = f"/dev/shm/mbx-test-{os.getpid()}"
+    assert writes_as_is("/dev/stdout") and writes_as_is("/dev/fd/1")
+    assert not writes_as_is(base + ".pcap")
+    try:
+        r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "l2fwd+logger",
+                            "--in", f"pcap:{cap}", "--out", f"pcap:{base}.pcap",
+                            "--set", f"logger.path={base}.jsonl", "--set",
+                            "logger.types=PKT", "--stacks", "2", "-q"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        frames = sum(len(read_frames(f"{base}.pcap.stack{k}")) for k in range(2))
+        lines = sum(len(open(f"{base}.jsonl.stack{k}").read().splitlines())
+                    for k in range(2))
+        assert frames == lines == n
+        assert not os.path.exists(base + ".pcap") and not os.path.exists(base + ".jsonl")
+    finally:
+        for k in range(2):
+            for ext in ("pcap", "jsonl"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{base}.{ext}.stack{k}")
+
+
 def test_each_stack_holds_its_share_of_the_flow_capacity(tmp_path):
     assert [stack_share(100, k) for k in (1, 2, 3, 4)] == [100, 64, 64, 32]
     assert stack_share(131072, 2) == 65536 and stack_share(1, 2) == 1

@@ -7,16 +7,64 @@ including FLOW/STATS from Flow_Stats).
 The file is opened when the run starts (``start``), so ``mbx check`` leaves an
 existing log alone.  With ``--stacks N`` each
 stack process writes ``PATH.stackK`` (``mbx.runtime.output_path``), or PATH itself
-when it is not a regular file (/dev/null, a FIFO).
+when it is not a regular file (/dev/null, a FIFO) or is a descriptor the process
+was given (``-``, /dev/stdout, /dev/fd/N): then in whole lines (``_LineSink``), so
+that the processes' lines never cut into one another.
 """
 import json
+import os
+import select
 import sys
 
 import mbx
 from mbx._events import END_REASONS, PROTO_NAMES
 from mbx._pcap import claim_output, release_output
 from mbx.errors import AppError
-from mbx.runtime import check_output_free, check_writable, output_path
+from mbx.runtime import (
+    check_output_free,
+    check_writable,
+    inherited_fd,
+    output_path,
+    writes_as_is,
+)
+
+
+class _LineSink:
+    """Whole lines to a descriptor other processes may write at the same time
+    (standard output, a pipe, a FIFO, a terminal, shared by --stacks processes).
+    Each write() carries whole lines, at most PIPE_BUF bytes of them, which the
+    kernel neither splits nor interleaves with another writer's; a longer line goes
+    alone.  (A buffered file flushes wherever its buffer fills, mid-line.)"""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.lines = []
+        self.size = 0
+
+    def write(self, text):
+        data = text.encode()
+        if self.size + len(data) > select.PIPE_BUF:
+            self.flush()
+        self.lines.append(data)
+        self.size += len(data)
+
+    def flush(self):
+        if not self.lines:
+            return
+        data = memoryview(b"".join(self.lines))
+        self.lines = []
+        self.size = 0
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def fileno(self):
+        return self.fd
+
+    def close(self):
+        try:
+            self.flush()
+        finally:
+            os.close(self.fd)
 
 
 class Logger(mbx.NF):
@@ -43,13 +91,23 @@ class Logger(mbx.NF):
                 self.sub(etype, self.on_event)
 
     def start(self):
-        if self.path == "-":
-            self.out = sys.stdout
-            return
+        # "-": where print() goes (standard error while a capture is written to
+        # standard output: mbx run --out pcap:/dev/stdout)
+        fd = sys.stdout.fileno() if self.path == "-" else inherited_fd(self.path)
         path = output_path(self.path)
-        check_output_free(path, f"NF {self.name}")
         try:
-            self.out = open(path, "w", buffering=1 << 20)
+            if fd is not None:
+                sys.stdout.flush()
+                # written through the descriptor itself: opened anew, a standard
+                # output redirected to a file would be truncated, and written from
+                # offset 0 over what the run prints there
+                self.out = _LineSink(os.dup(fd))
+                return
+            check_output_free(path, f"NF {self.name}")
+            if writes_as_is(path):      # a FIFO, a terminal: maybe every stack's
+                self.out = _LineSink(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            else:
+                self.out = open(path, "w", buffering=1 << 20)
         except OSError as exc:
             raise AppError(f"NF {self.name}: cannot write {path!r}: {exc.strerror}") from None
         self.written_key = claim_output(self.out.fileno(), path, f"NF {self.name} (its log)")
@@ -68,12 +126,11 @@ class Logger(mbx.NF):
         return {"events": self.events}
 
     def stop(self):
-        if self.out is sys.stdout:
-            self.out.flush()
-        elif self.out is not None:
+        if self.out is not None:
             release_output(self.written_key)
             self.written_key = None
             self.out.close()
+            self.out = None
 
 
 def make(name="logger", path="mbx-events.jsonl", types="FLOW"):
