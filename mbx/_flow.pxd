@@ -148,6 +148,10 @@ cdef class FlowTable:
     cdef readonly uint32_t capacity
     cdef readonly uint32_t active
     cdef readonly int64_t idle_timeout_ns
+    # A step back of the input's clock longer than this is taken as one (clock_take):
+    # the idle timeout, and at least a second (timestamps merged from several
+    # interfaces may be out of order by that much)
+    cdef readonly int64_t clock_step_ns
     cdef readonly int policy
     # Final records of flows that ended (expired, evicted, shut down), in order;
     # the stack publishes FLOW/END for each and then calls clear_ended().

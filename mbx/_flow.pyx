@@ -98,6 +98,7 @@ cdef class FlowTable:
             nbuckets <<= 1
         self.capacity = cap
         self.idle_timeout_ns = <int64_t>round(timeout * 1e9)
+        self.clock_step_ns = max(self.idle_timeout_ns, 1000000000)
         self.policy = _POLICIES[policy]
         self.ended_cap = ended_capacity
         self.bucket_mask = <uint32_t>(nbuckets - 1)
@@ -375,6 +376,15 @@ cdef class FlowTable:
         while self.lru_head != NO_FLOW and self.n_ended < self.ended_cap:
             slot = self.lru_head
             f = &self.flows[slot]
+            if (f.last_ns > now_ns and <uint64_t>f.last_ns - <uint64_t>now_ns
+                    > <uint64_t>self.clock_step_ns):
+                # seen at a time the clock has since stepped back from (a packet
+                # stamped in the future): taken as seen now, so that it goes idle
+                # a timeout from now instead of holding every flow behind it
+                f.last_ns = now_ns
+                self._lru_unlink(slot)
+                self._lru_append(slot)
+                continue
             # Unsigned difference: exact whatever the two timestamps are.
             if not (now_ns > f.last_ns and <uint64_t>now_ns - <uint64_t>f.last_ns
                     > <uint64_t>self.idle_timeout_ns):

@@ -197,6 +197,22 @@ cdef enum:
     PORT_EOF = -1
     PORT_ERROR = -2
 
+
+# The input's clock (the stack's, and a pcap port's walk over other stacks' frames):
+# the latest packet time seen, except that a packet more than step_ns behind it
+# steps it back to that packet's time (returns True then).  One packet stamped
+# days ahead (a merged or rewritten capture; a live clock stepped back) would
+# otherwise hold the clock there: no flow would go idle for the rest of the run,
+# and a full table under the refuse policy would refuse every new flow.  step_ns
+# 0: the latest time only.
+cdef inline bint clock_take(int64_t *clock, int64_t ts, int64_t step_ns) noexcept nogil:
+    if ts > clock[0]:
+        clock[0] = ts
+    elif step_ns > 0 and <uint64_t>clock[0] - <uint64_t>ts > <uint64_t>step_ns:
+        clock[0] = ts
+        return True
+    return False
+
 cdef class Port:
     cdef readonly str name
     cdef readonly uint64_t rx_pkts
@@ -213,6 +229,8 @@ cdef class Port:
     # delivered, those passed over for other stack processes included (0: it does not
     # pass frames over): the stack's clock for idle flows, as one stack would see it.
     cdef readonly int64_t walked_ns
+    # ... kept by clock_take with this step (the stack's; 0: the latest time only)
+    cdef public int64_t clock_step_ns
     cdef uint32_t rss_k                    # deliver share rss_k of rss_n (see rss_share)
     cdef uint32_t rss_n                    # 0 or 1: deliver everything
     cdef object _error

@@ -23,7 +23,7 @@ from posix.unistd cimport close as c_close
 from posix.unistd cimport write
 
 from mbx._packet cimport (
-    PKT_F_FRAGMENT, PKT_F_RSS_HASH, PORT_EOF, PORT_ERROR, Batch, Port, mbx_pkt,
+    PKT_F_FRAGMENT, PKT_F_RSS_HASH, PORT_EOF, PORT_ERROR, Batch, Port, clock_take, mbx_pkt,
 )
 from mbx._parse cimport parse_packet
 from mbx._rewrite cimport pkt_finish_csum
@@ -966,8 +966,7 @@ cdef class PcapReader(Port):
                 if owner != <int>self.rss_k:
                     kind = FRAGMENT_COUNTED_ELSEWHERE
                 owner = self.rss_k
-            if r.ts_ns > self.walk_max_ns:
-                self.walk_max_ns = r.ts_ns
+            clock_take(&self.walk_max_ns, r.ts_ns, self.clock_step_ns)
             self.own[m] = r
             self.own_hash[m] = h
             self.own_kind[m] = <int8_t>kind

@@ -44,6 +44,7 @@ cdef class NetworkLayer:
     cdef bint drop_malformed
     cdef int64_t now_ns
     cdef int64_t next_expire_ns
+    cdef readonly uint64_t clock_steps_back   # times clock_take stepped now_ns back
     cdef int64_t expire_every_ns
     cdef uint32_t ended_pos         # FLOW/END published so far from the ended list
     cdef uint32_t pos               # burst position of the packet being processed
@@ -60,6 +61,7 @@ cdef class NetworkLayer:
 
     cdef uint32_t msg_room(self) noexcept nogil
     cdef bint room(self, uint32_t n) noexcept nogil
+    cdef void clock_stepped_back(self) noexcept nogil
     cdef void publish_flow(self, uint16_t t, uint64_t type_id, const mbx_flow *f,
                            uint32_t slot, uint32_t pkt, uint8_t dir,
                            int64_t ts) noexcept nogil

@@ -23,7 +23,7 @@ from mbx._flow cimport (
 from mbx._packet cimport (
     NO_FLOW, PARSE_N, PARSE_NOT_IP, PARSE_OK, PARSE_TOO_MANY_VLAN_TAGS, PKT_F_FRAGMENT,
     PKT_F_RSS_HASH, PKT_F_STACK_DROP, PORT_EOF, PORT_ERROR, VERDICT_DROP, VERDICT_HELD,
-    VERDICT_PASS, Batch, Port, mbx_pkt,
+    VERDICT_PASS, Batch, Port, clock_take, mbx_pkt,
 )
 from mbx._parse cimport DEFRAG_DONE, DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
 from mbx._rss cimport (
@@ -218,8 +218,8 @@ cdef class NetworkLayer:
             ntracked = 0
             for k in range(n):
                 p = &batch.pkts[i + k]
-                if p.ts_ns > self.now_ns:
-                    self.now_ns = p.ts_ns
+                if clock_take(&self.now_ns, p.ts_ns, self.flows.clock_step_ns):
+                    self.clock_stepped_back()
                 st = -1
                 if self.rss_n > 1 and self.rss_input is None:
                     # Software RSS here, for an input that cannot filter: another
@@ -383,6 +383,12 @@ cdef class NetworkLayer:
             self.expire(self.now_ns)
             self.next_expire_ns = self.now_ns + self.expire_every_ns
 
+    cdef void clock_stepped_back(self) noexcept nogil:
+        # The clock went back to a packet's time (clock_take): the next idle check
+        # is due an interval from there, not from the time it left.
+        self.clock_steps_back += 1
+        self.next_expire_ns = self.now_ns + self.expire_every_ns
+
     def expire(self, int64_t now_ns):
         """End flows (and fragment queues) idle at ``now_ns``; publish FLOW/END."""
         self.frags.expire(now_ns)
@@ -490,6 +496,7 @@ cdef class NetworkLayer:
         cdef Batch batch
         if self.rss_n > 1 and inp.rss_share(self.rss_k, self.rss_n):
             self.rss_input = inp        # it counts what it passed over
+            inp.clock_step_ns = self.flows.clock_step_ns    # its walk keeps our clock
         cdef int n
         cdef double now = monotonic()
         cdef double started = now
@@ -555,11 +562,12 @@ cdef class NetworkLayer:
                     processing = False
                     marks[(head + inflight) % nslots] = self.bus.burst_mark()
                     inflight += 1
-                if inp.walked_ns > self.now_ns:
+                if inp.walked_ns and inp.walked_ns != self.now_ns:
                     # Software RSS on a capture: the other stack processes' frames move
                     # the capture's clock too, so that flows go idle in capture time as
                     # with one stack (not only when this process's next frame comes)
-                    self.now_ns = inp.walked_ns
+                    if clock_take(&self.now_ns, inp.walked_ns, self.flows.clock_step_ns):
+                        self.clock_stepped_back()
                     if self.now_ns >= self.next_expire_ns:
                         self.expire(self.now_ns)
                         self.next_expire_ns = self.now_ns + self.expire_every_ns
@@ -664,6 +672,7 @@ cdef class NetworkLayer:
             "other_stacks": self.rss_other + (
                 self.rss_input.rss_skipped if self.rss_input is not None else 0),
             "fragments_held": self.frag_held,
+            "clock_steps_back": self.clock_steps_back,
             "parse": parse,
             "flows": {
                 "capacity": self.flows.capacity,

@@ -177,6 +177,12 @@ def _print_counters(c, elapsed, out=None):
         w(f"input          {raised:,} record{'s' if raised != 1 else ''} with a wire length "
           "under the captured length (not valid pcap): read, and written to a pcap "
           "output, with the captured length as the wire length\n")
+    steps = c.get("clock_steps_back", 0)
+    if steps:
+        w(f"clock          stepped back {steps:,} time{'s' if steps != 1 else ''}: a packet "
+          "came more than the idle timeout (at least 1 s) behind the latest time seen "
+          "(one stamped ahead of its neighbours, or a clock set back), and the clock "
+          "went back to it; flows seen at the later time go idle from there\n")
     for side in [inp] + [inp[s] for s in ("client", "server") if isinstance(inp.get(s), dict)]:
         if side.get("damage"):
             # DPDK net_pcap's file: the pcap port would have ended the run here

@@ -88,6 +88,13 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
                         f"{'say' if many else 'says'} fewer bytes on the wire than "
                         f"{'they' if many else 'it'} captured (not valid pcap): read as "
                         "captured, every captured byte in the summary")
+    steps = counters.get("clock_steps_back", 0)
+    if steps:
+        warnings.append(f"the capture's clock stepped back {steps} time"
+                        f"{'s' if steps != 1 else ''}: a packet more than the idle timeout "
+                        "behind the latest time seen (one stamped ahead of its "
+                        "neighbours); connections seen at the later time go idle from "
+                        "there")
     deep = counters["parse"].get("too_many_vlan_tags", 0)
     if deep:
         warnings.append(f"{deep} frame{'s' if deep != 1 else ''} behind more than "

@@ -624,3 +624,27 @@ def test_a_burst_that_fills_event_memory_leaves_nfs_room_to_publish(tmp_path):
     assert c["packets"] == 3000 and c["flows"]["evicted"] > 2000
     published = c["events"]["FLOW/STATS"]["published"]
     assert published == c["flows"]["created"] == 3000
+
+
+def test_a_flow_seen_before_the_clock_stepped_back_does_not_hold_expiry():
+    # Expiry walks the LRU list from its head and stops at the first flow still
+    # live.  A flow touched at a time the clock later stepped back from (a packet
+    # stamped days ahead) looked live until the clock came back there, and every
+    # flow behind it stayed in the table.
+    t = FlowTable(capacity=8, idle_timeout=1.0)
+    assert t.clock_step_ns == 1_000_000_000
+    s = 1_000_000_000
+    future = t.lookup_tuple("10.0.0.1", "10.0.0.2", 1, 53, 17, 10 * 86400 * s)
+    later = [t.lookup_tuple("10.0.0.1", "10.0.0.2", 2 + k, 53, 17, (2 + k) * s)
+             for k in range(3)]
+    assert future[0] >= 0 and all(x[0] >= 0 for x in later)
+    # at 10 s the three are idle; the future flow is taken as seen at 10 s
+    assert t.expire_py(10 * s) == 3
+    assert t.counters["active"] == 1
+    assert t.expire_py(11 * s) == 0             # not idle a timeout after that yet
+    assert t.expire_py(11 * s + 1) == 1
+    # a flow just ahead of the clock (within the step) is left as it is
+    u = FlowTable(capacity=8, idle_timeout=1.0)
+    u.lookup_tuple("10.0.0.1", "10.0.0.2", 1, 53, 17, 20 * s)
+    u.lookup_tuple("10.0.0.1", "10.0.0.2", 2, 53, 17, 19 * s)
+    assert u.expire_py(19 * s + s // 2) == 0

@@ -300,6 +300,48 @@ def test_a_regular_file_under_dev_is_a_file_of_each_stack(tmp_path):
                     os.unlink(f"{base}.{ext}.stack{k}")
 
 
+def _one_from_the_future(path, jump_s):
+    # one UDP flow, one packet jump_s ahead of its neighbours, then a new one-packet
+    # flow every second for 600 s
+    t = 1_700_000_000.0
+
+    def udp(ts, port):
+        return (ts, ether(udp4("198.18.0.1", "198.18.0.2", port, 53, b"q")))
+
+    write_pcap(path, [udp(t, 1001), udp(t + 1 + jump_s, 1002)]
+               + [udp(t + 2 + k, 2000 + k) for k in range(600)])
+
+
+@pytest.mark.parametrize("how", [{}, {"deploy": "pipelined"}, {"stacks": 2},
+                                 {"flow_capacity": 64, "flow_policy": "refuse"}])
+def test_one_packet_stamped_days_ahead_does_not_stop_idle_expiry(tmp_path, how):
+    # The clock was the latest packet time ever seen: after one packet stamped 10
+    # days ahead no flow went idle for the rest of the run (1 expired of 602), and a
+    # full table under the refuse policy refused every new flow after it.  The
+    # clock now steps back to a packet more than the idle timeout behind it.
+    how = dict(how)
+    stacks = how.pop("stacks", 1)
+    counts = []
+    for jump in (0, 10 * 86400):
+        cap = str(tmp_path / f"jump{jump}.pcap")
+        _one_from_the_future(cap, jump)
+        if stacks > 1:
+            c, _ = run_parallel(list, "pcap:" + cap, stacks=stacks, idle_timeout=60)
+        else:
+            inp = open_input("pcap:" + cap)
+            try:
+                c = App([mbx.NF("idle")], idle_timeout=60, **how).run(inp)
+            finally:
+                inp.close()
+        counts.append(c)
+    plain, jumped = counts
+    assert plain["clock_steps_back"] == 0 and jumped["clock_steps_back"] >= 1
+    assert plain["flows"]["expired"] > 290
+    # the flow live at the jump (1 s old) is ended by it: one more expiry, at most
+    for what in ("expired", "refused", "created"):
+        assert abs(jumped["flows"][what] - plain["flows"][what]) <= 1, what
+
+
 def test_each_stack_holds_its_share_of_the_flow_capacity(tmp_path):
     assert [stack_share(100, k) for k in (1, 2, 3, 4)] == [100, 64, 64, 32]
     assert stack_share(131072, 2) == 65536 and stack_share(1, 2) == 1
