@@ -65,6 +65,7 @@ ctypedef struct frag_dgram:
     uint8_t used
     uint8_t counted         # its datagram counters are this table's (see defrag)
     uint16_t npieces        # pieces held (at most FRAG_MAX_PIECES)
+    uint32_t nheld          # fragments counted in `held` for it (duplicates too)
     int32_t end             # fragmentable length once the last fragment came; -1 before
     uint32_t piece_max      # the longest fragment payload held (what the sender chose)
     int64_t first_ns        # arrival of the first fragment: the timeout runs from here
@@ -77,6 +78,10 @@ ctypedef struct frag_dgram:
 # IPv4 and IPv6 fragment reassembly with bounded memory and a timeout.
 cdef class FragTable:
     cdef readonly uint64_t held             # fragments accepted into a pending datagram
+    # ... and where each went: held = held_completed + held_discarded + held_pending
+    cdef readonly uint64_t held_completed   # into a datagram rebuilt
+    cdef readonly uint64_t held_discarded   # dropped with their datagram (any reason)
+    cdef readonly uint64_t held_pending     # still waiting for the rest of theirs
     cdef readonly uint64_t completed        # datagrams rebuilt
     cdef readonly uint64_t timed_out        # datagrams abandoned at the timeout
     cdef readonly uint64_t pending_at_end   # datagrams still incomplete when the input

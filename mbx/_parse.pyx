@@ -676,7 +676,9 @@ cdef class FragTable:
 
     @property
     def counters(self):
-        return {"held": self.held, "completed": self.completed,
+        return {"held": self.held, "held_completed": self.held_completed,
+                "held_discarded": self.held_discarded, "held_pending": self.held_pending,
+                "completed": self.completed,
                 "timed_out": self.timed_out, "pending_at_end": self.pending_at_end,
                 "memcap_drops": self.memcap_drops,
                 "bad": self.bad, "no_room": self.no_room, "too_many": self.too_many,
@@ -715,6 +717,7 @@ cdef class FragTable:
         g.end = -1
         g.piece_max = 0
         g.npieces = 0
+        g.nheld = 0
         g.first_ns = p.ts_ns
         g.pieces = NULL
         g.head = NULL
@@ -741,6 +744,12 @@ cdef class FragTable:
         g.head = NULL
         self.bytes_used -= g.charged
         g.charged = 0
+        # Freed other than rebuilt (given up, refused, cut off by the input's end,
+        # close()): its held fragments go with it, so that every fragment `held`
+        # counted ends in held_completed or here (_rebuild moves its own first).
+        self.held_discarded += g.nheld
+        self.held_pending -= g.nheld
+        g.nheld = 0
         while link[0] != slot:
             link = &self.dgrams[link[0]].hnext
         link[0] = g.hnext
@@ -794,7 +803,8 @@ cdef class FragTable:
 
     def finish(self):
         """Give up every pending datagram as cut off by the end of the input
-        (``pending_at_end``); how many.  ``close()`` frees them uncounted."""
+        (``pending_at_end``); how many.  ``close()`` frees them without a reason
+        counted (their held fragments count in ``held_discarded`` either way)."""
         return self.end_all()
 
     cdef int defrag(self, Batch batch, mbx_pkt *p, bint counted=True) noexcept nogil:
@@ -909,6 +919,8 @@ cdef class FragTable:
             if covered >= <uint32_t>g.end:
                 return self._rebuild(batch, p, slot)
         self.held += counted
+        self.held_pending += counted
+        g.nheld += counted
         p.verdict = VERDICT_HELD
         return DEFRAG_HELD
 
@@ -963,6 +975,9 @@ cdef class FragTable:
             memcpy(out + hdr + q.off, _piece_data(q), q.length)
             q = q.next
         self.completed += g.counted
+        self.held_completed += g.nheld
+        self.held_pending -= g.nheld
+        g.nheld = 0
         piece_max = g.piece_max
         ident = g.ident
         self._release(slot)

@@ -682,7 +682,10 @@ cdef class NetworkLayer:
                 "refused": self.flows.refused,
             },
             "fragments": {
-                "held": self.frags.held, "completed": self.frags.completed,
+                "held": self.frags.held, "held_completed": self.frags.held_completed,
+                "held_discarded": self.frags.held_discarded,
+                "held_pending": self.frags.held_pending,
+                "completed": self.frags.completed,
                 "timed_out": self.frags.timed_out,
                 "pending_at_end": self.frags.pending_at_end,
                 "memcap_drops": self.frags.memcap_drops,

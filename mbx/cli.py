@@ -191,8 +191,12 @@ def _print_counters(c, elapsed, out=None):
               "if any, are not the capture's\n")
     fr = c["fragments"]
     if any(fr.values()):
-        # held: every fragment the table ever took, not what it holds now
-        w(f"fragments      held in all {fr['held']:,}, reassembled {fr['completed']:,}, "
+        # held: every fragment the table ever took, not what it holds now; each of
+        # them went into a rebuilt datagram, was discarded with its own, or waits
+        w(f"fragments      held in all {fr['held']:,} ({fr['held_completed']:,} rebuilt "
+          f"into datagrams, {fr['held_discarded']:,} discarded with theirs"
+          + (f", {fr['held_pending']:,} still held" if fr.get("held_pending") else "")
+          + f"), reassembled {fr['completed']:,}, "
           f"timed out {fr['timed_out']:,}, memcap {fr['memcap_drops']:,}, bad {fr['bad']:,}"
           + (f", incomplete at the end of the input {fr['pending_at_end']:,}"
              if fr.get("pending_at_end") else "")

@@ -108,6 +108,11 @@ def lost_in_flight(counters):
 
 
 FLOW_COUNTS = ("created", "expired", "evicted", "closed", "shutdown", "refused")
+# The reassembly table's counters (``fragments``) that count fragments, and those
+# that count datagrams: two series, so that no sum over a label mixes the two.
+# held = held_completed + held_discarded + held_pending (a gauge: held now).
+FRAGMENT_COUNTS = ("held", "held_completed", "held_discarded", "memcap_drops", "bad")
+DATAGRAM_COUNTS = ("completed", "timed_out", "pending_at_end", "no_room", "too_many")
 
 
 def zero_snapshot(nfs=(), types=()):
@@ -116,6 +121,8 @@ def zero_snapshot(nfs=(), types=()):
     return {"packets": 0, "bytes": 0, "sent": 0, "dropped_by_nf": 0,
             "dropped_malformed": 0, "dropped_on_error": 0,
             "flows": dict.fromkeys(FLOW_COUNTS + ("active",), 0),
+            "fragments": dict.fromkeys(FRAGMENT_COUNTS + DATAGRAM_COUNTS
+                                       + ("held_pending",), 0),
             "events": {t: {"published": 0, "delivered": 0} for t in types},
             "nfs": {n: {"events": 0, "c_events": 0, "drops": 0, "handler_ns": 0,
                         "mean_ns": 0.0, "types": {}} for n in nfs}}
@@ -232,6 +239,12 @@ class Prometheus:
             "drops": family(C, "mbx_dropped", "Packets dropped", "by"),
             "flows": family(C, "mbx_flows", "Flows", "what"),
             "active": family(G, "mbx_flows_active", "Flows in the flow table"),
+            "frags": family(C, "mbx_fragments", "IP fragments the reassembly table "
+                            "held (and where they went) or refused", "what"),
+            "dgrams": family(C, "mbx_fragment_datagrams", "Fragmented datagrams "
+                             "rebuilt or given up", "what"),
+            "held": family(G, "mbx_fragments_held", "IP fragments held for datagrams "
+                           "still incomplete"),
             "pub": family(C, "mbx_events_published", "Events published", "type"),
             "dlv": family(C, "mbx_events_delivered", "Events delivered to NFs", "type"),
             "ev": family(C, "mbx_nf_events", "Events delivered to an NF", "nf"),
@@ -249,6 +262,11 @@ class Prometheus:
             for what in FLOW_COUNTS:
                 fams["flows"].add_metric(at + [what], p["flows"][what])
             fams["active"].add_metric(at, p["flows"]["active"])
+            for what in FRAGMENT_COUNTS:
+                fams["frags"].add_metric(at + [what], p["fragments"][what])
+            for what in DATAGRAM_COUNTS:
+                fams["dgrams"].add_metric(at + [what], p["fragments"][what])
+            fams["held"].add_metric(at, p["fragments"]["held_pending"])
             for name, e in dict(zero["events"], **p["events"]).items():
                 fams["pub"].add_metric(at + [name], e["published"])
                 fams["dlv"].add_metric(at + [name], e["delivered"])

@@ -1585,4 +1585,7 @@ def test_the_summary_says_fragments_held_are_counted_in_all(tmp_path):
     assert r.returncode == 0, r.stderr
     fr = json.loads((tmp_path / "c.json").read_text())["fragments"]
     assert (fr["held"], fr["pending_at_end"]) == (2, 1)
-    assert "fragments      held in all 2, reassembled 0," in r.stdout
+    # ... and where they went: both with their datagram, none still held
+    assert (fr["held_completed"], fr["held_discarded"], fr["held_pending"]) == (0, 2, 0)
+    assert ("fragments      held in all 2 (0 rebuilt into datagrams, 2 discarded with "
+            "theirs), reassembled 0,") in r.stdout

@@ -1058,6 +1058,89 @@ def test_finish_counts_what_the_end_of_the_input_cut_off():
     assert table.finish() == 0 and table.counters["pending_at_end"] == 3
 
 
+# A fragment stream: each op offers one fragment of one of a few datagrams (their
+# keys may collide: the same addresses and ident), as it is, with its bytes changed
+# (an overlap that disagrees, if its place is held), cut at another size (overlaps
+# that agree), or with an offset no datagram has (the parser's bad_frag), or all of
+# its fragments in order; some ops come after a pause past the timeout.  A small
+# budget refuses some for memory.
+_frag_ops = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40),
+                               st.sampled_from(["as_is", "as_is", "as_is", "changed",
+                                                "recut", "bad", "all", "all"]),
+                               st.sampled_from([0.001, 0.001, 0.001, 2.0])),
+                     min_size=1, max_size=60)
+
+
+def _frag_stream(sizes, ops):
+    datagrams = [eth(ip4(17, udp(1000 + k, 53, bytes([k]) * n), src=f"10.0.0.{k % 2 + 1}",
+                         ident=k % 3))
+                 for k, n in enumerate(sizes)]
+    t, frames = 1.0, []
+    for k, piece, kind, pause in ops:
+        dgram = datagrams[k % len(datagrams)]
+        frags = fragment4(dgram, 24 if kind == "recut" else 16)
+        t += pause
+        for f in frags if kind == "all" else ():
+            t += 0.001
+            frames.append((t, f, bytes(f[26:34] + f[18:20] + f[23:24])))
+        f = bytearray(frags[piece % len(frags)])
+        if kind == "changed":
+            f[-1] ^= 0xFF
+        elif kind == "bad":
+            f[20:22] = struct.pack("!H", 0x2000 | 8190)
+            f[24:26] = b"\0\0"
+            f[24:26] = struct.pack("!H", ip_checksum(bytes(f[14:34])))
+        frames.append((t, bytes(f), bytes(f[26:34] + f[18:20] + f[23:24])))
+    return frames
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(8, 300), min_size=1, max_size=4), ops=_frag_ops,
+       budget=st.sampled_from([300, 700, 1 << 20]))
+def test_every_fragment_held_is_rebuilt_discarded_or_pending(tmp_path, sizes, ops,
+                                                              budget):
+    """`held` counted every fragment the table took, and nothing said what became
+    of those of a datagram given up (timed out, refused, cut off by the memory cap):
+    held = held_completed + held_discarded + held_pending, each figure as a model
+    that follows the table's verdicts and the timeout predicts it."""
+    from mbxtest import run_app
+
+    frames = _frag_stream(sizes, ops)
+    table = FragTable(max_bytes=budget, timeout=1.0)
+    waiting, completed, discarded = {}, 0, 0       # key: [first ns, fragments held]
+    for ts, frame, key in frames:
+        ns = round(ts * 1e9)
+        verdict, _ = table.push(frame, ns)
+        if verdict != "none" and key in waiting and ns - waiting[key][0] > 10**9:
+            discarded += waiting.pop(key)[1]        # given up at its timeout
+        if verdict == "held":
+            waiting.setdefault(key, [ns, 0])[1] += 1
+        elif verdict == "done":
+            completed += waiting.pop(key, [0, 0])[1]
+        elif verdict == "drop":
+            discarded += waiting.pop(key, [0, 0])[1]  # its datagram went with it
+        c = table.counters
+        # (short of memory, the table gives up datagrams past their time before the
+        # model hears of them: the two agree on those once the input has ended)
+        assert c["held_completed"] == completed and c["held_discarded"] >= discarded
+        assert (c["held_discarded"] + c["held_pending"]
+                == discarded + sum(n for _, n in waiting.values()))
+        assert c["held"] == c["held_completed"] + c["held_discarded"] + c["held_pending"]
+    table.sweep(ns)             # as the stack ends: those past their time time out
+    table.finish()
+    c = table.counters
+    discarded += sum(n for _, n in waiting.values())
+    assert (c["held_pending"], c["held_completed"], c["held_discarded"]) == (
+        0, completed, discarded)
+    assert c["held"] == c["held_completed"] + c["held_discarded"]
+    # the stack's counters say the same of the same stream
+    s, _ = run_app([], None, tmp_path, [(ts, f) for ts, f, _ in frames],
+                   frag_memory=budget, frag_timeout=1.0)
+    fr = s["fragments"]
+    assert fr == {k: c[k] for k in fr}
+
+
 def test_truncated_fragment_passes_through():
     frags = fragment4(original_frame(4, 17, bytes(300)), 64)
     table = FragTable()

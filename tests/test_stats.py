@@ -376,6 +376,9 @@ def test_prometheus_has_every_series_from_the_first_scrape(example_pcap, tmp_pat
         for name, labels in (("mbx_packets_total", ""), ("mbx_dropped_total", 'by="nf"'),
                              ("mbx_dropped_total", 'by="run_error"'),
                              ("mbx_flows_total", 'what="created"'),
+                             ("mbx_fragments_total", 'what="held_discarded"'),
+                             ("mbx_fragment_datagrams_total", 'what="timed_out"'),
+                             ("mbx_fragments_held", ""),
                              ("mbx_events_published_total", 'type="PKT"'),
                              ("mbx_events_delivered_total", 'type="FLOW/END"'),
                              ("mbx_nf_events_total", 'nf="scraper"')):
@@ -580,3 +583,27 @@ def test_the_live_table_is_a_log_every_ten_seconds_off_a_terminal():
 
     assert StatsView(out=io.StringIO()).every == StatsView.LOG_EVERY_S == 10.0
     assert StatsView(out=Tty()).every == 1.0
+
+
+def test_prometheus_says_where_the_fragments_went(tmp_path):
+    # the fragment counters were in the summary and --json only: a dashboard could
+    # not see fragments held, nor what became of them
+    from mbxtest import fragment4, run_app
+
+    from mbx.examples.capture import ether, udp4
+    from mbx.stats import Prometheus
+
+    whole = fragment4(ether(udp4("198.18.0.1", "198.18.0.2", 1000, 53, bytes(100))), 32)
+    lost = fragment4(ether(udp4("198.18.0.3", "198.18.0.2", 1001, 53, bytes(100))), 32)
+    c, _ = run_app([], None, tmp_path, [(1.0 + i / 1000, f)
+                                        for i, f in enumerate(whole + lost[:2])])
+    with Prometheus(0) as prom:
+        prom.update(c)
+        text = prometheus_client.generate_latest(prom.registry).decode()
+    fr = c["fragments"]
+    assert (fr["held"], fr["held_completed"], fr["held_discarded"]) == (5, 3, 2)
+    for what in ("held", "held_completed", "held_discarded", "bad"):
+        assert _metric(text, "mbx_fragments_total", f'{{what="{what}"}}') == fr[what]
+    for what in ("completed", "pending_at_end"):
+        assert _metric(text, "mbx_fragment_datagrams_total", f'{{what="{what}"}}') == 1
+    assert _metric(text, "mbx_fragments_held") == 0
