@@ -21,6 +21,7 @@ cdef class NetworkLayer:
     cdef readonly uint64_t pkts
     cdef readonly uint64_t bytes
     cdef readonly uint64_t malformed_dropped
+    cdef readonly uint64_t frag_dropped     # fragments the reassembly table refused
     cdef readonly uint64_t frag_held
     cdef readonly uint64_t nf_dropped
     cdef readonly uint64_t sent

@@ -13,6 +13,7 @@ class NetworkLayer:
     pkts: int
     bytes: int
     malformed_dropped: int
+    frag_dropped: int
     frag_held: int
     nf_dropped: int
     sent: int

@@ -266,9 +266,13 @@ cdef class NetworkLayer:
                         continue
                     if r == DEFRAG_DROP:
                         # refused for what the table found (an overlap, no memory);
-                        # a malformation the parser found was counted above
+                        # a malformation the parser found was counted above.  Dropped
+                        # whatever `malformed` says (a fragment goes on only as part
+                        # of its datagram), and counted with the drops, so that every
+                        # packet read is sent, held or dropped somewhere
                         if p.status != st:
                             self.status_count[p.status] += counted
+                        self.frag_dropped += counted
                         continue
                     st = p.status
                     if self.rss_n > 1 and (
@@ -668,6 +672,7 @@ cdef class NetworkLayer:
             "sent": self.sent - lost,
             "dropped_by_nf": self.nf_dropped,
             "dropped_malformed": self.malformed_dropped,
+            "dropped_fragments": self.frag_dropped,
             "dropped_on_error": self.error_dropped + lost,
             "other_stacks": self.rss_other + (
                 self.rss_input.rss_skipped if self.rss_input is not None else 0),

@@ -103,6 +103,8 @@ def _print_counters(c, elapsed, out=None):
           "not finish, the counters are of part of it\n")
     w(f"sent           {c['sent']:,}\n")
     w(f"dropped        by NFs {c['dropped_by_nf']:,}, malformed {c['dropped_malformed']:,}"
+      + (f", fragments {c['dropped_fragments']:,} (refused by reassembly, see fragments)"
+         if c["dropped_fragments"] else "")
       + (f", {lost_in_flight(c)} {c['dropped_on_error']:,} (neither sent nor dropped "
          "by an NF)" if c["dropped_on_error"] else "") + "\n")
     f = c["flows"]

@@ -119,7 +119,7 @@ def zero_snapshot(nfs=(), types=()):
     """The counters of a run before its first packet: every one 0, for the NFs and
     event types named."""
     return {"packets": 0, "bytes": 0, "sent": 0, "dropped_by_nf": 0,
-            "dropped_malformed": 0, "dropped_on_error": 0,
+            "dropped_malformed": 0, "dropped_fragments": 0, "dropped_on_error": 0,
             "flows": dict.fromkeys(FLOW_COUNTS + ("active",), 0),
             "fragments": dict.fromkeys(FRAGMENT_COUNTS + DATAGRAM_COUNTS
                                        + ("held_pending",), 0),
@@ -258,6 +258,7 @@ class Prometheus:
             fams["sent"].add_metric(at, p["sent"])
             fams["drops"].add_metric(at + ["nf"], p["dropped_by_nf"])
             fams["drops"].add_metric(at + ["malformed"], p["dropped_malformed"])
+            fams["drops"].add_metric(at + ["fragments"], p["dropped_fragments"])
             fams["drops"].add_metric(at + ["run_error"], p["dropped_on_error"])
             for what in FLOW_COUNTS:
                 fams["flows"].add_metric(at + [what], p["flows"][what])

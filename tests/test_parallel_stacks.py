@@ -180,6 +180,49 @@ def test_stacks_pass_on_every_fragment_once_as_one_stack_does(tmp_path, case):
     assert _outputs(many) == _outputs(one)
 
 
+@pytest.mark.parametrize("stacks", [2, 3])
+def test_stacks_count_the_fragments_and_their_drops_as_one_stack_does(tmp_path, stacks):
+    # Every stack takes every fragment and counts only those its addresses pick: the
+    # merged fragment counters and drop totals must be one stack's, for datagrams
+    # rebuilt, timed out, refused (an overlap that disagrees, the parser's bad_frag,
+    # the memory cap) and cut off by the end of the input, over many address pairs.
+    rnd = random.Random(5)
+    frames = []
+    for k in range(40):
+        src, dst = f"198.18.{k % 7}.{1 + k}", f"198.19.{k % 3}.1"
+        frags = fragment4(ether(udp4(src, dst, 1000 + k, 53, bytes([k]) * 600)), 200)
+        fate = k % 5
+        if fate == 1:                           # the last one never comes
+            frags = frags[:-1]
+        elif fate == 2:                         # an overlap with other bytes
+            frags.insert(2, frags[1][:-1] + bytes([frags[1][-1] ^ 0xFF]))
+        elif fate == 3:                         # an offset no datagram has: bad_frag
+            bad = bytearray(frags[0])
+            bad[20:22] = struct.pack("!H", 0x2000 | 8190)
+            frags.insert(1, bytes(bad))
+        rnd.shuffle(frags)
+        frames += frags
+    records = [(1.0 + i * 0.05, f, len(f)) for i, f in enumerate(frames)]
+    cap = str(tmp_path / "in.pcap")
+    _write_records(cap, records)
+    config = {"frag_memory": 3000, "frag_timeout": 2.0}
+    inp = open_input("pcap:" + cap)
+    try:
+        single = App([L2Fwd()], **config).run(inp)
+    finally:
+        inp.close()
+    merged, _ = run_parallel(lambda: [L2Fwd()], "pcap:" + cap, None, stacks=stacks,
+                             **config)
+    fr = single["fragments"]
+    assert fr["completed"] and fr["timed_out"] and fr["bad"] and fr["memcap_drops"]
+    assert fr["pending_at_end"] and fr["held_discarded"]
+    assert merged["fragments"] == fr
+    for key in ("packets", "fragments_held", "dropped_fragments", "dropped_malformed",
+                "dropped_by_nf", "dropped_on_error"):
+        assert merged[key] == single[key], key
+    assert single["dropped_fragments"] == fr["bad"] + fr["memcap_drops"]
+
+
 def frames_of_a_lost_datagram():
     """The first fragment of a 3,000-byte UDP datagram whose others never come."""
     frame = ether(udp4("198.18.250.1", "198.19.250.1", 7000, 53, bytes(3000)))

@@ -631,7 +631,7 @@ def test_a_malformation_is_counted_once_fragmented_or_not(tmp_path):
                                               for i, f in enumerate(frames)],
                          malformed="drop")
         assert c["parse"] == parse_count, frames
-        assert c["fragments"]["bad"] == fragments_bad
+        assert c["fragments"]["bad"] == c["dropped_fragments"] == fragments_bad
         assert c["dropped_malformed"] == 1 - fragments_bad and out == []
 
 
@@ -1135,10 +1135,18 @@ def test_every_fragment_held_is_rebuilt_discarded_or_pending(tmp_path, sizes, op
         0, completed, discarded)
     assert c["held"] == c["held_completed"] + c["held_discarded"]
     # the stack's counters say the same of the same stream
-    s, _ = run_app([], None, tmp_path, [(ts, f) for ts, f, _ in frames],
-                   frag_memory=budget, frag_timeout=1.0)
+    s, out = run_app([], None, tmp_path, [(ts, f) for ts, f, _ in frames],
+                     frag_memory=budget, frag_timeout=1.0)
     fr = s["fragments"]
     assert fr == {k: c[k] for k in fr}
+    # and every packet read is sent, held or dropped: the fragments refused were
+    # dropped but in no drop count (--malformed forward does not pass them on)
+    assert s["dropped_fragments"] == fr["bad"] + fr["memcap_drops"] + fr["no_room"] \
+        + fr["too_many"]
+    assert s["packets"] == len(frames) == (
+        s["sent"] + s["fragments_held"] + s["dropped_fragments"] + s["dropped_malformed"]
+        + s["dropped_by_nf"] + s["dropped_on_error"])
+    assert s["sent"] == len(out)
 
 
 def test_truncated_fragment_passes_through():

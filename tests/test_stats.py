@@ -375,6 +375,7 @@ def test_prometheus_has_every_series_from_the_first_scrape(example_pcap, tmp_pat
         assert mine and all(v == 0.0 for v in mine.values()), mine
         for name, labels in (("mbx_packets_total", ""), ("mbx_dropped_total", 'by="nf"'),
                              ("mbx_dropped_total", 'by="run_error"'),
+                             ("mbx_dropped_total", 'by="fragments"'),
                              ("mbx_flows_total", 'what="created"'),
                              ("mbx_fragments_total", 'what="held_discarded"'),
                              ("mbx_fragment_datagrams_total", 'what="timed_out"'),
