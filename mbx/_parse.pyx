@@ -780,7 +780,15 @@ cdef class FragTable:
         if self.pending == 0:
             return 0
         for s in range(self.max_datagrams):
-            if self.dgrams[s].used and now_ns - self.dgrams[s].first_ns > self.timeout_ns:
+            if not self.dgrams[s].used:
+                continue
+            if (self.dgrams[s].first_ns > now_ns and <uint64_t>self.dgrams[s].first_ns
+                    - <uint64_t>now_ns > <uint64_t>max(self.timeout_ns, 1000000000)):
+                # begun at a time the input's clock has since stepped back from
+                # (clock_take: a fragment stamped days ahead): its time runs from
+                # now, as a flow's does, not from days ahead
+                self.dgrams[s].first_ns = now_ns
+            elif now_ns - self.dgrams[s].first_ns > self.timeout_ns:
                 self.timed_out += self.dgrams[s].counted
                 self._release(s)
                 n += 1

@@ -1161,3 +1161,25 @@ def test_parse_many_smoke():
     assert parse_many(frames, 10) > 0
     assert parse_many([], 10) == 0.0
 
+
+
+def test_a_fragment_stamped_days_ahead_times_out_from_when_the_clock_came_back(tmp_path):
+    # A datagram begun by a fragment stamped 10 days ahead waited until the end of
+    # the input (its time ran from 10 days ahead); once the clock steps back to the
+    # packets after it, it times out by the frag timeout from there.
+    from mbx.examples.capture import write_pcap
+    from mbx.ports import open_input
+    from mbx.runtime import App
+
+    stray = fragment4(eth(ip4(17, udp(1000, 53, b"x" * 3000))), 1200)[0]
+    other = [eth(ip4(17, udp(2000 + k, 53, b"y"), src="10.0.0.3")) for k in range(60)]
+    frames = [(1.0 + 10 * 86400, stray)] + [(2.0 + k, f) for k, f in enumerate(other)]
+    cap = str(tmp_path / "stray.pcap")
+    write_pcap(cap, frames)
+    inp = open_input("pcap:" + cap)
+    try:
+        c = App([], frag_timeout=30.0, idle_timeout=60.0).run(inp, burst=4)
+    finally:
+        inp.close()
+    assert c["clock_steps_back"] == 1
+    assert c["fragments"]["timed_out"] == 1 and c["fragments"]["pending_at_end"] == 0
