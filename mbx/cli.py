@@ -192,6 +192,7 @@ def _print_counters(c, elapsed, out=None):
               "reads such a file without an error, so frames it gave from there on, "
               "if any, are not the capture's\n")
     fr = c["fragments"]
+    cut = "stop" if c.get("stopped") or c.get("error") else "end of the input"
     if any(fr.values()):
         # held: every fragment the table ever took, not what it holds now; each of
         # them went into a rebuilt datagram, was discarded with its own, or waits
@@ -200,7 +201,7 @@ def _print_counters(c, elapsed, out=None):
           + (f", {fr['held_pending']:,} still held" if fr.get("held_pending") else "")
           + f"), reassembled {fr['completed']:,}, "
           f"timed out {fr['timed_out']:,}, memcap {fr['memcap_drops']:,}, bad {fr['bad']:,}"
-          + (f", incomplete at the end of the input {fr['pending_at_end']:,}"
+          + (f", incomplete at the {cut} {fr['pending_at_end']:,}"
              if fr.get("pending_at_end") else "")
           + (f", no room in their burst {fr['no_room']:,} (lower --burst)"
              if fr.get("no_room") else "")

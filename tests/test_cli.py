@@ -1588,3 +1588,30 @@ def test_the_summary_says_fragments_held_are_counted_in_all(tmp_path):
     assert (fr["held_completed"], fr["held_discarded"], fr["held_pending"]) == (0, 2, 0)
     assert ("fragments      held in all 2 (0 rebuilt into datagrams, 2 discarded with "
             "theirs), reassembled 0,") in r.stdout
+
+
+def test_the_summary_says_a_stop_cut_the_fragments_short(tmp_path):
+    # After a signal the flows line said "ended at the stop" and the fragments line
+    # "incomplete at the end of the input", of the same run.
+    import io
+
+    from mbxtest import fragment4
+
+    from mbx import cli
+    from mbx.examples.capture import ether, udp4, write_pcap
+    from mbx.ports import open_input
+
+    first = fragment4(ether(udp4("198.18.0.1", "198.18.0.2", 1000, 53, b"x" * 3000)),
+                      1200)[0]
+    cap = str(tmp_path / "one.pcap")
+    write_pcap(cap, [(1.0, first)])
+    inp = open_input("pcap:" + cap)
+    try:
+        c = mbx.App([]).run(inp)
+    finally:
+        inp.close()
+    for stopped, said in ((None, "end of the input"), ("SIGINT", "stop")):
+        c["stopped"] = stopped
+        text = io.StringIO()
+        cli._print_counters(c, 1.0, text)
+        assert f"incomplete at the {said} 1" in text.getvalue()
