@@ -41,8 +41,9 @@ class Progress:
     counters at each call.  The caller leaves the line out (``enabled``) where the
     --stats table is drawn in its place; the exporter draws nothing."""
 
-    def __init__(self, port, enabled, listeners=()):
+    def __init__(self, port, enabled, listeners=(), out=None):
         self.port = port
+        self.out = out
         self.enabled = enabled
         self.listeners = list(listeners)
         self.t0 = time.monotonic()
@@ -51,7 +52,7 @@ class Progress:
         if self.listeners:
             from mbx.stats import snapshot
 
-            snap = snapshot(stack)
+            snap = snapshot(stack, self.port, self.out)
             for listener in self.listeners:
                 listener.update(snap)
         if not self.enabled:
@@ -71,12 +72,6 @@ class Progress:
             self.enabled = False
 
 
-def _port_sum(port, key):
-    # a bridge's sides each count their own; a single port counts for itself
-    sides = [port[s] for s in ("client", "server") if isinstance(port.get(s), dict)]
-    return sum(side.get(key) or 0 for side in sides) if sides else port.get(key) or 0
-
-
 def _shown(value):
     if isinstance(value, bool) or not isinstance(value, int | float):
         return value if isinstance(value, str) else json.dumps(value)
@@ -90,6 +85,7 @@ def _rate(pps):
 
 
 def _print_counters(c, elapsed, out=None):
+    from mbx.ports import port_total
     from mbx.stats import lost_in_flight
 
     out = out if out is not None else sys.stdout     # the stream of now, not of import
@@ -123,7 +119,7 @@ def _print_counters(c, elapsed, out=None):
             w(f"not sent       {unsent:,} packet{'s' if unsent != 1 else ''}, by the {side} port"
               + (f" (last error: {why})" if why else "") + "\n")
     inp = (c.get("ports") or {}).get("in") or {}
-    lost, oversize, cut, whole, unread, bad = (_port_sum(inp, key) for key in (
+    lost, oversize, cut, whole, unread, bad = (port_total(inp, key) for key in (
         "rx_dropped", "rx_oversize", "rx_truncated", "rx_whole", "rx_unread",
         "rx_bad_length"))
     unsent = sum((port or {}).get("tx_dropped") or 0
@@ -146,7 +142,7 @@ def _print_counters(c, elapsed, out=None):
         w(f"cut short      {cut:,} frames longer than a ring slot (raise frame_size; "
           "super-frames from senders with TSO/GSO, a veth's default, need ?offloads=1, "
           "or those offloads off)\n")
-    cut_again = sum(_port_sum(port or {}, "tx_cut")
+    cut_again = sum(port_total(port or {}, "tx_cut")
                     for port in (c.get("ports") or {}).values())
     if cut_again:
         w(f"cut again      {cut_again:,} datagram{'s' if cut_again != 1 else ''} longer than "
@@ -160,7 +156,7 @@ def _print_counters(c, elapsed, out=None):
           "fragment (the two sides' MTUs differ?), a super-frame from a sender with "
           "TSO/GSO (a veth's default; use ?offloads=1, or those offloads off), or one "
           "the kernel rebuilt for --stacks from fragments with DF set\n")
-    link = sum(_port_sum(port or {}, "link_errors")      # an output's too
+    link = sum(port_total(port or {}, "link_errors")      # an output's too
                for port in (c.get("ports") or {}).values())
     if link:
         w(f"link           {link:,} link error{'s' if link != 1 else ''} (a port's link went "
@@ -171,10 +167,10 @@ def _print_counters(c, elapsed, out=None):
         w(f"input          {n:,} frame{'s' if n != 1 else ''} skipped: "
           f"{'their' if n != 1 else 'its'} interface's link type is not one mbx reads "
           f"(the first: {inp['skipped_linktype']})\n")
-    if _port_sum(inp, "truncated"):
+    if port_total(inp, "truncated"):
         w("input          the capture ends in a record cut short (its writer stopped "
           "mid-write): that record was not read\n")
-    raised = _port_sum(inp, "wirelen_raised")
+    raised = port_total(inp, "wirelen_raised")
     if raised:
         w(f"input          {raised:,} record{'s' if raised != 1 else ''} with a wire length "
           "under the captured length (not valid pcap): read, and written to a pcap "
@@ -548,7 +544,7 @@ def _run_app(app, args, listeners, view, stop):
     inp, out = open_ports(args.inp, args.out, defer_output=True)
     _warn_other_sockets(other_packet_sockets(inp))
     progress = Progress(inp, sys.stderr.isatty() and not args.quiet and view is None,
-                        listeners)
+                        listeners, out)
     t0 = time.perf_counter()
     try:
         counters = app.run(inp, out, burst=args.burst, max_packets=args.max_packets,

@@ -763,6 +763,13 @@ def port_counters(inp, out) -> dict:
             "out": sent_by.counters if sent_by is not None and sent_by is not inp else None}
 
 
+def port_total(port, key):
+    """Counter ``key`` of a port's counters (a ``port_counters`` entry): a bridge's
+    sides (``client``, ``server``) each count their own, and are added up."""
+    sides = [port[s] for s in ("client", "server") if isinstance(port.get(s), dict)]
+    return sum(side.get(key) or 0 for side in sides) if sides else port.get(key) or 0
+
+
 def capture_file(spec):
     """The file ``spec`` names if it is a capture (``pcap:FILE``, or a bare name
     ending in .pcap, .pcapng or .cap), else None."""

@@ -1045,8 +1045,8 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 if on_snapshot is not None:
                     from mbx.stats import snapshot
 
-                    def progress(stack, fd=wfd):
-                        _write_all(fd, (json.dumps({"snap": snapshot(stack)})
+                    def progress(stack, fd=wfd, inp=inp, outp=outp):
+                        _write_all(fd, (json.dumps({"snap": snapshot(stack, inp, outp)})
                                         + "\n").encode())
                 try:
                     nfs = make_nfs()

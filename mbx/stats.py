@@ -13,14 +13,20 @@ import threading
 import time
 
 from mbx.errors import MbxError
+from mbx.ports import port_total
 
 
-def snapshot(stack):
-    """The counters of a running stack, with the per NF ones under ``"nfs"``."""
+def snapshot(stack, inp=None, out=None):
+    """The counters of a running stack, with the per NF ones under ``"nfs"``, and
+    its ports' under ``"ports"`` (``mbx.ports.port_counters``) when ``inp`` is
+    given."""
+    from mbx.ports import port_counters
     from mbx.runtime import nf_stats
 
     c = stack.counters()
     c["nfs"] = nf_stats(stack.bus)
+    if inp is not None:
+        c["ports"] = port_counters(inp, out)
     return c
 
 
@@ -120,6 +126,7 @@ def zero_snapshot(nfs=(), types=()):
     event types named."""
     return {"packets": 0, "bytes": 0, "sent": 0, "dropped_by_nf": 0,
             "dropped_malformed": 0, "dropped_fragments": 0, "dropped_on_error": 0,
+            "clock_steps_back": 0,
             "flows": dict.fromkeys(FLOW_COUNTS + ("active",), 0),
             "fragments": dict.fromkeys(FRAGMENT_COUNTS + DATAGRAM_COUNTS
                                        + ("held_pending",), 0),
@@ -250,6 +257,11 @@ class Prometheus:
             "ev": family(C, "mbx_nf_events", "Events delivered to an NF", "nf"),
             "nd": family(C, "mbx_nf_drops", "Packet drops an NF asked for", "nf"),
             "ns": family(C, "mbx_nf_handler_seconds", "Time in an NF's handlers", "nf"),
+            "portdrops": family(C, "mbx_port_dropped", "Frames a port could not "
+                                "deliver (rx: its ring or the kernel's queue was full) or "
+                                "send (tx)", "port", "dir"),
+            "clock": family(C, "mbx_clock_steps_back", "Times the capture-time clock "
+                            "stepped back to a packet far behind it"),
         }
         for at, p in parts:
             at = list(at)
@@ -268,6 +280,12 @@ class Prometheus:
             for what in DATAGRAM_COUNTS:
                 fams["dgrams"].add_metric(at + [what], p["fragments"][what])
             fams["held"].add_metric(at, p["fragments"]["held_pending"])
+            for side in ("in", "out"):
+                port = (p.get("ports") or {}).get(side) or {}
+                for way in ("rx", "tx"):
+                    fams["portdrops"].add_metric(at + [side, way],
+                                                 port_total(port, f"{way}_dropped"))
+            fams["clock"].add_metric(at, p.get("clock_steps_back", 0))
             for name, e in dict(zero["events"], **p["events"]).items():
                 fams["pub"].add_metric(at + [name], e["published"])
                 fams["dlv"].add_metric(at + [name], e["delivered"])

@@ -262,6 +262,8 @@ def test_prometheus_scrape(example_pcap, tmp_path):
     assert _metric(text, "mbx_nf_events_total", '{nf="slow"}') == c["nfs"]["slow"]["events"]
     assert _metric(text, "mbx_nf_drops_total", '{nf="slow"}') == c["dropped_by_nf"]
     assert _metric(text, "mbx_nf_handler_seconds_total", '{nf="slow"}') > 0.0005 * 100
+    # the ports' counters are in the live snapshots too
+    assert _metric(text, "mbx_port_dropped_total", '{dir="rx",port="in"}') == 0
     with pytest.raises(OSError):        # the server ends with the run
         urllib.request.urlopen(url, timeout=1)
 
@@ -320,6 +322,34 @@ def test_prometheus_linger_without_a_scrape_ends_and_says_so(example_pcap, capsy
     assert ("mbx: warning: --prometheus-linger: no scrape read the final counters "
             "(within 0.3 s)") in err
     assert "serving the final counters" not in err      # -q
+
+
+def test_prometheus_has_the_ports_drops_and_the_clocks_steps():
+    # An operator alerts on frames a port could not take in or send; the exporter
+    # had packets and flows only.  A bridge's sides count their own, added up.
+    from mbx.stats import Prometheus, zero_snapshot
+
+    c = zero_snapshot(["n"], ["PKT"])
+    with Prometheus(0, nfs=["n"], types=["PKT"]) as prom:
+        url = f"http://127.0.0.1:{prom.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        for port in ("in", "out"):          # there before any counters came
+            for way in ("rx", "tx"):
+                assert _metric(text, "mbx_port_dropped_total",
+                               f'{{dir="{way}",port="{port}"}}') == 0
+        assert _metric(text, "mbx_clock_steps_back_total") == 0
+        c["ports"] = {"in": {"client": {"rx_dropped": 3, "tx_dropped": 1},
+                             "server": {"rx_dropped": 4, "tx_dropped": 0}},
+                      "out": {"rx_dropped": 0, "tx_dropped": 9}}
+        c["clock_steps_back"] = 2
+        prom.update(c)
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    assert _metric(text, "mbx_port_dropped_total", '{dir="rx",port="in"}') == 7
+    assert _metric(text, "mbx_port_dropped_total", '{dir="tx",port="in"}') == 1
+    assert _metric(text, "mbx_port_dropped_total", '{dir="tx",port="out"}') == 9
+    assert _metric(text, "mbx_clock_steps_back_total") == 2
 
 
 SCRAPING_NF = """
