@@ -540,8 +540,11 @@ cdef class TcpMonitor(NetworkLayer):
                 meta.sent_hi[d] = end
                 meta.mark |= hi_d
         if meta.mark & MARK_DONE:
-            # closed by FINs: no new byte can come (a retransmission at most)
-            if p.payload_len and accepted:
+            # Closed by FINs: no new byte can come.  A retransmission of bytes its side
+            # was seen sending is no loss (their stream had them; a copy can reach the
+            # wire after the close when the kernel moves a flow that timed out to
+            # another queue), so only a segment reaching beyond them counts.
+            if p.payload_len and accepted and (not seen_d or seq_gt(end, seen)):
                 self.after_close += 1
             return
         if not want_d and not want_o:

@@ -1911,3 +1911,22 @@ def test_a_fin_beyond_a_hole_waits_for_it(run, fin_with_hole):
     assert took and set(took) == ({last} if fin_with_hole else {last - 1})
     if fin_with_hole:
         assert term[0][1] == last
+
+
+@pytest.mark.parametrize("late, counted", [(b"A" * 100, 0), (b"B" * 100 + b"C", 1)])
+def test_payload_after_close_is_only_bytes_beyond_the_side_s_fin(run, late, counted):
+    # A copy of data the stream had, seen after the close (a retransmission the
+    # network delayed: seen once on veths under load), was counted as payload after
+    # close, and mbx flows warned that those bytes were in no digest; they were.
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, FIN | ACK)
+    conn.s(1, 2, ACK, b"A" * 100)
+    conn.s(101, 2, PSH | ACK, b"B" * 100)
+    conn.s(201, 2, FIN | ACK)
+    conn.c(2, 202)                              # both FINs acknowledged: closed
+    conn.s(1 if counted == 0 else 101, 2, ACK, late)    # a copy of A; or B and one more
+    rec = Recorder([mbx.DATA_RDY], side="both")
+    counters, _ = run([rec], frames=conn.frames)
+    assert by_dir(rec) == {1: b"A" * 100 + b"B" * 100}
+    assert counters["tcp"]["payload_after_close"] == counted
