@@ -157,11 +157,16 @@ cdef class Port:
         self._error = None
         self.closed = False
 
+    # A backend that only sends, or only receives, keeps these: an output given as
+    # a run's input (or an input as its output) is an error, not an empty input (or
+    # an output that took nothing, silently).
     cdef int rx_burst(self, Batch batch) noexcept nogil:
-        return PORT_EOF
+        self.set_error(b"it is an output: it cannot be read")
+        return PORT_ERROR
 
     cdef int tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil:
-        return 0
+        self.set_error(b"it is an input: it cannot send")
+        return PORT_ERROR
 
     cdef void set_error(self, const char *message) noexcept with gil:
         if self._error is None:

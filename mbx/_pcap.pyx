@@ -1090,7 +1090,8 @@ cdef class PcapReader(Port):
         cdef int got
         cdef uint64_t nbytes = 0
         if self.base == NULL:
-            return PORT_EOF
+            self.set_error(b"closed: it cannot be read")
+            return PORT_ERROR
         if self.rss_n > 1:
             return self._rss_burst(batch)
         while self.state == READ_OK:

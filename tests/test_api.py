@@ -209,3 +209,27 @@ def test_set_converts_options_annotated_optional(tmp_path):
     [nf] = load_app(str(tmp_path / "opt_nf2.py"),
                     {"opt_nf2": {"maybe": "010", "ratio": "2.5", "on": "yes"}})
     assert nf.got == (10, 2.5, True)
+
+
+def test_a_port_used_the_wrong_way_is_an_error(tmp_path):
+    # App.run(output) read 0 packets, App.run(inp, closed or an input as out) "sent"
+    # nothing: each without a word.
+    from mbx.examples.capture import write_example
+    from mbx.ports import open_input, open_output
+
+    cap = str(tmp_path / "ex.pcap")
+    write_example(cap, flows=5, seed=1)
+    fwd = mbx.NF("fwd")
+    fwd.sub(mbx.PKT, lambda ev: None)
+    out = open_output(f"pcap:{tmp_path / 'out.pcap'}")
+    with pytest.raises(mbx.PortError, match=r"out\.pcap: it is an output: it cannot be "
+                                            r"read"):
+        mbx.App([]).run(out)
+    out.close()
+    inp, other = open_input(f"pcap:{cap}"), open_input(f"pcap:{cap}")
+    with pytest.raises(mbx.PortError, match=r"ex\.pcap: it is an input: it cannot send"):
+        mbx.App([fwd]).run(inp, other)
+    inp.close()
+    other.close()
+    with pytest.raises(mbx.PortError, match=r"ex\.pcap: closed: it cannot be read"):
+        mbx.App([]).run(inp)
