@@ -12,6 +12,8 @@ cdef enum:
     ETH_HLEN = 14
     # Records a software-RSS reader decides at a time (PcapReader._rss_decide).
     RSS_AHEAD = 64
+    # Bytes of the mapping read past before their pages are given back (_give_back).
+    GIVE_BACK_STEP = 32 << 20
 
 # How the frames of a link type become Ethernet frames.
 cdef enum LinkMode:
@@ -84,6 +86,9 @@ cdef class PcapReader(Port):
     cdef int map_fd
     cdef size_t pos
     cdef size_t start                   # offset of the first record
+    # The mapping's bytes below this (whole pages) are given back: read past, and no
+    # frame still to be delivered lies there (_give_back).
+    cdef size_t given_back
     cdef bint is_pcapng
     cdef bint swapped                   # file (section) byte order is not ours
     cdef uint8_t mode                   # classic pcap: LinkMode of the file

@@ -15,12 +15,12 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset, strerror
-from posix.mman cimport MADV_SEQUENTIAL, MAP_FAILED, MAP_PRIVATE, PROT_READ, madvise, mmap
-from posix.mman cimport munmap
+from posix.mman cimport MADV_DONTNEED, MADV_SEQUENTIAL, MAP_FAILED, MAP_PRIVATE, PROT_READ
+from posix.mman cimport madvise, mmap, munmap
 from posix.stat cimport fstat
 from posix.stat cimport struct_stat as stat_t
+from posix.unistd cimport _SC_PAGESIZE, sysconf, write
 from posix.unistd cimport close as c_close
-from posix.unistd cimport write
 
 from mbx._packet cimport (
     PKT_F_FRAGMENT, PKT_F_RSS_HASH, PORT_EOF, PORT_ERROR, Batch, Port, clock_take, mbx_pkt,
@@ -176,6 +176,35 @@ cdef inline void set_tsresol(pcapng_if *itf, uint8_t resol) noexcept nogil:
             itf.div = POW10[e - 9]
 
 
+cdef long _page = sysconf(_SC_PAGESIZE)
+cdef size_t PAGE = <size_t>_page if _page > 0 else 4096
+
+
+cdef inline void _give_back(PcapReader rd) noexcept nogil:
+    # Pages of the mapping once read stay mapped and resident in the process (RssFile,
+    # or RssShmem for a file on tmpfs; a memory cgroup's file_mapped) until unmapped,
+    # so a replay would look like a process holding the whole capture.
+    # Every frame leaves the reader copied (Batch.add, or _ethernet's scratch first):
+    # no burst in flight, retired or being sent (pcap or AF_PACKET output, pipelined
+    # stages) points into the mapping.  What the reader itself may still read starts
+    # at the first decided record of ours not yet delivered (software RSS walks ahead
+    # of them), else at pos (a record left for the next burst, or one straddling a
+    # page, starts there); whole pages below that are read past for good.
+    # MADV_DONTNEED on them, not munmap: the mapping is private and read-only, so it
+    # has no copied-on-write pages to lose and a later touch (rewind) reads the file
+    # again (a page given back too early would cost a fault, never wrong bytes), and
+    # base and the SIGBUS watch stay one mapping.  The page cache is left alone:
+    # other stack processes replay the same file.  Once per GIVE_BACK_STEP bytes
+    # passed: a compare per burst or walked record, a syscall per 32 MiB.
+    cdef size_t low = rd.own[rd.own_i].at if rd.own_i < rd.own_n else rd.pos
+    if low < rd.given_back + GIVE_BACK_STEP or rd.base == NULL:
+        return
+    low &= ~(PAGE - 1)
+    # a failure loses nothing but the memory saving: the pages stay mapped
+    madvise(<void *>(rd.base + rd.given_back), low - rd.given_back, MADV_DONTNEED)
+    rd.given_back = low
+
+
 cdef inline int _next_record(PcapReader rd, pcap_rec *r) noexcept nogil:
     # The next record of either format.  The file streams through: ask for it ahead
     # of the reader (about 1.5 ns a frame less here, where the RSS walk is all the
@@ -214,6 +243,7 @@ def non_ethernet_interface(path):
             while not reader.other_link_seen and reader.state == READ_OK and \
                     _next_record(reader, &r) > 0:
                 reader.pos = r.next_pos
+                _give_back(reader)
         if reader.other_link_seen:
             return (reader.other_iface if reader.is_pcapng else None,
                     reader.other_linktype)
@@ -428,6 +458,7 @@ cdef class PcapReader(Port):
         mbx_watch_map(mapped, size, &self.cut_under_us)
         self.base = m = <const uint8_t *>mapped
         self.size = size
+        self.given_back = 0
         self.scratch = <uint8_t *>malloc(PCAP_MAX_CAPLEN + ETH_HLEN)
         if self.scratch == NULL:
             self._unmap()
@@ -567,6 +598,7 @@ cdef class PcapReader(Port):
         if self.base == NULL:
             raise PortError(f"{self.name}: rewind on a closed reader")
         self.pos = self.start
+        self.given_back = 0         # the pages read again are given back again
         self.n_ifaces = 0
         self.own_n = self.own_i = 0
         self.walk_max_ns = self.walked_ns = 0
@@ -585,6 +617,7 @@ cdef class PcapReader(Port):
         with nogil:
             while self.state == READ_OK and _next_record(self, &r) > 0:
                 self.pos = r.next_pos
+                _give_back(self)
         if self.state == READ_FAILED:
             self.state = READ_END
             self.set_error(self.errmsg)
@@ -1071,6 +1104,7 @@ cdef class PcapReader(Port):
         # bytes); what rx_burst returns after it.
         self.rx_pkts = self.rx_pkts + counted
         self.rx_bytes = self.rx_bytes + nbytes
+        _give_back(self)
         if n:
             return n
         if self.own_i < self.own_n:

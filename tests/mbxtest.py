@@ -46,6 +46,20 @@ def run_app(nfs, capture, tmp_path=None, frames=None, **config):
     return counters, read_frames(out_path)
 
 
+def mapped_kb(path, pid="self"):
+    """Resident kB of the mappings of the file ``path`` in process ``pid`` (None: it
+    has none): its RssFile, or RssShmem on tmpfs, as smaps counts it per mapping."""
+    kb, inside = None, False
+    with open(f"/proc/{pid}/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:
+                inside = line.rstrip("\n").endswith(" " + path)
+            elif inside and head[0] == "Rss:":
+                kb = (kb or 0) + int(head[1])
+    return kb
+
+
 def ip_checksum(hdr: bytes) -> int:
     s = sum(struct.unpack(f"!{len(hdr) // 2}H", hdr))
     while s >> 16:

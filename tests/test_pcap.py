@@ -11,12 +11,12 @@ import dpkt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mbxtest import read_frames, run_app
+from mbxtest import mapped_kb, read_frames, run_app
 
 from mbx._packet import Batch
 from mbx._pcap import PcapReader, PcapWriter
 from mbx.errors import CaptureFormatError, PortError
-from mbx.examples.capture import write_example
+from mbx.examples.capture import ether, udp4, write_example
 from mbx.ports import open_input, open_output
 
 NS = 1_000_000_000
@@ -846,7 +846,7 @@ import os, sys
 from mbx._packet import Batch
 from mbx._pcap import PcapReader
 from mbx.errors import PortError
-from mbx.examples.capture import write_example
+from mbx.examples.capture import ether, udp4, write_example
 path = sys.argv[1]
 write_example(path, flows=400, seed=3)
 r = PcapReader(path)
@@ -1067,3 +1067,123 @@ def test_a_record_whose_wire_length_is_under_its_captured_length_is_counted(tmp_
     assert "input          2 records with a wire length under the captured length" in r.stdout
     assert json.loads((tmp_path / "c.json").read_text())["ports"]["in"]["wirelen_raised"] == 2
     assert [len(f) for _, f in read_frames(out)] == [len(f) for f in frames]
+
+
+# What the reader gives back as it goes (_give_back in _pcap.pyx): every GIVE_BACK_STEP
+# bytes passed, the pages below what it may still read.  A capture several steps long
+# must end with about one step of it resident, never the whole file.
+GIVE_BACK_STEP = 32 << 20
+BIG_FRAMES = 60_000             # of 1,400 bytes: an 85 MB capture
+BIG_T0_NS = 1_700_000_000 * NS
+
+
+@pytest.fixture(scope="module")
+def big_capture(tmp_path_factory):
+    """(path, frames): a capture of BIG_FRAMES frames over 400 flows, one every
+    10 µs, in a file far larger than GIVE_BACK_STEP."""
+    rng = random.Random(5)
+    templates = [ether(udp4(f"10.1.{k >> 8}.{k & 255}", "172.16.0.1", 1024 + k, 53,
+                            bytes(1400 - 42))) for k in range(400)]
+    frames = [templates[rng.randrange(400)] for _ in range(BIG_FRAMES)]
+    path = os.path.realpath(tmp_path_factory.mktemp("big") / "big.pcap")
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 262144, 1))
+        for i, f in enumerate(frames):
+            ts = BIG_T0_NS + i * 10_000
+            fh.write(struct.pack("<IIII", ts // NS, ts % NS, len(f), len(f)) + f)
+    assert os.path.getsize(path) > 2.5 * GIVE_BACK_STEP
+    yield path, frames
+    os.unlink(path)
+
+
+def test_pages_read_past_are_given_back(big_capture):
+    path, frames = big_capture
+    size_kb = os.path.getsize(path) >> 10
+    limit_kb = (GIVE_BACK_STEP >> 10) + 8192        # one step, and the readahead
+    batch = Batch(64)
+
+    def drain(reader):
+        got = []
+        while True:
+            batch.reset()
+            if reader.receive(batch) == -1:
+                return got
+            got += [batch.frame(i) for i in range(len(batch))]
+
+    with PcapReader(path) as r:
+        got = drain(r)
+        assert got == frames and r.rx_bytes == sum(map(len, frames))
+        assert r.position == os.path.getsize(path)
+        # read to its end, still mapped: no more than a step of it resident
+        assert mapped_kb(path) is not None and mapped_kb(path) < limit_kb < size_kb / 2
+        r.rewind()              # the pages given back are read again from the file
+        assert drain(r) == frames
+        assert mapped_kb(path) < limit_kb
+    # software RSS walks records ahead of those it delivers: what it gives back must
+    # not be any of those (the frames of both shares, together, are the capture's)
+    shares = []
+    for k in range(2):
+        with PcapReader(path) as r:
+            r.rss_share(k, 2)
+            shares.append(drain(r))
+            assert r.rx_pkts == len(shares[-1]) > 0
+            assert mapped_kb(path) < limit_kb
+    assert sorted(shares[0] + shares[1]) == sorted(frames)
+    with PcapReader(path) as r:
+        r.walk_to_end()
+        assert r.position == os.path.getsize(path)
+        assert mapped_kb(path) < limit_kb
+
+
+PROBE_NF = """
+import os
+import mbx
+from mbxtest import mapped_kb
+
+class CaptureRss(mbx.NF):
+    # At the first packet 90 % into the capture, the resident kB of the capture's
+    # mapping in the process that reads it: this one (inline, each of --stacks) or
+    # its parent (pipelined: the stack, ahead by the bursts in flight, still reading;
+    # this NF process has the mapping too, from the fork, but reads none of it).
+    def __init__(self):
+        super().__init__("capture_rss")
+        self.kb = None
+        self.sub(mbx.PKT, self.on_pkt)
+
+    def on_pkt(self, ev):
+        if self.kb is None and ev.ts >= {at_ns}:
+            found = [mapped_kb({path!r}, pid) for pid in (os.getpid(), os.getppid())]
+            self.kb = max((kb for kb in found if kb is not None), default=-1)
+
+    def report(self):
+        return {{"kb": self.kb}}
+
+def make():
+    return CaptureRss()
+"""
+
+
+@pytest.mark.parametrize("how", [[], ["--deploy", "pipelined"], ["--stacks", "2"]],
+                         ids=["inline", "pipelined", "stacks2"])
+def test_a_run_over_a_big_capture_keeps_little_of_it_resident(tmp_path, big_capture, how):
+    path, frames = big_capture
+    nf = tmp_path / "capture_rss.py"
+    nf.write_text(PROBE_NF.format(path=path,
+                                  at_ns=BIG_T0_NS + BIG_FRAMES * 9 // 10 * 10_000))
+    out, js = tmp_path / "out.pcap", tmp_path / "c.json"
+    r = subprocess.run([sys.executable, "-m", "mbx.cli", "run", str(nf), "--in", f"pcap:{path}",
+                        "--out", f"pcap:{out}", "--json", str(js), "-q", *how],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)})
+    assert r.returncode == 0, r.stderr
+    c = json.loads(js.read_text())
+    assert c["packets"] == BIG_FRAMES and c["sent"] == BIG_FRAMES
+    if how[:1] == ["--stacks"]:
+        kbs = [s["reports"]["capture_rss"]["kb"] for s in c["stacks"]]
+        sent = [read_frames(f"{out}.stack{k}") for k in range(2)]
+        assert all(sent) and sorted(f for s in sent for _, f in s) == sorted(frames)
+    else:
+        kbs = [c["nfs"]["capture_rss"]["report"]["kb"]]
+        assert [f for _, f in read_frames(out)] == frames
+    # mapped and read 90 % in, yet no more than a step of it resident
+    assert all(0 < kb < (GIVE_BACK_STEP >> 10) + 8192 for kb in kbs), kbs
