@@ -66,6 +66,8 @@ cdef extern from *:
         uint32_t epochs;        /* epoch ends it forwarded */
         uint32_t failed;        /* a handler raised (the text is in the error area) */
         uint64_t events_in, delivered, published, busy_ns;
+        /* ring_dropped(_pkts): dropped at its own (input) ring when full, by the
+           producer of that ring; the stack's are always 0 (see ring_drop) */
         uint64_t ring_dropped, ring_dropped_pkts, drops, pumped;
         uint64_t c_events;      /* of delivered: to C handlers */
         uint64_t handler_ns;    /* in handlers (when timed), as inline */
@@ -284,7 +286,8 @@ cdef class PipeBus(EventBus):
     cdef mbx_ctl *ctl
     cdef char *errors                   # per NF: the text of the error that ended it
     cdef char *reports                  # per NF: its report() as JSON, when it ended
-    cdef uint64_t *typecnt              # per NF: published[MAX_TYPES], delivered[MAX_TYPES]
+    cdef uint64_t *typecnt              # per NF: published, delivered, ring_dropped
+    #                                     [MAX_TYPES] each
     cdef bint folded                    # finish_run added the NF processes' counts in
     cdef mbx_ring **rings               # ring k feeds NF k; ring nnf is the completion ring
     cdef readonly uint32_t ring_size
@@ -355,7 +358,7 @@ cdef class PipeBus(EventBus):
     cdef inline mbx_proc *proc(self, uint32_t k) noexcept nogil
     cdef void wake_consumer(self, uint32_t r) noexcept nogil
     cdef void wake_producer(self, uint32_t r) noexcept nogil
-    cdef void ring_drop(self, uint32_t idx, mbx_proc *me) noexcept nogil
+    cdef void ring_drop(self, uint32_t idx, uint32_t r) noexcept nogil
     cdef void push_out(self, uint32_t r, mbx_proc *me, bint from_stack) noexcept nogil
     cdef bint drain_completions(self) noexcept nogil
     cdef bint pump(self, uint32_t k) noexcept nogil

@@ -149,6 +149,8 @@ cdef enum:
     ERROR_SIZE = 1024
     REPORT_SIZE = 4096      # an NF's report(), as JSON, written when its process ends
     PAGE = 4096
+    # per NF and type: published, delivered, and dropped at its ring (see ring_drop)
+    TYPE_COUNTS = 3
 
 # An NF's report() as JSON, in bytes, at most: what its area in the pipeline's shared
 # memory holds with the NUL; every deployment keeps to it (mbx.runtime.take_report).
@@ -202,7 +204,7 @@ def layout(uint32_t nnf, uint32_t total, uint32_t ring_size, size_t batch_bytes,
     cdef size_t off = up(sizeof(mbx_ctl), PAGE)
     off += up(<size_t>nnf * ERROR_SIZE, 64)
     off += up(<size_t>nnf * REPORT_SIZE, 64)
-    off += up(<size_t>nnf * 2 * MAX_TYPES * 8, 64)
+    off += up(<size_t>nnf * TYPE_COUNTS * MAX_TYPES * 8, 64)
     off += (nnf + 1 + members) * up(RING_HDR + <size_t>ring_size * 4, 64)
     off += 2 * up(<size_t>total * 4, 64)
     off = up(off, PAGE) + up(<size_t>total * sizeof(mbx_msg), PAGE)
@@ -315,7 +317,7 @@ cdef class PipeBus(EventBus):
         self.reports = <char *>(self.base + off)
         off += up(<size_t>n * REPORT_SIZE, 64)
         self.typecnt = <uint64_t *>(self.base + off)
-        off += up(<size_t>n * 2 * MAX_TYPES * 8, 64)
+        off += up(<size_t>n * TYPE_COUNTS * MAX_TYPES * 8, 64)
         # Stages: a parallel group of two or more NFs is fanned out to and merged
         # (see the module); every other NF is a stage of its own.
         self.gfirst = <uint32_t *>calloc_u32(n)
@@ -583,17 +585,29 @@ cdef class PipeBus(EventBus):
             self.nf_drop(i, p)
             self.nf_drops[i] += 1
 
-    cdef void ring_drop(self, uint32_t idx, mbx_proc *me) noexcept nogil:
+    cdef void ring_drop(self, uint32_t idx, uint32_t r) noexcept nogil:
         # A full ring under the drop policy: the message goes no further, and its
         # packet is dropped with it (an NF that did not see it cannot pass it).
+        # Counted for the NF whose ring was full (of a group's, the fullest), not
+        # for the producer: so each NF's ring_dropped says what it and the NFs after
+        # it missed, and they add up to the deployment's.  Only ring r's producer
+        # (one process at a time, the stack for a dead NF) writes these counts.
         cdef mbx_msg *m = &self.msgs[idx]
         cdef mbx_pkt *p
+        cdef uint32_t j, k = r
+        cdef mbx_proc *pr
+        if r < self.nnf and self.member(r):
+            for j in range(r + 1, self.glast[r] + 1):
+                if mbx_ring_room(self.rings[j]) < mbx_ring_room(self.rings[k]):
+                    k = j
+        pr = &self.ctl.procs[k]
         m.h.refs = DONE
-        me.ring_dropped += 1
+        pr.ring_dropped += 1
+        self.typecnt[<size_t>k * TYPE_COUNTS * MAX_TYPES + 2 * MAX_TYPES + m.h.type_idx] += 1
         if m.h.pkt != NO_PKT:
             p = &self.pkts[m.h.pkt]
             if p.verdict != VERDICT_DROP:
-                me.ring_dropped_pkts += 1
+                pr.ring_dropped_pkts += 1
                 p.flags |= PKT_F_STACK_DROP     # counted here, not as an NF's drop
             drop_pkt(p, 0)
 
@@ -601,8 +615,10 @@ cdef class PipeBus(EventBus):
 
     cdef void push_out(self, uint32_t r, mbx_proc *me, bint from_stack) noexcept nogil:
         # Push everything in out to ring r: stall while it is full (spin, yield,
-        # then block until the consumer takes some), or drop under the drop policy;
-        # epoch ends are never dropped.
+        # then block until the consumer takes some), or drop under the drop policy
+        # into an NF's ring; epoch ends are never dropped, nor is anything on the
+        # completion ring (every NF has had it: a drop there would only drop packets
+        # the chain passed, and the stack drains that ring whatever else waits).
         cdef uint32_t done = 0, n, j, keep
         cdef uint32_t spins = 0
         cdef bint copies = r > self.nnf and self.role != self.gfirst[self.role]
@@ -623,14 +639,14 @@ cdef class PipeBus(EventBus):
                 spins = 0
                 continue
             # a merge ring never drops: the stack drains it whatever comes next
-            if self.drop_full and r <= self.nnf:
+            if self.drop_full and r < self.nnf:
                 keep = done
                 for j in range(done, self.nout):
                     if self.out[j] & MBX_END_BIT:
                         self.out[keep] = self.out[j]
                         keep += 1
                     else:
-                        self.ring_drop(self.out[j], me)
+                        self.ring_drop(self.out[j], r)
                 self.nout = keep
                 if done == keep:
                     break
@@ -702,7 +718,7 @@ cdef class PipeBus(EventBus):
         self.role = k
         self.msg_capacity = self.total
         self.enter_nf_process()
-        self.per_type_published = self.typecnt + <size_t>k * 2 * MAX_TYPES
+        self.per_type_published = self.typecnt + <size_t>k * TYPE_COUNTS * MAX_TYPES
         self.per_type_delivered = self.per_type_published + MAX_TYPES
         me = &self.ctl.procs[k]
         # A restarted NF goes on counting where its dead process left off.
@@ -961,7 +977,7 @@ cdef class PipeBus(EventBus):
                         mg.out[i] = mg.out[j]
                         i += 1
                     else:
-                        self.ring_drop(mg.out[j], &self.ctl.procs[self.nnf])
+                        self.ring_drop(mg.out[j], mg.next)
                 progress = progress or i < mg.nout
                 mg.nout = i
         return progress
@@ -1232,7 +1248,7 @@ cdef class PipeBus(EventBus):
                         mbx_store(&me.epochs, me.epochs + 1)
                 elif self.drop_full:
                     while sent < self.nout - 1:
-                        self.ring_drop(self.out[sent], me)
+                        self.ring_drop(self.out[sent], 0)
                         sent += 1
             if self.drain_completions():
                 progress = True
@@ -1543,7 +1559,7 @@ cdef class PipeBus(EventBus):
             time.sleep(0.002)
         self._log_end_deaths(killed, timeout)
         for k in range(self.nnf):
-            pub = self.typecnt + <size_t>k * 2 * MAX_TYPES
+            pub = self.typecnt + <size_t>k * TYPE_COUNTS * MAX_TYPES
             for t in range(MAX_TYPES):
                 self.per_type_published[t] += pub[t]
                 self.per_type_delivered[t] += pub[MAX_TYPES + t]
@@ -1567,7 +1583,7 @@ cdef class PipeBus(EventBus):
         pub = [self.per_type_published[t] for t in range(MAX_TYPES)]
         dlv = [self.per_type_delivered[t] for t in range(MAX_TYPES)]
         for k in range(self.nnf):
-            cnt = self.typecnt + <size_t>k * 2 * MAX_TYPES
+            cnt = self.typecnt + <size_t>k * TYPE_COUNTS * MAX_TYPES
             for t in range(MAX_TYPES):
                 pub[t] += cnt[t]
                 dlv[t] += cnt[MAX_TYPES + t]
@@ -1579,13 +1595,14 @@ cdef class PipeBus(EventBus):
         cdef uint32_t k, i
         cdef uint64_t in_use = 0, queued = 0, dropped = 0, published = 0
         cdef mbx_proc *pr
-        cdef mbx_proc *stack
         cdef uint64_t *dlv
+        cdef uint64_t *rdr
         nfs = {}
         types = _events.event_types()
         for k in range(self.nnf):
             pr = &self.ctl.procs[k]
-            dlv = self.typecnt + <size_t>k * 2 * MAX_TYPES + MAX_TYPES
+            dlv = self.typecnt + <size_t>k * TYPE_COUNTS * MAX_TYPES + MAX_TYPES
+            rdr = dlv + MAX_TYPES
             if pr.failed:
                 state = "failed"
             elif pr.exited:
@@ -1603,8 +1620,10 @@ cdef class PipeBus(EventBus):
                 "types": {t.name: dlv[t.idx] for t in types if dlv[t.idx]},
                 "published": pr.published, "drops": pr.drops,
                 "handler_s": pr.busy_ns * 1e-9,
+                # dropped at its ring: neither it nor any NF after it had them
                 "ring_dropped": pr.ring_dropped,
                 "ring_dropped_pkts": pr.ring_dropped_pkts,
+                "ring_dropped_types": {t.name: rdr[t.idx] for t in types if rdr[t.idx]},
                 "forwarded_for_it": pr.pumped,
                 "restarts": self.restart_made[k],
                 "restart_limit": self.restart_conf[k][0],
@@ -1617,8 +1636,6 @@ cdef class PipeBus(EventBus):
             }
             dropped += pr.ring_dropped
             published += pr.published
-        stack = &self.ctl.procs[self.nnf]
-        dropped += stack.ring_dropped
         for i in range(self.total):
             if self.msgs[i].h.refs != DONE:
                 in_use += 1
@@ -1640,8 +1657,8 @@ cdef class PipeBus(EventBus):
             "published": total,
             "completed": self.completed,
             "ring_dropped": dropped,
-            "ring_dropped_pkts": stack.ring_dropped_pkts + sum(
-                v["ring_dropped_pkts"] for v in nfs.values()),
+            # each NF's, added up: a drop is counted at the ring it happened at
+            "ring_dropped_pkts": sum(v["ring_dropped_pkts"] for v in nfs.values()),
             "stack_published": stack_published,
             "lost": total - self.completed - dropped,
             "pool_in_use": in_use,

@@ -233,11 +233,12 @@ def _print_counters(c, elapsed, out=None):
           f"{p['inflight']} in flight; the stack waited {p['stack_wait_s']:.3f} s), "
           f"ring drops {p['ring_dropped']:,} ({p['ring_dropped_pkts']:,} packets), "
           f"lost {p['lost']:,}\n")
+        # ring drops: at the NF's own ring, so the column adds up to the line above
         w(f"  {'NF process':<20} {'events in':>12} {'handled':>12} {'drops':>10} "
-          f"{'handler s':>10}  state\n")
+          f"{'ring drops':>10} {'handler s':>10}  state\n")
         for name, n in p["nfs"].items():
             w(f"  {name:<20} {n['events_in']:>12,} {n['delivered']:>12,} {n['drops']:>10,}"
-              f" {n['handler_s']:>10.3f}  {n['state']}"
+              f" {n['ring_dropped']:>10,} {n['handler_s']:>10.3f}  {n['state']}"
               f"{' (failure ' + (n['failure'] or 'none') + ')' if n['state'] != 'ok' else ''}"
               "\n")
             if n.get("restart_limit"):

@@ -13,7 +13,7 @@ from mbxtest import read_frames, run_app
 
 import mbx
 from mbx._packet import Batch
-from mbx.examples.capture import BACKENDS, VIP, write_pcap
+from mbx.examples.capture import BACKENDS, VIP, write_example, write_pcap
 from mbx.runtime import load_app
 
 IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
@@ -264,6 +264,75 @@ def test_tiny_rings(example_pcap, tmp_path, full):
         assert c["sent"] + p["ring_dropped_pkts"] == len(frames) - c["fragments_held"]
         assert c["dropped_by_nf"] == 0
     assert_baseline(c)
+
+
+class TcpMon(mbx.NF):
+    """Takes TCP Monitor events: SYNs (one event per packet: the packet's only one
+    any NF takes, so a ring drop hides no other event of it) and establishments."""
+
+    TYPES = ("PKT/TCP/SYN", "FLOW/TCP/ESTABLISHED")
+
+    def __init__(self, name="mon"):
+        super().__init__(name)
+        for t in self.TYPES:
+            self.sub(t, self.on_event)
+
+    def on_event(self, ev):
+        pass
+
+
+def test_ring_drops_add_up(tmp_path):
+    # A full ring's drop was counted for the process that pushed into it: the
+    # stack's drops into the first NF's ring were no NF's (so the NFs' ring_dropped
+    # did not add up to the deployment's), and the last NF was counted for drops on
+    # the completion ring, of events every NF had had (FLOW/STATS, which no NF takes,
+    # among them), their packets dropped though the whole chain had passed them.
+    # Now each drop is counted at the NF whose ring was full, the completion ring
+    # never drops, and every event published is delivered to its subscriber, dropped
+    # at a named NF's ring, or taken by no NF.
+    import io
+
+    from mbx.cli import _print_counters
+
+    cap = str(tmp_path / "many.pcap")
+    write_example(cap, flows=600, seed=3)
+    frames = read_frames(cap)
+    nfs = [TcpMon(), load_app("flow_stats")[0]]
+    c, _ = run_app(nfs, cap, deploy="pipelined", ring_size=8, ring_full="drop")
+    p, ev = c["pipeline"], c["events"]
+    per_nf = p["nfs"]
+    assert p["ring_dropped"] > 0 and p["lost"] == 0
+    assert p["ring_dropped"] == sum(n["ring_dropped"] for n in per_nf.values())
+    assert p["ring_dropped_pkts"] == sum(n["ring_dropped_pkts"] for n in per_nf.values())
+    for n in per_nf.values():
+        assert n["ring_dropped"] == sum(n["ring_dropped_types"].values())
+    # every event published came back through the chain or was dropped at a ring
+    assert p["published"] == p["completed"] + p["ring_dropped"]
+    # per type: delivered to its one subscriber, or dropped at its ring or before
+    subscriber = {t: "mon" for t in TcpMon.TYPES} | {"FLOW/END": "flow_stats"}
+    order = list(per_nf)
+    for t, e in ev.items():
+        dropped = [per_nf[name]["ring_dropped_types"].get(t, 0) for name in order]
+        if t not in subscriber:         # FLOW/STATS: no NF takes it, none is dropped
+            assert e["delivered"] == 0 and sum(dropped) == 0, t
+            continue
+        s = order.index(subscriber[t])
+        assert e["published"] == e["delivered"] + sum(dropped[:s + 1]), (t, e, dropped)
+    assert ev["FLOW/STATS"]["published"] == per_nf["flow_stats"]["types"]["FLOW/END"] > 0
+    # every packet sent or dropped with an event at a ring (these NFs drop nothing)
+    assert c["dropped_by_nf"] == 0
+    assert c["sent"] + p["ring_dropped_pkts"] == len(frames) - c["fragments_held"]
+    # the summary says the same: the total, and each NF's share of it
+    text = io.StringIO()
+    _print_counters(c, 1.0, text)
+    lines = text.getvalue().splitlines()
+    assert any(f"ring drops {p['ring_dropped']:,} ({p['ring_dropped_pkts']:,} packets)"
+               in line for line in lines)
+    for name, n in per_nf.items():
+        row = next(line.split() for line in lines if line.split()[:1] == [name])
+        assert row[1:6] == [f"{n['events_in']:,}", f"{n['delivered']:,}",
+                            f"{n['drops']:,}", f"{n['ring_dropped']:,}",
+                            f"{n['handler_s']:.3f}"], row
 
 
 def test_more_processes_than_cores(example_pcap, tmp_path):
