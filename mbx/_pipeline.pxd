@@ -71,13 +71,15 @@ cdef extern from *:
         uint64_t ring_dropped, ring_dropped_pkts, drops, pumped;
         uint64_t c_events;      /* of delivered: to C handlers */
         uint64_t handler_ns;    /* in handlers (when timed), as inline */
-        uint8_t pad[16];
+        uint64_t retired;       /* done with, not passed on: no NF after it takes them */
+        uint8_t pad[8];
     } mbx_proc;
 
     typedef struct {
         uint32_t stop;
         uint32_t epoch;
-        uint32_t pad[14];
+        uint32_t dynamic;       /* NFs that called mb_up_sub: they may take any type */
+        uint32_t pad[13];
         mbx_proc procs[MBX_MAX_PROCS];
         /* per in-flight epoch region ((epoch - 1) & (inflight - 1)): the burst slot
            its packets are in; written before the epoch's first message is pushed */
@@ -89,6 +91,9 @@ cdef extern from *:
     }
     static inline void mbx_store(uint32_t *p, uint32_t v) {
         __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
+    static inline void mbx_or(uint32_t *p, uint32_t v) {
+        __atomic_fetch_or(p, v, __ATOMIC_RELEASE);
     }
     static inline void mbx_relax(void) {
     #if defined(__x86_64__) || defined(__i386__)
@@ -158,10 +163,12 @@ cdef extern from *:
         uint64_t pumped
         uint64_t c_events
         uint64_t handler_ns
+        uint64_t retired
 
     ctypedef struct mbx_ctl:
         uint32_t stop
         uint32_t epoch
+        uint32_t dynamic
         mbx_proc procs[MBX_MAX_PROCS]
         uint32_t epoch_slot[MBX_MAX_INFLIGHT]
 
@@ -171,6 +178,7 @@ cdef extern from *:
     uint32_t mbx_ring_dequeue(mbx_ring *r, uint32_t *dst, uint32_t max) noexcept nogil
     uint32_t mbx_load(uint32_t *p) noexcept nogil
     void mbx_store(uint32_t *p, uint32_t v) noexcept nogil
+    void mbx_or(uint32_t *p, uint32_t v) noexcept nogil
     void mbx_relax() noexcept nogil
     void mbx_wake(mbx_proc *p) noexcept nogil
     void mbx_sleep_begin(mbx_proc *p) noexcept nogil
@@ -302,6 +310,8 @@ cdef class PipeBus(EventBus):
     cdef int *pidfds
     cdef uint32_t *fmask                # per message: NFs a filter kept it from (shared)
     cdef bint any_filter
+    cdef uint32_t *takers               # per type: NFs whose sub() take it (before the fork)
+    cdef uint32_t last_pub              # the message publish() took last
     cdef readonly uint32_t inflight     # K: epochs (and bursts) in flight, a power of two
     cdef uint32_t stack_region          # the stack's messages per epoch region (share / K)
     cdef uint32_t nf_region             # each NF's, per epoch region (nf_share / K)
@@ -373,6 +383,7 @@ cdef class PipeBus(EventBus):
     cdef bint stop_asked(self)
     cdef int raise_stop_exc(self) except -1
     cdef void filter_mask(self, mbx_msg *m, uint32_t first) noexcept nogil
+    cdef bint taken_from(self, mbx_msg *m, uint32_t h) noexcept nogil
     cdef uint32_t wait_input(self, uint32_t k, uint32_t *buf, uint32_t n) noexcept nogil
     cdef int deliver(self, uint32_t k, object nf, uint32_t limit) except -1
     cdef int push_request(self, mbx_req *q) except -1

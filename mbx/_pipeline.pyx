@@ -7,7 +7,11 @@ message pool), the burst's descriptors and arena, and one SPSC ring of message
 indices per hop of the chain: stack -> NF 0 -> NF 1 -> ... -> NF n-1 -> stack, plus
 one merge ring per member of a parallel group (member -> stack, see below).
 
-Every message the stack builds travels the whole chain in order.  An NF takes from
+Every message the stack builds travels the chain in order, as far as the last NF
+that takes it (taken_from: by its sub(), unless a filter refused the message; every
+NF after one that called mb_up_sub): where no NF after takes it, the NF done with it
+ends it there instead of pushing it on (retired), and an NF's publication no later NF
+takes is not pushed at all.  An NF takes from
 its ring, sorts what it took into the same two local queues the inline dispatcher
 uses (stack events, NF publications), and drains them with the inline code, up to
 the last burst position it knows complete; whatever it is done with (handled,
@@ -252,6 +256,7 @@ cdef class PipeBus(EventBus):
         self.hop_ends = NULL
         self.merges = NULL
         self.ngroups = 0
+        self.takers = NULL
 
     def __dealloc__(self):
         cdef uint32_t k
@@ -281,6 +286,7 @@ cdef class PipeBus(EventBus):
         free(self.glast)
         free(self.mends)
         free(self.hop_ends)
+        free(self.takers)
 
     def setup(self, shm, uint32_t ring_size, bint drop_full, failures,
               uint32_t inflight=1, restarts=None):
@@ -392,6 +398,15 @@ cdef class PipeBus(EventBus):
                 raise OSError(os.strerror(efd), "eventfd")
             self.ctl.procs[k].efd = efd
         self.any_filter = any(nf.filters for nf in self.nfs)
+        # Who takes each type (by sub(), the only sets there are before the run):
+        # an event no NF from a hop on takes is not pushed there (taken_from).
+        self.takers = <uint32_t *>calloc_u32(MAX_TYPES)
+        if self.takers == NULL:
+            raise MemoryError()
+        for t in range(MAX_TYPES):
+            for k in range(n):
+                if self.sets[k][0][t] != NULL:
+                    self.takers[t] |= (<uint32_t>1) << k
         # the control path ends the mapping (see layout)
         self.reqs = <mbx_req_ring *>(self.base + view.shape[0] - n * sizeof(mbx_req_ring))
         # Spinning pays only while every process has a core to itself; past that a
@@ -542,19 +557,44 @@ cdef class PipeBus(EventBus):
                 mask |= (<uint32_t>1) << i
         self.fmask[idx] = mask
 
+    cdef bint taken_from(self, mbx_msg *m, uint32_t h) noexcept nogil:
+        # Does an NF of hop h or after it take m?  By its sub() (takers), unless a
+        # filter refused m at publication; an NF that called mb_up_sub may take
+        # anything.  What none takes goes no further: pushing it would cost ring
+        # room and time for nothing, and under the drop policy its drop would drop
+        # its packet too.
+        cdef uint32_t mask
+        if h >= self.nnf:
+            return False
+        mask = ((self.takers[m.h.type_idx] | mbx_load(&self.ctl.dynamic))
+                & ((<uint32_t>0xFFFFFFFF) << h))
+        if self.any_filter:
+            mask &= ~self.fmask[<uint32_t>(m - self.msgs)]
+        return mask != 0
+
     cdef void publish(self, mbx_msg *m) noexcept nogil:
         cdef uint32_t idx = <uint32_t>(m - self.msgs)
         self.published += 1
         self.per_type_published[m.h.type_idx] += 1
+        self.last_pub = idx
         if self.role == self.nnf:
             m.h.refs = 0
             if self.any_filter:
                 self.filter_mask(m, 0)
+            if not self.taken_from(m, 0):
+                m.h.refs = DONE
+                self.completed += 1
+                return
         else:
             m.h.refs = HANDLED | self.role
             self.ctl.procs[self.role].published += 1
             if self.any_filter:
                 self.filter_mask(m, self.role + 1)
+            # (its group mates may not take it: the NFs after its stage)
+            if not self.taken_from(m, self.glast[self.role] + 1):
+                m.h.refs = DONE
+                self.ctl.procs[self.role].retired += 1
+                return
         self.out[self.nout] = idx
         self.nout += 1
 
@@ -571,6 +611,10 @@ cdef class PipeBus(EventBus):
                 self.out[self.nout] = idx
                 self.nout += 1
                 return
+        elif k < self.nnf and not self.taken_from(m, k + 1):
+            m.h.refs = DONE             # no NF after it takes m: it ends here
+            self.ctl.procs[k].retired += 1
+            return
         m.h.refs = HANDLED | k
         self.out[self.nout] = idx
         self.nout += 1
@@ -891,7 +935,7 @@ cdef class PipeBus(EventBus):
         # send the epoch on, ordered as the chain would (by burst position; the
         # messages from before the group first, then each member's publications in
         # chain order).
-        cdef uint32_t g, j, n, i, idx, r, e, cls, seq, region, start
+        cdef uint32_t g, j, n, i, idx, r, e, cls, seq, region, start, keep
         cdef bint progress = False
         cdef mbx_merge *mg
         cdef mbx_msg *m
@@ -943,6 +987,18 @@ cdef class PipeBus(EventBus):
                         mg.nout += 1
                     if mg.fn:
                         self.merge_decide(mg, start, region)
+                    if mg.next < self.nnf:
+                        # what no NF from the next stage on takes ends here
+                        keep = start
+                        for i in range(start, mg.nout):
+                            idx = mg.out[i]
+                            if self.taken_from(&self.msgs[idx], mg.next):
+                                mg.out[keep] = idx
+                                keep += 1
+                            else:
+                                self.msgs[idx].h.refs = DONE
+                                self.completed += 1
+                        mg.nout = keep
                     mg.out[mg.nout] = MBX_END_BIT | (e & 0x7FFFFFFF)
                     mg.nout += 1
                     mg.count[region] = 0
@@ -1593,7 +1649,7 @@ cdef class PipeBus(EventBus):
     def pipeline_counters(self):
         """Per NF process and for the rings: what went where."""
         cdef uint32_t k, i
-        cdef uint64_t in_use = 0, queued = 0, dropped = 0, published = 0
+        cdef uint64_t in_use = 0, queued = 0, dropped = 0, published = 0, retired = 0
         cdef mbx_proc *pr
         cdef uint64_t *dlv
         cdef uint64_t *rdr
@@ -1625,6 +1681,7 @@ cdef class PipeBus(EventBus):
                 "ring_dropped_pkts": pr.ring_dropped_pkts,
                 "ring_dropped_types": {t.name: rdr[t.idx] for t in types if rdr[t.idx]},
                 "forwarded_for_it": pr.pumped,
+                "retired": pr.retired,
                 "restarts": self.restart_made[k],
                 "restart_limit": self.restart_conf[k][0],
                 "deaths": list(self.restart_log[k]),
@@ -1636,6 +1693,7 @@ cdef class PipeBus(EventBus):
             }
             dropped += pr.ring_dropped
             published += pr.published
+            retired += pr.retired
         for i in range(self.total):
             if self.msgs[i].h.refs != DONE:
                 in_use += 1
@@ -1646,6 +1704,8 @@ cdef class PipeBus(EventBus):
         # count, it holds the stack's alone.
         total = self.published if self.folded else self.published + published
         stack_published = total - published
+        # back on the completion ring, or ended where no NF after took them
+        completed = self.completed + retired
         return {
             "nfs": nfs,
             "ring_size": self.ring_size,
@@ -1655,12 +1715,12 @@ cdef class PipeBus(EventBus):
             "stack_wait_s": self.ctl.procs[self.nnf].busy_ns * 1e-9,
             "epochs": self.ctl.epoch,
             "published": total,
-            "completed": self.completed,
+            "completed": completed,
             "ring_dropped": dropped,
             # each NF's, added up: a drop is counted at the ring it happened at
             "ring_dropped_pkts": sum(v["ring_dropped_pkts"] for v in nfs.values()),
             "stack_published": stack_published,
-            "lost": total - self.completed - dropped,
+            "lost": total - completed - dropped,
             "pool_in_use": in_use,
             "ring_entries": queued,
             "requests": self.requests,
@@ -1688,6 +1748,9 @@ cdef class PipeBus(EventBus):
         completes, before the flow's later events."""
         EventBus.up_sub(self, nf, etype, flow, handler, batch, smask)
         cdef mbx_req q
+        # From now on the NFs before it pass it everything (taken_from): what they
+        # passed on already, up to K - 1 bursts ahead, is as late as the stack's side
+        mbx_or(&self.ctl.dynamic, (<uint32_t>1) << nf)
         if self.role >= self.nnf:
             return
         memset(&q, 0, sizeof(q))
@@ -1709,7 +1772,7 @@ cdef class PipeBus(EventBus):
         if (self.role >= self.nnf or self.terminator is None
                 or not msg.etype.is_a(_events.FLOW_TCP_TERMINATE)):
             return
-        m = &self.msgs[self.out[self.nout - 1]]     # publish() queued it last
+        m = &self.msgs[self.last_pub]
         if m.h.flow == NO_FLOW:
             return
         memset(&q, 0, sizeof(q))

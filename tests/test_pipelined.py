@@ -335,6 +335,57 @@ def test_ring_drops_add_up(tmp_path):
                             f"{n['handler_s']:.3f}"], row
 
 
+@pytest.mark.parametrize("full", ["stall", "drop"])
+def test_an_event_no_later_nf_takes_goes_no_further(tmp_path, full):
+    # Every event went the whole chain: flow_stats (last) was pushed every TCP
+    # event the Monitor NF took, and its FLOW/STATS, which no NF takes, went on to
+    # the completion ring.  That cost ring room and time, and under the drop
+    # policy a full ring dropped those events, and their packets with them.
+    cap = str(tmp_path / "many.pcap")
+    write_example(cap, flows=600, seed=3)
+    extra = dict(ring_size=8, ring_full="drop") if full == "drop" else {}
+    c, _ = run_app([TcpMon(), load_app("flow_stats")[0]], cap, deploy="pipelined", **extra)
+    p = c["pipeline"]
+    mon, fs = p["nfs"]["mon"], p["nfs"]["flow_stats"]
+    # flow_stats is handed only what it takes (FLOW/END)
+    assert fs["events_in"] == fs["delivered"] == fs["types"]["FLOW/END"] > 0
+    assert set(fs["ring_dropped_types"]) <= {"FLOW/END"}
+    # the Monitor NF ends what it took but the FLOW/ENDs; flow_stats all it took
+    # and its FLOW/STATS at once
+    assert mon.get("retired") == mon["events_in"] - fs["events_in"] - fs["ring_dropped"]
+    assert fs.get("retired") == fs["events_in"] + fs["published"]
+    assert p["published"] == p["completed"] + p["ring_dropped"] and p["lost"] == 0
+    if full == "stall":
+        inline, _ = run_app([TcpMon(), load_app("flow_stats")[0]], cap)
+        assert c["events"] == inline["events"] and p["ring_dropped"] == 0
+
+
+def test_an_up_sub_is_passed_what_the_nfs_before_it_would_end(tmp_path):
+    # An event goes no further than the last NF whose sub() takes it, but an NF
+    # that calls mb_up_sub may take any type for a flow: from its first call on,
+    # the NFs before it pass it everything (here the SYN/ACKs the Monitor NF takes).
+    class Late(mbx.NF):
+        def __init__(self):
+            super().__init__("late")
+            self.syns = 0
+            self.sub(mbx.FLOW_START, self.on_start)
+
+        def on_start(self, ev):
+            self.up_sub("PKT/TCP/SYN", ev.flow, self.on_syn)
+
+        def on_syn(self, ev):
+            self.syns += 1
+
+        def report(self):
+            return {"syns": self.syns}
+
+    cap = str(tmp_path / "many.pcap")
+    write_example(cap, flows=200, seed=3)
+    c, _ = run_app([TcpMon(), Late()], cap, deploy="pipelined", inflight=1)
+    late = c["pipeline"]["nfs"]["late"]
+    assert late["report"]["syns"] > 0 and late["types"]["PKT/TCP/SYN"] > 0
+
+
 def test_more_processes_than_cores(example_pcap, tmp_path):
     def make(tag):
         return [FileRecorder(f"r{i}", str(tmp_path / f"{tag}.{i}"), types=("PKT",))
