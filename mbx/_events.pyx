@@ -28,6 +28,7 @@ from mbx._rewrite cimport REWRITE_NO_PORTS, pkt_rewrite
 
 import functools
 import ipaddress
+import operator
 import threading
 
 
@@ -975,6 +976,30 @@ cdef _PacketBytes _view_of(object owner, uint8_t *ptr, Py_ssize_t length, bint w
     return b
 
 
+_U64_END = 1 << 64
+
+
+cdef object _stream_arg(object nf, str call, str arg, object value, object below):
+    # Taken as operator.index takes a list index: a float offset would be cut short
+    # silently, and True is no offset.  The C side takes unsigned 64-bit numbers, and
+    # a stream_dir past 1 names no stream of this connection (it indexed another's).
+    if isinstance(value, bool):
+        raise TypeError(f"NF {nf.name}: ev.{call}(): {arg} is a whole number, not "
+                        f"{value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"NF {nf.name}: ev.{call}(): {arg} is a whole number, not "
+                        f"{type(value).__name__} {value!r}") from None
+    if not 0 <= v < below:
+        if arg == "stream_dir":
+            raise ValueError(f"NF {nf.name}: ev.{call}(): stream_dir must be 0 (client "
+                             f"-> server) or 1 (server -> client), not {v}")
+        raise ValueError(f"NF {nf.name}: ev.{call}(): {arg} must be from 0 to "
+                         f"{below - 1}, not {v}")
+    return v
+
+
 # What an Event made by hand views: a blank EVENT with no flow and no packet.
 cdef mbx_msg _NO_MSG
 _NO_MSG.h.flow = NO_FLOW
@@ -1201,16 +1226,18 @@ cdef class Event:
         cdef data_rdy_body *b = <data_rdy_body *>self.m.body
         if stream_dir is None:
             stream_dir = b.stream_dir if rdy else self.m.h.dir
+        stream_dir = _stream_arg(self.nf, "read", "stream_dir", stream_dir, 2)
         if offset is None:
             if not rdy:
                 raise MbxError("read() needs an offset outside DATA_RDY events")
             offset = b.offset
+        offset = _stream_arg(self.nf, "read", "offset", offset, _U64_END)
         if length is None:
             if not rdy:
                 raise MbxError("read() needs a length outside DATA_RDY events")
-            length = b.frontier - offset
-        elif rdy and stream_dir == b.stream_dir and isinstance(offset, int) and \
-                isinstance(length, int) and length > 0 and offset + length > b.frontier:
+            length = max(0, b.frontier - offset)
+        length = _stream_arg(self.nf, "read", "length", length, _U64_END - offset)
+        if rdy and stream_dir == b.stream_dir and offset + length > b.frontier:
             # The stack handles a whole burst before its NFs: the stream may be
             # delivered past this event's frontier already, by as much as the burst
             # held.  A read ends at the event's frontier, so what it returns does not
@@ -1236,6 +1263,8 @@ cdef class Event:
         cdef bint rdy = self.m.h.type_idx == T_DATA_RDY
         if stream_dir is None:
             stream_dir = b.stream_dir if rdy else self.m.h.dir
+        stream_dir = _stream_arg(self.nf, "write", "stream_dir", stream_dir, 2)
+        offset = _stream_arg(self.nf, "write", "offset", offset, _U64_END)
         if rdy and stream_dir == b.stream_dir:     # its own bytes: as read() has them
             return reader.write_stream(self.nf, self.m.h.flow, self.m.h.flow_gen,
                                        stream_dir, offset, data, self.m.h.flags,

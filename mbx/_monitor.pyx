@@ -1117,6 +1117,11 @@ cdef class TcpMonitor(NetworkLayer):
         # it, else the flow's now.
         cdef uint32_t k, p
         cdef int cdir = (flags & MSG_F_CDIR1) != 0 if flags & MSG_F_CDIR_KNOWN else -1
+        if tdir > 1:
+            # tdir picks one of the pair's two streams and one MARK_INIT bit: any other
+            # value names the next pair's stream (another connection's) or none
+            raise MbxError(f"stream_dir must be 0 (client -> server) or 1 (server -> "
+                           f"client), not {tdir}")
         if slot >= self.capacity or self.meta[slot].gen != gen or (
                 self.meta[slot].pair == 0 and self.meta[slot].mark & MARK_DONE):
             # ended (or closed) during this burst: its streams stay until the

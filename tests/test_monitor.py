@@ -277,6 +277,49 @@ def test_a_read_of_the_event_s_stream_ends_at_its_frontier(run):
         assert len(got) == 5 and all(a == b and whole for a, b, whole in got), got
 
 
+def test_stream_arguments_out_of_range_are_refused_naming_the_nf(run):
+    """stream_dir picks one of the connection's two streams: 2 read or overwrote the
+    next connection's stream (or past the table: a crash); a negative offset gave a
+    bare OverflowError, a float one was cut short silently."""
+    frames = Conn().exchange(REQ, RESP) + Conn(cli=("10.0.0.3", 40001)).exchange(
+        b"x" * 50, b"y" * 50)
+
+    class Misuse(mbx.NF):
+        def __init__(self):
+            super().__init__("misuse", writes=True)
+            self.sub(mbx.DATA_RDY, self.on)
+            self.errors = []
+
+        def on(self, ev):
+            for call in (lambda: ev.read(0, 4096, stream_dir=2),
+                         lambda: ev.write(0, b"Z", stream_dir=2),
+                         lambda: ev.read(0, 10, stream_dir=-1),
+                         lambda: ev.read(-1, 10),
+                         lambda: ev.read(0, -1),
+                         lambda: ev.write(-1, b"Z"),
+                         lambda: ev.read(0.9, 10),
+                         lambda: ev.write(float(ev.offset), b"Z"),
+                         lambda: ev.read(0, True)):
+                try:
+                    call()
+                except (TypeError, ValueError) as exc:
+                    self.errors.append(str(exc))
+                else:
+                    self.errors.append(None)
+
+    nf = Misuse()
+    _, out = run([nf], frames=frames, max_streams=16)
+    assert len(nf.errors) == 9 * 4
+    for i, msg in enumerate(nf.errors):
+        assert msg is not None and msg.startswith("NF misuse: ev."), (i, msg)
+    assert "stream_dir must be 0 (client -> server) or 1" in nf.errors[0]
+    assert "stream_dir must be 0" in nf.errors[1] and "not -1" in nf.errors[2]
+    assert "offset must be from 0" in nf.errors[3] and "length must be" in nf.errors[4]
+    assert "offset is a whole number, not float" in nf.errors[6]
+    assert [bytes(tcp_of(f)[1].data) for _, f in out if tcp_of(f)[1].data] == \
+        [bytes(tcp_of(f)[1].data) for _, f in frames if tcp_of(f)[1].data]
+
+
 def test_read_released_bytes(run, tmp_path):
     """With retain=0 the bytes behind the frontier go back to the pool at the end of
     each burst: reading them later raises a clear MbxError; retain keeps them."""
