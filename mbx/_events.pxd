@@ -239,6 +239,10 @@ cdef class EventBus:
     cdef c_table **set_c            # the same shape: the C handler, or NULL
     cdef uint8_t *nf_has_c          # per NF: some set of it has a C handler
     cdef uint8_t nf_has_py[MAX_NFS]  # per NF: some set of it has a Python handler
+    # bit i: NF i declared writes=True when the run started; what its rewrites are
+    # checked against (nf.writes set during the run would let a read-only NF, even a
+    # parallel group's, rewrite packets its group mates are reading)
+    cdef uint32_t nf_writes
     cdef uint8_t *nf_stage          # per NF: its chain stage (parallel NFs share one)
     # per NF: 0 when its drop is the packet's (any drop wins), else the chain-index
     # bits of its parallel group, whose every member must drop (merge = "all")

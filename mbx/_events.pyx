@@ -1171,9 +1171,10 @@ cdef class Event:
         cdef const uint8_t *newb = NULL
         cdef int new_port = -1 if port is None else <uint16_t>port
         cdef bytes raw
-        if not self.nf.writes:
+        if not self.bus.nf_writes >> self.nf._index & 1:
             raise PermissionDenied(
-                f"NF {self.nf.name} rewrote a packet but did not declare writes=True")
+                f"NF {self.nf.name} rewrote a packet but did not declare writes=True "
+                "(before the run: it is fixed when the run starts)")
         if p.ip_ver == 0:
             raise MbxError("cannot rewrite addresses of a non-IP packet")
         if ip is not None:
@@ -1261,6 +1262,10 @@ cdef class Event:
             raise MbxError("no TCP Monitor is running: subscribe to DATA_RDY")
         cdef data_rdy_body *b = <data_rdy_body *>self.m.body
         cdef bint rdy = self.m.h.type_idx == T_DATA_RDY
+        if not self.bus.nf_writes >> self.nf._index & 1:
+            raise PermissionDenied(
+                f"NF {self.nf.name} rewrote stream bytes but did not declare writes=True "
+                "(before the run: it is fixed when the run starts)")
         if stream_dir is None:
             stream_dir = b.stream_dir if rdy else self.m.h.dir
         stream_dir = _stream_arg(self.nf, "write", "stream_dir", stream_dir, 2)
@@ -1566,6 +1571,8 @@ cdef class EventBus:
                 raise SubscriptionError(f"NF {nf.name} is already running on another bus")
             nf._bus = self
             nf._index = i
+            if nf.writes:
+                self.nf_writes |= 1u << i
             self._add_set(i, dict(nf.subs))
             v = Event.__new__(Event)
             (<Event>v).bus = self

@@ -1116,6 +1116,18 @@ def test_non_writer_cannot_write(run, tmp_path):
     assert "writes=True" in str(info.value)
 
 
+def test_writes_set_during_the_run_does_not_let_an_nf_write_streams(run):
+    class Late(Upper):
+        def on(self, ev):
+            self.writes = True
+            Upper.on(self, ev)
+
+    frames = Conn().exchange(b"abc", b"def")
+    with pytest.raises(NFError, match="NF upper rewrote stream bytes but did not "
+                                      "declare writes=True"):
+        run([Late(writes=False)], frames=frames)
+
+
 # ---------------------------------------------------------------------------
 # 9. mbx flows on crafted captures
 

@@ -232,6 +232,28 @@ def test_app_refuses_a_writer_in_a_parallel_group(example_pcap, deploy):
         mbx.App([reader, writer], deploy=deploy).run(open_input(f"pcap:{example_pcap}"))
 
 
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_writes_set_during_the_run_grants_nothing(example_pcap, deploy):
+    # A read-only member of a parallel group that set self.writes = True in its
+    # handler rewrote packets (pipelined: while its group mate read them).
+    from mbx.ports import open_input
+
+    class Sneaky(mbx.NF):
+        def __init__(self):
+            super().__init__("sneaky", group="g")
+            self.sub(mbx.PKT, self.on)
+
+        def on(self, ev):
+            self.writes = True
+            ev.set_dst(port=9)
+
+    reader = mbx.NF("r", group="g")
+    reader.sub(mbx.PKT, lambda ev: None)
+    with pytest.raises(mbx.NFError, match="NF sneaky rewrote a packet but did not "
+                                          "declare writes=True"):
+        mbx.App([Sneaky(), reader], deploy=deploy).run(open_input(f"pcap:{example_pcap}"))
+
+
 def test_up_sub_switches_one_flows_handler(run, example_pcap):
     class Switch(mbx.NF):
         def __init__(self):
