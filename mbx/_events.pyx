@@ -1238,13 +1238,17 @@ cdef class Event:
                 raise MbxError("read() needs a length outside DATA_RDY events")
             length = max(0, b.frontier - offset)
         length = _stream_arg(self.nf, "read", "length", length, _U64_END - offset)
-        if rdy and stream_dir == b.stream_dir and offset + length > b.frontier:
+        if rdy and stream_dir == b.stream_dir:
             # The stack handles a whole burst before its NFs: the stream may be
             # delivered past this event's frontier already, by as much as the burst
-            # held.  A read ends at the event's frontier, so what it returns does not
-            # depend on the burst's size (those bytes come with the next DATA_RDY).
-            length = max(0, b.frontier - offset)
-        if rdy and stream_dir == b.stream_dir:
+            # held.  A read is judged against the event's frontier, so what it returns
+            # or refuses does not depend on the burst's size (those bytes come with
+            # the next DATA_RDY).
+            if offset > b.frontier:
+                raise MbxError(
+                    f"NF {self.nf.name}: stream offset {offset} is beyond this "
+                    f"DATA_RDY's frontier ({b.frontier}): not delivered yet")
+            length = min(length, b.frontier - offset)
             # its own bytes: read even where gaps were joined over them since
             return reader.read_stream(self.m.h.flow, self.m.h.flow_gen, stream_dir,
                                       offset, length, self.m.h.flags, b.offset,

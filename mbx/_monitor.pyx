@@ -1186,6 +1186,12 @@ cdef class TcpMonitor(NetworkLayer):
         cdef const uint8_t *ptr
         cdef uint64_t done = 0
         cdef int k
+        if run_to and off + n > run_to:
+            # judged against the DATA_RDY's frontier, not the stream's: the burst may
+            # have delivered more already, bytes this NF was not shown (and how many
+            # would depend on --burst)
+            raise MbxError(f"NF {nf.name}: stream bytes [{off}, {off + n}) run past "
+                           f"this DATA_RDY's frontier ({run_to}): not delivered yet")
         if off < s.base or off + n > s.frontier:
             raise MbxError(f"stream bytes [{off}, {off + n}) are not all held "
                            f"(held: [{s.base}, {s.frontier}))")

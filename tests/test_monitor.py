@@ -277,6 +277,45 @@ def test_a_read_of_the_event_s_stream_ends_at_its_frontier(run):
         assert len(got) == 5 and all(a == b and whole for a, b, whole in got), got
 
 
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_reads_and_writes_past_the_frontier_are_judged_by_the_event(run, deploy):
+    """At --burst 64 the stream was delivered past a DATA_RDY's frontier already:
+    a write over it succeeded (bytes the NF was not shown) and a read past it
+    returned nothing, where --burst 1 refused both."""
+    frames = Conn().exchange(REQ, RESP, seg_s=[1000, 1000, 1000, len(RESP) - 3000])
+
+    class Edge(mbx.NF):
+        def __init__(self):
+            super().__init__("edge", writes=deploy == "inline")
+            self.sub(mbx.DATA_RDY, self.on, side="both")
+            self.seen = {"events": 0, "beyond": 0, "at": 0, "last": 0, "write": 0}
+
+        def on(self, ev):
+            self.seen["events"] += 1
+            try:
+                ev.read(ev.frontier + 1, 4)
+            except MbxError as exc:
+                self.seen["beyond"] += "beyond this DATA_RDY's frontier" in str(exc)
+            self.seen["at"] += len(ev.read(ev.frontier, 4)) == 0
+            self.seen["last"] += len(ev.read(ev.frontier - 1, 4)) == 1
+            if self.writes:
+                try:
+                    ev.write(ev.frontier - 1, b"ab")
+                except MbxError as exc:
+                    self.seen["write"] += "run past this DATA_RDY's frontier" in str(exc)
+
+        def report(self):
+            return self.seen
+
+    for burst in (1, 64, 256):
+        counters, _ = run([Edge()], frames=frames, burst=burst, deploy=deploy,
+                          retain=1 << 20)
+        seen = counters["nfs"]["edge"]["report"]
+        n = seen["events"]
+        assert n == 5 and seen == {"events": n, "beyond": n, "at": n, "last": n,
+                                   "write": n if deploy == "inline" else 0}, (burst, seen)
+
+
 def test_stream_arguments_out_of_range_are_refused_naming_the_nf(run):
     """stream_dir picks one of the connection's two streams: 2 read or overwrote the
     next connection's stream (or past the table: a crash); a negative offset gave a
@@ -1095,7 +1134,9 @@ def test_a_write_over_a_gap_changes_nothing(run, tmp_path):
             self.log = []
 
         def on(self, ev):
-            if ev.offset == 0:
+            # (on the DATA_RDY that reaches 300: a write is judged against the
+            # event's frontier, and the first one's is 100)
+            if ev.frontier == 300:
                 with pytest.raises(MbxError, match="cannot be written"):
                     ev.write(0, b"z" * 300)
                 self.log.append(bytes(ev.read(0, 100)))
