@@ -494,12 +494,16 @@ RING_SIZE_MAX = 1 << 24
 def stop_all(nfs):
     """Call each NF's ``stop()``, every one even when an earlier one raised (each may
     hold files to close); returns the first failure as an NFError naming its NF, or
-    None."""
+    None.  SystemExit and KeyboardInterrupt count as failures too: an NF's
+    ``sys.exit()`` must not keep the others from stopping, and pipelined, where an
+    NF process ignores signals, they are NF errors already.  A second signal that
+    interrupts a ``stop()`` that hangs (``STOP_FORCE_AFTER_S``) still ends the run:
+    as this NFError, after the other NFs stopped."""
     first = None
     for nf in nfs:
         try:
             nf.stop()
-        except Exception as exc:        # noqa: BLE001 (told to the caller)
+        except BaseException as exc:    # noqa: BLE001 (told to the caller)
             if first is None:
                 first = NFError(f"NF {nf.name}: stop() raised {type(exc).__name__}: "
                                 f"{exc}{user_code_line(exc)}")
@@ -695,9 +699,11 @@ def take_report(nf):
     """``nf.report()``, checked: a dict that JSON can carry in at most
     ``REPORT_MAX`` bytes, or None.  A report that raises, is of another kind or is
     larger becomes ``{"error": why}`` (the run's counters and the NF's other results
-    are not lost to it).  The size is the pipelined deployment's, where a report
-    crosses shared memory; inline and in parallel stacks it is held to the same, so
-    that an NF reports the same whichever way it is deployed."""
+    are not lost to it), also one that raises SystemExit or KeyboardInterrupt (the
+    run has ended by then: the other NFs' reports are what is left to lose).  The
+    size is the pipelined deployment's, where a report crosses shared memory; inline
+    and in parallel stacks it is held to the same, so that an NF reports the same
+    whichever way it is deployed."""
     import json
 
     from mbx._pipeline import REPORT_MAX
@@ -711,7 +717,7 @@ def take_report(nf):
         # NaN and infinities refused: json.dumps writes them as NaN/Infinity by
         # default, which no JSON reader takes (--json would write invalid JSON)
         text = json.dumps(report, allow_nan=False)
-    except Exception as exc:            # noqa: BLE001 (kept in the counters instead)
+    except BaseException as exc:        # noqa: BLE001 (kept in the counters instead)
         return {"error": f"NF {nf.name}: report(): {type(exc).__name__}: {exc}"}
     size = len(text.encode("utf-8"))
     if size > REPORT_MAX:

@@ -218,6 +218,49 @@ def test_an_nf_whose_stop_raises_does_not_keep_the_others_from_stopping(example_
     assert set(app.reports) == {"a", "b"}
 
 
+class Exits(StartStop):
+    """stop() or report() raises ``exc[0](exc[1])`` (SystemExit, KeyboardInterrupt)."""
+
+    def __init__(self, name, log, exc, where):
+        super().__init__(name, log)
+        self.exc, self.where = exc, where
+
+    def stop(self):
+        super().stop()
+        if self.where == "stop":
+            raise self.exc[0](self.exc[1])
+
+    def report(self):
+        if self.where == "report":
+            raise self.exc[0](self.exc[1])
+        return {"n": 1}
+
+
+@pytest.mark.parametrize("exc", [(SystemExit, 4), (KeyboardInterrupt, "bye")],
+                         ids=["exit", "interrupt"])
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_an_nf_whose_stop_or_report_exits_loses_nothing_else(example_pcap, deploy, exc):
+    # Inline, SystemExit or KeyboardInterrupt from stop() left the later NFs
+    # unstopped and every report lost, and report()'s escaped App.run; pipelined
+    # the same stop() failed the run with NFError.
+    from mbx.ports import open_input
+
+    name = exc[0].__name__
+    log = []
+    app = mbx.App([Exits("a", log, exc, "stop"), Exits("b", log, exc, None)],
+                  deploy=deploy)
+    with pytest.raises(mbx.NFError, match=rf"^NF a: stop\(\) raised {name}"):
+        app.run(open_input(f"pcap:{example_pcap}"))
+    if deploy == "inline":      # (pipelined, each NF stops in its own process)
+        assert log[-2:] == [("stop", "a"), ("stop", "b")]
+    assert app.counters()["nfs"]["b"]["report"] == {"n": 1}
+    app = mbx.App([Exits("a", log, exc, "report"), Exits("b", log, exc, None)],
+                  deploy=deploy)
+    nfs = app.run(open_input(f"pcap:{example_pcap}"))["nfs"]
+    assert nfs["a"]["report"] == {"error": f"NF a: report(): {name}: {exc[1]}"}
+    assert nfs["b"]["report"] == {"n": 1}
+
+
 @pytest.mark.parametrize("deploy", ["inline", "pipelined"])
 def test_app_refuses_a_writer_in_a_parallel_group(example_pcap, deploy):
     # Only application files refused it; App ran it, and pipelined the writer
