@@ -142,6 +142,11 @@ def _child(bus, k, nf):
         except BaseException:        # noqa: BLE001
             pass
         code = 3
+    # Detached before stop(), as inline, where the bus is closed first: an event
+    # kept from a handler may no longer drop, nor the NF publish (the stack has
+    # ended, and what they did was lost, silently).
+    nf._bus = None
+    nf._index = -1
     try:
         nf.stop()
     except BaseException as exc:     # noqa: BLE001

@@ -262,6 +262,48 @@ def test_an_nf_whose_stop_or_report_exits_loses_nothing_else(example_pcap, deplo
 
 
 @pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_stop_cannot_drop_a_kept_event_nor_publish(example_pcap, deploy):
+    # Pipelined, stop() ran while the NF was still attached to its process's bus:
+    # a kept event's drop() and a publish were accepted and lost; inline refused both.
+    from mbx.ports import open_input
+
+    t = mbx.register_event_type("TEST_PIPELINE_LATE", fields=[("v", "u8")])
+
+    class Late(mbx.NF):
+        def __init__(self):
+            super().__init__("late")
+            self.port = self.pub(t)
+            self.sub(mbx.PKT, self.on)
+            self.kept = None
+            self.tried = {}
+
+        def on(self, ev):
+            self.kept = ev
+
+        def stop(self):
+            for what, call in (("drop", self.kept.drop),
+                               ("publish", lambda: self.publish(self.port,
+                                                                self.new_msg(t)))):
+                try:
+                    call()
+                except mbx.MbxError as exc:
+                    self.tried[what] = str(exc)
+
+        def report(self):
+            return self.tried
+
+    late, sink = Late(), mbx.NF("sink")
+    sink.sub(t, lambda ev: None)
+    counters = mbx.App([late, sink], deploy=deploy).run(
+        open_input(f"pcap:{example_pcap}"))
+    assert counters["nfs"]["late"]["report"] == {
+        "drop": "this event view is not in a handler call of a running NF",
+        "publish": "NF late: publish is for a running NF (from its handlers), not "
+                   "before or after the run"}
+    assert counters["nfs"]["late"]["drops"] == 0
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
 def test_app_refuses_a_writer_in_a_parallel_group(example_pcap, deploy):
     # Only application files refused it; App ran it, and pipelined the writer
     # rewrote packets the other members were reading at the same time.
