@@ -331,7 +331,7 @@ cdef class EventBus:
     cdef void plan_fanout(self, uint32_t nf) noexcept
     cdef void plan_rings(self) noexcept nogil
     cdef void release(self, mbx_msg *m) noexcept nogil
-    cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil
+    cdef bint nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil
     # NF i's handler raised on an event of packet p (NULL: none): what becomes of p
     cdef void handler_failed(self, uint32_t i, mbx_pkt *p) noexcept nogil
     cdef int merge_votes(self, uint32_t g) except -1

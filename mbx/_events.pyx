@@ -1155,8 +1155,8 @@ cdef class Event:
         """Drop this event's packet: it is not sent, and later NFs do not see it
         (NFs of the same parallel group still do)."""
         self._live()
-        self.bus.nf_drop(self.nf._index, self._pkt())
-        self.bus.nf_drops[self.nf._index] += 1
+        if self.bus.nf_drop(self.nf._index, self._pkt()):
+            self.bus.nf_drops[self.nf._index] += 1
 
     def set_src(self, ip=None, port=None):
         """Rewrite the source address and/or port (writer NFs); checksums follow."""
@@ -1466,8 +1466,7 @@ cdef inline bint offer_c(EventBus bus, uint32_t j, mbx_msg *m, mbx_pkt *p,
     # dropped its packet; True when it did.
     if c == NULL or (p != NULL and p.verdict == VERDICT_DROP and p.drop_stage < stage):
         return False
-    if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
-        bus.nf_drop(j, p)
+    if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL and bus.nf_drop(j, p):
         drops[0] += 1
     return True
 
@@ -2255,21 +2254,27 @@ cdef class EventBus:
         # Inline a handler's error ends the run: nothing more is sent.
         pass
 
-    cdef void nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil:
+    cdef bint nf_drop(self, uint32_t i, mbx_pkt *p) noexcept nogil:
         # NF i drops p: at once, or (a merge = "all" group) once its last member has,
         # or (a group with a merge function) as the function decides (merge_votes).
         # Its bit in p.votes says it did, in every case: a dead NF's stand-in (the
         # pipelined stack) counts as its drops only the packets it had not dropped
-        # itself, which the verdict cannot tell where group mates drop too.
+        # itself, which the verdict cannot tell where group mates drop too.  True
+        # the first time NF i drops p: its drops count packets, not calls (drop()
+        # twice, or a drop on each of a packet's events).  Only NF i sets its bit,
+        # so testing it before the atomic vote races nothing.
+        cdef uint32_t bit = (<uint32_t>1) << i
         cdef uint32_t mask = self.nf_votemask[i]
-        cdef uint32_t votes = mbx_vote(&p.votes, (<uint32_t>1) << i)
+        if p.votes & bit:
+            return False
+        cdef uint32_t votes = mbx_vote(&p.votes, bit)
         if mask == 0:
             drop_at(p, self.nf_stage[i])
-            return
-        if self.nf_fngroup[i]:
+        elif self.nf_fngroup[i]:
             self.fn_pending[self.nf_fngroup[i] - 1] += 1
         elif votes & mask == mask:
             drop_at(p, self.nf_stage[i])
+        return True
 
     cdef int merge_votes(self, uint32_t g) except -1:
         # Inline: every packet of the burst some member of group g voted to drop.
@@ -2399,8 +2404,7 @@ cdef class EventBus:
                         run_n = 0
                     run_n += 1
                     n += 1
-                    if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
-                        self.nf_drop(i, p)
+                    if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL and self.nf_drop(i, p):
                         drops += 1
                 m.h.refs -= 1           # release(m), inline
                 if m.h.refs == 0 and p != NULL:
@@ -2432,8 +2436,7 @@ cdef class EventBus:
                 n += 1
                 delivered[t] += 1
                 tev[t] += 1
-                if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL:
-                    self.nf_drop(i, p)
+                if c.fn(c.ctx, m, p) != MBX_PASS and p != NULL and self.nf_drop(i, p):
                     drops += 1
                 self.release(m)
         if n:
@@ -2638,8 +2641,7 @@ cdef class EventBus:
                 for k in self.np.flatnonzero(drops):
                     j = k
                     m = &self.msgs[taken[j]]
-                    if m.h.pkt != NO_PKT:
-                        self.nf_drop(i, &self.pkts[m.h.pkt])
+                    if m.h.pkt != NO_PKT and self.nf_drop(i, &self.pkts[m.h.pkt]):
                         self.nf_drops[i] += 1
         finally:
             for j in range(n):

@@ -261,6 +261,37 @@ def test_an_nf_whose_stop_or_report_exits_loses_nothing_else(example_pcap, deplo
     assert nfs["b"]["report"] == {"n": 1}
 
 
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_an_nf_s_drops_count_packets_not_calls(example_pcap, deploy, batch):
+    # ev.drop(); ev.drop() counted 2 drops a packet, as did a drop on each of a
+    # packet's events (its FLOW/START and its PKT), by a handler or a batch verdict.
+    from mbx.ports import open_input
+
+    class Dropper(mbx.NF):
+        def __init__(self):
+            super().__init__("dropper")
+            if batch:
+                self.sub(mbx.PKT, lambda evs: np.ones(len(evs), dtype=bool), batch=True)
+            else:
+                self.sub(mbx.PKT, self.on)
+            self.sub(mbx.FLOW_START, self.on)
+            self.firsts = 0
+
+        def on(self, ev):
+            self.firsts += ev.type_name == "FLOW/START" and ev.has_packet
+            ev.drop()
+            ev.drop()
+
+        def report(self):
+            return {"firsts": self.firsts}
+
+    counters = mbx.App([Dropper()], deploy=deploy).run(open_input(f"pcap:{example_pcap}"))
+    nf = counters["nfs"]["dropper"]
+    assert nf["report"]["firsts"] > 100         # packets with two dropping events
+    assert nf["drops"] == counters["dropped_by_nf"] == nf["types"]["PKT"]
+
+
 @pytest.mark.parametrize("deploy", ["inline", "pipelined"])
 def test_stop_cannot_drop_a_kept_event_nor_publish(example_pcap, deploy):
     # Pipelined, stop() ran while the NF was still attached to its process's bus:
