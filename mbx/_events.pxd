@@ -243,6 +243,10 @@ cdef class EventBus:
     # checked against (nf.writes set during the run would let a read-only NF, even a
     # parallel group's, rewrite packets its group mates are reading)
     cdef uint32_t nf_writes
+    # threading.get_ident() of the thread that built the bus, which dispatches (and,
+    # pipelined, of the NF process's, forked from it): an Event's methods called
+    # from another thread act on whatever event its reused view is handed by then
+    cdef unsigned long thread_id
     cdef uint8_t *nf_stage          # per NF: its chain stage (parallel NFs share one)
     # per NF: 0 when its drop is the packet's (any drop wins), else the chain-index
     # bits of its parallel group, whose every member must drop (merge = "all")

@@ -671,6 +671,7 @@ class NF:
         if self._bus is None:
             raise SubscriptionError(f"NF {self.name}: publish is for a running NF (from "
                                     "its handlers), not before or after the run")
+        _same_thread(<EventBus>self._bus, self, "publish")
         (<EventBus>self._bus).publish_from(self, <Message>msg)
 
 
@@ -976,6 +977,16 @@ cdef _PacketBytes _view_of(object owner, uint8_t *ptr, Py_ssize_t length, bint w
     return b
 
 
+cdef int _same_thread(EventBus bus, object nf, str call) except -1:
+    # The Python-level calls only: the C handlers' path never comes here.
+    if threading.get_ident() != bus.thread_id:
+        raise MbxError(f"NF {nf.name}: {call}() called from another thread than the "
+                       "one that runs its handlers: an event view is reused for the "
+                       "next event, so it would act on whichever that is; call it from "
+                       "the handler")
+    return 0
+
+
 _U64_END = 1 << 64
 
 
@@ -1022,9 +1033,10 @@ cdef class Event:
         # hand, e.g. to test a handler) at a blank EVENT, never at nothing.
         self.m = &_NO_MSG
 
-    cdef int _live(self) except -1:
+    cdef int _live(self, str call) except -1:
         if self.bus is None or self.nf is None or self.nf._index < 0:
             raise MbxError("this event view is not in a handler call of a running NF")
+        _same_thread(self.bus, self.nf, call)
         return 0
 
     @property
@@ -1154,7 +1166,7 @@ cdef class Event:
     def drop(self):
         """Drop this event's packet: it is not sent, and later NFs do not see it
         (NFs of the same parallel group still do)."""
-        self._live()
+        self._live("ev.drop")
         if self.bus.nf_drop(self.nf._index, self._pkt()):
             self.bus.nf_drops[self.nf._index] += 1
 
@@ -1168,6 +1180,8 @@ cdef class Event:
 
     cdef _rewrite(self, int which, object ip, object port):
         cdef mbx_pkt *p = self._pkt()
+        if self.bus is not None:
+            _same_thread(self.bus, self.nf, "ev.set_dst" if which else "ev.set_src")
         cdef const uint8_t *newb = NULL
         cdef int new_port = -1 if port is None else <uint16_t>port
         cdef bytes raw
@@ -1217,7 +1231,7 @@ cdef class Event:
         DATA_RDY event the defaults are its stream and its new bytes, and a read of
         its stream ends at its frontier.  A zero-copy memoryview where the bytes are
         contiguous in memory, else a copy."""
-        self._live()
+        self._live("ev.read")
         reader = self.bus.stream_reader
         if reader is None:
             raise MbxError("no TCP Monitor is running: subscribe to DATA_RDY")
@@ -1260,7 +1274,7 @@ cdef class Event:
         """Rewrite delivered stream bytes in place, same length (writer NFs, on
         DATA_RDY): the stream and this burst's packets carrying them change, their
         checksums follow.  Returns the bytes changed in packets."""
-        self._live()
+        self._live("ev.write")
         reader = self.bus.stream_reader
         if reader is None:
             raise MbxError("no TCP Monitor is running: subscribe to DATA_RDY")
@@ -1520,6 +1534,7 @@ cdef class EventBus:
             raise SubscriptionError(why)
         self.nfs = nfs
         self.nnf = len(nfs)
+        self.thread_id = threading.get_ident()
         self.msg_capacity = msg_capacity
         self.flow_capacity = flow_capacity
         self.msgs = <mbx_msg *>PyMem_Calloc(msg_capacity, sizeof(mbx_msg))

@@ -261,6 +261,57 @@ def test_an_nf_whose_stop_or_report_exits_loses_nothing_else(example_pcap, deplo
     assert nfs["b"]["report"] == {"n": 1}
 
 
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_event_calls_from_another_thread_are_refused(example_pcap, deploy):
+    # From a thread the NF started, ev.drop() (and publish, set_dst, read) acted on
+    # whatever packet the reused view pointed at by then.
+    import threading
+
+    from mbx.ports import open_input
+
+    t = mbx.register_event_type("TEST_PIPELINE_THREAD", fields=[("v", "u8")])
+
+    class Threaded(mbx.NF):
+        def __init__(self):
+            super().__init__("threaded", writes=True)
+            self.port = self.pub(t)
+            self.sub(mbx.PKT, self.on)
+            self.tried = {}
+
+        def on(self, ev):
+            if self.tried:
+                return
+            calls = {"drop": ev.drop, "set_dst": lambda: ev.set_dst(port=9),
+                     "read": lambda: ev.read(0, 1, 0),
+                     "publish": lambda: self.publish(self.port, self.new_msg(t))}
+
+            def other():
+                for what, call in calls.items():
+                    try:
+                        call()
+                        self.tried[what] = "accepted"
+                    except mbx.MbxError as exc:
+                        self.tried[what] = str(exc)
+
+            th = threading.Thread(target=other)
+            th.start()
+            th.join()
+
+        def report(self):
+            return self.tried
+
+    sink = mbx.NF("sink")
+    sink.sub(t, lambda ev: None)
+    counters = mbx.App([Threaded(), sink], deploy=deploy).run(
+        open_input(f"pcap:{example_pcap}"))
+    tried = counters["nfs"]["threaded"]["report"]
+    assert sorted(tried) == ["drop", "publish", "read", "set_dst"]
+    for what, why in tried.items():
+        assert why.startswith(f"NF threaded: {'' if what == 'publish' else 'ev.'}{what}() "
+                              "called from another thread"), (what, why)
+    assert counters["dropped_by_nf"] == 0
+
+
 @pytest.mark.parametrize("batch", [False, True])
 @pytest.mark.parametrize("deploy", ["inline", "pipelined"])
 def test_an_nf_s_drops_count_packets_not_calls(example_pcap, deploy, batch):
