@@ -379,13 +379,25 @@ cdef object read_field(const uint8_t *body, int offset, str kind, int ip_ver):
     return _addr_str(<const uint8_t[:16]>q, ip_ver)
 
 
+_U64_END = 1 << 64         # past the largest uint64_t: flow ids, stream offsets
+
+
+cdef object _whole(object value):
+    # A whole number as operator.index takes one (a numpy integer too; a float is
+    # refused, not cut short), but not a bool: an int to Python, True in a count, a
+    # port or an offset is a mistake (filters refuse it too).
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"expected a whole number, not {type(value).__name__}")
+
+
 cdef int write_field(uint8_t *body, int offset, str kind, object value) except -1:
     cdef uint8_t *q = body + offset
-    # (a bool is an int to Python, but True in a count or a port is a mistake: filters
-    # refuse it too)
-    if kind != "ip" and kind[0] in "ui" and (not isinstance(value, int)
-                                             or isinstance(value, bool)):
-        raise TypeError(f"expected a whole number, not {type(value).__name__}")
+    if kind != "ip" and kind[0] in "ui":
+        value = _whole(value)
     if kind == "u8":
         q[0] = value
     elif kind == "u16":
@@ -879,9 +891,17 @@ cdef class Message:
 
     def __setattr__(self, name, value):
         if name == "flow":          # the flow it belongs to, not a field of the body
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise TypeError(f"{self.etype.name}: flow must be a flow id (ev.flow) or "
-                                f"None, not {value!r}")
+            if value is not None:
+                # refused here, where the mistake is, not at publish (2**64 raised
+                # OverflowError there) nor taken (True was flow 1)
+                try:
+                    value = _whole(value)
+                except TypeError:
+                    raise TypeError(f"{self.etype.name}: flow must be a flow id (ev.flow) "
+                                    f"or None, not {value!r}") from None
+                if not 0 <= value < _U64_END:
+                    raise ValueError(f"{self.etype.name}: flow must be a flow id (ev.flow) "
+                                     f"or None, not {value!r} (a flow id is 0 to 2**64-1)")
             self.flow = value
             return
         f = self.etype.fields.get(name)
@@ -987,18 +1007,12 @@ cdef int _same_thread(EventBus bus, object nf, str call) except -1:
     return 0
 
 
-_U64_END = 1 << 64
-
-
 cdef object _stream_arg(object nf, str call, str arg, object value, object below):
-    # Taken as operator.index takes a list index: a float offset would be cut short
-    # silently, and True is no offset.  The C side takes unsigned 64-bit numbers, and
+    # Taken as _whole takes it: a float offset would be cut short silently, and True
+    # is no offset.  The C side takes unsigned 64-bit numbers, and
     # a stream_dir past 1 names no stream of this connection (it indexed another's).
-    if isinstance(value, bool):
-        raise TypeError(f"NF {nf.name}: ev.{call}(): {arg} is a whole number, not "
-                        f"{value!r}")
     try:
-        v = operator.index(value)
+        v = _whole(value)
     except TypeError:
         raise TypeError(f"NF {nf.name}: ev.{call}(): {arg} is a whole number, not "
                         f"{type(value).__name__} {value!r}") from None
@@ -2321,7 +2335,16 @@ cdef class EventBus:
                 f"parallel group {group!r}: merge function {merge_name(fn)} raised "
                 f"{type(exc).__name__} on a packet dropped by "
                 f"{', '.join(sorted(dropped))}: {exc}") from exc
-        if verdict:
+        try:
+            drop = bool(verdict)
+        except Exception as exc:
+            # (a numpy array of two or more is neither true nor false)
+            drop_at(p, stage)
+            raise NFError(
+                f"parallel group {group!r}: merge function {merge_name(fn)} returned "
+                f"{type(verdict).__name__}, which is neither true nor false (a drop "
+                f"verdict is a bool): {type(exc).__name__}: {exc}") from exc
+        if drop:
             drop_at(p, stage)
         return 0
 
@@ -2648,7 +2671,15 @@ cdef class EventBus:
                 raise held_in(exc, self.nfs[i].name, <object>h,
                               f"batch of {n} {_types[bt - 1].name} events") from exc
             if verdicts is not None:
-                drops = self.np.asarray(verdicts, dtype=bool)
+                try:
+                    drops = self.np.asarray(verdicts, dtype=bool)
+                except (TypeError, ValueError) as exc:
+                    # (a structured array, such as the records it was handed, has no
+                    # cast to bool) said as pipelined says it, naming the NF
+                    raise NFError(
+                        f"NF {self.nfs[i].name}: a batch handler returns None or one "
+                        f"drop flag per event ({n}), not {type(verdicts).__name__} "
+                        f"({type(exc).__name__}: {exc})") from exc
                 if drops.shape != (n,):
                     raise NFError(
                         f"NF {self.nfs[i].name}: a batch handler returns None or one "

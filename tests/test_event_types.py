@@ -1,4 +1,5 @@
 """The μEvent type hierarchy: ids, the descendant rule, layouts, and errors."""
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -122,6 +123,14 @@ def test_messages_name_the_field_a_bad_value_was_for():
     assert msg.flow == 5 | (3 << 32)
     with pytest.raises(TypeError, match="flow must be a flow id"):
         msg.flow = "x"
+    # refused when set, not at publish (OverflowError) nor taken as flow 1
+    with pytest.raises(ValueError, match=r"flow must be a flow id .* 0 to 2\*\*64-1"):
+        msg.flow = 2**64
+    with pytest.raises(TypeError, match="flow must be a flow id .* not True"):
+        msg.flow = True
+    # numpy integers are whole numbers (operator.index takes them)
+    msg.flow, msg.a = np.uint64(9), np.uint16(7)
+    assert (msg.flow, msg.a) == (9, 7) and type(msg.flow) is int
 
 
 def test_fill_from_copies_only_what_the_types_share(run, example_pcap):

@@ -262,6 +262,19 @@ def test_an_nf_whose_stop_or_report_exits_loses_nothing_else(example_pcap, deplo
 
 
 @pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_a_batch_verdict_that_is_no_flags_names_the_nf(example_pcap, deploy):
+    # The records handed to it returned as the verdict: inline, numpy's raw TypeError
+    # (no cast to bool) escaped with no NF named.
+    from mbx.ports import open_input
+
+    nf = mbx.NF("batcher")
+    nf.sub(mbx.PKT, lambda recs: recs, batch=True)
+    with pytest.raises(mbx.NFError, match=r"NF batcher: .*batch handler returns None or "
+                                          r"one drop flag per event"):
+        mbx.App([nf], deploy=deploy).run(open_input(f"pcap:{example_pcap}"))
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
 def test_event_calls_from_another_thread_are_refused(example_pcap, deploy):
     # From a thread the NF started, ev.drop() (and publish, set_dst, read) acted on
     # whatever packet the reused view pointed at by then.

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from mbxtest import read_frames, run_app
 
@@ -1083,6 +1084,22 @@ def test_group_merge_function_error_ends_the_run(example_pcap, tmp_path, deploy)
     text = str(info.value)
     assert "parallel group 'g': merge function" in text and "broken (" in text
     assert "raised KeyError on a packet dropped by " in text and "no quorum" in text
+
+
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_a_merge_verdict_neither_true_nor_false_ends_the_run(example_pcap, tmp_path,
+                                                            deploy):
+    # Its truth test was outside the error handling: a raw ValueError, no group named.
+    def two(dropped):
+        return np.array([1, 1])
+
+    nfs = _voters(deploy, tmp_path, majority, [])
+    for nf in nfs[:3]:
+        nf.group_merge = two
+    with pytest.raises(mbx.NFError, match=r"parallel group .g.: merge function .*two "
+                                          r"\(.*\) returned ndarray, which is neither "
+                                          r"true nor false"):
+        run_app(nfs, example_pcap, deploy=deploy)
 
 
 @pytest.mark.parametrize("merge", ["any", "all", "majority"])
