@@ -1194,11 +1194,11 @@ cdef class Event:
 
     cdef _rewrite(self, int which, object ip, object port):
         cdef mbx_pkt *p = self._pkt()
-        if self.bus is not None:
-            _same_thread(self.bus, self.nf, "ev.set_dst" if which else "ev.set_src")
         cdef const uint8_t *newb = NULL
         cdef int new_port = -1 if port is None else <uint16_t>port
         cdef bytes raw
+        # as drop(): a view kept past its NF's run (stop() included) rewrites nothing
+        self._live("ev.set_dst" if which else "ev.set_src")
         if not self.bus.nf_writes >> self.nf._index & 1:
             raise PermissionDenied(
                 f"NF {self.nf.name} rewrote a packet but did not declare writes=True "

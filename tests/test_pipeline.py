@@ -366,7 +366,7 @@ def test_stop_cannot_drop_a_kept_event_nor_publish(example_pcap, deploy):
 
     class Late(mbx.NF):
         def __init__(self):
-            super().__init__("late")
+            super().__init__("late", writes=True)
             self.port = self.pub(t)
             self.sub(mbx.PKT, self.on)
             self.kept = None
@@ -377,6 +377,7 @@ def test_stop_cannot_drop_a_kept_event_nor_publish(example_pcap, deploy):
 
         def stop(self):
             for what, call in (("drop", self.kept.drop),
+                               ("set_src", lambda: self.kept.set_src(port=1)),
                                ("publish", lambda: self.publish(self.port,
                                                                 self.new_msg(t)))):
                 try:
@@ -393,6 +394,7 @@ def test_stop_cannot_drop_a_kept_event_nor_publish(example_pcap, deploy):
         open_input(f"pcap:{example_pcap}"))
     assert counters["nfs"]["late"]["report"] == {
         "drop": "this event view is not in a handler call of a running NF",
+        "set_src": "this event view is not in a handler call of a running NF",
         "publish": "NF late: publish is for a running NF (from its handlers), not "
                    "before or after the run"}
     assert counters["nfs"]["late"]["drops"] == 0
