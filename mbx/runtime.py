@@ -493,22 +493,26 @@ RING_SIZE_MAX = 1 << 24
 
 def stop_all(nfs):
     """Call each NF's ``stop()``, every one even when an earlier one raised (each may
-    hold files to close); returns the first failure as an NFError naming its NF, or
-    None.  SystemExit and KeyboardInterrupt count as failures too: an NF's
-    ``sys.exit()`` must not keep the others from stopping, and pipelined, where an
-    NF process ignores signals, they are NF errors already.  A second signal that
-    interrupts a ``stop()`` that hangs (``STOP_FORCE_AFTER_S``) still ends the run:
-    as this NFError, after the other NFs stopped."""
-    first = None
+    hold files to close); returns what the caller raises: the first failure as an
+    NFError naming its NF (``sys.exit()`` included: pipelined, where an NF process
+    ignores signals, it is an NF error too), or a KeyboardInterrupt that
+    interrupted a ``stop()``, or None.  A KeyboardInterrupt is a Ctrl-C (Python's,
+    or mbx run's second signal, STOP_FORCE_AFTER_S, on a ``stop()`` that hangs):
+    the other NFs still stop, and then the run ends interrupted (mbx run: exit 130),
+    not failed."""
+    first = interrupt = None
     for nf in nfs:
         try:
             nf.stop()
+        except KeyboardInterrupt as exc:
+            if interrupt is None:
+                interrupt = exc
         except BaseException as exc:    # noqa: BLE001 (told to the caller)
             if first is None:
                 first = NFError(f"NF {nf.name}: stop() raised {type(exc).__name__}: "
                                 f"{exc}{user_code_line(exc)}")
                 first.__cause__ = exc
-    return first
+    return interrupt if interrupt is not None else first
 
 
 class App:

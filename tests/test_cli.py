@@ -1651,3 +1651,54 @@ def test_the_summary_says_a_stop_cut_the_fragments_short(tmp_path):
         text = io.StringIO()
         cli._print_counters(c, 1.0, text)
         assert f"incomplete at the {said} 1" in text.getvalue()
+
+
+HANGING_STOP_NF = """import time
+import mbx
+
+def make(name="hangs", marker=""):
+    nf = mbx.NF(name)
+    nf.sub(mbx.PKT, lambda ev: None)
+    def stop():
+        if marker:
+            open(marker, "w").close()
+            return
+        open(__file__ + ".stopping", "w").close()
+        while True:
+            time.sleep(0.1)
+    nf.stop = stop
+    return nf
+"""
+
+
+def test_a_stop_that_hangs_is_interrupted_and_the_others_still_stop(tmp_path,
+                                                                    example_pcap):
+    # A second Ctrl-C interrupts a stop() that never returns: the run ends
+    # interrupted (exit 130), as it did before every NF's stop() came to be run
+    # whatever another's raised; and the NF after it still stops.
+    import signal
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.py").write_text(HANGING_STOP_NF)
+    marker = tmp_path / "b.stopped"
+    p = subprocess.Popen([*MBX, "run", f"{tmp_path / 'a.py'}+{tmp_path / 'b.py'}",
+                          "--in", f"pcap:{example_pcap}", "--set", "a.name=a",
+                          "--set", "b.name=b", "--set", f"b.marker={marker}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "a.py.stopping").exists():
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "stop() was never called"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        time.sleep(3.5)                     # past STOP_FORCE_AFTER_S
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130, err
+    assert "mbx: interrupted: stopped again" in err
+    assert marker.exists()
