@@ -16,6 +16,7 @@ dropped the packet hides it from the rest of the chain.
 cimport cython
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -999,7 +1000,7 @@ cdef _PacketBytes _view_of(object owner, uint8_t *ptr, Py_ssize_t length, bint w
 
 cdef int _same_thread(EventBus bus, object nf, str call) except -1:
     # The Python-level calls only: the C handlers' path never comes here.
-    if threading.get_ident() != bus.thread_id:
+    if PyThread_get_thread_ident() != bus.thread_id:
         raise MbxError(f"NF {nf.name}: {call}() called from another thread than the "
                        "one that runs its handlers: an event view is reused for the "
                        "next event, so it would act on whichever that is; call it from "
@@ -1548,7 +1549,7 @@ cdef class EventBus:
             raise SubscriptionError(why)
         self.nfs = nfs
         self.nnf = len(nfs)
-        self.thread_id = threading.get_ident()
+        self.thread_id = PyThread_get_thread_ident()
         self.msg_capacity = msg_capacity
         self.flow_capacity = flow_capacity
         self.msgs = <mbx_msg *>PyMem_Calloc(msg_capacity, sizeof(mbx_msg))
