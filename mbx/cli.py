@@ -329,15 +329,16 @@ def _run(nfs, args, spec=None):
     from mbx.ports import capture_file
 
     out_file = capture_file(args.out) if args.out else None
+    given = args.json
     if args.json and args.json != "-" and _names_stdout(args.json):
         # --json /dev/stdout, or the file standard output goes to: as --json -, so
         # that the counters are not written over the summary (or it over them)
         args.json = "-"
     if out_file and _names_stdout(out_file):
         if args.json == "-":
-            raise MbxError(f"--json - and --out {args.out}: both would write standard "
-                           "output, the counters into the packets: give one of them a "
-                           "file")
+            raise MbxError(f"--json {given} and --out {args.out}: both would write "
+                           "standard output, the counters into the packets: give one "
+                           "of them a file")
         # the capture is all that standard output carries (mbx run ... | tcpdump -r -):
         # the summary, and what NFs print, go to standard error
         with contextlib.redirect_stdout(sys.stderr):

@@ -184,6 +184,11 @@ def test_stdout_is_claimed_once(example_pcap, tmp_path):
                 "--json", "-")
     assert r.returncode == 2 and r.stdout == ""
     assert "--json - and --out pcap:/dev/stdout: both would write standard output" in r.stderr
+    # said with the name given (it is taken as --json -)
+    r = mbx_cmd("run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out", "pcap:/dev/stdout",
+                "--json", "/dev/stdout")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "--json /dev/stdout and --out pcap:/dev/stdout: both would write" in r.stderr
     # alone, the capture is all standard output carries; the summary goes to stderr
     with open(tmp_path / "one.pcap", "wb") as fh:
         p = subprocess.run([*MBX, "run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out",
