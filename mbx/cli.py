@@ -455,9 +455,10 @@ def _run_checked(nfs, args, spec):
 
         # every series from the first scrape: the NFs, and the event types this
         # run's stack and NFs may publish
-        types = publications(runs_monitor(stack, nfs, config), nfs)[1]
+        tcp = runs_monitor(stack, nfs, config)
+        types = publications(tcp, nfs)[1]
         prom = Prometheus(args.prometheus, nfs=[nf.name for nf in nfs],
-                          types=[t.name for t in types], stacks=args.stacks)
+                          types=[t.name for t in types], stacks=args.stacks, tcp=tcp)
         listeners.append(prom)
         if not args.quiet or args.prometheus == 0:     # a port picked for us: always say it
             print(f"prometheus     http://127.0.0.1:{prom.port}/metrics", file=sys.stderr)

@@ -121,10 +121,31 @@ FRAGMENT_COUNTS = ("held", "held_completed", "held_discarded", "memcap_drops", "
 DATAGRAM_COUNTS = ("completed", "timed_out", "pending_at_end", "no_room", "too_many")
 
 
-def zero_snapshot(nfs=(), types=()):
+# The TCP Monitor's counters served (with tcp=True): key, metric, kind, help.  The
+# memcaps_* are parts of memcaps (segments whose bytes were dropped), not a split of
+# it, so each is a metric of its own.
+TCP_SERIES = (
+    ("connections", "mbx_tcp_connections", "counter", "TCP connections tracked"),
+    ("memcaps", "mbx_tcp_memcaps", "counter",
+     "TCP segments whose bytes were dropped (stream memory, window, pieces, streams)"),
+    ("memcaps_pieces", "mbx_tcp_memcaps_pieces", "counter",
+     "... of them, because their stream held its bound of out-of-order pieces"),
+    ("memcaps_streams", "mbx_tcp_memcaps_streams", "counter",
+     "... of them, because no stream was free"),
+    ("memcaps_window", "mbx_tcp_memcaps_window", "counter",
+     "... of them, because they lay beyond their stream's window"),
+    ("streams_exhausted", "mbx_tcp_streams_exhausted", "counter",
+     "TCP connections that found no stream free"),
+    ("gaps", "mbx_tcp_gaps", "counter", "Holes the TCP Monitor skipped in a stream"),
+    ("pool_chunks_in_use", "mbx_tcp_pool_chunks_in_use", "gauge",
+     "Stream memory chunks holding bytes"),
+)
+
+
+def zero_snapshot(nfs=(), types=(), tcp=False):
     """The counters of a run before its first packet: every one 0, for the NFs and
-    event types named."""
-    return {"packets": 0, "bytes": 0, "sent": 0, "dropped_by_nf": 0,
+    event types named, and the TCP Monitor's served ones with ``tcp``."""
+    zero = {"packets": 0, "bytes": 0, "sent": 0, "dropped_by_nf": 0,
             "dropped_malformed": 0, "dropped_fragments": 0, "dropped_on_error": 0,
             "clock_steps_back": 0,
             "flows": dict.fromkeys(FLOW_COUNTS + ("active",), 0),
@@ -133,6 +154,9 @@ def zero_snapshot(nfs=(), types=()):
             "events": {t: {"published": 0, "delivered": 0} for t in types},
             "nfs": {n: {"events": 0, "c_events": 0, "drops": 0, "handler_ns": 0,
                         "mean_ns": 0.0, "types": {}} for n in nfs}}
+    if tcp:
+        zero["tcp"] = {key: 0 for key, *_ in TCP_SERIES}
+    return zero
 
 
 class Prometheus:
@@ -148,7 +172,8 @@ class Prometheus:
     listed once counted) keeps its series.  A dashboard or an alert never sees a
     series come and go."""
 
-    def __init__(self, port, addr="127.0.0.1", *, nfs=(), types=(), stacks=1):
+    def __init__(self, port, addr="127.0.0.1", *, nfs=(), types=(), stacks=1,
+                 tcp=False):
         try:
             import prometheus_client
             from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -161,6 +186,7 @@ class Prometheus:
         self.nfs = dict.fromkeys(nfs)       # (dicts: ordered sets) the series kept
         self.types = dict.fromkeys(types)
         self.stacks = stacks
+        self.tcp = tcp                      # the run has the TCP Monitor: its series
         self.latest = None
         self.ended = False                  # latest holds the run's final counters
         self.final_scraped = threading.Event()
@@ -224,7 +250,7 @@ class Prometheus:
     def collect(self):
         # One series per stack process (label ``stack``) when there are several; a
         # process not heard from yet has its series at 0.
-        zero = zero_snapshot(self.nfs, self.types)
+        zero = zero_snapshot(self.nfs, self.types, self.tcp)
         ended = self.ended                  # read with latest: the page is of these
         c = self.latest or {}
         if self.stacks > 1 or c.get("per_stack"):
@@ -263,6 +289,9 @@ class Prometheus:
             "clock": family(C, "mbx_clock_steps_back", "Times the capture-time clock "
                             "stepped back to a packet far behind it"),
         }
+        if self.tcp:
+            for key, name, kind, text in TCP_SERIES:
+                fams[key] = family(C if kind == "counter" else G, name, text)
         for at, p in parts:
             at = list(at)
             fams["packets"].add_metric(at, p["packets"])
@@ -286,6 +315,10 @@ class Prometheus:
                     fams["portdrops"].add_metric(at + [side, way],
                                                  port_total(port, f"{way}_dropped"))
             fams["clock"].add_metric(at, p.get("clock_steps_back", 0))
+            if self.tcp:
+                tcp = p.get("tcp") or zero["tcp"]
+                for key, *_ in TCP_SERIES:
+                    fams[key].add_metric(at, tcp.get(key, 0))
             for name, e in dict(zero["events"], **p["events"]).items():
                 fams["pub"].add_metric(at + [name], e["published"])
                 fams["dlv"].add_metric(at + [name], e["delivered"])

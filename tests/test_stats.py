@@ -352,6 +352,45 @@ def test_prometheus_has_the_ports_drops_and_the_clocks_steps():
     assert _metric(text, "mbx_clock_steps_back_total") == 2
 
 
+@pytest.mark.parametrize("stack", ["tcp", "network"])
+def test_prometheus_has_the_tcp_monitors_series_when_it_runs(example_pcap, tmp_path,
+                                                              stack):
+    # Bytes the TCP Monitor dropped (memory, window, out-of-order bound) were in the
+    # summary and --json only: nothing to alert on.
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    pages = []
+
+    def scrape_until_the_end():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(url, timeout=2) as r:
+                pages.append(r.read().decode())
+                if _metric(pages[-1], "mbx_run_ended") == 1:
+                    return
+            time.sleep(0.02)
+
+    scraper = threading.Thread(target=scrape_until_the_end, daemon=True)
+    scraper.start()
+    rc = cli.main(["run", "l2fwd", "--in", "pcap:" + example_pcap, "--stack", stack,
+                   "--prometheus", str(port), "--prometheus-linger", "60", "-q",
+                   "--json", str(tmp_path / "c.json")])
+    scraper.join()
+    assert rc == 0 and pages
+    c = json.loads((tmp_path / "c.json").read_text())
+    if stack == "network":
+        assert not any("mbx_tcp_" in page for page in pages)
+        return
+    for page in pages:          # from the first scrape on
+        assert _metric(page, "mbx_tcp_memcaps_window_total") is not None
+    final = pages[-1]
+    assert _metric(final, "mbx_tcp_connections_total") == c["tcp"]["connections"] > 0
+    assert _metric(final, "mbx_tcp_gaps_total") == c["tcp"]["gaps"]
+    assert _metric(final, "mbx_tcp_memcaps_total") == c["tcp"]["memcaps"]
+    assert _metric(final, "mbx_tcp_pool_chunks_in_use") == c["tcp"]["pool_chunks_in_use"]
+
+
 SCRAPING_NF = """
 import urllib.request
 
