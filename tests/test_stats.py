@@ -237,6 +237,31 @@ def scraping(url):
         t.join()
 
 
+@contextlib.contextmanager
+def scraping_to_the_end(url):
+    """Scrape ``url`` in a thread until a page says ``mbx_run_ended 1`` (60 s at
+    most), for a run with --prometheus-linger; yields the pages, the final one last
+    once the block is done."""
+    pages = []
+
+    def scrape():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(url, timeout=2) as r:
+                pages.append(r.read().decode())
+                if _metric(pages[-1], "mbx_run_ended") == 1:
+                    return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=scrape, daemon=True)
+    t.start()
+    try:
+        yield pages
+    finally:
+        t.join()
+
+
 def test_prometheus_scrape(example_pcap, tmp_path):
     path = tmp_path / "slow.py"
     path.write_text(SLOW_NF)
@@ -276,26 +301,13 @@ def test_prometheus_linger_serves_the_final_counters_until_a_scrape(
     # up until a scrape has read them.
     port = _free_port()
     url = f"http://127.0.0.1:{port}/metrics"
-    final = []
-
-    def scrape_until_the_end():
-        deadline = time.monotonic() + 60
-        while not final and time.monotonic() < deadline:
-            with contextlib.suppress(OSError), \
-                    urllib.request.urlopen(url, timeout=2) as r:
-                text = r.read().decode()
-                if _metric(text, "mbx_run_ended") == 1:
-                    final.append(text)
-            time.sleep(0.02)
-
-    scraper = threading.Thread(target=scrape_until_the_end, daemon=True)
-    scraper.start()
-    t0 = time.monotonic()
-    rc = cli.main(["run", "l2fwd", "--in", "pcap:" + example_pcap, "--prometheus",
-                   str(port), "--prometheus-linger", "60", "--json",
-                   str(tmp_path / "c.json")] + extra)
-    took = time.monotonic() - t0
-    scraper.join()
+    with scraping_to_the_end(url) as pages:
+        t0 = time.monotonic()
+        rc = cli.main(["run", "l2fwd", "--in", "pcap:" + example_pcap, "--prometheus",
+                       str(port), "--prometheus-linger", "60", "--json",
+                       str(tmp_path / "c.json")] + extra)
+        took = time.monotonic() - t0
+    final = [page for page in pages if _metric(page, "mbx_run_ended") == 1]
     assert rc == 0
     assert took < 40        # ended by the scrape, not by the 60 s
     c = json.loads((tmp_path / "c.json").read_text())
@@ -359,24 +371,10 @@ def test_prometheus_has_the_tcp_monitors_series_when_it_runs(example_pcap, tmp_p
     # summary and --json only: nothing to alert on.
     port = _free_port()
     url = f"http://127.0.0.1:{port}/metrics"
-    pages = []
-
-    def scrape_until_the_end():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), \
-                    urllib.request.urlopen(url, timeout=2) as r:
-                pages.append(r.read().decode())
-                if _metric(pages[-1], "mbx_run_ended") == 1:
-                    return
-            time.sleep(0.02)
-
-    scraper = threading.Thread(target=scrape_until_the_end, daemon=True)
-    scraper.start()
-    rc = cli.main(["run", "l2fwd", "--in", "pcap:" + example_pcap, "--stack", stack,
-                   "--prometheus", str(port), "--prometheus-linger", "60", "-q",
-                   "--json", str(tmp_path / "c.json")])
-    scraper.join()
+    with scraping_to_the_end(url) as pages:
+        rc = cli.main(["run", "l2fwd", "--in", "pcap:" + example_pcap, "--stack", stack,
+                       "--prometheus", str(port), "--prometheus-linger", "60", "-q",
+                       "--json", str(tmp_path / "c.json")])
     assert rc == 0 and pages
     c = json.loads((tmp_path / "c.json").read_text())
     if stack == "network":
