@@ -34,7 +34,7 @@ import threading
 
 
 from mbx.errors import (
-    EventTypeError, MbxError, PermissionDenied, SubscriptionError, did_you_mean,
+    EventTypeError, MbxError, PermissionDenied, SubscriptionError, did_you_mean, exc_text,
     user_code_line,
 )
 
@@ -2270,8 +2270,8 @@ cdef class EventBus:
                 self.release(m)
                 raise NFError(
                     f"NF {nf.name}: {getattr(<object>h, '__qualname__', <object>h)} raised "
-                    f"{type(exc).__name__} on a {_types[m.h.type_idx].name} event: {exc}"
-                    f"{user_code_line(exc)}") from exc
+                    f"{type(exc).__name__} on a {_types[m.h.type_idx].name} event"
+                    f"{': ' if str(exc) else ''}{exc}{user_code_line(exc)}") from exc
             except KeyboardInterrupt as exc:
                 # a second stop signal that found the run held in this handler (one
                 # that never returns): the error names it, as a handler's own does
@@ -2344,7 +2344,7 @@ cdef class EventBus:
             raise NFError(
                 f"parallel group {group!r}: merge function {merge_name(fn)} returned "
                 f"{type(verdict).__name__}, which is neither true nor false (a drop "
-                f"verdict is a bool): {type(exc).__name__}: {exc}") from exc
+                f"verdict is a bool): {exc_text(exc)}") from exc
         if drop:
             drop_at(p, stage)
         return 0
@@ -2667,7 +2667,7 @@ cdef class EventBus:
                 raise NFError(
                     f"NF {self.nfs[i].name}: batch handler "
                     f"{getattr(<object>h, '__qualname__', <object>h)} raised "
-                    f"{type(exc).__name__}: {exc}{user_code_line(exc)}") from exc
+                    f"{exc_text(exc)}{user_code_line(exc)}") from exc
             except KeyboardInterrupt as exc:
                 raise held_in(exc, self.nfs[i].name, <object>h,
                               f"batch of {n} {_types[bt - 1].name} events") from exc
@@ -2680,7 +2680,7 @@ cdef class EventBus:
                     raise NFError(
                         f"NF {self.nfs[i].name}: a batch handler returns None or one "
                         f"drop flag per event ({n}), not {type(verdicts).__name__} "
-                        f"({type(exc).__name__}: {exc})") from exc
+                        f"({exc_text(exc)})") from exc
                 if drops.shape != (n,):
                     raise NFError(
                         f"NF {self.nfs[i].name}: a batch handler returns None or one "

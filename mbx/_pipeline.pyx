@@ -112,7 +112,7 @@ import os
 import signal
 
 from mbx import _events
-from mbx.errors import MbxError
+from mbx.errors import MbxError, exc_text
 
 cdef extern from "sys/eventfd.h" nogil:
     int eventfd(unsigned int initval, int flags)
@@ -1513,7 +1513,7 @@ cdef class PipeBus(EventBus):
             mbx_store(&pr.dead, 1)
             self.restart_left[k] = 0
             self.restart_made[k] -= 1
-            self.restart_log[k].append(f"restart failed: {type(exc).__name__}: {exc}")
+            self.restart_log[k].append(f"restart failed: {exc_text(exc)}")
             self.reported.add(k)        # its death is in the log already
             self.logged.add(k)
             return

@@ -44,7 +44,7 @@ import re
 import tomllib
 
 from mbx import _events
-from mbx.errors import AppError, MbxError, raising_line
+from mbx.errors import AppError, MbxError, exc_text, raising_line
 from mbx.pipeline import check_failure_policy
 from mbx.runtime import WHOLE_STACK_OPTIONS, stack_options_problem
 
@@ -425,8 +425,7 @@ def _merge_function(spec, base, where):
             except Exception as exc:
                 at = raising_line(exc, source)
                 at = f", line {at[1]}" if at else ""
-                raise AppError(f"{where}: {source}{at}: {type(exc).__name__}: "
-                               f"{exc}") from None
+                raise AppError(f"{where}: {source}{at}: {exc_text(exc)}") from None
             if attr not in scope:
                 raise AppError(f"{where}: {source} defines no {attr}")
             fn = scope[attr]
@@ -434,11 +433,11 @@ def _merge_function(spec, base, where):
             try:
                 fn = getattr(importlib.import_module(source), attr)
             except (ImportError, AttributeError) as exc:
-                raise AppError(f"{where}: {type(exc).__name__}: {exc}") from None
+                raise AppError(f"{where}: {exc_text(exc)}") from None
     except AppError:
         raise
     except Exception as exc:
-        raise AppError(f"{where}: {type(exc).__name__}: {exc}") from None
+        raise AppError(f"{where}: {exc_text(exc)}") from None
     return fn
 
 

@@ -58,6 +58,13 @@ def user_code_line(exc):
     return f" (at {at[0].rsplit('/', 1)[-1]}, line {at[1]})" if at else ""
 
 
+def exc_text(exc):
+    """``"Type: message"`` of an exception, or ``"Type"`` when it has none (a bare
+    ``raise KeyboardInterrupt``): how every error message quotes another error."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def did_you_mean(name, known):
     """" (did you mean A, B?)" with the names of ``known`` closest to ``name`` (up to
     three), or "" when none is close: how every error about an unknown name suggests

@@ -17,7 +17,7 @@ from mbx import _events
 from mbx._packet import Batch
 from mbx._pipeline import PipeBus, check_inflight, layout
 from mbx._shm import StackMemory
-from mbx.errors import AppError, SubscriptionError, user_code_line
+from mbx.errors import AppError, SubscriptionError, exc_text, user_code_line
 
 
 def backward_link(nfs):
@@ -132,7 +132,7 @@ def _child(bus, k, nf):
         bus.nf_main(k)
     except BaseException as exc:     # noqa: BLE001 (the process ends here either way)
         text = str(exc) if isinstance(exc, _events.NFError) else (
-            f"NF {nf.name}: {type(exc).__name__}: {exc}")
+            f"NF {nf.name}: {exc_text(exc)}")
         if not isinstance(exc, _events.NFError):
             # not a handler's error, whose one line (with the NF's file and line)
             # the stack prints: a traceback helps whoever reports it
@@ -150,7 +150,7 @@ def _child(bus, k, nf):
     try:
         nf.stop()
     except BaseException as exc:     # noqa: BLE001
-        text = (f"NF {nf.name}: stop() raised {type(exc).__name__}: {exc}"
+        text = (f"NF {nf.name}: stop() raised {exc_text(exc)}"
                 f"{user_code_line(exc)}")
         if code:                     # failed already: the stack reports that error
             print(f"mbx: error: {text}", file=sys.stderr)

@@ -33,6 +33,7 @@ from mbx.errors import (
     MbxError,
     PortError,
     did_you_mean,
+    exc_text,
     raising_line,
     user_code_line,
 )
@@ -196,7 +197,7 @@ def _make(factory, options, where):
     except MbxError:
         raise
     except Exception as exc:
-        raise AppError(f"{where}: {type(exc).__name__}: {exc}{user_code_line(exc)}") from exc
+        raise AppError(f"{where}: {exc_text(exc)}{user_code_line(exc)}") from exc
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -266,7 +267,7 @@ def _load_file(path, options):
         except Exception as exc:
             at = raising_line(exc, path)
             at = f", line {at[1]}" if at else ""
-            raise AppError(f"NF file {path}{at}: {type(exc).__name__}: {exc}") from exc
+            raise AppError(f"NF file {path}{at}: {exc_text(exc)}") from exc
         if callable(scope.get("make")):
             # inside the file's loading context: mb_* calls in make() act on the
             # file's own NF, named after it, not on one every such file would share
@@ -356,7 +357,7 @@ def load_app(spec, options=None):
                         user_code_line(exc)
                     raise AppError(f"NF {item}: {exc}{where}") from exc
                 except Exception as exc:
-                    raise AppError(f"NF {item}: {type(exc).__name__}: {exc}"
+                    raise AppError(f"NF {item}: {exc_text(exc)}"
                                    f"{user_code_line(exc)}") from exc
                 try:
                     obj = getattr(module, attr)
@@ -509,8 +510,8 @@ def stop_all(nfs):
                 interrupt = exc
         except BaseException as exc:    # noqa: BLE001 (told to the caller)
             if first is None:
-                first = NFError(f"NF {nf.name}: stop() raised {type(exc).__name__}: "
-                                f"{exc}{user_code_line(exc)}")
+                first = NFError(f"NF {nf.name}: stop() raised {exc_text(exc)}"
+                                f"{user_code_line(exc)}")
                 first.__cause__ = exc
     return interrupt if interrupt is not None else first
 
@@ -617,8 +618,8 @@ class App:
                 except MbxError:
                     raise               # says which NF already
                 except Exception as exc:
-                    raise NFError(f"NF {nf.name}: start() raised {type(exc).__name__}: "
-                                  f"{exc}{user_code_line(exc)}") from exc
+                    raise NFError(f"NF {nf.name}: start() raised {exc_text(exc)}"
+                                  f"{user_code_line(exc)}") from exc
                 started.append(nf)
         except BaseException:
             stop_all(started)           # what they opened is closed again
@@ -722,7 +723,7 @@ def take_report(nf):
         # default, which no JSON reader takes (--json would write invalid JSON)
         text = json.dumps(report, allow_nan=False)
     except BaseException as exc:        # noqa: BLE001 (kept in the counters instead)
-        return {"error": f"NF {nf.name}: report(): {type(exc).__name__}: {exc}"}
+        return {"error": f"NF {nf.name}: report(): {exc_text(exc)}"}
     size = len(text.encode("utf-8"))
     if size > REPORT_MAX:
         return {"error": f"NF {nf.name}: report(): {size:,} bytes as JSON, more than "
@@ -1093,7 +1094,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                 code = 0
             except BaseException as exc:            # report, never return into the parent
                 report = {"error": str(exc) if isinstance(exc, KeyboardInterrupt)
-                          else f"{type(exc).__name__}: {exc}"}
+                          else f"{exc_text(exc)}"}
                 if partial is not None:
                     report["partial"] = partial
                 _write_all(wfd, (json.dumps(report, default=str) + "\n").encode())

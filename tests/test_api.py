@@ -1,6 +1,7 @@
 """The paper's function form (mbx.api) and how a script or a file's NFs are found:
 what runs is what the user wrote, and nothing else runs in its place."""
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -233,3 +234,23 @@ def test_a_port_used_the_wrong_way_is_an_error(tmp_path):
     other.close()
     with pytest.raises(mbx.PortError, match=r"ex\.pcap: closed: it cannot be read"):
         mbx.App([]).run(inp)
+
+
+def test_an_error_without_a_message_is_quoted_without_an_empty_one(example_pcap):
+    # "NF k1: stop() raised KeyboardInterrupt:  (at kbi.py, line 9)": a bare raise
+    # left an empty message after its colon, in every error that quoted another.
+    from mbx.errors import exc_text
+    from mbx.ports import open_input
+
+    assert exc_text(ValueError()) == "ValueError"
+    assert exc_text(ValueError("bad")) == "ValueError: bad"
+    nf = mbx.NF("e")
+
+    def on(ev):
+        raise ValueError()
+
+    nf.sub(mbx.PKT, on)
+    with pytest.raises(mbx.NFError) as err:
+        mbx.App([nf]).run(open_input(f"pcap:{example_pcap}"))
+    assert re.fullmatch(r"NF e: .*on raised ValueError on a PKT event \(at test_api\.py, "
+                        r"line \d+\)", str(err.value)), str(err.value)
