@@ -132,7 +132,8 @@ cdef class TcpMonitor(NetworkLayer):
     cdef readonly uint64_t syn_data_dropped  # SYN data bytes no receiver took
     cdef readonly uint64_t rst_sent
     cdef readonly uint64_t killed_drops
-    cdef readonly uint64_t summary_oom
+    cdef readonly uint64_t summary_oom    # connections left out: no memory for theirs
+    cdef readonly uint64_t summary_held   # streams that ended with bytes behind a hole
 
     cdef void prefetch(self, mbx_pkt *p) noexcept nogil
     cdef void conn_start(self, uint32_t slot, mbx_pkt *p) noexcept nogil

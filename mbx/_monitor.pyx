@@ -270,6 +270,12 @@ cdef class TcpMonitor(NetworkLayer):
                     self.syn_data_dropped += self.held[2 * pair + d].frontier
                     self.meta[slot].mark |= MARK_SYN0 << d
         if self.summarise:
+            # bytes held beyond a hole that was never filled nor proved lost are in
+            # no digest: `mbx flows` says how many streams ended so
+            if pair != NO_PAIR:
+                for d in range(2):
+                    if self.streams[2 * pair + d].live and self.streams[2 * pair + d].n_ooo:
+                        self.summary_held += 1
             self.summary_end(slot, f)
         self.detach_pair(slot)
         self.free_pair(slot)

@@ -22,6 +22,10 @@ examples:
       --set l4lb.vip=198.18.3.1:80 --set l4lb.backends=198.18.2.1:80,198.18.2.2:80
 """
 
+# `mbx flows --strict`: a summary written whole that a warning says is incomplete;
+# apart from 2 (an error) and 130 (interrupted), so a script can tell the three apart
+EXIT_INCOMPLETE = 3
+
 
 def _parse_sets(items):
     options = {}
@@ -925,6 +929,9 @@ def main(argv=None):
                    default=FLOWS_WINDOW,
                    help="MiB a stream holds beyond its next byte: the largest hole it "
                         f"reassembles across ({FLOWS_WINDOW}, at most {FLOWS_WINDOW_MAX})")
+    f.add_argument("--strict", action="store_true",
+                   help=f"exit {EXIT_INCOMPLETE} after any warning (the summary may "
+                        "be incomplete; it is still written)")
     t = sub.add_parser("types", help="list the registered event types")
     t.add_argument("--fields", action="store_true")
     args = p.parse_args(argv)
@@ -987,6 +994,10 @@ def main(argv=None):
                 print(f"mbx flows: warning: {w}", file=sys.stderr)
             if "error" in doc:      # the summary is of what came before it
                 raise MbxError(doc["error"])
+            if warnings and args.strict:
+                # a warning alone leaves the status 0, as everywhere in mbx: a script
+                # that must not take a partial summary for a whole one asks for this
+                return EXIT_INCOMPLETE
         elif args.cmd == "types":
             import mbx
 

@@ -40,7 +40,7 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
                stream_window=STREAM_WINDOW << 20, chunk_size=CHUNK_SIZE, stop=None):
     """The ``mbx-flows/1`` object for ``capture`` and a list of warnings (anything
     that may make the summary incomplete: memory caps, a stream's window, evicted
-    flows).  A capture
+    flows, holes the capture missed).  A capture
     damaged midway gives the connections read before the damage and an ``error``
     key saying what stopped the reading.  ``stop``
     (anything with ``is_set()``) ends a live input: the summary then covers what
@@ -130,6 +130,21 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
         warnings.append(f"{n} segment{'s' if n != 1 else ''} with payload came after "
                         "their connection closed with FINs, both acknowledged; their "
                         "bytes are not in the digests")
+    if tcp["gaps"]:
+        n = tcp["gaps"]
+        warnings.append(f"{n} hole{'s' if n != 1 else ''} the capture missed "
+                        f"({tcp['gap_bytes']:,} bytes) the receiver acknowledged: "
+                        f"skipped, those bytes are in no digest")
+    held = app.stack.summary_held
+    if held:
+        warnings.append(f"{held} stream{'s' if held != 1 else ''} ended with bytes "
+                        "behind a hole never filled nor acknowledged (the capture "
+                        "missed a segment, or ended before its retransmission): those "
+                        "bytes are in no digest")
+    oom = app.stack.summary_oom
+    if oom:
+        warnings.append(f"{oom} connection{'s' if oom != 1 else ''} left out of the "
+                        "summary: no memory for their records")
     if counters["flows"]["evicted"] or counters["flows"]["refused"]:
         warnings.append(f"flow table full ({counters['flows']['evicted']} evicted, "
                         f"{counters['flows']['refused']} refused): raise --flows")

@@ -6,6 +6,7 @@ client is the sender of the first pure SYN).
 """
 import hashlib
 import ipaddress
+import json
 import struct
 import subprocess
 import sys
@@ -1204,7 +1205,11 @@ def test_flows_names_the_piece_bound_not_memory(tmp_path):
     assert rec["c2s_len"] == (2 * MAX_OOO_PIECES + 1) * seg
     assert warnings == [f"{lost} segments lost bytes: their stream held {MAX_OOO_PIECES} "
                         "out-of-order pieces already (the bound on a stream's holes; heavy "
-                        "loss or reordering); their connections' digests are incomplete"]
+                        "loss or reordering); their connections' digests are incomplete",
+                        # the pieces held past the lost one are never delivered
+                        "1 stream ended with bytes behind a hole never filled nor "
+                        "acknowledged (the capture missed a segment, or ended before its "
+                        "retransmission): those bytes are in no digest"]
     assert doc["warnings"] == warnings          # in the JSON too, for scripts
 
 
@@ -1242,21 +1247,64 @@ def test_flows_names_the_stream_window_not_memory(tmp_path):
     assert rec["c2s_len"] == 100
     assert warnings == ["1 segments lost bytes: they lay more than the stream window "
                         "(64 MiB) beyond their stream's next byte (a hole that large): "
-                        "raise --stream-window; their connections' digests are incomplete"]
+                        "raise --stream-window; their connections' digests are incomplete",
+                        # the receiver's ACK then proves them lost, with the hole
+                        f"1 hole the capture missed ({(80 << 20) + 100:,} bytes) the "
+                        "receiver acknowledged: skipped, those bytes are in no digest"]
     # the largest --stream-window is one the stack takes, and the next is not
     doc, warnings = flows_json(path, stream_window=STREAM_WINDOW_MAX << 20)
     (rec,) = doc["connections"].values()
-    assert warnings == [] and (rec["c2s_len"], rec["c2s_sha256"]) == (
-        200, _sha(b"a" * 100 + b"b" * 100))
+    assert (rec["c2s_len"], rec["c2s_sha256"]) == (200, _sha(b"a" * 100 + b"b" * 100))
+    assert warnings == [f"1 hole the capture missed ({80 << 20:,} bytes) the receiver "
+                        "acknowledged: skipped, those bytes are in no digest"]
     with pytest.raises(MbxError, match="stream_window must be at most 65,535 chunks"):
         flows_json(path, stream_window=(STREAM_WINDOW_MAX + 1) << 20)
     # a pool of one chunk, held by the first bytes: memory, not the window, says so
     doc, warnings = flows_json(path, stream_memory=2048, stream_window=100 << 20)
-    assert len(warnings) == 1 and "raise --stream-memory" in warnings[0]
+    assert "raise --stream-memory" in warnings[0]
+    assert not any("--stream-window" in w for w in warnings)
 
 
 def _sha(b):
     return hashlib.sha256(b).hexdigest()
+
+
+def test_flows_strict_exits_3_on_a_summary_it_knows_is_incomplete(tmp_path, capsys):
+    """A hole the receiver acknowledged (skipped) and one never filled when the
+    capture ends (the bytes behind it held, never delivered) leave bytes out of the
+    digests: `mbx flows` used to say nothing of either and exit 0, so a script could
+    not tell such a summary from a whole one.  Each is a warning now, and --strict
+    makes any warning exit 3, the summary still written."""
+    from mbx.cli import EXIT_INCOMPLETE, main
+
+    skipped = _hole_past_the_window(tmp_path, 100)
+    conn = Conn()
+    c0 = conn.handshake()
+    conn.c(c0, 1, PSH | ACK, b"a" * 10)
+    conn.c(c0 + 20, 1, PSH | ACK, b"c" * 10)    # bytes 10-19 never come
+    held = str(tmp_path / "held.pcap")
+    write_pcap(held, conn.frames)
+    doc, warnings = flows_json(held)
+    (rec,) = doc["connections"].values()
+    assert rec["c2s_len"] == 10
+    assert warnings == ["1 stream ended with bytes behind a hole never filled nor "
+                        "acknowledged (the capture missed a segment, or ended before its "
+                        "retransmission): those bytes are in no digest"]
+    whole = str(tmp_path / "whole.pcap")
+    write_pcap(whole, Conn().exchange(b"abc", b"def"))
+    for path, warned in ((skipped, "1 hole the capture missed"),
+                         (held, "1 stream ended with bytes behind a hole"),
+                         (whole, None)):
+        out = str(tmp_path / "out.json")
+        assert main(["flows", path, "--json", "-o", out]) == 0
+        status = main(["flows", path, "--json", "-o", out, "--strict"])
+        err = capsys.readouterr().err
+        assert status == (EXIT_INCOMPLETE if warned else 0) and EXIT_INCOMPLETE == 3
+        assert (warned or "no warning") in (err if warned else "no warning")
+        with open(out) as f:
+            assert len(json.load(f)["connections"]) == 1      # written all the same
+        if not warned:
+            assert err == ""
 
 
 def test_flows_keys_and_records(tmp_path):
@@ -1969,7 +2017,11 @@ def test_rounds_of_holes_in_one_burst_lose_nothing(run, burst, tmp_path):
     write_pcap(path, conn.frames)
     doc, warnings = flows_json(path)
     (summary,) = doc["connections"].values()
-    assert summary["s2c_len"] == len(want) * 10 and not warnings
+    assert summary["s2c_len"] == len(want) * 10
+    # the holes are the capture's, and said so: the only warning
+    assert warnings == [f"{tcp['gaps']} holes the capture missed ({tcp['gap_bytes']:,} "
+                        "bytes) the receiver acknowledged: skipped, those bytes are in no "
+                        "digest"]
 
 
 @pytest.mark.parametrize("fin_with_hole", [True, False])
