@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mbxtest import fragmented_flows
 
 import mbx
-from mbx._events import EventBus
+from mbx._events import EventBus, _live_buses
 from mbx._packet import Batch
 from mbx._parse import parse
 from mbx._pcap import PcapReader
@@ -319,6 +319,7 @@ def test_flow_table_takes_the_hash_the_reader_found(tmp_path):
         frames.append(ether((udp4 if 53 in (sp, dp) else tcp4)(src, dst, sp, dp, b"x")))
     path = str(tmp_path / "flows.pcap")
     write(path, frames)
+    live = _live_buses[0]
 
     def ended(k, n, port=None, batch=None):
         got = []
@@ -326,14 +327,21 @@ def test_flow_table_takes_the_hash_the_reader_found(tmp_path):
         # (timestamps apart: appended frames carry none)
         nf.sub(mbx.FLOW_END, lambda ev: got.append(
             {k: v for k, v in ev.fields().items() if not k.endswith("_ns")}))
-        stack = NetworkLayer(EventBus([nf], msg_capacity=4096), flow_capacity=32,
-                             rss=(k, n))
-        if port is not None:
-            stack.run(port)
-        else:
-            stack.process(batch)
-            stack.shutdown()
-        assert stack.counters()["flows"]["evicted"] > 0
+        # closed here: the NF and the bus point at each other, so a bus left open
+        # lives until a garbage collection and, until then, refuses new event types
+        # to every later test (a bus is running)
+        bus = EventBus([nf], msg_capacity=4096)
+        try:
+            stack = NetworkLayer(bus, flow_capacity=32, rss=(k, n))
+            if port is not None:
+                stack.run(port)
+            else:
+                stack.process(batch)
+                stack.shutdown()
+            assert stack.counters()["flows"]["evicted"] > 0
+        finally:
+            bus.close()
+        assert nf._bus is None
         return got
 
     for k in range(2):
@@ -354,6 +362,7 @@ def test_flow_table_takes_the_hash_the_reader_found(tmp_path):
             assert plain.append(f)
         assert plain.rss_hash(0) is None
         assert with_walk == ended(0, 1, batch=plain) and len(with_walk) > 32
+    assert _live_buses[0] == live           # no bus left running behind the test
 
 
 def test_rss_reader_delivers_its_frames_before_the_damage_then_fails(tmp_path):
