@@ -29,6 +29,7 @@ from mbx._pipeline import check_inflight
 from mbx._stack import MALFORMED_ACTIONS, NetworkLayer
 from mbx.errors import (
     AppError,
+    CaptureFormatError,
     EventTypeError,
     MbxError,
     PortError,
@@ -965,6 +966,7 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
     config["flow_capacity"] = stack_share(config.get("flow_capacity", FLOW_CAPACITY),
                                           stacks)
     afpacket = in_spec.lower().startswith("afpacket:")
+    every_stack_reads_all = read_by_every_stack(in_spec)
     if afpacket and re.search(r"[?&]fanout=", in_spec):
         raise AppError(f"{in_spec}: --stacks makes the fanout groups its processes share "
                        "(new ones, of ids the kernel picks): drop fanout= from the spec")
@@ -1095,6 +1097,10 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
             except BaseException as exc:            # report, never return into the parent
                 report = {"error": str(exc) if isinstance(exc, KeyboardInterrupt)
                           else f"{exc_text(exc)}"}
+                if isinstance(exc, CaptureFormatError) and every_stack_reads_all:
+                    # every stack reads the whole capture and meets the damage at the
+                    # same record: the others read up to it too (see the parent)
+                    report["damaged_input"] = True
                 if partial is not None:
                     report["partial"] = partial
                 _write_all(wfd, (json.dumps(report, default=str) + "\n").encode())
@@ -1201,10 +1207,15 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
                         reading.discard(key.fd)
                         if released == k + 1:   # it failed before it opened its ports
                             release_next()
-                        if last[k] is None or "error" in last[k] or unasked[k]:
+                        if last[k] is None or unasked[k] or (
+                                "error" in last[k] and not last[k].get("damaged_input")):
                             # it died, failed or was stopped by another program: its
                             # share of the flows has no stack any more, so the run
-                            # ends now, not at the input's end
+                            # ends now, not at the input's end.  Not for a damaged
+                            # capture: each stack stops at the same record, and
+                            # stopping the others at once would leave their shares
+                            # cut wherever they happened to be (a run's totals would
+                            # then depend on timing; one stack's may be nothing)
                             stop_children()
                         continue
                     *lines, buffers[k] = (buffers[k] + data).split(b"\n")
@@ -1293,13 +1304,13 @@ def run_parallel(make_nfs, in_spec, out_spec=None, *, stacks=2, burst=64,
         # what the stacks did until then, for the failed run's summary and --json;
         # every stack lost (killed while held), none: that is nothing counted, said
         # with the error as a run that did something is
-        exc.counters = (merge_snapshots(parts + partials, read_by_every_stack(in_spec))
+        exc.counters = (merge_snapshots(parts + partials, every_stack_reads_all)
                         if parts or partials else _zero_counters(config))
         # the table of every stack, the lost ones' too, as a run that ends well has
         exc.counters["flows"]["capacity"] = config["flow_capacity"] * stacks
         exc.counters["stopped"] = stopped
         exc.per_stack = reported        # stack -> counters, of those that reported
         raise exc
-    merged = merge_snapshots(parts, read_by_every_stack(in_spec))
+    merged = merge_snapshots(parts, every_stack_reads_all)
     merged["stopped"] = stopped
     return merged, parts
