@@ -37,13 +37,16 @@ cdef enum DefragResult:
     DEFRAG_HELD = 1     # fragment kept; p.verdict = VERDICT_HELD, no further processing
     DEFRAG_DONE = 2     # p now holds the whole datagram (in the batch arena), re-parsed
     DEFRAG_DROP = 3     # fragment refused (p.status says why); p.verdict = VERDICT_DROP
+    DEFRAG_NO_ROOM = 4  # p holds the whole datagram, re-parsed, but outside the batch
+    #                     (its arena was full): it cannot go out.  The caller drops it
+    #                     with drop_no_room, or leaves it to the stack owning its flow
 # NONE is also returned for a fragment that was captured short (PKT_F_TRUNCATED):
 # it can never be rebuilt, so it goes on as it is.  DROP with PARSE_BAD_FRAG takes
 # the whole pending datagram with it (overlap with different bytes, a piece past the
 # known end, a non-last piece not a multiple of 8, a datagram over 65535 bytes, more
 # than FRAG_MAX_PIECES pieces);
-# DROP with PARSE_FRAG_MEMCAP means the byte budget, the datagram slots or the batch
-# arena ran out (the pending datagram is dropped too: it could never complete).
+# DROP with PARSE_FRAG_MEMCAP means the byte budget or the datagram slots ran out
+# (the pending datagram is dropped too: it could never complete).
 
 # One held fragment: its bytes follow the struct in the same allocation, so a
 # fragment costs one malloc and is charged to the budget in one piece.
@@ -88,8 +91,8 @@ cdef class FragTable:
     #                                         ended (end_all), before their timeout
     cdef readonly uint64_t memcap_drops     # fragments refused for lack of memory
     cdef readonly uint64_t bad              # fragments refused as malformed/overlapping
-    cdef readonly uint64_t no_room          # datagrams complete but with no room in their
-    #                                         burst's arena to be rebuilt (dropped)
+    cdef readonly uint64_t no_room          # datagrams rebuilt but with no room in their
+    #                                         burst's arena to go out (drop_no_room)
     cdef readonly uint64_t too_many         # datagrams dropped at a fragment past
     #                                         FRAG_MAX_PIECES
     cdef readonly size_t max_bytes          # budget for held fragment bytes + bookkeeping
@@ -104,10 +107,12 @@ cdef class FragTable:
     cdef uint32_t seed
     cdef Batch _scratch                     # push() only: the Python test/tool path
     cdef bint counting                      # the fragment in hand counts here (defrag)
+    cdef uint8_t *spill                     # a datagram rebuilt where its burst had no room
 
     # counted=False: reassemble the fragment but leave it out of the counters (a
     # parallel stack that rebuilds every datagram, but counts only the fragments
-    # whose addresses pick it; the datagram's counters follow its first fragment).
+    # whose addresses pick it; the datagram's counters follow its first fragment,
+    # but for no_room: the stack that drops the datagram counts it, drop_no_room).
     cdef int defrag(self, Batch batch, mbx_pkt *p, bint counted=*) noexcept nogil
     # Abandons datagrams idle for longer than the timeout; returns how many.
     cdef int expire(self, int64_t now_ns) noexcept nogil
@@ -118,4 +123,6 @@ cdef class FragTable:
     cdef void _release(self, uint32_t slot) noexcept nogil
     cdef int _refuse(self, mbx_pkt *p, uint32_t slot, int status) noexcept nogil
     cdef int _rebuild(self, Batch batch, mbx_pkt *p, uint32_t slot) noexcept nogil
+    # Drops the datagram of a DEFRAG_NO_ROOM (counted: no_room); returns DEFRAG_DROP.
+    cdef int drop_no_room(self, mbx_pkt *p) noexcept nogil
     cdef void _free_all(self) noexcept nogil

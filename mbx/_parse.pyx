@@ -92,6 +92,9 @@ cdef enum:
     IPPROTO_SCTP = 132
     IP_MAXPACKET = 65535
     NO_SLOT = 0xFFFFFFFF
+    # FragTable.spill: the most _rebuild writes (its datagram's length bound, behind
+    # the longest L2 header the parser walks)
+    SPILL_SIZE = ETH_HLEN + 4 * VLAN_TAGS_WALKED + 40 + IP_MAXPACKET
 
 
 # Big-endian loads and stores, one byte at a time: frames are not aligned, and the
@@ -637,7 +640,9 @@ cdef class FragTable:
         self.bucket_mask = nb - 1
         self.dgrams = <frag_dgram *>malloc(max_datagrams * sizeof(frag_dgram))
         self.buckets = <uint32_t *>malloc(nb * sizeof(uint32_t))
-        if self.dgrams == NULL or self.buckets == NULL:
+        # fixed at start, as the rest of the table: a run short of memory fails here
+        self.spill = <uint8_t *>malloc(SPILL_SIZE)
+        if self.dgrams == NULL or self.buckets == NULL or self.spill == NULL:
             raise MemoryError("cannot allocate a fragment table")
         memset(self.dgrams, 0, max_datagrams * sizeof(frag_dgram))
         for i in range(nb):
@@ -653,8 +658,10 @@ cdef class FragTable:
         self._free_all()
         free(self.dgrams)
         free(self.buckets)
+        free(self.spill)
         self.dgrams = NULL
         self.buckets = NULL
+        self.spill = NULL
 
     cdef void _free_all(self) noexcept nogil:
         cdef uint32_t s
@@ -942,16 +949,26 @@ cdef class FragTable:
         cdef uint8_t kind
         cdef frag_piece *q
         cdef uint8_t *out
+        cdef bint spilled
         # The first fragment's headers may be longer than the others' (IPv4 options,
         # IPv6 extension headers): the whole must still fit the length field.
         if total - l3 - (40 if v6 else 0) > IP_MAXPACKET:
             return self._refuse(p, slot, PARSE_BAD_FRAG)
         out = batch.reserve(total)
-        if out == NULL:
-            # not the fragment budget: the burst's arena (see Batch.rebuild_room)
-            self.no_room += g.counted
-            self.counting = False
-            return self._refuse(p, slot, PARSE_FRAG_MEMCAP)
+        spilled = out == NULL
+        if spilled:
+            # No room left in the burst's arena (see Batch.rebuild_room) to carry it
+            # out.  Rebuilt aside all the same, and re-parsed: parallel stacks each
+            # rebuild every datagram in bursts of their own, so whether a burst had
+            # room differs between them, and only the stack that owns the datagram's
+            # flow (known from the rebuilt datagram alone) may decide that it is
+            # dropped, and count it; the others leave it to that one, as they leave
+            # it a datagram that found room.
+            if total > SPILL_SIZE:
+                self.no_room += g.counted       # (cannot be: _rebuild's own bound)
+                self.counting = False
+                return self._refuse(p, slot, PARSE_FRAG_MEMCAP)
+            out = self.spill
         memcpy(out, g.head, hdr)
         if v6:
             # The head ends with the fragment header (hdr is its offset).  Walk the
@@ -1000,7 +1017,16 @@ cdef class FragTable:
         # identification, which the rebuilt datagram no longer carries.
         p.frag_size = <uint16_t>min(piece_max, 0xFFF8)
         p.frag_id = ident
-        return DEFRAG_DONE
+        return DEFRAG_NO_ROOM if spilled else DEFRAG_DONE
+
+    cdef int drop_no_room(self, mbx_pkt *p) noexcept nogil:
+        # Its fragments went into it (held_completed, completed): it is the datagram
+        # that is dropped, for want of room in the burst, not the fragments.
+        self.no_room += 1
+        p.status = PARSE_FRAG_MEMCAP
+        p.verdict = VERDICT_DROP
+        p.flags |= PKT_F_STACK_DROP
+        return DEFRAG_DROP
 
     def sweep(self, int64_t now_ns):
         """Give up datagrams older than the timeout at ``now_ns``; how many."""
@@ -1035,6 +1061,8 @@ cdef class FragTable:
         with nogil:
             parse_packet(p)
             r = self.defrag(b, p)
+            if r == DEFRAG_NO_ROOM:
+                r = self.drop_no_room(p)        # (room for one is kept, above)
         if r == DEFRAG_DONE:
             if mtu:
                 return "done", _sent_as(p, mtu)

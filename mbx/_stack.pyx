@@ -25,7 +25,9 @@ from mbx._packet cimport (
     PKT_F_RSS_HASH, PKT_F_STACK_DROP, PORT_EOF, PORT_ERROR, VERDICT_DROP, VERDICT_HELD,
     VERDICT_PASS, Batch, Port, clock_take, mbx_pkt,
 )
-from mbx._parse cimport DEFRAG_DONE, DEFRAG_DROP, DEFRAG_HELD, FragTable, parse_packet
+from mbx._parse cimport (
+    DEFRAG_DONE, DEFRAG_DROP, DEFRAG_HELD, DEFRAG_NO_ROOM, FragTable, parse_packet,
+)
 from mbx._rss cimport (
     RSS_FLOW, RSS_FRAGMENT, RSS_PARSE, rss_hash_of_frame, rss_share_of, rss_stack_of_frame,
     rss_stack_of_parsed,
@@ -273,6 +275,19 @@ cdef class NetworkLayer:
                         if p.status != st:
                             self.status_count[p.status] += counted
                         self.frag_dropped += counted
+                        continue
+                    if r == DEFRAG_NO_ROOM:
+                        # rebuilt, but with no room in this burst to go out: dropped
+                        # and counted by the stack that owns its flow, whoever counted
+                        # the fragment (the one its addresses pick), as it would have
+                        # sent it; the others leave it to that one (defrag's _rebuild)
+                        if (self.rss_n > 1 and rss_stack_of_parsed(p, self.rss_n)
+                                != <int>self.rss_k):
+                            p.verdict = VERDICT_HELD
+                            continue
+                        self.frags.drop_no_room(p)
+                        self.status_count[p.status] += 1
+                        self.frag_dropped += 1
                         continue
                     st = p.status
                     if self.rss_n > 1 and (
