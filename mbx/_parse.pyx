@@ -835,6 +835,13 @@ cdef class FragTable:
             return DEFRAG_NONE
         self.counting = counted
         slot = self._lookup(p, False)
+        if slot != NO_SLOT and p.ts_ns - self.dgrams[slot].first_ns > self.timeout_ns:
+            # Its datagram's time ran out before this fragment came: timed out, what
+            # the stack's sweep would have said of it, whatever this fragment is (a
+            # bad one must not take the blame for a datagram already given up).
+            self.timed_out += self.dgrams[slot].counted
+            self._release(slot)
+            slot = NO_SLOT
         if p.status != PARSE_OK:
             return self._refuse(p, slot, p.status)
         if p.flags & PKT_F_TRUNCATED:
@@ -850,10 +857,6 @@ cdef class FragTable:
         # RFC 791/8200: every fragment but the last carries a multiple of 8 bytes.
         if (p.frag_more and (length == 0 or length & 7)) or hdr + e > IP_MAXPACKET:
             return self._refuse(p, slot, PARSE_BAD_FRAG)
-        if slot != NO_SLOT and p.ts_ns - self.dgrams[slot].first_ns > self.timeout_ns:
-            self.timed_out += self.dgrams[slot].counted
-            self._release(slot)
-            slot = NO_SLOT
         if slot == NO_SLOT:
             slot = self._lookup(p, True)
             if slot == NO_SLOT:
