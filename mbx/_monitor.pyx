@@ -32,8 +32,8 @@ from mbx._events cimport (
 )
 from mbx._flow cimport END_CLOSED, FLOW_ACTIVE, flow_count, flow_endpoints, mbx_flow
 from mbx._packet cimport (
-    NO_FLOW, OFFLOAD_CSUM_PARTIAL, PARSE_BAD_TCP_OPT, PARSE_OK, PKT_F_TRUNCATED, TH_ACK,
-    TH_FIN, TH_RST, TH_SYN, VERDICT_DROP,
+    NO_FLOW, OFFLOAD_CSUM_PARTIAL, PARSE_BAD_TCP_OPT, PARSE_OK, PARSE_TRUNC_L4,
+    PKT_F_TRUNCATED, TCPOPT_F_CUT, TH_ACK, TH_FIN, TH_RST, TH_SYN, VERDICT_DROP,
     Batch, Port, mbx_pkt,
 )
 from mbx._shm cimport stack_arena, stack_calloc, stack_free
@@ -413,7 +413,10 @@ cdef class TcpMonitor(NetworkLayer):
     cdef bint transport(self, Batch batch, mbx_pkt *p) noexcept nogil:
         if p.l4_proto != 6:
             return False
-        if p.status != PARSE_OK and p.status != PARSE_BAD_TCP_OPT:
+        # TRUNC_L4 with its options cut by a snaplen: the fixed header is whole, and
+        # the segment is tracked as one whose payload was cut (PKT_F_TRUNCATED)
+        if p.status != PARSE_OK and p.status != PARSE_BAD_TCP_OPT and not (
+                p.status == PARSE_TRUNC_L4 and p.tcp_opts & TCPOPT_F_CUT):
             self.tcp_unparsed += 1          # no usable TCP header: PKT only
             return False
         cdef uint32_t slot = p.flow

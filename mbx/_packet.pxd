@@ -84,6 +84,9 @@ cdef enum TcpOptFlags:
     TCPOPT_F_SACK_OK = 4
     TCPOPT_F_SACK = 8
     TCPOPT_F_TS = 16
+    TCPOPT_F_CUT = 32       # the capture's snaplen cut the options (the fixed 20-byte
+    #                         header was captured): the others above are unknown, not
+    #                         absent (status TRUNC_L4, flags TRUNCATED)
 
 # An address of either family: IPv4 in b[0:4], the rest zero.
 ctypedef struct mbx_addr:

@@ -20,7 +20,8 @@ def parse(frame: Buffer, wirelen: int | None = None) -> dict[str, Any]:
     ttl, ip_len, src, dst (str or None), frag_off, frag_more, frag_id, l4_off,
     payload_off, payload_len, payload (bytes), sport, dport, tcp_flags, seq, ack, win,
     tcp_opts, mss, wscale (None when absent), sack_ok, sack (list of (left, right)),
-    ts ((tsval, tsecr) or None), tsval, tsecr, icmp_type, icmp_code, flags,
+    ts ((tsval, tsecr) or None), tsval, tsecr, opts_cut (the snaplen cut the TCP
+    options: those above unknown), icmp_type, icmp_code, flags,
     flag_names.
     """
 

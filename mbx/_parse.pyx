@@ -44,6 +44,7 @@ from mbx._packet cimport (
     PKT_F_RSS_HASH,
     PKT_F_STACK_DROP,
     PKT_F_TRUNCATED,
+    TCPOPT_F_CUT,
     TCPOPT_F_MSS,
     TCPOPT_F_SACK,
     TCPOPT_F_SACK_OK,
@@ -197,6 +198,16 @@ cdef inline int _parse_l4(mbx_pkt *p, const uint8_t *d, uint32_t cur, uint32_t e
         if doff < 20 or cur + doff > decl:
             return _done(p, PARSE_BAD_TCP_OFF)
         if cur + doff > end:
+            # The snaplen cut the options, the fixed header read above is whole: the
+            # segment is tracked on it as tshark decodes it (a SYN dropped here took
+            # its connection's handshake and direction with it).  The options are
+            # unknown, not absent (TCPOPT_F_CUT), and no payload was captured, so
+            # the payload starts at the captured end, empty.  It stays TRUNC_L4 for
+            # the parse counters: its header is cut, whatever the stack makes of it.
+            p.tcp_opts = TCPOPT_F_CUT
+            p.flags |= PKT_F_TRUNCATED
+            p.payload_off = end
+            p.payload_len = 0
             return _done(p, PARSE_TRUNC_L4)
         p.payload_off = cur + doff
         p.payload_len = end - p.payload_off
@@ -516,6 +527,7 @@ cdef dict _fields(mbx_pkt *p):
         "sack_ok": bool(p.tcp_opts & TCPOPT_F_SACK_OK),
         "sack": [(p.sack[2 * i], p.sack[2 * i + 1]) for i in range(p.nsack)],
         "ts": (p.tsval, p.tsecr) if p.tcp_opts & TCPOPT_F_TS else None,
+        "opts_cut": bool(p.tcp_opts & TCPOPT_F_CUT),
         "tsval": p.tsval,
         "tsecr": p.tsecr,
         "icmp_type": p.icmp_type,

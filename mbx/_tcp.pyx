@@ -19,6 +19,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 from mbx._packet cimport (
+    TCPOPT_F_CUT,
     TCPOPT_F_MSS,
     TCPOPT_F_SACK_OK,
     TCPOPT_F_TS,
@@ -141,6 +142,14 @@ cdef inline void _negotiate(tcp_conn *c) noexcept nogil:
         return
     if not (c.ep[0].flags & (EP_SYN | EP_SYNACK)) or not (c.ep[1].flags & (EP_SYN | EP_SYNACK)):
         return
+    if (c.ep[0].opts | c.ep[1].opts) & TCPOPT_F_CUT:
+        # A SYN whose options the capture's snaplen cut: whether it offered a window
+        # scale is unknown, so nothing is decided and later windows stay raw, each
+        # bounded as up to 2^14 times its field (as midstream).  Deciding "no
+        # scaling" instead would read a scaled window as tiny and refuse the
+        # segments the receiver took as OUT_OF_WINDOW; an unknown SACK or
+        # timestamp option decides nothing the monitor needs.
+        return
     both = c.ep[0].opts & c.ep[1].opts
     c.flags |= CONN_OPTS_KNOWN
     if both & TCPOPT_F_WSCALE:
@@ -152,7 +161,8 @@ cdef inline void _negotiate(tcp_conn *c) noexcept nogil:
 
 
 cdef inline void _syn_options(tcp_endpoint *s, const mbx_pkt *p) noexcept nogil:
-    s.opts = p.tcp_opts & (TCPOPT_F_MSS | TCPOPT_F_WSCALE | TCPOPT_F_SACK_OK | TCPOPT_F_TS)
+    s.opts = p.tcp_opts & (TCPOPT_F_MSS | TCPOPT_F_WSCALE | TCPOPT_F_SACK_OK | TCPOPT_F_TS
+                           | TCPOPT_F_CUT)
     s.mss = p.mss if p.tcp_opts & TCPOPT_F_MSS else 0
     s.wscale = 0
     if p.tcp_opts & TCPOPT_F_WSCALE:
@@ -613,6 +623,8 @@ cdef int _fill_from_fields(mbx_pkt *p, fields) except -1:
     if fields.get("ts") is not None:
         opts |= TCPOPT_F_TS
         p.tsval, p.tsecr = fields["ts"]
+    if fields.get("opts_cut"):
+        opts |= TCPOPT_F_CUT
     p.tcp_opts = opts
     p.l4_proto = 6
     return 0
@@ -624,7 +636,7 @@ cdef class TcpConn:
     ``update(segment, dir)`` takes an Ethernet frame (bytes-like, parsed by the
     project's parser) or a mapping of TCP fields (``seq``, ``ack``, ``tcp_flags`` or
     ``flags`` as an int or a string such as ``"SA"``, ``win``, ``payload_len`` or
-    ``payload``, ``mss``, ``wscale``, ``sack_ok``, ``ts``; ``mbx._parse.parse``
+    ``payload``, ``mss``, ``wscale``, ``sack_ok``, ``ts``, ``opts_cut``; ``mbx._parse.parse``
     output works) and returns the names of the bits the two steps returned.
     """
     cdef tcp_conn c
@@ -732,6 +744,7 @@ cdef class TcpConn:
             "mss": e.mss if e.opts & TCPOPT_F_MSS else None,
             "sack_ok": bool(e.opts & TCPOPT_F_SACK_OK),
             "ts": bool(e.opts & TCPOPT_F_TS),
+            "opts_cut": bool(e.opts & TCPOPT_F_CUT),
             "fin_seq": e.fin_seq if e.flags & EP_FIN else None,
             "fin_acked": bool(e.flags & EP_FIN_ACKED),
             "syn": bool(e.flags & EP_SYN),

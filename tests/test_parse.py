@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from mbxtest import fragment4, fragment6, ip_checksum
 
 from mbx._parse import MAX_FRAGMENTS, FragTable, parse, parse_many, status_names
+from mbx._stack import rss_owners
 
 STATUSES = status_names()
 MAC_A = b"\x02\x00\x00\x00\x00\x01"
@@ -546,6 +547,32 @@ def test_a_transport_header_cut_short_keeps_the_ports_it_has():
     f = parse(v6[:58], wirelen=len(v6))
     assert f["status"] == "trunc_l4" and (f["sport"], f["dport"]) == (40001, 80)
 
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_tcp_options_cut_by_a_snaplen_keep_the_fixed_header(v6):
+    """A snaplen inside the TCP options: still trunc_l4 (the parse counters count a
+    cut header), but the fixed header is read whole, as tshark reads it: ports,
+    seq, ack, flags and window real, the options unknown (none believed), no
+    payload captured, the datagram marked truncated.  The software-RSS walk and
+    the flow table agree on its flow (both key on the ports)."""
+    opts = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + b"\x00" * 8 + b"\x01\x03\x03\x07"
+    seg = tcp(40001, 80, seq=77, ack=0, flags=0x02, win=64240, opts=opts, data=b"d" * 30)
+    frame = eth(ip6(6, seg), 0x86DD) if v6 else eth(ip4(6, seg))
+    hdr = 14 + (40 if v6 else 20) + 20
+    for n in (hdr, hdr + 6, hdr + len(opts) - 1):
+        f = parse(frame[:n], wirelen=len(frame))
+        assert f["status"] == "trunc_l4" and "truncated" in f["flag_names"]
+        assert (f["sport"], f["dport"], f["seq"], f["ack"], f["tcp_flags"], f["win"]) == (
+            40001, 80, 77, 0, 0x02, 64240)
+        assert f["opts_cut"] and (f["mss"], f["wscale"], f["ts"], f["sack_ok"]) == (
+            None, None, None, False)
+        assert (f["payload_off"], f["payload_len"], f["payload"]) == (n, 0, b"")
+        for k in (2, 4):
+            walk, parsed, handed, table = rss_owners(frame[:n], k, wirelen=len(frame))
+            assert walk in (-1, parsed) and handed in (None, table) and table is not None
+    whole = parse(frame[:hdr + len(opts)], wirelen=len(frame))
+    assert whole["status"] == "ok" and not whole["opts_cut"] and whole["mss"] == 1460
 
 def test_bad_tcp_off():
     seg = bytearray(tcp(data=b"abc"))

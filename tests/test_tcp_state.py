@@ -15,6 +15,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from mbx._parse import parse
 from mbx._tcp import (
     BITS,
     CONN_SIZE,
@@ -309,6 +310,26 @@ def test_window_scaling():
     handshake(c, cli, srv, cwin=100, copts={"wscale": 7}, sopts={})
     assert c.options["wscale"] is False and c.endpoint(0)["win"] == 100
 
+
+
+def test_a_syn_whose_options_the_snaplen_cut_decides_no_options():
+    """A SYN cut by a snaplen inside its options is tracked on its fixed header, but
+    what it offered is unknown: taken as "no window scale", the server's scaled
+    windows read as tiny and the data the client took came OUT_OF_WINDOW.  Nothing
+    is decided, and windows stay raw, as midstream."""
+    cli, srv = pair()
+    c = TcpConn()
+    syn = cli.frame(SYN, 1000, opts=syn_opts(wscale=7, sack_ok=True))
+    f = parse(syn[:14 + 20 + 22], wirelen=len(syn))
+    assert (f["status"], f["opts_cut"], f["wscale"], f["seq"]) == ("trunc_l4", True, None,
+                                                                     1000)
+    c.update(f, 0)
+    c.update(srv.frame(SYN | ACK, 5000, 1001, opts=syn_opts(wscale=7)), 1)
+    c.update(cli.frame(ACK, 1001, 5001, win=4), 0)          # 4 << 7 offered
+    assert c.options is None and c.endpoint(0)["opts_cut"]
+    assert c.endpoint(0)["win_scale_unknown"]
+    s, _ = c.update(srv.frame(ACK, 5001 + 100, 1001, data=b"x" * 100), 1)
+    assert "OUT_OF_WINDOW" not in s and "NEW_DATA" in s
 
 def test_the_window_is_the_newest_ack_s():
     """ACKs seen out of order: the window of a lower ACK, or a smaller one at the same
