@@ -1329,7 +1329,7 @@ cdef class PcapWriter(Port):
         with nogil:
             rc = self._flush()
         if rc < 0:
-            raise PortError(f"{self.name}: write failed ({os.strerror(self.io_errno)})")
+            raise PortError(f"{self.name}: write failed: {os.strerror(self.io_errno)}")
 
     def close(self):
         """Flush and close the file.  Idempotent.  A write that failed before (raised

@@ -603,6 +603,17 @@ def test_writer_full_disk(tmp_path):
     with pytest.raises(PortError, match="write failed at close"):
         w.close()
     assert (w.tx_pkts, w.tx_lost) == (0, 64)
+    # flush() says it as send() does, the documented form `mbx run` prints: it said
+    # "write failed (REASON)"
+    w = PcapWriter("/dev/full")
+    w.send(b)
+    with pytest.raises(PortError) as exc:
+        w.flush()
+    assert str(exc.value) == f"{w.name}: write failed: No space left on device"
+    with pytest.raises(PortError) as again:
+        w.send(b)
+    assert str(again.value) == str(exc.value)
+    w.close()
 
 
 def test_round_trip_thousands_of_frames(tmp_path):
