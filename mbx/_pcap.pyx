@@ -379,10 +379,15 @@ def release_output(key):
 
 
 # Compressed files given as captures: magic -> (what, how to undo it).
-_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k FILE, or zcat FILE > OUT"),
-               b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d FILE"),
-               b"\xfd\x37\x7a\x58": ("xz", "xz -dk FILE"),
-               b"\x42\x5a\x68": ("bzip2", "bunzip2 -k FILE")}
+# (what it is, with its article: "an xz", "a gzip"; how to decompress it)
+_COMPRESSED = {b"\x1f\x8b": ("a gzip", "gunzip -k FILE, or zcat FILE > OUT"),
+               b"\x28\xb5\x2f\xfd": ("a zstd", "zstd -d FILE"),
+               b"\xfd\x37\x7a\x58": ("an xz", "xz -dk FILE"),
+               b"\x42\x5a\x68": ("a bzip2", "bunzip2 -k FILE")}
+# Alexey Kuznetzov's modified pcap (its records carry 8 more bytes: ifindex,
+# protocol, packet type), in either byte order: a format of its own that mbx does
+# not read, named so its user knows what to convert
+_MAGIC_MODIFIED_PCAP = (b"\xa1\xb2\xcd\x34", b"\x34\xcd\xb2\xa1")
 
 
 cdef enum:
@@ -426,6 +431,12 @@ cdef class PcapReader(Port):
         self.path = path
         self.name = f"pcap:{path}"
         self.port_id = port_id
+        if path == "-":
+            # not standard input, as "-" is to tcpdump -r: a capture is read by
+            # mapping its file, and a pipe cannot be mapped
+            raise PortError("pcap:-: standard input cannot be read: captures are read "
+                            "by mapping the file; save the stream to a file first and "
+                            "give its name (a file named - is ./-)")
         try:
             # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, before
             # the check below can refuse it (no effect on a regular file)
@@ -474,8 +485,13 @@ cdef class PcapReader(Port):
                 kind, tool = next(v for k, v in _COMPRESSED.items()
                                   if bytes(m[:min(size, 4)]).startswith(k))
                 raise CaptureFormatError(
-                    f"pcap:{path}: a {kind}-compressed file, not a capture: decompress "
+                    f"pcap:{path}: {kind}-compressed file, not a capture: decompress "
                     f"it first ({tool})")
+            elif bytes(m[:min(size, 4)]) in _MAGIC_MODIFIED_PCAP:
+                raise CaptureFormatError(
+                    f"pcap:{path}: a modified pcap (Kuznetzov) file, magic a1 b2 cd 34, "
+                    f"which mbx does not read: convert it to pcap first (editcap -F "
+                    f"pcap FILE OUT)")
             else:
                 seen = bytes(m[:min(size, 4)]).hex(" ")
                 raise CaptureFormatError(

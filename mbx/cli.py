@@ -812,13 +812,21 @@ _STACK_OPTIONS = {"flows": "flow_capacity", "idle_timeout": "idle_timeout",
                   "stack": "stack", "overlap": "overlap"}
 
 
+def _output_spec(spec):
+    # pcap:- as pcap:/dev/stdout from the start, so that every check of the run (the
+    # summary moved to standard error, --json -, --stacks) sees standard output
+    from mbx.ports import output_spec
+
+    return output_spec(spec)
+
+
 def _add_run_options(p):
     p.add_argument("--in", dest="inp", required=True, metavar="PORT",
                    help="input port: pcap:FILE, afpacket:IF, afpacket:IF0,IF1 (a bridge: "
                         "also the output), dpdk:VDEV[,ARGS]")
-    p.add_argument("--out", metavar="PORT",
-                   help="output port for packets that pass: pcap:FILE, afpacket:IF, "
-                        "dpdk:VDEV[,ARGS]")
+    p.add_argument("--out", metavar="PORT", type=_output_spec,
+                   help="output port for packets that pass: pcap:FILE (pcap:- for "
+                        "standard output), afpacket:IF, dpdk:VDEV[,ARGS]")
     p.add_argument("--flows", type=int_at_least(1, CAPACITY_MAX),
                    help="flow table capacity (65536)")
     p.add_argument("--idle-timeout", type=_seconds,

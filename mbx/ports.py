@@ -39,7 +39,7 @@ from mbx._pcap import PcapReader, PcapWriter
 from mbx.errors import PortError
 
 __all__ = ["KNOWN_SCHEMES", "LINK_WAIT_S", "DeferredOutput", "check_spec", "check_stacks",
-           "open_input", "open_output", "open_ports", "other_packet_sockets",
+           "open_input", "open_output", "open_ports", "other_packet_sockets", "output_spec",
            "port_counters", "read_by_every_stack", "stack_spec", "written_files"]
 
 #: Schemes this build can open.
@@ -566,7 +566,7 @@ def open_output(spec: str) -> Port:
     ``link_wait`` seconds (default :data:`LINK_WAIT_S`; 0 does not wait but only
     looks: PortError unless the link is up already).
     """
-    scheme, arg = _parse(spec)
+    scheme, arg = _parse(output_spec(spec))
     if scheme == "pcap":
         return PcapWriter(arg)
     if scheme == "afpacket":
@@ -574,6 +574,14 @@ def open_output(spec: str) -> Port:
     if scheme == "dpdk":
         return _dpdk_port(spec, arg, output=True)
     raise AssertionError(f"scheme {scheme!r} parsed but not handled")  # pragma: no cover
+
+
+def output_spec(spec: str) -> str:
+    """``spec`` as an output takes it: ``pcap:-`` is standard output, as ``tcpdump
+    -w -`` has it, written through /dev/stdout (the descriptor itself, see
+    ``mbx.runtime.inherited_fd``; ``mbx run`` then prints its summary on standard
+    error), not a file named "-"."""
+    return "pcap:/dev/stdout" if spec.lower() == "pcap:-" else spec
 
 
 class DeferredOutput:

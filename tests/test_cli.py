@@ -221,6 +221,29 @@ def test_flows_output_dash_is_stdout(example_pcap, tmp_path):
     assert not (tmp_path / "-").exists()
 
 
+
+def test_pcap_dash_is_standard_output_out_and_refused_in(example_pcap, tmp_path):
+    # --out pcap:- made a file named "-"; --in pcap:- and mbx flows - said "no such
+    # file".  Out, it is standard output, as tcpdump -w - has it (the summary goes to
+    # standard error); in, standard input cannot be mapped: said, with what to do.
+    r = subprocess.run([*MBX, "run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out",
+                        "pcap:-"], capture_output=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "-").exists()
+    out = tmp_path / "out.pcap"
+    out.write_bytes(r.stdout)
+    f = mbx_cmd("run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out", "pcap:f.pcap",
+                cwd=tmp_path)
+    assert f.returncode == 0, f.stderr
+    assert read_frames(str(out)) == read_frames(str(tmp_path / "f.pcap"))
+    assert b"l2fwd" in r.stderr         # the summary
+    want = ("pcap:-: standard input cannot be read: captures are read by mapping the "
+            "file; save the stream to a file first")
+    for args in (["flows", "-"], ["run", "l2fwd", "--in", "pcap:-"]):
+        r = mbx_cmd(*args, cwd=tmp_path)
+        assert r.returncode != 0 and want in r.stderr, r.stderr
+
+
 IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
 
 

@@ -341,9 +341,21 @@ def test_captures_compressed_joined_or_oddly_named_are_told_how_to_read(tmp_path
     raw = open(example_pcap, "rb").read()
     gz = tmp_path / "x.pcap.gz"
     gz.write_bytes(gzip.compress(raw))
-    with pytest.raises(CaptureFormatError, match=r"gzip-compressed file, not a capture: "
+    with pytest.raises(CaptureFormatError, match=r": a gzip-compressed file, not a capture: "
                                                  r"decompress it first \(gunzip"):
         PcapReader(gz)
+    xz = tmp_path / "x.pcap.xz"
+    xz.write_bytes(b"\xfd7zXZ\x00" + bytes(30))
+    with pytest.raises(CaptureFormatError, match=r": an xz-compressed file, not a capture"):
+        PcapReader(xz)
+    # the modified-pcap (Kuznetzov) format, either byte order, was "not a pcap or
+    # pcapng file": named, with how to convert it
+    for magic in (b"\x34\xcd\xb2\xa1", b"\xa1\xb2\xcd\x34"):
+        kuz = tmp_path / "kuz.pcap"
+        kuz.write_bytes(magic + bytes(20))
+        with pytest.raises(CaptureFormatError, match=r"a modified pcap \(Kuznetzov\) file, "
+                                                     r"magic a1 b2 cd 34.*editcap -F pcap"):
+            PcapReader(kuz)
     joined = tmp_path / "joined.pcap"
     joined.write_bytes(raw + raw)
     with PcapReader(joined) as r:
