@@ -1469,6 +1469,18 @@ cdef class AfPacketPort(Port):
                 if self.mtu != old_mtu:
                     plan_of = -1
                     continue
+            if (e == ENXIO or e == ENODEV) and if_nametoindex(
+                    self.ifname) != <unsigned int>self.ifindex:
+                # The socket is bound to an interface that is no more; one of the same
+                # name is another (another ifindex).  A send-only port has no receive
+                # side to find this out by: nothing it sends can ever go again.
+                self.last_tx_errno = e
+                self.tx_pkts = self.tx_pkts + sent
+                self.tx_bytes = self.tx_bytes + nbytes
+                self.tx_dropped = self.tx_dropped + dropped
+                self.tx_cut = self.tx_cut + cuts
+                self.gone()
+                return PORT_ERROR
             self.last_tx_errno = e          # why frames are dropped from here on
             if e == EMSGSIZE or e == EINVAL:
                 # this frame cannot go (larger than the MTU); a fragment that cannot

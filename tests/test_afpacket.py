@@ -1757,3 +1757,21 @@ def test_a_link_down_or_without_carrier_at_start_is_warned_of(testbed, tmp_path)
     r = _sh(*_in_ns(NS_M, sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
                     "afpacket:mc,ms?timeout_ms=5", "--duration", "0.3", "-q"), timeout=60)
     assert "warning" not in r.stderr, r.stderr
+
+
+def test_a_send_only_port_s_interface_deleted_ends_the_run_naming_it(testbed, tmp_path):
+    # An --out port of its own receives nothing, so only its sends can tell that its
+    # interface went: the kernel refused them (ENXIO, the socket is bound to the gone
+    # ifindex) and the port dropped each burst as if the link were busy, for ever,
+    # even once an interface of the same name was back.  Now it ends the run.
+    procs = testbed
+    p = _start_recorder_run(procs, tmp_path, "--out", "afpacket:ms",
+                            inp="afpacket:mc?timeout_ms=5")
+    _sh("ip", "-n", NS_M, "link", "del", "ms")
+    t0 = time.monotonic()
+    while p.poll() is None and time.monotonic() - t0 < 10:
+        _sh(*_in_ns(NS_C, sys.executable, HERE, "send", "c0", "ab"), timeout=60)
+    _, err = p.communicate(timeout=10)
+    assert p.returncode == 2, err
+    assert "afpacket:ms: interface ms is gone" in err, err
+
