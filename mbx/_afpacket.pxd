@@ -57,10 +57,11 @@ cdef class AfPacketPort(Port):
     cdef readonly int last_tx_errno     # errno of the last send that dropped frames
     #                                     (or NO_CARRIER)
     cdef readonly uint64_t link_errors  # times the link went down: an error the kernel
-    #                                     raised on the socket (ENETDOWN), or the carrier
-    #                                     found lost when sending
+    #                                     raised on the socket (ENETDOWN; rx=False: a send
+    #                                     refused so), or the carrier found lost when sending
     cdef readonly int last_link_errno   # the last of those (an errno or NO_CARRIER)
     cdef bint no_carrier                # up, without carrier, when last looked at
+    cdef bint send_down                 # rx=False: a send found the link down (ENETDOWN)
     cdef int64_t link_checked_ns        # when (CLOCK_MONOTONIC)
     cdef char ifname[16]                # iface, for the nogil check that it still exists
 

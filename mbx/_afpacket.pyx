@@ -634,7 +634,8 @@ cdef class AfPacketPort(Port):
     had no carrier (the far end down: the kernel would drop them without an error;
     the port looks every ``LINK_CHECK_NS``, 5 ms, and reads ``mtu`` again then, and
     when a frame is refused as too long); ``link_errors`` times the link went
-    down (an error on the socket, a carrier loss found when sending); ``tx_cut`` IP datagrams
+    down (an error on the socket, a carrier loss found when sending, or on a
+    send-only port the first send refused as ``ENETDOWN``); ``tx_cut`` IP datagrams
     longer than the MTU sent as fragments (``_fragment.pxd``: IPv4 without DF;
     IPv4 with DF and IPv6 that mbx rebuilt); ``kernel_freezes`` (V3 only) blocks the
     kernel found still in our hands.
@@ -1431,6 +1432,7 @@ cdef class AfPacketPort(Port):
                     cuts += msg_cuts[j]
                     done += msg_ends[j]
                 sent += r
+                self.send_down = False
                 if r == k:
                     i = ci
                     piece = cpiece
@@ -1481,6 +1483,13 @@ cdef class AfPacketPort(Port):
                 self.tx_cut = self.tx_cut + cuts
                 self.gone()
                 return PORT_ERROR
+            if e == ENETDOWN and self.ring == NULL and not self.send_down:
+                # The link went down.  A receiving socket is told so by an error the
+                # kernel raises on it (socket_error counts that); a send-only one only
+                # by its sends refused: one outage, one link error.
+                self.send_down = True
+                self.link_errors = self.link_errors + 1
+                self.last_link_errno = e
             self.last_tx_errno = e          # why frames are dropped from here on
             if e == EMSGSIZE or e == EINVAL:
                 # this frame cannot go (larger than the MTU); a fragment that cannot

@@ -1775,3 +1775,28 @@ def test_a_send_only_port_s_interface_deleted_ends_the_run_naming_it(testbed, tm
     assert p.returncode == 2, err
     assert "afpacket:ms: interface ms is gone" in err, err
 
+
+def test_a_send_only_port_s_link_down_counts_as_a_link_error(testbed, tmp_path):
+    # A bridge side counts a link that goes down (the error the kernel raises on its
+    # receiving socket); an --out port, whose socket receives nothing, counted the
+    # frames the kernel refused (ENETDOWN) but never the outage.
+    procs = testbed
+    counters = tmp_path / "c.json"
+    p = _start_recorder_run(procs, tmp_path, "--out", "afpacket:ms", "--json",
+                            str(counters), inp="afpacket:mc?timeout_ms=5")
+    _sh("ip", "-n", NS_M, "link", "set", "ms", "down")
+    lost = _sent_through(tmp_path, 256, "ab")
+    _sh("ip", "-n", NS_M, "link", "set", "ms", "up")
+    time.sleep(0.2)
+    sent = _sent_through(tmp_path, lost + 256, "ab")
+    lost_again = _sent_through(tmp_path, lost + sent + 256, "ab")
+    _sh("ip", "-n", NS_M, "link", "set", "ms", "down")
+    lost += _sent_through(tmp_path, lost + sent + lost_again + 256, "ab")
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    c = json.loads(counters.read_text())
+    port = c["ports"]["out"]
+    assert port["tx_dropped"] == lost == 512 and c["sent"] == sent + lost_again
+    assert port["link_errors"] == 2 and port["link_error"] == "Network is down"
+    assert "link           2 link errors (a port's link went down" in out, out
