@@ -50,6 +50,8 @@ cdef class AfPacketPort(Port):
     #                                      a datagram cut, or a place the input lacked)
     cdef readonly uint64_t tx_cut       # datagrams longer than the MTU sent as fragments
     cdef readonly uint64_t tx_partial   # frames not sent: received cut short (in tx_dropped)
+    cdef readonly uint64_t tx_too_long  # frames the kernel refused as longer than the MTU
+    #                                     (EMSGSIZE; in tx_dropped)
     cdef readonly uint64_t kernel_packets   # PACKET_STATISTICS, accumulated
     cdef readonly uint64_t rx_unread    # frames still in the ring when it was closed
     cdef readonly uint64_t rx_oversize  # frames larger than an empty batch holds (in rx_dropped)

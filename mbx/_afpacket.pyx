@@ -967,6 +967,7 @@ cdef class AfPacketPort(Port):
                  rx_gso=self.rx_gso,
                  rx_csum_partial=self.rx_csum_partial, tx_csum_done=self.tx_csum_done,
                  tx_cut=self.tx_cut, tx_partial=self.tx_partial,
+                 tx_too_long=self.tx_too_long,
                  link_errors=self.link_errors)
         if self.link_errors:
             # e.g. "Network is down": the link went down at least once
@@ -1495,6 +1496,8 @@ cdef class AfPacketPort(Port):
                 # this frame cannot go (larger than the MTU); a fragment that cannot
                 # takes its datagram's other fragments with it
                 dropped += 1
+                if e == EMSGSIZE:
+                    self.tx_too_long = self.tx_too_long + 1
                 i = msg_pkt[0] + 1
                 piece = 0
             elif e == EAGAIN or e == ENOBUFS or e == ENETDOWN or e == ENXIO or e == ENOMEM:

@@ -126,8 +126,6 @@ def _print_counters(c, elapsed, out=None):
     lost, oversize, cut, whole, unread, bad = (port_total(inp, key) for key in (
         "rx_dropped", "rx_oversize", "rx_truncated", "rx_whole", "rx_unread",
         "rx_bad_length"))
-    unsent = sum((port or {}).get("tx_dropped") or 0
-                 for port in (c.get("ports") or {}).values())
     if lost - oversize - bad:
         w(f"not received   {lost - oversize - bad:,} frames: the receive ring was full "
           "(raise block_count, or use ring=v3 for floods of small frames)\n")
@@ -151,9 +149,12 @@ def _print_counters(c, elapsed, out=None):
     if cut_again:
         w(f"cut again      {cut_again:,} datagram{'s' if cut_again != 1 else ''} longer than "
           "an output's link, sent as fragments\n")
-    if whole and unsent:
-        # read whole past a ring slot, and maybe too long to leave: a TCP super-frame
-        # (DF set) cannot be cut as a rebuilt datagram is
+    too_long = sum(port_total(port or {}, "tx_too_long")
+                   for port in (c.get("ports") or {}).values())
+    if whole and too_long:
+        # read whole past a ring slot, and frames refused as too long: a TCP
+        # super-frame (DF set) cannot be cut as a rebuilt datagram is.  Not for frames
+        # unsent for another reason (a link down or gone): the MTU is not why.
         w(f"long frames    {whole:,} frames longer than a ring slot were read whole; one "
           "longer than an output's MTU leaves only as fragments, and not at all if it "
           "may not be cut: a datagram with DF set or an IPv6 one its source did not "

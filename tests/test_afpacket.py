@@ -1592,6 +1592,7 @@ def test_frames_larger_than_the_mtu_are_cut_or_counted_and_explained(testbed, tm
         in r.stdout
     out = json.loads(counters.read_text())["ports"]["out"]
     assert out["tx_pkts"] == 2 + 3 and out["tx_dropped"] == 1 and out["tx_cut"] == 1
+    assert out["tx_too_long"] == 1
     assert out["tx_error"] == os.strerror(errno.EMSGSIZE)
 
 

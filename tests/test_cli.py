@@ -1079,9 +1079,16 @@ def test_the_summary_says_what_a_live_input_lost(example_pcap):
     _print_counters(c, 1.0, text)
     assert "unread         7 frames still in the receive ring when the input ended" \
         in text.getvalue()
-    # frames read whole past a slot, and frames not sent: say what may be why
+    # frames read whole past a slot, and frames not sent: say what may be why, but
+    # only when frames were refused for their length (not for a link down or gone)
     c["ports"]["in"]["client"]["rx_whole"] = 3
-    c["ports"]["out"] = {"tx_dropped": 1, "tx_error": "Message too long", "tx_cut": 2}
+    c["ports"]["out"] = {"tx_dropped": 1, "tx_error": "No such device or address",
+                         "tx_cut": 2}
+    text = io.StringIO()
+    _print_counters(c, 1.0, text)
+    assert "long frames" not in text.getvalue()
+    c["ports"]["out"] = {"tx_dropped": 1, "tx_error": "Message too long", "tx_cut": 2,
+                         "tx_too_long": 1}
     c["ports"]["in"]["server"]["tx_cut"] = 1
     text = io.StringIO()
     _print_counters(c, 1.0, text)
