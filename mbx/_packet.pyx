@@ -173,9 +173,19 @@ cdef class Port:
             self._error = PortError(f"{self.name}: {message.decode('utf-8', 'replace')}")
 
     cdef void adopt_error(self, Port part) noexcept with gil:
-        if self._error is None and part._error is not None:
-            self._error = part._error
+        # A bridge's side words its error with its own name (afpacket:ms), which the
+        # user never gave: say it is the bridge's, and which side.
+        cdef str side
+        err = part._error
         part._error = None
+        if self._error is not None or err is None:
+            return
+        side = ("client" if part is getattr(self, "client", None) else
+                "server" if part is getattr(self, "server", None) else "")
+        text = str(err)
+        if side and type(err) is PortError and text.startswith(f"{part.name}: "):
+            err = PortError(f"{self.name}, {side} side: {text[len(part.name) + 2:]}")
+        self._error = err
 
     cpdef check(self):
         """Raise the error a burst call recorded, if any."""

@@ -108,10 +108,12 @@ def _print_counters(c, elapsed, out=None):
       + (f", {lost_in_flight(c)} {c['dropped_on_error']:,} (neither sent nor dropped "
          "by an NF)" if c["dropped_on_error"] else "") + "\n")
     f = c["flows"]
+    # what ended the flows and cut fragments short: an error is no stop (stopped null)
+    ended_by = "stop" if c.get("stopped") else "error" if c.get("error") else "end of the input"
     w(f"flows          created {f['created']:,}, expired {f['expired']:,}, "
       f"evicted {f['evicted']:,}"
       + (f", closed {f['closed']:,}" if f.get("closed") else "")
-      + (f", ended {'at the stop' if c.get('stopped') or c.get('error') else 'with the input'} "
+      + (f", ended {'with the input' if ended_by == 'end of the input' else 'at the ' + ended_by} "
          f"{f['shutdown']:,}" if f.get("shutdown") else "")
       + (f", refused {f['refused']:,} packets (no room for their flow)" if f["refused"]
          else "") + "\n")
@@ -193,7 +195,6 @@ def _print_counters(c, elapsed, out=None):
               "reads such a file without an error, so frames it gave from there on, "
               "if any, are not the capture's\n")
     fr = c["fragments"]
-    cut = "stop" if c.get("stopped") or c.get("error") else "end of the input"
     if any(fr.values()):
         # held: every fragment the table ever took, not what it holds now; each of
         # them went into a rebuilt datagram, was discarded with its own, or waits
@@ -202,7 +203,7 @@ def _print_counters(c, elapsed, out=None):
           + (f", {fr['held_pending']:,} still held" if fr.get("held_pending") else "")
           + f"), reassembled {fr['completed']:,}, "
           f"timed out {fr['timed_out']:,}, memcap {fr['memcap_drops']:,}, bad {fr['bad']:,}"
-          + (f", incomplete at the {cut} {fr['pending_at_end']:,}"
+          + (f", incomplete at the {ended_by} {fr['pending_at_end']:,}"
              if fr.get("pending_at_end") else "")
           + (f", no room in their burst {fr['no_room']:,} (lower --burst)"
              if fr.get("no_room") else "")

@@ -1081,14 +1081,19 @@ def test_a_link_down_is_waited_out_and_a_deleted_interface_ends_the_run(testbed,
     server = c["ports"]["in"]["server"]
     assert server["link_errors"] >= 1 and server["link_error"] == "Network is down"
     assert c["packets"] >= sent == 256 and server["tx_dropped"] == 0
-    # the interface deleted under a running bridge: the run ends, naming it
-    for f in tmp_path.glob("started-*"):
+    # the interface deleted under a running bridge: the run ends, naming it, as the
+    # side of the bridge the user gave (not as a port "afpacket:mc" of its own), and
+    # its flows as ended by that error, not by a stop that never came
+    for f in [*tmp_path.glob("started-*"), *tmp_path.glob("count-*")]:
         f.unlink()
     p = _start_recorder_run(procs, tmp_path)
+    _sent_through(tmp_path, 256)
     t0 = time.monotonic()
     _sh("ip", "-n", NS_M, "link", "del", "mc")
-    _, err = p.communicate(timeout=30)
-    assert p.returncode == 2 and "interface mc is gone" in err, err
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 2, err
+    assert "afpacket:mc,ms, client side: interface mc is gone (deleted" in err, err
+    assert "ended at the error" in out and "ended at the stop" not in out, out
     assert time.monotonic() - t0 < 10
 
 

@@ -1681,11 +1681,17 @@ def test_the_summary_says_a_stop_cut_the_fragments_short(tmp_path):
         c = mbx.App([]).run(inp)
     finally:
         inp.close()
-    for stopped, said in ((None, "end of the input"), ("SIGINT", "stop")):
-        c["stopped"] = stopped
+    # and a run an error ended (an interface deleted) was not stopped: "at the stop"
+    # had the reader look for a stop that never came
+    c["flows"]["shutdown"] = 1
+    for stopped, error, said in ((None, None, "end of the input"),
+                                 ("SIGINT", None, "stop"), (None, "PortError", "error")):
+        c["stopped"], c["error"] = stopped, error
         text = io.StringIO()
         cli._print_counters(c, 1.0, text)
         assert f"incomplete at the {said} 1" in text.getvalue()
+        flows = "with the input" if said == "end of the input" else f"at the {said}"
+        assert f"ended {flows} 1" in text.getvalue()
 
 
 HANGING_STOP_NF = """import time
