@@ -135,6 +135,9 @@ cdef extern from "<linux/sockios.h>":
 cdef extern from "<linux/ethtool.h>" nogil:
     enum:
         ETHTOOL_GLINK
+        ETHTOOL_GGRO
+        ETHTOOL_GFLAGS
+        ETH_FLAG_LRO
     struct ethtool_value:
         uint32_t cmd
         uint32_t data
@@ -539,6 +542,36 @@ def interface_link(iface):
     c_close(fd)
     return (None if state == LINK_GONE else "down" if state == LINK_DOWN
             else "no carrier" if state == LINK_NO_CARRIER else "up")
+
+
+def interface_coalescing(iface):
+    """The receive offloads on ``iface`` that merge a TCP stream's segments into
+    frames longer than its MTU: ``"GRO"`` and ``"LRO"``, those that are on (an
+    empty list when neither is, or the interface cannot say).  A packet socket
+    reads frames after GRO, so a port without ``offloads=1`` gets super-frames it
+    cannot send on whole (they are refused as too long), as from a sender's TSO."""
+    cdef int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0)
+    cdef ifreq ifr
+    cdef ethtool_value value
+    if fd < 0:
+        raise PortError(f"{iface}: cannot look at its offloads: {os.strerror(errno)}")
+    name = iface.encode()
+    found = []
+    try:
+        for cmd, flag, label in ((ETHTOOL_GGRO, 0, "GRO"),
+                                 (ETHTOOL_GFLAGS, ETH_FLAG_LRO, "LRO")):
+            memset(&ifr, 0, sizeof(ifr))
+            strncpy(ifr.ifr_name, name, IFNAMSIZ - 1)
+            value.cmd = cmd
+            value.data = 0
+            ifr.ifr_data = <char *>&value
+            # an interface without ethtool support answers EOPNOTSUPP: nothing known
+            if ioctl(fd, SIOCETHTOOL, &ifr) == 0 and (value.data & flag if flag
+                                                      else value.data):
+                found.append(label)
+    finally:
+        c_close(fd)
+    return found
 
 
 cdef inline int64_t monotonic_ns() noexcept nogil:

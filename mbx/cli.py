@@ -144,8 +144,8 @@ def _print_counters(c, elapsed, out=None):
           "neither processed nor sent\n")
     if cut:
         w(f"cut short      {cut:,} frames longer than a ring slot (raise frame_size; "
-          "super-frames from senders with TSO/GSO, a veth's default, need ?offloads=1, "
-          "or those offloads off)\n")
+          "super-frames from senders with TSO/GSO, a veth's default, or merged by GRO "
+          "or LRO on mbx's own interfaces, need ?offloads=1, or those offloads off)\n")
     cut_again = sum(port_total(port or {}, "tx_cut")
                     for port in (c.get("ports") or {}).values())
     if cut_again:
@@ -161,7 +161,8 @@ def _print_counters(c, elapsed, out=None):
           "longer than an output's MTU leaves only as fragments, and not at all if it "
           "may not be cut: a datagram with DF set or an IPv6 one its source did not "
           "fragment (the two sides' MTUs differ?), a super-frame from a sender with "
-          "TSO/GSO (a veth's default; use ?offloads=1, or those offloads off), or one "
+          "TSO/GSO (a veth's default) or merged by GRO or LRO on the interface mbx "
+          "reads (a NIC's default; use ?offloads=1, or those offloads off), or one "
           "the kernel rebuilt for --stacks from fragments with DF set\n")
     link = sum(port_total(port or {}, "link_errors")      # an output's too
                for port in (c.get("ports") or {}).values())
@@ -365,6 +366,7 @@ def _run_checked(nfs, args, spec):
     from mbx.ports import (
         bridge_output_note,
         capture_file,
+        coalescing_not_sendable,
         links_not_ready,
         read_files,
         written_files,
@@ -431,7 +433,8 @@ def _run_checked(nfs, args, spec):
     note = bridge_output_note(args.inp, args.out)
     if note:
         print(f"mbx: warning: {note}", file=sys.stderr)
-    for link in links_not_ready(args.inp, args.out):
+    for link in links_not_ready(args.inp, args.out) + coalescing_not_sendable(args.inp,
+                                                                              args.out):
         print(f"mbx: warning: {link}", file=sys.stderr)
     loop = publication_loop(nfs)
     if loop:

@@ -731,6 +731,44 @@ def links_not_ready(spec: str, out_spec: str | None = None) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def coalescing_not_sendable(spec: str, out_spec: str | None = None) -> list[str]:
+    """One line for each interface an ``afpacket:`` input without ``offloads=1``
+    reads with GRO or LRO on, when what it reads is sent on by a live port (the
+    bridge itself, or an ``afpacket:``/``dpdk:`` output).  The kernel hands a
+    packet socket the frames those offloads merged, longer than the MTU and with DF
+    set, so the output refuses them as too long and TCP through the middlebox
+    stalls: a real NIC's default, said before the run rather than only in its
+    final counters.  A capture output takes such frames as they are."""
+    try:
+        scheme, arg = _parse(spec)
+        if scheme != "afpacket":
+            return []
+        ifaces, options = _afpacket(spec, arg)
+        out_scheme = _parse(out_spec)[0] if out_spec else None
+    except PortError:
+        return []       # opening the port says what is wrong with the spec
+    if options.get("offloads"):
+        return []
+    if len(ifaces) == 1 and out_scheme not in ("afpacket", "dpdk"):
+        return []
+    from mbx._afpacket import interface_coalescing
+
+    found = []
+    for iface in ifaces:
+        try:
+            merged = interface_coalescing(iface)
+        except PortError:
+            continue
+        if merged:
+            what = " and ".join(merged)
+            found.append(f"interface {iface} has {what} on: it merges the segments it "
+                         "receives into frames longer than the MTU, which no port sends "
+                         f"on whole (TCP through mbx would stall): turn it off (ethtool "
+                         f"-K {iface} {' '.join(m.lower() + ' off' for m in merged)}) "
+                         "or keep it and add ?offloads=1 to the port")
+    return found
+
+
 def _packet_sockets(ifindexes: dict[str, int], own: set[int]) -> dict[str, int]:
     # {name: sockets bound to its ifindex, not counting the inodes in own}
     if not ifindexes:
