@@ -1955,7 +1955,7 @@ cdef class EventBus:
     def msg_used_now(self):
         return self.msg_used
 
-    def publish_from(self, nf, Message msg):
+    def publish_from(self, nf, Message msg not None):
         """An NF's publication: into Event Memory and to its subscribers."""
         cdef mbx_msg *cur = NULL
         cdef uint32_t flow = msg.m.h.flow, gen = msg.m.h.flow_gen, pkt = NO_PKT, pos = 0

@@ -127,7 +127,7 @@ cdef class TcpMonitor(NetworkLayer):
     ``mbx flows``.
     """
 
-    def __init__(self, EventBus bus, *, uint32_t flow_capacity=65536,
+    def __init__(self, EventBus bus not None, *, uint32_t flow_capacity=65536,
                  double idle_timeout=60.0, str flow_policy="evict",
                  str malformed="forward", size_t frag_memory=4 << 20,
                  double frag_timeout=30.0,
@@ -823,6 +823,10 @@ cdef class TcpMonitor(NetworkLayer):
         """One burst through the stack and the NFs, then the streams' delivered bytes
         (beyond what ``retain`` keeps) go back to the pool."""
         cdef uint32_t k
+        # cpdef takes no "not None": None here would be read as a C struct.
+        if batch is None:
+            raise TypeError("Argument 'batch' has incorrect type (expected mbx._packet.Batch, "
+                            "got NoneType)")
         self.current = batch
         if batch.count > self.after_cap:
             PyMem_Free(self.after)

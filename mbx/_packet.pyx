@@ -205,7 +205,7 @@ cdef class Port:
                              f"not {k} of {n}")
         return False
 
-    def receive(self, Batch batch):
+    def receive(self, Batch batch not None):
         """Fill ``batch`` (appending); the count added, or -1 at the end of input."""
         cdef int n
         with nogil:
@@ -214,7 +214,7 @@ cdef class Port:
             self.check()
         return n
 
-    def send(self, Batch batch):
+    def send(self, Batch batch not None):
         """Send every packet of ``batch`` whose verdict is pass; the count sent."""
         cdef mbx_pkt *ptrs[256]
         cdef uint32_t i = 0
@@ -253,7 +253,8 @@ cdef class Port:
         }
 
 
-def bridge_counters(Port bridge, Port client, Port server, uint64_t misrouted):
+def bridge_counters(Port bridge not None, Port client not None, Port server not None,
+                    uint64_t misrouted):
     """A bridge's counters, with ``misrouted`` and each side's counters under
     ``client`` and ``server`` (AF_PACKET and DPDK bridges alike)."""
     c = Port.counters.__get__(bridge)

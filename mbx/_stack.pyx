@@ -101,7 +101,7 @@ cdef class NetworkLayer:
     bytes and ``frag_timeout`` seconds.
     """
 
-    def __init__(self, EventBus bus, *, uint32_t flow_capacity=65536,
+    def __init__(self, EventBus bus not None, *, uint32_t flow_capacity=65536,
                  double idle_timeout=60.0, str flow_policy="evict",
                  str malformed="forward", size_t frag_memory=4 << 20,
                  double frag_timeout=30.0, rss=(0, 1)):
@@ -380,6 +380,10 @@ cdef class NetworkLayer:
     cpdef process(self, Batch batch):
         """Run one burst through the stack and the NFs; verdicts are then final."""
         cdef uint32_t i = 0
+        # cpdef takes no "not None": None here would be read as a C struct.
+        if batch is None:
+            raise TypeError("Argument 'batch' has incorrect type (expected mbx._packet.Batch, "
+                            "got NoneType)")
         self.flow_start_id = _events.FLOW_START.id
         self.flow_end_id = _events.FLOW_END.id
         self.pkt_id = _events.PKT.id
@@ -488,7 +492,8 @@ cdef class NetworkLayer:
             self.bytes += p.wirelen
             self.error_dropped += 1
 
-    def run(self, Port inp, Port out=None, *, uint32_t burst=64, uint64_t max_packets=0,
+    def run(self, Port inp not None, Port out=None, *, uint32_t burst=64,
+            uint64_t max_packets=0,
             progress=None, double progress_every=0.5, double duration=0, stop=None,
             batches=None):
         """Read ``inp`` through the stack and the NFs to ``out`` until the input ends,

@@ -810,7 +810,7 @@ def bench_updates(segments, uint32_t repeat=100):
         free(buf)
 
 
-def bench_snapshot(TcpConn conn, uint32_t count=1000000):
+def bench_snapshot(TcpConn conn not None, uint32_t count=1000000):
     """Mean ns of one tcp_snapshot of ``conn`` (nogil loop)."""
     cdef uint8_t out[SNAP_SIZE]
     cdef uint32_t i, acc = 0

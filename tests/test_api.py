@@ -254,3 +254,43 @@ def test_an_error_without_a_message_is_quoted_without_an_empty_one(example_pcap)
         mbx.App([nf]).run(open_input(f"pcap:{example_pcap}"))
     assert re.fullmatch(r"NF e: .*on raised ValueError on a PKT event \(at test_api\.py, "
                         r"line \d+\)", str(err.value)), str(err.value)
+
+
+# None for an argument typed as one of mbx's C classes (a Batch, a Port, an
+# EventBus, a Message) was read as the C struct it stands for: a segfault, not an
+# error.  Each call runs in a child so that a regression kills the child, not pytest.
+_NONE_CALLS = {
+    "input receive": "open_input(cap).receive(None)",
+    "input send": "open_input(cap).send(None)",
+    "output send": "open_output(cap + '.out').send(None)",
+    "stack bus": "NetworkLayer(None)",
+    "stack process": "NetworkLayer(EventBus([])).process(None)",
+    "stack run": "NetworkLayer(EventBus([])).run(None)",
+    "monitor bus": "TcpMonitor(None)",
+    "monitor process": "TcpMonitor(EventBus([])).process(None)",
+    "bus publish_from": "EventBus([nf]).publish_from(nf, None)",
+    "bridge_counters": "bridge_counters(None, None, None, 0)",
+    "fill_from": "nf.new_msg('FLOW').fill_from(None)",
+}
+
+
+@pytest.mark.parametrize("call", sorted(_NONE_CALLS))
+def test_none_for_a_c_class_argument_is_a_type_error_not_a_crash(call, example_pcap):
+    code = textwrap.dedent(f"""
+        from mbx import NF
+        from mbx._events import EventBus
+        from mbx._monitor import TcpMonitor
+        from mbx._packet import bridge_counters
+        from mbx._stack import NetworkLayer
+        from mbx.ports import open_input, open_output
+        cap, nf = "pcap:{example_pcap}", NF("n")
+        try:
+            {_NONE_CALLS[call]}
+        except TypeError as e:
+            print("TypeError:", e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, f"rc {r.returncode}: {r.stderr[-2000:]}"
+    assert re.match(r"TypeError: Argument '\w+' has incorrect type \(expected mbx\.\w+\.\w+, "
+                    r"got NoneType\)", r.stdout), r.stdout + r.stderr
