@@ -332,9 +332,22 @@ def _names_stdout(path):
     return (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
 
 
+@contextlib.contextmanager
+def _summary_stream(args):
+    """Where the summary goes: standard error when an NF writes standard output (a
+    Logger with path ``-``), so that standard output carries its lines alone.  Only
+    the summary moves, not the run: the Logger takes standard output as it starts."""
+    if not getattr(args, "summary_stderr", False):
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 def _run(nfs, args, spec=None):
     from mbx.ports import capture_file
 
+    args.summary_stderr = any(getattr(nf, "writes_stdout", False) for nf in nfs)
     out_file = capture_file(args.out) if args.out else None
     given = args.json
     if args.json and args.json != "-" and _names_stdout(args.json):
@@ -595,7 +608,8 @@ def _run_app(app, args, listeners, view, stop):
             # even with -q, where the summary's "died" lines are not printed
             print(f"mbx: warning: NF {name}: its process died: {why}", file=sys.stderr)
     if not args.quiet:
-        _print_counters(counters, elapsed)
+        with _summary_stream(args):
+            _print_counters(counters, elapsed)
     if view is not None:
         view.final(counters, elapsed)
     if args.json:
@@ -642,7 +656,8 @@ def _report_failed_run(app, args, inp, out, exc, elapsed, listeners, view, stop)
     counters["stopped"] = (stop.signal if isinstance(exc, KeyboardInterrupt)
                            else _stopped_by(app, stop))
     if not args.quiet:
-        _print_counters(counters, elapsed)
+        with _summary_stream(args):
+            _print_counters(counters, elapsed)
     if view is not None:
         view.final(counters, elapsed)
     if args.json:
@@ -720,8 +735,9 @@ def _run_parallel(nfs, args, config, listeners, view):
             # the stacks that reported (a lost one is left out: its number says so)
             failed["stacks"] = _per_stack(getattr(exc, "per_stack", {}))
             if not args.quiet:
-                _print_counters(failed, failed["elapsed_s"])
-                _print_stacks(failed["stacks"])
+                with _summary_stream(args):
+                    _print_counters(failed, failed["elapsed_s"])
+                    _print_stacks(failed["stacks"])
             if view is not None:
                 view.final(failed, failed["elapsed_s"])
             if args.json:
@@ -735,17 +751,18 @@ def _run_parallel(nfs, args, config, listeners, view):
     counters["elapsed_s"] = elapsed
     counters["stacks"] = _per_stack(dict(enumerate(parts)))
     if not args.quiet:
-        _print_counters(counters, elapsed)
-        _print_stacks(counters["stacks"])
-        # run_parallel gives each process its own files (output_path): a capture
-        # output's, and a DPDK net_pcap device's tx_pcap file, in the input too
-        files = written_files(args.inp, output=False)
-        if args.out and args.out != args.inp:
-            files += written_files(args.out)
-        for path in dict.fromkeys(files):
-            if not writes_as_is(path):
-                print(f"written        {path}.stack0 .. .stack{args.stacks - 1}, one "
-                      "per stack process (as are the files a Logger writes)")
+        with _summary_stream(args):
+            _print_counters(counters, elapsed)
+            _print_stacks(counters["stacks"])
+            # run_parallel gives each process its own files (output_path): a capture
+            # output's, and a DPDK net_pcap device's tx_pcap file, in the input too
+            files = written_files(args.inp, output=False)
+            if args.out and args.out != args.inp:
+                files += written_files(args.out)
+            for path in dict.fromkeys(files):
+                if not writes_as_is(path):
+                    print(f"written        {path}.stack0 .. .stack{args.stacks - 1}, "
+                          "one per stack process (as are the files a Logger writes)")
     if view is not None:
         view.final(final, elapsed)
     if args.json:

@@ -143,6 +143,20 @@ def test_json_dash_is_all_that_stdout_carries(example_pcap, tmp_path, deploy):
     assert r.stderr.count("chatty saw") == c["flows"]["created"]
 
 
+@pytest.mark.parametrize("deploy", [[], ["--stacks", "2"]])
+@pytest.mark.parametrize("path", ["-", "/dev/stdout"], ids=["dash", "dev-stdout"])
+def test_a_logger_on_stdout_has_it_to_itself(example_pcap, deploy, path):
+    # logger.path=- wrote the summary among its JSON lines: standard output is then
+    # the Logger's alone, the summary on stderr (as for --json - and --out on stdout)
+    r = mbx_cmd("run", "flow_stats+logger", "--in", f"pcap:{example_pcap}", *deploy,
+                "--set", f"logger.path={path}")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records and {rec["type"] for rec in records} >= {"FLOW/START", "FLOW/END"}
+    assert f"events {len(records):,}" in r.stderr and "packets        " in r.stderr
+
+
 def test_json_at_a_standard_stream_is_written_through_it(example_pcap, tmp_path):
     # --json /dev/stdout > FILE opened the file anew, truncating it, and wrote the
     # counters over the summary; --json /dev/stderr 2> FILE lost what stderr said

@@ -90,6 +90,11 @@ class Logger(mbx.NF):
                 subscribed.add(etype.idx)
                 self.sub(etype, self.on_event)
 
+    @property
+    def writes_stdout(self):
+        # mbx run then prints its summary on standard error, not among these lines
+        return self.path == "-" or inherited_fd(self.path) == 1
+
     def start(self):
         # "-": where print() goes (standard error while a capture is written to
         # standard output: mbx run --out pcap:/dev/stdout)
