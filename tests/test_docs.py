@@ -61,3 +61,23 @@ def test_testbed_md_names_every_report_option():
     usage = usage[:usage.index("`", 1)]
     for opt in options:
         assert opt in usage, (opt, usage)
+
+
+def test_guide_port_counter_runs_on_its_own_as_under_mbx_run(example_pcap, tmp_path):
+    # The guide says the PortCounter file run on its own (its mb_nf_run()) runs the
+    # same NFs as mbx run; its code had no mb_nf_run() and, run so, did nothing.
+    with open(os.path.join(ROOT, "docs", "guide.md")) as fh:
+        blocks = re.findall(r"```python\n(.*?)```", fh.read(), re.S)
+    [code] = [b for b in blocks if "class PortCounter(mbx.NF)" in b]
+    path = tmp_path / "port_counter.py"
+    path.write_text(code)
+    reports = []
+    for cmd in ([sys.executable, str(path)], [sys.executable, "-m", "mbx.cli", "run",
+                                              str(path)]):
+        r = subprocess.run([*cmd, "--in", f"pcap:{example_pcap}"], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        [line] = [x for x in r.stdout.splitlines() if x.startswith("  port_counter ")]
+        assert "port 80 " in line
+        reports.append(line)
+    assert reports[0] == reports[1]
