@@ -81,3 +81,11 @@ def test_guide_port_counter_runs_on_its_own_as_under_mbx_run(example_pcap, tmp_p
         assert "port 80 " in line
         reports.append(line)
     assert reports[0] == reports[1]
+
+
+def test_api_md_gives_statsview_its_defaults():
+    # api.md said every=1.0; the default is None: 1 s on a terminal, 10 s otherwise
+    from mbx.stats import StatsView
+
+    assert f"`StatsView{inspect.signature(StatsView)}`" in _doc("api.md")
+    assert StatsView.LOG_EVERY_S == 10.0 and "(10 s)" in _doc("api.md")
