@@ -34,8 +34,8 @@ import threading
 
 
 from mbx.errors import (
-    EventTypeError, MbxError, PermissionDenied, SubscriptionError, did_you_mean, exc_text,
-    user_code_line,
+    EventTypeError, MbxError, PermissionDenied, SubscriptionError, code_place, did_you_mean,
+    exc_text, user_code_line,
 )
 
 
@@ -1337,7 +1337,7 @@ def merge_name(merge):
     code = getattr(merge, "__code__", None)
     if code is None:
         return name
-    return f"{name} ({code.co_filename}, line {code.co_firstlineno})"
+    return f"{name} ({code_place(code.co_filename, code.co_firstlineno)})"
 
 
 def held_in(exc, nf_name, handler, what):

@@ -50,12 +50,19 @@ def raising_line(exc, filename=None):
     return None
 
 
+def code_place(path, line):
+    """``"FILE, line N"``: how messages and graphs place the NF's own code (a handler
+    that raised, a merge function), by the file's name alone, as the user wrote it
+    beside the application, not by the absolute path Python compiled it under."""
+    return f"{path.rsplit('/', 1)[-1]}, line {line}"
+
+
 def user_code_line(exc):
     """``" (at FILE, line N)"`` for the NF's code that raised ``exc``, or ``""``:
     error messages carry it so that a user finds the failing line without a
     traceback through mbx."""
     at = raising_line(exc)
-    return f" (at {at[0].rsplit('/', 1)[-1]}, line {at[1]})" if at else ""
+    return f" (at {code_place(*at)})" if at else ""
 
 
 def exc_text(exc):
