@@ -910,6 +910,9 @@ def _add_run_options(p):
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
 
 
+SET_HELP = "an option for one NF (repeatable)"     # mbx run's and mbx check's
+
+
 def run_script(nfs, argv):
     """``mb_nf_run()`` in a script run on its own: ports from the command line."""
     p = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]),
@@ -931,24 +934,26 @@ def main(argv=None):
                               "(l2fwd, flow_stats, logger, l4lb), .py files or "
                               "module:attr, joined by +; the stack options given here "
                               "(--stack, --flows, ...) win over the file's")
-    r.add_argument("--set", action="append", metavar="NF.KEY=VALUE",
-                   help="an option for one NF (repeatable)")
+    r.add_argument("--set", action="append", metavar="NF.KEY=VALUE", help=SET_HELP)
     _add_run_options(r)
     c = sub.add_parser("check", help="load an application, type-check its links and "
                                      "print the graph")
     c.add_argument("app", help="an application file (.toml) or an NF chain as for run")
-    c.add_argument("--set", action="append", metavar="NF.KEY=VALUE")
+    c.add_argument("--set", action="append", metavar="NF.KEY=VALUE", help=SET_HELP)
     g = sub.add_parser("example-capture", help="write the built-in example capture")
-    g.add_argument("path")
+    g.add_argument("path", help="the pcap file to write")
     g.add_argument("--flows", type=int_at_least(1, EXAMPLE_FLOWS_MAX), default=200,
                    help="TCP connections (200)")
-    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--seed", type=int, default=1,
+                   help="the random seed of the connections' contents: the same seed, the "
+                        "same capture (1)")
     f = sub.add_parser("flows", help="summarise every TCP connection of a capture "
                                      "(reassembled bytes, counts, handshake, close)")
     f.add_argument("capture", help="a pcap or pcapng file (or a live port spec such as "
                                    "afpacket:IF, summarised when Ctrl-C ends it)")
     f.add_argument("--json", action="store_true",
-                   help="write the mbx-flows/1 JSON object (the only format so far)")
+                   help="accepted, changes nothing: the mbx-flows/1 JSON object is "
+                        "the only format so far, written with or without it")
     f.add_argument("-o", "--output", metavar="FILE",
                    help="write to FILE, not standard output (-: standard output)")
     f.add_argument("--flows", type=int_at_least(1, CAPACITY_MAX), default=1 << 20,
@@ -963,7 +968,8 @@ def main(argv=None):
                    help=f"exit {EXIT_INCOMPLETE} after any warning (the summary may "
                         "be incomplete; it is still written)")
     t = sub.add_parser("types", help="list the registered event types")
-    t.add_argument("--fields", action="store_true")
+    t.add_argument("--fields", action="store_true",
+                   help="each type's fields too (name:kind)")
     args = p.parse_args(argv)
     try:
         if args.cmd == "run":

@@ -1757,3 +1757,33 @@ def test_a_stop_that_hangs_is_interrupted_and_the_others_still_stop(tmp_path,
     assert p.returncode == 130, err
     assert "mbx: interrupted: stopped again" in err
     assert marker.exists()
+
+
+@pytest.mark.parametrize("cmd", ["run", "check", "example-capture", "flows", "types"])
+def test_every_option_of_a_command_says_what_it_is(cmd):
+    # mbx check's --set, example-capture's path and --seed, types' --fields had no
+    # help: argparse then prints the name alone, with no text after it or below it
+    r = mbx_cmd(cmd, "--help")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("positional arguments:", 1)[-1].splitlines()
+    bare = [line.strip() for i, line in enumerate(lines)
+            if re.fullmatch(r"  \S.*", line) and "  " not in line.strip()
+            and not (i + 1 < len(lines) and re.match(r" {8,}\S", lines[i + 1]))
+            and not line.strip().endswith(":")]
+    assert not bare, bare
+    if cmd == "example-capture":
+        assert "(1)" in r.stdout        # the default seed, as --flows shows (200)
+
+
+def test_flows_json_flag_is_documented_as_changing_nothing(example_pcap):
+    # JSON is mbx flows' only format: --json is accepted and changes nothing, which
+    # the guide and README said nowhere (their synopses made it look required)
+    with_flag, without = (mbx_cmd("flows", example_pcap, *flag) for flag in (["--json"], []))
+    assert with_flag.returncode == without.returncode == 0, with_flag.stderr
+    assert json.loads(with_flag.stdout) == json.loads(without.stdout)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for doc in ("README.md", os.path.join("docs", "guide.md")):
+        with open(os.path.join(root, doc)) as fh:
+            text = " ".join(fh.read().split())
+        assert "mbx flows CAPTURE [--json]" in text and "mbx flows CAPTURE --json" not in text
+    assert "`--json` changes nothing" in text
