@@ -89,3 +89,14 @@ def test_api_md_gives_statsview_its_defaults():
 
     assert f"`StatsView{inspect.signature(StatsView)}`" in _doc("api.md")
     assert StatsView.LOG_EVERY_S == 10.0 and "(10 s)" in _doc("api.md")
+
+
+def test_api_md_names_every_public_method_of_event_type():
+    # EventType.overlaps was public (and used by the checks) but named nowhere
+    api = _doc("api.md")
+    methods = [n for n in dir(mbx.EventType) if not n.startswith("_")
+               and callable(getattr(mbx.EventType, n))]
+    assert "overlaps" in methods
+    assert not [n for n in methods if f"`{n}(" not in api]
+    assert mbx.DATA_RDY.overlaps(mbx.EVENT) and mbx.EVENT.overlaps(mbx.DATA_RDY)
+    assert not mbx.EVENT.is_a(mbx.DATA_RDY)
