@@ -924,12 +924,23 @@ cdef class Message:
     def fill_from(self, Event ev not None):
         """Copy the fields ``ev`` has in common with this message: those of their
         nearest common type (a parent's record is a prefix of its children's, so an
-        X event fills the X part of an X/Y, and unrelated types share none)."""
+        X event fills the X part of an X/Y, and unrelated types share none).  A
+        FLOW/TCP/TERMINATE message keeps its ``reason`` unless ``ev`` is one too."""
         common = _types[ev.m.h.type_idx]
         while common is not None and not self.etype.is_a(common):
             common = common.parent
         cdef size_t n = min(common.body_size if common is not None else 0, MSG_BODY_SIZE)
+        terminate = _types[T_FLOW_TCP_TERMINATE]
+        # reason is FLOW/TCP's field but only TERMINATE's to say: every other FLOW/TCP
+        # event carries 0 (none) there, which would overwrite the message's 3 (an NF
+        # asks) and name no reason at all
+        keep = self.etype.is_a(terminate) and common is not None and \
+            not common.is_a(terminate)
+        f = terminate.fields["reason"]
+        reason = read_field(self.m.body, f[0], f[1], 0) if keep else None
         memcpy(self.m.body, ev.m.body, n)
+        if keep:
+            write_field(self.m.body, f[0], f[1], reason)
         self.flow = ev.flow
         self.m.h.ts_ns = ev.m.h.ts_ns
         self.m.h.dir = ev.m.h.dir

@@ -155,6 +155,29 @@ def test_fill_from_copies_only_what_the_types_share(run, example_pcap):
     assert got["same"][0] == got["same"][1] > 0
 
 
+def test_fill_from_keeps_a_terminate_message_s_reason(run, example_pcap):
+    # reason is a FLOW/TCP field that only TERMINATE sets: filled from ESTABLISHED
+    # (reason 0), an NF's TERMINATE message lost its documented reason 3 (an NF asks)
+    got = {}
+
+    class Filler(mbx.NF):
+        def __init__(self):
+            super().__init__("filler")
+            for t in ("FLOW/TCP/ESTABLISHED", "FLOW/TCP/TERMINATE", "FLOW/END"):
+                self.sub(t, self.on)
+
+        def on(self, ev):
+            msg = self.new_msg("FLOW/TCP/TERMINATE")
+            msg.fill_from(ev)
+            got.setdefault(ev.type_name, set()).add((msg.reason, msg.cli_port == ev.cli_port))
+
+    run([Filler()], example_pcap)
+    assert got["FLOW/TCP/ESTABLISHED"] == {(3, True)}
+    assert got["FLOW/END"] == {(3, True)}
+    # a TERMINATE event's own reason (1 fin, 2 rst) is what it has in common
+    assert got["FLOW/TCP/TERMINATE"] and {r for r, _ in got["FLOW/TCP/TERMINATE"]} <= {1, 2}
+
+
 def test_misused_views_and_ports_raise_instead_of_crashing():
     # Each of these was a segfault.
     t = mbx.register_event_type("TEST_MISUSE")
