@@ -100,3 +100,22 @@ def test_api_md_names_every_public_method_of_event_type():
     assert not [n for n in methods if f"`{n}(" not in api]
     assert mbx.DATA_RDY.overlaps(mbx.EVENT) and mbx.EVENT.overlaps(mbx.DATA_RDY)
     assert not mbx.EVENT.is_a(mbx.DATA_RDY)
+
+
+def test_guide_application_file_with_every_key_runs_clean(example_pcap, tmp_path):
+    # its group "inspect" had one member: every check and run of the documented
+    # example warned "parallel group(s) of one NF: 'inspect'"
+    with open(os.path.join(ROOT, "docs", "guide.md")) as fh:
+        blocks = re.findall(r"```toml\n(.*?)```", fh.read(), re.S)
+    [app] = [b for b in blocks if "[app]" in b and 'group = "inspect"' in b]
+    (tmp_path / "app.toml").write_text(app)
+    with open(os.path.join(ROOT, "mbx", "examples", "ids.py")) as src:
+        (tmp_path / "ids.py").write_text(src.read())
+    for args in (["check", "app.toml"], ["run", "app.toml", "--in", f"pcap:{example_pcap}",
+                                          "-q"]):
+        r = subprocess.run([sys.executable, "-m", "mbx.cli", *args], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "warning" not in r.stderr, r.stderr
+        if args[0] == "check":
+            assert r.stdout.count("(parallel group inspect, merge any)") == 2, r.stdout
