@@ -109,8 +109,15 @@ def mb_nf_run(argv=None):
     nfs = script_nfs(vars(main), [st.implicit] if st.implicit is not None else [])
     if not nfs:
         # as run_script says an error: the command line's, no traceback
+        from mbx.cli import failed
+        from mbx.errors import AppError
+
         path = getattr(main, "__file__", None) or "the script"
-        sys.exit(f"error: {path}: mb_nf_run() found no NF (nor would mbx run): "
-                 "create mbx.NF(...) under a global name, or a list of them, or call "
-                 "mb_sub before it")
+        why = ("its make() is for mbx run, which calls it: run the file so (mbx run "
+               f"{os.path.basename(path)} --in PORT), or create its NFs at the top level"
+               if callable(vars(main).get("make")) else
+               "nor would mbx run: create mbx.NF(...) under a global name, or a list of "
+               "them, or call mb_sub before it")
+        sys.exit(failed(AppError(f"{path}: mb_nf_run() found no NF ({why})"),
+                        os.path.basename(sys.argv[0]) or "mbx"))
     return run_script(nfs, sys.argv[1:] if argv is None else argv)

@@ -921,8 +921,9 @@ def run_script(nfs, argv):
     args = p.parse_args(argv)
     try:
         return _run(nfs, args)
-    except MbxError as exc:
-        sys.exit(f"error: {exc}")
+    except (MbxError, OSError, KeyboardInterrupt) as exc:
+        # as mbx run ends: exit status 2 for an error, 130 interrupted
+        sys.exit(failed(exc, p.prog))
 
 
 def main(argv=None):
@@ -1044,22 +1045,27 @@ def main(argv=None):
                     line += "  " + ", ".join(f"{k}:{v[1]}" for k, v in t.fields.items()
                                              if not k.startswith("_"))    # padding
                 print(line)
-    except MbxError as exc:
-        print(f"mbx: error: {exc}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
+    except (MbxError, OSError, KeyboardInterrupt) as exc:
+        return failed(exc, "mbx")
+    return 0
+
+
+def failed(exc, prog):
+    """The exit status of a command ``prog`` that raised ``exc`` (an ``MbxError``,
+    ``OSError`` or ``KeyboardInterrupt``), said on standard error as every mbx command
+    says it: ``mbx`` itself and a script run on its own (``mb_nf_run()``) alike."""
+    if isinstance(exc, BrokenPipeError):
         # what read the output went away (mbx types | head): stop quietly, as other
         # tools do, and keep the interpreter's last flush from failing too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
-    except OSError as exc:      # a path that cannot be read or written: its errno says why
-        print(f"mbx: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:    # a run stops cleanly on its own; the rest just stop
+    if isinstance(exc, KeyboardInterrupt):  # a run stops cleanly on its own; the rest stop
         # a run interrupted by a second signal says what held it (the NF's handler)
-        print("mbx: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
+        print(f"{prog}: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
-    return 0
+    # an OSError: a path that cannot be read or written, its errno says why
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

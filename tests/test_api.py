@@ -66,7 +66,9 @@ def test_script_with_no_nf_it_can_find_is_refused(tmp_path, example_pcap):
         main()
         """)
     r = _python(path, "--in", f"pcap:{example_pcap}", "-q")
-    assert r.returncode != 0
+    # exit status 2 and the prefix, as mbx says an error (it was 1 and "error:")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("local.py: error: ") and "nor would mbx run" in r.stderr
     assert "mb_nf_run() found no NF" in r.stderr and "local.py" in r.stderr
     assert "counted" not in r.stdout
     r = subprocess.run([*MBX, "run", path, "--in", f"pcap:{example_pcap}", "-q"],
@@ -294,3 +296,25 @@ def test_none_for_a_c_class_argument_is_a_type_error_not_a_crash(call, example_p
     assert r.returncode == 0, f"rc {r.returncode}: {r.stderr[-2000:]}"
     assert re.match(r"TypeError: Argument '\w+' has incorrect type \(expected mbx\.\w+\.\w+, "
                     r"got NoneType\)", r.stdout), r.stdout + r.stderr
+
+
+def test_script_on_its_own_fails_as_mbx_run_fails(tmp_path, example_pcap):
+    # A script run on its own said errors as "error: ..." with exit status 1, where
+    # mbx says "mbx: error: ..." with 2; and a make() meant for mbx run was answered
+    # "nor would mbx run", which would call it.
+    path = _script(tmp_path, "maker.py", """
+        def make():
+            return [C("a")]
+
+        mbx.mb_nf_run()
+        """)
+    r = _python(path, "--in", f"pcap:{example_pcap}", "-q")
+    assert r.returncode == 2, r.stderr
+    assert "its make() is for mbx run" in r.stderr and "nor would" not in r.stderr
+    path = _script(tmp_path, "one.py", """
+        nfs = [C("a")]
+        mbx.mb_nf_run()
+        """)
+    r = _python(path, "--in", f"pcap:{tmp_path}/missing.pcap", "-q")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("one.py: error: pcap:"), r.stderr
