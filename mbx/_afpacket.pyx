@@ -616,7 +616,8 @@ cdef class AfPacketPort(Port):
     when it is full or ``retire_ms`` after its first frame, so ``retire_ms``
     bounds the latency the ring adds at low rates (V2 ignores it).
     ``rx_burst`` waits at most ``timeout_ms`` in ``poll()`` when nothing is
-    ready, then returns 0.  Frames this socket (or any socket) sent out of the
+    ready (not at all while a pipelined stack has bursts in flight), then returns
+    0.  Frames this socket (or any socket) sent out of the
     interface are not received.
 
     ``fanout_group`` (0..65535) joins a PACKET_FANOUT group: sockets in one group
@@ -1238,7 +1239,7 @@ cdef class AfPacketPort(Port):
         pfd.fd = self.fd
         pfd.events = POLLIN
         pfd.revents = 0
-        if poll(&pfd, 1, self.timeout_ms) == 0:
+        if poll(&pfd, 1, 0 if self.rx_nowait else self.timeout_ms) == 0:
             self.refresh_stats()       # idle: a cheap moment to fetch drop counts
             return self.idle_check()
         return self.socket_error(pfd.revents)
@@ -1685,7 +1686,7 @@ cdef class BridgePorts(Port):
             pfd[1].fd = self.server.fd
             pfd[1].events = POLLIN
             pfd[1].revents = 0
-            if poll(pfd, 2, self.client.timeout_ms) == 0:
+            if poll(pfd, 2, 0 if self.rx_nowait else self.client.timeout_ms) == 0:
                 self.client.refresh_stats()
                 self.server.refresh_stats()
                 self.rx_dropped = self.client.rx_dropped + self.server.rx_dropped

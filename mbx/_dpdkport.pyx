@@ -1491,8 +1491,9 @@ cdef class DpdkBridge(Port):
     DPDK drivers poll and never sleep, which is right on a core of its own.  On
     cores shared with other work (the test bed's 2 cores, with the client and the
     servers), ``idle_us=N`` sleeps N µs once both sides have been empty for
-    BRIDGE_SPIN_POLLS polls in a row, giving the core back; a frame arriving then
-    waits up to that long (plus the kernel's timer slack).
+    BRIDGE_SPIN_POLLS polls in a row, giving the core back (never while a pipelined
+    stack has bursts in flight); a frame arriving then waits up to that long (plus
+    the kernel's timer slack).
     """
 
     def __init__(self, str client_vdev, str server_vdev, *, uint32_t idle_us=0,
@@ -1566,7 +1567,7 @@ cdef class DpdkBridge(Port):
             return PORT_EOF
         if n or batch.count:
             self.idle_polls = 0
-        elif self.idle_us:
+        elif self.idle_us and not self.rx_nowait:
             self.idle_polls = self.idle_polls + 1
             if self.idle_polls >= BRIDGE_SPIN_POLLS:
                 pause.tv_sec = self.idle_us // 1000000

@@ -238,6 +238,11 @@ cdef class Port:
     cdef uint32_t rss_n                    # 0 or 1: deliver everything
     cdef object _error
     cdef bint closed
+    # Set by the stack while bursts are in flight (pipelined): rx_burst returns at
+    # once with what is ready instead of waiting for frames.  A port waits on its
+    # input only, not on the NF processes' completion: a lone frame would otherwise
+    # leave only once the next one came or the port's wait ran out.
+    cdef bint rx_nowait
 
     # Appends up to the batch's free room; returns the count added (0: nothing yet),
     # PORT_EOF at the end of the input, or PORT_ERROR.

@@ -561,8 +561,12 @@ cdef class NetworkLayer:
                     # read no more than the limit: frames read past it would be lost
                     full = batch.capacity
                     batch.capacity = <uint32_t>(limit - self.pkts)
+                # With bursts in flight, a quiet input must not hold up their sending
+                # (see Port.rx_nowait): they are waited for below when nothing came.
+                inp.rx_nowait = inflight > 0
                 with nogil:
                     n = inp.rx_burst(batch)
+                inp.rx_nowait = False
                 if full:
                     batch.capacity = full
                 if n == PORT_ERROR:
