@@ -749,7 +749,9 @@ def coalescing_not_sendable(spec: str, out_spec: str | None = None) -> list[str]
         return []       # opening the port says what is wrong with the spec
     if options.get("offloads"):
         return []
-    if len(ifaces) == 1 and out_scheme not in ("afpacket", "dpdk"):
+    # sent on by a live port: the bridge itself (no other output given), or a live
+    # output; a bridge whose place a capture output takes sends nothing
+    if out_scheme not in ("afpacket", "dpdk") and not (len(ifaces) == 2 and not out_spec):
         return []
     from mbx._afpacket import interface_coalescing
 

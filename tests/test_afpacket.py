@@ -1836,6 +1836,8 @@ def test_gro_on_a_bridged_interface_is_warned_of_before_the_run(testbed, tmp_pat
     assert warnings_of("afpacket:mc", "--out", "afpacket:ms")
     assert warnings_of("afpacket:mc,ms?offloads=1") == []          # it takes them
     assert warnings_of("afpacket:mc", "--out", f"pcap:{tmp_path}/o.pcap") == []
+    # a bridge whose place a capture output takes forwards nothing live
+    assert warnings_of("afpacket:mc,ms", "--out", f"pcap:{tmp_path}/b.pcap") == []
     _sh(*_in_ns(NS_M, "ethtool", "-K", "mc", "gro", "off"))
     assert warnings_of("afpacket:mc,ms") == []
 
