@@ -354,11 +354,19 @@ def _run(nfs, args, spec=None):
         # --json /dev/stdout, or the file standard output goes to: as --json -, so
         # that the counters are not written over the summary (or it over them)
         args.json = "-"
-    if out_file and _names_stdout(out_file):
-        if args.json == "-":
-            raise MbxError(f"--json {given} and --out {args.out}: both would write "
-                           "standard output, the counters into the packets: give one "
-                           "of them a file")
+    out_stdout = bool(out_file) and _names_stdout(out_file)
+    if out_stdout and args.json == "-":
+        raise MbxError(f"--json {given} and --out {args.out}: both would write "
+                       "standard output, the counters into the packets: give one "
+                       "of them a file")
+    writer = next((nf for nf in nfs if getattr(nf, "writes_stdout", False)), None)
+    if writer is not None and (out_stdout or args.json == "-"):
+        # one stream, two writers: the NF's lines would land inside the capture or
+        # the counters' JSON, and nothing would say so until their reader choked
+        raise MbxError(f"NF {writer.name} writes standard output, and "
+                       + (f"--out {args.out}" if out_stdout else f"--json {given}")
+                       + " would too: give one of them a file")
+    if out_stdout:
         # the capture is all that standard output carries (mbx run ... | tcpdump -r -):
         # the summary, and what NFs print, go to standard error
         with contextlib.redirect_stdout(sys.stderr):

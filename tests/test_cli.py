@@ -157,6 +157,21 @@ def test_a_logger_on_stdout_has_it_to_itself(example_pcap, deploy, path):
     assert f"events {len(records):,}" in r.stderr and "packets        " in r.stderr
 
 
+@pytest.mark.parametrize("path", ["-", "/dev/stdout"], ids=["dash", "dev-stdout"])
+@pytest.mark.parametrize("other", [["--out", "pcap:-"], ["--json", "-"]],
+                         ids=["capture", "counters"])
+def test_a_logger_on_stdout_shares_it_with_nothing(example_pcap, path, other):
+    # logger.path=/dev/stdout with --out pcap:- wrote its JSON lines into the
+    # capture, exit 0 (tcpdump: "unknown file format"); with "-" the log went to
+    # stderr unasked.  Two writers of one stream are refused, naming both.
+    r = mbx_cmd("run", "flow_stats+logger", "--in", f"pcap:{example_pcap}", *other,
+                "--set", f"logger.path={path}")
+    assert r.returncode == 2, r.stderr
+    assert "NF logger writes standard output, and " in r.stderr, r.stderr
+    assert f"{other[0]} " in r.stderr and "give one of them a file" in r.stderr
+    assert r.stdout == ""
+
+
 def test_json_at_a_standard_stream_is_written_through_it(example_pcap, tmp_path):
     # --json /dev/stdout > FILE opened the file anew, truncating it, and wrote the
     # counters over the summary; --json /dev/stderr 2> FILE lost what stderr said
