@@ -112,12 +112,12 @@ def mb_nf_run(argv=None):
         from mbx.cli import failed
         from mbx.errors import AppError
 
-        path = getattr(main, "__file__", None) or "the script"
+        name = os.path.basename(getattr(main, "__file__", None) or sys.argv[0] or "python")
         why = ("its make() is for mbx run, which calls it: run the file so (mbx run "
-               f"{os.path.basename(path)} --in PORT), or create its NFs at the top level"
+               f"{name} --in PORT), or create its NFs at the top level"
                if callable(vars(main).get("make")) else
                "nor would mbx run: create mbx.NF(...) under a global name, or a list of "
                "them, or call mb_sub before it")
-        sys.exit(failed(AppError(f"{path}: mb_nf_run() found no NF ({why})"),
-                        os.path.basename(sys.argv[0]) or "mbx"))
+        # said under the script's own name, as its other errors are
+        sys.exit(failed(AppError(f"mb_nf_run() found no NF ({why})"), name))
     return run_script(nfs, sys.argv[1:] if argv is None else argv)
