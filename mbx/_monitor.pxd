@@ -123,6 +123,9 @@ cdef class TcpMonitor(NetworkLayer):
     cdef readonly uint64_t streams_opened
     cdef readonly uint64_t gaps
     cdef readonly uint64_t gap_bytes
+    # of those: the bytes a snaplen cut off a segment seen on the wire
+    cdef readonly uint64_t cut_gaps
+    cdef readonly uint64_t cut_gap_bytes
     cdef readonly uint64_t conflicts
     cdef readonly uint64_t memcaps
     cdef readonly uint64_t memcaps_pieces  # of those: STREAM_MAX_OOO pieces held already
@@ -150,6 +153,8 @@ cdef class TcpMonitor(NetworkLayer):
                                tcp_conn *c) noexcept nogil
     cdef void stream_work(self, Batch batch, mbx_pkt *p, uint32_t slot, tcp_conn *c,
                           uint32_t sbits) noexcept nogil
+    cdef void skip_holes(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                         uint8_t o, uint32_t upto, bint cut) noexcept nogil
     cdef void data_ready(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                          uint8_t d, uint64_t old_frontier) noexcept nogil
     cdef void add_flags(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, mbx_stream *s,

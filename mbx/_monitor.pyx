@@ -527,7 +527,7 @@ cdef class TcpMonitor(NetworkLayer):
         cdef uint32_t pair
         cdef mbx_stream *s
         cdef uint32_t seq, ack, end, seen
-        cdef uint64_t before, gs, ge, n
+        cdef uint64_t before
         cdef int fl
         cdef mbx_msg *m
         cdef conn_meta *meta = &self.meta[slot]
@@ -541,10 +541,19 @@ cdef class TcpMonitor(NetworkLayer):
         # Monitor saw may never reach the endpoint (a low TTL), and stopping there
         # would let a sender hide the rest.
         cdef bint accepted = not (sbits & (TCPEV_OUT_OF_WINDOW | TCPEV_RST_INVALID))
+        # Payload bytes a snaplen cut off (the IP header says how many were sent):
+        # they were on the wire, so they are skipped as a cut gap once the captured
+        # bytes before them are delivered, not left as a hole for the ACK to skip as
+        # one the capture missed.  SYN data is held apart (syn_hold): not here.
+        cdef uint32_t cut = 0, wire_off
+        if p.flags & PKT_F_TRUNCATED and not p.tcp_flags & TH_SYN:
+            wire_off = p.l4_off + (p.data[p.l4_off + 12] >> 4) * 4
+            if p.l3_off + p.ip_len > wire_off + p.payload_len:
+                cut = p.l3_off + p.ip_len - wire_off - p.payload_len
         seq = p.seq + (1 if p.tcp_flags & TH_SYN else 0)
         seen = meta.sent_hi[d]
         if accepted:
-            end = seq + p.payload_len
+            end = seq + p.payload_len + cut
             if not seen_d or seq_gt(end, seen):
                 meta.sent_hi[d] = end
                 meta.mark |= hi_d
@@ -587,7 +596,7 @@ cdef class TcpMonitor(NetworkLayer):
                     self.syn_decide(p, slot, c, pair, o, 0, True)
         if want_d and p.payload_len and accepted and p.tcp_flags & TH_SYN:
             self.syn_hold(p, slot, c, pair, seq)
-        elif want_d and p.payload_len and accepted:
+        elif want_d and (p.payload_len or cut) and accepted:
             # the packet's payload, into its direction's stream
             s = &self.streams[2 * pair + d]
             if not meta.mark & (MARK_INIT0 << d):
@@ -623,6 +632,10 @@ cdef class TcpMonitor(NetworkLayer):
             self.add_flags(p, slot, c, s, d, fl, seq, p.payload_len)
             if s.frontier != before:
                 self.data_ready(p, slot, c, pair, d, before)
+            if (cut and not p.tcp_flags & TH_RST and stream_offset_of(
+                    s, seq + p.payload_len) <= <int64_t>s.frontier):
+                # the captured bytes are delivered: the cut ones follow them
+                self.skip_holes(p, slot, c, pair, d, seq + p.payload_len + cut, True)
         elif (want_d and p.payload_len == 1 and sbits & TCPEV_OUT_OF_WINDOW
                 and not p.tcp_flags & (TH_SYN | TH_FIN | TH_RST)
                 and meta.mark & (MARK_INIT0 << d)):
@@ -661,28 +674,44 @@ cdef class TcpMonitor(NetworkLayer):
             # were seen, so that a lost segment is reported when its successor is.
             if meta.mark & (MARK_HI0 << o) and seq_gt(ack, meta.sent_hi[o]):
                 ack = meta.sent_hi[o]
-            while True:
-                # a hole whose gap would release bytes this burst's DATA_RDY
-                # delivered waits for an ACK after the burst's release point
-                n = stream_skip_hole(self.pool, s, ack,
-                                     self.round_from[2 * pair + o]
-                                     if self.touched_mark[pair] else s.frontier,
-                                     &gs, &ge)
-                if n == 0:
-                    break
-                s.probe_held = 0                # the frontier moved past it
-                self.gaps += 1
-                self.gap_bytes += n
-                m = self.flow_tcp_msg(T_FLOW_TCP_GAP, p, slot, 0, c)
-                if m != NULL:
-                    (<flow_tcp_body *>m.body).offset = gs
-                    (<flow_tcp_body *>m.body).length = n
-                    (<flow_tcp_body *>m.body).stream_dir = o ^ cdir
-                    self.bus.publish(m)
-                # the held bytes the frontier ran through after this hole: their own
-                # DATA_RDY, from the hole's end (a read cannot cross a hole)
-                if s.frontier > ge:
-                    self.data_ready(p, slot, c, pair, o, ge)
+            self.skip_holes(p, slot, c, pair, o, ack, False)
+
+    cdef void skip_holes(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                         uint8_t o, uint32_t upto, bint cut) noexcept nogil:
+        # Skips the holes of flow dir o's stream before seq upto, each a gap: the
+        # receiver acknowledged them, or (cut) they are the bytes a snaplen cut off a
+        # segment, which was on the wire but not captured.  Cut gaps are counted
+        # apart, so that `mbx flows` tells the snaplen once, not again as holes the
+        # capture missed.
+        cdef mbx_stream *s = &self.streams[2 * pair + o]
+        cdef uint8_t cdir = tcp_client_dir(c)
+        cdef uint64_t gs, ge, n
+        cdef mbx_msg *m
+        while True:
+            # a hole whose gap would release bytes this burst's DATA_RDY
+            # delivered waits for an ACK after the burst's release point
+            n = stream_skip_hole(self.pool, s, upto,
+                                 self.round_from[2 * pair + o]
+                                 if self.touched_mark[pair] else s.frontier,
+                                 &gs, &ge)
+            if n == 0:
+                break
+            s.probe_held = 0                # the frontier moved past it
+            self.gaps += 1
+            self.gap_bytes += n
+            if cut:
+                self.cut_gaps += 1
+                self.cut_gap_bytes += n
+            m = self.flow_tcp_msg(T_FLOW_TCP_GAP, p, slot, 0, c)
+            if m != NULL:
+                (<flow_tcp_body *>m.body).offset = gs
+                (<flow_tcp_body *>m.body).length = n
+                (<flow_tcp_body *>m.body).stream_dir = o ^ cdir
+                self.bus.publish(m)
+            # the held bytes the frontier ran through after this hole: their own
+            # DATA_RDY, from the hole's end (a read cannot cross a hole)
+            if s.frontier > ge:
+                self.data_ready(p, slot, c, pair, o, ge)
 
     cdef void add_flags(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, mbx_stream *s,
                         uint8_t d, int fl, uint32_t seq, uint32_t n) noexcept nogil:
@@ -1062,6 +1091,9 @@ cdef class TcpMonitor(NetworkLayer):
             "connections": self.connections, "new_connections": self.new_connections,
             "streams_opened": self.streams_opened, "streams_exhausted": self.pairs_exhausted,
             "gaps": self.gaps, "gap_bytes": self.gap_bytes,
+            # of those: the bytes a snaplen cut off segments (not holes the capture
+            # missed)
+            "cut_gaps": self.cut_gaps, "cut_gap_bytes": self.cut_gap_bytes,
             # gaps that released bytes early (more held than STREAM_MAX_GAPS); holes
             # left for a later ACK because no block was free to hold their gap and
             # that would have released bytes whose DATA_RDY the burst's NFs had not

@@ -130,11 +130,12 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
         warnings.append(f"{n} segment{'s' if n != 1 else ''} with payload came after "
                         "their connection closed with FINs, both acknowledged; their "
                         "bytes are not in the digests")
-    if tcp["gaps"]:
-        n = tcp["gaps"]
+    # the bytes a snaplen cut off are said once, by the cut segments' warning above
+    n = tcp["gaps"] - tcp["cut_gaps"]
+    if n:
         warnings.append(f"{n} hole{'s' if n != 1 else ''} the capture missed "
-                        f"({tcp['gap_bytes']:,} bytes) the receiver acknowledged: "
-                        f"skipped, those bytes are in no digest")
+                        f"({tcp['gap_bytes'] - tcp['cut_gap_bytes']:,} bytes) the receiver "
+                        f"acknowledged: skipped, those bytes are in no digest")
     held = app.stack.summary_held
     if held:
         warnings.append(f"{held} stream{'s' if held != 1 else ''} ended with bytes "
