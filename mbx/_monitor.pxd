@@ -116,6 +116,7 @@ cdef class TcpMonitor(NetworkLayer):
     # counters
     cdef readonly uint64_t tcp_pkts
     cdef readonly uint64_t tcp_unparsed
+    cdef readonly uint64_t tcp_header_cut   # of those: the TCP header cut short (trunc_l4)
     cdef readonly uint64_t cut_segments     # payload cut short by the capture (snaplen)
     cdef readonly uint64_t connections
     cdef readonly uint64_t new_connections

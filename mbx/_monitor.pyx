@@ -418,6 +418,9 @@ cdef class TcpMonitor(NetworkLayer):
         if p.status != PARSE_OK and p.status != PARSE_BAD_TCP_OPT and not (
                 p.status == PARSE_TRUNC_L4 and p.tcp_opts & TCPOPT_F_CUT):
             self.tcp_unparsed += 1          # no usable TCP header: PKT only
+            # cut before its fixed 20 bytes (a snaplen): not malformed, but its
+            # connection goes untracked, so `mbx flows` says so
+            self.tcp_header_cut += p.status == PARSE_TRUNC_L4
             return False
         cdef uint32_t slot = p.flow
         cdef mbx_flow *f = &self.flows.flows[slot]
@@ -1087,6 +1090,7 @@ cdef class TcpMonitor(NetworkLayer):
     def counters_tcp(self):
         return {
             "tcp_packets": self.tcp_pkts, "tcp_unparsed": self.tcp_unparsed,
+            "tcp_header_cut": self.tcp_header_cut,
             "cut_segments": self.cut_segments,
             "connections": self.connections, "new_connections": self.new_connections,
             "streams_opened": self.streams_opened, "streams_exhausted": self.pairs_exhausted,

@@ -40,7 +40,7 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
                stream_window=STREAM_WINDOW << 20, chunk_size=CHUNK_SIZE, stop=None):
     """The ``mbx-flows/1`` object for ``capture`` and a list of warnings (anything
     that may make the summary incomplete: memory caps, a stream's window, evicted
-    flows, holes the capture missed).  A capture
+    flows, holes the capture missed, TCP headers cut short).  A capture
     damaged midway gives the connections read before the damage and an ``error``
     key saying what stopped the reading.  ``stop``
     (anything with ``is_set()``) ends a live input: the summary then covers what
@@ -101,6 +101,13 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
                         f"{MAX_VLAN_TAGS} VLAN tags not looked at; any connection in "
                         f"{'them' if deep != 1 else 'it'} is not in the summary")
     tcp = counters["tcp"]
+    if tcp["tcp_header_cut"]:
+        n = tcp["tcp_header_cut"]
+        many = n != 1
+        warnings.append(f"{n} TCP packet{'s' if many else ''} not tracked: "
+                        f"{'their' if many else 'its'} TCP header was cut short (by the "
+                        "capture's snaplen, or an IP length too short for it); a "
+                        "connection seen only in such packets is not in the summary")
     if tcp["cut_segments"]:
         n = tcp["cut_segments"]
         warnings.append(f"{n} segment{'s' if n != 1 else ''} cut by the capture's snaplen; "
