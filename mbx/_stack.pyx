@@ -548,90 +548,110 @@ cdef class NetworkLayer:
         self.output = out
         self.output_lost_at_start = out.tx_lost if out is not None else 0
         try:
-            while not self.stopped:
-                if inflight == nslots:
-                    # every slot is in flight: the oldest burst must leave first
+            try:
+                while not self.stopped:
+                    if inflight == nslots:
+                        # every slot is in flight: the oldest burst must leave first
+                        self.retire(batches[head], marks[head], out, True, t_read[head])
+                        head = (head + 1) % nslots
+                        inflight -= 1
+                    batch = batches[(head + inflight) % nslots]
+                    batch.clear()
+                    full = 0
+                    if limit and limit - self.pkts < batch.capacity:
+                        # read no more than the limit: frames read past it would be lost
+                        full = batch.capacity
+                        batch.capacity = <uint32_t>(limit - self.pkts)
+                    # With bursts in flight, a quiet input must not hold up their sending
+                    # (see Port.rx_nowait): they are waited for below when nothing came.
+                    inp.rx_nowait = inflight > 0
+                    with nogil:
+                        n = inp.rx_burst(batch)
+                    inp.rx_nowait = False
+                    if full:
+                        batch.capacity = full
+                    if n == PORT_ERROR:
+                        try:
+                            inp.check()
+                        except PortError as exc:
+                            # The input failed (an interface deleted, a damaged capture):
+                            # what was read still goes out and every flow still ends, as at
+                            # the end of the input; then the error is raised.
+                            failure = exc
+                            break
+                    if n == PORT_EOF:
+                        break
+                    if limit and self.pkts + batch.count > limit:
+                        batch.count = <uint32_t>(limit - self.pkts)
+                    if batch.count:
+                        t_read[(head + inflight) % nslots] = monotonic()
+                        self.passed = 0
+                        processing = True
+                        self.process(batch)
+                        processing = False
+                        marks[(head + inflight) % nslots] = self.bus.burst_mark()
+                        inflight += 1
+                    if inp.walked_ns and inp.walked_ns != self.now_ns:
+                        # Software RSS on a capture: the other stack processes' frames move
+                        # the capture's clock too, so that flows go idle in capture time as
+                        # with one stack (not only when this process's next frame comes)
+                        if clock_take(&self.now_ns, inp.walked_ns, self.flows.clock_step_ns):
+                            self.clock_stepped_back()
+                        if self.now_ns >= self.next_expire_ns:
+                            self.expire(self.now_ns)
+                            self.next_expire_ns = self.now_ns + self.expire_every_ns
+                    # send what the NFs are done with (a live link that went quiet: all of it)
+                    while inflight and self.retire(batches[head], marks[head], out, n == 0,
+                                                   t_read[head]):
+                        head = (head + 1) % nslots
+                        inflight -= 1
+                    if limit and self.pkts >= limit:
+                        break
+                    # Live ports return 0 when nothing came in time: look at the clock and
+                    # the stop flag then, and every 64 bursts or 50 ms otherwise (bursts
+                    # that slow NFs make long would leave a Ctrl-C waiting for 64 of them).
+                    idle += 1
+                    if n == 0 or idle >= 64 or monotonic() >= next_check:
+                        idle = 0
+                        now = monotonic()
+                        next_check = now + 0.05
+                        if deadline and now >= deadline:
+                            self.stopped = self.timed_out = True
+                            break
+                        if stop is not None and stop.is_set():
+                            # told apart from the input's end: the counters are of part of it
+                            self.stopped = True
+                            break
+                        if live and n == 0:
+                            # a quiet live link: flows still go idle by the clock
+                            clock_gettime(CLOCK_REALTIME, &wall)
+                            self.expire(wall.tv_sec * 1000000000 + wall.tv_nsec)
+                        if progress is not None and now >= next_report:
+                            progress(self)
+                            next_report = now + progress_every
+                while inflight:
                     self.retire(batches[head], marks[head], out, True, t_read[head])
                     head = (head + 1) % nslots
                     inflight -= 1
-                batch = batches[(head + inflight) % nslots]
-                batch.clear()
-                full = 0
-                if limit and limit - self.pkts < batch.capacity:
-                    # read no more than the limit: frames read past it would be lost
-                    full = batch.capacity
-                    batch.capacity = <uint32_t>(limit - self.pkts)
-                # With bursts in flight, a quiet input must not hold up their sending
-                # (see Port.rx_nowait): they are waited for below when nothing came.
-                inp.rx_nowait = inflight > 0
-                with nogil:
-                    n = inp.rx_burst(batch)
-                inp.rx_nowait = False
-                if full:
-                    batch.capacity = full
-                if n == PORT_ERROR:
-                    try:
-                        inp.check()
-                    except PortError as exc:
-                        # The input failed (an interface deleted, a damaged capture):
-                        # what was read still goes out and every flow still ends, as at
-                        # the end of the input; then the error is raised.
-                        failure = exc
-                        break
-                if n == PORT_EOF:
-                    break
-                if limit and self.pkts + batch.count > limit:
-                    batch.count = <uint32_t>(limit - self.pkts)
-                if batch.count:
-                    t_read[(head + inflight) % nslots] = monotonic()
-                    self.passed = 0
-                    processing = True
-                    self.process(batch)
-                    processing = False
-                    marks[(head + inflight) % nslots] = self.bus.burst_mark()
-                    inflight += 1
-                if inp.walked_ns and inp.walked_ns != self.now_ns:
-                    # Software RSS on a capture: the other stack processes' frames move
-                    # the capture's clock too, so that flows go idle in capture time as
-                    # with one stack (not only when this process's next frame comes)
-                    if clock_take(&self.now_ns, inp.walked_ns, self.flows.clock_step_ns):
-                        self.clock_stepped_back()
-                    if self.now_ns >= self.next_expire_ns:
-                        self.expire(self.now_ns)
-                        self.next_expire_ns = self.now_ns + self.expire_every_ns
-                # send what the NFs are done with (a live link that went quiet: all of it)
-                while inflight and self.retire(batches[head], marks[head], out, n == 0,
-                                               t_read[head]):
-                    head = (head + 1) % nslots
-                    inflight -= 1
-                if limit and self.pkts >= limit:
-                    break
-                # Live ports return 0 when nothing came in time: look at the clock and
-                # the stop flag then, and every 64 bursts or 50 ms otherwise (bursts
-                # that slow NFs make long would leave a Ctrl-C waiting for 64 of them).
-                idle += 1
-                if n == 0 or idle >= 64 or monotonic() >= next_check:
-                    idle = 0
-                    now = monotonic()
-                    next_check = now + 0.05
-                    if deadline and now >= deadline:
-                        self.stopped = self.timed_out = True
-                        break
-                    if stop is not None and stop.is_set():
-                        # told apart from the input's end: the counters are of part of it
-                        self.stopped = True
-                        break
-                    if live and n == 0:
-                        # a quiet live link: flows still go idle by the clock
-                        clock_gettime(CLOCK_REALTIME, &wall)
-                        self.expire(wall.tv_sec * 1000000000 + wall.tv_nsec)
-                    if progress is not None and now >= next_report:
-                        progress(self)
-                        next_report = now + progress_every
-            while inflight:
-                self.retire(batches[head], marks[head], out, True, t_read[head])
+            except Exception as exc:
+                if not self.finishing:
+                    raise
+                # The output failed (finish() raised what the port recorded, having
+                # counted the burst it failed on): as after an input's error, every flow
+                # still ends (FLOW/END, counted shutdown), then the error is raised.
+                # Nothing more goes to the failed output: the NFs finish the bursts
+                # still in flight, and their packets are counted dropped on the error.
+                self.finishing = False
                 head = (head + 1) % nslots
                 inflight -= 1
+                if failure is None:
+                    failure = exc
+                while inflight:
+                    self.bus.burst_done(batches[head], marks[head], True)
+                    batch = batches[head]
+                    self.fail_burst(batch, 0, batch.count)
+                    head = (head + 1) % nslots
+                    inflight -= 1
             self.shutdown()
             self.bus.burst_done(None, self.bus.burst_mark(), True)
             self.run_s += monotonic() - started
@@ -642,8 +662,8 @@ cdef class NetworkLayer:
             # The run failed (an NF's handler raised, or a second stop signal
             # interrupted one): the bursts in flight are never sent.  Their packets
             # are counted (dropped_on_error), so that a failed run's counters still
-            # add up to the packets read.  (A burst the output failed on is counted
-            # by finish(): what it sent, and the rest dropped_on_error.)
+            # add up to the packets read.  (An output's failure ends the flows first,
+            # above; a burst finish() was in when interrupted counted itself.)
             if processing:
                 self.fail_burst(batches[(head + inflight) % nslots], 0, self.passed)
             if inflight and self.finishing:

@@ -1011,6 +1011,29 @@ def test_an_output_write_that_fails_leaves_counters_that_add_up(tmp_path, stacks
         assert out["tx_pkts"] == c["sent"] and out["tx_lost"] > 0
 
 
+@pytest.mark.parametrize("deploy", [["--deploy", "inline"], ["--deploy", "pipelined"],
+                                    ["--stacks", "2"]])
+def test_an_output_that_fails_mid_run_still_ends_the_flows(tmp_path, deploy):
+    # An input's error ended every flow before the error was raised, an output's
+    # skipped that: flows active at the end, shutdown 0, and no NF got FLOW/END.
+    cap = tmp_path / "big.pcap"
+    r = mbx_cmd("example-capture", str(cap), "--flows", "1000")
+    assert r.returncode == 0, r.stderr
+    counters = tmp_path / "c.json"
+    r = _mbx_with_file_limit(256 << 10, "run", "l2fwd+flow_stats", "--in", f"pcap:{cap}",
+                             "--out", "pcap:o.pcap", "--json", str(counters), *deploy,
+                             cwd=tmp_path)
+    assert r.returncode == 2 and "write failed: File too large" in r.stderr, r.stderr
+    c = json.loads(counters.read_text())
+    f = c["flows"]
+    assert f["created"] > 0 and f["active"] == 0
+    assert f["shutdown"] == f["created"] - f["expired"] - f["evicted"] - f["closed"]
+    assert f"ended at the error {f['shutdown']:,}" in r.stdout
+    assert c["events"]["FLOW/END"] == {"published": f["created"], "delivered": f["created"]}
+    assert c["nfs"]["flow_stats"]["report"]["flows"] == f["created"]
+    assert _accounted(c) == c["packets"]
+
+
 def test_an_output_write_that_fails_as_it_closes_is_a_failed_run(tmp_path, example_pcap):
     # The output fits in the writer's buffer, written when it closes, after the run:
     # that failure ended mbx with no summary and no --json.
