@@ -151,3 +151,5 @@ cdef class PcapWriter(Port):
 
     cdef int _flush(self) noexcept nogil
     cdef void _lose_unwritten(self, size_t done) noexcept nogil
+    cdef object write_error(self, str how)
+    cdef void record_write_error(self) noexcept with gil

@@ -10,11 +10,11 @@ empty, for the parser to count as ``trunc_l2``, and a pcap output to leave out).
 import os
 import stat
 
-from libc.errno cimport EINTR, errno
+from libc.errno cimport EINTR, EPIPE, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memset, strerror
+from libc.string cimport memcpy, memset
 from posix.mman cimport MADV_DONTNEED, MADV_SEQUENTIAL, MAP_FAILED, MAP_PRIVATE, PROT_READ
 from posix.mman cimport madvise, mmap, munmap
 from posix.stat cimport fstat
@@ -31,7 +31,7 @@ from mbx._rss cimport (
     RSS_FLOW, RSS_FRAGMENT, RSS_PARSE, rss_hash_of_frame, rss_share_of, rss_stack_of_parsed,
 )
 
-from mbx.errors import CaptureFormatError, PortError
+from mbx.errors import CaptureFormatError, PortError, ReaderGoneError
 
 # Unaligned, byte-order-aware field reads: classic pcap records start at any offset,
 # so a cast-and-load would be undefined behaviour; memcpy compiles to a plain load.
@@ -1291,7 +1291,6 @@ cdef class PcapWriter(Port):
         cdef uint32_t caplen
         cdef int64_t ts
         cdef uint8_t *h
-        cdef char msg[160]
         if self.fd < 0:
             self.set_error(b"write on a closed writer")
             return PORT_ERROR
@@ -1318,8 +1317,7 @@ cdef class PcapWriter(Port):
             # after a failed write nothing is taken, even what would fit the buffer
             if self.io_errno or self.used + PCAP_REC_HDR + caplen > WRITE_BUFFER:
                 if self._flush() < 0:
-                    snprintf(msg, sizeof(msg), "write failed: %s", strerror(self.io_errno))
-                    self.set_error(msg)
+                    self.record_write_error()
                     return PORT_ERROR
             h = self.buf + self.used
             wr32(h, <uint32_t>(ts // NS))
@@ -1345,7 +1343,18 @@ cdef class PcapWriter(Port):
         with nogil:
             rc = self._flush()
         if rc < 0:
-            raise PortError(f"{self.name}: write failed: {os.strerror(self.io_errno)}")
+            raise self.write_error("write failed: {}")
+
+    cdef object write_error(self, str how):
+        # EPIPE: the pipe's reader went away (--out pcap:- | head), no failure of the
+        # run's: ReaderGoneError is also a BrokenPipeError, which mbx ends quietly on
+        cls = ReaderGoneError if self.io_errno == EPIPE else PortError
+        return cls(f"{self.name}: {how.format(os.strerror(self.io_errno))}")
+
+    cdef void record_write_error(self) noexcept with gil:
+        # send's failed write, raised by check() as set_error's are
+        if self._error is None:
+            self._error = self.write_error("write failed: {}")
 
     def close(self):
         """Flush and close the file.  Idempotent.  A write that failed before (raised
@@ -1364,8 +1373,7 @@ cdef class PcapWriter(Port):
         self.buf = NULL
         self.closed = True
         if rc < 0 and not failed_before:
-            raise PortError(f"{self.name}: write failed at close "
-                            f"({os.strerror(self.io_errno)})")
+            raise self.write_error("write failed at close ({})")
 
     def __dealloc__(self):
         # A writer dropped without close() still leaves a complete file behind.

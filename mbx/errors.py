@@ -13,6 +13,12 @@ class CaptureFormatError(PortError):
     """A capture file is not a pcap/pcapng file or is damaged."""
 
 
+class ReaderGoneError(PortError, BrokenPipeError):
+    """A capture written to a pipe whose reader went away (``mbx run ... --out pcap:-
+    | head``): a BrokenPipeError too, so that ``mbx`` stops quietly with exit status
+    141, as it does when its own output's reader goes away and as other tools do."""
+
+
 class EventTypeError(MbxError):
     """An unknown event type, a bad type definition, or a type mismatch."""
 

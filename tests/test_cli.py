@@ -1618,6 +1618,32 @@ def test_a_reader_that_goes_away_is_no_error():
     assert p.wait(timeout=60) in (0, 141) and err == "", err
 
 
+@pytest.mark.parametrize("size", ["big", "small"])
+@pytest.mark.parametrize("deploy", ["inline", "pipelined"])
+def test_a_capture_reader_that_goes_away_ends_the_run_quietly(tmp_path, example_pcap,
+                                                                size, deploy):
+    # mbx run ... --out pcap:- | tcpdump -r - -c 3: the write's EPIPE became a
+    # PortError, a failed run (exit 2, "mbx: error: ... Broken pipe"), where mbx
+    # types | head and tcpdump -w - | head stop quietly.  "big": written mid-run;
+    # "small": the whole output in the writer's buffer, written as it closes.
+    cap = example_pcap
+    if size == "big":
+        cap = str(tmp_path / "big.pcap")
+        r = mbx_cmd("example-capture", cap, "--flows", "1000")
+        assert r.returncode == 0, r.stderr
+    counters = tmp_path / "c.json"
+    p = subprocess.Popen([*MBX, "run", "flow_stats", "--in", f"pcap:{cap}", "--out",
+                          "pcap:-", "--deploy", deploy, "--json", str(counters)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
+    assert len(p.stdout.read(8)) == 8       # a pcap file header's start
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert "mbx: error" not in err and err.startswith("packets"), err   # the summary
+    c = json.loads(counters.read_text())
+    assert "Broken pipe" in c["error"] and c["flows"]["active"] == 0
+
+
 def _damaged_after(capture, tmp_path, n):
     """A copy of a classic pcap whose n-th record has an absurd captured length:
     a capture damaged midway."""
