@@ -42,6 +42,7 @@ cdef class NetworkLayer:
     cdef readonly double run_cpu_s      # the running thread's CPU time in run()
     cdef readonly bint stopped          # the last run() ended on its stop flag or duration
     cdef readonly bint timed_out        # ... on its duration
+    cdef readonly uint64_t shut_early   # flows ended before the input's end (stop, failure)
     cdef bint drop_malformed
     cdef int64_t now_ns
     cdef int64_t next_expire_ns

@@ -534,6 +534,7 @@ cdef class NetworkLayer:
         cdef bint processing = False    # the burst just read is in process()
         cdef timespec wall
         cdef object failure = None
+        cdef uint64_t shut_before
         if nslots > 64:
             raise ValueError(f"at most 64 bursts in flight, not {nslots}")
         for batch in batches:
@@ -652,7 +653,14 @@ cdef class NetworkLayer:
                     self.fail_burst(batch, 0, batch.count)
                     head = (head + 1) % nslots
                     inflight -= 1
+            shut_before = self.flows.shut
             self.shutdown()
+            if failure is not None or self.stopped:
+                # ended before the input's end, by a stop (a signal, the duration, a
+                # parent stopping the other stacks of a failed run) or by the port's
+                # error: the summary tells them from flows that ended with the input,
+                # which an error after the run (an NF's stop() raising) leaves so
+                self.shut_early += self.flows.shut - shut_before
             self.bus.burst_done(None, self.bus.burst_mark(), True)
             self.run_s += monotonic() - started
             self.run_cpu_s += thread_cpu() - cpu_started
@@ -728,6 +736,7 @@ cdef class NetworkLayer:
                 "created": self.flows.created, "active": self.flows.active,
                 "expired": self.flows.expired, "evicted": self.flows.evicted,
                 "closed": self.flows.closed, "shutdown": self.flows.shut,
+                "shutdown_early": self.shut_early,
                 "refused": self.flows.refused,
             },
             "fragments": {

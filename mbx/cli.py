@@ -108,13 +108,21 @@ def _print_counters(c, elapsed, out=None):
       + (f", {lost_in_flight(c)} {c['dropped_on_error']:,} (neither sent nor dropped "
          "by an NF)" if c["dropped_on_error"] else "") + "\n")
     f = c["flows"]
-    # what ended the flows and cut fragments short: an error is no stop (stopped null)
-    ended_by = "stop" if c.get("stopped") else "error" if c.get("error") else "end of the input"
+    # What ended the flows and cut fragments short: a stop; an error that cut the run
+    # short (its port's, or another stack's, whose failure stopped this one): the
+    # flows then ended early; or the input's end, also where an error came after it
+    # (an NF's stop() raising).  With --stacks, some processes may have read to the end.
+    early = f.get("shutdown_early", 0)
+    ended_by = ("stop" if c.get("stopped") else "error" if c.get("error") and early
+                else "end of the input")
+    at_error = early if ended_by == "error" else 0
+    rest = f.get("shutdown", 0) - at_error
     w(f"flows          created {f['created']:,}, expired {f['expired']:,}, "
       f"evicted {f['evicted']:,}"
       + (f", closed {f['closed']:,}" if f.get("closed") else "")
-      + (f", ended {'with the input' if ended_by == 'end of the input' else 'at the ' + ended_by} "
-         f"{f['shutdown']:,}" if f.get("shutdown") else "")
+      + (f", ended at the stop {f['shutdown']:,}" if ended_by == "stop" and f.get("shutdown")
+         else (f", ended with the input {rest:,}" if rest else "")
+         + (f", ended at the error {at_error:,}" if at_error else ""))
       + (f", refused {f['refused']:,} packets (no room for their flow)" if f["refused"]
          else "") + "\n")
     for side, port in (c.get("ports") or {}).items():

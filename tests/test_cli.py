@@ -1034,6 +1034,40 @@ def test_an_output_that_fails_mid_run_still_ends_the_flows(tmp_path, deploy):
     assert _accounted(c) == c["packets"]
 
 
+STOP_RAISES_NF = """import mbx
+
+class SaveFails(mbx.NF):
+    def __init__(self):
+        super().__init__("save_fails")
+        self.sub(mbx.FLOW_END, lambda ev: None)
+
+    def stop(self):
+        raise RuntimeError("disk full while saving")
+
+save_fails = SaveFails()
+"""
+
+
+@pytest.mark.parametrize("deploy", [["--deploy", "inline"], ["--deploy", "pipelined"],
+                                    ["--stacks", "2"]])
+def test_an_error_after_the_input_leaves_the_flows_ended_with_it(tmp_path, deploy):
+    # An NF's stop() raised once the whole input was read and every flow had ended
+    # with it: the summary must not say the flows "ended at the error" (which reads
+    # as if the error cut them short), while the run still fails with the error.
+    cap = tmp_path / "ex.pcap"
+    assert mbx_cmd("example-capture", str(cap)).returncode == 0
+    (tmp_path / "save_fails.py").write_text(STOP_RAISES_NF)
+    r = mbx_cmd("run", "save_fails.py", "--in", f"pcap:{cap}", "--json", "c.json", *deploy,
+                cwd=tmp_path)
+    assert r.returncode == 2 and "stop() raised RuntimeError: disk full" in r.stderr, r.stderr
+    c = json.loads((tmp_path / "c.json").read_text())
+    f = c["flows"]
+    assert f["shutdown"] == f["created"] > 0 and f["shutdown_early"] == 0
+    assert c["events"]["FLOW/END"]["delivered"] == f["created"]
+    assert f"ended with the input {f['shutdown']:,}" in r.stdout, r.stdout
+    assert "at the error" not in r.stdout, r.stdout
+
+
 def test_an_output_write_that_fails_as_it_closes_is_a_failed_run(tmp_path, example_pcap):
     # The output fits in the writer's buffer, written when it closes, after the run:
     # that failure ended mbx with no summary and no --json.
@@ -1794,9 +1828,14 @@ def test_the_summary_says_a_stop_cut_the_fragments_short(tmp_path):
     # and a run an error ended (an interface deleted) was not stopped: "at the stop"
     # had the reader look for a stop that never came
     c["flows"]["shutdown"] = 1
-    for stopped, error, said in ((None, None, "end of the input"),
-                                 ("SIGINT", None, "stop"), (None, "PortError", "error")):
+    # an error after the input's end (an NF's stop() raised) left the flows ended with
+    # the input: only those ended early (shutdown_early) by the error ended at it
+    for stopped, error, at_error, said in ((None, None, 0, "end of the input"),
+                                           ("SIGINT", None, 0, "stop"),
+                                           (None, "PortError", 1, "error"),
+                                           (None, "NFError", 0, "end of the input")):
         c["stopped"], c["error"] = stopped, error
+        c["flows"]["shutdown_early"] = at_error
         text = io.StringIO()
         cli._print_counters(c, 1.0, text)
         assert f"incomplete at the {said} 1" in text.getvalue()
