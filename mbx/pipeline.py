@@ -5,6 +5,8 @@ process runs the same NF code with the same handler tables.  One anonymous share
 mapping holds what they share (see ``mbx._pipeline``): nothing is left behind in
 /dev/shm, and children die with the stack (PR_SET_PDEATHSIG).
 """
+import gc
+import io
 import json
 import mmap
 import os
@@ -123,6 +125,25 @@ def inflight_for(nfs, inflight=None, tcp=True):
 STOP_FAILED = 4
 
 
+def flush_files():
+    """Flush every open Python file object that buffers writes, as C programs
+    fflush(NULL) before fork().  What an NF's start() wrote into a file's buffer (a
+    CSV header) would otherwise be in both processes' copies and reach the file
+    twice: from the NF process, and again when the stack's copy is flushed as it is
+    freed at exit (or when a restarted NF process, forked from that copy, writes)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for obj in gc.get_objects():
+        # a raw FileIO holds no buffer; gc tracks the buffered and text layers
+        if isinstance(obj, (io.BufferedIOBase, io.TextIOBase)):
+            try:
+                if obj.closed or not obj.writable():
+                    continue
+                obj.flush()
+            except ValueError:          # detached, or closed meanwhile
+                pass
+
+
 def _child(bus, k, nf):
     # The NF's process: never returns.
     code = 0
@@ -219,8 +240,7 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
         from mbx.runtime import opened
 
         out = opened(out)       # once the stack is built (see App.run)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        flush_files()
         pids = []
         try:
             for k, nf in enumerate(nfs):
@@ -241,8 +261,7 @@ def run(nfs, make_stack, inp, out, *, msg_capacity, burst, ring_size=0, ring_ful
         def spawn(k):
             # A dead NF again (PipeBus.restart_nf), from this process's pre-fork
             # copy of it; its pidfd is closed with the others.
-            sys.stdout.flush()
-            sys.stderr.flush()
+            flush_files()
             pid = os.fork()
             if pid == 0:
                 _child(bus, k, nfs[k])

@@ -11,6 +11,7 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -378,3 +379,61 @@ def test_stream_readers_and_terminators_run_one_burst_in_flight(example_pcap, tm
                 inflight=4).run(inp, None)
     finally:
         inp.close()
+
+
+# An NF as the guide has it: its file opened in start(), a header written there (still
+# in the file object's buffer when the NF processes are forked), a row per flow; with
+# CRASH, its process dies once, on the 200th packet, and is forked again.
+CSV_NF = '''
+import csv, os, mbx
+class Rows(mbx.NF):
+    def __init__(self):
+        super().__init__("rows")
+        self.n = 0
+        self.restart, self.restart_backoff = 3, 0
+        self.sub(mbx.PKT, self.on_pkt)
+        self.sub(mbx.FLOW_END, self.on_end)
+    def start(self):
+        self.f = open(mbx.runtime.output_path("rows.csv"), "w", newline="")
+        self.w = csv.writer(self.f)
+        self.w.writerow(["flow"])
+    def on_pkt(self, ev):
+        self.n += 1
+        if CRASH and self.n == 200 and not os.path.exists("crashed"):
+            open("crashed", "w").close()
+            raise RuntimeError("once")
+    def on_end(self, ev):
+        self.w.writerow([ev.cli_addr, ev.cli_port, ev.srv_addr, ev.srv_port, ev.first_ns])
+    def stop(self):
+        self.f.close()
+nf = Rows()
+'''
+
+
+@pytest.mark.parametrize("how", [["--deploy", "pipelined"], ["--deploy", "pipelined", "crash"],
+                                 ["--stacks", "2"]],
+                         ids=["pipelined", "restarted", "stacks"])
+def test_files_an_nf_writes_are_written_once(example_pcap, tmp_path, how):
+    # The stack's process keeps its pre-fork copy of the NF, and with it the file
+    # object's buffer, which it flushes as it exits, and a restarted NF process is
+    # forked from it: the file must still come out as inline, each line once.
+    def run(tag, args, crash=False):
+        d = tmp_path / tag
+        d.mkdir()
+        (d / "rows.py").write_text(f"CRASH = {crash}\n" + CSV_NF)
+        p = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "rows.py", "--in",
+                            f"pcap:{example_pcap}", "-q", *args], cwd=d,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert crash == (d / "crashed").exists()
+        return [f.read_text().splitlines() for f in sorted(d.glob("rows.csv*"))]
+
+    [inline] = run("inline", [])
+    assert inline[0] == "flow" and len(inline) > 100
+    files = run("other", [a for a in how if a != "crash"], crash="crash" in how)
+    if "--stacks" in how:   # a file each, the flows split between them
+        assert len(files) == 2
+        assert all(lines[0] == "flow" for lines in files)
+        assert sorted(row for lines in files for row in lines[1:]) == sorted(inline[1:])
+    else:
+        assert files == [inline]
