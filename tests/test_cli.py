@@ -1922,3 +1922,20 @@ def test_flows_json_flag_is_documented_as_changing_nothing(example_pcap):
             text = " ".join(fh.read().split())
         assert "mbx flows CAPTURE [--json]" in text and "mbx flows CAPTURE --json" not in text
     assert "`--json` changes nothing" in text
+
+
+def test_set_takes_the_chain_items_name_not_the_nfs(tmp_path):
+    # As the guide says: the key of --set is the file's name without .py, whatever
+    # the NF calls itself; the NF's own name is refused, the right key given.
+    (tmp_path / "my_ids.py").write_text(
+        "import mbx\n"
+        "def make(min_len: int = 100):\n"
+        "    nf = mbx.NF('detector')\n"
+        "    print('min_len', min_len)\n"
+        "    return nf\n")
+    r = mbx_cmd("check", "my_ids.py", "--set", "my_ids.min_len=50", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "min_len 50" in r.stdout
+    r = mbx_cmd("check", "my_ids.py", "--set", "detector.min_len=50", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "detector" in r.stderr and "my_ids" in r.stderr
