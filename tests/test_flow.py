@@ -648,3 +648,26 @@ def test_a_flow_seen_before_the_clock_stepped_back_does_not_hold_expiry():
     u.lookup_tuple("10.0.0.1", "10.0.0.2", 1, 53, 17, 20 * s)
     u.lookup_tuple("10.0.0.1", "10.0.0.2", 2, 53, 17, 19 * s)
     assert u.expire_py(19 * s + s // 2) == 0
+
+
+def test_rebuilt_datagram_counts_as_one_packet_of_its_rebuilt_length(tmp_path):
+    # As the guide says under the flow counters: a datagram rebuilt from fragments
+    # counts once, at the length of the rebuilt frame (one Ethernet and IP header),
+    # not the fragments' frames on the wire.
+    from mbxtest import fragment4, run_app
+
+    import mbx
+    from mbx.examples.capture import ether, udp4
+
+    whole = ether(udp4("198.18.0.1", "198.18.0.2", 1000, 53, bytes(4096)))
+    frags = fragment4(whole, 1480)
+    assert len(frags) == 3 and sum(map(len, frags)) > len(whole)
+    ends = []
+
+    class Ends(mbx.NF):
+        def __init__(self):
+            super().__init__("ends")
+            self.sub(mbx.FLOW_END, lambda ev: ends.append((ev.pkts_c2s, ev.bytes_c2s)))
+
+    run_app([Ends()], None, tmp_path, [(1.0 + i / 1000, f) for i, f in enumerate(frags)])
+    assert ends == [(1, len(whole))]
