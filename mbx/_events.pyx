@@ -1341,11 +1341,28 @@ def merge_name(merge):
     function's name with its file and line."""
     if isinstance(merge, str):
         return merge
-    if isinstance(merge, functools.partial):
-        # a merge function with some of its arguments bound: named by the function
-        merge = merge.func
-    name = getattr(merge, "__qualname__", None) or repr(merge)
-    code = getattr(merge, "__code__", None)
+    return code_name(merge)
+
+
+def _verdicts_text(verdicts):
+    # what a batch handler returned in place of its flags, in a few words
+    dt = getattr(verdicts, "dtype", None)
+    shape = getattr(verdicts, "shape", None)
+    if dt is not None and dt.names:
+        return f"a structured array of {len(dt.names)} fields, shape {shape}"
+    if dt is not None:
+        return f"an array of {dt}, shape {shape}"
+    return f"a {type(verdicts).__name__}"
+
+
+def code_name(fn):
+    """A function of the NF's code by its name, file and line ("B.on_batch (b.py,
+    line 5)"): how a message names one that did wrong without raising."""
+    if isinstance(fn, functools.partial):
+        # some of its arguments bound: named by the function
+        fn = fn.func
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    code = getattr(fn, "__code__", None)
     if code is None:
         return name
     return f"{name} ({code_place(code.co_filename, code.co_firstlineno)})"
@@ -2685,17 +2702,15 @@ cdef class EventBus:
             if verdicts is not None:
                 try:
                     drops = self.np.asarray(verdicts, dtype=bool)
-                except (TypeError, ValueError) as exc:
+                except (TypeError, ValueError):
                     # (a structured array, such as the records it was handed, has no
-                    # cast to bool) said as pipelined says it, naming the NF
+                    # cast to bool; numpy's error would spell out the whole dtype)
+                    drops = None
+                if drops is None or drops.shape != (n,):
                     raise NFError(
-                        f"NF {self.nfs[i].name}: a batch handler returns None or one "
-                        f"drop flag per event ({n}), not {type(verdicts).__name__} "
-                        f"({exc_text(exc)})") from exc
-                if drops.shape != (n,):
-                    raise NFError(
-                        f"NF {self.nfs[i].name}: a batch handler returns None or one "
-                        f"drop flag per event ({n}), not shape {drops.shape}")
+                        f"NF {self.nfs[i].name}: batch handler {code_name(<object>h)} "
+                        f"returned {_verdicts_text(verdicts)}: it returns None or one "
+                        f"drop flag per event ({n} here)")
                 for k in self.np.flatnonzero(drops):
                     j = k
                     m = &self.msgs[taken[j]]

@@ -273,11 +273,23 @@ def test_a_batch_verdict_that_is_no_flags_names_the_nf(example_pcap, deploy):
     # (no cast to bool) escaped with no NF named.
     from mbx.ports import open_input
 
+    # Then it named neither the handler nor its line, and spelt out the records'
+    # whole 20-field dtype.
     nf = mbx.NF("batcher")
-    nf.sub(mbx.PKT, lambda recs: recs, batch=True)
-    with pytest.raises(mbx.NFError, match=r"NF batcher: .*batch handler returns None or "
-                                          r"one drop flag per event"):
+
+    def verdicts(recs):
+        return recs
+
+    nf.sub(mbx.PKT, verdicts, batch=True)
+    line = verdicts.__code__.co_firstlineno
+    with pytest.raises(mbx.NFError) as err:
         mbx.App([nf], deploy=deploy).run(open_input(f"pcap:{example_pcap}"))
+    text = str(err.value)
+    assert text.startswith("NF batcher: batch handler test_a_batch_verdict_that_is_no_"
+                           f"flags_names_the_nf.<locals>.verdicts (test_pipeline.py, "
+                           f"line {line}) returned a structured array of 20 fields")
+    assert "returns None or one drop flag per event" in text
+    assert len(text) < 300 and "offsets" not in text
 
 
 @pytest.mark.parametrize("deploy", ["inline", "pipelined"])
