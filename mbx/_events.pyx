@@ -212,8 +212,14 @@ def event_type(spec):
     if len(found) > 1:
         raise EventTypeError(
             f"event type {spec!r} is ambiguous: {', '.join(t.path for t in found)}")
-    raise EventTypeError(f"unknown event type {spec!r}"
-                         f"{did_you_mean(key, [t.name for t in _types])}")
+    names = [t.name for t in _types[1:]]
+    # A typo has its close matches.  Otherwise all the names (a few dozen at most),
+    # and the likelier cause: a type an NF file registers, named by an NF that the
+    # chain loads before that file.
+    raise EventTypeError(f"unknown event type {spec!r}" + (
+        did_you_mean(key, names) or
+        f" (known: {', '.join(names)}; a type an NF file defines exists once that file "
+        "is loaded: list the file before the NF that uses the type)"))
 
 
 def register_event_type(name, parent=None, fields=()):

@@ -188,13 +188,8 @@ def _make(factory, options, where):
     try:
         return _as_nfs(factory(**options), where)
     except EventTypeError as exc:
-        # its options name a type nobody registered yet: a typo (the message has the
-        # close matches), or one an NF file later in the chain defines, which exists
-        # only once that file has been loaded
-        hint = "" if "did you mean" in str(exc) else (
-            " (a type an NF file defines exists once that file is loaded: list the "
-            "file before this NF)")
-        raise AppError(f"{where}: {exc}{hint}") from None
+        # its options name a type nobody registered yet (the message says why)
+        raise AppError(f"{where}: {exc}") from None
     except MbxError:
         raise
     except Exception as exc:

@@ -345,8 +345,10 @@ IDS = os.path.join(os.path.dirname(mbx.__file__), "examples", "ids.py")
      "requests"),
     # a type only a later NF file defines: said so (the line named no NF)
     (["run", "logger+" + IDS, "--in", "pcap:x.pcap", "--set", "logger.types=IDS_ALERT"],
-     "NF logger: unknown event type 'IDS_ALERT' (a type an NF file defines exists once "
-     "that file is loaded: list the file before this NF)"),
+     "NF logger: unknown event type 'IDS_ALERT' (known: PKT, FLOW, "),
+    (["run", "logger+" + IDS, "--in", "pcap:x.pcap", "--set", "logger.types=IDS_ALERT"],
+     "FLOW/STATS; a type an NF file defines exists once that file is loaded: list the "
+     "file before the NF that uses the type)"),
     # a typo has its close matches, and no such hint
     (["run", "logger", "--in", "pcap:x.pcap", "--set", "logger.types=FLOWW"],
      "NF logger: unknown event type 'FLOWW' (did you mean FLOW, FLOW/TCP, FLOW/END?)\n"),

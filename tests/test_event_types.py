@@ -320,3 +320,32 @@ def test_a_batch_subscription_prepares_numpy_before_the_run():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert r.stdout.split() == ["False", "True"], r.stderr
+
+
+def test_unknown_type_named_by_a_file_says_why(tmp_path):
+    # An NF file subscribing by name to a type a file later in the chain registers
+    # got "unknown event type 'PORTSCAN'": no names to choose from, though the guide
+    # promises the closest, and no word of the chain's order.
+    import subprocess
+    import sys
+
+    (tmp_path / "uses.py").write_text(
+        "import mbx\nnf = mbx.NF('uses')\nnf.sub('PORTSCAN', lambda ev: None)\n")
+    (tmp_path / "defines.py").write_text(
+        "import mbx\nPS = mbx.register_event_type('PORTSCAN', fields=[('n', 'u16')])\n"
+        "nf = mbx.NF('defines')\nnf.pub(PS)\n")
+
+    def check(app):
+        return subprocess.run([sys.executable, "-m", "mbx.cli", "check", app],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    r = check("uses.py+defines.py")
+    assert r.returncode == 2
+    assert "uses.py, line 3" in r.stderr and "unknown event type 'PORTSCAN'" in r.stderr
+    assert "(known: PKT, FLOW, FLOW/START" in r.stderr
+    assert "list the file before the NF that uses the type" in r.stderr
+    r = check("defines.py+uses.py")
+    assert r.returncode == 0, r.stderr
+    # a typo has its close matches, and no such hint
+    with pytest.raises(mbx.EventTypeError, match=r"\(did you mean FLOW/END, [^;]*\)$"):
+        mbx.event_type("FLOW/ED")
