@@ -1811,6 +1811,12 @@ cdef class EventBus:
                 continue
             self.keep.append(handler)
             table[t.idx] = <void *>handler
+            if t.idx == T_DATA_RDY:
+                # One DATA_RDY per frontier move, flagged as the receiving endpoint's
+                # sender-side update (the default "sender" takes every stream): the
+                # receiver's stack is that endpoint's too, so "receiver" (and the
+                # receiver-side half of "client"/"server") means the same streams.
+                smask = smask | (smask >> 2)
             stab[t.idx] = smask
             flt = nf_obj.filters.get(a.idx, nf_obj.filters.get(None))
             if flt is not None:

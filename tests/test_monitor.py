@@ -1852,18 +1852,21 @@ def test_multiple_gaps_one_ack_readable(run, tmp_path):
 def test_data_rdy_sides(run, tmp_path):
     """DATA_RDY belongs to the endpoint receiving the stream: "server" gets the
     client's bytes, "client" the server's; the default ("sender") and "both" get
-    every DATA_RDY once.  ("receiver" gets none: a DATA_RDY is one event per
-    frontier move, not a receiver-side update of a packet.)"""
+    every DATA_RDY once, and so does "receiver": the receiving side is the one a
+    DATA_RDY belongs to.  ("receiver" used to get none, and its subscriber's flows
+    were not even reassembled: the subscription matched no DATA_RDY.)"""
     frames = Conn().exchange(b"request", b"response")
-    got = {}
+    got, n = {}, {}
     for side in ("sender", "both", "client", "server", "receiver"):
         rec = Recorder([mbx.DATA_RDY], side=side, name=side)
-        run([rec], frames=frames)
+        counters, _ = run([rec], frames=frames)
         got[side] = {d: joined(v) for (_, d), v in rec.streams.items()}
-    assert got["sender"] == got["both"] == {0: b"request", 1: b"response"}
+        n[side] = (len(rec.of("DATA_RDY")), counters["tcp"]["streams_opened"])
+    assert got["sender"] == got["both"] == got["receiver"] == {0: b"request",
+                                                               1: b"response"}
     assert got["server"] == {0: b"request"}
     assert got["client"] == {1: b"response"}
-    assert got["receiver"] == {}
+    assert n["receiver"] == n["sender"] == n["both"] == (2, 1)
 
 
 def test_a_finished_run_frees_its_stack_without_garbage_collection(example_pcap):
