@@ -133,6 +133,7 @@ cdef class TcpMonitor(NetworkLayer):
     cdef readonly uint64_t memcaps_streams  # of those: no stream free (max_streams in use)
     cdef readonly uint64_t memcaps_window   # of those: beyond the stream's window
     cdef readonly uint64_t after_close      # segments with payload after a FIN close
+    cdef readonly uint64_t after_fin        # segments with payload beyond their sender's FIN
     cdef readonly uint64_t syn_data_dropped  # SYN data bytes no receiver took
     cdef readonly uint64_t rst_sent
     cdef readonly uint64_t killed_drops

@@ -49,8 +49,8 @@ from mbx._tcp cimport (
     EP_SYN, EP_SYNACK, TCPEV_ESTABLISHED, TCPEV_FIN, TCPEV_NEW_CONNECTION,
     TCPEV_OUT_OF_WINDOW, TCPEV_RETRANSMISSION, TCPEV_RST, TCPEV_RST_INVALID,
     TCPEV_STATE_CHANGE, TCPEV_SYN, TCPEV_SYNACK,
-    TCPEV_TERMINATE, seq_gt, tcp_client_dir, tcp_conn, tcp_init, tcp_receiver_update,
-    tcp_sender_update, tcp_snapshot,
+    TCPEV_TERMINATE, seq_gt, seq_lt, tcp_client_dir, tcp_conn, tcp_init,
+    tcp_receiver_update, tcp_sender_update, tcp_snapshot,
 )
 
 import ipaddress
@@ -568,6 +568,21 @@ cdef class TcpMonitor(NetworkLayer):
             if p.payload_len and accepted and (not seen_d or seq_gt(end, seen)):
                 self.after_close += 1
             return
+        # Bytes beyond the sender's FIN are none of its stream: its receiver took the
+        # FIN as the end and drops them (RFC 9293 §3.10.7.4), and added they would
+        # sit behind the FIN's sequence number, which no byte fills, as if behind a
+        # hole the capture missed.  A retransmission of what came before the FIN is
+        # kept; the segment is counted (payload_after_fin) and its later bytes go.
+        cdef uint32_t n = p.payload_len, fin_lim
+        if (n and accepted and c.ep[d].flags & EP_FIN and not p.tcp_flags & (TH_SYN | TH_RST)
+                and seq_gt(seq + n + cut, c.ep[d].fin_seq)):
+            self.after_fin += 1
+            fin_lim = c.ep[d].fin_seq - seq if seq_lt(seq, c.ep[d].fin_seq) else 0
+            if n > fin_lim:
+                n = fin_lim
+                cut = 0
+            else:
+                cut = fin_lim - n
         if not want_d and not want_o:
             self.free_pair(slot)            # nobody (any more) wants this flow's bytes
             return
@@ -599,7 +614,7 @@ cdef class TcpMonitor(NetworkLayer):
                     self.syn_decide(p, slot, c, pair, o, 0, True)
         if want_d and p.payload_len and accepted and p.tcp_flags & TH_SYN:
             self.syn_hold(p, slot, c, pair, seq)
-        elif want_d and (p.payload_len or cut) and accepted:
+        elif want_d and (n or cut) and accepted:
             # the packet's payload, into its direction's stream
             s = &self.streams[2 * pair + d]
             if not meta.mark & (MARK_INIT0 << d):
@@ -624,21 +639,21 @@ cdef class TcpMonitor(NetworkLayer):
                 # anywhere else, or over real bytes held beyond the frontier, it
                 # would stand for, or conflict with, what the sender really sent.
                 fl = 0
-            elif (p.payload_len == 1 and seen_d and seq + 1 == seen
+            elif (n == 1 and seen_d and seq + 1 == seen
                     and stream_offset_of(s, seq) < <int64_t>s.frontier):
                 # A keep-alive probe: the last byte sent again, which many stacks
                 # fill with garbage (RFC 1122 §4.2.3.6); already delivered, it is
                 # nothing new, and no conflict either.
                 fl = 0
             else:
-                fl = stream_add(self.pool, s, seq, p.data + p.payload_off, p.payload_len)
-            self.add_flags(p, slot, c, s, d, fl, seq, p.payload_len)
+                fl = stream_add(self.pool, s, seq, p.data + p.payload_off, n)
+            self.add_flags(p, slot, c, s, d, fl, seq, n)
             if s.frontier != before:
                 self.data_ready(p, slot, c, pair, d, before)
             if (cut and not p.tcp_flags & TH_RST and stream_offset_of(
-                    s, seq + p.payload_len) <= <int64_t>s.frontier):
+                    s, seq + n) <= <int64_t>s.frontier):
                 # the captured bytes are delivered: the cut ones follow them
-                self.skip_holes(p, slot, c, pair, d, seq + p.payload_len + cut, True)
+                self.skip_holes(p, slot, c, pair, d, seq + n + cut, True)
         elif (want_d and p.payload_len == 1 and sbits & TCPEV_OUT_OF_WINDOW
                 and not p.tcp_flags & (TH_SYN | TH_FIN | TH_RST)
                 and meta.mark & (MARK_INIT0 << d)):
@@ -1113,6 +1128,7 @@ cdef class TcpMonitor(NetworkLayer):
             "memcaps": self.memcaps, "memcaps_pieces": self.memcaps_pieces,
             "memcaps_streams": self.memcaps_streams, "memcaps_window": self.memcaps_window,
             "payload_after_close": self.after_close,
+            "payload_after_fin": self.after_fin,
             "syn_data_dropped": self.syn_data_dropped,
             "rst_sent": self.rst_sent,
             "dropped_terminated": self.killed_drops,

@@ -137,6 +137,11 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
         warnings.append(f"{n} segment{'s' if n != 1 else ''} with payload came after "
                         "their connection closed with FINs, both acknowledged; their "
                         "bytes are not in the digests")
+    if tcp["payload_after_fin"]:
+        n = tcp["payload_after_fin"]
+        warnings.append(f"{n} segment{'s' if n != 1 else ''} with payload reached beyond "
+                        f"{'their' if n != 1 else 'its'} sender's FIN (payload_after_fin); "
+                        "a receiver drops those bytes, so they are in no digest")
     # the bytes a snaplen cut off are said once, by the cut segments' warning above
     n = tcp["gaps"] - tcp["cut_gaps"]
     if n:

@@ -1370,6 +1370,36 @@ def test_flows_counts_every_segment(tmp_path):
     assert rec["c2s_sha256"] == _sha(b"hello worlddiagnostic")
 
 
+def test_payload_after_the_sender_s_fin_is_no_hole(run, tmp_path):
+    """Bytes a sender sends beyond its own FIN (which its peer acknowledged) are no
+    stream bytes: they are dropped and counted as such (payload_after_fin), not held
+    behind the FIN's sequence number, which no byte fills, as behind a hole the
+    capture missed (`mbx flows` said so).  What came before the FIN is kept, also
+    from a segment that runs past it."""
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"data")
+    conn.c(5, 1, FIN | ACK)
+    conn.s(1, 6)
+    conn.c(6, 1, PSH | ACK, b"LATE")
+    conn.c(3, 1, PSH | ACK, b"taXX")             # "ta" again, then past the FIN
+    conn.s(1, 6, PSH | ACK, b"resp")
+    conn.c(6, 5)
+    rec = Recorder([mbx.DATA_RDY], side="both")
+    counters, _ = run([rec], frames=conn.frames)
+    assert by_dir(rec) == {0: b"data", 1: b"resp"}
+    assert counters["tcp"]["payload_after_fin"] == 2
+    assert counters["tcp"]["conflicts"] == 0
+    path = str(tmp_path / "afterfin.pcap")
+    write_pcap(path, conn.frames)
+    doc, warnings = flows_json(path)
+    rec_f = next(iter(doc["connections"].values()))
+    assert (rec_f["c2s_len"], rec_f["s2c_len"]) == (4, 4)
+    assert warnings == ["2 segments with payload reached beyond their sender's FIN "
+                        "(payload_after_fin); a receiver drops those bytes, so they are "
+                        "in no digest"]
+
+
 def test_flows_rst_data_counts(tmp_path):
     """Data in a RST (RFC 1122 diagnostic text) is counted, as tshark's follow does
     (the brief: "data in RST counts")."""
