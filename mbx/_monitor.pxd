@@ -80,6 +80,10 @@ cdef class TcpMonitor(NetworkLayer):
     # 2 per pair, by flow dir: the data of its SYN (or SYN+ACK), held out of the
     # stream until the receiver is known to have taken it (syn_decide)
     cdef mbx_stream *held
+    # 2 per pair, by flow dir: data refused as starting on or past its receiver's
+    # right edge as last seen, held until that receiver's ACK shows it took it
+    # (edge_take) or the sender sends those bytes again in the window
+    cdef mbx_stream *edge
     cdef uint32_t *free_pairs
     cdef uint32_t n_free_pairs
     cdef readonly uint32_t max_pairs
@@ -165,6 +169,10 @@ cdef class TcpMonitor(NetworkLayer):
                        uint32_t seq) noexcept nogil
     cdef void syn_decide(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                          uint8_t d, uint32_t upto, bint whole) noexcept nogil
+    cdef void take_held(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                        uint8_t d, mbx_stream *h, uint64_t keep) noexcept nogil
+    cdef void edge_take(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                        uint8_t d) noexcept nogil
     cdef void summary_packet(self, uint32_t slot, mbx_pkt *p) noexcept nogil
     cdef void summary_end(self, uint32_t slot, const mbx_flow *f) noexcept nogil
     cdef int craft_rst(self, const mbx_pkt *tmpl, tcp_conn *c, uint8_t from_dir,

@@ -49,8 +49,8 @@ from mbx._tcp cimport (
     EP_SYN, EP_SYNACK, TCPEV_ESTABLISHED, TCPEV_FIN, TCPEV_NEW_CONNECTION,
     TCPEV_OUT_OF_WINDOW, TCPEV_RETRANSMISSION, TCPEV_RST, TCPEV_RST_INVALID,
     TCPEV_STATE_CHANGE, TCPEV_SYN, TCPEV_SYNACK,
-    TCPEV_TERMINATE, seq_gt, seq_lt, tcp_client_dir, tcp_conn, tcp_init,
-    tcp_receiver_update, tcp_sender_update, tcp_snapshot,
+    TCPEV_TERMINATE, seq_gt, seq_leq, seq_lt, tcp_client_dir, tcp_conn, tcp_init,
+    tcp_past_edge, tcp_receiver_update, tcp_sender_update, tcp_snapshot,
 )
 
 import ipaddress
@@ -161,6 +161,7 @@ cdef class TcpMonitor(NetworkLayer):
         self.streams = <mbx_stream *>stack_calloc(2 * max_streams, sizeof(mbx_stream))
         # only the stack reads held SYN data: private memory (its bytes are in the pool)
         self.held = <mbx_stream *>PyMem_Calloc(2 * max_streams, sizeof(mbx_stream))
+        self.edge = <mbx_stream *>PyMem_Calloc(2 * max_streams, sizeof(mbx_stream))
         self.round_from = <uint64_t *>PyMem_Calloc(2 * max_streams, 8)
         self.free_pairs = <uint32_t *>stack_calloc(max_streams, 4)
         self.touched = <uint32_t *>stack_calloc(max_streams, 4)
@@ -168,7 +169,7 @@ cdef class TcpMonitor(NetworkLayer):
         self.pair_owner = <uint64_t *>stack_calloc(max_streams, 8)
         self.pair_cdir = <uint8_t *>stack_calloc(max_streams, 1)
         if (self.conns == NULL or self.meta == NULL or self.streams == NULL or self.held == NULL
-                or self.round_from == NULL
+                or self.edge == NULL or self.round_from == NULL
                 or self.free_pairs == NULL or self.touched == NULL or self.touched_mark == NULL
                 or self.pair_owner == NULL or self.pair_cdir == NULL):
             raise MemoryError("cannot allocate the TCP Monitor's Stack Memory")
@@ -197,6 +198,7 @@ cdef class TcpMonitor(NetworkLayer):
         stack_free(self.shared_tables, self.meta)
         stack_free(self.shared_tables, self.streams)
         PyMem_Free(self.held)
+        PyMem_Free(self.edge)
         PyMem_Free(self.round_from)
         stack_free(self.shared_tables, self.free_pairs)
         stack_free(self.shared_tables, self.touched)
@@ -316,6 +318,7 @@ cdef class TcpMonitor(NetworkLayer):
         for k in range(2 * pair, 2 * pair + 2):
             stream_free(self.pool, &self.streams[k])
             stream_free(self.pool, &self.held[k])
+            stream_free(self.pool, &self.edge[k])
         self.free_pairs[self.n_free_pairs] = pair
         self.n_free_pairs += 1
 
@@ -529,6 +532,7 @@ cdef class TcpMonitor(NetworkLayer):
         cdef bint want_o = self.wants_stream(slot, p, o ^ cdir)
         cdef uint32_t pair
         cdef mbx_stream *s
+        cdef mbx_stream *e
         cdef uint32_t seq, ack, end, seen
         cdef uint64_t before
         cdef int fl
@@ -631,6 +635,11 @@ cdef class TcpMonitor(NetworkLayer):
                 else:
                     stream_init(self.pool, s, seq, self.policy)
                 meta.mark |= MARK_INIT0 << d
+            e = &self.edge[2 * pair + d]
+            if e.live and n and seq_leq(seq, e.seq0) and seq_gt(seq + n, e.seq0):
+                # bytes held past the window's edge, sent again into the window: the
+                # receiver takes these, so they are the stream's (not the held ones)
+                stream_free(self.pool, e)
             before = s.frontier
             if p.tcp_flags & TH_RST and (stream_offset_of(s, seq) != <int64_t>s.frontier
                                          or s.n_ooo):
@@ -654,11 +663,23 @@ cdef class TcpMonitor(NetworkLayer):
                     s, seq + n) <= <int64_t>s.frontier):
                 # the captured bytes are delivered: the cut ones follow them
                 self.skip_holes(p, slot, c, pair, d, seq + n + cut, True)
-        elif (want_d and p.payload_len == 1 and sbits & TCPEV_OUT_OF_WINDOW
+        elif (want_d and p.payload_len and sbits & TCPEV_OUT_OF_WINDOW
                 and not p.tcp_flags & (TH_SYN | TH_FIN | TH_RST)
                 and meta.mark & (MARK_INIT0 << d)):
             s = &self.streams[2 * pair + d]
-            if stream_offset_of(s, seq) == <int64_t>s.frontier:
+            if p.payload_len > 1 or stream_offset_of(s, seq) != <int64_t>s.frontier:
+                if tcp_past_edge(c, p):
+                    # Refused as starting on or past the right edge the receiver last
+                    # showed: so would a receiver refuse it, unless it sent an ACK
+                    # that opened its window first, which a capture can record after
+                    # the data (two CPUs, a tap).  Held aside, delivered only when the
+                    # receiver's ACK covers it (edge_take): taken at once, a segment
+                    # the receiver dropped could win over the real bytes.
+                    e = &self.edge[2 * pair + d]
+                    if not e.live:
+                        stream_init(self.pool, e, seq, self.policy)
+                    stream_add(self.pool, e, seq, p.data + p.payload_off, p.payload_len)
+            else:
                 # A zero-window probe's byte, refused as Linux refuses it (a probe
                 # with other bytes than the real ones must not win over them), but
                 # kept aside: an ACK that covers it before the frontier moves proves
@@ -670,6 +691,9 @@ cdef class TcpMonitor(NetworkLayer):
         if (want_o and accepted and (p.tcp_flags & (TH_ACK | TH_RST)) == TH_ACK
                 and meta.mark & (MARK_INIT0 << o)):
             s = &self.streams[2 * pair + o]
+            e = &self.edge[2 * pair + o]
+            if e.live and seq_gt(p.ack, e.seq0):
+                self.edge_take(p, slot, c, pair, o)
             if (s.probe_held and not c.ep[o].flags & EP_FIN
                     and seq_gt(p.ack, s.seq0 + <uint32_t>s.frontier)):
                 # the receiver took the probe's byte (above)
@@ -786,9 +810,6 @@ cdef class TcpMonitor(NetworkLayer):
         cdef mbx_stream *h = &self.held[2 * pair + d]
         cdef mbx_stream *s = &self.streams[2 * pair + d]
         cdef int64_t keep = h.frontier if whole else <int32_t>(upto - h.seq0)
-        cdef uint64_t off = 0, before
-        cdef const uint8_t *ptr
-        cdef int k, fl = 0
         self.meta[slot].mark |= MARK_SYN0 << d
         if keep < 0:
             keep = 0
@@ -799,17 +820,40 @@ cdef class TcpMonitor(NetworkLayer):
             if not self.meta[slot].mark & (MARK_INIT0 << d):
                 stream_init(self.pool, s, h.seq0, self.policy)
                 self.meta[slot].mark |= MARK_INIT0 << d
-            before = s.frontier
-            while off < <uint64_t>keep:
-                k = stream_read(self.pool, h, off, keep - off, &ptr)
-                if k <= 0:
-                    break
-                fl |= stream_add(self.pool, s, h.seq0 + <uint32_t>off, ptr, k)
-                off += k
-            self.add_flags(p, slot, c, s, d, fl, h.seq0, <uint32_t>keep)
-            if s.frontier != before:
-                self.data_ready(p, slot, c, pair, d, before)
+            self.take_held(p, slot, c, pair, d, h, keep)
         stream_free(self.pool, h)
+
+    cdef void take_held(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                        uint8_t d, mbx_stream *h, uint64_t keep) noexcept nogil:
+        # The first keep bytes held apart in h (SYN data, data past the window's
+        # edge) into flow dir d's stream, which is initialised, as one segment.
+        cdef mbx_stream *s = &self.streams[2 * pair + d]
+        cdef uint64_t off = 0, before = s.frontier
+        cdef const uint8_t *ptr
+        cdef int k, fl = 0
+        while off < keep:
+            k = stream_read(self.pool, h, off, keep - off, &ptr)
+            if k <= 0:
+                break
+            fl |= stream_add(self.pool, s, h.seq0 + <uint32_t>off, ptr, k)
+            off += k
+        self.add_flags(p, slot, c, s, d, fl, h.seq0, <uint32_t>keep)
+        if s.frontier != before:
+            self.data_ready(p, slot, c, pair, d, before)
+
+    cdef void edge_take(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                        uint8_t d) noexcept nogil:
+        # p's ACK covers the start of the bytes held as past flow dir d's window: the
+        # receiver took them, the window having opened by an ACK the capture shows
+        # after them.  The bytes held with them, contiguous, are of the same flight.
+        cdef mbx_stream *e = &self.edge[2 * pair + d]
+        cdef conn_meta *meta = &self.meta[slot]
+        cdef uint32_t end = e.seq0 + <uint32_t>e.frontier
+        self.take_held(p, slot, c, pair, d, e, e.frontier)
+        if not meta.mark & (MARK_HI0 << d) or seq_gt(end, meta.sent_hi[d]):
+            meta.sent_hi[d] = end
+            meta.mark |= MARK_HI0 << d
+        stream_free(self.pool, e)
 
     cdef void data_ready(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                          uint8_t d, uint64_t old_frontier) noexcept nogil:

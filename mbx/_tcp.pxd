@@ -182,6 +182,12 @@ cdef uint8_t tcp_client_dir(const tcp_conn *c) noexcept nogil
 # The two steps, for a TCP segment p (p.dir is its direction), in this order.
 cdef uint32_t tcp_sender_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil
 cdef uint32_t tcp_receiver_update(tcp_conn *c, const mbx_pkt *p) noexcept nogil
+# Whether p's data starts on or beyond the right edge its receiver last showed
+# (ACK + window), by less than one window: a segment the window check refuses
+# (OUT_OF_WINDOW) that its sender could have sent after a newer ACK of the receiver
+# the capture has later (records out of order), rather than one into a window that
+# never opened (a zero window's probe, an injection far ahead).
+cdef bint tcp_past_edge(const tcp_conn *c, const mbx_pkt *p) noexcept nogil
 
 # ---------------------------------------------------------------------------
 # Snapshot (paper §4.2, §6): what an event's reader needs that a later segment

@@ -104,6 +104,15 @@ cdef inline uint32_t _rcv_wnd(const tcp_endpoint *r) noexcept nogil:
     return r.win
 
 
+cdef bint tcp_past_edge(const tcp_conn *c, const mbx_pkt *p) noexcept nogil:
+    cdef const tcp_endpoint *r = &c.ep[(p.dir & 1) ^ 1]
+    cdef uint32_t wnd
+    if (r.flags & (EP_ACK_KNOWN | EP_WIN_KNOWN)) != EP_ACK_KNOWN | EP_WIN_KNOWN:
+        return False
+    wnd = _rcv_wnd(r)
+    return seq_geq(p.seq, r.ack + wnd) and p.seq - (r.ack + wnd) < wnd
+
+
 # Whether a RST from s is acceptable to r (the RST_INVALID rule, decided here):
 # - r in SYN_SENT (its SYN unanswered): the RST must ACK that SYN (RFC 793 p. 66);
 # - otherwise its seq must be r's rcv_nxt, as RFC 5961 §3.2 and Linux take it: any

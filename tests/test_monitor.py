@@ -1736,6 +1736,40 @@ def test_data_on_the_window_edge_is_refused(run, tmp_path):
 
 
 @pytest.mark.parametrize("burst", [1, 64])
+def test_data_on_the_edge_before_the_ack_that_opened_it_is_delivered(run, tmp_path, burst):
+    """Capture records out of order (a real 3%-loss download, two records swapped):
+    the server's segment at 3001 comes before the client's ACK that opened the
+    window for it, so it starts just on the right edge the client last showed (its
+    ACK 1, window 3000) and the window check refuses it, as a receiver would a
+    segment on its edge.  The client took it: its later ACK covers it.  It used to
+    be dropped for good, and that ACK then made its 1,000 bytes a GAP "the capture
+    missed".  Held aside until the ACK, it is delivered; a segment held so whose
+    bytes the sender sends again into the window gives way to them (the receiver
+    refused it: the window check stands)."""
+    data = bytes(range(250)) * 24
+    conn = Conn()
+    conn.c(0, 0, SYN)
+    conn.s(0, 1, SYN | ACK)
+    conn.c(1, 1, ACK, win=3000)                 # the client's window: edge 3001
+    for off in (0, 1000, 2000):
+        conn.s(1 + off, 1, PSH | ACK, data[off:off + 1000])
+    conn.s(3001, 1, PSH | ACK, data[3000:4000])  # on the edge, seen before ...
+    conn.c(1, 1001, ACK, win=3000)         # ... the ACK that opened the window
+    conn.c(1, 2001, ACK, win=3000)
+    conn.s(4001, 1, PSH | ACK, data[4000:5000])
+    conn.s(5001, 1, PSH | ACK, b"EVIL" * 250)   # on the edge, and refused:
+    conn.c(1, 5001, ACK, win=1000)         # the client took up to 5001 only
+    conn.s(5001, 1, PSH | ACK, data[5000:6000])  # the real bytes, into the window
+    conn.c(1, 6001, ACK, win=3000)
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT], side="both")
+    run([rec], frames=conn.frames, burst=burst)
+    assert by_dir(rec)[1] == data
+    assert rec.of("FLOW/TCP/OVERLAP_CONFLICT") == []
+    _, s2c, gaps = _streams_and_gaps(run, tmp_path, conn, burst=burst)
+    assert gaps == [] and s2c == (6000, _sha(data))
+
+
+@pytest.mark.parametrize("burst", [1, 64])
 def test_a_zero_window_probe_the_receiver_acks_is_stream_data(run, tmp_path, burst):
     """A zero-window probe's byte is refused, as Linux refuses it (taking every
     probe would let its byte win over the real one where the receiver drops it:
