@@ -1735,6 +1735,29 @@ def test_data_on_the_window_edge_is_refused(run, tmp_path):
     assert c2s == (len(want), _sha(want)) and gaps == []
 
 
+@pytest.mark.parametrize("policy", ["first", "last"])
+def test_checksums_are_not_verified(run, policy):
+    """As the guide says (TCP Monitor, streams): a segment whose TCP checksum is
+    wrong reaches the stream like any, though its receiver dropped it (its ACK
+    shows it) and the good retransmission follows: that one is an overlap conflict.
+    By design: a capture taken where the sending card computes checksums (transmit
+    offload) has a wrong one on every segment that host sent."""
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"GOOD1")
+    i = conn.c(6, 1, PSH | ACK, b"GOOD2")
+    t, frame = conn.frames[i]
+    conn.frames[i] = (t, frame[:-5] + b"GOXD2")      # corrupted after its checksum
+    assert checksum_ok(conn.frames[i][1]) is False
+    conn.s(1, 6)                                     # the server dropped it
+    conn.c(6, 1, PSH | ACK, b"GOOD2")
+    conn.s(1, 11)
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT], side="both")
+    counters, _ = run([rec], frames=conn.frames, overlap=policy)
+    assert by_dir(rec) == {0: b"GOOD1GOXD2"}       # delivered: no policy undoes it
+    assert len(rec.of("FLOW/TCP/OVERLAP_CONFLICT")) == counters["tcp"]["conflicts"] == 1
+
+
 @pytest.mark.parametrize("burst", [1, 64])
 def test_data_on_the_edge_before_the_ack_that_opened_it_is_delivered(run, tmp_path, burst):
     """Capture records out of order (a real 3%-loss download, two records swapped):
