@@ -1,7 +1,8 @@
-# The one checksum helper of the project: Internet checksum and its incremental
+# The one checksum helper of the project: the Internet checksum, its incremental
 # update (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')), used by every NF that rewrites
-# header fields so a rewrite costs a few adds instead of a pass over the packet.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t
+# header fields so a rewrite costs a few adds instead of a pass over the packet, and
+# the sum that checks a received segment's (the TCP Monitor's checksums="verify").
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef inline uint16_t csum_fold(uint32_t s) noexcept nogil:
@@ -60,3 +61,27 @@ cdef inline void csum_replace_partial(uint8_t *csum_at, const uint8_t *old,
         s += load16(new + i)
         i += 2
     store16(csum_at, csum_fold(s))
+
+
+# Checking a checksum reads every byte of a segment, so it sums 32-bit words in the
+# machine's byte order into 64 bits (RFC 1071 §2(B): the one's complement sum does not
+# depend on byte order, and a valid segment sums to 0xFFFF either way).
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    static inline uint64_t mbx_csum_sum(const uint8_t *p, size_t n, uint64_t s) {
+        uint32_t w32;
+        uint16_t w16 = 0;
+        while (n >= 4) { memcpy(&w32, p, 4); s += w32; p += 4; n -= 4; }
+        if (n >= 2) { memcpy(&w16, p, 2); s += w16; p += 2; n -= 2; w16 = 0; }
+        if (n) { memcpy(&w16, p, 1); s += w16; }  /* the odd byte, padded with zero */
+        return s;
+    }
+    static inline int mbx_csum_valid(uint64_t s) {
+        while (s >> 16) s = (s & 0xFFFF) + (s >> 16);
+        return s == 0xFFFF;
+    }
+    """
+    uint64_t csum_sum "mbx_csum_sum"(const uint8_t *p, size_t n, uint64_t s) noexcept nogil
+    bint csum_valid "mbx_csum_valid"(uint64_t s) noexcept nogil

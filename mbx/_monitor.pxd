@@ -121,6 +121,9 @@ cdef class TcpMonitor(NetworkLayer):
     cdef readonly uint64_t tcp_pkts
     cdef readonly uint64_t tcp_unparsed
     cdef readonly uint64_t tcp_header_cut   # of those: the TCP header cut short (trunc_l4)
+    cdef readonly bint verify_checksums     # checksums="verify"
+    cdef readonly uint64_t bad_checksums    # segments left out for a wrong checksum
+    cdef readonly uint64_t unverifiable     # segments it could not check (cut, offloaded)
     cdef readonly uint64_t cut_segments     # payload cut short by the capture (snaplen)
     cdef readonly uint64_t connections
     cdef readonly uint64_t new_connections

@@ -20,7 +20,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
-from mbx._checksum cimport csum_add, csum_fold, store16
+from mbx._checksum cimport csum_add, csum_fold, csum_sum, csum_valid, store16
 from mbx._events cimport (
     MSG_F_CDIR1, MSG_F_CDIR_KNOWN, MSG_F_RECEIVER, MSG_F_SERVER, MSG_F_SIDED,
     PUBLISHER_STACK, T_DATA_RDY,
@@ -67,6 +67,37 @@ cdef uint64_t NO_KEEP = 0xFFFFFFFFFFFFFFFFULL
 # the figures of bytes per flow
 META_SIZE = sizeof(conn_meta)
 OVERLAP_POLICIES = tuple(_POLICIES)     # ``overlap=``, for callers that check first
+CHECKSUM_POLICIES = ("ignore", "verify")  # ``checksums=``
+
+
+cdef bint checksums_ok(const mbx_pkt *p) noexcept nogil:
+    # The IPv4 header's checksum and the TCP checksum (over the pseudo-header and the
+    # whole segment) of a segment captured whole.  A datagram rebuilt from fragments
+    # has a header the reassembly wrote (its checksum recomputed); its segment's
+    # checksum covers every fragment's bytes.
+    cdef uint8_t pseudo[40]
+    cdef uint32_t tcp_len = p.l3_off + p.ip_len - p.l4_off
+    cdef uint64_t s
+    if p.ip_ver == 4:
+        if not csum_valid(csum_sum(p.data + p.l3_off, <size_t>(p.data[p.l3_off] & 0x0F) * 4,
+                                   0)):
+            return False
+        memcpy(pseudo, p.src.b, 4)
+        memcpy(pseudo + 4, p.dst.b, 4)
+        pseudo[8] = 0
+        pseudo[9] = 6
+        store16(pseudo + 10, <uint16_t>tcp_len)
+        s = csum_sum(pseudo, 12, 0)
+    else:
+        memcpy(pseudo, p.src.b, 16)
+        memcpy(pseudo + 16, p.dst.b, 16)
+        pseudo[32] = <uint8_t>(tcp_len >> 24)
+        pseudo[33] = <uint8_t>(tcp_len >> 16)
+        store16(pseudo + 34, <uint16_t>tcp_len)
+        memset(pseudo + 36, 0, 3)
+        pseudo[39] = 6
+        s = csum_sum(pseudo, 40, 0)
+    return csum_valid(csum_sum(p.data + p.l4_off, tcp_len, s))
 
 # The TCP Monitor's stream sizes when not given: TcpMonitor's keywords, and App's and
 # an application file's [stack] options of the same names.
@@ -123,7 +154,10 @@ cdef class TcpMonitor(NetworkLayer):
     ``chunk_size`` chunks; at most ``stream_window`` bytes held per stream (the
     out-of-order window plus retention); ``retain`` bytes kept behind the frontier for
     late readers; ``max_streams`` flows reassembled at once; ``overlap`` policy
-    ``"first"`` or ``"last"``; ``summarise=True`` keeps the per-connection summary of
+    ``"first"`` or ``"last"``; ``checksums``: ``"ignore"`` (the default: a segment
+    counts whatever its checksums) or ``"verify"`` (a segment whose IPv4 header or
+    TCP checksum is wrong is left out of TCP state and streams, as its receiver
+    drops it; counted ``bad_checksums``); ``summarise=True`` keeps the per-connection summary of
     ``mbx flows``.
     """
 
@@ -136,7 +170,8 @@ cdef class TcpMonitor(NetworkLayer):
                  size_t stream_window=STREAM_DEFAULTS["stream_window"],
                  size_t retain=STREAM_DEFAULTS["retain"],
                  uint32_t max_streams=STREAM_DEFAULTS["max_streams"],
-                 str overlap="first", bint summarise=False, rss=(0, 1)):
+                 str overlap="first", str checksums="ignore", bint summarise=False,
+                 rss=(0, 1)):
         check_stream_options(stream_memory=stream_memory, chunk_size=chunk_size,
                              stream_window=stream_window, retain=retain,
                              max_streams=max_streams)
@@ -147,6 +182,9 @@ cdef class TcpMonitor(NetworkLayer):
         if overlap not in _POLICIES:
             raise ValueError(f"overlap must be 'first' or 'last', not {overlap!r}")
         self.policy = _POLICIES[overlap]
+        if checksums not in CHECKSUM_POLICIES:
+            raise ValueError(f"checksums must be 'ignore' or 'verify', not {checksums!r}")
+        self.verify_checksums = checksums == "verify"
         self.capacity = flow_capacity
         self.pool = StreamPool(total_bytes=stream_memory, chunk_size=chunk_size,
                                max_stream_bytes=stream_window, retain=retain)
@@ -425,6 +463,18 @@ cdef class TcpMonitor(NetworkLayer):
             # connection goes untracked, so `mbx flows` says so
             self.tcp_header_cut += p.status == PARSE_TRUNC_L4
             return False
+        if self.verify_checksums:
+            if (p.flags & PKT_F_TRUNCATED or p.offload & OFFLOAD_CSUM_PARTIAL
+                    or p.l3_off + p.ip_len > p.caplen):
+                # cut by a snaplen, or its checksum left to the sending interface:
+                # nothing to check it against, so it is taken as it is
+                self.unverifiable += 1
+            elif not checksums_ok(p):
+                # Its receiver drops it unseen (RFC 9293 §3.10.7.1 via the IP layer):
+                # neither its sequence numbers, its ACK, nor its bytes count, or an
+                # injected segment could win over the real one in the stream.
+                self.bad_checksums += 1
+                return False
         cdef uint32_t slot = p.flow
         cdef mbx_flow *f = &self.flows.flows[slot]
         if f.gen != p.flow_gen or f.status != FLOW_ACTIVE:
@@ -1150,6 +1200,7 @@ cdef class TcpMonitor(NetworkLayer):
         return {
             "tcp_packets": self.tcp_pkts, "tcp_unparsed": self.tcp_unparsed,
             "tcp_header_cut": self.tcp_header_cut,
+            "bad_checksums": self.bad_checksums, "unverifiable": self.unverifiable,
             "cut_segments": self.cut_segments,
             "connections": self.connections, "new_connections": self.new_connections,
             "streams_opened": self.streams_opened, "streams_exhausted": self.pairs_exhausted,

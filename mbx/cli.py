@@ -237,6 +237,13 @@ def _print_counters(c, elapsed, out=None):
           + (f", payload after close {t['payload_after_close']:,} "
              f"segment{'s' if t['payload_after_close'] != 1 else ''} (not delivered: "
              "both FINs acknowledged)" if t.get("payload_after_close") else "")
+          + (f", payload after FIN {t['payload_after_fin']:,} "
+             f"segment{'s' if t['payload_after_fin'] != 1 else ''} (not delivered: beyond "
+             "the sender's FIN)" if t.get("payload_after_fin") else "")
+          + (f", bad checksums {t['bad_checksums']:,} (left out, as their receiver "
+             "drops them)" if t.get("bad_checksums") else "")
+          + (f", not verifiable {t['unverifiable']:,} (cut by the snaplen or "
+             "checksum offloaded: taken as they are)" if t.get("unverifiable") else "")
           + f", rst sent {t['rst_sent']:,}\n")
     if c["events"]:
         w("events         type: published / delivered\n")
@@ -847,7 +854,7 @@ def _tcp_port(text):
 # one left out
 _STACK_OPTIONS = {"flows": "flow_capacity", "idle_timeout": "idle_timeout",
                   "flow_policy": "flow_policy", "malformed": "malformed",
-                  "stack": "stack", "overlap": "overlap"}
+                  "stack": "stack", "overlap": "overlap", "checksums": "checksums"}
 
 
 def _output_spec(spec):
@@ -892,6 +899,11 @@ def _add_run_options(p):
                         "to TCP events (auto)")
     p.add_argument("--overlap", choices=("first", "last"),
                    help="TCP reassembly: which bytes win a conflicting overlap (first)")
+    p.add_argument("--checksums", choices=("ignore", "verify"),
+                   help="TCP Monitor: verify leaves segments with a wrong IPv4 header or "
+                        "TCP checksum out of TCP state and streams, as their receiver "
+                        "drops them; ignore takes every segment, as a capture made on a "
+                        "host with checksum offload needs (ignore)")
     p.add_argument("--deploy", choices=("inline", "pipelined"), default="inline",
                    help="inline: NFs in this process; pipelined: each NF in its own "
                         "process, events over shared-memory rings (inline)")
@@ -981,6 +993,9 @@ def main(argv=None):
                    default=FLOWS_WINDOW,
                    help="MiB a stream holds beyond its next byte: the largest hole it "
                         f"reassembles across ({FLOWS_WINDOW}, at most {FLOWS_WINDOW_MAX})")
+    f.add_argument("--checksums", choices=("ignore", "verify"), default="ignore",
+                   help="verify leaves segments with a wrong IPv4 header or TCP checksum "
+                        "out, as their receiver drops them (ignore)")
     f.add_argument("--strict", action="store_true",
                    help=f"exit {EXIT_INCOMPLETE} after any warning (the summary may "
                         "be incomplete; it is still written)")
@@ -1037,7 +1052,7 @@ def main(argv=None):
                 doc, warnings = flows_json(args.capture, flow_capacity=args.flows,
                                            stream_memory=args.stream_memory << 20,
                                            stream_window=args.stream_window << 20,
-                                           stop=stop)
+                                           checksums=args.checksums, stop=stop)
             text = json.dumps(doc, indent=1) + "\n"
             if args.output:
                 write_output(args.output, text, "-o")

@@ -73,7 +73,8 @@ def publications(tcp, nfs):
 # [stack] option -> what its value must be (ranges are the stack's to check)
 _STACK_KEYS = {**dict.fromkeys(WHOLE_STACK_OPTIONS, "a whole number"),
                **dict.fromkeys(("idle_timeout", "frag_timeout"), "a number of seconds"),
-               **dict.fromkeys(("flow_policy", "malformed", "overlap"), "a string")}
+               **dict.fromkeys(("flow_policy", "malformed", "overlap", "checksums"),
+                               "a string")}
 _KIND_OK = {"a whole number": lambda v: isinstance(v, int) and not isinstance(v, bool),
             "a number of seconds": lambda v: isinstance(v, int | float)
             and not isinstance(v, bool),

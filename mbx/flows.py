@@ -37,21 +37,23 @@ def number_keys(summary):
 
 
 def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
-               stream_window=STREAM_WINDOW << 20, chunk_size=CHUNK_SIZE, stop=None):
+               stream_window=STREAM_WINDOW << 20, chunk_size=CHUNK_SIZE,
+               checksums="ignore", stop=None):
     """The ``mbx-flows/1`` object for ``capture`` and a list of warnings (anything
     that may make the summary incomplete: memory caps, a stream's window, evicted
     flows, holes the capture missed, TCP headers cut short).  A capture
     damaged midway gives the connections read before the damage and an ``error``
     key saying what stopped the reading.  ``stop``
     (anything with ``is_set()``) ends a live input: the summary then covers what
-    came until then."""
+    came until then.  ``checksums="verify"`` leaves segments with a wrong checksum
+    out (see ``TcpMonitor``)."""
     inp = open_input(capture if ":" in capture and not os.path.exists(capture)
                      else "pcap:" + capture)
     # No idle timeout: a connection ends at a new SYN on its endpoints or at the end
     # of the capture, never because it paused.
     app = App([], flow_capacity=flow_capacity, idle_timeout=1e9, stack="tcp",
               summarise=True, max_streams=flow_capacity, stream_memory=stream_memory,
-              chunk_size=chunk_size, stream_window=stream_window)
+              chunk_size=chunk_size, stream_window=stream_window, checksums=checksums)
     error = None
     try:
         try:
@@ -137,6 +139,12 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
         warnings.append(f"{n} segment{'s' if n != 1 else ''} with payload came after "
                         "their connection closed with FINs, both acknowledged; their "
                         "bytes are not in the digests")
+    if tcp["bad_checksums"]:
+        n = tcp["bad_checksums"]
+        warnings.append(f"{n} segment{'s' if n != 1 else ''} with a wrong checksum left "
+                        "out, as their receiver drops them (--checksums verify); if they "
+                        "are one host's, the capture was likely made on that host with "
+                        "checksum offload: run with --checksums ignore")
     if tcp["payload_after_fin"]:
         n = tcp["payload_after_fin"]
         warnings.append(f"{n} segment{'s' if n != 1 else ''} with payload reached beyond "

@@ -19,6 +19,7 @@ from mbx import _events, api
 from mbx._events import NF, EventBus, NFError
 from mbx._flow import CAPACITY_MAX, FLOW_POLICIES
 from mbx._monitor import (
+    CHECKSUM_POLICIES,
     OVERLAP_POLICIES,
     STREAM_DEFAULTS,
     TcpMonitor,
@@ -44,7 +45,7 @@ from mbx.errors import (
 # Network Layer alone does the work (no TCP state is kept that nobody asked for).
 _TCP_TYPES = [_events.PKT_TCP, _events.FLOW_TCP, _events.DATA_RDY]
 _MONITOR_OPTIONS = ("stream_memory", "chunk_size", "stream_window", "retain",
-                    "max_streams", "overlap", "summarise")
+                    "max_streams", "overlap", "checksums", "summarise")
 
 BUILTIN_NFS = ("l2fwd", "flow_stats", "logger", "l4lb")
 FLOW_CAPACITY = 65536       # flows a stack tracks unless told otherwise
@@ -430,7 +431,7 @@ WHOLE_STACK_OPTIONS = {"flow_capacity": (1, CAPACITY_MAX), "msg_capacity": (64, 
 # Stack options that take one of a few words: the words, from the modules that use
 # them.
 STACK_CHOICES = {"flow_policy": FLOW_POLICIES, "malformed": MALFORMED_ACTIONS,
-                 "overlap": OVERLAP_POLICIES}
+                 "overlap": OVERLAP_POLICIES, "checksums": CHECKSUM_POLICIES}
 
 
 def stack_options_problem(options):
@@ -528,7 +529,7 @@ class App:
     ``stack`` is ``"auto"`` (the TCP Monitor when some NF wants TCP events, else the
     Network Layer), ``"network"`` or ``"tcp"``.  TCP Monitor options:
     ``stream_memory``, ``chunk_size``, ``stream_window``, ``retain``, ``max_streams``,
-    ``overlap`` (see ``TcpMonitor``).
+    ``overlap``, ``checksums`` (see ``TcpMonitor``).
 
     ``nf_timing`` clocks the NFs' handlers (per NF handler time in
     ``counters()["nfs"]``; two clock reads per run of an NF's consecutive calls, so

@@ -251,6 +251,40 @@ def test_flows_output_dash_is_stdout(example_pcap, tmp_path):
 
 
 
+def test_checksums_verify_on_the_command_line(tmp_path):
+    # --checksums verify (mbx run and mbx flows) leaves a segment whose TCP checksum
+    # is wrong out of the stream, says how many in the summary, and mbx flows warns
+    # with what to do when the capture's host offloaded its checksums
+    import hashlib
+
+    from mbx.examples.capture import ether, tcp4, write_pcap
+
+    cli, srv = ("198.18.0.1", 40000), ("198.18.0.2", 80)
+
+    def seg(a, b, seq, ack, flags, data=b""):
+        return ether(tcp4(a[0], b[0], a[1], b[1], data, seq=seq, ack=ack, flags=flags))
+
+    frames = [seg(cli, srv, 100, 0, 0x02), seg(srv, cli, 500, 101, 0x12),
+              seg(cli, srv, 101, 501, 0x10), seg(cli, srv, 101, 501, 0x18, b"GOOD1"),
+              seg(cli, srv, 106, 501, 0x18, b"GOOD2")[:-5] + b"GOXD2",
+              seg(srv, cli, 501, 106, 0x10), seg(cli, srv, 106, 501, 0x18, b"GOOD2"),
+              seg(srv, cli, 501, 111, 0x10)]
+    cap = tmp_path / "bad.pcap"
+    write_pcap(str(cap), [(1.0 + k / 1000, f) for k, f in enumerate(frames)])
+    digests = {}
+    for how in ("ignore", "verify"):
+        r = mbx_cmd("flows", str(cap), "--checksums", how)
+        assert r.returncode == 0, r.stderr
+        conn = next(iter(json.loads(r.stdout)["connections"].values()))
+        digests[how] = conn["c2s_sha256"]
+        assert ("1 segment with a wrong checksum left out" in r.stderr) == (how == "verify")
+    assert digests["verify"] == hashlib.sha256(b"GOOD1GOOD2").hexdigest()
+    assert digests["ignore"] == hashlib.sha256(b"GOOD1GOXD2").hexdigest()
+    r = mbx_cmd("run", "flow_stats", "--in", f"pcap:{cap}", "--stack", "tcp",
+                "--checksums", "verify")
+    assert r.returncode == 0 and "bad checksums 1 (left out" in r.stdout, r.stdout + r.stderr
+
+
 def test_pcap_dash_is_standard_output_out_and_refused_in(example_pcap, tmp_path):
     # --out pcap:- made a file named "-"; --in pcap:- and mbx flows - said "no such
     # file".  Out, it is standard output, as tcpdump -w - has it (the summary goes to

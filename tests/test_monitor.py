@@ -1735,14 +1735,16 @@ def test_data_on_the_window_edge_is_refused(run, tmp_path):
     assert c2s == (len(want), _sha(want)) and gaps == []
 
 
-@pytest.mark.parametrize("policy", ["first", "last"])
-def test_checksums_are_not_verified(run, policy):
-    """As the guide says (TCP Monitor, streams): a segment whose TCP checksum is
-    wrong reaches the stream like any, though its receiver dropped it (its ACK
-    shows it) and the good retransmission follows: that one is an overlap conflict.
-    By design: a capture taken where the sending card computes checksums (transmit
-    offload) has a wrong one on every segment that host sent."""
-    conn = Conn()
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("checksums", ["ignore", "verify"])
+def test_a_segment_with_a_wrong_checksum_counts_only_when_not_verified(run, v6, checksums):
+    """A segment whose TCP checksum is wrong, which its receiver dropped (its ACK
+    shows it), then the good retransmission.  checksums="ignore" (the default: a
+    capture taken where the sending card computes checksums has a wrong one on every
+    segment that host sent) delivers it like any, and the good retransmission is an
+    overlap conflict; "verify" leaves it out as the receiver did, and the stream is
+    what the receiver got.  The odd-length segment checks the sum's padding byte."""
+    conn = Conn(**({"cli": CLI6, "srv": SRV6, "v6": True} if v6 else {}))
     conn.handshake()
     conn.c(1, 1, PSH | ACK, b"GOOD1")
     i = conn.c(6, 1, PSH | ACK, b"GOOD2")
@@ -1751,11 +1753,57 @@ def test_checksums_are_not_verified(run, policy):
     assert checksum_ok(conn.frames[i][1]) is False
     conn.s(1, 6)                                     # the server dropped it
     conn.c(6, 1, PSH | ACK, b"GOOD2")
-    conn.s(1, 11)
+    conn.c(11, 1, PSH | ACK, b"odd")
+    conn.s(1, 14)
+    assert all(checksum_ok(f) for k, (_, f) in enumerate(conn.frames) if k != i)
     rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT], side="both")
-    counters, _ = run([rec], frames=conn.frames, overlap=policy)
-    assert by_dir(rec) == {0: b"GOOD1GOXD2"}       # delivered: no policy undoes it
-    assert len(rec.of("FLOW/TCP/OVERLAP_CONFLICT")) == counters["tcp"]["conflicts"] == 1
+    counters, _ = run([rec], frames=conn.frames, checksums=checksums)
+    tcp = counters["tcp"]
+    if checksums == "ignore":
+        assert by_dir(rec) == {0: b"GOOD1GOXD2odd"}     # delivered: no policy undoes it
+        assert len(rec.of("FLOW/TCP/OVERLAP_CONFLICT")) == tcp["conflicts"] == 1
+        assert tcp["bad_checksums"] == tcp["unverifiable"] == 0
+    else:
+        assert by_dir(rec) == {0: b"GOOD1GOOD2odd"}
+        assert rec.of("FLOW/TCP/OVERLAP_CONFLICT") == [] and tcp["conflicts"] == 0
+        assert tcp["bad_checksums"] == 1 and tcp["unverifiable"] == 0
+        # the segment is still a packet of its flow (PKT), only not the receiver's
+        assert counters["flows"]["created"] == 1
+
+
+def test_verify_leaves_out_a_bad_ip_header_and_takes_a_cut_segment(run, tmp_path):
+    """checksums="verify": a wrong IPv4 header checksum drops a segment before TCP
+    as it does on a receiver; a segment a snaplen cut cannot be checked, and is
+    taken as it is (unverifiable), its cut bytes a gap as always."""
+    conn = Conn()
+    conn.handshake()
+    i = conn.c(1, 1, PSH | ACK, b"EVIL1")
+    t, frame = conn.frames[i]
+    bad = bytearray(frame)
+    bad[14 + 10] ^= 0xFF                               # the IPv4 header checksum
+    conn.frames[i] = (t, bytes(bad))
+    conn.c(1, 1, PSH | ACK, b"GOOD1")
+    j = conn.c(6, 1, PSH | ACK, b"cut-short")
+    conn.s(1, 15)
+    path = str(tmp_path / "cut.pcap")
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for k, (ts, frame) in enumerate(conn.frames):
+            cap = frame[:60] if k == j else frame         # 6 of its 9 bytes cut
+            fh.write(struct.pack("<IIII", int(ts), round((ts - int(ts)) * 1e6), len(cap),
+                                 len(frame)))
+            fh.write(cap)
+    rec = Recorder([mbx.DATA_RDY], side="both")
+    counters, _ = run([rec], capture=path, checksums="verify")
+    tcp = counters["tcp"]
+    assert tcp["bad_checksums"] == 1 and tcp["unverifiable"] == 1
+    assert tcp["conflicts"] == 0
+    assert by_dir(rec)[0].startswith(b"GOOD1")
+
+
+def test_checksums_must_be_a_known_word():
+    with pytest.raises(mbx.AppError, match="checksums"):
+        mbx.App([], checksums="strict")
 
 
 @pytest.mark.parametrize("burst", [1, 64])
