@@ -32,6 +32,7 @@ cdef class DpdkPort(Port):
     cdef readonly uint64_t tx_oversize  # frames not sent: more segments than allowed
     cdef readonly uint64_t tx_full      # frames not sent: the driver's ring had no room
     cdef readonly uint64_t tx_waits     # bursts that waited for room (tx_wait_ms)
+    cdef readonly uint64_t tx_link_down  # frames not sent: the link was down
     # Milliseconds a send waits for room in the driver's ring before it drops what is
     # left (0: drop at once); see DpdkPort's docstring
     cdef readonly uint32_t tx_wait_ms
@@ -69,6 +70,12 @@ cdef class DpdkPort(Port):
     cdef char kernel_iface[16]
     cdef int64_t iface_checked_ns
     cdef bint seen_data
+    # net_memif: its link has been up (the peer connected) and went down since (the
+    # peer closed or died): the end of input, and an error for a send
+    cdef bint memif
+    cdef bint link_was_up
+    cdef bint peer_gone
+    cdef int64_t link_checked_ns
     cdef bint tx_stalled                # a wait ran out and the ring took nothing since
     cdef uint16_t seg_room              # bytes of data per tx mbuf
     # Received mbufs not yet copied into a batch (the batch filled up first).
@@ -83,6 +90,7 @@ cdef class DpdkPort(Port):
     cdef int _rx_burst(self, Batch batch) noexcept nogil
     cdef int _tx_burst(self, mbx_pkt **pkts, int n) noexcept nogil
     cdef int _tx_wait(self, rte_mbuf **out, int left) noexcept nogil
+    cdef bint _peer_went_away(self) noexcept nogil
     cdef void _wait_for_users(self) noexcept
     cdef int _fill_parts(self, rte_mbuf *head, const uint8_t *a, uint32_t alen,
                          const uint8_t *b, uint32_t blen) noexcept nogil

@@ -34,6 +34,7 @@ class DpdkPort(Port):
     tx_oversize: int
     tx_full: int
     tx_waits: int
+    tx_link_down: int
     tx_wait_ms: int
     tx_max_len: int     # net_memif: longer frames are not sent (one ring slot); 0: any
     linger_s: float

@@ -194,6 +194,8 @@ cdef enum:
     TX_WAIT_YIELDS = 64
     TX_WAIT_SLEEP_NS = 20000
     TX_WAIT_LINK_EVERY = 64
+    # How often an idle net_memif input looks whether its peer went away (ns).
+    MEMIF_LINK_CHECK_NS = 10000000
 
 #: Seconds a net_memif end that sent frames keeps its link up when closed, as opened
 #: by mbx.ports (``DpdkPort.linger_s``; the class's default is 0).  DPDK 22.11's
@@ -897,6 +899,7 @@ cdef class DpdkPort(Port):
             self.tx_mtu = mtu
         self.tx_wait_ms = tx_wait_ms
         self.tx_stalled = False
+        self.memif = self.driver == "net_memif"
 
     # ------------------------------------------------------------ receive
 
@@ -989,8 +992,16 @@ cdef class DpdkPort(Port):
                 break
         if n:
             self.idle_polls = 0
+            self.link_was_up = True
             return n
         if got == 0:
+            if self.memif and now - self.link_checked_ns > MEMIF_LINK_CHECK_NS:
+                self.link_checked_ns = now
+                if self._peer_went_away():
+                    # its input ended, as a pipe's when the writer closes (a peer that
+                    # finished and one that died look the same from here)
+                    self.at_end = True
+                    return PORT_EOF
             self.idle_polls = self.idle_polls + 1
             if self.eof_after_idle_polls and self.idle_polls >= self.eof_after_idle_polls:
                 self.at_end = True
@@ -1074,6 +1085,7 @@ cdef class DpdkPort(Port):
         cdef uint16_t sent
         cdef int total = 0
         cdef uint64_t nbytes
+        cdef bint gone
         if not self.started:
             self.set_error(b"send on a closed port")
             return PORT_ERROR
@@ -1160,8 +1172,10 @@ cdef class DpdkPort(Port):
             sent = rte_eth_tx_burst(self.dpdk_port, 0, out, <uint16_t>k)
             if sent:
                 self.tx_stalled = False
+                self.link_was_up = True
             if sent < k and self.tx_wait_ms and not self.tx_stalled:
                 sent += self._tx_wait(&out[sent], k - sent)
+            gone = sent < k and self._peer_went_away()
             nbytes = 0
             for j in range(sent):
                 nbytes += lens[j]
@@ -1169,11 +1183,39 @@ cdef class DpdkPort(Port):
             # What the driver did not take (after any wait) is ours to free.
             for j in range(sent, k):
                 rte_pktmbuf_free(out[j])
-            self.tx_full = self.tx_full + (k - sent)
+            if gone:
+                self.tx_link_down = self.tx_link_down + (k - sent)
+            else:
+                self.tx_full = self.tx_full + (k - sent)
             self.tx_dropped = self.tx_dropped + (k - sent)
             self.tx_pkts = self.tx_pkts + sent
             self.tx_bytes = self.tx_bytes + nbytes
+            if gone:
+                # Nothing sent from now on can reach it, however long the run lasts:
+                # end it, as an AF_PACKET output whose interface was deleted does
+                # (what this burst had left counts as dropped on the error).
+                self.set_error(b"the memif peer went away (its link went down): "
+                               b"nothing sent from now on could reach it")
+                return PORT_ERROR
         return total
+
+    cdef bint _peer_went_away(self) noexcept nogil:
+        """net_memif: whether its link, up before, is down now (the peer closed or
+        died).  A memif pair is one link between two runs, and a peer that comes back
+        later is another run: mbx does not wait for one.  Looking also records a link
+        seen up."""
+        cdef rte_eth_link link
+        if not self.memif:
+            return False
+        if self.peer_gone:
+            return True
+        if rte_eth_link_get_nowait(self.dpdk_port, &link) != 0:
+            return False
+        if link.link_status:
+            self.link_was_up = True
+        elif self.link_was_up:
+            self.peer_gone = True
+        return self.peer_gone
 
     cdef int _tx_wait(self, rte_mbuf **out, int left) noexcept nogil:
         """Offer the driver ``out[:left]`` (what its ring had no room for) again until
@@ -1357,6 +1399,8 @@ cdef class DpdkPort(Port):
             return False
         rc = rte_eth_link_get_nowait(self.dpdk_port, &link)
         use_end(&self.users)
+        if rc == 0 and link.link_status:
+            self.link_was_up = True     # a link seen up that goes down: the peer left
         return rc == 0 and bool(link.link_status)
 
     def wait_for_link(self, double seconds, cancel=None):
@@ -1419,13 +1463,17 @@ cdef class DpdkPort(Port):
              "tx_nombuf": self.tx_nombuf,
              "tx_oversize": self.tx_oversize, "tx_full": self.tx_full,
              "tx_waits": self.tx_waits, "tx_cut": self.tx_cut,
-             "tx_partial": self.tx_partial}
+             "tx_partial": self.tx_partial, "tx_link_down": self.tx_link_down}
+        if self.peer_gone:
+            c["peer_gone"] = 1          # a memif peer went away: the end of input
         # why frames were not sent, for mbx run's summary (the most telling first)
         if self.tx_oversize and self.tx_max_len:
             c["tx_error"] = (f"frames longer than a memif slot ({self.tx_max_len} bytes): "
                              "raise bsize on both ends")
         elif self.tx_partial:
             c["tx_error"] = f"{self.tx_partial} received cut short, so not sent on"
+        elif self.tx_link_down:
+            c["tx_error"] = "the memif peer went away (its link went down)"
         elif self.tx_full:
             c["tx_error"] = "the device's ring stayed full"
         elif self.tx_nombuf:

@@ -150,6 +150,8 @@ def _print_counters(c, elapsed, out=None):
         w(f"unread         {unread:,} frame{'s' if unread != 1 else ''} still in the receive "
           "ring when the input ended (--duration, --max-packets, a signal or an error): "
           "neither processed nor sent\n")
+    if port_total(inp, "peer_gone"):
+        w("input          ended when its memif peer went away (the link went down)\n")
     if cut:
         w(f"cut short      {cut:,} frames longer than a ring slot (raise frame_size; "
           "super-frames from senders with TSO/GSO, a veth's default, or merged by GRO "

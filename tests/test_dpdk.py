@@ -1478,3 +1478,47 @@ def test_parallel_stacks_account_for_each_process_s_own_device(tmp_path):
     assert sorted(s["packets"] for s in c["stacks"])[0] == 0
     assert c["other_stacks"] > 0
     assert c["ports"]["in"]["rx_pkts"] == c["packets"] + c["other_stacks"]
+
+
+def test_a_memif_peer_that_goes_away_ends_the_input_and_fails_a_send(eal, tmp_path):
+    # A memif client whose server was killed sent into a ring that never emptied for
+    # the rest of the run, exit 0, and called it "the device's ring stayed full"; a
+    # receiving end whose peer went away polled for ever.  A peer gone is the end of
+    # a receiver's input and an error for a sender, as a deleted AF_PACKET interface.
+    args = f"socket={tmp_path / 'gone.sock'},socket-abstract=no"
+    server = DpdkPort(vdev("net_memif", f"role=server,{args}"), eof_after_idle_polls=0)
+    client = DpdkPort(vdev("net_memif", f"role=client,{args}"), tx_wait_ms=50)
+    try:
+        client.wait_for_link(10)
+        server.wait_for_link(10)
+        assert client.send(batch_of([b"\x01" * 60] * 4)) == 4
+        client.close()
+        batch, got, frames, deadline = Batch(64), 0, 0, time.monotonic() + 10
+        while got != -1 and time.monotonic() < deadline:
+            batch.reset()
+            got = server.receive(batch)
+            frames += max(got, 0)
+        assert got == -1, "the server's input did not end when its peer went away"
+        assert frames <= 4
+        assert server.counters["peer_gone"] == 1
+    finally:
+        client.close()
+        server.close()
+    # and the other way round: the sender's peer goes away
+    server = DpdkPort(vdev("net_memif", f"role=server,{args}"), eof_after_idle_polls=0)
+    client = DpdkPort(vdev("net_memif", f"role=client,{args}"), tx_wait_ms=50)
+    try:
+        client.wait_for_link(10)
+        assert client.send(batch_of([b"\x02" * 60] * 4)) == 4
+        server.close()
+        deadline = time.monotonic() + 10
+        with pytest.raises(PortError, match=r"dpdk:net_memif\d+,role=client,.*: the memif "
+                                            r"peer went away \(its link went down\)"):
+            while time.monotonic() < deadline:
+                client.send(batch_of([b"\x03" * 60] * 64))
+        c = client.counters
+        assert c["tx_link_down"] > 0 and c["tx_full"] == 0
+        assert c["tx_error"] == "the memif peer went away (its link went down)"
+    finally:
+        client.close()
+        server.close()
