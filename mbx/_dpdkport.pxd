@@ -105,4 +105,6 @@ cdef class DpdkBridge(Port):
     cdef readonly uint64_t misrouted    # packets sent with a port id other than 0/1
     cdef uint32_t idle_polls
     cdef uint32_t turn
-    cdef bint ended
+    cdef bint client_ended              # that side's input ended: not polled again
+    cdef bint server_ended
+    cdef bint ended                     # both have: the bridge's input ended

@@ -95,7 +95,9 @@ from mbx._rewrite cimport pkt_finish_csum
 
 from mbx._packet import bridge_counters
 from mbx.errors import PortError
-from mbx.ports import MBUFS_DEFAULT, MBUFS_MIN, TX_WAIT_MAX_MS, vdev_arg, vdev_queue_problem
+from mbx.ports import (
+    MBUFS_DEFAULT, MBUFS_MIN, PCAP_RX_KEYS, TX_WAIT_MAX_MS, vdev_arg, vdev_queue_problem,
+)
 
 cdef extern from "<net/if.h>" nogil:
     unsigned int if_nametoindex(const char *name)
@@ -873,8 +875,13 @@ cdef class DpdkPort(Port):
                 and "infinite_rx=1" not in self.devargs.replace(" ", ""))
         if once:
             self.rx_capture = vdev_arg(f"{self.name},{self.devargs}", "rx_pcap", "")
+        keys = {item.partition("=")[0].strip() for item in self.devargs.split(",")}
+        # a net_pcap device with no file or interface to read (tx_pcap only) polls an
+        # empty queue: its input, which never comes, ends at once (a bridge reads
+        # its other side to the end)
+        silent = self.driver == "net_pcap" and not keys & set(PCAP_RX_KEYS)
         if eof_after_idle_polls is None:
-            eof_after_idle_polls = PCAP_IDLE_POLLS_EOF if once else 0
+            eof_after_idle_polls = PCAP_IDLE_POLLS_EOF if once or silent else 0
         if eof_after_idle_polls < 0:
             raise ValueError("eof_after_idle_polls must be >= 0")
         self.eof_after_idle_polls = eof_after_idle_polls
@@ -1534,7 +1541,9 @@ cdef class DpdkBridge(Port):
     port 1 out of the client side (any other port id is dropped and counted in
     ``misrouted``).  ``options`` go to both ``DpdkPort``s.  The spec
     ``dpdk:VDEV0[,ARGS]+VDEV1[,ARGS][?idle_us=N]`` opens one.  Use the same object
-    as input and output of a run; it ends when either side ends.
+    as input and output of a run; its input ends once both sides' have ended (one
+    side's capture running out leaves the other to be read to its end, as two
+    captures given in turn would be).
 
     DPDK drivers poll and never sleep, which is right on a core of its own.  On
     cores shared with other work (the test bed's 2 cores, with the client and the
@@ -1594,20 +1603,30 @@ cdef class DpdkBridge(Port):
             return PORT_EOF
         # Alternate which side goes first, so one busy side cannot starve the other.
         self.turn ^= 1
+        a = b = PORT_EOF
         if self.turn:
-            a = self.client.rx_burst(batch)
-            b = self.server.rx_burst(batch)
+            if not self.client_ended:
+                a = self.client.rx_burst(batch)
+            if not self.server_ended:
+                b = self.server.rx_burst(batch)
         else:
-            b = self.server.rx_burst(batch)
-            a = self.client.rx_burst(batch)
+            if not self.server_ended:
+                b = self.server.rx_burst(batch)
+            if not self.client_ended:
+                a = self.client.rx_burst(batch)
         if a == PORT_ERROR:
             self.adopt_error(self.client)
             return PORT_ERROR
         if b == PORT_ERROR:
             self.adopt_error(self.server)
             return PORT_ERROR
-        if a == PORT_EOF or b == PORT_EOF:
-            self.ended = True           # what the other side returned is delivered
+        # A side that ended is polled no more (a net_pcap file is not read again);
+        # what the other side returned is delivered.
+        if a == PORT_EOF:
+            self.client_ended = True
+        if b == PORT_EOF:
+            self.server_ended = True
+        self.ended = self.client_ended and self.server_ended
         n = (a if a > 0 else 0) + (b if b > 0 else 0)
         self.rx_pkts = self.client.rx_pkts + self.server.rx_pkts
         self.rx_bytes = self.client.rx_bytes + self.server.rx_bytes

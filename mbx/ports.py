@@ -379,9 +379,10 @@ def _vdev_driver(device: str) -> str:
     return name.rstrip("0123456789")
 
 
+#: net_pcap's keys that give it something to receive (a file or an interface)
+PCAP_RX_KEYS = ("rx_pcap", "rx_iface", "rx_iface_in", "iface")
 # net_pcap makes a queue of each of these it is given (``iface``: one each way)
-_PCAP_QUEUE_KEYS = (("rx_pcap", "rx_iface", "rx_iface_in", "iface"),
-                    ("tx_pcap", "tx_iface", "iface"))
+_PCAP_QUEUE_KEYS = (PCAP_RX_KEYS, ("tx_pcap", "tx_iface", "iface"))
 
 
 def vdev_queue_problem(device: str) -> str | None:

@@ -1522,3 +1522,23 @@ def test_a_memif_peer_that_goes_away_ends_the_input_and_fails_a_send(eal, tmp_pa
     finally:
         client.close()
         server.close()
+
+
+@pytest.mark.usefixtures("eal")
+@pytest.mark.parametrize("empty_side", ["client", "server"])
+def test_a_bridge_reads_both_sides_to_their_end(tmp_path, example_pcap, empty_side):
+    # The bridge ended when either side did: with one side's capture empty it read
+    # 512 of the other's 2,176 frames, without a word (rx_unread 0, exit 0).
+    empty = tmp_path / "empty.pcap"
+    write_pcap(str(empty), [])
+    full = vdev("net_pcap", f"rx_pcap={example_pcap},tx_pcap={tmp_path / 'a.pcap'}")
+    dry = vdev("net_pcap", f"rx_pcap={empty},tx_pcap={tmp_path / 'b.pcap'}")
+    sides = (dry, full) if empty_side == "client" else (full, dry)
+    with open_input(f"dpdk:{sides[0]}+{sides[1]}") as bridge:
+        got = receive_all(bridge, capacity=32)
+    assert len(got) == len(read_frames(example_pcap)) > 512
+    # a side with nothing to read (tx_pcap only) ends at once, not never
+    reader = vdev("net_pcap", f"rx_pcap={example_pcap}")
+    writer = vdev("net_pcap", f"tx_pcap={tmp_path / 'c.pcap'}")
+    with open_input(f"dpdk:{reader}+{writer}") as bridge:
+        assert len(receive_all(bridge, capacity=32)) == len(read_frames(example_pcap))
