@@ -349,6 +349,18 @@ def _names_stdout(path):
     return (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
 
 
+def _port_writes(args):
+    """``[(option, path)]``: the files the run's ports write (a capture output's, a
+    DPDK ``net_pcap`` device's ``tx_pcap``, in the input too), each with the option
+    that names it: one list for every check of where packets are written."""
+    from mbx.ports import written_files
+
+    ports = [("--out", args.out, True)] if args.out else []
+    ports.append(("--in", args.inp, False))
+    return [(f"{opt} {spec}", path) for opt, spec, output in ports
+            for path in written_files(spec, output=output)]
+
+
 @contextlib.contextmanager
 def _summary_stream(args):
     """Where the summary goes: standard error when an NF writes standard output (a
@@ -362,18 +374,16 @@ def _summary_stream(args):
 
 
 def _run(nfs, args, spec=None):
-    from mbx.ports import capture_file
-
     args.summary_stderr = any(getattr(nf, "writes_stdout", False) for nf in nfs)
-    out_file = capture_file(args.out) if args.out else None
     given = args.json
     if args.json and args.json != "-" and _names_stdout(args.json):
         # --json /dev/stdout, or the file standard output goes to: as --json -, so
         # that the counters are not written over the summary (or it over them)
         args.json = "-"
-    out_stdout = bool(out_file) and _names_stdout(out_file)
+    # the port that writes its packets to standard output, if one does
+    out_stdout = next((opt for opt, path in _port_writes(args) if _names_stdout(path)), None)
     if out_stdout and args.json == "-":
-        raise MbxError(f"--json {given} and --out {args.out}: both would write "
+        raise MbxError(f"--json {given} and {out_stdout}: both would write "
                        "standard output, the counters into the packets: give one "
                        "of them a file")
     writer = next((nf for nf in nfs if getattr(nf, "writes_stdout", False)), None)
@@ -381,7 +391,7 @@ def _run(nfs, args, spec=None):
         # one stream, two writers: the NF's lines would land inside the capture or
         # the counters' JSON, and nothing would say so until their reader choked
         raise MbxError(f"NF {writer.name} writes standard output, and "
-                       + (f"--out {args.out}" if out_stdout else f"--json {given}")
+                       + (out_stdout if out_stdout else f"--json {given}")
                        + " would too: give one of them a file")
     if out_stdout:
         # the capture is all that standard output carries (mbx run ... | tcpdump -r -):
@@ -424,11 +434,12 @@ def _run_checked(nfs, args, spec):
             if _same_file(args.json, capture):
                 raise MbxError(f"--json {args.json}: that is {what}; writing it would "
                                "destroy it: name another file")
-    if out_file and args.stacks > 1 and writes_as_is(out_file) and \
-            os.path.realpath(out_file) != os.devnull:
+    streams = [opt for opt, path in _port_writes(args)
+               if writes_as_is(path) and os.path.realpath(path) != os.devnull]
+    if streams and args.stacks > 1:
         # a stream (a terminal, a pipe, /dev/stdout): every stack process would write
         # its own capture into it, interleaved, which no pcap reader takes
-        raise MbxError(f"--out {args.out} with --stacks {args.stacks}: each stack "
+        raise MbxError(f"{streams[0]} with --stacks {args.stacks}: each stack "
                        "process writes a capture of its own, and in one stream they "
                        "would interleave: give a file (each process then writes "
                        "FILE.stackK)")

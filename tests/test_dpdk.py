@@ -1542,3 +1542,36 @@ def test_a_bridge_reads_both_sides_to_their_end(tmp_path, example_pcap, empty_si
     writer = vdev("net_pcap", f"tx_pcap={tmp_path / 'c.pcap'}")
     with open_input(f"dpdk:{reader}+{writer}") as bridge:
         assert len(receive_all(bridge, capacity=32)) == len(read_frames(example_pcap))
+
+
+def test_a_dpdk_capture_on_stdout_is_checked_as_pcap_dash_is(tmp_path, example_pcap):
+    # A net_pcap tx_pcap on standard output skipped pcap:-'s checks: the summary went
+    # into the capture, --json - and --stacks 2 (two captures interleaved) were taken.
+    out = "dpdk:net_pcap1,tx_pcap=/dev/stdout"
+    with open(tmp_path / "one.pcap", "wb") as fh:
+        p = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                            f"pcap:{example_pcap}", "--out", out], stdout=fh,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "packets        " in p.stderr
+    assert b"packets        " not in (tmp_path / "one.pcap").read_bytes()
+    assert len(read_frames(tmp_path / "one.pcap")) > 0
+    r = _run_cli("run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out", out, "--json", "-")
+    assert r.returncode == 2 and r.stdout == ""
+    assert f"--json - and --out {out}: both would write standard output" in r.stderr
+    r = _run_cli("run", "flow_stats+logger", "--in", f"pcap:{example_pcap}", "--out", out,
+                 "--set", "logger.path=-")
+    assert r.returncode == 2 and r.stdout == ""
+    assert f"NF logger writes standard output, and --out {out} would too" in r.stderr
+    with open(tmp_path / "st.pcap", "wb") as fh:
+        p = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "l2fwd", "--in",
+                            f"pcap:{example_pcap}", "--out", out, "--stacks", "2"],
+                           stdout=fh, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert f"--out {out} with --stacks 2: each stack process writes a capture" in p.stderr
+    # an input device's tx_pcap too
+    bridge = (f"dpdk:net_pcap0,rx_pcap={example_pcap}+net_pcap1,"
+              f"tx_pcap=/dev/stdout")
+    r = _run_cli("run", "l2fwd", "--in", bridge, "--json", "-")
+    assert r.returncode == 2 and r.stdout == ""
+    assert f"--json - and --in {bridge}: both would write" in r.stderr
