@@ -643,8 +643,10 @@ cdef class DpdkPort(Port):
     Received frames carry the capture time for ``net_pcap`` (microseconds) and the
     receive time otherwise.  Frames the batch cannot take yet stay in the port for
     the next call.  Multi-segment mbufs are copied segment by segment; frames over
-    256 KiB are dropped (``rx_oversize``).  A send that finds the pool empty drops
-    and counts (``tx_nombuf``, ``tx_dropped``).  An IP datagram longer than a
+    256 KiB are dropped (``rx_oversize``).  A send that finds the pool empty hands
+    the driver the frames of the burst it holds (which gives their mbufs back, for
+    a driver that copies) and goes on; one that finds it empty with none in hand
+    drops and counts (``tx_nombuf``, ``tx_dropped``).  An IP datagram longer than a
     ``net_af_packet`` device's MTU or a ``net_memif`` slot goes as fragments
     (``tx_cut``; ``_fragment.pxd``: IPv4 without DF; IPv4 with DF and IPv6 that mbx
     rebuilt) where it may be cut, and a frame received cut short is not sent on
@@ -1142,6 +1144,8 @@ cdef class DpdkPort(Port):
                         for j in range(k0, k):
                             rte_pktmbuf_free(out[j])
                         k = k0
+                        if rc == -1 and k:
+                            break       # the pool ran dry: see below
                         if rc == -1:
                             self.tx_nombuf = self.tx_nombuf + 1
                         else:
@@ -1155,12 +1159,20 @@ cdef class DpdkPort(Port):
                     i += 1
                     continue
                 m = rte_pktmbuf_alloc(self.pool)
+                if m == NULL and k:
+                    # The pool ran dry filling this burst (a pool smaller than a
+                    # burst): send what it holds, which gives the driver's copies
+                    # back to the pool (net_pcap, memif), then take this packet again.
+                    break
                 if m == NULL:
                     self.tx_nombuf = self.tx_nombuf + 1
                     self.tx_dropped = self.tx_dropped + 1
                     i += 1
                     continue
                 rc = self._fill_parts(m, p.data, p.caplen, NULL, 0)
+                if rc == -1 and k:
+                    rte_pktmbuf_free(m)
+                    break               # as above
                 if rc != 0:
                     rte_pktmbuf_free(m)
                     if rc == -1:
