@@ -96,7 +96,7 @@ from mbx._rewrite cimport pkt_finish_csum
 from mbx._packet import bridge_counters
 from mbx.errors import PortError
 from mbx.ports import (
-    MBUFS_DEFAULT, MBUFS_MIN, PCAP_RX_KEYS, TX_WAIT_MAX_MS, vdev_arg, vdev_queue_problem,
+    MBUFS_DEFAULT, MBUFS_MIN, PCAP_RX_KEYS, TX_WAIT_MAX_MS, vdev_arg, vdev_problem,
 )
 
 cdef extern from "<net/if.h>" nogil:
@@ -729,7 +729,7 @@ cdef class DpdkPort(Port):
                 raise PortError(
                     f"dpdk:{vdev_or_port}: expected a vdev name such as net_pcap0 (a driver "
                     f"name and an instance number), then its arguments after a comma")
-            problem = vdev_queue_problem(vdev_or_port)
+            problem = vdev_problem(vdev_or_port)
             if problem:     # refused before the driver opens (truncates) any file
                 raise PortError(f"dpdk:{vdev_or_port}: {problem}")
             self.vdev = name

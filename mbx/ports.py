@@ -261,7 +261,7 @@ def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
             raise PortError(f"port spec {spec!r}: a bridge needs two different "
                             f"interfaces, not {ifaces[0]} twice")
     for side in sides:
-        problem = vdev_queue_problem(side)
+        problem = vdev_problem(side)
         if problem:
             raise PortError(f"port spec {spec!r}: {problem}")
     known = (("idle_us",) if bridge else ()) + ("link_wait", "tx_wait_ms", "mbufs")
@@ -383,6 +383,39 @@ def _vdev_driver(device: str) -> str:
 PCAP_RX_KEYS = ("rx_pcap", "rx_iface", "rx_iface_in", "iface")
 # net_pcap makes a queue of each of these it is given (``iface``: one each way)
 _PCAP_QUEUE_KEYS = (PCAP_RX_KEYS, ("tx_pcap", "tx_iface", "iface"))
+
+
+#: The keys each documented driver takes (DPDK 22.11, from each driver's parameter
+#: list).  DPDK's net_memif ignores its whole argument list when one key is unknown
+#: (a typo in one throws away the socket and role), and the errors other drivers give
+#: for one do not name it ("No such file or directory", "Operation not supported").
+VDEV_KEYS = {
+    "net_pcap": ("rx_pcap", "tx_pcap", "rx_iface", "rx_iface_in", "tx_iface", "iface",
+                 "phy_mac", "infinite_rx"),
+    "net_null": ("size", "copy", "no-rx"),
+    "net_ring": ("nodeaction", "internal"),
+    "net_memif": ("id", "role", "bsize", "rsize", "socket", "socket-abstract", "mac",
+                  "zero-copy", "secret"),
+    "net_af_packet": ("iface", "qpairs", "blocksz", "framesz", "framecnt", "qdisc_bypass"),
+    "net_tap": ("iface", "mac", "remote", "persist"),
+}
+
+
+def vdev_problem(device: str) -> str | None:
+    """Why mbx refuses a vdev's arguments before the driver sees them, or None: a
+    key the driver does not take, or spaces around one (DPDK takes neither, and says
+    so badly or not at all), for the drivers in VDEV_KEYS (others are passed on as
+    they are); more queues than a DpdkPort uses (:func:`vdev_queue_problem`)."""
+    driver = _vdev_driver(device)
+    known = VDEV_KEYS.get(driver)
+    for item in device.split(",")[1:] if known else ():
+        key = item.partition("=")[0]
+        if key != key.strip():
+            return (f"{item!r}: DPDK takes no spaces around a key or value of "
+                    f"{driver}'s arguments: write {item.strip()!r}")
+        if key not in known:
+            return f"unknown key {key!r} for {driver} (known: {', '.join(known)})"
+    return vdev_queue_problem(device)
 
 
 def vdev_queue_problem(device: str) -> str | None:

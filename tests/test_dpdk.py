@@ -351,7 +351,7 @@ def test_a_close_while_other_threads_receive_and_send_waits_for_them():
     ("net_pcap9,tx_pcap=/nonexistent/o.pcap", "the driver says: Couldn't open "
                                               "/nonexistent/o.pcap for writing"),
     ("net_af_packet9,iface=nope0", "the driver says: .*No such device"),
-    ("net_pcap9,no_such_arg=1", "driver refused it .*no_such_arg"),
+    ("net_pcap9,no_such_arg=1", "unknown key .no_such_arg. for net_pcap \\(known: rx_pcap, "),
     ("net_ring9,nodeaction=bogus", "the driver says: could not parse node value"),
     ("rx_pcap=x.pcap", "expected a vdev name"),
     (" ", "expected a vdev name"),
@@ -953,6 +953,16 @@ def test_a_memif_output_whose_peer_never_comes_fails_after_link_wait(eal, tmp_pa
     # it ran, and sent every frame back out of the interface it came from
     ("dpdk:net_af_packet0,iface=m-cli+net_af_packet1,iface=m-cli",
      "a bridge needs two different interfaces, not m-cli twice"),
+    # a typo in one key: memif dropped all its arguments, net_pcap said "No such
+    # file or directory", net_null "Operation not supported"
+    ("dpdk:net_memif96,role=client,bsise=4096,socket=/tmp/x.sock",
+     r"unknown key 'bsise' for net_memif \(known: id, role, bsize, rsize, socket, "),
+    ("dpdk:net_pcap96,rx_pacp=x.pcap", "unknown key 'rx_pacp' for net_pcap"),
+    ("dpdk:eth_null96,sise=128", "unknown key 'sise' for net_null"),
+    ("dpdk:net_ring96+net_null97,size=64,cpy=1", "unknown key 'cpy' for net_null"),
+    # DPDK refused it while mbx read it without the space
+    ("dpdk:net_pcap96, rx_pcap=x.pcap", "' rx_pcap=x.pcap': DPDK takes no spaces around "
+                                        "a key or value of net_pcap's arguments"),
 ])
 def test_dpdk_options_are_checked_when_the_spec_is_read(spec, message):
     from mbx.ports import check_spec
@@ -961,6 +971,9 @@ def test_dpdk_options_are_checked_when_the_spec_is_read(spec, message):
         check_spec(spec)
     with pytest.raises(PortError, match=message):
         open_output(spec)
+    if "key" in message:    # and by DpdkPort itself
+        with pytest.raises(PortError, match=message):
+            DpdkPort(spec.removeprefix("dpdk:").split("+")[-1])
 
 
 def memif_linger_server(sock):
