@@ -307,6 +307,22 @@ def _dpdk_spec(spec: str, arg: str) -> tuple[list[str], dict]:
     return sides, options
 
 
+def _refuse_input_sending(spec: str, devices: list[str]) -> None:
+    """Refuse a lone DPDK input device given a file or interface to send to
+    (net_pcap's ``tx_pcap``, ``tx_iface``): only a bridge sends out of its input, so
+    nothing would ever be sent there, and net_pcap truncates a ``tx_pcap`` file as
+    the device attaches, even for a run that then fails to start."""
+    if len(devices) != 1 or _vdev_driver(devices[0]) != "net_pcap":
+        return
+    for key in ("tx_pcap", "tx_iface"):
+        where = vdev_arg(devices[0], key, "")
+        if where:
+            raise PortError(f"port spec {spec!r}: {key}={where} on an input: a DPDK "
+                            f"input sends nothing (only a bridge, dpdk:VDEV0+VDEV1, "
+                            f"sends out of its input), so it would only be emptied: "
+                            f"give it as the output (--out dpdk:net_pcap1,{key}=...)")
+
+
 def _dpdk_port(spec: str, arg: str, port_id: int = 0, output: bool = False) -> Port:
     """A DpdkPort on the vdev ``arg``, or a DpdkBridge for ``VDEV0+VDEV1[?idle_us=N]``;
     mbx._dpdkport is imported only here, so the rest of mbx works in a build without
@@ -318,6 +334,8 @@ def _dpdk_port(spec: str, arg: str, port_id: int = 0, output: bool = False) -> P
     ring.  ``tx_wait_ms`` goes to each DpdkPort (its default depends on the driver:
     see MEMIF_TX_WAIT_MS)."""
     devices, options = _dpdk_spec(spec, arg)
+    if not output:
+        _refuse_input_sending(spec, devices)
     for path in read_files(spec):
         _refuse_non_ethernet(spec, path)
     try:
@@ -356,14 +374,18 @@ def check_spec(spec: str, *, rx: bool = True) -> None:
     """Refuse (:class:`~mbx.errors.PortError`) a spec that opening it would refuse for
     its form or an option's value, without opening anything: an unknown scheme, an
     AF_PACKET option value ``AfPacketPort`` does not take (``rx=False``: checked as
-    for a send-only port), a DPDK bridge or ``?`` option that is wrong.  What only
+    for a send-only port), a DPDK bridge or ``?`` option that is wrong, a vdev key
+    its driver does not take, and (``rx``) a lone DPDK input device given a
+    ``tx_pcap`` or ``tx_iface`` (only a bridge sends out of its input).  What only
     opening can tell (a missing interface or file, a driver's arguments) is left to
     the opening."""
     scheme, arg = _parse(spec)
     if scheme == "afpacket":
         _afpacket(spec, arg, rx)
     elif scheme == "dpdk":
-        _dpdk_spec(spec, arg)
+        devices = _dpdk_spec(spec, arg)[0]
+        if rx:
+            _refuse_input_sending(spec, devices)
 
 
 # ---------------------------------------------------------------- parallel stacks

@@ -1605,3 +1605,27 @@ def test_a_pool_smaller_than_a_burst_sends_it_all(tmp_path):
         c = port.counters
         assert c["tx_nombuf"] == c["tx_dropped"] == 0 and c["tx_pkts"] == 256
     assert [f for _, f in read_frames(out)] == frames
+
+
+def test_a_lone_input_device_is_refused_a_file_to_send_to(tmp_path, example_pcap):
+    # An input device's tx_pcap was truncated as it attached, even when the run then
+    # failed to start (keep.pcap 728,369 -> 24 bytes), and a lone input sends
+    # nothing: the file could only be emptied.  Refused before the driver opens it.
+    keep = tmp_path / "keep.pcap"
+    keep.write_bytes(open(example_pcap, "rb").read())
+    before = keep.read_bytes()
+    spec = f"dpdk:net_pcap0,rx_pcap={example_pcap},tx_pcap={keep}"
+    r = _run_cli("run", "l2fwd", "--in", spec, "--out",
+                 f"dpdk:net_memif0,role=client,socket={tmp_path / 'none.sock'},"
+                 f"socket-abstract=no")
+    assert r.returncode == 2, r.stderr
+    assert f"tx_pcap={keep} on an input: a DPDK input sends nothing" in r.stderr
+    assert keep.read_bytes() == before
+    with pytest.raises(PortError, match="on an input: a DPDK input sends nothing"):
+        open_input(spec)
+    assert keep.read_bytes() == before
+    # a bridge sends out of its input: its sides' files are its output
+    client = vdev("net_pcap", f"rx_pcap={example_pcap},tx_pcap={keep}")
+    server = vdev("net_pcap", f"tx_pcap={tmp_path / 'b.pcap'}")
+    with open_input(f"dpdk:{client}+{server}") as bridge:
+        assert bridge.client.driver == "net_pcap"
