@@ -21,12 +21,12 @@ import weakref
 
 from libc.errno cimport ENOBUFS, ENOMEM, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdio cimport FILE, fclose, fflush, stderr
+from libc.stdio cimport FILE, fclose, fflush, stderr, stdout
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset, strdup
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, nanosleep, timespec
 from posix.unistd cimport close as close_fd
-from posix.unistd cimport read, usleep, write
+from posix.unistd cimport dup, dup2, read, usleep, write
 
 from mbx._dpdk cimport (
     RTE_ETH_NAME_MAX_LEN,
@@ -407,9 +407,24 @@ def eal_init(args=None):
         raise MemoryError("cannot allocate the EAL argument vector")
     memcpy(owned, argv, (argc + 1) * sizeof(char *))
     log = _EalLog()
+    # EAL prints its usage (some 100 lines) on standard output when an argument is
+    # wrong, where `mbx run` may be writing a capture or JSON: it goes nowhere (the
+    # error names the arguments and quotes the log; getopt names the bad option on
+    # standard error).
+    sys.stdout.flush()
+    fflush(stdout)
+    saved = dup(1)
+    null = os.open(os.devnull, os.O_WRONLY) if saved >= 0 else -1
+    if null >= 0:
+        dup2(null, 1)
+        os.close(null)
     with nogil:
         rc = rte_eal_init(argc, argv)
     code = rte_errno
+    if saved >= 0:
+        fflush(stdout)
+        dup2(saved, 1)
+        close_fd(saved)
     text = log.finish(rc >= 0)     # a failure's log is in its error
     if rc < 0:
         for i in range(argc):

@@ -1311,14 +1311,17 @@ def test_a_dpdk_run_never_writes_the_capture_it_reads(tmp_path, example_pcap):
 def test_eal_arguments_that_fail_are_an_error_not_a_crash(tmp_path, example_pcap):
     """Without --no-huge the EAL fails; freeing the argument vector it had reordered
     aborted the process (double free, exit 134).  Unbalanced quotes were a
-    traceback."""
+    traceback.  An unknown argument printed EAL's usage, some 100 lines, on standard
+    output, where a capture or --json - may be going."""
     spec = f"dpdk:net_pcap0,rx_pcap={example_pcap}"
     for value, said in (("-m 64 --no-pci --no-shconf", "EAL initialisation failed"),
-                        ("'x", "No closing quotation")):
+                        ("'x", "No closing quotation"),
+                        ("--no-huge --no-such-eal-option", "EAL initialisation failed")):
         r = _run_cli("run", "l2fwd", "--in", spec, "-q",
                      env=dict(os.environ, MBX_EAL_ARGS=value))
         assert r.returncode == 2 and said in r.stderr, (r.returncode, r.stderr)
         assert "Traceback" not in r.stderr
+        assert r.stdout == ""
 
 
 def test_frames_a_driver_cannot_hand_over_leave_the_run_responsive():
