@@ -28,6 +28,9 @@ cdef class DpdkPort(Port):
     # frames received from the driver, or queued in a net_ring of ours, and never
     # delivered: the input ended (--duration, a signal) before they were
     cdef readonly uint64_t rx_unread
+    # frames this port sent into its own net_ring (rx and tx are one ring) that no
+    # receive took before it closed: counted as sent, but read by no one
+    cdef readonly uint64_t tx_unread
     cdef readonly uint64_t tx_nombuf    # frames not sent: the mempool had no mbuf
     cdef readonly uint64_t tx_oversize  # frames not sent: more segments than allowed
     cdef readonly uint64_t tx_full      # frames not sent: the driver's ring had no room

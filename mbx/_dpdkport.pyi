@@ -35,6 +35,7 @@ class DpdkPort(Port):
     tx_full: int
     tx_waits: int
     tx_link_down: int
+    tx_unread: int
     tx_wait_ms: int
     tx_max_len: int     # net_memif: longer frames are not sent (one ring slot); 0: any
     linger_s: float

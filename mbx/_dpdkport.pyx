@@ -1329,6 +1329,7 @@ cdef class DpdkPort(Port):
                 for j in range(got):
                     rte_pktmbuf_free(drain[j])
                 self.rx_unread += got
+                self.tx_unread += got      # what it sent into the ring, never read
                 polls += 1
         if self.started or self.attached:
             bname = self.vdev.encode()
@@ -1493,7 +1494,7 @@ cdef class DpdkPort(Port):
              "tx_pkts": self.tx_pkts, "tx_bytes": self.tx_bytes,
              "rx_dropped": self.rx_dropped, "tx_dropped": self.tx_dropped,
              "rx_oversize": self.rx_oversize, "rx_bad_length": self.rx_bad_length,
-             "rx_unread": self.rx_unread,
+             "rx_unread": self.rx_unread, "tx_unread": self.tx_unread,
              "tx_nombuf": self.tx_nombuf,
              "tx_oversize": self.tx_oversize, "tx_full": self.tx_full,
              "tx_waits": self.tx_waits, "tx_cut": self.tx_cut,

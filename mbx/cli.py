@@ -150,6 +150,11 @@ def _print_counters(c, elapsed, out=None):
         w(f"unread         {unread:,} frame{'s' if unread != 1 else ''} still in the receive "
           "ring when the input ended (--duration, --max-packets, a signal or an error): "
           "neither processed nor sent\n")
+    discarded = (port_total((c.get("ports") or {}).get("out") or {}, "tx_unread")
+                 if (c.get("ports") or {}).get("out") else port_total(inp, "tx_unread"))
+    if discarded:
+        w(f"discarded      {discarded:,} frame{'s' if discarded != 1 else ''} sent into a "
+          "net_ring that nothing read before it closed: counted as sent, read by no one\n")
     if port_total(inp, "peer_gone"):
         w("input          ended when its memif peer went away (the link went down)\n")
     if cut:

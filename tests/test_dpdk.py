@@ -1632,3 +1632,16 @@ def test_a_lone_input_device_is_refused_a_file_to_send_to(tmp_path, example_pcap
     server = vdev("net_pcap", f"tx_pcap={tmp_path / 'b.pcap'}")
     with open_input(f"dpdk:{client}+{server}") as bridge:
         assert bridge.client.driver == "net_pcap"
+
+
+def test_frames_sent_into_a_net_ring_no_one_read_are_reported(tmp_path, example_pcap):
+    # `--out dpdk:net_ring0` with no reader said "sent 1,023" and nothing else,
+    # though every frame was discarded when the port closed (rx_unread only, in
+    # --json): the summary says so.
+    r = _run_cli("run", "l2fwd", "--in", f"pcap:{example_pcap}", "--out",
+                 "dpdk:net_ring0", "--json", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "c.json").read_text())["ports"]["out"]
+    assert out["tx_unread"] == out["tx_pkts"] > 0
+    assert (f"discarded      {out['tx_unread']:,} frames sent into a net_ring that nothing "
+            f"read before it closed") in r.stdout
