@@ -564,6 +564,12 @@ def check(path, name, stack, options, nfs, lines=None):
                         "Layer: run with --stack auto or tcp (stack = \"auto\" or "
                         "\"tcp\" in an application file)"
                         if any(p.is_a(t) for p in monitor_pubs) else "")
+                # a type registered under another parent in each file is two types
+                last = t.name.rsplit("/", 1)[-1]
+                twins = [n for n in offered if n != t.name and n.rsplit("/", 1)[-1] == last]
+                if twins:
+                    hint += (f"; {', '.join(twins)} has the same name under another parent: "
+                             "a type registered with a different parent is another type")
                 raise AppError(
                     f"{at(i)}: NF {nf.name} subscribes to {t.name}, which nothing in the "
                     f"application publishes (a publication must be {t.name} or a "

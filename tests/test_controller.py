@@ -822,6 +822,24 @@ def test_subscription_fed_by_a_publishing_nf_or_a_descendant_type(tmp_path):
         check("x", "x", "auto", {}, [pub2, lonely])
 
 
+def test_a_type_of_the_same_name_under_another_parent_is_named(tmp_path):
+    # Two files registered PORTSCAN, one under FLOW: two types, and the subscriber's
+    # error listed the other among every publication with no word of why
+    top = mbx.register_event_type("TEST_CTL_SCAN")
+    under_flow = mbx.register_event_type("TEST_CTL_SCAN", parent=mbx.FLOW)
+    pub = mbx.NF("scan")
+    pub.sub(mbx.PKT, lambda ev: None)
+    pub.pub(top)
+    alert = mbx.NF("alert")
+    alert.sub(under_flow, lambda ev: None)
+    with pytest.raises(AppError) as info:
+        check("x", "x", "auto", {}, [pub, alert])
+    assert ("FLOW/TEST_CTL_SCAN, which nothing in the application publishes"
+            in str(info.value))
+    assert ("TEST_CTL_SCAN has the same name under another parent: a type registered "
+            "with a different parent is another type") in str(info.value)
+
+
 def test_parallel_group_sees_every_packet_and_any_drop_wins(run, example_pcap):
     class Dropper(mbx.NF):
         def __init__(self, name, port, group=None):
