@@ -70,7 +70,39 @@ OVERLAP_POLICIES = tuple(_POLICIES)     # ``overlap=``, for callers that check f
 CHECKSUM_POLICIES = ("ignore", "verify")  # ``checksums=``
 
 
-cdef bint checksums_ok(const mbx_pkt *p) noexcept nogil:
+cdef enum:
+    CSUM_BAD = 0
+    CSUM_OK = 1
+    CSUM_UNKNOWN = 2        # no way to check it here (see ipv6_final_dst)
+
+
+cdef const uint8_t *ipv6_final_dst(const mbx_pkt *p) noexcept nogil:
+    # The address the TCP pseudo-header holds (RFC 8200 §8.1): the final destination,
+    # which a Routing header with segments left names in its list, not the header's
+    # destination; NULL where it cannot be told (an unknown or compressed routing
+    # type with segments left).  The walk stays within the chain the parser walked.
+    cdef uint32_t off = p.l3_off + 40, n
+    cdef uint8_t nh = p.data[p.l3_off + 6], rtype
+    while off + 8 <= p.l4_off:
+        if nh == 44:                        # fragment (a rebuilt datagram has none)
+            n = 8
+        elif nh == 51:                      # AH: length in 4-byte units, less 2
+            n = (<uint32_t>p.data[off + 1] + 2) * 4
+        else:                               # hop-by-hop, routing, destination options
+            n = (<uint32_t>p.data[off + 1] + 1) * 8
+        if nh == 43 and p.data[off + 3]:    # a Routing header, segments left
+            rtype = p.data[off + 2]
+            if rtype == 4 and off + 24 <= p.l4_off:
+                return p.data + off + 8     # SRH: Segment List[0] is the last segment
+            if (rtype == 0 or rtype == 2) and n >= 24 and off + n <= p.l4_off:
+                return p.data + off + n - 16  # the last address of the list
+            return NULL
+        nh = p.data[off]
+        off += n
+    return p.dst.b
+
+
+cdef int checksums_ok(const mbx_pkt *p) noexcept nogil:
     # The IPv4 header's checksum and the TCP checksum (over the pseudo-header and the
     # whole segment) of a segment captured whole.  A datagram rebuilt from fragments
     # has a header the reassembly wrote (its checksum recomputed); its segment's
@@ -78,10 +110,11 @@ cdef bint checksums_ok(const mbx_pkt *p) noexcept nogil:
     cdef uint8_t pseudo[40]
     cdef uint32_t tcp_len = p.l3_off + p.ip_len - p.l4_off
     cdef uint64_t s
+    cdef const uint8_t *dst
     if p.ip_ver == 4:
         if not csum_valid(csum_sum(p.data + p.l3_off, <size_t>(p.data[p.l3_off] & 0x0F) * 4,
                                    0)):
-            return False
+            return CSUM_BAD
         memcpy(pseudo, p.src.b, 4)
         memcpy(pseudo + 4, p.dst.b, 4)
         pseudo[8] = 0
@@ -89,15 +122,19 @@ cdef bint checksums_ok(const mbx_pkt *p) noexcept nogil:
         store16(pseudo + 10, <uint16_t>tcp_len)
         s = csum_sum(pseudo, 12, 0)
     else:
+        dst = ipv6_final_dst(p)
+        if dst == NULL:
+            return CSUM_UNKNOWN
         memcpy(pseudo, p.src.b, 16)
-        memcpy(pseudo + 16, p.dst.b, 16)
+        memcpy(pseudo + 16, dst, 16)
         pseudo[32] = <uint8_t>(tcp_len >> 24)
         pseudo[33] = <uint8_t>(tcp_len >> 16)
         store16(pseudo + 34, <uint16_t>tcp_len)
         memset(pseudo + 36, 0, 3)
         pseudo[39] = 6
         s = csum_sum(pseudo, 40, 0)
-    return csum_valid(csum_sum(p.data + p.l4_off, tcp_len, s))
+    return CSUM_OK if csum_valid(csum_sum(p.data + p.l4_off, tcp_len, s)) else CSUM_BAD
+
 
 # The TCP Monitor's stream sizes when not given: TcpMonitor's keywords, and App's and
 # an application file's [stack] options of the same names.
@@ -463,17 +500,27 @@ cdef class TcpMonitor(NetworkLayer):
             # connection goes untracked, so `mbx flows` says so
             self.tcp_header_cut += p.status == PARSE_TRUNC_L4
             return False
+        cdef int checked
         if self.verify_checksums:
-            if (p.flags & PKT_F_TRUNCATED or p.offload & OFFLOAD_CSUM_PARTIAL
+            checked = CSUM_UNKNOWN
+            if not (p.flags & PKT_F_TRUNCATED or p.offload & OFFLOAD_CSUM_PARTIAL
                     or p.l3_off + p.ip_len > p.caplen):
-                # cut by a snaplen, or its checksum left to the sending interface:
-                # nothing to check it against, so it is taken as it is
+                checked = checksums_ok(p)
+            if checked == CSUM_UNKNOWN:
+                # cut by a snaplen, its checksum left to the sending interface, or
+                # routed to a destination not told here: taken as it is
                 self.unverifiable += 1
-            elif not checksums_ok(p):
+            elif checked == CSUM_BAD:
                 # Its receiver drops it unseen (RFC 9293 §3.10.7.1 via the IP layer):
                 # neither its sequence numbers, its ACK, nor its bytes count, or an
                 # injected segment could win over the real one in the stream.
                 self.bad_checksums += 1
+                if (self.meta[p.flow].mark & MARK_KILLED
+                        and self.meta[p.flow].gen == p.flow_gen):
+                    # an NF terminated its connection: dropped as every packet of it
+                    p.verdict = VERDICT_DROP
+                    self.killed_drops += 1
+                    return True
                 return False
         cdef uint32_t slot = p.flow
         cdef mbx_flow *f = &self.flows.flows[slot]

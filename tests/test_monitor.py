@@ -1801,6 +1801,48 @@ def test_verify_leaves_out_a_bad_ip_header_and_takes_a_cut_segment(run, tmp_path
     assert by_dir(rec)[0].startswith(b"GOOD1")
 
 
+def _tcp6_routed(ext, first_nh, final, corrupt=False):
+    # One IPv6 TCP segment behind extension headers ``ext``; its checksum is over the
+    # pseudo-header with ``final`` as the destination (RFC 8200 §8.1)
+    src, dst = (ipaddress.ip_address(a).packed for a in ("2001:db8::1", "2001:db8::2"))
+    payload = b"hello"
+    hdr = struct.pack("!HHIIBBHHH", 40000, 80, 1000, 0, 5 << 4, 0x18, 65535, 0, 0)
+    pseudo = src + ipaddress.ip_address(final).packed + struct.pack("!I3xB", 25, 6)
+    total = sum(struct.unpack(f"!{(len(pseudo) + 26) // 2}H",
+                              pseudo + hdr + payload + b"\0"))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    seg = hdr[:16] + struct.pack("!H", ~total & 0xFFFF) + hdr[18:] + payload
+    if corrupt:
+        seg = seg[:-1] + b"!"
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(ext) + len(seg), first_nh, 64, src, dst)
+    return ether(ip6 + ext + seg, 0x86DD)
+
+
+@pytest.mark.parametrize("rtype", [0, 2, 4, 3])
+def test_verify_sums_a_routed_ipv6_segment_over_its_final_destination(run, rtype):
+    """A Routing header with segments left: the TCP checksum covers the final
+    destination, the list's last address (types 0 and 2) or Segment List[0] (an SRv6
+    SRH), not the header's destination; a type not read here (3, RPL's compressed
+    list) is taken unchecked.  tshark agrees on each good and corrupted case."""
+    final = "2001:db8::99"
+    fin = ipaddress.ip_address(final).packed
+    other = ipaddress.ip_address("2001:db8::2").packed
+    ext = {0: bytes([6, 2, 0, 1, 0, 0, 0, 0]) + fin,
+           2: bytes([6, 2, 2, 1, 0, 0, 0, 0]) + fin,
+           4: bytes([6, 4, 4, 1, 1, 0, 0, 0]) + fin + other,
+           3: bytes([6, 2, 3, 1, 0, 0, 0, 0]) + fin}[rtype]
+    for corrupt in (False, True):
+        frames = [(1.0, _tcp6_routed(ext, 43, final, corrupt))]
+        counters, _ = run([], frames=frames, stack="tcp", checksums="verify")
+        tcp = counters["tcp"]
+        if rtype == 3:
+            assert (tcp["bad_checksums"], tcp["unverifiable"]) == (0, 1)
+        else:
+            assert (tcp["bad_checksums"], tcp["unverifiable"]) == (int(corrupt), 0)
+            assert tcp["tcp_packets"] == int(not corrupt)
+
+
 def test_checksums_must_be_a_known_word():
     with pytest.raises(mbx.AppError, match="checksums"):
         mbx.App([], checksums="strict")
