@@ -130,7 +130,10 @@ def flush_files():
     fflush(NULL) before fork().  What an NF's start() wrote into a file's buffer (a
     CSV header) would otherwise be in both processes' copies and reach the file
     twice: from the NF process, and again when the stack's copy is flushed as it is
-    freed at exit (or when a restarted NF process, forked from that copy, writes)."""
+    freed at exit (or when a restarted NF process, forked from that copy, writes).
+    It looks at every object the collector tracks: about 0.35 µs each (a few ms for
+    an ordinary NF, 1.8 s at five million objects), paid at start and before a
+    restart's fork."""
     sys.stdout.flush()
     sys.stderr.flush()
     for obj in gc.get_objects():
@@ -140,7 +143,9 @@ def flush_files():
                 if obj.closed or not obj.writable():
                     continue
                 obj.flush()
-            except ValueError:          # detached, or closed meanwhile
+            except (ValueError, OSError):
+                # detached or closed meanwhile; or the file's own error (a pipe whose
+                # reader left), which is its NF's to meet when it writes, not the run's
                 pass
 
 

@@ -437,3 +437,30 @@ def test_files_an_nf_writes_are_written_once(example_pcap, tmp_path, how):
         assert sorted(row for lines in files for row in lines[1:]) == sorted(inline[1:])
     else:
         assert files == [inline]
+
+
+PIPE_NF = """
+import subprocess, mbx
+class Pipey(mbx.NF):
+    def __init__(self):
+        super().__init__("pipey")
+        self.sub(mbx.PKT, lambda ev: None)
+    def start(self):
+        self.p = subprocess.Popen(["true"], stdin=subprocess.PIPE)
+        self.p.wait()
+        self.p.stdin.write(b"header\\n")     # buffered; its reader is gone
+nf = Pipey()
+"""
+
+
+def test_a_file_that_cannot_be_flushed_before_the_fork_is_the_nf_s_own(example_pcap,
+                                                                         tmp_path):
+    # Flushing every file before forking the NF processes met a pipe whose reader had
+    # gone: the BrokenPipeError ended mbx with exit 141 and no word, as if its own
+    # standard output had gone away; inline the same NF ran.  The file is the NF's.
+    (tmp_path / "pipey.py").write_text(PIPE_NF)
+    p = subprocess.run([sys.executable, "-m", "mbx.cli", "run", "pipey.py", "--in",
+                        f"pcap:{example_pcap}", "--deploy", "pipelined"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("packets "), p.stdout
