@@ -431,8 +431,8 @@ def vdev_problem(device: str) -> str | None:
     driver = _vdev_driver(device)
     known = VDEV_KEYS.get(driver)
     for item in device.split(",")[1:] if known else ():
-        key = item.partition("=")[0]
-        if key != key.strip():
+        key, _, value = item.partition("=")
+        if key != key.strip() or value != value.strip():
             return (f"{item!r}: DPDK takes no spaces around a key or value of "
                     f"{driver}'s arguments: write {item.strip()!r}")
         if key not in known:

@@ -963,6 +963,9 @@ def test_a_memif_output_whose_peer_never_comes_fails_after_link_wait(eal, tmp_pa
     # DPDK refused it while mbx read it without the space
     ("dpdk:net_pcap96, rx_pcap=x.pcap", "' rx_pcap=x.pcap': DPDK takes no spaces around "
                                         "a key or value of net_pcap's arguments"),
+    # around a value: DPDK opened " x.pcap" and said there was no such file
+    ("dpdk:net_pcap96,rx_pcap= x.pcap", "'rx_pcap= x.pcap': DPDK takes no spaces around "
+                                        "a key or value of net_pcap's arguments"),
 ])
 def test_dpdk_options_are_checked_when_the_spec_is_read(spec, message):
     from mbx.ports import check_spec
