@@ -1029,7 +1029,7 @@ def main(argv=None):
             if is_app_file(args.app):
                 if args.set:
                     raise MbxError("give NF options in the application file, not --set")
-                spec = load_app_file(args.app)
+                spec = load_app_file(args.app, stack=args.stack)
                 _run(spec.nfs, args, spec)
             else:
                 _run(load_app(args.app, _parse_sets(args.set)), args)

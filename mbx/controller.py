@@ -255,8 +255,10 @@ def _at(path, line):
     return f"{path}, line {line}" if line else path
 
 
-def load_app_file(path):
-    """Load and check an application file; returns an AppSpec or raises AppError."""
+def load_app_file(path, stack=None):
+    """Load and check an application file; returns an AppSpec or raises AppError.
+    ``stack`` (``mbx run --stack``) wins over the file's ``[app] stack``: the links
+    are checked with the stack that will run."""
     from mbx.runtime import load_app
 
     if not os.path.isfile(path):
@@ -294,10 +296,12 @@ def load_app_file(path):
     if not isinstance(name, str):
         raise AppError(f"{key_at('app', ['name'])}: [app] name = {name!r}: "
                        "expected a string")
+    given = stack
     stack = app.get("stack", "auto")
     if stack not in ("auto", "network", "tcp"):
         raise AppError(f"{key_at('app', ['stack'])}: [app] stack = {stack!r}: use "
                        "auto, network or tcp")
+    stack = given or stack
     options = dict(doc.get("stack", {}))
     bad = set(options) - set(_STACK_KEYS)
     if bad:

@@ -658,6 +658,15 @@ class App:
                 stack = NetworkLayer(bus, **self.config)
         except ValueError as exc:       # an option out of its range, named in exc
             raise AppError(f"stack options: {exc}") from None
+        except MemoryError as exc:
+            # the tables are sized by these options up front, not as flows come
+            sized = ", ".join(f"{key}={self.config[key]:,}" if key in self.config else
+                              f"{key}={self.monitor_options[key]:,}"
+                              for key in ("flow_capacity", "max_streams", "stream_memory")
+                              if key in self.config or (tcp and key in self.monitor_options))
+            raise AppError(f"the {'TCP Monitor' if tcp else 'Network Layer'}'s tables "
+                           f"do not fit in memory ({exc}): lower {sized} (--flows, or "
+                           "[stack] in an application file)") from None
         bus.offered = publications(tcp, self.nfs)
         return stack
 

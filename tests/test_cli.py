@@ -972,6 +972,64 @@ def _mbx_with_file_limit(limit, *args, cwd):
                           timeout=300, preexec_fn=limit_files, restore_signals=False)
 
 
+ESTABLISHED_NF = """import mbx
+
+class Est(mbx.NF):
+    def __init__(self):
+        super().__init__("est")
+        self.n = 0
+        self.sub(mbx.FLOW_TCP_ESTABLISHED, self.on)
+
+    def on(self, ev):
+        self.n += 1
+
+    def report(self):
+        return {"established": self.n}
+
+def make():
+    return Est()
+"""
+
+
+def test_stack_on_the_command_line_wins_over_the_application_file(example_pcap, tmp_path):
+    # The file was checked with its own [app] stack and run with --stack: a valid
+    # override (tcp over the file's network) was refused, telling the user to pass the
+    # flag just passed, and a broken one (network under an NF of TCP events) ran and
+    # gave it nothing, without a word.
+    (tmp_path / "est.py").write_text(ESTABLISHED_NF)
+    (tmp_path / "net.toml").write_text('[app]\nstack = "network"\n[[nf]]\nuse = "est.py"\n')
+    (tmp_path / "auto.toml").write_text('[[nf]]\nuse = "est.py"\n')
+    r = mbx_cmd("run", "net.toml", "--in", f"pcap:{example_pcap}", "--stack", "tcp",
+                "--json", "c.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "c.json").read_text())[
+        "nfs"]["est"]["report"]["established"] > 0
+    r = mbx_cmd("run", "auto.toml", "--in", f"pcap:{example_pcap}", "--stack", "network",
+                cwd=tmp_path)
+    assert r.returncode == 2, r.stdout
+    assert ("auto.toml, line 1: NF est subscribes to FLOW/TCP/ESTABLISHED, which nothing "
+            "in the application publishes") in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("stack", ["network", "tcp"])
+def test_tables_that_do_not_fit_in_memory_are_an_error_naming_the_option(example_pcap,
+                                                                          stack):
+    # --flows within its range, but more than the process may allocate: a MemoryError
+    # traceback, exit 1.  Now the error says which option sized the tables.
+    import resource
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    r = subprocess.run([*MBX, "run", "flow_stats", "--in", f"pcap:{example_pcap}",
+                        "--flows", str(1 << 25), "--stack", stack, "-q"],
+                       capture_output=True, text=True, timeout=300, preexec_fn=limit_memory)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert re.search(r"mbx: error: the (Network Layer|TCP Monitor)'s tables do not fit in "
+                     r"memory \(cannot .*\): lower flow_capacity=33,554,432", r.stderr), r.stderr
+
+
 @pytest.mark.parametrize("stacks", [1, 2])
 def test_an_output_write_that_fails_mid_run_is_the_error_with_the_summary(tmp_path, stacks):
     # The capture output's write failed mid-run (a full disk), and closing the output
