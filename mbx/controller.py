@@ -33,9 +33,9 @@ publication feeds a subscription when it is the subscribed type or a descendant:
 paper §3.3): the μStacks' publications, and those of the NFs before it in the chain
 (an NF also republishes what it subscribes to).  A subscription nothing can feed, a
 writer in a parallel group, a member of a group subscribed to what another member
-publishes, an NF listed twice, a bad option or filter, a merge function that cannot
-be loaded or called: each is refused with an error naming the file, the line, the
-NF and the types.
+publishes, an NF listed twice, two NFs writing one file, a bad option or filter, a
+merge function that cannot be loaded or called: each is refused with an error
+naming the file, the line, the NF and the types.
 """
 import itertools
 import json
@@ -46,7 +46,7 @@ import tomllib
 from mbx import _events
 from mbx.errors import AppError, MbxError, exc_text, raising_line
 from mbx.pipeline import check_failure_policy
-from mbx.runtime import WHOLE_STACK_OPTIONS, stack_options_problem
+from mbx.runtime import WHOLE_STACK_OPTIONS, output_clash, stack_options_problem
 
 # What each μStack publishes.
 NETWORK_LAYER_PUBS = [_events.PKT, _events.FLOW_START, _events.FLOW_END]
@@ -504,6 +504,9 @@ def check(path, name, stack, options, nfs, lines=None):
     if dup:
         again = next(i for i, n in enumerate(names) if n in names[:i])
         raise AppError(f"{at(again)}: NF name(s) used twice: {', '.join(dup)}")
+    clash = output_clash(nfs, lines)
+    if clash is not None:
+        raise AppError(f"{at(clash[0])}: {clash[1]}")
     for i, nf in enumerate(nfs):
         try:
             check_failure_policy(nf)    # as a run does, in every deployment

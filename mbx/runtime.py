@@ -98,6 +98,30 @@ def check_output_free(path, what):
         raise AppError(str(exc)) from None
 
 
+def output_clash(nfs, lines=None):
+    """The first file two of ``nfs`` say they write (``writes_files``), as (j, why):
+    NF j writes a file an NF before it writes too; else None.  ``lines`` (per NF,
+    its line in an application file) places the first NF.  Found from the NFs'
+    declarations, before any of them opens a file: at start() the second would be
+    refused (``check_output_free``) only once the first had truncated the file,
+    for a run that never happens."""
+    seen = {}
+    for j, nf in enumerate(nfs):
+        for path in getattr(nf, "writes_files", ()):
+            try:
+                st = os.stat(path)
+                key = (st.st_dev, st.st_ino)
+            except OSError:     # not there yet: one file however it is spelt
+                key = os.path.realpath(path)
+            i = seen.setdefault(key, j)
+            if i != j:
+                first = f" (line {lines[i]})" if lines and lines[i] else ""
+                return j, (f"NF {nf.name}: {path!r} is written by NF {nfs[i].name}"
+                           f"{first} too; two writers would interleave their bytes: "
+                           "name another file")
+    return None
+
+
 def output_path(path):
     """The file this process should write for ``path``: ``path`` itself, or
     ``path.stackK`` in stack process K of a ``run_parallel`` run, so that stack
@@ -607,6 +631,9 @@ class App:
                        for nf in nfs for i in nf.pubs):
             sink = _TerminateSink()
             nfs.append(sink)
+        clash = output_clash(nfs)
+        if clash is not None:       # before the first NF truncates the file
+            raise AppError(clash[1])
         started = []
         try:
             for nf in nfs:

@@ -1193,7 +1193,9 @@ def test_one_file_has_one_writer(tmp_path, example_pcap):
     app.write_text(f'[[nf]]\nuse = "logger"\nname = "a"\noptions = {{ path = "{log}" }}\n'
                    f'[[nf]]\nuse = "logger"\nname = "b"\noptions = {{ path = "{log}" }}\n')
     r = mbx_cmd("run", str(app), "--in", example_pcap)
-    assert r.returncode == 2 and "is already written by NF a (its log)" in r.stderr, r.stderr
+    # (from the NFs' declared files, before either opened it)
+    assert r.returncode == 2 and "NF b: " + repr(str(log)) + " is written by NF a (line 1) " \
+        "too" in r.stderr, r.stderr
     # the other way round (the output open first), through the library
     from mbx._pcap import PcapWriter
     from mbx.errors import AppError

@@ -1201,3 +1201,39 @@ def test_mbx_check_refuses_a_failure_policy_that_is_none(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "NF badfail: failure must be 'open' or 'closed', not 'opn'" in r.stderr
+
+
+def test_two_nfs_writing_one_file_are_refused_before_either_opens_it(tmp_path,
+                                                                    example_pcap):
+    # Refused only at start(), once the first Logger had truncated the file, and
+    # mbx check said nothing.
+    app = write(tmp_path, "two.toml", """
+        [[nf]]
+        use = "logger"
+        name = "la"
+        options = { path = "same.jsonl", types = "FLOW/START" }
+        [[nf]]
+        use = "logger"
+        name = "lb"
+        options = { path = "./same.jsonl", types = "FLOW/END" }
+        """)
+    kept = tmp_path / "same.jsonl"
+    kept.write_text("keep\n")
+    want = (f"{app}, line 6: NF lb: './same.jsonl' is written by NF la (line 2) too; "
+            "two writers would interleave their bytes")
+    for cmd in (["check", app], ["run", app, "--in", f"pcap:{example_pcap}", "-q"]):
+        r = subprocess.run([sys.executable, "-m", "mbx.cli", *cmd], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert want in r.stderr
+        assert kept.read_text() == "keep\n"
+    # an App made in code is refused before its first NF starts, too
+    from mbx.nfs.logger import make
+
+    (tmp_path / "x").mkdir()
+    nfs = [make("la", str(kept)), make("lb", str(tmp_path / "x" / ".." / "same.jsonl"))]
+    with pytest.raises(AppError, match="NF lb: .* is written by NF la too"):
+        App(nfs).run(open_input(f"pcap:{example_pcap}"))
+    assert kept.read_text() == "keep\n"
+    # standard output is shared in whole lines, as it always was
+    assert check("t", "t", "auto", {}, [make("la", "-"), make("lb", "/dev/stdout")])

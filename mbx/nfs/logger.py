@@ -95,6 +95,13 @@ class Logger(mbx.NF):
         # mbx run then prints its summary on standard error, not among these lines
         return self.path == "-" or inherited_fd(self.path) == 1
 
+    @property
+    def writes_files(self):
+        # the file this log is, for mbx.runtime.output_clash; a descriptor the run
+        # was given ("-", /dev/stdout) is none: every writer there writes whole lines
+        return () if self.path == "-" or inherited_fd(self.path) is not None else (
+            self.path,)
+
     def start(self):
         # "-": where print() goes (standard error while a capture is written to
         # standard output: mbx run --out pcap:/dev/stdout)
