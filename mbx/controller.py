@@ -319,8 +319,8 @@ def load_app_file(path, stack=None):
         raise AppError(f"{path}: no [[nf]] tables: an application names at least one NF")
     nfs = []
     lines = []          # per NF of nfs: the line of its [[nf]] table
-    loaded = {}         # (use, options): the NFs it made, so a file that defines
-    #                     several NFs is run once
+    loaded = {}         # (file or module:attr, options): the NFs it made, so a
+    #                     file that defines several NFs is run once
     base = os.path.dirname(os.path.abspath(path))
     for i, entry in enumerate(entries):
         line = _line_of(text, i)
@@ -359,19 +359,23 @@ def load_app_file(path, stack=None):
 
         if use in BUILTIN_NFS and wanted is not None:
             opts.setdefault("name", wanted)
-        key = (use, repr(sorted(opts.items())))
+        # keyed by the file, not "FILE.py:NAME": its entries' NFs come from one
+        # load of it, and share its module's state, as in a chain
+        source = file if file.endswith(".py") else use
+        key = (source, repr(sorted(opts.items())))
         if key not in loaded:
             try:
-                loaded[key] = load_app(use, {stem: opts} if opts else None)
+                loaded[key] = load_app(source, {stem: opts} if opts else None)
             except MbxError as exc:
                 raise AppError(f"{where}: {exc}") from None
         made = loaded[key]
-        if wanted is not None:
-            picked = [nf for nf in made if nf.name == wanted]
-            if not picked:
-                raise AppError(f"{where}: {use} defines no NF named {wanted!r} "
-                               f"(it defines {', '.join(nf.name for nf in made)})")
-            made = picked
+        for which in (nf_name, wanted):
+            if which:
+                picked = [nf for nf in made if nf.name == which]
+                if not picked:
+                    raise AppError(f"{where}: {source} defines no NF named {which!r} "
+                                   f"(it defines {', '.join(nf.name for nf in made)})")
+                made = picked
         group = entry.get("group")
         for nf in made:
             nf.group = group

@@ -1237,3 +1237,45 @@ def test_two_nfs_writing_one_file_are_refused_before_either_opens_it(tmp_path,
     assert kept.read_text() == "keep\n"
     # standard output is shared in whole lines, as it always was
     assert check("t", "t", "auto", {}, [make("la", "-"), make("lb", "/dev/stdout")])
+
+
+SHARED_FILE = '''
+import mbx
+seen = {"n": 0}         # the module's state, which both its NFs use
+
+class A(mbx.NF):
+    def __init__(self):
+        super().__init__("a")
+        self.sub(mbx.PKT, self.on)
+
+    def on(self, ev):
+        seen["n"] += 1
+
+class B(mbx.NF):
+    def __init__(self):
+        super().__init__("b")
+        self.sub(mbx.PKT, self.on)
+
+    def on(self, ev):
+        self.saw = seen["n"]
+
+nfs = [A(), B()]
+'''
+
+
+@pytest.mark.parametrize("uses", [('"shared.py:a"', '"shared.py:b"'),
+                                  ('"shared.py"\nname = "a"', '"shared.py"\nname = "b"')])
+def test_the_nfs_of_one_file_share_one_load_of_it(tmp_path, example_pcap, uses):
+    # use = "FILE.py:NAME" loaded the file once per entry: B read a module A never
+    # counted in (0), where the chain shared.py:a+shared.py:b shared it
+    write(tmp_path, "shared.py", SHARED_FILE)
+    app = write(tmp_path, "sh.toml", f"[[nf]]\nuse = {uses[0]}\n[[nf]]\nuse = {uses[1]}\n")
+    a, b = load_app_file(app).nfs
+    assert (a.name, b.name) == ("a", "b")
+    assert type(a).on.__globals__ is type(b).on.__globals__
+    counters, _ = run_app([a, b], example_pcap)
+    assert b.saw == counters["events"]["PKT"]["published"] > 0
+    bad = write(tmp_path, "bad.toml", '[[nf]]\nuse = "shared.py:c"\n')
+    with pytest.raises(AppError, match=r"line 1: .*shared.py defines no NF named 'c' "
+                                       r"\(it defines a, b\)"):
+        load_app_file(bad)
