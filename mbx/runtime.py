@@ -222,6 +222,8 @@ def _make(factory, options, where):
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number",
+               str: "a string"}
 
 
 def _scalar(annotation):
@@ -239,16 +241,33 @@ def _scalar(annotation):
 def _typed_options(signature, options, where):
     """Options given as text (``--set NF.KEY=VALUE``) made the type the factory
     declares for them, by annotation or else by its default's type (int, float,
-    bool); other values, and text for parameters of other types, pass as they are.
-    A value that does not convert is refused here, naming the option, not by the
-    NF's first packet."""
+    bool); text for parameters of other types passes as it is.  A value with a type
+    of its own (an application file's ``options``) must be of that type already (an
+    int for a float is made one; a bool is no int), or ``str`` where the annotation
+    says so.  A value that does not fit is refused here, naming the option, not by
+    make() or the NF's first packet."""
     typed = dict(options)
     for key, value in options.items():
         param = signature.parameters.get(key)
-        if param is None or not isinstance(value, str):
+        if param is None:
             continue
         kind = _scalar(param.annotation) or (
             type(param.default) if type(param.default) in (bool, int, float) else None)
+        if not isinstance(value, str):
+            # a value with a type of its own (an application file's TOML) is held to
+            # the type the text would be made, not passed for make() to trip on
+            if value is None and type(None) in typing.get_args(param.annotation):
+                continue
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                typed[key] = float(value)       # 2 where a number is wanted: 2.0
+                continue
+            if kind is None and str in (param.annotation, *typing.get_args(param.annotation)):
+                kind = str
+            if kind is not None and not (isinstance(value, kind) and (
+                    kind is bool or not isinstance(value, bool))):
+                raise AppError(f"{where}: option {key}={value!r}: expected "
+                               f"{_KIND_WORDS[kind]}")
+            continue
         if kind is None:
             continue
         text = value.strip().lower()
@@ -257,7 +276,7 @@ def _typed_options(signature, options, where):
             continue
         if kind is bool:
             if text not in _TRUE + _FALSE:
-                raise AppError(f"{where}: option {key}={value!r}: expected true or false")
+                raise AppError(f"{where}: option {key}={value!r}: expected {_KIND_WORDS[bool]}")
             typed[key] = text in _TRUE
             continue
         try:
@@ -267,7 +286,7 @@ def _typed_options(signature, options, where):
                           if kind is int else float(text))
         except ValueError:
             raise AppError(f"{where}: option {key}={value!r}: expected "
-                           f"{'an integer' if kind is int else 'a number'}") from None
+                           f"{_KIND_WORDS[kind]}") from None
     return typed
 
 

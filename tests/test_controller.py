@@ -1279,3 +1279,58 @@ def test_the_nfs_of_one_file_share_one_load_of_it(tmp_path, example_pcap, uses):
     with pytest.raises(AppError, match=r"line 1: .*shared.py defines no NF named 'c' "
                                        r"\(it defines a, b\)"):
         load_app_file(bad)
+
+
+TYPED_FILE = '''
+import mbx
+
+def make(limit: int = 5, verbose=False, ratio: float = 1.0, label: str = "x",
+         extra=None):
+    nf = mbx.NF("typed")
+    nf.sub(mbx.PKT, lambda ev: None)
+    nf.given = (limit, verbose, ratio, label, extra)
+    return nf
+'''
+
+
+@pytest.mark.parametrize("options, message", [
+    ("limit = 7.5", "option limit=7.5: expected an integer"),
+    ("limit = true", "option limit=True: expected an integer"),
+    ("limit = \"7\"", None),        # text, as --set gives it, is made the int
+    ("verbose = 1", "option verbose=1: expected true or false"),
+    ("ratio = false", "option ratio=False: expected a number"),
+    ("label = 5", "option label=5: expected a string"),
+])
+def test_application_file_options_are_held_to_the_type_make_declares(tmp_path, options,
+                                                                     message):
+    # TOML values were passed to make() unchecked: limit 7.5 ran as 7.5 where
+    # --set typed.limit=7.5 was refused, and path = 5 reached the Logger's open()
+    write(tmp_path, "typed.py", TYPED_FILE)
+    app = write(tmp_path, "app.toml", f"""
+        [[nf]]
+        use = "typed.py"
+        options = {{ {options} }}
+        """)
+    if message is None:
+        assert load_app_file(app).nfs[0].given[0] == 7
+        return
+    with pytest.raises(AppError) as info:
+        load_app_file(app)
+    assert str(info.value).startswith(f"{app}, line 2: NF file ")
+    assert str(info.value).endswith(f"typed.py: make(): {message}")
+
+
+def test_application_file_options_of_the_right_type_pass(tmp_path):
+    write(tmp_path, "typed.py", TYPED_FILE)
+    app = write(tmp_path, "app.toml", """
+        [[nf]]
+        use = "typed.py"
+        options = { limit = 7, verbose = true, ratio = 2, label = "y", extra = [1, 2] }
+        """)
+    given = load_app_file(app).nfs[0].given
+    assert given == (7, True, 2.0, "y", [1, 2]) and isinstance(given[2], float)
+    # the Logger's path: named as an option, not a TypeError from open()
+    bad = write(tmp_path, "log.toml", '[[nf]]\nuse = "logger"\noptions = { path = 5 }\n')
+    with pytest.raises(AppError, match=r"line 1: NF logger: option path=5: expected a "
+                                       r"string$"):
+        load_app_file(bad)

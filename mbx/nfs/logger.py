@@ -145,5 +145,5 @@ class Logger(mbx.NF):
             self.out = None
 
 
-def make(name="logger", path="mbx-events.jsonl", types="FLOW"):
+def make(name="logger", path: str = "mbx-events.jsonl", types="FLOW"):
     return Logger(name, path, types)
