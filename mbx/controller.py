@@ -385,9 +385,11 @@ def load_app_file(path, stack=None):
                 for tname, spec in entry.get("filters", {}).items():
                     nf.filter(tname, **spec)
             except (MbxError, TypeError) as exc:
-                # (a message that names the NF already is not prefixed twice)
+                # (a message that names the NF, or says "filter", already is not
+                # prefixed twice)
                 said = str(exc).removeprefix(f"NF {nf.name}: ")
-                raise AppError(f"{where}: NF {nf.name}: filter: {said}") from None
+                said = said if said.startswith("filter") else f"filter: {said}"
+                raise AppError(f"{where}: NF {nf.name}: {said}") from None
             for tname in entry.get("filters", {}):
                 # a filter applies to the subscription of exactly its type: on any
                 # other it would never be consulted

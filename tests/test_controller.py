@@ -330,7 +330,7 @@ def test_a_file_in_the_current_directory_never_stands_in_for_one_beside_the_app(
      use = "l2fwd"
      [nf.filter]
      dst_port = [70000]
-     """, "NF l2fwd: filter: filter dst_port: 70000 is not within 0-65535"),
+     """, "NF l2fwd: filter dst_port: 70000 is not within 0-65535"),
     ("""
      [[nf]]
      use = "l2fwd"
@@ -376,7 +376,7 @@ def test_a_file_in_the_current_directory_never_stands_in_for_one_beside_the_app(
      use = "l2fwd"
      [nf.filter]
      src = "198.18.0.1"
-     """, "NF l2fwd: filter: filter: unknown key(s) src (known: proto, src_port, "
+     """, "NF l2fwd: filter: unknown key(s) src (known: proto, src_port, "
           "dst_port, src_net, dst_net)"),
     ("""
      [[nf]]
