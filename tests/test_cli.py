@@ -972,6 +972,25 @@ def _mbx_with_file_limit(limit, *args, cwd):
                           timeout=300, preexec_fn=limit_files, restore_signals=False)
 
 
+@pytest.mark.parametrize("clash", ["--json", "--out"])
+def test_the_run_s_files_and_an_nf_s_are_told_apart_before_the_run(example_pcap, tmp_path,
+                                                                    clash):
+    # --json at a Logger's path wrote the counters over its log, exit 0; --out at it
+    # was found only at start, once one of the two had truncated the file
+    log = tmp_path / "log.jsonl"
+    log.write_text("kept\n")
+    given = ["--json", str(log)] if clash == "--json" else ["--out", f"pcap:{log}"]
+    r = mbx_cmd("run", "logger", "--set", f"logger.path={log}", "--in",
+                f"pcap:{example_pcap}", *given, "-q")
+    assert r.returncode == 2, r.stderr
+    assert "NF logger's output" in r.stderr, r.stderr
+    assert log.read_text() == "kept\n"
+    # /dev/null is no file to keep: both may write there
+    r = mbx_cmd("run", "logger", "--set", "logger.path=/dev/null", "--in",
+                f"pcap:{example_pcap}", "--json", "/dev/null", "-q")
+    assert r.returncode == 0, r.stderr
+
+
 ESTABLISHED_NF = """import mbx
 
 class Est(mbx.NF):
