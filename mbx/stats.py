@@ -137,6 +137,10 @@ TCP_SERIES = (
     ("streams_exhausted", "mbx_tcp_streams_exhausted", "counter",
      "TCP connections that found no stream free"),
     ("gaps", "mbx_tcp_gaps", "counter", "Holes the TCP Monitor skipped in a stream"),
+    ("conflicts", "mbx_tcp_conflicts", "counter",
+     "Retransmissions whose bytes differ from those the stream had (OVERLAP_CONFLICT)"),
+    ("bad_checksums", "mbx_tcp_bad_checksums", "counter",
+     "TCP segments left out for a wrong checksum (checksums=verify)"),
     ("pool_chunks_in_use", "mbx_tcp_pool_chunks_in_use", "gauge",
      "Stream memory chunks holding bytes"),
 )

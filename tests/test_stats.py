@@ -385,6 +385,8 @@ def test_prometheus_has_the_tcp_monitors_series_when_it_runs(example_pcap, tmp_p
     final = pages[-1]
     assert _metric(final, "mbx_tcp_connections_total") == c["tcp"]["connections"] > 0
     assert _metric(final, "mbx_tcp_gaps_total") == c["tcp"]["gaps"]
+    assert _metric(final, "mbx_tcp_conflicts_total") == c["tcp"]["conflicts"]
+    assert _metric(final, "mbx_tcp_bad_checksums_total") == c["tcp"]["bad_checksums"]
     assert _metric(final, "mbx_tcp_memcaps_total") == c["tcp"]["memcaps"]
     assert _metric(final, "mbx_tcp_pool_chunks_in_use") == c["tcp"]["pool_chunks_in_use"]
 
