@@ -45,8 +45,8 @@ from mbx._stream cimport (
     stream_offset_of, stream_read, stream_read_run, stream_release, stream_skip_hole,
 )
 from mbx._tcp cimport (
-    CONN_CLOSED_FIN, CONN_CLOSED_RST, CONN_HS_ACK, CONN_HS_SYN, CONN_HS_SYNACK, EP_FIN,
-    EP_SYN, EP_SYNACK, TCPEV_ESTABLISHED, TCPEV_FIN, TCPEV_NEW_CONNECTION,
+    CONN_CLOSED_FIN, CONN_CLOSED_RST, CONN_HS_ACK, CONN_HS_SYN, CONN_HS_SYNACK,
+    EP_ACK_KNOWN, EP_FIN, EP_SYN, EP_SYNACK, TCPEV_ESTABLISHED, TCPEV_FIN, TCPEV_NEW_CONNECTION,
     TCPEV_OUT_OF_WINDOW, TCPEV_RETRANSMISSION, TCPEV_RST, TCPEV_RST_INVALID,
     TCPEV_STATE_CHANGE, TCPEV_SYN, TCPEV_SYNACK,
     TCPEV_TERMINATE, seq_gt, seq_leq, seq_lt, tcp_client_dir, tcp_conn, tcp_init,
@@ -669,21 +669,7 @@ cdef class TcpMonitor(NetworkLayer):
             if p.payload_len and accepted and (not seen_d or seq_gt(end, seen)):
                 self.after_close += 1
             return
-        # Bytes beyond the sender's FIN are none of its stream: its receiver took the
-        # FIN as the end and drops them (RFC 9293 §3.10.7.4), and added they would
-        # sit behind the FIN's sequence number, which no byte fills, as if behind a
-        # hole the capture missed.  A retransmission of what came before the FIN is
-        # kept; the segment is counted (payload_after_fin) and its later bytes go.
         cdef uint32_t n = p.payload_len, fin_lim
-        if (n and accepted and c.ep[d].flags & EP_FIN and not p.tcp_flags & (TH_SYN | TH_RST)
-                and seq_gt(seq + n + cut, c.ep[d].fin_seq)):
-            self.after_fin += 1
-            fin_lim = c.ep[d].fin_seq - seq if seq_lt(seq, c.ep[d].fin_seq) else 0
-            if n > fin_lim:
-                n = fin_lim
-                cut = 0
-            else:
-                cut = fin_lim - n
         if not want_d and not want_o:
             self.free_pair(slot)            # nobody (any more) wants this flow's bytes
             return
@@ -732,6 +718,27 @@ cdef class TcpMonitor(NetworkLayer):
                 else:
                     stream_init(self.pool, s, seq, self.policy)
                 meta.mark |= MARK_INIT0 << d
+            # Bytes beyond the sender's FIN are none of its stream once its receiver
+            # took that FIN (RFC 9293 §3.10.7.4): left in, they would sit behind the
+            # FIN's sequence number, which no byte fills, as if behind a hole the
+            # capture missed.  The proof is the receiver's ACK of exactly the FIN
+            # (fin_seq + 1, not beyond) with no byte at the FIN's place delivered: a
+            # FIN seen first is no proof, as a stale or injected one (inside acked
+            # data, ahead of a hole) would cut off bytes the receiver acknowledged.
+            # What came before the FIN is kept; the segment is counted
+            # (payload_after_fin) and its later bytes go.
+            if (n and c.ep[d].flags & EP_FIN and not p.tcp_flags & (TH_SYN | TH_RST)
+                    and c.ep[o].flags & EP_ACK_KNOWN
+                    and c.ep[o].ack == c.ep[d].fin_seq + 1
+                    and stream_offset_of(s, c.ep[d].fin_seq) >= <int64_t>s.frontier
+                    and seq_gt(seq + n + cut, c.ep[d].fin_seq)):
+                self.after_fin += 1
+                fin_lim = c.ep[d].fin_seq - seq if seq_lt(seq, c.ep[d].fin_seq) else 0
+                if n > fin_lim:
+                    n = fin_lim
+                    cut = 0
+                else:
+                    cut = fin_lim - n
             e = &self.edge[2 * pair + d]
             if e.live and n and seq_leq(seq, e.seq0) and seq_gt(seq + n, e.seq0):
                 # bytes held past the window's edge, sent again into the window: the

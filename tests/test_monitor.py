@@ -1400,6 +1400,28 @@ def test_payload_after_the_sender_s_fin_is_no_hole(run, tmp_path):
                         "in no digest"]
 
 
+@pytest.mark.parametrize("fin_seq", [50, 301])
+def test_an_unconfirmed_fin_cuts_off_no_acknowledged_bytes(run, tmp_path, fin_seq):
+    """A FIN its receiver did not acknowledge as such is no end of the stream: a
+    stale or injected one inside bytes already acknowledged (50), or ahead of a
+    hole in the window (301), must not drop the bytes that follow it, which the
+    receiver's ACKs show it took (an IDS would not see them otherwise)."""
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"A" * 100)
+    conn.s(1, 101)
+    conn.c(fin_seq, 1, FIN | ACK)
+    conn.c(101, 1, PSH | ACK, b"B" * 400)
+    conn.s(1, 501)
+    conn.c(501, 1, PSH | ACK, b"C" * 10)
+    conn.s(1, 511)
+    rec = Recorder([mbx.DATA_RDY], side="both")
+    counters, _ = run([rec], frames=conn.frames)
+    assert by_dir(rec) == {0: b"A" * 100 + b"B" * 400 + b"C" * 10}
+    assert counters["tcp"]["payload_after_fin"] == 0
+    assert counters["tcp"]["gaps"] == 0
+
+
 def test_flows_rst_data_counts(tmp_path):
     """Data in a RST (RFC 1122 diagnostic text) is counted, as tshark's follow does
     (the brief: "data in RST counts")."""
