@@ -84,6 +84,13 @@ cdef class TcpMonitor(NetworkLayer):
     # right edge as last seen, held until that receiver's ACK shows it took it
     # (edge_take) or the sender sends those bytes again in the window
     cdef mbx_stream *edge
+    # 2 per pair, by flow dir: the first and the end sequence numbers of what edge
+    # was given, bytes the pool refused included (edge starts at the stream's
+    # frontier, before them all: segments held in any order meet there as in the
+    # stream itself); the ACK that takes them skips up to edge_hi, so that refused
+    # bytes become a GAP
+    cdef uint32_t *edge_lo
+    cdef uint32_t *edge_hi
     cdef uint32_t *free_pairs
     cdef uint32_t n_free_pairs
     cdef readonly uint32_t max_pairs
@@ -174,6 +181,8 @@ cdef class TcpMonitor(NetworkLayer):
                          uint8_t d, uint32_t upto, bint whole) noexcept nogil
     cdef void take_held(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                         uint8_t d, mbx_stream *h, uint64_t keep) noexcept nogil
+    cdef void edge_hold(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                        uint32_t seq) noexcept nogil
     cdef void edge_take(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                         uint8_t d) noexcept nogil
     cdef void summary_packet(self, uint32_t slot, mbx_pkt *p) noexcept nogil

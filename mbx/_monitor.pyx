@@ -41,8 +41,9 @@ from mbx._stack cimport NetworkLayer, fill_flow_body, fill_pkt_body
 from mbx._stream cimport (
     NO_CHUNK, OVERLAP_FIRST, OVERLAP_LAST, STREAM_CONFLICT, STREAM_MAX_OOO, STREAM_MEMCAP,
     STREAM_PIECES,
-    StreamPool, mbx_stream, stream_add, stream_free, stream_gap_end, stream_init,
-    stream_offset_of, stream_read, stream_read_run, stream_release, stream_skip_hole,
+    StreamPool, mbx_stream, stream_add, stream_free, stream_gap_end, stream_held_piece,
+    stream_init, stream_offset_of, stream_read, stream_read_held, stream_read_run,
+    stream_release, stream_skip_hole,
 )
 from mbx._tcp cimport (
     CONN_CLOSED_FIN, CONN_CLOSED_RST, CONN_HS_ACK, CONN_HS_SYN, CONN_HS_SYNACK,
@@ -237,6 +238,8 @@ cdef class TcpMonitor(NetworkLayer):
         # only the stack reads held SYN data: private memory (its bytes are in the pool)
         self.held = <mbx_stream *>PyMem_Calloc(2 * max_streams, sizeof(mbx_stream))
         self.edge = <mbx_stream *>PyMem_Calloc(2 * max_streams, sizeof(mbx_stream))
+        self.edge_lo = <uint32_t *>PyMem_Calloc(2 * max_streams, 4)
+        self.edge_hi = <uint32_t *>PyMem_Calloc(2 * max_streams, 4)
         self.round_from = <uint64_t *>PyMem_Calloc(2 * max_streams, 8)
         self.free_pairs = <uint32_t *>stack_calloc(max_streams, 4)
         self.touched = <uint32_t *>stack_calloc(max_streams, 4)
@@ -244,7 +247,8 @@ cdef class TcpMonitor(NetworkLayer):
         self.pair_owner = <uint64_t *>stack_calloc(max_streams, 8)
         self.pair_cdir = <uint8_t *>stack_calloc(max_streams, 1)
         if (self.conns == NULL or self.meta == NULL or self.streams == NULL or self.held == NULL
-                or self.edge == NULL or self.round_from == NULL
+                or self.edge == NULL or self.edge_lo == NULL or self.edge_hi == NULL
+                or self.round_from == NULL
                 or self.free_pairs == NULL or self.touched == NULL or self.touched_mark == NULL
                 or self.pair_owner == NULL or self.pair_cdir == NULL):
             raise MemoryError("cannot allocate the TCP Monitor's Stack Memory")
@@ -274,6 +278,8 @@ cdef class TcpMonitor(NetworkLayer):
         stack_free(self.shared_tables, self.streams)
         PyMem_Free(self.held)
         PyMem_Free(self.edge)
+        PyMem_Free(self.edge_lo)
+        PyMem_Free(self.edge_hi)
         PyMem_Free(self.round_from)
         stack_free(self.shared_tables, self.free_pairs)
         stack_free(self.shared_tables, self.touched)
@@ -740,7 +746,8 @@ cdef class TcpMonitor(NetworkLayer):
                 else:
                     cut = fin_lim - n
             e = &self.edge[2 * pair + d]
-            if e.live and n and seq_leq(seq, e.seq0) and seq_gt(seq + n, e.seq0):
+            if (e.live and n and seq_leq(seq, self.edge_lo[2 * pair + d])
+                    and seq_gt(seq + n, self.edge_lo[2 * pair + d])):
                 # bytes held past the window's edge, sent again into the window: the
                 # receiver takes these, so they are the stream's (not the held ones)
                 stream_free(self.pool, e)
@@ -779,10 +786,7 @@ cdef class TcpMonitor(NetworkLayer):
                     # the data (two CPUs, a tap).  Held aside, delivered only when the
                     # receiver's ACK covers it (edge_take): taken at once, a segment
                     # the receiver dropped could win over the real bytes.
-                    e = &self.edge[2 * pair + d]
-                    if not e.live:
-                        stream_init(self.pool, e, seq, self.policy)
-                    stream_add(self.pool, e, seq, p.data + p.payload_off, p.payload_len)
+                    self.edge_hold(p, slot, c, pair, seq)
             else:
                 # A zero-window probe's byte, refused as Linux refuses it (a probe
                 # with other bytes than the real ones must not win over them), but
@@ -796,7 +800,7 @@ cdef class TcpMonitor(NetworkLayer):
                 and meta.mark & (MARK_INIT0 << o)):
             s = &self.streams[2 * pair + o]
             e = &self.edge[2 * pair + o]
-            if e.live and seq_gt(p.ack, e.seq0):
+            if e.live and seq_gt(p.ack, self.edge_lo[2 * pair + o]):
                 self.edge_take(p, slot, c, pair, o)
             if (s.probe_held and not c.ep[o].flags & EP_FIN
                     and seq_gt(p.ack, s.seq0 + <uint32_t>s.frontier)):
@@ -929,8 +933,8 @@ cdef class TcpMonitor(NetworkLayer):
 
     cdef void take_held(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                         uint8_t d, mbx_stream *h, uint64_t keep) noexcept nogil:
-        # The first keep bytes held apart in h (SYN data, data past the window's
-        # edge) into flow dir d's stream, which is initialised, as one segment.
+        # The first keep bytes of SYN data held apart in h into flow dir d's
+        # stream, which is initialised, as one segment.
         cdef mbx_stream *s = &self.streams[2 * pair + d]
         cdef uint64_t off = 0, before = s.frontier
         cdef const uint8_t *ptr
@@ -945,19 +949,85 @@ cdef class TcpMonitor(NetworkLayer):
         if s.frontier != before:
             self.data_ready(p, slot, c, pair, d, before)
 
+    cdef void edge_hold(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                        uint32_t seq) noexcept nogil:
+        # p's data, refused as past its receiver's window edge (see the caller), into
+        # the hold of its flow dir, which starts at the stream's frontier: a later
+        # segment that starts before an earlier one keeps its head, and an overlap
+        # is compared under the stream's policy (a conflict is published at the
+        # stream's offset); bytes the pool refuses are a MEMCAP of the stream.
+        cdef uint8_t d = p.dir
+        cdef uint32_t k = 2 * pair + d
+        cdef mbx_stream *e = &self.edge[k]
+        cdef mbx_stream *s = &self.streams[k]
+        cdef uint32_t end = seq + p.payload_len
+        cdef mbx_msg *m
+        cdef int fl
+        if not e.live:
+            stream_init(self.pool, e, s.seq0 + <uint32_t>s.frontier, self.policy)
+            self.edge_lo[k] = seq
+            self.edge_hi[k] = end
+        if seq_lt(seq, self.edge_lo[k]):
+            self.edge_lo[k] = seq
+        if seq_gt(end, self.edge_hi[k]):
+            self.edge_hi[k] = end
+        fl = stream_add(self.pool, e, seq, p.data + p.payload_off, p.payload_len)
+        if fl & STREAM_CONFLICT:
+            self.conflicts += 1
+            m = self.flow_tcp_msg(T_FLOW_TCP_OVERLAP_CONFLICT, p, slot, 0, c)
+            if m != NULL:
+                (<flow_tcp_body *>m.body).offset = <uint64_t>stream_offset_of(
+                    s, e.seq0 + <uint32_t>e.conflict_off)
+                (<flow_tcp_body *>m.body).stream_dir = d ^ tcp_client_dir(c)
+                self.bus.publish(m)
+        self.add_flags(p, slot, c, s, d, fl & (STREAM_MEMCAP | STREAM_PIECES), seq,
+                       p.payload_len)
+
     cdef void edge_take(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                         uint8_t d) noexcept nogil:
-        # p's ACK covers the start of the bytes held as past flow dir d's window: the
-        # receiver took them, the window having opened by an ACK the capture shows
-        # after them.  The bytes held with them, contiguous, are of the same flight.
-        cdef mbx_stream *e = &self.edge[2 * pair + d]
+        # p's ACK covers the first byte held as past flow dir d's window and not
+        # taken yet (edge_lo): the receiver took the bytes it covers, the window
+        # having opened by an ACK the capture shows after them.  Those go into the
+        # stream, from the hold's delivered prefix and its pieces beyond holes alike
+        # (a hole among them is one the capture missed); bytes beyond the ACK stay
+        # held, unproven.  The sender was seen sending what the ACK took, so that it
+        # skips what the hold did not have, bytes the pool refused included, as a GAP.
+        cdef uint32_t k = 2 * pair + d
+        cdef mbx_stream *e = &self.edge[k]
+        cdef mbx_stream *s = &self.streams[k]
         cdef conn_meta *meta = &self.meta[slot]
-        cdef uint32_t end = e.seq0 + <uint32_t>e.frontier
-        self.take_held(p, slot, c, pair, d, e, e.frontier)
-        if not meta.mark & (MARK_HI0 << d) or seq_gt(end, meta.sent_hi[d]):
-            meta.sent_hi[d] = end
+        cdef uint32_t first = self.edge_lo[k]
+        cdef uint32_t upto = p.ack if seq_lt(p.ack, self.edge_hi[k]) else self.edge_hi[k]
+        cdef int64_t lo = stream_offset_of(e, first), hi = stream_offset_of(e, upto)
+        cdef uint64_t off = 0, lim = e.frontier, before = s.frontier
+        cdef int64_t a, b
+        cdef const uint8_t *ptr
+        cdef int i = -1, r, fl = 0
+        while True:
+            # the run [off, lim) of the hold (its prefix, then each piece), cut to
+            # [lo, hi): what is not taken yet and the ACK covers
+            a = <int64_t>off if <int64_t>off > lo else lo
+            b = <int64_t>lim if <int64_t>lim < hi else hi
+            while a < b:
+                r = (stream_read(self.pool, e, <uint64_t>a, <size_t>(b - a), &ptr) if i < 0
+                     else stream_read_held(self.pool, e, <uint64_t>a, <size_t>(b - a), &ptr))
+                if r <= 0:
+                    break
+                fl |= stream_add(self.pool, s, e.seq0 + <uint32_t>a, ptr, r)
+                a += r
+            i += 1
+            if i >= e.n_ooo:
+                break
+            stream_held_piece(self.pool, e, i, &off, &lim)
+        self.add_flags(p, slot, c, s, d, fl, first, upto - first)
+        if s.frontier != before:
+            self.data_ready(p, slot, c, pair, d, before)
+        if not meta.mark & (MARK_HI0 << d) or seq_gt(upto, meta.sent_hi[d]):
+            meta.sent_hi[d] = upto
             meta.mark |= MARK_HI0 << d
-        stream_free(self.pool, e)
+        self.edge_lo[k] = upto
+        if upto == self.edge_hi[k]:
+            stream_free(self.pool, e)
 
     cdef void data_ready(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                          uint8_t d, uint64_t old_frontier) noexcept nogil:

@@ -178,6 +178,13 @@ cdef int stream_read(StreamPool pool, const mbx_stream *s, uint64_t off, size_t 
 # read past the gap list, where a full list may have joined gaps around them since.
 cdef int stream_read_run(StreamPool pool, const mbx_stream *s, uint64_t off, size_t n,
                          const uint8_t **ptr) noexcept nogil
+# Held piece i (< s.n_ooo) of s, beyond its frontier: its offsets [*start, *end).
+cdef void stream_held_piece(StreamPool pool, const mbx_stream *s, int i, uint64_t *start,
+                            uint64_t *end) noexcept nogil
+# Stateless read of bytes inside a held piece (off and off + n within it): *ptr = the
+# bytes at off; returns how many are contiguous in memory from there (<= n).
+cdef int stream_read_held(StreamPool pool, const mbx_stream *s, uint64_t off, size_t n,
+                          const uint8_t **ptr) noexcept nogil
 # Where reading can go on after STREAM_ERR_GAP at off: the end of the held gap off lies
 # in, or the frontier when it lies in none (nothing more can be read).
 cdef uint64_t stream_gap_end(StreamPool pool, const mbx_stream *s,

@@ -794,6 +794,28 @@ cdef int stream_read_run(StreamPool pool, const mbx_stream *s, uint64_t off, siz
     return <int>avail
 
 
+cdef void stream_held_piece(StreamPool pool, const mbx_stream *s, int i, uint64_t *start,
+                            uint64_t *end) noexcept nogil:
+    cdef const uint64_t *iv = _ivs(pool, s) + 2 * i
+    start[0] = iv[0]
+    end[0] = iv[1]
+
+
+cdef int stream_read_held(StreamPool pool, const mbx_stream *s, uint64_t off, size_t n,
+                          const uint8_t **ptr) noexcept nogil:
+    # A held piece's bytes are in the chunks its offsets map to, as delivered ones.
+    if not s.live or n == 0:
+        return 0
+    cdef uint32_t c = _find_chunk(pool, s, off >> pool.chunk_shift)
+    if c == NO_CHUNK:
+        return STREAM_ERR_GAP
+    cdef uint64_t within = off & (pool.chunk_size - 1)
+    if n > pool.chunk_size - within:
+        n = <size_t>(pool.chunk_size - within)
+    ptr[0] = _mem(pool, c) + within
+    return <int>n
+
+
 cdef uint64_t stream_gap_end(StreamPool pool, const mbx_stream *s,
                              uint64_t off) noexcept nogil:
     cdef int t = _gap_after(pool, s, off)

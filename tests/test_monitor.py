@@ -1904,6 +1904,70 @@ def test_data_on_the_edge_before_the_ack_that_opened_it_is_delivered(run, tmp_pa
     assert gaps == [] and s2c == (6000, _sha(data))
 
 
+def _edge_conn():
+    """A connection whose client window ends at 1001, the server's first 1000 bytes
+    sent."""
+    conn = Conn()
+    conn.c(0, 0, SYN)
+    conn.s(0, 1, SYN | ACK)
+    conn.c(1, 1, ACK, win=1000)
+    conn.s(1, 1, PSH | ACK, b"x" * 1000)
+    return conn
+
+
+@pytest.mark.parametrize("overlap", ["first", "last"])
+def test_held_edge_data_meets_the_real_bytes_under_the_overlap_policy(run, overlap):
+    """A segment injected past the window's edge, then the real bytes from the edge,
+    both before the ACK that opened the window: the hold compares them as the
+    stream does (an OVERLAP_CONFLICT, the policy deciding), and none of the real
+    bytes becomes a GAP.  The hold used to start at the first segment held, so the
+    real bytes lost their head and their overlap was compared with nothing."""
+    conn = _edge_conn()
+    conn.s(1101, 1, PSH | ACK, b"EVIL" * 25)
+    conn.s(1001, 1, PSH | ACK, b"R" * 300)
+    conn.c(1, 1301, ACK, win=1000)
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT, mbx.FLOW_TCP_GAP],
+                   side="both")
+    counters, _ = run([rec], frames=conn.frames, overlap=overlap)
+    mid = b"EVIL" * 25 if overlap == "first" else b"R" * 100
+    assert by_dir(rec)[1] == b"x" * 1000 + b"R" * 100 + mid + b"R" * 100
+    assert [e[3]["offset"] for e in rec.of("FLOW/TCP/OVERLAP_CONFLICT")] == [1100]
+    assert rec.of("FLOW/TCP/GAP") == []
+    assert (counters["tcp"]["conflicts"], counters["tcp"]["gaps"]) == (1, 0)
+
+
+def test_edge_data_the_pool_refuses_is_a_memcap_then_a_gap(run):
+    """Bytes held past the window's edge that the pool has no room for are counted
+    as memcaps, and the ACK that takes the hold skips them as GAPs, as it does for
+    data in the window: every byte is delivered or accounted for.  They used to
+    vanish uncounted."""
+    frames = []
+    for i in range(12):
+        conn = Conn(cli=(f"10.0.0.{i + 1}", 40000 + i), t=1.0 + i / 100)
+        conn.c(0, 0, SYN)
+        conn.s(0, 1, SYN | ACK)
+        conn.c(1, 1, ACK, win=1000)
+        conn.s(1, 1, PSH | ACK, b"x" * 1000)
+        conn.s(1001, 1, PSH | ACK, b"E" * 4000)     # on the edge: held
+        frames += conn.frames
+    for i in range(12):
+        conn = Conn(cli=(f"10.0.0.{i + 1}", 40000 + i), t=2.0 + i / 100)
+        conn.c(1, 5001, ACK, win=60000)             # took it all
+        frames += conn.frames
+    got = []
+
+    class Reader(mbx.NF):
+        def __init__(self):
+            super().__init__("reader")
+            self.sub(mbx.DATA_RDY, lambda ev: got.append(len(ev.read())))
+
+    counters, _ = run([Reader()], frames=frames, stream_memory=24 * 2048, chunk_size=2048,
+                      retain=0)
+    tcp = counters["tcp"]
+    assert tcp["memcaps"] > 0 and tcp["gap_bytes"] > 0
+    assert sum(got) + tcp["gap_bytes"] == 12 * 5000
+
+
 @pytest.mark.parametrize("burst", [1, 64])
 def test_a_zero_window_probe_the_receiver_acks_is_stream_data(run, tmp_path, burst):
     """A zero-window probe's byte is refused, as Linux refuses it (taking every
