@@ -775,17 +775,20 @@ cdef class TcpMonitor(NetworkLayer):
                 # the captured bytes are delivered: the cut ones follow them
                 self.skip_holes(p, slot, c, pair, d, seq + n + cut, True)
         elif (want_d and p.payload_len and sbits & TCPEV_OUT_OF_WINDOW
-                and not p.tcp_flags & (TH_SYN | TH_FIN | TH_RST)
+                and not p.tcp_flags & (TH_SYN | TH_RST)
                 and meta.mark & (MARK_INIT0 << d)):
             s = &self.streams[2 * pair + d]
-            if p.payload_len > 1 or stream_offset_of(s, seq) != <int64_t>s.frontier:
+            if (p.payload_len > 1 or p.tcp_flags & TH_FIN
+                    or stream_offset_of(s, seq) != <int64_t>s.frontier):
                 if tcp_past_edge(c, p):
                     # Refused as starting on or past the right edge the receiver last
                     # showed: so would a receiver refuse it, unless it sent an ACK
                     # that opened its window first, which a capture can record after
                     # the data (two CPUs, a tap).  Held aside, delivered only when the
                     # receiver's ACK covers it (edge_take): taken at once, a segment
-                    # the receiver dropped could win over the real bytes.
+                    # the receiver dropped could win over the real bytes.  Data with
+                    # a FIN is held too (the state machine refused its FIN, which
+                    # is recorded only when its sender sends it again).
                     self.edge_hold(p, slot, c, pair, seq)
             else:
                 # A zero-window probe's byte, refused as Linux refuses it (a probe

@@ -1968,6 +1968,25 @@ def test_edge_data_the_pool_refuses_is_a_memcap_then_a_gap(run):
     assert sum(got) + tcp["gap_bytes"] == 12 * 5000
 
 
+def test_data_with_fin_on_the_edge_is_held_too(run, tmp_path):
+    """A segment with the last data and the FIN, recorded before the ACK that opened
+    the window for it, is held like other data on the edge and delivered once the
+    receiver's ACK covers it; it used to be dropped without a word."""
+    conn = _edge_conn()
+    conn.s(1001, 1, FIN | PSH | ACK, b"y" * 100)
+    conn.c(1, 1001, ACK, win=1000)
+    conn.c(1, 1102, ACK, win=1000)
+    conn.c(1, 1102, FIN | ACK)
+    conn.s(1102, 2)
+    path = str(tmp_path / "finedge.pcap")
+    write_pcap(path, conn.frames)
+    doc, warnings = flows_json(path)
+    rec_f = next(iter(doc["connections"].values()))
+    assert rec_f["s2c_len"] == 1100
+    assert rec_f["s2c_sha256"] == _sha(b"x" * 1000 + b"y" * 100)
+    assert warnings == []
+
+
 @pytest.mark.parametrize("burst", [1, 64])
 def test_a_zero_window_probe_the_receiver_acks_is_stream_data(run, tmp_path, burst):
     """A zero-window probe's byte is refused, as Linux refuses it (taking every
