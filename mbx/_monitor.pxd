@@ -149,6 +149,7 @@ cdef class TcpMonitor(NetworkLayer):
     cdef readonly uint64_t after_close      # segments with payload after a FIN close
     cdef readonly uint64_t after_fin        # segments with payload beyond their sender's FIN
     cdef readonly uint64_t syn_data_dropped  # SYN data bytes no receiver took
+    cdef readonly uint64_t edge_data_dropped  # bytes held past the window's edge no ACK took
     cdef readonly uint64_t rst_sent
     cdef readonly uint64_t killed_drops
     cdef readonly uint64_t summary_oom    # connections left out: no memory for theirs

@@ -399,6 +399,9 @@ cdef class TcpMonitor(NetworkLayer):
         for k in range(2 * pair, 2 * pair + 2):
             stream_free(self.pool, &self.streams[k])
             stream_free(self.pool, &self.held[k])
+            if self.edge[k].live:
+                # held past the window's edge, and no ACK of the receiver took it
+                self.edge_data_dropped += self.edge_hi[k] - self.edge_lo[k]
             stream_free(self.pool, &self.edge[k])
         self.free_pairs[self.n_free_pairs] = pair
         self.n_free_pairs += 1
@@ -1352,6 +1355,7 @@ cdef class TcpMonitor(NetworkLayer):
             "payload_after_close": self.after_close,
             "payload_after_fin": self.after_fin,
             "syn_data_dropped": self.syn_data_dropped,
+            "edge_data_dropped": self.edge_data_dropped,
             "rst_sent": self.rst_sent,
             "dropped_terminated": self.killed_drops,
             "pool_chunks_in_use": self.pool.n_chunks - self.pool.n_free,

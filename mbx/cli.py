@@ -241,6 +241,8 @@ def _print_counters(c, elapsed, out=None):
              "already)" if t.get("memcaps_pieces") else "")
           + (f", SYN data the receiver did not take {t['syn_data_dropped']:,} bytes"
              if t.get("syn_data_dropped") else "")
+          + (f", data past the window's edge no ACK took {t['edge_data_dropped']:,} "
+             "bytes" if t.get("edge_data_dropped") else "")
           + (f", payload after close {t['payload_after_close']:,} "
              f"segment{'s' if t['payload_after_close'] != 1 else ''} (not delivered: "
              "both FINs acknowledged)" if t.get("payload_after_close") else "")

@@ -150,6 +150,11 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
         warnings.append(f"{n} segment{'s' if n != 1 else ''} with payload reached beyond "
                         f"{'their' if n != 1 else 'its'} sender's FIN (payload_after_fin); "
                         "a receiver drops those bytes, so they are in no digest")
+    if tcp["edge_data_dropped"]:
+        warnings.append(f"{tcp['edge_data_dropped']:,} bytes sent on or past their "
+                        "receiver's window edge were held for an ACK that never took them "
+                        "(edge_data_dropped): a receiver drops such bytes, so they are in "
+                        "no digest; if the capture ended early, they may be missing")
     # the bytes a snaplen cut off are said once, by the cut segments' warning above
     n = tcp["gaps"] - tcp["cut_gaps"]
     if n:

@@ -1987,6 +1987,23 @@ def test_data_with_fin_on_the_edge_is_held_too(run, tmp_path):
     assert warnings == []
 
 
+def test_edge_data_no_ack_takes_is_counted(run, tmp_path):
+    """Data held past the window's edge that no ACK of the receiver ever covers is
+    dropped when its flow ends, counted (edge_data_dropped) and named by mbx flows,
+    not lost without a word."""
+    conn = _edge_conn()
+    conn.s(1001, 1, PSH | ACK, b"E" * 500)
+    conn.c(1, 1001, ACK, win=0)
+    rec = Recorder([mbx.DATA_RDY], side="both")
+    counters, _ = run([rec], frames=conn.frames)
+    assert by_dir(rec) == {1: b"x" * 1000}
+    assert counters["tcp"]["edge_data_dropped"] == 500
+    path = str(tmp_path / "edgeleak.pcap")
+    write_pcap(path, conn.frames)
+    _, warnings = flows_json(path)
+    assert any("(edge_data_dropped)" in w and w.startswith("500 bytes") for w in warnings)
+
+
 @pytest.mark.parametrize("burst", [1, 64])
 def test_a_zero_window_probe_the_receiver_acks_is_stream_data(run, tmp_path, burst):
     """A zero-window probe's byte is refused, as Linux refuses it (taking every
