@@ -50,7 +50,7 @@ from mbx._tcp cimport (
     EP_ACK_KNOWN, EP_FIN, EP_SYN, EP_SYNACK, TCPEV_ESTABLISHED, TCPEV_FIN, TCPEV_NEW_CONNECTION,
     TCPEV_OUT_OF_WINDOW, TCPEV_RETRANSMISSION, TCPEV_RST, TCPEV_RST_INVALID,
     TCPEV_STATE_CHANGE, TCPEV_SYN, TCPEV_SYNACK,
-    TCPEV_TERMINATE, seq_gt, seq_leq, seq_lt, tcp_client_dir, tcp_conn, tcp_init,
+    TCPEV_TERMINATE, seq_gt, seq_lt, tcp_client_dir, tcp_conn, tcp_init,
     tcp_past_edge, tcp_receiver_update, tcp_sender_update, tcp_snapshot,
 )
 
@@ -401,7 +401,7 @@ cdef class TcpMonitor(NetworkLayer):
             stream_free(self.pool, &self.held[k])
             if self.edge[k].live:
                 # held past the window's edge, and no ACK of the receiver took it
-                self.edge_data_dropped += self.edge_hi[k] - self.edge_lo[k]
+                self.edge_data_dropped += self.edge_held_bytes(k)
             stream_free(self.pool, &self.edge[k])
         self.free_pairs[self.n_free_pairs] = pair
         self.n_free_pairs += 1
@@ -748,12 +748,11 @@ cdef class TcpMonitor(NetworkLayer):
                     cut = 0
                 else:
                     cut = fin_lim - n
-            e = &self.edge[2 * pair + d]
-            if (e.live and n and seq_leq(seq, self.edge_lo[2 * pair + d])
-                    and seq_gt(seq + n, self.edge_lo[2 * pair + d])):
-                # bytes held past the window's edge, sent again into the window: the
-                # receiver takes these, so they are the stream's (not the held ones)
-                stream_free(self.pool, e)
+            # (Bytes held past the window's edge that this segment sends again stay
+            # held: when the receiver's ACK covers them, edge_take compares them with
+            # these under the stream's policy, as any retransmission is compared.  A
+            # segment that covers part of the hold must not throw the rest away, nor
+            # one byte injected into the window stand for the held real bytes.)
             before = s.frontier
             if p.tcp_flags & TH_RST and (stream_offset_of(s, seq) != <int64_t>s.frontier
                                          or s.n_ooo):
@@ -988,6 +987,25 @@ cdef class TcpMonitor(NetworkLayer):
                 self.bus.publish(m)
         self.add_flags(p, slot, c, s, d, fl & (STREAM_MEMCAP | STREAM_PIECES), seq,
                        p.payload_len)
+
+    cdef uint64_t edge_held_bytes(self, uint32_t k) noexcept nogil:
+        # The bytes hold k has and no ACK took yet: those in [edge_lo, edge_hi) of its
+        # delivered prefix and of its pieces, not the holes between them (never seen)
+        cdef mbx_stream *e = &self.edge[k]
+        cdef int64_t lo = stream_offset_of(e, self.edge_lo[k])
+        cdef int64_t hi = stream_offset_of(e, self.edge_hi[k])
+        cdef uint64_t off = 0, lim = e.frontier, total = 0
+        cdef int64_t a, b
+        cdef int i = -1
+        while True:
+            a = <int64_t>off if <int64_t>off > lo else lo
+            b = <int64_t>lim if <int64_t>lim < hi else hi
+            if a < b:
+                total += <uint64_t>(b - a)
+            i += 1
+            if i >= e.n_ooo:
+                return total
+            stream_held_piece(self.pool, e, i, &off, &lim)
 
     cdef void edge_take(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                         uint8_t d) noexcept nogil:
