@@ -436,23 +436,24 @@ def _run_checked(nfs, args, spec):
     # what the NFs say they write (writes_files: a Logger's log), told apart from the
     # run's own files before anything is opened: a clash found at start() would come
     # once one of the two had truncated the file
-    nf_files = [(f, f"NF {nf.name}'s output") for nf in nfs
+    nf_files = [(f, nf.name) for nf in nfs
                 for f in getattr(nf, "writes_files", ())
                 if os.path.realpath(f) != os.devnull]
     if args.json and args.json != "-":
         check_writable(args.json, "--json")     # not only once the run is over
         files = [(f, "the input capture") for f in read_files(args.inp)] + [
             (f, "the output") for f in (written_files(args.out) if args.out else [])
-        ] + nf_files
+        ] + [(f, f"NF {name}'s output") for f, name in nf_files]
         for capture, what in files:
             if _same_file(args.json, capture):
                 raise MbxError(f"--json {args.json}: that is {what}; writing it would "
                                "destroy it: name another file")
-    for path, what in nf_files:
+    for path, name in nf_files:
         for capture in (written_files(args.out) if args.out else []):
             if _same_file(path, capture):
-                raise MbxError(f"--out: {capture} is {what} too; two writers would "
-                               "interleave their bytes: name another file")
+                raise MbxError(f"--out: {capture} is already written by NF {name} (its "
+                               "output); two writers would interleave their bytes: name "
+                               "another file")
     streams = [opt for opt, path in _port_writes(args)
                if writes_as_is(path) and os.path.realpath(path) != os.devnull]
     if streams and args.stacks > 1:
