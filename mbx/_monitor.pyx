@@ -50,7 +50,7 @@ from mbx._tcp cimport (
     EP_ACK_KNOWN, EP_FIN, EP_SYN, EP_SYNACK, TCPEV_ESTABLISHED, TCPEV_FIN, TCPEV_NEW_CONNECTION,
     TCPEV_OUT_OF_WINDOW, TCPEV_RETRANSMISSION, TCPEV_RST, TCPEV_RST_INVALID,
     TCPEV_STATE_CHANGE, TCPEV_SYN, TCPEV_SYNACK,
-    TCPEV_TERMINATE, seq_gt, seq_lt, tcp_client_dir, tcp_conn, tcp_init,
+    TCPEV_TERMINATE, seq_gt, seq_leq, seq_lt, tcp_client_dir, tcp_conn, tcp_init,
     tcp_past_edge, tcp_receiver_update, tcp_sender_update, tcp_snapshot,
 )
 
@@ -748,11 +748,12 @@ cdef class TcpMonitor(NetworkLayer):
                     cut = 0
                 else:
                     cut = fin_lim - n
-            # (Bytes held past the window's edge that this segment sends again stay
-            # held: when the receiver's ACK covers them, edge_take compares them with
-            # these under the stream's policy, as any retransmission is compared.  A
-            # segment that covers part of the hold must not throw the rest away, nor
-            # one byte injected into the window stand for the held real bytes.)
+            e = &self.edge[2 * pair + d]
+            if (e.live and n and seq_leq(seq, self.edge_lo[2 * pair + d])
+                    and seq_gt(seq + n, self.edge_lo[2 * pair + d])):
+                # bytes held past the window's edge, sent again into the window: the
+                # receiver takes these, so they are the stream's (not the held ones)
+                stream_free(self.pool, e)
             before = s.frontier
             if p.tcp_flags & TH_RST and (stream_offset_of(s, seq) != <int64_t>s.frontier
                                          or s.n_ooo):
