@@ -782,16 +782,21 @@ cdef int stream_read_run(StreamPool pool, const mbx_stream *s, uint64_t off, siz
     if avail == 0 or n == 0:
         ptr[0] = NULL
         return 0
+    return _chunk_run(pool, s, off, avail if avail < n else n, ptr)
+
+
+cdef inline int _chunk_run(StreamPool pool, const mbx_stream *s, uint64_t off, uint64_t n,
+                           const uint8_t **ptr) noexcept nogil:
+    # Up to n bytes at stream offset off, as far as the chunk holding off goes: the
+    # caller has bounded n by what the stream has there (delivered or held).
     cdef uint32_t c = _find_chunk(pool, s, off >> pool.chunk_shift)
     if c == NO_CHUNK:
         return STREAM_ERR_GAP
     cdef uint64_t within = off & (pool.chunk_size - 1)
-    if avail > pool.chunk_size - within:
-        avail = pool.chunk_size - within
-    if avail > n:
-        avail = n
+    if n > pool.chunk_size - within:
+        n = pool.chunk_size - within
     ptr[0] = _mem(pool, c) + within
-    return <int>avail
+    return <int>n
 
 
 cdef void stream_held_piece(StreamPool pool, const mbx_stream *s, int i, uint64_t *start,
@@ -806,14 +811,7 @@ cdef int stream_read_held(StreamPool pool, const mbx_stream *s, uint64_t off, si
     # A held piece's bytes are in the chunks its offsets map to, as delivered ones.
     if not s.live or n == 0:
         return 0
-    cdef uint32_t c = _find_chunk(pool, s, off >> pool.chunk_shift)
-    if c == NO_CHUNK:
-        return STREAM_ERR_GAP
-    cdef uint64_t within = off & (pool.chunk_size - 1)
-    if n > pool.chunk_size - within:
-        n = <size_t>(pool.chunk_size - within)
-    ptr[0] = _mem(pool, c) + within
-    return <int>n
+    return _chunk_run(pool, s, off, n, ptr)
 
 
 cdef uint64_t stream_gap_end(StreamPool pool, const mbx_stream *s,
