@@ -185,6 +185,8 @@ cdef class TcpMonitor(NetworkLayer):
     cdef void edge_hold(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                         uint32_t seq) noexcept nogil
     cdef uint64_t edge_held_bytes(self, uint32_t k) noexcept nogil
+    cdef void edge_resent(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                          uint32_t seq, uint32_t n) noexcept nogil
     cdef void edge_take(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                         uint8_t d) noexcept nogil
     cdef void summary_packet(self, uint32_t slot, mbx_pkt *p) noexcept nogil

@@ -749,11 +749,10 @@ cdef class TcpMonitor(NetworkLayer):
                 else:
                     cut = fin_lim - n
             e = &self.edge[2 * pair + d]
-            if (e.live and n and seq_leq(seq, self.edge_lo[2 * pair + d])
+            if (e.live and n and not p.tcp_flags & TH_RST
+                    and seq_leq(seq, self.edge_lo[2 * pair + d])
                     and seq_gt(seq + n, self.edge_lo[2 * pair + d])):
-                # bytes held past the window's edge, sent again into the window: the
-                # receiver takes these, so they are the stream's (not the held ones)
-                stream_free(self.pool, e)
+                self.edge_resent(p, slot, c, pair, seq, n)
             before = s.frontier
             if p.tcp_flags & TH_RST and (stream_offset_of(s, seq) != <int64_t>s.frontier
                                          or s.n_ooo):
@@ -1007,6 +1006,62 @@ cdef class TcpMonitor(NetworkLayer):
             if i >= e.n_ooo:
                 return total
             stream_held_piece(self.pool, e, i, &off, &lim)
+
+    cdef void edge_resent(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
+                          uint32_t seq, uint32_t n) noexcept nogil:
+        # p's n bytes from seq, sent into the window over the first byte held past
+        # its edge and not taken yet (edge_lo): the receiver takes these, so they are
+        # the stream's, and the held bytes they cover are not.  Those are compared
+        # with them first (a difference is an OVERLAP_CONFLICT at its stream offset:
+        # one of the two copies was not what the receiver got) and then let go; held
+        # bytes beyond the segment stay held for the receiver's ACK, since a spurious
+        # retransmission of the first of two held segments, or one byte injected
+        # over the first, proves nothing about the rest.
+        cdef uint8_t d = p.dir
+        cdef uint32_t k = 2 * pair + d
+        cdef mbx_stream *e = &self.edge[k]
+        cdef uint32_t upto = seq + n if seq_lt(seq + n, self.edge_hi[k]) else self.edge_hi[k]
+        cdef int64_t lo = stream_offset_of(e, self.edge_lo[k])
+        cdef int64_t hi = stream_offset_of(e, upto)
+        cdef const uint8_t *sent = p.data + p.payload_off
+        cdef uint64_t off = 0, lim = e.frontier
+        cdef int64_t a, b
+        cdef const uint8_t *ptr
+        cdef int i = -1, r, j
+        cdef bint differ = False
+        cdef mbx_msg *m
+        while not differ:
+            # the run [off, lim) of the hold (its prefix, then each piece), cut to
+            # [lo, hi): held bytes the segment covers, compared up to the first
+            # difference (one conflict per segment, as stream_add reports)
+            a = <int64_t>off if <int64_t>off > lo else lo
+            b = <int64_t>lim if <int64_t>lim < hi else hi
+            while a < b and not differ:
+                r = (stream_read(self.pool, e, <uint64_t>a, <size_t>(b - a), &ptr) if i < 0
+                     else stream_read_held(self.pool, e, <uint64_t>a, <size_t>(b - a), &ptr))
+                if r <= 0:
+                    break
+                j = 0
+                while j < r and ptr[j] == sent[e.seq0 + <uint32_t>(a + j) - seq]:
+                    j += 1
+                if j < r:
+                    differ = True
+                    self.conflicts += 1
+                    m = self.flow_tcp_msg(T_FLOW_TCP_OVERLAP_CONFLICT, p, slot, 0, c)
+                    if m != NULL:
+                        (<flow_tcp_body *>m.body).offset = <uint64_t>stream_offset_of(
+                            &self.streams[k], e.seq0 + <uint32_t>(a + j))
+                        (<flow_tcp_body *>m.body).stream_dir = d ^ tcp_client_dir(c)
+                        self.bus.publish(m)
+                a += r
+            i += 1
+            if i >= e.n_ooo:
+                break
+            stream_held_piece(self.pool, e, i, &off, &lim)
+        if upto == self.edge_hi[k]:
+            stream_free(self.pool, e)
+        else:
+            self.edge_lo[k] = upto
 
     cdef void edge_take(self, mbx_pkt *p, uint32_t slot, tcp_conn *c, uint32_t pair,
                         uint8_t d) noexcept nogil:

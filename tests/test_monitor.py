@@ -1880,7 +1880,7 @@ def test_data_on_the_edge_before_the_ack_that_opened_it_is_delivered(run, tmp_pa
     be dropped for good, and that ACK then made its 1,000 bytes a GAP "the capture
     missed".  Held aside until the ACK, it is delivered; a segment held so whose
     bytes the sender sends again into the window gives way to them (the receiver
-    refused it: the window check stands)."""
+    refused it: the window check stands), compared with them first."""
     data = bytes(range(250)) * 24
     conn = Conn()
     conn.c(0, 0, SYN)
@@ -1899,7 +1899,9 @@ def test_data_on_the_edge_before_the_ack_that_opened_it_is_delivered(run, tmp_pa
     rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT], side="both")
     run([rec], frames=conn.frames, burst=burst)
     assert by_dir(rec)[1] == data
-    assert rec.of("FLOW/TCP/OVERLAP_CONFLICT") == []
+    # the real bytes differ from the held ones they replace: one of the two copies
+    # was not what the receiver got
+    assert [e[3]["offset"] for e in rec.of("FLOW/TCP/OVERLAP_CONFLICT")] == [5000]
     _, s2c, gaps = _streams_and_gaps(run, tmp_path, conn, burst=burst)
     assert gaps == [] and s2c == (6000, _sha(data))
 
@@ -1934,6 +1936,62 @@ def test_held_edge_data_meets_the_real_bytes_under_the_overlap_policy(run, overl
     assert [e[3]["offset"] for e in rec.of("FLOW/TCP/OVERLAP_CONFLICT")] == [1100]
     assert rec.of("FLOW/TCP/GAP") == []
     assert (counters["tcp"]["conflicts"], counters["tcp"]["gaps"]) == (1, 0)
+
+
+def test_a_resend_into_the_window_keeps_the_held_bytes_beyond_it(run):
+    """Two segments held past the window's edge, A then B; the window opens (an ACK
+    that covers neither) and the sender sends A again into it, a spurious
+    retransmission.  A's copy into the window is the stream's and B stays held until
+    the receiver's ACK covers it: delivered, not a GAP.  A resend over the first
+    held byte used to drop the whole hold, B included."""
+    conn = _edge_conn()
+    conn.s(1001, 1, PSH | ACK, b"A" * 300)      # on the edge: held
+    conn.s(1301, 1, PSH | ACK, b"B" * 300)      # held
+    conn.c(1, 1001, ACK, win=1000)              # the window opens: edge 2001
+    conn.s(1001, 1, PSH | ACK, b"A" * 300)      # A again, into the window
+    conn.c(1, 1601, ACK, win=1000)              # took A and B
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT, mbx.FLOW_TCP_GAP],
+                   side="both")
+    counters, _ = run([rec], frames=conn.frames)
+    assert by_dir(rec)[1] == b"x" * 1000 + b"A" * 300 + b"B" * 300
+    assert rec.of("FLOW/TCP/GAP") == [] and rec.of("FLOW/TCP/OVERLAP_CONFLICT") == []
+    tcp = counters["tcp"]
+    assert (tcp["gaps"], tcp["conflicts"], tcp["edge_data_dropped"]) == (0, 0, 0)
+
+
+def test_a_byte_sent_into_the_window_over_held_bytes_is_compared_with_them(run):
+    """One byte other than the held one, sent into the window over the first byte
+    held past its edge (here the last delivered byte and the next): the receiver
+    takes it, the difference is an OVERLAP_CONFLICT at its offset, and the rest of
+    the hold waits for the ACK.  It used to drop the whole hold without a word, and
+    the ACK then made 299 real bytes a GAP."""
+    conn = _edge_conn()
+    conn.s(1001, 1, PSH | ACK, b"R" * 300)      # on the edge: held
+    conn.s(1000, 1, PSH | ACK, b"xV")           # starts in the window
+    conn.c(1, 1301, ACK, win=1000)
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT, mbx.FLOW_TCP_GAP],
+                   side="both")
+    counters, _ = run([rec], frames=conn.frames)
+    assert by_dir(rec)[1] == b"x" * 1000 + b"V" + b"R" * 299
+    assert [e[3]["offset"] for e in rec.of("FLOW/TCP/OVERLAP_CONFLICT")] == [1000]
+    assert rec.of("FLOW/TCP/GAP") == []
+    assert (counters["tcp"]["gaps"], counters["tcp"]["edge_data_dropped"]) == (0, 0)
+
+
+def test_a_resend_past_the_held_bytes_lets_them_go_uncounted(run):
+    """A resend into the window that covers every held byte and more: the hold is
+    let go (nothing of it left for an ACK, nothing dropped unseen) and the resend's
+    bytes are the stream's."""
+    conn = _edge_conn()
+    conn.s(1001, 1, PSH | ACK, b"R" * 300)      # held
+    conn.c(1, 1001, ACK, win=1000)              # the window opens, R not taken
+    conn.s(1001, 1, PSH | ACK, b"R" * 500)      # R and more, into the window
+    conn.c(1, 1501, ACK, win=1000)
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT], side="both")
+    counters, _ = run([rec], frames=conn.frames)
+    assert by_dir(rec)[1] == b"x" * 1000 + b"R" * 500
+    tcp = counters["tcp"]
+    assert (tcp["conflicts"], tcp["edge_data_dropped"], tcp["gaps"]) == (0, 0, 0)
 
 
 def test_edge_data_the_pool_refuses_is_a_memcap_then_a_gap(run):
