@@ -1994,6 +1994,21 @@ def test_a_resend_past_the_held_bytes_lets_them_go_uncounted(run):
     assert (tcp["conflicts"], tcp["edge_data_dropped"], tcp["gaps"]) == (0, 0, 0)
 
 
+def test_a_rst_s_text_over_held_bytes_supersedes_none_of_them(run):
+    """A RST carrying text over bytes held past the window's edge: no receiver takes
+    a RST's text (as the next bytes due it is delivered, what a reader of the
+    capture sees), so it is no resend: the held bytes are not compared with it, and
+    the RST ends the connection with them counted as never taken."""
+    conn = _edge_conn()
+    conn.s(1001, 1, PSH | ACK, b"R" * 300)      # held
+    conn.c(1, 1001, ACK, win=1000)              # the window opens, R not taken
+    conn.s(1001, 1, RST | ACK, b"Z" * 300)
+    rec = Recorder([mbx.DATA_RDY, mbx.FLOW_TCP_OVERLAP_CONFLICT], side="both")
+    counters, _ = run([rec], frames=conn.frames)
+    assert by_dir(rec)[1] == b"x" * 1000 + b"Z" * 300
+    assert (counters["tcp"]["conflicts"], counters["tcp"]["edge_data_dropped"]) == (0, 300)
+
+
 def test_edge_data_the_pool_refuses_is_a_memcap_then_a_gap(run):
     """Bytes held past the window's edge that the pool has no room for are counted
     as memcaps, and the ACK that takes the hold skips them as GAPs, as it does for
