@@ -1581,7 +1581,10 @@ cdef class TcpMonitor(NetworkLayer):
         cdef uint32_t i
         cdef mbx_pkt *p
         cdef int64_t start
-        cdef uint64_t lo, hi, changed = 0, n = new.shape[0]
+        # signed: a segment of the burst wholly before the stream's byte 0 (an old
+        # or forged one) has an end below 0, to be skipped, not a huge length
+        cdef int64_t lo, hi
+        cdef uint64_t changed = 0, n = new.shape[0]
         if batch is None:
             return 0
         for i in range(batch.count):

@@ -1120,6 +1120,24 @@ def test_writer_rewrites_packets(run, tmp_path, v6):
     assert rec["s2c_sha256"] == hashlib.sha256(resp.upper()).hexdigest()
 
 
+@pytest.mark.parametrize("behind", [100_000, 1 << 30])
+def test_a_write_skips_a_segment_wholly_before_the_stream(run, behind):
+    """A segment of the same direction in the burst, lying wholly before the
+    stream's first byte (a late one of an earlier connection, or forged): a write
+    leaves it alone.  Its end, below offset 0, used to be taken as unsigned, so the
+    write copied a huge length: a crash, or both packets silently corrupted and
+    write() returning about 2**64."""
+    conn = Conn()
+    conn.handshake()
+    conn.c(1, 1, PSH | ACK, b"hello")
+    conn.c((1 - behind) % 2**32, 1, PSH | ACK, b"junk")
+    nf = Upper()
+    _, out = run([nf], frames=conn.frames)
+    assert nf.changed == 5
+    assert [bytes(tcp_of(f)[1].data) for _, f in out[-2:]] == [b"HELLO", b"junk"]
+    assert all(checksum_ok(f) for _, f in out)
+
+
 def test_a_write_over_a_gap_changes_nothing(run, tmp_path):
     # [0, 100), a hole the ACK skips, [200, 300): a write of [0, 300) fails at the
     # gap, and must leave the stream as it was (it used to change [0, 100) in the
