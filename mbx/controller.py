@@ -44,7 +44,7 @@ import re
 import tomllib
 
 from mbx import _events
-from mbx.errors import AppError, MbxError, exc_text, raising_line
+from mbx.errors import AppError, MbxError, OptionError, exc_text, raising_line
 from mbx.pipeline import check_failure_policy
 from mbx.runtime import WHOLE_STACK_OPTIONS, output_clash, stack_options_problem
 
@@ -194,17 +194,25 @@ def loop_warning(loop):
             "publish, one packet's events go round it until Event Memory fills")
 
 
-# tomllib keeps no positions: the lines of tables and keys are found in the text.  A
-# key or table name is bare, "quoted" or 'literal', and dotted paths may have spaces.
-_PART = r"""(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)"""
+# tomllib keeps no positions: the lines of tables and keys are found in the text, by
+# a scan that knows just enough TOML to tell a statement (a table header, a key =
+# value) from text inside a value (a multi-line string or array), so that a value
+# never passes for a header or a key.  A key or table name is bare, "quoted" or
+# 'literal', and dotted paths may have spaces; tomllib itself reads each path.
+_PART = r"""(?:"(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)"""
 _PATH = rf"{_PART}(?:\s*\.\s*{_PART})*"
 _HEADER = re.compile(rf"\s*(\[\[?)\s*({_PATH})\s*\]\]?\s*(?:#.*)?$")
 _ASSIGN = re.compile(rf"\s*({_PATH})\s*=")
 
 
 def _parts(path):
-    return tuple(a or b or c for a, b, c in
-                 re.findall(r'"([^"]*)"|\'([^\']*)\'|([A-Za-z0-9_-]+)', path))
+    # the keys of a dotted path as TOML reads them (quotes, escapes, spaces)
+    keys = []
+    node = tomllib.loads(f"{path} = 0")
+    while isinstance(node, dict):
+        (key, node), = node.items()
+        keys.append(key)
+    return tuple(keys)
 
 
 def _header(line):
@@ -213,46 +221,110 @@ def _header(line):
     return (m.group(1), _parts(m.group(2))) if m else None
 
 
-def _line_of(text, index, key="[[nf]]"):
-    """The line of the index-th table with header ``key`` (``[[nf]]``,
-    ``[groups.NAME]``), headers compared as TOML reads them: spaces, quotes or a
-    comment after one do not hide it."""
-    want = _header(key)
-    n = -1
+def _value_state(line, quote, depth):
+    """(quote, depth) after ``line``: the multi-line string still open ('''"""''' or
+    "'''"), and how many [ and { of a value are."""
+    i, n = 0, len(line)
+    while i < n:
+        if quote:
+            if quote == '"""' and line[i] == "\\":
+                i += 2
+            elif line.startswith(quote, i):
+                i += 3
+                # (up to two quotes more are the string's own: """a""""" is 'a""')
+                for _ in range(2):
+                    if i < n and line[i] == quote[0]:
+                        i += 1
+                quote = None
+            else:
+                i += 1
+            continue
+        c = line[i]
+        if c == "#":
+            break
+        if line.startswith('"""', i) or line.startswith("'''", i):
+            quote = line[i:i + 3]
+            i += 3
+        elif c == '"':
+            i += 1
+            while i < n and line[i] != '"':
+                i += 2 if line[i] == "\\" else 1
+            i += 1
+        elif c == "'":
+            end = line.find("'", i + 1)
+            i = n if end < 0 else end + 1
+        else:
+            depth += (c in "[{") - (c in "]}")
+            i += 1
+    return quote, max(depth, 0)
+
+
+def _statements(text):
+    """(line, path, inline) of each table header and key of a TOML text, its path as
+    tomllib reads it, an element of an array of tables by its index: ``("stack",
+    "flow_capacity")``, ``("nf", 1)`` (the second ``[[nf]]`` table), ``("nf", 1,
+    "options", "rules")`` (under it, in ``[nf.options]`` or as ``options.rules``).
+    ``inline``: a key whose value ends on its line (an inline table always does), so
+    that the keys inside its value are on that line too."""
+    found = []
+    arrays = {}         # path of an array of tables -> the index of its last table
+    current = ()
+    quote, depth = None, 0
+
+    def resolve(parts):
+        # a path through arrays of tables goes through their last table
+        out = ()
+        for part in parts:
+            out += (part,)
+            if out in arrays:
+                out += (arrays[out],)
+        return out
+
     for lineno, line in enumerate(text.splitlines(), 1):
-        if _header(line) == want:
-            n += 1
-            if n == index:
-                return lineno
+        if quote is None and depth == 0:
+            head = _header(line)
+            if head is not None:
+                kind, parts = head
+                if kind == "[[":
+                    base = resolve(parts[:-1]) + parts[-1:]
+                    arrays[base] = arrays.get(base, -1) + 1
+                    current = base + (arrays[base],)
+                else:
+                    current = resolve(parts)
+                found.append([lineno, current, False])
+                continue
+            m = _ASSIGN.match(line)
+            if m:
+                found.append([lineno, current + _parts(m.group(1)), True])
+                quote, depth = _value_state(line[m.end():], quote, depth)
+                continue
+        elif found:
+            found[-1][2] = False    # a value goes on past its statement's line
+        quote, depth = _value_state(line, quote, depth)
+    return [tuple(s) for s in found]
+
+
+def _line(statements, path):
+    """The line where ``path`` is given: its own header or key, else the first key
+    under it (a table made by dotted keys), else the line of the inline table or
+    array of them it is in, when that is on one line; else None: no line rather than
+    a wrong one."""
+    path = tuple(path)
+    for lineno, at, _ in statements:
+        if at == path:
+            return lineno
+    for lineno, at, _ in statements:
+        if at[:len(path)] == path:
+            return lineno
+    for lineno, at, inline in statements:
+        if inline and path[:len(at)] == at:
+            return lineno
     return None
 
 
-def _key_line(text, table, key):
-    """The line of ``key`` of the ``[table]`` table (under its header, or as a dotted
-    ``table.key``); else the line of the table itself (its header, or ``table =
-    {...}`` inline), else None."""
-    current = ()
-    table_line = None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        head = _header(line)
-        if head is not None:
-            current = head[1] if head[0] == "[" else head[1] + ("[]",)
-            if current == (table,) and table_line is None:
-                table_line = lineno
-            continue
-        m = _ASSIGN.match(line)
-        if m:
-            path = current + _parts(m.group(1))
-            if path == (table, key):
-                return lineno
-            if path == (table,) and table_line is None:
-                table_line = lineno
-    return table_line
-
-
 def _at(path, line):
-    # where an error is: "FILE, line N", or the file when the line is not known
-    return f"{path}, line {line}" if line else path
+    # where an error is, as a compiler says it: "FILE:LINE", or the file alone
+    return f"{path}:{line}" if line else path
 
 
 def load_app_file(path, stack=None):
@@ -271,22 +343,32 @@ def load_app_file(path, stack=None):
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise AppError(f"{path}: {exc}") from None
+    statements = _statements(text)
+
+    def at(*paths):
+        # the file and the first line of those paths (tables, keys) found in it
+        lines = [n for n in (_line(statements, p) for p in paths) if n]
+        return _at(path, min(lines, default=None))
+
+    def key_at(table, keys):
+        # the first line of keys of [table], else the table's own (a rule about an
+        # option left out, at its default)
+        where = at(*[(table, k) for k in keys])
+        return where if where != path else at((table,))
+
     unknown = set(doc) - {"app", "stack", "nf", "groups"}
     if unknown:
-        raise AppError(f"{path}: unknown table(s) {', '.join(sorted(unknown))} "
+        raise AppError(f"{at(*[(t,) for t in unknown])}: unknown table(s) "
+                       f"{', '.join(sorted(unknown))} "
                        "(expected [app], [stack], [[nf]], [groups.NAME])")
     for table in ("app", "stack", "groups"):
         if not isinstance(doc.get(table, {}), dict):
-            raise AppError(f"{path}: {table} = {doc[table]!r}: expected a [{table}] table")
+            raise AppError(f"{at((table,))}: {table} = {doc[table]!r}: expected a "
+                           f"[{table}] table")
     if not isinstance(doc.get("nf", []), list) or not all(
             isinstance(e, dict) for e in doc.get("nf", [])):
-        raise AppError(f"{path}: nf = {doc['nf']!r}: expected [[nf]] tables")
+        raise AppError(f"{at(('nf',))}: nf = {doc['nf']!r}: expected [[nf]] tables")
     app = doc.get("app", {})
-
-    def key_at(table, keys):
-        # the file and the first line of keys of [table]
-        lines = [n for n in (_key_line(text, table, k) for k in keys) if n]
-        return _at(path, min(lines, default=None))
 
     unknown = set(app) - {"name", "stack"}
     if unknown:
@@ -323,23 +405,34 @@ def load_app_file(path, stack=None):
     #                     file that defines several NFs is run once
     base = os.path.dirname(os.path.abspath(path))
     for i, entry in enumerate(entries):
-        line = _line_of(text, i)
-        where = _at(path, line)
+        line = _line(statements, ("nf", i))
+        # which [[nf]] table, as a user counts and names them: "[[nf]] #2 "ids""
+        called = next((entry[k] for k in ("name", "use") if isinstance(entry.get(k), str)),
+                      None)
+        table = f"[[nf]] #{i + 1}" + (f" {json.dumps(called, ensure_ascii=False)}"
+                                      if called else "")
+
+        def nf_at(*keys, i=i, line=line, table=table):
+            # "FILE:LINE: [[nf]] #I "NAME"": the line of the first of keys (paths
+            # under the table) found, else of the table's header
+            lines = [n for n in (_line(statements, ("nf", i) + k) for k in keys) if n]
+            return f"{_at(path, min(lines, default=line))}: {table}"
+
         bad = set(entry) - _NF_KEYS
         if bad:
-            raise AppError(f"{where}: [[nf]] unknown key(s) {', '.join(sorted(bad))} "
-                           f"(known: {', '.join(sorted(_NF_KEYS))})")
+            raise AppError(f"{nf_at(*[(k,) for k in bad])}: unknown key(s) "
+                           f"{', '.join(sorted(bad))} (known: {', '.join(sorted(_NF_KEYS))})")
         use = entry.get("use")
         if not use or not isinstance(use, str):
-            raise AppError(f"{where}: [[nf]] needs use = \"NF\" (a built-in, a .py file "
-                           "or module:attr)")
+            raise AppError(f"{nf_at(('use',))}: needs use = \"NF\" (a built-in, a .py "
+                           "file or module:attr)")
         for key, kind, ok in (("name", "a string", str), ("group", "a string", str),
                               ("options", "a table", dict), ("filter", "a table", dict),
                               ("filters", "a table of tables", dict)):
             value = entry.get(key)
             if value is not None and (not isinstance(value, ok) or key == "filters" and
                                       not all(isinstance(v, dict) for v in value.values())):
-                raise AppError(f"{where}: [[nf]] {key} = {value!r}: expected {kind}")
+                raise AppError(f"{nf_at((key,))}: {key} = {value!r}: expected {kind}")
         # an NF file, whole or "FILE.py:NAME" (one NF of several), is found relative
         # to the application file, and only there: a file of the same name in the
         # current directory is another NF, which must not run in its place
@@ -350,8 +443,8 @@ def load_app_file(path, stack=None):
             use = os.path.join(base, file) + (f":{nf_name}" if nf_name else "")
             file = os.path.join(base, file)
             if not os.path.isfile(file):
-                raise AppError(f"{where}: NF file {file}: no such file (a relative "
-                               "path is relative to the application file)")
+                raise AppError(f"{nf_at(('use',))}: NF file {file}: no such file (a "
+                               "relative path is relative to the application file)")
         stem = os.path.splitext(os.path.basename(file))[0] if file.endswith(".py") else use
         wanted = entry.get("name")
         opts = dict(entry.get("options", {}))
@@ -367,36 +460,44 @@ def load_app_file(path, stack=None):
             try:
                 loaded[key] = load_app(source, {stem: opts} if opts else None)
             except MbxError as exc:
-                raise AppError(f"{where}: {exc}") from None
+                # at the option's line when it is one; the built-in's "NF l4lb: " is
+                # said by the table already
+                said = str(exc).removeprefix(f"NF {source}: ")
+                raise AppError(f"{nf_at(('options', exc.option))}: {said}"
+                               if isinstance(exc, OptionError) else
+                               f"{nf_at(('use',))}: {said}") from None
         made = loaded[key]
-        for which in (nf_name, wanted):
+        for which, named_by in ((nf_name, "use"), (wanted, "name")):
             if which:
                 picked = [nf for nf in made if nf.name == which]
                 if not picked:
-                    raise AppError(f"{where}: {source} defines no NF named {which!r} "
-                                   f"(it defines {', '.join(nf.name for nf in made)})")
+                    raise AppError(f"{nf_at((named_by,))}: {source} defines no NF named "
+                                   f"{which!r} (it defines "
+                                   f"{', '.join(nf.name for nf in made)})")
                 made = picked
         group = entry.get("group")
         for nf in made:
             nf.group = group
-            try:
-                if "filter" in entry:
-                    nf.filter(None, **entry["filter"])
-                for tname, spec in entry.get("filters", {}).items():
+            for tname, spec, key in ([(None, entry["filter"], ("filter",))]
+                                     if "filter" in entry else []) + [
+                    (tname, spec, ("filters", tname))
+                    for tname, spec in entry.get("filters", {}).items()]:
+                try:
                     nf.filter(tname, **spec)
-            except (MbxError, TypeError) as exc:
-                # (a message that names the NF, or says "filter", already is not
-                # prefixed twice)
-                said = str(exc).removeprefix(f"NF {nf.name}: ")
-                said = said if said.startswith("filter") else f"filter: {said}"
-                raise AppError(f"{where}: NF {nf.name}: {said}") from None
+                except (MbxError, TypeError) as exc:
+                    # (a message that names the NF, or says "filter", already is not
+                    # prefixed twice)
+                    said = str(exc).removeprefix(f"NF {nf.name}: ")
+                    said = said if said.startswith("filter") else f"filter: {said}"
+                    raise AppError(f"{nf_at(key)}: NF {nf.name}: {said}") from None
             for tname in entry.get("filters", {}):
                 # a filter applies to the subscription of exactly its type: on any
                 # other it would never be consulted
                 if _events.event_type(tname).idx not in nf.subs:
                     subs = ", ".join(t.name for t in _events.event_types()
                                      if t.idx in nf.subs)
-                    raise AppError(f"{where}: NF {nf.name}: filters.\"{tname}\": the NF "
+                    raise AppError(f"{nf_at(('filters', tname))}: NF {nf.name}: "
+                                   f"filters.\"{tname}\": the NF "
                                    f"does not subscribe to {tname}, so the filter would "
                                    f"never apply (it subscribes to {subs or 'nothing'})")
             # (null is not TOML: a file's NFs are always open or closed)
@@ -407,10 +508,11 @@ def load_app_file(path, stack=None):
             try:
                 check_failure_policy(nf)
             except AppError as exc:
-                raise AppError(f"{where}: {exc}") from None
+                raise AppError(f"{nf_at(('failure',), ('restart',), ('restart_backoff',))}"
+                               f": {exc}") from None
         nfs += made
         lines += [line] * len(made)
-    _merge_policies(path, text, doc.get("groups", {}), nfs)
+    _merge_policies(path, statements, doc.get("groups", {}), nfs)
     return check(path, name, stack, options, nfs, lines)
 
 
@@ -452,7 +554,7 @@ def _merge_function(spec, base, where):
     return fn
 
 
-def _merge_policies(path, text, groups, nfs):
+def _merge_policies(path, statements, groups, nfs):
     # [groups.NAME] merge = "any" | "all" | "file.py:function" | "module:function":
     # set on every member, checked here so the error names the file and line of the
     # group's table.
@@ -460,17 +562,20 @@ def _merge_policies(path, text, groups, nfs):
 
     members = {nf.group for nf in nfs if nf.group is not None}
     for gname, spec in groups.items():
-        # quoted, as a name with a dot or a space must be in the file
-        where = _at(path, _line_of(text, 0, f"[groups.{json.dumps(gname, ensure_ascii=False)}]"))
+        where = _at(path, _line(statements, ("groups", gname)))
         if not isinstance(spec, dict):
             raise AppError(f"{where}: groups.{gname} must be a table ([groups.{gname}])")
         bad = set(spec) - _GROUP_KEYS
         if bad:
-            raise AppError(f"{where}: [groups.{gname}] unknown key(s) "
+            lines = [n for n in (_line(statements, ("groups", gname, k)) for k in bad) if n]
+            raise AppError(f"{lines and _at(path, min(lines)) or where}: "
+                           f"[groups.{gname}] unknown key(s) "
                            f"{', '.join(sorted(bad))} (known: merge)")
         if gname not in members:
             raise AppError(f"{where}: [groups.{gname}]: no NF has group = {gname!r}")
         merge = spec.get("merge", "any")
+        if "merge" in spec:         # errors of the merge at its own line
+            where = _at(path, _line(statements, ("groups", gname, "merge")))
         if not isinstance(merge, str) or (merge not in MERGES and ":" not in merge):
             raise AppError(f"{where}: parallel group {gname!r}: merge = {merge!r}: use "
                            "\"any\" (a packet any member dropped is dropped), \"all\" "

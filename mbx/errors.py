@@ -35,6 +35,15 @@ class AppError(MbxError):
     """An application description that cannot be loaded or linked."""
 
 
+class OptionError(AppError):
+    """An option an NF's factory does not take, or of a value that does not fit it;
+    ``option``: its name, for an application file to give the line it is on."""
+
+    def __init__(self, message, option):
+        super().__init__(message)
+        self.option = option
+
+
 def raising_line(exc, filename=None):
     """(file, line) of the innermost frame of ``exc``'s traceback in ``filename``, or,
     without one, outside mbx's own code (the NF's code that raised); None if none."""

@@ -33,6 +33,7 @@ from mbx.errors import (
     CaptureFormatError,
     EventTypeError,
     MbxError,
+    OptionError,
     PortError,
     did_you_mean,
     exc_text,
@@ -190,9 +191,9 @@ def _make(factory, options, where):
     unknown = sorted(set(options) - set(known)) if known is not None else []
     if unknown:
         shown = [k for k in known if k != "name"]     # the NF's name: not an option to tune
-        raise AppError(f"{where}: unknown option(s) {', '.join(unknown)}; it takes "
-                       + (", ".join(shown) if shown else
-                          "only name" if "name" in known else "none"))
+        raise OptionError(f"{where}: unknown option(s) {', '.join(unknown)}; it takes "
+                          + (", ".join(shown) if shown else
+                             "only name" if "name" in known else "none"), unknown[0])
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
@@ -265,8 +266,8 @@ def _typed_options(signature, options, where):
                 kind = str
             if kind is not None and not (isinstance(value, kind) and (
                     kind is bool or not isinstance(value, bool))):
-                raise AppError(f"{where}: option {key}={value!r}: expected "
-                               f"{_KIND_WORDS[kind]}")
+                raise OptionError(f"{where}: option {key}={value!r}: expected "
+                                  f"{_KIND_WORDS[kind]}", key)
             continue
         if kind is None:
             continue
@@ -276,7 +277,8 @@ def _typed_options(signature, options, where):
             continue
         if kind is bool:
             if text not in _TRUE + _FALSE:
-                raise AppError(f"{where}: option {key}={value!r}: expected {_KIND_WORDS[bool]}")
+                raise OptionError(f"{where}: option {key}={value!r}: expected "
+                                  f"{_KIND_WORDS[bool]}", key)
             typed[key] = text in _TRUE
             continue
         try:
@@ -285,8 +287,8 @@ def _typed_options(signature, options, where):
             typed[key] = ((int(text, 10) if text.lstrip("+-").isdigit() else int(text, 0))
                           if kind is int else float(text))
         except ValueError:
-            raise AppError(f"{where}: option {key}={value!r}: expected "
-                           f"{_KIND_WORDS[kind]}") from None
+            raise OptionError(f"{where}: option {key}={value!r}: expected "
+                              f"{_KIND_WORDS[kind]}", key) from None
     return typed
 
 

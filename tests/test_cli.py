@@ -428,7 +428,7 @@ def test_a_pipelined_backward_publication_names_the_nf_table_to_move(tmp_path):
     assert mbx_cmd("example-capture", str(cap)).returncode == 0
     r = mbx_cmd("run", str(app), "--in", f"pcap:{cap}", "--deploy", "pipelined")
     assert r.returncode == 2
-    assert (f"{app}, line 4: pipelined deployment: NF ids subscribes to DPI_DETECT, "
+    assert (f"{app}:4: pipelined deployment: NF ids subscribes to DPI_DETECT, "
             "which NF dpi after it publishes") in r.stderr
     assert mbx_cmd("run", str(app), "--in", f"pcap:{cap}", "-q").returncode == 0
 
@@ -1027,7 +1027,7 @@ def test_stack_on_the_command_line_wins_over_the_application_file(example_pcap, 
     r = mbx_cmd("run", "auto.toml", "--in", f"pcap:{example_pcap}", "--stack", "network",
                 cwd=tmp_path)
     assert r.returncode == 2, r.stdout
-    assert ("auto.toml, line 1: NF est subscribes to FLOW/TCP/ESTABLISHED, which nothing "
+    assert ("auto.toml:1: NF est subscribes to FLOW/TCP/ESTABLISHED, which nothing "
             "in the application publishes") in r.stderr, r.stderr
 
 

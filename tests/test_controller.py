@@ -219,8 +219,9 @@ def test_a_second_filter_for_one_subscription_is_refused(tmp_path):
         """)
     with pytest.raises(AppError) as info:
         load_app_file(app)
-    assert "app.toml, line 2: NF flow_stats: filter: a second filter for FLOW/END" in str(
-        info.value)
+    # at the line of the second filter's table
+    assert 'app.toml:6: [[nf]] #1 "flow_stats": NF flow_stats: filter: a second filter ' \
+           'for FLOW/END' in str(info.value)
 
 
 def test_nf_files_are_found_beside_the_application_file(tmp_path, monkeypatch):
@@ -324,7 +325,7 @@ def test_a_file_in_the_current_directory_never_stands_in_for_one_beside_the_app(
      [[nf]]
      use = "l2fwd"
      colour = "blue"
-     """, "line 2: [[nf]] unknown key(s) colour"),
+     """, ':4: [[nf]] #1 "l2fwd": unknown key(s) colour'),
     ("""
      [[nf]]
      use = "l2fwd"
@@ -425,18 +426,18 @@ def test_a_file_in_the_current_directory_never_stands_in_for_one_beside_the_app(
      [[nf]]
      use = "l2fwd"
      options = 3
-     """, "line 2: [[nf]] options = 3: expected a table"),
+     """, ':4: [[nf]] #1 "l2fwd": options = 3: expected a table'),
     ("""
      [[nf]]
      use = "l2fwd"
      group = 5
-     """, "line 2: [[nf]] group = 5: expected a string"),
+     """, ':4: [[nf]] #1 "l2fwd": group = 5: expected a string'),
     ("""
      [[nf]]
      use = "l2fwd"
      [nf.filters]
      PKT = 3
-     """, "[[nf]] filters = {'PKT': 3}: expected a table of tables"),
+     """, ':4: [[nf]] #1 "l2fwd": filters = {\'PKT\': 3}: expected a table of tables'),
     ("""
      nf = 3
      """, "nf = 3: expected [[nf]] tables"),
@@ -459,14 +460,14 @@ def test_a_file_in_the_current_directory_never_stands_in_for_one_beside_the_app(
      group = "g"
      [groups.g]
      merge = "most"
-     """, "line 5: parallel group 'g': merge = 'most': use \"any\""),
+     """, ":6: parallel group 'g': merge = 'most': use \"any\""),
     ("""
      [[nf]]
      use = "{nf}"
      group = "g"
      [groups.h]
      merge = "all"
-     """, "line 5: [groups.h]: no NF has group = 'h'"),
+     """, ":5: [groups.h]: no NF has group = 'h'"),
     ("""
      [[nf]]
      use = "{nf}"
@@ -474,7 +475,7 @@ def test_a_file_in_the_current_directory_never_stands_in_for_one_beside_the_app(
      [groups.g]
      merge = "all"
      quorum = 2
-     """, "line 5: [groups.g] unknown key(s) quorum"),
+     """, ":7: [groups.g] unknown key(s) quorum"),
 ])
 def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
     nf_file = write(tmp_path, "counter.py", NF_FILE)
@@ -575,7 +576,7 @@ def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
      [[nf]]
      use = "logger"
      options = { types = ["FLOW", "PKT"] }
-     """, 4, "NF logger: types must be a string of comma-separated event types "
+     """, 6, '[[nf]] #2 "logger": types must be a string of comma-separated event types '
              "(\"FLOW,PKT\"), not ['FLOW', 'PKT']"),
     # sizes that are wrong only together, at the line of the one the rule names
     ("""
@@ -674,13 +675,13 @@ def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
      [[nf]]
      use = "l2fwd"
      colour = "blue"
-     """, 4, "[[nf]] unknown key(s) colour"),
+     """, 6, '[[nf]] #2 "l2fwd": unknown key(s) colour'),
 ])
 def test_refusals_give_the_line_of_the_key_or_nf(tmp_path, body, line, message):
     app = write(tmp_path, "app.toml", body.replace("IDS", IDS))
     with pytest.raises(AppError) as info:
         load_app_file(app)
-    assert str(info.value).startswith(f"{app}, line {line}: {message}")
+    assert str(info.value).startswith(f"{app}:{line}: {message}")
 
 
 @pytest.mark.parametrize("body, line, message", [
@@ -708,7 +709,7 @@ def test_mbx_check_and_run_give_the_line_of_a_stack_key(tmp_path, example_pcap, 
         r = subprocess.run([sys.executable, "-m", "mbx.cli", *cmd], capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2, cmd
-        assert f"{app}, line {line}: {message}" in r.stderr, (cmd, r.stderr)
+        assert f"{app}:{line}: {message}" in r.stderr, (cmd, r.stderr)
 
 
 def test_app_and_the_monitor_refuse_stream_sizes_in_the_same_words():
@@ -1053,7 +1054,7 @@ def test_group_merge_function_refusals(tmp_path, merge, members, message):
         load_app_file(app)
     text = str(info.value)
     assert message in text
-    assert "app.toml, line " in text and "parallel group 'g'" in text
+    assert "app.toml:" in text and "parallel group 'g'" in text
     if merge == "votes.py:two":
         assert re.search(r"two \(votes\.py, line \d+\) must take one argument", text), text
 
@@ -1093,7 +1094,7 @@ def test_group_member_subscribing_to_its_mate_refused(tmp_path):
     with pytest.raises(AppError) as info:
         load_app_file(app)
     text = str(info.value)
-    assert "app.toml, line 6: NF ids subscribes to DPI_DETECT, which NF dpi of its " \
+    assert "app.toml:6: NF ids subscribes to DPI_DETECT, which NF dpi of its " \
            "parallel group 'g' publishes (its port DPI_DETECT)" in text
     r = subprocess.run([sys.executable, "-m", "mbx.cli", "check", app], capture_output=True,
                        text=True, timeout=120)
@@ -1187,7 +1188,7 @@ def test_a_group_named_with_a_dot_keeps_its_line_in_errors(tmp_path, name):
     app.write_text(f'[[nf]]\nuse = "flow_stats"\ngroup = "{name}"\n[[nf]]\n'
                    f'use = "logger"\ngroup = "{name}"\n[groups."{name}"]\n'
                    'merge = "bogus"\n', encoding="utf-8")
-    with pytest.raises(AppError, match=f"^{app}, line 7: parallel group '{name}': "
+    with pytest.raises(AppError, match=f"^{app}:8: parallel group '{name}': "
                                        "merge = 'bogus'"):
         load_app_file(str(app))
 
@@ -1219,7 +1220,7 @@ def test_two_nfs_writing_one_file_are_refused_before_either_opens_it(tmp_path,
         """)
     kept = tmp_path / "same.jsonl"
     kept.write_text("keep\n")
-    want = (f"{app}, line 6: NF lb: './same.jsonl' is written by NF la (line 2) too; "
+    want = (f"{app}:6: NF lb: './same.jsonl' is written by NF la (line 2) too; "
             "two writers would interleave their bytes")
     for cmd in (["check", app], ["run", app, "--in", f"pcap:{example_pcap}", "-q"]):
         r = subprocess.run([sys.executable, "-m", "mbx.cli", *cmd], capture_output=True,
@@ -1276,8 +1277,8 @@ def test_the_nfs_of_one_file_share_one_load_of_it(tmp_path, example_pcap, uses):
     counters, _ = run_app([a, b], example_pcap)
     assert b.saw == counters["events"]["PKT"]["published"] > 0
     bad = write(tmp_path, "bad.toml", '[[nf]]\nuse = "shared.py:c"\n')
-    with pytest.raises(AppError, match=r"line 1: .*shared.py defines no NF named 'c' "
-                                       r"\(it defines a, b\)"):
+    with pytest.raises(AppError, match=r'bad.toml:2: \[\[nf\]\] #1 "shared.py:c": .*shared.py '
+                                       r"defines no NF named 'c' \(it defines a, b\)"):
         load_app_file(bad)
 
 
@@ -1316,7 +1317,7 @@ def test_application_file_options_are_held_to_the_type_make_declares(tmp_path, o
         return
     with pytest.raises(AppError) as info:
         load_app_file(app)
-    assert str(info.value).startswith(f"{app}, line 2: NF file ")
+    assert str(info.value).startswith(f'{app}:4: [[nf]] #1 "typed.py": NF file ')
     assert str(info.value).endswith(f"typed.py: make(): {message}")
 
 
@@ -1331,6 +1332,58 @@ def test_application_file_options_of_the_right_type_pass(tmp_path):
     assert given == (7, True, 2.0, "y", [1, 2]) and isinstance(given[2], float)
     # the Logger's path: named as an option, not a TypeError from open()
     bad = write(tmp_path, "log.toml", '[[nf]]\nuse = "logger"\noptions = { path = 5 }\n')
-    with pytest.raises(AppError, match=r"line 1: NF logger: option path=5: expected a "
-                                       r"string$"):
+    with pytest.raises(AppError, match=r'log.toml:3: \[\[nf\]\] #1 "logger": option path=5: '
+                                       r"expected a string$"):
         load_app_file(bad)
+
+
+@pytest.mark.parametrize("body, want", [
+    # an unknown key, at its line, in the second [[nf]] table, named by its use
+    ('[[nf]]\nuse = "flow_stats"\n[[nf]]\nuse = "l2fwd"\ncolour = "blue"\n',
+     '5: [[nf]] #2 "l2fwd": unknown key(s) colour'),
+    # a key of the wrong type, the table named by its name
+    ('[[nf]]\nuse = "l2fwd"\n\n[[nf]]\nname = "log"\nuse = "logger"\ngroup = 5\n',
+     '7: [[nf]] #2 "log": group = 5: expected a string'),
+    # an unknown NF, at the line of its use
+    ('[app]\nname = "ids"\n[[nf]]\nuse = "flow_stats"\n[[nf]]\n# the IDS\nuse = "idz"\n',
+     '7: [[nf]] #2 "idz": unknown NF \'idz\''),
+    # an option of the wrong type: in an inline table, a [nf.options] table, or as a
+    # dotted key, at the line of the option
+    ('[[nf]]\nuse = "l2fwd"\n[[nf]]\nuse = "logger"\noptions = { path = 5 }\n',
+     '5: [[nf]] #2 "logger": option path=5: expected a string'),
+    ('[[nf]]\nuse = "logger"\n[nf.options]\ntypes = "PKT"\n"path" = 5\n[[nf]]\n'
+     'use = "l2fwd"\n',
+     '5: [[nf]] #1 "logger": option path=5: expected a string'),
+    ('[[nf]]\nuse = "logger"\noptions . path = 5\n',
+     '3: [[nf]] #1 "logger": option path=5: expected a string'),
+    # an option the NF does not take
+    ('[[nf]]\nuse = "logger"\nname = "log"\n[nf.options]\ntypes = "PKT"\n'
+     'colour = "blue"\n',
+     '6: [[nf]] #1 "log": unknown option(s) colour; it takes '),
+    # text in a multi-line string that looks like tables and keys is not taken for
+    # them: the second real [[nf]] is #2, at its own line
+    ('[app]\nname = """\n[[nf]]\nuse = "logger"\noptions.path = 5\n"""\n[[nf]]\n'
+     'use = "l2fwd"\n[[nf]]\nuse = "logger"\noptions.path = 7\n',
+     '11: [[nf]] #2 "logger": option path=7: expected a string'),
+    # ... nor in a multi-line array (["x"] is no [x] header)
+    ('[[nf]]\nuse = "typed.py"\noptions.extra = [\n  1,\n  ["x"]\n]\n'
+     'options.limit = 7.5\n',
+     '7: [[nf]] #1 "typed.py": NF file '),
+])
+def test_errors_say_file_line_and_which_nf_table_as_a_compiler_does(tmp_path, body, want):
+    write(tmp_path, "typed.py", TYPED_FILE)
+    app = write(tmp_path, "app.toml", body)
+    with pytest.raises(AppError) as info:
+        load_app_file(app)
+    assert str(info.value).startswith(f"{app}:{want}"), str(info.value)
+
+
+def test_an_option_whose_line_the_text_does_not_show_has_none(tmp_path):
+    # [[nf]] tables as an array of inline tables over several lines: the option's
+    # line is not the array's first, so none is given, not a wrong one
+    app = write(tmp_path, "app.toml", 'nf = [\n  { use = "l2fwd" },\n'
+                                      '  { use = "logger", options = { path = 5 } },\n]\n')
+    with pytest.raises(AppError) as info:
+        load_app_file(app)
+    assert str(info.value) == (f'{app}: [[nf]] #2 "logger": option path=5: expected a '
+                               'string')

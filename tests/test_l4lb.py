@@ -351,8 +351,9 @@ def test_application_file_errors_name_the_nf_and_the_option(tmp_path):
     app = tmp_path / "lb.toml"
     app.write_text('[app]\nname = "lb"\n[[nf]]\nuse = "l4lb"\nname = "frontlb"\n'
                    'options = { backends = ["198.18.2.1:80", "198.18.2.1"] }\n')
-    with pytest.raises(mbx.AppError, match=r"line 3: NF frontlb: backends: "
-                                           r"'198.18.2.1' is not ADDR:PORT"):
+    # at the line of the option, in the [[nf]] table named by the NF's name
+    with pytest.raises(mbx.AppError, match=r'lb.toml:6: \[\[nf\]\] #1 "frontlb": NF frontlb: '
+                                           r"backends: '198.18.2.1' is not ADDR:PORT"):
         load_app_file(str(app))
 
 

@@ -24,6 +24,7 @@ import struct
 import zlib
 
 import mbx
+from mbx.errors import OptionError
 from mbx.nfs._l4lb import Balancer
 
 DEFAULT_VIP = "198.18.3.1:80"
@@ -90,8 +91,18 @@ def _endpoint(value, where):
 
 
 def _endpoints(name, vip, backends):
-    # The (vip, backends) of NF `name`; AppError names the NF and the option.
-    vip = _endpoint(vip, f"NF {name}: vip")
+    # The (vip, backends) of NF `name`; OptionError names the NF and the option.
+    try:
+        vip = _endpoint(vip, f"NF {name}: vip")
+    except mbx.AppError as exc:
+        raise OptionError(str(exc), "vip") from None
+    try:
+        return vip, _backends(name, vip, backends)
+    except mbx.AppError as exc:
+        raise OptionError(str(exc), "backends") from None
+
+
+def _backends(name, vip, backends):
     where = f"NF {name}: backends"
     given = backends
     if isinstance(backends, str):
@@ -117,7 +128,7 @@ def _endpoints(name, vip, backends):
             raise mbx.AppError(f"{where}: {_show(b)} is the VIP itself")
         if backends.count(b) > 1:
             raise mbx.AppError(f"{where}: {_show(b)} is listed twice")
-    return vip, backends
+    return backends
 
 
 def _show(endpoint):

@@ -19,7 +19,7 @@ import sys
 import mbx
 from mbx._events import END_REASONS, PROTO_NAMES
 from mbx._pcap import claim_output, release_output
-from mbx.errors import AppError
+from mbx.errors import AppError, OptionError
 from mbx.runtime import (
     check_output_free,
     check_writable,
@@ -78,11 +78,11 @@ class Logger(mbx.NF):
         self.events = 0
         if not isinstance(types, str):
             # a TOML list reached str() as "['FLOW', 'PKT']" and was read as names
-            raise AppError(f"NF {name}: types must be a string of comma-separated "
-                           f"event types (\"FLOW,PKT\"), not {types!r}")
+            raise OptionError(f"NF {name}: types must be a string of comma-separated "
+                              f"event types (\"FLOW,PKT\"), not {types!r}", "types")
         wanted = [t.strip() for t in types.split(",") if t.strip()]
         if not wanted:
-            raise AppError(f"NF {name}: types names no event type")
+            raise OptionError(f"NF {name}: types names no event type", "types")
         subscribed = set()
         for t in wanted:
             etype = mbx.event_type(t)
