@@ -527,6 +527,10 @@ class NF:
     failure = None
     restart = 0                 # restarts allowed
     restart_backoff = 0.1       # the first back-off in seconds, doubled each restart
+    # What mbx.runtime.load_app made it from: {"use": the chain item, "options": the
+    # options it was given}, for a run's --json to say how to make it again (None: an
+    # NF built in code).
+    made_from = None
 
     def __init__(self, name, *, writes=False, group=None):
         if not name or not isinstance(name, str):

@@ -306,7 +306,37 @@ def _json_on_stdout(args):
         args.json_stdout.close()
 
 
+def _run_config(args, nfs, config, given_by):
+    """The --json ``config``: what the run was given, all of it, so that its counters
+    can be told apart from another run's and the run made again from them alone:
+    every stack option (App's defaults where none was given; ``stack`` as it ran,
+    the TCP Monitor or the Network Layer alone) and where each was given, the NFs in
+    chain order with what each was made from, the ports and the run's bounds."""
+    from mbx.runtime import runs_monitor, stack_config
+
+    stack = stack_config(config)
+    stack["stack"] = "tcp" if runs_monitor(config.get("stack", "auto"), nfs, config) \
+        else "network"
+    made = []
+    for nf in nfs:
+        entry = {"name": nf.name, **(nf.made_from or {})}
+        if nf.group is not None:
+            entry["group"] = nf.group
+        made.append(entry)
+    run = {"app": getattr(args, "app", None) or os.path.basename(sys.argv[0]),
+           "stack": stack,
+           "given_by": {key: given_by.get(key, "default") for key in stack},
+           "nfs": made,
+           "ports": {"in": args.inp, "out": args.out},
+           "burst": args.burst, "max_packets": args.max_packets,
+           "duration": args.duration, "stacks": args.stacks}
+    # an option's value JSON has no type for (a TOML date) as its text
+    return json.loads(json.dumps(run, default=str))
+
+
 def _write_json(args, counters):
+    if getattr(args, "run_config", None) is not None:
+        counters = dict(counters, config=args.run_config)
     try:
         # never NaN/Infinity, which json.dumps writes by default and no JSON reader
         # takes (NF reports are checked for them in take_report)
@@ -492,13 +522,21 @@ def _run_checked(nfs, args, spec):
     config = dict(deploy=args.deploy, ring_size=args.ring_size or 0,
                   ring_full=args.ring_full or "stall", inflight=args.inflight,
                   nf_timing=args.nf_timing)
+    # where each option given came from, for --json (the rest are App's defaults)
+    given_by = {key: "command line" for key, given in (
+        ("deploy", args.deploy != "inline"), ("ring_size", args.ring_size is not None),
+        ("ring_full", args.ring_full is not None), ("inflight", args.inflight is not None),
+        ("nf_timing", not args.nf_timing)) if given}
     if spec is not None:        # an application file's [app] stack and [stack] options
         config.update(spec.options, stack=spec.stack)
+        given_by.update(dict.fromkeys([*spec.options, "stack"], "app file"))
     # ... and what the command line says wins over both (argparse leaves None where
     # an option was not given)
-    config.update({key: value for key, value in
-                   ((key, getattr(args, dest)) for dest, key in _STACK_OPTIONS.items())
-                   if value is not None})
+    typed = {key: value for key, value in
+             ((key, getattr(args, dest)) for dest, key in _STACK_OPTIONS.items())
+             if value is not None}
+    config.update(typed)
+    given_by.update(dict.fromkeys(typed, "command line"))
     note = bridge_output_note(args.inp, args.out)
     if note:
         print(f"mbx: warning: {note}", file=sys.stderr)
@@ -512,6 +550,7 @@ def _run_checked(nfs, args, spec):
     if lone:
         print(f"mbx: warning: {lone}", file=sys.stderr)
     stack = config.get("stack", "auto")
+    args.run_config = _run_config(args, nfs, config, given_by)
     unused = unused_monitor_options(stack, nfs, config)
     if unused:
         # said of the stack as the user chose it: an application file's "network"

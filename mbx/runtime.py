@@ -367,6 +367,7 @@ def load_app(spec, options=None):
         name = os.path.splitext(os.path.basename(path))[0] if path.endswith(".py") else item
         opts = options.get(name, {})
         used.add(name)
+        first = len(nfs)
         if path.endswith(".py") or os.sep in path:
             if path not in files:
                 files[path] = _load_file(path, opts)
@@ -412,6 +413,8 @@ def load_app(spec, options=None):
                 f"unknown NF {item!r}{did_you_mean(item, BUILTIN_NFS)}: use a built-in "
                 f"({', '.join(BUILTIN_NFS)}), "
                 "a .py file, or module:attribute")
+        for nf in nfs[first:]:
+            nf.made_from = {"use": item, "options": dict(opts)}
     unknown = set(options) - used
     if unknown:
         raise AppError(f"options given for {', '.join(sorted(unknown))}, which the "
@@ -419,6 +422,18 @@ def load_app(spec, options=None):
                        f"an item of the chain, a file's without .py: "
                        f"{', '.join(sorted(used))})")
     return nfs
+
+
+def stack_config(options):
+    """Every stack option a run given ``options`` (App's keywords) uses: those, and
+    App's and the TCP Monitor's defaults for the rest, so that a run's --json says
+    all of them, not only those someone set."""
+    defaults = {name: p.default for name, p in
+                inspect.signature(App.__init__).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and name != "rss"}
+    # (TcpMonitor's own defaults: a Cython class's signature does not show them)
+    defaults.update(STREAM_DEFAULTS, overlap="first", checksums="ignore")
+    return dict(defaults, **options)
 
 
 def needs_monitor(nfs):

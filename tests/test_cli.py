@@ -2056,3 +2056,64 @@ def test_set_takes_the_chain_items_name_not_the_nfs(tmp_path):
     r = mbx_cmd("check", "my_ids.py", "--set", "detector.min_len=50", cwd=tmp_path)
     assert r.returncode != 0
     assert "detector" in r.stderr and "my_ids" in r.stderr
+
+
+def test_json_says_the_configuration_the_run_used_and_makes_it_again(tmp_path,
+                                                                     example_pcap,
+                                                                     monkeypatch):
+    # --json held the counters alone: which options (the file's, --flows', App's
+    # defaults), NFs and ports gave them was nowhere in it
+    from mbx.ports import open_input
+    from mbx.runtime import App, load_app
+
+    app = tmp_path / "app.toml"
+    app.write_text('[stack]\nidle_timeout = 5\n[[nf]]\nuse = "flow_stats"\n'
+                   '[[nf]]\nuse = "logger"\noptions = { types = "FLOW/END", '
+                   'path = "ends.jsonl" }\n')
+    out = tmp_path / "c.json"
+    r = mbx_cmd("run", str(app), "--in", f"pcap:{example_pcap}", "--flows", "5000",
+                "--json", str(out), "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["packets"] > 0 and doc["flows"]["created"] > 0     # the keys as before
+    config = doc["config"]
+    assert config["app"] == str(app)
+    stack = config["stack"]
+    assert (stack["flow_capacity"], config["given_by"]["flow_capacity"]) == (5000,
+                                                                             "command line")
+    assert (stack["idle_timeout"], config["given_by"]["idle_timeout"]) == (5, "app file")
+    assert (stack["msg_capacity"], config["given_by"]["msg_capacity"]) == (65536, "default")
+    assert stack["stack"] == "network" and stack["deploy"] == "inline"
+    assert set(config["given_by"]) == set(stack)
+    assert config["nfs"] == [
+        {"name": "flow_stats", "use": "flow_stats", "options": {}},
+        {"name": "logger", "use": "logger",
+         "options": {"types": "FLOW/END", "path": "ends.jsonl"}}]
+    assert config["ports"] == {"in": f"pcap:{example_pcap}", "out": None}
+    assert (config["burst"], config["max_packets"], config["stacks"]) == (64, 0, 1)
+    # the configuration alone makes the run again: the same counts
+    monkeypatch.chdir(tmp_path)             # (where the Logger's file was written)
+    chain = "+".join(nf["use"] for nf in config["nfs"])
+    nfs = load_app(chain, {nf["use"]: nf["options"] for nf in config["nfs"]})
+    inp = open_input(config["ports"]["in"])
+    try:
+        again = App(nfs, **config["stack"]).run(inp, burst=config["burst"])
+    finally:
+        inp.close()
+    for key in ("packets", "bytes", "sent", "flows", "events", "parse"):
+        assert again[key] == doc[key], key
+
+
+def test_json_config_of_a_chain_has_the_set_options_as_given(tmp_path, example_pcap):
+    out = tmp_path / "c.json"
+    r = mbx_cmd("run", "flow_stats+logger", "--in", f"pcap:{example_pcap}",
+                "--set", "logger.path=ev.jsonl", "--overlap", "last", "--json", str(out),
+                "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    config = json.loads(out.read_text())["config"]
+    assert config["app"] == "flow_stats+logger"
+    assert config["nfs"][1] == {"name": "logger", "use": "logger",
+                                "options": {"path": "ev.jsonl"}}
+    assert (config["stack"]["overlap"], config["given_by"]["overlap"]) == ("last",
+                                                                           "command line")
+    assert config["given_by"]["stack"] == "default"

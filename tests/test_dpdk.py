@@ -565,6 +565,8 @@ def test_mbx_run_over_dpdk_vdevs_ends_with_the_capture(example_pcap, tmp_path):
         assert r.returncode == 0, r.stderr
         c = json.loads(counters.read_text())
         c.pop("elapsed_s", None)
+        # the two runs are given different ports, and say so: their counts compare
+        assert c.pop("config")["ports"] == {"in": inp, "out": out}
         # The DPDK port reports more than the common port counters: compare those.
         base = ("rx_pkts", "rx_bytes", "tx_pkts", "tx_bytes", "rx_dropped", "tx_dropped")
         c["ports"] = {k: {n: v[n] for n in base} for k, v in c["ports"].items()}
