@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+from mbx._parse import status_names
 from mbx.errors import MbxError
 from mbx.ports import port_total
 
@@ -119,6 +120,10 @@ FLOW_COUNTS = ("created", "expired", "evicted", "closed", "shutdown", "refused")
 # held = held_completed + held_discarded + held_pending (a gauge: held now).
 FRAGMENT_COUNTS = ("held", "held_completed", "held_discarded", "memcap_drops", "bad")
 DATAGRAM_COUNTS = ("completed", "timed_out", "pending_at_end", "no_room", "too_many")
+# What the parser counts under ``parse`` (the summary's "parse" line): every reason a
+# packet was flagged, each a series from the first scrape, so that an alert on one
+# (too_many_vlan_tags, bad_tcp_opt...) has its series before the first such packet.
+PARSE_REASONS = tuple(name for name in status_names() if name != "ok")
 
 
 # The TCP Monitor's counters served (with tcp=True): key, metric, kind, help.  The
@@ -152,6 +157,7 @@ def zero_snapshot(nfs=(), types=(), tcp=False):
     zero = {"packets": 0, "bytes": 0, "sent": 0, "dropped_by_nf": 0,
             "dropped_malformed": 0, "dropped_fragments": 0, "dropped_on_error": 0,
             "clock_steps_back": 0,
+            "parse": dict.fromkeys(PARSE_REASONS, 0),
             "flows": dict.fromkeys(FLOW_COUNTS + ("active",), 0),
             "fragments": dict.fromkeys(FRAGMENT_COUNTS + DATAGRAM_COUNTS
                                        + ("held_pending",), 0),
@@ -292,6 +298,8 @@ class Prometheus:
                                 "send (tx)", "port", "dir"),
             "clock": family(C, "mbx_clock_steps_back", "Times the capture-time clock "
                             "stepped back to a packet far behind it"),
+            "parse": family(C, "mbx_parse_errors", "Packets the parser flagged (malformed, "
+                            "or refused by fragment reassembly), by reason", "reason"),
         }
         if self.tcp:
             for key, name, kind, text in TCP_SERIES:
@@ -319,6 +327,8 @@ class Prometheus:
                     fams["portdrops"].add_metric(at + [side, way],
                                                  port_total(port, f"{way}_dropped"))
             fams["clock"].add_metric(at, p.get("clock_steps_back", 0))
+            for reason in PARSE_REASONS:
+                fams["parse"].add_metric(at + [reason], (p.get("parse") or {}).get(reason, 0))
             if self.tcp:
                 tcp = p.get("tcp") or zero["tcp"]
                 for key, *_ in TCP_SERIES:

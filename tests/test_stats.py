@@ -681,3 +681,44 @@ def test_prometheus_says_where_the_fragments_went(tmp_path):
     for what in ("completed", "pending_at_end"):
         assert _metric(text, "mbx_fragment_datagrams_total", f'{{what="{what}"}}') == 1
     assert _metric(text, "mbx_fragments_held") == 0
+
+
+def test_prometheus_has_the_parsers_counts_by_reason(tmp_path):
+    # the parse counters (malformed packets by reason, deep VLAN stacks, fragments
+    # refused for memory) were in the summary and --json only: no alert could see them
+    import struct
+
+    from mbxtest import fragment4, run_app
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mbx._parse import status_names
+    from mbx.examples.capture import ether, ipv4, tcp4, udp4
+    from mbx.stats import Prometheus
+
+    def cut(frame, at, value):
+        return frame[:at] + bytes([value]) + frame[at + 1:]
+
+    bad_opt = ether(tcp4("198.18.0.1", "198.18.0.2", 1000, 80, b"p",
+                         opts=b"\x02\x04\x05\xb4\x08\x0c\x00\x00"))   # TS longer than left
+    deep = (b"\x02" * 12 + struct.pack("!HH", 0x8100, 7) * 9 + b"\x08\x00"
+            + udp4("198.18.0.1", "198.18.0.2", 1001, 53, b"q"))
+    short = ether(ipv4("198.18.0.1", "198.18.0.2", 6, bytes(10)))   # 10 bytes of TCP
+    bad_ihl = cut(ether(udp4("198.18.0.3", "198.18.0.2", 1002, 53, b"r")), 14, 0x44)
+    big = fragment4(ether(udp4("198.18.0.4", "198.18.0.2", 1003, 53, bytes(6000))), 1200)
+    frames = [bad_opt, bad_opt, deep, short, short, short, bad_ihl] + big
+    c, _ = run_app([], None, tmp_path, [(1.0 + i / 1000, f) for i, f in enumerate(frames)],
+                   frag_memory=4096)
+    assert c["parse"] == {"bad_tcp_opt": 2, "too_many_vlan_tags": 1, "trunc_l4": 3,
+                          "bad_ihl": 1, "frag_memcap": 1}
+    with Prometheus(0) as prom:
+        prom.update(c)
+        text = prometheus_client.generate_latest(prom.registry).decode()
+    family, = [f for f in text_string_to_metric_families(text)
+               if f.name == "mbx_parse_errors"]
+    assert family.type == "counter"
+    counts = {s.labels["reason"]: s.value for s in family.samples
+              if s.name == "mbx_parse_errors_total"}
+    # every reason has its series, 0 where none was counted
+    assert counts == {reason: c["parse"].get(reason, 0) for reason in status_names()
+                      if reason != "ok"}
+    assert "ok" not in counts and counts["bad_tcp_opt"] == 2
