@@ -60,6 +60,7 @@ cdef struct frag_piece:
 ctypedef struct frag_dgram:
     uint8_t src[16]
     uint8_t dst[16]
+    uint16_t vlan[2]        # the outer two VLAN ids (part of the key: see _lookup)
     uint32_t ident
     uint32_t hash
     uint32_t hnext          # next slot in the bucket chain / free list

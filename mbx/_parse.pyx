@@ -705,10 +705,15 @@ cdef class FragTable:
                 "bytes_used": self.bytes_used}
 
     cdef uint32_t _lookup(self, mbx_pkt *p, bint create) noexcept nogil:
+        # Keyed by the VLANs too: two address spaces that overlap on a trunk may
+        # send one (addresses, id) at once, whose fragments would otherwise be
+        # rebuilt into one datagram; one datagram's fragments cross the link in
+        # one VLAN.
         cdef uint32_t h, s, b, i
         cdef frag_dgram *g
         cdef uint8_t proto = _key_proto(p)
         h = self.seed ^ p.frag_id ^ (<uint32_t>p.ip_ver << 8) ^ proto
+        h = _mix(h ^ ((<uint32_t>p.vlan[0] << 16) | p.vlan[1]))
         for i in range(0, 16, 4):
             h = _mix(h ^ ld32(p.src.b + i))
             h = _mix(h ^ ld32(p.dst.b + i))
@@ -717,7 +722,8 @@ cdef class FragTable:
         while s != NO_SLOT:
             g = &self.dgrams[s]
             if (g.hash == h and g.ident == p.frag_id and g.ver == p.ip_ver
-                    and g.proto == proto and memcmp(g.src, p.src.b, 16) == 0
+                    and g.proto == proto and g.vlan[0] == p.vlan[0]
+                    and g.vlan[1] == p.vlan[1] and memcmp(g.src, p.src.b, 16) == 0
                     and memcmp(g.dst, p.dst.b, 16) == 0):
                 return s
             s = g.hnext
@@ -728,6 +734,8 @@ cdef class FragTable:
         self.free_head = g.hnext
         memcpy(g.src, p.src.b, 16)
         memcpy(g.dst, p.dst.b, 16)
+        g.vlan[0] = p.vlan[0]
+        g.vlan[1] = p.vlan[1]
         g.ident = p.frag_id
         g.hash = h
         g.ver = p.ip_ver

@@ -354,6 +354,28 @@ def test_ipv4_ah_is_walked_after_reassembly_not_in_a_fragment():
     assert f["status"] == "ok" and (f["l4_proto"], f["sport"], f["dport"]) == (6, 7, 8)
 
 
+@pytest.mark.parametrize("tags", [[((0x8100, 10),), ((0x8100, 20),)],
+                                  [((0x88A8, 100), (0x8100, 10)),
+                                   ((0x88A8, 100), (0x8100, 20))]])
+def test_fragments_of_one_ip_id_in_two_vlans_are_two_datagrams(tags):
+    # Two address spaces that overlap on a trunk may fragment a datagram of the
+    # same addresses and IP id at once.  Keyed without the VLAN their pieces met in
+    # one datagram: the second's first fragment overlapped the first's with other
+    # bytes, and both datagrams were dropped as bad_frag.  QinQ's inner id counts.
+    bodies = [udp(data=bytes([65 + k]) * 96) for k in range(2)]
+    frags = [[eth(ip4(17, body[:48], ident=7, frag=0x2000), tags=t),
+              eth(ip4(17, body[48:], ident=7, frag=48 // 8), tags=t)]
+             for body, t in zip(bodies, tags, strict=True)]
+    table = FragTable()
+    assert table.push(frags[0][0]) == ("held", None)
+    assert table.push(frags[1][0]) == ("held", None)
+    for k in (1, 0):
+        kind, frame = table.push(frags[k][1])
+        assert kind == "done" and frame == eth(ip4(17, bodies[k], ident=7), tags=tags[k])
+        assert parse(frame)["vlan"] == [vid for _, vid in tags[k]]
+    assert table.counters["completed"] == 2 and table.counters["bad"] == 0
+
+
 def test_ipv4_fragment_fields_and_no_l4():
     frame = eth(ip4(6, tcp(data=b"z" * 40), ident=0xBEEF, frag=0x2000 | 3))
     f = parse(frame)
