@@ -377,7 +377,10 @@ def _assemble(listing):
 # but a frame the host sends (outgoing) still starts at its Ethernet header.
 # The kernel has already taken the outer VLAN tag off (skb->protocol is what it
 # carried); anything else (ARP, a second tag, a frame too short to load from)
-# gets 0, the first member.
+# gets 0, the first member.  No VLAN id is hashed, as the flow table's hash leaves
+# them out (mbx/_flow.pxd, flow_key_hash): both directions of a flow carry the same
+# tags, so they meet on one member either way, and flows told apart only by their
+# VLANs share one, each its own flow there.
 _FLOW_HASH = _assemble([
     (BPF_LD | BPF_H | BPF_ABS, SKF_AD_OFF + SKF_AD_PROTOCOL),
     (BPF_JMP | BPF_JEQ | BPF_K, 0x0800, 0, "ipv6"),

@@ -79,6 +79,11 @@ ctypedef struct flow_body:
     uint64_t bytes_s2c
     int64_t first_ns
     int64_t last_ns
+    # the flow key's VLAN ids (0: none; always 0 with vlan_in_flow_key off), named
+    # as Zeek's conn.log names them
+    uint16_t vlan           # the outer tag's
+    uint16_t inner_vlan     # QinQ: the inner tag's
+    uint32_t pad2
 
 # The body of every EVENT/PKT message: the headers most NFs look at, copied so a
 # batch handler's numpy view has them; the bytes stay in the packet.

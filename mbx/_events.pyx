@@ -280,7 +280,8 @@ FLOW = _register("EVENT/FLOW", EVENT, [
     ("ip_ver", "u8"), ("proto", "u8"), ("end_reason", "u8"), ("_pad", "u8"),
     ("cli_port", "u16"), ("srv_port", "u16"), ("cli_addr", "ip"), ("srv_addr", "ip"),
     ("pkts_c2s", "u64"), ("pkts_s2c", "u64"), ("bytes_c2s", "u64"), ("bytes_s2c", "u64"),
-    ("first_ns", "i64"), ("last_ns", "i64")], True)
+    ("first_ns", "i64"), ("last_ns", "i64"), ("vlan", "u16"), ("inner_vlan", "u16"),
+    ("_pad2", "u32")], True)
 FLOW_START = _register("EVENT/FLOW/START", FLOW, [], True)
 FLOW_END = _register("EVENT/FLOW/END", FLOW, [], True)
 # The TCP Monitor's types (built in, so their indices are fixed for the C code).

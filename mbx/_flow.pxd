@@ -23,7 +23,13 @@ cdef enum FullPolicy:
     FULL_REFUSE = 1
 
 # Canonical key: endpoint a is the smaller (address, port) of the two, so both
-# directions of a connection give the same key and the same hash.
+# directions of a connection give the same key and the same hash.  The outer two
+# VLAN ids (0: untagged) make the same 5-tuple in two VLANs, two address spaces
+# that overlap on a trunk, two flows, as Suricata (vlan.use-for-tracking) and Zeek
+# key them.  Both directions of a connection cross a trunk with the same tags;
+# where they do not (router on a stick: the client's side in one VLAN, the
+# server's in another), the flow table is made with VLAN keying off and the ids
+# stay 0.
 ctypedef struct mbx_flow_key:
     uint8_t a[16]
     uint8_t b[16]
@@ -32,6 +38,8 @@ ctypedef struct mbx_flow_key:
     uint8_t proto
     uint8_t ip_ver
     uint8_t pad[2]
+    # past the five hashed words (flow_key_hash): compared, not hashed
+    uint16_t vlan[2]
 
 # Does the table track p?  Parse statuses below PARSE_BAD_IP_LEN fail before the
 # addresses are read.  A malformed packet whose parse stopped before its transport
@@ -49,10 +57,13 @@ cdef inline bint flow_trackable(const mbx_pkt *p) noexcept nogil:
         or ((p.l4_proto == 6 or p.l4_proto == 17 or p.l4_proto == 132)
             and (p.l4_off + 4 > p.caplen or p.l4_off + 4 > p.l3_off + p.ip_len)))
 
-# Builds p's canonical key into k and returns p's side (0: p's source is endpoint a).
-# Inline here so the stack and a software-RSS dispatcher key packets exactly as the
-# table does, without a call across modules.
-cdef inline uint8_t flow_key_of(const mbx_pkt *p, mbx_flow_key *k) noexcept nogil:
+# Builds p's canonical key into k and returns p's side (0: p's source is endpoint a);
+# with_vlan: the parser's outer two VLAN ids go in the key, else 0s (the table's
+# vlan_keyed; the hash is the same either way).  Inline here so the stack and a
+# software-RSS dispatcher key packets exactly as the table does, without a call
+# across modules.
+cdef inline uint8_t flow_key_of(const mbx_pkt *p, mbx_flow_key *k,
+                                bint with_vlan) noexcept nogil:
     cdef int c = memcmp(p.src.b, p.dst.b, 16)
     cdef uint8_t side = 1 if (c > 0 or (c == 0 and p.sport > p.dport)) else 0
     if side == 0:
@@ -70,12 +81,28 @@ cdef inline uint8_t flow_key_of(const mbx_pkt *p, mbx_flow_key *k) noexcept nogi
     # The pad bytes take part in hashing and memcmp, so they must be zero.
     k.pad[0] = 0
     k.pad[1] = 0
+    # (a branch the same way for every packet of a table: predicted)
+    if with_vlan:
+        k.vlan[0] = p.vlan[0]       # the parser left both 0 on an untagged frame
+        k.vlan[1] = p.vlan[1]
+    else:
+        k.vlan[0] = 0
+        k.vlan[1] = 0
     return side
 
-# Symmetric because the key is canonical.  Multiply/xor-shift over the key's five
-# 8-byte words, then the murmur3 fmix64 finalizer so the low bits (bucket index) and
-# the high bits (the stack index under software RSS) depend on every key bit.  The
-# seed is fixed, not per process: stack processes must agree on it.
+# Symmetric because the key is canonical.  Multiply/xor-shift over the key's first
+# five 8-byte words (the addresses, ports and protocol), then the murmur3 fmix64
+# finalizer so the low bits (bucket index) and the high bits (the stack index under
+# software RSS) depend on every bit of them.  The seed is fixed, not per process:
+# stack processes must agree on it.
+#
+# The VLAN ids are left out of the hash (the key comparison tells the VLANs apart).
+# Software RSS picks a flow's stack by this hash, and so it needs no VLAN: both
+# directions of a flow carry the same tags, so they meet on one stack either way;
+# the same 5-tuple in two VLANs, two flows, just lands on one stack and in one
+# bucket chain, which is correct.  A flow whose directions cross in different VLANs
+# (vlan_keyed off) still meets on one stack, and the RSS walk and the table keep one
+# hash whatever the option says.
 cdef inline uint32_t flow_hash_words(const uint64_t *w) noexcept nogil:
     cdef uint64_t h = 0x6a09e667f3bcc909ULL
     cdef int i
@@ -92,6 +119,7 @@ cdef inline uint32_t flow_hash_words(const uint64_t *w) noexcept nogil:
 cdef inline uint32_t flow_key_hash(const mbx_flow_key *k) noexcept nogil:
     cdef uint64_t w[5]
     # memcpy, not a cast: the key is only 2-byte aligned inside other structs.
+    # The first 40 bytes: the VLAN ids after them are not hashed (above).
     memcpy(w, k, 40)
     return flow_hash_words(w)
 
@@ -136,6 +164,10 @@ cdef inline void flow_count(mbx_flow *f, const mbx_pkt *p) noexcept nogil:
     f.bytes[p.dir] += p.wirelen
 
 
+# A key's VLAN ids for people (flow records, `mbx flows`)
+cdef list vlan_ids(const uint16_t *vlan)
+
+
 @cython.final
 cdef class FlowTable:
     cdef mbx_flow *flows
@@ -153,6 +185,8 @@ cdef class FlowTable:
     # interfaces may be out of order by that much)
     cdef readonly int64_t clock_step_ns
     cdef readonly int policy
+    # The parser's outer two VLAN ids are part of each flow's key (flow_key_of)
+    cdef readonly bint vlan_keyed
     # Final records of flows that ended (expired, evicted, shut down), in order;
     # the stack publishes FLOW/END for each and then calls clear_ended().
     cdef mbx_flow *ended

@@ -19,6 +19,7 @@ class FlowRecord(TypedDict):
     dport: int
     proto: int
     ip_ver: int
+    vlan: list[int]             # the VLAN ids in its key, outer first; [] untagged
     pkts: tuple[int, int]       # (initiator -> responder, responder -> initiator)
     bytes: tuple[int, int]      # wire bytes, same directions
     first_ns: int
@@ -39,6 +40,8 @@ class FlowTable:
     def policy(self) -> int: ...
     @property
     def policy_name(self) -> Literal["evict", "refuse"]: ...
+    @property
+    def vlan_keyed(self) -> bool: ...
     @property
     def n_ended(self) -> int: ...
     @property
@@ -71,6 +74,7 @@ class FlowTable:
         idle_timeout: float = 60.0,
         policy: Literal["evict", "refuse"] = "evict",
         ended_capacity: int = 320,
+        vlan_in_flow_key: bool = True,
     ) -> None: ...
     def lookup_tuple(
         self,
@@ -83,6 +87,7 @@ class FlowTable:
         wirelen: int = 60,
         status: int = 0,
         tcp_flags: int = 0,
+        vlan: Sequence[int] = (),
     ) -> tuple[int, int, int, bool]: ...
     def lookup_burst_py(
         self, packets: Sequence[_Packet]

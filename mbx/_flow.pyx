@@ -55,9 +55,11 @@ cdef inline uint32_t _key_hash(const mbx_pkt *p, const mbx_flow_key *k) noexcept
     return flow_key_hash(k)
 
 
-# Hashing and memcmp read the key as five 8-byte words; a layout change must be seen.
-if sizeof(mbx_flow_key) != 40:
-    raise ImportError(f"mbx_flow_key is {sizeof(mbx_flow_key)} bytes, expected 40")
+# Hashing reads the key's first five 8-byte words and memcmp the whole key, the VLAN
+# ids after those words; a layout change must be seen.
+if sizeof(mbx_flow_key) != 44 or <size_t>&(<mbx_flow_key *>NULL).vlan != 40:
+    raise ImportError(f"mbx_flow_key is {sizeof(mbx_flow_key)} bytes, expected 44 with "
+                      "the VLAN ids at 40")
 
 
 cdef class FlowTable:
@@ -68,10 +70,13 @@ cdef class FlowTable:
     recently active flow (END_EVICTED) to make room, ``"refuse"`` leaves the packet
     without a flow.  ``ended_capacity`` bounds the list of ended flows awaiting
     publication; when it is full, eviction degrades to refusal.
+    ``vlan_in_flow_key`` puts the outer two VLAN ids of each packet in its flow's
+    key: the same 5-tuple in two VLANs is two flows.  Off, it is one (a flow that
+    crosses the middlebox in one VLAN each way).
     """
 
     def __cinit__(self, capacity=65536, idle_timeout=60.0, policy="evict",
-                  ended_capacity=DEFAULT_ENDED):
+                  ended_capacity=DEFAULT_ENDED, bint vlan_in_flow_key=True):
         # Validate before allocating, so a bad argument leaves nothing behind.
         if not isinstance(capacity, int) or isinstance(capacity, bool):
             raise ValueError(f"capacity must be an int, not {type(capacity).__name__}")
@@ -100,6 +105,7 @@ cdef class FlowTable:
         self.idle_timeout_ns = <int64_t>round(timeout * 1e9)
         self.clock_step_ns = max(self.idle_timeout_ns, 1000000000)
         self.policy = _POLICIES[policy]
+        self.vlan_keyed = vlan_in_flow_key
         self.ended_cap = ended_capacity
         self.bucket_mask = <uint32_t>(nbuckets - 1)
 
@@ -200,7 +206,7 @@ cdef class FlowTable:
         cdef mbx_flow_key key
         if not flow_trackable(p):
             return self._untracked(p)
-        cdef uint8_t side = flow_key_of(p, &key)
+        cdef uint8_t side = flow_key_of(p, &key, self.vlan_keyed)
         return self._lookup_keyed(p, &key, side, _key_hash(p, &key))
 
     cdef uint32_t _untracked(self, mbx_pkt *p) noexcept nogil:
@@ -232,7 +238,7 @@ cdef class FlowTable:
             for i in range(m):
                 p = pkts[base + i]
                 if flow_trackable(p):
-                    sides[i] = flow_key_of(p, &keys[i])
+                    sides[i] = flow_key_of(p, &keys[i], self.vlan_keyed)
                     hs[i] = _key_hash(p, &keys[i])
                     __builtin_prefetch(&self.buckets[hs[i] & self.bucket_mask])
                 else:
@@ -414,15 +420,18 @@ cdef class FlowTable:
 
     def lookup_tuple(self, str src, str dst, int sport, int dport, int proto,
                      int64_t ts_ns, uint32_t wirelen=60, uint8_t status=PARSE_OK,
-                     uint8_t tcp_flags=0):
+                     uint8_t tcp_flags=0, vlan=()):
         """Look up one packet given as a 5-tuple; ``(slot, gen, dir, created)``.
 
         ``slot`` is -1 when the table refused the flow, or when ``status`` (the
         ParseStatus the parser would have left) says the addresses were never read.
+        ``vlan``: the ids of its VLAN tags, outermost first, as the parser records
+        them (the outer two).
         """
         cdef mbx_pkt pkt
         _fill_pkt(&pkt, src, dst, sport, dport, proto, ts_ns, wirelen, status)
         pkt.tcp_flags = tcp_flags
+        _fill_vlan(&pkt, vlan)
         cdef uint32_t slot = self.lookup(&pkt)
         if slot == NO_FLOW:
             return (-1, 0, 0, False)
@@ -542,6 +551,14 @@ cdef object _addr_str(const uint8_t *a, uint8_t ip_ver):
     return str(ipaddress.ip_address(raw))
 
 
+cdef list vlan_ids(const uint16_t *vlan):
+    # A key's VLAN ids as shown: outer first, a trailing 0 (no such tag) left out:
+    # [] untagged (or not keyed by VLAN), [10] one tag, [100, 10] QinQ
+    if vlan[1]:
+        return [vlan[0], vlan[1]]
+    return [vlan[0]] if vlan[0] else []
+
+
 cdef dict _flow_dict(const mbx_flow *f, uint32_t slot):
     # Presented in initiator -> responder orientation, as NFs think of a flow.
     cdef const uint8_t *ia = &f.key.a[0]
@@ -555,6 +572,7 @@ cdef dict _flow_dict(const mbx_flow *f, uint32_t slot):
         "slot": slot, "gen": f.gen, "hash": f.hash,
         "src": _addr_str(ia, f.key.ip_ver), "dst": _addr_str(ra, f.key.ip_ver),
         "sport": ip, "dport": rp, "proto": f.key.proto, "ip_ver": f.key.ip_ver,
+        "vlan": vlan_ids(f.key.vlan),
         "pkts": (f.pkts[0], f.pkts[1]), "bytes": (f.bytes[0], f.bytes[1]),
         "first_ns": f.first_ns, "last_ns": f.last_ns,
         "status": _STATUS_NAMES.get(f.status, str(f.status)),
@@ -591,12 +609,23 @@ cdef void _fill_pkt(mbx_pkt *pkt, str src, str dst, int sport, int dport, int pr
     pkt.flow = NO_FLOW
 
 
+cdef int _fill_vlan(mbx_pkt *pkt, vlan) except -1:
+    ids = [int(v) for v in vlan]
+    if not all(0 <= v <= 0xFFF for v in ids):
+        raise ValueError(f"VLAN ids must be 0..4095, got {vlan!r}")
+    pkt.nvlan = min(len(ids), 0xFF)
+    for i, v in enumerate(ids[:2]):
+        pkt.vlan[i] = v
+    return 0
+
+
 def flow_hash(str src, str dst, int sport, int dport, int proto):
-    """The symmetric flow hash of a 5-tuple, as lookup() computes it (tests, RSS)."""
+    """The symmetric flow hash of a 5-tuple, as lookup() computes it (tests, RSS); the
+    same in every VLAN."""
     cdef mbx_pkt pkt
     cdef mbx_flow_key key
     _fill_pkt(&pkt, src, dst, sport, dport, proto)
-    flow_key_of(&pkt, &key)
+    flow_key_of(&pkt, &key, False)
     return flow_key_hash(&key)
 
 

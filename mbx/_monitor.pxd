@@ -64,6 +64,7 @@ ctypedef struct conn_record:
     uint8_t handshake
     uint8_t close
     uint8_t pad
+    uint16_t vlan[2]        # the flow key's VLAN ids (0: none, or not keyed by them)
     uint64_t c2s_len
     uint64_t s2c_len
     uint64_t pkts_c2s

@@ -30,7 +30,9 @@ from mbx._events cimport (
     T_PKT_TCP_RST, T_PKT_TCP_SYN, EventBus, data_rdy_body, flow_tcp_body, mbx_msg,
     pkt_tcp_body,
 )
-from mbx._flow cimport END_CLOSED, FLOW_ACTIVE, flow_count, flow_endpoints, mbx_flow
+from mbx._flow cimport (
+    END_CLOSED, FLOW_ACTIVE, flow_count, flow_endpoints, mbx_flow, vlan_ids,
+)
 from mbx._packet cimport (
     NO_FLOW, OFFLOAD_CSUM_PARTIAL, PARSE_BAD_TCP_OPT, PARSE_OK, PARSE_TRUNC_L4,
     PKT_F_TRUNCATED, TCPOPT_F_CUT, TH_ACK, TH_FIN, TH_RST, TH_SYN, VERDICT_DROP,
@@ -1257,6 +1259,8 @@ cdef class TcpMonitor(NetworkLayer):
         cli_side = f.init_side ^ cdir
         flow_endpoints(f, cli_side, r.cli, r.srv, &r.cli_port, &r.srv_port)
         r.ip_ver = f.key.ip_ver
+        r.vlan[0] = f.key.vlan[0]
+        r.vlan[1] = f.key.vlan[1]
         r.handshake = (c.flags & (CONN_HS_SYN | CONN_HS_SYNACK | CONN_HS_ACK)) == (
             CONN_HS_SYN | CONN_HS_SYNACK | CONN_HS_ACK)
         r.close = cs.close
@@ -1283,7 +1287,12 @@ cdef class TcpMonitor(NetworkLayer):
             else:
                 cli = str(ipaddress.IPv4Address(bytes(r.cli[:4])))
                 srv = str(ipaddress.IPv4Address(bytes(r.srv[:4])))
-            out.append((r.first_pkt, f"{cli}:{r.cli_port}-{srv}:{r.srv_port}", {
+            # in the key when it tells connections apart: the same endpoints in two
+            # VLANs are two connections (VLAN ids in the flow key)
+            vlans = ",".join(str(v) for v in vlan_ids(r.vlan))
+            conn_key = f"{cli}:{r.cli_port}-{srv}:{r.srv_port}" + (
+                f" vlan {vlans}" if vlans else "")
+            out.append((r.first_pkt, conn_key, {
                 "c2s_len": r.c2s_len, "c2s_sha256": bytes(r.c2s_sha[:32]).hex(),
                 "s2c_len": r.s2c_len, "s2c_sha256": bytes(r.s2c_sha[:32]).hex(),
                 "pkts_c2s": r.pkts_c2s, "pkts_s2c": r.pkts_s2c,

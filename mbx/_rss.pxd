@@ -6,7 +6,8 @@
 # then the flow table's symmetric hash of flow_key_of), or both directions of a
 # flow could land in different processes.  So the walk mirrors parse_packet's rules
 # for the fields the flow key reads, and answers only where those rules are short:
-# Ethernet with up to MAX_VLAN_TAGS VLAN tags, IPv4 without options or AH, IPv6 without
+# Ethernet with up to MAX_VLAN_TAGS VLAN tags (stepped over: their ids are not hashed,
+# see rss_stack_of_parsed), IPv4 without options or AH, IPv6 without
 # extension headers, any other transport.  Everything else (IPv4 options, AH or a
 # bad header length, IPv6 extension headers) returns -1: only the full parse can
 # tell (the parser walks AH to the ports of the transport inside).
@@ -57,12 +58,15 @@ cdef inline uint32_t _rss_ports(uint8_t proto, const uint8_t *d, uint32_t cur,
 # The stack (0..n-1) that owns parsed packet p: the flow table's symmetric hash
 # picks it, so both directions of a flow meet in one process.  Fragments carry no
 # ports, so all of a datagram's pieces hash alike (by addresses); frames without
-# an IP header are stack 0's.
+# an IP header are stack 0's.  The hash leaves the VLAN ids out (flow_key_hash), so
+# neither this nor the walk below needs them: a flow's directions carry the same
+# tags, and meet on one stack either way; flows that differ only in their VLANs
+# share a stack, each its own flow there.
 cdef inline int rss_stack_of_parsed(const mbx_pkt *p, uint32_t n) noexcept nogil:
     cdef mbx_flow_key key
     if p.ip_ver == 0:
         return 0
-    flow_key_of(p, &key)
+    flow_key_of(p, &key, False)
     return rss_share_of(flow_key_hash(&key), n)
 
 
@@ -155,7 +159,7 @@ cdef inline int rss_hash_of_frame(const uint8_t *d, uint32_t caplen, uint32_t wi
         plen = _rss_ports(proto, d, off + 40, end)
         k.sport = <uint16_t>(plen >> 16)
         k.dport = <uint16_t>plen
-        flow_key_of(&k, &key)
+        flow_key_of(&k, &key, False)
         h[0] = flow_key_hash(&key)
         return RSS_FLOW
     return RSS_NOT_IP               # NOT_IP

@@ -70,6 +70,9 @@ cdef void fill_flow_body(mbx_msg *m, const mbx_flow *f) noexcept nogil:
     b.bytes_s2c = f.bytes[1]
     b.first_ns = f.first_ns
     b.last_ns = f.last_ns
+    b.vlan = f.key.vlan[0]
+    b.inner_vlan = f.key.vlan[1]
+    b.pad2 = 0
     if m.h.pkt != NO_PKT and m.h.ts_ns < f.last_ns:
         # An event of a packet shows the flow as of that packet, as its counts do:
         # the chunk's lookups have already moved last_ns on to the flow's later
@@ -790,6 +793,6 @@ def rss_owners(frame, uint32_t n, wirelen=None):
     parse_packet(p)
     table = None
     if flow_trackable(p):
-        flow_key_of(p, &key)
+        flow_key_of(p, &key, False)     # (the hash is the same with the VLANs)
         table = flow_key_hash(&key)
     return fast, rss_stack_of_parsed(p, n), h if kind == RSS_FLOW else None, table

@@ -671,3 +671,53 @@ def test_rebuilt_datagram_counts_as_one_packet_of_its_rebuilt_length(tmp_path):
 
     run_app([Ends()], None, tmp_path, [(1.0 + i / 1000, f) for i, f in enumerate(frags)])
     assert ends == [(1, len(whole))]
+
+
+# --- VLAN ids in the key -----------------------------------------------------------
+
+def test_the_same_five_tuple_in_two_vlans_is_two_flows():
+    # Two address spaces that overlap on a trunk: the same 5-tuple in VLAN 10 and in
+    # VLAN 20 is two connections, as Suricata (vlan.use-for-tracking) and Zeek see it.
+    t = FlowTable(capacity=16)
+    there = ("10.0.0.1", "10.0.0.2", 40000, 80, 6)
+    back = ("10.0.0.2", "10.0.0.1", 80, 40000, 6)
+    in10 = t.lookup_tuple(*there, 1, vlan=(10,))
+    in20 = t.lookup_tuple(*there, 2, vlan=(20,))
+    assert in10[3] and in20[3] and in10[0] != in20[0]
+    # each direction of each stays in its own flow
+    assert t.lookup_tuple(*back, 3, vlan=(10,))[:3] == (in10[0], in10[1], 1)
+    assert t.lookup_tuple(*back, 4, vlan=(20,))[:3] == (in20[0], in20[1], 1)
+    assert t.lookup_tuple(*there, 5)[3]         # untagged: a third
+    assert len(t) == 3
+    rec10, rec20 = t.flow(in10[0]), t.flow(in20[0])
+    assert (rec10["vlan"], rec10["pkts"]) == ([10], (1, 1))
+    assert (rec20["vlan"], rec20["pkts"]) == ([20], (1, 1))
+    # the hash leaves the VLANs out (software RSS needs none): one bucket, two keys
+    assert rec10["hash"] == rec20["hash"] == flow_hash(*there)
+
+
+def test_both_qinq_ids_count():
+    t = FlowTable(capacity=16)
+    there = ("198.18.0.1", "198.19.0.1", 5000, 53, 17)
+    back = ("198.19.0.1", "198.18.0.1", 53, 5000, 17)
+    slots = {vlans: t.lookup_tuple(*there, 1, vlan=vlans)[0]
+             for vlans in [(100, 10), (100, 20), (200, 10), (100,), (10,)]}
+    assert len(set(slots.values())) == 5
+    for vlans, slot in slots.items():
+        assert t.lookup_tuple(*back, 2, vlan=vlans)[:3:2] == (slot, 1)
+        assert t.flow(slot)["vlan"] == list(vlans)
+    # a third tag and deeper: not recorded by the parser, not in the key
+    assert t.lookup_tuple(*back, 3, vlan=(100, 10, 7))[0] == slots[(100, 10)]
+
+
+def test_without_vlans_in_the_key_one_connection_crosses_two_vlans():
+    # Router on a stick: the client's side is VLAN 10, the server's VLAN 20, and a
+    # middlebox on the trunk sees one connection go out in one and back in the other
+    t = FlowTable(capacity=16, vlan_in_flow_key=False)
+    assert not t.vlan_keyed and FlowTable(capacity=1).vlan_keyed
+    slot, gen, d, created = t.lookup_tuple("10.0.0.1", "10.0.0.2", 40000, 80, 6, 1,
+                                           vlan=(10,))
+    assert created and d == 0
+    assert t.lookup_tuple("10.0.0.2", "10.0.0.1", 80, 40000, 6, 2,
+                          vlan=(20,)) == (slot, gen, 1, False)
+    assert len(t) == 1 and t.flow(slot)["vlan"] == []

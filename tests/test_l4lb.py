@@ -553,3 +553,34 @@ def test_a_connection_inside_an_authentication_header_is_translated(run, cls):
         assert _ones_sum(ip[:20]) == 0xFFFF
         pseudo = ip[12:20] + bytes([0, 6]) + len(seg).to_bytes(2, "big")
         assert _ones_sum(pseudo + seg) == 0xFFFF, "TCP checksum broken by the rewrite"
+
+
+
+@pytest.mark.parametrize("cls", [L4LB, PyL4LB])
+def test_the_same_connection_in_two_vlans_is_two_translations(run, cls):
+    # Two address spaces that overlap on a trunk: a client of one address and port
+    # opens a connection to the VIP in VLAN 10 and another in VLAN 20.  Each is a
+    # flow with its own translation (its own entry, counted, freed at its own
+    # FLOW/END); keyed without the VLAN the second was the first one's flow, not
+    # counted as a connection, and its translation would end with the first's.
+    cli = ("198.18.1.1", 1002)
+    backend = choose_backend(*cli, *VIP, 6, BACKENDS)
+    frames = [(1_700_000_000 + k * 1e-3, ether(f, vlans=(vid,))) for k, (vid, f) in
+              enumerate([
+                  (10, tcp4(cli[0], VIP[0], cli[1], VIP[1], flags=0x18, seq=1)),
+                  (20, tcp4(cli[0], VIP[0], cli[1], VIP[1], flags=0x18, seq=50)),
+                  (20, tcp4(VIP[0], cli[0], VIP[1], cli[1], flags=0x18, seq=9)),
+                  (10, tcp4(cli[0], VIP[0], cli[1], VIP[1], flags=0x18, seq=2)),
+              ])]
+    lb = cls(**OPTIONS)
+    counters, out = run([lb], frames=frames)
+    assert counters["flows"]["created"] == 2
+    vlans = [dpkt.ethernet.Ethernet(buf).vlan_tags[0].id for _, buf in out]
+    seen = [((_addr(ip.src), ip.data.sport), (_addr(ip.dst), ip.data.dport))
+            for _, ip in _tcp_packets(out)]
+    assert list(zip(vlans, seen, strict=True)) == [
+        (10, (cli, backend)), (20, (cli, backend)), (20, (VIP, cli)),
+        (10, (cli, backend))]
+    assert all(_checksums_ok(ip) for _, ip in _tcp_packets(out))
+    report = lb.report()
+    assert (report["connections"], lb.translated, report["passed"]) == (2, 3, 1)

@@ -2578,3 +2578,69 @@ def test_payload_after_close_is_only_bytes_beyond_the_side_s_fin(run, late, coun
     counters, _ = run([rec], frames=conn.frames)
     assert by_dir(rec) == {1: b"A" * 100 + b"B" * 100}
     assert counters["tcp"]["payload_after_close"] == counted
+
+
+# ---------------------------------------------------------------------------
+# VLAN ids in the flow key
+
+def _tagged(frame, *vids):
+    """frame (untagged Ethernet) with 802.1Q tags ``vids`` after its MAC addresses."""
+    return frame[:12] + b"".join(struct.pack("!HH", 0x8100, v) for v in vids) + frame[12:]
+
+
+def _capture(path, frames):
+    with open(path, "wb") as fh:
+        writer = dpkt.pcap.Writer(fh)
+        for ts, frame in sorted(frames, key=lambda f: f[0]):
+            writer.writepkt(frame, ts)
+    return str(path)
+
+
+def test_the_same_connection_in_two_vlans_is_two_connections(run, tmp_path):
+    # Two address spaces that overlap on a trunk: one 5-tuple, two TCP connections,
+    # interleaved packet by packet, with their own sequence numbers and bytes.  One
+    # flow for both mixed their TCP state: each side's ISN was the other's, and
+    # neither stream came out whole.
+    one = _dpkt_connection(1.0, 1000, 5000, b"GET /ten", b"ten" * 100)
+    two = _dpkt_connection(1.001, 70000, 900000, b"GET /twenty", b"twenty" * 70)
+    frames = ([(ts, _tagged(f, 10)) for ts, f in one]
+              + [(ts, _tagged(f, 20)) for ts, f in two])
+    doc, warnings = flows_json(_capture(tmp_path / "vlans.pcap", frames))
+    assert not warnings
+    key = f"{CLI4[0]}:{CLI4[1]}-{SRV4[0]}:{SRV4[1]}"
+    conns = doc["connections"]
+    assert sorted(conns) == [key + " vlan 10", key + " vlan 20"]
+    for vid, req, resp in ((10, b"GET /ten", b"ten" * 100),
+                           (20, b"GET /twenty", b"twenty" * 70)):
+        c = conns[f"{key} vlan {vid}"]
+        assert c["handshake"] and c["close"] == "fin"
+        assert (c["pkts_c2s"], c["pkts_s2c"]) == (6, 4)
+        assert (c["c2s_sha256"], c["s2c_sha256"]) == (
+            hashlib.sha256(req).hexdigest(), hashlib.sha256(resp).hexdigest())
+    # and through an App: two flows, each with its own TCP state and stream bytes
+    rec = Recorder([mbx.FLOW_START, mbx.FLOW_TCP_ESTABLISHED, mbx.DATA_RDY])
+    counters, _ = run([rec], frames=frames)
+    assert counters["flows"]["created"] == 2
+    # the flow events say which VLAN (the NFs' view of the key)
+    assert sorted((e[3]["vlan"], e[3]["inner_vlan"]) for e in rec.of("FLOW/START")) == [
+        (10, 0), (20, 0)]
+    assert sorted(e[3]["vlan"] for e in rec.of("FLOW/TCP/ESTABLISHED")) == [10, 20]
+    assert sorted(joined(v) for v in rec.streams.values()) == sorted(
+        [b"GET /ten", b"ten" * 100, b"GET /twenty", b"twenty" * 70])
+
+
+def test_both_qinq_ids_are_in_the_flow_key(run):
+    # 802.1ad: the same 5-tuple under outer 100 inner 10, outer 100 inner 20 and
+    # outer 200 inner 10 is three flows, each direction of each in its own
+    tags = [(100, 10), (100, 20), (200, 10)]
+    frames = [(1.0 + k * 0.001, ether(tcp4(*ends, flags=0x18, seq=1), vlans=t))
+              for k, (t, ends) in enumerate(
+                  (t, ends) for ends in [(CLI4[0], SRV4[0], CLI4[1], SRV4[1]),
+                                         (SRV4[0], CLI4[0], SRV4[1], CLI4[1])]
+                  for t in tags)]
+    rec = Recorder([mbx.FLOW_START, mbx.FLOW_END])
+    counters, _ = run([rec], frames=frames, stack="network")
+    assert counters["flows"]["created"] == 3
+    ends = rec.of("FLOW/END")
+    assert sorted((e[3]["vlan"], e[3]["inner_vlan"]) for e in ends) == sorted(tags)
+    assert all((e[3]["pkts_c2s"], e[3]["pkts_s2c"]) == (1, 1) for e in ends)

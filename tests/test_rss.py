@@ -235,6 +235,51 @@ def test_a_deep_vlan_stack_keeps_a_flow_on_one_stack():
         assert there[2] is not None and there[2] == there[3], depth
 
 
+def test_vlans_keep_a_flow_on_one_stack_and_out_of_the_hash():
+    # The VLAN ids are in the flow key but not in its hash: the walk needs none.
+    # Both directions of a flow in one VLAN, the same 5-tuple in other VLANs (QinQ
+    # too), and a connection routed between two (client side 10, server side 20)
+    # all get the walk's answer, the parser's, and one hash the table takes as is.
+    there = tcp4("198.18.0.1", "198.19.0.2", 40000, 443)
+    back = tcp4("198.19.0.2", "198.18.0.1", 443, 40000)
+    owners = {rss_owners(ether(f, vlans=v), 7)
+              for f in (there, back) for v in [(), (10,), (20,), (100, 10), (200, 10)]}
+    assert len(owners) == 1
+    ((fast, full, walk_hash, table_hash),) = owners
+    assert fast == full and walk_hash == table_hash is not None
+    assert (rss_owners(ether(there, vlans=(10,)), 7)
+            == rss_owners(ether(back, vlans=(20,)), 7))
+
+
+def test_parallel_stacks_keep_each_vlan_s_flow_whole(tmp_path):
+    # Two stacks over connections of one 5-tuple in VLANs 10 and 20: each is one
+    # flow, both its directions on one stack, two flows in all (as one stack sees)
+    from mbx.examples.capture import tcp_connection, write_pcap
+    from mbx.nfs.l2fwd import L2Fwd
+    from mbx.runtime import App, run_parallel
+
+    frames = []
+    for vid in (10, 20):
+        for port in range(40000, 40016):
+            frames += tcp_connection(("198.18.0.1", port), ("198.19.0.1", 80),
+                                     ("198.19.0.1", 80), b"GET /", b"page", 1.0 + vid,
+                                     port, 7 * port, vlans=(vid,))
+    cap = str(tmp_path / "vlans.pcap")
+    write_pcap(cap, sorted(frames, key=lambda f: f[0]))
+    inp = mbx.ports.open_input("pcap:" + cap)
+    try:
+        single = App([L2Fwd()], stack="tcp").run(inp)
+    finally:
+        inp.close()
+    merged, parts = run_parallel(lambda: [L2Fwd()], "pcap:" + cap, None, stacks=2,
+                                 stack="tcp")
+    # 16 connections in each VLAN, each one flow: a direction on a stack of its
+    # own would make a flow there too (more than 32), one flow for both VLANs 16
+    assert single["flows"]["created"] == merged["flows"]["created"] == 32
+    assert all(p["flows"]["created"] for p in parts)
+    assert merged["tcp"]["connections"] == single["tcp"]["connections"] == 32
+
+
 def mixed_frames():
     fast, slow = dpkt_frames()
     extra = [ether(b"\x00" * 28, ethertype=0x0806),           # ARP: stack 0's
