@@ -211,14 +211,15 @@ cdef class TcpMonitor(NetworkLayer):
                  size_t retain=STREAM_DEFAULTS["retain"],
                  uint32_t max_streams=STREAM_DEFAULTS["max_streams"],
                  str overlap="first", str checksums="ignore", bint summarise=False,
-                 rss=(0, 1)):
+                 bint vlan_in_flow_key=True, rss=(0, 1)):
         check_stream_options(stream_memory=stream_memory, chunk_size=chunk_size,
                              stream_window=stream_window, retain=retain,
                              max_streams=max_streams)
         NetworkLayer.__init__(self, bus, flow_capacity=flow_capacity, rss=rss,
                               idle_timeout=idle_timeout, flow_policy=flow_policy,
                               malformed=malformed, frag_memory=frag_memory,
-                              frag_timeout=frag_timeout)
+                              frag_timeout=frag_timeout,
+                              vlan_in_flow_key=vlan_in_flow_key)
         if overlap not in _POLICIES:
             raise ValueError(f"overlap must be 'first' or 'last', not {overlap!r}")
         self.policy = _POLICIES[overlap]

@@ -707,8 +707,8 @@ cdef class FragTable:
     cdef uint32_t _lookup(self, mbx_pkt *p, bint create) noexcept nogil:
         # Keyed by the VLANs too: two address spaces that overlap on a trunk may
         # send one (addresses, id) at once, whose fragments would otherwise be
-        # rebuilt into one datagram; one datagram's fragments cross the link in
-        # one VLAN.
+        # rebuilt into one datagram.  Whatever the flow table's vlan_in_flow_key:
+        # one datagram's fragments cross the link in one VLAN.
         cdef uint32_t h, s, b, i
         cdef frag_dgram *g
         cdef uint8_t proto = _key_proto(p)

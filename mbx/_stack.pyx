@@ -101,16 +101,19 @@ cdef class NetworkLayer:
     ends idle flows; ``flow_policy`` is ``"evict"`` (end the least recently active
     flow for a new one) or ``"refuse"``; ``malformed`` is ``"forward"`` or ``"drop"``
     for packets the parser flags; fragments are reassembled within ``frag_memory``
-    bytes and ``frag_timeout`` seconds.
+    bytes and ``frag_timeout`` seconds.  ``vlan_in_flow_key`` (the default) keys
+    flows by their outer two VLAN ids too: False for a middlebox that sees a
+    connection's two directions in different VLANs.
     """
 
     def __init__(self, EventBus bus not None, *, uint32_t flow_capacity=65536,
                  double idle_timeout=60.0, str flow_policy="evict",
                  str malformed="forward", size_t frag_memory=4 << 20,
-                 double frag_timeout=30.0, rss=(0, 1)):
+                 double frag_timeout=30.0, bint vlan_in_flow_key=True, rss=(0, 1)):
         if malformed not in MALFORMED_ACTIONS:
             raise ValueError(f"malformed must be 'forward' or 'drop', not {malformed!r}")
-        self.flows = FlowTable(flow_capacity, idle_timeout=idle_timeout, policy=flow_policy)
+        self.flows = FlowTable(flow_capacity, idle_timeout=idle_timeout, policy=flow_policy,
+                               vlan_in_flow_key=vlan_in_flow_key)
         self.flows.defer_count = True       # counted per packet in stack_pass
         self.frags = FragTable(max_bytes=frag_memory, timeout=frag_timeout)
         self.bus = bus

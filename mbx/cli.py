@@ -926,7 +926,8 @@ def _tcp_port(text):
 # one left out
 _STACK_OPTIONS = {"flows": "flow_capacity", "idle_timeout": "idle_timeout",
                   "flow_policy": "flow_policy", "malformed": "malformed",
-                  "stack": "stack", "overlap": "overlap", "checksums": "checksums"}
+                  "stack": "stack", "overlap": "overlap", "checksums": "checksums",
+                  "vlan_in_flow_key": "vlan_in_flow_key"}
 
 
 def _output_spec(spec):
@@ -953,6 +954,11 @@ def _add_run_options(p):
                         "refuse new flows (evict)")
     p.add_argument("--malformed", choices=("forward", "drop"),
                    help="what to do with packets the parser flags (forward)")
+    p.add_argument("--no-vlan-in-flow-key", dest="vlan_in_flow_key",
+                   action="store_const", const=False,
+                   help="leave VLAN ids out of the flow key: a connection whose two "
+                        "directions cross in different VLANs (router on a stick) is "
+                        "one flow; by default the same 5-tuple in two VLANs is two")
     # a burst's memory is about 2 KiB a packet (Batch's arena): 65,536 is 128 MiB
     p.add_argument("--burst", type=int_at_least(1, BURST_MAX), default=64,
                    help=f"packets per burst (64; at most {BURST_MAX:,})")
@@ -1068,6 +1074,10 @@ def main(argv=None):
     f.add_argument("--checksums", choices=("ignore", "verify"), default="ignore",
                    help="verify leaves segments with a wrong IPv4 header or TCP checksum "
                         "out, as their receiver drops them (ignore)")
+    f.add_argument("--no-vlan-in-flow-key", dest="vlan_in_flow_key",
+                   action="store_false",
+                   help="leave VLAN ids out of the connection key: one connection "
+                        "whose directions cross in different VLANs is one, not two")
     f.add_argument("--strict", action="store_true",
                    help=f"exit {EXIT_INCOMPLETE} after any warning (the summary may "
                         "be incomplete; it is still written)")
@@ -1124,7 +1134,9 @@ def main(argv=None):
                 doc, warnings = flows_json(args.capture, flow_capacity=args.flows,
                                            stream_memory=args.stream_memory << 20,
                                            stream_window=args.stream_window << 20,
-                                           checksums=args.checksums, stop=stop)
+                                           checksums=args.checksums,
+                                           vlan_in_flow_key=args.vlan_in_flow_key,
+                                           stop=stop)
             text = json.dumps(doc, indent=1) + "\n"
             if args.output:
                 write_output(args.output, text, "-o")

@@ -46,7 +46,12 @@ import tomllib
 from mbx import _events
 from mbx.errors import AppError, MbxError, OptionError, exc_text, raising_line
 from mbx.pipeline import check_failure_policy
-from mbx.runtime import WHOLE_STACK_OPTIONS, output_clash, stack_options_problem
+from mbx.runtime import (
+    STACK_SWITCHES,
+    WHOLE_STACK_OPTIONS,
+    output_clash,
+    stack_options_problem,
+)
 
 # What each μStack publishes.
 NETWORK_LAYER_PUBS = [_events.PKT, _events.FLOW_START, _events.FLOW_END]
@@ -74,11 +79,13 @@ def publications(tcp, nfs):
 _STACK_KEYS = {**dict.fromkeys(WHOLE_STACK_OPTIONS, "a whole number"),
                **dict.fromkeys(("idle_timeout", "frag_timeout"), "a number of seconds"),
                **dict.fromkeys(("flow_policy", "malformed", "overlap", "checksums"),
-                               "a string")}
+                               "a string"),
+               **dict.fromkeys(STACK_SWITCHES, "true or false")}
 _KIND_OK = {"a whole number": lambda v: isinstance(v, int) and not isinstance(v, bool),
             "a number of seconds": lambda v: isinstance(v, int | float)
             and not isinstance(v, bool),
-            "a string": lambda v: isinstance(v, str)}
+            "a string": lambda v: isinstance(v, str),
+            "true or false": lambda v: isinstance(v, bool)}
 _NF_KEYS = {"name", "use", "options", "group", "filter", "filters", "failure", "restart",
             "restart_backoff"}
 _GROUP_KEYS = {"merge"}

@@ -38,7 +38,7 @@ def number_keys(summary):
 
 def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
                stream_window=STREAM_WINDOW << 20, chunk_size=CHUNK_SIZE,
-               checksums="ignore", stop=None):
+               checksums="ignore", vlan_in_flow_key=True, stop=None):
     """The ``mbx-flows/1`` object for ``capture`` and a list of warnings (anything
     that may make the summary incomplete: memory caps, a stream's window, evicted
     flows, holes the capture missed, TCP headers cut short).  A capture
@@ -46,14 +46,16 @@ def flows_json(capture, *, flow_capacity=1 << 20, stream_memory=1 << 30,
     key saying what stopped the reading.  ``stop``
     (anything with ``is_set()``) ends a live input: the summary then covers what
     came until then.  ``checksums="verify"`` leaves segments with a wrong checksum
-    out (see ``TcpMonitor``)."""
+    out (see ``TcpMonitor``); ``vlan_in_flow_key=False`` makes one connection of
+    the same endpoints in different VLANs (see ``App``)."""
     inp = open_input(capture if ":" in capture and not os.path.exists(capture)
                      else "pcap:" + capture)
     # No idle timeout: a connection ends at a new SYN on its endpoints or at the end
     # of the capture, never because it paused.
     app = App([], flow_capacity=flow_capacity, idle_timeout=1e9, stack="tcp",
               summarise=True, max_streams=flow_capacity, stream_memory=stream_memory,
-              chunk_size=chunk_size, stream_window=stream_window, checksums=checksums)
+              chunk_size=chunk_size, stream_window=stream_window, checksums=checksums,
+              vlan_in_flow_key=vlan_in_flow_key)
     error = None
     try:
         try:

@@ -492,6 +492,8 @@ WHOLE_STACK_OPTIONS = {"flow_capacity": (1, CAPACITY_MAX), "msg_capacity": (64, 
 # them.
 STACK_CHOICES = {"flow_policy": FLOW_POLICIES, "malformed": MALFORMED_ACTIONS,
                  "overlap": OVERLAP_POLICIES, "checksums": CHECKSUM_POLICIES}
+# ... and those that are on or off
+STACK_SWITCHES = ("vlan_in_flow_key",)
 
 
 def stack_options_problem(options):
@@ -511,6 +513,10 @@ def stack_options_problem(options):
         value = options.get(key)
         if value is not None and value not in words:
             return key, f"{key} must be one of {', '.join(words)}, not {value!r}"
+    for key in STACK_SWITCHES:
+        value = options.get(key)
+        if value is not None and not isinstance(value, bool):
+            return key, f"{key} must be true or false, not {value!r}"
     # what the tables refuse when built, in the options' names (FragTable says
     # "timeout")
     value = options.get("msg_capacity")
@@ -587,7 +593,10 @@ class App:
     the next is read).
 
     ``stack`` is ``"auto"`` (the TCP Monitor when some NF wants TCP events, else the
-    Network Layer), ``"network"`` or ``"tcp"``.  TCP Monitor options:
+    Network Layer), ``"network"`` or ``"tcp"``.  ``vlan_in_flow_key`` (the default)
+    keys flows by their outer two VLAN ids too, so the same 5-tuple in two VLANs is
+    two flows; False where a connection crosses the middlebox in a different VLAN
+    each way (router on a stick).  TCP Monitor options:
     ``stream_memory``, ``chunk_size``, ``stream_window``, ``retain``, ``max_streams``,
     ``overlap``, ``checksums`` (see ``TcpMonitor``).
 
@@ -600,7 +609,7 @@ class App:
                  malformed="forward", msg_capacity=65536, frag_memory=4 << 20,
                  frag_timeout=30.0, stack="auto", deploy="inline", ring_size=0,
                  ring_full="stall", inflight=None, rss=(0, 1), nf_timing=True,
-                 **monitor_options):
+                 vlan_in_flow_key=True, **monitor_options):
         unknown = set(monitor_options) - set(_MONITOR_OPTIONS)
         if unknown:
             raise AppError(f"unknown App option(s): {', '.join(sorted(unknown))}")
@@ -616,7 +625,8 @@ class App:
         check_stack_options(dict(monitor_options, flow_capacity=flow_capacity,
                                  msg_capacity=msg_capacity, frag_memory=frag_memory,
                                  idle_timeout=idle_timeout, frag_timeout=frag_timeout,
-                                 flow_policy=flow_policy, malformed=malformed))
+                                 flow_policy=flow_policy, malformed=malformed,
+                                 vlan_in_flow_key=vlan_in_flow_key))
         # checked whatever the deployment, as every other option is, so that an App
         # that runs inline today does not fail when it is deployed pipelined
         if ring_full not in ("stall", "drop"):
@@ -637,7 +647,8 @@ class App:
         self.nfs = _as_nfs(nfs, "App") if nfs else []
         self.config = dict(flow_capacity=flow_capacity, idle_timeout=idle_timeout,
                            flow_policy=flow_policy, malformed=malformed,
-                           frag_memory=frag_memory, frag_timeout=frag_timeout, rss=rss)
+                           frag_memory=frag_memory, frag_timeout=frag_timeout,
+                           vlan_in_flow_key=vlan_in_flow_key, rss=rss)
         self.msg_capacity = msg_capacity
         self.nf_timing = bool(nf_timing)
         self.stack = None

@@ -285,6 +285,36 @@ def test_checksums_verify_on_the_command_line(tmp_path):
     assert r.returncode == 0 and "bad checksums 1 (left out" in r.stdout, r.stdout + r.stderr
 
 
+def test_vlans_left_out_of_the_flow_key_on_the_command_line_and_in_a_file(tmp_path):
+    # Router on a stick: a connection's client side in VLAN 10, its server side in
+    # VLAN 20.  By default two flows (and two half connections in mbx flows);
+    # --no-vlan-in-flow-key, or [stack] vlan_in_flow_key = false, one.
+    from mbx.examples.capture import tcp_connection, write_pcap
+
+    cli, srv = ("198.18.0.1", 40000), ("198.19.0.1", 80)
+    frames = [(ts, f[:12] + struct.pack("!HH", 0x8100, 10 if f[26:30] == bytes(
+        [198, 18, 0, 1]) else 20) + f[12:]) for ts, f in tcp_connection(
+            cli, srv, srv, b"GET /", b"page", 1.0, 100, 500)]
+    cap = tmp_path / "stick.pcap"
+    write_pcap(str(cap), frames)
+    key = "198.18.0.1:40000-198.19.0.1:80"
+    r = mbx_cmd("flows", str(cap))
+    assert r.returncode == 0, r.stderr
+    assert sorted(json.loads(r.stdout)["connections"]) == [key + " vlan 10",
+                                                          key + " vlan 20"]
+    r = mbx_cmd("flows", str(cap), "--no-vlan-in-flow-key")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["connections"][key]["handshake"]
+    (tmp_path / "app.toml").write_text(
+        '[stack]\nvlan_in_flow_key = false\n[[nf]]\nuse = "flow_stats"\n')
+    for args, flows in ((["flow_stats"], 2), (["flow_stats", "--no-vlan-in-flow-key"], 1),
+                        ([str(tmp_path / "app.toml")], 1)):
+        js = tmp_path / "c.json"
+        r = mbx_cmd("run", *args, "--in", f"pcap:{cap}", "-q", "--json", str(js))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(js.read_text())["flows"]["created"] == flows, args
+
+
 def test_pcap_dash_is_standard_output_out_and_refused_in(example_pcap, tmp_path):
     # --out pcap:- made a file named "-"; --in pcap:- and mbx flows - said "no such
     # file".  Out, it is standard output, as tcpdump -w - has it (the summary goes to
@@ -795,6 +825,8 @@ def test_an_nf_that_cannot_start_ends_the_run_and_stops_those_started(tmp_path,
     # refused inline as pipelined
     (dict(flow_policy="x"), "stack options: flow_policy must be one of evict, refuse"),
     (dict(malformed="x"), "stack options: malformed must be one of"),
+    (dict(vlan_in_flow_key="no"), "stack options: vlan_in_flow_key must be true or "
+                                  "false, not 'no'"),
     (dict(ring_full="x"), "ring_full must be 'stall' or 'drop', not 'x'"),
 ])
 def test_stack_option_out_of_range_is_an_app_error(example_pcap, options, message):

@@ -515,6 +515,12 @@ def test_refusals_name_file_line_nf_and_types(tmp_path, body, message):
      [[nf]]
      use = "l2fwd"
      """, 2, "[stack] overlap = 3: expected a string"),
+    ("""
+     [stack]
+     vlan_in_flow_key = "no"
+     [[nf]]
+     use = "l2fwd"
+     """, 3, "[stack] vlan_in_flow_key = 'no': expected true or false"),
     # values only the stack used to check, refused by mbx run without the line
     ("""
      [stack]

@@ -2629,6 +2629,31 @@ def test_the_same_connection_in_two_vlans_is_two_connections(run, tmp_path):
         [b"GET /ten", b"ten" * 100, b"GET /twenty", b"twenty" * 70])
 
 
+def test_a_connection_routed_between_two_vlans_is_one_without_vlans_in_the_key(
+        run, tmp_path):
+    # Router on a stick: the client's side is VLAN 10 and the server's VLAN 20, so a
+    # middlebox on the trunk sees the client's packets tagged 10 and the server's
+    # tagged 20.  Keyed by VLAN those are two half connections; with
+    # vlan_in_flow_key=False one connection, reassembled both ways.
+    frames = [(ts, _tagged(f, 10 if f[26:30] == bytes([10, 0, 0, 1]) else 20))
+              for ts, f in _dpkt_connection(1.0, 1000, 5000, b"GET /", b"page" * 90)]
+    path = _capture(tmp_path / "stick.pcap", frames)
+    key = f"{CLI4[0]}:{CLI4[1]}-{SRV4[0]}:{SRV4[1]}"
+    doc, _ = flows_json(path, vlan_in_flow_key=False)
+    assert list(doc["connections"]) == [key]
+    c = doc["connections"][key]
+    assert c["handshake"] and (c["pkts_c2s"], c["pkts_s2c"]) == (6, 4)
+    assert (c["c2s_sha256"], c["s2c_sha256"]) == (
+        hashlib.sha256(b"GET /").hexdigest(), hashlib.sha256(b"page" * 90).hexdigest())
+    doc, _ = flows_json(path)           # the default: two, neither with a handshake
+    assert sorted(doc["connections"]) == [key + " vlan 10", key + " vlan 20"]
+    assert not any(c["handshake"] for c in doc["connections"].values())
+    rec = Recorder([mbx.DATA_RDY])
+    counters, _ = run([rec], frames=frames, vlan_in_flow_key=False)
+    assert counters["flows"]["created"] == 1
+    assert sorted(joined(v) for v in rec.streams.values()) == [b"GET /", b"page" * 90]
+
+
 def test_both_qinq_ids_are_in_the_flow_key(run):
     # 802.1ad: the same 5-tuple under outer 100 inner 10, outer 100 inner 20 and
     # outer 200 inner 10 is three flows, each direction of each in its own
