@@ -557,6 +557,32 @@ def test_a_connection_inside_an_authentication_header_is_translated(run, cls):
 
 
 @pytest.mark.parametrize("cls", [L4LB, PyL4LB])
+def test_a_reply_keeps_the_vip_when_its_twin_in_another_vlan_has_ended(run, cls):
+    # The same client address and port opens a connection to the VIP in VLAN 10 and
+    # in VLAN 20, both to one backend: two flows, one reverse entry.  VLAN 10's
+    # flow idles out; the backend's first reply in VLAN 20 must still leave from the
+    # VIP.  The entry used to go with the first FLOW/END, and the reply left from
+    # the backend's address, which the client never connected to.
+    cli = ("198.18.1.1", 1002)
+    backend = choose_backend(*cli, *VIP, 6, BACKENDS)
+    t0 = 1_700_000_000
+    frames = [(t0 + t, ether(f, vlans=(vid,))) for t, vid, f in [
+        (0.0, 10, tcp4(cli[0], VIP[0], cli[1], VIP[1], flags=0x02, seq=1)),
+        (0.5, 20, tcp4(cli[0], VIP[0], cli[1], VIP[1], flags=0x02, seq=50)),
+        (1.0, 20, tcp4(cli[0], VIP[0], cli[1], VIP[1], flags=0x10, seq=51)),
+        (1.8, 20, tcp4(cli[0], VIP[0], cli[1], VIP[1], flags=0x10, seq=51)),
+        # VLAN 10's flow is over a second idle by now: its FLOW/END came
+        (1.9, 20, tcp4(backend[0], cli[0], backend[1], cli[1], flags=0x12, seq=9, ack=51)),
+    ]]
+    lb = cls(**OPTIONS)
+    counters, out = run([lb], frames=frames, idle_timeout=1.0, burst=1)
+    assert counters["flows"]["expired"] >= 1
+    _, ip = list(_tcp_packets(out))[-1]
+    assert ((_addr(ip.src), ip.data.sport), (_addr(ip.dst), ip.data.dport)) == (VIP, cli)
+    assert _checksums_ok(ip)
+
+
+@pytest.mark.parametrize("cls", [L4LB, PyL4LB])
 def test_the_same_connection_in_two_vlans_is_two_translations(run, cls):
     # Two address spaces that overlap on a trunk: a client of one address and port
     # opens a connection to the VIP in VLAN 10 and another in VLAN 20.  Each is a

@@ -15,7 +15,9 @@ reference in mbx.nfs.l4lb), packet for packet:
   address to the client, from the client to the backend) is let through untouched
   and counted as ``passed``: the stack's flow holds both directions, but the
   translation is only for the direction that made it;
-- FLOW/END frees the flow's entry (and a forward flow's reverse entry).
+- FLOW/END frees the flow's entry, and a forward flow's hold on its reverse entry,
+  which goes with the last forward flow holding it (the same client address and
+  port in two VLANs is two forward flows to one backend).
 
 State: one entry per flow-table slot (grown as slots appear), tagged with the
 slot's generation so a reused slot never inherits a translation, and an
@@ -76,6 +78,9 @@ ctypedef struct flow_entry:
 
 ctypedef struct reverse_entry:
     uint32_t used
+    # forward flows translating (client, backend): two flows can (the same client
+    # address and port in two VLANs), and the entry must outlive the first to end
+    uint32_t refs
     endpoint client
     endpoint backend
 
@@ -170,8 +175,10 @@ cdef int reverse_grow(lb_state *s) noexcept nogil:
 
 cdef int reverse_put(lb_state *s, const endpoint *client,
                      const endpoint *backend) noexcept nogil:
+    cdef int found = reverse_find(s, client, backend)
     cdef uint32_t i
-    if reverse_find(s, client, backend) >= 0:
+    if found >= 0:
+        s.rev[found].refs += 1
         return 0
     if s.rev == NULL or (s.rev_used + 1) * 2 > s.rev_mask + 1:
         if reverse_grow(s) < 0:
@@ -180,6 +187,7 @@ cdef int reverse_put(lb_state *s, const endpoint *client,
     while s.rev[i].used:
         i = (i + 1) & s.rev_mask
     s.rev[i].used = 1
+    s.rev[i].refs = 1
     s.rev[i].client = client[0]
     s.rev[i].backend = backend[0]
     s.rev_used += 1
@@ -195,6 +203,9 @@ cdef void reverse_del(lb_state *s, const endpoint *client,
     if found < 0:
         return
     i = <uint32_t>found
+    s.rev[i].refs -= 1
+    if s.rev[i].refs:
+        return                  # another forward flow still translates it
     s.rev[i].used = 0
     s.rev_used -= 1
     j = i

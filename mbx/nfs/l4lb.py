@@ -181,7 +181,10 @@ class PyL4LB(mbx.NF):
         super().__init__(name, writes=True)
         self.vip, self.backends = _endpoints(name, vip, backends)
         self.forward = {}       # flow id -> (backend, reverse key, dir, SYN seq) (client -> VIP)
-        self.reverse = {}       # (client, cport, backend, bport) -> VIP, for replies
+        # (client, cport, backend, bport) -> [VIP, forward flows translating it], for
+        # replies: the same client address and port in two VLANs is two flows, and the
+        # entry must outlive the first to end
+        self.reverse = {}
         self.reply_flows = {}   # flow id -> (VIP, dir) (backend -> client flows)
         self.translated = 0
         self.connections = 0    # flows to the VIP given a backend, and TCP connections
@@ -252,12 +255,13 @@ class PyL4LB(mbx.NF):
             key = (src, sport) + backend
             self.forward[flow] = (backend, key, ev.dir, ev.seq if _is_syn(ev) else None)
             self.connections += 1
-            self.reverse[key] = self.vip
+            self.reverse.setdefault(key, [self.vip, 0])[1] += 1
             ev.set_dst(*backend)
             self.translated += 1
         else:
-            vip = self.reverse.get((dst, dport, src, sport))
-            if vip is not None:
+            entry = self.reverse.get((dst, dport, src, sport))
+            if entry is not None:
+                vip = entry[0]
                 self.reply_flows[flow] = (vip, ev.dir)
                 ev.set_src(*vip)
                 self.translated += 1
@@ -268,7 +272,10 @@ class PyL4LB(mbx.NF):
         flow = ev.flow
         fwd = self.forward.pop(flow, None)
         if fwd is not None:
-            self.reverse.pop(fwd[1], None)
+            entry = self.reverse[fwd[1]]
+            entry[1] -= 1
+            if not entry[1]:
+                del self.reverse[fwd[1]]
         self.reply_flows.pop(flow, None)
 
 
