@@ -287,7 +287,11 @@ def _statements(text):
                 out += (arrays[out],)
         return out
 
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # TOML's lines end at \n alone (a \r before it is the line's own): splitlines()
+    # would also break at U+2028, U+0085 and the like, which a comment or string
+    # may hold, and so count lines TOML does not
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if quote is None and depth == 0:
             head = _header(line)
             if head is not None:

@@ -1371,6 +1371,11 @@ def test_application_file_options_of_the_right_type_pass(tmp_path):
     ('[app]\nname = """\n[[nf]]\nuse = "logger"\noptions.path = 5\n"""\n[[nf]]\n'
      'use = "l2fwd"\n[[nf]]\nuse = "logger"\noptions.path = 7\n',
      '11: [[nf]] #2 "logger": option path=7: expected a string'),
+    # TOML's lines end at \n alone: a U+2028 in a comment or a U+0085 in a string
+    # breaks none (nor does a header-like text after one start a table)
+    ('# see\u2028[[nf]]\n[[nf]]\nuse = "logger"\n[[nf]]\nname = "a\u0085b"\n'
+     'use = "l2fwd"\ncolour = 1\n',
+     '7: [[nf]] #2 "a\u0085b": unknown key(s) colour'),
     # ... nor in a multi-line array (["x"] is no [x] header)
     ('[[nf]]\nuse = "typed.py"\noptions.extra = [\n  1,\n  ["x"]\n]\n'
      'options.limit = 7.5\n',
