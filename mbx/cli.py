@@ -319,9 +319,14 @@ def _run_config(args, nfs, config, given_by):
         else "network"
     made = []
     for nf in nfs:
-        entry = {"name": nf.name, **(nf.made_from or {})}
+        entry = {"name": nf.name, **(nf.made_from or {}), "failure": nf.failure,
+                 "restart": nf.restart, "restart_backoff": nf.restart_backoff}
         if nf.group is not None:
-            entry["group"] = nf.group
+            # a merge function is named by where it is, as an application file names it
+            merge = nf.group_merge
+            entry.update(group=nf.group, merge=merge if isinstance(merge, str) else
+                         f"{getattr(merge, '__module__', '?')}:"
+                         f"{getattr(merge, '__qualname__', merge)}")
         made.append(entry)
     run = {"app": getattr(args, "app", None) or os.path.basename(sys.argv[0]),
            "stack": stack,

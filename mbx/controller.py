@@ -511,6 +511,10 @@ def load_app_file(path, stack=None):
                                    f"filters.\"{tname}\": the NF "
                                    f"does not subscribe to {tname}, so the filter would "
                                    f"never apply (it subscribes to {subs or 'nothing'})")
+            # for a run's --json: the filters beside what made the NF (its failure
+            # policy and restarts every NF has, said for all)
+            nf.made_from = {**(nf.made_from or {}), **{
+                key: entry[key] for key in ("filter", "filters") if key in entry}}
             # (null is not TOML: a file's NFs are always open or closed)
             nf.failure = entry.get("failure", "closed")
             # restarts of its process in the pipelined deployment (mbx.pipeline)

@@ -2106,7 +2106,9 @@ def test_json_says_the_configuration_the_run_used_and_makes_it_again(tmp_path,
     from mbx.runtime import App, load_app
 
     app = tmp_path / "app.toml"
+    # (a filter and a failure policy change what the run does: they are config too)
     app.write_text('[stack]\nidle_timeout = 5\n[[nf]]\nuse = "flow_stats"\n'
+                   'failure = "open"\nfilter = { proto = 17 }\n'
                    '[[nf]]\nuse = "logger"\noptions = { types = "FLOW/END", '
                    'path = "ends.jsonl" }\n')
     out = tmp_path / "c.json"
@@ -2125,15 +2127,21 @@ def test_json_says_the_configuration_the_run_used_and_makes_it_again(tmp_path,
     assert stack["stack"] == "network" and stack["deploy"] == "inline"
     assert set(config["given_by"]) == set(stack)
     assert config["nfs"] == [
-        {"name": "flow_stats", "use": "flow_stats", "options": {}},
+        {"name": "flow_stats", "use": "flow_stats", "options": {}, "filter": {"proto": 17},
+         "failure": "open", "restart": 0, "restart_backoff": 0.1},
         {"name": "logger", "use": "logger",
-         "options": {"types": "FLOW/END", "path": "ends.jsonl"}}]
+         "options": {"types": "FLOW/END", "path": "ends.jsonl"}, "failure": "closed",
+         "restart": 0, "restart_backoff": 0.1}]
     assert config["ports"] == {"in": f"pcap:{example_pcap}", "out": None}
     assert (config["burst"], config["max_packets"], config["stacks"]) == (64, 0, 1)
     # the configuration alone makes the run again: the same counts
     monkeypatch.chdir(tmp_path)             # (where the Logger's file was written)
     chain = "+".join(nf["use"] for nf in config["nfs"])
     nfs = load_app(chain, {nf["use"]: nf["options"] for nf in config["nfs"]})
+    for nf, made in zip(nfs, config["nfs"], strict=True):
+        if "filter" in made:
+            nf.filter(None, **made["filter"])
+        nf.failure = made["failure"]
     inp = open_input(config["ports"]["in"])
     try:
         again = App(nfs, **config["stack"]).run(inp, burst=config["burst"])
@@ -2141,6 +2149,9 @@ def test_json_says_the_configuration_the_run_used_and_makes_it_again(tmp_path,
         inp.close()
     for key in ("packets", "bytes", "sent", "flows", "events", "parse"):
         assert again[key] == doc[key], key
+    # the filter's doing: flow_stats saw the UDP flows alone
+    assert doc["nfs"]["flow_stats"]["report"] == again["nfs"]["flow_stats"]["report"]
+    assert doc["nfs"]["flow_stats"]["report"]["flows"] < doc["flows"]["created"]
 
 
 def test_json_config_of_a_chain_has_the_set_options_as_given(tmp_path, example_pcap):
@@ -2152,7 +2163,8 @@ def test_json_config_of_a_chain_has_the_set_options_as_given(tmp_path, example_p
     config = json.loads(out.read_text())["config"]
     assert config["app"] == "flow_stats+logger"
     assert config["nfs"][1] == {"name": "logger", "use": "logger",
-                                "options": {"path": "ev.jsonl"}}
+                                "options": {"path": "ev.jsonl"}, "failure": None,
+                                "restart": 0, "restart_backoff": 0.1}
     assert (config["stack"]["overlap"], config["given_by"]["overlap"]) == ("last",
                                                                            "command line")
     assert config["given_by"]["stack"] == "default"
