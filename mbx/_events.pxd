@@ -128,15 +128,16 @@ cdef inline void msg_header(mbx_msg *m, uint16_t type_idx, uint64_t type_id,
 
 # FLOW/TCP and its children: the FLOW fields (oriented by the TCP client), then
 # these; each child type uses the fields that concern it.
+# The 8-byte fields first and the bytes after them, packed: FLOW/TCP ends at 118
+# bytes, so that a child type of an NF's still has room for a u64 field.
 ctypedef struct flow_tcp_body:
     flow_body flow
+    uint64_t offset         # GAP, OVERLAP_CONFLICT, MEMCAP: stream offset
+    uint64_t length         # GAP: bytes skipped; MEMCAP: bytes dropped
     uint8_t state_cli       # TcpState of the client and the server
     uint8_t state_srv
     uint8_t side            # 0: both/none, 1: the client's stack, 2: the server's
     uint8_t reason          # TERMINATE: 1 fin, 2 rst, 3 an NF asked
-    uint8_t pad[4]
-    uint64_t offset         # GAP, OVERLAP_CONFLICT, MEMCAP: stream offset
-    uint64_t length         # GAP: bytes skipped; MEMCAP: bytes dropped
     uint8_t stream_dir      # the stream concerned: 0 client -> server, 1 back
     uint8_t policy          # OVERLAP_CONFLICT: 0 first, 1 last
     uint8_t old_state       # STATE: the side's state before and after

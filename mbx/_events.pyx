@@ -114,9 +114,13 @@ class EventType:
             self.fields[fname] = (offset, kind)
             offset += size
         if offset > MSG_BODY_SIZE:
+            inherited = parent.body_size if parent is not None else 0
             raise EventTypeError(
                 f"event type {path}: fields need {offset} bytes, a message body holds "
-                f"{MSG_BODY_SIZE}")
+                f"{MSG_BODY_SIZE}" + (f", of which {parent.path}'s fields take "
+                                      f"{inherited}, leaving {MSG_BODY_SIZE - inherited}"
+                                      " (a field is aligned to its size, up to 8)"
+                                      if inherited else ""))
         self.body_size = offset
         self._dtype = None
         # only a type that is valid takes its parent's next child number
@@ -294,8 +298,8 @@ PKT_TCP_FIN = _register("EVENT/PKT/TCP/FIN", PKT_TCP, [], True)
 PKT_TCP_RST = _register("EVENT/PKT/TCP/RST", PKT_TCP, [], True)
 PKT_TCP_RETRANSMISSION = _register("EVENT/PKT/TCP/RETRANSMISSION", PKT_TCP, [], True)
 FLOW_TCP = _register("EVENT/FLOW/TCP", FLOW, [
-    ("state_cli", "u8"), ("state_srv", "u8"), ("side", "u8"), ("reason", "u8"),
-    ("offset", "u64"), ("length", "u64"), ("stream_dir", "u8"), ("policy", "u8")], True)
+    ("offset", "u64"), ("length", "u64"), ("state_cli", "u8"), ("state_srv", "u8"),
+    ("side", "u8"), ("reason", "u8"), ("stream_dir", "u8"), ("policy", "u8")], True)
 FLOW_TCP_START = _register("EVENT/FLOW/TCP/START", FLOW_TCP, [], True)
 FLOW_TCP_ESTABLISHED = _register("EVENT/FLOW/TCP/ESTABLISHED", FLOW_TCP, [], True)
 FLOW_TCP_STATE = _register("EVENT/FLOW/TCP/STATE", FLOW_TCP, [
@@ -328,6 +332,8 @@ cdef _check_layouts():
     assert PKT_TCP.fields["payload_len"][0] == <size_t>&pt.payload_len - b
     b = <size_t>&ft
     for name, at in (("offset", <size_t>&ft.offset), ("length", <size_t>&ft.length),
+                     ("state_cli", <size_t>&ft.state_cli),
+                     ("state_srv", <size_t>&ft.state_srv), ("side", <size_t>&ft.side),
                      ("stream_dir", <size_t>&ft.stream_dir),
                      ("policy", <size_t>&ft.policy), ("reason", <size_t>&ft.reason)):
         assert FLOW_TCP.fields[name][0] == at - b, name

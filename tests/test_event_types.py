@@ -69,6 +69,18 @@ def test_errors_name_what_is_wrong():
         mbx.register_event_type("X/Y", parent="FLOW")
 
 
+def test_a_child_of_flow_tcp_has_room_for_a_u64_and_an_error_says_the_room():
+    # The FLOW body grew by the VLAN ids; FLOW/TCP's fields, 8-byte ones first,
+    # still leave room for a u64 (in their old order they left 6 bytes)
+    t = mbx.register_event_type("TEST_TCP_U64", parent="FLOW/TCP", fields=[("n", "u64")])
+    assert t.body_size == 128
+    with pytest.raises(mbx.EventTypeError,
+                       match=r"need 129 bytes, a message body holds 128, of which "
+                             r"EVENT/FLOW/TCP's fields take 118, leaving 10"):
+        mbx.register_event_type("TEST_TCP_U64_U8", parent="FLOW/TCP",
+                                fields=[("n", "u64"), ("m", "u8")])
+
+
 def test_failed_registrations_do_not_use_up_child_numbers():
     parent = mbx.register_event_type("TEST_CHILDREN")
     for _ in range(300):                        # more than a level holds (255)
