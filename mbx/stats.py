@@ -123,7 +123,10 @@ DATAGRAM_COUNTS = ("completed", "timed_out", "pending_at_end", "no_room", "too_m
 # What the parser counts under ``parse`` (the summary's "parse" line): every reason a
 # packet was flagged, each a series from the first scrape, so that an alert on one
 # (too_many_vlan_tags, bad_tcp_opt...) has its series before the first such packet.
-PARSE_REASONS = tuple(name for name in status_names() if name != "ok")
+# Not frag_timeout: never a packet's status (a datagram given up is counted whole,
+# mbx_fragment_datagrams_total{what="timed_out"}), its series would be 0 for ever
+# and an alert on it never fire.
+PARSE_REASONS = tuple(name for name in status_names() if name not in ("ok", "frag_timeout"))
 
 
 # The TCP Monitor's counters served (with tcp=True): key, metric, kind, help.  The
